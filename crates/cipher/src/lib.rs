@@ -1,0 +1,14 @@
+//! AES-XTS over disk sectors, as Linux dm-crypt applies it to LUKS volumes.
+//!
+//! What it is: a sector cipher. A buffer holding whole sectors is encrypted or
+//! decrypted in place; each sector is one XTS data unit whose tweak comes from an
+//! IV generator (`plain64`, `plain64be`, `plain`, `essiv:sha256`) fed with the
+//! sector's position counted in **512-byte units**, as LUKS2 and dm-crypt do even
+//! for 4096-byte sectors (they never set `iv_large_sectors`).
+//!
+//! What it is not: a general XTS library (no ciphertext stealing, no partial
+//! sectors), and it knows nothing of devices, headers or keyslots.
+
+mod xts;
+
+pub use xts::{CipherError, IvGen, KeyBytes, SectorCipher, SectorSize};

@@ -1,0 +1,142 @@
+//! Shared fixtures for luksify's integration tests.
+//!
+//! Naming convention (scripts/test selects on it):
+//! - `root_*` tests need root and loop devices; they are `#[ignore]`d by default and
+//!   scripts/test runs them only where `losetup` works, otherwise nextest counts them
+//!   as skipped. Inside, [`require_root`] fails loudly rather than pass silently.
+//! - `vm_*` tests need the TCG guest built by scripts/vm (same rule).
+//! - everything else runs anywhere scripts/test has installed its dependencies
+//!   (cryptsetup, python3 `cryptography`, qemu-img).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Path of the `luksify` binary under test: `$LUKSIFY_BIN`, else the newest of
+/// target/release and target/debug.
+pub fn luksify_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LUKSIFY_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = workspace_root();
+    let cands = [
+        root.join("target/release/luksify"),
+        root.join("target/debug/luksify"),
+    ];
+    cands
+        .iter()
+        .filter(|p| p.exists())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .cloned()
+        .unwrap_or_else(|| panic!("luksify binary not built: run `cargo build --release -p luksify` or set LUKSIFY_BIN"))
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command, returning its output; panics with the full command line if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics with stdout/stderr unless it exits 0.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Fails the test (never passes it) when not root: root tests are only selected
+/// by scripts/test where root and loop devices are available.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "this test needs root and loop devices; scripts/test only selects it where they exist"
+    );
+}
+
+/// Fails the test when a required external tool is missing (scripts/test installs them).
+pub fn require_tool(name: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "required tool `{name}` is not on PATH; run scripts/test, which installs it"
+    );
+}
+
+/// A loop device attached to an image file, detached on drop (even on panic).
+#[derive(Debug)]
+pub struct LoopDev {
+    pub path: PathBuf,
+}
+
+impl LoopDev {
+    pub fn attach(image: &Path) -> LoopDev {
+        Self::attach_with(image, &[])
+    }
+    /// Attaches with extra `losetup` flags, e.g. `["--direct-io=on"]` or `["--sector-size", "4096"]`.
+    pub fn attach_with(image: &Path, flags: &[&str]) -> LoopDev {
+        require_root();
+        let out = run_ok(
+            Command::new("losetup")
+                .args(["-f", "--show"])
+                .args(flags)
+                .arg(image),
+        );
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        LoopDev { path }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).output();
+    }
+}
+
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+}
+
+/// Fills a buffer with random bytes.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    fill_random(&mut v);
+    v
+}
+
+/// Fills with a fast deterministic pseudo-random stream (xorshift) from `seed`.
+pub fn fill_pattern(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+fn fill_random(buf: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .expect("read /dev/urandom");
+}
