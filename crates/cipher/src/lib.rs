@@ -8,7 +8,15 @@
 //!
 //! What it is not: a general XTS library (no ciphertext stealing, no partial
 //! sectors), and it knows nothing of devices, headers or keyslots.
+//!
+//! Data paths, picked at run time per [`SectorCipher`] and byte-for-byte identical:
+//! `vaes512` (fused one-pass XTS on VAES + AVX-512, x86-64 only) or the portable one
+//! (`xts` over the `aes` crate's pipelined `encrypt_blocks`, with `tweak`'s AVX-512 or
+//! scalar tweak passes). Buffers of 256 KiB or more are split across the rayon pool.
 
+mod tweak;
+#[cfg(target_arch = "x86_64")]
+mod vaes512;
 mod xts;
 
 pub use xts::{CipherError, IvGen, KeyBytes, SectorCipher, SectorSize};
