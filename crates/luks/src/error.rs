@@ -1,0 +1,68 @@
+//! One error type for the whole crate. Messages are one line saying what and
+//! why; callers (the CLI) prefix the device path and, where useful, the fix.
+
+use luksify_cipher::CipherError;
+use std::io;
+
+/// Result alias used throughout the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong reading, checking, unlocking or writing a LUKS header.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The underlying store failed; `what` names the operation.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// No LUKS magic at the expected place.
+    #[error("not a LUKS device: no LUKS header magic found")]
+    NotLuks,
+    /// A LUKS header with a version this code does not handle.
+    #[error("unsupported LUKS version {0} (luksify handles LUKS1 and LUKS2)")]
+    UnsupportedVersion(u16),
+    /// The header is structurally invalid; the message says which rule was broken.
+    #[error("invalid LUKS header: {0}")]
+    Corrupt(String),
+    /// Neither header copy is usable.
+    #[error("no valid LUKS2 header copy: primary: {primary}; secondary: {secondary}")]
+    NoValidHeader { primary: String, secondary: String },
+    /// The header uses a feature this code does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// No keyslot accepted the passphrase.
+    #[error("no keyslot matches this passphrase (wrong passphrase or key file)")]
+    WrongPassphrase,
+    /// A keyslot number that is not in use (or out of range).
+    #[error("keyslot {0} is not in use")]
+    KeyslotNotFound(u32),
+    /// Adding a key where every keyslot (or the keyslot area) is taken.
+    #[error("no free keyslot: {0}")]
+    NoFreeKeyslot(String),
+    /// KDF parameters beyond what this machine (or sanity) allows.
+    #[error("key derivation cost too high: {0}")]
+    KdfTooCostly(String),
+    /// A caller-supplied parameter is unusable.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The header requires a feature that must be handled before using the volume.
+    #[error("volume has unmet mandatory requirement(s): {0}")]
+    UnmetRequirement(String),
+    /// The sector cipher refused the key or parameters.
+    #[error("cipher: {0}")]
+    Cipher(#[from] CipherError),
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+    pub(crate) fn corrupt(msg: impl Into<String>) -> Error {
+        Error::Corrupt(msg.into())
+    }
+}

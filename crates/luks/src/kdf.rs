@@ -1,0 +1,460 @@
+//! Key derivation (PBKDF2, Argon2i, Argon2id): running a keyslot's KDF, the
+//! limits cryptsetup enforces, and cryptsetup-like calibration to a time target.
+
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::luks2::json::Kdf;
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+/// cryptsetup's minimum PBKDF2 iteration count.
+pub const PBKDF2_MIN_ITERATIONS: u32 = 1000;
+/// cryptsetup's minimum Argon2 time cost when creating keyslots.
+pub const ARGON2_MIN_TIME: u32 = 4;
+/// cryptsetup's minimum Argon2 memory (KiB).
+pub const ARGON2_MIN_MEMORY_KIB: u32 = 32;
+/// cryptsetup's absolute maximum Argon2 memory (KiB): 4 GiB.
+pub const ARGON2_MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+/// Default Argon2 memory when creating keyslots (KiB): 1 GiB, capped by half of RAM.
+pub const ARGON2_DEFAULT_MEMORY_KIB: u32 = 1024 * 1024;
+/// cryptsetup's maximum Argon2 parallelism when creating keyslots.
+pub const ARGON2_MAX_CPUS: u32 = 4;
+/// Default unlock time target (`--iter-time`), milliseconds.
+pub const DEFAULT_ITER_TIME_MS: u32 = 2000;
+/// Time target for the volume-key digest iterations, milliseconds.
+pub const DIGEST_ITER_TIME_MS: u32 = 125;
+/// Largest Argon2 lane count accepted when reading a keyslot.
+const ARGON2_MAX_LANES_READ: u32 = 1 << 24;
+
+/// KDF family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KdfKind {
+    Pbkdf2,
+    Argon2i,
+    Argon2id,
+}
+
+impl KdfKind {
+    /// Parses `pbkdf2`, `argon2i`, `argon2id`.
+    pub fn parse(s: &str) -> Result<KdfKind> {
+        match s {
+            "pbkdf2" => Ok(KdfKind::Pbkdf2),
+            "argon2i" => Ok(KdfKind::Argon2i),
+            "argon2id" => Ok(KdfKind::Argon2id),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown PBKDF '{s}': use pbkdf2, argon2i or argon2id"
+            ))),
+        }
+    }
+}
+
+/// Physical RAM in KiB (from /proc/meminfo), if known.
+pub fn total_ram_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Default Argon2 memory: 1 GiB or half of RAM, whichever is smaller.
+pub fn default_argon2_memory_kib() -> u32 {
+    let half = total_ram_kib().map(|r| r / 2).unwrap_or(u64::MAX);
+    u64::from(ARGON2_DEFAULT_MEMORY_KIB)
+        .min(half)
+        .max(u64::from(ARGON2_MIN_MEMORY_KIB)) as u32
+}
+
+/// Refuses KDF parameters we will not run: unknown hashes, Argon2 memory beyond
+/// cryptsetup's 4 GiB maximum or beyond this machine's RAM, lane counts that
+/// make no sense. Runs before any derivation so hostile headers cost nothing.
+pub fn check_runnable(kdf: &Kdf) -> Result<()> {
+    match kdf {
+        Kdf::Pbkdf2 {
+            hash, iterations, ..
+        } => {
+            Hash::parse(hash)?;
+            if *iterations == 0 {
+                return Err(Error::corrupt("pbkdf2 with 0 iterations"));
+            }
+        }
+        Kdf::Argon2i {
+            time, memory, cpus, ..
+        }
+        | Kdf::Argon2id {
+            time, memory, cpus, ..
+        } => {
+            if *time == 0 || *cpus == 0 || *cpus > ARGON2_MAX_LANES_READ {
+                return Err(Error::corrupt(format!(
+                    "argon2 time {time} / cpus {cpus} out of range"
+                )));
+            }
+            if *memory < ARGON2_MIN_MEMORY_KIB || *memory > ARGON2_MAX_MEMORY_KIB {
+                return Err(Error::KdfTooCostly(format!(
+                    "argon2 memory {memory} KiB is outside {ARGON2_MIN_MEMORY_KIB}..={ARGON2_MAX_MEMORY_KIB} KiB (cryptsetup's limits)"
+                )));
+            }
+            if let Some(ram) = total_ram_kib() {
+                if u64::from(*memory) > ram {
+                    return Err(Error::KdfTooCostly(format!(
+                        "argon2 memory {memory} KiB exceeds this machine's {ram} KiB of RAM"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the KDF, producing `out_len` bytes.
+pub fn derive(kdf: &Kdf, passphrase: &[u8], out_len: usize) -> Result<Zeroizing<Vec<u8>>> {
+    check_runnable(kdf)?;
+    let mut out = Zeroizing::new(vec![0u8; out_len]);
+    match kdf {
+        Kdf::Pbkdf2 {
+            hash,
+            iterations,
+            salt,
+        } => Hash::parse(hash)?.pbkdf2(passphrase, salt, *iterations, &mut out),
+        Kdf::Argon2i {
+            time,
+            memory,
+            cpus,
+            salt,
+        } => argon2(
+            argon2::Algorithm::Argon2i,
+            *time,
+            *memory,
+            *cpus,
+            passphrase,
+            salt,
+            &mut out,
+        )?,
+        Kdf::Argon2id {
+            time,
+            memory,
+            cpus,
+            salt,
+        } => argon2(
+            argon2::Algorithm::Argon2id,
+            *time,
+            *memory,
+            *cpus,
+            passphrase,
+            salt,
+            &mut out,
+        )?,
+    }
+    Ok(out)
+}
+
+fn argon2(
+    alg: argon2::Algorithm,
+    time: u32,
+    memory_kib: u32,
+    cpus: u32,
+    pass: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    let params = argon2::Params::new(memory_kib, time, cpus, Some(out.len()))
+        .map_err(|e| Error::corrupt(format!("argon2 parameters rejected: {e}")))?;
+    argon2::Argon2::new(alg, argon2::Version::V0x13, params)
+        .hash_password_into(pass, salt, out)
+        .map_err(|e| Error::corrupt(format!("argon2 failed: {e}")))
+}
+
+/// What the user asked for when creating a keyslot (cryptsetup's `--pbkdf*` and
+/// `--iter-time` options). [`KdfRequest::resolve`] turns it into concrete parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KdfRequest {
+    pub kind: KdfKind,
+    /// PBKDF2 hash (ignored by Argon2).
+    pub hash: Hash,
+    /// Unlock time target in milliseconds (`--iter-time`).
+    pub iter_time_ms: u32,
+    /// Fixed iterations / Argon2 time cost: no benchmark (`--pbkdf-force-iterations`).
+    pub force_iterations: Option<u32>,
+    /// Argon2 memory in KiB (`--pbkdf-memory`); default [`default_argon2_memory_kib`].
+    pub memory_kib: Option<u32>,
+    /// Argon2 lanes (`--pbkdf-parallel`); default min(4, online CPUs).
+    pub cpus: Option<u32>,
+}
+
+impl Default for KdfRequest {
+    /// cryptsetup's LUKS2 default: argon2id, 2 s.
+    fn default() -> Self {
+        KdfRequest {
+            kind: KdfKind::Argon2id,
+            hash: Hash::Sha256,
+            iter_time_ms: DEFAULT_ITER_TIME_MS,
+            force_iterations: None,
+            memory_kib: None,
+            cpus: None,
+        }
+    }
+}
+
+impl KdfRequest {
+    /// Cheap parameters for tests (PBKDF2, 1000 iterations).
+    pub fn fast_pbkdf2() -> KdfRequest {
+        KdfRequest {
+            kind: KdfKind::Pbkdf2,
+            force_iterations: Some(PBKDF2_MIN_ITERATIONS),
+            ..KdfRequest::default()
+        }
+    }
+    /// Cheap Argon2id parameters for tests (time 4, 32 MiB... here 32 KiB..).
+    pub fn fast_argon2id() -> KdfRequest {
+        KdfRequest {
+            kind: KdfKind::Argon2id,
+            force_iterations: Some(ARGON2_MIN_TIME),
+            memory_kib: Some(ARGON2_MIN_MEMORY_KIB),
+            cpus: Some(1),
+            ..KdfRequest::default()
+        }
+    }
+
+    /// Checks the request against cryptsetup's creation limits and this
+    /// machine's RAM, before anything is benchmarked or written.
+    pub fn validate(&self) -> Result<()> {
+        self.validate_for_ram(total_ram_kib())
+    }
+
+    /// [`KdfRequest::validate`] for a machine with `ram_kib` of RAM (unknown: no RAM check).
+    pub fn validate_for_ram(&self, ram_kib: Option<u64>) -> Result<()> {
+        match self.kind {
+            KdfKind::Pbkdf2 => {
+                if let Some(it) = self.force_iterations {
+                    if it < PBKDF2_MIN_ITERATIONS {
+                        return Err(Error::InvalidArgument(format!(
+                            "pbkdf2 needs at least {PBKDF2_MIN_ITERATIONS} iterations, got {it}"
+                        )));
+                    }
+                }
+            }
+            KdfKind::Argon2i | KdfKind::Argon2id => {
+                if let Some(t) = self.force_iterations {
+                    if t < ARGON2_MIN_TIME {
+                        return Err(Error::InvalidArgument(format!(
+                            "argon2 needs a time cost of at least {ARGON2_MIN_TIME}, got {t}"
+                        )));
+                    }
+                }
+                if let Some(m) = self.memory_kib {
+                    if !(ARGON2_MIN_MEMORY_KIB..=ARGON2_MAX_MEMORY_KIB).contains(&m) {
+                        return Err(Error::InvalidArgument(format!(
+                            "--pbkdf-memory {m} KiB is outside {ARGON2_MIN_MEMORY_KIB}..={ARGON2_MAX_MEMORY_KIB} KiB"
+                        )));
+                    }
+                    if let Some(ram) = ram_kib {
+                        if u64::from(m) > ram / 2 {
+                            return Err(Error::KdfTooCostly(format!(
+                                "--pbkdf-memory {m} KiB is more than half of this machine's RAM ({} KiB); unlocking would risk running out of memory: choose at most {} KiB",
+                                ram,
+                                ram / 2
+                            )));
+                        }
+                    }
+                }
+                if let Some(c) = self.cpus {
+                    if !(1..=ARGON2_MAX_CPUS).contains(&c) {
+                        return Err(Error::InvalidArgument(format!(
+                            "argon2 parallelism {c} is outside 1..={ARGON2_MAX_CPUS}"
+                        )));
+                    }
+                }
+            }
+        }
+        if self.iter_time_ms == 0 {
+            return Err(Error::InvalidArgument(
+                "--iter-time must be at least 1 ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Concrete KDF parameters with a fresh 32-byte salt: forced values as
+    /// given, otherwise benchmarked so that one derivation takes about
+    /// `iter_time_ms` on this machine (cryptsetup's approach).
+    pub fn resolve(&self, out_len: usize) -> Result<Kdf> {
+        self.validate()?;
+        let salt = crate::random::bytes(32)?;
+        match self.kind {
+            KdfKind::Pbkdf2 => {
+                let iterations = match self.force_iterations {
+                    Some(it) => it,
+                    None => pbkdf2_iterations_for(self.hash, self.iter_time_ms, out_len),
+                };
+                Ok(Kdf::Pbkdf2 {
+                    hash: self.hash.name().into(),
+                    iterations,
+                    salt,
+                })
+            }
+            KdfKind::Argon2i | KdfKind::Argon2id => {
+                let cpus = self.cpus.unwrap_or_else(|| {
+                    let online = std::thread::available_parallelism()
+                        .map(|n| n.get() as u32)
+                        .unwrap_or(1);
+                    online.clamp(1, ARGON2_MAX_CPUS)
+                });
+                let max_mem = self.memory_kib.unwrap_or_else(default_argon2_memory_kib);
+                let (time, memory) = match self.force_iterations {
+                    Some(t) => (t, max_mem),
+                    None => argon2_calibrate(self.kind, self.iter_time_ms, max_mem, cpus, out_len)?,
+                };
+                let memory = memory.max(ARGON2_MIN_MEMORY_KIB).max(8 * cpus);
+                Ok(if self.kind == KdfKind::Argon2i {
+                    Kdf::Argon2i {
+                        time,
+                        memory,
+                        cpus,
+                        salt,
+                    }
+                } else {
+                    Kdf::Argon2id {
+                        time,
+                        memory,
+                        cpus,
+                        salt,
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// PBKDF2 iterations that take about `target_ms` here (at least 1000):
+/// time growing runs until one lasts >= 1/8 of the target, then scale.
+pub fn pbkdf2_iterations_for(hash: Hash, target_ms: u32, out_len: usize) -> u32 {
+    let target = Duration::from_millis(u64::from(target_ms));
+    let mut out = Zeroizing::new(vec![0u8; out_len.max(1)]);
+    let mut iterations: u32 = 1000;
+    loop {
+        let t0 = Instant::now();
+        hash.pbkdf2(b"luksify-benchmark", &[0u8; 32], iterations, &mut out);
+        let el = t0.elapsed();
+        if el >= target / 8 || el >= Duration::from_millis(250) || iterations >= u32::MAX / 2 {
+            let per_sec = f64::from(iterations) / el.as_secs_f64().max(1e-6);
+            let it = per_sec * f64::from(target_ms) / 1000.0;
+            return (it.min(f64::from(u32::MAX)) as u32).max(PBKDF2_MIN_ITERATIONS);
+        }
+        iterations = iterations.saturating_mul(2);
+    }
+}
+
+/// Argon2 (time, memory) that take about `target_ms` with at most `max_mem_kib`.
+/// Cost grows linearly in time x memory, so one probe at a small memory gives
+/// the rate; full memory is used when it fits the target with the minimum time
+/// cost (then the time cost grows), otherwise memory shrinks (cryptsetup's order).
+fn argon2_calibrate(
+    kind: KdfKind,
+    target_ms: u32,
+    max_mem_kib: u32,
+    cpus: u32,
+    out_len: usize,
+) -> Result<(u32, u32)> {
+    let alg = if kind == KdfKind::Argon2i {
+        argon2::Algorithm::Argon2i
+    } else {
+        argon2::Algorithm::Argon2id
+    };
+    let mut out = Zeroizing::new(vec![0u8; out_len.max(4)]);
+    let max_mem = max_mem_kib.max(8 * cpus);
+    let mut probe_mem = max_mem.min(64 * 1024);
+    let per_ms = loop {
+        let t0 = Instant::now();
+        argon2(
+            alg,
+            ARGON2_MIN_TIME,
+            probe_mem,
+            cpus,
+            b"luksify-benchmark",
+            &[0u8; 32],
+            &mut out,
+        )?;
+        let el_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        // Too quick to measure: probe with more memory, if allowed.
+        if el_ms >= 20.0 || probe_mem >= max_mem {
+            break f64::from(probe_mem) * f64::from(ARGON2_MIN_TIME) / el_ms.max(0.001);
+        }
+        probe_mem = probe_mem.saturating_mul(4).min(max_mem);
+    };
+    // KiB x passes affordable within the target.
+    let budget = per_ms * f64::from(target_ms);
+    let full = f64::from(max_mem) * f64::from(ARGON2_MIN_TIME);
+    if budget >= full {
+        let t = (budget / f64::from(max_mem)).min(f64::from(u32::MAX)) as u32;
+        Ok((t.max(ARGON2_MIN_TIME), max_mem))
+    } else {
+        let m = (budget / f64::from(ARGON2_MIN_TIME)) as u32;
+        Ok((ARGON2_MIN_TIME, m.max(ARGON2_MIN_MEMORY_KIB)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pbkdf2_sha256_matches_rfc_vector() {
+        // RFC 7914 section 11 PBKDF2-HMAC-SHA256 vector (P="passwd", S="salt", c=1).
+        let kdf = Kdf::Pbkdf2 {
+            hash: "sha256".into(),
+            iterations: 1,
+            salt: b"salt".to_vec(),
+        };
+        let out = derive(&kdf, b"passwd", 64).unwrap();
+        assert_eq!(hex::encode(&out[..16]), "55ac046e56e3089fec1691c22544b605");
+    }
+
+    #[test]
+    fn argon2_memory_beyond_limits_is_refused_before_running() {
+        let kdf = Kdf::Argon2id {
+            time: 4,
+            memory: u32::MAX,
+            cpus: 1,
+            salt: vec![0; 32],
+        };
+        assert!(matches!(
+            derive(&kdf, b"x", 32),
+            Err(Error::KdfTooCostly(_))
+        ));
+    }
+
+    #[test]
+    fn request_over_half_ram_is_refused() {
+        let req = |kib| KdfRequest {
+            memory_kib: Some(kib),
+            ..KdfRequest::default()
+        };
+        // A 1 GiB machine: 512 MiB is the most an argon2 keyslot may ask for.
+        let ram = Some(1024 * 1024);
+        assert!(req(512 * 1024).validate_for_ram(ram).is_ok());
+        let err = req(512 * 1024 + 1).validate_for_ram(ram).unwrap_err();
+        assert!(matches!(err, Error::KdfTooCostly(_)));
+        assert!(err.to_string().contains("half"), "{err}");
+        // cryptsetup's absolute cap applies whatever the RAM.
+        assert!(req(ARGON2_MAX_MEMORY_KIB + 1)
+            .validate_for_ram(Some(u64::MAX))
+            .is_err());
+        assert!(req(ARGON2_MIN_MEMORY_KIB - 1)
+            .validate_for_ram(ram)
+            .is_err());
+    }
+
+    #[test]
+    fn forced_parameters_are_used_verbatim() {
+        let k = KdfRequest::fast_argon2id().resolve(64).unwrap();
+        match k {
+            Kdf::Argon2id {
+                time,
+                memory,
+                cpus,
+                salt,
+            } => {
+                assert_eq!((time, memory, cpus, salt.len()), (4, 32, 1, 32));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

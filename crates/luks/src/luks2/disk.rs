@@ -1,0 +1,338 @@
+//! Reading and writing both LUKS2 metadata copies through a [`Disk`].
+
+use super::binary::{self, BinaryHeader, Copy, BINARY_HEADER_SIZE, METADATA_SIZES};
+use super::json::Metadata;
+use super::validate;
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::io::Disk;
+use subtle::ConstantTimeEq;
+
+/// A decoded, checked LUKS2 header: binary fields shared by both copies plus the JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Luks2Header {
+    /// Size of one metadata copy (binary header + JSON area).
+    pub hdr_size: u64,
+    /// Sequence id; every write increments it.
+    pub seqid: u64,
+    pub label: String,
+    pub subsystem: String,
+    /// Volume UUID (text form).
+    pub uuid: String,
+    /// Header checksum algorithm (cryptsetup writes `sha256`).
+    pub checksum_alg: String,
+    /// Salt of the primary copy's binary header.
+    pub salt_primary: [u8; 64],
+    /// Salt of the secondary copy's binary header.
+    pub salt_secondary: [u8; 64],
+    pub metadata: Metadata,
+}
+
+/// State of one metadata copy as found on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopyState {
+    /// Checksum and JSON valid; its sequence id.
+    Valid { seqid: u64 },
+    /// Unusable; why.
+    Invalid(String),
+}
+
+impl CopyState {
+    pub fn is_valid(&self) -> bool {
+        matches!(self, CopyState::Valid { .. })
+    }
+}
+
+/// What [`Luks2Header::read`] found, so the caller can decide to repair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadReport {
+    pub primary: CopyState,
+    pub secondary: CopyState,
+    /// Offset where the valid secondary was found, if any.
+    pub secondary_offset: Option<u64>,
+    /// The two copies disagree (one invalid, different seqid, or different JSON).
+    pub needs_repair: bool,
+}
+
+struct ReadCopy {
+    bin: BinaryHeader,
+    json: Vec<u8>,
+    metadata: Metadata,
+}
+
+fn read_copy<D: Disk + ?Sized>(disk: &D, offset: u64, want: Copy) -> Result<ReadCopy> {
+    let mut raw = Box::new([0u8; BINARY_HEADER_SIZE]);
+    disk.read_at(offset, &mut raw[..])
+        .map_err(|e| Error::io(format!("reading LUKS2 header at offset {offset}"), e))?;
+    let bin = BinaryHeader::parse(&raw)?;
+    if bin.copy != want {
+        return Err(Error::corrupt(format!(
+            "expected the {want:?} header magic at offset {offset}"
+        )));
+    }
+    if bin.hdr_offset != offset {
+        return Err(Error::corrupt(format!(
+            "header at offset {offset} says it lives at {}",
+            bin.hdr_offset
+        )));
+    }
+    let csum_hash = Hash::parse(&bin.checksum_alg).map_err(|_| {
+        Error::Unsupported(format!("header checksum algorithm '{}'", bin.checksum_alg))
+    })?;
+    let json_len = (bin.hdr_size - BINARY_HEADER_SIZE as u64) as usize;
+    let mut json = vec![0u8; json_len];
+    disk.read_at(offset + BINARY_HEADER_SIZE as u64, &mut json)
+        .map_err(|e| {
+            Error::io(
+                format!("reading LUKS2 JSON area at offset {}", offset + 4096),
+                e,
+            )
+        })?;
+    let expect = copy_checksum(csum_hash, &raw, &json);
+    if !bool::from(expect[..].ct_eq(&bin.csum[..])) {
+        return Err(Error::corrupt(format!(
+            "checksum mismatch in the {want:?} header at offset {offset}"
+        )));
+    }
+    let metadata = parse_json_area(&json)?;
+    validate::validate(&metadata, bin.hdr_size)?;
+    Ok(ReadCopy {
+        bin,
+        json,
+        metadata,
+    })
+}
+
+fn copy_checksum(hash: Hash, raw: &[u8; BINARY_HEADER_SIZE], json: &[u8]) -> [u8; 64] {
+    if hash == Hash::Sha256 {
+        return binary::checksum(raw, json);
+    }
+    let mut zeroed = *raw;
+    zeroed[448..512].fill(0);
+    let mut out = [0u8; 64];
+    hash.digest_into(&[&zeroed, json], &mut out);
+    out
+}
+
+/// Parses the JSON text of a JSON area: the bytes before the first NUL, which
+/// must come before the end of the area (cryptsetup's rule).
+pub fn parse_json_area(area: &[u8]) -> Result<Metadata> {
+    let end = area
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| Error::corrupt("JSON area is not NUL-terminated"))?;
+    let text = &area[..end];
+    // Object nesting in valid LUKS2 metadata is shallow; serde_json's own
+    // recursion limit (128) keeps hostile input from exhausting the stack.
+    serde_json::from_slice::<Metadata>(text)
+        .map_err(|e| Error::corrupt(format!("JSON metadata: {e}")))
+}
+
+impl Luks2Header {
+    /// Reads both copies, picks the valid one with the higher seqid, and
+    /// reports whether the other needs repair. Writes nothing.
+    ///
+    /// The secondary copy is looked for at the primary's `hdr_size`; when the
+    /// primary is unusable, at every allowed metadata size.
+    pub fn read<D: Disk + ?Sized>(disk: &D) -> Result<(Luks2Header, ReadReport)> {
+        let primary = read_copy(disk, 0, Copy::Primary);
+        let mut secondary_offset = None;
+        let secondary = match &primary {
+            Ok(p) => read_copy(disk, p.bin.hdr_size, Copy::Secondary).inspect(|_| {
+                secondary_offset = Some(p.bin.hdr_size);
+            }),
+            Err(_) => {
+                let mut last = Err(Error::NotLuks);
+                for off in METADATA_SIZES {
+                    last = read_copy(disk, off, Copy::Secondary);
+                    if last.is_ok() {
+                        secondary_offset = Some(off);
+                        break;
+                    }
+                }
+                last
+            }
+        };
+        let state = |r: &Result<ReadCopy>| match r {
+            Ok(c) => CopyState::Valid { seqid: c.bin.seqid },
+            Err(e) => CopyState::Invalid(e.to_string()),
+        };
+        let (ps, ss) = (state(&primary), state(&secondary));
+        let (winner, other) = match (primary, secondary) {
+            (Err(pe), Err(se)) => {
+                if matches!(pe, Error::NotLuks) && matches!(se, Error::NotLuks) {
+                    return Err(Error::NotLuks);
+                }
+                if let Error::UnsupportedVersion(v) = pe {
+                    return Err(Error::UnsupportedVersion(v));
+                }
+                return Err(Error::NoValidHeader {
+                    primary: pe.to_string(),
+                    secondary: se.to_string(),
+                });
+            }
+            (Ok(p), Err(_)) => (p, None),
+            (Err(_), Ok(s)) => (s, None),
+            (Ok(p), Ok(s)) => {
+                if s.bin.seqid > p.bin.seqid {
+                    (s, Some(p))
+                } else {
+                    (p, Some(s))
+                }
+            }
+        };
+        let needs_repair = match &other {
+            None => true,
+            Some(o) => {
+                o.bin.seqid != winner.bin.seqid
+                    || o.json != winner.json
+                    || o.bin.hdr_size != winner.bin.hdr_size
+                    || o.bin.label != winner.bin.label
+                    || o.bin.uuid != winner.bin.uuid
+                    || o.bin.subsystem != winner.bin.subsystem
+            }
+        };
+        let (salt_primary, salt_secondary) = {
+            let mine = winner.bin.salt;
+            let theirs = other.as_ref().map(|o| o.bin.salt);
+            match winner.bin.copy {
+                Copy::Primary => (mine, theirs.unwrap_or(fresh_salt()?)),
+                Copy::Secondary => (theirs.unwrap_or(fresh_salt()?), mine),
+            }
+        };
+        let hdr = Luks2Header {
+            hdr_size: winner.bin.hdr_size,
+            seqid: winner.bin.seqid,
+            label: winner.bin.label,
+            subsystem: winner.bin.subsystem,
+            uuid: winner.bin.uuid,
+            checksum_alg: winner.bin.checksum_alg,
+            salt_primary,
+            salt_secondary,
+            metadata: winner.metadata,
+        };
+        Ok((
+            hdr,
+            ReadReport {
+                primary: ps,
+                secondary: ss,
+                secondary_offset,
+                needs_repair,
+            },
+        ))
+    }
+
+    /// [`Luks2Header::read`], then rewrites the damaged or stale copy from the
+    /// winner (same seqid, fresh salt for the repaired copy), as cryptsetup does on load.
+    pub fn read_and_repair<D: Disk + ?Sized>(disk: &D) -> Result<(Luks2Header, ReadReport)> {
+        let (mut hdr, report) = Luks2Header::read(disk)?;
+        if report.needs_repair {
+            hdr.repair(disk, &report)?;
+        }
+        Ok((hdr, report))
+    }
+
+    /// Rewrites whichever copy `report` says is damaged or stale, keeping the seqid.
+    pub fn repair<D: Disk + ?Sized>(&mut self, disk: &D, report: &ReadReport) -> Result<()> {
+        let json = self.json_area()?;
+        let primary_current =
+            matches!(report.primary, CopyState::Valid { seqid } if seqid == self.seqid);
+        let secondary_current = matches!(report.secondary, CopyState::Valid { seqid } if seqid == self.seqid)
+            && report.secondary_offset == Some(self.hdr_size);
+        if !primary_current {
+            self.salt_primary = fresh_salt()?;
+            self.write_copy(disk, Copy::Primary, &json)?;
+        }
+        if !secondary_current || (primary_current && report.needs_repair) {
+            self.salt_secondary = fresh_salt()?;
+            self.write_copy(disk, Copy::Secondary, &json)?;
+        }
+        Ok(())
+    }
+
+    /// Validates the metadata, increments seqid and writes the primary copy
+    /// then the secondary, flushing after each.
+    pub fn write<D: Disk + ?Sized>(&mut self, disk: &D) -> Result<()> {
+        let json = self.json_area()?;
+        self.seqid = self
+            .seqid
+            .checked_add(1)
+            .ok_or_else(|| Error::corrupt("seqid overflow"))?;
+        self.write_copy(disk, Copy::Primary, &json)?;
+        self.write_copy(disk, Copy::Secondary, &json)?;
+        Ok(())
+    }
+
+    /// The JSON area bytes (JSON text, zero-padded) after validating the metadata.
+    pub fn json_area(&self) -> Result<Vec<u8>> {
+        validate::validate(&self.metadata, self.hdr_size)?;
+        let text = serde_json::to_vec(&self.metadata)
+            .map_err(|e| Error::corrupt(format!("cannot serialise metadata: {e}")))?;
+        let area_len = (self.hdr_size - BINARY_HEADER_SIZE as u64) as usize;
+        if text.len() >= area_len {
+            return Err(Error::InvalidArgument(format!(
+                "JSON metadata of {} bytes does not fit the {area_len}-byte JSON area",
+                text.len()
+            )));
+        }
+        let mut area = vec![0u8; area_len];
+        area[..text.len()].copy_from_slice(&text);
+        Ok(area)
+    }
+
+    fn binary(&self, copy: Copy) -> BinaryHeader {
+        BinaryHeader {
+            copy,
+            hdr_size: self.hdr_size,
+            seqid: self.seqid,
+            label: self.label.clone(),
+            checksum_alg: self.checksum_alg.clone(),
+            salt: match copy {
+                Copy::Primary => self.salt_primary,
+                Copy::Secondary => self.salt_secondary,
+            },
+            uuid: self.uuid.clone(),
+            subsystem: self.subsystem.clone(),
+            hdr_offset: match copy {
+                Copy::Primary => 0,
+                Copy::Secondary => self.hdr_size,
+            },
+            csum: [0; 64],
+        }
+    }
+
+    /// Encoded binary header + JSON area for one copy, checksum filled in.
+    pub fn encode_copy(&self, copy: Copy, json_area: &[u8]) -> Result<Vec<u8>> {
+        let bin = self.binary(copy);
+        let mut raw = bin.encode()?;
+        let hash = Hash::parse(&self.checksum_alg)?;
+        let csum = copy_checksum(hash, &raw, json_area);
+        raw[448..512].copy_from_slice(&csum);
+        let mut out = Vec::with_capacity(self.hdr_size as usize);
+        out.extend_from_slice(&raw[..]);
+        out.extend_from_slice(json_area);
+        Ok(out)
+    }
+
+    fn write_copy<D: Disk + ?Sized>(&self, disk: &D, copy: Copy, json: &[u8]) -> Result<()> {
+        let bytes = self.encode_copy(copy, json)?;
+        let off = match copy {
+            Copy::Primary => 0,
+            Copy::Secondary => self.hdr_size,
+        };
+        disk.write_at(off, &bytes).map_err(|e| {
+            Error::io(
+                format!("writing the {copy:?} LUKS2 header at offset {off}"),
+                e,
+            )
+        })?;
+        disk.flush()
+            .map_err(|e| Error::io(format!("flushing the {copy:?} LUKS2 header"), e))
+    }
+}
+
+fn fresh_salt() -> Result<[u8; 64]> {
+    let mut s = [0u8; 64];
+    crate::random::fill(&mut s)?;
+    Ok(s)
+}

@@ -1,0 +1,668 @@
+//! LUKS2: binary headers, JSON metadata, validation, keyslots and volume-key operations.
+//!
+//! Typical use:
+//! ```no_run
+//! # use luksify_luks::{io::MemDisk, luks2::Luks2Header};
+//! # let disk = MemDisk::new(0);
+//! let (hdr, _report) = Luks2Header::read(&disk)?;
+//! let (vk, slot) = hdr.unlock(&disk, b"passphrase", None)?;
+//! let seg = hdr.data_segment()?;
+//! let cipher = seg.cipher(&vk)?; // luksify_cipher::SectorCipher
+//! # Ok::<(), luksify_luks::Error>(())
+//! ```
+
+pub mod binary;
+pub mod disk;
+pub mod json;
+pub mod keyslot;
+pub mod validate;
+
+pub use disk::{CopyState, Luks2Header, ReadReport};
+
+use crate::digest;
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::io::Disk;
+use crate::kdf::{self, KdfRequest};
+use crate::secret::VolumeKey;
+use json::{
+    Config, CryptSegment, Digest, Keyslot, Metadata, Pbkdf2Digest, Priority, Segment, SegmentSize,
+};
+use luksify_cipher::SectorCipher;
+use std::collections::BTreeMap;
+
+/// Default metadata size of one copy (16 KiB).
+pub const DEFAULT_METADATA_SIZE: u64 = 0x4000;
+/// Default data offset: 16 MiB (metadata copies + keyslots area).
+pub const DEFAULT_DATA_OFFSET: u64 = 16 * 1024 * 1024;
+
+/// Parameters of the encrypted data segment, enough to build a [`SectorCipher`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataSegment {
+    /// Segment id in the JSON.
+    pub id: u32,
+    /// First data byte on the data device.
+    pub offset: u64,
+    /// Length, or `Dynamic` (to the end of the device).
+    pub size: SegmentSize,
+    /// dm-crypt cipher spec, e.g. `aes-xts-plain64`.
+    pub cipher: String,
+    /// Encryption sector size in bytes.
+    pub sector_size: u32,
+    /// Added to the IV of each sector (512-byte units).
+    pub iv_tweak: u64,
+    /// Volume key size in bytes (from the digest's keyslots), if known.
+    pub key_size: Option<u32>,
+}
+
+impl DataSegment {
+    /// A sector cipher for this segment keyed with `vk`.
+    pub fn cipher(&self, vk: &VolumeKey) -> Result<SectorCipher> {
+        Ok(SectorCipher::new(
+            &self.cipher,
+            vk.as_bytes(),
+            self.sector_size as usize,
+        )?)
+    }
+    /// Length in bytes on a data device of `device_size` bytes.
+    pub fn len_on(&self, device_size: u64) -> u64 {
+        match self.size {
+            SegmentSize::Bytes(n) => n,
+            SegmentSize::Dynamic => device_size.saturating_sub(self.offset),
+        }
+    }
+}
+
+/// Options of [`Luks2Header::format`] (cryptsetup `luksFormat --type luks2`).
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    pub cipher: String,
+    /// Volume key size in bytes (64 = AES-256-XTS).
+    pub key_size: usize,
+    pub sector_size: u32,
+    /// Hash for the AF splitter and the volume-key digest.
+    pub hash: Hash,
+    pub kdf: KdfRequest,
+    pub label: String,
+    pub subsystem: String,
+    /// UUID text; random when `None`.
+    pub uuid: Option<String>,
+    pub metadata_size: u64,
+    /// Keyslots area size; default `data_offset - 2*metadata_size`, or 16 MiB
+    /// minus the metadata for a detached header.
+    pub keyslots_size: Option<u64>,
+    /// Data offset on the data device; `None` = 16 MiB, or 0 for a detached header.
+    pub data_offset: Option<u64>,
+    /// The header lives in its own file; the data device starts at `data_offset` (default 0).
+    pub detached: bool,
+    /// Use this volume key instead of a random one.
+    pub volume_key: Option<VolumeKey>,
+    /// Fixed data segment size instead of `dynamic`.
+    pub segment_size: Option<u64>,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            cipher: "aes-xts-plain64".into(),
+            key_size: 64,
+            sector_size: 512,
+            hash: Hash::Sha256,
+            kdf: KdfRequest::default(),
+            label: String::new(),
+            subsystem: String::new(),
+            uuid: None,
+            metadata_size: DEFAULT_METADATA_SIZE,
+            keyslots_size: None,
+            data_offset: None,
+            detached: false,
+            volume_key: None,
+            segment_size: None,
+        }
+    }
+}
+
+impl Luks2Header {
+    /// Creates a new LUKS2 header on `meta` (the device itself, or a detached
+    /// header file): zeroes the metadata and keyslots area, stores the volume
+    /// key in keyslot 0 under `passphrase`, writes both copies. Returns the
+    /// header and the volume key. Data is not touched.
+    pub fn format<D: Disk + ?Sized>(
+        meta: &D,
+        passphrase: &[u8],
+        opts: &FormatOptions,
+    ) -> Result<(Luks2Header, VolumeKey)> {
+        if !binary::is_valid_metadata_size(opts.metadata_size) {
+            return Err(Error::InvalidArgument(format!(
+                "metadata size {} is not a LUKS2 size (16 KiB .. 4 MiB, power of two)",
+                opts.metadata_size
+            )));
+        }
+        if opts.key_size != 32 && opts.key_size != 64 {
+            return Err(Error::InvalidArgument(format!(
+                "key size {} bits: use 256 or 512",
+                opts.key_size * 8
+            )));
+        }
+        SectorCipher::parse_spec(&opts.cipher)?;
+        luksify_cipher::SectorSize::new(opts.sector_size as usize)?;
+        opts.kdf.validate()?;
+        let data_offset = opts.data_offset.unwrap_or(if opts.detached {
+            0
+        } else {
+            DEFAULT_DATA_OFFSET
+        });
+        let meta_end = 2 * opts.metadata_size;
+        let keyslots_size = match opts.keyslots_size {
+            Some(k) => k,
+            None if data_offset >= meta_end && !opts.detached => data_offset - meta_end,
+            None => DEFAULT_DATA_OFFSET - meta_end,
+        };
+        if !data_offset.is_multiple_of(u64::from(opts.sector_size)) {
+            return Err(Error::InvalidArgument(format!(
+                "data offset {data_offset} is not aligned to the {}-byte sector size",
+                opts.sector_size
+            )));
+        }
+        let vk = match &opts.volume_key {
+            Some(k) => {
+                if k.len() != opts.key_size {
+                    return Err(Error::InvalidArgument(format!(
+                        "volume key is {} bytes, key size is {} bytes",
+                        k.len(),
+                        opts.key_size
+                    )));
+                }
+                k.clone()
+            }
+            None => VolumeKey::random(opts.key_size)?,
+        };
+        // Refuses equal XTS halves and bad specs before anything is written.
+        SectorCipher::new(&opts.cipher, vk.as_bytes(), opts.sector_size as usize)?;
+
+        let digest_iterations = if opts.kdf.force_iterations.is_some() {
+            kdf::PBKDF2_MIN_ITERATIONS
+        } else {
+            kdf::pbkdf2_iterations_for(opts.hash, kdf::DIGEST_ITER_TIME_MS, opts.hash.digest_len())
+        };
+        let digest_salt = crate::random::bytes(32)?;
+        let digest_len = opts.hash.digest_len();
+        let digest = digest::pbkdf2_compute(
+            opts.hash,
+            digest_iterations,
+            &digest_salt,
+            vk.as_bytes(),
+            digest_len,
+        );
+        let mut segments = BTreeMap::new();
+        segments.insert(
+            0,
+            Segment::Crypt(CryptSegment {
+                offset: data_offset,
+                size: match opts.segment_size {
+                    Some(n) => SegmentSize::Bytes(n),
+                    None => SegmentSize::Dynamic,
+                },
+                iv_tweak: 0,
+                encryption: opts.cipher.clone(),
+                sector_size: opts.sector_size,
+                integrity: None,
+                flags: None,
+                extra: Default::default(),
+            }),
+        );
+        let mut digests = BTreeMap::new();
+        digests.insert(
+            0,
+            Digest::Pbkdf2(Pbkdf2Digest {
+                keyslots: vec![],
+                segments: vec![0],
+                hash: opts.hash.name().into(),
+                iterations: digest_iterations,
+                salt: digest_salt,
+                digest,
+                extra: Default::default(),
+            }),
+        );
+        let metadata = Metadata {
+            keyslots: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            segments,
+            digests,
+            config: Config {
+                json_size: opts.metadata_size - binary::BINARY_HEADER_SIZE as u64,
+                keyslots_size,
+                flags: None,
+                requirements: None,
+                extra: Default::default(),
+            },
+            extra: Default::default(),
+        };
+        let uuid = match &opts.uuid {
+            Some(u) => {
+                uuid::Uuid::parse_str(u).map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "'{u}' is not a UUID (expected 8-4-4-4-12 hex digits)"
+                    ))
+                })?;
+                u.clone()
+            }
+            None => uuid::Uuid::new_v4().hyphenated().to_string(),
+        };
+        let mut salts = [[0u8; 64]; 2];
+        crate::random::fill(&mut salts[0])?;
+        crate::random::fill(&mut salts[1])?;
+        let mut hdr = Luks2Header {
+            hdr_size: opts.metadata_size,
+            seqid: 0,
+            label: opts.label.clone(),
+            subsystem: opts.subsystem.clone(),
+            uuid,
+            checksum_alg: "sha256".into(),
+            salt_primary: salts[0],
+            salt_secondary: salts[1],
+            metadata,
+        };
+        // Check everything (label length, layout) before the first write.
+        hdr.binary_check()?;
+        let kdf = opts.kdf.resolve(opts.key_size)?;
+        // Wipe the old metadata and keyslots area so no stale header or key survives.
+        let wipe_end = meta_end + keyslots_size;
+        let zero = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < wipe_end {
+            let n = (wipe_end - off).min(zero.len() as u64) as usize;
+            meta.write_at(off, &zero[..n])
+                .map_err(|e| Error::io("wiping the LUKS2 metadata area", e))?;
+            off += n as u64;
+        }
+        hdr.add_keyslot_with_kdf(meta, &vk, passphrase, kdf, Some(0), None)?;
+        Ok((hdr, vk))
+    }
+
+    fn binary_check(&self) -> Result<()> {
+        let json = self.json_area()?;
+        self.encode_copy(binary::Copy::Primary, &json).map(|_| ())
+    }
+
+    /// The data segment to map: the first non-backup `crypt` segment.
+    pub fn data_segment(&self) -> Result<DataSegment> {
+        let (id, c) = self
+            .metadata
+            .segments
+            .iter()
+            .find_map(|(id, s)| match s {
+                Segment::Crypt(c) if !s.is_backup() => Some((*id, c)),
+                _ => None,
+            })
+            .ok_or_else(|| Error::Unsupported("no crypt data segment".into()))?;
+        let key_size = self.digest_for_segment(id).and_then(|d| {
+            d.keyslots()
+                .into_iter()
+                .find_map(|k| match self.metadata.keyslots.get(&k) {
+                    Some(Keyslot::Luks2(ks)) => Some(ks.key_size),
+                    _ => None,
+                })
+        });
+        Ok(DataSegment {
+            id,
+            offset: c.offset,
+            size: c.size,
+            cipher: c.encryption.clone(),
+            sector_size: c.sector_size,
+            iv_tweak: c.iv_tweak,
+            key_size,
+        })
+    }
+
+    /// The digest covering segment `seg`.
+    pub fn digest_for_segment(&self, seg: u32) -> Option<&Digest> {
+        self.metadata
+            .digests
+            .values()
+            .find(|d| d.segments().contains(&seg))
+    }
+
+    /// Id of the digest a keyslot is assigned to.
+    pub fn digest_id_for_keyslot(&self, slot: u32) -> Option<u32> {
+        self.metadata
+            .digests
+            .iter()
+            .find(|(_, d)| d.keyslots().contains(&slot))
+            .map(|(id, _)| *id)
+    }
+
+    /// Does `vk` match digest `digest_id`?
+    pub fn verify_key_digest(&self, digest_id: u32, vk: &[u8]) -> Result<bool> {
+        match self.metadata.digests.get(&digest_id) {
+            Some(Digest::Pbkdf2(d)) => {
+                digest::pbkdf2_matches(&d.hash, d.iterations, &d.salt, &d.digest, vk)
+            }
+            Some(Digest::Unknown(_)) => Err(Error::Unsupported(format!(
+                "digest {digest_id} has an unknown type"
+            ))),
+            None => Err(Error::corrupt(format!("digest {digest_id} does not exist"))),
+        }
+    }
+
+    /// Ids of the digest(s) `vk` matches (the data segment's normally).
+    pub fn digests_matching(&self, vk: &[u8]) -> Result<Vec<u32>> {
+        let mut out = vec![];
+        for id in self.metadata.digests.keys() {
+            if let Ok(true) = self.verify_key_digest(*id, vk) {
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unlocks keyslot `slot` with `passphrase` and checks the key against the
+    /// keyslot's digest.
+    pub fn unlock_keyslot<D: Disk + ?Sized>(
+        &self,
+        disk: &D,
+        slot: u32,
+        passphrase: &[u8],
+    ) -> Result<VolumeKey> {
+        let ks = match self.metadata.keyslots.get(&slot) {
+            Some(Keyslot::Luks2(k)) => k,
+            Some(_) => {
+                return Err(Error::Unsupported(format!(
+                    "keyslot {slot} is not a passphrase keyslot"
+                )))
+            }
+            None => return Err(Error::KeyslotNotFound(slot)),
+        };
+        let digest_id = self.digest_id_for_keyslot(slot).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "keyslot {slot} is unbound (not assigned to the volume key digest), so it cannot unlock the volume"
+            ))
+        })?;
+        let candidate = VolumeKey::new(keyslot::open(disk, ks, passphrase)?);
+        if self.verify_key_digest(digest_id, candidate.as_bytes())? {
+            Ok(candidate)
+        } else {
+            Err(Error::WrongPassphrase)
+        }
+    }
+
+    /// Unlocks the volume: tries `slot` only, or else every passphrase keyslot
+    /// whose digest covers a data segment, preferred (priority 2) first and
+    /// skipping priority 0. Returns the volume key and the keyslot that opened.
+    pub fn unlock<D: Disk + ?Sized>(
+        &self,
+        disk: &D,
+        passphrase: &[u8],
+        slot: Option<u32>,
+    ) -> Result<(VolumeKey, u32)> {
+        self.check_requirements_for_unlock()?;
+        if let Some(s) = slot {
+            return self.unlock_keyslot(disk, s, passphrase).map(|k| (k, s));
+        }
+        // Keyslots bound to a digest that covers some segment: the data segment
+        // normally, the backup segments while a reencryption is in progress.
+        let mut order: Vec<(Priority, u32)> = self
+            .metadata
+            .keyslots
+            .iter()
+            .filter_map(|(id, k)| match k {
+                Keyslot::Luks2(ks) => {
+                    let p = ks.priority.unwrap_or(Priority::Normal);
+                    (p != Priority::Ignore).then_some((p, *id))
+                }
+                _ => None,
+            })
+            .filter(|(_, id)| {
+                self.digest_id_for_keyslot(*id)
+                    .and_then(|d| self.metadata.digests.get(&d))
+                    .is_some_and(|d| !d.segments().is_empty())
+            })
+            .collect();
+        order.sort_by_key(|(p, id)| (std::cmp::Reverse(*p), *id));
+        let mut last_err = Error::WrongPassphrase;
+        for (_, id) in order {
+            match self.unlock_keyslot(disk, id, passphrase) {
+                Ok(k) => return Ok((k, id)),
+                Err(Error::WrongPassphrase) => {}
+                // A damaged or unsupported keyslot must not hide a good one.
+                Err(e) => last_err = e,
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Unknown mandatory requirements make the volume unusable for us, as for cryptsetup.
+    fn check_requirements_for_unlock(&self) -> Result<()> {
+        let unknown: Vec<String> = self
+            .metadata
+            .config
+            .mandatory_requirements()
+            .into_iter()
+            .filter(|r| !r.starts_with("online-reencrypt"))
+            .collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::UnmetRequirement(unknown.join(", ")))
+        }
+    }
+
+    /// Lowest free keyslot id.
+    pub fn free_keyslot_id(&self) -> Option<u32> {
+        (0..validate::MAX_KEYSLOTS).find(|i| !self.metadata.keyslots.contains_key(i))
+    }
+
+    /// First-fit free area of `size` bytes in the keyslots area, skipping `exclude`.
+    pub fn free_area(&self, size: u64, exclude: Option<(u64, u64)>) -> Option<u64> {
+        let start = 2 * self.hdr_size;
+        let end = start + self.metadata.config.keyslots_size;
+        let mut used: Vec<(u64, u64)> = self
+            .metadata
+            .keyslots
+            .values()
+            .filter_map(Keyslot::area_range)
+            .map(|(o, s)| (o, o + s))
+            .chain(exclude.map(|(o, s)| (o, o + s)))
+            .collect();
+        used.sort();
+        let mut cand = start;
+        for (o, e) in used {
+            if cand + size <= o {
+                break;
+            }
+            cand = cand.max(e.div_ceil(4096) * 4096);
+        }
+        (cand + size <= end).then_some(cand)
+    }
+
+    /// Adds a passphrase keyslot for `vk` (which must match a digest), running
+    /// the KDF calibration in `req`. Writes the area, then the header.
+    pub fn add_keyslot<D: Disk + ?Sized>(
+        &mut self,
+        disk: &D,
+        vk: &VolumeKey,
+        passphrase: &[u8],
+        req: &KdfRequest,
+        slot: Option<u32>,
+        priority: Option<Priority>,
+    ) -> Result<u32> {
+        req.validate()?;
+        self.check_new_slot(slot)?;
+        let kdf = req.resolve(vk.len())?;
+        self.add_keyslot_with_kdf(disk, vk, passphrase, kdf, slot, priority)
+    }
+
+    fn check_new_slot(&self, slot: Option<u32>) -> Result<u32> {
+        match slot {
+            Some(s) if s >= validate::MAX_KEYSLOTS => Err(Error::InvalidArgument(format!(
+                "keyslot {s} out of range 0..{}",
+                validate::MAX_KEYSLOTS
+            ))),
+            Some(s) if self.metadata.keyslots.contains_key(&s) => Err(Error::InvalidArgument(
+                format!("keyslot {s} is already in use"),
+            )),
+            Some(s) => Ok(s),
+            None => self
+                .free_keyslot_id()
+                .ok_or_else(|| Error::NoFreeKeyslot("all 32 keyslots are in use".into())),
+        }
+    }
+
+    /// Adds a keyslot with already-resolved KDF parameters.
+    pub fn add_keyslot_with_kdf<D: Disk + ?Sized>(
+        &mut self,
+        disk: &D,
+        vk: &VolumeKey,
+        passphrase: &[u8],
+        kdf: json::Kdf,
+        slot: Option<u32>,
+        priority: Option<Priority>,
+    ) -> Result<u32> {
+        let id = self.check_new_slot(slot)?;
+        let digest_id = *self
+            .digests_matching(vk.as_bytes())?
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("volume key does not match any digest".into()))?;
+        let data = self.data_segment()?;
+        let size = keyslot::area_size(vk.len(), crate::af::DEFAULT_STRIPES);
+        let area = self.free_area(size, None).ok_or_else(|| {
+            Error::NoFreeKeyslot(format!(
+                "no free {size}-byte area left in the {}-byte keyslots area",
+                self.metadata.config.keyslots_size
+            ))
+        })?;
+        let hash = match self.metadata.digests.get(&digest_id) {
+            Some(Digest::Pbkdf2(d)) => Hash::parse(&d.hash).unwrap_or(Hash::Sha256),
+            _ => Hash::Sha256,
+        };
+        let params = keyslot::NewKeyslot {
+            encryption: data.cipher.clone(),
+            area_key_size: vk.len() as u32,
+            af_hash: hash,
+            kdf,
+            priority,
+        };
+        let ks = keyslot::store(disk, area, vk.as_bytes(), passphrase, &params)?;
+        let before = self.metadata.clone();
+        self.metadata.keyslots.insert(id, Keyslot::Luks2(ks));
+        if let Some(Digest::Pbkdf2(d)) = self.metadata.digests.get_mut(&digest_id) {
+            d.keyslots.push(id);
+            d.keyslots.sort();
+        }
+        if let Err(e) = self.write(disk) {
+            self.metadata = before;
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Removes keyslot `slot`: drops it from the metadata (and from digests
+    /// and tokens), writes the header, then zeroes its area.
+    pub fn remove_keyslot<D: Disk + ?Sized>(&mut self, disk: &D, slot: u32) -> Result<()> {
+        let ks = self
+            .metadata
+            .keyslots
+            .get(&slot)
+            .ok_or(Error::KeyslotNotFound(slot))?;
+        if !matches!(ks, Keyslot::Luks2(_)) {
+            return Err(Error::Unsupported(format!(
+                "keyslot {slot} is not a passphrase keyslot; refusing to remove it"
+            )));
+        }
+        let area = ks.area_range();
+        let mut m = self.metadata.clone();
+        m.keyslots.remove(&slot);
+        for d in m.digests.values_mut() {
+            if let Digest::Pbkdf2(p) = d {
+                p.keyslots.retain(|k| *k != slot);
+            }
+        }
+        for t in m.tokens.values_mut() {
+            t.keyslots.retain(|k| *k != slot);
+        }
+        let before = std::mem::replace(&mut self.metadata, m);
+        if let Err(e) = self.write(disk) {
+            self.metadata = before;
+            return Err(e);
+        }
+        if let Some((off, size)) = area {
+            let zero = vec![0u8; size as usize];
+            disk.write_at(off, &zero)
+                .map_err(|e| Error::io("wiping the removed keyslot's area", e))?;
+            disk.flush()
+                .map_err(|e| Error::io("flushing the wiped keyslot area", e))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the passphrase of keyslot `slot` (which `old` must open): the
+    /// key is stored under `new` in a fresh area, the keyslot id stays, and the
+    /// old area is zeroed after the header points at the new one.
+    pub fn change_keyslot<D: Disk + ?Sized>(
+        &mut self,
+        disk: &D,
+        slot: u32,
+        old: &[u8],
+        new: &[u8],
+        req: &KdfRequest,
+    ) -> Result<()> {
+        let vk = self.unlock_keyslot(disk, slot, old)?;
+        let (old_area, priority) = match self.metadata.keyslots.get(&slot) {
+            Some(Keyslot::Luks2(k)) => ((k.area.offset, k.area.size), k.priority),
+            _ => return Err(Error::KeyslotNotFound(slot)),
+        };
+        let kdf = req.resolve(vk.len())?;
+        let size = keyslot::area_size(vk.len(), crate::af::DEFAULT_STRIPES);
+        let area = self.free_area(size, None).ok_or_else(|| {
+            Error::NoFreeKeyslot("no free keyslot area to write the new key into".into())
+        })?;
+        let data = self.data_segment()?;
+        let af_hash = match self.metadata.keyslots.get(&slot) {
+            Some(Keyslot::Luks2(k)) => Hash::parse(&k.af.hash)?,
+            _ => Hash::Sha256,
+        };
+        let params = keyslot::NewKeyslot {
+            encryption: data.cipher.clone(),
+            area_key_size: vk.len() as u32,
+            af_hash,
+            kdf,
+            priority,
+        };
+        let ks = keyslot::store(disk, area, vk.as_bytes(), new, &params)?;
+        let before = self.metadata.clone();
+        self.metadata.keyslots.insert(slot, Keyslot::Luks2(ks));
+        if let Err(e) = self.write(disk) {
+            self.metadata = before;
+            return Err(e);
+        }
+        let zero = vec![0u8; old_area.1 as usize];
+        disk.write_at(old_area.0, &zero)
+            .map_err(|e| Error::io("wiping the old keyslot area", e))?;
+        disk.flush()
+            .map_err(|e| Error::io("flushing the wiped keyslot area", e))
+    }
+
+    /// Sets a keyslot's priority and writes the header.
+    pub fn set_priority<D: Disk + ?Sized>(
+        &mut self,
+        disk: &D,
+        slot: u32,
+        priority: Priority,
+    ) -> Result<()> {
+        match self.metadata.keyslots.get_mut(&slot) {
+            Some(Keyslot::Luks2(k)) => k.priority = Some(priority),
+            _ => return Err(Error::KeyslotNotFound(slot)),
+        }
+        self.write(disk)
+    }
+
+    /// Ids of passphrase keyslots.
+    pub fn keyslot_ids(&self) -> Vec<u32> {
+        self.metadata
+            .keyslots
+            .iter()
+            .filter(|(_, k)| matches!(k, Keyslot::Luks2(_)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
