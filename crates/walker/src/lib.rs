@@ -1,2 +1,831 @@
 //! In-place encryption walker: turns a plaintext device into a LUKS2 volume chunk
-//! by chunk, journaled in LUKS2's own reencryption metadata. Knows nothing of mounts.
+//! by chunk, journaled in LUKS2's own reencryption metadata (the same metadata
+//! `cryptsetup reencrypt` writes), so an interrupted run is self-describing and
+//! can be finished by luksify or by `cryptsetup reencrypt --resume-only`, and a
+//! run cryptsetup started can be finished by luksify. Knows nothing of mounts.
+//!
+//! Layouts: a detached header (forward, resilience checksum / journal / none) or
+//! the header in front with a data shift (`--reduce-device-size`: the first
+//! shift bytes are moved to the end, then the walk goes backward).
+
+pub mod device;
+pub mod engine;
+pub mod fsprobe;
+pub mod powercut;
+pub mod view;
+
+use engine::{Journal, Walk, CHECKSUM_BLOCK, CHECKSUM_LEN};
+pub use engine::{Outcome, Tuning};
+use luksify_cipher::SectorCipher;
+use luksify_luks::io::{Disk, MemDisk};
+use luksify_luks::luks2::json::{
+    Keyslot, ReencryptArea, ReencryptDirection, ReencryptMode, SegmentSize,
+};
+use luksify_luks::luks2::{FormatOptions, Luks2Header};
+use luksify_luks::reencrypt::{self, EncryptLayout, Progress, ReencryptState, Shift};
+use luksify_luks::VolumeKey;
+use sha2::Digest as _;
+use std::sync::atomic::AtomicBool;
+
+/// Set to true (e.g. from a SIGINT handler) to stop at the next safe point.
+pub type Cancel = AtomicBool;
+/// Progress callback.
+pub type ProgressFn<'a> = dyn Fn(ProgressInfo) + Sync + 'a;
+
+/// Progress of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgressInfo {
+    /// Bytes encrypted so far (including earlier runs).
+    pub done: u64,
+    pub total: u64,
+    /// Throughput of this run so far.
+    pub bytes_per_sec: u64,
+}
+
+/// How a hotzone is protected against a crash (the reencrypt keyslot's area type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resilience {
+    /// Checksums of the hotzone's old sectors (detached header default).
+    Checksum,
+    /// A full copy of the hotzone in the keyslot area.
+    Journal,
+    /// No protection: an interrupted run resumes only after a clean stop.
+    None,
+    /// The old data stays where it was; the new data is written `shift` bytes away.
+    Datashift,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Luks(#[from] luksify_luks::Error),
+    #[error("cipher: {0}")]
+    Cipher(luksify_cipher::CipherError),
+    #[error("the interrupted hotzone cannot be recovered: resilience `none` keeps no copy of it; restore from backup")]
+    Unrecoverable,
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// A check failed before anything was written.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where the LUKS2 header goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// In its own file; the data stays where it is (forward walk).
+    Detached { resilience: Resilience },
+    /// In front of the data: the last `reduce` bytes of the device must be unused;
+    /// the data moves by `reduce / 2` (backward walk, datashift resilience).
+    Shift { reduce: u64 },
+}
+
+/// Everything `encrypt` needs besides the devices.
+#[derive(Debug)]
+pub struct EncryptOptions {
+    pub placement: Placement,
+    /// Format parameters (cipher, key size, sector size, kdf, label, volume key).
+    pub format: FormatOptions,
+    pub tuning: Tuning,
+}
+
+/// Hooks a caller can pass to any run.
+#[derive(Default)]
+pub struct Control<'a> {
+    pub progress: Option<&'a ProgressFn<'a>>,
+    pub cancel: Option<&'a Cancel>,
+}
+
+impl std::fmt::Debug for Control<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+/// The header and the reencryption state, committed through both header copies.
+struct HeaderJournal<'a, H: Disk + ?Sized> {
+    disk: &'a H,
+    hdr: Luks2Header,
+    st: ReencryptState,
+}
+
+impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
+    fn commit(&mut self, p: Progress) -> Result<()> {
+        reencrypt::set_progress(&mut self.hdr.metadata, &self.st, p)?;
+        self.hdr.write(self.disk)?;
+        self.st.progress = p;
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<()> {
+        if self.st.mode == ReencryptMode::Decrypt {
+            // As cryptsetup leaves it: a header with one linear segment and no
+            // keyslots, and the keyslot areas (split volume key) zeroed. The final
+            // header is committed *before* the wipe: a power cut in between leaves a
+            // finished, keyless header (the wipe is only hygiene), whereas the reverse
+            // order would leave a header still "in progress" whose keyslots no
+            // longer unlock, and so a run that cannot be resumed.
+            // A decryption's header is always detached, never on the data.
+            reencrypt::finish_decrypt(&mut self.hdr.metadata, &self.st);
+            self.hdr.write(self.disk)?;
+            let start = 2 * self.hdr.hdr_size;
+            let zeros = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            let len = self.hdr.metadata.config.keyslots_size;
+            while off < len {
+                let n = (zeros.len() as u64).min(len - off) as usize;
+                self.disk
+                    .write_at(start + off, &zeros[..n])
+                    .map_err(|e| Error::io("wipe keyslot area", e))?;
+                off += n as u64;
+            }
+            self.disk
+                .flush()
+                .map_err(|e| Error::io("flush header", e))?;
+        } else {
+            reencrypt::finish_encrypt(&mut self.hdr.metadata, &self.st);
+            self.hdr.write(self.disk)?;
+        }
+        Ok(())
+    }
+    fn area_write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        self.disk
+            .write_at(self.st.area.offset() + off, data)
+            .map_err(|e| Error::io("write resilience area", e))
+    }
+    fn area_read(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.disk
+            .read_at(self.st.area.offset() + off, buf)
+            .map_err(|e| Error::io("read resilience area", e))
+    }
+    fn area_flush(&mut self) -> Result<()> {
+        self.disk.flush().map_err(|e| Error::io("flush header", e))
+    }
+}
+
+fn resilience_of(a: &ReencryptArea) -> Result<Resilience> {
+    Ok(match a {
+        ReencryptArea::None { .. } => Resilience::None,
+        ReencryptArea::Checksum { hash, sector_size, .. } => {
+            if hash != "sha256" || *sector_size as usize != CHECKSUM_BLOCK {
+                return Err(Error::Refused(format!(
+                    "checksum resilience with {hash} over {sector_size}-byte blocks is not supported (sha256 over 4096 is)"
+                )));
+            }
+            Resilience::Checksum
+        }
+        ReencryptArea::Journal { .. } => Resilience::Journal,
+        ReencryptArea::Datashift { .. } => Resilience::Datashift,
+        other => {
+            return Err(Error::Refused(format!(
+                "resilience {other:?} is not supported; finish it with `cryptsetup reencrypt --resume-only`"
+            )))
+        }
+    })
+}
+
+/// Largest hotzone the area and memory allow.
+fn hotzone_for(res: Resilience, area: &ReencryptArea, layout: &EncryptLayout, t: Tuning) -> u64 {
+    let align = |n: u64| n / CHECKSUM_BLOCK as u64 * CHECKSUM_BLOCK as u64;
+    match res {
+        Resilience::Checksum => align(
+            t.hotzone
+                .min(area.size() / CHECKSUM_LEN as u64 * CHECKSUM_BLOCK as u64),
+        ),
+        Resilience::Journal => align(t.hotzone.min(area.size())),
+        Resilience::None => align(t.hotzone),
+        // Encrypt: one hotzone per shift: cryptsetup's recovery reads the whole
+        // moved segment as the hotzone at offset 0. Data are streamed, so this
+        // costs no memory. Decrypt: the data moves down by the shift; a hotzone
+        // no larger than the shift never overwrites its own (or a later) source,
+        // so recovery can always re-read it.
+        Resilience::Datashift => match (layout.shift, area) {
+            (Some(s), _) => s.size,
+            (None, ReencryptArea::Datashift { shift_size, .. }) => {
+                align(t.hotzone.min(*shift_size))
+            }
+            _ => 0,
+        },
+    }
+}
+
+fn is_luks<D: Disk + ?Sized>(d: &D) -> Result<bool> {
+    Ok(luksify_luks::probe(d)?.is_some())
+}
+
+/// Encrypts `data` in place. `meta` is the detached header store (`None` for
+/// [`Placement::Shift`], where the header lives on `data`). Every check runs
+/// before the first write; on refusal nothing has been written.
+pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
+    data: &D,
+    meta: Option<&H>,
+    passphrase: &[u8],
+    opts: &EncryptOptions,
+    ctl: &Control<'_>,
+) -> Result<Outcome> {
+    let dev_size = data
+        .size()
+        .map_err(|e| Error::io("size of the device", e))?;
+    if dev_size == 0 || dev_size % CHECKSUM_BLOCK as u64 != 0 {
+        return Err(Error::Refused(format!(
+            "device size {dev_size} is not a non-zero multiple of 4096 bytes"
+        )));
+    }
+    if is_luks(data)? {
+        return Err(Error::Refused(
+            "the device already holds a LUKS header; use `luksify resume` to continue an interrupted run".into(),
+        ));
+    }
+    let init_marker = match opts.placement {
+        Placement::Shift { reduce } if meta.is_none() => read_init_marker(data, dev_size, reduce)?,
+        _ => false,
+    };
+    let sector = opts.format.sector_size as u64;
+    let mut fmt = opts.format.clone();
+    let (layout_of, res) = match (opts.placement, meta) {
+        (Placement::Detached { resilience }, Some(m)) => {
+            if resilience == Resilience::Datashift {
+                return Err(Error::Refused(
+                    "datashift needs --reduce-device-size, not a detached header".into(),
+                ));
+            }
+            if m.size().unwrap_or(0) > 0 && is_luks(m)? {
+                return Err(Error::Refused(
+                    "the header file already holds a LUKS header; use `luksify resume` to continue"
+                        .into(),
+                ));
+            }
+            fmt.detached = true;
+            fmt.data_offset = Some(0);
+            (None, resilience)
+        }
+        (Placement::Shift { reduce }, None) => {
+            let shift = reduce / 2;
+            if reduce == 0 || reduce % (2 * CHECKSUM_BLOCK as u64) != 0 || shift % sector != 0 {
+                return Err(Error::Refused(format!(
+                    "--reduce-device-size {reduce} must be a non-zero multiple of 8 KiB (the header gets half of it)"
+                )));
+            }
+            if shift < 1 << 20 {
+                return Err(Error::Refused(format!(
+                    "--reduce-device-size {reduce} leaves {shift} bytes for the header; use at least 2 MiB (cryptsetup's default is 32 MiB)"
+                )));
+            }
+            if dev_size <= reduce + sector {
+                return Err(Error::Refused(format!(
+                    "device of {dev_size} bytes is too small for a {shift}-byte header plus a {shift}-byte shift and data"
+                )));
+            }
+            let data_size = dev_size - reduce;
+            // After an interrupted start the head may be half overwritten; the
+            // filesystem was checked on the first attempt.
+            if init_marker {
+            } else if let Some(fs) =
+                fsprobe::probe(data).map_err(|e| Error::io("read superblock", e))?
+            {
+                if fs.size > data_size {
+                    return Err(Error::Refused(format!(
+                        "the {} filesystem spans {} bytes but only {data_size} may stay in use: the last {reduce} bytes must be free; shrink the filesystem to at most {data_size} bytes first (e.g. resize2fs DEV {}K)",
+                        fs.kind.name(), fs.size, data_size / 1024
+                    )));
+                }
+            }
+            fmt.detached = false;
+            fmt.data_offset = Some(shift);
+            let layout = EncryptLayout {
+                mode: ReencryptMode::Encrypt,
+                data_offset: shift,
+                old_offset: 0,
+                data_size: Some(data_size),
+                encryption: fmt.cipher.clone(),
+                sector_size: fmt.sector_size,
+                shift: Some(Shift {
+                    size: shift,
+                    moved_offset: dev_size - shift,
+                }),
+            };
+            (Some(layout), Resilience::Datashift)
+        }
+        _ => return Err(Error::Internal("placement and header store disagree")),
+    };
+
+    // Build the header in memory first: nothing on disk says "LUKS" until the
+    // complete reencryption state is there.
+    let meta_len = 2 * fmt.metadata_size
+        + fmt.keyslots_size.unwrap_or(match fmt.data_offset {
+            Some(o) if o > 0 => o - 2 * fmt.metadata_size,
+            _ => luksify_luks::luks2::DEFAULT_DATA_OFFSET - 2 * fmt.metadata_size,
+        });
+    let stage = MemDisk::new(meta_len as usize);
+    let (mut hdr, vk) = Luks2Header::format(&stage, passphrase, &fmt)?;
+    let key_digest = hdr
+        .digest_id_for_keyslot(0)
+        .ok_or(Error::Internal("formatted header has no keyslot digest"))?;
+    let ks_end = hdr
+        .metadata
+        .keyslots
+        .values()
+        .filter_map(Keyslot::area_range)
+        .map(|(o, s)| o + s)
+        .max()
+        .unwrap_or(2 * hdr.hdr_size);
+    let area_end = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+    let (layout, direction, area) = match layout_of {
+        Some(l) => {
+            let area = ReencryptArea::Datashift {
+                offset: ks_end,
+                size: 4096,
+                shift_size: l.shift.map_or(0, |s| s.size),
+            };
+            (l, ReencryptDirection::Backward, area)
+        }
+        None => {
+            let (offset, size) = (ks_end, area_end - ks_end);
+            let area = match res {
+                Resilience::Checksum => ReencryptArea::Checksum {
+                    offset,
+                    size,
+                    hash: "sha256".into(),
+                    sector_size: CHECKSUM_BLOCK as u32,
+                },
+                Resilience::Journal => ReencryptArea::Journal { offset, size },
+                _ => ReencryptArea::None { offset, size },
+            };
+            let l = EncryptLayout {
+                mode: ReencryptMode::Encrypt,
+                data_offset: 0,
+                old_offset: 0,
+                data_size: None,
+                encryption: fmt.cipher.clone(),
+                sector_size: fmt.sector_size,
+                shift: None,
+            };
+            (l, ReencryptDirection::Forward, area)
+        }
+    };
+    let st = reencrypt::init_encrypt(
+        &mut hdr.metadata,
+        key_digest,
+        vk.as_bytes(),
+        layout,
+        direction,
+        area,
+    )?;
+
+    // First writes. Data shift: copy the first `shift` bytes to the end, durable
+    // before the header overwrites them.
+    let bytes = stage.to_vec();
+    let keyslots = &bytes[(2 * hdr.hdr_size) as usize..];
+    let hdisk: &dyn Disk = match meta {
+        Some(m) => {
+            // A detached header is a fresh file: no data has been touched yet.
+            write_all(m, 2 * hdr.hdr_size, keyslots)?;
+            m.flush().map_err(|e| Error::io("flush header", e))?;
+            &DynDisk(m)
+        }
+        None => {
+            let s = st
+                .layout
+                .shift
+                .ok_or(Error::Internal("shift layout without shift"))?;
+            if !init_marker {
+                move_first_segment(data, s)?;
+                write_init_marker(data, dev_size, s)?;
+            }
+            write_all(data, 2 * hdr.hdr_size, keyslots)?;
+            data.flush().map_err(|e| Error::io("flush keyslots", e))?;
+            &DynDisk(data)
+        }
+    };
+    hdr.write(hdisk)?;
+    // The staged keyslot area (up to 16 MiB, twice) is not needed for the walk:
+    // free it so peak memory is the walker's buffer pool alone.
+    drop(bytes);
+    drop(stage);
+    run_from(data, hdisk, hdr, st, vk, opts.tuning, ctl)
+}
+
+/// Object-safe view of any Disk so both header placements share one code path.
+struct DynDisk<'a, T: Disk + ?Sized>(&'a T);
+impl<T: Disk + ?Sized> Disk for DynDisk<'_, T> {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(off, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.0.size()
+    }
+}
+
+fn write_all<D: Disk + ?Sized>(d: &D, off: u64, bytes: &[u8]) -> Result<()> {
+    for (i, c) in bytes.chunks(1 << 20).enumerate() {
+        d.write_at(off + (i as u64) * (1 << 20), c)
+            .map_err(|e| Error::io("write header", e))?;
+    }
+    Ok(())
+}
+
+const INIT_MAGIC: &[u8; 16] = b"LUKSIFY-SHIFT-V1";
+
+/// Where the start marker goes: the first unused block below the moved copy,
+/// which nothing writes until the header (and so the journal) is valid.
+fn marker_offset(dev_size: u64, shift: u64) -> u64 {
+    dev_size - 2 * shift
+}
+
+/// Records that the first segment was moved (durably) before the header area
+/// is overwritten, with a hash of the moved copy: a crash before the header lands
+/// then resumes from the copy instead of re-copying a damaged head.
+fn write_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
+    let mut m = device::AlignedBuf::new(4096);
+    m[..16].copy_from_slice(INIT_MAGIC);
+    m[16..24].copy_from_slice(&dev_size.to_le_bytes());
+    m[24..32].copy_from_slice(&s.size.to_le_bytes());
+    let h = hash_range(data, s.moved_offset, s.size)?;
+    m[32..64].copy_from_slice(&h);
+    let self_sum = sha2::Sha256::digest(&m[..64]);
+    m[64..96].copy_from_slice(&self_sum);
+    data.write_at(marker_offset(dev_size, s.size), &m)
+        .map_err(|e| Error::io("write start marker", e))?;
+    data.flush().map_err(|e| Error::io("flush start marker", e))
+}
+
+fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> Result<bool> {
+    let shift = reduce / 2;
+    if shift == 0 || dev_size < 2 * shift + 4096 {
+        return Ok(false);
+    }
+    let mut m = device::AlignedBuf::new(4096);
+    data.read_at(marker_offset(dev_size, shift), &mut m)
+        .map_err(|e| Error::io("read start marker", e))?;
+    if &m[..16] != INIT_MAGIC || sha2::Sha256::digest(&m[..64])[..] != m[64..96] {
+        return Ok(false);
+    }
+    if m[16..24] != dev_size.to_le_bytes() || m[24..32] != shift.to_le_bytes() {
+        return Ok(false);
+    }
+    Ok(hash_range(data, dev_size - shift, shift)?[..] == m[32..64])
+}
+
+fn hash_range<D: Disk + ?Sized>(data: &D, off: u64, len: u64) -> Result<[u8; 32]> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let mut buf = device::AlignedBuf::new(1 << 20);
+    let mut done = 0;
+    while done < len {
+        let n = (buf.len() as u64).min(len - done) as usize;
+        data.read_at(off + done, &mut buf[..n])
+            .map_err(|e| Error::io("read moved segment", e))?;
+        h.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(h.finalize().into())
+}
+
+/// Copies logical `[0, shift)` to the moved segment and flushes.
+fn move_first_segment<D: Disk + ?Sized>(data: &D, s: Shift) -> Result<()> {
+    let mut buf = device::AlignedBuf::new(1 << 20);
+    let mut off = 0u64;
+    while off < s.size {
+        let n = (buf.len() as u64).min(s.size - off) as usize;
+        data.read_at(off, &mut buf[..n])
+            .map_err(|e| Error::io("read first segment", e))?;
+        data.write_at(s.moved_offset + off, &buf[..n])
+            .map_err(|e| Error::io("write moved segment", e))?;
+        off += n as u64;
+    }
+    data.flush()
+        .map_err(|e| Error::io("flush moved segment", e))
+}
+
+fn run_from<D: Disk + Sync + ?Sized>(
+    data: &D,
+    meta: &dyn Disk,
+    hdr: Luks2Header,
+    st: ReencryptState,
+    vk: VolumeKey,
+    tuning: Tuning,
+    ctl: &Control<'_>,
+) -> Result<Outcome> {
+    let res = resilience_of(&st.area)?;
+    let cipher = SectorCipher::new(
+        &st.layout.encryption,
+        vk.as_bytes(),
+        st.layout.sector_size as usize,
+    )
+    .map_err(Error::Cipher)?;
+    let mut t = tuning;
+    t.hotzone = hotzone_for(res, &st.area, &st.layout, tuning);
+    if t.hotzone == 0 {
+        return Err(Error::Refused(
+            "resilience area too small for one hotzone".into(),
+        ));
+    }
+    let layout = st.layout.clone();
+    let direction = st.direction;
+    let mut p = st.progress;
+    let mut j = HeaderJournal {
+        disk: meta,
+        hdr,
+        st,
+    };
+    let w = Walk {
+        data,
+        layout: &layout,
+        direction,
+        resilience: res,
+        cipher: &cipher,
+        tuning: t,
+        progress: ctl.progress,
+        cancel: ctl.cancel,
+    };
+    if p.hot_len > 0 {
+        p = w.recover(&mut j, p)?;
+    }
+    w.run(&mut j, p)
+}
+
+/// Everything `decrypt` needs besides the devices.
+#[derive(Clone, Copy, Debug)]
+pub struct DecryptOptions {
+    /// Hotzone protection when the header is detached and the data stays in
+    /// place (checksum, journal or none). With the header in front the data
+    /// moves back over it, and the shift itself protects it.
+    pub resilience: Resilience,
+    pub tuning: Tuning,
+}
+
+/// Decrypts a LUKS2 volume in place back to plaintext.
+///
+/// - Header detached (`header` holds it, `data` holds no LUKS header): the data
+///   stays where it is; forward walk with `opts.resilience`.
+/// - Header in front of the data (`data` holds it): the plaintext moves back to
+///   offset 0 over the header, so the header first moves to `header`, a new file
+///   (as `cryptsetup reencrypt --decrypt --header FILE` requires); forward walk,
+///   hotzones no larger than the data offset, so a hotzone's source is never
+///   overwritten before it is done (resilience `datashift`).
+///
+/// Either way the journal is the header file's reencryption metadata (mode
+/// `decrypt`), and an interrupted run continues with [`resume`]. At the end the
+/// header is left as cryptsetup leaves it: one linear segment, no keyslots.
+/// Every check runs before the first write.
+pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
+    data: &D,
+    header: Option<&H>,
+    passphrase: &[u8],
+    opts: &DecryptOptions,
+    ctl: &Control<'_>,
+) -> Result<Outcome> {
+    let dev_size = data
+        .size()
+        .map_err(|e| Error::io("size of the device", e))?;
+    let header_is_luks = match header {
+        Some(h) => h.size().unwrap_or(0) > 0 && is_luks(h)?,
+        None => false,
+    };
+    let in_front = is_luks(data)?;
+    let (hdisk, mut hdr, moves): (&dyn Disk, Luks2Header, bool) = match (in_front, header) {
+        (true, None) => {
+            return Err(Error::Refused(
+                "the LUKS header is in front of the data, which moves back over it: pass --header FILE, a new file the header moves to for the run (as `cryptsetup reencrypt --decrypt --header`)".into(),
+            ))
+        }
+        (true, Some(h)) => {
+            if header_is_luks {
+                return Err(Error::Refused(
+                    "the header file already holds a LUKS header: if it is from an interrupted decryption run `luksify resume DEV --header FILE`, else name a new file".into(),
+                ));
+            }
+            (&DynDisk(h) as &dyn Disk, Luks2Header::read(data)?.0, true)
+        }
+        (false, Some(h)) if header_is_luks => {
+            (&DynDisk(h) as &dyn Disk, Luks2Header::read(h)?.0, false)
+        }
+        (false, _) => {
+            return Err(Error::Refused(
+                "no LUKS header on the device or in --header FILE: nothing to decrypt".into(),
+            ))
+        }
+    };
+    if let Some(st) = reencrypt::state(&hdr.metadata)? {
+        return Err(Error::Refused(
+            format!(
+                "a {:?} run is in progress on this volume: finish it with `luksify resume` first",
+                st.mode
+            )
+            .to_lowercase(),
+        ));
+    }
+    let seg = hdr.data_segment()?;
+    let live = hdr
+        .metadata
+        .segments
+        .values()
+        .filter(|s| !s.is_backup())
+        .count();
+    if live != 1 || seg.size != SegmentSize::Dynamic || seg.iv_tweak != 0 {
+        return Err(Error::Refused(
+            "the volume's layout is not one crypt segment to the end of the device with iv_tweak 0; luksify decrypts only that layout".into(),
+        ));
+    }
+    let off = seg.offset;
+    if moves && (off == 0 || off % CHECKSUM_BLOCK as u64 != 0) {
+        return Err(Error::Refused(format!(
+            "the header is in front but the data offset is {off}: cannot move the data back"
+        )));
+    }
+    if dev_size <= off {
+        return Err(Error::Refused(format!(
+            "device of {dev_size} bytes ends before the data offset {off}: wrong device?"
+        )));
+    }
+    // Until the walk starts the keyslot areas are read where they are now.
+    let unlocked = match header {
+        Some(h) if !moves => hdr.unlock(h, passphrase, None),
+        _ => hdr.unlock(data, passphrase, None),
+    };
+    let (vk, slot) = unlocked.map_err(|e| match e {
+        luksify_luks::Error::WrongPassphrase => Error::Refused(
+            "no keyslot accepts this passphrase: check --key-file (nothing was written)".into(),
+        ),
+        e => e.into(),
+    })?;
+    let key_digest = hdr
+        .digest_id_for_keyslot(slot)
+        .ok_or(Error::Internal("unlocked keyslot has no digest"))?;
+    let ks_end = hdr
+        .metadata
+        .keyslots
+        .values()
+        .filter_map(Keyslot::area_range)
+        .map(|(o, s)| o + s)
+        .max()
+        .unwrap_or(2 * hdr.hdr_size);
+    let area_end = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+    let area = if moves {
+        if opts.resilience != Resilience::Datashift && opts.resilience != Resilience::Checksum {
+            return Err(Error::Refused(
+                "with the header in front the data moves back and the shift protects it: --resilience applies to detached headers only".into(),
+            ));
+        }
+        ReencryptArea::Datashift {
+            offset: ks_end,
+            size: 4096,
+            shift_size: off,
+        }
+    } else {
+        let (offset, size) = (ks_end, area_end.saturating_sub(ks_end));
+        match opts.resilience {
+            Resilience::Checksum => ReencryptArea::Checksum {
+                offset,
+                size,
+                hash: "sha256".into(),
+                sector_size: CHECKSUM_BLOCK as u32,
+            },
+            Resilience::Journal => ReencryptArea::Journal { offset, size },
+            Resilience::None => ReencryptArea::None { offset, size },
+            Resilience::Datashift => return Err(Error::Refused(
+                "a detached header's data stays in place: use resilience checksum, journal or none"
+                    .into(),
+            )),
+        }
+    };
+    if area.offset() + area.size() > area_end || area.size() < 4096 {
+        return Err(Error::Refused(
+            "no free room in the keyslots area for the reencryption journal".into(),
+        ));
+    }
+    let layout = EncryptLayout {
+        mode: ReencryptMode::Decrypt,
+        data_offset: if moves { 0 } else { off },
+        old_offset: off,
+        data_size: None,
+        encryption: seg.cipher.clone(),
+        sector_size: seg.sector_size,
+        shift: None,
+    };
+    let st = reencrypt::init(
+        &mut hdr.metadata,
+        key_digest,
+        vk.as_bytes(),
+        layout,
+        ReencryptDirection::Forward,
+        area,
+    )?;
+    if moves {
+        // Keyslot areas first, then the header copies: the file holds no valid
+        // header until it holds the whole new state. The device is untouched
+        // until the walk, so a crash here leaves the volume as it was.
+        let mut buf = device::AlignedBuf::new(1 << 20);
+        let (start, end) = (2 * hdr.hdr_size, area_end);
+        let mut o = start;
+        while o < end {
+            let n = (buf.len() as u64).min(end - o) as usize;
+            data.read_at(o, &mut buf[..n])
+                .map_err(|e| Error::io("read keyslot area", e))?;
+            hdisk
+                .write_at(o, &buf[..n])
+                .map_err(|e| Error::io("write header file", e))?;
+            o += n as u64;
+        }
+        hdisk
+            .flush()
+            .map_err(|e| Error::io("flush header file", e))?;
+    }
+    hdr.write(hdisk)?;
+    run_from(data, hdisk, hdr, st, vk, opts.tuning, ctl)
+}
+
+/// Continues an interrupted encryption (ours or cryptsetup's). `meta` is the
+/// detached header, or `None` when the header is on `data`.
+pub fn resume<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
+    data: &D,
+    meta: Option<&H>,
+    passphrase: &[u8],
+    tuning: Tuning,
+    ctl: &Control<'_>,
+) -> Result<Outcome> {
+    let hdisk: &dyn Disk = match meta {
+        Some(m) => &DynDisk(m),
+        None => &DynDisk(data),
+    };
+    let (hdr, _report) = Luks2Header::read(hdisk)?;
+    let st = reencrypt::state(&hdr.metadata)?.ok_or_else(|| {
+        Error::Refused(
+            "the header shows no encryption in progress and no decryption (already finished?)"
+                .into(),
+        )
+    })?;
+    if st.mode == ReencryptMode::Decrypt && meta.is_none() {
+        return Err(Error::Refused(
+            "a decryption keeps its journal in a detached header: pass --header FILE".into(),
+        ));
+    }
+    // Unlock with any passphrase keyslot whose key matches the new segment's digest.
+    let mut vk = None;
+    let mut last = None;
+    for (id, k) in &hdr.metadata.keyslots {
+        if !matches!(k, Keyslot::Luks2(_)) {
+            continue;
+        }
+        match hdr.unlock_keyslot(hdisk, *id, passphrase) {
+            Ok(key) if hdr.verify_key_digest(st.key_digest, key.as_bytes())? => {
+                vk = Some(key);
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => last = Some(e),
+        }
+    }
+    let vk = match (vk, last) {
+        (Some(k), _) => k,
+        (None, Some(luksify_luks::Error::WrongPassphrase) | None) => {
+            return Err(Error::Refused(
+                "no keyslot accepts this passphrase: check --key-file (nothing was written)".into(),
+            ))
+        }
+        (None, Some(e)) => return Err(e.into()),
+    };
+    reencrypt::verify_reencrypt_digest(&hdr.metadata, st.keyslot, vk.as_bytes())?;
+    // The device must still be the one this run started on.
+    let dev_size = data
+        .size()
+        .map_err(|e| Error::io("size of the device", e))?;
+    if let Some(s) = st.layout.shift {
+        if dev_size != s.moved_offset + s.size {
+            return Err(Error::Refused(format!(
+                "device is {dev_size} bytes but the interrupted run was on a {}-byte device: wrong device or it was resized (nothing was written)",
+                s.moved_offset + s.size
+            )));
+        }
+    } else if st.direction == ReencryptDirection::Forward
+        && dev_size < st.progress.hot_start + st.progress.hot_len
+    {
+        return Err(Error::Refused(format!(
+            "device is {dev_size} bytes, smaller than the {} bytes already encrypted: wrong device (nothing was written)",
+            st.progress.hot_start + st.progress.hot_len
+        )));
+    }
+    run_from(data, hdisk, hdr, st, vk, tuning, ctl)
+}

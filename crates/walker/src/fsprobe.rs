@@ -1,0 +1,108 @@
+//! Minimal filesystem superblock readers: how many bytes of the device a
+//! filesystem claims. Used to refuse a data shift that would cut into it.
+
+use luksify_luks::io::Disk;
+use std::io;
+
+/// A filesystem found at the start of a device and the bytes it spans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsExtent {
+    pub kind: FsKind,
+    /// Bytes from the device start that the filesystem may use.
+    pub size: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsKind {
+    Ext,
+    Xfs,
+}
+
+impl FsKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Ext => "ext2/3/4",
+            FsKind::Xfs => "xfs",
+        }
+    }
+}
+
+const EXT_SB_OFFSET: u64 = 1024;
+const EXT_MAGIC: u16 = 0xEF53;
+const EXT_INCOMPAT_64BIT: u32 = 0x80;
+
+/// Reads the ext2/3/4 or xfs superblock at the start of `disk`, if there is one.
+pub fn probe<D: Disk + ?Sized>(disk: &D) -> io::Result<Option<FsExtent>> {
+    let mut sb = vec![0u8; 4096];
+    if disk.size()? < 4096 {
+        return Ok(None);
+    }
+    disk.read_at(0, &mut sb)?;
+    if &sb[0..4] == b"XFSB" {
+        let block = u32::from_be_bytes(sb[4..8].try_into().expect("4 bytes")) as u64;
+        let dblocks = u64::from_be_bytes(sb[8..16].try_into().expect("8 bytes"));
+        return Ok(Some(FsExtent {
+            kind: FsKind::Xfs,
+            size: dblocks.saturating_mul(block),
+        }));
+    }
+    let e = &sb[EXT_SB_OFFSET as usize..EXT_SB_OFFSET as usize + 1024];
+    let le32 = |o: usize| u32::from_le_bytes(e[o..o + 4].try_into().expect("4 bytes"));
+    if u16::from_le_bytes([e[0x38], e[0x39]]) == EXT_MAGIC {
+        let log = le32(0x18);
+        if log > 6 {
+            return Ok(None);
+        }
+        let block = 1024u64 << log;
+        let mut blocks = le32(0x04) as u64;
+        if le32(0x60) & EXT_INCOMPAT_64BIT != 0 {
+            blocks |= (le32(0x150) as u64) << 32;
+        }
+        return Ok(Some(FsExtent {
+            kind: FsKind::Ext,
+            size: blocks.saturating_mul(block),
+        }));
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use luksify_luks::io::MemDisk;
+
+    #[test]
+    fn ext4_blocks_count_with_64bit_high_word() {
+        let mut v = vec![0u8; 8192];
+        let sb = &mut v[1024..2048];
+        sb[0x38..0x3a].copy_from_slice(&EXT_MAGIC.to_le_bytes());
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes()); // 4 KiB blocks
+        sb[0x04..0x08].copy_from_slice(&1000u32.to_le_bytes());
+        sb[0x60..0x64].copy_from_slice(&EXT_INCOMPAT_64BIT.to_le_bytes());
+        sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        let got = probe(&MemDisk::from_vec(v)).unwrap().unwrap();
+        assert_eq!(got.kind, FsKind::Ext);
+        assert_eq!(got.size, ((1u64 << 32) + 1000) * 4096);
+    }
+
+    #[test]
+    fn xfs_dblocks_times_blocksize() {
+        let mut v = vec![0u8; 8192];
+        v[0..4].copy_from_slice(b"XFSB");
+        v[4..8].copy_from_slice(&4096u32.to_be_bytes());
+        v[8..16].copy_from_slice(&12345u64.to_be_bytes());
+        let got = probe(&MemDisk::from_vec(v)).unwrap().unwrap();
+        assert_eq!(
+            got,
+            FsExtent {
+                kind: FsKind::Xfs,
+                size: 12345 * 4096
+            }
+        );
+    }
+
+    #[test]
+    fn random_bytes_are_no_filesystem() {
+        assert_eq!(probe(&MemDisk::new(8192)).unwrap(), None);
+    }
+}
