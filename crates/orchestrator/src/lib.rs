@@ -1,2 +1,33 @@
 //! Orchestration for data volumes: preflight checks, holders, unmount, map,
 //! remount and the status file. Knows nothing of AES.
+
+pub mod check;
+pub mod dm;
+pub mod enable;
+pub mod error;
+pub mod holders;
+pub mod lock;
+pub mod map;
+pub mod mountinfo;
+pub mod probe;
+pub mod status;
+pub mod tabs;
+pub mod userspace;
+
+/// Process exit codes of the `luksify` binary (documented in docs/orchestrator.md and `--help`).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Failure; the message says what, why and how to fix.
+    pub const FAILED: u8 = 1;
+    /// Bad command line.
+    pub const USAGE: u8 = 2;
+    /// Preflight found blockers; nothing was written.
+    pub const BLOCKED: u8 = 3;
+    /// Another luksify holds the global lock.
+    pub const BUSY: u8 = 4;
+    /// Work was interrupted (signal); the header records where: `luksify resume` finishes it.
+    pub const INTERRUPTED: u8 = 5;
+    /// The requested mechanism does not exist on this machine (e.g. no device-mapper).
+    pub const UNSUPPORTED: u8 = 6;
+}

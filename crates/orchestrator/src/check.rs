@@ -1,0 +1,670 @@
+//! Preflight: everything that stands between a data volume and in-place encryption,
+//! found without writing anything. Each problem is one line: what, why, how to fix.
+
+use crate::holders::{self, Holder, Targets};
+use crate::mountinfo::{self, DevNum, Mount};
+use crate::probe::{self, FsInfo, SwapArea};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Space the encrypted layout takes from the end of an ext filesystem when the
+/// header lives on the device: resize2fs shrinks the filesystem by this much.
+pub const HEADER_RESERVE_BYTES: u64 = 32 << 20;
+/// Below this much available memory the walker and page cache compete badly.
+pub const MIN_MEM_AVAILABLE: u64 = 256 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Stops `enable` until fixed.
+    Blocker,
+    /// Worth knowing; `enable` proceeds.
+    Warning,
+}
+
+/// One problem: what, why, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// Stable identifier for scripts (`holders`, `swap`, `xfs_needs_detached_header`, ...).
+    pub code: &'static str,
+    pub severity: Severity,
+    pub what: String,
+    pub why: String,
+    pub fix: String,
+}
+
+impl Problem {
+    pub fn one_line(&self) -> String {
+        let tag = match self.severity {
+            Severity::Blocker => "BLOCKER",
+            Severity::Warning => "warning",
+        };
+        format!("{tag}: {}: {}; fix: {}", self.what, self.why, self.fix)
+    }
+}
+
+/// How the caller intends to proceed; changes which findings are blockers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// A detached header (`--header-dir`): no shrink, no space needed on the device.
+    pub detached_header: bool,
+    /// `--kill-holders`: holders will be stopped, so they only warn.
+    pub kill_holders: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MountView {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub options: String,
+    /// The block device node behind the mount when it is a whole filesystem of a block
+    /// device (not a bind of a subdirectory, not tmpfs/proc): such a mount can be
+    /// unmounted and mounted again with `mount -t FS -o OPTIONS SOURCE MOUNT_POINT`.
+    pub source: Option<PathBuf>,
+}
+
+impl From<&Mount> for MountView {
+    fn from(m: &Mount) -> Self {
+        MountView {
+            mount_point: m.mount_point.clone(),
+            fs_type: m.fs_type.clone(),
+            options: m.remount_options(),
+            source: (m.dev.major != 0 && m.root == "/")
+                .then(|| probe::dev_node(m.dev))
+                .flatten(),
+        }
+    }
+}
+
+/// Everything `luksify check` learned about one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub target: PathBuf,
+    pub device: PathBuf,
+    pub dev: String,
+    pub size_bytes: u64,
+    pub mounts: Vec<MountView>,
+    pub nested_mounts: Vec<MountView>,
+    pub holders: Vec<Holder>,
+    pub swaps: Vec<SwapArea>,
+    /// `pv` (LVM physical volume), `lv` (logical volume) or absent.
+    pub lvm: Option<String>,
+    pub dm_uuid: Option<String>,
+    pub selinux: String,
+    pub mem_available_bytes: Option<u64>,
+    pub filesystem: FsInfo,
+    pub can_shrink: bool,
+    /// Bytes the header needs on the device (0 with a detached header).
+    pub header_space_needed: u64,
+    /// Whether the filesystem leaves that much room (after a shrink when possible).
+    pub header_space_ok: bool,
+    /// `luks2`, `luks2-reencrypt-in-progress`, `luks1` or absent.
+    pub luks: Option<String>,
+    pub is_os_volume: bool,
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    pub fn blockers(&self) -> impl Iterator<Item = &Problem> {
+        self.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Blocker)
+    }
+    pub fn ok(&self) -> bool {
+        self.blockers().next().is_none()
+    }
+    /// Mount that `enable` unmounts and later remounts (the first one, not a bind).
+    pub fn primary_mount(&self) -> Option<&MountView> {
+        self.mounts.first()
+    }
+}
+
+/// A target resolved to its block device and mounts.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub device: PathBuf,
+    pub dev: DevNum,
+    pub mounts: Vec<Mount>,
+}
+
+/// Resolves a device path or a mount point.
+pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
+    let bad = |what: String, why: String, fix: &str| Problem {
+        code: "target",
+        severity: Severity::Blocker,
+        what,
+        why,
+        fix: fix.to_string(),
+    };
+    if let Some(dev) = probe::block_dev_num(target) {
+        let mounts = mountinfo::mounts_of(all, dev)
+            .into_iter()
+            .cloned()
+            .collect();
+        return Ok(Resolved {
+            device: target.to_path_buf(),
+            dev,
+            mounts,
+        });
+    }
+    let md = std::fs::metadata(target).map_err(|e| {
+        bad(
+            format!("{}", target.display()),
+            format!("cannot stat it ({e})"),
+            "give an existing block device (/dev/sdc) or the mount point of one",
+        )
+    })?;
+    if !md.is_dir() {
+        return Err(bad(
+            format!("{}", target.display()),
+            "it is neither a block device nor a directory".into(),
+            "give a block device (/dev/sdc) or the mount point of one",
+        ));
+    }
+    let canon = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    let m = mountinfo::mount_at(all, &canon).ok_or_else(|| {
+        bad(
+            format!("{}", target.display()),
+            "it is a directory but not a mount point".into(),
+            "give the mount point itself or the device (see `findmnt`)",
+        )
+    })?;
+    let device = probe::dev_node(m.dev)
+        .or_else(|| {
+            let p = PathBuf::from(&m.source);
+            (probe::block_dev_num(&p) == Some(m.dev)).then_some(p)
+        })
+        .ok_or_else(|| {
+            bad(
+                format!("{}", target.display()),
+                format!(
+                    "it is a {} mount of {}, not on a block device",
+                    m.fs_type, m.source
+                ),
+                "only filesystems on block devices can be encrypted in place",
+            )
+        })?;
+    let dev = m.dev;
+    let mounts = mountinfo::mounts_of(all, dev)
+        .into_iter()
+        .cloned()
+        .collect();
+    Ok(Resolved {
+        device,
+        dev,
+        mounts,
+    })
+}
+
+/// Devices holding /, /boot or /boot/efi, and the disks that contain them.
+pub fn os_devices(all: &[Mount]) -> Vec<DevNum> {
+    let mut v = Vec::new();
+    for p in ["/", "/boot", "/boot/efi"] {
+        if let Some(m) = mountinfo::mount_at(all, Path::new(p)) {
+            v.push(m.dev);
+            // A partition's parent disk is the sysfs directory above it.
+            if let Ok(real) = std::fs::canonicalize(format!("/sys/dev/block/{}", m.dev)) {
+                if real.join("partition").exists() {
+                    if let Some(parent) = real.parent() {
+                        if let Ok(s) = std::fs::read_to_string(parent.join("dev")) {
+                            if let Some((a, b)) = s.trim().split_once(':') {
+                                if let (Ok(major), Ok(minor)) = (a.parse(), b.parse()) {
+                                    v.push(DevNum { major, minor });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Reads the LUKS magic and, for LUKS2, whether an online reencryption is in progress.
+pub fn luks_state(device: &Path) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device).ok()?;
+    let mut hdr = [0u8; 4096];
+    f.read_exact_at(&mut hdr, 0).ok()?;
+    if &hdr[..6] != b"LUKS\xba\xbe" {
+        return None;
+    }
+    let version = u16::from_be_bytes([hdr[6], hdr[7]]);
+    if version == 1 {
+        return Some("luks1".into());
+    }
+    let hdr_size = u64::from_be_bytes(hdr[8..16].try_into().ok()?);
+    let json_len = hdr_size.saturating_sub(4096).min(4 << 20) as usize;
+    let mut json = vec![0u8; json_len];
+    f.read_exact_at(&mut json, 4096).ok()?;
+    let text = String::from_utf8_lossy(&json);
+    if text.contains("online-reencrypt") {
+        Some("luks2-reencrypt-in-progress".into())
+    } else {
+        Some("luks2".into())
+    }
+}
+
+/// Runs every check on `target`. Writes nothing.
+pub fn check(target: &Path, opts: CheckOptions) -> Result<Report, Problem> {
+    let all = mountinfo::read().map_err(|e| Problem {
+        code: "mountinfo",
+        severity: Severity::Blocker,
+        what: "/proc/self/mountinfo".into(),
+        why: format!("cannot read it ({e})"),
+        fix: "run on Linux with /proc mounted".into(),
+    })?;
+    let r = resolve(target, &all)?;
+    check_resolved(target, &r, &all, opts)
+}
+
+pub fn check_resolved(
+    target: &Path,
+    r: &Resolved,
+    all: &[Mount],
+    opts: CheckOptions,
+) -> Result<Report, Problem> {
+    let dev_s = r.device.display().to_string();
+    let mut problems = Vec::new();
+    let mut push = |code, severity, what: String, why: String, fix: String| {
+        problems.push(Problem {
+            code,
+            severity,
+            what,
+            why,
+            fix,
+        })
+    };
+
+    let size_bytes = probe::device_size(&r.device).unwrap_or(0);
+    let mut nested: Vec<Mount> = Vec::new();
+    for m in &r.mounts {
+        for n in mountinfo::nested_below(all, &m.mount_point) {
+            if n.dev != r.dev && !nested.iter().any(|x| x.id == n.id) {
+                nested.push(n.clone());
+            }
+        }
+    }
+    let mut targets = Targets::default();
+    targets.filesystems.insert(r.dev);
+    targets.block_devices.insert(r.dev);
+    for n in &nested {
+        targets.filesystems.insert(n.dev);
+    }
+    let holders = holders::scan(&targets, false);
+
+    let is_os_volume = os_devices(all).contains(&r.dev);
+    if is_os_volume {
+        push(
+            "os_volume",
+            Severity::Blocker,
+            format!("{dev_s} holds the operating system (/, /boot or /boot/efi)"),
+            "data-volume encryption cannot unmount the running system".into(),
+            "pick a data volume; `luksify enable --volume-type data` without --volume lists them"
+                .into(),
+        );
+    }
+    // Nested whole-filesystem mounts of block devices are unmounted (deepest first) and
+    // mounted again with their options by `enable`; anything else (tmpfs would lose its
+    // content, a bind of a subdirectory cannot be rebuilt from mountinfo) blocks.
+    let restorable = |n: &Mount| MountView::from(n).source.is_some();
+    let (movable, fixed): (Vec<&Mount>, Vec<&Mount>) = nested.iter().partition(|n| restorable(n));
+    if !movable.is_empty() {
+        let list: Vec<String> = movable
+            .iter()
+            .map(|n| n.mount_point.display().to_string())
+            .collect();
+        push(
+            "nested_mounts",
+            Severity::Warning,
+            format!(
+                "{} mounted below {}",
+                abbreviate(&list, 5),
+                r.mounts[0].mount_point.display()
+            ),
+            "they must come off before the volume can be unmounted".into(),
+            "none needed: enable unmounts them deepest first and mounts them again with the same options after the volume is back".into(),
+        );
+    }
+    if !fixed.is_empty() {
+        let list: Vec<String> = fixed
+            .iter()
+            .map(|n| n.mount_point.display().to_string())
+            .collect();
+        push(
+            "nested_mounts",
+            Severity::Blocker,
+            format!(
+                "{} mounted below {}",
+                abbreviate(&list, 5),
+                r.mounts[0].mount_point.display()
+            ),
+            "the volume cannot be unmounted while other filesystems are mounted inside it".into(),
+            format!("unmount them first (umount {})", list.join(" ")),
+        );
+    }
+    if !holders.is_empty() {
+        let mut seen = Vec::new();
+        let mut lines = Vec::new();
+        for h in &holders {
+            if !seen.contains(&h.pid) {
+                seen.push(h.pid);
+                lines.push(h.one_line());
+            }
+        }
+        let pids: Vec<String> = seen.iter().map(|p| p.to_string()).collect();
+        push(
+            "holders",
+            if opts.kill_holders {
+                Severity::Warning
+            } else {
+                Severity::Blocker
+            },
+            format!(
+                "{} process(es) hold {dev_s}: {}",
+                seen.len(),
+                abbreviate(&lines, 8)
+            ),
+            "a filesystem cannot be unmounted while processes use it (\"target is busy\")".into(),
+            if opts.kill_holders {
+                "they will be stopped (SIGTERM, then SIGKILL) because --kill-holders was given"
+                    .into()
+            } else {
+                format!("stop them (kill {}) or pass --kill-holders", pids.join(" "))
+            },
+        );
+    }
+    let fs_devs: Vec<DevNum> = std::iter::once(r.dev)
+        .chain(nested.iter().map(|n| n.dev))
+        .collect();
+    let swaps = probe::swaps_on(r.dev, &fs_devs);
+    if !swaps.is_empty() {
+        let list: Vec<String> = swaps.iter().map(|s| s.path.display().to_string()).collect();
+        push(
+            "swap",
+            Severity::Blocker,
+            format!("swap is active on {dev_s}: {}", list.join(", ")),
+            "swap in use cannot be unmounted or rewritten".into(),
+            format!("swapoff {} (and remove it from /etc/fstab)", list.join(" ")),
+        );
+    }
+    let dm_uuid = probe::dm_uuid(r.dev);
+    let filesystem = match probe::detect_fs(&r.device) {
+        Ok(f) => f,
+        Err(e) => {
+            push(
+                "read_device",
+                Severity::Blocker,
+                dev_s.clone(),
+                format!("cannot read its first blocks ({e})"),
+                "run as root and check the device".into(),
+            );
+            FsInfo {
+                fs_type: "unreadable".into(),
+                fs_bytes: None,
+                free_bytes: None,
+                block_size: None,
+                min_io: None,
+                source: "none".into(),
+            }
+        }
+    };
+    let mut lvm = None;
+    if filesystem.fs_type == "LVM2_member" {
+        lvm = Some("pv".to_string());
+        push(
+            "lvm_pv",
+            Severity::Blocker,
+            format!("{dev_s} is an LVM physical volume (LVM2 label at sector 1)"),
+            "encrypting a PV under a running volume group would pull the disks from under its logical volumes".into(),
+            "encrypt each logical volume instead (luksify check /dev/VG/LV), which is supported".into(),
+        );
+    } else if dm_uuid.as_deref().is_some_and(|u| u.starts_with("LVM-")) {
+        lvm = Some("lv".to_string());
+    }
+    if dm_uuid.as_deref().is_some_and(|u| u.starts_with("CRYPT-")) {
+        push(
+            "already_mapped",
+            Severity::Blocker,
+            format!("{dev_s} is itself a dm-crypt mapping"),
+            "it is already the decrypted view of an encrypted device".into(),
+            "encrypt the underlying device only if it is not already LUKS".into(),
+        );
+    }
+    let luks = luks_state(&r.device);
+    match luks.as_deref() {
+        Some("luks2-reencrypt-in-progress") => push(
+            "luks_in_progress",
+            Severity::Blocker,
+            format!("{dev_s} has an interrupted LUKS2 encryption"),
+            "its header records an online reencryption that has not finished".into(),
+            "run `luksify resume` to finish it".into(),
+        ),
+        Some(v) => push(
+            "already_luks",
+            Severity::Blocker,
+            format!("{dev_s} is already encrypted ({v})"),
+            "a LUKS header is at its start".into(),
+            format!("nothing to do; open it with `luksify open {dev_s} NAME --key-file F`"),
+        ),
+        None => {}
+    }
+    let fs = filesystem.fs_type.as_str();
+    let can_shrink = filesystem.can_shrink();
+    let header_space_needed = if opts.detached_header {
+        0
+    } else {
+        HEADER_RESERVE_BYTES
+    };
+    let mut header_space_ok = true;
+    if luks.is_none() && lvm.is_none() {
+        match fs {
+            "ext2" | "ext3" | "ext4" if !opts.detached_header => {
+                let fs_bytes = filesystem.fs_bytes.unwrap_or(size_bytes);
+                let free = filesystem.free_bytes.unwrap_or(0);
+                let slack = size_bytes.saturating_sub(fs_bytes);
+                // resize2fs needs room beyond the freed blocks for its own metadata moves.
+                let needed_free = HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50;
+                if slack < HEADER_RESERVE_BYTES && free < needed_free {
+                    header_space_ok = false;
+                    push(
+                        "no_header_space",
+                        Severity::Blocker,
+                        format!("{fs} on {dev_s} has {} MiB free", free >> 20),
+                        format!(
+                            "the LUKS2 header needs {} MiB taken from the end by shrinking the filesystem",
+                            HEADER_RESERVE_BYTES >> 20
+                        ),
+                        "free some space, or keep the header in a file with --header-dir DIR".into(),
+                    );
+                }
+            }
+            "ext2" | "ext3" | "ext4" => {}
+            "xfs" | "btrfs" if !opts.detached_header => {
+                header_space_ok = false;
+                push(
+                    "needs_detached_header",
+                    Severity::Blocker,
+                    format!("{fs} on {dev_s} cannot shrink"),
+                    format!("{fs} has no offline shrink, so there is no room for a header on the device"),
+                    "keep the header in a file on another volume: --header-dir /root/luks-headers".into(),
+                );
+            }
+            "xfs" | "btrfs" => {}
+            "swap" => {}
+            "unreadable" => {}
+            "unknown" => push(
+                "no_filesystem",
+                Severity::Blocker,
+                format!("no filesystem recognised on {dev_s}"),
+                "luksify encrypts data volumes that carry a filesystem, to verify and remount it"
+                    .into(),
+                "make a filesystem first, or check that this is the right device".into(),
+            ),
+            other => push(
+                "unsupported_fs",
+                if opts.detached_header {
+                    Severity::Warning
+                } else {
+                    Severity::Blocker
+                },
+                format!("{other} on {dev_s} is not a tested filesystem"),
+                "luksify only knows how to shrink ext2/3/4".into(),
+                "use --header-dir DIR (detached header, no shrink)".into(),
+            ),
+        }
+    }
+    let selinux = probe::selinux_mode();
+    if selinux == "enforcing" {
+        push(
+            "selinux",
+            Severity::Warning,
+            "SELinux is enforcing".into(),
+            "the remounted filesystem keeps its labels, but a new device node may need a policy"
+                .into(),
+            "if the remount is denied, check `ausearch -m avc` and relabel with restorecon".into(),
+        );
+    }
+    let mem_available_bytes = probe::mem_available();
+    if mem_available_bytes.is_some_and(|m| m < MIN_MEM_AVAILABLE) {
+        push(
+            "memory",
+            Severity::Warning,
+            format!(
+                "only {} MiB of memory available",
+                mem_available_bytes.unwrap_or(0) >> 20
+            ),
+            "the walker needs buffers and the kernel needs page cache to flush".into(),
+            "stop memory-hungry services before encrypting".into(),
+        );
+    }
+    Ok(Report {
+        target: target.to_path_buf(),
+        device: r.device.clone(),
+        dev: r.dev.to_string(),
+        size_bytes,
+        mounts: r.mounts.iter().map(MountView::from).collect(),
+        nested_mounts: nested.iter().map(MountView::from).collect(),
+        holders,
+        swaps,
+        lvm,
+        dm_uuid,
+        selinux,
+        mem_available_bytes,
+        filesystem,
+        can_shrink,
+        header_space_needed,
+        header_space_ok,
+        luks,
+        is_os_volume,
+        problems,
+    })
+}
+
+/// `a, b, c and 7 more` (the JSON report lists them all).
+fn abbreviate(items: &[String], max: usize) -> String {
+    if items.len() <= max {
+        return items.join(", ");
+    }
+    format!(
+        "{} and {} more (--json lists all)",
+        items[..max].join(", "),
+        items.len() - max
+    )
+}
+
+/// Human-readable report: facts, then one line per problem.
+pub fn render_text(r: &Report) -> String {
+    let mut s = String::new();
+    let mut line = |k: &str, v: String| s.push_str(&format!("{k:<14}: {v}\n"));
+    line("Target", r.target.display().to_string());
+    line(
+        "Device",
+        format!(
+            "{} ({}), {} MiB",
+            r.device.display(),
+            r.dev,
+            r.size_bytes >> 20
+        ),
+    );
+    line(
+        "Filesystem",
+        format!(
+            "{} ({}){}",
+            r.filesystem.fs_type,
+            r.filesystem.source,
+            if r.can_shrink {
+                ", can shrink"
+            } else {
+                ", cannot shrink"
+            }
+        ),
+    );
+    line(
+        "Mounted",
+        if r.mounts.is_empty() {
+            "no".into()
+        } else {
+            r.mounts
+                .iter()
+                .map(|m| format!("{} ({})", m.mount_point.display(), m.options))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
+    if !r.nested_mounts.is_empty() {
+        line(
+            "Nested mounts",
+            r.nested_mounts
+                .iter()
+                .map(|m| m.mount_point.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    let mut shown = Vec::new();
+    for h in &r.holders {
+        if !shown.contains(&h.pid) {
+            shown.push(h.pid);
+            line("Holder", h.one_line());
+        }
+    }
+    line(
+        "Swap",
+        if r.swaps.is_empty() {
+            "none".into()
+        } else {
+            format!("{:?}", r.swaps)
+        },
+    );
+    line("LVM", r.lvm.clone().unwrap_or_else(|| "no".into()));
+    line("LUKS", r.luks.clone().unwrap_or_else(|| "no".into()));
+    line("SELinux", r.selinux.clone());
+    line(
+        "MemAvailable",
+        r.mem_available_bytes
+            .map(|m| format!("{} MiB", m >> 20))
+            .unwrap_or_else(|| "unknown".into()),
+    );
+    line(
+        "Header space",
+        format!(
+            "{} MiB needed, {}",
+            r.header_space_needed >> 20,
+            if r.header_space_ok {
+                "ok"
+            } else {
+                "not available"
+            }
+        ),
+    );
+    if r.problems.is_empty() {
+        s.push_str("No problems found.\n");
+    }
+    for p in &r.problems {
+        s.push_str(&p.one_line());
+        s.push('\n');
+    }
+    s
+}

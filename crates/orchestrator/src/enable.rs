@@ -1,0 +1,1430 @@
+//! The data-volume flow: preflight, stop holders (only when asked), unmount,
+//! fsck and shrink (ext) or detached header, encrypt in place through the walker,
+//! map, remount with the same options, grow the filesystem back, write crypttab
+//! and fstab. `resume` finishes interrupted runs found in the status file.
+
+use crate::check::{self, CheckOptions, Severity, HEADER_RESERVE_BYTES};
+use crate::error::{run_tool, Failure, Result};
+use crate::exit;
+use crate::holders;
+use crate::map::{self, OpenRequest};
+use crate::mountinfo;
+use crate::probe;
+use crate::status::{Operation, Rate, StatusWriter, VolumeState, VolumeStatus};
+use crate::tabs;
+use luksify_luks::kdf::KdfRequest;
+use luksify_luks::luks2::FormatOptions;
+use luksify_walker::{
+    device::DataDevice, Control, EncryptOptions, Outcome, Placement, ProgressInfo, Resilience,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Called on every progress tick with the volume, its index and the count.
+pub type Reporter<'a> = dyn Fn(&VolumeStatus, usize, usize) + Sync + 'a;
+
+/// Everything `enable` needs besides the passphrase.
+pub struct EnableRequest<'a> {
+    pub volumes: Vec<PathBuf>,
+    /// Path of the key file (recorded for crypttab and resume; its content is the passphrase).
+    pub key_file: PathBuf,
+    pub header_dir: Option<PathBuf>,
+    pub kill_holders: bool,
+    pub state_dir: PathBuf,
+    pub force_userspace: bool,
+    pub kdf: KdfRequest,
+    /// Set from a signal handler: stop at the next safe point.
+    pub cancel: &'a AtomicBool,
+    pub report: &'a Reporter<'a>,
+}
+
+impl std::fmt::Debug for EnableRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnableRequest")
+            .field("volumes", &self.volumes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mapping name for a device: `luksify-<kernel name>`.
+pub fn mapping_name(device: &Path) -> String {
+    let base = device
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("luksify-{base}")
+}
+
+/// Data volumes `enable` could take: block devices with a filesystem, never the OS
+/// disk, its partitions, or devices that are already LUKS.
+pub fn candidates() -> Vec<check::Report> {
+    let all = mountinfo::read().unwrap_or_default();
+    let os = check::os_devices(&all);
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/sys/class/block") else {
+        return out;
+    };
+    let mut names: Vec<String> = dir
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in names {
+        if ["ram", "zram", "sr", "fd", "nbd"]
+            .iter()
+            .any(|p| n.starts_with(p))
+        {
+            continue;
+        }
+        let sys = PathBuf::from("/sys/class/block").join(&n);
+        // Whole disks with partitions: offer the partitions instead.
+        if std::fs::read_dir(&sys)
+            .map(|d| d.flatten().any(|e| e.path().join("partition").exists()))
+            .unwrap_or(false)
+        {
+            continue;
+        }
+        if n.starts_with("loop") && !sys.join("loop/backing_file").exists() {
+            continue;
+        }
+        let dev = PathBuf::from("/dev").join(&n);
+        let Some(num) = probe::block_dev_num(&dev) else {
+            continue;
+        };
+        if os.contains(&num) {
+            continue;
+        }
+        let Ok(r) = check::check(&dev, CheckOptions::default()) else {
+            continue;
+        };
+        if r.luks.is_some()
+            || r.is_os_volume
+            || matches!(
+                r.filesystem.fs_type.as_str(),
+                "unknown" | "unreadable" | "swap" | "LVM2_member"
+            )
+        {
+            continue;
+        }
+        out.push(r);
+    }
+    out
+}
+
+fn kill_holders(device: &Path, report: &check::Report) {
+    let pids = holders::pids(&report.holders);
+    for (sig, wait) in [
+        (libc::SIGTERM, Duration::from_secs(5)),
+        (libc::SIGKILL, Duration::from_secs(5)),
+    ] {
+        let alive: Vec<u32> = pids.iter().copied().filter(|p| pid_alive(*p)).collect();
+        if alive.is_empty() {
+            return;
+        }
+        for p in &alive {
+            eprintln!(
+                "luksify: stopping pid {p} with {} because it holds {}",
+                if sig == libc::SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGKILL"
+                },
+                device.display()
+            );
+            // SAFETY: kill sends a signal to a pid; no memory is involved.
+            unsafe { libc::kill(*p as libc::pid_t, sig) };
+        }
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline && alive.iter().any(|p| pid_alive(*p)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    // SAFETY: signal 0 only checks existence.
+    !zombie && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+}
+
+/// Unmounts the mounts nested below a volume, deepest first, retrying while busy and
+/// naming the processes that hold the nested filesystem when it gives up.
+fn unmount_nested(device: &Path, nested: &[crate::status::NestedMount]) -> Result<()> {
+    let mut order: Vec<_> = nested.iter().collect();
+    order.sort_by_key(|n| std::cmp::Reverse(n.mount_point.components().count()));
+    for n in order {
+        let Some(ndev) = probe::block_dev_num(&n.source) else {
+            continue;
+        };
+        for attempt in 0..5 {
+            let all = mountinfo::read()
+                .map_err(|e| Failure::failed(format!("cannot read mountinfo ({e})")))?;
+            if !all
+                .iter()
+                .any(|m| m.mount_point == n.mount_point && m.dev == ndev)
+            {
+                break;
+            }
+            let ok = Command::new("umount")
+                .arg(&n.mount_point)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                continue;
+            }
+            if attempt < 4 {
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            let mut t = holders::Targets::default();
+            t.filesystems.insert(ndev);
+            let who: Vec<String> = holders::scan(&t, false)
+                .iter()
+                .map(|h| h.one_line())
+                .collect();
+            return Err(Failure::new(
+                exit::BLOCKED,
+                format!(
+                    "failed to unmount {} (nested below {}): {}; stop them or pass --kill-holders",
+                    n.mount_point.display(),
+                    device.display(),
+                    if who.is_empty() {
+                        "target is busy (no process found)".to_string()
+                    } else {
+                        who.join("; ")
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Mounts nested below `mp` now (other than `dev`'s own), each restorable; one that is
+/// not (tmpfs, a bind of a subdirectory) stops the run before anything is touched.
+fn current_nested(mp: &Path, dev: mountinfo::DevNum) -> Result<Vec<crate::status::NestedMount>> {
+    let all =
+        mountinfo::read().map_err(|e| Failure::failed(format!("cannot read mountinfo ({e})")))?;
+    let mut out = Vec::new();
+    for m in mountinfo::nested_below(&all, mp) {
+        if m.dev == dev {
+            continue;
+        }
+        let view = check::MountView::from(m);
+        let Some(source) = view.source else {
+            return Err(Failure::new(
+                exit::BLOCKED,
+                format!(
+                    "{} ({}) is mounted below {} and could not be mounted again afterwards; unmount it first",
+                    m.mount_point.display(),
+                    m.fs_type,
+                    mp.display()
+                ),
+            ));
+        };
+        out.push(crate::status::NestedMount {
+            source,
+            mount_point: view.mount_point,
+            fs_type: view.fs_type,
+            options: view.options,
+        });
+    }
+    Ok(out)
+}
+
+/// Mounts the nested filesystems again, outermost first, with their recorded options.
+fn remount_nested(nested: &[crate::status::NestedMount]) -> Result<()> {
+    let mut order: Vec<_> = nested.iter().collect();
+    order.sort_by_key(|n| n.mount_point.components().count());
+    let all = mountinfo::read().unwrap_or_default();
+    for n in order {
+        let ndev = probe::block_dev_num(&n.source);
+        if all
+            .iter()
+            .any(|m| m.mount_point == n.mount_point && Some(m.dev) == ndev)
+        {
+            continue;
+        }
+        run_tool(
+            Command::new("mount")
+                .arg("-t")
+                .arg(&n.fs_type)
+                .arg("-o")
+                .arg(&n.options)
+                .arg(&n.source)
+                .arg(&n.mount_point),
+            &format!(
+                "mount {} again at {}",
+                n.source.display(),
+                n.mount_point.display()
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Unmounts every mount of `dev` (deepest first), retrying while the kernel says busy,
+/// and names the holders when it gives up.
+pub fn unmount_all(device: &Path, dev: mountinfo::DevNum) -> Result<()> {
+    for attempt in 0..5 {
+        let all = mountinfo::read()
+            .map_err(|e| Failure::failed(format!("cannot read mountinfo ({e})")))?;
+        let mut mine: Vec<_> = mountinfo::mounts_of(&all, dev)
+            .into_iter()
+            .cloned()
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        mine.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
+        let mut busy = None;
+        for m in &mine {
+            let out = Command::new("umount").arg(&m.mount_point).output();
+            if !matches!(&out, Ok(o) if o.status.success()) {
+                busy = Some(m.mount_point.clone());
+            }
+        }
+        if busy.is_none() {
+            continue;
+        }
+        if attempt < 4 {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        let mut t = holders::Targets::default();
+        t.filesystems.insert(dev);
+        t.block_devices.insert(dev);
+        let h = holders::scan(&t, false);
+        let who: Vec<String> = h.iter().map(|h| h.one_line()).collect();
+        return Err(Failure::new(
+            exit::BLOCKED,
+            format!(
+                "failed to unmount {} of {}: {}; stop them or pass --kill-holders",
+                busy.unwrap_or_default().display(),
+                device.display(),
+                if who.is_empty() {
+                    "target is busy (no process found: check nested mounts and swap)".to_string()
+                } else {
+                    who.join("; ")
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_ext(fs: &str) -> bool {
+    matches!(fs, "ext2" | "ext3" | "ext4")
+}
+
+/// e2fsck -f -y: exit 0 clean, 1 fixed, others are failures. (-p would stop on
+/// problems it cannot fix silently; -y answers yes so the shrink can proceed.)
+fn fsck_ext(device: &Path) -> Result<()> {
+    let out = Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(device)
+        .output()
+        .map_err(|e| Failure::failed(format!("cannot run e2fsck ({e}); install e2fsprogs")))?;
+    match out.status.code() {
+        Some(0) | Some(1) => Ok(()),
+        c => Err(Failure::failed(format!(
+            "e2fsck -f -y {} exited with {c:?}: the filesystem has errors it could not fix; repair it by hand before encrypting",
+            device.display()
+        ))),
+    }
+}
+
+/// Per-volume plan made before anything is written.
+struct Plan {
+    device: PathBuf,
+    report: check::Report,
+    name: String,
+    header: Option<PathBuf>,
+}
+
+/// Runs the flow over every volume, one after the other.
+pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
+    let detached = req.header_dir.is_some();
+    // Preflight every volume first: nothing is written unless all pass.
+    let mut plans = Vec::new();
+    let mut blockers = Vec::new();
+    for v in &req.volumes {
+        let opts = CheckOptions {
+            detached_header: detached,
+            kill_holders: req.kill_holders,
+        };
+        let report =
+            check::check(v, opts).map_err(|p| Failure::new(exit::BLOCKED, p.one_line()))?;
+        for p in report.blockers() {
+            blockers.push(p.one_line());
+        }
+        let device = std::fs::canonicalize(&report.device).unwrap_or(report.device.clone());
+        let name = mapping_name(&device);
+        let header = req
+            .header_dir
+            .as_ref()
+            .map(|d| d.join(format!("{name}.luks2")));
+        if let Some(h) = &header {
+            if h.exists() {
+                blockers.push(format!(
+                    "BLOCKER: header file {} already exists: it may belong to another volume; move it away first",
+                    h.display()
+                ));
+            }
+        }
+        plans.push(Plan {
+            device,
+            report,
+            name,
+            header,
+        });
+    }
+    if !blockers.is_empty() {
+        return Err(Failure::new(exit::BLOCKED, blockers.join("\n")));
+    }
+    if let Some(d) = &req.header_dir {
+        std::fs::create_dir_all(d).map_err(|e| {
+            Failure::failed(format!("cannot create --header-dir {} ({e})", d.display()))
+        })?;
+    }
+    let key_file = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
+    let mut sw = StatusWriter::open(&req.state_dir)
+        .map_err(|e| Failure::failed(format!("status file: {e}")))?;
+    sw.status.operation = Operation::EnableEncryption;
+    sw.status.pid = Some(std::process::id());
+    for p in &plans {
+        let m = p.report.primary_mount();
+        sw.status.upsert(VolumeStatus {
+            device: p.device.clone(),
+            mapper: p.name.clone(),
+            mount_point: m.map(|m| m.mount_point.clone()),
+            mount_options: m.map(|m| m.options.clone()),
+            fs_type: Some(p.report.filesystem.fs_type.clone()),
+            header: p.header.clone(),
+            key_file: Some(key_file.clone()),
+            state: VolumeState::NotEncrypted,
+            nested_mounts: p
+                .report
+                .nested_mounts
+                .iter()
+                .filter_map(|n| {
+                    Some(crate::status::NestedMount {
+                        source: n.source.clone()?,
+                        mount_point: n.mount_point.clone(),
+                        fs_type: n.fs_type.clone(),
+                        options: n.options.clone(),
+                    })
+                })
+                .collect(),
+            ..Default::default()
+        });
+    }
+    commit(&mut sw)?;
+    let n = plans.len();
+    for (i, p) in plans.iter().enumerate() {
+        let idx = sw
+            .status
+            .volumes
+            .iter()
+            .position(|v| v.device == p.device)
+            .expect("upserted");
+        sw.active = Some(idx);
+        let r = enable_one(req, passphrase, p, &mut sw, idx, i, n);
+        if let Err(e) = &r {
+            if let Some(v) = sw.status.volumes.get_mut(idx) {
+                v.error = Some(e.message.clone());
+            }
+            sw.active = None;
+            let _ = sw.commit();
+            return r;
+        }
+    }
+    sw.active = None;
+    sw.status.pid = None;
+    commit(&mut sw)
+}
+
+fn commit(sw: &mut StatusWriter) -> Result<()> {
+    sw.commit().map_err(|e| {
+        Failure::failed(format!(
+            "cannot write the status file in {} ({e})",
+            sw.dir().display()
+        ))
+    })
+}
+
+fn enable_one(
+    req: &EnableRequest,
+    passphrase: &[u8],
+    p: &Plan,
+    sw: &mut StatusWriter,
+    idx: usize,
+    i: usize,
+    n: usize,
+) -> Result<()> {
+    let dev = p.report.dev.parse_devnum();
+    if req.kill_holders && !p.report.holders.is_empty() {
+        kill_holders(&p.device, &p.report);
+    }
+    unmount_nested(&p.device, &sw.status.volumes[idx].nested_mounts)?;
+    unmount_all(&p.device, dev)?;
+    let fs = FsFacts {
+        fs_type: p.report.filesystem.fs_type.clone(),
+        dev_size: p.report.size_bytes,
+        min_io: p.report.filesystem.min_io,
+    };
+    start_encryption(
+        req,
+        passphrase,
+        &p.device,
+        p.header.as_deref(),
+        &fs,
+        sw,
+        idx,
+        i,
+        n,
+    )
+}
+
+/// What the encryption step needs to know of the filesystem it is about to encrypt.
+struct FsFacts {
+    fs_type: String,
+    dev_size: u64,
+    min_io: Option<u32>,
+}
+
+/// fsck and shrink (ext, header in front), then the walk from the very start. Also the
+/// restart point when power was cut before the walker's first header commit: every step
+/// here is idempotent (a shrunk filesystem is not shrunk again; the walker recognises
+/// its own start-up marker for a data shift).
+#[allow(clippy::too_many_arguments)]
+fn start_encryption(
+    req: &EnableRequest,
+    passphrase: &[u8],
+    device: &Path,
+    header: Option<&Path>,
+    fs: &FsFacts,
+    sw: &mut StatusWriter,
+    idx: usize,
+    i: usize,
+    n: usize,
+) -> Result<()> {
+    let dev_size = fs.dev_size;
+    if is_ext(&fs.fs_type) {
+        fsck_ext(device)?;
+        if header.is_none() {
+            let fs_bytes = probe::detect_fs(device)
+                .ok()
+                .and_then(|f| f.fs_bytes)
+                .unwrap_or(dev_size);
+            let target = dev_size - HEADER_RESERVE_BYTES;
+            if fs_bytes > target {
+                run_tool(
+                    Command::new("resize2fs")
+                        .arg(device)
+                        .arg(format!("{}K", target / 1024)),
+                    &format!(
+                        "shrink the filesystem on {} by {} MiB for the header",
+                        device.display(),
+                        HEADER_RESERVE_BYTES >> 20
+                    ),
+                )?;
+            }
+        }
+    }
+    sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
+    commit(sw)?;
+
+    let data = DataDevice::open(device, false).map_err(|e| {
+        Failure::failed(format!(
+            "cannot open {} for encryption ({e}); something still holds it",
+            device.display()
+        ))
+    })?;
+    let format = FormatOptions {
+        kdf: req.kdf.clone(),
+        sector_size: encryption_sector_size(fs.min_io),
+        ..Default::default()
+    };
+    let placement = match header {
+        Some(_) => Placement::Detached {
+            resilience: Resilience::Journal,
+        },
+        None => Placement::Shift {
+            reduce: HEADER_RESERVE_BYTES,
+        },
+    };
+    let opts = EncryptOptions {
+        placement,
+        format,
+        tuning: Default::default(),
+    };
+    let outcome = walk(sw, idx, i, n, req, |ctl| match header {
+        Some(h) => {
+            let hf = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(h)
+                .map_err(|e| luksify_walker::Error::Io {
+                    what: format!("create {}", h.display()),
+                    source: e,
+                })?;
+            luksify_walker::encrypt(&data, Some(&hf), passphrase, &opts, ctl)
+        }
+        None => luksify_walker::encrypt::<_, std::fs::File>(&data, None, passphrase, &opts, ctl),
+    })?;
+    drop(data);
+    finish_volume(req, passphrase, sw, idx, outcome)
+}
+
+/// The largest encryption sector (<= 4096) the filesystem's own I/O unit allows: a
+/// 1 KiB-block ext4 under 4 KiB sectors would no longer mount (cryptsetup makes the
+/// same choice when it encrypts a device in place).
+pub fn encryption_sector_size(fs_min_io: Option<u32>) -> u32 {
+    match fs_min_io {
+        Some(n) if n >= 4096 => 4096,
+        Some(n) if n >= 512 && n.is_power_of_two() => n,
+        _ => 512,
+    }
+}
+
+/// Runs a walker operation with progress going to the status file and the reporter.
+fn walk(
+    sw: &mut StatusWriter,
+    idx: usize,
+    i: usize,
+    n: usize,
+    req: &EnableRequest,
+    f: impl FnOnce(&Control<'_>) -> luksify_walker::Result<Outcome>,
+) -> Result<Outcome> {
+    let start_done = sw.status.volumes[idx].bytes_done;
+    let device = sw.status.volumes[idx].device.clone();
+    let rate = Rate::start(start_done);
+    let shared = Mutex::new((sw, true));
+    // TEST-ONLY hook (documented in docs/orchestrator.md): sleeps after each progress
+    // report so that tests can kill a run while it is certainly mid-walk. It only
+    // slows the walk, never changes what is written or where the journal stands, and is
+    // capped at 1 s per step so a stray setting cannot stall a real run for long.
+    let delay = std::env::var("LUKSIFY_TEST_PROGRESS_DELAY_MS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms.min(1000)));
+    let progress = |pi: ProgressInfo| {
+        let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let (sw, first) = &mut *g;
+        if let Some(v) = sw.status.volumes.get_mut(idx) {
+            rate.apply(v, pi.done, pi.total);
+            (req.report)(v, i, n);
+        }
+        // The first progress is a change worth writing at once; later ones are throttled.
+        let _ = if std::mem::take(first) {
+            sw.commit()
+        } else {
+            sw.tick()
+        };
+        drop(g);
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+    };
+    let ctl = Control {
+        progress: Some(&progress),
+        cancel: Some(req.cancel),
+    };
+    let r = f(&ctl);
+    match r {
+        Ok(o) => Ok(o),
+        Err(e) => Err(Failure::failed(format!(
+            "encryption of {} failed: {e}; the header records progress, `luksify resume` continues it",
+            device.display()
+        ))),
+    }
+}
+
+/// After the walk: map, remount, grow, write crypttab/fstab, mark Encrypted.
+fn finish_volume(
+    req: &EnableRequest,
+    passphrase: &[u8],
+    sw: &mut StatusWriter,
+    idx: usize,
+    outcome: Outcome,
+) -> Result<()> {
+    let v = sw.status.volumes[idx].clone();
+    if let Outcome::Interrupted(_) = outcome {
+        commit(sw)?;
+        return Err(Failure::new(
+            exit::INTERRUPTED,
+            format!(
+                "encryption of {} stopped at {:.0}% on request; run `luksify resume` to finish it",
+                v.device.display(),
+                v.percent
+            ),
+        ));
+    }
+    {
+        let s = &mut sw.status.volumes[idx];
+        s.percent = 100.0;
+        s.bytes_done = s.bytes_total;
+        s.eta_seconds = Some(0);
+    }
+    commit(sw)?;
+    let oreq = OpenRequest {
+        device: &v.device,
+        name: &v.mapper,
+        header: v.header.as_deref(),
+        force_userspace: req.force_userspace,
+        state_dir: &req.state_dir,
+    };
+    let rec = map::open(&oreq, passphrase)?;
+    sw.status.volumes[idx].mapped_device = Some(rec.mapped.clone());
+    // A volume found by scanning (status file lost) has no recorded filesystem: read it.
+    let fs_type = v.fs_type.clone().or_else(|| {
+        probe::detect_fs(&rec.mapped)
+            .ok()
+            .map(|f| f.fs_type)
+            .filter(|t| is_ext(t))
+    });
+    // Grow back over the room the shrink freed (a no-op with a detached header).
+    grow_and_remount(&v, fs_type.as_deref(), &rec.mapped)?;
+    write_tabs(&v, &rec.mapped)?;
+    sw.status.volumes[idx].state = VolumeState::Encrypted;
+    sw.status.volumes[idx].error = None;
+    commit(sw)
+}
+
+/// Grows an ext filesystem over all of `dev` (offline: online resizing needs
+/// CAP_SYS_RESOURCE, which containers often drop), then mounts `dev` where the volume was
+/// mounted, with its original options, and puts its nested mounts back.
+fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Result<()> {
+    if fs_type.is_some_and(is_ext) {
+        fsck_ext(dev)?;
+        run_tool(
+            Command::new("resize2fs").arg(dev),
+            &format!("grow the filesystem over all of {}", dev.display()),
+        )?;
+    }
+    if let Some(mp) = &v.mount_point {
+        let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
+        run_tool(
+            Command::new("mount").arg("-o").arg(&opts).arg(dev).arg(mp),
+            &format!("remount {} at {}", dev.display(), mp.display()),
+        )?;
+        remount_nested(&v.nested_mounts)?;
+    }
+    Ok(())
+}
+
+fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
+    let etc = tabs::etc_dir();
+    let device = match &v.header {
+        Some(_) => v.device.display().to_string(),
+        None => luks_uuid(&v.device)
+            .map(|u| format!("UUID={u}"))
+            .unwrap_or_else(|| v.device.display().to_string()),
+    };
+    let entry = tabs::CrypttabEntry {
+        name: v.mapper.clone(),
+        device,
+        key_file: v.key_file.clone().unwrap_or_default(),
+        header: v.header.clone(),
+    };
+    let io = |what: &str, e: std::io::Error| {
+        Failure::failed(format!("cannot update {what} in {} ({e})", etc.display()))
+    };
+    tabs::edit_file(&etc.join("crypttab"), |t| tabs::crypttab_add(t, &entry))
+        .map_err(|e| io("crypttab", e))?;
+    if let Some(mp) = &v.mount_point {
+        let fs = v.fs_type.clone().unwrap_or_else(|| "auto".into());
+        let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
+        let mapper_path = PathBuf::from("/dev/mapper").join(&v.mapper);
+        let _ = mapped;
+        tabs::edit_file(&etc.join("fstab"), |t| {
+            tabs::fstab_encrypt(t, mp, &mapper_path, &fs, &opts)
+        })
+        .map_err(|e| io("fstab", e))?;
+    }
+    Ok(())
+}
+
+fn luks_uuid(device: &Path) -> Option<String> {
+    let f = std::fs::File::open(device).ok()?;
+    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
+    Some(h.uuid)
+}
+
+/// Finishes every volume the status file shows in progress (and opens, remounts and
+/// records them as `enable` would have). Returns how many were resumed.
+pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result<usize> {
+    let mut sw = StatusWriter::open(&req.state_dir)
+        .map_err(|e| Failure::failed(format!("status file: {e}")))?;
+    let mut adopted = Vec::new();
+    if let Some(pass) = passphrase_override {
+        // Only runs this key opens: another volume's run is none of ours, and checking
+        // reads the header without claiming the device.
+        let (found, foreign): (Vec<_>, Vec<_>) = scan_in_progress(&req.state_dir)
+            .into_iter()
+            .partition(|f| passphrase_unlocks(f.header.as_deref().unwrap_or(&f.device), pass));
+        for f in foreign {
+            eprintln!(
+                "luksify: {} has an interrupted reencryption that the given --key-file does not open; left alone",
+                f.device.display()
+            );
+        }
+        adopt(&mut sw, &found, &req.key_file);
+        adopted.extend(found.into_iter().filter(|f| !f.decrypt).map(|f| f.device));
+    }
+    let todo: Vec<usize> = sw
+        .status
+        .volumes
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| {
+            matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            )
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if todo.is_empty() {
+        return Ok(0);
+    }
+    let count = todo.len();
+    sw.status.operation = Operation::Resume;
+    sw.status.pid = Some(std::process::id());
+    let n = sw.status.volumes.len();
+    let mut skipped = Vec::new();
+    for idx in todo {
+        let device = sw.status.volumes[idx].device.clone();
+        let r = resume_one(req, passphrase_override, &mut sw, idx, n);
+        match r {
+            Err(e) if adopted.contains(&device) && e.code != exit::INTERRUPTED => {
+                // Found by scanning, not ours for sure (another key, another tool's run
+                // still going): forget it again and go on with the others.
+                sw.status.volumes.retain(|v| v.device != device);
+                sw.active = None;
+                commit(&mut sw)?;
+                skipped.push(format!("{} skipped: {}", device.display(), e.message));
+            }
+            r => r?,
+        }
+    }
+    if !skipped.is_empty() {
+        eprintln!("luksify: {}", skipped.join("; "));
+    }
+    sw.active = None;
+    sw.status.pid = None;
+    commit(&mut sw)?;
+    Ok(count)
+}
+
+/// Finishes one in-progress volume of the status file.
+fn resume_one(
+    req: &EnableRequest,
+    passphrase_override: Option<&[u8]>,
+    sw: &mut StatusWriter,
+    idx: usize,
+    n: usize,
+) -> Result<()> {
+    let v = sw.status.volumes[idx].clone();
+    if v.state == VolumeState::DecryptionInProgress {
+        let key = read_recorded_key(&v, passphrase_override)?;
+        resume_decrypt(req, &key, sw, idx, n)?;
+        return Ok(());
+    }
+    let key;
+    let passphrase: &[u8] = match passphrase_override {
+        Some(p) => p,
+        None => {
+            let kf = v.key_file.clone().ok_or_else(|| {
+                Failure::failed(format!(
+                    "no key file recorded for {}; pass --key-file",
+                    v.device.display()
+                ))
+            })?;
+            key = zeroize::Zeroizing::new(std::fs::read(&kf).map_err(|e| {
+                Failure::failed(format!(
+                    "cannot read the key file {} recorded for {} ({e}); pass --key-file",
+                    kf.display(),
+                    v.device.display()
+                ))
+            })?);
+            &key
+        }
+    };
+    sw.status.volumes[idx].resumed = true;
+    sw.active = Some(idx);
+    commit(sw)?;
+    // The header (detached, or in front of the data) decides where the run stands.
+    let header_path = v.header.clone().unwrap_or_else(|| v.device.clone());
+    match header_progress(&header_path) {
+        HeaderProgress::InProgress => {}
+        HeaderProgress::Finished => {
+            // The walk finished but the steps after it did not run.
+            finish_volume(req, passphrase, sw, idx, Outcome::Finished)?;
+            return Ok(());
+        }
+        HeaderProgress::Absent => {
+            if let Some(h) = &v.header {
+                // Cut before the walker's first commit to the detached header: the device
+                // is still plain. Keep the incomplete file aside rather than delete it.
+                if h.exists() {
+                    let aside = h.with_extension("incomplete");
+                    std::fs::rename(h, &aside).map_err(|e| {
+                        Failure::failed(format!(
+                            "cannot move the incomplete header {} aside ({e})",
+                            h.display()
+                        ))
+                    })?;
+                }
+            }
+            return restart_encryption(req, passphrase, &v, sw, idx, n);
+        }
+    }
+    // A crash may have left it mounted nowhere but held by nothing: open exclusively.
+    let data = DataDevice::open(&v.device, false).map_err(|e| {
+        Failure::failed(format!(
+            "cannot open {} to resume ({e}); is it mounted or mapped?",
+            v.device.display()
+        ))
+    })?;
+    let header = v.header.clone();
+    let outcome = walk(sw, idx, idx, n, req, |ctl| match &header {
+        Some(h) => {
+            let hf = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(h)
+                .map_err(|e| luksify_walker::Error::Io {
+                    what: format!("open {}", h.display()),
+                    source: e,
+                })?;
+            luksify_walker::resume(&data, Some(&hf), passphrase, Default::default(), ctl)
+        }
+        None => luksify_walker::resume::<_, std::fs::File>(
+            &data,
+            None,
+            passphrase,
+            Default::default(),
+            ctl,
+        ),
+    });
+    let outcome = match outcome {
+        Err(e) if e.message.contains("shows no encryption in progress") => Outcome::Finished,
+        o => o?,
+    };
+    drop(data);
+    finish_volume(req, passphrase, sw, idx, outcome)
+}
+
+/// Power was cut after the status file said "in progress" but before the walker's first
+/// header commit: the device still holds the plain filesystem (shrunk or not), or the
+/// walker's start-up marker if the cut tore the first header write. Either way the
+/// encryption starts again from the beginning, which is what the user asked for.
+fn restart_encryption(
+    req: &EnableRequest,
+    passphrase: &[u8],
+    v: &VolumeStatus,
+    sw: &mut StatusWriter,
+    idx: usize,
+    n: usize,
+) -> Result<()> {
+    let info = probe::detect_fs(&v.device).map_err(|e| {
+        Failure::failed(format!(
+            "cannot read {} to restart its encryption ({e})",
+            v.device.display()
+        ))
+    })?;
+    let dev_size = probe::device_size(&v.device)
+        .map_err(|e| Failure::failed(format!("cannot size {} ({e})", v.device.display())))?;
+    let fs = FsFacts {
+        fs_type: info.fs_type.clone(),
+        dev_size,
+        min_io: info.min_io,
+    };
+    start_encryption(
+        req,
+        passphrase,
+        &v.device,
+        v.header.as_deref(),
+        &fs,
+        sw,
+        idx,
+        idx,
+        n,
+    )
+}
+
+enum HeaderProgress {
+    /// No LUKS2 header in either copy: the walker never committed one.
+    Absent,
+    InProgress,
+    Finished,
+}
+
+/// Reads the header through both copies (a torn primary is recovered from the secondary),
+/// so that a damaged but recoverable header is never mistaken for an absent one.
+fn header_progress(path: &Path) -> HeaderProgress {
+    let Ok(f) = std::fs::File::open(path) else {
+        return HeaderProgress::Absent;
+    };
+    match luksify_luks::luks2::Luks2Header::read(&f) {
+        Err(_) => HeaderProgress::Absent,
+        Ok((h, _)) => match luksify_luks::reencrypt::state(&h.metadata) {
+            Ok(Some(_)) => HeaderProgress::InProgress,
+            // A reencrypt keyslot we cannot parse still means "in progress": let the
+            // walker report precisely what is wrong.
+            Err(_) => HeaderProgress::InProgress,
+            Ok(None) => HeaderProgress::Finished,
+        },
+    }
+}
+
+fn resume_decrypt(
+    req: &EnableRequest,
+    passphrase: &[u8],
+    sw: &mut StatusWriter,
+    idx: usize,
+    n: usize,
+) -> Result<()> {
+    let v = sw.status.volumes[idx].clone();
+    let header = v.header.clone().ok_or_else(|| {
+        Failure::failed(format!(
+            "no header file recorded for the decryption of {}",
+            v.device.display()
+        ))
+    })?;
+    let in_front = header.starts_with(req.state_dir.join("headers"));
+    sw.status.volumes[idx].resumed = true;
+    sw.active = Some(idx);
+    commit(sw)?;
+    let data = DataDevice::open(&v.device, false).map_err(|e| {
+        Failure::failed(format!(
+            "cannot open {} to resume ({e}); is it mounted or mapped?",
+            v.device.display()
+        ))
+    })?;
+    let hf = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&header)
+        .map_err(|e| {
+            Failure::failed(format!(
+                "cannot open the header file {} ({e})",
+                header.display()
+            ))
+        })?;
+    let outcome = match walk(sw, idx, idx, n, req, |ctl| {
+        luksify_walker::resume(&data, Some(&hf), passphrase, Default::default(), ctl)
+    }) {
+        Err(e) if e.message.contains("shows no encryption in progress") => Outcome::Finished,
+        o => o?,
+    };
+    drop(data);
+    finish_disable(sw, idx, outcome, in_front)
+}
+
+/// `7:0` back into a device number.
+trait ParseDevNum {
+    fn parse_devnum(&self) -> mountinfo::DevNum;
+}
+impl ParseDevNum for String {
+    fn parse_devnum(&self) -> mountinfo::DevNum {
+        let (a, b) = self.split_once(':').unwrap_or(("0", "0"));
+        mountinfo::DevNum {
+            major: a.parse().unwrap_or(0),
+            minor: b.parse().unwrap_or(0),
+        }
+    }
+}
+
+/// Whether any problem in `r` blocks (exported for the CLI's candidate listing).
+pub fn is_ready(r: &check::Report) -> bool {
+    r.problems.iter().all(|p| p.severity != Severity::Blocker)
+}
+
+/// Decrypts data volumes back in place: unmount, close the mapping, decrypt through
+/// the walker, grow the filesystem to the whole device, remount the plain device,
+/// restore fstab and drop the crypttab entry. `only` restricts it to some devices or
+/// mount points (all encrypted volumes in the status file otherwise).
+pub fn disable(
+    req: &EnableRequest,
+    passphrase_override: Option<&[u8]>,
+    only: &[PathBuf],
+) -> Result<usize> {
+    let mut sw = StatusWriter::open(&req.state_dir)
+        .map_err(|e| Failure::failed(format!("status file: {e}")))?;
+    let wanted = |v: &VolumeStatus| {
+        only.is_empty()
+            || only.iter().any(|o| {
+                let c = std::fs::canonicalize(o).unwrap_or(o.clone());
+                c == v.device || v.mount_point.as_deref() == Some(c.as_path())
+            })
+    };
+    let todo: Vec<usize> = sw
+        .status
+        .volumes
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| {
+            matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted) && wanted(v)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if todo.is_empty() {
+        if !only.is_empty() {
+            return Err(Failure::failed(format!(
+                "none of {} is an encrypted volume luksify manages (see `luksify status --json`)",
+                only.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        return Ok(0);
+    }
+    sw.status.operation = Operation::DisableEncryption;
+    sw.status.pid = Some(std::process::id());
+    let n = sw.status.volumes.len();
+    let count = todo.len();
+    for idx in todo {
+        let key = read_recorded_key(&sw.status.volumes[idx], passphrase_override)?;
+        disable_one(req, &key, &mut sw, idx, n)?;
+    }
+    sw.active = None;
+    sw.status.pid = None;
+    commit(&mut sw)?;
+    Ok(count)
+}
+
+fn read_recorded_key(v: &VolumeStatus, over: Option<&[u8]>) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    if let Some(p) = over {
+        return Ok(zeroize::Zeroizing::new(p.to_vec()));
+    }
+    let kf = v.key_file.clone().ok_or_else(|| {
+        Failure::failed(format!(
+            "no key file recorded for {}; pass --key-file",
+            v.device.display()
+        ))
+    })?;
+    std::fs::read(&kf)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| {
+            Failure::failed(format!(
+                "cannot read the key file {} recorded for {} ({e}); pass --key-file",
+                kf.display(),
+                v.device.display()
+            ))
+        })
+}
+
+fn disable_one(
+    req: &EnableRequest,
+    passphrase: &[u8],
+    sw: &mut StatusWriter,
+    idx: usize,
+    n: usize,
+) -> Result<()> {
+    let v = sw.status.volumes[idx].clone();
+    // Unmount whatever is mounted from the mapping (after what is nested below it,
+    // recorded now so that it is mounted again on the plain device), then close it.
+    if let Some(rec) = map::load_record(&req.state_dir, &v.mapper) {
+        let blk = rec.loop_dev.clone().unwrap_or(rec.mapped.clone());
+        if let Some(num) = probe::block_dev_num(&blk) {
+            if let Some(mp) = &v.mount_point {
+                let nested = current_nested(mp, num)?;
+                sw.status.volumes[idx].nested_mounts = nested.clone();
+                commit(sw)?;
+                unmount_nested(&v.device, &nested)?;
+            }
+            unmount_all(&blk, num)?;
+        }
+        map::close(&req.state_dir, &v.mapper)?;
+    }
+    // With the header in front, the plaintext moves back over it: the header moves
+    // to a new file for the run (also the journal an interrupted run resumes from).
+    let header = match &v.header {
+        Some(h) => h.clone(),
+        None => {
+            let dir = req.state_dir.join("headers");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Failure::failed(format!("cannot create {} ({e})", dir.display())))?;
+            let h = dir.join(format!("{}.decrypt.luks2", v.mapper));
+            if h.exists() {
+                return Err(Failure::failed(format!(
+                    "{} exists from an earlier run; if that run was interrupted, `luksify resume` finishes it",
+                    h.display()
+                )));
+            }
+            h
+        }
+    };
+    let in_front = v.header.is_none();
+    {
+        let s = &mut sw.status.volumes[idx];
+        s.state = VolumeState::DecryptionInProgress;
+        s.header = Some(header.clone());
+        s.bytes_done = 0;
+        s.percent = 0.0;
+        s.resumed = false;
+    }
+    sw.active = Some(idx);
+    commit(sw)?;
+    let data = DataDevice::open(&v.device, false).map_err(|e| {
+        Failure::failed(format!(
+            "cannot open {} to decrypt ({e}); is it still mounted or mapped?",
+            v.device.display()
+        ))
+    })?;
+    let hf = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(in_front)
+        .truncate(false)
+        .open(&header)
+        .map_err(|e| {
+            Failure::failed(format!(
+                "cannot open the header file {} ({e})",
+                header.display()
+            ))
+        })?;
+    let dopts = luksify_walker::DecryptOptions {
+        // In front: the data moves back over the header and the shift protects it.
+        resilience: if in_front {
+            Resilience::Datashift
+        } else {
+            Resilience::Journal
+        },
+        tuning: Default::default(),
+    };
+    let outcome = walk(sw, idx, idx, n, req, |ctl| {
+        luksify_walker::decrypt(&data, Some(&hf), passphrase, &dopts, ctl)
+    })?;
+    drop(data);
+    finish_disable(sw, idx, outcome, in_front)
+}
+
+fn finish_disable(
+    sw: &mut StatusWriter,
+    idx: usize,
+    outcome: Outcome,
+    header_was_in_front: bool,
+) -> Result<()> {
+    let v = sw.status.volumes[idx].clone();
+    if let Outcome::Interrupted(_) = outcome {
+        commit(sw)?;
+        return Err(Failure::new(
+            exit::INTERRUPTED,
+            format!(
+                "decryption of {} stopped on request; run `luksify resume` to finish it",
+                v.device.display()
+            ),
+        ));
+    }
+    grow_and_remount(&v, v.fs_type.as_deref(), &v.device)?;
+    let etc = tabs::etc_dir();
+    let io = |what: &str, e: std::io::Error| {
+        Failure::failed(format!("cannot update {what} in {} ({e})", etc.display()))
+    };
+    tabs::edit_file(&etc.join("crypttab"), |t| {
+        tabs::crypttab_remove(t, &v.mapper)
+    })
+    .map_err(|e| io("crypttab", e))?;
+    if let Some(mp) = &v.mount_point {
+        tabs::edit_file(&etc.join("fstab"), |t| tabs::fstab_restore(t, mp))
+            .map_err(|e| io("fstab", e))?;
+    }
+    if header_was_in_front {
+        // The moved header held the keyslots; once decrypted it is an empty shell.
+        if let Some(h) = &v.header {
+            let _ = std::fs::remove_file(h);
+        }
+    }
+    let s = &mut sw.status.volumes[idx];
+    s.state = VolumeState::NotEncrypted;
+    s.percent = 100.0;
+    s.header = None;
+    s.mapped_device = None;
+    s.error = None;
+    sw.active = None;
+    commit(sw)
+}
+
+/// An interrupted LUKS2 reencryption found by scanning devices, not the status file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundInProgress {
+    pub device: PathBuf,
+    /// Detached header file holding the journal, when the header is not on the device.
+    pub header: Option<PathBuf>,
+    /// Whether the header's reencryption runs towards plaintext (`mode: decrypt`).
+    pub decrypt: bool,
+}
+
+/// Reencryption state of a LUKS2 header at the start of `path` (a device or a header
+/// file): `Some(decrypt?)` when it carries the `online-reencrypt` requirement.
+fn reencrypt_mode(path: &Path) -> Option<bool> {
+    use std::os::unix::fs::FileExt;
+    if check::luks_state(path).as_deref() != Some("luks2-reencrypt-in-progress") {
+        return None;
+    }
+    let f = std::fs::File::open(path).ok()?;
+    let mut json = vec![0u8; 64 << 10];
+    let n = f.read_at(&mut json, 4096).ok()?;
+    let text = String::from_utf8_lossy(&json[..n]);
+    Some(text.contains("\"mode\":\"decrypt\""))
+}
+
+/// Block devices that may carry a volume: whole disks, partitions and loop devices with
+/// a backing file (an unbound loop device has no data to read).
+fn candidate_block_devices() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/sys/class/block") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("loop") && !e.path().join("loop/backing_file").exists() {
+            continue;
+        }
+        if ["ram", "zram", "sr", "fd"].iter().any(|p| n.starts_with(p)) {
+            continue;
+        }
+        let dev = PathBuf::from("/dev").join(&n);
+        if probe::block_dev_num(&dev).is_some() {
+            out.push(dev);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Interrupted reencryptions the status file does not know about (it was lost, or the
+/// run was started by `cryptsetup reencrypt` / `luksify encrypt`): every candidate block
+/// device whose first 4 KiB are a LUKS2 header with the `online-reencrypt` requirement,
+/// plus detached headers named by crypttab `header=` options and the `luksify-<dev>.luks2`
+/// files in the header directories the status file records.
+pub fn scan_in_progress(state_dir: &Path) -> Vec<FoundInProgress> {
+    let status = crate::status::load(state_dir).unwrap_or_default();
+    let known: Vec<PathBuf> = status.volumes.iter().map(|v| v.device.clone()).collect();
+    let mut out: Vec<FoundInProgress> = Vec::new();
+    for dev in candidate_block_devices() {
+        if known.contains(&dev) {
+            continue;
+        }
+        if let Some(decrypt) = reencrypt_mode(&dev) {
+            out.push(FoundInProgress {
+                device: dev,
+                header: None,
+                decrypt,
+            });
+        }
+    }
+    // Detached headers: (device, header file) pairs from crypttab and header dirs.
+    let mut pairs: Vec<(PathBuf, PathBuf)> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(tabs::etc_dir().join("crypttab")) {
+        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(dev), Some(opts)) = (f.get(1), f.get(3)) else {
+                continue;
+            };
+            if let Some(h) = opts.split(',').find_map(|o| o.strip_prefix("header=")) {
+                pairs.push((PathBuf::from(dev), PathBuf::from(h)));
+            }
+        }
+    }
+    let dirs: Vec<PathBuf> = status
+        .volumes
+        .iter()
+        .filter_map(|v| v.header.as_ref()?.parent().map(Path::to_path_buf))
+        .collect();
+    for d in dirs {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(base) = n
+                .strip_prefix("luksify-")
+                .and_then(|b| b.strip_suffix(".luks2"))
+            {
+                pairs.push((PathBuf::from("/dev").join(base), e.path()));
+            }
+        }
+    }
+    for (dev, header) in pairs {
+        if known.contains(&dev) || out.iter().any(|f| f.device == dev) {
+            continue;
+        }
+        if let Some(decrypt) = reencrypt_mode(&header) {
+            out.push(FoundInProgress {
+                device: dev,
+                header: Some(header),
+                decrypt,
+            });
+        }
+    }
+    out
+}
+
+/// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`
+/// (a device or a detached header file), read without claiming the device.
+fn passphrase_unlocks(path: &Path, passphrase: &[u8]) -> bool {
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok((h, _)) = luksify_luks::luks2::Luks2Header::read(&f) else {
+        return false;
+    };
+    h.metadata
+        .keyslots
+        .keys()
+        .any(|id| h.unlock_keyslot(&f, *id, passphrase).is_ok())
+}
+
+/// Mount point, filesystem type and options that fstab gives `device` or its mapping.
+fn fstab_entry_for(device: &Path, mapper: &str) -> Option<(PathBuf, String, String)> {
+    let text = std::fs::read_to_string(tabs::etc_dir().join("fstab")).ok()?;
+    let mapped = format!("/dev/mapper/{mapper}");
+    let dev = device.display().to_string();
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && (f[0] == mapped || f[0] == dev)).then(|| {
+                (
+                    PathBuf::from(f[1]),
+                    f[2].to_string(),
+                    f[3].replace(",nofail", ""),
+                )
+            })
+        })
+}
+
+/// Records found encryptions in the status file so that `resume` finishes them like
+/// its own: the key file given on the command line, the mount point from fstab when it
+/// names the device (else the volume is mapped but not mounted).
+fn adopt(sw: &mut StatusWriter, found: &[FoundInProgress], key_file: &Path) {
+    let key_file = std::fs::canonicalize(key_file).unwrap_or(key_file.to_path_buf());
+    for f in found.iter().filter(|f| !f.decrypt) {
+        let name = mapping_name(&f.device);
+        let tab = fstab_entry_for(&f.device, &name);
+        sw.status.upsert(VolumeStatus {
+            device: f.device.clone(),
+            mapper: name,
+            mount_point: tab.as_ref().map(|t| t.0.clone()),
+            fs_type: tab.as_ref().map(|t| t.1.clone()),
+            mount_options: tab.as_ref().map(|t| t.2.clone()),
+            header: f.header.clone(),
+            key_file: Some(key_file.clone()),
+            state: VolumeState::EncryptionInProgress,
+            ..Default::default()
+        });
+    }
+}

@@ -1,0 +1,63 @@
+//! One error type for orchestration: a one-line message (what, why, how to fix,
+//! with the device path) and the exit code it maps to.
+
+use crate::exit;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Process exit code (see [`crate::exit`]).
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+    /// A general failure (exit 1).
+    pub fn failed(message: impl Into<String>) -> Failure {
+        Failure::new(exit::FAILED, message)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+impl From<crate::lock::LockError> for Failure {
+    fn from(e: crate::lock::LockError) -> Failure {
+        let code = match e {
+            crate::lock::LockError::Busy { .. } => exit::BUSY,
+            crate::lock::LockError::Io { .. } => exit::FAILED,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Failure>;
+
+/// Runs an external tool, returning its stdout; failures carry its stderr on one line.
+pub fn run_tool(cmd: &mut std::process::Command, why: &str) -> Result<String> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd.output().map_err(|e| {
+        Failure::failed(format!(
+            "cannot run {shown} ({e}) to {why}; install it (util-linux, e2fsprogs)"
+        ))
+    })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let err = err.trim().replace('\n', " | ");
+        return Err(Failure::failed(format!(
+            "{shown} failed ({}) while trying to {why}: {err}",
+            out.status
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

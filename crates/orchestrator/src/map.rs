@@ -1,0 +1,612 @@
+//! `open`/`close`: make the decrypted view of a LUKS2 volume available as a block
+//! device, through kernel dm-crypt where device-mapper exists, else through the
+//! userspace path (FUSE file + loop device, served by a daemon forked from `open`).
+//! Each open mapping is recorded in `STATE_DIR/maps/NAME.json` (no secrets).
+
+use crate::error::{run_tool, Failure, Result};
+use crate::exit;
+use crate::mountinfo::{self, DevNum};
+use crate::probe;
+use crate::status::write_atomic;
+use crate::userspace::{self, VolumeFs, VOLUME_FILE};
+use luksify_luks::luks2::{DataSegment, Luks2Header};
+use luksify_luks::VolumeKey;
+use luksify_walker::view::DecryptedView;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufRead, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Kernel dm-crypt, /dev/mapper/NAME.
+    Kernel,
+    /// FUSE + loop device served by a luksify daemon.
+    Userspace,
+}
+
+/// What `open` created, saved so that `close` (another process) can undo it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapRecord {
+    pub name: String,
+    pub device: PathBuf,
+    pub header: Option<PathBuf>,
+    pub backend: Backend,
+    /// The block device to mount (/dev/mapper/NAME, a symlink to the loop device
+    /// on the userspace path).
+    pub mapped: PathBuf,
+    pub loop_dev: Option<PathBuf>,
+    pub fuse_dir: Option<PathBuf>,
+    pub daemon_pid: Option<u32>,
+}
+
+/// How to open.
+#[derive(Debug, Clone)]
+pub struct OpenRequest<'a> {
+    pub device: &'a Path,
+    pub name: &'a str,
+    /// Detached header file; None = header on the device.
+    pub header: Option<&'a Path>,
+    pub force_userspace: bool,
+    pub state_dir: &'a Path,
+}
+
+fn maps_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("maps")
+}
+
+fn record_path(state_dir: &Path, name: &str) -> PathBuf {
+    maps_dir(state_dir).join(format!("{name}.json"))
+}
+
+pub fn load_record(state_dir: &Path, name: &str) -> Option<MapRecord> {
+    let b = std::fs::read(record_path(state_dir, name)).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+fn save_record(state_dir: &Path, r: &MapRecord) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
+    write_atomic(&record_path(state_dir, &r.name), &bytes)
+}
+
+/// Every recorded mapping.
+pub fn list_records(state_dir: &Path) -> Vec<MapRecord> {
+    let mut v: Vec<MapRecord> = std::fs::read_dir(maps_dir(state_dir))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+/// Mapping names become file and device names: keep them tame.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name != "control"
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            exit::USAGE,
+            format!("mapping name {name:?} is not usable: use letters, digits and - _ . + (at most 100, not `control`)"),
+        ))
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence; no memory involved.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// Whether the kernel has device-mapper: Ok, or why not (one line).
+pub fn dm_available() -> std::result::Result<(), String> {
+    crate::dm::available()
+}
+
+/// Reads the header and unlocks the volume key with `passphrase`.
+pub fn unlock(
+    device: &Path,
+    header: Option<&Path>,
+    passphrase: &[u8],
+) -> Result<(Luks2Header, DataSegment, VolumeKey)> {
+    let hpath = header.unwrap_or(device);
+    let hfile = File::open(hpath).map_err(|e| {
+        Failure::failed(format!(
+            "cannot open {} to read the LUKS header ({e}); run as root and check the path",
+            hpath.display()
+        ))
+    })?;
+    let (hdr, _report) = Luks2Header::read(&hfile).map_err(|e| {
+        Failure::failed(format!(
+            "{}: cannot read a LUKS2 header ({e}); is this a luksify/cryptsetup LUKS2 volume (give --header FILE for a detached header)?",
+            hpath.display()
+        ))
+    })?;
+    if hdr
+        .metadata
+        .config
+        .mandatory_requirements()
+        .iter()
+        .any(|r| r.starts_with("online-reencrypt"))
+    {
+        return Err(Failure::new(
+            exit::INTERRUPTED,
+            format!(
+                "{}: encryption was interrupted and has not finished; run `luksify resume` (or `cryptsetup reencrypt --resume-only`) first",
+                device.display()
+            ),
+        ));
+    }
+    let (vk, _slot) = hdr.unlock(&hfile, passphrase, None).map_err(|e| {
+        Failure::failed(format!(
+            "{}: cannot unlock ({e}); check --key-file (its whole content is the passphrase)",
+            device.display()
+        ))
+    })?;
+    let seg = hdr.data_segment().map_err(|e| {
+        Failure::failed(format!(
+            "{}: no usable data segment ({e})",
+            device.display()
+        ))
+    })?;
+    Ok((hdr, seg, vk))
+}
+
+/// Opens a mapping. Returns the record of what was created.
+pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
+    validate_name(req.name)?;
+    if let Some(r) = load_record(req.state_dir, req.name) {
+        let alive = r.daemon_pid.is_none_or(pid_alive);
+        if alive && r.mapped.exists() {
+            return Err(Failure::failed(format!(
+                "mapping {} is already open ({} on {}); close it first with `luksify close {}`",
+                req.name,
+                r.mapped.display(),
+                r.device.display(),
+                req.name
+            )));
+        }
+        // A stale record of a dead daemon: forget it.
+        let _ = std::fs::remove_file(record_path(req.state_dir, req.name));
+    }
+    let mapped = PathBuf::from("/dev/mapper").join(req.name);
+    if std::fs::symlink_metadata(&mapped).is_ok() {
+        return Err(Failure::failed(format!(
+            "{} already exists; pick another name or close it (`luksify close {}`)",
+            mapped.display(),
+            req.name
+        )));
+    }
+    let (hdr, seg, vk) = unlock(req.device, req.header, passphrase)?;
+    let use_userspace = req.force_userspace || dm_available().is_err();
+    if !use_userspace {
+        crate::dm::create_crypt(req.name, req.device, &hdr.uuid, &seg, &vk)?;
+        let rec = MapRecord {
+            name: req.name.to_string(),
+            device: req.device.to_path_buf(),
+            header: req.header.map(Path::to_path_buf),
+            backend: Backend::Kernel,
+            mapped,
+            loop_dev: None,
+            fuse_dir: None,
+            daemon_pid: None,
+        };
+        save_record(req.state_dir, &rec)
+            .map_err(|e| Failure::failed(format!("cannot save the mapping record ({e})")))?;
+        return Ok(rec);
+    }
+    open_userspace(req, &seg, vk, mapped)
+}
+
+fn open_data_device(device: &Path) -> Result<File> {
+    let is_blk = probe::block_dev_num(device).is_some();
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(true);
+    // O_EXCL on a block device fails while it is mounted or mapped elsewhere.
+    o.custom_flags(libc::O_CLOEXEC | if is_blk { libc::O_EXCL } else { 0 });
+    o.open(device).map_err(|e| {
+        let why = if e.raw_os_error() == Some(libc::EBUSY) {
+            "it is in use (mounted, mapped or opened exclusively)".to_string()
+        } else {
+            e.to_string()
+        };
+        Failure::failed(format!(
+            "cannot open {} for the mapping: {why}; unmount or close what uses it",
+            device.display()
+        ))
+    })
+}
+
+fn open_userspace(
+    req: &OpenRequest,
+    _seg: &DataSegment,
+    vk: VolumeKey,
+    mapped: PathBuf,
+) -> Result<MapRecord> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    // A fresh process, not a fork: luksify may already run threads (the walker, rayon),
+    // and a forked child would inherit their locks held forever.
+    let exe = std::env::current_exe()
+        .map_err(|e| Failure::failed(format!("cannot find the luksify binary ({e})")))?;
+    let device = std::fs::canonicalize(req.device).unwrap_or(req.device.to_path_buf());
+    let state_dir = std::fs::canonicalize(req.state_dir).unwrap_or(req.state_dir.to_path_buf());
+    let mut cmd = Command::new(exe);
+    cmd.arg(SERVE_SUBCOMMAND)
+        .arg("--device")
+        .arg(&device)
+        .arg("--name")
+        .arg(req.name)
+        .arg("--state-dir")
+        .arg(&state_dir);
+    if let Some(h) = req.header {
+        cmd.arg("--header")
+            .arg(std::fs::canonicalize(h).unwrap_or(h.to_path_buf()));
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from the caller's
+    // terminal and process group so that Ctrl-C there does not stop the mapping.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        })
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Failure::failed(format!("cannot start the mapping daemon ({e})")))?;
+    {
+        // The volume key goes through a pipe, never argv or the environment.
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let _ = stdin.write_all(vk.as_bytes());
+    }
+    drop(vk);
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    if let Some(rest) = line.strip_prefix("OK ") {
+        let rec = load_record(req.state_dir, req.name).unwrap_or(MapRecord {
+            name: req.name.to_string(),
+            device,
+            header: req.header.map(Path::to_path_buf),
+            backend: Backend::Userspace,
+            mapped,
+            loop_dev: Some(PathBuf::from(rest.trim())),
+            fuse_dir: None,
+            daemon_pid: Some(child.id()),
+        });
+        // The daemon outlives us; its exit status is collected by init.
+        std::mem::forget(child);
+        Ok(rec)
+    } else {
+        let _ = child.wait();
+        let msg = line
+            .strip_prefix("ERR ")
+            .unwrap_or("the mapping daemon exited before it was ready")
+            .trim();
+        Err(Failure::failed(msg.to_string()))
+    }
+}
+
+/// Hidden CLI subcommand that runs [`serve`].
+pub const SERVE_SUBCOMMAND: &str = "__serve-mapping";
+
+/// The daemon (`luksify __serve-mapping`): reads the volume key from stdin, mounts
+/// FUSE, attaches the loop device, prints `OK <loop>` (or `ERR <why>`) on stdout,
+/// then serves until `close` unmounts the FUSE filesystem. Returns the exit code.
+pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path) -> i32 {
+    let mut stdout = std::io::stdout();
+    let fail = |out: &mut std::io::Stdout, msg: String| {
+        let _ = writeln!(out, "ERR {}", msg.replace('\n', " "));
+        let _ = out.flush();
+        1
+    };
+    let mut key = zeroize::Zeroizing::new(Vec::new());
+    if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut key) {
+        return fail(
+            &mut stdout,
+            format!("cannot read the volume key from the parent ({e})"),
+        );
+    }
+    let vk = VolumeKey::from_slice(&key);
+    drop(key);
+    let hpath = header.unwrap_or(device);
+    let seg = match File::open(hpath)
+        .map_err(|e| e.to_string())
+        .and_then(|f| Luks2Header::read(&f).map_err(|e| e.to_string()))
+        .and_then(|(h, _)| h.data_segment().map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                &mut stdout,
+                format!("{}: cannot read the LUKS2 header ({e})", hpath.display()),
+            )
+        }
+    };
+    let dev = match open_data_device(device) {
+        Ok(d) => d,
+        Err(e) => return fail(&mut stdout, e.message),
+    };
+    let dev_size = match luksify_luks::io::Disk::size(&dev) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                &mut stdout,
+                format!("cannot size {} ({e})", device.display()),
+            )
+        }
+    };
+    let cipher = match seg.cipher(&vk) {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(
+                &mut stdout,
+                format!("{}: unsupported cipher ({e})", device.display()),
+            )
+        }
+    };
+    drop(vk);
+    let view = match DecryptedView::new(
+        dev,
+        seg.offset,
+        Some(seg.len_on(dev_size)),
+        seg.iv_tweak,
+        cipher,
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            return fail(
+                &mut stdout,
+                format!("{}: bad data segment ({e})", device.display()),
+            )
+        }
+    };
+    let fuse_dir = state_dir.join("mnt").join(name);
+    if let Err(e) = std::fs::create_dir_all(&fuse_dir) {
+        return fail(
+            &mut stdout,
+            format!("cannot create {} ({e})", fuse_dir.display()),
+        );
+    }
+    // SAFETY: ignoring terminal signals is always allowed.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let sector = view.sector_size();
+    let session = match fuser::Session::new(
+        VolumeFs::new(view),
+        &fuse_dir,
+        &userspace::fuse_config(name),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                &mut stdout,
+                format!(
+                    "cannot mount FUSE at {} ({e}); is /dev/fuse present (modprobe fuse)?",
+                    fuse_dir.display()
+                ),
+            )
+        }
+    };
+    let bg = match session.spawn() {
+        Ok(b) => b,
+        Err(e) => return fail(&mut stdout, format!("cannot start the FUSE session ({e})")),
+    };
+    let file = fuse_dir.join(VOLUME_FILE);
+    let mut cmd = std::process::Command::new("losetup");
+    cmd.args(["-f", "--show"]);
+    if sector == 4096 {
+        // Expose 4 KiB logical sectors, as dm-crypt does for a 4096-byte segment.
+        cmd.args(["--sector-size", "4096"]);
+    }
+    cmd.arg(&file);
+    let loop_dev = match run_tool(&mut cmd, "attach a loop device to the decrypted view") {
+        Ok(out) => PathBuf::from(out.trim()),
+        Err(e) => {
+            let _ = unmount_fuse(&fuse_dir);
+            let _ = bg.join();
+            return fail(&mut stdout, e.message);
+        }
+    };
+    let mut rec = MapRecord {
+        name: name.to_string(),
+        device: device.to_path_buf(),
+        header: header.map(Path::to_path_buf),
+        backend: Backend::Userspace,
+        mapped: PathBuf::from("/dev/mapper").join(name),
+        loop_dev: Some(loop_dev.clone()),
+        fuse_dir: Some(fuse_dir.clone()),
+        daemon_pid: Some(std::process::id()),
+    };
+    let _ = std::fs::create_dir_all("/dev/mapper");
+    let linked = std::os::unix::fs::symlink(&loop_dev, &rec.mapped).is_ok();
+    if !linked {
+        rec.mapped = loop_dev.clone();
+    }
+    if let Err(e) = save_record(state_dir, &rec) {
+        let _ = run_tool(
+            std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&loop_dev),
+            "detach",
+        );
+        let _ = unmount_fuse(&fuse_dir);
+        let _ = bg.join();
+        return fail(&mut stdout, format!("cannot save the mapping record ({e})"));
+    }
+    let _ = writeln!(stdout, "OK {}", loop_dev.display());
+    let _ = stdout.flush();
+    redirect_stdio_to_null();
+    // Serve until `close` unmounts the FUSE filesystem.
+    let _ = bg.join();
+    if linked && std::fs::read_link(&rec.mapped).ok().as_deref() == Some(loop_dev.as_path()) {
+        let _ = std::fs::remove_file(&rec.mapped);
+    }
+    if load_record(state_dir, name).is_some_and(|r| r.daemon_pid == rec.daemon_pid) {
+        let _ = std::fs::remove_file(record_path(state_dir, name));
+    }
+    0
+}
+
+fn redirect_stdio_to_null() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors; `null` stays valid for the call.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+fn unmount_fuse(dir: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Closes a mapping: refuses while it is mounted or held, then detaches the loop
+/// device, unmounts FUSE and waits for the daemon to exit (or removes the dm device).
+pub fn close(state_dir: &Path, name: &str) -> Result<()> {
+    validate_name(name)?;
+    let rec = load_record(state_dir, name).ok_or_else(|| {
+        Failure::failed(format!(
+            "no mapping named {name} was opened by luksify (no {}); see `luksify status --json`",
+            record_path(state_dir, name).display()
+        ))
+    })?;
+    let blk = match rec.backend {
+        Backend::Userspace => rec.loop_dev.clone().unwrap_or_default(),
+        Backend::Kernel => rec.mapped.clone(),
+    };
+    if let Some(dev) = probe::block_dev_num(&blk) {
+        ensure_unused(name, &blk, dev)?;
+    }
+    match rec.backend {
+        Backend::Kernel => crate::dm::remove(name)?,
+        Backend::Userspace => close_userspace(&rec)?,
+    }
+    let _ = std::fs::remove_file(record_path(state_dir, name));
+    Ok(())
+}
+
+fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
+    let mounts = mountinfo::read().unwrap_or_default();
+    let on = mountinfo::mounts_of(&mounts, dev);
+    if let Some(m) = on.first() {
+        return Err(Failure::failed(format!(
+            "mapping {name} ({}) is mounted at {}; unmount it first (umount {})",
+            blk.display(),
+            m.mount_point.display(),
+            m.mount_point.display()
+        )));
+    }
+    let mut t = crate::holders::Targets::default();
+    t.block_devices.insert(dev);
+    let holders = crate::holders::scan(&t, false);
+    if !holders.is_empty() {
+        let list: Vec<String> = holders.iter().map(|h| h.one_line()).collect();
+        return Err(Failure::failed(format!(
+            "mapping {name} ({}) is in use: {}; stop those processes first",
+            blk.display(),
+            list.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+fn close_userspace(rec: &MapRecord) -> Result<()> {
+    if let Some(loop_dev) = &rec.loop_dev {
+        if probe::block_dev_num(loop_dev).is_some() && loop_backing(loop_dev).is_some() {
+            run_tool(
+                std::process::Command::new("losetup")
+                    .arg("-d")
+                    .arg(loop_dev),
+                "detach the loop device",
+            )?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while loop_backing(loop_dev).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    if let Some(dir) = &rec.fuse_dir {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match unmount_fuse(dir) {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break, // not mounted any more
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    return Err(Failure::failed(format!(
+                        "cannot unmount the userspace view {} ({e}); something still holds it (`luksify check {}`)",
+                        dir.display(),
+                        dir.display()
+                    )))
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    if let Some(pid) = rec.daemon_pid {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pid_alive(pid) && !is_zombie(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pid_alive(pid) && !is_zombie(pid) {
+            return Err(Failure::failed(format!(
+                "the mapping daemon (pid {pid}) of {} did not exit after its view was unmounted",
+                rec.name
+            )));
+        }
+    }
+    if std::fs::read_link(&rec.mapped).ok() == rec.loop_dev {
+        let _ = std::fs::remove_file(&rec.mapped);
+    }
+    Ok(())
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Backing file of a loop device, from sysfs; None when detached.
+pub fn loop_backing(loop_dev: &Path) -> Option<PathBuf> {
+    let name = loop_dev.file_name()?.to_str()?;
+    let s = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(s.trim()))
+}

@@ -1,0 +1,215 @@
+//! `/proc/self/mountinfo`: where a device is mounted and what is mounted below it.
+//!
+//! mountinfo (not /proc/mounts) is used because it carries the device number of
+//! each mount, which identifies a filesystem even when the source is shown under
+//! another name (`/dev/root`, a symlink, a loop device's backing file).
+
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// A device number split as the kernel prints it (`major:minor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+pub struct DevNum {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl DevNum {
+    /// From a `dev_t` as returned by stat (st_dev / st_rdev).
+    pub fn from_raw(raw: u64) -> DevNum {
+        DevNum {
+            major: libc::major(raw as libc::dev_t),
+            minor: libc::minor(raw as libc::dev_t),
+        }
+    }
+    fn parse(s: &str) -> Option<DevNum> {
+        let (a, b) = s.split_once(':')?;
+        Some(DevNum {
+            major: a.parse().ok()?,
+            minor: b.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for DevNum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// One line of mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mount {
+    pub id: u32,
+    pub parent_id: u32,
+    pub dev: DevNum,
+    /// Path inside the filesystem that is mounted (`/` unless a bind mount).
+    pub root: String,
+    pub mount_point: PathBuf,
+    /// Per-mount options (`rw,noatime`).
+    pub mount_options: String,
+    pub fs_type: String,
+    pub source: String,
+    /// Per-superblock options (`rw,errors=remount-ro`).
+    pub super_options: String,
+}
+
+impl Mount {
+    /// Options to pass to mount(8) to mount it again the same way: the per-mount
+    /// flags plus the filesystem's own options, without those the kernel only reports.
+    pub fn remount_options(&self) -> String {
+        let mut opts: Vec<&str> = self.mount_options.split(',').collect();
+        for o in self.super_options.split(',') {
+            // rw/ro is already in the per-mount list; seclabel is reported, not accepted.
+            if o == "rw" || o == "ro" || o == "seclabel" || opts.contains(&o) {
+                continue;
+            }
+            opts.push(o);
+        }
+        opts.join(",")
+    }
+}
+
+/// Reads and parses the calling process's mount table.
+pub fn read() -> std::io::Result<Vec<Mount>> {
+    Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+}
+
+/// Parses mountinfo text; lines that do not parse are skipped (the format only grows).
+pub fn parse(text: &str) -> Vec<Mount> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<Mount> {
+    // 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+    let (left, right) = line.split_once(" - ")?;
+    let mut l = left.split(' ');
+    let id = l.next()?.parse().ok()?;
+    let parent_id = l.next()?.parse().ok()?;
+    let dev = DevNum::parse(l.next()?)?;
+    let root = unescape(l.next()?);
+    let mount_point = PathBuf::from(unescape(l.next()?));
+    let mount_options = l.next()?.to_string();
+    let mut r = right.split(' ');
+    let fs_type = r.next()?.to_string();
+    let source = unescape(r.next()?);
+    let super_options = r.next().unwrap_or("").to_string();
+    Some(Mount {
+        id,
+        parent_id,
+        dev,
+        root,
+        mount_point,
+        mount_options,
+        fs_type,
+        source,
+        super_options,
+    })
+}
+
+/// The kernel escapes space, tab, newline and backslash as `\ooo` octal.
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mounts of the filesystem on device `dev` (bind mounts included).
+pub fn mounts_of(mounts: &[Mount], dev: DevNum) -> Vec<&Mount> {
+    mounts.iter().filter(|m| m.dev == dev).collect()
+}
+
+/// The mount whose mount point is exactly `path` (the last one wins: it is on top).
+pub fn mount_at<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
+/// Mounts strictly below `path` (e.g. /mnt/data1 below /mnt), deepest first, which
+/// is the order to unmount them in.
+pub fn nested_below<'a>(mounts: &'a [Mount], path: &Path) -> Vec<&'a Mount> {
+    let mut v: Vec<&Mount> = mounts
+        .iter()
+        .filter(|m| m.mount_point != path && m.mount_point.starts_with(path))
+        .collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,errors=remount-ro
+40 27 7:0 / /mnt rw,noatime shared:5 - ext4 /dev/loop0 rw,stripe=4
+41 40 7:1 / /mnt/data1 rw,relatime - xfs /dev/loop1 rw,attr2,inode64
+42 41 0:50 / /mnt/data1/with\\040space rw - tmpfs tmpfs rw
+43 27 7:0 /sub /srv/bind rw,noatime - ext4 /dev/loop0 rw,stripe=4
+";
+
+    #[test]
+    fn parses_fields_optional_tags_and_escapes() {
+        let m = parse(SAMPLE);
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[2].dev, DevNum { major: 7, minor: 0 });
+        assert_eq!(m[2].mount_point, PathBuf::from("/mnt"));
+        assert_eq!(m[2].fs_type, "ext4");
+        assert_eq!(m[2].source, "/dev/loop0");
+        assert_eq!(m[2].mount_options, "rw,noatime");
+        assert_eq!(m[4].mount_point, PathBuf::from("/mnt/data1/with space"));
+        assert_eq!(m[5].root, "/sub");
+    }
+
+    #[test]
+    fn finds_all_mounts_of_a_device_and_nested_mounts_deepest_first() {
+        let m = parse(SAMPLE);
+        let of = mounts_of(&m, DevNum { major: 7, minor: 0 });
+        let points: Vec<_> = of.iter().map(|m| m.mount_point.clone()).collect();
+        assert_eq!(points, [PathBuf::from("/mnt"), PathBuf::from("/srv/bind")]);
+        let nested = nested_below(&m, Path::new("/mnt"));
+        let points: Vec<_> = nested.iter().map(|m| m.mount_point.clone()).collect();
+        assert_eq!(
+            points,
+            [
+                PathBuf::from("/mnt/data1/with space"),
+                PathBuf::from("/mnt/data1")
+            ]
+        );
+        // /mntx is not below /mnt.
+        assert!(nested_below(
+            &parse("1 1 7:3 / /mntx rw - ext4 /dev/loop3 rw\n"),
+            Path::new("/mnt")
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn remount_options_merge_superblock_options_without_duplicates() {
+        let m = parse(SAMPLE);
+        assert_eq!(m[3].remount_options(), "rw,relatime,attr2,inode64");
+        assert_eq!(m[1].remount_options(), "rw,relatime,errors=remount-ro");
+    }
+
+    #[test]
+    fn reads_own_mountinfo() {
+        let m = read().unwrap();
+        assert!(m.iter().any(|m| m.mount_point == Path::new("/")));
+    }
+}

@@ -1,0 +1,343 @@
+//! Read-only probes of the system and of a device's first bytes: filesystem type,
+//! LVM labels, LUKS headers, swap, SELinux, memory. Nothing here writes.
+
+use crate::mountinfo::DevNum;
+use serde::Serialize;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// A filesystem or other content recognised by its magic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FsInfo {
+    /// `ext4`, `xfs`, `btrfs`, `vfat`, `swap`, `crypto_LUKS`, `LVM2_member`, ... or `unknown`.
+    pub fs_type: String,
+    /// Size of the filesystem in bytes when the superblock tells it.
+    pub fs_bytes: Option<u64>,
+    /// Free bytes according to the superblock (ext only).
+    pub free_bytes: Option<u64>,
+    pub block_size: Option<u32>,
+    /// Smallest I/O unit the filesystem writes (ext: its block size; xfs: its sector
+    /// size). The encryption sector must not be larger, or the kernel refuses to mount.
+    pub min_io: Option<u32>,
+    /// How it was recognised: `superblock` or `blkid`.
+    pub source: String,
+}
+
+impl FsInfo {
+    /// Whether resize2fs-style offline shrinking exists for it.
+    pub fn can_shrink(&self) -> bool {
+        matches!(self.fs_type.as_str(), "ext2" | "ext3" | "ext4")
+    }
+}
+
+/// Reads enough of the start of `dev` to recognise it; `blkid` is the fallback.
+pub fn detect_fs(dev: &Path) -> std::io::Result<FsInfo> {
+    let f = File::open(dev)?;
+    let mut head = vec![0u8; 70 * 1024];
+    let n = read_upto(&f, 0, &mut head)?;
+    head.truncate(n);
+    if let Some(info) = detect_fs_bytes(&head) {
+        return Ok(info);
+    }
+    let blkid = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(dev)
+        .output();
+    let fs_type = match blkid {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => String::new(),
+    };
+    Ok(FsInfo {
+        fs_type: if fs_type.is_empty() {
+            "unknown".into()
+        } else {
+            fs_type
+        },
+        fs_bytes: None,
+        free_bytes: None,
+        block_size: None,
+        min_io: None,
+        source: "blkid".into(),
+    })
+}
+
+fn read_upto(f: &File, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+fn le16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+fn be32(b: &[u8], o: usize) -> u32 {
+    u32::from_be_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+fn be64(b: &[u8], o: usize) -> u64 {
+    u64::from_be_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+}
+
+/// Recognises content from its first bytes (at least 68 KiB for btrfs).
+pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
+    let info = |t: &str, fs_bytes, free_bytes, block_size: Option<u32>| FsInfo {
+        fs_type: t.to_string(),
+        fs_bytes,
+        free_bytes,
+        block_size,
+        min_io: block_size,
+        source: "superblock".into(),
+    };
+    if head.len() >= 6 && (&head[..6] == b"LUKS\xba\xbe") {
+        return Some(info("crypto_LUKS", None, None, None));
+    }
+    if lvm_label(head) {
+        return Some(info("LVM2_member", None, None, None));
+    }
+    // ext2/3/4: superblock at 1024, magic 0xEF53 at +56.
+    if head.len() >= 2048 && le16(head, 1024 + 56) == 0xEF53 {
+        let sb = &head[1024..2048];
+        let log_bs = le32(sb, 24);
+        if log_bs <= 6 {
+            let bs = 1024u32 << log_bs;
+            let compat = le32(sb, 0x5C);
+            let incompat = le32(sb, 0x60);
+            let ro_compat = le32(sb, 0x64);
+            let is64 = incompat & 0x80 != 0;
+            let blocks = le32(sb, 4) as u64
+                | if is64 {
+                    (le32(sb, 0x150) as u64) << 32
+                } else {
+                    0
+                };
+            let free = le32(sb, 0x0C) as u64
+                | if is64 {
+                    (le32(sb, 0x158) as u64) << 32
+                } else {
+                    0
+                };
+            // ext4 when it uses any feature ext3 lacks (extents, 64bit, flex_bg, huge_file, ...).
+            let ext4 = incompat & !(0x2 | 0x4 | 0x10) != 0 || ro_compat & !0x7 != 0;
+            let t = if ext4 {
+                "ext4"
+            } else if compat & 0x4 != 0 {
+                "ext3"
+            } else {
+                "ext2"
+            };
+            return Some(info(
+                t,
+                Some(blocks * bs as u64),
+                Some(free * bs as u64),
+                Some(bs),
+            ));
+        }
+    }
+    if head.len() >= 16 && &head[..4] == b"XFSB" {
+        let bs = be32(head, 4);
+        let blocks = be64(head, 8);
+        let mut i = info("xfs", Some(blocks * bs as u64), None, Some(bs));
+        i.min_io = Some(u16::from_be_bytes([head[102], head[103]]) as u32);
+        return Some(i);
+    }
+    if head.len() >= 0x10048 && &head[0x10040..0x10048] == b"_BHRfS_M" {
+        return Some(info("btrfs", None, None, None));
+    }
+    for page in [4096usize, 8192, 16384, 65536] {
+        if head.len() >= page && &head[page - 10..page] == b"SWAPSPACE2" {
+            return Some(info("swap", None, None, None));
+        }
+    }
+    if head.len() >= 512 && head[510] == 0x55 && head[511] == 0xAA {
+        if &head[0x52..0x57] == b"FAT32" || &head[0x36..0x39] == b"FAT" {
+            return Some(info("vfat", None, None, None));
+        }
+        if &head[3..11] == b"NTFS    " {
+            return Some(info("ntfs", None, None, None));
+        }
+    }
+    None
+}
+
+/// LVM2 physical volume label: "LABELONE" in one of the first four 512-byte
+/// sectors (sector 1 by default) with type "LVM2 001" at +24.
+pub fn lvm_label(head: &[u8]) -> bool {
+    (0..4).any(|s| {
+        let o = s * 512;
+        head.len() >= o + 32
+            && &head[o..o + 8] == b"LABELONE"
+            && &head[o + 24..o + 32] == b"LVM2 001"
+    })
+}
+
+/// The device-mapper UUID of a dm device (`LVM-...` for logical volumes, `CRYPT-...`
+/// for dm-crypt), from sysfs.
+pub fn dm_uuid(dev: DevNum) -> Option<String> {
+    let p = format!("/sys/dev/block/{dev}/dm/uuid");
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// `/sys/dev/block/M:m/holders/*`: devices stacked on this one (dm, md).
+pub fn sysfs_holders(dev: DevNum) -> Vec<String> {
+    std::fs::read_dir(format!("/sys/dev/block/{dev}/holders"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Block device node for a device number (`/dev/NAME` from sysfs uevent).
+pub fn dev_node(dev: DevNum) -> Option<PathBuf> {
+    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{dev}/uevent")).ok()?;
+    let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
+    let p = PathBuf::from("/dev").join(name);
+    let md = std::fs::metadata(&p).ok()?;
+    (md.file_type().is_block_device() && DevNum::from_raw(md.rdev()) == dev).then_some(p)
+}
+
+/// Device number of a block device node, or None when `p` is not one.
+pub fn block_dev_num(p: &Path) -> Option<DevNum> {
+    let md = std::fs::metadata(p).ok()?;
+    md.file_type()
+        .is_block_device()
+        .then(|| DevNum::from_raw(md.rdev()))
+}
+
+/// Size in bytes of a block device (or file).
+pub fn device_size(p: &Path) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(p)?;
+    f.seek(SeekFrom::End(0))
+}
+
+/// One active swap area from /proc/swaps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SwapArea {
+    pub path: PathBuf,
+    /// `partition` or `file`.
+    pub kind: String,
+}
+
+pub fn parse_swaps(text: &str) -> Vec<SwapArea> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some(SwapArea {
+                path: PathBuf::from(crate::mountinfo::unescape(it.next()?)),
+                kind: it.next()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Swap areas that live on `dev`: the partition itself, or swap files on its filesystem.
+pub fn swaps_on(dev: DevNum, fs_devs: &[DevNum]) -> Vec<SwapArea> {
+    let text = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    parse_swaps(&text)
+        .into_iter()
+        .filter(|s| match std::fs::metadata(&s.path) {
+            Ok(md) if md.file_type().is_block_device() => DevNum::from_raw(md.rdev()) == dev,
+            Ok(md) => fs_devs.contains(&DevNum::from_raw(md.dev())),
+            Err(_) => false,
+        })
+        .collect()
+}
+
+/// SELinux mode: `enforcing`, `permissive` or `disabled`.
+pub fn selinux_mode() -> String {
+    match std::fs::read_to_string("/sys/fs/selinux/enforce") {
+        Ok(s) if s.trim() == "1" => "enforcing".into(),
+        Ok(_) => "permissive".into(),
+        Err(_) => "disabled".into(),
+    }
+}
+
+/// MemAvailable in bytes from /proc/meminfo.
+pub fn mem_available() -> Option<u64> {
+    parse_meminfo(
+        &std::fs::read_to_string("/proc/meminfo").ok()?,
+        "MemAvailable",
+    )
+}
+
+pub fn parse_meminfo(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        let kib: u64 = rest.split_whitespace().next()?.parse().ok()?;
+        Some(kib * 1024)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_ext4_xfs_luks_lvm_swap_from_synthetic_heads() {
+        let mut h = vec![0u8; 70 * 1024];
+        h[1024 + 56..1024 + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        h[1024 + 24..1024 + 28].copy_from_slice(&2u32.to_le_bytes()); // 4096
+        h[1024 + 4..1024 + 8].copy_from_slice(&1000u32.to_le_bytes());
+        h[1024 + 12..1024 + 16].copy_from_slice(&600u32.to_le_bytes());
+        h[1024 + 0x60..1024 + 0x64].copy_from_slice(&0x40u32.to_le_bytes()); // extents
+        let i = detect_fs_bytes(&h).unwrap();
+        assert_eq!(i.fs_type, "ext4");
+        assert_eq!(i.fs_bytes, Some(4096 * 1000));
+        assert_eq!(i.free_bytes, Some(4096 * 600));
+        assert!(i.can_shrink());
+        h[1024 + 0x60..1024 + 0x64].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(detect_fs_bytes(&h).unwrap().fs_type, "ext2");
+
+        let mut x = vec![0u8; 70 * 1024];
+        x[..4].copy_from_slice(b"XFSB");
+        x[4..8].copy_from_slice(&4096u32.to_be_bytes());
+        x[8..16].copy_from_slice(&10u64.to_be_bytes());
+        let i = detect_fs_bytes(&x).unwrap();
+        assert_eq!((i.fs_type.as_str(), i.fs_bytes), ("xfs", Some(40960)));
+        assert_eq!(i.min_io, Some(0), "sectsize field read from offset 102");
+        assert!(!i.can_shrink());
+
+        let mut l = vec![0u8; 4096];
+        l[..6].copy_from_slice(b"LUKS\xba\xbe");
+        assert_eq!(detect_fs_bytes(&l).unwrap().fs_type, "crypto_LUKS");
+
+        let mut p = vec![0u8; 4096];
+        p[512..520].copy_from_slice(b"LABELONE");
+        p[536..544].copy_from_slice(b"LVM2 001");
+        assert_eq!(detect_fs_bytes(&p).unwrap().fs_type, "LVM2_member");
+
+        let mut s = vec![0u8; 8192];
+        s[4086..4096].copy_from_slice(b"SWAPSPACE2");
+        assert_eq!(detect_fs_bytes(&s).unwrap().fs_type, "swap");
+        assert!(detect_fs_bytes(&vec![0u8; 8192]).is_none());
+    }
+
+    #[test]
+    fn swaps_and_meminfo_parse() {
+        let s = "Filename\tType\tSize\tUsed\tPriority\n/dev/sdb2 partition 100 0 -2\n/swap\\040file file 10 0 -3\n";
+        let v = parse_swaps(s);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].path, PathBuf::from("/swap file"));
+        assert_eq!(
+            parse_meminfo("MemTotal: 10 kB\nMemAvailable:   2048 kB\n", "MemAvailable"),
+            Some(2048 * 1024)
+        );
+        assert!(mem_available().is_some());
+        assert!(["enforcing", "permissive", "disabled"].contains(&selinux_mode().as_str()));
+    }
+}

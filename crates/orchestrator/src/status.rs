@@ -1,0 +1,508 @@
+//! The status file: one JSON document, replaced atomically (temp file, fsync, rename,
+//! fsync of the directory) on every change and every few seconds during work.
+//! Values and messages follow the cloud disk-encryption agent's vocabulary so that
+//! existing tooling can read them. It also remembers the volumes luksify manages,
+//! which is how `resume` finds interrupted work after a reboot. Never holds a secret.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const STATUS_FILE: &str = "status.json";
+/// How often progress is written while a volume is being walked.
+pub const PERIODIC_WRITE: Duration = Duration::from_secs(2);
+
+/// Per-volume and aggregate state, spelled as the agent spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum VolumeState {
+    #[default]
+    NotEncrypted,
+    NotMounted,
+    EncryptionInProgress,
+    DecryptionInProgress,
+    VMRestartPending,
+    Encrypted,
+}
+
+impl std::fmt::Display for VolumeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            VolumeState::NotEncrypted => "NotEncrypted",
+            VolumeState::NotMounted => "NotMounted",
+            VolumeState::EncryptionInProgress => "EncryptionInProgress",
+            VolumeState::DecryptionInProgress => "DecryptionInProgress",
+            VolumeState::VMRestartPending => "VMRestartPending",
+            VolumeState::Encrypted => "Encrypted",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One data volume luksify manages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct VolumeStatus {
+    /// The underlying block device (`/dev/sdc`).
+    pub device: PathBuf,
+    /// Mapping name (`/dev/mapper/NAME` or the userspace path's loop device).
+    pub mapper: String,
+    /// Path that the decrypted view is available at once open.
+    #[serde(default)]
+    pub mapped_device: Option<PathBuf>,
+    pub mount_point: Option<PathBuf>,
+    #[serde(default)]
+    pub mount_options: Option<String>,
+    #[serde(default)]
+    pub fs_type: Option<String>,
+    /// Detached header file, when the header is not on the device.
+    #[serde(default)]
+    pub header: Option<PathBuf>,
+    /// Key file path (the path only, never its content), needed by `resume` at boot.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    pub state: VolumeState,
+    pub percent: f64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Bytes per second over the current run.
+    pub rate_bytes_per_s: Option<f64>,
+    pub eta_seconds: Option<u64>,
+    /// True when the current run continues one interrupted by a crash or reboot.
+    #[serde(default)]
+    pub resumed: bool,
+    /// Last error, one line.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Filesystems mounted below `mount_point` that `enable` took off to unmount the
+    /// volume and mounts again (outermost first) once the volume is back.
+    #[serde(default)]
+    pub nested_mounts: Vec<NestedMount>,
+}
+
+/// A mount nested below a volume's mount point, as needed to mount it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NestedMount {
+    pub source: PathBuf,
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub options: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Operation {
+    #[default]
+    None,
+    EnableEncryption,
+    DisableEncryption,
+    Resume,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Status {
+    pub version: u32,
+    pub updated_unix: u64,
+    pub operation: Operation,
+    /// Pid of the luksify process doing the work, when one is.
+    pub pid: Option<u32>,
+    pub os_volume_encrypted: VolumeState,
+    pub data_volumes_encrypted: VolumeState,
+    pub progress_message: String,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+impl Status {
+    pub fn volume_mut(&mut self, device: &Path) -> Option<&mut VolumeStatus> {
+        self.volumes.iter_mut().find(|v| v.device == device)
+    }
+
+    /// Inserts or replaces the entry for `v.device`.
+    pub fn upsert(&mut self, v: VolumeStatus) {
+        match self.volume_mut(&v.device.clone()) {
+            Some(slot) => *slot = v,
+            None => self.volumes.push(v),
+        }
+    }
+
+    /// Recomputes the aggregate data state and the message from the volumes.
+    /// `active` is the index (0-based) of the volume being worked on, if any.
+    pub fn refresh(&mut self, active: Option<usize>) {
+        self.data_volumes_encrypted = aggregate(&self.volumes);
+        self.progress_message = message(self.operation, &self.volumes, active);
+        if self.os_volume_encrypted == VolumeState::VMRestartPending {
+            self.progress_message = "OS disk successfully encrypted, please reboot the VM".into();
+        }
+    }
+
+    /// The three lines `luksify status` prints.
+    pub fn render_text(&self) -> String {
+        format!(
+            "OsVolumeEncrypted : {}\nDataVolumesEncrypted : {}\nProgressMessage : {}\n",
+            self.os_volume_encrypted, self.data_volumes_encrypted, self.progress_message
+        )
+    }
+}
+
+/// What is true now rather than what luksify last did: an `Encrypted` volume whose
+/// mapping `/dev/mapper/NAME` is gone (after `luksify close`, or at boot before crypttab
+/// mapped it) or is not mounted at its recorded mount point reads `NotMounted`, and one
+/// that is mapped and mounted again reads `Encrypted`, as the cloud agent reports them.
+/// The aggregate follows; the message is left as written by the worker.
+pub fn apply_live_mount_state(s: &mut Status, mounts: &[crate::mountinfo::Mount]) {
+    for v in &mut s.volumes {
+        if !matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted) {
+            continue;
+        }
+        let mapper = Path::new("/dev/mapper").join(&v.mapper);
+        let live = crate::probe::block_dev_num(&mapper).is_some_and(|d| match &v.mount_point {
+            Some(mp) => mounts.iter().any(|m| m.dev == d && m.mount_point == *mp),
+            None => true,
+        });
+        v.state = if live {
+            VolumeState::Encrypted
+        } else {
+            VolumeState::NotMounted
+        };
+    }
+    s.data_volumes_encrypted = aggregate(&s.volumes);
+}
+
+/// In progress wins; then encrypted-but-unmounted; all encrypted is Encrypted.
+pub fn aggregate(vols: &[VolumeStatus]) -> VolumeState {
+    use VolumeState::*;
+    if vols.iter().any(|v| v.state == EncryptionInProgress) {
+        return EncryptionInProgress;
+    }
+    if vols.iter().any(|v| v.state == DecryptionInProgress) {
+        return DecryptionInProgress;
+    }
+    let enc: Vec<_> = vols
+        .iter()
+        .filter(|v| matches!(v.state, Encrypted | NotMounted))
+        .collect();
+    if enc.is_empty() {
+        return NotEncrypted;
+    }
+    if enc.iter().any(|v| v.state == NotMounted) {
+        return NotMounted;
+    }
+    if enc.len() == vols.len() {
+        Encrypted
+    } else {
+        NotEncrypted
+    }
+}
+
+/// The agent's progress messages.
+pub fn message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> String {
+    let n = vols.len();
+    let pct = |v: &VolumeStatus| v.percent.floor() as u64;
+    if let Some(i) = active {
+        if let Some(v) = vols.get(i) {
+            return match v.state {
+                VolumeState::DecryptionInProgress => {
+                    format!("Decrypting data volume {}/{n}: {}%", i + 1, pct(v))
+                }
+                _ if v.resumed => format!("Resuming encryption after reboot: {}%", pct(v)),
+                _ => format!("Encrypting data volume {}/{n}: {}%", i + 1, pct(v)),
+            };
+        }
+    }
+    match op {
+        Operation::DisableEncryption => {
+            if vols.iter().all(|v| v.state == VolumeState::NotEncrypted) {
+                "Decryption succeeded".into()
+            } else {
+                "Decryption started".into()
+            }
+        }
+        Operation::EnableEncryption | Operation::Resume => {
+            if n > 0
+                && vols
+                    .iter()
+                    .all(|v| matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted))
+            {
+                "Encryption succeeded for data volumes".into()
+            } else if vols.iter().any(|v| v.error.is_some()) {
+                let e = vols
+                    .iter()
+                    .find_map(|v| v.error.clone())
+                    .unwrap_or_default();
+                format!("Encryption failed: {e}")
+            } else {
+                format!("Encrypting {n} data volumes")
+            }
+        }
+        Operation::None => {
+            if n > 0 && vols.iter().all(|v| v.state == VolumeState::Encrypted) {
+                "Encryption succeeded for data volumes".into()
+            } else {
+                String::new()
+            }
+        }
+    }
+}
+
+/// Where the status file and the lock live: `--state-dir`, else $LUKSIFY_STATE_DIR,
+/// else /var/lib/luksify.
+pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("LUKSIFY_STATE_DIR") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from("/var/lib/luksify"),
+    }
+}
+
+/// Reads the status file; a missing file is the empty status.
+pub fn load(dir: &Path) -> std::io::Result<Status> {
+    match std::fs::read(dir.join(STATUS_FILE)) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not a luksify status file ({e})",
+                    dir.join(STATUS_FILE).display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Status {
+            version: 1,
+            ..Status::default()
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces `path` with `bytes` atomically: a reader sees the old or the new file, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+pub fn save(dir: &Path, s: &Status) -> std::io::Result<()> {
+    let mut s = s.clone();
+    s.version = 1;
+    s.updated_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut bytes = serde_json::to_vec_pretty(&s).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    write_atomic(&dir.join(STATUS_FILE), &bytes)
+}
+
+/// Holds the status in memory and writes it on every state change and at most
+/// every [`PERIODIC_WRITE`] for progress-only changes.
+#[derive(Debug)]
+pub struct StatusWriter {
+    dir: PathBuf,
+    pub status: Status,
+    last_write: Option<Instant>,
+    pub active: Option<usize>,
+}
+
+impl StatusWriter {
+    pub fn open(dir: &Path) -> std::io::Result<StatusWriter> {
+        Ok(StatusWriter {
+            dir: dir.to_path_buf(),
+            status: load(dir)?,
+            last_write: None,
+            active: None,
+        })
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// Writes now (a state change).
+    pub fn commit(&mut self) -> std::io::Result<()> {
+        self.status.refresh(self.active);
+        save(&self.dir, &self.status)?;
+        self.last_write = Some(Instant::now());
+        Ok(())
+    }
+    /// Writes if the last write is older than [`PERIODIC_WRITE`] (a progress tick).
+    pub fn tick(&mut self) -> std::io::Result<()> {
+        if self
+            .last_write
+            .is_none_or(|t| t.elapsed() >= PERIODIC_WRITE)
+        {
+            self.commit()
+        } else {
+            self.status.refresh(self.active);
+            Ok(())
+        }
+    }
+}
+
+/// Progress arithmetic for one run: percent, rate and ETA.
+#[derive(Debug, Clone)]
+pub struct Rate {
+    started: Instant,
+    start_bytes: u64,
+}
+
+impl Rate {
+    pub fn start(bytes_done: u64) -> Rate {
+        Rate {
+            started: Instant::now(),
+            start_bytes: bytes_done,
+        }
+    }
+    /// Fills percent, rate and ETA of `v` from `done` of `total` bytes.
+    pub fn apply(&self, v: &mut VolumeStatus, done: u64, total: u64) {
+        v.bytes_done = done;
+        v.bytes_total = total;
+        v.percent = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let secs = self.started.elapsed().as_secs_f64();
+        let moved = done.saturating_sub(self.start_bytes);
+        if secs > 0.5 && moved > 0 {
+            let rate = moved as f64 / secs;
+            v.rate_bytes_per_s = Some(rate);
+            v.eta_seconds = Some((total.saturating_sub(done) as f64 / rate).ceil() as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(state: VolumeState, pct: f64) -> VolumeStatus {
+        VolumeStatus {
+            device: PathBuf::from("/dev/x"),
+            state,
+            percent: pct,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn messages_follow_the_agent() {
+        let v = vec![
+            vol(VolumeState::EncryptionInProgress, 37.6),
+            vol(VolumeState::NotEncrypted, 0.0),
+        ];
+        assert_eq!(
+            message(Operation::EnableEncryption, &v, Some(0)),
+            "Encrypting data volume 1/2: 37%"
+        );
+        let mut r = v.clone();
+        r[0].resumed = true;
+        assert_eq!(
+            message(Operation::Resume, &r, Some(0)),
+            "Resuming encryption after reboot: 37%"
+        );
+        let done = vec![
+            vol(VolumeState::Encrypted, 100.0),
+            vol(VolumeState::Encrypted, 100.0),
+        ];
+        assert_eq!(
+            message(Operation::EnableEncryption, &done, None),
+            "Encryption succeeded for data volumes"
+        );
+        let d = vec![vol(VolumeState::DecryptionInProgress, 50.0)];
+        assert_eq!(
+            message(Operation::DisableEncryption, &d, Some(0)),
+            "Decrypting data volume 1/1: 50%"
+        );
+        let dd = vec![vol(VolumeState::NotEncrypted, 0.0)];
+        assert_eq!(
+            message(Operation::DisableEncryption, &dd, None),
+            "Decryption succeeded"
+        );
+    }
+
+    #[test]
+    fn aggregate_prefers_in_progress_then_not_mounted() {
+        use VolumeState::*;
+        assert_eq!(aggregate(&[]), NotEncrypted);
+        assert_eq!(
+            aggregate(&[vol(Encrypted, 100.0), vol(EncryptionInProgress, 3.0)]),
+            EncryptionInProgress
+        );
+        assert_eq!(
+            aggregate(&[vol(Encrypted, 100.0), vol(NotMounted, 100.0)]),
+            NotMounted
+        );
+        assert_eq!(aggregate(&[vol(Encrypted, 100.0)]), Encrypted);
+        assert_eq!(
+            aggregate(&[vol(Encrypted, 100.0), vol(NotEncrypted, 0.0)]),
+            NotEncrypted
+        );
+        assert_eq!(
+            aggregate(&[vol(DecryptionInProgress, 1.0)]),
+            DecryptionInProgress
+        );
+    }
+
+    #[test]
+    fn restart_pending_forces_the_message() {
+        let mut s = Status {
+            os_volume_encrypted: VolumeState::VMRestartPending,
+            ..Default::default()
+        };
+        s.refresh(None);
+        assert_eq!(
+            s.progress_message,
+            "OS disk successfully encrypted, please reboot the VM"
+        );
+    }
+
+    #[test]
+    fn save_load_roundtrip_is_atomic_and_renders_three_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap().volumes.len(), 0);
+        let mut w = StatusWriter::open(dir.path()).unwrap();
+        w.status.operation = Operation::EnableEncryption;
+        w.status
+            .upsert(vol(VolumeState::EncryptionInProgress, 12.0));
+        w.active = Some(0);
+        w.commit().unwrap();
+        let back = load(dir.path()).unwrap();
+        assert_eq!(
+            back.data_volumes_encrypted,
+            VolumeState::EncryptionInProgress
+        );
+        assert_eq!(
+            back.render_text(),
+            "OsVolumeEncrypted : NotEncrypted\nDataVolumesEncrypted : EncryptionInProgress\n\
+             ProgressMessage : Encrypting data volume 1/1: 12%\n"
+        );
+        // No temp file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(STATUS_FILE)]);
+        std::fs::write(dir.path().join(STATUS_FILE), b"{garbage").unwrap();
+        assert!(load(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("not a luksify status file"));
+    }
+
+    #[test]
+    fn rate_fills_percent() {
+        let r = Rate::start(0);
+        let mut v = VolumeStatus::default();
+        r.apply(&mut v, 25, 100);
+        assert_eq!((v.percent, v.bytes_done, v.bytes_total), (25.0, 25, 100));
+    }
+}

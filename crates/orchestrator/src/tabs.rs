@@ -1,0 +1,264 @@
+//! /etc/fstab and /etc/crypttab editing. Each file is backed up once per run
+//! (`FILE.luksify-bak`), then replaced atomically. The fstab line that luksify
+//! replaces is kept as a comment after a marker so that `disable` restores it exactly.
+
+use crate::status::write_atomic;
+use std::path::{Path, PathBuf};
+
+const MARK: &str = "# luksify: was: ";
+
+/// Where the tables live: $LUKSIFY_ETC_DIR (tests) or /etc.
+pub fn etc_dir() -> PathBuf {
+    match std::env::var_os("LUKSIFY_ETC_DIR") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from("/etc"),
+    }
+}
+
+/// fstab escapes spaces in fields as \040, like mountinfo.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+}
+
+/// Fields of a non-comment line.
+fn fields(line: &str) -> Option<Vec<&str>> {
+    let t = line.trim_start();
+    if t.is_empty() || t.starts_with('#') {
+        return None;
+    }
+    Some(t.split_whitespace().collect())
+}
+
+/// Points the fstab entry for `mount_point` at `mapped` (adding `nofail`), keeping the
+/// original as a marked comment; appends an entry when there was none.
+pub fn fstab_encrypt(
+    text: &str,
+    mount_point: &Path,
+    mapped: &Path,
+    fs_type: &str,
+    options: &str,
+) -> String {
+    let mp = escape(&mount_point.to_string_lossy());
+    let mut opts: Vec<&str> = options.split(',').filter(|o| !o.is_empty()).collect();
+    if !opts.contains(&"nofail") {
+        opts.push("nofail");
+    }
+    let new_line = format!(
+        "{} {mp} {fs_type} {} 0 2",
+        escape(&mapped.to_string_lossy()),
+        opts.join(",")
+    );
+    let mut out = Vec::new();
+    let mut replaced = false;
+    for line in text.lines() {
+        if let Some(f) = fields(line) {
+            if f.len() >= 2 && f[1] == mp {
+                if !replaced {
+                    out.push(format!("{MARK}{line}"));
+                    out.push(new_line.clone());
+                    replaced = true;
+                }
+                continue;
+            }
+        }
+        out.push(line.to_string());
+    }
+    if !replaced {
+        out.push(format!("{MARK}(none) {mp}"));
+        out.push(new_line);
+    }
+    join(out)
+}
+
+/// Undoes [`fstab_encrypt`] for `mount_point`: the marked original comes back;
+/// with no original, the added entry is removed.
+pub fn fstab_restore(text: &str, mount_point: &Path) -> String {
+    let mp = escape(&mount_point.to_string_lossy());
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if let Some(orig) = line.strip_prefix(MARK) {
+            let next_is_ours = lines
+                .get(i + 1)
+                .and_then(|l| fields(l))
+                .is_some_and(|f| f.len() >= 2 && f[1] == mp);
+            let orig_mp = match orig.strip_prefix("(none) ") {
+                Some(p) => p.to_string(),
+                None => fields(orig)
+                    .and_then(|f| f.get(1).map(|s| s.to_string()))
+                    .unwrap_or_default(),
+            };
+            if next_is_ours && orig_mp == mp {
+                if !orig.starts_with("(none) ") {
+                    out.push(orig.to_string());
+                }
+                i += 2;
+                continue;
+            }
+        }
+        out.push(line.to_string());
+        i += 1;
+    }
+    join(out)
+}
+
+/// One crypttab entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrypttabEntry {
+    pub name: String,
+    /// `UUID=...` of the LUKS header, or the device path for a detached header.
+    pub device: String,
+    pub key_file: PathBuf,
+    pub header: Option<PathBuf>,
+}
+
+impl CrypttabEntry {
+    pub fn line(&self) -> String {
+        let mut opts = vec!["luks".to_string(), "nofail".to_string()];
+        if let Some(h) = &self.header {
+            opts.push(format!("header={}", h.display()));
+        }
+        format!(
+            "{} {} {} {}",
+            self.name,
+            self.device,
+            escape(&self.key_file.to_string_lossy()),
+            opts.join(",")
+        )
+    }
+}
+
+/// Adds (or replaces) the entry named `e.name`.
+pub fn crypttab_add(text: &str, e: &CrypttabEntry) -> String {
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| fields(l).is_none_or(|f| f.first() != Some(&e.name.as_str())))
+        .map(str::to_string)
+        .collect();
+    out.push(e.line());
+    join(out)
+}
+
+/// Removes the entry named `name`.
+pub fn crypttab_remove(text: &str, name: &str) -> String {
+    join(
+        text.lines()
+            .filter(|l| fields(l).is_none_or(|f| f.first() != Some(&name)))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+fn join(lines: Vec<String>) -> String {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    s
+}
+
+/// Applies `edit` to the file at `path` (missing = empty), backing it up first to
+/// `path.luksify-bak` (kept from the first edit, so the pristine copy survives).
+pub fn edit_file(path: &Path, edit: impl FnOnce(&str) -> String) -> std::io::Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    let backup = PathBuf::from(format!("{}.luksify-bak", path.display()));
+    if !backup.exists() && path.exists() {
+        std::fs::copy(path, &backup)?;
+    }
+    let new = edit(&text);
+    if new != text {
+        write_atomic(path, new.as_bytes())?;
+        // Keep the permissions fstab/crypttab had (crypttab is often 0600).
+        if let Ok(md) = std::fs::metadata(&backup) {
+            let _ = std::fs::set_permissions(path, md.permissions());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FSTAB: &str = "# /etc/fstab\nUUID=abc / ext4 errors=remount-ro 0 1\n/dev/sdc1 /data ext4 defaults,noatime 0 2\n";
+
+    #[test]
+    fn fstab_encrypt_then_restore_is_identity() {
+        let enc = fstab_encrypt(
+            FSTAB,
+            Path::new("/data"),
+            Path::new("/dev/mapper/data"),
+            "ext4",
+            "rw,noatime",
+        );
+        assert!(enc.contains("# luksify: was: /dev/sdc1 /data ext4 defaults,noatime 0 2\n"));
+        assert!(enc.contains("/dev/mapper/data /data ext4 rw,noatime,nofail 0 2\n"));
+        assert!(!enc.lines().any(|l| l.starts_with("/dev/sdc1")));
+        assert!(enc.contains("UUID=abc / ext4"));
+        assert_eq!(fstab_restore(&enc, Path::new("/data")), FSTAB);
+        // Restoring another mount point changes nothing.
+        assert_eq!(fstab_restore(&enc, Path::new("/other")), enc);
+    }
+
+    #[test]
+    fn fstab_appends_when_absent_and_escapes_spaces() {
+        let enc = fstab_encrypt(
+            FSTAB,
+            Path::new("/my data"),
+            Path::new("/dev/mapper/d"),
+            "xfs",
+            "rw,nofail",
+        );
+        assert!(
+            enc.ends_with("/dev/mapper/d /my\\040data xfs rw,nofail 0 2\n"),
+            "{enc}"
+        );
+        assert_eq!(fstab_restore(&enc, Path::new("/my data")), FSTAB);
+    }
+
+    #[test]
+    fn crypttab_add_replace_remove() {
+        let e = CrypttabEntry {
+            name: "data".into(),
+            device: "UUID=1234".into(),
+            key_file: "/root/k.bin".into(),
+            header: None,
+        };
+        let t = crypttab_add("# c\n", &e);
+        assert_eq!(t, "# c\ndata UUID=1234 /root/k.bin luks,nofail\n");
+        let e2 = CrypttabEntry {
+            header: Some("/hdr/data.luks".into()),
+            device: "/dev/sdc".into(),
+            ..e
+        };
+        let t2 = crypttab_add(&t, &e2);
+        assert_eq!(
+            t2,
+            "# c\ndata /dev/sdc /root/k.bin luks,nofail,header=/hdr/data.luks\n"
+        );
+        assert_eq!(crypttab_remove(&t2, "data"), "# c\n");
+    }
+
+    #[test]
+    fn edit_file_backs_up_once() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fstab");
+        std::fs::write(&p, FSTAB).unwrap();
+        edit_file(&p, |t| format!("{t}x\n")).unwrap();
+        edit_file(&p, |t| format!("{t}y\n")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("fstab.luksify-bak")).unwrap(),
+            FSTAB
+        );
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("{FSTAB}x\ny\n")
+        );
+    }
+}
