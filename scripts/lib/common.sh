@@ -2,8 +2,11 @@
 # Everything a fresh Debian machine lacks is installed here, idempotently.
 
 LUKSIFY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-# Downloads (Debian packages for the guest, pip wheels) are cached here and reused by every run.
-LUKSIFY_CACHE="${LUKSIFY_CACHE:-$LUKSIFY_ROOT/.cache}"
+# Downloads (Debian packages for the guest, pip wheels) are cached here and reused by every run,
+# outside the checkout so that a fresh clone (CI) reuses them too. Non-root users get a per-user folder.
+if [ -z "${LUKSIFY_CACHE:-}" ]; then
+  if [ "$(id -u)" -eq 0 ]; then LUKSIFY_CACHE=/var/cache/luksify; else LUKSIFY_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/luksify"; fi
+fi
 export LUKSIFY_ROOT LUKSIFY_CACHE
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -53,6 +56,7 @@ ensure_test_deps() {
   # cryptsetup is the compatibility oracle; mkfs.* make real filesystems; openssl is a speed anchor.
   apt_install cryptsetup-bin e2fsprogs xfsprogs util-linux openssl qemu-utils python3 \
     busybox-static psmisc lsof
+  apt_install systemd  # systemd-analyze verify checks dist/luksify-resume.service; nothing is started
   pip_install cryptography cryptography
   cargo_tool cargo-nextest cargo-nextest
 }

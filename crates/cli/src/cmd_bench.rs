@@ -1,18 +1,369 @@
+//! `luksify bench ...`: throughput measured against the reference tools, in the same run.
+
+use anyhow::Context;
 use clap::Subcommand;
-use std::process::ExitCode;
+use luksify_cipher::SectorCipher;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
     /// AES-XTS throughput against `openssl speed -evp aes-256-xts`
+    ///
+    /// Encrypts a buffer that fits in cache with aes-xts-plain64 and a random 512-bit key, at
+    /// 512- and 4096-byte sectors, on 1 thread and on all CPUs, and runs `openssl speed` with
+    /// the same sizes (`-multi N` for all CPUs) right after each measurement.
     Cipher {
-        /// One JSON object per row
+        /// One JSON object per row instead of a table
         #[arg(long)]
         json: bool,
+        /// Seconds spent on each figure, ours and openssl's alike
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=60))]
+        seconds: u32,
+        /// Buffer encrypted over and over, in MiB (small enough to stay in cache)
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        buffer_mib: u32,
+        /// Do not run `openssl speed` (ratios are then left out)
+        #[arg(long)]
+        no_openssl: bool,
+        /// Divide 1-thread figures by wall-clock time (and pass `-elapsed` to openssl) instead
+        /// of CPU time. CPU time is openssl speed's default and is steadier on a busy machine;
+        /// all-thread rows are always wall-clock, as `openssl speed -multi` measures them.
+        #[arg(long)]
+        elapsed: bool,
     },
+    /// Read-only probe of a disk's throughput and IOPS, and its projected encryption time per mode
+    ///
+    /// Opens DEVICE read-only with O_DIRECT (nothing is written), measures sequential and
+    /// random reads for a few seconds and the cipher in-process, then projects how long
+    /// `luksify encrypt` would take on the whole device in each resilience mode.
+    Device(crate::bench_device::DeviceArgs),
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        BenchCmd::Cipher { json: _ } => anyhow::bail!("bench cipher: not built yet"),
+        BenchCmd::Cipher {
+            json,
+            seconds,
+            buffer_mib,
+            no_openssl,
+            elapsed,
+        } => bench_cipher(
+            json,
+            seconds,
+            buffer_mib as usize * 1024 * 1024,
+            no_openssl,
+            timing(elapsed),
+        ),
+        BenchCmd::Device(args) => crate::bench_device::run(&args),
+    }
+}
+
+const SPEC: &str = "aes-xts-plain64";
+
+/// What a figure is divided by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Timing {
+    /// CPU time of the working thread (openssl speed's default divisor for one process).
+    Cpu,
+    /// Wall-clock time.
+    Elapsed,
+}
+
+fn timing(elapsed: bool) -> Timing {
+    if elapsed {
+        Timing::Elapsed
+    } else {
+        Timing::Cpu
+    }
+}
+const SECTOR_SIZES: [usize; 2] = [512, 4096];
+
+/// One row of the cipher benchmark.
+#[derive(Debug, serde::Serialize)]
+struct CipherRow {
+    cipher: &'static str,
+    key_bits: usize,
+    sector_size: usize,
+    threads: usize,
+    buffer_bytes: usize,
+    seconds: u32,
+    timing: Timing,
+    bytes_per_sec: f64,
+    openssl_bytes_per_sec: Option<f64>,
+    ratio: Option<f64>,
+    /// 1-minute load average when the row finished: other work skews wall-clock rows.
+    load1: Option<f64>,
+}
+
+/// The 1-minute load average (None where /proc/loadavg is unreadable).
+fn load1() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn bench_cipher(
+    json: bool,
+    seconds: u32,
+    buffer_bytes: usize,
+    no_openssl: bool,
+    timing: Timing,
+) -> anyhow::Result<ExitCode> {
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut thread_counts = vec![1];
+    if nproc > 1 {
+        thread_counts.push(nproc);
+    }
+    let mut key = Zeroizing::new([0u8; 64]);
+    getrandom::fill(&mut key[..])
+        .map_err(|e| anyhow::anyhow!("cannot read random bytes for the benchmark key: {e}"))?;
+    let duration = Duration::from_secs(u64::from(seconds));
+    let openssl_ok = !no_openssl && openssl_available();
+    if !no_openssl && !openssl_ok {
+        eprintln!("luksify: `openssl` not found on PATH: showing luksify's figures without ratios; install openssl (apt-get install openssl) to compare");
+    }
+
+    if let Some(load) = load1().filter(|&l| l > 0.5 * nproc as f64) {
+        eprintln!(
+            "luksify: the machine is busy (load average {load:.1} on {nproc} CPUs): wall-clock rows (all threads) are skewed; rerun when idle"
+        );
+    }
+    if !json {
+        println!(
+            "AES-256-XTS ({SPEC}, 512-bit key), {} MiB buffer, {seconds} s per figure, 1 MB = 10^6 bytes",
+            buffer_bytes / (1024 * 1024),
+        );
+        println!(
+            "1-thread rows: per {} second; all-thread rows: per wall-clock second (as openssl speed -multi)",
+            match timing {
+                Timing::Cpu => "CPU",
+                Timing::Elapsed => "wall-clock",
+            }
+        );
+        println!(
+            "{:>7} {:>8} {:>14} {:>14} {:>7}",
+            "sector", "threads", "luksify MB/s", "openssl MB/s", "ratio"
+        );
+    }
+    for &sector_size in &SECTOR_SIZES {
+        let cipher = SectorCipher::new(SPEC, &key[..], sector_size)?;
+        let mut buf = vec![0u8; buffer_bytes / sector_size * sector_size];
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31);
+        }
+        for &threads in &thread_counts {
+            // openssl speed -multi divides each child's count by wall-clock time whatever
+            // -elapsed says (its children report the full -seconds even on a busy machine),
+            // so all-thread rows use wall-clock time on both sides.
+            let timing = if threads == 1 {
+                timing
+            } else {
+                Timing::Elapsed
+            };
+            let ours = measure_ours(&cipher, &mut buf, threads, duration, timing)?;
+            let openssl = if openssl_ok {
+                Some(measure_openssl(sector_size, threads, seconds, timing)?)
+            } else {
+                None
+            };
+            let row = CipherRow {
+                cipher: SPEC,
+                key_bits: cipher.key_bits(),
+                sector_size,
+                threads,
+                buffer_bytes: buf.len(),
+                seconds,
+                timing,
+                bytes_per_sec: ours,
+                openssl_bytes_per_sec: openssl,
+                ratio: openssl.map(|o| ours / o),
+                load1: load1(),
+            };
+            if json {
+                println!("{}", serde_json::to_string(&row)?);
+            } else {
+                let mb = |v: f64| format!("{:.1}", v / 1e6);
+                println!(
+                    "{:>7} {:>8} {:>14} {:>14} {:>7}",
+                    row.sector_size,
+                    row.threads,
+                    mb(row.bytes_per_sec),
+                    row.openssl_bytes_per_sec.map_or("-".into(), mb),
+                    row.ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// CPU time consumed so far by the calling thread (`thread`) or the whole process.
+fn cpu_time(thread: bool) -> Duration {
+    let clock = if thread {
+        libc::CLOCK_THREAD_CPUTIME_ID
+    } else {
+        libc::CLOCK_PROCESS_CPUTIME_ID
+    };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; these clocks exist on every Linux.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(
+        rc, 0,
+        "clock_gettime on a CPU-time clock cannot fail on Linux"
+    );
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Bytes per second encrypting `buf` in place again and again for `duration` (wall).
+/// One thread uses the serial API on this thread; more use a rayon pool of exactly that
+/// size. With [`Timing::Cpu`] the divisor is the CPU time spent, divided by the number of
+/// threads.
+fn measure_ours(
+    cipher: &SectorCipher,
+    buf: &mut [u8],
+    threads: usize,
+    duration: Duration,
+    timing: Timing,
+) -> anyhow::Result<f64> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("luksify-bench-{i}"))
+        .build()
+        .context("cannot start the benchmark thread pool")?;
+    let pass = |buf: &mut [u8], iv: u64| -> anyhow::Result<()> {
+        if threads == 1 {
+            cipher.encrypt_serial(buf, iv)?;
+        } else {
+            pool.install(|| cipher.encrypt(buf, iv))?;
+        }
+        Ok(())
+    };
+    // Warm up caches, the pool and the CPU's vector units before timing.
+    pass(buf, 0)?;
+    let serial = threads == 1;
+    let start = Instant::now();
+    let cpu_start = cpu_time(serial);
+    let mut bytes = 0u64;
+    let mut iv = 0u64;
+    while start.elapsed() < duration {
+        pass(buf, iv)?;
+        bytes += buf.len() as u64;
+        iv = iv.wrapping_add((buf.len() / 512) as u64);
+    }
+    let secs = match timing {
+        Timing::Elapsed => start.elapsed().as_secs_f64(),
+        Timing::Cpu => (cpu_time(serial) - cpu_start).as_secs_f64() / threads as f64,
+    };
+    Ok(bytes as f64 / secs)
+}
+
+fn openssl_available() -> bool {
+    Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs `openssl speed -seconds S -bytes N [-multi T] -evp aes-256-xts` and returns its
+/// figure in bytes per second (openssl prints thousands of bytes per second).
+fn measure_openssl(
+    bytes: usize,
+    threads: usize,
+    seconds: u32,
+    timing: Timing,
+) -> anyhow::Result<f64> {
+    let mut cmd = Command::new("openssl");
+    cmd.arg("speed");
+    if timing == Timing::Elapsed {
+        cmd.arg("-elapsed");
+    }
+    cmd.args(["-seconds", &seconds.to_string()])
+        .args(["-bytes", &bytes.to_string()]);
+    if threads > 1 {
+        cmd.args(["-multi", &threads.to_string()]);
+    }
+    cmd.args(["-evp", "aes-256-xts"]);
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}; check that this openssl supports aes-256-xts, or pass --no-openssl",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    parse_openssl_speed(&stdout).with_context(|| {
+        format!("cannot find the aes-256-xts figure in the output of {cmd:?}; pass --no-openssl to skip it")
+    })
+}
+
+/// Finds the last `AES-256-XTS … 1234.56k` line (`evp … 1234.56k` in older versions).
+fn parse_openssl_speed(stdout: &str) -> Option<f64> {
+    stdout
+        .lines()
+        .rev()
+        .find(|l| {
+            let l = l.trim_start().to_ascii_lowercase();
+            l.starts_with("aes-256-xts") || l.starts_with("evp ")
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.strip_suffix('k'))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|k| k * 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_openssl_speed, CipherRow, Timing};
+
+    #[test]
+    fn json_rows_carry_the_documented_fields() {
+        let row = CipherRow {
+            cipher: "aes-xts-plain64",
+            key_bits: 512,
+            sector_size: 4096,
+            threads: 2,
+            buffer_bytes: 4 << 20,
+            seconds: 2,
+            timing: Timing::Elapsed,
+            bytes_per_sec: 2e9,
+            openssl_bytes_per_sec: Some(1e9),
+            ratio: Some(2.0),
+            load1: Some(0.5),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&row).unwrap()).unwrap();
+        for field in [
+            "sector_size",
+            "threads",
+            "bytes_per_sec",
+            "openssl_bytes_per_sec",
+            "ratio",
+        ] {
+            assert!(
+                v.get(field).is_some_and(|f| f.is_number()),
+                "{field} missing in {v}"
+            );
+        }
+        assert_eq!(v["timing"], "elapsed");
+    }
+
+    #[test]
+    fn parses_openssl_speed_single_and_multi_output() {
+        let single = "type           4096 bytes\nAES-256-XTS    5670643.71k\n";
+        assert_eq!(parse_openssl_speed(single), Some(5_670_643_710.0));
+        let multi = "Got: +F:22:AES-256-XTS:1:2 from 0\ntype 512 bytes\nevp  4626739.20k\n";
+        assert_eq!(parse_openssl_speed(multi), Some(4_626_739_200.0));
+        assert_eq!(parse_openssl_speed("Doing nothing\n"), None);
     }
 }

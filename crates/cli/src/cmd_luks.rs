@@ -1,14 +1,777 @@
-use clap::Subcommand;
+//! LUKS header commands, named and flagged like cryptsetup's: `format`, `dump`,
+//! `test-passphrase`, `add-key`, `remove-key`, `change-key`.
+
+use crate::keyfile::read_key_file;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use luksify_luks::hash::Hash;
+use luksify_luks::io::Disk;
+use luksify_luks::kdf::{KdfKind, KdfRequest};
+use luksify_luks::luks2::json::{Digest, Kdf, Keyslot, Segment, SegmentSize};
+use luksify_luks::luks2::{self, Luks2Header};
+use luksify_luks::volume::Volume;
+use luksify_luks::{luks1, Error as LuksError, VolumeKey};
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// cryptsetup's exit code for "no key available with this passphrase".
+const EXIT_WRONG_PASSPHRASE: u8 = 2;
 
 #[derive(Subcommand, Debug)]
 pub enum LuksCmd {
-    #[command(hide = true)]
-    Placeholderluks,
+    /// Create a LUKS2 (or LUKS1) header, like `cryptsetup luksFormat`
+    Format(FormatArgs),
+    /// Print the header, like `cryptsetup luksDump`
+    Dump(DumpArgs),
+    /// Check a passphrase without opening the volume (exit 0 if it unlocks)
+    TestPassphrase(TestArgs),
+    /// Add a passphrase keyslot, like `cryptsetup luksAddKey`
+    AddKey(AddKeyArgs),
+    /// Remove the keyslot a passphrase opens, like `cryptsetup luksRemoveKey`
+    RemoveKey(RemoveKeyArgs),
+    /// Change a passphrase, like `cryptsetup luksChangeKey`
+    ChangeKey(ChangeKeyArgs),
 }
 
-pub fn run(cmd: LuksCmd) -> anyhow::Result<ExitCode> {
-    match cmd {
-        LuksCmd::Placeholderluks => anyhow::bail!("not built yet"),
+/// KDF options shared by commands that create keyslots.
+#[derive(Args, Debug, Clone)]
+pub struct KdfArgs {
+    /// pbkdf2, argon2i or argon2id (default argon2id for LUKS2, pbkdf2 for LUKS1)
+    #[arg(long)]
+    pbkdf: Option<String>,
+    /// Fixed iterations (pbkdf2) or time cost (argon2); skips the benchmark
+    #[arg(long, value_name = "N")]
+    pbkdf_force_iterations: Option<u32>,
+    /// Argon2 memory in KiB (default 1 GiB, at most half of RAM)
+    #[arg(long, value_name = "KIB")]
+    pbkdf_memory: Option<u32>,
+    /// Argon2 threads (1..4)
+    #[arg(long, value_name = "N")]
+    pbkdf_parallel: Option<u32>,
+    /// Unlock time target in milliseconds
+    #[arg(long, short = 'i', value_name = "MS", default_value_t = luksify_luks::kdf::DEFAULT_ITER_TIME_MS)]
+    iter_time: u32,
+    /// PBKDF2 hash (and, when formatting, the AF and digest hash)
+    #[arg(long, default_value = "sha256")]
+    hash: String,
+}
+
+impl KdfArgs {
+    fn request(&self, luks1: bool) -> Result<KdfRequest> {
+        let kind = match &self.pbkdf {
+            Some(p) => KdfKind::parse(p)?,
+            None if luks1 => KdfKind::Pbkdf2,
+            None => KdfKind::Argon2id,
+        };
+        if luks1 && kind != KdfKind::Pbkdf2 {
+            bail!("LUKS1 keyslots only support --pbkdf pbkdf2");
+        }
+        let req = KdfRequest {
+            kind,
+            hash: Hash::parse(&self.hash)?,
+            iter_time_ms: self.iter_time,
+            force_iterations: self.pbkdf_force_iterations,
+            memory_kib: self.pbkdf_memory,
+            cpus: self.pbkdf_parallel,
+        };
+        req.validate()?;
+        Ok(req)
     }
+}
+
+#[derive(Args, Debug)]
+pub struct FormatArgs {
+    /// Device or image file to format
+    device: PathBuf,
+    /// File whose whole contents are the passphrase (`-` = stdin)
+    #[arg(long, short = 'd')]
+    key_file: PathBuf,
+    /// luks2 or luks1
+    #[arg(long = "type", default_value = "luks2")]
+    luks_type: String,
+    /// Cipher spec
+    #[arg(long, short = 'c', default_value = "aes-xts-plain64")]
+    cipher: String,
+    /// Volume key size in bits (256 or 512)
+    #[arg(long, short = 's', default_value_t = 512)]
+    key_size: u32,
+    /// Encryption sector size (LUKS2 only): 512, 1024, 2048 or 4096
+    #[arg(long, default_value_t = 512)]
+    sector_size: u32,
+    #[command(flatten)]
+    kdf: KdfArgs,
+    /// Detached header file (created if missing); the device is not written
+    #[arg(long)]
+    header: Option<PathBuf>,
+    /// LUKS2 label
+    #[arg(long)]
+    label: Option<String>,
+    /// LUKS2 subsystem
+    #[arg(long)]
+    subsystem: Option<String>,
+    /// UUID to use instead of a random one
+    #[arg(long)]
+    uuid: Option<String>,
+    /// Use the raw volume key from this file instead of a random one
+    #[arg(long)]
+    volume_key_file: Option<PathBuf>,
+    /// LUKS2 metadata size in bytes (16384 .. 4194304)
+    #[arg(long, value_name = "BYTES")]
+    luks2_metadata_size: Option<u64>,
+    /// LUKS2 keyslots area size in bytes
+    #[arg(long, value_name = "BYTES")]
+    luks2_keyslots_size: Option<u64>,
+    /// Data offset in 512-byte sectors
+    #[arg(long, value_name = "SECTORS")]
+    offset: Option<u64>,
+    /// Do not ask: overwrite an existing LUKS header or filesystem signature
+    #[arg(long, short = 'q')]
+    batch_mode: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    device: PathBuf,
+    #[arg(long)]
+    header: Option<PathBuf>,
+    /// Print the LUKS2 JSON metadata (LUKS1: the header as JSON)
+    #[arg(long, conflicts_with = "dump_volume_key")]
+    json: bool,
+    /// Unlock and write the raw volume key to --volume-key-file (never printed)
+    #[arg(long, requires_all = ["key_file", "volume_key_file"])]
+    dump_volume_key: bool,
+    #[arg(long, short = 'd')]
+    key_file: Option<PathBuf>,
+    /// Where --dump-volume-key writes the key (must not exist)
+    #[arg(long)]
+    volume_key_file: Option<PathBuf>,
+    #[arg(long, short = 'S')]
+    key_slot: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    device: PathBuf,
+    #[arg(long, short = 'd')]
+    key_file: PathBuf,
+    #[arg(long)]
+    header: Option<PathBuf>,
+    /// Only try this keyslot
+    #[arg(long, short = 'S')]
+    key_slot: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct AddKeyArgs {
+    device: PathBuf,
+    /// An existing passphrase
+    #[arg(long, short = 'd')]
+    key_file: PathBuf,
+    /// The passphrase to add
+    #[arg(long)]
+    new_key_file: PathBuf,
+    #[arg(long)]
+    header: Option<PathBuf>,
+    /// Keyslot for the new passphrase (default: first free)
+    #[arg(long, short = 'S')]
+    key_slot: Option<u32>,
+    #[command(flatten)]
+    kdf: KdfArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RemoveKeyArgs {
+    device: PathBuf,
+    /// The passphrase whose keyslot is removed
+    #[arg(long, short = 'd')]
+    key_file: PathBuf,
+    #[arg(long)]
+    header: Option<PathBuf>,
+    /// Allow removing the last keyslot (the volume becomes unusable)
+    #[arg(long, short = 'q')]
+    batch_mode: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ChangeKeyArgs {
+    device: PathBuf,
+    #[arg(long, short = 'd')]
+    key_file: PathBuf,
+    #[arg(long)]
+    new_key_file: PathBuf,
+    #[arg(long)]
+    header: Option<PathBuf>,
+    /// Only try this keyslot
+    #[arg(long, short = 'S')]
+    key_slot: Option<u32>,
+    #[command(flatten)]
+    kdf: KdfArgs,
+}
+
+pub fn run(cmd: LuksCmd) -> Result<ExitCode> {
+    match cmd {
+        LuksCmd::Format(a) => format(a),
+        LuksCmd::Dump(a) => dump(a),
+        LuksCmd::TestPassphrase(a) => test_passphrase(a),
+        LuksCmd::AddKey(a) => add_key(a),
+        LuksCmd::RemoveKey(a) => remove_key(a),
+        LuksCmd::ChangeKey(a) => change_key(a),
+    }
+}
+
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "{}: cannot open for writing (check the path and that you are root)",
+                path.display()
+            )
+        })
+}
+
+fn open_ro(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| {
+        format!(
+            "{}: cannot open (check the path and permissions)",
+            path.display()
+        )
+    })
+}
+
+/// Where the header lives: the detached header file, or the device.
+fn meta_path<'a>(device: &'a Path, header: &'a Option<PathBuf>) -> &'a Path {
+    header.as_deref().unwrap_or(device)
+}
+
+/// Turns a library error into a one-line message carrying the path and a fix.
+fn luks_err(path: &Path, e: LuksError) -> anyhow::Error {
+    let hint = match &e {
+        LuksError::NotLuks => "; is this the right device (or does it need --header)?",
+        LuksError::WrongPassphrase => {
+            "; check --key-file (its whole contents, newlines included, are the passphrase)"
+        }
+        LuksError::NoValidHeader { .. } | LuksError::Corrupt(_) => {
+            "; restore a header backup (cryptsetup luksHeaderRestore)"
+        }
+        LuksError::KdfTooCostly(_) => "; lower --pbkdf-memory or use --pbkdf pbkdf2",
+        _ => "",
+    };
+    anyhow!("{}: {e}{hint}", path.display())
+}
+
+fn read_volume(path: &Path, file: &File) -> Result<Volume> {
+    Volume::read(file)
+        .map(|(v, _)| v)
+        .map_err(|e| luks_err(path, e))
+}
+
+/// Known signatures at fixed offsets: (what, offset, magic).
+const SIGNATURES: &[(&str, u64, &[u8])] = &[
+    ("LUKS", 0, b"LUKS\xba\xbe"),
+    ("LUKS2 secondary header", 16384, b"SKUL\xba\xbe"),
+    ("ext2/3/4", 1080, &[0x53, 0xef]),
+    ("xfs", 0, b"XFSB"),
+    ("btrfs", 65600, b"_BHRfS_M"),
+    ("swap", 4086, b"SWAPSPACE2"),
+    ("swap", 4086, b"SWAP-SPACE"),
+    ("LVM2 physical volume", 536, b"LVM2 001"),
+    ("GPT partition table", 512, b"EFI PART"),
+    ("vfat", 82, b"FAT32   "),
+    ("vfat", 54, b"FAT16   "),
+    ("vfat", 54, b"FAT12   "),
+    ("iso9660", 32769, b"CD001"),
+];
+
+/// The first known signature on `disk`, if any.
+fn find_signature(disk: &File) -> Option<&'static str> {
+    for (what, off, magic) in SIGNATURES {
+        let mut b = vec![0u8; magic.len()];
+        if disk.read_at(*off, &mut b).is_ok() && b == *magic {
+            return Some(what);
+        }
+    }
+    // An MBR boot signature on its own is common on partitioned disks.
+    let mut mbr = [0u8; 2];
+    if disk.read_at(510, &mut mbr).is_ok() && mbr == [0x55, 0xaa] {
+        return Some("MBR partition table or boot sector");
+    }
+    None
+}
+
+fn format(a: FormatArgs) -> Result<ExitCode> {
+    let luks1 = match a.luks_type.as_str() {
+        "luks2" => false,
+        "luks1" | "luks" => true,
+        other => bail!("--type {other}: use luks2 or luks1"),
+    };
+    let pass = read_key_file(&a.key_file)?;
+    let req = a.kdf.request(luks1)?;
+    if a.key_size != 256 && a.key_size != 512 {
+        bail!("--key-size {}: use 256 or 512", a.key_size);
+    }
+    let hash = Hash::parse(&a.kdf.hash)?;
+    let volume_key = match &a.volume_key_file {
+        Some(p) => {
+            let k = read_key_file(p)?;
+            if k.len() * 8 != a.key_size as usize {
+                bail!(
+                    "{}: volume key file holds {} bits, --key-size is {}",
+                    p.display(),
+                    k.len() * 8,
+                    a.key_size
+                );
+            }
+            Some(VolumeKey::new(k))
+        }
+        None => None,
+    };
+    let device = open_rw(&a.device)?;
+    let dev_size = device
+        .size()
+        .with_context(|| format!("{}: cannot read its size", a.device.display()))?;
+    let header_file = match &a.header {
+        Some(h) => Some(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(h)
+                .with_context(|| {
+                    format!("{}: cannot open or create the header file", h.display())
+                })?,
+        ),
+        None => None,
+    };
+    // Refuse to destroy something recognisable unless told to.
+    if !a.batch_mode {
+        for (path, f) in [
+            (Some(&a.device), Some(&device)),
+            (a.header.as_ref(), header_file.as_ref()),
+        ] {
+            if let (Some(p), Some(f)) = (path, f) {
+                if let Some(sig) = find_signature(f) {
+                    bail!(
+                        "{}: contains a {sig} signature; formatting destroys it. Re-run with --batch-mode to overwrite",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
+    let meta: &File = header_file.as_ref().unwrap_or(&device);
+    let meta_name = meta_path(&a.device, &a.header);
+    let data_offset = a.offset.map(|s| s * 512);
+    if luks1 {
+        if a.sector_size != 512 {
+            bail!("--sector-size {}: LUKS1 only supports 512", a.sector_size);
+        }
+        let (name, mode) = a.cipher.split_once('-').ok_or_else(|| {
+            anyhow!(
+                "--cipher {}: expected NAME-MODE such as aes-xts-plain64",
+                a.cipher
+            )
+        })?;
+        let opts = luks1::FormatOptions {
+            cipher_name: name.into(),
+            cipher_mode: mode.into(),
+            hash,
+            key_size: a.key_size as usize / 8,
+            kdf: req,
+            payload_offset: match a.offset {
+                Some(s) => Some(
+                    u32::try_from(s).map_err(|_| anyhow!("--offset {s} too large for LUKS1"))?,
+                ),
+                None => None,
+            },
+            uuid: a.uuid.clone(),
+            volume_key,
+        };
+        if a.header.is_some() {
+            bail!("--header with --type luks1 is not supported by luksify");
+        }
+        let payload = u64::from(
+            opts.payload_offset
+                .unwrap_or(luks1::DEFAULT_PAYLOAD_SECTORS),
+        ) * 512;
+        if dev_size <= payload {
+            bail!("{}: device of {dev_size} bytes is too small for a LUKS1 payload at {payload} bytes", a.device.display());
+        }
+        let (hdr, _vk) =
+            luks1::Luks1Header::format(meta, &pass, &opts).map_err(|e| luks_err(meta_name, e))?;
+        println!(
+            "{}: formatted as LUKS1, UUID {}, key slot 0",
+            a.device.display(),
+            hdr.uuid
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let opts = luks2::FormatOptions {
+        cipher: a.cipher.clone(),
+        key_size: a.key_size as usize / 8,
+        sector_size: a.sector_size,
+        hash,
+        kdf: req,
+        label: a.label.clone().unwrap_or_default(),
+        subsystem: a.subsystem.clone().unwrap_or_default(),
+        uuid: a.uuid.clone(),
+        metadata_size: a
+            .luks2_metadata_size
+            .unwrap_or(luks2::DEFAULT_METADATA_SIZE),
+        keyslots_size: a.luks2_keyslots_size,
+        data_offset,
+        detached: a.header.is_some(),
+        volume_key,
+        segment_size: None,
+    };
+    let offset = data_offset.unwrap_or(if a.header.is_some() {
+        0
+    } else {
+        luks2::DEFAULT_DATA_OFFSET
+    });
+    if dev_size <= offset {
+        bail!(
+            "{}: device of {dev_size} bytes is too small for LUKS2 data at offset {offset}; use a bigger device or --header",
+            a.device.display()
+        );
+    }
+    if !(dev_size - offset).is_multiple_of(u64::from(a.sector_size)) {
+        bail!(
+            "{}: data area of {} bytes is not a multiple of --sector-size {}",
+            a.device.display(),
+            dev_size - offset,
+            a.sector_size
+        );
+    }
+    let (hdr, _vk) = Luks2Header::format(meta, &pass, &opts).map_err(|e| luks_err(meta_name, e))?;
+    println!(
+        "{}: formatted as LUKS2, UUID {}, key slot 0",
+        a.device.display(),
+        hdr.uuid
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
+    let pass = read_key_file(&a.key_file)?;
+    let path = meta_path(&a.device, &a.header);
+    let f = open_ro(path)?;
+    let vol = read_volume(path, &f)?;
+    match vol.unlock(&f, &pass, a.key_slot) {
+        Ok((_vk, slot)) => {
+            println!("Key slot {slot} unlocked.");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(LuksError::WrongPassphrase) | Err(LuksError::KeyslotNotFound(_)) => {
+            eprintln!(
+                "luksify: {}: no key available with this passphrase",
+                path.display()
+            );
+            Ok(ExitCode::from(EXIT_WRONG_PASSPHRASE))
+        }
+        Err(e) => Err(luks_err(path, e)),
+    }
+}
+
+fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
+    let pass = read_key_file(&a.key_file)?;
+    let new = read_key_file(&a.new_key_file)?;
+    let path = meta_path(&a.device, &a.header);
+    let f = open_rw(path)?;
+    let vol = read_volume(path, &f)?;
+    let req = a
+        .kdf
+        .request(vol.version() == luksify_luks::Version::Luks1)?;
+    let (vk, _) = vol.unlock(&f, &pass, None).map_err(|e| luks_err(path, e))?;
+    let mut vol = Volume::read_and_repair(&f).map_err(|e| luks_err(path, e))?;
+    let slot = vol
+        .add_keyslot(&f, &vk, &new, &req, a.key_slot)
+        .map_err(|e| luks_err(path, e))?;
+    println!("Key slot {slot} created.");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
+    let pass = read_key_file(&a.key_file)?;
+    let path = meta_path(&a.device, &a.header);
+    let f = open_rw(path)?;
+    let vol = read_volume(path, &f)?;
+    let (_vk, slot) = vol.unlock(&f, &pass, None).map_err(|e| luks_err(path, e))?;
+    if vol.keyslot_ids().len() == 1 && !a.batch_mode {
+        bail!(
+            "{}: key slot {slot} is the last keyslot; removing it makes the data unrecoverable. Re-run with --batch-mode to do it anyway",
+            path.display()
+        );
+    }
+    let mut vol = Volume::read_and_repair(&f).map_err(|e| luks_err(path, e))?;
+    vol.remove_keyslot(&f, slot)
+        .map_err(|e| luks_err(path, e))?;
+    println!("Key slot {slot} removed.");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
+    let pass = read_key_file(&a.key_file)?;
+    let new = read_key_file(&a.new_key_file)?;
+    let path = meta_path(&a.device, &a.header);
+    let f = open_rw(path)?;
+    let vol = read_volume(path, &f)?;
+    let req = a
+        .kdf
+        .request(vol.version() == luksify_luks::Version::Luks1)?;
+    let (_vk, slot) = vol
+        .unlock(&f, &pass, a.key_slot)
+        .map_err(|e| luks_err(path, e))?;
+    let mut vol = Volume::read_and_repair(&f).map_err(|e| luks_err(path, e))?;
+    let now = vol
+        .change_keyslot(&f, slot, &pass, &new, &req)
+        .map_err(|e| luks_err(path, e))?;
+    println!("Key slot {slot} changed (now key slot {now}).");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dump(a: DumpArgs) -> Result<ExitCode> {
+    let path = meta_path(&a.device, &a.header);
+    let f = open_ro(path)?;
+    let vol = read_volume(path, &f)?;
+    if a.dump_volume_key {
+        let (Some(kf), Some(out)) = (&a.key_file, &a.volume_key_file) else {
+            bail!("--dump-volume-key needs --key-file and --volume-key-file");
+        };
+        let pass = read_key_file(kf)?;
+        let (vk, slot) = vol
+            .unlock(&f, &pass, a.key_slot)
+            .map_err(|e| luks_err(path, e))?;
+        write_secret_file(out, vk.as_bytes())?;
+        println!(
+            "Volume key ({} bits) from key slot {slot} written to {}.",
+            vk.len() * 8,
+            out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &vol {
+        Volume::Luks2(h) if a.json => {
+            println!("{}", serde_json::to_string_pretty(&h.metadata)?);
+        }
+        Volume::Luks1(h) if a.json => {
+            let ks: Vec<_> = h
+                .keyslots
+                .iter()
+                .enumerate()
+                .map(|(i, k)| serde_json::json!({"id": i, "active": k.active, "iterations": k.iterations, "key_material_offset": k.key_material_offset, "stripes": k.stripes}))
+                .collect();
+            let v = serde_json::json!({"version": 1, "cipher_name": h.cipher_name, "cipher_mode": h.cipher_mode, "hash_spec": h.hash_spec, "payload_offset": h.payload_offset, "key_bytes": h.key_bytes, "mk_digest_iterations": h.mk_digest_iterations, "uuid": h.uuid, "keyslots": ks});
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Volume::Luks2(h) => print!("{}", luks2_text(h)),
+        Volume::Luks1(h) => print!("{}", luks1_text(h)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a secret to a new file, mode 0600, refusing to overwrite (as cryptsetup does).
+fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "{}: cannot create the volume key file (it must not exist yet)",
+                path.display()
+            )
+        })?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("{}: cannot write the volume key", path.display()))
+}
+
+fn luks2_text(h: &Luks2Header) -> String {
+    use std::fmt::Write;
+    let m = &h.metadata;
+    let mut s = String::new();
+    let none = |v: &str, d: &str| {
+        if v.is_empty() {
+            d.to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    let _ = writeln!(s, "LUKS header information");
+    let _ = writeln!(s, "Version:       \t2");
+    let _ = writeln!(s, "Epoch:         \t{}", h.seqid);
+    let _ = writeln!(s, "Metadata area: \t{} [bytes]", h.hdr_size);
+    let _ = writeln!(s, "Keyslots area: \t{} [bytes]", m.config.keyslots_size);
+    let _ = writeln!(s, "UUID:          \t{}", h.uuid);
+    let _ = writeln!(s, "Label:         \t{}", none(&h.label, "(no label)"));
+    let _ = writeln!(
+        s,
+        "Subsystem:     \t{}",
+        none(&h.subsystem, "(no subsystem)")
+    );
+    let flags = m.config.flags.clone().unwrap_or_default().join(" ");
+    let _ = writeln!(s, "Flags:       \t{}", none(&flags, "(no flags)"));
+    let req = m.config.mandatory_requirements().join(" ");
+    if !req.is_empty() {
+        let _ = writeln!(s, "Requirements:\t{req}");
+    }
+    let _ = writeln!(s, "\nData segments:");
+    for (id, seg) in &m.segments {
+        match seg {
+            Segment::Crypt(c) => {
+                let _ = writeln!(s, "  {id}: crypt");
+                let _ = writeln!(s, "\toffset: {} [bytes]", c.offset);
+                let _ = writeln!(s, "\tlength: {}", size_text(c.size));
+                let _ = writeln!(s, "\tcipher: {}", c.encryption);
+                let _ = writeln!(s, "\tsector: {} [bytes]", c.sector_size);
+                if c.iv_tweak != 0 {
+                    let _ = writeln!(s, "\tIV tweak: {}", c.iv_tweak);
+                }
+            }
+            Segment::Linear(l) => {
+                let _ = writeln!(s, "  {id}: linear");
+                let _ = writeln!(s, "\toffset: {} [bytes]", l.offset);
+                let _ = writeln!(s, "\tlength: {}", size_text(l.size));
+            }
+            Segment::Unknown(u) => {
+                let _ = writeln!(
+                    s,
+                    "  {id}: {}",
+                    u.get("type").and_then(|t| t.as_str()).unwrap_or("?")
+                );
+            }
+        }
+        let f = seg.flags();
+        if !f.is_empty() {
+            let _ = writeln!(s, "\tflags : {}", f.join(" "));
+        }
+    }
+    let _ = writeln!(s, "\nKeyslots:");
+    for (id, ks) in &m.keyslots {
+        match ks {
+            Keyslot::Luks2(k) => {
+                let _ = writeln!(s, "  {id}: luks2");
+                let _ = writeln!(s, "\tKey:        {} bits", k.key_size * 8);
+                let prio = match k.priority {
+                    Some(luks2::json::Priority::Ignore) => "ignored",
+                    Some(luks2::json::Priority::Prefer) => "preferred",
+                    _ => "normal",
+                };
+                let _ = writeln!(s, "\tPriority:   {prio}");
+                let _ = writeln!(s, "\tCipher:     {}", k.area.encryption);
+                let _ = writeln!(s, "\tCipher key: {} bits", k.area.key_size * 8);
+                match &k.kdf {
+                    Kdf::Pbkdf2 {
+                        hash, iterations, ..
+                    } => {
+                        let _ = writeln!(s, "\tPBKDF:      pbkdf2");
+                        let _ = writeln!(s, "\tHash:       {hash}");
+                        let _ = writeln!(s, "\tIterations: {iterations}");
+                    }
+                    Kdf::Argon2i {
+                        time, memory, cpus, ..
+                    }
+                    | Kdf::Argon2id {
+                        time, memory, cpus, ..
+                    } => {
+                        let name = if matches!(k.kdf, Kdf::Argon2i { .. }) {
+                            "argon2i"
+                        } else {
+                            "argon2id"
+                        };
+                        let _ = writeln!(s, "\tPBKDF:      {name}");
+                        let _ = writeln!(s, "\tTime cost:  {time}");
+                        let _ = writeln!(s, "\tMemory:     {memory}");
+                        let _ = writeln!(s, "\tThreads:    {cpus}");
+                    }
+                }
+                let _ = writeln!(s, "\tAF stripes: {}", k.af.stripes);
+                let _ = writeln!(s, "\tAF hash:    {}", k.af.hash);
+                let _ = writeln!(s, "\tArea offset:{} [bytes]", k.area.offset);
+                let _ = writeln!(s, "\tArea length:{} [bytes]", k.area.size);
+                if let Some(d) = h.digest_id_for_keyslot(*id) {
+                    let _ = writeln!(s, "\tDigest ID:  {d}");
+                }
+            }
+            Keyslot::Reencrypt(r) => {
+                let _ = writeln!(s, "  {id}: reencrypt (unbound)");
+                let _ = writeln!(s, "\tMode:       {:?}", r.mode);
+                let _ = writeln!(s, "\tDirection:  {:?}", r.direction);
+                let _ = writeln!(s, "\tArea offset:{} [bytes]", r.area.offset());
+                let _ = writeln!(s, "\tArea length:{} [bytes]", r.area.size());
+            }
+            Keyslot::Unknown(u) => {
+                let _ = writeln!(
+                    s,
+                    "  {id}: {}",
+                    u.get("type").and_then(|t| t.as_str()).unwrap_or("?")
+                );
+            }
+        }
+    }
+    let _ = writeln!(s, "Tokens:");
+    for (id, t) in &m.tokens {
+        let _ = writeln!(s, "  {id}: {}", t.kind);
+        for k in &t.keyslots {
+            let _ = writeln!(s, "\tKeyslot:    {k}");
+        }
+    }
+    let _ = writeln!(s, "Digests:");
+    for (id, d) in &m.digests {
+        match d {
+            Digest::Pbkdf2(p) => {
+                let _ = writeln!(s, "  {id}: pbkdf2");
+                let _ = writeln!(s, "\tHash:       {}", p.hash);
+                let _ = writeln!(s, "\tIterations: {}", p.iterations);
+            }
+            Digest::Unknown(u) => {
+                let _ = writeln!(
+                    s,
+                    "  {id}: {}",
+                    u.get("type").and_then(|t| t.as_str()).unwrap_or("?")
+                );
+            }
+        }
+    }
+    s
+}
+
+fn size_text(s: SegmentSize) -> String {
+    match s {
+        SegmentSize::Dynamic => "(whole device)".into(),
+        SegmentSize::Bytes(n) => format!("{n} [bytes]"),
+    }
+}
+
+fn luks1_text(h: &luks1::Luks1Header) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "LUKS header information for LUKS1\n");
+    let _ = writeln!(s, "Version:       \t1");
+    let _ = writeln!(s, "Cipher name:   \t{}", h.cipher_name);
+    let _ = writeln!(s, "Cipher mode:   \t{}", h.cipher_mode);
+    let _ = writeln!(s, "Hash spec:     \t{}", h.hash_spec);
+    let _ = writeln!(s, "Payload offset:\t{}", h.payload_offset);
+    let _ = writeln!(s, "MK bits:       \t{}", h.key_bytes * 8);
+    let _ = writeln!(s, "MK iterations: \t{}", h.mk_digest_iterations);
+    let _ = writeln!(s, "UUID:          \t{}\n", h.uuid);
+    for (i, k) in h.keyslots.iter().enumerate() {
+        if k.active {
+            let _ = writeln!(s, "Key Slot {i}: ENABLED");
+            let _ = writeln!(s, "\tIterations:         \t{}", k.iterations);
+            let _ = writeln!(s, "\tKey material offset:\t{}", k.key_material_offset);
+            let _ = writeln!(s, "\tAF stripes:            \t{}", k.stripes);
+        } else {
+            let _ = writeln!(s, "Key Slot {i}: DISABLED");
+        }
+    }
+    s
 }

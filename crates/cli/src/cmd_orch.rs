@@ -1,14 +1,673 @@
+//! Data-volume commands: check, enable, disable, resume, open, close, status.
+
+use anyhow::Context;
 use clap::Subcommand;
+use luksify_orchestrator::error::Failure;
+use luksify_orchestrator::{check, exit, lock, map, status};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use zeroize::Zeroizing;
+
+/// Exit codes, shown in `--help` of each command that changes disks.
+pub const EXIT_CODES: &str =
+    "Exit codes: 0 done; 1 failed (the message says what, why and how to fix); \
+2 bad usage; 3 preflight found blockers, nothing written; 4 another luksify holds the lock; \
+5 interrupted, `luksify resume` finishes it; 6 not supported on this machine";
 
 #[derive(Subcommand, Debug)]
 pub enum OrchCmd {
-    #[command(hide = true)]
-    Placeholderorch,
+    /// Preflight a device or mount point: mounts, nested mounts, processes holding it,
+    /// swap, LVM, SELinux, memory, filesystem and room for the header. Writes nothing.
+    ///
+    /// Exit codes: 0 no blockers, 3 blockers found, 1 the target cannot be examined.
+    Check {
+        /// Block device (/dev/sdc) or mount point (/data)
+        target: PathBuf,
+        /// Check for a detached header (--header-dir): no shrink, no room needed on the device
+        #[arg(long)]
+        detached_header: bool,
+        /// Machine-readable report (holders with pids)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Map a LUKS2 volume: /dev/mapper/NAME through kernel dm-crypt where device-mapper
+    /// exists, else a userspace view (FUSE file + loop device) kept by a daemon.
+    #[command(after_help = EXIT_CODES)]
+    Open {
+        /// The encrypted device
+        device: PathBuf,
+        /// Mapping name (/dev/mapper/NAME)
+        name: String,
+        /// File whose whole content is the passphrase
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Detached LUKS2 header file
+        #[arg(long)]
+        header: Option<PathBuf>,
+        /// Use the userspace path even where dm-crypt exists
+        #[arg(long)]
+        userspace: bool,
+        /// Wait for another luksify instead of failing at once
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Remove a mapping made by `open` (refuses while it is mounted or held).
+    #[command(after_help = EXIT_CODES)]
+    Close {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Encrypt data volumes in place: preflight, stop holders (only with --kill-holders),
+    /// unmount, fsck + shrink (ext) or detached header (--header-dir), encrypt, map,
+    /// remount with the same options, grow back, write crypttab and fstab.
+    /// Without --volume, lists the data volumes it could take (never the OS disk).
+    #[command(after_help = EXIT_CODES)]
+    Enable {
+        /// Only `data` is supported
+        #[arg(long, default_value = "data")]
+        volume_type: String,
+        /// Device or mount point; repeat for several volumes
+        #[arg(long = "volume")]
+        volumes: Vec<PathBuf>,
+        /// File whose whole content is the passphrase (also written to crypttab)
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Keep LUKS2 headers in this directory (needed for xfs; no shrink)
+        #[arg(long)]
+        header_dir: Option<PathBuf>,
+        /// Stop processes holding the volumes (SIGTERM, then SIGKILL)
+        #[arg(long)]
+        kill_holders: bool,
+        /// Map through the userspace path even where dm-crypt exists
+        #[arg(long)]
+        userspace: bool,
+        /// Key derivation: argon2id (default, as cryptsetup) or pbkdf2
+        #[arg(long, default_value = "argon2id")]
+        pbkdf: String,
+        /// Fixed KDF iterations / argon2 time cost instead of benchmarking
+        #[arg(long)]
+        pbkdf_force_iterations: Option<u32>,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// With no --volume: list candidates as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Same as `luksify resume` without a DEVICE (kept for scripts that name it).
+    #[command(after_help = EXIT_CODES, name = "resume-all", hide = true)]
+    ResumeAll {
+        /// Passphrase file; default: the one recorded for each volume
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        #[arg(long)]
+        userspace: bool,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Decrypt data volumes back in place (all that luksify encrypted, or those given):
+    /// unmount, close, decrypt, grow the filesystem, remount the plain device, restore
+    /// fstab and crypttab.
+    #[command(after_help = EXIT_CODES)]
+    Disable {
+        /// Device or mount point; default: every encrypted data volume in the status file
+        #[arg(long = "volume")]
+        volumes: Vec<PathBuf>,
+        /// Passphrase file; default: the one recorded for each volume
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Internal: the userspace mapping daemon started by `open` (key on stdin).
+    #[command(name = "__serve-mapping", hide = true)]
+    ServeMapping {
+        #[arg(long)]
+        device: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        header: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Install dist/luksify-resume.service (built into the binary) as
+    /// PREFIX/etc/systemd/system/luksify-resume.service, with ExecStart pointing at this
+    /// binary. It does not run systemctl: `systemctl enable luksify-resume.service` next.
+    #[command(name = "install-unit")]
+    InstallUnit {
+        /// Root to install under (default /)
+        #[arg(long, default_value = "/")]
+        prefix: PathBuf,
+        /// luksify path for ExecStart (default: this binary)
+        #[arg(long)]
+        exec: Option<PathBuf>,
+    },
+    /// Print the encryption status: OsVolumeEncrypted, DataVolumesEncrypted, ProgressMessage.
+    Status {
+        /// Per-volume device, mapper, state, percent, bytes, rate and ETA as JSON
+        #[arg(long)]
+        json: bool,
+        /// Where status.json and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        OrchCmd::Placeholderorch => anyhow::bail!("not built yet"),
+        OrchCmd::Check {
+            target,
+            detached_header,
+            json,
+        } => cmd_check(target, detached_header, json),
+        OrchCmd::Status { json, state_dir } => cmd_status(json, state_dir),
+        OrchCmd::InstallUnit { prefix, exec } => finish(cmd_install_unit(&prefix, exec)),
+        OrchCmd::Open {
+            device,
+            name,
+            key_file,
+            header,
+            userspace,
+            wait,
+            state_dir,
+        } => finish(cmd_open(
+            &device,
+            &name,
+            &key_file,
+            header.as_deref(),
+            userspace,
+            wait,
+            state_dir,
+        )),
+        OrchCmd::Close {
+            name,
+            wait,
+            state_dir,
+        } => finish(cmd_close(&name, wait, state_dir)),
+        OrchCmd::Disable {
+            volumes,
+            key_file,
+            wait,
+            state_dir,
+        } => finish(cmd_disable(volumes, key_file, wait, state_dir)),
+        OrchCmd::ServeMapping {
+            device,
+            name,
+            header,
+            state_dir,
+        } => Ok(ExitCode::from(
+            map::serve(&device, &name, header.as_deref(), &state_dir) as u8,
+        )),
+        OrchCmd::Enable {
+            volume_type,
+            volumes,
+            key_file,
+            header_dir,
+            kill_holders,
+            userspace,
+            pbkdf,
+            pbkdf_force_iterations,
+            wait,
+            state_dir,
+            json,
+        } => {
+            if volume_type != "data" {
+                eprintln!("luksify: --volume-type {volume_type} is not supported; only `data` volumes are (the OS disk needs a reboot path luksify does not have)");
+                return Ok(ExitCode::from(exit::UNSUPPORTED));
+            }
+            if volumes.is_empty() {
+                return list_candidates(json);
+            }
+            let Some(key_file) = key_file else {
+                eprintln!("luksify: --key-file is required to encrypt; give a file whose whole content is the passphrase");
+                return Ok(ExitCode::from(exit::USAGE));
+            };
+            let kdf = match kdf_request(&pbkdf, pbkdf_force_iterations) {
+                Ok(k) => k,
+                Err(f) => return finish(Err(f)),
+            };
+            finish(cmd_enable(
+                volumes,
+                key_file,
+                header_dir,
+                kill_holders,
+                userspace,
+                kdf,
+                wait,
+                state_dir,
+            ))
+        }
+        OrchCmd::ResumeAll {
+            key_file,
+            userspace,
+            wait,
+            state_dir,
+        } => resume_all(key_file, userspace, wait, state_dir),
     }
+}
+
+/// `luksify resume` without a device: finish every interrupted data-volume run.
+pub fn resume_all(
+    key_file: Option<PathBuf>,
+    userspace: bool,
+    wait: bool,
+    state_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    finish(cmd_resume(key_file, userspace, wait, state_dir))
+}
+
+/// Prints a failure as one line and turns it into its exit code.
+fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
+    match r {
+        Ok(c) => Ok(c),
+        Err(f) => {
+            eprintln!("luksify: {}", f.message);
+            Ok(ExitCode::from(f.code))
+        }
+    }
+}
+
+/// Reads a key file exactly as cryptsetup's --key-file: the whole content is the passphrase.
+pub fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, Failure> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the key file {}", path.display()))
+        .map_err(|e| Failure::failed(format!("{e:#}; give a readable --key-file")))?;
+    let key = Zeroizing::new(bytes);
+    if key.is_empty() {
+        return Err(Failure::failed(format!(
+            "the key file {} is empty; put the passphrase in it",
+            path.display()
+        )));
+    }
+    Ok(key)
+}
+
+fn cmd_open(
+    device: &Path,
+    name: &str,
+    key_file: &Path,
+    header: Option<&Path>,
+    userspace: bool,
+    wait: bool,
+    state_dir: Option<PathBuf>,
+) -> Result<ExitCode, Failure> {
+    let dir = status::state_dir(state_dir.as_deref());
+    let key = read_key_file(key_file)?;
+    let _lk = lock::GlobalLock::acquire(&dir, wait)?;
+    let req = map::OpenRequest {
+        device,
+        name,
+        header,
+        force_userspace: userspace,
+        state_dir: &dir,
+    };
+    let rec = map::open(&req, &key)?;
+    drop(key);
+    match rec.backend {
+        map::Backend::Kernel => println!("{}", rec.mapped.display()),
+        map::Backend::Userspace => println!(
+            "{} -> {} (userspace view, daemon pid {})",
+            rec.mapped.display(),
+            rec.loop_dev.as_deref().unwrap_or(Path::new("?")).display(),
+            rec.daemon_pid.unwrap_or(0)
+        ),
+    }
+    Ok(ExitCode::from(exit::OK))
+}
+
+fn cmd_close(name: &str, wait: bool, state_dir: Option<PathBuf>) -> Result<ExitCode, Failure> {
+    let dir = status::state_dir(state_dir.as_deref());
+    let _lk = lock::GlobalLock::acquire(&dir, wait)?;
+    map::close(&dir, name)?;
+    Ok(ExitCode::from(exit::OK))
+}
+
+fn cmd_check(target: PathBuf, detached_header: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let opts = check::CheckOptions {
+        detached_header,
+        kill_holders: false,
+    };
+    let report = match check::check(&target, opts) {
+        Ok(r) => r,
+        Err(p) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "target": target, "ok": false, "problems": [p] })
+                );
+            } else {
+                eprintln!("luksify: {}", p.one_line());
+            }
+            return Ok(ExitCode::from(exit::FAILED));
+        }
+    };
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["ok"] = serde_json::Value::Bool(report.ok());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", check::render_text(&report));
+    }
+    Ok(ExitCode::from(if report.ok() {
+        exit::OK
+    } else {
+        exit::BLOCKED
+    }))
+}
+
+/// The unit shipped in dist/, with ExecStart's program path as written there.
+pub const RESUME_UNIT: &str = include_str!("../../../dist/luksify-resume.service");
+const UNIT_EXEC_PATH: &str = "/usr/local/sbin/luksify";
+
+/// The unit text with ExecStart running `exec`.
+pub fn resume_unit_for(exec: &Path) -> String {
+    RESUME_UNIT.replace(
+        &format!("ExecStart={UNIT_EXEC_PATH} "),
+        &format!("ExecStart={} ", exec.display()),
+    )
+}
+
+fn cmd_install_unit(prefix: &Path, exec: Option<PathBuf>) -> Result<ExitCode, Failure> {
+    let exec = match exec {
+        Some(e) => e,
+        None => std::env::current_exe()
+            .and_then(std::fs::canonicalize)
+            .map_err(|e| {
+                Failure::failed(format!(
+                    "cannot tell where this luksify binary is ({e}); pass --exec PATH"
+                ))
+            })?,
+    };
+    let dir = prefix.join("etc/systemd/system");
+    let path = dir.join("luksify-resume.service");
+    std::fs::create_dir_all(&dir)
+        .and_then(|_| status::write_atomic(&path, resume_unit_for(&exec).as_bytes()))
+        .map_err(|e| {
+            Failure::failed(format!(
+                "cannot write {} ({e}); run as root or pass --prefix",
+                path.display()
+            ))
+        })?;
+    println!("{}", path.display());
+    println!("Enable it with: systemctl daemon-reload && systemctl enable luksify-resume.service");
+    Ok(ExitCode::from(exit::OK))
+}
+
+fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let dir = status::state_dir(state_dir.as_deref());
+    let mut s = status::load(&dir)?;
+    let mounts = luksify_orchestrator::mountinfo::read().unwrap_or_default();
+    status::apply_live_mount_state(&mut s, &mounts);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", s.render_text());
+    }
+    Ok(ExitCode::from(exit::OK))
+}
+
+fn kdf_request(
+    kind: &str,
+    iterations: Option<u32>,
+) -> Result<luksify_luks::kdf::KdfRequest, Failure> {
+    use luksify_luks::kdf::{KdfKind, KdfRequest};
+    let kind = match kind {
+        "pbkdf2" => KdfKind::Pbkdf2,
+        "argon2id" => KdfKind::Argon2id,
+        "argon2i" => KdfKind::Argon2i,
+        other => {
+            return Err(Failure::new(
+                exit::USAGE,
+                format!("--pbkdf {other} is unknown; use argon2id, argon2i or pbkdf2"),
+            ))
+        }
+    };
+    Ok(KdfRequest {
+        kind,
+        force_iterations: iterations,
+        ..KdfRequest::default()
+    })
+}
+
+fn list_candidates(json: bool) -> anyhow::Result<ExitCode> {
+    let c = luksify_orchestrator::enable::candidates();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+        return Ok(ExitCode::from(exit::OK));
+    }
+    if c.is_empty() {
+        println!(
+            "No candidate data volumes (the OS disk, LUKS, swap and LVM PVs are never offered)."
+        );
+    }
+    for r in &c {
+        let mp = r
+            .primary_mount()
+            .map(|m| m.mount_point.display().to_string())
+            .unwrap_or_else(|| "not mounted".into());
+        let ready = if luksify_orchestrator::enable::is_ready(r) {
+            "ready"
+        } else {
+            "has blockers (luksify check)"
+        };
+        println!(
+            "{}  {}  {} MiB  {}  {}",
+            r.device.display(),
+            r.filesystem.fs_type,
+            r.size_bytes >> 20,
+            mp,
+            ready
+        );
+    }
+    println!(
+        "Encrypt with: luksify enable --volume-type data --volume DEV_OR_MOUNTPOINT --key-file F"
+    );
+    Ok(ExitCode::from(exit::OK))
+}
+
+static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    CANCEL.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn install_cancel_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Progress: a redrawn bar on a terminal, plain lines (every whole percent) otherwise.
+fn reporter() -> impl Fn(&status::VolumeStatus, usize, usize) + Sync {
+    // SAFETY: isatty only inspects the descriptor.
+    let tty = unsafe { libc::isatty(2) } == 1;
+    let last = std::sync::Mutex::new(-1i64);
+    move |v: &status::VolumeStatus, i: usize, n: usize| {
+        let pct = v.percent.floor() as i64;
+        let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = v
+            .rate_bytes_per_s
+            .map(|r| format!("{:.0} MiB/s", r / 1048576.0))
+            .unwrap_or_default();
+        let eta = v
+            .eta_seconds
+            .map(|s| format!("ETA {}m{:02}s", s / 60, s % 60))
+            .unwrap_or_default();
+        if tty {
+            let width = 30usize;
+            let filled = (v.percent / 100.0 * width as f64) as usize;
+            eprint!(
+                "\r{} {}/{} [{}{}] {:>3}% {} {}   ",
+                v.device.display(),
+                i + 1,
+                n,
+                "#".repeat(filled.min(width)),
+                " ".repeat(width - filled.min(width)),
+                pct,
+                rate,
+                eta
+            );
+            if pct >= 100 {
+                eprintln!();
+            }
+        } else if pct != *l && v.resumed {
+            eprintln!(
+                "Resuming encryption after reboot: {}% ({} {} {})",
+                pct,
+                v.device.display(),
+                rate,
+                eta
+            );
+        } else if pct != *l {
+            eprintln!(
+                "{}: volume {}/{}: {}% {} {}",
+                v.device.display(),
+                i + 1,
+                n,
+                pct,
+                rate,
+                eta
+            );
+        }
+        *l = pct;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_enable(
+    volumes: Vec<PathBuf>,
+    key_file: PathBuf,
+    header_dir: Option<PathBuf>,
+    kill_holders: bool,
+    userspace: bool,
+    kdf: luksify_luks::kdf::KdfRequest,
+    wait: bool,
+    state_dir: Option<PathBuf>,
+) -> Result<ExitCode, Failure> {
+    let dir = status::state_dir(state_dir.as_deref());
+    let key = read_key_file(&key_file)?;
+    let _lk = lock::GlobalLock::acquire(&dir, wait)?;
+    install_cancel_handler();
+    let rep = reporter();
+    let req = luksify_orchestrator::enable::EnableRequest {
+        volumes,
+        key_file,
+        header_dir,
+        kill_holders,
+        state_dir: dir.clone(),
+        force_userspace: userspace,
+        kdf,
+        cancel: &CANCEL,
+        report: &rep,
+    };
+    luksify_orchestrator::enable::enable(&req, &key)?;
+    print!(
+        "{}",
+        status::load(&dir)
+            .map(|s| s.render_text())
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::from(exit::OK))
+}
+
+fn cmd_resume(
+    key_file: Option<PathBuf>,
+    userspace: bool,
+    wait: bool,
+    state_dir: Option<PathBuf>,
+) -> Result<ExitCode, Failure> {
+    let dir = status::state_dir(state_dir.as_deref());
+    let key = match &key_file {
+        Some(k) => Some(read_key_file(k)?),
+        None => None,
+    };
+    let _lk = lock::GlobalLock::acquire(&dir, wait)?;
+    install_cancel_handler();
+    let rep = reporter();
+    let req = luksify_orchestrator::enable::EnableRequest {
+        volumes: vec![],
+        key_file: key_file.clone().unwrap_or_default(),
+        header_dir: None,
+        kill_holders: false,
+        state_dir: dir.clone(),
+        force_userspace: userspace,
+        kdf: Default::default(),
+        cancel: &CANCEL,
+        report: &rep,
+    };
+    for f in luksify_orchestrator::enable::scan_in_progress(&dir) {
+        let dev = f.device.display();
+        if f.decrypt {
+            eprintln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
+        } else if key.is_some() {
+            eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finishing it with the given --key-file");
+        } else {
+            eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
+        }
+    }
+    let n = luksify_orchestrator::enable::resume(&req, key.as_ref().map(|k| k.as_slice()))?;
+    if n == 0 {
+        println!("Nothing to resume.");
+    } else {
+        print!(
+            "{}",
+            status::load(&dir)
+                .map(|s| s.render_text())
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::from(exit::OK))
+}
+
+fn cmd_disable(
+    volumes: Vec<PathBuf>,
+    key_file: Option<PathBuf>,
+    wait: bool,
+    state_dir: Option<PathBuf>,
+) -> Result<ExitCode, Failure> {
+    let dir = status::state_dir(state_dir.as_deref());
+    let key = match &key_file {
+        Some(k) => Some(read_key_file(k)?),
+        None => None,
+    };
+    let _lk = lock::GlobalLock::acquire(&dir, wait)?;
+    install_cancel_handler();
+    let rep = reporter();
+    let req = luksify_orchestrator::enable::EnableRequest {
+        volumes: vec![],
+        key_file: key_file.clone().unwrap_or_default(),
+        header_dir: None,
+        kill_holders: false,
+        state_dir: dir.clone(),
+        force_userspace: false,
+        kdf: Default::default(),
+        cancel: &CANCEL,
+        report: &rep,
+    };
+    let n =
+        luksify_orchestrator::enable::disable(&req, key.as_ref().map(|k| k.as_slice()), &volumes)?;
+    if n == 0 {
+        println!("No encrypted data volumes to decrypt.");
+    } else {
+        print!(
+            "{}",
+            status::load(&dir)
+                .map(|s| s.render_text())
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::from(exit::OK))
 }

@@ -1,14 +1,440 @@
-use clap::Subcommand;
+//! `luksify encrypt`, `luksify decrypt` and `luksify resume`: in-place
+//! encryption and decryption under the LUKS2 reencryption journal (crates/walker).
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use luksify_luks::kdf::{KdfKind, KdfRequest};
+use luksify_luks::luks2::FormatOptions;
+use luksify_luks::VolumeKey;
+use luksify_walker::device::DataDevice;
+use luksify_walker::{
+    Control, DecryptOptions, EncryptOptions, Outcome, Placement, ProgressInfo, Resilience, Tuning,
+};
+use std::fs::OpenOptions;
+use std::io::IsTerminal;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use zeroize::Zeroizing;
 
 #[derive(Subcommand, Debug)]
 pub enum WalkCmd {
-    #[command(hide = true)]
-    Placeholderwalker,
+    /// Encrypt a device in place to LUKS2 (crash-safe, resumable; cryptsetup-compatible journal)
+    #[command(after_help = crate::cmd_orch::EXIT_CODES)]
+    Encrypt(EncryptArgs),
+    /// Decrypt a LUKS2 volume in place back to plaintext (crash-safe, resumable)
+    #[command(after_help = crate::cmd_orch::EXIT_CODES)]
+    Decrypt(DecryptArgs),
+    /// Continue interrupted work. With DEVICE: continue that device's encryption or
+    /// decryption (luksify's, or `cryptsetup reencrypt`'s). Without DEVICE: finish every
+    /// interrupted data-volume run found in the status file or in on-disk headers, then
+    /// map, remount and record it (what luksify-resume.service runs at boot).
+    #[command(after_help = crate::cmd_orch::EXIT_CODES)]
+    Resume(ResumeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DecryptArgs {
+    /// Block device or image file holding the LUKS2 volume
+    device: PathBuf,
+    /// Passphrase file (whole file, as cryptsetup --key-file)
+    #[arg(long)]
+    key_file: PathBuf,
+    /// Detached header of the volume; or, when the header is in front of the
+    /// data, a NEW file the header moves to while the data moves back to offset 0
+    #[arg(long)]
+    header: Option<PathBuf>,
+    /// Hotzone protection when the header is detached (data stays in place)
+    #[arg(long, value_enum)]
+    resilience: Option<ResilienceArg>,
+    #[command(flatten)]
+    tuning: TuningArgs,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum ResilienceArg {
+    Checksum,
+    Journal,
+    None,
+}
+
+#[derive(Args, Debug)]
+pub struct TuningArgs {
+    /// Bytes per read/write request (MiB)
+    #[arg(long, default_value_t = 4, hide = true)]
+    chunk_mib: usize,
+    /// Largest hotzone between two header commits (KiB)
+    #[arg(long, default_value_t = 16384, hide = true)]
+    hotzone_kib: u64,
+    /// Use the page cache instead of O_DIRECT
+    #[arg(long)]
+    buffered: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EncryptArgs {
+    /// Block device or image file holding the plaintext
+    device: PathBuf,
+    /// Passphrase file (whole file, as cryptsetup --key-file)
+    #[arg(long)]
+    key_file: PathBuf,
+    /// Put the LUKS2 header in this (new) file; the data stays in place
+    #[arg(long, conflicts_with = "reduce_device_size")]
+    header: Option<PathBuf>,
+    /// Header in front: the last SIZE bytes must be unused (e.g. 32M)
+    #[arg(long, value_parser = parse_size)]
+    reduce_device_size: Option<u64>,
+    /// Hotzone protection with a detached header
+    #[arg(long, value_enum, default_value = "checksum")]
+    resilience: ResilienceArg,
+    /// pbkdf2, argon2i or argon2id
+    #[arg(long, default_value = "argon2id")]
+    pbkdf: String,
+    /// Fixed KDF iterations (pbkdf2) or time cost (argon2)
+    #[arg(long = "pbkdf-force-iterations", alias = "iterations")]
+    iterations: Option<u32>,
+    /// Argon2 memory (KiB)
+    #[arg(long = "pbkdf-memory")]
+    pbkdf_memory: Option<u32>,
+    /// Encryption sector size (512..4096)
+    #[arg(long, default_value_t = 512)]
+    sector_size: u32,
+    /// Key size in bits (256 or 512)
+    #[arg(long, default_value_t = 512)]
+    key_size: usize,
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Use the volume key in this file (raw bytes) instead of a random one
+    #[arg(long)]
+    volume_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    tuning: TuningArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// Device of the interrupted run; omit to resume every data volume (see above)
+    device: Option<PathBuf>,
+    /// Passphrase file (whole file, as cryptsetup --key-file); without DEVICE, default:
+    /// the one recorded for each volume
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Detached header file of the interrupted run
+    #[arg(long, requires = "device")]
+    header: Option<PathBuf>,
+    /// Without DEVICE: map through the userspace path (FUSE + loop) even if dm-crypt exists
+    #[arg(long, conflicts_with = "device")]
+    userspace: bool,
+    /// Without DEVICE: wait for another luksify run instead of failing at once
+    #[arg(long, conflicts_with = "device")]
+    wait: bool,
+    /// Without DEVICE: where the status file lives (default /var/lib/luksify)
+    #[arg(long, conflicts_with = "device")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    tuning: TuningArgs,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, ""),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let m = match mul.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        _ => return Err(format!("'{s}': unknown unit (use K, M, G)")),
+    };
+    n.checked_mul(m)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn read_secret(p: &Path, what: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let v = std::fs::read(p)
+        .with_context(|| format!("cannot read {what} {}: check the path", p.display()))?;
+    Ok(Zeroizing::new(v))
+}
+
+fn tuning(t: &TuningArgs) -> Tuning {
+    Tuning {
+        chunk: (t.chunk_mib.max(1)) << 20,
+        hotzone: (t.hotzone_kib.max(4)) << 10,
+    }
+}
+
+/// SIGINT/SIGTERM set the flag; the walker stops at its next safe point.
+fn install_cancel() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&flag))
+            .context("cannot install signal handler")?;
+    }
+    Ok(flag)
+}
+
+fn progress_printer() -> impl Fn(ProgressInfo) + Sync {
+    let tty = std::io::stderr().is_terminal();
+    move |p: ProgressInfo| {
+        if tty {
+            let pct = if p.total > 0 {
+                p.done as f64 * 100.0 / p.total as f64
+            } else {
+                100.0
+            };
+            eprint!(
+                "\r{pct:5.1}% {} / {} MiB, {} MiB/s   ",
+                p.done >> 20,
+                p.total >> 20,
+                p.bytes_per_sec >> 20
+            );
+        }
+    }
+}
+
+fn report(dev: &Path, o: Outcome, what: &str, resume_hint: String) -> ExitCode {
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    match o {
+        Outcome::Finished => {
+            eprintln!("luksify: {}: {what} finished", dev.display());
+            ExitCode::SUCCESS
+        }
+        Outcome::Interrupted(_) => {
+            eprintln!(
+                "luksify: {}: stopped at a safe point; continue with: {resume_hint}",
+                dev.display()
+            );
+            // Same code as the orchestrator's "interrupted" (see EXIT_CODES).
+            ExitCode::from(5)
+        }
+    }
 }
 
 pub fn run(cmd: WalkCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        WalkCmd::Placeholderwalker => anyhow::bail!("not built yet"),
+        WalkCmd::Encrypt(a) => encrypt(a),
+        WalkCmd::Decrypt(a) => decrypt(a),
+        WalkCmd::Resume(a) => resume(a),
     }
+}
+
+fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
+    let dev = &a.device;
+    let pass = read_secret(&a.key_file, "key file")?;
+    let data = DataDevice::open(dev, a.tuning.buffered)
+        .with_context(|| format!("{}: cannot open (is it mounted or in use?)", dev.display()))?;
+    let opts = DecryptOptions {
+        resilience: match a.resilience {
+            None | Some(ResilienceArg::Checksum) => Resilience::Checksum,
+            Some(ResilienceArg::Journal) => Resilience::Journal,
+            Some(ResilienceArg::None) => Resilience::None,
+        },
+        tuning: tuning(&a.tuning),
+    };
+    let cancel = install_cancel()?;
+    let pp = progress_printer();
+    let ctl = Control {
+        progress: Some(&pp),
+        cancel: Some(&cancel),
+    };
+    let outcome = match &a.header {
+        Some(h) => {
+            // The file may be new (header moving out of the device) or the
+            // volume's detached header: open without truncating either way.
+            let existed = std::fs::metadata(h).is_ok();
+            let hf = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(h)
+                .with_context(|| {
+                    format!("{}: cannot open header file {}", dev.display(), h.display())
+                })?;
+            let r = luksify_walker::decrypt(&data, Some(&hf), &pass, &opts, &ctl);
+            if !existed && r.is_err() && !is_luks_file(h) {
+                let _ = std::fs::remove_file(h);
+            }
+            r
+        }
+        None => luksify_walker::decrypt::<_, std::fs::File>(&data, None, &pass, &opts, &ctl),
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
+    let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
+    Ok(report(dev, outcome, "decryption", hint))
+}
+
+fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
+    let dev = &a.device;
+    let pass = read_secret(&a.key_file, "key file")?;
+    let kind =
+        KdfKind::parse(&a.pbkdf).map_err(|e| anyhow::anyhow!("{}: --pbkdf: {e}", dev.display()))?;
+    let kdf = KdfRequest {
+        kind,
+        force_iterations: a.iterations,
+        memory_kib: a.pbkdf_memory,
+        ..KdfRequest::default()
+    };
+    let volume_key = match &a.volume_key_file {
+        Some(p) => Some(VolumeKey::new(read_secret(p, "volume key file")?)),
+        None => None,
+    };
+    let format = FormatOptions {
+        key_size: a.key_size / 8,
+        sector_size: a.sector_size,
+        kdf,
+        label: a.label.clone(),
+        volume_key,
+        ..FormatOptions::default()
+    };
+    let placement = match (&a.header, a.reduce_device_size) {
+        (Some(_), None) => Placement::Detached {
+            resilience: match a.resilience {
+                ResilienceArg::Checksum => Resilience::Checksum,
+                ResilienceArg::Journal => Resilience::Journal,
+                ResilienceArg::None => Resilience::None,
+            },
+        },
+        (None, Some(r)) => Placement::Shift { reduce: r },
+        _ => bail!(
+            "{}: say where the header goes: --header FILE (detached) or --reduce-device-size SIZE (in front, last SIZE bytes unused)",
+            dev.display()
+        ),
+    };
+    let opts = EncryptOptions {
+        placement,
+        format,
+        tuning: tuning(&a.tuning),
+    };
+    let data = DataDevice::open(dev, a.tuning.buffered)
+        .with_context(|| format!("{}: cannot open (is it mounted or in use?)", dev.display()))?;
+    let cancel = install_cancel()?;
+    let pp = progress_printer();
+    let ctl = Control {
+        progress: Some(&pp),
+        cancel: Some(&cancel),
+    };
+    let outcome = match &a.header {
+        Some(h) => {
+            let hf = open_new_header(h, dev)?;
+            let r = luksify_walker::encrypt(&data, Some(&hf), &pass, &opts, &ctl);
+            if r.as_ref()
+                .is_err_and(|e| matches!(e, luksify_walker::Error::Refused(_)))
+            {
+                // Nothing was written to the header either: do not leave an empty file.
+                if hf.metadata().map(|m| m.len()).unwrap_or(1) == 0 || !is_luks_file(h) {
+                    let _ = std::fs::remove_file(h);
+                }
+            }
+            r
+        }
+        None => luksify_walker::encrypt::<_, std::fs::File>(&data, None, &pass, &opts, &ctl),
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
+    let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
+    Ok(report(dev, outcome, "encryption", hint))
+}
+
+fn is_luks_file(p: &Path) -> bool {
+    std::fs::File::open(p)
+        .ok()
+        .and_then(|f| luksify_luks::probe(&f).ok().flatten())
+        .is_some()
+}
+
+/// Creates the detached header file with its full size reserved up front, so
+/// a full filesystem is reported before the device is touched.
+fn open_new_header(h: &Path, dev: &Path) -> anyhow::Result<std::fs::File> {
+    if let Ok(m) = std::fs::metadata(h) {
+        if m.len() > 0 {
+            bail!(
+                "{}: header file {} already exists; to continue an interrupted run use `luksify resume --header {}`, else remove it",
+                dev.display(), h.display(), h.display()
+            );
+        }
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(h)
+        .with_context(|| {
+            format!(
+                "{}: cannot create header file {}",
+                dev.display(),
+                h.display()
+            )
+        })?;
+    let want = luksify_luks::luks2::DEFAULT_DATA_OFFSET as libc::off_t;
+    // SAFETY: posix_fallocate on a valid open fd; no memory is passed.
+    let r = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, want) };
+    if r != 0 {
+        drop(f);
+        let _ = std::fs::remove_file(h);
+        bail!(
+            "{}: cannot reserve 16 MiB for header file {}: {} (free space where the header goes; the device was not touched)",
+            dev.display(), h.display(), std::io::Error::from_raw_os_error(r)
+        );
+    }
+    Ok(f)
+}
+
+fn resume_hint(dev: &Path, key: &Path, header: Option<&Path>) -> String {
+    let mut s = format!(
+        "luksify resume {} --key-file {}",
+        dev.display(),
+        key.display()
+    );
+    if let Some(h) = header {
+        s.push_str(&format!(" --header {}", h.display()));
+    }
+    s
+}
+
+fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let Some(dev) = &a.device else {
+        return crate::cmd_orch::resume_all(a.key_file, a.userspace, a.wait, a.state_dir);
+    };
+    let Some(key_file) = &a.key_file else {
+        bail!(
+            "{}: resuming a device needs --key-file F (the passphrase file)",
+            dev.display()
+        );
+    };
+    let pass = read_secret(key_file, "key file")?;
+    let data = DataDevice::open(dev, a.tuning.buffered)
+        .with_context(|| format!("{}: cannot open (is it mounted or in use?)", dev.display()))?;
+    let cancel = install_cancel()?;
+    let pp = progress_printer();
+    let ctl = Control {
+        progress: Some(&pp),
+        cancel: Some(&cancel),
+    };
+    let t = tuning(&a.tuning);
+    let outcome = match &a.header {
+        Some(h) => {
+            let hf = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(h)
+                .with_context(|| {
+                    format!("{}: cannot open header file {}", dev.display(), h.display())
+                })?;
+            luksify_walker::resume(&data, Some(&hf), &pass, t, &ctl)
+        }
+        None => luksify_walker::resume::<_, std::fs::File>(&data, None, &pass, t, &ctl),
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
+    let hint = resume_hint(dev, key_file, a.header.as_deref());
+    Ok(report(dev, outcome, "run", hint))
 }

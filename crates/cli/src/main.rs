@@ -5,10 +5,12 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod bench_device;
 mod cmd_bench;
 mod cmd_luks;
 mod cmd_orch;
 mod cmd_walker;
+mod keyfile;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -1,0 +1,69 @@
+//! Reading `--key-file F` exactly as cryptsetup does: the whole file (newlines
+//! included) is the passphrase; `-` means standard input. The bytes go straight
+//! into a zeroizing buffer sized up front, so no reallocation leaves copies behind.
+
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::Path;
+use zeroize::Zeroizing;
+
+/// cryptsetup's default key file size limit (8 MiB).
+pub const MAX_KEY_FILE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Reads the whole key file `path` (or stdin for `-`) into a zeroizing buffer.
+/// Refuses empty files and files over 8 MiB, as cryptsetup does.
+pub fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let what = path.display();
+    let mut reader: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| {
+            format!("cannot open key file {what}: check the path and permissions")
+        })?)
+    };
+    // One allocation of the maximum size (+1 to detect oversize); never grown.
+    let mut buf = Zeroizing::new(vec![0u8; MAX_KEY_FILE_BYTES + 1]);
+    let mut len = 0;
+    loop {
+        let n = match reader.read(&mut buf[len..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read key file {what}")),
+        };
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if len > MAX_KEY_FILE_BYTES {
+            bail!("key file {what} is larger than {MAX_KEY_FILE_BYTES} bytes (cryptsetup's limit); use a smaller key file");
+        }
+    }
+    if len == 0 {
+        bail!("key file {what} is empty: an empty passphrase is not allowed; put the passphrase in the file");
+    }
+    let mut out = Zeroizing::new(vec![0u8; len]);
+    out.copy_from_slice(&buf[..len]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_file_including_newlines_is_the_passphrase() {
+        let dir = tempfile_dir();
+        let p = dir.join("k");
+        std::fs::write(&p, b"pass\nword\n").unwrap();
+        assert_eq!(&read_key_file(&p).unwrap()[..], b"pass\nword\n");
+        std::fs::write(&p, b"").unwrap();
+        assert!(read_key_file(&p).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("luksify-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

@@ -1,0 +1,412 @@
+//! Hostile and damaged headers: truncated, wrong magic or version, bad
+//! checksums, oversized or malformed JSON, absurd AF stripes and KDF costs,
+//! wrong passphrases. Each must give a clear error (never a panic) and leave
+//! the file byte-for-byte unchanged, through the library and the CLI.
+
+use luksify_luks::io::Disk;
+use luksify_luks::luks1::Luks1Header;
+use luksify_luks::luks2::binary::{checksum, BINARY_HEADER_SIZE};
+use luksify_luks::luks2::Luks2Header;
+use luksify_luks::Error;
+use luksify_tests::{luksify_bin, require_tool, run, run_ok, sparse_file};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PASS: &str = "bad-input-pass";
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    pristine: Vec<u8>,
+}
+
+impl Fixture {
+    /// A small cryptsetup-made LUKS2 image (cheap pbkdf2).
+    fn luks2() -> Fixture {
+        require_tool("cryptsetup");
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        sparse_file(&img, 17 << 20);
+        std::fs::write(dir.path().join("key"), PASS).unwrap();
+        run_ok(
+            Command::new("cryptsetup")
+                .args([
+                    "luksFormat",
+                    "-q",
+                    "--type",
+                    "luks2",
+                    "--pbkdf",
+                    "pbkdf2",
+                    "--pbkdf-force-iterations",
+                    "1000",
+                    "--key-file",
+                ])
+                .arg(dir.path().join("key"))
+                .arg(&img),
+        );
+        let pristine = std::fs::read(&img).unwrap();
+        Fixture { dir, pristine }
+    }
+    fn img(&self) -> PathBuf {
+        self.dir.path().join("img")
+    }
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("key")
+    }
+    /// Writes `bytes` as the image, then checks that neither the library nor
+    /// any CLI command accepts it, panics, or changes a byte.
+    fn expect_rejected(
+        &self,
+        bytes: &[u8],
+        why: &str,
+        lib_check: impl Fn(&std::fs::File) -> Result<(), Error>,
+    ) {
+        let img = self.img();
+        std::fs::write(&img, bytes).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let err = lib_check(&f).expect_err(why);
+        let msg = err.to_string();
+        assert!(
+            !msg.is_empty() && !msg.contains('\n'),
+            "{why}: one-line error, got {msg:?}"
+        );
+        drop(f);
+        let newk = self.dir.path().join("newkey");
+        std::fs::write(&newk, "another").unwrap();
+        for args in [
+            vec!["dump", p(&img)],
+            vec!["dump", p(&img), "--json"],
+            vec!["test-passphrase", p(&img), "--key-file", p(&self.key())],
+            vec![
+                "add-key",
+                p(&img),
+                "--key-file",
+                p(&self.key()),
+                "--new-key-file",
+                p(&newk),
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+            ],
+            vec![
+                "remove-key",
+                p(&img),
+                "--key-file",
+                p(&self.key()),
+                "--batch-mode",
+            ],
+            vec![
+                "change-key",
+                p(&img),
+                "--key-file",
+                p(&self.key()),
+                "--new-key-file",
+                p(&newk),
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+            ],
+        ] {
+            let out = run(Command::new(luksify_bin()).args(&args));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !stderr.contains("panicked"),
+                "{why}: {args:?} panicked: {stderr}"
+            );
+            let code = out.status.code();
+            // dump may legitimately succeed on a header that only fails at unlock time.
+            if args[0] != "dump" {
+                assert!(
+                    matches!(code, Some(1) | Some(2)),
+                    "{why}: {args:?} exit {code:?}: {stderr}"
+                );
+            } else {
+                assert!(
+                    matches!(code, Some(0) | Some(1)),
+                    "{why}: {args:?} exit {code:?}: {stderr}"
+                );
+            }
+            assert!(
+                std::fs::read(&img).unwrap() == bytes,
+                "{why}: {args:?} wrote to the image"
+            );
+        }
+    }
+}
+
+fn read_and_unlock(f: &std::fs::File) -> Result<(), Error> {
+    let (hdr, _) = Luks2Header::read(f)?;
+    hdr.unlock(f, PASS.as_bytes(), None).map(|_| ())
+}
+
+/// Rewrites the JSON of both copies (valid checksums), so the damage reaches
+/// the JSON parser and validator instead of the checksum check.
+fn with_json(bytes: &[u8], edit: impl Fn(&mut Value)) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let hdr_size = u64::from_be_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    let end = bytes[4096..hdr_size].iter().position(|&b| b == 0).unwrap();
+    let mut v: Value = serde_json::from_slice(&bytes[4096..4096 + end]).unwrap();
+    edit(&mut v);
+    let text = serde_json::to_vec(&v).unwrap();
+    with_json_text(&mut out, hdr_size, &text);
+    out
+}
+
+fn with_json_text(out: &mut [u8], hdr_size: usize, text: &[u8]) {
+    for base in [0, hdr_size] {
+        let area = &mut out[base + 4096..base + hdr_size];
+        area.fill(0);
+        let n = text.len().min(area.len());
+        area[..n].copy_from_slice(&text[..n]);
+        let bin: [u8; BINARY_HEADER_SIZE] = out[base..base + 4096].try_into().unwrap();
+        let c = checksum(&bin, &out[base + 4096..base + hdr_size]);
+        out[base + 448..base + 512].copy_from_slice(&c);
+    }
+}
+
+#[test]
+fn luks2_truncated_wrong_magic_version_checksum() {
+    let fx = Fixture::luks2();
+    let good = fx.pristine.clone();
+    fx.expect_rejected(&good[..1000], "truncated to 1000 bytes", read_and_unlock);
+    fx.expect_rejected(&good[..20000], "truncated inside the secondary", |f| {
+        // The primary is intact: reading works, but nothing may be written.
+        let r = Luks2Header::read(f);
+        assert!(r.is_ok());
+        Luks2Header::read(f)?
+            .0
+            .unlock(f, PASS.as_bytes(), None)
+            .map(|_| ())
+    });
+    let mut magic = good.clone();
+    magic[0] = b'X';
+    magic[16384] = b'X';
+    fx.expect_rejected(&magic, "wrong magic", read_and_unlock);
+    let mut version = good.clone();
+    version[7] = 3;
+    version[16384 + 7] = 3;
+    fx.expect_rejected(&version, "version 3", |f| match read_and_unlock(f) {
+        Err(Error::UnsupportedVersion(3)) => Err(Error::UnsupportedVersion(3)),
+        other => panic!("expected UnsupportedVersion(3), got {other:?}"),
+    });
+    let mut csum = good.clone();
+    csum[4200] ^= 1;
+    csum[16384 + 4200] ^= 1;
+    fx.expect_rejected(&csum, "both checksums bad", |f| match read_and_unlock(f) {
+        Err(e @ Error::NoValidHeader { .. }) => Err(e),
+        other => panic!("expected NoValidHeader, got {other:?}"),
+    });
+}
+
+#[test]
+fn luks2_malformed_and_oversized_json() {
+    let fx = Fixture::luks2();
+    let good = fx.pristine.clone();
+    let mut not_json = good.clone();
+    with_json_text(&mut not_json, 16384, b"{\"keyslots\": [1, 2");
+    fx.expect_rejected(&not_json, "malformed JSON", read_and_unlock);
+    let mut no_nul = good.clone();
+    with_json_text(&mut no_nul, 16384, &vec![b' '; 12288]);
+    fx.expect_rejected(&no_nul, "JSON area without NUL", read_and_unlock);
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let mut nested = good.clone();
+    with_json_text(&mut nested, 16384, deep.as_bytes());
+    fx.expect_rejected(&nested, "deeply nested JSON", read_and_unlock);
+    let big = with_json(&good, |v| {
+        v["config"]["json_size"] = Value::String("4190208".into());
+    });
+    fx.expect_rejected(&big, "json_size disagrees with hdr_size", read_and_unlock);
+    let many = with_json(&good, |v| {
+        let ks = v["keyslots"]["0"].clone();
+        for i in 1..40 {
+            v["keyslots"][i.to_string()] = ks.clone();
+        }
+    });
+    fx.expect_rejected(&many, "40 keyslots", read_and_unlock);
+    let overlap = with_json(&good, |v| {
+        let mut ks = v["keyslots"]["0"].clone();
+        ks["area"]["offset"] = Value::String("40960".into());
+        v["keyslots"]["1"] = ks;
+        v["digests"]["0"]["keyslots"] = serde_json::json!(["0", "1"]);
+    });
+    fx.expect_rejected(&overlap, "overlapping keyslot areas", read_and_unlock);
+    let outside = with_json(&good, |v| {
+        v["keyslots"]["0"]["area"]["offset"] = Value::String("16777216".into());
+    });
+    fx.expect_rejected(
+        &outside,
+        "keyslot area beyond keyslots_size",
+        read_and_unlock,
+    );
+    let in_json = with_json(&good, |v| {
+        v["keyslots"]["0"]["area"]["offset"] = Value::String("8192".into());
+    });
+    fx.expect_rejected(
+        &in_json,
+        "keyslot area inside the metadata",
+        read_and_unlock,
+    );
+    let missing_ref = with_json(&good, |v| {
+        v["digests"]["0"]["keyslots"] = serde_json::json!(["0", "7"]);
+    });
+    fx.expect_rejected(
+        &missing_ref,
+        "digest names a missing keyslot",
+        read_and_unlock,
+    );
+    let data_overlap = with_json(&good, |v| {
+        v["segments"]["0"]["offset"] = Value::String("1048576".into());
+    });
+    fx.expect_rejected(
+        &data_overlap,
+        "data offset inside the keyslots area",
+        read_and_unlock,
+    );
+    let bad_number = with_json(&good, |v| {
+        v["segments"]["0"]["offset"] = Value::String("-16777216".into());
+    });
+    fx.expect_rejected(&bad_number, "negative offset string", read_and_unlock);
+}
+
+#[test]
+fn luks2_absurd_stripes_and_kdf_costs() {
+    let fx = Fixture::luks2();
+    let good = fx.pristine.clone();
+    let stripes = with_json(&good, |v| {
+        v["keyslots"]["0"]["af"]["stripes"] = Value::from(1u64 << 31);
+    });
+    fx.expect_rejected(&stripes, "2^31 AF stripes", read_and_unlock);
+    let argon_4tib = with_json(&good, |v| {
+        v["keyslots"]["0"]["kdf"] = serde_json::json!({"type": "argon2id", "time": 4, "memory": 4294967296u64, "cpus": 1, "salt": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="});
+    });
+    fx.expect_rejected(&argon_4tib, "argon2 memory 4 TiB", read_and_unlock);
+    let argon_over_cap = with_json(&good, |v| {
+        v["keyslots"]["0"]["kdf"] = serde_json::json!({"type": "argon2id", "time": 4, "memory": 4194305u64, "cpus": 1, "salt": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="});
+    });
+    fx.expect_rejected(
+        &argon_over_cap,
+        "argon2 memory above 4 GiB",
+        |f| match read_and_unlock(f) {
+            Err(e @ Error::KdfTooCostly(_)) => Err(e),
+            other => panic!("expected KdfTooCostly, got {other:?}"),
+        },
+    );
+    let iterations = with_json(&good, |v| {
+        v["keyslots"]["0"]["kdf"]["iterations"] = Value::from(1u64 << 40);
+    });
+    fx.expect_rejected(&iterations, "2^40 pbkdf2 iterations", read_and_unlock);
+    let unknown_hash = with_json(&good, |v| {
+        v["keyslots"]["0"]["kdf"]["hash"] = Value::from("whirlpool-9000");
+    });
+    fx.expect_rejected(&unknown_hash, "unknown KDF hash", read_and_unlock);
+    let requirement = with_json(&good, |v| {
+        v["config"]["requirements"] = serde_json::json!({"mandatory": ["future-feature"]});
+    });
+    fx.expect_rejected(
+        &requirement,
+        "unknown mandatory requirement",
+        |f| match read_and_unlock(f) {
+            Err(e @ Error::UnmetRequirement(_)) => Err(e),
+            other => panic!("expected UnmetRequirement, got {other:?}"),
+        },
+    );
+}
+
+#[test]
+fn luks2_wrong_passphrase_writes_nothing() {
+    let fx = Fixture::luks2();
+    let good = fx.pristine.clone();
+    std::fs::write(fx.key(), "not the passphrase").unwrap();
+    fx.expect_rejected(&good, "wrong passphrase", |f| {
+        match Luks2Header::read(f)?
+            .0
+            .unlock(f, b"not the passphrase", None)
+        {
+            Err(e @ Error::WrongPassphrase) => Err(e),
+            other => panic!("expected WrongPassphrase, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn luks1_truncated_and_corrupt_headers() {
+    require_tool("cryptsetup");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("l1");
+    sparse_file(&img, 4 << 20);
+    let kf = d.path().join("key");
+    std::fs::write(&kf, PASS).unwrap();
+    run_ok(Command::new("cryptsetup").args([
+        "luksFormat",
+        "-q",
+        "--type",
+        "luks1",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        p(&kf),
+        p(&img),
+    ]));
+    let good = std::fs::read(&img).unwrap();
+    let fx = Fixture {
+        dir: d,
+        pristine: good.clone(),
+    };
+    std::fs::rename(&img, fx.img()).unwrap();
+    std::fs::rename(&kf, fx.key()).unwrap();
+    let luks1_unlock = |f: &std::fs::File| -> Result<(), Error> {
+        Luks1Header::read(f)?
+            .unlock(f, PASS.as_bytes(), None)
+            .map(|_| ())
+    };
+    fx.expect_rejected(&good[..300], "truncated LUKS1 header", luks1_unlock);
+    fx.expect_rejected(
+        &good[..4096],
+        "LUKS1 header without key material",
+        luks1_unlock,
+    );
+    let mut stripes = good.clone();
+    stripes[208 + 44..208 + 48].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    fx.expect_rejected(&stripes, "LUKS1 absurd stripes", luks1_unlock);
+    let mut state = good.clone();
+    state[208..212].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    fx.expect_rejected(&state, "LUKS1 bad keyslot state", luks1_unlock);
+    let mut overlap = good.clone();
+    overlap[208 + 48 + 40..208 + 48 + 44].copy_from_slice(&8u32.to_be_bytes());
+    fx.expect_rejected(&overlap, "LUKS1 overlapping keyslots", luks1_unlock);
+    let mut cipher = good.clone();
+    cipher[8..40].copy_from_slice(&[b'x'; 32]);
+    fx.expect_rejected(&cipher, "LUKS1 cipher name without NUL", luks1_unlock);
+    let mut digest = good.clone();
+    digest[112] ^= 0xff;
+    fx.expect_rejected(&digest, "LUKS1 master-key digest mismatch", luks1_unlock);
+}
+
+#[test]
+fn luks_cli_not_luks_device_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("zero");
+    sparse_file(&img, 1 << 20);
+    let kf = d.path().join("k");
+    std::fs::write(&kf, "x").unwrap();
+    let out =
+        run(Command::new(luksify_bin()).args(["test-passphrase", p(&img), "--key-file", p(&kf)]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(p(&img)) && err.contains("not a LUKS device"),
+        "{err}"
+    );
+    let f = std::fs::File::open(&img).unwrap();
+    assert_eq!(f.size().unwrap(), 1 << 20);
+}

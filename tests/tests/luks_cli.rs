@@ -1,0 +1,416 @@
+//! The `luksify` LUKS commands against cryptsetup, and LUKS1 against qemu-img.
+
+use luksify_tests::{luksify_bin, require_tool, run, run_ok, sparse_file};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn lx(args: &[&str]) -> Command {
+    let mut c = Command::new(luksify_bin());
+    c.args(args);
+    c
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+struct Dir {
+    d: tempfile::TempDir,
+}
+impl Dir {
+    fn new() -> Dir {
+        Dir {
+            d: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.d.path().join(name)
+    }
+    fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let f = self.path(name);
+        std::fs::write(&f, contents).unwrap();
+        f
+    }
+    fn image(&self, name: &str, size: u64) -> PathBuf {
+        let f = self.path(name);
+        sparse_file(&f, size);
+        f
+    }
+}
+
+fn cs_volume_key(img: &Path, key: &Path, header: Option<&Path>, out: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(out);
+    let mut c = Command::new("cryptsetup");
+    c.args([
+        "luksDump",
+        "-q",
+        "--dump-volume-key",
+        "--volume-key-file",
+        p(out),
+        "--key-file",
+        p(key),
+    ]);
+    if let Some(h) = header {
+        c.args(["--header", p(h)]);
+    }
+    run_ok(c.arg(img));
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn luks_cli_format_matrix_accepted_by_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("key", b"pass phrase\n");
+    for (pbkdf, extra) in [
+        ("pbkdf2", vec!["--pbkdf-force-iterations", "1000"]),
+        (
+            "argon2id",
+            vec!["--pbkdf-force-iterations", "4", "--pbkdf-memory", "32"],
+        ),
+    ] {
+        for sector in ["512", "4096"] {
+            for bits in ["256", "512"] {
+                for detached in [false, true] {
+                    let img = d.image("img", 20 << 20);
+                    let hdr = d.path("hdr");
+                    let _ = std::fs::remove_file(&hdr);
+                    let vkf = d.path("vk-ours");
+                    let mut vk = vec![0u8; bits.parse::<usize>().unwrap() / 8];
+                    getrandom::fill(&mut vk).unwrap();
+                    std::fs::write(&vkf, &vk).unwrap();
+                    let mut c = lx(&[
+                        "format",
+                        p(&img),
+                        "--key-file",
+                        p(&key),
+                        "--pbkdf",
+                        pbkdf,
+                        "--sector-size",
+                        sector,
+                        "--key-size",
+                        bits,
+                        "--label",
+                        "cli",
+                        "--volume-key-file",
+                        p(&vkf),
+                    ]);
+                    c.args(&extra);
+                    if detached {
+                        c.args(["--header", p(&hdr)]);
+                    }
+                    run_ok(&mut c);
+                    let h = detached.then_some(hdr.as_path());
+                    let mut t = Command::new("cryptsetup");
+                    t.args(["open", "--test-passphrase", "--key-file", p(&key)]);
+                    if let Some(h) = h {
+                        t.args(["--header", p(h)]);
+                    }
+                    run_ok(t.arg(&img));
+                    assert_eq!(
+                        cs_volume_key(&img, &key, h, &d.path("vk-cs")),
+                        vk,
+                        "{pbkdf} {sector} {bits} {detached}"
+                    );
+                    // Our dump-volume-key agrees.
+                    let out = d.path("vk-dump");
+                    let _ = std::fs::remove_file(&out);
+                    let mut c = lx(&[
+                        "dump",
+                        p(&img),
+                        "--dump-volume-key",
+                        "--key-file",
+                        p(&key),
+                        "--volume-key-file",
+                        p(&out),
+                    ]);
+                    if let Some(h) = h {
+                        c.args(["--header", p(h)]);
+                    }
+                    let o = run_ok(&mut c);
+                    assert_eq!(std::fs::read(&out).unwrap(), vk);
+                    // The key never appears on stdout/stderr.
+                    let hexkey: String = vk.iter().map(|b| format!("{b:02x}")).collect();
+                    let all = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    assert!(!all.contains(&hexkey[..16]));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn luks_cli_key_management_and_test_passphrase() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 20 << 20);
+    let k0 = d.file("k0", b"zero");
+    let k1 = d.file("k1", b"one");
+    let k2 = d.file("k2", b"two");
+    let bad = d.file("bad", b"nope");
+    run_ok(Command::new("cryptsetup").args([
+        "luksFormat",
+        "-q",
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        p(&k0),
+        p(&img),
+    ]));
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    run_ok(&mut lx(&["test-passphrase", p(&img), "--key-file", p(&k0)]));
+    let o = run(&mut lx(&[
+        "test-passphrase",
+        p(&img),
+        "--key-file",
+        p(&bad),
+    ]));
+    assert_eq!(o.status.code(), Some(2));
+    run_ok(
+        lx(&[
+            "add-key",
+            p(&img),
+            "--key-file",
+            p(&k0),
+            "--new-key-file",
+            p(&k1),
+        ])
+        .args(fast),
+    );
+    run_ok(
+        lx(&[
+            "add-key",
+            p(&img),
+            "--key-file",
+            p(&k1),
+            "--new-key-file",
+            p(&k2),
+            "--key-slot",
+            "7",
+        ])
+        .args(fast),
+    );
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-slot",
+        "7",
+        "--key-file",
+        p(&k2),
+        p(&img),
+    ]));
+    run_ok(&mut lx(&[
+        "test-passphrase",
+        p(&img),
+        "--key-file",
+        p(&k2),
+        "--key-slot",
+        "7",
+    ]));
+    assert!(!run(&mut lx(&[
+        "test-passphrase",
+        p(&img),
+        "--key-file",
+        p(&k2),
+        "--key-slot",
+        "1"
+    ]))
+    .status
+    .success());
+    run_ok(&mut lx(&["remove-key", p(&img), "--key-file", p(&k0)]));
+    assert!(!run(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        p(&k0),
+        p(&img)
+    ]))
+    .status
+    .success());
+    let k1b = d.file("k1b", b"one-b");
+    run_ok(
+        lx(&[
+            "change-key",
+            p(&img),
+            "--key-file",
+            p(&k1),
+            "--new-key-file",
+            p(&k1b),
+        ])
+        .args(fast),
+    );
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-slot",
+        "1",
+        "--key-file",
+        p(&k1b),
+        p(&img),
+    ]));
+    assert!(!run(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        p(&k1),
+        p(&img)
+    ]))
+    .status
+    .success());
+    let dump = run_ok(&mut lx(&["dump", p(&img)]));
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        text.contains("  1: luks2") && text.contains("  7: luks2") && !text.contains("  0: luks2"),
+        "{text}"
+    );
+    let json = run_ok(&mut lx(&["dump", p(&img), "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["segments"]["0"]["type"], "crypt");
+    // Removing the last keyslot needs --batch-mode.
+    run_ok(&mut lx(&["remove-key", p(&img), "--key-file", p(&k2)]));
+    assert!(
+        !run(&mut lx(&["remove-key", p(&img), "--key-file", p(&k1b)]))
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn luks_cli_format_refuses_signatures_without_batch_mode_and_huge_argon2() {
+    require_tool("mkfs.ext4");
+    let d = Dir::new();
+    let key = d.file("key", b"k");
+    let img = d.image("img", 32 << 20);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", p(&img)]));
+    let before = std::fs::read(&img).unwrap();
+    let o = run(&mut lx(&[
+        "format",
+        p(&img),
+        "--key-file",
+        p(&key),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("ext2/3/4"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), before, "nothing written");
+    // Argon2 memory above half of RAM (or cryptsetup's 4 GiB cap, whichever is lower):
+    // refused with a message naming the limit, before anything is written.
+    let ram_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (mem, why) = if ram_kib / 2 < 4194304 {
+        (ram_kib / 2 + 1024, "half")
+    } else {
+        (4194305, "4194304")
+    };
+    let o = run(&mut lx(&[
+        "format",
+        p(&img),
+        "--key-file",
+        p(&key),
+        "--batch-mode",
+        "--pbkdf",
+        "argon2id",
+        "--pbkdf-memory",
+        &mem.to_string(),
+        "--pbkdf-force-iterations",
+        "4",
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(why),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), before, "nothing written");
+    run_ok(&mut lx(&[
+        "format",
+        p(&img),
+        "--key-file",
+        p(&key),
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    // Now a LUKS header is there: refused again without --batch-mode.
+    assert!(!run(&mut lx(&[
+        "format",
+        p(&img),
+        "--key-file",
+        p(&key),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000"
+    ]))
+    .status
+    .success());
+}
+
+#[test]
+fn luks1_cli_format_opens_with_cryptsetup_and_qemu_img() {
+    require_tool("cryptsetup");
+    require_tool("qemu-img");
+    let d = Dir::new();
+    let img = d.image("l1.img", 8 << 20);
+    let key = d.file("key", b"qemu-secret");
+    run_ok(&mut lx(&[
+        "format",
+        p(&img),
+        "--type",
+        "luks1",
+        "--key-file",
+        p(&key),
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        p(&key),
+        p(&img),
+    ]));
+    let dump = run_ok(Command::new("cryptsetup").args(["luksDump", p(&img)]));
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        text.contains("Version:       \t1") && text.contains("Payload offset:\t4096"),
+        "{text}"
+    );
+    let out = run_ok(Command::new("qemu-img").args([
+        "info",
+        "--object",
+        "secret,id=s,data=qemu-secret",
+        "--image-opts",
+        &format!("driver=luks,file.filename={},key-secret=s", p(&img)),
+    ]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("virtual size: 6 MiB"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

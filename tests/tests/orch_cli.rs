@@ -1,0 +1,1156 @@
+//! The data-volume flow through the `luksify` binary: check, status, lock, open/close
+//! (userspace path), enable, kill + resume-all. `root_*` tests need root and loop devices.
+
+use luksify_tests::{luksify_bin, require_root, require_tool, run, run_ok, sparse_file, LoopDev};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn luksify(state: &Path) -> Command {
+    let mut c = Command::new(luksify_bin());
+    c.env("LUKSIFY_STATE_DIR", state);
+    c
+}
+
+fn read_status(state: &Path) -> serde_json::Value {
+    std::fs::read(state.join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn orch_status_prints_the_agent_fields_from_the_state_dir() {
+    let d = tempfile::tempdir().unwrap();
+    let out = run_ok(luksify(d.path()).arg("status"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "OsVolumeEncrypted : NotEncrypted\nDataVolumesEncrypted : NotEncrypted\nProgressMessage : \n"
+    );
+    let status = serde_json::json!({
+        "version": 1, "updated_unix": 0, "operation": "EnableEncryption", "pid": null,
+        "os_volume_encrypted": "NotEncrypted", "data_volumes_encrypted": "EncryptionInProgress",
+        "progress_message": "Encrypting data volume 1/2: 37%",
+        "volumes": [{"device": "/dev/sdc", "mapper": "luksify-sdc", "mount_point": "/data",
+                     "state": "EncryptionInProgress", "percent": 37.5, "bytes_done": 375, "bytes_total": 1000,
+                     "rate_bytes_per_s": 10.0, "eta_seconds": 63}]
+    });
+    std::fs::write(d.path().join("status.json"), status.to_string()).unwrap();
+    let out = run_ok(luksify(d.path()).arg("status"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "OsVolumeEncrypted : NotEncrypted\nDataVolumesEncrypted : EncryptionInProgress\nProgressMessage : Encrypting data volume 1/2: 37%\n"
+    );
+    let out = run_ok(luksify(d.path()).args(["status", "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["volumes"][0]["bytes_total"], 1000);
+    assert_eq!(v["volumes"][0]["eta_seconds"], 63);
+}
+
+#[test]
+fn orch_second_invocation_is_refused_naming_the_lock_holder() {
+    let d = tempfile::tempdir().unwrap();
+    let held = luksify_orchestrator::lock::GlobalLock::acquire(d.path(), false).unwrap();
+    let out = run(luksify(d.path()).args(["close", "nothing"]));
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(held);
+    // With the lock free the same command gets past the lock (and fails on its own merits).
+    let out = run(luksify(d.path()).args(["close", "nothing"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no mapping named nothing"));
+}
+
+#[test]
+fn orch_check_of_a_plain_directory_says_it_is_not_a_mount_point() {
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("x");
+    std::fs::create_dir(&sub).unwrap();
+    let out = run(Command::new(luksify_bin()).arg("check").arg(&sub));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a mount point"));
+}
+
+/// A mounted ext4 on a loop device with a tree of files; unmounts on drop.
+struct Fixture {
+    dir: tempfile::TempDir,
+    lo: Option<LoopDev>,
+    mnt: PathBuf,
+    state: PathBuf,
+    key: PathBuf,
+    sums: Vec<(PathBuf, String)>,
+}
+
+fn sha256(p: &Path) -> String {
+    let out = run_ok(Command::new("sha256sum").arg(p));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+impl Fixture {
+    fn new(size_mib: u64) -> Fixture {
+        require_root();
+        require_tool("mkfs.ext4");
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        sparse_file(&img, size_mib << 20);
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-b", "4096"])
+                .arg(&img),
+        );
+        let lo = LoopDev::attach(&img);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "noatime"])
+                .arg(&lo.path)
+                .arg(&mnt),
+        );
+        let mut sums = Vec::new();
+        for d in 0..4 {
+            let sub = mnt.join(format!("dir{d}"));
+            std::fs::create_dir(&sub).unwrap();
+            for f in 0..6 {
+                let p = sub.join(format!("f{f}"));
+                let mut b = vec![0u8; 1000 + 50_000 * f + 7 * d];
+                luksify_tests::fill_pattern(&mut b, (d * 100 + f) as u64);
+                std::fs::write(&p, &b).unwrap();
+            }
+        }
+        run_ok(&mut Command::new("sync"));
+        for d in 0..4 {
+            for f in 0..6 {
+                let p = mnt.join(format!("dir{d}/f{f}"));
+                sums.push((p.clone(), sha256(&p)));
+            }
+        }
+        let key = dir.path().join("key");
+        std::fs::write(&key, b"orch test passphrase").unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        Fixture {
+            lo: Some(lo),
+            mnt,
+            state,
+            key,
+            sums,
+            dir,
+        }
+    }
+    fn dev(&self) -> PathBuf {
+        self.lo.as_ref().unwrap().path.clone()
+    }
+    fn cmd(&self) -> Command {
+        let mut c = luksify(&self.state);
+        c.env("LUKSIFY_ETC_DIR", self.dir.path().join("etc"));
+        c
+    }
+    fn enable_cmd(&self) -> Command {
+        let mut c = self.cmd();
+        c.args(["enable", "--volume-type", "data", "--volume"])
+            .arg(&self.mnt)
+            .arg("--key-file")
+            .arg(&self.key)
+            .args([
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--userspace",
+            ]);
+        c
+    }
+    fn assert_files_unchanged(&self) {
+        for (p, h) in &self.sums {
+            assert_eq!(&sha256(p), h, "{} changed", p.display());
+        }
+    }
+    fn holder(&self) -> Child {
+        Command::new("sleep")
+            .arg("600")
+            .stdin(std::fs::File::open(&self.sums[0].0).unwrap())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).output();
+        let name = format!(
+            "luksify-{}",
+            self.dev().file_name().unwrap().to_string_lossy()
+        );
+        let _ = self.cmd().args(["close", &name]).output();
+        self.lo.take();
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_check_names_holder_and_enable_refuses_until_it_is_gone() {
+    let fx = Fixture::new(96);
+    let mut h = fx.holder();
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt).arg("--json"));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pids: Vec<u64> = v["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["pid"].as_u64().unwrap())
+        .collect();
+    assert!(pids.contains(&(h.id() as u64)), "{v}");
+    assert_eq!(v["filesystem"]["fs_type"], "ext4");
+    assert_eq!(v["ok"], false);
+    let out = run(&mut fx.enable_cmd());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("pid {}", h.id())));
+    // Refused means untouched: still plain ext4, still mounted.
+    assert!(
+        run(Command::new("cryptsetup").arg("isLuks").arg(fx.dev()))
+            .status
+            .code()
+            != Some(0)
+    );
+    fx.assert_files_unchanged();
+    h.kill().unwrap();
+    h.wait().unwrap();
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_encrypts_remounts_and_cryptsetup_accepts_it() {
+    require_tool("cryptsetup");
+    let fx = Fixture::new(160);
+    let mut child = fx
+        .enable_cmd()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(120) {
+        let s = read_status(&fx.state);
+        if let Some(st) = s["data_volumes_encrypted"].as_str() {
+            if seen.last().map(String::as_str) != Some(st) {
+                seen.push(st.to_string());
+            }
+            if st == "EncryptionInProgress" && !seen.iter().any(|x| x == "refused-second") {
+                // A concurrent second enable must be refused at once, naming the pid.
+                let out = run(&mut fx.enable_cmd());
+                assert_eq!(out.status.code(), Some(4), "{out:?}");
+                assert!(
+                    String::from_utf8_lossy(&out.stderr).contains(&format!("pid {}", child.id()))
+                );
+                seen.push("refused-second".into());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "enable failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(seen.iter().any(|s| s == "EncryptionInProgress"), "{seen:?}");
+    assert!(seen.iter().any(|s| s == "refused-second"), "{seen:?}");
+    let status = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        status.contains("DataVolumesEncrypted : Encrypted\n"),
+        "{status}"
+    );
+    assert!(
+        status.contains("ProgressMessage : Encryption succeeded for data volumes"),
+        "{status}"
+    );
+    fx.assert_files_unchanged();
+    // The mount point is served by the mapping with the original options.
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mi
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", fx.mnt.display())))
+        .expect("remounted");
+    assert!(line.contains("noatime"), "{line}");
+    assert!(
+        !line.contains(&format!(" {} ", fx.dev().display())),
+        "{line}"
+    );
+    // cryptsetup opens what we wrote with the same key file.
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(&fx.key)
+            .arg(fx.dev()),
+    );
+    let etc = fx.dir.path().join("etc");
+    let crypttab = std::fs::read_to_string(etc.join("crypttab")).unwrap();
+    assert!(
+        crypttab.contains(&format!(" {} luks,nofail", fx.key.display())),
+        "{crypttab}"
+    );
+    let fstab = std::fs::read_to_string(etc.join("fstab")).unwrap();
+    assert!(fstab.contains("/dev/mapper/luksify-"), "{fstab}");
+    assert!(fstab.contains("nofail"), "{fstab}");
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_kill_during_encryption_then_resume_all_completes() {
+    let fx = Fixture::new(192);
+    // Each progress step sleeps, so the walk is certainly mid-way when we kill it.
+    let mut child = fx
+        .enable_cmd()
+        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "progress in the status file",
+        Duration::from_secs(60),
+        || {
+            read_status(&fx.state)["volumes"][0]["bytes_done"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let s = read_status(&fx.state);
+    assert_eq!(s["data_volumes_encrypted"], "EncryptionInProgress", "{s}");
+    assert!(s["volumes"][0]["percent"].as_f64().unwrap() < 100.0, "{s}");
+    // The header itself records the interrupted run.
+    let out = run(fx.cmd().arg("check").arg(fx.dev()).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["luks"], "luks2-reencrypt-in-progress", "{v}");
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = read_status(&fx.state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    assert_eq!(s["volumes"][0]["resumed"], true, "{s}");
+    fx.assert_files_unchanged();
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
+    require_root();
+    require_tool("cryptsetup");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 64 << 20);
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"roundtrip").unwrap();
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "luksFormat",
+                "--type",
+                "luks2",
+                "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+            ])
+            .arg(&key)
+            .arg(&img),
+    );
+    let lo = LoopDev::attach(&img);
+    let state = dir.path().join("state");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let name = format!("orchrt{}", std::process::id());
+    let open = |state: &Path| {
+        run_ok(
+            luksify(state)
+                .arg("open")
+                .arg(&lo.path)
+                .arg(&name)
+                .arg("--key-file")
+                .arg(&key)
+                .arg("--userspace"),
+        );
+    };
+    open(&state);
+    let mapped = PathBuf::from("/dev/mapper").join(&name);
+    run_ok(Command::new("mkfs.ext4").arg("-q").arg(&mapped));
+    run_ok(Command::new("mount").arg(&mapped).arg(&mnt));
+    let mut data = vec![0u8; 3 << 20];
+    luksify_tests::fill_pattern(&mut data, 42);
+    std::fs::write(mnt.join("f"), &data).unwrap();
+    // Mounted: close refuses and names the mount point.
+    let out = run(luksify(&state).args(["close", &name]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&mnt.display().to_string()));
+    run_ok(Command::new("umount").arg(&mnt));
+    run_ok(luksify(&state).args(["close", &name]));
+    assert!(!mapped.exists(), "close removes the mapping");
+    // Plaintext never reached the device.
+    let raw = std::fs::read(&img).unwrap();
+    assert!(
+        !raw.windows(64).any(|w| w == &data[..64]),
+        "plaintext found on the device"
+    );
+    open(&state);
+    run_ok(Command::new("mount").arg(&mapped).arg(&mnt));
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), data);
+    run_ok(Command::new("umount").arg(&mnt));
+    run_ok(luksify(&state).args(["close", &name]));
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_restores_plain_device_fstab_and_files() {
+    let fx = Fixture::new(128);
+    let etc = fx.dir.path().join("etc");
+    let fstab0 = "# test fstab\n/dev/sdz1 /elsewhere ext4 defaults 0 2\n";
+    std::fs::write(etc.join("fstab"), fstab0).unwrap();
+    let out = run(&mut fx.enable_cmd());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(std::fs::read_to_string(etc.join("fstab")).unwrap(), fstab0);
+    let out = run(fx.cmd().arg("disable"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        status.contains("DataVolumesEncrypted : NotEncrypted\n"),
+        "{status}"
+    );
+    assert!(
+        status.contains("ProgressMessage : Decryption succeeded"),
+        "{status}"
+    );
+    // Plain again: no LUKS header, mounted straight from the device, every file intact.
+    assert_ne!(
+        run(Command::new("cryptsetup").arg("isLuks").arg(fx.dev()))
+            .status
+            .code(),
+        Some(0)
+    );
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mi
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", fx.mnt.display())))
+        .expect("remounted");
+    assert!(
+        line.contains(&format!(" {} ", fx.dev().display())),
+        "{line}"
+    );
+    fx.assert_files_unchanged();
+    // The original fstab comes back; crypttab no longer names the mapping.
+    assert_eq!(std::fs::read_to_string(etc.join("fstab")).unwrap(), fstab0);
+    assert!(!std::fs::read_to_string(etc.join("crypttab"))
+        .unwrap()
+        .contains("luksify-"));
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_xfs_needs_and_gets_a_detached_header() {
+    require_root();
+    require_tool("mkfs.xfs");
+    require_tool("cryptsetup");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 300 << 20);
+    run_ok(Command::new("mkfs.xfs").arg("-q").arg(&img));
+    let lo = LoopDev::attach(&img);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(&lo.path).arg(&mnt));
+    let mut data = vec![0u8; 7 << 20];
+    luksify_tests::fill_pattern(&mut data, 7);
+    std::fs::write(mnt.join("a"), &data).unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"xfs key").unwrap();
+    let state = dir.path().join("state");
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let hdr_dir = dir.path().join("headers");
+    let enable = |extra: &[&std::ffi::OsStr]| {
+        let mut c = luksify(&state);
+        c.env("LUKSIFY_ETC_DIR", &etc)
+            .args(["enable", "--volume"])
+            .arg(&mnt)
+            .arg("--key-file")
+            .arg(&key)
+            .args([
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--userspace",
+            ])
+            .args(extra);
+        run(&mut c)
+    };
+    let out = enable(&[]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--header-dir"));
+    let out = enable(&["--header-dir".as_ref(), hdr_dir.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(mnt.join("a")).unwrap(), data);
+    let header = hdr_dir.join(format!(
+        "luksify-{}.luks2",
+        lo.path.file_name().unwrap().to_string_lossy()
+    ));
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(&key)
+            .arg("--header")
+            .arg(&header)
+            .arg(&lo.path),
+    );
+    let crypttab = std::fs::read_to_string(etc.join("crypttab")).unwrap();
+    assert!(
+        crypttab.contains(&format!("header={}", header.display())),
+        "{crypttab}"
+    );
+    let out = run(luksify(&state).env("LUKSIFY_ETC_DIR", &etc).arg("disable"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(mnt.join("a")).unwrap(), data);
+    let _ = Command::new("umount").arg(&mnt).output();
+}
+
+const PASSPHRASE: &str = "orch test passphrase";
+
+fn mapper_name(dev: &Path) -> String {
+    format!("luksify-{}", dev.file_name().unwrap().to_string_lossy())
+}
+
+/// The mountinfo line for `mp`, if mounted.
+fn mountinfo_line(mp: &Path) -> Option<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&mp.display().to_string()))
+        .map(str::to_string)
+}
+
+#[test]
+fn orch_status_reads_not_mounted_when_the_mapping_is_gone() {
+    let d = tempfile::tempdir().unwrap();
+    let status = serde_json::json!({
+        "version": 1, "updated_unix": 0, "operation": "EnableEncryption", "pid": null,
+        "os_volume_encrypted": "NotEncrypted", "data_volumes_encrypted": "Encrypted",
+        "progress_message": "Encryption succeeded for data volumes",
+        "volumes": [{"device": "/dev/sdz", "mapper": "luksify-orchtest-absent-mapping",
+                     "mount_point": "/data", "state": "Encrypted", "percent": 100.0,
+                     "bytes_done": 1000, "bytes_total": 1000,
+                     "rate_bytes_per_s": null, "eta_seconds": 0}]
+    });
+    std::fs::write(d.path().join("status.json"), status.to_string()).unwrap();
+    let out = run_ok(luksify(d.path()).arg("status"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("DataVolumesEncrypted : NotMounted\n"),
+        "{out:?}"
+    );
+    let out = run_ok(luksify(d.path()).args(["status", "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["volumes"][0]["state"], "NotMounted", "{v}");
+    assert_eq!(v["data_volumes_encrypted"], "NotMounted", "{v}");
+}
+
+#[test]
+fn orch_wait_queues_behind_the_lock_holder_instead_of_failing() {
+    let d = tempfile::tempdir().unwrap();
+    let held = luksify_orchestrator::lock::GlobalLock::acquire(d.path(), false).unwrap();
+    let mut child = luksify(d.path())
+        .args(["close", "nothing", "--wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Without --wait the same command exits 4 at once (see the test above); with it, the
+    // process is still queued while we hold the lock.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "--wait did not wait");
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no mapping named nothing"));
+}
+
+/// Every read command takes --json and prints a JSON document.
+#[test]
+fn orch_every_read_command_has_json() {
+    let d = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["status", "--json"],
+        vec!["check", "/", "--json"],
+        vec!["enable", "--volume-type", "data", "--json"],
+    ] {
+        let out = run(luksify(d.path()).args(&args));
+        let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&out.stdout);
+        assert!(parsed.is_ok(), "{args:?}: {out:?}");
+    }
+    // The root filesystem: found as the OS volume (a blocker), with SELinux mode and memory.
+    let out = run(luksify(d.path()).args(["check", "/", "--json"]));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["is_os_volume"], true, "{v}");
+    assert!(v["selinux"].is_string(), "{v}");
+    assert!(v["mem_available_bytes"].as_u64().unwrap_or(0) > 0, "{v}");
+}
+
+#[test]
+fn orch_installed_unit_passes_systemd_analyze_and_its_execstart_parses() {
+    require_tool("systemd-analyze");
+    let d = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        Command::new(luksify_bin())
+            .args(["install-unit", "--prefix"])
+            .arg(d.path()),
+    );
+    let unit = d.path().join("etc/systemd/system/luksify-resume.service");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&unit.display().to_string()),
+        "{out:?}"
+    );
+    // systemd-analyze verify loads the unit without starting anything; it exits non-zero
+    // on a missing ExecStart binary and prints a line for each unknown key.
+    let out = run(Command::new("systemd-analyze").arg("verify").arg(&unit));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The shipped file itself differs only in the ExecStart path.
+    let text = std::fs::read_to_string(&unit).unwrap();
+    let shipped = std::fs::read_to_string(
+        luksify_tests::workspace_root().join("dist/luksify-resume.service"),
+    )
+    .unwrap();
+    assert_eq!(text.lines().count(), shipped.lines().count());
+    let exec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(
+        std::fs::canonicalize(argv[0]).unwrap(),
+        std::fs::canonicalize(luksify_bin()).unwrap()
+    );
+    // Our clap CLI accepts exactly those arguments (`--help` after them only prints help
+    // once everything before it parsed); a wrong flag in the same position is refused.
+    let out = run(Command::new(argv[0]).args(&argv[1..]).arg("--help"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: luksify resume"));
+    let out = run(Command::new(argv[0])
+        .args(&argv[1..])
+        .arg("--no-such-flag")
+        .arg("--help"));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_without_volume_lists_the_data_volume_never_the_os_disk() {
+    let fx = Fixture::new(64);
+    let out = run_ok(fx.cmd().args(["enable", "--volume-type", "data", "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let devices: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["device"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        devices.contains(&fx.dev().display().to_string()),
+        "{devices:?}"
+    );
+    let root_dev = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/").unwrap().dev()
+    };
+    for r in v.as_array().unwrap() {
+        assert_eq!(r["is_os_volume"], false, "{r}");
+        let dev = r["dev"].as_str().unwrap();
+        let (ma, mi) = dev.split_once(':').unwrap();
+        let raw = libc::makedev(ma.parse().unwrap(), mi.parse().unwrap());
+        assert_ne!(
+            raw, root_dev,
+            "the root filesystem's device is offered: {r}"
+        );
+    }
+    // The human listing names it too, and nothing is written.
+    let out = run_ok(fx.cmd().args(["enable", "--volume-type", "data"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&fx.dev().display().to_string()));
+    assert!(!fx.state.join("status.json").exists());
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_nested_mount_is_listed_unmounted_and_mounted_again_with_its_options() {
+    let fx = Fixture::new(128);
+    let img = fx.dir.path().join("inner.img");
+    sparse_file(&img, 32 << 20);
+    run_ok(Command::new("mkfs.ext4").arg("-q").arg(&img));
+    let inner_lo = LoopDev::attach(&img);
+    let inner = fx.mnt.join("dir0/inner");
+    std::fs::create_dir(&inner).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "nodev,noexec"])
+            .arg(&inner_lo.path)
+            .arg(&inner),
+    );
+    let inner_file = inner.join("kept");
+    std::fs::write(&inner_file, b"nested filesystem content").unwrap();
+    let inner_sum = sha256(&inner_file);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).output();
+        }
+    }
+    let _guard = Unmount(inner.clone());
+
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt).arg("--json"));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["nested_mounts"][0]["mount_point"],
+        inner.display().to_string(),
+        "{v}"
+    );
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&inner.display().to_string()),
+        "{out:?}"
+    );
+
+    let out = run(&mut fx.enable_cmd());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fx.assert_files_unchanged();
+    assert_eq!(sha256(&inner_file), inner_sum);
+    let line = mountinfo_line(&inner).expect("nested mount is back");
+    assert!(line.contains("nodev") && line.contains("noexec"), "{line}");
+    let outer = mountinfo_line(&fx.mnt).expect("volume is back");
+    assert!(
+        !outer.contains(&format!(" {} ", fx.dev().display())),
+        "{outer}"
+    );
+    // disable takes the nested mount off the mapping and puts it back on the plain device.
+    let out = run(fx.cmd().arg("disable"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fx.assert_files_unchanged();
+    assert_eq!(sha256(&inner_file), inner_sum);
+    let line = mountinfo_line(&inner).expect("nested mount is back after disable");
+    assert!(line.contains("nodev") && line.contains("noexec"), "{line}");
+    let outer = mountinfo_line(&fx.mnt).expect("plain volume is back");
+    assert!(
+        outer.contains(&format!(" {} ", fx.dev().display())),
+        "{outer}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_check_reports_swap_lvm_pv_and_existing_luks_one_line_each() {
+    require_tool("mkswap");
+    require_tool("cryptsetup");
+    let dir = tempfile::tempdir().unwrap();
+    let check = |dev: &Path| {
+        let out = run(Command::new(luksify_bin())
+            .arg("check")
+            .arg(dev)
+            .arg("--json"));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let text = run(Command::new(luksify_bin()).arg("check").arg(dev));
+        (
+            out.status.code(),
+            v,
+            String::from_utf8_lossy(&text.stdout).to_string(),
+        )
+    };
+    let codes = |v: &serde_json::Value| -> Vec<String> {
+        v["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["code"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Active swap.
+    let img = dir.path().join("swap.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+    let lo = LoopDev::attach(&img);
+    run_ok(Command::new("mkswap").arg(&lo.path));
+    run_ok(Command::new("swapon").arg(&lo.path));
+    let (code, v, text) = check(&lo.path);
+    let _ = Command::new("swapoff").arg(&lo.path).output();
+    assert_eq!(code, Some(3), "{v}");
+    assert!(codes(&v).contains(&"swap".to_string()), "{v}");
+    assert!(
+        text.contains("BLOCKER: ") && text.contains("swapoff"),
+        "{text}"
+    );
+    drop(lo);
+    // An LVM physical volume label in sector 1.
+    let img = dir.path().join("pv.img");
+    let mut b = vec![0u8; 16 << 20];
+    b[512..520].copy_from_slice(b"LABELONE");
+    b[512 + 24..512 + 32].copy_from_slice(b"LVM2 001");
+    std::fs::write(&img, &b).unwrap();
+    let lo = LoopDev::attach(&img);
+    let (code, v, _) = check(&lo.path);
+    assert_eq!(code, Some(3), "{v}");
+    assert!(codes(&v).contains(&"lvm_pv".to_string()), "{v}");
+    drop(lo);
+    // Already LUKS (made by cryptsetup).
+    let img = dir.path().join("luks.img");
+    sparse_file(&img, 32 << 20);
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"k").unwrap();
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2"])
+            .args(["--pbkdf-force-iterations", "1000", "--key-file"])
+            .arg(&key)
+            .arg(&img),
+    );
+    let lo = LoopDev::attach(&img);
+    let (_, v, text) = check(&lo.path);
+    assert_eq!(v["luks"], "luks2", "{v}");
+    assert!(codes(&v).contains(&"already_luks".to_string()), "{v}");
+    // Every problem is one line: what: why; fix: how.
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("BLOCKER") || l.starts_with("warning"))
+    {
+        assert!(l.contains("; fix: "), "{l}");
+    }
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_busy_nested_mount_names_its_holder() {
+    let fx = Fixture::new(96);
+    let img = fx.dir.path().join("inner.img");
+    sparse_file(&img, 32 << 20);
+    run_ok(Command::new("mkfs.ext4").arg("-q").arg(&img));
+    let inner_lo = LoopDev::attach(&img);
+    let inner = fx.mnt.join("dir1/inner");
+    std::fs::create_dir(&inner).unwrap();
+    run_ok(Command::new("mount").arg(&inner_lo.path).arg(&inner));
+    std::fs::write(inner.join("f"), b"x").unwrap();
+    let mut h = Command::new("sleep")
+        .arg("600")
+        .current_dir(&inner)
+        .spawn()
+        .unwrap();
+    // The check lists the holder of the nested filesystem with its pid.
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["pid"] == h.id()),
+        "{v}"
+    );
+    let out = run(&mut fx.enable_cmd());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&h.id().to_string()),
+        "{out:?}"
+    );
+    h.kill().unwrap();
+    h.wait().unwrap();
+    let _ = Command::new("umount").arg(&inner).output();
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_argv() {
+    let fx = Fixture::new(96);
+    let out = run(&mut fx.enable_cmd());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    // Not a TTY: plain progress lines, no carriage-return redraws.
+    assert!(stderr.contains("volume 1/1: 100%"), "{stderr}");
+    assert!(!stderr.contains('\r'), "{stderr}");
+    let name = mapper_name(&fx.dev());
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let pid = rec["daemon_pid"].as_u64().expect("userspace daemon pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("__serve-mapping"), "{cmdline}");
+    let status_json = std::fs::read_to_string(fx.state.join("status.json")).unwrap();
+    for (what, text) in [
+        (
+            "enable stdout",
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        ),
+        ("enable stderr", stderr.clone()),
+        ("daemon argv", cmdline),
+        ("status.json", status_json),
+        ("map record", rec.to_string()),
+    ] {
+        assert!(
+            !text.contains(PASSPHRASE),
+            "the passphrase is in the {what}"
+        );
+    }
+    assert_eq!(
+        read_status(&fx.state)["data_volumes_encrypted"],
+        "Encrypted"
+    );
+
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    run_ok(fx.cmd().args(["close", &name]));
+    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        text.contains("DataVolumesEncrypted : NotMounted\n"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    assert_eq!(v["volumes"][0]["state"], "NotMounted", "{v}");
+
+    // Mapped and mounted again: Encrypted again.
+    run_ok(
+        fx.cmd()
+            .args(["open", "--userspace", "--key-file"])
+            .arg(&fx.key)
+            .arg(fx.dev())
+            .arg(&name),
+    );
+    run_ok(
+        Command::new("mount")
+            .arg(format!("/dev/mapper/{name}"))
+            .arg(&fx.mnt),
+    );
+    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        text.contains("DataVolumesEncrypted : Encrypted\n"),
+        "{text}"
+    );
+    fx.assert_files_unchanged();
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_resume_all_with_key_file_finds_a_header_the_status_file_lost() {
+    let fx = Fixture::new(192);
+    // A passphrase of its own: the scan must not adopt other tests' interrupted runs.
+    std::fs::write(&fx.key, b"passphrase of the lost-status test").unwrap();
+    let mut child = fx
+        .enable_cmd()
+        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "progress in the status file",
+        Duration::from_secs(60),
+        || {
+            read_status(&fx.state)["volumes"][0]["bytes_done"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_file(fx.state.join("status.json")).unwrap();
+    // Without a key file it can only name the device.
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&fx.dev().display().to_string()), "{err}");
+    assert!(err.contains("--key-file"), "{err}");
+    // A key that does not open it: left alone, untouched.
+    let wrong = fx.dir.path().join("wrong-key");
+    std::fs::write(&wrong, b"not this volume's passphrase").unwrap();
+    let out = run(fx
+        .cmd()
+        .args(["resume", "--userspace", "--key-file"])
+        .arg(&wrong));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{} has an interrupted", fx.dev().display()))
+            && err.contains("does not open; left alone"),
+        "{err}"
+    );
+    let out = run(fx.cmd().arg("check").arg(fx.dev()).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["luks"], "luks2-reencrypt-in-progress", "{v}");
+    // With the right key it finishes the walk and maps the volume.
+    let out = run(fx
+        .cmd()
+        .args(["resume", "--userspace", "--key-file"])
+        .arg(&fx.key));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Resuming encryption after reboot: "), "{err}");
+    let s = read_status(&fx.state);
+    let vols = s["volumes"].as_array().unwrap();
+    let v = vols
+        .iter()
+        .find(|v| v["device"] == fx.dev().display().to_string())
+        .unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(v["state"], "Encrypted", "{s}");
+    assert_eq!(v["resumed"], true, "{s}");
+    // The mount point was only in the lost status file: mount the mapping by hand.
+    let name = mapper_name(&fx.dev());
+    run_ok(
+        Command::new("mount")
+            .arg(format!("/dev/mapper/{name}"))
+            .arg(&fx.mnt),
+    );
+    fx.assert_files_unchanged();
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(&fx.key)
+            .arg(fx.dev()),
+    );
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_progress_is_a_redrawn_bar_on_a_tty() {
+    require_tool("script");
+    let fx = Fixture::new(96);
+    // `script` runs enable on a pseudo-terminal and copies what it wrote to our stdout.
+    let enable = fx.enable_cmd();
+    let mut line = vec![luksify_bin().display().to_string()];
+    line.extend(enable.get_args().map(|a| a.to_string_lossy().into_owned()));
+    let envs = fx.cmd();
+    let mut c = Command::new("script");
+    c.args(["-qec", &line.join(" "), "/dev/null"])
+        .envs(envs.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stdin(Stdio::null());
+    let out = run(&mut c);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains('\r') && text.contains("[####"), "{text}");
+    assert!(text.contains("100%"), "{text}");
+    assert!(
+        !text.contains("volume 1/1: "),
+        "plain lines on a TTY: {text}"
+    );
+    fx.assert_files_unchanged();
+}
+
+#[test]
+fn orch_exit_codes_match_docs_and_help() {
+    use luksify_orchestrator::exit;
+    let doc = std::fs::read_to_string(luksify_tests::workspace_root().join("docs/orchestrator.md"))
+        .unwrap();
+    let section = doc
+        .split("## Exit codes")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let documented: Vec<u8> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| ")?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        documented,
+        vec![
+            exit::OK,
+            exit::FAILED,
+            exit::USAGE,
+            exit::BLOCKED,
+            exit::BUSY,
+            exit::INTERRUPTED,
+            exit::UNSUPPORTED
+        ]
+    );
+    for cmd in [
+        "enable",
+        "disable",
+        "resume",
+        "resume-all",
+        "encrypt",
+        "decrypt",
+        "open",
+        "close",
+    ] {
+        let out = run_ok(Command::new(luksify_bin()).args([cmd, "--help"]));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Exit codes: 0 done"),
+            "{cmd} --help"
+        );
+    }
+    let d = tempfile::tempdir().unwrap();
+    let out = run(luksify(d.path()).args(["enable", "--no-such-flag"]));
+    assert_eq!(out.status.code(), Some(exit::USAGE as i32));
+    let out = run(luksify(d.path()).args(["enable", "--volume-type", "os", "--volume", "/"]));
+    assert_eq!(out.status.code(), Some(exit::UNSUPPORTED as i32), "{out:?}");
+}

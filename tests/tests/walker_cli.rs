@@ -1,0 +1,569 @@
+//! `luksify encrypt` / `resume` against cryptsetup 2.6 as the oracle: our runs
+//! decrypt with cryptsetup, runs killed at random points resume (by us and by
+//! `cryptsetup reencrypt --resume-only`), and cryptsetup's killed runs resume with us.
+
+use luksify_tests::{fill_pattern, luksify_bin, require_tool, run, run_ok};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new(mib: usize, seed: u64) -> (Case, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = vec![0u8; mib << 20];
+        fill_pattern(&mut v, seed);
+        std::fs::write(dir.path().join("img"), &v).unwrap();
+        std::fs::write(dir.path().join("key"), b"walker test passphrase").unwrap();
+        (Case { dir }, v)
+    }
+    fn p(&self, n: &str) -> PathBuf {
+        self.dir.path().join(n)
+    }
+    fn img(&self) -> String {
+        self.p("img").display().to_string()
+    }
+    fn key(&self) -> String {
+        self.p("key").display().to_string()
+    }
+    fn hdr(&self) -> String {
+        self.p("hdr").display().to_string()
+    }
+}
+
+fn luksify(args: &[&str]) -> Command {
+    let mut c = Command::new(luksify_bin());
+    c.args(args);
+    c
+}
+
+const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+const SMALL: [&str; 4] = ["--chunk-mib", "1", "--hotzone-kib", "1024"];
+
+/// Decrypts a detached-header volume with cryptsetup and returns the plaintext.
+fn cryptsetup_decrypt_detached(c: &Case) -> Vec<u8> {
+    run_ok(Command::new("cryptsetup").args([
+        "reencrypt",
+        "--decrypt",
+        "--force-offline-reencrypt",
+        "-q",
+        "--header",
+        &c.hdr(),
+        "--key-file",
+        &c.key(),
+        &c.img(),
+    ]));
+    std::fs::read(c.p("img")).unwrap()
+}
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a == b
+}
+
+#[test]
+fn walker_detached_each_resilience_decrypts_with_cryptsetup() {
+    require_tool("cryptsetup");
+    for res in ["checksum", "journal", "none"] {
+        let (c, orig) = Case::new(24, 7);
+        let (img, key, hdr) = (c.img(), c.key(), c.hdr());
+        let args = [
+            "encrypt",
+            img.as_str(),
+            "--key-file",
+            key.as_str(),
+            "--header",
+            hdr.as_str(),
+            "--resilience",
+            res,
+        ];
+        run_ok(luksify(&args).args(FAST).args(SMALL));
+        assert!(
+            !same(&std::fs::read(c.p("img")).unwrap(), &orig),
+            "{res}: data not encrypted"
+        );
+        run_ok(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "--header",
+            &hdr,
+            "--key-file",
+            &key,
+            &img,
+        ]));
+        assert!(
+            same(&cryptsetup_decrypt_detached(&c), &orig),
+            "{res}: cryptsetup decrypt differs"
+        );
+    }
+}
+
+/// Starts `cmd`, kills it with SIGKILL after `ms`, returns whether it had already exited.
+fn kill_after(cmd: &mut Command, ms: u64) -> bool {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(ms));
+    let done = child.try_wait().unwrap().is_some();
+    let _ = child.kill();
+    let _ = child.wait();
+    done
+}
+
+fn header_valid(h: &Path) -> bool {
+    std::fs::File::open(h)
+        .ok()
+        .and_then(|f| luksify_luks::probe(&f).ok().flatten())
+        .is_some()
+}
+
+/// Sequence id of the primary LUKS2 header in `p` (0 when there is none yet).
+fn seqid(p: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 24];
+    match std::fs::File::open(p).and_then(|f| f.read_exact_at(&mut b, 0)) {
+        Ok(()) if &b[..6] == b"LUKS\xba\xbe" => u64::from_be_bytes(b[16..24].try_into().unwrap()),
+        _ => 0,
+    }
+}
+
+/// Starts `cmd`, SIGKILLs it `jitter_us` after the header in `hdr` reaches sequence id `at`.
+fn kill_after_commits(cmd: &mut Command, hdr: &Path, at: u64, jitter_us: u64) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        if seqid(hdr) >= at {
+            std::thread::sleep(Duration::from_micros(jitter_us));
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Kills our detached-header run at pseudo-random instants; resumes with `resumer`.
+fn crash_matrix(res: &str, points: u64, resume_with_cryptsetup: bool) {
+    require_tool("cryptsetup");
+    let mut x = 0x9e37_79b9u64 ^ res.len() as u64;
+    let mut resumed = 0;
+    let enc = |c: &Case| {
+        let mut cmd = luksify(&[
+            "encrypt",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--header",
+            &c.hdr(),
+            "--resilience",
+            res,
+        ]);
+        cmd.args(FAST)
+            .args(["--chunk-mib", "1", "--hotzone-kib", "512", "--buffered"]);
+        cmd
+    };
+    // Kill points are drawn over the header commits of an uncut run (progress,
+    // not wall time: robust on a loaded machine), plus a few microseconds.
+    let span = {
+        let (c, _) = Case::new(32, 999);
+        run_ok(&mut enc(&c));
+        seqid(&c.p("hdr")).max(2)
+    };
+    for i in 0..points {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let (c, orig) = Case::new(32, i + 1);
+        let (img, key, hdr) = (c.img(), c.key(), c.hdr());
+        let at = x % span;
+        let jitter = (x >> 20) % 3000;
+        let ms = format!("commit {at} + {jitter} us");
+        kill_after_commits(&mut enc(&c), &c.p("hdr"), at, jitter);
+        if !header_valid(&c.p("hdr")) {
+            // Killed before the header existed: nothing may have been written.
+            assert!(
+                same(&std::fs::read(c.p("img")).unwrap(), &orig),
+                "{res} point {i}: data written before the header"
+            );
+            continue;
+        }
+        let st = if resume_with_cryptsetup {
+            // cryptsetup's procedure after a crash: recovery (`repair`) then resume.
+            let rep = run(Command::new("cryptsetup").args([
+                "repair",
+                "-q",
+                "--header",
+                &hdr,
+                "--key-file",
+                &key,
+                &img,
+            ]));
+            assert!(
+                rep.status.success(),
+                "{res} point {i}: cryptsetup repair: {}",
+                String::from_utf8_lossy(&rep.stderr)
+            );
+            run(Command::new("cryptsetup").args([
+                "reencrypt",
+                "--resume-only",
+                "--force-offline-reencrypt",
+                "-q",
+                "--header",
+                &hdr,
+                "--key-file",
+                &key,
+                &img,
+            ]))
+        } else {
+            run(&mut luksify(&[
+                "resume",
+                &img,
+                "--key-file",
+                &key,
+                "--header",
+                &hdr,
+            ]))
+        };
+        let err = String::from_utf8_lossy(&st.stderr).to_string();
+        // A run killed after it finished leaves nothing to resume.
+        assert!(
+            st.status.success()
+                || err.contains("no encryption in progress")
+                || err.contains("not in reencryption"),
+            "{res} point {i} ({ms}): resume failed: {err}"
+        );
+        assert!(
+            same(&cryptsetup_decrypt_detached(&c), &orig),
+            "{res} point {i} ({ms}): plaintext differs"
+        );
+        resumed += 1;
+    }
+    // Guard against a vacuous pass (e.g. every run dying before its header).
+    assert!(
+        resumed * 2 >= points,
+        "{res}: only {resumed} of {points} kill points got past header creation"
+    );
+}
+
+#[test]
+fn walker_sigkill_matrix_checksum_resumed_by_luksify() {
+    crash_matrix("checksum", 20, false);
+}
+
+#[test]
+fn walker_sigkill_matrix_journal_resumed_by_luksify() {
+    crash_matrix("journal", 20, false);
+}
+
+#[test]
+fn walker_sigkill_checksum_resumed_by_cryptsetup() {
+    crash_matrix("checksum", 6, true);
+}
+
+#[test]
+fn walker_sigkill_journal_resumed_by_cryptsetup() {
+    crash_matrix("journal", 6, true);
+}
+
+#[test]
+fn walker_resumes_killed_cryptsetup_runs() {
+    require_tool("cryptsetup");
+    for (i, res) in ["checksum", "journal"].iter().enumerate() {
+        for k in 0..4u64 {
+            let (c, orig) = Case::new(64, 100 + k);
+            let (img, key, hdr) = (c.img(), c.key(), c.hdr());
+            kill_after(
+                Command::new("cryptsetup").args([
+                    "reencrypt",
+                    "--encrypt",
+                    "-q",
+                    "--header",
+                    &hdr,
+                    "--key-file",
+                    &key,
+                    "--resilience",
+                    res,
+                    "--hotzone-size",
+                    "1M",
+                    "--pbkdf",
+                    "pbkdf2",
+                    "--pbkdf-force-iterations",
+                    "1000",
+                    &img,
+                ]),
+                60 + 90 * k + 30 * i as u64,
+            );
+            if !header_valid(&c.p("hdr")) {
+                continue;
+            }
+            let st = run(&mut luksify(&[
+                "resume",
+                &img,
+                "--key-file",
+                &key,
+                "--header",
+                &hdr,
+            ]));
+            let err = String::from_utf8_lossy(&st.stderr).to_string();
+            if !st.status.success() && err.contains("no encryption in progress") {
+                // cryptsetup died while still building its header (a plain LUKS2 header,
+                // no reencrypt keyslot yet): it has not touched the data, so the device
+                // must still hold the original plaintext.
+                assert!(
+                    same(&std::fs::read(c.p("img")).unwrap(), &orig),
+                    "{res}/{k}: data changed before cryptsetup's metadata existed"
+                );
+                continue;
+            }
+            assert!(st.status.success(), "{res}/{k}: {err}");
+            assert!(
+                same(&cryptsetup_decrypt_detached(&c), &orig),
+                "{res}/{k}: plaintext differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn walker_ciphertext_equals_cryptsetup_with_same_volume_key() {
+    require_tool("cryptsetup");
+    let (a, _) = Case::new(16, 42);
+    let (b, _) = Case::new(16, 42);
+    std::fs::write(a.p("vk"), (0..64u8).map(|i| i ^ 0x5a).collect::<Vec<u8>>()).unwrap();
+    let vk = a.p("vk").display().to_string();
+    run_ok(
+        luksify(&[
+            "encrypt",
+            &a.img(),
+            "--key-file",
+            &a.key(),
+            "--header",
+            &a.hdr(),
+            "--volume-key-file",
+            &vk,
+        ])
+        .args(FAST),
+    );
+    run_ok(Command::new("cryptsetup").args([
+        "reencrypt",
+        "--encrypt",
+        "-q",
+        "--header",
+        &b.hdr(),
+        "--key-file",
+        &b.key(),
+        "--volume-key-file",
+        &vk,
+        "--key-size",
+        "512",
+        "--sector-size",
+        "512",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        &b.img(),
+    ]));
+    assert!(
+        same(
+            &std::fs::read(a.p("img")).unwrap(),
+            &std::fs::read(b.p("img")).unwrap()
+        ),
+        "ciphertext differs from cryptsetup's"
+    );
+}
+
+#[test]
+fn walker_datashift_ext4_opens_with_cryptsetup_and_decrypts() {
+    require_tool("cryptsetup");
+    require_tool("mkfs.ext4");
+    let (c, _) = Case::new(96, 5);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "64M"]));
+    let orig = std::fs::read(c.p("img")).unwrap();
+    run_ok(
+        luksify(&[
+            "encrypt",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--reduce-device-size",
+            "32M",
+        ])
+        .args(FAST),
+    );
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        &c.key(),
+        &c.img(),
+    ]));
+    // cryptsetup 2.6 decrypts an attached-header volume in place (datashift decryption).
+    let vkf = c.p("vk").display().to_string();
+    run_ok(Command::new("cryptsetup").args([
+        "luksDump",
+        "-q",
+        "--dump-volume-key",
+        "--volume-key-file",
+        &vkf,
+        "--key-file",
+        &c.key(),
+        &c.img(),
+    ]));
+    let vk = std::fs::read(c.p("vk")).unwrap();
+    let enc = std::fs::read(c.p("img")).unwrap();
+    let cipher = luksify_cipher::SectorCipher::new("aes-xts-plain64", &vk, 512).unwrap();
+    let data_size = (96 << 20) - (32 << 20);
+    let mut plain = enc[16 << 20..(16 << 20) + data_size].to_vec();
+    cipher.decrypt(&mut plain, 0).unwrap();
+    assert!(
+        same(&plain, &orig[..data_size]),
+        "datashift plaintext differs"
+    );
+}
+
+#[test]
+fn walker_refuses_bad_input_without_writing() {
+    require_tool("mkfs.ext4");
+    // A filesystem reaching into the shift area.
+    let (c, _) = Case::new(64, 9);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img()]));
+    let before = std::fs::read(c.p("img")).unwrap();
+    let out = run(luksify(&[
+        "encrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--reduce-device-size",
+        "32M",
+    ])
+    .args(FAST));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shrink the filesystem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        same(&std::fs::read(c.p("img")).unwrap(), &before),
+        "bytes changed after refusal"
+    );
+    // Device smaller than header plus shift.
+    let (s, orig) = Case::new(2, 9);
+    let out = run(luksify(&[
+        "encrypt",
+        &s.img(),
+        "--key-file",
+        &s.key(),
+        "--reduce-device-size",
+        "32M",
+    ])
+    .args(FAST));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("too small"));
+    assert!(same(&std::fs::read(s.p("img")).unwrap(), &orig));
+    // Already LUKS.
+    let (l, _) = Case::new(24, 3);
+    run_ok(
+        luksify(&[
+            "encrypt",
+            &l.img(),
+            "--key-file",
+            &l.key(),
+            "--reduce-device-size",
+            "4M",
+        ])
+        .args(FAST),
+    );
+    let before = std::fs::read(l.p("img")).unwrap();
+    let out = run(luksify(&[
+        "encrypt",
+        &l.img(),
+        "--key-file",
+        &l.key(),
+        "--reduce-device-size",
+        "4M",
+    ])
+    .args(FAST));
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("already holds a LUKS header")
+    );
+    assert!(same(&std::fs::read(l.p("img")).unwrap(), &before));
+    // Wrong passphrase on resume of an interrupted (initialised) run.
+    let (w, _) = Case::new(24, 4);
+    run_ok(Command::new("cryptsetup").args([
+        "reencrypt",
+        "--encrypt",
+        "--init-only",
+        "-q",
+        "--header",
+        &w.hdr(),
+        "--key-file",
+        &w.key(),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        &w.img(),
+    ]));
+    std::fs::write(w.p("bad"), b"not the passphrase").unwrap();
+    let (img_b, hdr_b) = (
+        std::fs::read(w.p("img")).unwrap(),
+        std::fs::read(w.p("hdr")).unwrap(),
+    );
+    let bad = w.p("bad").display().to_string();
+    let out = run(&mut luksify(&[
+        "resume",
+        &w.img(),
+        "--key-file",
+        &bad,
+        "--header",
+        &w.hdr(),
+    ]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("passphrase"));
+    assert!(
+        same(&std::fs::read(w.p("img")).unwrap(), &img_b)
+            && same(&std::fs::read(w.p("hdr")).unwrap(), &hdr_b)
+    );
+    // Device size changed between runs (datashift): interrupted init, then grown.
+    let (g, _) = Case::new(48, 6);
+    run_ok(Command::new("cryptsetup").args([
+        "reencrypt",
+        "--encrypt",
+        "--init-only",
+        "-q",
+        "--reduce-device-size",
+        "8M",
+        "--key-file",
+        &g.key(),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        &g.img(),
+    ]));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(g.p("img"))
+        .unwrap()
+        .set_len(52 << 20)
+        .unwrap();
+    let before = std::fs::read(g.p("img")).unwrap();
+    let out = run(&mut luksify(&["resume", &g.img(), "--key-file", &g.key()]));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("resized"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(same(&std::fs::read(g.p("img")).unwrap(), &before));
+}

@@ -1,0 +1,547 @@
+//! `luksify decrypt` and the data-shift crash matrix, with cryptsetup 2.6 as the
+//! oracle: encrypt-then-decrypt gives back the original bytes in every mode,
+//! cryptsetup's ciphertext decrypts with luksify, and runs killed with SIGKILL
+//! at pseudo-random instants resume (by luksify, and by
+//! `cryptsetup repair` + `reencrypt --resume-only` where cryptsetup reads the layout).
+
+use luksify_tests::{fill_pattern, luksify_bin, require_tool, run, run_ok};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const MIB: usize = 1 << 20;
+const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+/// Small requests and hotzones so a kill lands mid-walk, page cache so tmpfs works.
+const SMALL: [&str; 5] = ["--chunk-mib", "1", "--hotzone-kib", "512", "--buffered"];
+/// The data-shift layouts use --reduce-device-size 8M: header 4 MiB, last 8 MiB free.
+const REDUCE: usize = 8 * MIB;
+
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new(mib: usize, seed: u64) -> (Case, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = vec![0u8; mib * MIB];
+        fill_pattern(&mut v, seed);
+        std::fs::write(dir.path().join("img"), &v).unwrap();
+        std::fs::write(dir.path().join("key"), b"decrypt test passphrase").unwrap();
+        (Case { dir }, v)
+    }
+    fn p(&self, n: &str) -> PathBuf {
+        self.dir.path().join(n)
+    }
+    fn s(&self, n: &str) -> String {
+        self.p(n).display().to_string()
+    }
+    fn img(&self) -> Vec<u8> {
+        std::fs::read(self.p("img")).unwrap()
+    }
+}
+
+fn luksify(args: &[&str]) -> Command {
+    let mut c = Command::new(luksify_bin());
+    c.args(args);
+    c
+}
+
+/// How the volume was encrypted.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// Detached header with this resilience.
+    Detached(&'static str),
+    /// Header in front, `--reduce-device-size 8M`.
+    Shift,
+}
+
+impl Layout {
+    fn all() -> [Layout; 4] {
+        [
+            Layout::Detached("checksum"),
+            Layout::Detached("journal"),
+            Layout::Detached("none"),
+            Layout::Shift,
+        ]
+    }
+    /// Bytes of the original that must come back (the shift layout gives up its last `REDUCE`).
+    fn kept(self, len: usize) -> usize {
+        match self {
+            Layout::Detached(_) => len,
+            Layout::Shift => len - REDUCE,
+        }
+    }
+}
+
+fn encrypt_with_luksify(c: &Case, l: Layout) {
+    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+    let mut cmd = match l {
+        Layout::Detached(res) => luksify(&[
+            "encrypt",
+            &img,
+            "--key-file",
+            &key,
+            "--header",
+            &hdr,
+            "--resilience",
+            res,
+        ]),
+        Layout::Shift => luksify(&[
+            "encrypt",
+            &img,
+            "--key-file",
+            &key,
+            "--reduce-device-size",
+            "8M",
+        ]),
+    };
+    run_ok(cmd.args(FAST).args(SMALL));
+}
+
+fn encrypt_with_cryptsetup(c: &Case, l: Layout) {
+    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+    let mut cmd = Command::new("cryptsetup");
+    cmd.args(["reencrypt", "--encrypt", "-q", "--key-file", &key]);
+    cmd.args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]);
+    match l {
+        Layout::Detached(res) => cmd.args(["--header", &hdr, "--resilience", res]),
+        Layout::Shift => cmd.args(["--reduce-device-size", "8M"]),
+    };
+    run_ok(cmd.arg(&img));
+}
+
+/// `luksify decrypt` for layout `l`: the header file is the detached header, or
+/// the new file the header moves to.
+fn decrypt_cmd(c: &Case, l: Layout) -> Command {
+    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+    let mut cmd = luksify(&["decrypt", &img, "--key-file", &key, "--header", &hdr]);
+    if let Layout::Detached(res) = l {
+        cmd.args(["--resilience", res]);
+    }
+    cmd.args(SMALL);
+    cmd
+}
+
+fn assert_plaintext_back(c: &Case, l: Layout, orig: &[u8], what: &str) {
+    let now = c.img();
+    let n = l.kept(orig.len());
+    assert_eq!(now.len(), orig.len(), "{what}: image size changed");
+    assert!(
+        now[..n] == orig[..n],
+        "{what}: {l:?}: plaintext differs after decrypt"
+    );
+}
+
+/// The header file after a finished decryption: valid LUKS2, no keyslot, one
+/// linear segment (what cryptsetup leaves), and no key material left in it.
+fn assert_header_retired(c: &Case) {
+    let out = run_ok(Command::new("cryptsetup").args(["luksDump", &c.s("hdr")]));
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(dump.contains("0: linear"), "final header: {dump}");
+    assert!(
+        !dump.contains("luks2\n") && !dump.contains("reencrypt"),
+        "keyslots left: {dump}"
+    );
+    let bytes = std::fs::read(c.p("hdr")).unwrap();
+    // Everything past the two metadata copies (the keyslot areas) is zero.
+    assert!(
+        bytes[2 * 16384..].iter().all(|b| *b == 0),
+        "keyslot area not wiped"
+    );
+}
+
+#[test]
+fn walker_decrypt_round_trip_every_mode() {
+    require_tool("cryptsetup");
+    for (i, l) in Layout::all().into_iter().enumerate() {
+        let (c, orig) = Case::new(24, 11 + i as u64);
+        encrypt_with_luksify(&c, l);
+        assert!(c.img()[..MIB] != orig[..MIB], "{l:?}: not encrypted");
+        run_ok(&mut decrypt_cmd(&c, l));
+        assert_plaintext_back(&c, l, &orig, "round trip");
+        assert_header_retired(&c);
+        // Nothing left to resume.
+        let out = run(&mut luksify(&[
+            "resume",
+            &c.s("img"),
+            "--key-file",
+            &c.s("key"),
+            "--header",
+            &c.s("hdr"),
+        ]));
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("no encryption in progress"),
+            "{l:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn walker_decrypts_cryptsetup_ciphertext() {
+    require_tool("cryptsetup");
+    for (i, l) in [Layout::Detached("checksum"), Layout::Shift]
+        .into_iter()
+        .enumerate()
+    {
+        let (c, orig) = Case::new(24, 21 + i as u64);
+        encrypt_with_cryptsetup(&c, l);
+        run_ok(&mut decrypt_cmd(&c, l));
+        assert_plaintext_back(&c, l, &orig, "cryptsetup ciphertext");
+    }
+}
+
+#[test]
+fn walker_decrypt_refuses_without_writing() {
+    require_tool("cryptsetup");
+    let (c, _) = Case::new(24, 31);
+    encrypt_with_luksify(&c, Layout::Shift);
+    let before = c.img();
+    // Header in front and no --header: the data would overwrite it.
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &c.s("img"),
+        "--key-file",
+        &c.s("key"),
+    ]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--header FILE"));
+    // Wrong passphrase.
+    std::fs::write(c.p("bad"), b"wrong").unwrap();
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &c.s("img"),
+        "--key-file",
+        &c.s("bad"),
+        "--header",
+        &c.s("hdr"),
+    ]));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("passphrase"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(c.img() == before, "device changed after a refusal");
+    assert!(
+        !c.p("hdr").exists(),
+        "header file left behind after a refusal"
+    );
+    // Plaintext device, no header anywhere.
+    let (p, orig) = Case::new(8, 32);
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &p.s("img"),
+        "--key-file",
+        &p.s("key"),
+    ]));
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("nothing to decrypt")
+    );
+    assert!(p.img() == orig);
+}
+
+/// Sequence id of the primary LUKS2 header in `p` (0 when there is none yet).
+/// Every journal commit increments it, so it measures progress whatever the load.
+fn seqid(p: &Path) -> u64 {
+    let mut b = [0u8; 24];
+    match std::fs::File::open(p).and_then(|f| {
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut b, 0)
+    }) {
+        Ok(()) if &b[..6] == b"LUKS\xba\xbe" => u64::from_be_bytes(b[16..24].try_into().unwrap()),
+        _ => 0,
+    }
+}
+
+/// Runs `cmd` uncut and returns how many header commits past `base` it made to `hdr`.
+fn commits_of(cmd: &mut Command, hdr: &Path, base: u64) -> u64 {
+    run_ok(cmd);
+    seqid(hdr).saturating_sub(base).max(2)
+}
+
+/// Starts `cmd` and SIGKILLs it once the header in `hdr` has seen `commits`
+/// more commits, `jitter_us` later (so the kill lands anywhere in the hotzone
+/// that follows). Progress-based, not time-based: robust on a loaded machine.
+fn kill_after_commits(cmd: &mut Command, hdr: &Path, base: u64, commits: u64, jitter_us: u64) {
+    let start = base;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        if seqid(hdr).saturating_sub(start) >= commits {
+            std::thread::sleep(Duration::from_micros(jitter_us));
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn is_luks(p: &Path) -> bool {
+    std::fs::File::open(p)
+        .ok()
+        .and_then(|f| luksify_luks::probe(&f).ok().flatten())
+        .is_some()
+}
+
+/// What the header says: reencryption in progress (the metadata requirement is set).
+fn in_progress(hdr: &Path) -> bool {
+    let out = run(Command::new("cryptsetup").args(["luksDump", &hdr.display().to_string()]));
+    String::from_utf8_lossy(&out.stdout).contains("online-reencrypt")
+}
+
+/// cryptsetup's procedure after a crash: recovery (`repair`), then resume.
+fn cryptsetup_resume(img: &str, key: &str, hdr: Option<&str>) -> std::process::Output {
+    let h: Vec<&str> = hdr.map(|h| vec!["--header", h]).unwrap_or_default();
+    let rep = run(Command::new("cryptsetup")
+        .args(["repair", "-q", "--key-file", key])
+        .args(&h)
+        .arg(img));
+    assert!(
+        rep.status.success(),
+        "cryptsetup repair: {}",
+        String::from_utf8_lossy(&rep.stderr)
+    );
+    run(Command::new("cryptsetup")
+        .args([
+            "reencrypt",
+            "--resume-only",
+            "--force-offline-reencrypt",
+            "-q",
+            "--key-file",
+            key,
+        ])
+        .args(&h)
+        .arg(img))
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Kills decryptions at pseudo-random instants, resumes, checks the plaintext.
+/// Sequence id the header file's commits count from: the detached header's own,
+/// or (header moving out of the device) the device header's, which the file's
+/// first copy continues.
+fn base_of(c: &Case, l: Layout) -> u64 {
+    match l {
+        Layout::Detached(_) => seqid(&c.p("hdr")),
+        Layout::Shift => seqid(&c.p("img")),
+    }
+}
+
+fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
+    require_tool("cryptsetup");
+    let mut x = 0x2545_f491u64 ^ (points << 8) ^ by_cryptsetup as u64;
+    let span = {
+        let (c, orig) = Case::new(32, 39);
+        encrypt_with_luksify(&c, l);
+        let n = commits_of(&mut decrypt_cmd(&c, l), &c.p("hdr"), base_of(&c, l));
+        assert_plaintext_back(&c, l, &orig, "uncut run");
+        n
+    };
+    let mut mid_run = 0;
+    for i in 0..points {
+        let at = 1 + xorshift(&mut x) % span;
+        let jitter = xorshift(&mut x) % 3000;
+        let ms = format!("commit {at} + {jitter} us");
+        let (c, orig) = Case::new(32, 40 + i);
+        encrypt_with_luksify(&c, l);
+        kill_after_commits(
+            &mut decrypt_cmd(&c, l),
+            &c.p("hdr"),
+            base_of(&c, l),
+            at,
+            jitter,
+        );
+        let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+        if !is_luks(&c.p("hdr")) {
+            // Killed before the header file was valid: the volume must be untouched,
+            // and decrypt simply starts again.
+            assert!(
+                matches!(l, Layout::Shift),
+                "{l:?} point {i}: detached header lost"
+            );
+            run_ok(&mut decrypt_cmd(&c, l));
+            assert_plaintext_back(&c, l, &orig, &format!("point {i} ({ms}), restarted"));
+            continue;
+        }
+        if in_progress(&c.p("hdr")) {
+            mid_run += 1;
+            let head = String::from_utf8_lossy(
+                &run(Command::new("cryptsetup").args(["luksDump", &hdr])).stdout,
+            )
+            .contains("luksify-decrypt-head");
+            let out = if by_cryptsetup && head {
+                // The one state cryptsetup would misread (first hotzone of a
+                // data-moving decryption): it must refuse it, luksify resumes it.
+                let before = c.img();
+                let rep = run(Command::new("cryptsetup").args([
+                    "repair",
+                    "-q",
+                    "--key-file",
+                    &key,
+                    "--header",
+                    &hdr,
+                    &img,
+                ]));
+                assert!(
+                    !rep.status.success(),
+                    "cryptsetup accepted the luksify-decrypt-head state"
+                );
+                assert!(c.img() == before, "cryptsetup wrote to a state it refused");
+                run(&mut luksify(&[
+                    "resume",
+                    &img,
+                    "--key-file",
+                    &key,
+                    "--header",
+                    &hdr,
+                ]))
+            } else if by_cryptsetup {
+                cryptsetup_resume(&img, &key, Some(&hdr))
+            } else {
+                run(&mut luksify(&[
+                    "resume",
+                    &img,
+                    "--key-file",
+                    &key,
+                    "--header",
+                    &hdr,
+                ]))
+            };
+            assert!(
+                out.status.success(),
+                "{l:?} point {i} ({ms}): resume failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Not in progress with a valid header file: the run had finished.
+        assert_plaintext_back(&c, l, &orig, &format!("point {i} ({ms})"));
+    }
+    assert!(
+        mid_run * 3 >= points,
+        "{l:?}: only {mid_run} of {points} kills landed mid-run"
+    );
+}
+
+#[test]
+fn walker_sigkill_decrypt_detached_checksum_resumed_by_luksify() {
+    decrypt_crash_matrix(Layout::Detached("checksum"), 8, false);
+}
+
+#[test]
+fn walker_sigkill_decrypt_detached_journal_resumed_by_luksify() {
+    decrypt_crash_matrix(Layout::Detached("journal"), 8, false);
+}
+
+#[test]
+fn walker_sigkill_decrypt_shift_resumed_by_luksify() {
+    decrypt_crash_matrix(Layout::Shift, 10, false);
+}
+
+#[test]
+fn walker_sigkill_decrypt_resumed_by_cryptsetup() {
+    decrypt_crash_matrix(Layout::Detached("checksum"), 4, true);
+    decrypt_crash_matrix(Layout::Shift, 4, true);
+}
+
+/// Kills data-shift encryptions (header in front) at pseudo-random instants and
+/// resumes them; the volume must then decrypt to the original filesystem area.
+fn shift_encrypt_crash_matrix(points: u64, by_cryptsetup: bool) {
+    require_tool("cryptsetup");
+    let mut x = 0x9e37_79b9u64 ^ (points << 4) ^ by_cryptsetup as u64;
+    let enc = |c: &Case| {
+        let mut cmd = luksify(&[
+            "encrypt",
+            &c.s("img"),
+            "--key-file",
+            &c.s("key"),
+            "--reduce-device-size",
+            "8M",
+        ]);
+        cmd.args(FAST).args(SMALL);
+        cmd
+    };
+    let span = {
+        let (c, _) = Case::new(32, 59);
+        commits_of(&mut enc(&c), &c.p("img"), 0)
+    };
+    let mut mid_run = 0;
+    for i in 0..points {
+        // Commit 0 = before the header exists: the kill lands in the data move.
+        let at = xorshift(&mut x) % span;
+        let jitter = xorshift(&mut x) % 3000;
+        let ms = format!("commit {at} + {jitter} us");
+        let (c, orig) = Case::new(32, 60 + i);
+        let (img, key) = (c.s("img"), c.s("key"));
+        kill_after_commits(&mut enc(&c), &c.p("img"), 0, at, jitter);
+        let valid = is_luks(&c.p("img"));
+        if valid && in_progress(&c.p("img")) {
+            mid_run += 1;
+            let out = if by_cryptsetup {
+                cryptsetup_resume(&img, &key, None)
+            } else {
+                run(&mut luksify(&["resume", &img, "--key-file", &key]))
+            };
+            assert!(
+                out.status.success(),
+                "shift point {i} ({ms}): resume failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else if !valid {
+            // Killed before the header: encrypt again (the start marker lets it
+            // reuse the moved copy when the head was already overwritten).
+            run_ok(
+                luksify(&[
+                    "encrypt",
+                    &img,
+                    "--key-file",
+                    &key,
+                    "--reduce-device-size",
+                    "8M",
+                ])
+                .args(FAST)
+                .args(SMALL),
+            );
+        }
+        // Finished: check with an independent decryption (cryptsetup's).
+        run_ok(Command::new("cryptsetup").args([
+            "reencrypt",
+            "--decrypt",
+            "--force-offline-reencrypt",
+            "-q",
+            "--header",
+            &c.s("hdr"),
+            "--key-file",
+            &key,
+            &img,
+        ]));
+        assert_plaintext_back(&c, Layout::Shift, &orig, &format!("shift point {i} ({ms})"));
+    }
+    assert!(
+        mid_run * 2 >= points,
+        "only {mid_run} of {points} kills landed mid-run"
+    );
+}
+
+#[test]
+fn walker_sigkill_matrix_datashift_resumed_by_luksify() {
+    shift_encrypt_crash_matrix(20, false);
+}
+
+#[test]
+fn walker_sigkill_datashift_resumed_by_cryptsetup() {
+    shift_encrypt_crash_matrix(6, true);
+}
