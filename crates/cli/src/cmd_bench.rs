@@ -62,6 +62,20 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
 
 const SPEC: &str = "aes-xts-plain64";
 
+/// How the threads of a row share the work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Layout {
+    /// One thread, the serial API.
+    Serial,
+    /// Each thread encrypts its own buffer, as `openssl speed -multi` runs one process per
+    /// CPU: the cipher's throughput per core, added up.
+    Independent,
+    /// One buffer split across the pool on every call (the parallel API the walker uses):
+    /// adds a fork and a join per buffer.
+    Split,
+}
+
 /// What a figure is divided by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,10 +102,14 @@ struct CipherRow {
     key_bits: usize,
     sector_size: usize,
     threads: usize,
+    /// How the threads share the work (see [`Layout`]).
+    layout: Layout,
     buffer_bytes: usize,
     seconds: u32,
     timing: Timing,
     bytes_per_sec: f64,
+    /// Wall-clock throughput of this row over the 1-thread row's wall-clock throughput.
+    scaling: f64,
     openssl_bytes_per_sec: Option<f64>,
     ratio: Option<f64>,
     /// 1-minute load average when the row finished: other work skews wall-clock rows.
@@ -116,10 +134,6 @@ fn bench_cipher(
     timing: Timing,
 ) -> anyhow::Result<ExitCode> {
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut thread_counts = vec![1];
-    if nproc > 1 {
-        thread_counts.push(nproc);
-    }
     let mut key = Zeroizing::new([0u8; 64]);
     getrandom::fill(&mut key[..])
         .map_err(|e| anyhow::anyhow!("cannot read random bytes for the benchmark key: {e}"))?;
@@ -147,8 +161,12 @@ fn bench_cipher(
             }
         );
         println!(
-            "{:>7} {:>8} {:>14} {:>14} {:>7}",
-            "sector", "threads", "luksify MB/s", "openssl MB/s", "ratio"
+            "independent: one buffer per thread (as openssl speed -multi); split: one buffer \
+             split across the threads per call; scaling: wall-clock vs 1 thread"
+        );
+        println!(
+            "{:>7} {:>8} {:>12} {:>14} {:>8} {:>14} {:>7}",
+            "sector", "threads", "layout", "luksify MB/s", "scaling", "openssl MB/s", "ratio"
         );
     }
     for &sector_size in &SECTOR_SIZES {
@@ -157,7 +175,14 @@ fn bench_cipher(
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (i as u8).wrapping_mul(31);
         }
-        for &threads in &thread_counts {
+        let mut runs = vec![(1, Layout::Serial)];
+        if nproc > 1 {
+            runs.push((nproc, Layout::Independent));
+            runs.push((nproc, Layout::Split));
+        }
+        let mut single_wall = None;
+        let mut multi_openssl = None;
+        for (threads, layout) in runs {
             // openssl speed -multi divides each child's count by wall-clock time whatever
             // -elapsed says (its children report the full -seconds even on a busy machine),
             // so all-thread rows use wall-clock time on both sides.
@@ -166,23 +191,34 @@ fn bench_cipher(
             } else {
                 Timing::Elapsed
             };
-            let ours = measure_ours(&cipher, &mut buf, threads, duration, timing)?;
-            let openssl = if openssl_ok {
-                Some(measure_openssl(sector_size, threads, seconds, timing)?)
-            } else {
-                None
+            let ours = measure_ours(&cipher, &mut buf, threads, layout, duration)?;
+            let bytes_per_sec = match timing {
+                Timing::Cpu => ours.per_cpu_second,
+                Timing::Elapsed => ours.per_wall_second,
             };
+            let single = *single_wall.get_or_insert(ours.per_wall_second);
+            // Both all-thread layouts compare with the same `openssl speed -multi` figure.
+            let openssl = match (openssl_ok, layout, multi_openssl) {
+                (false, _, _) => None,
+                (true, Layout::Split, Some(o)) => Some(o),
+                (true, _, _) => Some(measure_openssl(sector_size, threads, seconds, timing)?),
+            };
+            if threads > 1 {
+                multi_openssl = openssl;
+            }
             let row = CipherRow {
                 cipher: SPEC,
                 key_bits: cipher.key_bits(),
                 sector_size,
                 threads,
+                layout,
                 buffer_bytes: buf.len(),
                 seconds,
                 timing,
-                bytes_per_sec: ours,
+                bytes_per_sec,
+                scaling: ours.per_wall_second / single,
                 openssl_bytes_per_sec: openssl,
-                ratio: openssl.map(|o| ours / o),
+                ratio: openssl.map(|o| bytes_per_sec / o),
                 load1: load1(),
             };
             if json {
@@ -190,10 +226,12 @@ fn bench_cipher(
             } else {
                 let mb = |v: f64| format!("{:.1}", v / 1e6);
                 println!(
-                    "{:>7} {:>8} {:>14} {:>14} {:>7}",
+                    "{:>7} {:>8} {:>12} {:>14} {:>8} {:>14} {:>7}",
                     row.sector_size,
                     row.threads,
+                    format!("{:?}", row.layout).to_lowercase(),
                     mb(row.bytes_per_sec),
+                    format!("{:.2}x", row.scaling),
                     row.openssl_bytes_per_sec.map_or("-".into(), mb),
                     row.ratio.map_or("-".into(), |r| format!("{r:.2}x")),
                 );
@@ -223,47 +261,80 @@ fn cpu_time(thread: bool) -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Bytes per second encrypting `buf` in place again and again for `duration` (wall).
-/// One thread uses the serial API on this thread; more use a rayon pool of exactly that
-/// size. With [`Timing::Cpu`] the divisor is the CPU time spent, divided by the number of
-/// threads.
+/// Throughput of one measurement, divided by wall-clock time and by CPU time per thread.
+struct Measured {
+    per_wall_second: f64,
+    per_cpu_second: f64,
+}
+
+/// Bytes per second encrypting in place again and again for `duration` (wall), on a rayon
+/// pool of exactly `threads` threads whose own threads drive the loop (no third thread
+/// sleeps and wakes around each pass). [`Layout::Serial`] and [`Layout::Split`] encrypt
+/// `buf` (serial API, parallel API); [`Layout::Independent`] gives every thread its own copy
+/// of `buf` and the serial API.
 fn measure_ours(
     cipher: &SectorCipher,
     buf: &mut [u8],
     threads: usize,
+    layout: Layout,
     duration: Duration,
-    timing: Timing,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Measured> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("luksify-bench-{i}"))
         .build()
         .context("cannot start the benchmark thread pool")?;
-    let pass = |buf: &mut [u8], iv: u64| -> anyhow::Result<()> {
-        if threads == 1 {
-            cipher.encrypt_serial(buf, iv)?;
-        } else {
-            pool.install(|| cipher.encrypt(buf, iv))?;
+    let serial = layout != Layout::Split;
+    // One timed loop: returns (bytes, wall seconds, CPU seconds of this thread).
+    let timed = |buf: &mut [u8], barrier: Option<&std::sync::Barrier>| {
+        let pass = |buf: &mut [u8], iv: u64| {
+            if serial {
+                cipher.encrypt_serial(buf, iv)
+            } else {
+                cipher.encrypt(buf, iv)
+            }
+        };
+        // Warm up caches, the pool and the CPU's vector units before timing.
+        pass(buf, 0)?;
+        if let Some(b) = barrier {
+            b.wait();
         }
-        Ok(())
+        let start = Instant::now();
+        let cpu_start = cpu_time(serial);
+        let mut bytes = 0u64;
+        let mut iv = 0u64;
+        while start.elapsed() < duration {
+            pass(buf, iv)?;
+            bytes += buf.len() as u64;
+            iv = iv.wrapping_add((buf.len() / 512) as u64);
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let cpu = (cpu_time(serial) - cpu_start).as_secs_f64();
+        Ok::<_, luksify_cipher::CipherError>((bytes, wall, cpu))
     };
-    // Warm up caches, the pool and the CPU's vector units before timing.
-    pass(buf, 0)?;
-    let serial = threads == 1;
-    let start = Instant::now();
-    let cpu_start = cpu_time(serial);
-    let mut bytes = 0u64;
-    let mut iv = 0u64;
-    while start.elapsed() < duration {
-        pass(buf, iv)?;
-        bytes += buf.len() as u64;
-        iv = iv.wrapping_add((buf.len() / 512) as u64);
-    }
-    let secs = match timing {
-        Timing::Elapsed => start.elapsed().as_secs_f64(),
-        Timing::Cpu => (cpu_time(serial) - cpu_start).as_secs_f64() / threads as f64,
+    let (bytes, wall, cpu) = match layout {
+        Layout::Serial | Layout::Split => pool.install(|| timed(buf, None))?,
+        Layout::Independent => {
+            let barrier = std::sync::Barrier::new(threads);
+            let template: &[u8] = buf;
+            let per_thread = pool.broadcast(|_| {
+                let mut own = template.to_vec();
+                timed(&mut own, Some(&barrier))
+            });
+            let mut total = (0u64, 0f64, 0f64);
+            for r in per_thread {
+                let (b, w, c) = r?;
+                total = (total.0 + b, total.1.max(w), total.2 + c);
+            }
+            total
+        }
     };
-    Ok(bytes as f64 / secs)
+    // Split measures the whole process's CPU time; the others add up their threads'.
+    let cpu_per_thread = cpu / threads as f64;
+    Ok(Measured {
+        per_wall_second: bytes as f64 / wall,
+        per_cpu_second: bytes as f64 / cpu_per_thread,
+    })
 }
 
 fn openssl_available() -> bool {
@@ -333,10 +404,12 @@ mod tests {
             key_bits: 512,
             sector_size: 4096,
             threads: 2,
+            layout: super::Layout::Independent,
             buffer_bytes: 4 << 20,
             seconds: 2,
             timing: Timing::Elapsed,
             bytes_per_sec: 2e9,
+            scaling: 1.9,
             openssl_bytes_per_sec: Some(1e9),
             ratio: Some(2.0),
             load1: Some(0.5),
@@ -349,6 +422,7 @@ mod tests {
             "bytes_per_sec",
             "openssl_bytes_per_sec",
             "ratio",
+            "scaling",
         ] {
             assert!(
                 v.get(field).is_some_and(|f| f.is_number()),
@@ -356,6 +430,7 @@ mod tests {
             );
         }
         assert_eq!(v["timing"], "elapsed");
+        assert_eq!(v["layout"], "independent");
     }
 
     #[test]
