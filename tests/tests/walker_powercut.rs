@@ -38,6 +38,7 @@ fn opts(placement: Placement) -> EncryptOptions {
         tuning: Tuning {
             chunk: 64 << 10,
             hotzone: 256 << 10,
+            ..Tuning::default()
         },
     }
 }

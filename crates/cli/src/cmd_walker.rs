@@ -165,6 +165,7 @@ fn tuning(t: &TuningArgs) -> Tuning {
     Tuning {
         chunk: (t.chunk_mib.max(1)) << 20,
         hotzone: (t.hotzone_kib.max(4)) << 10,
+        ..Tuning::default()
     }
 }
 

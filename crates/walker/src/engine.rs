@@ -44,6 +44,9 @@ pub struct Tuning {
     pub chunk: usize,
     /// Largest hotzone (bytes between two header commits).
     pub hotzone: u64,
+    /// Reader threads: each reads whole chunks (and checksums them in checksum mode), so
+    /// the reads, the copies the kernel makes for them and the hashing use every CPU.
+    pub readers: usize,
 }
 
 impl Default for Tuning {
@@ -52,6 +55,7 @@ impl Default for Tuning {
         Tuning {
             chunk: 4 << 20,
             hotzone: 16 << 20,
+            readers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         }
     }
 }
@@ -74,11 +78,15 @@ pub(crate) struct Walk<'a, D: Disk + Sync + ?Sized> {
 
 /// One buffer's worth of a hotzone.
 struct Chunk {
+    /// Position in the run's read order (readers finish out of order).
+    seq: usize,
     hz: usize,
     /// Logical offset of the chunk.
     logical: u64,
     len: usize,
     buf: AlignedBuf,
+    /// Checksums of the chunk's old blocks (checksum mode only).
+    sums: Vec<u8>,
 }
 
 /// Logical end of the data for this run.
@@ -144,6 +152,14 @@ fn hash_blocks_into(data: &[u8], out: &mut Vec<u8>) {
         // 64 blocks (256 KiB) per task: rayon's splitting costs nothing next to the hashing.
         .with_min_len(64)
         .for_each(|(o, b)| o.copy_from_slice(&Sha256::digest(b)));
+}
+
+/// Appends the checksums of `data`'s blocks to `out`, on the calling thread.
+fn hash_blocks_serial_into(data: &[u8], out: &mut Vec<u8>) {
+    out.reserve(data.len() / CHECKSUM_BLOCK * CHECKSUM_LEN);
+    for b in data.chunks(CHECKSUM_BLOCK) {
+        out.extend_from_slice(&Sha256::digest(b));
+    }
 }
 
 impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
@@ -257,8 +273,9 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         // One hotzone gathered (checksum/journal) plus a few chunks of read-ahead:
         // 7 x 4 MiB at the defaults, whatever the device size. (A second hotzone's
         // worth, so reading zone k+1 overlaps writing zone k, measured no faster on
-        // the loaded 2-core machine and cost 9 MiB more RSS.)
-        let pool_n = per_zone + 3;
+        // the 2-core machine, before and after the readers went parallel, and cost
+        // 5-9 MiB more RSS.)
+        let pool_n = per_zone + SPARE_BUFFERS;
 
         let (free_tx, free_rx) = sync_channel::<AlignedBuf>(pool_n);
         for _ in 0..pool_n {
@@ -268,16 +285,30 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let (write_tx, write_rx) = sync_channel::<WriteMsg>(pool_n);
         let (ack_tx, ack_rx) = sync_channel::<Result<usize>>(zones.len() + 1);
         let stop = std::sync::atomic::AtomicBool::new(false);
+        let checksum = self.resilience == Resilience::Checksum;
+        let source = std::sync::Mutex::new(ReadSource {
+            free: free_rx,
+            next: ChunkCursor::default(),
+        });
 
         let result = std::thread::scope(|s| -> Result<Outcome> {
-            let zones_r = &zones;
-            let stop_r = &stop;
-            s.spawn(move || reader(self, zones_r, chunk, free_rx, read_tx, stop_r));
+            for _ in 0..self.tuning.readers.max(1) {
+                let tx = read_tx.clone();
+                let (zones_r, stop_r, source_r) = (&zones, &stop, &source);
+                s.spawn(move || reader(self, zones_r, chunk, checksum, source_r, tx, stop_r));
+            }
+            drop(read_tx);
             let free_back = free_tx.clone();
             s.spawn(move || writer(self, write_rx, ack_tx, free_back));
             // Own every channel end here so that any return drops them and both
             // threads wind down before the scope joins them.
-            let (read_rx, write_tx, ack_rx, _free_tx) = (read_rx, write_tx, ack_rx, free_tx);
+            let (write_tx, ack_rx, _free_tx) = (write_tx, ack_rx, free_tx);
+            // Readers finish out of order: chunks wait here until their turn.
+            let mut in_order = Reorder {
+                rx: read_rx,
+                early: std::collections::BTreeMap::new(),
+                next: 0,
+            };
 
             let mut pending_ack: Option<usize> = None;
             let mut last_clean = p;
@@ -317,24 +348,36 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 }
                 let nchunks = (n as usize).div_ceil(chunk);
                 let mut chunks: Vec<Chunk> = Vec::with_capacity(if gather { nchunks } else { 0 });
-                let checksum = self.resilience == Resilience::Checksum;
                 let mut sums: Vec<u8> = Vec::with_capacity(if checksum {
                     n as usize / CHECKSUM_BLOCK * CHECKSUM_LEN
                 } else {
                     0
                 });
+                // Chunks transformed before the previous hotzone is acknowledged: the
+                // crypto overlaps the writer's last writes and flush instead of
+                // waiting for them. Journal mode keeps the old bytes until they are
+                // in the journal, so it transforms after the commit.
+                let mut ready: Vec<Chunk> = Vec::new();
                 if gather {
                     for _ in 0..nchunks {
-                        let c = read_rx
-                            .recv()
-                            .map_err(|_| Error::Internal("reader ended"))??;
+                        let mut c = in_order.next()?;
                         debug_assert_eq!(c.hz, k);
-                        // Hash each chunk as it arrives, while the reader fills the
-                        // next one and the writer still writes the previous hotzone.
+                        // The readers hashed each chunk as they read it, while the
+                        // writer still writes the previous hotzone.
                         if checksum {
-                            hash_blocks_into(&c.buf[..c.len], &mut sums);
+                            sums.append(&mut c.sums);
+                            self.transform_serial(&mut c.buf[..c.len], c.logical)?;
+                            ready.push(c);
+                        } else {
+                            chunks.push(c);
                         }
-                        chunks.push(c);
+                    }
+                } else if pending_ack.is_some() {
+                    // At most the spare buffers: the rest may still sit in the writer.
+                    for _ in 0..nchunks.min(SPARE_BUFFERS) {
+                        let mut c = in_order.next()?;
+                        self.transform_serial(&mut c.buf[..c.len], c.logical)?;
+                        ready.push(c);
                     }
                 }
                 wait_ack(&mut pending_ack)?;
@@ -379,24 +422,28 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 let flush_here = self.resilience != Resilience::None
                     || k + 1 == zones.len()
                     || since_commit + n >= NONE_COMMIT_EVERY;
-                let send = |mut c: Chunk| -> Result<()> {
-                    self.transform(&mut c.buf[..c.len], c.logical)?;
+                let send = |c: Chunk| -> Result<()> {
                     let last = flush_here && c.logical + c.len as u64 == a + n;
                     write_tx
                         .send(WriteMsg::Chunk { chunk: c, last })
                         .map_err(|_| Error::Internal("writer ended"))
                 };
-                if gather {
-                    for c in chunks {
-                        send(c)?;
-                    }
-                } else {
-                    for _ in 0..nchunks {
-                        let c = read_rx
-                            .recv()
-                            .map_err(|_| Error::Internal("reader ended"))??;
-                        send(c)?;
-                    }
+                // Transforms on this thread: the readers and the writer keep the other
+                // CPUs busy, and a parallel split would leave pool threads spinning for
+                // CPU time they need.
+                let transformed = |mut c: Chunk| -> Result<Chunk> {
+                    self.transform_serial(&mut c.buf[..c.len], c.logical)?;
+                    Ok(c)
+                };
+                let sent = ready.len() + chunks.len();
+                for c in ready {
+                    send(c)?;
+                }
+                for c in chunks {
+                    send(transformed(c)?)?;
+                }
+                for _ in sent..nchunks {
+                    send(transformed(in_order.next()?)?)?;
                 }
                 if flush_here {
                     pending_ack = Some(k);
@@ -424,6 +471,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
     }
 }
 
+/// Chunk buffers beyond one hotzone's worth: read-ahead, and the chunks transformed
+/// before the previous hotzone is acknowledged.
+const SPARE_BUFFERS: usize = 3;
+
 /// Clean-state commit interval for resilience `none`.
 const NONE_COMMIT_EVERY: u64 = 1 << 30;
 
@@ -442,38 +493,97 @@ enum WriteMsg {
     Flush(usize),
 }
 
+/// Where the readers are in the run: hotzone index and offset within it.
+#[derive(Default)]
+struct ChunkCursor {
+    seq: usize,
+    zone: usize,
+    off: u64,
+}
+
+/// What the readers share: free buffers and the next chunk to read, taken together so
+/// that chunks are claimed in order.
+struct ReadSource {
+    free: Receiver<AlignedBuf>,
+    next: ChunkCursor,
+}
+
+/// Hands the coordinator chunks in read order whatever order the readers finish in.
+struct Reorder {
+    rx: Receiver<Result<Chunk>>,
+    early: std::collections::BTreeMap<usize, Chunk>,
+    next: usize,
+}
+
+impl Reorder {
+    fn next(&mut self) -> Result<Chunk> {
+        loop {
+            if let Some(c) = self.early.remove(&self.next) {
+                self.next += 1;
+                return Ok(c);
+            }
+            // A reader's error ends the run at once: what was written so far is
+            // covered by the header, as after a crash.
+            let c = self
+                .rx
+                .recv()
+                .map_err(|_| Error::Internal("reader ended"))??;
+            self.early.insert(c.seq, c);
+        }
+    }
+}
+
 fn reader<D: Disk + Sync + ?Sized>(
     w: &Walk<'_, D>,
     zones: &[(u64, u64)],
     chunk: usize,
-    free: Receiver<AlignedBuf>,
+    checksum: bool,
+    source: &std::sync::Mutex<ReadSource>,
     out: SyncSender<Result<Chunk>>,
     stop: &std::sync::atomic::AtomicBool,
 ) {
-    for (k, &(a, n)) in zones.iter().enumerate() {
-        let mut off = 0u64;
-        while off < n {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let Ok(mut buf) = free.recv() else { return };
-            let len = (chunk as u64).min(n - off) as usize;
-            let logical = a + off;
-            let r = w
-                .data
-                .read_at(w.layout.old_physical(logical), &mut buf[..len])
-                .map_err(|e| Error::io("read data", e))
-                .map(|_| Chunk {
-                    hz: k,
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        // Claim a buffer and the next chunk under one lock (a poisoned lock means
+        // another reader panicked: stop).
+        let Ok(mut src) = source.lock() else { return };
+        let Some(&(a, n)) = zones.get(src.next.zone) else {
+            return;
+        };
+        let Ok(mut buf) = src.free.recv() else { return };
+        let cur = &mut src.next;
+        let (seq, hz, logical) = (cur.seq, cur.zone, a + cur.off);
+        let len = (chunk as u64).min(n - cur.off) as usize;
+        cur.seq += 1;
+        cur.off += len as u64;
+        if cur.off == n {
+            cur.zone += 1;
+            cur.off = 0;
+        }
+        drop(src);
+        let r = w
+            .data
+            .read_at(w.layout.old_physical(logical), &mut buf[..len])
+            .map_err(|e| Error::io("read data", e))
+            .map(|_| {
+                let mut sums = Vec::new();
+                if checksum {
+                    hash_blocks_serial_into(&buf[..len], &mut sums);
+                }
+                Chunk {
+                    seq,
+                    hz,
                     logical,
                     len,
                     buf,
-                });
-            let failed = r.is_err();
-            if out.send(r).is_err() || failed {
-                return;
-            }
-            off += len as u64;
+                    sums,
+                }
+            });
+        let failed = r.is_err();
+        if out.send(r).is_err() || failed {
+            return;
         }
     }
 }
