@@ -9,7 +9,7 @@
 //!   chosen at run time; CPU-specific code lives only in [`avx512`].
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 
 use aes::Block;
 

@@ -9,6 +9,7 @@
 //! portable `encrypt_blocks` path in `xts.rs` runs. Both are checked against the same
 //! IEEE 1619 vectors and Python cross-checks, and against each other in unit tests.
 
+use crate::tweak::avx512::lanes;
 use crate::tweak::mul_alpha;
 use aes::Block;
 use core::arch::x86_64::*;
@@ -244,22 +245,6 @@ fn mul_alpha_pow<const K: u32, const R: u32>(t: __m512i) -> __m512i {
         _mm512_xor_si512(_mm512_slli_epi64::<2>(top), _mm512_slli_epi64::<7>(top)),
     );
     _mm512_ternarylogic_epi64::<0x96>(shifted, into_high, reduced)
-}
-
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn lanes(t: [u128; 4]) -> __m512i {
-    let q = |v: u128, hi: bool| (if hi { v >> 64 } else { v } as u64) as i64;
-    _mm512_set_epi64(
-        q(t[3], true),
-        q(t[3], false),
-        q(t[2], true),
-        q(t[2], false),
-        q(t[1], true),
-        q(t[1], false),
-        q(t[0], true),
-        q(t[0], false),
-    )
 }
 
 /// AES rounds on one register of four blocks (`ENC`: cipher, else equivalent inverse).

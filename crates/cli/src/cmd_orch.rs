@@ -574,13 +574,53 @@ fn cmd_enable(
         report: &rep,
     };
     luksify_orchestrator::enable::enable(&req, &key)?;
+    print_status(&dir);
+    Ok(ExitCode::from(exit::OK))
+}
+
+/// Prints the status file's text form (nothing if there is none yet).
+fn print_status(dir: &Path) {
     print!(
         "{}",
-        status::load(&dir)
+        status::load(dir)
             .map(|s| s.render_text())
             .unwrap_or_default()
     );
-    Ok(ExitCode::from(exit::OK))
+}
+
+/// What `resume` and `disable` share: the optional key is read, the global lock taken and
+/// the cancel handler installed, in that order, before `body` runs on a request that acts
+/// on the volumes the status file (or a scan) names.
+fn with_recorded_volumes(
+    key_file: Option<PathBuf>,
+    userspace: bool,
+    wait: bool,
+    state_dir: Option<PathBuf>,
+    body: impl FnOnce(
+        &luksify_orchestrator::enable::EnableRequest<'_>,
+        Option<&[u8]>,
+    ) -> Result<ExitCode, Failure>,
+) -> Result<ExitCode, Failure> {
+    let dir = status::state_dir(state_dir.as_deref());
+    let key = match &key_file {
+        Some(k) => Some(read_key_file(k)?),
+        None => None,
+    };
+    let _lk = lock::GlobalLock::acquire(&dir, wait)?;
+    install_cancel_handler();
+    let rep = reporter();
+    let req = luksify_orchestrator::enable::EnableRequest {
+        volumes: vec![],
+        key_file: key_file.unwrap_or_default(),
+        header_dir: None,
+        kill_holders: false,
+        state_dir: dir,
+        force_userspace: userspace,
+        kdf: Default::default(),
+        cancel: &CANCEL,
+        report: &rep,
+    };
+    body(&req, key.as_ref().map(|k| k.as_slice()))
 }
 
 fn cmd_resume(
@@ -589,47 +629,24 @@ fn cmd_resume(
     wait: bool,
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
-    let dir = status::state_dir(state_dir.as_deref());
-    let key = match &key_file {
-        Some(k) => Some(read_key_file(k)?),
-        None => None,
-    };
-    let _lk = lock::GlobalLock::acquire(&dir, wait)?;
-    install_cancel_handler();
-    let rep = reporter();
-    let req = luksify_orchestrator::enable::EnableRequest {
-        volumes: vec![],
-        key_file: key_file.clone().unwrap_or_default(),
-        header_dir: None,
-        kill_holders: false,
-        state_dir: dir.clone(),
-        force_userspace: userspace,
-        kdf: Default::default(),
-        cancel: &CANCEL,
-        report: &rep,
-    };
-    for f in luksify_orchestrator::enable::scan_in_progress(&dir) {
-        let dev = f.device.display();
-        if f.decrypt {
-            eprintln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
-        } else if key.is_some() {
-            eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finishing it with the given --key-file");
-        } else {
-            eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
+    with_recorded_volumes(key_file, userspace, wait, state_dir, |req, key| {
+        for f in luksify_orchestrator::enable::scan_in_progress(&req.state_dir) {
+            let dev = f.device.display();
+            if f.decrypt {
+                eprintln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
+            } else if key.is_some() {
+                eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finishing it with the given --key-file");
+            } else {
+                eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
+            }
         }
-    }
-    let n = luksify_orchestrator::enable::resume(&req, key.as_ref().map(|k| k.as_slice()))?;
-    if n == 0 {
-        println!("Nothing to resume.");
-    } else {
-        print!(
-            "{}",
-            status::load(&dir)
-                .map(|s| s.render_text())
-                .unwrap_or_default()
-        );
-    }
-    Ok(ExitCode::from(exit::OK))
+        if luksify_orchestrator::enable::resume(req, key)? == 0 {
+            println!("Nothing to resume.");
+        } else {
+            print_status(&req.state_dir);
+        }
+        Ok(ExitCode::from(exit::OK))
+    })
 }
 
 fn cmd_disable(
@@ -638,36 +655,12 @@ fn cmd_disable(
     wait: bool,
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
-    let dir = status::state_dir(state_dir.as_deref());
-    let key = match &key_file {
-        Some(k) => Some(read_key_file(k)?),
-        None => None,
-    };
-    let _lk = lock::GlobalLock::acquire(&dir, wait)?;
-    install_cancel_handler();
-    let rep = reporter();
-    let req = luksify_orchestrator::enable::EnableRequest {
-        volumes: vec![],
-        key_file: key_file.clone().unwrap_or_default(),
-        header_dir: None,
-        kill_holders: false,
-        state_dir: dir.clone(),
-        force_userspace: false,
-        kdf: Default::default(),
-        cancel: &CANCEL,
-        report: &rep,
-    };
-    let n =
-        luksify_orchestrator::enable::disable(&req, key.as_ref().map(|k| k.as_slice()), &volumes)?;
-    if n == 0 {
-        println!("No encrypted data volumes to decrypt.");
-    } else {
-        print!(
-            "{}",
-            status::load(&dir)
-                .map(|s| s.render_text())
-                .unwrap_or_default()
-        );
-    }
-    Ok(ExitCode::from(exit::OK))
+    with_recorded_volumes(key_file, false, wait, state_dir, |req, key| {
+        if luksify_orchestrator::enable::disable(req, key, &volumes)? == 0 {
+            println!("No encrypted data volumes to decrypt.");
+        } else {
+            print_status(&req.state_dir);
+        }
+        Ok(ExitCode::from(exit::OK))
+    })
 }

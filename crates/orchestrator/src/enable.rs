@@ -187,22 +187,14 @@ fn unmount_nested(device: &Path, nested: &[crate::status::NestedMount]) -> Resul
             }
             let mut t = holders::Targets::default();
             t.filesystems.insert(ndev);
-            let who: Vec<String> = holders::scan(&t, false)
-                .iter()
-                .map(|h| h.one_line())
-                .collect();
-            return Err(Failure::new(
-                exit::BLOCKED,
-                format!(
-                    "failed to unmount {} (nested below {}): {}; stop them or pass --kill-holders",
+            return Err(unmount_blocked(
+                &format!(
+                    "{} (nested below {})",
                     n.mount_point.display(),
-                    device.display(),
-                    if who.is_empty() {
-                        "target is busy (no process found)".to_string()
-                    } else {
-                        who.join("; ")
-                    }
+                    device.display()
                 ),
+                &t,
+                "target is busy (no process found)",
             ));
         }
     }
@@ -303,23 +295,37 @@ pub fn unmount_all(device: &Path, dev: mountinfo::DevNum) -> Result<()> {
         let mut t = holders::Targets::default();
         t.filesystems.insert(dev);
         t.block_devices.insert(dev);
-        let h = holders::scan(&t, false);
-        let who: Vec<String> = h.iter().map(|h| h.one_line()).collect();
-        return Err(Failure::new(
-            exit::BLOCKED,
-            format!(
-                "failed to unmount {} of {}: {}; stop them or pass --kill-holders",
+        return Err(unmount_blocked(
+            &format!(
+                "{} of {}",
                 busy.unwrap_or_default().display(),
-                device.display(),
-                if who.is_empty() {
-                    "target is busy (no process found: check nested mounts and swap)".to_string()
-                } else {
-                    who.join("; ")
-                }
+                device.display()
             ),
+            &t,
+            "target is busy (no process found: check nested mounts and swap)",
         ));
     }
     Ok(())
+}
+
+/// The one-line refusal when an unmount stays busy: names every process holding one of
+/// `targets` (pid, command, what it holds), or says `nobody` when none was found.
+fn unmount_blocked(what: &str, targets: &holders::Targets, nobody: &str) -> Failure {
+    let who: Vec<String> = holders::scan(targets, false)
+        .iter()
+        .map(|h| h.one_line())
+        .collect();
+    Failure::new(
+        exit::BLOCKED,
+        format!(
+            "failed to unmount {what}: {}; stop them or pass --kill-holders",
+            if who.is_empty() {
+                nobody.to_string()
+            } else {
+                who.join("; ")
+            }
+        ),
+    )
 }
 
 fn is_ext(fs: &str) -> bool {

@@ -31,9 +31,10 @@ fn mul_alpha8(t: __m512i) -> __m512i {
     _mm512_xor_si512(shifted, reduced)
 }
 
+/// Four 128-bit values into one register (lane i = `t[i]`); also used by the fused kernel.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn lanes(t: [u128; 4]) -> __m512i {
+pub(crate) fn lanes(t: [u128; 4]) -> __m512i {
     // Little-endian: lane i holds t[i] with its low 64 bits first.
     let q = |v: u128, hi: bool| (if hi { v >> 64 } else { v } as u64) as i64;
     _mm512_set_epi64(
