@@ -75,7 +75,9 @@ impl EncryptLayout {
 }
 
 /// Progress in logical bytes. Forward: `[0, hot_start)` is done; backward:
-/// `[hot_start + hot_len, end)` is done. `hot_len == 0` is a clean state.
+/// `[hot_start + hot_len, end)` is done. `hot_len == 0` is a clean state. A forward run
+/// whose segments are all new up to a dynamic end (killed after its last hotzone, before
+/// the final header) reads back as `hot_start == u64::MAX`: done, only the header is left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Progress {
     pub hot_start: u64,

@@ -12,6 +12,7 @@ pub mod device;
 pub mod engine;
 pub mod fsprobe;
 pub mod powercut;
+mod sha256x16;
 pub mod view;
 
 use engine::{Journal, Walk, CHECKSUM_BLOCK, CHECKSUM_LEN};
@@ -820,7 +821,10 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
             )));
         }
     } else if st.direction == ReencryptDirection::Forward
-        && dev_size < st.progress.hot_start + st.progress.hot_len
+        // u64::MAX: every segment is already new up to a "dynamic" end (a run killed
+        // after its last hotzone, before the final header): nothing to compare.
+        && st.progress.hot_start != u64::MAX
+        && dev_size < st.progress.hot_start.saturating_add(st.progress.hot_len)
     {
         return Err(Error::Refused(format!(
             "device is {dev_size} bytes, smaller than the {} bytes already encrypted: wrong device (nothing was written)",

@@ -1,0 +1,563 @@
+//! SHA-256 of many 4096-byte blocks at once, for checksum resilience.
+//!
+//! Checksum mode stores plain SHA-256 of every 4096-byte block of the old data
+//! (what cryptsetup stores), so hashing runs over many independent, equally long
+//! messages. SHA-NI hashes one message at a time; with AVX-512 the same FIPS
+//! 180-4 compression runs on 16 messages at once, one per 32-bit lane of a
+//! 512-bit register, which is faster than SHA-NI on the CPUs that have both.
+//!
+//! Groups of 16 blocks go through the vector path when the CPU has AVX-512F and
+//! AVX-512BW (checked at run time); leftover blocks, and every block on other
+//! CPUs, go through `sha2` (which itself uses SHA-NI where available).
+
+use sha2::{Digest as _, Sha256};
+
+/// Length of each hashed message.
+const BLOCK: usize = 4096;
+/// SHA-256 digest length.
+const DIGEST: usize = 32;
+/// Messages hashed together by the vector path (32-bit lanes in 512 bits).
+const LANES: usize = 16;
+
+/// Appends the SHA-256 digest of each 4096-byte block of `data` to `out`.
+///
+/// `data.len()` should be a multiple of 4096; a shorter tail, if any, is hashed
+/// as one last message of its own length (as `data.chunks(4096)` would).
+pub(crate) fn hash_4k_blocks(data: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + data.len().div_ceil(BLOCK) * DIGEST, 0);
+    hash_4k_blocks_to_slice(data, &mut out[start..]);
+}
+
+/// Writes the SHA-256 digest of each 4096-byte block of `data` into `out`
+/// (32 bytes per block, `out.len()` = blocks * 32; a shorter tail counts as a block).
+pub(crate) fn hash_4k_blocks_to_slice(data: &[u8], out: &mut [u8]) {
+    assert_eq!(
+        out.len(),
+        data.len().div_ceil(BLOCK) * DIGEST,
+        "digest buffer does not match the number of blocks"
+    );
+    let mut data = data;
+    let mut out = out;
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        let groups = data.len() / (BLOCK * LANES);
+        let (vec_data, rest_data) = data.split_at(groups * BLOCK * LANES);
+        let (vec_out, rest_out) = out.split_at_mut(groups * DIGEST * LANES);
+        for (d, o) in vec_data
+            .chunks_exact(BLOCK * LANES)
+            .zip(vec_out.chunks_exact_mut(DIGEST * LANES))
+        {
+            let d: &[u8; BLOCK * LANES] = d.try_into().expect("chunks_exact length");
+            let o: &mut [u8; DIGEST * LANES] = o.try_into().expect("chunks_exact length");
+            // SAFETY: `available()` just confirmed the CPU supports avx512f and
+            // avx512bw, the only requirement of this function beyond its
+            // (type-checked) array arguments.
+            unsafe { avx512::hash_16(d, o) };
+        }
+        data = rest_data;
+        out = rest_out;
+    }
+    hash_serial(data, out);
+}
+
+/// The portable path: one message at a time through `sha2`.
+fn hash_serial(data: &[u8], out: &mut [u8]) {
+    for (b, o) in data.chunks(BLOCK).zip(out.chunks_exact_mut(DIGEST)) {
+        o.copy_from_slice(&Sha256::digest(b));
+    }
+}
+
+/// The constants of FIPS 180-4 §4.2.2 and §5.3.3, derived from their
+/// definitions rather than typed in: K are the first 32 bits of the fractional
+/// parts of the cube roots of the first 64 primes, H(0) of the square roots of
+/// the first 8 primes.
+mod consts {
+    const fn first_primes<const N: usize>() -> [u32; N] {
+        let mut primes = [0u32; N];
+        let mut found = 0;
+        let mut candidate = 2u32;
+        while found < N {
+            let mut d = 2u32;
+            let mut prime = true;
+            while d * d <= candidate {
+                if candidate.is_multiple_of(d) {
+                    prime = false;
+                    break;
+                }
+                d += 1;
+            }
+            if prime {
+                primes[found] = candidate;
+                found += 1;
+            }
+            candidate += 1;
+        }
+        primes
+    }
+
+    /// Largest x with x^root <= n (root is 2 or 3), by bisection.
+    const fn int_root(n: u128, root: u32) -> u128 {
+        let (mut lo, mut hi) = (0u128, 1u128 << 43);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if mid.pow(root) <= n {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+
+    /// First 32 bits of the fractional part of p^(1/root): floor(p^(1/root) * 2^32)
+    /// = floor((p * 2^(32*root))^(1/root)), then drop the integer part.
+    const fn fraction_bits(p: u32, root: u32) -> u32 {
+        // Truncation keeps the low 32 bits, i.e. drops the integer part.
+        int_root((p as u128) << (32 * root), root) as u32
+    }
+
+    pub(super) const K: [u32; 64] = {
+        let primes = first_primes::<64>();
+        let mut k = [0u32; 64];
+        let mut i = 0;
+        while i < 64 {
+            k[i] = fraction_bits(primes[i], 3);
+            i += 1;
+        }
+        k
+    };
+
+    pub(super) const H0: [u32; 8] = {
+        let primes = first_primes::<8>();
+        let mut h = [0u32; 8];
+        let mut i = 0;
+        while i < 8 {
+            h[i] = fraction_bits(primes[i], 2);
+            i += 1;
+        }
+        h
+    };
+
+    /// W[t] + K[t] for the last compression of every 4096-byte message: its
+    /// block is only padding (FIPS 180-4 §5.1.1: a 1 bit, zeros, then the
+    /// message length in bits as a 64-bit big-endian number), the same for every
+    /// message of that length, so its schedule (§6.2.2 step 1) is computed once.
+    pub(super) const PAD_KW: [u32; 64] = {
+        let mut w = [0u32; 64];
+        w[0] = 0x8000_0000;
+        let bits = (super::BLOCK as u64) * 8;
+        w[14] = (bits >> 32) as u32;
+        w[15] = bits as u32;
+        let mut t = 16;
+        while t < 64 {
+            let s0 = w[t - 15].rotate_right(7) ^ w[t - 15].rotate_right(18) ^ (w[t - 15] >> 3);
+            let s1 = w[t - 2].rotate_right(17) ^ w[t - 2].rotate_right(19) ^ (w[t - 2] >> 10);
+            w[t] = s1
+                .wrapping_add(w[t - 7])
+                .wrapping_add(s0)
+                .wrapping_add(w[t - 16]);
+            t += 1;
+        }
+        let mut t = 0;
+        while t < 64 {
+            w[t] = w[t].wrapping_add(K[t]);
+            t += 1;
+        }
+        w
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::consts::{H0, K, PAD_KW};
+    use super::{BLOCK, DIGEST, LANES};
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    }
+
+    // `_mm512_ternarylogic_epi32` immediates: the truth table of the boolean
+    // function, i.e. the function applied to the canonical operand patterns.
+    const A: u8 = 0xf0;
+    const B: u8 = 0xcc;
+    const C: u8 = 0xaa;
+    const XOR3: i32 = (A ^ B ^ C) as i32;
+    /// Ch(x, y, z) = (x AND y) XOR (NOT x AND z).
+    const CH: i32 = ((A & B) ^ (!A & C)) as i32;
+    /// Maj(x, y, z) = (x AND y) XOR (x AND z) XOR (y AND z).
+    const MAJ: i32 = ((A & B) ^ (A & C) ^ (B & C)) as i32;
+
+    // The helpers below are safe `#[target_feature]` functions: the compiler lets
+    // only code compiled with the same features (here `hash_16`) call them without
+    // `unsafe`, and inlines them there.
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn xor3(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
+        _mm512_ternarylogic_epi32::<XOR3>(a, b, c)
+    }
+
+    /// Σ0, Σ1, σ0, σ1 of FIPS 180-4 §4.1.2, lane-wise.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn big_sigma0(x: __m512i) -> __m512i {
+        xor3(
+            _mm512_ror_epi32::<2>(x),
+            _mm512_ror_epi32::<13>(x),
+            _mm512_ror_epi32::<22>(x),
+        )
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn big_sigma1(x: __m512i) -> __m512i {
+        xor3(
+            _mm512_ror_epi32::<6>(x),
+            _mm512_ror_epi32::<11>(x),
+            _mm512_ror_epi32::<25>(x),
+        )
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn small_sigma0(x: __m512i) -> __m512i {
+        xor3(
+            _mm512_ror_epi32::<7>(x),
+            _mm512_ror_epi32::<18>(x),
+            _mm512_srli_epi32::<3>(x),
+        )
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn small_sigma1(x: __m512i) -> __m512i {
+        xor3(
+            _mm512_ror_epi32::<17>(x),
+            _mm512_ror_epi32::<19>(x),
+            _mm512_srli_epi32::<10>(x),
+        )
+    }
+
+    /// The working variables a..h, one message per lane.
+    type State = [__m512i; 8];
+
+    /// One round of §6.2.2 step 3, in place: instead of shifting all eight
+    /// working variables, the caller renames them (the new `a` is left in `h`,
+    /// the new `e` in `d`), so a run of eight rounds returns to the first naming.
+    #[allow(clippy::too_many_arguments)] // the eight working variables plus W[t] + K[t]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn round(
+        a: __m512i,
+        b: __m512i,
+        c: __m512i,
+        d: &mut __m512i,
+        e: __m512i,
+        f: __m512i,
+        g: __m512i,
+        h: &mut __m512i,
+        kw: __m512i,
+    ) {
+        let t1 = _mm512_add_epi32(
+            _mm512_add_epi32(*h, big_sigma1(e)),
+            _mm512_add_epi32(_mm512_ternarylogic_epi32::<CH>(e, f, g), kw),
+        );
+        let t2 = _mm512_add_epi32(big_sigma0(a), _mm512_ternarylogic_epi32::<MAJ>(a, b, c));
+        *d = _mm512_add_epi32(*d, t1);
+        *h = _mm512_add_epi32(t1, t2);
+    }
+
+    /// Eight rounds, given W[t] + K[t] for each of them.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn eight_rounds(v: &mut State, kw: &[__m512i; 8]) {
+        let [a, b, c, d, e, f, g, h] = v;
+        round(*a, *b, *c, d, *e, *f, *g, h, kw[0]);
+        round(*h, *a, *b, c, *d, *e, *f, g, kw[1]);
+        round(*g, *h, *a, b, *c, *d, *e, f, kw[2]);
+        round(*f, *g, *h, a, *b, *c, *d, e, kw[3]);
+        round(*e, *f, *g, h, *a, *b, *c, d, kw[4]);
+        round(*d, *e, *f, g, *h, *a, *b, c, kw[5]);
+        round(*c, *d, *e, f, *g, *h, *a, b, kw[6]);
+        round(*b, *c, *d, e, *f, *g, *h, a, kw[7]);
+    }
+
+    /// §6.2.2 step 4: H(i) = H(i-1) + the working variables.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn add_state(hv: &mut State, v: &State) {
+        for (x, y) in hv.iter_mut().zip(v) {
+            *x = _mm512_add_epi32(*x, *y);
+        }
+    }
+
+    /// Rounds T0..T0 + 8 of a data block. The message schedule (§6.2.2 step 1)
+    /// is computed as the rounds need it, in a ring of 16 words where W[t]
+    /// replaces W[t - 16]; T0 is a constant so that every ring index is one and
+    /// the ring can stay in registers.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn schedule_and_rounds<const T0: usize>(v: &mut State, w: &mut [__m512i; 16]) {
+        let mut kw = [_mm512_setzero_si512(); 8];
+        for (i, kw_t) in kw.iter_mut().enumerate() {
+            let t = T0 + i;
+            if t >= 16 {
+                w[t % 16] = _mm512_add_epi32(
+                    _mm512_add_epi32(small_sigma1(w[(t - 2) % 16]), w[(t - 7) % 16]),
+                    _mm512_add_epi32(small_sigma0(w[(t - 15) % 16]), w[t % 16]),
+                );
+            }
+            *kw_t = _mm512_add_epi32(w[t % 16], _mm512_set1_epi32(K[t] as i32));
+        }
+        eight_rounds(v, &kw);
+    }
+
+    /// Compresses one block given its 16 message words (one message per lane).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn compress_block(hv: &mut State, mut w: [__m512i; 16]) {
+        let mut v = *hv;
+        schedule_and_rounds::<0>(&mut v, &mut w);
+        schedule_and_rounds::<8>(&mut v, &mut w);
+        schedule_and_rounds::<16>(&mut v, &mut w);
+        schedule_and_rounds::<24>(&mut v, &mut w);
+        schedule_and_rounds::<32>(&mut v, &mut w);
+        schedule_and_rounds::<40>(&mut v, &mut w);
+        schedule_and_rounds::<48>(&mut v, &mut w);
+        schedule_and_rounds::<56>(&mut v, &mut w);
+        add_state(hv, &v);
+    }
+
+    /// Compresses the padding block of a 4096-byte message, whose W[t] + K[t]
+    /// is the same in every lane.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn compress_padding(hv: &mut State) {
+        let mut v = *hv;
+        for kw in PAD_KW.chunks_exact(8) {
+            let kw: [__m512i; 8] = std::array::from_fn(|i| _mm512_set1_epi32(kw[i] as i32));
+            eight_rounds(&mut v, &kw);
+        }
+        add_state(hv, &v);
+    }
+
+    /// Loads 64-byte block `blk` of each of the 16 messages and returns the 16
+    /// message words W[0..16], word j of lane i being big-endian word j of message i.
+    ///
+    /// Loads one row per message, byte-swaps each 32-bit word, then transposes
+    /// the 16x16 word matrix: 32-bit then 64-bit interleaves transpose each 4x4
+    /// tile inside the 128-bit lanes, two 128-bit shuffles transpose the tiles.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn load_words(data: &[u8; BLOCK * LANES], blk: usize) -> [__m512i; 16] {
+        // Reverses the bytes of each 32-bit word (indices within each 128-bit lane).
+        let bswap = _mm512_broadcast_i32x4(_mm_set_epi8(
+            12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3,
+        ));
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, row) in r.iter_mut().enumerate() {
+            let bytes: &[u8; 64] = data[i * BLOCK + blk * 64..][..64]
+                .try_into()
+                .expect("64-byte slice");
+            // SAFETY: `bytes` is 64 readable bytes, exactly what the load
+            // reads; loadu has no alignment requirement.
+            let raw = unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) };
+            *row = _mm512_shuffle_epi8(raw, bswap);
+        }
+        // a[2k]: words (4c, 4c+1) of rows 2k, 2k+1 interleaved in each 128-bit
+        // lane c; a[2k+1]: words (4c+2, 4c+3).
+        let mut a = [_mm512_setzero_si512(); 16];
+        for k in 0..8 {
+            a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+            a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+        }
+        // b[4m + q], 128-bit lane c: word 4c + q of rows 4m..4m+3.
+        let mut b = [_mm512_setzero_si512(); 16];
+        for m in 0..4 {
+            b[4 * m] = _mm512_unpacklo_epi64(a[4 * m], a[4 * m + 2]);
+            b[4 * m + 1] = _mm512_unpackhi_epi64(a[4 * m], a[4 * m + 2]);
+            b[4 * m + 2] = _mm512_unpacklo_epi64(a[4 * m + 1], a[4 * m + 3]);
+            b[4 * m + 3] = _mm512_unpackhi_epi64(a[4 * m + 1], a[4 * m + 3]);
+        }
+        // For each q, x[m] = b[4m + q] is a 4x4 matrix of 128-bit lanes
+        // (x[m] lane c = word 4c + q of rows 4m..4m+3); W[4c + q] needs lane m
+        // = x[m] lane c, i.e. the transpose of that matrix.
+        let mut w = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            let x = [b[q], b[4 + q], b[8 + q], b[12 + q]];
+            // y0 = x0.l0 x0.l1 x1.l0 x1.l1, y1 = x0.l2 x0.l3 x1.l2 x1.l3, same for x2/x3.
+            let y0 = _mm512_shuffle_i32x4::<0x44>(x[0], x[1]);
+            let y1 = _mm512_shuffle_i32x4::<0xee>(x[0], x[1]);
+            let y2 = _mm512_shuffle_i32x4::<0x44>(x[2], x[3]);
+            let y3 = _mm512_shuffle_i32x4::<0xee>(x[2], x[3]);
+            // Even lanes of the first pair, then of the second: lane c of x0..x3.
+            w[q] = _mm512_shuffle_i32x4::<0x88>(y0, y2);
+            w[4 + q] = _mm512_shuffle_i32x4::<0xdd>(y0, y2);
+            w[8 + q] = _mm512_shuffle_i32x4::<0x88>(y1, y3);
+            w[12 + q] = _mm512_shuffle_i32x4::<0xdd>(y1, y3);
+        }
+        w
+    }
+
+    /// Hashes 16 messages of 4096 bytes each (message i = `data[i * 4096..][..4096]`)
+    /// and writes digest i to `out[i * 32..][..32]`.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f and avx512bw.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn hash_16(data: &[u8; BLOCK * LANES], out: &mut [u8; DIGEST * LANES]) {
+        let mut hv: State = H0.map(|x| _mm512_set1_epi32(x as i32));
+        for blk in 0..BLOCK / 64 {
+            compress_block(&mut hv, load_words(data, blk));
+        }
+        compress_padding(&mut hv);
+
+        // hv[j] lane i = word j of digest i; written big-endian (§6.2.2 final hash).
+        let mut words = [[0u32; LANES]; 8];
+        for (dst, src) in words.iter_mut().zip(&hv) {
+            // SAFETY: `dst` is 16 u32 = 64 writable bytes; storeu has no
+            // alignment requirement.
+            unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), *src) };
+        }
+        for (lane, digest) in out.chunks_exact_mut(DIGEST).enumerate() {
+            for (j, word) in digest.chunks_exact_mut(4).enumerate() {
+                word.copy_from_slice(&words[j][lane].to_be_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes (xorshift64*), different per seed.
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s >> 12;
+                s ^= s << 25;
+                s ^= s >> 27;
+                (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn reference(data: &[u8]) -> Vec<u8> {
+        data.chunks(BLOCK)
+            .flat_map(|b| Sha256::digest(b).to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn derived_constants_match_fips_180_4() {
+        // Spot checks against the printed tables of FIPS 180-4 §4.2.2 and §5.3.3;
+        // the full tables are exercised by every digest comparison below.
+        assert_eq!(consts::K[0], 0x428a_2f98);
+        assert_eq!(consts::K[63], 0xc671_78f2);
+        assert_eq!(consts::H0[0], 0x6a09_e667);
+        assert_eq!(consts::H0[7], 0x5be0_cd19);
+    }
+
+    #[test]
+    fn matches_sha2_on_random_data() {
+        for (seed, blocks) in [1usize, 15, 16, 17, 33, 64].into_iter().enumerate() {
+            let data = pseudo_random(blocks * BLOCK, seed as u64 + 1);
+            let mut out = Vec::new();
+            hash_4k_blocks(&data, &mut out);
+            assert_eq!(out, reference(&data), "{blocks} blocks");
+        }
+    }
+
+    #[test]
+    fn matches_sha2_on_constant_patterns() {
+        for byte in [0x00u8, 0xff, 0x80, 0x01] {
+            let data = vec![byte; 33 * BLOCK];
+            let mut out = Vec::new();
+            hash_4k_blocks(&data, &mut out);
+            assert_eq!(out, reference(&data), "all bytes {byte:#04x}");
+        }
+    }
+
+    #[test]
+    fn appends_after_existing_output_and_handles_empty_and_tail() {
+        let data = pseudo_random(16 * BLOCK + 100, 7);
+        let mut out = vec![0xaa; 5];
+        hash_4k_blocks(&data, &mut out);
+        assert_eq!(out[..5], [0xaa; 5]);
+        assert_eq!(out[5..], reference(&data)[..]);
+        let mut empty = Vec::new();
+        hash_4k_blocks(&[], &mut empty);
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn each_lane_hashes_its_own_block() {
+        // Blocks differing in one byte at a lane-specific place: a transpose or
+        // lane mix-up would give some block another block's digest.
+        let mut data = vec![0u8; 16 * BLOCK];
+        for lane in 0..16 {
+            data[lane * BLOCK + lane * 257] = lane as u8 + 1;
+        }
+        let mut out = Vec::new();
+        hash_4k_blocks(&data, &mut out);
+        assert_eq!(out, reference(&data));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_path_matches_sha2() {
+        if !avx512::available() {
+            eprintln!("SKIPPED: this CPU lacks avx512f/avx512bw; the vector path was NOT tested");
+            return;
+        }
+        for seed in 0..4u64 {
+            let data = pseudo_random(16 * BLOCK, 100 + seed);
+            let data: &[u8; BLOCK * LANES] = data.as_slice().try_into().unwrap();
+            let mut out = [0u8; DIGEST * LANES];
+            // SAFETY: available() confirmed avx512f and avx512bw.
+            unsafe { avx512::hash_16(data, &mut out) };
+            assert_eq!(out[..], reference(data)[..], "seed {seed}");
+        }
+        eprintln!("avx512 16-lane path ran and matched sha2");
+    }
+
+    /// Single-thread throughput, vector path (when available) vs sha2:
+    /// `cargo test -p luksify-walker --release sha256x16::tests::throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark; run by hand with --release"]
+    fn throughput() {
+        use std::time::Instant;
+        // Page-aligned, as the walker's I/O buffers are.
+        let backing = pseudo_random((64 << 20) + 4096, 9);
+        let skip = backing.as_ptr().align_offset(4096);
+        let data = &backing[skip..][..64 << 20];
+        let mut out = Vec::with_capacity(data.len() / BLOCK * DIGEST);
+        let mut time = |f: &dyn Fn(&mut Vec<u8>)| {
+            out.clear();
+            let t = Instant::now();
+            f(&mut out);
+            let secs = t.elapsed().as_secs_f64();
+            std::hint::black_box(&out);
+            data.len() as f64 / secs / 1e6
+        };
+        let new = |o: &mut Vec<u8>| hash_4k_blocks(data, o);
+        let old = |o: &mut Vec<u8>| {
+            for b in data.chunks(BLOCK) {
+                o.extend_from_slice(&Sha256::digest(b));
+            }
+        };
+        // Alternated and best-of, so that other load on the machine hurts both alike.
+        let (mut best_new, mut best_old) = (0f64, 0f64);
+        for _ in 0..10 {
+            best_new = best_new.max(time(&new));
+            best_old = best_old.max(time(&old));
+        }
+        #[cfg(target_arch = "x86_64")]
+        eprintln!("avx512 available: {}", avx512::available());
+        eprintln!(
+            "64 MiB, best of 10: hash_4k_blocks {best_new:.0} MB/s, sha2 {best_old:.0} MB/s, ratio {:.2}",
+            best_new / best_old
+        );
+    }
+}
