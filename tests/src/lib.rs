@@ -140,3 +140,11 @@ fn fill_random(buf: &mut [u8]) {
         .and_then(|mut f| f.read_exact(buf))
         .expect("read /dev/urandom");
 }
+
+/// Whether `p` starts with a LUKS header luksify can parse (either copy, LUKS1 or LUKS2).
+pub fn has_luks_header(p: &Path) -> bool {
+    std::fs::File::open(p)
+        .ok()
+        .and_then(|f| luksify_luks::probe(&f).ok().flatten())
+        .is_some()
+}

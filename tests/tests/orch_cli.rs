@@ -95,6 +95,30 @@ fn sha256(p: &Path) -> String {
 }
 
 impl Fixture {
+    /// Starts `enable` slowed down (each progress step sleeps), waits until the status
+    /// file shows bytes done, so the walk is certainly mid-way, and SIGKILLs it.
+    fn kill_enable_mid_walk(&self) {
+        let mut child = self
+            .enable_cmd()
+            .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(
+            "progress in the status file",
+            Duration::from_secs(60),
+            || {
+                read_status(&self.state)["volumes"][0]["bytes_done"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0
+            },
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     fn new(size_mib: u64) -> Fixture {
         require_root();
         require_tool("mkfs.ext4");
@@ -324,26 +348,7 @@ fn root_orch_enable_encrypts_remounts_and_cryptsetup_accepts_it() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_kill_during_encryption_then_resume_all_completes() {
     let fx = Fixture::new(192);
-    // Each progress step sleeps, so the walk is certainly mid-way when we kill it.
-    let mut child = fx
-        .enable_cmd()
-        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(
-        "progress in the status file",
-        Duration::from_secs(60),
-        || {
-            read_status(&fx.state)["volumes"][0]["bytes_done"]
-                .as_u64()
-                .unwrap_or(0)
-                > 0
-        },
-    );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    fx.kill_enable_mid_walk();
     let s = read_status(&fx.state);
     assert_eq!(s["data_volumes_encrypted"], "EncryptionInProgress", "{s}");
     assert!(s["volumes"][0]["percent"].as_f64().unwrap() < 100.0, "{s}");
@@ -1003,25 +1008,7 @@ fn root_orch_resume_all_with_key_file_finds_a_header_the_status_file_lost() {
     let fx = Fixture::new(192);
     // A passphrase of its own: the scan must not adopt other tests' interrupted runs.
     std::fs::write(&fx.key, b"passphrase of the lost-status test").unwrap();
-    let mut child = fx
-        .enable_cmd()
-        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(
-        "progress in the status file",
-        Duration::from_secs(60),
-        || {
-            read_status(&fx.state)["volumes"][0]["bytes_done"]
-                .as_u64()
-                .unwrap_or(0)
-                > 0
-        },
-    );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    fx.kill_enable_mid_walk();
     std::fs::remove_file(fx.state.join("status.json")).unwrap();
     // Without a key file it can only name the device.
     let out = run(fx.cmd().args(["resume", "--userspace"]));

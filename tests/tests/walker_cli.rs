@@ -2,7 +2,7 @@
 //! decrypt with cryptsetup, runs killed at random points resume (by us and by
 //! `cryptsetup reencrypt --resume-only`), and cryptsetup's killed runs resume with us.
 
-use luksify_tests::{fill_pattern, luksify_bin, require_tool, run, run_ok};
+use luksify_tests::{fill_pattern, has_luks_header, luksify_bin, require_tool, run, run_ok};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -114,13 +114,6 @@ fn kill_after(cmd: &mut Command, ms: u64) -> bool {
     done
 }
 
-fn header_valid(h: &Path) -> bool {
-    std::fs::File::open(h)
-        .ok()
-        .and_then(|f| luksify_luks::probe(&f).ok().flatten())
-        .is_some()
-}
-
 /// Sequence id of the primary LUKS2 header in `p` (0 when there is none yet).
 fn seqid(p: &Path) -> u64 {
     use std::os::unix::fs::FileExt;
@@ -189,7 +182,7 @@ fn crash_matrix(res: &str, points: u64, resume_with_cryptsetup: bool) {
         let jitter = (x >> 20) % 3000;
         let ms = format!("commit {at} + {jitter} us");
         kill_after_commits(&mut enc(&c), &c.p("hdr"), at, jitter);
-        if !header_valid(&c.p("hdr")) {
+        if !has_luks_header(&c.p("hdr")) {
             // Killed before the header existed: nothing may have been written.
             assert!(
                 same(&std::fs::read(c.p("img")).unwrap(), &orig),
@@ -303,7 +296,7 @@ fn walker_resumes_killed_cryptsetup_runs() {
                 ]),
                 60 + 90 * k + 30 * i as u64,
             );
-            if !header_valid(&c.p("hdr")) {
+            if !has_luks_header(&c.p("hdr")) {
                 continue;
             }
             let st = run(&mut luksify(&[

@@ -4,7 +4,7 @@
 //! at pseudo-random instants resume (by luksify, and by
 //! `cryptsetup repair` + `reencrypt --resume-only` where cryptsetup reads the layout).
 
-use luksify_tests::{fill_pattern, luksify_bin, require_tool, run, run_ok};
+use luksify_tests::{fill_pattern, has_luks_header, luksify_bin, require_tool, run, run_ok};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -285,13 +285,6 @@ fn kill_after_commits(cmd: &mut Command, hdr: &Path, base: u64, commits: u64, ji
     let _ = child.wait();
 }
 
-fn is_luks(p: &Path) -> bool {
-    std::fs::File::open(p)
-        .ok()
-        .and_then(|f| luksify_luks::probe(&f).ok().flatten())
-        .is_some()
-}
-
 /// What the header says: reencryption in progress (the metadata requirement is set).
 fn in_progress(hdr: &Path) -> bool {
     let out = run(Command::new("cryptsetup").args(["luksDump", &hdr.display().to_string()]));
@@ -366,7 +359,7 @@ fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
             jitter,
         );
         let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
-        if !is_luks(&c.p("hdr")) {
+        if !has_luks_header(&c.p("hdr")) {
             // Killed before the header file was valid: the volume must be untouched,
             // and decrypt simply starts again.
             assert!(
@@ -487,7 +480,7 @@ fn shift_encrypt_crash_matrix(points: u64, by_cryptsetup: bool) {
         let (c, orig) = Case::new(32, 60 + i);
         let (img, key) = (c.s("img"), c.s("key"));
         kill_after_commits(&mut enc(&c), &c.p("img"), 0, at, jitter);
-        let valid = is_luks(&c.p("img"));
+        let valid = has_luks_header(&c.p("img"));
         if valid && in_progress(&c.p("img")) {
             mid_run += 1;
             let out = if by_cryptsetup {
