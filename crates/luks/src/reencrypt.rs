@@ -691,6 +691,28 @@ fn metadata_version(md: &Metadata) -> u8 {
         .unwrap_or(REENCRYPT_REQ_VERSION)
 }
 
+/// Moves the reencrypt keyslot's resilience area to `area` (same type, e.g. the other
+/// half of a double-buffered journal) and re-binds the reencrypt digest, which covers the
+/// area's offset and size. Takes effect in `md` and `st`; the caller commits.
+pub fn set_area(
+    md: &mut Metadata,
+    st: &mut ReencryptState,
+    area: ReencryptArea,
+    vk: &[u8],
+) -> Result<()> {
+    if std::mem::discriminant(&area) != std::mem::discriminant(&st.area) {
+        return Err(Error::InvalidArgument(
+            "the resilience area can move but not change its type".into(),
+        ));
+    }
+    match md.keyslots.get_mut(&st.keyslot) {
+        Some(Keyslot::Reencrypt(k)) => k.area = area.clone(),
+        _ => return Err(Error::corrupt("no reencrypt keyslot")),
+    }
+    st.area = area;
+    refresh_reencrypt_digest(md, st.keyslot, vk)
+}
+
 /// (Re)creates the pbkdf2 digest bound to the reencrypt keyslot alone.
 pub fn refresh_reencrypt_digest(md: &mut Metadata, keyslot: u32, vk: &[u8]) -> Result<()> {
     let blob = digest_blob(md, vk, metadata_version(md))?;

@@ -37,6 +37,12 @@ pub trait Journal {
     fn area_read(&mut self, off: u64, buf: &mut [u8]) -> Result<()>;
     /// Flushes the header device.
     fn area_flush(&mut self) -> Result<()>;
+    /// Journal mode: points `area_write` at an area the committed header does not name
+    /// (the other half), to be named by the next commit. False when there is none: then
+    /// the only area is the committed one.
+    fn use_spare_area(&mut self) -> bool {
+        false
+    }
 }
 
 /// Sizes that bound memory and set the commit rate.
@@ -378,12 +384,28 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         ready.push(c);
                     }
                 }
+                // Double-buffered journal: hotzone k's journal goes to the half the
+                // header does not name while k-1 is still being written and flushed.
+                let early_journal = self.resilience == Resilience::Journal && j.use_spare_area();
+                if early_journal {
+                    for c in &chunks {
+                        j.area_write(c.logical - a, &c.buf[..c.len])?;
+                    }
+                    j.area_flush()?;
+                }
                 wait_ack(&mut pending_ack)?;
                 // The previous hotzone is durable: the header may move past it.
                 match self.resilience {
                     Resilience::Checksum => {
                         j.area_write(0, &sums)?;
                         j.area_flush()?;
+                        j.commit(Progress {
+                            hot_start: a,
+                            hot_len: n,
+                        })?;
+                    }
+                    Resilience::Journal if early_journal => {
+                        // One commit names the new half, retires k-1 and makes k hot.
                         j.commit(Progress {
                             hot_start: a,
                             hot_len: n,

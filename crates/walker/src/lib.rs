@@ -125,10 +125,55 @@ struct HeaderJournal<'a, H: Disk + ?Sized> {
     disk: &'a H,
     hdr: Luks2Header,
     st: ReencryptState,
+    /// Journal mode: the two halves of the free keyslot room (see [`journal_halves`]).
+    halves: Option<[(u64, u64); 2]>,
+    /// Where the next hotzone's journal goes, if not the committed area.
+    next_area: Option<ReencryptArea>,
+    /// To re-bind the reencrypt digest when the area moves.
+    vk: &'a [u8],
 }
+
+impl<H: Disk + ?Sized> HeaderJournal<'_, H> {
+    /// The area that `area_write`/`area_read` address now.
+    fn live_area(&self) -> &ReencryptArea {
+        self.next_area.as_ref().unwrap_or(&self.st.area)
+    }
+}
+
+/// The free room of the keyslots area, after every passphrase keyslot: where the
+/// resilience area goes. `(offset, size)` in bytes from the header start.
+fn free_keyslot_room(hdr: &Luks2Header) -> (u64, u64) {
+    let ks_end = hdr
+        .metadata
+        .keyslots
+        .values()
+        .filter(|k| matches!(k, Keyslot::Luks2(_)))
+        .filter_map(Keyslot::area_range)
+        .map(|(o, s)| o + s)
+        .max()
+        .unwrap_or(2 * hdr.hdr_size);
+    let area_end = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+    (ks_end, area_end.saturating_sub(ks_end))
+}
+
+/// Journal mode alternates between two halves of the free room, so hotzone k's journal
+/// is written while hotzone k-1 (whose journal the header still names) is being written
+/// and flushed. None when the halves would hold less than [`MIN_JOURNAL_HALF`]: the run
+/// then uses one area and waits, as cryptsetup does.
+fn journal_halves(hdr: &Luks2Header) -> Option<[(u64, u64); 2]> {
+    let (off, size) = free_keyslot_room(hdr);
+    let half = size / 2 / CHECKSUM_BLOCK as u64 * CHECKSUM_BLOCK as u64;
+    (half >= MIN_JOURNAL_HALF).then_some([(off, half), (off + half, half)])
+}
+
+/// Smallest journal half worth double-buffering (one default chunk).
+const MIN_JOURNAL_HALF: u64 = 4 << 20;
 
 impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
     fn commit(&mut self, p: Progress) -> Result<()> {
+        if let Some(a) = self.next_area.take() {
+            reencrypt::set_area(&mut self.hdr.metadata, &mut self.st, a, self.vk)?;
+        }
         reencrypt::set_progress(&mut self.hdr.metadata, &self.st, p)?;
         self.hdr.write(self.disk)?;
         self.st.progress = p;
@@ -167,16 +212,38 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
     }
     fn area_write(&mut self, off: u64, data: &[u8]) -> Result<()> {
         self.disk
-            .write_at(self.st.area.offset() + off, data)
+            .write_at(self.live_area().offset() + off, data)
             .map_err(|e| Error::io("write resilience area", e))
     }
     fn area_read(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.disk
-            .read_at(self.st.area.offset() + off, buf)
+            .read_at(self.live_area().offset() + off, buf)
             .map_err(|e| Error::io("read resilience area", e))
     }
     fn area_flush(&mut self) -> Result<()> {
         self.disk.flush().map_err(|e| Error::io("flush header", e))
+    }
+    fn use_spare_area(&mut self) -> bool {
+        let (Some([h0, h1]), ReencryptArea::Journal { offset, size }) =
+            (self.halves, &self.st.area)
+        else {
+            return false;
+        };
+        let cur = (*offset, *size);
+        // The committed header names `cur`: the other half is free. If it names
+        // something else (a run cryptsetup started), only a clean state frees it.
+        let spare = if cur == h0 {
+            h1
+        } else if cur == h1 || self.st.progress.hot_len == 0 {
+            h0
+        } else {
+            return false;
+        };
+        self.next_area = Some(ReencryptArea::Journal {
+            offset: spare.0,
+            size: spare.1,
+        });
+        true
     }
 }
 
@@ -338,15 +405,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
     let key_digest = hdr
         .digest_id_for_keyslot(0)
         .ok_or(Error::Internal("formatted header has no keyslot digest"))?;
-    let ks_end = hdr
-        .metadata
-        .keyslots
-        .values()
-        .filter_map(Keyslot::area_range)
-        .map(|(o, s)| o + s)
-        .max()
-        .unwrap_or(2 * hdr.hdr_size);
-    let area_end = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+    let (ks_end, room) = free_keyslot_room(&hdr);
     let (layout, direction, area) = match layout_of {
         Some(l) => {
             let area = ReencryptArea::Datashift {
@@ -357,7 +416,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
             (l, ReencryptDirection::Backward, area)
         }
         None => {
-            let (offset, size) = (ks_end, area_end - ks_end);
+            let (offset, size) = (ks_end, room);
             let area = match res {
                 Resilience::Checksum => ReencryptArea::Checksum {
                     offset,
@@ -365,7 +424,10 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
                     hash: "sha256".into(),
                     sector_size: CHECKSUM_BLOCK as u32,
                 },
-                Resilience::Journal => ReencryptArea::Journal { offset, size },
+                Resilience::Journal => {
+                    let (offset, size) = journal_halves(&hdr).map_or((offset, size), |h| h[0]);
+                    ReencryptArea::Journal { offset, size }
+                }
                 _ => ReencryptArea::None { offset, size },
             };
             let l = EncryptLayout {
@@ -536,8 +598,15 @@ fn run_from<D: Disk + Sync + ?Sized>(
         st.layout.sector_size as usize,
     )
     .map_err(Error::Cipher)?;
+    let halves = (res == Resilience::Journal)
+        .then(|| journal_halves(&hdr))
+        .flatten();
     let mut t = tuning;
     t.hotzone = hotzone_for(res, &st.area, &st.layout, tuning);
+    if let Some([(_, half), _]) = halves {
+        // Every hotzone's journal must fit the half it is written to.
+        t.hotzone = t.hotzone.min(half);
+    }
     if t.hotzone == 0 {
         return Err(Error::Refused(
             "resilience area too small for one hotzone".into(),
@@ -550,6 +619,9 @@ fn run_from<D: Disk + Sync + ?Sized>(
         disk: meta,
         hdr,
         st,
+        halves,
+        next_area: None,
+        vk: vk.as_bytes(),
     };
     let w = Walk {
         data,
@@ -675,15 +747,8 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
     let key_digest = hdr
         .digest_id_for_keyslot(slot)
         .ok_or(Error::Internal("unlocked keyslot has no digest"))?;
-    let ks_end = hdr
-        .metadata
-        .keyslots
-        .values()
-        .filter_map(Keyslot::area_range)
-        .map(|(o, s)| o + s)
-        .max()
-        .unwrap_or(2 * hdr.hdr_size);
-    let area_end = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+    let (ks_end, room) = free_keyslot_room(&hdr);
+    let area_end = ks_end + room;
     let area = if moves {
         if opts.resilience != Resilience::Datashift && opts.resilience != Resilience::Checksum {
             return Err(Error::Refused(
@@ -696,7 +761,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
             shift_size: off,
         }
     } else {
-        let (offset, size) = (ks_end, area_end.saturating_sub(ks_end));
+        let (offset, size) = (ks_end, room);
         match opts.resilience {
             Resilience::Checksum => ReencryptArea::Checksum {
                 offset,
@@ -704,7 +769,10 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
                 hash: "sha256".into(),
                 sector_size: CHECKSUM_BLOCK as u32,
             },
-            Resilience::Journal => ReencryptArea::Journal { offset, size },
+            Resilience::Journal => {
+                let (offset, size) = journal_halves(&hdr).map_or((offset, size), |h| h[0]);
+                ReencryptArea::Journal { offset, size }
+            }
             Resilience::None => ReencryptArea::None { offset, size },
             Resilience::Datashift => return Err(Error::Refused(
                 "a detached header's data stays in place: use resilience checksum, journal or none"
