@@ -268,6 +268,114 @@ fn walker_sigkill_journal_resumed_by_cryptsetup() {
     crash_matrix("journal", 6, true);
 }
 
+/// cryptsetup killed at each of its last fsyncs (strace injects SIGKILL at the n-th
+/// fsync, so the points are exact, not timed): among them the state where every data
+/// segment is already new ("crypt, whole device") but the reencrypt keyslot is still
+/// there. luksify once refused that state ("device smaller than u64::MAX bytes already
+/// encrypted"); now it finishes the header and the data decrypts to the original.
+#[test]
+fn walker_resumes_cryptsetup_runs_killed_after_their_last_hotzone() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    for res in ["checksum", "journal"] {
+        let cs_args = |c: &Case| -> Vec<String> {
+            [
+                "cryptsetup",
+                "reencrypt",
+                "--encrypt",
+                "-q",
+                "--force-offline-reencrypt",
+                "--header",
+                &c.hdr(),
+                "--key-file",
+                &c.key(),
+                "--resilience",
+                res,
+                "--hotzone-size",
+                "1M",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                &c.img(),
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        // How many fsyncs a whole run makes.
+        let (c, _) = Case::new(16, 7);
+        let log = c.p("strace.log").display().to_string();
+        run_ok(
+            Command::new("strace")
+                .args(["-f", "-qq", "-e", "trace=fsync", "-o", &log])
+                .args(cs_args(&c)),
+        );
+        let total = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("fsync("))
+            .count();
+        assert!(
+            total > 10,
+            "{res}: only {total} fsyncs in a whole cryptsetup run"
+        );
+        let mut after_last_hotzone = 0;
+        for n in total.saturating_sub(8)..=total {
+            let (c, orig) = Case::new(16, 7);
+            let inject = format!("inject=fsync:signal=SIGKILL:when={n}");
+            let _ = Command::new("strace")
+                .args([
+                    "-f",
+                    "-qq",
+                    "-o",
+                    "/dev/null",
+                    "-e",
+                    "trace=fsync",
+                    "-e",
+                    &inject,
+                ])
+                .args(cs_args(&c))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            let dump = run(Command::new("cryptsetup").args(["luksDump", &c.hdr()]));
+            let dump = String::from_utf8_lossy(&dump.stdout).to_string();
+            let in_progress = dump.contains("online-reencrypt");
+            if in_progress
+                && !dump.contains("in-reencryption")
+                && !dump.contains(": linear\n\toffset: 0 [bytes]\n\tlength: (whole device)\n\n")
+                && dump.contains("  0: crypt\n\toffset: 0 [bytes]\n\tlength: (whole device)")
+            {
+                after_last_hotzone += 1;
+            }
+            if in_progress {
+                let st = run(&mut luksify(&[
+                    "resume",
+                    &c.img(),
+                    "--key-file",
+                    &c.key(),
+                    "--header",
+                    &c.hdr(),
+                ]));
+                assert!(
+                    st.status.success(),
+                    "{res}, killed at fsync {n} of {total}: {}",
+                    String::from_utf8_lossy(&st.stderr)
+                );
+            }
+            assert!(
+                same(&cryptsetup_decrypt_detached(&c), &orig),
+                "{res}, killed at fsync {n} of {total}: plaintext differs"
+            );
+        }
+        assert!(
+            after_last_hotzone > 0,
+            "{res}: no kill point landed between the last hotzone and the final header"
+        );
+    }
+}
+
 #[test]
 fn walker_resumes_killed_cryptsetup_runs() {
     require_tool("cryptsetup");
