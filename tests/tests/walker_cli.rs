@@ -59,6 +59,33 @@ fn cryptsetup_decrypt_detached(c: &Case) -> Vec<u8> {
     std::fs::read(c.p("img")).unwrap()
 }
 
+/// `cryptsetup reencrypt --encrypt` of `c`'s image into a detached header, 1 MiB
+/// hotzones, cheap pbkdf2 (argv, starting with the program).
+fn cryptsetup_encrypt_args(c: &Case, res: &str) -> Vec<String> {
+    [
+        "cryptsetup",
+        "reencrypt",
+        "--encrypt",
+        "-q",
+        "--force-offline-reencrypt",
+        "--header",
+        &c.hdr(),
+        "--key-file",
+        &c.key(),
+        "--resilience",
+        res,
+        "--hotzone-size",
+        "1M",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        &c.img(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a == b
 }
@@ -278,30 +305,7 @@ fn walker_resumes_cryptsetup_runs_killed_after_their_last_hotzone() {
     require_tool("cryptsetup");
     require_tool("strace");
     for res in ["checksum", "journal"] {
-        let cs_args = |c: &Case| -> Vec<String> {
-            [
-                "cryptsetup",
-                "reencrypt",
-                "--encrypt",
-                "-q",
-                "--force-offline-reencrypt",
-                "--header",
-                &c.hdr(),
-                "--key-file",
-                &c.key(),
-                "--resilience",
-                res,
-                "--hotzone-size",
-                "1M",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                &c.img(),
-            ]
-            .map(String::from)
-            .to_vec()
-        };
+        let cs_args = |c: &Case| cryptsetup_encrypt_args(c, res);
         // How many fsyncs a whole run makes.
         let (c, _) = Case::new(16, 7);
         let log = c.p("strace.log").display().to_string();
@@ -384,24 +388,7 @@ fn walker_resumes_killed_cryptsetup_runs() {
             let (c, orig) = Case::new(64, 100 + k);
             let (img, key, hdr) = (c.img(), c.key(), c.hdr());
             kill_after(
-                Command::new("cryptsetup").args([
-                    "reencrypt",
-                    "--encrypt",
-                    "-q",
-                    "--header",
-                    &hdr,
-                    "--key-file",
-                    &key,
-                    "--resilience",
-                    res,
-                    "--hotzone-size",
-                    "1M",
-                    "--pbkdf",
-                    "pbkdf2",
-                    "--pbkdf-force-iterations",
-                    "1000",
-                    &img,
-                ]),
+                Command::new("cryptsetup").args(&cryptsetup_encrypt_args(&c, res)[1..]),
                 60 + 90 * k + 30 * i as u64,
             );
             if !has_luks_header(&c.p("hdr")) {
