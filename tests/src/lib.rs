@@ -148,3 +148,39 @@ pub fn has_luks_header(p: &Path) -> bool {
         .and_then(|f| luksify_luks::probe(&f).ok().flatten())
         .is_some()
 }
+
+/// Sequence id of the primary LUKS2 header in `p` (0 when there is none yet).
+pub fn header_seqid(p: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 24];
+    match std::fs::File::open(p).and_then(|f| f.read_exact_at(&mut b, 0)) {
+        Ok(()) if &b[..6] == b"LUKS\xba\xbe" => u64::from_be_bytes(b[16..24].try_into().unwrap()),
+        _ => 0,
+    }
+}
+
+/// Starts `cmd` and SIGKILLs it once the header in `hdr` has seen `commits` commits past
+/// sequence id `base`, `jitter_us` later (so the kill lands anywhere in the hotzone that
+/// follows). Progress-based, not time-based: robust on a loaded machine. Returns early if
+/// the command ends by itself.
+pub fn kill_after_commits(cmd: &mut Command, hdr: &Path, base: u64, commits: u64, jitter_us: u64) {
+    use std::process::Stdio;
+    use std::time::Duration;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        if header_seqid(hdr).saturating_sub(base) >= commits {
+            std::thread::sleep(Duration::from_micros(jitter_us));
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

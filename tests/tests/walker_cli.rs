@@ -2,8 +2,11 @@
 //! decrypt with cryptsetup, runs killed at random points resume (by us and by
 //! `cryptsetup reencrypt --resume-only`), and cryptsetup's killed runs resume with us.
 
-use luksify_tests::{fill_pattern, has_luks_header, luksify_bin, require_tool, run, run_ok};
-use std::path::{Path, PathBuf};
+use luksify_tests::{
+    fill_pattern, has_luks_header, header_seqid, kill_after_commits, luksify_bin, require_tool,
+    run, run_ok,
+};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -141,37 +144,6 @@ fn kill_after(cmd: &mut Command, ms: u64) -> bool {
     done
 }
 
-/// Sequence id of the primary LUKS2 header in `p` (0 when there is none yet).
-fn seqid(p: &Path) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let mut b = [0u8; 24];
-    match std::fs::File::open(p).and_then(|f| f.read_exact_at(&mut b, 0)) {
-        Ok(()) if &b[..6] == b"LUKS\xba\xbe" => u64::from_be_bytes(b[16..24].try_into().unwrap()),
-        _ => 0,
-    }
-}
-
-/// Starts `cmd`, SIGKILLs it `jitter_us` after the header in `hdr` reaches sequence id `at`.
-fn kill_after_commits(cmd: &mut Command, hdr: &Path, at: u64, jitter_us: u64) {
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        if seqid(hdr) >= at {
-            std::thread::sleep(Duration::from_micros(jitter_us));
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// Kills our detached-header run at pseudo-random instants; resumes with `resumer`.
 fn crash_matrix(res: &str, points: u64, resume_with_cryptsetup: bool) {
     require_tool("cryptsetup");
@@ -197,7 +169,7 @@ fn crash_matrix(res: &str, points: u64, resume_with_cryptsetup: bool) {
     let span = {
         let (c, _) = Case::new(32, 999);
         run_ok(&mut enc(&c));
-        seqid(&c.p("hdr")).max(2)
+        header_seqid(&c.p("hdr")).max(2)
     };
     for i in 0..points {
         x ^= x << 13;
@@ -208,7 +180,7 @@ fn crash_matrix(res: &str, points: u64, resume_with_cryptsetup: bool) {
         let at = x % span;
         let jitter = (x >> 20) % 3000;
         let ms = format!("commit {at} + {jitter} us");
-        kill_after_commits(&mut enc(&c), &c.p("hdr"), at, jitter);
+        kill_after_commits(&mut enc(&c), &c.p("hdr"), 0, at, jitter);
         if !has_luks_header(&c.p("hdr")) {
             // Killed before the header existed: nothing may have been written.
             assert!(

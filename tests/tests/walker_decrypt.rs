@@ -4,10 +4,12 @@
 //! at pseudo-random instants resume (by luksify, and by
 //! `cryptsetup repair` + `reencrypt --resume-only` where cryptsetup reads the layout).
 
-use luksify_tests::{fill_pattern, has_luks_header, luksify_bin, require_tool, run, run_ok};
+use luksify_tests::{
+    fill_pattern, has_luks_header, header_seqid, kill_after_commits, luksify_bin, require_tool,
+    run, run_ok,
+};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 const MIB: usize = 1 << 20;
 const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
@@ -242,47 +244,10 @@ fn walker_decrypt_refuses_without_writing() {
     assert!(p.img() == orig);
 }
 
-/// Sequence id of the primary LUKS2 header in `p` (0 when there is none yet).
-/// Every journal commit increments it, so it measures progress whatever the load.
-fn seqid(p: &Path) -> u64 {
-    let mut b = [0u8; 24];
-    match std::fs::File::open(p).and_then(|f| {
-        use std::os::unix::fs::FileExt;
-        f.read_exact_at(&mut b, 0)
-    }) {
-        Ok(()) if &b[..6] == b"LUKS\xba\xbe" => u64::from_be_bytes(b[16..24].try_into().unwrap()),
-        _ => 0,
-    }
-}
-
 /// Runs `cmd` uncut and returns how many header commits past `base` it made to `hdr`.
 fn commits_of(cmd: &mut Command, hdr: &Path, base: u64) -> u64 {
     run_ok(cmd);
-    seqid(hdr).saturating_sub(base).max(2)
-}
-
-/// Starts `cmd` and SIGKILLs it once the header in `hdr` has seen `commits`
-/// more commits, `jitter_us` later (so the kill lands anywhere in the hotzone
-/// that follows). Progress-based, not time-based: robust on a loaded machine.
-fn kill_after_commits(cmd: &mut Command, hdr: &Path, base: u64, commits: u64, jitter_us: u64) {
-    let start = base;
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        if seqid(hdr).saturating_sub(start) >= commits {
-            std::thread::sleep(Duration::from_micros(jitter_us));
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    header_seqid(hdr).saturating_sub(base).max(2)
 }
 
 /// What the header says: reencryption in progress (the metadata requirement is set).
@@ -329,8 +294,8 @@ fn xorshift(x: &mut u64) -> u64 {
 /// first copy continues.
 fn base_of(c: &Case, l: Layout) -> u64 {
     match l {
-        Layout::Detached(_) => seqid(&c.p("hdr")),
-        Layout::Shift => seqid(&c.p("img")),
+        Layout::Detached(_) => header_seqid(&c.p("hdr")),
+        Layout::Shift => header_seqid(&c.p("img")),
     }
 }
 

@@ -3,7 +3,10 @@
 //! journal commits, resumed, then decrypted in place by luksify; the filesystem
 //! bytes must come back exactly and fsck clean. Needs root (loop devices).
 
-use luksify_tests::{fill_pattern, luksify_bin, require_root, require_tool, run, run_ok, LoopDev};
+use luksify_tests::{
+    fill_pattern, header_seqid, kill_after_commits, luksify_bin, require_root, require_tool, run,
+    run_ok, LoopDev,
+};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -11,35 +14,6 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 const SMALL: [&str; 4] = ["--chunk-mib", "1", "--hotzone-kib", "1024"];
-
-fn seqid(p: &Path) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let mut b = [0u8; 24];
-    match std::fs::File::open(p).and_then(|f| f.read_exact_at(&mut b, 0)) {
-        Ok(()) if &b[..6] == b"LUKS\xba\xbe" => u64::from_be_bytes(b[16..24].try_into().unwrap()),
-        _ => 0,
-    }
-}
-
-/// Runs `cmd`, SIGKILLs it once `hdr` has seen `commits` commits past `base`.
-fn kill_after_commits(cmd: &mut Command, hdr: &Path, base: u64, commits: u64) {
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        if seqid(hdr).saturating_sub(base) >= commits {
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
 
 /// A 96 MiB image holding a 64 MiB ext4 filesystem with files (the last 32 MiB
 /// free for the data-shift layout).
@@ -110,7 +84,7 @@ fn one_mode(mode: &str, kill_at: &[u64]) {
             (hdr.clone(), c)
         };
         enc.args(FAST).args(SMALL);
-        kill_after_commits(&mut enc, &watch, 0, at);
+        kill_after_commits(&mut enc, &watch, 0, at, 0);
         let dump = run(Command::new(luksify_bin()).arg("dump").arg(&watch));
         if String::from_utf8_lossy(&dump.stdout).contains("online-reencrypt") {
             mid_run += 1;
@@ -211,7 +185,7 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
         .spawn()
         .unwrap();
     // Wait for the header, then ask for a clean stop.
-    while seqid(Path::new(&hdr)) == 0 && child.try_wait().unwrap().is_none() {
+    while header_seqid(Path::new(&hdr)) == 0 && child.try_wait().unwrap().is_none() {
         std::thread::sleep(Duration::from_millis(1));
     }
     // SAFETY: kill(2) on our own child's pid.
