@@ -290,6 +290,9 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let (ack_tx, ack_rx) = sync_channel::<Result<usize>>(zones.len() + 1);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let checksum = self.resilience == Resilience::Checksum;
+        // Readers transform what they read, spreading the crypto over every CPU, except
+        // in journal mode, where the old bytes go to the journal first.
+        let early_transform = self.resilience != Resilience::Journal;
         let source = std::sync::Mutex::new(ReadSource {
             free: free_rx,
             next: ChunkCursor::default(),
@@ -299,7 +302,13 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             for _ in 0..self.tuning.readers.max(1) {
                 let tx = read_tx.clone();
                 let (zones_r, stop_r, source_r) = (&zones, &stop, &source);
-                s.spawn(move || reader(self, zones_r, chunk, checksum, source_r, tx, stop_r));
+                s.spawn(move || {
+                    let what = ReadWork {
+                        checksum,
+                        transform: early_transform,
+                    };
+                    reader(self, zones_r, chunk, what, source_r, tx, stop_r)
+                });
             }
             drop(read_tx);
             let free_back = free_tx.clone();
@@ -357,10 +366,11 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 } else {
                     0
                 });
-                // Chunks transformed before the previous hotzone is acknowledged: the
-                // crypto overlaps the writer's last writes and flush instead of
-                // waiting for them. Journal mode keeps the old bytes until they are
-                // in the journal, so it transforms after the commit.
+                // Chunks already transformed by the readers (every mode but journal),
+                // taken before the previous hotzone is acknowledged so that reading
+                // and crypto overlap the writer's last writes and flush. Journal mode
+                // keeps the old bytes until they are in the journal, and transforms
+                // them here after the commit.
                 let mut ready: Vec<Chunk> = Vec::new();
                 if gather {
                     for _ in 0..nchunks {
@@ -370,7 +380,6 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         // writer still writes the previous hotzone.
                         if checksum {
                             sums.append(&mut c.sums);
-                            self.transform_serial(&mut c.buf[..c.len], c.logical)?;
                             ready.push(c);
                         } else {
                             chunks.push(c);
@@ -379,9 +388,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 } else if pending_ack.is_some() {
                     // At most the spare buffers: the rest may still sit in the writer.
                     for _ in 0..nchunks.min(SPARE_BUFFERS) {
-                        let mut c = in_order.next()?;
-                        self.transform_serial(&mut c.buf[..c.len], c.logical)?;
-                        ready.push(c);
+                        ready.push(in_order.next()?);
                     }
                 }
                 // Double-buffered journal: hotzone k's journal goes to the half the
@@ -448,11 +455,13 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         .send(WriteMsg::Chunk { chunk: c, last })
                         .map_err(|_| Error::Internal("writer ended"))
                 };
-                // Transforms on this thread: the readers and the writer keep the other
-                // CPUs busy, and a parallel split would leave pool threads spinning for
-                // CPU time they need.
+                // Journal mode transforms on this thread (a parallel split would leave
+                // pool threads spinning for CPU time the readers and the writer need);
+                // the readers did it in every other mode.
                 let transformed = |mut c: Chunk| -> Result<Chunk> {
-                    self.transform_serial(&mut c.buf[..c.len], c.logical)?;
+                    if !early_transform {
+                        self.transform_serial(&mut c.buf[..c.len], c.logical)?;
+                    }
                     Ok(c)
                 };
                 let sent = ready.len() + chunks.len();
@@ -553,11 +562,20 @@ impl Reorder {
     }
 }
 
+/// What a reader does to each chunk after reading it.
+#[derive(Clone, Copy)]
+struct ReadWork {
+    /// Checksum the old blocks (checksum mode).
+    checksum: bool,
+    /// Turn the old bytes into new ones.
+    transform: bool,
+}
+
 fn reader<D: Disk + Sync + ?Sized>(
     w: &Walk<'_, D>,
     zones: &[(u64, u64)],
     chunk: usize,
-    checksum: bool,
+    what: ReadWork,
     source: &std::sync::Mutex<ReadSource>,
     out: SyncSender<Result<Chunk>>,
     stop: &std::sync::atomic::AtomicBool,
@@ -587,19 +605,22 @@ fn reader<D: Disk + Sync + ?Sized>(
             .data
             .read_at(w.layout.old_physical(logical), &mut buf[..len])
             .map_err(|e| Error::io("read data", e))
-            .map(|_| {
+            .and_then(|_| {
                 let mut sums = Vec::new();
-                if checksum {
+                if what.checksum {
                     hash_blocks_serial_into(&buf[..len], &mut sums);
                 }
-                Chunk {
+                if what.transform {
+                    w.transform_serial(&mut buf[..len], logical)?;
+                }
+                Ok(Chunk {
                     seq,
                     hz,
                     logical,
                     len,
                     buf,
                     sums,
-                }
+                })
             });
         let failed = r.is_err();
         if out.send(r).is_err() || failed {
