@@ -38,10 +38,11 @@ pub trait Journal {
     /// Flushes the header device.
     fn area_flush(&mut self) -> Result<()>;
     /// Journal mode: points `area_write` at an area the committed header does not name
-    /// (the other half), to be named by the next commit. False when there is none: then
-    /// the only area is the committed one.
-    fn use_spare_area(&mut self) -> bool {
-        false
+    /// (the other half), to be named by the next commit, and returns its byte offset on
+    /// the header device ([`Walk::meta`]). None when there is none: then the only area
+    /// is the committed one.
+    fn use_spare_area(&mut self) -> Option<u64> {
+        None
     }
 }
 
@@ -75,6 +76,9 @@ pub const CHECKSUM_LEN: usize = 32;
 
 pub(crate) struct Walk<'a, D: Disk + Sync + ?Sized> {
     pub data: &'a D,
+    /// The header device: with a double-buffered journal the readers write each
+    /// chunk's old bytes straight into the spare half there.
+    pub meta: &'a (dyn Disk + Sync),
     pub layout: &'a EncryptLayout,
     pub direction: ReencryptDirection,
     pub resilience: Resilience,
@@ -290,9 +294,18 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let (ack_tx, ack_rx) = sync_channel::<Result<usize>>(zones.len() + 1);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let checksum = self.resilience == Resilience::Checksum;
+        // Double-buffered journal: hotzone 0's journal goes to the half the header does
+        // not name; each commit opens the next hotzone's half (see `JournalGate`).
+        let first_half = match self.resilience {
+            Resilience::Journal => j.use_spare_area(),
+            _ => None,
+        };
+        let gate = JournalGate::new(first_half.map(|base| (0, base)));
+        let journal_by_readers = first_half.is_some();
         // Readers transform what they read, spreading the crypto over every CPU, except
-        // in journal mode, where the old bytes go to the journal first.
-        let early_transform = self.resilience != Resilience::Journal;
+        // with a single journal area, where the coordinator writes the old bytes to the
+        // journal first.
+        let early_transform = self.resilience != Resilience::Journal || journal_by_readers;
         let source = std::sync::Mutex::new(ReadSource {
             free: free_rx,
             next: ChunkCursor::default(),
@@ -301,10 +314,11 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let result = std::thread::scope(|s| -> Result<Outcome> {
             for _ in 0..self.tuning.readers.max(1) {
                 let tx = read_tx.clone();
-                let (zones_r, stop_r, source_r) = (&zones, &stop, &source);
+                let (zones_r, stop_r, source_r, gate_r) = (&zones, &stop, &source, &gate);
                 s.spawn(move || {
                     let what = ReadWork {
                         checksum,
+                        journal: journal_by_readers.then_some(gate_r),
                         transform: early_transform,
                     };
                     reader(self, zones_r, chunk, what, source_r, tx, stop_r)
@@ -316,6 +330,8 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             // Own every channel end here so that any return drops them and both
             // threads wind down before the scope joins them.
             let (write_tx, ack_rx, _free_tx) = (write_tx, ack_rx, free_tx);
+            // Readers waiting for a journal half wake and stop on any return.
+            let _close_gate = CloseOnDrop(&gate);
             // Readers finish out of order: chunks wait here until their turn.
             let mut in_order = Reorder {
                 rx: read_rx,
@@ -380,6 +396,8 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         // writer still writes the previous hotzone.
                         if checksum {
                             sums.append(&mut c.sums);
+                        }
+                        if early_transform {
                             ready.push(c);
                         } else {
                             chunks.push(c);
@@ -391,13 +409,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         ready.push(in_order.next()?);
                     }
                 }
-                // Double-buffered journal: hotzone k's journal goes to the half the
-                // header does not name while k-1 is still being written and flushed.
-                let early_journal = self.resilience == Resilience::Journal && j.use_spare_area();
-                if early_journal {
-                    for c in &chunks {
-                        j.area_write(c.logical - a, &c.buf[..c.len])?;
-                    }
+                // Double-buffered journal: the readers wrote hotzone k's old bytes to
+                // the half the header does not name while k-1 was still being written
+                // and flushed; make them durable before a header names that half.
+                if journal_by_readers {
                     j.area_flush()?;
                 }
                 wait_ack(&mut pending_ack)?;
@@ -411,12 +426,19 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                             hot_len: n,
                         })?;
                     }
-                    Resilience::Journal if early_journal => {
+                    Resilience::Journal if journal_by_readers => {
                         // One commit names the new half, retires k-1 and makes k hot.
                         j.commit(Progress {
                             hot_start: a,
                             hot_len: n,
                         })?;
+                        // k-1's half is free now: hotzone k+1's journal may go there.
+                        if k + 1 < zones.len() {
+                            let base = j
+                                .use_spare_area()
+                                .ok_or(Error::Internal("journal half vanished"))?;
+                            gate.open(k + 1, base);
+                        }
                     }
                     Resilience::Journal => {
                         // The journal area is about to be overwritten: first make sure
@@ -562,11 +584,66 @@ impl Reorder {
     }
 }
 
+/// Which hotzone's journal half the readers may write, and where it is: hotzone k+1's
+/// half is the one hotzone k-1 used, free once the header names hotzone k (the commit
+/// of k opens k+1). One hotzone at a time: every chunk of k is journaled before k is
+/// committed.
+struct JournalGate {
+    /// (hotzone, byte offset of its half on the header device); `closed` = stop.
+    state: std::sync::Mutex<(Option<(usize, u64)>, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl JournalGate {
+    fn new(first: Option<(usize, u64)>) -> Self {
+        JournalGate {
+            state: std::sync::Mutex::new((first, false)),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn open(&self, zone: usize, base: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            st.0 = Some((zone, base));
+        }
+        self.cv.notify_all();
+    }
+
+    fn close(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.1 = true;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Waits until hotzone `zone`'s half is open and returns its offset; None once
+    /// the run is stopping.
+    fn wait(&self, zone: usize) -> Option<u64> {
+        let mut st = self.state.lock().ok()?;
+        loop {
+            match *st {
+                (_, true) => return None,
+                (Some((z, base)), _) if z == zone => return Some(base),
+                _ => st = self.cv.wait(st).ok()?,
+            }
+        }
+    }
+}
+
+struct CloseOnDrop<'a>(&'a JournalGate);
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// What a reader does to each chunk after reading it.
 #[derive(Clone, Copy)]
-struct ReadWork {
+struct ReadWork<'g> {
     /// Checksum the old blocks (checksum mode).
     checksum: bool,
+    /// Double-buffered journal: write the old bytes to the hotzone's half.
+    journal: Option<&'g JournalGate>,
     /// Turn the old bytes into new ones.
     transform: bool,
 }
@@ -575,7 +652,7 @@ fn reader<D: Disk + Sync + ?Sized>(
     w: &Walk<'_, D>,
     zones: &[(u64, u64)],
     chunk: usize,
-    what: ReadWork,
+    what: ReadWork<'_>,
     source: &std::sync::Mutex<ReadSource>,
     out: SyncSender<Result<Chunk>>,
     stop: &std::sync::atomic::AtomicBool,
@@ -592,7 +669,7 @@ fn reader<D: Disk + Sync + ?Sized>(
         };
         let Ok(mut buf) = src.free.recv() else { return };
         let cur = &mut src.next;
-        let (seq, hz, logical) = (cur.seq, cur.zone, a + cur.off);
+        let (seq, hz, logical, in_zone) = (cur.seq, cur.zone, a + cur.off, cur.off);
         let len = (chunk as u64).min(n - cur.off) as usize;
         cur.seq += 1;
         cur.off += len as u64;
@@ -609,6 +686,14 @@ fn reader<D: Disk + Sync + ?Sized>(
                 let mut sums = Vec::new();
                 if what.checksum {
                     hash_blocks_serial_into(&buf[..len], &mut sums);
+                }
+                if let Some(gate) = what.journal {
+                    let Some(base) = gate.wait(hz) else {
+                        return Err(Error::Internal("run stopped"));
+                    };
+                    w.meta
+                        .write_at(base + in_zone, &buf[..len])
+                        .map_err(|e| Error::io("write resilience area", e))?;
                 }
                 if what.transform {
                     w.transform_serial(&mut buf[..len], logical)?;

@@ -223,11 +223,11 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
     fn area_flush(&mut self) -> Result<()> {
         self.disk.flush().map_err(|e| Error::io("flush header", e))
     }
-    fn use_spare_area(&mut self) -> bool {
+    fn use_spare_area(&mut self) -> Option<u64> {
         let (Some([h0, h1]), ReencryptArea::Journal { offset, size }) =
             (self.halves, &self.st.area)
         else {
-            return false;
+            return None;
         };
         let cur = (*offset, *size);
         // The committed header names `cur`: the other half is free. If it names
@@ -237,13 +237,13 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
         } else if cur == h1 || self.st.progress.hot_len == 0 {
             h0
         } else {
-            return false;
+            return None;
         };
         self.next_area = Some(ReencryptArea::Journal {
             offset: spare.0,
             size: spare.1,
         });
-        true
+        Some(spare.0)
     }
 }
 
@@ -300,7 +300,7 @@ fn is_luks<D: Disk + ?Sized>(d: &D) -> Result<bool> {
 /// Encrypts `data` in place. `meta` is the detached header store (`None` for
 /// [`Placement::Shift`], where the header lives on `data`). Every check runs
 /// before the first write; on refusal nothing has been written.
-pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
+pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     data: &D,
     meta: Option<&H>,
     passphrase: &[u8],
@@ -455,7 +455,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
     // before the header overwrites them.
     let bytes = stage.to_vec();
     let keyslots = &bytes[(2 * hdr.hdr_size) as usize..];
-    let hdisk: &dyn Disk = match meta {
+    let hdisk: &(dyn Disk + Sync) = match meta {
         Some(m) => {
             // A detached header is a fresh file: no data has been touched yet.
             write_all(m, 2 * hdr.hdr_size, keyslots)?;
@@ -485,8 +485,8 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
 }
 
 /// Object-safe view of any Disk so both header placements share one code path.
-struct DynDisk<'a, T: Disk + ?Sized>(&'a T);
-impl<T: Disk + ?Sized> Disk for DynDisk<'_, T> {
+struct DynDisk<'a, T: Disk + Sync + ?Sized>(&'a T);
+impl<T: Disk + Sync + ?Sized> Disk for DynDisk<'_, T> {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
         self.0.read_at(off, buf)
     }
@@ -584,7 +584,7 @@ fn move_first_segment<D: Disk + ?Sized>(data: &D, s: Shift) -> Result<()> {
 
 fn run_from<D: Disk + Sync + ?Sized>(
     data: &D,
-    meta: &dyn Disk,
+    meta: &(dyn Disk + Sync),
     hdr: Luks2Header,
     st: ReencryptState,
     vk: VolumeKey,
@@ -625,6 +625,7 @@ fn run_from<D: Disk + Sync + ?Sized>(
     };
     let w = Walk {
         data,
+        meta,
         layout: &layout,
         direction,
         resilience: res,
@@ -663,7 +664,7 @@ pub struct DecryptOptions {
 /// `decrypt`), and an interrupted run continues with [`resume`]. At the end the
 /// header is left as cryptsetup leaves it: one linear segment, no keyslots.
 /// Every check runs before the first write.
-pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
+pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     data: &D,
     header: Option<&H>,
     passphrase: &[u8],
@@ -678,7 +679,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
         None => false,
     };
     let in_front = is_luks(data)?;
-    let (hdisk, mut hdr, moves): (&dyn Disk, Luks2Header, bool) = match (in_front, header) {
+    let (hdisk, mut hdr, moves): (&(dyn Disk + Sync), Luks2Header, bool) = match (in_front, header) {
         (true, None) => {
             return Err(Error::Refused(
                 "the LUKS header is in front of the data, which moves back over it: pass --header FILE, a new file the header moves to for the run (as `cryptsetup reencrypt --decrypt --header`)".into(),
@@ -690,10 +691,10 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
                     "the header file already holds a LUKS header: if it is from an interrupted decryption run `luksify resume DEV --header FILE`, else name a new file".into(),
                 ));
             }
-            (&DynDisk(h) as &dyn Disk, Luks2Header::read(data)?.0, true)
+            (&DynDisk(h) as &(dyn Disk + Sync), Luks2Header::read(data)?.0, true)
         }
         (false, Some(h)) if header_is_luks => {
-            (&DynDisk(h) as &dyn Disk, Luks2Header::read(h)?.0, false)
+            (&DynDisk(h) as &(dyn Disk + Sync), Luks2Header::read(h)?.0, false)
         }
         (false, _) => {
             return Err(Error::Refused(
@@ -828,14 +829,14 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
 
 /// Continues an interrupted encryption (ours or cryptsetup's). `meta` is the
 /// detached header, or `None` when the header is on `data`.
-pub fn resume<D: Disk + Sync + ?Sized, H: Disk + ?Sized>(
+pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     data: &D,
     meta: Option<&H>,
     passphrase: &[u8],
     tuning: Tuning,
     ctl: &Control<'_>,
 ) -> Result<Outcome> {
-    let hdisk: &dyn Disk = match meta {
+    let hdisk: &(dyn Disk + Sync) = match meta {
         Some(m) => &DynDisk(m),
         None => &DynDisk(data),
     };
