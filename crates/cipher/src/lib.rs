@@ -10,11 +10,20 @@
 //! sectors), and it knows nothing of devices, headers or keyslots.
 //!
 //! Data paths, picked at run time per [`SectorCipher`] and byte-for-byte identical:
-//! `vaes512` (fused one-pass XTS on VAES + AVX-512, x86-64 only) or the portable one
-//! (`xts` over the `aes` crate's pipelined `encrypt_blocks`, with `tweak`'s AVX-512 or
-//! scalar tweak passes). Buffers of 256 KiB or more are split across the rayon pool.
+//! `vaes512` (fused one-pass XTS on VAES + AVX-512, x86-64 only), else `vaes256` (the
+//! same on VAES + AVX2), else `aesni128` (the same on plain AES-NI), else the portable
+//! one (`xts` over the `aes` crate's pipelined `encrypt_blocks`, with `tweak`'s AVX-512
+//! or scalar tweak passes). Buffers of 256 KiB or more are split across the rayon pool.
 
+#[cfg(target_arch = "x86_64")]
+mod aesni128;
+#[cfg(target_arch = "x86_64")]
+mod aesni_keys;
+#[cfg(target_arch = "x86_64")]
+mod fused;
 mod tweak;
+#[cfg(target_arch = "x86_64")]
+mod vaes256;
 #[cfg(target_arch = "x86_64")]
 mod vaes512;
 mod xts;

@@ -5,10 +5,12 @@
 //! Why not `aes`'s own VAES-512 backend through `encrypt_blocks`: in aes 0.9.4 its loads
 //! go through a non-inlined `Array::from_fn` closure plus a copy per 64 blocks (profiled:
 //! ~25 % of cycles), which caps it at ~6.9 GB/s here, and XTS then adds two more passes.
-//! This module is only used after run-time detection ([`available`]); everywhere else the
-//! portable `encrypt_blocks` path in `xts.rs` runs. Both are checked against the same
-//! IEEE 1619 vectors and Python cross-checks, and against each other in unit tests.
+//! This module is only used after run-time detection ([`available`]); elsewhere the
+//! narrower fused kernels or the portable `encrypt_blocks` path in `xts.rs` run (see
+//! `fused.rs`). All are checked against the same IEEE 1619 vectors and Python
+//! cross-checks, and against each other in unit tests. Key schedules: `aesni_keys`.
 
+use crate::aesni_keys::{load, RoundKeys, XtsSchedules};
 use crate::tweak::avx512::lanes;
 use crate::tweak::mul_alpha;
 use aes::Block;
@@ -23,166 +25,33 @@ pub(crate) fn available() -> bool {
         && std::arch::is_x86_feature_detected!("vaes")
 }
 
-/// An expanded AES key schedule (10 or 14 rounds), wiped on drop.
-struct RoundKeys {
-    rk: [[u8; 16]; 15],
-    rounds: usize,
-}
-
-impl Drop for RoundKeys {
-    fn drop(&mut self) {
-        self.rk.zeroize();
+/// Each round key repeated in all four 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn broadcast(keys: &RoundKeys) -> [__m512i; 15] {
+    let mut out = [_mm512_setzero_si512(); 15];
+    for (o, k) in out.iter_mut().zip(&keys.rk) {
+        *o = _mm512_broadcast_i32x4(load(k));
     }
-}
-
-/// `a ^ a<<32 ^ a<<64 ^ a<<96` (bytes shifted within the 128-bit word): the running XOR
-/// of the previous round key's words that AES key expansion needs.
-#[inline]
-#[target_feature(enable = "sse2")]
-fn prefix_xor(a: __m128i) -> __m128i {
-    let s1 = _mm_slli_si128::<4>(a);
-    let s2 = _mm_slli_si128::<4>(s1);
-    let s3 = _mm_slli_si128::<4>(s2);
-    _mm_xor_si128(_mm_xor_si128(a, s1), _mm_xor_si128(s2, s3))
-}
-
-#[inline]
-#[target_feature(enable = "sse2")]
-fn store(k: __m128i) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    // SAFETY: `out` is 16 writable bytes; the store is unaligned.
-    unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), k) };
     out
-}
-
-#[inline]
-#[target_feature(enable = "sse2")]
-fn load(k: &[u8; 16]) -> __m128i {
-    // SAFETY: `k` is 16 readable bytes; the load is unaligned.
-    unsafe { _mm_loadu_si128(k.as_ptr().cast()) }
-}
-
-impl RoundKeys {
-    /// FIPS-197 key expansion for a 16- or 32-byte key, with AES-NI's key-generation assist.
-    #[target_feature(enable = "aes,sse2")]
-    fn expand(key: &[u8]) -> Self {
-        let mut rk = [[0u8; 16]; 15];
-        let lo: &[u8; 16] = key[..16].try_into().expect("16-byte first half");
-        let mut a = load(lo);
-        rk[0] = store(a);
-        let rounds = match key.len() {
-            16 => {
-                macro_rules! step {
-                    ($i:expr, $rcon:expr) => {
-                        let t = _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>(a));
-                        a = _mm_xor_si128(prefix_xor(a), t);
-                        rk[$i] = store(a);
-                    };
-                }
-                step!(1, 0x01);
-                step!(2, 0x02);
-                step!(3, 0x04);
-                step!(4, 0x08);
-                step!(5, 0x10);
-                step!(6, 0x20);
-                step!(7, 0x40);
-                step!(8, 0x80);
-                step!(9, 0x1b);
-                step!(10, 0x36);
-                10
-            }
-            32 => {
-                let hi: &[u8; 16] = key[16..].try_into().expect("16-byte second half");
-                let mut b = load(hi);
-                rk[1] = store(b);
-                macro_rules! even {
-                    ($i:expr, $rcon:expr) => {
-                        // RotWord+SubWord of b's last word, with the round constant.
-                        let t = _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>(b));
-                        a = _mm_xor_si128(prefix_xor(a), t);
-                        rk[$i] = store(a);
-                    };
-                }
-                macro_rules! odd {
-                    ($i:expr) => {
-                        // SubWord of a's last word only (no rotation, no constant).
-                        let t = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(a));
-                        b = _mm_xor_si128(prefix_xor(b), t);
-                        rk[$i] = store(b);
-                    };
-                }
-                even!(2, 0x01);
-                odd!(3);
-                even!(4, 0x02);
-                odd!(5);
-                even!(6, 0x04);
-                odd!(7);
-                even!(8, 0x08);
-                odd!(9);
-                even!(10, 0x10);
-                odd!(11);
-                even!(12, 0x20);
-                odd!(13);
-                even!(14, 0x40);
-                14
-            }
-            n => unreachable!("AES key length {n} checked by caller"),
-        };
-        RoundKeys { rk, rounds }
-    }
-
-    /// The equivalent inverse cipher's schedule: reversed, InvMixColumns on inner keys.
-    #[target_feature(enable = "aes,sse2")]
-    fn inverse(&self) -> Self {
-        let nr = self.rounds;
-        let mut rk = [[0u8; 16]; 15];
-        rk[0] = self.rk[nr];
-        for (inv, fwd) in rk[1..nr].iter_mut().zip(self.rk[1..nr].iter().rev()) {
-            *inv = store(_mm_aesimc_si128(load(fwd)));
-        }
-        rk[nr] = self.rk[0];
-        RoundKeys { rk, rounds: nr }
-    }
-
-    /// Each round key repeated in all four 128-bit lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn broadcast(&self) -> [__m512i; 15] {
-        let mut out = [_mm512_setzero_si512(); 15];
-        for (o, k) in out.iter_mut().zip(&self.rk) {
-            *o = _mm512_broadcast_i32x4(load(k));
-        }
-        out
-    }
 }
 
 /// All key schedules one XTS volume key needs, on the fused path.
 pub(crate) struct FusedXts {
-    data_enc: RoundKeys,
-    data_dec: RoundKeys,
-    tweak_enc: RoundKeys,
-    essiv_enc: Option<RoundKeys>,
+    keys: XtsSchedules,
 }
 
 impl FusedXts {
     /// Expands the XTS halves (and the ESSIV key, if any). Returns `None` when the CPU
-    /// lacks VAES/AVX-512, so callers fall back to the portable path.
+    /// lacks VAES/AVX-512, so callers fall back to another path.
     pub(crate) fn new(data_key: &[u8], tweak_key: &[u8], essiv_key: Option<&[u8]>) -> Option<Self> {
         if !available() {
             return None;
         }
         // SAFETY: `available()` confirmed AES-NI (and SSE2, part of x86-64), which
-        // `expand` and `inverse` are compiled for.
-        unsafe {
-            let data_enc = RoundKeys::expand(data_key);
-            let data_dec = data_enc.inverse();
-            Some(FusedXts {
-                data_dec,
-                data_enc,
-                tweak_enc: RoundKeys::expand(tweak_key),
-                essiv_enc: essiv_key.map(|k| RoundKeys::expand(k)),
-            })
-        }
+        // `XtsSchedules::new` is compiled for.
+        let keys = unsafe { XtsSchedules::new(data_key, tweak_key, essiv_key) };
+        Some(FusedXts { keys })
     }
 
     /// Encrypts `ivs` in place to first tweaks: ESSIV first when keyed, then the tweak key.
@@ -190,10 +59,10 @@ impl FusedXts {
         // SAFETY: a `FusedXts` only exists after `available()` confirmed AVX-512F/BW,
         // VAES and AES-NI, the features of `ecb_encrypt`.
         unsafe {
-            if let Some(essiv) = &self.essiv_enc {
+            if let Some(essiv) = &self.keys.essiv_enc {
                 ecb_encrypt(essiv, ivs);
             }
-            ecb_encrypt(&self.tweak_enc, ivs);
+            ecb_encrypt(&self.keys.tweak_enc, ivs);
         }
     }
 
@@ -217,11 +86,11 @@ impl FusedXts {
         );
         // SAFETY: as in `first_tweaks`, the CPU features were checked when `self` was made.
         unsafe {
-            match (encrypt, self.data_enc.rounds) {
-                (true, 10) => xts::<10, true>(&self.data_enc, data, sector_blocks, first),
-                (true, _) => xts::<14, true>(&self.data_enc, data, sector_blocks, first),
-                (false, 10) => xts::<10, false>(&self.data_dec, data, sector_blocks, first),
-                (false, _) => xts::<14, false>(&self.data_dec, data, sector_blocks, first),
+            match (encrypt, self.keys.data_enc.rounds) {
+                (true, 10) => xts::<10, true>(&self.keys.data_enc, data, sector_blocks, first),
+                (true, _) => xts::<14, true>(&self.keys.data_enc, data, sector_blocks, first),
+                (false, 10) => xts::<10, false>(&self.keys.data_dec, data, sector_blocks, first),
+                (false, _) => xts::<14, false>(&self.keys.data_dec, data, sector_blocks, first),
             }
         }
     }
@@ -276,7 +145,7 @@ fn xts<const NR: usize, const ENC: bool>(
     sector_blocks: usize,
     first: &[Block],
 ) {
-    let mut k = keys.broadcast();
+    let mut k = broadcast(keys);
     for (sector, t0) in data.chunks_exact_mut(sector_blocks).zip(first) {
         let t0 = u128::from_le_bytes((*t0).into());
         let t1 = mul_alpha(t0);
@@ -334,7 +203,7 @@ fn wipe(k: &mut [__m512i; 15]) {
 /// AES-ECB encryption of `blocks` in place (IVs to tweaks), four blocks per register.
 #[target_feature(enable = "avx512f,avx512bw,vaes")]
 fn ecb_encrypt(keys: &RoundKeys, blocks: &mut [Block]) {
-    let mut k = keys.broadcast();
+    let mut k = broadcast(keys);
     let nr = keys.rounds;
     let mut quad = [Block::default(); 4];
     for chunk in blocks.chunks_mut(4) {

@@ -219,9 +219,10 @@ pub struct SectorCipher {
     sector: SectorSize,
     key_bits: usize,
     tweaks: TweakBackend,
-    /// The fused VAES/AVX-512 path, when this CPU has it (else the `encrypt_blocks` path).
+    /// A fused kernel (VAES + AVX-512, else VAES + AVX2, else AES-NI), when this CPU has
+    /// one (else the `encrypt_blocks` path).
     #[cfg(target_arch = "x86_64")]
-    fused: Option<crate::vaes512::FusedXts>,
+    fused: Option<crate::fused::Fused>,
 }
 
 impl fmt::Debug for SectorCipher {
@@ -277,7 +278,7 @@ impl SectorCipher {
         let essiv = essiv_key.map(AesKey::new);
         SectorCipher {
             #[cfg(target_arch = "x86_64")]
-            fused: crate::vaes512::FusedXts::new(k1, k2, essiv_key),
+            fused: crate::fused::Fused::detect(k1, k2, essiv_key),
             data: AesKey::new(k1),
             tweak: AesKey::new(k2),
             essiv,
@@ -299,6 +300,17 @@ impl SectorCipher {
     }
     pub fn spec(&self) -> String {
         format!("aes-xts-{}", self.iv.name())
+    }
+
+    /// Which data path this cipher runs, chosen from the CPU when it was keyed:
+    /// `"vaes512"`, `"vaes256"`, `"aesni128"` (fused kernels) or `"portable"`
+    /// (`encrypt_blocks`).
+    pub fn data_path(&self) -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(fused) = &self.fused {
+            return fused.name();
+        }
+        "portable"
     }
 
     /// The `iv_sector` to pass to [`SectorCipher::encrypt`] for data that starts
@@ -393,7 +405,7 @@ impl SectorCipher {
     #[cfg(target_arch = "x86_64")]
     fn sectors_fused(
         &self,
-        fused: &crate::vaes512::FusedXts,
+        fused: &crate::fused::Fused,
         blocks: &mut [Block],
         iv_sector: u64,
         enc: bool,
@@ -550,10 +562,29 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    /// Both data paths (fused VAES where the CPU has it, portable `encrypt_blocks`, with
-    /// each tweak backend) give identical bytes for every IV generator, key and sector size.
+    /// Every data path this CPU runs (the default pick; portable `encrypt_blocks` with the
+    /// detected tweak backend; each fused kernel the CPU has, `vaes256` forced even where
+    /// `vaes512` would be picked) gives the same bytes as the portable path with scalar
+    /// tweaks, for every IV generator, key size and sector size, over sector counts that
+    /// are odd, below, at and above one IV group, from unaligned buffer addresses.
     #[test]
     fn every_data_path_agrees() {
+        #[cfg(target_arch = "x86_64")]
+        let (has_vaes512, has_vaes256, has_aesni128) = {
+            use std::arch::is_x86_feature_detected as has;
+            let aesni = has!("aes") && has!("pclmulqdq");
+            (
+                crate::vaes512::available(),
+                aesni && has!("avx2") && has!("vaes") && has!("vpclmulqdq"),
+                aesni,
+            )
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(crate::vaes256::available(), has_vaes256);
+            assert_eq!(crate::aesni128::available(), has_aesni128);
+        }
+        let mut runs: std::collections::HashMap<&'static str, usize> = Default::default();
         let mut seed = 1u64;
         for iv in [
             IvGen::Plain,
@@ -566,8 +597,9 @@ mod tests {
                     seed += 1;
                     let key = pattern(key_len, seed);
                     let sector = SectorSize::new(sector).unwrap();
+                    let keyed = || SectorCipher::with_iv(iv, &key, sector).unwrap();
                     let reference = {
-                        let mut c = SectorCipher::with_iv(iv, &key, sector).unwrap();
+                        let mut c = keyed();
                         #[cfg(target_arch = "x86_64")]
                         {
                             c.fused = None;
@@ -575,31 +607,95 @@ mod tests {
                         c.tweaks = TweakBackend::Portable;
                         c
                     };
-                    let plain = pattern(
-                        97 * 1024 / sector.bytes() * sector.bytes() + sector.bytes(),
-                        seed,
-                    );
-                    let iv0 = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    let mut want = plain.clone();
-                    reference.encrypt_serial(&mut want, iv0).unwrap();
+                    assert_eq!(reference.data_path(), "portable");
 
-                    let mut variants = vec![SectorCipher::with_iv(iv, &key, sector).unwrap()];
-                    let mut portable = SectorCipher::with_iv(iv, &key, sector).unwrap();
+                    let default = keyed();
+                    #[cfg(target_arch = "x86_64")]
+                    assert_eq!(
+                        default.data_path(),
+                        if has_vaes512 {
+                            "vaes512"
+                        } else if has_vaes256 {
+                            "vaes256"
+                        } else if has_aesni128 {
+                            "aesni128"
+                        } else {
+                            "portable"
+                        },
+                        "default path pick"
+                    );
+                    let mut variants = vec![default];
+                    let mut portable = keyed();
                     #[cfg(target_arch = "x86_64")]
                     {
                         portable.fused = None;
                     }
                     portable.tweaks = TweakBackend::detect();
                     variants.push(portable);
-                    for c in &variants {
-                        let mut got = plain.clone();
-                        c.encrypt_serial(&mut got, iv0).unwrap();
-                        assert!(got == want, "encrypt differs: {c:?}");
-                        c.decrypt_serial(&mut got, iv0).unwrap();
-                        assert!(got == plain, "decrypt differs: {c:?}");
+                    // Each narrower kernel forced, even where a wider one would be picked.
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        use crate::fused::Fused;
+                        let (k1, k2) = key.split_at(key_len / 2);
+                        let salt = (iv == IvGen::EssivSha256)
+                            .then(|| <[u8; 32]>::from(Sha256::digest(&key)));
+                        let salt = salt.as_ref().map(|s| &s[..]);
+                        for (has, name, make) in [
+                            (has_vaes256, "vaes256", Fused::vaes256 as fn(_, _, _) -> _),
+                            (has_aesni128, "aesni128", Fused::aesni128),
+                        ] {
+                            if has {
+                                let mut c = keyed();
+                                c.fused = make(k1, k2, salt);
+                                assert_eq!(c.data_path(), name);
+                                variants.push(c);
+                            }
+                        }
+                    }
+
+                    let ss = sector.bytes();
+                    let iv0 = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    for (i, sectors) in [1usize, 2, 3, 5, 63, 64, 65, 131, 97 * 1024 / ss + 1]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        // Start 0..=3 bytes into the allocation: kernels must not rely on
+                        // the buffer's alignment.
+                        let skew = i % 4;
+                        let mut plain = pattern(sectors * ss + skew, seed + i as u64);
+                        let plain = &mut plain[skew..];
+                        let mut want = plain.to_vec();
+                        reference.encrypt_serial(&mut want, iv0).unwrap();
+                        let mut got = plain.to_vec();
+                        for c in &variants {
+                            got.copy_from_slice(plain);
+                            let buf = &mut got[..];
+                            c.encrypt_serial(buf, iv0).unwrap();
+                            assert!(
+                                buf == want,
+                                "encrypt of {sectors} sectors differs: {c:?} on {}",
+                                c.data_path()
+                            );
+                            c.decrypt_serial(buf, iv0).unwrap();
+                            assert!(
+                                buf == plain,
+                                "decrypt of {sectors} sectors differs: {c:?} on {}",
+                                c.data_path()
+                            );
+                            *runs.entry(c.data_path()).or_default() += 1;
+                        }
                     }
                 }
             }
         }
+        // The kernels this CPU has really ran (not silently the portable path).
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(runs.contains_key("vaes256"), has_vaes256, "{runs:?}");
+            assert_eq!(runs.contains_key("aesni128"), has_aesni128, "{runs:?}");
+            assert_eq!(runs.contains_key("vaes512"), has_vaes512, "{runs:?}");
+        }
+        assert!(runs["portable"] > 0);
+        eprintln!("data paths compared (buffers each): {runs:?}");
     }
 }
