@@ -71,9 +71,9 @@ pub struct TuningArgs {
     /// Use the page cache instead of O_DIRECT
     #[arg(long)]
     buffered: bool,
-    /// Reader threads (0: one per CPU, at most 4)
+    /// Worker threads (0: one per CPU, at most 4)
     #[arg(long, default_value_t = 0, hide = true)]
-    readers: usize,
+    workers: usize,
 }
 
 #[derive(Args, Debug)]
@@ -168,8 +168,8 @@ fn tuning(t: &TuningArgs) -> Tuning {
     Tuning {
         chunk: (t.chunk_mib.max(1)) << 20,
         hotzone: (t.hotzone_kib.max(4)) << 10,
-        readers: match t.readers {
-            0 => Tuning::default().readers,
+        workers: match t.workers {
+            0 => Tuning::default().workers,
             n => n,
         },
     }

@@ -1,16 +1,17 @@
 //! The data path: device -> walker (hotzone, chunk) -> cipher -> device, with the
 //! journal beside it.
 //!
-//! Three stages overlap: reader threads (one per CPU) fill chunk buffers from a
-//! fixed pool (so memory is bounded whatever the device size) and checksum them
-//! in checksum mode (16-lane AVX-512 SHA-256 where the CPU has it), the
-//! coordinator puts chunks back in order, protects and commits each hotzone and
-//! encrypts its chunks, and a writer thread writes chunks and flushes once per
-//! hotzone. The ordering rules that make
-//! a crash at any instant recoverable are in docs/journal.md; in short: a
-//! hotzone's data is written only after the header says it is hot (and, for
-//! checksum/journal, after its protection is durable), and the header moves past
-//! a hotzone only after the hotzone's data is durable.
+//! Worker threads (one per CPU) share one queue of work: each writes chunks the header
+//! already allows to be written (and flushes a hotzone once its last chunk is written),
+//! else reads the next chunk into a buffer from a fixed pool (so memory is bounded
+//! whatever the device size) and prepares it: checksums (checksum mode), copies the
+//! old bytes to the journal half (double-buffered journal), encrypts. The coordinator
+//! takes each hotzone once all of it is prepared, protects and commits it, and hands
+//! its chunks out for writing. The ordering rules that make a crash at any instant
+//! recoverable are in docs/journal.md; in short: a hotzone's data is written only
+//! after the header says it is hot (and, for checksum/journal, after its protection is
+//! durable), and the header moves past a hotzone only after the hotzone's data is
+//! durable.
 
 use crate::device::AlignedBuf;
 use crate::sha256x16::{hash_4k_blocks, hash_4k_blocks_to_slice};
@@ -20,8 +21,9 @@ use luksify_luks::io::Disk;
 use luksify_luks::luks2::json::{ReencryptDirection, ReencryptMode};
 use luksify_luks::reencrypt::{EncryptLayout, Progress};
 use rayon::prelude::*;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// What the engine needs from the header: commits of progress and the
@@ -53,9 +55,10 @@ pub struct Tuning {
     pub chunk: usize,
     /// Largest hotzone (bytes between two header commits).
     pub hotzone: u64,
-    /// Reader threads: each reads whole chunks (and checksums them in checksum mode), so
-    /// the reads, the copies the kernel makes for them and the hashing use every CPU.
-    pub readers: usize,
+    /// Worker threads: each reads whole chunks, checksums, journals and encrypts them,
+    /// and writes chunks the header allows to be written, so the reads and writes, the
+    /// copies the kernel makes for them, the hashing and the AES use every CPU.
+    pub workers: usize,
 }
 
 impl Default for Tuning {
@@ -64,7 +67,7 @@ impl Default for Tuning {
         Tuning {
             chunk: 4 << 20,
             hotzone: 16 << 20,
-            readers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         }
     }
 }
@@ -76,7 +79,7 @@ pub const CHECKSUM_LEN: usize = 32;
 
 pub(crate) struct Walk<'a, D: Disk + Sync + ?Sized> {
     pub data: &'a D,
-    /// The header device: with a double-buffered journal the readers write each
+    /// The header device: with a double-buffered journal the workers write each
     /// chunk's old bytes straight into the spare half there.
     pub meta: &'a (dyn Disk + Sync),
     pub layout: &'a EncryptLayout,
@@ -90,8 +93,6 @@ pub(crate) struct Walk<'a, D: Disk + Sync + ?Sized> {
 
 /// One buffer's worth of a hotzone.
 struct Chunk {
-    /// Position in the run's read order (readers finish out of order).
-    seq: usize,
     hz: usize,
     /// Logical offset of the chunk.
     logical: u64,
@@ -277,80 +278,55 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let per_zone = (self.tuning.hotzone as usize).div_ceil(chunk);
         let started = Instant::now();
         let start_done = done_bytes;
-        let gather = matches!(self.resilience, Resilience::Checksum | Resilience::Journal);
-        // One hotzone gathered (checksum/journal) plus a few chunks of read-ahead:
-        // 7 x 4 MiB at the defaults, whatever the device size. (A second hotzone's
-        // worth, so reading zone k+1 overlaps writing zone k, measured no faster on
-        // the 2-core machine, before and after the readers went parallel, and cost
-        // 5-9 MiB more RSS.)
-        let pool_n = per_zone + SPARE_BUFFERS;
-
-        let (free_tx, free_rx) = sync_channel::<AlignedBuf>(pool_n);
-        for _ in 0..pool_n {
-            free_tx.send(AlignedBuf::new(chunk)).expect("pool");
-        }
-        let (read_tx, read_rx) = sync_channel::<Result<Chunk>>(pool_n);
-        let (write_tx, write_rx) = sync_channel::<WriteMsg>(pool_n);
-        let (ack_tx, ack_rx) = sync_channel::<Result<usize>>(zones.len() + 1);
-        let stop = std::sync::atomic::AtomicBool::new(false);
         let checksum = self.resilience == Resilience::Checksum;
         // Double-buffered journal: hotzone 0's journal goes to the half the header does
-        // not name; each commit opens the next hotzone's half (see `JournalGate`).
+        // not name; each commit opens the next hotzone's half to the workers.
         let first_half = match self.resilience {
             Resilience::Journal => j.use_spare_area(),
             _ => None,
         };
-        let gate = JournalGate::new(first_half.map(|base| (0, base)));
-        let journal_by_readers = first_half.is_some();
-        // Readers transform what they read, spreading the crypto over every CPU, except
-        // with a single journal area, where the coordinator writes the old bytes to the
-        // journal first.
-        let early_transform = self.resilience != Resilience::Journal || journal_by_readers;
-        let source = std::sync::Mutex::new(ReadSource {
-            free: free_rx,
-            next: ChunkCursor::default(),
-        });
+        // One journal area: the coordinator copies the old bytes to it and only then
+        // transforms them.
+        let single_journal = self.resilience == Resilience::Journal && first_half.is_none();
+        let work = Work {
+            checksum,
+            journal: first_half.is_some(),
+            transform: !single_journal,
+        };
+        // One hotzone being written plus a few chunks of read-ahead: 7 x 4 MiB at the
+        // defaults, whatever the device size. (A second hotzone's worth, so reading
+        // zone k+1 overlaps writing zone k, measured no faster on the 2-core machine
+        // and cost 5-9 MiB more RSS.)
+        let pool_n = per_zone + SPARE_BUFFERS;
+        let shared = Shared {
+            st: Mutex::new(State {
+                free: (0..pool_n).map(|_| AlignedBuf::new(chunk)).collect(),
+                next: ChunkCursor::default(),
+                journal_half: first_half.map(|base| (0, base)),
+                prepared: BTreeMap::new(),
+                writable: VecDeque::new(),
+                in_write: 0,
+                handed: 0,
+                durable: 0,
+                flushing: false,
+                eager_flush: self.resilience != Resilience::None,
+                reads_done: false,
+                stop: false,
+                failed: None,
+            }),
+            cv: Condvar::new(),
+        };
 
-        let result = std::thread::scope(|s| -> Result<Outcome> {
-            for _ in 0..self.tuning.readers.max(1) {
-                let tx = read_tx.clone();
-                let (zones_r, stop_r, source_r, gate_r) = (&zones, &stop, &source, &gate);
-                s.spawn(move || {
-                    let what = ReadWork {
-                        checksum,
-                        journal: journal_by_readers.then_some(gate_r),
-                        transform: early_transform,
-                    };
-                    reader(self, zones_r, chunk, what, source_r, tx, stop_r)
-                });
+        std::thread::scope(|s| -> Result<Outcome> {
+            for _ in 0..self.tuning.workers.max(1) {
+                let (zones_w, shared_w) = (&zones, &shared);
+                s.spawn(move || worker(self, zones_w, chunk, work, shared_w));
             }
-            drop(read_tx);
-            let free_back = free_tx.clone();
-            s.spawn(move || writer(self, write_rx, ack_tx, free_back));
-            // Own every channel end here so that any return drops them and both
-            // threads wind down before the scope joins them.
-            let (write_tx, ack_rx, _free_tx) = (write_tx, ack_rx, free_tx);
-            // Readers waiting for a journal half wake and stop on any return.
-            let _close_gate = CloseOnDrop(&gate);
-            // Readers finish out of order: chunks wait here until their turn.
-            let mut in_order = Reorder {
-                rx: read_rx,
-                early: std::collections::BTreeMap::new(),
-                next: 0,
-            };
-
-            let mut pending_ack: Option<usize> = None;
+            // Whatever way this returns, the workers stop and the scope can join them.
+            let _stop = StopOnDrop(&shared);
             let mut last_clean = p;
             let mut since_commit = 0u64;
-            let wait_ack = |pending: &mut Option<usize>| -> Result<()> {
-                if let Some(k) = pending.take() {
-                    let got = ack_rx
-                        .recv()
-                        .map_err(|_| Error::Internal("writer ended"))??;
-                    debug_assert_eq!(got, k);
-                }
-                Ok(())
-            };
+            let mut first_seq = 0usize;
             let after = |a: u64, n: u64| match self.direction {
                 ReencryptDirection::Forward => Progress {
                     hot_start: a + n,
@@ -361,86 +337,86 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     hot_len: 0,
                 },
             };
+            // Everything handed to the workers for writing is written and durable: the
+            // worker that wrote a hotzone's last chunk usually flushed it already.
+            let settle = || -> Result<()> {
+                let todo = shared.wait_for(|st| {
+                    if st.in_write > 0 || st.flushing {
+                        None
+                    } else if st.durable == st.handed {
+                        Some(None)
+                    } else {
+                        st.flushing = true;
+                        Some(Some(st.handed))
+                    }
+                })?;
+                if let Some(upto) = todo {
+                    let r = self.data.flush();
+                    let mut st = shared.lock();
+                    st.flushing = false;
+                    if r.is_ok() {
+                        st.durable = upto;
+                    }
+                    shared.cv.notify_all();
+                    r.map_err(|e| Error::io("flush data", e))?;
+                }
+                Ok(())
+            };
+            let hot = |a: u64, n: u64| Progress {
+                hot_start: a,
+                hot_len: n,
+            };
             for (k, &(a, n)) in zones.iter().enumerate() {
                 if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                    stop.store(true, Ordering::Relaxed);
-                    wait_ack(&mut pending_ack)?;
-                    // Everything handed to the writer must be durable before the
-                    // header says so.
-                    write_tx
-                        .send(WriteMsg::Flush(k))
-                        .map_err(|_| Error::Internal("writer ended"))?;
-                    pending_ack = Some(k);
-                    wait_ack(&mut pending_ack)?;
+                    shared.lock().reads_done = true;
+                    shared.cv.notify_all();
+                    // Everything handed out must be durable before the header says so.
+                    settle()?;
                     j.commit(last_clean)?;
                     return Ok(Outcome::Interrupted(last_clean));
                 }
                 let nchunks = (n as usize).div_ceil(chunk);
-                let mut chunks: Vec<Chunk> = Vec::with_capacity(if gather { nchunks } else { 0 });
-                let mut sums: Vec<u8> = Vec::with_capacity(if checksum {
-                    n as usize / CHECKSUM_BLOCK * CHECKSUM_LEN
-                } else {
-                    0
-                });
-                // Chunks already transformed by the readers (every mode but journal),
-                // taken before the previous hotzone is acknowledged so that reading
-                // and crypto overlap the writer's last writes and flush. Journal mode
-                // keeps the old bytes until they are in the journal, and transforms
-                // them here after the commit.
-                let mut ready: Vec<Chunk> = Vec::new();
-                if gather {
-                    for _ in 0..nchunks {
-                        let mut c = in_order.next()?;
-                        debug_assert_eq!(c.hz, k);
-                        // The readers hashed each chunk as they read it, while the
-                        // writer still writes the previous hotzone.
-                        if checksum {
-                            sums.append(&mut c.sums);
-                        }
-                        if early_transform {
-                            ready.push(c);
-                        } else {
-                            chunks.push(c);
-                        }
-                    }
-                } else if pending_ack.is_some() {
-                    // At most the spare buffers: the rest may still sit in the writer.
-                    for _ in 0..nchunks.min(SPARE_BUFFERS) {
-                        ready.push(in_order.next()?);
-                    }
-                }
-                // Double-buffered journal: the readers wrote hotzone k's old bytes to
-                // the half the header does not name while k-1 was still being written
-                // and flushed; make them durable before a header names that half.
-                if journal_by_readers {
-                    j.area_flush()?;
-                }
-                wait_ack(&mut pending_ack)?;
-                // The previous hotzone is durable: the header may move past it.
+                // Hotzone k once the workers have read (and hashed, journaled,
+                // transformed) all of it, in order, while k-1 was still being written.
+                let seqs = first_seq..first_seq + nchunks;
+                let mut chunks: Vec<Chunk> = shared.wait_for(|st| {
+                    (st.prepared.range(seqs.clone()).count() == nchunks).then(|| {
+                        seqs.clone()
+                            .filter_map(|q| st.prepared.remove(&q))
+                            .collect()
+                    })
+                })?;
+                first_seq += nchunks;
+                debug_assert!(chunks.iter().all(|c| c.hz == k));
                 match self.resilience {
                     Resilience::Checksum => {
+                        // One checksum area: k's sums replace k-1's only once k-1 is
+                        // durable (then every block of k-1 is new, whatever the area).
+                        settle()?;
+                        let sums: Vec<u8> =
+                            chunks.iter_mut().flat_map(|c| c.sums.drain(..)).collect();
                         j.area_write(0, &sums)?;
                         j.area_flush()?;
-                        j.commit(Progress {
-                            hot_start: a,
-                            hot_len: n,
-                        })?;
+                        j.commit(hot(a, n))?;
                     }
-                    Resilience::Journal if journal_by_readers => {
-                        // One commit names the new half, retires k-1 and makes k hot.
-                        j.commit(Progress {
-                            hot_start: a,
-                            hot_len: n,
-                        })?;
+                    Resilience::Journal if !single_journal => {
+                        // The workers wrote k's old bytes to the half the header does
+                        // not name: durable first, then one commit names that half,
+                        // retires k-1 and makes k hot.
+                        j.area_flush()?;
+                        settle()?;
+                        j.commit(hot(a, n))?;
                         // k-1's half is free now: hotzone k+1's journal may go there.
                         if k + 1 < zones.len() {
                             let base = j
                                 .use_spare_area()
                                 .ok_or(Error::Internal("journal half vanished"))?;
-                            gate.open(k + 1, base);
+                            shared.lock().journal_half = Some((k + 1, base));
+                            shared.cv.notify_all();
                         }
                     }
                     Resilience::Journal => {
+                        settle()?;
                         // The journal area is about to be overwritten: first make sure
                         // no header still points at its old contents.
                         if k > 0 {
@@ -450,56 +426,33 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                             j.area_write(c.logical - a, &c.buf[..c.len])?;
                         }
                         j.area_flush()?;
-                        j.commit(Progress {
-                            hot_start: a,
-                            hot_len: n,
-                        })?;
+                        j.commit(hot(a, n))?;
+                        for c in &mut chunks {
+                            self.transform_serial(&mut c.buf[..c.len], c.logical)?;
+                        }
                     }
-                    Resilience::Datashift => j.commit(Progress {
-                        hot_start: a,
-                        hot_len: n,
-                    })?,
+                    Resilience::Datashift => {
+                        settle()?;
+                        j.commit(hot(a, n))?;
+                    }
                     Resilience::None => {
                         // No protection: commit a clean state now and then so an
                         // interrupted run resumes near where it stopped.
                         if since_commit >= NONE_COMMIT_EVERY {
+                            settle()?;
                             j.commit(last_clean)?;
                             since_commit = 0;
                         }
                     }
                 }
-                let flush_here = self.resilience != Resilience::None
-                    || k + 1 == zones.len()
-                    || since_commit + n >= NONE_COMMIT_EVERY;
-                let send = |c: Chunk| -> Result<()> {
-                    let last = flush_here && c.logical + c.len as u64 == a + n;
-                    write_tx
-                        .send(WriteMsg::Chunk { chunk: c, last })
-                        .map_err(|_| Error::Internal("writer ended"))
-                };
-                // Journal mode transforms on this thread (a parallel split would leave
-                // pool threads spinning for CPU time the readers and the writer need);
-                // the readers did it in every other mode.
-                let transformed = |mut c: Chunk| -> Result<Chunk> {
-                    if !early_transform {
-                        self.transform_serial(&mut c.buf[..c.len], c.logical)?;
-                    }
-                    Ok(c)
-                };
-                let sent = ready.len() + chunks.len();
-                for c in ready {
-                    send(c)?;
+                {
+                    let mut st = shared.lock();
+                    st.in_write += chunks.len();
+                    st.handed += 1;
+                    st.writable.extend(chunks);
                 }
-                for c in chunks {
-                    send(transformed(c)?)?;
-                }
-                for _ in sent..nchunks {
-                    send(transformed(in_order.next()?)?)?;
-                }
-                if flush_here {
-                    pending_ack = Some(k);
-                }
-                // Progress is reported for bytes handed to the writer.
+                shared.cv.notify_all();
+                // Progress is reported for bytes handed out for writing.
                 last_clean = after(a, n);
                 since_commit += n;
                 done_bytes += n;
@@ -512,18 +465,15 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     });
                 }
             }
-            wait_ack(&mut pending_ack)?;
-            drop(write_tx);
+            settle()?;
             j.finish()?;
             Ok(Outcome::Finished)
-        });
-        stop.store(true, Ordering::Relaxed);
-        result
+        })
     }
 }
 
-/// Chunk buffers beyond one hotzone's worth: read-ahead, and the chunks transformed
-/// before the previous hotzone is acknowledged.
+/// Chunk buffers beyond one hotzone's worth: read-ahead of the next hotzone while
+/// this one is written.
 const SPARE_BUFFERS: usize = 3;
 
 /// Clean-state commit interval for resilience `none`.
@@ -537,14 +487,7 @@ pub enum Outcome {
     Interrupted(Progress),
 }
 
-enum WriteMsg {
-    /// A chunk to write; `last` = flush and acknowledge its hotzone afterwards.
-    Chunk { chunk: Chunk, last: bool },
-    /// Flush what was written and acknowledge hotzone `usize`.
-    Flush(usize),
-}
-
-/// Where the readers are in the run: hotzone index and offset within it.
+/// Where the workers are in the run: hotzone index and offset within it.
 #[derive(Default)]
 struct ChunkCursor {
     seq: usize,
@@ -552,212 +495,193 @@ struct ChunkCursor {
     off: u64,
 }
 
-/// What the readers share: free buffers and the next chunk to read, taken together so
-/// that chunks are claimed in order.
-struct ReadSource {
-    free: Receiver<AlignedBuf>,
+/// What the workers and the coordinator share, under one lock.
+struct State {
+    free: Vec<AlignedBuf>,
+    /// The next chunk to read: claimed in order.
     next: ChunkCursor,
+    /// Double-buffered journal: (hotzone, byte offset of its half on the header
+    /// device). Hotzone k+1's half is the one k-1 used, free once the header names k:
+    /// the commit of k opens it. One hotzone at a time: every chunk of k is journaled
+    /// before k is committed, and no chunk of k+1 is read before its half is open.
+    journal_half: Option<(usize, u64)>,
+    /// Chunks read and prepared, by claim order, waiting for the coordinator.
+    prepared: BTreeMap<usize, Chunk>,
+    /// Chunks whose hotzone the header allows to be written.
+    writable: VecDeque<Chunk>,
+    /// Chunks handed out for writing and not yet written.
+    in_write: usize,
+    /// Hotzones handed out for writing, and how many of them are flushed.
+    handed: usize,
+    durable: usize,
+    /// Someone is flushing the data device.
+    flushing: bool,
+    /// Flush as soon as a handed-out hotzone is written (every mode that commits
+    /// each hotzone, so the flush overlaps the coordinator's wait for the next one).
+    eager_flush: bool,
+    /// No more reads (cancelled): the workers only write what is handed out.
+    reads_done: bool,
+    /// The run is over: workers return.
+    stop: bool,
+    /// A worker's error, for the coordinator.
+    failed: Option<Error>,
 }
 
-/// Hands the coordinator chunks in read order whatever order the readers finish in.
-struct Reorder {
-    rx: Receiver<Result<Chunk>>,
-    early: std::collections::BTreeMap<usize, Chunk>,
-    next: usize,
+struct Shared {
+    st: Mutex<State>,
+    cv: Condvar,
 }
 
-impl Reorder {
-    fn next(&mut self) -> Result<Chunk> {
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means a worker panicked; the scope re-raises that panic.
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until `f` yields a value, or a worker fails.
+    fn wait_for<T>(&self, mut f: impl FnMut(&mut State) -> Option<T>) -> Result<T> {
+        let mut st = self.lock();
         loop {
-            if let Some(c) = self.early.remove(&self.next) {
-                self.next += 1;
-                return Ok(c);
+            if let Some(e) = st.failed.take() {
+                st.stop = true;
+                self.cv.notify_all();
+                return Err(e);
             }
-            // A reader's error ends the run at once: what was written so far is
-            // covered by the header, as after a crash.
-            let c = self
-                .rx
-                .recv()
-                .map_err(|_| Error::Internal("reader ended"))??;
-            self.early.insert(c.seq, c);
-        }
-    }
-}
-
-/// Which hotzone's journal half the readers may write, and where it is: hotzone k+1's
-/// half is the one hotzone k-1 used, free once the header names hotzone k (the commit
-/// of k opens k+1). One hotzone at a time: every chunk of k is journaled before k is
-/// committed.
-struct JournalGate {
-    /// (hotzone, byte offset of its half on the header device); `closed` = stop.
-    state: std::sync::Mutex<(Option<(usize, u64)>, bool)>,
-    cv: std::sync::Condvar,
-}
-
-impl JournalGate {
-    fn new(first: Option<(usize, u64)>) -> Self {
-        JournalGate {
-            state: std::sync::Mutex::new((first, false)),
-            cv: std::sync::Condvar::new(),
-        }
-    }
-
-    fn open(&self, zone: usize, base: u64) {
-        if let Ok(mut st) = self.state.lock() {
-            st.0 = Some((zone, base));
-        }
-        self.cv.notify_all();
-    }
-
-    fn close(&self) {
-        if let Ok(mut st) = self.state.lock() {
-            st.1 = true;
-        }
-        self.cv.notify_all();
-    }
-
-    /// Waits until hotzone `zone`'s half is open and returns its offset; None once
-    /// the run is stopping.
-    fn wait(&self, zone: usize) -> Option<u64> {
-        let mut st = self.state.lock().ok()?;
-        loop {
-            match *st {
-                (_, true) => return None,
-                (Some((z, base)), _) if z == zone => return Some(base),
-                _ => st = self.cv.wait(st).ok()?,
+            if let Some(v) = f(&mut st) {
+                return Ok(v);
             }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 }
 
-struct CloseOnDrop<'a>(&'a JournalGate);
-impl Drop for CloseOnDrop<'_> {
+struct StopOnDrop<'a>(&'a Shared);
+impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.close();
+        self.0.lock().stop = true;
+        self.0.cv.notify_all();
     }
 }
 
-/// What a reader does to each chunk after reading it.
+/// What a worker does to each chunk between reading and handing it over.
 #[derive(Clone, Copy)]
-struct ReadWork<'g> {
+struct Work {
     /// Checksum the old blocks (checksum mode).
     checksum: bool,
     /// Double-buffered journal: write the old bytes to the hotzone's half.
-    journal: Option<&'g JournalGate>,
+    journal: bool,
     /// Turn the old bytes into new ones.
     transform: bool,
 }
 
-fn reader<D: Disk + Sync + ?Sized>(
+/// A worker: writes chunks the header allows to be written, else reads, hashes,
+/// journals and transforms the next chunk, else waits. Every CPU does every kind of
+/// work, so none idles while another has a queue.
+fn worker<D: Disk + Sync + ?Sized>(
     w: &Walk<'_, D>,
     zones: &[(u64, u64)],
     chunk: usize,
-    what: ReadWork<'_>,
-    source: &std::sync::Mutex<ReadSource>,
-    out: SyncSender<Result<Chunk>>,
-    stop: &std::sync::atomic::AtomicBool,
+    work: Work,
+    sh: &Shared,
 ) {
+    let mut st = sh.lock();
     loop {
-        if stop.load(Ordering::Relaxed) {
+        if st.stop {
             return;
         }
-        // Claim a buffer and the next chunk under one lock (a poisoned lock means
-        // another reader panicked: stop).
-        let Ok(mut src) = source.lock() else { return };
-        let Some(&(a, n)) = zones.get(src.next.zone) else {
-            return;
+        if let Some(c) = st.writable.pop_front() {
+            drop(st);
+            let r = w
+                .data
+                .write_at(w.layout.new_physical(c.logical), &c.buf[..c.len]);
+            st = sh.lock();
+            st.free.push(c.buf);
+            st.in_write -= 1;
+            if let Err(e) = r {
+                st.failed.get_or_insert(Error::io("write data", e));
+            } else if st.eager_flush && st.in_write == 0 && !st.flushing && st.durable < st.handed {
+                // The last chunk handed out is written: make it durable now.
+                let upto = st.handed;
+                st.flushing = true;
+                drop(st);
+                let r = w.data.flush();
+                st = sh.lock();
+                st.flushing = false;
+                match r {
+                    Ok(()) => st.durable = upto,
+                    Err(e) => {
+                        st.failed.get_or_insert(Error::io("flush data", e));
+                    }
+                }
+            }
+            sh.cv.notify_all();
+            continue;
+        }
+        let zone = st.next.zone;
+        let half = match (work.journal, st.journal_half) {
+            (false, _) => Some(0),
+            (true, Some((z, base))) if z == zone => Some(base),
+            (true, _) => None,
         };
-        let Ok(mut buf) = src.free.recv() else { return };
-        let cur = &mut src.next;
-        let (seq, hz, logical, in_zone) = (cur.seq, cur.zone, a + cur.off, cur.off);
-        let len = (chunk as u64).min(n - cur.off) as usize;
-        cur.seq += 1;
-        cur.off += len as u64;
-        if cur.off == n {
-            cur.zone += 1;
-            cur.off = 0;
+        if let (Some(&(a, n)), Some(base), false, Some(buf)) =
+            (zones.get(zone), half, st.reads_done, st.free.pop())
+        {
+            let cur = &mut st.next;
+            let (seq, in_zone) = (cur.seq, cur.off);
+            let len = (chunk as u64).min(n - in_zone) as usize;
+            cur.seq += 1;
+            cur.off += len as u64;
+            if cur.off == n {
+                cur.zone += 1;
+                cur.off = 0;
+            }
+            drop(st);
+            let r = prepare(w, work, buf, (zone, a + in_zone, len), base + in_zone);
+            st = sh.lock();
+            match r {
+                Ok(c) => {
+                    st.prepared.insert(seq, c);
+                }
+                Err(e) => {
+                    st.failed.get_or_insert(e);
+                }
+            }
+            sh.cv.notify_all();
+            continue;
         }
-        drop(src);
-        let r = w
-            .data
-            .read_at(w.layout.old_physical(logical), &mut buf[..len])
-            .map_err(|e| Error::io("read data", e))
-            .and_then(|_| {
-                let mut sums = Vec::new();
-                if what.checksum {
-                    hash_blocks_serial_into(&buf[..len], &mut sums);
-                }
-                if let Some(gate) = what.journal {
-                    let Some(base) = gate.wait(hz) else {
-                        return Err(Error::Internal("run stopped"));
-                    };
-                    w.meta
-                        .write_at(base + in_zone, &buf[..len])
-                        .map_err(|e| Error::io("write resilience area", e))?;
-                }
-                if what.transform {
-                    w.transform_serial(&mut buf[..len], logical)?;
-                }
-                Ok(Chunk {
-                    seq,
-                    hz,
-                    logical,
-                    len,
-                    buf,
-                    sums,
-                })
-            });
-        let failed = r.is_err();
-        if out.send(r).is_err() || failed {
-            return;
-        }
+        st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
     }
 }
 
-fn writer<D: Disk + Sync + ?Sized>(
+/// Reads chunk `(hotzone, logical, len)` into `buf` and prepares it as `work`
+/// says; `journal_at` is where its old bytes go on the header device.
+fn prepare<D: Disk + Sync + ?Sized>(
     w: &Walk<'_, D>,
-    rx: Receiver<WriteMsg>,
-    ack: SyncSender<Result<usize>>,
-    free: SyncSender<AlignedBuf>,
-) {
-    for m in rx {
-        let (c, last) = match m {
-            WriteMsg::Chunk { chunk, last } => (chunk, last),
-            WriteMsg::Flush(k) => {
-                let r = w
-                    .data
-                    .flush()
-                    .map_err(|e| Error::io("flush data", e))
-                    .map(|_| k);
-                let failed = r.is_err();
-                let _ = ack.send(r);
-                if failed {
-                    return;
-                }
-                continue;
-            }
-        };
-        let r = w
-            .data
-            .write_at(w.layout.new_physical(c.logical), &c.buf[..c.len])
-            .map_err(|e| Error::io("write data", e));
-        let hz = c.hz;
-        let _ = free.try_send(c.buf);
-        if let Err(e) = r {
-            let _ = ack.send(Err(e));
-            return;
-        }
-        if last {
-            let r = w
-                .data
-                .flush()
-                .map_err(|e| Error::io("flush data", e))
-                .map(|_| hz);
-            let failed = r.is_err();
-            let _ = ack.send(r);
-            if failed {
-                return;
-            }
-        }
+    work: Work,
+    mut buf: AlignedBuf,
+    (hz, logical, len): (usize, u64, usize),
+    journal_at: u64,
+) -> Result<Chunk> {
+    w.data
+        .read_at(w.layout.old_physical(logical), &mut buf[..len])
+        .map_err(|e| Error::io("read data", e))?;
+    let mut sums = Vec::new();
+    if work.checksum {
+        hash_blocks_serial_into(&buf[..len], &mut sums);
     }
+    if work.journal {
+        w.meta
+            .write_at(journal_at, &buf[..len])
+            .map_err(|e| Error::io("write resilience area", e))?;
+    }
+    if work.transform {
+        w.transform_serial(&mut buf[..len], logical)?;
+    }
+    Ok(Chunk {
+        hz,
+        logical,
+        len,
+        buf,
+        sums,
+    })
 }
