@@ -99,6 +99,8 @@ const SECTOR_SIZES: [usize; 2] = [512, 4096];
 #[derive(Debug, serde::Serialize)]
 struct CipherRow {
     cipher: &'static str,
+    /// The kernel this CPU runs: `vaes512`, `vaes256`, `aesni128` or `portable`.
+    data_path: &'static str,
     key_bits: usize,
     sector_size: usize,
     threads: usize,
@@ -148,9 +150,10 @@ fn bench_cipher(
             "luksify: the machine is busy (load average {load:.1} on {nproc} CPUs): wall-clock rows (all threads) are skewed; rerun when idle"
         );
     }
+    let data_path = SectorCipher::new(SPEC, &key[..], 4096)?.data_path();
     if !json {
         println!(
-            "AES-256-XTS ({SPEC}, 512-bit key), {} MiB buffer, {seconds} s per figure, 1 MB = 10^6 bytes",
+            "AES-256-XTS ({SPEC}, 512-bit key, {data_path} kernel), {} MiB buffer, {seconds} s per figure, 1 MB = 10^6 bytes",
             buffer_bytes / (1024 * 1024),
         );
         println!(
@@ -208,6 +211,7 @@ fn bench_cipher(
             }
             let row = CipherRow {
                 cipher: SPEC,
+                data_path: cipher.data_path(),
                 key_bits: cipher.key_bits(),
                 sector_size,
                 threads,
@@ -401,6 +405,7 @@ mod tests {
     fn json_rows_carry_the_documented_fields() {
         let row = CipherRow {
             cipher: "aes-xts-plain64",
+            data_path: "vaes256",
             key_bits: 512,
             sector_size: 4096,
             threads: 2,
@@ -431,6 +436,7 @@ mod tests {
         }
         assert_eq!(v["timing"], "elapsed");
         assert_eq!(v["layout"], "independent");
+        assert_eq!(v["data_path"], "vaes256");
     }
 
     #[test]
