@@ -28,11 +28,18 @@ fn vk() -> Vec<u8> {
 }
 
 fn opts(placement: Placement) -> EncryptOptions {
+    opts_with(placement, None)
+}
+
+/// `keyslots`: the LUKS2 keyslots area size (None: the default 16 MiB, room for two
+/// journal halves).
+fn opts_with(placement: Placement, keyslots: Option<u64>) -> EncryptOptions {
     EncryptOptions {
         placement,
         format: FormatOptions {
             kdf: KdfRequest::fast_pbkdf2(),
             volume_key: Some(VolumeKey::from_slice(&vk())),
+            keyslots_size: keyslots,
             ..FormatOptions::default()
         },
         tuning: Tuning {
@@ -101,12 +108,23 @@ fn power_comes_back(
 }
 
 fn crash_and_resume(placement: Placement, cut: u64, unit: usize, fates: u64, seed: u64) {
+    crash_and_resume_with(placement, None, cut, unit, fates, seed)
+}
+
+fn crash_and_resume_with(
+    placement: Placement,
+    keyslots: Option<u64>,
+    cut: u64,
+    unit: usize,
+    fates: u64,
+    seed: u64,
+) {
     let orig = plaintext(seed);
     let data = MemDisk::from_vec(orig.clone());
     let hdr = MemDisk::new(0);
     let pc = PowerCutDisk::new(data.clone(), unit);
     let hpc = pc.sibling(hdr.clone());
-    let o = opts(placement);
+    let o = opts_with(placement, keyslots);
     pc.cut_after_ops(cut);
     let detached = matches!(placement, Placement::Detached { .. });
     let r = if detached {
@@ -159,9 +177,13 @@ fn crash_and_resume(placement: Placement, cut: u64, unit: usize, fates: u64, see
 
 /// Operations a full uninterrupted run issues (so cut points cover all of it).
 fn total_ops(placement: Placement) -> u64 {
+    total_ops_with(placement, None)
+}
+
+fn total_ops_with(placement: Placement, keyslots: Option<u64>) -> u64 {
     let pc = PowerCutDisk::new(MemDisk::from_vec(plaintext(1)), 512);
     let h = pc.sibling(MemDisk::new(0));
-    let o = opts(placement);
+    let o = opts_with(placement, keyslots);
     let r = match placement {
         Placement::Detached { .. } => {
             luksify_walker::encrypt(&pc, Some(&h), PASS, &o, &Control::default())
@@ -202,6 +224,22 @@ proptest! {
         let n = total_ops(p);
         let cut = ((n as f64) * frac) as u64;
         crash_and_resume(p, cut, unit, fates, seed);
+    }
+}
+
+/// Journal mode with one area: a 2 MiB keyslots area leaves ~1.75 MiB of free room,
+/// less than two 4 MiB halves, so the walker uses one journal area as cryptsetup does
+/// (clean commit, copy, flush, commit hot) instead of the double-buffered halves.
+#[test]
+fn walker_power_cut_with_a_single_journal_area_then_resume_restores_plaintext() {
+    let p = Placement::Detached {
+        resilience: Resilience::Journal,
+    };
+    let keyslots = Some(2 << 20);
+    let n = total_ops_with(p, keyslots);
+    for i in 0..24u64 {
+        let cut = n * i / 23 + i % 3;
+        crash_and_resume_with(p, keyslots, cut, 512, i * 0x9e37_79b9 + 5, i + 11);
     }
 }
 
