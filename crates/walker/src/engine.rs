@@ -306,6 +306,8 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 prepared: BTreeMap::new(),
                 writable: VecDeque::new(),
                 in_write: 0,
+                writing: 0,
+                max_writing: (self.tuning.workers.max(1) - 1).max(1),
                 handed: 0,
                 durable: 0,
                 flushing: false,
@@ -511,6 +513,12 @@ struct State {
     writable: VecDeque<Chunk>,
     /// Chunks handed out for writing and not yet written.
     in_write: usize,
+    /// Writes in progress, and the most allowed at once: one worker fewer than there
+    /// are, so a read always overlaps the writes (a throttled disk limits reads and
+    /// writes separately: with every worker writing, the read side idled; Standard HDD
+    /// profile, none mode: 23.9 s against an 18.5 s floor).
+    writing: usize,
+    max_writing: usize,
     /// Hotzones handed out for writing, and how many of them are flushed.
     handed: usize,
     durable: usize,
@@ -589,12 +597,17 @@ fn worker<D: Disk + Sync + ?Sized>(
         if st.stop {
             return;
         }
-        if let Some(c) = st.writable.pop_front() {
+        if let Some(c) = (st.writing < st.max_writing)
+            .then(|| st.writable.pop_front())
+            .flatten()
+        {
+            st.writing += 1;
             drop(st);
             let r = w
                 .data
                 .write_at(w.layout.new_physical(c.logical), &c.buf[..c.len]);
             st = sh.lock();
+            st.writing -= 1;
             st.free.push(c.buf);
             st.in_write -= 1;
             if let Err(e) = r {
