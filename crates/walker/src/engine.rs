@@ -597,6 +597,14 @@ fn worker<D: Disk + Sync + ?Sized>(
         if st.stop {
             return;
         }
+        let zone = st.next.zone;
+        let half = match (work.journal, st.journal_half) {
+            (false, _) => Some(0),
+            (true, Some((z, base))) if z == zone => Some(base),
+            (true, _) => None,
+        };
+        let can_read =
+            zone < zones.len() && half.is_some() && !st.reads_done && !st.free.is_empty();
         if let Some(c) = (st.writing < st.max_writing)
             .then(|| st.writable.pop_front())
             .flatten()
@@ -630,15 +638,12 @@ fn worker<D: Disk + Sync + ?Sized>(
             sh.cv.notify_all();
             continue;
         }
-        let zone = st.next.zone;
-        let half = match (work.journal, st.journal_half) {
-            (false, _) => Some(0),
-            (true, Some((z, base))) if z == zone => Some(base),
-            (true, _) => None,
-        };
-        if let (Some(&(a, n)), Some(base), false, Some(buf)) =
-            (zones.get(zone), half, st.reads_done, st.free.pop())
-        {
+        if let (true, Some(&(a, n)), Some(base)) = (can_read, zones.get(zone), half) {
+            // Taken only now: a buffer popped for a read that does not happen would be
+            // lost to the pool.
+            let Some(buf) = st.free.pop() else {
+                continue;
+            };
             let cur = &mut st.next;
             let (seq, in_zone) = (cur.seq, cur.off);
             let len = (chunk as u64).min(n - in_zone) as usize;
