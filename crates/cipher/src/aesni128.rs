@@ -11,7 +11,7 @@
 //! schedules (`aesni_keys`). Only used after run-time detection ([`available`]); checked
 //! against the portable path byte for byte in `xts.rs`'s unit tests.
 
-use crate::aesni_keys::{load, RoundKeys, XtsSchedules};
+use crate::aesni_keys::{load, RoundKeys};
 use crate::tweak::mul_alpha;
 use aes::Block;
 use core::arch::x86_64::*;
@@ -36,67 +36,7 @@ fn loaded(keys: &RoundKeys) -> [__m128i; 15] {
     out
 }
 
-/// All key schedules one XTS volume key needs, on this fused path.
-pub(crate) struct FusedXts {
-    keys: XtsSchedules,
-}
-
-impl FusedXts {
-    /// Expands the XTS halves (and the ESSIV key, if any). Returns `None` when the CPU
-    /// lacks AES-NI/PCLMULQDQ, so callers fall back to the portable path.
-    pub(crate) fn new(data_key: &[u8], tweak_key: &[u8], essiv_key: Option<&[u8]>) -> Option<Self> {
-        if !available() {
-            return None;
-        }
-        // SAFETY: `available()` confirmed AES-NI (and SSE2, part of x86-64), which
-        // `XtsSchedules::new` is compiled for.
-        let keys = unsafe { XtsSchedules::new(data_key, tweak_key, essiv_key) };
-        Some(FusedXts { keys })
-    }
-
-    /// Encrypts `ivs` in place to first tweaks: ESSIV first when keyed, then the tweak key.
-    pub(crate) fn first_tweaks(&self, ivs: &mut [Block]) {
-        // SAFETY: a `FusedXts` only exists after `available()` confirmed AES-NI, the
-        // feature of `ecb_encrypt` (with SSE2, part of x86-64).
-        unsafe {
-            if let Some(essiv) = &self.keys.essiv_enc {
-                ecb_encrypt(essiv, ivs);
-            }
-            ecb_encrypt(&self.keys.tweak_enc, ivs);
-        }
-    }
-
-    /// XTS over whole sectors of `sector_blocks` blocks (a multiple of 32), sector `i`
-    /// starting from tweak `first[i]`.
-    pub(crate) fn crypt_sectors(
-        &self,
-        data: &mut [Block],
-        sector_blocks: usize,
-        first: &[Block],
-        encrypt: bool,
-    ) {
-        assert!(
-            sector_blocks.is_multiple_of(32),
-            "sectors are multiples of 512 bytes"
-        );
-        assert_eq!(
-            data.len(),
-            sector_blocks * first.len(),
-            "one first tweak per sector"
-        );
-        let keys = &self.keys;
-        // SAFETY: as in `first_tweaks`, the CPU features (AES-NI, PCLMULQDQ) were
-        // checked when `self` was made.
-        unsafe {
-            match (encrypt, keys.data_enc.rounds) {
-                (true, 10) => xts::<10, true>(&keys.data_enc, data, sector_blocks, first),
-                (true, _) => xts::<14, true>(&keys.data_enc, data, sector_blocks, first),
-                (false, 10) => xts::<10, false>(&keys.data_dec, data, sector_blocks, first),
-                (false, _) => xts::<14, false>(&keys.data_dec, data, sector_blocks, first),
-            }
-        }
-    }
-}
+crate::fused::kernel_entry_points!("aesni128");
 
 #[inline]
 #[target_feature(enable = "sse2")]
@@ -136,7 +76,7 @@ fn last_round<const ENC: bool>(x: __m128i, k: __m128i) -> __m128i {
     }
 }
 
-/// The fused XTS loop; see [`FusedXts::crypt_sectors`].
+/// The fused XTS loop; see [`crate::fused::Kernel::xts`].
 #[target_feature(enable = "sse2,aes,pclmulqdq")]
 fn xts<const NR: usize, const ENC: bool>(
     keys: &RoundKeys,

@@ -10,7 +10,7 @@
 //! `fused.rs`). All are checked against the same IEEE 1619 vectors and Python
 //! cross-checks, and against each other in unit tests. Key schedules: `aesni_keys`.
 
-use crate::aesni_keys::{load, RoundKeys, XtsSchedules};
+use crate::aesni_keys::{load, RoundKeys};
 use crate::tweak::avx512::lanes;
 use crate::tweak::mul_alpha;
 use aes::Block;
@@ -36,65 +36,7 @@ fn broadcast(keys: &RoundKeys) -> [__m512i; 15] {
     out
 }
 
-/// All key schedules one XTS volume key needs, on the fused path.
-pub(crate) struct FusedXts {
-    keys: XtsSchedules,
-}
-
-impl FusedXts {
-    /// Expands the XTS halves (and the ESSIV key, if any). Returns `None` when the CPU
-    /// lacks VAES/AVX-512, so callers fall back to another path.
-    pub(crate) fn new(data_key: &[u8], tweak_key: &[u8], essiv_key: Option<&[u8]>) -> Option<Self> {
-        if !available() {
-            return None;
-        }
-        // SAFETY: `available()` confirmed AES-NI (and SSE2, part of x86-64), which
-        // `XtsSchedules::new` is compiled for.
-        let keys = unsafe { XtsSchedules::new(data_key, tweak_key, essiv_key) };
-        Some(FusedXts { keys })
-    }
-
-    /// Encrypts `ivs` in place to first tweaks: ESSIV first when keyed, then the tweak key.
-    pub(crate) fn first_tweaks(&self, ivs: &mut [Block]) {
-        // SAFETY: a `FusedXts` only exists after `available()` confirmed AVX-512F/BW,
-        // VAES and AES-NI, the features of `ecb_encrypt`.
-        unsafe {
-            if let Some(essiv) = &self.keys.essiv_enc {
-                ecb_encrypt(essiv, ivs);
-            }
-            ecb_encrypt(&self.keys.tweak_enc, ivs);
-        }
-    }
-
-    /// XTS over whole sectors of `sector_blocks` blocks (a multiple of 32), sector `i`
-    /// starting from tweak `first[i]`.
-    pub(crate) fn crypt_sectors(
-        &self,
-        data: &mut [Block],
-        sector_blocks: usize,
-        first: &[Block],
-        encrypt: bool,
-    ) {
-        assert!(
-            sector_blocks.is_multiple_of(32),
-            "sectors are multiples of 512 bytes"
-        );
-        assert_eq!(
-            data.len(),
-            sector_blocks * first.len(),
-            "one first tweak per sector"
-        );
-        // SAFETY: as in `first_tweaks`, the CPU features were checked when `self` was made.
-        unsafe {
-            match (encrypt, self.keys.data_enc.rounds) {
-                (true, 10) => xts::<10, true>(&self.keys.data_enc, data, sector_blocks, first),
-                (true, _) => xts::<14, true>(&self.keys.data_enc, data, sector_blocks, first),
-                (false, 10) => xts::<10, false>(&self.keys.data_dec, data, sector_blocks, first),
-                (false, _) => xts::<14, false>(&self.keys.data_dec, data, sector_blocks, first),
-            }
-        }
-    }
-}
+crate::fused::kernel_entry_points!("vaes512");
 
 /// Multiplies each 128-bit lane by α^K in GF(2¹²⁸) (K < 57, `R` = 64 − K): shift left by
 /// K across the lane's two halves and fold the bits shifted out of the top back in times
@@ -137,7 +79,7 @@ fn last_round<const ENC: bool>(x: __m512i, k: __m512i) -> __m512i {
     }
 }
 
-/// The fused XTS loop; see [`FusedXts::crypt_sectors`].
+/// The fused XTS loop; see [`crate::fused::Kernel::xts`].
 #[target_feature(enable = "avx512f,avx512bw,vaes")]
 fn xts<const NR: usize, const ENC: bool>(
     keys: &RoundKeys,
