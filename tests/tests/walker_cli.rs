@@ -130,6 +130,97 @@ fn walker_detached_each_resilience_decrypts_with_cryptsetup() {
     }
 }
 
+/// Panics with `what` unless the file at `p` holds exactly `want`.
+fn assert_file_is(p: &std::path::Path, want: &[u8], what: &str) {
+    assert!(same(&std::fs::read(p).unwrap(), want), "{what}");
+}
+
+/// `luksify encrypt` of `c`'s image into its detached header, 1 MiB chunks, with
+/// `hotzone_kib`-KiB hotzones; default resilience unless the caller adds one.
+fn detached_encrypt_hz(c: &Case, hotzone_kib: &str) -> Command {
+    let mut cmd = luksify(&[
+        "encrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &c.hdr(),
+    ]);
+    cmd.args(FAST)
+        .args(["--chunk-mib", "1", "--hotzone-kib", hotzone_kib]);
+    cmd
+}
+
+/// `luksify resume` of `c`'s image with its detached header.
+fn detached_resume(c: &Case) -> Command {
+    luksify(&[
+        "resume",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &c.hdr(),
+    ])
+}
+
+/// [`detached_encrypt_hz`] with [`SMALL`]'s hotzones.
+fn detached_encrypt(c: &Case) -> Command {
+    detached_encrypt_hz(c, SMALL[3])
+}
+
+/// What a kill during the first header write leaves in a new header file, made by
+/// hand (a kill can hit these windows only by chance): the file only reserved (all
+/// zeros), and the file marked new with a torn secondary copy. `resume` must say
+/// to run the same `encrypt` again, the data must be untouched, and that command
+/// must then reuse the file and finish. Any other non-empty file is refused as before.
+#[test]
+fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
+    require_tool("cryptsetup");
+    // A real header's secondary copy, cut after its first 512 bytes (magic and
+    // binary header present, JSON area and checksum not matching).
+    let torn_secondary = {
+        let (c, _) = Case::new(8, 1);
+        run_ok(&mut detached_encrypt(&c));
+        let h = std::fs::read(c.p("hdr")).unwrap();
+        h[16384..16384 + 512].to_vec()
+    };
+    let mut marked = vec![0u8; 16 << 20];
+    marked[..16].copy_from_slice(luksify_walker::NEW_STORE_MAGIC);
+    marked[16384..16384 + 512].copy_from_slice(&torn_secondary);
+    for (what, file) in [
+        ("reserved only", vec![0u8; 16 << 20]),
+        ("torn secondary", marked),
+    ] {
+        let (c, orig) = Case::new(16, 3);
+        std::fs::write(c.p("hdr"), &file).unwrap();
+        let st = run(&mut detached_resume(&c));
+        let err = String::from_utf8_lossy(&st.stderr);
+        assert!(
+            !st.status.success() && err.contains("run the same `luksify encrypt` command again"),
+            "{what}: resume said: {err}"
+        );
+        assert_file_is(&c.p("img"), &orig, &format!("{what}: data touched"));
+        run_ok(&mut detached_encrypt(&c));
+        assert!(
+            same(&cryptsetup_decrypt_detached(&c), &orig),
+            "{what}: cryptsetup decrypt differs"
+        );
+    }
+    // Anything else already in the file is not ours to overwrite.
+    let (c, orig) = Case::new(8, 4);
+    let mut other = vec![0u8; 1 << 20];
+    fill_pattern(&mut other, 9);
+    std::fs::write(c.p("hdr"), &other).unwrap();
+    let st = run(&mut detached_encrypt(&c));
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        !st.status.success() && err.contains("already exists"),
+        "a foreign header file: {err}"
+    );
+    assert_file_is(&c.p("hdr"), &other, "foreign file changed");
+    assert_file_is(&c.p("img"), &orig, "data touched");
+}
+
 /// Starts `cmd`, kills it with SIGKILL after `ms`, returns whether it had already exited.
 fn kill_after(cmd: &mut Command, ms: u64) -> bool {
     let mut child = cmd
@@ -150,18 +241,8 @@ fn crash_matrix(res: &str, points: u64, resume_with_cryptsetup: bool) {
     let mut x = 0x9e37_79b9u64 ^ res.len() as u64;
     let mut resumed = 0;
     let enc = |c: &Case| {
-        let mut cmd = luksify(&[
-            "encrypt",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-            "--resilience",
-            res,
-        ]);
-        cmd.args(FAST)
-            .args(["--chunk-mib", "1", "--hotzone-kib", "512", "--buffered"]);
+        let mut cmd = detached_encrypt_hz(c, "512");
+        cmd.args(["--resilience", res, "--buffered"]);
         cmd
     };
     // Kill points are drawn over the header commits of an uncut run (progress,
@@ -182,11 +263,19 @@ fn crash_matrix(res: &str, points: u64, resume_with_cryptsetup: bool) {
         let ms = format!("commit {at} + {jitter} us");
         kill_after_commits(&mut enc(&c), &c.p("hdr"), 0, at, jitter);
         if !has_luks_header(&c.p("hdr")) {
-            // Killed before the header existed: nothing may have been written.
+            // Killed before the header existed: nothing may have been written, and
+            // the same command run again (same header file) does the whole job.
             assert!(
                 same(&std::fs::read(c.p("img")).unwrap(), &orig),
                 "{res} point {i}: data written before the header"
             );
+            if c.p("hdr").exists() {
+                run_ok(&mut enc(&c));
+                assert!(
+                    same(&cryptsetup_decrypt_detached(&c), &orig),
+                    "{res} point {i}: plaintext differs after encrypting again"
+                );
+            }
             continue;
         }
         let st = if resume_with_cryptsetup {
@@ -327,14 +416,7 @@ fn walker_resumes_cryptsetup_runs_killed_after_their_last_hotzone() {
                 after_last_hotzone += 1;
             }
             if in_progress {
-                let st = run(&mut luksify(&[
-                    "resume",
-                    &c.img(),
-                    "--key-file",
-                    &c.key(),
-                    "--header",
-                    &c.hdr(),
-                ]));
+                let st = run(&mut detached_resume(&c));
                 assert!(
                     st.status.success(),
                     "{res}, killed at fsync {n} of {total}: {}",

@@ -153,23 +153,36 @@ fn crash_and_resume_with(
         check_decrypts_to(&data, placement, &orig);
         return;
     }
-    let out = if meta_is_luks {
+    // What a user does: `resume` when the store looks like LUKS, and the same
+    // `encrypt` command again (same header store) when there is no header or when
+    // `resume` says the first header write was cut.
+    let encrypt_again = || {
         if detached {
+            assert!(
+                data.to_vec() == orig,
+                "data was written before the header was valid"
+            );
+            luksify_walker::encrypt(&data, Some(&hdr), PASS, &o, &Control::default())
+        } else {
+            luksify_walker::encrypt::<_, MemDisk>(&data, None, PASS, &o, &Control::default())
+        }
+    };
+    let out = if meta_is_luks {
+        let r = if detached {
             luksify_walker::resume(&data, Some(&hdr), PASS, o.tuning, &Control::default())
         } else {
             luksify_walker::resume::<_, MemDisk>(&data, None, PASS, o.tuning, &Control::default())
+        };
+        match r {
+            Err(luksify_walker::Error::Refused(m))
+                if m.contains("run the same `luksify encrypt") =>
+            {
+                encrypt_again()
+            }
+            r => r,
         }
-    } else if detached {
-        assert!(
-            data.to_vec() == orig,
-            "data was written before the header was valid"
-        );
-        let fresh = MemDisk::new(0);
-        let r = luksify_walker::encrypt(&data, Some(&fresh), PASS, &o, &Control::default());
-        check_decrypts_to(&data, placement, &orig);
-        return assert_eq!(r.unwrap(), Outcome::Finished);
     } else {
-        luksify_walker::encrypt::<_, MemDisk>(&data, None, PASS, &o, &Control::default())
+        encrypt_again()
     };
     assert_eq!(out.unwrap(), Outcome::Finished);
     check_decrypts_to(&data, placement, &orig);
@@ -254,6 +267,95 @@ fn walker_power_cut_at_every_early_operation() {
     }
 }
 
+/// The number of operations after which the first complete header is durable (all
+/// earlier writes landing): the first header write is the operation(s) just before.
+fn ops_to_first_header(placement: Placement, decrypting: bool) -> u64 {
+    for cut in 0.. {
+        let data = MemDisk::from_vec(plaintext(1));
+        let hdr = MemDisk::new(0);
+        let o = opts(placement);
+        let detached = matches!(placement, Placement::Detached { .. });
+        let store = if decrypting {
+            if detached {
+                luksify_walker::encrypt(&data, Some(&hdr), PASS, &o, &Control::default())
+            } else {
+                luksify_walker::encrypt::<_, MemDisk>(&data, None, PASS, &o, &Control::default())
+            }
+            .unwrap();
+            let dhdr = if detached {
+                hdr.clone()
+            } else {
+                MemDisk::new(0)
+            };
+            let pc = PowerCutDisk::new(data.clone(), 512);
+            let hpc = pc.sibling(dhdr.clone());
+            pc.cut_after_ops(cut);
+            let d = DecryptOptions {
+                resilience: Resilience::Checksum,
+                tuning: o.tuning,
+            };
+            let _ = luksify_walker::decrypt(&pc, Some(&hpc), PASS, &d, &Control::default());
+            hpc.settle(|_, u| vec![true; u]).unwrap();
+            pc.settle(|_, u| vec![true; u]).unwrap();
+            // Detached decryption rewrites an existing header: its first new one is
+            // the one whose state says "decrypt".
+            match luksify_luks::luks2::Luks2Header::read(&dhdr) {
+                Ok((h, _))
+                    if !detached
+                        || luksify_luks::reencrypt::state(&h.metadata)
+                            .unwrap()
+                            .is_some() =>
+                {
+                    return cut
+                }
+                _ => continue,
+            }
+        } else {
+            let pc = PowerCutDisk::new(data.clone(), 512);
+            let hpc = pc.sibling(hdr.clone());
+            pc.cut_after_ops(cut);
+            let _ = if detached {
+                luksify_walker::encrypt(&pc, Some(&hpc), PASS, &o, &Control::default())
+            } else {
+                luksify_walker::encrypt::<_, MemDisk>(&pc, None, PASS, &o, &Control::default())
+            };
+            hpc.settle(|_, u| vec![true; u]).unwrap();
+            pc.settle(|_, u| vec![true; u]).unwrap();
+            if detached {
+                hdr
+            } else {
+                data
+            }
+        };
+        if luksify_luks::luks2::Luks2Header::read(&store).is_ok() {
+            return cut;
+        }
+    }
+    unreachable!()
+}
+
+/// A cut while the first header is being written (torn or partly lost copies, every
+/// layout): the store shows either a header to resume from, or `resume` says the
+/// start was cut and the same command run again finishes; the data stays intact.
+#[test]
+fn walker_power_cut_during_the_first_header_write_leaves_a_way_on() {
+    for (p, unit) in placements() {
+        let first = ops_to_first_header(p, false);
+        assert!(first > 2, "{p:?}: first header after {first} ops?");
+        for cut in first - 4..=first + 1 {
+            for f in 0..6u64 {
+                crash_and_resume(p, cut, unit, f * 0x2545_f491 + cut, 5 + f);
+            }
+        }
+        let first = ops_to_first_header(p, true);
+        for cut in first - 4..=first + 1 {
+            for f in 0..6u64 {
+                decrypt_cut_and_resume(p, cut, unit, f * 0x2545_f491 + cut, 6 + f);
+            }
+        }
+    }
+}
+
 /// Decryption under the same power-cut model: the volume is encrypted (uncut),
 /// then `decrypt` is cut after `cut` operations; what the header file says then
 /// decides: in progress -> `resume` must finish it; no valid journal -> a fresh
@@ -291,21 +393,35 @@ fn decrypt_cut_and_resume(placement: Placement, cut: u64, unit: usize, fates: u6
     let state = luksify_luks::luks2::Luks2Header::read(&dhdr)
         .ok()
         .and_then(|(h, _)| luksify_luks::reencrypt::state(&h.metadata).unwrap());
+    // What a user does: `resume` when the header file looks like LUKS and holds a
+    // run in progress or no valid copy (following its advice to run the same
+    // `decrypt` again when the first header write was cut); else `decrypt` again
+    // with the same header file.
+    let decrypt_again =
+        || luksify_walker::decrypt(&data, Some(&dhdr), PASS, &dopts, &Control::default());
+    let looks_luks = dhdr.size().unwrap() > 0 && luksify_luks::probe(&dhdr).unwrap().is_some();
     match state {
         Some(_) => {
             let out =
                 luksify_walker::resume(&data, Some(&dhdr), PASS, o.tuning, &Control::default());
             assert_eq!(out.unwrap(), Outcome::Finished);
         }
+        None if looks_luks && luksify_luks::luks2::Luks2Header::read(&dhdr).is_err() => {
+            let out =
+                luksify_walker::resume(&data, Some(&dhdr), PASS, o.tuning, &Control::default());
+            match out {
+                Err(luksify_walker::Error::Refused(m))
+                    if m.contains("run the same `luksify decrypt") =>
+                {
+                    assert_eq!(decrypt_again().unwrap(), Outcome::Finished);
+                }
+                other => panic!("resume after a cut first header write: {other:?}"),
+            }
+        }
         None => {
             // Either finished, or the journal never became valid: start over
             // (on a finished volume this refuses, which is fine; the bytes decide).
-            let fresh = MemDisk::new(0);
-            let again = if detached {
-                luksify_walker::decrypt(&data, Some(&dhdr), PASS, &dopts, &Control::default())
-            } else {
-                luksify_walker::decrypt(&data, Some(&fresh), PASS, &dopts, &Control::default())
-            };
+            let again = decrypt_again();
             if luksify_luks::probe(&data).unwrap().is_some() || again.is_ok() {
                 assert_eq!(again.unwrap(), Outcome::Finished);
             }

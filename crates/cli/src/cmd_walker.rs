@@ -361,7 +361,15 @@ fn is_luks_file(p: &Path) -> bool {
 /// a full filesystem is reported before the device is touched.
 fn open_new_header(h: &Path, dev: &Path) -> anyhow::Result<std::fs::File> {
     if let Ok(m) = std::fs::metadata(h) {
-        if m.len() > 0 {
+        // A header file whose first header write was cut is ours and holds
+        // nothing yet: the same command run again reuses it.
+        let cut = || {
+            std::fs::File::open(h)
+                .ok()
+                .and_then(|f| luksify_walker::is_cut_new_header(&f).ok())
+                .unwrap_or(false)
+        };
+        if m.len() > 0 && !cut() {
             bail!(
                 "{}: header file {} already exists; to continue an interrupted run use `luksify resume --header {}`, else remove it",
                 dev.display(), h.display(), h.display()

@@ -297,6 +297,89 @@ fn is_luks<D: Disk + ?Sized>(d: &D) -> Result<bool> {
     Ok(luksify_luks::probe(d)?.is_some())
 }
 
+/// True when `d` looks like LUKS2 (a magic is there) but neither header copy is
+/// valid: what a crash while the first header was being written leaves behind.
+fn luks2_without_valid_copy<D: Disk + ?Sized>(d: &D) -> Result<bool> {
+    if luksify_luks::probe(d)? != Some(luksify_luks::Version::Luks2) {
+        return Ok(false);
+    }
+    Ok(matches!(
+        Luks2Header::read(d),
+        Err(luksify_luks::Error::NoValidHeader { .. } | luksify_luks::Error::NotLuks)
+    ))
+}
+
+/// What a new header file (detached encryption, or a decryption moving the header
+/// out) holds in its primary area until its first header is complete: this magic,
+/// then zeros. The secondary copy goes down first, so while the primary area still
+/// holds this, no copy was ever complete and the data was not touched.
+pub const NEW_STORE_MAGIC: &[u8; 16] = b"LUKSIFY-NEWHDR-1";
+
+/// The blank header areas of a new header file (`len` bytes: both copies).
+fn new_store_areas(len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    b[..NEW_STORE_MAGIC.len()].copy_from_slice(NEW_STORE_MAGIC);
+    b
+}
+
+/// True when `d` is a header file whose first header write was cut: the primary
+/// area still holds [`NEW_STORE_MAGIC`] and zeros, and no header copy is valid (or
+/// the file is all zeros: reserved, nothing written). Such a file holds nothing
+/// and may be reused by the same command run again.
+pub fn is_cut_new_header<D: Disk + ?Sized>(d: &D) -> Result<bool> {
+    let mut b = [0u8; 4096];
+    match d.read_at(0, &mut b) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(Error::io("read the header file", e)),
+    }
+    let marked = &b[..NEW_STORE_MAGIC.len()] == NEW_STORE_MAGIC
+        && b[NEW_STORE_MAGIC.len()..].iter().all(|&x| x == 0);
+    if marked {
+        return Ok(!is_luks(d)? || luks2_without_valid_copy(d)?);
+    }
+    // Reserved (the CLI allocates the file first) but not one byte written yet.
+    all_zero(d, 64 << 20)
+}
+
+/// True when `d` is at most `max` bytes and holds only zeros.
+fn all_zero<D: Disk + ?Sized>(d: &D, max: u64) -> Result<bool> {
+    let size = d
+        .size()
+        .map_err(|e| Error::io("size of the header file", e))?;
+    if size == 0 || size > max {
+        return Ok(false);
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = (buf.len() as u64).min(size - off) as usize;
+        d.read_at(off, &mut buf[..n])
+            .map_err(|e| Error::io("read the header file", e))?;
+        if buf[..n].iter().any(|&x| x != 0) {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
+}
+
+/// The shift of an interrupted `--reduce-device-size` start whose marker is still
+/// on `data` (tried at whole MiB shifts up to 1 GiB, which covers every size the
+/// CLI's help suggests), or `None`.
+fn find_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64) -> Result<Option<u64>> {
+    for mib in 1..=1024u64 {
+        let shift = mib << 20;
+        if dev_size < 2 * shift + 4096 {
+            break;
+        }
+        if read_init_marker(data, dev_size, 2 * shift)? {
+            return Ok(Some(shift));
+        }
+    }
+    Ok(None)
+}
+
 /// Encrypts `data` in place. `meta` is the detached header store (`None` for
 /// [`Placement::Shift`], where the header lives on `data`). Every check runs
 /// before the first write; on refusal nothing has been written.
@@ -315,15 +398,17 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             "device size {dev_size} is not a non-zero multiple of 4096 bytes"
         )));
     }
-    if is_luks(data)? {
-        return Err(Error::Refused(
-            "the device already holds a LUKS header; use `luksify resume` to continue an interrupted run".into(),
-        ));
-    }
     let init_marker = match opts.placement {
         Placement::Shift { reduce } if meta.is_none() => read_init_marker(data, dev_size, reduce)?,
         _ => false,
     };
+    // A start cut while its first header was being written leaves a LUKS magic but
+    // no valid copy, and the start marker: that run is continued, not refused.
+    if is_luks(data)? && !(init_marker && luks2_without_valid_copy(data)?) {
+        return Err(Error::Refused(
+            "the device already holds a LUKS header; use `luksify resume` to continue an interrupted run".into(),
+        ));
+    }
     let sector = opts.format.sector_size as u64;
     let mut fmt = opts.format.clone();
     let (layout_of, res) = match (opts.placement, meta) {
@@ -334,10 +419,14 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 ));
             }
             if m.size().unwrap_or(0) > 0 && is_luks(m)? {
-                return Err(Error::Refused(
-                    "the header file already holds a LUKS header; use `luksify resume` to continue"
-                        .into(),
-                ));
+                // Ours, cut during its first header write: nothing was written to
+                // the data, so start over.
+                if !is_cut_new_header(m)? {
+                    return Err(Error::Refused(
+                        "the header file already holds a LUKS header; use `luksify resume` to continue"
+                            .into(),
+                    ));
+                }
             }
             fmt.detached = true;
             fmt.data_offset = Some(0);
@@ -453,12 +542,16 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
 
     // First writes. Data shift: copy the first `shift` bytes to the end, durable
     // before the header overwrites them.
-    let bytes = stage.to_vec();
-    let keyslots = &bytes[(2 * hdr.hdr_size) as usize..];
+    let mut bytes = stage.to_vec();
     let hdisk: &(dyn Disk + Sync) = match meta {
         Some(m) => {
-            // A detached header is a fresh file: no data has been touched yet.
-            write_all(m, 2 * hdr.hdr_size, keyslots)?;
+            // A detached header is a fresh file: no data has been touched yet. Both
+            // header areas go down blank (marked new) with the keyslots, then the
+            // header secondary first (below): a cut anywhere before the primary is
+            // complete leaves either a valid secondary or the marked primary.
+            let areas = (2 * hdr.hdr_size) as usize;
+            bytes[..areas].copy_from_slice(&new_store_areas(areas));
+            write_all(m, 0, &bytes)?;
             m.flush().map_err(|e| Error::io("flush header", e))?;
             &DynDisk(m)
         }
@@ -471,12 +564,16 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 move_first_segment(data, s)?;
                 write_init_marker(data, dev_size, s)?;
             }
-            write_all(data, 2 * hdr.hdr_size, keyslots)?;
+            write_all(
+                data,
+                2 * hdr.hdr_size,
+                &bytes[(2 * hdr.hdr_size) as usize..],
+            )?;
             data.flush().map_err(|e| Error::io("flush keyslots", e))?;
             &DynDisk(data)
         }
     };
-    hdr.write(hdisk)?;
+    hdr.write_secondary_first(hdisk)?;
     // The staged keyslot area (up to 16 MiB, twice) is not needed for the walk:
     // free it so peak memory is the walker's buffer pool alone.
     drop(bytes);
@@ -686,7 +783,9 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             ))
         }
         (true, Some(h)) => {
-            if header_is_luks {
+            // A decryption cut during its first header write touched nothing: the
+            // file is reused.
+            if header_is_luks && !is_cut_new_header(h)? {
                 return Err(Error::Refused(
                     "the header file already holds a LUKS header: if it is from an interrupted decryption run `luksify resume DEV --header FILE`, else name a new file".into(),
                 ));
@@ -804,11 +903,13 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         area,
     )?;
     if moves {
-        // Keyslot areas first, then the header copies: the file holds no valid
-        // header until it holds the whole new state. The device is untouched
-        // until the walk, so a crash here leaves the volume as it was.
+        // Blank header areas and the keyslot areas first, then the header copies,
+        // secondary first: the file holds no valid header until it holds the whole
+        // new state, and a cut before that leaves its primary blank. The device is
+        // untouched until the walk, so a crash here leaves the volume as it was.
         let mut buf = device::AlignedBuf::new(1 << 20);
         let (start, end) = (2 * hdr.hdr_size, area_end);
+        write_all(hdisk, 0, &new_store_areas(start as usize))?;
         let mut o = start;
         while o < end {
             let n = (buf.len() as u64).min(end - o) as usize;
@@ -822,9 +923,42 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         hdisk
             .flush()
             .map_err(|e| Error::io("flush header file", e))?;
+        hdr.write_secondary_first(hdisk)?;
+    } else {
+        hdr.write(hdisk)?;
     }
-    hdr.write(hdisk)?;
     run_from(data, hdisk, hdr, st, vk, opts.tuning, ctl)
+}
+
+/// The error `resume` gives when the header store holds no valid LUKS2 header:
+/// precise when the store shows a start cut during its first header write (then
+/// nothing is lost and the same `encrypt` command continues or starts over).
+fn no_header_to_resume(
+    data: &(impl Disk + ?Sized),
+    detached: bool,
+    hdisk: &(dyn Disk + Sync),
+    e: luksify_luks::Error,
+) -> Result<Error> {
+    if detached && is_cut_new_header(hdisk)? {
+        // The device still holds its LUKS header when the cut run was a decryption
+        // moving it out; a plaintext device means an encryption.
+        let verb = if is_luks(data)? { "decrypt" } else { "encrypt" };
+        return Ok(Error::Refused(format!(
+            "the header file holds no complete header: the {verb}ion was stopped while writing its first header, before any data was written; run the same `luksify {verb}` command again (it starts over)"
+        )));
+    }
+    if !detached {
+        let dev_size = data
+            .size()
+            .map_err(|e| Error::io("size of the device", e))?;
+        if let Some(shift) = find_init_marker(data, dev_size)? {
+            return Ok(Error::Refused(format!(
+                "the encryption was stopped while writing its first header (the moved start of the device is intact): run the same `luksify encrypt --reduce-device-size {}M` command again to continue",
+                (2 * shift) >> 20
+            )));
+        }
+    }
+    Ok(e.into())
 }
 
 /// Continues an interrupted encryption (ours or cryptsetup's). `meta` is the
@@ -840,7 +974,13 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         Some(m) => &DynDisk(m),
         None => &DynDisk(data),
     };
-    let (hdr, _report) = Luks2Header::read(hdisk)?;
+    let (hdr, _report) = match Luks2Header::read(hdisk) {
+        Ok(h) => h,
+        Err(e @ (luksify_luks::Error::NoValidHeader { .. } | luksify_luks::Error::NotLuks)) => {
+            return Err(no_header_to_resume(data, meta.is_some(), hdisk, e)?)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let st = reencrypt::state(&hdr.metadata)?.ok_or_else(|| {
         Error::Refused(
             "the header shows no encryption in progress and no decryption (already finished?)"

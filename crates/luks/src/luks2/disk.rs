@@ -253,13 +253,27 @@ impl Luks2Header {
     /// Validates the metadata, increments seqid and writes the primary copy
     /// then the secondary, flushing after each.
     pub fn write<D: Disk + ?Sized>(&mut self, disk: &D) -> Result<()> {
+        self.write_in_order(disk, [Copy::Primary, Copy::Secondary])
+    }
+
+    /// As [`Luks2Header::write`], secondary copy first: for the very first header
+    /// on a store whose primary area is still blank (or holds something else). A
+    /// crash while writing the primary then leaves a complete secondary to resume
+    /// from, and a crash while writing the secondary leaves the primary area as it
+    /// was, so the store is recognisably "never had a complete header".
+    pub fn write_secondary_first<D: Disk + ?Sized>(&mut self, disk: &D) -> Result<()> {
+        self.write_in_order(disk, [Copy::Secondary, Copy::Primary])
+    }
+
+    fn write_in_order<D: Disk + ?Sized>(&mut self, disk: &D, order: [Copy; 2]) -> Result<()> {
         let json = self.json_area()?;
         self.seqid = self
             .seqid
             .checked_add(1)
             .ok_or_else(|| Error::corrupt("seqid overflow"))?;
-        self.write_copy(disk, Copy::Primary, &json)?;
-        self.write_copy(disk, Copy::Secondary, &json)?;
+        for copy in order {
+            self.write_copy(disk, copy, &json)?;
+        }
         Ok(())
     }
 
