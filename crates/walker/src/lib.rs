@@ -13,12 +13,13 @@ pub mod engine;
 pub mod fsprobe;
 pub mod powercut;
 mod sha256x16;
+mod stage;
 pub mod view;
 
 use engine::{Journal, Walk, CHECKSUM_BLOCK, CHECKSUM_LEN};
 pub use engine::{Outcome, Tuning};
 use luksify_cipher::SectorCipher;
-use luksify_luks::io::{Disk, MemDisk};
+use luksify_luks::io::Disk;
 use luksify_luks::luks2::json::{
     Keyslot, ReencryptArea, ReencryptDirection, ReencryptMode, SegmentSize,
 };
@@ -268,6 +269,29 @@ fn resilience_of(a: &ReencryptArea) -> Result<Resilience> {
     })
 }
 
+/// Request size: `chunk`, but small enough that a hotzone is at least
+/// [`MIN_CHUNKS_PER_ZONE`] requests (a power of two, at least 64 KiB).
+///
+/// Why: the workers overlap reading hotzone k+1 with writing hotzone k, and at
+/// each commit whichever worker finishes first waits for the last chunk of the
+/// zone. A journal hotzone is bounded by half the keyslots room (7.8 MiB in a
+/// default 16 MiB area), only two 4 MiB chunks, so a worker sat idle about half
+/// of every zone: 1 MiB requests made journal mode 10-15 % faster on tmpfs
+/// (2 GiB: 1.16-1.19 s -> 1.00-1.05 s), while the 16 MiB hotzones of the other
+/// modes keep their 4 MiB requests (1 MiB measured slightly slower there).
+fn chunk_for(chunk: usize, hotzone: u64) -> usize {
+    let quarter = (hotzone / MIN_CHUNKS_PER_ZONE) as usize;
+    let floor_pow2 = if quarter == 0 {
+        0
+    } else {
+        1usize << quarter.ilog2()
+    };
+    chunk.min(floor_pow2.max(64 << 10))
+}
+
+/// See [`chunk_for`].
+const MIN_CHUNKS_PER_ZONE: u64 = 4;
+
 /// Largest hotzone the area and memory allow.
 fn hotzone_for(res: Resilience, area: &ReencryptArea, layout: &EncryptLayout, t: Tuning) -> u64 {
     let align = |n: u64| n / CHECKSUM_BLOCK as u64 * CHECKSUM_BLOCK as u64;
@@ -489,7 +513,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             Some(o) if o > 0 => o - 2 * fmt.metadata_size,
             _ => luksify_luks::luks2::DEFAULT_DATA_OFFSET - 2 * fmt.metadata_size,
         });
-    let stage = MemDisk::new(meta_len as usize);
+    let stage = stage::SparseStage::new(meta_len);
     let (mut hdr, vk) = Luks2Header::format(&stage, passphrase, &fmt)?;
     let key_digest = hdr
         .digest_id_for_keyslot(0)
@@ -542,16 +566,17 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
 
     // First writes. Data shift: copy the first `shift` bytes to the end, durable
     // before the header overwrites them.
-    let mut bytes = stage.to_vec();
+    let areas = 2 * hdr.hdr_size;
     let hdisk: &(dyn Disk + Sync) = match meta {
         Some(m) => {
             // A detached header is a fresh file: no data has been touched yet. Both
             // header areas go down blank (marked new) with the keyslots, then the
             // header secondary first (below): a cut anywhere before the primary is
             // complete leaves either a valid secondary or the marked primary.
-            let areas = (2 * hdr.hdr_size) as usize;
-            bytes[..areas].copy_from_slice(&new_store_areas(areas));
-            write_all(m, 0, &bytes)?;
+            stage
+                .write_at(0, &new_store_areas(areas as usize))
+                .map_err(|e| Error::io("stage header", e))?;
+            copy_stage(&stage, 0, m)?;
             m.flush().map_err(|e| Error::io("flush header", e))?;
             &DynDisk(m)
         }
@@ -564,19 +589,13 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 move_first_segment(data, s)?;
                 write_init_marker(data, dev_size, s)?;
             }
-            write_all(
-                data,
-                2 * hdr.hdr_size,
-                &bytes[(2 * hdr.hdr_size) as usize..],
-            )?;
+            copy_stage(&stage, areas, data)?;
             data.flush().map_err(|e| Error::io("flush keyslots", e))?;
             &DynDisk(data)
         }
     };
     hdr.write_secondary_first(hdisk)?;
-    // The staged keyslot area (up to 16 MiB, twice) is not needed for the walk:
-    // free it so peak memory is the walker's buffer pool alone.
-    drop(bytes);
+    // The staged keyslot area is not needed for the walk (its pages are wiped).
     drop(stage);
     run_from(data, hdisk, hdr, st, vk, opts.tuning, ctl)
 }
@@ -596,6 +615,24 @@ impl<T: Disk + Sync + ?Sized> Disk for DynDisk<'_, T> {
     fn size(&self) -> std::io::Result<u64> {
         self.0.size()
     }
+}
+
+/// Writes the staged header area from `from` to its end onto `d` at the same
+/// offsets, 1 MiB per request from one aligned buffer (O_DIRECT-ready).
+fn copy_stage<D: Disk + ?Sized>(stage: &stage::SparseStage, from: u64, d: &D) -> Result<()> {
+    let end = stage.size().map_err(|e| Error::io("stage size", e))?;
+    let mut buf = device::AlignedBuf::new(1 << 20);
+    let mut off = from;
+    while off < end {
+        let n = (buf.len() as u64).min(end - off) as usize;
+        stage
+            .read_at(off, &mut buf[..n])
+            .map_err(|e| Error::io("read staged header", e))?;
+        d.write_at(off, &buf[..n])
+            .map_err(|e| Error::io("write header", e))?;
+        off += n as u64;
+    }
+    Ok(())
 }
 
 fn write_all<D: Disk + ?Sized>(d: &D, off: u64, bytes: &[u8]) -> Result<()> {
@@ -709,6 +746,7 @@ fn run_from<D: Disk + Sync + ?Sized>(
             "resilience area too small for one hotzone".into(),
         ));
     }
+    t.chunk = chunk_for(t.chunk, t.hotzone);
     let layout = st.layout.clone();
     let direction = st.direction;
     let mut p = st.progress;
@@ -1041,4 +1079,23 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         )));
     }
     run_from(data, hdisk, hdr, st, vk, tuning, ctl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_for;
+
+    #[test]
+    fn chunks_are_a_quarter_hotzone_at_most_as_a_power_of_two() {
+        const M: usize = 1 << 20;
+        // The other modes' 16 MiB hotzones keep the default 4 MiB requests.
+        assert_eq!(chunk_for(4 * M, 16 << 20), 4 * M);
+        // A default journal half (16 MiB keyslots area minus one keyslot, halved).
+        assert_eq!(chunk_for(4 * M, (16 << 20) / 2 - (160 << 10)), M);
+        assert_eq!(chunk_for(M, 512 << 10), 128 << 10);
+        // Never below 64 KiB, never above what was asked.
+        assert_eq!(chunk_for(4 * M, 100 << 10), 64 << 10);
+        assert_eq!(chunk_for(64 << 10, 256 << 10), 64 << 10);
+        assert_eq!(chunk_for(32 << 10, 16 << 20), 32 << 10);
+    }
 }
