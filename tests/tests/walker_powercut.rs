@@ -342,13 +342,13 @@ fn walker_power_cut_during_the_first_header_write_leaves_a_way_on() {
     for (p, unit) in placements() {
         let first = ops_to_first_header(p, false);
         assert!(first > 2, "{p:?}: first header after {first} ops?");
-        for cut in first - 4..=first + 1 {
+        for cut in first.saturating_sub(4)..=first + 1 {
             for f in 0..6u64 {
                 crash_and_resume(p, cut, unit, f * 0x2545_f491 + cut, 5 + f);
             }
         }
         let first = ops_to_first_header(p, true);
-        for cut in first - 4..=first + 1 {
+        for cut in first.saturating_sub(4)..=first + 1 {
             for f in 0..6u64 {
                 decrypt_cut_and_resume(p, cut, unit, f * 0x2545_f491 + cut, 6 + f);
             }
