@@ -422,7 +422,30 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&mnt.display().to_string()));
     run_ok(Command::new("umount").arg(&mnt));
+    // A process holding the device: refused once the grace is over, naming its pid.
+    let hold = |secs: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3<'{}'; exec sleep {secs}", mapped.display()))
+            .spawn()
+            .unwrap()
+    };
+    let mut h = hold("30");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = run(luksify(&state).args(["close", &name]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.contains(&format!("pid {}", h.id())),
+        "close with a holder: {err}"
+    );
+    let _ = h.kill();
+    let _ = h.wait();
+    // One that lets go within the grace (as udev's blkid or a losetup listing does):
+    // close waits it out.
+    let mut h = hold("0.8");
+    std::thread::sleep(std::time::Duration::from_millis(200));
     run_ok(luksify(&state).args(["close", &name]));
+    let _ = h.wait();
     assert!(!mapped.exists(), "close removes the mapping");
     // Plaintext never reached the device.
     let raw = std::fs::read(&img).unwrap();

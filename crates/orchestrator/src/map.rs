@@ -516,6 +516,9 @@ pub fn close(state_dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// How long `close` keeps looking before it calls a device in use.
+const HOLDER_GRACE: Duration = Duration::from_secs(2);
+
 fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
     let mounts = mountinfo::read().unwrap_or_default();
     let on = mountinfo::mounts_of(&mounts, dev);
@@ -529,7 +532,15 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
     }
     let mut t = crate::holders::Targets::default();
     t.block_devices.insert(dev);
-    let holders = crate::holders::scan(&t, false);
+    // Something may hold the device for an instant (udev's blkid after a change
+    // event, another tool listing loop devices): like `dmsetup remove --retry`,
+    // look again for up to HOLDER_GRACE before calling it in use.
+    let deadline = Instant::now() + HOLDER_GRACE;
+    let mut holders = crate::holders::scan(&t, false);
+    while !holders.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        holders = crate::holders::scan(&t, false);
+    }
     if !holders.is_empty() {
         let list: Vec<String> = holders.iter().map(|h| h.one_line()).collect();
         return Err(Failure::failed(format!(
