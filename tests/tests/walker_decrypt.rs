@@ -268,6 +268,14 @@ fn cryptsetup_resume(img: &str, key: &str, hdr: Option<&str>) -> std::process::O
         "cryptsetup repair: {}",
         String::from_utf8_lossy(&rep.stderr)
     );
+    // Killed with its last hotzone hot, a run is finished by `repair` itself: its
+    // recovery redoes that hotzone and, nothing being left, finalizes the header
+    // (measured with cryptsetup 2.6.1: in progress before repair, not after, and
+    // `--resume-only` then says "Device reencryption not in progress."). The
+    // caller's decryption and byte comparison still check the result.
+    if !in_progress(Path::new(hdr.unwrap_or(img))) {
+        return rep;
+    }
     run(Command::new("cryptsetup")
         .args([
             "reencrypt",
