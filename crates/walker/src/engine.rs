@@ -563,6 +563,32 @@ impl Shared {
     }
 }
 
+impl State {
+    /// The next chunk's read, if one may start now: its hotzone `(zone, start, len)`,
+    /// where its old bytes go in the journal half (0 without a journal), and a pool
+    /// buffer. No chunk of a journal hotzone is read before its half is open, and the
+    /// buffer is taken only once the read is sure (one taken for nothing would be lost
+    /// to the pool).
+    fn take_read(
+        &mut self,
+        work: Work,
+        zones: &[(u64, u64)],
+    ) -> Option<(usize, u64, u64, u64, AlignedBuf)> {
+        let zone = self.next.zone;
+        let &(a, n) = zones.get(zone)?;
+        let base = match (work.journal, self.journal_half) {
+            (false, _) => 0,
+            (true, Some((z, base))) if z == zone => base,
+            (true, _) => return None,
+        };
+        if self.reads_done {
+            return None;
+        }
+        let buf = self.free.pop()?;
+        Some((zone, a, n, base, buf))
+    }
+}
+
 struct StopOnDrop<'a>(&'a Shared);
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
@@ -597,14 +623,6 @@ fn worker<D: Disk + Sync + ?Sized>(
         if st.stop {
             return;
         }
-        let zone = st.next.zone;
-        let half = match (work.journal, st.journal_half) {
-            (false, _) => Some(0),
-            (true, Some((z, base))) if z == zone => Some(base),
-            (true, _) => None,
-        };
-        let can_read =
-            zone < zones.len() && half.is_some() && !st.reads_done && !st.free.is_empty();
         if let Some(c) = (st.writing < st.max_writing)
             .then(|| st.writable.pop_front())
             .flatten()
@@ -638,12 +656,7 @@ fn worker<D: Disk + Sync + ?Sized>(
             sh.cv.notify_all();
             continue;
         }
-        if let (true, Some(&(a, n)), Some(base)) = (can_read, zones.get(zone), half) {
-            // Taken only now: a buffer popped for a read that does not happen would be
-            // lost to the pool.
-            let Some(buf) = st.free.pop() else {
-                continue;
-            };
+        if let Some((zone, a, n, base, buf)) = st.take_read(work, zones) {
             let cur = &mut st.next;
             let (seq, in_zone) = (cur.seq, cur.off);
             let len = (chunk as u64).min(n - in_zone) as usize;
