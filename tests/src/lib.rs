@@ -56,6 +56,34 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs a command to its end (stdout and stderr discarded) and returns whether it
+/// exited 0 and its peak resident set size in KiB, from `wait4`'s rusage of that one
+/// child (not the maximum over every child this process has waited for).
+pub fn run_peak_rss_kib(cmd: &mut Command) -> (bool, u64) {
+    use std::process::Stdio;
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for the child we spawned.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our own child, not yet reaped (std reaps only in wait()).
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(
+        r,
+        pid,
+        "wait4 on {cmd:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    // The child is reaped: dropping the handle does not wait again.
+    drop(child);
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    (ok, ru.ru_maxrss as u64)
+}
+
 /// Fails the test (never passes it) when not root: root tests are only selected
 /// by scripts/test where root and loop devices are available.
 pub fn require_root() {

@@ -4,7 +4,7 @@
 
 use luksify_tests::{
     fill_pattern, has_luks_header, header_seqid, kill_after_commits, luksify_bin, require_tool,
-    run, run_ok,
+    run, run_ok, run_peak_rss_kib, sparse_file,
 };
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -573,6 +573,60 @@ fn walker_datashift_ext4_opens_with_cryptsetup_and_decrypts() {
         same(&plain, &orig[..data_size]),
         "datashift plaintext differs"
     );
+}
+
+/// The memory bound: peak RSS <= 64 MiB at the default settings whatever the
+/// device size. Each mode encrypts a 96 MiB and a 640 MiB image (6.7x the size, and
+/// both past one hotzone plus the buffer pool); both peaks must be under the bound,
+/// and the big one may not exceed the small one by more than a few MiB (memory that
+/// grows with the device would show here long before it reached 64 MiB on a test
+/// image). Default tuning: no --chunk-mib/--hotzone-kib.
+#[test]
+fn walker_peak_memory_is_bounded_whatever_the_device_size() {
+    const BOUND_KIB: u64 = 64 << 10;
+    const GROWTH_KIB: u64 = 4 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"walker test passphrase").unwrap();
+    let key = key.display().to_string();
+    for mode in ["checksum", "journal", "none", "datashift"] {
+        let mut peaks = Vec::new();
+        for mib in [96u64, 640] {
+            let img = dir.path().join(format!("{mode}-{mib}.img"));
+            let hdr = dir.path().join(format!("{mode}-{mib}.hdr"));
+            sparse_file(&img, mib << 20);
+            let (img_s, hdr_s) = (img.display().to_string(), hdr.display().to_string());
+            let mut cmd = luksify(&["encrypt", &img_s, "--key-file", &key]);
+            if mode == "datashift" {
+                cmd.args(["--reduce-device-size", "32M"]);
+            } else {
+                cmd.args(["--header", &hdr_s, "--resilience", mode]);
+            }
+            let (ok, kib) = run_peak_rss_kib(cmd.args(FAST));
+            assert!(ok, "{mode} encryption of {mib} MiB failed: {cmd:?}");
+            assert!(
+                has_luks_header(if mode == "datashift" { &img } else { &hdr }),
+                "{mode}: no LUKS header after encrypting {mib} MiB"
+            );
+            assert!(
+                kib <= BOUND_KIB,
+                "{mode}, {mib} MiB device: peak RSS {kib} KiB > {BOUND_KIB} KiB"
+            );
+            peaks.push(kib);
+            std::fs::remove_file(&img).unwrap();
+            let _ = std::fs::remove_file(&hdr);
+        }
+        assert!(
+            peaks[1] <= peaks[0] + GROWTH_KIB,
+            "{mode}: peak RSS grew with the device: {} KiB at 96 MiB, {} KiB at 640 MiB",
+            peaks[0],
+            peaks[1]
+        );
+        eprintln!(
+            "{mode}: peak RSS {} KiB (96 MiB), {} KiB (640 MiB)",
+            peaks[0], peaks[1]
+        );
+    }
 }
 
 #[test]
