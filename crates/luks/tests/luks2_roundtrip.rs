@@ -212,3 +212,109 @@ fn every_metadata_size_formats_reads_and_finds_the_secondary() {
         assert_eq!(read.unlock(&disk, b"p", None).unwrap().0, vk);
     }
 }
+
+/// A double-buffered journal moves the reencrypt keyslot between two areas at every
+/// commit; the digest cache must give, for each area, a digest that verifies, reuse
+/// the one first computed for that area (no second PBKDF2), and never hand one area's
+/// digest to another area or to another volume key.
+#[test]
+fn reencrypt_digest_cache_alternates_two_areas_and_stays_exact() {
+    use luksify_luks::luks2::json::{Digest, ReencryptArea, ReencryptDirection, ReencryptMode};
+    use luksify_luks::reencrypt::{self, DigestCache, EncryptLayout};
+    let (_disk, mut hdr, vk) = formatted();
+    let key_digest = hdr.digest_id_for_keyslot(0).unwrap();
+    let layout = EncryptLayout {
+        mode: ReencryptMode::Encrypt,
+        data_offset: 0,
+        old_offset: 0,
+        data_size: None,
+        encryption: "aes-xts-plain64".into(),
+        sector_size: 512,
+        shift: None,
+    };
+    let (a, b) = (
+        ReencryptArea::Journal {
+            offset: 32768,
+            size: 4 << 20,
+        },
+        ReencryptArea::Journal {
+            offset: 32768 + (4 << 20),
+            size: 4 << 20,
+        },
+    );
+    let mut st = reencrypt::init_encrypt(
+        &mut hdr.metadata,
+        key_digest,
+        vk.as_bytes(),
+        layout,
+        ReencryptDirection::Forward,
+        a.clone(),
+    )
+    .unwrap();
+    let ks = st.keyslot;
+    type SaltDigest = (Vec<u8>, Vec<u8>);
+    let digest_of = |md: &luksify_luks::luks2::json::Metadata| -> SaltDigest {
+        let found: Vec<_> = md
+            .digests
+            .values()
+            .filter_map(|d| match d {
+                Digest::Pbkdf2(d) if d.keyslots.contains(&ks) => {
+                    Some((d.salt.clone(), d.digest.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "exactly one digest bound to the reencrypt keyslot"
+        );
+        found[0].clone()
+    };
+    let mut cache = DigestCache::default();
+    // (area, (salt, digest)) first seen for each area.
+    let mut seen: Vec<(ReencryptArea, SaltDigest)> = Vec::new();
+    for (i, area) in [b.clone(), a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        reencrypt::set_area_cached(
+            &mut hdr.metadata,
+            &mut st,
+            area.clone(),
+            vk.as_bytes(),
+            &mut cache,
+        )
+        .unwrap();
+        reencrypt::verify_reencrypt_digest(&hdr.metadata, ks, vk.as_bytes())
+            .unwrap_or_else(|e| panic!("step {i}: digest for {area:?} does not verify: {e}"));
+        let d = digest_of(&hdr.metadata);
+        match seen.iter().find(|(x, _)| *x == area) {
+            Some((_, first)) => assert_eq!(&d, first, "step {i}: {area:?} not reused"),
+            None => {
+                assert!(
+                    seen.iter().all(|(_, other)| other.1 != d.1),
+                    "step {i}: {area:?} got another area's digest"
+                );
+                seen.push((area, d));
+            }
+        }
+    }
+    assert_eq!(seen.len(), 2);
+    // Another volume key with the same cache: nothing may be reused, and the digest
+    // must still verify only against the key it was made for.
+    let other_vk = vec![0x5au8; vk.as_bytes().len()];
+    reencrypt::set_area_cached(&mut hdr.metadata, &mut st, a.clone(), &other_vk, &mut cache)
+        .unwrap();
+    reencrypt::verify_reencrypt_digest(&hdr.metadata, ks, &other_vk).unwrap();
+    assert!(reencrypt::verify_reencrypt_digest(&hdr.metadata, ks, vk.as_bytes()).is_err());
+    // Without a cache every move draws a fresh salt.
+    reencrypt::set_area(&mut hdr.metadata, &mut st, b.clone(), vk.as_bytes()).unwrap();
+    let b_first = &seen.iter().find(|(x, _)| *x == b).unwrap().1;
+    assert_ne!(
+        &digest_of(&hdr.metadata),
+        b_first,
+        "uncached set_area reused a salt"
+    );
+    reencrypt::verify_reencrypt_digest(&hdr.metadata, ks, vk.as_bytes()).unwrap();
+}

@@ -132,6 +132,8 @@ struct HeaderJournal<'a, H: Disk + ?Sized> {
     next_area: Option<ReencryptArea>,
     /// To re-bind the reencrypt digest when the area moves.
     vk: &'a [u8],
+    /// The digests of the areas this run has named, reused when it names one again.
+    digests: reencrypt::DigestCache,
 }
 
 impl<H: Disk + ?Sized> HeaderJournal<'_, H> {
@@ -173,7 +175,13 @@ const MIN_JOURNAL_HALF: u64 = 4 << 20;
 impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
     fn commit(&mut self, p: Progress) -> Result<()> {
         if let Some(a) = self.next_area.take() {
-            reencrypt::set_area(&mut self.hdr.metadata, &mut self.st, a, self.vk)?;
+            reencrypt::set_area_cached(
+                &mut self.hdr.metadata,
+                &mut self.st,
+                a,
+                self.vk,
+                &mut self.digests,
+            )?;
         }
         reencrypt::set_progress(&mut self.hdr.metadata, &self.st, p)?;
         self.hdr.write(self.disk)?;
@@ -757,6 +765,7 @@ fn run_from<D: Disk + Sync + ?Sized>(
         halves,
         next_area: None,
         vk: vk.as_bytes(),
+        digests: Default::default(),
     };
     let w = Walk {
         data,
