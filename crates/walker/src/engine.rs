@@ -395,8 +395,11 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         // One checksum area: k's sums replace k-1's only once k-1 is
                         // durable (then every block of k-1 is new, whatever the area).
                         settle()?;
-                        let sums: Vec<u8> =
-                            chunks.iter_mut().flat_map(|c| c.sums.drain(..)).collect();
+                        let mut sums =
+                            Vec::with_capacity(chunks.iter().map(|c| c.sums.len()).sum());
+                        for c in &chunks {
+                            sums.extend_from_slice(&c.sums);
+                        }
                         j.area_write(0, &sums)?;
                         j.area_flush()?;
                         j.commit(hot(a, n))?;
