@@ -97,6 +97,10 @@ pub struct ReencryptState {
     pub key_digest: u32,
     /// Reencryption metadata version (`online-reencrypt-vN`), which the digest covers.
     pub version: u8,
+    /// Where the data ends (logical bytes), when the layout's size is dynamic and the
+    /// caller knows the device: a forward hotzone that reaches it gets no trailing
+    /// segment (see [`encrypt_segments`]). Not stored in the header.
+    pub data_end: Option<u64>,
 }
 
 fn crypt(
@@ -137,6 +141,7 @@ pub fn encrypt_segments(
     l: &EncryptLayout,
     dir: ReencryptDirection,
     p: Progress,
+    data_end: Option<u64>,
 ) -> Result<Vec<Segment>> {
     let mut live: Vec<Segment> = Vec::new();
     let sized = |n: u64| SegmentSize::Bytes(n);
@@ -190,7 +195,15 @@ pub fn encrypt_segments(
                     &mut live,
                 );
             }
-            old_range(hot_end, l.data_size, &mut live);
+            // Nothing left after the hotzone: no trailing segment, as cryptsetup
+            // writes it. (A dynamic one starting at the device's end would be empty;
+            // cryptsetup 2.6.1's `repair` of a data-moving decryption killed in its
+            // last hotzone kept such a segment, and `reencrypt --resume-only` then
+            // failed with "Failed to load LUKS2 reencryption context".)
+            let at_end = l.data_size.is_none() && data_end.is_some_and(|e| hot_end >= e);
+            if !at_end {
+                old_range(hot_end, l.data_size, &mut live);
+            }
         }
         ReencryptDirection::Backward => {
             let end = l.data_size.ok_or_else(|| {
@@ -276,7 +289,7 @@ fn set_requirement(md: &mut Metadata, req: &str, on: bool) {
 /// volume-key digest. (The reencrypt digest covers only the backup segments and
 /// the keyslot, which progress does not change, so it stays valid.)
 pub fn set_progress(md: &mut Metadata, st: &ReencryptState, p: Progress) -> Result<()> {
-    let segs = encrypt_segments(&st.layout, st.direction, p)?;
+    let segs = encrypt_segments(&st.layout, st.direction, p, st.data_end)?;
     md.segments = segs
         .into_iter()
         .enumerate()
@@ -390,6 +403,7 @@ pub fn init(
         },
         key_digest,
         version,
+        data_end: None,
     };
     set_progress(md, &st, st.progress)?;
     refresh_reencrypt_digest(md, keyslot, vk)?;
@@ -584,6 +598,7 @@ pub fn state(md: &Metadata) -> Result<Option<ReencryptState>> {
         progress,
         key_digest,
         version,
+        data_end: None,
     }))
 }
 

@@ -318,3 +318,57 @@ fn reencrypt_digest_cache_alternates_two_areas_and_stays_exact() {
     );
     reencrypt::verify_reencrypt_digest(&hdr.metadata, ks, vk.as_bytes()).unwrap();
 }
+
+/// A forward hotzone that reaches the end of a dynamic-size device leaves no
+/// trailing segment (cryptsetup writes none; an empty dynamic one at the device's
+/// end made cryptsetup 2.6.1's resume of a repaired data-moving decryption fail).
+/// Without a known end the trailing segment stays dynamic, as before.
+#[test]
+fn last_forward_hotzone_has_no_trailing_segment() {
+    use luksify_luks::luks2::json::{ReencryptDirection, ReencryptMode};
+    use luksify_luks::reencrypt::{encrypt_segments, EncryptLayout, Progress};
+    const MIB: u64 = 1 << 20;
+    for mode in [ReencryptMode::Encrypt, ReencryptMode::Decrypt] {
+        let l = EncryptLayout {
+            mode,
+            data_offset: 0,
+            old_offset: 0,
+            data_size: None,
+            encryption: "aes-xts-plain64".into(),
+            sector_size: 512,
+            shift: None,
+        };
+        let end = 28 * MIB;
+        let live = |p: Progress, data_end: Option<u64>| -> Vec<(u64, bool)> {
+            encrypt_segments(&l, ReencryptDirection::Forward, p, data_end)
+                .unwrap()
+                .into_iter()
+                .filter(|s| !s.is_backup())
+                .map(|s| (s.offset().unwrap(), s.has_flag("in-reencryption")))
+                .collect()
+        };
+        let last = Progress {
+            hot_start: end - MIB / 2,
+            hot_len: MIB / 2,
+        };
+        let mid = Progress {
+            hot_start: 4 * MIB,
+            hot_len: MIB / 2,
+        };
+        assert_eq!(
+            live(last, Some(end)),
+            vec![(0, false), (end - MIB / 2, true)],
+            "{mode:?}: last hotzone with the end known"
+        );
+        assert_eq!(
+            live(last, None),
+            vec![(0, false), (end - MIB / 2, true), (end, false)],
+            "{mode:?}: last hotzone, end unknown (dynamic trailing segment)"
+        );
+        assert_eq!(
+            live(mid, Some(end)),
+            vec![(0, false), (4 * MIB, true), (4 * MIB + MIB / 2, false)],
+            "{mode:?}: a middle hotzone keeps its trailing segment"
+        );
+    }
+}

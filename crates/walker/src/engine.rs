@@ -103,7 +103,7 @@ struct Chunk {
 }
 
 /// Logical end of the data for this run.
-fn data_end<D: Disk + Sync + ?Sized>(w: &Walk<'_, D>) -> Result<u64> {
+pub(crate) fn data_end<D: Disk + Sync + ?Sized>(w: &Walk<'_, D>) -> Result<u64> {
     match w.layout.data_size {
         Some(n) => Ok(n),
         None => {

@@ -778,6 +778,8 @@ fn run_from<D: Disk + Sync + ?Sized>(
         progress: ctl.progress,
         cancel: ctl.cancel,
     };
+    // Every commit from here on knows where the data ends (see ReencryptState).
+    j.st.data_end = Some(engine::data_end(&w)?);
     if p.hot_len > 0 {
         p = w.recover(&mut j, p)?;
     }
