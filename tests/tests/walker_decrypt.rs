@@ -307,16 +307,20 @@ fn base_of(c: &Case, l: Layout) -> u64 {
     }
 }
 
+/// Commits an uncut decryption of a fresh 32 MiB volume (pattern `seed`) makes,
+/// after checking it gives the plaintext back: the range kill points are drawn from.
+fn uncut_span(l: Layout, seed: u64) -> u64 {
+    let (c, orig) = Case::new(32, seed);
+    encrypt_with_luksify(&c, l);
+    let n = commits_of(&mut decrypt_cmd(&c, l), &c.p("hdr"), base_of(&c, l));
+    assert_plaintext_back(&c, l, &orig, "uncut run");
+    n
+}
+
 fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
     require_tool("cryptsetup");
     let mut x = 0x2545_f491u64 ^ (points << 8) ^ by_cryptsetup as u64;
-    let span = {
-        let (c, orig) = Case::new(32, 39);
-        encrypt_with_luksify(&c, l);
-        let n = commits_of(&mut decrypt_cmd(&c, l), &c.p("hdr"), base_of(&c, l));
-        assert_plaintext_back(&c, l, &orig, "uncut run");
-        n
-    };
+    let span = uncut_span(l, 39);
     let mut mid_run = 0;
     for i in 0..points {
         let at = 1 + xorshift(&mut x) % span;
@@ -522,13 +526,7 @@ fn walker_sigkill_datashift_resumed_by_cryptsetup() {
 fn walker_decrypt_killed_in_its_last_hotzone_is_finished_by_cryptsetup() {
     require_tool("cryptsetup");
     let l = Layout::Shift;
-    let span = {
-        let (c, orig) = Case::new(32, 77);
-        encrypt_with_luksify(&c, l);
-        let n = commits_of(&mut decrypt_cmd(&c, l), &c.p("hdr"), base_of(&c, l));
-        assert_plaintext_back(&c, l, &orig, "uncut run");
-        n
-    };
+    let span = uncut_span(l, 77);
     let mut mid_run = 0;
     let mut tries = 0;
     for at in span.saturating_sub(3).max(1)..=span {

@@ -213,6 +213,21 @@ fn every_metadata_size_formats_reads_and_finds_the_secondary() {
     }
 }
 
+/// Detached-header, in-place layout of a dynamic-size device, aes-xts-plain64.
+fn in_place_layout(
+    mode: luksify_luks::luks2::json::ReencryptMode,
+) -> luksify_luks::reencrypt::EncryptLayout {
+    luksify_luks::reencrypt::EncryptLayout {
+        mode,
+        data_offset: 0,
+        old_offset: 0,
+        data_size: None,
+        encryption: "aes-xts-plain64".into(),
+        sector_size: 512,
+        shift: None,
+    }
+}
+
 /// A double-buffered journal moves the reencrypt keyslot between two areas at every
 /// commit; the digest cache must give, for each area, a digest that verifies, reuse
 /// the one first computed for that area (no second PBKDF2), and never hand one area's
@@ -220,18 +235,10 @@ fn every_metadata_size_formats_reads_and_finds_the_secondary() {
 #[test]
 fn reencrypt_digest_cache_alternates_two_areas_and_stays_exact() {
     use luksify_luks::luks2::json::{Digest, ReencryptArea, ReencryptDirection, ReencryptMode};
-    use luksify_luks::reencrypt::{self, DigestCache, EncryptLayout};
+    use luksify_luks::reencrypt::{self, DigestCache};
     let (_disk, mut hdr, vk) = formatted();
     let key_digest = hdr.digest_id_for_keyslot(0).unwrap();
-    let layout = EncryptLayout {
-        mode: ReencryptMode::Encrypt,
-        data_offset: 0,
-        old_offset: 0,
-        data_size: None,
-        encryption: "aes-xts-plain64".into(),
-        sector_size: 512,
-        shift: None,
-    };
+    let layout = in_place_layout(ReencryptMode::Encrypt);
     let (a, b) = (
         ReencryptArea::Journal {
             offset: 32768,
@@ -326,18 +333,10 @@ fn reencrypt_digest_cache_alternates_two_areas_and_stays_exact() {
 #[test]
 fn last_forward_hotzone_has_no_trailing_segment() {
     use luksify_luks::luks2::json::{ReencryptDirection, ReencryptMode};
-    use luksify_luks::reencrypt::{encrypt_segments, EncryptLayout, Progress};
+    use luksify_luks::reencrypt::{encrypt_segments, Progress};
     const MIB: u64 = 1 << 20;
     for mode in [ReencryptMode::Encrypt, ReencryptMode::Decrypt] {
-        let l = EncryptLayout {
-            mode,
-            data_offset: 0,
-            old_offset: 0,
-            data_size: None,
-            encryption: "aes-xts-plain64".into(),
-            sector_size: 512,
-            shift: None,
-        };
+        let l = in_place_layout(mode);
         let end = 28 * MIB;
         let live = |p: Progress, data_end: Option<u64>| -> Vec<(u64, bool)> {
             encrypt_segments(&l, ReencryptDirection::Forward, p, data_end)
