@@ -267,6 +267,29 @@ fn walker_power_cut_at_every_early_operation() {
     }
 }
 
+#[test]
+fn walker_power_cut_at_every_operation_of_a_stretch_mid_run() {
+    // Every operation over several hotzones in the middle of a run, each layout:
+    // the commits there leave the secondary header copy written but unflushed until
+    // the next flush of its device, and checksum mode writes a hotzone's sums to the
+    // half of the area the header does not name while the previous hotzone is still
+    // being written. A cut at each of those instants (pending writes torn, lost or
+    // landed at random) must leave a state that resumes to the plaintext.
+    for (p, unit) in placements() {
+        let n = total_ops(p);
+        let from = n / 2;
+        for cut in from..from + 48 {
+            crash_and_resume(
+                p,
+                cut,
+                unit,
+                cut.wrapping_mul(0x2545_f491_4f6c_dd1d),
+                cut % 7 + 2,
+            );
+        }
+    }
+}
+
 /// The number of operations after which the first complete header is durable (all
 /// earlier writes landing): the first header write is the operation(s) just before.
 fn ops_to_first_header(placement: Placement, decrypting: bool) -> u64 {

@@ -21,6 +21,7 @@ use luksify_luks::io::Disk;
 use luksify_luks::luks2::json::{ReencryptDirection, ReencryptMode};
 use luksify_luks::reencrypt::{EncryptLayout, Progress};
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -29,8 +30,15 @@ use std::time::Instant;
 /// What the engine needs from the header: commits of progress and the
 /// resilience area inside the keyslot area.
 pub trait Journal {
-    /// Makes `p` the durable state (both header copies, flushed).
+    /// Makes `p` the durable state: the primary header copy is written and flushed
+    /// before this returns. The secondary copy may be left written but unflushed; it
+    /// is made durable before the next header write (by the next `area_flush`, a
+    /// [`Journal::data_durable`] when the header lives on the data device, or a flush
+    /// of its own), so a cut can never tear both copies at once.
     fn commit(&mut self, p: Progress) -> Result<()>;
+    /// A data flush started after the last commit returned has completed. With the
+    /// header on the data device that flush also made the secondary copy durable.
+    fn data_durable(&mut self) {}
     /// Writes the final header (no reencryption state left).
     fn finish(&mut self) -> Result<()>;
     /// Writes resilience data (checksums or journal copy) at `off` within the area, unflushed.
@@ -39,10 +47,10 @@ pub trait Journal {
     fn area_read(&mut self, off: u64, buf: &mut [u8]) -> Result<()>;
     /// Flushes the header device.
     fn area_flush(&mut self) -> Result<()>;
-    /// Journal mode: points `area_write` at an area the committed header does not name
-    /// (the other half), to be named by the next commit, and returns its byte offset on
-    /// the header device ([`Walk::meta`]). None when there is none: then the only area
-    /// is the committed one.
+    /// Journal and checksum modes: points `area_write` at an area the committed header
+    /// does not name (the other half), to be named by the next commit, and returns its
+    /// byte offset on the header device ([`Walk::meta`]). None when there is none: then
+    /// the only area is the committed one.
     fn use_spare_area(&mut self) -> Option<u64> {
         None
     }
@@ -341,7 +349,11 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             };
             // Everything handed to the workers for writing is written and durable: the
             // worker that wrote a hotzone's last chunk usually flushed it already.
-            let settle = || -> Result<()> {
+            // How many hotzones had been handed out for writing at the last commit: a
+            // data flush that makes a later one durable started after that commit's
+            // writes (see Journal::data_durable).
+            let handed_at_commit = Cell::new(0usize);
+            let settle = |j: &mut dyn Journal| -> Result<()> {
                 let todo = shared.wait_for(|st| {
                     if st.in_write > 0 || st.flushing {
                         None
@@ -362,6 +374,14 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     shared.cv.notify_all();
                     r.map_err(|e| Error::io("flush data", e))?;
                 }
+                if shared.lock().durable > handed_at_commit.get() {
+                    j.data_durable();
+                }
+                Ok(())
+            };
+            let commit = |j: &mut dyn Journal, p: Progress| -> Result<()> {
+                j.commit(p)?;
+                handed_at_commit.set(shared.lock().handed);
                 Ok(())
             };
             let hot = |a: u64, n: u64| Progress {
@@ -373,8 +393,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     shared.lock().reads_done = true;
                     shared.cv.notify_all();
                     // Everything handed out must be durable before the header says so.
-                    settle()?;
-                    j.commit(last_clean)?;
+                    settle(j)?;
+                    commit(j, last_clean)?;
+                    // Leave both header copies durable.
+                    j.area_flush()?;
                     return Ok(Outcome::Interrupted(last_clean));
                 }
                 let nchunks = (n as usize).div_ceil(chunk);
@@ -392,25 +414,35 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 debug_assert!(chunks.iter().all(|c| c.hz == k));
                 match self.resilience {
                     Resilience::Checksum => {
-                        // One checksum area: k's sums replace k-1's only once k-1 is
-                        // durable (then every block of k-1 is new, whatever the area).
-                        settle()?;
                         let mut sums =
                             Vec::with_capacity(chunks.iter().map(|c| c.sums.len()).sum());
                         for c in &chunks {
                             sums.extend_from_slice(&c.sums);
                         }
-                        j.area_write(0, &sums)?;
-                        j.area_flush()?;
-                        j.commit(hot(a, n))?;
+                        if j.use_spare_area().is_some() {
+                            // Two halves: k's sums go to the one the header does not
+                            // name (k-2's, retired by k-1's commit) and are made durable
+                            // while k-1 is still being written; one commit then names
+                            // that half, retires k-1 and makes k hot.
+                            j.area_write(0, &sums)?;
+                            j.area_flush()?;
+                            settle(j)?;
+                        } else {
+                            // One area: k's sums replace k-1's only once k-1 is durable
+                            // (then every block of k-1 is new, whatever the area says).
+                            settle(j)?;
+                            j.area_write(0, &sums)?;
+                            j.area_flush()?;
+                        }
+                        commit(j, hot(a, n))?;
                     }
                     Resilience::Journal if !single_journal => {
                         // The workers wrote k's old bytes to the half the header does
                         // not name: durable first, then one commit names that half,
                         // retires k-1 and makes k hot.
                         j.area_flush()?;
-                        settle()?;
-                        j.commit(hot(a, n))?;
+                        settle(j)?;
+                        commit(j, hot(a, n))?;
                         // k-1's half is free now: hotzone k+1's journal may go there.
                         if k + 1 < zones.len() {
                             let base = j
@@ -421,31 +453,31 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         }
                     }
                     Resilience::Journal => {
-                        settle()?;
+                        settle(j)?;
                         // The journal area is about to be overwritten: first make sure
                         // no header still points at its old contents.
                         if k > 0 {
-                            j.commit(last_clean)?;
+                            commit(j, last_clean)?;
                         }
                         for c in &chunks {
                             j.area_write(c.logical - a, &c.buf[..c.len])?;
                         }
                         j.area_flush()?;
-                        j.commit(hot(a, n))?;
+                        commit(j, hot(a, n))?;
                         for c in &mut chunks {
                             self.transform_serial(&mut c.buf[..c.len], c.logical)?;
                         }
                     }
                     Resilience::Datashift => {
-                        settle()?;
-                        j.commit(hot(a, n))?;
+                        settle(j)?;
+                        commit(j, hot(a, n))?;
                     }
                     Resilience::None => {
                         // No protection: commit a clean state now and then so an
                         // interrupted run resumes near where it stopped.
                         if since_commit >= NONE_COMMIT_EVERY {
-                            settle()?;
-                            j.commit(last_clean)?;
+                            settle(j)?;
+                            commit(j, last_clean)?;
                             since_commit = 0;
                         }
                     }
@@ -470,7 +502,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     });
                 }
             }
-            settle()?;
+            settle(j)?;
             j.finish()?;
             Ok(Outcome::Finished)
         })

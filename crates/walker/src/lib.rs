@@ -126,7 +126,8 @@ struct HeaderJournal<'a, H: Disk + ?Sized> {
     disk: &'a H,
     hdr: Luks2Header,
     st: ReencryptState,
-    /// Journal mode: the two halves of the free keyslot room (see [`journal_halves`]).
+    /// Journal and checksum modes: the two halves of the free keyslot room (see
+    /// [`area_halves`]).
     halves: Option<[(u64, u64); 2]>,
     /// Where the next hotzone's journal goes, if not the committed area.
     next_area: Option<ReencryptArea>,
@@ -134,12 +135,27 @@ struct HeaderJournal<'a, H: Disk + ?Sized> {
     vk: &'a [u8],
     /// The digests of the areas this run has named, reused when it names one again.
     digests: reencrypt::DigestCache,
+    /// The last commit's secondary copy is written but not yet flushed.
+    secondary_unflushed: bool,
+    /// The header is on the data device (header in front): a data flush covers it.
+    on_data: bool,
 }
 
 impl<H: Disk + ?Sized> HeaderJournal<'_, H> {
     /// The area that `area_write`/`area_read` address now.
     fn live_area(&self) -> &ReencryptArea {
         self.next_area.as_ref().unwrap_or(&self.st.area)
+    }
+
+    /// Makes the last commit's secondary copy durable, if nothing has since.
+    fn flush_secondary(&mut self) -> Result<()> {
+        if self.secondary_unflushed {
+            self.disk
+                .flush()
+                .map_err(|e| Error::io("flush header", e))?;
+            self.secondary_unflushed = false;
+        }
+        Ok(())
     }
 }
 
@@ -159,18 +175,35 @@ fn free_keyslot_room(hdr: &Luks2Header) -> (u64, u64) {
     (ks_end, area_end.saturating_sub(ks_end))
 }
 
-/// Journal mode alternates between two halves of the free room, so hotzone k's journal
-/// is written while hotzone k-1 (whose journal the header still names) is being written
-/// and flushed. None when the halves would hold less than [`MIN_JOURNAL_HALF`]: the run
-/// then uses one area and waits, as cryptsetup does.
-fn journal_halves(hdr: &Luks2Header) -> Option<[(u64, u64); 2]> {
+/// Journal and checksum modes alternate between two halves of the free room, so hotzone
+/// k's journal (or checksums) is written and flushed while hotzone k-1, whose area the
+/// header still names, is being written and flushed: one commit then names the other
+/// half. None when a half would hold less than [`min_half`]: the run then uses one area
+/// and waits, as cryptsetup does. cryptsetup reads the area from the keyslot JSON, so it
+/// recovers and resumes either half.
+fn area_halves(hdr: &Luks2Header, res: Resilience) -> Option<[(u64, u64); 2]> {
     let (off, size) = free_keyslot_room(hdr);
     let half = size / 2 / CHECKSUM_BLOCK as u64 * CHECKSUM_BLOCK as u64;
-    (half >= MIN_JOURNAL_HALF).then_some([(off, half), (off + half, half)])
+    (half >= min_half(res)?).then_some([(off, half), (off + half, half)])
 }
 
-/// Smallest journal half worth double-buffering (one default chunk).
-const MIN_JOURNAL_HALF: u64 = 4 << 20;
+/// Smallest half worth double-buffering: one default chunk of journal, the
+/// checksums of a default hotzone. None: the mode has no area to double-buffer.
+fn min_half(res: Resilience) -> Option<u64> {
+    match res {
+        Resilience::Journal => Some(4 << 20),
+        Resilience::Checksum => {
+            Some(Tuning::default().hotzone / CHECKSUM_BLOCK as u64 * CHECKSUM_LEN as u64)
+        }
+        Resilience::None | Resilience::Datashift => None,
+    }
+}
+
+/// The area a new run names first: the first half when the mode double-buffers,
+/// else the whole free room.
+fn first_area(hdr: &Luks2Header, res: Resilience, offset: u64, size: u64) -> (u64, u64) {
+    area_halves(hdr, res).map_or((offset, size), |h| h[0])
+}
 
 impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
     fn commit(&mut self, p: Progress) -> Result<()> {
@@ -184,11 +217,21 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
             )?;
         }
         reencrypt::set_progress(&mut self.hdr.metadata, &self.st, p)?;
-        self.hdr.write(self.disk)?;
+        self.flush_secondary()?;
+        // Primary written and flushed, secondary only written: one flush fewer per
+        // hotzone. The next header write waits for a flush (see `Journal::commit`).
+        self.hdr.write_secondary_unflushed(self.disk)?;
+        self.secondary_unflushed = true;
         self.st.progress = p;
         Ok(())
     }
+    fn data_durable(&mut self) {
+        if self.on_data {
+            self.secondary_unflushed = false;
+        }
+    }
     fn finish(&mut self) -> Result<()> {
+        self.flush_secondary()?;
         if self.st.mode == ReencryptMode::Decrypt {
             // As cryptsetup leaves it: a header with one linear segment and no
             // keyslots, and the keyslot areas (split volume key) zeroed. The final
@@ -230,15 +273,15 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
             .map_err(|e| Error::io("read resilience area", e))
     }
     fn area_flush(&mut self) -> Result<()> {
-        self.disk.flush().map_err(|e| Error::io("flush header", e))
+        self.disk
+            .flush()
+            .map_err(|e| Error::io("flush header", e))?;
+        self.secondary_unflushed = false;
+        Ok(())
     }
     fn use_spare_area(&mut self) -> Option<u64> {
-        let (Some([h0, h1]), ReencryptArea::Journal { offset, size }) =
-            (self.halves, &self.st.area)
-        else {
-            return None;
-        };
-        let cur = (*offset, *size);
+        let [h0, h1] = self.halves?;
+        let cur = (self.st.area.offset(), self.st.area.size());
         // The committed header names `cur`: the other half is free. If it names
         // something else (a run cryptsetup started), only a clean state frees it.
         let spare = if cur == h0 {
@@ -248,11 +291,20 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
         } else {
             return None;
         };
-        self.next_area = Some(ReencryptArea::Journal {
-            offset: spare.0,
-            size: spare.1,
+        let (offset, size) = spare;
+        self.next_area = Some(match &self.st.area {
+            ReencryptArea::Journal { .. } => ReencryptArea::Journal { offset, size },
+            ReencryptArea::Checksum {
+                hash, sector_size, ..
+            } => ReencryptArea::Checksum {
+                offset,
+                size,
+                hash: hash.clone(),
+                sector_size: *sector_size,
+            },
+            _ => return None,
         });
-        Some(spare.0)
+        Some(offset)
     }
 }
 
@@ -539,14 +591,17 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         None => {
             let (offset, size) = (ks_end, room);
             let area = match res {
-                Resilience::Checksum => ReencryptArea::Checksum {
-                    offset,
-                    size,
-                    hash: "sha256".into(),
-                    sector_size: CHECKSUM_BLOCK as u32,
-                },
+                Resilience::Checksum => {
+                    let (offset, size) = first_area(&hdr, res, offset, size);
+                    ReencryptArea::Checksum {
+                        offset,
+                        size,
+                        hash: "sha256".into(),
+                        sector_size: CHECKSUM_BLOCK as u32,
+                    }
+                }
                 Resilience::Journal => {
-                    let (offset, size) = journal_halves(&hdr).map_or((offset, size), |h| h[0]);
+                    let (offset, size) = first_area(&hdr, res, offset, size);
                     ReencryptArea::Journal { offset, size }
                 }
                 _ => ReencryptArea::None { offset, size },
@@ -605,7 +660,18 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     hdr.write_secondary_first(hdisk)?;
     // The staged keyslot area is not needed for the walk (its pages are wiped).
     drop(stage);
-    run_from(data, hdisk, hdr, st, vk, opts.tuning, ctl)
+    run_from(
+        data,
+        HeaderStore {
+            disk: hdisk,
+            on_data: meta.is_none(),
+        },
+        hdr,
+        st,
+        vk,
+        opts.tuning,
+        ctl,
+    )
 }
 
 /// Object-safe view of any Disk so both header placements share one code path.
@@ -724,15 +790,26 @@ fn move_first_segment<D: Disk + ?Sized>(data: &D, s: Shift) -> Result<()> {
         .map_err(|e| Error::io("flush moved segment", e))
 }
 
+/// Where the header lives for a run: its device, and whether that is the data
+/// device itself (header in front), so a data flush also makes header writes durable.
+struct HeaderStore<'a> {
+    disk: &'a (dyn Disk + Sync),
+    on_data: bool,
+}
+
 fn run_from<D: Disk + Sync + ?Sized>(
     data: &D,
-    meta: &(dyn Disk + Sync),
+    store: HeaderStore<'_>,
     hdr: Luks2Header,
     st: ReencryptState,
     vk: VolumeKey,
     tuning: Tuning,
     ctl: &Control<'_>,
 ) -> Result<Outcome> {
+    let HeaderStore {
+        disk: meta,
+        on_data,
+    } = store;
     let res = resilience_of(&st.area)?;
     let cipher = SectorCipher::new(
         &st.layout.encryption,
@@ -740,14 +817,13 @@ fn run_from<D: Disk + Sync + ?Sized>(
         st.layout.sector_size as usize,
     )
     .map_err(Error::Cipher)?;
-    let halves = (res == Resilience::Journal)
-        .then(|| journal_halves(&hdr))
-        .flatten();
+    let halves = area_halves(&hdr, res);
     let mut t = tuning;
     t.hotzone = hotzone_for(res, &st.area, &st.layout, tuning);
-    if let Some([(_, half), _]) = halves {
-        // Every hotzone's journal must fit the half it is written to.
-        t.hotzone = t.hotzone.min(half);
+    if let Some([(offset, size), _]) = halves {
+        // Every hotzone's journal (or checksums) must fit the half it is written to.
+        let half = ReencryptArea::None { offset, size };
+        t.hotzone = t.hotzone.min(hotzone_for(res, &half, &st.layout, tuning));
     }
     if t.hotzone == 0 {
         return Err(Error::Refused(
@@ -766,6 +842,8 @@ fn run_from<D: Disk + Sync + ?Sized>(
         next_area: None,
         vk: vk.as_bytes(),
         digests: Default::default(),
+        secondary_unflushed: false,
+        on_data,
     };
     let w = Walk {
         data,
@@ -912,14 +990,17 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     } else {
         let (offset, size) = (ks_end, room);
         match opts.resilience {
-            Resilience::Checksum => ReencryptArea::Checksum {
-                offset,
-                size,
-                hash: "sha256".into(),
-                sector_size: CHECKSUM_BLOCK as u32,
-            },
+            Resilience::Checksum => {
+                let (offset, size) = first_area(&hdr, opts.resilience, offset, size);
+                ReencryptArea::Checksum {
+                    offset,
+                    size,
+                    hash: "sha256".into(),
+                    sector_size: CHECKSUM_BLOCK as u32,
+                }
+            }
             Resilience::Journal => {
-                let (offset, size) = journal_halves(&hdr).map_or((offset, size), |h| h[0]);
+                let (offset, size) = first_area(&hdr, opts.resilience, offset, size);
                 ReencryptArea::Journal { offset, size }
             }
             Resilience::None => ReencryptArea::None { offset, size },
@@ -976,7 +1057,18 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     } else {
         hdr.write(hdisk)?;
     }
-    run_from(data, hdisk, hdr, st, vk, opts.tuning, ctl)
+    run_from(
+        data,
+        HeaderStore {
+            disk: hdisk,
+            on_data: false,
+        },
+        hdr,
+        st,
+        vk,
+        opts.tuning,
+        ctl,
+    )
 }
 
 /// The error `resume` gives when the header store holds no valid LUKS2 header:
@@ -1089,7 +1181,18 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             st.progress.hot_start + st.progress.hot_len
         )));
     }
-    run_from(data, hdisk, hdr, st, vk, tuning, ctl)
+    run_from(
+        data,
+        HeaderStore {
+            disk: hdisk,
+            on_data: meta.is_none(),
+        },
+        hdr,
+        st,
+        vk,
+        tuning,
+        ctl,
+    )
 }
 
 #[cfg(test)]

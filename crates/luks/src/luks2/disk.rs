@@ -256,6 +256,35 @@ impl Luks2Header {
         self.write_in_order(disk, [Copy::Primary, Copy::Secondary])
     }
 
+    /// As [`Luks2Header::write`], but the secondary copy is written and not flushed.
+    ///
+    /// When this returns the primary copy holds the new seqid durably, so a power cut
+    /// that tears or drops the secondary leaves the new state readable (a torn copy
+    /// fails its checksum, a dropped one has the lower seqid). The caller must flush
+    /// `disk` before it writes any header copy again: otherwise a cut could tear the
+    /// next primary while this secondary is still volatile, and leave no valid copy.
+    /// Used by the walker, whose next flush of the device comes anyway (the next
+    /// hotzone's journal or checksums, or its data on the same device), to save one
+    /// flush per commit.
+    pub fn write_secondary_unflushed<D: Disk + ?Sized>(&mut self, disk: &D) -> Result<()> {
+        let json = self.json_area()?;
+        self.seqid = self
+            .seqid
+            .checked_add(1)
+            .ok_or_else(|| Error::corrupt("seqid overflow"))?;
+        self.write_copy(disk, Copy::Primary, &json)?;
+        let bytes = self.encode_copy(Copy::Secondary, &json)?;
+        disk.write_at(self.hdr_size, &bytes).map_err(|e| {
+            Error::io(
+                format!(
+                    "writing the Secondary LUKS2 header at offset {}",
+                    self.hdr_size
+                ),
+                e,
+            )
+        })
+    }
+
     /// As [`Luks2Header::write`], secondary copy first: for the very first header
     /// on a store whose primary area is still blank (or holds something else). A
     /// crash while writing the primary then leaves a complete secondary to resume
