@@ -317,6 +317,21 @@ fn uncut_span(l: Layout, seed: u64) -> u64 {
     n
 }
 
+/// A fresh `l` volume encrypted by luksify (case `seed`), then a `luksify decrypt`
+/// of it killed `jitter` us after its `at`-th header commit.
+fn encrypted_then_decrypt_killed(l: Layout, seed: u64, at: u64, jitter: u64) -> (Case, Vec<u8>) {
+    let (c, orig) = Case::new(32, seed);
+    encrypt_with_luksify(&c, l);
+    kill_after_commits(
+        &mut decrypt_cmd(&c, l),
+        &c.p("hdr"),
+        base_of(&c, l),
+        at,
+        jitter,
+    );
+    (c, orig)
+}
+
 fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
     require_tool("cryptsetup");
     let mut x = 0x2545_f491u64 ^ (points << 8) ^ by_cryptsetup as u64;
@@ -326,15 +341,7 @@ fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
         let at = 1 + xorshift(&mut x) % span;
         let jitter = xorshift(&mut x) % 3000;
         let ms = format!("commit {at} + {jitter} us");
-        let (c, orig) = Case::new(32, 40 + i);
-        encrypt_with_luksify(&c, l);
-        kill_after_commits(
-            &mut decrypt_cmd(&c, l),
-            &c.p("hdr"),
-            base_of(&c, l),
-            at,
-            jitter,
-        );
+        let (c, orig) = encrypted_then_decrypt_killed(l, 40 + i, at, jitter);
         let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
         if !has_luks_header(&c.p("hdr")) {
             // Killed before the header file was valid: the volume must be untouched,
@@ -532,15 +539,7 @@ fn walker_decrypt_killed_in_its_last_hotzone_is_finished_by_cryptsetup() {
     for at in span.saturating_sub(3).max(1)..=span {
         for jitter in [0u64, 150, 400, 800, 1500] {
             tries += 1;
-            let (c, orig) = Case::new(32, 80 + tries);
-            encrypt_with_luksify(&c, l);
-            kill_after_commits(
-                &mut decrypt_cmd(&c, l),
-                &c.p("hdr"),
-                base_of(&c, l),
-                at,
-                jitter,
-            );
+            let (c, orig) = encrypted_then_decrypt_killed(l, 80 + tries, at, jitter);
             let what = format!("commit {at} of {span} + {jitter} us");
             if !has_luks_header(&c.p("hdr")) || !in_progress(&c.p("hdr")) {
                 // Not cut inside the run (finished, or before the header file

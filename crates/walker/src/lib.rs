@@ -630,7 +630,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     // First writes. Data shift: copy the first `shift` bytes to the end, durable
     // before the header overwrites them.
     let areas = 2 * hdr.hdr_size;
-    let hdisk: &(dyn Disk + Sync) = match meta {
+    let store = match meta {
         Some(m) => {
             // A detached header is a fresh file: no data has been touched yet. Both
             // header areas go down blank (marked new) with the keyslots, then the
@@ -641,7 +641,10 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 .map_err(|e| Error::io("stage header", e))?;
             copy_stage(&stage, 0, m)?;
             m.flush().map_err(|e| Error::io("flush header", e))?;
-            &DynDisk(m)
+            HeaderStore {
+                disk: &DynDisk(m),
+                on_data: false,
+            }
         }
         None => {
             let s = st
@@ -654,24 +657,16 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             }
             copy_stage(&stage, areas, data)?;
             data.flush().map_err(|e| Error::io("flush keyslots", e))?;
-            &DynDisk(data)
+            HeaderStore {
+                disk: &DynDisk(data),
+                on_data: true,
+            }
         }
     };
-    hdr.write_secondary_first(hdisk)?;
+    hdr.write_secondary_first(store.disk)?;
     // The staged keyslot area is not needed for the walk (its pages are wiped).
     drop(stage);
-    run_from(
-        data,
-        HeaderStore {
-            disk: hdisk,
-            on_data: meta.is_none(),
-        },
-        hdr,
-        st,
-        vk,
-        opts.tuning,
-        ctl,
-    )
+    run_from(data, store, hdr, st, vk, opts.tuning, ctl)
 }
 
 /// Object-safe view of any Disk so both header placements share one code path.
@@ -1111,10 +1106,17 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     tuning: Tuning,
     ctl: &Control<'_>,
 ) -> Result<Outcome> {
-    let hdisk: &(dyn Disk + Sync) = match meta {
-        Some(m) => &DynDisk(m),
-        None => &DynDisk(data),
+    let store = match meta {
+        Some(m) => HeaderStore {
+            disk: &DynDisk(m),
+            on_data: false,
+        },
+        None => HeaderStore {
+            disk: &DynDisk(data),
+            on_data: true,
+        },
     };
+    let hdisk = store.disk;
     let (hdr, _report) = match Luks2Header::read(hdisk) {
         Ok(h) => h,
         Err(e @ (luksify_luks::Error::NoValidHeader { .. } | luksify_luks::Error::NotLuks)) => {
@@ -1181,18 +1183,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             st.progress.hot_start + st.progress.hot_len
         )));
     }
-    run_from(
-        data,
-        HeaderStore {
-            disk: hdisk,
-            on_data: meta.is_none(),
-        },
-        hdr,
-        st,
-        vk,
-        tuning,
-        ctl,
-    )
+    run_from(data, store, hdr, st, vk, tuning, ctl)
 }
 
 #[cfg(test)]

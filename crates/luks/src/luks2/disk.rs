@@ -267,22 +267,9 @@ impl Luks2Header {
     /// hotzone's journal or checksums, or its data on the same device), to save one
     /// flush per commit.
     pub fn write_secondary_unflushed<D: Disk + ?Sized>(&mut self, disk: &D) -> Result<()> {
-        let json = self.json_area()?;
-        self.seqid = self
-            .seqid
-            .checked_add(1)
-            .ok_or_else(|| Error::corrupt("seqid overflow"))?;
+        let json = self.next_seqid()?;
         self.write_copy(disk, Copy::Primary, &json)?;
-        let bytes = self.encode_copy(Copy::Secondary, &json)?;
-        disk.write_at(self.hdr_size, &bytes).map_err(|e| {
-            Error::io(
-                format!(
-                    "writing the Secondary LUKS2 header at offset {}",
-                    self.hdr_size
-                ),
-                e,
-            )
-        })
+        self.put_copy(disk, Copy::Secondary, &json)
     }
 
     /// As [`Luks2Header::write`], secondary copy first: for the very first header
@@ -295,11 +282,7 @@ impl Luks2Header {
     }
 
     fn write_in_order<D: Disk + ?Sized>(&mut self, disk: &D, order: [Copy; 2]) -> Result<()> {
-        let json = self.json_area()?;
-        self.seqid = self
-            .seqid
-            .checked_add(1)
-            .ok_or_else(|| Error::corrupt("seqid overflow"))?;
+        let json = self.next_seqid()?;
         for copy in order {
             self.write_copy(disk, copy, &json)?;
         }
@@ -357,7 +340,25 @@ impl Luks2Header {
         Ok(out)
     }
 
+    /// Validates the metadata and increments seqid: the JSON area for the next write.
+    fn next_seqid(&mut self) -> Result<Vec<u8>> {
+        let json = self.json_area()?;
+        self.seqid = self
+            .seqid
+            .checked_add(1)
+            .ok_or_else(|| Error::corrupt("seqid overflow"))?;
+        Ok(json)
+    }
+
+    /// Writes one copy and flushes it.
     fn write_copy<D: Disk + ?Sized>(&self, disk: &D, copy: Copy, json: &[u8]) -> Result<()> {
+        self.put_copy(disk, copy, json)?;
+        disk.flush()
+            .map_err(|e| Error::io(format!("flushing the {copy:?} LUKS2 header"), e))
+    }
+
+    /// Writes one copy, unflushed.
+    fn put_copy<D: Disk + ?Sized>(&self, disk: &D, copy: Copy, json: &[u8]) -> Result<()> {
         let bytes = self.encode_copy(copy, json)?;
         let off = match copy {
             Copy::Primary => 0,
@@ -368,9 +369,7 @@ impl Luks2Header {
                 format!("writing the {copy:?} LUKS2 header at offset {off}"),
                 e,
             )
-        })?;
-        disk.flush()
-            .map_err(|e| Error::io(format!("flushing the {copy:?} LUKS2 header"), e))
+        })
     }
 }
 
