@@ -192,16 +192,28 @@ pub fn header_seqid(p: &Path) -> u64 {
 /// follows). Progress-based, not time-based: robust on a loaded machine. Returns early if
 /// the command ends by itself.
 pub fn kill_after_commits(cmd: &mut Command, hdr: &Path, base: u64, commits: u64, jitter_us: u64) {
-    use std::process::Stdio;
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    signal_after_commits(cmd, hdr, base, commits, jitter_us, libc::SIGKILL);
+}
+
+/// Starts `cmd` (its stdio as the caller set it up) and sends it `sig` once the header in
+/// `hdr` has seen `commits` commits past sequence id `base`, `jitter_us` later. Returns
+/// the exit status, and whether the signal was sent: `false` when the command ended by
+/// itself first (when `true`, it may still have finished just before the signal came).
+pub fn signal_after_commits(
+    cmd: &mut Command,
+    hdr: &Path,
+    base: u64,
+    commits: u64,
+    jitter_us: u64,
+    sig: libc::c_int,
+) -> (std::process::ExitStatus, bool) {
     use std::time::Duration;
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.spawn().unwrap();
     loop {
-        if child.try_wait().unwrap().is_some() {
-            return;
+        if let Some(st) = child.try_wait().unwrap() {
+            return (st, false);
         }
         if header_seqid(hdr).saturating_sub(base) >= commits {
             std::thread::sleep(Duration::from_micros(jitter_us));
@@ -209,6 +221,8 @@ pub fn kill_after_commits(cmd: &mut Command, hdr: &Path, base: u64, commits: u64
         }
         std::thread::sleep(Duration::from_micros(100));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    // SAFETY: kill(2) on our own child, which has not been reaped yet (try_wait saw
+    // it running), so the pid cannot have been reused.
+    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    (child.wait().unwrap(), true)
 }

@@ -4,12 +4,11 @@
 //! bytes must come back exactly and fsck clean. Needs root (loop devices).
 
 use luksify_tests::{
-    fill_pattern, header_seqid, kill_after_commits, luksify_bin, require_root, require_tool, run,
-    run_ok, LoopDev,
+    fill_pattern, kill_after_commits, luksify_bin, require_root, require_tool, run, run_ok,
+    signal_after_commits, LoopDev,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
@@ -160,7 +159,8 @@ fn root_walker_loop_ext4_journal_kill_resume_decrypt() {
 }
 
 /// `none` keeps no copy: a killed run is not resumable (by design, as
-/// cryptsetup), so this one checks a clean run and a cancel (SIGINT) + resume.
+/// cryptsetup), so this one checks a cancel (SIGINT: exit code 5 at a safe point)
+/// + resume, then decryption back to the original filesystem bytes.
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
@@ -172,8 +172,12 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
     let hdr = dir.path().join("hdr").display().to_string();
     let lo = LoopDev::attach(&dir.path().join("img"));
     let dev = lo.path.display().to_string();
-    let mut child = Command::new(luksify_bin())
-        .args([
+    // Ask for a clean stop once the header exists. A 96 MiB run in 1 MiB hotzones
+    // may still finish first on a starved machine: up to 3 tries, each from the start.
+    let mut stopped = false;
+    for _ in 0..3 {
+        let mut enc = Command::new(luksify_bin());
+        enc.args([
             "encrypt",
             &dev,
             "--key-file",
@@ -185,17 +189,32 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
         ])
         .args(FAST)
         .args(SMALL)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait for the header, then ask for a clean stop.
-    while header_seqid(Path::new(&hdr)) == 0 && child.try_wait().unwrap().is_none() {
-        std::thread::sleep(Duration::from_millis(1));
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let (st, _) = signal_after_commits(&mut enc, Path::new(&hdr), 0, 1, 0, libc::SIGINT);
+        if st.code() == Some(5) {
+            stopped = true;
+            break;
+        }
+        assert!(st.success(), "none: encrypt ended with {st} after SIGINT");
+        // Finished before the signal: back to plaintext and try again.
+        run_ok(Command::new(luksify_bin()).args([
+            "decrypt",
+            &dev,
+            "--key-file",
+            &key,
+            "--header",
+            &hdr,
+            "--resilience",
+            "none",
+        ]));
+        std::fs::remove_file(&hdr).unwrap();
     }
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let _ = child.wait();
-    let st = run(Command::new(luksify_bin()).args([
+    assert!(
+        stopped,
+        "none: the run finished before SIGINT in each of 3 tries"
+    );
+    run_ok(Command::new(luksify_bin()).args([
         "resume",
         &dev,
         "--key-file",
@@ -203,11 +222,6 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
         "--header",
         &hdr,
     ]));
-    let err = String::from_utf8_lossy(&st.stderr).to_string();
-    assert!(
-        st.status.success() || err.contains("no encryption in progress"),
-        "{err}"
-    );
     run_ok(Command::new(luksify_bin()).args([
         "decrypt",
         &dev,
