@@ -168,6 +168,87 @@ fn detached_encrypt(c: &Case) -> Command {
     detached_encrypt_hz(c, SMALL[3])
 }
 
+/// Waits until `pid` is stopped (state `T` in /proc): SIGSTOP is delivered asynchronously.
+fn wait_stopped(pid: u32) {
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The state follows the command name, which is in parentheses.
+        let state = stat.rsplit_once(") ").unwrap().1.chars().next();
+        if state == Some('T') {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// A second run on an image that a luksify run is walking is refused before it reads
+/// or writes anything, with one line that says why and what to do, whichever command
+/// it is (resume, decrypt, encrypt into another header, encrypt with the header in
+/// front); the first run then finishes and the volume decrypts to the original. The
+/// first run is frozen (SIGSTOP) after its second commit, so it holds the image while
+/// the others try, whatever the machine's speed.
+#[test]
+fn walker_second_run_on_a_busy_image_is_refused_and_the_first_finishes() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(64, 77);
+    let mut child = detached_encrypt(&c)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while header_seqid(&c.p("hdr")) < 2 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the first run ended before its second commit"
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGSTOP) };
+    wait_stopped(child.id());
+    let (img0, hdr0) = (
+        std::fs::read(c.p("img")).unwrap(),
+        std::fs::read(c.p("hdr")).unwrap(),
+    );
+    let (img, key, hdr) = (c.img(), c.key(), c.hdr());
+    let hdr2 = c.p("hdr2").display().to_string();
+    let seconds: [&[&str]; 4] = [
+        &["resume", &img, "--key-file", &key, "--header", &hdr],
+        &["decrypt", &img, "--key-file", &key, "--header", &hdr],
+        &["encrypt", &img, "--key-file", &key, "--header", &hdr2],
+        &[
+            "encrypt",
+            &img,
+            "--key-file",
+            &key,
+            "--reduce-device-size",
+            "8M",
+        ],
+    ];
+    for args in seconds {
+        let out = run(&mut luksify(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.lines().count() == 1
+                && err.contains("another luksify run holds its lock"),
+            "{args:?}: {}: {err}",
+            out.status
+        );
+        assert_file_is(&c.p("img"), &img0, &format!("{args:?} wrote to the image"));
+        assert_file_is(&c.p("hdr"), &hdr0, &format!("{args:?} wrote to the header"));
+        assert!(!c.p("hdr2").exists(), "{args:?} created a header file");
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGCONT) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "the first run, continued: {st}");
+    assert!(
+        same(&cryptsetup_decrypt_detached(&c), &orig),
+        "plaintext differs after the first run finished"
+    );
+}
+
 /// What a kill during the first header write leaves in a new header file, made by
 /// hand (a kill can hit these windows only by chance): the file only reserved (all
 /// zeros), and the file marked new with a torn secondary copy. `resume` must say

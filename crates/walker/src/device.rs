@@ -112,6 +112,34 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// `flock(LOCK_EX | LOCK_NB)` on `file`: a clear error when another process holds it.
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "another luksify run holds its lock; wait for that run to end, or stop \
+                     it (SIGINT) and continue with `luksify resume`",
+                ))
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
 /// An open data device or image file.
 #[derive(Debug)]
 pub struct DataDevice {
@@ -127,6 +155,11 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 impl DataDevice {
     /// Opens read-write, exclusively for block devices (O_EXCL: fails if mounted
     /// or held), with O_DIRECT unless `buffered` or the kernel refuses it.
+    ///
+    /// Also takes an exclusive `flock` on it for as long as the `DataDevice` lives,
+    /// so a second run on the same image file (which O_EXCL does not cover) fails
+    /// here, before reading or writing anything, instead of walking beside the first.
+    /// The kernel drops the lock when the holder dies, so a crash leaves none behind.
     pub fn open(path: &Path, buffered: bool) -> io::Result<DataDevice> {
         let meta = std::fs::metadata(path)?;
         let is_block = meta.file_type().is_block_device();
@@ -150,6 +183,7 @@ impl DataDevice {
                 Err(e) => return Err(e),
             }
         };
+        lock_exclusive(&file)?;
         let size = if is_block {
             let mut sz: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
