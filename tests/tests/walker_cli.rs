@@ -168,6 +168,67 @@ fn detached_encrypt(c: &Case) -> Command {
     detached_encrypt_hz(c, SMALL[3])
 }
 
+/// `cryptsetup luksDump` of `c`'s detached header.
+fn dump(c: &Case) -> String {
+    let out = run_ok(Command::new("cryptsetup").args(["luksDump", &c.hdr()]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Resilience `none` keeps no copy, so a run cut mid-walk cannot be finished. The
+/// header names hot the bytes that may be part rewritten (as cryptsetup's does), and
+/// `resume` refuses with that range instead of starting over on data it already
+/// rewrote; cryptsetup's recovery refuses too. Neither writes anything.
+#[test]
+fn walker_none_killed_mid_run_is_refused_not_redone() {
+    require_tool("cryptsetup");
+    let none = |c: &Case| {
+        let mut cmd = detached_encrypt(c);
+        cmd.args(["--resilience", "none"]);
+        cmd
+    };
+    // Commits of an uncut run: the header's creation, one naming the data hot, the end.
+    let span = {
+        let (c, _) = Case::new(96, 54);
+        run_ok(&mut none(&c));
+        header_seqid(&c.p("hdr"))
+    };
+    for jitter in [3000, 1000, 0] {
+        let (c, _) = Case::new(96, 55);
+        kill_after_commits(&mut none(&c), &c.p("hdr"), 0, span - 1, jitter);
+        if !dump(&c).contains("in-reencryption") {
+            continue;
+        }
+        let (img0, hdr0) = (
+            std::fs::read(c.p("img")).unwrap(),
+            std::fs::read(c.p("hdr")).unwrap(),
+        );
+        let out = run(&mut detached_resume(&c));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.lines().count() == 1
+                && err.contains("resilience `none`")
+                && err.contains(&format!("0..{}", 96 << 20)),
+            "{}: {err}",
+            out.status
+        );
+        let rep = run(Command::new("cryptsetup").args([
+            "repair",
+            "-q",
+            "--header",
+            &c.hdr(),
+            "--key-file",
+            &c.key(),
+            &c.img(),
+        ]));
+        assert!(!rep.status.success(), "cryptsetup recovered a none hotzone");
+        assert_file_is(&c.p("img"), &img0, "the image was written");
+        assert_file_is(&c.p("hdr"), &hdr0, "the header was written");
+        return;
+    }
+    panic!("each none run finished before the kill");
+}
+
 /// Waits until `pid` is stopped (state `T` in /proc): SIGSTOP is delivered asynchronously.
 fn wait_stopped(pid: u32) {
     loop {

@@ -255,7 +255,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     done += n as u64;
                 }
             }
-            Resilience::None => return Err(Error::Unrecoverable),
+            Resilience::None => return Err(Error::Unrecoverable { start, len }),
         }
         self.data.flush().map_err(|e| Error::io("flush data", e))?;
         let next = match self.direction {
@@ -335,7 +335,8 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             // Whatever way this returns, the workers stop and the scope can join them.
             let _stop = StopOnDrop(&shared);
             let mut last_clean = p;
-            let mut since_commit = 0u64;
+            // Resilience none: hotzones left in the window the header names hot.
+            let mut none_window_left = 0usize;
             let mut first_seq = 0usize;
             let after = |a: u64, n: u64| match self.direction {
                 ReencryptDirection::Forward => Progress {
@@ -473,13 +474,26 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         commit(j, hot(a, n))?;
                     }
                     Resilience::None => {
-                        // No protection: commit a clean state now and then so an
-                        // interrupted run resumes near where it stopped.
-                        if since_commit >= NONE_COMMIT_EVERY {
+                        // No protection, so no commit per hotzone: one commit names the
+                        // next NONE_COMMIT_EVERY bytes hot, once what was handed out
+                        // before is durable. A crash then leaves the header saying which
+                        // bytes may be part done (resume refuses them, as cryptsetup
+                        // does), never a clean state behind data already rewritten.
+                        if none_window_left == 0 {
                             settle(j)?;
-                            commit(j, last_clean)?;
-                            since_commit = 0;
+                            let (mut lo, mut hi, mut len) = (a, a + n, 0u64);
+                            for &(za, zn) in &zones[k..] {
+                                if len >= NONE_COMMIT_EVERY {
+                                    break;
+                                }
+                                lo = lo.min(za);
+                                hi = hi.max(za + zn);
+                                len += zn;
+                                none_window_left += 1;
+                            }
+                            commit(j, hot(lo, hi - lo))?;
                         }
+                        none_window_left -= 1;
                     }
                 }
                 {
@@ -491,7 +505,6 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 shared.cv.notify_all();
                 // Progress is reported for bytes handed out for writing.
                 last_clean = after(a, n);
-                since_commit += n;
                 done_bytes += n;
                 if let Some(f) = self.progress {
                     let secs = started.elapsed().as_secs_f64().max(1e-6);
@@ -513,7 +526,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
 /// this one is written.
 const SPARE_BUFFERS: usize = 3;
 
-/// Clean-state commit interval for resilience `none`.
+/// Bytes one resilience-`none` commit names hot (one header commit per this many bytes).
 const NONE_COMMIT_EVERY: u64 = 1 << 30;
 
 /// How a run ended.

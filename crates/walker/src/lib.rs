@@ -69,8 +69,8 @@ pub enum Error {
     Luks(#[from] luksify_luks::Error),
     #[error("cipher: {0}")]
     Cipher(luksify_cipher::CipherError),
-    #[error("the interrupted hotzone cannot be recovered: resilience `none` keeps no copy of it; restore from backup")]
-    Unrecoverable,
+    #[error("the run was cut with resilience `none`, which keeps no copy: data bytes {start}..{} may be part rewritten, and which part cannot be told; the bytes before are done, the bytes after untouched. Restore that range from a backup (nothing more was written)", start + len)]
+    Unrecoverable { start: u64, len: u64 },
     #[error("internal error: {0}")]
     Internal(&'static str),
     /// A check failed before anything was written.
