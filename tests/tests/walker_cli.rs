@@ -174,6 +174,90 @@ fn dump(c: &Case) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `luksify resume IMG` with `c`'s header and key, where IMG is `c`'s file `name`:
+/// must be refused as the wrong device, with nothing written to it or the header.
+fn assert_resume_refused_on(c: &Case, name: &str, what: &str) {
+    let (before, hdr0) = (
+        std::fs::read(c.p(name)).unwrap(),
+        std::fs::read(c.p("hdr")).unwrap(),
+    );
+    let dev = c.p(name).display().to_string();
+    let out = run(&mut luksify(&[
+        "resume",
+        &dev,
+        "--key-file",
+        &c.key(),
+        "--header",
+        &c.hdr(),
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.lines().count() == 1 && err.contains("wrong device"),
+        "{what}: resume on {name}: {}: {err}",
+        out.status
+    );
+    assert_file_is(&c.p(name), &before, &format!("{what}: {name} was written"));
+    assert_file_is(
+        &c.p("hdr"),
+        &hdr0,
+        &format!("{what}: the header was written"),
+    );
+}
+
+/// A detached header's run resumed on a device it did not start on is refused before
+/// anything is written: another image of the same size, and a copy of the right one
+/// taken before the run (still old where the header says the run has written, once
+/// the run is past the first 4 KiB). The
+/// same for a decryption. The right device then resumes; the header carries the
+/// identity token while the run is in progress (cryptsetup reads it), none after.
+#[test]
+fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(48, 91);
+    let mut other = orig.clone();
+    fill_pattern(&mut other, 92);
+    std::fs::write(c.p("other"), &other).unwrap();
+    std::fs::write(c.p("clone"), &orig).unwrap();
+    // Past the first probe (the first 4 KiB), so a copy taken before the run differs
+    // from what the header says is there; 1 MiB hotzones, 48 of them.
+    kill_after_commits(&mut detached_encrypt(&c), &c.p("hdr"), 0, 10, 0);
+    let d = dump(&c);
+    assert!(
+        d.contains("online-reencrypt") && d.contains("luksify-identity"),
+        "encrypt killed after 10 commits: {d}"
+    );
+    assert_resume_refused_on(&c, "other", "encrypt");
+    assert_resume_refused_on(&c, "clone", "encrypt");
+    run_ok(&mut detached_resume(&c));
+    assert!(
+        !dump(&c).contains("luksify-identity"),
+        "token left after the run"
+    );
+
+    // Decryption: the copy is of the ciphertext, taken before the decryption.
+    std::fs::copy(c.p("img"), c.p("clone")).unwrap();
+    let base = header_seqid(&c.p("hdr"));
+    let mut dec = luksify(&[
+        "decrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &c.hdr(),
+    ]);
+    dec.args(SMALL);
+    kill_after_commits(&mut dec, &c.p("hdr"), base, 10, 0);
+    let d = dump(&c);
+    assert!(
+        d.contains("online-reencrypt") && d.contains("luksify-identity"),
+        "decrypt killed after 10 commits: {d}"
+    );
+    assert_resume_refused_on(&c, "other", "decrypt");
+    assert_resume_refused_on(&c, "clone", "decrypt");
+    run_ok(&mut detached_resume(&c));
+    assert_file_is(&c.p("img"), &orig, "decrypted image");
+}
+
 /// Resilience `none` keeps no copy, so a run cut mid-walk cannot be finished. The
 /// header names hot the bytes that may be part rewritten (as cryptsetup's does), and
 /// `resume` refuses with that range instead of starting over on data it already

@@ -11,6 +11,7 @@
 pub mod device;
 pub mod engine;
 pub mod fsprobe;
+mod identity;
 pub mod powercut;
 mod sha256x16;
 mod stage;
@@ -232,6 +233,11 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
     }
     fn finish(&mut self) -> Result<()> {
         self.flush_secondary()?;
+        // The run is over: nothing left to resume, so no device to recognise.
+        self.hdr
+            .metadata
+            .tokens
+            .retain(|_, t| t.kind != identity::TOKEN_TYPE);
         if self.st.mode == ReencryptMode::Decrypt {
             // As cryptsetup leaves it: a header with one linear segment and no
             // keyslots, and the keyslot areas (split volume key) zeroed. The final
@@ -852,7 +858,24 @@ fn run_from<D: Disk + Sync + ?Sized>(
         cancel: ctl.cancel,
     };
     // Every commit from here on knows where the data ends (see ReencryptState).
-    j.st.data_end = Some(engine::data_end(&w)?);
+    let end = engine::data_end(&w)?;
+    j.st.data_end = Some(end);
+    // The device must be the one the run started on (detached headers, see identity):
+    // checked before anything is read for the walk or written; a run that has not
+    // changed any data yet records what to check.
+    let fresh = direction == ReencryptDirection::Forward && p.hot_start == 0 && p.hot_len == 0;
+    match identity::find(j.hdr.metadata.tokens.values(), &j.st) {
+        Some(t) => identity::check(data, &j.st, p, t)?,
+        None if fresh => {
+            if let Some(t) = identity::token_at_start(data, &j.st, &cipher, end)? {
+                let tokens = &mut j.hdr.metadata.tokens;
+                tokens.retain(|_, t| t.kind != identity::TOKEN_TYPE);
+                let id = (0..).find(|i| !tokens.contains_key(i)).unwrap_or(0);
+                tokens.insert(id, t);
+            }
+        }
+        None => {}
+    }
     if p.hot_len > 0 {
         p = w.recover(&mut j, p)?;
     }

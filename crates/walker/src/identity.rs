@@ -1,0 +1,229 @@
+//! Which device a run with a detached header is walking.
+//!
+//! A detached header says nothing about the device it belongs to, and LUKS2 has no
+//! field for it: after a reboot that renamed the disks, `resume /dev/sdc --header H`
+//! with H started on /dev/sdb (same size) would go on encrypting the wrong disk from
+//! the middle, and a later decryption would turn its first part into garbage.
+//!
+//! So a run luksify starts records, in a token of its own type (which cryptsetup
+//! keeps and ignores), a few 4 KiB probes spread over the data: for every 512-byte
+//! sector of each probe, a tag of its content before the run and of its content
+//! after it. Both are known at the start (the new content is the old one put
+//! through this run's cipher). The header's progress says which one each sector
+//! must hold: the new content before the hotzone, the old one after it, and either
+//! inside it (a crash or power cut may leave it part done; writes land per
+//! sector). A resume checks every probe sector before it reads or writes anything
+//! else and refuses a device where one does not match: another disk, and also a
+//! copy of this disk taken before the run, once the run has gone past the first
+//! probe (its first hotzone).
+//!
+//! Only layouts where the data stays in place (detached header, no shift) get the
+//! token: with the header in front, the header is on the device itself. A run
+//! without the token (started by cryptsetup, or a token of another run mode left
+//! behind by a run cryptsetup finished) is checked by size only, as before.
+
+use crate::{Error, Result};
+use luksify_cipher::SectorCipher;
+use luksify_luks::io::Disk;
+use luksify_luks::luks2::json::{ReencryptDirection, ReencryptMode, Token};
+use luksify_luks::reencrypt::{Progress, ReencryptState};
+use serde_json::Value;
+use sha2::Digest as _;
+
+/// The token type.
+pub const TOKEN_TYPE: &str = "luksify-identity";
+/// Bytes per probe (a multiple of every encryption sector size).
+const PROBE: u64 = 4096;
+/// Granularity of the tags: the smallest unit a device writes atomically.
+const SECTOR: usize = 512;
+/// Probes per run: the first and last 4 KiB of the data, and three between.
+const PROBES: u64 = 5;
+/// Bytes of SHA-256 kept per sector tag.
+const TAG: usize = 8;
+
+/// Whether runs in this state get (and are checked against) the token.
+pub(crate) fn applies(st: &ReencryptState) -> bool {
+    st.layout.shift.is_none()
+        && st.direction == ReencryptDirection::Forward
+        && st.layout.data_offset == st.layout.old_offset
+        && mode_name(st.mode).is_some()
+}
+
+fn mode_name(m: ReencryptMode) -> Option<&'static str> {
+    match m {
+        ReencryptMode::Encrypt => Some("encrypt"),
+        ReencryptMode::Decrypt => Some("decrypt"),
+        _ => None,
+    }
+}
+
+/// Logical offsets of the probes over `end` bytes of data: 4 KiB-aligned, the first
+/// at 0 and the last ending at or just below `end`.
+fn probe_offsets(end: u64) -> Vec<u64> {
+    if end < PROBE {
+        return Vec::new();
+    }
+    let last = (end - PROBE) / PROBE;
+    let mut v: Vec<u64> = (0..PROBES)
+        .map(|i| last * i / (PROBES - 1) * PROBE)
+        .collect();
+    v.dedup();
+    v
+}
+
+fn tags(buf: &[u8]) -> Vec<Value> {
+    buf.chunks(SECTOR)
+        .map(|s| Value::String(hex(&sha2::Sha256::digest(s)[..TAG])))
+        .collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn transform(
+    st: &ReencryptState,
+    cipher: &SectorCipher,
+    buf: &mut [u8],
+    logical: u64,
+) -> Result<()> {
+    // The engine's IV: the logical offset in 512-byte units.
+    let iv = logical / 512;
+    match st.mode {
+        ReencryptMode::Decrypt => cipher.decrypt_serial(buf, iv),
+        _ => cipher.encrypt_serial(buf, iv),
+    }
+    .map_err(Error::Cipher)
+}
+
+/// The token for a run that has not changed any data yet: the probes' current
+/// content is their old one. `None` when the layout does not get one.
+pub(crate) fn token_at_start<D: Disk + ?Sized>(
+    data: &D,
+    st: &ReencryptState,
+    cipher: &SectorCipher,
+    end: u64,
+) -> Result<Option<Token>> {
+    let Some(mode) = mode_name(st.mode).filter(|_| applies(st)) else {
+        return Ok(None);
+    };
+    let mut probes = Vec::new();
+    for l in probe_offsets(end) {
+        let mut buf = vec![0u8; PROBE as usize];
+        data.read_at(st.layout.old_physical(l), &mut buf)
+            .map_err(|e| Error::io("read identity probe", e))?;
+        let old = tags(&buf);
+        transform(st, cipher, &mut buf, l)?;
+        let mut p = serde_json::Map::new();
+        p.insert("offset".into(), Value::String(l.to_string()));
+        p.insert("old".into(), Value::Array(old));
+        p.insert("new".into(), Value::Array(tags(&buf)));
+        probes.push(Value::Object(p));
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("mode".into(), Value::String(mode.into()));
+    extra.insert("probes".into(), Value::Array(probes));
+    Ok(Some(Token {
+        kind: TOKEN_TYPE.into(),
+        keyslots: Vec::new(),
+        extra,
+    }))
+}
+
+/// This run's token among `tokens`: ours, and recorded for this run's mode.
+pub(crate) fn find<'a>(
+    tokens: impl IntoIterator<Item = &'a Token>,
+    st: &ReencryptState,
+) -> Option<&'a Token> {
+    let mode = mode_name(st.mode)?;
+    tokens
+        .into_iter()
+        .find(|t| t.kind == TOKEN_TYPE && t.extra.get("mode").and_then(Value::as_str) == Some(mode))
+}
+
+/// Refuses a device whose probe sectors do not hold what the header's progress says
+/// they hold: their new content before the hotzone (written and durable before the
+/// header moved past it), their old content after it (never written yet), either one
+/// inside it (a crash may have left it part done). Reads only.
+pub(crate) fn check<D: Disk + ?Sized>(
+    data: &D,
+    st: &ReencryptState,
+    p: Progress,
+    token: &Token,
+) -> Result<()> {
+    let bad = |why: &str| {
+        Error::Refused(format!(
+            "the header's identity token is damaged ({why}); nothing was written"
+        ))
+    };
+    let probes = token
+        .extra
+        .get("probes")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no probes"))?;
+    for probe in probes {
+        let l: u64 = probe
+            .get("offset")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("probe offset"))?;
+        let old = probe
+            .get("old")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("old tags"))?;
+        let new = probe
+            .get("new")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("new tags"))?;
+        let sectors = (PROBE as usize) / SECTOR;
+        if old.len() != sectors || new.len() != sectors {
+            return Err(bad("tag count"));
+        }
+        let mut buf = vec![0u8; PROBE as usize];
+        let at = st.layout.old_physical(l);
+        data.read_at(at, &mut buf)
+            .map_err(|e| Error::io("read identity probe", e))?;
+        for (i, now) in tags(&buf).iter().enumerate() {
+            let pos = l + (i * SECTOR) as u64;
+            let hot_end = p.hot_start.saturating_add(p.hot_len);
+            let ok = if pos + SECTOR as u64 <= p.hot_start {
+                *now == new[i]
+            } else if pos >= hot_end {
+                *now == old[i]
+            } else {
+                *now == old[i] || *now == new[i]
+            };
+            if !ok {
+                let what = if pos >= hot_end {
+                    "what was there when the run started"
+                } else {
+                    "what the run wrote there"
+                };
+                return Err(Error::Refused(format!(
+                    "this device does not hold the data the header's run is walking (the 512 bytes at offset {} are not {what}): wrong device, or a copy of it? Give the device the run started on (if it was written through a cryptsetup mapping since, finish with `cryptsetup reencrypt --resume-only`); nothing was written",
+                    at + (i * SECTOR) as u64
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_offsets;
+
+    #[test]
+    fn probes_are_aligned_spread_and_inside_the_data() {
+        assert!(probe_offsets(4095).is_empty());
+        assert_eq!(probe_offsets(4096), vec![0]);
+        assert_eq!(probe_offsets(3 * 4096 + 100), vec![0, 4096, 2 * 4096]);
+        let end = 1u64 << 30;
+        let v = probe_offsets(end);
+        assert_eq!(v.len(), 5);
+        assert_eq!(v[0], 0);
+        assert_eq!(*v.last().unwrap(), end - 4096);
+        assert!(v.iter().all(|o| o % 4096 == 0 && o + 4096 <= end));
+        assert!(v.windows(2).all(|w| w[0] < w[1]));
+    }
+}
