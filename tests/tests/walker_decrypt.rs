@@ -706,3 +706,102 @@ fn walker_sigint_and_sigterm_stop_at_a_safe_point_that_resumes_cleanly() {
         assert_plaintext_back(&c, l, &orig, &what);
     }
 }
+
+/// cryptsetup 2.6 decrypts a detached-header volume walking backward with the data in
+/// place, which luksify does not continue: `resume` refuses in one line, writes
+/// nothing and names cryptsetup's command, which then finishes the run. (Before, the
+/// walk's plan started from the dynamic segment's end, u64::MAX, and grew until the
+/// process ran out of memory.)
+#[test]
+fn walker_refuses_a_backward_decryption_cryptsetup_started_which_cryptsetup_finishes() {
+    require_tool("cryptsetup");
+    let l = Layout::Detached("checksum");
+    let (c, orig) = Case::new(24, 71);
+    encrypt_with_luksify(&c, l);
+    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+    let cs = |extra: &[&str]| {
+        let mut cmd = Command::new("cryptsetup");
+        cmd.args(["reencrypt", "--force-offline-reencrypt", "-q"])
+            .args(extra)
+            .args(["--header", &hdr, "--key-file", &key, &img]);
+        cmd
+    };
+    run_ok(&mut cs(&["--decrypt", "--init-only"]));
+    let dump = run_ok(Command::new("cryptsetup").args(["luksDump", &hdr]));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("Mode:       decrypt") && dump.contains("Direction:  backward"),
+        "{dump}"
+    );
+    let (img0, hdr0) = (c.img(), std::fs::read(c.p("hdr")).unwrap());
+    let out = run(&mut luksify(&[
+        "resume",
+        &img,
+        "--key-file",
+        &key,
+        "--header",
+        &hdr,
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.lines().count() == 1
+            && err.contains("cryptsetup reencrypt --resume-only"),
+        "{}: {err}",
+        out.status
+    );
+    assert!(c.img() == img0, "the image was written");
+    assert!(
+        std::fs::read(c.p("hdr")).unwrap() == hdr0,
+        "the header was written"
+    );
+    run_ok(&mut cs(&["--resume-only"]));
+    assert_plaintext_back(&c, l, &orig, "finished by cryptsetup");
+}
+
+/// A header with little JSON room left (here filled by a token cryptsetup imported)
+/// gets no identity token, so the run's own segments still fit: the decryption is
+/// killed mid-run without one, resumes (with the size check only) and gives the
+/// original back.
+#[test]
+fn walker_leaves_out_the_identity_token_where_the_json_area_is_nearly_full() {
+    require_tool("cryptsetup");
+    let l = Layout::Detached("checksum");
+    let (c, orig) = Case::new(24, 72);
+    encrypt_with_luksify(&c, l);
+    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+    // 8.5 KB of padding: of the 12 KiB JSON area, less than the token plus the 2 KiB
+    // a run keeps free is left once the decryption's metadata is in.
+    let filler = format!(
+        "{{\"type\":\"filler\",\"keyslots\":[],\"pad\":\"{}\"}}",
+        "x".repeat(8500)
+    );
+    std::fs::write(c.p("filler.json"), filler).unwrap();
+    run_ok(Command::new("cryptsetup").args([
+        "token",
+        "import",
+        "--header",
+        &hdr,
+        "--json-file",
+        &c.s("filler.json"),
+        &img,
+    ]));
+    let base = base_of(&c, l);
+    kill_after_commits(&mut decrypt_cmd(&c, l), &c.p("hdr"), base, 3, 0);
+    let dump = run_ok(Command::new("cryptsetup").args(["luksDump", &hdr]));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("online-reencrypt") && dump.contains("filler"),
+        "not in progress after 3 commits: {dump}"
+    );
+    assert!(!dump.contains("luksify-identity"), "token added: {dump}");
+    run_ok(&mut luksify(&[
+        "resume",
+        &img,
+        "--key-file",
+        &key,
+        "--header",
+        &hdr,
+    ]));
+    assert_plaintext_back(&c, l, &orig, "decrypted with a full JSON area");
+}

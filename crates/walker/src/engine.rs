@@ -142,7 +142,8 @@ fn plan<D: Disk + Sync + ?Sized>(w: &Walk<'_, D>, p: Progress, end: u64) -> Vec<
             // Boundaries are multiples of the hotzone size from logical 0, so the
             // moved part [0, shift) is a single hotzone (what cryptsetup's
             // recovery assumes) when hotzone == shift.
-            let mut b = p.hot_start;
+            // A dynamic layout's start is "the end" (u64::MAX): walk from the data's end.
+            let mut b = p.hot_start.min(end);
             while b > 0 {
                 let a = if b.is_multiple_of(h) {
                     b - h

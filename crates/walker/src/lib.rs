@@ -793,6 +793,10 @@ fn move_first_segment<D: Disk + ?Sized>(data: &D, s: Shift) -> Result<()> {
 
 /// Where the header lives for a run: its device, and whether that is the data
 /// device itself (header in front), so a data flush also makes header writes durable.
+/// JSON room a run keeps free after adding its identity token (the hotzone's extra
+/// segments and a longer reencrypt keyslot take about 1 KiB).
+const IDENTITY_SPARE_JSON: usize = 2048;
+
 struct HeaderStore<'a> {
     disk: &'a (dyn Disk + Sync),
     on_data: bool,
@@ -872,6 +876,14 @@ fn run_from<D: Disk + Sync + ?Sized>(
                 tokens.retain(|_, t| t.kind != identity::TOKEN_TYPE);
                 let id = (0..).find(|i| !tokens.contains_key(i)).unwrap_or(0);
                 tokens.insert(id, t);
+                // A small JSON area (a header made elsewhere) keeps its room for the
+                // run's segments: without the token, the size check still applies.
+                let room =
+                    j.hdr.hdr_size as usize - luksify_luks::luks2::binary::BINARY_HEADER_SIZE;
+                let used = serde_json::to_vec(&j.hdr.metadata).map_or(usize::MAX, |v| v.len());
+                if used.saturating_add(IDENTITY_SPARE_JSON) > room {
+                    j.hdr.metadata.tokens.remove(&id);
+                }
             }
         }
         None => {}
@@ -1156,6 +1168,13 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     if st.mode == ReencryptMode::Decrypt && meta.is_none() {
         return Err(Error::Refused(
             "a decryption keeps its journal in a detached header: pass --header FILE".into(),
+        ));
+    }
+    if st.direction == ReencryptDirection::Backward && st.layout.shift.is_none() {
+        // cryptsetup 2.6 walks `reencrypt --decrypt --header` backward over data that
+        // stays in place; luksify's backward walk is the data-shift one only.
+        return Err(Error::Refused(
+            "this run walks backward without a data shift (a decryption cryptsetup started with a detached header), which luksify cannot continue; finish it with `cryptsetup reencrypt --resume-only` (nothing was written)".into(),
         ));
     }
     // Unlock with any passphrase keyslot whose key matches the new segment's digest.
