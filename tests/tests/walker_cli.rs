@@ -313,6 +313,58 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
     panic!("each none run finished before the kill");
 }
 
+/// A data-shift start cut right after the header's secondary copy was made durable and
+/// before the primary was written: the primary area still holds ext4's first bytes, so
+/// cryptsetup calls the device ambiguous, not LUKS, and the VM power-cut scenario runs
+/// the same `encrypt` again (where this was found). That command must continue the run,
+/// and the result decrypts to the filesystem's bytes. strace kills luksify at its 4th
+/// fdatasync: after the moved copy, the start marker and the keyslots, at the secondary's.
+#[test]
+fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt() {
+    require_tool("strace");
+    require_tool("mkfs.ext4");
+    require_tool("cryptsetup");
+    let (c, _) = Case::new(48, 3);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "40M"]));
+    let orig = std::fs::read(c.p("img")).unwrap();
+    let (img, key) = (c.img(), c.key());
+    let mut args = vec![
+        "encrypt",
+        &img,
+        "--key-file",
+        &key,
+        "--reduce-device-size",
+        "8M",
+    ];
+    args.extend(FAST);
+    args.extend(SMALL);
+    let cut = run(Command::new("strace")
+        .args(["-f", "-o", "/dev/null"])
+        .args(["-e", "inject=fdatasync:signal=SIGKILL:when=4"])
+        .arg(luksify_bin())
+        .args(&args));
+    assert!(!cut.status.success(), "the run was not cut");
+    let now = std::fs::read(c.p("img")).unwrap();
+    assert!(
+        &now[16384..16390] == b"SKUL\xba\xbe" && &now[..4] != b"LUKS",
+        "not the secondary-only state"
+    );
+    let is = run(Command::new("cryptsetup").args(["isLuks", &img]));
+    assert!(!is.status.success(), "cryptsetup took it for LUKS");
+    run_ok(&mut luksify(&args));
+    run_ok(&mut luksify(&[
+        "decrypt",
+        &img,
+        "--key-file",
+        &key,
+        "--header",
+        &c.hdr(),
+    ]));
+    let back = std::fs::read(c.p("img")).unwrap();
+    let fs = 40 << 20;
+    assert!(same(&back[..fs], &orig[..fs]), "filesystem bytes differ");
+}
+
 /// Waits until `pid` is stopped (state `T` in /proc): SIGSTOP is delivered asynchronously.
 fn wait_stopped(pid: u32) {
     loop {

@@ -387,6 +387,21 @@ fn is_luks<D: Disk + ?Sized>(d: &D) -> Result<bool> {
     Ok(luksify_luks::probe(d)?.is_some())
 }
 
+/// True when `d`'s header is a data-shift encryption that has not committed any
+/// hotzone yet (nothing walked; only the start's own writes happened).
+fn ours_before_first_commit<D: Disk + ?Sized>(d: &D) -> Result<bool> {
+    let Ok((hdr, _)) = Luks2Header::read(d) else {
+        return Ok(false);
+    };
+    Ok(matches!(
+        reencrypt::state(&hdr.metadata),
+        Ok(Some(st)) if st.mode == ReencryptMode::Encrypt
+            && st.layout.shift.is_some()
+            && st.progress.hot_len == 0
+            && Some(st.progress.hot_start) == st.layout.data_size
+    ))
+}
+
 /// True when `d` looks like LUKS2 (a magic is there) but neither header copy is
 /// valid: what a crash while the first header was being written leaves behind.
 fn luks2_without_valid_copy<D: Disk + ?Sized>(d: &D) -> Result<bool> {
@@ -492,9 +507,13 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         Placement::Shift { reduce } if meta.is_none() => read_init_marker(data, dev_size, reduce)?,
         _ => false,
     };
-    // A start cut while its first header was being written leaves a LUKS magic but
-    // no valid copy, and the start marker: that run is continued, not refused.
-    if is_luks(data)? && !(init_marker && luks2_without_valid_copy(data)?) {
+    // A start cut while its first header was being written leaves the start marker and
+    // a LUKS magic with no valid copy, or only the secondary copy valid (written and
+    // flushed before the primary, whose area still holds the old first bytes, so
+    // cryptsetup's isLuks says "not LUKS"): that run is continued, not refused.
+    let cut_start =
+        init_marker && (luks2_without_valid_copy(data)? || ours_before_first_commit(data)?);
+    if is_luks(data)? && !cut_start {
         return Err(Error::Refused(
             "the device already holds a LUKS header; use `luksify resume` to continue an interrupted run".into(),
         ));
