@@ -226,3 +226,19 @@ pub fn signal_after_commits(
     unsafe { libc::kill(child.id() as libc::pid_t, sig) };
     (child.wait().unwrap(), true)
 }
+
+/// `cryptsetup luksDump HDR` (panics unless it succeeds): the header as cryptsetup reads it.
+pub fn luks_dump(hdr: &Path) -> String {
+    let out = run_ok(Command::new("cryptsetup").arg("luksDump").arg(hdr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `out` failed with exactly one line of stderr that contains `needle`.
+pub fn assert_refused_in_one_line(out: &Output, needle: &str, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.lines().count() == 1 && err.contains(needle),
+        "{what}: {}: {err}",
+        out.status
+    );
+}

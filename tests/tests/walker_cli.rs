@@ -3,8 +3,8 @@
 //! `cryptsetup reencrypt --resume-only`), and cryptsetup's killed runs resume with us.
 
 use luksify_tests::{
-    fill_pattern, has_luks_header, header_seqid, kill_after_commits, luksify_bin, require_tool,
-    run, run_ok, run_peak_rss_kib, sparse_file,
+    assert_refused_in_one_line, fill_pattern, has_luks_header, header_seqid, kill_after_commits,
+    luks_dump, luksify_bin, require_tool, run, run_ok, run_peak_rss_kib, sparse_file,
 };
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -168,12 +168,6 @@ fn detached_encrypt(c: &Case) -> Command {
     detached_encrypt_hz(c, SMALL[3])
 }
 
-/// `cryptsetup luksDump` of `c`'s detached header.
-fn dump(c: &Case) -> String {
-    let out = run_ok(Command::new("cryptsetup").args(["luksDump", &c.hdr()]));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `luksify resume IMG` with `c`'s header and key, where IMG is `c`'s file `name`:
 /// must be refused as the wrong device, with nothing written to it or the header.
 fn assert_resume_refused_on(c: &Case, name: &str, what: &str) {
@@ -190,12 +184,7 @@ fn assert_resume_refused_on(c: &Case, name: &str, what: &str) {
         "--header",
         &c.hdr(),
     ]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.lines().count() == 1 && err.contains("wrong device"),
-        "{what}: resume on {name}: {}: {err}",
-        out.status
-    );
+    assert_refused_in_one_line(&out, "wrong device", &format!("{what}: resume on {name}"));
     assert_file_is(&c.p(name), &before, &format!("{what}: {name} was written"));
     assert_file_is(
         &c.p("hdr"),
@@ -218,19 +207,23 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
     fill_pattern(&mut other, 92);
     std::fs::write(c.p("other"), &other).unwrap();
     std::fs::write(c.p("clone"), &orig).unwrap();
-    // Past the first probe (the first 4 KiB), so a copy taken before the run differs
-    // from what the header says is there; 1 MiB hotzones, 48 of them.
-    kill_after_commits(&mut detached_encrypt(&c), &c.p("hdr"), 0, 10, 0);
-    let d = dump(&c);
-    assert!(
-        d.contains("online-reencrypt") && d.contains("luksify-identity"),
-        "encrypt killed after 10 commits: {d}"
-    );
-    assert_resume_refused_on(&c, "other", "encrypt");
-    assert_resume_refused_on(&c, "clone", "encrypt");
+    // Killed past the first probe (the first 4 KiB), so a copy taken before the run
+    // differs from what the header says is there (1 MiB hotzones, 48 of them); then
+    // resume is refused on the other image and on the copy.
+    let killed_then_refused = |cmd: &mut Command, base: u64, what: &str| {
+        kill_after_commits(cmd, &c.p("hdr"), base, 10, 0);
+        let d = luks_dump(&c.p("hdr"));
+        assert!(
+            d.contains("online-reencrypt") && d.contains("luksify-identity"),
+            "{what} killed after 10 commits: {d}"
+        );
+        assert_resume_refused_on(&c, "other", what);
+        assert_resume_refused_on(&c, "clone", what);
+    };
+    killed_then_refused(&mut detached_encrypt(&c), 0, "encrypt");
     run_ok(&mut detached_resume(&c));
     assert!(
-        !dump(&c).contains("luksify-identity"),
+        !luks_dump(&c.p("hdr")).contains("luksify-identity"),
         "token left after the run"
     );
 
@@ -246,14 +239,7 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
         &c.hdr(),
     ]);
     dec.args(SMALL);
-    kill_after_commits(&mut dec, &c.p("hdr"), base, 10, 0);
-    let d = dump(&c);
-    assert!(
-        d.contains("online-reencrypt") && d.contains("luksify-identity"),
-        "decrypt killed after 10 commits: {d}"
-    );
-    assert_resume_refused_on(&c, "other", "decrypt");
-    assert_resume_refused_on(&c, "clone", "decrypt");
+    killed_then_refused(&mut dec, base, "decrypt");
     run_ok(&mut detached_resume(&c));
     assert_file_is(&c.p("img"), &orig, "decrypted image");
 }
@@ -279,7 +265,7 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
     for jitter in [3000, 1000, 0] {
         let (c, _) = Case::new(96, 55);
         kill_after_commits(&mut none(&c), &c.p("hdr"), 0, span - 1, jitter);
-        if !dump(&c).contains("in-reencryption") {
+        if !luks_dump(&c.p("hdr")).contains("in-reencryption") {
             continue;
         }
         let (img0, hdr0) = (
@@ -287,14 +273,11 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
             std::fs::read(c.p("hdr")).unwrap(),
         );
         let out = run(&mut detached_resume(&c));
-        let err = String::from_utf8_lossy(&out.stderr);
+        assert_refused_in_one_line(&out, "resilience `none`", "resume");
+        let range = format!("0..{}", 96 << 20);
         assert!(
-            !out.status.success()
-                && err.lines().count() == 1
-                && err.contains("resilience `none`")
-                && err.contains(&format!("0..{}", 96 << 20)),
-            "{}: {err}",
-            out.status
+            String::from_utf8_lossy(&out.stderr).contains(&range),
+            "no range {range}"
         );
         let rep = run(Command::new("cryptsetup").args([
             "repair",
@@ -424,13 +407,10 @@ fn walker_second_run_on_a_busy_image_is_refused_and_the_first_finishes() {
     ];
     for args in seconds {
         let out = run(&mut luksify(args));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success()
-                && err.lines().count() == 1
-                && err.contains("another luksify run holds its lock"),
-            "{args:?}: {}: {err}",
-            out.status
+        assert_refused_in_one_line(
+            &out,
+            "another luksify run holds its lock",
+            &format!("{args:?}"),
         );
         assert_file_is(&c.p("img"), &img0, &format!("{args:?} wrote to the image"));
         assert_file_is(&c.p("hdr"), &hdr0, &format!("{args:?} wrote to the header"));

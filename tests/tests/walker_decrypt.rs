@@ -6,8 +6,8 @@
 //! SIGINT/SIGTERM stop encryption and decryption at a clean, resumable point.
 
 use luksify_tests::{
-    fill_pattern, has_luks_header, header_seqid, kill_after_commits, luksify_bin, require_tool,
-    run, run_ok, signal_after_commits,
+    assert_refused_in_one_line, fill_pattern, has_luks_header, header_seqid, kill_after_commits,
+    luks_dump, luksify_bin, require_tool, run, run_ok, signal_after_commits,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -131,6 +131,18 @@ fn decrypt_cmd(c: &Case, l: Layout) -> Command {
     cmd
 }
 
+/// `luksify resume` of `c`'s image with its header file.
+fn resume_cmd(c: &Case) -> Command {
+    luksify(&[
+        "resume",
+        &c.s("img"),
+        "--key-file",
+        &c.s("key"),
+        "--header",
+        &c.s("hdr"),
+    ])
+}
+
 fn assert_plaintext_back(c: &Case, l: Layout, orig: &[u8], what: &str) {
     let now = c.img();
     let n = l.kept(orig.len());
@@ -144,8 +156,7 @@ fn assert_plaintext_back(c: &Case, l: Layout, orig: &[u8], what: &str) {
 /// The header file after a finished decryption: valid LUKS2, no keyslot, one
 /// linear segment (what cryptsetup leaves), and no key material left in it.
 fn assert_header_retired(c: &Case) {
-    let out = run_ok(Command::new("cryptsetup").args(["luksDump", &c.s("hdr")]));
-    let dump = String::from_utf8_lossy(&out.stdout);
+    let dump = luks_dump(&c.p("hdr"));
     assert!(dump.contains("0: linear"), "final header: {dump}");
     assert!(
         !dump.contains("luks2\n") && !dump.contains("reencrypt"),
@@ -173,14 +184,7 @@ fn walker_decrypt_round_trip_every_mode() {
         assert_plaintext_back(&c, l, &orig, "round trip");
         assert_header_retired(&c);
         // Nothing left to resume.
-        let out = run(&mut luksify(&[
-            "resume",
-            &c.s("img"),
-            "--key-file",
-            &c.s("key"),
-            "--header",
-            &c.s("hdr"),
-        ]));
+        let out = run(&mut resume_cmd(&c));
         assert!(
             !out.status.success()
                 && String::from_utf8_lossy(&out.stderr).contains("no encryption in progress"),
@@ -388,25 +392,11 @@ fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
                     "cryptsetup accepted the luksify-decrypt-head state"
                 );
                 assert!(c.img() == before, "cryptsetup wrote to a state it refused");
-                run(&mut luksify(&[
-                    "resume",
-                    &img,
-                    "--key-file",
-                    &key,
-                    "--header",
-                    &hdr,
-                ]))
+                run(&mut resume_cmd(&c))
             } else if by_cryptsetup {
                 cryptsetup_resume(&img, &key, Some(&hdr))
             } else {
-                run(&mut luksify(&[
-                    "resume",
-                    &img,
-                    "--key-file",
-                    &key,
-                    "--header",
-                    &hdr,
-                ]))
+                run(&mut resume_cmd(&c))
             };
             assert!(
                 out.status.success(),
@@ -666,9 +656,7 @@ fn walker_sigint_and_sigterm_stop_at_a_safe_point_that_resumes_cleanly() {
             .split_once("; continue with: ")
             .unwrap_or_else(|| panic!("{what}: no command to continue with: {msg}"))
             .1;
-        let dump =
-            run_ok(Command::new("cryptsetup").args(["luksDump", &hdr.display().to_string()]));
-        let dump = String::from_utf8_lossy(&dump.stdout);
+        let dump = luks_dump(&hdr);
         assert!(
             dump.contains("online-reencrypt") && !dump.contains("in-reencryption"),
             "{what}: the header is not a clean interrupted run: {dump}"
@@ -727,29 +715,14 @@ fn walker_refuses_a_backward_decryption_cryptsetup_started_which_cryptsetup_fini
         cmd
     };
     run_ok(&mut cs(&["--decrypt", "--init-only"]));
-    let dump = run_ok(Command::new("cryptsetup").args(["luksDump", &hdr]));
-    let dump = String::from_utf8_lossy(&dump.stdout);
+    let dump = luks_dump(&c.p("hdr"));
     assert!(
         dump.contains("Mode:       decrypt") && dump.contains("Direction:  backward"),
         "{dump}"
     );
     let (img0, hdr0) = (c.img(), std::fs::read(c.p("hdr")).unwrap());
-    let out = run(&mut luksify(&[
-        "resume",
-        &img,
-        "--key-file",
-        &key,
-        "--header",
-        &hdr,
-    ]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && err.lines().count() == 1
-            && err.contains("cryptsetup reencrypt --resume-only"),
-        "{}: {err}",
-        out.status
-    );
+    let out = run(&mut resume_cmd(&c));
+    assert_refused_in_one_line(&out, "cryptsetup reencrypt --resume-only", "resume");
     assert!(c.img() == img0, "the image was written");
     assert!(
         std::fs::read(c.p("hdr")).unwrap() == hdr0,
@@ -769,7 +742,7 @@ fn walker_leaves_out_the_identity_token_where_the_json_area_is_nearly_full() {
     let l = Layout::Detached("checksum");
     let (c, orig) = Case::new(24, 72);
     encrypt_with_luksify(&c, l);
-    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+    let (img, hdr) = (c.s("img"), c.s("hdr"));
     // 8.5 KB of padding: of the 12 KiB JSON area, less than the token plus the 2 KiB
     // a run keeps free is left once the decryption's metadata is in.
     let filler = format!(
@@ -788,20 +761,12 @@ fn walker_leaves_out_the_identity_token_where_the_json_area_is_nearly_full() {
     ]));
     let base = base_of(&c, l);
     kill_after_commits(&mut decrypt_cmd(&c, l), &c.p("hdr"), base, 3, 0);
-    let dump = run_ok(Command::new("cryptsetup").args(["luksDump", &hdr]));
-    let dump = String::from_utf8_lossy(&dump.stdout);
+    let dump = luks_dump(&c.p("hdr"));
     assert!(
         dump.contains("online-reencrypt") && dump.contains("filler"),
         "not in progress after 3 commits: {dump}"
     );
     assert!(!dump.contains("luksify-identity"), "token added: {dump}");
-    run_ok(&mut luksify(&[
-        "resume",
-        &img,
-        "--key-file",
-        &key,
-        "--header",
-        &hdr,
-    ]));
+    run_ok(&mut resume_cmd(&c));
     assert_plaintext_back(&c, l, &orig, "decrypted with a full JSON area");
 }

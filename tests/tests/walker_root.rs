@@ -174,6 +174,18 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
     let dev = lo.path.display().to_string();
     // Ask for a clean stop once the header exists. A 96 MiB run in 1 MiB hotzones
     // may still finish first on a starved machine: up to 3 tries, each from the start.
+    let decrypt_none = || {
+        run_ok(Command::new(luksify_bin()).args([
+            "decrypt",
+            &dev,
+            "--key-file",
+            &key,
+            "--header",
+            &hdr,
+            "--resilience",
+            "none",
+        ]))
+    };
     let mut stopped = false;
     for _ in 0..3 {
         let mut enc = Command::new(luksify_bin());
@@ -198,16 +210,7 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
         }
         assert!(st.success(), "none: encrypt ended with {st} after SIGINT");
         // Finished before the signal: back to plaintext and try again.
-        run_ok(Command::new(luksify_bin()).args([
-            "decrypt",
-            &dev,
-            "--key-file",
-            &key,
-            "--header",
-            &hdr,
-            "--resilience",
-            "none",
-        ]));
+        decrypt_none();
         std::fs::remove_file(&hdr).unwrap();
     }
     assert!(
@@ -222,16 +225,7 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
         "--header",
         &hdr,
     ]));
-    run_ok(Command::new(luksify_bin()).args([
-        "decrypt",
-        &dev,
-        "--key-file",
-        &key,
-        "--header",
-        &hdr,
-        "--resilience",
-        "none",
-    ]));
+    decrypt_none();
     drop(lo);
     let now = std::fs::read(dir.path().join("img")).unwrap();
     let fs = (64 * MIB) as usize;

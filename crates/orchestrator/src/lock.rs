@@ -4,7 +4,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -55,30 +54,21 @@ impl GlobalLock {
         } else {
             libc::LOCK_EX | libc::LOCK_NB
         };
-        loop {
-            // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-            if rc == 0 {
-                break;
+        if let Err(e) = luksify_walker::device::flock(&file, op) {
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io(e));
             }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) => {
-                    let mut s = String::new();
-                    let _ = file.read_to_string(&mut s);
-                    let pid = s.trim().to_string();
-                    return Err(LockError::Busy {
-                        pid: if pid.is_empty() {
-                            "unknown".into()
-                        } else {
-                            pid
-                        },
-                        path,
-                    });
-                }
-                _ => return Err(io(e)),
-            }
+            let mut s = String::new();
+            let _ = file.read_to_string(&mut s);
+            let pid = s.trim().to_string();
+            return Err(LockError::Busy {
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid
+                },
+                path,
+            });
         }
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;

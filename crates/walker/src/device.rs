@@ -112,32 +112,34 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-/// `flock(LOCK_EX | LOCK_NB)` on `file`: a clear error when another process holds it.
-fn lock_exclusive(file: &File) -> io::Result<()> {
+/// `flock(2)` with operation `op` on `file`, retried when a signal interrupts it.
+pub fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
     loop {
         // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
+        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), op) };
         if rc == 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "another luksify run holds its lock; wait for that run to end, or stop \
-                     it (SIGINT) and continue with `luksify resume`",
-                ))
-            }
-            _ => return Err(e),
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
         }
     }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)` on `file`: a clear error when another process holds it.
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    flock(file, libc::LOCK_EX | libc::LOCK_NB).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "another luksify run holds its lock; wait for that run to end, or stop \
+                 it (SIGINT) and continue with `luksify resume`",
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// An open data device or image file.

@@ -195,7 +195,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
     }
 
     /// [`Self::transform`] on the calling thread (small recovery pieces).
-    fn transform_serial(&self, buf: &mut [u8], logical: u64) -> Result<()> {
+    pub(crate) fn transform_serial(&self, buf: &mut [u8], logical: u64) -> Result<()> {
         match self.layout.mode {
             ReencryptMode::Decrypt => self.cipher.decrypt_serial(buf, self.iv(logical)),
             _ => self.cipher.encrypt_serial(buf, self.iv(logical)),

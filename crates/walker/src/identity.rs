@@ -23,7 +23,6 @@
 //! behind by a run cryptsetup finished) is checked by size only, as before.
 
 use crate::{Error, Result};
-use luksify_cipher::SectorCipher;
 use luksify_luks::io::Disk;
 use luksify_luks::luks2::json::{ReencryptDirection, ReencryptMode, Token};
 use luksify_luks::reencrypt::{Progress, ReencryptState};
@@ -81,27 +80,13 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn transform(
-    st: &ReencryptState,
-    cipher: &SectorCipher,
-    buf: &mut [u8],
-    logical: u64,
-) -> Result<()> {
-    // The engine's IV: the logical offset in 512-byte units.
-    let iv = logical / 512;
-    match st.mode {
-        ReencryptMode::Decrypt => cipher.decrypt_serial(buf, iv),
-        _ => cipher.encrypt_serial(buf, iv),
-    }
-    .map_err(Error::Cipher)
-}
-
 /// The token for a run that has not changed any data yet: the probes' current
 /// content is their old one. `None` when the layout does not get one.
+/// `transform` is the walk's own (old bytes to new, in place, at a logical offset).
 pub(crate) fn token_at_start<D: Disk + ?Sized>(
     data: &D,
     st: &ReencryptState,
-    cipher: &SectorCipher,
+    transform: impl Fn(&mut [u8], u64) -> Result<()>,
     end: u64,
 ) -> Result<Option<Token>> {
     let Some(mode) = mode_name(st.mode).filter(|_| applies(st)) else {
@@ -113,7 +98,7 @@ pub(crate) fn token_at_start<D: Disk + ?Sized>(
         data.read_at(st.layout.old_physical(l), &mut buf)
             .map_err(|e| Error::io("read identity probe", e))?;
         let old = tags(&buf);
-        transform(st, cipher, &mut buf, l)?;
+        transform(&mut buf, l)?;
         let mut p = serde_json::Map::new();
         p.insert("offset".into(), Value::String(l.to_string()));
         p.insert("old".into(), Value::Array(old));

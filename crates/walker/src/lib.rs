@@ -890,7 +890,8 @@ fn run_from<D: Disk + Sync + ?Sized>(
     match identity::find(j.hdr.metadata.tokens.values(), &j.st) {
         Some(t) => identity::check(data, &j.st, p, t)?,
         None if fresh => {
-            if let Some(t) = identity::token_at_start(data, &j.st, &cipher, end)? {
+            let transform = |b: &mut [u8], l: u64| w.transform_serial(b, l);
+            if let Some(t) = identity::token_at_start(data, &j.st, transform, end)? {
                 let tokens = &mut j.hdr.metadata.tokens;
                 tokens.retain(|_, t| t.kind != identity::TOKEN_TYPE);
                 let id = (0..).find(|i| !tokens.contains_key(i)).unwrap_or(0);
