@@ -6,8 +6,8 @@
 //! SIGINT/SIGTERM stop encryption and decryption at a clean, resumable point.
 
 use luksify_tests::{
-    assert_refused_in_one_line, fill_pattern, has_luks_header, header_seqid, kill_after_commits,
-    luks_dump, luksify_bin, require_tool, run, run_ok, signal_after_commits,
+    fill_pattern, has_luks_header, header_seqid, kill_after_commits, luks_dump, luksify_bin,
+    require_tool, run, run_ok, signal_after_commits,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -695,41 +695,259 @@ fn walker_sigint_and_sigterm_stop_at_a_safe_point_that_resumes_cleanly() {
     }
 }
 
+/// `cryptsetup reencrypt` of `c`'s detached-header image with `extra` options. Not
+/// `-q`: quiet, cryptsetup ignores SIGINT (its progress callback is what stops it).
+fn cs_decrypt(c: &Case, extra: &[&str]) -> Command {
+    let mut cmd = Command::new("cryptsetup");
+    cmd.args(["reencrypt", "--force-offline-reencrypt", "--batch-mode"])
+        .args(extra)
+        .args([
+            "--header",
+            &c.s("hdr"),
+            "--key-file",
+            &c.s("key"),
+            &c.s("img"),
+        ]);
+    cmd
+}
+
+/// `cmd` (a cryptsetup command) run under strace with one `-e inject=...` rule.
+fn under_strace(inject: &str, cmd: &Command) -> Command {
+    let mut st = Command::new("strace");
+    st.args(["-f", "-qq", "-o", "/dev/null", "-e", inject])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdout(Stdio::null());
+    st
+}
+
 /// cryptsetup 2.6 decrypts a detached-header volume walking backward with the data in
-/// place, which luksify does not continue: `resume` refuses in one line, writes
-/// nothing and names cryptsetup's command, which then finishes the run. (Before, the
-/// walk's plan started from the dynamic segment's end, u64::MAX, and grew until the
-/// process ran out of memory.)
+/// place (segments: old crypt `[0, a)`, the hotzone, new linear to a dynamic end).
+/// luksify finishes such a run wherever cryptsetup left it, in each resilience:
+/// - stopped cleanly mid-walk (SIGINT after a few of its 1 MiB hotzones);
+/// - killed mid-walk (strace injects SIGKILL at its n-th fdatasync; checksum and
+///   journal, which can recover a hotzone);
+/// - before its first hotzone (`--init-only`: one old segment to the device's end);
+///   this luksify run is then itself killed mid-walk, and cryptsetup (`repair`,
+///   `--resume-only`) or luksify finishes it: what luksify writes in that layout is
+///   cryptsetup's own.
+///
+/// Every finish gives the original bytes back. (Before, luksify refused this layout;
+/// earlier still, it planned hotzones down from u64::MAX and ran out of memory.)
 #[test]
-fn walker_refuses_a_backward_decryption_cryptsetup_started_which_cryptsetup_finishes() {
+fn walker_finishes_backward_decryptions_cryptsetup_started() {
     require_tool("cryptsetup");
+    require_tool("strace");
     let l = Layout::Detached("checksum");
-    let (c, orig) = Case::new(24, 71);
-    encrypt_with_luksify(&c, l);
-    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
-    let cs = |extra: &[&str]| {
-        let mut cmd = Command::new("cryptsetup");
-        cmd.args(["reencrypt", "--force-offline-reencrypt", "-q"])
-            .args(extra)
-            .args(["--header", &hdr, "--key-file", &key, &img]);
-        cmd
-    };
-    run_ok(&mut cs(&["--decrypt", "--init-only"]));
-    let dump = luks_dump(&c.p("hdr"));
-    assert!(
-        dump.contains("Mode:       decrypt") && dump.contains("Direction:  backward"),
-        "{dump}"
-    );
-    let (img0, hdr0) = (c.img(), std::fs::read(c.p("hdr")).unwrap());
-    let out = run(&mut resume_cmd(&c));
-    assert_refused_in_one_line(&out, "cryptsetup reencrypt --resume-only", "resume");
-    assert!(c.img() == img0, "the image was written");
-    assert!(
-        std::fs::read(c.p("hdr")).unwrap() == hdr0,
-        "the header was written"
-    );
-    run_ok(&mut cs(&["--resume-only"]));
-    assert_plaintext_back(&c, l, &orig, "finished by cryptsetup");
+    let hz = ["--hotzone-size", "1M"];
+    for (i, res) in ["checksum", "journal", "none"].into_iter().enumerate() {
+        let resil = ["--resilience", res];
+        // 1. cryptsetup stopped cleanly mid-walk: strace sends SIGINT as it enters its
+        //    n-th write(2) (data, header and progress writes alike).
+        let (c, orig) = Case::new(24, 80 + i as u64);
+        encrypt_with_luksify(&c, l);
+        run_ok(cs_decrypt(&c, &["--decrypt", "--init-only"]).args(resil));
+        let when = if res == "none" { 15 } else { 60 };
+        let stop = run(&mut under_strace(
+            &format!("inject=write:signal=SIGINT:when={when}"),
+            cs_decrypt(&c, &["--resume-only"]).args(hz),
+        ));
+        assert!(!stop.status.success(), "{res}: cryptsetup was not stopped");
+        let dump = luks_dump(&c.p("hdr"));
+        assert!(
+            dump.contains("Direction:  backward") && !dump.contains("in-reencryption"),
+            "{res}: not a clean stop mid-walk: {dump}"
+        );
+        run_ok(&mut resume_cmd(&c));
+        assert_header_retired(&c);
+        assert_plaintext_back(
+            &c,
+            l,
+            &orig,
+            &format!("{res}: cryptsetup stopped by SIGINT"),
+        );
+
+        // 2. cryptsetup killed mid-walk at an exact flush.
+        if res != "none" {
+            for n in [3, 9] {
+                let (c, orig) = Case::new(24, 90 + n + i as u64);
+                encrypt_with_luksify(&c, l);
+                run_ok(cs_decrypt(&c, &["--decrypt", "--init-only"]).args(resil));
+                let cut = run(&mut under_strace(
+                    &format!("inject=fdatasync:signal=SIGKILL:when={n}"),
+                    cs_decrypt(&c, &["--resume-only"]).args(hz),
+                ));
+                assert!(!cut.status.success(), "{res}/{n}: cryptsetup was not cut");
+                let dump = luks_dump(&c.p("hdr"));
+                assert!(
+                    dump.contains("in-reencryption") && dump.contains("Direction:  backward"),
+                    "{res}/{n}: not cut mid-walk: {dump}"
+                );
+                run_ok(&mut resume_cmd(&c));
+                assert_header_retired(&c);
+                assert_plaintext_back(&c, l, &orig, &format!("{res}: cryptsetup cut at {n}"));
+            }
+        }
+
+        // 3. Started by cryptsetup (`--init-only`), walked by luksify. Checksum and
+        //    journal: luksify is killed mid-walk, then cryptsetup (checksum) or luksify
+        //    (journal) finishes. `none` commits once per GiB, so luksify just finishes.
+        let (c, orig) = Case::new(24, 95 + i as u64);
+        encrypt_with_luksify(&c, l);
+        run_ok(cs_decrypt(&c, &["--decrypt", "--init-only"]).args(resil));
+        let base = header_seqid(&c.p("hdr"));
+        let mut cmd = resume_cmd(&c);
+        cmd.args(SMALL);
+        if res == "none" {
+            run_ok(&mut cmd);
+        } else {
+            kill_after_commits(&mut cmd, &c.p("hdr"), base, 4, 300);
+            let dump = luks_dump(&c.p("hdr"));
+            assert!(
+                dump.contains("Direction:  backward"),
+                "{res}: luksify was not killed mid-walk: {dump}"
+            );
+            if res == "checksum" {
+                run_ok(Command::new("cryptsetup").args([
+                    "repair",
+                    "-q",
+                    "--header",
+                    &c.s("hdr"),
+                    "--key-file",
+                    &c.s("key"),
+                    &c.s("img"),
+                ]));
+                run_ok(&mut cs_decrypt(&c, &["--resume-only"]));
+            } else {
+                run_ok(&mut resume_cmd(&c));
+                assert_header_retired(&c);
+            }
+        }
+        assert_plaintext_back(&c, l, &orig, &format!("{res}: walked by luksify"));
+    }
+}
+
+/// cryptsetup 2.6's `reencrypt --decrypt --header NEW` of a volume with its header in
+/// front (metadata v3): it copies the first `m` bytes of ciphertext over the old header
+/// (`m` = the data offset, or `--hotzone-size`), moves the rest down hotzone by hotzone
+/// (datashift), and decrypts that moved head in place last, protected by checksums
+/// (`datashift-checksum`) or a journal (`datashift-journal`). luksify finishes such a run
+/// from the points cryptsetup was cut at (strace injects SIGKILL at its n-th fdatasync:
+/// its first few, a spread of the middle, and its last few, which are the head's), and
+/// cryptsetup (`repair`, `--resume-only`) finishes what luksify left when killed in
+/// that layout. Every finish gives the original bytes back.
+#[test]
+fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    let variants: [(&str, &[&str]); 3] = [
+        ("checksum", &[]),
+        ("checksum", &["--hotzone-size", "1M"]),
+        // The journal must hold the whole head: 2 MiB of the 3.9 MiB area here.
+        ("journal", &["--hotzone-size", "2M"]),
+    ];
+    for (v, (res, extra)) in variants.into_iter().enumerate() {
+        let start = |c: &Case| {
+            let mut cmd = cs_decrypt(c, &["--decrypt", "--resilience", res]);
+            cmd.args(extra);
+            cmd
+        };
+        // How many fdatasyncs a whole run makes.
+        let (c, orig) = Case::new(32, 120 + v as u64);
+        encrypt_with_luksify(&c, Layout::Shift);
+        let log = c.s("strace.log");
+        run_ok(
+            Command::new("strace")
+                .args(["-f", "-qq", "-e", "trace=fdatasync", "-o", &log])
+                .arg("cryptsetup")
+                .args(start(&c).get_args())
+                .stdout(Stdio::null()),
+        );
+        assert_plaintext_back(&c, Layout::Shift, &orig, "uncut");
+        let total = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("fdatasync("))
+            .count();
+        assert!(
+            total >= 6,
+            "{res} {extra:?}: only {total} fdatasyncs in a run"
+        );
+        let step = (total / 4).max(1);
+        let (mut mid, mut head_hot) = (0, 0);
+        for n in (1..=total).filter(|n| *n <= 2 || n + 4 > total || n % step == 0) {
+            let what = format!("{res} {extra:?} cut at fdatasync {n} of {total}");
+            let (c, orig) = Case::new(32, 120 + v as u64);
+            encrypt_with_luksify(&c, Layout::Shift);
+            let cut = run(&mut under_strace(
+                &format!("inject=fdatasync:signal=SIGKILL:when={n}"),
+                &start(&c),
+            ));
+            assert!(!cut.status.success(), "{what}: not cut");
+            let dump = has_luks_header(&c.p("hdr")).then(|| luks_dump(&c.p("hdr")));
+            if let Some(d) = dump.as_ref().filter(|d| d.contains("online-reencrypt-v3")) {
+                mid += 1;
+                // The moved head itself in progress: the first segment is the hotzone.
+                if d.contains("  0: linear\n\toffset: 0 [bytes]\n\tlength: ")
+                    && d.split("  1: ")
+                        .next()
+                        .is_some_and(|s0| s0.contains("in-reencryption"))
+                {
+                    head_hot += 1;
+                }
+            }
+            let out = run(&mut resume_cmd(&c));
+            let err = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                assert_header_retired(&c);
+            } else if !err.contains("already finished") {
+                // Cut before cryptsetup's new header held a run: the volume must be
+                // untouched, still LUKS with its header in front.
+                assert!(
+                    dump.is_none_or(|d| !d.contains("reencrypt")),
+                    "{what}: luksify refused a run in progress: {err}"
+                );
+                run_ok(Command::new("cryptsetup").args(["isLuks", &c.s("img")]));
+                continue;
+            }
+            assert_plaintext_back(&c, Layout::Shift, &orig, &what);
+        }
+        assert!(mid >= 5, "{res} {extra:?}: only {mid} cuts landed mid-run");
+        assert!(
+            head_hot >= 1,
+            "{res} {extra:?}: no cut landed in the moved head"
+        );
+
+        // luksify walks cryptsetup's start and is killed mid-tail; cryptsetup finishes.
+        let (c, orig) = Case::new(32, 130 + v as u64);
+        encrypt_with_luksify(&c, Layout::Shift);
+        run_ok(start(&c).arg("--init-only"));
+        let base = header_seqid(&c.p("hdr"));
+        let mut cmd = resume_cmd(&c);
+        cmd.args(["--chunk-mib", "1", "--hotzone-kib", "1024", "--buffered"]);
+        kill_after_commits(&mut cmd, &c.p("hdr"), base, 3, 300);
+        let dump = luks_dump(&c.p("hdr"));
+        assert!(
+            dump.contains("in-reencryption") && dump.contains("backup-moved-segment"),
+            "{res} {extra:?}: luksify not killed mid-tail: {dump}"
+        );
+        run_ok(Command::new("cryptsetup").args([
+            "repair",
+            "-q",
+            "--header",
+            &c.s("hdr"),
+            "--key-file",
+            &c.s("key"),
+            &c.s("img"),
+        ]));
+        run_ok(&mut cs_decrypt(&c, &["--resume-only"]));
+        assert_plaintext_back(
+            &c,
+            Layout::Shift,
+            &orig,
+            &format!("{res} {extra:?}: luksify killed"),
+        );
+    }
 }
 
 /// A header with little JSON room left (here filled by a token cryptsetup imported)

@@ -72,12 +72,25 @@ impl EncryptLayout {
     fn decrypting(&self) -> bool {
         self.mode == ReencryptMode::Decrypt
     }
+    /// A decryption with a moved first segment: cryptsetup 2.6 copies the first `m`
+    /// bytes of ciphertext over the header at offset 0, decrypts the rest forward
+    /// (each hotzone moves down by the data offset), and decrypts that head in place
+    /// last (see [`Progress`]).
+    pub fn head_last(&self) -> Option<u64> {
+        self.shift.filter(|_| self.decrypting()).map(|s| s.size)
+    }
 }
 
 /// Progress in logical bytes. Forward: `[0, hot_start)` is done; backward:
 /// `[hot_start + hot_len, end)` is done. `hot_len == 0` is a clean state. A forward run
 /// whose segments are all new up to a dynamic end (killed after its last hotzone, before
 /// the final header) reads back as `hot_start == u64::MAX`: done, only the header is left.
+///
+/// A decryption whose layout has a moved first segment of `m` bytes (cryptsetup 2.6's
+/// `reencrypt --decrypt --header FILE` of a volume with its header in front, see
+/// [`EncryptLayout::head_last`]) walks `[m, end)` forward and the moved head `[0, m)`,
+/// in place, last: `[m, hot_start)` is done (`hot_start == u64::MAX`: all of it), the
+/// head's hotzone is `(0, m)`, and `(0, 0)` means every byte is done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Progress {
     pub hot_start: u64,
@@ -183,8 +196,37 @@ pub fn encrypt_segments(
             out.push(crypt(l.new_physical(start), size, start / 512, l, flags));
         }
     };
-    let hot_end = p.hot_start + p.hot_len;
+    let hot_end = p.hot_start.saturating_add(p.hot_len);
     match dir {
+        ReencryptDirection::Forward if l.head_last().is_some() => {
+            // As cryptsetup writes each state (luksDump on this machine): the moved
+            // head stays one old segment at offset 0 until the tail is done.
+            let m = l.head_last().unwrap_or(0);
+            let tail_done = p.hot_start == u64::MAX || data_end.is_some_and(|e| p.hot_start >= e);
+            if p.hot_start == 0 {
+                if p.hot_len > 0 {
+                    new_range(0, Some(p.hot_len), &[FLAG_IN_REENCRYPTION], &mut live);
+                }
+                new_range(p.hot_len, None, &[], &mut live);
+            } else if tail_done {
+                old_range(0, Some(m), &mut live);
+                new_range(m, None, &[], &mut live);
+            } else {
+                old_range(0, Some(m), &mut live);
+                new_range(m, Some(p.hot_start), &[], &mut live);
+                if p.hot_len > 0 {
+                    new_range(
+                        p.hot_start,
+                        Some(hot_end),
+                        &[FLAG_IN_REENCRYPTION],
+                        &mut live,
+                    );
+                }
+                if data_end.is_none_or(|e| hot_end < e) {
+                    old_range(hot_end, None, &mut live);
+                }
+            }
+        }
         ReencryptDirection::Forward => {
             new_range(0, Some(p.hot_start), &[], &mut live);
             if p.hot_len > 0 {
@@ -206,19 +248,30 @@ pub fn encrypt_segments(
             }
         }
         ReencryptDirection::Backward => {
-            let end = l.data_size.ok_or_else(|| {
-                Error::InvalidArgument("backward reencryption needs a fixed data size".into())
-            })?;
-            old_range(0, Some(p.hot_start), &mut live);
-            if p.hot_len > 0 {
-                new_range(
-                    p.hot_start,
-                    Some(hot_end),
-                    &[FLAG_IN_REENCRYPTION],
-                    &mut live,
-                );
+            // A dynamic size is cryptsetup 2.6's `reencrypt --decrypt --header` (data
+            // in place): nothing done yet is one old segment to the device's end, as
+            // its `--init-only` writes it; the first hotzone (the data's last bytes)
+            // has no new segment after it; later ones are followed by a dynamic one.
+            let end = l.data_size.or(data_end);
+            let untouched = p.hot_len == 0
+                && (p.hot_start == u64::MAX || end.is_some_and(|e| p.hot_start >= e));
+            if untouched && l.data_size.is_none() {
+                old_range(0, None, &mut live);
+            } else {
+                old_range(0, Some(p.hot_start), &mut live);
+                if p.hot_len > 0 {
+                    new_range(
+                        p.hot_start,
+                        Some(hot_end),
+                        &[FLAG_IN_REENCRYPTION],
+                        &mut live,
+                    );
+                }
+                let at_end = l.data_size.is_none() && data_end.is_some_and(|e| hot_end >= e);
+                if !at_end {
+                    new_range(hot_end, l.data_size, &[], &mut live);
+                }
             }
-            new_range(hot_end, Some(end), &[], &mut live);
         }
     }
     if live.is_empty() {
@@ -252,11 +305,18 @@ pub fn encrypt_segments(
         ));
     }
     if let Some(s) = l.shift {
-        live.push(linear(
-            s.moved_offset,
-            sized(s.size),
-            &[FLAG_BACKUP_MOVED_SEGMENT],
-        ));
+        // The moved segment holds old bytes: plaintext, or ciphertext when decrypting.
+        live.push(if l.decrypting() {
+            crypt(
+                s.moved_offset,
+                sized(s.size),
+                0,
+                l,
+                &[FLAG_BACKUP_MOVED_SEGMENT],
+            )
+        } else {
+            linear(s.moved_offset, sized(s.size), &[FLAG_BACKUP_MOVED_SEGMENT])
+        });
     }
     Ok(live)
 }
@@ -521,9 +581,9 @@ pub fn state(md: &Metadata) -> Result<Option<ReencryptState>> {
         _ => None,
     };
     let shift = match by_flag(FLAG_BACKUP_MOVED_SEGMENT) {
-        Some(_) if decrypting => {
+        Some(_) if decrypting && ks.direction != ReencryptDirection::Forward => {
             return Err(Error::Unsupported(
-                "cryptsetup's decryption with a moved first segment (finish it with `cryptsetup reencrypt --resume-only`)"
+                "a backward decryption with a moved first segment (finish it with `cryptsetup reencrypt --resume-only`)"
                     .into(),
             ))
         }
@@ -575,11 +635,45 @@ pub fn state(md: &Metadata) -> Result<Option<ReencryptState>> {
         }
         logical = logical.saturating_add(size);
     }
+    let head_last = layout.head_last();
     let progress = match (hot, ks.direction) {
         (Some((a, n)), _) => Progress {
             hot_start: a,
             hot_len: n,
         },
+        (None, _) if head_last.is_some() => {
+            // Old pieces: the moved head at 0 (until the very end), then the tail's.
+            let m = head_last.unwrap_or(0);
+            let mut logical = 0u64;
+            let (mut head_old, mut tail_old) = (false, None);
+            for s in md.segments.values().filter(|s| !s.is_backup()) {
+                if matches!(s, Segment::Crypt(_)) {
+                    if logical < m {
+                        head_old = true;
+                    } else {
+                        tail_old.get_or_insert(logical);
+                    }
+                }
+                logical = match s.size() {
+                    Some(SegmentSize::Bytes(n)) => logical.saturating_add(n),
+                    _ => u64::MAX,
+                };
+            }
+            match (head_old, tail_old) {
+                (true, Some(a)) => Progress {
+                    hot_start: a,
+                    hot_len: 0,
+                },
+                (true, None) => Progress {
+                    hot_start: u64::MAX,
+                    hot_len: 0,
+                },
+                (false, _) => Progress {
+                    hot_start: 0,
+                    hot_len: 0,
+                },
+            }
+        }
         (None, ReencryptDirection::Forward) => Progress {
             hot_start: first_linear.unwrap_or(logical),
             hot_len: 0,
@@ -837,4 +931,76 @@ pub fn verify_reencrypt_digest(md: &Metadata, keyslot: u32, vk: &[u8]) -> Result
     Err(Error::corrupt(
         "reencryption metadata digest does not verify (header edited or damaged)",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Live segments as (crypt?, offset, size or `None` for dynamic, in-reencryption?).
+    fn live(segs: &[Segment]) -> Vec<(bool, u64, Option<u64>, bool)> {
+        segs.iter()
+            .filter(|s| !s.is_backup())
+            .map(|s| {
+                let size = match s.size() {
+                    Some(SegmentSize::Bytes(n)) => Some(n),
+                    _ => None,
+                };
+                let crypt = matches!(s, Segment::Crypt(_));
+                (
+                    crypt,
+                    s.offset().unwrap(),
+                    size,
+                    s.has_flag(FLAG_IN_REENCRYPTION),
+                )
+            })
+            .collect()
+    }
+
+    /// cryptsetup 2.6's `reencrypt --decrypt --header` (data in place, dynamic size,
+    /// backward), as its luksDump shows each state on this machine.
+    #[test]
+    fn backward_in_place_decryption_segments_are_cryptsetups() {
+        let l = EncryptLayout {
+            mode: ReencryptMode::Decrypt,
+            data_offset: 0,
+            old_offset: 0,
+            data_size: None,
+            encryption: "aes-xts-plain64".into(),
+            sector_size: 4096,
+            shift: None,
+        };
+        let (end, h) = (24u64 << 20, 1u64 << 20);
+        let at = |hot_start, hot_len| {
+            let p = Progress { hot_start, hot_len };
+            live(&encrypt_segments(&l, ReencryptDirection::Backward, p, Some(end)).unwrap())
+        };
+        // --init-only: one crypt segment over the whole device.
+        assert_eq!(at(u64::MAX, 0), [(true, 0, None, false)]);
+        assert_eq!(at(end, 0), [(true, 0, None, false)]);
+        // The first hotzone is the data's last: nothing after it.
+        assert_eq!(
+            at(end - h, h),
+            [
+                (true, 0, Some(end - h), false),
+                (false, end - h, Some(h), true)
+            ]
+        );
+        // Later ones: new data to the device's end.
+        let a = 7 * h;
+        assert_eq!(
+            at(a, h),
+            [
+                (true, 0, Some(a), false),
+                (false, a, Some(h), true),
+                (false, a + h, None, false)
+            ]
+        );
+        // A clean stop (cryptsetup's SIGINT state) and the end.
+        assert_eq!(
+            at(a, 0),
+            [(true, 0, Some(a), false), (false, a, None, false)]
+        );
+        assert_eq!(at(0, 0), [(false, 0, None, false)]);
+    }
 }

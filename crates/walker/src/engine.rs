@@ -93,6 +93,9 @@ pub(crate) struct Walk<'a, D: Disk + Sync + ?Sized> {
     pub layout: &'a EncryptLayout,
     pub direction: ReencryptDirection,
     pub resilience: Resilience,
+    /// Head-last decryption (`EncryptLayout::head_last`): the moved head's length and
+    /// its protection. `resilience` (datashift) covers the tail.
+    pub head: Option<(u64, Resilience)>,
     pub cipher: &'a SectorCipher,
     pub tuning: Tuning,
     pub progress: Option<&'a ProgressFn<'a>>,
@@ -130,6 +133,20 @@ fn plan<D: Disk + Sync + ?Sized>(w: &Walk<'_, D>, p: Progress, end: u64) -> Vec<
     let h = w.tuning.hotzone;
     let mut v = Vec::new();
     match w.direction {
+        // Head-last: the tail [m, end) here; the head is `Walk::run_head`'s.
+        ReencryptDirection::Forward if w.head.is_some() => {
+            let m = w.head.map_or(0, |(m, _)| m);
+            let mut a = if p.hot_start == 0 {
+                end
+            } else {
+                p.hot_start.max(m)
+            };
+            while a < end {
+                let n = h.min(end - a);
+                v.push((a, n));
+                a += n;
+            }
+        }
         ReencryptDirection::Forward => {
             let mut a = p.hot_start;
             while a < end {
@@ -209,7 +226,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let dst = self.layout.new_physical(start);
         let mut buf = AlignedBuf::new(self.tuning.chunk.max(CHECKSUM_BLOCK));
         let mut done = 0u64;
-        match self.resilience {
+        // A head-last decryption's head is decrypted in place under its own protection.
+        let head = self.head.filter(|_| start == 0);
+        let resilience = head.map_or(self.resilience, |(_, r)| r);
+        match resilience {
             Resilience::Checksum => {
                 let mut sums = vec![0u8; (len as usize / CHECKSUM_BLOCK) * CHECKSUM_LEN];
                 j.area_read(0, &mut sums)?;
@@ -242,7 +262,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 while done < len {
                     let n = (buf.len() as u64).min(len - done) as usize;
                     let b = &mut buf[..n];
-                    if self.resilience == Resilience::Journal {
+                    if resilience == Resilience::Journal {
                         j.area_read(done, b)?;
                     } else {
                         self.data
@@ -260,6 +280,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         }
         self.data.flush().map_err(|e| Error::io("flush data", e))?;
         let next = match self.direction {
+            _ if head.is_some() => Progress {
+                hot_start: 0,
+                hot_len: 0,
+            },
             ReencryptDirection::Forward => Progress {
                 hot_start: start + len,
                 hot_len: 0,
@@ -279,9 +303,11 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let end = data_end(self)?;
         let total = end;
         let zones = plan(self, p, end);
+        let head_m = self.head.map_or(0, |(m, _)| m);
         let mut done_bytes = match self.direction {
-            ReencryptDirection::Forward => p.hot_start.min(end),
-            ReencryptDirection::Backward => end - p.hot_start,
+            _ if self.head.is_some() && p.hot_start == 0 => end,
+            ReencryptDirection::Forward => p.hot_start.min(end) - head_m.min(p.hot_start.min(end)),
+            ReencryptDirection::Backward => end - p.hot_start.min(end),
         };
         let chunk = self.tuning.chunk;
         let per_zone = (self.tuning.hotzone as usize).div_ceil(chunk);
@@ -517,9 +543,72 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 }
             }
             settle(j)?;
+            if let Some((m, res)) = self.head.filter(|_| p.hot_start != 0) {
+                if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    commit(j, last_clean)?;
+                    j.area_flush()?;
+                    return Ok(Outcome::Interrupted(last_clean));
+                }
+                self.run_head(j, m, res)?;
+                if let Some(f) = self.progress {
+                    let secs = started.elapsed().as_secs_f64().max(1e-6);
+                    f(ProgressInfo {
+                        done: end,
+                        total,
+                        bytes_per_sec: ((end - start_done) as f64 / secs) as u64,
+                    });
+                }
+            }
             j.finish()?;
             Ok(Outcome::Finished)
         })
+    }
+
+    /// The moved head of a head-last decryption, once the tail is done: `m` bytes at
+    /// offset 0 decrypted in place. Its protection goes to the area first (`Checksum`:
+    /// the old blocks' sums; `Journal`: the old bytes), made durable before the header
+    /// names the head hot; then the head is rewritten and flushed. One hotzone of at
+    /// most the shift (16 MiB by default), read twice, one chunk at a time.
+    fn run_head(&self, j: &mut dyn Journal, m: u64, res: Resilience) -> Result<()> {
+        let step = self.tuning.chunk.max(CHECKSUM_BLOCK) as u64;
+        let mut buf = AlignedBuf::new(step as usize);
+        let mut sums = Vec::new();
+        let mut off = 0u64;
+        while off < m {
+            let n = step.min(m - off) as usize;
+            let b = &mut buf[..n];
+            self.data
+                .read_at(self.layout.old_physical(off), b)
+                .map_err(|e| Error::io("read the moved head", e))?;
+            match res {
+                Resilience::Checksum => hash_blocks_into(b, &mut sums),
+                Resilience::Journal => j.area_write(off, b)?,
+                _ => return Err(Error::Internal("the moved head needs checksum or journal")),
+            }
+            off += n as u64;
+        }
+        if res == Resilience::Checksum {
+            j.area_write(0, &sums)?;
+        }
+        j.area_flush()?;
+        j.commit(Progress {
+            hot_start: 0,
+            hot_len: m,
+        })?;
+        off = 0;
+        while off < m {
+            let n = step.min(m - off) as usize;
+            let b = &mut buf[..n];
+            self.data
+                .read_at(self.layout.old_physical(off), b)
+                .map_err(|e| Error::io("read the moved head", e))?;
+            self.transform(b, off)?;
+            self.data
+                .write_at(self.layout.new_physical(off), b)
+                .map_err(|e| Error::io("write the head", e))?;
+            off += n as u64;
+        }
+        self.data.flush().map_err(|e| Error::io("flush data", e))
     }
 }
 

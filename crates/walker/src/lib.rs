@@ -317,7 +317,9 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
 fn resilience_of(a: &ReencryptArea) -> Result<Resilience> {
     Ok(match a {
         ReencryptArea::None { .. } => Resilience::None,
-        ReencryptArea::Checksum { hash, sector_size, .. } => {
+        ReencryptArea::Checksum {
+            hash, sector_size, ..
+        } => {
             if hash != "sha256" || *sector_size as usize != CHECKSUM_BLOCK {
                 return Err(Error::Refused(format!(
                     "checksum resilience with {hash} over {sector_size}-byte blocks is not supported (sha256 over 4096 is)"
@@ -326,13 +328,37 @@ fn resilience_of(a: &ReencryptArea) -> Result<Resilience> {
             Resilience::Checksum
         }
         ReencryptArea::Journal { .. } => Resilience::Journal,
-        ReencryptArea::Datashift { .. } => Resilience::Datashift,
-        other => {
-            return Err(Error::Refused(format!(
-                "resilience {other:?} is not supported; finish it with `cryptsetup reencrypt --resume-only`"
-            )))
+        // cryptsetup's decryption with a moved head: the tail moves down (datashift),
+        // the head is protected as `head_resilience` says.
+        ReencryptArea::Datashift { .. } | ReencryptArea::DatashiftJournal { .. } => {
+            Resilience::Datashift
+        }
+        ReencryptArea::DatashiftChecksum { .. } => {
+            head_resilience(a)?;
+            Resilience::Datashift
         }
     })
+}
+
+/// How the moved head of a head-last decryption (`EncryptLayout::head_last`) is
+/// protected while it is decrypted in place: the area's checksums or journal.
+fn head_resilience(a: &ReencryptArea) -> Result<Resilience> {
+    match a {
+        ReencryptArea::DatashiftChecksum {
+            hash, sector_size, ..
+        } => {
+            if hash != "sha256" || *sector_size as usize != CHECKSUM_BLOCK {
+                return Err(Error::Refused(format!(
+                    "datashift-checksum resilience with {hash} over {sector_size}-byte blocks is not supported (sha256 over 4096 is); finish it with `cryptsetup reencrypt --resume-only`"
+                )));
+            }
+            Ok(Resilience::Checksum)
+        }
+        ReencryptArea::DatashiftJournal { .. } => Ok(Resilience::Journal),
+        other => Err(Error::Refused(format!(
+            "a moved first segment with resilience {other:?} cannot be decrypted in place; finish it with `cryptsetup reencrypt --resume-only`"
+        ))),
+    }
 }
 
 /// Request size: `chunk`, but small enough that a hotzone is at least
@@ -374,6 +400,12 @@ fn hotzone_for(res: Resilience, area: &ReencryptArea, layout: &EncryptLayout, t:
         // no larger than the shift never overwrites its own (or a later) source,
         // so recovery can always re-read it.
         Resilience::Datashift => match (layout.shift, area) {
+            // Head-last decryption: each tail hotzone moves down by the shift, so one
+            // no larger than it never overwrites its own source.
+            (Some(_), ReencryptArea::DatashiftChecksum { shift_size, .. })
+            | (Some(_), ReencryptArea::DatashiftJournal { shift_size, .. }) => {
+                align(t.hotzone.min(*shift_size))
+            }
             (Some(s), _) => s.size,
             (None, ReencryptArea::Datashift { shift_size, .. }) => {
                 align(t.hotzone.min(*shift_size))
@@ -869,12 +901,19 @@ fn run_from<D: Disk + Sync + ?Sized>(
         secondary_unflushed: false,
         on_data,
     };
+    let head = match layout.head_last() {
+        Some(m) if direction == ReencryptDirection::Forward => {
+            Some((m, head_resilience(&j.st.area)?))
+        }
+        _ => None,
+    };
     let w = Walk {
         data,
         meta,
         layout: &layout,
         direction,
         resilience: res,
+        head,
         cipher: &cipher,
         tuning: t,
         progress: ctl.progress,
@@ -1152,7 +1191,7 @@ fn no_header_to_resume(
     Ok(e.into())
 }
 
-/// Continues an interrupted encryption (ours or cryptsetup's). `meta` is the
+/// Continues an interrupted encryption or decryption (ours or cryptsetup's). `meta` is the
 /// detached header, or `None` when the header is on `data`.
 pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     data: &D,
@@ -1190,13 +1229,6 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             "a decryption keeps its journal in a detached header: pass --header FILE".into(),
         ));
     }
-    if st.direction == ReencryptDirection::Backward && st.layout.shift.is_none() {
-        // cryptsetup 2.6 walks `reencrypt --decrypt --header` backward over data that
-        // stays in place; luksify's backward walk is the data-shift one only.
-        return Err(Error::Refused(
-            "this run walks backward without a data shift (a decryption cryptsetup started with a detached header), which luksify cannot continue; finish it with `cryptsetup reencrypt --resume-only` (nothing was written)".into(),
-        ));
-    }
     // Unlock with any passphrase keyslot whose key matches the new segment's digest.
     let mut vk = None;
     let mut last = None;
@@ -1227,21 +1259,32 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let dev_size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
-    if let Some(s) = st.layout.shift {
+    if st.layout.head_last().is_some() {
+        // cryptsetup's decryption with a moved head: the tail still to move must be there.
+        let reached = st.progress.hot_start.saturating_add(st.progress.hot_len);
+        if st.progress.hot_start != u64::MAX
+            && dev_size < st.layout.old_offset.saturating_add(reached)
+        {
+            return Err(Error::Refused(format!(
+                "device is {dev_size} bytes, but the interrupted run has reached byte {}: wrong device, or it was shrunk (nothing was written)",
+                st.layout.old_offset + reached
+            )));
+        }
+    } else if let Some(s) = st.layout.shift {
         if dev_size != s.moved_offset + s.size {
             return Err(Error::Refused(format!(
                 "device is {dev_size} bytes but the interrupted run was on a {}-byte device: wrong device or it was resized (nothing was written)",
                 s.moved_offset + s.size
             )));
         }
-    } else if st.direction == ReencryptDirection::Forward
-        // u64::MAX: every segment is already new up to a "dynamic" end (a run killed
-        // after its last hotzone, before the final header): nothing to compare.
-        && st.progress.hot_start != u64::MAX
+    } else if st.progress.hot_start != u64::MAX
+        // u64::MAX: forward, every segment is already new up to a "dynamic" end (a run
+        // killed after its last hotzone, before the final header); backward (cryptsetup's
+        // in-place decryption), nothing done yet. Either way nothing to compare.
         && dev_size < st.progress.hot_start.saturating_add(st.progress.hot_len)
     {
         return Err(Error::Refused(format!(
-            "device is {dev_size} bytes, smaller than the {} bytes already encrypted: wrong device (nothing was written)",
+            "device is {dev_size} bytes, but the interrupted run has reached byte {}: wrong device, or it was shrunk (nothing was written)",
             st.progress.hot_start + st.progress.hot_len
         )));
     }
