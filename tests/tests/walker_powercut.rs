@@ -506,3 +506,111 @@ fn walker_power_cut_at_every_early_decrypt_operation() {
         }
     }
 }
+
+/// A decryption cryptsetup 2.6 started (`reencrypt --decrypt --init-only`) on a volume
+/// luksify encrypted from `orig`: (image bytes, header file bytes). `shift`: header in
+/// front (`--reduce-device-size 2M`; cryptsetup then moves the head, resilience
+/// `datashift-checksum` or `datashift-journal`), else detached (backward, in place).
+fn cryptsetup_started_decryption(orig: &[u8], shift: bool, resilience: &str) -> (Vec<u8>, Vec<u8>) {
+    use luksify_tests::{luksify_bin, run_ok};
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let (img, hdr, key) = (
+        dir.path().join("img"),
+        dir.path().join("hdr"),
+        dir.path().join("key"),
+    );
+    std::fs::write(&img, orig).unwrap();
+    std::fs::write(&key, PASS).unwrap();
+    let mut enc = Command::new(luksify_bin());
+    enc.arg("encrypt").arg(&img).arg("--key-file").arg(&key);
+    enc.args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]);
+    if shift {
+        enc.args(["--reduce-device-size", "2M"]);
+    } else {
+        enc.arg("--header").arg(&hdr);
+    }
+    run_ok(&mut enc);
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "reencrypt",
+                "--decrypt",
+                "--init-only",
+                "--force-offline-reencrypt",
+            ])
+            .args([
+                "--batch-mode",
+                "--resilience",
+                resilience,
+                "--hotzone-size",
+                "512K",
+            ])
+            .arg("--header")
+            .arg(&hdr)
+            .arg("--key-file")
+            .arg(&key)
+            .arg(&img),
+    );
+    (std::fs::read(&img).unwrap(), std::fs::read(&hdr).unwrap())
+}
+
+/// luksify finishing a decryption cryptsetup started, under power cuts: its resume is
+/// cut after each of many operations (pending writes torn, lost or landed), then resumed
+/// again, and the device must hold the original plaintext. Covers the backward in-place
+/// walk (detached header; checksum and journal) and the head-last layout of a header in
+/// front (the tail moved down, then the moved head decrypted in place under checksums
+/// or a journal). Needs cryptsetup to produce the starting states.
+#[test]
+fn walker_power_cut_while_finishing_cryptsetups_decryption_then_resume_restores_plaintext() {
+    luksify_tests::require_tool("cryptsetup");
+    let orig = plaintext(77);
+    let tuning = opts(Placement::Shift { reduce: REDUCE }).tuning;
+    for (shift, res, unit) in [
+        (false, "checksum", 4096),
+        (false, "journal", 512),
+        (true, "checksum", 4096),
+        (true, "journal", 512),
+    ] {
+        let (img0, hdr0) = cryptsetup_started_decryption(&orig, shift, res);
+        let kept = if shift { SIZE - REDUCE as usize } else { SIZE };
+        // Operations of an uncut resume.
+        let total = {
+            let pc = PowerCutDisk::new(MemDisk::from_vec(img0.clone()), unit);
+            let h = pc.sibling(MemDisk::from_vec(hdr0.clone()));
+            let r = luksify_walker::resume(&pc, Some(&h), PASS, tuning, &Control::default());
+            assert_eq!(r.unwrap(), Outcome::Finished, "{res} shift={shift}");
+            assert!(
+                pc.durable().to_vec()[..kept] == orig[..kept],
+                "{res} shift={shift} uncut"
+            );
+            pc.ops()
+        };
+        // Every operation of the last stretch (the head, for the shift layout) and a
+        // spread over the rest.
+        let cuts = (0..total).filter(|c| c % 7 == 0 || *c + 40 >= total);
+        for cut in cuts {
+            let what = format!("{res} shift={shift} cut {cut} of {total}");
+            let data = MemDisk::from_vec(img0.clone());
+            let hdr = MemDisk::from_vec(hdr0.clone());
+            let pc = PowerCutDisk::new(data.clone(), unit);
+            let hpc = pc.sibling(hdr.clone());
+            pc.cut_after_ops(cut);
+            let r = luksify_walker::resume(&pc, Some(&hpc), PASS, tuning, &Control::default());
+            power_comes_back(&pc, &hpc, &r, cut.wrapping_mul(0x9e37_79b9_7f4a_7c15) + 3);
+            let in_progress = luksify_luks::luks2::Luks2Header::read(&hdr)
+                .ok()
+                .and_then(|(h, _)| luksify_luks::reencrypt::state(&h.metadata).unwrap())
+                .is_some();
+            if in_progress {
+                let again =
+                    luksify_walker::resume(&data, Some(&hdr), PASS, tuning, &Control::default());
+                assert_eq!(again.unwrap(), Outcome::Finished, "{what}");
+            }
+            assert!(
+                data.to_vec()[..kept] == orig[..kept],
+                "{what}: plaintext differs"
+            );
+        }
+    }
+}
