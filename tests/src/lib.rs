@@ -227,6 +227,27 @@ pub fn signal_after_commits(
     (child.wait().unwrap(), true)
 }
 
+/// `cmd` run under strace with one `-e inject=...` rule (stdout discarded): exact fault
+/// points, whatever the machine's load.
+pub fn strace_inject(rule: &str, cmd: &Command) -> Command {
+    let mut st = Command::new("strace");
+    st.args(["-f", "-qq", "-o", "/dev/null", "-e", rule])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdout(std::process::Stdio::null());
+    st
+}
+
+/// Runs `cmd` until it enters its `n`-th fdatasync(2), where strace SIGKILLs it (or to its
+/// end, if it makes fewer). Unlike a poll of the header, it cannot fall behind a short
+/// run on a loaded machine.
+pub fn kill_at_fdatasync(cmd: &Command, n: u64) -> Output {
+    run(&mut strace_inject(
+        &format!("inject=fdatasync:signal=SIGKILL:when={n}"),
+        cmd,
+    ))
+}
+
 /// `cryptsetup luksDump HDR` (panics unless it succeeds): the header as cryptsetup reads it.
 pub fn luks_dump(hdr: &Path) -> String {
     let out = run_ok(Command::new("cryptsetup").arg("luksDump").arg(hdr));

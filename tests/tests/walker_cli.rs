@@ -4,7 +4,8 @@
 
 use luksify_tests::{
     assert_refused_in_one_line, fill_pattern, has_luks_header, header_seqid, kill_after_commits,
-    luks_dump, luksify_bin, require_tool, run, run_ok, run_peak_rss_kib, sparse_file,
+    kill_at_fdatasync, luks_dump, luksify_bin, require_tool, run, run_ok, run_peak_rss_kib,
+    sparse_file,
 };
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -210,17 +211,17 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
     // Killed past the first probe (the first 4 KiB), so a copy taken before the run
     // differs from what the header says is there (1 MiB hotzones, 48 of them); then
     // resume is refused on the other image and on the copy.
-    let killed_then_refused = |cmd: &mut Command, base: u64, what: &str| {
-        kill_after_commits(cmd, &c.p("hdr"), base, 10, 0);
+    let killed_then_refused = |cmd: &Command, what: &str| {
+        kill_at_fdatasync(cmd, 20);
         let d = luks_dump(&c.p("hdr"));
         assert!(
             d.contains("online-reencrypt") && d.contains("luksify-identity"),
-            "{what} killed after 10 commits: {d}"
+            "{what} killed at its 20th flush: {d}"
         );
         assert_resume_refused_on(&c, "other", what);
         assert_resume_refused_on(&c, "clone", what);
     };
-    killed_then_refused(&mut detached_encrypt(&c), 0, "encrypt");
+    killed_then_refused(&detached_encrypt(&c), "encrypt");
     run_ok(&mut detached_resume(&c));
     assert!(
         !luks_dump(&c.p("hdr")).contains("luksify-identity"),
@@ -229,7 +230,6 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
 
     // Decryption: the copy is of the ciphertext, taken before the decryption.
     std::fs::copy(c.p("img"), c.p("clone")).unwrap();
-    let base = header_seqid(&c.p("hdr"));
     let mut dec = luksify(&[
         "decrypt",
         &c.img(),
@@ -239,9 +239,84 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
         &c.hdr(),
     ]);
     dec.args(SMALL);
-    killed_then_refused(&mut dec, base, "decrypt");
+    killed_then_refused(&dec, "decrypt");
     run_ok(&mut detached_resume(&c));
     assert_file_is(&c.p("img"), &orig, "decrypted image");
+}
+
+/// A run cryptsetup started carries no identity token; the first time luksify walks
+/// it, it records one at its clean point (a probe already walked: new content, its old
+/// one through the inverse cipher). Then another image, and a copy of this one taken
+/// when cryptsetup was cut (old where luksify has written since), are refused, and the
+/// right image finishes. For cryptsetup's encryption (forward) and its detached
+/// decryption (backward, in place), each cut mid-walk by SIGKILL at an exact fdatasync.
+#[test]
+fn walker_resume_records_the_identity_of_a_run_cryptsetup_started() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    for decrypt in [false, true] {
+        let what = if decrypt {
+            "cryptsetup's decryption"
+        } else {
+            "cryptsetup's encryption"
+        };
+        let (c, orig) = Case::new(48, 93);
+        let mut cs: Vec<String> = cryptsetup_encrypt_args(&c, "checksum");
+        if decrypt {
+            run_ok(&mut detached_encrypt(&c));
+            cs = [
+                "cryptsetup",
+                "reencrypt",
+                "--decrypt",
+                "-q",
+                "--force-offline-reencrypt",
+                "--header",
+                &c.hdr(),
+                "--key-file",
+                &c.key(),
+                "--hotzone-size",
+                "1M",
+                &c.img(),
+            ]
+            .map(String::from)
+            .to_vec();
+        }
+        // Cut by SIGKILL at its 12th fdatasync (11 hotzones in), then copied.
+        let mut cs_cmd = Command::new(&cs[0]);
+        cs_cmd.args(&cs[1..]);
+        let cut = kill_at_fdatasync(&cs_cmd, 12);
+        assert!(!cut.status.success(), "{what}: not cut");
+        let d = luks_dump(&c.p("hdr"));
+        assert!(
+            d.contains("in-reencryption") && !d.contains("luksify-identity"),
+            "{what}: not cut mid-walk, or a token already: {d}"
+        );
+        std::fs::copy(c.p("img"), c.p("clone")).unwrap();
+        let mut other = orig.clone();
+        fill_pattern(&mut other, 94);
+        std::fs::write(c.p("other"), &other).unwrap();
+        // luksify recovers the hotzone, records the token, walks on past the next probe
+        // (12 MiB apart) and is killed.
+        let mut resume = detached_resume(&c);
+        resume.args(SMALL);
+        kill_at_fdatasync(&resume, 50);
+        let d = luks_dump(&c.p("hdr"));
+        assert!(
+            d.contains("online-reencrypt") && d.contains("luksify-identity"),
+            "{what}: no token after luksify walked: {d}"
+        );
+        assert_resume_refused_on(&c, "other", what);
+        assert_resume_refused_on(&c, "clone", what);
+        run_ok(&mut detached_resume(&c));
+        if decrypt {
+            assert_file_is(&c.p("img"), &orig, "decrypted image");
+        } else {
+            assert!(
+                same(&cryptsetup_decrypt_detached(&c), &orig),
+                "{what}: plaintext differs"
+            );
+        }
+    }
 }
 
 /// Resilience `none` keeps no copy, so a run cut mid-walk cannot be finished. The

@@ -6,8 +6,8 @@
 //! SIGINT/SIGTERM stop encryption and decryption at a clean, resumable point.
 
 use luksify_tests::{
-    fill_pattern, has_luks_header, header_seqid, kill_after_commits, luks_dump, luksify_bin,
-    require_tool, run, run_ok, signal_after_commits,
+    fill_pattern, has_luks_header, header_seqid, kill_after_commits, kill_at_fdatasync, luks_dump,
+    luksify_bin, require_tool, run, run_ok, signal_after_commits, strace_inject,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -711,16 +711,6 @@ fn cs_decrypt(c: &Case, extra: &[&str]) -> Command {
     cmd
 }
 
-/// `cmd` (a cryptsetup command) run under strace with one `-e inject=...` rule.
-fn under_strace(inject: &str, cmd: &Command) -> Command {
-    let mut st = Command::new("strace");
-    st.args(["-f", "-qq", "-o", "/dev/null", "-e", inject])
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
-        .stdout(Stdio::null());
-    st
-}
-
 /// cryptsetup 2.6 decrypts a detached-header volume walking backward with the data in
 /// place (segments: old crypt `[0, a)`, the hotzone, new linear to a dynamic end).
 /// luksify finishes such a run wherever cryptsetup left it, in each resilience:
@@ -748,7 +738,7 @@ fn walker_finishes_backward_decryptions_cryptsetup_started() {
         encrypt_with_luksify(&c, l);
         run_ok(cs_decrypt(&c, &["--decrypt", "--init-only"]).args(resil));
         let when = if res == "none" { 15 } else { 60 };
-        let stop = run(&mut under_strace(
+        let stop = run(&mut strace_inject(
             &format!("inject=write:signal=SIGINT:when={when}"),
             cs_decrypt(&c, &["--resume-only"]).args(hz),
         ));
@@ -773,7 +763,7 @@ fn walker_finishes_backward_decryptions_cryptsetup_started() {
                 let (c, orig) = Case::new(24, 90 + n + i as u64);
                 encrypt_with_luksify(&c, l);
                 run_ok(cs_decrypt(&c, &["--decrypt", "--init-only"]).args(resil));
-                let cut = run(&mut under_strace(
+                let cut = run(&mut strace_inject(
                     &format!("inject=fdatasync:signal=SIGKILL:when={n}"),
                     cs_decrypt(&c, &["--resume-only"]).args(hz),
                 ));
@@ -795,13 +785,12 @@ fn walker_finishes_backward_decryptions_cryptsetup_started() {
         let (c, orig) = Case::new(24, 95 + i as u64);
         encrypt_with_luksify(&c, l);
         run_ok(cs_decrypt(&c, &["--decrypt", "--init-only"]).args(resil));
-        let base = header_seqid(&c.p("hdr"));
         let mut cmd = resume_cmd(&c);
         cmd.args(SMALL);
         if res == "none" {
             run_ok(&mut cmd);
         } else {
-            kill_after_commits(&mut cmd, &c.p("hdr"), base, 4, 300);
+            kill_at_fdatasync(&cmd, 10);
             let dump = luks_dump(&c.p("hdr"));
             assert!(
                 dump.contains("Direction:  backward"),
@@ -879,7 +868,7 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
             let what = format!("{res} {extra:?} cut at fdatasync {n} of {total}");
             let (c, orig) = Case::new(32, 120 + v as u64);
             encrypt_with_luksify(&c, Layout::Shift);
-            let cut = run(&mut under_strace(
+            let cut = run(&mut strace_inject(
                 &format!("inject=fdatasync:signal=SIGKILL:when={n}"),
                 &start(&c),
             ));
@@ -922,10 +911,9 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
         let (c, orig) = Case::new(32, 130 + v as u64);
         encrypt_with_luksify(&c, Layout::Shift);
         run_ok(start(&c).arg("--init-only"));
-        let base = header_seqid(&c.p("hdr"));
         let mut cmd = resume_cmd(&c);
         cmd.args(["--chunk-mib", "1", "--hotzone-kib", "1024", "--buffered"]);
-        kill_after_commits(&mut cmd, &c.p("hdr"), base, 3, 300);
+        kill_at_fdatasync(&cmd, 6);
         let dump = luks_dump(&c.p("hdr"));
         assert!(
             dump.contains("in-reencryption") && dump.contains("backup-moved-segment"),
@@ -977,12 +965,11 @@ fn walker_leaves_out_the_identity_token_where_the_json_area_is_nearly_full() {
         &c.s("filler.json"),
         &img,
     ]));
-    let base = base_of(&c, l);
-    kill_after_commits(&mut decrypt_cmd(&c, l), &c.p("hdr"), base, 3, 0);
+    kill_at_fdatasync(&decrypt_cmd(&c, l), 8);
     let dump = luks_dump(&c.p("hdr"));
     assert!(
         dump.contains("online-reencrypt") && dump.contains("filler"),
-        "not in progress after 3 commits: {dump}"
+        "not in progress at the 8th flush: {dump}"
     );
     assert!(!dump.contains("luksify-identity"), "token added: {dump}");
     run_ok(&mut resume_cmd(&c));

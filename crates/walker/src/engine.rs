@@ -220,6 +220,15 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         .map_err(Error::Cipher)
     }
 
+    /// The inverse of [`Self::transform_serial`]: new bytes back to old ones.
+    pub(crate) fn untransform_serial(&self, buf: &mut [u8], logical: u64) -> Result<()> {
+        match self.layout.mode {
+            ReencryptMode::Decrypt => self.cipher.encrypt_serial(buf, self.iv(logical)),
+            _ => self.cipher.decrypt_serial(buf, self.iv(logical)),
+        }
+        .map_err(Error::Cipher)
+    }
+
     /// Finishes a hotzone left `in-reencryption` by a crash, then commits it as done.
     pub fn recover(&self, j: &mut dyn Journal, p: Progress) -> Result<Progress> {
         let (start, len) = (p.hot_start, p.hot_len);

@@ -20,7 +20,10 @@
 //! Only layouts where the data stays in place (detached header, no shift) get the
 //! token: with the header in front, the header is on the device itself. A run
 //! without the token (started by cryptsetup, or a token of another run mode left
-//! behind by a run cryptsetup finished) is checked by size only, as before.
+//! behind by a run cryptsetup finished) gets one the first time luksify walks it, at
+//! its clean point then: a probe already walked holds its new content, whose old
+//! content is the cipher's inverse; a probe across that point is left out. Until
+//! then it is checked by size only.
 
 use crate::{Error, Result};
 use luksify_luks::io::Disk;
@@ -43,9 +46,25 @@ const TAG: usize = 8;
 /// Whether runs in this state get (and are checked against) the token.
 pub(crate) fn applies(st: &ReencryptState) -> bool {
     st.layout.shift.is_none()
-        && st.direction == ReencryptDirection::Forward
         && st.layout.data_offset == st.layout.old_offset
         && mode_name(st.mode).is_some()
+}
+
+/// Whether logical bytes `[pos, pos + len)` are all walked (`Some(true)`: they hold
+/// their new content), none of them is (`Some(false)`: their old content), or neither
+/// (`None`: inside the hotzone, or across its edge) at progress `p`.
+fn walked(dir: ReencryptDirection, p: Progress, pos: u64, len: u64) -> Option<bool> {
+    let hot_end = p.hot_start.saturating_add(p.hot_len);
+    let end = pos + len;
+    let (done, todo) = match dir {
+        ReencryptDirection::Forward => (end <= p.hot_start, pos >= hot_end),
+        ReencryptDirection::Backward => (pos >= hot_end, end <= p.hot_start),
+    };
+    match (done, todo) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
 }
 
 fn mode_name(m: ReencryptMode) -> Option<&'static str> {
@@ -80,13 +99,16 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The token for a run that has not changed any data yet: the probes' current
-/// content is their old one. `None` when the layout does not get one.
-/// `transform` is the walk's own (old bytes to new, in place, at a logical offset).
-pub(crate) fn token_at_start<D: Disk + ?Sized>(
+/// The token for a run at clean progress `p` (at the start, every probe still holds
+/// its old content). `None` when the layout does not get one, or no probe is clear of
+/// `p`'s edge. `transform` is the walk's own (old bytes to new, in place, at a logical
+/// offset), `inverse` its inverse.
+pub(crate) fn token_at<D: Disk + ?Sized>(
     data: &D,
     st: &ReencryptState,
+    p: Progress,
     transform: impl Fn(&mut [u8], u64) -> Result<()>,
+    inverse: impl Fn(&mut [u8], u64) -> Result<()>,
     end: u64,
 ) -> Result<Option<Token>> {
     let Some(mode) = mode_name(st.mode).filter(|_| applies(st)) else {
@@ -94,16 +116,28 @@ pub(crate) fn token_at_start<D: Disk + ?Sized>(
     };
     let mut probes = Vec::new();
     for l in probe_offsets(end) {
+        let Some(done) = walked(st.direction, p, l, PROBE) else {
+            continue;
+        };
         let mut buf = vec![0u8; PROBE as usize];
         data.read_at(st.layout.old_physical(l), &mut buf)
             .map_err(|e| Error::io("read identity probe", e))?;
-        let old = tags(&buf);
-        transform(&mut buf, l)?;
+        let now = tags(&buf);
+        let (old, new) = if done {
+            inverse(&mut buf, l)?;
+            (tags(&buf), now)
+        } else {
+            transform(&mut buf, l)?;
+            (now, tags(&buf))
+        };
         let mut p = serde_json::Map::new();
         p.insert("offset".into(), Value::String(l.to_string()));
         p.insert("old".into(), Value::Array(old));
-        p.insert("new".into(), Value::Array(tags(&buf)));
+        p.insert("new".into(), Value::Array(new));
         probes.push(Value::Object(p));
+    }
+    if probes.is_empty() {
+        return Ok(None);
     }
     let mut extra = serde_json::Map::new();
     extra.insert("mode".into(), Value::String(mode.into()));
@@ -170,16 +204,14 @@ pub(crate) fn check<D: Disk + ?Sized>(
             .map_err(|e| Error::io("read identity probe", e))?;
         for (i, now) in tags(&buf).iter().enumerate() {
             let pos = l + (i * SECTOR) as u64;
-            let hot_end = p.hot_start.saturating_add(p.hot_len);
-            let ok = if pos + SECTOR as u64 <= p.hot_start {
-                *now == new[i]
-            } else if pos >= hot_end {
-                *now == old[i]
-            } else {
-                *now == old[i] || *now == new[i]
+            let state = walked(st.direction, p, pos, SECTOR as u64);
+            let ok = match state {
+                Some(true) => *now == new[i],
+                Some(false) => *now == old[i],
+                None => *now == old[i] || *now == new[i],
             };
             if !ok {
-                let what = if pos >= hot_end {
+                let what = if state == Some(false) {
                     "what was there when the run started"
                 } else {
                     "what the run wrote there"
@@ -196,7 +228,27 @@ pub(crate) fn check<D: Disk + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use super::probe_offsets;
+    use super::{probe_offsets, walked, Progress, ReencryptDirection};
+
+    #[test]
+    fn walked_follows_the_direction_and_leaves_the_hotzone_open() {
+        use ReencryptDirection::{Backward, Forward};
+        let p = |hot_start, hot_len| Progress { hot_start, hot_len };
+        // Forward, [0, 8192) done, hot [8192, 12288).
+        assert_eq!(walked(Forward, p(8192, 4096), 4096, 4096), Some(true));
+        assert_eq!(walked(Forward, p(8192, 4096), 8192, 512), None);
+        assert_eq!(walked(Forward, p(8192, 4096), 12288, 4096), Some(false));
+        // A probe across a clean edge is neither.
+        assert_eq!(walked(Forward, p(6144, 0), 4096, 4096), None);
+        // Backward, hot [8192, 12288), [12288, end) done.
+        assert_eq!(walked(Backward, p(8192, 4096), 12288, 4096), Some(true));
+        assert_eq!(walked(Backward, p(8192, 4096), 4096, 4096), Some(false));
+        assert_eq!(walked(Backward, p(8192, 4096), 8192, 4096), None);
+        // cryptsetup's --init-only of a backward run: nothing done; forward at its
+        // dynamic end: all done.
+        assert_eq!(walked(Backward, p(u64::MAX, 0), 1 << 40, 4096), Some(false));
+        assert_eq!(walked(Forward, p(u64::MAX, 0), 1 << 40, 4096), Some(true));
+    }
 
     #[test]
     fn probes_are_aligned_spread_and_inside_the_data() {

@@ -923,32 +923,35 @@ fn run_from<D: Disk + Sync + ?Sized>(
     let end = engine::data_end(&w)?;
     j.st.data_end = Some(end);
     // The device must be the one the run started on (detached headers, see identity):
-    // checked before anything is read for the walk or written; a run that has not
-    // changed any data yet records what to check.
-    let fresh = direction == ReencryptDirection::Forward && p.hot_start == 0 && p.hot_len == 0;
-    match identity::find(j.hdr.metadata.tokens.values(), &j.st) {
-        Some(t) => identity::check(data, &j.st, p, t)?,
-        None if fresh => {
-            let transform = |b: &mut [u8], l: u64| w.transform_serial(b, l);
-            if let Some(t) = identity::token_at_start(data, &j.st, transform, end)? {
-                let tokens = &mut j.hdr.metadata.tokens;
-                tokens.retain(|_, t| t.kind != identity::TOKEN_TYPE);
-                let id = (0..).find(|i| !tokens.contains_key(i)).unwrap_or(0);
-                tokens.insert(id, t);
-                // A small JSON area (a header made elsewhere) keeps its room for the
-                // run's segments: without the token, the size check still applies.
-                let room =
-                    j.hdr.hdr_size as usize - luksify_luks::luks2::binary::BINARY_HEADER_SIZE;
-                let used = serde_json::to_vec(&j.hdr.metadata).map_or(usize::MAX, |v| v.len());
-                if used.saturating_add(IDENTITY_SPARE_JSON) > room {
-                    j.hdr.metadata.tokens.remove(&id);
-                }
-            }
+    // checked before anything is read for the walk or written.
+    let has_token = match identity::find(j.hdr.metadata.tokens.values(), &j.st) {
+        Some(t) => {
+            identity::check(data, &j.st, p, t)?;
+            true
         }
-        None => {}
-    }
+        None => false,
+    };
     if p.hot_len > 0 {
         p = w.recover(&mut j, p)?;
+    }
+    if !has_token {
+        // A run without one (new, or started by cryptsetup) records what to check at
+        // this clean point; the next commit writes it.
+        let transform = |b: &mut [u8], l: u64| w.transform_serial(b, l);
+        let inverse = |b: &mut [u8], l: u64| w.untransform_serial(b, l);
+        if let Some(t) = identity::token_at(data, &j.st, p, transform, inverse, end)? {
+            let tokens = &mut j.hdr.metadata.tokens;
+            tokens.retain(|_, t| t.kind != identity::TOKEN_TYPE);
+            let id = (0..).find(|i| !tokens.contains_key(i)).unwrap_or(0);
+            tokens.insert(id, t);
+            // A small JSON area (a header made elsewhere) keeps its room for the
+            // run's segments: without the token, the size check still applies.
+            let room = j.hdr.hdr_size as usize - luksify_luks::luks2::binary::BINARY_HEADER_SIZE;
+            let used = serde_json::to_vec(&j.hdr.metadata).map_or(usize::MAX, |v| v.len());
+            if used.saturating_add(IDENTITY_SPARE_JSON) > room {
+                j.hdr.metadata.tokens.remove(&id);
+            }
+        }
     }
     w.run(&mut j, p)
 }
