@@ -1096,4 +1096,47 @@ fn walker_refuses_bad_input_without_writing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(same(&std::fs::read(g.p("img")).unwrap(), &before));
+    // Shrunk below what a detached run has reached: forward (luksify's encryption)
+    // and backward (cryptsetup's in-place decryption, walked and cut by luksify).
+    for decrypt in [false, true] {
+        let (d, _) = Case::new(32, 7);
+        if decrypt {
+            run_ok(&mut detached_encrypt(&d));
+            run_ok(Command::new("cryptsetup").args([
+                "reencrypt",
+                "--decrypt",
+                "--init-only",
+                "-q",
+                "--force-offline-reencrypt",
+                "--header",
+                &d.hdr(),
+                "--key-file",
+                &d.key(),
+                &d.img(),
+            ]));
+            let mut resume = detached_resume(&d);
+            resume.args(SMALL);
+            kill_at_fdatasync(&resume, 12);
+        } else {
+            kill_at_fdatasync(&detached_encrypt(&d), 12);
+        }
+        let dump = luks_dump(&d.p("hdr"));
+        assert!(dump.contains("online-reencrypt"), "not cut mid-run: {dump}");
+        // Forward: keep less than what is done; backward: cut into what is done.
+        let keep = if decrypt { 28 << 20 } else { 1 << 20 };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.p("img"))
+            .unwrap()
+            .set_len(keep)
+            .unwrap();
+        let (img0, hdr0) = (
+            std::fs::read(d.p("img")).unwrap(),
+            std::fs::read(d.p("hdr")).unwrap(),
+        );
+        let out = run(&mut detached_resume(&d));
+        assert_refused_in_one_line(&out, "or it was shrunk", "resume of a shrunk image");
+        assert_file_is(&d.p("img"), &img0, "the shrunk image was written");
+        assert_file_is(&d.p("hdr"), &hdr0, "the header was written");
+    }
 }

@@ -315,13 +315,23 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let head_m = self.head.map_or(0, |(m, _)| m);
         let mut done_bytes = match self.direction {
             _ if self.head.is_some() && p.hot_start == 0 => end,
-            ReencryptDirection::Forward => p.hot_start.min(end) - head_m.min(p.hot_start.min(end)),
+            ReencryptDirection::Forward => p.hot_start.min(end).saturating_sub(head_m),
             ReencryptDirection::Backward => end - p.hot_start.min(end),
         };
         let chunk = self.tuning.chunk;
         let per_zone = (self.tuning.hotzone as usize).div_ceil(chunk);
         let started = Instant::now();
         let start_done = done_bytes;
+        let report = |done: u64| {
+            if let Some(f) = self.progress {
+                let secs = started.elapsed().as_secs_f64().max(1e-6);
+                f(ProgressInfo {
+                    done,
+                    total,
+                    bytes_per_sec: ((done - start_done) as f64 / secs) as u64,
+                });
+            }
+        };
         let checksum = self.resilience == Resilience::Checksum;
         // Double-buffered journal: hotzone 0's journal goes to the half the header does
         // not name; each commit opens the next hotzone's half to the workers.
@@ -542,14 +552,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 // Progress is reported for bytes handed out for writing.
                 last_clean = after(a, n);
                 done_bytes += n;
-                if let Some(f) = self.progress {
-                    let secs = started.elapsed().as_secs_f64().max(1e-6);
-                    f(ProgressInfo {
-                        done: done_bytes,
-                        total,
-                        bytes_per_sec: ((done_bytes - start_done) as f64 / secs) as u64,
-                    });
-                }
+                report(done_bytes);
             }
             settle(j)?;
             if let Some((m, res)) = self.head.filter(|_| p.hot_start != 0) {
@@ -559,14 +562,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     return Ok(Outcome::Interrupted(last_clean));
                 }
                 self.run_head(j, m, res)?;
-                if let Some(f) = self.progress {
-                    let secs = started.elapsed().as_secs_f64().max(1e-6);
-                    f(ProgressInfo {
-                        done: end,
-                        total,
-                        bytes_per_sec: ((end - start_done) as f64 / secs) as u64,
-                    });
-                }
+                report(end);
             }
             j.finish()?;
             Ok(Outcome::Finished)
@@ -577,7 +573,8 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
     /// offset 0 decrypted in place. Its protection goes to the area first (`Checksum`:
     /// the old blocks' sums; `Journal`: the old bytes), made durable before the header
     /// names the head hot; then the head is rewritten and flushed. One hotzone of at
-    /// most the shift (16 MiB by default), read twice, one chunk at a time.
+    /// most the shift and 20 MiB (16 MiB behind a default LUKS2 header), read twice,
+    /// one chunk at a time.
     fn run_head(&self, j: &mut dyn Journal, m: u64, res: Resilience) -> Result<()> {
         let step = self.tuning.chunk.max(CHECKSUM_BLOCK) as u64;
         let mut buf = AlignedBuf::new(step as usize);

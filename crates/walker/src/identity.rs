@@ -200,6 +200,17 @@ pub(crate) fn check<D: Disk + ?Sized>(
         }
         let mut buf = vec![0u8; PROBE as usize];
         let at = st.layout.old_physical(l);
+        let size = data
+            .size()
+            .map_err(|e| Error::io("size of the device", e))?;
+        if at + PROBE > size {
+            // A backward run's walked part reaches the device's end, which a dynamic
+            // size does not record: the probe there is what notices a shrink.
+            return Err(Error::Refused(format!(
+                "device is {size} bytes, but the run's data reaches byte {}: wrong device, or it was shrunk (nothing was written)",
+                at + PROBE
+            )));
+        }
         data.read_at(at, &mut buf)
             .map_err(|e| Error::io("read identity probe", e))?;
         for (i, now) in tags(&buf).iter().enumerate() {

@@ -1262,34 +1262,30 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let dev_size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
-    if st.layout.head_last().is_some() {
-        // cryptsetup's decryption with a moved head: the tail still to move must be there.
-        let reached = st.progress.hot_start.saturating_add(st.progress.hot_len);
-        if st.progress.hot_start != u64::MAX
-            && dev_size < st.layout.old_offset.saturating_add(reached)
-        {
-            return Err(Error::Refused(format!(
-                "device is {dev_size} bytes, but the interrupted run has reached byte {}: wrong device, or it was shrunk (nothing was written)",
-                st.layout.old_offset + reached
-            )));
+    let reached = st.progress.hot_start.saturating_add(st.progress.hot_len);
+    match st.layout.shift {
+        // An encryption's data shift put the moved segment at the device's very end.
+        Some(s) if st.layout.head_last().is_none() => {
+            if dev_size != s.moved_offset + s.size {
+                return Err(Error::Refused(format!(
+                    "device is {dev_size} bytes but the interrupted run was on a {}-byte device: wrong device or it was resized (nothing was written)",
+                    s.moved_offset + s.size
+                )));
+            }
         }
-    } else if let Some(s) = st.layout.shift {
-        if dev_size != s.moved_offset + s.size {
-            return Err(Error::Refused(format!(
-                "device is {dev_size} bytes but the interrupted run was on a {}-byte device: wrong device or it was resized (nothing was written)",
-                s.moved_offset + s.size
-            )));
-        }
-    } else if st.progress.hot_start != u64::MAX
         // u64::MAX: forward, every segment is already new up to a "dynamic" end (a run
         // killed after its last hotzone, before the final header); backward (cryptsetup's
         // in-place decryption), nothing done yet. Either way nothing to compare.
-        && dev_size < st.progress.hot_start.saturating_add(st.progress.hot_len)
-    {
-        return Err(Error::Refused(format!(
-            "device is {dev_size} bytes, but the interrupted run has reached byte {}: wrong device, or it was shrunk (nothing was written)",
-            st.progress.hot_start + st.progress.hot_len
-        )));
+        _ if st.progress.hot_start == u64::MAX => {}
+        // Else the bytes the run has reached (read at the old offset) must be there.
+        _ => {
+            let phys = st.layout.old_offset.saturating_add(reached);
+            if dev_size < phys {
+                return Err(Error::Refused(format!(
+                    "device is {dev_size} bytes, but the interrupted run has reached byte {phys}: wrong device, or it was shrunk (nothing was written)"
+                )));
+            }
+        }
     }
     run_from(data, store, hdr, st, vk, tuning, ctl)
 }
