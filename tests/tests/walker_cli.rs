@@ -194,6 +194,20 @@ fn assert_resume_refused_on(c: &Case, name: &str, what: &str) {
     );
 }
 
+/// `cmd` (a luksify run) SIGKILLed at its `flush`-th fdatasync, mid-run with the
+/// identity token in the header; then `resume` on `c`'s files "other" and "clone" is
+/// refused as the wrong device, with nothing written.
+fn killed_with_token_then_refused(c: &Case, cmd: &Command, flush: u64, what: &str) {
+    kill_at_fdatasync(cmd, flush);
+    let d = luks_dump(&c.p("hdr"));
+    assert!(
+        d.contains("online-reencrypt") && d.contains("luksify-identity"),
+        "{what}: no run in progress with the token at flush {flush}: {d}"
+    );
+    assert_resume_refused_on(c, "other", what);
+    assert_resume_refused_on(c, "clone", what);
+}
+
 /// A detached header's run resumed on a device it did not start on is refused before
 /// anything is written: another image of the same size, and a copy of the right one
 /// taken before the run (still old where the header says the run has written, once
@@ -212,14 +226,7 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
     // differs from what the header says is there (1 MiB hotzones, 48 of them); then
     // resume is refused on the other image and on the copy.
     let killed_then_refused = |cmd: &Command, what: &str| {
-        kill_at_fdatasync(cmd, 20);
-        let d = luks_dump(&c.p("hdr"));
-        assert!(
-            d.contains("online-reencrypt") && d.contains("luksify-identity"),
-            "{what} killed at its 20th flush: {d}"
-        );
-        assert_resume_refused_on(&c, "other", what);
-        assert_resume_refused_on(&c, "clone", what);
+        killed_with_token_then_refused(&c, cmd, 20, what);
     };
     killed_then_refused(&detached_encrypt(&c), "encrypt");
     run_ok(&mut detached_resume(&c));
@@ -261,25 +268,11 @@ fn walker_resume_records_the_identity_of_a_run_cryptsetup_started() {
             "cryptsetup's encryption"
         };
         let (c, orig) = Case::new(48, 93);
+        // The same argv decrypts (cryptsetup ignores the pbkdf options then).
         let mut cs: Vec<String> = cryptsetup_encrypt_args(&c, "checksum");
         if decrypt {
             run_ok(&mut detached_encrypt(&c));
-            cs = [
-                "cryptsetup",
-                "reencrypt",
-                "--decrypt",
-                "-q",
-                "--force-offline-reencrypt",
-                "--header",
-                &c.hdr(),
-                "--key-file",
-                &c.key(),
-                "--hotzone-size",
-                "1M",
-                &c.img(),
-            ]
-            .map(String::from)
-            .to_vec();
+            cs[2] = "--decrypt".into();
         }
         // Cut by SIGKILL at its 12th fdatasync (11 hotzones in), then copied.
         let mut cs_cmd = Command::new(&cs[0]);
@@ -299,14 +292,7 @@ fn walker_resume_records_the_identity_of_a_run_cryptsetup_started() {
         // (12 MiB apart) and is killed.
         let mut resume = detached_resume(&c);
         resume.args(SMALL);
-        kill_at_fdatasync(&resume, 50);
-        let d = luks_dump(&c.p("hdr"));
-        assert!(
-            d.contains("online-reencrypt") && d.contains("luksify-identity"),
-            "{what}: no token after luksify walked: {d}"
-        );
-        assert_resume_refused_on(&c, "other", what);
-        assert_resume_refused_on(&c, "clone", what);
+        killed_with_token_then_refused(&c, &resume, 50, what);
         run_ok(&mut detached_resume(&c));
         if decrypt {
             assert_file_is(&c.p("img"), &orig, "decrypted image");

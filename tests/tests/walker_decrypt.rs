@@ -711,6 +711,21 @@ fn cs_decrypt(c: &Case, extra: &[&str]) -> Command {
     cmd
 }
 
+/// A run cut mid-walk, finished by cryptsetup: `repair` (recovery), then
+/// `reencrypt --resume-only`.
+fn finish_with_cryptsetup(c: &Case) {
+    run_ok(Command::new("cryptsetup").args([
+        "repair",
+        "-q",
+        "--header",
+        &c.s("hdr"),
+        "--key-file",
+        &c.s("key"),
+        &c.s("img"),
+    ]));
+    run_ok(&mut cs_decrypt(c, &["--resume-only"]));
+}
+
 /// cryptsetup 2.6 decrypts a detached-header volume walking backward with the data in
 /// place (segments: old crypt `[0, a)`, the hotzone, new linear to a dynamic end).
 /// luksify finishes such a run wherever cryptsetup left it, in each resilience:
@@ -797,16 +812,7 @@ fn walker_finishes_backward_decryptions_cryptsetup_started() {
                 "{res}: luksify was not killed mid-walk: {dump}"
             );
             if res == "checksum" {
-                run_ok(Command::new("cryptsetup").args([
-                    "repair",
-                    "-q",
-                    "--header",
-                    &c.s("hdr"),
-                    "--key-file",
-                    &c.s("key"),
-                    &c.s("img"),
-                ]));
-                run_ok(&mut cs_decrypt(&c, &["--resume-only"]));
+                finish_with_cryptsetup(&c);
             } else {
                 run_ok(&mut resume_cmd(&c));
                 assert_header_retired(&c);
@@ -919,16 +925,7 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
             dump.contains("in-reencryption") && dump.contains("backup-moved-segment"),
             "{res} {extra:?}: luksify not killed mid-tail: {dump}"
         );
-        run_ok(Command::new("cryptsetup").args([
-            "repair",
-            "-q",
-            "--header",
-            &c.s("hdr"),
-            "--key-file",
-            &c.s("key"),
-            &c.s("img"),
-        ]));
-        run_ok(&mut cs_decrypt(&c, &["--resume-only"]));
+        finish_with_cryptsetup(&c);
         assert_plaintext_back(
             &c,
             Layout::Shift,

@@ -197,6 +197,18 @@ pub fn encrypt_segments(
         }
     };
     let hot_end = p.hot_start.saturating_add(p.hot_len);
+    // The hotzone, when there is one.
+    let hot = |out: &mut Vec<Segment>| {
+        if p.hot_len > 0 {
+            new_range(p.hot_start, Some(hot_end), &[FLAG_IN_REENCRYPTION], out);
+        }
+    };
+    // Nothing left after the hotzone: no trailing segment, as cryptsetup writes it. (A
+    // dynamic one starting at the device's end would be empty; cryptsetup 2.6.1's
+    // `repair` of a data-moving decryption killed in its last hotzone kept such a
+    // segment, and `reencrypt --resume-only` then failed with "Failed to load LUKS2
+    // reencryption context".)
+    let at_end = l.data_size.is_none() && data_end.is_some_and(|e| hot_end >= e);
     match dir {
         ReencryptDirection::Forward if l.head_last().is_some() => {
             // As cryptsetup writes each state (luksDump on this machine): the moved
@@ -204,45 +216,24 @@ pub fn encrypt_segments(
             let m = l.head_last().unwrap_or(0);
             let tail_done = p.hot_start == u64::MAX || data_end.is_some_and(|e| p.hot_start >= e);
             if p.hot_start == 0 {
-                if p.hot_len > 0 {
-                    new_range(0, Some(p.hot_len), &[FLAG_IN_REENCRYPTION], &mut live);
-                }
+                hot(&mut live);
                 new_range(p.hot_len, None, &[], &mut live);
-            } else if tail_done {
-                old_range(0, Some(m), &mut live);
-                new_range(m, None, &[], &mut live);
             } else {
                 old_range(0, Some(m), &mut live);
-                new_range(m, Some(p.hot_start), &[], &mut live);
-                if p.hot_len > 0 {
-                    new_range(
-                        p.hot_start,
-                        Some(hot_end),
-                        &[FLAG_IN_REENCRYPTION],
-                        &mut live,
-                    );
-                }
-                if data_end.is_none_or(|e| hot_end < e) {
-                    old_range(hot_end, None, &mut live);
+                if tail_done {
+                    new_range(m, None, &[], &mut live);
+                } else {
+                    new_range(m, Some(p.hot_start), &[], &mut live);
+                    hot(&mut live);
+                    if !at_end {
+                        old_range(hot_end, None, &mut live);
+                    }
                 }
             }
         }
         ReencryptDirection::Forward => {
             new_range(0, Some(p.hot_start), &[], &mut live);
-            if p.hot_len > 0 {
-                new_range(
-                    p.hot_start,
-                    Some(hot_end),
-                    &[FLAG_IN_REENCRYPTION],
-                    &mut live,
-                );
-            }
-            // Nothing left after the hotzone: no trailing segment, as cryptsetup
-            // writes it. (A dynamic one starting at the device's end would be empty;
-            // cryptsetup 2.6.1's `repair` of a data-moving decryption killed in its
-            // last hotzone kept such a segment, and `reencrypt --resume-only` then
-            // failed with "Failed to load LUKS2 reencryption context".)
-            let at_end = l.data_size.is_none() && data_end.is_some_and(|e| hot_end >= e);
+            hot(&mut live);
             if !at_end {
                 old_range(hot_end, l.data_size, &mut live);
             }
@@ -259,15 +250,7 @@ pub fn encrypt_segments(
                 old_range(0, None, &mut live);
             } else {
                 old_range(0, Some(p.hot_start), &mut live);
-                if p.hot_len > 0 {
-                    new_range(
-                        p.hot_start,
-                        Some(hot_end),
-                        &[FLAG_IN_REENCRYPTION],
-                        &mut live,
-                    );
-                }
-                let at_end = l.data_size.is_none() && data_end.is_some_and(|e| hot_end >= e);
+                hot(&mut live);
                 if !at_end {
                     new_range(hot_end, l.data_size, &[], &mut live);
                 }

@@ -578,21 +578,29 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
     fn run_head(&self, j: &mut dyn Journal, m: u64, res: Resilience) -> Result<()> {
         let step = self.tuning.chunk.max(CHECKSUM_BLOCK) as u64;
         let mut buf = AlignedBuf::new(step as usize);
-        let mut sums = Vec::new();
-        let mut off = 0u64;
-        while off < m {
-            let n = step.min(m - off) as usize;
-            let b = &mut buf[..n];
-            self.data
-                .read_at(self.layout.old_physical(off), b)
-                .map_err(|e| Error::io("read the moved head", e))?;
-            match res {
-                Resilience::Checksum => hash_blocks_into(b, &mut sums),
-                Resilience::Journal => j.area_write(off, b)?,
-                _ => return Err(Error::Internal("the moved head needs checksum or journal")),
+        // One pass over the head's old bytes, a chunk at a time.
+        let mut pass = |f: &mut dyn FnMut(&mut [u8], u64) -> Result<()>| -> Result<()> {
+            let mut off = 0u64;
+            while off < m {
+                let n = step.min(m - off) as usize;
+                let b = &mut buf[..n];
+                self.data
+                    .read_at(self.layout.old_physical(off), b)
+                    .map_err(|e| Error::io("read the moved head", e))?;
+                f(b, off)?;
+                off += n as u64;
             }
-            off += n as u64;
-        }
+            Ok(())
+        };
+        let mut sums = Vec::new();
+        pass(&mut |b, off| match res {
+            Resilience::Checksum => {
+                hash_blocks_into(b, &mut sums);
+                Ok(())
+            }
+            Resilience::Journal => j.area_write(off, b),
+            _ => Err(Error::Internal("the moved head needs checksum or journal")),
+        })?;
         if res == Resilience::Checksum {
             j.area_write(0, &sums)?;
         }
@@ -601,19 +609,12 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             hot_start: 0,
             hot_len: m,
         })?;
-        off = 0;
-        while off < m {
-            let n = step.min(m - off) as usize;
-            let b = &mut buf[..n];
-            self.data
-                .read_at(self.layout.old_physical(off), b)
-                .map_err(|e| Error::io("read the moved head", e))?;
+        pass(&mut |b, off| {
             self.transform(b, off)?;
             self.data
                 .write_at(self.layout.new_physical(off), b)
-                .map_err(|e| Error::io("write the head", e))?;
-            off += n as u64;
-        }
+                .map_err(|e| Error::io("write the head", e))
+        })?;
         self.data.flush().map_err(|e| Error::io("flush data", e))
     }
 }
