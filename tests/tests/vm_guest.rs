@@ -364,7 +364,10 @@ fn power_cut_cycles(encryptor: &str, cuts: usize, disk_mib: u64, fs_mib: u64) {
                 r.values("STATE")
             );
         }
-        if r.status == 0 && r.console.contains("ENCRYPT-DONE") {
+        // Finished before the cut: a clean exit, or the cut landing while the guest
+        // was still winding down after `ENCRYPT-DONE` (status 137, seen in CI with
+        // the cut armed 2.48 s after the start of a 2.48 s encryption).
+        if (r.status == 0 || r.status == 137) && r.console.contains("ENCRYPT-DONE") {
             late += 1;
             assert!(
                 late <= cuts,
