@@ -845,6 +845,323 @@ fn walker_ciphertext_equals_cryptsetup_with_same_volume_key() {
     );
 }
 
+/// `cryptsetup luksDump` of a header without what differs between two formats of the
+/// same options: the epoch (commit count), salts and digest values (random).
+fn dump_without_random(hdr: &std::path::Path) -> String {
+    luks_dump(hdr)
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            !(l.starts_with("Epoch:")
+                || t.starts_with("Salt:")
+                || t.starts_with("Digest:")
+                // continuation lines of the hex dumps above
+                || l.starts_with("\t            "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `luksify encrypt` takes `luksify format`'s header options, with cryptsetup's names:
+/// cipher, key size, sector size, hash, KDF (pbkdf2 and argon2id with its memory and
+/// threads), label, subsystem, UUID, metadata and keyslots sizes. Three runs cover them
+/// all: a detached journal whose keyslots area leaves room for one 128 KiB journal
+/// (hotzones of 128 KiB, single area), a detached checksum run, and a header in front
+/// with its own sizes. For each:
+/// - `cryptsetup reencrypt --encrypt` with the same options and volume key writes the
+///   same ciphertext, and cryptsetup's luksDump of both headers is the same but for salts,
+///   digests and the epoch (with a header in front cryptsetup 2.6 grows the keyslots
+///   area to fill the shift whatever --luks2-keyslots-size says; luksify keeps the size
+///   asked for, checked in its own dump);
+/// - runs killed at an fdatasync mid-walk are finished by cryptsetup (`repair`,
+///   `--resume-only`) and by `luksify resume`, each giving cryptsetup's ciphertext.
+#[test]
+fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    let vk = |c: &Case, bits: usize| {
+        let v: Vec<u8> = (0..bits / 8)
+            .map(|i| (i as u8).wrapping_mul(7) ^ 0x3c)
+            .collect();
+        std::fs::write(c.p("vk"), v).unwrap();
+        c.p("vk").display().to_string()
+    };
+    struct Variant {
+        name: &'static str,
+        place: &'static [&'static str],
+        opts: &'static [&'static str],
+        bits: usize,
+        kill_at: u64,
+    }
+    let variants = [
+        Variant {
+            name: "journal",
+            place: &["--resilience", "journal"],
+            opts: &[
+                "-c",
+                "aes-xts-plain",
+                "-s",
+                "256",
+                "--sector-size",
+                "4096",
+                "--hash",
+                "sha512",
+                "--luks2-metadata-size",
+                "65536",
+                "--luks2-keyslots-size",
+                "262144",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--label",
+                "lbl-j",
+                "--subsystem",
+                "sub-j",
+                "--uuid",
+                "7f1c2d3e-4b5a-4f6e-8d7c-9a0b1c2d3e4f",
+            ],
+            bits: 256,
+            kill_at: 40,
+        },
+        Variant {
+            name: "checksum",
+            place: &["--resilience", "checksum", "--hotzone-kib", "1024"],
+            opts: &[
+                "-c",
+                "aes-xts-plain64be",
+                "--key-size",
+                "512",
+                "--sector-size",
+                "1024",
+                "--hash",
+                "sha1",
+                "--luks2-keyslots-size",
+                "1048576",
+                "--pbkdf",
+                "argon2id",
+                "--pbkdf-force-iterations",
+                "4",
+                "--pbkdf-memory",
+                "32768",
+                "--pbkdf-parallel",
+                "1",
+                "--label",
+                "lbl-c",
+                "--uuid",
+                "2b0c3f0e-5d2a-4c4e-9a53-0c8f1d1e7a11",
+            ],
+            bits: 512,
+            kill_at: 12,
+        },
+        Variant {
+            name: "in front",
+            place: &["--reduce-device-size", "8M"],
+            opts: &[
+                "-c",
+                "aes-xts-plain64",
+                "--sector-size",
+                "4096",
+                "--hash",
+                "sha256",
+                "--luks2-metadata-size",
+                "32768",
+                "--luks2-keyslots-size",
+                "1048576",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--label",
+                "lbl-d",
+                "--uuid",
+                "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+            ],
+            bits: 512,
+            kill_at: 4,
+        },
+    ];
+    for v in &variants {
+        let front = v.place[0] == "--reduce-device-size";
+        // luksify's options: cryptsetup's, less the walker's own hotzone tuning.
+        let cs_place: Vec<&str> = v.place.iter().copied().take(2).collect();
+        let ours = |c: &Case| {
+            let mut cmd = luksify(&["encrypt", &c.img(), "--key-file", &c.key()]);
+            if !front {
+                cmd.args(["--header", &c.hdr()]);
+            }
+            cmd.args(v.place)
+                .args(v.opts)
+                .args(["--volume-key-file", &vk(c, v.bits)]);
+            cmd
+        };
+        // Where the header is, and the ciphertext's bytes (in front: the data segment,
+        // [shift, shift + data size), shift = 4 MiB of the 16 MiB image).
+        let hdr = |c: &Case| if front { c.p("img") } else { c.p("hdr") };
+        let data = |c: &Case| {
+            let d = std::fs::read(c.p("img")).unwrap();
+            if front {
+                d[4 << 20..12 << 20].to_vec()
+            } else {
+                d
+            }
+        };
+        let (a, orig) = Case::new(16, 31);
+        run_ok(&mut ours(&a));
+        let (b, _) = Case::new(16, 31);
+        let mut cs = Command::new("cryptsetup");
+        cs.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
+            .args(["--key-file", &b.key()]);
+        if !front {
+            cs.args(["--header", &b.hdr()]);
+        }
+        cs.args(&cs_place)
+            .args(v.opts)
+            .args(["--volume-key-file", &vk(&b, v.bits), &b.img()]);
+        run_ok(&mut cs);
+        let want = data(&b);
+        assert!(
+            want != orig[..want.len()] && same(&data(&a), &want),
+            "{}: ciphertext differs from cryptsetup's",
+            v.name
+        );
+        let (da, db) = (dump_without_random(&hdr(&a)), dump_without_random(&hdr(&b)));
+        if front {
+            let ks = |d: &str| {
+                d.lines()
+                    .filter(|l| !l.starts_with("Keyslots area:"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert_eq!(
+                ks(&da),
+                ks(&db),
+                "{}: luksDump differs from cryptsetup's",
+                v.name
+            );
+            assert!(
+                da.contains("Keyslots area: \t1048576 [bytes]"),
+                "{}: {da}",
+                v.name
+            );
+        } else {
+            assert_eq!(da, db, "{}: luksDump differs from cryptsetup's", v.name);
+        }
+        // Killed mid-walk, finished by cryptsetup, then by luksify.
+        for by_cryptsetup in [true, false] {
+            let (c, _) = Case::new(16, 31);
+            let cut = kill_at_fdatasync(&ours(&c), v.kill_at);
+            assert!(
+                !cut.status.success(),
+                "{}: not killed at fdatasync {}",
+                v.name,
+                v.kill_at
+            );
+            assert!(
+                luks_dump(&hdr(&c)).contains("online-reencrypt"),
+                "{}: killed at fdatasync {} outside the walk",
+                v.name,
+                v.kill_at
+            );
+            let mut h = vec![];
+            if !front {
+                h = vec!["--header".to_string(), c.hdr()];
+            }
+            if by_cryptsetup {
+                run_ok(
+                    Command::new("cryptsetup")
+                        .args(["repair", "-q", "--key-file", &c.key()])
+                        .args(&h)
+                        .arg(c.img()),
+                );
+                run_ok(
+                    Command::new("cryptsetup")
+                        .args([
+                            "reencrypt",
+                            "--resume-only",
+                            "--force-offline-reencrypt",
+                            "-q",
+                        ])
+                        .args(["--key-file", &c.key()])
+                        .args(&h)
+                        .arg(c.img()),
+                );
+            } else {
+                run_ok(luksify(&["resume", &c.img(), "--key-file", &c.key()]).args(&h));
+            }
+            assert!(
+                same(&data(&c), &want),
+                "{} killed at fdatasync {}, finished by {}: ciphertext differs from cryptsetup's",
+                v.name,
+                v.kill_at,
+                if by_cryptsetup {
+                    "cryptsetup"
+                } else {
+                    "luksify"
+                }
+            );
+        }
+    }
+}
+
+/// Header options that cannot work are refused in one line before anything is written,
+/// and leave no header file behind (it would block the next attempt).
+#[test]
+fn walker_refuses_header_options_that_do_not_fit_without_writing() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--header", "H", "--luks2-keyslots-size", "258048"],
+            "use --luks2-keyslots-size 262144 or more",
+        ),
+        (
+            &[
+                "--header",
+                "H",
+                "-s",
+                "256",
+                "--luks2-keyslots-size",
+                "131072",
+            ],
+            "use --luks2-keyslots-size 135168 or more",
+        ),
+        (
+            &["--header", "H", "--luks2-keyslots-size", "1000"],
+            "use a multiple of 4096",
+        ),
+        (
+            &[
+                "--reduce-device-size",
+                "2M",
+                "--luks2-keyslots-size",
+                "2097152",
+            ],
+            "use --reduce-device-size 6M",
+        ),
+        (&["--header", "H", "--uuid", "nope"], "is not a UUID"),
+        (
+            &["--header", "H", "--luks2-metadata-size", "20000"],
+            "is not a LUKS2 size",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (c, orig) = Case::new(16, 77);
+        let hdr = c.hdr();
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "H" { hdr.as_str() } else { a })
+            .collect();
+        let out = run(luksify(&["encrypt", &c.img(), "--key-file", &c.key()])
+            .args(&args)
+            .args(FAST));
+        assert_refused_in_one_line(&out, needle, &args.join(" "));
+        assert!(
+            same(&std::fs::read(c.p("img")).unwrap(), &orig),
+            "{args:?}: image changed"
+        );
+        assert!(!c.p("hdr").exists(), "{args:?}: header file left behind");
+    }
+}
+
 #[test]
 fn walker_datashift_ext4_opens_with_cryptsetup_and_decrypts() {
     require_tool("cryptsetup");

@@ -80,16 +80,9 @@ impl KdfArgs {
     }
 }
 
+/// The options of a new header, shared by `format` and `encrypt` (cryptsetup's names).
 #[derive(Args, Debug)]
-pub struct FormatArgs {
-    /// Device or image file to format
-    device: PathBuf,
-    /// File whose whole contents are the passphrase (`-` = stdin)
-    #[arg(long, short = 'd')]
-    key_file: PathBuf,
-    /// luks2 or luks1
-    #[arg(long = "type", default_value = "luks2")]
-    luks_type: String,
+pub struct NewHeaderArgs {
     /// Cipher spec
     #[arg(long, short = 'c', default_value = "aes-xts-plain64")]
     cipher: String,
@@ -98,12 +91,9 @@ pub struct FormatArgs {
     key_size: u32,
     /// Encryption sector size (LUKS2 only): 512, 1024, 2048 or 4096
     #[arg(long, default_value_t = 512)]
-    sector_size: u32,
+    pub sector_size: u32,
     #[command(flatten)]
     kdf: KdfArgs,
-    /// Detached header file (created if missing); the device is not written
-    #[arg(long)]
-    header: Option<PathBuf>,
     /// LUKS2 label
     #[arg(long)]
     label: Option<String>,
@@ -122,6 +112,78 @@ pub struct FormatArgs {
     /// LUKS2 keyslots area size in bytes
     #[arg(long, value_name = "BYTES")]
     luks2_keyslots_size: Option<u64>,
+}
+
+impl NewHeaderArgs {
+    /// The volume key from --volume-key-file, checked against --key-size.
+    fn volume_key(&self) -> Result<Option<VolumeKey>> {
+        if self.key_size != 256 && self.key_size != 512 {
+            bail!("--key-size {}: use 256 or 512", self.key_size);
+        }
+        let Some(p) = &self.volume_key_file else {
+            return Ok(None);
+        };
+        let k = read_key_file(p)?;
+        if k.len() * 8 != self.key_size as usize {
+            bail!(
+                "{}: volume key file holds {} bits, --key-size is {}",
+                p.display(),
+                k.len() * 8,
+                self.key_size
+            );
+        }
+        Ok(Some(VolumeKey::new(k)))
+    }
+
+    /// LUKS2 format options, every option checked; where the data starts
+    /// (`data_offset`, `detached`) is the caller's.
+    pub fn luks2(&self) -> Result<luks2::FormatOptions> {
+        self.with_kdf(self.kdf.request(false)?)
+    }
+
+    fn with_kdf(&self, kdf: KdfRequest) -> Result<luks2::FormatOptions> {
+        if let Some(k) = self.luks2_keyslots_size {
+            let max = luks2::validate::MAX_KEYSLOTS_SIZE;
+            if k == 0 || k % 4096 != 0 || k > max {
+                bail!("--luks2-keyslots-size {k}: use a multiple of 4096 up to {max} (128 MiB)");
+            }
+        }
+        Ok(luks2::FormatOptions {
+            cipher: self.cipher.clone(),
+            key_size: self.key_size as usize / 8,
+            sector_size: self.sector_size,
+            hash: Hash::parse(&self.kdf.hash)?,
+            kdf,
+            label: self.label.clone().unwrap_or_default(),
+            subsystem: self.subsystem.clone().unwrap_or_default(),
+            uuid: self.uuid.clone(),
+            metadata_size: self
+                .luks2_metadata_size
+                .unwrap_or(luks2::DEFAULT_METADATA_SIZE),
+            keyslots_size: self.luks2_keyslots_size,
+            data_offset: None,
+            detached: false,
+            volume_key: self.volume_key()?,
+            segment_size: None,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct FormatArgs {
+    /// Device or image file to format
+    device: PathBuf,
+    /// File whose whole contents are the passphrase (`-` = stdin)
+    #[arg(long, short = 'd')]
+    key_file: PathBuf,
+    /// luks2 or luks1
+    #[arg(long = "type", default_value = "luks2")]
+    luks_type: String,
+    #[command(flatten)]
+    new: NewHeaderArgs,
+    /// Detached header file (created if missing); the device is not written
+    #[arg(long)]
+    header: Option<PathBuf>,
     /// Data offset in 512-byte sectors
     #[arg(long, value_name = "SECTORS")]
     offset: Option<u64>,
@@ -309,26 +371,9 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         other => bail!("--type {other}: use luks2 or luks1"),
     };
     let pass = read_key_file(&a.key_file)?;
-    let req = a.kdf.request(luks1)?;
-    if a.key_size != 256 && a.key_size != 512 {
-        bail!("--key-size {}: use 256 or 512", a.key_size);
-    }
-    let hash = Hash::parse(&a.kdf.hash)?;
-    let volume_key = match &a.volume_key_file {
-        Some(p) => {
-            let k = read_key_file(p)?;
-            if k.len() * 8 != a.key_size as usize {
-                bail!(
-                    "{}: volume key file holds {} bits, --key-size is {}",
-                    p.display(),
-                    k.len() * 8,
-                    a.key_size
-                );
-            }
-            Some(VolumeKey::new(k))
-        }
-        None => None,
-    };
+    let n = &a.new;
+    // Every option checked before the device is opened.
+    let opts = n.with_kdf(n.kdf.request(luks1)?)?;
     let device = open_rw(&a.device)?;
     let dev_size = device
         .size()
@@ -367,29 +412,29 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
     let meta_name = meta_path(&a.device, &a.header);
     let data_offset = a.offset.map(|s| s * 512);
     if luks1 {
-        if a.sector_size != 512 {
-            bail!("--sector-size {}: LUKS1 only supports 512", a.sector_size);
+        if n.sector_size != 512 {
+            bail!("--sector-size {}: LUKS1 only supports 512", n.sector_size);
         }
-        let (name, mode) = a.cipher.split_once('-').ok_or_else(|| {
+        let (name, mode) = n.cipher.split_once('-').ok_or_else(|| {
             anyhow!(
                 "--cipher {}: expected NAME-MODE such as aes-xts-plain64",
-                a.cipher
+                n.cipher
             )
         })?;
         let opts = luks1::FormatOptions {
             cipher_name: name.into(),
             cipher_mode: mode.into(),
-            hash,
-            key_size: a.key_size as usize / 8,
-            kdf: req,
+            hash: opts.hash,
+            key_size: opts.key_size,
+            kdf: opts.kdf,
             payload_offset: match a.offset {
                 Some(s) => Some(
                     u32::try_from(s).map_err(|_| anyhow!("--offset {s} too large for LUKS1"))?,
                 ),
                 None => None,
             },
-            uuid: a.uuid.clone(),
-            volume_key,
+            uuid: opts.uuid,
+            volume_key: opts.volume_key,
         };
         if a.header.is_some() {
             bail!("--header with --type luks1 is not supported by luksify");
@@ -411,22 +456,9 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let opts = luks2::FormatOptions {
-        cipher: a.cipher.clone(),
-        key_size: a.key_size as usize / 8,
-        sector_size: a.sector_size,
-        hash,
-        kdf: req,
-        label: a.label.clone().unwrap_or_default(),
-        subsystem: a.subsystem.clone().unwrap_or_default(),
-        uuid: a.uuid.clone(),
-        metadata_size: a
-            .luks2_metadata_size
-            .unwrap_or(luks2::DEFAULT_METADATA_SIZE),
-        keyslots_size: a.luks2_keyslots_size,
         data_offset,
         detached: a.header.is_some(),
-        volume_key,
-        segment_size: None,
+        ..opts
     };
     let offset = data_offset.unwrap_or(if a.header.is_some() {
         0
@@ -439,12 +471,12 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
             a.device.display()
         );
     }
-    if !(dev_size - offset).is_multiple_of(u64::from(a.sector_size)) {
+    if !(dev_size - offset).is_multiple_of(u64::from(n.sector_size)) {
         bail!(
             "{}: data area of {} bytes is not a multiple of --sector-size {}",
             a.device.display(),
             dev_size - offset,
-            a.sector_size
+            n.sector_size
         );
     }
     let (hdr, _vk) = Luks2Header::format(meta, &pass, &opts).map_err(|e| luks_err(meta_name, e))?;

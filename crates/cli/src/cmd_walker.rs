@@ -1,11 +1,9 @@
 //! `luksify encrypt`, `luksify decrypt` and `luksify resume`: in-place
 //! encryption and decryption under the LUKS2 reencryption journal (crates/walker).
 
+use crate::cmd_luks::NewHeaderArgs;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use luksify_luks::kdf::{KdfKind, KdfRequest};
-use luksify_luks::luks2::FormatOptions;
-use luksify_luks::VolumeKey;
 use luksify_walker::device::DataDevice;
 use luksify_walker::{
     Control, DecryptOptions, EncryptOptions, Outcome, Placement, ProgressInfo, Resilience, Tuning,
@@ -23,7 +21,7 @@ use zeroize::Zeroizing;
 pub enum WalkCmd {
     /// Encrypt a device in place to LUKS2 (crash-safe, resumable; cryptsetup-compatible journal)
     #[command(after_help = crate::cmd_orch::EXIT_CODES)]
-    Encrypt(EncryptArgs),
+    Encrypt(Box<EncryptArgs>),
     /// Decrypt a LUKS2 volume in place back to plaintext (crash-safe, resumable)
     #[command(after_help = crate::cmd_orch::EXIT_CODES)]
     Decrypt(DecryptArgs),
@@ -92,26 +90,9 @@ pub struct EncryptArgs {
     /// Hotzone protection with a detached header
     #[arg(long, value_enum, default_value = "checksum")]
     resilience: ResilienceArg,
-    /// pbkdf2, argon2i or argon2id
-    #[arg(long, default_value = "argon2id")]
-    pbkdf: String,
-    /// Fixed KDF iterations (pbkdf2) or time cost (argon2)
-    #[arg(long = "pbkdf-force-iterations", alias = "iterations")]
-    iterations: Option<u32>,
-    /// Argon2 memory (KiB)
-    #[arg(long = "pbkdf-memory")]
-    pbkdf_memory: Option<u32>,
-    /// Encryption sector size (512..4096)
-    #[arg(long, default_value_t = 512)]
-    sector_size: u32,
-    /// Key size in bits (256 or 512)
-    #[arg(long, default_value_t = 512)]
-    key_size: usize,
-    #[arg(long, default_value = "")]
-    label: String,
-    /// Use the volume key in this file (raw bytes) instead of a random one
-    #[arg(long)]
-    volume_key_file: Option<PathBuf>,
+    /// Cipher, key size, sector size, KDF, hash, label, UUID, header sizes: as `format`
+    #[command(flatten)]
+    new: NewHeaderArgs,
     #[command(flatten)]
     tuning: TuningArgs,
 }
@@ -226,7 +207,7 @@ fn report(dev: &Path, o: Outcome, what: &str, resume_hint: String) -> ExitCode {
 
 pub fn run(cmd: WalkCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        WalkCmd::Encrypt(a) => encrypt(a),
+        WalkCmd::Encrypt(a) => encrypt(*a),
         WalkCmd::Decrypt(a) => decrypt(a),
         WalkCmd::Resume(a) => resume(a),
     }
@@ -282,26 +263,10 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
 fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     let dev = &a.device;
     let pass = read_secret(&a.key_file, "key file")?;
-    let kind =
-        KdfKind::parse(&a.pbkdf).map_err(|e| anyhow::anyhow!("{}: --pbkdf: {e}", dev.display()))?;
-    let kdf = KdfRequest {
-        kind,
-        force_iterations: a.iterations,
-        memory_kib: a.pbkdf_memory,
-        ..KdfRequest::default()
-    };
-    let volume_key = match &a.volume_key_file {
-        Some(p) => Some(VolumeKey::new(read_secret(p, "volume key file")?)),
-        None => None,
-    };
-    let format = FormatOptions {
-        key_size: a.key_size / 8,
-        sector_size: a.sector_size,
-        kdf,
-        label: a.label.clone(),
-        volume_key,
-        ..FormatOptions::default()
-    };
+    let format = a
+        .new
+        .luks2()
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", dev.display()))?;
     let placement = match (&a.header, a.reduce_device_size) {
         (Some(_), None) => Placement::Detached {
             resilience: match a.resilience {
@@ -331,15 +296,16 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     };
     let outcome = match &a.header {
         Some(h) => {
-            let hf = open_new_header(h, dev)?;
+            let f = &opts.format;
+            let size = 2 * f.metadata_size
+                + f.keyslots_size
+                    .unwrap_or(luksify_luks::luks2::DEFAULT_DATA_OFFSET - 2 * f.metadata_size);
+            let hf = open_new_header(h, dev, size)?;
             let r = luksify_walker::encrypt(&data, Some(&hf), &pass, &opts, &ctl);
-            if r.as_ref()
-                .is_err_and(|e| matches!(e, luksify_walker::Error::Refused(_)))
-            {
-                // Nothing was written to the header either: do not leave an empty file.
-                if hf.metadata().map(|m| m.len()).unwrap_or(1) == 0 || !is_luks_file(h) {
-                    let _ = std::fs::remove_file(h);
-                }
+            // A failure before the header was complete wrote nothing to the data (the
+            // header goes first): do not leave a file that blocks the next attempt.
+            if r.is_err() && !is_luks_file(h) {
+                let _ = std::fs::remove_file(h);
             }
             r
         }
@@ -357,9 +323,9 @@ fn is_luks_file(p: &Path) -> bool {
         .is_some()
 }
 
-/// Creates the detached header file with its full size reserved up front, so
-/// a full filesystem is reported before the device is touched.
-fn open_new_header(h: &Path, dev: &Path) -> anyhow::Result<std::fs::File> {
+/// Creates the detached header file with its full size (`size` bytes) reserved up
+/// front, so a full filesystem is reported before the device is touched.
+fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::File> {
     if let Ok(m) = std::fs::metadata(h) {
         // A header file whose first header write was cut is ours and holds
         // nothing yet: the same command run again reuses it.
@@ -390,14 +356,14 @@ fn open_new_header(h: &Path, dev: &Path) -> anyhow::Result<std::fs::File> {
                 h.display()
             )
         })?;
-    let want = luksify_luks::luks2::DEFAULT_DATA_OFFSET as libc::off_t;
+    let want = libc::off_t::try_from(size).context("header size")?;
     // SAFETY: posix_fallocate on a valid open fd; no memory is passed.
     let r = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, want) };
     if r != 0 {
         drop(f);
         let _ = std::fs::remove_file(h);
         bail!(
-            "{}: cannot reserve 16 MiB for header file {}: {} (free space where the header goes; the device was not touched)",
+            "{}: cannot reserve {size} bytes for header file {}: {} (free space where the header goes; the device was not touched)",
             dev.display(), h.display(), std::io::Error::from_raw_os_error(r)
         );
     }

@@ -591,6 +591,19 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 )));
             }
             let data_size = dev_size - reduce;
+            // The header (both metadata copies and the keyslots area) must fit in front.
+            let meta2 = 2 * fmt.metadata_size;
+            let need = meta2
+                + fmt
+                    .keyslots_size
+                    .unwrap_or(shift.saturating_sub(meta2).max(1));
+            if need > shift {
+                return Err(Error::Refused(format!(
+                    "the LUKS2 header needs {need} bytes (2 x {} metadata + keyslots area) but --reduce-device-size {reduce} leaves {shift} for it (half): use --reduce-device-size {}M or smaller --luks2-metadata-size/--luks2-keyslots-size",
+                    fmt.metadata_size,
+                    2 * need.div_ceil(1 << 20)
+                )));
+            }
             // After an interrupted start the head may be half overwritten; the
             // filesystem was checked on the first attempt.
             if init_marker {
@@ -630,6 +643,19 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             Some(o) if o > 0 => o - 2 * fmt.metadata_size,
             _ => luksify_luks::luks2::DEFAULT_DATA_OFFSET - 2 * fmt.metadata_size,
         });
+    // The keyslots area holds keyslot 0 and the reencryption area (at least a block).
+    if let Some(ks) = fmt.keyslots_size {
+        let need = luksify_luks::luks2::keyslot::area_size(
+            fmt.key_size,
+            luksify_luks::af::DEFAULT_STRIPES,
+        ) + CHECKSUM_BLOCK as u64;
+        if ks < need {
+            return Err(Error::Refused(format!(
+                "a {ks}-byte keyslots area cannot hold keyslot 0 and the reencryption area ({need} bytes with a {}-bit key): use --luks2-keyslots-size {need} or more",
+                fmt.key_size * 8
+            )));
+        }
+    }
     let stage = stage::SparseStage::new(meta_len);
     let (mut hdr, vk) = Luks2Header::format(&stage, passphrase, &fmt)?;
     let key_digest = hdr
