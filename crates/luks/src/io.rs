@@ -24,6 +24,11 @@ pub trait Disk {
     /// Current size in bytes. For block devices this is the device size, not
     /// the inode's (zero) length.
     fn size(&self) -> io::Result<u64>;
+    /// The unit a power cut may tear a write at: a block device's logical sector
+    /// size, 4096 for files and memory (what cryptsetup assumes for each).
+    fn write_unit(&self) -> u64 {
+        4096
+    }
 }
 
 impl Disk for File {
@@ -59,6 +64,9 @@ impl<D: Disk + ?Sized> Disk for &D {
     }
     fn size(&self) -> io::Result<u64> {
         (**self).size()
+    }
+    fn write_unit(&self) -> u64 {
+        (**self).write_unit()
     }
 }
 

@@ -150,9 +150,13 @@ pub struct DataDevice {
     direct: bool,
     size: u64,
     is_block: bool,
+    /// Logical sector size (block devices), else 4096: see `Disk::write_unit`.
+    write_unit: u64,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 104)`: the logical sector size, an int.
+const BLKSSZGET: libc::c_ulong = 0x1268;
 
 impl DataDevice {
     /// Opens read-write, exclusively for block devices (O_EXCL: fails if mounted
@@ -203,12 +207,30 @@ impl DataDevice {
         } else {
             meta.len()
         };
+        let write_unit = if is_block {
+            let mut ss: libc::c_int = 0;
+            // SAFETY: BLKSSZGET writes one int through the pointer, which is valid.
+            let r = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    BLKSSZGET as _,
+                    &mut ss,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            u64::try_from(ss).unwrap_or(512).max(512)
+        } else {
+            4096
+        };
         Ok(DataDevice {
             path: path.to_path_buf(),
             file,
             direct,
             size,
             is_block,
+            write_unit,
         })
     }
     /// Whether requests go around the page cache.
@@ -251,6 +273,9 @@ impl Disk for DataDevice {
     }
     fn size(&self) -> io::Result<u64> {
         Ok(self.size)
+    }
+    fn write_unit(&self) -> u64 {
+        self.write_unit
     }
 }
 

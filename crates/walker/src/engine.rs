@@ -14,9 +14,10 @@
 //! durable.
 
 use crate::device::AlignedBuf;
-use crate::sha256x16::{hash_4k_blocks, hash_4k_blocks_to_slice};
+use crate::sha256x16::hash_4k_blocks_to_slice;
 use crate::{Cancel, Error, ProgressFn, ProgressInfo, Resilience, Result};
 use luksify_cipher::SectorCipher;
+use luksify_luks::hash::Hash;
 use luksify_luks::io::Disk;
 use luksify_luks::luks2::json::{ReencryptDirection, ReencryptMode};
 use luksify_luks::reencrypt::{EncryptLayout, Progress};
@@ -80,10 +81,88 @@ impl Default for Tuning {
     }
 }
 
-/// Checksum granularity in bytes (the area's `sector_size`).
+/// The checksum granularity of the runs luksify starts on files, and the alignment of
+/// every hotzone (a multiple of any checksum block: 512 to 4096 bytes).
 pub const CHECKSUM_BLOCK: usize = 4096;
-/// Hash length (sha256).
-pub const CHECKSUM_LEN: usize = 32;
+
+/// How checksum resilience covers a hotzone: one `hash` digest per `block` bytes (the
+/// area's `hash` and `sector_size`). cryptsetup takes the block from the data device:
+/// its logical sector size (512 on most disks and loop devices), 4096 for files, or the
+/// encryption sector size if larger; a power cut may tear a write at that unit, and a
+/// block's digest must tell old from new.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sums {
+    pub hash: Hash,
+    pub block: usize,
+}
+
+impl Sums {
+    /// SHA-256 over 4096-byte blocks: the fast path (two messages at a time on SHA-NI).
+    pub const SHA256_4K: Sums = Sums {
+        hash: Hash::Sha256,
+        block: CHECKSUM_BLOCK,
+    };
+
+    /// Digest length in bytes.
+    pub fn digest_len(self) -> usize {
+        self.hash.digest_len()
+    }
+
+    /// Bytes of data whose digests fit in `area` bytes.
+    pub fn covered(self, area: u64) -> u64 {
+        area / self.digest_len() as u64 * self.block as u64
+    }
+
+    /// Bytes of digests for `data` bytes.
+    pub fn area_for(self, data: u64) -> u64 {
+        data / self.block as u64 * self.digest_len() as u64
+    }
+
+    /// Writes the digest of each block of `data` into `out` (`len()` bytes each).
+    fn hash_to_slice(self, data: &[u8], out: &mut [u8]) {
+        if self == Sums::SHA256_4K {
+            hash_4k_blocks_to_slice(data, out);
+        } else {
+            for (b, o) in data
+                .chunks(self.block)
+                .zip(out.chunks_mut(self.digest_len()))
+            {
+                self.hash.digest_into(&[b], o);
+            }
+        }
+    }
+
+    /// Appends the digests of `data`'s blocks to `out`, on the calling thread.
+    fn hash_serial_into(self, data: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(
+            start + data.len().div_ceil(self.block) * self.digest_len(),
+            0,
+        );
+        self.hash_to_slice(data, &mut out[start..]);
+    }
+
+    /// Appends the digests of `data`'s blocks to `out` (both cores).
+    fn hash_into(self, data: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(
+            start + data.len().div_ceil(self.block) * self.digest_len(),
+            0,
+        );
+        // 256 KiB per task: rayon's splitting costs nothing next to the hashing.
+        let per = (256 << 10) / self.block;
+        out[start..]
+            .par_chunks_mut(per * self.digest_len())
+            .zip(data.par_chunks(per * self.block))
+            .for_each(|(o, b)| self.hash_to_slice(b, o));
+    }
+
+    fn hash(self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.hash_into(data, &mut out);
+        out
+    }
+}
 
 pub(crate) struct Walk<'a, D: Disk + Sync + ?Sized> {
     pub data: &'a D,
@@ -96,6 +175,8 @@ pub(crate) struct Walk<'a, D: Disk + Sync + ?Sized> {
     /// Head-last decryption (`EncryptLayout::head_last`): the moved head's length and
     /// its protection. `resilience` (datashift) covers the tail.
     pub head: Option<(u64, Resilience)>,
+    /// The checksum area's hash and block (checksum resilience, or the head's).
+    pub sums: Sums,
     pub cipher: &'a SectorCipher,
     pub tuning: Tuning,
     pub progress: Option<&'a ProgressFn<'a>>,
@@ -175,28 +256,6 @@ fn plan<D: Disk + Sync + ?Sized>(w: &Walk<'_, D>, p: Progress, end: u64) -> Vec<
     v
 }
 
-fn hash_blocks(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    hash_blocks_into(data, &mut out);
-    out
-}
-
-/// Appends the checksums of `data`'s blocks to `out` (both cores).
-fn hash_blocks_into(data: &[u8], out: &mut Vec<u8>) {
-    let start = out.len();
-    out.resize(start + data.len() / CHECKSUM_BLOCK * CHECKSUM_LEN, 0);
-    // 64 blocks (256 KiB) per task: rayon's splitting costs nothing next to the hashing.
-    out[start..]
-        .par_chunks_mut(64 * CHECKSUM_LEN)
-        .zip(data.par_chunks(64 * CHECKSUM_BLOCK))
-        .for_each(|(o, b)| hash_4k_blocks_to_slice(b, o));
-}
-
-/// Appends the checksums of `data`'s blocks to `out`, on the calling thread.
-fn hash_blocks_serial_into(data: &[u8], out: &mut Vec<u8>) {
-    hash_4k_blocks(data, out);
-}
-
 impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
     fn iv(&self, logical: u64) -> u64 {
         logical / 512
@@ -240,7 +299,9 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let resilience = head.map_or(self.resilience, |(_, r)| r);
         match resilience {
             Resilience::Checksum => {
-                let mut sums = vec![0u8; (len as usize / CHECKSUM_BLOCK) * CHECKSUM_LEN];
+                let spec = self.sums;
+                let (block, dl) = (spec.block, spec.digest_len());
+                let mut sums = vec![0u8; spec.area_for(len) as usize];
                 j.area_read(0, &mut sums)?;
                 while done < len {
                     let n = (buf.len() as u64).min(len - done) as usize;
@@ -248,16 +309,14 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     self.data
                         .read_at(dst + done, b)
                         .map_err(|e| Error::io("read hotzone", e))?;
-                    let cur = hash_blocks(b);
-                    let first = (done as usize) / CHECKSUM_BLOCK;
-                    for (i, blk) in b.chunks_mut(CHECKSUM_BLOCK).enumerate() {
+                    let cur = spec.hash(b);
+                    let first = (done as usize) / block;
+                    for (i, blk) in b.chunks_mut(block).enumerate() {
                         let k = first + i;
                         // A block still holding its old bytes matches the stored
                         // checksum: transform it. Anything else was already written.
-                        if cur[i * CHECKSUM_LEN..(i + 1) * CHECKSUM_LEN]
-                            == sums[k * CHECKSUM_LEN..(k + 1) * CHECKSUM_LEN]
-                        {
-                            let l = start + done + (i * CHECKSUM_BLOCK) as u64;
+                        if cur[i * dl..(i + 1) * dl] == sums[k * dl..(k + 1) * dl] {
+                            let l = start + done + (i * block) as u64;
                             self.transform_serial(blk, l)?;
                             self.data
                                 .write_at(self.layout.new_physical(l), blk)
@@ -595,7 +654,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let mut sums = Vec::new();
         pass(&mut |b, off| match res {
             Resilience::Checksum => {
-                hash_blocks_into(b, &mut sums);
+                self.sums.hash_into(b, &mut sums);
                 Ok(())
             }
             Resilience::Journal => j.area_write(off, b),
@@ -843,7 +902,7 @@ fn prepare<D: Disk + Sync + ?Sized>(
         .map_err(|e| Error::io("read data", e))?;
     let mut sums = Vec::new();
     if work.checksum {
-        hash_blocks_serial_into(&buf[..len], &mut sums);
+        w.sums.hash_serial_into(&buf[..len], &mut sums);
     }
     if work.journal {
         w.meta

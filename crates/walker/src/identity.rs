@@ -180,6 +180,9 @@ pub(crate) fn check<D: Disk + ?Sized>(
         .get("probes")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("no probes"))?;
+    let size = data
+        .size()
+        .map_err(|e| Error::io("size of the device", e))?;
     for probe in probes {
         let l: u64 = probe
             .get("offset")
@@ -200,9 +203,6 @@ pub(crate) fn check<D: Disk + ?Sized>(
         }
         let mut buf = vec![0u8; PROBE as usize];
         let at = st.layout.old_physical(l);
-        let size = data
-            .size()
-            .map_err(|e| Error::io("size of the device", e))?;
         if at + PROBE > size {
             // A backward run's walked part reaches the device's end, which a dynamic
             // size does not record: the probe there is what notices a shrink.

@@ -17,7 +17,7 @@ mod sha256x16;
 mod stage;
 pub mod view;
 
-use engine::{Journal, Walk, CHECKSUM_BLOCK, CHECKSUM_LEN};
+use engine::{Journal, Sums, Walk, CHECKSUM_BLOCK};
 pub use engine::{Outcome, Tuning};
 use luksify_cipher::SectorCipher;
 use luksify_luks::io::Disk;
@@ -182,28 +182,44 @@ fn free_keyslot_room(hdr: &Luks2Header) -> (u64, u64) {
 /// half. None when a half would hold less than [`min_half`]: the run then uses one area
 /// and waits, as cryptsetup does. cryptsetup reads the area from the keyslot JSON, so it
 /// recovers and resumes either half.
-fn area_halves(hdr: &Luks2Header, res: Resilience) -> Option<[(u64, u64); 2]> {
+fn area_halves(hdr: &Luks2Header, res: Resilience, sums: Sums) -> Option<[(u64, u64); 2]> {
     let (off, size) = free_keyslot_room(hdr);
     let half = size / 2 / CHECKSUM_BLOCK as u64 * CHECKSUM_BLOCK as u64;
-    (half >= min_half(res)?).then_some([(off, half), (off + half, half)])
+    (half >= min_half(res, sums)?).then_some([(off, half), (off + half, half)])
 }
 
 /// Smallest half worth double-buffering: one default chunk of journal, the
 /// checksums of a default hotzone. None: the mode has no area to double-buffer.
-fn min_half(res: Resilience) -> Option<u64> {
+fn min_half(res: Resilience, sums: Sums) -> Option<u64> {
     match res {
         Resilience::Journal => Some(4 << 20),
-        Resilience::Checksum => {
-            Some(Tuning::default().hotzone / CHECKSUM_BLOCK as u64 * CHECKSUM_LEN as u64)
-        }
+        Resilience::Checksum => Some(sums.area_for(Tuning::default().hotzone)),
         Resilience::None | Resilience::Datashift => None,
     }
 }
 
 /// The area a new run names first: the first half when the mode double-buffers,
 /// else the whole free room.
-fn first_area(hdr: &Luks2Header, res: Resilience, offset: u64, size: u64) -> (u64, u64) {
-    area_halves(hdr, res).map_or((offset, size), |h| h[0])
+fn first_area(
+    hdr: &Luks2Header,
+    res: Resilience,
+    sums: Sums,
+    offset: u64,
+    size: u64,
+) -> (u64, u64) {
+    area_halves(hdr, res, sums).map_or((offset, size), |h| h[0])
+}
+
+/// The checksums of a run luksify starts: SHA-256 over the unit a power cut may tear a
+/// data write at, or the encryption sector if larger (cryptsetup's choice: 512 bytes on
+/// most block devices, 4096 on files).
+fn new_sums(data_write_unit: u64, sector_size: u32) -> Sums {
+    Sums {
+        hash: luksify_luks::hash::Hash::Sha256,
+        block: data_write_unit
+            .max(u64::from(sector_size))
+            .clamp(512, CHECKSUM_BLOCK as u64) as usize,
+    }
 }
 
 impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
@@ -320,11 +336,7 @@ fn resilience_of(a: &ReencryptArea) -> Result<Resilience> {
         ReencryptArea::Checksum {
             hash, sector_size, ..
         } => {
-            if hash != "sha256" || *sector_size as usize != CHECKSUM_BLOCK {
-                return Err(Error::Refused(format!(
-                    "checksum resilience with {hash} over {sector_size}-byte blocks is not supported (sha256 over 4096 is)"
-                )));
-            }
+            sums_of("checksum", hash, *sector_size)?;
             Resilience::Checksum
         }
         ReencryptArea::Journal { .. } => Resilience::Journal,
@@ -340,6 +352,34 @@ fn resilience_of(a: &ReencryptArea) -> Result<Resilience> {
     })
 }
 
+/// A checksum area's hash and block, if luksify can walk it: sha1, sha224, sha256,
+/// sha384 or sha512 over 512 to 4096-byte blocks (a power of two); anything else is
+/// cryptsetup's to finish.
+fn sums_of(kind: &str, hash: &str, sector_size: u32) -> Result<Sums> {
+    let block = sector_size as usize;
+    match luksify_luks::hash::Hash::parse(hash) {
+        Ok(h) if block.is_power_of_two() && (512..=CHECKSUM_BLOCK).contains(&block) => {
+            Ok(Sums { hash: h, block })
+        }
+        _ => Err(Error::Refused(format!(
+            "{kind} resilience with {hash} over {sector_size}-byte blocks is not supported (sha1, sha224, sha256, sha384 or sha512 over 512 to 4096 bytes are); finish it with `cryptsetup reencrypt --resume-only`"
+        ))),
+    }
+}
+
+/// The checksum spec of a run's area ([`Sums::SHA256_4K`] for areas without checksums).
+fn area_sums(a: &ReencryptArea) -> Result<Sums> {
+    match a {
+        ReencryptArea::Checksum {
+            hash, sector_size, ..
+        } => sums_of("checksum", hash, *sector_size),
+        ReencryptArea::DatashiftChecksum {
+            hash, sector_size, ..
+        } => sums_of("datashift-checksum", hash, *sector_size),
+        _ => Ok(Sums::SHA256_4K),
+    }
+}
+
 /// How the moved head of a head-last decryption (`EncryptLayout::head_last`) is
 /// protected while it is decrypted in place: the area's checksums or journal.
 fn head_resilience(a: &ReencryptArea) -> Result<Resilience> {
@@ -347,11 +387,7 @@ fn head_resilience(a: &ReencryptArea) -> Result<Resilience> {
         ReencryptArea::DatashiftChecksum {
             hash, sector_size, ..
         } => {
-            if hash != "sha256" || *sector_size as usize != CHECKSUM_BLOCK {
-                return Err(Error::Refused(format!(
-                    "datashift-checksum resilience with {hash} over {sector_size}-byte blocks is not supported (sha256 over 4096 is); finish it with `cryptsetup reencrypt --resume-only`"
-                )));
-            }
+            sums_of("datashift-checksum", hash, *sector_size)?;
             Ok(Resilience::Checksum)
         }
         ReencryptArea::DatashiftJournal { .. } => Ok(Resilience::Journal),
@@ -385,13 +421,16 @@ fn chunk_for(chunk: usize, hotzone: u64) -> usize {
 const MIN_CHUNKS_PER_ZONE: u64 = 4;
 
 /// Largest hotzone the area and memory allow.
-fn hotzone_for(res: Resilience, area: &ReencryptArea, layout: &EncryptLayout, t: Tuning) -> u64 {
+fn hotzone_for(
+    res: Resilience,
+    area: &ReencryptArea,
+    layout: &EncryptLayout,
+    t: Tuning,
+    sums: Sums,
+) -> u64 {
     let align = |n: u64| n / CHECKSUM_BLOCK as u64 * CHECKSUM_BLOCK as u64;
     match res {
-        Resilience::Checksum => align(
-            t.hotzone
-                .min(area.size() / CHECKSUM_LEN as u64 * CHECKSUM_BLOCK as u64),
-        ),
+        Resilience::Checksum => align(t.hotzone.min(sums.covered(area.size()))),
         Resilience::Journal => align(t.hotzone.min(area.size())),
         Resilience::None => align(t.hotzone),
         // Encrypt: one hotzone per shift: cryptsetup's recovery reads the whole
@@ -675,16 +714,17 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             let (offset, size) = (ks_end, room);
             let area = match res {
                 Resilience::Checksum => {
-                    let (offset, size) = first_area(&hdr, res, offset, size);
+                    let sums = new_sums(data.write_unit(), fmt.sector_size);
+                    let (offset, size) = first_area(&hdr, res, sums, offset, size);
                     ReencryptArea::Checksum {
                         offset,
                         size,
-                        hash: "sha256".into(),
-                        sector_size: CHECKSUM_BLOCK as u32,
+                        hash: sums.hash.name().into(),
+                        sector_size: sums.block as u32,
                     }
                 }
                 Resilience::Journal => {
-                    let (offset, size) = first_area(&hdr, res, offset, size);
+                    let (offset, size) = first_area(&hdr, res, Sums::SHA256_4K, offset, size);
                     ReencryptArea::Journal { offset, size }
                 }
                 _ => ReencryptArea::None { offset, size },
@@ -766,6 +806,9 @@ impl<T: Disk + Sync + ?Sized> Disk for DynDisk<'_, T> {
     }
     fn size(&self) -> std::io::Result<u64> {
         self.0.size()
+    }
+    fn write_unit(&self) -> u64 {
+        self.0.write_unit()
     }
 }
 
@@ -899,13 +942,16 @@ fn run_from<D: Disk + Sync + ?Sized>(
         st.layout.sector_size as usize,
     )
     .map_err(Error::Cipher)?;
-    let halves = area_halves(&hdr, res);
+    let sums = area_sums(&st.area)?;
+    let halves = area_halves(&hdr, res, sums);
     let mut t = tuning;
-    t.hotzone = hotzone_for(res, &st.area, &st.layout, tuning);
+    t.hotzone = hotzone_for(res, &st.area, &st.layout, tuning, sums);
     if let Some([(offset, size), _]) = halves {
         // Every hotzone's journal (or checksums) must fit the half it is written to.
         let half = ReencryptArea::None { offset, size };
-        t.hotzone = t.hotzone.min(hotzone_for(res, &half, &st.layout, tuning));
+        t.hotzone = t
+            .hotzone
+            .min(hotzone_for(res, &half, &st.layout, tuning, sums));
     }
     if t.hotzone == 0 {
         return Err(Error::Refused(
@@ -940,6 +986,7 @@ fn run_from<D: Disk + Sync + ?Sized>(
         direction,
         resilience: res,
         head,
+        sums,
         cipher: &cipher,
         tuning: t,
         progress: ctl.progress,
@@ -1109,16 +1156,18 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         let (offset, size) = (ks_end, room);
         match opts.resilience {
             Resilience::Checksum => {
-                let (offset, size) = first_area(&hdr, opts.resilience, offset, size);
+                let sums = new_sums(data.write_unit(), seg.sector_size);
+                let (offset, size) = first_area(&hdr, opts.resilience, sums, offset, size);
                 ReencryptArea::Checksum {
                     offset,
                     size,
-                    hash: "sha256".into(),
-                    sector_size: CHECKSUM_BLOCK as u32,
+                    hash: sums.hash.name().into(),
+                    sector_size: sums.block as u32,
                 }
             }
             Resilience::Journal => {
-                let (offset, size) = first_area(&hdr, opts.resilience, offset, size);
+                let (offset, size) =
+                    first_area(&hdr, opts.resilience, Sums::SHA256_4K, offset, size);
                 ReencryptArea::Journal { offset, size }
             }
             Resilience::None => ReencryptArea::None { offset, size },

@@ -173,6 +173,9 @@ impl<D: Disk> Disk for PowerCutDisk<D> {
         }
         self.durable.flush()
     }
+    fn write_unit(&self) -> u64 {
+        self.atomic_unit as u64
+    }
     fn size(&self) -> io::Result<u64> {
         // Pending writes may extend a growable store (a new header file).
         let end = self

@@ -24,6 +24,7 @@ const LANES: usize = 16;
 ///
 /// `data.len()` should be a multiple of 4096; a shorter tail, if any, is hashed
 /// as one last message of its own length (as `data.chunks(4096)` would).
+#[cfg(test)]
 pub(crate) fn hash_4k_blocks(data: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
     out.resize(start + data.len().div_ceil(BLOCK) * DIGEST, 0);

@@ -192,6 +192,9 @@ impl<D: Disk> Disk for DecryptedView<D> {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len)
     }
+    fn write_unit(&self) -> u64 {
+        self.disk.write_unit()
+    }
 }
 
 #[cfg(test)]
