@@ -14,7 +14,7 @@
 //! durable.
 
 use crate::device::AlignedBuf;
-use crate::sha256x16::hash_4k_blocks_to_slice;
+use crate::sha256x16::{hash_4k_blocks_to_slice, hash_512_blocks_to_slice};
 use crate::{Cancel, Error, ProgressFn, ProgressInfo, Resilience, Result};
 use luksify_cipher::SectorCipher;
 use luksify_luks::hash::Hash;
@@ -97,7 +97,8 @@ pub struct Sums {
 }
 
 impl Sums {
-    /// SHA-256 over 4096-byte blocks: the fast path (two messages at a time on SHA-NI).
+    /// SHA-256 over 4096-byte blocks (files). SHA-256 over 4096 or 512 bytes takes the
+    /// fast path (two messages at a time on SHA-NI); other specs hash one block at a time.
     pub const SHA256_4K: Sums = Sums {
         hash: Hash::Sha256,
         block: CHECKSUM_BLOCK,
@@ -122,6 +123,8 @@ impl Sums {
     fn hash_to_slice(self, data: &[u8], out: &mut [u8]) {
         if self == Sums::SHA256_4K {
             hash_4k_blocks_to_slice(data, out);
+        } else if self.hash == Hash::Sha256 && self.block == 512 {
+            hash_512_blocks_to_slice(data, out);
         } else {
             for (b, o) in data
                 .chunks(self.block)
