@@ -12,6 +12,7 @@ use luksify_luks::kdf::KdfRequest;
 use luksify_luks::luks2::FormatOptions;
 use luksify_luks::VolumeKey;
 use luksify_walker::powercut::PowerCutDisk;
+use luksify_walker::Hash;
 use luksify_walker::{
     Control, DecryptOptions, EncryptOptions, Outcome, Placement, Resilience, Tuning,
 };
@@ -28,14 +29,15 @@ fn vk() -> Vec<u8> {
 }
 
 fn opts(placement: Placement) -> EncryptOptions {
-    opts_with(placement, None)
+    opts_with(placement, None, Hash::Sha256)
 }
 
 /// `keyslots`: the LUKS2 keyslots area size (None: the default 16 MiB, room for two
-/// journal halves).
-fn opts_with(placement: Placement, keyslots: Option<u64>) -> EncryptOptions {
+/// journal halves); `hash`: checksum resilience's.
+fn opts_with(placement: Placement, keyslots: Option<u64>, hash: Hash) -> EncryptOptions {
     EncryptOptions {
         placement,
+        checksum_hash: hash,
         format: FormatOptions {
             kdf: KdfRequest::fast_pbkdf2(),
             volume_key: Some(VolumeKey::from_slice(&vk())),
@@ -108,12 +110,13 @@ fn power_comes_back(
 }
 
 fn crash_and_resume(placement: Placement, cut: u64, unit: usize, fates: u64, seed: u64) {
-    crash_and_resume_with(placement, None, cut, unit, fates, seed)
+    crash_and_resume_with(placement, None, Hash::Sha256, cut, unit, fates, seed)
 }
 
 fn crash_and_resume_with(
     placement: Placement,
     keyslots: Option<u64>,
+    hash: Hash,
     cut: u64,
     unit: usize,
     fates: u64,
@@ -124,7 +127,7 @@ fn crash_and_resume_with(
     let hdr = MemDisk::new(0);
     let pc = PowerCutDisk::new(data.clone(), unit);
     let hpc = pc.sibling(hdr.clone());
-    let o = opts_with(placement, keyslots);
+    let o = opts_with(placement, keyslots, hash);
     pc.cut_after_ops(cut);
     let detached = matches!(placement, Placement::Detached { .. });
     let r = if detached {
@@ -190,13 +193,13 @@ fn crash_and_resume_with(
 
 /// Operations a full uninterrupted run issues (so cut points cover all of it).
 fn total_ops(placement: Placement) -> u64 {
-    total_ops_with(placement, None)
+    total_ops_with(placement, None, Hash::Sha256)
 }
 
-fn total_ops_with(placement: Placement, keyslots: Option<u64>) -> u64 {
+fn total_ops_with(placement: Placement, keyslots: Option<u64>, hash: Hash) -> u64 {
     let pc = PowerCutDisk::new(MemDisk::from_vec(plaintext(1)), 512);
     let h = pc.sibling(MemDisk::new(0));
-    let o = opts_with(placement, keyslots);
+    let o = opts_with(placement, keyslots, hash);
     let r = match placement {
         Placement::Detached { .. } => {
             luksify_walker::encrypt(&pc, Some(&h), PASS, &o, &Control::default())
@@ -251,10 +254,34 @@ fn walker_power_cut_with_a_single_journal_area_then_resume_restores_plaintext() 
         resilience: Resilience::Journal,
     };
     let keyslots = Some(2 << 20);
-    let n = total_ops_with(p, keyslots);
+    let n = total_ops_with(p, keyslots, Hash::Sha256);
     for i in 0..24u64 {
         let cut = n * i / 23 + i % 3;
-        crash_and_resume_with(p, keyslots, cut, 512, i * 0x9e37_79b9 + 5, i + 11);
+        crash_and_resume_with(
+            p,
+            keyslots,
+            Hash::Sha256,
+            cut,
+            512,
+            i * 0x9e37_79b9 + 5,
+            i + 11,
+        );
+    }
+}
+
+/// Checksum resilience with another hash (`--resilience-hash`): sha1 and sha512 digests
+/// of 512-byte blocks, cut at 24 points spread over the run with 512-byte tears.
+#[test]
+fn walker_power_cut_with_other_checksum_hashes_then_resume_restores_plaintext() {
+    let p = Placement::Detached {
+        resilience: Resilience::Checksum,
+    };
+    for hash in [Hash::Sha1, Hash::Sha512] {
+        let n = total_ops_with(p, None, hash);
+        for i in 0..24u64 {
+            let cut = n * i / 23 + i % 5;
+            crash_and_resume_with(p, None, hash, cut, 512, i * 0x2545_f491 + 9, i + 40);
+        }
     }
 }
 
@@ -316,6 +343,7 @@ fn ops_to_first_header(placement: Placement, decrypting: bool) -> u64 {
             let hpc = pc.sibling(dhdr.clone());
             pc.cut_after_ops(cut);
             let d = DecryptOptions {
+                checksum_hash: Hash::Sha256,
                 resilience: Resilience::Checksum,
                 tuning: o.tuning,
             };
@@ -404,6 +432,7 @@ fn decrypt_cut_and_resume(placement: Placement, cut: u64, unit: usize, fates: u6
         MemDisk::new(0)
     };
     let dopts = DecryptOptions {
+        checksum_hash: Hash::Sha256,
         resilience: match placement {
             Placement::Detached { resilience } => resilience,
             Placement::Shift { .. } => Resilience::Checksum,
@@ -476,6 +505,7 @@ fn total_decrypt_ops(placement: Placement) -> u64 {
     let pc = PowerCutDisk::new(data, 512);
     let h = pc.sibling(dhdr);
     let dopts = DecryptOptions {
+        checksum_hash: Hash::Sha256,
         resilience: match placement {
             Placement::Detached { resilience } => resilience,
             Placement::Shift { .. } => Resilience::Checksum,

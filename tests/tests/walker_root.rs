@@ -366,3 +366,72 @@ fn root_walker_checksum_blocks_follow_the_devices_sector_size_as_cryptsetups() {
         }
     }
 }
+
+/// Out of space for a detached header: the header file is reserved at its full size
+/// before anything is written, so a header directory on a full filesystem (an 8 MiB
+/// tmpfs here) is refused in one line, with the image untouched and no header file left.
+/// The reservation is the header's real size: with `--luks2-keyslots-size 1048576`
+/// (a 1 MiB + 32 KiB header) the same place has room, and the run finishes.
+#[test]
+#[ignore = "needs root (mounts a tmpfs)"]
+fn root_walker_refuses_a_header_place_without_room_before_writing() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8M", "luksify-test"])
+            .arg(&mnt),
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let mut orig = vec![0u8; (16 * MIB) as usize];
+    fill_pattern(&mut orig, 3);
+    let img = dir.path().join("img");
+    std::fs::write(&img, &orig).unwrap();
+    std::fs::write(dir.path().join("key"), b"root test passphrase").unwrap();
+    let hdr = mnt.join("hdr");
+    let encrypt = |extra: &[&str]| {
+        let mut c = Command::new(luksify_bin());
+        c.arg("encrypt")
+            .arg(&img)
+            .arg("--key-file")
+            .arg(dir.path().join("key"))
+            .arg("--header")
+            .arg(&hdr)
+            .args(extra)
+            .args(FAST);
+        c
+    };
+    let out = run(&mut encrypt(&[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.lines().count() == 1
+            && err.contains("cannot reserve 16777216 bytes for header file")
+            && err.contains("No space left on device"),
+        "{}: {err}",
+        out.status
+    );
+    assert!(std::fs::read(&img).unwrap() == orig, "image changed");
+    assert!(!hdr.exists(), "header file left behind");
+    run_ok(&mut encrypt(&["--luks2-keyslots-size", "1048576"]));
+    assert_eq!(std::fs::metadata(&hdr).unwrap().len(), MIB + 32 * 1024);
+    assert!(std::fs::read(&img).unwrap() != orig, "not encrypted");
+    run_ok(
+        Command::new(luksify_bin())
+            .arg("decrypt")
+            .arg(&img)
+            .arg("--key-file")
+            .arg(dir.path().join("key"))
+            .arg("--header")
+            .arg(&hdr),
+    );
+    assert!(std::fs::read(&img).unwrap() == orig, "plaintext differs");
+}

@@ -47,6 +47,9 @@ pub struct DecryptArgs {
     /// Hotzone protection when the header is detached (data stays in place)
     #[arg(long, value_enum)]
     resilience: Option<ResilienceArg>,
+    /// Hash of checksum resilience: sha1, sha224, sha256, sha384 or sha512
+    #[arg(long, default_value = "sha256")]
+    resilience_hash: String,
     #[command(flatten)]
     tuning: TuningArgs,
 }
@@ -90,6 +93,9 @@ pub struct EncryptArgs {
     /// Hotzone protection with a detached header
     #[arg(long, value_enum, default_value = "checksum")]
     resilience: ResilienceArg,
+    /// Hash of checksum resilience: sha1, sha224, sha256, sha384 or sha512
+    #[arg(long, default_value = "sha256")]
+    resilience_hash: String,
     /// Cipher, key size, sector size, KDF, hash, label, UUID, header sizes: as `format`
     #[command(flatten)]
     new: NewHeaderArgs,
@@ -143,6 +149,11 @@ fn read_secret(p: &Path, what: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     let v = std::fs::read(p)
         .with_context(|| format!("cannot read {what} {}: check the path", p.display()))?;
     Ok(Zeroizing::new(v))
+}
+
+fn resilience_hash(dev: &Path, name: &str) -> anyhow::Result<luksify_walker::Hash> {
+    luksify_walker::Hash::parse(name)
+        .map_err(|e| anyhow::anyhow!("{}: --resilience-hash: {e}", dev.display()))
 }
 
 fn tuning(t: &TuningArgs) -> Tuning {
@@ -224,6 +235,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
             Some(ResilienceArg::Journal) => Resilience::Journal,
             Some(ResilienceArg::None) => Resilience::None,
         },
+        checksum_hash: resilience_hash(dev, &a.resilience_hash)?,
         tuning: tuning(&a.tuning),
     };
     let cancel = install_cancel()?;
@@ -284,6 +296,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     let opts = EncryptOptions {
         placement,
         format,
+        checksum_hash: resilience_hash(dev, &a.resilience_hash)?,
         tuning: tuning(&a.tuning),
     };
     let data = DataDevice::open(dev, a.tuning.buffered)

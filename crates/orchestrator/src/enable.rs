@@ -572,6 +572,7 @@ fn start_encryption(
     let opts = EncryptOptions {
         placement,
         format,
+        checksum_hash: luksify_walker::Hash::Sha256,
         tuning: Default::default(),
     };
     let outcome = walk(sw, idx, i, n, req, |ctl| match header {
@@ -1211,6 +1212,7 @@ fn disable_one(
         } else {
             Resilience::Journal
         },
+        checksum_hash: luksify_walker::Hash::Sha256,
         tuning: Default::default(),
     };
     let outcome = walk(sw, idx, idx, n, req, |ctl| {

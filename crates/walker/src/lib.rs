@@ -20,6 +20,7 @@ pub mod view;
 use engine::{Journal, Sums, Walk, CHECKSUM_BLOCK};
 pub use engine::{Outcome, Tuning};
 use luksify_cipher::SectorCipher;
+pub use luksify_luks::hash::Hash;
 use luksify_luks::io::Disk;
 use luksify_luks::luks2::json::{
     Keyslot, ReencryptArea, ReencryptDirection, ReencryptMode, SegmentSize,
@@ -106,6 +107,8 @@ pub struct EncryptOptions {
     pub placement: Placement,
     /// Format parameters (cipher, key size, sector size, kdf, label, volume key).
     pub format: FormatOptions,
+    /// Checksum resilience's hash (cryptsetup's `--resilience-hash`, sha256 by default).
+    pub checksum_hash: Hash,
     pub tuning: Tuning,
 }
 
@@ -210,12 +213,12 @@ fn first_area(
     area_halves(hdr, res, sums).map_or((offset, size), |h| h[0])
 }
 
-/// The checksums of a run luksify starts: SHA-256 over the unit a power cut may tear a
+/// The checksums of a run luksify starts: `hash` over the unit a power cut may tear a
 /// data write at, or the encryption sector if larger (cryptsetup's choice: 512 bytes on
 /// most block devices, 4096 on files).
-fn new_sums(data_write_unit: u64, sector_size: u32) -> Sums {
+fn new_sums(data_write_unit: u64, sector_size: u32, hash: Hash) -> Sums {
     Sums {
-        hash: luksify_luks::hash::Hash::Sha256,
+        hash,
         block: data_write_unit
             .max(u64::from(sector_size))
             .clamp(512, CHECKSUM_BLOCK as u64) as usize,
@@ -714,7 +717,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             let (offset, size) = (ks_end, room);
             let area = match res {
                 Resilience::Checksum => {
-                    let sums = new_sums(data.write_unit(), fmt.sector_size);
+                    let sums = new_sums(data.write_unit(), fmt.sector_size, opts.checksum_hash);
                     let (offset, size) = first_area(&hdr, res, sums, offset, size);
                     ReencryptArea::Checksum {
                         offset,
@@ -1036,6 +1039,8 @@ pub struct DecryptOptions {
     /// place (checksum, journal or none). With the header in front the data
     /// moves back over it, and the shift itself protects it.
     pub resilience: Resilience,
+    /// Checksum resilience's hash (cryptsetup's `--resilience-hash`, sha256 by default).
+    pub checksum_hash: Hash,
     pub tuning: Tuning,
 }
 
@@ -1156,7 +1161,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         let (offset, size) = (ks_end, room);
         match opts.resilience {
             Resilience::Checksum => {
-                let sums = new_sums(data.write_unit(), seg.sector_size);
+                let sums = new_sums(data.write_unit(), seg.sector_size, opts.checksum_hash);
                 let (offset, size) = first_area(&hdr, opts.resilience, sums, offset, size);
                 ReencryptArea::Checksum {
                     offset,
