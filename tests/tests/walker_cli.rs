@@ -864,11 +864,12 @@ fn dump_without_random(hdr: &std::path::Path) -> String {
 
 /// `luksify encrypt` takes `luksify format`'s header options, with cryptsetup's names:
 /// cipher, key size, sector size, hash, KDF (pbkdf2 and argon2id with its memory and
-/// threads), label, subsystem, UUID, metadata and keyslots sizes (and cryptsetup's
-/// `--resilience-hash`). Three runs cover them
-/// all: a detached journal whose keyslots area leaves room for one 128 KiB journal
-/// (hotzones of 128 KiB, single area), a detached checksum run, and a header in front
-/// with its own sizes. For each:
+/// threads), label, subsystem, UUID, metadata and keyslots sizes, data offset (and
+/// cryptsetup's `--resilience-hash`). Four runs cover them all: a detached journal
+/// whose keyslots area leaves room for one 128 KiB journal (hotzones of 128 KiB, single
+/// area), a detached checksum run, a header in front with its own sizes, and a detached
+/// journal with `--offset` (the first 2 MiB stay plaintext; the keyslots area is what
+/// the offset leaves, as cryptsetup sizes it). For each:
 /// - `cryptsetup reencrypt --encrypt` with the same options and volume key writes the
 ///   same ciphertext, and cryptsetup's luksDump of both headers is the same but for salts,
 ///   digests and the epoch (with a header in front cryptsetup 2.6 grows the keyslots
@@ -982,6 +983,22 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
             ],
             bits: 512,
             kill_at: 4,
+        },
+        Variant {
+            name: "offset",
+            place: &["--resilience", "journal"],
+            opts: &[
+                "--offset",
+                "4096",
+                "--uuid",
+                "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+            ],
+            bits: 512,
+            kill_at: 12,
         },
     ];
     for v in &variants {
@@ -1166,7 +1183,7 @@ fn walker_resumes_cryptsetup_checksum_runs_with_other_hashes() {
 /// and leave no header file behind (it would block the next attempt).
 #[test]
 fn walker_refuses_header_options_that_do_not_fit_without_writing() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--header", "H", "--luks2-keyslots-size", "258048"],
             "use --luks2-keyslots-size 262144 or more",
@@ -1196,6 +1213,10 @@ fn walker_refuses_header_options_that_do_not_fit_without_writing() {
             "use --reduce-device-size 6M",
         ),
         (&["--header", "H", "--uuid", "nope"], "is not a UUID"),
+        (
+            &["--header", "H", "--offset", "8"],
+            "smaller than the two 16384-byte metadata copies",
+        ),
         (
             &["--header", "H", "--luks2-metadata-size", "20000"],
             "is not a LUKS2 size",

@@ -96,6 +96,10 @@ pub struct EncryptArgs {
     /// Hash of checksum resilience: sha1, sha224, sha256, sha384 or sha512
     #[arg(long, default_value = "sha256")]
     resilience_hash: String,
+    /// Data offset in 512-byte sectors (detached header): the data from there on is
+    /// encrypted, the bytes before it stay as they are
+    #[arg(long, value_name = "SECTORS", requires = "header")]
+    offset: Option<u64>,
     /// Cipher, key size, sector size, KDF, hash, label, UUID, header sizes: as `format`
     #[command(flatten)]
     new: NewHeaderArgs,
@@ -275,10 +279,15 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
 fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     let dev = &a.device;
     let pass = read_secret(&a.key_file, "key file")?;
-    let format = a
+    let mut format = a
         .new
         .luks2()
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", dev.display()))?;
+    if let Some(sectors) = a.offset {
+        format.data_offset = Some(sectors.checked_mul(512).ok_or_else(|| {
+            anyhow::anyhow!("{}: --offset {sectors} is too large", dev.display())
+        })?);
+    }
     let placement = match (&a.header, a.reduce_device_size) {
         (Some(_), None) => Placement::Detached {
             resilience: match a.resilience {
@@ -309,10 +318,10 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     };
     let outcome = match &a.header {
         Some(h) => {
-            let f = &opts.format;
-            let size = 2 * f.metadata_size
-                + f.keyslots_size
-                    .unwrap_or(luksify_luks::luks2::DEFAULT_DATA_OFFSET - 2 * f.metadata_size);
+            let size = opts
+                .format
+                .header_size()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
             let hf = open_new_header(h, dev, size)?;
             let r = luksify_walker::encrypt(&data, Some(&hf), &pass, &opts, &ctl);
             // A failure before the header was complete wrote nothing to the data (the

@@ -612,10 +612,22 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 }
             }
             fmt.detached = true;
-            fmt.data_offset = Some(0);
+            // `--offset`: the data starts there; the bytes before it stay as they are.
+            let off = fmt.data_offset.unwrap_or(0);
+            if !off.is_multiple_of(sector) || off + sector > dev_size {
+                return Err(Error::Refused(format!(
+                    "data offset {off} must be a multiple of the {sector}-byte sector and leave data on the {dev_size}-byte device"
+                )));
+            }
+            fmt.data_offset = Some(off);
             (None, resilience)
         }
         (Placement::Shift { reduce }, None) => {
+            if opts.format.data_offset.is_some() {
+                return Err(Error::Refused(
+                    "--offset goes with a detached header; with --reduce-device-size the data starts at half of it".into(),
+                ));
+            }
             let shift = reduce / 2;
             if reduce == 0 || reduce % (2 * CHECKSUM_BLOCK as u64) != 0 || shift % sector != 0 {
                 return Err(Error::Refused(format!(
@@ -680,13 +692,10 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
 
     // Build the header in memory first: nothing on disk says "LUKS" until the
     // complete reencryption state is there.
-    let meta_len = 2 * fmt.metadata_size
-        + fmt.keyslots_size.unwrap_or(match fmt.data_offset {
-            Some(o) if o > 0 => o - 2 * fmt.metadata_size,
-            _ => luksify_luks::luks2::DEFAULT_DATA_OFFSET - 2 * fmt.metadata_size,
-        });
+    let meta_len = fmt.header_size()?;
     // The keyslots area holds keyslot 0 and the reencryption area (at least a block).
-    if let Some(ks) = fmt.keyslots_size {
+    {
+        let ks = fmt.keyslots_size_or_default()?;
         let need = luksify_luks::luks2::keyslot::area_size(
             fmt.key_size,
             luksify_luks::af::DEFAULT_STRIPES,
@@ -732,10 +741,11 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 }
                 _ => ReencryptArea::None { offset, size },
             };
+            let off = fmt.data_offset.unwrap_or(0);
             let l = EncryptLayout {
                 mode: ReencryptMode::Encrypt,
-                data_offset: 0,
-                old_offset: 0,
+                data_offset: off,
+                old_offset: off,
                 data_size: None,
                 encryption: fmt.cipher.clone(),
                 sector_size: fmt.sector_size,

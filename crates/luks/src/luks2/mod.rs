@@ -101,6 +101,36 @@ pub struct FormatOptions {
     pub segment_size: Option<u64>,
 }
 
+impl FormatOptions {
+    /// The keyslots area size: as given, else what the data offset leaves after both
+    /// metadata copies (detached headers too, as cryptsetup sizes them; at most 128 MiB,
+    /// a multiple of 4096), else 16 MiB minus the metadata.
+    pub fn keyslots_size_or_default(&self) -> Result<u64> {
+        let meta_end = 2 * self.metadata_size;
+        let data_offset = self.data_offset.unwrap_or(if self.detached {
+            0
+        } else {
+            DEFAULT_DATA_OFFSET
+        });
+        Ok(match self.keyslots_size {
+            Some(k) => k,
+            None if data_offset == 0 => DEFAULT_DATA_OFFSET - meta_end,
+            None if data_offset < meta_end => {
+                return Err(Error::InvalidArgument(format!(
+                    "data offset {data_offset} is smaller than the two {}-byte metadata copies",
+                    self.metadata_size
+                )))
+            }
+            None => ((data_offset - meta_end) / 4096 * 4096).min(validate::MAX_KEYSLOTS_SIZE),
+        })
+    }
+
+    /// Bytes of the header (both metadata copies and the keyslots area).
+    pub fn header_size(&self) -> Result<u64> {
+        Ok(2 * self.metadata_size + self.keyslots_size_or_default()?)
+    }
+}
+
 impl Default for FormatOptions {
     fn default() -> Self {
         FormatOptions {
@@ -153,11 +183,7 @@ impl Luks2Header {
             DEFAULT_DATA_OFFSET
         });
         let meta_end = 2 * opts.metadata_size;
-        let keyslots_size = match opts.keyslots_size {
-            Some(k) => k,
-            None if data_offset >= meta_end && !opts.detached => data_offset - meta_end,
-            None => DEFAULT_DATA_OFFSET - meta_end,
-        };
+        let keyslots_size = opts.keyslots_size_or_default()?;
         if !data_offset.is_multiple_of(u64::from(opts.sector_size)) {
             return Err(Error::InvalidArgument(format!(
                 "data offset {data_offset} is not aligned to the {}-byte sector size",
