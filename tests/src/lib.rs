@@ -248,6 +248,19 @@ pub fn kill_at_fdatasync(cmd: &Command, n: u64) -> Output {
     ))
 }
 
+/// `cryptsetup ARGS... -q --header HDR --key-file KEY DEV`, with
+/// `--force-offline-reencrypt` for `reencrypt` (no dm-crypt here): the detached-header
+/// calls the tests share (`repair`, `reencrypt --resume-only`, `reencrypt --decrypt`).
+pub fn cryptsetup_detached(args: &[&str], hdr: &str, key: &str, dev: &str) -> Command {
+    let mut c = Command::new("cryptsetup");
+    c.args(args);
+    if args.first() == Some(&"reencrypt") {
+        c.arg("--force-offline-reencrypt");
+    }
+    c.args(["-q", "--header", hdr, "--key-file", key, dev]);
+    c
+}
+
 /// `cryptsetup luksDump HDR` (panics unless it succeeds): the header as cryptsetup reads it.
 pub fn luks_dump(hdr: &Path) -> String {
     let out = run_ok(Command::new("cryptsetup").arg("luksDump").arg(hdr));

@@ -1164,14 +1164,7 @@ fn walker_resumes_cryptsetup_checksum_runs_with_other_hashes() {
             dump.contains("online-reencrypt") && dump.contains(&format!("Hash:       {hash}")),
             "{hash}: not killed mid-walk with a {hash} area:\n{dump}"
         );
-        run_ok(&mut luksify(&[
-            "resume",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ]));
+        run_ok(&mut detached_resume(&c));
         assert!(
             same(&cryptsetup_decrypt_detached(&c), &orig),
             "{hash}: plaintext differs"

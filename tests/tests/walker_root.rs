@@ -4,8 +4,8 @@
 //! bytes must come back exactly and fsck clean. Needs root (loop devices).
 
 use luksify_tests::{
-    fill_pattern, kill_after_commits, kill_at_fdatasync, luks_dump, luksify_bin, require_root,
-    require_tool, run, run_ok, signal_after_commits, LoopDev,
+    cryptsetup_detached, fill_pattern, kill_after_commits, kill_at_fdatasync, luks_dump,
+    luksify_bin, require_root, require_tool, run, run_ok, signal_after_commits, LoopDev,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -41,6 +41,13 @@ fn ext4_image(dir: &Path, seed: u64) -> Vec<u8> {
             .arg("64M"),
     );
     std::fs::read(&img).unwrap()
+}
+
+/// `luksify ACTION DEV --key-file KEY --header HDR`.
+fn luksify_detached(action: &str, dev: &str, key: &str, hdr: &str) -> Command {
+    let mut c = Command::new(luksify_bin());
+    c.args([action, dev, "--key-file", key, "--header", hdr]);
+    c
 }
 
 fn one_mode(mode: &str, kill_at: &[u64]) {
@@ -174,35 +181,16 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
     let dev = lo.path.display().to_string();
     // Ask for a clean stop once the header exists. A 96 MiB run in 1 MiB hotzones
     // may still finish first on a starved machine: up to 3 tries, each from the start.
-    let decrypt_none = || {
-        run_ok(Command::new(luksify_bin()).args([
-            "decrypt",
-            &dev,
-            "--key-file",
-            &key,
-            "--header",
-            &hdr,
-            "--resilience",
-            "none",
-        ]))
-    };
+    let decrypt_none =
+        || run_ok(luksify_detached("decrypt", &dev, &key, &hdr).args(["--resilience", "none"]));
     let mut stopped = false;
     for _ in 0..3 {
-        let mut enc = Command::new(luksify_bin());
-        enc.args([
-            "encrypt",
-            &dev,
-            "--key-file",
-            &key,
-            "--header",
-            &hdr,
-            "--resilience",
-            "none",
-        ])
-        .args(FAST)
-        .args(SMALL)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        let mut enc = luksify_detached("encrypt", &dev, &key, &hdr);
+        enc.args(["--resilience", "none"])
+            .args(FAST)
+            .args(SMALL)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let (st, _) = signal_after_commits(&mut enc, Path::new(&hdr), 0, 1, 0, libc::SIGINT);
         if st.code() == Some(5) {
             stopped = true;
@@ -217,14 +205,7 @@ fn root_walker_loop_ext4_none_interrupt_resume_decrypt() {
         stopped,
         "none: the run finished before SIGINT in each of 3 tries"
     );
-    run_ok(Command::new(luksify_bin()).args([
-        "resume",
-        &dev,
-        "--key-file",
-        &key,
-        "--header",
-        &hdr,
-    ]));
+    run_ok(&mut luksify_detached("resume", &dev, &key, &hdr));
     decrypt_none();
     drop(lo);
     let now = std::fs::read(dir.path().join("img")).unwrap();
@@ -267,51 +248,18 @@ fn root_walker_checksum_blocks_follow_the_devices_sector_size_as_cryptsetups() {
             let lo = LoopDev::attach_with(&img, &["--sector-size", sector]);
             let dev = lo.path.display().to_string();
             let cs_resume = || {
-                run_ok(Command::new("cryptsetup").args([
-                    "repair",
-                    "-q",
-                    "--header",
+                run_ok(&mut cryptsetup_detached(&["repair"], &hdr, &key, &dev));
+                run_ok(&mut cryptsetup_detached(
+                    &["reencrypt", "--resume-only"],
                     &hdr,
-                    "--key-file",
                     &key,
                     &dev,
-                ]));
-                run_ok(Command::new("cryptsetup").args([
-                    "reencrypt",
-                    "--resume-only",
-                    "--force-offline-reencrypt",
-                    "-q",
-                    "--header",
-                    &hdr,
-                    "--key-file",
-                    &key,
-                    &dev,
-                ]));
+                ));
             };
-            let lk_resume = || {
-                run_ok(Command::new(luksify_bin()).args([
-                    "resume",
-                    &dev,
-                    "--key-file",
-                    &key,
-                    "--header",
-                    &hdr,
-                ]));
-            };
+            let lk_resume = || run_ok(&mut luksify_detached("resume", &dev, &key, &hdr));
             if luksify_first {
-                let mut c = Command::new(luksify_bin());
-                c.args([
-                    "encrypt",
-                    &dev,
-                    "--key-file",
-                    &key,
-                    "--header",
-                    &hdr,
-                    "--resilience",
-                    "checksum",
-                ])
-                .args(FAST)
-                .args(SMALL);
+                let mut c = luksify_detached("encrypt", &dev, &key, &hdr);
+                c.args(["--resilience", "checksum"]).args(FAST).args(SMALL);
                 kill_at_fdatasync(&c, 12);
             } else {
                 let mut c = Command::new("cryptsetup");
@@ -347,17 +295,12 @@ fn root_walker_checksum_blocks_follow_the_devices_sector_size_as_cryptsetups() {
             } else {
                 lk_resume();
             }
-            run_ok(Command::new("cryptsetup").args([
-                "reencrypt",
-                "--decrypt",
-                "--force-offline-reencrypt",
-                "-q",
-                "--header",
+            run_ok(&mut cryptsetup_detached(
+                &["reencrypt", "--decrypt"],
                 &hdr,
-                "--key-file",
                 &key,
                 &dev,
-            ]));
+            ));
             drop(lo);
             assert!(
                 std::fs::read(&img).unwrap() == orig,

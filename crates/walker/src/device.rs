@@ -155,6 +155,25 @@ pub struct DataDevice {
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// A block-device ioctl that writes one `T` (an integer: `u64` for BLKGETSIZE64,
+/// `c_int` for BLKSSZGET).
+fn block_ioctl<T: Default + Copy>(file: &File, req: libc::c_ulong) -> io::Result<T> {
+    let mut v = T::default();
+    // SAFETY: the caller pairs `req` with the integer type it writes, and `v` is a
+    // valid, writable `T` for the call.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            req as _,
+            &mut v as *mut T,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
 /// `_IO(0x12, 104)`: the logical sector size, an int.
 const BLKSSZGET: libc::c_ulong = 0x1268;
 
@@ -190,39 +209,13 @@ impl DataDevice {
             }
         };
         lock_exclusive(&file)?;
-        let size = if is_block {
-            let mut sz: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
-            let r = unsafe {
-                libc::ioctl(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    BLKGETSIZE64 as _,
-                    &mut sz,
-                )
-            };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            sz
+        let (size, write_unit) = if is_block {
+            // The size and the logical sector size (the unit a power cut may tear at).
+            let sz: u64 = block_ioctl(&file, BLKGETSIZE64)?;
+            let ss: libc::c_int = block_ioctl(&file, BLKSSZGET)?;
+            (sz, u64::try_from(ss).unwrap_or(512).max(512))
         } else {
-            meta.len()
-        };
-        let write_unit = if is_block {
-            let mut ss: libc::c_int = 0;
-            // SAFETY: BLKSSZGET writes one int through the pointer, which is valid.
-            let r = unsafe {
-                libc::ioctl(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    BLKSSZGET as _,
-                    &mut ss,
-                )
-            };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            u64::try_from(ss).unwrap_or(512).max(512)
-        } else {
-            4096
+            (meta.len(), 4096)
         };
         Ok(DataDevice {
             path: path.to_path_buf(),
