@@ -155,6 +155,8 @@ pub struct DataDevice {
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 104)`: the logical sector size, an int.
+const BLKSSZGET: libc::c_ulong = 0x1268;
 
 /// A block-device ioctl that writes one `T` (an integer: `u64` for BLKGETSIZE64,
 /// `c_int` for BLKSSZGET).
@@ -174,8 +176,6 @@ fn block_ioctl<T: Default + Copy>(file: &File, req: libc::c_ulong) -> io::Result
     }
     Ok(v)
 }
-/// `_IO(0x12, 104)`: the logical sector size, an int.
-const BLKSSZGET: libc::c_ulong = 0x1268;
 
 impl DataDevice {
     /// Opens read-write, exclusively for block devices (O_EXCL: fails if mounted

@@ -201,16 +201,28 @@ fn min_half(res: Resilience, sums: Sums) -> Option<u64> {
     }
 }
 
-/// The area a new run names first: the first half when the mode double-buffers,
-/// else the whole free room.
-fn first_area(
+/// The reencryption area of a new run that keeps the data in place, in the free keyslot
+/// room `(offset, size)`: the first half when the mode double-buffers, checksums as
+/// `sums` says. None for datashift (the data moves).
+fn detached_area(
     hdr: &Luks2Header,
     res: Resilience,
     sums: Sums,
     offset: u64,
     size: u64,
-) -> (u64, u64) {
-    area_halves(hdr, res, sums).map_or((offset, size), |h| h[0])
+) -> Option<ReencryptArea> {
+    let (offset, size) = area_halves(hdr, res, sums).map_or((offset, size), |h| h[0]);
+    Some(match res {
+        Resilience::Checksum => ReencryptArea::Checksum {
+            offset,
+            size,
+            hash: sums.hash.name().into(),
+            sector_size: sums.block as u32,
+        },
+        Resilience::Journal => ReencryptArea::Journal { offset, size },
+        Resilience::None => ReencryptArea::None { offset, size },
+        Resilience::Datashift => return None,
+    })
 }
 
 /// The checksums of a run luksify starts: `hash` over the unit a power cut may tear a
@@ -723,24 +735,9 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             (l, ReencryptDirection::Backward, area)
         }
         None => {
-            let (offset, size) = (ks_end, room);
-            let area = match res {
-                Resilience::Checksum => {
-                    let sums = new_sums(data.write_unit(), fmt.sector_size, opts.checksum_hash);
-                    let (offset, size) = first_area(&hdr, res, sums, offset, size);
-                    ReencryptArea::Checksum {
-                        offset,
-                        size,
-                        hash: sums.hash.name().into(),
-                        sector_size: sums.block as u32,
-                    }
-                }
-                Resilience::Journal => {
-                    let (offset, size) = first_area(&hdr, res, Sums::SHA256_4K, offset, size);
-                    ReencryptArea::Journal { offset, size }
-                }
-                _ => ReencryptArea::None { offset, size },
-            };
+            let sums = new_sums(data.write_unit(), fmt.sector_size, opts.checksum_hash);
+            let area = detached_area(&hdr, res, sums, ks_end, room)
+                .ok_or(Error::Internal("datashift with a detached header"))?;
             let off = fmt.data_offset.unwrap_or(0);
             let l = EncryptLayout {
                 mode: ReencryptMode::Encrypt,
@@ -1168,29 +1165,13 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             shift_size: off,
         }
     } else {
-        let (offset, size) = (ks_end, room);
-        match opts.resilience {
-            Resilience::Checksum => {
-                let sums = new_sums(data.write_unit(), seg.sector_size, opts.checksum_hash);
-                let (offset, size) = first_area(&hdr, opts.resilience, sums, offset, size);
-                ReencryptArea::Checksum {
-                    offset,
-                    size,
-                    hash: sums.hash.name().into(),
-                    sector_size: sums.block as u32,
-                }
-            }
-            Resilience::Journal => {
-                let (offset, size) =
-                    first_area(&hdr, opts.resilience, Sums::SHA256_4K, offset, size);
-                ReencryptArea::Journal { offset, size }
-            }
-            Resilience::None => ReencryptArea::None { offset, size },
-            Resilience::Datashift => return Err(Error::Refused(
+        let sums = new_sums(data.write_unit(), seg.sector_size, opts.checksum_hash);
+        detached_area(&hdr, opts.resilience, sums, ks_end, room).ok_or_else(|| {
+            Error::Refused(
                 "a detached header's data stays in place: use resilience checksum, journal or none"
                     .into(),
-            )),
-        }
+            )
+        })?
     };
     if area.offset() + area.size() > area_end || area.size() < 4096 {
         return Err(Error::Refused(
