@@ -414,3 +414,131 @@ fn luks1_cli_format_opens_with_cryptsetup_and_qemu_img() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// `luksify format` sizes the keyslots area as cryptsetup's luksFormat does for the same
+/// options (`LUKS2_hdr_get_storage_params`): an explicit `--luks2-keyslots-size` larger
+/// than the data offset leaves is decreased to fit, with cryptsetup's warning, for a
+/// header in front and a detached one alike; one that fits is kept; without one the
+/// offset sizes it. `--iter-time` with `--pbkdf-force-iterations` is refused, as by
+/// cryptsetup, before anything is written.
+#[test]
+fn luks_cli_format_sizes_the_keyslots_area_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("key", b"sizes\n");
+    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let field = |dump: &str, name: &str| -> String {
+        dump.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{dump}"))
+            .to_string()
+    };
+    for (detached, opts, warned) in [
+        (
+            false,
+            &["--offset", "4096", "--luks2-keyslots-size", "4194304"][..],
+            true,
+        ),
+        (
+            true,
+            &["--offset", "4096", "--luks2-keyslots-size", "4194304"][..],
+            true,
+        ),
+        (true, &["--offset", "4096"][..], false),
+        (
+            false,
+            &["--offset", "8192", "--luks2-keyslots-size", "1048576"][..],
+            false,
+        ),
+        (
+            false,
+            &[
+                "--offset",
+                "4096",
+                "--luks2-metadata-size",
+                "65536",
+                "--luks2-keyslots-size",
+                "2097152",
+            ][..],
+            true,
+        ),
+    ] {
+        let what = format!("detached {detached} {opts:?}");
+        let mut outs = vec![];
+        for tool in ["luksify", "cryptsetup"] {
+            let img = d.image(&format!("img-{tool}"), 20 << 20);
+            let hdr = d.path(&format!("hdr-{tool}"));
+            let _ = std::fs::remove_file(&hdr);
+            let mut c = if tool == "luksify" {
+                lx(&["format", p(&img), "--key-file", p(&key)])
+            } else {
+                let mut c = Command::new("cryptsetup");
+                c.args([
+                    "luksFormat",
+                    "-q",
+                    "--type",
+                    "luks2",
+                    p(&img),
+                    "--key-file",
+                    p(&key),
+                ]);
+                c
+            };
+            c.args(kdf).args(opts);
+            if detached {
+                c.args(["--header", p(&hdr)]);
+            }
+            let out = run_ok(&mut c);
+            // cryptsetup prints its warnings on stdout, luksify on stderr.
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let meta = if detached { &hdr } else { &img };
+            let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(meta));
+            let dump = String::from_utf8_lossy(&dump.stdout).to_string();
+            let size = if detached {
+                std::fs::metadata(&hdr).unwrap().len()
+            } else {
+                0
+            };
+            outs.push((
+                field(&dump, "Keyslots area:"),
+                field(&dump, "Metadata area:"),
+                size,
+                said,
+            ));
+        }
+        let (ours, theirs) = (&outs[0], &outs[1]);
+        assert_eq!(
+            (&ours.0, &ours.1, ours.2),
+            (&theirs.0, &theirs.1, theirs.2),
+            "{what}: header sizes differ from cryptsetup's"
+        );
+        let warning = |s: &str| {
+            s.lines()
+                .find(|l| l.starts_with("WARNING: LUKS2 keyslots area size changed"))
+                .map(str::to_string)
+        };
+        assert_eq!(warning(&ours.3), warning(&theirs.3), "{what}: warning");
+        assert_eq!(warning(&ours.3).is_some(), warned, "{what}: {}", ours.3);
+    }
+
+    let img = d.image("img-both", 20 << 20);
+    let out = run(lx(&["format", p(&img), "--key-file", p(&key)]).args([
+        "--iter-time",
+        "100",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--iter-time") && err.contains("cannot be used with"),
+        "--iter-time with forced iterations: {err}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap().iter().all(|&b| b == 0),
+        "--iter-time with forced iterations wrote to the image"
+    );
+}

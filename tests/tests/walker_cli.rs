@@ -869,7 +869,9 @@ fn dump_without_random(hdr: &std::path::Path) -> String {
 /// whose keyslots area leaves room for one 128 KiB journal (hotzones of 128 KiB, single
 /// area), a detached checksum run, a header in front with its own sizes, and a detached
 /// journal with `--offset` (the first 2 MiB stay plaintext; the keyslots area is what
-/// the offset leaves, as cryptsetup sizes it). For each:
+/// the offset leaves, as cryptsetup sizes it), and a header in front with `--offset`
+/// (half the reduction asked for: the reduction becomes twice the offset, and a keyslots
+/// area larger than the offset leaves is decreased). For each:
 /// - `cryptsetup reencrypt --encrypt` with the same options and volume key writes the
 ///   same ciphertext, and cryptsetup's luksDump of both headers is the same but for salts,
 ///   digests and the epoch (with a header in front cryptsetup 2.6 grows the keyslots
@@ -985,6 +987,24 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
             kill_at: 4,
         },
         Variant {
+            name: "offset in front",
+            place: &["--reduce-device-size", "16M"],
+            opts: &[
+                "--offset",
+                "8192",
+                "--luks2-keyslots-size",
+                "8388608",
+                "--uuid",
+                "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+            ],
+            bits: 512,
+            kill_at: 4,
+        },
+        Variant {
             name: "offset",
             place: &["--resilience", "journal"],
             opts: &[
@@ -1027,7 +1047,17 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
             }
         };
         let (a, orig) = Case::new(16, 31);
-        run_ok(&mut ours(&a));
+        let out = run_ok(&mut ours(&a));
+        // The offset halves the reduction to 8 MiB, and the keyslots area asked for is
+        // decreased to what the 4 MiB offset leaves, with cryptsetup's warning.
+        assert!(
+            v.name != "offset in front"
+                || String::from_utf8_lossy(&out.stderr)
+                    .contains("WARNING: LUKS2 keyslots area size changed to 4161536 bytes."),
+            "{}: no warning of the decreased keyslots area: {}",
+            v.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (b, _) = Case::new(16, 31);
         let mut cs = Command::new("cryptsetup");
         cs.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
@@ -1046,7 +1076,7 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
             v.name
         );
         let (da, db) = (dump_without_random(&hdr(&a)), dump_without_random(&hdr(&b)));
-        if front {
+        if v.name == "in front" {
             let ks = |d: &str| {
                 d.lines()
                     .filter(|l| !l.starts_with("Keyslots area:"))
@@ -1176,7 +1206,7 @@ fn walker_resumes_cryptsetup_checksum_runs_with_other_hashes() {
 /// and leave no header file behind (it would block the next attempt).
 #[test]
 fn walker_refuses_header_options_that_do_not_fit_without_writing() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["--header", "H", "--luks2-keyslots-size", "258048"],
             "use --luks2-keyslots-size 262144 or more",
@@ -1200,10 +1230,14 @@ fn walker_refuses_header_options_that_do_not_fit_without_writing() {
             &[
                 "--reduce-device-size",
                 "2M",
-                "--luks2-keyslots-size",
-                "2097152",
+                "--luks2-metadata-size",
+                "1048576",
             ],
             "use --reduce-device-size 6M",
+        ),
+        (
+            &["--reduce-device-size", "2M", "--offset", "4096"],
+            "use --offset 2048 or less",
         ),
         (&["--header", "H", "--uuid", "nope"], "is not a UUID"),
         (

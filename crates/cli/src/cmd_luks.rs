@@ -49,8 +49,8 @@ pub struct KdfArgs {
     /// Argon2 threads (1..4)
     #[arg(long, value_name = "N")]
     pbkdf_parallel: Option<u32>,
-    /// Unlock time target in milliseconds
-    #[arg(long, short = 'i', value_name = "MS", default_value_t = luksify_luks::kdf::DEFAULT_ITER_TIME_MS)]
+    /// Unlock time target in milliseconds (not with --pbkdf-force-iterations, as cryptsetup)
+    #[arg(long, short = 'i', value_name = "MS", default_value_t = luksify_luks::kdf::DEFAULT_ITER_TIME_MS, conflicts_with = "pbkdf_force_iterations")]
     iter_time: u32,
     /// PBKDF2 hash (and, when formatting, the AF and digest hash)
     #[arg(long, default_value = "sha256")]
@@ -166,6 +166,16 @@ impl NewHeaderArgs {
             volume_key: self.volume_key()?,
             segment_size: None,
         })
+    }
+}
+
+/// cryptsetup's warning when the data offset decreased an explicit
+/// `--luks2-keyslots-size` (the header is written with the smaller area).
+pub fn warn_keyslots_resized(opts: &luks2::FormatOptions) {
+    if let (Some(asked), Ok(got)) = (opts.keyslots_size, opts.keyslots_size_or_default()) {
+        if asked != got {
+            eprintln!("WARNING: LUKS2 keyslots area size changed to {got} bytes.");
+        }
     }
 }
 
@@ -460,6 +470,7 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         detached: a.header.is_some(),
         ..opts
     };
+    warn_keyslots_resized(&opts);
     let offset = data_offset.unwrap_or(if a.header.is_some() {
         0
     } else {

@@ -96,9 +96,10 @@ pub struct EncryptArgs {
     /// Hash of checksum resilience: sha1, sha224, sha256, sha384 or sha512
     #[arg(long, default_value = "sha256")]
     resilience_hash: String,
-    /// Data offset in 512-byte sectors (detached header): the data from there on is
-    /// encrypted, the bytes before it stay as they are
-    #[arg(long, value_name = "SECTORS", requires = "header")]
+    /// Data offset in 512-byte sectors. Detached header: the data from there on is
+    /// encrypted, the bytes before it stay as they are. With --reduce-device-size: at
+    /// most half of it, and the reduction becomes twice the offset (as cryptsetup)
+    #[arg(long, value_name = "SECTORS")]
     offset: Option<u64>,
     /// Cipher, key size, sector size, KDF, hash, label, UUID, header sizes: as `format`
     #[command(flatten)]
@@ -302,6 +303,18 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
             dev.display()
         ),
     };
+    // Where the data will start, for cryptsetup's warning on a decreased keyslots area.
+    let starts = match placement.with_offset(format.data_offset) {
+        Ok(Placement::Shift { reduce }) => Some(reduce / 2),
+        _ => format.data_offset,
+    };
+    crate::cmd_luks::warn_keyslots_resized(&luksify_luks::luks2::FormatOptions {
+        data_offset: starts,
+        detached: a.header.is_some(),
+        metadata_size: format.metadata_size,
+        keyslots_size: format.keyslots_size,
+        ..Default::default()
+    });
     let opts = EncryptOptions {
         placement,
         format,

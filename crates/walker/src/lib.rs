@@ -101,6 +101,29 @@ pub enum Placement {
     Shift { reduce: u64 },
 }
 
+impl Placement {
+    /// A shift with a data offset (`--offset` with `--reduce-device-size`), as
+    /// cryptsetup takes it: the offset may be at most half the reduction, and the
+    /// reduction becomes twice the offset (the data starts at the offset and moves by
+    /// it). Offset 0 or none: the data starts at half the reduction.
+    pub fn with_offset(self, data_offset: Option<u64>) -> Result<Placement> {
+        match (self, data_offset) {
+            (Placement::Shift { reduce }, Some(off)) if off != 0 => {
+                if off > reduce / 2 {
+                    return Err(Error::Refused(format!(
+                        "--offset {} sectors is more than half of --reduce-device-size ({} sectors): use --offset {} or less, or a larger --reduce-device-size",
+                        off / 512,
+                        reduce / 1024,
+                        reduce / 1024
+                    )));
+                }
+                Ok(Placement::Shift { reduce: 2 * off })
+            }
+            (p, _) => Ok(p),
+        }
+    }
+}
+
 /// Everything `encrypt` needs besides the devices.
 #[derive(Debug)]
 pub struct EncryptOptions {
@@ -589,7 +612,8 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             "device size {dev_size} is not a non-zero multiple of 4096 bytes"
         )));
     }
-    let init_marker = match opts.placement {
+    let placement = opts.placement.with_offset(opts.format.data_offset)?;
+    let init_marker = match placement {
         Placement::Shift { reduce } if meta.is_none() => read_init_marker(data, dev_size, reduce)?,
         _ => false,
     };
@@ -606,7 +630,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     }
     let sector = opts.format.sector_size as u64;
     let mut fmt = opts.format.clone();
-    let (layout_of, res) = match (opts.placement, meta) {
+    let (layout_of, res) = match (placement, meta) {
         (Placement::Detached { resilience }, Some(m)) => {
             if resilience == Resilience::Datashift {
                 return Err(Error::Refused(
@@ -635,11 +659,6 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             (None, resilience)
         }
         (Placement::Shift { reduce }, None) => {
-            if opts.format.data_offset.is_some() {
-                return Err(Error::Refused(
-                    "--offset goes with a detached header; with --reduce-device-size the data starts at half of it".into(),
-                ));
-            }
             let shift = reduce / 2;
             if reduce == 0 || reduce % (2 * CHECKSUM_BLOCK as u64) != 0 || shift % sector != 0 {
                 return Err(Error::Refused(format!(
@@ -657,15 +676,13 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 )));
             }
             let data_size = dev_size - reduce;
-            // The header (both metadata copies and the keyslots area) must fit in front.
-            let meta2 = 2 * fmt.metadata_size;
-            let need = meta2
-                + fmt
-                    .keyslots_size
-                    .unwrap_or(shift.saturating_sub(meta2).max(1));
+            // The header (both metadata copies and the smallest keyslots area) must fit
+            // in front; a larger keyslots area asked for is decreased to what is left, as
+            // cryptsetup does.
+            let need = 2 * fmt.metadata_size + min_keyslots_size(fmt.key_size);
             if need > shift {
                 return Err(Error::Refused(format!(
-                    "the LUKS2 header needs {need} bytes (2 x {} metadata + keyslots area) but --reduce-device-size {reduce} leaves {shift} for it (half): use --reduce-device-size {}M or smaller --luks2-metadata-size/--luks2-keyslots-size",
+                    "the LUKS2 header needs {need} bytes (2 x {} metadata + keyslot 0 + reencryption area) but the data would start at {shift} (half of the reduction {reduce}): use --reduce-device-size {}M or a smaller --luks2-metadata-size",
                     fmt.metadata_size,
                     2 * need.div_ceil(1 << 20)
                 )));
@@ -708,10 +725,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     // The keyslots area holds keyslot 0 and the reencryption area (at least a block).
     {
         let ks = fmt.keyslots_size_or_default()?;
-        let need = luksify_luks::luks2::keyslot::area_size(
-            fmt.key_size,
-            luksify_luks::af::DEFAULT_STRIPES,
-        ) + CHECKSUM_BLOCK as u64;
+        let need = min_keyslots_size(fmt.key_size);
         if ks < need {
             return Err(Error::Refused(format!(
                 "a {ks}-byte keyslots area cannot hold keyslot 0 and the reencryption area ({need} bytes with a {}-bit key): use --luks2-keyslots-size {need} or more",
@@ -800,6 +814,13 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     // The staged keyslot area is not needed for the walk (its pages are wiped).
     drop(stage);
     run_from(data, store, hdr, st, vk, opts.tuning, ctl)
+}
+
+/// The smallest keyslots area a run can use: keyslot 0 (a `key_size`-byte key) and a
+/// one-block reencryption area.
+fn min_keyslots_size(key_size: usize) -> u64 {
+    luksify_luks::luks2::keyslot::area_size(key_size, luksify_luks::af::DEFAULT_STRIPES)
+        + CHECKSUM_BLOCK as u64
 }
 
 /// Object-safe view of any Disk so both header placements share one code path.

@@ -102,9 +102,10 @@ pub struct FormatOptions {
 }
 
 impl FormatOptions {
-    /// The keyslots area size: as given, else what the data offset leaves after both
-    /// metadata copies (detached headers too, as cryptsetup sizes them; at most 128 MiB,
-    /// a multiple of 4096), else 16 MiB minus the metadata.
+    /// The keyslots area size, as cryptsetup's `LUKS2_hdr_get_storage_params` sizes it
+    /// (detached headers too): as given but at most what the data offset leaves after
+    /// both metadata copies; else all of that room (at most 128 MiB, a multiple of
+    /// 4096); else 16 MiB minus the metadata.
     pub fn keyslots_size_or_default(&self) -> Result<u64> {
         let meta_end = 2 * self.metadata_size;
         let data_offset = self.data_offset.unwrap_or(if self.detached {
@@ -112,16 +113,19 @@ impl FormatOptions {
         } else {
             DEFAULT_DATA_OFFSET
         });
+        if data_offset != 0 && data_offset < meta_end {
+            return Err(Error::InvalidArgument(format!(
+                "data offset {data_offset} is smaller than the two {}-byte metadata copies",
+                self.metadata_size
+            )));
+        }
+        let room = data_offset.saturating_sub(meta_end) / 4096 * 4096;
         Ok(match self.keyslots_size {
+            // Decreased to what the data offset leaves, as cryptsetup does (it warns).
+            Some(k) if data_offset != 0 => k.min(room),
             Some(k) => k,
             None if data_offset == 0 => DEFAULT_DATA_OFFSET - meta_end,
-            None if data_offset < meta_end => {
-                return Err(Error::InvalidArgument(format!(
-                    "data offset {data_offset} is smaller than the two {}-byte metadata copies",
-                    self.metadata_size
-                )))
-            }
-            None => ((data_offset - meta_end) / 4096 * 4096).min(validate::MAX_KEYSLOTS_SIZE),
+            None => room.min(validate::MAX_KEYSLOTS_SIZE),
         })
     }
 
