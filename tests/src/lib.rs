@@ -162,6 +162,21 @@ pub fn fill_pattern(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// [`fill_pattern`] with every third 24 KiB stretch zero, like the unused space of a
+/// volume (checksum mode takes all-zero blocks' digest from one hash of a zero block),
+/// and some of those stretches zero but for one byte at 4095.
+pub fn fill_volume(buf: &mut [u8], seed: u64) {
+    fill_pattern(buf, seed);
+    for (i, stretch) in buf.chunks_mut(24 << 10).enumerate() {
+        if i % 3 == 1 {
+            stretch.fill(0);
+            if i % 9 == 4 && stretch.len() > 4095 {
+                stretch[4095] = 1;
+            }
+        }
+    }
+}
+
 fn fill_random(buf: &mut [u8]) {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")

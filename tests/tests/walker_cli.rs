@@ -3,9 +3,9 @@
 //! `cryptsetup reencrypt --resume-only`), and cryptsetup's killed runs resume with us.
 
 use luksify_tests::{
-    assert_refused_in_one_line, fill_pattern, has_luks_header, header_seqid, kill_after_commits,
-    kill_at_fdatasync, luks_dump, luksify_bin, require_tool, run, run_ok, run_peak_rss_kib,
-    sparse_file,
+    assert_refused_in_one_line, fill_pattern, fill_volume, has_luks_header, header_seqid,
+    kill_after_commits, kill_at_fdatasync, luks_dump, luksify_bin, require_tool, run, run_ok,
+    run_peak_rss_kib, sparse_file,
 };
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -19,7 +19,7 @@ impl Case {
     fn new(mib: usize, seed: u64) -> (Case, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let mut v = vec![0u8; mib << 20];
-        fill_pattern(&mut v, seed);
+        fill_volume(&mut v, seed);
         std::fs::write(dir.path().join("img"), &v).unwrap();
         std::fs::write(dir.path().join("key"), b"walker test passphrase").unwrap();
         (Case { dir }, v)

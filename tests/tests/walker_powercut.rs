@@ -54,7 +54,7 @@ fn opts_with(placement: Placement, keyslots: Option<u64>, hash: Hash) -> Encrypt
 
 fn plaintext(seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; SIZE];
-    luksify_tests::fill_pattern(&mut v, seed);
+    luksify_tests::fill_volume(&mut v, seed);
     v
 }
 
