@@ -304,8 +304,17 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     // Where the data will start, for cryptsetup's warning on a decreased keyslots area.
-    let starts = match placement.with_offset(format.data_offset) {
-        Ok(Placement::Shift { reduce }) => Some(reduce / 2),
+    let starts = match (placement, placement.with_offset(format.data_offset)) {
+        (Placement::Shift { reduce: asked }, Ok(Placement::Shift { reduce })) => {
+            if reduce != asked {
+                eprintln!(
+                    "luksify: {}: adjusting --reduce-device-size to {reduce} bytes, twice --offset {} (as cryptsetup): only the last {reduce} bytes need be unused",
+                    dev.display(),
+                    reduce / 1024
+                );
+            }
+            Some(reduce / 2)
+        }
         _ => format.data_offset,
     };
     crate::cmd_luks::warn_keyslots_resized(&luksify_luks::luks2::FormatOptions {
