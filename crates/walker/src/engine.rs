@@ -135,26 +135,32 @@ impl Sums {
         };
         let blocks = data.len().div_ceil(b);
         let mut zero_digest: Option<[u8; 64]> = None;
-        let mut i = 0;
+        // Runs of blocks of one kind, each block compared once: [i, j) is zero or not.
+        let (mut i, mut is_zero) = (0, blocks > 0 && zero(0));
         while i < blocks {
-            let mut j = i;
-            while j < blocks && !zero(j) {
+            let mut j = i + 1;
+            let mut next = is_zero;
+            while j < blocks {
+                next = zero(j);
+                if next != is_zero {
+                    break;
+                }
                 j += 1;
             }
-            if j > i {
-                let end = (j * b).min(data.len());
-                self.hash_run(&data[i * b..end], &mut out[i * d..j * d]);
-            }
-            while j < blocks && zero(j) {
+            if is_zero {
                 let z = zero_digest.get_or_insert_with(|| {
                     let mut z = [0u8; 64];
                     self.hash_run(&ZERO_BLOCK[..b], &mut z[..d]);
                     z
                 });
-                out[j * d..(j + 1) * d].copy_from_slice(&z[..d]);
-                j += 1;
+                for o in out[i * d..j * d].chunks_mut(d) {
+                    o.copy_from_slice(&z[..d]);
+                }
+            } else {
+                let end = (j * b).min(data.len());
+                self.hash_run(&data[i * b..end], &mut out[i * d..j * d]);
             }
-            i = j;
+            (i, is_zero) = (j, next);
         }
     }
 
