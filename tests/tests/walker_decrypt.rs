@@ -153,6 +153,28 @@ fn assert_plaintext_back(c: &Case, l: Layout, orig: &[u8], what: &str) {
     );
 }
 
+/// After a data-shift encryption finished: no 512-byte sector of the device's original
+/// first `REDUCE / 2` bytes (the part moved to the end while the header took its place)
+/// is left in plaintext anywhere on the device. All-zero sectors are left out: zeros
+/// are everywhere and tell nothing.
+fn assert_no_plaintext_head(c: &Case, orig: &[u8], what: &str) {
+    let head: std::collections::HashSet<&[u8]> = orig[..REDUCE / 2]
+        .chunks(512)
+        .filter(|s| s.iter().any(|b| *b != 0))
+        .collect();
+    assert!(
+        head.len() > 1000,
+        "{what}: the test image's head is mostly zeros"
+    );
+    let now = c.img();
+    if let Some(at) = now.chunks(512).position(|s| head.contains(s)) {
+        panic!(
+            "{what}: a sector of the original head is still plaintext at byte {}",
+            at * 512
+        );
+    }
+}
+
 /// The header file after a finished decryption: valid LUKS2, no keyslot, one
 /// linear segment (what cryptsetup leaves), and no key material left in it.
 fn assert_header_retired(c: &Case) {
@@ -302,6 +324,43 @@ fn cryptsetup_resume(img: &str, key: &str, hdr: Option<&str>) -> std::process::O
         .args(&h)
         .arg(img))
 }
+
+/// Whether `img`'s header is past the last hotzone of a data-shift encryption but not
+/// yet final: a reencrypt keyslot, nothing `in-reencryption`, and one live segment (the
+/// final crypt one, sized by luksify, `dynamic` by cryptsetup; the rest are backups).
+/// Both tools commit this state before they wipe the moved plaintext copy and write the
+/// final header.
+fn after_last_hotzone(img: &Path) -> bool {
+    let out = run(Command::new("cryptsetup")
+        .arg("luksDump")
+        .arg("--dump-json-metadata")
+        .arg(img));
+    let Ok(j) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return false;
+    };
+    let reencrypting = j["keyslots"]
+        .as_object()
+        .is_some_and(|k| k.values().any(|k| k["type"] == "reencrypt"));
+    let live: Vec<&serde_json::Value> = j["segments"]
+        .as_object()
+        .map(|s| s.values().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| {
+            !s["flags"].as_array().is_some_and(|f| {
+                f.iter()
+                    .any(|f| f.as_str().is_some_and(|f| f.starts_with("backup-")))
+            })
+        })
+        .collect();
+    reencrypting && live.len() == 1 && live[0]["type"] == "crypt" && live[0]["flags"].is_null()
+}
+
+/// What cryptsetup 2.6.1 says when asked to resume the state of [`after_last_hotzone`],
+/// its own runs' included (see
+/// `walker_finishes_cryptsetup_datashift_runs_killed_in_their_final_wipe`).
+const CRYPTSETUP_POST_LAST_HOTZONE: &str =
+    "Failed to set device segments for next reencryption hotzone";
 
 fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 13;
@@ -467,7 +526,20 @@ fn shift_encrypt_crash_matrix(points: u64, by_cryptsetup: bool) {
         let valid = has_luks_header(&c.p("img"));
         if valid && in_progress(&c.p("img")) {
             mid_run += 1;
-            let out = if by_cryptsetup {
+            let out = if by_cryptsetup && after_last_hotzone(&c.p("img")) {
+                // Killed while wiping the moved copy: cryptsetup cannot resume this
+                // state, its own included; luksify finishes it.
+                let cs = cryptsetup_resume(&img, &key, None);
+                assert!(
+                    !cs.status.success()
+                        && String::from_utf8_lossy(&cs.stderr)
+                            .contains(CRYPTSETUP_POST_LAST_HOTZONE),
+                    "shift point {i} ({ms}): cryptsetup now resumes a run past its last hotzone \
+                     (drop this exception): {}",
+                    String::from_utf8_lossy(&cs.stderr)
+                );
+                run(&mut luksify(&["resume", &img, "--key-file", &key]))
+            } else if by_cryptsetup {
                 cryptsetup_resume(&img, &key, None)
             } else {
                 run(&mut luksify(&["resume", &img, "--key-file", &key]))
@@ -493,6 +565,7 @@ fn shift_encrypt_crash_matrix(points: u64, by_cryptsetup: bool) {
                 .args(SMALL),
             );
         }
+        assert_no_plaintext_head(&c, &orig, &format!("shift point {i} ({ms})"));
         // Finished: check with an independent decryption (cryptsetup's).
         run_ok(Command::new("cryptsetup").args([
             "reencrypt",
@@ -510,6 +583,81 @@ fn shift_encrypt_crash_matrix(points: u64, by_cryptsetup: bool) {
     assert!(
         mid_run * 2 >= points,
         "only {mid_run} of {points} kills landed mid-run"
+    );
+}
+
+/// cryptsetup's own data-shift encryption killed at each of its last fsyncs (strace,
+/// exact points), among them the state after its last hotzone where it wipes the
+/// moved plaintext copy before its final header. cryptsetup 2.6.1 cannot resume that
+/// state ("Failed to set device segments for next reencryption hotzone"); luksify
+/// finishes it, wipes the copy, and the data decrypts to the original.
+#[test]
+fn walker_finishes_cryptsetup_datashift_runs_killed_in_their_final_wipe() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    let cs = |c: &Case| {
+        let mut cmd = Command::new("cryptsetup");
+        cmd.args(["reencrypt", "--encrypt", "-q", "--key-file", &c.s("key")])
+            .args(FAST)
+            .args(["--reduce-device-size", "8M", &c.s("img")]);
+        cmd
+    };
+    let (c, _) = Case::new(24, 91);
+    let log = c.s("strace.log");
+    run_ok(
+        Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=fsync", "-o", &log])
+            .arg(cs(&c).get_program())
+            .args(cs(&c).get_args()),
+    );
+    let total = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("fsync("))
+        .count() as u64;
+    assert!(total > 10, "only {total} fsyncs in a whole cryptsetup run");
+    let mut in_wipe = 0;
+    for n in total.saturating_sub(6)..=total {
+        let (c, orig) = Case::new(24, 91);
+        let _ = run(&mut strace_inject(
+            &format!("inject=fsync:signal=SIGKILL:when={n}"),
+            &cs(&c),
+        ));
+        let (img, key) = (c.s("img"), c.s("key"));
+        let what = format!("cryptsetup killed at fsync {n} of {total}");
+        if in_progress(&c.p("img")) {
+            if after_last_hotzone(&c.p("img")) {
+                in_wipe += 1;
+                let own = cryptsetup_resume(&img, &key, None);
+                assert!(
+                    !own.status.success()
+                        && String::from_utf8_lossy(&own.stderr)
+                            .contains(CRYPTSETUP_POST_LAST_HOTZONE),
+                    "{what}: cryptsetup now resumes its own run past its last hotzone (drop \
+                     the exception in shift_encrypt_crash_matrix): {}",
+                    String::from_utf8_lossy(&own.stderr)
+                );
+            }
+            run_ok(&mut luksify(&["resume", &img, "--key-file", &key]));
+        }
+        assert!(!in_progress(&c.p("img")), "{what}: still in progress");
+        assert_no_plaintext_head(&c, &orig, &what);
+        run_ok(Command::new("cryptsetup").args([
+            "reencrypt",
+            "--decrypt",
+            "--force-offline-reencrypt",
+            "-q",
+            "--header",
+            &c.s("hdr"),
+            "--key-file",
+            &key,
+            &img,
+        ]));
+        assert_plaintext_back(&c, Layout::Shift, &orig, &what);
+    }
+    assert!(
+        in_wipe > 0,
+        "no kill landed after cryptsetup's last hotzone"
     );
 }
 

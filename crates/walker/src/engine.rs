@@ -13,7 +13,7 @@
 //! durable), and the header moves past a hotzone only after the hotzone's data is
 //! durable.
 
-use crate::device::AlignedBuf;
+use crate::device::{AlignedBuf, MAP_MIN};
 use crate::sha256x16::{hash_4k_blocks_to_slice, hash_512_blocks_to_slice};
 use crate::{Cancel, Error, ProgressFn, ProgressInfo, Resilience, Result};
 use luksify_cipher::SectorCipher;
@@ -662,6 +662,14 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 report(done_bytes);
             }
             settle(j)?;
+            if let (ReencryptMode::Encrypt, Some(s)) = (self.layout.mode, self.layout.shift) {
+                // The moved copy of the device's first bytes is plaintext, and no
+                // longer needed once the header names nothing hot: that first, then
+                // random bytes over it, as cryptsetup does before its final commit. A
+                // crash in between resumes to here and wipes again.
+                commit(j, last_clean)?;
+                wipe_random(self.data, s.moved_offset, s.size, "the moved first segment")?;
+            }
             if let Some((m, res)) = self.head.filter(|_| p.hot_start != 0) {
                 if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                     commit(j, last_clean)?;
@@ -724,6 +732,26 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         })?;
         self.data.flush().map_err(|e| Error::io("flush data", e))
     }
+}
+
+/// Writes random bytes over `[off, off + len)` of `data` and flushes; `what` names the
+/// range in an error.
+pub(crate) fn wipe_random<D: Disk + ?Sized>(
+    data: &D,
+    off: u64,
+    len: u64,
+    what: &str,
+) -> Result<()> {
+    let mut buf = AlignedBuf::new(MAP_MIN.min(len.next_multiple_of(4096) as usize).max(4096));
+    let mut done = 0u64;
+    while done < len {
+        let n = (buf.len() as u64).min(len - done) as usize;
+        luksify_luks::random::fill(&mut buf[..n])?;
+        data.write_at(off + done, &buf[..n])
+            .map_err(|e| Error::io(format!("wipe {what}"), e))?;
+        done += n as u64;
+    }
+    data.flush().map_err(|e| Error::io("flush data", e))
 }
 
 /// Chunk buffers beyond one hotzone's worth: read-ahead of the next hotzone while
