@@ -378,3 +378,163 @@ fn root_walker_refuses_a_header_place_without_room_before_writing() {
     );
     assert!(std::fs::read(&img).unwrap() == orig, "plaintext differs");
 }
+
+/// `encrypt --header /dev/loopN`: a header block device is used in place, never created,
+/// reserved or removed. Until 2026-12-02 luksify tried to `posix_fallocate` it, failed,
+/// and then removed the path it was given: the loop device's /dev node was gone.
+/// - A 4 MiB device gets a keyslots area that fits it (4 MiB less both metadata copies),
+///   as `cryptsetup reencrypt --encrypt --header` gives its own; the run finishes and
+///   cryptsetup decrypts the data back to the original.
+/// - A device too small for the header asked for, and one holding an ext4 filesystem,
+///   are refused in one line; the node stays and neither device is written.
+/// - `decrypt --header /dev/loopN` of a volume with its header in front refuses a device
+///   holding a filesystem the same way.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_walker_encrypt_uses_a_header_block_device_in_place() {
+    require_root();
+    require_tool("cryptsetup");
+    require_tool("mkfs.ext4");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"header device\n").unwrap();
+    let k = key.display().to_string();
+    let mut areas = vec![];
+    let mut orig = vec![0u8; (24 * MIB) as usize];
+    fill_pattern(&mut orig, 77);
+    for tool in ["luksify", "cryptsetup"] {
+        let img = dir.path().join(format!("data-{tool}"));
+        std::fs::write(&img, &orig).unwrap();
+        let hdr_img = dir.path().join(format!("hdr-{tool}"));
+        std::fs::write(&hdr_img, vec![0u8; (4 * MIB) as usize]).unwrap();
+        let hdr = LoopDev::attach(&hdr_img);
+        let h = hdr.path.display().to_string();
+        let i = img.display().to_string();
+        if tool == "luksify" {
+            let out = run(Command::new(luksify_bin())
+                .args(["encrypt", &i, "--key-file", &k, "--header", &h])
+                .args(FAST));
+            assert!(
+                hdr.path.exists(),
+                "luksify removed the header device node {h}"
+            );
+            assert!(
+                out.status.success(),
+                "encrypt with a 4 MiB header device: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            run_ok(
+                Command::new("cryptsetup")
+                    .args([
+                        "reencrypt",
+                        "--encrypt",
+                        "-q",
+                        "--key-file",
+                        &k,
+                        "--header",
+                        &h,
+                    ])
+                    .args(FAST)
+                    .arg(&i),
+            );
+        }
+        let dump = luks_dump(&hdr.path);
+        areas.push(
+            dump.lines()
+                .find(|l| l.starts_with("Keyslots area:"))
+                .unwrap_or_else(|| panic!("{tool}: no keyslots area in\n{dump}"))
+                .to_string(),
+        );
+        run_ok(&mut cryptsetup_detached(
+            &["reencrypt", "--decrypt"],
+            &h,
+            &k,
+            &i,
+        ));
+        assert!(
+            std::fs::read(&img).unwrap() == orig,
+            "{tool}: data not back after cryptsetup's decryption"
+        );
+    }
+    assert_eq!(
+        areas[0], areas[1],
+        "keyslots area: luksify (left), cryptsetup (right)"
+    );
+    assert_eq!(areas[0], "Keyslots area: \t4161536 [bytes]");
+
+    // Refusals: a 1 MiB device for a header of 1 MiB + 32 KiB, and an ext4 device.
+    let img = dir.path().join("data-refused");
+    std::fs::write(&img, &orig).unwrap();
+    let i = img.display().to_string();
+    let small = dir.path().join("hdr-small");
+    std::fs::write(&small, vec![0u8; MIB as usize]).unwrap();
+    let fs = dir.path().join("hdr-ext4");
+    std::fs::write(&fs, vec![0u8; (8 * MIB) as usize]).unwrap();
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&fs));
+    for (hdr_img, extra, needle) in [
+        (
+            &small,
+            &["--luks2-keyslots-size", "1M"][..],
+            "holds 1048576 bytes, the header needs 1081344",
+        ),
+        (&fs, &[][..], "holds a ext2/3/4 signature"),
+    ] {
+        let before = std::fs::read(hdr_img).unwrap();
+        let hdr = LoopDev::attach(hdr_img);
+        let h = hdr.path.display().to_string();
+        let out = run(Command::new(luksify_bin())
+            .args(["encrypt", &i, "--key-file", &k, "--header", &h])
+            .args(FAST)
+            .args(extra));
+        assert!(
+            hdr.path.exists(),
+            "luksify removed the header device node {h}"
+        );
+        luksify_tests::assert_refused_in_one_line(&out, needle, &format!("header device {h}"));
+        drop(hdr);
+        assert!(
+            std::fs::read(hdr_img).unwrap() == before,
+            "{h}: header device written"
+        );
+        assert!(std::fs::read(&img).unwrap() == orig, "{h}: data written");
+    }
+
+    // `decrypt` moving a header in front out to a block device: refused while that
+    // device holds a filesystem, before anything is written.
+    let front = dir.path().join("data-front");
+    std::fs::write(&front, &orig).unwrap();
+    let f = front.display().to_string();
+    run_ok(
+        Command::new(luksify_bin())
+            .args([
+                "encrypt",
+                &f,
+                "--key-file",
+                &k,
+                "--reduce-device-size",
+                "8M",
+            ])
+            .args(FAST),
+    );
+    let encrypted = std::fs::read(&front).unwrap();
+    let before = std::fs::read(&fs).unwrap();
+    let hdr = LoopDev::attach(&fs);
+    let h = hdr.path.display().to_string();
+    let out =
+        run(Command::new(luksify_bin()).args(["decrypt", &f, "--key-file", &k, "--header", &h]));
+    assert!(
+        hdr.path.exists(),
+        "luksify removed the header device node {h}"
+    );
+    luksify_tests::assert_refused_in_one_line(&out, "holds a ext2/3/4 signature", "decrypt");
+    drop(hdr);
+    assert!(
+        std::fs::read(&fs).unwrap() == before,
+        "decrypt wrote to {h}"
+    );
+    assert!(
+        std::fs::read(&front).unwrap() == encrypted,
+        "refused decrypt wrote to the data"
+    );
+}

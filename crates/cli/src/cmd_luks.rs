@@ -21,7 +21,7 @@ const EXIT_WRONG_PASSPHRASE: u8 = 2;
 #[derive(Subcommand, Debug)]
 pub enum LuksCmd {
     /// Create a LUKS2 (or LUKS1) header, like `cryptsetup luksFormat`
-    Format(FormatArgs),
+    Format(Box<FormatArgs>),
     /// Print the header, like `cryptsetup luksDump`
     Dump(DumpArgs),
     /// Check a passphrase without opening the volume (exit 0 if it unlocks)
@@ -106,11 +106,11 @@ pub struct NewHeaderArgs {
     /// Use the raw volume key from this file instead of a random one
     #[arg(long)]
     volume_key_file: Option<PathBuf>,
-    /// LUKS2 metadata size in bytes (16384 .. 4194304)
-    #[arg(long, value_name = "BYTES")]
+    /// LUKS2 metadata size (16k .. 4M, a power of two; units as cryptsetup: 64k, 1M)
+    #[arg(long, value_name = "BYTES", value_parser = crate::cmd_walker::parse_size)]
     luks2_metadata_size: Option<u64>,
-    /// LUKS2 keyslots area size in bytes
-    #[arg(long, value_name = "BYTES")]
+    /// LUKS2 keyslots area size (a multiple of 4096 up to 128M; units as cryptsetup)
+    #[arg(long, value_name = "BYTES", value_parser = crate::cmd_walker::parse_size)]
     luks2_keyslots_size: Option<u64>,
 }
 
@@ -165,17 +165,29 @@ impl NewHeaderArgs {
             detached: false,
             volume_key: self.volume_key()?,
             segment_size: None,
+            ..Default::default()
         })
     }
 }
 
-/// cryptsetup's warning when the data offset decreased an explicit
-/// `--luks2-keyslots-size` (the header is written with the smaller area).
-pub fn warn_keyslots_resized(opts: &luks2::FormatOptions) {
-    if let (Some(asked), Ok(got)) = (opts.keyslots_size, opts.keyslots_size_or_default()) {
-        if asked != got {
-            eprintln!("WARNING: LUKS2 keyslots area size changed to {got} bytes.");
-        }
+/// cryptsetup's warnings about the keyslots area a header gets, in its order: a small
+/// area (room for few keyslots), then an explicit `--luks2-keyslots-size` the data offset
+/// decreased (the header is written with the smaller area). None for an area under
+/// `needed` bytes: the command refuses that in one line of its own.
+pub fn warn_keyslots_size(opts: &luks2::FormatOptions, needed: u64) {
+    let Ok(got) = opts.keyslots_size_or_default() else {
+        return;
+    };
+    if got < needed {
+        return;
+    }
+    if got < luks2::SMALL_KEYSLOTS_SIZE {
+        eprintln!(
+            "WARNING: keyslots area ({got} bytes) is very small, available LUKS2 keyslot count is very limited."
+        );
+    }
+    if opts.keyslots_size.is_some_and(|asked| asked != got) {
+        eprintln!("WARNING: LUKS2 keyslots area size changed to {got} bytes.");
     }
 }
 
@@ -197,6 +209,10 @@ pub struct FormatArgs {
     /// Data offset in 512-byte sectors
     #[arg(long, value_name = "SECTORS")]
     offset: Option<u64>,
+    /// Align the data to this many 512-byte sectors (default: the device's I/O topology,
+    /// else 1 MiB); with --header, the data offset itself
+    #[arg(long, value_name = "SECTORS", conflicts_with = "offset")]
+    align_payload: Option<u32>,
     /// Do not ask: overwrite an existing LUKS header or filesystem signature
     #[arg(long, short = 'q')]
     batch_mode: bool,
@@ -283,7 +299,7 @@ pub struct ChangeKeyArgs {
 
 pub fn run(cmd: LuksCmd) -> Result<ExitCode> {
     match cmd {
-        LuksCmd::Format(a) => format(a),
+        LuksCmd::Format(a) => format(*a),
         LuksCmd::Dump(a) => dump(a),
         LuksCmd::TestPassphrase(a) => test_passphrase(a),
         LuksCmd::AddKey(a) => add_key(a),
@@ -359,7 +375,7 @@ const SIGNATURES: &[(&str, u64, &[u8])] = &[
 ];
 
 /// The first known signature on `disk`, if any.
-fn find_signature(disk: &File) -> Option<&'static str> {
+pub(crate) fn find_signature(disk: &File) -> Option<&'static str> {
     for (what, off, magic) in SIGNATURES {
         let mut b = vec![0u8; magic.len()];
         if disk.read_at(*off, &mut b).is_ok() && b == *magic {
@@ -420,8 +436,23 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
     }
     let meta: &File = header_file.as_ref().unwrap_or(&device);
     let meta_name = meta_path(&a.device, &a.header);
-    let data_offset = a.offset.map(|s| s * 512);
+    // Where the data may start: --align-payload, else the data device's I/O topology
+    // (block devices), else 1 MiB, as cryptsetup's luksFormat.
+    let (alignment, alignment_offset) = match a.align_payload {
+        Some(0) => bail!("--align-payload 0: use a number of 512-byte sectors, 1 or more"),
+        Some(s) => (u64::from(s) * 512, 0),
+        None => device_alignment(&device),
+    };
+    let data_offset = match (a.offset, a.align_payload, &a.header) {
+        (Some(s), _, _) => Some(s * 512),
+        // With a detached header the alignment is the data offset itself (cryptsetup).
+        (None, Some(s), Some(_)) => Some(u64::from(s) * 512),
+        _ => None,
+    };
     if luks1 {
+        if n.luks2_metadata_size.is_some() || n.luks2_keyslots_size.is_some() {
+            bail!("--luks2-metadata-size and --luks2-keyslots-size are LUKS2 options: drop them for --type luks1");
+        }
         if n.sector_size != 512 {
             bail!("--sector-size {}: LUKS1 only supports 512", n.sector_size);
         }
@@ -437,12 +468,16 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
             hash: opts.hash,
             key_size: opts.key_size,
             kdf: opts.kdf,
-            payload_offset: match a.offset {
-                Some(s) => Some(
-                    u32::try_from(s).map_err(|_| anyhow!("--offset {s} too large for LUKS1"))?,
-                ),
-                None => None,
-            },
+            payload_offset: Some(match a.offset {
+                Some(s) => {
+                    u32::try_from(s).map_err(|_| anyhow!("--offset {s} too large for LUKS1"))?
+                }
+                None => {
+                    let end = luks1::areas_end_sectors(opts.key_size as u32);
+                    let s = end.next_multiple_of(alignment / 512) + alignment_offset / 512;
+                    u32::try_from(s).map_err(|_| anyhow!("--align-payload: offset too large"))?
+                }
+            }),
             uuid: opts.uuid,
             volume_key: opts.volume_key,
         };
@@ -465,17 +500,21 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let header_device_size = match (&a.header, &header_file) {
+        (Some(_), Some(f)) if is_block(f) => Some(block_size(f)?),
+        _ => None,
+    };
     let opts = luks2::FormatOptions {
         data_offset,
         detached: a.header.is_some(),
+        alignment,
+        alignment_offset,
+        header_device_size,
         ..opts
     };
-    warn_keyslots_resized(&opts);
-    let offset = data_offset.unwrap_or(if a.header.is_some() {
-        0
-    } else {
-        luks2::DEFAULT_DATA_OFFSET
-    });
+    let offset = opts
+        .data_offset_or_default()
+        .map_err(|e| luks_err(meta_name, e))?;
     if dev_size <= offset {
         bail!(
             "{}: device of {dev_size} bytes is too small for LUKS2 data at offset {offset}; use a bigger device or --header",
@@ -491,12 +530,65 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         );
     }
     let (hdr, _vk) = Luks2Header::format(meta, &pass, &opts).map_err(|e| luks_err(meta_name, e))?;
+    // cryptsetup's warnings, once formatted: a refusal above stays one line.
+    warn_keyslots_size(
+        &opts,
+        luks2::keyslot::area_size(opts.key_size, luksify_luks::af::DEFAULT_STRIPES),
+    );
     println!(
         "{}: formatted as LUKS2, UUID {}, key slot 0",
         a.device.display(),
         hdr.uuid
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn is_block(f: &File) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    f.metadata().is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// A block-device ioctl that returns one integer `T`.
+fn block_ioctl<T: Default + Copy>(f: &File, req: libc::c_ulong) -> std::io::Result<T> {
+    let mut v = T::default();
+    // SAFETY: the callers pair `req` with the integer type the kernel writes for it,
+    // and `v` is a valid, writable `T` for the call.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            req as _,
+            &mut v as *mut T,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// `BLKGETSIZE64`: a block device's size in bytes.
+fn block_size(f: &File) -> Result<u64> {
+    block_ioctl::<u64>(f, 0x8008_1272).context("cannot read the header device's size")
+}
+
+/// The data alignment cryptsetup derives from a block device's I/O topology
+/// (`BLKIOMIN`, `BLKIOOPT`, `BLKALIGNOFF`); 1 MiB for files or without topology.
+fn device_alignment(f: &File) -> (u64, u64) {
+    let default = luks2::DEFAULT_ALIGNMENT;
+    if !is_block(f) {
+        return (default, 0);
+    }
+    let Ok(min_io) = block_ioctl::<libc::c_uint>(f, 0x1278) else {
+        return (default, 0);
+    };
+    let opt_io = block_ioctl::<libc::c_uint>(f, 0x1279).unwrap_or(min_io);
+    let off = block_ioctl::<libc::c_int>(f, 0x127a).unwrap_or(0);
+    luks2::topology_alignment(
+        u64::from(min_io),
+        u64::from(opt_io),
+        i64::from(off),
+        default,
+    )
 }
 
 fn test_passphrase(a: TestArgs) -> Result<ExitCode> {

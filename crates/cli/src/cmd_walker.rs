@@ -132,19 +132,34 @@ pub struct ResumeArgs {
     tuning: TuningArgs,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => (&s[..i], &s[i..]),
-        None => (s, ""),
-    };
+/// A size as cryptsetup reads one (`tools_string_to_size`): a number of bytes, or with
+/// a unit K, M, G, T (1024-based; 1000-based with a `B` after it, `KiB` also 1024) or
+/// S (512-byte sectors). A bare `B` suffix means bytes.
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = t.split_at(digits);
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    let m = match mul.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        _ => return Err(format!("'{s}': unknown unit (use K, M, G)")),
+    let bad = || format!("'{s}': unknown unit (use K, M, G, T or S, optionally with B or iB)");
+    let (letter, tail) = match unit.chars().next() {
+        None => return Ok(n),
+        Some(c) => (c.to_ascii_lowercase(), &unit[1..]),
+    };
+    if letter == 'b' && tail.is_empty() {
+        return Ok(n);
+    }
+    let base: u64 = match tail {
+        "" | "iB" => 1024,
+        "B" => 1000,
+        _ => return Err(bad()),
+    };
+    let m = match letter {
+        's' => 512,
+        'k' => base,
+        'm' => base.pow(2),
+        'g' => base.pow(3),
+        't' => base.pow(4),
+        _ => return Err(bad()),
     };
     n.checked_mul(m)
         .ok_or_else(|| format!("'{s}' is too large"))
@@ -248,12 +263,28 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
+        before_write: None,
     };
     let outcome = match &a.header {
         Some(h) => {
             // The file may be new (header moving out of the device) or the
             // volume's detached header: open without truncating either way.
             let existed = std::fs::metadata(h).is_ok();
+            if is_block_device(h) {
+                // A block device the header would move to must not hold anything else.
+                let f = std::fs::File::open(h).with_context(|| {
+                    format!("{}: cannot open header device {}", dev.display(), h.display())
+                })?;
+                if let Some(sig) = crate::cmd_luks::find_signature(&f)
+                    .filter(|s| !s.starts_with("LUKS"))
+                {
+                    bail!(
+                        "{}: header device {} holds a {sig} signature; the header would destroy it: wipe it first (wipefs -a) or choose another device",
+                        dev.display(),
+                        h.display()
+                    );
+                }
+            }
             let hf = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -284,6 +315,20 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
         .new
         .luks2()
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", dev.display()))?;
+    if let Some(h) = a.header.as_deref().filter(|h| is_block_device(h)) {
+        // A header block device smaller than 16 MiB gets a keyslots area that fits it,
+        // as cryptsetup sizes it.
+        let f = std::fs::File::open(h).with_context(|| {
+            format!(
+                "{}: cannot open header device {}",
+                dev.display(),
+                h.display()
+            )
+        })?;
+        format.header_device_size = Some(luksify_luks::io::Disk::size(&f).with_context(|| {
+            format!("{}: cannot read the size of {}", dev.display(), h.display())
+        })?);
+    }
     if let Some(sectors) = a.offset {
         format.data_offset = Some(sectors.checked_mul(512).ok_or_else(|| {
             anyhow::anyhow!("{}: --offset {sectors} is too large", dev.display())
@@ -304,26 +349,32 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     // Where the data will start, for cryptsetup's warning on a decreased keyslots area.
-    let starts = match (placement, placement.with_offset(format.data_offset)) {
+    let (starts, adjusted) = match (placement, placement.with_offset(format.data_offset)) {
         (Placement::Shift { reduce: asked }, Ok(Placement::Shift { reduce })) => {
-            if reduce != asked {
-                eprintln!(
-                    "luksify: {}: adjusting --reduce-device-size to {reduce} bytes, twice --offset {} (as cryptsetup): only the last {reduce} bytes need be unused",
-                    dev.display(),
-                    reduce / 1024
-                );
-            }
-            Some(reduce / 2)
+            (Some(reduce / 2), (reduce != asked).then_some(reduce))
         }
-        _ => format.data_offset,
+        _ => (format.data_offset, None),
     };
-    crate::cmd_luks::warn_keyslots_resized(&luksify_luks::luks2::FormatOptions {
+    let sized = luksify_luks::luks2::FormatOptions {
         data_offset: starts,
         detached: a.header.is_some(),
         metadata_size: format.metadata_size,
         keyslots_size: format.keyslots_size,
+        header_device_size: format.header_device_size,
         ..Default::default()
-    });
+    };
+    let min_keyslots = luksify_walker::min_keyslots_size(format.key_size);
+    // Said once every check has passed (a refusal stays one line), before the first write.
+    let notices = || {
+        if let Some(reduce) = adjusted {
+            eprintln!(
+                "luksify: {}: adjusting --reduce-device-size to {reduce} bytes, twice --offset {} (as cryptsetup): only the last {reduce} bytes need be unused",
+                dev.display(),
+                reduce / 1024
+            );
+        }
+        crate::cmd_luks::warn_keyslots_size(&sized, min_keyslots);
+    };
     let opts = EncryptOptions {
         placement,
         format,
@@ -337,6 +388,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
+        before_write: Some(&notices),
     };
     let outcome = match &a.header {
         Some(h) => {
@@ -347,8 +399,9 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
             let hf = open_new_header(h, dev, size)?;
             let r = luksify_walker::encrypt(&data, Some(&hf), &pass, &opts, &ctl);
             // A failure before the header was complete wrote nothing to the data (the
-            // header goes first): do not leave a file that blocks the next attempt.
-            if r.is_err() && !is_luks_file(h) {
+            // header goes first): do not leave a file that blocks the next attempt. (A
+            // header block device stays: removing it would delete its /dev node.)
+            if r.is_err() && !is_block_device(h) && !is_luks_file(h) {
                 let _ = std::fs::remove_file(h);
             }
             r
@@ -360,6 +413,11 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     Ok(report(dev, outcome, "encryption", hint))
 }
 
+fn is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}
+
 fn is_luks_file(p: &Path) -> bool {
     std::fs::File::open(p)
         .ok()
@@ -369,7 +427,43 @@ fn is_luks_file(p: &Path) -> bool {
 
 /// Creates the detached header file with its full size (`size` bytes) reserved up
 /// front, so a full filesystem is reported before the device is touched.
+///
+/// A block device as the header is opened exclusively (O_EXCL: not mounted or held),
+/// must carry no known signature (a LUKS header, a filesystem) and hold `size` bytes; it
+/// is never created, reserved or removed.
 fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::File> {
+    if is_block_device(h) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_EXCL)
+            .open(h)
+            .with_context(|| {
+                format!(
+                    "{}: cannot open header device {} exclusively (is it mounted or in use?)",
+                    dev.display(),
+                    h.display()
+                )
+            })?;
+        if let Some(sig) = crate::cmd_luks::find_signature(&f) {
+            bail!(
+                "{}: header device {} holds a {sig} signature; the header would destroy it: wipe it first (wipefs -a) or choose another device",
+                dev.display(),
+                h.display()
+            );
+        }
+        let have = luksify_luks::io::Disk::size(&f).with_context(|| {
+            format!("{}: cannot read the size of {}", dev.display(), h.display())
+        })?;
+        if have < size {
+            bail!(
+                "{}: header device {} holds {have} bytes, the header needs {size}: use a larger device or a smaller --luks2-keyslots-size",
+                dev.display(),
+                h.display()
+            );
+        }
+        return Ok(f);
+    }
     if let Ok(m) = std::fs::metadata(h) {
         // A header file whose first header write was cut is ours and holds
         // nothing yet: the same command run again reuses it.
@@ -444,6 +538,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
+        before_write: None,
     };
     let t = tuning(&a.tuning);
     let outcome = match &a.header {

@@ -29,6 +29,11 @@ pub trait Disk {
     fn write_unit(&self) -> u64 {
         4096
     }
+    /// Whether a write past the end grows the store (a regular file, memory) rather
+    /// than fails (a block device).
+    fn can_grow(&self) -> bool {
+        false
+    }
 }
 
 impl Disk for File {
@@ -50,6 +55,9 @@ impl Disk for File {
         let mut f: &File = self;
         f.seek(SeekFrom::End(0))
     }
+    fn can_grow(&self) -> bool {
+        self.metadata().is_ok_and(|m| m.is_file())
+    }
 }
 
 impl<D: Disk + ?Sized> Disk for &D {
@@ -67,6 +75,9 @@ impl<D: Disk + ?Sized> Disk for &D {
     }
     fn write_unit(&self) -> u64 {
         (**self).write_unit()
+    }
+    fn can_grow(&self) -> bool {
+        (**self).can_grow()
     }
 }
 
@@ -155,6 +166,9 @@ impl Disk for MemDisk {
     }
     fn size(&self) -> io::Result<u64> {
         Ok(self.lock().bytes.len() as u64)
+    }
+    fn can_grow(&self) -> bool {
+        true
     }
 }
 

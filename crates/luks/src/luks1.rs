@@ -30,6 +30,18 @@ pub const SALT_SIZE: usize = 32;
 pub const STRIPES: u32 = 4000;
 /// cryptsetup's default payload offset in 512-byte sectors (2 MiB).
 pub const DEFAULT_PAYLOAD_SECTORS: u32 = 4096;
+
+/// Sectors of one keyslot's key material area (4 KiB-aligned) for `key_bytes`.
+fn area_sectors(key_bytes: u32) -> u64 {
+    (material_sectors(key_bytes, STRIPES) * SECTOR).div_ceil(AREA_ALIGN) * AREA_ALIGN / SECTOR
+}
+
+/// Where the eight key material areas end, in sectors: the payload cannot start before.
+/// cryptsetup puts the payload there rounded up to the alignment (1 MiB by default:
+/// [`DEFAULT_PAYLOAD_SECTORS`] for 256- and 512-bit keys alike).
+pub fn areas_end_sectors(key_bytes: u32) -> u64 {
+    AREA_ALIGN / SECTOR + KEYSLOTS as u64 * area_sectors(key_bytes)
+}
 const SECTOR: u64 = 512;
 /// Keyslot areas start here and are aligned to it (bytes).
 const AREA_ALIGN: u64 = 4096;
@@ -515,9 +527,7 @@ impl Luks1Header {
             })?;
         }
         let key_bytes = opts.key_size as u32;
-        let area_sectors = (material_sectors(key_bytes, STRIPES) * SECTOR).div_ceil(AREA_ALIGN)
-            * AREA_ALIGN
-            / SECTOR;
+        let area_sectors = area_sectors(key_bytes);
         let first = AREA_ALIGN / SECTOR;
         let keyslots: [Luks1Keyslot; KEYSLOTS] = std::array::from_fn(|i| Luks1Keyslot {
             active: false,
@@ -526,7 +536,7 @@ impl Luks1Header {
             key_material_offset: (first + i as u64 * area_sectors) as u32,
             stripes: STRIPES,
         });
-        let areas_end = first + KEYSLOTS as u64 * area_sectors;
+        let areas_end = areas_end_sectors(key_bytes);
         let payload = opts.payload_offset.unwrap_or(DEFAULT_PAYLOAD_SECTORS);
         if u64::from(payload) < areas_end {
             return Err(Error::InvalidArgument(format!(

@@ -647,6 +647,7 @@ fn walk(
     let ctl = Control {
         progress: Some(&progress),
         cancel: Some(req.cancel),
+        before_write: None,
     };
     let r = f(&ctl);
     match r {

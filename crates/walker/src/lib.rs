@@ -25,7 +25,7 @@ use luksify_luks::io::Disk;
 use luksify_luks::luks2::json::{
     Keyslot, ReencryptArea, ReencryptDirection, ReencryptMode, SegmentSize,
 };
-use luksify_luks::luks2::{FormatOptions, Luks2Header};
+use luksify_luks::luks2::{self, FormatOptions, Luks2Header};
 use luksify_luks::reencrypt::{self, EncryptLayout, Progress, ReencryptState, Shift};
 use luksify_luks::VolumeKey;
 use sha2::Digest as _;
@@ -140,6 +140,9 @@ pub struct EncryptOptions {
 pub struct Control<'a> {
     pub progress: Option<&'a ProgressFn<'a>>,
     pub cancel: Option<&'a Cancel>,
+    /// Called once by a new encryption when every check has passed, right before its
+    /// first write: where a caller prints warnings, so a refusal stays one line.
+    pub before_write: Option<&'a dyn Fn()>,
 }
 
 impl std::fmt::Debug for Control<'_> {
@@ -317,6 +320,20 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
                 .flush()
                 .map_err(|e| Error::io("flush header", e))?;
         } else {
+            // As cryptsetup's final header: the keyslots area takes all the room up to
+            // the data (a smaller --luks2-keyslots-size grows), on a header device that
+            // holds it. The room gets random bytes first: with the header in front it
+            // still holds the device's original plaintext there.
+            let md = self.hdr.hdr_size;
+            let old = self.hdr.metadata.config.keyslots_size;
+            if let Some(new) = luks2::keyslots_size_for_offset(md, self.st.layout.data_offset) {
+                let fits =
+                    self.disk.can_grow() || self.disk.size().is_ok_and(|n| n >= 2 * md + new);
+                if new > old && fits {
+                    engine::wipe_random(self.disk, 2 * md + old, new - old, "the keyslots area")?;
+                    self.hdr.metadata.config.keyslots_size = new;
+                }
+            }
             reencrypt::finish_encrypt(&mut self.hdr.metadata, &self.st);
             self.hdr.write(self.disk)?;
         }
@@ -774,6 +791,9 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         area,
     )?;
 
+    if let Some(f) = ctl.before_write {
+        f();
+    }
     // First writes. Data shift: copy the first `shift` bytes to the end, durable
     // before the header overwrites them.
     let areas = 2 * hdr.hdr_size;
@@ -818,7 +838,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
 
 /// The smallest keyslots area a run can use: keyslot 0 (a `key_size`-byte key) and a
 /// one-block reencryption area.
-fn min_keyslots_size(key_size: usize) -> u64 {
+pub fn min_keyslots_size(key_size: usize) -> u64 {
     luksify_luks::luks2::keyslot::area_size(key_size, luksify_luks::af::DEFAULT_STRIPES)
         + CHECKSUM_BLOCK as u64
 }
@@ -840,6 +860,9 @@ impl<T: Disk + Sync + ?Sized> Disk for DynDisk<'_, T> {
     }
     fn write_unit(&self) -> u64 {
         self.0.write_unit()
+    }
+    fn can_grow(&self) -> bool {
+        self.0.can_grow()
     }
 }
 

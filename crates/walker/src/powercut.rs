@@ -165,6 +165,9 @@ impl<D: Disk> Disk for PowerCutDisk<D> {
         });
         Ok(())
     }
+    fn can_grow(&self) -> bool {
+        self.durable.can_grow()
+    }
     fn flush(&self) -> io::Result<()> {
         let mut s = self.lock();
         self.tick(&mut s)?;

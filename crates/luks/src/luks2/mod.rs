@@ -35,6 +35,12 @@ use std::collections::BTreeMap;
 pub const DEFAULT_METADATA_SIZE: u64 = 0x4000;
 /// Default data offset: 16 MiB (metadata copies + keyslots area).
 pub const DEFAULT_DATA_OFFSET: u64 = 16 * 1024 * 1024;
+/// Default alignment of a data offset that follows the header (cryptsetup's
+/// `DEFAULT_DISK_ALIGNMENT`): 1 MiB.
+pub const DEFAULT_ALIGNMENT: u64 = 1 << 20;
+/// Below this keyslots area size cryptsetup warns that few keyslots fit
+/// (`LUKS2_HDR_OFFSET_MAX` minus two 16 KiB metadata copies).
+pub const SMALL_KEYSLOTS_SIZE: u64 = 4 * 1024 * 1024 - 2 * DEFAULT_METADATA_SIZE;
 
 /// Parameters of the encrypted data segment, enough to build a [`SectorCipher`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +101,15 @@ pub struct FormatOptions {
     pub data_offset: Option<u64>,
     /// The header lives in its own file; the data device starts at `data_offset` (default 0).
     pub detached: bool,
+    /// Without `data_offset` and with the header in front, the data starts at both
+    /// metadata copies plus the keyslots area rounded up to `alignment`, plus
+    /// `alignment_offset` (cryptsetup: `--align-payload`, else the device's I/O
+    /// topology, else 1 MiB; see [`topology_alignment`]).
+    pub alignment: u64,
+    pub alignment_offset: u64,
+    /// Size of a header device that cannot grow (a detached header on a block device):
+    /// the default keyslots area shrinks to fit it, as cryptsetup's does.
+    pub header_device_size: Option<u64>,
     /// Use this volume key instead of a random one.
     pub volume_key: Option<VolumeKey>,
     /// Fixed data segment size instead of `dynamic`.
@@ -102,17 +117,14 @@ pub struct FormatOptions {
 }
 
 impl FormatOptions {
-    /// The keyslots area size, as cryptsetup's `LUKS2_hdr_get_storage_params` sizes it
-    /// (detached headers too): as given but at most what the data offset leaves after
-    /// both metadata copies; else all of that room (at most 128 MiB, a multiple of
-    /// 4096); else 16 MiB minus the metadata.
+    /// The keyslots area size, as cryptsetup's `LUKS2_generate_hdr` sizes it (detached
+    /// headers too): as given but at most what an explicit data offset leaves after both
+    /// metadata copies; else all of that room (at most 128 MiB, a multiple of 4096); else
+    /// 16 MiB minus the metadata, or what a smaller header block device holds.
     pub fn keyslots_size_or_default(&self) -> Result<u64> {
         let meta_end = 2 * self.metadata_size;
-        let data_offset = self.data_offset.unwrap_or(if self.detached {
-            0
-        } else {
-            DEFAULT_DATA_OFFSET
-        });
+        // Without one, the data offset follows the header (or is 0 when detached).
+        let data_offset = self.data_offset.unwrap_or(0);
         if data_offset != 0 && data_offset < meta_end {
             return Err(Error::InvalidArgument(format!(
                 "data offset {data_offset} is smaller than the two {}-byte metadata copies",
@@ -124,8 +136,30 @@ impl FormatOptions {
             // Decreased to what the data offset leaves, as cryptsetup does (it warns).
             Some(k) if data_offset != 0 => k.min(room),
             Some(k) => k,
-            None if data_offset == 0 => DEFAULT_DATA_OFFSET - meta_end,
+            None if data_offset == 0 => {
+                let k = DEFAULT_DATA_OFFSET - meta_end;
+                match self.header_device_size {
+                    Some(n) if n < DEFAULT_DATA_OFFSET && n >= meta_end => {
+                        (n - meta_end) / 4096 * 4096
+                    }
+                    _ => k,
+                }
+            }
             None => room.min(validate::MAX_KEYSLOTS_SIZE),
+        })
+    }
+
+    /// Where the data starts: `data_offset`; else 0 for a detached header; else after
+    /// both metadata copies and the keyslots area, rounded up to `alignment`, plus
+    /// `alignment_offset` (16 MiB at the defaults).
+    pub fn data_offset_or_default(&self) -> Result<u64> {
+        Ok(match self.data_offset {
+            Some(o) => o,
+            None if self.detached => 0,
+            None => {
+                let end = 2 * self.metadata_size + self.keyslots_size_or_default()?;
+                end.next_multiple_of(self.alignment.max(512)) + self.alignment_offset
+            }
         })
     }
 
@@ -133,6 +167,32 @@ impl FormatOptions {
     pub fn header_size(&self) -> Result<u64> {
         Ok(2 * self.metadata_size + self.keyslots_size_or_default()?)
     }
+}
+
+/// The keyslots area cryptsetup gives a header when an encryption whose data starts at
+/// `data_offset` finishes (`LUKS2_set_keyslots_size`): all the room between both metadata
+/// copies and the data, at most 128 MiB, a multiple of 4096. None without a data offset.
+pub fn keyslots_size_for_offset(metadata_size: u64, data_offset: u64) -> Option<u64> {
+    let room = data_offset.checked_sub(2 * metadata_size)?;
+    (data_offset != 0).then(|| room.min(validate::MAX_KEYSLOTS_SIZE) / 4096 * 4096)
+}
+
+/// The alignment of a data offset that follows the header, from a block device's
+/// I/O topology as cryptsetup's `device_topology_alignment` takes it: the minimum I/O
+/// size, or the optimal one when it is a multiple of that and of 4096 (a "bogus"
+/// optimal size is ignored); the default when that divides it; and the alignment
+/// offset (negative: unknown, 0). Returns `(alignment, alignment_offset)` in bytes.
+pub fn topology_alignment(min_io: u64, opt_io: u64, align_off: i64, default: u64) -> (u64, u64) {
+    let mut a = min_io;
+    if a < opt_io && opt_io.is_multiple_of(a.max(1)) && opt_io.is_multiple_of(4096) {
+        a = opt_io;
+    }
+    let alignment = if a != 0 && !default.is_multiple_of(a) {
+        a
+    } else {
+        default
+    };
+    (alignment, u64::try_from(align_off).unwrap_or(0))
 }
 
 impl Default for FormatOptions {
@@ -150,6 +210,9 @@ impl Default for FormatOptions {
             keyslots_size: None,
             data_offset: None,
             detached: false,
+            alignment: DEFAULT_ALIGNMENT,
+            alignment_offset: 0,
+            header_device_size: None,
             volume_key: None,
             segment_size: None,
         }
@@ -181,11 +244,7 @@ impl Luks2Header {
         SectorCipher::parse_spec(&opts.cipher)?;
         luksify_cipher::SectorSize::new(opts.sector_size as usize)?;
         opts.kdf.validate()?;
-        let data_offset = opts.data_offset.unwrap_or(if opts.detached {
-            0
-        } else {
-            DEFAULT_DATA_OFFSET
-        });
+        let data_offset = opts.data_offset_or_default()?;
         let meta_end = 2 * opts.metadata_size;
         let keyslots_size = opts.keyslots_size_or_default()?;
         if !data_offset.is_multiple_of(u64::from(opts.sector_size)) {
@@ -694,5 +753,81 @@ impl Luks2Header {
             .filter(|(_, k)| matches!(k, Keyslot::Luks2(_)))
             .map(|(id, _)| *id)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cryptsetup's `device_topology_alignment` on the cases its comments name.
+    #[test]
+    fn topology_alignment_follows_cryptsetup() {
+        let d = DEFAULT_ALIGNMENT;
+        // Loop devices and most disks: 512 or 4096 minimum, no optimal size.
+        assert_eq!(topology_alignment(512, 0, 0, d), (d, 0));
+        assert_eq!(topology_alignment(4096, 0, 0, d), (d, 0));
+        // A RAID stripe of 3 x 64 KiB: 192 KiB does not divide 1 MiB, so it is used.
+        assert_eq!(topology_alignment(65536, 196_608, 0, d), (196_608, 0));
+        // An optimal size that divides 1 MiB keeps the default.
+        assert_eq!(topology_alignment(4096, 262_144, 0, d), (d, 0));
+        // A larger power of two replaces it (1 MiB is not a multiple of 4 MiB).
+        assert_eq!(topology_alignment(4096, 4 << 20, 0, d), (4 << 20, 0));
+        // Bogus optimal sizes (not a multiple of the minimum, or not of 4 KiB) are ignored.
+        assert_eq!(topology_alignment(4096, 6144, 0, d), (d, 0));
+        assert_eq!(topology_alignment(512, 33_280, 0, d), (d, 0));
+        // The alignment offset is kept; an unknown one (-1) counts as 0.
+        assert_eq!(topology_alignment(512, 0, 3584, d), (d, 3584));
+        assert_eq!(topology_alignment(512, 0, -1, d), (d, 0));
+    }
+
+    /// The data offset follows the header rounded up to the alignment, and a header
+    /// block device smaller than 16 MiB shrinks the default keyslots area to fit.
+    #[test]
+    fn data_offset_and_keyslots_follow_alignment_and_header_device() {
+        let o = FormatOptions::default();
+        assert_eq!(o.data_offset_or_default().unwrap(), DEFAULT_DATA_OFFSET);
+        let o = FormatOptions {
+            keyslots_size: Some(1 << 20),
+            ..FormatOptions::default()
+        };
+        assert_eq!(o.data_offset_or_default().unwrap(), 2 << 20);
+        let o = FormatOptions {
+            keyslots_size: Some(1 << 20),
+            alignment: 4096,
+            ..FormatOptions::default()
+        };
+        assert_eq!(o.data_offset_or_default().unwrap(), (1 << 20) + 32768);
+        let o = FormatOptions {
+            alignment: 196_608,
+            alignment_offset: 3584,
+            ..FormatOptions::default()
+        };
+        // 16 MiB rounded up to 192 KiB, plus the offset.
+        assert_eq!(o.data_offset_or_default().unwrap(), 16_908_288 + 3584);
+        let o = FormatOptions {
+            detached: true,
+            header_device_size: Some(4 << 20),
+            ..FormatOptions::default()
+        };
+        assert_eq!(o.keyslots_size_or_default().unwrap(), (4 << 20) - 32768);
+        assert_eq!(o.data_offset_or_default().unwrap(), 0);
+        // A big enough header device, or an explicit size, is left alone.
+        let o = FormatOptions {
+            detached: true,
+            header_device_size: Some(64 << 20),
+            ..FormatOptions::default()
+        };
+        assert_eq!(
+            o.keyslots_size_or_default().unwrap(),
+            DEFAULT_DATA_OFFSET - 32768
+        );
+        let o = FormatOptions {
+            detached: true,
+            header_device_size: Some(4 << 20),
+            keyslots_size: Some(8 << 20),
+            ..FormatOptions::default()
+        };
+        assert_eq!(o.keyslots_size_or_default().unwrap(), 8 << 20);
     }
 }
