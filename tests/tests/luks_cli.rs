@@ -415,6 +415,91 @@ fn luks1_cli_format_opens_with_cryptsetup_and_qemu_img() {
     );
 }
 
+/// `luksify format` or `cryptsetup luksFormat -q` of `img` with `key` as LUKS `kind`.
+fn format_cmd(tool: &str, img: &Path, key: &Path, kind: &str) -> Command {
+    if tool == "luksify" {
+        lx(&["format", p(img), "--key-file", p(key), "--type", kind])
+    } else {
+        let mut c = Command::new("cryptsetup");
+        c.args([
+            "luksFormat",
+            "-q",
+            "--type",
+            kind,
+            p(img),
+            "--key-file",
+            p(key),
+        ]);
+        c
+    }
+}
+
+/// What a format left: the data offset (LUKS2 segment or LUKS1 payload), the keyslots
+/// and metadata areas (luksDump lines), the detached header file's size, and the
+/// `WARNING:` lines said (cryptsetup prints them on stdout, luksify on stderr).
+#[derive(Debug, PartialEq)]
+struct Formatted {
+    offset: String,
+    keyslots: String,
+    metadata: String,
+    header_size: u64,
+    warnings: Vec<String>,
+}
+
+/// Formats a fresh 40 MiB image (header in front or in a new file) with `luksify
+/// format` and with `cryptsetup luksFormat`, same options and fast pbkdf2.
+fn format_both(d: &Dir, key: &Path, detached: bool, kind: &str, opts: &[&str]) -> [Formatted; 2] {
+    let field = |dump: &str, name: &str| -> String {
+        dump.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .map(|l| l.trim().to_string())
+            .unwrap_or_default()
+    };
+    ["luksify", "cryptsetup"].map(|tool| {
+        let img = d.image(&format!("img-{tool}"), 40 << 20);
+        let hdr = d.path(&format!("hdr-{tool}"));
+        let _ = std::fs::remove_file(&hdr);
+        let mut c = format_cmd(tool, &img, key, kind);
+        c.args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+            .args(opts);
+        if detached {
+            c.args(["--header", p(&hdr)]);
+        }
+        let out = run_ok(&mut c);
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta = if detached { &hdr } else { &img };
+        let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(meta));
+        let dump = String::from_utf8_lossy(&dump.stdout).to_string();
+        let offset = field(
+            &dump,
+            if kind == "luks1" {
+                "Payload offset:"
+            } else {
+                "offset:"
+            },
+        );
+        assert!(
+            !offset.is_empty(),
+            "{tool} {opts:?}: no data offset in\n{dump}"
+        );
+        Formatted {
+            offset,
+            keyslots: field(&dump, "Keyslots area:"),
+            metadata: field(&dump, "Metadata area:"),
+            header_size: if detached {
+                std::fs::metadata(&hdr).unwrap().len()
+            } else {
+                0
+            },
+            warnings: warnings(&said).into_iter().map(str::to_string).collect(),
+        }
+    })
+}
+
 /// The `WARNING:` lines of a command's output, in order.
 fn warnings(said: &str) -> Vec<&str> {
     said.lines().filter(|l| l.starts_with("WARNING:")).collect()
@@ -468,72 +553,11 @@ fn luks_cli_format_places_the_data_as_cryptsetup() {
         ),
         (false, "luks1", &["--align-payload", "3000"]),
     ];
-    let field = |dump: &str, name: &str| -> String {
-        dump.lines()
-            .find(|l| l.trim_start().starts_with(name))
-            .map(|l| l.trim().to_string())
-            .unwrap_or_default()
-    };
     for (detached, kind, opts) in cases {
-        let what = format!("--type {kind} detached {detached} {opts:?}");
-        let mut outs = vec![];
-        for tool in ["luksify", "cryptsetup"] {
-            let img = d.image(&format!("img-{tool}"), 40 << 20);
-            let hdr = d.path(&format!("hdr-{tool}"));
-            let _ = std::fs::remove_file(&hdr);
-            let mut c = if tool == "luksify" {
-                lx(&["format", p(&img), "--key-file", p(&key), "--type", kind])
-            } else {
-                let mut c = Command::new("cryptsetup");
-                c.args([
-                    "luksFormat",
-                    "-q",
-                    "--type",
-                    kind,
-                    p(&img),
-                    "--key-file",
-                    p(&key),
-                ]);
-                c
-            };
-            c.args(kdf).args(*opts);
-            if *detached {
-                c.args(["--header", p(&hdr)]);
-            }
-            let out = run_ok(&mut c);
-            let said = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let meta = if *detached { &hdr } else { &img };
-            let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(meta));
-            let dump = String::from_utf8_lossy(&dump.stdout).to_string();
-            let size = if *detached {
-                std::fs::metadata(&hdr).unwrap().len()
-            } else {
-                0
-            };
-            let offset = if *kind == "luks1" {
-                field(&dump, "Payload offset:")
-            } else {
-                field(&dump, "offset:")
-            };
-            assert!(
-                !offset.is_empty(),
-                "{what}: {tool}: no data offset in\n{dump}"
-            );
-            outs.push((
-                offset,
-                field(&dump, "Keyslots area:"),
-                field(&dump, "Metadata area:"),
-                size,
-                warnings(&said).join("\n"),
-            ));
-        }
+        let [ours, theirs] = format_both(&d, &key, *detached, kind, opts);
         assert_eq!(
-            outs[0], outs[1],
-            "{what}: luksify (left) and cryptsetup (right) differ"
+            ours, theirs,
+            "--type {kind} detached {detached} {opts:?}: luksify (left) and cryptsetup (right) differ"
         );
     }
     // LUKS2 area options with LUKS1 are refused, as by cryptsetup, before any write.
@@ -561,13 +585,6 @@ fn luks_cli_format_sizes_the_keyslots_area_as_cryptsetup() {
     require_tool("cryptsetup");
     let d = Dir::new();
     let key = d.file("key", b"sizes\n");
-    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
-    let field = |dump: &str, name: &str| -> String {
-        dump.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_else(|| panic!("no {name} in\n{dump}"))
-            .to_string()
-    };
     for (detached, opts, warned) in [
         (
             false,
@@ -598,66 +615,17 @@ fn luks_cli_format_sizes_the_keyslots_area_as_cryptsetup() {
             true,
         ),
     ] {
+        let [ours, theirs] = format_both(&d, &key, detached, "luks2", opts);
         let what = format!("detached {detached} {opts:?}");
-        let mut outs = vec![];
-        for tool in ["luksify", "cryptsetup"] {
-            let img = d.image(&format!("img-{tool}"), 20 << 20);
-            let hdr = d.path(&format!("hdr-{tool}"));
-            let _ = std::fs::remove_file(&hdr);
-            let mut c = if tool == "luksify" {
-                lx(&["format", p(&img), "--key-file", p(&key)])
-            } else {
-                let mut c = Command::new("cryptsetup");
-                c.args([
-                    "luksFormat",
-                    "-q",
-                    "--type",
-                    "luks2",
-                    p(&img),
-                    "--key-file",
-                    p(&key),
-                ]);
-                c
-            };
-            c.args(kdf).args(opts);
-            if detached {
-                c.args(["--header", p(&hdr)]);
-            }
-            let out = run_ok(&mut c);
-            // cryptsetup prints its warnings on stdout, luksify on stderr.
-            let said = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let meta = if detached { &hdr } else { &img };
-            let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(meta));
-            let dump = String::from_utf8_lossy(&dump.stdout).to_string();
-            let size = if detached {
-                std::fs::metadata(&hdr).unwrap().len()
-            } else {
-                0
-            };
-            outs.push((
-                field(&dump, "Keyslots area:"),
-                field(&dump, "Metadata area:"),
-                size,
-                said,
-            ));
-        }
-        let (ours, theirs) = (&outs[0], &outs[1]);
         assert_eq!(
-            (&ours.0, &ours.1, ours.2),
-            (&theirs.0, &theirs.1, theirs.2),
-            "{what}: header sizes differ from cryptsetup's"
+            ours, theirs,
+            "{what}: luksify (left) and cryptsetup (right) differ"
         );
-        let warning = |s: &str| {
-            s.lines()
-                .find(|l| l.starts_with("WARNING: LUKS2 keyslots area size changed"))
-                .map(str::to_string)
-        };
-        assert_eq!(warnings(&ours.3), warnings(&theirs.3), "{what}: warnings");
-        assert_eq!(warning(&ours.3).is_some(), warned, "{what}: {}", ours.3);
+        let changed = ours
+            .warnings
+            .iter()
+            .any(|l| l.starts_with("WARNING: LUKS2 keyslots area size changed"));
+        assert_eq!(changed, warned, "{what}: {:?}", ours.warnings);
     }
 
     let img = d.image("img-both", 20 << 20);
@@ -700,21 +668,10 @@ fn root_luks_cli_format_fits_the_keyslots_area_to_a_small_header_device() {
             let img = d.image(&format!("data-{tool}"), 20 << 20);
             let hdr_img = d.image(&format!("hdr-{tool}"), mib << 20);
             let hdr = luksify_tests::LoopDev::attach(&hdr_img);
-            let mut c = if tool == "luksify" {
-                lx(&["format", p(&img), "--key-file", p(&key), "--batch-mode"])
-            } else {
-                let mut c = Command::new("cryptsetup");
-                c.args([
-                    "luksFormat",
-                    "-q",
-                    "--type",
-                    "luks2",
-                    p(&img),
-                    "--key-file",
-                    p(&key),
-                ]);
-                c
-            };
+            let mut c = format_cmd(tool, &img, &key, "luks2");
+            if tool == "luksify" {
+                c.arg("--batch-mode");
+            }
             c.args(kdf).args(opts).args(["--header", p(&hdr.path)]);
             run_ok(&mut c);
             let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&hdr.path));

@@ -6,8 +6,9 @@
 //! SIGINT/SIGTERM stop encryption and decryption at a clean, resumable point.
 
 use luksify_tests::{
-    fill_pattern, has_luks_header, header_seqid, kill_after_commits, kill_at_fdatasync, luks_dump,
-    luksify_bin, require_tool, run, run_ok, signal_after_commits, strace_inject,
+    cryptsetup_detached, fill_pattern, has_luks_header, header_seqid, kill_after_commits,
+    kill_at_fdatasync, luks_dump, luksify_bin, require_tool, run, run_ok, signal_after_commits,
+    strace_inject,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -567,17 +568,12 @@ fn shift_encrypt_crash_matrix(points: u64, by_cryptsetup: bool) {
         }
         assert_no_plaintext_head(&c, &orig, &format!("shift point {i} ({ms})"));
         // Finished: check with an independent decryption (cryptsetup's).
-        run_ok(Command::new("cryptsetup").args([
-            "reencrypt",
-            "--decrypt",
-            "--force-offline-reencrypt",
-            "-q",
-            "--header",
+        run_ok(&mut cryptsetup_detached(
+            &["reencrypt", "--decrypt"],
             &c.s("hdr"),
-            "--key-file",
             &key,
             &img,
-        ]));
+        ));
         assert_plaintext_back(&c, Layout::Shift, &orig, &format!("shift point {i} ({ms})"));
     }
     assert!(
@@ -642,17 +638,12 @@ fn walker_finishes_cryptsetup_datashift_runs_killed_in_their_final_wipe() {
         }
         assert!(!in_progress(&c.p("img")), "{what}: still in progress");
         assert_no_plaintext_head(&c, &orig, &what);
-        run_ok(Command::new("cryptsetup").args([
-            "reencrypt",
-            "--decrypt",
-            "--force-offline-reencrypt",
-            "-q",
-            "--header",
+        run_ok(&mut cryptsetup_detached(
+            &["reencrypt", "--decrypt"],
             &c.s("hdr"),
-            "--key-file",
             &key,
             &img,
-        ]));
+        ));
         assert_plaintext_back(&c, Layout::Shift, &orig, &what);
     }
     assert!(

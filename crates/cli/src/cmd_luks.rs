@@ -548,27 +548,9 @@ fn is_block(f: &File) -> bool {
     f.metadata().is_ok_and(|m| m.file_type().is_block_device())
 }
 
-/// A block-device ioctl that returns one integer `T`.
-fn block_ioctl<T: Default + Copy>(f: &File, req: libc::c_ulong) -> std::io::Result<T> {
-    let mut v = T::default();
-    // SAFETY: the callers pair `req` with the integer type the kernel writes for it,
-    // and `v` is a valid, writable `T` for the call.
-    let r = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(f),
-            req as _,
-            &mut v as *mut T,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v)
-}
-
 /// `BLKGETSIZE64`: a block device's size in bytes.
 fn block_size(f: &File) -> Result<u64> {
-    block_ioctl::<u64>(f, 0x8008_1272).context("cannot read the header device's size")
+    luksify_walker::device::block_device_size(f).context("cannot read the header device's size")
 }
 
 /// The data alignment cryptsetup derives from a block device's I/O topology
@@ -578,17 +560,10 @@ fn device_alignment(f: &File) -> (u64, u64) {
     if !is_block(f) {
         return (default, 0);
     }
-    let Ok(min_io) = block_ioctl::<libc::c_uint>(f, 0x1278) else {
-        return (default, 0);
-    };
-    let opt_io = block_ioctl::<libc::c_uint>(f, 0x1279).unwrap_or(min_io);
-    let off = block_ioctl::<libc::c_int>(f, 0x127a).unwrap_or(0);
-    luks2::topology_alignment(
-        u64::from(min_io),
-        u64::from(opt_io),
-        i64::from(off),
-        default,
-    )
+    match luksify_walker::device::block_io_topology(f) {
+        Ok((min_io, opt_io, off)) => luks2::topology_alignment(min_io, opt_io, off, default),
+        Err(_) => (default, 0),
+    }
 }
 
 fn test_passphrase(a: TestArgs) -> Result<ExitCode> {

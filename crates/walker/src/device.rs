@@ -177,6 +177,21 @@ fn block_ioctl<T: Default + Copy>(file: &File, req: libc::c_ulong) -> io::Result
     Ok(v)
 }
 
+/// A block device's size in bytes (`BLKGETSIZE64`).
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    block_ioctl(file, BLKGETSIZE64)
+}
+
+/// A block device's I/O topology: minimum and optimal I/O sizes and alignment offset
+/// (`BLKIOMIN`, `BLKIOOPT`, `BLKALIGNOFF`; -1: unknown). Fails where the device has
+/// none; an optimal size the kernel does not give is the minimum one.
+pub fn block_io_topology(file: &File) -> io::Result<(u64, u64, i64)> {
+    let min: libc::c_uint = block_ioctl(file, 0x1278)?;
+    let opt: libc::c_uint = block_ioctl(file, 0x1279).unwrap_or(min);
+    let off: libc::c_int = block_ioctl(file, 0x127a).unwrap_or(0);
+    Ok((u64::from(min), u64::from(opt), i64::from(off)))
+}
+
 impl DataDevice {
     /// Opens read-write, exclusively for block devices (O_EXCL: fails if mounted
     /// or held), with O_DIRECT unless `buffered` or the kernel refuses it.
