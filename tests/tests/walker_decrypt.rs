@@ -582,7 +582,7 @@ fn shift_encrypt_crash_matrix(points: u64, by_cryptsetup: bool) {
     );
 }
 
-/// cryptsetup's own data-shift encryption killed at each of its last fsyncs (strace,
+/// cryptsetup's own data-shift encryption killed at each of its last 5 fsyncs (strace,
 /// exact points), among them the state after its last hotzone where it wipes the
 /// moved plaintext copy before its final header. cryptsetup 2.6.1 cannot resume that
 /// state ("Failed to set device segments for next reencryption hotzone"); luksify
@@ -598,7 +598,7 @@ fn walker_finishes_cryptsetup_datashift_runs_killed_in_their_final_wipe() {
             .args(["--reduce-device-size", "8M", &c.s("img")]);
         cmd
     };
-    let (c, _) = Case::new(24, 91);
+    let (c, _) = Case::new(20, 91);
     let log = c.s("strace.log");
     run_ok(
         Command::new("strace")
@@ -613,8 +613,8 @@ fn walker_finishes_cryptsetup_datashift_runs_killed_in_their_final_wipe() {
         .count() as u64;
     assert!(total > 10, "only {total} fsyncs in a whole cryptsetup run");
     let mut in_wipe = 0;
-    for n in total.saturating_sub(6)..=total {
-        let (c, orig) = Case::new(24, 91);
+    for n in total.saturating_sub(4)..=total {
+        let (c, orig) = Case::new(20, 91);
         let _ = run(&mut strace_inject(
             &format!("inject=fsync:signal=SIGKILL:when={n}"),
             &cs(&c),
