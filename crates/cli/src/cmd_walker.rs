@@ -273,17 +273,13 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
             if is_block_device(h) {
                 // A block device the header would move to must not hold anything else.
                 let f = std::fs::File::open(h).with_context(|| {
-                    format!("{}: cannot open header device {}", dev.display(), h.display())
-                })?;
-                if let Some(sig) = crate::cmd_luks::find_signature(&f)
-                    .filter(|s| !s.starts_with("LUKS"))
-                {
-                    bail!(
-                        "{}: header device {} holds a {sig} signature; the header would destroy it: wipe it first (wipefs -a) or choose another device",
+                    format!(
+                        "{}: cannot open header device {}",
                         dev.display(),
                         h.display()
-                    );
-                }
+                    )
+                })?;
+                refuse_used_header_device(dev, h, &f, true)?;
             }
             let hf = OpenOptions::new()
                 .read(true)
@@ -413,6 +409,24 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     Ok(report(dev, outcome, "encryption", hint))
 }
 
+/// Refuses a header block device `h` that holds a known signature (a filesystem, and a
+/// LUKS header unless `luks_ok`): the header would destroy it.
+fn refuse_used_header_device(
+    dev: &Path,
+    h: &Path,
+    f: &std::fs::File,
+    luks_ok: bool,
+) -> anyhow::Result<()> {
+    match crate::cmd_luks::find_signature(f) {
+        Some(sig) if !(luks_ok && sig.starts_with("LUKS")) => bail!(
+            "{}: header device {} holds a {sig} signature; the header would destroy it: wipe it first (wipefs -a) or choose another device",
+            dev.display(),
+            h.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn is_block_device(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
@@ -445,13 +459,7 @@ fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::F
                     h.display()
                 )
             })?;
-        if let Some(sig) = crate::cmd_luks::find_signature(&f) {
-            bail!(
-                "{}: header device {} holds a {sig} signature; the header would destroy it: wipe it first (wipefs -a) or choose another device",
-                dev.display(),
-                h.display()
-            );
-        }
+        refuse_used_header_device(dev, h, &f, false)?;
         let have = luksify_luks::io::Disk::size(&f).with_context(|| {
             format!("{}: cannot read the size of {}", dev.display(), h.display())
         })?;
