@@ -176,6 +176,31 @@ fn assert_no_plaintext_head(c: &Case, orig: &[u8], what: &str) {
     }
 }
 
+/// The device's last `REDUCE / 2` bytes (the data offset of the shift layout): where
+/// a decryption that moves the data down leaves the old end of the ciphertext.
+fn old_end(img: &[u8]) -> Vec<u8> {
+    img[img.len() - REDUCE / 2..].to_vec()
+}
+
+/// After a finished data-moving decryption: the device's old end (see [`old_end`];
+/// `before` is that range of the encrypted image) holds none of its old 512-byte
+/// sectors and no zero sector, but random bytes, as cryptsetup leaves it.
+fn assert_old_end_wiped(c: &Case, before: &[u8], what: &str) {
+    let now = old_end(&c.img());
+    for (i, (a, b)) in now.chunks(512).zip(before.chunks(512)).enumerate() {
+        assert!(
+            a != b && a.iter().any(|x| *x != 0),
+            "{what}: the old end is not wiped: sector {i} of its {} is {}",
+            before.len() / 512,
+            if a == b {
+                "the old ciphertext"
+            } else {
+                "zeros"
+            }
+        );
+    }
+}
+
 /// The header file after a finished decryption: valid LUKS2, no keyslot, one
 /// linear segment (what cryptsetup leaves), and no key material left in it.
 fn assert_header_retired(c: &Case) {
@@ -203,9 +228,18 @@ fn walker_decrypt_round_trip_every_mode() {
         let (c, orig) = Case::new(24, 11 + i as u64);
         encrypt_with_luksify(&c, l);
         assert!(c.img()[..MIB] != orig[..MIB], "{l:?}: not encrypted");
+        let before = old_end(&c.img());
         run_ok(&mut decrypt_cmd(&c, l));
         assert_plaintext_back(&c, l, &orig, "round trip");
         assert_header_retired(&c);
+        match l {
+            Layout::Shift => assert_old_end_wiped(&c, &before, "round trip"),
+            // In place: the device's end is data, now plaintext.
+            Layout::Detached(_) => assert!(
+                old_end(&c.img()) == old_end(&orig),
+                "{l:?}: the end changed"
+            ),
+        }
         // Nothing left to resume.
         let out = run(&mut resume_cmd(&c));
         assert!(
@@ -226,8 +260,12 @@ fn walker_decrypts_cryptsetup_ciphertext() {
     {
         let (c, orig) = Case::new(24, 21 + i as u64);
         encrypt_with_cryptsetup(&c, l);
+        let before = old_end(&c.img());
         run_ok(&mut decrypt_cmd(&c, l));
         assert_plaintext_back(&c, l, &orig, "cryptsetup ciphertext");
+        if let Layout::Shift = l {
+            assert_old_end_wiped(&c, &before, "cryptsetup ciphertext");
+        }
     }
 }
 
@@ -392,10 +430,17 @@ fn uncut_span(l: Layout, seed: u64) -> u64 {
 }
 
 /// A fresh `l` volume encrypted by luksify (case `seed`), then a `luksify decrypt`
-/// of it killed `jitter` us after its `at`-th header commit.
-fn encrypted_then_decrypt_killed(l: Layout, seed: u64, at: u64, jitter: u64) -> (Case, Vec<u8>) {
+/// of it killed `jitter` us after its `at`-th header commit. Returns the case, the
+/// original bytes and the encrypted image's [`old_end`].
+fn encrypted_then_decrypt_killed(
+    l: Layout,
+    seed: u64,
+    at: u64,
+    jitter: u64,
+) -> (Case, Vec<u8>, Vec<u8>) {
     let (c, orig) = Case::new(32, seed);
     encrypt_with_luksify(&c, l);
+    let end = old_end(&c.img());
     kill_after_commits(
         &mut decrypt_cmd(&c, l),
         &c.p("hdr"),
@@ -403,7 +448,7 @@ fn encrypted_then_decrypt_killed(l: Layout, seed: u64, at: u64, jitter: u64) -> 
         at,
         jitter,
     );
-    (c, orig)
+    (c, orig, end)
 }
 
 fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
@@ -415,7 +460,7 @@ fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
         let at = 1 + xorshift(&mut x) % span;
         let jitter = xorshift(&mut x) % 3000;
         let ms = format!("commit {at} + {jitter} us");
-        let (c, orig) = encrypted_then_decrypt_killed(l, 40 + i, at, jitter);
+        let (c, orig, end) = encrypted_then_decrypt_killed(l, 40 + i, at, jitter);
         let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
         if !has_luks_header(&c.p("hdr")) {
             // Killed before the header file was valid: the volume must be untouched,
@@ -463,6 +508,11 @@ fn decrypt_crash_matrix(l: Layout, points: u64, by_cryptsetup: bool) {
                 "{l:?} point {i} ({ms}): resume failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // Either tool's finish wipes the old end. (A run killed after its final
+            // header may have left part of it: that wipe is hygiene, not resumed.)
+            if let Layout::Shift = l {
+                assert_old_end_wiped(&c, &end, &format!("point {i} ({ms})"));
+            }
         }
         // Not in progress with a valid header file: the run had finished.
         assert_plaintext_back(&c, l, &orig, &format!("point {i} ({ms})"));
@@ -678,7 +728,7 @@ fn walker_decrypt_killed_in_its_last_hotzone_is_finished_by_cryptsetup() {
     for at in span.saturating_sub(3).max(1)..=span {
         for jitter in [0u64, 150, 400, 800, 1500] {
             tries += 1;
-            let (c, orig) = encrypted_then_decrypt_killed(l, 80 + tries, at, jitter);
+            let (c, orig, end) = encrypted_then_decrypt_killed(l, 80 + tries, at, jitter);
             let what = format!("commit {at} of {span} + {jitter} us");
             if !has_luks_header(&c.p("hdr")) || !in_progress(&c.p("hdr")) {
                 // Not cut inside the run (finished, or before the header file
@@ -697,6 +747,7 @@ fn walker_decrypt_killed_in_its_last_hotzone_is_finished_by_cryptsetup() {
             );
             assert!(!in_progress(&c.p("hdr")), "{what}: still in progress");
             assert_plaintext_back(&c, l, &orig, &what);
+            assert_old_end_wiped(&c, &end, &what);
         }
     }
     eprintln!("{mid_run} of {tries} kills landed inside the run");
@@ -989,6 +1040,7 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
         // How many fdatasyncs a whole run makes.
         let (c, orig) = Case::new(32, 120 + v as u64);
         encrypt_with_luksify(&c, Layout::Shift);
+        let end = old_end(&c.img());
         let log = c.s("strace.log");
         run_ok(
             Command::new("strace")
@@ -998,6 +1050,8 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
                 .stdout(Stdio::null()),
         );
         assert_plaintext_back(&c, Layout::Shift, &orig, "uncut");
+        // What luksify's own finish does too (the oracle for that wipe).
+        assert_old_end_wiped(&c, &end, &format!("{res} {extra:?}: cryptsetup uncut"));
         let total = std::fs::read_to_string(&log)
             .unwrap()
             .lines()
@@ -1013,6 +1067,7 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
             let what = format!("{res} {extra:?} cut at fdatasync {n} of {total}");
             let (c, orig) = Case::new(32, 120 + v as u64);
             encrypt_with_luksify(&c, Layout::Shift);
+            let end = old_end(&c.img());
             let cut = run(&mut strace_inject(
                 &format!("inject=fdatasync:signal=SIGKILL:when={n}"),
                 &start(&c),
@@ -1045,6 +1100,8 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
                 continue;
             }
             assert_plaintext_back(&c, Layout::Shift, &orig, &what);
+            // Finished by luksify, or by cryptsetup before its final header.
+            assert_old_end_wiped(&c, &end, &what);
         }
         assert!(mid >= 5, "{res} {extra:?}: only {mid} cuts landed mid-run");
         assert!(
@@ -1055,6 +1112,7 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
         // luksify walks cryptsetup's start and is killed mid-tail; cryptsetup finishes.
         let (c, orig) = Case::new(32, 130 + v as u64);
         encrypt_with_luksify(&c, Layout::Shift);
+        let end = old_end(&c.img());
         run_ok(start(&c).arg("--init-only"));
         let mut cmd = resume_cmd(&c);
         cmd.args(["--chunk-mib", "1", "--hotzone-kib", "1024", "--buffered"]);
@@ -1071,6 +1129,7 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
             &orig,
             &format!("{res} {extra:?}: luksify killed"),
         );
+        assert_old_end_wiped(&c, &end, &format!("{res} {extra:?}: luksify killed"));
     }
 }
 

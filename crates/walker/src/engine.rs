@@ -309,6 +309,19 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         logical / 512
     }
 
+    /// What a decryption that moves the data down (old offset S above the new one)
+    /// leaves behind once every byte is moved: `(offset, len)` of the old bytes past
+    /// the new end, `[new + end, old + end)`. With a dynamic size that is the device's
+    /// last S bytes, the range cryptsetup wipes after a forward data shift; with a
+    /// fixed size, only the bytes the volume held (nothing beyond it is touched).
+    fn stale_after_move(&self, end: u64) -> Option<(u64, u64)> {
+        let l = &self.layout;
+        (l.mode == ReencryptMode::Decrypt && l.old_offset > l.data_offset).then(|| {
+            let from = l.new_physical(end);
+            (from, l.old_offset + end - from)
+        })
+    }
+
     /// Turns old bytes into new ones: encrypts, or decrypts when decrypting.
     fn transform(&self, buf: &mut [u8], logical: u64) -> Result<()> {
         match self.layout.mode {
@@ -680,6 +693,16 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 report(end);
             }
             j.finish()?;
+            if let Some((off, len)) = self.stale_after_move(end) {
+                // A decryption that moved the data down leaves its old last bytes
+                // behind the new end: ciphertext no segment names any more, and whose
+                // keys `finish` has just wiped. Random bytes over it, as cryptsetup
+                // does after a forward data shift. Hygiene only, so after the final
+                // header: a commit of "all moved, not finished" would have one live
+                // segment, which cryptsetup 2.6.1 reads as a forward run not yet
+                // started, and its resume would decrypt the plaintext again (measured).
+                wipe_random(self.data, off, len, "the data's old end")?;
+            }
             Ok(Outcome::Finished)
         })
     }
