@@ -89,9 +89,11 @@ pub struct NewHeaderArgs {
     /// Volume key size in bits (256 or 512)
     #[arg(long, short = 's', default_value_t = 512)]
     key_size: u32,
-    /// Encryption sector size (LUKS2 only): 512, 1024, 2048 or 4096
-    #[arg(long, default_value_t = 512)]
-    pub sector_size: u32,
+    /// Encryption sector size (LUKS2 only): 512, 1024, 2048 or 4096. Default as
+    /// cryptsetup: `format` takes the data device's (4096 for image files and disks
+    /// with 4096-byte physical sectors, else 512), `encrypt` 512
+    #[arg(long)]
+    pub sector_size: Option<u32>,
     #[command(flatten)]
     kdf: KdfArgs,
     /// LUKS2 label
@@ -151,7 +153,7 @@ impl NewHeaderArgs {
         Ok(luks2::FormatOptions {
             cipher: self.cipher.clone(),
             key_size: self.key_size as usize / 8,
-            sector_size: self.sector_size,
+            sector_size: self.sector_size.unwrap_or(512),
             hash: Hash::parse(&self.kdf.hash)?,
             kdf,
             label: self.label.clone().unwrap_or_default(),
@@ -453,8 +455,8 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         if n.luks2_metadata_size.is_some() || n.luks2_keyslots_size.is_some() {
             bail!("--luks2-metadata-size and --luks2-keyslots-size are LUKS2 options: drop them for --type luks1");
         }
-        if n.sector_size != 512 {
-            bail!("--sector-size {}: LUKS1 only supports 512", n.sector_size);
+        if let Some(s) = n.sector_size.filter(|s| *s != 512) {
+            bail!("--sector-size {s}: LUKS1 only supports 512");
         }
         let (name, mode) = n.cipher.split_once('-').ok_or_else(|| {
             anyhow!(
@@ -504,7 +506,7 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         (Some(_), Some(f)) if is_block(f) => Some(block_size(f)?),
         _ => None,
     };
-    let opts = luks2::FormatOptions {
+    let mut opts = luks2::FormatOptions {
         data_offset,
         detached: a.header.is_some(),
         alignment,
@@ -521,12 +523,16 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
             a.device.display()
         );
     }
-    if !(dev_size - offset).is_multiple_of(u64::from(n.sector_size)) {
+    if n.sector_size.is_none() {
+        let (logical, physical) = sector_sizes(&device);
+        opts.sector_size = luks2::auto_sector_size(logical, physical, offset, dev_size);
+    }
+    if !(dev_size - offset).is_multiple_of(u64::from(opts.sector_size)) {
         bail!(
             "{}: data area of {} bytes is not a multiple of --sector-size {}",
             a.device.display(),
             dev_size - offset,
-            n.sector_size
+            opts.sector_size
         );
     }
     let (hdr, _vk) = Luks2Header::format(meta, &pass, &opts).map_err(|e| luks_err(meta_name, e))?;
@@ -551,6 +557,32 @@ fn is_block(f: &File) -> bool {
 /// `BLKGETSIZE64`: a block device's size in bytes.
 fn block_size(f: &File) -> Result<u64> {
     luksify_walker::device::block_device_size(f).context("cannot read the header device's size")
+}
+
+/// The logical and physical sector sizes `cryptsetup luksFormat` goes by: a block
+/// device's own, or for an image file its filesystem's block size (at most a page,
+/// as cryptsetup's `device_fs_block_size_fd`) and 4096.
+fn sector_sizes(f: &File) -> (u64, u64) {
+    if is_block(f) {
+        return luksify_walker::device::block_sector_sizes(f).unwrap_or((512, 512));
+    }
+    // SAFETY: sysconf has no memory effects.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: fstatvfs fills the statvfs it is given, and `f` is an open descriptor.
+    let r = unsafe { libc::fstatvfs(std::os::fd::AsRawFd::as_raw_fd(f), st.as_mut_ptr()) };
+    let bsize = if r == 0 {
+        // SAFETY: fstatvfs succeeded, so it initialised `st`.
+        unsafe { st.assume_init() }.f_bsize
+    } else {
+        0
+    };
+    let logical = if bsize != 0 && bsize <= page {
+        bsize
+    } else {
+        page
+    };
+    (logical, 4096)
 }
 
 /// The data alignment cryptsetup derives from a block device's I/O topology

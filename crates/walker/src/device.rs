@@ -182,6 +182,13 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
     block_ioctl(file, BLKGETSIZE64)
 }
 
+/// A block device's logical and physical sector sizes (`BLKSSZGET`, `BLKPBSZGET`).
+pub fn block_sector_sizes(file: &File) -> io::Result<(u64, u64)> {
+    let logical: libc::c_int = block_ioctl(file, BLKSSZGET)?;
+    let physical: libc::c_uint = block_ioctl(file, 0x127b)?;
+    Ok((u64::try_from(logical).unwrap_or(0), u64::from(physical)))
+}
+
 /// A block device's I/O topology: minimum and optimal I/O sizes and alignment offset
 /// (`BLKIOMIN`, `BLKIOOPT`, `BLKALIGNOFF`; -1: unknown). Fails where the device has
 /// none; an optimal size the kernel does not give is the minimum one.

@@ -177,6 +177,58 @@ pub fn keyslots_size_for_offset(metadata_size: u64, data_offset: u64) -> Option<
     (data_offset != 0).then(|| room.min(validate::MAX_KEYSLOTS_SIZE) / 4096 * 4096)
 }
 
+/// The encryption sector size `cryptsetup luksFormat` picks when none is given
+/// (`device_optimal_encryption_sector_size`): the data device's logical block size,
+/// or its physical one when that is larger, at most 4096 and a multiple of it; 4096
+/// for a logical size of 4096 or more (512 if that is not a multiple of 4096). An
+/// image file counts as `logical` = its filesystem's block size (at most a page),
+/// `physical` = 4096, so files get 4096.
+///
+/// cryptsetup then goes back to 512 when the data offset or the data area's size is
+/// not a multiple of the choice: that is [`auto_sector_size`].
+pub fn optimal_sector_size(logical: u64, physical: u64) -> u32 {
+    const MAX: u64 = 4096;
+    if logical == 0 {
+        return 512;
+    }
+    if logical >= MAX {
+        return if logical.is_multiple_of(MAX) {
+            4096
+        } else {
+            512
+        };
+    }
+    let s = if logical >= physical
+        || physical <= 512
+        || physical > MAX
+        || !physical.is_multiple_of(logical)
+    {
+        logical
+    } else {
+        physical
+    };
+    // Only powers of two from 512 up are sector sizes.
+    if s >= 512 && s.is_power_of_two() {
+        s as u32
+    } else {
+        512
+    }
+}
+
+/// [`optimal_sector_size`], back to 512 where it does not divide the data offset or
+/// the data area (`device_size - data_offset`), as `cryptsetup luksFormat` does. (2.6.1
+/// compares an explicit `--offset` in 512-byte sectors against the size in bytes, so
+/// it also goes back for `--offset 2048`; later releases compare bytes, as here.)
+pub fn auto_sector_size(logical: u64, physical: u64, data_offset: u64, device_size: u64) -> u32 {
+    let s = optimal_sector_size(logical, physical);
+    let fits = |n: u64| n.is_multiple_of(u64::from(s));
+    if fits(data_offset) && fits(device_size.saturating_sub(data_offset)) {
+        s
+    } else {
+        512
+    }
+}
+
 /// The alignment of a data offset that follows the header, from a block device's
 /// I/O topology as cryptsetup's `device_topology_alignment` takes it: the minimum I/O
 /// size, or the optimal one when it is a multiple of that and of 4096 (a "bogus"
@@ -779,6 +831,30 @@ mod tests {
         // The alignment offset is kept; an unknown one (-1) counts as 0.
         assert_eq!(topology_alignment(512, 0, 3584, d), (d, 3584));
         assert_eq!(topology_alignment(512, 0, -1, d), (d, 0));
+    }
+
+    /// cryptsetup's `device_optimal_encryption_sector_size`, then its reverts to 512.
+    #[test]
+    fn sector_size_is_chosen_as_cryptsetup_luksformat() {
+        // Image files: filesystem block (4096, or 1024 on a small ext4) and 4096.
+        assert_eq!(optimal_sector_size(4096, 4096), 4096);
+        assert_eq!(optimal_sector_size(1024, 4096), 4096);
+        // Disks and loop devices: 512/512 stays 512, 512e (4096 physical) and 4Kn
+        // give 4096, a physical size above 4096 or not a multiple is ignored.
+        assert_eq!(optimal_sector_size(512, 512), 512);
+        assert_eq!(optimal_sector_size(512, 4096), 4096);
+        assert_eq!(optimal_sector_size(4096, 4096), 4096);
+        assert_eq!(optimal_sector_size(512, 8192), 512);
+        assert_eq!(optimal_sector_size(512, 2048), 2048);
+        assert_eq!(optimal_sector_size(8192, 8192), 4096);
+        assert_eq!(optimal_sector_size(0, 0), 512);
+        // Back to 512 where 4096 does not divide the offset or the data area.
+        let m = 1u64 << 20;
+        assert_eq!(auto_sector_size(512, 4096, 16 * m, 64 * m), 4096);
+        assert_eq!(auto_sector_size(512, 4096, 16 * m + 512, 64 * m), 512);
+        assert_eq!(auto_sector_size(512, 4096, 16 * m, 64 * m + 512), 512);
+        assert_eq!(auto_sector_size(512, 4096, 0, 64 * m), 4096);
+        assert_eq!(auto_sector_size(512, 512, 16 * m, 64 * m), 512);
     }
 
     /// The data offset follows the header rounded up to the alignment, and a header
