@@ -41,7 +41,8 @@ impl VmRun {
 /// One boot of the guest: builder over `scripts/vm run`'s options.
 struct Boot<'a> {
     scenario: &'a str,
-    disks: Vec<PathBuf>,
+    /// Disk images, each with the virtio-blk properties it gets (`--disk-props`).
+    disks: Vec<(PathBuf, Option<String>)>,
     adds: Vec<(PathBuf, String)>,
     env: Vec<String>,
     extra: Vec<String>,
@@ -58,7 +59,12 @@ impl<'a> Boot<'a> {
         }
     }
     fn disk(mut self, p: &Path) -> Self {
-        self.disks.push(p.to_path_buf());
+        self.disks.push((p.to_path_buf(), None));
+        self
+    }
+    /// A disk with virtio-blk properties, e.g. `physical_block_size=4096`.
+    fn disk_with(mut self, p: &Path, props: &str) -> Self {
+        self.disks.push((p.to_path_buf(), Some(props.to_string())));
         self
     }
     fn add(mut self, host: &Path, guest: &str) -> Self {
@@ -85,8 +91,11 @@ impl<'a> Boot<'a> {
         // The guest runs the same luksify binary as every other integration test.
         cmd.env("LUKSIFY_BIN", luksify_tests::luksify_bin());
         cmd.arg("run");
-        for d in &self.disks {
+        for (d, props) in &self.disks {
             cmd.arg("--disk").arg(d);
+            if let Some(p) = props {
+                cmd.arg("--disk-props").arg(p);
+            }
         }
         for (h, g) in &self.adds {
             cmd.arg("--add").arg(format!("{}:{g}", h.display()));
@@ -646,4 +655,73 @@ fn vm_power_cut_during_enable_then_resume_all() {
         );
         landed += 1;
     }
+}
+
+/// Header placement on a disk with a real I/O topology, against cryptsetup in the same
+/// guest: a virtio disk with 512-byte logical and 4096-byte physical sectors and a 64 KiB
+/// x 3 stripe (minimum I/O 64 KiB, optimal 192 KiB, which does not divide 1 MiB). For the
+/// default options, a 1 MiB keyslots area and LUKS1, `luksify format` and `cryptsetup
+/// luksFormat` give the same data offset (a multiple of 192 KiB, not the 1 MiB default),
+/// encryption sector size (4096, from the physical sectors) and keyslots area; kernel
+/// dm-crypt then opens luksify's volume with that sector size and offset.
+#[test]
+#[ignore = "needs the TCG guest (scripts/vm check)"]
+fn vm_format_follows_the_disk_topology_as_cryptsetup() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let img = raw_image(dir.path(), "data.img", 64);
+    let r = Boot::new("topology.sh")
+        .disk_with(
+            &img,
+            "logical_block_size=512,physical_block_size=4096,min_io_size=65536,opt_io_size=196608",
+        )
+        .add(&key, "/root/key")
+        .env(
+            "CASES",
+            "default:+ks1m:--luks2-keyslots-size,1M+luks1:--type,luks1",
+        )
+        .run_ok();
+    let one = |k: &str| -> String {
+        let v = r.values(k);
+        assert_eq!(v.len(), 1, "{k}: {v:?}; console:\n{}", r.console);
+        v[0].clone()
+    };
+    assert_eq!(
+        one("TOPOLOGY"),
+        "512/4096/65536/196608",
+        "the disk's topology"
+    );
+    const STRIPE: u64 = 196_608;
+    for (case, offset, sector) in [
+        // 16 MiB of header rounded up to the stripe: 86 x 192 KiB.
+        ("default", 86 * STRIPE, "4096"),
+        // 32 KiB metadata + 1 MiB keyslots rounded up: 6 x 192 KiB.
+        ("ks1m", 6 * STRIPE, "4096"),
+        // LUKS1 (512-byte sectors always): its key material, rounded up to the stripe.
+        ("luks1", 0, "-"),
+    ] {
+        let ours = one(&format!("FORMAT-{case}-luksify"));
+        let theirs = one(&format!("FORMAT-{case}-cryptsetup"));
+        assert_eq!(
+            ours, theirs,
+            "{case}: luksify (left) and cryptsetup (right)"
+        );
+        let f: Vec<&str> = ours.split('/').collect();
+        let off: u64 = f[0].parse().unwrap_or_else(|_| panic!("{case}: {ours}"));
+        let off_bytes = if case == "luks1" { off * 512 } else { off };
+        assert!(
+            off_bytes % STRIPE == 0 && off_bytes % (1 << 20) != 0,
+            "{case}: data offset {off_bytes} does not follow the 192 KiB stripe"
+        );
+        if offset != 0 {
+            assert_eq!(off, offset, "{case}: data offset");
+        }
+        assert_eq!(f[1], sector, "{case}: sector size");
+    }
+    // 0 <sectors> crypt <cipher> <key> <iv offset> <dev> <offset in 512-byte sectors> 1 sector_size:4096
+    let table = one("TABLE");
+    assert!(
+        table.contains(&format!(" {} 1 sector_size:4096", 86 * STRIPE / 512)),
+        "dm-crypt table of luksify's volume: {table}"
+    );
 }
