@@ -1548,3 +1548,76 @@ fn walker_refuses_bad_input_without_writing() {
         assert_file_is(&d.p("hdr"), &hdr0, "the header was written");
     }
 }
+
+/// An encryption sector larger than the filesystem's blocks is refused before anything is
+/// written, as cryptsetup refuses it ("Requested --sector-size 4096 is incompatible with
+/// ext4 superblock (block size: 1024 bytes)"): ext4 with 1 KiB blocks and xfs with
+/// 512-byte sectors, detached header and data shift. Where the blocks are as large as
+/// the sector it encrypts, and cryptsetup opens the result.
+#[test]
+fn walker_refuses_a_sector_size_larger_than_the_filesystem_blocks() {
+    require_tool("cryptsetup");
+    require_tool("mkfs.ext4");
+    require_tool("mkfs.xfs");
+    // Image size in MiB, mkfs, and its arguments after the image (xfs needs 300 MiB).
+    let mkfs: [(usize, &str, &[&str], &[&str]); 2] = [
+        (64, "mkfs.ext4", &["-q", "-F", "-b", "1024"], &["32M"]),
+        (
+            340,
+            "mkfs.xfs",
+            &["-q", "-f", "-s", "size=512", "-d", "size=300m"],
+            &[],
+        ),
+    ];
+    for (mib, tool, args, tail) in mkfs {
+        for detached in [false, true] {
+            let what = format!("{tool} {args:?}, detached {detached}");
+            let (c, _) = Case::new(mib, 12);
+            run_ok(Command::new(tool).args(args).arg(c.img()).args(tail));
+            let before = std::fs::read(c.p("img")).unwrap();
+            let place: Vec<String> = if detached {
+                vec!["--header".into(), c.hdr()]
+            } else {
+                vec!["--reduce-device-size".into(), "32M".into()]
+            };
+            let place: Vec<&str> = place.iter().map(String::as_str).collect();
+            let out = run(luksify(&["encrypt", &c.img(), "--key-file", &c.key()])
+                .args(&place)
+                .args(["--sector-size", "4096"])
+                .args(FAST));
+            assert_refused_in_one_line(&out, "--sector-size 4096 is larger than the", &what);
+            assert!(
+                same(&std::fs::read(c.p("img")).unwrap(), &before) && !c.p("hdr").exists(),
+                "{what}: written after the refusal"
+            );
+            // The oracle refuses the same input.
+            let cs = run(Command::new("cryptsetup")
+                .args(["reencrypt", "--encrypt", "-q", "--key-file", &c.key()])
+                .args(&place)
+                .args(["--sector-size", "4096"])
+                .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+                .arg(c.img()));
+            assert!(
+                !cs.status.success()
+                    && String::from_utf8_lossy(&cs.stderr).contains("is incompatible with"),
+                "{what}: cryptsetup: {}",
+                String::from_utf8_lossy(&cs.stderr)
+            );
+        }
+    }
+    // 4 KiB ext4 blocks take 4 KiB sectors.
+    let (c, _) = Case::new(64, 13);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", &c.img(), "32M"]));
+    run_ok(
+        luksify(&["encrypt", &c.img(), "--key-file", &c.key()])
+            .args(["--reduce-device-size", "32M", "--sector-size", "4096"])
+            .args(FAST),
+    );
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        &c.key(),
+        &c.img(),
+    ]));
+}

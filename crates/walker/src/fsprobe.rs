@@ -1,5 +1,6 @@
 //! Minimal filesystem superblock readers: how many bytes of the device a
-//! filesystem claims. Used to refuse a data shift that would cut into it.
+//! filesystem claims, and the smallest I/O it issues. Used to refuse a data shift
+//! that would cut into it, and an encryption sector larger than its blocks.
 
 use luksify_luks::io::Disk;
 use std::io;
@@ -10,6 +11,9 @@ pub struct FsExtent {
     pub kind: FsKind,
     /// Bytes from the device start that the filesystem may use.
     pub size: u64,
+    /// The smallest I/O it issues, blkid's `BLOCK_SIZE`: the block size (ext), the
+    /// sector size (xfs). An encryption sector larger than this breaks it.
+    pub block_size: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,9 +45,11 @@ pub fn probe<D: Disk + ?Sized>(disk: &D) -> io::Result<Option<FsExtent>> {
     if &sb[0..4] == b"XFSB" {
         let block = u32::from_be_bytes(sb[4..8].try_into().expect("4 bytes")) as u64;
         let dblocks = u64::from_be_bytes(sb[8..16].try_into().expect("8 bytes"));
+        let sectsize = u16::from_be_bytes([sb[102], sb[103]]) as u64;
         return Ok(Some(FsExtent {
             kind: FsKind::Xfs,
             size: dblocks.saturating_mul(block),
+            block_size: sectsize,
         }));
     }
     let e = &sb[EXT_SB_OFFSET as usize..EXT_SB_OFFSET as usize + 1024];
@@ -61,6 +67,7 @@ pub fn probe<D: Disk + ?Sized>(disk: &D) -> io::Result<Option<FsExtent>> {
         return Ok(Some(FsExtent {
             kind: FsKind::Ext,
             size: blocks.saturating_mul(block),
+            block_size: block,
         }));
     }
     Ok(None)
@@ -83,6 +90,7 @@ mod tests {
         let got = probe(&MemDisk::from_vec(v)).unwrap().unwrap();
         assert_eq!(got.kind, FsKind::Ext);
         assert_eq!(got.size, ((1u64 << 32) + 1000) * 4096);
+        assert_eq!(got.block_size, 4096);
     }
 
     #[test]
@@ -91,12 +99,14 @@ mod tests {
         v[0..4].copy_from_slice(b"XFSB");
         v[4..8].copy_from_slice(&4096u32.to_be_bytes());
         v[8..16].copy_from_slice(&12345u64.to_be_bytes());
+        v[102..104].copy_from_slice(&512u16.to_be_bytes());
         let got = probe(&MemDisk::from_vec(v)).unwrap().unwrap();
         assert_eq!(
             got,
             FsExtent {
                 kind: FsKind::Xfs,
-                size: 12345 * 4096
+                size: 12345 * 4096,
+                block_size: 512,
             }
         );
     }

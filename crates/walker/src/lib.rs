@@ -646,6 +646,21 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         ));
     }
     let sector = opts.format.sector_size as u64;
+    // A filesystem whose blocks are smaller than the encryption sector could not be
+    // used through the encrypted device (cryptsetup refuses it the same way). After an
+    // interrupted start the head may be half overwritten: it was checked then.
+    if sector > 512 && !init_marker {
+        if let Some(fs) = fsprobe::probe(data).map_err(|e| Error::io("read superblock", e))? {
+            if fs.block_size != 0 && fs.block_size < sector {
+                return Err(Error::Refused(format!(
+                    "--sector-size {sector} is larger than the {}-byte blocks of the {} filesystem on the device, which could then not be used; use --sector-size {} or less (nothing was written)",
+                    fs.block_size,
+                    fs.kind.name(),
+                    fs.block_size
+                )));
+            }
+        }
+    }
     let mut fmt = opts.format.clone();
     let (layout_of, res) = match (placement, meta) {
         (Placement::Detached { resilience }, Some(m)) => {
