@@ -131,6 +131,17 @@ fn walker_detached_each_resilience_decrypts_with_cryptsetup() {
     }
 }
 
+/// cryptsetup unlocks `c`'s image (header in front) with its key.
+fn cryptsetup_unlocks(c: &Case) {
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        &c.key(),
+        &c.img(),
+    ]));
+}
+
 /// Panics with `what` unless the file at `p` holds exactly `want`.
 fn assert_file_is(p: &std::path::Path, want: &[u8], what: &str) {
     assert!(same(&std::fs::read(p).unwrap(), want), "{what}");
@@ -1285,13 +1296,7 @@ fn walker_datashift_ext4_opens_with_cryptsetup_and_decrypts() {
         ])
         .args(FAST),
     );
-    run_ok(Command::new("cryptsetup").args([
-        "open",
-        "--test-passphrase",
-        "--key-file",
-        &c.key(),
-        &c.img(),
-    ]));
+    cryptsetup_unlocks(&c);
     // cryptsetup 2.6 decrypts an attached-header volume in place (datashift decryption).
     let vkf = c.p("vk").display().to_string();
     run_ok(Command::new("cryptsetup").args([
@@ -1613,11 +1618,5 @@ fn walker_refuses_a_sector_size_larger_than_the_filesystem_blocks() {
             .args(["--reduce-device-size", "32M", "--sector-size", "4096"])
             .args(FAST),
     );
-    run_ok(Command::new("cryptsetup").args([
-        "open",
-        "--test-passphrase",
-        "--key-file",
-        &c.key(),
-        &c.img(),
-    ]));
+    cryptsetup_unlocks(&c);
 }
