@@ -90,8 +90,8 @@ pub struct NewHeaderArgs {
     #[arg(long, short = 's', default_value_t = 512)]
     key_size: u32,
     /// Encryption sector size (LUKS2 only): 512, 1024, 2048 or 4096. Default as
-    /// cryptsetup: `format` takes the data device's (4096 for image files and disks
-    /// with 4096-byte physical sectors, else 512), `encrypt` 512
+    /// cryptsetup: `format` takes the data device's (4096 for image files and for disks
+    /// with 4096-byte logical or physical sectors, else 512), `encrypt` 512
     #[arg(long)]
     pub sector_size: Option<u32>,
     #[command(flatten)]
