@@ -272,14 +272,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
             let existed = std::fs::metadata(h).is_ok();
             if is_block_device(h) {
                 // A block device the header would move to must not hold anything else.
-                let f = std::fs::File::open(h).with_context(|| {
-                    format!(
-                        "{}: cannot open header device {}",
-                        dev.display(),
-                        h.display()
-                    )
-                })?;
-                refuse_used_header_device(dev, h, &f, true)?;
+                refuse_used_header_device(dev, h, &open_header_device(dev, h)?, true)?;
             }
             let hf = OpenOptions::new()
                 .read(true)
@@ -314,16 +307,8 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     if let Some(h) = a.header.as_deref().filter(|h| is_block_device(h)) {
         // A header block device smaller than 16 MiB gets a keyslots area that fits it,
         // as cryptsetup sizes it.
-        let f = std::fs::File::open(h).with_context(|| {
-            format!(
-                "{}: cannot open header device {}",
-                dev.display(),
-                h.display()
-            )
-        })?;
-        format.header_device_size = Some(luksify_luks::io::Disk::size(&f).with_context(|| {
-            format!("{}: cannot read the size of {}", dev.display(), h.display())
-        })?);
+        format.header_device_size =
+            Some(header_device_bytes(dev, h, &open_header_device(dev, h)?)?);
     }
     if let Some(sectors) = a.offset {
         format.data_offset = Some(sectors.checked_mul(512).ok_or_else(|| {
@@ -427,6 +412,23 @@ fn refuse_used_header_device(
     }
 }
 
+/// Opens header block device `h` read-only, to look at it before anything is written.
+fn open_header_device(dev: &Path, h: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::File::open(h).with_context(|| {
+        format!(
+            "{}: cannot open header device {}",
+            dev.display(),
+            h.display()
+        )
+    })
+}
+
+/// The size in bytes of header block device `h`, open as `f`.
+fn header_device_bytes(dev: &Path, h: &Path, f: &std::fs::File) -> anyhow::Result<u64> {
+    luksify_luks::io::Disk::size(f)
+        .with_context(|| format!("{}: cannot read the size of {}", dev.display(), h.display()))
+}
+
 fn is_block_device(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
@@ -460,9 +462,7 @@ fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::F
                 )
             })?;
         refuse_used_header_device(dev, h, &f, false)?;
-        let have = luksify_luks::io::Disk::size(&f).with_context(|| {
-            format!("{}: cannot read the size of {}", dev.display(), h.display())
-        })?;
+        let have = header_device_bytes(dev, h, &f)?;
         if have < size {
             bail!(
                 "{}: header device {} holds {have} bytes, the header needs {size}: use a larger device or a smaller --luks2-keyslots-size",

@@ -646,20 +646,22 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         ));
     }
     let sector = opts.format.sector_size as u64;
-    // A filesystem whose blocks are smaller than the encryption sector could not be
-    // used through the encrypted device (cryptsetup refuses it the same way). After an
+    // The filesystem on the device, read once for the checks below. After an
     // interrupted start the head may be half overwritten: it was checked then.
-    if sector > 512 && !init_marker {
-        if let Some(fs) = fsprobe::probe(data).map_err(|e| Error::io("read superblock", e))? {
-            if fs.block_size != 0 && fs.block_size < sector {
-                return Err(Error::Refused(format!(
-                    "--sector-size {sector} is larger than the {}-byte blocks of the {} filesystem on the device, which could then not be used; use --sector-size {} or less (nothing was written)",
-                    fs.block_size,
-                    fs.kind.name(),
-                    fs.block_size
-                )));
-            }
-        }
+    let fs = if init_marker {
+        None
+    } else {
+        fsprobe::probe(data).map_err(|e| Error::io("read superblock", e))?
+    };
+    // A filesystem whose blocks are smaller than the encryption sector could not be
+    // used through the encrypted device (cryptsetup refuses it the same way).
+    if let Some(fs) = fs.filter(|f| f.block_size != 0 && f.block_size < sector) {
+        return Err(Error::Refused(format!(
+            "--sector-size {sector} is larger than the {}-byte blocks of the {} filesystem on the device, which could then not be used; use --sector-size {} or less (nothing was written)",
+            fs.block_size,
+            fs.kind.name(),
+            fs.block_size
+        )));
     }
     let mut fmt = opts.format.clone();
     let (layout_of, res) = match (placement, meta) {
@@ -719,12 +721,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                     2 * need.div_ceil(1 << 20)
                 )));
             }
-            // After an interrupted start the head may be half overwritten; the
-            // filesystem was checked on the first attempt.
-            if init_marker {
-            } else if let Some(fs) =
-                fsprobe::probe(data).map_err(|e| Error::io("read superblock", e))?
-            {
+            if let Some(fs) = fs {
                 if fs.size > data_size {
                     return Err(Error::Refused(format!(
                         "the {} filesystem spans {} bytes but only {data_size} may stay in use: the last {reduce} bytes must be free; shrink the filesystem to at most {data_size} bytes first (e.g. resize2fs DEV {}K)",
