@@ -7,7 +7,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// A byte-addressed store with positional reads and writes.
@@ -34,6 +36,75 @@ pub trait Disk {
     fn can_grow(&self) -> bool {
         false
     }
+    /// Takes cryptsetup's metadata lock on this store, shared to read a header and
+    /// exclusive to write one, for as long as the guard lives, so that neither tool
+    /// reads a header the other is halfway through writing (cryptsetup also rewrites
+    /// a stale copy when it reads one). `None`: the store has no such lock (memory).
+    fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<MetadataLock>> {
+        let _ = exclusive;
+        Ok(None)
+    }
+}
+
+/// A held metadata lock (see [`Disk::lock_metadata`]): a `flock` on `file`, dropped
+/// with the guard.
+#[derive(Debug)]
+pub struct MetadataLock {
+    file: File,
+    /// A lock file to remove on release, as cryptsetup does (its `/run/cryptsetup/L_*`
+    /// files): only while still holding it exclusively, and only if the path still
+    /// names the locked file.
+    unlink: Option<PathBuf>,
+}
+
+impl MetadataLock {
+    /// Locks `file` (`flock`, waiting as cryptsetup waits), shared or exclusive.
+    pub fn acquire(file: File, exclusive: bool, unlink: Option<PathBuf>) -> io::Result<Self> {
+        flock(
+            &file,
+            if exclusive {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            },
+        )?;
+        Ok(MetadataLock { file, unlink })
+    }
+    /// The locked file (to check that a lock file's path still names it).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// `flock(2)` retried when a signal interrupts it.
+pub fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+impl Drop for MetadataLock {
+    fn drop(&mut self) {
+        if let Some(p) = &self.unlink {
+            if flock(&self.file, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
+                if let (Ok(a), Ok(b)) = (self.file.metadata(), std::fs::metadata(p)) {
+                    if a.dev() == b.dev() && a.ino() == b.ino() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+            }
+        }
+        // `file` may be a duplicate of a descriptor that stays open (an image file):
+        // closing it would not drop the lock.
+        let _ = flock(&self.file, libc::LOCK_UN);
+    }
 }
 
 impl Disk for File {
@@ -58,6 +129,15 @@ impl Disk for File {
     fn can_grow(&self) -> bool {
         self.metadata().is_ok_and(|m| m.is_file())
     }
+    /// A regular file is its own lock, as cryptsetup takes it (`flock` on the image or
+    /// header file). Block devices have none here: cryptsetup's lock for them is a file
+    /// under /run/cryptsetup, which the walker's data device takes.
+    fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<MetadataLock>> {
+        if !self.metadata()?.is_file() {
+            return Ok(None);
+        }
+        MetadataLock::acquire(self.try_clone()?, exclusive, None).map(Some)
+    }
 }
 
 impl<D: Disk + ?Sized> Disk for &D {
@@ -78,6 +158,9 @@ impl<D: Disk + ?Sized> Disk for &D {
     }
     fn can_grow(&self) -> bool {
         (**self).can_grow()
+    }
+    fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<MetadataLock>> {
+        (**self).lock_metadata(exclusive)
     }
 }
 

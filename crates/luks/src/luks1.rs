@@ -247,6 +247,10 @@ impl Luks1Header {
     /// Reads and validates the header of `disk`. Writes nothing.
     pub fn read<D: Disk + ?Sized>(disk: &D) -> Result<Luks1Header> {
         let mut b = [0u8; HEADER_SIZE];
+        // cryptsetup's metadata lock, shared (see `Disk::lock_metadata`).
+        let _lock = disk
+            .lock_metadata(false)
+            .map_err(|e| Error::io("taking the header's metadata lock", e))?;
         disk.read_at(0, &mut b).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::corrupt("device too small for a LUKS1 header")
@@ -287,6 +291,9 @@ impl Luks1Header {
     pub fn write<D: Disk + ?Sized>(&self, disk: &D) -> Result<()> {
         self.validate()?;
         let b = self.encode()?;
+        let _lock = disk
+            .lock_metadata(true)
+            .map_err(|e| Error::io("taking the header's metadata lock", e))?;
         disk.write_at(0, &b)
             .map_err(|e| Error::io("writing the LUKS1 header", e))?;
         disk.flush()

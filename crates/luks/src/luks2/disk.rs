@@ -135,6 +135,7 @@ impl Luks2Header {
     /// The secondary copy is looked for at the primary's `hdr_size`; when the
     /// primary is unusable, at every allowed metadata size.
     pub fn read<D: Disk + ?Sized>(disk: &D) -> Result<(Luks2Header, ReadReport)> {
+        let _lock = metadata_lock(disk, false)?;
         let primary = read_copy(disk, 0, Copy::Primary);
         let mut secondary_offset = None;
         let secondary = match &primary {
@@ -234,6 +235,7 @@ impl Luks2Header {
 
     /// Rewrites whichever copy `report` says is damaged or stale, keeping the seqid.
     pub fn repair<D: Disk + ?Sized>(&mut self, disk: &D, report: &ReadReport) -> Result<()> {
+        let _lock = metadata_lock(disk, true)?;
         let json = self.json_area()?;
         let primary_current =
             matches!(report.primary, CopyState::Valid { seqid } if seqid == self.seqid);
@@ -267,6 +269,7 @@ impl Luks2Header {
     /// hotzone's journal or checksums, or its data on the same device), to save one
     /// flush per commit.
     pub fn write_secondary_unflushed<D: Disk + ?Sized>(&mut self, disk: &D) -> Result<()> {
+        let _lock = metadata_lock(disk, true)?;
         let json = self.next_seqid()?;
         self.write_copy(disk, Copy::Primary, &json)?;
         self.put_copy(disk, Copy::Secondary, &json)
@@ -282,6 +285,7 @@ impl Luks2Header {
     }
 
     fn write_in_order<D: Disk + ?Sized>(&mut self, disk: &D, order: [Copy; 2]) -> Result<()> {
+        let _lock = metadata_lock(disk, true)?;
         let json = self.next_seqid()?;
         for copy in order {
             self.write_copy(disk, copy, &json)?;
@@ -377,4 +381,14 @@ fn fresh_salt() -> Result<[u8; 64]> {
     let mut s = [0u8; 64];
     crate::random::fill(&mut s)?;
     Ok(s)
+}
+
+/// cryptsetup's metadata lock on `disk` (see [`Disk::lock_metadata`]), for one read or
+/// one write of both copies.
+fn metadata_lock<D: Disk + ?Sized>(
+    disk: &D,
+    exclusive: bool,
+) -> Result<Option<crate::io::MetadataLock>> {
+    disk.lock_metadata(exclusive)
+        .map_err(|e| Error::io("taking the header's metadata lock", e))
 }
