@@ -242,6 +242,102 @@ pub fn signal_after_commits(
     (child.wait().unwrap(), true)
 }
 
+/// Whether no process holds a `flock` on `path` that a shared lock would wait for:
+/// cryptsetup's metadata lock on an image or header file (held by luksify and
+/// cryptsetup only while they write a header).
+pub fn no_header_write_lock(path: &Path) -> bool {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: flock on a descriptor we own; the lock goes when `f` closes.
+    unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_SH | libc::LOCK_NB,
+        ) == 0
+    }
+}
+
+/// A child frozen with SIGSTOP mid-run: it holds whatever it holds (locks, open
+/// devices) while the test tries other commands, whatever the machine's speed.
+/// [`Frozen::thaw`] continues it and waits for its end; dropping it unthawed kills it.
+#[derive(Debug)]
+pub struct Frozen {
+    child: Option<std::process::Child>,
+}
+
+impl Frozen {
+    /// Starts `cmd` and stops it once the header in `hdr` has a sequence id of at least
+    /// `seqid` (so its journal is live). Fails the test if it ends before.
+    pub fn after_seqid(cmd: &mut Command, hdr: &Path, seqid: u64) -> Frozen {
+        use std::time::Duration;
+        let mut child = cmd.spawn().unwrap();
+        while header_seqid(hdr) < seqid {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("{cmd:?} ended ({st}) before header sequence id {seqid}");
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGSTOP) };
+        let f = Frozen { child: Some(child) };
+        f.wait_stopped();
+        f
+    }
+    /// Lets the child run on in short steps until `cond` holds while it is stopped
+    /// (e.g. it holds no header lock: it is between two commits).
+    pub fn step_until(&self, cond: impl Fn() -> bool) {
+        let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
+        let t0 = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(60),
+                "the condition never held while the child was stopped"
+            );
+            // SAFETY: kill(2) on our own child, not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            std::thread::sleep(std::time::Duration::from_micros(300));
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            self.wait_stopped();
+        }
+    }
+    fn wait_stopped(&self) {
+        use std::time::Duration;
+        let child = self.child.as_ref().unwrap();
+        // SIGSTOP is delivered asynchronously, and a thread inside a system call (a
+        // write in flight) stops only when it returns: wait until every thread shows
+        // state `T` in /proc (the state follows the command name, in parentheses).
+        let stopped = |pid: u32| {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')))
+                        .unwrap_or(true)
+                })
+        };
+        while !stopped(child.id()) {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    /// Continues the child and waits for its end.
+    pub fn thaw(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGCONT) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `cmd` run under strace with one `-e inject=...` rule (stdout discarded): exact fault
 /// points, whatever the machine's load.
 pub fn strace_inject(rule: &str, cmd: &Command) -> Command {

@@ -4,8 +4,8 @@
 
 use luksify_tests::{
     assert_refused_in_one_line, fill_pattern, fill_volume, has_luks_header, header_seqid,
-    kill_after_commits, kill_at_fdatasync, luks_dump, luksify_bin, require_tool, run, run_ok,
-    run_peak_rss_kib, sparse_file,
+    kill_after_commits, kill_at_fdatasync, luks_dump, luksify_bin, no_header_write_lock,
+    require_tool, run, run_ok, run_peak_rss_kib, sparse_file, Frozen,
 };
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -144,7 +144,14 @@ fn cryptsetup_unlocks(c: &Case) {
 
 /// Panics with `what` unless the file at `p` holds exactly `want`.
 fn assert_file_is(p: &std::path::Path, want: &[u8], what: &str) {
-    assert!(same(&std::fs::read(p).unwrap(), want), "{what}");
+    let now = std::fs::read(p).unwrap();
+    let first = now.iter().zip(want).position(|(a, b)| a != b);
+    assert!(
+        now.len() == want.len() && first.is_none(),
+        "{what} (now {} bytes, was {}; first difference at {first:?})",
+        now.len(),
+        want.len()
+    );
 }
 
 /// `luksify encrypt` of `c`'s image into its detached header, 1 MiB chunks, with
@@ -420,19 +427,6 @@ fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt
     assert!(same(&back[..fs], &orig[..fs]), "filesystem bytes differ");
 }
 
-/// Waits until `pid` is stopped (state `T` in /proc): SIGSTOP is delivered asynchronously.
-fn wait_stopped(pid: u32) {
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        // The state follows the command name, which is in parentheses.
-        let state = stat.rsplit_once(") ").unwrap().1.chars().next();
-        if state == Some('T') {
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
 /// A second run on an image that a luksify run is walking is refused before it reads
 /// or writes anything, with one line that says why and what to do, whichever command
 /// it is (resume, decrypt, encrypt into another header, encrypt with the header in
@@ -443,21 +437,13 @@ fn wait_stopped(pid: u32) {
 fn walker_second_run_on_a_busy_image_is_refused_and_the_first_finishes() {
     require_tool("cryptsetup");
     let (c, orig) = Case::new(64, 77);
-    let mut child = detached_encrypt(&c)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while header_seqid(&c.p("hdr")) < 2 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the first run ended before its second commit"
-        );
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    // SAFETY: kill(2) on our own child, not reaped yet.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGSTOP) };
-    wait_stopped(child.id());
+    let first = Frozen::after_seqid(
+        detached_encrypt(&c)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        &c.p("hdr"),
+        2,
+    );
     let (img0, hdr0) = (
         std::fs::read(c.p("img")).unwrap(),
         std::fs::read(c.p("hdr")).unwrap(),
@@ -481,21 +467,131 @@ fn walker_second_run_on_a_busy_image_is_refused_and_the_first_finishes() {
         let out = run(&mut luksify(args));
         assert_refused_in_one_line(
             &out,
-            "another luksify run holds its lock",
+            "locked by another luksify run on the same bytes",
             &format!("{args:?}"),
         );
         assert_file_is(&c.p("img"), &img0, &format!("{args:?} wrote to the image"));
         assert_file_is(&c.p("hdr"), &hdr0, &format!("{args:?} wrote to the header"));
         assert!(!c.p("hdr2").exists(), "{args:?} created a header file");
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGCONT) };
-    let st = child.wait().unwrap();
+    let st = first.thaw();
     assert!(st.success(), "the first run, continued: {st}");
     assert!(
         same(&cryptsetup_decrypt_detached(&c), &orig),
         "plaintext differs after the first run finished"
     );
+}
+
+/// While luksify walks an image file, `cryptsetup luksDump` of it answers, and qemu
+/// cannot open it for writing; an image qemu has open is refused by luksify in one line.
+/// Until 2026-12-02 a run held a `flock` on the image file for its whole length: that is
+/// the read lock cryptsetup takes on an image file, so `cryptsetup luksDump IMG` hung
+/// until the run ended. A run now holds a record lock on every byte (the lock qemu takes
+/// on the images it uses), which `flock` does not see, and takes the `flock` only while
+/// it writes the header, as cryptsetup does.
+#[test]
+fn walker_busy_image_answers_cryptsetup_and_is_closed_to_qemu() {
+    require_tool("cryptsetup");
+    require_tool("qemu-io");
+    require_tool("timeout");
+    let (c, orig) = Case::new(64, 91);
+    let (img, key) = (c.img(), c.key());
+    let mut enc = luksify(&[
+        "encrypt",
+        &img,
+        "--key-file",
+        &key,
+        "--reduce-device-size",
+        "8M",
+    ]);
+    enc.args(FAST)
+        .args(SMALL)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let first = Frozen::after_seqid(&mut enc, &c.p("img"), 3);
+    // Between two commits: a commit holds cryptsetup's metadata lock (a flock on the
+    // image), which cryptsetup waits for, as it waits for its own.
+    first.step_until(|| no_header_write_lock(&c.p("img")));
+    let img0 = std::fs::read(c.p("img")).unwrap();
+    let dump = run(Command::new("timeout").args(["20", "cryptsetup", "luksDump", &img]));
+    let out = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.status.success() && out.contains("reencrypt"),
+        "cryptsetup luksDump during a run: {}: {out}{}",
+        dump.status,
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let q = run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x55 0 4k", &img]));
+    let qerr = String::from_utf8_lossy(&q.stderr);
+    assert!(
+        !q.status.success() && qerr.contains("lock"),
+        "qemu-io wrote to an image luksify is walking: {}: {qerr}",
+        q.status
+    );
+    assert_file_is(
+        &c.p("img"),
+        &img0,
+        "qemu-io or cryptsetup changed the image",
+    );
+    let st = first.thaw();
+    assert!(st.success(), "the run, continued: {st}");
+    // qemu holds the image open (qemu-io waits on its stdin): luksify keeps out.
+    let mut qemu = Command::new("qemu-io")
+        .args(["-f", "raw", &img])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let holds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| std::fs::read_link(e.path()).ok() == Some(c.p("img")))
+            })
+            .unwrap_or(false)
+    };
+    let t0 = std::time::Instant::now();
+    while !holds(qemu.id()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "qemu-io never opened the image"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Its lock is taken right after the open: give it that moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let enc_img = std::fs::read(c.p("img")).unwrap();
+    let moved = c.p("moved").display().to_string();
+    let dec = [
+        "decrypt",
+        img.as_str(),
+        "--key-file",
+        &key,
+        "--header",
+        &moved,
+    ];
+    let out = run(&mut luksify(&dec));
+    assert_refused_in_one_line(
+        &out,
+        "locked by another luksify run on the same bytes",
+        "decrypt beside qemu",
+    );
+    assert_file_is(
+        &c.p("img"),
+        &enc_img,
+        "the refused decrypt wrote to the image",
+    );
+    assert!(
+        !c.p("moved").exists(),
+        "the refused decrypt created its header file"
+    );
+    drop(qemu.stdin.take());
+    qemu.wait().unwrap();
+    run_ok(&mut luksify(&dec));
+    let back = std::fs::read(c.p("img")).unwrap();
+    let kept = (64 - 8) << 20;
+    assert!(same(&back[..kept], &orig[..kept]), "plaintext differs");
 }
 
 /// What a kill during the first header write leaves in a new header file, made by

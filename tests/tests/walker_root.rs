@@ -4,8 +4,9 @@
 //! bytes must come back exactly and fsck clean. Needs root (loop devices).
 
 use luksify_tests::{
-    cryptsetup_detached, fill_pattern, kill_after_commits, kill_at_fdatasync, luks_dump,
-    luksify_bin, require_root, require_tool, run, run_ok, signal_after_commits, LoopDev,
+    assert_refused_in_one_line, cryptsetup_detached, fill_pattern, kill_after_commits,
+    kill_at_fdatasync, luks_dump, luksify_bin, no_header_write_lock, require_root, require_tool,
+    run, run_ok, signal_after_commits, Frozen, LoopDev,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -537,4 +538,227 @@ fn root_walker_encrypt_uses_a_header_block_device_in_place() {
         std::fs::read(&front).unwrap() == encrypted,
         "refused decrypt wrote to the data"
     );
+}
+
+/// One run per volume, whichever path reaches its bytes and whichever tool runs it.
+/// Until 2026-12-02 a luksify run on an image file and `luksify resume /dev/loopN` of a
+/// loop device over the same file walked side by side (the file's flock and the loop
+/// device's O_EXCL are different objects): the plaintext came back corrupted. And an
+/// image file whose loop device was mounted was encrypted under the mounted filesystem.
+/// Each refusal below is one line, with the image and header unchanged:
+/// - a file run (frozen mid-run): `luksify resume` through a loop device over the file;
+///   `cryptsetup repair` and `cryptsetup reencrypt --resume-only` through it (luksify
+///   holds cryptsetup's reencryption lock on the volume);
+/// - a loop-device run: `luksify resume` of the file, and through a second loop device;
+/// - a cryptsetup run through one loop device: `luksify resume` through another, and of
+///   the file (both meet cryptsetup's reencryption lock);
+/// - `luksify encrypt` of an image file whose loop device is mounted; once unmounted
+///   (the loop device still attached) it runs.
+///
+/// Every frozen run then finishes and the plaintext comes back exactly.
+#[test]
+#[ignore = "needs root (loop devices)"]
+fn root_walker_one_run_per_volume_through_files_loop_devices_and_cryptsetup() {
+    require_root();
+    require_tool("cryptsetup");
+    require_tool("mkfs.ext4");
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).display().to_string();
+    std::fs::write(p("key"), b"root test passphrase").unwrap();
+    let mut orig = vec![0u8; (64 * MIB) as usize];
+    fill_pattern(&mut orig, 41);
+    let key = s("key");
+    let (img, hdr) = (s("img"), s("hdr"));
+    let refused = |args: &[&str], needle: &str, what: &str| {
+        let (i0, h0) = (
+            std::fs::read(p("img")).unwrap(),
+            std::fs::read(p("hdr")).ok(),
+        );
+        let out = run(Command::new(luksify_bin()).args(args));
+        assert_refused_in_one_line(&out, needle, what);
+        assert!(
+            std::fs::read(p("img")).unwrap() == i0,
+            "{what}: image changed"
+        );
+        assert!(std::fs::read(p("hdr")).ok() == h0, "{what}: header changed");
+    };
+    let quiet = |c: &mut Command| {
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+    };
+    let decrypt_and_check = |what: &str| {
+        run_ok(
+            luksify_detached("decrypt", &img, &key, &hdr)
+                .args(SMALL)
+                .stdout(Stdio::null()),
+        );
+        assert!(
+            std::fs::read(p("img")).unwrap() == orig,
+            "{what}: plaintext differs"
+        );
+        std::fs::remove_file(p("hdr")).unwrap();
+    };
+
+    // 1. A run on the file.
+    std::fs::write(p("img"), &orig).unwrap();
+    let mut enc = luksify_detached("encrypt", &img, &key, &hdr);
+    enc.args(FAST).args(SMALL);
+    quiet(&mut enc);
+    let first = Frozen::after_seqid(&mut enc, &p("hdr"), 3);
+    // Between two commits: one holds the header file's flock, which readers wait for.
+    first.step_until(|| no_header_write_lock(&p("hdr")));
+    let lo = LoopDev::attach(&p("img"));
+    let dev = lo.path.display().to_string();
+    refused(
+        &["resume", &dev, "--key-file", &key, "--header", &hdr],
+        "a loop device over",
+        "resume through a loop device during a file run",
+    );
+    for args in [&["repair"][..], &["reencrypt", "--resume-only"][..]] {
+        let (i0, h0) = (
+            std::fs::read(p("img")).unwrap(),
+            std::fs::read(p("hdr")).unwrap(),
+        );
+        let out = run(&mut cryptsetup_detached(args, &hdr, &key, &dev));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && (err.contains("Reencryption in-progress")
+                    || err.contains("already running")
+                    // `--resume-only` reads a hotzone in progress as a crash before it
+                    // looks at the lock; `repair` (above) is what meets the lock.
+                    || (args[0] == "reencrypt" && err.contains("Run repair first"))),
+            "cryptsetup {args:?} during a luksify run: {}: {err}",
+            out.status
+        );
+        assert!(
+            std::fs::read(p("img")).unwrap() == i0,
+            "cryptsetup {args:?}: image changed"
+        );
+        assert!(
+            std::fs::read(p("hdr")).unwrap() == h0,
+            "cryptsetup {args:?}: header changed"
+        );
+    }
+    assert!(first.thaw().success(), "the file run, continued");
+    drop(lo);
+    decrypt_and_check("file run");
+
+    // 2. A run on a loop device.
+    let (lo, lo2) = (LoopDev::attach(&p("img")), LoopDev::attach(&p("img")));
+    let (dev, dev2) = (
+        lo.path.display().to_string(),
+        lo2.path.display().to_string(),
+    );
+    let mut enc = luksify_detached("encrypt", &dev, &key, &hdr);
+    enc.args(FAST).args(SMALL);
+    quiet(&mut enc);
+    let first = Frozen::after_seqid(&mut enc, &p("hdr"), 3);
+    // Between two commits: one holds the header file's flock, which readers wait for.
+    first.step_until(|| no_header_write_lock(&p("hdr")));
+    refused(
+        &["resume", &img, "--key-file", &key, "--header", &hdr],
+        "locked by another luksify run on the same bytes",
+        "resume of the file during a loop-device run",
+    );
+    refused(
+        &["resume", &dev2, "--key-file", &key, "--header", &hdr],
+        "a loop device over",
+        "resume through a second loop device",
+    );
+    assert!(first.thaw().success(), "the loop-device run, continued");
+    drop((lo, lo2));
+    decrypt_and_check("loop-device run");
+
+    // 3. A cryptsetup run through a loop device.
+    let (lo, lo2) = (LoopDev::attach(&p("img")), LoopDev::attach(&p("img")));
+    let (dev, dev2) = (
+        lo.path.display().to_string(),
+        lo2.path.display().to_string(),
+    );
+    let mut cs = cryptsetup_detached(&["reencrypt", "--encrypt"], &hdr, &key, &dev);
+    cs.args(FAST).args(["--hotzone-size", "1M"]);
+    quiet(&mut cs);
+    let first = Frozen::after_seqid(&mut cs, &p("hdr"), 4);
+    // Past cryptsetup's set-up (several header writes, no lock yet), into its walk: it
+    // holds its reencryption lock, and no header write is under way.
+    first.step_until(|| {
+        let h = std::fs::read(p("hdr")).unwrap();
+        let uuid = String::from_utf8_lossy(&h[168..208])
+            .trim_end_matches('\0')
+            .to_string();
+        let lock = format!("/run/cryptsetup/LN_LUKS2-reencryption-{uuid}");
+        let held = std::fs::File::open(&lock).is_ok_and(|f| {
+            // SAFETY: flock on a descriptor we own; a lock we get goes when `f` closes
+            // (the child is stopped meanwhile, so it cannot be refused it).
+            unsafe {
+                libc::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    libc::LOCK_EX | libc::LOCK_NB,
+                ) != 0
+            }
+        });
+        held && no_header_write_lock(&p("hdr"))
+    });
+    refused(
+        &["resume", &dev2, "--key-file", &key, "--header", &hdr],
+        "another process is walking this volume",
+        "resume through a second loop device during a cryptsetup run",
+    );
+    refused(
+        &["resume", &img, "--key-file", &key, "--header", &hdr],
+        "another process is walking this volume",
+        "resume of the file during a cryptsetup run",
+    );
+    assert!(first.thaw().success(), "the cryptsetup run, continued");
+    drop((lo, lo2));
+    decrypt_and_check("cryptsetup run");
+
+    // 4. A mounted loop device over the file.
+    let tree = p("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("f"), &orig[..(3 * MIB) as usize]).unwrap();
+    std::fs::write(p("img"), vec![0u8; (64 * MIB) as usize]).unwrap();
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(p("img"))
+            .arg("32M"),
+    );
+    let lo = LoopDev::attach(&p("img"));
+    let dev = lo.path.display().to_string();
+    let mnt = p("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(&lo.path).arg(&mnt));
+    let shift = [
+        "encrypt",
+        &img,
+        "--key-file",
+        &key,
+        "--reduce-device-size",
+        "32M",
+    ];
+    refused(
+        &shift,
+        &format!("attached to {dev}, which is in use"),
+        "encrypt of a file mounted through a loop device",
+    );
+    run_ok(Command::new("umount").arg(&mnt));
+    let plain = std::fs::read(p("img")).unwrap();
+    run_ok(
+        Command::new(luksify_bin())
+            .args(shift)
+            .args(FAST)
+            .stdout(Stdio::null()),
+    );
+    drop(lo);
+    run_ok(
+        Command::new(luksify_bin())
+            .args(["decrypt", &img, "--key-file", &key, "--header", &hdr])
+            .stdout(Stdio::null()),
+    );
+    let back = std::fs::read(p("img")).unwrap();
+    let kept = (32 * MIB) as usize;
+    assert!(back[..kept] == plain[..kept], "filesystem bytes differ");
 }

@@ -247,8 +247,7 @@ pub fn run(cmd: WalkCmd) -> anyhow::Result<ExitCode> {
 fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     let dev = &a.device;
     let pass = read_secret(&a.key_file, "key file")?;
-    let data = DataDevice::open(dev, a.tuning.buffered)
-        .with_context(|| format!("{}: cannot open (is it mounted or in use?)", dev.display()))?;
+    let data = open_data(dev, a.tuning.buffered)?;
     let opts = DecryptOptions {
         resilience: match a.resilience {
             None | Some(ResilienceArg::Checksum) => Resilience::Checksum,
@@ -264,6 +263,9 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
         progress: Some(&pp),
         cancel: Some(&cancel),
         before_write: None,
+        lock_dir: Some(std::path::Path::new(
+            luksify_walker::lock::CRYPTSETUP_LOCK_DIR,
+        )),
     };
     let outcome = match &a.header {
         Some(h) => {
@@ -362,14 +364,16 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
         checksum_hash: resilience_hash(dev, &a.resilience_hash)?,
         tuning: tuning(&a.tuning),
     };
-    let data = DataDevice::open(dev, a.tuning.buffered)
-        .with_context(|| format!("{}: cannot open (is it mounted or in use?)", dev.display()))?;
+    let data = open_data(dev, a.tuning.buffered)?;
     let cancel = install_cancel()?;
     let pp = progress_printer();
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
         before_write: Some(&notices),
+        lock_dir: Some(std::path::Path::new(
+            luksify_walker::lock::CRYPTSETUP_LOCK_DIR,
+        )),
     };
     let outcome = match &a.header {
         Some(h) => {
@@ -392,6 +396,18 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
     let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
     Ok(report(dev, outcome, "encryption", hint))
+}
+
+/// Opens the data device; a lock or a busy loop device explains itself.
+fn open_data(dev: &Path, buffered: bool) -> anyhow::Result<DataDevice> {
+    // The walker's own refusals carry a message; bare system errors get a hint.
+    DataDevice::open(dev, buffered).map_err(|e| match e.get_ref() {
+        Some(_) => anyhow::anyhow!("{}: {e}", dev.display()),
+        None => anyhow::Error::new(e).context(format!(
+            "{}: cannot open (is it mounted or in use?)",
+            dev.display()
+        )),
+    })
 }
 
 /// Refuses a header block device `h` that holds a known signature (a filesystem, and a
@@ -539,14 +555,16 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
         );
     };
     let pass = read_secret(key_file, "key file")?;
-    let data = DataDevice::open(dev, a.tuning.buffered)
-        .with_context(|| format!("{}: cannot open (is it mounted or in use?)", dev.display()))?;
+    let data = open_data(dev, a.tuning.buffered)?;
     let cancel = install_cancel()?;
     let pp = progress_printer();
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
         before_write: None,
+        lock_dir: Some(std::path::Path::new(
+            luksify_walker::lock::CRYPTSETUP_LOCK_DIR,
+        )),
     };
     let t = tuning(&a.tuning);
     let outcome = match &a.header {

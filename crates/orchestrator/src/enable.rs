@@ -648,6 +648,9 @@ fn walk(
         progress: Some(&progress),
         cancel: Some(req.cancel),
         before_write: None,
+        lock_dir: Some(std::path::Path::new(
+            luksify_walker::lock::CRYPTSETUP_LOCK_DIR,
+        )),
     };
     let r = f(&ctl);
     match r {

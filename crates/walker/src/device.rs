@@ -112,35 +112,7 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-/// `flock(2)` with operation `op` on `file`, retried when a signal interrupts it.
-pub fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
-    loop {
-        // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), op) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
-}
-
-/// `flock(LOCK_EX | LOCK_NB)` on `file`: a clear error when another process holds it.
-fn lock_exclusive(file: &File) -> io::Result<()> {
-    flock(file, libc::LOCK_EX | libc::LOCK_NB).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "another luksify run holds its lock; wait for that run to end, or stop \
-                 it (SIGINT) and continue with `luksify resume`",
-            )
-        } else {
-            e
-        }
-    })
-}
+pub use luksify_luks::io::flock;
 
 /// An open data device or image file.
 #[derive(Debug)]
@@ -152,6 +124,8 @@ pub struct DataDevice {
     is_block: bool,
     /// Logical sector size (block devices), else 4096: see `Disk::write_unit`.
     write_unit: u64,
+    /// Held for as long as the device is open: see [`crate::lock`].
+    _lock: crate::lock::DataLock,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -203,10 +177,12 @@ impl DataDevice {
     /// Opens read-write, exclusively for block devices (O_EXCL: fails if mounted
     /// or held), with O_DIRECT unless `buffered` or the kernel refuses it.
     ///
-    /// Also takes an exclusive `flock` on it for as long as the `DataDevice` lives,
-    /// so a second run on the same image file (which O_EXCL does not cover) fails
-    /// here, before reading or writing anything, instead of walking beside the first.
-    /// The kernel drops the lock when the holder dies, so a crash leaves none behind.
+    /// Also locks the bytes it reaches for as long as the `DataDevice` lives (an image
+    /// file, or a loop device's backing file: [`crate::lock::DataLock`]), so a second
+    /// run on the same bytes through any path (which O_EXCL does not cover) fails
+    /// here, before reading or writing anything, instead of walking beside the first;
+    /// and refuses an image file a loop device over which is in use. The kernel drops
+    /// the lock when the holder dies, so a crash leaves none behind.
     pub fn open(path: &Path, buffered: bool) -> io::Result<DataDevice> {
         let meta = std::fs::metadata(path)?;
         let is_block = meta.file_type().is_block_device();
@@ -230,14 +206,16 @@ impl DataDevice {
                 Err(e) => return Err(e),
             }
         };
-        lock_exclusive(&file)?;
-        let (size, write_unit) = if is_block {
+        let (size, write_unit, lock) = if is_block {
             // The size and the logical sector size (the unit a power cut may tear at).
             let sz: u64 = block_ioctl(&file, BLKGETSIZE64)?;
             let ss: libc::c_int = block_ioctl(&file, BLKSSZGET)?;
-            (sz, u64::try_from(ss).unwrap_or(512).max(512))
+            let lock = crate::lock::DataLock::block_device(&file, sz)?;
+            (sz, u64::try_from(ss).unwrap_or(512).max(512), lock)
         } else {
-            (meta.len(), 4096)
+            let lock = crate::lock::DataLock::image_file(&file)?;
+            crate::lock::refuse_used_loop_devices(&file)?;
+            (meta.len(), 4096, lock)
         };
         Ok(DataDevice {
             path: path.to_path_buf(),
@@ -246,6 +224,7 @@ impl DataDevice {
             size,
             is_block,
             write_unit,
+            _lock: lock,
         })
     }
     /// Whether requests go around the page cache.
@@ -291,6 +270,15 @@ impl Disk for DataDevice {
     }
     fn write_unit(&self) -> u64 {
         self.write_unit
+    }
+    /// An image file: a `flock` on it, as cryptsetup takes. A block device:
+    /// cryptsetup's lock file for it, `/run/cryptsetup/L_<major>:<minor>`.
+    fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<luksify_luks::io::MetadataLock>> {
+        if self.is_block {
+            let rdev = std::os::unix::fs::MetadataExt::rdev(&self.file.metadata()?);
+            return crate::lock::block_metadata_lock(rdev, exclusive);
+        }
+        luksify_luks::io::MetadataLock::acquire(self.file.try_clone()?, exclusive, None).map(Some)
     }
 }
 

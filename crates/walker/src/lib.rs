@@ -12,6 +12,7 @@ pub mod device;
 pub mod engine;
 pub mod fsprobe;
 mod identity;
+pub mod lock;
 pub mod powercut;
 mod sha256x16;
 mod stage;
@@ -143,6 +144,32 @@ pub struct Control<'a> {
     /// Called once by a new encryption when every check has passed, right before its
     /// first write: where a caller prints warnings, so a refusal stays one line.
     pub before_write: Option<&'a dyn Fn()>,
+    /// Where cryptsetup's reencryption locks live ([`lock::CRYPTSETUP_LOCK_DIR`] for
+    /// real devices): a run takes the volume's lock there before its first write, so
+    /// it never walks beside `cryptsetup reencrypt` or another run on the same
+    /// volume. `None` (the default) takes none: for volumes only this process can
+    /// see, such as the power-cut tests' memory disks.
+    pub lock_dir: Option<&'a std::path::Path>,
+}
+
+/// `again`, the header read once more under the volume's lock, if it is still the
+/// volume `first` was read from.
+fn same_volume(first: &Luks2Header, again: Luks2Header) -> Result<Luks2Header> {
+    if again.uuid != first.uuid {
+        return Err(Error::Refused(format!(
+            "the header changed while it was read (UUID {} became {}): another program is writing it; run again when it is done (nothing was written)",
+            first.uuid, again.uuid
+        )));
+    }
+    Ok(again)
+}
+
+/// Takes the volume's reencryption lock if `ctl` asks for one (see [`Control::lock_dir`]).
+fn lock_volume(ctl: &Control<'_>, uuid: &str) -> Result<Option<lock::ReencryptLock>> {
+    match ctl.lock_dir {
+        Some(dir) => lock::ReencryptLock::acquire(dir, uuid),
+        None => Ok(None),
+    }
 }
 
 impl std::fmt::Debug for Control<'_> {
@@ -803,6 +830,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         area,
     )?;
 
+    let _lock = lock_volume(ctl, &hdr.uuid)?;
     if let Some(f) = ctl.before_write {
         f();
     }
@@ -875,6 +903,12 @@ impl<T: Disk + Sync + ?Sized> Disk for DynDisk<'_, T> {
     }
     fn can_grow(&self) -> bool {
         self.0.can_grow()
+    }
+    fn lock_metadata(
+        &self,
+        exclusive: bool,
+    ) -> std::io::Result<Option<luksify_luks::io::MetadataLock>> {
+        self.0.lock_metadata(exclusive)
     }
 }
 
@@ -1161,6 +1195,17 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             ))
         }
     };
+    // cryptsetup's lock on the volume, then the header read again under it: another
+    // process may have changed it in between (cryptsetup rereads it the same way).
+    let _lock = lock_volume(ctl, &hdr.uuid)?;
+    if _lock.is_some() {
+        let again = if moves {
+            Luks2Header::read(data)?.0
+        } else {
+            Luks2Header::read(hdisk)?.0
+        };
+        hdr = same_volume(&hdr, again)?;
+    }
     if let Some(st) = reencrypt::state(&hdr.metadata)? {
         return Err(Error::Refused(
             format!(
@@ -1347,6 +1392,12 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             return Err(no_header_to_resume(data, meta.is_some(), hdisk, e)?)
         }
         Err(e) => return Err(e.into()),
+    };
+    // As in `decrypt`: the volume's lock, then the header as it is under the lock.
+    let _lock = lock_volume(ctl, &hdr.uuid)?;
+    let hdr = match _lock {
+        Some(_) => same_volume(&hdr, Luks2Header::read(hdisk)?.0)?,
+        None => hdr,
     };
     let st = reencrypt::state(&hdr.metadata)?.ok_or_else(|| {
         Error::Refused(

@@ -1,0 +1,344 @@
+//! One run per volume, whichever path reaches its bytes, and whichever tool runs it.
+//!
+//! Three locks, none of which a crash leaves behind (the kernel drops each with its
+//! holder's open file description):
+//!
+//! - **The data's bytes** ([`DataLock`]): an open-file-description record lock
+//!   (`F_OFD_SETLK`, write) on the image file's bytes the run walks. A run on an image
+//!   file locks the whole file; a run on a loop device locks its backing file's range
+//!   (`lo_offset`, the device's size). So `luksify encrypt img` and `luksify resume
+//!   /dev/loop0` (a loop device over `img`) exclude each other, as two loop devices
+//!   over the same file do, which `O_EXCL` (per block device) never did. Record locks
+//!   are independent of `flock`, which cryptsetup takes on an image file to read its
+//!   header: `cryptsetup luksDump img` answers during a run. They are what qemu takes
+//!   on the images it uses, so a run refuses an image a VM has open, and the reverse.
+//! - **Loop devices over an image file** ([`refuse_used_loop_devices`]): a run on a
+//!   file refuses while a loop device over it is in use (mounted, mapped, opened
+//!   exclusively): writing under a mounted filesystem would corrupt it.
+//! - **The volume** ([`ReencryptLock`]): cryptsetup's own reencryption lock,
+//!   `/run/cryptsetup/LN_LUKS2-reencryption-<UUID>`, taken as cryptsetup 2.x takes it
+//!   (create, `flock(LOCK_EX | LOCK_NB)`, check the path still names the locked file;
+//!   on release unlink it while still holding it). `cryptsetup reencrypt` and
+//!   `cryptsetup repair` then say "Reencryption process is already running" during a
+//!   luksify run, and luksify refuses to walk a volume cryptsetup is walking.
+
+use crate::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Where cryptsetup keeps its lock files (its `DEFAULT_LUKS2_LOCK_PATH`).
+pub const CRYPTSETUP_LOCK_DIR: &str = "/run/cryptsetup";
+
+/// `F_OFD_SETLK` write lock on `[start, start + len)` of `file` (`len` 0: to the end,
+/// however far the file grows). Fails with `WouldBlock` when another open file
+/// description (another process, or another open in this one) holds a lock there.
+pub fn lock_range(file: &File, start: u64, len: u64) -> io::Result<()> {
+    // SAFETY: an all-zero `struct flock` is a valid value; the fields are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = i64::try_from(start).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    fl.l_len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: fcntl on a valid descriptor with a valid, initialised `struct flock`
+        // that outlives the call (F_OFD_SETLK does not block).
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) | Some(libc::EACCES) => {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, e))
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+/// The lock a run holds on the bytes it walks, for as long as it lives.
+#[derive(Debug)]
+pub struct DataLock {
+    /// The open file description the record lock belongs to (the data file itself
+    /// for image files, the backing file for loop devices).
+    _file: Option<File>,
+}
+
+const LOCKED_HINT: &str = "another luksify run on the same bytes (through this path, the image file, or a loop device over it), or a program using the image (e.g. qemu); wait for it to end, or stop a luksify run (SIGINT) and continue it with `luksify resume` (nothing was written)";
+
+impl DataLock {
+    /// Locks the whole of image file `file` (opened read-write).
+    pub fn image_file(file: &File) -> io::Result<DataLock> {
+        lock_range(file, 0, 0)
+            .map_err(|e| locked_error(e, || format!("locked by {LOCKED_HINT}")))?;
+        Ok(DataLock { _file: None })
+    }
+
+    /// For a block device: when it is a loop device over a file, locks the file's
+    /// range behind it (`size` bytes from the loop's offset). Other block devices
+    /// (disks, partitions) need none: `O_EXCL` covers them. A backing file that
+    /// cannot be opened read-write cannot be written through the loop device either.
+    pub fn block_device(dev: &File, size: u64) -> io::Result<DataLock> {
+        let Some(lo) = loop_status(dev) else {
+            return Ok(DataLock { _file: None });
+        };
+        let rdev = dev.metadata()?.rdev();
+        let Some(backing) = loop_backing_path(libc::major(rdev), libc::minor(rdev)) else {
+            return Ok(DataLock { _file: None });
+        };
+        let f = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&backing)
+        {
+            Ok(f) => f,
+            Err(_) => return Ok(DataLock { _file: None }),
+        };
+        // The path must still name the file the loop device reads.
+        if f.metadata()?.ino() != lo.inode {
+            return Ok(DataLock { _file: None });
+        }
+        lock_range(&f, lo.offset, size).map_err(|e| {
+            locked_error(e, || {
+                format!(
+                    "a loop device over {}, which is locked by {LOCKED_HINT}",
+                    backing.display()
+                )
+            })
+        })?;
+        Ok(DataLock { _file: Some(f) })
+    }
+}
+
+fn locked_error(e: io::Error, msg: impl FnOnce() -> String) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(io::ErrorKind::WouldBlock, msg())
+    } else {
+        e
+    }
+}
+
+/// What `LOOP_GET_STATUS64` says of a loop device: the backing file's inode and the
+/// offset into it.
+struct LoopStatus {
+    inode: u64,
+    offset: u64,
+}
+
+/// `struct loop_info64` (linux/loop.h).
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `LOOP_GET_STATUS64`: `None` when `dev` is not a bound loop device.
+fn loop_status(dev: &File) -> Option<LoopStatus> {
+    const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+    // SAFETY: all-zero is a valid `LoopInfo64` (integers and byte arrays).
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, which `info` is,
+    // laid out as the kernel's; other devices fail the ioctl without writing.
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            LOOP_GET_STATUS64 as _,
+            &mut info as *mut LoopInfo64,
+        )
+    };
+    (rc == 0).then_some(LoopStatus {
+        inode: info.lo_inode,
+        offset: info.lo_offset,
+    })
+}
+
+/// The backing file of loop device `major:minor`, from sysfs (the path as the kernel
+/// sees it now; `None` if unbound, or the file was deleted).
+fn loop_backing_path(major: u32, minor: u32) -> Option<PathBuf> {
+    let s = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file"))
+        .ok()?;
+    let s = s.trim_end_matches('\n');
+    (!s.is_empty() && !s.ends_with(" (deleted)")).then(|| PathBuf::from(s))
+}
+
+/// Refuses when a loop device over image file `file` is in use (mounted, mapped by
+/// device-mapper, a partition of it mounted, or opened exclusively): a run on the
+/// file would write under it. Loop devices merely attached are left alone; a luksify
+/// run through one is excluded by [`DataLock`].
+pub fn refuse_used_loop_devices(file: &File) -> io::Result<()> {
+    let meta = file.metadata()?;
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return Ok(());
+    };
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("loop"))
+        .collect();
+    names.sort();
+    for name in names {
+        let Ok(s) = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")) else {
+            continue;
+        };
+        let Ok(b) = std::fs::metadata(s.trim_end_matches('\n')) else {
+            continue;
+        };
+        if b.dev() != meta.dev() || b.ino() != meta.ino() {
+            continue;
+        }
+        let node = format!("/dev/{name}");
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(&node)
+        {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "attached to {node}, which is in use (mounted, mapped, or opened by another program): writing under it would corrupt it; unmount or close it and detach it (`losetup -d {node}`) first (nothing was written)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// cryptsetup's reencryption lock on one volume, held until dropped.
+#[derive(Debug)]
+pub struct ReencryptLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl ReencryptLock {
+    /// Takes `DIR/LN_LUKS2-reencryption-<uuid>` as cryptsetup does. `Ok(None)` when
+    /// this user cannot create lock files there (not root): whoever cannot, cannot
+    /// run cryptsetup's reencryption either. Refuses, in one line, while another
+    /// process (luksify or cryptsetup) holds it.
+    pub fn acquire(dir: &Path, uuid: &str) -> Result<Option<ReencryptLock>> {
+        let io_err = |e| Error::io(format!("reencryption lock in {}", dir.display()), e);
+        match make_lock_dir(dir) {
+            Err(e) if unprivileged(&e) => return Ok(None),
+            r => r.map_err(io_err)?,
+        }
+        let path = dir.join(format!("LN_LUKS2-reencryption-{uuid}"));
+        loop {
+            let file = match open_lock_file(&path) {
+                Err(e) if unprivileged(&e) => return Ok(None),
+                r => r.map_err(io_err)?,
+            };
+            match crate::device::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                    return Err(Error::Refused(format!(
+                        "another process is walking this volume (UUID {uuid}): a luksify run, or `cryptsetup reencrypt` (it holds {}); wait for it to end (nothing was written)",
+                        path.display()
+                    )))
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+            // A releasing holder unlinks the file while it still holds the lock: if
+            // the path no longer names what was locked, lock the new file instead.
+            if names_file(&path, &file) {
+                return Ok(Some(ReencryptLock { file, path }));
+            }
+        }
+    }
+}
+
+fn unprivileged(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)
+    )
+}
+
+impl Drop for ReencryptLock {
+    fn drop(&mut self) {
+        // As cryptsetup releases it: still holding the lock, unlink the file if the
+        // path names it, then close (which drops the lock).
+        if names_file(&self.path, &self.file) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// cryptsetup's metadata lock for block device `rdev`: `flock` on
+/// `/run/cryptsetup/L_<major>:<minor>`, created if missing, re-opened if a releasing
+/// holder unlinked it meanwhile, and removed on release while still held exclusively
+/// (cryptsetup's `acquire_and_verify` and `release_lock_handle`). `None` when this user
+/// cannot create it (see [`ReencryptLock::acquire`]).
+pub fn block_metadata_lock(
+    rdev: u64,
+    exclusive: bool,
+) -> io::Result<Option<luksify_luks::io::MetadataLock>> {
+    let dir = Path::new(CRYPTSETUP_LOCK_DIR);
+    match make_lock_dir(dir) {
+        Err(e) if unprivileged(&e) => return Ok(None),
+        r => r?,
+    }
+    let path = dir.join(format!("L_{}:{}", libc::major(rdev), libc::minor(rdev)));
+    loop {
+        let file = match open_lock_file(&path) {
+            Err(e) if unprivileged(&e) => return Ok(None),
+            r => r?,
+        };
+        // Dropped unheld if the path names another file by now: its release then
+        // leaves that file alone.
+        let lock = luksify_luks::io::MetadataLock::acquire(file, exclusive, Some(path.clone()))?;
+        if names_file(&path, lock.file()) {
+            return Ok(Some(lock));
+        }
+    }
+}
+
+/// Creates cryptsetup's lock directory (mode 0700, its DEFAULT_LUKS2_LOCK_DIR_PERMS)
+/// if it is missing.
+fn make_lock_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens (creating) a lock file as cryptsetup does: no symlinks followed.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Whether `path` still names `file` (a releasing holder may have unlinked it).
+fn names_file(path: &Path, file: &File) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
