@@ -305,18 +305,25 @@ impl Frozen {
         let child = self.child.as_ref().unwrap();
         // SIGSTOP is delivered asynchronously, and a thread inside a system call (a
         // write in flight) stops only when it returns: wait until every thread shows
-        // state `T` in /proc (the state follows the command name, in parentheses).
-        let stopped = |pid: u32| {
+        // state `T` in /proc (the state follows the command name, in parentheses). A
+        // child that ended meanwhile (state `Z`, unreaped) fails the test.
+        let states = |pid: u32| -> Vec<char> {
             std::fs::read_dir(format!("/proc/{pid}/task"))
                 .unwrap()
                 .filter_map(|e| e.ok())
-                .all(|t| {
-                    std::fs::read_to_string(t.path().join("stat"))
-                        .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')))
-                        .unwrap_or(true)
-                })
+                .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                .filter_map(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+                .collect()
         };
-        while !stopped(child.id()) {
+        loop {
+            let st = states(child.id());
+            assert!(
+                !st.iter().any(|&c| c == 'Z' || c == 'X'),
+                "the frozen child ended while it was let run"
+            );
+            if st.iter().all(|&c| c == 'T') {
+                return;
+            }
             std::thread::sleep(Duration::from_micros(100));
         }
     }

@@ -187,6 +187,21 @@ fn detached_encrypt(c: &Case) -> Command {
     detached_encrypt_hz(c, SMALL[3])
 }
 
+/// `luksify encrypt` of `c`'s image with the header in front (an 8 MiB shift), at
+/// the fast test settings.
+fn shift_encrypt(c: &Case) -> Command {
+    let mut cmd = luksify(&[
+        "encrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--reduce-device-size",
+        "8M",
+    ]);
+    cmd.args(FAST).args(SMALL);
+    cmd
+}
+
 /// `luksify resume IMG` with `c`'s header and key, where IMG is `c`'s file `name`:
 /// must be refused as the wrong device, with nothing written to it or the header.
 fn assert_resume_refused_on(c: &Case, name: &str, what: &str) {
@@ -496,18 +511,8 @@ fn walker_busy_image_answers_cryptsetup_and_is_closed_to_qemu() {
     require_tool("timeout");
     let (c, orig) = Case::new(64, 91);
     let (img, key) = (c.img(), c.key());
-    let mut enc = luksify(&[
-        "encrypt",
-        &img,
-        "--key-file",
-        &key,
-        "--reduce-device-size",
-        "8M",
-    ]);
-    enc.args(FAST)
-        .args(SMALL)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut enc = shift_encrypt(&c);
+    enc.stdout(Stdio::null()).stderr(Stdio::null());
     let first = Frozen::after_seqid(&mut enc, &c.p("img"), 3);
     // Between two commits: a commit holds cryptsetup's metadata lock (a flock on the
     // image), which cryptsetup waits for, as it waits for its own.
