@@ -762,3 +762,77 @@ fn root_walker_one_run_per_volume_through_files_loop_devices_and_cryptsetup() {
     let kept = (32 * MIB) as usize;
     assert!(back[..kept] == plain[..kept], "filesystem bytes differ");
 }
+
+/// A detached header on a block device carries cryptsetup's metadata lock for that
+/// device, `/run/cryptsetup/L_<major>:<minor>`, while luksify writes a header there:
+/// cryptsetup takes it to read the header (and to rewrite a stale copy), so it waits
+/// instead of reading a pair halfway through a commit. The run is frozen while it holds
+/// the lock: `cryptsetup luksDump` of the header device waits (killed by `timeout`);
+/// once the run finishes, it answers, and the volume decrypts to the original.
+#[test]
+#[ignore = "needs root (loop devices)"]
+fn root_walker_header_device_carries_cryptsetups_metadata_lock() {
+    use std::os::unix::fs::MetadataExt;
+    require_root();
+    require_tool("cryptsetup");
+    require_tool("timeout");
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("key"), b"root test passphrase").unwrap();
+    let mut orig = vec![0u8; (64 * MIB) as usize];
+    fill_pattern(&mut orig, 43);
+    std::fs::write(p("img"), &orig).unwrap();
+    std::fs::File::create(p("hdrdev"))
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let hlo = LoopDev::attach(&p("hdrdev"));
+    let (img, key, hdev) = (
+        p("img").display().to_string(),
+        p("key").display().to_string(),
+        hlo.path.display().to_string(),
+    );
+    let rdev = std::fs::metadata(&hlo.path).unwrap().rdev();
+    let lock = format!(
+        "/run/cryptsetup/L_{}:{}",
+        libc::major(rdev),
+        libc::minor(rdev)
+    );
+    let held_exclusively = || {
+        std::fs::File::open(&lock).is_ok_and(|f| {
+            // SAFETY: flock on a descriptor we own; a lock we get goes when `f` closes
+            // (the child is stopped meanwhile, so it cannot be refused it).
+            unsafe {
+                libc::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    libc::LOCK_SH | libc::LOCK_NB,
+                ) != 0
+            }
+        })
+    };
+    let mut enc = luksify_detached("encrypt", &img, &key, &hdev);
+    enc.args(FAST)
+        .args(SMALL)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let first = Frozen::after_seqid(&mut enc, &hlo.path, 3);
+    first.step_until(held_exclusively);
+    let out = run(Command::new("timeout").args(["3", "cryptsetup", "luksDump", &hdev]));
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "cryptsetup luksDump did not wait for the header write: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(first.thaw().success(), "the run, continued");
+    assert!(luks_dump(&hlo.path).contains("LUKS header information"));
+    run_ok(
+        luksify_detached("decrypt", &img, &key, &hdev)
+            .args(SMALL)
+            .stdout(Stdio::null()),
+    );
+    assert!(
+        std::fs::read(p("img")).unwrap() == orig,
+        "plaintext differs"
+    );
+}

@@ -286,6 +286,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| {
                     format!("{}: cannot open header file {}", dev.display(), h.display())
                 })?;
+            let hf = header_disk(dev, h, hf)?;
             let r = luksify_walker::decrypt(&data, Some(&hf), &pass, &opts, &ctl);
             if !existed && r.is_err() && !is_luks_file(h) {
                 let _ = std::fs::remove_file(h);
@@ -381,7 +382,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
                 .format
                 .header_size()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
-            let hf = open_new_header(h, dev, size)?;
+            let hf = header_disk(dev, h, open_new_header(h, dev, size)?)?;
             let r = luksify_walker::encrypt(&data, Some(&hf), &pass, &opts, &ctl);
             // A failure before the header was complete wrote nothing to the data (the
             // header goes first): do not leave a file that blocks the next attempt. (A
@@ -437,6 +438,17 @@ fn open_header_device(dev: &Path, h: &Path) -> anyhow::Result<std::fs::File> {
             h.display()
         )
     })
+}
+
+/// The detached header `h`, open as `f`, as the walker takes it: with cryptsetup's
+/// metadata lock around each header read and write, for a block device too.
+fn header_disk(
+    dev: &Path,
+    h: &Path,
+    f: std::fs::File,
+) -> anyhow::Result<luksify_walker::lock::HeaderDisk> {
+    luksify_walker::lock::HeaderDisk::new(f)
+        .with_context(|| format!("{}: cannot inspect header {}", dev.display(), h.display()))
 }
 
 /// The size in bytes of header block device `h`, open as `f`.
@@ -576,6 +588,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| {
                     format!("{}: cannot open header file {}", dev.display(), h.display())
                 })?;
+            let hf = header_disk(dev, h, hf)?;
             luksify_walker::resume(&data, Some(&hf), &pass, t, &ctl)
         }
         None => luksify_walker::resume::<_, std::fs::File>(&data, None, &pass, t, &ctl),

@@ -131,7 +131,8 @@ impl Disk for File {
     }
     /// A regular file is its own lock, as cryptsetup takes it (`flock` on the image or
     /// header file). Block devices have none here: cryptsetup's lock for them is a file
-    /// under /run/cryptsetup, which the walker's data device takes.
+    /// under /run/cryptsetup, which the walker's disks take (its data device and its
+    /// `HeaderDisk`).
     fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<MetadataLock>> {
         if !self.metadata()?.is_file() {
             return Ok(None);

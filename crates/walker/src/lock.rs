@@ -23,6 +23,7 @@
 //!   luksify run, and luksify refuses to walk a volume cryptsetup is walking.
 
 use crate::{Error, Result};
+use luksify_luks::io::Disk;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -340,5 +341,53 @@ fn names_file(path: &Path, file: &File) -> bool {
     match (file.metadata(), std::fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
+    }
+}
+
+/// A detached header's file or block device, with cryptsetup's metadata lock on
+/// either: a `flock` on a header file (as `File` takes it), and for a block device
+/// its lock file `/run/cryptsetup/L_<major>:<minor>`, which cryptsetup takes to read
+/// the header there (shared) and to write or repair it (exclusive).
+#[derive(Debug)]
+pub struct HeaderDisk {
+    file: File,
+    /// The device number when `file` is a block device.
+    rdev: Option<u64>,
+}
+
+impl HeaderDisk {
+    /// Wraps the opened header `file`.
+    pub fn new(file: File) -> io::Result<HeaderDisk> {
+        use std::os::unix::fs::FileTypeExt;
+        let m = file.metadata()?;
+        let rdev = m.file_type().is_block_device().then(|| m.rdev());
+        Ok(HeaderDisk { file, rdev })
+    }
+}
+
+impl Disk for HeaderDisk {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        Disk::read_at(&self.file, off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        Disk::write_at(&self.file, off, buf)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Disk::flush(&self.file)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Disk::size(&self.file)
+    }
+    fn write_unit(&self) -> u64 {
+        Disk::write_unit(&self.file)
+    }
+    fn can_grow(&self) -> bool {
+        Disk::can_grow(&self.file)
+    }
+    fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<luksify_luks::io::MetadataLock>> {
+        match self.rdev {
+            Some(rdev) => block_metadata_lock(rdev, exclusive),
+            None => Disk::lock_metadata(&self.file, exclusive),
+        }
     }
 }
