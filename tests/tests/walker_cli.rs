@@ -1721,3 +1721,79 @@ fn walker_refuses_a_sector_size_larger_than_the_filesystem_blocks() {
     );
     cryptsetup_unlocks(&c);
 }
+
+/// `--key-file` of `encrypt`, `resume` and `decrypt` is read as cryptsetup reads it (and
+/// as `luksify format` reads it): an empty file (here /dev/null) is refused in one line
+/// before anything is written, not taken as an empty passphrase; a missing one is named;
+/// `-` is standard input, whole, newlines included, and cryptsetup unlocks the volume
+/// with the same bytes from a file.
+#[test]
+fn walker_key_file_is_read_as_cryptsetup_reads_it() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(16, 95);
+    let (img, hdr) = (c.img(), c.hdr());
+    for (key, needle) in [
+        ("/dev/null", "is empty"),
+        ("/nonexistent/key", "cannot open key file /nonexistent/key"),
+    ] {
+        for args in [
+            &["encrypt", &img, "--key-file", key, "--header", &hdr][..],
+            &[
+                "encrypt",
+                &img,
+                "--key-file",
+                key,
+                "--reduce-device-size",
+                "4M",
+            ][..],
+        ] {
+            let out = run(luksify(args).args(FAST));
+            assert_refused_in_one_line(&out, needle, &format!("{args:?}"));
+            assert_file_is(&c.p("img"), &orig, &format!("{args:?}: image changed"));
+            assert!(!c.p("hdr").exists(), "{args:?}: a header file was left");
+        }
+    }
+    let pass = b"two\nlines of passphrase\n";
+    std::fs::write(c.p("key"), pass).unwrap();
+    let mut enc = luksify(&["encrypt", &img, "--key-file", "-", "--header", &hdr]);
+    enc.args(FAST).args(SMALL).stdin(Stdio::piped());
+    let mut child = enc.stdout(Stdio::null()).spawn().unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(pass).unwrap();
+    }
+    assert!(
+        child.wait().unwrap().success(),
+        "encrypt with the key on stdin"
+    );
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        &c.key(),
+        "--header",
+        &hdr,
+        &img,
+    ]));
+    // An empty key file on decrypt is refused before the header is touched.
+    let hdr0 = std::fs::read(c.p("hdr")).unwrap();
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &img,
+        "--key-file",
+        "/dev/null",
+        "--header",
+        &hdr,
+    ]));
+    assert_refused_in_one_line(&out, "is empty", "decrypt with /dev/null");
+    assert_file_is(&c.p("hdr"), &hdr0, "decrypt with /dev/null: header changed");
+    run_ok(&mut luksify(&[
+        "decrypt",
+        &img,
+        "--key-file",
+        &c.key(),
+        "--header",
+        &hdr,
+    ]));
+    assert_file_is(&c.p("img"), &orig, "plaintext differs");
+}

@@ -836,3 +836,103 @@ fn root_walker_header_device_carries_cryptsetups_metadata_lock() {
         "plaintext differs"
     );
 }
+
+/// Data that cannot be written is refused in one line that names the cause, before
+/// anything is written and without leaving a header file behind, in both layouts: a
+/// loop device attached read-only (`losetup -r`: opening it for writing succeeds, every
+/// write fails, so it used to fail mid-run after writing the detached header), an image
+/// file with the immutable attribute, and an image on a read-only mount. A decrypt of a
+/// volume on a read-only loop device is refused the same way.
+#[test]
+#[ignore = "needs root (loop devices, chattr, mount)"]
+fn root_walker_refuses_read_only_data_before_writing() {
+    require_root();
+    require_tool("chattr");
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).display().to_string();
+    std::fs::write(p("key"), b"root test passphrase").unwrap();
+    let mut orig = vec![0u8; (48 * MIB) as usize];
+    fill_pattern(&mut orig, 47);
+    std::fs::write(p("img"), &orig).unwrap();
+    let key = s("key");
+    let refused = |dev: &str, img: &Path, needle: &str, what: &str| {
+        for place in [
+            &["--header", &s("hdr")][..],
+            &["--reduce-device-size", "8M"][..],
+        ] {
+            let out = run(Command::new(luksify_bin())
+                .args(["encrypt", dev, "--key-file", &key])
+                .args(place)
+                .args(FAST));
+            let what = format!("{what} {place:?}");
+            assert_refused_in_one_line(&out, needle, &what);
+            assert!(std::fs::read(img).unwrap() == orig, "{what}: data changed");
+            assert!(!p("hdr").exists(), "{what}: a header file was left");
+        }
+    };
+
+    let lo = LoopDev::attach_with(&p("img"), &["-r"]);
+    let dev = lo.path.display().to_string();
+    refused(&dev, &p("img"), "is a read-only block device", "losetup -r");
+    drop(lo);
+
+    run_ok(Command::new("chattr").arg("+i").arg(p("img")));
+    let img = s("img");
+    refused(&img, &p("img"), "cannot be opened for writing", "chattr +i");
+    run_ok(Command::new("chattr").arg("-i").arg(p("img")));
+
+    std::fs::create_dir(p("ro")).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["--bind", "-o", "ro"])
+            .arg(dir.path())
+            .arg(p("ro")),
+    );
+    let ro_img = p("ro").join("img");
+    let r = std::panic::catch_unwind(|| {
+        refused(
+            &ro_img.display().to_string(),
+            &ro_img,
+            "is on a read-only filesystem",
+            "read-only mount",
+        )
+    });
+    let _ = Command::new("umount").arg(p("ro")).status();
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+
+    // A volume on a read-only loop device: its decryption is refused too.
+    run_ok(
+        luksify_detached("encrypt", &img, &key, &s("hdr"))
+            .args(FAST)
+            .stdout(Stdio::null()),
+    );
+    let (enc, hdr0) = (
+        std::fs::read(p("img")).unwrap(),
+        std::fs::read(p("hdr")).unwrap(),
+    );
+    let lo = LoopDev::attach_with(&p("img"), &["-r"]);
+    let dev = lo.path.display().to_string();
+    let out = run(&mut luksify_detached("decrypt", &dev, &key, &s("hdr")));
+    assert_refused_in_one_line(&out, "is a read-only block device", "decrypt on losetup -r");
+    drop(lo);
+    assert!(
+        std::fs::read(p("img")).unwrap() == enc,
+        "decrypt: data changed"
+    );
+    assert!(
+        std::fs::read(p("hdr")).unwrap() == hdr0,
+        "decrypt: header changed"
+    );
+    run_ok(
+        luksify_detached("decrypt", &img, &key, &s("hdr"))
+            .args(SMALL)
+            .stdout(Stdio::null()),
+    );
+    assert!(
+        std::fs::read(p("img")).unwrap() == orig,
+        "plaintext differs"
+    );
+}

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use zeroize::Zeroizing;
 
 #[derive(Subcommand, Debug)]
 pub enum WalkCmd {
@@ -165,12 +164,6 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
-fn read_secret(p: &Path, what: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let v = std::fs::read(p)
-        .with_context(|| format!("cannot read {what} {}: check the path", p.display()))?;
-    Ok(Zeroizing::new(v))
-}
-
 fn resilience_hash(dev: &Path, name: &str) -> anyhow::Result<luksify_walker::Hash> {
     luksify_walker::Hash::parse(name)
         .map_err(|e| anyhow::anyhow!("{}: --resilience-hash: {e}", dev.display()))
@@ -246,7 +239,7 @@ pub fn run(cmd: WalkCmd) -> anyhow::Result<ExitCode> {
 
 fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     let dev = &a.device;
-    let pass = read_secret(&a.key_file, "key file")?;
+    let pass = crate::keyfile::read_key_file(&a.key_file)?;
     let data = open_data(dev, a.tuning.buffered)?;
     let opts = DecryptOptions {
         resilience: match a.resilience {
@@ -302,7 +295,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
 
 fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     let dev = &a.device;
-    let pass = read_secret(&a.key_file, "key file")?;
+    let pass = crate::keyfile::read_key_file(&a.key_file)?;
     let mut format = a
         .new
         .luks2()
@@ -404,10 +397,7 @@ fn open_data(dev: &Path, buffered: bool) -> anyhow::Result<DataDevice> {
     // The walker's own refusals carry a message; bare system errors get a hint.
     DataDevice::open(dev, buffered).map_err(|e| match e.get_ref() {
         Some(_) => anyhow::anyhow!("{}: {e}", dev.display()),
-        None => anyhow::Error::new(e).context(format!(
-            "{}: cannot open (is it mounted or in use?)",
-            dev.display()
-        )),
+        None => anyhow::Error::new(e).context(format!("{}: cannot open", dev.display())),
     })
 }
 
@@ -566,7 +556,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
             dev.display()
         );
     };
-    let pass = read_secret(key_file, "key file")?;
+    let pass = crate::keyfile::read_key_file(key_file)?;
     let data = open_data(dev, a.tuning.buffered)?;
     let cancel = install_cancel()?;
     let pp = progress_printer();

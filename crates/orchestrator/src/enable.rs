@@ -550,12 +550,7 @@ fn start_encryption(
     sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
     commit(sw)?;
 
-    let data = DataDevice::open(device, false).map_err(|e| {
-        Failure::failed(format!(
-            "cannot open {} for encryption ({e}); something still holds it",
-            device.display()
-        ))
-    })?;
+    let data = open_data(device, "for encryption", "something still holds it")?;
     let format = FormatOptions {
         kdf: req.kdf.clone(),
         sector_size: encryption_sector_size(fs.min_io),
@@ -903,12 +898,7 @@ fn resume_one(
         }
     }
     // A crash may have left it mounted nowhere but held by nothing: open exclusively.
-    let data = DataDevice::open(&v.device, false).map_err(|e| {
-        Failure::failed(format!(
-            "cannot open {} to resume ({e}); is it mounted or mapped?",
-            v.device.display()
-        ))
-    })?;
+    let data = open_data(&v.device, "to resume", "is it mounted or mapped?")?;
     let header = v.header.clone();
     let outcome = walk(sw, idx, idx, n, req, |ctl| match &header {
         Some(h) => {
@@ -1019,12 +1009,7 @@ fn resume_decrypt(
     sw.status.volumes[idx].resumed = true;
     sw.active = Some(idx);
     commit(sw)?;
-    let data = DataDevice::open(&v.device, false).map_err(|e| {
-        Failure::failed(format!(
-            "cannot open {} to resume ({e}); is it mounted or mapped?",
-            v.device.display()
-        ))
-    })?;
+    let data = open_data(&v.device, "to resume", "is it mounted or mapped?")?;
     let hf = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -1191,12 +1176,7 @@ fn disable_one(
     }
     sw.active = Some(idx);
     commit(sw)?;
-    let data = DataDevice::open(&v.device, false).map_err(|e| {
-        Failure::failed(format!(
-            "cannot open {} to decrypt ({e}); is it still mounted or mapped?",
-            v.device.display()
-        ))
-    })?;
+    let data = open_data(&v.device, "to decrypt", "is it still mounted or mapped?")?;
     let hf = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -1439,4 +1419,17 @@ fn adopt(sw: &mut StatusWriter, found: &[FoundInProgress], key_file: &Path) {
             ..Default::default()
         });
     }
+}
+
+/// Opens the data device `dev` read-write for the walker. A refusal that says its cause
+/// (read-only, busy, locked by another run) is reported as it is; other errors get
+/// `hint`.
+fn open_data(dev: &Path, what: &str, hint: &str) -> Result<DataDevice> {
+    DataDevice::open(dev, false).map_err(|e| match e.get_ref() {
+        Some(_) => Failure::failed(format!("cannot open {} {what}: {e}", dev.display())),
+        None => Failure::failed(format!(
+            "cannot open {} {what} ({e}); {hint}",
+            dev.display()
+        )),
+    })
 }

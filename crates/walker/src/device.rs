@@ -131,6 +131,8 @@ pub struct DataDevice {
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// `_IO(0x12, 104)`: the logical sector size, an int.
 const BLKSSZGET: libc::c_ulong = 0x1268;
+/// `_IO(0x12, 94)`: whether the block device is read-only, an int.
+const BLKROGET: libc::c_ulong = 0x125e;
 
 /// A block-device ioctl that writes one `T` (an integer: `u64` for BLKGETSIZE64,
 /// `c_int` for BLKSSZGET).
@@ -198,14 +200,23 @@ impl DataDevice {
                 .open(path)
         };
         let (file, direct) = if buffered {
-            (open(0)?, false)
+            (open(0).map_err(open_error)?, false)
         } else {
             match open(libc::O_DIRECT) {
                 Ok(f) => (f, true),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
-                Err(e) => return Err(e),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    (open(0).map_err(open_error)?, false)
+                }
+                Err(e) => return Err(open_error(e)),
             }
         };
+        if is_block && block_ioctl::<libc::c_int>(&file, BLKROGET)? != 0 {
+            // Opening a read-only block device for writing succeeds; every write fails.
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "is a read-only block device (a loop device attached with `losetup -r`, or set with `blockdev --setro`): make it writable (`blockdev --setrw`, or attach the loop device again without -r) and run again (nothing was written)",
+            ));
+        }
         let (size, write_unit, lock) = if is_block {
             // The size and the logical sector size (the unit a power cut may tear at).
             let sz: u64 = block_ioctl(&file, BLKGETSIZE64)?;
@@ -280,6 +291,24 @@ impl Disk for DataDevice {
         }
         luksify_luks::io::MetadataLock::acquire(self.file.try_clone()?, exclusive, None).map(Some)
     }
+}
+
+/// Why the data could not be opened read-write, in words, where the cause is known
+/// (other errors pass through, for the caller to give context).
+fn open_error(e: io::Error) -> io::Error {
+    let msg = match e.raw_os_error() {
+        Some(libc::EROFS) => {
+            "is on a read-only filesystem or device: remount it read-write and run again (nothing was written)"
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            "cannot be opened for writing: run as root, and check its mode and attributes (`lsattr`: the immutable `i` attribute forbids writes; `chattr -i` lifts it) (nothing was written)"
+        }
+        Some(libc::EBUSY) => {
+            "is in use (mounted, mapped, or opened exclusively by another program, e.g. another luksify run): unmount or close it and run again (nothing was written)"
+        }
+        _ => return e,
+    };
+    io::Error::new(e.kind(), msg)
 }
 
 fn aligned(off: u64, ptr: *const u8, len: usize) -> bool {
