@@ -1797,3 +1797,21 @@ fn walker_key_file_is_read_as_cryptsetup_reads_it() {
     ]));
     assert_file_is(&c.p("img"), &orig, "plaintext differs");
 }
+
+/// `encrypt --header H` where H is the data itself (the same path, or a symlink or hard
+/// link to it) is refused in one line that says so, before anything is written. It used
+/// to say "header file already exists ... else remove it": advice to delete the data.
+#[test]
+fn walker_header_that_is_the_data_itself_is_refused() {
+    let (c, orig) = Case::new(16, 96);
+    std::os::unix::fs::symlink(c.p("img"), c.p("link")).unwrap();
+    std::fs::hard_link(c.p("img"), c.p("hard")).unwrap();
+    let img = c.img();
+    for h in ["img", "link", "hard"] {
+        let hp = c.p(h).display().to_string();
+        let out =
+            run(luksify(&["encrypt", &img, "--key-file", &c.key(), "--header", &hp]).args(FAST));
+        assert_refused_in_one_line(&out, "is the data itself", h);
+        assert_file_is(&c.p("img"), &orig, &format!("--header {h}: image changed"));
+    }
+}

@@ -936,3 +936,32 @@ fn root_walker_refuses_read_only_data_before_writing() {
         "plaintext differs"
     );
 }
+
+/// `encrypt --header` naming a loop device over the image being encrypted, or the image
+/// behind the loop device being encrypted, is refused in one line before anything is
+/// written. It used to advise wiping the "header device" (`wipefs -a`): the data.
+#[test]
+#[ignore = "needs root (loop devices)"]
+fn root_walker_header_on_a_loop_device_over_the_data_is_refused() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("key"), b"root test passphrase").unwrap();
+    let mut orig = vec![0u8; (16 * MIB) as usize];
+    fill_pattern(&mut orig, 53);
+    std::fs::write(p("img"), &orig).unwrap();
+    let lo = LoopDev::attach(&p("img"));
+    let (img, dev, key) = (
+        p("img").display().to_string(),
+        lo.path.display().to_string(),
+        p("key").display().to_string(),
+    );
+    for (data, hdr) in [(&img, &dev), (&dev, &img)] {
+        let out = run(luksify_detached("encrypt", data, &key, hdr).args(FAST));
+        assert_refused_in_one_line(&out, "is the data itself", &format!("{data} {hdr}"));
+        assert!(
+            std::fs::read(p("img")).unwrap() == orig,
+            "{data} {hdr}: data changed"
+        );
+    }
+}

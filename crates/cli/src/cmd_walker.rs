@@ -295,6 +295,17 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
 
 fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     let dev = &a.device;
+    if let Some(h) = a
+        .header
+        .as_deref()
+        .filter(|h| luksify_walker::lock::same_storage(dev, h))
+    {
+        bail!(
+            "{}: --header {} is the data itself (the same file, a link to it, or a loop device over it): the header would overwrite the data; give a header file on other storage, or use --reduce-device-size to put the header in front (nothing was written)",
+            dev.display(),
+            h.display()
+        );
+    }
     let pass = crate::keyfile::read_key_file(&a.key_file)?;
     let mut format = a
         .new

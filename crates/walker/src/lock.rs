@@ -391,3 +391,54 @@ impl Disk for HeaderDisk {
         }
     }
 }
+
+/// What a path's bytes are: an inode of a regular file, a block device, or both (a
+/// loop device and the file behind it).
+fn storage_of(p: &Path) -> Vec<(bool, u64, u64)> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(m) = std::fs::metadata(p) else {
+        return Vec::new();
+    };
+    if m.file_type().is_block_device() {
+        let rdev = m.rdev();
+        let mut v = vec![(true, rdev, 0)];
+        if let Some(b) = loop_backing_path(libc::major(rdev), libc::minor(rdev)) {
+            if let Ok(bm) = std::fs::metadata(b) {
+                v.push((false, bm.dev(), bm.ino()));
+            }
+        }
+        v
+    } else {
+        vec![(false, m.dev(), m.ino())]
+    }
+}
+
+/// Whether paths `a` and `b` reach the same bytes: the same file (through any name or
+/// link), the same block device, or a loop device and the file behind it (or two loop
+/// devices over one file). Paths that cannot be inspected are not the same.
+pub fn same_storage(a: &Path, b: &Path) -> bool {
+    let sa = storage_of(a);
+    storage_of(b).iter().any(|x| sa.contains(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_storage_sees_through_names_and_links() {
+        let d = std::env::temp_dir().join(format!("luksify-same-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("a"), b"x").unwrap();
+        std::fs::write(d.join("b"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.join("a"), d.join("l")).unwrap();
+        std::fs::hard_link(d.join("a"), d.join("h")).unwrap();
+        assert!(same_storage(&d.join("a"), &d.join("a")));
+        assert!(same_storage(&d.join("a"), &d.join("l")));
+        assert!(same_storage(&d.join("h"), &d.join("l")));
+        assert!(same_storage(&d.join("a"), &d.join(".").join("a")));
+        assert!(!same_storage(&d.join("a"), &d.join("b")));
+        assert!(!same_storage(&d.join("a"), &d.join("missing")));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
