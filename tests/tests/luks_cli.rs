@@ -1,6 +1,8 @@
 //! The `luksify` LUKS commands against cryptsetup, and LUKS1 against qemu-img.
 
-use luksify_tests::{luksify_bin, require_tool, run, run_ok, sparse_file};
+use luksify_tests::{
+    assert_refused_in_one_line, luksify_bin, require_tool, run, run_ok, sparse_file,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -768,5 +770,34 @@ fn root_luks_cli_format_picks_the_sector_size_as_cryptsetup() {
             );
             assert_eq!(seen[0], format!("{want} [bytes]"), "{what}");
         }
+    }
+}
+
+/// `format --header H` where H is the device itself (the same path, or a symlink to it)
+/// is refused in one line before anything is written: with a detached header the data
+/// starts at offset 0, over the header (cryptsetup 2.6 formats such a volume).
+#[test]
+fn luks_cli_format_refuses_a_header_that_is_the_device_itself() {
+    let d = Dir::new();
+    let orig: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let img = d.file("img", &orig);
+    let key = d.file("key", b"pass");
+    std::os::unix::fs::symlink(&img, d.path("link")).unwrap();
+    for h in [img.clone(), d.path("link")] {
+        let out = run(&mut lx(&[
+            "format",
+            p(&img),
+            "--key-file",
+            p(&key),
+            "--header",
+            p(&h),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "-q",
+        ]));
+        assert_refused_in_one_line(&out, "is the device itself", &format!("{h:?}"));
+        assert!(std::fs::read(&img).unwrap() == orig, "{h:?}: image changed");
     }
 }

@@ -398,6 +398,17 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         "luks1" | "luks" => true,
         other => bail!("--type {other}: use luks2 or luks1"),
     };
+    if let Some(h) = a
+        .header
+        .as_deref()
+        .filter(|h| luksify_walker::lock::same_storage(&a.device, h))
+    {
+        bail!(
+            "{}: --header {} is the device itself (the same file, a link to it, or a loop device over it): its data would start at offset 0, over the header; leave out --header to put the header in front",
+            a.device.display(),
+            h.display()
+        );
+    }
     let pass = read_key_file(&a.key_file)?;
     let n = &a.new;
     // Every option checked before the device is opened.
