@@ -6,9 +6,9 @@
 //! SIGINT/SIGTERM stop encryption and decryption at a clean, resumable point.
 
 use luksify_tests::{
-    cryptsetup_detached, fill_pattern, has_luks_header, header_seqid, kill_after_commits,
-    kill_at_fdatasync, luks_dump, luksify_bin, require_tool, run, run_ok, signal_after_commits,
-    strace_inject,
+    assert_refused_in_one_line, cryptsetup_detached, fill_pattern, has_luks_header, header_seqid,
+    kill_after_commits, kill_at_fdatasync, luks_dump, luksify_bin, require_tool, run, run_ok,
+    signal_after_commits, strace_inject,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -272,6 +272,7 @@ fn walker_decrypts_cryptsetup_ciphertext() {
 #[test]
 fn walker_decrypt_refuses_without_writing() {
     require_tool("cryptsetup");
+    require_tool("strace");
     let (c, _) = Case::new(24, 31);
     encrypt_with_luksify(&c, Layout::Shift);
     let before = c.img();
@@ -317,6 +318,29 @@ fn walker_decrypt_refuses_without_writing() {
             && String::from_utf8_lossy(&out.stderr).contains("nothing to decrypt")
     );
     assert!(p.img() == orig);
+    // An encryption cut mid-run: decrypt says to finish it first, and writes nothing;
+    // the resume then finishes it and the decrypt returns the original.
+    let (e, orig) = Case::new(24, 33);
+    let cut = kill_at_fdatasync(&encrypt_cmd(&e, Layout::Detached("checksum")), 6);
+    assert!(!cut.status.success(), "the encryption was not cut");
+    let (img0, hdr0) = (e.img(), std::fs::read(e.p("hdr")).unwrap());
+    let out = run(&mut decrypt_cmd(&e, Layout::Detached("checksum")));
+    assert_refused_in_one_line(
+        &out,
+        "an encryption run is in progress on this volume: finish it with `luksify resume` first",
+        "decrypt of a cut encryption",
+    );
+    assert!(
+        e.img() == img0,
+        "decrypt of a cut encryption changed the data"
+    );
+    assert!(
+        std::fs::read(e.p("hdr")).unwrap() == hdr0,
+        "decrypt of a cut encryption changed the header"
+    );
+    run_ok(resume_cmd(&e).stdout(Stdio::null()));
+    run_ok(decrypt_cmd(&e, Layout::Detached("checksum")).stdout(Stdio::null()));
+    assert!(e.img() == orig, "plaintext differs");
 }
 
 /// Runs `cmd` uncut and returns how many header commits past `base` it made to `hdr`.

@@ -1207,13 +1207,14 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         hdr = same_volume(&hdr, again)?;
     }
     if let Some(st) = reencrypt::state(&hdr.metadata)? {
-        return Err(Error::Refused(
-            format!(
-                "a {:?} run is in progress on this volume: finish it with `luksify resume` first",
-                st.mode
-            )
-            .to_lowercase(),
-        ));
+        let run = match st.mode {
+            luksify_luks::luks2::json::ReencryptMode::Encrypt => "an encryption",
+            luksify_luks::luks2::json::ReencryptMode::Decrypt => "a decryption",
+            luksify_luks::luks2::json::ReencryptMode::Reencrypt => "a reencryption",
+        };
+        return Err(Error::Refused(format!(
+            "{run} run is in progress on this volume: finish it with `luksify resume` first (nothing was written)"
+        )));
     }
     let seg = hdr.data_segment()?;
     let live = hdr
