@@ -650,6 +650,32 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
     );
     assert_file_is(&c.p("hdr"), &other, "foreign file changed");
     assert_file_is(&c.p("img"), &orig, "data touched");
+    assert!(
+        !err.contains("remove it"),
+        "advice to delete a file that is not ours: {err}"
+    );
+    // A directory as the header: named as one, with a file name to use instead.
+    std::fs::create_dir(c.p("hdir")).unwrap();
+    let hdir = c.p("hdir").display().to_string();
+    let out = run(luksify(&[
+        "encrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &hdir,
+    ])
+    .args(FAST));
+    assert_refused_in_one_line(
+        &out,
+        "is a directory; name a new file in it",
+        "--header DIR",
+    );
+    assert_file_is(&c.p("img"), &orig, "--header DIR: data touched");
+    assert!(
+        std::fs::read_dir(c.p("hdir")).unwrap().next().is_none(),
+        "--header DIR: wrote in it"
+    );
 }
 
 /// Starts `cmd`, kills it with SIGKILL after `ms`, returns whether it had already exited.

@@ -502,6 +502,14 @@ fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::F
         return Ok(f);
     }
     if let Ok(m) = std::fs::metadata(h) {
+        if m.is_dir() {
+            bail!(
+                "{}: --header {} is a directory; name a new file in it for the header (e.g. {})",
+                dev.display(),
+                h.display(),
+                h.join("luks-header").display()
+            );
+        }
         // A header file whose first header write was cut is ours and holds
         // nothing yet: the same command run again reuses it.
         let cut = || {
@@ -512,7 +520,7 @@ fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::F
         };
         if m.len() > 0 && !cut() {
             bail!(
-                "{}: header file {} already exists; to continue an interrupted run use `luksify resume --header {}`, else remove it",
+                "{}: header file {} already exists; to continue an interrupted run use `luksify resume --header {}`, else name a file that does not exist yet (nothing was written)",
                 dev.display(), h.display(), h.display()
             );
         }
