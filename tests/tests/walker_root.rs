@@ -44,6 +44,30 @@ fn ext4_image(dir: &Path, seed: u64) -> Vec<u8> {
     std::fs::read(&img).unwrap()
 }
 
+/// A scratch directory holding `key` (the test passphrase) and `img` (`mib` MiB of the
+/// pattern from `seed`), and the image's bytes.
+fn scratch(mib: u64, seed: u64) -> (tempfile::TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key"), b"root test passphrase").unwrap();
+    let mut orig = vec![0u8; (mib * MIB) as usize];
+    fill_pattern(&mut orig, seed);
+    std::fs::write(dir.path().join("img"), &orig).unwrap();
+    (dir, orig)
+}
+
+/// `luksify decrypt IMG` with detached header `hdr`; `img` must then hold `orig`.
+fn decrypt_detached_and_check(img: &Path, key: &str, hdr: &str, orig: &[u8], what: &str) {
+    run_ok(
+        luksify_detached("decrypt", &img.display().to_string(), key, hdr)
+            .args(SMALL)
+            .stdout(Stdio::null()),
+    );
+    assert!(
+        std::fs::read(img).unwrap() == orig,
+        "{what}: plaintext differs"
+    );
+}
+
 /// `luksify ACTION DEV --key-file KEY --header HDR`.
 fn luksify_detached(action: &str, dev: &str, key: &str, hdr: &str) -> Command {
     let mut c = Command::new(luksify_bin());
@@ -562,12 +586,9 @@ fn root_walker_one_run_per_volume_through_files_loop_devices_and_cryptsetup() {
     require_root();
     require_tool("cryptsetup");
     require_tool("mkfs.ext4");
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, orig) = scratch(64, 41);
     let p = |n: &str| dir.path().join(n);
     let s = |n: &str| p(n).display().to_string();
-    std::fs::write(p("key"), b"root test passphrase").unwrap();
-    let mut orig = vec![0u8; (64 * MIB) as usize];
-    fill_pattern(&mut orig, 41);
     let key = s("key");
     let (img, hdr) = (s("img"), s("hdr"));
     let refused = |args: &[&str], needle: &str, what: &str| {
@@ -587,15 +608,7 @@ fn root_walker_one_run_per_volume_through_files_loop_devices_and_cryptsetup() {
         c.stdout(Stdio::null()).stderr(Stdio::null());
     };
     let decrypt_and_check = |what: &str| {
-        run_ok(
-            luksify_detached("decrypt", &img, &key, &hdr)
-                .args(SMALL)
-                .stdout(Stdio::null()),
-        );
-        assert!(
-            std::fs::read(p("img")).unwrap() == orig,
-            "{what}: plaintext differs"
-        );
+        decrypt_detached_and_check(&p("img"), &key, &hdr, &orig, what);
         std::fs::remove_file(p("hdr")).unwrap();
     };
 
@@ -776,12 +789,8 @@ fn root_walker_header_device_carries_cryptsetups_metadata_lock() {
     require_root();
     require_tool("cryptsetup");
     require_tool("timeout");
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, orig) = scratch(64, 43);
     let p = |n: &str| dir.path().join(n);
-    std::fs::write(p("key"), b"root test passphrase").unwrap();
-    let mut orig = vec![0u8; (64 * MIB) as usize];
-    fill_pattern(&mut orig, 43);
-    std::fs::write(p("img"), &orig).unwrap();
     std::fs::File::create(p("hdrdev"))
         .unwrap()
         .set_len(32 * MIB)
@@ -826,15 +835,7 @@ fn root_walker_header_device_carries_cryptsetups_metadata_lock() {
     );
     assert!(first.thaw().success(), "the run, continued");
     assert!(luks_dump(&hlo.path).contains("LUKS header information"));
-    run_ok(
-        luksify_detached("decrypt", &img, &key, &hdev)
-            .args(SMALL)
-            .stdout(Stdio::null()),
-    );
-    assert!(
-        std::fs::read(p("img")).unwrap() == orig,
-        "plaintext differs"
-    );
+    decrypt_detached_and_check(&p("img"), &key, &hdev, &orig, "header device");
 }
 
 /// Data that cannot be written is refused in one line that names the cause, before
@@ -848,13 +849,9 @@ fn root_walker_header_device_carries_cryptsetups_metadata_lock() {
 fn root_walker_refuses_read_only_data_before_writing() {
     require_root();
     require_tool("chattr");
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, orig) = scratch(48, 47);
     let p = |n: &str| dir.path().join(n);
     let s = |n: &str| p(n).display().to_string();
-    std::fs::write(p("key"), b"root test passphrase").unwrap();
-    let mut orig = vec![0u8; (48 * MIB) as usize];
-    fill_pattern(&mut orig, 47);
-    std::fs::write(p("img"), &orig).unwrap();
     let key = s("key");
     let refused = |dev: &str, img: &Path, needle: &str, what: &str| {
         for place in [
@@ -926,15 +923,7 @@ fn root_walker_refuses_read_only_data_before_writing() {
         std::fs::read(p("hdr")).unwrap() == hdr0,
         "decrypt: header changed"
     );
-    run_ok(
-        luksify_detached("decrypt", &img, &key, &s("hdr"))
-            .args(SMALL)
-            .stdout(Stdio::null()),
-    );
-    assert!(
-        std::fs::read(p("img")).unwrap() == orig,
-        "plaintext differs"
-    );
+    decrypt_detached_and_check(&p("img"), &key, &s("hdr"), &orig, "read-only data");
 }
 
 /// `encrypt --header` naming a loop device over the image being encrypted, or the image
@@ -944,12 +933,8 @@ fn root_walker_refuses_read_only_data_before_writing() {
 #[ignore = "needs root (loop devices)"]
 fn root_walker_header_on_a_loop_device_over_the_data_is_refused() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, orig) = scratch(16, 53);
     let p = |n: &str| dir.path().join(n);
-    std::fs::write(p("key"), b"root test passphrase").unwrap();
-    let mut orig = vec![0u8; (16 * MIB) as usize];
-    fill_pattern(&mut orig, 53);
-    std::fs::write(p("img"), &orig).unwrap();
     let lo = LoopDev::attach(&p("img"));
     let (img, dev, key) = (
         p("img").display().to_string(),
