@@ -90,15 +90,21 @@ pub fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Whether `path` still names `file` (a lock file's releasing holder may have unlinked
+/// it, and another process created a new one there).
+pub fn names_file(path: &std::path::Path, file: &File) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 impl Drop for MetadataLock {
     fn drop(&mut self) {
         if let Some(p) = &self.unlink {
-            if flock(&self.file, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
-                if let (Ok(a), Ok(b)) = (self.file.metadata(), std::fs::metadata(p)) {
-                    if a.dev() == b.dev() && a.ino() == b.ino() {
-                        let _ = std::fs::remove_file(p);
-                    }
-                }
+            if flock(&self.file, libc::LOCK_EX | libc::LOCK_NB).is_ok() && names_file(p, &self.file)
+            {
+                let _ = std::fs::remove_file(p);
             }
         }
         // `file` may be a duplicate of a descriptor that stays open (an image file):

@@ -285,11 +285,15 @@ impl Disk for DataDevice {
     /// An image file: a `flock` on it, as cryptsetup takes. A block device:
     /// cryptsetup's lock file for it, `/run/cryptsetup/L_<major>:<minor>`.
     fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<luksify_luks::io::MetadataLock>> {
-        if self.is_block {
-            let rdev = std::os::unix::fs::MetadataExt::rdev(&self.file.metadata()?);
-            return crate::lock::block_metadata_lock(rdev, exclusive);
-        }
-        luksify_luks::io::MetadataLock::acquire(self.file.try_clone()?, exclusive, None).map(Some)
+        let rdev = self
+            .is_block
+            .then(|| {
+                self.file
+                    .metadata()
+                    .map(|m| std::os::unix::fs::MetadataExt::rdev(&m))
+            })
+            .transpose()?;
+        crate::lock::metadata_lock_for(&self.file, rdev, exclusive)
     }
 }
 

@@ -23,7 +23,7 @@
 //!   luksify run, and luksify refuses to walk a volume cryptsetup is walking.
 
 use crate::{Error, Result};
-use luksify_luks::io::Disk;
+use luksify_luks::io::{names_file, Disk};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -336,11 +336,17 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Whether `path` still names `file` (a releasing holder may have unlinked it).
-fn names_file(path: &Path, file: &File) -> bool {
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
+/// cryptsetup's metadata lock for `file`: its lock file under /run/cryptsetup when
+/// `file` is block device `rdev`, else a `flock` on a regular file itself (as `File`
+/// takes it). The one rule for both the data device and a detached header.
+pub fn metadata_lock_for(
+    file: &File,
+    rdev: Option<u64>,
+    exclusive: bool,
+) -> io::Result<Option<luksify_luks::io::MetadataLock>> {
+    match rdev {
+        Some(rdev) => block_metadata_lock(rdev, exclusive),
+        None => Disk::lock_metadata(file, exclusive),
     }
 }
 
@@ -385,10 +391,7 @@ impl Disk for HeaderDisk {
         Disk::can_grow(&self.file)
     }
     fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<luksify_luks::io::MetadataLock>> {
-        match self.rdev {
-            Some(rdev) => block_metadata_lock(rdev, exclusive),
-            None => Disk::lock_metadata(&self.file, exclusive),
-        }
+        metadata_lock_for(&self.file, self.rdev, exclusive)
     }
 }
 
