@@ -109,23 +109,25 @@ fn power_comes_back(
     settle(hpc);
 }
 
-fn crash_and_resume(placement: Placement, cut: u64, unit: usize, fates: u64, seed: u64) {
-    crash_and_resume_with(placement, None, Hash::Sha256, cut, unit, fates, seed)
+fn crash_and_resume(place: (Placement, usize, bool), cut: u64, fates: u64, seed: u64) {
+    crash_and_resume_with(place, None, Hash::Sha256, cut, fates, seed)
 }
 
 fn crash_and_resume_with(
-    placement: Placement,
+    (placement, unit, direct): (Placement, usize, bool),
     keyslots: Option<u64>,
     hash: Hash,
     cut: u64,
-    unit: usize,
     fates: u64,
     seed: u64,
 ) {
     let orig = plaintext(seed);
     let data = MemDisk::from_vec(orig.clone());
     let hdr = MemDisk::new(0);
-    let pc = PowerCutDisk::new(data.clone(), unit);
+    let mut pc = PowerCutDisk::new(data.clone(), unit);
+    if direct {
+        pc = pc.reading_directly();
+    }
     let hpc = pc.sibling(hdr.clone());
     let o = opts_with(placement, keyslots, hash);
     pc.cut_after_ops(cut);
@@ -210,25 +212,27 @@ fn total_ops_with(placement: Placement, keyslots: Option<u64>, hash: Hash) -> u6
     pc.ops()
 }
 
-fn placements() -> Vec<(Placement, usize)> {
+fn placements() -> Vec<(Placement, usize, bool)> {
+    let checksum = Placement::Detached {
+        resilience: Resilience::Checksum,
+    };
     vec![
         // Tears at 512 bytes in every mode: the walker takes the checksum block from
         // the device's write unit (512 here, as on most disks), so every block is
         // old or new whole. (With 4096-byte blocks on this device, a torn block
         // matched neither sum and was taken as new: part old bytes, lost.)
-        (
-            Placement::Detached {
-                resilience: Resilience::Checksum,
-            },
-            512,
-        ),
+        (checksum, 512, false),
+        // Checksum mode on a device read with O_DIRECT: the workers read ahead of
+        // hashing and the coordinator, not a worker, flushes each hotzone.
+        (checksum, 512, true),
         (
             Placement::Detached {
                 resilience: Resilience::Journal,
             },
             512,
+            false,
         ),
-        (Placement::Shift { reduce: REDUCE }, 512),
+        (Placement::Shift { reduce: REDUCE }, 512, false),
     ]
 }
 
@@ -236,12 +240,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
     #[test]
     fn walker_power_cut_anywhere_then_resume_restores_plaintext(
-        which in 0usize..3, frac in 0.0f64..1.02, fates in any::<u64>(), seed in 1u64..1000
+        which in 0usize..4, frac in 0.0f64..1.02, fates in any::<u64>(), seed in 1u64..1000
     ) {
-        let (p, unit) = placements()[which];
-        let n = total_ops(p);
+        let place = placements()[which];
+        let n = total_ops(place.0);
         let cut = ((n as f64) * frac) as u64;
-        crash_and_resume(p, cut, unit, fates, seed);
+        crash_and_resume(place, cut, fates, seed);
     }
 }
 
@@ -258,11 +262,10 @@ fn walker_power_cut_with_a_single_journal_area_then_resume_restores_plaintext() 
     for i in 0..24u64 {
         let cut = n * i / 23 + i % 3;
         crash_and_resume_with(
-            p,
+            (p, 512, false),
             keyslots,
             Hash::Sha256,
             cut,
-            512,
             i * 0x9e37_79b9 + 5,
             i + 11,
         );
@@ -280,7 +283,9 @@ fn walker_power_cut_with_other_checksum_hashes_then_resume_restores_plaintext() 
         let n = total_ops_with(p, None, hash);
         for i in 0..24u64 {
             let cut = n * i / 23 + i % 5;
-            crash_and_resume_with(p, None, hash, cut, 512, i * 0x2545_f491 + 9, i + 40);
+            let direct = i % 2 == 1;
+            let place = (p, 512, direct);
+            crash_and_resume_with(place, None, hash, cut, i * 0x2545_f491 + 9, i + 40);
         }
     }
 }
@@ -289,9 +294,9 @@ fn walker_power_cut_with_other_checksum_hashes_then_resume_restores_plaintext() 
 fn walker_power_cut_at_every_early_operation() {
     // The start is the delicate part (moved segment, first header): cut at each
     // of the first operations of every layout.
-    for (p, unit) in placements() {
+    for place in placements() {
         for cut in 0..12 {
-            crash_and_resume(p, cut, unit, cut * 7919 + 1, 3);
+            crash_and_resume(place, cut, cut * 7919 + 1, 3);
         }
     }
 }
@@ -304,14 +309,13 @@ fn walker_power_cut_at_every_operation_of_a_stretch_mid_run() {
     // half of the area the header does not name while the previous hotzone is still
     // being written. A cut at each of those instants (pending writes torn, lost or
     // landed at random) must leave a state that resumes to the plaintext.
-    for (p, unit) in placements() {
-        let n = total_ops(p);
+    for place in placements() {
+        let n = total_ops(place.0);
         let from = n / 2;
         for cut in from..from + 48 {
             crash_and_resume(
-                p,
+                place,
                 cut,
-                unit,
                 cut.wrapping_mul(0x2545_f491_4f6c_dd1d),
                 cut % 7 + 2,
             );
@@ -392,18 +396,19 @@ fn ops_to_first_header(placement: Placement, decrypting: bool) -> u64 {
 /// start was cut and the same command run again finishes; the data stays intact.
 #[test]
 fn walker_power_cut_during_the_first_header_write_leaves_a_way_on() {
-    for (p, unit) in placements() {
+    for place in placements() {
+        let p = place.0;
         let first = ops_to_first_header(p, false);
         assert!(first > 2, "{p:?}: first header after {first} ops?");
         for cut in first.saturating_sub(4)..=first + 1 {
             for f in 0..6u64 {
-                crash_and_resume(p, cut, unit, f * 0x2545_f491 + cut, 5 + f);
+                crash_and_resume(place, cut, f * 0x2545_f491 + cut, 5 + f);
             }
         }
         let first = ops_to_first_header(p, true);
         for cut in first.saturating_sub(4)..=first + 1 {
             for f in 0..6u64 {
-                decrypt_cut_and_resume(p, cut, unit, f * 0x2545_f491 + cut, 6 + f);
+                decrypt_cut_and_resume(place, cut, f * 0x2545_f491 + cut, 6 + f);
             }
         }
     }
@@ -413,7 +418,12 @@ fn walker_power_cut_during_the_first_header_write_leaves_a_way_on() {
 /// then `decrypt` is cut after `cut` operations; what the header file says then
 /// decides: in progress -> `resume` must finish it; no valid journal -> a fresh
 /// `decrypt` starts over. The device must end up holding the original plaintext.
-fn decrypt_cut_and_resume(placement: Placement, cut: u64, unit: usize, fates: u64, seed: u64) {
+fn decrypt_cut_and_resume(
+    (placement, unit, direct): (Placement, usize, bool),
+    cut: u64,
+    fates: u64,
+    seed: u64,
+) {
     let orig = plaintext(seed);
     let data = MemDisk::from_vec(orig.clone());
     let hdr = MemDisk::new(0);
@@ -439,7 +449,10 @@ fn decrypt_cut_and_resume(placement: Placement, cut: u64, unit: usize, fates: u6
         },
         tuning: o.tuning,
     };
-    let pc = PowerCutDisk::new(data.clone(), unit);
+    let mut pc = PowerCutDisk::new(data.clone(), unit);
+    if direct {
+        pc = pc.reading_directly();
+    }
     let hpc = pc.sibling(dhdr.clone());
     pc.cut_after_ops(cut);
     let r = luksify_walker::decrypt(&pc, Some(&hpc), PASS, &dopts, &Control::default());
@@ -521,20 +534,20 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
     #[test]
     fn walker_power_cut_during_decrypt_then_resume_restores_plaintext(
-        which in 0usize..3, frac in 0.0f64..1.02, fates in any::<u64>(), seed in 1u64..1000
+        which in 0usize..4, frac in 0.0f64..1.02, fates in any::<u64>(), seed in 1u64..1000
     ) {
-        let (p, unit) = placements()[which];
-        let n = total_decrypt_ops(p);
+        let place = placements()[which];
+        let n = total_decrypt_ops(place.0);
         let cut = ((n as f64) * frac) as u64;
-        decrypt_cut_and_resume(p, cut, unit, fates, seed);
+        decrypt_cut_and_resume(place, cut, fates, seed);
     }
 }
 
 #[test]
 fn walker_power_cut_at_every_early_decrypt_operation() {
-    for (p, unit) in placements() {
+    for place in placements() {
         for cut in 0..12 {
-            decrypt_cut_and_resume(p, cut, unit, cut * 104_729 + 5, 4);
+            decrypt_cut_and_resume(place, cut, cut * 104_729 + 5, 4);
         }
     }
 }

@@ -31,6 +31,11 @@ pub trait Disk {
     fn write_unit(&self) -> u64 {
         4096
     }
+    /// Whether reads bypass the page cache (O_DIRECT), so that a read waits on the
+    /// device rather than being a copy the CPU makes.
+    fn direct(&self) -> bool {
+        false
+    }
     /// Whether a write past the end grows the store (a regular file, memory) rather
     /// than fails (a block device).
     fn can_grow(&self) -> bool {

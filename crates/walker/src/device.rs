@@ -248,6 +248,9 @@ impl DataDevice {
 }
 
 impl Disk for DataDevice {
+    fn direct(&self) -> bool {
+        self.direct
+    }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
             // Small unaligned metadata reads: bounce through an aligned buffer.

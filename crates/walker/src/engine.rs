@@ -466,7 +466,17 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             checksum,
             journal: first_half.is_some(),
             transform: !single_journal,
+            // Hashing a chunk takes twice as long as reading it from a disk: a worker
+            // that hashed each chunk as it read it left the disk idle meanwhile, and
+            // the reads of hotzone k then trailed into k-1's flush, which stalls them
+            // (see docs/journal.md). Reads come first there; in memory (no O_DIRECT)
+            // a read is a copy, best hashed while it is in the cache.
+            read_ahead: checksum && self.data.direct(),
         };
+        // Checksum mode on a disk: the coordinator flushes each hotzone as soon as it
+        // is written (below), so that neither worker sits in the flush while there is
+        // hashing to do. (In memory a flush costs nothing: the workers do it.)
+        let coordinator_flushes = work.read_ahead;
         // One hotzone being written plus a few chunks of read-ahead: 7 x 4 MiB at the
         // defaults, whatever the device size. (A second hotzone's worth, so reading
         // zone k+1 overlaps writing zone k, measured no faster on the 2-core machine
@@ -485,7 +495,8 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 handed: 0,
                 durable: 0,
                 flushing: false,
-                eager_flush: self.resilience != Resilience::None,
+                eager_flush: self.resilience != Resilience::None && !coordinator_flushes,
+                read: VecDeque::new(),
                 reads_done: false,
                 stop: false,
                 failed: None,
@@ -565,6 +576,12 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     // Leave both header copies durable.
                     j.area_flush()?;
                     return Ok(Outcome::Interrupted(last_clean));
+                }
+                if coordinator_flushes {
+                    // k-1 durable as soon as it is written, while the workers still
+                    // read and hash k: the commit of k needs both.
+                    shared.wait_for(|st| (st.in_write == 0).then_some(()))?;
+                    settle(j)?;
                 }
                 let nchunks = (n as usize).div_ceil(chunk);
                 // Hotzone k once the workers have read (and hashed, journaled,
@@ -817,6 +834,8 @@ struct State {
     /// the commit of k opens it. One hotzone at a time: every chunk of k is journaled
     /// before k is committed, and no chunk of k+1 is read before its half is open.
     journal_half: Option<(usize, u64)>,
+    /// Chunks read and not yet prepared (`Work::read_ahead`), in claim order.
+    read: VecDeque<Read>,
     /// Chunks read and prepared, by claim order, waiting for the coordinator.
     prepared: BTreeMap<usize, Chunk>,
     /// Chunks whose hotzone the header allows to be written.
@@ -916,6 +935,19 @@ struct Work {
     journal: bool,
     /// Turn the old bytes into new ones.
     transform: bool,
+    /// Read whatever may be read before preparing what has been read (reads wait on
+    /// the device; preparing is CPU work that can run while a flush stalls them).
+    read_ahead: bool,
+}
+
+/// A chunk read and not yet prepared.
+struct Read {
+    seq: usize,
+    hz: usize,
+    logical: u64,
+    len: usize,
+    buf: AlignedBuf,
+    journal_at: u64,
 }
 
 /// A worker: writes chunks the header allows to be written, else reads, hashes,
@@ -977,11 +1009,49 @@ fn worker<D: Disk + Sync + ?Sized>(
                 cur.off = 0;
             }
             drop(st);
+            if work.read_ahead {
+                let mut buf = buf;
+                let logical = a + in_zone;
+                let r = w
+                    .data
+                    .read_at(w.layout.old_physical(logical), &mut buf[..len]);
+                st = sh.lock();
+                match r {
+                    Ok(()) => st.read.push_back(Read {
+                        seq,
+                        hz: zone,
+                        logical,
+                        len,
+                        buf,
+                        journal_at: base + in_zone,
+                    }),
+                    Err(e) => {
+                        st.failed.get_or_insert(Error::io("read data", e));
+                    }
+                }
+                sh.cv.notify_all();
+                continue;
+            }
             let r = prepare(w, work, buf, (zone, a + in_zone, len), base + in_zone);
             st = sh.lock();
             match r {
                 Ok(c) => {
                     st.prepared.insert(seq, c);
+                }
+                Err(e) => {
+                    st.failed.get_or_insert(e);
+                }
+            }
+            sh.cv.notify_all();
+            continue;
+        }
+        if let Some(r) = st.read.pop_front() {
+            drop(st);
+            let res = process(w, work, r.buf, (r.hz, r.logical, r.len), r.journal_at);
+            st = sh.lock();
+            match res {
+                Ok(c) => {
+                    st.prepared.insert(r.seq, c);
                 }
                 Err(e) => {
                     st.failed.get_or_insert(e);
@@ -1006,6 +1076,17 @@ fn prepare<D: Disk + Sync + ?Sized>(
     w.data
         .read_at(w.layout.old_physical(logical), &mut buf[..len])
         .map_err(|e| Error::io("read data", e))?;
+    process(w, work, buf, (hz, logical, len), journal_at)
+}
+
+/// Hashes, journals and transforms chunk `(hotzone, logical, len)`, read into `buf`.
+fn process<D: Disk + Sync + ?Sized>(
+    w: &Walk<'_, D>,
+    work: Work,
+    mut buf: AlignedBuf,
+    (hz, logical, len): (usize, u64, usize),
+    journal_at: u64,
+) -> Result<Chunk> {
     let mut sums = Vec::new();
     if work.checksum {
         w.sums.hash_serial_into(&buf[..len], &mut sums);

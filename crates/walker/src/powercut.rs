@@ -38,6 +38,9 @@ pub struct PowerCutDisk<D: Disk> {
     state: Arc<Mutex<State>>,
     pending: Arc<Mutex<Vec<Pending>>>,
     atomic_unit: usize,
+    /// What [`Disk::direct`] answers: the walker schedules reads differently for a
+    /// device read with O_DIRECT, and both schedules must survive a cut.
+    direct: bool,
 }
 
 /// Error returned for I/O attempted after the simulated power cut.
@@ -57,6 +60,7 @@ impl<D: Disk> PowerCutDisk<D> {
             state: Arc::new(Mutex::new(State::default())),
             pending: Arc::default(),
             atomic_unit,
+            direct: false,
         }
     }
 
@@ -67,7 +71,14 @@ impl<D: Disk> PowerCutDisk<D> {
             state: Arc::clone(&self.state),
             pending: Arc::default(),
             atomic_unit: self.atomic_unit,
+            direct: false,
         }
+    }
+
+    /// The same store, reported as read with O_DIRECT ([`Disk::direct`]).
+    pub fn reading_directly(mut self) -> Self {
+        self.direct = true;
+        self
     }
 
     /// Arms the cut: the `n`-th write or flush from now (0-based) and everything
@@ -167,6 +178,9 @@ impl<D: Disk> Disk for PowerCutDisk<D> {
     }
     fn can_grow(&self) -> bool {
         self.durable.can_grow()
+    }
+    fn direct(&self) -> bool {
+        self.direct
     }
     fn flush(&self) -> io::Result<()> {
         let mut s = self.lock();
