@@ -893,6 +893,18 @@ impl Shared {
 }
 
 impl State {
+    /// Files chunk `seq` as prepared, or its error for the coordinator.
+    fn prepared_or_failed(&mut self, seq: usize, r: Result<Chunk>) {
+        match r {
+            Ok(c) => {
+                self.prepared.insert(seq, c);
+            }
+            Err(e) => {
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+
     /// The next chunk's read, if one may start now: its hotzone `(zone, start, len)`,
     /// where its old bytes go in the journal half (0 without a journal), and a pool
     /// buffer. No chunk of a journal hotzone is read before its half is open, and the
@@ -940,7 +952,7 @@ struct Work {
     read_ahead: bool,
 }
 
-/// A chunk read and not yet prepared.
+/// A chunk read and not yet prepared, and where its old bytes go in a journal half.
 struct Read {
     seq: usize,
     hz: usize,
@@ -1009,37 +1021,32 @@ fn worker<D: Disk + Sync + ?Sized>(
                 cur.off = 0;
             }
             drop(st);
-            if work.read_ahead {
-                let mut buf = buf;
-                let logical = a + in_zone;
-                let r = w
-                    .data
-                    .read_at(w.layout.old_physical(logical), &mut buf[..len]);
-                st = sh.lock();
-                match r {
-                    Ok(()) => st.read.push_back(Read {
-                        seq,
-                        hz: zone,
-                        logical,
-                        len,
-                        buf,
-                        journal_at: base + in_zone,
-                    }),
-                    Err(e) => {
-                        st.failed.get_or_insert(Error::io("read data", e));
-                    }
-                }
-                sh.cv.notify_all();
-                continue;
-            }
-            let r = prepare(w, work, buf, (zone, a + in_zone, len), base + in_zone);
-            st = sh.lock();
+            let (logical, mut buf) = (a + in_zone, buf);
+            let r = w
+                .data
+                .read_at(w.layout.old_physical(logical), &mut buf[..len])
+                .map_err(|e| Error::io("read data", e));
+            let read = Read {
+                seq,
+                hz: zone,
+                logical,
+                len,
+                buf,
+                journal_at: base + in_zone,
+            };
             match r {
-                Ok(c) => {
-                    st.prepared.insert(seq, c);
-                }
                 Err(e) => {
+                    st = sh.lock();
                     st.failed.get_or_insert(e);
+                }
+                Ok(()) if work.read_ahead => {
+                    st = sh.lock();
+                    st.read.push_back(read);
+                }
+                Ok(()) => {
+                    let res = process(w, work, read);
+                    st = sh.lock();
+                    st.prepared_or_failed(seq, res);
                 }
             }
             sh.cv.notify_all();
@@ -1047,16 +1054,10 @@ fn worker<D: Disk + Sync + ?Sized>(
         }
         if let Some(r) = st.read.pop_front() {
             drop(st);
-            let res = process(w, work, r.buf, (r.hz, r.logical, r.len), r.journal_at);
+            let seq = r.seq;
+            let res = process(w, work, r);
             st = sh.lock();
-            match res {
-                Ok(c) => {
-                    st.prepared.insert(r.seq, c);
-                }
-                Err(e) => {
-                    st.failed.get_or_insert(e);
-                }
-            }
+            st.prepared_or_failed(seq, res);
             sh.cv.notify_all();
             continue;
         }
@@ -1064,29 +1065,16 @@ fn worker<D: Disk + Sync + ?Sized>(
     }
 }
 
-/// Reads chunk `(hotzone, logical, len)` into `buf` and prepares it as `work`
-/// says; `journal_at` is where its old bytes go on the header device.
-fn prepare<D: Disk + Sync + ?Sized>(
-    w: &Walk<'_, D>,
-    work: Work,
-    mut buf: AlignedBuf,
-    (hz, logical, len): (usize, u64, usize),
-    journal_at: u64,
-) -> Result<Chunk> {
-    w.data
-        .read_at(w.layout.old_physical(logical), &mut buf[..len])
-        .map_err(|e| Error::io("read data", e))?;
-    process(w, work, buf, (hz, logical, len), journal_at)
-}
-
-/// Hashes, journals and transforms chunk `(hotzone, logical, len)`, read into `buf`.
-fn process<D: Disk + Sync + ?Sized>(
-    w: &Walk<'_, D>,
-    work: Work,
-    mut buf: AlignedBuf,
-    (hz, logical, len): (usize, u64, usize),
-    journal_at: u64,
-) -> Result<Chunk> {
+/// Hashes, journals and transforms a chunk that has been read, as `work` says.
+fn process<D: Disk + Sync + ?Sized>(w: &Walk<'_, D>, work: Work, r: Read) -> Result<Chunk> {
+    let Read {
+        hz,
+        logical,
+        len,
+        mut buf,
+        journal_at,
+        ..
+    } = r;
     let mut sums = Vec::new();
     if work.checksum {
         w.sums.hash_serial_into(&buf[..len], &mut sums);
