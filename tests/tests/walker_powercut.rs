@@ -109,6 +109,17 @@ fn power_comes_back(
     settle(hpc);
 }
 
+/// `data` behind a power-cut layer tearing at `unit`, reported as read with O_DIRECT
+/// when `direct` (the walker's other checksum schedule).
+fn power_cut_disk(data: &MemDisk, unit: usize, direct: bool) -> PowerCutDisk<MemDisk> {
+    let pc = PowerCutDisk::new(data.clone(), unit);
+    if direct {
+        pc.reading_directly()
+    } else {
+        pc
+    }
+}
+
 fn crash_and_resume(place: (Placement, usize, bool), cut: u64, fates: u64, seed: u64) {
     crash_and_resume_with(place, None, Hash::Sha256, cut, fates, seed)
 }
@@ -124,10 +135,7 @@ fn crash_and_resume_with(
     let orig = plaintext(seed);
     let data = MemDisk::from_vec(orig.clone());
     let hdr = MemDisk::new(0);
-    let mut pc = PowerCutDisk::new(data.clone(), unit);
-    if direct {
-        pc = pc.reading_directly();
-    }
+    let pc = power_cut_disk(&data, unit, direct);
     let hpc = pc.sibling(hdr.clone());
     let o = opts_with(placement, keyslots, hash);
     pc.cut_after_ops(cut);
@@ -449,10 +457,7 @@ fn decrypt_cut_and_resume(
         },
         tuning: o.tuning,
     };
-    let mut pc = PowerCutDisk::new(data.clone(), unit);
-    if direct {
-        pc = pc.reading_directly();
-    }
+    let pc = power_cut_disk(&data, unit, direct);
     let hpc = pc.sibling(dhdr.clone());
     pc.cut_after_ops(cut);
     let r = luksify_walker::decrypt(&pc, Some(&hpc), PASS, &dopts, &Control::default());

@@ -238,10 +238,6 @@ impl DataDevice {
             _lock: lock,
         })
     }
-    /// Whether requests go around the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
     pub fn is_block_device(&self) -> bool {
         self.is_block
     }
