@@ -255,10 +255,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
-        before_write: None,
-        lock_dir: Some(std::path::Path::new(
-            luksify_walker::lock::CRYPTSETUP_LOCK_DIR,
-        )),
+        ..Control::system()
     };
     let outcome = match &a.header {
         Some(h) => {
@@ -376,9 +373,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
         progress: Some(&pp),
         cancel: Some(&cancel),
         before_write: Some(&notices),
-        lock_dir: Some(std::path::Path::new(
-            luksify_walker::lock::CRYPTSETUP_LOCK_DIR,
-        )),
+        ..Control::system()
     };
     let outcome = match &a.header {
         Some(h) => {
@@ -582,10 +577,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
-        before_write: None,
-        lock_dir: Some(std::path::Path::new(
-            luksify_walker::lock::CRYPTSETUP_LOCK_DIR,
-        )),
+        ..Control::system()
     };
     let t = tuning(&a.tuning);
     let outcome = match &a.header {

@@ -642,10 +642,7 @@ fn walk(
     let ctl = Control {
         progress: Some(&progress),
         cancel: Some(req.cancel),
-        before_write: None,
-        lock_dir: Some(std::path::Path::new(
-            luksify_walker::lock::CRYPTSETUP_LOCK_DIR,
-        )),
+        ..Control::system()
     };
     let r = f(&ctl);
     match r {

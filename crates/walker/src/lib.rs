@@ -152,6 +152,18 @@ pub struct Control<'a> {
     pub lock_dir: Option<&'a std::path::Path>,
 }
 
+impl Control<'_> {
+    /// No hooks, and the volume's lock taken where cryptsetup takes it
+    /// ([`lock::CRYPTSETUP_LOCK_DIR`]): what any run on a real device wants. Callers
+    /// add their hooks with `..Control::system()`.
+    pub fn system() -> Self {
+        Control {
+            lock_dir: Some(std::path::Path::new(lock::CRYPTSETUP_LOCK_DIR)),
+            ..Control::default()
+        }
+    }
+}
+
 /// `again`, the header read once more under the volume's lock, if it is still the
 /// volume `first` was read from.
 fn same_volume(first: &Luks2Header, again: Luks2Header) -> Result<Luks2Header> {
