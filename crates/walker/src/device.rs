@@ -1,5 +1,6 @@
 //! The data device: O_DIRECT where the kernel allows it (block devices, most
-//! files on real filesystems), buffered otherwise (tmpfs refuses O_DIRECT), with
+//! files on real filesystems, tmpfs on kernels that accept it there), buffered
+//! otherwise (older kernels' tmpfs refuses O_DIRECT), with
 //! 4 KiB-aligned buffers so both paths take the same requests.
 
 use luksify_luks::io::Disk;

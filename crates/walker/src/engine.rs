@@ -469,13 +469,15 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             // Hashing a chunk takes twice as long as reading it from a disk: a worker
             // that hashed each chunk as it read it left the disk idle meanwhile, and
             // the reads of hotzone k then trailed into k-1's flush, which stalls them
-            // (see docs/journal.md). Reads come first there; in memory (no O_DIRECT)
-            // a read is a copy, best hashed while it is in the cache.
+            // (see docs/journal.md). Reads come first wherever the data is read with
+            // O_DIRECT. That includes tmpfs on kernels that accept the flag there
+            // (6.18 here), where a read is a copy and the order measured the same;
+            // buffered reads keep the old order, hashing a chunk while it is cached.
             read_ahead: checksum && self.data.direct(),
         };
         // Checksum mode on a disk: the coordinator flushes each hotzone as soon as it
         // is written (below), so that neither worker sits in the flush while there is
-        // hashing to do. (In memory a flush costs nothing: the workers do it.)
+        // hashing to do. (With buffered reads the workers flush, as in other modes.)
         let coordinator_flushes = work.read_ahead;
         // One hotzone being written plus a few chunks of read-ahead: 7 x 4 MiB at the
         // defaults, whatever the device size. (A second hotzone's worth, so reading
