@@ -222,7 +222,9 @@ pub struct FormatArgs {
 
 #[derive(Args, Debug)]
 pub struct DumpArgs {
+    /// LUKS device or image file (with --header: the data device)
     device: PathBuf,
+    /// Detached LUKS2 header file: the header lives there, not on the device
     #[arg(long)]
     header: Option<PathBuf>,
     /// Print the LUKS2 JSON metadata (LUKS1: the header as JSON)
@@ -231,20 +233,25 @@ pub struct DumpArgs {
     /// Unlock and write the raw volume key to --volume-key-file (never printed)
     #[arg(long, requires_all = ["key_file", "volume_key_file"])]
     dump_volume_key: bool,
+    /// Passphrase file that unlocks the volume (whole file, as cryptsetup --key-file)
     #[arg(long, short = 'd')]
     key_file: Option<PathBuf>,
     /// Where --dump-volume-key writes the key (must not exist)
     #[arg(long)]
     volume_key_file: Option<PathBuf>,
+    /// With --dump-volume-key: only try this keyslot
     #[arg(long, short = 'S')]
     key_slot: Option<u32>,
 }
 
 #[derive(Args, Debug)]
 pub struct TestArgs {
+    /// LUKS device or image file (with --header: the data device)
     device: PathBuf,
+    /// Passphrase file to check (whole file, as cryptsetup --key-file)
     #[arg(long, short = 'd')]
     key_file: PathBuf,
+    /// Detached LUKS2 header file: the header lives there, not on the device
     #[arg(long)]
     header: Option<PathBuf>,
     /// Only try this keyslot
@@ -254,6 +261,7 @@ pub struct TestArgs {
 
 #[derive(Args, Debug)]
 pub struct AddKeyArgs {
+    /// LUKS device or image file (with --header: the data device)
     device: PathBuf,
     /// An existing passphrase
     #[arg(long, short = 'd')]
@@ -261,6 +269,7 @@ pub struct AddKeyArgs {
     /// The passphrase to add
     #[arg(long)]
     new_key_file: PathBuf,
+    /// Detached LUKS2 header file: the header lives there, not on the device
     #[arg(long)]
     header: Option<PathBuf>,
     /// Keyslot for the new passphrase (default: first free)
@@ -272,10 +281,12 @@ pub struct AddKeyArgs {
 
 #[derive(Args, Debug)]
 pub struct RemoveKeyArgs {
+    /// LUKS device or image file (with --header: the data device)
     device: PathBuf,
     /// The passphrase whose keyslot is removed
     #[arg(long, short = 'd')]
     key_file: PathBuf,
+    /// Detached LUKS2 header file: the header lives there, not on the device
     #[arg(long)]
     header: Option<PathBuf>,
     /// Allow removing the last keyslot (the volume becomes unusable)
@@ -285,11 +296,15 @@ pub struct RemoveKeyArgs {
 
 #[derive(Args, Debug)]
 pub struct ChangeKeyArgs {
+    /// LUKS device or image file (with --header: the data device)
     device: PathBuf,
+    /// The current passphrase
     #[arg(long, short = 'd')]
     key_file: PathBuf,
+    /// The passphrase that replaces it (the output names the keyslot it lands in)
     #[arg(long)]
     new_key_file: PathBuf,
+    /// Detached LUKS2 header file: the header lives there, not on the device
     #[arg(long)]
     header: Option<PathBuf>,
     /// Only try this keyslot

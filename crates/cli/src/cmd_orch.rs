@@ -47,18 +47,22 @@ pub enum OrchCmd {
         /// Use the userspace path even where dm-crypt exists
         #[arg(long)]
         userspace: bool,
-        /// Wait for another luksify instead of failing at once
+        /// Wait for another luksify run to finish instead of failing at once (exit 4)
         #[arg(long)]
         wait: bool,
+        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
     /// Remove a mapping made by `open` (refuses while it is mounted or held).
     #[command(after_help = EXIT_CODES)]
     Close {
+        /// Mapping name given to `open` (/dev/mapper/NAME)
         name: String,
+        /// Wait for another luksify run to finish instead of failing at once (exit 4)
         #[arg(long)]
         wait: bool,
+        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -92,8 +96,10 @@ pub enum OrchCmd {
         /// Fixed KDF iterations / argon2 time cost instead of benchmarking
         #[arg(long)]
         pbkdf_force_iterations: Option<u32>,
+        /// Wait for another luksify run to finish instead of failing at once (exit 4)
         #[arg(long)]
         wait: bool,
+        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// With no --volume: list candidates as JSON
@@ -106,10 +112,13 @@ pub enum OrchCmd {
         /// Passphrase file; default: the one recorded for each volume
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Map through the userspace path (FUSE + loop) even where dm-crypt exists
         #[arg(long)]
         userspace: bool,
+        /// Wait for another luksify run to finish instead of failing at once (exit 4)
         #[arg(long)]
         wait: bool,
+        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -124,8 +133,10 @@ pub enum OrchCmd {
         /// Passphrase file; default: the one recorded for each volume
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Wait for another luksify run to finish instead of failing at once (exit 4)
         #[arg(long)]
         wait: bool,
+        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },

@@ -53,3 +53,44 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every argument a user can see in `--help` says what it does: a blank line there
+    /// leaves them guessing (`--wait` and `--state-dir` of several commands had none).
+    #[test]
+    fn every_visible_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !a.is_hide_set() && !builtin && a.get_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.is_hide_set() || sub.get_name() == "help" {
+                    continue;
+                }
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        walk(&cmd, "luksify", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "arguments without help text: {missing:?}"
+        );
+        // The walk reached the commands whose arguments lacked it.
+        let names: Vec<_> = cmd.get_subcommands().map(|s| s.get_name()).collect();
+        for want in ["enable", "disable", "open", "close", "encrypt", "status"] {
+            assert!(names.contains(&want), "no `{want}` in {names:?}");
+        }
+    }
+}
