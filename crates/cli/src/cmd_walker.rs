@@ -124,7 +124,7 @@ pub struct ResumeArgs {
     /// Without DEVICE: wait for another luksify run instead of failing at once
     #[arg(long, conflicts_with = "device")]
     wait: bool,
-    /// Without DEVICE: where the status file lives (default /var/lib/luksify)
+    /// Without DEVICE: where the status file lives (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
     #[arg(long, conflicts_with = "device")]
     state_dir: Option<PathBuf>,
     #[command(flatten)]
