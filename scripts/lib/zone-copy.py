@@ -1,54 +1,80 @@
 #!/usr/bin/env python3
 """In-place copy of FILE onto itself, made durable every ZONE bytes.
 
-    zone-copy.py FILE [REQUEST_BYTES] [ZONE_BYTES]
+    zone-copy.py FILE [--request BYTES] [--zone BYTES] [--journal JFILE]
 
-Reads and writes REQUEST_BYTES at a time (default 4 MiB, luksify's request size)
-with O_DIRECT, one request after the other, and calls fdatasync after every
-ZONE_BYTES (default 16 MiB, the default hotzone of checksum and datashift modes)
-and at the end. That is what any hotzone protocol must do before its next commit,
-without any hashing or encryption, nothing overlapped: scripts/bench-walker's
-reference for what the flushes of those modes cost a plain copy.
+Reads and writes --request bytes at a time (default 4 MiB, luksify's request
+size) with O_DIRECT, one request after the other, and calls fdatasync after every
+--zone bytes (default 16 MiB, the default hotzone of checksum and datashift
+modes) and at the end. That is what any hotzone protocol must do before its next
+commit, without any hashing or encryption, nothing overlapped:
+scripts/bench-walker's reference for what the flushes of those modes cost a plain
+copy.
+
+With --journal, every zone is first written to JFILE (created, two zones long,
+the zones alternating between its halves as a double-buffered journal does) and
+made durable there, then written in place and made durable: the same reference
+for journal mode, which writes every byte twice.
+
 Prints the seconds from opening FILE to the last fdatasync (Python's own start,
 slow right after the page cache is dropped, is not counted). Exits 2 (and copies
 nothing) where the filesystem refuses O_DIRECT.
 """
+import argparse
 import mmap
 import os
 import sys
 import time
 
 
-def main():
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    path = sys.argv[1]
-    req = int(sys.argv[2]) if len(sys.argv) > 2 else 4 << 20
-    zone = int(sys.argv[3]) if len(sys.argv) > 3 else 16 << 20
-    if req <= 0 or req % 4096 or zone % req:
-        sys.exit("REQUEST_BYTES must be a positive multiple of 4096 and divide ZONE_BYTES")
-    start = time.monotonic()
+def open_direct(path, flags=0):
     try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        return os.open(path, os.O_RDWR | os.O_DIRECT | flags, 0o600)
     except OSError as e:
         print(f"{path}: no O_DIRECT here ({e.strerror})", file=sys.stderr)
         sys.exit(2)
+
+
+def main():
+    ap = argparse.ArgumentParser(usage=__doc__.split("\n\n")[1].strip())
+    ap.add_argument("file")
+    ap.add_argument("--request", type=int, default=4 << 20)
+    ap.add_argument("--zone", type=int, default=16 << 20)
+    ap.add_argument("--journal")
+    a = ap.parse_args()
+    req, zone = a.request, a.zone
+    if req <= 0 or req % 4096 or zone % req:
+        sys.exit("--request must be a positive multiple of 4096 that divides --zone")
+    start = time.monotonic()
+    fd = open_direct(a.file)
+    jfd = open_direct(a.journal, os.O_CREAT) if a.journal else None
     size = os.fstat(fd).st_size
     if size % 4096:
-        sys.exit(f"{path}: size {size} is not a multiple of 4096")
-    buf = memoryview(mmap.mmap(-1, req))  # page-aligned, as O_DIRECT needs
-    off = 0
-    while off < size:
-        n = min(req, size - off)
-        got = os.preadv(fd, [buf[:n]], off)
-        if got != n:
-            sys.exit(f"{path}: short read at {off}")
-        if os.pwritev(fd, [buf[:n]], off) != n:
-            sys.exit(f"{path}: short write at {off}")
-        off += n
-        if off % zone == 0 or off == size:
-            os.fdatasync(fd)
+        sys.exit(f"{a.file}: size {size} is not a multiple of 4096")
+    buf = memoryview(mmap.mmap(-1, zone))  # page-aligned, as O_DIRECT needs
+    zones = 0
+    for base in range(0, size, zone):
+        n = min(zone, size - base)
+        for off in range(0, n, req):
+            m = min(req, n - off)
+            if os.preadv(fd, [buf[off:off + m]], base + off) != m:
+                sys.exit(f"{a.file}: short read at {base + off}")
+        if jfd is not None:
+            half = (zones % 2) * zone
+            for off in range(0, n, req):
+                m = min(req, n - off)
+                if os.pwritev(jfd, [buf[off:off + m]], half + off) != m:
+                    sys.exit(f"{a.journal}: short write")
+            os.fdatasync(jfd)
+        for off in range(0, n, req):
+            m = min(req, n - off)
+            if os.pwritev(fd, [buf[off:off + m]], base + off) != m:
+                sys.exit(f"{a.file}: short write at {base + off}")
+        os.fdatasync(fd)
+        zones += 1
     os.close(fd)
+    if jfd is not None:
+        os.close(jfd)
     print(f"{time.monotonic() - start:.2f}")
 
 
