@@ -52,26 +52,22 @@ def main():
     if size % 4096:
         sys.exit(f"{a.file}: size {size} is not a multiple of 4096")
     buf = memoryview(mmap.mmap(-1, zone))  # page-aligned, as O_DIRECT needs
-    zones = 0
+
+    def requests(io, fd, name, at, n):
+        """Moves buf[:n] to or from fd at `at` with io (preadv or pwritev), req at a time."""
+        for off in range(0, n, req):
+            m = min(req, n - off)
+            if io(fd, [buf[off:off + m]], at + off) != m:
+                sys.exit(f"{name}: short {io.__name__} at {at + off}")
+
     for base in range(0, size, zone):
         n = min(zone, size - base)
-        for off in range(0, n, req):
-            m = min(req, n - off)
-            if os.preadv(fd, [buf[off:off + m]], base + off) != m:
-                sys.exit(f"{a.file}: short read at {base + off}")
+        requests(os.preadv, fd, a.file, base, n)
         if jfd is not None:
-            half = (zones % 2) * zone
-            for off in range(0, n, req):
-                m = min(req, n - off)
-                if os.pwritev(jfd, [buf[off:off + m]], half + off) != m:
-                    sys.exit(f"{a.journal}: short write")
+            requests(os.pwritev, jfd, a.journal, (base // zone % 2) * zone, n)
             os.fdatasync(jfd)
-        for off in range(0, n, req):
-            m = min(req, n - off)
-            if os.pwritev(fd, [buf[off:off + m]], base + off) != m:
-                sys.exit(f"{a.file}: short write at {base + off}")
+        requests(os.pwritev, fd, a.file, base, n)
         os.fdatasync(fd)
-        zones += 1
     os.close(fd)
     if jfd is not None:
         os.close(jfd)

@@ -14,6 +14,17 @@ pub const EXIT_CODES: &str =
 2 bad usage; 3 preflight found blockers, nothing written; 4 another luksify holds the lock; \
 5 interrupted, `luksify resume` finishes it; 6 not supported on this machine";
 
+/// The global lock and state directory, shared by every command that changes volumes.
+#[derive(clap::Args, Debug)]
+pub struct RunLock {
+    /// Wait for another luksify run to finish instead of failing at once (exit 4)
+    #[arg(long)]
+    wait: bool,
+    /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum OrchCmd {
     /// Preflight a device or mount point: mounts, nested mounts, processes holding it,
@@ -47,24 +58,16 @@ pub enum OrchCmd {
         /// Use the userspace path even where dm-crypt exists
         #[arg(long)]
         userspace: bool,
-        /// Wait for another luksify run to finish instead of failing at once (exit 4)
-        #[arg(long)]
-        wait: bool,
-        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunLock,
     },
     /// Remove a mapping made by `open` (refuses while it is mounted or held).
     #[command(after_help = EXIT_CODES)]
     Close {
         /// Mapping name given to `open` (/dev/mapper/NAME)
         name: String,
-        /// Wait for another luksify run to finish instead of failing at once (exit 4)
-        #[arg(long)]
-        wait: bool,
-        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunLock,
     },
     /// Encrypt data volumes in place: preflight, stop holders (only with --kill-holders),
     /// unmount, fsck + shrink (ext) or detached header (--header-dir), encrypt, map,
@@ -96,12 +99,8 @@ pub enum OrchCmd {
         /// Fixed KDF iterations / argon2 time cost instead of benchmarking
         #[arg(long)]
         pbkdf_force_iterations: Option<u32>,
-        /// Wait for another luksify run to finish instead of failing at once (exit 4)
-        #[arg(long)]
-        wait: bool,
-        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunLock,
         /// With no --volume: list candidates as JSON
         #[arg(long)]
         json: bool,
@@ -115,12 +114,8 @@ pub enum OrchCmd {
         /// Map through the userspace path (FUSE + loop) even where dm-crypt exists
         #[arg(long)]
         userspace: bool,
-        /// Wait for another luksify run to finish instead of failing at once (exit 4)
-        #[arg(long)]
-        wait: bool,
-        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunLock,
     },
     /// Decrypt data volumes back in place (all that luksify encrypted, or those given):
     /// unmount, close, decrypt, grow the filesystem, remount the plain device, restore
@@ -133,12 +128,8 @@ pub enum OrchCmd {
         /// Passphrase file; default: the one recorded for each volume
         #[arg(long)]
         key_file: Option<PathBuf>,
-        /// Wait for another luksify run to finish instead of failing at once (exit 4)
-        #[arg(long)]
-        wait: bool,
-        /// Where status.json, mapping records and the lock live (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunLock,
     },
     /// Internal: the userspace mapping daemon started by `open` (key on stdin).
     #[command(name = "__serve-mapping", hide = true)]
@@ -190,8 +181,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             key_file,
             header,
             userspace,
-            wait,
-            state_dir,
+            run: RunLock { wait, state_dir },
         } => finish(cmd_open(
             &device,
             &name,
@@ -203,14 +193,12 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
         )),
         OrchCmd::Close {
             name,
-            wait,
-            state_dir,
+            run: RunLock { wait, state_dir },
         } => finish(cmd_close(&name, wait, state_dir)),
         OrchCmd::Disable {
             volumes,
             key_file,
-            wait,
-            state_dir,
+            run: RunLock { wait, state_dir },
         } => finish(cmd_disable(volumes, key_file, wait, state_dir)),
         OrchCmd::ServeMapping {
             device,
@@ -229,8 +217,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             userspace,
             pbkdf,
             pbkdf_force_iterations,
-            wait,
-            state_dir,
+            run: RunLock { wait, state_dir },
             json,
         } => {
             if volume_type != "data" {
@@ -262,8 +249,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
         OrchCmd::ResumeAll {
             key_file,
             userspace,
-            wait,
-            state_dir,
+            run: RunLock { wait, state_dir },
         } => resume_all(key_file, userspace, wait, state_dir),
     }
 }
