@@ -220,13 +220,27 @@ pub struct FormatArgs {
     batch_mode: bool,
 }
 
+/// The device a header-reading command names, and where its header lives.
 #[derive(Args, Debug)]
-pub struct DumpArgs {
+pub struct HeaderedDevice {
     /// LUKS device or image file (with --header: the data device)
     device: PathBuf,
     /// Detached LUKS2 header file: the header lives there, not on the device
     #[arg(long)]
     header: Option<PathBuf>,
+}
+
+impl HeaderedDevice {
+    /// Where the header lives: the detached header file, or the device.
+    fn meta(&self) -> &Path {
+        self.header.as_deref().unwrap_or(&self.device)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    vol: HeaderedDevice,
     /// Print the LUKS2 JSON metadata (LUKS1: the header as JSON)
     #[arg(long, conflicts_with = "dump_volume_key")]
     json: bool,
@@ -246,14 +260,11 @@ pub struct DumpArgs {
 
 #[derive(Args, Debug)]
 pub struct TestArgs {
-    /// LUKS device or image file (with --header: the data device)
-    device: PathBuf,
+    #[command(flatten)]
+    vol: HeaderedDevice,
     /// Passphrase file to check (whole file, as cryptsetup --key-file)
     #[arg(long, short = 'd')]
     key_file: PathBuf,
-    /// Detached LUKS2 header file: the header lives there, not on the device
-    #[arg(long)]
-    header: Option<PathBuf>,
     /// Only try this keyslot
     #[arg(long, short = 'S')]
     key_slot: Option<u32>,
@@ -261,17 +272,14 @@ pub struct TestArgs {
 
 #[derive(Args, Debug)]
 pub struct AddKeyArgs {
-    /// LUKS device or image file (with --header: the data device)
-    device: PathBuf,
+    #[command(flatten)]
+    vol: HeaderedDevice,
     /// An existing passphrase
     #[arg(long, short = 'd')]
     key_file: PathBuf,
     /// The passphrase to add
     #[arg(long)]
     new_key_file: PathBuf,
-    /// Detached LUKS2 header file: the header lives there, not on the device
-    #[arg(long)]
-    header: Option<PathBuf>,
     /// Keyslot for the new passphrase (default: first free)
     #[arg(long, short = 'S')]
     key_slot: Option<u32>,
@@ -281,14 +289,11 @@ pub struct AddKeyArgs {
 
 #[derive(Args, Debug)]
 pub struct RemoveKeyArgs {
-    /// LUKS device or image file (with --header: the data device)
-    device: PathBuf,
+    #[command(flatten)]
+    vol: HeaderedDevice,
     /// The passphrase whose keyslot is removed
     #[arg(long, short = 'd')]
     key_file: PathBuf,
-    /// Detached LUKS2 header file: the header lives there, not on the device
-    #[arg(long)]
-    header: Option<PathBuf>,
     /// Allow removing the last keyslot (the volume becomes unusable)
     #[arg(long, short = 'q')]
     batch_mode: bool,
@@ -296,17 +301,14 @@ pub struct RemoveKeyArgs {
 
 #[derive(Args, Debug)]
 pub struct ChangeKeyArgs {
-    /// LUKS device or image file (with --header: the data device)
-    device: PathBuf,
+    #[command(flatten)]
+    vol: HeaderedDevice,
     /// The current passphrase
     #[arg(long, short = 'd')]
     key_file: PathBuf,
     /// The passphrase that replaces it (the output names the keyslot it lands in)
     #[arg(long)]
     new_key_file: PathBuf,
-    /// Detached LUKS2 header file: the header lives there, not on the device
-    #[arg(long)]
-    header: Option<PathBuf>,
     /// Only try this keyslot
     #[arg(long, short = 'S')]
     key_slot: Option<u32>,
@@ -345,11 +347,6 @@ fn open_ro(path: &Path) -> Result<File> {
             path.display()
         )
     })
-}
-
-/// Where the header lives: the detached header file, or the device.
-fn meta_path<'a>(device: &'a Path, header: &'a Option<PathBuf>) -> &'a Path {
-    header.as_deref().unwrap_or(device)
 }
 
 /// Turns a library error into a one-line message carrying the path and a fix.
@@ -463,7 +460,7 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         }
     }
     let meta: &File = header_file.as_ref().unwrap_or(&device);
-    let meta_name = meta_path(&a.device, &a.header);
+    let meta_name = a.header.as_deref().unwrap_or(&a.device);
     // Where the data may start: --align-payload, else the data device's I/O topology
     // (block devices), else 1 MiB, as cryptsetup's luksFormat.
     let (alignment, alignment_offset) = match a.align_payload {
@@ -626,7 +623,7 @@ fn device_alignment(f: &File) -> (u64, u64) {
 
 fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
     let pass = read_key_file(&a.key_file)?;
-    let path = meta_path(&a.device, &a.header);
+    let path = a.vol.meta();
     let f = open_ro(path)?;
     let vol = read_volume(path, &f)?;
     match vol.unlock(&f, &pass, a.key_slot) {
@@ -648,7 +645,7 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
 fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
     let pass = read_key_file(&a.key_file)?;
     let new = read_key_file(&a.new_key_file)?;
-    let path = meta_path(&a.device, &a.header);
+    let path = a.vol.meta();
     let f = open_rw(path)?;
     let vol = read_volume(path, &f)?;
     let req = a
@@ -665,7 +662,7 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
 
 fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
     let pass = read_key_file(&a.key_file)?;
-    let path = meta_path(&a.device, &a.header);
+    let path = a.vol.meta();
     let f = open_rw(path)?;
     let vol = read_volume(path, &f)?;
     let (_vk, slot) = vol.unlock(&f, &pass, None).map_err(|e| luks_err(path, e))?;
@@ -685,7 +682,7 @@ fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
 fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
     let pass = read_key_file(&a.key_file)?;
     let new = read_key_file(&a.new_key_file)?;
-    let path = meta_path(&a.device, &a.header);
+    let path = a.vol.meta();
     let f = open_rw(path)?;
     let vol = read_volume(path, &f)?;
     let req = a
@@ -703,7 +700,7 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
 }
 
 fn dump(a: DumpArgs) -> Result<ExitCode> {
-    let path = meta_path(&a.device, &a.header);
+    let path = a.vol.meta();
     let f = open_ro(path)?;
     let vol = read_volume(path, &f)?;
     if a.dump_volume_key {
