@@ -722,6 +722,42 @@ fn orch_installed_unit_passes_systemd_analyze_and_its_execstart_parses() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
+/// An ExecStart path with a blank and a `%` is quoted and escaped for systemd: verify
+/// fails on a program path that does not exist, as either half of a split one would not.
+#[test]
+fn orch_installed_unit_quotes_an_exec_path_with_blanks() {
+    require_tool("systemd-analyze");
+    let d = tempfile::tempdir().unwrap();
+    let bin_dir = d.path().join("my dir 100%");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let exec = bin_dir.join("luksify");
+    std::os::unix::fs::symlink(luksify_bin(), &exec).unwrap();
+    let prefix = d.path().join("root");
+    run_ok(
+        Command::new(luksify_bin())
+            .args(["install-unit", "--prefix"])
+            .arg(&prefix)
+            .arg("--exec")
+            .arg(&exec),
+    );
+    let unit = prefix.join("etc/systemd/system/luksify-resume.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.contains(&format!(
+            "ExecStart=\"{}\" resume",
+            exec.display().to_string().replace('%', "%%")
+        )),
+        "{text}"
+    );
+    let out = run(Command::new("systemd-analyze").arg("verify").arg(&unit));
+    assert!(out.status.success(), "{out:?}\n{text}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_enable_without_volume_lists_the_data_volume_never_the_os_disk() {
@@ -1163,4 +1199,414 @@ fn orch_exit_codes_match_docs_and_help() {
     assert_eq!(out.status.code(), Some(exit::USAGE as i32));
     let out = run(luksify(d.path()).args(["enable", "--volume-type", "os", "--volume", "/"]));
     assert_eq!(out.status.code(), Some(exit::UNSUPPORTED as i32), "{out:?}");
+}
+
+/// The mount line of `mp` in mountinfo, split into fields.
+fn mount_fields(mp: &Path) -> Option<Vec<String>> {
+    mountinfo_line(mp).map(|l| l.split_whitespace().map(str::to_string).collect())
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A volume luksify already encrypted and remounted through its userspace view is not
+/// encrypted a second time: the view's loop device is named as such by `check`, refused
+/// by `enable` (nothing written) and never listed as a candidate.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_refuses_a_volume_it_already_encrypted() {
+    let fx = Fixture::new(128);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let view = PathBuf::from(
+        read_status(&fx.state)["volumes"][0]["mapped_device"]
+            .as_str()
+            .unwrap(),
+    );
+    let crypttab = std::fs::read_to_string(fx.dir.path().join("etc/crypttab")).unwrap();
+    let out = run(&mut fx.enable_cmd());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("decrypted view"), "{}", stderr(&out));
+    // Nothing was written: no LUKS header on the view, tables unchanged, files intact.
+    assert!(!luksify_tests::has_luks_header(&view));
+    assert_eq!(
+        std::fs::read_to_string(fx.dir.path().join("etc/crypttab")).unwrap(),
+        crypttab
+    );
+    fx.assert_files_unchanged();
+    let out = run_ok(fx.cmd().args(["enable", "--volume-type", "data", "--json"]));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let loop_dev = std::fs::canonicalize(&view).unwrap();
+    assert!(
+        !listed.contains(&format!("\"{}\"", loop_dev.display())),
+        "{listed}"
+    );
+}
+
+/// A second mount of the volume and a bind of one of its directories come back after
+/// `enable` (as binds of the remounted volume, read-only where they were), the fstab
+/// entries that name the device, by path or UUID, mounted or not, point at the mapping,
+/// and `disable` puts all of it back.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_every_mount_and_fstab_entry_of_the_volume_comes_back() {
+    let fx = Fixture::new(128);
+    let second = fx.dir.path().join("second");
+    let sub = fx.dir.path().join("sub");
+    std::fs::create_dir(&second).unwrap();
+    std::fs::create_dir(&sub).unwrap();
+    // A second, read-only mount of the whole filesystem (mount(8) will not mount a
+    // mounted device again, so it is the bind of its root, as the kernel keeps it).
+    run_ok(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(&fx.mnt)
+            .arg(&second),
+    );
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(&second),
+    );
+    run_ok(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(fx.mnt.join("dir1"))
+            .arg(&sub),
+    );
+    struct Unmount(Vec<PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = Command::new("umount").arg(p).output();
+            }
+        }
+    }
+    let _guard = Unmount(vec![sub.clone(), second.clone()]);
+    let uuid = String::from_utf8_lossy(
+        &run_ok(
+            Command::new("blkid")
+                .args(["-o", "value", "-s", "UUID"])
+                .arg(fx.dev()),
+        )
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    let etc = fx.dir.path().join("etc");
+    let fstab0 = format!(
+        "{dev} {mnt} ext4 noatime 0 2\nUUID={uuid} {second} ext4 ro 0 0\nUUID={uuid} /srv/unmounted auto defaults 0 0\n{d1} {sub} none bind 0 0\n",
+        dev = fx.dev().display(),
+        mnt = fx.mnt.display(),
+        second = second.display(),
+        d1 = fx.mnt.join("dir1").display(),
+        sub = sub.display()
+    );
+    std::fs::write(etc.join("fstab"), &fstab0).unwrap();
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("is mounted 3 times"),
+        "{out:?}"
+    );
+
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_files_unchanged();
+    let fs_dev = mount_fields(&fx.mnt).expect("volume mounted")[2].clone();
+    for (mp, root, ro) in [(&second, "/", true), (&sub, "/dir1", false)] {
+        let f = mount_fields(mp).unwrap_or_else(|| panic!("{} not mounted again", mp.display()));
+        assert_eq!((&f[2], f[3].as_str()), (&fs_dev, root), "{f:?}");
+        assert_eq!(f[5].split(',').next() == Some("ro"), ro, "{f:?}");
+    }
+    assert_eq!(
+        std::fs::read(sub.join("f0")).unwrap(),
+        std::fs::read(fx.mnt.join("dir1/f0")).unwrap()
+    );
+    let fstab = std::fs::read_to_string(etc.join("fstab")).unwrap();
+    let live: Vec<&str> = fstab.lines().filter(|l| !l.starts_with('#')).collect();
+    let mapper = format!("/dev/mapper/{}", mapper_name(&fx.dev()));
+    for mp in [
+        fx.mnt.clone(),
+        second.clone(),
+        PathBuf::from("/srv/unmounted"),
+    ] {
+        let l = live
+            .iter()
+            .find(|l| l.split_whitespace().nth(1) == Some(&mp.display().to_string()))
+            .unwrap_or_else(|| panic!("no entry for {}: {fstab}", mp.display()));
+        assert!(
+            l.starts_with(&format!("{mapper} ")) && l.contains("nofail"),
+            "{l}"
+        );
+    }
+    assert!(live.iter().any(|l| l.contains(" none bind ")), "{fstab}");
+    assert!(
+        live.iter()
+            .any(|l| l.contains("/srv/unmounted auto defaults,nofail 0 0")),
+        "{fstab}"
+    );
+
+    let out = run(fx.cmd().arg("disable"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_files_unchanged();
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(fx.dev()).unwrap());
+    let plain = format!("{}:{}", libc_major(rdev), libc_minor(rdev));
+    for (mp, root) in [(&fx.mnt, "/"), (&second, "/"), (&sub, "/dir1")] {
+        let f = mount_fields(mp)
+            .unwrap_or_else(|| panic!("{} not mounted after disable", mp.display()));
+        assert_eq!(
+            (f[2].as_str(), f[3].as_str()),
+            (plain.as_str(), root),
+            "{f:?}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(etc.join("fstab")).unwrap(), fstab0);
+}
+
+fn libc_major(rdev: u64) -> u64 {
+    ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff)
+}
+fn libc_minor(rdev: u64) -> u64 {
+    (rdev & 0xff) | ((rdev >> 12) & !0xff)
+}
+
+/// What `enable` refuses before it writes anything, each in one line with exit 3 and the
+/// volume still mounted: an ext4 too full to give the header room (resize2fs's own
+/// minimum decides, not the mounted filesystem's stale superblock), and a --header-dir on
+/// the volume itself. The same volume named twice is encrypted once.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_refuses_a_full_volume_and_a_header_dir_on_it() {
+    let fx = Fixture::new(128);
+    let hdr_dir = fx.mnt.join("headers");
+    std::fs::create_dir(&hdr_dir).unwrap();
+    let out = run(fx.enable_cmd().arg("--header-dir").arg(&hdr_dir));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is on") && stderr(&out).contains("another filesystem"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(mount_fields(&fx.mnt).is_some(), "left unmounted");
+    std::fs::remove_dir(&hdr_dir).unwrap();
+
+    // Fill it (the superblock's free count lags until a commit).
+    let _ = run(Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "status=none"])
+        .arg(format!("of={}", fx.mnt.join("fill").display())));
+    run_ok(&mut Command::new("sync"));
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resize2fs cannot shrink it that far"),
+        "{out:?}"
+    );
+    let out = run(&mut fx.enable_cmd());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(mount_fields(&fx.mnt).is_some(), "left unmounted");
+    std::fs::remove_file(fx.mnt.join("fill")).unwrap();
+    run_ok(&mut Command::new("sync"));
+    fx.assert_files_unchanged();
+
+    let out = run(fx.enable_cmd().arg("--volume").arg(fx.dev()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = read_status(&fx.state);
+    assert_eq!(s["volumes"].as_array().unwrap().len(), 1, "{s}");
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    fx.assert_files_unchanged();
+}
+
+/// A run killed after it opened the mapping but before fstab/crypttab (simulated: the
+/// status file says in progress, the mapping is open, the tables are bare) is finished by
+/// `resume`, which takes the open mapping over instead of refusing it.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_resume_takes_over_a_mapping_a_killed_run_left_open() {
+    let fx = Fixture::new(128);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    let etc = fx.dir.path().join("etc");
+    std::fs::write(etc.join("fstab"), "").unwrap();
+    std::fs::write(etc.join("crypttab"), "").unwrap();
+    let mut s = read_status(&fx.state);
+    s["volumes"][0]["state"] = "EncryptionInProgress".into();
+    s["pid"] = 999_999.into();
+    std::fs::write(
+        fx.state.join("status.json"),
+        serde_json::to_vec(&s).unwrap(),
+    )
+    .unwrap();
+    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(st.contains("`luksify resume` finishes it"), "{st}");
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(mount_fields(&fx.mnt).is_some());
+    fx.assert_files_unchanged();
+    let s = read_status(&fx.state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    assert!(std::fs::read_to_string(etc.join("crypttab"))
+        .unwrap()
+        .contains(&mapper_name(&fx.dev())));
+    assert!(std::fs::read_to_string(etc.join("fstab"))
+        .unwrap()
+        .contains("/dev/mapper/"));
+}
+
+/// Killed while it waited for a holder to exit (the status already says in progress),
+/// the run is finished by `resume`, which unmounts the volume itself; and a failure after
+/// the unmount but before the walker writes (e2fsck killed, by strace, as it starts) puts
+/// the volume back where it was and says so: nothing encrypted, mounted again.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
+    require_tool("strace");
+    let fx = Fixture::new(128);
+    let out = run(&mut strace_e2fsck_killed(fx.enable_cmd()));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("nothing was encrypted") && err.contains("is mounted again"),
+        "{err}"
+    );
+    assert!(mount_fields(&fx.mnt).is_some(), "not mounted again");
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    let s = read_status(&fx.state);
+    assert_eq!(s["data_volumes_encrypted"], "NotEncrypted", "{s}");
+    assert!(
+        s["progress_message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Encryption failed"),
+        "{s}"
+    );
+    fx.assert_files_unchanged();
+
+    // A holder that ignores SIGTERM keeps enable in its 5 s wait: kill it there.
+    let mut holder = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' TERM; cd {} && exec sleep 613",
+            fx.mnt.display()
+        ))
+        .spawn()
+        .unwrap();
+    let mut child = fx
+        .enable_cmd()
+        .arg("--kill-holders")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the run to start", Duration::from_secs(30), || {
+        read_status(&fx.state)["volumes"][0]["state"] == "EncryptionInProgress"
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    wait_for("the holder to go", Duration::from_secs(10), || {
+        run(fx.cmd().arg("check").arg(&fx.mnt)).status.code() == Some(0)
+    });
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = read_status(&fx.state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    assert!(luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+}
+
+/// `cmd` under strace, with e2fsck SIGKILLed as it starts.
+fn strace_e2fsck_killed(cmd: Command) -> Command {
+    let mut st = Command::new("strace");
+    st.args([
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-P",
+        "/usr/sbin/e2fsck",
+        "-P",
+        "/sbin/e2fsck",
+    ])
+    .args(["-e", "inject=execve:signal=SIGKILL"])
+    .arg(cmd.get_program())
+    .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => st.env(k, v),
+            None => st.env_remove(k),
+        };
+    }
+    st
+}
+
+/// An open userspace mapping of an image file holds the same lock a walker run takes on
+/// the image's bytes: `decrypt` (which would rewrite the bytes under the mounted view)
+/// and a second mapping of the same file are refused, nothing written; once closed,
+/// `decrypt` runs.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_open_mapping_locks_its_bytes_against_runs_and_a_second_mapping() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 64 << 20);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"mapping lock").unwrap();
+    let hdr = dir.path().join("hdr");
+    let state = dir.path().join("state");
+    let mut enc = Command::new(luksify_bin());
+    enc.arg("encrypt")
+        .arg(&img)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--header")
+        .arg(&hdr)
+        .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]);
+    run_ok(&mut enc);
+    let name = format!("orchlk{}", std::process::id());
+    let open = |name: &str| {
+        run(luksify(&state)
+            .arg("open")
+            .arg(&img)
+            .arg(name)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--header")
+            .arg(&hdr)
+            .arg("--userspace"))
+    };
+    let out = open(&name);
+    assert!(out.status.success(), "{}", stderr(&out));
+    struct Close(PathBuf, String);
+    impl Drop for Close {
+        fn drop(&mut self) {
+            let _ = luksify(&self.0).arg("close").arg(&self.1).output();
+        }
+    }
+    let _close = Close(state.clone(), name.clone());
+    let before = sha256(&img);
+    let mut dec = Command::new(luksify_bin());
+    dec.arg("decrypt")
+        .arg(&img)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--header")
+        .arg(&hdr);
+    let out = run(&mut dec);
+    luksify_tests::assert_refused_in_one_line(
+        &out,
+        "open luksify mapping",
+        "decrypt under a mapping",
+    );
+    let out = open(&format!("{name}b"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("locked"), "{}", stderr(&out));
+    assert_eq!(sha256(&img), before);
+    run_ok(luksify(&state).arg("close").arg(&name));
+    run_ok(&mut dec);
+    run_ok(Command::new("e2fsck").arg("-fn").arg(&img));
 }

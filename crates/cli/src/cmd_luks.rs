@@ -12,6 +12,7 @@ use luksify_luks::luks2::{self, Luks2Header};
 use luksify_luks::volume::Volume;
 use luksify_luks::{luks1, Error as LuksError, VolumeKey};
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -436,6 +437,7 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(h)
                 .with_context(|| {
                     format!("{}: cannot open or create the header file", h.display())

@@ -128,6 +128,9 @@ pub enum OrchCmd {
         /// Passphrase file; default: the one recorded for each volume
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Stop processes holding the volumes (SIGTERM, then SIGKILL)
+        #[arg(long)]
+        kill_holders: bool,
         #[command(flatten)]
         run: RunLock,
     },
@@ -198,8 +201,15 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
         OrchCmd::Disable {
             volumes,
             key_file,
+            kill_holders,
             run: RunLock { wait, state_dir },
-        } => finish(cmd_disable(volumes, key_file, wait, state_dir)),
+        } => finish(cmd_disable(
+            volumes,
+            key_file,
+            kill_holders,
+            wait,
+            state_dir,
+        )),
         OrchCmd::ServeMapping {
             device,
             name,
@@ -220,9 +230,16 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             run: RunLock { wait, state_dir },
             json,
         } => {
-            if volume_type != "data" {
-                eprintln!("luksify: --volume-type {volume_type} is not supported; only `data` volumes are (the OS disk needs a reboot path luksify does not have)");
-                return Ok(ExitCode::from(exit::UNSUPPORTED));
+            match volume_type.to_ascii_lowercase().as_str() {
+                "data" => {}
+                "os" | "all" => {
+                    eprintln!("luksify: --volume-type {volume_type} is not supported; only `data` volumes are (the OS disk needs a reboot path luksify does not have)");
+                    return Ok(ExitCode::from(exit::UNSUPPORTED));
+                }
+                _ => {
+                    eprintln!("luksify: --volume-type {volume_type} is not a volume type; give data (os and all are not supported)");
+                    return Ok(ExitCode::from(exit::USAGE));
+                }
             }
             if volumes.is_empty() {
                 return list_candidates(json);
@@ -371,8 +388,29 @@ const UNIT_EXEC_PATH: &str = "/usr/local/sbin/luksify";
 pub fn resume_unit_for(exec: &Path) -> String {
     RESUME_UNIT.replace(
         &format!("ExecStart={UNIT_EXEC_PATH} "),
-        &format!("ExecStart={} ", exec.display()),
+        &format!("ExecStart={} ", systemd_word(&exec.display().to_string())),
     )
+}
+
+/// One word of a systemd command line: `%` doubled (specifiers), and a word with blanks,
+/// quotes or backslashes double-quoted with C escapes, so that systemd does not split it.
+fn systemd_word(w: &str) -> String {
+    let w = w.replace('%', "%%");
+    if !w.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '\\') {
+        return w;
+    }
+    let mut q = String::from("\"");
+    for c in w.chars() {
+        match c {
+            '"' | '\\' => {
+                q.push('\\');
+                q.push(c);
+            }
+            _ => q.push(c),
+        }
+    }
+    q.push('"');
+    q
 }
 
 fn cmd_install_unit(prefix: &Path, exec: Option<PathBuf>) -> Result<ExitCode, Failure> {
@@ -405,7 +443,7 @@ fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode
     let dir = status::state_dir(state_dir.as_deref());
     let mut s = status::load(&dir)?;
     let mounts = luksify_orchestrator::mountinfo::read().unwrap_or_default();
-    status::apply_live_mount_state(&mut s, &mounts);
+    status::apply_live_state(&mut s, &mounts);
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -588,10 +626,20 @@ fn print_status(dir: &Path) {
 /// What `resume` and `disable` share: the optional key is read, the global lock taken and
 /// the cancel handler installed, in that order, before `body` runs on a request that acts
 /// on the volumes the status file (or a scan) names.
+/// How `resume` or `disable` runs.
+struct RecordedRun {
+    userspace: bool,
+    kill_holders: bool,
+    wait: bool,
+}
+
 fn with_recorded_volumes(
     key_file: Option<PathBuf>,
-    userspace: bool,
-    wait: bool,
+    RecordedRun {
+        userspace,
+        kill_holders,
+        wait,
+    }: RecordedRun,
     state_dir: Option<PathBuf>,
     body: impl FnOnce(
         &luksify_orchestrator::enable::EnableRequest<'_>,
@@ -610,7 +658,7 @@ fn with_recorded_volumes(
         volumes: vec![],
         key_file: key_file.unwrap_or_default(),
         header_dir: None,
-        kill_holders: false,
+        kill_holders,
         state_dir: dir,
         force_userspace: userspace,
         kdf: Default::default(),
@@ -626,7 +674,12 @@ fn cmd_resume(
     wait: bool,
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
-    with_recorded_volumes(key_file, userspace, wait, state_dir, |req, key| {
+    let run = RecordedRun {
+        userspace,
+        kill_holders: false,
+        wait,
+    };
+    with_recorded_volumes(key_file, run, state_dir, |req, key| {
         for f in luksify_orchestrator::enable::scan_in_progress(&req.state_dir) {
             let dev = f.device.display();
             if f.decrypt {
@@ -649,10 +702,16 @@ fn cmd_resume(
 fn cmd_disable(
     volumes: Vec<PathBuf>,
     key_file: Option<PathBuf>,
+    kill_holders: bool,
     wait: bool,
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
-    with_recorded_volumes(key_file, false, wait, state_dir, |req, key| {
+    let run = RecordedRun {
+        userspace: false,
+        kill_holders,
+        wait,
+    };
+    with_recorded_volumes(key_file, run, state_dir, |req, key| {
         if luksify_orchestrator::enable::disable(req, key, &volumes)? == 0 {
             println!("No encrypted data volumes to decrypt.");
         } else {

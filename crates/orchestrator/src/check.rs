@@ -57,6 +57,8 @@ pub struct MountView {
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub options: String,
+    /// Path inside the filesystem that is mounted (`/`, or the directory of a bind mount).
+    pub root: String,
     /// The block device node behind the mount when it is a whole filesystem of a block
     /// device (not a bind of a subdirectory, not tmpfs/proc): such a mount can be
     /// unmounted and mounted again with `mount -t FS -o OPTIONS SOURCE MOUNT_POINT`.
@@ -69,6 +71,7 @@ impl From<&Mount> for MountView {
             mount_point: m.mount_point.clone(),
             fs_type: m.fs_type.clone(),
             options: m.remount_options(),
+            root: m.root.clone(),
             source: (m.dev.major != 0 && m.root == "/")
                 .then(|| probe::dev_node(m.dev))
                 .flatten(),
@@ -113,9 +116,13 @@ impl Report {
     pub fn ok(&self) -> bool {
         self.blockers().next().is_none()
     }
-    /// Mount that `enable` unmounts and later remounts (the first one, not a bind).
+    /// Mount that `enable` unmounts and later remounts (the first of the whole
+    /// filesystem; the others come back as binds of it).
     pub fn primary_mount(&self) -> Option<&MountView> {
-        self.mounts.first()
+        self.mounts
+            .iter()
+            .find(|m| m.root == "/")
+            .or(self.mounts.first())
     }
 }
 
@@ -246,6 +253,20 @@ pub fn luks_state(device: &Path) -> Option<String> {
     }
 }
 
+/// The mapping name when `dev` is the loop device of a luksify userspace mapping: its
+/// backing file lies on the FUSE filesystem the mapping daemon mounts (source
+/// `luksify:NAME`).
+pub fn luksify_view_of(dev: DevNum, all: &[Mount]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let backing =
+        std::fs::read_to_string(format!("/sys/dev/block/{dev}/loop/backing_file")).ok()?;
+    let fs_dev = DevNum::from_raw(std::fs::metadata(backing.trim_end()).ok()?.dev());
+    all.iter()
+        .find(|m| m.dev == fs_dev && m.fs_type.starts_with("fuse"))
+        .and_then(|m| m.source.strip_prefix("luksify:"))
+        .map(str::to_string)
+}
+
 /// Runs every check on `target`. Writes nothing.
 pub fn check(target: &Path, opts: CheckOptions) -> Result<Report, Problem> {
     let all = mountinfo::read().map_err(|e| Problem {
@@ -344,6 +365,23 @@ pub fn check_resolved(
             format!("unmount them first (umount {})", list.join(" ")),
         );
     }
+    if r.mounts.len() > 1 {
+        let list: Vec<String> = r
+            .mounts
+            .iter()
+            .map(|m| match m.root.as_str() {
+                "/" => m.mount_point.display().to_string(),
+                sub => format!("{} (bind of {sub})", m.mount_point.display()),
+            })
+            .collect();
+        push(
+            "several_mounts",
+            Severity::Warning,
+            format!("{dev_s} is mounted {} times: {}", list.len(), abbreviate(&list, 5)),
+            "every mount must come off before the volume can be encrypted".into(),
+            "none needed: enable unmounts them all and mounts the others again as binds of the first, with their options".into(),
+        );
+    }
     if !holders.is_empty() {
         let mut seen = Vec::new();
         let mut lines = Vec::new();
@@ -432,6 +470,15 @@ pub fn check_resolved(
             "encrypt the underlying device only if it is not already LUKS".into(),
         );
     }
+    if let Some(name) = luksify_view_of(r.dev, all) {
+        push(
+            "already_mapped",
+            Severity::Blocker,
+            format!("{dev_s} is luksify's decrypted view {name} (userspace mapping)"),
+            "it is already the open mapping of an encrypted device".into(),
+            format!("nothing to do; `luksify status` lists it, `luksify close {name}` removes it"),
+        );
+    }
     let luks = luks_state(&r.device);
     match luks.as_deref() {
         Some("luks2-reencrypt-in-progress") => push(
@@ -462,19 +509,34 @@ pub fn check_resolved(
         match fs {
             "ext2" | "ext3" | "ext4" if !opts.detached_header => {
                 let fs_bytes = filesystem.fs_bytes.unwrap_or(size_bytes);
-                let free = filesystem.free_bytes.unwrap_or(0);
+                // A mounted filesystem's superblock free count is stale: ask the kernel.
+                let free = r
+                    .mounts
+                    .first()
+                    .and_then(|m| probe::statvfs_free(&m.mount_point))
+                    .or(filesystem.free_bytes)
+                    .unwrap_or(0);
                 let slack = size_bytes.saturating_sub(fs_bytes);
-                // resize2fs needs room beyond the freed blocks for its own metadata moves.
-                let needed_free = HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50;
-                if slack < HEADER_RESERVE_BYTES && free < needed_free {
+                let target = size_bytes.saturating_sub(HEADER_RESERVE_BYTES);
+                // resize2fs's own estimate of how small it can go decides; without it,
+                // free space with room for resize2fs's metadata moves.
+                let too_full = match filesystem
+                    .block_size
+                    .and_then(|b| probe::ext_min_bytes(&r.device, b))
+                {
+                    Some(min) => min > target,
+                    None => free < HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50,
+                };
+                if slack < HEADER_RESERVE_BYTES && too_full {
                     header_space_ok = false;
                     push(
                         "no_header_space",
                         Severity::Blocker,
                         format!("{fs} on {dev_s} has {} MiB free", free >> 20),
                         format!(
-                            "the LUKS2 header needs {} MiB taken from the end by shrinking the filesystem",
-                            HEADER_RESERVE_BYTES >> 20
+                            "the LUKS2 header needs {} MiB taken from the end by shrinking the filesystem to {} MiB, and resize2fs cannot shrink it that far",
+                            HEADER_RESERVE_BYTES >> 20,
+                            target >> 20
                         ),
                         "free some space, or keep the header in a file with --header-dir DIR".into(),
                     );
@@ -635,7 +697,11 @@ pub fn render_text(r: &Report) -> String {
         if r.swaps.is_empty() {
             "none".into()
         } else {
-            format!("{:?}", r.swaps)
+            r.swaps
+                .iter()
+                .map(|s| format!("{} ({})", s.path.display(), s.kind))
+                .collect::<Vec<_>>()
+                .join(", ")
         },
     );
     line("LVM", r.lvm.clone().unwrap_or_else(|| "no".into()));

@@ -17,6 +17,7 @@ use luksify_luks::luks2::FormatOptions;
 use luksify_walker::{
     device::DataDevice, Control, EncryptOptions, Outcome, Placement, ProgressInfo, Resilience,
 };
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -102,6 +103,7 @@ pub fn candidates() -> Vec<check::Report> {
         };
         if r.luks.is_some()
             || r.is_os_volume
+            || r.problems.iter().any(|p| p.code == "already_mapped")
             || matches!(
                 r.filesystem.fs_type.as_str(),
                 "unknown" | "unreadable" | "swap" | "LVM2_member"
@@ -114,8 +116,8 @@ pub fn candidates() -> Vec<check::Report> {
     out
 }
 
-fn kill_holders(device: &Path, report: &check::Report) {
-    let pids = holders::pids(&report.holders);
+/// SIGTERM, then SIGKILL, to the processes that hold `device`, waiting up to 5 s each.
+fn stop_holders(device: &Path, pids: &[u32]) {
     for (sig, wait) in [
         (libc::SIGTERM, Duration::from_secs(5)),
         (libc::SIGKILL, Duration::from_secs(5)),
@@ -158,7 +160,7 @@ fn pid_alive(pid: u32) -> bool {
 
 /// Unmounts the mounts nested below a volume, deepest first, retrying while busy and
 /// naming the processes that hold the nested filesystem when it gives up.
-fn unmount_nested(device: &Path, nested: &[crate::status::NestedMount]) -> Result<()> {
+fn unmount_nested(device: &Path, nested: &[crate::status::NestedMount], fix: &str) -> Result<()> {
     let mut order: Vec<_> = nested.iter().collect();
     order.sort_by_key(|n| std::cmp::Reverse(n.mount_point.components().count()));
     for n in order {
@@ -195,6 +197,7 @@ fn unmount_nested(device: &Path, nested: &[crate::status::NestedMount]) -> Resul
                 ),
                 &t,
                 "target is busy (no process found)",
+                fix,
             ));
         }
     }
@@ -233,6 +236,94 @@ fn current_nested(mp: &Path, dev: mountinfo::DevNum) -> Result<Vec<crate::status
     Ok(out)
 }
 
+/// The mounts of a volume besides `primary`, as binds to restore.
+fn extra_mounts<'a>(
+    mounts: impl Iterator<Item = &'a check::MountView>,
+    primary: Option<&check::MountView>,
+) -> Vec<crate::status::ExtraMount> {
+    mounts
+        .filter(|m| Some(m.mount_point.as_path()) != primary.map(|p| p.mount_point.as_path()))
+        .map(|m| crate::status::ExtraMount {
+            mount_point: m.mount_point.clone(),
+            root: m.root.clone(),
+            options: m.options.clone(),
+        })
+        .collect()
+}
+
+/// Mount points of the fstab entries that name `device` (path, UUID=, LABEL=, ...).
+fn fstab_mount_points(device: &Path) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string(tabs::etc_dir().join("fstab")) else {
+        return Vec::new();
+    };
+    let ids: Vec<String> = Command::new("blkid")
+        .args(["-o", "export"])
+        .arg(device)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    tabs::fstab_mount_points_of(&text, device, &ids)
+}
+
+/// Mounts the other mounts of a volume again as binds of `primary` (a second mount of
+/// the whole filesystem is the bind of its root), then gives each its per-mount flags.
+fn remount_extras(primary: &Path, extras: &[crate::status::ExtraMount]) -> Result<()> {
+    const VFS_FLAGS: &[&str] = &[
+        "ro",
+        "rw",
+        "nosuid",
+        "suid",
+        "nodev",
+        "dev",
+        "noexec",
+        "exec",
+        "noatime",
+        "atime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nodiratime",
+        "diratime",
+    ];
+    let all = mountinfo::read().unwrap_or_default();
+    for x in extras {
+        if all.iter().any(|m| m.mount_point == x.mount_point) {
+            continue;
+        }
+        let from = primary.join(x.root.trim_start_matches('/'));
+        let what = format!(
+            "bind {} again at {}",
+            from.display(),
+            x.mount_point.display()
+        );
+        run_tool(
+            Command::new("mount")
+                .arg("--bind")
+                .arg(&from)
+                .arg(&x.mount_point),
+            &what,
+        )?;
+        let flags: Vec<&str> = x
+            .options
+            .split(',')
+            .filter(|o| VFS_FLAGS.contains(o))
+            .collect();
+        run_tool(
+            Command::new("mount")
+                .arg("-o")
+                .arg(format!("remount,bind,{}", flags.join(",")))
+                .arg(&x.mount_point),
+            &what,
+        )?;
+    }
+    Ok(())
+}
+
 /// Mounts the nested filesystems again, outermost first, with their recorded options.
 fn remount_nested(nested: &[crate::status::NestedMount]) -> Result<()> {
     let mut order: Vec<_> = nested.iter().collect();
@@ -266,7 +357,7 @@ fn remount_nested(nested: &[crate::status::NestedMount]) -> Result<()> {
 
 /// Unmounts every mount of `dev` (deepest first), retrying while the kernel says busy,
 /// and names the holders when it gives up.
-pub fn unmount_all(device: &Path, dev: mountinfo::DevNum) -> Result<()> {
+pub fn unmount_all(device: &Path, dev: mountinfo::DevNum, fix: &str) -> Result<()> {
     for attempt in 0..5 {
         let all = mountinfo::read()
             .map_err(|e| Failure::failed(format!("cannot read mountinfo ({e})")))?;
@@ -303,14 +394,20 @@ pub fn unmount_all(device: &Path, dev: mountinfo::DevNum) -> Result<()> {
             ),
             &t,
             "target is busy (no process found: check nested mounts and swap)",
+            fix,
         ));
     }
     Ok(())
 }
 
+/// How to get past a busy unmount, per command.
+const FIX_ENABLE: &str = "stop them and run enable again, or pass --kill-holders";
+const FIX_DISABLE: &str = "stop them and run disable again, or pass --kill-holders";
+const FIX_RESUME: &str = "stop them and run `luksify resume` again";
+
 /// The one-line refusal when an unmount stays busy: names every process holding one of
 /// `targets` (pid, command, what it holds), or says `nobody` when none was found.
-fn unmount_blocked(what: &str, targets: &holders::Targets, nobody: &str) -> Failure {
+fn unmount_blocked(what: &str, targets: &holders::Targets, nobody: &str, fix: &str) -> Failure {
     let who: Vec<String> = holders::scan(targets, false)
         .iter()
         .map(|h| h.one_line())
@@ -318,7 +415,7 @@ fn unmount_blocked(what: &str, targets: &holders::Targets, nobody: &str) -> Fail
     Failure::new(
         exit::BLOCKED,
         format!(
-            "failed to unmount {what}: {}; stop them or pass --kill-holders",
+            "failed to unmount {what}: {}; {fix}",
             if who.is_empty() {
                 nobody.to_string()
             } else {
@@ -349,6 +446,28 @@ fn fsck_ext(device: &Path) -> Result<()> {
     }
 }
 
+/// A refusal when `--header-dir` lies on one of the volumes about to be encrypted (or on
+/// a filesystem nested below one): that filesystem is unmounted before the header is
+/// created, and a header inside the data it describes could never be read to open it.
+fn header_dir_on_a_volume(dir: &Path, plans: &[Plan]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    // The directory may not exist yet: its nearest existing ancestor says where it will be.
+    let existing = dir.ancestors().find(|a| a.exists())?;
+    let on = mountinfo::DevNum::from_raw(std::fs::metadata(existing).ok()?.dev());
+    let p = plans.iter().find(|p| {
+        p.report.dev.parse_devnum() == on
+            || p.report
+                .nested_mounts
+                .iter()
+                .any(|n| n.source.as_deref().and_then(probe::block_dev_num) == Some(on))
+    })?;
+    Some(format!(
+        "BLOCKER: --header-dir {} is on {}, a volume being encrypted: it is unmounted before the header is written, and the header must stay readable to open the volume; fix: pick a directory on another filesystem (e.g. /root/luks-headers)",
+        dir.display(),
+        p.device.display()
+    ))
+}
+
 /// Per-volume plan made before anything is written.
 struct Plan {
     device: PathBuf,
@@ -374,6 +493,10 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             blockers.push(p.one_line());
         }
         let device = std::fs::canonicalize(&report.device).unwrap_or(report.device.clone());
+        if plans.iter().any(|p: &Plan| p.device == device) {
+            // The same volume named twice (its device and its mount point): one run.
+            continue;
+        }
         let name = mapping_name(&device);
         let header = req
             .header_dir
@@ -394,6 +517,11 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             header,
         });
     }
+    if let Some(d) = &req.header_dir {
+        if let Some(b) = header_dir_on_a_volume(d, &plans) {
+            blockers.push(b);
+        }
+    }
     if !blockers.is_empty() {
         return Err(Failure::new(exit::BLOCKED, blockers.join("\n")));
     }
@@ -405,8 +533,10 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     let key_file = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
     let mut sw = StatusWriter::open(&req.state_dir)
         .map_err(|e| Failure::failed(format!("status file: {e}")))?;
-    sw.status.operation = Operation::EnableEncryption;
-    sw.status.pid = Some(std::process::id());
+    sw.status
+        .begin_run(Operation::EnableEncryption, std::process::id(), |v| {
+            plans.iter().any(|p| p.device == v.device)
+        });
     for p in &plans {
         let m = p.report.primary_mount();
         sw.status.upsert(VolumeStatus {
@@ -418,6 +548,9 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             header: p.header.clone(),
             key_file: Some(key_file.clone()),
             state: VolumeState::NotEncrypted,
+            in_run: true,
+            extra_mounts: extra_mounts(p.report.mounts.iter(), m),
+            fstab_mount_points: fstab_mount_points(&p.device),
             nested_mounts: p
                 .report
                 .nested_mounts
@@ -445,18 +578,27 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             .expect("upserted");
         sw.active = Some(idx);
         let r = enable_one(req, passphrase, p, &mut sw, idx, i, n);
-        if let Err(e) = &r {
-            if let Some(v) = sw.status.volumes.get_mut(idx) {
-                v.error = Some(e.message.clone());
-            }
-            sw.active = None;
-            let _ = sw.commit();
-            return r;
+        if let Err(e) = r {
+            return Err(end_run_failed(&mut sw, idx, e));
         }
     }
     sw.active = None;
     sw.status.pid = None;
     commit(&mut sw)
+}
+
+/// Ends a run that failed on volume `idx`: the error goes on the volume (an interrupted
+/// walk keeps its state and says how it continues), the run's pid is cleared.
+fn end_run_failed(sw: &mut StatusWriter, idx: usize, e: Failure) -> Failure {
+    if e.code != exit::INTERRUPTED {
+        if let Some(v) = sw.status.volumes.get_mut(idx) {
+            v.error = Some(e.message.clone());
+        }
+    }
+    sw.active = None;
+    sw.status.pid = None;
+    let _ = sw.commit();
+    e
 }
 
 fn commit(sw: &mut StatusWriter) -> Result<()> {
@@ -478,17 +620,28 @@ fn enable_one(
     n: usize,
 ) -> Result<()> {
     let dev = p.report.dev.parse_devnum();
-    if req.kill_holders && !p.report.holders.is_empty() {
-        kill_holders(&p.device, &p.report);
-    }
-    unmount_nested(&p.device, &sw.status.volumes[idx].nested_mounts)?;
-    unmount_all(&p.device, dev)?;
+    // From here the volume may go offline: the status says the encryption is under way,
+    // so that `resume` finds it whatever instant the run is killed at.
+    sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
+    commit(sw)?;
     let fs = FsFacts {
         fs_type: p.report.filesystem.fs_type.clone(),
         dev_size: p.report.size_bytes,
         min_io: p.report.filesystem.min_io,
     };
-    start_encryption(
+    let nested = sw.status.volumes[idx].nested_mounts.clone();
+    let prepared = (|| {
+        if req.kill_holders && !p.report.holders.is_empty() {
+            stop_holders(&p.device, &holders::pids(&p.report.holders));
+        }
+        unmount_nested(&p.device, &nested, FIX_ENABLE)?;
+        unmount_all(&p.device, dev, FIX_ENABLE)?;
+        prepare_fs(&p.device, p.header.as_deref(), &fs)
+    })();
+    if let Err(e) = prepared {
+        return Err(roll_back(sw, idx, e));
+    }
+    encrypt_prepared(
         req,
         passphrase,
         &p.device,
@@ -501,6 +654,27 @@ fn enable_one(
     )
 }
 
+/// A failure before the walker wrote anything: the plain volume is mounted again where
+/// it was (with what was nested below it) and the status says it is not encrypted.
+fn roll_back(sw: &mut StatusWriter, idx: usize, e: Failure) -> Failure {
+    let v = sw.status.volumes[idx].clone();
+    let back = match grow_and_remount(&v, None, &v.device) {
+        Ok(()) => match &v.mount_point {
+            Some(mp) => format!(
+                "; nothing was encrypted and {} is mounted again",
+                mp.display()
+            ),
+            None => "; nothing was encrypted".to_string(),
+        },
+        Err(m) => format!(
+            "; nothing was encrypted, but mounting it again failed: {}",
+            m.message
+        ),
+    };
+    sw.status.volumes[idx].state = VolumeState::NotEncrypted;
+    Failure::new(e.code, format!("{}{back}", e.message))
+}
+
 /// What the encryption step needs to know of the filesystem it is about to encrypt.
 struct FsFacts {
     fs_type: String,
@@ -508,22 +682,10 @@ struct FsFacts {
     min_io: Option<u32>,
 }
 
-/// fsck and shrink (ext, header in front), then the walk from the very start. Also the
-/// restart point when power was cut before the walker's first header commit: every step
-/// here is idempotent (a shrunk filesystem is not shrunk again; the walker recognises
-/// its own start-up marker for a data shift).
-#[allow(clippy::too_many_arguments)]
-fn start_encryption(
-    req: &EnableRequest,
-    passphrase: &[u8],
-    device: &Path,
-    header: Option<&Path>,
-    fs: &FsFacts,
-    sw: &mut StatusWriter,
-    idx: usize,
-    i: usize,
-    n: usize,
-) -> Result<()> {
+/// fsck and shrink (ext, header in front) of the unmounted volume. Also the restart
+/// point when power was cut before the walker's first header commit: every step here is
+/// idempotent (a shrunk filesystem is not shrunk again).
+fn prepare_fs(device: &Path, header: Option<&Path>, fs: &FsFacts) -> Result<()> {
     let dev_size = fs.dev_size;
     if is_ext(&fs.fs_type) {
         fsck_ext(device)?;
@@ -547,9 +709,25 @@ fn start_encryption(
             }
         }
     }
+    Ok(())
+}
+
+/// The walk from the very start of a prepared volume (the walker recognises its own
+/// start-up marker for a data shift, so a cut start continues), then map and remount.
+#[allow(clippy::too_many_arguments)]
+fn encrypt_prepared(
+    req: &EnableRequest,
+    passphrase: &[u8],
+    device: &Path,
+    header: Option<&Path>,
+    fs: &FsFacts,
+    sw: &mut StatusWriter,
+    idx: usize,
+    i: usize,
+    n: usize,
+) -> Result<()> {
     sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
     commit(sw)?;
-
     let data = open_data(device, "for encryption", "something still holds it")?;
     let format = FormatOptions {
         kdf: req.kdf.clone(),
@@ -576,6 +754,7 @@ fn start_encryption(
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(h)
                 .map_err(|e| luksify_walker::Error::Io {
                     what: format!("create {}", h.display()),
@@ -584,6 +763,17 @@ fn start_encryption(
             luksify_walker::encrypt(&data, Some(&hf), passphrase, &opts, ctl)
         }
         None => luksify_walker::encrypt::<_, std::fs::File>(&data, None, passphrase, &opts, ctl),
+    })
+    .map_err(|e| match header_progress(header.unwrap_or(device)) {
+        // No header was committed: nothing is encrypted, and resume starts over.
+        HeaderProgress::Absent => Failure::new(
+            e.code,
+            e.message.replace(
+                "the header records progress, `luksify resume` continues it",
+                "no header was written yet, so nothing is encrypted; `luksify resume` starts it again",
+            ),
+        ),
+        _ => e,
     })?;
     drop(data);
     finish_volume(req, passphrase, sw, idx, outcome)
@@ -688,7 +878,11 @@ fn finish_volume(
         force_userspace: req.force_userspace,
         state_dir: &req.state_dir,
     };
-    let rec = map::open(&oreq, passphrase)?;
+    // A run killed after it mapped the volume left the mapping open: take it over.
+    let rec = match map::load_record(&req.state_dir, &v.mapper) {
+        Some(r) if r.device == v.device && r.header == v.header && map::is_live(&r) => r,
+        _ => map::open(&oreq, passphrase)?,
+    };
     sw.status.volumes[idx].mapped_device = Some(rec.mapped.clone());
     // A volume found by scanning (status file lost) has no recorded filesystem: read it.
     let fs_type = v.fs_type.clone().or_else(|| {
@@ -709,6 +903,19 @@ fn finish_volume(
 /// CAP_SYS_RESOURCE, which containers often drop), then mounts `dev` where the volume was
 /// mounted, with its original options, and puts its nested mounts back.
 fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Result<()> {
+    // Already back (a run killed after this step): grown, mounted; only nested mounts may
+    // be missing.
+    let num = probe::block_dev_num(dev);
+    let mounted = |mp: &Path| {
+        mountinfo::read()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| Some(m.dev) == num && m.mount_point == mp)
+    };
+    if let Some(mp) = v.mount_point.as_deref().filter(|mp| mounted(mp)) {
+        remount_nested(&v.nested_mounts)?;
+        return remount_extras(mp, &v.extra_mounts);
+    }
     if fs_type.is_some_and(is_ext) {
         fsck_ext(dev)?;
         run_tool(
@@ -723,6 +930,7 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
             &format!("remount {} at {}", dev.display(), mp.display()),
         )?;
         remount_nested(&v.nested_mounts)?;
+        remount_extras(mp, &v.extra_mounts)?;
     }
     Ok(())
 }
@@ -756,6 +964,19 @@ fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
         })
         .map_err(|e| io("fstab", e))?;
     }
+    // Entries of the device at other mount points (a second mount, or none mounted now).
+    let mapper_path = PathBuf::from("/dev/mapper").join(&v.mapper);
+    let fs = v.fs_type.clone().unwrap_or_else(|| "auto".into());
+    for mp in v
+        .fstab_mount_points
+        .iter()
+        .filter(|mp| Some(mp.as_path()) != v.mount_point.as_deref())
+    {
+        tabs::edit_file(&etc.join("fstab"), |t| {
+            tabs::fstab_encrypt(t, mp, &mapper_path, &fs, "defaults")
+        })
+        .map_err(|e| io("fstab", e))?;
+    }
     Ok(())
 }
 
@@ -786,30 +1007,31 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         adopt(&mut sw, &found, &req.key_file);
         adopted.extend(found.into_iter().filter(|f| !f.decrypt).map(|f| f.device));
     }
-    let todo: Vec<usize> = sw
+    let unfinished = |v: &VolumeStatus| {
+        matches!(
+            v.state,
+            VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+        )
+    };
+    let todo: Vec<PathBuf> = sw
         .status
         .volumes
         .iter()
-        .enumerate()
-        .filter(|(_, v)| {
-            matches!(
-                v.state,
-                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
-            )
-        })
-        .map(|(i, _)| i)
+        .filter(|v| unfinished(v))
+        .map(|v| v.device.clone())
         .collect();
     if todo.is_empty() {
         return Ok(0);
     }
     let count = todo.len();
-    sw.status.operation = Operation::Resume;
-    sw.status.pid = Some(std::process::id());
-    let n = sw.status.volumes.len();
+    sw.status
+        .begin_run(Operation::Resume, std::process::id(), unfinished);
     let mut skipped = Vec::new();
-    for idx in todo {
-        let device = sw.status.volumes[idx].device.clone();
-        let r = resume_one(req, passphrase_override, &mut sw, idx, n);
+    for (i, device) in todo.into_iter().enumerate() {
+        let Some(idx) = sw.status.volumes.iter().position(|v| v.device == device) else {
+            continue;
+        };
+        let r = resume_one(req, passphrase_override, &mut sw, idx, (i, count));
         match r {
             Err(e) if adopted.contains(&device) && e.code != exit::INTERRUPTED => {
                 // Found by scanning, not ours for sure (another key, another tool's run
@@ -819,7 +1041,8 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
                 commit(&mut sw)?;
                 skipped.push(format!("{} skipped: {}", device.display(), e.message));
             }
-            r => r?,
+            Err(e) => return Err(end_run_failed(&mut sw, idx, e)),
+            Ok(()) => {}
         }
     }
     if !skipped.is_empty() {
@@ -837,12 +1060,12 @@ fn resume_one(
     passphrase_override: Option<&[u8]>,
     sw: &mut StatusWriter,
     idx: usize,
-    n: usize,
+    pos: (usize, usize),
 ) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
     if v.state == VolumeState::DecryptionInProgress {
         let key = read_recorded_key(&v, passphrase_override)?;
-        resume_decrypt(req, &key, sw, idx, n)?;
+        resume_decrypt(req, &key, sw, idx, pos)?;
         return Ok(());
     }
     let key;
@@ -891,13 +1114,13 @@ fn resume_one(
                     })?;
                 }
             }
-            return restart_encryption(req, passphrase, &v, sw, idx, n);
+            return restart_encryption(req, passphrase, &v, sw, idx, pos);
         }
     }
     // A crash may have left it mounted nowhere but held by nothing: open exclusively.
     let data = open_data(&v.device, "to resume", "is it mounted or mapped?")?;
     let header = v.header.clone();
-    let outcome = walk(sw, idx, idx, n, req, |ctl| match &header {
+    let outcome = walk(sw, idx, pos.0, pos.1, req, |ctl| match &header {
         Some(h) => {
             let hf = std::fs::OpenOptions::new()
                 .read(true)
@@ -935,7 +1158,7 @@ fn restart_encryption(
     v: &VolumeStatus,
     sw: &mut StatusWriter,
     idx: usize,
-    n: usize,
+    pos: (usize, usize),
 ) -> Result<()> {
     let info = probe::detect_fs(&v.device).map_err(|e| {
         Failure::failed(format!(
@@ -950,7 +1173,16 @@ fn restart_encryption(
         dev_size,
         min_io: info.min_io,
     };
-    start_encryption(
+    // At boot, fstab may have mounted the plain volume again: it comes off first.
+    let dev = probe::block_dev_num(&v.device)
+        .ok_or_else(|| Failure::failed(format!("{} is not a block device", v.device.display())))?;
+    let prepared = unmount_nested(&v.device, &v.nested_mounts, FIX_RESUME)
+        .and_then(|()| unmount_all(&v.device, dev, FIX_RESUME))
+        .and_then(|()| prepare_fs(&v.device, v.header.as_deref(), &fs));
+    if let Err(e) = prepared {
+        return Err(roll_back(sw, idx, e));
+    }
+    encrypt_prepared(
         req,
         passphrase,
         &v.device,
@@ -958,8 +1190,8 @@ fn restart_encryption(
         &fs,
         sw,
         idx,
-        idx,
-        n,
+        pos.0,
+        pos.1,
     )
 }
 
@@ -993,7 +1225,7 @@ fn resume_decrypt(
     passphrase: &[u8],
     sw: &mut StatusWriter,
     idx: usize,
-    n: usize,
+    pos: (usize, usize),
 ) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
     let header = v.header.clone().ok_or_else(|| {
@@ -1002,7 +1234,6 @@ fn resume_decrypt(
             v.device.display()
         ))
     })?;
-    let in_front = header.starts_with(req.state_dir.join("headers"));
     sw.status.volumes[idx].resumed = true;
     sw.active = Some(idx);
     commit(sw)?;
@@ -1017,14 +1248,14 @@ fn resume_decrypt(
                 header.display()
             ))
         })?;
-    let outcome = match walk(sw, idx, idx, n, req, |ctl| {
+    let outcome = match walk(sw, idx, pos.0, pos.1, req, |ctl| {
         luksify_walker::resume(&data, Some(&hf), passphrase, Default::default(), ctl)
     }) {
         Err(e) if e.message.contains("shows no encryption in progress") => Outcome::Finished,
         o => o?,
     };
     drop(data);
-    finish_disable(sw, idx, outcome, in_front)
+    finish_disable(sw, idx, outcome)
 }
 
 /// `7:0` back into a device number.
@@ -1086,13 +1317,24 @@ pub fn disable(
         }
         return Ok(0);
     }
-    sw.status.operation = Operation::DisableEncryption;
-    sw.status.pid = Some(std::process::id());
-    let n = sw.status.volumes.len();
+    let todo: Vec<PathBuf> = todo
+        .into_iter()
+        .map(|i| sw.status.volumes[i].device.clone())
+        .collect();
     let count = todo.len();
-    for idx in todo {
-        let key = read_recorded_key(&sw.status.volumes[idx], passphrase_override)?;
-        disable_one(req, &key, &mut sw, idx, n)?;
+    sw.status
+        .begin_run(Operation::DisableEncryption, std::process::id(), |v| {
+            todo.contains(&v.device)
+        });
+    for (i, device) in todo.iter().enumerate() {
+        let Some(idx) = sw.status.volumes.iter().position(|v| &v.device == device) else {
+            continue;
+        };
+        let r = read_recorded_key(&sw.status.volumes[idx], passphrase_override)
+            .and_then(|key| disable_one(req, &key, &mut sw, idx, (i, count)));
+        if let Err(e) = r {
+            return Err(end_run_failed(&mut sw, idx, e));
+        }
     }
     sw.active = None;
     sw.status.pid = None;
@@ -1126,7 +1368,7 @@ fn disable_one(
     passphrase: &[u8],
     sw: &mut StatusWriter,
     idx: usize,
-    n: usize,
+    pos: (usize, usize),
 ) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
     // Unmount whatever is mounted from the mapping (after what is nested below it,
@@ -1134,13 +1376,26 @@ fn disable_one(
     if let Some(rec) = map::load_record(&req.state_dir, &v.mapper) {
         let blk = rec.loop_dev.clone().unwrap_or(rec.mapped.clone());
         if let Some(num) = probe::block_dev_num(&blk) {
+            if req.kill_holders {
+                let mut t = holders::Targets::default();
+                t.filesystems.insert(num);
+                t.block_devices.insert(num);
+                stop_holders(&blk, &holders::pids(&holders::scan(&t, false)));
+            }
             if let Some(mp) = &v.mount_point {
                 let nested = current_nested(mp, num)?;
+                let all = mountinfo::read().unwrap_or_default();
+                let views: Vec<check::MountView> = mountinfo::mounts_of(&all, num)
+                    .into_iter()
+                    .map(check::MountView::from)
+                    .collect();
+                let primary = views.iter().find(|m| &m.mount_point == mp);
+                sw.status.volumes[idx].extra_mounts = extra_mounts(views.iter(), primary);
                 sw.status.volumes[idx].nested_mounts = nested.clone();
                 commit(sw)?;
-                unmount_nested(&v.device, &nested)?;
+                unmount_nested(&v.device, &nested, FIX_DISABLE)?;
             }
-            unmount_all(&blk, num)?;
+            unmount_all(&blk, num, FIX_DISABLE)?;
         }
         map::close(&req.state_dir, &v.mapper)?;
     }
@@ -1179,6 +1434,7 @@ fn disable_one(
         .write(true)
         .create(in_front)
         .truncate(false)
+        .mode(0o600)
         .open(&header)
         .map_err(|e| {
             Failure::failed(format!(
@@ -1196,19 +1452,14 @@ fn disable_one(
         checksum_hash: luksify_walker::Hash::Sha256,
         tuning: Default::default(),
     };
-    let outcome = walk(sw, idx, idx, n, req, |ctl| {
+    let outcome = walk(sw, idx, pos.0, pos.1, req, |ctl| {
         luksify_walker::decrypt(&data, Some(&hf), passphrase, &dopts, ctl)
     })?;
     drop(data);
-    finish_disable(sw, idx, outcome, in_front)
+    finish_disable(sw, idx, outcome)
 }
 
-fn finish_disable(
-    sw: &mut StatusWriter,
-    idx: usize,
-    outcome: Outcome,
-    header_was_in_front: bool,
-) -> Result<()> {
+fn finish_disable(sw: &mut StatusWriter, idx: usize, outcome: Outcome) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
     if let Outcome::Interrupted(_) = outcome {
         commit(sw)?;
@@ -1229,15 +1480,19 @@ fn finish_disable(
         tabs::crypttab_remove(t, &v.mapper)
     })
     .map_err(|e| io("crypttab", e))?;
-    if let Some(mp) = &v.mount_point {
+    for mp in v.mount_point.iter().chain(
+        v.fstab_mount_points
+            .iter()
+            .filter(|mp| Some(mp.as_path()) != v.mount_point.as_deref()),
+    ) {
         tabs::edit_file(&etc.join("fstab"), |t| tabs::fstab_restore(t, mp))
             .map_err(|e| io("fstab", e))?;
     }
-    if header_was_in_front {
-        // The moved header held the keyslots; once decrypted it is an empty shell.
-        if let Some(h) = &v.header {
-            let _ = std::fs::remove_file(h);
-        }
+    // The header (moved out of the way, or the detached one luksify created in
+    // --header-dir) held the keyslots; once decrypted it is an empty shell, and left
+    // behind it would block a later `enable` of a device with the same name.
+    if let Some(h) = &v.header {
+        let _ = std::fs::remove_file(h);
     }
     let s = &mut sw.status.volumes[idx];
     s.state = VolumeState::NotEncrypted;

@@ -49,26 +49,31 @@ impl GlobalLock {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
             .map_err(io)?;
-        let op = if wait {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_EX | libc::LOCK_NB
-        };
-        if let Err(e) = luksify_walker::device::flock(&file, op) {
+        if let Err(e) = luksify_walker::device::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(io(e));
             }
             let mut s = String::new();
             let _ = file.read_to_string(&mut s);
             let pid = s.trim().to_string();
-            return Err(LockError::Busy {
-                pid: if pid.is_empty() {
-                    "unknown".into()
-                } else {
-                    pid
-                },
-                path,
-            });
+            if wait {
+                // Say why nothing happens yet, then queue.
+                eprintln!(
+                    "luksify: waiting for pid {} to release {} (--wait)",
+                    if pid.is_empty() { "unknown" } else { &pid },
+                    path.display()
+                );
+                luksify_walker::device::flock(&file, libc::LOCK_EX).map_err(io)?;
+            } else {
+                return Err(LockError::Busy {
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid
+                    },
+                    path,
+                });
+            }
         }
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;

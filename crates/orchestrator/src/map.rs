@@ -165,11 +165,16 @@ pub fn unlock(
 }
 
 /// Opens a mapping. Returns the record of what was created.
+/// Whether the mapping a record describes still exists (its daemon, if any, runs and
+/// its device node is there).
+pub fn is_live(r: &MapRecord) -> bool {
+    r.daemon_pid.is_none_or(pid_alive) && r.mapped.exists()
+}
+
 pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
     validate_name(req.name)?;
     if let Some(r) = load_record(req.state_dir, req.name) {
-        let alive = r.daemon_pid.is_none_or(pid_alive);
-        if alive && r.mapped.exists() {
+        if is_live(&r) {
             return Err(Failure::failed(format!(
                 "mapping {} is already open ({} on {}); close it first with `luksify close {}`",
                 req.name,
@@ -210,23 +215,38 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
     open_userspace(req, &seg, vk, mapped)
 }
 
-fn open_data_device(device: &Path) -> Result<File> {
+/// Opens the data device for the mapping daemon, with the lock a walker run takes on
+/// the same bytes (the image file's, or a loop device's backing file's, as qemu takes
+/// it): while the mapping lives, `luksify encrypt`/`decrypt`/`resume` and a second
+/// mapping of the same bytes are refused instead of writing beside it. The lock lives
+/// as long as the returned pair.
+fn open_data_device(device: &Path) -> Result<(File, luksify_walker::lock::DataLock)> {
     let is_blk = probe::block_dev_num(device).is_some();
     let mut o = std::fs::OpenOptions::new();
     o.read(true).write(true);
     // O_EXCL on a block device fails while it is mounted or mapped elsewhere.
     o.custom_flags(libc::O_CLOEXEC | if is_blk { libc::O_EXCL } else { 0 });
-    o.open(device).map_err(|e| {
-        let why = if e.raw_os_error() == Some(libc::EBUSY) {
-            "it is in use (mounted, mapped or opened exclusively)".to_string()
-        } else {
-            e.to_string()
-        };
+    let cannot = |why: String| {
         Failure::failed(format!(
             "cannot open {} for the mapping: {why}; unmount or close what uses it",
             device.display()
         ))
-    })
+    };
+    let f = o.open(device).map_err(|e| {
+        cannot(if e.raw_os_error() == Some(libc::EBUSY) {
+            "it is in use (mounted, mapped or opened exclusively)".to_string()
+        } else {
+            e.to_string()
+        })
+    })?;
+    let lock = if is_blk {
+        let size = luksify_luks::io::Disk::size(&f).map_err(|e| cannot(e.to_string()))?;
+        luksify_walker::lock::DataLock::block_device(&f, size)
+    } else {
+        luksify_walker::lock::DataLock::image_file(&f)
+    }
+    .map_err(|e| cannot(e.to_string()))?;
+    Ok((f, lock))
 }
 
 fn open_userspace(
@@ -339,7 +359,7 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
             )
         }
     };
-    let dev = match open_data_device(device) {
+    let (dev, _data_lock) = match open_data_device(device) {
         Ok(d) => d,
         Err(e) => return fail(&mut stdout, e.message),
     };

@@ -283,6 +283,41 @@ pub fn parse_meminfo(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// `resize2fs -P`: the smallest size in bytes an ext2/3/4 filesystem can be shrunk to
+/// (it reads the live allocation, so it is right for a mounted filesystem too, where
+/// the superblock's free counts are stale). None when resize2fs is missing or says
+/// nothing parseable.
+pub fn ext_min_bytes(dev: &Path, block_size: u32) -> Option<u64> {
+    let out = std::process::Command::new("resize2fs")
+        .arg("-P")
+        .arg(dev)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let blocks: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Estimated minimum size of the filesystem:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(blocks * block_size as u64)
+}
+
+/// Free bytes of the filesystem mounted at `mount_point` (statvfs `f_bfree`, reserved
+/// blocks included: resize2fs can use them).
+pub fn statvfs_free(mount_point: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mount_point.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and statvfs fills the struct it is given.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bfree * st.f_frsize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,6 +77,18 @@ pub struct VolumeStatus {
     /// volume and mounts again (outermost first) once the volume is back.
     #[serde(default)]
     pub nested_mounts: Vec<NestedMount>,
+    /// Other mounts of the volume (a second mount, a bind of a subdirectory), mounted
+    /// again as binds of `mount_point` once it is back.
+    #[serde(default)]
+    pub extra_mounts: Vec<ExtraMount>,
+    /// fstab entries that name the device (path, UUID=, LABEL=...), mounted or not: each
+    /// is pointed at the mapping, and back on `disable`.
+    #[serde(default)]
+    pub fstab_mount_points: Vec<PathBuf>,
+    /// Part of the latest run (`enable`, `resume` or `disable`): the progress message
+    /// counts and reports these only.
+    #[serde(default)]
+    pub in_run: bool,
 }
 
 /// A mount nested below a volume's mount point, as needed to mount it again.
@@ -85,6 +97,15 @@ pub struct NestedMount {
     pub source: PathBuf,
     pub mount_point: PathBuf,
     pub fs_type: String,
+    pub options: String,
+}
+
+/// Another mount of a volume: `root` (inside the filesystem) bound at `mount_point`
+/// with the per-mount `options`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExtraMount {
+    pub mount_point: PathBuf,
+    pub root: String,
     pub options: String,
 }
 
@@ -123,10 +144,22 @@ impl Status {
         }
     }
 
+    /// Starts a run of `op` by pid `pid`: volumes an earlier run left plain are no
+    /// longer luksify's and leave the list; `in_run` marks those `pick` selects.
+    pub fn begin_run(&mut self, op: Operation, pid: u32, pick: impl Fn(&VolumeStatus) -> bool) {
+        self.volumes
+            .retain(|v| v.state != VolumeState::NotEncrypted || pick(v));
+        for v in &mut self.volumes {
+            v.in_run = pick(v);
+        }
+        self.operation = op;
+        self.pid = Some(pid);
+    }
+
     /// Recomputes the aggregate data state and the message from the volumes.
     /// `active` is the index (0-based) of the volume being worked on, if any.
     pub fn refresh(&mut self, active: Option<usize>) {
-        self.data_volumes_encrypted = aggregate(&self.volumes);
+        self.data_volumes_encrypted = aggregate(self);
         self.progress_message = message(self.operation, &self.volumes, active);
         if self.os_volume_encrypted == VolumeState::VMRestartPending {
             self.progress_message = "OS disk successfully encrypted, please reboot the VM".into();
@@ -146,8 +179,9 @@ impl Status {
 /// mapping `/dev/mapper/NAME` is gone (after `luksify close`, or at boot before crypttab
 /// mapped it) or is not mounted at its recorded mount point reads `NotMounted`, and one
 /// that is mapped and mounted again reads `Encrypted`, as the cloud agent reports them.
-/// The aggregate follows; the message is left as written by the worker.
-pub fn apply_live_mount_state(s: &mut Status, mounts: &[crate::mountinfo::Mount]) {
+/// A run whose process is gone (killed, power cut) is reported as interrupted, with
+/// what finishes it. The aggregate follows.
+pub fn apply_live_state(s: &mut Status, mounts: &[crate::mountinfo::Mount]) {
     for v in &mut s.volumes {
         if !matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted) {
             continue;
@@ -163,12 +197,46 @@ pub fn apply_live_mount_state(s: &mut Status, mounts: &[crate::mountinfo::Mount]
             VolumeState::NotMounted
         };
     }
-    s.data_volumes_encrypted = aggregate(&s.volumes);
+    // SAFETY: signal 0 only checks that the pid exists.
+    let gone = s
+        .pid
+        .is_some_and(|p| unsafe { libc::kill(p as libc::pid_t, 0) } != 0);
+    if gone {
+        s.pid = None;
+        if let Some(v) = s.volumes.iter().find(|v| {
+            matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            )
+        }) {
+            let what = if v.state == VolumeState::DecryptionInProgress {
+                "Decryption"
+            } else {
+                "Encryption"
+            };
+            s.progress_message = format!(
+                "{what} of {} interrupted at {}% (its luksify process is gone); `luksify resume` finishes it",
+                v.device.display(),
+                v.percent.floor() as u64
+            );
+        }
+    }
+    s.data_volumes_encrypted = aggregate(s);
 }
 
-/// In progress wins; then encrypted-but-unmounted; all encrypted is Encrypted.
-pub fn aggregate(vols: &[VolumeStatus]) -> VolumeState {
+/// While a run's process works, its direction; otherwise in progress (an interrupted
+/// run) wins, then encrypted-but-unmounted; Encrypted when every volume luksify manages
+/// is encrypted.
+pub fn aggregate(s: &Status) -> VolumeState {
     use VolumeState::*;
+    let vols = &s.volumes;
+    if s.pid.is_some() {
+        match s.operation {
+            Operation::EnableEncryption | Operation::Resume => return EncryptionInProgress,
+            Operation::DisableEncryption => return DecryptionInProgress,
+            Operation::None => {}
+        }
+    }
     if vols.iter().any(|v| v.state == EncryptionInProgress) {
         return EncryptionInProgress;
     }
@@ -192,48 +260,71 @@ pub fn aggregate(vols: &[VolumeStatus]) -> VolumeState {
     }
 }
 
-/// The agent's progress messages.
+/// The agent's progress messages, about the volumes of the latest run.
 pub fn message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> String {
-    let n = vols.len();
+    let run: Vec<(usize, &VolumeStatus)> =
+        vols.iter().enumerate().filter(|(_, v)| v.in_run).collect();
+    let n = run.len();
     let pct = |v: &VolumeStatus| v.percent.floor() as u64;
-    if let Some(i) = active {
-        if let Some(v) = vols.get(i) {
+    if let Some(a) = active {
+        if let Some(v) = vols.get(a) {
+            let i = run.iter().position(|(j, _)| *j == a).unwrap_or(0) + 1;
+            let n = n.max(i);
             return match v.state {
                 VolumeState::DecryptionInProgress => {
-                    format!("Decrypting data volume {}/{n}: {}%", i + 1, pct(v))
+                    format!("Decrypting data volume {i}/{n}: {}%", pct(v))
                 }
                 _ if v.resumed => format!("Resuming encryption after reboot: {}%", pct(v)),
-                _ => format!("Encrypting data volume {}/{n}: {}%", i + 1, pct(v)),
+                _ => format!("Encrypting data volume {i}/{n}: {}%", pct(v)),
             };
         }
     }
+    let failed = run.iter().find_map(|(_, v)| v.error.clone());
+    let stopped = run.iter().find(|(_, v)| {
+        matches!(
+            v.state,
+            VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+        )
+    });
     match op {
         Operation::DisableEncryption => {
-            if vols.iter().all(|v| v.state == VolumeState::NotEncrypted) {
+            if let Some(e) = failed {
+                format!("Decryption failed: {e}")
+            } else if let Some((_, v)) = stopped {
+                format!(
+                    "Decryption stopped at {}%; `luksify resume` finishes it",
+                    pct(v)
+                )
+            } else if n > 0
+                && run
+                    .iter()
+                    .all(|(_, v)| v.state == VolumeState::NotEncrypted)
+            {
                 "Decryption succeeded".into()
             } else {
-                "Decryption started".into()
+                format!("Decrypting {n} data volumes")
             }
         }
         Operation::EnableEncryption | Operation::Resume => {
-            if n > 0
-                && vols
-                    .iter()
-                    .all(|v| matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted))
+            if let Some(e) = failed {
+                format!("Encryption failed: {e}")
+            } else if n > 0
+                && run.iter().all(|(_, v)| {
+                    matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted)
+                })
             {
                 "Encryption succeeded for data volumes".into()
-            } else if vols.iter().any(|v| v.error.is_some()) {
-                let e = vols
-                    .iter()
-                    .find_map(|v| v.error.clone())
-                    .unwrap_or_default();
-                format!("Encryption failed: {e}")
+            } else if let Some((_, v)) = stopped.filter(|_| active.is_none() && n > 0) {
+                format!(
+                    "Encryption stopped at {}%; `luksify resume` finishes it",
+                    pct(v)
+                )
             } else {
                 format!("Encrypting {n} data volumes")
             }
         }
         Operation::None => {
-            if n > 0 && vols.iter().all(|v| v.state == VolumeState::Encrypted) {
+            if !vols.is_empty() && vols.iter().all(|v| v.state == VolumeState::Encrypted) {
                 "Encryption succeeded for data volumes".into()
             } else {
                 String::new()
@@ -389,8 +480,16 @@ mod tests {
             device: PathBuf::from("/dev/x"),
             state,
             percent: pct,
+            in_run: true,
             ..Default::default()
         }
+    }
+
+    fn agg(vols: &[VolumeStatus]) -> VolumeState {
+        aggregate(&Status {
+            volumes: vols.to_vec(),
+            ..Default::default()
+        })
     }
 
     #[test]
@@ -432,23 +531,89 @@ mod tests {
     #[test]
     fn aggregate_prefers_in_progress_then_not_mounted() {
         use VolumeState::*;
-        assert_eq!(aggregate(&[]), NotEncrypted);
+        assert_eq!(agg(&[]), NotEncrypted);
         assert_eq!(
-            aggregate(&[vol(Encrypted, 100.0), vol(EncryptionInProgress, 3.0)]),
+            agg(&[vol(Encrypted, 100.0), vol(EncryptionInProgress, 3.0)]),
             EncryptionInProgress
         );
         assert_eq!(
-            aggregate(&[vol(Encrypted, 100.0), vol(NotMounted, 100.0)]),
+            agg(&[vol(Encrypted, 100.0), vol(NotMounted, 100.0)]),
             NotMounted
         );
-        assert_eq!(aggregate(&[vol(Encrypted, 100.0)]), Encrypted);
+        assert_eq!(agg(&[vol(Encrypted, 100.0)]), Encrypted);
         assert_eq!(
-            aggregate(&[vol(Encrypted, 100.0), vol(NotEncrypted, 0.0)]),
+            agg(&[vol(Encrypted, 100.0), vol(NotEncrypted, 0.0)]),
             NotEncrypted
         );
+        assert_eq!(agg(&[vol(DecryptionInProgress, 1.0)]), DecryptionInProgress);
+    }
+
+    #[test]
+    fn a_run_counts_and_reports_only_its_own_volumes() {
+        let mut s = Status::default();
+        let mut old = vol(VolumeState::Encrypted, 100.0);
+        old.device = PathBuf::from("/dev/old");
+        let mut gone = vol(VolumeState::NotEncrypted, 100.0);
+        gone.device = PathBuf::from("/dev/gone");
+        gone.error = Some("an old failure".into());
+        s.volumes = vec![old, gone];
+        let mut a = vol(VolumeState::NotEncrypted, 0.0);
+        a.device = PathBuf::from("/dev/a");
+        let mut b = a.clone();
+        b.device = PathBuf::from("/dev/b");
+        s.upsert(a);
+        s.upsert(b);
+        s.begin_run(Operation::EnableEncryption, 42, |v| {
+            v.device == Path::new("/dev/a") || v.device == Path::new("/dev/b")
+        });
+        // The volume an earlier run left plain is no longer luksify's.
+        assert_eq!(s.volumes.len(), 3);
+        assert!(s.volume_mut(Path::new("/dev/gone")).is_none());
+        s.volumes[2].state = VolumeState::EncryptionInProgress;
+        s.volumes[2].percent = 50.0;
+        s.refresh(Some(2));
+        assert_eq!(s.progress_message, "Encrypting data volume 2/2: 50%");
+        // Between two volumes of a live run the aggregate stays in progress.
+        s.volumes[1].state = VolumeState::Encrypted;
+        s.volumes[2].state = VolumeState::NotEncrypted;
+        s.refresh(None);
+        assert_eq!(s.data_volumes_encrypted, VolumeState::EncryptionInProgress);
+        s.volumes[2].state = VolumeState::Encrypted;
+        s.pid = None;
+        s.refresh(None);
+        assert_eq!(s.data_volumes_encrypted, VolumeState::Encrypted);
+        assert_eq!(s.progress_message, "Encryption succeeded for data volumes");
+        // A failed disable says so instead of "Decryption started".
+        s.begin_run(Operation::DisableEncryption, 43, |v| {
+            v.device == Path::new("/dev/a")
+        });
+        s.volumes[1].error = Some("failed to unmount /x".into());
+        s.pid = None;
+        s.refresh(None);
         assert_eq!(
-            aggregate(&[vol(DecryptionInProgress, 1.0)]),
-            DecryptionInProgress
+            s.progress_message,
+            "Decryption failed: failed to unmount /x"
+        );
+        assert_eq!(s.data_volumes_encrypted, VolumeState::Encrypted);
+    }
+
+    #[test]
+    fn a_run_whose_process_is_gone_says_how_to_finish_it() {
+        let mut v = vol(VolumeState::EncryptionInProgress, 37.2);
+        v.device = PathBuf::from("/dev/a");
+        let mut s = Status {
+            operation: Operation::EnableEncryption,
+            // Beyond pid_max: no such process.
+            pid: Some(u32::MAX / 2),
+            volumes: vec![v],
+            ..Default::default()
+        };
+        apply_live_state(&mut s, &[]);
+        assert_eq!(s.pid, None);
+        assert_eq!(s.data_volumes_encrypted, VolumeState::EncryptionInProgress);
+        assert_eq!(
+            s.progress_message,
+            "Encryption of /dev/a interrupted at 37% (its luksify process is gone); `luksify resume` finishes it"
         );
     }
 

@@ -31,8 +31,10 @@ fn fields(line: &str) -> Option<Vec<&str>> {
     Some(t.split_whitespace().collect())
 }
 
-/// Points the fstab entry for `mount_point` at `mapped` (adding `nofail`), keeping the
-/// original as a marked comment; appends an entry when there was none.
+/// Points the fstab entry for `mount_point` at `mapped`, keeping the original as a marked
+/// comment. The entry keeps its own type, options, dump and pass fields, plus `nofail` (a
+/// volume whose key is missing must not stop the boot); with no entry, one is appended
+/// from `fs_type` and the mount's `options`.
 pub fn fstab_encrypt(
     text: &str,
     mount_point: &Path,
@@ -41,15 +43,14 @@ pub fn fstab_encrypt(
     options: &str,
 ) -> String {
     let mp = escape(&mount_point.to_string_lossy());
-    let mut opts: Vec<&str> = options.split(',').filter(|o| !o.is_empty()).collect();
-    if !opts.contains(&"nofail") {
-        opts.push("nofail");
-    }
-    let new_line = format!(
-        "{} {mp} {fs_type} {} 0 2",
-        escape(&mapped.to_string_lossy()),
-        opts.join(",")
-    );
+    let spec = escape(&mapped.to_string_lossy());
+    let entry = |fs_type: &str, options: &str, tail: &str| {
+        let mut opts: Vec<&str> = options.split(',').filter(|o| !o.is_empty()).collect();
+        if !opts.contains(&"nofail") {
+            opts.push("nofail");
+        }
+        format!("{spec} {mp} {fs_type} {} {tail}", opts.join(","))
+    };
     let mut out = Vec::new();
     let mut replaced = false;
     for line in text.lines() {
@@ -57,7 +58,15 @@ pub fn fstab_encrypt(
             if f.len() >= 2 && f[1] == mp {
                 if !replaced {
                     out.push(format!("{MARK}{line}"));
-                    out.push(new_line.clone());
+                    out.push(entry(
+                        f.get(2).copied().unwrap_or(fs_type),
+                        f.get(3).copied().unwrap_or("defaults"),
+                        &format!(
+                            "{} {}",
+                            f.get(4).copied().unwrap_or("0"),
+                            f.get(5).copied().unwrap_or("0")
+                        ),
+                    ));
                     replaced = true;
                 }
                 continue;
@@ -67,9 +76,33 @@ pub fn fstab_encrypt(
     }
     if !replaced {
         out.push(format!("{MARK}(none) {mp}"));
-        out.push(new_line);
+        out.push(entry(fs_type, options, "0 2"));
     }
     join(out)
+}
+
+/// Mount points of the fstab entries (not commented out) whose spec is `device`: its
+/// path, or a `UUID=`/`LABEL=`/`PARTUUID=`/`PARTLABEL=` that `ids` (blkid's `KEY=value`
+/// lines for the device) carries, or a /dev/disk link to it.
+pub fn fstab_mount_points_of(text: &str, device: &Path, ids: &[String]) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(fields)
+        .filter(|f| f.len() >= 2)
+        .filter(|f| {
+            let spec = f[0];
+            ids.iter()
+                .any(|id| id == spec || id.replace('"', "") == spec)
+                || std::fs::canonicalize(unescape_field(spec)).is_ok_and(|p| p == device)
+        })
+        .map(|f| PathBuf::from(unescape_field(f[1])))
+        .collect()
+}
+
+/// Undoes [`escape`].
+fn unescape_field(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\134", "\\")
 }
 
 /// Undoes [`fstab_encrypt`] for `mount_point`: the marked original comes back;
@@ -155,7 +188,9 @@ pub fn crypttab_remove(text: &str, name: &str) -> String {
 
 fn join(lines: Vec<String>) -> String {
     let mut s = lines.join("\n");
-    s.push('\n');
+    if !s.is_empty() {
+        s.push('\n');
+    }
     s
 }
 
@@ -198,12 +233,50 @@ mod tests {
             "rw,noatime",
         );
         assert!(enc.contains("# luksify: was: /dev/sdc1 /data ext4 defaults,noatime 0 2\n"));
-        assert!(enc.contains("/dev/mapper/data /data ext4 rw,noatime,nofail 0 2\n"));
+        // The entry's own options and fields stay (not the mount's runtime ones).
+        assert!(enc.contains("/dev/mapper/data /data ext4 defaults,noatime,nofail 0 2\n"));
         assert!(!enc.lines().any(|l| l.starts_with("/dev/sdc1")));
         assert!(enc.contains("UUID=abc / ext4"));
         assert_eq!(fstab_restore(&enc, Path::new("/data")), FSTAB);
         // Restoring another mount point changes nothing.
         assert_eq!(fstab_restore(&enc, Path::new("/other")), enc);
+    }
+
+    #[test]
+    fn fstab_entry_keeps_its_type_options_and_pass() {
+        let t = "/dev/vdb /srv auto defaults 0 0\n";
+        let enc = fstab_encrypt(
+            t,
+            Path::new("/srv"),
+            Path::new("/dev/mapper/v"),
+            "xfs",
+            "rw,relatime,inode64",
+        );
+        assert!(
+            enc.ends_with("/dev/mapper/v /srv auto defaults,nofail 0 0\n"),
+            "{enc}"
+        );
+        assert_eq!(fstab_restore(&enc, Path::new("/srv")), t);
+    }
+
+    #[test]
+    fn fstab_mount_points_of_matches_path_uuid_and_label() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("dev");
+        std::fs::write(&dev, b"").unwrap();
+        let t = format!(
+            "# {p} /c ext4 defaults 0 0\n{p} /a ext4 defaults 0 0\nUUID=u1 /b ext4 defaults 0 0\nLABEL=L /d ext4 ro 0 0\nUUID=u2 /e ext4 defaults 0 0\n",
+            p = dev.display()
+        );
+        let ids = vec!["UUID=u1".to_string(), "LABEL=L".to_string()];
+        assert_eq!(
+            fstab_mount_points_of(&t, &dev, &ids),
+            [
+                PathBuf::from("/a"),
+                PathBuf::from("/b"),
+                PathBuf::from("/d")
+            ]
+        );
     }
 
     #[test]
@@ -243,6 +316,8 @@ mod tests {
             "# c\ndata /dev/sdc /root/k.bin luks,nofail,header=/hdr/data.luks\n"
         );
         assert_eq!(crypttab_remove(&t2, "data"), "# c\n");
+        // A table that held only our entry is left empty, as it was.
+        assert_eq!(crypttab_remove(&crypttab_add("", &e2), "data"), "");
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub struct DataLock {
     _file: Option<File>,
 }
 
-const LOCKED_HINT: &str = "another luksify run on the same bytes (through this path, the image file, or a loop device over it), or a program using the image (e.g. qemu); wait for it to end, or stop a luksify run (SIGINT) and continue it with `luksify resume` (nothing was written)";
+const LOCKED_HINT: &str = "another luksify run on the same bytes (through this path, the image file, or a loop device over it), an open luksify mapping of them (`luksify close` it), or a program using the image (e.g. qemu); wait for it to end, or stop a luksify run (SIGINT) and continue it with `luksify resume` (nothing was written)";
 
 impl DataLock {
     /// Locks the whole of image file `file` (opened read-write).
