@@ -410,3 +410,60 @@ fn luks_cli_not_luks_device_is_a_clear_error() {
     let f = std::fs::File::open(&img).unwrap();
     assert_eq!(f.size().unwrap(), 1 << 20);
 }
+
+/// Keyslot and usage mistakes get cryptsetup's answer or the fix, in one line, and the
+/// image is unchanged: `test-passphrase -S` naming an unused slot, both passphrases on
+/// standard input, `resume` of a detached-header volume without --header.
+#[test]
+fn luks_cli_keyslot_and_usage_mistakes_say_what_to_do() {
+    let fx = Fixture::luks2();
+    let (img, key) = (fx.img(), fx.key());
+    let one_line = |out: &std::process::Output, needle: &str, code: i32, what: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(code) && err.lines().count() == 1 && err.contains(needle),
+            "{what}: {}: {err}",
+            out.status
+        );
+    };
+    for slot in ["1", "31"] {
+        let out = run(Command::new(luksify_bin()).args([
+            "test-passphrase",
+            p(&img),
+            "--key-file",
+            p(&key),
+            "-S",
+            slot,
+        ]));
+        one_line(
+            &out,
+            &format!("keyslot {slot} is not in use"),
+            2,
+            "test-passphrase -S",
+        );
+    }
+    for cmd in ["add-key", "change-key"] {
+        let out = run(Command::new(luksify_bin()).args([
+            cmd,
+            p(&img),
+            "--key-file",
+            "-",
+            "--new-key-file",
+            "-",
+        ]));
+        one_line(&out, "cannot both be standard input", 1, cmd);
+    }
+    let plain = fx.dir.path().join("plain");
+    sparse_file(&plain, 8 << 20);
+    let out = run(Command::new(luksify_bin()).args(["resume", p(&plain), "--key-file", p(&key)]));
+    one_line(
+        &out,
+        "pass it with --header FILE",
+        1,
+        "resume without --header",
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == fx.pristine,
+        "the image changed"
+    );
+}

@@ -801,3 +801,117 @@ fn luks_cli_format_refuses_a_header_that_is_the_device_itself() {
         assert!(std::fs::read(&img).unwrap() == orig, "{h:?}: image changed");
     }
 }
+
+/// An image whose size is not whole 512-byte sectors formats as `cryptsetup luksFormat`
+/// formats it (512-byte sectors, the partial last sector unused), where `format` used to
+/// refuse ("not a multiple of --sector-size 512") with no fix; an explicit 4096-byte
+/// sector size that does not divide the data area is refused with the fix.
+#[test]
+fn luks_cli_format_of_an_image_not_whole_sectors_matches_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("key", b"odd size");
+    let size = (20 << 20) + 100;
+    let mut seen = Vec::new();
+    for tool in ["luksify", "cryptsetup"] {
+        let img = d.image(&format!("img-{tool}"), size);
+        run_ok(format_cmd(tool, &img, &key, "luks2").args([
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+        ]));
+        let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&img));
+        let dump = String::from_utf8_lossy(&dump.stdout).to_string();
+        let lines: Vec<String> = dump
+            .lines()
+            .filter(|l| {
+                let t = l.trim_start();
+                t.starts_with("offset:") || t.starts_with("sector:") || t.starts_with("length:")
+            })
+            .map(|l| l.trim().to_string())
+            .collect();
+        assert!(!lines.is_empty(), "{tool}: {dump}");
+        seen.push(lines);
+    }
+    assert_eq!(seen[0], seen[1], "luksify (left) vs cryptsetup (right)");
+    let img = d.image("img-4k", size);
+    let out = run(format_cmd("luksify", &img, &key, "luks2").args([
+        "--sector-size",
+        "4096",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    assert_refused_in_one_line(&out, "use --sector-size 512", "explicit 4096");
+}
+
+/// `change-key` with the keyslots area full stores the new passphrase over the old
+/// keyslot's area, as `cryptsetup luksChangeKey` does there (it used to fail: "no free
+/// keyslot area"); cryptsetup then opens the slot with the new passphrase only, and the
+/// other keyslot still opens.
+#[test]
+fn luks_cli_change_key_with_a_full_keyslots_area_changes_in_place() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 8 << 20);
+    let (k1, k2, k3) = (
+        d.file("k1", b"first"),
+        d.file("k2", b"second"),
+        d.file("k3", b"third"),
+    );
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    run_ok(
+        lx(&["format", p(&img), "--key-file", p(&k1)])
+            .args(["--luks2-keyslots-size", "512k", "--offset", "2048"])
+            .args(fast),
+    );
+    run_ok(
+        lx(&[
+            "add-key",
+            p(&img),
+            "--key-file",
+            p(&k1),
+            "--new-key-file",
+            p(&k2),
+        ])
+        .args(fast),
+    );
+    // Full: a third keyslot does not fit.
+    let out = run(lx(&[
+        "add-key",
+        p(&img),
+        "--key-file",
+        p(&k1),
+        "--new-key-file",
+        p(&k3),
+    ])
+    .args(fast));
+    assert!(!out.status.success(), "the keyslots area was not full");
+    run_ok(
+        lx(&[
+            "change-key",
+            p(&img),
+            "--key-file",
+            p(&k1),
+            "--new-key-file",
+            p(&k3),
+        ])
+        .args(fast),
+    );
+    let opens = |k: &Path| {
+        run(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            p(&img),
+            "--key-file",
+            p(k),
+        ]))
+        .status
+        .success()
+    };
+    assert!(opens(&k3), "the new passphrase does not open");
+    assert!(opens(&k2), "the other keyslot no longer opens");
+    assert!(!opens(&k1), "the old passphrase still opens");
+}

@@ -396,6 +396,7 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
 /// the same `encrypt` again (where this was found). That command must continue the run,
 /// and the result decrypts to the filesystem's bytes. strace kills luksify at its 4th
 /// fdatasync: after the moved copy, the start marker and the keyslots, at the secondary's.
+/// Before that, `encrypt` with another layout is refused, nothing written.
 #[test]
 fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt() {
     require_tool("strace");
@@ -428,6 +429,26 @@ fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt
     );
     let is = run(Command::new("cryptsetup").args(["isLuks", &img]));
     assert!(!is.status.success(), "cryptsetup took it for LUKS");
+    // Another layout would encrypt over the moved copy, the only one of the first
+    // 4 MiB (ext4's superblock at 1 KiB still reads as a filesystem): refused, with the
+    // command that continues, nothing written (no header file either).
+    let other_hdr = c.p("other.hdr").display().to_string();
+    let mut detached = vec!["encrypt", &img, "--key-file", &key, "--header", &other_hdr];
+    detached.extend(FAST);
+    let mut wider = args.clone();
+    wider[5] = "16M";
+    for (other, what) in [
+        (detached, "a detached header"),
+        (wider, "another reduction"),
+    ] {
+        let out = run(&mut luksify(&other));
+        assert_refused_in_one_line(&out, "--reduce-device-size 8M", what);
+        assert!(
+            std::fs::read(c.p("img")).unwrap() == now,
+            "{what}: the image changed"
+        );
+        assert!(!c.p("other.hdr").exists(), "{what}: a header file was left");
+    }
     run_ok(&mut luksify(&args));
     run_ok(&mut luksify(&[
         "decrypt",
@@ -485,6 +506,7 @@ fn walker_second_run_on_a_busy_image_is_refused_and_the_first_finishes() {
             "locked by another luksify run on the same bytes",
             &format!("{args:?}"),
         );
+        assert_eq!(out.status.code(), Some(4), "{args:?}: busy is exit 4");
         assert_file_is(&c.p("img"), &img0, &format!("{args:?} wrote to the image"));
         assert_file_is(&c.p("hdr"), &hdr0, &format!("{args:?} wrote to the header"));
         assert!(!c.p("hdr2").exists(), "{args:?} created a header file");

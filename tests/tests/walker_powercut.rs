@@ -664,3 +664,91 @@ fn walker_power_cut_while_finishing_cryptsetups_decryption_then_resume_restores_
         }
     }
 }
+
+/// A data-shift start cut while its first header was being written leaves the head of
+/// the device overwritten and its first part only in the copy moved to the end. Another
+/// layout over it (a detached header, another reduction) would encrypt over that copy
+/// and lose the first part: it is refused with the command that continues the start,
+/// nothing written, and that command (or `resume`) restores every byte.
+#[test]
+fn walker_cut_shift_start_refuses_another_layout_over_it() {
+    let shift = Placement::Shift { reduce: REDUCE };
+    let first = ops_to_first_header(shift, false);
+    let others = [
+        (
+            Placement::Detached {
+                resilience: Resilience::Checksum,
+            },
+            true,
+        ),
+        (Placement::Shift { reduce: 2 * REDUCE }, false),
+    ];
+    let mut refused = 0;
+    for cut in first.saturating_sub(3)..=first + 1 {
+        for f in 0..4u64 {
+            let orig = plaintext(40 + f);
+            let data = MemDisk::from_vec(orig.clone());
+            let pc = power_cut_disk(&data, 512, false);
+            let hpc = pc.sibling(MemDisk::new(0));
+            pc.cut_after_ops(cut);
+            let r = luksify_walker::encrypt::<_, MemDisk>(
+                &pc,
+                None,
+                PASS,
+                &opts(shift),
+                &Control::default(),
+            );
+            power_comes_back(&pc, &hpc, &r, f * 0x2545_f491 + cut);
+            let before = data.to_vec();
+            if before[..(REDUCE / 2) as usize] != orig[..(REDUCE / 2) as usize] {
+                for (other, detached) in others {
+                    let hdr = MemDisk::new(0);
+                    let o = opts(other);
+                    let r = if detached {
+                        luksify_walker::encrypt(&data, Some(&hdr), PASS, &o, &Control::default())
+                    } else {
+                        luksify_walker::encrypt::<_, MemDisk>(
+                            &data,
+                            None,
+                            PASS,
+                            &o,
+                            &Control::default(),
+                        )
+                    };
+                    match r {
+                        Err(luksify_walker::Error::Refused(m))
+                            if m.contains("--reduce-device-size 2M") =>
+                        {
+                            refused += 1
+                        }
+                        r => panic!("cut {cut}, {other:?} over a cut shift start: {r:?}"),
+                    }
+                    assert!(data.to_vec() == before, "a refused run wrote");
+                    assert_eq!(hdr.size().unwrap(), 0, "a refused run wrote its header");
+                }
+            }
+            let again = luksify_walker::encrypt::<_, MemDisk>(
+                &data,
+                None,
+                PASS,
+                &opts(shift),
+                &Control::default(),
+            );
+            let out = match again {
+                Err(luksify_walker::Error::Refused(m)) if m.contains("luksify resume") => {
+                    luksify_walker::resume::<_, MemDisk>(
+                        &data,
+                        None,
+                        PASS,
+                        opts(shift).tuning,
+                        &Control::default(),
+                    )
+                }
+                r => r,
+            };
+            assert_eq!(out.unwrap(), Outcome::Finished, "cut {cut}");
+            check_decrypts_to(&data, shift, &orig);
+        }
+    }
+    assert!(refused > 0, "no cut left the head overwritten");
+}

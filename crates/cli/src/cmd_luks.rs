@@ -328,6 +328,23 @@ pub fn run(cmd: LuksCmd) -> Result<ExitCode> {
     }
 }
 
+/// Opens `path` for writing a header: a read-only block device (which opens for
+/// writing, then fails every write) is refused here, before anything is written.
+fn open_header_rw(path: &Path) -> Result<File> {
+    let f = open_rw(path)?;
+    let is_block = f.metadata().is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_block_device()
+    });
+    if is_block && luksify_walker::device::block_device_read_only(&f).unwrap_or(false) {
+        bail!(
+            "{}: is a read-only block device (a loop device attached with `losetup -r`, or set with `blockdev --setro`): make it writable (`blockdev --setrw`, or attach the loop device again without -r) and run again (nothing was written)",
+            path.display()
+        );
+    }
+    Ok(f)
+}
+
 fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
@@ -426,7 +443,11 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
     let n = &a.new;
     // Every option checked before the device is opened.
     let opts = n.with_kdf(n.kdf.request(luks1)?)?;
-    let device = open_rw(&a.device)?;
+    let device = if a.header.is_some() {
+        open_rw(&a.device)?
+    } else {
+        open_header_rw(&a.device)?
+    };
     let dev_size = device
         .size()
         .with_context(|| format!("{}: cannot read its size", a.device.display()))?;
@@ -552,9 +573,11 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
         let (logical, physical) = sector_sizes(&device);
         opts.sector_size = luks2::auto_sector_size(logical, physical, offset, dev_size);
     }
-    if !(dev_size - offset).is_multiple_of(u64::from(opts.sector_size)) {
+    // With 512-byte sectors a partial last sector is just not used (the kernel sizes
+    // the mapping in whole sectors), as cryptsetup formats such an image.
+    if opts.sector_size > 512 && !(dev_size - offset).is_multiple_of(u64::from(opts.sector_size)) {
         bail!(
-            "{}: data area of {} bytes is not a multiple of --sector-size {}",
+            "{}: data area of {} bytes is not a whole number of {}-byte sectors; use --sector-size 512 (nothing was written)",
             a.device.display(),
             dev_size - offset,
             opts.sector_size
@@ -633,7 +656,15 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
             println!("Key slot {slot} unlocked.");
             Ok(ExitCode::SUCCESS)
         }
-        Err(LuksError::WrongPassphrase) | Err(LuksError::KeyslotNotFound(_)) => {
+        Err(LuksError::KeyslotNotFound(n)) => {
+            // As cryptsetup: the slot asked for holds no passphrase keyslot.
+            eprintln!(
+                "luksify: {}: no usable keyslot is available: keyslot {n} is not in use (`luksify dump` lists the keyslots)",
+                path.display()
+            );
+            Ok(ExitCode::from(EXIT_WRONG_PASSPHRASE))
+        }
+        Err(LuksError::WrongPassphrase) => {
             eprintln!(
                 "luksify: {}: no key available with this passphrase",
                 path.display()
@@ -645,10 +676,13 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
 }
 
 fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
+    if a.key_file == Path::new("-") && a.new_key_file == Path::new("-") {
+        bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
+    }
     let pass = read_key_file(&a.key_file)?;
     let new = read_key_file(&a.new_key_file)?;
     let path = a.vol.meta();
-    let f = open_rw(path)?;
+    let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
     let req = a
         .kdf
@@ -665,7 +699,7 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
 fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
     let pass = read_key_file(&a.key_file)?;
     let path = a.vol.meta();
-    let f = open_rw(path)?;
+    let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
     let (_vk, slot) = vol.unlock(&f, &pass, None).map_err(|e| luks_err(path, e))?;
     if vol.keyslot_ids().len() == 1 && !a.batch_mode {
@@ -682,10 +716,13 @@ fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
 }
 
 fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
+    if a.key_file == Path::new("-") && a.new_key_file == Path::new("-") {
+        bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
+    }
     let pass = read_key_file(&a.key_file)?;
     let new = read_key_file(&a.new_key_file)?;
     let path = a.vol.meta();
-    let f = open_rw(path)?;
+    let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
     let req = a
         .kdf

@@ -11,7 +11,8 @@ use zeroize::Zeroizing;
 /// Exit codes, shown in `--help` of each command that changes disks.
 pub const EXIT_CODES: &str =
     "Exit codes: 0 done; 1 failed (the message says what, why and how to fix); \
-2 bad usage; 3 preflight found blockers, nothing written; 4 another luksify holds the lock; \
+2 bad usage; 3 preflight found blockers, nothing written; 4 another process holds the lock or the volume \
+(a luksify run or mapping, cryptsetup, qemu), nothing written; \
 5 interrupted, `luksify resume` finishes it; 6 not supported on this machine";
 
 /// The global lock and state directory, shared by every command that changes volumes.

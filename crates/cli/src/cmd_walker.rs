@@ -401,8 +401,10 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
 /// Opens the data device; a lock or a busy loop device explains itself.
 fn open_data(dev: &Path, buffered: bool) -> anyhow::Result<DataDevice> {
     // The walker's own refusals carry a message; bare system errors get a hint.
+    // The io::Error stays in the chain: its kind (WouldBlock: another process holds the
+    // volume) decides the exit code.
     DataDevice::open(dev, buffered).map_err(|e| match e.get_ref() {
-        Some(_) => anyhow::anyhow!("{}: {e}", dev.display()),
+        Some(_) => anyhow::Error::new(e).context(dev.display().to_string()),
         None => anyhow::Error::new(e).context(format!("{}: cannot open", dev.display())),
     })
 }

@@ -49,7 +49,21 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: what went wrong and how to fix it (errors carry both).
             eprintln!("luksify: {e:#}");
-            ExitCode::from(1)
+            // Another process holds the volume (a run's lock, a mapping, qemu): 4, as
+            // for the orchestrator's lock (see EXIT_CODES).
+            let busy = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<luksify_walker::Error>(),
+                    Some(luksify_walker::Error::Busy(_))
+                ) || c
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
+            });
+            ExitCode::from(if busy {
+                luksify_orchestrator::exit::BUSY
+            } else {
+                luksify_orchestrator::exit::FAILED
+            })
         }
     }
 }

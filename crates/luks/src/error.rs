@@ -21,7 +21,7 @@ pub enum Error {
     #[error("not a LUKS device: no LUKS header magic found")]
     NotLuks,
     /// A LUKS header with a version this code does not handle.
-    #[error("unsupported LUKS version {0} (luksify handles LUKS1 and LUKS2)")]
+    #[error("LUKS version {0} header where this command needs LUKS2 (a LUKS1 volume converts with `cryptsetup convert --type luks2`)")]
     UnsupportedVersion(u16),
     /// The header is structurally invalid; the message says which rule was broken.
     #[error("invalid LUKS header: {0}")]

@@ -141,10 +141,27 @@ pub fn unlock(
         .iter()
         .any(|r| r.starts_with("online-reencrypt"))
     {
+        // Running now (its walker holds cryptsetup's reencryption lock), or interrupted.
+        let running = matches!(
+            luksify_walker::lock::ReencryptLock::acquire(
+                Path::new(luksify_walker::lock::CRYPTSETUP_LOCK_DIR),
+                &hdr.uuid
+            ),
+            Err(luksify_walker::Error::Busy(_))
+        );
+        if running {
+            return Err(Failure::new(
+                exit::BUSY,
+                format!(
+                    "{}: its encryption or decryption is running now (a luksify run or `cryptsetup reencrypt`); open it once that has finished",
+                    device.display()
+                ),
+            ));
+        }
         return Err(Failure::new(
             exit::INTERRUPTED,
             format!(
-                "{}: encryption was interrupted and has not finished; run `luksify resume` (or `cryptsetup reencrypt --resume-only`) first",
+                "{}: its encryption or decryption was interrupted and has not finished; run `luksify resume` (or `cryptsetup reencrypt --resume-only`) first",
                 device.display()
             ),
         ));
@@ -164,13 +181,13 @@ pub fn unlock(
     Ok((hdr, seg, vk))
 }
 
-/// Opens a mapping. Returns the record of what was created.
 /// Whether the mapping a record describes still exists (its daemon, if any, runs and
 /// its device node is there).
 pub fn is_live(r: &MapRecord) -> bool {
     r.daemon_pid.is_none_or(pid_alive) && r.mapped.exists()
 }
 
+/// Opens a mapping. Returns the record of what was created.
 pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
     validate_name(req.name)?;
     if let Some(r) = load_record(req.state_dir, req.name) {

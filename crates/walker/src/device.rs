@@ -154,6 +154,12 @@ fn block_ioctl<T: Default + Copy>(file: &File, req: libc::c_ulong) -> io::Result
     Ok(v)
 }
 
+/// Whether block device `file` is read-only (`BLKROGET`): opening it for writing
+/// succeeds, every write then fails with EPERM.
+pub fn block_device_read_only(file: &File) -> io::Result<bool> {
+    Ok(block_ioctl::<libc::c_int>(file, BLKROGET)? != 0)
+}
+
 /// A block device's size in bytes (`BLKGETSIZE64`).
 pub fn block_device_size(file: &File) -> io::Result<u64> {
     block_ioctl(file, BLKGETSIZE64)
@@ -211,7 +217,7 @@ impl DataDevice {
                 Err(e) => return Err(open_error(e)),
             }
         };
-        if is_block && block_ioctl::<libc::c_int>(&file, BLKROGET)? != 0 {
+        if is_block && block_device_read_only(&file)? {
             // Opening a read-only block device for writing succeeds; every write fails.
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,

@@ -79,6 +79,10 @@ pub enum Error {
     /// A check failed before anything was written.
     #[error("{0}")]
     Refused(String),
+    /// Another process (a luksify run or mapping, cryptsetup, qemu) holds the volume;
+    /// nothing was written.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl Error {
@@ -650,6 +654,33 @@ fn find_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64) -> Result<Option<
     Ok(None)
 }
 
+/// A `--reduce-device-size` start cut while its first header was being written leaves
+/// the device's head overwritten and its first part only in the moved copy, which only
+/// the same command knows to put back. Any other layout (a detached header, another
+/// reduction) would encrypt over it and lose that part: refused, nothing written. The
+/// head alone cannot tell: the secondary header copy lands first, past the primary, so
+/// the filesystem's superblock may still be there over overwritten group descriptors.
+/// The marker is looked for at every whole-MiB shift (up to 1024 reads of 4 KiB).
+fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
+    data: &D,
+    dev_size: u64,
+    placement: Placement,
+    detached: bool,
+) -> Result<()> {
+    let Some(shift) = find_init_marker(data, dev_size)? else {
+        return Ok(());
+    };
+    if matches!(placement, Placement::Shift { reduce } if !detached && reduce == 2 * shift) {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "an interrupted `luksify encrypt --reduce-device-size {}M` start is on this device: its first {} MiB are only in the copy moved to its end and its head may already be overwritten; run that same command (--reduce-device-size {}M, no --header) again to continue it (nothing was written)",
+        (2 * shift) >> 20,
+        shift >> 20,
+        (2 * shift) >> 20
+    )))
+}
+
 /// Encrypts `data` in place. `meta` is the detached header store (`None` for
 /// [`Placement::Shift`], where the header lives on `data`). Every check runs
 /// before the first write; on refusal nothing has been written.
@@ -669,6 +700,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         )));
     }
     let placement = opts.placement.with_offset(opts.format.data_offset)?;
+    refuse_other_layout_over_a_cut_shift_start(data, dev_size, placement, meta.is_some())?;
     let init_marker = match placement {
         Placement::Shift { reduce } if meta.is_none() => read_init_marker(data, dev_size, reduce)?,
         _ => false,
@@ -681,7 +713,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         init_marker && (luks2_without_valid_copy(data)? || ours_before_first_commit(data)?);
     if is_luks(data)? && !cut_start {
         return Err(Error::Refused(
-            "the device already holds a LUKS header; use `luksify resume` to continue an interrupted run".into(),
+            "the device already holds a LUKS header: it is encrypted already, or holds an interrupted run that `luksify resume` continues (nothing was written)".into(),
         ));
     }
     let sector = opts.format.sector_size as u64;
@@ -715,7 +747,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 // the data, so start over.
                 if !is_cut_new_header(m)? {
                     return Err(Error::Refused(
-                        "the header file already holds a LUKS header; use `luksify resume` to continue"
+                        "the header file already holds a LUKS header: name a new file, or continue its interrupted run with `luksify resume` (nothing was written)"
                             .into(),
                     ));
                 }
@@ -762,9 +794,16 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             }
             if let Some(fs) = fs {
                 if fs.size > data_size {
+                    let fix = match fs.kind {
+                        fsprobe::FsKind::Ext => format!(
+                            "shrink the filesystem to at most {data_size} bytes first (e.g. resize2fs DEV {}K)",
+                            data_size / 1024
+                        ),
+                        fsprobe::FsKind::Xfs => "xfs cannot shrink: keep the header in a file instead (--header FILE, no --reduce-device-size)".to_string(),
+                    };
                     return Err(Error::Refused(format!(
-                        "the {} filesystem spans {} bytes but only {data_size} may stay in use: the last {reduce} bytes must be free; shrink the filesystem to at most {data_size} bytes first (e.g. resize2fs DEV {}K)",
-                        fs.kind.name(), fs.size, data_size / 1024
+                        "the {} filesystem spans {} bytes but only {data_size} may stay in use: the last {reduce} bytes must be free; {fix} (nothing was written)",
+                        fs.kind.name(), fs.size
                     )));
                 }
             }
@@ -1251,6 +1290,12 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             "device of {dev_size} bytes ends before the data offset {off}: wrong device?"
         )));
     }
+    if (dev_size - off) % CHECKSUM_BLOCK as u64 != 0 {
+        return Err(Error::Refused(format!(
+            "the data area ({} bytes from offset {off} to the device's end) is not a whole number of 4096-byte blocks, the unit luksify walks in; decrypt this volume with `cryptsetup reencrypt --decrypt` (nothing was written)",
+            dev_size - off
+        )));
+    }
     // Until the walk starts the keyslot areas are read where they are now.
     let unlocked = match header {
         Some(h) if !moves => hdr.unlock(h, passphrase, None),
@@ -1375,6 +1420,11 @@ fn no_header_to_resume(
                 (2 * shift) >> 20
             )));
         }
+        if matches!(e, luksify_luks::Error::NotLuks) {
+            return Ok(Error::Refused(
+                "no LUKS header on the device: if the run keeps its header in a file, pass it with --header FILE; else there is no run to resume here".into(),
+            ));
+        }
     }
     Ok(e.into())
 }
@@ -1422,6 +1472,16 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         return Err(Error::Refused(
             "a decryption keeps its journal in a detached header: pass --header FILE".into(),
         ));
+    }
+    // A run cryptsetup started on a device that is not whole 4096-byte blocks (it walks
+    // in 512-byte sectors) would stop at the last partial block, half done.
+    let dev_size = data
+        .size()
+        .map_err(|e| Error::io("size of the device", e))?;
+    if dev_size % CHECKSUM_BLOCK as u64 != 0 {
+        return Err(Error::Refused(format!(
+            "the device's {dev_size} bytes are not a whole number of 4096-byte blocks, the unit luksify walks in; finish this run with cryptsetup (`cryptsetup repair`, then `cryptsetup reencrypt --resume-only`; nothing was written)"
+        )));
     }
     // Unlock with any passphrase keyslot whose key matches the new segment's digest.
     let mut vk = None;

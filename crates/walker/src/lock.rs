@@ -250,7 +250,7 @@ impl ReencryptLock {
             match crate::device::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-                    return Err(Error::Refused(format!(
+                    return Err(Error::Busy(format!(
                         "another process is walking this volume (UUID {uuid}): a luksify run, or `cryptsetup reencrypt` (it holds {}); wait for it to end (nothing was written)",
                         path.display()
                     )))

@@ -738,7 +738,10 @@ impl Luks2Header {
 
     /// Replaces the passphrase of keyslot `slot` (which `old` must open): the
     /// key is stored under `new` in a fresh area, the keyslot id stays, and the
-    /// old area is zeroed after the header points at the new one.
+    /// old area is zeroed after the header points at the new one. With no free area
+    /// left, the key is stored over the old area itself, as `cryptsetup luksChangeKey`
+    /// does then (a crash between that write and the header's leaves the slot opened
+    /// by neither passphrase; other keyslots are untouched).
     pub fn change_keyslot<D: Disk + ?Sized>(
         &mut self,
         disk: &D,
@@ -754,9 +757,16 @@ impl Luks2Header {
         };
         let kdf = req.resolve(vk.len())?;
         let size = keyslot::area_size(vk.len(), crate::af::DEFAULT_STRIPES);
-        let area = self.free_area(size, None).ok_or_else(|| {
-            Error::NoFreeKeyslot("no free keyslot area to write the new key into".into())
-        })?;
+        let area = match self.free_area(size, None) {
+            Some(a) => a,
+            None if old_area.1 >= size => old_area.0,
+            None => {
+                return Err(Error::NoFreeKeyslot(
+                    "no free keyslot area to write the new key into".into(),
+                ))
+            }
+        };
+        let in_place = area == old_area.0;
         let data = self.data_segment()?;
         let af_hash = match self.metadata.keyslots.get(&slot) {
             Some(Keyslot::Luks2(k)) => Hash::parse(&k.af.hash)?,
@@ -775,6 +785,9 @@ impl Luks2Header {
         if let Err(e) = self.write(disk) {
             self.metadata = before;
             return Err(e);
+        }
+        if in_place {
+            return Ok(());
         }
         let zero = vec![0u8; old_area.1 as usize];
         disk.write_at(old_area.0, &zero)
