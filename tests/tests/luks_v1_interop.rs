@@ -257,3 +257,125 @@ fn luks1_qemu_img_create_variants_unlock() {
         }
     }
 }
+
+/// LUKS1 volumes in AES-CBC, as cryptsetup 1.x made them (`aes-cbc-essiv:sha256`, its
+/// default, and the plain/plain64 IVs, 128- and 256-bit keys): luksify's keyslot
+/// commands work on them (they used to refuse: "unsupported cipher specification") and
+/// cryptsetup reads what they wrote. `--dump-volume-key` gives cryptsetup's key.
+#[test]
+fn luks1_cbc_volumes_take_the_keyslot_commands() {
+    require_tool("cryptsetup");
+    let d = tempfile::tempdir().unwrap();
+    let file = |n: &str, b: &[u8]| {
+        let f = d.path().join(n);
+        std::fs::write(&f, b).unwrap();
+        f
+    };
+    let (k1, k2, k3) = (
+        file("k1", b"first"),
+        file("k2", b"second"),
+        file("k3", b"third"),
+    );
+    let lx = |args: &[&str]| {
+        let mut c = Command::new(luksify_tests::luksify_bin());
+        c.args(args);
+        c
+    };
+    for (cipher, bits) in [
+        ("aes-cbc-essiv:sha256", "256"),
+        ("aes-cbc-plain64", "256"),
+        ("aes-cbc-plain", "128"),
+    ] {
+        let img = d
+            .path()
+            .join(format!("{}-{bits}", cipher.replace(':', "_")));
+        sparse_file(&img, 8 << 20);
+        run_ok(Command::new("cryptsetup").args([
+            "luksFormat",
+            "-q",
+            "--type",
+            "luks1",
+            "--cipher",
+            cipher,
+            "--key-size",
+            bits,
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            p(&k1),
+            p(&img),
+        ]));
+        let what = format!("{cipher} {bits}");
+        run_ok(&mut lx(&["test-passphrase", p(&img), "--key-file", p(&k1)]));
+        let fast = ["--pbkdf-force-iterations", "1000"];
+        run_ok(
+            lx(&[
+                "add-key",
+                p(&img),
+                "--key-file",
+                p(&k1),
+                "--new-key-file",
+                p(&k2),
+            ])
+            .args(fast),
+        );
+        run_ok(
+            lx(&[
+                "change-key",
+                p(&img),
+                "--key-file",
+                p(&k2),
+                "--new-key-file",
+                p(&k3),
+            ])
+            .args(fast),
+        );
+        run_ok(&mut lx(&["remove-key", p(&img), "--key-file", p(&k1)]));
+        let opens = |k: &Path| {
+            run(Command::new("cryptsetup").args([
+                "open",
+                "--test-passphrase",
+                p(&img),
+                "--key-file",
+                p(k),
+            ]))
+            .status
+            .success()
+        };
+        assert!(
+            opens(&k3),
+            "{what}: cryptsetup does not open the changed keyslot"
+        );
+        assert!(
+            !opens(&k1) && !opens(&k2),
+            "{what}: a removed passphrase still opens"
+        );
+        let (ours, theirs) = (d.path().join("vk-ours"), d.path().join("vk-theirs"));
+        let _ = std::fs::remove_file(&ours);
+        let _ = std::fs::remove_file(&theirs);
+        run_ok(&mut lx(&[
+            "dump",
+            p(&img),
+            "--dump-volume-key",
+            "--key-file",
+            p(&k3),
+            "--volume-key-file",
+            p(&ours),
+        ]));
+        run_ok(Command::new("cryptsetup").args([
+            "luksDump",
+            "-q",
+            "--dump-volume-key",
+            "--volume-key-file",
+            p(&theirs),
+            "--key-file",
+            p(&k3),
+            p(&img),
+        ]));
+        assert_eq!(
+            std::fs::read(&ours).unwrap(),
+            std::fs::read(&theirs).unwrap(),
+            "{what}"
+        );
+    }
+}

@@ -19,6 +19,7 @@
 mod aesni128;
 #[cfg(target_arch = "x86_64")]
 mod aesni_keys;
+pub mod cbc;
 #[cfg(target_arch = "x86_64")]
 mod fused;
 mod tweak;

@@ -89,9 +89,10 @@ pub struct EncryptArgs {
     /// Header in front: the last SIZE bytes must be unused (e.g. 32M)
     #[arg(long, value_parser = parse_size)]
     reduce_device_size: Option<u64>,
-    /// Hotzone protection with a detached header
-    #[arg(long, value_enum, default_value = "checksum")]
-    resilience: ResilienceArg,
+    /// Hotzone protection with a detached header (default checksum); with
+    /// --reduce-device-size the data shift itself protects the hotzone
+    #[arg(long, value_enum, conflicts_with = "reduce_device_size")]
+    resilience: Option<ResilienceArg>,
     /// Hash of checksum resilience: sha1, sha224, sha256, sha384 or sha512
     #[arg(long, default_value = "sha256")]
     resilience_hash: String,
@@ -322,9 +323,9 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     let placement = match (&a.header, a.reduce_device_size) {
         (Some(_), None) => Placement::Detached {
             resilience: match a.resilience {
-                ResilienceArg::Checksum => Resilience::Checksum,
-                ResilienceArg::Journal => Resilience::Journal,
-                ResilienceArg::None => Resilience::None,
+                None | Some(ResilienceArg::Checksum) => Resilience::Checksum,
+                Some(ResilienceArg::Journal) => Resilience::Journal,
+                Some(ResilienceArg::None) => Resilience::None,
             },
         },
         (None, Some(r)) => Placement::Shift { reduce: r },

@@ -346,7 +346,7 @@ impl Luks1Header {
             .filter(|k| k.active)
             .ok_or(Error::KeyslotNotFound(slot))?;
         let hash = Hash::parse(&self.hash_spec)?;
-        SectorCipher::parse_spec(&self.cipher_spec())?;
+        check_material_spec(&self.cipher_spec())?;
         let key_len = self.key_bytes as usize;
         let mut material = Zeroizing::new(vec![
             0u8;
@@ -358,7 +358,7 @@ impl Luks1Header {
             .map_err(|e| Error::io(format!("reading LUKS1 keyslot {slot} material"), e))?;
         let mut area_key = Zeroizing::new(vec![0u8; key_len]);
         hash.pbkdf2(passphrase, &ks.salt, ks.iterations, &mut area_key);
-        SectorCipher::new(&self.cipher_spec(), &area_key, 512)?.decrypt(&mut material, 0)?;
+        crypt_material(&self.cipher_spec(), &area_key, &mut material, false)?;
         let candidate = af::merge(&material, key_len, ks.stripes, hash)?;
         if self.verify_volume_key(&candidate)? {
             Ok(VolumeKey::new(candidate))
@@ -442,7 +442,7 @@ impl Luks1Header {
         material[..split.len()].copy_from_slice(&split);
         let mut area_key = Zeroizing::new(vec![0u8; vk.len()]);
         hash.pbkdf2(passphrase, &salt, iterations, &mut area_key);
-        SectorCipher::new(&self.cipher_spec(), &area_key, 512)?.encrypt(&mut material, 0)?;
+        crypt_material(&self.cipher_spec(), &area_key, &mut material, true)?;
         let off = u64::from(ks.key_material_offset) * SECTOR;
         disk.write_at(off, &material)
             .map_err(|e| Error::io(format!("writing LUKS1 keyslot {id} material"), e))?;
@@ -589,6 +589,36 @@ impl Luks1Header {
         hdr.add_keyslot(disk, &vk, passphrase, &opts.kdf, Some(0))?;
         Ok((hdr, vk))
     }
+}
+
+/// Keyslot material (512-byte sectors from 0) through the volume's cipher: AES-XTS, or
+/// AES-CBC as LUKS1 volumes made by cryptsetup 1.x (`aes-cbc-essiv:sha256`) use.
+fn crypt_material(spec: &str, key: &[u8], buf: &mut [u8], encrypt: bool) -> Result<()> {
+    use luksify_cipher::cbc::CbcSectors;
+    if CbcSectors::handles(spec) {
+        let c = CbcSectors::new(spec, key)?;
+        if encrypt {
+            c.encrypt(buf, 0)?
+        } else {
+            c.decrypt(buf, 0)?
+        }
+    } else {
+        let c = SectorCipher::new(spec, key, 512)?;
+        if encrypt {
+            c.encrypt(buf, 0)?
+        } else {
+            c.decrypt(buf, 0)?
+        }
+    }
+    Ok(())
+}
+
+/// Whether keyslot material in `spec` can be read and written (see [`crypt_material`]).
+fn check_material_spec(spec: &str) -> Result<()> {
+    if !luksify_cipher::cbc::CbcSectors::handles(spec) {
+        SectorCipher::parse_spec(spec)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -935,10 +935,61 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
     Ok(())
 }
 
+/// A name for `device` that survives a reboot, for crypttab: a /dev/disk/by-id link
+/// (`wwn-`, then others), else a by-path link, else `PARTUUID=` of a partition, else
+/// the kernel name (`/dev/sdc` may be another disk after a reboot: said on stderr).
+/// A detached header leaves nothing on the device itself to find it by.
+fn stable_device_name(device: &Path) -> String {
+    if let Some(link) = stable_link(Path::new("/dev/disk"), device) {
+        return link.display().to_string();
+    }
+    let partuuid = Command::new("blkid")
+        .args(["-o", "value", "-s", "PARTUUID"])
+        .arg(device)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty());
+    if let Some(u) = partuuid {
+        return format!("PARTUUID={u}");
+    }
+    eprintln!(
+        "luksify: warning: crypttab names {} by its kernel name, which may change at reboot (no /dev/disk/by-id link or PARTUUID found); edit it if so",
+        device.display()
+    );
+    device.display().to_string()
+}
+
+/// The first link under `DISK_DIR/by-id` (`wwn-` first) or `DISK_DIR/by-path` that
+/// resolves to `device`.
+fn stable_link(disk_dir: &Path, device: &Path) -> Option<PathBuf> {
+    let target = std::fs::canonicalize(device).ok()?;
+    for sub in ["by-id", "by-path"] {
+        let mut links: Vec<PathBuf> = std::fs::read_dir(disk_dir.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| std::fs::canonicalize(p).is_ok_and(|t| t == target))
+            .collect();
+        links.sort_by_key(|p| {
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (!n.starts_with("wwn-"), n)
+        });
+        if let Some(l) = links.into_iter().next() {
+            return Some(l);
+        }
+    }
+    None
+}
+
 fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
     let etc = tabs::etc_dir();
     let device = match &v.header {
-        Some(_) => v.device.display().to_string(),
+        Some(_) => stable_device_name(&v.device),
         None => luks_uuid(&v.device)
             .map(|u| format!("UUID={u}"))
             .unwrap_or_else(|| v.device.display().to_string()),
@@ -1684,4 +1735,34 @@ fn open_data(dev: &Path, what: &str, hint: &str) -> Result<DataDevice> {
             dev.display()
         )),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_link_prefers_a_wwn_id_then_any_id_then_a_path() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("sdc");
+        let other = d.path().join("sdd");
+        std::fs::write(&dev, b"").unwrap();
+        std::fs::write(&other, b"").unwrap();
+        let disk = d.path().join("disk");
+        for sub in ["by-id", "by-path"] {
+            std::fs::create_dir_all(disk.join(sub)).unwrap();
+        }
+        let link = |sub: &str, name: &str, to: &Path| {
+            std::os::unix::fs::symlink(to, disk.join(sub).join(name)).unwrap();
+            disk.join(sub).join(name)
+        };
+        assert_eq!(stable_link(&disk, &dev), None);
+        let by_path = link("by-path", "pci-0000:00:05.0", &dev);
+        assert_eq!(stable_link(&disk, &dev), Some(by_path));
+        let ata = link("by-id", "ata-DISK_123", &dev);
+        link("by-id", "ata-OTHER_9", &other);
+        assert_eq!(stable_link(&disk, &dev), Some(ata));
+        let wwn = link("by-id", "wwn-0x5000c500a1b2c3d4", &dev);
+        assert_eq!(stable_link(&disk, &dev), Some(wwn));
+    }
 }
