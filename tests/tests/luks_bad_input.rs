@@ -462,6 +462,39 @@ fn luks_cli_keyslot_and_usage_mistakes_say_what_to_do() {
         1,
         "resume without --header",
     );
+    // cryptsetup's rule for --offset: whole 4096-byte units (it says "Data offset is not
+    // multiple of 4096 bytes"), for format and for encrypt; nothing is created.
+    let hdr = fx.dir.path().join("new.hdr");
+    for args in [
+        vec![
+            "format",
+            p(&plain),
+            "--key-file",
+            p(&key),
+            "--offset",
+            "40001",
+        ],
+        vec![
+            "encrypt",
+            p(&plain),
+            "--key-file",
+            p(&key),
+            "--header",
+            p(&hdr),
+            "--offset",
+            "2049",
+        ],
+    ] {
+        let plain0 = std::fs::read(&plain).unwrap();
+        let out = run(Command::new(luksify_bin()).args(&args));
+        one_line(&out, "must be a multiple of 4096 bytes", 1, args[0]);
+        assert!(
+            std::fs::read(&plain).unwrap() == plain0,
+            "{}: wrote",
+            args[0]
+        );
+        assert!(!hdr.exists(), "{}: created a header file", args[0]);
+    }
     assert!(
         std::fs::read(&img).unwrap() == fx.pristine,
         "the image changed"

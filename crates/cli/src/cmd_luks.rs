@@ -422,7 +422,20 @@ pub(crate) fn find_signature(disk: &File) -> Option<&'static str> {
     None
 }
 
+/// cryptsetup's rule for `--offset` (`crypt_set_data_offset`): whole 4096-byte units.
+pub fn check_offset_sectors(offset: Option<u64>) -> Result<()> {
+    match offset {
+        Some(s) if s % 8 != 0 => bail!(
+            "--offset {s}: the data offset must be a multiple of 4096 bytes (8 sectors), as cryptsetup requires; use {} or {} (nothing was written)",
+            s / 8 * 8,
+            s.div_ceil(8) * 8
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn format(a: FormatArgs) -> Result<ExitCode> {
+    check_offset_sectors(a.offset)?;
     let luks1 = match a.luks_type.as_str() {
         "luks2" => false,
         "luks1" | "luks" => true,

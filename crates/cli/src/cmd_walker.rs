@@ -293,6 +293,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
 
 fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     let dev = &a.device;
+    crate::cmd_luks::check_offset_sectors(a.offset)?;
     if let Some(h) = a
         .header
         .as_deref()
