@@ -385,6 +385,18 @@ pub fn luks_dump(hdr: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `luksify VERB IMG --key-file KEY --new-key-file NEW` (`add-key`, `change-key`).
+pub fn luksify_new_key(verb: &str, img: &Path, key: &Path, new: &Path) -> Command {
+    let mut c = Command::new(luksify_bin());
+    c.arg(verb)
+        .arg(img)
+        .arg("--key-file")
+        .arg(key)
+        .arg("--new-key-file")
+        .arg(new);
+    c
+}
+
 /// `out` failed with exactly one line of stderr that contains `needle`.
 pub fn assert_refused_in_one_line(out: &Output, needle: &str, what: &str) {
     let err = String::from_utf8_lossy(&out.stderr);

@@ -1,7 +1,8 @@
 //! The `luksify` LUKS commands against cryptsetup, and LUKS1 against qemu-img.
 
 use luksify_tests::{
-    assert_refused_in_one_line, luksify_bin, require_tool, run, run_ok, sparse_file,
+    assert_refused_in_one_line, luksify_bin, luksify_new_key, require_tool, run, run_ok,
+    sparse_file,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -867,39 +868,11 @@ fn luks_cli_change_key_with_a_full_keyslots_area_changes_in_place() {
             .args(["--luks2-keyslots-size", "512k", "--offset", "2048"])
             .args(fast),
     );
-    run_ok(
-        lx(&[
-            "add-key",
-            p(&img),
-            "--key-file",
-            p(&k1),
-            "--new-key-file",
-            p(&k2),
-        ])
-        .args(fast),
-    );
+    run_ok(luksify_new_key("add-key", &img, &k1, &k2).args(fast));
     // Full: a third keyslot does not fit.
-    let out = run(lx(&[
-        "add-key",
-        p(&img),
-        "--key-file",
-        p(&k1),
-        "--new-key-file",
-        p(&k3),
-    ])
-    .args(fast));
+    let out = run(luksify_new_key("add-key", &img, &k1, &k3).args(fast));
     assert!(!out.status.success(), "the keyslots area was not full");
-    run_ok(
-        lx(&[
-            "change-key",
-            p(&img),
-            "--key-file",
-            p(&k1),
-            "--new-key-file",
-            p(&k3),
-        ])
-        .args(fast),
-    );
+    run_ok(luksify_new_key("change-key", &img, &k1, &k3).args(fast));
     let opens = |k: &Path| {
         run(Command::new("cryptsetup").args([
             "open",

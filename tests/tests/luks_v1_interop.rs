@@ -308,28 +308,8 @@ fn luks1_cbc_volumes_take_the_keyslot_commands() {
         let what = format!("{cipher} {bits}");
         run_ok(&mut lx(&["test-passphrase", p(&img), "--key-file", p(&k1)]));
         let fast = ["--pbkdf-force-iterations", "1000"];
-        run_ok(
-            lx(&[
-                "add-key",
-                p(&img),
-                "--key-file",
-                p(&k1),
-                "--new-key-file",
-                p(&k2),
-            ])
-            .args(fast),
-        );
-        run_ok(
-            lx(&[
-                "change-key",
-                p(&img),
-                "--key-file",
-                p(&k2),
-                "--new-key-file",
-                p(&k3),
-            ])
-            .args(fast),
-        );
+        run_ok(luksify_tests::luksify_new_key("add-key", &img, &k1, &k2).args(fast));
+        run_ok(luksify_tests::luksify_new_key("change-key", &img, &k2, &k3).args(fast));
         run_ok(&mut lx(&["remove-key", p(&img), "--key-file", p(&k1)]));
         let opens = |k: &Path| {
             run(Command::new("cryptsetup").args([

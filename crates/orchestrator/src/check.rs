@@ -436,7 +436,12 @@ pub fn check_resolved(
                 Severity::Blocker,
                 dev_s.clone(),
                 format!("cannot read its first blocks ({e})"),
-                "run as root and check the device".into(),
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                if unsafe { libc::geteuid() } == 0 {
+                    "root was refused: check the device node's permissions and whether a container or security policy denies raw access to it".into()
+                } else {
+                    "run as root".into()
+                },
             );
             FsInfo {
                 fs_type: "unreadable".into(),
@@ -715,15 +720,19 @@ pub fn render_text(r: &Report) -> String {
     );
     line(
         "Header space",
-        format!(
-            "{} MiB needed, {}",
-            r.header_space_needed >> 20,
-            if r.header_space_ok {
-                "ok"
-            } else {
-                "not available"
-            }
-        ),
+        if r.luks.is_some() {
+            "none needed (already LUKS)".to_string()
+        } else {
+            format!(
+                "{} MiB needed, {}",
+                r.header_space_needed >> 20,
+                if r.header_space_ok {
+                    "ok"
+                } else {
+                    "not available"
+                }
+            )
+        },
     );
     if r.problems.is_empty() {
         s.push_str("No problems found.\n");
