@@ -642,9 +642,18 @@ fn all_zero<D: Disk + ?Sized>(d: &D, max: u64) -> Result<bool> {
 /// on `data` (tried at whole MiB shifts up to 1 GiB, which covers every size the
 /// CLI's help suggests), or `None`.
 fn find_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64) -> Result<Option<u64>> {
+    find_init_marker_within(data, dev_size, dev_size)
+}
+
+/// [`find_init_marker`] for reductions of at most `max_reduce` bytes.
+fn find_init_marker_within<D: Disk + ?Sized>(
+    data: &D,
+    dev_size: u64,
+    max_reduce: u64,
+) -> Result<Option<u64>> {
     for mib in 1..=1024u64 {
         let shift = mib << 20;
-        if dev_size < 2 * shift + 4096 {
+        if dev_size < 2 * shift + 4096 || 2 * shift > max_reduce {
             break;
         }
         if read_init_marker(data, dev_size, 2 * shift)? {
@@ -660,14 +669,21 @@ fn find_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64) -> Result<Option<
 /// reduction) would encrypt over it and lose that part: refused, nothing written. The
 /// head alone cannot tell: the secondary header copy lands first, past the primary, so
 /// the filesystem's superblock may still be there over overwritten group descriptors.
-/// The marker is looked for at every whole-MiB shift (up to 1024 reads of 4 KiB).
+/// The marker is looked for at every whole-MiB shift (up to 1024 reads of 4 KiB), or,
+/// where a filesystem still reads at the head, only past its end: the marker sits at the
+/// limit the filesystem was shrunk to (a filesystem filling the device costs no read;
+/// a scan of a whole 2 GiB image took 0.06-0.12 s of cold reads on this disk).
 fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
     data: &D,
     dev_size: u64,
     placement: Placement,
     detached: bool,
 ) -> Result<()> {
-    let Some(shift) = find_init_marker(data, dev_size)? else {
+    let fs_end = fsprobe::probe(data)
+        .map_err(|e| Error::io("read superblock", e))?
+        .map_or(0, |f| f.size);
+    let Some(shift) = find_init_marker_within(data, dev_size, dev_size.saturating_sub(fs_end))?
+    else {
         return Ok(());
     };
     if matches!(placement, Placement::Shift { reduce } if !detached && reduce == 2 * shift) {
