@@ -383,6 +383,16 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
             &c.img(),
         ]));
         assert!(!rep.status.success(), "cryptsetup recovered a none hotzone");
+        // decrypt does not send the user back to resume for a killed `none` run.
+        let out = run(&mut luksify(&[
+            "decrypt",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--header",
+            &c.hdr(),
+        ]));
+        assert_refused_in_one_line(&out, "names the byte range to restore", "decrypt");
         assert_file_is(&c.p("img"), &img0, "the image was written");
         assert_file_is(&c.p("hdr"), &hdr0, "the header was written");
         return;

@@ -1279,6 +1279,15 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             luksify_luks::luks2::json::ReencryptMode::Decrypt => "a decryption",
             luksify_luks::luks2::json::ReencryptMode::Reencrypt => "a reencryption",
         };
+        if matches!(
+            st.area,
+            luksify_luks::luks2::json::ReencryptArea::None { .. }
+        ) {
+            // resume refuses a `none` run cut mid-way; sending the user there loops.
+            return Err(Error::Refused(format!(
+                "{run} run with resilience `none` is in progress on this volume: `luksify resume` finishes it if it was stopped cleanly (Ctrl-C), and names the byte range to restore from a backup if it was killed (nothing was written)"
+            )));
+        }
         return Err(Error::Refused(format!(
             "{run} run is in progress on this volume: finish it with `luksify resume` first (nothing was written)"
         )));
