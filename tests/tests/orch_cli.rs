@@ -71,7 +71,9 @@ fn orch_check_of_a_plain_directory_says_it_is_not_a_mount_point() {
     let sub = d.path().join("x");
     std::fs::create_dir(&sub).unwrap();
     let out = run(Command::new(luksify_bin()).arg("check").arg(&sub));
-    assert_eq!(out.status.code(), Some(1));
+    // A BLOCKER line exits 3, as every preflight refusal (it was 1).
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BLOCKER: "));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a mount point"));
 }
 
@@ -751,6 +753,17 @@ fn orch_installed_unit_quotes_an_exec_path_with_blanks() {
     );
     let out = run(Command::new("systemd-analyze").arg("verify").arg(&unit));
     assert!(out.status.success(), "{out:?}\n{text}");
+    // A relative path, or one with a newline (which would end the ExecStart line), is
+    // bad usage and writes nothing.
+    for bad in ["relative/luksify", "/opt/a\nExecStartPre=/bin/false"] {
+        let p2 = d.path().join("root2");
+        let out = run(Command::new(luksify_bin())
+            .args(["install-unit", "--prefix"])
+            .arg(&p2)
+            .args(["--exec", bad]));
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+        assert!(!p2.exists(), "{bad:?}: wrote the unit");
+    }
     assert!(
         out.stderr.is_empty(),
         "{}\n{text}",
@@ -1609,4 +1622,166 @@ fn root_orch_open_mapping_locks_its_bytes_against_runs_and_a_second_mapping() {
     run_ok(luksify(&state).arg("close").arg(&name));
     run_ok(&mut dec);
     run_ok(Command::new("e2fsck").arg("-fn").arg(&img));
+}
+
+/// `cmd` under strace, SIGKILLed when it opens `path` (exact, whatever the machine's
+/// speed): the kill lands after everything the run did before it.
+fn strace_killed_at_open(cmd: Command, path: &Path) -> Command {
+    let mut st = Command::new("strace");
+    st.args(["-f", "-qq", "-o", "/dev/null", "-P"])
+        .arg(path)
+        .args(["-e", "inject=openat:signal=SIGKILL"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => st.env(k, v),
+            None => st.env_remove(k),
+        };
+    }
+    st
+}
+
+/// `disable` leaves the volume as it was when it cannot go on: a wrong passphrase is
+/// refused before anything is unmounted; a holder that keeps the volume busy gets one
+/// line naming it, and the volume is mounted again through its mapping; a run killed
+/// after the unmount but before the walker's first write is put back by `resume`
+/// (mapped and mounted again, still encrypted, fstab unchanged). Each time the status
+/// says Encrypted and every file verifies; then `disable` runs to the end.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
+    require_tool("strace");
+    let fx = Fixture::new(128);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let etc = fx.dir.path().join("etc");
+    let tabs = || {
+        (
+            std::fs::read_to_string(etc.join("fstab")).unwrap(),
+            std::fs::read_to_string(etc.join("crypttab")).unwrap(),
+        )
+    };
+    let tabs0 = tabs();
+    let as_before = |what: &str| {
+        let s = read_status(&fx.state);
+        assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{what}: {s}");
+        let f = mount_fields(&fx.mnt).unwrap_or_else(|| panic!("{what}: not mounted"));
+        let view =
+            std::fs::canonicalize(s["volumes"][0]["mapped_device"].as_str().unwrap()).unwrap();
+        let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&view).unwrap());
+        assert_eq!(
+            f[2],
+            format!("{}:{}", libc_major(rdev), libc_minor(rdev)),
+            "{what}: {f:?}"
+        );
+        assert!(luksify_tests::has_luks_header(&fx.dev()), "{what}");
+        fx.assert_files_unchanged();
+        assert_eq!(tabs(), tabs0, "{what}: tables changed");
+    };
+
+    let wrong = fx.dir.path().join("wrong");
+    std::fs::write(&wrong, b"not the passphrase").unwrap();
+    let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&wrong));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no keyslot accepts this passphrase"),
+        "{}",
+        stderr(&out)
+    );
+    as_before("wrong passphrase");
+
+    let mut holder = fx.holder();
+    let out = run(fx.cmd().arg("disable"));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("(sleep)") && err.contains("mounted again"),
+        "{err}"
+    );
+    as_before("busy");
+
+    let moved = fx
+        .state
+        .join("headers")
+        .join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
+    let mut disable = fx.cmd();
+    disable.arg("disable");
+    let out = run(&mut strace_killed_at_open(disable, &moved));
+    assert!(!out.status.success(), "disable was not killed");
+    assert!(
+        mount_fields(&fx.mnt).is_none(),
+        "the kill came before the unmount"
+    );
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("had not started"), "{}", stderr(&out));
+    assert!(!moved.exists(), "the moved header's empty shell was left");
+    as_before("killed before the walk");
+
+    let out = run(fx.cmd().arg("disable"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+}
+
+/// luksify never signals its own caller: run with --kill-holders from a shell whose
+/// working directory is on the volume, it refuses (the shell stays alive); run from the
+/// volume itself, `check` names that as a blocker. Paths crypttab cannot hold (a blank
+/// in the key file's path) are refused before anything.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_kill_holders_spares_its_caller_and_crypttab_paths_are_checked() {
+    let fx = Fixture::new(128);
+    let enable: Vec<String> = {
+        let c = fx.enable_cmd();
+        std::iter::once(c.get_program().to_string_lossy().into_owned())
+            .chain(c.get_args().map(|a| a.to_string_lossy().into_owned()))
+            .collect()
+    };
+    let quoted: Vec<String> = enable.iter().map(|a| format!("'{a}'")).collect();
+    let out = run(Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && (cd / && exec {} --kill-holders); echo caller-alive",
+            fx.mnt.display(),
+            quoted.join(" ")
+        ))
+        .env("LUKSIFY_STATE_DIR", &fx.state)
+        .env("LUKSIFY_ETC_DIR", fx.dir.path().join("etc")));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("caller-alive"),
+        "{out:?}"
+    );
+    assert!(err.contains("will not stop its own caller"), "{err}");
+    assert!(mount_fields(&fx.mnt).is_some(), "left unmounted");
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt).current_dir(&fx.mnt));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("luksify's own working directory"),
+        "{out:?}"
+    );
+
+    let spaced = fx.dir.path().join("my key");
+    std::fs::copy(&fx.key, &spaced).unwrap();
+    let mut c = fx.cmd();
+    c.args(["enable", "--volume-type", "data", "--volume"])
+        .arg(&fx.mnt)
+        .arg("--key-file")
+        .arg(&spaced)
+        .arg("--userspace");
+    let out = run(&mut c);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("crypttab cannot hold"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
 }

@@ -364,7 +364,7 @@ fn cmd_check(target: PathBuf, detached_header: bool, json: bool) -> anyhow::Resu
             } else {
                 eprintln!("luksify: {}", p.one_line());
             }
-            return Ok(ExitCode::from(exit::FAILED));
+            return Ok(ExitCode::from(exit::BLOCKED));
         }
     };
     if json {
@@ -416,6 +416,15 @@ fn systemd_word(w: &str) -> String {
 
 fn cmd_install_unit(prefix: &Path, exec: Option<PathBuf>) -> Result<ExitCode, Failure> {
     let exec = match exec {
+        Some(e) if !e.is_absolute() || e.to_string_lossy().contains(char::is_control) => {
+            return Err(Failure::new(
+                exit::USAGE,
+                format!(
+                    "--exec {:?}: give an absolute path without control characters (systemd runs ExecStart from /)",
+                    e.display().to_string()
+                ),
+            ))
+        }
         Some(e) => e,
         None => std::env::current_exe()
             .and_then(std::fs::canonicalize)
@@ -561,7 +570,12 @@ fn reporter() -> impl Fn(&status::VolumeStatus, usize, usize) + Sync {
             }
         } else if pct != *l && v.resumed {
             eprintln!(
-                "Resuming encryption after reboot: {}% ({} {} {})",
+                "Resuming {} after reboot: {}% ({} {} {})",
+                if v.state == status::VolumeState::DecryptionInProgress {
+                    "decryption"
+                } else {
+                    "encryption"
+                },
                 pct,
                 v.device.display(),
                 rate,

@@ -365,6 +365,19 @@ pub fn check_resolved(
             format!("unmount them first (umount {})", list.join(" ")),
         );
     }
+    if holders::own_cwd_on(
+        &std::iter::once(r.dev)
+            .chain(nested.iter().map(|n| n.dev))
+            .collect::<Vec<_>>(),
+    ) {
+        push(
+            "own_cwd",
+            Severity::Blocker,
+            format!("luksify's own working directory is on {dev_s}"),
+            "the volume cannot be unmounted while luksify itself runs from it".into(),
+            "run luksify from a directory outside the volume (cd /)".into(),
+        );
+    }
     if r.mounts.len() > 1 {
         let list: Vec<String> = r
             .mounts
@@ -429,7 +442,17 @@ pub fn check_resolved(
     }
     let dm_uuid = probe::dm_uuid(r.dev);
     let filesystem = match probe::detect_fs(&r.device) {
-        Ok(f) => f,
+        // A mounted filesystem's superblock free count is stale: the kernel's is reported.
+        Ok(mut f) => {
+            if let Some(free) = r
+                .mounts
+                .first()
+                .and_then(|m| probe::statvfs_free(&m.mount_point))
+            {
+                f.free_bytes = Some(free);
+            }
+            f
+        }
         Err(e) => {
             push(
                 "read_device",
@@ -514,13 +537,7 @@ pub fn check_resolved(
         match fs {
             "ext2" | "ext3" | "ext4" if !opts.detached_header => {
                 let fs_bytes = filesystem.fs_bytes.unwrap_or(size_bytes);
-                // A mounted filesystem's superblock free count is stale: ask the kernel.
-                let free = r
-                    .mounts
-                    .first()
-                    .and_then(|m| probe::statvfs_free(&m.mount_point))
-                    .or(filesystem.free_bytes)
-                    .unwrap_or(0);
+                let free = filesystem.free_bytes.unwrap_or(0);
                 let slack = size_bytes.saturating_sub(fs_bytes);
                 let target = size_bytes.saturating_sub(HEADER_RESERVE_BYTES);
                 // resize2fs's own estimate of how small it can go decides; without it,

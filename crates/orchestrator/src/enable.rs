@@ -116,15 +116,47 @@ pub fn candidates() -> Vec<check::Report> {
     out
 }
 
+/// luksify's own ancestors (parent, its parent, ... up to init): never signalled.
+fn own_lineage() -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut pid = std::process::id();
+    while pid > 1 && out.len() < 64 {
+        let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rfind(')')
+                    .and_then(|i| s[i + 1..].split_whitespace().nth(1)?.parse().ok())
+            })
+        else {
+            break;
+        };
+        out.push(ppid);
+        pid = ppid;
+    }
+    out
+}
+
 /// SIGTERM, then SIGKILL, to the processes that hold `device`, waiting up to 5 s each.
-fn stop_holders(device: &Path, pids: &[u32]) {
+/// A holder that is luksify's own ancestor (the shell or agent that runs it, its working
+/// directory on the volume) is not signalled: the run is refused instead.
+fn stop_holders(device: &Path, pids: &[u32]) -> Result<()> {
+    let lineage = own_lineage();
+    if let Some(p) = pids.iter().find(|p| lineage.contains(p)) {
+        return Err(Failure::new(
+            exit::BLOCKED,
+            format!(
+                "pid {p}, which runs this luksify, holds {} (its working directory or an open file is on it): --kill-holders will not stop its own caller; run luksify from a directory outside the volume",
+                device.display()
+            ),
+        ));
+    }
     for (sig, wait) in [
         (libc::SIGTERM, Duration::from_secs(5)),
         (libc::SIGKILL, Duration::from_secs(5)),
     ] {
         let alive: Vec<u32> = pids.iter().copied().filter(|p| pid_alive(*p)).collect();
         if alive.is_empty() {
-            return;
+            return Ok(());
         }
         for p in &alive {
             eprintln!(
@@ -144,6 +176,7 @@ fn stop_holders(device: &Path, pids: &[u32]) {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    Ok(())
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -440,7 +473,12 @@ fn fsck_ext(device: &Path) -> Result<()> {
     match out.status.code() {
         Some(0) | Some(1) => Ok(()),
         c => Err(Failure::failed(format!(
-            "e2fsck -f -y {} exited with {c:?}: the filesystem has errors it could not fix; repair it by hand before encrypting",
+            "e2fsck -f -y {} {}: the filesystem has errors it could not fix; repair it by hand (e2fsck -f {}), then run again",
+            device.display(),
+            match c {
+                Some(c) => format!("exited with {c}"),
+                None => "was killed".to_string(),
+            },
             device.display()
         ))),
     }
@@ -520,6 +558,23 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     if let Some(d) = &req.header_dir {
         if let Some(b) = header_dir_on_a_volume(d, &plans) {
             blockers.push(b);
+        }
+    }
+    // crypttab fields are split at blanks (systemd and Debian's cryptdisks alike), and a
+    // header= option cannot carry one: such a path would break the boot-time mapping.
+    let key_path = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
+    for (what, p) in [
+        ("--key-file", Some(key_path.as_path())),
+        ("--header-dir", req.header_dir.as_deref()),
+    ] {
+        if let Some(p) = p.filter(|p| {
+            p.to_string_lossy()
+                .contains(|c: char| c.is_whitespace() || c == ',')
+        }) {
+            blockers.push(format!(
+                "BLOCKER: {what} {} has a blank or comma, which crypttab cannot hold (its fields split at blanks, its options at commas); fix: use a path without them",
+                p.display()
+            ));
         }
     }
     if !blockers.is_empty() {
@@ -632,7 +687,7 @@ fn enable_one(
     let nested = sw.status.volumes[idx].nested_mounts.clone();
     let prepared = (|| {
         if req.kill_holders && !p.report.holders.is_empty() {
-            stop_holders(&p.device, &holders::pids(&p.report.holders));
+            stop_holders(&p.device, &holders::pids(&p.report.holders))?;
         }
         unmount_nested(&p.device, &nested, FIX_ENABLE)?;
         unmount_all(&p.device, dev, FIX_ENABLE)?;
@@ -686,6 +741,27 @@ struct FsFacts {
 /// point when power was cut before the walker's first header commit: every step here is
 /// idempotent (a shrunk filesystem is not shrunk again).
 fn prepare_fs(device: &Path, header: Option<&Path>, fs: &FsFacts) -> Result<()> {
+    // Unmounted now, so an exclusive open fails only while another process holds the
+    // device exclusively: a luksify run from another state directory walking it, a
+    // mapping. e2fsck must not run under it.
+    if probe::block_dev_num(device).is_some() {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(device)
+        {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                return Err(Failure::new(
+                    exit::BUSY,
+                    format!(
+                        "{} is held exclusively by another process (a luksify run from another state directory, a mapping, a filesystem mounted elsewhere); wait for it to end",
+                        device.display()
+                    ),
+                ));
+            }
+        }
+    }
     let dev_size = fs.dev_size;
     if is_ext(&fs.fs_type) {
         fsck_ext(device)?;
@@ -801,6 +877,11 @@ fn walk(
 ) -> Result<Outcome> {
     let start_done = sw.status.volumes[idx].bytes_done;
     let device = sw.status.volumes[idx].device.clone();
+    let what = if sw.status.volumes[idx].state == VolumeState::DecryptionInProgress {
+        "decryption"
+    } else {
+        "encryption"
+    };
     let rate = Rate::start(start_done);
     let shared = Mutex::new((sw, true));
     // TEST-ONLY hook (documented in docs/orchestrator.md): sleeps after each progress
@@ -838,7 +919,7 @@ fn walk(
     match r {
         Ok(o) => Ok(o),
         Err(e) => Err(Failure::failed(format!(
-            "encryption of {} failed: {e}; the header records progress, `luksify resume` continues it",
+            "{what} of {} failed: {e}; the header records progress, `luksify resume` continues it",
             device.display()
         ))),
     }
@@ -1285,6 +1366,21 @@ fn resume_decrypt(
             v.device.display()
         ))
     })?;
+    let in_front = header.starts_with(req.state_dir.join("headers"));
+    if decryption_not_started(&v.device, &header, in_front) {
+        // Stopped before the walker's first commit: the volume is encrypted as it was.
+        // Map and mount it again (the moved header file of an in-front run is an empty
+        // shell), as if `disable` had not run.
+        if in_front {
+            let _ = std::fs::remove_file(&header);
+            sw.status.volumes[idx].header = None;
+        }
+        eprintln!(
+            "luksify: the decryption of {} had not started; it stays encrypted and is mapped and mounted again",
+            v.device.display()
+        );
+        return finish_volume(req, passphrase, sw, idx, Outcome::Finished);
+    }
     sw.status.volumes[idx].resumed = true;
     sw.active = Some(idx);
     commit(sw)?;
@@ -1307,6 +1403,25 @@ fn resume_decrypt(
     };
     drop(data);
     finish_disable(sw, idx, outcome)
+}
+
+/// Whether a decryption run stopped before the walker's first commit: its header (the
+/// detached one, or the copy the in-front layout moves out) shows no run and still a
+/// crypt segment, or (in front) never became valid, while the device still holds its
+/// own LUKS header in front. The data has not been touched then.
+fn decryption_not_started(device: &Path, header: &Path, in_front: bool) -> bool {
+    let read = std::fs::File::open(header)
+        .ok()
+        .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())
+        .map(|(h, _)| h);
+    let untouched = match read {
+        Some(h) => {
+            matches!(luksify_luks::reencrypt::state(&h.metadata), Ok(None))
+                && h.data_segment().is_ok()
+        }
+        None => in_front,
+    };
+    untouched && (!in_front || check::luks_state(device).as_deref() == Some("luks2"))
 }
 
 /// `7:0` back into a device number.
@@ -1422,33 +1537,12 @@ fn disable_one(
     pos: (usize, usize),
 ) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
-    // Unmount whatever is mounted from the mapping (after what is nested below it,
-    // recorded now so that it is mounted again on the plain device), then close it.
-    if let Some(rec) = map::load_record(&req.state_dir, &v.mapper) {
-        let blk = rec.loop_dev.clone().unwrap_or(rec.mapped.clone());
-        if let Some(num) = probe::block_dev_num(&blk) {
-            if req.kill_holders {
-                let mut t = holders::Targets::default();
-                t.filesystems.insert(num);
-                t.block_devices.insert(num);
-                stop_holders(&blk, &holders::pids(&holders::scan(&t, false)));
-            }
-            if let Some(mp) = &v.mount_point {
-                let nested = current_nested(mp, num)?;
-                let all = mountinfo::read().unwrap_or_default();
-                let views: Vec<check::MountView> = mountinfo::mounts_of(&all, num)
-                    .into_iter()
-                    .map(check::MountView::from)
-                    .collect();
-                let primary = views.iter().find(|m| &m.mount_point == mp);
-                sw.status.volumes[idx].extra_mounts = extra_mounts(views.iter(), primary);
-                sw.status.volumes[idx].nested_mounts = nested.clone();
-                commit(sw)?;
-                unmount_nested(&v.device, &nested, FIX_DISABLE)?;
-            }
-            unmount_all(&blk, num, FIX_DISABLE)?;
-        }
-        map::close(&req.state_dir, &v.mapper)?;
+    // The passphrase first: a wrong one must leave the volume mapped and mounted.
+    if !passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), passphrase) {
+        return Err(Failure::failed(format!(
+            "{}: no keyslot accepts this passphrase: check --key-file (or the key file recorded at enable); nothing was changed",
+            v.device.display()
+        )));
     }
     // With the header in front, the plaintext moves back over it: the header moves
     // to a new file for the run (also the journal an interrupted run resumes from).
@@ -1468,7 +1562,9 @@ fn disable_one(
             h
         }
     };
-    let in_front = v.header.is_none();
+    // From here the volume may go offline: the status says the decryption is under way,
+    // so that `resume` finds it whatever instant the run dies at (and, if the walker
+    // never started, maps and mounts it again still encrypted).
     {
         let s = &mut sw.status.volumes[idx];
         s.state = VolumeState::DecryptionInProgress;
@@ -1479,6 +1575,64 @@ fn disable_one(
     }
     sw.active = Some(idx);
     commit(sw)?;
+    // Unmount whatever is mounted from the mapping (after what is nested below it,
+    // recorded now so that it is mounted again on the plain device), then close it.
+    if let Some(rec) = map::load_record(&req.state_dir, &v.mapper) {
+        let blk = rec.loop_dev.clone().unwrap_or(rec.mapped.clone());
+        if let Some(num) = probe::block_dev_num(&blk) {
+            let offline = (|| {
+                if holders::own_cwd_on(&[num]) {
+                    return Err(Failure::new(
+                        exit::BLOCKED,
+                        format!(
+                            "luksify's own working directory is on {}: it could not be unmounted; run luksify from a directory outside the volume (cd /)",
+                            v.mount_point.as_deref().unwrap_or(&blk).display()
+                        ),
+                    ));
+                }
+                if req.kill_holders {
+                    let mut t = holders::Targets::default();
+                    t.filesystems.insert(num);
+                    t.block_devices.insert(num);
+                    stop_holders(&blk, &holders::pids(&holders::scan(&t, false)))?;
+                }
+                if let Some(mp) = &v.mount_point {
+                    let nested = current_nested(mp, num)?;
+                    let all = mountinfo::read().unwrap_or_default();
+                    let views: Vec<check::MountView> = mountinfo::mounts_of(&all, num)
+                        .into_iter()
+                        .map(check::MountView::from)
+                        .collect();
+                    let primary = views.iter().find(|m| &m.mount_point == mp);
+                    sw.status.volumes[idx].extra_mounts = extra_mounts(views.iter(), primary);
+                    sw.status.volumes[idx].nested_mounts = nested.clone();
+                    commit(sw)?;
+                    unmount_nested(&v.device, &nested, FIX_DISABLE)?;
+                }
+                unmount_all(&blk, num, FIX_DISABLE)
+            })();
+            if let Err(e) = offline {
+                // Still mapped: put back what came off, and the volume stays encrypted.
+                let mut back = sw.status.volumes[idx].clone();
+                back.header = v.header.clone();
+                let again = grow_and_remount(&back, None, &rec.mapped);
+                back.state = VolumeState::Encrypted;
+                sw.status.volumes[idx] = back;
+                let tail = match again {
+                    Ok(()) => {
+                        "; nothing was decrypted, and the volume is mounted again".to_string()
+                    }
+                    Err(m) => format!(
+                        "; nothing was decrypted, but mounting it again failed: {}",
+                        m.message
+                    ),
+                };
+                return Err(Failure::new(e.code, format!("{}{tail}", e.message)));
+            }
+        }
+        map::close(&req.state_dir, &v.mapper)?;
+    }
+    let in_front = v.header.is_none();
     let data = open_data(&v.device, "to decrypt", "is it still mounted or mapped?")?;
     let hf = std::fs::OpenOptions::new()
         .read(true)
@@ -1645,9 +1799,11 @@ pub fn scan_in_progress(state_dir: &Path) -> Vec<FoundInProgress> {
     for d in dirs {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
+            // `<name>.decrypt.luks2` is a disable's moved header, in the status file.
             if let Some(base) = n
                 .strip_prefix("luksify-")
                 .and_then(|b| b.strip_suffix(".luks2"))
+                .filter(|b| !b.contains('.'))
             {
                 pairs.push((PathBuf::from("/dev").join(base), e.path()));
             }

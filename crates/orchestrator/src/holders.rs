@@ -224,6 +224,14 @@ pub fn parse_maps(text: &str) -> Vec<(DevNum, PathBuf)> {
 }
 
 /// Distinct pids in a holder list, in order.
+/// Whether this process's own working directory is on one of `filesystems` (then no
+/// unmount can succeed, and no holder scan names it: the scan leaves itself out).
+pub fn own_cwd_on(filesystems: &[DevNum]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/cwd")
+        .is_ok_and(|m| filesystems.contains(&DevNum::from_raw(m.dev())))
+}
+
 pub fn pids(holders: &[Holder]) -> Vec<u32> {
     let mut v: Vec<u32> = holders.iter().map(|h| h.pid).collect();
     v.dedup();

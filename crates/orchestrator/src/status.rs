@@ -271,6 +271,9 @@ pub fn message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
             let i = run.iter().position(|(j, _)| *j == a).unwrap_or(0) + 1;
             let n = n.max(i);
             return match v.state {
+                VolumeState::DecryptionInProgress if v.resumed => {
+                    format!("Resuming decryption after reboot: {}%", pct(v))
+                }
                 VolumeState::DecryptionInProgress => {
                     format!("Decrypting data volume {i}/{n}: {}%", pct(v))
                 }
@@ -304,6 +307,14 @@ pub fn message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
             } else {
                 format!("Decrypting {n} data volumes")
             }
+        }
+        Operation::Resume
+            if !run.is_empty()
+                && run
+                    .iter()
+                    .all(|(_, v)| v.state == VolumeState::NotEncrypted && v.error.is_none()) =>
+        {
+            "Decryption succeeded".into()
         }
         Operation::EnableEncryption | Operation::Resume => {
             if let Some(e) = failed {
@@ -595,6 +606,18 @@ mod tests {
             "Decryption failed: failed to unmount /x"
         );
         assert_eq!(s.data_volumes_encrypted, VolumeState::Encrypted);
+        // A resumed decryption says so while it runs and when it is done.
+        s.begin_run(Operation::Resume, 44, |v| v.device == Path::new("/dev/a"));
+        s.volumes[1].error = None;
+        s.volumes[1].state = VolumeState::DecryptionInProgress;
+        s.volumes[1].resumed = true;
+        s.volumes[1].percent = 60.0;
+        s.refresh(Some(1));
+        assert_eq!(s.progress_message, "Resuming decryption after reboot: 60%");
+        s.volumes[1].state = VolumeState::NotEncrypted;
+        s.pid = None;
+        s.refresh(None);
+        assert_eq!(s.progress_message, "Decryption succeeded");
     }
 
     #[test]

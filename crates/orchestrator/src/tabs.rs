@@ -51,6 +51,14 @@ pub fn fstab_encrypt(
         }
         format!("{spec} {mp} {fs_type} {} {tail}", opts.join(","))
     };
+    // Already pointed at the mapping (a run killed after this step, then resumed).
+    if text
+        .lines()
+        .filter_map(fields)
+        .any(|f| f.len() >= 2 && f[1] == mp && f[0] == spec)
+    {
+        return text.to_string();
+    }
     let mut out = Vec::new();
     let mut replaced = false;
     for line in text.lines() {
@@ -238,6 +246,15 @@ mod tests {
         assert!(!enc.lines().any(|l| l.starts_with("/dev/sdc1")));
         assert!(enc.contains("UUID=abc / ext4"));
         assert_eq!(fstab_restore(&enc, Path::new("/data")), FSTAB);
+        // Done twice (a resumed run), it is done once.
+        let twice = fstab_encrypt(
+            &enc,
+            Path::new("/data"),
+            Path::new("/dev/mapper/data"),
+            "ext4",
+            "rw,noatime",
+        );
+        assert_eq!(twice, enc);
         // Restoring another mount point changes nothing.
         assert_eq!(fstab_restore(&enc, Path::new("/other")), enc);
     }
