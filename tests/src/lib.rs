@@ -348,12 +348,37 @@ impl Drop for Frozen {
 /// `cmd` run under strace with one `-e inject=...` rule (stdout discarded): exact fault
 /// points, whatever the machine's load.
 pub fn strace_inject(rule: &str, cmd: &Command) -> Command {
-    let mut st = Command::new("strace");
-    st.args(["-f", "-qq", "-o", "/dev/null", "-e", rule])
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
-        .stdout(std::process::Stdio::null());
+    let mut st = strace_with(&["-e".as_ref(), rule.as_ref()], cmd);
+    st.stdout(std::process::Stdio::null());
     st
+}
+
+/// `cmd` (its program, arguments and the environment it sets) under `strace -f -qq -o
+/// /dev/null ARGS...`: a fault injected at an exact point (`-e inject=...`, `-P PATH`).
+pub fn strace_with(args: &[&std::ffi::OsStr], cmd: &Command) -> Command {
+    let mut st = Command::new("strace");
+    st.args(["-f", "-qq", "-o", "/dev/null"])
+        .args(args)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => st.env(k, v),
+            None => st.env_remove(k),
+        };
+    }
+    st
+}
+
+/// Whether `cryptsetup open --test-passphrase` opens `img` with the passphrase in `key`.
+pub fn cryptsetup_opens(img: &Path, key: &Path) -> bool {
+    Command::new("cryptsetup")
+        .args(["open", "--test-passphrase"])
+        .arg(img)
+        .arg("--key-file")
+        .arg(key)
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Runs `cmd` until it enters its `n`-th fdatasync(2), where strace SIGKILLs it (or to its

@@ -873,17 +873,7 @@ fn luks_cli_change_key_with_a_full_keyslots_area_changes_in_place() {
     let out = run(luksify_new_key("add-key", &img, &k1, &k3).args(fast));
     assert!(!out.status.success(), "the keyslots area was not full");
     run_ok(luksify_new_key("change-key", &img, &k1, &k3).args(fast));
-    let opens = |k: &Path| {
-        run(Command::new("cryptsetup").args([
-            "open",
-            "--test-passphrase",
-            p(&img),
-            "--key-file",
-            p(k),
-        ]))
-        .status
-        .success()
-    };
+    let opens = |k: &Path| luksify_tests::cryptsetup_opens(&img, k);
     assert!(opens(&k3), "the new passphrase does not open");
     assert!(opens(&k2), "the other keyslot no longer opens");
     assert!(!opens(&k1), "the old passphrase still opens");

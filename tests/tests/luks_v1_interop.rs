@@ -311,17 +311,7 @@ fn luks1_cbc_volumes_take_the_keyslot_commands() {
         run_ok(luksify_tests::luksify_new_key("add-key", &img, &k1, &k2).args(fast));
         run_ok(luksify_tests::luksify_new_key("change-key", &img, &k2, &k3).args(fast));
         run_ok(&mut lx(&["remove-key", p(&img), "--key-file", p(&k1)]));
-        let opens = |k: &Path| {
-            run(Command::new("cryptsetup").args([
-                "open",
-                "--test-passphrase",
-                p(&img),
-                "--key-file",
-                p(k),
-            ]))
-            .status
-            .success()
-        };
+        let opens = |k: &Path| luksify_tests::cryptsetup_opens(&img, k);
         assert!(
             opens(&k3),
             "{what}: cryptsetup does not open the changed keyslot"

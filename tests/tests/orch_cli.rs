@@ -1532,27 +1532,17 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
 
 /// `cmd` under strace, with e2fsck SIGKILLed as it starts.
 fn strace_e2fsck_killed(cmd: Command) -> Command {
-    let mut st = Command::new("strace");
-    st.args([
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-P",
-        "/usr/sbin/e2fsck",
-        "-P",
-        "/sbin/e2fsck",
-    ])
-    .args(["-e", "inject=execve:signal=SIGKILL"])
-    .arg(cmd.get_program())
-    .args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => st.env(k, v),
-            None => st.env_remove(k),
-        };
-    }
-    st
+    luksify_tests::strace_with(
+        &[
+            "-P".as_ref(),
+            "/usr/sbin/e2fsck".as_ref(),
+            "-P".as_ref(),
+            "/sbin/e2fsck".as_ref(),
+            "-e".as_ref(),
+            "inject=execve:signal=SIGKILL".as_ref(),
+        ],
+        &cmd,
+    )
 }
 
 /// An open userspace mapping of an image file holds the same lock a walker run takes on
@@ -1627,19 +1617,15 @@ fn root_orch_open_mapping_locks_its_bytes_against_runs_and_a_second_mapping() {
 /// `cmd` under strace, SIGKILLed when it opens `path` (exact, whatever the machine's
 /// speed): the kill lands after everything the run did before it.
 fn strace_killed_at_open(cmd: Command, path: &Path) -> Command {
-    let mut st = Command::new("strace");
-    st.args(["-f", "-qq", "-o", "/dev/null", "-P"])
-        .arg(path)
-        .args(["-e", "inject=openat:signal=SIGKILL"])
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => st.env(k, v),
-            None => st.env_remove(k),
-        };
-    }
-    st
+    luksify_tests::strace_with(
+        &[
+            "-P".as_ref(),
+            path.as_os_str(),
+            "-e".as_ref(),
+            "inject=openat:signal=SIGKILL".as_ref(),
+        ],
+        &cmd,
+    )
 }
 
 /// `disable` leaves the volume as it was when it cannot go on: a wrong passphrase is
