@@ -121,13 +121,7 @@ fn own_lineage() -> Vec<u32> {
     let mut out = Vec::new();
     let mut pid = std::process::id();
     while pid > 1 && out.len() < 64 {
-        let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rfind(')')
-                    .and_then(|i| s[i + 1..].split_whitespace().nth(1)?.parse().ok())
-            })
-        else {
+        let Some(ppid) = holders::parent_pid(pid) else {
             break;
         };
         out.push(ppid);
@@ -154,7 +148,11 @@ fn stop_holders(device: &Path, pids: &[u32]) -> Result<()> {
         (libc::SIGTERM, Duration::from_secs(5)),
         (libc::SIGKILL, Duration::from_secs(5)),
     ] {
-        let alive: Vec<u32> = pids.iter().copied().filter(|p| pid_alive(*p)).collect();
+        let alive: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| holders::pid_running(*p))
+            .collect();
         if alive.is_empty() {
             return Ok(());
         }
@@ -172,23 +170,12 @@ fn stop_holders(device: &Path, pids: &[u32]) -> Result<()> {
             unsafe { libc::kill(*p as libc::pid_t, sig) };
         }
         let deadline = std::time::Instant::now() + wait;
-        while std::time::Instant::now() < deadline && alive.iter().any(|p| pid_alive(*p)) {
+        while std::time::Instant::now() < deadline && alive.iter().any(|p| holders::pid_running(*p))
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
     Ok(())
-}
-
-fn pid_alive(pid: u32) -> bool {
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false);
-    // SAFETY: signal 0 only checks existence.
-    !zombie && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
 }
 
 /// Unmounts the mounts nested below a volume, deepest first, retrying while busy and
@@ -694,7 +681,14 @@ fn enable_one(
         prepare_fs(&p.device, p.header.as_deref(), &fs)
     })();
     if let Err(e) = prepared {
-        return Err(roll_back(sw, idx, e));
+        return Err(put_back(
+            sw,
+            idx,
+            e,
+            &p.device,
+            VolumeState::NotEncrypted,
+            "encrypted",
+        ));
     }
     encrypt_prepared(
         req,
@@ -709,25 +703,28 @@ fn enable_one(
     )
 }
 
-/// A failure before the walker wrote anything: the plain volume is mounted again where
-/// it was (with what was nested below it) and the status says it is not encrypted.
-fn roll_back(sw: &mut StatusWriter, idx: usize, e: Failure) -> Failure {
+/// A failure before the walker wrote anything: what came off (the volume, what was
+/// nested below it, its other mounts) is mounted again from `from` (the plain device, or
+/// the mapping a disable had not closed yet), and the volume's state goes back to `state`.
+fn put_back(
+    sw: &mut StatusWriter,
+    idx: usize,
+    e: Failure,
+    from: &Path,
+    state: VolumeState,
+    verb: &str,
+) -> Failure {
     let v = sw.status.volumes[idx].clone();
-    let back = match grow_and_remount(&v, None, &v.device) {
-        Ok(()) => match &v.mount_point {
-            Some(mp) => format!(
-                "; nothing was encrypted and {} is mounted again",
-                mp.display()
-            ),
-            None => "; nothing was encrypted".to_string(),
-        },
-        Err(m) => format!(
-            "; nothing was encrypted, but mounting it again failed: {}",
+    let tail = match (grow_and_remount(&v, None, from), &v.mount_point) {
+        (Ok(()), Some(mp)) => format!("; nothing was {verb} and {} is mounted again", mp.display()),
+        (Ok(()), None) => format!("; nothing was {verb}"),
+        (Err(m), _) => format!(
+            "; nothing was {verb}, but mounting it again failed: {}",
             m.message
         ),
     };
-    sw.status.volumes[idx].state = VolumeState::NotEncrypted;
-    Failure::new(e.code, format!("{}{back}", e.message))
+    sw.status.volumes[idx].state = state;
+    Failure::new(e.code, format!("{}{tail}", e.message))
 }
 
 /// What the encryption step needs to know of the filesystem it is about to encrypt.
@@ -1312,7 +1309,14 @@ fn restart_encryption(
         .and_then(|()| unmount_all(&v.device, dev, FIX_RESUME))
         .and_then(|()| prepare_fs(&v.device, v.header.as_deref(), &fs));
     if let Err(e) = prepared {
-        return Err(roll_back(sw, idx, e));
+        return Err(put_back(
+            sw,
+            idx,
+            e,
+            &v.device,
+            VolumeState::NotEncrypted,
+            "encrypted",
+        ));
     }
     encrypt_prepared(
         req,
@@ -1613,21 +1617,15 @@ fn disable_one(
             })();
             if let Err(e) = offline {
                 // Still mapped: put back what came off, and the volume stays encrypted.
-                let mut back = sw.status.volumes[idx].clone();
-                back.header = v.header.clone();
-                let again = grow_and_remount(&back, None, &rec.mapped);
-                back.state = VolumeState::Encrypted;
-                sw.status.volumes[idx] = back;
-                let tail = match again {
-                    Ok(()) => {
-                        "; nothing was decrypted, and the volume is mounted again".to_string()
-                    }
-                    Err(m) => format!(
-                        "; nothing was decrypted, but mounting it again failed: {}",
-                        m.message
-                    ),
-                };
-                return Err(Failure::new(e.code, format!("{}{tail}", e.message)));
+                sw.status.volumes[idx].header = v.header.clone();
+                return Err(put_back(
+                    sw,
+                    idx,
+                    e,
+                    &rec.mapped,
+                    VolumeState::Encrypted,
+                    "decrypted",
+                ));
             }
         }
         map::close(&req.state_dir, &v.mapper)?;

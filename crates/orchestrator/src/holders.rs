@@ -162,19 +162,44 @@ pub fn scan_pid(pid: u32, targets: &Targets, out: &mut Vec<Holder>) {
     }
 }
 
+/// The fields of `PROC_DIR/stat` after the command name, which may hold spaces and ')'
+/// (fields resume after the last ')'): `[0]` state, `[1]` ppid, ..., `[6]` flags.
+fn stat_fields(proc_dir: &Path) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn proc_dir(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}"))
+}
+
 /// PF_KTHREAD (0x00200000) in the flags field (9th) of /proc/PID/stat.
 fn is_kernel_thread(base: &Path) -> bool {
-    let Ok(stat) = std::fs::read_to_string(base.join("stat")) else {
-        return false;
-    };
-    // The command name (field 2) may contain spaces; fields resume after the last ')'.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    rest.split_whitespace()
-        .nth(6)
-        .and_then(|f| f.parse::<u64>().ok())
+    stat_fields(base)
+        .and_then(|f| f.get(6)?.parse::<u64>().ok())
         .is_some_and(|flags| flags & 0x0020_0000 != 0)
+}
+
+/// Whether `pid` exists (`kill(pid, 0)`; a zombie exists).
+pub fn pid_exists(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the pid exists; no memory is involved.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// Whether `pid` is a zombie (exited, not yet reaped).
+pub fn is_zombie(pid: u32) -> bool {
+    stat_fields(&proc_dir(pid)).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))
+}
+
+/// Whether `pid` exists and has not exited.
+pub fn pid_running(pid: u32) -> bool {
+    pid_exists(pid) && !is_zombie(pid)
+}
+
+/// The parent of `pid`.
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    stat_fields(&proc_dir(pid))?.get(1)?.parse().ok()
 }
 
 fn classify(link: &Path, targets: &Targets) -> Option<HoldKind> {

@@ -105,11 +105,6 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence; no memory involved.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
-}
-
 /// Whether the kernel has device-mapper: Ok, or why not (one line).
 pub fn dm_available() -> std::result::Result<(), String> {
     crate::dm::available()
@@ -184,7 +179,7 @@ pub fn unlock(
 /// Whether the mapping a record describes still exists (its daemon, if any, runs and
 /// its device node is there).
 pub fn is_live(r: &MapRecord) -> bool {
-    r.daemon_pid.is_none_or(pid_alive) && r.mapped.exists()
+    r.daemon_pid.is_none_or(crate::holders::pid_exists) && r.mapped.exists()
 }
 
 /// Opens a mapping. Returns the record of what was created.
@@ -626,10 +621,10 @@ fn close_userspace(rec: &MapRecord) -> Result<()> {
     }
     if let Some(pid) = rec.daemon_pid {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while pid_alive(pid) && !is_zombie(pid) && Instant::now() < deadline {
+        while crate::holders::pid_running(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if pid_alive(pid) && !is_zombie(pid) {
+        if crate::holders::pid_running(pid) {
             return Err(Failure::failed(format!(
                 "the mapping daemon (pid {pid}) of {} did not exit after its view was unmounted",
                 rec.name
@@ -640,16 +635,6 @@ fn close_userspace(rec: &MapRecord) -> Result<()> {
         let _ = std::fs::remove_file(&rec.mapped);
     }
     Ok(())
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 /// Backing file of a loop device, from sysfs; None when detached.

@@ -197,10 +197,7 @@ pub fn apply_live_state(s: &mut Status, mounts: &[crate::mountinfo::Mount]) {
             VolumeState::NotMounted
         };
     }
-    // SAFETY: signal 0 only checks that the pid exists.
-    let gone = s
-        .pid
-        .is_some_and(|p| unsafe { libc::kill(p as libc::pid_t, 0) } != 0);
+    let gone = s.pid.is_some_and(|p| !crate::holders::pid_exists(p));
     if gone {
         s.pid = None;
         if let Some(v) = s.volumes.iter().find(|v| {
