@@ -372,6 +372,97 @@ fn root_orch_kill_during_encryption_then_resume_all_completes() {
 
 #[test]
 #[ignore = "needs root and loop devices"]
+fn root_orch_resume_finishes_the_volumes_a_killed_enable_had_not_reached() {
+    let a = Fixture::new(192);
+    let b = Fixture::new(96);
+    // One run over both volumes, killed while it walks the first.
+    let mut child = a
+        .enable_cmd()
+        .arg("--volume")
+        .arg(&b.mnt)
+        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "progress in the status file",
+        Duration::from_secs(60),
+        || {
+            read_status(&a.state)["volumes"][0]["bytes_done"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let s = read_status(&a.state);
+    let state_of = |s: &serde_json::Value, dev: &Path| {
+        s["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["device"] == dev.display().to_string())
+            .map(|v| v["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        state_of(&s, &a.dev()).as_deref(),
+        Some("EncryptionInProgress"),
+        "{s}"
+    );
+    assert_eq!(
+        state_of(&s, &b.dev()).as_deref(),
+        Some("NotEncrypted"),
+        "{s}"
+    );
+    // The second volume is still plain and mounted: the run had not reached it.
+    let out = run(a.cmd().arg("check").arg(b.dev()).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["luks"].is_null(), "{v}");
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = read_status(&a.state);
+    assert_eq!(state_of(&s, &a.dev()).as_deref(), Some("Encrypted"), "{s}");
+    assert_eq!(state_of(&s, &b.dev()).as_deref(), Some("Encrypted"), "{s}");
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    a.assert_files_unchanged();
+    b.assert_files_unchanged();
+    // The second volume took the run's key derivation (pbkdf2, 1000 iterations), not a
+    // benchmarked default, and cryptsetup opens both.
+    for dev in [a.dev(), b.dev()] {
+        let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&dev));
+        let dump = String::from_utf8_lossy(&dump.stdout);
+        assert!(
+            dump.contains("PBKDF:      pbkdf2") && dump.contains("Iterations: 1000"),
+            "{}: {dump}",
+            dev.display()
+        );
+        run_ok(
+            Command::new("cryptsetup")
+                .args(["open", "--test-passphrase", "--key-file"])
+                .arg(&a.key)
+                .arg(&dev),
+        );
+    }
+    // Nothing is left for a second resume.
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Nothing to resume."),
+        "{out:?}"
+    );
+    // b's mapping was made under a's state directory: close it there.
+    let _ = Command::new("umount").arg(&b.mnt).output();
+    let _ = a.cmd().args(["close", &mapper_name(&b.dev())]).output();
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     require_root();
     require_tool("cryptsetup");
@@ -1080,6 +1171,24 @@ fn root_orch_resume_all_with_key_file_finds_a_header_the_status_file_lost() {
     let fx = Fixture::new(192);
     // A passphrase of its own: the scan must not adopt other tests' interrupted runs.
     std::fs::write(&fx.key, b"passphrase of the lost-status test").unwrap();
+    // fstab names the filesystem by its UUID, which the scan cannot read while the
+    // device is half encrypted: resume reads it off the mapping and mounts it there.
+    let uuid = String::from_utf8(
+        run_ok(
+            Command::new("blkid")
+                .args(["-s", "UUID", "-o", "value"])
+                .arg(fx.dev()),
+        )
+        .stdout,
+    )
+    .unwrap();
+    let fstab = fx.dir.path().join("etc/fstab");
+    let original = format!(
+        "UUID={} {} ext4 noatime 0 2\n",
+        uuid.trim(),
+        fx.mnt.display()
+    );
+    std::fs::write(&fstab, &original).unwrap();
     fx.kill_enable_mid_walk();
     std::fs::remove_file(fx.state.join("status.json")).unwrap();
     // Without a key file it can only name the device.
@@ -1121,12 +1230,25 @@ fn root_orch_resume_all_with_key_file_finds_a_header_the_status_file_lost() {
         .unwrap_or_else(|| panic!("{s}"));
     assert_eq!(v["state"], "Encrypted", "{s}");
     assert_eq!(v["resumed"], true, "{s}");
-    // The mount point was only in the lost status file: mount the mapping by hand.
+    assert_eq!(v["mount_point"], fx.mnt.display().to_string(), "{s}");
+    // Mounted where fstab said, with its options, and fstab now names the mapping.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&fx.mnt.display().to_string()))
+        .unwrap_or_else(|| panic!("{} not mounted:\n{mounts}", fx.mnt.display()));
+    assert!(
+        line.split(' ').nth(5).unwrap().contains("noatime"),
+        "{line}"
+    );
     let name = mapper_name(&fx.dev());
-    run_ok(
-        Command::new("mount")
-            .arg(format!("/dev/mapper/{name}"))
-            .arg(&fx.mnt),
+    let now = std::fs::read_to_string(&fstab).unwrap();
+    assert!(
+        now.contains(&format!(
+            "/dev/mapper/{name} {} ext4 noatime",
+            fx.mnt.display()
+        )),
+        "{now}"
     );
     fx.assert_files_unchanged();
     run_ok(

@@ -273,6 +273,14 @@ fn extra_mounts<'a>(
 
 /// Mount points of the fstab entries that name `device` (path, UUID=, LABEL=, ...).
 fn fstab_mount_points(device: &Path) -> Vec<PathBuf> {
+    fstab_entries(device)
+        .into_iter()
+        .map(|e| e.mount_point)
+        .collect()
+}
+
+/// The fstab entries that name `device` (path, UUID=, LABEL=, ...).
+fn fstab_entries(device: &Path) -> Vec<tabs::FstabEntry> {
     let Ok(text) = std::fs::read_to_string(tabs::etc_dir().join("fstab")) else {
         return Vec::new();
     };
@@ -287,7 +295,7 @@ fn fstab_mount_points(device: &Path) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default();
-    tabs::fstab_mount_points_of(&text, device, &ids)
+    tabs::fstab_entries_of(&text, device, &ids)
 }
 
 /// Mounts the other mounts of a volume again as binds of `primary` (a second mount of
@@ -962,6 +970,25 @@ fn finish_volume(
         _ => map::open(&oreq, passphrase)?,
     };
     sw.status.volumes[idx].mapped_device = Some(rec.mapped.clone());
+    // A volume found by scanning (status file lost) knows its mount point only when fstab
+    // names the device by path. An entry by the filesystem's UUID= or LABEL= can be read
+    // only now, off the open mapping: mount it there, as boot would have.
+    let mut v = v;
+    if v.mount_point.is_none() && v.fstab_mount_points.is_empty() {
+        let entries = fstab_entries(&rec.mapped);
+        if let Some(e) = entries.first() {
+            v.mount_point = Some(e.mount_point.clone());
+            v.fs_type = Some(e.fs_type.clone()).filter(|t| t != "auto");
+            v.mount_options = Some(e.options.replace(",nofail", ""));
+            v.fstab_mount_points = entries.iter().map(|e| e.mount_point.clone()).collect();
+            let s = &mut sw.status.volumes[idx];
+            s.mount_point = v.mount_point.clone();
+            s.fs_type = v.fs_type.clone();
+            s.mount_options = v.mount_options.clone();
+            s.fstab_mount_points = v.fstab_mount_points.clone();
+            commit(sw)?;
+        }
+    }
     // A volume found by scanning (status file lost) has no recorded filesystem: read it.
     let fs_type = v.fs_type.clone().or_else(|| {
         probe::detect_fs(&rec.mapped)
@@ -1149,12 +1176,15 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         .filter(|v| unfinished(v))
         .map(|v| v.device.clone())
         .collect();
-    if todo.is_empty() {
+    let pending = pending_of_stopped_enable(&sw.status);
+    if todo.is_empty() && pending.is_empty() {
         return Ok(0);
     }
     let count = todo.len();
     sw.status
-        .begin_run(Operation::Resume, std::process::id(), unfinished);
+        .begin_run(Operation::Resume, std::process::id(), |v| {
+            unfinished(v) || pending.contains(&v.device)
+        });
     let mut skipped = Vec::new();
     for (i, device) in todo.into_iter().enumerate() {
         let Some(idx) = sw.status.volumes.iter().position(|v| v.device == device) else {
@@ -1178,9 +1208,129 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         eprintln!("luksify: {}", skipped.join("; "));
     }
     sw.active = None;
-    sw.status.pid = None;
+    if pending.is_empty() {
+        sw.status.pid = None;
+        commit(&mut sw)?;
+        return Ok(count);
+    }
+    // The run's pid stays until `enable` takes the run over: if it cannot (a pending
+    // volume is busy now), the status still says the run stopped, and the next `resume`
+    // tries again.
     commit(&mut sw)?;
-    Ok(count)
+    let sub = pending_request(req, &sw.status, &pending);
+    let first = sw
+        .status
+        .volumes
+        .iter()
+        .find(|v| v.device == pending[0])
+        .cloned()
+        .ok_or(Failure::failed(
+            "pending volume vanished from the status file",
+        ))?;
+    let key = read_recorded_key(&first, passphrase_override)?;
+    // `enable` keeps its own status writer: this one must not write over it.
+    drop(sw);
+    enable(&sub, &key)?;
+    Ok(count + pending.len())
+}
+
+/// The volumes of an `enable` that stopped (killed, power cut, signal) before it reached
+/// them: recorded in its run, not started, no error. `resume` encrypts them after the
+/// interrupted one, as the run would have. A run that failed (its pid cleared, nothing
+/// left in progress) is not taken up again: the user decides, by running `enable` again.
+fn pending_of_stopped_enable(status: &crate::status::Status) -> Vec<PathBuf> {
+    let stopped = status.pid.is_some()
+        || status
+            .volumes
+            .iter()
+            .any(|v| v.in_run && v.state == VolumeState::EncryptionInProgress);
+    if !stopped
+        || !matches!(
+            status.operation,
+            Operation::EnableEncryption | Operation::Resume
+        )
+    {
+        return Vec::new();
+    }
+    status
+        .volumes
+        .iter()
+        .filter(|v| v.in_run && v.state == VolumeState::NotEncrypted && v.error.is_none())
+        .map(|v| v.device.clone())
+        .collect()
+}
+
+/// The `enable` of a stopped run's pending volumes, as the run was asked: its key file
+/// and header directory as recorded, and the key derivation of a volume it finished
+/// (whose cost `--pbkdf`/`--pbkdf-force-iterations` set, or the first volume's benchmark).
+fn pending_request<'a>(
+    req: &EnableRequest<'a>,
+    status: &crate::status::Status,
+    pending: &[PathBuf],
+) -> EnableRequest<'a> {
+    let recorded = status.volumes.iter().find(|v| v.device == pending[0]);
+    let kdf = status
+        .volumes
+        .iter()
+        .filter(|v| v.in_run && v.state == VolumeState::Encrypted)
+        .find_map(|v| kdf_of(v.header.as_deref().unwrap_or(&v.device)))
+        .unwrap_or_default();
+    EnableRequest {
+        volumes: pending.to_vec(),
+        key_file: recorded
+            .and_then(|v| v.key_file.clone())
+            .unwrap_or(req.key_file.clone()),
+        header_dir: recorded
+            .and_then(|v| v.header.as_deref())
+            .and_then(Path::parent)
+            .map(Path::to_path_buf),
+        kill_holders: req.kill_holders,
+        state_dir: req.state_dir.clone(),
+        force_userspace: req.force_userspace,
+        kdf,
+        cancel: req.cancel,
+        report: req.report,
+    }
+}
+
+/// The key derivation of the first passphrase keyslot of the LUKS2 header at `header`,
+/// as a request that repeats it without a benchmark.
+fn kdf_of(header: &Path) -> Option<KdfRequest> {
+    use luksify_luks::kdf::KdfKind;
+    use luksify_luks::luks2::json::{Kdf, Keyslot};
+    let f = std::fs::File::open(header).ok()?;
+    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
+    let kdf = h.metadata.keyslots.values().find_map(|k| match k {
+        Keyslot::Luks2(k) => Some(k.kdf.clone()),
+        _ => None,
+    })?;
+    let base = KdfRequest::default();
+    Some(match kdf {
+        Kdf::Pbkdf2 {
+            hash, iterations, ..
+        } => KdfRequest {
+            kind: KdfKind::Pbkdf2,
+            hash: luksify_luks::hash::Hash::parse(&hash).ok()?,
+            force_iterations: Some(iterations),
+            ..base
+        },
+        Kdf::Argon2i {
+            time, memory, cpus, ..
+        }
+        | Kdf::Argon2id {
+            time, memory, cpus, ..
+        } => KdfRequest {
+            kind: if matches!(kdf, Kdf::Argon2i { .. }) {
+                KdfKind::Argon2i
+            } else {
+                KdfKind::Argon2id
+            },
+            force_iterations: Some(time),
+            memory_kib: Some(memory),
+            cpus: Some(cpus),
+            ..base
+        },
+    })
 }
 
 /// Finishes one in-progress volume of the status file.

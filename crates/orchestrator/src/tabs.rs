@@ -89,10 +89,19 @@ pub fn fstab_encrypt(
     join(out)
 }
 
-/// Mount points of the fstab entries (not commented out) whose spec is `device`: its
-/// path, or a `UUID=`/`LABEL=`/`PARTUUID=`/`PARTLABEL=` that `ids` (blkid's `KEY=value`
-/// lines for the device) carries, or a /dev/disk link to it.
-pub fn fstab_mount_points_of(text: &str, device: &Path, ids: &[String]) -> Vec<PathBuf> {
+/// An fstab entry's mount point, filesystem type and options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FstabEntry {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub options: String,
+}
+
+/// The fstab entries (not commented out) whose spec is `device`: its path, or a
+/// `UUID=`/`LABEL=`/`PARTUUID=`/`PARTLABEL=` that `ids` (blkid's `KEY=value` lines for
+/// the device) carries, or a /dev/disk link to it. A missing type reads `auto` and
+/// missing options `defaults`, as mount(8) takes them.
+pub fn fstab_entries_of(text: &str, device: &Path, ids: &[String]) -> Vec<FstabEntry> {
     text.lines()
         .filter_map(fields)
         .filter(|f| f.len() >= 2)
@@ -102,7 +111,11 @@ pub fn fstab_mount_points_of(text: &str, device: &Path, ids: &[String]) -> Vec<P
                 .any(|id| id == spec || id.replace('"', "") == spec)
                 || std::fs::canonicalize(unescape_field(spec)).is_ok_and(|p| p == device)
         })
-        .map(|f| PathBuf::from(unescape_field(f[1])))
+        .map(|f| FstabEntry {
+            mount_point: PathBuf::from(unescape_field(f[1])),
+            fs_type: f.get(2).map_or("auto", |t| t).to_string(),
+            options: f.get(3).map_or("defaults", |o| o).to_string(),
+        })
         .collect()
 }
 
@@ -277,21 +290,27 @@ mod tests {
     }
 
     #[test]
-    fn fstab_mount_points_of_matches_path_uuid_and_label() {
+    fn fstab_entries_of_match_path_uuid_and_label() {
         let d = tempfile::tempdir().unwrap();
         let dev = d.path().join("dev");
         std::fs::write(&dev, b"").unwrap();
         let t = format!(
-            "# {p} /c ext4 defaults 0 0\n{p} /a ext4 defaults 0 0\nUUID=u1 /b ext4 defaults 0 0\nLABEL=L /d ext4 ro 0 0\nUUID=u2 /e ext4 defaults 0 0\n",
+            "# {p} /c ext4 defaults 0 0\n{p} /a ext4 defaults 0 0\nUUID=u1 /b xfs noatime 0 0\nLABEL=L /d ext4 ro 0 0\nUUID=u2 /e ext4 defaults 0 0\nLABEL=L /f\n",
             p = dev.display()
         );
         let ids = vec!["UUID=u1".to_string(), "LABEL=L".to_string()];
+        let e = |mp: &str, t: &str, o: &str| FstabEntry {
+            mount_point: PathBuf::from(mp),
+            fs_type: t.into(),
+            options: o.into(),
+        };
         assert_eq!(
-            fstab_mount_points_of(&t, &dev, &ids),
+            fstab_entries_of(&t, &dev, &ids),
             [
-                PathBuf::from("/a"),
-                PathBuf::from("/b"),
-                PathBuf::from("/d")
+                e("/a", "ext4", "defaults"),
+                e("/b", "xfs", "noatime"),
+                e("/d", "ext4", "ro"),
+                e("/f", "auto", "defaults")
             ]
         );
     }
