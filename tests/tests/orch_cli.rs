@@ -372,7 +372,7 @@ fn root_orch_kill_during_encryption_then_resume_all_completes() {
 
 #[test]
 #[ignore = "needs root and loop devices"]
-fn root_orch_resume_finishes_the_volumes_a_killed_enable_had_not_reached() {
+fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reached() {
     let a = Fixture::new(192);
     let b = Fixture::new(96);
     // One run over both volumes, killed while it walks the first.
@@ -456,7 +456,75 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_had_not_reached() {
         String::from_utf8_lossy(&out.stdout).contains("Nothing to resume."),
         "{out:?}"
     );
-    // b's mapping was made under a's state directory: close it there.
+    // The same for `disable`: killed once it walks the first volume, resume decrypts that
+    // one and then the other.
+    let mut child = a
+        .cmd()
+        .arg("disable")
+        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the first decryption's walk",
+        Duration::from_secs(60),
+        // (With the header in front, disable first moves it into the state directory,
+        // and the walk's progress restarts from 0.)
+        || {
+            let s = read_status(&a.state);
+            s["volumes"].as_array().unwrap().iter().any(|v| {
+                v["device"] == a.dev().display().to_string()
+                    && v["state"] == "DecryptionInProgress"
+                    && v["bytes_done"].as_u64().unwrap_or(0) > 0
+            })
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let s = read_status(&a.state);
+    assert!(
+        matches!(
+            state_of(&s, &b.dev()).as_deref(),
+            Some("Encrypted" | "NotMounted")
+        ),
+        "{s}"
+    );
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (The status file keeps plain volumes only while they are part of the latest run,
+    // which is the `disable` of b that resume ran: a may be gone from it.)
+    let s = read_status(&a.state);
+    assert!(
+        matches!(
+            state_of(&s, &a.dev()).as_deref(),
+            None | Some("NotEncrypted")
+        ),
+        "{s}"
+    );
+    assert_eq!(s["data_volumes_encrypted"], "NotEncrypted", "{s}");
+    assert_eq!(
+        state_of(&s, &b.dev()).as_deref(),
+        Some("NotEncrypted"),
+        "{s}"
+    );
+    for fx in [&a, &b] {
+        assert_ne!(
+            run(Command::new("cryptsetup").arg("isLuks").arg(fx.dev()))
+                .status
+                .code(),
+            Some(0),
+            "{} is still LUKS",
+            fx.dev().display()
+        );
+        fx.assert_files_unchanged();
+    }
+    // If anything above failed, b's mapping was made under a's state directory: close it
+    // there.
     let _ = Command::new("umount").arg(&b.mnt).output();
     let _ = a.cmd().args(["close", &mapper_name(&b.dev())]).output();
 }

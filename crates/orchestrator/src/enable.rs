@@ -1176,7 +1176,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         .filter(|v| unfinished(v))
         .map(|v| v.device.clone())
         .collect();
-    let pending = pending_of_stopped_enable(&sw.status);
+    let (pending_op, pending) = pending_of_stopped_run(&sw.status);
     if todo.is_empty() && pending.is_empty() {
         return Ok(0);
     }
@@ -1213,10 +1213,15 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         commit(&mut sw)?;
         return Ok(count);
     }
-    // The run's pid stays until `enable` takes the run over: if it cannot (a pending
-    // volume is busy now), the status still says the run stopped, and the next `resume`
-    // tries again.
+    // The run's pid stays until `enable`/`disable` takes the run over: if it cannot (a
+    // pending volume is busy now), the status still says the run stopped, and the next
+    // `resume` tries again.
     commit(&mut sw)?;
+    if pending_op == Operation::DisableEncryption {
+        // `disable` keeps its own status writer: this one must not write over it.
+        drop(sw);
+        return Ok(count + disable(req, passphrase_override, &pending)?);
+    }
     let sub = pending_request(req, &sw.status, &pending);
     let first = sw
         .status
@@ -1234,30 +1239,43 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
     Ok(count + pending.len())
 }
 
-/// The volumes of an `enable` that stopped (killed, power cut, signal) before it reached
-/// them: recorded in its run, not started, no error. `resume` encrypts them after the
-/// interrupted one, as the run would have. A run that failed (its pid cleared, nothing
-/// left in progress) is not taken up again: the user decides, by running `enable` again.
-fn pending_of_stopped_enable(status: &crate::status::Status) -> Vec<PathBuf> {
+/// The volumes of an `enable` or `disable` that stopped (killed, power cut, signal) before
+/// it reached them: recorded in its run, not started, no error. `resume` encrypts (or
+/// decrypts) them after the interrupted one, as the run would have. A run that failed (its
+/// pid cleared, nothing left in progress) is not taken up again: the user decides, by
+/// running the command again. A `resume` that was itself stopped goes on with an
+/// enable's pending volumes (still `NotEncrypted`, so never mistaken); a disable's are then
+/// indistinguishable from the volumes it finished, and stay encrypted.
+fn pending_of_stopped_run(status: &crate::status::Status) -> (Operation, Vec<PathBuf>) {
     let stopped = status.pid.is_some()
-        || status
-            .volumes
-            .iter()
-            .any(|v| v.in_run && v.state == VolumeState::EncryptionInProgress);
-    if !stopped
-        || !matches!(
-            status.operation,
-            Operation::EnableEncryption | Operation::Resume
-        )
-    {
-        return Vec::new();
+        || status.volumes.iter().any(|v| {
+            v.in_run
+                && matches!(
+                    v.state,
+                    VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+                )
+        });
+    let op = match status.operation {
+        Operation::EnableEncryption | Operation::Resume => Operation::EnableEncryption,
+        Operation::DisableEncryption => Operation::DisableEncryption,
+        Operation::None => return (Operation::None, Vec::new()),
+    };
+    if !stopped {
+        return (op, Vec::new());
     }
-    status
+    let waiting = |v: &VolumeStatus| match op {
+        Operation::DisableEncryption => {
+            matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted)
+        }
+        _ => v.state == VolumeState::NotEncrypted,
+    };
+    let pending = status
         .volumes
         .iter()
-        .filter(|v| v.in_run && v.state == VolumeState::NotEncrypted && v.error.is_none())
+        .filter(|v| v.in_run && waiting(v) && v.error.is_none())
         .map(|v| v.device.clone())
-        .collect()
+        .collect();
+    (op, pending)
 }
 
 /// The `enable` of a stopped run's pending volumes, as the run was asked: its key file
