@@ -420,6 +420,30 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     let out = run(a.cmd().arg("check").arg(b.dev()).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["luks"].is_null(), "{v}");
+    // A process holds the second volume now: resume finishes the first, refuses the
+    // second (nothing written to it), says why in the status, and tries again next time.
+    let mut holder = b.holder();
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&holder.id().to_string()),
+        "{out:?}"
+    );
+    let s = read_status(&a.state);
+    assert_eq!(state_of(&s, &a.dev()).as_deref(), Some("Encrypted"), "{s}");
+    assert_eq!(
+        state_of(&s, &b.dev()).as_deref(),
+        Some("NotEncrypted"),
+        "{s}"
+    );
+    let msg = s["progress_message"].as_str().unwrap();
+    assert!(
+        msg.contains("not encrypted yet") && msg.contains("`luksify resume` goes on"),
+        "{s}"
+    );
+    assert!(!luksify_tests::has_luks_header(&b.dev()));
+    let _ = holder.kill();
+    let _ = holder.wait();
     let out = run(a.cmd().args(["resume", "--userspace"]));
     assert!(
         out.status.success(),
@@ -1718,6 +1742,14 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
     assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
     assert!(luksify_tests::has_luks_header(&fx.dev()));
     fx.assert_files_unchanged();
+    // The walk resume started anew used the run's key derivation (pbkdf2, 1000
+    // iterations), not a benchmarked default.
+    let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(fx.dev()));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("PBKDF:      pbkdf2") && dump.contains("Iterations: 1000"),
+        "{dump}"
+    );
 }
 
 /// `cmd` under strace, with e2fsck SIGKILLed as it starts.

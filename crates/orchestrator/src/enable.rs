@@ -601,6 +601,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             in_run: true,
             extra_mounts: extra_mounts(p.report.mounts.iter(), m),
             fstab_mount_points: fstab_mount_points(&p.device),
+            kdf: Some(record_kdf(&req.kdf)),
             nested_mounts: p
                 .report
                 .nested_mounts
@@ -810,8 +811,15 @@ fn encrypt_prepared(
     sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
     commit(sw)?;
     let data = open_data(device, "for encryption", "something still holds it")?;
+    // The run's own request: a `resume` that starts this walk again (or for the first
+    // time, for a volume its run had not reached) has none of its own.
+    let kdf = sw.status.volumes[idx]
+        .kdf
+        .as_ref()
+        .and_then(kdf_request)
+        .unwrap_or_else(|| req.kdf.clone());
     let format = FormatOptions {
-        kdf: req.kdf.clone(),
+        kdf,
         sector_size: encryption_sector_size(fs.min_io),
         ..Default::default()
     };
@@ -1235,12 +1243,28 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
     let key = read_recorded_key(&first, passphrase_override)?;
     // `enable` keeps its own status writer: this one must not write over it.
     drop(sw);
-    enable(&sub, &key)?;
+    if let Err(e) = enable(&sub, &key) {
+        // Its preflight refused (a holder now, say): the volumes say why, and the run
+        // stays stopped (its pid is kept), so the next `resume` tries them again.
+        let why = e.message.lines().collect::<Vec<_>>().join("; ");
+        if let Ok(mut sw) = StatusWriter::open(&req.state_dir) {
+            for v in sw.status.volumes.iter_mut() {
+                if pending.contains(&v.device) && v.state == VolumeState::NotEncrypted {
+                    v.error = Some(format!(
+                        "{} not encrypted yet: {why}; `luksify resume` goes on once that is fixed",
+                        v.device.display()
+                    ));
+                }
+            }
+            let _ = sw.commit();
+        }
+        return Err(e);
+    }
     Ok(count + pending.len())
 }
 
 /// The volumes of an `enable` or `disable` that stopped (killed, power cut, signal) before
-/// it reached them: recorded in its run, not started, no error. `resume` encrypts (or
+/// it reached them: recorded in its run, not started. `resume` encrypts (or
 /// decrypts) them after the interrupted one, as the run would have. A run that failed (its
 /// pid cleared, nothing left in progress) is not taken up again: the user decides, by
 /// running the command again. A `resume` that was itself stopped goes on with an
@@ -1272,7 +1296,7 @@ fn pending_of_stopped_run(status: &crate::status::Status) -> (Operation, Vec<Pat
     let pending = status
         .volumes
         .iter()
-        .filter(|v| v.in_run && waiting(v) && v.error.is_none())
+        .filter(|v| v.in_run && waiting(v))
         .map(|v| v.device.clone())
         .collect();
     (op, pending)
@@ -1287,11 +1311,18 @@ fn pending_request<'a>(
     pending: &[PathBuf],
 ) -> EnableRequest<'a> {
     let recorded = status.volumes.iter().find(|v| v.device == pending[0]);
-    let kdf = status
-        .volumes
-        .iter()
-        .filter(|v| v.in_run && v.state == VolumeState::Encrypted)
-        .find_map(|v| kdf_of(v.header.as_deref().unwrap_or(&v.device)))
+    // The run's recorded request; a status file written before it was recorded: the
+    // derivation of a volume the run finished.
+    let kdf = recorded
+        .and_then(|v| v.kdf.as_ref())
+        .and_then(kdf_request)
+        .or_else(|| {
+            status
+                .volumes
+                .iter()
+                .filter(|v| v.in_run && v.state == VolumeState::Encrypted)
+                .find_map(|v| kdf_of(v.header.as_deref().unwrap_or(&v.device)))
+        })
         .unwrap_or_default();
     EnableRequest {
         volumes: pending.to_vec(),
@@ -1309,6 +1340,36 @@ fn pending_request<'a>(
         cancel: req.cancel,
         report: req.report,
     }
+}
+
+/// `req` as the status file records it.
+fn record_kdf(req: &KdfRequest) -> crate::status::RecordedKdf {
+    use luksify_luks::kdf::KdfKind;
+    crate::status::RecordedKdf {
+        kind: match req.kind {
+            KdfKind::Pbkdf2 => "pbkdf2",
+            KdfKind::Argon2i => "argon2i",
+            KdfKind::Argon2id => "argon2id",
+        }
+        .into(),
+        hash: req.hash.name().into(),
+        iter_time_ms: req.iter_time_ms,
+        force_iterations: req.force_iterations,
+        memory_kib: req.memory_kib,
+        cpus: req.cpus,
+    }
+}
+
+/// The request a status file recorded (`None` if it names an unknown kind or hash).
+fn kdf_request(r: &crate::status::RecordedKdf) -> Option<KdfRequest> {
+    Some(KdfRequest {
+        kind: luksify_luks::kdf::KdfKind::parse(&r.kind).ok()?,
+        hash: luksify_luks::hash::Hash::parse(&r.hash).ok()?,
+        iter_time_ms: r.iter_time_ms,
+        force_iterations: r.force_iterations,
+        memory_kib: r.memory_kib,
+        cpus: r.cpus,
+    })
 }
 
 /// The key derivation of the first passphrase keyslot of the LUKS2 header at `header`,
