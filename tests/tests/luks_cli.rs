@@ -110,6 +110,19 @@ fn luks_cli_format_matrix_accepted_by_cryptsetup() {
                         t.args(["--header", p(h)]);
                     }
                     run_ok(t.arg(&img));
+                    // `dump` prints what luksDump prints, line for line (salts and
+                    // digests included).
+                    let dumped = |mut c: Command| {
+                        if let Some(h) = h {
+                            c.args(["--header", p(h)]);
+                        }
+                        String::from_utf8(run_ok(c.arg(&img)).stdout).unwrap()
+                    };
+                    let mut cs = Command::new("cryptsetup");
+                    cs.arg("luksDump");
+                    let ours = dumped(lx(&["dump"]));
+                    assert_eq!(ours, dumped(cs), "{pbkdf} {sector} {bits} {detached}");
+                    assert!(ours.contains("\tSalt:       ") && ours.contains("\tDigest:     "));
                     assert_eq!(
                         cs_volume_key(&img, &key, h, &d.path("vk-cs")),
                         vk,

@@ -887,17 +887,26 @@ fn luks2_text(h: &Luks2Header) -> String {
                 let _ = writeln!(s, "\tCipher key: {} bits", k.area.key_size * 8);
                 match &k.kdf {
                     Kdf::Pbkdf2 {
-                        hash, iterations, ..
+                        hash,
+                        iterations,
+                        salt,
                     } => {
                         let _ = writeln!(s, "\tPBKDF:      pbkdf2");
                         let _ = writeln!(s, "\tHash:       {hash}");
                         let _ = writeln!(s, "\tIterations: {iterations}");
+                        let _ = write!(s, "\tSalt:       {}", hex_lines(salt));
                     }
                     Kdf::Argon2i {
-                        time, memory, cpus, ..
+                        time,
+                        memory,
+                        cpus,
+                        salt,
                     }
                     | Kdf::Argon2id {
-                        time, memory, cpus, ..
+                        time,
+                        memory,
+                        cpus,
+                        salt,
                     } => {
                         let name = if matches!(k.kdf, Kdf::Argon2i { .. }) {
                             "argon2i"
@@ -908,6 +917,7 @@ fn luks2_text(h: &Luks2Header) -> String {
                         let _ = writeln!(s, "\tTime cost:  {time}");
                         let _ = writeln!(s, "\tMemory:     {memory}");
                         let _ = writeln!(s, "\tThreads:    {cpus}");
+                        let _ = write!(s, "\tSalt:       {}", hex_lines(salt));
                     }
                 }
                 let _ = writeln!(s, "\tAF stripes: {}", k.af.stripes);
@@ -948,6 +958,8 @@ fn luks2_text(h: &Luks2Header) -> String {
                 let _ = writeln!(s, "  {id}: pbkdf2");
                 let _ = writeln!(s, "\tHash:       {}", p.hash);
                 let _ = writeln!(s, "\tIterations: {}", p.iterations);
+                let _ = write!(s, "\tSalt:       {}", hex_lines(&p.salt));
+                let _ = write!(s, "\tDigest:     {}", hex_lines(&p.digest));
             }
             Digest::Unknown(u) => {
                 let _ = writeln!(
@@ -991,4 +1003,23 @@ fn luks1_text(h: &luks1::Luks1Header) -> String {
         }
     }
     s
+}
+
+/// Bytes as luksDump prints a salt or digest: two hex digits and a blank per byte, 16
+/// bytes a line, continuation lines indented to the value column, each line ended.
+fn hex_lines(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, line) in bytes.chunks(16).enumerate() {
+        if i > 0 {
+            out.push_str("\t            ");
+        }
+        for b in line {
+            out.push_str(&format!("{b:02x} "));
+        }
+        out.push('\n');
+    }
+    if bytes.is_empty() {
+        out.push('\n');
+    }
+    out
 }
