@@ -547,6 +547,41 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
         );
         fx.assert_files_unchanged();
     }
+    // A disable killed before its first decryption started: resume leaves that volume
+    // encrypted (as for one volume), and then the one it had not reached too, saying so.
+    let out = run(a.enable_cmd().arg("--volume").arg(&b.mnt));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The disable takes the volumes in the status file's order: kill it as it starts on
+    // the first, so that the other is the one it had not reached.
+    let s = read_status(&a.state);
+    let first = PathBuf::from(s["volumes"][0]["device"].as_str().unwrap());
+    let other = if first == a.dev() { b.dev() } else { a.dev() };
+    let moved = a
+        .state
+        .join("headers")
+        .join(format!("{}.decrypt.luks2", mapper_name(&first)));
+    let mut disable = a.cmd();
+    disable.arg("disable");
+    let out = run(&mut strace_killed_at_open(disable, &moved));
+    assert!(!out.status.success(), "disable was not killed");
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("had not started")
+            && err.contains(&format!("had not reached {} either", other.display())),
+        "{err}"
+    );
+    for fx in [&a, &b] {
+        assert!(
+            luksify_tests::has_luks_header(&fx.dev()),
+            "{}",
+            fx.dev().display()
+        );
+        fx.assert_files_unchanged();
+    }
+    let s = read_status(&a.state);
+    assert_eq!(state_of(&s, &other).as_deref(), Some("Encrypted"), "{s}");
     // If anything above failed, b's mapping was made under a's state directory: close it
     // there.
     let _ = Command::new("umount").arg(&b.mnt).output();

@@ -1189,6 +1189,13 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         return Ok(0);
     }
     let count = todo.len();
+    let decrypting: Vec<PathBuf> = sw
+        .status
+        .volumes
+        .iter()
+        .filter(|v| v.state == VolumeState::DecryptionInProgress)
+        .map(|v| v.device.clone())
+        .collect();
     sw.status
         .begin_run(Operation::Resume, std::process::id(), |v| {
             unfinished(v) || pending.contains(&v.device)
@@ -1216,6 +1223,28 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         eprintln!("luksify: {}", skipped.join("; "));
     }
     sw.active = None;
+    // A decryption that had not started stays encrypted (resume_decrypt said so): the
+    // disable is taken as not started, and the volumes it had not reached stay so too.
+    let mut pending = pending;
+    let not_started = |d: &PathBuf| {
+        sw.status.volumes.iter().any(|v| {
+            &v.device == d && matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted)
+        })
+    };
+    if pending_op == Operation::DisableEncryption
+        && !pending.is_empty()
+        && decrypting.iter().any(not_started)
+    {
+        eprintln!(
+            "luksify: the disable had not reached {} either; they stay encrypted: run `luksify disable` again to decrypt them",
+            pending
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        pending.clear();
+    }
     if pending.is_empty() {
         sw.status.pid = None;
         commit(&mut sw)?;
