@@ -695,8 +695,13 @@ fn cmd_resume(
         wait,
     };
     with_recorded_volumes(key_file, run, state_dir, |req, key| {
+        // Runs found here that this resume cannot finish (no key given, or decryptions).
+        let mut left = 0;
         for f in luksify_orchestrator::enable::scan_in_progress(&req.state_dir) {
             let dev = f.device.display();
+            if f.decrypt || key.is_none() {
+                left += 1;
+            }
             if f.decrypt {
                 eprintln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
             } else if key.is_some() {
@@ -705,10 +710,17 @@ fn cmd_resume(
                 eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
             }
         }
-        if luksify_orchestrator::enable::resume(req, key)? == 0 {
-            println!("Nothing to resume.");
-        } else {
+        let done = luksify_orchestrator::enable::resume(req, key)?;
+        if done > 0 {
             print_status(&req.state_dir);
+        } else if left == 0 {
+            println!("Nothing to resume.");
+        }
+        if left > 0 && done == 0 {
+            // Unfinished runs remain, each named above with the command that finishes it.
+            // (Exit 0 all the same: they are not this state directory's runs, and the
+            // boot unit must not fail over another tool's reencryption.)
+            println!("Nothing in the status file to resume; {left} interrupted run(s) found on devices: see above.");
         }
         Ok(ExitCode::from(exit::OK))
     })
