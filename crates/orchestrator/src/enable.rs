@@ -888,14 +888,13 @@ fn walk(
     req: &EnableRequest,
     f: impl FnOnce(&Control<'_>) -> luksify_walker::Result<Outcome>,
 ) -> Result<Outcome> {
-    let start_done = sw.status.volumes[idx].bytes_done;
     let device = sw.status.volumes[idx].device.clone();
     let what = if sw.status.volumes[idx].state == VolumeState::DecryptionInProgress {
         "decryption"
     } else {
         "encryption"
     };
-    let rate = Rate::start(start_done);
+    let rate = Rate::new();
     let shared = Mutex::new((sw, true));
     // TEST-ONLY hook (documented in docs/orchestrator.md): sleeps after each progress
     // report so that tests can kill a run while it is certainly mid-walk. It only

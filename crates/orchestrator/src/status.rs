@@ -465,22 +465,22 @@ impl StatusWriter {
     }
 }
 
-/// Progress arithmetic for one run: percent, rate and ETA.
-#[derive(Debug, Clone)]
+/// Progress arithmetic for one run: percent, rate and ETA. The rate counts from the
+/// run's first report (a resumed walk starts where its header says, which the status
+/// file, written every few seconds, may not have caught up with).
+#[derive(Debug, Default)]
 pub struct Rate {
-    started: Instant,
-    start_bytes: u64,
+    first: std::sync::OnceLock<(Instant, u64)>,
 }
 
 impl Rate {
-    pub fn start(bytes_done: u64) -> Rate {
-        Rate {
-            started: Instant::now(),
-            start_bytes: bytes_done,
-        }
+    pub fn new() -> Rate {
+        Rate::default()
     }
-    /// Fills percent, rate and ETA of `v` from `done` of `total` bytes.
+    /// Fills percent, rate and ETA of `v` from `done` of `total` bytes; until this run
+    /// has measured a rate, none is shown (not the one of a run before it).
     pub fn apply(&self, v: &mut VolumeStatus, done: u64, total: u64) {
+        let &(started, start_bytes) = self.first.get_or_init(|| (Instant::now(), done));
         v.bytes_done = done;
         v.bytes_total = total;
         v.percent = if total == 0 {
@@ -488,12 +488,15 @@ impl Rate {
         } else {
             done as f64 * 100.0 / total as f64
         };
-        let secs = self.started.elapsed().as_secs_f64();
-        let moved = done.saturating_sub(self.start_bytes);
+        let secs = started.elapsed().as_secs_f64();
+        let moved = done.saturating_sub(start_bytes);
         if secs > 0.5 && moved > 0 {
             let rate = moved as f64 / secs;
             v.rate_bytes_per_s = Some(rate);
             v.eta_seconds = Some((total.saturating_sub(done) as f64 / rate).ceil() as u64);
+        } else {
+            v.rate_bytes_per_s = None;
+            v.eta_seconds = None;
         }
     }
 }
@@ -703,10 +706,22 @@ mod tests {
     }
 
     #[test]
-    fn rate_fills_percent() {
-        let r = Rate::start(0);
-        let mut v = VolumeStatus::default();
+    fn rate_fills_percent_and_counts_from_the_first_report() {
+        let r = Rate::new();
+        // A resumed run: the status still has the killed run's rate.
+        let mut v = VolumeStatus {
+            rate_bytes_per_s: Some(20e6),
+            eta_seconds: Some(9),
+            ..Default::default()
+        };
         r.apply(&mut v, 25, 100);
         assert_eq!((v.percent, v.bytes_done, v.bytes_total), (25.0, 25, 100));
+        assert_eq!((v.rate_bytes_per_s, v.eta_seconds), (None, None));
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        r.apply(&mut v, 75, 100);
+        let rate = v.rate_bytes_per_s.unwrap();
+        // 50 bytes since the first report, in 0.6 s or more.
+        assert!(rate > 0.0 && rate <= 50.0 / 0.6, "{rate}");
+        assert!(v.eta_seconds.unwrap() >= 1, "{v:?}");
     }
 }
