@@ -100,8 +100,13 @@ impl Fixture {
     /// Starts `enable` slowed down (each progress step sleeps), waits until the status
     /// file shows bytes done, so the walk is certainly mid-way, and SIGKILLs it.
     fn kill_enable_mid_walk(&self) {
-        let mut child = self
-            .enable_cmd()
+        self.kill_mid_first_walk(self.enable_cmd());
+    }
+
+    /// Starts `cmd` (a run of this fixture's state directory) slowed down, waits until
+    /// the status file shows bytes done on its first volume, and SIGKILLs it.
+    fn kill_mid_first_walk(&self, mut cmd: Command) {
+        let mut child = cmd
             .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -376,27 +381,9 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     let a = Fixture::new(192);
     let b = Fixture::new(96);
     // One run over both volumes, killed while it walks the first.
-    let mut child = a
-        .enable_cmd()
-        .arg("--volume")
-        .arg(&b.mnt)
-        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(
-        "progress in the status file",
-        Duration::from_secs(60),
-        || {
-            read_status(&a.state)["volumes"][0]["bytes_done"]
-                .as_u64()
-                .unwrap_or(0)
-                > 0
-        },
-    );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut both = a.enable_cmd();
+    both.arg("--volume").arg(&b.mnt);
+    a.kill_mid_first_walk(both);
     let s = read_status(&a.state);
     let state_of = |s: &serde_json::Value, dev: &Path| {
         s["volumes"]

@@ -637,7 +637,12 @@ mod tests {
     }
 
     fn reference(data: &[u8]) -> Vec<u8> {
-        data.chunks(BLOCK)
+        reference_of::<BLOCK>(data)
+    }
+
+    /// `sha2`'s digest of each `LEN`-byte block of `data`, one after the other.
+    fn reference_of<const LEN: usize>(data: &[u8]) -> Vec<u8> {
+        data.chunks(LEN)
             .flat_map(|b| Sha256::digest(b).to_vec())
             .collect()
     }
@@ -720,10 +725,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            let want: Vec<u8> = data
-                .chunks(512)
-                .flat_map(|b| Sha256::digest(b).to_vec())
-                .collect();
+            let want = reference_of::<512>(data);
             let mut out = [0u8; DIGEST * LANES];
             // SAFETY: available() confirmed avx512f and avx512bw.
             unsafe { avx512::hash_16::<512>(data, &mut out) };
@@ -731,10 +733,7 @@ mod tests {
         }
         for blocks in [16usize, 17, 19, 32, 35, 64] {
             let data = pseudo_random(blocks * 512, 600 + blocks as u64);
-            let want: Vec<u8> = data
-                .chunks(512)
-                .flat_map(|b| Sha256::digest(b).to_vec())
-                .collect();
+            let want = reference_of::<512>(&data);
             let mut out = vec![0u8; blocks * DIGEST];
             hash_512_blocks_to_slice(&data, &mut out);
             assert_eq!(out, want, "512-byte blocks x {blocks}");
@@ -772,10 +771,7 @@ mod tests {
         // through their dispatcher with a tail.
         for (i, blocks) in [2usize, 7, 64].into_iter().enumerate() {
             let data = pseudo_random(blocks * 512, 400 + i as u64);
-            let want: Vec<u8> = data
-                .chunks(512)
-                .flat_map(|b| Sha256::digest(b).to_vec())
-                .collect();
+            let want = reference_of::<512>(&data);
             let mut out = vec![0u8; blocks * DIGEST];
             hash_512_blocks_to_slice(&data, &mut out);
             assert_eq!(out, want, "512-byte blocks x {blocks}");
