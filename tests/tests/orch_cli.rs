@@ -105,23 +105,24 @@ impl Fixture {
 
     /// Starts `cmd` (a run of this fixture's state directory) slowed down, waits until
     /// the status file shows bytes done on its first volume, and SIGKILLs it.
-    fn kill_mid_first_walk(&self, mut cmd: Command) {
+    fn kill_mid_first_walk(&self, cmd: Command) {
+        self.kill_when(cmd, "progress in the status file", |s| {
+            s["volumes"][0]["bytes_done"].as_u64().unwrap_or(0) > 0
+        });
+    }
+
+    /// Starts `cmd` slowed down (each progress step sleeps), waits until `now` holds
+    /// for the status file, and SIGKILLs it.
+    fn kill_when(&self, mut cmd: Command, what: &str, now: impl Fn(&serde_json::Value) -> bool) {
         let mut child = cmd
             .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        wait_for(
-            "progress in the status file",
-            Duration::from_secs(60),
-            || {
-                read_status(&self.state)["volumes"][0]["bytes_done"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    > 0
-            },
-        );
+        wait_for(what, Duration::from_secs(60), || {
+            now(&read_status(&self.state))
+        });
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -432,11 +433,7 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     let _ = holder.kill();
     let _ = holder.wait();
     let out = run(a.cmd().args(["resume", "--userspace"]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", stderr(&out));
     let s = read_status(&a.state);
     assert_eq!(state_of(&s, &a.dev()).as_deref(), Some("Encrypted"), "{s}");
     assert_eq!(state_of(&s, &b.dev()).as_deref(), Some("Encrypted"), "{s}");
@@ -469,31 +466,17 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
         "{out:?}"
     );
     // The same for `disable`: killed once it walks the first volume, resume decrypts that
-    // one and then the other.
-    let mut child = a
-        .cmd()
-        .arg("disable")
-        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(
-        "the first decryption's walk",
-        Duration::from_secs(60),
-        // (With the header in front, disable first moves it into the state directory,
-        // and the walk's progress restarts from 0.)
-        || {
-            let s = read_status(&a.state);
-            s["volumes"].as_array().unwrap().iter().any(|v| {
-                v["device"] == a.dev().display().to_string()
-                    && v["state"] == "DecryptionInProgress"
-                    && v["bytes_done"].as_u64().unwrap_or(0) > 0
-            })
-        },
-    );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // one and then the other. (With the header in front, disable first moves it into the
+    // state directory, and the walk's progress restarts from 0.)
+    let mut disable = a.cmd();
+    disable.arg("disable");
+    a.kill_when(disable, "the first decryption's walk", |s| {
+        s["volumes"].as_array().unwrap().iter().any(|v| {
+            v["device"] == a.dev().display().to_string()
+                && v["state"] == "DecryptionInProgress"
+                && v["bytes_done"].as_u64().unwrap_or(0) > 0
+        })
+    });
     let s = read_status(&a.state);
     assert!(
         matches!(
@@ -503,11 +486,7 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
         "{s}"
     );
     let out = run(a.cmd().args(["resume", "--userspace"]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", stderr(&out));
     // (The status file keeps plain volumes only while they are part of the latest run,
     // which is the `disable` of b that resume ran: a may be gone from it.)
     let s = read_status(&a.state);

@@ -3,8 +3,9 @@
 use crate::error::{Error, Result};
 use sha2::Digest as _;
 
-/// A hash named by a LUKS header (`"sha256"`, ...).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A hash named by a LUKS header (`"sha256"`, ...; serialized under that name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Hash {
     Sha1,
     Sha224,

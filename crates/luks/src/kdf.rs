@@ -27,7 +27,8 @@ pub const DIGEST_ITER_TIME_MS: u32 = 125;
 const ARGON2_MAX_LANES_READ: u32 = 1 << 24;
 
 /// KDF family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KdfKind {
     Pbkdf2,
     Argon2i,
@@ -164,7 +165,8 @@ fn argon2(
 
 /// What the user asked for when creating a keyslot (cryptsetup's `--pbkdf*` and
 /// `--iter-time` options). [`KdfRequest::resolve`] turns it into concrete parameters.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Serializable (no secret in it), so that a caller can record what was asked.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KdfRequest {
     pub kind: KdfKind,
     /// PBKDF2 hash (ignored by Argon2).

@@ -601,7 +601,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             in_run: true,
             extra_mounts: extra_mounts(p.report.mounts.iter(), m),
             fstab_mount_points: fstab_mount_points(&p.device),
-            kdf: Some(record_kdf(&req.kdf)),
+            kdf: Some(req.kdf.clone()),
             nested_mounts: p
                 .report
                 .nested_mounts
@@ -815,8 +815,7 @@ fn encrypt_prepared(
     // time, for a volume its run had not reached) has none of its own.
     let kdf = sw.status.volumes[idx]
         .kdf
-        .as_ref()
-        .and_then(kdf_request)
+        .clone()
         .unwrap_or_else(|| req.kdf.clone());
     let format = FormatOptions {
         kdf,
@@ -1342,8 +1341,7 @@ fn pending_request<'a>(
     // The run's recorded request; a status file written before it was recorded: the
     // derivation of a volume the run finished.
     let kdf = recorded
-        .and_then(|v| v.kdf.as_ref())
-        .and_then(kdf_request)
+        .and_then(|v| v.kdf.clone())
         .or_else(|| {
             status
                 .volumes
@@ -1368,36 +1366,6 @@ fn pending_request<'a>(
         cancel: req.cancel,
         report: req.report,
     }
-}
-
-/// `req` as the status file records it.
-fn record_kdf(req: &KdfRequest) -> crate::status::RecordedKdf {
-    use luksify_luks::kdf::KdfKind;
-    crate::status::RecordedKdf {
-        kind: match req.kind {
-            KdfKind::Pbkdf2 => "pbkdf2",
-            KdfKind::Argon2i => "argon2i",
-            KdfKind::Argon2id => "argon2id",
-        }
-        .into(),
-        hash: req.hash.name().into(),
-        iter_time_ms: req.iter_time_ms,
-        force_iterations: req.force_iterations,
-        memory_kib: req.memory_kib,
-        cpus: req.cpus,
-    }
-}
-
-/// The request a status file recorded (`None` if it names an unknown kind or hash).
-fn kdf_request(r: &crate::status::RecordedKdf) -> Option<KdfRequest> {
-    Some(KdfRequest {
-        kind: luksify_luks::kdf::KdfKind::parse(&r.kind).ok()?,
-        hash: luksify_luks::hash::Hash::parse(&r.hash).ok()?,
-        iter_time_ms: r.iter_time_ms,
-        force_iterations: r.force_iterations,
-        memory_kib: r.memory_kib,
-        cpus: r.cpus,
-    })
 }
 
 /// The key derivation of the first passphrase keyslot of the LUKS2 header at `header`,

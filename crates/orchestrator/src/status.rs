@@ -92,22 +92,7 @@ pub struct VolumeStatus {
     /// The key derivation `enable` was asked for, so that a `resume` that starts the
     /// volume's walk (again, or for the first time) uses it too. No secret: kind and costs.
     #[serde(default)]
-    pub kdf: Option<RecordedKdf>,
-}
-
-/// A key derivation request as the status file keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct RecordedKdf {
-    /// `pbkdf2`, `argon2i` or `argon2id`.
-    pub kind: String,
-    /// PBKDF2's hash.
-    pub hash: String,
-    /// Unlock time target, when the cost is benchmarked.
-    pub iter_time_ms: u32,
-    /// Fixed iterations / time cost (`--pbkdf-force-iterations`).
-    pub force_iterations: Option<u32>,
-    pub memory_kib: Option<u32>,
-    pub cpus: Option<u32>,
+    pub kdf: Option<luksify_luks::kdf::KdfRequest>,
 }
 
 /// A mount nested below a volume's mount point, as needed to mount it again.
