@@ -1040,6 +1040,11 @@ fn root_walker_device_not_whole_4096_byte_blocks_is_refused_before_writing() {
     let out = run(&mut luksify_detached("resume", &dev, &key, &hdr));
     assert_refused_in_one_line(&out, "cryptsetup reencrypt --resume-only", "resume");
     assert!(snapshot() == before, "resume wrote");
+    // decrypt of the interrupted run sends the user to cryptsetup too, not to the
+    // `luksify resume` that has just refused.
+    let out = run(&mut luksify_detached("decrypt", &dev, &key, &hdr));
+    assert_refused_in_one_line(&out, "cryptsetup reencrypt --resume-only", "decrypt");
+    assert!(snapshot() == before, "decrypt wrote");
     run_ok(&mut cryptsetup_detached(&["repair"], &hdr, &key, &dev));
     run_ok(&mut cryptsetup_detached(
         &["reencrypt", "--resume-only"],

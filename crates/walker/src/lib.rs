@@ -1288,6 +1288,15 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 "{run} run with resilience `none` is in progress on this volume: `luksify resume` finishes it if it was stopped cleanly (Ctrl-C), and names the byte range to restore from a backup if it was killed (nothing was written)"
             )));
         }
+        let size = data
+            .size()
+            .map_err(|e| Error::io("size of the device", e))?;
+        if size % CHECKSUM_BLOCK as u64 != 0 {
+            return Err(Error::Refused(format!(
+                "{run} run is in progress on this volume, and {}",
+                cryptsetup_finishes(size)
+            )));
+        }
         return Err(Error::Refused(format!(
             "{run} run is in progress on this volume: finish it with `luksify resume` first (nothing was written)"
         )));
@@ -1456,6 +1465,15 @@ fn no_header_to_resume(
 
 /// Continues an interrupted encryption or decryption (ours or cryptsetup's). `meta` is the
 /// detached header, or `None` when the header is on `data`.
+/// Why luksify cannot walk a run cryptsetup started on a device of `dev_size` bytes (not
+/// whole 4096-byte blocks; cryptsetup walks such devices in 512-byte sectors), and how to
+/// finish it instead.
+fn cryptsetup_finishes(dev_size: u64) -> String {
+    format!(
+        "the device's {dev_size} bytes are not a whole number of 4096-byte blocks, the unit luksify walks in; finish this run with cryptsetup (`cryptsetup repair`, then `cryptsetup reencrypt --resume-only`; nothing was written)"
+    )
+}
+
 pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     data: &D,
     meta: Option<&H>,
@@ -1504,9 +1522,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
     if dev_size % CHECKSUM_BLOCK as u64 != 0 {
-        return Err(Error::Refused(format!(
-            "the device's {dev_size} bytes are not a whole number of 4096-byte blocks, the unit luksify walks in; finish this run with cryptsetup (`cryptsetup repair`, then `cryptsetup reencrypt --resume-only`; nothing was written)"
-        )));
+        return Err(Error::Refused(cryptsetup_finishes(dev_size)));
     }
     // Unlock with any passphrase keyslot whose key matches the new segment's digest.
     let mut vk = None;
