@@ -1577,6 +1577,26 @@ fn walker_refuses_bad_input_without_writing() {
     .args(FAST));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("too small"));
     assert!(same(&std::fs::read(s.p("img")).unwrap(), &orig));
+    // resume with an empty --header file: the file is named as the broken part, on one
+    // line, and nothing is written.
+    std::fs::write(s.p("empty.hdr"), b"").unwrap();
+    let out = run(&mut luksify(&[
+        "resume",
+        &s.img(),
+        "--key-file",
+        &s.key(),
+        "--header",
+        s.p("empty.hdr").to_str().unwrap(),
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("header file")
+            && err.contains("empty.hdr")
+            && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    assert!(same(&std::fs::read(s.p("img")).unwrap(), &orig));
     // Already LUKS.
     let (l, _) = Case::new(24, 3);
     run_ok(

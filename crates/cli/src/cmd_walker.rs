@@ -593,6 +593,14 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| {
                     format!("{}: cannot open header file {}", dev.display(), h.display())
                 })?;
+            // A broken or empty header file is the file's fault, not the device's: say so.
+            if let Err(e) = luksify_luks::luks2::Luks2Header::read(&hf) {
+                bail!(
+                    "{}: header file {}: {e}; pass the header file this run was started with (nothing was written)",
+                    dev.display(),
+                    h.display()
+                );
+            }
             let hf = header_disk(dev, h, hf)?;
             luksify_walker::resume(&data, Some(&hf), &pass, t, &ctl)
         }
