@@ -557,6 +557,45 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
 
 #[test]
 #[ignore = "needs root and loop devices"]
+fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
+    let a = Fixture::new(128);
+    let b = Fixture::new(64);
+    // b becomes busy while the run walks a: the run stops at b's unmount.
+    let mut both = a.enable_cmd();
+    both.arg("--volume")
+        .arg(&b.mnt)
+        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = both.spawn().unwrap();
+    wait_for("a's walk", Duration::from_secs(60), || {
+        read_status(&a.state)["volumes"][0]["bytes_done"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    let mut holder = b.holder();
+    let out = child.wait_with_output().unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("nothing on {} was encrypted", b.dev().display()))
+            && err.contains(&format!(
+                "already encrypted by this run: {}",
+                a.dev().display()
+            )),
+        "{err}"
+    );
+    assert!(luksify_tests::has_luks_header(&a.dev()));
+    assert!(!luksify_tests::has_luks_header(&b.dev()));
+    a.assert_files_unchanged();
+    b.assert_files_unchanged();
+}
+
+#[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     require_root();
     require_tool("cryptsetup");
@@ -1702,7 +1741,8 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = stderr(&out);
     assert!(
-        err.contains("nothing was encrypted") && err.contains("is mounted again"),
+        err.contains(&format!("nothing on {} was encrypted", fx.dev().display()))
+            && err.contains("is mounted again"),
         "{err}"
     );
     assert!(mount_fields(&fx.mnt).is_some(), "not mounted again");

@@ -630,6 +630,21 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         sw.active = Some(idx);
         let r = enable_one(req, passphrase, p, &mut sw, idx, i, n);
         if let Err(e) = r {
+            // Say what this run did finish before it stopped.
+            let e = match &plans[..i] {
+                [] => e,
+                done => Failure::new(
+                    e.code,
+                    format!(
+                        "{}; already encrypted by this run: {}",
+                        e.message,
+                        done.iter()
+                            .map(|p| p.device.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+            };
             return Err(end_run_failed(&mut sw, idx, e));
         }
     }
@@ -724,11 +739,15 @@ fn put_back(
     verb: &str,
 ) -> Failure {
     let v = sw.status.volumes[idx].clone();
+    let dev = v.device.display();
     let tail = match (grow_and_remount(&v, None, from), &v.mount_point) {
-        (Ok(()), Some(mp)) => format!("; nothing was {verb} and {} is mounted again", mp.display()),
-        (Ok(()), None) => format!("; nothing was {verb}"),
+        (Ok(()), Some(mp)) => format!(
+            "; nothing on {dev} was {verb} and {} is mounted again",
+            mp.display()
+        ),
+        (Ok(()), None) => format!("; nothing on {dev} was {verb}"),
         (Err(m), _) => format!(
-            "; nothing was {verb}, but mounting it again failed: {}",
+            "; nothing on {dev} was {verb}, but mounting it again failed: {}",
             m.message
         ),
     };
