@@ -204,12 +204,20 @@ pub fn apply_live_state(s: &mut Status, mounts: &[crate::mountinfo::Mount]) {
     let gone = s.pid.is_some_and(|p| !crate::holders::pid_exists(p));
     if gone {
         s.pid = None;
-        if let Some(v) = s.volumes.iter().find(|v| {
+        let in_progress = |v: &&VolumeStatus| {
             matches!(
                 v.state,
                 VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
             )
-        }) {
+        };
+        // The latest run's volume first: an older run's may be in progress too.
+        if let Some(v) = s
+            .volumes
+            .iter()
+            .filter(in_progress)
+            .find(|v| v.in_run)
+            .or_else(|| s.volumes.iter().find(in_progress))
+        {
             let what = if v.state == VolumeState::DecryptionInProgress {
                 "Decryption"
             } else {
@@ -641,6 +649,26 @@ mod tests {
         assert_eq!(
             s.progress_message,
             "Encryption of /dev/a interrupted at 37% (its luksify process is gone); `luksify resume` finishes it"
+        );
+        // An older run's volume in progress too: the message names the latest run's.
+        let mut old = vol(VolumeState::EncryptionInProgress, 12.0);
+        old.device = PathBuf::from("/dev/old");
+        old.in_run = false;
+        let mut cur = vol(VolumeState::EncryptionInProgress, 55.0);
+        cur.device = PathBuf::from("/dev/cur");
+        cur.in_run = true;
+        let mut s = Status {
+            operation: Operation::EnableEncryption,
+            pid: Some(u32::MAX / 2),
+            volumes: vec![old, cur],
+            ..Default::default()
+        };
+        apply_live_state(&mut s, &[]);
+        assert!(
+            s.progress_message
+                .starts_with("Encryption of /dev/cur interrupted at 55%"),
+            "{}",
+            s.progress_message
         );
     }
 
