@@ -593,20 +593,27 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| {
                     format!("{}: cannot open header file {}", dev.display(), h.display())
                 })?;
-            // A broken or empty header file is the file's fault, not the device's: say so.
-            if let Err(e) = luksify_luks::luks2::Luks2Header::read(&hf) {
-                bail!(
-                    "{}: header file {}: {e}; pass the header file this run was started with (nothing was written)",
-                    dev.display(),
-                    h.display()
-                );
-            }
             let hf = header_disk(dev, h, hf)?;
-            luksify_walker::resume(&data, Some(&hf), &pass, t, &ctl)
+            // A header file without a readable header (empty, foreign, broken; the walker
+            // has already told a first header write that was cut from those) is the
+            // file's fault, not the device's: say so.
+            luksify_walker::resume(&data, Some(&hf), &pass, t, &ctl).map_err(|e| match e {
+                luksify_walker::Error::Luks(
+                    l @ (luksify_luks::Error::NotLuks
+                    | luksify_luks::Error::NoValidHeader { .. }
+                    | luksify_luks::Error::Corrupt(_)),
+                ) => anyhow::anyhow!(
+                    "header file {}: {l}; pass the header file this run was started with (nothing was written)",
+                    h.display()
+                ),
+                e => anyhow::Error::from(e),
+            })
         }
-        None => luksify_walker::resume::<_, std::fs::File>(&data, None, &pass, t, &ctl),
+        None => luksify_walker::resume::<_, std::fs::File>(&data, None, &pass, t, &ctl)
+            .map_err(anyhow::Error::from),
     }
-    .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
+    // As context, so that the walker's error stays in the chain (a Busy one is exit 4).
+    .with_context(|| dev.display().to_string())?;
     let hint = resume_hint(dev, key_file, a.header.as_deref());
     Ok(report(dev, outcome, "run", hint))
 }

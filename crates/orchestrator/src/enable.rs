@@ -1348,9 +1348,9 @@ fn pending_of_stopped_run(status: &crate::status::Status) -> (Operation, Vec<Pat
     (op, pending)
 }
 
-/// The `enable` of a stopped run's pending volumes, as the run was asked: its key file
-/// and header directory as recorded, and the key derivation of a volume it finished
-/// (whose cost `--pbkdf`/`--pbkdf-force-iterations` set, or the first volume's benchmark).
+/// The `enable` of a stopped run's pending volumes, as the run was asked: its key file,
+/// header directory and key derivation request as recorded (for a status file written
+/// before requests were recorded: the derivation of a volume the run finished).
 fn pending_request<'a>(
     req: &EnableRequest<'a>,
     status: &crate::status::Status,
