@@ -1976,6 +1976,16 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
     assert!(stderr(&out).contains("had not started"), "{}", stderr(&out));
     assert!(!moved.exists(), "the moved header's empty shell was left");
     as_before("killed before the walk");
+    // The status tells a polling agent the disable did not happen, and how to redo it
+    // (not "Encryption succeeded").
+    let s = read_status(&fx.state);
+    let msg = s["progress_message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("Decryption failed: ")
+            && msg.contains("had not started")
+            && msg.contains("`luksify disable` again"),
+        "{s}"
+    );
 
     let out = run(fx.cmd().arg("disable"));
     assert!(out.status.success(), "{}", stderr(&out));

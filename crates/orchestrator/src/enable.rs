@@ -1627,7 +1627,15 @@ fn resume_decrypt(
             "luksify: the decryption of {} had not started; it stays encrypted and is mapped and mounted again",
             v.device.display()
         );
-        return finish_volume(req, passphrase, sw, idx, Outcome::Finished);
+        finish_volume(req, passphrase, sw, idx, Outcome::Finished)?;
+        // What an agent polling the status must see: the disable did not happen (not
+        // "Encryption succeeded"), and how to do it.
+        sw.status.operation = Operation::DisableEncryption;
+        sw.status.volumes[idx].error = Some(format!(
+            "the decryption of {} had not started; it stays encrypted: run `luksify disable` again",
+            v.device.display()
+        ));
+        return commit(sw);
     }
     sw.status.volumes[idx].resumed = true;
     sw.active = Some(idx);
