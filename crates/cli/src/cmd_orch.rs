@@ -710,17 +710,13 @@ fn cmd_resume(
                 eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
             }
         }
-        let done = luksify_orchestrator::enable::resume(req, key)?;
-        if done > 0 {
-            print_status(&req.state_dir);
-        } else if left == 0 {
-            println!("Nothing to resume.");
-        }
-        if left > 0 && done == 0 {
+        match (luksify_orchestrator::enable::resume(req, key)?, left) {
+            (0, 0) => println!("Nothing to resume."),
             // Unfinished runs remain, each named above with the command that finishes it.
             // (Exit 0 all the same: they are not this state directory's runs, and the
             // boot unit must not fail over another tool's reencryption.)
-            println!("Nothing in the status file to resume; {left} interrupted run(s) found on devices: see above.");
+            (0, left) => println!("Nothing in the status file to resume; {left} interrupted run(s) found on devices: see above."),
+            _ => print_status(&req.state_dir),
         }
         Ok(ExitCode::from(exit::OK))
     })

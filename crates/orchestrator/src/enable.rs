@@ -1002,15 +1002,12 @@ fn finish_volume(
     if v.mount_point.is_none() && v.fstab_mount_points.is_empty() {
         let entries = fstab_entries(&rec.mapped);
         if let Some(e) = entries.first() {
-            v.mount_point = Some(e.mount_point.clone());
-            v.fs_type = Some(e.fs_type.clone()).filter(|t| t != "auto");
-            v.mount_options = Some(e.options.replace(",nofail", ""));
-            v.fstab_mount_points = entries.iter().map(|e| e.mount_point.clone()).collect();
             let s = &mut sw.status.volumes[idx];
-            s.mount_point = v.mount_point.clone();
-            s.fs_type = v.fs_type.clone();
-            s.mount_options = v.mount_options.clone();
-            s.fstab_mount_points = v.fstab_mount_points.clone();
+            s.mount_point = Some(e.mount_point.clone());
+            s.fs_type = Some(e.fs_type.clone()).filter(|t| t != "auto");
+            s.mount_options = Some(e.options.replace(",nofail", ""));
+            s.fstab_mount_points = entries.iter().map(|e| e.mount_point.clone()).collect();
+            v = s.clone();
             commit(sw)?;
         }
     }
@@ -1349,26 +1346,13 @@ fn pending_of_stopped_run(status: &crate::status::Status) -> (Operation, Vec<Pat
 }
 
 /// The `enable` of a stopped run's pending volumes, as the run was asked: its key file,
-/// header directory and key derivation request as recorded (for a status file written
-/// before requests were recorded: the derivation of a volume the run finished).
+/// header directory and key derivation request as recorded.
 fn pending_request<'a>(
     req: &EnableRequest<'a>,
     status: &crate::status::Status,
     pending: &[PathBuf],
 ) -> EnableRequest<'a> {
     let recorded = status.volumes.iter().find(|v| v.device == pending[0]);
-    // The run's recorded request; a status file written before it was recorded: the
-    // derivation of a volume the run finished.
-    let kdf = recorded
-        .and_then(|v| v.kdf.clone())
-        .or_else(|| {
-            status
-                .volumes
-                .iter()
-                .filter(|v| v.in_run && v.state == VolumeState::Encrypted)
-                .find_map(|v| kdf_of(v.header.as_deref().unwrap_or(&v.device)))
-        })
-        .unwrap_or_default();
     EnableRequest {
         volumes: pending.to_vec(),
         key_file: recorded
@@ -1381,50 +1365,13 @@ fn pending_request<'a>(
         kill_holders: req.kill_holders,
         state_dir: req.state_dir.clone(),
         force_userspace: req.force_userspace,
-        kdf,
+        // The run's own request, recorded on its volumes.
+        kdf: recorded
+            .and_then(|v| v.kdf.clone())
+            .unwrap_or_else(|| req.kdf.clone()),
         cancel: req.cancel,
         report: req.report,
     }
-}
-
-/// The key derivation of the first passphrase keyslot of the LUKS2 header at `header`,
-/// as a request that repeats it without a benchmark.
-fn kdf_of(header: &Path) -> Option<KdfRequest> {
-    use luksify_luks::kdf::KdfKind;
-    use luksify_luks::luks2::json::{Kdf, Keyslot};
-    let f = std::fs::File::open(header).ok()?;
-    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
-    let kdf = h.metadata.keyslots.values().find_map(|k| match k {
-        Keyslot::Luks2(k) => Some(k.kdf.clone()),
-        _ => None,
-    })?;
-    let base = KdfRequest::default();
-    Some(match kdf {
-        Kdf::Pbkdf2 {
-            hash, iterations, ..
-        } => KdfRequest {
-            kind: KdfKind::Pbkdf2,
-            hash: luksify_luks::hash::Hash::parse(&hash).ok()?,
-            force_iterations: Some(iterations),
-            ..base
-        },
-        Kdf::Argon2i {
-            time, memory, cpus, ..
-        }
-        | Kdf::Argon2id {
-            time, memory, cpus, ..
-        } => KdfRequest {
-            kind: if matches!(kdf, Kdf::Argon2i { .. }) {
-                KdfKind::Argon2i
-            } else {
-                KdfKind::Argon2id
-            },
-            force_iterations: Some(time),
-            memory_kib: Some(memory),
-            cpus: Some(cpus),
-            ..base
-        },
-    })
 }
 
 /// Finishes one in-progress volume of the status file.
