@@ -110,6 +110,8 @@ pub fn require_tool(name: &str) {
 #[derive(Debug)]
 pub struct LoopDev {
     pub path: PathBuf,
+    /// The image as the kernel names it, to tell our loop device from a reused number.
+    backing: PathBuf,
 }
 
 impl LoopDev {
@@ -126,12 +128,22 @@ impl LoopDev {
                 .arg(image),
         );
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
-        LoopDev { path }
+        let backing = std::fs::canonicalize(image).unwrap_or(image.to_path_buf());
+        LoopDev { path, backing }
     }
 }
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
+        // Only while it is still ours: once detached, its number may already be another
+        // test's loop device, which must not be unmounted or detached from here.
+        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
+        let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+            .unwrap_or_default();
+        let backing = backing.trim_end_matches('\n');
+        if Path::new(backing.strip_suffix(" (deleted)").unwrap_or(backing)) != self.backing {
+            return;
+        }
         let _ = Command::new("umount").arg("-l").arg(&self.path).output();
         let _ = Command::new("losetup").arg("-d").arg(&self.path).output();
     }

@@ -84,6 +84,9 @@ struct Fixture {
     mnt: PathBuf,
     state: PathBuf,
     key: PathBuf,
+    /// What `key` holds: unique to the fixture, so that a scan-based `resume` of a test
+    /// running alongside cannot open (and adopt) this fixture's volume.
+    pass: String,
     sums: Vec<(PathBuf, String)>,
 }
 
@@ -117,12 +120,10 @@ impl Fixture {
         let mut child = cmd
             .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        wait_for(what, Duration::from_secs(60), || {
-            now(&read_status(&self.state))
-        });
+        wait_on(&mut child, what, || now(&read_status(&self.state)));
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -166,7 +167,11 @@ impl Fixture {
             }
         }
         let key = dir.path().join("key");
-        std::fs::write(&key, b"orch test passphrase").unwrap();
+        let pass = format!(
+            "orch test passphrase {}",
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        std::fs::write(&key, &pass).unwrap();
         let state = dir.path().join("state");
         std::fs::create_dir_all(dir.path().join("etc")).unwrap();
         Fixture {
@@ -174,6 +179,7 @@ impl Fixture {
             mnt,
             state,
             key,
+            pass,
             sums,
             dir,
         }
@@ -225,6 +231,19 @@ impl Drop for Fixture {
         let _ = self.cmd().args(["close", &name]).output();
         self.lo.take();
     }
+}
+
+/// Waits up to a minute for `f` while `child` (stderr piped) runs; if the child ends
+/// first, fails with what it printed, not a bare timeout.
+fn wait_on(child: &mut Child, what: &str, mut f: impl FnMut() -> bool) {
+    wait_for(what, Duration::from_secs(60), || {
+        if child.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            panic!("the run ended before {what}: {err}");
+        }
+        f()
+    });
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -567,8 +586,8 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
         .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "100")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let child = both.spawn().unwrap();
-    wait_for("a's walk", Duration::from_secs(60), || {
+    let mut child = both.spawn().unwrap();
+    wait_on(&mut child, "a's walk", || {
         read_status(&a.state)["volumes"][0]["bytes_done"]
             .as_u64()
             .unwrap_or(0)
@@ -592,6 +611,105 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     assert!(!luksify_tests::has_luks_header(&b.dev()));
     a.assert_files_unchanged();
     b.assert_files_unchanged();
+}
+
+/// After a reboot (or a detach by hand) a userspace mapping's record outlives its loop
+/// device and daemon, and the loop device number and the pid go to someone else. `close`
+/// and `open` must see the record is stale and never unmount, detach or wait on what
+/// now holds them.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_stale_userspace_record_leaves_a_reused_loop_device_alone() {
+    require_root();
+    require_tool("cryptsetup");
+    require_tool("mkfs.ext4");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 32 << 20);
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"stale record").unwrap();
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "--type", "luks2", "--batch-mode"])
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+            .arg("--key-file")
+            .arg(&key)
+            .arg(&img),
+    );
+    let lo = LoopDev::attach(&img);
+    let state = dir.path().join("state");
+    let name = format!("stale{}", std::process::id());
+    let open = || {
+        run_ok(
+            luksify(&state)
+                .arg("open")
+                .arg(&lo.path)
+                .arg(&name)
+                .arg("--key-file")
+                .arg(&key)
+                .arg("--userspace"),
+        )
+    };
+    open();
+    let rec_path = state.join("maps").join(format!("{name}.json"));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    run_ok(luksify(&state).args(["close", &name]));
+    // Someone else's mounted loop device now has the record's number, and the daemon's
+    // pid is some other program's.
+    let other_img = dir.path().join("other");
+    sparse_file(&other_img, 32 << 20);
+    run_ok(Command::new("mkfs.ext4").arg("-q").arg(&other_img));
+    let other = LoopDev::attach(&other_img);
+    let omnt = dir.path().join("omnt");
+    std::fs::create_dir(&omnt).unwrap();
+    run_ok(Command::new("mount").arg(&other.path).arg(&omnt));
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let mapped = PathBuf::from("/dev/mapper").join(&name);
+    let forge = || {
+        let mut rec = saved.clone();
+        rec["loop_dev"] = serde_json::json!(other.path);
+        rec["daemon_pid"] = serde_json::json!(sleeper.id());
+        std::fs::write(&rec_path, rec.to_string()).unwrap();
+        let _ = std::fs::remove_file(&mapped);
+        std::os::unix::fs::symlink(&other.path, &mapped).unwrap();
+    };
+    let untouched = |when: &str| {
+        assert!(mountinfo_line(&omnt).is_some(), "{when}: unmounted");
+        let backing = std::fs::read_to_string(format!(
+            "/sys/block/{}/loop/backing_file",
+            other.path.file_name().unwrap().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        assert_eq!(
+            Path::new(backing.trim()),
+            std::fs::canonicalize(&other_img).unwrap(),
+            "{when}: detached"
+        );
+        assert!(
+            Path::new(&format!("/proc/{}/cmdline", sleeper.id())).exists(),
+            "{when}: killed"
+        );
+    };
+    forge();
+    let out = run(luksify(&state).args(["close", &name]));
+    assert!(out.status.success(), "close: {}", stderr(&out));
+    untouched("close");
+    assert!(!rec_path.exists(), "close forgets the stale record");
+    assert!(std::fs::symlink_metadata(&mapped).is_err());
+    // open over a stale record maps anew, on a loop device of its own.
+    forge();
+    open();
+    untouched("open");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    assert_ne!(rec["loop_dev"], serde_json::json!(other.path), "{rec}");
+    assert_ne!(std::fs::read_link(&mapped).unwrap(), other.path);
+    run_ok(luksify(&state).args(["close", &name]));
+    untouched("second close");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    run_ok(Command::new("umount").arg(&omnt));
 }
 
 #[test]
@@ -815,8 +933,6 @@ fn root_orch_xfs_needs_and_gets_a_detached_header() {
     assert_eq!(std::fs::read(mnt.join("a")).unwrap(), data);
     let _ = Command::new("umount").arg(&mnt).output();
 }
-
-const PASSPHRASE: &str = "orch test passphrase";
 
 fn mapper_name(dev: &Path) -> String {
     format!("luksify-{}", dev.file_name().unwrap().to_string_lossy())
@@ -1256,10 +1372,7 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
         ("status.json", status_json),
         ("map record", rec.to_string()),
     ] {
-        assert!(
-            !text.contains(PASSPHRASE),
-            "the passphrase is in the {what}"
-        );
+        assert!(!text.contains(&fx.pass), "the passphrase is in the {what}");
     }
     assert_eq!(
         read_status(&fx.state)["data_volumes_encrypted"],
@@ -1771,10 +1884,10 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
         .enable_cmd()
         .arg("--kill-holders")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the run to start", Duration::from_secs(30), || {
+    wait_on(&mut child, "the run to start", || {
         read_status(&fx.state)["volumes"][0]["state"] == "EncryptionInProgress"
     });
     child.kill().unwrap();

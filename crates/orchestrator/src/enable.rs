@@ -1781,7 +1781,12 @@ fn disable_one(
     // Unmount whatever is mounted from the mapping (after what is nested below it,
     // recorded now so that it is mounted again on the plain device), then close it.
     if let Some(rec) = map::load_record(&req.state_dir, &v.mapper) {
-        let blk = rec.loop_dev.clone().unwrap_or(rec.mapped.clone());
+        // A stale userspace record's loop device may be someone else's now: leave it be.
+        let blk = match rec.backend {
+            map::Backend::Userspace => map::own_loop(&rec).map(Path::to_path_buf),
+            map::Backend::Kernel => Some(rec.mapped.clone()),
+        }
+        .unwrap_or_default();
         if let Some(num) = probe::block_dev_num(&blk) {
             let offline = (|| {
                 if holders::own_cwd_on(&[num]) {

@@ -177,9 +177,36 @@ pub fn unlock(
 }
 
 /// Whether the mapping a record describes still exists (its daemon, if any, runs and
-/// its device node is there).
+/// its device node is there; on the userspace path, its loop device is still the one
+/// over its FUSE view).
 pub fn is_live(r: &MapRecord) -> bool {
-    r.daemon_pid.is_none_or(crate::holders::pid_exists) && r.mapped.exists()
+    r.daemon_pid.is_none_or(|pid| is_daemon_of(pid, &r.name))
+        && r.mapped.exists()
+        && (r.backend == Backend::Kernel || own_loop(r).is_some())
+}
+
+/// Whether `pid` is a running mapping daemon serving `name` (a pid, too, is reused).
+fn is_daemon_of(pid: u32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    crate::holders::pid_running(pid)
+        && args.contains(&SERVE_SUBCOMMAND.as_bytes())
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--name" && w[1] == name.as_bytes())
+}
+
+/// The loop device of a userspace mapping while it is still the one the record made:
+/// attached to the record's FUSE view. A loop device number is handed out again as
+/// soon as it is freed (after a reboot, a detach by hand), and what is attached to it
+/// then belongs to someone else: never detach it, unmount it or stop its users.
+pub fn own_loop(r: &MapRecord) -> Option<&Path> {
+    let loop_dev = r.loop_dev.as_deref()?;
+    let view = std::path::absolute(r.fuse_dir.as_deref()?.join(VOLUME_FILE)).ok()?;
+    (probe::block_dev_num(loop_dev).is_some() && loop_backing(loop_dev)? == view)
+        .then_some(loop_dev)
 }
 
 /// Opens a mapping. Returns the record of what was created.
@@ -195,7 +222,11 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
                 req.name
             )));
         }
-        // A stale record of a dead daemon: forget it.
+        // A stale record (its daemon is gone, after a crash or a reboot): forget it, and
+        // its /dev/mapper link if that still names the record's old loop device.
+        if r.loop_dev.is_some() && std::fs::read_link(&r.mapped).ok() == r.loop_dev {
+            let _ = std::fs::remove_file(&r.mapped);
+        }
         let _ = std::fs::remove_file(record_path(req.state_dir, req.name));
     }
     let mapped = PathBuf::from("/dev/mapper").join(req.name);
@@ -409,7 +440,9 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
             )
         }
     };
-    let fuse_dir = state_dir.join("mnt").join(name);
+    // Absolute, as the kernel names a loop device's backing file: `close` compares them.
+    let fuse_dir = std::path::absolute(state_dir.join("mnt").join(name))
+        .unwrap_or_else(|_| state_dir.join("mnt").join(name));
     if let Err(e) = std::fs::create_dir_all(&fuse_dir) {
         return fail(
             &mut stdout,
@@ -534,7 +567,7 @@ pub fn close(state_dir: &Path, name: &str) -> Result<()> {
         ))
     })?;
     let blk = match rec.backend {
-        Backend::Userspace => rec.loop_dev.clone().unwrap_or_default(),
+        Backend::Userspace => own_loop(&rec).map(Path::to_path_buf).unwrap_or_default(),
         Backend::Kernel => rec.mapped.clone(),
     };
     if let Some(dev) = probe::block_dev_num(&blk) {
@@ -585,18 +618,16 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
 }
 
 fn close_userspace(rec: &MapRecord) -> Result<()> {
-    if let Some(loop_dev) = &rec.loop_dev {
-        if probe::block_dev_num(loop_dev).is_some() && loop_backing(loop_dev).is_some() {
-            run_tool(
-                std::process::Command::new("losetup")
-                    .arg("-d")
-                    .arg(loop_dev),
-                "detach the loop device",
-            )?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while loop_backing(loop_dev).is_some() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+    if let Some(loop_dev) = own_loop(rec) {
+        run_tool(
+            std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(loop_dev),
+            "detach the loop device",
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while own_loop(rec).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     if let Some(dir) = &rec.fuse_dir {
@@ -604,7 +635,8 @@ fn close_userspace(rec: &MapRecord) -> Result<()> {
         loop {
             match unmount_fuse(dir) {
                 Ok(()) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break, // not mounted any more
+                // Not mounted any more, or not even there.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50))
                 }
@@ -621,10 +653,10 @@ fn close_userspace(rec: &MapRecord) -> Result<()> {
     }
     if let Some(pid) = rec.daemon_pid {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while crate::holders::pid_running(pid) && Instant::now() < deadline {
+        while is_daemon_of(pid, &rec.name) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if crate::holders::pid_running(pid) {
+        if is_daemon_of(pid, &rec.name) {
             return Err(Failure::failed(format!(
                 "the mapping daemon (pid {pid}) of {} did not exit after its view was unmounted",
                 rec.name
