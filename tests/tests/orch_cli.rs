@@ -613,6 +613,61 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     b.assert_files_unchanged();
 }
 
+/// A scan-based `resume` from another state directory, with the key, while this run
+/// walks the volume: it leaves the live run alone, says why, and its status does not
+/// claim a run of its own.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_resume_from_another_state_dir_leaves_a_live_walk_alone() {
+    let fx = Fixture::new(128);
+    let mut child = fx
+        .enable_cmd()
+        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "200")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_on(&mut child, "the walk", || {
+        read_status(&fx.state)["volumes"][0]["bytes_done"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    let other = fx.dir.path().join("other-state");
+    let out = run(luksify(&other)
+        .env("LUKSIFY_ETC_DIR", fx.dir.path().join("other-etc"))
+        .args(["resume", "--userspace", "--key-file"])
+        .arg(&fx.key));
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{} skipped: ", fx.dev().display())) && err.contains("in use"),
+        "{err}"
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("Nothing in the status file to resume; 1 interrupted run(s) found"),
+        "{said}"
+    );
+    let s = read_status(&other);
+    assert!(
+        s.is_null() || s["volumes"].as_array().is_some_and(|v| v.is_empty()),
+        "{s}"
+    );
+    let text = String::from_utf8_lossy(&run_ok(luksify(&other).arg("status")).stdout).to_string();
+    assert!(
+        text.contains("DataVolumesEncrypted : NotEncrypted\nProgressMessage : \n"),
+        "{text}"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        read_status(&fx.state)["data_volumes_encrypted"],
+        "Encrypted"
+    );
+    fx.assert_files_unchanged();
+}
+
 /// After a reboot (or a detach by hand) a userspace mapping's record outlives its loop
 /// device and daemon, and the loop device number and the pid go to someone else. `close`
 /// and `open` must see the record is stale and never unmount, detach or wait on what

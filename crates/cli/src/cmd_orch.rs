@@ -710,7 +710,8 @@ fn cmd_resume(
                 eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
             }
         }
-        match (luksify_orchestrator::enable::resume(req, key)?, left) {
+        let r = luksify_orchestrator::enable::resume(req, key)?;
+        match (r.finished, left + r.skipped) {
             (0, 0) => println!("Nothing to resume."),
             // Unfinished runs remain, each named above with the command that finishes it.
             // (Exit 0 all the same: they are not this state directory's runs, and the

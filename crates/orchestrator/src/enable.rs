@@ -1166,7 +1166,15 @@ fn luks_uuid(device: &Path) -> Option<String> {
 
 /// Finishes every volume the status file shows in progress (and opens, remounts and
 /// records them as `enable` would have). Returns how many were resumed.
-pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result<usize> {
+/// What `resume` did: volumes it finished (or took up), and runs found by scanning
+/// that it had to leave (busy, say), each named on stderr with the reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resumed {
+    pub finished: usize,
+    pub skipped: usize,
+}
+
+pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result<Resumed> {
     let mut sw = StatusWriter::open(&req.state_dir)
         .map_err(|e| Failure::failed(format!("status file: {e}")))?;
     let mut adopted = Vec::new();
@@ -1200,7 +1208,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         .collect();
     let (pending_op, pending) = pending_of_stopped_run(&sw.status);
     if todo.is_empty() && pending.is_empty() {
-        return Ok(0);
+        return Ok(Resumed::default());
     }
     let count = todo.len();
     let decrypting: Vec<PathBuf> = sw
@@ -1259,10 +1267,14 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         );
         pending.clear();
     }
+    let done = |n: usize| Resumed {
+        finished: n - skipped.len(),
+        skipped: skipped.len(),
+    };
     if pending.is_empty() {
         sw.status.pid = None;
         commit(&mut sw)?;
-        return Ok(count);
+        return Ok(done(count));
     }
     // The run's pid stays until `enable`/`disable` takes the run over: if it cannot (a
     // pending volume is busy now), the status still says the run stopped, and the next
@@ -1271,7 +1283,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
     if pending_op == Operation::DisableEncryption {
         // `disable` keeps its own status writer: this one must not write over it.
         drop(sw);
-        return Ok(count + disable(req, passphrase_override, &pending)?);
+        return Ok(done(count + disable(req, passphrase_override, &pending)?));
     }
     let sub = pending_request(req, &sw.status, &pending);
     let first = sw
@@ -1303,7 +1315,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         }
         return Err(e);
     }
-    Ok(count + pending.len())
+    Ok(done(count + pending.len()))
 }
 
 /// The volumes of an `enable` or `disable` that stopped (killed, power cut, signal) before

@@ -298,6 +298,13 @@ pub fn message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
             VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
         )
     });
+    // A resume that took up nothing (every run it found was busy, say) says what the
+    // volumes say, not "Encrypting 0 data volumes".
+    let op = if op == Operation::Resume && run.is_empty() {
+        Operation::None
+    } else {
+        op
+    };
     match op {
         Operation::DisableEncryption => {
             if let Some(e) = failed {
@@ -606,6 +613,13 @@ mod tests {
         s.refresh(None);
         assert_eq!(s.data_volumes_encrypted, VolumeState::Encrypted);
         assert_eq!(s.progress_message, "Encryption succeeded for data volumes");
+        // A resume that took up nothing says what the volumes say, not "Encrypting 0".
+        let before = s.clone();
+        s.begin_run(Operation::Resume, 44, |_| false);
+        s.pid = None;
+        s.refresh(None);
+        assert_eq!(s.progress_message, "Encryption succeeded for data volumes");
+        let mut s = before;
         // A failed disable says so instead of "Decryption started".
         s.begin_run(Operation::DisableEncryption, 43, |v| {
             v.device == Path::new("/dev/a")
