@@ -1164,8 +1164,6 @@ fn luks_uuid(device: &Path) -> Option<String> {
     Some(h.uuid)
 }
 
-/// Finishes every volume the status file shows in progress (and opens, remounts and
-/// records them as `enable` would have). Returns how many were resumed.
 /// What `resume` did: volumes it finished (or took up), and runs found by scanning
 /// that it had to leave (busy, say), each named on stderr with the reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1174,6 +1172,8 @@ pub struct Resumed {
     pub skipped: usize,
 }
 
+/// Finishes every volume the status file shows in progress (and opens, remounts and
+/// records them as `enable` would have), then the volumes a stopped run had not reached.
 pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result<Resumed> {
     let mut sw = StatusWriter::open(&req.state_dir)
         .map_err(|e| Failure::failed(format!("status file: {e}")))?;
