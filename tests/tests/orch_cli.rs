@@ -613,6 +613,82 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     b.assert_files_unchanged();
 }
 
+/// A `disable` killed mid-walk leaves a device that is part plaintext, part ciphertext,
+/// with its header in a file: its start reads as ext4 again. `check` and `enable` (from
+/// this state directory or another) must call it an interrupted decryption and write
+/// nothing; `resume` then finishes it.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_refuses_a_device_whose_disable_was_interrupted() {
+    let fx = Fixture::new(128);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut disable = fx.cmd();
+    disable.arg("disable");
+    fx.kill_when(disable, "the decryption's walk", |s| {
+        s["volumes"][0]["state"] == "DecryptionInProgress"
+            && s["volumes"][0]["bytes_done"].as_u64().unwrap_or(0) > 0
+    });
+    let s = read_status(&fx.state);
+    assert_eq!(s["volumes"][0]["state"], "DecryptionInProgress", "{s}");
+    let before = sha256(&fx.dev());
+    let mnt_before = mountinfo_line(&fx.mnt);
+    let says_so = |out: &std::process::Output, state_arg: &str| {
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(out));
+        assert_eq!(out.status.code(), Some(3), "{text}");
+        assert!(
+            text.contains(&format!(
+                "{} has an interrupted luksify decryption",
+                fx.dev().display()
+            )) && text.contains(&format!("run `luksify resume{state_arg}` to finish it")),
+            "{text}"
+        );
+    };
+    // Its own state directory (the default here, as LUKSIFY_STATE_DIR names it); then
+    // from another one (--state-dir), where the default one still counts; then with the
+    // run's directory given and another default, which the fix then names.
+    let other = fx.dir.path().join("other-state");
+    let check = |state: &Path, arg: Option<&Path>| {
+        let mut c = luksify(state);
+        c.arg("check").arg(fx.dev());
+        if let Some(a) = arg {
+            c.arg("--state-dir").arg(a);
+        }
+        run(&mut c)
+    };
+    says_so(&check(&fx.state, None), "");
+    says_so(&check(&fx.state, Some(&other)), "");
+    says_so(
+        &check(&other, Some(&fx.state)),
+        &format!(" --state-dir {}", fx.state.display()),
+    );
+    let enable = |arg: Option<&Path>| {
+        let mut c = fx.cmd();
+        c.args(["enable", "--volume-type", "data", "--volume"])
+            .arg(fx.dev())
+            .arg("--key-file")
+            .arg(&fx.key)
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+            .arg("--userspace");
+        if let Some(a) = arg {
+            c.arg("--state-dir").arg(a);
+        }
+        run(&mut c)
+    };
+    says_so(&enable(None), "");
+    says_so(&enable(Some(&other)), "");
+    assert_eq!(sha256(&fx.dev()), before, "the device was written");
+    assert_eq!(mountinfo_line(&fx.mnt), mnt_before);
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        read_status(&fx.state)["data_volumes_encrypted"],
+        "NotEncrypted"
+    );
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+}
+
 /// A scan-based `resume` from another state directory, with the key, while this run
 /// walks the volume: it leaves the live run alone, says why, and its status does not
 /// claim a run of its own.
@@ -634,6 +710,24 @@ fn root_orch_resume_from_another_state_dir_leaves_a_live_walk_alone() {
             > 0
     });
     let other = fx.dir.path().join("other-state");
+    // A second enable of the device from there: busy (exit 4), naming the run's pid,
+    // and neither "kill" nor "resume" as the fix.
+    let out = run(luksify(&other)
+        .env("LUKSIFY_ETC_DIR", fx.dir.path().join("other-etc"))
+        .args(["enable", "--volume-type", "data", "--volume"])
+        .arg(fx.dev())
+        .arg("--key-file")
+        .arg(&fx.key)
+        .arg("--userspace"));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains(&format!("is in use by pid {} (luksify)", child.id()))
+            && !err.contains(&format!("kill {}", child.id()))
+            && !err.contains("--kill-holders")
+            && !err.contains("luksify resume"),
+        "{err}"
+    );
     let out = run(luksify(&other)
         .env("LUKSIFY_ETC_DIR", fx.dir.path().join("other-etc"))
         .args(["resume", "--userspace", "--key-file"])
@@ -1951,9 +2045,24 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
     child.wait().unwrap();
     let _ = holder.kill();
     let _ = holder.wait();
+    // (check also names the interrupted run now: only the holder must be gone.)
     wait_for("the holder to go", Duration::from_secs(10), || {
-        run(fx.cmd().arg("check").arg(&fx.mnt)).status.code() == Some(0)
+        let out = run(fx.cmd().arg("check").arg(fx.dev()).arg("--json"));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let codes: Vec<&str> = v["problems"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p["code"].as_str()).collect())
+            .unwrap_or_default();
+        !v.is_null() && !codes.contains(&"holders")
     });
+    let out = run(fx.cmd().arg("check").arg(fx.dev()));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!(
+            "{} has an interrupted luksify encryption",
+            fx.dev().display()
+        )),
+        "{out:?}"
+    );
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
     let s = read_status(&fx.state);

@@ -31,10 +31,15 @@ pub enum OrchCmd {
     /// Preflight a device or mount point: mounts, nested mounts, processes holding it,
     /// swap, LVM, SELinux, memory, filesystem and room for the header. Writes nothing.
     ///
-    /// Exit codes: 0 no blockers, 3 blockers found, 1 the target cannot be examined.
+    /// Exit codes: 0 no blockers, 3 blockers found (a target that is neither a block
+    /// device nor a mount point is one).
     Check {
         /// Block device (/dev/sdc) or mount point (/data)
         target: PathBuf,
+        /// The state directory whose runs count (an interrupted one on the device is a
+        /// blocker); the default one always counts too
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Check for a detached header (--header-dir): no shrink, no room needed on the device
         #[arg(long)]
         detached_header: bool,
@@ -174,9 +179,10 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         OrchCmd::Check {
             target,
+            state_dir,
             detached_header,
             json,
-        } => cmd_check(target, detached_header, json),
+        } => cmd_check(target, state_dir, detached_header, json),
         OrchCmd::Status { json, state_dir } => cmd_status(json, state_dir),
         OrchCmd::InstallUnit { prefix, exec } => finish(cmd_install_unit(&prefix, exec)),
         OrchCmd::Open {
@@ -243,7 +249,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
                 }
             }
             if volumes.is_empty() {
-                return list_candidates(json);
+                return list_candidates(json, &status::state_dir(state_dir.as_deref()));
             }
             let Some(key_file) = key_file else {
                 eprintln!("luksify: --key-file is required to encrypt; give a file whose whole content is the passphrase");
@@ -348,13 +354,22 @@ fn cmd_close(name: &str, wait: bool, state_dir: Option<PathBuf>) -> Result<ExitC
     Ok(ExitCode::from(exit::OK))
 }
 
-fn cmd_check(target: PathBuf, detached_header: bool, json: bool) -> anyhow::Result<ExitCode> {
+fn cmd_check(
+    target: PathBuf,
+    state_dir: Option<PathBuf>,
+    detached_header: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let opts = check::CheckOptions {
         detached_header,
         kill_holders: false,
     };
     let report = match check::check(&target, opts) {
-        Ok(r) => r,
+        Ok(mut r) => {
+            let dir = status::state_dir(state_dir.as_deref());
+            r.problems.extend(check::interrupted_run(&r.device, &dir));
+            r
+        }
         Err(p) => {
             if json {
                 println!(
@@ -485,8 +500,8 @@ fn kdf_request(
     })
 }
 
-fn list_candidates(json: bool) -> anyhow::Result<ExitCode> {
-    let c = luksify_orchestrator::enable::candidates();
+fn list_candidates(json: bool, state_dir: &Path) -> anyhow::Result<ExitCode> {
+    let c = luksify_orchestrator::enable::candidates(state_dir);
     if json {
         println!("{}", serde_json::to_string_pretty(&c)?);
         return Ok(ExitCode::from(exit::OK));

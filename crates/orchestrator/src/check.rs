@@ -228,6 +228,139 @@ pub fn os_devices(all: &[Mount]) -> Vec<DevNum> {
     v
 }
 
+/// Reencryption state of a LUKS2 header at the start of `path` (a device or a header
+/// file): `Some(decrypt?)` when it carries the `online-reencrypt` requirement.
+pub fn reencrypt_mode(path: &Path) -> Option<bool> {
+    use std::os::unix::fs::FileExt;
+    if luks_state(path).as_deref() != Some("luks2-reencrypt-in-progress") {
+        return None;
+    }
+    let f = std::fs::File::open(path).ok()?;
+    let mut json = vec![0u8; 64 << 10];
+    let n = f.read_at(&mut json, 4096).ok()?;
+    let text = String::from_utf8_lossy(&json[..n]);
+    Some(text.contains("\"mode\":\"decrypt\""))
+}
+
+/// A luksify run on `device` that the device's own first bytes cannot show: a
+/// decryption (its header moved to a file; the device part plaintext, part ciphertext,
+/// its start often a readable filesystem again) or an encryption with a detached
+/// header. Found in the status file of `state_dir` and of the default state directory,
+/// in the `luksify-*.luks2` header files of the directories those record, and in
+/// crypttab's `header=` options. Writing to such a device (`enable` again) would
+/// encrypt ciphertext a second time.
+pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
+    use crate::status::VolumeState;
+    let dev = probe::block_dev_num(device)?;
+    let same = |p: &Path| probe::block_dev_num(p) == Some(dev);
+    let dev_s = device.display().to_string();
+    let default = crate::status::state_dir(None);
+    let mut dirs = vec![state_dir.to_path_buf()];
+    if default != state_dir {
+        dirs.push(default.clone());
+    }
+    let found = |decrypt: bool, recorded: String, header: Option<&Path>, dir: Option<&Path>| {
+        let what = if decrypt { "decryption" } else { "encryption" };
+        let resume = match dir {
+            Some(d) if d != default => format!("luksify resume --state-dir {}", d.display()),
+            Some(_) => "luksify resume".to_string(),
+            None => format!(
+                "luksify resume {dev_s} --key-file F{}",
+                header
+                    .map(|h| format!(" --header {}", h.display()))
+                    .unwrap_or_default()
+            ),
+        };
+        Problem {
+            code: "luks_in_progress",
+            severity: Severity::Blocker,
+            what: format!("{dev_s} has an interrupted luksify {what}"),
+            why: format!(
+                "{recorded}{}; the device is part plaintext, part ciphertext",
+                header
+                    .map(|h| format!(", its LUKS2 header is in {}", h.display()))
+                    .unwrap_or_default()
+            ),
+            fix: format!("run `{resume}` to finish it"),
+        }
+    };
+    let mut header_dirs = Vec::new();
+    for dir in &dirs {
+        let Ok(status) = crate::status::load(dir) else {
+            continue;
+        };
+        for v in &status.volumes {
+            let decrypt = match v.state {
+                VolumeState::EncryptionInProgress => false,
+                VolumeState::DecryptionInProgress => true,
+                _ => continue,
+            };
+            if same(&v.device) {
+                return Some(found(
+                    decrypt,
+                    format!(
+                        "{} records it",
+                        dir.join(crate::status::STATUS_FILE).display()
+                    ),
+                    v.header.as_deref(),
+                    Some(dir),
+                ));
+            }
+        }
+        header_dirs.extend(
+            status
+                .volumes
+                .iter()
+                .filter_map(|v| v.header.as_ref()?.parent().map(Path::to_path_buf)),
+        );
+    }
+    // Header files of runs the status file no longer names: `luksify-<dev>.luks2`
+    // (an enable with --header-dir) and `luksify-<dev>.decrypt.luks2` (a disable).
+    let name = device.file_name()?.to_string_lossy().into_owned();
+    header_dirs.dedup();
+    for d in header_dirs {
+        for f in [
+            format!("luksify-{name}.luks2"),
+            format!("luksify-{name}.decrypt.luks2"),
+        ] {
+            let h = d.join(f);
+            if let Some(decrypt) = reencrypt_mode(&h) {
+                return Some(found(
+                    decrypt,
+                    "its header file says so".into(),
+                    Some(&h),
+                    None,
+                ));
+            }
+        }
+    }
+    let crypttab = std::fs::read_to_string(crate::tabs::etc_dir().join("crypttab")).ok()?;
+    for line in crypttab
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+    {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(d), Some(opts)) = (f.get(1), f.get(3)) else {
+            continue;
+        };
+        let Some(h) = opts.split(',').find_map(|o| o.strip_prefix("header=")) else {
+            continue;
+        };
+        let h = Path::new(h);
+        if same(Path::new(d)) {
+            if let Some(decrypt) = reencrypt_mode(h) {
+                return Some(found(
+                    decrypt,
+                    "crypttab's header= file says so".into(),
+                    Some(h),
+                    None,
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Reads the LUKS magic and, for LUKS2, whether an online reencryption is in progress.
 pub fn luks_state(device: &Path) -> Option<String> {
     use std::os::unix::fs::FileExt;
@@ -395,6 +528,21 @@ pub fn check_resolved(
             "none needed: enable unmounts them all and mounts the others again as binds of the first, with their options".into(),
         );
     }
+    // A luksify run or mapping (or cryptsetup) with the device node open is working on
+    // it: that is a wait, not a process to stop, and not an interrupted run to resume.
+    let (tools, holders): (Vec<Holder>, Vec<Holder>) = holders.into_iter().partition(|h| {
+        h.kind == holders::HoldKind::OpenDevice
+            && ["luksify", "cryptsetup"].contains(&h.command.as_str())
+    });
+    if let Some(t) = tools.first() {
+        push(
+            "busy_run",
+            Severity::Blocker,
+            format!("{dev_s} is in use by pid {} ({})", t.pid, t.command),
+            "a luksify run or mapping, or cryptsetup, has the device open (from another state directory if `luksify status` does not show it)".into(),
+            "wait for that run to finish, or close that mapping; do not kill it".into(),
+        );
+    }
     if !holders.is_empty() {
         let mut seen = Vec::new();
         let mut lines = Vec::new();
@@ -509,6 +657,8 @@ pub fn check_resolved(
     }
     let luks = luks_state(&r.device);
     match luks.as_deref() {
+        // Live, not interrupted: `busy_run` says so.
+        Some("luks2-reencrypt-in-progress") if !tools.is_empty() => {}
         Some("luks2-reencrypt-in-progress") => push(
             "luks_in_progress",
             Severity::Blocker,

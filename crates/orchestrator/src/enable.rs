@@ -61,7 +61,7 @@ pub fn mapping_name(device: &Path) -> String {
 
 /// Data volumes `enable` could take: block devices with a filesystem, never the OS
 /// disk, its partitions, or devices that are already LUKS.
-pub fn candidates() -> Vec<check::Report> {
+pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
     let all = mountinfo::read().unwrap_or_default();
     let os = check::os_devices(&all);
     let mut out = Vec::new();
@@ -102,6 +102,7 @@ pub fn candidates() -> Vec<check::Report> {
             continue;
         };
         if r.luks.is_some()
+            || check::interrupted_run(&dev, state_dir).is_some()
             || r.is_os_volume
             || r.problems.iter().any(|p| p.code == "already_mapped")
             || matches!(
@@ -515,14 +516,20 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     // Preflight every volume first: nothing is written unless all pass.
     let mut plans = Vec::new();
     let mut blockers = Vec::new();
+    // Another run or mapping has a device open: exit 4 (busy), as the lock would.
+    let mut busy = false;
     for v in &req.volumes {
         let opts = CheckOptions {
             detached_header: detached,
             kill_holders: req.kill_holders,
         };
-        let report =
+        let mut report =
             check::check(v, opts).map_err(|p| Failure::new(exit::BLOCKED, p.one_line()))?;
+        report
+            .problems
+            .extend(check::interrupted_run(&report.device, &req.state_dir));
         for p in report.blockers() {
+            busy |= p.code == "busy_run";
             blockers.push(p.one_line());
         }
         let device = std::fs::canonicalize(&report.device).unwrap_or(report.device.clone());
@@ -573,7 +580,8 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         }
     }
     if !blockers.is_empty() {
-        return Err(Failure::new(exit::BLOCKED, blockers.join("\n")));
+        let code = if busy { exit::BUSY } else { exit::BLOCKED };
+        return Err(Failure::new(code, blockers.join("\n")));
     }
     if let Some(d) = &req.header_dir {
         std::fs::create_dir_all(d).map_err(|e| {
@@ -1933,20 +1941,6 @@ pub struct FoundInProgress {
     pub decrypt: bool,
 }
 
-/// Reencryption state of a LUKS2 header at the start of `path` (a device or a header
-/// file): `Some(decrypt?)` when it carries the `online-reencrypt` requirement.
-fn reencrypt_mode(path: &Path) -> Option<bool> {
-    use std::os::unix::fs::FileExt;
-    if check::luks_state(path).as_deref() != Some("luks2-reencrypt-in-progress") {
-        return None;
-    }
-    let f = std::fs::File::open(path).ok()?;
-    let mut json = vec![0u8; 64 << 10];
-    let n = f.read_at(&mut json, 4096).ok()?;
-    let text = String::from_utf8_lossy(&json[..n]);
-    Some(text.contains("\"mode\":\"decrypt\""))
-}
-
 /// Block devices that may carry a volume: whole disks, partitions and loop devices with
 /// a backing file (an unbound loop device has no data to read).
 fn candidate_block_devices() -> Vec<PathBuf> {
@@ -1984,7 +1978,7 @@ pub fn scan_in_progress(state_dir: &Path) -> Vec<FoundInProgress> {
         if known.contains(&dev) {
             continue;
         }
-        if let Some(decrypt) = reencrypt_mode(&dev) {
+        if let Some(decrypt) = check::reencrypt_mode(&dev) {
             out.push(FoundInProgress {
                 device: dev,
                 header: None,
@@ -2027,7 +2021,7 @@ pub fn scan_in_progress(state_dir: &Path) -> Vec<FoundInProgress> {
         if known.contains(&dev) || out.iter().any(|f| f.device == dev) {
             continue;
         }
-        if let Some(decrypt) = reencrypt_mode(&header) {
+        if let Some(decrypt) = check::reencrypt_mode(&header) {
             out.push(FoundInProgress {
                 device: dev,
                 header: Some(header),
