@@ -613,6 +613,59 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     b.assert_files_unchanged();
 }
 
+/// The userspace mapping's daemon killed: the mount stays but reads fail. `status` must
+/// not say Encrypted, and what its message says to do must work.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
+    let fx = Fixture::new(96);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let name = mapper_name(&fx.dev());
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let pid = rec["daemon_pid"].as_u64().unwrap();
+    run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+    wait_for("the daemon to die", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        text.contains("DataVolumesEncrypted : NotMounted\n")
+            && text.contains(&format!(
+                "lost its daemon (killed?) and reads fail: umount {}, `luksify close {name}`, then `luksify open {} {name} --key-file F`",
+                fx.mnt.display(),
+                fx.dev().display()
+            )),
+        "{text}"
+    );
+    // Doing what it says brings the files back.
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    run_ok(fx.cmd().args(["close", &name]));
+    run_ok(
+        fx.cmd()
+            .arg("open")
+            .arg(fx.dev())
+            .arg(&name)
+            .arg("--key-file")
+            .arg(&fx.key)
+            .arg("--userspace"),
+    );
+    run_ok(
+        Command::new("mount")
+            .arg(PathBuf::from("/dev/mapper").join(&name))
+            .arg(&fx.mnt),
+    );
+    fx.assert_files_unchanged();
+    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        text.contains("DataVolumesEncrypted : Encrypted\n"),
+        "{text}"
+    );
+}
+
 /// A `disable` killed mid-walk leaves a device that is part plaintext, part ciphertext,
 /// with its header in a file: its start reads as ext4 again. `check` and `enable` (from
 /// this state directory or another) must call it an interrupted decryption and write

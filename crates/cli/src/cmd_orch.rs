@@ -468,7 +468,7 @@ fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode
     let dir = status::state_dir(state_dir.as_deref());
     let mut s = status::load(&dir)?;
     let mounts = luksify_orchestrator::mountinfo::read().unwrap_or_default();
-    status::apply_live_state(&mut s, &mounts);
+    status::apply_live_state(&mut s, &mounts, Some(&dir));
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

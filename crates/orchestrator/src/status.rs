@@ -184,17 +184,30 @@ impl Status {
 /// mapped it) or is not mounted at its recorded mount point reads `NotMounted`, and one
 /// that is mapped and mounted again reads `Encrypted`, as the cloud agent reports them.
 /// A run whose process is gone (killed, power cut) is reported as interrupted, with
-/// what finishes it. The aggregate follows.
-pub fn apply_live_state(s: &mut Status, mounts: &[crate::mountinfo::Mount]) {
+/// what finishes it. A userspace mapping (its record in `state_dir`) whose daemon is
+/// gone still looks mounted, but every uncached read fails: `NotMounted`, and the
+/// message says how to map it again. The aggregate follows.
+pub fn apply_live_state(
+    s: &mut Status,
+    mounts: &[crate::mountinfo::Mount],
+    state_dir: Option<&Path>,
+) {
+    let mut orphaned = None;
     for v in &mut s.volumes {
         if !matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted) {
             continue;
         }
         let mapper = Path::new("/dev/mapper").join(&v.mapper);
-        let live = crate::probe::block_dev_num(&mapper).is_some_and(|d| match &v.mount_point {
+        let mut live = crate::probe::block_dev_num(&mapper).is_some_and(|d| match &v.mount_point {
             Some(mp) => mounts.iter().any(|m| m.dev == d && m.mount_point == *mp),
             None => true,
         });
+        if let Some(rec) = state_dir.and_then(|d| crate::map::load_record(d, &v.mapper)) {
+            if live && rec.backend == crate::map::Backend::Userspace && !crate::map::is_live(&rec) {
+                live = false;
+                orphaned.get_or_insert((v.mapper.clone(), v.device.clone(), v.mount_point.clone()));
+            }
+        }
         v.state = if live {
             VolumeState::Encrypted
         } else {
@@ -229,6 +242,15 @@ pub fn apply_live_state(s: &mut Status, mounts: &[crate::mountinfo::Mount]) {
                 v.percent.floor() as u64
             );
         }
+    }
+    if let (Some((name, dev, mp)), None) = (orphaned, s.pid) {
+        s.progress_message = format!(
+            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then `luksify open {} {name} --key-file F`",
+            dev.display(),
+            mp.map(|m| format!("umount {}, ", m.display()))
+                .unwrap_or_default(),
+            dev.display()
+        );
     }
     s.data_volumes_encrypted = aggregate(s);
 }
@@ -657,7 +679,7 @@ mod tests {
             volumes: vec![v],
             ..Default::default()
         };
-        apply_live_state(&mut s, &[]);
+        apply_live_state(&mut s, &[], None);
         assert_eq!(s.pid, None);
         assert_eq!(s.data_volumes_encrypted, VolumeState::EncryptionInProgress);
         assert_eq!(
@@ -677,7 +699,7 @@ mod tests {
             volumes: vec![old, cur],
             ..Default::default()
         };
-        apply_live_state(&mut s, &[]);
+        apply_live_state(&mut s, &[], None);
         assert!(
             s.progress_message
                 .starts_with("Encryption of /dev/cur interrupted at 55%"),
