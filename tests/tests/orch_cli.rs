@@ -960,6 +960,37 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     };
     open(&state);
     let mapped = PathBuf::from("/dev/mapper").join(&name);
+    // A second mapping of the same device: busy (exit 4), naming the first mapping here,
+    // and its daemon's pid from another state directory.
+    let daemon = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(state.join("maps").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap()["daemon_pid"]
+        .as_u64()
+        .unwrap();
+    for (st, says) in [
+        (
+            state.clone(),
+            format!("already mapped as {}", mapped.display()),
+        ),
+        (dir.path().join("other"), format!("pid {daemon} (luksify)")),
+    ] {
+        let out = run(luksify(&st)
+            .arg("open")
+            .arg(&lo.path)
+            .arg(format!("{name}b"))
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--userspace"));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(4), "{err}");
+        assert!(
+            err.contains(&format!("{} is in use: ", lo.path.display())),
+            "{err}"
+        );
+        assert!(err.contains(&says), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
     run_ok(Command::new("mkfs.ext4").arg("-q").arg(&mapped));
     run_ok(Command::new("mount").arg(&mapped).arg(&mnt));
     let mut data = vec![0u8; 3 << 20];

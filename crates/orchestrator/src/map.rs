@@ -237,6 +237,7 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
             req.name
         )));
     }
+    ensure_device_free(req)?;
     let (hdr, seg, vk) = unlock(req.device, req.header, passphrase)?;
     let use_userspace = req.force_userspace || dm_available().is_err();
     if !use_userspace {
@@ -256,6 +257,54 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
         return Ok(rec);
     }
     open_userspace(req, &seg, vk, mapped)
+}
+
+/// A block device that something else has open exclusively (a mapping of it, a walk,
+/// a mount) cannot be mapped: busy (exit 4), naming who has it, before the passphrase
+/// is even tried.
+fn ensure_device_free(req: &OpenRequest) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(num) = probe::block_dev_num(req.device) else {
+        return Ok(());
+    };
+    let busy = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(req.device)
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY));
+    if !busy {
+        return Ok(());
+    }
+    let ours = list_records(req.state_dir)
+        .into_iter()
+        .find(|r| is_live(r) && probe::block_dev_num(&r.device) == Some(num));
+    let who = match ours {
+        Some(r) => format!(
+            "it is already mapped as {} (`luksify close {}` first)",
+            r.mapped.display(),
+            r.name
+        ),
+        None => {
+            let mut t = crate::holders::Targets::default();
+            t.block_devices.insert(num);
+            let held: Vec<String> = crate::holders::scan(&t, false)
+                .iter()
+                .map(|h| h.one_line())
+                .collect();
+            if held.is_empty() {
+                "it is mounted, or held by the kernel (a dm-crypt or LVM mapping)".to_string()
+            } else {
+                held.join("; ")
+            }
+        }
+    };
+    Err(Failure::new(
+        exit::BUSY,
+        format!(
+            "{} is in use: {who}; close or unmount what has it, or wait for that run to end",
+            req.device.display()
+        ),
+    ))
 }
 
 /// Opens the data device for the mapping daemon, with the lock a walker run takes on
