@@ -192,31 +192,31 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             header,
             userspace,
             run: RunLock { wait, state_dir },
-        } => finish(cmd_open(
-            &device,
-            &name,
-            &key_file,
-            header.as_deref(),
-            userspace,
-            wait,
-            state_dir,
-        )),
+        } => finish_in(
+            state_dir.clone(),
+            cmd_open(
+                &device,
+                &name,
+                &key_file,
+                header.as_deref(),
+                userspace,
+                wait,
+                state_dir,
+            ),
+        ),
         OrchCmd::Close {
             name,
             run: RunLock { wait, state_dir },
-        } => finish(cmd_close(&name, wait, state_dir)),
+        } => finish_in(state_dir.clone(), cmd_close(&name, wait, state_dir)),
         OrchCmd::Disable {
             volumes,
             key_file,
             kill_holders,
             run: RunLock { wait, state_dir },
-        } => finish(cmd_disable(
-            volumes,
-            key_file,
-            kill_holders,
-            wait,
-            state_dir,
-        )),
+        } => finish_in(
+            state_dir.clone(),
+            cmd_disable(volumes, key_file, kill_holders, wait, state_dir),
+        ),
         OrchCmd::ServeMapping {
             device,
             name,
@@ -259,16 +259,19 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
                 Ok(k) => k,
                 Err(f) => return finish(Err(f)),
             };
-            finish(cmd_enable(
-                volumes,
-                key_file,
-                header_dir,
-                kill_holders,
-                userspace,
-                kdf,
-                wait,
-                state_dir,
-            ))
+            finish_in(
+                state_dir.clone(),
+                cmd_enable(
+                    volumes,
+                    key_file,
+                    header_dir,
+                    kill_holders,
+                    userspace,
+                    kdf,
+                    wait,
+                    state_dir,
+                ),
+            )
         }
         OrchCmd::ResumeAll {
             key_file,
@@ -285,7 +288,40 @@ pub fn resume_all(
     wait: bool,
     state_dir: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    finish(cmd_resume(key_file, userspace, wait, state_dir))
+    finish_in(
+        state_dir.clone(),
+        cmd_resume(key_file, userspace, wait, state_dir),
+    )
+}
+
+/// `finish`, with every `luksify CMD` the message suggests given the `--state-dir` this
+/// run was given: followed literally, it must act on the same state directory.
+fn finish_in(state_dir: Option<PathBuf>, r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
+    finish(r.map_err(|mut f| {
+        if let Some(d) = state_dir {
+            f.message = with_state_dir(&f.message, &d);
+        }
+        f
+    }))
+}
+
+fn with_state_dir(msg: &str, dir: &Path) -> String {
+    let flag = format!(" --state-dir {}", dir.display());
+    let mut out = msg.to_string();
+    for sub in ["resume", "disable", "enable", "open", "close", "status"] {
+        let pat = format!("`luksify {sub}");
+        let mut from = 0;
+        while let Some(i) = out[from..].find(&pat).map(|i| i + from) {
+            let end = i + pat.len();
+            let rest = &out[end..];
+            // A whole word, and not already given a state directory.
+            if rest.starts_with(['`', ' ']) && !rest.starts_with(" --state-dir") {
+                out.insert_str(end, &flag);
+            }
+            from = end;
+        }
+    }
+    out
 }
 
 /// Prints a failure as one line and turns it into its exit code.
@@ -758,4 +794,30 @@ fn cmd_disable(
         }
         Ok(ExitCode::from(exit::OK))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_state_dir;
+    use std::path::Path;
+
+    #[test]
+    fn suggested_commands_carry_the_state_dir_given() {
+        let d = Path::new("/s");
+        assert_eq!(
+            with_state_dir(
+                "stopped at 40% on request; run `luksify resume` to finish it, or `luksify close luksify-loop0`",
+                d
+            ),
+            "stopped at 40% on request; run `luksify resume --state-dir /s` to finish it, or `luksify close --state-dir /s luksify-loop0`"
+        );
+        // Already given one (the run's own), another word, or no command: unchanged.
+        for same in [
+            "run `luksify resume --state-dir /t` to finish it",
+            "`luksify resumed` is not a command",
+            "luksify resume, unquoted",
+        ] {
+            assert_eq!(with_state_dir(same, d), same);
+        }
+    }
 }
