@@ -1586,6 +1586,10 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     // Not a TTY: plain progress lines, no carriage-return redraws.
     assert!(stderr.contains("volume 1/1: 100%"), "{stderr}");
+    assert!(
+        stderr.lines().all(|l| !l.ends_with(' ')),
+        "blanks standing in for rate/ETA: {stderr:?}"
+    );
     assert!(!stderr.contains('\r'), "{stderr}");
     let name = mapper_name(&fx.dev());
     let rec: serde_json::Value = serde_json::from_slice(

@@ -619,29 +619,33 @@ fn reporter() -> impl Fn(&status::VolumeStatus, usize, usize) + Sync {
             if pct >= 100 {
                 eprintln!();
             }
-        } else if pct != *l && v.resumed {
-            eprintln!(
-                "Resuming {} after reboot: {}% ({} {} {})",
-                if v.state == status::VolumeState::DecryptionInProgress {
-                    "decryption"
-                } else {
-                    "encryption"
-                },
-                pct,
-                v.device.display(),
-                rate,
-                eta
-            );
         } else if pct != *l {
-            eprintln!(
-                "{}: volume {}/{}: {}% {} {}",
-                v.device.display(),
-                i + 1,
-                n,
-                pct,
-                rate,
-                eta
-            );
+            // Rate and ETA once measured, without blanks standing in for them.
+            let more: String = [rate, eta]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| format!(" {s}"))
+                .collect();
+            if v.resumed {
+                eprintln!(
+                    "Resuming {} after reboot: {}% ({}{more})",
+                    if v.state == status::VolumeState::DecryptionInProgress {
+                        "decryption"
+                    } else {
+                        "encryption"
+                    },
+                    pct,
+                    v.device.display(),
+                );
+            } else {
+                eprintln!(
+                    "{}: volume {}/{}: {}%{more}",
+                    v.device.display(),
+                    i + 1,
+                    n,
+                    pct,
+                );
+            }
         }
         *l = pct;
     }
