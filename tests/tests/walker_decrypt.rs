@@ -305,6 +305,28 @@ fn walker_decrypt_refuses_without_writing() {
         !c.p("hdr").exists(),
         "header file left behind after a refusal"
     );
+    // --header naming a file that holds something else: the header moving out would
+    // overwrite it (cryptsetup refuses it too).
+    let precious = b"someone's notes, not a header\n".repeat(1000);
+    std::fs::write(c.p("notes"), &precious).unwrap();
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &c.s("img"),
+        "--key-file",
+        &c.s("key"),
+        "--header",
+        &c.s("notes"),
+    ]));
+    assert_refused_in_one_line(
+        &out,
+        "already exists and holds other data (no LUKS header)",
+        "decrypt over another file",
+    );
+    assert!(
+        std::fs::read(c.p("notes")).unwrap() == precious,
+        "the file was written"
+    );
+    assert!(c.img() == before, "device changed after a refusal");
     // Plaintext device, no header anywhere.
     let (p, orig) = Case::new(8, 32);
     let out = run(&mut luksify(&[

@@ -263,6 +263,25 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
             // The file may be new (header moving out of the device) or the
             // volume's detached header: open without truncating either way.
             let existed = std::fs::metadata(h).is_ok();
+            // An existing file that is neither a LUKS header (the volume's detached one,
+            // or one an interrupted decryption moved there) nor a cut first write of
+            // ours is someone's data: the header moving out would overwrite it.
+            if existed && !is_block_device(h) && !is_luks_file(h) && is_luks_file(dev) {
+                let f = std::fs::File::open(h).with_context(|| {
+                    format!("{}: cannot open header file {}", dev.display(), h.display())
+                })?;
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if len > 0
+                    && !luksify_walker::is_cut_new_header(&f)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?
+                {
+                    bail!(
+                        "{}: --header {} already exists and holds other data (no LUKS header): the header moving out of the device would overwrite it; name a file that does not exist yet (nothing was written)",
+                        dev.display(),
+                        h.display()
+                    );
+                }
+            }
             if is_block_device(h) {
                 // A block device the header would move to must not hold anything else.
                 refuse_used_header_device(dev, h, &open_header_device(dev, h)?, true)?;
