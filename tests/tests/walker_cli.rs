@@ -1575,8 +1575,27 @@ fn walker_refuses_bad_input_without_writing() {
         "32M",
     ])
     .args(FAST));
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("too small"));
+    assert_refused_in_one_line(&out, "too small", "device smaller than header plus shift");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--header FILE (nothing was written)"));
     assert!(same(&std::fs::read(s.p("img")).unwrap(), &orig));
+    // A shift below one 8 KiB unit (it read a marker at an unaligned offset and failed
+    // with "failed to fill whole buffer").
+    for tiny in ["512", "2K", "6K"] {
+        let out = run(luksify(&[
+            "encrypt",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--reduce-device-size",
+            tiny,
+        ])
+        .args(FAST));
+        assert_refused_in_one_line(&out, "must be a non-zero multiple of 8 KiB", tiny);
+        assert!(
+            same(&std::fs::read(c.p("img")).unwrap(), &before),
+            "bytes changed after refusal"
+        );
+    }
     // resume with an empty --header file: the file is named as the broken part, on one
     // line, and nothing is written.
     std::fs::write(s.p("empty.hdr"), b"").unwrap();

@@ -783,7 +783,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             let shift = reduce / 2;
             if reduce == 0 || reduce % (2 * CHECKSUM_BLOCK as u64) != 0 || shift % sector != 0 {
                 return Err(Error::Refused(format!(
-                    "--reduce-device-size {reduce} must be a non-zero multiple of 8 KiB (the header gets half of it)"
+                    "--reduce-device-size {reduce} must be a non-zero multiple of 8 KiB (the header gets half of it); use 32M, cryptsetup's default (nothing was written)"
                 )));
             }
             if shift < 1 << 20 {
@@ -793,7 +793,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             }
             if dev_size <= reduce + sector {
                 return Err(Error::Refused(format!(
-                    "device of {dev_size} bytes is too small for a {shift}-byte header plus a {shift}-byte shift and data"
+                    "device of {dev_size} bytes is too small for a {shift}-byte header plus a {shift}-byte shift and data; use a larger device, or put the header in a file with --header FILE (nothing was written)"
                 )));
             }
             let data_size = dev_size - reduce;
@@ -812,7 +812,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 if fs.size > data_size {
                     let fix = match fs.kind {
                         fsprobe::FsKind::Ext => format!(
-                            "shrink the filesystem to at most {data_size} bytes first (e.g. resize2fs DEV {}K)",
+                            "shrink the filesystem to at most {data_size} bytes first (e.g. resize2fs DEV {}K; resize2fs also shortens an image file, so then `truncate -s {dev_size} FILE` to give it back its size)",
                             data_size / 1024
                         ),
                         fsprobe::FsKind::Xfs => "xfs cannot shrink: keep the header in a file instead (--header FILE, no --reduce-device-size)".to_string(),
@@ -1032,7 +1032,9 @@ fn write_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Res
 
 fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> Result<bool> {
     let shift = reduce / 2;
-    if shift == 0 || dev_size < 2 * shift + 4096 {
+    // No start ever used a shift that is not whole 4 KiB blocks (the size check below
+    // refuses it); nor can a marker be read at an unaligned offset.
+    if shift == 0 || !shift.is_multiple_of(CHECKSUM_BLOCK as u64) || dev_size < 2 * shift + 4096 {
         return Ok(false);
     }
     let mut m = device::AlignedBuf::new(4096);
