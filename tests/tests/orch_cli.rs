@@ -689,6 +689,9 @@ fn root_orch_enable_refuses_a_device_whose_disable_was_interrupted() {
     let says_so = |out: &std::process::Output, state_arg: &str| {
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(out));
         assert_eq!(out.status.code(), Some(3), "{text}");
+        // Not also "already encrypted": a decryption moves its data over the old header
+        // last, so the device may still start with it.
+        assert!(!text.contains("already encrypted"), "{text}");
         assert!(
             text.contains(&format!(
                 "{} has an interrupted luksify decryption",
@@ -709,12 +712,10 @@ fn root_orch_enable_refuses_a_device_whose_disable_was_interrupted() {
         }
         run(&mut c)
     };
+    let named = format!(" --state-dir {}", fx.state.display());
     says_so(&check(&fx.state, None), "");
-    says_so(&check(&fx.state, Some(&other)), "");
-    says_so(
-        &check(&other, Some(&fx.state)),
-        &format!(" --state-dir {}", fx.state.display()),
-    );
+    says_so(&check(&fx.state, Some(&other)), &named);
+    says_so(&check(&other, Some(&fx.state)), &named);
     let enable = |arg: Option<&Path>| {
         let mut c = fx.cmd();
         c.args(["enable", "--volume-type", "data", "--volume"])
@@ -729,7 +730,7 @@ fn root_orch_enable_refuses_a_device_whose_disable_was_interrupted() {
         run(&mut c)
     };
     says_so(&enable(None), "");
-    says_so(&enable(Some(&other)), "");
+    says_so(&enable(Some(&other)), &named);
     assert_eq!(sha256(&fx.dev()), before, "the device was written");
     assert_eq!(mountinfo_line(&fx.mnt), mnt_before);
     let out = run(fx.cmd().args(["resume", "--userspace"]));
@@ -2390,6 +2391,19 @@ fn root_orch_kill_holders_spares_its_caller_and_crypttab_paths_are_checked() {
         "{out:?}"
     );
     assert!(err.contains("will not stop its own caller"), "{err}");
+    // Refused at preflight, naming the shell and where it is, before anything changed:
+    // no unmount, no status of a failed run.
+    assert!(
+        err.contains(&format!(
+            "(sh) has its working directory in {}",
+            fx.mnt.display()
+        )) && err.contains("which runs this luksify"),
+        "{err}"
+    );
+    assert!(
+        !fx.state.join("status.json").exists(),
+        "a status was written"
+    );
     assert!(mount_fields(&fx.mnt).is_some(), "left unmounted");
     assert!(!luksify_tests::has_luks_header(&fx.dev()));
 

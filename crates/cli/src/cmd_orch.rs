@@ -404,7 +404,7 @@ fn cmd_check(
     let report = match check::check(&target, opts) {
         Ok(mut r) => {
             let dir = status::state_dir(state_dir.as_deref());
-            r.problems.extend(check::interrupted_run(&r.device, &dir));
+            check::add_interrupted_run(&mut r, &dir);
             r
         }
         Err(p) => {

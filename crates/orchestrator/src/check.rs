@@ -242,6 +242,16 @@ pub fn reencrypt_mode(path: &Path) -> Option<bool> {
     Some(text.contains("\"mode\":\"decrypt\""))
 }
 
+/// Adds [`interrupted_run`] to a report. Such a device may still start with the
+/// volume's old LUKS header (a decryption moves its data over it last): that is not
+/// "already encrypted".
+pub fn add_interrupted_run(r: &mut Report, state_dir: &Path) {
+    if let Some(p) = interrupted_run(&r.device, state_dir) {
+        r.problems.retain(|q| q.code != "already_luks");
+        r.problems.push(p);
+    }
+}
+
 /// A luksify run on `device` that the device's own first bytes cannot show: a
 /// decryption (its header moved to a file; the device part plaintext, part ciphertext,
 /// its start often a readable filesystem again) or an encryption with a detached
@@ -261,8 +271,12 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
     }
     let found = |decrypt: bool, recorded: String, header: Option<&Path>, dir: Option<&Path>| {
         let what = if decrypt { "decryption" } else { "encryption" };
+        // The run's own state directory by name, unless a plain `luksify resume` (from
+        // the default one, as this command also runs) finds it.
         let resume = match dir {
-            Some(d) if d != default => format!("luksify resume --state-dir {}", d.display()),
+            Some(d) if d != default || d != state_dir => {
+                format!("luksify resume --state-dir {}", d.display())
+            }
             Some(_) => "luksify resume".to_string(),
             None => format!(
                 "luksify resume {dev_s} --key-file F{}",
@@ -541,6 +555,20 @@ pub fn check_resolved(
             format!("{dev_s} is in use by pid {} ({})", t.pid, t.command),
             "a luksify run or mapping, or cryptsetup, has the device open (from another state directory if `luksify status` does not show it)".into(),
             "wait for that run to finish, or close that mapping; do not kill it".into(),
+        );
+    }
+    // luksify's own caller (the shell or agent running it) holding the volume cannot be
+    // stopped for it (not even by --kill-holders): it has to let go itself.
+    let lineage = holders::own_lineage();
+    let (callers, holders): (Vec<Holder>, Vec<Holder>) =
+        holders.into_iter().partition(|h| lineage.contains(&h.pid));
+    if let Some(h) = callers.first() {
+        push(
+            "caller_holds",
+            Severity::Blocker,
+            format!("{}, which runs this luksify", h.one_line()),
+            "luksify will not stop its own caller, not even with --kill-holders".into(),
+            "in that shell, close the file or leave the volume (cd /), then run again".into(),
         );
     }
     if !holders.is_empty() {

@@ -117,25 +117,11 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
     out
 }
 
-/// luksify's own ancestors (parent, its parent, ... up to init): never signalled.
-fn own_lineage() -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut pid = std::process::id();
-    while pid > 1 && out.len() < 64 {
-        let Some(ppid) = holders::parent_pid(pid) else {
-            break;
-        };
-        out.push(ppid);
-        pid = ppid;
-    }
-    out
-}
-
 /// SIGTERM, then SIGKILL, to the processes that hold `device`, waiting up to 5 s each.
 /// A holder that is luksify's own ancestor (the shell or agent that runs it, its working
 /// directory on the volume) is not signalled: the run is refused instead.
 fn stop_holders(device: &Path, pids: &[u32]) -> Result<()> {
-    let lineage = own_lineage();
+    let lineage = holders::own_lineage();
     if let Some(p) = pids.iter().find(|p| lineage.contains(p)) {
         return Err(Failure::new(
             exit::BLOCKED,
@@ -525,9 +511,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         };
         let mut report =
             check::check(v, opts).map_err(|p| Failure::new(exit::BLOCKED, p.one_line()))?;
-        report
-            .problems
-            .extend(check::interrupted_run(&report.device, &req.state_dir));
+        check::add_interrupted_run(&mut report, &req.state_dir);
         for p in report.blockers() {
             busy |= p.code == "busy_run";
             blockers.push(p.one_line());

@@ -187,6 +187,20 @@ pub fn pid_exists(pid: u32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
 
+/// luksify's ancestors: the shell or agent that runs it, and theirs.
+pub fn own_lineage() -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut pid = std::process::id();
+    while pid > 1 && out.len() < 64 {
+        let Some(ppid) = parent_pid(pid) else {
+            break;
+        };
+        out.push(ppid);
+        pid = ppid;
+    }
+    out
+}
+
 /// Whether `pid` is a zombie (exited, not yet reaped).
 pub fn is_zombie(pid: u32) -> bool {
     stat_fields(&proc_dir(pid)).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))
