@@ -326,6 +326,17 @@ fn walker_decrypt_refuses_without_writing() {
         std::fs::read(c.p("notes")).unwrap() == precious,
         "the file was written"
     );
+    // --header a link to the data itself.
+    std::os::unix::fs::symlink(c.p("img"), c.p("img-link")).unwrap();
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &c.s("img"),
+        "--key-file",
+        &c.s("key"),
+        "--header",
+        &c.s("img-link"),
+    ]));
+    assert_refused_in_one_line(&out, "is the data itself", "decrypt --header the data");
     assert!(c.img() == before, "device changed after a refusal");
     // Plaintext device, no header anywhere.
     let (p, orig) = Case::new(8, 32);

@@ -402,6 +402,53 @@ fn root_walker_refuses_a_header_place_without_room_before_writing() {
             .arg(&hdr),
     );
     assert!(std::fs::read(&img).unwrap() == orig, "plaintext differs");
+    // The same for the file `decrypt` moves a header in front to: a full filesystem is
+    // refused in one line, with nothing written and no file left; with room it runs.
+    let img2 = dir.path().join("img2");
+    std::fs::write(&img2, &orig).unwrap();
+    run_ok(
+        Command::new(luksify_bin())
+            .arg("encrypt")
+            .arg(&img2)
+            .arg("--key-file")
+            .arg(dir.path().join("key"))
+            .args(["--reduce-device-size", "4M"])
+            .args(FAST),
+    );
+    let encrypted = std::fs::read(&img2).unwrap();
+    let filler = mnt.join("filler");
+    let _ = std::fs::write(&filler, vec![1u8; (8 * MIB) as usize]);
+    let hdr2 = mnt.join("hdr2");
+    let decrypt = || {
+        run(Command::new(luksify_bin())
+            .arg("decrypt")
+            .arg(&img2)
+            .arg("--key-file")
+            .arg(dir.path().join("key"))
+            .arg("--header")
+            .arg(&hdr2))
+    };
+    let out = decrypt();
+    luksify_tests::assert_refused_in_one_line(
+        &out,
+        "no space left for the header file",
+        "decrypt's header onto a full filesystem",
+    );
+    assert!(std::fs::read(&img2).unwrap() == encrypted, "image changed");
+    assert!(!hdr2.exists(), "header file left behind");
+    std::fs::remove_file(&filler).unwrap();
+    let out = decrypt();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The last 4 MiB were given up for the header's room.
+    let plain = std::fs::read(&img2).unwrap();
+    assert!(
+        plain[..(12 * MIB) as usize] == orig[..(12 * MIB) as usize],
+        "plaintext differs"
+    );
 }
 
 /// `encrypt --header /dev/loopN`: a header block device is used in place, never created,

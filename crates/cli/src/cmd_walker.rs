@@ -260,6 +260,13 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     };
     let outcome = match &a.header {
         Some(h) => {
+            if luksify_walker::lock::same_storage(dev, h) {
+                bail!(
+                    "{}: --header {} is the data itself (the same file, a link to it, or a loop device over it); name a header file on other storage (nothing was written)",
+                    dev.display(),
+                    h.display()
+                );
+            }
             // The file may be new (header moving out of the device) or the
             // volume's detached header: open without truncating either way.
             let existed = std::fs::metadata(h).is_ok();
@@ -538,8 +545,8 @@ fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::F
         };
         if m.len() > 0 && !cut() {
             bail!(
-                "{}: header file {} already exists; to continue an interrupted run use `luksify resume --header {}`, else name a file that does not exist yet (nothing was written)",
-                dev.display(), h.display(), h.display()
+                "{}: header file {} already exists; to continue an interrupted run use `luksify resume {} --key-file F --header {}`, else name a file that does not exist yet (nothing was written)",
+                dev.display(), h.display(), dev.display(), h.display()
             );
         }
     }

@@ -997,14 +997,6 @@ fn copy_stage<D: Disk + ?Sized>(stage: &stage::SparseStage, from: u64, d: &D) ->
     Ok(())
 }
 
-fn write_all<D: Disk + ?Sized>(d: &D, off: u64, bytes: &[u8]) -> Result<()> {
-    for (i, c) in bytes.chunks(1 << 20).enumerate() {
-        d.write_at(off + (i as u64) * (1 << 20), c)
-            .map_err(|e| Error::io("write header", e))?;
-    }
-    Ok(())
-}
-
 const INIT_MAGIC: &[u8; 16] = b"LUKSIFY-SHIFT-V1";
 
 /// Where the start marker goes: the first unused block below the moved copy,
@@ -1397,7 +1389,21 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         // untouched until the walk, so a crash here leaves the volume as it was.
         let mut buf = device::AlignedBuf::new(1 << 20);
         let (start, end) = (2 * hdr.hdr_size, area_end);
-        write_all(hdisk, 0, &new_store_areas(start as usize))?;
+        // A full filesystem under the header file is the user's to fix, not an I/O fault.
+        let full = |e: std::io::Error, what: &'static str| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                Error::Refused(format!(
+                    "no space left for the header file ({end} bytes): free space on its filesystem or name a file on another one (nothing was written to the device)"
+                ))
+            } else {
+                Error::io(what, e)
+            }
+        };
+        for (i, c) in new_store_areas(start as usize).chunks(1 << 20).enumerate() {
+            hdisk
+                .write_at((i as u64) << 20, c)
+                .map_err(|e| full(e, "write header file"))?;
+        }
         let mut o = start;
         while o < end {
             let n = (buf.len() as u64).min(end - o) as usize;
@@ -1405,12 +1411,10 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 .map_err(|e| Error::io("read keyslot area", e))?;
             hdisk
                 .write_at(o, &buf[..n])
-                .map_err(|e| Error::io("write header file", e))?;
+                .map_err(|e| full(e, "write header file"))?;
             o += n as u64;
         }
-        hdisk
-            .flush()
-            .map_err(|e| Error::io("flush header file", e))?;
+        hdisk.flush().map_err(|e| full(e, "flush header file"))?;
         hdr.write_secondary_first(hdisk)?;
     } else {
         hdr.write(hdisk)?;
