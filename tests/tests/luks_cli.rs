@@ -417,6 +417,9 @@ fn luks1_cli_format_opens_with_cryptsetup_and_qemu_img() {
         text.contains("Version:       \t1") && text.contains("Payload offset:\t4096"),
         "{text}"
     );
+    // `dump` prints what luksDump prints, salts and digests included.
+    let ours = run_ok(&mut lx(&["dump", p(&img)]));
+    assert_eq!(String::from_utf8_lossy(&ours.stdout), text);
     let out = run_ok(Command::new("qemu-img").args([
         "info",
         "--object",

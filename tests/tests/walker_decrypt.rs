@@ -376,6 +376,56 @@ fn walker_decrypt_refuses_without_writing() {
     assert!(e.img() == orig, "plaintext differs");
 }
 
+/// `luksify dump` prints what `cryptsetup luksDump` prints in the middle of runs too:
+/// encryptions of every layout and decryptions, each cut at its 1st, 3rd and 6th
+/// fdatasync (the first header alone, then hotzones under way), where segments carry
+/// backup and in-reencryption flags, keyslots may be unbound and the reencrypt keyslot
+/// shows its resilience.
+#[test]
+fn walker_dump_equals_luksdump_mid_run() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    let mut compared = 0;
+    for l in Layout::all() {
+        for decrypt in [false, true] {
+            for at in [1, 3, 6] {
+                let (c, _) = Case::new(24, 40 + at);
+                let cmd = if decrypt {
+                    encrypt_with_luksify(&c, l);
+                    decrypt_cmd(&c, l)
+                } else {
+                    encrypt_cmd(&c, l)
+                };
+                let _ = kill_at_fdatasync(&cmd, at);
+                // The header in front is the device itself, until a decryption moved it.
+                let hdr = match (l, decrypt) {
+                    (Layout::Shift, false) => c.p("img"),
+                    _ => c.p("hdr"),
+                };
+                let mut ours = luksify(&["dump", &c.s("img")]);
+                if hdr != c.p("img") {
+                    ours.arg("--header").arg(&hdr);
+                }
+                let (Some(theirs), true) = (
+                    Some(run(Command::new("cryptsetup").arg("luksDump").arg(&hdr)))
+                        .filter(|o| o.status.success()),
+                    hdr.exists(),
+                ) else {
+                    continue; // cut before any header existed
+                };
+                let ours = run_ok(&mut ours);
+                assert_eq!(
+                    String::from_utf8_lossy(&ours.stdout),
+                    String::from_utf8_lossy(&theirs.stdout),
+                    "{l:?} decrypt={decrypt} cut at fdatasync {at}"
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared >= 18, "only {compared} states compared");
+}
+
 /// Runs `cmd` uncut and returns how many header commits past `base` it made to `hdr`.
 fn commits_of(cmd: &mut Command, hdr: &Path, base: u64) -> u64 {
     run_ok(cmd);

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use luksify_luks::hash::Hash;
 use luksify_luks::io::Disk;
 use luksify_luks::kdf::{KdfKind, KdfRequest};
-use luksify_luks::luks2::json::{Digest, Kdf, Keyslot, Segment, SegmentSize};
+use luksify_luks::luks2::json::{Digest, Kdf, Keyslot, ReencryptArea, Segment, SegmentSize};
 use luksify_luks::luks2::{self, Luks2Header};
 use luksify_luks::volume::Volume;
 use luksify_luks::{luks1, Error as LuksError, VolumeKey};
@@ -786,7 +786,10 @@ fn dump(a: DumpArgs) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Volume::Luks2(h) => print!("{}", luks2_text(h)),
-        Volume::Luks1(h) => print!("{}", luks1_text(h)),
+        Volume::Luks1(h) => print!(
+            "{}",
+            luks1_text(h, a.vol.header.as_deref().unwrap_or(&a.vol.device))
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -836,22 +839,29 @@ fn luks2_text(h: &Luks2Header) -> String {
     );
     let flags = m.config.flags.clone().unwrap_or_default().join(" ");
     let _ = writeln!(s, "Flags:       \t{}", none(&flags, "(no flags)"));
-    let req = m.config.mandatory_requirements().join(" ");
+    // luksDump ends each requirement with a blank, the last one too.
+    let req: String = m
+        .config
+        .mandatory_requirements()
+        .iter()
+        .map(|r| format!("{r} "))
+        .collect();
     if !req.is_empty() {
         let _ = writeln!(s, "Requirements:\t{req}");
     }
     let _ = writeln!(s, "\nData segments:");
-    for (id, seg) in &m.segments {
+    for (n, (id, seg)) in m.segments.iter().enumerate() {
+        if n > 0 {
+            s.push('\n');
+        }
         match seg {
             Segment::Crypt(c) => {
                 let _ = writeln!(s, "  {id}: crypt");
                 let _ = writeln!(s, "\toffset: {} [bytes]", c.offset);
                 let _ = writeln!(s, "\tlength: {}", size_text(c.size));
                 let _ = writeln!(s, "\tcipher: {}", c.encryption);
+                // (luksDump 2.6.1 does not show iv_tweak; `--json` does.)
                 let _ = writeln!(s, "\tsector: {} [bytes]", c.sector_size);
-                if c.iv_tweak != 0 {
-                    let _ = writeln!(s, "\tIV tweak: {}", c.iv_tweak);
-                }
             }
             Segment::Linear(l) => {
                 let _ = writeln!(s, "  {id}: linear");
@@ -872,10 +882,21 @@ fn luks2_text(h: &Luks2Header) -> String {
         }
     }
     let _ = writeln!(s, "\nKeyslots:");
+    // luksDump calls a keyslot bound when its digest is assigned to a live (not backup)
+    // segment: the new key's keyslot of an encryption not started yet is unbound.
+    let bound = |slot: u32| {
+        m.digests.values().any(|d| {
+            d.keyslots().contains(&slot)
+                && d.segments()
+                    .iter()
+                    .any(|sid| m.segments.get(sid).is_some_and(|seg| !seg.is_backup()))
+        })
+    };
+    let unbound = |slot: u32| if bound(slot) { "" } else { " (unbound)" };
     for (id, ks) in &m.keyslots {
         match ks {
             Keyslot::Luks2(k) => {
-                let _ = writeln!(s, "  {id}: luks2");
+                let _ = writeln!(s, "  {id}: luks2{}", unbound(*id));
                 let _ = writeln!(s, "\tKey:        {} bits", k.key_size * 8);
                 let prio = match k.priority {
                     Some(luks2::json::Priority::Ignore) => "ignored",
@@ -929,11 +950,36 @@ fn luks2_text(h: &Luks2Header) -> String {
                 }
             }
             Keyslot::Reencrypt(r) => {
-                let _ = writeln!(s, "  {id}: reencrypt (unbound)");
-                let _ = writeln!(s, "\tMode:       {:?}", r.mode);
-                let _ = writeln!(s, "\tDirection:  {:?}", r.direction);
+                let _ = writeln!(s, "  {id}: reencrypt{}", unbound(*id));
+                let _ = writeln!(s, "\tKey:        {} bits", r.key_size * 8);
+                let prio = match r.priority {
+                    Some(luks2::json::Priority::Normal) | None => "normal",
+                    Some(luks2::json::Priority::Prefer) => "preferred",
+                    Some(luks2::json::Priority::Ignore) => "ignored",
+                };
+                let _ = writeln!(s, "\tPriority:   {prio}");
+                let json = serde_json::to_value(r).unwrap_or_default();
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+                let _ = writeln!(s, "\tMode:       {}", text(&json["mode"]));
+                let _ = writeln!(s, "\tDirection:  {}", text(&json["direction"]));
+                let _ = writeln!(s, "\tResilience: {}", text(&json["area"]["type"]));
+                match &r.area {
+                    ReencryptArea::Checksum {
+                        hash, sector_size, ..
+                    } => {
+                        let _ = writeln!(s, "\tHash:       {hash}");
+                        let _ = writeln!(s, "\tHash data:  {sector_size} [bytes]");
+                    }
+                    ReencryptArea::Datashift { shift_size, .. } => {
+                        let _ = writeln!(s, "\tShift size: {shift_size}[bytes]");
+                    }
+                    _ => {}
+                }
                 let _ = writeln!(s, "\tArea offset:{} [bytes]", r.area.offset());
                 let _ = writeln!(s, "\tArea length:{} [bytes]", r.area.size());
+                if let Some(d) = h.digest_id_for_keyslot(*id) {
+                    let _ = writeln!(s, "\tDigest ID:  {d}");
+                }
             }
             Keyslot::Unknown(u) => {
                 let _ = writeln!(
@@ -980,22 +1026,42 @@ fn size_text(s: SegmentSize) -> String {
     }
 }
 
-fn luks1_text(h: &luks1::Luks1Header) -> String {
+/// What `cryptsetup luksDump` prints for a LUKS1 header read from `path` (named as
+/// given, as cryptsetup names it).
+fn luks1_text(h: &luks1::Luks1Header, path: &Path) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "LUKS header information for LUKS1\n");
+    let _ = writeln!(s, "LUKS header information for {}\n", path.display());
     let _ = writeln!(s, "Version:       \t1");
     let _ = writeln!(s, "Cipher name:   \t{}", h.cipher_name);
     let _ = writeln!(s, "Cipher mode:   \t{}", h.cipher_mode);
     let _ = writeln!(s, "Hash spec:     \t{}", h.hash_spec);
     let _ = writeln!(s, "Payload offset:\t{}", h.payload_offset);
     let _ = writeln!(s, "MK bits:       \t{}", h.key_bytes * 8);
+    // The 20-byte digest on one line; the salt 16 bytes a line.
+    let _ = writeln!(s, "MK digest:     \t{}", hex_run(&h.mk_digest));
+    for (i, half) in h.mk_digest_salt.chunks(16).enumerate() {
+        let label = if i == 0 {
+            "MK salt:       "
+        } else {
+            "               "
+        };
+        let _ = writeln!(s, "{label}\t{}", hex_run(half));
+    }
     let _ = writeln!(s, "MK iterations: \t{}", h.mk_digest_iterations);
     let _ = writeln!(s, "UUID:          \t{}\n", h.uuid);
     for (i, k) in h.keyslots.iter().enumerate() {
         if k.active {
             let _ = writeln!(s, "Key Slot {i}: ENABLED");
             let _ = writeln!(s, "\tIterations:         \t{}", k.iterations);
+            for (i, half) in k.salt.chunks(16).enumerate() {
+                let label = if i == 0 {
+                    "Salt:               "
+                } else {
+                    "                      "
+                };
+                let _ = writeln!(s, "\t{label}\t{}", hex_run(half));
+            }
             let _ = writeln!(s, "\tKey material offset:\t{}", k.key_material_offset);
             let _ = writeln!(s, "\tAF stripes:            \t{}", k.stripes);
         } else {
@@ -1003,6 +1069,11 @@ fn luks1_text(h: &luks1::Luks1Header) -> String {
         }
     }
     s
+}
+
+/// Two hex digits and a blank per byte, on one line.
+fn hex_run(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x} ")).collect()
 }
 
 /// Bytes as luksDump prints a salt or digest: two hex digits and a blank per byte, 16
