@@ -1596,6 +1596,16 @@ fn walker_refuses_bad_input_without_writing() {
             "bytes changed after refusal"
         );
     }
+    // Neither --header nor --reduce-device-size: a usage error (exit 2).
+    {
+        let out = run(luksify(&["encrypt", &c.img(), "--key-file", &c.key()]).args(FAST));
+        assert_refused_in_one_line(&out, "say where the header goes", "no placement");
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            same(&std::fs::read(c.p("img")).unwrap(), &before),
+            "bytes changed after refusal"
+        );
+    }
     // resume with an empty --header file: the file is named as the broken part, on one
     // line, and nothing is written.
     std::fs::write(s.p("empty.hdr"), b"").unwrap();

@@ -356,10 +356,13 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
             },
         },
         (None, Some(r)) => Placement::Shift { reduce: r },
-        _ => bail!(
-            "{}: say where the header goes: --header FILE (detached) or --reduce-device-size SIZE (in front, last SIZE bytes unused)",
-            dev.display()
-        ),
+        _ => {
+            return Err(crate::Usage(format!(
+                "{}: say where the header goes: --header FILE (detached) or --reduce-device-size SIZE (in front, last SIZE bytes unused)",
+                dev.display()
+            ))
+            .into())
+        }
     };
     // Where the data will start, for cryptsetup's warning on a decreased keyslots area.
     let (starts, adjusted) = match (placement, placement.with_offset(format.data_offset)) {

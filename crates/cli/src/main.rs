@@ -36,6 +36,19 @@ enum Cmd {
     Orch(cmd_orch::OrchCmd),
 }
 
+/// A command line that cannot work (a required choice missing, say): exit 2, like
+/// clap's own usage errors.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -59,8 +72,11 @@ fn main() -> ExitCode {
                     .downcast_ref::<std::io::Error>()
                     .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
             });
+            let usage = e.chain().any(|c| c.is::<Usage>());
             ExitCode::from(if busy {
                 luksify_orchestrator::exit::BUSY
+            } else if usage {
+                luksify_orchestrator::exit::USAGE
             } else {
                 luksify_orchestrator::exit::FAILED
             })
