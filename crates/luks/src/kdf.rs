@@ -345,7 +345,7 @@ pub fn pbkdf2_iterations_for(hash: Hash, target_ms: u32, out_len: usize) -> u32 
         }
         iterations = iterations.saturating_mul(2);
     };
-    if let Some(lib) = libcrypto::Libcrypto::load() {
+    if let Some(lib) = libcrypto::Libcrypto::get() {
         if let Some(r) = lib.pbkdf2_rate(hash, out_len, budget) {
             per_sec = per_sec.min(r);
         }
@@ -373,16 +373,22 @@ mod libcrypto {
         *mut c_uchar,
     ) -> c_int;
 
+    /// Loaded once and never unloaded: OpenSSL registers exit handlers, and unloading
+    /// it under them is asking for trouble.
     pub struct Libcrypto {
-        handle: *mut c_void,
         get_digest: GetDigest,
         pbkdf2: Pbkdf2,
     }
 
     impl Libcrypto {
-        pub fn load() -> Option<Libcrypto> {
+        pub fn get() -> Option<&'static Libcrypto> {
+            static LIB: std::sync::OnceLock<Option<Libcrypto>> = std::sync::OnceLock::new();
+            LIB.get_or_init(Libcrypto::load).as_ref()
+        }
+
+        fn load() -> Option<Libcrypto> {
             for name in [c"libcrypto.so.3", c"libcrypto.so.1.1"] {
-                // SAFETY: dlopen of a NUL-terminated name; the handle is closed on drop.
+                // SAFETY: dlopen of a NUL-terminated name; the handle is kept for good.
                 let handle =
                     unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
                 if handle.is_null() {
@@ -410,11 +416,7 @@ mod libcrypto {
                         std::mem::transmute::<*mut c_void, Pbkdf2>(p),
                     )
                 };
-                return Some(Libcrypto {
-                    handle,
-                    get_digest,
-                    pbkdf2,
-                });
+                return Some(Libcrypto { get_digest, pbkdf2 });
             }
             None
         }
@@ -466,13 +468,6 @@ mod libcrypto {
         }
     }
 
-    impl Drop for Libcrypto {
-        fn drop(&mut self) {
-            // SAFETY: the handle came from dlopen and no function from it runs any more.
-            unsafe { libc::dlclose(self.handle) };
-        }
-    }
-
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -481,7 +476,7 @@ mod libcrypto {
         /// output must equal ours. scripts/test installs cryptsetup, which needs libcrypto.
         #[test]
         fn libcrypto_pbkdf2_equals_ours() {
-            let lib = Libcrypto::load().expect("libcrypto.so.3 (installed with cryptsetup)");
+            let lib = Libcrypto::get().expect("libcrypto.so.3 (installed with cryptsetup)");
             for (hash, len) in [(Hash::Sha256, 64), (Hash::Sha1, 20), (Hash::Sha512, 32)] {
                 let mut a = vec![0u8; len];
                 let mut b = vec![0u8; len];
