@@ -1545,15 +1545,19 @@ fn walker_refuses_bad_input_without_writing() {
     let (c, _) = Case::new(64, 9);
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img()]));
     let before = std::fs::read(c.p("img")).unwrap();
-    let out = run(luksify(&[
-        "encrypt",
-        &c.img(),
-        "--key-file",
-        &c.key(),
-        "--reduce-device-size",
-        "32M",
-    ])
-    .args(FAST));
+    // `encrypt` of a case's image with the header in front, reducing by `size`.
+    let shifted = |k: &Case, size: &str| {
+        run(luksify(&[
+            "encrypt",
+            &k.img(),
+            "--key-file",
+            &k.key(),
+            "--reduce-device-size",
+            size,
+        ])
+        .args(FAST))
+    };
+    let out = shifted(&c, "32M");
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("shrink the filesystem"),
@@ -1566,30 +1570,14 @@ fn walker_refuses_bad_input_without_writing() {
     );
     // Device smaller than header plus shift.
     let (s, orig) = Case::new(2, 9);
-    let out = run(luksify(&[
-        "encrypt",
-        &s.img(),
-        "--key-file",
-        &s.key(),
-        "--reduce-device-size",
-        "32M",
-    ])
-    .args(FAST));
+    let out = shifted(&s, "32M");
     assert_refused_in_one_line(&out, "too small", "device smaller than header plus shift");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--header FILE (nothing was written)"));
     assert!(same(&std::fs::read(s.p("img")).unwrap(), &orig));
     // A shift below one 8 KiB unit (it read a marker at an unaligned offset and failed
     // with "failed to fill whole buffer").
     for tiny in ["512", "2K", "6K"] {
-        let out = run(luksify(&[
-            "encrypt",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--reduce-device-size",
-            tiny,
-        ])
-        .args(FAST));
+        let out = shifted(&c, tiny);
         assert_refused_in_one_line(&out, "must be a non-zero multiple of 8 KiB", tiny);
         assert!(
             same(&std::fs::read(c.p("img")).unwrap(), &before),

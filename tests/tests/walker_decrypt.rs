@@ -285,16 +285,20 @@ fn walker_decrypt_refuses_without_writing() {
     ]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--header FILE"));
+    // `decrypt` of c's image with key file `key` and header file `hdr` (names in c).
+    let decrypt = |key: &str, hdr: &str| {
+        run(&mut luksify(&[
+            "decrypt",
+            &c.s("img"),
+            "--key-file",
+            &c.s(key),
+            "--header",
+            &c.s(hdr),
+        ]))
+    };
     // Wrong passphrase.
     std::fs::write(c.p("bad"), b"wrong").unwrap();
-    let out = run(&mut luksify(&[
-        "decrypt",
-        &c.s("img"),
-        "--key-file",
-        &c.s("bad"),
-        "--header",
-        &c.s("hdr"),
-    ]));
+    let out = decrypt("bad", "hdr");
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("passphrase"),
         "{}",
@@ -309,14 +313,7 @@ fn walker_decrypt_refuses_without_writing() {
     // overwrite it (cryptsetup refuses it too).
     let precious = b"someone's notes, not a header\n".repeat(1000);
     std::fs::write(c.p("notes"), &precious).unwrap();
-    let out = run(&mut luksify(&[
-        "decrypt",
-        &c.s("img"),
-        "--key-file",
-        &c.s("key"),
-        "--header",
-        &c.s("notes"),
-    ]));
+    let out = decrypt("key", "notes");
     assert_refused_in_one_line(
         &out,
         "already exists and holds other data (no LUKS header)",
@@ -328,14 +325,7 @@ fn walker_decrypt_refuses_without_writing() {
     );
     // --header a link to the data itself.
     std::os::unix::fs::symlink(c.p("img"), c.p("img-link")).unwrap();
-    let out = run(&mut luksify(&[
-        "decrypt",
-        &c.s("img"),
-        "--key-file",
-        &c.s("key"),
-        "--header",
-        &c.s("img-link"),
-    ]));
+    let out = decrypt("key", "img-link");
     assert_refused_in_one_line(&out, "is the data itself", "decrypt --header the data");
     assert!(c.img() == before, "device changed after a refusal");
     // Plaintext device, no header anywhere.

@@ -1040,28 +1040,22 @@ fn luks1_text(h: &luks1::Luks1Header, path: &Path) -> String {
     let _ = writeln!(s, "MK bits:       \t{}", h.key_bytes * 8);
     // The 20-byte digest on one line; the salt 16 bytes a line.
     let _ = writeln!(s, "MK digest:     \t{}", hex_run(&h.mk_digest));
-    for (i, half) in h.mk_digest_salt.chunks(16).enumerate() {
-        let label = if i == 0 {
-            "MK salt:       "
-        } else {
-            "               "
-        };
-        let _ = writeln!(s, "{label}\t{}", hex_run(half));
-    }
+    s.push_str(&luks1_salt(
+        "MK salt:       ",
+        "               ",
+        &h.mk_digest_salt,
+    ));
     let _ = writeln!(s, "MK iterations: \t{}", h.mk_digest_iterations);
     let _ = writeln!(s, "UUID:          \t{}\n", h.uuid);
     for (i, k) in h.keyslots.iter().enumerate() {
         if k.active {
             let _ = writeln!(s, "Key Slot {i}: ENABLED");
             let _ = writeln!(s, "\tIterations:         \t{}", k.iterations);
-            for (i, half) in k.salt.chunks(16).enumerate() {
-                let label = if i == 0 {
-                    "Salt:               "
-                } else {
-                    "                      "
-                };
-                let _ = writeln!(s, "\t{label}\t{}", hex_run(half));
-            }
+            s.push_str(&luks1_salt(
+                "\tSalt:               ",
+                "\t                      ",
+                &k.salt,
+            ));
             let _ = writeln!(s, "\tKey material offset:\t{}", k.key_material_offset);
             let _ = writeln!(s, "\tAF stripes:            \t{}", k.stripes);
         } else {
@@ -1069,6 +1063,15 @@ fn luks1_text(h: &luks1::Luks1Header, path: &Path) -> String {
         }
     }
     s
+}
+
+/// A LUKS1 salt as luksDump prints it: 16 bytes a line, the first after `label`, the
+/// rest after `cont`, each then a tab.
+fn luks1_salt(label: &str, cont: &str, salt: &[u8]) -> String {
+    salt.chunks(16)
+        .enumerate()
+        .map(|(i, half)| format!("{}\t{}\n", if i == 0 { label } else { cont }, hex_run(half)))
+        .collect()
 }
 
 /// Two hex digits and a blank per byte, on one line.
