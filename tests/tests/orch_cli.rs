@@ -193,9 +193,13 @@ impl Fixture {
         c
     }
     fn enable_cmd(&self) -> Command {
+        self.enable_of(&self.mnt)
+    }
+    /// `enable` of `volume` (the fixture's device, say) with the fixture's key, fast KDF.
+    fn enable_of(&self, volume: &Path) -> Command {
         let mut c = self.cmd();
         c.args(["enable", "--volume-type", "data", "--volume"])
-            .arg(&self.mnt)
+            .arg(volume)
             .arg("--key-file")
             .arg(&self.key)
             .args([
@@ -717,13 +721,7 @@ fn root_orch_enable_refuses_a_device_whose_disable_was_interrupted() {
     says_so(&check(&fx.state, Some(&other)), &named);
     says_so(&check(&other, Some(&fx.state)), &named);
     let enable = |arg: Option<&Path>| {
-        let mut c = fx.cmd();
-        c.args(["enable", "--volume-type", "data", "--volume"])
-            .arg(fx.dev())
-            .arg("--key-file")
-            .arg(&fx.key)
-            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
-            .arg("--userspace");
+        let mut c = fx.enable_of(&fx.dev());
         if let Some(a) = arg {
             c.arg("--state-dir").arg(a);
         }
@@ -766,13 +764,10 @@ fn root_orch_resume_from_another_state_dir_leaves_a_live_walk_alone() {
     let other = fx.dir.path().join("other-state");
     // A second enable of the device from there: busy (exit 4), naming the run's pid,
     // and neither "kill" nor "resume" as the fix.
-    let out = run(luksify(&other)
-        .env("LUKSIFY_ETC_DIR", fx.dir.path().join("other-etc"))
-        .args(["enable", "--volume-type", "data", "--volume"])
-        .arg(fx.dev())
-        .arg("--key-file")
-        .arg(&fx.key)
-        .arg("--userspace"));
+    let out = run(fx
+        .enable_of(&fx.dev())
+        .env("LUKSIFY_STATE_DIR", &other)
+        .env("LUKSIFY_ETC_DIR", fx.dir.path().join("other-etc")));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(
