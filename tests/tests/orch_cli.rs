@@ -1995,8 +1995,8 @@ fn libc_minor(rdev: u64) -> u64 {
 
 /// What `enable` refuses before it writes anything, each in one line with exit 3 and the
 /// volume still mounted: an ext4 too full to give the header room (resize2fs's own
-/// minimum decides, not the mounted filesystem's stale superblock), and a --header-dir on
-/// the volume itself. The same volume named twice is encrypted once.
+/// minimum decides, not the mounted filesystem's stale superblock), and a --header-dir or
+/// the key file on the volume itself. The same volume named twice is encrypted once.
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_enable_refuses_a_full_volume_and_a_header_dir_on_it() {
@@ -2012,6 +2012,25 @@ fn root_orch_enable_refuses_a_full_volume_and_a_header_dir_on_it() {
     );
     assert!(mount_fields(&fx.mnt).is_some(), "left unmounted");
     std::fs::remove_dir(&hdr_dir).unwrap();
+    // The key file on the volume: unreadable while it is offline, so a killed run could
+    // not be resumed at boot.
+    let key_on = fx.mnt.join("key");
+    std::fs::copy(&fx.key, &key_on).unwrap();
+    let out = run(fx
+        .cmd()
+        .args(["enable", "--volume-type", "data", "--userspace", "--volume"])
+        .arg(&fx.mnt)
+        .arg("--key-file")
+        .arg(&key_on));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("--key-file {} is on", key_on.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert!(mount_fields(&fx.mnt).is_some(), "left unmounted");
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    std::fs::remove_file(&key_on).unwrap();
 
     // Fill it (the superblock's free count lags until a commit).
     let _ = run(Command::new("dd")

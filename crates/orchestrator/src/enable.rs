@@ -470,22 +470,39 @@ fn fsck_ext(device: &Path) -> Result<()> {
 /// a filesystem nested below one): that filesystem is unmounted before the header is
 /// created, and a header inside the data it describes could never be read to open it.
 fn header_dir_on_a_volume(dir: &Path, plans: &[Plan]) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    // The directory may not exist yet: its nearest existing ancestor says where it will be.
-    let existing = dir.ancestors().find(|a| a.exists())?;
-    let on = mountinfo::DevNum::from_raw(std::fs::metadata(existing).ok()?.dev());
-    let p = plans.iter().find(|p| {
-        p.report.dev.parse_devnum() == on
-            || p.report
-                .nested_mounts
-                .iter()
-                .any(|n| n.source.as_deref().and_then(probe::block_dev_num) == Some(on))
-    })?;
+    let p = volume_holding(dir, plans)?;
     Some(format!(
         "BLOCKER: --header-dir {} is on {}, a volume being encrypted: it is unmounted before the header is written, and the header must stay readable to open the volume; fix: pick a directory on another filesystem (e.g. /root/luks-headers)",
         dir.display(),
         p.device.display()
     ))
+}
+
+/// The key file on a volume being encrypted: unreadable while it is unmounted, so a run
+/// interrupted there could not be resumed at boot, and crypttab would name a key that
+/// only the volume itself holds.
+fn key_file_on_a_volume(key: &Path, plans: &[Plan]) -> Option<String> {
+    let p = volume_holding(key, plans)?;
+    Some(format!(
+        "BLOCKER: --key-file {} is on {}, a volume being encrypted: it is unreadable while the volume is offline, so an interrupted run could not be resumed, and crypttab would name a key only the volume holds; fix: keep the key file on another filesystem (e.g. /root/luks-keys)",
+        key.display(),
+        p.device.display()
+    ))
+}
+
+/// The plan whose filesystem (or one nested below it) holds `path`, or would once it
+/// exists: its nearest existing ancestor says where it will be.
+fn volume_holding<'a>(path: &Path, plans: &'a [Plan]) -> Option<&'a Plan> {
+    use std::os::unix::fs::MetadataExt;
+    let existing = path.ancestors().find(|a| a.exists())?;
+    let on = mountinfo::DevNum::from_raw(std::fs::metadata(existing).ok()?.dev());
+    plans.iter().find(|p| {
+        p.report.dev.parse_devnum() == on
+            || p.report
+                .nested_mounts
+                .iter()
+                .any(|n| n.source.as_deref().and_then(probe::block_dev_num) == Some(on))
+    })
 }
 
 /// Per-volume plan made before anything is written.
@@ -546,6 +563,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             blockers.push(b);
         }
     }
+    blockers.extend(key_file_on_a_volume(&req.key_file, &plans));
     // crypttab fields are split at blanks (systemd and Debian's cryptdisks alike), and a
     // header= option cannot carry one: such a path would break the boot-time mapping.
     let key_path = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
