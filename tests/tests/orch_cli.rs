@@ -670,6 +670,49 @@ fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
     );
 }
 
+/// A read-only block device (`losetup -r`) is a preflight blocker for check and enable:
+/// before, check passed it and enable unmounted it, then e2fsck's write errors were
+/// reported as "filesystem has errors".
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_read_only_device_is_a_blocker() {
+    require_root();
+    require_tool("mkfs.ext4");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 64 << 20);
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-b", "4096"])
+            .arg(&img),
+    );
+    let before = std::fs::read(&img).unwrap();
+    let lo = LoopDev::attach_with(&img, &["-r"]);
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"read-only test").unwrap();
+    let state = dir.path().join("state");
+    let out = run(luksify(&state).arg("check").arg(&lo.path));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("is a read-only block device"),
+        "{out:?}"
+    );
+    let out = run(luksify(&state)
+        .env("LUKSIFY_ETC_DIR", dir.path())
+        .args(["enable", "--volume-type", "data", "--userspace", "--volume"])
+        .arg(&lo.path)
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is a read-only block device"),
+        "{}",
+        stderr(&out)
+    );
+    drop(lo);
+    assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+}
+
 /// A `disable` killed mid-walk leaves a device that is part plaintext, part ciphertext,
 /// with its header in a file: its start reads as ext4 again. `check` and `enable` (from
 /// this state directory or another) must call it an interrupted decryption and write

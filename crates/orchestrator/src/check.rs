@@ -616,6 +616,19 @@ pub fn check_resolved(
             format!("swapoff {} (and remove it from /etc/fstab)", list.join(" ")),
         );
     }
+    // Every write to a read-only block device fails (after the unmount, e2fsck would
+    // call its errors the filesystem's).
+    if std::fs::read_to_string(format!("/sys/dev/block/{}/ro", r.dev))
+        .is_ok_and(|s| s.trim() == "1")
+    {
+        push(
+            "read_only",
+            Severity::Blocker,
+            format!("{dev_s} is a read-only block device"),
+            "it cannot be encrypted in place (a loop device attached with `losetup -r`, or `blockdev --setro`)".into(),
+            "make it writable (`blockdev --setrw`, or attach the loop device again without -r)".into(),
+        );
+    }
     let dm_uuid = probe::dm_uuid(r.dev);
     let filesystem = match probe::detect_fs(&r.device) {
         // A mounted filesystem's superblock free count is stale: the kernel's is reported.
