@@ -804,6 +804,14 @@ fn root_orch_resume_from_another_state_dir_leaves_a_live_walk_alone() {
             .unwrap_or(0)
             > 0
     });
+    // check, even from the run's own state directory, calls it busy, not interrupted.
+    let out = run(fx.cmd().arg("check").arg(fx.dev()));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains(&format!("is in use by pid {} (luksify)", child.id()))
+            && !said.contains("interrupted"),
+        "{said}"
+    );
     let other = fx.dir.path().join("other-state");
     // A second enable of the device from there: busy (exit 4), naming the run's pid,
     // and neither "kill" nor "resume" as the fix.

@@ -246,6 +246,10 @@ pub fn reencrypt_mode(path: &Path) -> Option<bool> {
 /// volume's old LUKS header (a decryption moves its data over it last): that is not
 /// "already encrypted".
 pub fn add_interrupted_run(r: &mut Report, state_dir: &Path) {
+    // A run at work on it (`busy_run`) is live, not interrupted.
+    if r.problems.iter().any(|p| p.code == "busy_run") {
+        return;
+    }
     if let Some(p) = interrupted_run(&r.device, state_dir) {
         r.problems.retain(|q| q.code != "already_luks");
         r.problems.push(p);

@@ -155,6 +155,10 @@ impl Status {
             .retain(|v| v.state != VolumeState::NotEncrypted || pick(v));
         for v in &mut self.volumes {
             v.in_run = pick(v);
+            // An earlier run's failure is not this run's: it would stand in its messages.
+            if v.in_run {
+                v.error = None;
+            }
         }
         self.operation = op;
         self.pid = Some(pid);
@@ -635,6 +639,14 @@ mod tests {
         s.refresh(None);
         assert_eq!(s.data_volumes_encrypted, VolumeState::Encrypted);
         assert_eq!(s.progress_message, "Encryption succeeded for data volumes");
+        // An earlier run's error does not outlive the next run that takes the volume.
+        {
+            let mut s = s.clone();
+            let a = Path::new("/dev/a");
+            s.volume_mut(a).unwrap().error = Some("no keyslot accepts this passphrase".into());
+            s.begin_run(Operation::DisableEncryption, 45, |v| v.device == a);
+            assert_eq!(s.volume_mut(a).unwrap().error, None);
+        }
         // A resume that took up nothing says what the volumes say, not "Encrypting 0".
         let before = s.clone();
         s.begin_run(Operation::Resume, 44, |_| false);
