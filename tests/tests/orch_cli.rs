@@ -1206,6 +1206,21 @@ fn root_orch_xfs_needs_and_gets_a_detached_header() {
         crypttab.contains(&format!("header={}", header.display())),
         "{crypttab}"
     );
+    // Its start is ciphertext now: check calls it encrypted, with its header, not a
+    // device without a filesystem to make one on.
+    let out = run(luksify(&state)
+        .env("LUKSIFY_ETC_DIR", &etc)
+        .arg("check")
+        .arg(&lo.path));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains(&format!(
+            "{} is already encrypted by luksify",
+            lo.path.display()
+        )) && said.contains(&format!("--header {}", header.display()))
+            && !said.contains("make a filesystem"),
+        "{said}"
+    );
     let out = run(luksify(&state).env("LUKSIFY_ETC_DIR", &etc).arg("disable"));
     assert!(
         out.status.success(),

@@ -247,13 +247,66 @@ pub fn reencrypt_mode(path: &Path) -> Option<bool> {
 /// "already encrypted".
 pub fn add_interrupted_run(r: &mut Report, state_dir: &Path) {
     // A run at work on it (`busy_run`) is live, not interrupted.
-    if r.problems.iter().any(|p| p.code == "busy_run") {
-        return;
-    }
-    if let Some(p) = interrupted_run(&r.device, state_dir) {
+    let busy = r.problems.iter().any(|p| p.code == "busy_run");
+    if let Some(p) = interrupted_run(&r.device, state_dir).filter(|_| !busy) {
         r.problems.retain(|q| q.code != "already_luks");
         r.problems.push(p);
+    } else if let Some(h) = detached_header_of(&r.device, state_dir) {
+        // Encrypted with its header elsewhere: its start is ciphertext, not "no
+        // filesystem" to make one on.
+        r.problems
+            .retain(|q| !matches!(q.code, "no_filesystem" | "no_header_space"));
+        let dev_s = r.device.display().to_string();
+        r.problems.push(Problem {
+            code: "already_luks",
+            severity: Severity::Blocker,
+            what: format!("{dev_s} is already encrypted by luksify"),
+            why: format!("its LUKS2 header is in {}", h.display()),
+            fix: format!(
+                "nothing to do; open it with `luksify open {dev_s} NAME --key-file F --header {}`",
+                h.display()
+            ),
+        });
+        if r.luks.is_none() {
+            r.luks = Some("luks2 (detached header)".into());
+        }
     }
+}
+
+/// The detached header of a volume luksify encrypted on `device`, as the status file of
+/// `state_dir` or of the default state directory records it (finished runs), or
+/// crypttab's `header=` names it; only if that file holds a LUKS header.
+fn detached_header_of(device: &Path, state_dir: &Path) -> Option<PathBuf> {
+    use crate::status::VolumeState;
+    let dev = probe::block_dev_num(device)?;
+    let same = |p: &Path| probe::block_dev_num(p) == Some(dev);
+    let is_luks = |h: &Path| luks_state(h).is_some();
+    for dir in [state_dir.to_path_buf(), crate::status::state_dir(None)] {
+        let Ok(status) = crate::status::load(&dir) else {
+            continue;
+        };
+        for v in &status.volumes {
+            if matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted)
+                && same(&v.device)
+            {
+                if let Some(h) = v.header.as_ref().filter(|h| is_luks(h)) {
+                    return Some(h.clone());
+                }
+            }
+        }
+    }
+    let crypttab = std::fs::read_to_string(crate::tabs::etc_dir().join("crypttab")).ok()?;
+    crypttab
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let h = f
+                .get(3)?
+                .split(',')
+                .find_map(|o| o.strip_prefix("header="))?;
+            (same(Path::new(f.get(1)?)) && is_luks(Path::new(h))).then(|| PathBuf::from(h))
+        })
 }
 
 /// A luksify run on `device` that the device's own first bytes cannot show: a
@@ -709,7 +762,7 @@ pub fn check_resolved(
             Severity::Blocker,
             format!("{dev_s} has an interrupted LUKS2 encryption"),
             "its header records an online reencryption that has not finished".into(),
-            "run `luksify resume` to finish it".into(),
+            "run `luksify resume` to finish it (with --key-file F if `luksify status` does not list it)".into(),
         ),
         Some(v) => push(
             "already_luks",
