@@ -15,7 +15,7 @@ pub enum LockError {
         "another luksify (pid {pid}) is working on disks (lock {path}); wait for it to finish, or pass --wait to queue behind it"
     )]
     Busy { pid: String, path: PathBuf },
-    #[error("cannot take the lock {path}: {source}; check that the state directory is writable (run as root)")]
+    #[error("cannot take the lock {path}: {source}; the state directory must be a directory root can write (--state-dir)")]
     Io {
         path: PathBuf,
         #[source]

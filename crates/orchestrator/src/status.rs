@@ -405,8 +405,8 @@ pub fn load(dir: &Path) -> std::io::Result<Status> {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
-                    "{} is not a luksify status file ({e})",
-                    dir.join(STATUS_FILE).display()
+                    "{f} is not a luksify status file ({e}); if a crash or a hand edit broke it, move it aside (mv {f} {f}.bad): luksify starts a new one, and `luksify resume --key-file F` finds interrupted runs from the devices",
+                    f = dir.join(STATUS_FILE).display()
                 ),
             )
         }),
@@ -414,7 +414,14 @@ pub fn load(dir: &Path) -> std::io::Result<Status> {
             version: 1,
             ..Status::default()
         }),
-        Err(e) => Err(e),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot read {} ({e}); the state directory {} must be a directory root can read (--state-dir)",
+                dir.join(STATUS_FILE).display(),
+                dir.display()
+            ),
+        )),
     }
 }
 
