@@ -639,7 +639,7 @@ fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
     assert!(
         text.contains("DataVolumesEncrypted : NotMounted\n")
             && text.contains(&format!(
-                "lost its daemon (killed?) and reads fail: umount {}, `luksify close {name}`, then `luksify open {} {name} --key-file F`",
+                "lost its daemon (killed?) and reads fail: umount {}, `luksify close {name}`, then `luksify open {} {name} --key-file F` and mount /dev/mapper/{name} again",
                 fx.mnt.display(),
                 fx.dev().display()
             )),

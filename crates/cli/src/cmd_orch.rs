@@ -405,6 +405,12 @@ fn cmd_check(
         Ok(mut r) => {
             let dir = status::state_dir(state_dir.as_deref());
             check::add_interrupted_run(&mut r, &dir);
+            // The commands a fix names act on the state directory given.
+            if let Some(d) = &state_dir {
+                for p in &mut r.problems {
+                    p.fix = with_state_dir(&p.fix, d);
+                }
+            }
             r
         }
         Err(p) => {

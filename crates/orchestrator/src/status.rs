@@ -249,7 +249,7 @@ pub fn apply_live_state(
     }
     if let (Some((name, dev, mp)), None) = (orphaned, s.pid) {
         s.progress_message = format!(
-            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then `luksify open {} {name} --key-file F`",
+            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then `luksify open {} {name} --key-file F` and mount /dev/mapper/{name} again",
             dev.display(),
             mp.map(|m| format!("umount {}, ", m.display()))
                 .unwrap_or_default(),

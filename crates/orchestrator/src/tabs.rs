@@ -224,15 +224,24 @@ pub fn edit_file(path: &Path, edit: impl FnOnce(&str) -> String) -> std::io::Res
         Err(e) => return Err(e),
     };
     let backup = PathBuf::from(format!("{}.luksify-bak", path.display()));
-    if !backup.exists() && path.exists() {
-        std::fs::copy(path, &backup)?;
-    }
+    let existed = path.exists();
     let new = edit(&text);
+    if !backup.exists() && (existed || new != text) {
+        if existed {
+            std::fs::copy(path, &backup)?;
+        } else {
+            // No file before: the pristine copy is an empty one (not the one the next
+            // edit would find, already holding our first entry).
+            write_atomic(&backup, b"")?;
+        }
+    }
     if new != text {
         write_atomic(path, new.as_bytes())?;
         // Keep the permissions fstab/crypttab had (crypttab is often 0600).
-        if let Ok(md) = std::fs::metadata(&backup) {
-            let _ = std::fs::set_permissions(path, md.permissions());
+        if existed {
+            if let Ok(md) = std::fs::metadata(&backup) {
+                let _ = std::fs::set_permissions(path, md.permissions());
+            }
         }
     }
     Ok(())
@@ -371,5 +380,15 @@ mod tests {
             std::fs::read_to_string(&p).unwrap(),
             format!("{FSTAB}x\ny\n")
         );
+        // No file before the first edit: the backup is empty, not the first edit's
+        // result that the second edit finds.
+        let q = d.path().join("crypttab");
+        edit_file(&q, |t| format!("{t}a\n")).unwrap();
+        edit_file(&q, |t| format!("{t}b\n")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("crypttab.luksify-bak")).unwrap(),
+            ""
+        );
+        assert_eq!(std::fs::read_to_string(&q).unwrap(), "a\nb\n");
     }
 }
