@@ -958,6 +958,15 @@ fn root_orch_stale_userspace_record_leaves_a_reused_loop_device_alone() {
     assert_ne!(std::fs::read_link(&mapped).unwrap(), other.path);
     run_ok(luksify(&state).args(["close", &name]));
     untouched("second close");
+    // A link left behind to a loop device with nothing attached (no record at all) is
+    // stale too: open replaces it.
+    std::os::unix::fs::symlink("/dev/loop987654", &mapped).unwrap();
+    open();
+    assert_ne!(
+        std::fs::read_link(&mapped).unwrap(),
+        Path::new("/dev/loop987654")
+    );
+    run_ok(luksify(&state).args(["close", &name]));
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     run_ok(Command::new("umount").arg(&omnt));

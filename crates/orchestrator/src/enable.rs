@@ -628,6 +628,8 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             ..Default::default()
         });
     }
+    let order: Vec<PathBuf> = plans.iter().map(|p| p.device.clone()).collect();
+    sw.status.order_run(&order);
     commit(&mut sw)?;
     let n = plans.len();
     for (i, p) in plans.iter().enumerate() {
@@ -1232,6 +1234,8 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         .begin_run(Operation::Resume, std::process::id(), |v| {
             unfinished(v) || pending.contains(&v.device)
         });
+    let order: Vec<PathBuf> = todo.iter().chain(&pending).cloned().collect();
+    sw.status.order_run(&order);
     let mut skipped = Vec::new();
     for (i, device) in todo.into_iter().enumerate() {
         let Some(idx) = sw.status.volumes.iter().position(|v| v.device == device) else {
@@ -1717,6 +1721,7 @@ pub fn disable(
         .begin_run(Operation::DisableEncryption, std::process::id(), |v| {
             todo.contains(&v.device)
         });
+    sw.status.order_run(&todo);
     for (i, device) in todo.iter().enumerate() {
         let Some(idx) = sw.status.volumes.iter().position(|v| &v.device == device) else {
             continue;

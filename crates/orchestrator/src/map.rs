@@ -230,6 +230,14 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
         let _ = std::fs::remove_file(record_path(req.state_dir, req.name));
     }
     let mapped = PathBuf::from("/dev/mapper").join(req.name);
+    // A link left by a userspace mapping that is gone (its daemon killed, a reboot with a
+    // persistent /dev/mapper): it names a loop device with nothing attached. Nothing can
+    // be using it; anything else there is refused below.
+    if let Ok(target) = std::fs::read_link(&mapped) {
+        if target.to_string_lossy().starts_with("/dev/loop") && loop_backing(&target).is_none() {
+            let _ = std::fs::remove_file(&mapped);
+        }
+    }
     if std::fs::symlink_metadata(&mapped).is_ok() {
         return Err(Failure::failed(format!(
             "{} already exists; pick another name or close it (`luksify close {}`)",

@@ -164,6 +164,16 @@ impl Status {
         self.pid = Some(pid);
     }
 
+    /// Puts the run's volumes last, in `order` (the order the run works them): the
+    /// message's "volume i/n" counts them in list order, as the terminal counts them in
+    /// run order.
+    pub fn order_run(&mut self, order: &[PathBuf]) {
+        let (mut run, rest): (Vec<_>, Vec<_>) = self.volumes.drain(..).partition(|v| v.in_run);
+        run.sort_by_key(|v| order.iter().position(|d| *d == v.device));
+        self.volumes = rest;
+        self.volumes.extend(run);
+    }
+
     /// Recomputes the aggregate data state and the message from the volumes.
     /// `active` is the index (0-based) of the volume being worked on, if any.
     pub fn refresh(&mut self, active: Option<usize>) {
@@ -653,6 +663,23 @@ mod tests {
             s.volume_mut(a).unwrap().error = Some("no keyslot accepts this passphrase".into());
             s.begin_run(Operation::DisableEncryption, 45, |v| v.device == a);
             assert_eq!(s.volume_mut(a).unwrap().error, None);
+        }
+        // The run's volumes are counted in the order the run works them.
+        {
+            let mut s = s.clone();
+            let (a, b) = (PathBuf::from("/dev/a"), PathBuf::from("/dev/b"));
+            s.begin_run(Operation::EnableEncryption, 47, |v| {
+                v.device == a || v.device == b
+            });
+            s.order_run(&[b.clone(), a.clone()]);
+            let i = s.volumes.iter().position(|v| v.device == b).unwrap();
+            s.volumes[i].state = VolumeState::EncryptionInProgress;
+            s.refresh(Some(i));
+            assert!(
+                s.progress_message.starts_with("Encrypting data volume 1/2"),
+                "{}",
+                s.progress_message
+            );
         }
         // A resume that took up nothing says what the volumes say, not "Encrypting 0".
         let before = s.clone();
