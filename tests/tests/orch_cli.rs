@@ -1370,6 +1370,41 @@ fn orch_installed_unit_passes_systemd_analyze_and_its_execstart_parses() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
+/// `install-unit --state-dir DIR`: the unit resumes that directory's runs (an agent
+/// that keeps its own), in its condition and its command, and still verifies and parses.
+#[test]
+fn orch_installed_unit_resumes_the_state_dir_given() {
+    require_tool("systemd-analyze");
+    let d = tempfile::tempdir().unwrap();
+    let sd = "/var/lib/agent-luksify";
+    run_ok(
+        Command::new(luksify_bin())
+            .args(["install-unit", "--state-dir", sd, "--prefix"])
+            .arg(d.path()),
+    );
+    let unit = d.path().join("etc/systemd/system/luksify-resume.service");
+    let out = run(Command::new("systemd-analyze").arg("verify").arg(&unit));
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.contains(&format!("ConditionPathExists={sd}/status.json\n")),
+        "{text}"
+    );
+    let exec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(argv[1..], ["resume", "--wait", "--state-dir", sd]);
+    let out = run(Command::new(argv[0]).args(&argv[1..]).arg("--help"));
+    assert!(out.status.success(), "{out:?}");
+    // A relative directory could not be a condition path: refused as usage.
+    let out = run(Command::new(luksify_bin())
+        .args(["install-unit", "--state-dir", "rel/dir", "--prefix"])
+        .arg(d.path()));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
 /// An ExecStart path with a blank and a `%` is quoted and escaped for systemd: verify
 /// fails on a program path that does not exist, as either half of a split one would not.
 #[test]

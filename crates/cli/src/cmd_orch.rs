@@ -164,6 +164,10 @@ pub enum OrchCmd {
         /// luksify path for ExecStart (default: this binary)
         #[arg(long)]
         exec: Option<PathBuf>,
+        /// The state directory the unit resumes (default /var/lib/luksify): give the one
+        /// your runs use, or the unit never sees them
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Print the encryption status: OsVolumeEncrypted, DataVolumesEncrypted, ProgressMessage.
     Status {
@@ -185,7 +189,11 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             json,
         } => cmd_check(target, state_dir, detached_header, json),
         OrchCmd::Status { json, state_dir } => cmd_status(json, state_dir),
-        OrchCmd::InstallUnit { prefix, exec } => finish(cmd_install_unit(&prefix, exec)),
+        OrchCmd::InstallUnit {
+            prefix,
+            exec,
+            state_dir,
+        } => finish(cmd_install_unit(&prefix, exec, state_dir)),
         OrchCmd::Open {
             device,
             name,
@@ -444,11 +452,33 @@ pub const RESUME_UNIT: &str = include_str!("../../../dist/luksify-resume.service
 const UNIT_EXEC_PATH: &str = "/usr/local/sbin/luksify";
 
 /// The unit text with ExecStart running `exec`.
-pub fn resume_unit_for(exec: &Path) -> String {
-    RESUME_UNIT.replace(
+pub fn resume_unit_for(exec: &Path, state_dir: Option<&Path>) -> String {
+    let unit = RESUME_UNIT.replace(
         &format!("ExecStart={UNIT_EXEC_PATH} "),
         &format!("ExecStart={} ", systemd_word(&exec.display().to_string())),
-    )
+    );
+    match state_dir {
+        None => unit,
+        // Both the condition and the command name the directory.
+        Some(d) => unit
+            .replace(
+                "ConditionPathExists=/var/lib/luksify/status.json",
+                &format!(
+                    "ConditionPathExists={}",
+                    d.join("status.json")
+                        .display()
+                        .to_string()
+                        .replace('%', "%%")
+                ),
+            )
+            .replace(
+                " resume --wait\n",
+                &format!(
+                    " resume --wait --state-dir {}\n",
+                    systemd_word(&d.display().to_string())
+                ),
+            ),
+    }
 }
 
 /// One word of a systemd command line: `%` doubled (specifiers), and a word with blanks,
@@ -472,7 +502,24 @@ fn systemd_word(w: &str) -> String {
     q
 }
 
-fn cmd_install_unit(prefix: &Path, exec: Option<PathBuf>) -> Result<ExitCode, Failure> {
+fn cmd_install_unit(
+    prefix: &Path,
+    exec: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+) -> Result<ExitCode, Failure> {
+    if let Some(d) = state_dir.as_ref().filter(|d| {
+        !d.is_absolute()
+            || d.to_string_lossy()
+                .contains(|c: char| c.is_control() || c.is_whitespace())
+    }) {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "--state-dir {:?}: give an absolute path without blanks or control characters (it goes into ConditionPathExists)",
+                d.display().to_string()
+            ),
+        ));
+    }
     let exec = match exec {
         Some(e) if !e.is_absolute() || e.to_string_lossy().contains(char::is_control) => {
             return Err(Failure::new(
@@ -495,7 +542,12 @@ fn cmd_install_unit(prefix: &Path, exec: Option<PathBuf>) -> Result<ExitCode, Fa
     let dir = prefix.join("etc/systemd/system");
     let path = dir.join("luksify-resume.service");
     std::fs::create_dir_all(&dir)
-        .and_then(|_| status::write_atomic(&path, resume_unit_for(&exec).as_bytes()))
+        .and_then(|_| {
+            status::write_atomic(
+                &path,
+                resume_unit_for(&exec, state_dir.as_deref()).as_bytes(),
+            )
+        })
         .map_err(|e| {
             Failure::failed(format!(
                 "cannot write {} ({e}); run as root or pass --prefix",
