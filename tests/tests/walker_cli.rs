@@ -900,15 +900,12 @@ fn walker_resumes_cryptsetup_runs_killed_after_their_last_hotzone() {
                 // after its own recovery ("Device contains ambiguous signatures ...
                 // run cryptsetup repair", seen once in CI): its procedure comes first,
                 // before luksify is involved at all.
-                let repaired = run(Command::new("cryptsetup").args([
-                    "repair",
-                    "-q",
-                    "--header",
+                let repaired = run(&mut luksify_tests::cryptsetup_detached(
+                    &["repair"],
                     &c.hdr(),
-                    "--key-file",
                     &c.key(),
                     &c.img(),
-                ]));
+                ));
                 if !repaired.status.success() {
                     eprintln!(
                         "{res}, killed at fsync {n} of {total}: cryptsetup cannot read or repair its own header; not a state for luksify"
