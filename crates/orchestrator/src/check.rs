@@ -283,7 +283,7 @@ fn detached_header_of(device: &Path, state_dir: &Path) -> Option<PathBuf> {
     let dev = probe::block_dev_num(device)?;
     let same = |p: &Path| probe::block_dev_num(p) == Some(dev);
     let is_luks = |h: &Path| luks_state(h).is_some();
-    for dir in [state_dir.to_path_buf(), crate::status::state_dir(None)] {
+    for dir in run_dirs(state_dir) {
         let Ok(status) = crate::status::load(&dir) else {
             continue;
         };
@@ -297,18 +297,20 @@ fn detached_header_of(device: &Path, state_dir: &Path) -> Option<PathBuf> {
             }
         }
     }
-    let crypttab = std::fs::read_to_string(crate::tabs::etc_dir().join("crypttab")).ok()?;
-    crypttab
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .find_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let h = f
-                .get(3)?
-                .split(',')
-                .find_map(|o| o.strip_prefix("header="))?;
-            (same(Path::new(f.get(1)?)) && is_luks(Path::new(h))).then(|| PathBuf::from(h))
-        })
+    crate::tabs::crypttab_headers()
+        .into_iter()
+        .find_map(|(d, h)| (same(&d) && is_luks(&h)).then_some(h))
+}
+
+/// The state directories whose status files record runs a device may be part of:
+/// `state_dir`, and the default one if that is another.
+fn run_dirs(state_dir: &Path) -> Vec<PathBuf> {
+    let default = crate::status::state_dir(None);
+    let mut dirs = vec![state_dir.to_path_buf()];
+    if default != state_dir {
+        dirs.push(default);
+    }
+    dirs
 }
 
 /// A luksify run on `device` that the device's own first bytes cannot show: a
@@ -324,10 +326,7 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
     let same = |p: &Path| probe::block_dev_num(p) == Some(dev);
     let dev_s = device.display().to_string();
     let default = crate::status::state_dir(None);
-    let mut dirs = vec![state_dir.to_path_buf()];
-    if default != state_dir {
-        dirs.push(default.clone());
-    }
+    let dirs = run_dirs(state_dir);
     let found = |decrypt: bool, recorded: String, header: Option<&Path>, dir: Option<&Path>| {
         let what = if decrypt { "decryption" } else { "encryption" };
         // The run's own state directory by name, unless a plain `luksify resume` (from
@@ -407,31 +406,18 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
             }
         }
     }
-    let crypttab = std::fs::read_to_string(crate::tabs::etc_dir().join("crypttab")).ok()?;
-    for line in crypttab
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-    {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (Some(d), Some(opts)) = (f.get(1), f.get(3)) else {
-            continue;
-        };
-        let Some(h) = opts.split(',').find_map(|o| o.strip_prefix("header=")) else {
-            continue;
-        };
-        let h = Path::new(h);
-        if same(Path::new(d)) {
-            if let Some(decrypt) = reencrypt_mode(h) {
-                return Some(found(
-                    decrypt,
-                    "crypttab's header= file says so".into(),
-                    Some(h),
-                    None,
-                ));
-            }
-        }
-    }
-    None
+    crate::tabs::crypttab_headers()
+        .into_iter()
+        .filter(|(d, _)| same(d))
+        .find_map(|(_, h)| {
+            let decrypt = reencrypt_mode(&h)?;
+            Some(found(
+                decrypt,
+                "crypttab's header= file says so".into(),
+                Some(&h),
+                None,
+            ))
+        })
 }
 
 /// Reads the LUKS magic and, for LUKS2, whether an online reencryption is in progress.

@@ -781,23 +781,14 @@ fn prepare_fs(device: &Path, header: Option<&Path>, fs: &FsFacts) -> Result<()> 
     // Unmounted now, so an exclusive open fails only while another process holds the
     // device exclusively: a luksify run from another state directory walking it, a
     // mapping. e2fsck must not run under it.
-    if probe::block_dev_num(device).is_some() {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Err(e) = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-            .open(device)
-        {
-            if e.raw_os_error() == Some(libc::EBUSY) {
-                return Err(Failure::new(
-                    exit::BUSY,
-                    format!(
-                        "{} is held exclusively by another process (a luksify run from another state directory, a mapping, a filesystem mounted elsewhere); wait for it to end",
-                        device.display()
-                    ),
-                ));
-            }
-        }
+    if probe::held_exclusively(device) {
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "{} is held exclusively by another process (a luksify run from another state directory, a mapping, a filesystem mounted elsewhere); wait for it to end",
+                device.display()
+            ),
+        ));
     }
     let dev_size = fs.dev_size;
     if is_ext(&fs.fs_type) {
@@ -1994,18 +1985,7 @@ pub fn scan_in_progress(state_dir: &Path) -> Vec<FoundInProgress> {
         }
     }
     // Detached headers: (device, header file) pairs from crypttab and header dirs.
-    let mut pairs: Vec<(PathBuf, PathBuf)> = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(tabs::etc_dir().join("crypttab")) {
-        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(dev), Some(opts)) = (f.get(1), f.get(3)) else {
-                continue;
-            };
-            if let Some(h) = opts.split(',').find_map(|o| o.strip_prefix("header=")) {
-                pairs.push((PathBuf::from(dev), PathBuf::from(h)));
-            }
-        }
-    }
+    let mut pairs = tabs::crypttab_headers();
     let dirs: Vec<PathBuf> = status
         .volumes
         .iter()

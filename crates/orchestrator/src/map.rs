@@ -271,18 +271,11 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
 /// a mount) cannot be mapped: busy (exit 4), naming who has it, before the passphrase
 /// is even tried.
 fn ensure_device_free(req: &OpenRequest) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Some(num) = probe::block_dev_num(req.device) else {
+    let Some(num) =
+        probe::block_dev_num(req.device).filter(|_| probe::held_exclusively(req.device))
+    else {
         return Ok(());
     };
-    let busy = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(req.device)
-        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY));
-    if !busy {
-        return Ok(());
-    }
     let ours = list_records(req.state_dir)
         .into_iter()
         .find(|r| is_live(r) && probe::block_dev_num(&r.device) == Some(num));

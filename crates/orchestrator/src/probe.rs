@@ -210,6 +210,18 @@ pub fn dev_node(dev: DevNum) -> Option<PathBuf> {
 }
 
 /// Device number of a block device node, or None when `p` is not one.
+/// Whether another opener holds block device `p` exclusively (a mount, a mapping, a
+/// walk): an `O_EXCL` open of it fails with EBUSY. False for anything else.
+pub fn held_exclusively(p: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    block_dev_num(p).is_some()
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(p)
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+}
+
 pub fn block_dev_num(p: &Path) -> Option<DevNum> {
     let md = std::fs::metadata(p).ok()?;
     md.file_type()

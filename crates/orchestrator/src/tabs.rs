@@ -15,6 +15,24 @@ pub fn etc_dir() -> PathBuf {
     }
 }
 
+/// The (device, detached header file) pairs crypttab's `header=` options name.
+pub fn crypttab_headers() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(text) = std::fs::read_to_string(etc_dir().join("crypttab")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let h = f
+                .get(3)?
+                .split(',')
+                .find_map(|o| o.strip_prefix("header="))?;
+            Some((PathBuf::from(f.get(1)?), PathBuf::from(h)))
+        })
+        .collect()
+}
+
 /// fstab escapes spaces in fields as \040, like mountinfo.
 fn escape(s: &str) -> String {
     s.replace('\\', "\\134")
