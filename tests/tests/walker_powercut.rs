@@ -53,16 +53,21 @@ fn opts_with(placement: Placement, keyslots: Option<u64>, hash: Hash) -> Encrypt
 }
 
 fn plaintext(seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; SIZE];
+    plaintext_of(seed, SIZE)
+}
+
+fn plaintext_of(seed: u64, size: usize) -> Vec<u8> {
+    let mut v = vec![0u8; size];
     luksify_tests::fill_volume(&mut v, seed);
     v
 }
 
 /// Decrypts the finished volume and compares it with the original.
 fn check_decrypts_to(data: &MemDisk, placement: Placement, orig: &[u8]) {
+    let size = data.size().unwrap();
     let (off, len) = match placement {
-        Placement::Detached { .. } => (0u64, SIZE as u64),
-        Placement::Shift { reduce } => (reduce / 2, SIZE as u64 - reduce),
+        Placement::Detached { .. } => (0u64, size),
+        Placement::Shift { reduce } => (reduce / 2, size - reduce),
     };
     let c = SectorCipher::new("aes-xts-plain64", &vk(), 512).unwrap();
     let mut buf = vec![0u8; len as usize];
@@ -125,14 +130,27 @@ fn crash_and_resume(place: (Placement, usize, bool), cut: u64, fates: u64, seed:
 }
 
 fn crash_and_resume_with(
-    (placement, unit, direct): (Placement, usize, bool),
+    place: (Placement, usize, bool),
     keyslots: Option<u64>,
     hash: Hash,
     cut: u64,
     fates: u64,
     seed: u64,
 ) {
-    let orig = plaintext(seed);
+    crash_and_resume_sized(place, keyslots, hash, SIZE, cut, fates, seed)
+}
+
+/// [`crash_and_resume_with`] on a device of `size` bytes.
+fn crash_and_resume_sized(
+    (placement, unit, direct): (Placement, usize, bool),
+    keyslots: Option<u64>,
+    hash: Hash,
+    size: usize,
+    cut: u64,
+    fates: u64,
+    seed: u64,
+) {
+    let orig = plaintext_of(seed, size);
     let data = MemDisk::from_vec(orig.clone());
     let hdr = MemDisk::new(0);
     let pc = power_cut_disk(&data, unit, direct);
@@ -207,7 +225,18 @@ fn total_ops(placement: Placement) -> u64 {
 }
 
 fn total_ops_with(placement: Placement, keyslots: Option<u64>, hash: Hash) -> u64 {
-    let pc = PowerCutDisk::new(MemDisk::from_vec(plaintext(1)), 512);
+    total_ops_sized(placement, keyslots, hash, SIZE, 512)
+}
+
+/// [`total_ops_with`] on a device of `size` bytes writing `unit`s atomically.
+fn total_ops_sized(
+    placement: Placement,
+    keyslots: Option<u64>,
+    hash: Hash,
+    size: usize,
+    unit: usize,
+) -> u64 {
+    let pc = PowerCutDisk::new(MemDisk::from_vec(plaintext_of(1, size)), unit);
     let h = pc.sibling(MemDisk::new(0));
     let o = opts_with(placement, keyslots, hash);
     let r = match placement {
@@ -277,6 +306,38 @@ fn walker_power_cut_with_a_single_journal_area_then_resume_restores_plaintext() 
             i * 0x9e37_79b9 + 5,
             i + 11,
         );
+    }
+}
+
+/// A device that is not whole 4096-byte blocks (a partition of an odd number of
+/// 512-byte sectors; here 6 MiB + 1.5 KiB) on a device that writes 4096 bytes
+/// atomically, as image files do: every layout, encryption and decryption each cut at 16
+/// points spread over the run (O_DIRECT and buffered checksum schedules alternating),
+/// then resumed.
+#[test]
+fn walker_power_cut_on_a_device_of_partial_4096_byte_blocks_then_resume_restores_plaintext() {
+    let size = SIZE + 1536;
+    for (p, _, _) in placements().into_iter().skip(1) {
+        let n = total_ops_sized(p, None, Hash::Sha256, size, 4096);
+        for i in 0..16u64 {
+            let cut = n * i / 15 + i % 3;
+            let place = (p, 4096, i % 2 == 1);
+            crash_and_resume_sized(
+                place,
+                None,
+                Hash::Sha256,
+                size,
+                cut,
+                i * 0x9e37_79b9 + 3,
+                i + 70,
+            );
+        }
+        let n = total_decrypt_ops_sized(p, size, 4096);
+        for i in 0..16u64 {
+            let cut = n * i / 15 + i % 3;
+            let place = (p, 4096, i % 2 == 1);
+            decrypt_cut_and_resume_sized(place, size, cut, i * 0x2545_f491 + 7, i + 90);
+        }
     }
 }
 
@@ -426,13 +487,19 @@ fn walker_power_cut_during_the_first_header_write_leaves_a_way_on() {
 /// then `decrypt` is cut after `cut` operations; what the header file says then
 /// decides: in progress -> `resume` must finish it; no valid journal -> a fresh
 /// `decrypt` starts over. The device must end up holding the original plaintext.
-fn decrypt_cut_and_resume(
+fn decrypt_cut_and_resume(place: (Placement, usize, bool), cut: u64, fates: u64, seed: u64) {
+    decrypt_cut_and_resume_sized(place, SIZE, cut, fates, seed)
+}
+
+/// [`decrypt_cut_and_resume`] on a device of `size` bytes.
+fn decrypt_cut_and_resume_sized(
     (placement, unit, direct): (Placement, usize, bool),
+    size: usize,
     cut: u64,
     fates: u64,
     seed: u64,
 ) {
-    let orig = plaintext(seed);
+    let orig = plaintext_of(seed, size);
     let data = MemDisk::from_vec(orig.clone());
     let hdr = MemDisk::new(0);
     let o = opts(placement);
@@ -500,8 +567,8 @@ fn decrypt_cut_and_resume(
         }
     }
     let kept = match placement {
-        Placement::Detached { .. } => SIZE,
-        Placement::Shift { reduce } => SIZE - reduce as usize,
+        Placement::Detached { .. } => size,
+        Placement::Shift { reduce } => size - reduce as usize,
     };
     assert!(
         data.to_vec()[..kept] == orig[..kept],
@@ -510,7 +577,12 @@ fn decrypt_cut_and_resume(
 }
 
 fn total_decrypt_ops(placement: Placement) -> u64 {
-    let data = MemDisk::from_vec(plaintext(1));
+    total_decrypt_ops_sized(placement, SIZE, 512)
+}
+
+/// [`total_decrypt_ops`] on a device of `size` bytes writing `unit`s atomically.
+fn total_decrypt_ops_sized(placement: Placement, size: usize, unit: usize) -> u64 {
+    let data = MemDisk::from_vec(plaintext_of(1, size));
     let hdr = MemDisk::new(0);
     let o = opts(placement);
     let detached = matches!(placement, Placement::Detached { .. });
@@ -520,7 +592,7 @@ fn total_decrypt_ops(placement: Placement) -> u64 {
         luksify_walker::encrypt::<_, MemDisk>(&data, None, PASS, &o, &Control::default()).unwrap();
     }
     let dhdr = if detached { hdr } else { MemDisk::new(0) };
-    let pc = PowerCutDisk::new(data, 512);
+    let pc = PowerCutDisk::new(data, unit);
     let h = pc.sibling(dhdr);
     let dopts = DecryptOptions {
         checksum_hash: Hash::Sha256,

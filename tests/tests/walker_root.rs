@@ -1039,80 +1039,253 @@ fn root_walker_header_on_a_loop_device_over_the_data_is_refused() {
     }
 }
 
-/// A device that is not whole 4096-byte blocks (a loop device over an image of 32 MiB +
-/// 512 bytes, as a partition of an odd number of sectors): cryptsetup encrypts and walks
-/// it in 512-byte sectors, luksify in 4096-byte blocks. Resuming cryptsetup's run cut
-/// mid-way, and decrypting the finished volume, are refused before anything is written,
-/// naming the cryptsetup commands that can (decrypt used to stop half way: "failed to
-/// fill whole buffer"). (An image file would not show it: cryptsetup grows the file to
-/// whole 4096-byte blocks.)
+/// How many `call`s (`fdatasync`: luksify's flushes; `fsync`: cryptsetup's) a whole run
+/// of `cmd` makes.
+fn syncs_of_a_whole_run(cmd: &Command, call: &str, log: &Path) -> u64 {
+    let mut c = Command::new("strace");
+    c.args(["-f", "-qq", "-e", &format!("trace={call}"), "-o"])
+        .arg(log)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    run_ok(&mut c);
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("{call}(")))
+        .count() as u64
+}
+
+/// A device that is not whole 4096-byte blocks: a partition of an odd number of 512-byte
+/// sectors (fdisk's last partition, which ends at the disk's last usable sector, often
+/// is one), here a loop device of 24 MiB + 1.5 KiB. cryptsetup encrypts such devices in
+/// 512-byte sectors; luksify refused them ("not a non-zero multiple of 4096 bytes").
+/// Now, against cryptsetup on the same kind of device:
+/// - luksify's checksum run there keeps 512-byte checksums (`Hash data: 512`, so
+///   cryptsetup's recovery, which checks only whole checksum blocks, covers every byte);
+///   killed mid-walk and at each of its last syncs (the partial block in flight), it is
+///   finished by cryptsetup (`repair`, `reencrypt --resume-only`) or by luksify, and
+///   cryptsetup decrypts it to the original bytes;
+/// - cryptsetup's checksum and journal runs killed mid-walk and in their last hotzone
+///   are finished by luksify, and `luksify decrypt` gives back the original bytes;
+/// - luksify's journal, none and datashift runs decrypt to the original, and the
+///   ciphertext of each layout equals cryptsetup's given the same volume key.
 #[test]
-#[ignore = "needs root (loop devices)"]
-fn root_walker_device_not_whole_4096_byte_blocks_is_refused_before_writing() {
+#[ignore = "needs root and loop devices"]
+fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetup() {
     require_root();
     require_tool("cryptsetup");
     require_tool("strace");
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
-    let s = |n: &str| p(n).display().to_string();
-    let mut v = vec![0u8; (32 << 20) + 512];
-    fill_pattern(&mut v, 95);
-    std::fs::write(p("img"), &v).unwrap();
-    std::fs::write(p("key"), b"odd sized device").unwrap();
-    let lo = LoopDev::attach(&p("img"));
-    let dev = lo.path.display().to_string();
-    let (hdr, key) = (s("hdr"), s("key"));
-    let mut cs = Command::new("cryptsetup");
-    cs.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
-        .args([
-            "--header",
-            &hdr,
-            "--key-file",
-            &key,
-            "--resilience",
-            "checksum",
-        ])
-        .args(["--hotzone-size", "1M"])
-        .args(FAST)
-        .arg(&dev);
-    let cut = kill_at_fdatasync(&cs, 12);
-    assert!(!cut.status.success(), "cryptsetup's run was not cut");
-    let snapshot = || {
-        (
-            std::fs::read(p("img")).unwrap(),
-            std::fs::read(p("hdr")).unwrap(),
-        )
+    const SIZE: usize = (24 << 20) + 1536;
+    let setup = |seed: u64| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut orig = vec![0u8; SIZE];
+        fill_pattern(&mut orig, seed);
+        std::fs::write(dir.path().join("img"), &orig).unwrap();
+        std::fs::write(dir.path().join("key"), b"root test passphrase").unwrap();
+        (dir, orig)
     };
-    let before = snapshot();
-    let out = run(&mut luksify_detached("resume", &dev, &key, &hdr));
-    assert_refused_in_one_line(&out, "cryptsetup reencrypt --resume-only", "resume");
-    assert!(snapshot() == before, "resume wrote");
-    // decrypt of the interrupted run sends the user to cryptsetup too, not to the
-    // `luksify resume` that has just refused.
-    let out = run(&mut luksify_detached("decrypt", &dev, &key, &hdr));
-    assert_refused_in_one_line(&out, "cryptsetup reencrypt --resume-only", "decrypt");
-    assert!(snapshot() == before, "decrypt wrote");
-    run_ok(&mut cryptsetup_detached(&["repair"], &hdr, &key, &dev));
-    run_ok(&mut cryptsetup_detached(
-        &["reencrypt", "--resume-only"],
-        &hdr,
-        &key,
-        &dev,
-    ));
-    let before = snapshot();
-    let out = run(&mut luksify_detached("decrypt", &dev, &key, &hdr));
-    assert_refused_in_one_line(&out, "cryptsetup reencrypt --decrypt", "decrypt");
-    assert!(snapshot() == before, "decrypt wrote");
-    // And cryptsetup can, back to the original bytes.
-    run_ok(&mut cryptsetup_detached(
-        &["reencrypt", "--decrypt"],
-        &hdr,
-        &key,
-        &dev,
-    ));
-    drop(lo);
+    let s = |p: &Path| p.display().to_string();
+    let cs_encrypt = |dev: &str, hdr: &str, key: &str, res: &str| {
+        let mut c = Command::new("cryptsetup");
+        c.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
+            .args(["--header", hdr, "--key-file", key, "--resilience", res])
+            .args(["--hotzone-size", "1M", "--sector-size", "512"])
+            .args(FAST)
+            .arg(dev);
+        c
+    };
+    let lk_encrypt = |dev: &str, hdr: &str, key: &str, res: &str| {
+        let mut c = luksify_detached("encrypt", dev, key, hdr);
+        c.args(["--resilience", res]).args(FAST).args(SMALL);
+        c
+    };
+
+    // luksify's checksum run, killed and finished by either tool.
+    let total = {
+        let (dir, _) = setup(1);
+        let (img, key, hdr) = (
+            dir.path().join("img"),
+            dir.path().join("key"),
+            dir.path().join("hdr"),
+        );
+        let lo = LoopDev::attach(&img);
+        let n = syncs_of_a_whole_run(
+            &lk_encrypt(&s(&lo.path), &s(&hdr), &s(&key), "checksum"),
+            "fdatasync",
+            &dir.path().join("log"),
+        );
+        assert!(n > 12, "only {n} syncs in a whole run");
+        n
+    };
+    let mut mid_run = 0;
+    for (k, at) in [8, total - 3, total - 2, total - 1].into_iter().enumerate() {
+        let (dir, orig) = setup(10 + k as u64);
+        let img = dir.path().join("img");
+        let (key, hdr) = (s(&dir.path().join("key")), s(&dir.path().join("hdr")));
+        let lo = LoopDev::attach(&img);
+        let dev = s(&lo.path);
+        let what = format!("luksify checksum run killed at sync {at} of {total}");
+        kill_at_fdatasync(&lk_encrypt(&dev, &hdr, &key, "checksum"), at);
+        let dump = luks_dump(Path::new(&hdr));
+        if dump.contains("online-reencrypt") {
+            mid_run += 1;
+            assert!(
+                dump.contains("Hash data:  512 [bytes]"),
+                "{what}: want 512-byte checksums:\n{dump}"
+            );
+            if k % 2 == 0 {
+                run_ok(&mut cryptsetup_detached(&["repair"], &hdr, &key, &dev));
+                // Recovering a last hotzone may leave nothing to resume.
+                if luks_dump(Path::new(&hdr)).contains("online-reencrypt") {
+                    run_ok(&mut cryptsetup_detached(
+                        &["reencrypt", "--resume-only"],
+                        &hdr,
+                        &key,
+                        &dev,
+                    ));
+                }
+            } else {
+                run_ok(&mut luksify_detached("resume", &dev, &key, &hdr));
+            }
+        }
+        run_ok(&mut cryptsetup_detached(
+            &["reencrypt", "--decrypt"],
+            &hdr,
+            &key,
+            &dev,
+        ));
+        drop(lo);
+        assert!(
+            std::fs::read(&img).unwrap() == orig,
+            "{what}: plaintext differs"
+        );
+    }
     assert!(
-        std::fs::read(p("img")).unwrap() == v,
-        "not the original bytes"
+        mid_run >= 3,
+        "only {mid_run} of luksify's kills landed mid-walk"
     );
+
+    // cryptsetup's runs, killed and finished by luksify.
+    for res in ["checksum", "journal"] {
+        let total = {
+            let (dir, _) = setup(2);
+            let (img, key, hdr) = (
+                dir.path().join("img"),
+                dir.path().join("key"),
+                dir.path().join("hdr"),
+            );
+            let lo = LoopDev::attach(&img);
+            syncs_of_a_whole_run(
+                &cs_encrypt(&s(&lo.path), &s(&hdr), &s(&key), res),
+                "fsync",
+                &dir.path().join("log"),
+            )
+        };
+        let mut resumed = 0;
+        for (k, at) in [8, total - 3, total - 2].into_iter().enumerate() {
+            let (dir, orig) = setup(20 + k as u64);
+            let img = dir.path().join("img");
+            let (key, hdr) = (s(&dir.path().join("key")), s(&dir.path().join("hdr")));
+            let lo = LoopDev::attach(&img);
+            let dev = s(&lo.path);
+            let what = format!("cryptsetup {res} run killed at sync {at} of {total}");
+            run(&mut luksify_tests::strace_inject(
+                &format!("inject=fsync:signal=SIGKILL:when={at}"),
+                &cs_encrypt(&dev, &hdr, &key, res),
+            ));
+            if luks_dump(Path::new(&hdr)).contains("online-reencrypt") {
+                resumed += 1;
+                run_ok(&mut luksify_detached("resume", &dev, &key, &hdr));
+            }
+            let mut dec = luksify_detached("decrypt", &dev, &key, &hdr);
+            run_ok(dec.args(SMALL).stdout(Stdio::null()));
+            drop(lo);
+            assert!(
+                std::fs::read(&img).unwrap() == orig,
+                "{what}: plaintext differs"
+            );
+        }
+        assert!(
+            resumed >= 2,
+            "{res}: only {resumed} of cryptsetup's kills landed mid-walk"
+        );
+    }
+
+    // luksify's other layouts, and ciphertext equal to cryptsetup's.
+    let vk: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(29) ^ 0x3c).collect();
+    for res in ["checksum", "journal", "none", "datashift"] {
+        let (ours, orig) = setup(30);
+        let (theirs, _) = setup(30);
+        let mut out = Vec::new();
+        for (dir, by_luksify) in [(&ours, true), (&theirs, false)] {
+            let img = dir.path().join("img");
+            std::fs::write(dir.path().join("vk"), &vk).unwrap();
+            let (key, hdr) = (s(&dir.path().join("key")), s(&dir.path().join("hdr")));
+            let lo = LoopDev::attach(&img);
+            let dev = s(&lo.path);
+            let mut c = if by_luksify {
+                let mut c = Command::new(luksify_bin());
+                c.args(["encrypt", &dev, "--key-file", &key])
+                    .args(FAST)
+                    .args(SMALL);
+                c
+            } else {
+                let mut c = Command::new("cryptsetup");
+                c.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
+                    .args([
+                        "--key-file",
+                        &key,
+                        "--key-size",
+                        "512",
+                        "--sector-size",
+                        "512",
+                    ])
+                    .args(FAST)
+                    .arg(&dev);
+                c
+            };
+            c.arg("--volume-key-file").arg(dir.path().join("vk"));
+            if res == "datashift" {
+                c.args(["--reduce-device-size", "4M"]);
+            } else {
+                c.args(["--header", &hdr, "--resilience", res]);
+            }
+            run_ok(&mut c);
+            drop(lo);
+            out.push(std::fs::read(&img).unwrap());
+        }
+        let (data_at, data_len) = if res == "datashift" {
+            (2 << 20, SIZE - (4 << 20))
+        } else {
+            (0, SIZE)
+        };
+        assert!(
+            out[0].len() == SIZE && out[1].len() == SIZE,
+            "{res}: the device changed size"
+        );
+        assert!(
+            out[0][data_at..data_at + data_len] == out[1][data_at..data_at + data_len],
+            "{res}: ciphertext differs from cryptsetup's"
+        );
+        // And luksify decrypts its own volume back.
+        let img = ours.path().join("img");
+        let lo = LoopDev::attach(&img);
+        let (key, hdr) = (s(&ours.path().join("key")), s(&ours.path().join("hdr")));
+        let dhdr = if res == "datashift" {
+            s(&ours.path().join("moved-hdr"))
+        } else {
+            hdr
+        };
+        let mut dec = luksify_detached("decrypt", &s(&lo.path), &key, &dhdr);
+        if res != "datashift" {
+            dec.args(["--resilience", res]);
+        }
+        run_ok(dec.args(SMALL).stdout(Stdio::null()));
+        drop(lo);
+        let now = std::fs::read(&img).unwrap();
+        assert!(
+            now[..data_len] == orig[..data_len],
+            "{res}: luksify decrypt did not give back the original"
+        );
+    }
 }

@@ -841,7 +841,7 @@ fn encrypt_prepared(
         .unwrap_or_else(|| req.kdf.clone());
     let format = FormatOptions {
         kdf,
-        sector_size: encryption_sector_size(fs.min_io),
+        sector_size: encryption_sector_size(fs.min_io, fs.dev_size),
         ..Default::default()
     };
     let placement = match header {
@@ -891,12 +891,20 @@ fn encrypt_prepared(
 
 /// The largest encryption sector (<= 4096) the filesystem's own I/O unit allows: a
 /// 1 KiB-block ext4 under 4 KiB sectors would no longer mount (cryptsetup makes the
-/// same choice when it encrypts a device in place).
-pub fn encryption_sector_size(fs_min_io: Option<u32>) -> u32 {
-    match fs_min_io {
+/// same choice when it encrypts a device in place). On a device of `dev_size` bytes
+/// that is not whole sectors of that size (a partition of an odd number of 512-byte
+/// sectors) the last one could not be encrypted: 512 there, as cryptsetup reverts to.
+/// (The header in front takes whole MiB, so the data area ends as the device does.)
+pub fn encryption_sector_size(fs_min_io: Option<u32>, dev_size: u64) -> u32 {
+    let s = match fs_min_io {
         Some(n) if n >= 4096 => 4096,
         Some(n) if n >= 512 && n.is_power_of_two() => n,
         _ => 512,
+    };
+    if dev_size.is_multiple_of(u64::from(s)) {
+        s
+    } else {
+        512
     }
 }
 
@@ -2091,6 +2099,19 @@ fn open_data(dev: &Path, what: &str, hint: &str) -> Result<DataDevice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The filesystem's I/O unit sets the sector, unless the device does not end on a
+    /// whole one (fdisk's last partition often ends on an odd sector): then 512.
+    #[test]
+    fn encryption_sector_follows_the_filesystem_and_the_devices_end() {
+        let gib = 1u64 << 30;
+        assert_eq!(encryption_sector_size(Some(4096), gib), 4096);
+        assert_eq!(encryption_sector_size(Some(1024), gib), 1024);
+        assert_eq!(encryption_sector_size(None, gib), 512);
+        assert_eq!(encryption_sector_size(Some(4096), gib - 2081 * 512), 512);
+        assert_eq!(encryption_sector_size(Some(4096), gib + 2048), 512);
+        assert_eq!(encryption_sector_size(Some(1024), gib + 2048), 1024);
+    }
 
     #[test]
     fn stable_link_prefers_a_wwn_id_then_any_id_then_a_path() {

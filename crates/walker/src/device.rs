@@ -125,6 +125,12 @@ pub struct DataDevice {
     is_block: bool,
     /// Logical sector size (block devices), else 4096: see `Disk::write_unit`.
     write_unit: u64,
+    /// With O_DIRECT on a device whose size is not whole 4096-byte blocks (a partition
+    /// of an odd number of 512-byte sectors, an image file of such a size): the same
+    /// device opened through the page cache, for the bytes past the last whole block
+    /// (`tail_start`), which O_DIRECT's 4096-byte requests cannot reach. Its writes
+    /// are made durable by `flush` on `file` (the same inode: the same page cache).
+    tail: Option<File>,
     /// Held for as long as the device is open: see [`crate::lock`].
     _lock: crate::lock::DataLock,
 }
@@ -235,6 +241,18 @@ impl DataDevice {
             crate::lock::refuse_used_loop_devices(&file)?;
             (meta.len(), 4096, lock)
         };
+        let tail = (direct && !size.is_multiple_of(IO_ALIGN as u64))
+            .then(|| {
+                // Through /proc/self/fd: the very inode opened above, without O_EXCL
+                // (which a second open of a claimed block device would fail).
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(format!("/proc/self/fd/{fd}"))
+            })
+            .transpose()
+            .map_err(open_error)?;
         Ok(DataDevice {
             path: path.to_path_buf(),
             file,
@@ -242,8 +260,14 @@ impl DataDevice {
             size,
             is_block,
             write_unit,
+            tail,
             _lock: lock,
         })
+    }
+
+    /// Where the bytes only [`DataDevice::tail`] reaches begin.
+    fn tail_start(&self) -> u64 {
+        self.size / IO_ALIGN as u64 * IO_ALIGN as u64
     }
     pub fn is_block_device(&self) -> bool {
         self.is_block
@@ -255,29 +279,32 @@ impl Disk for DataDevice {
         self.direct
     }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
-            // Small unaligned metadata reads: bounce through an aligned buffer.
-            let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
-            let end = (off + buf.len() as u64).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
-            let mut b = AlignedBuf::new((end - a) as usize);
-            self.file.read_exact_at(&mut b, a)?;
-            let s = (off - a) as usize;
-            buf.copy_from_slice(&b[s..s + buf.len()]);
-            return Ok(());
+        if let Some(t) = &self.tail {
+            let cut = self.tail_start();
+            if off + buf.len() as u64 > cut {
+                let at = cut.saturating_sub(off).min(buf.len() as u64) as usize;
+                let (head, rest) = buf.split_at_mut(at);
+                if !head.is_empty() {
+                    self.read_direct(off, head)?;
+                }
+                return t.read_exact_at(rest, off + at as u64);
+            }
         }
-        self.file.read_exact_at(buf, off)
+        self.read_direct(off, buf)
     }
     fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
-        if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
-            let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
-            let end = (off + buf.len() as u64).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
-            let mut b = AlignedBuf::new((end - a) as usize);
-            self.file.read_exact_at(&mut b, a)?;
-            let s = (off - a) as usize;
-            b[s..s + buf.len()].copy_from_slice(buf);
-            return self.file.write_all_at(&b, a);
+        if let Some(t) = &self.tail {
+            let cut = self.tail_start();
+            if off + buf.len() as u64 > cut {
+                let at = cut.saturating_sub(off).min(buf.len() as u64) as usize;
+                let (head, rest) = buf.split_at(at);
+                if !head.is_empty() {
+                    self.write_direct(off, head)?;
+                }
+                return t.write_all_at(rest, off + at as u64);
+            }
         }
-        self.file.write_all_at(buf, off)
+        self.write_direct(off, buf)
     }
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -300,6 +327,36 @@ impl Disk for DataDevice {
             })
             .transpose()?;
         crate::lock::metadata_lock_for(&self.file, rdev, exclusive)
+    }
+}
+
+impl DataDevice {
+    /// A read below [`DataDevice::tail_start`] (or anywhere without O_DIRECT).
+    fn read_direct(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
+            // Small unaligned metadata reads: bounce through an aligned buffer.
+            let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
+            let end = (off + buf.len() as u64).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
+            let mut b = AlignedBuf::new((end - a) as usize);
+            self.file.read_exact_at(&mut b, a)?;
+            let s = (off - a) as usize;
+            buf.copy_from_slice(&b[s..s + buf.len()]);
+            return Ok(());
+        }
+        self.file.read_exact_at(buf, off)
+    }
+    /// A write below [`DataDevice::tail_start`] (or anywhere without O_DIRECT).
+    fn write_direct(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
+            let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
+            let end = (off + buf.len() as u64).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
+            let mut b = AlignedBuf::new((end - a) as usize);
+            self.file.read_exact_at(&mut b, a)?;
+            let s = (off - a) as usize;
+            b[s..s + buf.len()].copy_from_slice(buf);
+            return self.file.write_all_at(&b, a);
+        }
+        self.file.write_all_at(buf, off)
     }
 }
 

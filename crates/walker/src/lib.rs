@@ -297,12 +297,21 @@ fn detached_area(
 /// The checksums of a run luksify starts: `hash` over the unit a power cut may tear a
 /// data write at, or the encryption sector if larger (cryptsetup's choice: 512 bytes on
 /// most block devices, 4096 on files).
-fn new_sums(data_write_unit: u64, sector_size: u32, hash: Hash) -> Sums {
+///
+/// A data area that is not whole blocks of that size (a partition of an odd number of
+/// 512-byte sectors) gets 512-byte checksums, so that every byte of its last hotzone
+/// is covered: cryptsetup's recovery checks only the whole blocks of a hotzone.
+fn new_sums(data_write_unit: u64, sector_size: u32, hash: Hash, data_len: u64) -> Sums {
+    let block = data_write_unit
+        .max(u64::from(sector_size))
+        .clamp(512, CHECKSUM_BLOCK as u64);
     Sums {
         hash,
-        block: data_write_unit
-            .max(u64::from(sector_size))
-            .clamp(512, CHECKSUM_BLOCK as u64) as usize,
+        block: if data_len.is_multiple_of(block) {
+            block
+        } else {
+            512
+        } as usize,
     }
 }
 
@@ -697,6 +706,18 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
     )))
 }
 
+/// A data area of `len` bytes that does not end on a whole `sector` cannot be
+/// encrypted in sectors of that size (cryptsetup refuses such an explicit
+/// `--sector-size` the same way, and picks 512 on its own).
+fn refuse_partial_sector(len: u64, sector: u64) -> Result<()> {
+    if len.is_multiple_of(sector) {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "the data area ({len} bytes) is not a whole number of {sector}-byte sectors: use --sector-size 512 (nothing was written)"
+    )))
+}
+
 /// Encrypts `data` in place. `meta` is the detached header store (`None` for
 /// [`Placement::Shift`], where the header lives on `data`). Every check runs
 /// before the first write; on refusal nothing has been written.
@@ -710,9 +731,10 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let dev_size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
-    if dev_size == 0 || dev_size % CHECKSUM_BLOCK as u64 != 0 {
+    if dev_size == 0 || !dev_size.is_multiple_of(512) {
         return Err(Error::Refused(format!(
-            "device size {dev_size} is not a non-zero multiple of 4096 bytes"
+            "the device's size, {dev_size} bytes, is not a whole number of 512-byte sectors: a block device always is; give an image file a size that is (e.g. `truncate -s {}`) (nothing was written)",
+            dev_size.div_ceil(512) * 512
         )));
     }
     let placement = opts.placement.with_offset(opts.format.data_offset)?;
@@ -776,6 +798,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                     "data offset {off} must be a multiple of the {sector}-byte sector and leave data on the {dev_size}-byte device"
                 )));
             }
+            refuse_partial_sector(dev_size - off, sector)?;
             fmt.data_offset = Some(off);
             (None, resilience)
         }
@@ -797,6 +820,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 )));
             }
             let data_size = dev_size - reduce;
+            refuse_partial_sector(data_size, sector)?;
             // The header (both metadata copies and the smallest keyslots area) must fit
             // in front; a larger keyslots area asked for is decreased to what is left, as
             // cryptsetup does.
@@ -872,10 +896,15 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             (l, ReencryptDirection::Backward, area)
         }
         None => {
-            let sums = new_sums(data.write_unit(), fmt.sector_size, opts.checksum_hash);
+            let off = fmt.data_offset.unwrap_or(0);
+            let sums = new_sums(
+                data.write_unit(),
+                fmt.sector_size,
+                opts.checksum_hash,
+                dev_size - off,
+            );
             let area = detached_area(&hdr, res, sums, ks_end, room)
                 .ok_or(Error::Internal("datashift with a detached header"))?;
-            let off = fmt.data_offset.unwrap_or(0);
             let l = EncryptLayout {
                 mode: ReencryptMode::Encrypt,
                 data_offset: off,
@@ -1282,15 +1311,6 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 "{run} run with resilience `none` is in progress on this volume: `luksify resume` finishes it if it was stopped cleanly (Ctrl-C), and names the byte range to restore from a backup if it was killed (nothing was written)"
             )));
         }
-        let size = data
-            .size()
-            .map_err(|e| Error::io("size of the device", e))?;
-        if size % CHECKSUM_BLOCK as u64 != 0 {
-            return Err(Error::Refused(format!(
-                "{run} run is in progress on this volume, and {}",
-                cryptsetup_finishes(size)
-            )));
-        }
         return Err(Error::Refused(format!(
             "{run} run is in progress on this volume: finish it with `luksify resume` first (nothing was written)"
         )));
@@ -1318,10 +1338,11 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             "device of {dev_size} bytes ends before the data offset {off}: wrong device?"
         )));
     }
-    if (dev_size - off) % CHECKSUM_BLOCK as u64 != 0 {
+    if !(dev_size - off).is_multiple_of(u64::from(seg.sector_size)) {
         return Err(Error::Refused(format!(
-            "the data area ({} bytes from offset {off} to the device's end) is not a whole number of 4096-byte blocks, the unit luksify walks in; decrypt this volume with `cryptsetup reencrypt --decrypt` (nothing was written)",
-            dev_size - off
+            "the data area ({} bytes from offset {off} to the device's end) is not a whole number of the volume's {}-byte sectors: wrong device, or one that changed size? (nothing was written)",
+            dev_size - off,
+            seg.sector_size
         )));
     }
     // Until the walk starts the keyslot areas are read where they are now.
@@ -1352,7 +1373,12 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             shift_size: off,
         }
     } else {
-        let sums = new_sums(data.write_unit(), seg.sector_size, opts.checksum_hash);
+        let sums = new_sums(
+            data.write_unit(),
+            seg.sector_size,
+            opts.checksum_hash,
+            dev_size - off,
+        );
         detached_area(&hdr, opts.resilience, sums, ks_end, room).ok_or_else(|| {
             Error::Refused(
                 "a detached header's data stays in place: use resilience checksum, journal or none"
@@ -1471,15 +1497,6 @@ fn no_header_to_resume(
 
 /// Continues an interrupted encryption or decryption (ours or cryptsetup's). `meta` is the
 /// detached header, or `None` when the header is on `data`.
-/// Why luksify cannot walk a run cryptsetup started on a device of `dev_size` bytes (not
-/// whole 4096-byte blocks; cryptsetup walks such devices in 512-byte sectors), and how to
-/// finish it instead.
-fn cryptsetup_finishes(dev_size: u64) -> String {
-    format!(
-        "the device's {dev_size} bytes are not a whole number of 4096-byte blocks, the unit luksify walks in; finish this run with cryptsetup (`cryptsetup repair`, then `cryptsetup reencrypt --resume-only`; nothing was written)"
-    )
-}
-
 pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     data: &D,
     meta: Option<&H>,
@@ -1521,14 +1538,6 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         return Err(Error::Refused(
             "a decryption keeps its journal in a detached header: pass --header FILE".into(),
         ));
-    }
-    // A run cryptsetup started on a device that is not whole 4096-byte blocks (it walks
-    // in 512-byte sectors) would stop at the last partial block, half done.
-    let dev_size = data
-        .size()
-        .map_err(|e| Error::io("size of the device", e))?;
-    if dev_size % CHECKSUM_BLOCK as u64 != 0 {
-        return Err(Error::Refused(cryptsetup_finishes(dev_size)));
     }
     // Unlock with any passphrase keyslot whose key matches the new segment's digest.
     let mut vk = None;
@@ -1590,7 +1599,21 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use super::chunk_for;
+    use super::{chunk_for, new_sums, Hash};
+
+    /// The checksum block is the device's write unit (or the sector), unless the data
+    /// area does not end on a whole one: then 512, which every such area is made of.
+    #[test]
+    fn checksum_blocks_cover_a_data_area_of_partial_blocks() {
+        let mib = 1u64 << 20;
+        let block = |unit, sector, len| new_sums(unit, sector, Hash::Sha256, len).block;
+        assert_eq!(block(4096, 512, 64 * mib), 4096);
+        assert_eq!(block(512, 512, 64 * mib), 512);
+        assert_eq!(block(512, 4096, 64 * mib), 4096);
+        assert_eq!(block(4096, 512, 64 * mib + 512), 512);
+        assert_eq!(block(4096, 512, 64 * mib + 3584), 512);
+        assert_eq!(block(512, 512, 64 * mib + 512), 512);
+    }
 
     #[test]
     fn chunks_are_a_quarter_hotzone_at_most_as_a_power_of_two() {
