@@ -190,6 +190,18 @@ fn detached_resume(c: &Case) -> Command {
     ])
 }
 
+/// `luksify decrypt` of `c`'s image with its detached header.
+fn detached_decrypt(c: &Case) -> Command {
+    luksify(&[
+        "decrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &c.hdr(),
+    ])
+}
+
 /// [`detached_encrypt_hz`] with [`SMALL`]'s hotzones.
 fn detached_encrypt(c: &Case) -> Command {
     detached_encrypt_hz(c, SMALL[3])
@@ -278,14 +290,7 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
 
     // Decryption: the copy is of the ciphertext, taken before the decryption.
     std::fs::copy(c.p("img"), c.p("clone")).unwrap();
-    let mut dec = luksify(&[
-        "decrypt",
-        &c.img(),
-        "--key-file",
-        &c.key(),
-        "--header",
-        &c.hdr(),
-    ]);
+    let mut dec = detached_decrypt(&c);
     dec.args(SMALL);
     killed_then_refused(&dec, "decrypt");
     run_ok(&mut detached_resume(&c));
@@ -392,14 +397,7 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
         ]));
         assert!(!rep.status.success(), "cryptsetup recovered a none hotzone");
         // decrypt does not send the user back to resume for a killed `none` run.
-        let out = run(&mut luksify(&[
-            "decrypt",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ]));
+        let out = run(&mut detached_decrypt(&c));
         assert_refused_in_one_line(&out, "names the byte range to restore", "decrypt");
         assert_file_is(&c.p("img"), &img0, "the image was written");
         assert_file_is(&c.p("hdr"), &hdr0, "the header was written");
@@ -468,14 +466,7 @@ fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt
         assert!(!c.p("other.hdr").exists(), "{what}: a header file was left");
     }
     run_ok(&mut luksify(&args));
-    run_ok(&mut luksify(&[
-        "decrypt",
-        &img,
-        "--key-file",
-        &key,
-        "--header",
-        &c.hdr(),
-    ]));
+    run_ok(&mut detached_decrypt(&c));
     let back = std::fs::read(c.p("img")).unwrap();
     let fs = 40 << 20;
     assert!(same(&back[..fs], &orig[..fs]), "filesystem bytes differ");
@@ -1913,14 +1904,7 @@ fn walker_key_file_is_read_as_cryptsetup_reads_it() {
     ]));
     assert_refused_in_one_line(&out, "is empty", "decrypt with /dev/null");
     assert_file_is(&c.p("hdr"), &hdr0, "decrypt with /dev/null: header changed");
-    run_ok(&mut luksify(&[
-        "decrypt",
-        &img,
-        "--key-file",
-        &c.key(),
-        "--header",
-        &hdr,
-    ]));
+    run_ok(&mut detached_decrypt(&c));
     assert_file_is(&c.p("img"), &orig, "plaintext differs");
 }
 
@@ -1985,14 +1969,7 @@ fn walker_image_file_of_partial_4096_byte_blocks_is_walked_to_its_last_byte() {
             "{what}: the image changed size"
         );
         if k % 2 == 0 {
-            run_ok(&mut luksify(&[
-                "decrypt",
-                &c.img(),
-                "--key-file",
-                &c.key(),
-                "--header",
-                &c.hdr(),
-            ]));
+            run_ok(&mut detached_decrypt(&c));
             assert_file_is(&c.p("img"), &orig, &what);
         } else {
             // cryptsetup's decryption grows the file to whole 4096-byte blocks (zeros).

@@ -1076,59 +1076,90 @@ fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetu
     require_tool("cryptsetup");
     require_tool("strace");
     const SIZE: usize = (24 << 20) + 1536;
-    let setup = |seed: u64| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut orig = vec![0u8; SIZE];
-        fill_pattern(&mut orig, seed);
-        std::fs::write(dir.path().join("img"), &orig).unwrap();
-        std::fs::write(dir.path().join("key"), b"root test passphrase").unwrap();
-        (dir, orig)
-    };
-    let s = |p: &Path| p.display().to_string();
-    let cs_encrypt = |dev: &str, hdr: &str, key: &str, res: &str| {
-        let mut c = Command::new("cryptsetup");
-        c.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
-            .args(["--header", hdr, "--key-file", key, "--resilience", res])
-            .args(["--hotzone-size", "1M", "--sector-size", "512"])
-            .args(FAST)
-            .arg(dev);
-        c
-    };
-    let lk_encrypt = |dev: &str, hdr: &str, key: &str, res: &str| {
-        let mut c = luksify_detached("encrypt", dev, key, hdr);
-        c.args(["--resilience", res]).args(FAST).args(SMALL);
-        c
+    /// A loop device over a fresh image of `SIZE` bytes of a pattern, and a key file.
+    struct Odd {
+        dir: tempfile::TempDir,
+        orig: Vec<u8>,
+        lo: Option<LoopDev>,
+        dev: String,
+        key: String,
+        hdr: String,
+    }
+    impl Odd {
+        fn new(seed: u64) -> Odd {
+            let dir = tempfile::tempdir().unwrap();
+            let mut orig = vec![0u8; SIZE];
+            fill_pattern(&mut orig, seed);
+            std::fs::write(dir.path().join("img"), &orig).unwrap();
+            std::fs::write(dir.path().join("key"), b"root test passphrase").unwrap();
+            std::fs::write(dir.path().join("vk"), VK).unwrap();
+            let lo = LoopDev::attach(&dir.path().join("img"));
+            let s = |n: &str| dir.path().join(n).display().to_string();
+            Odd {
+                dev: lo.path.display().to_string(),
+                key: s("key"),
+                hdr: s("hdr"),
+                lo: Some(lo),
+                orig,
+                dir,
+            }
+        }
+        /// `cryptsetup reencrypt --encrypt` into the detached header, 1 MiB hotzones.
+        fn cs_encrypt(&self, res: &str) -> Command {
+            let mut c = Command::new("cryptsetup");
+            c.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
+                .args(["--header", &self.hdr, "--key-file", &self.key])
+                .args(["--resilience", res, "--hotzone-size", "1M"])
+                .args(["--sector-size", "512"])
+                .args(FAST)
+                .arg(&self.dev);
+            c
+        }
+        /// `luksify encrypt` into the detached header, 1 MiB hotzones.
+        fn lk_encrypt(&self, res: &str) -> Command {
+            let mut c = luksify_detached("encrypt", &self.dev, &self.key, &self.hdr);
+            c.args(["--resilience", res]).args(FAST).args(SMALL);
+            c
+        }
+        fn mid_run(&self) -> bool {
+            luks_dump(Path::new(&self.hdr)).contains("online-reencrypt")
+        }
+        /// The image's bytes, once its loop device is detached.
+        fn detach_and_read(&mut self) -> Vec<u8> {
+            self.lo.take();
+            std::fs::read(self.dir.path().join("img")).unwrap()
+        }
+    }
+    const VK: [u8; 64] = {
+        let mut v = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            v[i] = (i as u8).wrapping_mul(29) ^ 0x3c;
+            i += 1;
+        }
+        v
     };
 
     // luksify's checksum run, killed and finished by either tool.
     let total = {
-        let (dir, _) = setup(1);
-        let (img, key, hdr) = (
-            dir.path().join("img"),
-            dir.path().join("key"),
-            dir.path().join("hdr"),
-        );
-        let lo = LoopDev::attach(&img);
+        let o = Odd::new(1);
         let n = syncs_of_a_whole_run(
-            &lk_encrypt(&s(&lo.path), &s(&hdr), &s(&key), "checksum"),
+            &o.lk_encrypt("checksum"),
             "fdatasync",
-            &dir.path().join("log"),
+            &o.dir.path().join("log"),
         );
         assert!(n > 12, "only {n} syncs in a whole run");
         n
     };
     let mut mid_run = 0;
     for (k, at) in [8, total - 3, total - 2, total - 1].into_iter().enumerate() {
-        let (dir, orig) = setup(10 + k as u64);
-        let img = dir.path().join("img");
-        let (key, hdr) = (s(&dir.path().join("key")), s(&dir.path().join("hdr")));
-        let lo = LoopDev::attach(&img);
-        let dev = s(&lo.path);
+        let mut o = Odd::new(10 + k as u64);
+        let (dev, key, hdr) = (o.dev.clone(), o.key.clone(), o.hdr.clone());
         let what = format!("luksify checksum run killed at sync {at} of {total}");
-        kill_at_fdatasync(&lk_encrypt(&dev, &hdr, &key, "checksum"), at);
-        let dump = luks_dump(Path::new(&hdr));
-        if dump.contains("online-reencrypt") {
+        kill_at_fdatasync(&o.lk_encrypt("checksum"), at);
+        if o.mid_run() {
             mid_run += 1;
+            let dump = luks_dump(Path::new(&hdr));
             assert!(
                 dump.contains("Hash data:  512 [bytes]"),
                 "{what}: want 512-byte checksums:\n{dump}"
@@ -1136,7 +1167,7 @@ fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetu
             if k % 2 == 0 {
                 run_ok(&mut cryptsetup_detached(&["repair"], &hdr, &key, &dev));
                 // Recovering a last hotzone may leave nothing to resume.
-                if luks_dump(Path::new(&hdr)).contains("online-reencrypt") {
+                if o.mid_run() {
                     run_ok(&mut cryptsetup_detached(
                         &["reencrypt", "--resume-only"],
                         &hdr,
@@ -1154,11 +1185,7 @@ fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetu
             &key,
             &dev,
         ));
-        drop(lo);
-        assert!(
-            std::fs::read(&img).unwrap() == orig,
-            "{what}: plaintext differs"
-        );
+        assert!(o.detach_and_read() == o.orig, "{what}: plaintext differs");
     }
     assert!(
         mid_run >= 3,
@@ -1168,42 +1195,24 @@ fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetu
     // cryptsetup's runs, killed and finished by luksify.
     for res in ["checksum", "journal"] {
         let total = {
-            let (dir, _) = setup(2);
-            let (img, key, hdr) = (
-                dir.path().join("img"),
-                dir.path().join("key"),
-                dir.path().join("hdr"),
-            );
-            let lo = LoopDev::attach(&img);
-            syncs_of_a_whole_run(
-                &cs_encrypt(&s(&lo.path), &s(&hdr), &s(&key), res),
-                "fsync",
-                &dir.path().join("log"),
-            )
+            let o = Odd::new(2);
+            syncs_of_a_whole_run(&o.cs_encrypt(res), "fsync", &o.dir.path().join("log"))
         };
         let mut resumed = 0;
         for (k, at) in [8, total - 3, total - 2].into_iter().enumerate() {
-            let (dir, orig) = setup(20 + k as u64);
-            let img = dir.path().join("img");
-            let (key, hdr) = (s(&dir.path().join("key")), s(&dir.path().join("hdr")));
-            let lo = LoopDev::attach(&img);
-            let dev = s(&lo.path);
+            let mut o = Odd::new(20 + k as u64);
             let what = format!("cryptsetup {res} run killed at sync {at} of {total}");
             run(&mut luksify_tests::strace_inject(
                 &format!("inject=fsync:signal=SIGKILL:when={at}"),
-                &cs_encrypt(&dev, &hdr, &key, res),
+                &o.cs_encrypt(res),
             ));
-            if luks_dump(Path::new(&hdr)).contains("online-reencrypt") {
+            if o.mid_run() {
                 resumed += 1;
-                run_ok(&mut luksify_detached("resume", &dev, &key, &hdr));
+                run_ok(&mut luksify_detached("resume", &o.dev, &o.key, &o.hdr));
             }
-            let mut dec = luksify_detached("decrypt", &dev, &key, &hdr);
+            let mut dec = luksify_detached("decrypt", &o.dev, &o.key, &o.hdr);
             run_ok(dec.args(SMALL).stdout(Stdio::null()));
-            drop(lo);
-            assert!(
-                std::fs::read(&img).unwrap() == orig,
-                "{what}: plaintext differs"
-            );
+            assert!(o.detach_and_read() == o.orig, "{what}: plaintext differs");
         }
         assert!(
             resumed >= 2,
@@ -1212,79 +1221,65 @@ fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetu
     }
 
     // luksify's other layouts, and ciphertext equal to cryptsetup's.
-    let vk: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(29) ^ 0x3c).collect();
     for res in ["checksum", "journal", "none", "datashift"] {
-        let (ours, orig) = setup(30);
-        let (theirs, _) = setup(30);
-        let mut out = Vec::new();
-        for (dir, by_luksify) in [(&ours, true), (&theirs, false)] {
-            let img = dir.path().join("img");
-            std::fs::write(dir.path().join("vk"), &vk).unwrap();
-            let (key, hdr) = (s(&dir.path().join("key")), s(&dir.path().join("hdr")));
-            let lo = LoopDev::attach(&img);
-            let dev = s(&lo.path);
+        let mut ours = Odd::new(30);
+        let mut theirs = Odd::new(30);
+        for (o, by_luksify) in [(&ours, true), (&theirs, false)] {
             let mut c = if by_luksify {
                 let mut c = Command::new(luksify_bin());
-                c.args(["encrypt", &dev, "--key-file", &key])
+                c.args(["encrypt", &o.dev, "--key-file", &o.key])
                     .args(FAST)
                     .args(SMALL);
                 c
             } else {
                 let mut c = Command::new("cryptsetup");
                 c.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
-                    .args([
-                        "--key-file",
-                        &key,
-                        "--key-size",
-                        "512",
-                        "--sector-size",
-                        "512",
-                    ])
+                    .args(["--key-file", &o.key, "--key-size", "512"])
+                    .args(["--sector-size", "512"])
                     .args(FAST)
-                    .arg(&dev);
+                    .arg(&o.dev);
                 c
             };
-            c.arg("--volume-key-file").arg(dir.path().join("vk"));
+            c.arg("--volume-key-file").arg(o.dir.path().join("vk"));
             if res == "datashift" {
                 c.args(["--reduce-device-size", "4M"]);
             } else {
-                c.args(["--header", &hdr, "--resilience", res]);
+                c.args(["--header", &o.hdr, "--resilience", res]);
             }
             run_ok(&mut c);
-            drop(lo);
-            out.push(std::fs::read(&img).unwrap());
         }
         let (data_at, data_len) = if res == "datashift" {
             (2 << 20, SIZE - (4 << 20))
         } else {
             (0, SIZE)
         };
+        let theirs_now = theirs.detach_and_read();
+        let ours_now = ours.detach_and_read();
         assert!(
-            out[0].len() == SIZE && out[1].len() == SIZE,
+            ours_now.len() == SIZE && theirs_now.len() == SIZE,
             "{res}: the device changed size"
         );
+        let data = data_at..data_at + data_len;
         assert!(
-            out[0][data_at..data_at + data_len] == out[1][data_at..data_at + data_len],
+            ours_now[data.clone()] == theirs_now[data],
             "{res}: ciphertext differs from cryptsetup's"
         );
         // And luksify decrypts its own volume back.
-        let img = ours.path().join("img");
-        let lo = LoopDev::attach(&img);
-        let (key, hdr) = (s(&ours.path().join("key")), s(&ours.path().join("hdr")));
+        let lo = LoopDev::attach(&ours.dir.path().join("img"));
         let dhdr = if res == "datashift" {
-            s(&ours.path().join("moved-hdr"))
+            ours.dir.path().join("moved-hdr").display().to_string()
         } else {
-            hdr
+            ours.hdr.clone()
         };
-        let mut dec = luksify_detached("decrypt", &s(&lo.path), &key, &dhdr);
+        let mut dec = luksify_detached("decrypt", &lo.path.display().to_string(), &ours.key, &dhdr);
         if res != "datashift" {
             dec.args(["--resilience", res]);
         }
         run_ok(dec.args(SMALL).stdout(Stdio::null()));
         drop(lo);
-        let now = std::fs::read(&img).unwrap();
+        let now = std::fs::read(ours.dir.path().join("img")).unwrap();
         assert!(
-            now[..data_len] == orig[..data_len],
+            now[..data_len] == ours.orig[..data_len],
             "{res}: luksify decrypt did not give back the original"
         );
     }

@@ -128,7 +128,7 @@ pub struct DataDevice {
     /// With O_DIRECT on a device whose size is not whole 4096-byte blocks (a partition
     /// of an odd number of 512-byte sectors, an image file of such a size): the same
     /// device opened through the page cache, for the bytes past the last whole block
-    /// (`tail_start`), which O_DIRECT's 4096-byte requests cannot reach. Its writes
+    /// which O_DIRECT's 4096-byte requests cannot reach. Its writes
     /// are made durable by `flush` on `file` (the same inode: the same page cache).
     tail: Option<File>,
     /// Held for as long as the device is open: see [`crate::lock`].
@@ -265,9 +265,13 @@ impl DataDevice {
         })
     }
 
-    /// Where the bytes only [`DataDevice::tail`] reaches begin.
-    fn tail_start(&self) -> u64 {
-        self.size / IO_ALIGN as u64 * IO_ALIGN as u64
+    /// A request of `len` bytes at `off` that reaches past the last whole 4096-byte
+    /// block, where only [`DataDevice::tail`] can go: how many of its bytes come
+    /// before that point, and the tail's descriptor. None: it stays below.
+    fn tail_split(&self, off: u64, len: usize) -> Option<(usize, &File)> {
+        let t = self.tail.as_ref()?;
+        let cut = self.size / IO_ALIGN as u64 * IO_ALIGN as u64;
+        (off + len as u64 > cut).then(|| (cut.saturating_sub(off).min(len as u64) as usize, t))
     }
     pub fn is_block_device(&self) -> bool {
         self.is_block
@@ -279,30 +283,18 @@ impl Disk for DataDevice {
         self.direct
     }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        if let Some(t) = &self.tail {
-            let cut = self.tail_start();
-            if off + buf.len() as u64 > cut {
-                let at = cut.saturating_sub(off).min(buf.len() as u64) as usize;
-                let (head, rest) = buf.split_at_mut(at);
-                if !head.is_empty() {
-                    self.read_direct(off, head)?;
-                }
-                return t.read_exact_at(rest, off + at as u64);
-            }
+        if let Some((at, t)) = self.tail_split(off, buf.len()) {
+            let (head, rest) = buf.split_at_mut(at);
+            self.read_direct(off, head)?;
+            return t.read_exact_at(rest, off + at as u64);
         }
         self.read_direct(off, buf)
     }
     fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
-        if let Some(t) = &self.tail {
-            let cut = self.tail_start();
-            if off + buf.len() as u64 > cut {
-                let at = cut.saturating_sub(off).min(buf.len() as u64) as usize;
-                let (head, rest) = buf.split_at(at);
-                if !head.is_empty() {
-                    self.write_direct(off, head)?;
-                }
-                return t.write_all_at(rest, off + at as u64);
-            }
+        if let Some((at, t)) = self.tail_split(off, buf.len()) {
+            let (head, rest) = buf.split_at(at);
+            self.write_direct(off, head)?;
+            return t.write_all_at(rest, off + at as u64);
         }
         self.write_direct(off, buf)
     }
@@ -331,8 +323,11 @@ impl Disk for DataDevice {
 }
 
 impl DataDevice {
-    /// A read below [`DataDevice::tail_start`] (or anywhere without O_DIRECT).
+    /// A read below the last whole 4096-byte block (or anywhere without O_DIRECT).
     fn read_direct(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
             // Small unaligned metadata reads: bounce through an aligned buffer.
             let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
@@ -345,8 +340,11 @@ impl DataDevice {
         }
         self.file.read_exact_at(buf, off)
     }
-    /// A write below [`DataDevice::tail_start`] (or anywhere without O_DIRECT).
+    /// A write below the last whole 4096-byte block (or anywhere without O_DIRECT).
     fn write_direct(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
             let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
             let end = (off + buf.len() as u64).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
