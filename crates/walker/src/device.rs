@@ -330,10 +330,7 @@ impl DataDevice {
         }
         if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
             // Small unaligned metadata reads: bounce through an aligned buffer.
-            let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
-            let end = (off + buf.len() as u64).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
-            let mut b = AlignedBuf::new((end - a) as usize);
-            self.file.read_exact_at(&mut b, a)?;
+            let (b, a) = self.aligned_around(off, buf.len())?;
             let s = (off - a) as usize;
             buf.copy_from_slice(&b[s..s + buf.len()]);
             return Ok(());
@@ -346,15 +343,21 @@ impl DataDevice {
             return Ok(());
         }
         if self.direct && !aligned(off, buf.as_ptr(), buf.len()) {
-            let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
-            let end = (off + buf.len() as u64).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
-            let mut b = AlignedBuf::new((end - a) as usize);
-            self.file.read_exact_at(&mut b, a)?;
+            let (mut b, a) = self.aligned_around(off, buf.len())?;
             let s = (off - a) as usize;
             b[s..s + buf.len()].copy_from_slice(buf);
             return self.file.write_all_at(&b, a);
         }
         self.file.write_all_at(buf, off)
+    }
+    /// The whole 4096-byte blocks around `len` bytes at `off`, read with O_DIRECT,
+    /// and where they start.
+    fn aligned_around(&self, off: u64, len: usize) -> io::Result<(AlignedBuf, u64)> {
+        let a = off / IO_ALIGN as u64 * IO_ALIGN as u64;
+        let end = (off + len as u64).div_ceil(IO_ALIGN as u64) * IO_ALIGN as u64;
+        let mut b = AlignedBuf::new((end - a) as usize);
+        self.file.read_exact_at(&mut b, a)?;
+        Ok((b, a))
     }
 }
 
