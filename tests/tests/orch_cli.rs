@@ -2171,6 +2171,33 @@ fn root_orch_enable_refuses_a_full_volume_and_a_header_dir_on_it() {
     );
     assert!(mount_fields(&fx.mnt).is_some(), "left unmounted");
     std::fs::remove_dir(&hdr_dir).unwrap();
+    // A header directory without room for the header (an 8 MiB tmpfs; the header takes
+    // 16 MiB): refused before the volume is unmounted. (It used to unmount it,
+    // fail with "No space left on device" in the header's first write and leave it
+    // offline, with a status that blocked every later command.)
+    let tiny = fx.dir.path().join("tiny");
+    std::fs::create_dir(&tiny).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(&tiny),
+    );
+    let out = run(fx.enable_cmd().arg("--header-dir").arg(&tiny));
+    let _ = run(Command::new("umount").arg(&tiny));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("--header-dir {} has 8 MiB free", tiny.display()))
+            && stderr(&out).contains("needs 16 MiB"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(mount_fields(&fx.mnt).is_some(), "left unmounted");
+    assert!(
+        read_status(&fx.state)["volumes"]
+            .as_array()
+            .is_none_or(|v| v.is_empty()),
+        "a refused run wrote its volume into the status file"
+    );
     // The key file on the volume: unreadable while it is offline, so a killed run could
     // not be resumed at boot.
     let key_on = fx.mnt.join("key");

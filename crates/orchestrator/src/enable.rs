@@ -561,6 +561,8 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     if let Some(d) = &req.header_dir {
         if let Some(b) = header_dir_on_a_volume(d, &plans) {
             blockers.push(b);
+        } else if let Some(b) = header_dir_without_room(d, plans.len()) {
+            blockers.push(b);
         }
     }
     blockers.extend(key_file_on_a_volume(&req.key_file, &plans));
@@ -714,23 +716,27 @@ fn enable_one(
         }
         unmount_nested(&p.device, &nested, FIX_ENABLE)?;
         unmount_all(&p.device, dev, FIX_ENABLE)?;
-        prepare_fs(&p.device, p.header.as_deref(), &fs)
+        prepare_fs(&p.device, p.header.as_deref(), &fs)?;
+        p.header.as_deref().map(create_header).transpose()
     })();
-    if let Err(e) = prepared {
-        return Err(put_back(
-            sw,
-            idx,
-            e,
-            &p.device,
-            VolumeState::NotEncrypted,
-            "encrypted",
-        ));
-    }
+    let header_file = match prepared {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(put_back(
+                sw,
+                idx,
+                e,
+                &p.device,
+                VolumeState::NotEncrypted,
+                "encrypted",
+            ))
+        }
+    };
     encrypt_prepared(
         req,
         passphrase,
         &p.device,
-        p.header.as_deref(),
+        p.header.as_deref().zip(header_file),
         &fs,
         sw,
         idx,
@@ -765,6 +771,64 @@ fn put_back(
     };
     sw.status.volumes[idx].state = state;
     Failure::new(e.code, format!("{}{tail}", e.message))
+}
+
+/// The size of the detached header `enable` writes: both metadata copies and the
+/// keyslots area at the default format (16 MiB).
+fn header_bytes() -> u64 {
+    FormatOptions::default().header_size().unwrap_or(16 << 20)
+}
+
+/// Creates the detached header file and reserves its whole size before the walker
+/// writes anything, so that a header directory without room is found while the volume
+/// is still plain (its caller mounts it again), not as "no space" half way through the
+/// header's first write.
+fn create_header(h: &Path) -> Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(h)
+        .map_err(|e| {
+            Failure::failed(format!(
+                "cannot create the header file {} ({e})",
+                h.display()
+            ))
+        })?;
+    let size = header_bytes();
+    let want = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
+    // SAFETY: posix_fallocate on a valid open descriptor; no memory is passed.
+    let r = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, want) };
+    if r != 0 {
+        drop(f);
+        let _ = std::fs::remove_file(h);
+        return Err(Failure::failed(format!(
+            "cannot reserve {} MiB for the header file {} ({}); fix: free space there, or pick another --header-dir",
+            size.div_ceil(1 << 20),
+            h.display(),
+            std::io::Error::from_raw_os_error(r)
+        )));
+    }
+    Ok(f)
+}
+
+/// A refusal when the filesystem of `--header-dir` has no room for the `n` headers the
+/// run will write there.
+fn header_dir_without_room(dir: &Path, n: usize) -> Option<String> {
+    let existing = dir.ancestors().find(|a| a.exists())?;
+    let free = probe::statvfs_free(existing)?;
+    let need = header_bytes() * n as u64;
+    (free < need).then(|| {
+        format!(
+            "BLOCKER: --header-dir {} has {} MiB free, and the header{} of this run need{} {} MiB; fix: free space there, or pick a directory on another filesystem",
+            dir.display(),
+            free >> 20,
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "s" } else { "" },
+            need.div_ceil(1 << 20)
+        )
+    })
 }
 
 /// What the encryption step needs to know of the filesystem it is about to encrypt.
@@ -823,7 +887,7 @@ fn encrypt_prepared(
     req: &EnableRequest,
     passphrase: &[u8],
     device: &Path,
-    header: Option<&Path>,
+    header: Option<(&Path, std::fs::File)>,
     fs: &FsFacts,
     sw: &mut StatusWriter,
     idx: usize,
@@ -858,20 +922,9 @@ fn encrypt_prepared(
         checksum_hash: luksify_walker::Hash::Sha256,
         tuning: Default::default(),
     };
-    let outcome = walk(sw, idx, i, n, req, |ctl| match header {
-        Some(h) => {
-            let hf = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(h)
-                .map_err(|e| luksify_walker::Error::Io {
-                    what: format!("create {}", h.display()),
-                    source: e,
-                })?;
-            luksify_walker::encrypt(&data, Some(&hf), passphrase, &opts, ctl)
-        }
+    let (header, header_file) = header.unzip();
+    let outcome = walk(sw, idx, i, n, req, |ctl| match &header_file {
+        Some(hf) => luksify_walker::encrypt(&data, Some(hf), passphrase, &opts, ctl),
         None => luksify_walker::encrypt::<_, std::fs::File>(&data, None, passphrase, &opts, ctl),
     })
     .map_err(|e| match header_progress(header.unwrap_or(device)) {
@@ -1447,16 +1500,18 @@ fn resume_one(
         }
         HeaderProgress::Absent => {
             if let Some(h) = &v.header {
-                // Cut before the walker's first commit to the detached header: the device
-                // is still plain. Keep the incomplete file aside rather than delete it.
-                if h.exists() {
-                    let aside = h.with_extension("incomplete");
-                    std::fs::rename(h, &aside).map_err(|e| {
-                        Failure::failed(format!(
-                            "cannot move the incomplete header {} aside ({e})",
+                // Cut before the walker's first commit to the detached header: neither
+                // copy is valid, so the walker has not written to the device, and the
+                // file (created by this run: preflight refuses an existing one) holds
+                // nothing. The restart creates it again.
+                match std::fs::remove_file(h) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Failure::failed(format!(
+                            "cannot remove the incomplete header {} ({e}); remove it and run `luksify resume` again",
                             h.display()
-                        ))
-                    })?;
+                        )))
+                    }
+                    _ => {}
                 }
             }
             return restart_encryption(req, passphrase, &v, sw, idx, pos);
@@ -1523,22 +1578,26 @@ fn restart_encryption(
         .ok_or_else(|| Failure::failed(format!("{} is not a block device", v.device.display())))?;
     let prepared = unmount_nested(&v.device, &v.nested_mounts, FIX_RESUME)
         .and_then(|()| unmount_all(&v.device, dev, FIX_RESUME))
-        .and_then(|()| prepare_fs(&v.device, v.header.as_deref(), &fs));
-    if let Err(e) = prepared {
-        return Err(put_back(
-            sw,
-            idx,
-            e,
-            &v.device,
-            VolumeState::NotEncrypted,
-            "encrypted",
-        ));
-    }
+        .and_then(|()| prepare_fs(&v.device, v.header.as_deref(), &fs))
+        .and_then(|()| v.header.as_deref().map(create_header).transpose());
+    let header_file = match prepared {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(put_back(
+                sw,
+                idx,
+                e,
+                &v.device,
+                VolumeState::NotEncrypted,
+                "encrypted",
+            ))
+        }
+    };
     encrypt_prepared(
         req,
         passphrase,
         &v.device,
-        v.header.as_deref(),
+        v.header.as_deref().zip(header_file),
         &fs,
         sw,
         idx,

@@ -315,8 +315,8 @@ pub fn ext_min_bytes(dev: &Path, block_size: u32) -> Option<u64> {
     Some(blocks * block_size as u64)
 }
 
-/// Free bytes of the filesystem mounted at `mount_point` (statvfs `f_bfree`, reserved
-/// blocks included: resize2fs can use them).
+/// Free bytes of the filesystem that holds `mount_point` (statvfs `f_bfree`, reserved
+/// blocks included: resize2fs, and root's writes, can use them).
 pub fn statvfs_free(mount_point: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(mount_point.as_os_str().as_bytes()).ok()?;
