@@ -392,6 +392,26 @@ fn root_orch_kill_during_encryption_then_resume_all_completes() {
     let out = run(fx.cmd().arg("check").arg(fx.dev()).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["luks"], "luks2-reencrypt-in-progress", "{v}");
+    // disable of the half-encrypted volume, by name or not, says to resume first (it
+    // said "No encrypted data volumes to decrypt." and exited 0, or "none of DEV is an
+    // encrypted volume luksify manages").
+    for volume in [None, Some(fx.dev())] {
+        let mut c = fx.cmd();
+        c.arg("disable");
+        if let Some(v) = &volume {
+            c.arg("--volume").arg(v);
+        }
+        let out = run(&mut c);
+        assert_eq!(out.status.code(), Some(1), "{volume:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "the encryption of {} was interrupted at",
+                fx.dev().display()
+            )) && stderr(&out).contains("run `luksify resume` first"),
+            "{volume:?}: {}",
+            stderr(&out)
+        );
+    }
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     assert!(
         out.status.success(),
@@ -401,6 +421,15 @@ fn root_orch_kill_during_encryption_then_resume_all_completes() {
     let s = read_status(&fx.state);
     assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
     assert_eq!(s["volumes"][0]["resumed"], true, "{s}");
+    fx.assert_files_unchanged();
+    // disable takes the volume by the mapping's name too, the one fstab now uses.
+    let mapper = format!("/dev/mapper/{}", mapper_name(&fx.dev()));
+    let out = run(fx.cmd().args(["disable", "--volume", &mapper]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        read_status(&fx.state)["data_volumes_encrypted"],
+        "NotEncrypted"
+    );
     fx.assert_files_unchanged();
 }
 

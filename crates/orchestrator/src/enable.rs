@@ -1741,13 +1741,38 @@ pub fn disable(
 ) -> Result<usize> {
     let mut sw = StatusWriter::open(&req.state_dir)
         .map_err(|e| Failure::failed(format!("status file: {e}")))?;
+    // A volume by its device, its mount point or its mapping (`/dev/mapper/NAME`, the
+    // name fstab uses, or the device that link leads to).
     let wanted = |v: &VolumeStatus| {
         only.is_empty()
             || only.iter().any(|o| {
                 let c = std::fs::canonicalize(o).unwrap_or(o.clone());
-                c == v.device || v.mount_point.as_deref() == Some(c.as_path())
+                let mapper = Path::new("/dev/mapper").join(&v.mapper);
+                c == v.device
+                    || v.mount_point.as_deref() == Some(c.as_path())
+                    || (!v.mapper.is_empty()
+                        && (o == &mapper || std::fs::canonicalize(&mapper).ok() == Some(c)))
             })
     };
+    // A walk that was interrupted is finished by `resume` (a disable run then), not
+    // skipped as "nothing to decrypt".
+    if let Some(v) = sw.status.volumes.iter().find(|v| {
+        matches!(
+            v.state,
+            VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+        ) && wanted(v)
+    }) {
+        let (what, then) = if v.state == VolumeState::EncryptionInProgress {
+            ("encryption", ", then `luksify disable` to decrypt it")
+        } else {
+            ("decryption", ", which finishes it")
+        };
+        return Err(Failure::failed(format!(
+            "the {what} of {} was interrupted at {:.0}%: run `luksify resume` first{then}",
+            v.device.display(),
+            v.percent
+        )));
+    }
     let todo: Vec<usize> = sw
         .status
         .volumes
