@@ -2247,6 +2247,22 @@ fn root_orch_enable_refuses_a_full_volume_and_a_header_dir_on_it() {
     assert!(!luksify_tests::has_luks_header(&fx.dev()));
     std::fs::remove_file(&key_on).unwrap();
 
+    // Right after a large write, before writeback (resize2fs -P reads the on-disk
+    // bitmaps, which do not show it yet): 75 MiB written leaves too little free, and
+    // check says so at once (it said "No problems found", then enable failed in resize2fs).
+    let mut big = vec![0u8; 75 << 20];
+    luksify_tests::fill_pattern(&mut big, 77);
+    std::fs::write(fx.mnt.join("big"), &big).unwrap();
+    drop(big);
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resize2fs cannot shrink it that far"),
+        "{out:?}"
+    );
+    std::fs::remove_file(fx.mnt.join("big")).unwrap();
+    run_ok(&mut Command::new("sync"));
+
     // Fill it (the superblock's free count lags until a commit).
     let _ = run(Command::new("dd")
         .args(["if=/dev/zero", "bs=1M", "status=none"])

@@ -776,14 +776,19 @@ pub fn check_resolved(
                 let free = filesystem.free_bytes.unwrap_or(0);
                 let slack = size_bytes.saturating_sub(fs_bytes);
                 let target = size_bytes.saturating_sub(HEADER_RESERVE_BYTES);
-                // resize2fs's own estimate of how small it can go decides; without it,
-                // free space with room for resize2fs's metadata moves.
+                // resize2fs's own estimate of how small it can go decides, and the free
+                // space must hold what comes off the end plus room for resize2fs's
+                // metadata moves. Both: on a mounted filesystem resize2fs -P reads the
+                // on-disk bitmaps, which lag the kernel's count (statvfs, above) until
+                // writeback, so right after large writes it alone passed a filesystem
+                // that resize2fs then refused to shrink.
+                let short = free < HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50;
                 let too_full = match filesystem
                     .block_size
                     .and_then(|b| probe::ext_min_bytes(&r.device, b))
                 {
-                    Some(min) => min > target,
-                    None => free < HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50,
+                    Some(min) => min > target || short,
+                    None => short,
                 };
                 if slack < HEADER_RESERVE_BYTES && too_full {
                     header_space_ok = false;
