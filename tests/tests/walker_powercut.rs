@@ -824,3 +824,86 @@ fn walker_cut_shift_start_refuses_another_layout_over_it() {
     }
     assert!(refused > 0, "no cut left the head overwritten");
 }
+
+/// The data device with one fault: writes reaching past `write_limit` fail for want of
+/// space (a sparse image on a filling filesystem; the bytes below the limit land), or a
+/// read of the block at `bad_read` fails (a bad sector).
+struct FaultyDisk {
+    inner: MemDisk,
+    write_limit: u64,
+    bad_read: u64,
+}
+
+impl Disk for FaultyDisk {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if (off..off + buf.len() as u64).contains(&self.bad_read) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<()> {
+        let end = off + buf.len() as u64;
+        if end > self.write_limit {
+            let fits = self.write_limit.saturating_sub(off) as usize;
+            self.inner.write_at(off, &buf[..fits.min(buf.len())])?;
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.inner.write_at(off, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+}
+
+/// Resilience `none` stopped by an I/O error, not a crash: the header used to keep
+/// naming its whole window (1 GiB, here the whole device) as "may be part rewritten",
+/// so `resume` told the user to restore all of it from a backup. Now the walk stops
+/// like a Ctrl-C: after a failed read nothing is lost and `resume` finishes; after a
+/// write refused for want of space, only the chunk being written (64 KiB here) is named,
+/// everything before it decrypts to the original and everything after is untouched.
+#[test]
+fn walker_none_stopped_by_an_io_error_loses_at_most_the_chunk_being_written() {
+    let p = Placement::Detached {
+        resilience: Resilience::None,
+    };
+    let o = opts(p);
+    let fault = (3 << 20) + (100 << 10);
+    for write_fails in [true, false] {
+        let orig = plaintext(31);
+        let data = MemDisk::from_vec(orig.clone());
+        let hdr = MemDisk::new(0);
+        let faulty = FaultyDisk {
+            inner: data.clone(),
+            write_limit: if write_fails { fault } else { u64::MAX },
+            bad_read: if write_fails { u64::MAX } else { fault },
+        };
+        let r = luksify_walker::encrypt(&faulty, Some(&hdr), PASS, &o, &Control::default());
+        assert!(
+            matches!(r, Err(luksify_walker::Error::Io { .. })),
+            "write fails {write_fails}: {r:?}"
+        );
+        let out = luksify_walker::resume(&data, Some(&hdr), PASS, o.tuning, &Control::default());
+        if !write_fails {
+            assert_eq!(out.unwrap(), Outcome::Finished, "after a failed read");
+            check_decrypts_to(&data, p, &orig);
+            continue;
+        }
+        let Err(luksify_walker::Error::Unrecoverable { start, len }) = out else {
+            panic!("after a failed write: {out:?}");
+        };
+        assert!(
+            start <= fault && fault < start + len && len <= o.tuning.chunk as u64,
+            "named {start}+{len} for a write failing at {fault}"
+        );
+        let c = SectorCipher::new("aes-xts-plain64", &vk(), 512).unwrap();
+        let now = data.to_vec();
+        let mut done = now[..start as usize].to_vec();
+        c.decrypt(&mut done, 0).unwrap();
+        assert!(done == orig[..start as usize], "the part before differs");
+        let after = (start + len) as usize;
+        assert!(now[after..] == orig[after..], "the part after was touched");
+    }
+}

@@ -311,9 +311,9 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
             r
         }
         None => luksify_walker::decrypt::<_, std::fs::File>(&data, None, &pass, &opts, &ctl),
-    }
-    .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
+    };
     let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
+    let outcome = outcome.map_err(|e| walk_error(dev, a.header.as_deref(), e, &hint))?;
     Ok(report(dev, outcome, "decryption", hint))
 }
 
@@ -423,9 +423,9 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
             r
         }
         None => luksify_walker::encrypt::<_, std::fs::File>(&data, None, &pass, &opts, &ctl),
-    }
-    .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
+    };
     let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
+    let outcome = outcome.map_err(|e| walk_error(dev, a.header.as_deref(), e, &hint))?;
     Ok(report(dev, outcome, "encryption", hint))
 }
 
@@ -489,6 +489,24 @@ fn header_device_bytes(dev: &Path, h: &Path, f: &std::fs::File) -> anyhow::Resul
 fn is_block_device(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// A walker error as one line. An I/O error (a full disk, a bad sector) that stopped a
+/// run its header now records (`header`, else the device) also says how to go on.
+fn walk_error(
+    dev: &Path,
+    header: Option<&Path>,
+    e: luksify_walker::Error,
+    hint: &str,
+) -> anyhow::Error {
+    if matches!(e, luksify_walker::Error::Io { .. }) && is_luks_file(header.unwrap_or(dev)) {
+        anyhow::anyhow!(
+            "{}: {e}; the run is recorded in its header: once that is fixed, continue with: {hint}",
+            dev.display()
+        )
+    } else {
+        anyhow::anyhow!("{}: {e}", dev.display())
+    }
 }
 
 fn is_luks_file(p: &Path) -> bool {

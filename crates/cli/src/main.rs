@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: what went wrong and how to fix it (errors carry both).
-            eprintln!("luksify: {e:#}");
+            eprintln!("luksify: {}", one_line(&e));
             // Another process holds the volume (a run's lock, a mapping, qemu): 4, as
             // for the orchestrator's lock (see EXIT_CODES).
             let busy = e.chain().any(|c| {
@@ -84,9 +84,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes on one line, as `{:#}` prints them, but without a cause
+/// its parent's text already ends with (an I/O error wrapped as "write data: {source}"
+/// printed as "write data: No space left on device: No space left on device").
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        if s.is_empty() {
+            s = t;
+        } else if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::Cli;
+
+    /// A cause the message already ends with is not printed twice.
+    #[test]
+    fn an_error_prints_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = anyhow::Error::new(luksify_walker::Error::Io {
+            what: "write data".into(),
+            source: io,
+        })
+        .context("img");
+        assert_eq!(
+            super::one_line(&e),
+            "img: write data: No space left on device (os error 28)"
+        );
+        let e = anyhow::anyhow!("cause").context("what went wrong");
+        assert_eq!(super::one_line(&e), "what went wrong: cause");
+    }
     use clap::CommandFactory;
 
     /// Every argument a user can see in `--help` says what it does: a blank line there

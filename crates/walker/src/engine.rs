@@ -502,6 +502,9 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 reads_done: false,
                 stop: false,
                 failed: None,
+                record_writes: self.resilience == Resilience::None,
+                written: Vec::new(),
+                failed_write: None,
             }),
             cv: Condvar::new(),
         };
@@ -568,130 +571,147 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 hot_start: a,
                 hot_len: n,
             };
-            for (k, &(a, n)) in zones.iter().enumerate() {
-                if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                    shared.lock().reads_done = true;
-                    shared.cv.notify_all();
-                    // Everything handed out must be durable before the header says so.
-                    settle(j)?;
-                    commit(j, last_clean)?;
-                    // Leave both header copies durable.
-                    j.area_flush()?;
-                    return Ok(Outcome::Interrupted(last_clean));
-                }
-                if coordinator_flushes {
-                    // k-1 durable as soon as it is written, while the workers still
-                    // read and hash k: the commit of k needs both.
-                    shared.wait_for(|st| (st.in_write == 0).then_some(()))?;
-                    settle(j)?;
-                }
-                let nchunks = (n as usize).div_ceil(chunk);
-                // Hotzone k once the workers have read (and hashed, journaled,
-                // transformed) all of it, in order, while k-1 was still being written.
-                let seqs = first_seq..first_seq + nchunks;
-                let mut chunks: Vec<Chunk> = shared.wait_for(|st| {
-                    (st.prepared.range(seqs.clone()).count() == nchunks).then(|| {
-                        seqs.clone()
-                            .filter_map(|q| st.prepared.remove(&q))
-                            .collect()
-                    })
-                })?;
-                first_seq += nchunks;
-                debug_assert!(chunks.iter().all(|c| c.hz == k));
-                match self.resilience {
-                    Resilience::Checksum => {
-                        let mut sums =
-                            Vec::with_capacity(chunks.iter().map(|c| c.sums.len()).sum());
-                        for c in &chunks {
-                            sums.extend_from_slice(&c.sums);
-                        }
-                        if j.use_spare_area().is_some() {
-                            // Two halves: k's sums go to the one the header does not
-                            // name (k-2's, retired by k-1's commit) and are made durable
-                            // while k-1 is still being written; one commit then names
-                            // that half, retires k-1 and makes k hot.
-                            j.area_write(0, &sums)?;
-                            j.area_flush()?;
-                            settle(j)?;
-                        } else {
-                            // One area: k's sums replace k-1's only once k-1 is durable
-                            // (then every block of k-1 is new, whatever the area says).
-                            settle(j)?;
-                            j.area_write(0, &sums)?;
-                            j.area_flush()?;
-                        }
-                        commit(j, hot(a, n))?;
-                    }
-                    Resilience::Journal if !single_journal => {
-                        // The workers wrote k's old bytes to the half the header does
-                        // not name: durable first, then one commit names that half,
-                        // retires k-1 and makes k hot.
+            // Resilience none: the window the header names hot, once it does.
+            let mut none_window = None;
+            let walked = (|| -> Result<Option<Outcome>> {
+                for (k, &(a, n)) in zones.iter().enumerate() {
+                    if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                        shared.lock().reads_done = true;
+                        shared.cv.notify_all();
+                        // Everything handed out must be durable before the header says so.
+                        settle(j)?;
+                        commit(j, last_clean)?;
+                        // Leave both header copies durable.
                         j.area_flush()?;
-                        settle(j)?;
-                        commit(j, hot(a, n))?;
-                        // k-1's half is free now: hotzone k+1's journal may go there.
-                        if k + 1 < zones.len() {
-                            let base = j
-                                .use_spare_area()
-                                .ok_or(Error::Internal("journal half vanished"))?;
-                            shared.lock().journal_half = Some((k + 1, base));
-                            shared.cv.notify_all();
-                        }
+                        return Ok(Some(Outcome::Interrupted(last_clean)));
                     }
-                    Resilience::Journal => {
+                    if coordinator_flushes {
+                        // k-1 durable as soon as it is written, while the workers still
+                        // read and hash k: the commit of k needs both.
+                        shared.wait_for(|st| (st.in_write == 0).then_some(()))?;
                         settle(j)?;
-                        // The journal area is about to be overwritten: first make sure
-                        // no header still points at its old contents.
-                        if k > 0 {
-                            commit(j, last_clean)?;
-                        }
-                        for c in &chunks {
-                            j.area_write(c.logical - a, &c.buf[..c.len])?;
-                        }
-                        j.area_flush()?;
-                        commit(j, hot(a, n))?;
-                        for c in &mut chunks {
-                            self.transform_serial(&mut c.buf[..c.len], c.logical)?;
-                        }
                     }
-                    Resilience::Datashift => {
-                        settle(j)?;
-                        commit(j, hot(a, n))?;
-                    }
-                    Resilience::None => {
-                        // No protection, so no commit per hotzone: one commit names the
-                        // next NONE_COMMIT_EVERY bytes hot, once what was handed out
-                        // before is durable. A crash then leaves the header saying which
-                        // bytes may be part done (resume refuses them, as cryptsetup
-                        // does), never a clean state behind data already rewritten.
-                        if none_window_left == 0 {
-                            settle(j)?;
-                            let (mut lo, mut hi, mut len) = (a, a + n, 0u64);
-                            for &(za, zn) in &zones[k..] {
-                                if len >= NONE_COMMIT_EVERY {
-                                    break;
-                                }
-                                lo = lo.min(za);
-                                hi = hi.max(za + zn);
-                                len += zn;
-                                none_window_left += 1;
+                    let nchunks = (n as usize).div_ceil(chunk);
+                    // Hotzone k once the workers have read (and hashed, journaled,
+                    // transformed) all of it, in order, while k-1 was still being written.
+                    let seqs = first_seq..first_seq + nchunks;
+                    let mut chunks: Vec<Chunk> = shared.wait_for(|st| {
+                        (st.prepared.range(seqs.clone()).count() == nchunks).then(|| {
+                            seqs.clone()
+                                .filter_map(|q| st.prepared.remove(&q))
+                                .collect()
+                        })
+                    })?;
+                    first_seq += nchunks;
+                    debug_assert!(chunks.iter().all(|c| c.hz == k));
+                    match self.resilience {
+                        Resilience::Checksum => {
+                            let mut sums =
+                                Vec::with_capacity(chunks.iter().map(|c| c.sums.len()).sum());
+                            for c in &chunks {
+                                sums.extend_from_slice(&c.sums);
                             }
-                            commit(j, hot(lo, hi - lo))?;
+                            if j.use_spare_area().is_some() {
+                                // Two halves: k's sums go to the one the header does not
+                                // name (k-2's, retired by k-1's commit) and are made durable
+                                // while k-1 is still being written; one commit then names
+                                // that half, retires k-1 and makes k hot.
+                                j.area_write(0, &sums)?;
+                                j.area_flush()?;
+                                settle(j)?;
+                            } else {
+                                // One area: k's sums replace k-1's only once k-1 is durable
+                                // (then every block of k-1 is new, whatever the area says).
+                                settle(j)?;
+                                j.area_write(0, &sums)?;
+                                j.area_flush()?;
+                            }
+                            commit(j, hot(a, n))?;
                         }
-                        none_window_left -= 1;
+                        Resilience::Journal if !single_journal => {
+                            // The workers wrote k's old bytes to the half the header does
+                            // not name: durable first, then one commit names that half,
+                            // retires k-1 and makes k hot.
+                            j.area_flush()?;
+                            settle(j)?;
+                            commit(j, hot(a, n))?;
+                            // k-1's half is free now: hotzone k+1's journal may go there.
+                            if k + 1 < zones.len() {
+                                let base = j
+                                    .use_spare_area()
+                                    .ok_or(Error::Internal("journal half vanished"))?;
+                                shared.lock().journal_half = Some((k + 1, base));
+                                shared.cv.notify_all();
+                            }
+                        }
+                        Resilience::Journal => {
+                            settle(j)?;
+                            // The journal area is about to be overwritten: first make sure
+                            // no header still points at its old contents.
+                            if k > 0 {
+                                commit(j, last_clean)?;
+                            }
+                            for c in &chunks {
+                                j.area_write(c.logical - a, &c.buf[..c.len])?;
+                            }
+                            j.area_flush()?;
+                            commit(j, hot(a, n))?;
+                            for c in &mut chunks {
+                                self.transform_serial(&mut c.buf[..c.len], c.logical)?;
+                            }
+                        }
+                        Resilience::Datashift => {
+                            settle(j)?;
+                            commit(j, hot(a, n))?;
+                        }
+                        Resilience::None => {
+                            // No protection, so no commit per hotzone: one commit names the
+                            // next NONE_COMMIT_EVERY bytes hot, once what was handed out
+                            // before is durable. A crash then leaves the header saying which
+                            // bytes may be part done (resume refuses them, as cryptsetup
+                            // does), never a clean state behind data already rewritten.
+                            if none_window_left == 0 {
+                                settle(j)?;
+                                let (mut lo, mut hi, mut len) = (a, a + n, 0u64);
+                                for &(za, zn) in &zones[k..] {
+                                    if len >= NONE_COMMIT_EVERY {
+                                        break;
+                                    }
+                                    lo = lo.min(za);
+                                    hi = hi.max(za + zn);
+                                    len += zn;
+                                    none_window_left += 1;
+                                }
+                                shared.lock().written.clear();
+                                commit(j, hot(lo, hi - lo))?;
+                                none_window = Some(hot(lo, hi - lo));
+                            }
+                            none_window_left -= 1;
+                        }
                     }
+                    {
+                        let mut st = shared.lock();
+                        st.in_write += chunks.len();
+                        st.handed += 1;
+                        st.writable.extend(chunks);
+                    }
+                    shared.cv.notify_all();
+                    // Progress is reported for bytes handed out for writing.
+                    last_clean = after(a, n);
+                    done_bytes += n;
+                    report(done_bytes);
                 }
-                {
-                    let mut st = shared.lock();
-                    st.in_write += chunks.len();
-                    st.handed += 1;
-                    st.writable.extend(chunks);
+                Ok(None)
+            })();
+            match walked {
+                Ok(Some(o)) => return Ok(o),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(match none_window {
+                        Some(w) => self.salvage_none(j, &shared, w, e),
+                        None => e,
+                    })
                 }
-                shared.cv.notify_all();
-                // Progress is reported for bytes handed out for writing.
-                last_clean = after(a, n);
-                done_bytes += n;
-                report(done_bytes);
             }
             settle(j)?;
             if let (ReencryptMode::Encrypt, Some(s)) = (self.layout.mode, self.layout.shift) {
@@ -724,6 +744,71 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             }
             Ok(Outcome::Finished)
         })
+    }
+
+    /// A `none` run stopped by an error (a write refused for want of space, a read
+    /// that failed) after its header named `window` hot: the whole window would be
+    /// called "may be part rewritten", though the workers write in order and know what
+    /// they wrote. Once the write under way has ended and the data is flushed, the
+    /// header names only what may really be part rewritten: from the end of the chunks
+    /// written without a gap to the end of the furthest one written or failed (the
+    /// failed one, or nothing: then a clean state `resume` continues from). Returns the
+    /// error that stopped the run; if the flush or the commit fails too, the header
+    /// keeps the window.
+    fn salvage_none(&self, j: &mut dyn Journal, sh: &Shared, window: Progress, e: Error) -> Error {
+        let mut st = sh.lock();
+        st.stop = true;
+        sh.cv.notify_all();
+        while st.writing > 0 {
+            st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let mut written = std::mem::take(&mut st.written);
+        let failed = st.failed_write;
+        drop(st);
+        if self.data.flush().is_err() {
+            return e;
+        }
+        written.sort_unstable();
+        let (lo, hi) = (window.hot_start, window.hot_start + window.hot_len);
+        let p = match self.direction {
+            ReencryptDirection::Forward => {
+                let mut done = lo;
+                for &(a, n) in &written {
+                    if a == done {
+                        done += n;
+                    }
+                }
+                let reach = written
+                    .iter()
+                    .chain(failed.iter())
+                    .map(|&(a, n)| a + n)
+                    .fold(done, u64::max);
+                Progress {
+                    hot_start: done,
+                    hot_len: reach - done,
+                }
+            }
+            ReencryptDirection::Backward => {
+                let mut done = hi;
+                for &(a, n) in written.iter().rev() {
+                    if a + n == done {
+                        done = a;
+                    }
+                }
+                let reach = written
+                    .iter()
+                    .chain(failed.iter())
+                    .map(|&(a, _)| a)
+                    .fold(done, u64::min);
+                Progress {
+                    hot_start: reach,
+                    hot_len: done - reach,
+                }
+            }
+        };
+        // With nothing hot, `hot_start` is where the walk goes on from, as in `after`.
+        let _ = j.commit(p).and_then(|()| j.area_flush());
+        e
     }
 
     /// The moved head of a head-last decryption, once the tail is done: `m` bytes at
@@ -864,6 +949,12 @@ struct State {
     stop: bool,
     /// A worker's error, for the coordinator.
     failed: Option<Error>,
+    /// Resilience `none`: the chunks written since the header named the current
+    /// window hot `(logical, len)`, and the one whose write failed: what a run stopped
+    /// by an error has rewritten (see `Walk::salvage_none`).
+    record_writes: bool,
+    written: Vec<(u64, u64)>,
+    failed_write: Option<(u64, u64)>,
 }
 
 struct Shared {
@@ -979,7 +1070,8 @@ fn worker<D: Disk + Sync + ?Sized>(
         if st.stop {
             return;
         }
-        if let Some(c) = (st.writing < st.max_writing)
+        // After a failed write nothing more is written (see `Walk::salvage_none`).
+        if let Some(c) = (st.writing < st.max_writing && st.failed_write.is_none())
             .then(|| st.writable.pop_front())
             .flatten()
         {
@@ -990,6 +1082,13 @@ fn worker<D: Disk + Sync + ?Sized>(
                 .write_at(w.layout.new_physical(c.logical), &c.buf[..c.len]);
             st = sh.lock();
             st.writing -= 1;
+            if st.record_writes {
+                let range = (c.logical, c.len as u64);
+                match r {
+                    Ok(()) => st.written.push(range),
+                    Err(_) => st.failed_write = Some(range),
+                }
+            }
             st.free.push(c.buf);
             st.in_write -= 1;
             if let Err(e) = r {
