@@ -1283,4 +1283,28 @@ fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetu
             "{res}: luksify decrypt did not give back the original"
         );
     }
+
+    // The same file under 4096-byte logical sectors: the kernel counts a partial last
+    // sector no read or write can reach. Refused before anything is written (the walk
+    // used to fail half way with "read data: Input/output error").
+    let mut o = Odd::new(40);
+    o.lo.take();
+    let img = o.dir.path().join("img");
+    let lo = LoopDev::attach_with(&img, &["--sector-size", "4096"]);
+    let dev = lo.path.display().to_string();
+    let out = run(luksify_detached("encrypt", &dev, &o.key, &o.hdr).args(FAST));
+    assert_refused_in_one_line(
+        &out,
+        "not a whole number of its 4096-byte logical sectors",
+        "4096-byte sectors",
+    );
+    drop(lo);
+    assert!(
+        std::fs::read(&img).unwrap() == o.orig,
+        "4096-byte sectors: data touched"
+    );
+    assert!(
+        !Path::new(&o.hdr).exists(),
+        "4096-byte sectors: header file left"
+    );
 }

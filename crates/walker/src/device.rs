@@ -234,6 +234,18 @@ impl DataDevice {
             // The size and the logical sector size (the unit a power cut may tear at).
             let sz: u64 = block_ioctl(&file, BLKGETSIZE64)?;
             let ss: libc::c_int = block_ioctl(&file, BLKSSZGET)?;
+            let unit = u64::try_from(ss).unwrap_or(512).max(512);
+            if !sz.is_multiple_of(unit) {
+                // A loop device with `--sector-size 4096` over a file that is not whole
+                // 4096-byte blocks: the kernel counts the partial last sector, and every
+                // read or write of it fails.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "is {sz} bytes, not a whole number of its {unit}-byte logical sectors: its partial last sector can be neither read nor written (a loop device attached with --sector-size {unit} over a file that is not whole {unit}-byte blocks); attach it with 512-byte sectors, or give the file a size that is (nothing was written)"
+                    ),
+                ));
+            }
             let lock = crate::lock::DataLock::block_device(&file, sz)?;
             (sz, u64::try_from(ss).unwrap_or(512).max(512), lock)
         } else {
