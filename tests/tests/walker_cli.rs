@@ -1982,3 +1982,48 @@ fn walker_image_file_of_partial_4096_byte_blocks_is_walked_to_its_last_byte() {
     }
     assert!(mid_run >= 4, "only {mid_run} of 8 kills landed mid-walk");
 }
+
+/// A `--reduce-device-size` run cryptsetup started on an image file that is not whole
+/// 4096-byte blocks, killed mid-walk: cryptsetup has grown the file to whole blocks, so
+/// luksify's check that the device is the one the run started on refuses it. The
+/// refusal now says why and gives the `truncate` to run (it said "wrong device or it
+/// was resized"); after it, luksify finishes the run and decrypts the original bytes.
+#[test]
+fn walker_resume_of_a_cryptsetup_shift_run_on_a_grown_image_says_how_to_go_on() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    const SIZE: usize = (24 << 20) + 1536;
+    let (c, orig) = Case::sized(SIZE, 61);
+    let mut cs = Command::new("cryptsetup");
+    cs.args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
+        .args(["--key-file", &c.key(), "--reduce-device-size", "8M"])
+        .args(["--hotzone-size", "1M"])
+        .args(FAST)
+        .arg(c.img());
+    run(&mut luksify_tests::strace_inject(
+        "inject=fsync:signal=SIGKILL:when=10",
+        &cs,
+    ));
+    let grown = std::fs::metadata(c.p("img")).unwrap().len();
+    assert!(
+        grown > SIZE as u64 && luks_dump(&c.p("img")).contains("online-reencrypt"),
+        "cryptsetup's run was not cut mid-walk on a grown file ({grown} bytes)"
+    );
+    let was = SIZE;
+    let out = run(&mut luksify(&["resume", &c.img(), "--key-file", &c.key()]));
+    assert_refused_in_one_line(&out, &format!("`truncate -s {was} FILE`"), "grown image");
+    run_ok(Command::new("truncate").args(["-s", &was.to_string(), &c.img()]));
+    run_ok(&mut luksify(&["resume", &c.img(), "--key-file", &c.key()]));
+    let moved = c.p("moved").display().to_string();
+    run_ok(&mut luksify(&[
+        "decrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &moved,
+    ]));
+    let data = SIZE - (8 << 20);
+    let now = std::fs::read(c.p("img")).unwrap();
+    assert!(now[..data] == orig[..data], "plaintext differs");
+}

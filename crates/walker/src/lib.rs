@@ -713,8 +713,13 @@ fn refuse_partial_sector(len: u64, sector: u64) -> Result<()> {
     if len.is_multiple_of(sector) {
         return Ok(());
     }
+    let fits = (9..=12)
+        .rev()
+        .map(|b| 1u64 << b)
+        .find(|s| len.is_multiple_of(*s))
+        .unwrap_or(512);
     Err(Error::Refused(format!(
-        "the data area ({len} bytes) is not a whole number of {sector}-byte sectors: use --sector-size 512 (nothing was written)"
+        "the data area ({len} bytes) is not a whole number of {sector}-byte sectors: use --sector-size {fits} (nothing was written)"
     )))
 }
 
@@ -1573,10 +1578,22 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     match st.layout.shift {
         // An encryption's data shift put the moved segment at the device's very end.
         Some(s) if st.layout.head_last().is_none() => {
-            if dev_size != s.moved_offset + s.size {
+            let was = s.moved_offset + s.size;
+            if dev_size != was {
+                // cryptsetup grows an image file that is not whole 4096-byte blocks to
+                // whole ones as it walks it.
+                let grown = dev_size > was
+                    && dev_size - was < CHECKSUM_BLOCK as u64
+                    && dev_size.is_multiple_of(CHECKSUM_BLOCK as u64);
+                let why = if grown {
+                    format!(
+                        "cryptsetup grows an image file that is not whole 4096-byte blocks: if this run was cryptsetup's, `truncate -s {was} FILE` gives it back the size the run started on, then resume again"
+                    )
+                } else {
+                    "wrong device or it was resized".to_string()
+                };
                 return Err(Error::Refused(format!(
-                    "device is {dev_size} bytes but the interrupted run was on a {}-byte device: wrong device or it was resized (nothing was written)",
-                    s.moved_offset + s.size
+                    "device is {dev_size} bytes but the interrupted run was on a {was}-byte device: {why} (nothing was written)"
                 )));
             }
         }
