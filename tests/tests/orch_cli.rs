@@ -392,6 +392,27 @@ fn root_orch_kill_during_encryption_then_resume_all_completes() {
     let out = run(fx.cmd().arg("check").arg(fx.dev()).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["luks"], "luks2-reencrypt-in-progress", "{v}");
+    // Its mount point (empty now) names the interrupted run, for check and enable alike
+    // (they said "it is a directory but not a mount point").
+    for enable in [false, true] {
+        let mut c = if enable {
+            fx.enable_cmd()
+        } else {
+            let mut c = fx.cmd();
+            c.arg("check").arg(&fx.mnt);
+            c
+        };
+        let args = if enable { "enable" } else { "check" };
+        let out = run(&mut c);
+        assert_eq!(out.status.code(), Some(3), "{args}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("which a luksify encryption has taken offline")
+                && stderr(&out).contains("interrupted at")
+                && stderr(&out).contains("run `luksify resume` to finish it"),
+            "{args}: {}",
+            stderr(&out)
+        );
+    }
     // disable of the half-encrypted volume, by name or not, says to resume first (it
     // said "No encrypted data volumes to decrypt." and exited 0, or "none of DEV is an
     // encrypted volume luksify manages").

@@ -422,6 +422,11 @@ fn cmd_check(
             r
         }
         Err(p) => {
+            let dir = status::state_dir(state_dir.as_deref());
+            let mut p = check::offline_volume_at(&target, &dir).unwrap_or(p);
+            if let Some(d) = &state_dir {
+                p.fix = with_state_dir(&p.fix, d);
+            }
             if json {
                 println!(
                     "{}",

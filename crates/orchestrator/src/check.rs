@@ -313,6 +313,64 @@ fn run_dirs(state_dir: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// `target`, a directory that is not a mount point (the refusal `check` gives it), as
+/// the recorded mount point of a volume a luksify run has taken offline: a run under
+/// way (its pid alive), or one that was interrupted. Found in the status files of
+/// `state_dir` and the default state directory; None when no run records it.
+pub fn offline_volume_at(target: &Path, state_dir: &Path) -> Option<Problem> {
+    use crate::status::VolumeState;
+    let canon = std::fs::canonicalize(target).ok()?;
+    run_dirs(state_dir).into_iter().find_map(|dir| {
+        let status = crate::status::load(&dir).ok()?;
+        let v = status.volumes.iter().find(|v| {
+            v.mount_point.as_deref() == Some(canon.as_path())
+                && matches!(
+                    v.state,
+                    VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+                )
+        })?;
+        let what = if v.state == VolumeState::EncryptionInProgress {
+            "encryption"
+        } else {
+            "decryption"
+        };
+        let live = status
+            .pid
+            .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        let resume = if dir == crate::status::state_dir(None) {
+            "luksify resume".to_string()
+        } else {
+            format!("luksify resume --state-dir {}", dir.display())
+        };
+        Some(Problem {
+            code: if live.is_some() {
+                "busy_run"
+            } else {
+                "luks_in_progress"
+            },
+            severity: Severity::Blocker,
+            what: format!(
+                "{} is where {} is mounted, which a luksify {what} has taken offline",
+                target.display(),
+                v.device.display()
+            ),
+            why: match live {
+                Some(pid) => format!("the run is under way (pid {pid}), at {:.0}%", v.percent),
+                None => format!("the run was interrupted at {:.0}%", v.percent),
+            },
+            fix: match live {
+                Some(_) => {
+                    "wait for it to finish (`luksify status` shows its progress); do not kill it"
+                        .into()
+                }
+                None => {
+                    format!("run `{resume}` to finish it; the volume is mounted here again then")
+                }
+            },
+        })
+    })
+}
+
 /// A luksify run on `device` that the device's own first bytes cannot show: a
 /// decryption (its header moved to a file; the device part plaintext, part ciphertext,
 /// its start often a readable filesystem again) or an encryption with a detached

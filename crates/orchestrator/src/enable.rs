@@ -526,8 +526,15 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             detached_header: detached,
             kill_holders: req.kill_holders,
         };
-        let mut report =
-            check::check(v, opts).map_err(|p| Failure::new(exit::BLOCKED, p.one_line()))?;
+        let mut report = check::check(v, opts).map_err(|p| {
+            let p = check::offline_volume_at(v, &req.state_dir).unwrap_or(p);
+            let code = if p.code == "busy_run" {
+                exit::BUSY
+            } else {
+                exit::BLOCKED
+            };
+            Failure::new(code, p.one_line())
+        })?;
         check::add_interrupted_run(&mut report, &req.state_dir);
         for p in report.blockers() {
             busy |= p.code == "busy_run";
