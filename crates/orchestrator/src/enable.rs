@@ -717,15 +717,41 @@ fn enable_one(
         min_io: p.report.filesystem.min_io,
     };
     let nested = sw.status.volumes[idx].nested_mounts.clone();
-    let prepared = (|| {
+    let unmounted = (|| {
         if req.kill_holders && !p.report.holders.is_empty() {
             stop_holders(&p.device, &holders::pids(&p.report.holders))?;
         }
         unmount_nested(&p.device, &nested, FIX_ENABLE)?;
-        unmount_all(&p.device, dev, FIX_ENABLE)?;
-        prepare_fs(&p.device, p.header.as_deref(), &fs)?;
-        p.header.as_deref().map(create_header).transpose()
+        unmount_all(&p.device, dev, FIX_ENABLE)
     })();
+    let header = p.header.as_deref();
+    let run = (req, passphrase, sw, idx, (i, n));
+    encrypt_unmounted(run, &p.device, header, &fs, unmounted)
+}
+
+/// The run a volume's encryption belongs to: the request, the passphrase, the status
+/// writer, the volume's index there, and its place in the run (i of n).
+type RunOf<'a> = (
+    &'a EnableRequest<'a>,
+    &'a [u8],
+    &'a mut StatusWriter,
+    usize,
+    (usize, usize),
+);
+
+/// Once the volume is `unmounted`: fsck and shrink it, create and reserve the detached
+/// header, then walk. A failure before the walk (the unmount included) mounts it
+/// again and leaves it NotEncrypted.
+fn encrypt_unmounted(
+    (req, passphrase, sw, idx, (i, n)): RunOf<'_>,
+    device: &Path,
+    header: Option<&Path>,
+    fs: &FsFacts,
+    unmounted: Result<()>,
+) -> Result<()> {
+    let prepared = unmounted
+        .and_then(|()| prepare_fs(device, header, fs))
+        .and_then(|()| header.map(create_header).transpose());
     let header_file = match prepared {
         Ok(f) => f,
         Err(e) => {
@@ -733,7 +759,7 @@ fn enable_one(
                 sw,
                 idx,
                 e,
-                &p.device,
+                device,
                 VolumeState::NotEncrypted,
                 "encrypted",
             ))
@@ -742,9 +768,9 @@ fn enable_one(
     encrypt_prepared(
         req,
         passphrase,
-        &p.device,
-        p.header.as_deref().zip(header_file),
-        &fs,
+        device,
+        header.zip(header_file),
+        fs,
         sw,
         idx,
         i,
@@ -1583,34 +1609,10 @@ fn restart_encryption(
     // At boot, fstab may have mounted the plain volume again: it comes off first.
     let dev = probe::block_dev_num(&v.device)
         .ok_or_else(|| Failure::failed(format!("{} is not a block device", v.device.display())))?;
-    let prepared = unmount_nested(&v.device, &v.nested_mounts, FIX_RESUME)
-        .and_then(|()| unmount_all(&v.device, dev, FIX_RESUME))
-        .and_then(|()| prepare_fs(&v.device, v.header.as_deref(), &fs))
-        .and_then(|()| v.header.as_deref().map(create_header).transpose());
-    let header_file = match prepared {
-        Ok(f) => f,
-        Err(e) => {
-            return Err(put_back(
-                sw,
-                idx,
-                e,
-                &v.device,
-                VolumeState::NotEncrypted,
-                "encrypted",
-            ))
-        }
-    };
-    encrypt_prepared(
-        req,
-        passphrase,
-        &v.device,
-        v.header.as_deref().zip(header_file),
-        &fs,
-        sw,
-        idx,
-        pos.0,
-        pos.1,
-    )
+    let unmounted = unmount_nested(&v.device, &v.nested_mounts, FIX_RESUME)
+        .and_then(|()| unmount_all(&v.device, dev, FIX_RESUME));
+    let run = (req, passphrase, sw, idx, pos);
+    encrypt_unmounted(run, &v.device, v.header.as_deref(), &fs, unmounted)
 }
 
 enum HeaderProgress {
