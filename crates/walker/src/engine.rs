@@ -682,8 +682,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                                     len += zn;
                                     none_window_left += 1;
                                 }
-                                shared.lock().written.clear();
                                 commit(j, hot(lo, hi - lo))?;
+                                // Only once the header names the new window: what the
+                                // old one wrote still counts if that commit fails.
+                                shared.lock().written.clear();
                                 none_window = Some(hot(lo, hi - lo));
                             }
                             none_window_left -= 1;
