@@ -585,15 +585,12 @@ fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::F
                 h.display()
             )
         })?;
-    let want = libc::off_t::try_from(size).context("header size")?;
-    // SAFETY: posix_fallocate on a valid open fd; no memory is passed.
-    let r = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, want) };
-    if r != 0 {
+    if let Err(e) = luksify_walker::device::reserve(&f, size) {
         drop(f);
         let _ = std::fs::remove_file(h);
         bail!(
-            "{}: cannot reserve {size} bytes for header file {}: {} (free space where the header goes; the device was not touched)",
-            dev.display(), h.display(), std::io::Error::from_raw_os_error(r)
+            "{}: cannot reserve {size} bytes for header file {}: {e} (free space where the header goes; the device was not touched)",
+            dev.display(), h.display()
         );
     }
     Ok(f)

@@ -466,26 +466,27 @@ fn fsck_ext(device: &Path) -> Result<()> {
     }
 }
 
-/// A refusal when `--header-dir` lies on one of the volumes about to be encrypted (or on
-/// a filesystem nested below one): that filesystem is unmounted before the header is
-/// created, and a header inside the data it describes could never be read to open it.
-fn header_dir_on_a_volume(dir: &Path, plans: &[Plan]) -> Option<String> {
-    let p = volume_holding(dir, plans)?;
+/// A refusal when `--header-dir` (`--key-file`) lies on one of the volumes about to be
+/// encrypted, or on a filesystem nested below one: that filesystem is unmounted while
+/// the run walks it. A header inside the data it describes could never be read to open
+/// it; a key file there is unreadable while the volume is offline, so an interrupted
+/// run could not be resumed at boot, and crypttab would name a key only the volume holds.
+fn path_on_a_volume(flag: &str, path: &Path, plans: &[Plan]) -> Option<String> {
+    let p = volume_holding(path, plans)?;
+    let (why, example) = if flag == "--key-file" {
+        (
+            "it is unreadable while the volume is offline, so an interrupted run could not be resumed, and crypttab would name a key only the volume holds",
+            "keep the key file on another filesystem (e.g. /root/luks-keys)",
+        )
+    } else {
+        (
+            "it is unmounted before the header is written, and the header must stay readable to open the volume",
+            "pick a directory on another filesystem (e.g. /root/luks-headers)",
+        )
+    };
     Some(format!(
-        "BLOCKER: --header-dir {} is on {}, a volume being encrypted: it is unmounted before the header is written, and the header must stay readable to open the volume; fix: pick a directory on another filesystem (e.g. /root/luks-headers)",
-        dir.display(),
-        p.device.display()
-    ))
-}
-
-/// The key file on a volume being encrypted: unreadable while it is unmounted, so a run
-/// interrupted there could not be resumed at boot, and crypttab would name a key that
-/// only the volume itself holds.
-fn key_file_on_a_volume(key: &Path, plans: &[Plan]) -> Option<String> {
-    let p = volume_holding(key, plans)?;
-    Some(format!(
-        "BLOCKER: --key-file {} is on {}, a volume being encrypted: it is unreadable while the volume is offline, so an interrupted run could not be resumed, and crypttab would name a key only the volume holds; fix: keep the key file on another filesystem (e.g. /root/luks-keys)",
-        key.display(),
+        "BLOCKER: {flag} {} is on {}, a volume being encrypted: {why}; fix: {example}",
+        path.display(),
         p.device.display()
     ))
 }
@@ -566,13 +567,13 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         });
     }
     if let Some(d) = &req.header_dir {
-        if let Some(b) = header_dir_on_a_volume(d, &plans) {
+        if let Some(b) = path_on_a_volume("--header-dir", d, &plans) {
             blockers.push(b);
         } else if let Some(b) = header_dir_without_room(d, plans.len()) {
             blockers.push(b);
         }
     }
-    blockers.extend(key_file_on_a_volume(&req.key_file, &plans));
+    blockers.extend(path_on_a_volume("--key-file", &req.key_file, &plans));
     // crypttab fields are split at blanks (systemd and Debian's cryptdisks alike), and a
     // header= option cannot carry one: such a path would break the boot-time mapping.
     let key_path = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
@@ -830,17 +831,13 @@ fn create_header(h: &Path) -> Result<std::fs::File> {
             ))
         })?;
     let size = header_bytes();
-    let want = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
-    // SAFETY: posix_fallocate on a valid open descriptor; no memory is passed.
-    let r = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, want) };
-    if r != 0 {
+    if let Err(e) = luksify_walker::device::reserve(&f, size) {
         drop(f);
         let _ = std::fs::remove_file(h);
         return Err(Failure::failed(format!(
-            "cannot reserve {} MiB for the header file {} ({}); fix: free space there, or pick another --header-dir",
+            "cannot reserve {} MiB for the header file {} ({e}); fix: free space there, or pick another --header-dir",
             size.div_ceil(1 << 20),
-            h.display(),
-            std::io::Error::from_raw_os_error(r)
+            h.display()
         )));
     }
     Ok(f)

@@ -373,6 +373,19 @@ impl DataDevice {
     }
 }
 
+/// Reserves the first `size` bytes of `f` (`posix_fallocate`), so that a header file
+/// on a filesystem without room fails here, before anything else is written.
+pub fn reserve(f: &File, size: u64) -> io::Result<()> {
+    let want = libc::off_t::try_from(size)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size beyond off_t"))?;
+    // SAFETY: posix_fallocate on a valid open descriptor; no memory is passed.
+    let r = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(f), 0, want) };
+    match r {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// Why the data could not be opened read-write, in words, where the cause is known
 /// (other errors pass through, for the caller to give context).
 fn open_error(e: io::Error) -> io::Error {
