@@ -365,7 +365,7 @@ pub fn strace_inject(rule: &str, cmd: &Command) -> Command {
     st
 }
 
-/// `cmd` (its program, arguments and the environment it sets) under `strace -f -qq -o
+/// `cmd` (its program, arguments, the environment it sets and its working directory) under `strace -f -qq -o
 /// /dev/null ARGS...`: a fault injected at an exact point (`-e inject=...`, `-P PATH`).
 pub fn strace_with(args: &[&std::ffi::OsStr], cmd: &Command) -> Command {
     let mut st = Command::new("strace");
@@ -378,6 +378,9 @@ pub fn strace_with(args: &[&std::ffi::OsStr], cmd: &Command) -> Command {
             Some(v) => st.env(k, v),
             None => st.env_remove(k),
         };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        st.current_dir(d);
     }
     st
 }

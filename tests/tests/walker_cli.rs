@@ -1999,7 +1999,10 @@ fn walker_resume_of_a_cryptsetup_shift_run_on_a_grown_image_says_how_to_go_on() 
         .args(["--key-file", &c.key(), "--reduce-device-size", "8M"])
         .args(["--hotzone-size", "1M"])
         .args(FAST)
-        .arg(c.img());
+        .arg(c.img())
+        // Killed early, cryptsetup leaves its temporary header (LUKS2-temp-*.new) in
+        // its working directory: the case's, not the source tree.
+        .current_dir(c.p("img").parent().unwrap());
     run(&mut luksify_tests::strace_inject(
         "inject=fsync:signal=SIGKILL:when=10",
         &cs,
