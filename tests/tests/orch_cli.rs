@@ -1150,6 +1150,106 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     run_ok(luksify(&state).args(["close", &name]));
 }
 
+/// A userspace mapping whose daemon is stopped (SIGSTOP, or stuck) answers no read of its
+/// view: a reader waits in the kernel, unkillable, until the daemon runs again. `check`
+/// of the view and the candidate listing of `enable` (which checks every block device)
+/// hung there for good; they must tell the view from its path alone and read nothing.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_stopped_mapping_daemon_hangs_neither_check_nor_the_candidate_listing() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 64 << 20);
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"stopped daemon").unwrap();
+    run_ok(
+        Command::new(luksify_bin())
+            .args([
+                "format",
+                "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--iter-time",
+                "10",
+            ])
+            .arg(&img)
+            .arg("--key-file")
+            .arg(&key),
+    );
+    let lo = LoopDev::attach(&img);
+    let state = dir.path().join("state");
+    let name = format!("orchstop{}", std::process::id());
+    run_ok(
+        luksify(&state)
+            .arg("open")
+            .arg(&lo.path)
+            .arg(&name)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--userspace"),
+    );
+    let mapped = PathBuf::from("/dev/mapper").join(&name);
+    run_ok(Command::new("mkfs.ext4").arg("-q").arg(&mapped));
+    let view = std::fs::canonicalize(&mapped).unwrap();
+    let daemon = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(state.join("maps").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap()["daemon_pid"]
+        .as_u64()
+        .unwrap() as libc::pid_t;
+    // Nothing of the view may stay cached, or a hang would go unseen.
+    run_ok(Command::new("blockdev").arg("--flushbufs").arg(&view));
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    // SAFETY: kill(2) with a pid read from our own mapping record.
+    unsafe { libc::kill(daemon, libc::SIGSTOP) };
+    let mut hung = Vec::new();
+    let mut outs = Vec::new();
+    for args in [
+        vec!["check".to_string(), view.display().to_string()],
+        vec!["enable".into(), "--volume-type".into(), "data".into()],
+    ] {
+        let mut child = luksify(&state)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if child.try_wait().unwrap().is_none() {
+            hung.push(args.join(" "));
+            // SAFETY: as above; the waiting reader goes on once the daemon runs again.
+            unsafe { libc::kill(daemon, libc::SIGCONT) };
+        }
+        outs.push((args.join(" "), child.wait_with_output().unwrap()));
+        // SAFETY: as above.
+        unsafe { libc::kill(daemon, libc::SIGSTOP) };
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon, libc::SIGCONT) };
+    let _ = run(luksify(&state).args(["close", &name]));
+    assert!(hung.is_empty(), "hung on the stopped daemon: {hung:?}");
+    let (_, check) = &outs[0];
+    let said = String::from_utf8_lossy(&check.stdout).to_string()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(3), "check of the view: {said}");
+    assert!(
+        said.contains(&format!("luksify's decrypted view {name}"))
+            && said.contains("none needed (already an open mapping)"),
+        "check of the view: {said}"
+    );
+    let (_, list) = &outs[1];
+    let listed = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(
+        list.status.success() && !listed.contains(&view.display().to_string()),
+        "the listing offered the view or failed: {listed}{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+}
+
 /// A data volume on a partition of an odd number of 512-byte sectors (fdisk's last
 /// partition, ending on the disk's last usable sector, often is one; here 128 MiB +
 /// 2.5 KiB under a 4 KiB-block ext4): `enable` encrypts it in 512-byte sectors, as

@@ -506,13 +506,22 @@ pub fn luks_state(device: &Path) -> Option<String> {
 /// The mapping name when `dev` is the loop device of a luksify userspace mapping: its
 /// backing file lies on the FUSE filesystem the mapping daemon mounts (source
 /// `luksify:NAME`).
+///
+/// Decided from the paths alone (the mount that holds the backing file, by the longest
+/// mount point that is a prefix of it): a `stat` of the file, like any read of the view,
+/// waits for the daemon, which may be stopped.
 pub fn luksify_view_of(dev: DevNum, all: &[Mount]) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
     let backing =
         std::fs::read_to_string(format!("/sys/dev/block/{dev}/loop/backing_file")).ok()?;
-    let fs_dev = DevNum::from_raw(std::fs::metadata(backing.trim_end()).ok()?.dev());
+    view_name_of_backing(Path::new(backing.trim_end()), all)
+}
+
+/// The name of luksify's userspace mapping whose FUSE mount holds `backing`, if any.
+fn view_name_of_backing(backing: &Path, all: &[Mount]) -> Option<String> {
     all.iter()
-        .find(|m| m.dev == fs_dev && m.fs_type.starts_with("fuse"))
+        .filter(|m| backing.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .filter(|m| m.fs_type.starts_with("fuse"))
         .and_then(|m| m.source.strip_prefix("luksify:"))
         .map(str::to_string)
 }
@@ -733,7 +742,14 @@ pub fn check_resolved(
         );
     }
     let dm_uuid = probe::dm_uuid(r.dev);
-    let filesystem = match probe::detect_fs(&r.device) {
+    // luksify's own view is never read: each read waits on its daemon, and a stopped
+    // daemon would hang the check (and the candidate listing of `enable`) for good.
+    let view = luksify_view_of(r.dev, all);
+    let filesystem = match view.as_ref() {
+        Some(_) => Err(None),
+        None => probe::detect_fs(&r.device).map_err(Some),
+    };
+    let filesystem = match filesystem {
         // A mounted filesystem's superblock free count is stale: the kernel's is reported.
         Ok(mut f) => {
             if let Some(free) = r
@@ -745,7 +761,15 @@ pub fn check_resolved(
             }
             f
         }
-        Err(e) => {
+        Err(None) => FsInfo {
+            fs_type: "unread".into(),
+            fs_bytes: None,
+            free_bytes: None,
+            block_size: None,
+            min_io: None,
+            source: "not read: luksify's own open mapping".into(),
+        },
+        Err(Some(e)) => {
             push(
                 "read_device",
                 Severity::Blocker,
@@ -790,7 +814,7 @@ pub fn check_resolved(
             "encrypt the underlying device only if it is not already LUKS".into(),
         );
     }
-    if let Some(name) = luksify_view_of(r.dev, all) {
+    if let Some(name) = &view {
         push(
             "already_mapped",
             Severity::Blocker,
@@ -799,7 +823,11 @@ pub fn check_resolved(
             format!("nothing to do; `luksify status` lists it, `luksify close {name}` removes it"),
         );
     }
-    let luks = luks_state(&r.device);
+    let luks = if view.is_some() {
+        None
+    } else {
+        luks_state(&r.device)
+    };
     match luks.as_deref() {
         // Live, not interrupted: `busy_run` says so.
         Some("luks2-reencrypt-in-progress") if !tools.is_empty() => {}
@@ -821,13 +849,13 @@ pub fn check_resolved(
     }
     let fs = filesystem.fs_type.as_str();
     let can_shrink = filesystem.can_shrink();
-    let header_space_needed = if opts.detached_header {
+    let header_space_needed = if opts.detached_header || view.is_some() {
         0
     } else {
         HEADER_RESERVE_BYTES
     };
     let mut header_space_ok = true;
-    if luks.is_none() && lvm.is_none() {
+    if luks.is_none() && lvm.is_none() && view.is_none() {
         match fs {
             "ext2" | "ext3" | "ext4" if !opts.detached_header => {
                 let fs_bytes = filesystem.fs_bytes.unwrap_or(size_bytes);
@@ -1038,6 +1066,8 @@ pub fn render_text(r: &Report) -> String {
         "Header space",
         if r.luks.is_some() {
             "none needed (already LUKS)".to_string()
+        } else if r.problems.iter().any(|p| p.code == "already_mapped") {
+            "none needed (already an open mapping)".to_string()
         } else {
             format!(
                 "{} MiB needed, {}",

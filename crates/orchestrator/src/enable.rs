@@ -101,14 +101,16 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
         let Ok(r) = check::check(&dev, CheckOptions::default()) else {
             continue;
         };
+        // Cheap tests first: `interrupted_run` reads the device, which for luksify's
+        // own view would wait on its daemon.
         if r.luks.is_some()
-            || check::interrupted_run(&dev, state_dir).is_some()
             || r.is_os_volume
             || r.problems.iter().any(|p| p.code == "already_mapped")
             || matches!(
                 r.filesystem.fs_type.as_str(),
-                "unknown" | "unreadable" | "swap" | "LVM2_member"
+                "unknown" | "unreadable" | "unread" | "swap" | "LVM2_member"
             )
+            || check::interrupted_run(&dev, state_dir).is_some()
         {
             continue;
         }
