@@ -2030,3 +2030,58 @@ fn walker_resume_of_a_cryptsetup_shift_run_on_a_grown_image_says_how_to_go_on() 
     let now = std::fs::read(c.p("img")).unwrap();
     assert!(now[..data] == orig[..data], "plaintext differs");
 }
+
+/// On a terminal the progress bar is redrawn with `\r` and no newline. An error in
+/// mid-walk (here an injected EIO) was printed on the bar's line, after its figures;
+/// it now starts a line of its own, as the "finished" and "stopped" lines did.
+#[test]
+fn walker_an_error_on_a_terminal_starts_its_own_line_after_the_progress_bar() {
+    require_tool("script");
+    require_tool("strace");
+    let (c, _) = Case::new(16, 67);
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut line = vec![
+        "strace".to_string(),
+        "-f".into(),
+        "-qq".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-e".into(),
+        "inject=pwrite64:error=EIO:when=25".into(),
+        luksify_bin().display().to_string(),
+    ];
+    for a in [
+        "encrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &c.hdr(),
+    ]
+    .into_iter()
+    .chain(FAST)
+    .chain(SMALL)
+    {
+        line.push(a.to_string());
+    }
+    let line: Vec<String> = line.iter().map(|a| quote(a)).collect();
+    // `script` gives the command a pseudo-terminal and copies what it printed.
+    let out = run(Command::new("script")
+        .args(["-qefc", &line.join(" "), "/dev/null"])
+        .stdin(std::process::Stdio::null()));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.status.success(),
+        "the injected EIO did not fail the run: {said:?}"
+    );
+    assert!(
+        said.contains("% ") && said.contains("\r") && said.contains("luksify: "),
+        "no progress bar, or no error, on the terminal: {said:?}"
+    );
+    for (at, _) in said.match_indices("luksify: ") {
+        assert!(
+            at == 0 || said[..at].ends_with('\n'),
+            "an error line starts on the progress bar's line: {said:?}"
+        );
+    }
+}

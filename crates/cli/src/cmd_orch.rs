@@ -338,6 +338,7 @@ fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
     match r {
         Ok(c) => Ok(c),
         Err(f) => {
+            crate::end_bar();
             eprintln!("luksify: {}", f.message);
             Ok(ExitCode::from(f.code))
         }
@@ -680,8 +681,9 @@ fn reporter() -> impl Fn(&status::VolumeStatus, usize, usize) + Sync {
                 rate,
                 eta
             );
+            crate::BAR_OPEN.store(true, std::sync::atomic::Ordering::SeqCst);
             if pct >= 100 {
-                eprintln!();
+                crate::end_bar();
             }
         } else if pct != *l {
             // Rate and ETA once measured, without blanks standing in for them.

@@ -206,14 +206,13 @@ fn progress_printer() -> impl Fn(ProgressInfo) + Sync {
                 p.total >> 20,
                 p.bytes_per_sec >> 20
             );
+            crate::BAR_OPEN.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
 
 fn report(dev: &Path, o: Outcome, what: &str, resume_hint: String) -> ExitCode {
-    if std::io::stderr().is_terminal() {
-        eprintln!();
-    }
+    crate::end_bar();
     match o {
         Outcome::Finished => {
             eprintln!("luksify: {}: {what} finished", dev.display());

@@ -49,6 +49,17 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
+/// Whether a progress bar (redrawn with `\r`, no newline yet) holds the terminal's last
+/// line: a message printed now would start on it, after the bar and the echoed `^C`.
+pub static BAR_OPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ends an open progress bar's line, so the next message starts a line of its own.
+pub fn end_bar() {
+    if BAR_OPEN.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        eprintln!();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -60,6 +71,7 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
+            end_bar();
             // One line: what went wrong and how to fix it (errors carry both).
             eprintln!("luksify: {}", one_line(&e));
             // Another process holds the volume (a run's lock, a mapping, qemu): 4, as
