@@ -794,10 +794,23 @@ fn put_back(
 ) -> Failure {
     let v = sw.status.volumes[idx].clone();
     let dev = v.device.display();
+    // A failed unmount leaves the volume where it was: not "mounted again".
+    let num = probe::block_dev_num(from);
+    let stayed = v.mount_point.as_deref().is_some_and(|mp| {
+        mountinfo::read()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| Some(m.dev) == num && m.mount_point == mp)
+    });
     let tail = match (grow_and_remount(&v, None, from), &v.mount_point) {
         (Ok(()), Some(mp)) => format!(
-            "; nothing on {dev} was {verb} and {} is mounted again",
-            mp.display()
+            "; nothing on {dev} was {verb} and {} is {}",
+            mp.display(),
+            if stayed {
+                "still mounted"
+            } else {
+                "mounted again"
+            }
         ),
         (Ok(()), None) => format!("; nothing on {dev} was {verb}"),
         (Err(m), _) => format!(
