@@ -2431,8 +2431,14 @@ fn root_orch_resume_takes_over_a_mapping_a_killed_run_left_open() {
         serde_json::to_vec(&s).unwrap(),
     )
     .unwrap();
+    // The header says the walk is done, whatever percent the run last wrote: status
+    // says what is left (it said "interrupted at N%").
     let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
-    assert!(st.contains("`luksify resume` finishes it"), "{st}");
+    assert!(
+        st.contains("finished, but its luksify process is gone")
+            && st.contains("`luksify resume` does that"),
+        "{st}"
+    );
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(mount_fields(&fx.mnt).is_some());
@@ -2498,6 +2504,13 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
+    // Nothing was written: status says so and what resume does (it said "interrupted
+    // at 0%", as if part of the volume were ciphertext).
+    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        st.contains("had not started") && st.contains("`luksify resume` starts it again"),
+        "{st}"
+    );
     let _ = holder.kill();
     let _ = holder.wait();
     // (check also names the interrupted run now: only the holder must be gone.)
@@ -2705,6 +2718,13 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
     assert!(
         mount_fields(&fx.mnt).is_none(),
         "the kill came before the unmount"
+    );
+    // Meanwhile `status` says what resume will do: map it again, not "finish" a
+    // decryption that never began.
+    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        st.contains("had not started") && st.contains("`luksify resume` maps and mounts it again"),
+        "{st}"
     );
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));

@@ -1627,7 +1627,7 @@ fn restart_encryption(
     encrypt_unmounted(run, &v.device, v.header.as_deref(), &fs, unmounted)
 }
 
-enum HeaderProgress {
+pub(crate) enum HeaderProgress {
     /// No LUKS2 header in either copy: the walker never committed one.
     Absent,
     InProgress,
@@ -1636,7 +1636,7 @@ enum HeaderProgress {
 
 /// Reads the header through both copies (a torn primary is recovered from the secondary),
 /// so that a damaged but recoverable header is never mistaken for an absent one.
-fn header_progress(path: &Path) -> HeaderProgress {
+pub(crate) fn header_progress(path: &Path) -> HeaderProgress {
     let Ok(f) = std::fs::File::open(path) else {
         return HeaderProgress::Absent;
     };
@@ -1717,7 +1717,7 @@ fn resume_decrypt(
 /// detached one, or the copy the in-front layout moves out) shows no run and still a
 /// crypt segment, or (in front) never became valid, while the device still holds its
 /// own LUKS header in front. The data has not been touched then.
-fn decryption_not_started(device: &Path, header: &Path, in_front: bool) -> bool {
+pub(crate) fn decryption_not_started(device: &Path, header: &Path, in_front: bool) -> bool {
     let read = std::fs::File::open(header)
         .ok()
         .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())

@@ -245,16 +245,7 @@ pub fn apply_live_state(
             .find(|v| v.in_run)
             .or_else(|| s.volumes.iter().find(in_progress))
         {
-            let what = if v.state == VolumeState::DecryptionInProgress {
-                "Decryption"
-            } else {
-                "Encryption"
-            };
-            s.progress_message = format!(
-                "{what} of {} interrupted at {}% (its luksify process is gone); `luksify resume` finishes it",
-                v.device.display(),
-                v.percent.floor() as u64
-            );
+            s.progress_message = interrupted_message(v, state_dir);
         }
     }
     if let (Some((name, dev, mp)), None) = (orphaned, s.pid) {
@@ -267,6 +258,48 @@ pub fn apply_live_state(
         );
     }
     s.data_volumes_encrypted = aggregate(s);
+}
+
+/// What an interrupted run's volume needs, from its header rather than the percent the
+/// run last wrote here (every 2 s: a kill right after the walk read "at 0%").
+fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
+    use crate::enable::{decryption_not_started, header_progress, HeaderProgress};
+    let dev = v.device.display();
+    let gone = "its luksify process is gone";
+    if v.state == VolumeState::DecryptionInProgress {
+        let started = match (&v.header, state_dir) {
+            (Some(h), Some(d)) => {
+                !decryption_not_started(&v.device, h, h.starts_with(d.join("headers")))
+            }
+            _ => true,
+        };
+        if !started {
+            return format!(
+                "Decryption of {dev} had not started when {gone}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable` decrypts it"
+            );
+        }
+        return format!(
+            "Decryption of {dev} interrupted at {}% ({gone}); `luksify resume` finishes it",
+            v.percent.floor() as u64
+        );
+    }
+    let header = v.header.as_deref().unwrap_or(&v.device);
+    // Unreadable (not root, say) is not "no header": the recorded percent then.
+    let progress = std::fs::File::open(header)
+        .map(|_| header_progress(header))
+        .unwrap_or(HeaderProgress::InProgress);
+    match progress {
+        HeaderProgress::Finished => format!(
+            "Encryption of {dev} finished, but {gone} before it mapped and mounted it; `luksify resume` does that"
+        ),
+        HeaderProgress::Absent => format!(
+            "Encryption of {dev} had not started when {gone} (nothing was encrypted); `luksify resume` starts it again"
+        ),
+        HeaderProgress::InProgress => format!(
+            "Encryption of {dev} interrupted at {}% ({gone}); `luksify resume` finishes it",
+            v.percent.floor() as u64
+        ),
+    }
 }
 
 /// While a run's process works, its direction; otherwise in progress (an interrupted
