@@ -2524,11 +2524,13 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
         !v.is_null() && !codes.contains(&"holders")
     });
     let out = run(fx.cmd().arg("check").arg(fx.dev()));
+    let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&format!(
+        said.contains(&format!(
             "{} has an interrupted luksify encryption",
             fx.dev().display()
-        )),
+        )) && said.contains("the device is still plaintext")
+            && said.contains("to start it again"),
         "{out:?}"
     );
     let out = run(fx.cmd().args(["resume", "--userspace"]));

@@ -385,7 +385,12 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
     let dev_s = device.display().to_string();
     let default = crate::status::state_dir(None);
     let dirs = run_dirs(state_dir);
-    let found = |decrypt: bool, recorded: String, header: Option<&Path>, dir: Option<&Path>| {
+    let found = |decrypt: bool,
+                 recorded: String,
+                 header: Option<&Path>,
+                 dir: Option<&Path>,
+                 stage: crate::status::RunStage| {
+        use crate::status::RunStage;
         let what = if decrypt { "decryption" } else { "encryption" };
         // The run's own state directory by name, unless a plain `luksify resume` (from
         // the default one, as this command also runs) finds it.
@@ -406,14 +411,34 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
             severity: Severity::Blocker,
             what: format!("{dev_s} has an interrupted luksify {what}"),
             why: format!(
-                "{recorded}{}; the device is part plaintext, part ciphertext",
+                "{recorded}{}; {}",
                 header
                     .map(|h| format!(", its LUKS2 header is in {}", h.display()))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                match stage {
+                    RunStage::NotStarted if decrypt => {
+                        "it had not started: the device is still encrypted"
+                    }
+                    RunStage::NotStarted => {
+                        "it stopped before writing anything: the device is still plaintext"
+                    }
+                    RunStage::Walked if !decrypt => {
+                        "its walk is done: the device is all ciphertext, not yet mapped and mounted"
+                    }
+                    _ => "the device is part plaintext, part ciphertext",
+                }
             ),
-            fix: format!("run `{resume}` to finish it"),
+            fix: match stage {
+                RunStage::NotStarted if decrypt => {
+                    format!("run `{resume}` to map and mount it again")
+                }
+                RunStage::NotStarted => format!("run `{resume}` to start it again"),
+                RunStage::Walked if !decrypt => format!("run `{resume}` to map and mount it"),
+                _ => format!("run `{resume}` to finish it"),
+            },
         }
     };
+    let walking = crate::status::RunStage::Walking;
     let mut header_dirs = Vec::new();
     for dir in &dirs {
         let Ok(status) = crate::status::load(dir) else {
@@ -434,6 +459,7 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
                     ),
                     v.header.as_deref(),
                     Some(dir),
+                    crate::status::run_stage(v, Some(dir)),
                 ));
             }
         }
@@ -460,6 +486,7 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
                     "its header file says so".into(),
                     Some(&h),
                     None,
+                    walking,
                 ));
             }
         }
@@ -474,6 +501,7 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
                 "crypttab's header= file says so".into(),
                 Some(&h),
                 None,
+                walking,
             ))
         })
 }

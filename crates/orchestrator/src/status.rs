@@ -260,43 +260,62 @@ pub fn apply_live_state(
     s.data_volumes_encrypted = aggregate(s);
 }
 
-/// What an interrupted run's volume needs, from its header rather than the percent the
-/// run last wrote here (every 2 s: a kill right after the walk read "at 0%").
-fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
+/// Where an interrupted run on a volume stands, as its header tells (the percent in the
+/// status file is written every 2 s and lags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunStage {
+    /// Nothing written yet: an encryption's device is still plain, a decryption's still
+    /// encrypted.
+    NotStarted,
+    /// Part plaintext, part ciphertext.
+    Walking,
+    /// An encryption's walk is done; mapping and mounting are left.
+    Walked,
+}
+
+/// [`RunStage`] of volume `v` (in progress in the status file of `state_dir`). A header
+/// that cannot be opened (not root, say) is not "no header": `Walking` then.
+pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
     use crate::enable::{decryption_not_started, header_progress, HeaderProgress};
-    let dev = v.device.display();
-    let gone = "its luksify process is gone";
     if v.state == VolumeState::DecryptionInProgress {
-        let started = match (&v.header, state_dir) {
-            (Some(h), Some(d)) => {
-                !decryption_not_started(&v.device, h, h.starts_with(d.join("headers")))
+        return match (&v.header, state_dir) {
+            (Some(h), Some(d))
+                if decryption_not_started(&v.device, h, h.starts_with(d.join("headers"))) =>
+            {
+                RunStage::NotStarted
             }
-            _ => true,
+            _ => RunStage::Walking,
         };
-        if !started {
-            return format!(
-                "Decryption of {dev} had not started when {gone}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable` decrypts it"
-            );
-        }
-        return format!(
-            "Decryption of {dev} interrupted at {}% ({gone}); `luksify resume` finishes it",
-            v.percent.floor() as u64
-        );
     }
     let header = v.header.as_deref().unwrap_or(&v.device);
-    // Unreadable (not root, say) is not "no header": the recorded percent then.
-    let progress = std::fs::File::open(header)
-        .map(|_| header_progress(header))
-        .unwrap_or(HeaderProgress::InProgress);
-    match progress {
-        HeaderProgress::Finished => format!(
-            "Encryption of {dev} finished, but {gone} before it mapped and mounted it; `luksify resume` does that"
+    if std::fs::File::open(header).is_err() {
+        return RunStage::Walking;
+    }
+    match header_progress(header) {
+        HeaderProgress::Absent => RunStage::NotStarted,
+        HeaderProgress::InProgress => RunStage::Walking,
+        HeaderProgress::Finished => RunStage::Walked,
+    }
+}
+
+/// What an interrupted run's volume needs, from [`run_stage`].
+fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
+    let dev = v.device.display();
+    let gone = "its luksify process is gone";
+    let decrypt = v.state == VolumeState::DecryptionInProgress;
+    match run_stage(v, state_dir) {
+        RunStage::NotStarted if decrypt => format!(
+            "Decryption of {dev} had not started when {gone}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable` decrypts it"
         ),
-        HeaderProgress::Absent => format!(
+        RunStage::NotStarted => format!(
             "Encryption of {dev} had not started when {gone} (nothing was encrypted); `luksify resume` starts it again"
         ),
-        HeaderProgress::InProgress => format!(
-            "Encryption of {dev} interrupted at {}% ({gone}); `luksify resume` finishes it",
+        RunStage::Walked if !decrypt => format!(
+            "Encryption of {dev} finished, but {gone} before it mapped and mounted it; `luksify resume` does that"
+        ),
+        _ => format!(
+            "{} of {dev} interrupted at {}% ({gone}); `luksify resume` finishes it",
+            if decrypt { "Decryption" } else { "Encryption" },
             v.percent.floor() as u64
         ),
     }
