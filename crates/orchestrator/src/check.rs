@@ -897,10 +897,10 @@ pub fn check_resolved(
                 // writeback, so right after large writes it alone passed a filesystem
                 // that resize2fs then refused to shrink.
                 let short = free < HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50;
-                let too_full = match filesystem
+                let min = filesystem
                     .block_size
-                    .and_then(|b| probe::ext_min_bytes(&r.device, b))
-                {
+                    .and_then(|b| probe::ext_min_bytes(&r.device, b));
+                let too_full = match min {
                     Some(min) => min > target || short,
                     None => short,
                 };
@@ -911,9 +911,22 @@ pub fn check_resolved(
                         Severity::Blocker,
                         format!("{fs} on {dev_s} has {} MiB free", free >> 20),
                         format!(
-                            "the LUKS2 header needs {} MiB taken from the end by shrinking the filesystem to {} MiB, and resize2fs cannot shrink it that far",
+                            "the LUKS2 header needs {} MiB taken from the end by shrinking the filesystem to {} MiB, and resize2fs cannot shrink it that far{}",
                             HEADER_RESERVE_BYTES >> 20,
-                            target >> 20
+                            target >> 20,
+                            match min {
+                                Some(m) if m > target => format!(
+                                    " (its own estimate of the smallest size is {} MiB)",
+                                    m.div_ceil(1 << 20)
+                                ),
+                                // resize2fs -P reads the on-disk bitmaps, which lag
+                                // the kernel's count after large writes.
+                                _ => format!(
+                                    " (it needs {} MiB free for that and for its own moves)",
+                                    (HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50)
+                                        .div_ceil(1 << 20)
+                                ),
+                            }
                         ),
                         "free some space, or keep the header in a file with --header-dir DIR".into(),
                     );
