@@ -47,6 +47,37 @@ fn orch_status_prints_the_agent_fields_from_the_state_dir() {
     assert_eq!(v["volumes"][0]["eta_seconds"], 63);
 }
 
+/// A run whose process is gone, in a state directory given with --state-dir: the
+/// command status suggests names that directory, or a user who runs it as printed
+/// would resume from the default one, which knows nothing of this run.
+#[test]
+fn orch_status_with_a_state_dir_suggests_commands_for_that_dir() {
+    let d = tempfile::tempdir().unwrap();
+    let status = serde_json::json!({
+        "version": 1, "updated_unix": 0, "operation": "EnableEncryption",
+        // Beyond pid_max: no such process.
+        "pid": u32::MAX / 2,
+        "os_volume_encrypted": "NotEncrypted", "data_volumes_encrypted": "EncryptionInProgress",
+        "progress_message": "Encrypting data volume 1/1: 37%",
+        "volumes": [{"device": "/dev/luksify-test-none", "mapper": "luksify-none", "mount_point": "/data",
+                     "state": "EncryptionInProgress", "percent": 37.5, "bytes_done": 375, "bytes_total": 1000}]
+    });
+    std::fs::write(d.path().join("status.json"), status.to_string()).unwrap();
+    let out = run_ok(
+        Command::new(luksify_bin())
+            .args(["status", "--state-dir"])
+            .arg(d.path()),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "interrupted at 37% (its luksify process is gone); `luksify resume --state-dir {}` finishes it",
+            d.path().display()
+        )),
+        "{said}"
+    );
+}
+
 #[test]
 fn orch_second_invocation_is_refused_naming_the_lock_holder() {
     let d = tempfile::tempdir().unwrap();
@@ -504,7 +535,11 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     );
     let msg = s["progress_message"].as_str().unwrap();
     assert!(
-        msg.contains("not encrypted yet") && msg.contains("`luksify resume` goes on"),
+        msg.contains("not encrypted yet")
+            && msg.contains(&format!(
+                "`luksify resume --state-dir {}` goes on",
+                a.state.display()
+            )),
         "{s}"
     );
     assert!(!luksify_tests::has_luks_header(&b.dev()));
@@ -2746,7 +2781,11 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
     assert!(
         msg.starts_with("Decryption failed: ")
             && msg.contains("had not started")
-            && msg.contains("`luksify disable` again"),
+            // The run's state directory is not the default: the command says which.
+            && msg.contains(&format!(
+                "`luksify disable --state-dir {}` again",
+                fx.state.display()
+            )),
         "{s}"
     );
 

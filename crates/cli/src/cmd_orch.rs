@@ -314,24 +314,7 @@ fn finish_in(state_dir: Option<PathBuf>, r: Result<ExitCode, Failure>) -> anyhow
     }))
 }
 
-fn with_state_dir(msg: &str, dir: &Path) -> String {
-    let flag = format!(" --state-dir {}", dir.display());
-    let mut out = msg.to_string();
-    for sub in ["resume", "disable", "enable", "open", "close", "status"] {
-        let pat = format!("`luksify {sub}");
-        let mut from = 0;
-        while let Some(i) = out[from..].find(&pat).map(|i| i + from) {
-            let end = i + pat.len();
-            let rest = &out[end..];
-            // A whole word, and not already given a state directory.
-            if rest.starts_with(['`', ' ']) && !rest.starts_with(" --state-dir") {
-                out.insert_str(end, &flag);
-            }
-            from = end;
-        }
-    }
-    out
-}
+use luksify_orchestrator::status::with_state_dir;
 
 /// Prints a failure as one line and turns it into its exit code.
 fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
@@ -570,6 +553,10 @@ fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode
     let mut s = status::load(&dir)?;
     let mounts = luksify_orchestrator::mountinfo::read().unwrap_or_default();
     status::apply_live_state(&mut s, &mounts, Some(&dir));
+    // A command the message suggests must act on this state directory when run as said.
+    if let Some(d) = &state_dir {
+        s.progress_message = with_state_dir(&s.progress_message, d);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -864,30 +851,4 @@ fn cmd_disable(
         }
         Ok(ExitCode::from(exit::OK))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_state_dir;
-    use std::path::Path;
-
-    #[test]
-    fn suggested_commands_carry_the_state_dir_given() {
-        let d = Path::new("/s");
-        assert_eq!(
-            with_state_dir(
-                "stopped at 40% on request; run `luksify resume` to finish it, or `luksify close luksify-loop0`",
-                d
-            ),
-            "stopped at 40% on request; run `luksify resume --state-dir /s` to finish it, or `luksify close --state-dir /s luksify-loop0`"
-        );
-        // Already given one (the run's own), another word, or no command: unchanged.
-        for same in [
-            "run `luksify resume --state-dir /t` to finish it",
-            "`luksify resumed` is not a command",
-            "luksify resume, unquoted",
-        ] {
-            assert_eq!(with_state_dir(same, d), same);
-        }
-    }
 }

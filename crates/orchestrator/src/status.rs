@@ -456,7 +456,7 @@ pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
     }
     match std::env::var_os("LUKSIFY_STATE_DIR") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from("/var/lib/luksify"),
+        _ => PathBuf::from(DEFAULT_STATE_DIR),
     }
 }
 
@@ -505,8 +505,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// `msg` with every `luksify CMD` it suggests given `--state-dir DIR`: followed
+/// literally, the command must act on the same state directory.
+pub fn with_state_dir(msg: &str, dir: &Path) -> String {
+    let flag = format!(" --state-dir {}", dir.display());
+    let mut out = msg.to_string();
+    for sub in ["resume", "disable", "enable", "open", "close", "status"] {
+        let pat = format!("`luksify {sub}");
+        let mut from = 0;
+        while let Some(i) = out[from..].find(&pat).map(|i| i + from) {
+            let end = i + pat.len();
+            let rest = &out[end..];
+            // A whole word, and not already given a state directory.
+            if rest.starts_with(['`', ' ']) && !rest.starts_with(" --state-dir") {
+                out.insert_str(end, &flag);
+            }
+            from = end;
+        }
+    }
+    out
+}
+
+/// Where the state lives unless `--state-dir` or `LUKSIFY_STATE_DIR` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/luksify";
+
 pub fn save(dir: &Path, s: &Status) -> std::io::Result<()> {
     let mut s = s.clone();
+    // An agent reading the file, or a user told by it, runs the command as written.
+    if dir != Path::new(DEFAULT_STATE_DIR) {
+        s.progress_message = with_state_dir(&s.progress_message, dir);
+        for v in &mut s.volumes {
+            v.error = v.error.as_deref().map(|e| with_state_dir(e, dir));
+        }
+    }
     s.version = 1;
     s.updated_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -804,6 +835,26 @@ mod tests {
             "{}",
             s.progress_message
         );
+    }
+
+    #[test]
+    fn suggested_commands_carry_the_state_dir_given() {
+        let d = Path::new("/s");
+        assert_eq!(
+            with_state_dir(
+                "stopped at 40% on request; run `luksify resume` to finish it, or `luksify close luksify-loop0`",
+                d
+            ),
+            "stopped at 40% on request; run `luksify resume --state-dir /s` to finish it, or `luksify close --state-dir /s luksify-loop0`"
+        );
+        // Already given one (the run's own), another word, or no command: unchanged.
+        for same in [
+            "run `luksify resume --state-dir /t` to finish it",
+            "`luksify resumed` is not a command",
+            "luksify resume, unquoted",
+        ] {
+            assert_eq!(with_state_dir(same, d), same);
+        }
     }
 
     #[test]
