@@ -2085,3 +2085,68 @@ fn walker_an_error_on_a_terminal_starts_its_own_line_after_the_progress_bar() {
         );
     }
 }
+
+/// `--reduce-device-size` takes the device's last bytes: a swap area or a btrfs that
+/// reaches into them would be cut. Both were encrypted regardless (only ext2/3/4 and
+/// xfs superblocks were read); each is now refused before any write, with what to do.
+/// A swap area made to leave the end free is encrypted, and decrypts to the original.
+#[test]
+fn walker_refuses_a_swap_area_or_btrfs_reaching_into_the_shift_area() {
+    require_tool("mkswap");
+    require_tool("mkfs.btrfs");
+    let shifted = |k: &Case| {
+        run(luksify(&[
+            "encrypt",
+            &k.img(),
+            "--key-file",
+            &k.key(),
+            "--reduce-device-size",
+            "8M",
+        ])
+        .args(FAST))
+    };
+    // mkswap over the whole image, then one that leaves the last 8 MiB (24 MiB in KiB).
+    let (c, _) = Case::new(32, 71);
+    run_ok(Command::new("mkswap").args(["-q", &c.img()]));
+    let before = std::fs::read(c.p("img")).unwrap();
+    let out = shifted(&c);
+    assert_refused_in_one_line(&out, "the swap area spans 33554432 bytes", "swap");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mkswap DEV 24576"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(same(&std::fs::read(c.p("img")).unwrap(), &before));
+    run_ok(Command::new("mkswap").args(["-q", &c.img(), "24576"]));
+    let before = std::fs::read(c.p("img")).unwrap();
+    let out = shifted(&c);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = c.p("moved.hdr").display().to_string();
+    run_ok(&mut luksify(&[
+        "decrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &moved,
+    ]));
+    let now = std::fs::read(c.p("img")).unwrap();
+    let kept = 24 << 20;
+    assert!(same(&now[..kept], &before[..kept]), "the swap area changed");
+    // btrfs over the whole image (its smallest default size is about 114 MiB).
+    let (b, _) = Case::new(160, 72);
+    run_ok(Command::new("mkfs.btrfs").args(["-q", "-f", &b.img()]));
+    let before = std::fs::read(b.p("img")).unwrap();
+    let out = shifted(&b);
+    assert_refused_in_one_line(&out, "the btrfs filesystem spans 167772160 bytes", "btrfs");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("btrfs filesystem resize -8M"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(same(&std::fs::read(b.p("img")).unwrap(), &before));
+}

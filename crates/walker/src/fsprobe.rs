@@ -1,6 +1,7 @@
-//! Minimal filesystem superblock readers: how many bytes of the device a
-//! filesystem claims, and the smallest I/O it issues. Used to refuse a data shift
-//! that would cut into it, and an encryption sector larger than its blocks.
+//! Minimal superblock readers (ext2/3/4, xfs, btrfs, swap): how many bytes of the
+//! device a filesystem or swap area claims, and the smallest I/O it issues. Used to
+//! refuse a data shift that would cut into it, and an encryption sector larger than
+//! its blocks.
 
 use luksify_luks::io::Disk;
 use std::io;
@@ -20,6 +21,9 @@ pub struct FsExtent {
 pub enum FsKind {
     Ext,
     Xfs,
+    Btrfs,
+    /// A Linux swap area (mkswap, version 1).
+    Swap,
 }
 
 impl FsKind {
@@ -27,9 +31,32 @@ impl FsKind {
         match self {
             FsKind::Ext => "ext2/3/4",
             FsKind::Xfs => "xfs",
+            FsKind::Btrfs => "btrfs",
+            FsKind::Swap => "swap",
+        }
+    }
+
+    /// "the ext2/3/4 filesystem", "the swap area".
+    pub fn noun(self) -> String {
+        match self {
+            FsKind::Swap => "the swap area".into(),
+            k => format!("the {} filesystem", k.name()),
         }
     }
 }
+
+/// btrfs's primary superblock, and where in it the magic, the sector size and this
+/// device's `dev_item.total_bytes` (the bytes of the device it may use) are.
+const BTRFS_SB_OFFSET: u64 = 64 << 10;
+const BTRFS_MAGIC: &[u8; 8] = b"_BHRfS_M";
+const BTRFS_MAGIC_AT: usize = 0x40;
+const BTRFS_SECTORSIZE_AT: usize = 0x90;
+const BTRFS_DEV_TOTAL_BYTES_AT: usize = 0xc9 + 8;
+
+/// A version-1 swap header ends its first page with this; the page size is the
+/// kernel's that ran mkswap (4 KiB on x86, up to 64 KiB elsewhere).
+const SWAP_MAGIC: &[u8; 10] = b"SWAPSPACE2";
+const SWAP_LAST_PAGE_AT: usize = 1028;
 
 const EXT_SB_OFFSET: u64 = 1024;
 const EXT_MAGIC: u16 = 0xEF53;
@@ -70,7 +97,63 @@ pub fn probe<D: Disk + ?Sized>(disk: &D) -> io::Result<Option<FsExtent>> {
             block_size: block,
         }));
     }
+    if let Some(f) = swap(disk, &sb)? {
+        return Ok(Some(f));
+    }
+    btrfs(disk)
+}
+
+/// A version-1 swap area: `last_page + 1` pages (little-endian, as x86 writes it).
+fn swap<D: Disk + ?Sized>(disk: &D, first: &[u8]) -> io::Result<Option<FsExtent>> {
+    for page in [4096usize, 8192, 16384, 65536] {
+        let mut buf;
+        let p: &[u8] = if page <= first.len() {
+            &first[..page]
+        } else {
+            if disk.size()? < page as u64 {
+                break;
+            }
+            buf = vec![0u8; page];
+            disk.read_at(0, &mut buf)?;
+            &buf
+        };
+        if &p[page - SWAP_MAGIC.len()..] == SWAP_MAGIC {
+            let last = u32::from_le_bytes(
+                p[SWAP_LAST_PAGE_AT..SWAP_LAST_PAGE_AT + 4]
+                    .try_into()
+                    .expect("4 bytes"),
+            ) as u64;
+            return Ok(Some(FsExtent {
+                kind: FsKind::Swap,
+                size: (last + 1).saturating_mul(page as u64),
+                block_size: page as u64,
+            }));
+        }
+    }
     Ok(None)
+}
+
+/// btrfs: this device's `dev_item.total_bytes` in the primary superblock.
+fn btrfs<D: Disk + ?Sized>(disk: &D) -> io::Result<Option<FsExtent>> {
+    if disk.size()? < BTRFS_SB_OFFSET + 4096 {
+        return Ok(None);
+    }
+    let mut sb = vec![0u8; 4096];
+    disk.read_at(BTRFS_SB_OFFSET, &mut sb)?;
+    if &sb[BTRFS_MAGIC_AT..BTRFS_MAGIC_AT + 8] != BTRFS_MAGIC {
+        return Ok(None);
+    }
+    let le = |o: usize, n: usize| {
+        sb[o..o + n]
+            .iter()
+            .rev()
+            .fold(0u64, |a, b| (a << 8) | *b as u64)
+    };
+    Ok(Some(FsExtent {
+        kind: FsKind::Btrfs,
+        size: le(BTRFS_DEV_TOTAL_BYTES_AT, 8),
+        block_size: le(BTRFS_SECTORSIZE_AT, 4),
+    }))
 }
 
 #[cfg(test)]
@@ -107,6 +190,48 @@ mod tests {
                 kind: FsKind::Xfs,
                 size: 12345 * 4096,
                 block_size: 512,
+            }
+        );
+    }
+
+    #[test]
+    fn swap_spans_last_page_plus_one_pages() {
+        let mut v = vec![0u8; 8192];
+        v[4096 - 10..4096].copy_from_slice(SWAP_MAGIC);
+        v[1024..1028].copy_from_slice(&1u32.to_le_bytes());
+        v[1028..1032].copy_from_slice(&99u32.to_le_bytes());
+        let got = probe(&MemDisk::from_vec(v)).unwrap().unwrap();
+        assert_eq!(
+            got,
+            FsExtent {
+                kind: FsKind::Swap,
+                size: 100 * 4096,
+                block_size: 4096,
+            }
+        );
+        // Made with 64 KiB pages (an arm64 or ppc64 kernel's mkswap).
+        let mut v = vec![0u8; 128 << 10];
+        v[(64 << 10) - 10..64 << 10].copy_from_slice(SWAP_MAGIC);
+        v[1028..1032].copy_from_slice(&9u32.to_le_bytes());
+        let got = probe(&MemDisk::from_vec(v)).unwrap().unwrap();
+        assert_eq!((got.kind, got.size), (FsKind::Swap, 10 * (64 << 10)));
+    }
+
+    #[test]
+    fn btrfs_dev_item_total_bytes() {
+        let mut v = vec![0u8; 128 << 10];
+        let sb = &mut v[64 << 10..(64 << 10) + 4096];
+        sb[BTRFS_MAGIC_AT..BTRFS_MAGIC_AT + 8].copy_from_slice(BTRFS_MAGIC);
+        sb[BTRFS_SECTORSIZE_AT..BTRFS_SECTORSIZE_AT + 4].copy_from_slice(&4096u32.to_le_bytes());
+        sb[BTRFS_DEV_TOTAL_BYTES_AT..BTRFS_DEV_TOTAL_BYTES_AT + 8]
+            .copy_from_slice(&(300u64 << 20).to_le_bytes());
+        let got = probe(&MemDisk::from_vec(v)).unwrap().unwrap();
+        assert_eq!(
+            got,
+            FsExtent {
+                kind: FsKind::Btrfs,
+                size: 300 << 20,
+                block_size: 4096,
             }
         );
     }

@@ -771,9 +771,9 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     // used through the encrypted device (cryptsetup refuses it the same way).
     if let Some(fs) = fs.filter(|f| f.block_size != 0 && f.block_size < sector) {
         return Err(Error::Refused(format!(
-            "--sector-size {sector} is larger than the {}-byte blocks of the {} filesystem on the device, which could then not be used; use --sector-size {} or less (nothing was written)",
+            "--sector-size {sector} is larger than the {}-byte blocks of {} on the device, which could then not be used; use --sector-size {} or less (nothing was written)",
             fs.block_size,
-            fs.kind.name(),
+            fs.kind.noun(),
             fs.block_size
         )));
     }
@@ -845,10 +845,19 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                             data_size / 1024
                         ),
                         fsprobe::FsKind::Xfs => "xfs cannot shrink: keep the header in a file instead (--header FILE, no --reduce-device-size)".to_string(),
+                        fsprobe::FsKind::Btrfs => format!(
+                            "shrink it by at least {} MiB first while it is mounted (btrfs filesystem resize -{}M MOUNTPOINT; btrfs shrinks only online), or keep the header in a file (--header FILE, no --reduce-device-size)",
+                            (fs.size - data_size).div_ceil(1 << 20),
+                            (fs.size - data_size).div_ceil(1 << 20)
+                        ),
+                        fsprobe::FsKind::Swap => format!(
+                            "a swap area keeps nothing across a reboot: swapoff it and make it again leaving the end free (mkswap DEV {}), or keep the header in a file (--header FILE, no --reduce-device-size)",
+                            data_size / 1024
+                        ),
                     };
                     return Err(Error::Refused(format!(
-                        "the {} filesystem spans {} bytes but only {data_size} may stay in use: the last {reduce} bytes must be free; {fix} (nothing was written)",
-                        fs.kind.name(), fs.size
+                        "{} spans {} bytes but only {data_size} may stay in use: the last {reduce} bytes must be free; {fix} (nothing was written)",
+                        fs.kind.noun(), fs.size
                     )));
                 }
             }
