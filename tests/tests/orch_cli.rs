@@ -12,6 +12,17 @@ fn luksify(state: &Path) -> Command {
     c
 }
 
+/// `CMD open DEV NAME --key-file KEY --userspace` (a userspace view: FUSE + loop).
+fn open_userspace(mut cmd: Command, dev: &Path, name: &str, key: &Path) -> Command {
+    cmd.arg("open")
+        .arg(dev)
+        .arg(name)
+        .arg("--key-file")
+        .arg(key)
+        .arg("--userspace");
+    cmd
+}
+
 fn read_status(state: &Path) -> serde_json::Value {
     std::fs::read(state.join("status.json"))
         .ok()
@@ -738,15 +749,7 @@ fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
     // Doing what it says brings the files back.
     run_ok(Command::new("umount").arg(&fx.mnt));
     run_ok(fx.cmd().args(["close", &name]));
-    run_ok(
-        fx.cmd()
-            .arg("open")
-            .arg(fx.dev())
-            .arg(&name)
-            .arg("--key-file")
-            .arg(&fx.key)
-            .arg("--userspace"),
-    );
+    run_ok(&mut open_userspace(fx.cmd(), &fx.dev(), &name, &fx.key));
     run_ok(
         Command::new("mount")
             .arg(PathBuf::from("/dev/mapper").join(&name))
@@ -980,17 +983,7 @@ fn root_orch_stale_userspace_record_leaves_a_reused_loop_device_alone() {
     let lo = LoopDev::attach(&img);
     let state = dir.path().join("state");
     let name = format!("stale{}", std::process::id());
-    let open = || {
-        run_ok(
-            luksify(&state)
-                .arg("open")
-                .arg(&lo.path)
-                .arg(&name)
-                .arg("--key-file")
-                .arg(&key)
-                .arg("--userspace"),
-        )
-    };
+    let open = || run_ok(&mut open_userspace(luksify(&state), &lo.path, &name, &key));
     open();
     let rec_path = state.join("maps").join(format!("{name}.json"));
     let saved: serde_json::Value =
@@ -1094,15 +1087,7 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     std::fs::create_dir(&mnt).unwrap();
     let name = format!("orchrt{}", std::process::id());
     let open = |state: &Path| {
-        run_ok(
-            luksify(state)
-                .arg("open")
-                .arg(&lo.path)
-                .arg(&name)
-                .arg("--key-file")
-                .arg(&key)
-                .arg("--userspace"),
-        );
+        run_ok(&mut open_userspace(luksify(state), &lo.path, &name, &key));
     };
     open(&state);
     let mapped = PathBuf::from("/dev/mapper").join(&name);
@@ -1215,15 +1200,7 @@ fn root_orch_a_stopped_mapping_daemon_hangs_neither_check_nor_the_candidate_list
     let lo = LoopDev::attach(&img);
     let state = dir.path().join("state");
     let name = format!("orchstop{}", std::process::id());
-    run_ok(
-        luksify(&state)
-            .arg("open")
-            .arg(&lo.path)
-            .arg(&name)
-            .arg("--key-file")
-            .arg(&key)
-            .arg("--userspace"),
-    );
+    run_ok(&mut open_userspace(luksify(&state), &lo.path, &name, &key));
     let mapped = PathBuf::from("/dev/mapper").join(&name);
     run_ok(Command::new("mkfs.ext4").arg("-q").arg(&mapped));
     let view = std::fs::canonicalize(&mapped).unwrap();

@@ -190,7 +190,8 @@ fn detached_resume(c: &Case) -> Command {
     ])
 }
 
-/// `luksify decrypt` of `c`'s image with its detached header.
+/// `luksify decrypt` of `c`'s image with its detached header (or, header in front, the
+/// new file it moves to).
 fn detached_decrypt(c: &Case) -> Command {
     luksify(&[
         "decrypt",
@@ -2017,15 +2018,8 @@ fn walker_resume_of_a_cryptsetup_shift_run_on_a_grown_image_says_how_to_go_on() 
     assert_refused_in_one_line(&out, &format!("`truncate -s {was} FILE`"), "grown image");
     run_ok(Command::new("truncate").args(["-s", &was.to_string(), &c.img()]));
     run_ok(&mut luksify(&["resume", &c.img(), "--key-file", &c.key()]));
-    let moved = c.p("moved").display().to_string();
-    run_ok(&mut luksify(&[
-        "decrypt",
-        &c.img(),
-        "--key-file",
-        &c.key(),
-        "--header",
-        &moved,
-    ]));
+    // Header in front: --header names the new file it moves to.
+    run_ok(&mut detached_decrypt(&c));
     let data = SIZE - (8 << 20);
     let now = std::fs::read(c.p("img")).unwrap();
     assert!(now[..data] == orig[..data], "plaintext differs");
@@ -2105,18 +2099,22 @@ fn walker_refuses_a_swap_area_or_btrfs_reaching_into_the_shift_area() {
         ])
         .args(FAST))
     };
+    // Refused in one line that says `says` and `fix`, the image unchanged.
+    let refused = |k: &Case, says: &str, fix: &str| {
+        let before = std::fs::read(k.p("img")).unwrap();
+        let out = shifted(k);
+        assert_refused_in_one_line(&out, says, fix);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(fix),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(same(&std::fs::read(k.p("img")).unwrap(), &before));
+    };
     // mkswap over the whole image, then one that leaves the last 8 MiB (24 MiB in KiB).
     let (c, _) = Case::new(32, 71);
     run_ok(Command::new("mkswap").args(["-q", &c.img()]));
-    let before = std::fs::read(c.p("img")).unwrap();
-    let out = shifted(&c);
-    assert_refused_in_one_line(&out, "the swap area spans 33554432 bytes", "swap");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("mkswap DEV 24576"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(same(&std::fs::read(c.p("img")).unwrap(), &before));
+    refused(&c, "the swap area spans 33554432 bytes", "mkswap DEV 24576");
     run_ok(Command::new("mkswap").args(["-q", &c.img(), "24576"]));
     let before = std::fs::read(c.p("img")).unwrap();
     let out = shifted(&c);
@@ -2125,28 +2123,17 @@ fn walker_refuses_a_swap_area_or_btrfs_reaching_into_the_shift_area() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let moved = c.p("moved.hdr").display().to_string();
-    run_ok(&mut luksify(&[
-        "decrypt",
-        &c.img(),
-        "--key-file",
-        &c.key(),
-        "--header",
-        &moved,
-    ]));
+    // Header in front: --header names the new file it moves to.
+    run_ok(&mut detached_decrypt(&c));
     let now = std::fs::read(c.p("img")).unwrap();
     let kept = 24 << 20;
     assert!(same(&now[..kept], &before[..kept]), "the swap area changed");
     // btrfs over the whole image (its smallest default size is about 114 MiB).
     let (b, _) = Case::new(160, 72);
     run_ok(Command::new("mkfs.btrfs").args(["-q", "-f", &b.img()]));
-    let before = std::fs::read(b.p("img")).unwrap();
-    let out = shifted(&b);
-    assert_refused_in_one_line(&out, "the btrfs filesystem spans 167772160 bytes", "btrfs");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("btrfs filesystem resize -8M"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    refused(
+        &b,
+        "the btrfs filesystem spans 167772160 bytes",
+        "btrfs filesystem resize -8M",
     );
-    assert!(same(&std::fs::read(b.p("img")).unwrap(), &before));
 }
