@@ -422,7 +422,10 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
                     RunStage::NotStarted => {
                         "it stopped before writing anything: the device is still plaintext"
                     }
-                    RunStage::Walked if !decrypt => {
+                    RunStage::Walked if decrypt => {
+                        "its walk is done: the device is all plaintext, its last steps (remount, fstab, crypttab) are left"
+                    }
+                    RunStage::Walked => {
                         "its walk is done: the device is all ciphertext, not yet mapped and mounted"
                     }
                     _ => "the device is part plaintext, part ciphertext",
@@ -433,7 +436,7 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
                     format!("run `{resume}` to map and mount it again")
                 }
                 RunStage::NotStarted => format!("run `{resume}` to start it again"),
-                RunStage::Walked if !decrypt => format!("run `{resume}` to map and mount it"),
+                RunStage::Walked => format!("run `{resume}` to finish its last steps"),
                 _ => format!("run `{resume}` to finish it"),
             },
         }

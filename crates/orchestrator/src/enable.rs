@@ -1505,6 +1505,7 @@ fn resume_one(
     idx: usize,
     pos: (usize, usize),
 ) -> Result<()> {
+    adopt_key_file(sw, idx, req, passphrase_override);
     let v = sw.status.volumes[idx].clone();
     if v.state == VolumeState::DecryptionInProgress {
         let key = read_recorded_key(&v, passphrase_override)?;
@@ -1558,6 +1559,13 @@ fn resume_one(
                     }
                     _ => {}
                 }
+            }
+            // Started again under the passphrase given now: its key file is the one.
+            let mut v = v;
+            if passphrase_override.is_some() && !req.key_file.as_os_str().is_empty() {
+                let given = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
+                v.key_file = Some(given);
+                sw.status.volumes[idx].key_file = v.key_file.clone();
             }
             return restart_encryption(req, passphrase, &v, sw, idx, pos);
         }
@@ -1692,6 +1700,11 @@ fn resume_decrypt(
     sw.status.volumes[idx].resumed = true;
     sw.active = Some(idx);
     commit(sw)?;
+    if decryption_walked(&header) {
+        // Stopped after the walk, maybe with the plain filesystem already mounted again
+        // (which the exclusive open below would refuse): only the steps after it remain.
+        return finish_disable(sw, idx, Outcome::Finished);
+    }
     let data = open_data(&v.device, "to resume", "is it mounted or mapped?")?;
     let hf = std::fs::OpenOptions::new()
         .read(true)
@@ -1730,6 +1743,18 @@ pub(crate) fn decryption_not_started(device: &Path, header: &Path, in_front: boo
         None => in_front,
     };
     untouched && (!in_front || check::luks_state(device).as_deref() == Some("luks2"))
+}
+
+/// Whether a decryption's walk is over: its header shows no run and no crypt segment
+/// left (the data is all plaintext).
+pub(crate) fn decryption_walked(header: &Path) -> bool {
+    std::fs::File::open(header)
+        .ok()
+        .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())
+        .is_some_and(|(h, _)| {
+            matches!(luksify_luks::reencrypt::state(&h.metadata), Ok(None))
+                && h.data_segment().is_err()
+        })
 }
 
 /// `7:0` back into a device number.
@@ -1830,6 +1855,7 @@ pub fn disable(
         let Some(idx) = sw.status.volumes.iter().position(|v| &v.device == device) else {
             continue;
         };
+        adopt_key_file(&mut sw, idx, req, passphrase_override);
         let r = read_recorded_key(&sw.status.volumes[idx], passphrase_override)
             .and_then(|key| disable_one(req, &key, &mut sw, idx, (i, count)));
         if let Err(e) = r {
@@ -1840,6 +1866,23 @@ pub fn disable(
     sw.status.pid = None;
     commit(&mut sw)?;
     Ok(count)
+}
+
+/// The `--key-file` given to `resume` or `disable`, once it opens the volume's header,
+/// becomes the volume's recorded key file: crypttab and a later `resume` then use it
+/// (the one recorded at enable may be gone, which is why it was given).
+fn adopt_key_file(sw: &mut StatusWriter, idx: usize, req: &EnableRequest, over: Option<&[u8]>) {
+    let v = &sw.status.volumes[idx];
+    let Some(p) = over else { return };
+    if req.key_file.as_os_str().is_empty() {
+        return;
+    }
+    let given = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
+    if v.key_file.as_ref() != Some(&given)
+        && passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), p)
+    {
+        sw.status.volumes[idx].key_file = Some(given);
+    }
 }
 
 fn read_recorded_key(v: &VolumeStatus, over: Option<&[u8]>) -> Result<zeroize::Zeroizing<Vec<u8>>> {

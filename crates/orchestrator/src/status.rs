@@ -269,16 +269,19 @@ pub enum RunStage {
     NotStarted,
     /// Part plaintext, part ciphertext.
     Walking,
-    /// An encryption's walk is done; mapping and mounting are left.
+    /// The walk is done; the steps after it (map or remount, fstab, crypttab) are left.
     Walked,
 }
 
 /// [`RunStage`] of volume `v` (in progress in the status file of `state_dir`). A header
 /// that cannot be opened (not root, say) is not "no header": `Walking` then.
 pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
-    use crate::enable::{decryption_not_started, header_progress, HeaderProgress};
+    use crate::enable::{
+        decryption_not_started, decryption_walked, header_progress, HeaderProgress,
+    };
     if v.state == VolumeState::DecryptionInProgress {
         return match (&v.header, state_dir) {
+            (Some(h), _) if decryption_walked(h) => RunStage::Walked,
             (Some(h), Some(d))
                 if decryption_not_started(&v.device, h, h.starts_with(d.join("headers"))) =>
             {
@@ -301,21 +304,22 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
 /// What an interrupted run's volume needs, from [`run_stage`].
 fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
     let dev = v.device.display();
-    let gone = "its luksify process is gone";
+    let went = "its luksify process went away";
     let decrypt = v.state == VolumeState::DecryptionInProgress;
+    let what = if decrypt { "Decryption" } else { "Encryption" };
     match run_stage(v, state_dir) {
         RunStage::NotStarted if decrypt => format!(
-            "Decryption of {dev} had not started when {gone}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable` decrypts it"
+            "Decryption of {dev} had not started when {went}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable` decrypts it"
         ),
         RunStage::NotStarted => format!(
-            "Encryption of {dev} had not started when {gone} (nothing was encrypted); `luksify resume` starts it again"
+            "Encryption of {dev} had not started when {went} (nothing was encrypted); `luksify resume` starts it again"
         ),
-        RunStage::Walked if !decrypt => format!(
-            "Encryption of {dev} finished, but {gone} before it mapped and mounted it; `luksify resume` does that"
+        RunStage::Walked => format!(
+            "{what} of {dev} finished its walk, but {went} before the steps after it ({}, fstab, crypttab); `luksify resume` does them",
+            if decrypt { "remount" } else { "map, mount" }
         ),
-        _ => format!(
-            "{} of {dev} interrupted at {}% ({gone}); `luksify resume` finishes it",
-            if decrypt { "Decryption" } else { "Encryption" },
+        RunStage::Walking => format!(
+            "{what} of {dev} interrupted at {}% (its luksify process is gone); `luksify resume` finishes it",
             v.percent.floor() as u64
         ),
     }
