@@ -2137,3 +2137,65 @@ fn walker_refuses_a_swap_area_or_btrfs_reaching_into_the_shift_area() {
         "btrfs filesystem resize -8M",
     );
 }
+
+/// A data-shift start cut during its first header write, then the device grows (a
+/// cloud disk or an LV extended) before the rerun: the start marker no longer sat where
+/// the new size puts it, so `resume` said there was no run and the same `encrypt` began
+/// afresh over the head, losing ~1 MiB of the filesystem (reported exit 0 throughout).
+/// Now every command is refused, nothing written, naming the size to give back; once
+/// given back, the same command finishes and the filesystem's bytes decrypt intact.
+#[test]
+fn walker_shift_start_cut_then_device_grown_is_refused_until_its_size_is_back() {
+    require_tool("strace");
+    require_tool("mkfs.ext4");
+    let (c, _) = Case::new(48, 5);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "40M"]));
+    let orig = std::fs::read(c.p("img")).unwrap();
+    let (img, key) = (c.img(), c.key());
+    let mut args = vec![
+        "encrypt",
+        &img,
+        "--key-file",
+        &key,
+        "--reduce-device-size",
+        "8M",
+    ];
+    args.extend(FAST);
+    args.extend(SMALL);
+    // The 3rd fdatasync: the moved copy and the marker are durable, the keyslots
+    // area (random bytes over the head from 32 KiB) is being made so.
+    let cut = run(Command::new("strace")
+        .args(["-f", "-o", "/dev/null"])
+        .args(["-e", "inject=fdatasync:signal=SIGKILL:when=3"])
+        .arg(luksify_bin())
+        .args(&args));
+    assert!(!cut.status.success(), "the run was not cut");
+    let was = orig.len() as u64;
+    let other_hdr = c.p("other.hdr").display().to_string();
+    let mut detached = vec!["encrypt", &img, "--key-file", &key, "--header", &other_hdr];
+    detached.extend(FAST);
+    let resume = vec!["resume", &img, "--key-file", &key];
+    // Grown by whole MiB, and by a part of one (found at the filesystem's end).
+    for grow in [4u64 << 20, 1536 << 10] {
+        run_ok(Command::new("truncate").args(["-s", &(was + grow).to_string(), &img]));
+        let now = std::fs::read(c.p("img")).unwrap();
+        for (cmd, what) in [
+            (&args, "the same encrypt"),
+            (&detached, "a detached encrypt"),
+            (&resume, "resume"),
+        ] {
+            let out = run(&mut luksify(cmd));
+            assert_refused_in_one_line(&out, &format!("`truncate -s {was} FILE`"), what);
+            assert!(
+                std::fs::read(c.p("img")).unwrap() == now,
+                "{what} after growing by {grow}: the image changed"
+            );
+        }
+    }
+    run_ok(Command::new("truncate").args(["-s", &was.to_string(), &img]));
+    run_ok(&mut luksify(&args));
+    run_ok(&mut detached_decrypt(&c));
+    let back = std::fs::read(c.p("img")).unwrap();
+    let fs = 40 << 20;
+    assert!(same(&back[..fs], &orig[..fs]), "filesystem bytes differ");
+}

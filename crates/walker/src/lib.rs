@@ -691,9 +691,14 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
     let fs_end = fsprobe::probe(data)
         .map_err(|e| Error::io("read superblock", e))?
         .map_or(0, |f| f.size);
-    let Some(shift) = find_init_marker_within(data, dev_size, dev_size.saturating_sub(fs_end))?
-    else {
-        return Ok(());
+    let shift = match find_init_marker_within(data, dev_size, dev_size.saturating_sub(fs_end))? {
+        Some(shift) => shift,
+        // Its reduction not whole MiB twice over, or the device resized since.
+        None => match start_marker_anywhere(data, dev_size, fs_end)? {
+            Some(m) if m.dev_size != dev_size => return Err(m.refusal(dev_size)),
+            Some(m) => m.shift,
+            None => return Ok(()),
+        },
     };
     if matches!(placement, Placement::Shift { reduce } if !detached && reduce == 2 * shift) {
         return Ok(());
@@ -1063,6 +1068,69 @@ fn write_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Res
     data.write_at(marker_offset(dev_size, s.size), &m)
         .map_err(|e| Error::io("write start marker", e))?;
     data.flush().map_err(|e| Error::io("flush start marker", e))
+}
+
+/// A start marker found on the device, maybe written when it had another size.
+struct FoundStart {
+    /// The device's size then.
+    dev_size: u64,
+    shift: u64,
+}
+
+impl FoundStart {
+    fn refusal(&self, now: u64) -> Error {
+        Error::Refused(format!(
+            "an interrupted `luksify encrypt --reduce-device-size {}M` start is on this device, which was {} bytes then and is {now} now: its first {} MiB are only in the copy moved to byte {}; give the device back its size of {} bytes (an image file: `truncate -s {} FILE`) and run that same command again (nothing was written)",
+            (2 * self.shift) >> 20,
+            self.dev_size,
+            self.shift >> 20,
+            self.dev_size - self.shift,
+            self.dev_size,
+            self.dev_size
+        ))
+    }
+}
+
+/// A start marker (valid in itself) at `pos`, whatever device size it records, as long
+/// as it sits where that size puts it: (recorded size, shift).
+fn marker_at<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<(u64, u64)>> {
+    let mut m = device::AlignedBuf::new(4096);
+    data.read_at(pos, &mut m)
+        .map_err(|e| Error::io("read start marker", e))?;
+    if &m[..16] != INIT_MAGIC || sha2::Sha256::digest(&m[..64])[..] != m[64..96] {
+        return Ok(None);
+    }
+    let le = |r: std::ops::Range<usize>| u64::from_le_bytes(m[r].try_into().expect("8 bytes"));
+    let (rec_dev, shift) = (le(16..24), le(24..32));
+    Ok((shift > 0 && rec_dev.checked_sub(2 * shift) == Some(pos)).then_some((rec_dev, shift)))
+}
+
+/// A `--reduce-device-size` start cut during its first header write, found without
+/// knowing its reduction or the device's size then: on a device that has grown since
+/// (a cloud disk or an LV extended before the rerun) its marker is no longer where the
+/// current size puts it, and a fresh `encrypt` overwrote the moved first part. Looked
+/// for at the filesystem's end (the marker sits where the filesystem was shrunk to) and
+/// at every whole MiB from the end down to it.
+fn start_marker_anywhere<D: Disk + ?Sized>(
+    data: &D,
+    dev_size: u64,
+    fs_end: u64,
+) -> Result<Option<FoundStart>> {
+    let at_fs_end =
+        (fs_end > 0 && fs_end.is_multiple_of(4096) && fs_end + 8192 <= dev_size).then_some(fs_end);
+    let from_end = (1..=2048u64)
+        .map(|mib| mib << 20)
+        .take_while(|back| *back + 8192 <= dev_size && dev_size - back >= fs_end)
+        .map(|back| dev_size - back);
+    for pos in at_fs_end.into_iter().chain(from_end) {
+        if let Some((rec_dev, shift)) = marker_at(data, pos)? {
+            return Ok(Some(FoundStart {
+                dev_size: rec_dev,
+                shift,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> Result<bool> {
@@ -1499,6 +1567,14 @@ fn no_header_to_resume(
                 "the encryption was stopped while writing its first header (the moved start of the device is intact): run the same `luksify encrypt --reduce-device-size {}M` command again to continue",
                 (2 * shift) >> 20
             )));
+        }
+        let fs_end = fsprobe::probe(data)
+            .map_err(|e| Error::io("read superblock", e))?
+            .map_or(0, |f| f.size);
+        if let Some(m) = start_marker_anywhere(data, dev_size, fs_end)? {
+            if m.dev_size != dev_size {
+                return Ok(m.refusal(dev_size));
+            }
         }
         if matches!(e, luksify_luks::Error::NotLuks) {
             return Ok(Error::Refused(
