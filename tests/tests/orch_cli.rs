@@ -1091,6 +1091,21 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     };
     open(&state);
     let mapped = PathBuf::from("/dev/mapper").join(&name);
+    // `enable` of the mapped device: already encrypted and mapped (exit 3), not "in use
+    // by a run, wait for it" (exit 4), which an agent would retry for ever.
+    let out = run(luksify(&state)
+        .env("LUKSIFY_ETC_DIR", dir.path().join("etc"))
+        .args(["enable", "--volume-type", "data", "--volume"])
+        .arg(&lo.path)
+        .arg("--key-file")
+        .arg(&key));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!("is open as luksify's userspace mapping {name}"))
+            && !err.contains("wait for that run"),
+        "{err}"
+    );
     // A second mapping of the same device: busy (exit 4), naming the first mapping here,
     // and its daemon's pid from another state directory.
     let daemon = serde_json::from_slice::<serde_json::Value>(

@@ -691,7 +691,35 @@ pub fn check_resolved(
         h.kind == holders::HoldKind::OpenDevice
             && ["luksify", "cryptsetup"].contains(&h.command.as_str())
     });
-    if let Some(t) = tools.first() {
+    // luksify's userspace mapping daemon: the volume is encrypted and open already,
+    // which no waiting changes (it said "wait for that run to finish").
+    let daemon_of = |pid: u32| {
+        let argv = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let argv: Vec<String> = argv
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        argv.iter()
+            .any(|a| a == crate::map::SERVE_SUBCOMMAND)
+            .then(|| {
+                argv.iter()
+                    .position(|a| a == "--name")
+                    .and_then(|i| argv.get(i + 1).cloned())
+                    .unwrap_or_default()
+            })
+    };
+    if let Some((t, name)) = tools.iter().find_map(|t| daemon_of(t.pid).map(|n| (t, n))) {
+        push(
+            "already_mapped",
+            Severity::Blocker,
+            format!(
+                "{dev_s} is open as luksify's userspace mapping {name} (daemon pid {})",
+                t.pid
+            ),
+            "it is already encrypted and mapped".into(),
+            format!("nothing to do; `luksify status` lists it, `luksify close {name}` removes the mapping"),
+        );
+    } else if let Some(t) = tools.first() {
         push(
             "busy_run",
             Severity::Blocker,
