@@ -660,7 +660,12 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     let err = stderr(&out);
     assert!(
         err.contains("had not started")
-            && err.contains(&format!("had not reached {} either", other.display())),
+            && err.contains(&format!("had not reached {} either", other.display()))
+            // Run as printed, it must act on this state directory.
+            && err.contains(&format!(
+                "run `luksify disable --state-dir {}` again",
+                a.state.display()
+            )),
         "{err}"
     );
     for fx in [&a, &b] {

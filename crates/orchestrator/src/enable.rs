@@ -1368,7 +1368,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         && !pending.is_empty()
         && decrypting.iter().any(not_started)
     {
-        eprintln!(
+        let said = format!(
             "luksify: the disable had not reached {} either; they stay encrypted: run `luksify disable` again to decrypt them",
             pending
                 .iter()
@@ -1376,6 +1376,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        eprintln!("{}", in_state_dir(&said, &req.state_dir));
         pending.clear();
     }
     let done = |n: usize| Resumed {
@@ -1755,6 +1756,16 @@ pub(crate) fn decryption_walked(header: &Path) -> bool {
             matches!(luksify_luks::reencrypt::state(&h.metadata), Ok(None))
                 && h.data_segment().is_err()
         })
+}
+
+/// `msg` with the commands it suggests given `--state-dir` when `dir` is not the
+/// default one, as the status file's messages are.
+fn in_state_dir(msg: &str, dir: &Path) -> String {
+    if dir == Path::new(crate::status::DEFAULT_STATE_DIR) {
+        msg.to_string()
+    } else {
+        crate::status::with_state_dir(msg, dir)
+    }
 }
 
 /// `7:0` back into a device number.

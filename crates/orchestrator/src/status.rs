@@ -394,6 +394,14 @@ pub fn message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
     // volumes say, not "Encrypting 0 data volumes".
     let op = if op == Operation::Resume && run.is_empty() {
         Operation::None
+    } else if op == Operation::Resume
+        && run
+            .iter()
+            .any(|(_, v)| v.state == VolumeState::DecryptionInProgress)
+    {
+        // A resume finishing a disable: its failures and progress are a decryption's
+        // ("Encryption failed" was said of a decryption that could not go on).
+        Operation::DisableEncryption
     } else {
         op
     };
@@ -795,6 +803,14 @@ mod tests {
         s.volumes[1].percent = 60.0;
         s.refresh(Some(1));
         assert_eq!(s.progress_message, "Resuming decryption after reboot: 60%");
+        // One that cannot go on fails as a decryption (it said "Encryption failed").
+        s.volumes[1].error = Some("cannot open /dev/a to resume".into());
+        s.refresh(None);
+        assert_eq!(
+            s.progress_message,
+            "Decryption failed: cannot open /dev/a to resume"
+        );
+        s.volumes[1].error = None;
         s.volumes[1].state = VolumeState::NotEncrypted;
         s.pid = None;
         s.refresh(None);
