@@ -258,8 +258,51 @@ fn killed_with_token_then_refused(c: &Case, cmd: &Command, flush: u64, what: &st
         d.contains("online-reencrypt") && d.contains("luksify-identity"),
         "{what}: no run in progress with the token at flush {flush}: {d}"
     );
+    assert_token_keyed(c, what);
     assert_resume_refused_on(c, "other", what);
     assert_resume_refused_on(c, "clone", what);
+}
+
+/// The identity token's tags are keyed: none is a plain SHA-256 prefix of any 512-byte
+/// sector of the plaintext or the ciphertext at its probes (they were: a header kept
+/// apart, or left with the token by a run cryptsetup finished, let anyone confirm a
+/// guess of a sector's plaintext).
+fn assert_token_keyed(c: &Case, what: &str) {
+    let out = run_ok(
+        Command::new("cryptsetup")
+            .args(["luksDump", "--dump-json-metadata"])
+            .arg(c.p("hdr")),
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = json["tokens"]
+        .as_object()
+        .and_then(|t| t.values().find(|t| t["type"] == "luksify-identity"))
+        .unwrap_or_else(|| panic!("{what}: no identity token: {json}"));
+    assert_eq!(token["tags"], "keyed-v1", "{what}: {token}");
+    // Each probe holds the plaintext or the ciphertext now (old or new content).
+    let img = std::fs::read(c.p("img")).unwrap();
+    let mut known = std::collections::HashSet::new();
+    for probe in token["probes"].as_array().unwrap() {
+        let at: usize = probe["offset"].as_str().unwrap().parse().unwrap();
+        for sector in img[at..at + 4096].chunks(512) {
+            let d = <sha2::Sha256 as sha2::Digest>::digest(sector);
+            known.insert(
+                d[..8]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+            );
+        }
+        for tag in ["old", "new"]
+            .iter()
+            .flat_map(|k| probe[*k].as_array().unwrap())
+        {
+            assert!(
+                !known.contains(tag.as_str().unwrap()),
+                "{what}: a tag is the plain SHA-256 of a sector at {at}"
+            );
+        }
+    }
 }
 
 /// A detached header's run resumed on a device it did not start on is refused before

@@ -24,6 +24,12 @@
 //! its clean point then: a probe already walked holds its new content, whose old
 //! content is the cipher's inverse; a probe across that point is left out. Until
 //! then it is checked by size only.
+//!
+//! The tags are keyed: SHA-256 over a key derived from the run's cipher (its transform of
+//! a fixed block at a sector no device reaches) and the sector, so a header alone (kept
+//! in a file, backed up, or left with the token by a run cryptsetup finished) holds no
+//! fingerprint of the plaintext. Tokens from before (no `"tags": "keyed-v1"`) hold plain
+//! SHA-256 prefixes and are checked as such.
 
 use crate::{Error, Result};
 use luksify_luks::io::Disk;
@@ -89,9 +95,36 @@ fn probe_offsets(end: u64) -> Vec<u64> {
     v
 }
 
-fn tags(buf: &[u8]) -> Vec<Value> {
+/// The `tags` value of keyed tokens.
+const KEYED: &str = "keyed-v1";
+/// Where the key's block is transformed: sector 2^53, past any device.
+const KEY_BLOCK_AT: u64 = 1 << 62;
+
+/// The key of a run's tags, from its own transform (so only the key holder has it).
+pub(crate) struct TagKey(zeroize::Zeroizing<[u8; 32]>);
+
+impl TagKey {
+    pub(crate) fn of(transform: impl Fn(&mut [u8], u64) -> Result<()>) -> Result<TagKey> {
+        let mut block = zeroize::Zeroizing::new(vec![0u8; PROBE as usize]);
+        transform(&mut block, KEY_BLOCK_AT)?;
+        let mut h = sha2::Sha256::new();
+        h.update(b"luksify-identity tag key\0");
+        h.update(&*block);
+        Ok(TagKey(zeroize::Zeroizing::new(h.finalize().into())))
+    }
+}
+
+/// One tag per 512-byte sector: keyed, or (tokens from before) a plain SHA-256 prefix.
+fn tags(buf: &[u8], key: Option<&TagKey>) -> Vec<Value> {
     buf.chunks(SECTOR)
-        .map(|s| Value::String(hex(&sha2::Sha256::digest(s)[..TAG])))
+        .map(|s| {
+            let mut h = sha2::Sha256::new();
+            if let Some(k) = key {
+                h.update(&k.0[..]);
+            }
+            h.update(s);
+            Value::String(hex(&h.finalize()[..TAG]))
+        })
         .collect()
 }
 
@@ -110,6 +143,7 @@ pub(crate) fn token_at<D: Disk + ?Sized>(
     transform: impl Fn(&mut [u8], u64) -> Result<()>,
     inverse: impl Fn(&mut [u8], u64) -> Result<()>,
     end: u64,
+    key: &TagKey,
 ) -> Result<Option<Token>> {
     let Some(mode) = mode_name(st.mode).filter(|_| applies(st)) else {
         return Ok(None);
@@ -122,13 +156,13 @@ pub(crate) fn token_at<D: Disk + ?Sized>(
         let mut buf = vec![0u8; PROBE as usize];
         data.read_at(st.layout.old_physical(l), &mut buf)
             .map_err(|e| Error::io("read identity probe", e))?;
-        let now = tags(&buf);
+        let now = tags(&buf, Some(key));
         let (old, new) = if done {
             inverse(&mut buf, l)?;
-            (tags(&buf), now)
+            (tags(&buf, Some(key)), now)
         } else {
             transform(&mut buf, l)?;
-            (now, tags(&buf))
+            (now, tags(&buf, Some(key)))
         };
         let mut p = serde_json::Map::new();
         p.insert("offset".into(), Value::String(l.to_string()));
@@ -141,6 +175,7 @@ pub(crate) fn token_at<D: Disk + ?Sized>(
     }
     let mut extra = serde_json::Map::new();
     extra.insert("mode".into(), Value::String(mode.into()));
+    extra.insert("tags".into(), Value::String(KEYED.into()));
     extra.insert("probes".into(), Value::Array(probes));
     Ok(Some(Token {
         kind: TOKEN_TYPE.into(),
@@ -169,7 +204,9 @@ pub(crate) fn check<D: Disk + ?Sized>(
     st: &ReencryptState,
     p: Progress,
     token: &Token,
+    key: &TagKey,
 ) -> Result<()> {
+    let key = (token.extra.get("tags").and_then(Value::as_str) == Some(KEYED)).then_some(key);
     let bad = |why: &str| {
         Error::Refused(format!(
             "the header's identity token is damaged ({why}); nothing was written"
@@ -213,7 +250,7 @@ pub(crate) fn check<D: Disk + ?Sized>(
         }
         data.read_at(at, &mut buf)
             .map_err(|e| Error::io("read identity probe", e))?;
-        for (i, now) in tags(&buf).iter().enumerate() {
+        for (i, now) in tags(&buf, key).iter().enumerate() {
             let pos = l + (i * SECTOR) as u64;
             let state = walked(st.direction, p, pos, SECTOR as u64);
             let ok = match state {

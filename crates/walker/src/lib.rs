@@ -1269,9 +1269,10 @@ fn run_from<D: Disk + Sync + ?Sized>(
     j.st.data_end = Some(end);
     // The device must be the one the run started on (detached headers, see identity):
     // checked before anything is read for the walk or written.
+    let tag_key = identity::TagKey::of(|b: &mut [u8], l: u64| w.transform_serial(b, l))?;
     let has_token = match identity::find(j.hdr.metadata.tokens.values(), &j.st) {
         Some(t) => {
-            identity::check(data, &j.st, p, t)?;
+            identity::check(data, &j.st, p, t, &tag_key)?;
             true
         }
         None => false,
@@ -1284,7 +1285,7 @@ fn run_from<D: Disk + Sync + ?Sized>(
         // this clean point; the next commit writes it.
         let transform = |b: &mut [u8], l: u64| w.transform_serial(b, l);
         let inverse = |b: &mut [u8], l: u64| w.untransform_serial(b, l);
-        if let Some(t) = identity::token_at(data, &j.st, p, transform, inverse, end)? {
+        if let Some(t) = identity::token_at(data, &j.st, p, transform, inverse, end, &tag_key)? {
             let tokens = &mut j.hdr.metadata.tokens;
             tokens.retain(|_, t| t.kind != identity::TOKEN_TYPE);
             let id = (0..).find(|i| !tokens.contains_key(i)).unwrap_or(0);
