@@ -609,6 +609,20 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
         ),
         "{s}"
     );
+    // The resume itself killed while it works on the first: the next one still goes
+    // on with the volume the disable had not reached (it reported "Decryption
+    // succeeded" with that one left encrypted, as if the disable had been an enable).
+    let mut resume = a.cmd();
+    resume.args(["resume", "--userspace"]);
+    a.kill_when(resume, "the resumed decryption", |s| {
+        s["volumes"].as_array().unwrap().iter().any(|v| {
+            v["device"] == a.dev().display().to_string()
+                && v["state"] == "DecryptionInProgress"
+                && v["resumed"] == true
+        })
+    });
+    let s = read_status(&a.state);
+    assert_eq!(s["data_volumes_encrypted"], "DecryptionInProgress", "{s}");
     let out = run(a.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
     // (The status file keeps plain volumes only while they are part of the latest run,

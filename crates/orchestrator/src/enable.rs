@@ -1327,10 +1327,16 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         .filter(|v| v.state == VolumeState::DecryptionInProgress)
         .map(|v| v.device.clone())
         .collect();
-    sw.status
-        .begin_run(Operation::Resume, std::process::id(), |v| {
-            unfinished(v) || pending.contains(&v.device)
-        });
+    // Resuming a disable stays one: a resume killed in turn must leave the volumes the
+    // disable had not reached recognisable as a disable's (Encrypted, in the run).
+    let run_op = if pending_op == Operation::DisableEncryption {
+        Operation::DisableEncryption
+    } else {
+        Operation::Resume
+    };
+    sw.status.begin_run(run_op, std::process::id(), |v| {
+        unfinished(v) || pending.contains(&v.device)
+    });
     let order: Vec<PathBuf> = todo.iter().chain(&pending).cloned().collect();
     sw.status.order_run(&order);
     let mut skipped = Vec::new();
@@ -1434,9 +1440,9 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
 /// it reached them: recorded in its run, not started. `resume` encrypts (or
 /// decrypts) them after the interrupted one, as the run would have. A run that failed (its
 /// pid cleared, nothing left in progress) is not taken up again: the user decides, by
-/// running the command again. A `resume` that was itself stopped goes on with an
-/// enable's pending volumes (still `NotEncrypted`, so never mistaken); a disable's are then
-/// indistinguishable from the volumes it finished, and stay encrypted.
+/// running the command again. A `resume` that was itself stopped goes on with them too:
+/// an enable's are still `NotEncrypted`, a disable's still encrypted, and a resume of a
+/// disable records its run as the disable's.
 fn pending_of_stopped_run(status: &crate::status::Status) -> (Operation, Vec<PathBuf>) {
     let stopped = status.pid.is_some()
         || status.volumes.iter().any(|v| {
