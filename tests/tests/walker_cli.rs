@@ -2242,3 +2242,39 @@ fn walker_shift_start_cut_then_device_grown_is_refused_until_its_size_is_back() 
     let fs = 40 << 20;
     assert!(same(&back[..fs], &orig[..fs]), "filesystem bytes differ");
 }
+
+/// After a run finished (or was killed after its final header write), `resume` and a
+/// second `decrypt` say the run is over and what the data is; they said "(already
+/// finished?)" and "unsupported: no crypt data segment". Nothing is written.
+#[test]
+fn walker_resume_and_decrypt_after_the_run_finished_say_so() {
+    let (c, orig) = Case::new(8, 81);
+    run_ok(&mut detached_encrypt(&c));
+    let said = |cmd: &mut Command, says: &str, what: &str| {
+        let (img, hdr) = (
+            std::fs::read(c.p("img")).unwrap(),
+            std::fs::read(c.p("hdr")).unwrap(),
+        );
+        let out = run(cmd);
+        assert_refused_in_one_line(&out, says, what);
+        assert_file_is(&c.p("img"), &img, what);
+        assert_file_is(&c.p("hdr"), &hdr, what);
+    };
+    said(
+        &mut detached_resume(&c),
+        "the encryption already finished (the volume is encrypted)",
+        "resume after the encryption",
+    );
+    run_ok(&mut detached_decrypt(&c));
+    assert_file_is(&c.p("img"), &orig, "decrypted");
+    said(
+        &mut detached_resume(&c),
+        "the decryption already finished (the data is plaintext",
+        "resume after the decryption",
+    );
+    said(
+        &mut detached_decrypt(&c),
+        "the decryption already finished: the data is plaintext, nothing to decrypt",
+        "decrypt after the decryption",
+    );
+}

@@ -1398,6 +1398,11 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             "{run} run is in progress on this volume: finish it with `luksify resume` first (nothing was written)"
         )));
     }
+    if hdr.data_segment().is_err() && all_linear(&hdr) {
+        return Err(Error::Refused(
+            "the header shows the decryption already finished: the data is plaintext, nothing to decrypt (the header file is no longer needed)".into(),
+        ));
+    }
     let seg = hdr.data_segment()?;
     let live = hdr
         .metadata
@@ -1542,6 +1547,16 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     )
 }
 
+/// Whether every segment of the header is linear (plaintext): a finished decryption's.
+fn all_linear(hdr: &Luks2Header) -> bool {
+    !hdr.metadata.segments.is_empty()
+        && hdr
+            .metadata
+            .segments
+            .values()
+            .all(|s| matches!(s, luksify_luks::luks2::json::Segment::Linear(_)))
+}
+
 /// The error `resume` gives when the header store holds no valid LUKS2 header:
 /// precise when the store shows a start cut during its first header write (then
 /// nothing is lost and the same `encrypt` command continues or starts over).
@@ -1620,10 +1635,15 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         None => hdr,
     };
     let st = reencrypt::state(&hdr.metadata)?.ok_or_else(|| {
-        Error::Refused(
+        // (The orchestrator takes "shows no encryption in progress" as a finished walk.)
+        Error::Refused(if hdr.data_segment().is_ok() {
+            "the header shows no encryption in progress and no decryption: the encryption already finished (the volume is encrypted), nothing to resume".into()
+        } else if all_linear(&hdr) {
+            "the header shows no encryption in progress and no decryption: the decryption already finished (the data is plaintext; the header file is no longer needed), nothing to resume".into()
+        } else {
             "the header shows no encryption in progress and no decryption (already finished?)"
-                .into(),
-        )
+                .into()
+        })
     })?;
     if st.mode == ReencryptMode::Decrypt && meta.is_none() {
         return Err(Error::Refused(
