@@ -756,24 +756,29 @@ fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
         !Path::new(&format!("/proc/{pid}")).exists()
     });
     let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    // The mount as it was, options included (a bare `mount` lost noatime).
+    let opts = mount_fields(&fx.mnt).unwrap()[5].clone();
     assert!(
         text.contains("DataVolumesEncrypted : NotMounted\n")
             && text.contains(&format!(
-                "lost its daemon (killed?) and reads fail: umount {}, `luksify close {name}`, then `luksify open {} {name} --key-file F` and mount /dev/mapper/{name} again",
+                "lost its daemon (killed?) and reads fail: umount {}, `luksify close {name}`, then `luksify open {} {name} --key-file F` and `mount -o {opts} /dev/mapper/{name} {}`",
                 fx.mnt.display(),
-                fx.dev().display()
+                fx.dev().display(),
+                fx.mnt.display()
             )),
         "{text}"
     );
-    // Doing what it says brings the files back.
+    // Doing what it says brings the files back, mounted as before.
     run_ok(Command::new("umount").arg(&fx.mnt));
     run_ok(fx.cmd().args(["close", &name]));
     run_ok(&mut open_userspace(fx.cmd(), &fx.dev(), &name, &fx.key));
     run_ok(
         Command::new("mount")
+            .args(["-o", &opts])
             .arg(PathBuf::from("/dev/mapper").join(&name))
             .arg(&fx.mnt),
     );
+    assert_eq!(mount_fields(&fx.mnt).unwrap()[5], opts);
     fx.assert_files_unchanged();
     let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
     assert!(

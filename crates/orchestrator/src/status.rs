@@ -219,7 +219,12 @@ pub fn apply_live_state(
         if let Some(rec) = state_dir.and_then(|d| crate::map::load_record(d, &v.mapper)) {
             if live && rec.backend == crate::map::Backend::Userspace && !crate::map::is_live(&rec) {
                 live = false;
-                orphaned.get_or_insert((v.mapper.clone(), v.device.clone(), v.mount_point.clone()));
+                orphaned.get_or_insert((
+                    v.mapper.clone(),
+                    v.device.clone(),
+                    v.mount_point.clone(),
+                    v.mount_options.clone(),
+                ));
             }
         }
         v.state = if live {
@@ -248,11 +253,21 @@ pub fn apply_live_state(
             s.progress_message = interrupted_message(v, state_dir);
         }
     }
-    if let (Some((name, dev, mp)), None) = (orphaned, s.pid) {
+    if let (Some((name, dev, mp, opts)), None) = (orphaned, s.pid) {
+        // The mount as it was (its options too: a bare mount loses noatime, nodev...).
+        let again = match &mp {
+            Some(m) => format!(
+                "`mount {}/dev/mapper/{name} {}`",
+                opts.map(|o| format!("-o {o} ")).unwrap_or_default(),
+                m.display()
+            ),
+            None => format!("mount /dev/mapper/{name} again"),
+        };
         s.progress_message = format!(
-            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then `luksify open {} {name} --key-file F` and mount /dev/mapper/{name} again",
+            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then `luksify open {} {name} --key-file F` and {again}",
             dev.display(),
-            mp.map(|m| format!("umount {}, ", m.display()))
+            mp.as_ref()
+                .map(|m| format!("umount {}, ", m.display()))
                 .unwrap_or_default(),
             dev.display()
         );
