@@ -55,6 +55,19 @@ fn luksify(args: &[&str]) -> Command {
 const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 const SMALL: [&str; 4] = ["--chunk-mib", "1", "--hotzone-kib", "1024"];
 
+/// `encrypt` of a case's image with the header in front, reducing by `size`.
+fn shifted(k: &Case, size: &str) -> std::process::Output {
+    run(luksify(&[
+        "encrypt",
+        &k.img(),
+        "--key-file",
+        &k.key(),
+        "--reduce-device-size",
+        size,
+    ])
+    .args(FAST))
+}
+
 /// Decrypts a detached-header volume with cryptsetup and returns the plaintext.
 fn cryptsetup_decrypt_detached(c: &Case) -> Vec<u8> {
     run_ok(Command::new("cryptsetup").args([
@@ -450,6 +463,51 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
     panic!("each none run finished before the kill");
 }
 
+/// A 48 MiB image holding a 40 MiB ext4, and its `encrypt --reduce-device-size 8M`
+/// SIGKILLed by strace at its `flush`-th fdatasync (the start's moved copy, marker and
+/// first header are made durable one by one): the case, the image before, the arguments.
+fn shift_start_cut(seed: u64, flush: u64) -> (Case, Vec<u8>, Vec<String>) {
+    require_tool("strace");
+    require_tool("mkfs.ext4");
+    let (c, _) = Case::new(48, seed);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "40M"]));
+    let orig = std::fs::read(c.p("img")).unwrap();
+    let (img, key) = (c.img(), c.key());
+    let args: Vec<String> = [
+        "encrypt",
+        &img,
+        "--key-file",
+        &key,
+        "--reduce-device-size",
+        "8M",
+    ]
+    .into_iter()
+    .chain(FAST)
+    .chain(SMALL)
+    .map(str::to_string)
+    .collect();
+    let cut = run(Command::new("strace")
+        .args(["-f", "-o", "/dev/null"])
+        .args([
+            "-e",
+            &format!("inject=fdatasync:signal=SIGKILL:when={flush}"),
+        ])
+        .arg(luksify_bin())
+        .args(&args));
+    assert!(!cut.status.success(), "the run was not cut");
+    (c, orig, args)
+}
+
+/// The same command finishes a [`shift_start_cut`]; decrypted, the filesystem's 40 MiB
+/// are the original's.
+fn finish_cut_start(c: &Case, args: &[&str], orig: &[u8]) {
+    run_ok(&mut luksify(args));
+    run_ok(&mut detached_decrypt(c));
+    let back = std::fs::read(c.p("img")).unwrap();
+    let fs = 40 << 20;
+    assert!(same(&back[..fs], &orig[..fs]), "filesystem bytes differ");
+}
+
 /// A data-shift start cut right after the header's secondary copy was made durable and
 /// before the primary was written: the primary area still holds ext4's first bytes, so
 /// cryptsetup calls the device ambiguous, not LUKS, and the VM power-cut scenario runs
@@ -459,29 +517,10 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
 /// Before that, `encrypt` with another layout is refused, nothing written.
 #[test]
 fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt() {
-    require_tool("strace");
-    require_tool("mkfs.ext4");
     require_tool("cryptsetup");
-    let (c, _) = Case::new(48, 3);
-    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "40M"]));
-    let orig = std::fs::read(c.p("img")).unwrap();
+    let (c, orig, args) = shift_start_cut(3, 4);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (img, key) = (c.img(), c.key());
-    let mut args = vec![
-        "encrypt",
-        &img,
-        "--key-file",
-        &key,
-        "--reduce-device-size",
-        "8M",
-    ];
-    args.extend(FAST);
-    args.extend(SMALL);
-    let cut = run(Command::new("strace")
-        .args(["-f", "-o", "/dev/null"])
-        .args(["-e", "inject=fdatasync:signal=SIGKILL:when=4"])
-        .arg(luksify_bin())
-        .args(&args));
-    assert!(!cut.status.success(), "the run was not cut");
     let now = std::fs::read(c.p("img")).unwrap();
     assert!(
         &now[16384..16390] == b"SKUL\xba\xbe" && &now[..4] != b"LUKS",
@@ -509,11 +548,7 @@ fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt
         );
         assert!(!c.p("other.hdr").exists(), "{what}: a header file was left");
     }
-    run_ok(&mut luksify(&args));
-    run_ok(&mut detached_decrypt(&c));
-    let back = std::fs::read(c.p("img")).unwrap();
-    let fs = 40 << 20;
-    assert!(same(&back[..fs], &orig[..fs]), "filesystem bytes differ");
+    finish_cut_start(&c, &args, &orig);
 }
 
 /// A second run on an image that a luksify run is walking is refused before it reads
@@ -1607,18 +1642,6 @@ fn walker_refuses_bad_input_without_writing() {
     let (c, _) = Case::new(64, 9);
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img()]));
     let before = std::fs::read(c.p("img")).unwrap();
-    // `encrypt` of a case's image with the header in front, reducing by `size`.
-    let shifted = |k: &Case, size: &str| {
-        run(luksify(&[
-            "encrypt",
-            &k.img(),
-            "--key-file",
-            &k.key(),
-            "--reduce-device-size",
-            size,
-        ])
-        .args(FAST))
-    };
     let out = shifted(&c, "32M");
     assert!(!out.status.success());
     assert!(
@@ -2131,17 +2154,7 @@ fn walker_an_error_on_a_terminal_starts_its_own_line_after_the_progress_bar() {
 fn walker_refuses_a_swap_area_or_btrfs_reaching_into_the_shift_area() {
     require_tool("mkswap");
     require_tool("mkfs.btrfs");
-    let shifted = |k: &Case| {
-        run(luksify(&[
-            "encrypt",
-            &k.img(),
-            "--key-file",
-            &k.key(),
-            "--reduce-device-size",
-            "8M",
-        ])
-        .args(FAST))
-    };
+    let shifted = |k: &Case| shifted(k, "8M");
     // Refused in one line that says `says` and `fix`, the image unchanged.
     let refused = |k: &Case, says: &str, fix: &str| {
         let before = std::fs::read(k.p("img")).unwrap();
@@ -2189,30 +2202,11 @@ fn walker_refuses_a_swap_area_or_btrfs_reaching_into_the_shift_area() {
 /// given back, the same command finishes and the filesystem's bytes decrypt intact.
 #[test]
 fn walker_shift_start_cut_then_device_grown_is_refused_until_its_size_is_back() {
-    require_tool("strace");
-    require_tool("mkfs.ext4");
-    let (c, _) = Case::new(48, 5);
-    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "40M"]));
-    let orig = std::fs::read(c.p("img")).unwrap();
-    let (img, key) = (c.img(), c.key());
-    let mut args = vec![
-        "encrypt",
-        &img,
-        "--key-file",
-        &key,
-        "--reduce-device-size",
-        "8M",
-    ];
-    args.extend(FAST);
-    args.extend(SMALL);
     // The 3rd fdatasync: the moved copy and the marker are durable, the keyslots
     // area (random bytes over the head from 32 KiB) is being made so.
-    let cut = run(Command::new("strace")
-        .args(["-f", "-o", "/dev/null"])
-        .args(["-e", "inject=fdatasync:signal=SIGKILL:when=3"])
-        .arg(luksify_bin())
-        .args(&args));
-    assert!(!cut.status.success(), "the run was not cut");
+    let (c, orig, args) = shift_start_cut(5, 3);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (img, key) = (c.img(), c.key());
     let was = orig.len() as u64;
     let other_hdr = c.p("other.hdr").display().to_string();
     let mut detached = vec!["encrypt", &img, "--key-file", &key, "--header", &other_hdr];
@@ -2236,11 +2230,7 @@ fn walker_shift_start_cut_then_device_grown_is_refused_until_its_size_is_back() 
         }
     }
     run_ok(Command::new("truncate").args(["-s", &was.to_string(), &img]));
-    run_ok(&mut luksify(&args));
-    run_ok(&mut detached_decrypt(&c));
-    let back = std::fs::read(c.p("img")).unwrap();
-    let fs = 40 << 20;
-    assert!(same(&back[..fs], &orig[..fs]), "filesystem bytes differ");
+    finish_cut_start(&c, &args, &orig);
 }
 
 /// After a run finished (or was killed after its final header write), `resume` and a
