@@ -1858,6 +1858,25 @@ pub fn disable(
         }
         return Ok(0);
     }
+    // Processes holding a mounted volume, found before anything is touched (as
+    // `enable`'s preflight does): the status file stays as it was, exit 3. Found only
+    // when the unmount failed, they left "Decryption failed" behind.
+    if !req.kill_holders {
+        let held: Vec<String> = todo
+            .iter()
+            .filter_map(|i| sw.status.volumes[*i].mount_point.clone())
+            .filter_map(|mp| check::check(&mp, CheckOptions::default()).ok())
+            .flat_map(|r| r.problems)
+            .filter(|p| p.code == "holders")
+            .map(|p| p.one_line())
+            .collect();
+        if !held.is_empty() {
+            return Err(Failure::new(
+                exit::BLOCKED,
+                format!("{}; nothing was changed", held.join("; ")),
+            ));
+        }
+    }
     let todo: Vec<PathBuf> = todo
         .into_iter()
         .map(|i| sw.status.volumes[i].device.clone())
