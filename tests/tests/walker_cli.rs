@@ -2268,3 +2268,31 @@ fn walker_resume_and_decrypt_after_the_run_finished_say_so() {
         "decrypt after the decryption",
     );
 }
+
+/// `decrypt` with a detached header whose data starts at an offset decrypts in place
+/// there, and now says so (the state a `cryptsetup reencrypt --decrypt --header` of a
+/// header-in-front volume leaves when stopped at once looks the same: its data then
+/// ends up at that offset, which was reported only as "decryption finished").
+#[test]
+fn walker_decrypt_at_a_data_offset_says_where_the_plaintext_starts() {
+    let (c, orig) = Case::new(8, 83);
+    let mut enc = detached_encrypt(&c);
+    enc.args(["--offset", "2048"]);
+    run_ok(&mut enc);
+    let out = run_ok(&mut detached_decrypt(&c));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("decryption finished")
+            && err.contains("the plaintext starts at byte 1048576, the header's data offset"),
+        "{err}"
+    );
+    assert_file_is(&c.p("img"), &orig, "decrypted");
+    // No offset, no such line.
+    let (d, _) = Case::new(8, 84);
+    run_ok(&mut detached_encrypt(&d));
+    let out = run_ok(&mut detached_decrypt(&d));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("plaintext starts at"),
+        "{out:?}"
+    );
+}

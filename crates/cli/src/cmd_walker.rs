@@ -313,7 +313,39 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     };
     let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
     let outcome = outcome.map_err(|e| walk_error(dev, a.header.as_deref(), e, &hint))?;
-    Ok(report(dev, outcome, "decryption", hint))
+    let finished = matches!(outcome, Outcome::Finished);
+    let code = report(dev, outcome, "decryption", hint);
+    // A detached header with a data offset decrypts in place there: say so, rather
+    // than leave a filesystem at byte N to be found missing at byte 0.
+    if let Some(off) = a
+        .header
+        .as_deref()
+        .filter(|_| finished && !is_luks_file(dev))
+        .and_then(detached_data_offset)
+        .filter(|off| *off > 0)
+    {
+        eprintln!(
+            "luksify: {}: the plaintext starts at byte {off}, the header's data offset; the {off} bytes before it were left as they were",
+            dev.display()
+        );
+    }
+    Ok(code)
+}
+
+/// The data offset a (finished, all linear) detached header gives its data.
+fn detached_data_offset(h: &Path) -> Option<u64> {
+    let f = std::fs::File::open(h).ok()?;
+    let (hdr, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
+    hdr.metadata
+        .segments
+        .values()
+        .filter(|s| !s.is_backup())
+        .filter_map(|s| match s {
+            luksify_luks::luks2::json::Segment::Linear(l) => Some(l.offset),
+            luksify_luks::luks2::json::Segment::Crypt(c) => Some(c.offset),
+            _ => None,
+        })
+        .min()
 }
 
 fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
