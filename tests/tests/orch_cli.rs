@@ -1130,6 +1130,19 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
             && !err.contains("wait for that run"),
         "{err}"
     );
+    // `check` from another state directory names the mapping's own in the command it
+    // gives (it named its own, where `close` finds no such mapping).
+    let out = run(luksify(&dir.path().join("elsewhere"))
+        .arg("check")
+        .arg(&lo.path));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains(&format!(
+            "`luksify close --state-dir {} {name}` removes the mapping",
+            state.display()
+        )),
+        "{said}"
+    );
     // A second mapping of the same device: busy (exit 4), naming the first mapping here,
     // and its daemon's pid from another state directory.
     let daemon = serde_json::from_slice::<serde_json::Value>(

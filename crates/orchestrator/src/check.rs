@@ -699,16 +699,21 @@ pub fn check_resolved(
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        let arg = |flag: &str| {
+            argv.iter()
+                .position(|a| a == flag)
+                .and_then(|i| argv.get(i + 1).cloned())
+        };
         argv.iter()
             .any(|a| a == crate::map::SERVE_SUBCOMMAND)
-            .then(|| {
-                argv.iter()
-                    .position(|a| a == "--name")
-                    .and_then(|i| argv.get(i + 1).cloned())
-                    .unwrap_or_default()
-            })
+            .then(|| (arg("--name").unwrap_or_default(), arg("--state-dir")))
     };
-    if let Some((t, name)) = tools.iter().find_map(|t| daemon_of(t.pid).map(|n| (t, n))) {
+    if let Some((t, (name, dir))) = tools.iter().find_map(|t| daemon_of(t.pid).map(|n| (t, n))) {
+        // The mapping's own state directory: the one this check runs with may be another.
+        let sd = dir
+            .filter(|d| Path::new(d) != Path::new(crate::status::DEFAULT_STATE_DIR))
+            .map(|d| format!(" --state-dir {d}"))
+            .unwrap_or_default();
         push(
             "already_mapped",
             Severity::Blocker,
@@ -717,7 +722,7 @@ pub fn check_resolved(
                 t.pid
             ),
             "it is already encrypted and mapped".into(),
-            format!("nothing to do; `luksify status` lists it, `luksify close {name}` removes the mapping"),
+            format!("nothing to do; `luksify status{sd}` lists it, `luksify close{sd} {name}` removes the mapping"),
         );
     } else if let Some(t) = tools.first() {
         push(
@@ -983,7 +988,7 @@ pub fn check_resolved(
                 format!("no filesystem recognised on {dev_s}"),
                 "luksify encrypts data volumes that carry a filesystem, to verify and remount it"
                     .into(),
-                "make a filesystem first, or check that this is the right device".into(),
+                "check that this is the right device: it may hold data luksify cannot read, or be part ciphertext from a run interrupted in another state directory (`luksify check DEV --state-dir DIR` names it); make a filesystem only on a device known to be empty".into(),
             ),
             other => push(
                 "unsupported_fs",
