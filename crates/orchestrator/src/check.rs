@@ -765,8 +765,14 @@ pub fn check_resolved(
                 Severity::Blocker
             },
             format!(
-                "{} process(es) hold {dev_s}: {}",
+                "{} process(es) hold {dev_s}{}: {}",
                 seen.len(),
+                // A holder may be on a filesystem mounted below it (its path says which).
+                if nested.is_empty() {
+                    ""
+                } else {
+                    " or a filesystem mounted below it"
+                },
                 abbreviate(&lines, 8)
             ),
             "a filesystem cannot be unmounted while processes use it (\"target is busy\")".into(),
