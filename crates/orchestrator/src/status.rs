@@ -316,6 +316,29 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
     }
 }
 
+/// How far an interrupted encryption's header says it got, in percent of the bytes the
+/// walk reported as its total: the status file's percent is written every 2 s, the
+/// header at every hotzone, so after a kill the header is usually ahead. Encryptions
+/// only (a decryption's moved head shifts its offsets); `None` when unreadable.
+fn header_percent(v: &VolumeStatus) -> Option<f64> {
+    use luksify_luks::luks2::json::ReencryptDirection;
+    if v.state != VolumeState::EncryptionInProgress || v.bytes_total == 0 {
+        return None;
+    }
+    let f = std::fs::File::open(v.header.as_deref().unwrap_or(&v.device)).ok()?;
+    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
+    let st = luksify_luks::reencrypt::state(&h.metadata).ok()??;
+    // Only what is clean: the hotzone in progress does not count.
+    let p = st.progress;
+    let done = match st.direction {
+        ReencryptDirection::Forward => p.hot_start,
+        ReencryptDirection::Backward => v
+            .bytes_total
+            .saturating_sub(p.hot_start.saturating_add(p.hot_len)),
+    };
+    Some((done as f64 * 100.0 / v.bytes_total as f64).clamp(0.0, 100.0))
+}
+
 /// What an interrupted run's volume needs, from [`run_stage`].
 fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
     let dev = v.device.display();
@@ -335,7 +358,7 @@ fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
         ),
         RunStage::Walking => format!(
             "{what} of {dev} interrupted at {}% (its luksify process is gone); `luksify resume` finishes it",
-            v.percent.floor() as u64
+            header_percent(v).map_or(v.percent, |h| h.max(v.percent)).floor() as u64
         ),
     }
 }
