@@ -2099,32 +2099,13 @@ fn walker_an_error_on_a_terminal_starts_its_own_line_after_the_progress_bar() {
     require_tool("script");
     require_tool("strace");
     let (c, _) = Case::new(16, 67);
-    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    let mut line = vec![
-        "strace".to_string(),
-        "-f".into(),
-        "-qq".into(),
-        "-o".into(),
-        "/dev/null".into(),
-        "-e".into(),
-        "inject=pwrite64:error=EIO:when=25".into(),
-        luksify_bin().display().to_string(),
-    ];
-    for a in [
-        "encrypt",
-        &c.img(),
-        "--key-file",
-        &c.key(),
-        "--header",
-        &c.hdr(),
-    ]
-    .into_iter()
-    .chain(FAST)
-    .chain(SMALL)
-    {
-        line.push(a.to_string());
-    }
-    let line: Vec<String> = line.iter().map(|a| quote(a)).collect();
+    let st =
+        luksify_tests::strace_inject("inject=pwrite64:error=EIO:when=25", &detached_encrypt(&c));
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let line: Vec<String> = std::iter::once(st.get_program())
+        .chain(st.get_args())
+        .map(quote)
+        .collect();
     // `script` gives the command a pseudo-terminal and copies what it printed.
     let out = run(Command::new("script")
         .args(["-qefc", &line.join(" "), "/dev/null"])

@@ -441,7 +441,7 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
             },
         }
     };
-    let walking = crate::status::RunStage::Walking;
+    let walking = crate::status::RunStage::Walking(None);
     let mut header_dirs = Vec::new();
     for dir in &dirs {
         let Ok(status) = crate::status::load(dir) else {
@@ -693,27 +693,21 @@ pub fn check_resolved(
     });
     // luksify's userspace mapping daemon: the volume is encrypted and open already,
     // which no waiting changes (it said "wait for that run to finish").
-    let daemon_of = |pid: u32| {
-        let argv = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let argv: Vec<String> = argv
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let arg = |flag: &str| {
-            argv.iter()
-                .position(|a| a == flag)
-                .and_then(|i| argv.get(i + 1).cloned())
+    // (Its command line, read by the holder scan, has NULs as spaces; a value runs to the
+    // next flag.)
+    let daemon_of = |h: &Holder| {
+        let flag = |f: &str| {
+            let rest = h.cmdline.split_once(&format!(" {f} "))?.1;
+            Some(rest.split(" --").next().unwrap_or(rest).to_string())
         };
-        argv.iter()
-            .any(|a| a == crate::map::SERVE_SUBCOMMAND)
-            .then(|| (arg("--name").unwrap_or_default(), arg("--state-dir")))
+        (h.cmdline.split(' ').nth(1) == Some(crate::map::SERVE_SUBCOMMAND))
+            .then(|| (flag("--name").unwrap_or_default(), flag("--state-dir")))
     };
-    if let Some((t, (name, dir))) = tools.iter().find_map(|t| daemon_of(t.pid).map(|n| (t, n))) {
+    if let Some((t, (name, dir))) = tools.iter().find_map(|t| daemon_of(t).map(|n| (t, n))) {
         // The mapping's own state directory: the one this check runs with may be another.
-        let sd = dir
-            .filter(|d| Path::new(d) != Path::new(crate::status::DEFAULT_STATE_DIR))
-            .map(|d| format!(" --state-dir {d}"))
-            .unwrap_or_default();
+        let fix = format!(
+            "nothing to do; `luksify status` lists it, `luksify close {name}` removes the mapping"
+        );
         push(
             "already_mapped",
             Severity::Blocker,
@@ -722,7 +716,10 @@ pub fn check_resolved(
                 t.pid
             ),
             "it is already encrypted and mapped".into(),
-            format!("nothing to do; `luksify status{sd}` lists it, `luksify close{sd} {name}` removes the mapping"),
+            match dir {
+                Some(d) => crate::status::in_state_dir(&fix, Path::new(&d)),
+                None => fix,
+            },
         );
     } else if let Some(t) = tools.first() {
         push(

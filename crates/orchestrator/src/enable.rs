@@ -578,9 +578,9 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     blockers.extend(path_on_a_volume("--key-file", &req.key_file, &plans));
     // crypttab fields are split at blanks (systemd and Debian's cryptdisks alike), and a
     // header= option cannot carry one: such a path would break the boot-time mapping.
-    let key_path = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
+    let key_file = absolute_key_file(&req.key_file);
     for (what, p) in [
-        ("--key-file", Some(key_path.as_path())),
+        ("--key-file", Some(key_file.as_path())),
         ("--header-dir", req.header_dir.as_deref()),
     ] {
         if let Some(p) = p.filter(|p| {
@@ -602,7 +602,6 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             Failure::failed(format!("cannot create --header-dir {} ({e})", d.display()))
         })?;
     }
-    let key_file = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
     let mut sw = StatusWriter::open(&req.state_dir)
         .map_err(|e| Failure::failed(format!("status file: {e}")))?;
     sw.status
@@ -1382,7 +1381,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        eprintln!("{}", in_state_dir(&said, &req.state_dir));
+        eprintln!("{}", crate::status::in_state_dir(&said, &req.state_dir));
         pending.clear();
     }
     let done = |n: usize| Resumed {
@@ -1545,7 +1544,7 @@ fn resume_one(
     // The header (detached, or in front of the data) decides where the run stands.
     let header_path = v.header.clone().unwrap_or_else(|| v.device.clone());
     match header_progress(&header_path) {
-        HeaderProgress::InProgress => {}
+        HeaderProgress::InProgress(_) => {}
         HeaderProgress::Finished => {
             // The walk finished but the steps after it did not run.
             finish_volume(req, passphrase, sw, idx, Outcome::Finished)?;
@@ -1569,8 +1568,7 @@ fn resume_one(
             }
             // Started again under the passphrase given now: its key file is the one.
             let mut v = v;
-            if passphrase_override.is_some() && !req.key_file.as_os_str().is_empty() {
-                let given = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
+            if let Some(given) = given_key_file(req, passphrase_override) {
                 v.key_file = Some(given);
                 sw.status.volumes[idx].key_file = v.key_file.clone();
             }
@@ -1645,7 +1643,8 @@ fn restart_encryption(
 pub(crate) enum HeaderProgress {
     /// No LUKS2 header in either copy: the walker never committed one.
     Absent,
-    InProgress,
+    /// Its reencryption state, when it parses.
+    InProgress(Option<luksify_luks::reencrypt::ReencryptState>),
     Finished,
 }
 
@@ -1658,10 +1657,10 @@ pub(crate) fn header_progress(path: &Path) -> HeaderProgress {
     match luksify_luks::luks2::Luks2Header::read(&f) {
         Err(_) => HeaderProgress::Absent,
         Ok((h, _)) => match luksify_luks::reencrypt::state(&h.metadata) {
-            Ok(Some(_)) => HeaderProgress::InProgress,
+            Ok(Some(st)) => HeaderProgress::InProgress(Some(st)),
             // A reencrypt keyslot we cannot parse still means "in progress": let the
             // walker report precisely what is wrong.
-            Err(_) => HeaderProgress::InProgress,
+            Err(_) => HeaderProgress::InProgress(None),
             Ok(None) => HeaderProgress::Finished,
         },
     }
@@ -1762,16 +1761,6 @@ pub(crate) fn decryption_walked(header: &Path) -> bool {
             matches!(luksify_luks::reencrypt::state(&h.metadata), Ok(None))
                 && h.data_segment().is_err()
         })
-}
-
-/// `msg` with the commands it suggests given `--state-dir` when `dir` is not the
-/// default one, as the status file's messages are.
-fn in_state_dir(msg: &str, dir: &Path) -> String {
-    if dir == Path::new(crate::status::DEFAULT_STATE_DIR) {
-        msg.to_string()
-    } else {
-        crate::status::with_state_dir(msg, dir)
-    }
 }
 
 /// `7:0` back into a device number.
@@ -1909,16 +1898,25 @@ pub fn disable(
 /// (the one recorded at enable may be gone, which is why it was given).
 fn adopt_key_file(sw: &mut StatusWriter, idx: usize, req: &EnableRequest, over: Option<&[u8]>) {
     let v = &sw.status.volumes[idx];
-    let Some(p) = over else { return };
-    if req.key_file.as_os_str().is_empty() {
+    let (Some(p), Some(given)) = (over, given_key_file(req, over)) else {
         return;
-    }
-    let given = std::fs::canonicalize(&req.key_file).unwrap_or(req.key_file.clone());
+    };
     if v.key_file.as_ref() != Some(&given)
         && passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), p)
     {
         sw.status.volumes[idx].key_file = Some(given);
     }
+}
+
+/// The `--key-file` this run was given (absolute), if it was given one.
+fn given_key_file(req: &EnableRequest, over: Option<&[u8]>) -> Option<PathBuf> {
+    (over.is_some() && !req.key_file.as_os_str().is_empty())
+        .then(|| absolute_key_file(&req.key_file))
+}
+
+/// A key file as crypttab and the status file record it: absolute, links resolved.
+fn absolute_key_file(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or(p.to_path_buf())
 }
 
 fn read_recorded_key(v: &VolumeStatus, over: Option<&[u8]>) -> Result<zeroize::Zeroizing<Vec<u8>>> {
@@ -2249,7 +2247,7 @@ fn fstab_entry_for(device: &Path, mapper: &str) -> Option<(PathBuf, String, Stri
 /// its own: the key file given on the command line, the mount point from fstab when it
 /// names the device (else the volume is mapped but not mounted).
 fn adopt(sw: &mut StatusWriter, found: &[FoundInProgress], key_file: &Path) {
-    let key_file = std::fs::canonicalize(key_file).unwrap_or(key_file.to_path_buf());
+    let key_file = absolute_key_file(key_file);
     for f in found.iter().filter(|f| !f.decrypt) {
         let name = mapping_name(&f.device);
         let tab = fstab_entry_for(&f.device, &name);

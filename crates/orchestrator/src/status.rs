@@ -277,23 +277,30 @@ pub fn apply_live_state(
 
 /// Where an interrupted run on a volume stands, as its header tells (the percent in the
 /// status file is written every 2 s and lags).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RunStage {
     /// Nothing written yet: an encryption's device is still plain, a decryption's still
     /// encrypted.
     NotStarted,
-    /// Part plaintext, part ciphertext.
-    Walking,
+    /// Part plaintext, part ciphertext; for an encryption whose header reads, the percent
+    /// it records as done (see [`run_stage`]).
+    Walking(Option<f64>),
     /// The walk is done; the steps after it (map or remount, fstab, crypttab) are left.
     Walked,
 }
 
 /// [`RunStage`] of volume `v` (in progress in the status file of `state_dir`). A header
 /// that cannot be opened (not root, say) is not "no header": `Walking` then.
+///
+/// An encryption's header also gives how far it got, in percent of the bytes the walk
+/// reported as its total: the status file's percent is written every 2 s, the header at
+/// every hotzone, so after a kill the header is usually ahead. Not for decryptions (a
+/// moved head shifts their offsets).
 pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
     use crate::enable::{
         decryption_not_started, decryption_walked, header_progress, HeaderProgress,
     };
+    use luksify_luks::luks2::json::ReencryptDirection;
     if v.state == VolumeState::DecryptionInProgress {
         return match (&v.header, state_dir) {
             (Some(h), _) if decryption_walked(h) => RunStage::Walked,
@@ -302,41 +309,30 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
             {
                 RunStage::NotStarted
             }
-            _ => RunStage::Walking,
+            _ => RunStage::Walking(None),
         };
     }
     let header = v.header.as_deref().unwrap_or(&v.device);
     if std::fs::File::open(header).is_err() {
-        return RunStage::Walking;
+        return RunStage::Walking(None);
     }
     match header_progress(header) {
         HeaderProgress::Absent => RunStage::NotStarted,
-        HeaderProgress::InProgress => RunStage::Walking,
         HeaderProgress::Finished => RunStage::Walked,
+        HeaderProgress::InProgress(st) => {
+            RunStage::Walking(st.filter(|_| v.bytes_total > 0).map(|st| {
+                // Only what is clean: the hotzone in progress does not count.
+                let p = st.progress;
+                let done = match st.direction {
+                    ReencryptDirection::Forward => p.hot_start,
+                    ReencryptDirection::Backward => v
+                        .bytes_total
+                        .saturating_sub(p.hot_start.saturating_add(p.hot_len)),
+                };
+                (done as f64 * 100.0 / v.bytes_total as f64).clamp(0.0, 100.0)
+            }))
+        }
     }
-}
-
-/// How far an interrupted encryption's header says it got, in percent of the bytes the
-/// walk reported as its total: the status file's percent is written every 2 s, the
-/// header at every hotzone, so after a kill the header is usually ahead. Encryptions
-/// only (a decryption's moved head shifts its offsets); `None` when unreadable.
-fn header_percent(v: &VolumeStatus) -> Option<f64> {
-    use luksify_luks::luks2::json::ReencryptDirection;
-    if v.state != VolumeState::EncryptionInProgress || v.bytes_total == 0 {
-        return None;
-    }
-    let f = std::fs::File::open(v.header.as_deref().unwrap_or(&v.device)).ok()?;
-    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
-    let st = luksify_luks::reencrypt::state(&h.metadata).ok()??;
-    // Only what is clean: the hotzone in progress does not count.
-    let p = st.progress;
-    let done = match st.direction {
-        ReencryptDirection::Forward => p.hot_start,
-        ReencryptDirection::Backward => v
-            .bytes_total
-            .saturating_sub(p.hot_start.saturating_add(p.hot_len)),
-    };
-    Some((done as f64 * 100.0 / v.bytes_total as f64).clamp(0.0, 100.0))
 }
 
 /// What an interrupted run's volume needs, from [`run_stage`].
@@ -356,9 +352,9 @@ fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
             "{what} of {dev} finished its walk, but {went} before the steps after it ({}, fstab, crypttab); `luksify resume` does them",
             if decrypt { "remount" } else { "map, mount" }
         ),
-        RunStage::Walking => format!(
+        RunStage::Walking(header) => format!(
             "{what} of {dev} interrupted at {}% (its luksify process is gone); `luksify resume` finishes it",
-            header_percent(v).map_or(v.percent, |h| h.max(v.percent)).floor() as u64
+            header.map_or(v.percent, |h| h.max(v.percent)).floor() as u64
         ),
     }
 }
@@ -579,14 +575,21 @@ pub fn with_state_dir(msg: &str, dir: &Path) -> String {
 /// Where the state lives unless `--state-dir` or `LUKSIFY_STATE_DIR` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/luksify";
 
+/// [`with_state_dir`] unless `dir` is the default one, which needs no flag.
+pub fn in_state_dir(msg: &str, dir: &Path) -> String {
+    if dir == Path::new(DEFAULT_STATE_DIR) {
+        msg.to_string()
+    } else {
+        with_state_dir(msg, dir)
+    }
+}
+
 pub fn save(dir: &Path, s: &Status) -> std::io::Result<()> {
     let mut s = s.clone();
     // An agent reading the file, or a user told by it, runs the command as written.
-    if dir != Path::new(DEFAULT_STATE_DIR) {
-        s.progress_message = with_state_dir(&s.progress_message, dir);
-        for v in &mut s.volumes {
-            v.error = v.error.as_deref().map(|e| with_state_dir(e, dir));
-        }
+    s.progress_message = in_state_dir(&s.progress_message, dir);
+    for v in &mut s.volumes {
+        v.error = v.error.as_deref().map(|e| in_state_dir(e, dir));
     }
     s.version = 1;
     s.updated_unix = SystemTime::now()

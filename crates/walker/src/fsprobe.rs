@@ -103,23 +103,25 @@ pub fn probe<D: Disk + ?Sized>(disk: &D) -> io::Result<Option<FsExtent>> {
     btrfs(disk)
 }
 
-/// A version-1 swap area: `last_page + 1` pages (little-endian, as x86 writes it).
+/// A version-1 swap area: `last_page + 1` pages (little-endian, as x86 writes it). The
+/// largest page size's first page is read once (the first 4 KiB are already in).
 fn swap<D: Disk + ?Sized>(disk: &D, first: &[u8]) -> io::Result<Option<FsExtent>> {
+    let big = (disk.size()?.min(64 << 10) as usize).max(first.len());
+    let mut buf = Vec::new();
+    let head: &[u8] = if big > first.len() {
+        buf.resize(big, 0);
+        disk.read_at(0, &mut buf)?;
+        &buf
+    } else {
+        first
+    };
     for page in [4096usize, 8192, 16384, 65536] {
-        let mut buf;
-        let p: &[u8] = if page <= first.len() {
-            &first[..page]
-        } else {
-            if disk.size()? < page as u64 {
-                break;
-            }
-            buf = vec![0u8; page];
-            disk.read_at(0, &mut buf)?;
-            &buf
-        };
-        if &p[page - SWAP_MAGIC.len()..] == SWAP_MAGIC {
+        if page > head.len() {
+            break;
+        }
+        if &head[page - SWAP_MAGIC.len()..page] == SWAP_MAGIC {
             let last = u32::from_le_bytes(
-                p[SWAP_LAST_PAGE_AT..SWAP_LAST_PAGE_AT + 4]
+                head[SWAP_LAST_PAGE_AT..SWAP_LAST_PAGE_AT + 4]
                     .try_into()
                     .expect("4 bytes"),
             ) as u64;

@@ -647,41 +647,17 @@ fn all_zero<D: Disk + ?Sized>(d: &D, max: u64) -> Result<bool> {
     Ok(true)
 }
 
-/// The shift of an interrupted `--reduce-device-size` start whose marker is still
-/// on `data` (tried at whole MiB shifts up to 1 GiB, which covers every size the
-/// CLI's help suggests), or `None`.
-fn find_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64) -> Result<Option<u64>> {
-    find_init_marker_within(data, dev_size, dev_size)
-}
-
-/// [`find_init_marker`] for reductions of at most `max_reduce` bytes.
-fn find_init_marker_within<D: Disk + ?Sized>(
-    data: &D,
-    dev_size: u64,
-    max_reduce: u64,
-) -> Result<Option<u64>> {
-    for mib in 1..=1024u64 {
-        let shift = mib << 20;
-        if dev_size < 2 * shift + 4096 || 2 * shift > max_reduce {
-            break;
-        }
-        if read_init_marker(data, dev_size, 2 * shift)? {
-            return Ok(Some(shift));
-        }
-    }
-    Ok(None)
-}
-
 /// A `--reduce-device-size` start cut while its first header was being written leaves
 /// the device's head overwritten and its first part only in the moved copy, which only
 /// the same command knows to put back. Any other layout (a detached header, another
 /// reduction) would encrypt over it and lose that part: refused, nothing written. The
 /// head alone cannot tell: the secondary header copy lands first, past the primary, so
 /// the filesystem's superblock may still be there over overwritten group descriptors.
-/// The marker is looked for at every whole-MiB shift (up to 1024 reads of 4 KiB), or,
-/// where a filesystem still reads at the head, only past its end: the marker sits at the
-/// limit the filesystem was shrunk to (a filesystem filling the device costs no read;
-/// a scan of a whole 2 GiB image took 0.06-0.12 s of cold reads on this disk).
+/// The marker is looked for by [`start_marker_anywhere`]: where a filesystem still reads
+/// at the head, only past its end, where the marker sits (a filesystem filling the device
+/// costs no read); else at every whole MiB from the end (a scan of 1024 positions of a
+/// 2 GiB image took 0.06-0.12 s of cold reads on this disk). One written when the device
+/// had another size refuses every command, the same one included.
 fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
     data: &D,
     dev_size: u64,
@@ -691,14 +667,10 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
     let fs_end = fsprobe::probe(data)
         .map_err(|e| Error::io("read superblock", e))?
         .map_or(0, |f| f.size);
-    let shift = match find_init_marker_within(data, dev_size, dev_size.saturating_sub(fs_end))? {
-        Some(shift) => shift,
-        // Its reduction not whole MiB twice over, or the device resized since.
-        None => match start_marker_anywhere(data, dev_size, fs_end)? {
-            Some(m) if m.dev_size != dev_size => return Err(m.refusal(dev_size)),
-            Some(m) => m.shift,
-            None => return Ok(()),
-        },
+    let shift = match start_marker_anywhere(data, dev_size, fs_end)? {
+        Some(m) if m.dev_size != dev_size => return Err(m.refusal(dev_size)),
+        Some(m) => m.shift,
+        None => return Ok(()),
     };
     if matches!(placement, Placement::Shift { reduce } if !detached && reduce == 2 * shift) {
         return Ok(());
@@ -1578,19 +1550,18 @@ fn no_header_to_resume(
         let dev_size = data
             .size()
             .map_err(|e| Error::io("size of the device", e))?;
-        if let Some(shift) = find_init_marker(data, dev_size)? {
-            return Ok(Error::Refused(format!(
-                "the encryption was stopped while writing its first header (the moved start of the device is intact): run the same `luksify encrypt --reduce-device-size {}M` command again to continue",
-                (2 * shift) >> 20
-            )));
-        }
         let fs_end = fsprobe::probe(data)
             .map_err(|e| Error::io("read superblock", e))?
             .map_or(0, |f| f.size);
-        if let Some(m) = start_marker_anywhere(data, dev_size, fs_end)? {
-            if m.dev_size != dev_size {
-                return Ok(m.refusal(dev_size));
+        match start_marker_anywhere(data, dev_size, fs_end)? {
+            Some(m) if m.dev_size != dev_size => return Ok(m.refusal(dev_size)),
+            Some(m) if read_init_marker(data, dev_size, 2 * m.shift)? => {
+                return Ok(Error::Refused(format!(
+                    "the encryption was stopped while writing its first header (the moved start of the device is intact): run the same `luksify encrypt --reduce-device-size {}M` command again to continue",
+                    (2 * m.shift) >> 20
+                )));
             }
+            _ => {}
         }
         if matches!(e, luksify_luks::Error::NotLuks) {
             return Ok(Error::Refused(
