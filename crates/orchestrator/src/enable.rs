@@ -20,7 +20,7 @@ use luksify_walker::{
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -122,7 +122,7 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
 /// SIGTERM, then SIGKILL, to the processes that hold `device`, waiting up to 5 s each.
 /// A holder that is luksify's own ancestor (the shell or agent that runs it, its working
 /// directory on the volume) is not signalled: the run is refused instead.
-fn stop_holders(device: &Path, pids: &[u32]) -> Result<()> {
+fn stop_holders(device: &Path, pids: &[u32], cancel: &AtomicBool) -> Result<()> {
     let lineage = holders::own_lineage();
     if let Some(p) = pids.iter().find(|p| lineage.contains(p)) {
         return Err(Failure::new(
@@ -145,6 +145,8 @@ fn stop_holders(device: &Path, pids: &[u32]) -> Result<()> {
         if alive.is_empty() {
             return Ok(());
         }
+        // Asked to stop while waiting: no SIGKILL after that.
+        not_cancelled(cancel)?;
         for p in &alive {
             eprintln!(
                 "luksify: stopping pid {p} with {} because it holds {}",
@@ -161,8 +163,22 @@ fn stop_holders(device: &Path, pids: &[u32]) -> Result<()> {
         let deadline = std::time::Instant::now() + wait;
         while std::time::Instant::now() < deadline && alive.iter().any(|p| holders::pid_running(*p))
         {
+            not_cancelled(cancel)?;
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+    Ok(())
+}
+
+/// Refuses to go on once SIGINT/SIGTERM asked to stop. Only called before the walker
+/// writes anything: its caller puts the volume back as it was, so nothing is left to
+/// resume.
+fn not_cancelled(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Failure::new(
+            exit::INTERRUPTED,
+            "stopped on request (SIGINT/SIGTERM) before the walk began, so there is nothing to resume",
+        ));
     }
     Ok(())
 }
@@ -677,10 +693,15 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
 }
 
 /// Ends a run that failed on volume `idx`: the error goes on the volume (an interrupted
-/// walk keeps its state and says how it continues), the run's pid is cleared.
+/// walk keeps its state and says how it continues; one stopped before its walk was put
+/// back and says so), the run's pid is cleared.
 fn end_run_failed(sw: &mut StatusWriter, idx: usize, e: Failure) -> Failure {
-    if e.code != exit::INTERRUPTED {
-        if let Some(v) = sw.status.volumes.get_mut(idx) {
+    if let Some(v) = sw.status.volumes.get_mut(idx) {
+        let walking = matches!(
+            v.state,
+            VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+        );
+        if e.code != exit::INTERRUPTED || !walking {
             v.error = Some(e.message.clone());
         }
     }
@@ -721,8 +742,9 @@ fn enable_one(
     let nested = sw.status.volumes[idx].nested_mounts.clone();
     let unmounted = (|| {
         if req.kill_holders && !p.report.holders.is_empty() {
-            stop_holders(&p.device, &holders::pids(&p.report.holders))?;
+            stop_holders(&p.device, &holders::pids(&p.report.holders), req.cancel)?;
         }
+        not_cancelled(req.cancel)?;
         unmount_nested(&p.device, &nested, FIX_ENABLE)?;
         unmount_all(&p.device, dev, FIX_ENABLE)
     })();
@@ -742,8 +764,9 @@ type RunOf<'a> = (
 );
 
 /// Once the volume is `unmounted`: fsck and shrink it, create and reserve the detached
-/// header, then walk. A failure before the walk (the unmount included) mounts it
-/// again and leaves it NotEncrypted.
+/// header, then walk. A failure before the walk (the unmount included), or a stop asked
+/// for by SIGINT/SIGTERM by then, mounts it again (grown back if this shrank it) and
+/// leaves it NotEncrypted.
 fn encrypt_unmounted(
     (req, passphrase, sw, idx, (i, n)): RunOf<'_>,
     device: &Path,
@@ -751,8 +774,13 @@ fn encrypt_unmounted(
     fs: &FsFacts,
     unmounted: Result<()>,
 ) -> Result<()> {
+    let mut shrunk = false;
     let prepared = unmounted
-        .and_then(|()| prepare_fs(device, header, fs))
+        .and_then(|()| prepare_fs(device, header, fs, req.cancel))
+        .and_then(|s| {
+            shrunk = s;
+            not_cancelled(req.cancel)
+        })
         .and_then(|()| header.map(create_header).transpose());
     let header_file = match prepared {
         Ok(f) => f,
@@ -764,6 +792,7 @@ fn encrypt_unmounted(
                 device,
                 VolumeState::NotEncrypted,
                 "encrypted",
+                shrunk.then_some(fs.fs_type.as_str()),
             ))
         }
     };
@@ -790,6 +819,7 @@ fn put_back(
     from: &Path,
     state: VolumeState,
     verb: &str,
+    grow: Option<&str>,
 ) -> Failure {
     let v = sw.status.volumes[idx].clone();
     let dev = v.device.display();
@@ -801,7 +831,7 @@ fn put_back(
             .iter()
             .any(|m| Some(m.dev) == num && m.mount_point == mp)
     });
-    let tail = match (grow_and_remount(&v, None, from), &v.mount_point) {
+    let tail = match (grow_and_remount(&v, grow, from), &v.mount_point) {
         (Ok(()), Some(mp)) => format!(
             "; nothing on {dev} was {verb} and {} is {}",
             mp.display(),
@@ -884,8 +914,16 @@ struct FsFacts {
 
 /// fsck and shrink (ext, header in front) of the unmounted volume. Also the restart
 /// point when power was cut before the walker's first header commit: every step here is
-/// idempotent (a shrunk filesystem is not shrunk again).
-fn prepare_fs(device: &Path, header: Option<&Path>, fs: &FsFacts) -> Result<()> {
+/// idempotent (a shrunk filesystem is not shrunk again). Says whether the filesystem is
+/// shrunk for the header now (by this call or, ending exactly there, by an earlier run),
+/// which a stop before the walk undoes. Asked to stop (SIGINT/SIGTERM), it does not
+/// start the next step, and its caller refuses to go on.
+fn prepare_fs(
+    device: &Path,
+    header: Option<&Path>,
+    fs: &FsFacts,
+    cancel: &AtomicBool,
+) -> Result<bool> {
     // Unmounted now, so an exclusive open fails only while another process holds the
     // device exclusively: a luksify run from another state directory walking it, a
     // mapping. e2fsck must not run under it.
@@ -899,7 +937,9 @@ fn prepare_fs(device: &Path, header: Option<&Path>, fs: &FsFacts) -> Result<()> 
         ));
     }
     let dev_size = fs.dev_size;
+    let mut shrunk = false;
     if is_ext(&fs.fs_type) {
+        not_cancelled(cancel)?;
         fsck_ext(device)?;
         if header.is_none() {
             let fs_bytes = probe::detect_fs(device)
@@ -907,7 +947,9 @@ fn prepare_fs(device: &Path, header: Option<&Path>, fs: &FsFacts) -> Result<()> 
                 .and_then(|f| f.fs_bytes)
                 .unwrap_or(dev_size);
             let target = dev_size - HEADER_RESERVE_BYTES;
-            if fs_bytes > target {
+            shrunk = fs_bytes == target;
+            // Asked to stop during e2fsck: the caller refuses to go on.
+            if fs_bytes > target && !cancel.load(Ordering::Relaxed) {
                 run_tool(
                     Command::new("resize2fs")
                         .arg(device)
@@ -918,10 +960,11 @@ fn prepare_fs(device: &Path, header: Option<&Path>, fs: &FsFacts) -> Result<()> 
                         HEADER_RESERVE_BYTES >> 20
                     ),
                 )?;
+                shrunk = true;
             }
         }
     }
-    Ok(())
+    Ok(shrunk)
 }
 
 /// The walk from the very start of a prepared volume (the walker recognises its own
@@ -2010,8 +2053,9 @@ fn disable_one(
                     let mut t = holders::Targets::default();
                     t.filesystems.insert(num);
                     t.block_devices.insert(num);
-                    stop_holders(&blk, &holders::pids(&holders::scan(&t, false)))?;
+                    stop_holders(&blk, &holders::pids(&holders::scan(&t, false)), req.cancel)?;
                 }
+                not_cancelled(req.cancel)?;
                 if let Some(mp) = &v.mount_point {
                     let nested = current_nested(mp, num)?;
                     let all = mountinfo::read().unwrap_or_default();
@@ -2037,6 +2081,7 @@ fn disable_one(
                     &rec.mapped,
                     VolumeState::Encrypted,
                     "decrypted",
+                    None,
                 ));
             }
         }
