@@ -2811,8 +2811,8 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
 /// nothing to resume (it used to walk a first header, exit 5 and leave the volume
 /// unmounted, the head moved, until `resume`): asked while `--kill-holders` waits on a
 /// holder that ignores SIGTERM, the holder is not SIGKILLed and the volume never comes
-/// off; asked while resize2fs shrinks it, the filesystem is grown back to its size and
-/// mounted again. Either way exit 5, status NotEncrypted saying so, no LUKS header, the
+/// off; asked while resize2fs shrinks it, or while the walker derives the key, the
+/// filesystem is grown back to its size and mounted again. Either way exit 5, status NotEncrypted saying so, no LUKS header, the
 /// files unchanged; and a later `enable` runs. A `disable` stopped in its holder wait
 /// stays encrypted and mounted ("Decryption failed: stopped on request ...").
 #[test]
@@ -2945,7 +2945,38 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     nothing_done(&stderr(&out), "mounted again");
 
-    // 3. Nothing is left in the way of the next run.
+    // 3. During the walker's key derivation (~3 s of PBKDF2), once resize2fs has shrunk
+    // the filesystem: the walker writes nothing, and the run puts the volume back.
+    let mut slow = fx.cmd();
+    slow.args(["enable", "--volume-type", "data", "--volume"])
+        .arg(&fx.mnt)
+        .arg("--key-file")
+        .arg(&fx.key)
+        .args([
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "15000000",
+            "--userspace",
+        ]);
+    let mut child = slow
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dev_bytes = std::fs::metadata(fx.dir.path().join("img")).map_or(0, |m| m.len());
+    wait_on(
+        &mut child,
+        "the filesystem to be shrunk for the header",
+        || mount_fields(&fx.mnt).is_none() && blocks(&fx.dev()) == dev_bytes - (32 << 20),
+    );
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    nothing_done(&stderr(&out), "mounted again");
+
+    // 4. Nothing is left in the way of the next run.
     let out = run(&mut fx.enable_cmd());
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
@@ -2954,7 +2985,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     );
     fx.assert_files_unchanged();
 
-    // 4. A disable stopped while --kill-holders waits stays encrypted and mounted.
+    // 5. A disable stopped while --kill-holders waits stays encrypted and mounted.
     let mut holder = Command::new("sh")
         .arg("-c")
         .arg(format!(

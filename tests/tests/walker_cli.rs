@@ -2277,3 +2277,261 @@ fn walker_decrypt_at_a_data_offset_says_where_the_plaintext_starts() {
         "{out:?}"
     );
 }
+
+/// SIGTERM while the key is derived, before the first write: exit 5, "stopped on request
+/// before the ... wrote anything", the image (and a volume's header) as they were, no
+/// new header file left behind. It wrote a header and left a run at 0% to resume.
+#[test]
+fn walker_sigterm_before_the_first_write_leaves_nothing_to_resume() {
+    let (c, orig) = Case::new(16, 61);
+    // About 3 s of PBKDF2 here: the stop lands inside it.
+    let slow = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "15000000"];
+    let stopped = |args: &[&str]| -> std::process::Output {
+        let child = luksify(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        child.wait_with_output().unwrap()
+    };
+    let out = stopped(&[
+        "encrypt",
+        &c.img(),
+        "--header",
+        &c.hdr(),
+        "--key-file",
+        &c.key(),
+        slow[0],
+        slow[1],
+        slow[2],
+        slow[3],
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("stopped on request before the encryption wrote anything")
+            && err.contains("nothing to resume"),
+        "{err}"
+    );
+    assert_file_is(&c.p("img"), &orig, "the image");
+    assert!(!c.p("hdr").exists(), "the new header file was left behind");
+
+    // A volume: its decryption stopped while the passphrase is checked.
+    let out = run(luksify(&[
+        "encrypt",
+        &c.img(),
+        "--header",
+        &c.hdr(),
+        "--key-file",
+        &c.key(),
+    ])
+    .args(slow.as_slice()));
+    assert!(out.status.success(), "{out:?}");
+    let (img, hdr) = (
+        std::fs::read(c.p("img")).unwrap(),
+        std::fs::read(c.p("hdr")).unwrap(),
+    );
+    let out = stopped(&[
+        "decrypt",
+        &c.img(),
+        "--header",
+        &c.hdr(),
+        "--key-file",
+        &c.key(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("stopped on request before the decryption wrote anything"),
+        "{err}"
+    );
+    assert_file_is(&c.p("img"), &img, "the volume");
+    assert_file_is(&c.p("hdr"), &hdr, "the header");
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &c.img(),
+        "--header",
+        &c.hdr(),
+        "--key-file",
+        &c.key(),
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    assert_file_is(&c.p("img"), &orig, "the decrypted image");
+}
+
+/// `--header` naming something that is not a header file: a FIFO (opening it blocked
+/// for ever), a symlink to a character device (`/dev/null`: its node was deleted), a
+/// directory, and an existing empty file when the run then fails (it was deleted).
+/// Each is refused or left as it was; only a file the run created is ever removed.
+#[test]
+fn walker_header_paths_it_did_not_create_are_never_removed() {
+    let (c, orig) = Case::new(8, 71);
+    let fifo = c.p("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    std::os::unix::fs::symlink("/dev/null", c.p("null-link")).unwrap();
+    std::fs::create_dir(c.p("dir")).unwrap();
+    let cases = [
+        ("fifo", "is a FIFO"),
+        ("null-link", "is a character device"),
+        ("dir", "is a directory"),
+    ];
+    for (name, says) in cases {
+        let h = c.p(name).display().to_string();
+        for verb in ["encrypt", "decrypt", "resume"] {
+            let mut cmd = luksify(&[verb, &c.img(), "--key-file", &c.key(), "--header", &h]);
+            if verb == "encrypt" {
+                cmd.args(FAST);
+            }
+            // A blocked open would hang: the test gives up after 20 s.
+            let mut child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let t = std::time::Instant::now();
+            while child.try_wait().unwrap().is_none() {
+                if t.elapsed() > Duration::from_secs(20) {
+                    let _ = child.kill();
+                    panic!("{verb} --header {name} hangs");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{verb} {name}: {err}");
+            assert!(
+                err.contains(says) && err.contains("nothing was written"),
+                "{verb} {name}: {err}"
+            );
+            assert!(
+                std::fs::symlink_metadata(c.p(name)).is_ok(),
+                "{verb} removed {name}"
+            );
+        }
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let null = std::fs::metadata("/dev/null").unwrap();
+    assert!(
+        null.file_type().is_char_device(),
+        "/dev/null is no longer a device"
+    );
+    assert_file_is(&c.p("img"), &orig, "the image");
+
+    // An empty file of the user's, and a run the walker refuses after it is opened
+    // (an image that is not whole 4096-byte sectors).
+    let (c, orig) = Case::sized((8 << 20) + 512, 72);
+    std::fs::write(c.p("mine"), b"").unwrap();
+    let out = run(luksify(&[
+        "encrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        c.p("mine").to_str().unwrap(),
+        "--sector-size",
+        "4096",
+    ])
+    .args(FAST));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a whole number of 4096-byte sectors"),
+        "{err}"
+    );
+    assert!(
+        c.p("mine").exists(),
+        "the user's empty file was removed: {err}"
+    );
+    assert_file_is(&c.p("img"), &orig, "the image");
+}
+
+/// A finished journal-mode encryption leaves no plaintext in its detached header: the
+/// journal halves held the last hotzones' old bytes (about 16 MiB of the image's text
+/// was found there); cryptsetup wipes that room, and so does luksify now.
+#[test]
+fn walker_finished_journal_header_holds_no_plaintext() {
+    let (c, _) = Case::new(64, 0);
+    let mut text = Vec::with_capacity(64 << 20);
+    let mut i = 0u64;
+    while text.len() < 64 << 20 {
+        text.extend_from_slice(format!("PLAINMARK{i:022}\n").as_bytes());
+        i += 1;
+    }
+    text.truncate(64 << 20);
+    std::fs::write(c.p("img"), &text).unwrap();
+    let count = |b: &[u8]| b.windows(9).filter(|w| *w == b"PLAINMARK").count();
+    for res in ["journal", "checksum"] {
+        std::fs::write(c.p("img"), &text).unwrap();
+        let _ = std::fs::remove_file(c.p("hdr"));
+        let out = run(luksify(&[
+            "encrypt",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--header",
+            &c.hdr(),
+            "--resilience",
+            res,
+        ])
+        .args(FAST));
+        assert!(out.status.success(), "{out:?}");
+        let hdr = std::fs::read(c.p("hdr")).unwrap();
+        assert_eq!(count(&hdr), 0, "{res}: plaintext left in the header");
+        assert_eq!(count(&std::fs::read(c.p("img")).unwrap()), 0, "{res}");
+        run_ok(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            &c.key(),
+            "--header",
+            &c.hdr(),
+            &c.img(),
+        ]));
+    }
+}
+
+/// A LUKS1 volume is named as such by `encrypt` (it sent the user to `resume`, which then
+/// refused LUKS1) and by `decrypt` without `--header` (it asked for one first).
+#[test]
+fn walker_a_luks1_volume_is_named_as_such() {
+    require_tool("cryptsetup");
+    let (c, _) = Case::new(40, 81);
+    run_ok(Command::new("cryptsetup").args([
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks1",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        &c.key(),
+        &c.img(),
+    ]));
+    let before = std::fs::read(c.p("img")).unwrap();
+    let out = run(luksify(&[
+        "encrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--reduce-device-size",
+        "32M",
+    ])
+    .args(FAST));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("already holds a LUKS1 header: it is encrypted already")
+            && !err.contains("resume"),
+        "{err}"
+    );
+    let out = run(&mut luksify(&["decrypt", &c.img(), "--key-file", &c.key()]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("holds a LUKS1 volume: luksify decrypts LUKS2 only"),
+        "{err}"
+    );
+    assert_file_is(&c.p("img"), &before, "the LUKS1 volume");
+}

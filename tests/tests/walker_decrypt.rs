@@ -1230,6 +1230,64 @@ fn walker_finishes_cryptsetups_decryption_of_a_header_in_front() {
     }
 }
 
+/// cryptsetup's decryption of a header in front, cut at each of its last header flushes
+/// (fsync): killed after it dropped the passphrase keyslots but before its final header,
+/// no passphrase opens the header any more, and neither tool went on: luksify said "no
+/// keyslot accepts this passphrase", cryptsetup failed without a word. The data is all
+/// plaintext by then: luksify writes the final header without the key and wipes the
+/// keyslot area, and the plaintext is whole at byte 0.
+#[test]
+fn walker_finishes_a_cryptsetup_decryption_cut_while_it_retires_the_keyslots() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    let start = |c: &Case| cs_decrypt(c, &["--decrypt", "--resilience", "checksum"]);
+    let (c, _) = Case::new(32, 140);
+    encrypt_with_luksify(&c, Layout::Shift);
+    let log = c.s("strace.log");
+    run_ok(
+        Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=fsync", "-o", &log])
+            .arg("cryptsetup")
+            .args(start(&c).get_args())
+            .stdout(Stdio::null()),
+    );
+    let total = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("fsync("))
+        .count();
+    assert!(total >= 8, "only {total} fsyncs in a run");
+    let mut keyless = 0;
+    for n in total - 7..=total {
+        let what = format!("cut at fsync {n} of {total}");
+        let (c, orig) = Case::new(32, 140);
+        encrypt_with_luksify(&c, Layout::Shift);
+        let cut = run(&mut strace_inject(
+            &format!("inject=fsync:signal=SIGKILL:when={n}"),
+            &start(&c),
+        ));
+        assert!(!cut.status.success(), "{what}: not cut");
+        let dump = luks_dump(&c.p("hdr"));
+        if dump.contains("reencrypt") && !dump.contains("luks2\n") {
+            keyless += 1;
+        }
+        let out = run(&mut resume_cmd(&c));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() || err.contains("the decryption already finished"),
+            "{what}: {err}\n{dump}"
+        );
+        if out.status.success() {
+            assert_header_retired(&c);
+        }
+        assert_plaintext_back(&c, Layout::Shift, &orig, &what);
+    }
+    assert!(
+        keyless >= 1,
+        "no cut landed after the keyslots were dropped"
+    );
+}
+
 /// A header with little JSON room left (here filled by a token cryptsetup imported)
 /// gets no identity token, so the run's own segments still fit: the decryption is
 /// killed mid-run without one, resumes (with the size check only) and gives the

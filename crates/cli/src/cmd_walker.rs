@@ -226,6 +226,13 @@ fn report(dev: &Path, o: Outcome, what: &str, resume_hint: String) -> ExitCode {
             // Same code as the orchestrator's "interrupted" (see EXIT_CODES).
             ExitCode::from(5)
         }
+        Outcome::NotStarted => {
+            eprintln!(
+                "luksify: {}: stopped on request before the {what} wrote anything: the device is as it was and there is nothing to resume; run the same command again to start",
+                dev.display()
+            );
+            ExitCode::from(5)
+        }
     }
 }
 
@@ -257,6 +264,8 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
         cancel: Some(&cancel),
         ..Control::system()
     };
+    // The header in front: the plaintext moves back to byte 0 and the header out.
+    let in_front = is_luks_file(dev);
     let outcome = match &a.header {
         Some(h) => {
             if luksify_walker::lock::same_storage(dev, h) {
@@ -268,7 +277,8 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
             }
             // The file may be new (header moving out of the device) or the
             // volume's detached header: open without truncating either way.
-            let existed = std::fs::metadata(h).is_ok();
+            refuse_odd_header_path(dev, h)?;
+            let existed = std::fs::symlink_metadata(h).is_ok();
             // An existing file that is neither a LUKS header (the volume's detached one,
             // or one an interrupted decryption moved there) nor a cut first write of
             // ours is someone's data: the header moving out would overwrite it.
@@ -304,7 +314,8 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
                 })?;
             let hf = header_disk(dev, h, hf)?;
             let r = luksify_walker::decrypt(&data, Some(&hf), &pass, &opts, &ctl);
-            if !existed && r.is_err() && !is_luks_file(h) {
+            let nothing = r.is_err() || matches!(r, Ok(Outcome::NotStarted));
+            if !existed && nothing && !is_luks_file(h) {
                 let _ = std::fs::remove_file(h);
             }
             r
@@ -315,6 +326,13 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     let outcome = outcome.map_err(|e| walk_error(dev, a.header.as_deref(), e, &hint))?;
     let finished = matches!(outcome, Outcome::Finished);
     let code = report(dev, outcome, "decryption", hint);
+    if let Some(h) = a.header.as_deref().filter(|_| finished && in_front) {
+        eprintln!(
+            "luksify: {}: the plaintext now starts at byte 0 (it moved back over the header); the header is in {}, no longer needed",
+            dev.display(),
+            h.display()
+        );
+    }
     // A detached header with a data offset decrypts in place there: say so, rather
     // than leave a filesystem at byte N to be found missing at byte 0.
     if let Some(off) = a
@@ -443,12 +461,15 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
                 .format
                 .header_size()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
-            let hf = header_disk(dev, h, open_new_header(h, dev, size)?)?;
+            // Only a file this run creates is ever removed again.
+            let created = std::fs::symlink_metadata(h).is_err();
+            let hf = header_disk(dev, h, open_new_header(h, dev, size, created)?)?;
             let r = luksify_walker::encrypt(&data, Some(&hf), &pass, &opts, &ctl);
             // A failure before the header was complete wrote nothing to the data (the
             // header goes first): do not leave a file that blocks the next attempt. (A
             // header block device stays: removing it would delete its /dev node.)
-            if r.is_err() && !is_block_device(h) && !is_luks_file(h) {
+            let nothing = r.is_err() || matches!(r, Ok(Outcome::NotStarted));
+            if created && nothing && !is_block_device(h) && !is_luks_file(h) {
                 let _ = std::fs::remove_file(h);
             }
             r
@@ -536,7 +557,17 @@ fn walk_error(
             dev.display()
         )
     } else {
-        anyhow::anyhow!("{}: {e}", dev.display())
+        // The walker does not know paths: name the header file it speaks of.
+        let said = e.to_string();
+        let said = match header {
+            Some(h) => said.replacen(
+                "the header file",
+                &format!("the header file {}", h.display()),
+                1,
+            ),
+            None => said,
+        };
+        anyhow::anyhow!("{}: {said}", dev.display())
     }
 }
 
@@ -553,7 +584,13 @@ fn is_luks_file(p: &Path) -> bool {
 /// A block device as the header is opened exclusively (O_EXCL: not mounted or held),
 /// must carry no known signature (a LUKS header, a filesystem) and hold `size` bytes; it
 /// is never created, reserved or removed.
-fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::File> {
+fn open_new_header(
+    h: &Path,
+    dev: &Path,
+    size: u64,
+    created: bool,
+) -> anyhow::Result<std::fs::File> {
+    refuse_odd_header_path(dev, h)?;
     if is_block_device(h) {
         let f = OpenOptions::new()
             .read(true)
@@ -618,13 +655,46 @@ fn open_new_header(h: &Path, dev: &Path, size: u64) -> anyhow::Result<std::fs::F
         })?;
     if let Err(e) = luksify_walker::device::reserve(&f, size) {
         drop(f);
-        let _ = std::fs::remove_file(h);
+        if created {
+            let _ = std::fs::remove_file(h);
+        }
         bail!(
             "{}: cannot reserve {size} bytes for header file {}: {e} (free space where the header goes; the device was not touched)",
             dev.display(), h.display()
         );
     }
     Ok(f)
+}
+
+/// Refuses a `--header` path that names something no header can live in: a character
+/// device (`/dev/null`), a FIFO (opening it would block), a socket, a directory.
+fn refuse_odd_header_path(dev: &Path, h: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(m) = std::fs::metadata(h) else {
+        return Ok(());
+    };
+    let t = m.file_type();
+    let what = if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        bail!(
+            "{}: --header {} is a directory; name a new file in it for the header (e.g. {}) (nothing was written)",
+            dev.display(),
+            h.display(),
+            h.join("luks-header").display()
+        )
+    } else {
+        return Ok(());
+    };
+    bail!(
+        "{}: --header {} is {what}: name a regular file or a block device for the header (nothing was written)",
+        dev.display(),
+        h.display()
+    )
 }
 
 fn resume_hint(dev: &Path, key: &Path, header: Option<&Path>) -> String {
@@ -650,6 +720,10 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
         );
     };
     let pass = crate::keyfile::read_key_file(key_file)?;
+    if let Some(h) = &a.header {
+        refuse_odd_header_path(dev, h)?;
+    }
+    let what = run_kind(a.header.as_deref().unwrap_or(dev));
     let data = open_data(dev, a.tuning.buffered)?;
     let cancel = install_cancel()?;
     let pp = progress_printer();
@@ -681,6 +755,10 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
                     "header file {}: {l}; pass the header file this run was started with (nothing was written)",
                     h.display()
                 ),
+                luksify_walker::Error::Refused(m) => anyhow::anyhow!(
+                    "{}",
+                    m.replacen("the header file", &format!("the header file {}", h.display()), 1)
+                ),
                 e => anyhow::Error::from(e),
             })
         }
@@ -690,5 +768,21 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     // As context, so that the walker's error stays in the chain (a Busy one is exit 4).
     .with_context(|| dev.display().to_string())?;
     let hint = resume_hint(dev, key_file, a.header.as_deref());
-    Ok(report(dev, outcome, "run", hint))
+    Ok(report(dev, outcome, what, hint))
+}
+
+/// What the interrupted run recorded in header `h` does: "encryption" or "decryption"
+/// ("run" when the header does not say).
+fn run_kind(h: &Path) -> &'static str {
+    use luksify_luks::luks2::json::ReencryptMode;
+    let mode = std::fs::File::open(h)
+        .ok()
+        .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())
+        .and_then(|(hdr, _)| luksify_luks::reencrypt::state(&hdr.metadata).ok().flatten())
+        .map(|st| st.mode);
+    match mode {
+        Some(ReencryptMode::Encrypt) => "encryption",
+        Some(ReencryptMode::Decrypt) => "decryption",
+        _ => "run",
+    }
 }

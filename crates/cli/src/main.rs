@@ -80,9 +80,14 @@ fn main() -> ExitCode {
                 matches!(
                     c.downcast_ref::<luksify_walker::Error>(),
                     Some(luksify_walker::Error::Busy(_))
-                ) || c
-                    .downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock)
+                ) || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    // A lock held (WouldBlock), or a device in use (EBUSY on the
+                    // exclusive open: mounted, mapped, another run on it).
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::ResourceBusy
+                    )
+                })
             });
             let usage = e.chain().any(|c| c.is::<Usage>());
             ExitCode::from(if busy {

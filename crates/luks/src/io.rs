@@ -49,6 +49,11 @@ pub trait Disk {
         let _ = exclusive;
         Ok(None)
     }
+    /// The open file or block device behind the store, if there is one (not memory):
+    /// to tell whether two stores reach the same bytes.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// A held metadata lock (see [`Disk::lock_metadata`]): a `flock` on `file`, dropped
@@ -119,6 +124,9 @@ impl Drop for MetadataLock {
 }
 
 impl Disk for File {
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.as_raw_fd())
+    }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, off)
     }
@@ -170,6 +178,9 @@ impl<D: Disk + ?Sized> Disk for &D {
     }
     fn can_grow(&self) -> bool {
         (**self).can_grow()
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).raw_fd()
     }
     fn lock_metadata(&self, exclusive: bool) -> io::Result<Option<MetadataLock>> {
         (**self).lock_metadata(exclusive)

@@ -801,7 +801,7 @@ fn encrypt_unmounted(
         passphrase,
         device,
         header.zip(header_file),
-        fs,
+        (fs, shrunk),
         sw,
         idx,
         i,
@@ -975,7 +975,7 @@ fn encrypt_prepared(
     passphrase: &[u8],
     device: &Path,
     header: Option<(&Path, std::fs::File)>,
-    fs: &FsFacts,
+    (fs, shrunk): (&FsFacts, bool),
     sw: &mut StatusWriter,
     idx: usize,
     i: usize,
@@ -1026,6 +1026,23 @@ fn encrypt_prepared(
         _ => e,
     })?;
     drop(data);
+    if outcome == Outcome::NotStarted {
+        // Stopped during the key derivation: nothing written, put it back.
+        drop(header_file);
+        if let Some(h) = header {
+            let _ = std::fs::remove_file(h);
+        }
+        let stop = not_cancelled(req.cancel).expect_err("the walker saw the stop");
+        return Err(put_back(
+            sw,
+            idx,
+            stop,
+            device,
+            VolumeState::NotEncrypted,
+            "encrypted",
+            shrunk.then_some(fs.fs_type.as_str()),
+        ));
+    }
     finish_volume(req, passphrase, sw, idx, outcome)
 }
 
@@ -1115,6 +1132,11 @@ fn finish_volume(
     outcome: Outcome,
 ) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
+    if outcome == Outcome::NotStarted {
+        return Err(Failure::failed(
+            "internal: an encryption not started is put back by its caller",
+        ));
+    }
     if let Outcome::Interrupted(_) = outcome {
         commit(sw)?;
         return Err(Failure::new(
@@ -2116,11 +2138,37 @@ fn disable_one(
         luksify_walker::decrypt(&data, Some(&hf), passphrase, &dopts, ctl)
     })?;
     drop(data);
+    if outcome == Outcome::NotStarted {
+        // Stopped while the passphrase was checked: nothing written. Mapped and mounted
+        // again, still encrypted (the moved header's file is an empty shell).
+        drop(hf);
+        if in_front {
+            let _ = std::fs::remove_file(&header);
+            sw.status.volumes[idx].header = None;
+        }
+        let stop = not_cancelled(req.cancel).expect_err("the walker saw the stop");
+        finish_volume(req, passphrase, sw, idx, Outcome::Finished)?;
+        let v = sw.status.volumes[idx].device.display().to_string();
+        let e = Failure::new(
+            stop.code,
+            format!(
+                "{}; nothing on {v} was decrypted and it is mapped and mounted again",
+                stop.message
+            ),
+        );
+        sw.status.operation = Operation::DisableEncryption;
+        return Err(e);
+    }
     finish_disable(sw, idx, outcome)
 }
 
 fn finish_disable(sw: &mut StatusWriter, idx: usize, outcome: Outcome) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
+    if outcome == Outcome::NotStarted {
+        return Err(Failure::failed(
+            "internal: a decryption not started is put back by its caller",
+        ));
+    }
     if let Outcome::Interrupted(_) = outcome {
         commit(sw)?;
         return Err(Failure::new(

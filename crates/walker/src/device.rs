@@ -294,6 +294,9 @@ impl Disk for DataDevice {
     fn direct(&self) -> bool {
         self.direct
     }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.file))
+    }
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         if let Some((at, t)) = self.tail_split(off, buf.len()) {
             let (head, rest) = buf.split_at_mut(at);

@@ -70,6 +70,29 @@ pub struct Tuning {
     pub workers: usize,
 }
 
+impl Tuning {
+    /// Refuses sizes a run cannot use, before anything is read or written: requests of
+    /// whole 4096-byte units (O_DIRECT alignment, the largest checksum block), hotzones
+    /// of at least one. `workers` 0 means one.
+    pub fn check(&self) -> crate::Result<()> {
+        if self.chunk == 0 || !self.chunk.is_multiple_of(CHECKSUM_BLOCK) {
+            return Err(crate::Error::Refused(format!(
+                "request size (Tuning::chunk) {} bytes: use a non-zero multiple of {CHECKSUM_BLOCK} (default {}) (nothing was written)",
+                self.chunk,
+                Tuning::default().chunk
+            )));
+        }
+        if self.hotzone < CHECKSUM_BLOCK as u64 {
+            return Err(crate::Error::Refused(format!(
+                "hotzone size (Tuning::hotzone) {} bytes: use at least {CHECKSUM_BLOCK} (default {}) (nothing was written)",
+                self.hotzone,
+                Tuning::default().hotzone
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Tuning {
     fn default() -> Self {
         // 4 MiB requests, 16 MiB hotzones: 7 buffers in flight = 28 MiB.
@@ -433,25 +456,55 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         let total = end;
         let zones = plan(self, p, end);
         let head_m = self.head.map_or(0, |(m, _)| m);
-        let mut done_bytes = match self.direction {
+        let done_bytes = match self.direction {
             _ if self.head.is_some() && p.hot_start == 0 => end,
             ReencryptDirection::Forward => p.hot_start.min(end).saturating_sub(head_m),
             ReencryptDirection::Backward => end - p.hot_start.min(end),
         };
-        let chunk = self.tuning.chunk;
-        let per_zone = (self.tuning.hotzone as usize).div_ceil(chunk);
         let started = Instant::now();
         let start_done = done_bytes;
+        // A panic in the caller's callback stops the walk at the next safe point, as a
+        // cancellation does, and carries on unwinding once the header is resumable.
+        let panicked: Mutex<Option<Box<dyn std::any::Any + Send>>> = Mutex::new(None);
         let report = |done: u64| {
             if let Some(f) = self.progress {
                 let secs = started.elapsed().as_secs_f64().max(1e-6);
-                f(ProgressInfo {
+                let info = ProgressInfo {
                     done,
                     total,
                     bytes_per_sec: ((done - start_done) as f64 / secs) as u64,
-                });
+                };
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(info))) {
+                    let mut g = panicked.lock().unwrap_or_else(|e| e.into_inner());
+                    g.get_or_insert(p);
+                }
             }
         };
+        let stop_asked = || {
+            self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+                || panicked.lock().map_or(true, |g| g.is_some())
+        };
+        let outcome = self.run_zones(j, p, &zones, (end, done_bytes), &report, &stop_asked);
+        if let Some(payload) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            std::panic::resume_unwind(payload);
+        }
+        outcome
+    }
+
+    /// [`Walk::run`]'s hotzones from clean progress `p`, `done_bytes` of `end` done:
+    /// `report` after each is handed out, a stop when `stop_asked`.
+    fn run_zones(
+        &self,
+        j: &mut dyn Journal,
+        p: Progress,
+        zones: &[(u64, u64)],
+        (end, mut done_bytes): (u64, u64),
+        report: &dyn Fn(u64),
+        stop_asked: &dyn Fn() -> bool,
+    ) -> Result<Outcome> {
+        let chunk = self.tuning.chunk;
+        let per_zone = (self.tuning.hotzone as usize).div_ceil(chunk);
+
         let checksum = self.resilience == Resilience::Checksum;
         // Double-buffered journal: hotzone 0's journal goes to the half the header does
         // not name; each commit opens the next hotzone's half to the workers.
@@ -575,7 +628,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             let mut none_window = None;
             let walked = (|| -> Result<Option<Outcome>> {
                 for (k, &(a, n)) in zones.iter().enumerate() {
-                    if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    if stop_asked() {
                         shared.lock().reads_done = true;
                         shared.cv.notify_all();
                         // Everything handed out must be durable before the header says so.
@@ -725,12 +778,16 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 wipe_random(self.data, s.moved_offset, s.size, "the moved first segment")?;
             }
             if let Some((m, res)) = self.head.filter(|_| p.hot_start != 0) {
-                if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                if stop_asked() {
                     commit(j, last_clean)?;
                     j.area_flush()?;
                     return Ok(Outcome::Interrupted(last_clean));
                 }
                 self.run_head(j, m, res)?;
+                report(end);
+            } else if zones.is_empty() {
+                // Nothing left to hand out (a resume that only recovered the last
+                // hotzone): the caller still hears that the walk is done.
                 report(end);
             }
             j.finish()?;
@@ -903,6 +960,10 @@ pub enum Outcome {
     Finished,
     /// Stopped at a safe point on request; the header holds this clean progress.
     Interrupted(Progress),
+    /// A new `encrypt` or `decrypt` asked to stop (the cancel flag set) before its
+    /// first write: nothing was written, the device and header store are as they were
+    /// and there is nothing to resume.
+    NotStarted,
 }
 
 /// Where the workers are in the run: hotzone index and offset within it.

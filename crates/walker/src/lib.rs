@@ -37,13 +37,18 @@ pub type Cancel = AtomicBool;
 /// Progress callback.
 pub type ProgressFn<'a> = dyn Fn(ProgressInfo) + Sync + 'a;
 
-/// Progress of a run.
+/// Progress of a run, reported once per hotzone handed out for writing, and at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProgressInfo {
-    /// Bytes encrypted so far (including earlier runs).
+    /// Bytes transformed and handed to the device for writing so far, including earlier
+    /// runs of the same walk: not yet durable. What a crash keeps is the header's last
+    /// commit, at most one hotzone behind (16 MiB by default, [`Tuning::hotzone`]; with
+    /// resilience `none` one commit covers up to 1 GiB); `resume` continues from there.
     pub done: u64,
+    /// Bytes the whole walk covers: the data area (the device less the data offset or
+    /// the reduction), so `done == total` at the end.
     pub total: u64,
-    /// Throughput of this run so far.
+    /// Throughput of this run so far (bytes of this run / seconds of this run).
     pub bytes_per_sec: u64,
 }
 
@@ -83,6 +88,9 @@ pub enum Error {
     /// nothing was written.
     #[error("{0}")]
     Busy(String),
+    /// No keyslot of the header opens with the passphrase; nothing was written.
+    #[error("no keyslot accepts this passphrase: check --key-file (nothing was written)")]
+    WrongPassphrase,
 }
 
 impl Error {
@@ -116,9 +124,9 @@ impl Placement {
             (Placement::Shift { reduce }, Some(off)) if off != 0 => {
                 if off > reduce / 2 {
                     return Err(Error::Refused(format!(
-                        "--offset {} sectors is more than half of --reduce-device-size ({} sectors): use --offset {} or less, or a larger --reduce-device-size",
+                        "--offset {} sectors is more than half of --reduce-device-size ({} sectors): use --offset {} or less, or a larger --reduce-device-size (nothing was written)",
                         off / 512,
-                        reduce / 1024,
+                        reduce / 512,
                         reduce / 1024
                     )));
                 }
@@ -143,7 +151,12 @@ pub struct EncryptOptions {
 /// Hooks a caller can pass to any run.
 #[derive(Default)]
 pub struct Control<'a> {
+    /// Called on the walk's coordinating thread after each hotzone is handed out, and
+    /// once at the end. A panic in it stops the walk at the next safe point, as a
+    /// cancellation does (the header left resumable), and then carries on unwinding.
     pub progress: Option<&'a ProgressFn<'a>>,
+    /// Checked before the first write ([`Outcome::NotStarted`]: nothing written) and
+    /// between hotzones ([`Outcome::Interrupted`]: stopped at a safe point).
     pub cancel: Option<&'a Cancel>,
     /// Called once by a new encryption when every check has passed, right before its
     /// first write: where a caller prints warnings, so a refusal stays one line.
@@ -178,6 +191,12 @@ fn same_volume(first: &Luks2Header, again: Luks2Header) -> Result<Luks2Header> {
         )));
     }
     Ok(again)
+}
+
+/// Whether the caller asked the run to stop ([`Control::cancel`]).
+fn cancelled(ctl: &Control<'_>) -> bool {
+    ctl.cancel
+        .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Takes the volume's reencryption lock if `ctl` asks for one (see [`Control::lock_dir`]).
@@ -357,20 +376,7 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
             // A decryption's header is always detached, never on the data.
             reencrypt::finish_decrypt(&mut self.hdr.metadata, &self.st);
             self.hdr.write(self.disk)?;
-            let start = 2 * self.hdr.hdr_size;
-            let zeros = vec![0u8; 1 << 20];
-            let mut off = 0u64;
-            let len = self.hdr.metadata.config.keyslots_size;
-            while off < len {
-                let n = (zeros.len() as u64).min(len - off) as usize;
-                self.disk
-                    .write_at(start + off, &zeros[..n])
-                    .map_err(|e| Error::io("wipe keyslot area", e))?;
-                off += n as u64;
-            }
-            self.disk
-                .flush()
-                .map_err(|e| Error::io("flush header", e))?;
+            zero_keyslot_area(self.disk, &self.hdr)?;
         } else {
             // As cryptsetup's final header: the keyslots area takes all the room up to
             // the data (a smaller --luks2-keyslots-size grows), on a header device that
@@ -388,6 +394,15 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
             }
             reencrypt::finish_encrypt(&mut self.hdr.metadata, &self.st);
             self.hdr.write(self.disk)?;
+            // The resilience areas held the last hotzones' old bytes (a journal's are
+            // plaintext) or checksums of them: random bytes over all the room no
+            // keyslot uses, as cryptsetup leaves it. Only now: until the final header
+            // is durable a crash may need them. (A crash before this wipe leaves them,
+            // as a crash before a decryption's keyslot wipe leaves those.)
+            let (off, len) = free_keyslot_room(&self.hdr);
+            if len > 0 {
+                engine::wipe_random(self.disk, off, len, "the resilience area")?;
+            }
         }
         Ok(())
     }
@@ -605,6 +620,16 @@ fn new_store_areas(len: usize) -> Vec<u8> {
     b
 }
 
+/// Writes [`NEW_STORE_MAGIC`]'s page to a new header store and makes it durable before
+/// anything else goes there: a cut in the writes that follow then leaves a store that
+/// says it is ours ([`is_cut_new_header`]), whichever of them landed, and the same
+/// command runs again over it rather than taking it for someone's data.
+fn mark_new_store<H: Disk + ?Sized>(m: &H) -> Result<()> {
+    m.write_at(0, &new_store_areas(4096))
+        .map_err(|e| Error::io("write header file", e))?;
+    m.flush().map_err(|e| Error::io("flush header", e))
+}
+
 /// True when `d` is a header file whose first header write was cut: the primary
 /// area still holds [`NEW_STORE_MAGIC`] and zeros, and no header copy is valid (or
 /// the file is all zeros: reserved, nothing written). Such a file holds nothing
@@ -625,18 +650,52 @@ pub fn is_cut_new_header<D: Disk + ?Sized>(d: &D) -> Result<bool> {
     all_zero(d, 64 << 20)
 }
 
-/// True when `d` is at most `max` bytes and holds only zeros.
-fn all_zero<D: Disk + ?Sized>(d: &D, max: u64) -> Result<bool> {
-    let size = d
-        .size()
-        .map_err(|e| Error::io("size of the header file", e))?;
-    if size == 0 || size > max {
-        return Ok(false);
+/// Refuses a detached header store that reaches the data's own bytes (the same file,
+/// a link to it, a loop device over it): the header would overwrite the data's first
+/// mebibytes.
+fn refuse_header_on_data<D: Disk + ?Sized, H: Disk + ?Sized>(data: &D, meta: &H) -> Result<()> {
+    if lock::same_store(data, meta) {
+        return Err(Error::Refused(
+            "the header store is the data itself (the same file, a link to it, or a loop device over it): the header would overwrite the data; put the header on other storage (nothing was written)".into(),
+        ));
     }
+    Ok(())
+}
+
+/// Refuses a header store (not a LUKS header) that holds someone's data, which the
+/// header would overwrite: a file with anything but zeros in its first 64 MiB (a new,
+/// empty or reserved file passes, as does ours cut during its first header write), or a
+/// block device holding a filesystem or swap area.
+fn refuse_foreign_header_store<H: Disk + ?Sized>(m: &H) -> Result<()> {
+    let size = m
+        .size()
+        .map_err(|e| Error::io("size of the header store", e))?;
+    if size == 0 {
+        return Ok(());
+    }
+    if m.can_grow() {
+        if is_cut_new_header(m)? || zero_up_to(m, size.min(64 << 20))? {
+            return Ok(());
+        }
+        return Err(Error::Refused(format!(
+            "the header file already holds {size} bytes of other data (no LUKS header), which the header would overwrite: name a new or empty file (nothing was written)"
+        )));
+    }
+    if let Some(fs) = fsprobe::probe(m).map_err(|e| Error::io("read the header device", e))? {
+        return Err(Error::Refused(format!(
+            "the header device holds {}, which the header would overwrite: wipe it first (wipefs -a) or choose another device (nothing was written)",
+            fs.kind.noun()
+        )));
+    }
+    Ok(())
+}
+
+/// True when the first `len` bytes of `d` are all zeros.
+fn zero_up_to<D: Disk + ?Sized>(d: &D, len: u64) -> Result<bool> {
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0;
-    while off < size {
-        let n = (buf.len() as u64).min(size - off) as usize;
+    while off < len {
+        let n = (buf.len() as u64).min(len - off) as usize;
         d.read_at(off, &mut buf[..n])
             .map_err(|e| Error::io("read the header file", e))?;
         if buf[..n].iter().any(|&x| x != 0) {
@@ -645,6 +704,17 @@ fn all_zero<D: Disk + ?Sized>(d: &D, max: u64) -> Result<bool> {
         off += n as u64;
     }
     Ok(true)
+}
+
+/// True when `d` is at most `max` bytes and holds only zeros.
+fn all_zero<D: Disk + ?Sized>(d: &D, max: u64) -> Result<bool> {
+    let size = d
+        .size()
+        .map_err(|e| Error::io("size of the header file", e))?;
+    if size == 0 || size > max {
+        return Ok(false);
+    }
+    zero_up_to(d, size)
 }
 
 /// A `--reduce-device-size` start cut while its first header was being written leaves
@@ -713,11 +783,20 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let dev_size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
-    if dev_size == 0 || !dev_size.is_multiple_of(512) {
+    opts.tuning.check()?;
+    if dev_size == 0 {
+        return Err(Error::Refused(
+            "the device is empty (0 bytes): nothing to encrypt; wrong device or image file? (nothing was written)".into(),
+        ));
+    }
+    if !dev_size.is_multiple_of(512) {
         return Err(Error::Refused(format!(
             "the device's size, {dev_size} bytes, is not a whole number of 512-byte sectors: a block device always is; give an image file a size that is (e.g. `truncate -s {}`) (nothing was written)",
             dev_size.div_ceil(512) * 512
         )));
+    }
+    if let Some(m) = meta {
+        refuse_header_on_data(data, m)?;
     }
     let placement = opts.placement.with_offset(opts.format.data_offset)?;
     refuse_other_layout_over_a_cut_shift_start(data, dev_size, placement, meta.is_some())?;
@@ -732,6 +811,11 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let cut_start =
         init_marker && (luks2_without_valid_copy(data)? || ours_before_first_commit(data)?);
     if is_luks(data)? && !cut_start {
+        if luksify_luks::probe(data)? == Some(luksify_luks::Version::Luks1) {
+            return Err(Error::Refused(
+                "the device already holds a LUKS1 header: it is encrypted already (nothing was written)".into(),
+            ));
+        }
         return Err(Error::Refused(
             "the device already holds a LUKS header: it is encrypted already, or holds an interrupted run that `luksify resume` continues (nothing was written)".into(),
         ));
@@ -771,6 +855,8 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                             .into(),
                     ));
                 }
+            } else {
+                refuse_foreign_header_store(m)?;
             }
             fmt.detached = true;
             // `--offset`: the data starts there; the bytes before it stay as they are.
@@ -854,7 +940,16 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             };
             (Some(layout), Resilience::Datashift)
         }
-        _ => return Err(Error::Internal("placement and header store disagree")),
+        (Placement::Detached { .. }, None) => {
+            return Err(Error::Refused(
+                "a detached header needs a header store (`meta`, --header FILE) (nothing was written)".into(),
+            ))
+        }
+        (Placement::Shift { .. }, Some(_)) => {
+            return Err(Error::Refused(
+                "a data shift puts the header in front of the data: pass no header store (`meta`), or use a detached placement (nothing was written)".into(),
+            ))
+        }
     };
 
     // Build the header in memory first: nothing on disk says "LUKS" until the
@@ -918,6 +1013,10 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     )?;
 
     let _lock = lock_volume(ctl, &hdr.uuid)?;
+    // The last point nothing is written at (the key derivation above takes seconds).
+    if cancelled(ctl) {
+        return Ok(Outcome::NotStarted);
+    }
     if let Some(f) = ctl.before_write {
         f();
     }
@@ -933,6 +1032,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             stage
                 .write_at(0, &new_store_areas(areas as usize))
                 .map_err(|e| Error::io("stage header", e))?;
+            mark_new_store(m)?;
             copy_stage(&stage, 0, m)?;
             m.flush().map_err(|e| Error::io("flush header", e))?;
             HeaderStore {
@@ -990,6 +1090,9 @@ impl<T: Disk + Sync + ?Sized> Disk for DynDisk<'_, T> {
     }
     fn can_grow(&self) -> bool {
         self.0.can_grow()
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.0.raw_fd()
     }
     fn lock_metadata(
         &self,
@@ -1279,7 +1382,9 @@ fn run_from<D: Disk + Sync + ?Sized>(
 pub struct DecryptOptions {
     /// Hotzone protection when the header is detached and the data stays in
     /// place (checksum, journal or none). With the header in front the data
-    /// moves back over it, and the shift itself protects it.
+    /// moves back over it and the shift itself protects it: `Datashift` (or
+    /// `Checksum`, the default the CLI passes); `Journal` and `None` are refused
+    /// there, before anything is read or written.
     pub resilience: Resilience,
     /// Checksum resilience's hash (cryptsetup's `--resilience-hash`, sha256 by default).
     pub checksum_hash: Hash,
@@ -1307,14 +1412,33 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     opts: &DecryptOptions,
     ctl: &Control<'_>,
 ) -> Result<Outcome> {
+    opts.tuning.check()?;
     let dev_size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
+    if let Some(h) = header {
+        refuse_header_on_data(data, h)?;
+    }
     let header_is_luks = match header {
         Some(h) => h.size().unwrap_or(0) > 0 && is_luks(h)?,
         None => false,
     };
     let in_front = is_luks(data)?;
+    if luksify_luks::probe(data)? == Some(luksify_luks::Version::Luks1) {
+        return Err(Error::Refused(
+            "the device holds a LUKS1 volume: luksify decrypts LUKS2 only; `cryptsetup reencrypt --decrypt` decrypts LUKS1 (nothing was written)".into(),
+        ));
+    }
+    if in_front
+        && !matches!(
+            opts.resilience,
+            Resilience::Datashift | Resilience::Checksum
+        )
+    {
+        return Err(Error::Refused(
+            "with the header in front the data moves back and the shift protects it: --resilience applies to detached headers only (nothing was written)".into(),
+        ));
+    }
     let (hdisk, mut hdr, moves): (&(dyn Disk + Sync), Luks2Header, bool) = match (in_front, header) {
         (true, None) => {
             return Err(Error::Refused(
@@ -1328,6 +1452,9 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 return Err(Error::Refused(
                     "the header file already holds a LUKS header: if it is from an interrupted decryption run `luksify resume DEV --header FILE`, else name a new file".into(),
                 ));
+            }
+            if !header_is_luks {
+                refuse_foreign_header_store(h)?;
             }
             (&DynDisk(h) as &(dyn Disk + Sync), Luks2Header::read(data)?.0, true)
         }
@@ -1411,9 +1538,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         _ => hdr.unlock(data, passphrase, None),
     };
     let (vk, slot) = unlocked.map_err(|e| match e {
-        luksify_luks::Error::WrongPassphrase => Error::Refused(
-            "no keyslot accepts this passphrase: check --key-file (nothing was written)".into(),
-        ),
+        luksify_luks::Error::WrongPassphrase => Error::WrongPassphrase,
         e => e.into(),
     })?;
     let key_digest = hdr
@@ -1422,11 +1547,6 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let (ks_end, room) = free_keyslot_room(&hdr);
     let area_end = ks_end + room;
     let area = if moves {
-        if opts.resilience != Resilience::Datashift && opts.resilience != Resilience::Checksum {
-            return Err(Error::Refused(
-                "with the header in front the data moves back and the shift protects it: --resilience applies to detached headers only".into(),
-            ));
-        }
         ReencryptArea::Datashift {
             offset: ks_end,
             size: 4096,
@@ -1468,6 +1588,10 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         ReencryptDirection::Forward,
         area,
     )?;
+    // The last point nothing is written at (the unlock above takes seconds).
+    if cancelled(ctl) {
+        return Ok(Outcome::NotStarted);
+    }
     if moves {
         // Blank header areas and the keyslot areas first, then the header copies,
         // secondary first: the file holds no valid header until it holds the whole
@@ -1485,6 +1609,10 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
                 Error::io(what, e)
             }
         };
+        mark_new_store(hdisk).map_err(|e| match e {
+            Error::Io { source, .. } => full(source, "write header file"),
+            e => e,
+        })?;
         for (i, c) in new_store_areas(start as usize).chunks(1 << 20).enumerate() {
             hdisk
                 .write_at((i as u64) << 20, c)
@@ -1529,6 +1657,60 @@ fn all_linear(hdr: &Luks2Header) -> bool {
             .all(|s| matches!(s, luksify_luks::luks2::json::Segment::Linear(_)))
 }
 
+/// Whether a decryption has moved every byte: its only live segment is the plaintext's,
+/// linear from the new data offset to the device's end.
+fn decryption_walked(hdr: &Luks2Header, st: &ReencryptState) -> bool {
+    let mut live = hdr.metadata.segments.values().filter(|s| !s.is_backup());
+    matches!(
+        (live.next(), live.next()),
+        (Some(luksify_luks::luks2::json::Segment::Linear(l)), None)
+            if l.offset == st.layout.data_offset && l.size == SegmentSize::Dynamic
+    )
+}
+
+/// A decryption whose data is all plaintext, stopped before its final header (cryptsetup
+/// 2.6.1 killed while it retires the keyslots: it removes them before the final header,
+/// so no passphrase opens the header any more, and neither tool's resume could unlock it).
+/// The final header needs no key: written as a finished run writes it, then the keyslot
+/// area zeroed. The data device is not touched.
+fn finish_walked_decryption(
+    hdisk: &(dyn Disk + Sync),
+    mut hdr: Luks2Header,
+    st: &ReencryptState,
+    (total, ctl): (u64, &Control<'_>),
+) -> Result<Outcome> {
+    hdr.metadata
+        .tokens
+        .retain(|_, t| t.kind != identity::TOKEN_TYPE);
+    reencrypt::finish_decrypt(&mut hdr.metadata, st);
+    hdr.write(hdisk)?;
+    zero_keyslot_area(hdisk, &hdr)?;
+    if let Some(f) = ctl.progress {
+        f(ProgressInfo {
+            done: total,
+            total,
+            bytes_per_sec: 0,
+        });
+    }
+    Ok(Outcome::Finished)
+}
+
+/// Zeroes the keyslot area of a finished decryption's header (the split volume key of
+/// every old keyslot), as cryptsetup leaves it, and flushes.
+fn zero_keyslot_area(disk: &(impl Disk + ?Sized), hdr: &Luks2Header) -> Result<()> {
+    let start = 2 * hdr.hdr_size;
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    let len = hdr.metadata.config.keyslots_size;
+    while off < len {
+        let n = (zeros.len() as u64).min(len - off) as usize;
+        disk.write_at(start + off, &zeros[..n])
+            .map_err(|e| Error::io("wipe keyslot area", e))?;
+        off += n as u64;
+    }
+    disk.flush().map_err(|e| Error::io("flush header", e))
+}
+
 /// The error `resume` gives when the header store holds no valid LUKS2 header:
 /// precise when the store shows a start cut during its first header write (then
 /// nothing is lost and the same `encrypt` command continues or starts over).
@@ -1538,6 +1720,14 @@ fn no_header_to_resume(
     hdisk: &(dyn Disk + Sync),
     e: luksify_luks::Error,
 ) -> Result<Error> {
+    if detached && hdisk.size().is_ok_and(|n| n < 4096) {
+        // The device still holds its LUKS header when the run was a decryption that
+        // was to move it out; a plaintext device means an encryption.
+        let verb = if is_luks(data)? { "decrypt" } else { "encrypt" };
+        return Ok(Error::Refused(format!(
+            "the header file is empty (or too short for a LUKS header), so it holds no run to resume: if a `luksify {verb}` was stopped before it wrote anything, run that same command again (it starts over); else pass the header file the run was started with (nothing was written)"
+        )));
+    }
     if detached && is_cut_new_header(hdisk)? {
         // The device still holds its LUKS header when the cut run was a decryption
         // moving it out; a plaintext device means an encryption.
@@ -1581,6 +1771,10 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     tuning: Tuning,
     ctl: &Control<'_>,
 ) -> Result<Outcome> {
+    tuning.check()?;
+    if let Some(m) = meta {
+        refuse_header_on_data(data, m)?;
+    }
     let store = match meta {
         Some(m) => HeaderStore {
             disk: &DynDisk(m),
@@ -1608,7 +1802,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let st = reencrypt::state(&hdr.metadata)?.ok_or_else(|| {
         // (The orchestrator takes "shows no encryption in progress" as a finished walk.)
         Error::Refused(if hdr.data_segment().is_ok() {
-            "the header shows no encryption in progress and no decryption: the encryption already finished (the volume is encrypted), nothing to resume".into()
+            "the header shows no encryption in progress and no decryption: the encryption already finished (the volume is encrypted), nothing to resume (a `luksify decrypt` stopped before its first write left it so: run it again)".into()
         } else if all_linear(&hdr) {
             "the header shows no encryption in progress and no decryption: the decryption already finished (the data is plaintext; the header file is no longer needed), nothing to resume".into()
         } else {
@@ -1620,6 +1814,15 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         return Err(Error::Refused(
             "a decryption keeps its journal in a detached header: pass --header FILE".into(),
         ));
+    }
+    if st.mode == ReencryptMode::Decrypt && decryption_walked(&hdr, &st) {
+        // The data area the walk covered, for the one progress report.
+        let l = &st.layout;
+        let total = data
+            .size()
+            .map_err(|e| Error::io("size of the device", e))?
+            .saturating_sub(l.data_offset.max(l.old_offset));
+        return finish_walked_decryption(hdisk, hdr, &st, (total, ctl));
     }
     // Unlock with any passphrase keyslot whose key matches the new segment's digest.
     let mut vk = None;
@@ -1640,9 +1843,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let vk = match (vk, last) {
         (Some(k), _) => k,
         (None, Some(luksify_luks::Error::WrongPassphrase) | None) => {
-            return Err(Error::Refused(
-                "no keyslot accepts this passphrase: check --key-file (nothing was written)".into(),
-            ))
+            return Err(Error::WrongPassphrase)
         }
         (None, Some(e)) => return Err(e.into()),
     };

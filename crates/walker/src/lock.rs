@@ -375,6 +375,9 @@ impl Disk for HeaderDisk {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         Disk::read_at(&self.file, off, buf)
     }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.file))
+    }
     fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
         Disk::write_at(&self.file, off, buf)
     }
@@ -422,6 +425,18 @@ fn storage_of(p: &Path) -> Vec<(bool, u64, u64)> {
 pub fn same_storage(a: &Path, b: &Path) -> bool {
     let sa = storage_of(a);
     storage_of(b).iter().any(|x| sa.contains(x))
+}
+
+/// [`same_storage`] of two open stores (through `/proc/self/fd`, which names the open
+/// file even once unlinked). Stores with no descriptor (memory) are not the same.
+pub fn same_store<A: Disk + ?Sized, B: Disk + ?Sized>(a: &A, b: &B) -> bool {
+    match (a.raw_fd(), b.raw_fd()) {
+        (Some(x), Some(y)) => same_storage(
+            Path::new(&format!("/proc/self/fd/{x}")),
+            Path::new(&format!("/proc/self/fd/{y}")),
+        ),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -195,6 +195,9 @@ impl<D: Disk> Disk for DecryptedView<D> {
     fn write_unit(&self) -> u64 {
         self.disk.write_unit()
     }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.disk.raw_fd()
+    }
 }
 
 #[cfg(test)]
