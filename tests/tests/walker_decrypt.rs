@@ -1288,6 +1288,58 @@ fn walker_finishes_a_cryptsetup_decryption_cut_while_it_retires_the_keyslots() {
     );
 }
 
+/// A decryption of a header in front killed after its final header, in the wipe of the
+/// keyslot area that follows: `resume` said "already finished" and left the old keyslot
+/// material (the split volume key) in the header file. It wipes it now, and says so.
+#[test]
+fn walker_a_decryption_killed_in_its_keyslot_wipe_is_wiped_by_resume() {
+    require_tool("strace");
+    let (c, orig) = Case::new(32, 150);
+    encrypt_with_luksify(&c, Layout::Shift);
+    let enc = c.img();
+    let hdr = c.s("hdr");
+    let log = c.s("strace.log");
+    run_ok(&mut luksify_tests::strace_with(
+        &[
+            "-P".as_ref(),
+            hdr.as_ref(),
+            "-e".as_ref(),
+            "trace=pwrite64".as_ref(),
+            "-o".as_ref(),
+            log.as_ref(),
+        ],
+        &decrypt_cmd(&c, Layout::Shift),
+    ));
+    let writes = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("pwrite64("))
+        .count();
+    assert!(writes > 8, "only {writes} header writes");
+    // The wipe is the last writes (1 MiB each): cut three before the end.
+    std::fs::write(c.p("img"), &enc).unwrap();
+    std::fs::remove_file(&hdr).unwrap();
+    let cut = run(&mut luksify_tests::strace_with(
+        &[
+            "-P".as_ref(),
+            hdr.as_ref(),
+            "-e".as_ref(),
+            format!("inject=pwrite64:signal=SIGKILL:when={}", writes - 3).as_ref(),
+        ],
+        &decrypt_cmd(&c, Layout::Shift),
+    ));
+    assert!(!cut.status.success(), "not cut");
+    let out = run(&mut resume_cmd(&c));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the decryption already finished")
+            && err.contains("the old keyslots it had left in the header file are wiped now"),
+        "{err}"
+    );
+    assert_header_retired(&c);
+    assert_plaintext_back(&c, Layout::Shift, &orig, "killed in the keyslot wipe");
+}
+
 /// A header with little JSON room left (here filled by a token cryptsetup imported)
 /// gets no identity token, so the run's own segments still fit: the decryption is
 /// killed mid-run without one, resumes (with the size check only) and gives the

@@ -692,11 +692,20 @@ fn refuse_foreign_header_store<H: Disk + ?Sized>(m: &H) -> Result<()> {
 
 /// True when the first `len` bytes of `d` are all zeros.
 fn zero_up_to<D: Disk + ?Sized>(d: &D, len: u64) -> Result<bool> {
+    zero_up_to_from(d, 0, len)
+}
+
+/// True when `len` bytes of `d` from `start` are all zeros (or past its end).
+fn zero_up_to_from<D: Disk + ?Sized>(d: &D, start: u64, len: u64) -> Result<bool> {
+    let size = d
+        .size()
+        .map_err(|e| Error::io("size of the header file", e))?;
+    let len = len.min(size.saturating_sub(start));
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0;
     while off < len {
         let n = (buf.len() as u64).min(len - off) as usize;
-        d.read_at(off, &mut buf[..n])
+        d.read_at(start + off, &mut buf[..n])
             .map_err(|e| Error::io("read the header file", e))?;
         if buf[..n].iter().any(|&x| x != 0) {
             return Ok(false);
@@ -1799,12 +1808,25 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         Some(_) => same_volume(&hdr, Luks2Header::read(hdisk)?.0)?,
         None => hdr,
     };
+    // A decryption stopped right after its final header, before its keyslot wipe: the
+    // wipe needs no key and nothing refers to that area any more.
+    let wiped = if reencrypt::state(&hdr.metadata)?.is_none()
+        && meta.is_some()
+        && all_linear(&hdr)
+        && hdr.metadata.keyslots.is_empty()
+        && !zero_up_to_from(hdisk, 2 * hdr.hdr_size, hdr.metadata.config.keyslots_size)?
+    {
+        zero_keyslot_area(hdisk, &hdr)?;
+        "; the old keyslots it had left in the header file are wiped now"
+    } else {
+        ""
+    };
     let st = reencrypt::state(&hdr.metadata)?.ok_or_else(|| {
         // (The orchestrator takes "shows no encryption in progress" as a finished walk.)
         Error::Refused(if hdr.data_segment().is_ok() {
             "the header shows no encryption in progress and no decryption: the encryption already finished (the volume is encrypted), nothing to resume (a `luksify decrypt` stopped before its first write left it so: run it again)".into()
         } else if all_linear(&hdr) {
-            "the header shows no encryption in progress and no decryption: the decryption already finished (the data is plaintext; the header file is no longer needed), nothing to resume".into()
+            format!("the header shows no encryption in progress and no decryption: the decryption already finished (the data is plaintext; the header file is no longer needed), nothing to resume{wiped}")
         } else {
             "the header shows no encryption in progress and no decryption (already finished?)"
                 .into()
