@@ -2742,14 +2742,7 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
     fx.assert_files_unchanged();
 
     // A holder that ignores SIGTERM keeps enable in its 5 s wait: kill it there.
-    let mut holder = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "trap '' TERM; cd {} && exec sleep 613",
-            fx.mnt.display()
-        ))
-        .spawn()
-        .unwrap();
+    let mut holder = term_ignoring_holder(&fx.mnt);
     let mut child = fx
         .enable_cmd()
         .arg("--kill-holders")
@@ -2853,19 +2846,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     };
 
     // 1. During the 5 s --kill-holders gives a holder after SIGTERM.
-    let mut holder = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "trap '' TERM; cd {} && exec sleep 614",
-            fx.mnt.display()
-        ))
-        .spawn()
-        .unwrap();
-    wait_for(
-        "the holder to sit on the volume",
-        Duration::from_secs(10),
-        || std::fs::read_link(format!("/proc/{}/cwd", holder.id())).is_ok_and(|c| c == fx.mnt),
-    );
+    let mut holder = term_ignoring_holder(&fx.mnt);
     let mut child = fx
         .enable_cmd()
         .arg("--kill-holders")
@@ -2878,9 +2859,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
         read_status(&fx.state)["volumes"][0]["state"] == "EncryptionInProgress"
     });
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    let out = sigterm_and_wait(child);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     let err = stderr(&out);
     assert!(
@@ -2970,9 +2949,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
         "the filesystem to be shrunk for the header",
         || mount_fields(&fx.mnt).is_none() && blocks(&fx.dev()) == dev_bytes - (32 << 20),
     );
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    let out = sigterm_and_wait(child);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     nothing_done(&stderr(&out), "mounted again");
 
@@ -2986,19 +2963,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     fx.assert_files_unchanged();
 
     // 5. A disable stopped while --kill-holders waits stays encrypted and mounted.
-    let mut holder = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "trap '' TERM; cd {} && exec sleep 614",
-            fx.mnt.display()
-        ))
-        .spawn()
-        .unwrap();
-    wait_for(
-        "the holder to sit on the volume",
-        Duration::from_secs(10),
-        || std::fs::read_link(format!("/proc/{}/cwd", holder.id())).is_ok_and(|c| c == fx.mnt),
-    );
+    let mut holder = term_ignoring_holder(&fx.mnt);
     let mut child = fx
         .cmd()
         .args(["disable", "--kill-holders"])
@@ -3010,9 +2975,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
         read_status(&fx.state)["volumes"][0]["state"] == "DecryptionInProgress"
     });
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    let out = sigterm_and_wait(child);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     let err = stderr(&out);
     assert!(
@@ -3044,6 +3007,32 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
         "NotEncrypted"
     );
     fx.assert_files_unchanged();
+}
+
+/// A process that holds `mp` (its working directory) and ignores SIGTERM, once it sits
+/// there: `--kill-holders` waits 5 s on it before SIGKILL.
+fn term_ignoring_holder(mp: &Path) -> Child {
+    let holder = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' TERM; cd {} && exec sleep 613",
+            mp.display()
+        ))
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the holder to sit on the volume",
+        Duration::from_secs(10),
+        || std::fs::read_link(format!("/proc/{}/cwd", holder.id())).is_ok_and(|c| c == mp),
+    );
+    holder
+}
+
+/// SIGTERM to `child`, then its output.
+fn sigterm_and_wait(child: Child) -> std::process::Output {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    child.wait_with_output().unwrap()
 }
 
 /// `cmd` under strace, with e2fsck SIGKILLed as it starts.

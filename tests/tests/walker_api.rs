@@ -72,24 +72,40 @@ impl Fx {
         tuning: Tuning,
         ctl: &Control<'_>,
     ) -> Result<Outcome, Error> {
-        luksify_walker::encrypt(
-            &self.data(),
-            Some(&self.header()),
-            PASS,
-            &opts(res, tuning),
-            ctl,
-        )
+        self.encrypt_into(&self.header(), res, tuning, ctl)
+    }
+    /// encrypt / decrypt / resume of the image with header store `h`.
+    fn encrypt_into(
+        &self,
+        h: &HeaderDisk,
+        res: Resilience,
+        tuning: Tuning,
+        ctl: &Control<'_>,
+    ) -> Result<Outcome, Error> {
+        luksify_walker::encrypt(&self.data(), Some(h), PASS, &opts(res, tuning), ctl)
+    }
+    fn decrypt_from(
+        &self,
+        h: &HeaderDisk,
+        pass: &[u8],
+        t: Tuning,
+        ctl: &Control<'_>,
+    ) -> Result<Outcome, Error> {
+        let o = dopts(Resilience::Checksum, t);
+        luksify_walker::decrypt(&self.data(), Some(h), pass, &o, ctl)
+    }
+    fn resume_from(
+        &self,
+        h: &HeaderDisk,
+        pass: &[u8],
+        t: Tuning,
+        ctl: &Control<'_>,
+    ) -> Result<Outcome, Error> {
+        luksify_walker::resume(&self.data(), Some(h), pass, t, ctl)
     }
     fn decrypt_back(&self) {
-        let o = luksify_walker::decrypt(
-            &self.data(),
-            Some(&self.header()),
-            PASS,
-            &dopts(Resilience::Checksum, small()),
-            &Control::default(),
-        )
-        .unwrap();
-        assert_eq!(o, Outcome::Finished);
+        let o = self.decrypt_from(&self.header(), PASS, small(), &Control::default());
+        assert_eq!(o.unwrap(), Outcome::Finished);
         self.assert_data_unchanged();
     }
 }
@@ -142,25 +158,14 @@ fn a_header_store_on_the_data_itself_is_refused() {
     std::os::unix::fs::symlink(&fx.img, dir.join("link")).unwrap();
     std::fs::hard_link(&fx.img, dir.join("hard")).unwrap();
     for p in [fx.img.clone(), dir.join("link"), dir.join("hard")] {
-        let h = Fx::header_at(&p);
-        let r = luksify_walker::encrypt(
-            &fx.data(),
-            Some(&h),
-            PASS,
-            &opts(Resilience::Checksum, small()),
-            &Control::default(),
+        let (h, ctl) = (Fx::header_at(&p), Control::default());
+        let said = "the header store is the data itself";
+        refused(
+            fx.encrypt_into(&h, Resilience::Checksum, small(), &ctl),
+            said,
         );
-        refused(r, "the header store is the data itself");
-        let r = luksify_walker::decrypt(
-            &fx.data(),
-            Some(&h),
-            PASS,
-            &dopts(Resilience::Checksum, small()),
-            &Control::default(),
-        );
-        refused(r, "the header store is the data itself");
-        let r = luksify_walker::resume(&fx.data(), Some(&h), PASS, small(), &Control::default());
-        refused(r, "the header store is the data itself");
+        refused(fx.decrypt_from(&h, PASS, small(), &ctl), said);
+        refused(fx.resume_from(&h, PASS, small(), &ctl), said);
         fx.assert_data_unchanged();
     }
 }
@@ -266,17 +271,11 @@ fn bad_tuning_is_refused_before_the_first_write() {
         );
         assert_eq!(std::fs::metadata(&fx.hdr).unwrap().len(), 0, "{says}");
         refused(
-            luksify_walker::resume(&fx.data(), Some(&fx.header()), PASS, t, &Control::default()),
+            fx.resume_from(&fx.header(), PASS, t, &Control::default()),
             says,
         );
         refused(
-            luksify_walker::decrypt(
-                &fx.data(),
-                Some(&fx.header()),
-                PASS,
-                &dopts(Resilience::Checksum, t),
-                &Control::default(),
-            ),
+            fx.decrypt_from(&fx.header(), PASS, t, &Control::default()),
             says,
         );
         fx.assert_data_unchanged();
@@ -310,13 +309,7 @@ fn a_stop_before_the_first_write_writes_nothing() {
         std::fs::read(&fx.img).unwrap(),
         std::fs::read(&fx.hdr).unwrap(),
     );
-    let r = luksify_walker::decrypt(
-        &fx.data(),
-        Some(&fx.header()),
-        PASS,
-        &dopts(Resilience::Checksum, small()),
-        &ctl,
-    );
+    let r = fx.decrypt_from(&fx.header(), PASS, small(), &ctl);
     assert_eq!(r.unwrap(), Outcome::NotStarted);
     assert!(std::fs::read(&fx.img).unwrap() == img, "the volume changed");
     assert!(std::fs::read(&fx.hdr).unwrap() == hdr, "the header changed");
@@ -351,14 +344,9 @@ fn a_panicking_progress_callback_leaves_a_resumable_run() {
             Some(&"agent callback failed"),
             "{res:?}"
         );
-        let o = luksify_walker::resume(
-            &fx.data(),
-            Some(&fx.header()),
-            PASS,
-            small(),
-            &Control::default(),
-        )
-        .unwrap_or_else(|e| panic!("{res:?}: {e}"));
+        let o = fx
+            .resume_from(&fx.header(), PASS, small(), &Control::default())
+            .unwrap_or_else(|e| panic!("{res:?}: {e}"));
         assert_eq!(o, Outcome::Finished);
         fx.decrypt_back();
     }
@@ -433,30 +421,13 @@ fn a_wrong_passphrase_is_its_own_error() {
     };
     let o = fx.encrypt(Resilience::Journal, small(), &ctl).unwrap();
     assert!(matches!(o, Outcome::Interrupted(_)), "{o:?}");
-    let r = luksify_walker::resume(
-        &fx.data(),
-        Some(&fx.header()),
-        b"wrong",
-        small(),
-        &Control::default(),
-    );
+    let r = fx.resume_from(&fx.header(), b"wrong", small(), &Control::default());
     assert!(matches!(r, Err(Error::WrongPassphrase)), "{r:?}");
-    let o = luksify_walker::resume(
-        &fx.data(),
-        Some(&fx.header()),
-        PASS,
-        small(),
-        &Control::default(),
-    )
-    .unwrap();
+    let o = fx
+        .resume_from(&fx.header(), PASS, small(), &Control::default())
+        .unwrap();
     assert_eq!(o, Outcome::Finished);
-    let r = luksify_walker::decrypt(
-        &fx.data(),
-        Some(&fx.header()),
-        b"wrong",
-        &dopts(Resilience::Checksum, small()),
-        &Control::default(),
-    );
+    let r = fx.decrypt_from(&fx.header(), b"wrong", small(), &Control::default());
     assert!(matches!(r, Err(Error::WrongPassphrase)), "{r:?}");
     fx.decrypt_back();
 }
@@ -467,13 +438,7 @@ fn a_wrong_passphrase_is_its_own_error() {
 fn empty_stores_are_named_as_such() {
     let fx = Fx::new();
     std::fs::write(&fx.hdr, b"").unwrap();
-    let r = luksify_walker::resume(
-        &fx.data(),
-        Some(&fx.header()),
-        PASS,
-        small(),
-        &Control::default(),
-    );
+    let r = fx.resume_from(&fx.header(), PASS, small(), &Control::default());
     refused(r, "the header file is empty");
     let empty = fx.img.with_extension("empty");
     std::fs::write(&empty, b"").unwrap();

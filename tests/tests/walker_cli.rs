@@ -178,6 +178,14 @@ fn assert_file_is(p: &std::path::Path, want: &[u8], what: &str) {
 /// `luksify encrypt` of `c`'s image into its detached header, 1 MiB chunks, with
 /// `hotzone_kib`-KiB hotzones; default resilience unless the caller adds one.
 fn detached_encrypt_hz(c: &Case, hotzone_kib: &str) -> Command {
+    let mut cmd = detached_encrypt_kdf(c, &FAST);
+    cmd.args(["--chunk-mib", "1", "--hotzone-kib", hotzone_kib]);
+    cmd
+}
+
+/// `luksify encrypt` of `c`'s image into its detached header with key derivation
+/// options `kdf`, the default request and hotzone sizes.
+fn detached_encrypt_kdf(c: &Case, kdf: &[&str]) -> Command {
     let mut cmd = luksify(&[
         "encrypt",
         &c.img(),
@@ -186,8 +194,7 @@ fn detached_encrypt_hz(c: &Case, hotzone_kib: &str) -> Command {
         "--header",
         &c.hdr(),
     ]);
-    cmd.args(FAST)
-        .args(["--chunk-mib", "1", "--hotzone-kib", hotzone_kib]);
+    cmd.args(kdf);
     cmd
 }
 
@@ -2286,8 +2293,8 @@ fn walker_sigterm_before_the_first_write_leaves_nothing_to_resume() {
     let (c, orig) = Case::new(16, 61);
     // About 3 s of PBKDF2 here: the stop lands inside it.
     let slow = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "15000000"];
-    let stopped = |args: &[&str]| -> std::process::Output {
-        let child = luksify(args)
+    let stopped = |mut cmd: Command| -> std::process::Output {
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -2297,18 +2304,7 @@ fn walker_sigterm_before_the_first_write_leaves_nothing_to_resume() {
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         child.wait_with_output().unwrap()
     };
-    let out = stopped(&[
-        "encrypt",
-        &c.img(),
-        "--header",
-        &c.hdr(),
-        "--key-file",
-        &c.key(),
-        slow[0],
-        slow[1],
-        slow[2],
-        slow[3],
-    ]);
+    let out = stopped(detached_encrypt_kdf(&c, &slow));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(
@@ -2320,28 +2316,13 @@ fn walker_sigterm_before_the_first_write_leaves_nothing_to_resume() {
     assert!(!c.p("hdr").exists(), "the new header file was left behind");
 
     // A volume: its decryption stopped while the passphrase is checked.
-    let out = run(luksify(&[
-        "encrypt",
-        &c.img(),
-        "--header",
-        &c.hdr(),
-        "--key-file",
-        &c.key(),
-    ])
-    .args(slow.as_slice()));
+    let out = run(&mut detached_encrypt_kdf(&c, &slow));
     assert!(out.status.success(), "{out:?}");
     let (img, hdr) = (
         std::fs::read(c.p("img")).unwrap(),
         std::fs::read(c.p("hdr")).unwrap(),
     );
-    let out = stopped(&[
-        "decrypt",
-        &c.img(),
-        "--header",
-        &c.hdr(),
-        "--key-file",
-        &c.key(),
-    ]);
+    let out = stopped(detached_decrypt(&c));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(
@@ -2350,14 +2331,7 @@ fn walker_sigterm_before_the_first_write_leaves_nothing_to_resume() {
     );
     assert_file_is(&c.p("img"), &img, "the volume");
     assert_file_is(&c.p("hdr"), &hdr, "the header");
-    let out = run(&mut luksify(&[
-        "decrypt",
-        &c.img(),
-        "--header",
-        &c.hdr(),
-        "--key-file",
-        &c.key(),
-    ]));
+    let out = run(&mut detached_decrypt(&c));
     assert!(out.status.success(), "{out:?}");
     assert_file_is(&c.p("img"), &orig, "the decrypted image");
 }
@@ -2466,17 +2440,7 @@ fn walker_finished_journal_header_holds_no_plaintext() {
     for res in ["journal", "checksum"] {
         std::fs::write(c.p("img"), &text).unwrap();
         let _ = std::fs::remove_file(c.p("hdr"));
-        let out = run(luksify(&[
-            "encrypt",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-            "--resilience",
-            res,
-        ])
-        .args(FAST));
+        let out = run(detached_encrypt_kdf(&c, &FAST).args(["--resilience", res]));
         assert!(out.status.success(), "{out:?}");
         let hdr = std::fs::read(c.p("hdr")).unwrap();
         assert_eq!(count(&hdr), 0, "{res}: plaintext left in the header");

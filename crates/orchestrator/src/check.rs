@@ -603,7 +603,7 @@ pub fn check_resolved(
     for n in &nested {
         targets.filesystems.insert(n.dev);
     }
-    let holders = holders::scan(&targets, false);
+    let holders = holders::scan_settled(&targets, false);
 
     let is_os_volume = os_devices(all).contains(&r.dev);
     if is_os_volume {

@@ -441,7 +441,7 @@ const FIX_RESUME: &str = "stop them and run `luksify resume` again";
 /// The one-line refusal when an unmount stays busy: names every process holding one of
 /// `targets` (pid, command, what it holds), or says `nobody` when none was found.
 fn unmount_blocked(what: &str, targets: &holders::Targets, nobody: &str, fix: &str) -> Failure {
-    let who: Vec<String> = holders::scan(targets, false)
+    let who: Vec<String> = holders::scan_settled(targets, false)
         .iter()
         .map(|h| h.one_line())
         .collect();
@@ -2075,7 +2075,11 @@ fn disable_one(
                     let mut t = holders::Targets::default();
                     t.filesystems.insert(num);
                     t.block_devices.insert(num);
-                    stop_holders(&blk, &holders::pids(&holders::scan(&t, false)), req.cancel)?;
+                    stop_holders(
+                        &blk,
+                        &holders::pids(&holders::scan_settled(&t, false)),
+                        req.cancel,
+                    )?;
                 }
                 not_cancelled(req.cancel)?;
                 if let Some(mp) = &v.mount_point {

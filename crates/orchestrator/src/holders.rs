@@ -93,6 +93,21 @@ pub fn scan(targets: &Targets, include_self: bool) -> Vec<Holder> {
     out
 }
 
+/// [`scan`], and if anything holds the targets, once more 200 ms later: only what holds
+/// them both times is reported. Something may hold a device for an instant (udev's
+/// blkid after a change event, a `losetup` listing loop devices), which neither blocks
+/// an unmount for long nor should be named, let alone signalled by `--kill-holders`.
+pub fn scan_settled(targets: &Targets, include_self: bool) -> Vec<Holder> {
+    let first = scan(targets, include_self);
+    if first.is_empty() {
+        return first;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut again = scan(targets, include_self);
+    again.retain(|h| first.iter().any(|f| f.pid == h.pid));
+    again
+}
+
 /// Scans one process; processes that exit meanwhile are skipped silently.
 pub fn scan_pid(pid: u32, targets: &Targets, out: &mut Vec<Holder>) {
     let base = PathBuf::from(format!("/proc/{pid}"));
