@@ -346,7 +346,10 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
         killed_with_token_then_refused(&c, cmd, 20, what);
     };
     killed_then_refused(&detached_encrypt(&c), "encrypt");
-    run_ok(&mut detached_resume(&c));
+    // (resume says which run it finished: it said "run finished".)
+    let said = |out: std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
+    let err = said(run_ok(&mut detached_resume(&c)));
+    assert!(err.contains("encryption finished"), "{err}");
     assert!(
         !luks_dump(&c.p("hdr")).contains("luksify-identity"),
         "token left after the run"
@@ -357,7 +360,8 @@ fn walker_resume_refuses_a_device_the_run_did_not_start_on() {
     let mut dec = detached_decrypt(&c);
     dec.args(SMALL);
     killed_then_refused(&dec, "decrypt");
-    run_ok(&mut detached_resume(&c));
+    let err = said(run_ok(&mut detached_resume(&c)));
+    assert!(err.contains("decryption finished"), "{err}");
     assert_file_is(&c.p("img"), &orig, "decrypted image");
 }
 

@@ -723,7 +723,6 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     if let Some(h) = &a.header {
         refuse_odd_header_path(dev, h)?;
     }
-    let what = run_kind(a.header.as_deref().unwrap_or(dev));
     let data = open_data(dev, a.tuning.buffered)?;
     let cancel = install_cancel()?;
     let pp = progress_printer();
@@ -768,21 +767,35 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     // As context, so that the walker's error stays in the chain (a Busy one is exit 4).
     .with_context(|| dev.display().to_string())?;
     let hint = resume_hint(dev, key_file, a.header.as_deref());
+    // Read once the run is over (reading before would wait on another run's header lock,
+    // where the walker refuses at once): what its header says it did.
+    let what = run_kind(a.header.as_deref().unwrap_or(dev));
     Ok(report(dev, outcome, what, hint))
 }
 
-/// What the interrupted run recorded in header `h` does: "encryption" or "decryption"
-/// ("run" when the header does not say).
+/// What the run recorded in header `h` does or did: "encryption" or "decryption" (the
+/// run in progress, else a crypt segment or only linear ones), "run" if it cannot say.
 fn run_kind(h: &Path) -> &'static str {
-    use luksify_luks::luks2::json::ReencryptMode;
-    let mode = std::fs::File::open(h)
+    use luksify_luks::luks2::json::{ReencryptMode, Segment};
+    let Some(hdr) = std::fs::File::open(h)
         .ok()
         .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())
-        .and_then(|(hdr, _)| luksify_luks::reencrypt::state(&hdr.metadata).ok().flatten())
-        .map(|st| st.mode);
-    match mode {
-        Some(ReencryptMode::Encrypt) => "encryption",
-        Some(ReencryptMode::Decrypt) => "decryption",
-        _ => "run",
+        .map(|(hdr, _)| hdr)
+    else {
+        return "run";
+    };
+    match luksify_luks::reencrypt::state(&hdr.metadata).ok().flatten() {
+        Some(st) if st.mode == ReencryptMode::Decrypt => "decryption",
+        Some(_) => "encryption",
+        None if hdr.data_segment().is_ok() => "encryption",
+        None if hdr
+            .metadata
+            .segments
+            .values()
+            .all(|s| matches!(s, Segment::Linear(_))) =>
+        {
+            "decryption"
+        }
+        None => "run",
     }
 }
