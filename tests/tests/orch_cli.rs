@@ -158,16 +158,36 @@ impl Fixture {
 
     /// Starts `cmd` slowed down (each progress step sleeps), waits until `now` holds
     /// for the status file, and SIGKILLs it.
-    fn kill_when(&self, mut cmd: Command, what: &str, now: impl Fn(&serde_json::Value) -> bool) {
+    fn kill_when(&self, cmd: Command, what: &str, now: impl Fn(&serde_json::Value) -> bool) {
+        let mut child = self.spawn_until(cmd, 300, what, now);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts `cmd` (stderr piped) with each progress step slowed by `delay_ms`, and
+    /// returns once `now` holds for the status file.
+    fn spawn_until(
+        &self,
+        mut cmd: Command,
+        delay_ms: u64,
+        what: &str,
+        now: impl Fn(&serde_json::Value) -> bool,
+    ) -> Child {
         let mut child = cmd
-            .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300")
+            .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", delay_ms.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         wait_on(&mut child, what, || now(&read_status(&self.state)));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child
+    }
+
+    /// [`Fixture::spawn_until`] the first progress in the status file.
+    fn spawn_walking(&self, cmd: Command, delay_ms: u64) -> Child {
+        self.spawn_until(cmd, delay_ms, "the walk", |s| {
+            s["volumes"][0]["bytes_done"].as_u64().unwrap_or(0) > 0
+        })
     }
 
     fn new(size_mib: u64) -> Fixture {
@@ -705,18 +725,8 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     let b = Fixture::new(64);
     // b becomes busy while the run walks a: the run stops at b's unmount.
     let mut both = a.enable_cmd();
-    both.arg("--volume")
-        .arg(&b.mnt)
-        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "100")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = both.spawn().unwrap();
-    wait_on(&mut child, "a's walk", || {
-        read_status(&a.state)["volumes"][0]["bytes_done"]
-            .as_u64()
-            .unwrap_or(0)
-            > 0
-    });
+    both.arg("--volume").arg(&b.mnt);
+    let child = a.spawn_walking(both, 100);
     let mut holder = b.holder();
     let out = child.wait_with_output().unwrap();
     let _ = holder.kill();
@@ -908,19 +918,7 @@ fn root_orch_enable_refuses_a_device_whose_disable_was_interrupted() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_resume_from_another_state_dir_leaves_a_live_walk_alone() {
     let fx = Fixture::new(128);
-    let mut child = fx
-        .enable_cmd()
-        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "200")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_on(&mut child, "the walk", || {
-        read_status(&fx.state)["volumes"][0]["bytes_done"]
-            .as_u64()
-            .unwrap_or(0)
-            > 0
-    });
+    let child = fx.spawn_walking(fx.enable_cmd(), 200);
     // check, even from the run's own state directory, calls it busy, not interrupted.
     let out = run(fx.cmd().arg("check").arg(fx.dev()));
     let said = String::from_utf8_lossy(&out.stdout).to_string();
@@ -1500,19 +1498,7 @@ fn root_orch_status_after_a_kill_gives_the_headers_progress() {
     let fx = Fixture::new(128);
     // 1 s after each hotzone handed out: the first report, then 2.5 s (2-3 more of the
     // 6 hotzones, at least one committed as done), then SIGKILL.
-    let mut child = fx
-        .enable_cmd()
-        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "1000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_on(&mut child, "the first progress report", || {
-        read_status(&fx.state)["volumes"][0]["bytes_done"]
-            .as_u64()
-            .unwrap_or(0)
-            > 0
-    });
+    let mut child = fx.spawn_walking(fx.enable_cmd(), 1000);
     std::thread::sleep(Duration::from_millis(2500));
     child.kill().unwrap();
     child.wait().unwrap();

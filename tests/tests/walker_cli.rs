@@ -186,16 +186,21 @@ fn detached_encrypt_hz(c: &Case, hotzone_kib: &str) -> Command {
 /// `luksify encrypt` of `c`'s image into its detached header with key derivation
 /// options `kdf`, the default request and hotzone sizes.
 fn detached_encrypt_kdf(c: &Case, kdf: &[&str]) -> Command {
-    let mut cmd = luksify(&[
+    let mut cmd = encrypt_into(c, &c.hdr());
+    cmd.args(kdf);
+    cmd
+}
+
+/// `luksify encrypt` of `c`'s image with `--header header`, nothing else.
+fn encrypt_into(c: &Case, header: &str) -> Command {
+    luksify(&[
         "encrypt",
         &c.img(),
         "--key-file",
         &c.key(),
         "--header",
-        &c.hdr(),
-    ]);
-    cmd.args(kdf);
-    cmd
+        header,
+    ])
 }
 
 /// `luksify resume` of `c`'s image with its detached header.
@@ -778,15 +783,7 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
     // A directory as the header: named as one, with a file name to use instead.
     std::fs::create_dir(c.p("hdir")).unwrap();
     let hdir = c.p("hdir").display().to_string();
-    let out = run(luksify(&[
-        "encrypt",
-        &c.img(),
-        "--key-file",
-        &c.key(),
-        "--header",
-        &hdir,
-    ])
-    .args(FAST));
+    let out = run(encrypt_into(&c, &hdir).args(FAST));
     assert_refused_in_one_line(
         &out,
         "is a directory; name a new file in it",
@@ -2403,17 +2400,9 @@ fn walker_header_paths_it_did_not_create_are_never_removed() {
     // (an image that is not whole 4096-byte sectors).
     let (c, orig) = Case::sized((8 << 20) + 512, 72);
     std::fs::write(c.p("mine"), b"").unwrap();
-    let out = run(luksify(&[
-        "encrypt",
-        &c.img(),
-        "--key-file",
-        &c.key(),
-        "--header",
-        c.p("mine").to_str().unwrap(),
-        "--sector-size",
-        "4096",
-    ])
-    .args(FAST));
+    let out = run(encrypt_into(&c, c.p("mine").to_str().unwrap())
+        .args(["--sector-size", "4096"])
+        .args(FAST));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("not a whole number of 4096-byte sectors"),

@@ -557,17 +557,23 @@ fn walk_error(
             dev.display()
         )
     } else {
-        // The walker does not know paths: name the header file it speaks of.
-        let said = e.to_string();
-        let said = match header {
-            Some(h) => said.replacen(
-                "the header file",
-                &format!("the header file {}", h.display()),
-                1,
-            ),
-            None => said,
-        };
-        anyhow::anyhow!("{}: {said}", dev.display())
+        anyhow::anyhow!(
+            "{}: {}",
+            dev.display(),
+            naming_header(&e.to_string(), header)
+        )
+    }
+}
+
+/// The walker does not know paths: `said` with the header file it speaks of named.
+fn naming_header(said: &str, header: Option<&Path>) -> String {
+    match header {
+        Some(h) => said.replacen(
+            "the header file",
+            &format!("the header file {}", h.display()),
+            1,
+        ),
+        None => said.to_string(),
     }
 }
 
@@ -754,10 +760,9 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
                     "header file {}: {l}; pass the header file this run was started with (nothing was written)",
                     h.display()
                 ),
-                luksify_walker::Error::Refused(m) => anyhow::anyhow!(
-                    "{}",
-                    m.replacen("the header file", &format!("the header file {}", h.display()), 1)
-                ),
+                luksify_walker::Error::Refused(m) => {
+                    anyhow::anyhow!("{}", naming_header(&m, Some(h)))
+                }
                 e => anyhow::Error::from(e),
             })
         }

@@ -1748,17 +1748,11 @@ fn resume_decrypt(
     let in_front = header.starts_with(req.state_dir.join("headers"));
     if decryption_not_started(&v.device, &header, in_front) {
         // Stopped before the walker's first commit: the volume is encrypted as it was.
-        // Map and mount it again (the moved header file of an in-front run is an empty
-        // shell), as if `disable` had not run.
-        if in_front {
-            let _ = std::fs::remove_file(&header);
-            sw.status.volumes[idx].header = None;
-        }
         eprintln!(
             "luksify: the decryption of {} had not started; it stays encrypted and is mapped and mounted again",
             v.device.display()
         );
-        finish_volume(req, passphrase, sw, idx, Outcome::Finished)?;
+        map_again_encrypted(req, passphrase, sw, idx, (&header, in_front))?;
         // What an agent polling the status must see: the disable did not happen (not
         // "Encryption succeeded"), and how to do it.
         sw.status.operation = Operation::DisableEncryption;
@@ -2143,27 +2137,37 @@ fn disable_one(
     })?;
     drop(data);
     if outcome == Outcome::NotStarted {
-        // Stopped while the passphrase was checked: nothing written. Mapped and mounted
-        // again, still encrypted (the moved header's file is an empty shell).
+        // Stopped while the passphrase was checked: nothing written.
         drop(hf);
-        if in_front {
-            let _ = std::fs::remove_file(&header);
-            sw.status.volumes[idx].header = None;
-        }
         let stop = not_cancelled(req.cancel).expect_err("the walker saw the stop");
-        finish_volume(req, passphrase, sw, idx, Outcome::Finished)?;
+        map_again_encrypted(req, passphrase, sw, idx, (&header, in_front))?;
         let v = sw.status.volumes[idx].device.display().to_string();
-        let e = Failure::new(
+        return Err(Failure::new(
             stop.code,
             format!(
                 "{}; nothing on {v} was decrypted and it is mapped and mounted again",
                 stop.message
             ),
-        );
-        sw.status.operation = Operation::DisableEncryption;
-        return Err(e);
+        ));
     }
     finish_disable(sw, idx, outcome)
+}
+
+/// A decryption that never began: the volume is encrypted as it was. It is mapped and
+/// mounted again, as if `disable` had not run; the file an in-front header was to move
+/// to (`header`) is an empty shell and goes.
+fn map_again_encrypted(
+    req: &EnableRequest,
+    passphrase: &[u8],
+    sw: &mut StatusWriter,
+    idx: usize,
+    (header, in_front): (&Path, bool),
+) -> Result<()> {
+    if in_front {
+        let _ = std::fs::remove_file(header);
+        sw.status.volumes[idx].header = None;
+    }
+    finish_volume(req, passphrase, sw, idx, Outcome::Finished)
 }
 
 fn finish_disable(sw: &mut StatusWriter, idx: usize, outcome: Outcome) -> Result<()> {

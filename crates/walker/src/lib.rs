@@ -674,7 +674,7 @@ fn refuse_foreign_header_store<H: Disk + ?Sized>(m: &H) -> Result<()> {
         return Ok(());
     }
     if m.can_grow() {
-        if is_cut_new_header(m)? || zero_up_to(m, size.min(64 << 20))? {
+        if is_cut_new_header(m)? || zero_up_to_from(m, 0, 64 << 20)? {
             return Ok(());
         }
         return Err(Error::Refused(format!(
@@ -688,11 +688,6 @@ fn refuse_foreign_header_store<H: Disk + ?Sized>(m: &H) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// True when the first `len` bytes of `d` are all zeros.
-fn zero_up_to<D: Disk + ?Sized>(d: &D, len: u64) -> Result<bool> {
-    zero_up_to_from(d, 0, len)
 }
 
 /// True when `len` bytes of `d` from `start` are all zeros (or past its end).
@@ -723,7 +718,7 @@ fn all_zero<D: Disk + ?Sized>(d: &D, max: u64) -> Result<bool> {
     if size == 0 || size > max {
         return Ok(false);
     }
-    zero_up_to(d, size)
+    zero_up_to_from(d, 0, size)
 }
 
 /// A `--reduce-device-size` start cut while its first header was being written leaves
@@ -1432,8 +1427,9 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         Some(h) => h.size().unwrap_or(0) > 0 && is_luks(h)?,
         None => false,
     };
-    let in_front = is_luks(data)?;
-    if luksify_luks::probe(data)? == Some(luksify_luks::Version::Luks1) {
+    let version = luksify_luks::probe(data)?;
+    let in_front = version.is_some();
+    if version == Some(luksify_luks::Version::Luks1) {
         return Err(Error::Refused(
             "the device holds a LUKS1 volume: luksify decrypts LUKS2 only; `cryptsetup reencrypt --decrypt` decrypts LUKS1 (nothing was written)".into(),
         ));
@@ -1668,7 +1664,7 @@ fn all_linear(hdr: &Luks2Header) -> bool {
 
 /// Whether a decryption has moved every byte: its only live segment is the plaintext's,
 /// linear from the new data offset to the device's end.
-fn decryption_walked(hdr: &Luks2Header, st: &ReencryptState) -> bool {
+fn only_plaintext_live(hdr: &Luks2Header, st: &ReencryptState) -> bool {
     let mut live = hdr.metadata.segments.values().filter(|s| !s.is_backup());
     matches!(
         (live.next(), live.next()),
@@ -1688,9 +1684,6 @@ fn finish_walked_decryption(
     st: &ReencryptState,
     (total, ctl): (u64, &Control<'_>),
 ) -> Result<Outcome> {
-    hdr.metadata
-        .tokens
-        .retain(|_, t| t.kind != identity::TOKEN_TYPE);
     reencrypt::finish_decrypt(&mut hdr.metadata, st);
     hdr.write(hdisk)?;
     zero_keyslot_area(hdisk, &hdr)?;
@@ -1810,7 +1803,8 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     };
     // A decryption stopped right after its final header, before its keyslot wipe: the
     // wipe needs no key and nothing refers to that area any more.
-    let wiped = if reencrypt::state(&hdr.metadata)?.is_none()
+    let state = reencrypt::state(&hdr.metadata)?;
+    let wiped = if state.is_none()
         && meta.is_some()
         && all_linear(&hdr)
         && hdr.metadata.keyslots.is_empty()
@@ -1821,7 +1815,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     } else {
         ""
     };
-    let st = reencrypt::state(&hdr.metadata)?.ok_or_else(|| {
+    let st = state.ok_or_else(|| {
         // (The orchestrator takes "shows no encryption in progress" as a finished walk.)
         Error::Refused(if hdr.data_segment().is_ok() {
             "the header shows no encryption in progress and no decryption: the encryption already finished (the volume is encrypted), nothing to resume (a `luksify decrypt` stopped before its first write left it so: run it again)".into()
@@ -1837,7 +1831,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             "a decryption keeps its journal in a detached header: pass --header FILE".into(),
         ));
     }
-    if st.mode == ReencryptMode::Decrypt && decryption_walked(&hdr, &st) {
+    if st.mode == ReencryptMode::Decrypt && only_plaintext_live(&hdr, &st) {
         // The data area the walk covered, for the one progress report.
         let l = &st.layout;
         let total = data
