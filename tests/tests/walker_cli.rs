@@ -771,7 +771,7 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
     let st = run(&mut detached_encrypt(&c));
     let err = String::from_utf8_lossy(&st.stderr);
     assert!(
-        !st.status.success() && err.contains("already exists"),
+        !st.status.success() && err.contains("already exists and holds other data"),
         "a foreign header file: {err}"
     );
     assert_file_is(&c.p("hdr"), &other, "foreign file changed");
@@ -1981,6 +1981,68 @@ fn walker_key_file_is_read_as_cryptsetup_reads_it() {
     assert_file_is(&c.p("hdr"), &hdr0, "decrypt with /dev/null: header changed");
     run_ok(&mut detached_decrypt(&c));
     assert_file_is(&c.p("img"), &orig, "plaintext differs");
+}
+
+/// `encrypt --header H` where H already holds something says what it holds, and only an
+/// interrupted run gets the advice to resume: a finished volume's header (this image's
+/// or another's) is named with its UUID, and for this image "encrypted already"; other
+/// bytes are "other data". Nothing is written either way. Every case used to say "to
+/// continue an interrupted run use `luksify resume`", which on a finished header of
+/// another image said "encryption finished" about the wrong volume.
+#[test]
+fn walker_an_existing_header_file_is_named_by_what_it_holds() {
+    let (done, _) = Case::new(8, 31);
+    run_ok(&mut detached_encrypt(&done));
+    let uuid = {
+        let d = luks_dump(&done.p("hdr"));
+        d.lines()
+            .find_map(|l| l.strip_prefix("UUID:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    // Another image, a finished volume's header.
+    let (c, orig) = Case::new(8, 32);
+    let hdr0 = std::fs::read(done.p("hdr")).unwrap();
+    let out = run(encrypt_into(&c, &done.hdr()).args(FAST));
+    assert_refused_in_one_line(
+        &out,
+        "holds the header of a finished LUKS2 volume",
+        "another's header",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&uuid) && !err.contains("resume"), "{err}");
+    assert_file_is(&c.p("img"), &orig, "another's header: data touched");
+    assert_file_is(&done.p("hdr"), &hdr0, "another's header: header changed");
+    // The same image again: encrypted already, and how to open it.
+    let enc = std::fs::read(done.p("img")).unwrap();
+    let out = run(&mut detached_encrypt(&done));
+    assert_refused_in_one_line(&out, "is encrypted already (`luksify open", "encrypt twice");
+    assert_file_is(&done.p("img"), &enc, "encrypt twice: data touched");
+    // An interrupted run: resume it.
+    let (c, orig) = Case::new(16, 33);
+    kill_after_commits(&mut detached_encrypt(&c), &c.p("hdr"), 0, 2, 0);
+    assert!(
+        luks_dump(&c.p("hdr")).contains("online-reencrypt"),
+        "the run was not cut mid-way"
+    );
+    let (img1, hdr1) = (
+        std::fs::read(c.p("img")).unwrap(),
+        std::fs::read(c.p("hdr")).unwrap(),
+    );
+    let out = run(&mut detached_encrypt(&c));
+    assert_refused_in_one_line(
+        &out,
+        "holds an interrupted encryption; to continue it use `luksify resume",
+        "an interrupted header",
+    );
+    assert_file_is(&c.p("img"), &img1, "interrupted: data touched");
+    assert_file_is(&c.p("hdr"), &hdr1, "interrupted: header changed");
+    run_ok(&mut detached_resume(&c));
+    assert!(
+        same(&cryptsetup_decrypt_detached(&c), &orig),
+        "resumed run decrypts to other bytes"
+    );
 }
 
 /// `encrypt --header H` where H is the data itself (the same path, or a symlink or hard

@@ -639,10 +639,7 @@ fn open_new_header(
                 .unwrap_or(false)
         };
         if m.len() > 0 && !cut() {
-            bail!(
-                "{}: header file {} already exists; to continue an interrupted run use `luksify resume {} --key-file F --header {}`, else name a file that does not exist yet (nothing was written)",
-                dev.display(), h.display(), dev.display(), h.display()
-            );
+            bail!("{}", existing_header_file(dev, h));
         }
     }
     let f = OpenOptions::new()
@@ -670,6 +667,32 @@ fn open_new_header(
         );
     }
     Ok(f)
+}
+
+/// Why `encrypt --header H` refuses an existing, non-empty `h`, by what it holds: an
+/// interrupted run (resume it), a finished volume's header (not this run's), or other data.
+fn existing_header_file(dev: &Path, h: &Path) -> String {
+    let (d, hd) = (dev.display(), h.display());
+    let hdr = std::fs::File::open(h)
+        .ok()
+        .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())
+        .map(|(hdr, _)| hdr);
+    match hdr {
+        Some(hdr) if luksify_luks::reencrypt::state(&hdr.metadata).ok().flatten().is_some() => format!(
+            "{d}: header file {hd} already exists and holds an interrupted {}; to continue it use `luksify resume {d} --key-file F --header {hd}`, else name a file that does not exist yet (nothing was written)",
+            run_kind(h)
+        ),
+        Some(hdr) => format!(
+            "{d}: header file {hd} already exists and holds the header of a finished LUKS2 volume (UUID {}); if {d} is that volume it is encrypted already (`luksify open {d} NAME --key-file F --header {hd}`), else name a file that does not exist yet (nothing was written)",
+            hdr.uuid
+        ),
+        None if is_luks_file(h) => format!(
+            "{d}: header file {hd} already exists and holds a LUKS header; name a file that does not exist yet (nothing was written)"
+        ),
+        None => format!(
+            "{d}: header file {hd} already exists and holds other data (no LUKS header); name a file that does not exist yet (nothing was written)"
+        ),
+    }
 }
 
 /// Refuses a `--header` path that names something no header can live in: a character
