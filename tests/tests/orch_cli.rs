@@ -2993,6 +2993,61 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
         "NotEncrypted"
     );
     fx.assert_files_unchanged();
+
+    // 6. A disable stopped while the walker derives the key (the volume encrypted with
+    // ~1-2 s of PBKDF2 per derivation), once the volume is unmounted and its mapping
+    // closed: nothing decrypted, mapped and mounted again, still Encrypted.
+    let mut slow = fx.cmd();
+    slow.args(["enable", "--volume-type", "data", "--volume"])
+        .arg(&fx.mnt)
+        .arg("--key-file")
+        .arg(&fx.key)
+        .args([
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "8000000",
+            "--userspace",
+        ]);
+    let out = run(&mut slow);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut child = fx
+        .cmd()
+        .arg("disable")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The run checks the passphrase (one derivation) while the volume stays mounted,
+    // then unmounts it, closes the mapping and starts the walker (the next derivation).
+    wait_on(&mut child, "the volume to come off", || {
+        mount_fields(&fx.mnt).is_none()
+            && std::fs::read_dir(fx.state.join("maps")).is_ok_and(|mut d| d.next().is_none())
+    });
+    let out = sigterm_and_wait(child);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("stopped on request (SIGINT/SIGTERM)")
+            && err.contains(&format!(
+                "nothing on {} was decrypted and it is mapped and mounted again",
+                fx.dev().display()
+            )),
+        "{err}"
+    );
+    assert!(mount_fields(&fx.mnt).is_some(), "not mounted again: {err}");
+    assert!(luksify_tests::has_luks_header(&fx.dev()), "{err}");
+    let s = read_status(&fx.state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    assert_eq!(s["volumes"][0]["state"], "Encrypted", "{s}");
+    fx.assert_files_unchanged();
+    let out = run(fx.cmd().arg("disable"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        read_status(&fx.state)["data_volumes_encrypted"],
+        "NotEncrypted"
+    );
+    fx.assert_files_unchanged();
 }
 
 /// A process that holds `mp` (its working directory) and ignores SIGTERM, once it sits
