@@ -700,8 +700,35 @@ fn root_walker_one_run_per_volume_through_files_loop_devices_and_cryptsetup() {
             "cryptsetup {args:?}: header changed"
         );
     }
+    // A copy of the image and its header (the same volume UUID) waits for the run too,
+    // and is told that a copy counts.
+    std::fs::copy(p("img"), p("img2")).unwrap();
+    std::fs::copy(p("hdr"), p("hdr2")).unwrap();
+    let h2 = std::fs::read(p("hdr2")).unwrap();
+    let out = run(&mut luksify_detached(
+        "resume",
+        &s("img2"),
+        &key,
+        &s("hdr2"),
+    ));
+    assert_refused_in_one_line(
+        &out,
+        "another process is walking this volume, or a copy of it (same UUID",
+        "resume of a copy",
+    );
+    assert!(
+        std::fs::read(p("hdr2")).unwrap() == h2,
+        "the copy's header changed"
+    );
     assert!(first.thaw().success(), "the file run, continued");
     drop(lo);
+    run_ok(&mut luksify_detached(
+        "resume",
+        &s("img2"),
+        &key,
+        &s("hdr2"),
+    ));
+    decrypt_detached_and_check(&p("img2"), &key, &s("hdr2"), &orig, "the copy");
     decrypt_and_check("file run");
 
     // 2. A run on a loop device.

@@ -251,7 +251,7 @@ impl ReencryptLock {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
                     return Err(Error::Busy(format!(
-                        "another process is walking this volume (UUID {uuid}): a luksify run, or `cryptsetup reencrypt` (it holds {}); wait for it to end (nothing was written)",
+                        "another process is walking this volume, or a copy of it (same UUID {uuid}): a luksify run, or `cryptsetup reencrypt` (it holds {}); wait for it to end: one volume UUID is walked by one run at a time, as in cryptsetup (nothing was written)",
                         path.display()
                     )))
                 }
