@@ -364,6 +364,132 @@ fn root_orch_check_names_holder_and_enable_refuses_until_it_is_gone() {
     );
 }
 
+/// luksify's userspace mapping daemon of one volume is never a holder `--kill-holders`
+/// stops on another: stopped, it took its volume from under the mounted filesystem
+/// (I/O errors, ext4 remounted read-only, the last writes lost; found by a trial that
+/// opened a mapping from a shell sitting in another data volume). The daemon now runs
+/// in `/`, so the caller's working directory is not held; and a daemon whose image sits
+/// on the volume is a blocker that `--kill-holders` leaves alone, in `check` and
+/// `enable`, until that mapping is closed.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_mapping_daemon_is_never_stopped_as_a_holder() {
+    let fx = Fixture::new(128);
+    let key = fx.key.clone();
+    let make_image = |img: &Path, hdr: &Path| {
+        sparse_file(img, 32 << 20);
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(img));
+        let mut enc = Command::new(luksify_bin());
+        enc.arg("encrypt")
+            .arg(img)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--header")
+            .arg(hdr)
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]);
+        run_ok(&mut enc);
+    };
+    let open = |img: &Path, hdr: &Path, name: &str, state: &Path, cwd: &Path| {
+        run(luksify(state)
+            .current_dir(cwd)
+            .arg("open")
+            .arg(img)
+            .arg(name)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--header")
+            .arg(hdr)
+            .arg("--userspace"))
+    };
+    struct Close(PathBuf, String);
+    impl Drop for Close {
+        fn drop(&mut self) {
+            let _ = luksify(&self.0).arg("close").arg(&self.1).output();
+        }
+    }
+    let daemon_pid = |state: &Path, name: &str| -> u32 {
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(state.join("maps").join(format!("{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        rec["daemon_pid"].as_u64().unwrap() as u32
+    };
+
+    // 1. Opened from a shell sitting in the volume: the daemon is not in there.
+    let (img, hdr) = (
+        fx.dir.path().join("other.img"),
+        fx.dir.path().join("other.hdr"),
+    );
+    make_image(&img, &hdr);
+    let state = fx.dir.path().join("other-state");
+    let name = format!("mdcwd{}", std::process::id());
+    let out = open(&img, &hdr, &name, &state, &fx.mnt);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _close = Close(state.clone(), name.clone());
+    let pid = daemon_pid(&state, &name);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        Path::new("/"),
+        "the daemon's working directory"
+    );
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // 2. A mapping of an image on the volume: a blocker, with or without --kill-holders.
+    let (img2, hdr2) = (fx.mnt.join("inside.img"), fx.mnt.join("inside.hdr"));
+    make_image(&img2, &hdr2);
+    let state2 = fx.dir.path().join("inside-state");
+    let name2 = format!("mdin{}", std::process::id());
+    let out = open(&img2, &hdr2, &name2, &state2, Path::new("/"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _close2 = Close(state2.clone(), name2.clone());
+    let pid2 = daemon_pid(&state2, &name2);
+    let out = run(fx.cmd().args(["check", "--json"]).arg(&fx.mnt));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let found = v.to_string();
+    assert!(
+        found.contains("mapping_holds")
+            && found.contains(&format!(
+                "luksify close --state-dir {} {name2}",
+                state2.display()
+            )),
+        "{v}"
+    );
+    let out = run(fx.enable_cmd().arg("--kill-holders"));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "luksify's userspace mapping {name2} of another volume"
+        )),
+        "{err}"
+    );
+    assert!(holders_alive(pid2), "the mapping daemon was stopped: {err}");
+    assert!(
+        holders_alive(pid),
+        "the first mapping daemon was stopped: {err}"
+    );
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+    // Once it is closed the volume is encrypted.
+    run_ok(luksify(&state2).arg("close").arg(&name2));
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_files_unchanged();
+    assert!(holders_alive(pid), "the first mapping daemon was stopped");
+}
+
+fn holders_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+}
+
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_enable_encrypts_remounts_and_cryptsetup_accepts_it() {

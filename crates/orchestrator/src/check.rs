@@ -695,14 +695,7 @@ pub fn check_resolved(
     // which no waiting changes (it said "wait for that run to finish").
     // (Its command line, read by the holder scan, has NULs as spaces; a value runs to the
     // next flag.)
-    let daemon_of = |h: &Holder| {
-        let flag = |f: &str| {
-            let rest = h.cmdline.split_once(&format!(" {f} "))?.1;
-            Some(rest.split(" --").next().unwrap_or(rest).to_string())
-        };
-        (h.cmdline.split(' ').nth(1) == Some(crate::map::SERVE_SUBCOMMAND))
-            .then(|| (flag("--name").unwrap_or_default(), flag("--state-dir")))
-    };
+    let daemon_of = |h: &Holder| holders::mapping_daemon(&h.cmdline);
     if let Some((t, (name, dir))) = tools.iter().find_map(|t| daemon_of(t).map(|n| (t, n))) {
         // The mapping's own state directory: the one this check runs with may be another.
         let fix = format!(
@@ -728,6 +721,27 @@ pub fn check_resolved(
             format!("{dev_s} is in use by pid {} ({})", t.pid, t.command),
             "a luksify run or mapping, or cryptsetup, has the device open (from another state directory if `luksify status` does not show it)".into(),
             "wait for that run to finish, or close that mapping; do not kill it".into(),
+        );
+    }
+    // luksify's userspace mapping of another volume with a file on this one (its image,
+    // header or state directory): stopping it would pull that volume out from under its
+    // mounted filesystem, so it is never stopped, not even by --kill-holders.
+    let (daemons, holders): (Vec<Holder>, Vec<Holder>) =
+        holders.into_iter().partition(|h| daemon_of(h).is_some());
+    if let Some(h) = daemons.first() {
+        let (name, dir) = daemon_of(h).unwrap_or_default();
+        let fix = format!(
+            "unmount that volume and `luksify close {name}`, or keep its image, header and state directory off {dev_s}"
+        );
+        push(
+            "mapping_holds",
+            Severity::Blocker,
+            format!("{}: luksify's userspace mapping {name} of another volume", h.one_line()),
+            "stopping it would take that volume away from under its mounted filesystem, so not even --kill-holders stops it".into(),
+            match dir {
+                Some(d) => crate::status::in_state_dir(&fix, Path::new(&d)),
+                None => fix,
+            },
         );
     }
     // luksify's own caller (the shell or agent running it) holding the volume cannot be

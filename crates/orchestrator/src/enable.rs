@@ -133,6 +133,19 @@ fn stop_holders(device: &Path, pids: &[u32], cancel: &AtomicBool) -> Result<()> 
             ),
         ));
     }
+    // A mapping daemon of another volume (check blocks it; it may have come since).
+    if let Some((p, name)) = pids
+        .iter()
+        .find_map(|p| holders::mapping_daemon(&holders::cmdline_of(*p)).map(|d| (p, d.0)))
+    {
+        return Err(Failure::new(
+            exit::BLOCKED,
+            format!(
+                "pid {p}, luksify's userspace mapping {name} of another volume, holds {}: stopping it would take that volume away from under its filesystem, so --kill-holders does not; unmount that volume and `luksify close {name}`, or keep its files off this one",
+                device.display()
+            ),
+        ));
+    }
     for (sig, wait) in [
         (libc::SIGTERM, Duration::from_secs(5)),
         (libc::SIGKILL, Duration::from_secs(5)),

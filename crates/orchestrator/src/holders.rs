@@ -72,6 +72,28 @@ pub struct Targets {
     pub block_devices: BTreeSet<DevNum>,
 }
 
+/// Whether a command line (NULs as spaces) is luksify's userspace mapping daemon; if so
+/// its mapping name and `--state-dir` (a value runs to the next flag).
+pub fn mapping_daemon(cmdline: &str) -> Option<(String, Option<String>)> {
+    let flag = |f: &str| {
+        let rest = cmdline.split_once(&format!(" {f} "))?.1;
+        Some(rest.split(" --").next().unwrap_or(rest).to_string())
+    };
+    (cmdline.split(' ').nth(1) == Some(crate::map::SERVE_SUBCOMMAND))
+        .then(|| (flag("--name").unwrap_or_default(), flag("--state-dir")))
+}
+
+/// The command line of `pid`, NULs as spaces (empty when it cannot be read).
+pub fn cmdline_of(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\0')
+                .replace('\0', " ")
+        })
+        .unwrap_or_default()
+}
+
 /// Scans every process except the caller (the caller's own handles are not in the way
 /// unless `include_self`). At most one entry per (pid, kind) to keep reports short.
 pub fn scan(targets: &Targets, include_self: bool) -> Vec<Holder> {
@@ -158,13 +180,7 @@ pub fn scan_pid(pid: u32, targets: &Targets, out: &mut Vec<Holder>) {
     let command = std::fs::read_to_string(base.join("comm"))
         .map(|s| s.trim_end().to_string())
         .unwrap_or_default();
-    let cmdline = std::fs::read(base.join("cmdline"))
-        .map(|b| {
-            String::from_utf8_lossy(&b)
-                .trim_end_matches('\0')
-                .replace('\0', " ")
-        })
-        .unwrap_or_default();
+    let cmdline = cmdline_of(pid);
     found.sort();
     for (kind, path) in found {
         out.push(Holder {

@@ -368,7 +368,10 @@ fn open_userspace(
         cmd.arg("--header")
             .arg(std::fs::canonicalize(h).unwrap_or(h.to_path_buf()));
     }
-    cmd.stdin(Stdio::piped())
+    // In `/`: the caller's working directory may be on another volume, which the daemon
+    // would then hold for as long as the mapping lasts (every path above is absolute).
+    cmd.current_dir("/")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from the caller's
