@@ -395,8 +395,73 @@ pub fn aggregate(s: &Status) -> VolumeState {
     }
 }
 
-/// The agent's progress messages, about the volumes of the latest run.
+/// The agent's progress messages, about the volumes of the latest run; a run that
+/// ended says what the volumes outside it still need.
 pub fn message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> String {
+    let m = run_message(op, vols, active);
+    if active.is_some() || m.is_empty() {
+        return m;
+    }
+    m + &others_note(op, vols)
+}
+
+/// "; 2 other data volumes are interrupted (/dev/sdc, /dev/sdd): `luksify resume`
+/// finishes them", and after a decryption "; 3 other data volumes stay encrypted":
+/// what the aggregate state alone does not say about volumes outside the latest run.
+fn others_note(op: Operation, vols: &[VolumeStatus]) -> String {
+    let list = |v: &[&VolumeStatus]| {
+        let mut names: Vec<String> = v
+            .iter()
+            .take(3)
+            .map(|v| v.device.display().to_string())
+            .collect();
+        if v.len() > 3 {
+            names.push(format!("and {} more", v.len() - 3));
+        }
+        names.join(", ")
+    };
+    let others: Vec<&VolumeStatus> = vols.iter().filter(|v| !v.in_run).collect();
+    let stopped: Vec<&VolumeStatus> = others
+        .iter()
+        .copied()
+        .filter(|v| {
+            matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            )
+        })
+        .collect();
+    let mut note = String::new();
+    if !stopped.is_empty() {
+        note += &format!(
+            "; {} other data volume{} interrupted ({}): `luksify resume` finishes {}",
+            stopped.len(),
+            if stopped.len() == 1 { " is" } else { "s are" },
+            list(&stopped),
+            if stopped.len() == 1 { "it" } else { "them" }
+        );
+    }
+    let encrypted: Vec<&VolumeStatus> = others
+        .iter()
+        .copied()
+        .filter(|v| matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted))
+        .collect();
+    if op == Operation::DisableEncryption && !encrypted.is_empty() {
+        note += &format!(
+            "; {} other data volume{} encrypted ({})",
+            encrypted.len(),
+            if encrypted.len() == 1 {
+                " stays"
+            } else {
+                "s stay"
+            },
+            list(&encrypted)
+        );
+    }
+    note
+}
+
+fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> String {
     let run: Vec<(usize, &VolumeStatus)> =
         vols.iter().enumerate().filter(|(_, v)| v.in_run).collect();
     let n = run.len();
@@ -757,6 +822,57 @@ mod tests {
         assert_eq!(agg(&[vol(DecryptionInProgress, 1.0)]), DecryptionInProgress);
     }
 
+    /// A run that ended names what is left outside it: volumes another run left
+    /// interrupted (a trial's `enable` of one volume said "Encryption succeeded" with two
+    /// others killed mid-walk and unmounted), and after a decryption the volumes that
+    /// stay encrypted (the aggregate then reads NotEncrypted).
+    #[test]
+    fn a_finished_run_names_interrupted_and_still_encrypted_volumes_outside_it() {
+        let mut s = Status::default();
+        let mut dev = |name: &str, st: VolumeState| {
+            let mut v = vol(st, 50.0);
+            v.device = PathBuf::from(name);
+            s.upsert(v);
+        };
+        dev("/dev/f", VolumeState::EncryptionInProgress);
+        dev("/dev/g", VolumeState::EncryptionInProgress);
+        dev("/dev/e", VolumeState::Encrypted);
+        dev("/dev/h", VolumeState::NotEncrypted);
+        s.begin_run(Operation::EnableEncryption, 7, |v| {
+            v.device == Path::new("/dev/h")
+        });
+        s.volume_mut(Path::new("/dev/h")).unwrap().state = VolumeState::Encrypted;
+        s.pid = None;
+        s.refresh(None);
+        assert_eq!(
+            s.progress_message,
+            "Encryption succeeded for data volumes; 2 other data volumes are interrupted (/dev/f, /dev/g): `luksify resume` finishes them"
+        );
+        assert_eq!(s.data_volumes_encrypted, VolumeState::EncryptionInProgress);
+        // While a volume is walked the message is about it alone.
+        let mut live = s.clone();
+        live.pid = Some(8);
+        live.volume_mut(Path::new("/dev/h")).unwrap().state = VolumeState::EncryptionInProgress;
+        let h = live
+            .volumes
+            .iter()
+            .position(|v| v.device == Path::new("/dev/h"));
+        live.refresh(h);
+        assert_eq!(live.progress_message, "Encrypting data volume 1/1: 50%");
+        // A disable of one volume: the others stay encrypted, one is interrupted.
+        s.volume_mut(Path::new("/dev/g")).unwrap().state = VolumeState::Encrypted;
+        s.begin_run(Operation::DisableEncryption, 9, |v| {
+            v.device == Path::new("/dev/e")
+        });
+        s.volume_mut(Path::new("/dev/e")).unwrap().state = VolumeState::NotEncrypted;
+        s.pid = None;
+        s.refresh(None);
+        assert_eq!(
+            s.progress_message,
+            "Decryption succeeded; 1 other data volume is interrupted (/dev/f): `luksify resume` finishes it; 2 other data volumes stay encrypted (/dev/g, /dev/h)"
+        );
+    }
+
     #[test]
     fn a_run_counts_and_reports_only_its_own_volumes() {
         let mut s = Status::default();
@@ -833,7 +949,7 @@ mod tests {
         s.refresh(None);
         assert_eq!(
             s.progress_message,
-            "Decryption failed: failed to unmount /x"
+            "Decryption failed: failed to unmount /x; 2 other data volumes stay encrypted (/dev/old, /dev/b)"
         );
         assert_eq!(s.data_volumes_encrypted, VolumeState::Encrypted);
         // A resumed decryption says so while it runs and when it is done.
