@@ -468,3 +468,136 @@ fn luks2_cryptsetup_reencrypt_metadata_survives_our_rewrite() {
         assert_eq!(vk2, vk);
     }
 }
+
+/// A keyslot change writes back only the header it read: when another command (here
+/// the real cryptsetup, adding a key in the window our key derivation takes) wrote the
+/// header meanwhile, add, change, remove and priority changes fail with "changed on
+/// disk", write nothing, and every passphrase cryptsetup added still opens. luksify used
+/// to write its stale header back (and the new keyslot's area over the one cryptsetup
+/// had just taken): cryptsetup's key was gone, both tools having said "Key slot 1
+/// created" (found by a trial).
+#[test]
+fn luks2_keyslot_changes_refuse_a_header_changed_since_it_was_read() {
+    require_tool("cryptsetup");
+    use luksify_luks::luks2::json::Priority;
+    use luksify_luks::Error;
+    let vol = Vol::new(false, b"first");
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2"])
+            .args(kdf_args(false))
+            .arg("--key-file")
+            .arg(&vol.key)
+            .arg(&vol.data),
+    );
+    let other = vol.key.with_extension("other");
+    let mut n = 0;
+    type Op = fn(&mut Luks2Header, &std::fs::File) -> luksify_luks::Result<()>;
+    let ops: [(&str, Op); 4] = [
+        ("add", |h, f| {
+            let (vk, _) = h.unlock(f, b"first", None)?;
+            h.add_keyslot(f, &vk, b"ours", &our_kdf(false), None, None)
+                .map(|_| ())
+        }),
+        ("change", |h, f| {
+            h.change_keyslot(f, 0, b"first", b"ours", &our_kdf(false))
+        }),
+        ("remove", |h, f| h.remove_keyslot(f, 0)),
+        ("priority", |h, f| h.set_priority(f, 0, Priority::Prefer)),
+    ];
+    for (what, op) in ops {
+        let f = open_file(&vol.data);
+        let (mut hdr, _) = Luks2Header::read(&f).unwrap();
+        // Another command adds a key after we read the header.
+        n += 1;
+        let pass = format!("cryptsetup's {n}");
+        std::fs::write(&other, &pass).unwrap();
+        run_ok(
+            Command::new("cryptsetup")
+                .arg("luksAddKey")
+                .args(kdf_args(false))
+                .arg("--key-file")
+                .arg(&vol.key)
+                .arg(&vol.data)
+                .arg(&other),
+        );
+        let before = std::fs::read(&vol.data).unwrap();
+        let e = op(&mut hdr, &f).expect_err(what);
+        assert!(matches!(e, Error::Changed(_)), "{what}: {e}");
+        assert!(
+            e.to_string().contains("run the command again"),
+            "{what}: {e}"
+        );
+        assert!(
+            std::fs::read(&vol.data).unwrap() == before,
+            "{what}: wrote something"
+        );
+        assert!(
+            luksify_tests::cryptsetup_opens(&vol.data, &other),
+            "{what}: key lost"
+        );
+        assert!(
+            luksify_tests::cryptsetup_opens(&vol.data, &vol.key),
+            "{what}"
+        );
+        // Read again, the same change goes through.
+        let (mut hdr, _) = Luks2Header::read(&f).unwrap();
+        if what != "remove" {
+            op(&mut hdr, &f).unwrap_or_else(|e| panic!("{what} on a fresh read: {e}"));
+        }
+        assert!(
+            luksify_tests::cryptsetup_opens(&vol.data, &other),
+            "{what}: key lost"
+        );
+        if what == "change" {
+            // Keep "first" opening slot 0 for the ops that follow.
+            let (mut hdr, _) = Luks2Header::read(&f).unwrap();
+            hdr.change_keyslot(&f, 0, b"ours", b"first", &our_kdf(false))
+                .unwrap();
+        }
+    }
+}
+
+/// Keyslot changes wait for a reencryption to end, as cryptsetup's do. luksify's
+/// `change-key` on a volume `cryptsetup reencrypt --init-only` had marked re-keyed only
+/// the old volume key's slot: no passphrase then opened both keys and cryptsetup could
+/// neither open nor resume it (found by a trial). add-key said "no free keyslot".
+#[test]
+fn luks2_keyslot_changes_are_refused_during_a_reencryption() {
+    require_tool("cryptsetup");
+    let vol = Vol::new(false, b"first");
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2"])
+            .args(kdf_args(false))
+            .arg("--key-file")
+            .arg(&vol.key)
+            .arg(&vol.data),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["reencrypt", "--init-only", "-q"])
+            .args(kdf_args(false))
+            .arg("--key-file")
+            .arg(&vol.key)
+            .args(["-S", "0"])
+            .arg(&vol.data),
+    );
+    let new = vol.key.with_extension("new");
+    std::fs::write(&new, "second").unwrap();
+    let before = std::fs::read(&vol.data).unwrap();
+    for verb in ["add-key", "change-key"] {
+        let out = run(&mut luksify_tests::luksify_new_key(
+            verb, &vol.data, &vol.key, &new,
+        ));
+        luksify_tests::assert_refused_in_one_line(&out, "marked for LUKS2 reencryption", verb);
+    }
+    let out = run(Command::new(luksify_tests::luksify_bin())
+        .args(["remove-key", "-q"])
+        .arg(&vol.data)
+        .arg("--key-file")
+        .arg(&vol.key));
+    luksify_tests::assert_refused_in_one_line(&out, "marked for LUKS2 reencryption", "remove-key");
+    assert!(std::fs::read(&vol.data).unwrap() == before, "written");
+    assert!(luksify_tests::cryptsetup_opens(&vol.data, &vol.key));
+}

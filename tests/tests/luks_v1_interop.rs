@@ -349,3 +349,60 @@ fn luks1_cbc_volumes_take_the_keyslot_commands() {
         );
     }
 }
+
+/// As for LUKS2: a LUKS1 keyslot change whose header another command changed after it
+/// was read (cryptsetup adds a key, taking the same first free slot) fails with
+/// "changed on disk" and writes nothing; cryptsetup's key still opens.
+#[test]
+fn luks1_keyslot_changes_refuse_a_header_changed_since_it_was_read() {
+    require_tool("cryptsetup");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 8 << 20);
+    let (key, other) = (dir.path().join("key"), dir.path().join("other"));
+    std::fs::write(&key, "first").unwrap();
+    std::fs::write(&other, "cryptsetup's").unwrap();
+    let fast = ["--pbkdf-force-iterations", "1000"];
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks1"])
+            .args(fast)
+            .arg("--key-file")
+            .arg(&key)
+            .arg(&img),
+    );
+    let f = open_rw(&img);
+    let mut hdr = Luks1Header::read(&f).unwrap();
+    let vk = hdr.unlock(&f, b"first", None).unwrap().0;
+    run_ok(
+        Command::new("cryptsetup")
+            .arg("luksAddKey")
+            .args(fast)
+            .arg("--key-file")
+            .arg(&key)
+            .arg(&img)
+            .arg(&other),
+    );
+    let before = std::fs::read(&img).unwrap();
+    let e = hdr
+        .add_keyslot(&f, &vk, b"ours", &KdfRequest::fast_pbkdf2(), None)
+        .expect_err("add on a stale header");
+    assert!(matches!(e, luksify_luks::Error::Changed(_)), "{e}");
+    let e = hdr
+        .remove_keyslot(&f, 0)
+        .expect_err("remove on a stale header");
+    assert!(matches!(e, luksify_luks::Error::Changed(_)), "{e}");
+    assert!(std::fs::read(&img).unwrap() == before, "wrote something");
+    assert!(
+        luksify_tests::cryptsetup_opens(&img, &other),
+        "cryptsetup's key lost"
+    );
+    assert!(luksify_tests::cryptsetup_opens(&img, &key));
+    let mut hdr = Luks1Header::read(&f).unwrap();
+    hdr.add_keyslot(&f, &vk, b"ours", &KdfRequest::fast_pbkdf2(), None)
+        .unwrap();
+    assert!(
+        luksify_tests::cryptsetup_opens(&img, &other),
+        "cryptsetup's key lost"
+    );
+}

@@ -50,6 +50,12 @@ pub enum Error {
     /// The header requires a feature that must be handled before using the volume.
     #[error("volume has unmet mandatory requirement(s): {0}")]
     UnmetRequirement(String),
+    /// The header on disk changed since it was read (another command wrote it).
+    #[error("the header changed on disk while this command ran ({0}): another cryptsetup or luksify command wrote it meanwhile; nothing was written: run the command again")]
+    Changed(String),
+    /// A keyslot change on a volume marked for reencryption.
+    #[error("the volume is marked for LUKS2 reencryption (a run in progress or interrupted): finish it first (`luksify resume`, or `cryptsetup reencrypt --resume-only`), then change its keyslots; nothing was written")]
+    InReencryption,
     /// The sector cipher refused the key or parameters.
     #[error("cipher: {0}")]
     Cipher(#[from] CipherError),

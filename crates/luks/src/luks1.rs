@@ -289,11 +289,37 @@ impl Luks1Header {
 
     /// Validates, writes and flushes the header.
     pub fn write<D: Disk + ?Sized>(&self, disk: &D) -> Result<()> {
-        self.validate()?;
-        let b = self.encode()?;
         let _lock = disk
             .lock_metadata(true)
             .map_err(|e| Error::io("taking the header's metadata lock", e))?;
+        self.write_locked(disk)
+    }
+
+    /// Takes the metadata lock exclusively and checks that the header on `disk` is still
+    /// this one: a keyslot change must not write back a header another command changed
+    /// since it was read (cryptsetup, adding a key meanwhile, takes the same first free
+    /// slot). Hold the guard until the last write; nothing is written when this fails.
+    fn lock_unchanged<D: Disk + ?Sized>(
+        &self,
+        disk: &D,
+    ) -> Result<Option<crate::io::MetadataLock>> {
+        let lock = disk
+            .lock_metadata(true)
+            .map_err(|e| Error::io("taking the header's metadata lock", e))?;
+        let mut b = [0u8; HEADER_SIZE];
+        disk.read_at(0, &mut b)
+            .map_err(|e| Error::io("reading the LUKS1 header", e))?;
+        if Luks1Header::parse(&b).ok().as_ref() != Some(self) {
+            return Err(Error::Changed(
+                "its keyslots differ from when it was read".into(),
+            ));
+        }
+        Ok(lock)
+    }
+
+    fn write_locked<D: Disk + ?Sized>(&self, disk: &D) -> Result<()> {
+        self.validate()?;
+        let b = self.encode()?;
         disk.write_at(0, &b)
             .map_err(|e| Error::io("writing the LUKS1 header", e))?;
         disk.flush()
@@ -444,6 +470,7 @@ impl Luks1Header {
         hash.pbkdf2(passphrase, &salt, iterations, &mut area_key);
         crypt_material(&self.cipher_spec(), &area_key, &mut material, true)?;
         let off = u64::from(ks.key_material_offset) * SECTOR;
+        let _lock = self.lock_unchanged(disk)?;
         disk.write_at(off, &material)
             .map_err(|e| Error::io(format!("writing LUKS1 keyslot {id} material"), e))?;
         disk.flush()
@@ -452,7 +479,7 @@ impl Luks1Header {
         next.keyslots[id as usize].active = true;
         next.keyslots[id as usize].iterations = iterations;
         next.keyslots[id as usize].salt = salt;
-        next.write(disk)?;
+        next.write_locked(disk)?;
         *self = next;
         Ok(id)
     }
@@ -465,11 +492,12 @@ impl Luks1Header {
             .filter(|k| k.active)
             .ok_or(Error::KeyslotNotFound(slot))?
             .clone();
+        let _lock = self.lock_unchanged(disk)?;
         let mut next = self.clone();
         next.keyslots[slot as usize].active = false;
         next.keyslots[slot as usize].iterations = 0;
         next.keyslots[slot as usize].salt = [0; SALT_SIZE];
-        next.write(disk)?;
+        next.write_locked(disk)?;
         *self = next;
         let len = material_sectors(self.key_bytes, ks.stripes) * SECTOR;
         disk.write_at(

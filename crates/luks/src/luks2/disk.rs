@@ -286,6 +286,51 @@ impl Luks2Header {
 
     fn write_in_order<D: Disk + ?Sized>(&mut self, disk: &D, order: [Copy; 2]) -> Result<()> {
         let _lock = metadata_lock(disk, true)?;
+        self.write_in_order_locked(disk, order)
+    }
+
+    /// [`Luks2Header::write`] under a metadata lock the caller holds (from
+    /// [`Luks2Header::lock_unchanged`]).
+    pub(crate) fn write_locked<D: Disk + ?Sized>(&mut self, disk: &D) -> Result<()> {
+        self.write_in_order_locked(disk, [Copy::Primary, Copy::Secondary])
+    }
+
+    /// Takes the metadata lock exclusively and checks that no header on `disk` is newer
+    /// than this one: a read-modify-write (a keyslot added, changed or removed) must not
+    /// write back a header another command changed since it was read, which would drop
+    /// that command's keyslot (and may already have overwritten its area). As
+    /// cryptsetup's "Detected attempt for concurrent LUKS2 metadata update". Hold the
+    /// guard until the last write; nothing is written when this fails.
+    pub(crate) fn lock_unchanged<D: Disk + ?Sized>(
+        &self,
+        disk: &D,
+    ) -> Result<Option<crate::io::MetadataLock>> {
+        let lock = metadata_lock(disk, true)?;
+        let mut newest = None;
+        for (off, magic) in [
+            (0, binary::MAGIC_PRIMARY),
+            (self.hdr_size, binary::MAGIC_SECONDARY),
+        ] {
+            let mut b = [0u8; 24];
+            if disk.read_at(off, &mut b).is_ok() && b[..6] == magic {
+                let seqid = u64::from_be_bytes(b[16..24].try_into().expect("8 bytes"));
+                newest = newest.max(Some(seqid));
+            }
+        }
+        match newest {
+            Some(on_disk) if on_disk > self.seqid => Err(Error::Changed(format!(
+                "sequence id {on_disk} on disk, {} when it was read",
+                self.seqid
+            ))),
+            _ => Ok(lock),
+        }
+    }
+
+    fn write_in_order_locked<D: Disk + ?Sized>(
+        &mut self,
+        disk: &D,
+        order: [Copy; 2],
+    ) -> Result<()> {
         let json = self.next_seqid()?;
         for copy in order {
             self.write_copy(disk, copy, &json)?;

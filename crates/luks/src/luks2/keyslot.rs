@@ -73,6 +73,28 @@ pub fn store<D: Disk + ?Sized>(
     passphrase: &[u8],
     p: &NewKeyslot,
 ) -> Result<Luks2Keyslot> {
+    let (area, ks) = seal(area_offset, volume_key, passphrase, p)?;
+    write_area(disk, area_offset, &area)?;
+    Ok(ks)
+}
+
+/// Writes and flushes a sealed keyslot area (from [`seal`]) at `area_offset`.
+pub fn write_area<D: Disk + ?Sized>(disk: &D, area_offset: u64, area: &[u8]) -> Result<()> {
+    disk.write_at(area_offset, area)
+        .map_err(|e| Error::io(format!("writing keyslot area at offset {area_offset}"), e))?;
+    disk.flush()
+        .map_err(|e| Error::io("flushing keyslot area", e))
+}
+
+/// The keyslot area's bytes (the volume key split, encrypted under the key `passphrase`
+/// derives; the slow part) and its JSON keyslot for an area at `area_offset`, written
+/// nowhere yet.
+pub fn seal(
+    area_offset: u64,
+    volume_key: &[u8],
+    passphrase: &[u8],
+    p: &NewKeyslot,
+) -> Result<(Zeroizing<Vec<u8>>, Luks2Keyslot)> {
     let stripes = af::DEFAULT_STRIPES;
     let size = area_size(volume_key.len(), stripes);
     let split = af::split(volume_key, stripes, p.af_hash)?;
@@ -84,11 +106,7 @@ pub fn store<D: Disk + ?Sized>(
     // Zero the rest of the area so no stale material of an old keyslot remains.
     let mut area = Zeroizing::new(vec![0u8; size as usize]);
     area[..material.len()].copy_from_slice(&material);
-    disk.write_at(area_offset, &area)
-        .map_err(|e| Error::io(format!("writing keyslot area at offset {area_offset}"), e))?;
-    disk.flush()
-        .map_err(|e| Error::io("flushing keyslot area", e))?;
-    Ok(Luks2Keyslot {
+    let ks = Luks2Keyslot {
         key_size: volume_key.len() as u32,
         af: AntiForensic {
             kind: "luks1".into(),
@@ -107,5 +125,6 @@ pub fn store<D: Disk + ?Sized>(
         kdf: p.kdf.clone(),
         priority: p.priority,
         extra: Default::default(),
-    })
+    };
+    Ok((area, ks))
 }

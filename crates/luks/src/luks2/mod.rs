@@ -628,9 +628,31 @@ impl Luks2Header {
         priority: Option<Priority>,
     ) -> Result<u32> {
         req.validate()?;
+        self.refuse_in_reencryption()?;
         self.check_new_slot(slot)?;
         let kdf = req.resolve(vk.len())?;
         self.add_keyslot_with_kdf(disk, vk, passphrase, kdf, slot, priority)
+    }
+
+    /// Keyslot changes wait for a reencryption to end, as cryptsetup's do: its passphrase
+    /// keyslots must keep opening both volume keys (a keyslot changed for one digest left
+    /// a run that no passphrase resumed).
+    fn refuse_in_reencryption(&self) -> Result<()> {
+        let marked = self
+            .metadata
+            .keyslots
+            .values()
+            .any(|k| !matches!(k, Keyslot::Luks2(_)))
+            || self
+                .metadata
+                .config
+                .mandatory_requirements()
+                .iter()
+                .any(|m| m.starts_with("online-reencrypt"));
+        if marked {
+            return Err(Error::InReencryption);
+        }
+        Ok(())
     }
 
     fn check_new_slot(&self, slot: Option<u32>) -> Result<u32> {
@@ -683,14 +705,17 @@ impl Luks2Header {
             kdf,
             priority,
         };
-        let ks = keyslot::store(disk, area, vk.as_bytes(), passphrase, &params)?;
+        let (bytes, ks) = keyslot::seal(area, vk.as_bytes(), passphrase, &params)?;
+        // The area and header only once the header on disk is still the one read.
+        let _lock = self.lock_unchanged(disk)?;
+        keyslot::write_area(disk, area, &bytes)?;
         let before = self.metadata.clone();
         self.metadata.keyslots.insert(id, Keyslot::Luks2(ks));
         if let Some(Digest::Pbkdf2(d)) = self.metadata.digests.get_mut(&digest_id) {
             d.keyslots.push(id);
             d.keyslots.sort();
         }
-        if let Err(e) = self.write(disk) {
+        if let Err(e) = self.write_locked(disk) {
             self.metadata = before;
             return Err(e);
         }
@@ -710,7 +735,9 @@ impl Luks2Header {
                 "keyslot {slot} is not a passphrase keyslot; refusing to remove it"
             )));
         }
+        self.refuse_in_reencryption()?;
         let area = ks.area_range();
+        let _lock = self.lock_unchanged(disk)?;
         let mut m = self.metadata.clone();
         m.keyslots.remove(&slot);
         for d in m.digests.values_mut() {
@@ -722,7 +749,7 @@ impl Luks2Header {
             t.keyslots.retain(|k| *k != slot);
         }
         let before = std::mem::replace(&mut self.metadata, m);
-        if let Err(e) = self.write(disk) {
+        if let Err(e) = self.write_locked(disk) {
             self.metadata = before;
             return Err(e);
         }
@@ -750,6 +777,7 @@ impl Luks2Header {
         new: &[u8],
         req: &KdfRequest,
     ) -> Result<()> {
+        self.refuse_in_reencryption()?;
         let vk = self.unlock_keyslot(disk, slot, old)?;
         let (old_area, priority) = match self.metadata.keyslots.get(&slot) {
             Some(Keyslot::Luks2(k)) => ((k.area.offset, k.area.size), k.priority),
@@ -779,10 +807,12 @@ impl Luks2Header {
             kdf,
             priority,
         };
-        let ks = keyslot::store(disk, area, vk.as_bytes(), new, &params)?;
+        let (bytes, ks) = keyslot::seal(area, vk.as_bytes(), new, &params)?;
+        let _lock = self.lock_unchanged(disk)?;
+        keyslot::write_area(disk, area, &bytes)?;
         let before = self.metadata.clone();
         self.metadata.keyslots.insert(slot, Keyslot::Luks2(ks));
-        if let Err(e) = self.write(disk) {
+        if let Err(e) = self.write_locked(disk) {
             self.metadata = before;
             return Err(e);
         }
@@ -803,11 +833,12 @@ impl Luks2Header {
         slot: u32,
         priority: Priority,
     ) -> Result<()> {
+        let _lock = self.lock_unchanged(disk)?;
         match self.metadata.keyslots.get_mut(&slot) {
             Some(Keyslot::Luks2(k)) => k.priority = Some(priority),
             _ => return Err(Error::KeyslotNotFound(slot)),
         }
-        self.write(disk)
+        self.write_locked(disk)
     }
 
     /// Ids of passphrase keyslots.
