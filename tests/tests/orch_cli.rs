@@ -2158,6 +2158,53 @@ fn root_orch_check_reports_swap_lvm_pv_and_existing_luks_one_line_each() {
         "{text}"
     );
     drop(lo);
+    // An inactive swap area filling its device: no room for the header in front, said
+    // up front (check, and enable with exit 3) with --header-dir or a smaller swap area
+    // as the fix. It used to pass check; enable then failed in the walker and left the
+    // volume EncryptionInProgress, which resume and disable only refused again.
+    let img = dir.path().join("swap2.img");
+    std::fs::write(&img, vec![0u8; 64 << 20]).unwrap();
+    let lo = LoopDev::attach(&img);
+    run_ok(Command::new("mkswap").arg(&lo.path));
+    let (code, v, text) = check(&lo.path);
+    assert_eq!(code, Some(3), "{v}");
+    assert!(codes(&v).contains(&"no_header_space".to_string()), "{v}");
+    assert!(
+        text.contains("the swap area on") && text.contains("--header-dir"),
+        "{text}"
+    );
+    let state = dir.path().join("state");
+    let key = dir.path().join("swapkey");
+    std::fs::write(&key, b"swap key").unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let enable = || {
+        let mut c = luksify(&state);
+        c.env("LUKSIFY_ETC_DIR", dir.path())
+            .args(["enable", "--volume-type", "data", "--volume"])
+            .arg(&lo.path)
+            .arg("--key-file")
+            .arg(&key)
+            .args([
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--userspace",
+            ]);
+        c
+    };
+    let out = run(&mut enable());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(std::fs::read(&img).unwrap() == before, "written");
+    let s = read_status(&state);
+    assert_ne!(s["data_volumes_encrypted"], "EncryptionInProgress", "{s}");
+    // A swap area 32 MiB smaller leaves the room: it is encrypted in place.
+    run_ok(Command::new("mkswap").arg(&lo.path).arg("32768"));
+    let out = run(&mut enable());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(luksify_tests::has_luks_header(&lo.path));
+    let _ = run(luksify(&state).arg("disable"));
+    drop(lo);
     // An LVM physical volume label in sector 1.
     let img = dir.path().join("pv.img");
     let mut b = vec![0u8; 16 << 20];

@@ -997,6 +997,29 @@ pub fn check_resolved(
                 );
             }
             "xfs" | "btrfs" => {}
+            "swap" if !opts.detached_header
+                && filesystem.fs_bytes.unwrap_or(size_bytes)
+                    > size_bytes.saturating_sub(HEADER_RESERVE_BYTES) =>
+            {
+                header_space_ok = false;
+                push(
+                    "no_header_space",
+                    Severity::Blocker,
+                    format!(
+                        "the swap area on {dev_s} spans {} MiB of its {} MiB",
+                        filesystem.fs_bytes.unwrap_or(size_bytes).div_ceil(1 << 20),
+                        size_bytes >> 20
+                    ),
+                    format!(
+                        "the LUKS2 header needs the last {} MiB free, and a swap area cannot shrink",
+                        HEADER_RESERVE_BYTES >> 20
+                    ),
+                    format!(
+                        "keep the header in a file with --header-dir DIR, or remake the swap area {} MiB smaller (mkswap {dev_s} SIZE_KIB); swap is usually better encrypted afresh at each boot (crypttab's `swap` option)",
+                        HEADER_RESERVE_BYTES >> 20
+                    ),
+                );
+            }
             "swap" => {}
             "unreadable" => {}
             "unknown" => push(

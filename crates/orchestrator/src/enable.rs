@@ -1023,21 +1023,59 @@ fn encrypt_prepared(
         tuning: Default::default(),
     };
     let (header, header_file) = header.unzip();
-    let outcome = walk(sw, idx, i, n, req, |ctl| match &header_file {
-        Some(hf) => luksify_walker::encrypt(&data, Some(hf), passphrase, &opts, ctl),
-        None => luksify_walker::encrypt::<_, std::fs::File>(&data, None, passphrase, &opts, ctl),
-    })
-    .map_err(|e| match header_progress(header.unwrap_or(device)) {
+    // Whether the walker refused before its first write (its own checks of the device,
+    // e.g. a swap area reaching into the header's room).
+    let refused = std::cell::Cell::new(false);
+    let walked = walk(sw, idx, i, n, req, |ctl| {
+        let r = match &header_file {
+            Some(hf) => luksify_walker::encrypt(&data, Some(hf), passphrase, &opts, ctl),
+            None => {
+                luksify_walker::encrypt::<_, std::fs::File>(&data, None, passphrase, &opts, ctl)
+            }
+        };
+        // (Not Busy: then another run owns the volume, and nothing may be put back.)
+        refused.set(matches!(r, Err(luksify_walker::Error::Refused(_))));
+        r
+    });
+    let outcome = match walked {
+        Ok(o) => o,
+        // Refused with nothing written: nothing is encrypted, so the volume goes back as
+        // it was, and the failure says what to change, not "resume" (which would only
+        // refuse again: a trial's inactive swap area stayed EncryptionInProgress).
+        Err(e) if refused.get() => {
+            drop(data);
+            drop(header_file);
+            if let Some(h) = header.filter(|h| matches!(header_progress(h), HeaderProgress::Absent)) {
+                let _ = std::fs::remove_file(h);
+            }
+            let msg = e.message.replace(
+                "; the header records progress, `luksify resume` continues it",
+                "",
+            );
+            return Err(put_back(
+                sw,
+                idx,
+                Failure::new(e.code, msg),
+                device,
+                VolumeState::NotEncrypted,
+                "encrypted",
+                shrunk.then_some(fs.fs_type.as_str()),
+            ));
+        }
         // No header was committed: nothing is encrypted, and resume starts over.
-        HeaderProgress::Absent => Failure::new(
-            e.code,
-            e.message.replace(
-                "the header records progress, `luksify resume` continues it",
-                "no header was written yet, so nothing is encrypted; `luksify resume` starts it again",
-            ),
-        ),
-        _ => e,
-    })?;
+        Err(e) => {
+            return Err(match header_progress(header.unwrap_or(device)) {
+                HeaderProgress::Absent => Failure::new(
+                    e.code,
+                    e.message.replace(
+                        "the header records progress, `luksify resume` continues it",
+                        "no header was written yet, so nothing is encrypted; `luksify resume` starts it again",
+                    ),
+                ),
+                _ => e,
+            })
+        }
+    };
     drop(data);
     if outcome == Outcome::NotStarted {
         // Stopped during the key derivation: nothing written, put it back.

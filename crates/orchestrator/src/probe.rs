@@ -155,7 +155,11 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
     }
     for page in [4096usize, 8192, 16384, 65536] {
         if head.len() >= page && &head[page - 10..page] == b"SWAPSPACE2" {
-            return Some(info("swap", None, None, None));
+            // Its last usable page (little-endian, as mkswap on x86 writes it) says how
+            // far it reaches, as the walker reads it.
+            let last = u32::from_le_bytes(head[1028..1032].try_into().expect("4 bytes")) as u64;
+            let bytes = (last + 1).saturating_mul(page as u64);
+            return Some(info("swap", Some(bytes), None, Some(page as u32)));
         }
     }
     if head.len() >= 512 && head[510] == 0x55 && head[511] == 0xAA {
