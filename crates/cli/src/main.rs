@@ -62,6 +62,14 @@ pub fn end_bar() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Luks(_) | Cmd::Bench(_)) {
+        // Header and benchmark commands print their result last: a reader that closed
+        // the pipe (`luksify dump --json img | head`) ends them quietly, as it ends
+        // cryptsetup, instead of a "failed printing to stdout" panic. (Not the walker
+        // and orchestrator runs: they finish their work whoever stopped listening.)
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let res = match cli.cmd {
         Cmd::Bench(c) => cmd_bench::run(c),
         Cmd::Luks(c) => cmd_luks::run(c),

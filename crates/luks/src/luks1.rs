@@ -438,7 +438,7 @@ impl Luks1Header {
         let id = match slot {
             Some(s) if s as usize >= KEYSLOTS => {
                 return Err(Error::InvalidArgument(format!(
-                    "LUKS1 keyslot {s} out of range 0..8"
+                    "LUKS1 keyslot {s} out of range: use 0 to 7"
                 )))
             }
             Some(s) if self.keyslots[s as usize].active => {

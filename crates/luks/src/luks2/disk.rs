@@ -143,15 +143,21 @@ impl Luks2Header {
                 secondary_offset = Some(p.bin.hdr_size);
             }),
             Err(_) => {
-                let mut last = Err(Error::NotLuks);
+                // The reason worth telling is the first copy found with a magic that
+                // failed (checksum, JSON), not "no magic" at the last size tried.
+                let mut found = Err(Error::NotLuks);
                 for off in METADATA_SIZES {
-                    last = read_copy(disk, off, Copy::Secondary);
-                    if last.is_ok() {
+                    let r = read_copy(disk, off, Copy::Secondary);
+                    if r.is_ok() {
                         secondary_offset = Some(off);
+                        found = r;
                         break;
                     }
+                    if matches!(found, Err(Error::NotLuks)) && !matches!(r, Err(Error::NotLuks)) {
+                        found = r;
+                    }
                 }
-                last
+                found
             }
         };
         let state = |r: &Result<ReadCopy>| match r {
@@ -201,6 +207,20 @@ impl Luks2Header {
                 Copy::Secondary => (theirs.unwrap_or(fresh_salt()?), mine),
             }
         };
+        // Both copies and the keyslots area must fit the device, as cryptsetup requires
+        // on load: a truncated image would otherwise be unlocked, and grown by a write.
+        let need = winner
+            .bin
+            .hdr_size
+            .saturating_mul(2)
+            .saturating_add(winner.metadata.config.keyslots_size);
+        if let Ok(size) = disk.size() {
+            if size < need {
+                return Err(Error::corrupt(format!(
+                    "the device holds {size} bytes, but its LUKS2 header and keyslots area take {need}: it was truncated, or this is not the whole device; restore it (or a header backup) to its full size"
+                )));
+            }
+        }
         let hdr = Luks2Header {
             hdr_size: winner.bin.hdr_size,
             seqid: winner.bin.seqid,

@@ -658,8 +658,8 @@ impl Luks2Header {
     fn check_new_slot(&self, slot: Option<u32>) -> Result<u32> {
         match slot {
             Some(s) if s >= validate::MAX_KEYSLOTS => Err(Error::InvalidArgument(format!(
-                "keyslot {s} out of range 0..{}",
-                validate::MAX_KEYSLOTS
+                "keyslot {s} out of range: use 0 to {}",
+                validate::MAX_KEYSLOTS - 1
             ))),
             Some(s) if self.metadata.keyslots.contains_key(&s) => Err(Error::InvalidArgument(
                 format!("keyslot {s} is already in use"),

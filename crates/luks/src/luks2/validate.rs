@@ -61,7 +61,10 @@ fn validate_config(m: &Metadata, hdr_size: u64) -> Result<()> {
 fn validate_ids(m: &Metadata) -> Result<()> {
     let check = |what: &str, ids: Vec<u32>, max: u32| -> Result<()> {
         if let Some(id) = ids.iter().find(|&&id| id >= max) {
-            return Err(bad(format!("{what} id {id} is out of range 0..{max}")));
+            return Err(bad(format!(
+                "{what} id {id} is out of range 0 to {}",
+                max - 1
+            )));
         }
         Ok(())
     };
