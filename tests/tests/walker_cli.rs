@@ -2554,3 +2554,87 @@ fn walker_a_luks1_volume_is_named_as_such() {
     );
     assert_file_is(&c.p("img"), &before, "the LUKS1 volume");
 }
+
+/// A whole disk with a partition table (DOS or GPT; no filesystem at its start) is
+/// refused before anything is written, in both layouts: encrypting it in place turned
+/// the table and every partition's start into ciphertext with exit 0 (found by a
+/// trial; cryptsetup stops with "already contains a 'dos' partition signature").
+#[test]
+fn walker_a_partitioned_whole_disk_is_refused() {
+    for (kind, gpt) in [("DOS (MBR)", false), ("GPT", true)] {
+        let (c, mut orig) = Case::new(64, 41);
+        orig[0] = 0xfa;
+        orig[446..510].fill(0);
+        orig[446 + 4] = if gpt { 0xee } else { 0x83 };
+        orig[510..512].copy_from_slice(&[0x55, 0xaa]);
+        if gpt {
+            orig[512..520].copy_from_slice(b"EFI PART");
+        }
+        std::fs::write(c.p("img"), &orig).unwrap();
+        for place in [
+            &["--reduce-device-size", "32M"][..],
+            &["--header", &c.hdr()][..],
+        ] {
+            let out = run(luksify(&["encrypt", &c.img(), "--key-file", &c.key()])
+                .args(place)
+                .args(FAST));
+            assert_refused_in_one_line(
+                &out,
+                &format!("holds a {kind} partition table"),
+                &format!("{kind} {place:?}"),
+            );
+            assert_file_is(&c.p("img"), &orig, &format!("{kind}: data touched"));
+            assert!(!c.p("hdr").exists(), "{kind}: header file left behind");
+        }
+    }
+}
+
+/// `--reduce-device-size 1M` (a 512 KiB header in front) is taken as cryptsetup takes
+/// it: the same header fields and the same ciphertext for the same volume key (luksify
+/// refused anything below 2M).
+#[test]
+fn walker_a_1m_reduction_is_taken_as_cryptsetup_takes_it() {
+    require_tool("cryptsetup");
+    let args = [
+        "--reduce-device-size",
+        "1M",
+        "--uuid",
+        "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ];
+    let vk = |c: &Case| {
+        let v: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(13) ^ 0xa5).collect();
+        std::fs::write(c.p("vk"), v).unwrap();
+        c.p("vk").display().to_string()
+    };
+    let (a, orig) = Case::new(16, 42);
+    run_ok(
+        luksify(&["encrypt", &a.img(), "--key-file", &a.key()])
+            .args(args)
+            .args(["--volume-key-file", &vk(&a)]),
+    );
+    let (b, _) = Case::new(16, 42);
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["reencrypt", "--encrypt", "-q", "--force-offline-reencrypt"])
+            .args(["--key-file", &b.key()])
+            .args(args)
+            .args(["--volume-key-file", &vk(&b), &b.img()]),
+    );
+    assert_eq!(
+        dump_without_random(&a.p("img")),
+        dump_without_random(&b.p("img")),
+        "luksDump differs from cryptsetup's"
+    );
+    // The data segment: from the 512 KiB offset, the device less the 1 MiB reduction.
+    let seg =
+        |c: &Case| std::fs::read(c.p("img")).unwrap()[512 << 10..(15 << 20) + (512 << 10)].to_vec();
+    let (sa, sb) = (seg(&a), seg(&b));
+    assert!(
+        sa != orig[..sa.len()] && same(&sa, &sb),
+        "ciphertext differs from cryptsetup's"
+    );
+}

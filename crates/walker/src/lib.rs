@@ -760,6 +760,32 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
 /// A data area of `len` bytes that does not end on a whole `sector` cannot be
 /// encrypted in sectors of that size (cryptsetup refuses such an explicit
 /// `--sector-size` the same way, and picks 512 on its own).
+/// Refuses a whole disk that holds a partition table (an MBR with partition entries,
+/// or a GPT): encrypting it in place would turn the table and every partition's start
+/// into ciphertext, as cryptsetup warns ("already contains a 'dos' partition
+/// signature") and stops. Called when no filesystem was recognised at its start (a FAT
+/// or NTFS boot sector also ends in 55 AA, and starts with a jump).
+fn refuse_partition_table<D: Disk + ?Sized>(data: &D) -> Result<()> {
+    let mut b = vec![0u8; 8192];
+    if data.size().unwrap_or(0) < b.len() as u64 {
+        return Ok(());
+    }
+    data.read_at(0, &mut b)
+        .map_err(|e| Error::io("read partition table", e))?;
+    let gpt = &b[512..520] == b"EFI PART" || &b[4096..4104] == b"EFI PART";
+    let mbr = b[510] == 0x55
+        && b[511] == 0xAA
+        && !matches!(b[0], 0xEB | 0xE9)
+        && (0..4).any(|i| b[446 + 16 * i + 4] != 0);
+    if gpt || mbr {
+        return Err(Error::Refused(format!(
+            "the device holds a {} partition table: encrypting the whole disk in place would turn the table and the start of every partition into ciphertext; encrypt one partition instead (e.g. /dev/sdX1, or `losetup -P` for an image's partitions) (nothing was written)",
+            if gpt { "GPT" } else { "DOS (MBR)" }
+        )));
+    }
+    Ok(())
+}
+
 fn refuse_partial_sector(len: u64, sector: u64) -> Result<()> {
     if len.is_multiple_of(sector) {
         return Ok(());
@@ -842,6 +868,9 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             fs.block_size
         )));
     }
+    if fs.is_none() && !init_marker {
+        refuse_partition_table(data)?;
+    }
     let mut fmt = opts.format.clone();
     let (layout_of, res) = match (placement, meta) {
         (Placement::Detached { resilience }, Some(m)) => {
@@ -879,11 +908,6 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             if reduce == 0 || reduce % (2 * CHECKSUM_BLOCK as u64) != 0 || shift % sector != 0 {
                 return Err(Error::Refused(format!(
                     "--reduce-device-size {reduce} must be a non-zero multiple of 8 KiB (the header gets half of it); use 32M, cryptsetup's default (nothing was written)"
-                )));
-            }
-            if shift < 1 << 20 {
-                return Err(Error::Refused(format!(
-                    "--reduce-device-size {reduce} leaves {shift} bytes for the header; use at least 2 MiB (cryptsetup's default is 32 MiB)"
                 )));
             }
             if dev_size <= reduce + sector {
