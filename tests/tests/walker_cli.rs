@@ -454,6 +454,12 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
         );
         let out = run(&mut detached_resume(&c));
         assert_refused_in_one_line(&out, "resilience `none`", "resume");
+        // The way out, not a loop back to resume.
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("remove the header file and run `luksify encrypt` again"),
+            "{out:?}"
+        );
         let range = format!("0..{}", 96 << 20);
         assert!(
             String::from_utf8_lossy(&out.stderr).contains(&range),
@@ -477,6 +483,48 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
         return;
     }
     panic!("each none run finished before the kill");
+}
+
+/// A `none` encryption whose header records no progress is not started over: cryptsetup
+/// writes nothing to the header while its `none` run walks, so a run killed after it
+/// rewrote most of the device reads the same as one never begun, and starting over
+/// encrypted the encrypted part twice and said "encryption finished" (found by a
+/// trial). Here the state `cryptsetup reencrypt --init-only --resilience none` leaves:
+/// refused, nothing written, and the way out (a new run) works.
+#[test]
+fn walker_a_none_run_with_no_recorded_progress_is_not_started_over() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(16, 56);
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["reencrypt", "--encrypt", "--init-only", "-q"])
+            .args([
+                "--resilience",
+                "none",
+                "--header",
+                &c.hdr(),
+                "--key-file",
+                &c.key(),
+            ])
+            .args(FAST)
+            .arg(c.img()),
+    );
+    let hdr0 = std::fs::read(c.p("hdr")).unwrap();
+    let out = run(&mut detached_resume(&c));
+    assert_refused_in_one_line(&out, "records no progress", "resume");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("remove the header file") && err.contains("run `luksify encrypt` again"),
+        "{err}"
+    );
+    assert_file_is(&c.p("img"), &orig, "data touched");
+    assert_file_is(&c.p("hdr"), &hdr0, "header touched");
+    std::fs::remove_file(c.p("hdr")).unwrap();
+    run_ok(&mut detached_encrypt(&c));
+    assert!(
+        same(&cryptsetup_decrypt_detached(&c), &orig),
+        "the new run differs"
+    );
 }
 
 /// A 48 MiB image holding a 40 MiB ext4, and its `encrypt --reduce-device-size 8M`

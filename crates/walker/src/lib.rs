@@ -77,7 +77,7 @@ pub enum Error {
     Luks(#[from] luksify_luks::Error),
     #[error("cipher: {0}")]
     Cipher(luksify_cipher::CipherError),
-    #[error("the run was cut with resilience `none`, which keeps no copy: data bytes {start}..{} may be part rewritten, and which part cannot be told; the bytes before are done, the bytes after untouched. Restore that range from a backup (nothing more was written)", start + len)]
+    #[error("the run was cut with resilience `none`, which keeps no copy: data bytes {start}..{} may be part rewritten, and which part cannot be told; the bytes before are done, the bytes after untouched. Restore that range from a backup, then start a new run: remove the header file and run `luksify encrypt` again (nothing more was written)", start + len)]
     Unrecoverable { start: u64, len: u64 },
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -760,6 +760,29 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
 /// A data area of `len` bytes that does not end on a whole `sector` cannot be
 /// encrypted in sectors of that size (cryptsetup refuses such an explicit
 /// `--sector-size` the same way, and picks 512 on its own).
+/// A resilience `none` encryption whose header records no progress at all: cryptsetup
+/// writes nothing to the header while its `none` run walks (a run SIGKILLed after
+/// rewriting 480 MB of 512 still reads as not begun), so starting it over would
+/// encrypt the part already encrypted a second time and call it done (found by a
+/// trial; cryptsetup's own `--resume-only` does just that). luksify's own `none` runs
+/// name their window hot before they write, so a cut one is refused by `recover`, and
+/// one stopped cleanly has progress. Only a run that never wrote can be started again,
+/// and that cannot be told from the header: the way out is a new run.
+fn refuse_none_run_without_progress(st: &ReencryptState, detached: bool) -> Result<()> {
+    let none = matches!(
+        st.area,
+        luksify_luks::luks2::json::ReencryptArea::None { .. }
+    );
+    let nothing = st.progress.hot_start == 0 && st.progress.hot_len == 0;
+    if !(none && st.mode == ReencryptMode::Encrypt && nothing) {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "this encryption uses resilience `none`, whose header records no progress until the run stops cleanly: if it was killed or lost power after it began (as a `cryptsetup reencrypt --resilience none` run leaves it), part of the device is already encrypted and starting over would encrypt that part twice. If no run ever wrote to the device (only `cryptsetup reencrypt --init-only`), {}run `luksify encrypt` again; otherwise restore the device from a backup first (nothing was written)",
+        if detached { "remove the header file and " } else { "" }
+    )))
+}
+
 /// Refuses a whole disk that holds a partition table (an MBR with partition entries,
 /// or a GPT): encrypting it in place would turn the table and every partition's start
 /// into ciphertext, as cryptsetup warns ("already contains a 'dos' partition
@@ -1888,6 +1911,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         (None, Some(e)) => return Err(e.into()),
     };
     reencrypt::verify_reencrypt_digest(&hdr.metadata, st.keyslot, vk.as_bytes())?;
+    refuse_none_run_without_progress(&st, meta.is_some())?;
     // The device must still be the one this run started on.
     let dev_size = data
         .size()
