@@ -822,9 +822,11 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
         err.contains("had not started")
             && err.contains(&format!("had not reached {} either", other.display()))
             // Run as printed, it must act on this state directory.
+            // Each volume named: `disable` alone would decrypt every one.
             && err.contains(&format!(
-                "run `luksify disable --state-dir {}` again",
-                a.state.display()
+                "run `luksify disable --state-dir {} --volume {}` again",
+                a.state.display(),
+                other.display()
             )),
         "{err}"
     );
@@ -3446,7 +3448,9 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
     // decryption that never began.
     let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
     assert!(
-        st.contains("had not started") && st.contains("`luksify resume` maps and mounts it again"),
+        st.contains("had not started")
+            && st.contains("`luksify resume` maps and mounts it again")
+            && st.contains(&format!("--volume {}` decrypts it", fx.dev().display())),
         "{st}"
     );
     let out = run(fx.cmd().args(["resume", "--userspace"]));
@@ -3463,8 +3467,9 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
             && msg.contains("had not started")
             // The run's state directory is not the default: the command says which.
             && msg.contains(&format!(
-                "`luksify disable --state-dir {}` again",
-                fx.state.display()
+                "`luksify disable --state-dir {} --volume {}` again",
+                fx.state.display(),
+                fx.dev().display()
             )),
         "{s}"
     );

@@ -1489,13 +1489,18 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         && !pending.is_empty()
         && decrypting.iter().any(not_started)
     {
+        // (Each named: `disable` alone decrypts every volume in the status file.)
         let said = format!(
-            "luksify: the disable had not reached {} either; they stay encrypted: run `luksify disable` again to decrypt them",
+            "luksify: the disable had not reached {} either; they stay encrypted: run `luksify disable{}` again to decrypt them",
             pending
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            pending
+                .iter()
+                .map(|p| format!(" --volume {}", p.display()))
+                .collect::<String>()
         );
         eprintln!("{}", crate::status::in_state_dir(&said, &req.state_dir));
         pending.clear();
@@ -1808,7 +1813,8 @@ fn resume_decrypt(
         // "Encryption succeeded"), and how to do it.
         sw.status.operation = Operation::DisableEncryption;
         sw.status.volumes[idx].error = Some(format!(
-            "the decryption of {} had not started; it stays encrypted: run `luksify disable` again",
+            "the decryption of {} had not started; it stays encrypted: run `luksify disable --volume {}` again",
+            v.device.display(),
             v.device.display()
         ));
         return commit(sw);
@@ -1925,7 +1931,10 @@ pub fn disable(
         ) && wanted(v)
     }) {
         let (what, then) = if v.state == VolumeState::EncryptionInProgress {
-            ("encryption", ", then `luksify disable` to decrypt it")
+            (
+                "encryption",
+                ", then `luksify disable --volume DEV` to decrypt it",
+            )
         } else {
             ("decryption", ", which finishes it")
         };

@@ -343,7 +343,7 @@ fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
     let what = if decrypt { "Decryption" } else { "Encryption" };
     match run_stage(v, state_dir) {
         RunStage::NotStarted if decrypt => format!(
-            "Decryption of {dev} had not started when {went}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable` decrypts it"
+            "Decryption of {dev} had not started when {went}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable --volume {dev}` decrypts it"
         ),
         RunStage::NotStarted => format!(
             "Encryption of {dev} had not started when {went} (nothing was encrypted); `luksify resume` starts it again"
