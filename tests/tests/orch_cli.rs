@@ -3551,3 +3551,53 @@ fn root_orch_kill_holders_spares_its_caller_and_crypttab_paths_are_checked() {
     assert!(!luksify_tests::has_luks_header(&fx.dev()));
     fx.assert_files_unchanged();
 }
+
+/// `check` of a device holding a `luksify encrypt --reduce-device-size` start cut while
+/// it wrote its first header (a run by hand, in no status file) is a blocker naming the
+/// command that continues it: it said "No problems found" over an ext4 whose head was
+/// overwritten (found by a trial). The same command then finishes the run.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_check_names_a_cut_shift_start() {
+    require_root();
+    require_tool("strace");
+    require_tool("mkfs.ext4");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 48 << 20);
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .arg("40M"),
+    );
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"cut start").unwrap();
+    let mut enc = Command::new(luksify_bin());
+    enc.arg("encrypt")
+        .arg(&img)
+        .arg("--key-file")
+        .arg(&key)
+        .args(["--reduce-device-size", "8M"])
+        .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]);
+    let cut = run(&mut luksify_tests::strace_inject(
+        "inject=fdatasync:signal=SIGKILL:when=3",
+        &enc,
+    ));
+    assert!(!cut.status.success(), "the run was not cut");
+    let lo = LoopDev::attach(&img);
+    let out = run(Command::new(luksify_bin()).arg("check").arg(&lo.path));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("holds an interrupted `luksify encrypt --reduce-device-size 8M` start")
+            && text.contains(&format!(
+                "run `luksify encrypt {} --key-file F --reduce-device-size 8M` again",
+                lo.path.display()
+            )),
+        "{text}"
+    );
+    drop(lo);
+    run_ok(&mut enc);
+    assert!(luksify_tests::has_luks_header(&img));
+}

@@ -507,6 +507,43 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
                 walking,
             ))
         })
+        .or_else(|| cut_shift_start(device))
+}
+
+/// A `luksify encrypt --reduce-device-size` start cut while it wrote its first header
+/// (no status file names it: a run by hand): the filesystem may still read as intact
+/// (check said "No problems found" and blkid "ext4"), but its head is overwritten and
+/// its first part only in the copy at the device's end (found by a trial).
+fn cut_shift_start(device: &Path) -> Option<Problem> {
+    // luksify's own view is never read (a stopped daemon would hang the read).
+    if let Some(num) = probe::block_dev_num(device) {
+        if luksify_view_of(num, &mountinfo::read().unwrap_or_default()).is_some() {
+            return None;
+        }
+    }
+    let f = std::fs::File::open(device).ok()?;
+    let (reduce, was) = luksify_walker::interrupted_shift_start(&f).ok()??;
+    let dev_s = device.display();
+    let r = format!("{}M", reduce >> 20);
+    Some(Problem {
+        code: "luks_in_progress",
+        severity: Severity::Blocker,
+        what: format!(
+            "{dev_s} holds an interrupted `luksify encrypt --reduce-device-size {r}` start"
+        ),
+        why: format!(
+            "its first {} MiB are only in the copy moved to its end and its head may be overwritten: whatever filesystem it seems to hold must not be mounted or written",
+            reduce >> 21
+        ),
+        fix: format!(
+            "run `luksify encrypt {dev_s} --key-file F --reduce-device-size {r}` again to continue it{}",
+            if luksify_luks::io::Disk::size(&f).is_ok_and(|n| n != was) {
+                format!(", after giving the device back its size then ({was} bytes)")
+            } else {
+                String::new()
+            }
+        ),
+    })
 }
 
 /// Reads the LUKS magic and, for LUKS2, whether an online reencryption is in progress.

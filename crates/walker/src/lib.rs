@@ -757,9 +757,6 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
     )))
 }
 
-/// A data area of `len` bytes that does not end on a whole `sector` cannot be
-/// encrypted in sectors of that size (cryptsetup refuses such an explicit
-/// `--sector-size` the same way, and picks 512 on its own).
 /// A resilience `none` encryption whose header records no progress at all: cryptsetup
 /// writes nothing to the header while its `none` run walks (a run SIGKILLed after
 /// rewriting 480 MB of 512 still reads as not begun), so starting it over would
@@ -809,6 +806,9 @@ fn refuse_partition_table<D: Disk + ?Sized>(data: &D) -> Result<()> {
     Ok(())
 }
 
+/// A data area of `len` bytes that does not end on a whole `sector` cannot be
+/// encrypted in sectors of that size (cryptsetup refuses such an explicit
+/// `--sector-size` the same way, and picks 512 on its own).
 fn refuse_partial_sector(len: u64, sector: u64) -> Result<()> {
     if len.is_multiple_of(sector) {
         return Ok(());
@@ -1215,6 +1215,21 @@ impl FoundStart {
             self.dev_size
         ))
     }
+}
+
+/// An interrupted `encrypt --reduce-device-size` start on `data` (cut while it wrote its
+/// first header: the head overwritten, its first part only in the copy moved to the
+/// end): the reduction that run used and the device's size then. The filesystem at the
+/// head may still read as intact (its superblock lands last): a preflight must not call
+/// such a device fine.
+pub fn interrupted_shift_start<D: Disk + ?Sized>(data: &D) -> Result<Option<(u64, u64)>> {
+    let dev_size = data
+        .size()
+        .map_err(|e| Error::io("size of the device", e))?;
+    let fs_end = fsprobe::probe(data)
+        .map_err(|e| Error::io("read superblock", e))?
+        .map_or(0, |f| f.size);
+    Ok(start_marker_anywhere(data, dev_size, fs_end)?.map(|m| (2 * m.shift, m.dev_size)))
 }
 
 /// A start marker (valid in itself) at `pos`, whatever device size it records, as long
