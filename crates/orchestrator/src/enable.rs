@@ -1362,7 +1362,7 @@ fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
         let mapper_path = PathBuf::from("/dev/mapper").join(&v.mapper);
         let _ = mapped;
         tabs::edit_file(&etc.join("fstab"), |t| {
-            tabs::fstab_encrypt(t, mp, &mapper_path, &fs, &opts)
+            tabs::fstab_encrypt(t, mp, &mapper_path, &fs, &opts, &v.device)
         })
         .map_err(|e| io("fstab", e))?;
     }
@@ -1375,7 +1375,7 @@ fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
         .filter(|mp| Some(mp.as_path()) != v.mount_point.as_deref())
     {
         tabs::edit_file(&etc.join("fstab"), |t| {
-            tabs::fstab_encrypt(t, mp, &mapper_path, &fs, "defaults")
+            tabs::fstab_encrypt(t, mp, &mapper_path, &fs, "defaults", &v.device)
         })
         .map_err(|e| io("fstab", e))?;
     }

@@ -59,6 +59,7 @@ pub fn fstab_encrypt(
     mapped: &Path,
     fs_type: &str,
     options: &str,
+    device: &Path,
 ) -> String {
     let mp = escape(&mount_point.to_string_lossy());
     let spec = escape(&mapped.to_string_lossy());
@@ -77,11 +78,24 @@ pub fn fstab_encrypt(
     {
         return text.to_string();
     }
+    // The entry to replace: the one at this mount point that names the device by its
+    // path, else the first at it. Other entries at the same mount point stay as they
+    // are (the second one was dropped without a word, and disable then restored the
+    // first, which named another device: found by a trial).
+    let at_mp = |l: &str| fields(l).is_some_and(|f| f.len() >= 2 && f[1] == mp);
+    let names_device = |l: &str| {
+        fields(l)
+            .is_some_and(|f| std::fs::canonicalize(unescape_field(f[0])).is_ok_and(|p| p == device))
+    };
+    let target = text
+        .lines()
+        .position(|l| at_mp(l) && names_device(l))
+        .or_else(|| text.lines().position(at_mp));
     let mut out = Vec::new();
     let mut replaced = false;
-    for line in text.lines() {
+    for (i, line) in text.lines().enumerate() {
         if let Some(f) = fields(line) {
-            if f.len() >= 2 && f[1] == mp {
+            if Some(i) == target {
                 if !replaced {
                     out.push(format!("{MARK}{line}"));
                     out.push(entry(
@@ -279,6 +293,7 @@ mod tests {
             Path::new("/dev/mapper/data"),
             "ext4",
             "rw,noatime",
+            Path::new("/dev/sdz9"),
         );
         assert!(enc.contains("# luksify: was: /dev/sdc1 /data ext4 defaults,noatime 0 2\n"));
         // The entry's own options and fields stay (not the mount's runtime ones).
@@ -293,10 +308,44 @@ mod tests {
             Path::new("/dev/mapper/data"),
             "ext4",
             "rw,noatime",
+            Path::new("/dev/sdz9"),
         );
         assert_eq!(twice, enc);
         // Restoring another mount point changes nothing.
         assert_eq!(fstab_restore(&enc, Path::new("/other")), enc);
+    }
+
+    /// Two entries at one mount point: the one naming the device is the one replaced
+    /// (and restored); the other stays as it was. The second was dropped without a word
+    /// and disable restored the first, which named another device (found by a trial).
+    #[test]
+    fn fstab_replaces_the_entry_naming_the_device_and_keeps_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("loop5");
+        std::fs::write(&dev, b"").unwrap();
+        let t = format!(
+            "LABEL=elsewhere /c ext4 defaults 0 2\n{} /c ext4 defaults 0 2\n",
+            dev.display()
+        );
+        let enc = fstab_encrypt(
+            &t,
+            Path::new("/c"),
+            Path::new("/dev/mapper/m"),
+            "ext4",
+            "rw",
+            &dev,
+        );
+        assert!(
+            enc.starts_with("LABEL=elsewhere /c ext4 defaults 0 2\n"),
+            "{enc}"
+        );
+        assert!(
+            enc.contains(&format!("# luksify: was: {} /c", dev.display()))
+                && enc.contains("/dev/mapper/m /c ext4 defaults,nofail 0 2"),
+            "{enc}"
+        );
+        assert_eq!(enc.lines().count(), 3, "{enc}");
+        assert_eq!(fstab_restore(&enc, Path::new("/c")), t);
     }
 
     #[test]
@@ -308,6 +357,7 @@ mod tests {
             Path::new("/dev/mapper/v"),
             "xfs",
             "rw,relatime,inode64",
+            Path::new("/dev/sdz9"),
         );
         assert!(
             enc.ends_with("/dev/mapper/v /srv auto defaults,nofail 0 0\n"),
@@ -350,6 +400,7 @@ mod tests {
             Path::new("/dev/mapper/d"),
             "xfs",
             "rw,nofail",
+            Path::new("/dev/sdz9"),
         );
         assert!(
             enc.ends_with("/dev/mapper/d /my\\040data xfs rw,nofail 0 2\n"),
