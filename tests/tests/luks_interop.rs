@@ -601,3 +601,49 @@ fn luks2_keyslot_changes_are_refused_during_a_reencryption() {
     assert!(std::fs::read(&vol.data).unwrap() == before, "written");
     assert!(luksify_tests::cryptsetup_opens(&vol.data, &vol.key));
 }
+
+/// A LUKS2 volume cryptsetup made with `aes-cbc-essiv:sha256` (its keyslot areas use the
+/// segment's cipher) takes test-passphrase, add-key and change-key, and cryptsetup opens
+/// every passphrase after: luksify refused its keyslots ("unsupported cipher
+/// specification") while the same cipher on LUKS1 worked (found by a trial).
+#[test]
+fn luks2_cbc_essiv_volumes_take_the_keyslot_commands() {
+    require_tool("cryptsetup");
+    let vol = Vol::new(false, b"cbc first");
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2"])
+            .args(["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"])
+            .args(kdf_args(false))
+            .arg("--key-file")
+            .arg(&vol.key)
+            .arg(&vol.data),
+    );
+    let (k2, k3) = (vol.key.with_extension("2"), vol.key.with_extension("3"));
+    std::fs::write(&k2, "cbc second").unwrap();
+    std::fs::write(&k3, "cbc third").unwrap();
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    run_ok(
+        Command::new(luksify_tests::luksify_bin())
+            .arg("test-passphrase")
+            .arg(&vol.data)
+            .arg("--key-file")
+            .arg(&vol.key),
+    );
+    run_ok(luksify_tests::luksify_new_key("add-key", &vol.data, &vol.key, &k2).args(fast));
+    run_ok(luksify_tests::luksify_new_key("change-key", &vol.data, &k2, &k3).args(fast));
+    for (k, opens) in [(&vol.key, true), (&k2, false), (&k3, true)] {
+        assert_eq!(
+            luksify_tests::cryptsetup_opens(&vol.data, k),
+            opens,
+            "{}",
+            k.display()
+        );
+    }
+    assert!(luks_dump_of(&vol.data).contains("aes-cbc-essiv:sha256"));
+}
+
+fn luks_dump_of(p: &Path) -> String {
+    String::from_utf8_lossy(&run_ok(Command::new("cryptsetup").arg("luksDump").arg(p)).stdout)
+        .into_owned()
+}

@@ -621,7 +621,7 @@ impl Luks1Header {
 
 /// Keyslot material (512-byte sectors from 0) through the volume's cipher: AES-XTS, or
 /// AES-CBC as LUKS1 volumes made by cryptsetup 1.x (`aes-cbc-essiv:sha256`) use.
-fn crypt_material(spec: &str, key: &[u8], buf: &mut [u8], encrypt: bool) -> Result<()> {
+pub(crate) fn crypt_material(spec: &str, key: &[u8], buf: &mut [u8], encrypt: bool) -> Result<()> {
     use luksify_cipher::cbc::CbcSectors;
     if CbcSectors::handles(spec) {
         let c = CbcSectors::new(spec, key)?;
@@ -642,7 +642,9 @@ fn crypt_material(spec: &str, key: &[u8], buf: &mut [u8], encrypt: bool) -> Resu
 }
 
 /// Whether keyslot material in `spec` can be read and written (see [`crypt_material`]).
-fn check_material_spec(spec: &str) -> Result<()> {
+/// Also LUKS2 keyslot areas: cryptsetup encrypts them with the data segment's cipher,
+/// `aes-cbc-essiv:sha256` included.
+pub(crate) fn check_material_spec(spec: &str) -> Result<()> {
     if !luksify_cipher::cbc::CbcSectors::handles(spec) {
         SectorCipher::parse_spec(spec)?;
     }

@@ -6,7 +6,6 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::io::Disk;
 use crate::kdf;
-use luksify_cipher::SectorCipher;
 use zeroize::Zeroizing;
 
 /// Keyslot area size for a key of `key_len` bytes with `stripes` stripes:
@@ -37,7 +36,7 @@ pub fn open<D: Disk + ?Sized>(
         ));
     }
     // Check the area cipher before spending time on the KDF.
-    SectorCipher::parse_spec(&ks.area.encryption)?;
+    crate::luks1::check_material_spec(&ks.area.encryption)?;
     let mut material = Zeroizing::new(vec![0u8; len]);
     disk.read_at(ks.area.offset, &mut material).map_err(|e| {
         Error::io(
@@ -46,8 +45,7 @@ pub fn open<D: Disk + ?Sized>(
         )
     })?;
     let area_key = kdf::derive(&ks.kdf, passphrase, ks.area.key_size as usize)?;
-    let cipher = SectorCipher::new(&ks.area.encryption, &area_key, 512)?;
-    cipher.decrypt(&mut material, 0)?;
+    crate::luks1::crypt_material(&ks.area.encryption, &area_key, &mut material, false)?;
     af::merge(&material, key_len, ks.af.stripes, af_hash)
 }
 
@@ -101,8 +99,7 @@ pub fn seal(
     let mut material = Zeroizing::new(vec![0u8; material_len(volume_key.len(), stripes)]);
     material[..split.len()].copy_from_slice(&split);
     let area_key = kdf::derive(&p.kdf, passphrase, p.area_key_size as usize)?;
-    let cipher = SectorCipher::new(&p.encryption, &area_key, 512)?;
-    cipher.encrypt(&mut material, 0)?;
+    crate::luks1::crypt_material(&p.encryption, &area_key, &mut material, true)?;
     // Zero the rest of the area so no stale material of an old keyslot remains.
     let mut area = Zeroizing::new(vec![0u8; size as usize]);
     area[..material.len()].copy_from_slice(&material);
