@@ -894,3 +894,43 @@ fn luks_cli_change_key_with_a_full_keyslots_area_changes_in_place() {
     assert!(opens(&k2), "the other keyslot no longer opens");
     assert!(!opens(&k1), "the old passphrase still opens");
 }
+
+/// LUKS2-only options with `format --type luks1` are refused before any file is
+/// touched: `--header` left an empty header file behind, and `--label` was dropped
+/// without a word (found by a trial).
+#[test]
+fn luks1_format_refuses_luks2_only_options_touching_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img");
+    luksify_tests::sparse_file(&img, 8 << 20);
+    let key = d.path().join("key");
+    std::fs::write(&key, "k").unwrap();
+    let hdr = d.path().join("h.hdr");
+    let fmt = |extra: &[&str]| {
+        let mut c = std::process::Command::new(luksify_tests::luksify_bin());
+        c.args([
+            "format",
+            "-q",
+            "--type",
+            "luks1",
+            "--pbkdf-force-iterations",
+            "1000",
+        ])
+        .arg(&img)
+        .arg("--key-file")
+        .arg(&key)
+        .args(extra);
+        luksify_tests::run(&mut c)
+    };
+    let out = fmt(&["--header", hdr.to_str().unwrap()]);
+    luksify_tests::assert_refused_in_one_line(&out, "needs LUKS2", "--header");
+    assert!(!hdr.exists(), "a header file was left behind");
+    for opt in ["--label", "--subsystem"] {
+        let out = fmt(&[opt, "x"]);
+        luksify_tests::assert_refused_in_one_line(&out, "are LUKS2 fields", opt);
+    }
+    assert!(
+        !luksify_tests::has_luks_header(&img),
+        "the image was written"
+    );
+}

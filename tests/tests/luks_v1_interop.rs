@@ -406,3 +406,56 @@ fn luks1_keyslot_changes_refuse_a_header_changed_since_it_was_read() {
         "cryptsetup's key lost"
     );
 }
+
+/// LUKS1 with all 8 keyslots in use: change-key replaces the key in the slot itself,
+/// as cryptsetup's luksChangeKey does (luksify said "no free keyslot"); the other seven
+/// passphrases still open with cryptsetup, the old one no longer.
+#[test]
+fn luks1_change_key_with_every_slot_full_changes_it_in_place() {
+    require_tool("cryptsetup");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 8 << 20);
+    let key = |i: usize| {
+        let k = dir.path().join(format!("k{i}"));
+        std::fs::write(&k, format!("pass {i}")).unwrap();
+        k
+    };
+    let fast = ["--pbkdf-force-iterations", "1000"];
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks1"])
+            .args(fast)
+            .arg("--key-file")
+            .arg(key(0))
+            .arg(&img),
+    );
+    for i in 1..8 {
+        run_ok(
+            Command::new("cryptsetup")
+                .arg("luksAddKey")
+                .args(fast)
+                .arg("--key-file")
+                .arg(key(0))
+                .arg(&img)
+                .arg(key(i)),
+        );
+    }
+    let new = dir.path().join("new");
+    std::fs::write(&new, "the new one").unwrap();
+    run_ok(luksify_tests::luksify_new_key("change-key", &img, &key(3), &new).args(fast));
+    assert!(
+        luksify_tests::cryptsetup_opens(&img, &new),
+        "the new passphrase"
+    );
+    assert!(
+        !luksify_tests::cryptsetup_opens(&img, &key(3)),
+        "the old passphrase"
+    );
+    for i in [0, 1, 2, 4, 5, 6, 7] {
+        assert!(
+            luksify_tests::cryptsetup_opens(&img, &key(i)),
+            "passphrase {i}"
+        );
+    }
+}

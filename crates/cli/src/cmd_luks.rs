@@ -452,8 +452,15 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
             h.display()
         );
     }
-    let pass = read_key_file(&a.key_file)?;
     let n = &a.new;
+    // Before any file is opened or created (a refused LUKS1 --header left an empty file).
+    if luks1 && a.header.is_some() {
+        bail!("--header with --type luks1 is not supported by luksify: a detached header needs LUKS2 (the default) (nothing was written)");
+    }
+    if luks1 && (n.label.is_some() || n.subsystem.is_some()) {
+        bail!("--label and --subsystem are LUKS2 fields: drop them for --type luks1 (nothing was written)");
+    }
+    let pass = read_key_file(&a.key_file)?;
     // Every option checked before the device is opened.
     let opts = n.with_kdf(n.kdf.request(luks1)?)?;
     let device = if a.header.is_some() {
@@ -542,9 +549,6 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
             uuid: opts.uuid,
             volume_key: opts.volume_key,
         };
-        if a.header.is_some() {
-            bail!("--header with --type luks1 is not supported by luksify");
-        }
         let payload = u64::from(
             opts.payload_offset
                 .unwrap_or(luks1::DEFAULT_PAYLOAD_SECTORS),

@@ -451,6 +451,20 @@ impl Luks1Header {
                 .find(|&i| !self.keyslots[i as usize].active)
                 .ok_or_else(|| Error::NoFreeKeyslot("all 8 LUKS1 keyslots are in use".into()))?,
         };
+        self.store_slot(disk, vk, passphrase, req, id)?;
+        Ok(id)
+    }
+
+    /// Seals `vk` under `passphrase` into keyslot `id`'s own area and enables the slot
+    /// (material first, then the header), once the header on disk is still this one.
+    fn store_slot<D: Disk + ?Sized>(
+        &mut self,
+        disk: &D,
+        vk: &VolumeKey,
+        passphrase: &[u8],
+        req: &kdf::KdfRequest,
+        id: u32,
+    ) -> Result<()> {
         let hash = Hash::parse(&self.hash_spec)?;
         let iterations = match req.force_iterations {
             Some(i) => i,
@@ -481,7 +495,7 @@ impl Luks1Header {
         next.keyslots[id as usize].salt = salt;
         next.write_locked(disk)?;
         *self = next;
-        Ok(id)
+        Ok(())
     }
 
     /// Disables keyslot `slot` (header first) and zeroes its key material.
@@ -521,6 +535,19 @@ impl Luks1Header {
         req: &kdf::KdfRequest,
     ) -> Result<u32> {
         let vk = self.unlock_keyslot(disk, slot, old)?;
+        if self.keyslots.iter().all(|k| k.active) {
+            // No free slot: the new key over the old one's own area, as cryptsetup's
+            // luksChangeKey does then (a crash between the material and the header
+            // leaves that slot opened by neither passphrase; the others are untouched).
+            if req.kind != kdf::KdfKind::Pbkdf2 {
+                return Err(Error::InvalidArgument(
+                    "LUKS1 keyslots only support pbkdf2".into(),
+                ));
+            }
+            req.validate()?;
+            self.store_slot(disk, &vk, new, req, slot)?;
+            return Ok(slot);
+        }
         // cryptsetup does the same: new key in a free slot, old slot killed.
         let new_slot = self.add_keyslot(disk, &vk, new, req, None)?;
         self.remove_keyslot(disk, slot)?;
