@@ -2686,3 +2686,32 @@ fn walker_a_1m_reduction_is_taken_as_cryptsetup_takes_it() {
         "ciphertext differs from cryptsetup's"
     );
 }
+
+/// `decrypt --header FILE` of a detached volume where FILE does not exist says so (it
+/// said "no LUKS header on the device or in --header FILE: nothing to decrypt", which
+/// reads as "this device is plaintext"; found by a trial); nothing is written.
+#[test]
+fn walker_decrypt_names_a_missing_header_file() {
+    let (c, _) = Case::new(8, 61);
+    run_ok(&mut detached_encrypt(&c));
+    let enc = std::fs::read(c.p("img")).unwrap();
+    let missing = c.p("brandnew.hdr").display().to_string();
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        &missing,
+    ]));
+    assert_refused_in_one_line(
+        &out,
+        "does not exist: name the volume's detached header file",
+        "missing header",
+    );
+    assert!(
+        !c.p("brandnew.hdr").exists(),
+        "created the missing header file"
+    );
+    assert_file_is(&c.p("img"), &enc, "data touched");
+}

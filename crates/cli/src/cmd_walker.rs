@@ -266,6 +266,15 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     };
     // The header in front: the plaintext moves back to byte 0 and the header out.
     let in_front = is_luks_file(dev);
+    // Header detached, and the file named is not there: say that, not "nothing to
+    // decrypt" (which reads as "this device is plaintext").
+    if let Some(h) = a.header.as_deref().filter(|h| !in_front && !h.exists()) {
+        bail!(
+            "{}: holds no LUKS header, and --header {} does not exist: name the volume's detached header file (nothing was written)",
+            dev.display(),
+            h.display()
+        );
+    }
     let outcome = match &a.header {
         Some(h) => {
             if luksify_walker::lock::same_storage(dev, h) {

@@ -21,7 +21,7 @@ pub enum Error {
     #[error("not a LUKS device: no LUKS header magic found")]
     NotLuks,
     /// A LUKS header with a version this code does not handle.
-    #[error("LUKS version {0} header where this command needs LUKS2 (a LUKS1 volume converts with `cryptsetup convert --type luks2`)")]
+    #[error("{}", unsupported_version(*.0))]
     UnsupportedVersion(u16),
     /// The header is structurally invalid; the message says which rule was broken.
     #[error("invalid LUKS header: {0}")]
@@ -59,6 +59,13 @@ pub enum Error {
     /// The sector cipher refused the key or parameters.
     #[error("cipher: {0}")]
     Cipher(#[from] CipherError),
+}
+
+fn unsupported_version(v: u16) -> String {
+    match v {
+        1 => "LUKS version 1 header where this command needs LUKS2 (a LUKS1 volume converts with `cryptsetup convert --type luks2`; nothing was written)".into(),
+        v => format!("LUKS magic with version {v}, which no LUKS has: a damaged or foreign header (nothing was written)"),
+    }
 }
 
 impl Error {

@@ -530,7 +530,7 @@ pub fn state(md: &Metadata) -> Result<Option<ReencryptState>> {
     }
     if ks.mode == ReencryptMode::Reencrypt {
         return Err(Error::Unsupported(
-            "resuming a cryptsetup re-encryption with a new key (luksify resumes encryption and decryption only)"
+            "resuming a cryptsetup re-encryption with a new key (luksify resumes encryption and decryption only): finish it with `cryptsetup reencrypt --resume-only` (nothing was written)"
                 .into(),
         ));
     }

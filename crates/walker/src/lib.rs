@@ -1509,7 +1509,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     let (hdisk, mut hdr, moves): (&(dyn Disk + Sync), Luks2Header, bool) = match (in_front, header) {
         (true, None) => {
             return Err(Error::Refused(
-                "the LUKS header is in front of the data, which moves back over it: pass --header FILE, a new file the header moves to for the run (as `cryptsetup reencrypt --decrypt --header`)".into(),
+                "the LUKS header is in front of the data, which moves back over it: pass --header FILE, a new file the header moves to for the run (as `cryptsetup reencrypt --decrypt --header`) (nothing was written)".into(),
             ))
         }
         (true, Some(h)) => {
@@ -1589,7 +1589,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     }
     if dev_size <= off {
         return Err(Error::Refused(format!(
-            "device of {dev_size} bytes ends before the data offset {off}: wrong device?"
+            "device of {dev_size} bytes ends before the data offset {off}: wrong device, or a truncated image? (nothing was written)"
         )));
     }
     if !(dev_size - off).is_multiple_of(u64::from(seg.sector_size)) {
