@@ -1646,6 +1646,11 @@ fn root_orch_status_after_a_kill_gives_the_headers_progress() {
         .unwrap_or_else(|| panic!("{st}"));
     // At least one 16 MiB hotzone of the ~96 MiB to walk was committed as done.
     assert!(pct >= 10, "{st}");
+    // The JSON says the same (it kept the file's figure beside the message's).
+    let out = run_ok(fx.cmd().args(["status", "--json"]));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jp = j["volumes"][0]["percent"].as_f64().unwrap();
+    assert_eq!(jp.floor() as u64, pct, "{j}");
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
     fx.assert_files_unchanged();

@@ -236,6 +236,20 @@ pub fn apply_live_state(
     let gone = s.pid.is_some_and(|p| !crate::holders::pid_exists(p));
     if gone {
         s.pid = None;
+        // An interrupted encryption's percent is its header's when that is further (the
+        // file's lags up to 2 s): the JSON says what the message says (a trial read
+        // "interrupted at 29%" beside "percent": 21.65).
+        for v in &mut s.volumes {
+            if v.state != VolumeState::EncryptionInProgress {
+                continue;
+            }
+            if let RunStage::Walking(Some(h)) = run_stage(v, state_dir) {
+                if h > v.percent {
+                    v.percent = h;
+                    v.bytes_done = (h / 100.0 * v.bytes_total as f64) as u64;
+                }
+            }
+        }
         let in_progress = |v: &&VolumeStatus| {
             matches!(
                 v.state,
