@@ -79,6 +79,18 @@ impl Vol {
         c.arg(&self.data);
         c
     }
+    /// `cryptsetup luksFormat --type luks2` of the data with the cheap KDF and `extra`.
+    fn cryptsetup_format(&self, extra: &[&str]) {
+        run_ok(
+            Command::new("cryptsetup")
+                .args(["luksFormat", "-q", "--type", "luks2"])
+                .args(extra)
+                .args(kdf_args(false))
+                .arg("--key-file")
+                .arg(&self.key)
+                .arg(&self.data),
+        );
+    }
     /// The volume key as cryptsetup reports it.
     fn cryptsetup_volume_key(&self) -> Vec<u8> {
         let out = self.key.with_extension("vk");
@@ -482,14 +494,7 @@ fn luks2_keyslot_changes_refuse_a_header_changed_since_it_was_read() {
     use luksify_luks::luks2::json::Priority;
     use luksify_luks::Error;
     let vol = Vol::new(false, b"first");
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "-q", "--type", "luks2"])
-            .args(kdf_args(false))
-            .arg("--key-file")
-            .arg(&vol.key)
-            .arg(&vol.data),
-    );
+    vol.cryptsetup_format(&[]);
     let other = vol.key.with_extension("other");
     let mut n = 0;
     type Op = fn(&mut Luks2Header, &std::fs::File) -> luksify_luks::Result<()>;
@@ -566,14 +571,7 @@ fn luks2_keyslot_changes_refuse_a_header_changed_since_it_was_read() {
 fn luks2_keyslot_changes_are_refused_during_a_reencryption() {
     require_tool("cryptsetup");
     let vol = Vol::new(false, b"first");
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "-q", "--type", "luks2"])
-            .args(kdf_args(false))
-            .arg("--key-file")
-            .arg(&vol.key)
-            .arg(&vol.data),
-    );
+    vol.cryptsetup_format(&[]);
     run_ok(
         Command::new("cryptsetup")
             .args(["reencrypt", "--init-only", "-q"])
@@ -610,15 +608,7 @@ fn luks2_keyslot_changes_are_refused_during_a_reencryption() {
 fn luks2_cbc_essiv_volumes_take_the_keyslot_commands() {
     require_tool("cryptsetup");
     let vol = Vol::new(false, b"cbc first");
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "-q", "--type", "luks2"])
-            .args(["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"])
-            .args(kdf_args(false))
-            .arg("--key-file")
-            .arg(&vol.key)
-            .arg(&vol.data),
-    );
+    vol.cryptsetup_format(&["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"]);
     let (k2, k3) = (vol.key.with_extension("2"), vol.key.with_extension("3"));
     std::fs::write(&k2, "cbc second").unwrap();
     std::fs::write(&k3, "cbc third").unwrap();

@@ -264,18 +264,17 @@ impl Fixture {
     }
     /// `enable` of `volume` (the fixture's device, say) with the fixture's key, fast KDF.
     fn enable_of(&self, volume: &Path) -> Command {
+        self.enable_kdf(volume, "1000")
+    }
+    /// `enable` of `volume` with PBKDF2 at `iterations` (a slow one: ~1 s per 5 million).
+    fn enable_kdf(&self, volume: &Path, iterations: &str) -> Command {
         let mut c = self.cmd();
         c.args(["enable", "--volume-type", "data", "--volume"])
             .arg(volume)
             .arg("--key-file")
             .arg(&self.key)
-            .args([
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--userspace",
-            ]);
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", iterations])
+            .arg("--userspace");
         c
     }
     fn assert_files_unchanged(&self) {
@@ -3092,18 +3091,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
 
     // 3. During the walker's key derivation (~3 s of PBKDF2), once resize2fs has shrunk
     // the filesystem: the walker writes nothing, and the run puts the volume back.
-    let mut slow = fx.cmd();
-    slow.args(["enable", "--volume-type", "data", "--volume"])
-        .arg(&fx.mnt)
-        .arg("--key-file")
-        .arg(&fx.key)
-        .args([
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "15000000",
-            "--userspace",
-        ]);
+    let mut slow = fx.enable_kdf(&fx.mnt, "15000000");
     let mut child = slow
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -3177,18 +3165,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     // 6. A disable stopped while the walker derives the key (the volume encrypted with
     // ~1-2 s of PBKDF2 per derivation), once the volume is unmounted and its mapping
     // closed: nothing decrypted, mapped and mounted again, still Encrypted.
-    let mut slow = fx.cmd();
-    slow.args(["enable", "--volume-type", "data", "--volume"])
-        .arg(&fx.mnt)
-        .arg("--key-file")
-        .arg(&fx.key)
-        .args([
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "8000000",
-            "--userspace",
-        ]);
+    let mut slow = fx.enable_kdf(&fx.mnt, "8000000");
     let out = run(&mut slow);
     assert!(out.status.success(), "{}", stderr(&out));
     let mut child = fx

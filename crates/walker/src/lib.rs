@@ -738,10 +738,7 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
     placement: Placement,
     detached: bool,
 ) -> Result<()> {
-    let fs_end = fsprobe::probe(data)
-        .map_err(|e| Error::io("read superblock", e))?
-        .map_or(0, |f| f.size);
-    let shift = match start_marker_anywhere(data, dev_size, fs_end)? {
+    let shift = match cut_start_on(data)?.1 {
         Some(m) if m.dev_size != dev_size => return Err(m.refusal(dev_size)),
         Some(m) => m.shift,
         None => return Ok(()),
@@ -1223,13 +1220,19 @@ impl FoundStart {
 /// head may still read as intact (its superblock lands last): a preflight must not call
 /// such a device fine.
 pub fn interrupted_shift_start<D: Disk + ?Sized>(data: &D) -> Result<Option<(u64, u64)>> {
+    Ok(cut_start_on(data)?.1.map(|m| (2 * m.shift, m.dev_size)))
+}
+
+/// The device's size and the start marker found on it ([`start_marker_anywhere`], from
+/// the end of the filesystem at its head, if any).
+fn cut_start_on<D: Disk + ?Sized>(data: &D) -> Result<(u64, Option<FoundStart>)> {
     let dev_size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
     let fs_end = fsprobe::probe(data)
         .map_err(|e| Error::io("read superblock", e))?
         .map_or(0, |f| f.size);
-    Ok(start_marker_anywhere(data, dev_size, fs_end)?.map(|m| (2 * m.shift, m.dev_size)))
+    Ok((dev_size, start_marker_anywhere(data, dev_size, fs_end)?))
 }
 
 /// A start marker (valid in itself) at `pos`, whatever device size it records, as long
@@ -1801,13 +1804,8 @@ fn no_header_to_resume(
         )));
     }
     if !detached {
-        let dev_size = data
-            .size()
-            .map_err(|e| Error::io("size of the device", e))?;
-        let fs_end = fsprobe::probe(data)
-            .map_err(|e| Error::io("read superblock", e))?
-            .map_or(0, |f| f.size);
-        match start_marker_anywhere(data, dev_size, fs_end)? {
+        let (dev_size, found) = cut_start_on(data)?;
+        match found {
             Some(m) if m.dev_size != dev_size => return Ok(m.refusal(dev_size)),
             Some(m) if read_init_marker(data, dev_size, 2 * m.shift)? => {
                 return Ok(Error::Refused(format!(
