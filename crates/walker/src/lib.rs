@@ -759,16 +759,18 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
 /// rewriting 480 MB of 512 still reads as not begun), so starting it over would
 /// encrypt the part already encrypted a second time and call it done (found by a
 /// trial; cryptsetup's own `--resume-only` does just that). luksify's own `none` runs
-/// name their window hot before they write, so a cut one is refused by `recover`, and
-/// one stopped cleanly has progress. Only a run that never wrote can be started again,
-/// and that cannot be told from the header: the way out is a new run.
-fn refuse_none_run_without_progress(st: &ReencryptState, detached: bool) -> Result<()> {
+/// (`ours`: the header carries the identity token luksify writes before its walk) name
+/// their window hot before they write, so a cut one is refused by `recover`, and one
+/// stopped cleanly, even at 0, wrote nothing past its progress (its probes check that).
+/// For a run cryptsetup started only one that never wrote could be started again, and
+/// that cannot be told from the header: the way out is a new run.
+fn refuse_none_run_without_progress(st: &ReencryptState, detached: bool, ours: bool) -> Result<()> {
     let none = matches!(
         st.area,
         luksify_luks::luks2::json::ReencryptArea::None { .. }
     );
     let nothing = st.progress.hot_start == 0 && st.progress.hot_len == 0;
-    if !(none && st.mode == ReencryptMode::Encrypt && nothing) {
+    if ours || !(none && st.mode == ReencryptMode::Encrypt && nothing) {
         return Ok(());
     }
     Err(Error::Refused(format!(
@@ -1924,7 +1926,8 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         (None, Some(e)) => return Err(e.into()),
     };
     reencrypt::verify_reencrypt_digest(&hdr.metadata, st.keyslot, vk.as_bytes())?;
-    refuse_none_run_without_progress(&st, meta.is_some())?;
+    let ours = identity::find(hdr.metadata.tokens.values(), &st).is_some();
+    refuse_none_run_without_progress(&st, meta.is_some(), ours)?;
     // The device must still be the one this run started on.
     let dev_size = data
         .size()
