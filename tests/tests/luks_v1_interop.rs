@@ -362,27 +362,11 @@ fn luks1_keyslot_changes_refuse_a_header_changed_since_it_was_read() {
     let (key, other) = (dir.path().join("key"), dir.path().join("other"));
     std::fs::write(&key, "first").unwrap();
     std::fs::write(&other, "cryptsetup's").unwrap();
-    let fast = ["--pbkdf-force-iterations", "1000"];
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "-q", "--type", "luks1"])
-            .args(fast)
-            .arg("--key-file")
-            .arg(&key)
-            .arg(&img),
-    );
+    cs_luks1_format(&img, &key);
     let f = open_rw(&img);
     let mut hdr = Luks1Header::read(&f).unwrap();
     let vk = hdr.unlock(&f, b"first", None).unwrap().0;
-    run_ok(
-        Command::new("cryptsetup")
-            .arg("luksAddKey")
-            .args(fast)
-            .arg("--key-file")
-            .arg(&key)
-            .arg(&img)
-            .arg(&other),
-    );
+    cs_luks1_add_key(&img, &key, &other);
     let before = std::fs::read(&img).unwrap();
     let e = hdr
         .add_keyslot(&f, &vk, b"ours", &KdfRequest::fast_pbkdf2(), None)
@@ -421,29 +405,16 @@ fn luks1_change_key_with_every_slot_full_changes_it_in_place() {
         std::fs::write(&k, format!("pass {i}")).unwrap();
         k
     };
-    let fast = ["--pbkdf-force-iterations", "1000"];
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "-q", "--type", "luks1"])
-            .args(fast)
-            .arg("--key-file")
-            .arg(key(0))
-            .arg(&img),
-    );
+    cs_luks1_format(&img, &key(0));
     for i in 1..8 {
-        run_ok(
-            Command::new("cryptsetup")
-                .arg("luksAddKey")
-                .args(fast)
-                .arg("--key-file")
-                .arg(key(0))
-                .arg(&img)
-                .arg(key(i)),
-        );
+        cs_luks1_add_key(&img, &key(0), &key(i));
     }
     let new = dir.path().join("new");
     std::fs::write(&new, "the new one").unwrap();
-    run_ok(luksify_tests::luksify_new_key("change-key", &img, &key(3), &new).args(fast));
+    run_ok(
+        luksify_tests::luksify_new_key("change-key", &img, &key(3), &new)
+            .args(["--pbkdf-force-iterations", "1000"]),
+    );
     assert!(
         luksify_tests::cryptsetup_opens(&img, &new),
         "the new passphrase"
@@ -458,4 +429,34 @@ fn luks1_change_key_with_every_slot_full_changes_it_in_place() {
             "passphrase {i}"
         );
     }
+}
+
+/// `cryptsetup luksFormat --type luks1` of `img` (1000 iterations) with the passphrase in `key`.
+fn cs_luks1_format(img: &Path, key: &Path) {
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "luksFormat",
+                "-q",
+                "--type",
+                "luks1",
+                "--pbkdf-force-iterations",
+                "1000",
+            ])
+            .arg("--key-file")
+            .arg(key)
+            .arg(img),
+    );
+}
+
+/// `cryptsetup luksAddKey` of the passphrase in `new` to `img`, opened with `key`.
+fn cs_luks1_add_key(img: &Path, key: &Path, new: &Path) {
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksAddKey", "--pbkdf-force-iterations", "1000"])
+            .arg("--key-file")
+            .arg(key)
+            .arg(img)
+            .arg(new),
+    );
 }

@@ -175,10 +175,7 @@ impl Fixture {
     ) -> Child {
         let mut child = cmd
             .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", delay_ms.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .spawn_quiet();
         wait_on(&mut child, what, || now(&read_status(&self.state)));
         child
     }
@@ -305,6 +302,20 @@ impl Drop for Fixture {
 
 /// Waits up to a minute for `f` while `child` (stderr piped) runs; if the child ends
 /// first, fails with what it printed, not a bare timeout.
+/// Spawns a run with stdout dropped and stderr kept for the assertions.
+trait SpawnQuiet {
+    fn spawn_quiet(&mut self) -> Child;
+}
+
+impl SpawnQuiet for Command {
+    fn spawn_quiet(&mut self) -> Child {
+        self.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
 fn wait_on(child: &mut Child, what: &str, mut f: impl FnMut() -> bool) {
     wait_for(what, Duration::from_secs(60), || {
         if child.try_wait().unwrap().is_some() {
@@ -2908,13 +2919,7 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
 
     // A holder that ignores SIGTERM keeps enable in its 5 s wait: kill it there.
     let mut holder = term_ignoring_holder(&fx.mnt);
-    let mut child = fx
-        .enable_cmd()
-        .arg("--kill-holders")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = fx.enable_cmd().arg("--kill-holders").spawn_quiet();
     wait_on(&mut child, "the run to start", || {
         read_status(&fx.state)["volumes"][0]["state"] == "EncryptionInProgress"
     });
@@ -3012,13 +3017,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
 
     // 1. During the 5 s --kill-holders gives a holder after SIGTERM.
     let mut holder = term_ignoring_holder(&fx.mnt);
-    let mut child = fx
-        .enable_cmd()
-        .arg("--kill-holders")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = fx.enable_cmd().arg("--kill-holders").spawn_quiet();
     // The run says on stderr when it signals the holder; the status flips just before.
     wait_on(&mut child, "the holder to be signalled", || {
         read_status(&fx.state)["volumes"][0]["state"] == "EncryptionInProgress"
@@ -3051,11 +3050,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
         ],
         &fx.enable_cmd(),
     );
-    let mut tracer = slowed
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut tracer = slowed.spawn_quiet();
     // The luksify under strace, then its resize2fs child.
     let kids = |pid: u32| -> Vec<(u32, String)> {
         std::fs::read_dir("/proc")
@@ -3092,11 +3087,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     // 3. During the walker's key derivation (~3 s of PBKDF2), once resize2fs has shrunk
     // the filesystem: the walker writes nothing, and the run puts the volume back.
     let mut slow = fx.enable_kdf(&fx.mnt, "15000000");
-    let mut child = slow
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = slow.spawn_quiet();
     let dev_bytes = std::fs::metadata(fx.dir.path().join("img")).map_or(0, |m| m.len());
     wait_on(
         &mut child,
@@ -3118,13 +3109,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
 
     // 5. A disable stopped while --kill-holders waits stays encrypted and mounted.
     let mut holder = term_ignoring_holder(&fx.mnt);
-    let mut child = fx
-        .cmd()
-        .args(["disable", "--kill-holders"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = fx.cmd().args(["disable", "--kill-holders"]).spawn_quiet();
     wait_on(&mut child, "the holder to be signalled", || {
         read_status(&fx.state)["volumes"][0]["state"] == "DecryptionInProgress"
     });
@@ -3168,13 +3153,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     let mut slow = fx.enable_kdf(&fx.mnt, "8000000");
     let out = run(&mut slow);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut child = fx
-        .cmd()
-        .arg("disable")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = fx.cmd().arg("disable").spawn_quiet();
     // The run checks the passphrase (one derivation) while the volume stays mounted,
     // then unmounts it, closes the mapping and starts the walker (the next derivation).
     wait_on(&mut child, "the volume to come off", || {

@@ -62,20 +62,6 @@ pub struct NewKeyslot {
     pub priority: Option<Priority>,
 }
 
-/// Encrypts `volume_key` into an area at `area_offset` (writes and flushes it)
-/// and returns the keyslot JSON object.
-pub fn store<D: Disk + ?Sized>(
-    disk: &D,
-    area_offset: u64,
-    volume_key: &[u8],
-    passphrase: &[u8],
-    p: &NewKeyslot,
-) -> Result<Luks2Keyslot> {
-    let (area, ks) = seal(area_offset, volume_key, passphrase, p)?;
-    write_area(disk, area_offset, &area)?;
-    Ok(ks)
-}
-
 /// Writes and flushes a sealed keyslot area (from [`seal`]) at `area_offset`.
 pub fn write_area<D: Disk + ?Sized>(disk: &D, area_offset: u64, area: &[u8]) -> Result<()> {
     disk.write_at(area_offset, area)
