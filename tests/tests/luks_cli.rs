@@ -934,3 +934,60 @@ fn luks1_format_refuses_luks2_only_options_touching_nothing() {
         "the image was written"
     );
 }
+
+/// An empty key file is the empty passphrase when it unlocks, as cryptsetup takes it (a
+/// trial found luksify refusing volumes cryptsetup opens with one), and is refused, with
+/// nothing written, wherever it would become a new keyslot's passphrase: format,
+/// add-key's and change-key's new key.
+#[test]
+fn luks_cli_an_empty_passphrase_unlocks_but_is_never_set() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 16 << 20);
+    let (empty, k2, k3) = (
+        d.file("empty", b""),
+        d.file("k2", b"second"),
+        d.file("k3", b"third"),
+    );
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    // luksify does not make such a volume.
+    let out = run(lx(&["format", "-q", p(&img), "--key-file", p(&empty)]).args(fast));
+    assert_refused_in_one_line(&out, "will not set an empty passphrase", "format");
+    assert!(
+        !luksify_tests::has_luks_header(&img),
+        "format wrote the image"
+    );
+    // cryptsetup does; luksify unlocks it.
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--key-file"])
+            .arg(&empty)
+            .arg(&img)
+            .args(fast),
+    );
+    run_ok(&mut lx(&[
+        "test-passphrase",
+        p(&img),
+        "--key-file",
+        p(&empty),
+    ]));
+    let out = run(&mut lx(&["test-passphrase", p(&img), "--key-file", p(&k2)]));
+    assert!(!out.status.success(), "a wrong passphrase unlocked");
+    run_ok(luksify_new_key("add-key", &img, &empty, &k2).args(fast));
+    assert!(luksify_tests::cryptsetup_opens(&img, &k2), "the added key");
+    let before = std::fs::read(&img).unwrap();
+    for verb in ["add-key", "change-key"] {
+        let out = run(luksify_new_key(verb, &img, &k2, &empty).args(fast));
+        assert_refused_in_one_line(&out, "will not set an empty passphrase", verb);
+        assert!(std::fs::read(&img).unwrap() == before, "{verb} wrote");
+    }
+    run_ok(luksify_new_key("change-key", &img, &empty, &k3).args(fast));
+    assert!(
+        luksify_tests::cryptsetup_opens(&img, &k3),
+        "the changed key"
+    );
+    assert!(
+        !luksify_tests::cryptsetup_opens(&img, &empty),
+        "the empty passphrase still opens after change-key"
+    );
+}

@@ -1963,8 +1963,9 @@ fn walker_refuses_a_sector_size_larger_than_the_filesystem_blocks() {
 }
 
 /// `--key-file` of `encrypt`, `resume` and `decrypt` is read as cryptsetup reads it (and
-/// as `luksify format` reads it): an empty file (here /dev/null) is refused in one line
-/// before anything is written, not taken as an empty passphrase; a missing one is named;
+/// as `luksify format` reads it): an empty file (here /dev/null) is refused by encrypt in
+/// one line before anything is written, not set as an empty passphrase, and tried as the
+/// empty passphrase by decrypt (which then fails as a wrong one); a missing one is named;
 /// `-` is standard input, whole, newlines included, and cryptsetup unlocks the volume
 /// with the same bytes from a file.
 #[test]
@@ -2015,7 +2016,8 @@ fn walker_key_file_is_read_as_cryptsetup_reads_it() {
         &hdr,
         &img,
     ]));
-    // An empty key file on decrypt is refused before the header is touched.
+    // An empty key file on decrypt is the empty passphrase, which opens nothing here:
+    // refused before the header is touched.
     let hdr0 = std::fs::read(c.p("hdr")).unwrap();
     let out = run(&mut luksify(&[
         "decrypt",
@@ -2025,7 +2027,7 @@ fn walker_key_file_is_read_as_cryptsetup_reads_it() {
         "--header",
         &hdr,
     ]));
-    assert_refused_in_one_line(&out, "is empty", "decrypt with /dev/null");
+    assert_refused_in_one_line(&out, "no keyslot accepts", "decrypt with /dev/null");
     assert_file_is(&c.p("hdr"), &hdr0, "decrypt with /dev/null: header changed");
     run_ok(&mut detached_decrypt(&c));
     assert_file_is(&c.p("img"), &orig, "plaintext differs");

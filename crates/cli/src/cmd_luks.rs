@@ -1,7 +1,7 @@
 //! LUKS header commands, named and flagged like cryptsetup's: `format`, `dump`,
 //! `test-passphrase`, `add-key`, `remove-key`, `change-key`.
 
-use crate::keyfile::read_key_file;
+use crate::keyfile::{read_key_file, read_new_key_file};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use luksify_luks::hash::Hash;
@@ -460,7 +460,7 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
     if luks1 && (n.label.is_some() || n.subsystem.is_some()) {
         bail!("--label and --subsystem are LUKS2 fields: drop them for --type luks1 (nothing was written)");
     }
-    let pass = read_key_file(&a.key_file)?;
+    let pass = read_new_key_file(&a.key_file)?;
     // Every option checked before the device is opened.
     let opts = n.with_kdf(n.kdf.request(luks1)?)?;
     let device = if a.header.is_some() {
@@ -697,7 +697,7 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
         bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
     }
     let pass = read_key_file(&a.key_file)?;
-    let new = read_key_file(&a.new_key_file)?;
+    let new = read_new_key_file(&a.new_key_file)?;
     let path = a.vol.meta();
     let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
@@ -737,7 +737,7 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
         bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
     }
     let pass = read_key_file(&a.key_file)?;
-    let new = read_key_file(&a.new_key_file)?;
+    let new = read_new_key_file(&a.new_key_file)?;
     let path = a.vol.meta();
     let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;

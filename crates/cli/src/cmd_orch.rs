@@ -1,6 +1,5 @@
 //! Data-volume commands: check, enable, disable, resume, open, close, status.
 
-use anyhow::Context;
 use clap::Subcommand;
 use luksify_orchestrator::error::Failure;
 use luksify_orchestrator::{check, exit, lock, map, status};
@@ -328,19 +327,16 @@ fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Reads a key file exactly as cryptsetup's --key-file: the whole content is the passphrase.
-pub fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, Failure> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read the key file {}", path.display()))
-        .map_err(|e| Failure::failed(format!("{e:#}; give a readable --key-file")))?;
-    let key = Zeroizing::new(bytes);
-    if key.is_empty() {
-        return Err(Failure::failed(format!(
-            "the key file {} is empty; put the passphrase in it",
-            path.display()
-        )));
-    }
-    Ok(key)
+/// Reads a key file exactly as cryptsetup's --key-file: the whole content (or standard
+/// input for `-`) is the passphrase. `new` is set where the passphrase goes into a new
+/// keyslot (enable), which refuses an empty file; unlocking takes the empty passphrase.
+pub fn read_key_file(path: &Path, new: bool) -> Result<Zeroizing<Vec<u8>>, Failure> {
+    let key = if new {
+        crate::keyfile::read_new_key_file(path)
+    } else {
+        crate::keyfile::read_key_file(path)
+    };
+    key.map_err(|e| Failure::failed(format!("{e:#}")))
 }
 
 fn cmd_open(
@@ -353,7 +349,7 @@ fn cmd_open(
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
     let dir = status::state_dir(state_dir.as_deref());
-    let key = read_key_file(key_file)?;
+    let key = read_key_file(key_file, false)?;
     let _lk = lock::GlobalLock::acquire(&dir, wait)?;
     let req = map::OpenRequest {
         device,
@@ -716,7 +712,7 @@ fn cmd_enable(
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
     let dir = status::state_dir(state_dir.as_deref());
-    let key = read_key_file(&key_file)?;
+    let key = read_key_file(&key_file, true)?;
     let _lk = lock::GlobalLock::acquire(&dir, wait)?;
     install_cancel_handler();
     let rep = reporter();
@@ -771,7 +767,7 @@ fn with_recorded_volumes(
 ) -> Result<ExitCode, Failure> {
     let dir = status::state_dir(state_dir.as_deref());
     let key = match &key_file {
-        Some(k) => Some(read_key_file(k)?),
+        Some(k) => Some(read_key_file(k, false)?),
         None => None,
     };
     let _lk = lock::GlobalLock::acquire(&dir, wait)?;

@@ -389,7 +389,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
             h.display()
         );
     }
-    let pass = crate::keyfile::read_key_file(&a.key_file)?;
+    let pass = crate::keyfile::read_new_key_file(&a.key_file)?;
     let mut format = a
         .new
         .luks2()

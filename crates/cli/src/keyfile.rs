@@ -10,9 +10,30 @@ use zeroize::Zeroizing;
 /// cryptsetup's default key file size limit (8 MiB).
 pub const MAX_KEY_FILE_BYTES: usize = 8 * 1024 * 1024;
 
-/// Reads the whole key file `path` (or stdin for `-`) into a zeroizing buffer.
-/// Refuses empty files and files over 8 MiB, as cryptsetup does.
+/// Reads a key file that unlocks an existing keyslot: the whole file (or stdin for
+/// `-`) into a zeroizing buffer. An empty file is the empty passphrase, which
+/// cryptsetup accepts and some images carry; files over 8 MiB are refused, as
+/// cryptsetup refuses them.
 pub fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    read_any(path)
+}
+
+/// Reads a key file whose passphrase a new keyslot will take (format, encrypt,
+/// add-key's and change-key's new key, enable). An empty file is refused here:
+/// cryptsetup would set an empty passphrase, which anyone can type, and a file
+/// left empty by a failed `echo` or a wrong redirection is the likelier cause.
+pub fn read_new_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let key = read_any(path)?;
+    if key.is_empty() {
+        bail!(
+            "key file {} is empty: luksify will not set an empty passphrase; put the passphrase in the file (nothing was written)",
+            path.display()
+        );
+    }
+    Ok(key)
+}
+
+fn read_any(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     let what = path.display();
     let mut reader: Box<dyn Read> = if path == Path::new("-") {
         Box::new(std::io::stdin().lock())
@@ -38,9 +59,6 @@ pub fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
             bail!("key file {what} is larger than {MAX_KEY_FILE_BYTES} bytes (cryptsetup's limit); use a smaller key file");
         }
     }
-    if len == 0 {
-        bail!("key file {what} is empty: an empty passphrase is not allowed; put the passphrase in the file");
-    }
     let mut out = Zeroizing::new(vec![0u8; len]);
     out.copy_from_slice(&buf[..len]);
     Ok(out)
@@ -57,7 +75,9 @@ mod tests {
         std::fs::write(&p, b"pass\nword\n").unwrap();
         assert_eq!(&read_key_file(&p).unwrap()[..], b"pass\nword\n");
         std::fs::write(&p, b"").unwrap();
-        assert!(read_key_file(&p).is_err());
+        assert!(read_key_file(&p).unwrap().is_empty());
+        let e = read_new_key_file(&p).unwrap_err().to_string();
+        assert!(e.contains("is empty"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
