@@ -991,3 +991,52 @@ fn luks_cli_an_empty_passphrase_unlocks_but_is_never_set() {
         "the empty passphrase still opens after change-key"
     );
 }
+
+/// `dump` prints tokens as luksDump does, line for line: a `luks2-keyring` token with its
+/// key description (the line was missing), and a token of an external type with its
+/// keyslots only.
+#[test]
+fn luks_cli_dump_prints_tokens_as_luksdump() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 16 << 20);
+    let key = d.file("key", b"tok");
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--key-file"])
+            .arg(&key)
+            .arg(&img)
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "token",
+                "add",
+                "--key-description",
+                "luksify:test key",
+                "--key-slot",
+                "0",
+            ])
+            .arg(&img),
+    );
+    let tok = d.file(
+        "tok.json",
+        br#"{"type":"luksify-test","keyslots":["0"],"blob":"c29tZXRoaW5n"}"#,
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["token", "import", "--json-file"])
+            .arg(&tok)
+            .arg(&img),
+    );
+    let cs = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&img));
+    let ours = run_ok(&mut lx(&["dump", p(&img)]));
+    let (cs, ours) = (
+        String::from_utf8(cs.stdout).unwrap(),
+        String::from_utf8(ours.stdout).unwrap(),
+    );
+    assert!(cs.contains("\tKey description: luksify:test key\n"), "{cs}");
+    assert!(cs.contains("  1: luksify-test\n"), "{cs}");
+    assert_eq!(ours, cs);
+}

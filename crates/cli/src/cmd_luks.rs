@@ -997,6 +997,12 @@ fn luks2_text(h: &Luks2Header) -> String {
     let _ = writeln!(s, "Tokens:");
     for (id, t) in &m.tokens {
         let _ = writeln!(s, "  {id}: {}", t.kind);
+        // cryptsetup's built-in keyring token prints its key description first.
+        if t.kind == "luks2-keyring" {
+            if let Some(d) = t.extra.get("key_description").and_then(|d| d.as_str()) {
+                let _ = writeln!(s, "\tKey description: {d}");
+            }
+        }
         for k in &t.keyslots {
             let _ = writeln!(s, "\tKeyslot:    {k}");
         }
