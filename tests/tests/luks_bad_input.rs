@@ -522,3 +522,117 @@ fn luks_cli_keyslot_and_usage_mistakes_say_what_to_do() {
         "the image changed"
     );
 }
+
+/// The JSON of the primary copy of a LUKS2 image.
+fn json_of(img: &Path) -> Value {
+    let bytes = std::fs::read(img).unwrap();
+    let hdr_size = u64::from_be_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    let end = bytes[4096..hdr_size].iter().position(|&b| b == 0).unwrap();
+    serde_json::from_slice(&bytes[4096..4096 + end]).unwrap()
+}
+
+/// One damaged keyslot (priority 7, a salt that is not base64, 0 stripes, an unknown
+/// KDF, key size 0) no longer makes luksify refuse the whole header: cryptsetup opens
+/// such a volume with its other keyslots, and so does luksify. The damaged keyslot is
+/// never tried, `test-passphrase` names it when no other keyslot matches, `dump` shows
+/// it as unusable, and `add-key` keeps it verbatim and places the new key beside it.
+/// A passphrase keyslot in no digest is refused as cryptsetup refuses it.
+#[test]
+fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
+    require_tool("cryptsetup");
+    let d = tempfile::tempdir().unwrap();
+    let (img, k0, k1, k2) = (
+        d.path().join("img"),
+        d.path().join("k0"),
+        d.path().join("k1"),
+        d.path().join("k2"),
+    );
+    std::fs::write(&k0, PASS).unwrap();
+    std::fs::write(&k1, "second").unwrap();
+    std::fs::write(&k2, "third").unwrap();
+    sparse_file(&img, 16 << 20);
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--key-file", p(&k0), p(&img)])
+            .args(fast),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksAddKey", "-q", "--key-file", p(&k0), p(&img), p(&k1)])
+            .args(fast),
+    );
+    let good = std::fs::read(&img).unwrap();
+    let lx = |args: &[&str]| {
+        let mut c = Command::new(luksify_bin());
+        c.args(args);
+        run(&mut c)
+    };
+    type Damage = (&'static str, fn(&mut Value));
+    let damages: [Damage; 5] = [
+        ("priority 7", |v| v["priority"] = Value::from(7)),
+        ("salt not base64", |v| v["kdf"]["salt"] = Value::from("!!!")),
+        ("0 stripes", |v| v["af"]["stripes"] = Value::from(0)),
+        ("unknown KDF", |v| v["kdf"]["type"] = Value::from("scrypt")),
+        ("key size 0", |v| v["key_size"] = Value::from(0)),
+    ];
+    for (what, damage) in damages {
+        std::fs::write(&img, with_json(&good, |v| damage(&mut v["keyslots"]["1"]))).unwrap();
+        let damaged = json_of(&img)["keyslots"]["1"].clone();
+        let out = lx(&["test-passphrase", p(&img), "--key-file", p(&k0)]);
+        assert!(
+            out.status.success(),
+            "{what}: keyslot 0 no longer opens: {out:?}"
+        );
+        let out = lx(&["test-passphrase", p(&img), "--key-file", p(&k1)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(2) && err.contains("keyslot 1 is damaged"),
+            "{what}: {err}"
+        );
+        let dump = lx(&["dump", p(&img)]);
+        let dump = String::from_utf8_lossy(&dump.stdout);
+        assert!(
+            dump.contains("  1: luks2\n\tUnusable:   "),
+            "{what}: {dump}"
+        );
+        let mut add = luksify_tests::luksify_new_key("add-key", &img, &k0, &k2);
+        run_ok(add.args(fast));
+        let after = json_of(&img);
+        assert_eq!(
+            after["keyslots"]["1"], damaged,
+            "{what}: the damaged keyslot changed"
+        );
+        run_ok(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "--key-slot",
+            "2",
+            "--key-file",
+            p(&k2),
+            p(&img),
+        ]));
+        assert!(
+            luksify_tests::cryptsetup_opens(&img, &k0),
+            "{what}: keyslot 0"
+        );
+    }
+    // No digest checks keyslot 1: cryptsetup calls the header invalid, and so does luksify.
+    std::fs::write(
+        &img,
+        with_json(&good, |v| {
+            v["digests"]["0"]["keyslots"] = serde_json::json!(["0"])
+        }),
+    )
+    .unwrap();
+    assert!(
+        !luksify_tests::cryptsetup_opens(&img, &k0),
+        "cryptsetup took it"
+    );
+    let out = lx(&["test-passphrase", p(&img), "--key-file", p(&k0)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("keyslot 1 is not assigned to any digest"),
+        "{err}"
+    );
+}

@@ -682,8 +682,18 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
             Ok(ExitCode::from(EXIT_WRONG_PASSPHRASE))
         }
         Err(LuksError::WrongPassphrase) => {
+            let damaged: Vec<String> = vol
+                .damaged_keyslots()
+                .into_iter()
+                .map(|(id, why)| format!("keyslot {id} is damaged ({why}) and was not tried"))
+                .collect();
+            let note = if damaged.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", damaged.join("; "))
+            };
             eprintln!(
-                "luksify: {}: no key available with this passphrase",
+                "luksify: {}: no key available with this passphrase{note}",
                 path.display()
             );
             Ok(ExitCode::from(EXIT_WRONG_PASSPHRASE))
@@ -991,6 +1001,10 @@ fn luks2_text(h: &Luks2Header) -> String {
                     "  {id}: {}",
                     u.get("type").and_then(|t| t.as_str()).unwrap_or("?")
                 );
+            }
+            Keyslot::Unusable { reason, .. } => {
+                let _ = writeln!(s, "  {id}: luks2{}", unbound(*id));
+                let _ = writeln!(s, "\tUnusable:   {reason}");
             }
         }
     }

@@ -258,7 +258,7 @@ fn free_keyslot_room(hdr: &Luks2Header) -> (u64, u64) {
         .metadata
         .keyslots
         .values()
-        .filter(|k| matches!(k, Keyslot::Luks2(_)))
+        .filter(|k| !matches!(k, Keyslot::Reencrypt(_)))
         .filter_map(Keyslot::area_range)
         .map(|(o, s)| o + s)
         .max()

@@ -94,7 +94,10 @@ fn read_copy<D: Disk + ?Sized>(disk: &D, offset: u64, want: Copy) -> Result<Read
             "checksum mismatch in the {want:?} header at offset {offset}"
         )));
     }
-    let metadata = parse_json_area(&json)?;
+    let mut metadata = parse_json_area(&json)?;
+    for k in metadata.keyslots.values_mut() {
+        k.demote_if_unusable();
+    }
     validate::validate(&metadata, bin.hdr_size)?;
     Ok(ReadCopy {
         bin,

@@ -126,13 +126,15 @@ mod id_list {
 /// Generates Serialize/Deserialize for an enum whose variants are chosen by the
 /// JSON `type` field, with an `Unknown` variant that keeps the raw object.
 macro_rules! typed_object {
-    ($name:ident { $($tag:literal => $variant:ident($inner:ty)),+ $(,)? }) => {
+    ($name:ident { $($tag:literal => $variant:ident($inner:ty)),+ $(,)? }
+     $(unusable $utag:literal => $uvar:ident)?) => {
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 use serde::ser::Error;
                 let (tag, body) = match self {
                     $($name::$variant(v) => ($tag, serde_json::to_value(v).map_err(S::Error::custom)?),)+
                     $name::Unknown(m) => return m.serialize(s),
+                    $($name::$uvar { raw, .. } => return raw.serialize(s),)?
                 };
                 let mut out = Map::new();
                 out.insert("type".into(), Value::String(tag.into()));
@@ -146,16 +148,31 @@ macro_rules! typed_object {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 use serde::de::Error;
                 let mut m = Map::deserialize(d)?;
+                // The type whose objects that fail to parse are kept as unusable, if any.
+                let lenient: Option<&str> = None $(.or(Some($utag)))?;
+                let unusable = |raw: Map<String, Value>, reason: String| -> Option<$name> {
+                    let _ = (&raw, &reason);
+                    None $(.or(Some($name::$uvar { raw, reason })))?
+                };
                 let tag = match m.get("type") {
                     Some(Value::String(t)) => t.clone(),
                     _ => return Err(D::Error::custom(concat!(stringify!($name), " has no string 'type'"))),
                 };
                 match tag.as_str() {
                     $($tag => {
+                        let raw = m.clone();
                         m.remove("type");
-                        serde_json::from_value(Value::Object(m)).map($name::$variant).map_err(|e| {
-                            D::Error::custom(format!("{} of type {}: {e}", stringify!($name), $tag))
-                        })
+                        match serde_json::from_value(Value::Object(m)) {
+                            Ok(v) => Ok($name::$variant(v)),
+                            Err(e) => {
+                                if lenient == Some($tag) {
+                                    if let Some(k) = unusable(raw, e.to_string()) {
+                                        return Ok(k);
+                                    }
+                                }
+                                Err(D::Error::custom(format!("{} of type {}: {e}", stringify!($name), $tag)))
+                            }
+                        }
                     })+
                     _ => Ok($name::Unknown(m)),
                 }
@@ -177,8 +194,14 @@ pub enum Keyslot {
     Reencrypt(ReencryptKeyslot),
     /// Any other type, kept verbatim (including its `type`).
     Unknown(Extra),
+    /// A `luks2` keyslot that does not parse or is out of range (priority 7, a salt
+    /// that is not base64, 0 stripes, ...): kept verbatim and never tried, so that one
+    /// damaged keyslot does not lock out the others, as in cryptsetup, which opens
+    /// the volume with any other keyslot.
+    Unusable { raw: Extra, reason: String },
 }
-typed_object!(Keyslot { "luks2" => Luks2(Luks2Keyslot), "reencrypt" => Reencrypt(ReencryptKeyslot) });
+typed_object!(Keyslot { "luks2" => Luks2(Luks2Keyslot), "reencrypt" => Reencrypt(ReencryptKeyslot) }
+    unusable "luks2" => Unusable);
 
 impl Keyslot {
     /// The keyslot area `(offset, size)` in bytes from the device start, if the type has one.
@@ -186,12 +209,27 @@ impl Keyslot {
         match self {
             Keyslot::Luks2(k) => Some((k.area.offset, k.area.size)),
             Keyslot::Reencrypt(k) => Some((k.area.offset(), k.area.size())),
-            Keyslot::Unknown(m) => {
+            Keyslot::Unknown(m) | Keyslot::Unusable { raw: m, .. } => {
                 let a = m.get("area")?.as_object()?;
                 Some((
                     u64_str::parse(a.get("offset")?.as_str()?)?,
                     u64_str::parse(a.get("size")?.as_str()?)?,
                 ))
+            }
+        }
+    }
+}
+
+impl Keyslot {
+    /// Turns a parsed `luks2` keyslot whose fields are out of range into
+    /// [`Keyslot::Unusable`] (done on read; a keyslot luksify writes must be right).
+    pub fn demote_if_unusable(&mut self) {
+        if let Keyslot::Luks2(k) = self {
+            if let Some(reason) = k.problem() {
+                if let Ok(Value::Object(mut raw)) = serde_json::to_value(&*k) {
+                    raw.insert("type".into(), Value::String("luks2".into()));
+                    *self = Keyslot::Unusable { raw, reason };
+                }
             }
         }
     }

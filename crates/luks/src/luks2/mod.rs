@@ -507,6 +507,11 @@ impl Luks2Header {
     ) -> Result<VolumeKey> {
         let ks = match self.metadata.keyslots.get(&slot) {
             Some(Keyslot::Luks2(k)) => k,
+            Some(Keyslot::Unusable { reason, .. }) => {
+                return Err(Error::Unsupported(format!(
+                    "keyslot {slot} is damaged ({reason}); use another passphrase, or remove it with cryptsetup luksKillSlot"
+                )))
+            }
             Some(_) => {
                 return Err(Error::Unsupported(format!(
                     "keyslot {slot} is not a passphrase keyslot"
@@ -642,7 +647,7 @@ impl Luks2Header {
             .metadata
             .keyslots
             .values()
-            .any(|k| !matches!(k, Keyslot::Luks2(_)))
+            .any(|k| !matches!(k, Keyslot::Luks2(_) | Keyslot::Unusable { .. }))
             || self
                 .metadata
                 .config

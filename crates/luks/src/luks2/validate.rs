@@ -211,43 +211,12 @@ fn validate_keyslots(m: &Metadata, hdr_size: u64) -> Result<()> {
     for (id, ks) in &m.keyslots {
         match ks {
             Keyslot::Luks2(k) => {
-                if k.key_size == 0 || k.key_size > 512 {
-                    return Err(bad(format!(
-                        "keyslot {id} key_size {} out of range",
-                        k.key_size
-                    )));
-                }
-                if k.af.kind != "luks1" {
-                    return Err(bad(format!(
-                        "keyslot {id} has unknown AF type '{}'",
-                        k.af.kind
-                    )));
-                }
-                if k.af.stripes == 0 || k.af.stripes > crate::af::MAX_STRIPES {
-                    return Err(bad(format!("keyslot {id} has {} AF stripes", k.af.stripes)));
-                }
-                if k.area.kind != "raw" {
-                    return Err(bad(format!(
-                        "keyslot {id} has unknown area type '{}'",
-                        k.area.kind
-                    )));
-                }
-                if k.area.key_size == 0 || k.area.key_size > 512 {
-                    return Err(bad(format!(
-                        "keyslot {id} area key_size {} out of range",
-                        k.area.key_size
-                    )));
-                }
-                let need = u64::from(k.key_size) * u64::from(k.af.stripes);
-                if k.area.size < need {
-                    return Err(bad(format!(
-                        "keyslot {id} area of {} bytes cannot hold {need} bytes of key material",
-                        k.area.size
-                    )));
+                if let Some(p) = k.problem() {
+                    return Err(bad(format!("keyslot {id}: {p}")));
                 }
             }
             Keyslot::Reencrypt(_) => reencrypt_slots += 1,
-            Keyslot::Unknown(_) => {}
+            Keyslot::Unknown(_) | Keyslot::Unusable { .. } => {}
         }
         let (off, size) = ks
             .area_range()
@@ -329,6 +298,13 @@ fn validate_digests(m: &Metadata) -> Result<()> {
             }
         }
     }
+    // cryptsetup refuses such a header ("not a valid LUKS device"): a passphrase
+    // keyslot whose key no digest checks.
+    for (id, k) in &m.keyslots {
+        if matches!(k, Keyslot::Luks2(_) | Keyslot::Unusable { .. }) && !ks_used.contains(id) {
+            return Err(bad(format!("keyslot {id} is not assigned to any digest")));
+        }
+    }
     Ok(())
 }
 
@@ -341,4 +317,35 @@ fn validate_tokens(m: &Metadata) -> Result<()> {
         }
     }
     Ok(())
+}
+
+impl crate::luks2::json::Luks2Keyslot {
+    /// What makes this keyslot unusable, if anything (the ranges cryptsetup checks
+    /// before it tries a keyslot).
+    pub fn problem(&self) -> Option<String> {
+        let k = self;
+        if k.key_size == 0 || k.key_size > 512 {
+            return Some(format!("key_size {} out of range", k.key_size));
+        }
+        if k.af.kind != "luks1" {
+            return Some(format!("unknown AF type '{}'", k.af.kind));
+        }
+        if k.af.stripes == 0 || k.af.stripes > crate::af::MAX_STRIPES {
+            return Some(format!("{} AF stripes", k.af.stripes));
+        }
+        if k.area.kind != "raw" {
+            return Some(format!("unknown area type '{}'", k.area.kind));
+        }
+        if k.area.key_size == 0 || k.area.key_size > 512 {
+            return Some(format!("area key_size {} out of range", k.area.key_size));
+        }
+        let need = u64::from(k.key_size) * u64::from(k.af.stripes);
+        if k.area.size < need {
+            return Some(format!(
+                "area of {} bytes cannot hold {need} bytes of key material",
+                k.area.size
+            ));
+        }
+        None
+    }
 }
