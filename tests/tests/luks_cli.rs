@@ -1040,3 +1040,55 @@ fn luks_cli_dump_prints_tokens_as_luksdump() {
     assert!(cs.contains("  1: luksify-test\n"), "{cs}");
     assert_eq!(ours, cs);
 }
+
+/// `format` refuses, exit 4 and nothing written, a device in use (a mounted loop
+/// device) and an image file under a loop device in use, where it used to write a
+/// header over the mounted ext4 (`cryptsetup luksFormat` refuses the device: "Cannot
+/// exclusively open"). A detached header for the mounted device is still made, as
+/// cryptsetup makes it: the device is not written then. Unmounted, the device formats.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_luks_cli_format_refuses_a_device_in_use() {
+    require_tool("mkfs.ext4");
+    luksify_tests::require_root();
+    let d = Dir::new();
+    let img = d.image("img", 64 << 20);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", p(&img)]));
+    let key = d.file("key", b"in use");
+    let lo = luksify_tests::LoopDev::attach(&img);
+    let mnt = d.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(&lo.path).arg(&mnt));
+    std::fs::write(mnt.join("file"), b"kept").unwrap();
+    run_ok(&mut Command::new("sync"));
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let fmt = |target: &Path, extra: &[&str]| {
+        run(
+            lx(&["format", "--batch-mode", p(target), "--key-file", p(&key)])
+                .args(fast)
+                .args(extra),
+        )
+    };
+    let device_out = fmt(&lo.path, &[]);
+    let file_out = fmt(&img, &[]);
+    let hdr = d.path("hdr");
+    let detached = fmt(&lo.path, &["--header", p(&hdr)]);
+    run_ok(Command::new("umount").arg(&mnt));
+    for (out, needle, what) in [
+        (&device_out, "is in use", "the mounted device"),
+        (&file_out, "which is in use", "the image under it"),
+    ] {
+        assert_refused_in_one_line(out, needle, what);
+        assert_eq!(out.status.code(), Some(4), "{what}");
+    }
+    assert!(
+        !luksify_tests::has_luks_header(&img),
+        "a header was written"
+    );
+    run_ok(Command::new("e2fsck").args(["-fn", p(&lo.path)]));
+    assert!(detached.status.success(), "detached header: {detached:?}");
+    assert!(luksify_tests::has_luks_header(&hdr), "no detached header");
+    let out = fmt(&lo.path, &[]);
+    assert!(out.status.success(), "the unmounted device: {out:?}");
+    assert!(luksify_tests::has_luks_header(&img), "the unmounted device");
+}

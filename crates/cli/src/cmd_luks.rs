@@ -345,6 +345,54 @@ fn open_header_rw(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Held while `format` writes: the exclusive open of a block device and the luksify
+/// data lock, so nothing mounts, maps or walks the device meanwhile.
+struct NotInUse {
+    _excl: Option<File>,
+    _lock: luksify_walker::lock::DataLock,
+}
+
+/// Refuses a device or image that is in use, as `cryptsetup luksFormat` refuses one
+/// it cannot open exclusively: a mounted filesystem, a mapping (luksify's userspace
+/// daemon included), a luksify run, or a loop device over the image that is in use.
+/// Formatting under any of them destroys what they hold (a trial found `format`
+/// writing a new header over a mounted ext4 and over a volume luksify was serving).
+fn refuse_in_use(path: &Path, f: &File) -> Result<NotInUse> {
+    use std::io::{Error as IoError, ErrorKind};
+    let busy = |e: IoError| {
+        anyhow::Error::new(IoError::new(ErrorKind::ResourceBusy, e.to_string()))
+            .context(path.display().to_string())
+    };
+    if is_block(f) {
+        let excl = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(path);
+        let excl = match excl {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(busy(IoError::new(
+                    ErrorKind::ResourceBusy,
+                    "is in use (mounted, mapped, a luksify mapping or run, or held open exclusively): formatting would destroy what it holds; unmount or close it first (nothing was written)",
+                )))
+            }
+            r => r.with_context(|| format!("{}: cannot open exclusively", path.display()))?,
+        };
+        let size = block_size(f)?;
+        let lock = luksify_walker::lock::DataLock::block_device(f, size).map_err(busy)?;
+        Ok(NotInUse {
+            _excl: Some(excl),
+            _lock: lock,
+        })
+    } else {
+        luksify_walker::lock::refuse_used_loop_devices(f).map_err(busy)?;
+        let lock = luksify_walker::lock::DataLock::image_file(f).map_err(busy)?;
+        Ok(NotInUse {
+            _excl: None,
+            _lock: lock,
+        })
+    }
+}
+
 fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
@@ -468,6 +516,12 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
     } else {
         open_header_rw(&a.device)?
     };
+    // Only what is written must be free: with --header the device is not touched
+    // (cryptsetup formats a detached header for a mounted device too).
+    let _device_free = match a.header {
+        None => Some(refuse_in_use(&a.device, &device)?),
+        Some(_) => None,
+    };
     let dev_size = device
         .size()
         .with_context(|| format!("{}: cannot read its size", a.device.display()))?;
@@ -485,6 +539,10 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
                 })?,
         ),
         None => None,
+    };
+    let _header_free = match (&a.header, &header_file) {
+        (Some(h), Some(f)) => Some(refuse_in_use(h, f)?),
+        _ => None,
     };
     // Refuse to destroy something recognisable unless told to.
     if !a.batch_mode {
