@@ -1092,3 +1092,55 @@ fn root_luks_cli_format_refuses_a_device_in_use() {
     assert!(out.status.success(), "the unmounted device: {out:?}");
     assert!(luksify_tests::has_luks_header(&img), "the unmounted device");
 }
+
+/// A luksify process never writes a core dump and is not dumpable, so a passphrase or
+/// volume key in its memory cannot reach a core file, a crash reporter, or another
+/// user's ptrace (a trial found both in the core of a killed `resume`). Checked on a
+/// process run as `nobody` and left waiting for its passphrase on stdin: its core limit
+/// is 0, and its /proc entry belongs to root, which is what the kernel does for a
+/// process that is not dumpable.
+#[test]
+#[ignore = "needs root (to run a process as another user)"]
+fn root_luksify_never_dumps_core() {
+    luksify_tests::require_root();
+    require_tool("setpriv");
+    let d = Dir::new();
+    let img = d.image("img", 1 << 20);
+    let mut child = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(luksify_bin())
+        .args(["test-passphrase", p(&img), "--key-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{}", child.id()));
+    // setpriv execs luksify in the same process: wait until it is luksify.
+    let mut limits = String::new();
+    for _ in 0..200 {
+        let exe = std::fs::read_link(proc_dir.join("exe")).unwrap_or_default();
+        if exe == luksify_bin().canonicalize().unwrap() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            limits = std::fs::read_to_string(proc_dir.join("limits")).unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(proc_dir.join("status")).unwrap().uid();
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap_or_else(|| panic!("luksify never ran: {limits}"));
+    assert_eq!(
+        core.split_whitespace().collect::<Vec<_>>()[4..6],
+        ["0", "0"],
+        "{core}"
+    );
+    assert_eq!(
+        owner, 0,
+        "the process is dumpable (its /proc entry is nobody's)"
+    );
+}

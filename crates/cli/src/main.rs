@@ -60,7 +60,26 @@ pub fn end_bar() {
     }
 }
 
+/// Keeps passphrases and volume keys out of core dumps: no core file (RLIMIT_CORE 0,
+/// inherited by the mapping daemon), and not dumpable (PR_SET_DUMPABLE 0, which also
+/// keeps other users' ptrace and /proc/PID/mem readers out), as a trial found the
+/// passphrase and the volume key in the core of a killed `resume`. Both only shrink
+/// what the process allows; a failure leaves things as they were, so it is ignored.
+fn no_core_dumps() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct it is given; prctl(PR_SET_DUMPABLE) takes
+    // plain integers. Neither touches memory of ours beyond that.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
 fn main() -> ExitCode {
+    no_core_dumps();
     let cli = Cli::parse();
     if matches!(cli.cmd, Cmd::Luks(_) | Cmd::Bench(_)) {
         // Header and benchmark commands print their result last: a reader that closed
