@@ -339,6 +339,10 @@ impl Frozen {
             std::thread::sleep(Duration::from_micros(100));
         }
     }
+    /// The frozen child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
     /// Continues the child and waits for its end.
     pub fn thaw(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -445,4 +449,31 @@ pub fn assert_refused_in_one_line(out: &Output, needle: &str, what: &str) {
         "{what}: {}: {err}",
         out.status
     );
+}
+
+/// How many times `needle` occurs in the readable memory of process `pid` (stopped,
+/// so that it holds still); regions that cannot be read are skipped.
+pub fn occurrences_in_memory(pid: u32, needle: &[u8]) -> usize {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut found = 0;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (range, perms) = (f.next().unwrap(), f.next().unwrap());
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        found += buf.windows(needle.len()).filter(|w| *w == needle).count();
+    }
+    found
 }

@@ -201,7 +201,7 @@ fn a_header_file_holding_other_data_is_refused() {
     // (The last 4 MiB of the image must be unused: zero them.)
     d.write_at((SIZE - (4 << 20)) as u64, &vec![0u8; 4 << 20])
         .unwrap();
-    let o = luksify_walker::encrypt::<_, HeaderDisk>(&d, None, PASS, &enc, &Control::default())
+    let o = luksify_walker::encrypt::<_, HeaderDisk, _>(&d, None, PASS, &enc, &Control::default())
         .unwrap();
     assert_eq!(o, Outcome::Finished);
     let before = std::fs::read(&shifted).unwrap();

@@ -161,7 +161,7 @@ fn crash_and_resume_sized(
     let r = if detached {
         luksify_walker::encrypt(&pc, Some(&hpc), PASS, &o, &Control::default())
     } else {
-        luksify_walker::encrypt::<_, MemDisk>(&pc, None, PASS, &o, &Control::default())
+        luksify_walker::encrypt::<_, MemDisk, _>(&pc, None, PASS, &o, &Control::default())
     };
     power_comes_back(&pc, &hpc, &r, fates);
     // Resume (or start again when no header ever became valid).
@@ -195,14 +195,20 @@ fn crash_and_resume_sized(
             );
             luksify_walker::encrypt(&data, Some(&hdr), PASS, &o, &Control::default())
         } else {
-            luksify_walker::encrypt::<_, MemDisk>(&data, None, PASS, &o, &Control::default())
+            luksify_walker::encrypt::<_, MemDisk, _>(&data, None, PASS, &o, &Control::default())
         }
     };
     let out = if meta_is_luks {
         let r = if detached {
             luksify_walker::resume(&data, Some(&hdr), PASS, o.tuning, &Control::default())
         } else {
-            luksify_walker::resume::<_, MemDisk>(&data, None, PASS, o.tuning, &Control::default())
+            luksify_walker::resume::<_, MemDisk, _>(
+                &data,
+                None,
+                PASS,
+                o.tuning,
+                &Control::default(),
+            )
         };
         match r {
             Err(luksify_walker::Error::Refused(m))
@@ -243,7 +249,7 @@ fn total_ops_sized(
         Placement::Detached { .. } => {
             luksify_walker::encrypt(&pc, Some(&h), PASS, &o, &Control::default())
         }
-        _ => luksify_walker::encrypt::<_, MemDisk>(&pc, None, PASS, &o, &Control::default()),
+        _ => luksify_walker::encrypt::<_, MemDisk, _>(&pc, None, PASS, &o, &Control::default()),
     };
     assert_eq!(r.unwrap(), Outcome::Finished);
     pc.ops()
@@ -404,7 +410,7 @@ fn ops_to_first_header(placement: Placement, decrypting: bool) -> u64 {
             if detached {
                 luksify_walker::encrypt(&data, Some(&hdr), PASS, &o, &Control::default())
             } else {
-                luksify_walker::encrypt::<_, MemDisk>(&data, None, PASS, &o, &Control::default())
+                luksify_walker::encrypt::<_, MemDisk, _>(&data, None, PASS, &o, &Control::default())
             }
             .unwrap();
             let dhdr = if detached {
@@ -443,7 +449,7 @@ fn ops_to_first_header(placement: Placement, decrypting: bool) -> u64 {
             let _ = if detached {
                 luksify_walker::encrypt(&pc, Some(&hpc), PASS, &o, &Control::default())
             } else {
-                luksify_walker::encrypt::<_, MemDisk>(&pc, None, PASS, &o, &Control::default())
+                luksify_walker::encrypt::<_, MemDisk, _>(&pc, None, PASS, &o, &Control::default())
             };
             hpc.settle(|_, u| vec![true; u]).unwrap();
             pc.settle(|_, u| vec![true; u]).unwrap();
@@ -507,7 +513,7 @@ fn decrypt_cut_and_resume_sized(
     let enc = if detached {
         luksify_walker::encrypt(&data, Some(&hdr), PASS, &o, &Control::default())
     } else {
-        luksify_walker::encrypt::<_, MemDisk>(&data, None, PASS, &o, &Control::default())
+        luksify_walker::encrypt::<_, MemDisk, _>(&data, None, PASS, &o, &Control::default())
     };
     assert_eq!(enc.unwrap(), Outcome::Finished);
     // Detached: decrypt with the volume's header; in front: the header moves to a new file.
@@ -589,7 +595,8 @@ fn total_decrypt_ops_sized(placement: Placement, size: usize, unit: usize) -> u6
     if detached {
         luksify_walker::encrypt(&data, Some(&hdr), PASS, &o, &Control::default()).unwrap();
     } else {
-        luksify_walker::encrypt::<_, MemDisk>(&data, None, PASS, &o, &Control::default()).unwrap();
+        luksify_walker::encrypt::<_, MemDisk, _>(&data, None, PASS, &o, &Control::default())
+            .unwrap();
     }
     let dhdr = if detached { hdr } else { MemDisk::new(0) };
     let pc = PowerCutDisk::new(data, unit);
@@ -763,7 +770,7 @@ fn walker_cut_shift_start_refuses_another_layout_over_it() {
             let pc = power_cut_disk(&data, 512, false);
             let hpc = pc.sibling(MemDisk::new(0));
             pc.cut_after_ops(cut);
-            let r = luksify_walker::encrypt::<_, MemDisk>(
+            let r = luksify_walker::encrypt::<_, MemDisk, _>(
                 &pc,
                 None,
                 PASS,
@@ -779,7 +786,7 @@ fn walker_cut_shift_start_refuses_another_layout_over_it() {
                     let r = if detached {
                         luksify_walker::encrypt(&data, Some(&hdr), PASS, &o, &Control::default())
                     } else {
-                        luksify_walker::encrypt::<_, MemDisk>(
+                        luksify_walker::encrypt::<_, MemDisk, _>(
                             &data,
                             None,
                             PASS,
@@ -799,7 +806,7 @@ fn walker_cut_shift_start_refuses_another_layout_over_it() {
                     assert_eq!(hdr.size().unwrap(), 0, "a refused run wrote its header");
                 }
             }
-            let again = luksify_walker::encrypt::<_, MemDisk>(
+            let again = luksify_walker::encrypt::<_, MemDisk, _>(
                 &data,
                 None,
                 PASS,
@@ -808,7 +815,7 @@ fn walker_cut_shift_start_refuses_another_layout_over_it() {
             );
             let out = match again {
                 Err(luksify_walker::Error::Refused(m)) if m.contains("luksify resume") => {
-                    luksify_walker::resume::<_, MemDisk>(
+                    luksify_walker::resume::<_, MemDisk, _>(
                         &data,
                         None,
                         PASS,

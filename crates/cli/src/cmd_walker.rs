@@ -322,14 +322,14 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
                     format!("{}: cannot open header file {}", dev.display(), h.display())
                 })?;
             let hf = header_disk(dev, h, hf)?;
-            let r = luksify_walker::decrypt(&data, Some(&hf), &pass, &opts, &ctl);
+            let r = luksify_walker::decrypt(&data, Some(&hf), pass, &opts, &ctl);
             let nothing = r.is_err() || matches!(r, Ok(Outcome::NotStarted));
             if !existed && nothing && !is_luks_file(h) {
                 let _ = std::fs::remove_file(h);
             }
             r
         }
-        None => luksify_walker::decrypt::<_, std::fs::File>(&data, None, &pass, &opts, &ctl),
+        None => luksify_walker::decrypt::<_, std::fs::File, _>(&data, None, pass, &opts, &ctl),
     };
     let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
     let outcome = outcome.map_err(|e| walk_error(dev, a.header.as_deref(), e, &hint))?;
@@ -473,7 +473,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
             // Only a file this run creates is ever removed again.
             let created = std::fs::symlink_metadata(h).is_err();
             let hf = header_disk(dev, h, open_new_header(h, dev, size, created)?)?;
-            let r = luksify_walker::encrypt(&data, Some(&hf), &pass, &opts, &ctl);
+            let r = luksify_walker::encrypt(&data, Some(&hf), pass, &opts, &ctl);
             // A failure before the header was complete wrote nothing to the data (the
             // header goes first): do not leave a file that blocks the next attempt. (A
             // header block device stays: removing it would delete its /dev node.)
@@ -483,7 +483,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
             }
             r
         }
-        None => luksify_walker::encrypt::<_, std::fs::File>(&data, None, &pass, &opts, &ctl),
+        None => luksify_walker::encrypt::<_, std::fs::File, _>(&data, None, pass, &opts, &ctl),
     };
     let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
     let outcome = outcome.map_err(|e| walk_error(dev, a.header.as_deref(), e, &hint))?;
@@ -560,17 +560,29 @@ fn walk_error(
     e: luksify_walker::Error,
     hint: &str,
 ) -> anyhow::Error {
-    if matches!(e, luksify_walker::Error::Io { .. }) && is_luks_file(header.unwrap_or(dev)) {
-        anyhow::anyhow!(
-            "{}: {e}; the run is recorded in its header: once that is fixed, continue with: {hint}",
-            dev.display()
-        )
+    let recorded =
+        matches!(e, luksify_walker::Error::Io { .. }) && is_luks_file(header.unwrap_or(dev));
+    if recorded {
+        anyhow::anyhow!("{}: {}", dev.display(), walk_error_text(header, e, hint))
     } else {
         anyhow::anyhow!(
             "{}: {}",
             dev.display(),
             naming_header(&e.to_string(), header)
         )
+    }
+}
+
+/// An I/O error that stopped a run its header records (in `header`, else on the data),
+/// with how to go on: resume, or for a resilience-`none` run with bytes named hot, which
+/// no resume finishes, what resume will name.
+fn walk_error_text(header: Option<&Path>, e: luksify_walker::Error, hint: &str) -> String {
+    if header.is_some_and(none_window) {
+        format!(
+            "{e}; the run is recorded in its header, but with resilience `none` the bytes it was writing may be part rewritten: once that is fixed, `{hint}` names them, to restore from a backup (a run with --resilience checksum or journal continues from such an error)"
+        )
+    } else {
+        format!("{e}; the run is still recorded in its header: once that is fixed, continue with: {hint}")
     }
 }
 
@@ -584,6 +596,17 @@ fn naming_header(said: &str, header: Option<&Path>) -> String {
         ),
         None => said.to_string(),
     }
+}
+
+/// Whether the header in `p` records a resilience-`none` run with bytes named hot (which
+/// no resume can finish).
+fn none_window(p: &Path) -> bool {
+    use luksify_luks::luks2::json::ReencryptArea;
+    std::fs::File::open(p)
+        .ok()
+        .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())
+        .and_then(|(h, _)| luksify_luks::reencrypt::state(&h.metadata).ok().flatten())
+        .is_some_and(|st| matches!(st.area, ReencryptArea::None { .. }) && st.progress.hot_len > 0)
 }
 
 fn is_luks_file(p: &Path) -> bool {
@@ -770,6 +793,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
         ..Control::system()
     };
     let t = tuning(&a.tuning);
+    let hint = resume_hint(dev, key_file, a.header.as_deref());
     let outcome = match &a.header {
         Some(h) => {
             let hf = OpenOptions::new()
@@ -783,7 +807,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
             // A header file without a readable header (empty, foreign, broken; the walker
             // has already told a first header write that was cut from those) is the
             // file's fault, not the device's: say so.
-            luksify_walker::resume(&data, Some(&hf), &pass, t, &ctl).map_err(|e| match e {
+            luksify_walker::resume(&data, Some(&hf), pass, t, &ctl).map_err(|e| match e {
                 luksify_walker::Error::Luks(
                     l @ (luksify_luks::Error::NotLuks
                     | luksify_luks::Error::NoValidHeader { .. }
@@ -795,15 +819,22 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
                 luksify_walker::Error::Refused(m) => {
                     anyhow::anyhow!("{}", naming_header(&m, Some(h)))
                 }
+                e @ luksify_walker::Error::Io { .. } => {
+                    anyhow::anyhow!("{}", walk_error_text(Some(h), e, &hint))
+                }
                 e => anyhow::Error::from(e),
             })
         }
-        None => luksify_walker::resume::<_, std::fs::File>(&data, None, &pass, t, &ctl)
-            .map_err(anyhow::Error::from),
+        None => luksify_walker::resume::<_, std::fs::File, _>(&data, None, pass, t, &ctl)
+            .map_err(|e| match e {
+                e @ luksify_walker::Error::Io { .. } if is_luks_file(dev) => {
+                    anyhow::anyhow!("{}", walk_error_text(None, e, &hint))
+                }
+                e => anyhow::Error::from(e),
+            }),
     }
     // As context, so that the walker's error stays in the chain (a Busy one is exit 4).
     .with_context(|| dev.display().to_string())?;
-    let hint = resume_hint(dev, key_file, a.header.as_deref());
     // Read once the run is over (reading before would wait on another run's header lock,
     // where the walker refuses at once): what its header says it did.
     let what = run_kind(a.header.as_deref().unwrap_or(dev));

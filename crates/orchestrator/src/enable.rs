@@ -1030,7 +1030,7 @@ fn encrypt_prepared(
         let r = match &header_file {
             Some(hf) => luksify_walker::encrypt(&data, Some(hf), passphrase, &opts, ctl),
             None => {
-                luksify_walker::encrypt::<_, std::fs::File>(&data, None, passphrase, &opts, ctl)
+                luksify_walker::encrypt::<_, std::fs::File, _>(&data, None, passphrase, &opts, ctl)
             }
         };
         // (Not Busy: then another run owns the volume, and nothing may be put back.)
@@ -1711,7 +1711,7 @@ fn resume_one(
                 })?;
             luksify_walker::resume(&data, Some(&hf), passphrase, Default::default(), ctl)
         }
-        None => luksify_walker::resume::<_, std::fs::File>(
+        None => luksify_walker::resume::<_, std::fs::File, _>(
             &data,
             None,
             passphrase,
@@ -1969,13 +1969,16 @@ pub fn disable(
     // Processes holding a mounted volume, found before anything is touched (as
     // `enable`'s preflight does): the status file stays as it was, exit 3. Found only
     // when the unmount failed, they left "Decryption failed" behind.
-    if !req.kill_holders {
+    // Refused before anything changes (the status file included): holders unless
+    // --kill-holders stops them, and luksify's own working directory on a volume,
+    // which nothing but a `cd` fixes (it used to be found only once the run had begun).
+    {
         let held: Vec<String> = todo
             .iter()
             .filter_map(|i| sw.status.volumes[*i].mount_point.clone())
             .filter_map(|mp| check::check(&mp, CheckOptions::default()).ok())
             .flat_map(|r| r.problems)
-            .filter(|p| p.code == "holders")
+            .filter(|p| p.code == "own_cwd" || (p.code == "holders" && !req.kill_holders))
             .map(|p| p.one_line())
             .collect();
         if !held.is_empty() {
@@ -2029,7 +2032,8 @@ fn adopt_key_file(sw: &mut StatusWriter, idx: usize, req: &EnableRequest, over: 
 
 /// The `--key-file` this run was given (absolute), if it was given one.
 fn given_key_file(req: &EnableRequest, over: Option<&[u8]>) -> Option<PathBuf> {
-    (over.is_some() && !req.key_file.as_os_str().is_empty())
+    // Standard input (`-`) is no path to record.
+    (over.is_some() && !req.key_file.as_os_str().is_empty() && req.key_file != Path::new("-"))
         .then(|| absolute_key_file(&req.key_file))
 }
 

@@ -253,6 +253,33 @@ impl<H: Disk + ?Sized> HeaderJournal<'_, H> {
 
 /// The free room of the keyslots area, after every passphrase keyslot: where the
 /// resilience area goes. `(offset, size)` in bytes from the header start.
+/// Token type marking a finished encryption whose resilience-area wipe is not done.
+pub const WIPE_PENDING_TOKEN: &str = "luksify-wipe-pending";
+
+/// Adds (`on`) or drops the [`WIPE_PENDING_TOKEN`] of a finished header.
+fn set_wipe_pending(hdr: &mut Luks2Header, on: bool) {
+    let tokens = &mut hdr.metadata.tokens;
+    tokens.retain(|_, t| t.kind != WIPE_PENDING_TOKEN);
+    if on {
+        let id = (0..).find(|i| !tokens.contains_key(i)).unwrap_or(0);
+        tokens.insert(
+            id,
+            luksify_luks::luks2::json::Token {
+                kind: WIPE_PENDING_TOKEN.into(),
+                keyslots: Vec::new(),
+                extra: Default::default(),
+            },
+        );
+    }
+}
+
+fn wipe_pending(hdr: &Luks2Header) -> bool {
+    hdr.metadata
+        .tokens
+        .values()
+        .any(|t| t.kind == WIPE_PENDING_TOKEN)
+}
+
 fn free_keyslot_room(hdr: &Luks2Header) -> (u64, u64) {
     let ks_end = hdr
         .metadata
@@ -393,16 +420,22 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
                 }
             }
             reencrypt::finish_encrypt(&mut self.hdr.metadata, &self.st);
-            self.hdr.write(self.disk)?;
             // The resilience areas held the last hotzones' old bytes (a journal's are
             // plaintext) or checksums of them: random bytes over all the room no
-            // keyslot uses, as cryptsetup leaves it. Only now: until the final header
-            // is durable a crash may need them. (A crash before this wipe leaves them,
-            // as a crash before a decryption's keyslot wipe leaves those.)
+            // keyslot uses, as cryptsetup leaves it. Only once the final header is
+            // durable (until then a crash may need them), and under a marker token in
+            // that header, dropped after the wipe: a wipe cut short (a crash, a write
+            // error) leaves a finished header that says so, and `resume` redoes it
+            // (a trial found 15 MiB of plaintext left behind a failed wipe, with
+            // nothing able to finish it).
             let (off, len) = free_keyslot_room(&self.hdr);
             if len > 0 {
+                set_wipe_pending(&mut self.hdr, true);
+                self.hdr.write(self.disk)?;
                 engine::wipe_random(self.disk, off, len, "the resilience area")?;
+                set_wipe_pending(&mut self.hdr, false);
             }
+            self.hdr.write(self.disk)?;
         }
         Ok(())
     }
@@ -825,10 +858,10 @@ fn refuse_partial_sector(len: u64, sector: u64) -> Result<()> {
 /// Encrypts `data` in place. `meta` is the detached header store (`None` for
 /// [`Placement::Shift`], where the header lives on `data`). Every check runs
 /// before the first write; on refusal nothing has been written.
-pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
+pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     data: &D,
     meta: Option<&H>,
-    passphrase: &[u8],
+    passphrase: P,
     opts: &EncryptOptions,
     ctl: &Control<'_>,
 ) -> Result<Outcome> {
@@ -1017,7 +1050,10 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         }
     }
     let stage = stage::SparseStage::new(meta_len);
-    let (mut hdr, vk) = Luks2Header::format(&stage, passphrase, &fmt)?;
+    let (mut hdr, vk) = Luks2Header::format(&stage, passphrase.as_ref(), &fmt)?;
+    // Not needed again: an owned passphrase (a `Zeroizing` buffer) is wiped now, not
+    // after the walk, which can take hours (a trial found it in memory mid-walk).
+    drop(passphrase);
     let key_digest = hdr
         .digest_id_for_keyslot(0)
         .ok_or(Error::Internal("formatted header has no keyslot digest"))?;
@@ -1476,10 +1512,10 @@ pub struct DecryptOptions {
 /// `decrypt`), and an interrupted run continues with [`resume`]. At the end the
 /// header is left as cryptsetup leaves it: one linear segment, no keyslots.
 /// Every check runs before the first write.
-pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
+pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     data: &D,
     header: Option<&H>,
-    passphrase: &[u8],
+    passphrase: P,
     opts: &DecryptOptions,
     ctl: &Control<'_>,
 ) -> Result<Outcome> {
@@ -1606,9 +1642,11 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     }
     // Until the walk starts the keyslot areas are read where they are now.
     let unlocked = match header {
-        Some(h) if !moves => hdr.unlock(h, passphrase, None),
-        _ => hdr.unlock(data, passphrase, None),
+        Some(h) if !moves => hdr.unlock(h, passphrase.as_ref(), None),
+        _ => hdr.unlock(data, passphrase.as_ref(), None),
     };
+    // Wiped now if owned, not after the walk (see `encrypt`).
+    drop(passphrase);
     let (vk, slot) = unlocked.map_err(|e| match e {
         luksify_luks::Error::WrongPassphrase => Error::WrongPassphrase,
         e => e.into(),
@@ -1828,10 +1866,10 @@ fn no_header_to_resume(
 
 /// Continues an interrupted encryption or decryption (ours or cryptsetup's). `meta` is the
 /// detached header, or `None` when the header is on `data`.
-pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
+pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     data: &D,
     meta: Option<&H>,
-    passphrase: &[u8],
+    passphrase: P,
     tuning: Tuning,
     ctl: &Control<'_>,
 ) -> Result<Outcome> {
@@ -1877,6 +1915,32 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
     } else {
         ""
     };
+    // An encryption that finished but whose resilience-area wipe (the last hotzones'
+    // old bytes) was cut short: the wipe needs no key; it finishes the run.
+    if state.is_none() && wipe_pending(&hdr) {
+        let mut hdr = hdr.clone();
+        let (off, len) = free_keyslot_room(&hdr);
+        engine::wipe_random(hdisk, off, len, "the resilience area")?;
+        set_wipe_pending(&mut hdr, false);
+        hdr.write(hdisk)?;
+        // A finished resume reports the end, as every other one does.
+        let seg = hdr.data_segment()?;
+        let total = match seg.size {
+            SegmentSize::Bytes(n) => n,
+            SegmentSize::Dynamic => data
+                .size()
+                .map_err(|e| Error::io("size of the device", e))?
+                .saturating_sub(seg.offset),
+        };
+        if let Some(f) = ctl.progress {
+            f(ProgressInfo {
+                done: total,
+                total,
+                bytes_per_sec: 0,
+            });
+        }
+        return Ok(Outcome::Finished);
+    }
     let st = state.ok_or_else(|| {
         // (The orchestrator takes "shows no encryption in progress" as a finished walk.)
         Error::Refused(if hdr.data_segment().is_ok() {
@@ -1909,7 +1973,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
         if !matches!(k, Keyslot::Luks2(_)) {
             continue;
         }
-        match hdr.unlock_keyslot(hdisk, *id, passphrase) {
+        match hdr.unlock_keyslot(hdisk, *id, passphrase.as_ref()) {
             Ok(key) if hdr.verify_key_digest(st.key_digest, key.as_bytes())? => {
                 vk = Some(key);
                 break;
@@ -1918,6 +1982,8 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized>(
             Err(e) => last = Some(e),
         }
     }
+    // Wiped now if owned, not after the walk (see `encrypt`).
+    drop(passphrase);
     let vk = match (vk, last) {
         (Some(k), _) => k,
         (None, Some(luksify_luks::Error::WrongPassphrase) | None) => {
