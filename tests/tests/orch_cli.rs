@@ -886,53 +886,86 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
 }
 
 /// The userspace mapping's daemon killed: the mount stays but reads fail. `status` must
-/// not say Encrypted, and what its message says to do must work.
+/// not say Encrypted, and the command its message gives must work as given (with the
+/// key file for F), for a header in front and a detached one (whose `--header` it
+/// left out: the command failed with "not a LUKS device").
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
-    let fx = Fixture::new(96);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
-    let name = mapper_name(&fx.dev());
-    let rec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
-    )
-    .unwrap();
-    let pid = rec["daemon_pid"].as_u64().unwrap();
-    run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
-    wait_for("the daemon to die", Duration::from_secs(10), || {
-        !Path::new(&format!("/proc/{pid}")).exists()
-    });
-    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
-    // The mount as it was, options included (a bare `mount` lost noatime).
-    let opts = mount_fields(&fx.mnt).unwrap()[5].clone();
-    assert!(
-        text.contains("DataVolumesEncrypted : NotMounted\n")
-            && text.contains(&format!(
-                "lost its daemon (killed?) and reads fail: umount {}, `luksify close {name}`, then `luksify open {} {name} --key-file F` and `mount -o {opts} /dev/mapper/{name} {}`",
-                fx.mnt.display(),
-                fx.dev().display(),
-                fx.mnt.display()
-            )),
-        "{text}"
-    );
-    // Doing what it says brings the files back, mounted as before.
-    run_ok(Command::new("umount").arg(&fx.mnt));
-    run_ok(fx.cmd().args(["close", &name]));
-    run_ok(&mut open_userspace(fx.cmd(), &fx.dev(), &name, &fx.key));
-    run_ok(
-        Command::new("mount")
-            .args(["-o", &opts])
-            .arg(PathBuf::from("/dev/mapper").join(&name))
-            .arg(&fx.mnt),
-    );
-    assert_eq!(mount_fields(&fx.mnt).unwrap()[5], opts);
-    fx.assert_files_unchanged();
-    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
-    assert!(
-        text.contains("DataVolumesEncrypted : Encrypted\n"),
-        "{text}"
-    );
+    for detached in [false, true] {
+        let fx = Fixture::new(96);
+        let hdr_dir = fx.dir.path().join("headers");
+        let mut enable = fx.enable_cmd();
+        if detached {
+            std::fs::create_dir(&hdr_dir).unwrap();
+            enable.arg("--header-dir").arg(&hdr_dir);
+        }
+        let out = run(&mut enable);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let name = mapper_name(&fx.dev());
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let pid = rec["daemon_pid"].as_u64().unwrap();
+        run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+        wait_for("the daemon to die", Duration::from_secs(10), || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+        });
+        let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+        // The mount as it was, options included (a bare `mount` lost noatime).
+        let opts = mount_fields(&fx.mnt).unwrap()[5].clone();
+        assert!(
+            text.contains("DataVolumesEncrypted : NotMounted\n")
+                && text.contains(&format!(
+                    "lost its daemon (killed?) and reads fail: umount {}, `luksify close {name}`, then `luksify open ",
+                    fx.mnt.display(),
+                ))
+                && text.contains(&format!(
+                    " and `mount -o {opts} /dev/mapper/{name} {}`",
+                    fx.mnt.display()
+                )),
+            "{text}"
+        );
+        // The open command exactly as given, F being the key file (the fixture's
+        // command already names the state directory).
+        let given = text
+            .split("then `luksify open ")
+            .nth(1)
+            .and_then(|t| t.split('`').next())
+            .unwrap_or_else(|| panic!("{text}"));
+        let mut args: Vec<String> = given.split_whitespace().map(String::from).collect();
+        if let Some(i) = args.iter().position(|a| a == "--state-dir") {
+            args.drain(i..i + 2);
+        }
+        for a in &mut args {
+            if a == "F" {
+                *a = fx.key.display().to_string();
+            }
+        }
+        assert_eq!(
+            args.iter().any(|a| a == "--header"),
+            detached,
+            "detached {detached}: {given}"
+        );
+        // Doing what it says brings the files back, mounted as before.
+        run_ok(Command::new("umount").arg(&fx.mnt));
+        run_ok(fx.cmd().args(["close", &name]));
+        run_ok(fx.cmd().arg("open").args(&args));
+        run_ok(
+            Command::new("mount")
+                .args(["-o", &opts])
+                .arg(PathBuf::from("/dev/mapper").join(&name))
+                .arg(&fx.mnt),
+        );
+        assert_eq!(mount_fields(&fx.mnt).unwrap()[5], opts);
+        fx.assert_files_unchanged();
+        let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+        assert!(
+            text.contains("DataVolumesEncrypted : Encrypted\n"),
+            "{text}"
+        );
+    }
 }
 
 /// A read-only block device (`losetup -r`) is a preflight blocker for check and enable:
@@ -1634,36 +1667,49 @@ fn root_orch_resume_with_another_key_file_records_it_for_crypttab() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_status_after_a_kill_gives_the_headers_progress() {
     let fx = Fixture::new(128);
-    // 1 s after each hotzone handed out: the first report, then 2.5 s (2-3 more of the
-    // 6 hotzones, at least one committed as done), then SIGKILL.
-    let mut child = fx.spawn_walking(fx.enable_cmd(), 1000);
-    std::thread::sleep(Duration::from_millis(2500));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let mut s = read_status(&fx.state);
-    s["volumes"][0]["percent"] = 1.0.into();
-    std::fs::write(
-        fx.state.join("status.json"),
-        serde_json::to_vec(&s).unwrap(),
-    )
-    .unwrap();
-    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
-    let pct: u64 = st
-        .split("interrupted at ")
-        .nth(1)
-        .and_then(|r| r.split('%').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{st}"));
-    // At least one 16 MiB hotzone of the ~96 MiB to walk was committed as done.
-    assert!(pct >= 10, "{st}");
-    // The JSON says the same (it kept the file's figure beside the message's).
-    let out = run_ok(fx.cmd().args(["status", "--json"]));
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let jp = j["volumes"][0]["percent"].as_f64().unwrap();
-    assert_eq!(jp.floor() as u64, pct, "{j}");
-    let out = run(fx.cmd().args(["resume", "--userspace"]));
-    assert!(out.status.success(), "{}", stderr(&out));
-    fx.assert_files_unchanged();
+    // Killed mid-walk, its status file's percent set back to 1 (the file lags the walk
+    // by up to 2 s): status gives the header's figure, in the message and the JSON.
+    let killed_then_status = |cmd: Command, what: &str| {
+        // 1 s after each hotzone handed out: the first report, then 2.5 s (2-3 more of
+        // the 6 hotzones, at least one committed as done), then SIGKILL.
+        let mut child = fx.spawn_walking(cmd, 1000);
+        std::thread::sleep(Duration::from_millis(2500));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut s = read_status(&fx.state);
+        s["volumes"][0]["percent"] = 1.0.into();
+        std::fs::write(
+            fx.state.join("status.json"),
+            serde_json::to_vec(&s).unwrap(),
+        )
+        .unwrap();
+        let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+        let pct: u64 = st
+            .split(&format!("{what} of {} interrupted at ", fx.dev().display()))
+            .nth(1)
+            .and_then(|r| r.split('%').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{st}"));
+        // At least one 16 MiB hotzone of the ~96 MiB to walk was committed as done.
+        assert!(pct >= 10, "{st}");
+        // The JSON says the same (it kept the file's figure beside the message's).
+        let out = run_ok(fx.cmd().args(["status", "--json"]));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let jp = j["volumes"][0]["percent"].as_f64().unwrap();
+        assert_eq!(jp.floor() as u64, pct, "{j}");
+        let out = run(fx.cmd().args(["resume", "--userspace"]));
+        assert!(out.status.success(), "{}", stderr(&out));
+        fx.assert_files_unchanged();
+    };
+    killed_then_status(fx.enable_cmd(), "Encryption");
+    // A decryption's came from the status file alone (a trial saw 6% for 27% done).
+    let mut disable = fx.cmd();
+    disable.arg("disable");
+    killed_then_status(disable, "Decryption");
+    assert!(
+        !luksify_tests::has_luks_header(&fx.dev()),
+        "still encrypted"
+    );
 }
 
 #[test]
@@ -3377,6 +3423,24 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
         "the refusal wrote the status file"
     );
     as_before("busy");
+    // Run from a directory on the volume, even with --kill-holders: refused before
+    // anything is touched, the status file included (it said "Decryption failed").
+    let out = run(fx
+        .cmd()
+        .args(["disable", "--kill-holders"])
+        .current_dir(&fx.mnt));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("luksify's own working directory is on")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(fx.state.join("status.json")).unwrap() == status0,
+        "the refusal wrote the status file"
+    );
+    as_before("run from the volume");
     // An unmount that fails anyway (EBUSY injected into umount2): nothing came off, so
     // the volume is "still mounted", not "mounted again".
     let mut disable = fx.cmd();

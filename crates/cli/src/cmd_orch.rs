@@ -712,6 +712,13 @@ fn cmd_enable(
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
     let dir = status::state_dir(state_dir.as_deref());
+    if key_file == Path::new("-") {
+        // The path is recorded (crypttab, boot-time resume, disable): stdin is no path.
+        return Err(Failure::new(
+            exit::USAGE,
+            "--key-file - (standard input) cannot be recorded: enable writes the key file's path to crypttab and the status file, for the boot-time resume and disable; give the path of a key file (nothing was changed)",
+        ));
+    }
     let key = read_key_file(&key_file, true)?;
     let _lk = lock::GlobalLock::acquire(&dir, wait)?;
     install_cancel_handler();

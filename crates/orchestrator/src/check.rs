@@ -249,9 +249,15 @@ pub fn add_interrupted_run(r: &mut Report, state_dir: &Path) {
     // A run at work on it (`busy_run`) is live, not interrupted.
     let busy = r.problems.iter().any(|p| p.code == "busy_run");
     if let Some(p) = interrupted_run(&r.device, state_dir).filter(|_| !busy) {
-        // It names the run's state directory, so it stands for the device header's too.
-        r.problems
-            .retain(|q| !matches!(q.code, "already_luks" | "luks_in_progress"));
+        // It names the run's state directory, so it stands for the device header's too;
+        // and a part-ciphertext device is not "no filesystem" to make one on (a trial
+        // saw that hint beside the interrupted run's).
+        r.problems.retain(|q| {
+            !matches!(
+                q.code,
+                "already_luks" | "luks_in_progress" | "no_filesystem" | "no_header_space"
+            )
+        });
         r.problems.push(p);
     } else if let Some(h) = detached_header_of(&r.device, state_dir) {
         // Encrypted with its header elsewhere: its start is ciphertext, not "no

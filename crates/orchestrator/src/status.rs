@@ -224,6 +224,7 @@ pub fn apply_live_state(
                     v.device.clone(),
                     v.mount_point.clone(),
                     v.mount_options.clone(),
+                    v.header.clone(),
                 ));
             }
         }
@@ -236,11 +237,14 @@ pub fn apply_live_state(
     let gone = s.pid.is_some_and(|p| !crate::holders::pid_exists(p));
     if gone {
         s.pid = None;
-        // An interrupted encryption's percent is its header's when that is further (the
+        // An interrupted run's percent is its header's when that is further (the
         // file's lags up to 2 s): the JSON says what the message says (a trial read
         // "interrupted at 29%" beside "percent": 21.65).
         for v in &mut s.volumes {
-            if v.state != VolumeState::EncryptionInProgress {
+            if !matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            ) {
                 continue;
             }
             if let RunStage::Walking(Some(h)) = run_stage(v, state_dir) {
@@ -267,7 +271,7 @@ pub fn apply_live_state(
             s.progress_message = interrupted_message(v, state_dir);
         }
     }
-    if let (Some((name, dev, mp, opts)), None) = (orphaned, s.pid) {
+    if let (Some((name, dev, mp, opts, header)), None) = (orphaned, s.pid) {
         // The mount as it was (its options too: a bare mount loses noatime, nodev...).
         let again = match &mp {
             Some(m) => format!(
@@ -278,12 +282,16 @@ pub fn apply_live_state(
             None => format!("mount /dev/mapper/{name} again"),
         };
         s.progress_message = format!(
-            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then `luksify open {} {name} --key-file F` and {again}",
+            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then `luksify open {} {name} --key-file F{} --userspace` and {again}",
             dev.display(),
             mp.as_ref()
                 .map(|m| format!("umount {}, ", m.display()))
                 .unwrap_or_default(),
-            dev.display()
+            dev.display(),
+            // A detached header is not on the device: open needs it named.
+            header
+                .map(|h| format!(" --header {}", h.display()))
+                .unwrap_or_default()
         );
     }
     s.data_volumes_encrypted = aggregate(s);
@@ -314,7 +322,6 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
     use crate::enable::{
         decryption_not_started, decryption_walked, header_progress, HeaderProgress,
     };
-    use luksify_luks::luks2::json::ReencryptDirection;
     if v.state == VolumeState::DecryptionInProgress {
         return match (&v.header, state_dir) {
             (Some(h), _) if decryption_walked(h) => RunStage::Walked,
@@ -323,6 +330,12 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
             {
                 RunStage::NotStarted
             }
+            // Walking: how far, from its header as for an encryption (the status
+            // file's percent lags by up to 2 s; a trial saw 6% for 27% done).
+            (Some(h), _) => match header_progress(h) {
+                HeaderProgress::InProgress(st) => RunStage::Walking(clean_percent(v, st)),
+                _ => RunStage::Walking(None),
+            },
             _ => RunStage::Walking(None),
         };
     }
@@ -333,20 +346,27 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
     match header_progress(header) {
         HeaderProgress::Absent => RunStage::NotStarted,
         HeaderProgress::Finished => RunStage::Walked,
-        HeaderProgress::InProgress(st) => {
-            RunStage::Walking(st.filter(|_| v.bytes_total > 0).map(|st| {
-                // Only what is clean: the hotzone in progress does not count.
-                let p = st.progress;
-                let done = match st.direction {
-                    ReencryptDirection::Forward => p.hot_start,
-                    ReencryptDirection::Backward => v
-                        .bytes_total
-                        .saturating_sub(p.hot_start.saturating_add(p.hot_len)),
-                };
-                (done as f64 * 100.0 / v.bytes_total as f64).clamp(0.0, 100.0)
-            }))
-        }
+        HeaderProgress::InProgress(st) => RunStage::Walking(clean_percent(v, st)),
     }
+}
+
+/// The percent of `v` a run's header records as done: only what is clean (the hotzone
+/// in progress does not count).
+fn clean_percent(
+    v: &VolumeStatus,
+    st: Option<luksify_luks::reencrypt::ReencryptState>,
+) -> Option<f64> {
+    use luksify_luks::luks2::json::ReencryptDirection;
+    st.filter(|_| v.bytes_total > 0).map(|st| {
+        let p = st.progress;
+        let done = match st.direction {
+            ReencryptDirection::Forward => p.hot_start,
+            ReencryptDirection::Backward => v
+                .bytes_total
+                .saturating_sub(p.hot_start.saturating_add(p.hot_len)),
+        };
+        (done as f64 * 100.0 / v.bytes_total as f64).clamp(0.0, 100.0)
+    })
 }
 
 /// What an interrupted run's volume needs, from [`run_stage`].
