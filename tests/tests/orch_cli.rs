@@ -3626,3 +3626,35 @@ fn root_orch_check_names_a_cut_shift_start() {
     run_ok(&mut enc);
     assert!(luksify_tests::has_luks_header(&img));
 }
+
+/// `enable --key-file -` is refused before anything is touched: enable records the key
+/// file's path in crypttab and the status file for the boot-time resume and disable,
+/// and a trial found `-` recorded there, which neither can read.
+#[test]
+fn orch_enable_refuses_a_key_file_on_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = run(luksify(&state)
+        .args([
+            "enable",
+            "--volume-type",
+            "data",
+            "--volume",
+            "/nonexistent",
+            "--key-file",
+            "-",
+        ])
+        .env("LUKSIFY_ETC_DIR", dir.path().join("etc"))
+        .stdin(std::process::Stdio::null()));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.lines().count() == 1
+            && err.contains("--key-file - (standard input) cannot be recorded"),
+        "{err}"
+    );
+    assert!(
+        !state.join("status.json").exists(),
+        "the status file was written"
+    );
+}

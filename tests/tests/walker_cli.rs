@@ -2884,3 +2884,51 @@ fn walker_forgets_the_passphrase_before_the_walk() {
     }
     run_ok(&mut detached_decrypt(&c));
 }
+
+/// An I/O error in the walk (an injected EIO) says in one line that the run is recorded
+/// and the command that continues it, from `encrypt` and now from `resume` too (which
+/// said only "write hotzone: Input/output error"); once the fault is gone, that command
+/// finishes. With resilience `none`, whose bytes in flight may be part rewritten, the
+/// message says so and what resume will name, instead of sending the user to a resume
+/// that refuses.
+#[test]
+fn walker_io_errors_say_how_to_go_on() {
+    require_tool("strace");
+    let (c, orig) = Case::new(16, 68);
+    // The n-th data write of each thread fails (writes to the image only: -P).
+    let eio = |cmd: &Command, n: u32| {
+        let img = c.p("img");
+        run(&mut luksify_tests::strace_with(
+            &[
+                "-P".as_ref(),
+                img.as_os_str(),
+                "-e".as_ref(),
+                format!("inject=pwrite64:error=EIO:when={n}").as_ref(),
+            ],
+            cmd,
+        ))
+    };
+    let out = eio(&detached_encrypt(&c), 3);
+    assert_refused_in_one_line(&out, "the run is still recorded in its header", "encrypt");
+    let resume = || detached_resume(&c);
+    let out = eio(&resume(), 2);
+    assert_refused_in_one_line(&out, "the run is still recorded in its header", "resume");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("continue with: luksify resume"),
+        "{out:?}"
+    );
+    run_ok(&mut resume());
+    assert!(
+        same(&cryptsetup_decrypt_detached(&c), &orig),
+        "plaintext differs"
+    );
+
+    std::fs::write(c.p("img"), &orig).unwrap();
+    std::fs::remove_file(c.p("hdr")).unwrap();
+    let mut none = detached_encrypt(&c);
+    none.args(["--resilience", "none"]);
+    let out = eio(&none, 3);
+    assert_refused_in_one_line(&out, "with resilience `none`", "none");
+    let out = run(&mut detached_resume(&c));
+    assert_refused_in_one_line(&out, "resilience `none`", "resume of none");
+}
