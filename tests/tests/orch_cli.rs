@@ -3658,3 +3658,48 @@ fn orch_enable_refuses_a_key_file_on_standard_input() {
         "the status file was written"
     );
 }
+
+/// `enable` with no `--volume` lists candidates and the command to encrypt one; given
+/// `--state-dir`, that command carries it (it did not, unlike every other suggestion).
+#[test]
+fn orch_enable_without_a_volume_suggests_the_state_dir_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = run_ok(
+        Command::new(luksify_bin())
+            .args(["enable", "--volume-type", "data", "--state-dir"])
+            .arg(&state),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "Encrypt with: `luksify enable --state-dir {} --volume-type data",
+            state.display()
+        )),
+        "{text}"
+    );
+}
+
+/// `close` of a mapping that is mounted names every mount of it, bind mounts too, in
+/// the order to unmount them (it named only the first, and after that umount the
+/// bind mount still held it).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_close_names_every_mount_of_the_mapping() {
+    let fx = Fixture::new(64);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bind = fx.dir.path().join("bind");
+    std::fs::create_dir(&bind).unwrap();
+    run_ok(Command::new("mount").arg("--bind").arg(&fx.mnt).arg(&bind));
+    let name = mapper_name(&fx.dev());
+    let out = run(fx.cmd().args(["close", &name]));
+    let _ = run(Command::new("umount").arg(&bind));
+    assert!(!out.status.success(), "closed while mounted");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("(umount {} {})", bind.display(), fx.mnt.display())),
+        "{err}"
+    );
+    fx.assert_files_unchanged();
+}

@@ -257,7 +257,11 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
                 }
             }
             if volumes.is_empty() {
-                return list_candidates(json, &status::state_dir(state_dir.as_deref()));
+                return list_candidates(
+                    json,
+                    &status::state_dir(state_dir.as_deref()),
+                    state_dir.as_deref(),
+                );
             }
             let Some(key_file) = key_file else {
                 eprintln!("luksify: --key-file is required to encrypt; give a file whose whole content is the passphrase");
@@ -584,7 +588,7 @@ fn kdf_request(
     })
 }
 
-fn list_candidates(json: bool, state_dir: &Path) -> anyhow::Result<ExitCode> {
+fn list_candidates(json: bool, state_dir: &Path, given: Option<&Path>) -> anyhow::Result<ExitCode> {
     let c = luksify_orchestrator::enable::candidates(state_dir);
     if json {
         println!("{}", serde_json::to_string_pretty(&c)?);
@@ -614,9 +618,13 @@ fn list_candidates(json: bool, state_dir: &Path) -> anyhow::Result<ExitCode> {
             ready
         );
     }
-    println!(
-        "Encrypt with: luksify enable --volume-type data --volume DEV_OR_MOUNTPOINT --key-file F"
-    );
+    let hint =
+        "Encrypt with: `luksify enable --volume-type data --volume DEV_OR_MOUNTPOINT --key-file F`";
+    // Followed literally, it must act on the same state directory as this listing.
+    match given {
+        Some(d) => println!("{}", with_state_dir(hint, d)),
+        None => println!("{hint}"),
+    }
     Ok(ExitCode::from(exit::OK))
 }
 

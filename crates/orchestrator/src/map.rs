@@ -432,14 +432,31 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
         let _ = out.flush();
         1
     };
-    let mut key = zeroize::Zeroizing::new(Vec::new());
-    if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut key) {
-        return fail(
-            &mut stdout,
-            format!("cannot read the volume key from the parent ({e})"),
-        );
+    // Read into a buffer sized once (a growing Vec would leave unwiped copies of the
+    // key's first bytes in freed memory); volume keys are at most 64 bytes.
+    let mut key = zeroize::Zeroizing::new(vec![0u8; 129]);
+    let mut len = 0;
+    let mut stdin = std::io::stdin();
+    loop {
+        match std::io::Read::read(&mut stdin, &mut key[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return fail(
+                    &mut stdout,
+                    format!("cannot read the volume key from the parent ({e})"),
+                )
+            }
+        }
+        if len == key.len() {
+            return fail(
+                &mut stdout,
+                "the volume key from the parent is too long".into(),
+            );
+        }
     }
-    let vk = VolumeKey::from_slice(&key);
+    let vk = VolumeKey::from_slice(&key[..len]);
     drop(key);
     let hpath = header.unwrap_or(device);
     let seg = match File::open(hpath)
@@ -640,12 +657,18 @@ const HOLDER_GRACE: Duration = Duration::from_secs(2);
 fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
     let mounts = mountinfo::read().unwrap_or_default();
     let on = mountinfo::mounts_of(&mounts, dev);
-    if let Some(m) = on.first() {
+    if !on.is_empty() {
+        // Every mount of it (bind mounts too), last mounted first.
+        let points: Vec<String> = on
+            .iter()
+            .rev()
+            .map(|m| m.mount_point.display().to_string())
+            .collect();
         return Err(Failure::failed(format!(
             "mapping {name} ({}) is mounted at {}; unmount it first (umount {})",
             blk.display(),
-            m.mount_point.display(),
-            m.mount_point.display()
+            points.join(" and "),
+            points.join(" ")
         )));
     }
     let mut t = crate::holders::Targets::default();
