@@ -3703,3 +3703,51 @@ fn root_orch_close_names_every_mount_of_the_mapping() {
     );
     fx.assert_files_unchanged();
 }
+
+/// From its start `disable` is in the status file: while it derives the key (seconds,
+/// here a slow PBKDF2), `status --json` gives its pid and no longer the previous run's
+/// failure (a trial read `pid: null` and "Decryption failed" for that whole time).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_is_in_the_status_file_while_it_derives_the_key() {
+    let fx = Fixture::new(64);
+    let out = run(&mut fx.enable_kdf(&fx.mnt, "5000000"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let wrong = fx.dir.path().join("wrong");
+    std::fs::write(&wrong, b"not the passphrase").unwrap();
+    let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&wrong));
+    assert!(!out.status.success(), "a wrong passphrase was taken");
+    assert!(read_status(&fx.state)["progress_message"]
+        .as_str()
+        .unwrap()
+        .contains("failed"));
+    let mut child = fx
+        .cmd()
+        .arg("disable")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = u64::from(child.id());
+    // Until the walk starts the volume is still Encrypted: the key derivation.
+    let mut seen = None;
+    while child.try_wait().unwrap().is_none() {
+        let s = read_status(&fx.state);
+        if s["volumes"][0]["state"] == "Encrypted" {
+            if s["pid"].as_u64() == Some(pid) {
+                seen = Some(s);
+                break;
+            }
+        } else {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = seen.expect("the run was never in the status file before its walk");
+    assert!(
+        !s["progress_message"].as_str().unwrap().contains("failed"),
+        "{s}"
+    );
+    assert!(child.wait().unwrap().success());
+    fx.assert_files_unchanged();
+}

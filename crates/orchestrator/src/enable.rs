@@ -1998,6 +1998,9 @@ pub fn disable(
             todo.contains(&v.device)
         });
     sw.status.order_run(&todo);
+    // On disk at once, as enable does: through the key derivation (seconds) the file
+    // said no run was working and kept the last run's message (a trial's agent read it).
+    commit(&mut sw)?;
     for (i, device) in todo.iter().enumerate() {
         let Some(idx) = sw.status.volumes.iter().position(|v| &v.device == device) else {
             continue;

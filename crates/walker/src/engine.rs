@@ -363,6 +363,26 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         .map_err(Error::Cipher)
     }
 
+    /// Whether the bytes at `logical` are still the old ones after a failed write of
+    /// `new` there: read back and compared with `new` turned back into old bytes. Only
+    /// where a chunk is written over itself (no data shift); `false` when unsure.
+    fn untouched(&self, logical: u64, new: &[u8]) -> bool {
+        let at = self.layout.new_physical(logical);
+        if self.layout.old_physical(logical) != at {
+            return false;
+        }
+        let len = new.len().next_multiple_of(4096);
+        let (mut old, mut now) = (AlignedBuf::new(len), AlignedBuf::new(len));
+        old[..new.len()].copy_from_slice(new);
+        if self
+            .untransform_serial(&mut old[..new.len()], logical)
+            .is_err()
+        {
+            return false;
+        }
+        self.data.read_at(at, &mut now[..new.len()]).is_ok() && now[..new.len()] == old[..new.len()]
+    }
+
     /// The inverse of [`Self::transform_serial`]: new bytes back to old ones.
     pub(crate) fn untransform_serial(&self, buf: &mut [u8], logical: u64) -> Result<()> {
         match self.layout.mode {
@@ -557,7 +577,8 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 failed: None,
                 record_writes: self.resilience == Resilience::None,
                 written: Vec::new(),
-                failed_write: None,
+                failed_writes: Vec::new(),
+                write_failed: false,
             }),
             cv: Condvar::new(),
         };
@@ -822,7 +843,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             st = sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         let mut written = std::mem::take(&mut st.written);
-        let failed = st.failed_write;
+        let failed = std::mem::take(&mut st.failed_writes);
         drop(st);
         if self.data.flush().is_err() {
             return e;
@@ -1013,11 +1034,15 @@ struct State {
     /// A worker's error, for the coordinator.
     failed: Option<Error>,
     /// Resilience `none`: the chunks written since the header named the current
-    /// window hot `(logical, len)`, and the one whose write failed: what a run stopped
-    /// by an error has rewritten (see `Walk::salvage_none`).
+    /// window hot `(logical, len)`, and those whose write failed and may have left
+    /// part rewritten (every one: two writes in flight may both fail): what a run
+    /// stopped by an error has rewritten (see `Walk::salvage_none`). A failed write
+    /// read back as untouched is not among them.
     record_writes: bool,
     written: Vec<(u64, u64)>,
-    failed_write: Option<(u64, u64)>,
+    failed_writes: Vec<(u64, u64)>,
+    /// A write failed: nothing more is written.
+    write_failed: bool,
 }
 
 struct Shared {
@@ -1134,22 +1159,32 @@ fn worker<D: Disk + Sync + ?Sized>(
             return;
         }
         // After a failed write nothing more is written (see `Walk::salvage_none`).
-        if let Some(c) = (st.writing < st.max_writing && st.failed_write.is_none())
+        if let Some(c) = (st.writing < st.max_writing && !st.write_failed)
             .then(|| st.writable.pop_front())
             .flatten()
         {
             st.writing += 1;
+            let record = st.record_writes;
             drop(st);
             let r = w
                 .data
                 .write_at(w.layout.new_physical(c.logical), &c.buf[..c.len]);
+            // Resilience `none`: a failed write that left its bytes as they were (read
+            // back) names nothing hot, so the run stays resumable (a trial's full disk
+            // left a none run that nothing could finish, its failed 4 MiB untouched).
+            let untouched = record && r.is_err() && w.untouched(c.logical, &c.buf[..c.len]);
             st = sh.lock();
             st.writing -= 1;
-            if st.record_writes {
+            if record {
                 let range = (c.logical, c.len as u64);
                 match r {
                     Ok(()) => st.written.push(range),
-                    Err(_) => st.failed_write = Some(range),
+                    // Read back as it was: it rewrote nothing.
+                    Err(_) if untouched => st.write_failed = true,
+                    Err(_) => {
+                        st.write_failed = true;
+                        st.failed_writes.push(range);
+                    }
                 }
             }
             st.free.push(c.buf);

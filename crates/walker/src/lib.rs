@@ -1943,7 +1943,11 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     }
     let st = state.ok_or_else(|| {
         // (The orchestrator takes "shows no encryption in progress" as a finished walk.)
-        Error::Refused(if hdr.data_segment().is_ok() {
+        Error::Refused(if hdr.data_segment().is_ok() && hdr.metadata.keyslots.is_empty() {
+            // Not a finished run: no passphrase opens it (it was taken for one when a
+            // fast machine cut cryptsetup here).
+            "the header has a data segment but no keyslot, and no run in progress: `cryptsetup reencrypt --encrypt` cut while it built its header leaves this, before it writes any data; check that the device still holds its plaintext, then remove the header file and encrypt again (nothing was written)".into()
+        } else if hdr.data_segment().is_ok() {
             "the header shows no encryption in progress and no decryption: the encryption already finished (the volume is encrypted), nothing to resume (a `luksify decrypt` stopped before its first write left it so: run it again)".into()
         } else if all_linear(&hdr) {
             format!("the header shows no encryption in progress and no decryption: the decryption already finished (the data is plaintext; the header file is no longer needed), nothing to resume{wiped}")
