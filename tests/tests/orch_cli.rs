@@ -3751,3 +3751,40 @@ fn root_orch_disable_is_in_the_status_file_while_it_derives_the_key() {
     assert!(child.wait().unwrap().success());
     fx.assert_files_unchanged();
 }
+
+/// What `enable` prints at its end is what `status` says straight after: with another
+/// managed volume's mapping gone (its daemon killed), both say NotMounted (enable
+/// printed Encrypted from the file alone).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_prints_the_status_that_status_gives() {
+    let a = Fixture::new(64);
+    let b = Fixture::new(64);
+    let out = run(&mut a.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let name = mapper_name(&a.dev());
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(a.state.join("maps").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let pid = rec["daemon_pid"].as_u64().unwrap();
+    run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+    wait_for("the daemon to die", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    let out = run(&mut a.enable_of(&b.mnt));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    let status = String::from_utf8_lossy(&run_ok(a.cmd().arg("status")).stdout).to_string();
+    let line = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("DataVolumesEncrypted"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("{t}"))
+    };
+    assert_eq!(line(&printed), line(&status), "enable printed:\n{printed}");
+    assert_eq!(line(&status), "DataVolumesEncrypted : NotMounted");
+    // a's dead mapping off, for the teardown.
+    run_ok(Command::new("umount").arg(&a.mnt));
+    run_ok(a.cmd().args(["close", &name]));
+}

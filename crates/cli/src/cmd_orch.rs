@@ -747,14 +747,16 @@ fn cmd_enable(
     Ok(ExitCode::from(exit::OK))
 }
 
-/// Prints the status file's text form (nothing if there is none yet).
+/// Prints the status as `luksify status` gives it (nothing if there is none yet): the
+/// file with the live state applied (a trial's enable printed Encrypted where `status`
+/// straight after said NotMounted, another volume's mapping being gone).
 fn print_status(dir: &Path) {
-    print!(
-        "{}",
-        status::load(dir)
-            .map(|s| s.render_text())
-            .unwrap_or_default()
-    );
+    let Ok(mut s) = status::load(dir) else {
+        return;
+    };
+    let mounts = luksify_orchestrator::mountinfo::read().unwrap_or_default();
+    status::apply_live_state(&mut s, &mounts, Some(dir));
+    print!("{}", s.render_text());
 }
 
 /// What `resume` and `disable` share: the optional key is read, the global lock taken and
