@@ -3788,3 +3788,32 @@ fn root_orch_enable_prints_the_status_that_status_gives() {
     run_ok(Command::new("umount").arg(&a.mnt));
     run_ok(a.cmd().args(["close", &name]));
 }
+
+/// SIGINT mid-walk: enable says where it stopped with the figure `status` then gives
+/// (one rounded 17.6 to 18, the other floored it to 17), and resume finishes.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_sigint_mid_walk_names_the_percent_status_gives() {
+    let fx = Fixture::new(128);
+    let child = fx.spawn_walking(fx.enable_cmd(), 300);
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let err = stderr(&out);
+    let said: u64 = err
+        .split("stopped at ")
+        .nth(1)
+        .and_then(|r| r.split('%').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        st.contains(&format!("Encryption stopped at {said}%")),
+        "{err}\n{st}"
+    );
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_files_unchanged();
+}

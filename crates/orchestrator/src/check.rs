@@ -361,8 +361,11 @@ pub fn offline_volume_at(target: &Path, state_dir: &Path) -> Option<Problem> {
                 v.device.display()
             ),
             why: match live {
-                Some(pid) => format!("the run is under way (pid {pid}), at {:.0}%", v.percent),
-                None => format!("the run was interrupted at {:.0}%", v.percent),
+                Some(pid) => format!(
+                    "the run is under way (pid {pid}), at {}%",
+                    v.percent.floor() as u64
+                ),
+                None => format!("the run was interrupted at {}%", v.percent.floor() as u64),
             },
             fix: match live {
                 Some(_) => {

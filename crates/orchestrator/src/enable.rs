@@ -1193,9 +1193,11 @@ fn finish_volume(
         return Err(Failure::new(
             exit::INTERRUPTED,
             format!(
-                "encryption of {} stopped at {:.0}% on request; run `luksify resume` to finish it",
+                "encryption of {} stopped at {}% on request; run `luksify resume` to finish it",
                 v.device.display(),
-                v.percent
+                // Floored, as the status message floors it (rounded, it said 18% there
+                // beside 17% in `luksify status`).
+                v.percent.floor() as u64
             ),
         ));
     }
@@ -1939,9 +1941,9 @@ pub fn disable(
             ("decryption", ", which finishes it")
         };
         return Err(Failure::failed(format!(
-            "the {what} of {} was interrupted at {:.0}%: run `luksify resume` first{then}",
+            "the {what} of {} was interrupted at {}%: run `luksify resume` first{then}",
             v.device.display(),
-            v.percent
+            v.percent.floor() as u64
         )));
     }
     let todo: Vec<usize> = sw
