@@ -2949,3 +2949,40 @@ fn walker_io_errors_say_how_to_go_on() {
         "none: plaintext differs"
     );
 }
+
+/// A device grown while a detached-header run was stopped: its header's segment runs to
+/// the device's end, so resume walked the new end as data (none of the identity probes
+/// lies there). The token now records the data's length: resume refuses a grown device,
+/// writing nothing, says the size to give it back, and finishes once it has it.
+#[test]
+fn walker_resume_refuses_a_device_grown_since_the_run_started() {
+    let (c, orig) = Case::new(16, 73);
+    kill_after_commits(&mut detached_encrypt(&c), &c.p("hdr"), 0, 4, 0);
+    assert!(
+        luks_dump(&c.p("hdr")).contains("in-reencryption"),
+        "the run was not cut mid-walk"
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.p("img"))
+        .unwrap();
+    f.set_len(17 << 20).unwrap();
+    let (img0, hdr0) = (
+        std::fs::read(c.p("img")).unwrap(),
+        std::fs::read(c.p("hdr")).unwrap(),
+    );
+    let out = run(&mut detached_resume(&c));
+    assert_refused_in_one_line(&out, "it was grown since", "grown");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("{} bytes in all", 16 << 20)),
+        "{out:?}"
+    );
+    assert_file_is(&c.p("img"), &img0, "the image was written");
+    assert_file_is(&c.p("hdr"), &hdr0, "the header was written");
+    f.set_len(16 << 20).unwrap();
+    run_ok(&mut detached_resume(&c));
+    assert!(
+        same(&cryptsetup_decrypt_detached(&c), &orig),
+        "plaintext differs"
+    );
+}

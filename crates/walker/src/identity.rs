@@ -176,6 +176,9 @@ pub(crate) fn token_at<D: Disk + ?Sized>(
     let mut extra = serde_json::Map::new();
     extra.insert("mode".into(), Value::String(mode.into()));
     extra.insert("tags".into(), Value::String(KEYED.into()));
+    // The data's length: a detached header's segment runs to the device's end
+    // (`dynamic`), so nothing else tells a device grown since.
+    extra.insert("data_bytes".into(), Value::String(end.to_string()));
     extra.insert("probes".into(), Value::Array(probes));
     Ok(Some(Token {
         kind: TOKEN_TYPE.into(),
@@ -220,6 +223,23 @@ pub(crate) fn check<D: Disk + ?Sized>(
     let size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
+    // Grown since the run started (tokens from before session 24 lack the length): its
+    // new end would be walked as data, and the probes, all inside the old length, do
+    // not notice. A file cryptsetup grew to whole 4096-byte blocks as it walked passes.
+    if let Some(was) = token
+        .extra
+        .get("data_bytes")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        let now = size.saturating_sub(st.layout.old_physical(0));
+        if now > was.next_multiple_of(4096) {
+            return Err(Error::Refused(format!(
+                "the device holds {now} bytes of data, but the run started on {was}: it was grown since (or it is another device); give it back its size ({} bytes in all, e.g. `truncate -s` for an image file), resume, and grow it after the run (nothing was written)",
+                st.layout.old_physical(0) + was
+            )));
+        }
+    }
     for probe in probes {
         let l: u64 = probe
             .get("offset")
