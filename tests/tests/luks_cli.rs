@@ -958,13 +958,7 @@ fn luks_cli_an_empty_passphrase_unlocks_but_is_never_set() {
         "format wrote the image"
     );
     // cryptsetup does; luksify unlocks it.
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "-q", "--key-file"])
-            .arg(&empty)
-            .arg(&img)
-            .args(fast),
-    );
+    run_ok(format_cmd("cryptsetup", &img, &empty, "luks2").args(fast));
     run_ok(&mut lx(&[
         "test-passphrase",
         p(&img),
@@ -1001,13 +995,12 @@ fn luks_cli_dump_prints_tokens_as_luksdump() {
     let d = Dir::new();
     let img = d.image("img", 16 << 20);
     let key = d.file("key", b"tok");
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "-q", "--key-file"])
-            .arg(&key)
-            .arg(&img)
-            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]),
-    );
+    run_ok(format_cmd("cryptsetup", &img, &key, "luks2").args([
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
     run_ok(
         Command::new("cryptsetup")
             .args([

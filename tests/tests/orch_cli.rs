@@ -417,13 +417,6 @@ fn root_orch_a_mapping_daemon_is_never_stopped_as_a_holder() {
             let _ = luksify(&self.0).arg("close").arg(&self.1).output();
         }
     }
-    let daemon_pid = |state: &Path, name: &str| -> u32 {
-        let rec: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(state.join("maps").join(format!("{name}.json"))).unwrap(),
-        )
-        .unwrap();
-        rec["daemon_pid"].as_u64().unwrap() as u32
-    };
 
     // 1. Opened from a shell sitting in the volume: the daemon is not in there.
     let (img, hdr) = (
@@ -903,15 +896,7 @@ fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
         let out = run(&mut enable);
         assert!(out.status.success(), "{}", stderr(&out));
         let name = mapper_name(&fx.dev());
-        let rec: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
-        )
-        .unwrap();
-        let pid = rec["daemon_pid"].as_u64().unwrap();
-        run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
-        wait_for("the daemon to die", Duration::from_secs(10), || {
-            !Path::new(&format!("/proc/{pid}")).exists()
-        });
+        kill_daemon(&fx.state, &name);
         let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
         // The mount as it was, options included (a bare `mount` lost noatime).
         let opts = mount_fields(&fx.mnt).unwrap()[5].clone();
@@ -1861,6 +1846,24 @@ fn mapper_name(dev: &Path) -> String {
     format!("luksify-{}", dev.file_name().unwrap().to_string_lossy())
 }
 
+/// The pid of mapping `name`'s userspace daemon, from its record in `state`.
+fn daemon_pid(state: &Path, name: &str) -> u32 {
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(state.join("maps").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    rec["daemon_pid"].as_u64().expect("userspace daemon pid") as u32
+}
+
+/// SIGKILLs mapping `name`'s userspace daemon and waits until it is gone.
+fn kill_daemon(state: &Path, name: &str) {
+    let pid = daemon_pid(state, name);
+    run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+    wait_for("the daemon to die", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
+
 /// The mountinfo line for `mp`, if mounted.
 fn mountinfo_line(mp: &Path) -> Option<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -2369,11 +2372,7 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
     );
     assert!(!stderr.contains('\r'), "{stderr}");
     let name = mapper_name(&fx.dev());
-    let rec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
-    )
-    .unwrap();
-    let pid = rec["daemon_pid"].as_u64().expect("userspace daemon pid");
+    let pid = daemon_pid(&fx.state, &name);
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains("__serve-mapping"), "{cmdline}");
@@ -2386,7 +2385,10 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
         ("enable stderr", stderr.clone()),
         ("daemon argv", cmdline),
         ("status.json", status_json),
-        ("map record", rec.to_string()),
+        (
+            "map record",
+            std::fs::read_to_string(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
+        ),
     ] {
         assert!(!text.contains(&fx.pass), "the passphrase is in the {what}");
     }
@@ -3763,15 +3765,7 @@ fn root_orch_enable_prints_the_status_that_status_gives() {
     let out = run(&mut a.enable_cmd());
     assert!(out.status.success(), "{}", stderr(&out));
     let name = mapper_name(&a.dev());
-    let rec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(a.state.join("maps").join(format!("{name}.json"))).unwrap(),
-    )
-    .unwrap();
-    let pid = rec["daemon_pid"].as_u64().unwrap();
-    run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
-    wait_for("the daemon to die", Duration::from_secs(10), || {
-        !Path::new(&format!("/proc/{pid}")).exists()
-    });
+    kill_daemon(&a.state, &name);
     let out = run(&mut a.enable_of(&b.mnt));
     assert!(out.status.success(), "{}", stderr(&out));
     let printed = String::from_utf8_lossy(&out.stdout).to_string();

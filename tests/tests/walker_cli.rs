@@ -68,6 +68,14 @@ fn shifted(k: &Case, size: &str) -> std::process::Output {
     .args(FAST))
 }
 
+/// Decrypts `c`'s detached-header volume with cryptsetup and checks it gives `orig`.
+fn assert_decrypts_to(c: &Case, orig: &[u8], what: &str) {
+    assert!(
+        same(&cryptsetup_decrypt_detached(c), orig),
+        "{what}: plaintext differs"
+    );
+}
+
 /// Decrypts a detached-header volume with cryptsetup and returns the plaintext.
 fn cryptsetup_decrypt_detached(c: &Case) -> Vec<u8> {
     run_ok(Command::new("cryptsetup").args([
@@ -2824,7 +2832,7 @@ fn walker_a_wipe_cut_short_is_finished_by_resume() {
             !luks_dump(&c.p("hdr")).contains("luksify-wipe-pending"),
             "{at}: token kept"
         );
-        assert_eq!(cryptsetup_decrypt_detached(&c), orig, "{at}: data");
+        assert_decrypts_to(&c, &orig, &format!("cut at {at}"));
     }
     assert!(
         pending_with_plaintext > 0,
@@ -2927,10 +2935,7 @@ fn walker_io_errors_say_how_to_go_on() {
         "{out:?}"
     );
     run_ok(&mut resume());
-    assert!(
-        same(&cryptsetup_decrypt_detached(&c), &orig),
-        "plaintext differs"
-    );
+    assert_decrypts_to(&c, &orig, "resumed");
 
     std::fs::write(c.p("img"), &orig).unwrap();
     std::fs::remove_file(c.p("hdr")).unwrap();
@@ -2944,10 +2949,7 @@ fn walker_io_errors_say_how_to_go_on() {
         "the none run is not recorded:\n{dump}"
     );
     run_ok(&mut resume());
-    assert!(
-        same(&cryptsetup_decrypt_detached(&c), &orig),
-        "none: plaintext differs"
-    );
+    assert_decrypts_to(&c, &orig, "none");
 }
 
 /// A device grown while a detached-header run was stopped: its header's segment runs to
@@ -2981,8 +2983,5 @@ fn walker_resume_refuses_a_device_grown_since_the_run_started() {
     assert_file_is(&c.p("hdr"), &hdr0, "the header was written");
     f.set_len(16 << 20).unwrap();
     run_ok(&mut detached_resume(&c));
-    assert!(
-        same(&cryptsetup_decrypt_detached(&c), &orig),
-        "plaintext differs"
-    );
+    assert_decrypts_to(&c, &orig, "resumed");
 }
