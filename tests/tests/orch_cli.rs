@@ -705,12 +705,48 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     assert!(!luksify_tests::has_luks_header(&b.dev()));
     let _ = holder.kill();
     let _ = holder.wait();
+    // Without that refusal on record it is a run killed between its volumes: the first
+    // done, the second not reached, no process. status says the run is in progress and
+    // what resume does (it said NotEncrypted, and a dead run's last progress line).
+    let mut s = read_status(&a.state);
+    for v in s["volumes"].as_array_mut().unwrap() {
+        v["error"] = serde_json::Value::Null;
+    }
+    std::fs::write(a.state.join("status.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+    let st = String::from_utf8_lossy(&run_ok(a.cmd().arg("status")).stdout).to_string();
+    assert!(
+        st.contains("DataVolumesEncrypted : EncryptionInProgress\n")
+            && st.contains(&format!(
+                "Encryption of {} had not started when its luksify process went away",
+                b.dev().display()
+            ))
+            && st.contains("`luksify resume"),
+        "{st}"
+    );
+    // Unmounted meanwhile (a reboot with no fstab line for it): resume mounts it where
+    // the run found it, then encrypts it as the run would have (it was encrypted
+    // unmounted, its mount point forgotten, and status said Encrypted).
+    run_ok(Command::new("umount").arg(&b.mnt));
     let out = run(a.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
     let s = read_status(&a.state);
     assert_eq!(state_of(&s, &a.dev()).as_deref(), Some("Encrypted"), "{s}");
     assert_eq!(state_of(&s, &b.dev()).as_deref(), Some("Encrypted"), "{s}");
     assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    assert!(
+        mount_fields(&b.mnt).is_some(),
+        "{} is not mounted",
+        b.mnt.display()
+    );
+    assert!(
+        s["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["device"] == b.dev().display().to_string()
+                && v["mount_point"] == b.mnt.display().to_string()),
+        "{s}"
+    );
     a.assert_files_unchanged();
     b.assert_files_unchanged();
     // The second volume took the run's key derivation (pbkdf2, 1000 iterations), not a

@@ -1536,6 +1536,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
             "pending volume vanished from the status file",
         ))?;
     let key = read_recorded_key(&first, passphrase_override)?;
+    remount_pending(&sw.status, &pending);
     // `enable` keeps its own status writer: this one must not write over it.
     drop(sw);
     if let Err(e) = enable(&sub, &key) {
@@ -1565,7 +1566,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
 /// running the command again. A `resume` that was itself stopped goes on with them too:
 /// an enable's are still `NotEncrypted`, a disable's still encrypted, and a resume of a
 /// disable records its run as the disable's.
-fn pending_of_stopped_run(status: &crate::status::Status) -> (Operation, Vec<PathBuf>) {
+pub(crate) fn pending_of_stopped_run(status: &crate::status::Status) -> (Operation, Vec<PathBuf>) {
     let stopped = status.pid.is_some()
         || status.volumes.iter().any(|v| {
             v.in_run
@@ -1595,6 +1596,44 @@ fn pending_of_stopped_run(status: &crate::status::Status) -> (Operation, Vec<Pat
         .map(|v| v.device.clone())
         .collect();
     (op, pending)
+}
+
+/// Mounts each pending volume that is mounted nowhere now (a reboot, an unmount) at the
+/// mount point the run recorded for it, with its options, so that its `enable` puts it
+/// back there as the run would have (it was encrypted unmounted, its mount point
+/// forgotten, and the status said Encrypted). One that does not mount is left as it is.
+fn remount_pending(status: &crate::status::Status, pending: &[PathBuf]) {
+    let mounts = mountinfo::read().unwrap_or_default();
+    for v in status
+        .volumes
+        .iter()
+        .filter(|v| pending.contains(&v.device))
+    {
+        let Some(mp) = &v.mount_point else { continue };
+        let Some(dev) = probe::block_dev_num(&v.device) else {
+            continue;
+        };
+        if !mountinfo::mounts_of(&mounts, dev).is_empty()
+            || mountinfo::mount_at(&mounts, mp).is_some()
+            || !mp.is_dir()
+        {
+            continue;
+        }
+        let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
+        if let Err(e) = run_tool(
+            Command::new("mount")
+                .arg("-o")
+                .arg(&opts)
+                .arg(&v.device)
+                .arg(mp),
+            &format!("mount {} at {}", v.device.display(), mp.display()),
+        ) {
+            eprintln!(
+                "luksify: {}; it is encrypted where it is, not mounted",
+                e.message
+            );
+        }
+    }
 }
 
 /// The `enable` of a stopped run's pending volumes, as the run was asked: its key file,

@@ -235,7 +235,12 @@ pub fn apply_live_state(
         };
     }
     let gone = s.pid.is_some_and(|p| !crate::holders::pid_exists(p));
+    // A run killed between two volumes has none in progress, only volumes it had not
+    // reached: the aggregate and the message say what resume does with them (a trial
+    // read NotEncrypted and "Decrypting 2 data volumes" from a dead disable).
+    let mut stopped_between = None;
     if gone {
+        let (op, pending) = crate::enable::pending_of_stopped_run(s);
         s.pid = None;
         // An interrupted run's percent is its header's when that is further (the
         // file's lags up to 2 s): the JSON says what the message says (a trial read
@@ -269,6 +274,32 @@ pub fn apply_live_state(
             .or_else(|| s.volumes.iter().find(in_progress))
         {
             s.progress_message = interrupted_message(v, state_dir);
+        } else if !pending.is_empty()
+            // One that says why it was not done (a resume refused it) keeps its message.
+            && !s
+                .volumes
+                .iter()
+                .any(|v| pending.contains(&v.device) && v.error.is_some())
+        {
+            let devs = pending
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let went = "its luksify process went away";
+            let (state, msg) = if op == Operation::DisableEncryption {
+                (
+                    VolumeState::DecryptionInProgress,
+                    format!("Decryption of {devs} had not started when {went}; still encrypted: `luksify resume` decrypts it, finishing the run"),
+                )
+            } else {
+                (
+                    VolumeState::EncryptionInProgress,
+                    format!("Encryption of {devs} had not started when {went} (nothing was encrypted there); `luksify resume` encrypts it, finishing the run"),
+                )
+            };
+            s.progress_message = msg;
+            stopped_between = Some(state);
         }
     }
     if let (Some((name, dev, mp, opts, header)), None) = (orphaned, s.pid) {
@@ -294,7 +325,7 @@ pub fn apply_live_state(
                 .unwrap_or_default()
         );
     }
-    s.data_volumes_encrypted = aggregate(s);
+    s.data_volumes_encrypted = stopped_between.unwrap_or_else(|| aggregate(s));
 }
 
 /// Where an interrupted run on a volume stands, as its header tells (the percent in the
