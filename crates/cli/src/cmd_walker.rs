@@ -128,8 +128,31 @@ pub struct ResumeArgs {
     /// Without DEVICE: where the status file lives (default $LUKSIFY_STATE_DIR or /var/lib/luksify)
     #[arg(long, conflicts_with = "device")]
     state_dir: Option<PathBuf>,
+    /// A resilience-none run cut mid-range: you restored data bytes START..END (the
+    /// range resume named) from a backup taken before the run; they are walked again
+    #[arg(long, requires = "device", value_name = "START..END", value_parser = parse_range)]
+    restored: Option<(u64, u64)>,
     #[command(flatten)]
     tuning: TuningArgs,
+}
+
+/// `START..END` in bytes, as resume names a range: `(start, length)`.
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("'{s}': give the range as START..END, in bytes"))?;
+    let (a, b): (u64, u64) = (
+        a.trim()
+            .parse()
+            .map_err(|_| format!("'{a}' is not a byte offset"))?,
+        b.trim()
+            .parse()
+            .map_err(|_| format!("'{b}' is not a byte offset"))?,
+    );
+    if b <= a {
+        return Err(format!("'{s}': END must be past START"));
+    }
+    Ok((a, b - a))
 }
 
 /// A size as cryptsetup reads one (`tools_string_to_size`): a number of bytes, or with
@@ -790,6 +813,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
+        restored: a.restored,
         ..Control::system()
     };
     let t = tuning(&a.tuning);

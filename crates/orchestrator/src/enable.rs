@@ -1971,13 +1971,23 @@ pub fn disable(
             VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
         ) && wanted(v)
     }) {
+        let dev = v.device.display();
         let (what, then) = if v.state == VolumeState::EncryptionInProgress {
             (
                 "encryption",
-                ", then `luksify disable --volume DEV` to decrypt it",
+                format!(", then `luksify disable --volume {dev}` to decrypt it"),
+            )
+        } else if crate::status::run_stage(v, Some(&req.state_dir))
+            == crate::status::RunStage::NotStarted
+        {
+            // Nothing was decrypted: resume maps and mounts it again, still encrypted (a
+            // trial was told resume "finishes it" and found it encrypted after).
+            (
+                "decryption",
+                format!(", which maps and mounts it again (nothing was decrypted), then `luksify disable --volume {dev}` again"),
             )
         } else {
-            ("decryption", ", which finishes it")
+            ("decryption", ", which finishes it".to_string())
         };
         return Err(Failure::failed(format!(
             "the {what} of {} was interrupted at {}%: run `luksify resume` first{then}",

@@ -585,7 +585,10 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
             {
                 "Decryption succeeded".into()
             } else {
-                format!("Decrypting {n} data volumes")
+                format!(
+                    "Decrypting {n} data volume{}",
+                    if n == 1 { "" } else { "s" }
+                )
             }
         }
         Operation::Resume
@@ -611,7 +614,10 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
                     pct(v)
                 )
             } else {
-                format!("Encrypting {n} data volumes")
+                format!(
+                    "Encrypting {n} data volume{}",
+                    if n == 1 { "" } else { "s" }
+                )
             }
         }
         Operation::None => {
@@ -864,6 +870,25 @@ mod tests {
         assert_eq!(
             message(Operation::DisableEncryption, &dd, None),
             "Decryption succeeded"
+        );
+        // Between volumes, no volume active: one is one volume (a trial read "Decrypting
+        // 1 data volumes"), two are volumes.
+        let one = vec![vol(VolumeState::Encrypted, 0.0)];
+        assert_eq!(
+            message(Operation::DisableEncryption, &one, None),
+            "Decrypting 1 data volume"
+        );
+        let two = vec![
+            vol(VolumeState::NotEncrypted, 0.0),
+            vol(VolumeState::NotEncrypted, 0.0),
+        ];
+        assert_eq!(
+            message(Operation::EnableEncryption, &two, None),
+            "Encrypting 2 data volumes"
+        );
+        assert_eq!(
+            message(Operation::EnableEncryption, &two[..1], None),
+            "Encrypting 1 data volume"
         );
     }
 

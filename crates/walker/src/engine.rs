@@ -252,6 +252,8 @@ pub(crate) struct Walk<'a, D: Disk + Sync + ?Sized> {
     pub tuning: Tuning,
     pub progress: Option<&'a ProgressFn<'a>>,
     pub cancel: Option<&'a Cancel>,
+    /// See `Control::restored`.
+    pub restored: Option<(u64, u64)>,
 }
 
 /// One buffer's worth of a hotzone.
@@ -363,24 +365,32 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         .map_err(Error::Cipher)
     }
 
-    /// Whether the bytes at `logical` are still the old ones after a failed write of
-    /// `new` there: read back and compared with `new` turned back into old bytes. Only
-    /// where a chunk is written over itself (no data shift); `false` when unsure.
-    fn untouched(&self, logical: u64, new: &[u8]) -> bool {
+    /// After a failed write of `new` at `logical`: how many of its first bytes hold
+    /// `new` while all the rest still hold the old bytes (`new` turned back), read back
+    /// sector by sector; 0 when none was written. A short write (a full filesystem
+    /// took the first 2 MiB of a 4 MiB chunk) leaves such a prefix. `None` when it
+    /// is not that (a sector that is neither, or old before new, or a prefix that does
+    /// not end on a 4096-byte block), when unsure, or where a chunk is not written
+    /// over itself (a data shift).
+    fn written_prefix(&self, logical: u64, new: &[u8]) -> Option<usize> {
         let at = self.layout.new_physical(logical);
         if self.layout.old_physical(logical) != at {
-            return false;
+            return None;
         }
-        let len = new.len().next_multiple_of(4096);
+        let n = new.len();
+        let len = n.next_multiple_of(4096);
         let (mut old, mut now) = (AlignedBuf::new(len), AlignedBuf::new(len));
-        old[..new.len()].copy_from_slice(new);
-        if self
-            .untransform_serial(&mut old[..new.len()], logical)
-            .is_err()
-        {
-            return false;
-        }
-        self.data.read_at(at, &mut now[..new.len()]).is_ok() && now[..new.len()] == old[..new.len()]
+        old[..n].copy_from_slice(new);
+        self.untransform_serial(&mut old[..n], logical).ok()?;
+        self.data.read_at(at, &mut now[..n]).ok()?;
+        const S: usize = 512;
+        let k = (0..n / S)
+            .take_while(|&i| now[i * S..(i + 1) * S] == new[i * S..(i + 1) * S])
+            .count()
+            * S;
+        // Progress stands on whole 4096-byte blocks (every encryption sector size
+        // divides them): a prefix ending inside one cannot be recorded.
+        (k.is_multiple_of(4096) && now[k..n] == old[k..n]).then_some(k)
     }
 
     /// The inverse of [`Self::transform_serial`]: new bytes back to old ones.
@@ -448,7 +458,35 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     done += n as u64;
                 }
             }
-            Resilience::None => return Err(Error::Unrecoverable { start, len }),
+            // The user restored the named range to its bytes from before the run: it is
+            // old data again, walked as the journal's copy would be.
+            Resilience::None
+                if self.restored == Some((start, len))
+                    && self.layout.old_physical(start) == dst =>
+            {
+                while done < len {
+                    let n = (buf.len() as u64).min(len - done) as usize;
+                    let b = &mut buf[..n];
+                    self.data
+                        .read_at(self.layout.old_physical(start + done), b)
+                        .map_err(|e| Error::io("read the restored range", e))?;
+                    self.transform(b, start + done)?;
+                    self.data
+                        .write_at(dst + done, b)
+                        .map_err(|e| Error::io("write hotzone", e))?;
+                    done += n as u64;
+                }
+            }
+            Resilience::None => {
+                if let Some((a, n)) = self.restored {
+                    return Err(Error::Refused(format!(
+                        "--restored {a}..{} is not the range the header names as part rewritten, {start}..{}: restore exactly that range and give it (nothing was written)",
+                        a + n,
+                        start + len
+                    )));
+                }
+                return Err(Error::Unrecoverable { start, len });
+            }
         }
         self.data.flush().map_err(|e| Error::io("flush data", e))?;
         let next = match self.direction {
@@ -779,6 +817,13 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 }
                 Ok(None)
             })();
+            // The last hotzones' writes may fail after everything was handed out, in this
+            // settle: a `none` run salvages those too (it named the whole window, so a
+            // write error in the last ~24 MiB made resume refuse the whole device).
+            let walked = walked.and_then(|o| match o {
+                Some(o) => Ok(Some(o)),
+                None => settle(j).map(|()| None),
+            });
             match walked {
                 Ok(Some(o)) => return Ok(o),
                 Ok(None) => {}
@@ -789,7 +834,6 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     })
                 }
             }
-            settle(j)?;
             if let (ReencryptMode::Encrypt, Some(s)) = (self.layout.mode, self.layout.shift) {
                 // The moved copy of the device's first bytes is plaintext, and no
                 // longer needed once the header names nothing hot: that first, then
@@ -1169,18 +1213,29 @@ fn worker<D: Disk + Sync + ?Sized>(
             let r = w
                 .data
                 .write_at(w.layout.new_physical(c.logical), &c.buf[..c.len]);
-            // Resilience `none`: a failed write that left its bytes as they were (read
-            // back) names nothing hot, so the run stays resumable (a trial's full disk
-            // left a none run that nothing could finish, its failed 4 MiB untouched).
-            let untouched = record && r.is_err() && w.untouched(c.logical, &c.buf[..c.len]);
+            // Resilience `none`: a failed write read back as a clean prefix of new bytes
+            // (none at all, or what a short write took) and old bytes after it names
+            // nothing hot beyond that prefix, so the run stays resumable (trials' full
+            // disks left none runs that nothing could finish, the failed 4 MiB
+            // untouched or half written). Backward runs need the chunk whole or
+            // untouched: a prefix is not where their walk stands.
+            let prefix = (record && r.is_err())
+                .then(|| w.written_prefix(c.logical, &c.buf[..c.len]))
+                .flatten()
+                .filter(|&k| k == 0 || w.direction == ReencryptDirection::Forward);
             st = sh.lock();
             st.writing -= 1;
             if record {
                 let range = (c.logical, c.len as u64);
                 match r {
                     Ok(()) => st.written.push(range),
-                    // Read back as it was: it rewrote nothing.
-                    Err(_) if untouched => st.write_failed = true,
+                    // Read back as a clean prefix: that much is written, the rest not.
+                    Err(_) if prefix.is_some() => {
+                        st.write_failed = true;
+                        if let Some(k) = prefix.filter(|&k| k > 0) {
+                            st.written.push((c.logical, k as u64));
+                        }
+                    }
                     Err(_) => {
                         st.write_failed = true;
                         st.failed_writes.push(range);

@@ -77,7 +77,7 @@ pub enum Error {
     Luks(#[from] luksify_luks::Error),
     #[error("cipher: {0}")]
     Cipher(luksify_cipher::CipherError),
-    #[error("the run was cut with resilience `none`, which keeps no copy: data bytes {start}..{} may be part rewritten, and which part cannot be told; the bytes before are done, the bytes after untouched. Restore that range from a backup, then start a new run: remove the header file and run `luksify encrypt` again (nothing more was written)", start + len)]
+    #[error("the run was cut with resilience `none`, which keeps no copy: data bytes {start}..{} may be part rewritten, and which part cannot be told; the bytes before are done, the bytes after untouched. Keep the header file (it holds the key of the bytes already done); restore that range from a backup taken before the run, then resume with --restored {start}..{}, which walks it again from the restored bytes (nothing more was written)", start + len, start + len)]
     Unrecoverable { start: u64, len: u64 },
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -167,6 +167,12 @@ pub struct Control<'a> {
     /// volume. `None` (the default) takes none: for volumes only this process can
     /// see, such as the power-cut tests' memory disks.
     pub lock_dir: Option<&'a std::path::Path>,
+    /// `resume` of a resilience-`none` run cut mid-window ([`Error::Unrecoverable`]):
+    /// the caller says that data bytes `(start, len)`, exactly the range the error
+    /// named, hold their bytes from before the run again (restored from a backup), so
+    /// the range is walked again from them. Anything else there would be turned into
+    /// garbage: only the user can say this.
+    pub restored: Option<(u64, u64)>,
 }
 
 impl Control<'_> {
@@ -1445,6 +1451,7 @@ fn run_from<D: Disk + Sync + ?Sized>(
         tuning: t,
         progress: ctl.progress,
         cancel: ctl.cancel,
+        restored: ctl.restored,
     };
     // Every commit from here on knows where the data ends (see ReencryptState).
     let end = engine::data_end(&w)?;
@@ -1948,7 +1955,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
             // fast machine cut cryptsetup here).
             "the header has a data segment but no keyslot, and no run in progress: `cryptsetup reencrypt --encrypt` cut while it built its header leaves this, before it writes any data; check that the device still holds its plaintext, then remove the header file and encrypt again (nothing was written)".into()
         } else if hdr.data_segment().is_ok() {
-            "the header shows no encryption in progress and no decryption: the encryption already finished (the volume is encrypted), nothing to resume (a `luksify decrypt` stopped before its first write left it so: run it again)".into()
+            "the header shows no encryption in progress and no decryption: the encryption already finished (or never began: `cryptsetup reencrypt --encrypt` cut while it set up its header, before any data, leaves a header like this; a filesystem `blkid` still finds on the device says so), nothing to resume (a `luksify decrypt` stopped before its first write left it so: run it again)".into()
         } else if all_linear(&hdr) {
             format!("the header shows no encryption in progress and no decryption: the decryption already finished (the data is plaintext; the header file is no longer needed), nothing to resume{wiped}")
         } else {
