@@ -2833,14 +2833,7 @@ fn walker_a_wipe_cut_short_is_finished_by_resume() {
             pending_with_plaintext += 1;
         }
         std::fs::write(c.p("key"), b"not the passphrase").unwrap();
-        let out = run(&mut luksify(&[
-            "resume",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ]));
+        let out = run(&mut detached_resume(&c));
         std::fs::write(c.p("key"), b"walker test passphrase").unwrap();
         assert!(out.status.success(), "{at}: resume: {out:?}");
         let after = std::fs::read(c.p("hdr")).unwrap();
@@ -2881,14 +2874,7 @@ fn walker_forgets_the_passphrase_before_the_walk() {
             e.args(["--volume-key-file", &vkf]);
             e
         } else {
-            let mut r = luksify(&[
-                "resume",
-                &c.img(),
-                "--key-file",
-                &c.key(),
-                "--header",
-                &c.hdr(),
-            ]);
+            let mut r = detached_resume(&c);
             r.args(["--hotzone-kib", "256"]);
             r
         };

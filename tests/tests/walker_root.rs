@@ -68,6 +68,28 @@ fn decrypt_detached_and_check(img: &Path, key: &str, hdr: &str, orig: &[u8], wha
     );
 }
 
+/// A tmpfs of `size` mounted at DIR/small, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let mnt = dir.join("small");
+        std::fs::create_dir(&mnt).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "luksify-test"])
+                .arg(&mnt),
+        );
+        Tmpfs(mnt)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
 /// `luksify ACTION DEV --key-file KEY --header HDR`.
 fn luksify_detached(action: &str, dev: &str, key: &str, hdr: &str) -> Command {
     let mut c = Command::new(luksify_bin());
@@ -345,20 +367,8 @@ fn root_walker_checksum_blocks_follow_the_devices_sector_size_as_cryptsetups() {
 fn root_walker_refuses_a_header_place_without_room_before_writing() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8M", "luksify-test"])
-            .arg(&mnt),
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    let small = Tmpfs::mount(dir.path(), "8M");
+    let mnt = small.0.clone();
     let mut orig = vec![0u8; (16 * MIB) as usize];
     fill_pattern(&mut orig, 3);
     let img = dir.path().join("img");
@@ -1349,20 +1359,8 @@ fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetu
 fn root_walker_a_none_run_on_a_full_filesystem_resumes_once_there_is_room() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=32M", "small"])
-            .arg(&mnt),
-    );
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _u = Unmount(&mnt);
+    let small = Tmpfs::mount(dir.path(), "32M");
+    let mnt = small.0.clone();
     let img = mnt.join("img");
     let mut orig = vec![0u8; (48 * MIB) as usize];
     fill_pattern(&mut orig[..(24 * MIB) as usize], 81);

@@ -440,7 +440,13 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     done += n as u64;
                 }
             }
-            Resilience::Journal | Resilience::Datashift => {
+            // A `none` range the user restored to its bytes from before the run is old
+            // data again, walked as a data shift's moved copy is.
+            Resilience::Journal | Resilience::Datashift | Resilience::None
+                if resilience != Resilience::None
+                    || (self.restored == Some((start, len))
+                        && self.layout.old_physical(start) == dst) =>
+            {
                 while done < len {
                     let n = (buf.len() as u64).min(len - done) as usize;
                     let b = &mut buf[..n];
@@ -449,7 +455,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     } else {
                         self.data
                             .read_at(self.layout.old_physical(start + done), b)
-                            .map_err(|e| Error::io("read moved data", e))?;
+                            .map_err(|e| Error::io("read the old data", e))?;
                     }
                     self.transform(b, start + done)?;
                     self.data
@@ -458,26 +464,8 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     done += n as u64;
                 }
             }
-            // The user restored the named range to its bytes from before the run: it is
-            // old data again, walked as the journal's copy would be.
-            Resilience::None
-                if self.restored == Some((start, len))
-                    && self.layout.old_physical(start) == dst =>
-            {
-                while done < len {
-                    let n = (buf.len() as u64).min(len - done) as usize;
-                    let b = &mut buf[..n];
-                    self.data
-                        .read_at(self.layout.old_physical(start + done), b)
-                        .map_err(|e| Error::io("read the restored range", e))?;
-                    self.transform(b, start + done)?;
-                    self.data
-                        .write_at(dst + done, b)
-                        .map_err(|e| Error::io("write hotzone", e))?;
-                    done += n as u64;
-                }
-            }
-            Resilience::None => {
+            // `none` (the arm above takes the others).
+            _ => {
                 if let Some((a, n)) = self.restored {
                     return Err(Error::Refused(format!(
                         "--restored {a}..{} is not the range the header names as part rewritten, {start}..{}: restore exactly that range and give it (nothing was written)",
