@@ -2900,6 +2900,20 @@ fn walker_forgets_the_passphrase_before_the_walk() {
     run_ok(&mut detached_decrypt(&c));
 }
 
+/// `cmd` with the first read of `c`'s image failing with EIO (a bad sector).
+fn eio_on_read(c: &Case, cmd: &Command) -> std::process::Output {
+    let img = c.p("img");
+    run(&mut luksify_tests::strace_with(
+        &[
+            "-P".as_ref(),
+            img.as_os_str(),
+            "-e".as_ref(),
+            "inject=pread64:error=EIO:when=1".as_ref(),
+        ],
+        cmd,
+    ))
+}
+
 /// An I/O error in the walk (an injected EIO) says in one line that the run is recorded
 /// and the command that continues it, from `encrypt` and now from `resume` too (which
 /// said only "write hotzone: Input/output error"); once the fault is gone, that command
@@ -2957,6 +2971,37 @@ fn walker_io_errors_say_how_to_go_on() {
     );
     run_ok(&mut resume());
     assert_decrypts_to(&c, &orig, "none");
+
+    // A header write that fails mid-run (here the 20th write to the header file): the
+    // run is recorded all the same, and the message says so (it gave only "writing the
+    // Secondary LUKS2 header at offset 16384: Input/output error").
+    std::fs::write(c.p("img"), &orig).unwrap();
+    std::fs::remove_file(c.p("hdr")).unwrap();
+    let hdr = c.p("hdr");
+    let out = run(&mut luksify_tests::strace_with(
+        &[
+            "-P".as_ref(),
+            hdr.as_os_str(),
+            "-e".as_ref(),
+            "inject=pwrite64:error=EIO:when=20".as_ref(),
+        ],
+        &detached_encrypt(&c),
+    ));
+    assert_refused_in_one_line(
+        &out,
+        "the run is still recorded in its header",
+        "header write",
+    );
+    run_ok(&mut resume());
+    assert_decrypts_to(&c, &orig, "after a failed header write");
+
+    // A sector that cannot be read before the run (the image's first read fails): the
+    // message says the device failed there and the run had not begun; nothing written.
+    std::fs::remove_file(c.p("hdr")).unwrap();
+    let out = eio_on_read(&c, &detached_encrypt(&c));
+    assert_refused_in_one_line(&out, "the device failed there", "bad sector");
+    assert_file_is(&c.p("img"), &orig, "bad sector: the image was written");
+    assert!(!c.p("hdr").exists(), "bad sector: a header file was left");
 }
 
 /// A device grown while a detached-header run was stopped: its header's segment runs to

@@ -583,16 +583,34 @@ fn walk_error(
     e: luksify_walker::Error,
     hint: &str,
 ) -> anyhow::Error {
-    let recorded =
-        matches!(e, luksify_walker::Error::Io { .. }) && is_luks_file(header.unwrap_or(dev));
+    let io = io_source(&e).map(|s| s.raw_os_error());
+    let recorded = io.is_some() && is_luks_file(header.unwrap_or(dev));
     if recorded {
         anyhow::anyhow!("{}: {}", dev.display(), walk_error_text(header, e, hint))
+    } else if io == Some(Some(libc::EIO)) {
+        // Before the run's header existed: a sector the device cannot read or write (a
+        // trial's bad sector said only "read start marker: Input/output error").
+        anyhow::anyhow!(
+            "{}: {}; the device failed there (a bad sector or a failing disk: `dmesg` names it), before the run began: copy its data off (e.g. ddrescue) or repair it, then run again",
+            dev.display(),
+            naming_header(&e.to_string(), header)
+        )
     } else {
         anyhow::anyhow!(
             "{}: {}",
             dev.display(),
             naming_header(&e.to_string(), header)
         )
+    }
+}
+
+/// The I/O error under a walker error: the data's, or the header's (a header write
+/// that failed is as much the run's I/O error as a data write).
+fn io_source(e: &luksify_walker::Error) -> Option<&std::io::Error> {
+    match e {
+        luksify_walker::Error::Io { source, .. } => Some(source),
+        luksify_walker::Error::Luks(luksify_luks::Error::Io { source, .. }) => Some(source),
+        _ => None,
     }
 }
 
@@ -843,7 +861,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
                 luksify_walker::Error::Refused(m) => {
                     anyhow::anyhow!("{}", naming_header(&m, Some(h)))
                 }
-                e @ luksify_walker::Error::Io { .. } => {
+                e if io_source(&e).is_some() && is_luks_file(h) => {
                     anyhow::anyhow!("{}", walk_error_text(Some(h), e, &hint))
                 }
                 e => anyhow::Error::from(e),
@@ -851,7 +869,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
         }
         None => luksify_walker::resume::<_, std::fs::File, _>(&data, None, pass, t, &ctl)
             .map_err(|e| match e {
-                e @ luksify_walker::Error::Io { .. } if is_luks_file(dev) => {
+                e if io_source(&e).is_some() && is_luks_file(dev) => {
                     anyhow::anyhow!("{}", walk_error_text(None, e, &hint))
                 }
                 e => anyhow::Error::from(e),
