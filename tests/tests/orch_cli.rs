@@ -296,6 +296,23 @@ impl Drop for Fixture {
             self.dev().file_name().unwrap().to_string_lossy()
         );
         let _ = self.cmd().args(["close", &name]).output();
+        // A mapping of this device made with another fixture's state directory (one run
+        // over two fixtures' volumes): its view is mounted at STATE/mnt/NAME; close it
+        // there, or its FUSE mount and loop device outlive the test.
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in mi.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let Some(sep) = f.iter().position(|x| *x == "-") else {
+                continue;
+            };
+            if f.get(sep + 2) != Some(&format!("luksify:{name}").as_str()) {
+                continue;
+            }
+            let view = Path::new(f[4]);
+            if let Some(state) = view.parent().and_then(Path::parent) {
+                let _ = luksify(state).args(["close", &name]).output();
+            }
+        }
         self.lo.take();
     }
 }
