@@ -32,22 +32,11 @@ impl Fixture {
         let img = dir.path().join("img");
         sparse_file(&img, 17 << 20);
         std::fs::write(dir.path().join("key"), PASS).unwrap();
-        run_ok(
-            Command::new("cryptsetup")
-                .args([
-                    "luksFormat",
-                    "-q",
-                    "--type",
-                    "luks2",
-                    "--pbkdf",
-                    "pbkdf2",
-                    "--pbkdf-force-iterations",
-                    "1000",
-                    "--key-file",
-                ])
-                .arg(dir.path().join("key"))
-                .arg(&img),
-        );
+        run_ok(&mut luksify_tests::cryptsetup_format_fast(
+            "luks2",
+            &img,
+            &dir.path().join("key"),
+        ));
         let pristine = std::fs::read(&img).unwrap();
         Fixture { dir, pristine }
     }
@@ -368,17 +357,9 @@ fn luks1_truncated_and_corrupt_headers() {
     sparse_file(&img, 4 << 20);
     let kf = d.path().join("key");
     std::fs::write(&kf, PASS).unwrap();
-    run_ok(Command::new("cryptsetup").args([
-        "luksFormat",
-        "-q",
-        "--type",
-        "luks1",
-        "--pbkdf-force-iterations",
-        "1000",
-        "--key-file",
-        p(&kf),
-        p(&img),
-    ]));
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks1", &img, &kf,
+    ));
     let good = std::fs::read(&img).unwrap();
     let fx = Fixture {
         dir: d,
@@ -552,11 +533,9 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
     std::fs::write(&k2, "third").unwrap();
     sparse_file(&img, 16 << 20);
     let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "-q", "--key-file", p(&k0), p(&img)])
-            .args(fast),
-    );
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks2", &img, &k0,
+    ));
     run_ok(
         Command::new("cryptsetup")
             .args(["luksAddKey", "-q", "--key-file", p(&k0), p(&img), p(&k1)])

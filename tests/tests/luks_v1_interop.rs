@@ -433,20 +433,9 @@ fn luks1_change_key_with_every_slot_full_changes_it_in_place() {
 
 /// `cryptsetup luksFormat --type luks1` of `img` (1000 iterations) with the passphrase in `key`.
 fn cs_luks1_format(img: &Path, key: &Path) {
-    run_ok(
-        Command::new("cryptsetup")
-            .args([
-                "luksFormat",
-                "-q",
-                "--type",
-                "luks1",
-                "--pbkdf-force-iterations",
-                "1000",
-            ])
-            .arg("--key-file")
-            .arg(key)
-            .arg(img),
-    );
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks1", img, key,
+    ));
 }
 
 /// `cryptsetup luksAddKey` of the passphrase in `new` to `img`, opened with `key`.

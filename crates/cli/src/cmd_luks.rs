@@ -377,15 +377,14 @@ fn refuse_in_use(path: &Path, f: &File) -> Result<NotInUse> {
             }
             r => r.with_context(|| format!("{}: cannot open exclusively", path.display()))?,
         };
-        let size = block_size(f)?;
-        let lock = luksify_walker::lock::DataLock::block_device(f, size).map_err(busy)?;
+        let lock = luksify_walker::lock::DataLock::claim(f, block_size(f)?).map_err(busy)?;
         Ok(NotInUse {
             _excl: Some(excl),
             _lock: lock,
         })
     } else {
-        luksify_walker::lock::refuse_used_loop_devices(f).map_err(busy)?;
-        let lock = luksify_walker::lock::DataLock::image_file(f).map_err(busy)?;
+        // (An image file's size does not matter to its lock.)
+        let lock = luksify_walker::lock::DataLock::claim(f, 0).map_err(busy)?;
         Ok(NotInUse {
             _excl: None,
             _lock: lock,

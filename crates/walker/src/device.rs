@@ -246,11 +246,10 @@ impl DataDevice {
                     ),
                 ));
             }
-            let lock = crate::lock::DataLock::block_device(&file, sz)?;
+            let lock = crate::lock::DataLock::claim(&file, sz)?;
             (sz, u64::try_from(ss).unwrap_or(512).max(512), lock)
         } else {
-            let lock = crate::lock::DataLock::image_file(&file)?;
-            crate::lock::refuse_used_loop_devices(&file)?;
+            let lock = crate::lock::DataLock::claim(&file, meta.len())?;
             (meta.len(), 4096, lock)
         };
         let tail = (direct && !size.is_multiple_of(IO_ALIGN as u64))

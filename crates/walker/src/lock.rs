@@ -72,6 +72,22 @@ pub struct DataLock {
 const LOCKED_HINT: &str = "another luksify run on the same bytes (through this path, the image file, or a loop device over it), an open luksify mapping of them (`luksify close` it), or a program using the image (e.g. qemu); wait for it to end, or stop a luksify run (SIGINT) and continue it with `luksify resume` (nothing was written)";
 
 impl DataLock {
+    /// The claim a writer of `file` takes on its bytes, whatever it is: for a block
+    /// device of `size` bytes [`DataLock::block_device`] (callers open it `O_EXCL`
+    /// too); for an image file [`DataLock::image_file`], and no loop device over it in
+    /// use ([`refuse_used_loop_devices`]). What [`crate::device::DataDevice::open`]
+    /// takes, and `luksify format` before it writes a header in front.
+    pub fn claim(file: &File, size: u64) -> io::Result<DataLock> {
+        use std::os::unix::fs::FileTypeExt;
+        if file.metadata()?.file_type().is_block_device() {
+            DataLock::block_device(file, size)
+        } else {
+            let lock = DataLock::image_file(file)?;
+            refuse_used_loop_devices(file)?;
+            Ok(lock)
+        }
+    }
+
     /// Locks the whole of image file `file` (opened read-write).
     pub fn image_file(file: &File) -> io::Result<DataLock> {
         lock_range(file, 0, 0)
