@@ -2914,6 +2914,28 @@ fn eio_on_read(c: &Case, cmd: &Command) -> std::process::Output {
     ))
 }
 
+/// An I/O error's message names the bytes that failed, `what at device bytes A..B` (it
+/// said only "write data: Input/output error"; `dmesg` names sectors, the user needs the
+/// place): a non-empty range inside the device's `size` bytes.
+fn assert_names_failed_bytes(out: &std::process::Output, what: &str, size: u64) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let tag = format!("{what} at device bytes ");
+    let at = err
+        .find(&tag)
+        .unwrap_or_else(|| panic!("no `{tag}` in: {err}"))
+        + tag.len();
+    let range: String = err[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let (a, b) = range.split_once("..").expect("a range A..B");
+    let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+    assert!(
+        a < b && b <= size,
+        "{range} is not a range of the device: {err}"
+    );
+}
+
 /// An I/O error in the walk (an injected EIO) says in one line that the run is recorded
 /// and the command that continues it, from `encrypt` and now from `resume` too (which
 /// said only "write hotzone: Input/output error"); once the fault is gone, that command
@@ -2948,9 +2970,12 @@ fn walker_io_errors_say_how_to_go_on() {
     };
     let out = eio(&detached_encrypt(&c), 3);
     assert_refused_in_one_line(&out, "the run is still recorded in its header", "encrypt");
+    assert_names_failed_bytes(&out, "write data", 16 << 20);
     let resume = || detached_resume(&c);
     let out = eio(&resume(), 2);
     assert_refused_in_one_line(&out, "the run is still recorded in its header", "resume");
+    // (resume's second write is its recovery of the hotzone the first run left)
+    assert_names_failed_bytes(&out, "write hotzone", 16 << 20);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("continue with: luksify resume"),
         "{out:?}"

@@ -422,7 +422,7 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     let b = &mut buf[..n];
                     self.data
                         .read_at(dst + done, b)
-                        .map_err(|e| Error::io("read hotzone", e))?;
+                        .map_err(|e| Error::io_at("read hotzone", dst + done, n, e))?;
                     let cur = spec.hash(b);
                     let first = (done as usize) / block;
                     for (i, blk) in b.chunks_mut(block).enumerate() {
@@ -432,9 +432,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                         if cur[i * dl..(i + 1) * dl] == sums[k * dl..(k + 1) * dl] {
                             let l = start + done + (i * block) as u64;
                             self.transform_serial(blk, l)?;
+                            let at = self.layout.new_physical(l);
                             self.data
-                                .write_at(self.layout.new_physical(l), blk)
-                                .map_err(|e| Error::io("write hotzone", e))?;
+                                .write_at(at, blk)
+                                .map_err(|e| Error::io_at("write hotzone", at, blk.len(), e))?;
                         }
                     }
                     done += n as u64;
@@ -453,14 +454,15 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                     if resilience == Resilience::Journal {
                         j.area_read(done, b)?;
                     } else {
+                        let at = self.layout.old_physical(start + done);
                         self.data
-                            .read_at(self.layout.old_physical(start + done), b)
-                            .map_err(|e| Error::io("read the old data", e))?;
+                            .read_at(at, b)
+                            .map_err(|e| Error::io_at("read the old data", at, n, e))?;
                     }
                     self.transform(b, start + done)?;
                     self.data
                         .write_at(dst + done, b)
-                        .map_err(|e| Error::io("write hotzone", e))?;
+                        .map_err(|e| Error::io_at("write hotzone", dst + done, n, e))?;
                     done += n as u64;
                 }
             }
@@ -938,9 +940,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
             while off < m {
                 let n = step.min(m - off) as usize;
                 let b = &mut buf[..n];
+                let at = self.layout.old_physical(off);
                 self.data
-                    .read_at(self.layout.old_physical(off), b)
-                    .map_err(|e| Error::io("read the moved head", e))?;
+                    .read_at(at, b)
+                    .map_err(|e| Error::io_at("read the moved head", at, n, e))?;
                 f(b, off)?;
                 off += n as u64;
             }
@@ -965,9 +968,10 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         })?;
         pass(&mut |b, off| {
             self.transform(b, off)?;
+            let at = self.layout.new_physical(off);
             self.data
-                .write_at(self.layout.new_physical(off), b)
-                .map_err(|e| Error::io("write the head", e))
+                .write_at(at, b)
+                .map_err(|e| Error::io_at("write the head", at, b.len(), e))
         })?;
         self.data.flush().map_err(|e| Error::io("flush data", e))
     }
@@ -994,7 +998,7 @@ pub(crate) fn wipe_random<D: Disk + ?Sized>(
         b.fill(0);
         cipher.encrypt(b, done / 512).map_err(Error::Cipher)?;
         data.write_at(off + done, &b[..n])
-            .map_err(|e| Error::io(format!("wipe {what}"), e))?;
+            .map_err(|e| Error::io_at(&format!("wipe {what}"), off + done, n, e))?;
         done += n as u64;
     }
     data.flush().map_err(|e| Error::io("flush data", e))
@@ -1198,9 +1202,8 @@ fn worker<D: Disk + Sync + ?Sized>(
             st.writing += 1;
             let record = st.record_writes;
             drop(st);
-            let r = w
-                .data
-                .write_at(w.layout.new_physical(c.logical), &c.buf[..c.len]);
+            let at = w.layout.new_physical(c.logical);
+            let r = w.data.write_at(at, &c.buf[..c.len]);
             // Resilience `none`: a failed write read back as a clean prefix of new bytes
             // (none at all, or what a short write took) and old bytes after it names
             // nothing hot beyond that prefix, so the run stays resumable (trials' full
@@ -1233,7 +1236,8 @@ fn worker<D: Disk + Sync + ?Sized>(
             st.free.push(c.buf);
             st.in_write -= 1;
             if let Err(e) = r {
-                st.failed.get_or_insert(Error::io("write data", e));
+                st.failed
+                    .get_or_insert(Error::io_at("write data", at, c.len, e));
             } else if st.eager_flush && st.in_write == 0 && !st.flushing && st.durable < st.handed {
                 // The last chunk handed out is written: make it durable now.
                 let upto = st.handed;
@@ -1264,10 +1268,11 @@ fn worker<D: Disk + Sync + ?Sized>(
             }
             drop(st);
             let (logical, mut buf) = (a + in_zone, buf);
+            let at = w.layout.old_physical(logical);
             let r = w
                 .data
-                .read_at(w.layout.old_physical(logical), &mut buf[..len])
-                .map_err(|e| Error::io("read data", e));
+                .read_at(at, &mut buf[..len])
+                .map_err(|e| Error::io_at("read data", at, len, e));
             let read = Read {
                 seq,
                 hz: zone,

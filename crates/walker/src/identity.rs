@@ -154,8 +154,9 @@ pub(crate) fn token_at<D: Disk + ?Sized>(
             continue;
         };
         let mut buf = vec![0u8; PROBE as usize];
-        data.read_at(st.layout.old_physical(l), &mut buf)
-            .map_err(|e| Error::io("read identity probe", e))?;
+        let at = st.layout.old_physical(l);
+        data.read_at(at, &mut buf)
+            .map_err(|e| Error::io_at("read identity probe", at, buf.len(), e))?;
         let now = tags(&buf, Some(key));
         let (old, new) = if done {
             inverse(&mut buf, l)?;
@@ -269,7 +270,7 @@ pub(crate) fn check<D: Disk + ?Sized>(
             )));
         }
         data.read_at(at, &mut buf)
-            .map_err(|e| Error::io("read identity probe", e))?;
+            .map_err(|e| Error::io_at("read identity probe", at, buf.len(), e))?;
         for (i, now) in tags(&buf, key).iter().enumerate() {
             let pos = l + (i * SECTOR) as u64;
             let state = walked(st.direction, p, pos, SECTOR as u64);

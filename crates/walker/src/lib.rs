@@ -100,6 +100,16 @@ impl Error {
             source,
         }
     }
+
+    /// An I/O error of a read or write of `len` bytes at byte `off` of the device, named
+    /// there (a bad sector's message said only "read data: Input/output error"; `dmesg`
+    /// names the sector, this names the bytes).
+    pub(crate) fn io_at(what: &str, off: u64, len: usize, source: std::io::Error) -> Error {
+        Error::io(
+            format!("{what} at device bytes {off}..{}", off + len as u64),
+            source,
+        )
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -1232,8 +1242,9 @@ fn write_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Res
     m[32..64].copy_from_slice(&h);
     let self_sum = sha2::Sha256::digest(&m[..64]);
     m[64..96].copy_from_slice(&self_sum);
-    data.write_at(marker_offset(dev_size, s.size), &m)
-        .map_err(|e| Error::io("write start marker", e))?;
+    let at = marker_offset(dev_size, s.size);
+    data.write_at(at, &m)
+        .map_err(|e| Error::io_at("write start marker", at, m.len(), e))?;
     data.flush().map_err(|e| Error::io("flush start marker", e))
 }
 
@@ -1284,7 +1295,7 @@ fn cut_start_on<D: Disk + ?Sized>(data: &D) -> Result<(u64, Option<FoundStart>)>
 fn marker_at<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<(u64, u64)>> {
     let mut m = device::AlignedBuf::new(4096);
     data.read_at(pos, &mut m)
-        .map_err(|e| Error::io("read start marker", e))?;
+        .map_err(|e| Error::io_at("read start marker", pos, m.len(), e))?;
     if &m[..16] != INIT_MAGIC || sha2::Sha256::digest(&m[..64])[..] != m[64..96] {
         return Ok(None);
     }
@@ -1329,8 +1340,9 @@ fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> R
         return Ok(false);
     }
     let mut m = device::AlignedBuf::new(4096);
-    data.read_at(marker_offset(dev_size, shift), &mut m)
-        .map_err(|e| Error::io("read start marker", e))?;
+    let at = marker_offset(dev_size, shift);
+    data.read_at(at, &mut m)
+        .map_err(|e| Error::io_at("read start marker", at, m.len(), e))?;
     if &m[..16] != INIT_MAGIC || sha2::Sha256::digest(&m[..64])[..] != m[64..96] {
         return Ok(false);
     }
@@ -1348,7 +1360,7 @@ fn hash_range<D: Disk + ?Sized>(data: &D, off: u64, len: u64) -> Result<[u8; 32]
     while done < len {
         let n = (buf.len() as u64).min(len - done) as usize;
         data.read_at(off + done, &mut buf[..n])
-            .map_err(|e| Error::io("read moved segment", e))?;
+            .map_err(|e| Error::io_at("read moved segment", off + done, n, e))?;
         h.update(&buf[..n]);
         done += n as u64;
     }
@@ -1362,9 +1374,9 @@ fn move_first_segment<D: Disk + ?Sized>(data: &D, s: Shift) -> Result<()> {
     while off < s.size {
         let n = (buf.len() as u64).min(s.size - off) as usize;
         data.read_at(off, &mut buf[..n])
-            .map_err(|e| Error::io("read first segment", e))?;
+            .map_err(|e| Error::io_at("read first segment", off, n, e))?;
         data.write_at(s.moved_offset + off, &buf[..n])
-            .map_err(|e| Error::io("write moved segment", e))?;
+            .map_err(|e| Error::io_at("write moved segment", s.moved_offset + off, n, e))?;
         off += n as u64;
     }
     data.flush()
