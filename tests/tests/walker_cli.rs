@@ -3058,3 +3058,20 @@ fn walker_resume_refuses_a_device_grown_since_the_run_started() {
     run_ok(&mut detached_resume(&c));
     assert_decrypts_to(&c, &orig, "resumed");
 }
+
+/// A run whose output nobody reads (its pipes' read ends closed at once) still exits 0
+/// once it is done: its last line panicked in `eprintln!` (exit 101) after the walk.
+#[test]
+fn walker_a_run_nobody_listens_to_ends_cleanly() {
+    let (c, orig) = Case::new(8, 74);
+    let mut child = detached_encrypt(&c)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(0), "encrypt with nobody reading: {st}");
+    assert_decrypts_to(&c, &orig, "encrypted with nobody reading");
+}

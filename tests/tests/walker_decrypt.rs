@@ -3,7 +3,7 @@
 //! cryptsetup's ciphertext decrypts with luksify, and runs killed with SIGKILL
 //! at pseudo-random instants resume (by luksify, and by
 //! `cryptsetup repair` + `reencrypt --resume-only` where cryptsetup reads the layout).
-//! SIGINT/SIGTERM stop encryption and decryption at a clean, resumable point.
+//! SIGINT/SIGTERM/SIGHUP stop encryption and decryption at a clean, resumable point.
 
 use luksify_tests::{
     assert_refused_in_one_line, cryptsetup_detached, fill_pattern, has_luks_header, header_seqid,
@@ -887,21 +887,24 @@ fn stop_with(
     Some(msg)
 }
 
-/// SIGINT and SIGTERM stop encryption and decryption at a safe point: exit code 5,
+/// SIGINT, SIGTERM and SIGHUP (a dropped ssh session; it used to kill the run outright,
+/// which a `none` run does not survive) stop encryption and decryption at a safe point: exit code 5,
 /// one line that says so and gives the command that continues, and a header that
 /// cryptsetup calls clean (reencryption in progress, no hotzone flagged
 /// `in-reencryption`, so no recovery is needed). That printed command, or
 /// cryptsetup's `--resume-only` without `repair`, then finishes the run, and the
 /// original bytes come back.
 #[test]
-fn walker_sigint_and_sigterm_stop_at_a_safe_point_that_resumes_cleanly() {
+fn walker_sigint_sigterm_and_sighup_stop_at_a_safe_point_that_resumes_cleanly() {
     require_tool("cryptsetup");
     use Finisher::{Cryptsetup, Hint};
-    let (int, term) = (libc::SIGINT, libc::SIGTERM);
+    let (int, term, hup) = (libc::SIGINT, libc::SIGTERM, libc::SIGHUP);
     let cases = [
         (true, Layout::Detached("checksum"), term, Cryptsetup),
         (true, Layout::Detached("journal"), int, Hint),
         (true, Layout::Detached("none"), term, Hint),
+        (true, Layout::Detached("none"), hup, Hint),
+        (false, Layout::Shift, hup, Cryptsetup),
         (true, Layout::Shift, int, Cryptsetup),
         (true, Layout::Shift, term, Hint),
         (false, Layout::Detached("checksum"), int, Hint),

@@ -248,11 +248,11 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             match volume_type.to_ascii_lowercase().as_str() {
                 "data" => {}
                 "os" | "all" => {
-                    eprintln!("luksify: --volume-type {volume_type} is not supported; only `data` volumes are (the OS disk needs a reboot path luksify does not have)");
+                    errln!("luksify: --volume-type {volume_type} is not supported; only `data` volumes are (the OS disk needs a reboot path luksify does not have)");
                     return Ok(ExitCode::from(exit::UNSUPPORTED));
                 }
                 _ => {
-                    eprintln!("luksify: --volume-type {volume_type} is not a volume type; give data (os and all are not supported)");
+                    errln!("luksify: --volume-type {volume_type} is not a volume type; give data (os and all are not supported)");
                     return Ok(ExitCode::from(exit::USAGE));
                 }
             }
@@ -264,7 +264,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
                 );
             }
             let Some(key_file) = key_file else {
-                eprintln!("luksify: --key-file is required to encrypt; give a file whose whole content is the passphrase");
+                errln!("luksify: --key-file is required to encrypt; give a file whose whole content is the passphrase");
                 return Ok(ExitCode::from(exit::USAGE));
             };
             let kdf = match kdf_request(&pbkdf, pbkdf_force_iterations) {
@@ -325,7 +325,7 @@ fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
         Ok(c) => Ok(c),
         Err(f) => {
             crate::end_bar();
-            eprintln!("luksify: {}", f.message);
+            errln!("luksify: {}", f.message);
             Ok(ExitCode::from(f.code))
         }
     }
@@ -365,8 +365,8 @@ fn cmd_open(
     let rec = map::open(&req, &key)?;
     drop(key);
     match rec.backend {
-        map::Backend::Kernel => println!("{}", rec.mapped.display()),
-        map::Backend::Userspace => println!(
+        map::Backend::Kernel => outln!("{}", rec.mapped.display()),
+        map::Backend::Userspace => outln!(
             "{} -> {} (userspace view, daemon pid {})",
             rec.mapped.display(),
             rec.loop_dev.as_deref().unwrap_or(Path::new("?")).display(),
@@ -412,12 +412,12 @@ fn cmd_check(
                 p.fix = with_state_dir(&p.fix, d);
             }
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "target": target, "ok": false, "problems": [p] })
                 );
             } else {
-                eprintln!("luksify: {}", p.one_line());
+                errln!("luksify: {}", p.one_line());
             }
             return Ok(ExitCode::from(exit::BLOCKED));
         }
@@ -425,9 +425,9 @@ fn cmd_check(
     if json {
         let mut v = serde_json::to_value(&report)?;
         v["ok"] = serde_json::Value::Bool(report.ok());
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", check::render_text(&report));
+        out!("{}", check::render_text(&report));
     }
     Ok(ExitCode::from(if report.ok() {
         exit::OK
@@ -543,8 +543,8 @@ fn cmd_install_unit(
                 path.display()
             ))
         })?;
-    println!("{}", path.display());
-    println!("Enable it with: systemctl daemon-reload && systemctl enable luksify-resume.service");
+    outln!("{}", path.display());
+    outln!("Enable it with: systemctl daemon-reload && systemctl enable luksify-resume.service");
     Ok(ExitCode::from(exit::OK))
 }
 
@@ -558,9 +558,9 @@ fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode
         s.progress_message = with_state_dir(&s.progress_message, d);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        print!("{}", s.render_text());
+        out!("{}", s.render_text());
     }
     Ok(ExitCode::from(exit::OK))
 }
@@ -591,11 +591,11 @@ fn kdf_request(
 fn list_candidates(json: bool, state_dir: &Path, given: Option<&Path>) -> anyhow::Result<ExitCode> {
     let c = luksify_orchestrator::enable::candidates(state_dir);
     if json {
-        println!("{}", serde_json::to_string_pretty(&c)?);
+        outln!("{}", serde_json::to_string_pretty(&c)?);
         return Ok(ExitCode::from(exit::OK));
     }
     if c.is_empty() {
-        println!(
+        outln!(
             "No candidate data volumes (the OS disk, LUKS, swap and LVM PVs are never offered)."
         );
     }
@@ -609,7 +609,7 @@ fn list_candidates(json: bool, state_dir: &Path, given: Option<&Path>) -> anyhow
         } else {
             "has blockers (luksify check)"
         };
-        println!(
+        outln!(
             "{}  {}  {} MiB  {}  {}",
             r.device.display(),
             r.filesystem.fs_type,
@@ -622,8 +622,8 @@ fn list_candidates(json: bool, state_dir: &Path, given: Option<&Path>) -> anyhow
         "Encrypt with: `luksify enable --volume-type data --volume DEV_OR_MOUNTPOINT --key-file F`";
     // Followed literally, it must act on the same state directory as this listing.
     match given {
-        Some(d) => println!("{}", with_state_dir(hint, d)),
-        None => println!("{hint}"),
+        Some(d) => outln!("{}", with_state_dir(hint, d)),
+        None => outln!("{hint}"),
     }
     Ok(ExitCode::from(exit::OK))
 }
@@ -635,8 +635,9 @@ extern "C" fn on_signal(_sig: libc::c_int) {
     CANCEL.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// SIGINT, SIGTERM and SIGHUP (a dropped ssh session) stop a run at its next safe point.
 fn install_cancel_handler() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
@@ -661,7 +662,7 @@ fn reporter() -> impl Fn(&status::VolumeStatus, usize, usize) + Sync {
         if tty {
             let width = 30usize;
             let filled = (v.percent / 100.0 * width as f64) as usize;
-            eprint!(
+            err!(
                 "\r{} {}/{} [{}{}] {:>3}% {} {}   ",
                 v.device.display(),
                 i + 1,
@@ -684,7 +685,7 @@ fn reporter() -> impl Fn(&status::VolumeStatus, usize, usize) + Sync {
                 .map(|s| format!(" {s}"))
                 .collect();
             if v.resumed {
-                eprintln!(
+                errln!(
                     "Resuming {} after reboot: {}% ({}{more})",
                     if v.state == status::VolumeState::DecryptionInProgress {
                         "decryption"
@@ -695,7 +696,7 @@ fn reporter() -> impl Fn(&status::VolumeStatus, usize, usize) + Sync {
                     v.device.display(),
                 );
             } else {
-                eprintln!(
+                errln!(
                     "{}: volume {}/{}: {}%{more}",
                     v.device.display(),
                     i + 1,
@@ -756,7 +757,7 @@ fn print_status(dir: &Path) {
     };
     let mounts = luksify_orchestrator::mountinfo::read().unwrap_or_default();
     status::apply_live_state(&mut s, &mounts, Some(dir));
-    print!("{}", s.render_text());
+    out!("{}", s.render_text());
 }
 
 /// What `resume` and `disable` share: the optional key is read, the global lock taken and
@@ -824,20 +825,20 @@ fn cmd_resume(
                 left += 1;
             }
             if f.decrypt {
-                eprintln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
+                errln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
             } else if key.is_some() {
-                eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finishing it with the given --key-file");
+                errln!("luksify: {dev} has an interrupted encryption missing from the status file; finishing it with the given --key-file");
             } else {
-                eprintln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
+                errln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
             }
         }
         let r = luksify_orchestrator::enable::resume(req, key)?;
         match (r.finished, left + r.skipped) {
-            (0, 0) => println!("Nothing to resume."),
+            (0, 0) => outln!("Nothing to resume."),
             // Unfinished runs remain, each named above with the command that finishes it.
             // (Exit 0 all the same: they are not this state directory's runs, and the
             // boot unit must not fail over another tool's reencryption.)
-            (0, left) => println!("Nothing in the status file to resume; {left} interrupted run(s) found on devices: see above."),
+            (0, left) => outln!("Nothing in the status file to resume; {left} interrupted run(s) found on devices: see above."),
             _ => print_status(&req.state_dir),
         }
         Ok(ExitCode::from(exit::OK))
@@ -858,7 +859,7 @@ fn cmd_disable(
     };
     with_recorded_volumes(key_file, run, state_dir, |req, key| {
         if luksify_orchestrator::enable::disable(req, key, &volumes)? == 0 {
-            println!("No encrypted data volumes to decrypt.");
+            outln!("No encrypted data volumes to decrypt.");
         } else {
             print_status(&req.state_dir);
         }

@@ -204,10 +204,17 @@ fn tuning(t: &TuningArgs) -> Tuning {
     }
 }
 
-/// SIGINT/SIGTERM set the flag; the walker stops at its next safe point.
+/// SIGINT/SIGTERM/SIGHUP set the flag; the walker stops at its next safe point. SIGHUP
+/// too: a dropped ssh session killed the run outright, which for resilience `none`
+/// leaves its hotzone to restore from a backup; now it stops as Ctrl-C does, resumable
+/// (what it prints then goes nowhere, and is not an error).
 fn install_cancel() -> anyhow::Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
         signal_hook::flag::register(sig, Arc::clone(&flag))
             .context("cannot install signal handler")?;
     }
@@ -223,7 +230,7 @@ fn progress_printer() -> impl Fn(ProgressInfo) + Sync {
             } else {
                 100.0
             };
-            eprint!(
+            err!(
                 "\r{pct:5.1}% {} / {} MiB, {} MiB/s   ",
                 p.done >> 20,
                 p.total >> 20,
@@ -238,11 +245,11 @@ fn report(dev: &Path, o: Outcome, what: &str, resume_hint: String) -> ExitCode {
     crate::end_bar();
     match o {
         Outcome::Finished => {
-            eprintln!("luksify: {}: {what} finished", dev.display());
+            errln!("luksify: {}: {what} finished", dev.display());
             ExitCode::SUCCESS
         }
         Outcome::Interrupted(_) => {
-            eprintln!(
+            errln!(
                 "luksify: {}: stopped at a safe point; continue with: {resume_hint}",
                 dev.display()
             );
@@ -250,7 +257,7 @@ fn report(dev: &Path, o: Outcome, what: &str, resume_hint: String) -> ExitCode {
             ExitCode::from(5)
         }
         Outcome::NotStarted => {
-            eprintln!(
+            errln!(
                 "luksify: {}: stopped on request before the {what} wrote anything: the device is as it was and there is nothing to resume; run the same command again to start",
                 dev.display()
             );
@@ -359,7 +366,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     let finished = matches!(outcome, Outcome::Finished);
     let code = report(dev, outcome, "decryption", hint);
     if let Some(h) = a.header.as_deref().filter(|_| finished && in_front) {
-        eprintln!(
+        errln!(
             "luksify: {}: the plaintext now starts at byte 0 (it moved back over the header); the header is in {}, no longer needed",
             dev.display(),
             h.display()
@@ -374,7 +381,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
         .and_then(detached_data_offset)
         .filter(|off| *off > 0)
     {
-        eprintln!(
+        errln!(
             "luksify: {}: the plaintext starts at byte {off}, the header's data offset; the {off} bytes before it were left as they were",
             dev.display()
         );
@@ -464,7 +471,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     // Said once every check has passed (a refusal stays one line), before the first write.
     let notices = || {
         if let Some(reduce) = adjusted {
-            eprintln!(
+            errln!(
                 "luksify: {}: adjusting --reduce-device-size to {reduce} bytes, twice --offset {} (as cryptsetup): only the last {reduce} bytes need be unused",
                 dev.display(),
                 reduce / 1024

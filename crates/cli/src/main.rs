@@ -5,6 +5,35 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// `eprintln!`/`eprint!`/`println!`/`print!` that ignore a failed write: a reader that
+/// went away (an agent that closed its pipe, `| head`, a terminal hung up) must not stop
+/// a run half way. The std macros panic on a write error: a trial's `luksify enable ...
+/// 2>&1 | head -2` stopped the walk at 50% with exit 101.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod bench_device;
 mod cmd_bench;
 mod cmd_luks;
@@ -56,7 +85,7 @@ pub static BAR_OPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// Ends an open progress bar's line, so the next message starts a line of its own.
 pub fn end_bar() {
     if BAR_OPEN.swap(false, std::sync::atomic::Ordering::SeqCst) {
-        eprintln!();
+        errln!();
     }
 }
 
@@ -100,7 +129,7 @@ fn main() -> ExitCode {
         Err(e) => {
             end_bar();
             // One line: what went wrong and how to fix it (errors carry both).
-            eprintln!("luksify: {}", one_line(&e));
+            errln!("luksify: {}", one_line(&e));
             // Another process holds the volume (a run's lock, a mapping, qemu): 4, as
             // for the orchestrator's lock (see EXIT_CODES).
             let busy = e.chain().any(|c| {

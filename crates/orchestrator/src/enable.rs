@@ -161,7 +161,7 @@ fn stop_holders(device: &Path, pids: &[u32], cancel: &AtomicBool) -> Result<()> 
         // Asked to stop while waiting: no SIGKILL after that.
         not_cancelled(cancel)?;
         for p in &alive {
-            eprintln!(
+            errln!(
                 "luksify: stopping pid {p} with {} because it holds {}",
                 if sig == libc::SIGTERM {
                     "SIGTERM"
@@ -183,14 +183,14 @@ fn stop_holders(device: &Path, pids: &[u32], cancel: &AtomicBool) -> Result<()> 
     Ok(())
 }
 
-/// Refuses to go on once SIGINT/SIGTERM asked to stop. Only called before the walker
+/// Refuses to go on once SIGINT/SIGTERM/SIGHUP asked to stop. Only called before the walker
 /// writes anything: its caller puts the volume back as it was, so nothing is left to
 /// resume.
 fn not_cancelled(cancel: &AtomicBool) -> Result<()> {
     if cancel.load(Ordering::Relaxed) {
         return Err(Failure::new(
             exit::INTERRUPTED,
-            "stopped on request (SIGINT/SIGTERM) before the walk began, so there is nothing to resume",
+            "stopped on request (SIGINT/SIGTERM/SIGHUP) before the walk began, so there is nothing to resume",
         ));
     }
     Ok(())
@@ -778,7 +778,7 @@ type RunOf<'a> = (
 
 /// Once the volume is `unmounted`: fsck and shrink it, create and reserve the detached
 /// header, then walk. A failure before the walk (the unmount included), or a stop asked
-/// for by SIGINT/SIGTERM by then, mounts it again (grown back if this shrank it) and
+/// for by SIGINT/SIGTERM/SIGHUP by then, mounts it again (grown back if this shrank it) and
 /// leaves it NotEncrypted.
 fn encrypt_unmounted(
     (req, passphrase, sw, idx, (i, n)): RunOf<'_>,
@@ -929,7 +929,7 @@ struct FsFacts {
 /// point when power was cut before the walker's first header commit: every step here is
 /// idempotent (a shrunk filesystem is not shrunk again). Says whether the filesystem is
 /// shrunk for the header now (by this call or, ending exactly there, by an earlier run),
-/// which a stop before the walk undoes. Asked to stop (SIGINT/SIGTERM), it does not
+/// which a stop before the walk undoes. Asked to stop (SIGINT/SIGTERM/SIGHUP), it does not
 /// start the next step, and its caller refuses to go on.
 fn prepare_fs(
     device: &Path,
@@ -1306,7 +1306,7 @@ fn stable_device_name(device: &Path) -> String {
     if let Some(u) = partuuid {
         return format!("PARTUUID={u}");
     }
-    eprintln!(
+    errln!(
         "luksify: warning: crypttab names {} by its kernel name, which may change at reboot (no /dev/disk/by-id link or PARTUUID found); edit it if so",
         device.display()
     );
@@ -1411,7 +1411,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
             .into_iter()
             .partition(|f| passphrase_unlocks(f.header.as_deref().unwrap_or(&f.device), pass));
         for f in foreign {
-            eprintln!(
+            errln!(
                 "luksify: {} has an interrupted reencryption that the given --key-file does not open; left alone",
                 f.device.display()
             );
@@ -1476,7 +1476,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         }
     }
     if !skipped.is_empty() {
-        eprintln!("luksify: {}", skipped.join("; "));
+        errln!("luksify: {}", skipped.join("; "));
     }
     sw.active = None;
     // A decryption that had not started stays encrypted (resume_decrypt said so): the
@@ -1504,7 +1504,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
                 .map(|p| format!(" --volume {}", p.display()))
                 .collect::<String>()
         );
-        eprintln!("{}", crate::status::in_state_dir(&said, &req.state_dir));
+        errln!("{}", crate::status::in_state_dir(&said, &req.state_dir));
         pending.clear();
     }
     let done = |n: usize| Resumed {
@@ -1628,7 +1628,7 @@ fn remount_pending(status: &crate::status::Status, pending: &[PathBuf]) {
                 .arg(mp),
             &format!("mount {} at {}", v.device.display(), mp.display()),
         ) {
-            eprintln!(
+            errln!(
                 "luksify: {}; it is encrypted where it is, not mounted",
                 e.message
             );
@@ -1845,7 +1845,7 @@ fn resume_decrypt(
     let in_front = header.starts_with(req.state_dir.join("headers"));
     if decryption_not_started(&v.device, &header, in_front) {
         // Stopped before the walker's first commit: the volume is encrypted as it was.
-        eprintln!(
+        errln!(
             "luksify: the decryption of {} had not started; it stays encrypted and is mapped and mounted again",
             v.device.display()
         );

@@ -1,6 +1,17 @@
 //! Orchestration for data volumes: preflight checks, holders, unmount, map,
 //! remount and the status file. Knows nothing of AES.
 
+/// `eprintln!` that ignores a failed write: a reader that went away (an agent that closed
+/// its pipe, `| head`, a terminal hung up) must not stop a run half way. The std macro
+/// panics on a write error: a trial's `luksify enable ... 2>&1 | head -2` stopped the
+/// walk at 50% with exit 101.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 pub mod check;
 pub mod dm;
 pub mod enable;

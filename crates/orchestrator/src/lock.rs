@@ -58,7 +58,7 @@ impl GlobalLock {
             let pid = s.trim().to_string();
             if wait {
                 // Say why nothing happens yet, then queue.
-                eprintln!(
+                errln!(
                     "luksify: waiting for pid {} to release {} (--wait)",
                     if pid.is_empty() { "unknown" } else { &pid },
                     path.display()
