@@ -645,6 +645,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             mount_point: m.map(|m| m.mount_point.clone()),
             mount_options: m.map(|m| m.options.clone()),
             fs_type: Some(p.report.filesystem.fs_type.clone()),
+            fs_bytes: p.report.filesystem.fs_bytes,
             header: p.header.clone(),
             key_file: Some(key_file.clone()),
             state: VolumeState::NotEncrypted,
@@ -1252,9 +1253,13 @@ fn finish_volume(
     commit(sw)
 }
 
-/// Grows an ext filesystem over all of `dev` (offline: online resizing needs
-/// CAP_SYS_RESOURCE, which containers often drop), then mounts `dev` where the volume was
-/// mounted, with its original options, and puts its nested mounts back.
+/// Grows an ext filesystem on `dev` back to the size `enable` found it at, as far as
+/// `dev` holds it (offline: online resizing needs CAP_SYS_RESOURCE, which containers
+/// often drop), then mounts `dev` where the volume was mounted, with its original
+/// options, and puts its nested mounts back. A filesystem at that size already (never
+/// shrunk: a detached header, or one smaller than its device) is not resized: a trial's
+/// 100 MiB ext4 on a 200 MiB device came back 168 MiB, its tail made free space, and a
+/// bigalloc ext4, which resize2fs grows only with -f, failed after its walk.
 fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Result<()> {
     // Already back (a run killed after this step): grown, mounted; only nested mounts may
     // be missing.
@@ -1271,10 +1276,23 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
     }
     if fs_type.is_some_and(is_ext) {
         fsck_ext(dev)?;
-        run_tool(
-            Command::new("resize2fs").arg(dev),
-            &format!("grow the filesystem over all of {}", dev.display()),
-        )?;
+        let _ = match grow_target(v, dev) {
+            Some(Some(bytes)) => run_tool(
+                Command::new("resize2fs")
+                    .arg(dev)
+                    .arg(format!("{}K", bytes / 1024)),
+                &format!(
+                    "grow the filesystem on {} back to its {} MiB",
+                    dev.display(),
+                    bytes >> 20
+                ),
+            )?,
+            Some(None) => run_tool(
+                Command::new("resize2fs").arg(dev),
+                &format!("grow the filesystem over all of {}", dev.display()),
+            )?,
+            None => String::new(),
+        };
     }
     if let Some(mp) = &v.mount_point {
         let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
@@ -1286,6 +1304,19 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
         remount_extras(mp, &v.extra_mounts)?;
     }
     Ok(())
+}
+
+/// How far to grow the filesystem on `dev`: to its size when `enable` found it (or as
+/// much of that as `dev` holds), `None` when it is that size already; `Some(None)` (all
+/// of `dev`) for a volume recorded before its size was.
+fn grow_target(v: &VolumeStatus, dev: &Path) -> Option<Option<u64>> {
+    let Some(was) = v.fs_bytes else {
+        return Some(None);
+    };
+    let room = probe::device_size(dev).unwrap_or(was);
+    let now = probe::detect_fs(dev).ok().and_then(|f| f.fs_bytes)?;
+    let target = was.min(room);
+    (now < target).then_some(Some(target))
 }
 
 /// A name for `device` that survives a reboot, for crypttab: a /dev/disk/by-id link

@@ -54,6 +54,12 @@ pub struct VolumeStatus {
     pub mount_options: Option<String>,
     #[serde(default)]
     pub fs_type: Option<String>,
+    /// The filesystem's size in bytes when `enable` found it: what it is grown back to
+    /// after a shrink for the header, and never beyond (a filesystem smaller than its
+    /// device stays that size; the bytes after it are not made free space). `None` in a
+    /// status file from before it was recorded: grown over the whole device then.
+    #[serde(default)]
+    pub fs_bytes: Option<u64>,
     /// Detached header file, when the header is not on the device.
     #[serde(default)]
     pub header: Option<PathBuf>,
