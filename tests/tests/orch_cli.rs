@@ -3986,3 +3986,86 @@ fn root_orch_a_filesystem_keeps_its_size_through_enable_and_disable() {
     );
     fx.assert_files_unchanged();
 }
+
+/// Unmounts (lazily) on drop, so a failed assertion leaves no mount behind.
+struct Mounted(PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// A whole disk holding a partition table: `check` says so and names its partitions and
+/// where each is mounted (a trial's GPT disk got "no filesystem recognised ... make a
+/// filesystem only on a device known to be empty" and "Mounted: no", five of its
+/// partitions mounted). `enable` without `--volume` offers a loop device's partitions
+/// (every loop partition was left out) and not the disk.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_partitioned_disk_is_named_as_such_and_its_partitions_offered() {
+    require_tool("partx");
+    require_tool("mkfs.ext4");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk");
+    sparse_file(&img, 96 << 20);
+    // A DOS table: two Linux partitions of 40 MiB from sector 2048.
+    let mut mbr = vec![0u8; 512];
+    for (i, start) in [2048u32, 2048 + 81920].into_iter().enumerate() {
+        let e = &mut mbr[446 + 16 * i..462 + 16 * i];
+        e[4] = 0x83;
+        e[8..12].copy_from_slice(&start.to_le_bytes());
+        e[12..16].copy_from_slice(&81920u32.to_le_bytes());
+    }
+    mbr[510..].copy_from_slice(&[0x55, 0xAA]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&mbr, 0).unwrap();
+    }
+    let lo = LoopDev::attach_with(&img, &["-P"]);
+    let part = |n: u32| PathBuf::from(format!("{}p{n}", lo.path.display()));
+    // The kernel's scan at attach may not have made the partitions yet: partx adds them.
+    let _ = Command::new("partx").arg("-a").arg(&lo.path).output();
+    wait_for("the partitions", Duration::from_secs(5), || {
+        part(1).exists() && part(2).exists()
+    });
+    for n in [1, 2] {
+        run_ok(Command::new("mkfs.ext4").arg("-q").arg(part(n)));
+    }
+    let m1 = dir.path().join("m1");
+    std::fs::create_dir(&m1).unwrap();
+    run_ok(Command::new("mount").arg(part(1)).arg(&m1));
+    let _mounted = Mounted(m1.clone());
+    let state = dir.path().join("state");
+
+    let out = run(luksify(&state).arg("check").arg(&lo.path));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+    assert!(err.contains("holding a dos partition table"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} (mounted at {}), {}",
+            part(1).display(),
+            m1.display(),
+            part(2).display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("make a filesystem"), "{err}");
+
+    let out = run_ok(luksify(&state).args(["enable", "--volume-type", "data"]));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    for n in [1, 2] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{} ", part(n).display()))),
+            "partition {n} is not offered:\n{text}"
+        );
+    }
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with(&format!("{} ", lo.path.display()))),
+        "the whole disk is offered:\n{text}"
+    );
+}

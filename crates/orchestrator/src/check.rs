@@ -203,6 +203,36 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
     })
 }
 
+/// What to do instead of encrypting whole disk `dev`: its partitions, with where each is
+/// mounted (a trial's GPT disk said "no filesystem recognised ... make a filesystem",
+/// five of its partitions mounted).
+fn partition_fix(dev: &Path, all: &[Mount]) -> String {
+    let parts: Vec<String> = probe::partitions(dev)
+        .iter()
+        .map(|p| {
+            let num = probe::block_dev_num(p);
+            let at: Vec<String> = all
+                .iter()
+                .filter(|m| Some(m.dev) == num)
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            match at.is_empty() {
+                true => p.display().to_string(),
+                false => format!("{} (mounted at {})", p.display(), at.join(", ")),
+            }
+        })
+        .collect();
+    match parts.first() {
+        Some(_) => format!(
+            "encrypt its partitions one by one instead (`luksify check PARTITION`): {}",
+            parts.join(", ")
+        ),
+        None => {
+            "encrypt one partition instead (an image's partitions appear with `losetup -P`)".into()
+        }
+    }
+}
+
 /// Devices holding /, /boot or /boot/efi, and the disks that contain them.
 pub fn os_devices(all: &[Mount]) -> Vec<DevNum> {
     let mut v = Vec::new();
@@ -1068,6 +1098,13 @@ pub fn check_resolved(
             }
             "swap" => {}
             "unreadable" => {}
+            table if table.ends_with(probe::PARTITION_TABLE) => push(
+                "partition_table",
+                Severity::Blocker,
+                format!("{dev_s} is a whole disk holding a {table}"),
+                "encrypting a whole disk in place would turn the table and the start of every partition into ciphertext".into(),
+                partition_fix(&r.device, all),
+            ),
             "unknown" => push(
                 "no_filesystem",
                 Severity::Blocker,

@@ -88,7 +88,16 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
         {
             continue;
         }
-        if n.starts_with("loop") && !sys.join("loop/backing_file").exists() {
+        // An unused loop device has no backing file; a loop device's partition
+        // (`losetup -P`) has its disk's (they were all left out).
+        let disk = match sys.join("partition").exists() {
+            true => std::fs::canonicalize(&sys)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| sys.clone()),
+            false => sys.clone(),
+        };
+        if n.starts_with("loop") && !disk.join("loop/backing_file").exists() {
             continue;
         }
         let dev = PathBuf::from("/dev").join(&n);
@@ -105,7 +114,9 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
         // own view would wait on its daemon.
         if r.luks.is_some()
             || r.is_os_volume
-            || r.problems.iter().any(|p| p.code == "already_mapped")
+            || r.problems
+                .iter()
+                .any(|p| matches!(p.code, "already_mapped" | "partition_table"))
             || matches!(
                 r.filesystem.fs_type.as_str(),
                 "unknown" | "unreadable" | "unread" | "swap" | "LVM2_member"

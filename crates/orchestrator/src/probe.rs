@@ -32,6 +32,27 @@ impl FsInfo {
 }
 
 /// Reads enough of the start of `dev` to recognise it; `blkid` is the fallback.
+/// How [`detect_fs`] names a whole disk's partition table: `gpt partition table`.
+pub const PARTITION_TABLE: &str = " partition table";
+
+/// The partitions the kernel knows on whole disk `dev` (`/dev/loop0p1`, ...), sorted.
+pub fn partitions(dev: &Path) -> Vec<PathBuf> {
+    let Some(name) = dev.file_name() else {
+        return Vec::new();
+    };
+    let sys = Path::new("/sys/class/block").join(name);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(sys)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("partition").exists())
+                .map(|e| Path::new("/dev").join(e.file_name()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 pub fn detect_fs(dev: &Path) -> std::io::Result<FsInfo> {
     let f = File::open(dev)?;
     let mut head = vec![0u8; 70 * 1024];
@@ -40,14 +61,22 @@ pub fn detect_fs(dev: &Path) -> std::io::Result<FsInfo> {
     if let Some(info) = detect_fs_bytes(&head) {
         return Ok(info);
     }
-    let blkid = std::process::Command::new("blkid")
-        .args(["-p", "-o", "value", "-s", "TYPE"])
+    let blkid = |tag: &str| match std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", tag])
         .arg(dev)
-        .output();
-    let fs_type = match blkid {
+        .output()
+    {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => String::new(),
     };
+    let mut fs_type = blkid("TYPE");
+    if fs_type.is_empty() {
+        // A whole disk's partition table (blkid's PTTYPE: gpt, dos): not "no filesystem".
+        fs_type = match blkid("PTTYPE") {
+            t if t.is_empty() => t,
+            t => format!("{t}{PARTITION_TABLE}"),
+        };
+    }
     Ok(FsInfo {
         fs_type: if fs_type.is_empty() {
             "unknown".into()
