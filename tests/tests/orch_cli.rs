@@ -3999,7 +3999,8 @@ impl Drop for Mounted {
 /// where each is mounted (a trial's GPT disk got "no filesystem recognised ... make a
 /// filesystem only on a device known to be empty" and "Mounted: no", five of its
 /// partitions mounted). `enable` without `--volume` offers a loop device's partitions
-/// (every loop partition was left out) and not the disk.
+/// (every loop partition was left out) and not the disk. A volume may be named as fstab
+/// names it, `LABEL=...`.
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_a_partitioned_disk_is_named_as_such_and_its_partitions_offered() {
@@ -4029,9 +4030,14 @@ fn root_orch_a_partitioned_disk_is_named_as_such_and_its_partitions_offered() {
     wait_for("the partitions", Duration::from_secs(5), || {
         part(1).exists() && part(2).exists()
     });
-    for n in [1, 2] {
-        run_ok(Command::new("mkfs.ext4").arg("-q").arg(part(n)));
-    }
+    // Partition 2 by fstab's name for it too (`check LABEL=x` said "cannot stat it").
+    let label = format!("lx{}", std::process::id());
+    run_ok(Command::new("mkfs.ext4").arg("-q").arg(part(1)));
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-L", &label])
+            .arg(part(2)),
+    );
     let m1 = dir.path().join("m1");
     std::fs::create_dir(&m1).unwrap();
     run_ok(Command::new("mount").arg(part(1)).arg(&m1));
@@ -4052,6 +4058,12 @@ fn root_orch_a_partitioned_disk_is_named_as_such_and_its_partitions_offered() {
         "{err}"
     );
     assert!(!err.contains("make a filesystem"), "{err}");
+    let out = run(luksify(&state).arg("check").arg(format!("LABEL={label}")));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+    assert!(
+        text.contains(&format!("Device        : {} (", part(2).display())),
+        "LABEL={label}: {text}"
+    );
 
     let out = run_ok(luksify(&state).args(["enable", "--volume-type", "data"]));
     let text = String::from_utf8_lossy(&out.stdout).to_string();

@@ -135,6 +135,17 @@ pub struct Resolved {
 }
 
 /// Resolves a device path or a mount point.
+/// `target` as fstab's `UUID=`, `LABEL=`, `PARTUUID=` or `PARTLABEL=` tag, unless a
+/// path of that name exists.
+fn fstab_tag(target: &Path) -> Option<&str> {
+    let t = target.to_str()?;
+    let (key, value) = t.split_once('=')?;
+    (["UUID", "LABEL", "PARTUUID", "PARTLABEL"].contains(&key)
+        && !value.is_empty()
+        && !target.exists())
+    .then_some(t)
+}
+
 pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
     let bad = |what: String, why: String, fix: &str| Problem {
         code: "target",
@@ -143,6 +154,24 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
         why,
         fix: fix.to_string(),
     };
+    // fstab's way of naming a device (`LABEL=data`, `UUID=...`): the device blkid finds.
+    if let Some(tag) = fstab_tag(target) {
+        let out = std::process::Command::new("blkid")
+            .args(["-l", "-o", "device", "-t", tag])
+            .output();
+        let dev = out
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|d| !d.is_empty());
+        return match dev {
+            Some(d) => resolve(Path::new(&d), all),
+            None => Err(bad(
+                tag.to_string(),
+                "no block device carries it (blkid)".into(),
+                "check the name with `blkid`, or give the device (/dev/sdc) or its mount point",
+            )),
+        };
+    }
     if let Some(dev) = probe::block_dev_num(target) {
         let mounts = mountinfo::mounts_of(all, dev)
             .into_iter()
