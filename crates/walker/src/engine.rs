@@ -140,9 +140,9 @@ impl Sums {
         area / self.digest_len() as u64 * self.block as u64
     }
 
-    /// Bytes of digests for `data` bytes.
+    /// Bytes of digests for `data` bytes (a last partial block has one too).
     pub fn area_for(self, data: u64) -> u64 {
-        data / self.block as u64 * self.digest_len() as u64
+        data.div_ceil(self.block as u64) * self.digest_len() as u64
     }
 
     /// Writes the digest of each block of `data` into `out` (`len()` bytes each).
@@ -150,8 +150,20 @@ impl Sums {
     /// All-zero blocks (the unused space of most volumes) all have one digest: it is
     /// hashed once per call and copied, so an empty volume costs a scan instead of the
     /// hashing, the largest CPU cost of checksum mode. The digests are the same.
+    ///
+    /// A last partial block (the end of a device that is not whole blocks) is hashed
+    /// padded with zeros to a whole block, as cryptsetup hashes it.
     fn hash_to_slice(self, data: &[u8], out: &mut [u8]) {
         let (b, d) = (self.block, self.digest_len());
+        let whole = data.len() / b * b;
+        if whole < data.len() {
+            let mut last = vec![0u8; b];
+            last[..data.len() - whole].copy_from_slice(&data[whole..]);
+            let k = whole / b;
+            self.hash_to_slice(&data[..whole], &mut out[..k * d]);
+            self.hash_run(&last, &mut out[k * d..(k + 1) * d]);
+            return;
+        }
         let zero = |i: usize| {
             data.get(i * b..(i + 1) * b)
                 .is_some_and(|x| x == &ZERO_BLOCK[..b])
@@ -1379,8 +1391,11 @@ mod tests {
                     let d = &data[..len];
                     let mut want = Vec::new();
                     for c in d.chunks(block) {
+                        // A partial last block is hashed padded with zeros (cryptsetup).
+                        let mut padded = c.to_vec();
+                        padded.resize(block, 0);
                         let mut o = vec![0u8; sums.digest_len()];
-                        hash.digest_into(&[c], &mut o);
+                        hash.digest_into(&[&padded], &mut o);
                         want.extend_from_slice(&o);
                     }
                     assert!(
