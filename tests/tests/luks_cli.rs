@@ -1137,3 +1137,57 @@ fn root_luksify_never_dumps_core() {
         "the process is dumpable (its /proc entry is nobody's)"
     );
 }
+
+/// An unbound keyslot (`cryptsetup luksAddKey --unbound`) opens to a key that is not
+/// the volume key: `dump --dump-volume-key -S N` wrote that key as the volume key and
+/// said so (a trial: a false backup). It is refused now, as cryptsetup refuses it ("No
+/// usable keyslot"), and nothing is written; the bound slot still dumps the real key.
+#[test]
+fn luks_cli_an_unbound_keyslot_gives_no_volume_key() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 32 << 20);
+    let k1 = d.file("k1", b"bound passphrase");
+    let ku = d.file("ku", b"unbound passphrase");
+    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q"])
+            .args(kdf)
+            .args([p(&img), p(&k1)]),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksAddKey", "-q", "--unbound", "-s", "512", "-S", "5"])
+            .args(kdf)
+            .args([p(&img), p(&ku)]),
+    );
+    let out = d.path("vk");
+    let r = run(&mut lx(&[
+        "dump",
+        p(&img),
+        "--dump-volume-key",
+        "-S",
+        "5",
+        "--key-file",
+        p(&ku),
+        "--volume-key-file",
+        p(&out),
+    ]));
+    assert_refused_in_one_line(&r, "keyslot 5 is unbound", "dump of an unbound keyslot");
+    assert!(!out.exists(), "a volume key file was written");
+    run_ok(&mut lx(&[
+        "dump",
+        p(&img),
+        "--dump-volume-key",
+        "--key-file",
+        p(&k1),
+        "--volume-key-file",
+        p(&out),
+    ]));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        cs_volume_key(&img, &k1, None, &d.path("cs-vk")),
+        "the bound slot's key is not cryptsetup's volume key"
+    );
+}

@@ -543,6 +543,16 @@ impl Luks2Header {
     ) -> Result<(VolumeKey, u32)> {
         self.check_requirements_for_unlock()?;
         if let Some(s) = slot {
+            // An unbound keyslot (`cryptsetup luksAddKey --unbound`) opens to a key that
+            // is not the volume's: a `dump --dump-volume-key -S` of it wrote that key as
+            // the volume key ("No usable keyslot is available", says cryptsetup).
+            if matches!(self.metadata.keyslots.get(&s), Some(Keyslot::Luks2(_)))
+                && !self.keyslot_covers_a_segment(s)
+            {
+                return Err(Error::Unsupported(format!(
+                    "keyslot {s} is unbound: the key it holds is not the volume key, so it cannot unlock the volume (no usable keyslot)"
+                )));
+            }
             return self.unlock_keyslot(disk, s, passphrase).map(|k| (k, s));
         }
         // Keyslots bound to a digest that covers some segment: the data segment
@@ -558,11 +568,7 @@ impl Luks2Header {
                 }
                 _ => None,
             })
-            .filter(|(_, id)| {
-                self.digest_id_for_keyslot(*id)
-                    .and_then(|d| self.metadata.digests.get(&d))
-                    .is_some_and(|d| !d.segments().is_empty())
-            })
+            .filter(|(_, id)| self.keyslot_covers_a_segment(*id))
             .collect();
         order.sort_by_key(|(p, id)| (std::cmp::Reverse(*p), *id));
         let mut last_err = Error::WrongPassphrase;
@@ -575,6 +581,14 @@ impl Luks2Header {
             }
         }
         Err(last_err)
+    }
+
+    /// Whether keyslot `id` is bound to a digest that covers some segment: the data
+    /// segment normally, the backup segments while a reencryption is in progress.
+    fn keyslot_covers_a_segment(&self, id: u32) -> bool {
+        self.digest_id_for_keyslot(id)
+            .and_then(|d| self.metadata.digests.get(&d))
+            .is_some_and(|d| !d.segments().is_empty())
     }
 
     /// Unknown mandatory requirements make the volume unusable for us, as for cryptsetup.
