@@ -3118,3 +3118,103 @@ fn walker_resumes_a_cryptsetup_checksum_run_on_an_image_of_partial_blocks() {
     }
     assert!(resumed > 0, "no kill landed inside cryptsetup's walk");
 }
+
+/// Two runs never share a detached header, and `format` never writes over one a run
+/// holds. A second `encrypt --header H` of another device, started while the first
+/// derives its key (H created and reserved, nothing in it yet), took H over: both
+/// finished and one volume was left encrypted under a key nobody had. A `format --header
+/// H` (or of H itself) mid-walk replaced the run's keyslot, and the walk reported
+/// success. Each is now refused with exit 4, writing nothing, and the first run's
+/// volume decrypts to its original.
+#[test]
+fn walker_a_header_file_belongs_to_one_run() {
+    let (a, orig) = Case::new(16, 75);
+    let (b, b_orig) = Case::new(16, 76);
+    let hdr = a.hdr();
+    // ~2 s of key derivation, the window the second run landed in.
+    let slow = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "10000000"];
+    let mut first = luksify(&[
+        "encrypt",
+        &a.img(),
+        "--key-file",
+        &a.key(),
+        "--header",
+        &hdr,
+    ]);
+    let first = first
+        .args(slow)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !a.p("hdr").exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let out = run(luksify(&[
+        "encrypt",
+        &b.img(),
+        "--key-file",
+        &b.key(),
+        "--header",
+        &hdr,
+    ])
+    .args(FAST));
+    let second_done = std::fs::read(b.p("img")).unwrap() == b_orig;
+    // Mid-walk of the first run, or still deriving: either way a format must not write.
+    let fmt = run(luksify(&[
+        "format",
+        &b.img(),
+        "--header",
+        &hdr,
+        "--key-file",
+        &b.key(),
+        "--batch-mode",
+    ])
+    .args(FAST));
+    let fmt_self = run(luksify(&[
+        "format",
+        &hdr,
+        "--offset",
+        "0",
+        "--key-file",
+        &b.key(),
+        "--batch-mode",
+    ])
+    .args(FAST));
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "first run: {first:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "second run on the same header: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is in use by another luksify run"),
+        "{out:?}"
+    );
+    assert!(second_done, "the second run wrote its device");
+    assert_eq!(
+        fmt.status.code(),
+        Some(4),
+        "format --header mid-run: {fmt:?}"
+    );
+    assert_eq!(
+        fmt_self.status.code(),
+        Some(4),
+        "format of the header mid-run: {fmt_self:?}"
+    );
+    run_ok(&mut luksify(&[
+        "decrypt",
+        &a.img(),
+        "--key-file",
+        &a.key(),
+        "--header",
+        &hdr,
+    ]));
+    assert!(
+        same(&std::fs::read(a.p("img")).unwrap(), &orig),
+        "plaintext differs"
+    );
+}

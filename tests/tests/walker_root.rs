@@ -1403,3 +1403,49 @@ fn root_walker_a_none_run_on_a_full_filesystem_resumes_once_there_is_room() {
     run_ok(&mut luksify_detached("resume", &i, &k, &h));
     decrypt_detached_and_check(&img, &k, &h, &orig, "none on a full disk");
 }
+
+/// A loop device over a loop device over an image: a run through the top one locked only
+/// the middle one's device node, so runs on the image and on the middle loop device
+/// went on beside it and all finished, the data encrypted twice (a trial). The lock now
+/// follows the chain down to the file: each is refused (exit 4, nothing written), and
+/// the first run finishes to the original plaintext.
+#[test]
+#[ignore = "needs root (loop devices)"]
+fn root_walker_a_run_through_stacked_loop_devices_holds_the_file_below() {
+    require_root();
+    let (dir, orig) = scratch(32, 43);
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).display().to_string();
+    std::fs::write(p("img"), &orig).unwrap();
+    let la = LoopDev::attach(&p("img"));
+    let lc = LoopDev::attach(&la.path);
+    let (top, middle) = (lc.path.display().to_string(), la.path.display().to_string());
+    let key = s("key");
+    let mut enc = luksify_detached("encrypt", &top, &key, &s("hdr"));
+    enc.args(FAST)
+        .args(SMALL)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let first = Frozen::after_seqid(&mut enc, &p("hdr"), 3);
+    first.step_until(|| no_header_write_lock(&p("hdr")));
+    for (dev, hdr, what) in [
+        (s("img"), s("h2"), "the image"),
+        (middle, s("h3"), "the middle loop device"),
+    ] {
+        let i0 = std::fs::read(p("img")).unwrap();
+        let mut again = luksify_detached("encrypt", &dev, &key, &hdr);
+        let out = run(again.args(FAST));
+        assert_eq!(out.status.code(), Some(4), "a run on {what}: {out:?}");
+        assert!(
+            std::fs::read(p("img")).unwrap() == i0,
+            "{what}: image changed"
+        );
+    }
+    assert!(
+        first.thaw().success(),
+        "the run through the top loop device, continued"
+    );
+    drop(lc);
+    drop(la);
+    decrypt_detached_and_check(&p("img"), &key, &s("hdr"), &orig, "stacked");
+}

@@ -701,6 +701,13 @@ fn open_new_header(
         }
         return Ok(f);
     }
+    if std::fs::metadata(h).is_ok_and(|m| m.is_file() && m.len() > 0) {
+        // Another run's header before anything else is said of what it holds (a run
+        // still deriving its key has written nothing yet, which reads as a cut start).
+        if let Ok(f) = OpenOptions::new().read(true).write(true).open(h) {
+            claim_header_file(dev, h, &f)?;
+        }
+    }
     if let Ok(m) = std::fs::metadata(h) {
         if m.is_dir() {
             bail!(
@@ -736,6 +743,9 @@ fn open_new_header(
                 h.display()
             )
         })?;
+    // Held from the first instant (the walker takes it again on this same open file),
+    // so a second run naming the same new file is refused instead of sharing it.
+    claim_header_file(dev, h, &f)?;
     if let Err(e) = luksify_walker::device::reserve(&f, size) {
         drop(f);
         if created {
@@ -747,6 +757,22 @@ fn open_new_header(
         );
     }
     Ok(f)
+}
+
+/// The walker's claim on header file `h` (open as `f`), or exit 4 naming it: another
+/// run or a `format` holds it.
+fn claim_header_file(dev: &Path, h: &Path, f: &std::fs::File) -> anyhow::Result<()> {
+    luksify_walker::lock::claim_header(f).map_err(|e| match e {
+        luksify_walker::Error::Busy(m) => {
+            anyhow::Error::new(luksify_walker::Error::Busy(m.replacen(
+                "the header file",
+                &format!("the header file {}", h.display()),
+                1,
+            )))
+            .context(dev.display().to_string())
+        }
+        e => anyhow::Error::new(e).context(dev.display().to_string()),
+    })
 }
 
 /// Why `encrypt --header H` refuses an existing, non-empty `h`, by what it holds: an

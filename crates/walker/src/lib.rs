@@ -912,6 +912,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
     }
     if let Some(m) = meta {
         refuse_header_on_data(data, m)?;
+        lock::claim_header(m)?;
     }
     let placement = opts.placement.with_offset(opts.format.data_offset)?;
     refuse_other_layout_over_a_cut_shift_start(data, dev_size, placement, meta.is_some())?;
@@ -1558,6 +1559,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
         .map_err(|e| Error::io("size of the device", e))?;
     if let Some(h) = header {
         refuse_header_on_data(data, h)?;
+        lock::claim_header(h)?;
     }
     let header_is_luks = match header {
         Some(h) => h.size().unwrap_or(0) > 0 && is_luks(h)?,
@@ -1909,6 +1911,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     tuning.check()?;
     if let Some(m) = meta {
         refuse_header_on_data(data, m)?;
+        lock::claim_header(m)?;
     }
     let store = match meta {
         Some(m) => HeaderStore {

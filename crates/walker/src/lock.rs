@@ -37,6 +37,11 @@ pub const CRYPTSETUP_LOCK_DIR: &str = "/run/cryptsetup";
 /// however far the file grows). Fails with `WouldBlock` when another open file
 /// description (another process, or another open in this one) holds a lock there.
 pub fn lock_range(file: &File, start: u64, len: u64) -> io::Result<()> {
+    lock_fd_range(file.as_raw_fd(), start, len)
+}
+
+/// [`lock_range`] on a raw descriptor.
+fn lock_fd_range(fd: std::os::fd::RawFd, start: u64, len: u64) -> io::Result<()> {
     // SAFETY: an all-zero `struct flock` is a valid value; the fields are set below.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as libc::c_short;
@@ -46,7 +51,7 @@ pub fn lock_range(file: &File, start: u64, len: u64) -> io::Result<()> {
     loop {
         // SAFETY: fcntl on a valid descriptor with a valid, initialised `struct flock`
         // that outlives the call (F_OFD_SETLK does not block).
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        let rc = unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
         if rc == 0 {
             return Ok(());
         }
@@ -100,7 +105,17 @@ impl DataLock {
     /// (disks, partitions) need none: `O_EXCL` covers them. A backing file that
     /// cannot be opened read-write cannot be written through the loop device either.
     pub fn block_device(dev: &File, size: u64) -> io::Result<DataLock> {
-        let Some(lo) = loop_status(dev) else {
+        Self::through_loops(dev, 0, size, 0)
+    }
+
+    /// [`DataLock::block_device`] for `size` bytes from byte `start` of `dev`: a loop
+    /// device over another loop device is followed down to the file at the bottom (a
+    /// run through `/dev/loopC` over `/dev/loopA` over `img` locked only loopA's device
+    /// node, and a run on `img` or loopA went on beside it: both finished, the data
+    /// encrypted twice).
+    fn through_loops(dev: &File, start: u64, size: u64, depth: u32) -> io::Result<DataLock> {
+        use std::os::unix::fs::FileTypeExt;
+        let Some(lo) = loop_status(dev).filter(|_| depth < 8) else {
             return Ok(DataLock { _file: None });
         };
         let rdev = dev.metadata()?.rdev();
@@ -117,10 +132,14 @@ impl DataLock {
             Err(_) => return Ok(DataLock { _file: None }),
         };
         // The path must still name the file the loop device reads.
-        if f.metadata()?.ino() != lo.inode {
+        let m = f.metadata()?;
+        if m.ino() != lo.inode {
             return Ok(DataLock { _file: None });
         }
-        lock_range(&f, lo.offset, size).map_err(|e| {
+        if m.file_type().is_block_device() {
+            return Self::through_loops(&f, lo.offset + start, size, depth + 1);
+        }
+        lock_range(&f, lo.offset + start, size).map_err(|e| {
             locked_error(e, || {
                 format!(
                     "a loop device over {}, which is locked by {LOCKED_HINT}",
@@ -129,6 +148,35 @@ impl DataLock {
             })
         })?;
         Ok(DataLock { _file: Some(f) })
+    }
+}
+
+/// The claim a run (and `luksify format`) takes on a detached header file for as long
+/// as it holds the file open: a record lock on the whole file, as [`DataLock`] takes on
+/// an image. Two `encrypt --header H` runs on two devices both finished, the second
+/// taking over the header file the first had just created (its key derivation still
+/// running), and one volume was left encrypted under a key nobody had; a `format
+/// --header H` in the middle of a walk replaced the run's keyslot. A header on a block
+/// device is the caller's `O_EXCL`; headers in memory take none.
+pub fn claim_header<H: Disk + ?Sized>(h: &H) -> Result<()> {
+    let Some(fd) = h.raw_fd() else {
+        return Ok(());
+    };
+    // SAFETY: an all-zero `struct stat` is valid; fstat fills it from a valid descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into `st`, which outlives the call.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Ok(());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(());
+    }
+    match lock_fd_range(fd, 0, 0) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Error::Busy(
+            "the header file is in use by another luksify run, or a `luksify format` writing it: wait for that to end; two runs never share a header (nothing was written)".into(),
+        )),
+        Err(e) => Err(Error::io("lock the header file", e)),
     }
 }
 
