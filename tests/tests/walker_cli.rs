@@ -3218,3 +3218,40 @@ fn walker_a_header_file_belongs_to_one_run() {
         "plaintext differs"
     );
 }
+
+/// A header and data from different moments of one run: a header restored from a copy
+/// taken earlier in the run, or the device restored from an earlier snapshot. With no
+/// fixed identity probe between the two moments, resume went ahead ("encryption
+/// finished") and 16 MiB came out encrypted twice, or left plain (a trial). Each
+/// commit now records the hotzone's edges in the identity token: resume refuses both
+/// mixes, writing nothing, and the matching pair still finishes.
+#[test]
+fn walker_resume_refuses_a_header_and_data_from_different_moments() {
+    let (c, orig) = Case::new(64, 77);
+    let hdr = c.p("hdr");
+    let seq = |p: &std::path::Path| luksify_tests::header_seqid(p);
+    kill_after_commits(&mut detached_encrypt_hz(&c, "1024"), &hdr, 0, 6, 0);
+    std::fs::copy(c.p("img"), c.p("d1")).unwrap();
+    std::fs::copy(&hdr, c.p("h1")).unwrap();
+    let base = seq(&hdr);
+    let mut resume = detached_resume(&c);
+    resume.args(["--chunk-mib", "1", "--hotzone-kib", "1024"]);
+    kill_after_commits(&mut resume, &hdr, base, 8, 0);
+    std::fs::copy(c.p("img"), c.p("d2")).unwrap();
+    std::fs::copy(&hdr, c.p("h2")).unwrap();
+    for (d, h, what) in [("d2", "h1", "an older header"), ("d1", "h2", "older data")] {
+        std::fs::copy(c.p(d), c.p("img")).unwrap();
+        std::fs::copy(c.p(h), &hdr).unwrap();
+        let before = c.files();
+        let out = run(&mut detached_resume(&c));
+        assert_refused_in_one_line(&out, "the header and the data disagree", what);
+        assert!(
+            c.files() == before,
+            "{what}: the image or the header was written"
+        );
+    }
+    std::fs::copy(c.p("d2"), c.p("img")).unwrap();
+    std::fs::copy(c.p("h2"), &hdr).unwrap();
+    run_ok(&mut detached_resume(&c));
+    assert_decrypts_to(&c, &orig, "the matching pair");
+}

@@ -148,8 +148,37 @@ pub(crate) fn token_at<D: Disk + ?Sized>(
     let Some(mode) = mode_name(st.mode).filter(|_| applies(st)) else {
         return Ok(None);
     };
+    let probes = probes_at(data, st, p, probe_offsets(end), &transform, &inverse, key)?;
+    if probes.is_empty() {
+        return Ok(None);
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("mode".into(), Value::String(mode.into()));
+    extra.insert("tags".into(), Value::String(KEYED.into()));
+    // The data's length: a detached header's segment runs to the device's end
+    // (`dynamic`), so nothing else tells a device grown since.
+    extra.insert("data_bytes".into(), Value::String(end.to_string()));
+    extra.insert("probes".into(), Value::Array(probes));
+    Ok(Some(Token {
+        kind: TOKEN_TYPE.into(),
+        keyslots: Vec::new(),
+        extra,
+    }))
+}
+
+/// The probes at logical offsets `at` (each clear of progress `p`'s hotzone; others are
+/// left out): each sector's tags of its old and its new content, one of which it holds.
+fn probes_at<D: Disk + ?Sized>(
+    data: &D,
+    st: &ReencryptState,
+    p: Progress,
+    at: impl IntoIterator<Item = u64>,
+    transform: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    inverse: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    key: &TagKey,
+) -> Result<Vec<Value>> {
     let mut probes = Vec::new();
-    for l in probe_offsets(end) {
+    for l in at {
         let Some(done) = walked(st.direction, p, l, PROBE) else {
             continue;
         };
@@ -171,21 +200,47 @@ pub(crate) fn token_at<D: Disk + ?Sized>(
         p.insert("new".into(), Value::Array(new));
         probes.push(Value::Object(p));
     }
-    if probes.is_empty() {
-        return Ok(None);
+    Ok(probes)
+}
+
+/// The probes on either side of progress `p`'s hotzone, for the token's `edges` at each
+/// commit: the 4 KiB walked last before it and the 4 KiB after it, which hold new and
+/// old content. The five fixed probes let a header older or newer than its data
+/// through as long as none lies between the two (a trial restored a header one hotzone
+/// older than its data, resume "finished", and 16 MiB were encrypted twice); the edges
+/// are where the two disagree first.
+pub(crate) fn edges_at<D: Disk + ?Sized>(
+    data: &D,
+    st: &ReencryptState,
+    p: Progress,
+    end: u64,
+    transform: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    inverse: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    key: &TagKey,
+) -> Result<Vec<Value>> {
+    let hot_end = p.hot_start.saturating_add(p.hot_len);
+    let at = [p.hot_start.checked_sub(PROBE), Some(hot_end)]
+        .into_iter()
+        .flatten()
+        .filter(|l| l.is_multiple_of(512) && l + PROBE <= end);
+    probes_at(data, st, p, at, transform, inverse, key)
+}
+
+/// Sets the `edges` of our token in `tokens` (if there is one for this run).
+pub(crate) fn set_edges<'a>(
+    tokens: impl IntoIterator<Item = &'a mut Token>,
+    st: &ReencryptState,
+    edges: Vec<Value>,
+) {
+    let Some(mode) = mode_name(st.mode) else {
+        return;
+    };
+    if let Some(t) = tokens
+        .into_iter()
+        .find(|t| t.kind == TOKEN_TYPE && t.extra.get("mode").and_then(Value::as_str) == Some(mode))
+    {
+        t.extra.insert("edges".into(), Value::Array(edges));
     }
-    let mut extra = serde_json::Map::new();
-    extra.insert("mode".into(), Value::String(mode.into()));
-    extra.insert("tags".into(), Value::String(KEYED.into()));
-    // The data's length: a detached header's segment runs to the device's end
-    // (`dynamic`), so nothing else tells a device grown since.
-    extra.insert("data_bytes".into(), Value::String(end.to_string()));
-    extra.insert("probes".into(), Value::Array(probes));
-    Ok(Some(Token {
-        kind: TOKEN_TYPE.into(),
-        keyslots: Vec::new(),
-        extra,
-    }))
 }
 
 /// This run's token among `tokens`: ours, and recorded for this run's mode.
@@ -221,6 +276,11 @@ pub(crate) fn check<D: Disk + ?Sized>(
         .get("probes")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("no probes"))?;
+    // The edges of the hotzone at the token's last commit: checked as the probes are.
+    let edges = match token.extra.get("edges") {
+        None => &[][..],
+        Some(v) => v.as_array().ok_or_else(|| bad("edges"))?.as_slice(),
+    };
     let size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
@@ -241,7 +301,8 @@ pub(crate) fn check<D: Disk + ?Sized>(
             )));
         }
     }
-    for probe in probes {
+    for (n, probe) in probes.iter().chain(edges).enumerate() {
+        let edge = n >= probes.len();
         let l: u64 = probe
             .get("offset")
             .and_then(Value::as_str)
@@ -279,6 +340,13 @@ pub(crate) fn check<D: Disk + ?Sized>(
                 Some(false) => *now == old[i],
                 None => *now == old[i] || *now == new[i],
             };
+            if !ok && edge {
+                return Err(Error::Refused(format!(
+                    "the header and the data disagree at the 512 bytes at offset {}, where the header's last commit found {}: one of them is from another moment (a header backup, or a snapshot or copy of the device); resuming would encrypt part of it twice or leave part unencrypted. Give the header and the device from the same moment (nothing was written)",
+                    at + (i * SECTOR) as u64,
+                    if state == Some(false) { "the bytes still to walk" } else { "the bytes it had walked" }
+                )));
+            }
             if !ok {
                 let what = if state == Some(false) {
                     "what was there when the run started"

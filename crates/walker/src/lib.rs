@@ -1401,8 +1401,9 @@ fn move_first_segment<D: Disk + ?Sized>(data: &D, s: Shift) -> Result<()> {
 /// Where the header lives for a run: its device, and whether that is the data
 /// device itself (header in front), so a data flush also makes header writes durable.
 /// JSON room a run keeps free after adding its identity token (the hotzone's extra
-/// segments and a longer reencrypt keyslot take about 1 KiB).
-const IDENTITY_SPARE_JSON: usize = 2048;
+/// segments and a longer reencrypt keyslot take about 1 KiB, the edges the commits add
+/// to the token about 1 KiB).
+const IDENTITY_SPARE_JSON: usize = 3072;
 
 struct HeaderStore<'a> {
     disk: &'a (dyn Disk + Sync),
@@ -1515,7 +1516,60 @@ fn run_from<D: Disk + Sync + ?Sized>(
             }
         }
     }
-    w.run(&mut j, p)
+    // Each commit records the hotzone's edges in the token (see identity::edges_at).
+    let has_token = identity::find(j.hdr.metadata.tokens.values(), &j.st).is_some();
+    let transform = |b: &mut [u8], l: u64| w.transform_serial(b, l);
+    let inverse = |b: &mut [u8], l: u64| w.untransform_serial(b, l);
+    let edges = |st: &ReencryptState, p: Progress| {
+        identity::edges_at(data, st, p, end, &transform, &inverse, &tag_key)
+    };
+    match has_token {
+        true => w.run(
+            &mut EdgeJournal {
+                inner: &mut j,
+                edges: &edges,
+            },
+            p,
+        ),
+        false => w.run(&mut j, p),
+    }
+}
+
+/// A run's journal that also records, at each commit, the edges of the hotzone in its
+/// identity token (see identity::edges_at), read from the data before the header moves.
+struct EdgeJournal<'x, 'a, H: Disk + ?Sized> {
+    inner: &'x mut HeaderJournal<'a, H>,
+    edges: &'x dyn Fn(&ReencryptState, Progress) -> Result<Vec<serde_json::Value>>,
+}
+
+impl<H: Disk + ?Sized> Journal for EdgeJournal<'_, '_, H> {
+    fn commit(&mut self, p: Progress) -> Result<()> {
+        let e = (self.edges)(&self.inner.st, p)?;
+        identity::set_edges(
+            self.inner.hdr.metadata.tokens.values_mut(),
+            &self.inner.st,
+            e,
+        );
+        self.inner.commit(p)
+    }
+    fn data_durable(&mut self) {
+        self.inner.data_durable()
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.inner.finish()
+    }
+    fn area_write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        self.inner.area_write(off, data)
+    }
+    fn area_read(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.area_read(off, buf)
+    }
+    fn area_flush(&mut self) -> Result<()> {
+        self.inner.area_flush()
+    }
+    fn use_spare_area(&mut self) -> Option<u64> {
+        self.inner.use_spare_area()
+    }
 }
 
 /// Everything `decrypt` needs besides the devices.
