@@ -3255,3 +3255,28 @@ fn walker_resume_refuses_a_header_and_data_from_different_moments() {
     run_ok(&mut detached_resume(&c));
     assert_decrypts_to(&c, &orig, "the matching pair");
 }
+
+/// A device grown while a run walks it: the finished header's segment runs to the
+/// device's end, so the grown end, never walked, would read as ciphertext (a trial
+/// grew a loop device mid-run; "encryption finished", and its new 32 MiB decrypted to
+/// garbage). The run stops before its final header, recorded, says so, and once the
+/// device has its size back resume finishes it to the original plaintext.
+#[test]
+fn walker_a_device_grown_during_the_run_is_not_finished_over() {
+    let (c, orig) = Case::new(16, 78);
+    let mut enc = detached_encrypt_hz(&c, "1024");
+    enc.stdout(Stdio::null()).stderr(Stdio::null());
+    let run_ = Frozen::after_seqid(&mut enc, &c.p("hdr"), 3);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.p("img"))
+        .unwrap();
+    f.set_len(24 << 20).unwrap();
+    let st = run_.thaw();
+    assert_eq!(st.code(), Some(1), "finished over a grown device: {st}");
+    let out = run(&mut detached_resume(&c));
+    assert_refused_in_one_line(&out, "it was grown since", "resume while grown");
+    f.set_len(16 << 20).unwrap();
+    run_ok(&mut detached_resume(&c));
+    assert_decrypts_to(&c, &orig, "resumed at its size");
+}

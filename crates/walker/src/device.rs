@@ -411,3 +411,18 @@ fn aligned(off: u64, ptr: *const u8, len: usize) -> bool {
         && (ptr as usize).is_multiple_of(IO_ALIGN)
         && len.is_multiple_of(IO_ALIGN)
 }
+
+/// The size of `d` now: through its descriptor when it has one (a [`DataDevice`] keeps
+/// the size it was opened with), else as `d` tells it.
+pub(crate) fn live_size<D: Disk + ?Sized>(d: &D) -> io::Result<u64> {
+    use std::os::fd::FromRawFd;
+    match d.raw_fd() {
+        Some(fd) => {
+            // SAFETY: `fd` is `d`'s open descriptor for the whole call; ManuallyDrop
+            // keeps this borrowed `File` from closing it.
+            let f = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+            Disk::size(&*f)
+        }
+        None => d.size(),
+    }
+}

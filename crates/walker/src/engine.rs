@@ -857,6 +857,23 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
                 // hotzone): the caller still hears that the walk is done.
                 report(end);
             }
+            if self.layout.mode == ReencryptMode::Encrypt && self.layout.data_size.is_none() {
+                // The finished header's segment runs to the device's end: grown during
+                // the run, that end holds bytes never walked, which the header would
+                // call ciphertext (a trial's `truncate` + `losetup -c` mid-run finished,
+                // and the new 32 MiB decrypted to garbage). Left recorded instead.
+                // The size now, not the one the device was opened with.
+                let now = crate::device::live_size(self.data)
+                    .map_err(|e| Error::io("size of the data device", e))?
+                    .saturating_sub(self.layout.data_offset.max(self.layout.old_offset));
+                if now > end {
+                    commit(j, last_clean)?;
+                    j.area_flush()?;
+                    return Err(Error::Refused(format!(
+                        "the device grew during the run, from {end} to {now} bytes of data: its new end was never encrypted, and the finished header would call it ciphertext. The run is recorded, all but that end done: give the device back its size (e.g. `truncate -s` for an image, then `losetup -c` for its loop device) and resume; grow it after the run"
+                    )));
+                }
+            }
             j.finish()?;
             if let Some((off, len)) = self.stale_after_move(end) {
                 // A decryption that moved the data down leaves its old last bytes

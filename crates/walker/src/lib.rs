@@ -105,8 +105,16 @@ impl Error {
     /// there (a bad sector's message said only "read data: Input/output error"; `dmesg`
     /// names the sector, this names the bytes).
     pub(crate) fn io_at(what: &str, off: u64, len: usize, source: std::io::Error) -> Error {
+        // A read past the end: the device is shorter than the run (said only "failed to
+        // fill whole buffer" when a trial shrank an image mid-run).
+        let short = match source.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                " (the device ends before that: was it shrunk, or is it another device?)"
+            }
+            _ => "",
+        };
         Error::io(
-            format!("{what} at device bytes {off}..{}", off + len as u64),
+            format!("{what} at device bytes {off}..{}{short}", off + len as u64),
             source,
         )
     }
