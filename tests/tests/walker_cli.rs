@@ -3280,3 +3280,32 @@ fn walker_a_device_grown_during_the_run_is_not_finished_over() {
     run_ok(&mut detached_resume(&c));
     assert_decrypts_to(&c, &orig, "resumed at its size");
 }
+
+/// Option refusals say what to change and that nothing was written: an `--offset` that
+/// leaves too small a keyslots area names a larger offset (it named
+/// `--luks2-keyslots-size`, which the offset caps: a trial followed that into the same
+/// refusal); an unsupported cipher said nothing of what was written. Nothing is.
+#[test]
+fn walker_option_refusals_say_what_to_change() {
+    let (c, orig) = Case::new(16, 79);
+    for (extra, needle) in [
+        (
+            &["--offset", "64"][..],
+            "use a larger --offset (at least 576 sectors)",
+        ),
+        (
+            &["--cipher", "serpent-xts-plain64"][..],
+            "unsupported cipher",
+        ),
+    ] {
+        let mut cmd = detached_encrypt(&c);
+        let out = run(cmd.args(extra));
+        assert_refused_in_one_line(&out, needle, needle);
+        assert_refused_in_one_line(&out, "(nothing was written)", needle);
+        assert!(
+            std::fs::read(c.p("img")).unwrap() == orig,
+            "{needle}: image written"
+        );
+        assert!(!c.p("hdr").exists(), "{needle}: a header file was left");
+    }
+}

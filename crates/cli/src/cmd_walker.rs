@@ -603,10 +603,20 @@ fn walk_error(
             naming_header(&e.to_string(), header)
         )
     } else {
+        // A refused option (a cipher, an offset) before any LUKS header exists: the
+        // header goes first, so nothing was written, which refusals say.
+        let said = naming_header(&e.to_string(), header);
+        let untouched = io.is_none()
+            && !said.contains("nothing was written")
+            && !is_luks_file(header.unwrap_or(dev));
         anyhow::anyhow!(
-            "{}: {}",
+            "{}: {said}{}",
             dev.display(),
-            naming_header(&e.to_string(), header)
+            if untouched {
+                " (nothing was written)"
+            } else {
+                ""
+            }
         )
     }
 }

@@ -1082,8 +1082,18 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
         let ks = fmt.keyslots_size_or_default()?;
         let need = min_keyslots_size(fmt.key_size);
         if ks < need {
+            // With --offset the area is what the offset leaves after the metadata: a
+            // larger --luks2-keyslots-size is cut back to it (a trial followed the old
+            // advice, "--luks2-keyslots-size", and got the same refusal).
+            let fix = match fmt.data_offset.filter(|&o| o != 0) {
+                Some(_) => format!(
+                    "use a larger --offset (at least {} sectors)",
+                    (2 * fmt.metadata_size + need).div_ceil(512)
+                ),
+                None => format!("use --luks2-keyslots-size {need} or more"),
+            };
             return Err(Error::Refused(format!(
-                "a {ks}-byte keyslots area cannot hold keyslot 0 and the reencryption area ({need} bytes with a {}-bit key): use --luks2-keyslots-size {need} or more",
+                "a {ks}-byte keyslots area cannot hold keyslot 0 and the reencryption area ({need} bytes with a {}-bit key): {fix} (nothing was written)",
                 fmt.key_size * 8
             )));
         }
