@@ -1191,3 +1191,70 @@ fn luks_cli_an_unbound_keyslot_gives_no_volume_key() {
         "the bound slot's key is not cryptsetup's volume key"
     );
 }
+
+/// `--uuid` as cryptsetup takes it: the braced and dash-less forms (which cryptsetup
+/// refuses, "Wrong LUKS UUID format provided") are refused with nothing written; an
+/// upper-case one is stored in lower case, as cryptsetup stores it (luksify wrote each
+/// as given, so `/dev/disk/by-uuid` and `UUID=` lookups did not match). LUKS2 and LUKS1.
+#[test]
+fn luks_cli_format_takes_a_uuid_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("k", b"uuid test passphrase");
+    let fast = [
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--batch-mode",
+    ];
+    for kind in ["luks2", "luks1"] {
+        let img = d.image(&format!("{kind}.img"), 32 << 20);
+        for bad in [
+            "{abcdef12-2222-3333-4444-555555555555}",
+            "abcdef1222223333444455555555555f",
+        ] {
+            let cs = run(Command::new("cryptsetup")
+                .args(["luksFormat", "-q", "--type", kind, "--uuid", bad])
+                .args(&fast[..4])
+                .args([p(&img), p(&key)]));
+            assert!(!cs.status.success(), "cryptsetup took {bad}: the premise");
+            let r = run(lx(&[
+                "format",
+                p(&img),
+                "--key-file",
+                p(&key),
+                "--type",
+                kind,
+                "--uuid",
+                bad,
+            ])
+            .args(fast));
+            assert!(!r.status.success(), "{kind}: {bad} taken");
+            assert!(
+                std::fs::read(&img).unwrap().iter().all(|&b| b == 0),
+                "{kind}: {bad}: the image was written"
+            );
+        }
+        let upper = "ABCDEF12-2222-3333-4444-555555555555";
+        run_ok(
+            lx(&[
+                "format",
+                p(&img),
+                "--key-file",
+                p(&key),
+                "--type",
+                kind,
+                "--uuid",
+                upper,
+            ])
+            .args(fast),
+        );
+        let out = run_ok(Command::new("cryptsetup").args(["luksUUID", p(&img)]));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            upper.to_lowercase(),
+            "{kind}"
+        );
+    }
+}

@@ -37,6 +37,25 @@ pub enum Version {
 
 /// Looks at the primary magic and version (and, for LUKS2, the secondary
 /// header locations): `Ok(None)` when nothing LUKS-like is there.
+/// A `--uuid` as cryptsetup takes it: 8-4-4-4-12 hex digits only (not braced, not
+/// without dashes, which cryptsetup refuses: "Wrong LUKS UUID format provided"), stored
+/// in lower case as cryptsetup stores it (an upper-case one was written as given, so
+/// `/dev/disk/by-uuid` and crypttab's `UUID=` did not match).
+pub fn canonical_uuid(u: &str) -> Result<String> {
+    let dashes = [8, 13, 18, 23];
+    let form = u.len() == 36
+        && u.char_indices().all(|(i, c)| match dashes.contains(&i) {
+            true => c == '-',
+            false => c.is_ascii_hexdigit(),
+        });
+    match form.then(|| uuid::Uuid::parse_str(u).ok()).flatten() {
+        Some(v) => Ok(v.hyphenated().to_string()),
+        None => Err(Error::InvalidArgument(format!(
+            "'{u}' is not a UUID (expected 8-4-4-4-12 hex digits, as cryptsetup)"
+        ))),
+    }
+}
+
 pub fn probe<D: io::Disk + ?Sized>(disk: &D) -> Result<Option<Version>> {
     let mut b = [0u8; 8];
     match disk.read_at(0, &mut b) {

@@ -581,18 +581,17 @@ impl Luks1Header {
             None => VolumeKey::random(opts.key_size)?,
         };
         SectorCipher::new(&spec, vk.as_bytes(), 512)?;
-        if let Some(u) = &opts.uuid {
-            uuid::Uuid::parse_str(u).map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "'{u}' is not a UUID (expected 8-4-4-4-12 hex digits)"
-                ))
-            })?;
-        }
+        let uuid = opts
+            .uuid
+            .as_deref()
+            .map(crate::canonical_uuid)
+            .transpose()?;
         let key_bytes = opts.key_size as u32;
         let area_sectors = area_sectors(key_bytes);
         let first = AREA_ALIGN / SECTOR;
         let keyslots: [Luks1Keyslot; KEYSLOTS] = std::array::from_fn(|i| Luks1Keyslot {
             active: false,
+            damaged: None,
             iterations: 0,
             salt: [0; SALT_SIZE],
             key_material_offset: (first + i as u64 * area_sectors) as u32,

@@ -380,14 +380,7 @@ impl Luks2Header {
             extra: Default::default(),
         };
         let uuid = match &opts.uuid {
-            Some(u) => {
-                uuid::Uuid::parse_str(u).map_err(|_| {
-                    Error::InvalidArgument(format!(
-                        "'{u}' is not a UUID (expected 8-4-4-4-12 hex digits)"
-                    ))
-                })?;
-                u.clone()
-            }
+            Some(u) => crate::canonical_uuid(u)?,
             None => uuid::Uuid::new_v4().hyphenated().to_string(),
         };
         let mut salts = [[0u8; 64]; 2];
