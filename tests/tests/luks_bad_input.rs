@@ -615,3 +615,58 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
         "{err}"
     );
 }
+
+/// One damaged byte in an unused LUKS1 keyslot's state word (neither enabled nor
+/// disabled): cryptsetup opens the volume with its other slots and dumps that slot as
+/// DISABLED; luksify refused the whole header ("invalid state"). It now does as
+/// cryptsetup: test-passphrase opens, dump says DISABLED, add-key writes beside it, and
+/// the damaged word is kept as it was.
+#[test]
+fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
+    require_tool("cryptsetup");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("l1");
+    sparse_file(&img, 4 << 20);
+    let kf = d.path().join("key");
+    std::fs::write(&kf, PASS).unwrap();
+    let kf2 = d.path().join("key2");
+    std::fs::write(&kf2, "second passphrase").unwrap();
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks1", &img, &kf,
+    ));
+    let at = 208 + 3 * 48;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0xff], at as u64).unwrap();
+    }
+    let word = || std::fs::read(&img).unwrap()[at..at + 4].to_vec();
+    let damaged = word();
+    let cs = |k: &Path| {
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file", p(k), p(&img)])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(cs(&kf), "cryptsetup does not open it: the premise");
+    run_ok(Command::new(luksify_bin()).args(["test-passphrase", p(&img), "--key-file", p(&kf)]));
+    let dump = run_ok(Command::new(luksify_bin()).args(["dump", p(&img)]));
+    assert!(
+        String::from_utf8_lossy(&dump.stdout).contains("Key Slot 3: DISABLED"),
+        "{dump:?}"
+    );
+    run_ok(Command::new(luksify_bin()).args([
+        "add-key",
+        p(&img),
+        "--key-file",
+        p(&kf),
+        "--new-key-file",
+        p(&kf2),
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    assert_eq!(word(), damaged, "the damaged state word was rewritten");
+    assert!(cs(&kf2), "cryptsetup does not open the added key");
+    assert!(cs(&kf), "cryptsetup no longer opens the first key");
+}

@@ -50,6 +50,10 @@ const AREA_ALIGN: u64 = 4096;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Luks1Keyslot {
     pub active: bool,
+    /// A state word that is neither enabled nor disabled (one damaged byte): the slot is
+    /// never tried nor reused, and written back as it was, as cryptsetup treats it (it
+    /// opens the volume with the other slots; luksify refused the whole header).
+    pub damaged: Option<u32>,
     pub iterations: u32,
     pub salt: [u8; SALT_SIZE],
     /// Key material offset in 512-byte sectors.
@@ -153,6 +157,7 @@ impl Luks1Header {
         }
         let mut keyslots: [Luks1Keyslot; KEYSLOTS] = std::array::from_fn(|_| Luks1Keyslot {
             active: false,
+            damaged: None,
             iterations: 0,
             salt: [0; SALT_SIZE],
             key_material_offset: 0,
@@ -160,17 +165,14 @@ impl Luks1Header {
         });
         for (i, ks) in keyslots.iter_mut().enumerate() {
             let o = 208 + i * 48;
-            let active = match be32(b, o) {
-                KEY_ENABLED => true,
-                KEY_DISABLED => false,
-                other => {
-                    return Err(Error::corrupt(format!(
-                        "LUKS1 keyslot {i} has invalid state 0x{other:08x}"
-                    )))
-                }
+            let (active, damaged) = match be32(b, o) {
+                KEY_ENABLED => (true, None),
+                KEY_DISABLED => (false, None),
+                other => (false, Some(other)),
             };
             *ks = Luks1Keyslot {
                 active,
+                damaged,
                 iterations: be32(b, o + 4),
                 salt: b[o + 8..o + 40].try_into().expect("32 bytes"),
                 key_material_offset: be32(b, o + 40),
@@ -277,7 +279,11 @@ impl Luks1Header {
         put(&mut b[168..208], &self.uuid, "uuid")?;
         for (i, ks) in self.keyslots.iter().enumerate() {
             let o = 208 + i * 48;
-            let state = if ks.active { KEY_ENABLED } else { KEY_DISABLED };
+            let state = match (ks.damaged, ks.active) {
+                (Some(raw), _) => raw,
+                (None, true) => KEY_ENABLED,
+                (None, false) => KEY_DISABLED,
+            };
             b[o..o + 4].copy_from_slice(&state.to_be_bytes());
             b[o + 4..o + 8].copy_from_slice(&ks.iterations.to_be_bytes());
             b[o + 8..o + 40].copy_from_slice(&ks.salt);
@@ -441,6 +447,11 @@ impl Luks1Header {
                     "LUKS1 keyslot {s} out of range: use 0 to 7"
                 )))
             }
+            Some(s) if self.keyslots[s as usize].damaged.is_some() => {
+                return Err(Error::InvalidArgument(format!(
+                    "keyslot {s} is damaged (its state word is neither enabled nor disabled): choose another slot"
+                )))
+            }
             Some(s) if self.keyslots[s as usize].active => {
                 return Err(Error::InvalidArgument(format!(
                     "keyslot {s} is already in use"
@@ -448,7 +459,10 @@ impl Luks1Header {
             }
             Some(s) => s,
             None => (0..KEYSLOTS as u32)
-                .find(|&i| !self.keyslots[i as usize].active)
+                .find(|&i| {
+                    let k = &self.keyslots[i as usize];
+                    !k.active && k.damaged.is_none()
+                })
                 .ok_or_else(|| Error::NoFreeKeyslot("all 8 LUKS1 keyslots are in use".into()))?,
         };
         self.store_slot(disk, vk, passphrase, req, id)?;
@@ -535,7 +549,11 @@ impl Luks1Header {
         req: &kdf::KdfRequest,
     ) -> Result<u32> {
         let vk = self.unlock_keyslot(disk, slot, old)?;
-        if self.keyslots.iter().all(|k| k.active) {
+        if self
+            .keyslots
+            .iter()
+            .all(|k| k.active || k.damaged.is_some())
+        {
             // No free slot: the new key over the old one's own area, as cryptsetup's
             // luksChangeKey does then (a crash between the material and the header
             // leaves that slot opened by neither passphrase; the others are untouched).
@@ -627,10 +645,7 @@ impl Luks1Header {
             mk_digest,
             mk_digest_salt,
             mk_digest_iterations: digest_iterations,
-            uuid: opts
-                .uuid
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::new_v4().hyphenated().to_string()),
+            uuid: uuid.unwrap_or_else(|| uuid::Uuid::new_v4().hyphenated().to_string()),
             keyslots,
         };
         hdr.validate()?;
