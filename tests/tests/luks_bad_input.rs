@@ -670,3 +670,56 @@ fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
     assert!(cs(&kf2), "cryptsetup does not open the added key");
     assert!(cs(&kf), "cryptsetup no longer opens the first key");
 }
+
+/// A LUKS1 image cut short inside its keyslot areas: cryptsetup refuses every command
+/// ("device too small"); luksify's `add-key` wrote into it and grew the file with
+/// zeros. Now every command refuses and the file stays as it was.
+#[test]
+fn luks1_a_truncated_image_is_refused_and_not_grown() {
+    require_tool("cryptsetup");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("l1");
+    sparse_file(&img, 4 << 20);
+    let kf = d.path().join("key");
+    std::fs::write(&kf, PASS).unwrap();
+    let kf2 = d.path().join("key2");
+    std::fs::write(&kf2, "second passphrase").unwrap();
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks1", &img, &kf,
+    ));
+    let cut = std::fs::read(&img).unwrap()[..300_000].to_vec();
+    std::fs::write(&img, &cut).unwrap();
+    for args in [
+        &[
+            "add-key",
+            p(&img),
+            "--key-file",
+            p(&kf),
+            "--new-key-file",
+            p(&kf2),
+        ][..],
+        &["test-passphrase", p(&img), "--key-file", p(&kf)][..],
+        &[
+            "change-key",
+            p(&img),
+            "--key-file",
+            p(&kf),
+            "--new-key-file",
+            p(&kf2),
+        ][..],
+    ] {
+        let out = run(Command::new(luksify_bin()).args(args));
+        assert!(
+            !out.status.success(),
+            "{args:?} on a truncated image: {out:?}"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("truncated"),
+            "{args:?}: {out:?}"
+        );
+        assert!(
+            std::fs::read(&img).unwrap() == cut,
+            "{args:?} wrote the image"
+        );
+    }
+}

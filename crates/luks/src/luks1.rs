@@ -260,7 +260,27 @@ impl Luks1Header {
                 Error::io("reading the LUKS1 header", e)
             }
         })?;
-        Luks1Header::parse(&b)
+        let h = Luks1Header::parse(&b)?;
+        // As cryptsetup's "device too small": the keyslot areas must all be there (a
+        // truncated image was accepted, and `add-key` grew it back with zeros).
+        let need = h
+            .keyslots
+            .iter()
+            .map(|k| {
+                (u64::from(k.key_material_offset) + material_sectors(h.key_bytes, k.stripes))
+                    .saturating_mul(SECTOR)
+            })
+            .max()
+            .unwrap_or(0);
+        let size = disk
+            .size()
+            .map_err(|e| Error::io("reading the device size", e))?;
+        if size < need {
+            return Err(Error::corrupt(format!(
+                "the device holds {size} bytes, but its LUKS1 keyslot areas reach byte {need}: it was truncated (cryptsetup says: device too small)"
+            )));
+        }
+        Ok(h)
     }
 
     /// Encodes the 592-byte header.
