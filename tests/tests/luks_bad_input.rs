@@ -723,3 +723,29 @@ fn luks1_a_truncated_image_is_refused_and_not_grown() {
         );
     }
 }
+
+/// A damaged LUKS2 copy: luksify reads the valid one (and writes nothing), as before,
+/// but now says so on stderr, as cryptsetup's automatic repair makes it known; the user
+/// learns the header has one good copy left.
+#[test]
+fn luks2_a_damaged_copy_is_reported_when_read() {
+    let fx = Fixture::luks2();
+    let mut bad = fx.pristine.clone();
+    bad[4096 + 10] ^= 0xff; // the primary JSON: its checksum no longer matches
+    std::fs::write(fx.img(), &bad).unwrap();
+    for args in [
+        &["dump", p(&fx.img())][..],
+        &["test-passphrase", p(&fx.img()), "--key-file", p(&fx.key())][..],
+    ] {
+        let out = run_ok(Command::new(luksify_bin()).args(args));
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("warning: LUKS2 header: the primary copy is damaged"),
+            "{args:?}: {out:?}"
+        );
+        assert!(
+            std::fs::read(fx.img()).unwrap() == bad,
+            "{args:?} wrote the image"
+        );
+    }
+}

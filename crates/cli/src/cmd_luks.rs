@@ -431,9 +431,23 @@ fn luks_err(path: &Path, e: LuksError) -> anyhow::Error {
 }
 
 fn read_volume(path: &Path, file: &File) -> Result<Volume> {
-    Volume::read(file)
-        .map(|(v, _)| v)
-        .map_err(|e| luks_err(path, e))
+    let (v, report) = Volume::read(file).map_err(|e| luks_err(path, e))?;
+    // cryptsetup repairs a damaged copy as it reads; luksify reads only, so it says
+    // so (a trial's corrupted primary was used silently: the header had one good copy
+    // left and nobody was told).
+    if let Some(r) = report.filter(|r| r.needs_repair) {
+        use luksify_luks::luks2::disk::CopyState;
+        let why = match (&r.primary, &r.secondary) {
+            (CopyState::Invalid(w), _) => format!("the primary copy is damaged ({w})"),
+            (_, CopyState::Invalid(w)) => format!("the secondary copy is damaged ({w})"),
+            _ => "its two copies differ".to_string(),
+        };
+        errln!(
+            "luksify: {}: warning: LUKS2 header: {why}; the valid one was used. `cryptsetup repair`, or any luksify key command, rewrites both copies",
+            path.display()
+        );
+    }
+    Ok(v)
 }
 
 /// Known signatures at fixed offsets: (what, offset, magic).
