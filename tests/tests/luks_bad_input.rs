@@ -438,10 +438,11 @@ fn luks_cli_keyslot_and_usage_mistakes_say_what_to_do() {
             "-S",
             slot,
         ]));
+        // Exit 1, as cryptsetup's "No usable keyslot is available" (measured).
         one_line(
             &out,
             &format!("keyslot {slot} is not in use"),
-            2,
+            1,
             "test-passphrase -S",
         );
     }

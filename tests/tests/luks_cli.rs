@@ -1258,3 +1258,68 @@ fn luks_cli_format_takes_a_uuid_as_cryptsetup() {
         );
     }
 }
+
+/// A wrong passphrase exits 2 from every header command, as cryptsetup's luksAddKey,
+/// luksChangeKey, luksRemoveKey and luksDump --dump-volume-key do (they exited 1; only
+/// test-passphrase gave 2), and writes nothing; a keyslot number not in use is 1, as
+/// cryptsetup's "No usable keyslot".
+#[test]
+fn luks_cli_a_wrong_passphrase_exits_2_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 32 << 20);
+    let k = d.file("k", b"the right passphrase");
+    let bad = d.file("bad", b"a wrong passphrase");
+    let new = d.file("new", b"a new passphrase");
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks2", &img, &k,
+    ));
+    let before = std::fs::read(&img).unwrap();
+    let vk = d.path("vk");
+    for args in [
+        &[
+            "add-key",
+            p(&img),
+            "--key-file",
+            p(&bad),
+            "--new-key-file",
+            p(&new),
+        ][..],
+        &[
+            "change-key",
+            p(&img),
+            "--key-file",
+            p(&bad),
+            "--new-key-file",
+            p(&new),
+        ][..],
+        &["remove-key", p(&img), "--key-file", p(&bad)][..],
+        &[
+            "dump",
+            p(&img),
+            "--dump-volume-key",
+            "--key-file",
+            p(&bad),
+            "--volume-key-file",
+            p(&vk),
+        ][..],
+        &["test-passphrase", p(&img), "--key-file", p(&bad)][..],
+    ] {
+        let out = run(&mut lx(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{args:?} wrote the image"
+        );
+    }
+    assert!(!vk.exists(), "a volume key file was written");
+    let out = run(&mut lx(&[
+        "test-passphrase",
+        p(&img),
+        "--key-file",
+        p(&k),
+        "-S",
+        "7",
+    ]));
+    assert_eq!(out.status.code(), Some(1), "an unused slot: {out:?}");
+}

@@ -17,7 +17,20 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// cryptsetup's exit code for "no key available with this passphrase".
-const EXIT_WRONG_PASSPHRASE: u8 = 2;
+pub(crate) const EXIT_WRONG_PASSPHRASE: u8 = 2;
+
+/// A header command's wrong passphrase: exits [`EXIT_WRONG_PASSPHRASE`] as
+/// cryptsetup's luksAddKey, luksChangeKey, luksRemoveKey and luksDump do (they exited 1).
+#[derive(Debug)]
+pub(crate) struct WrongPassphrase(String);
+
+impl std::fmt::Display for WrongPassphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WrongPassphrase {}
 
 #[derive(Subcommand, Debug)]
 pub enum LuksCmd {
@@ -427,7 +440,11 @@ fn luks_err(path: &Path, e: LuksError) -> anyhow::Error {
         LuksError::KdfTooCostly(_) => "; lower --pbkdf-memory or use --pbkdf pbkdf2",
         _ => "",
     };
-    anyhow!("{}: {e}{hint}", path.display())
+    let said = format!("{}: {e}{hint}", path.display());
+    match e {
+        LuksError::WrongPassphrase => anyhow::Error::new(WrongPassphrase(said)),
+        _ => anyhow!(said),
+    }
 }
 
 fn read_volume(path: &Path, file: &File) -> Result<Volume> {
@@ -745,12 +762,13 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(LuksError::KeyslotNotFound(n)) => {
-            // As cryptsetup: the slot asked for holds no passphrase keyslot.
+            // As cryptsetup: the slot asked for holds no passphrase keyslot (exit 1,
+            // not the wrong passphrase's 2).
             eprintln!(
                 "luksify: {}: no usable keyslot is available: keyslot {n} is not in use (`luksify dump` lists the keyslots)",
                 path.display()
             );
-            Ok(ExitCode::from(EXIT_WRONG_PASSPHRASE))
+            Ok(ExitCode::from(1))
         }
         Err(LuksError::WrongPassphrase) => {
             let damaged: Vec<String> = vol

@@ -146,10 +146,13 @@ fn main() -> ExitCode {
                 })
             });
             let usage = e.chain().any(|c| c.is::<Usage>());
+            let wrong = e.chain().any(|c| c.is::<cmd_luks::WrongPassphrase>());
             ExitCode::from(if busy {
                 luksify_orchestrator::exit::BUSY
             } else if usage {
                 luksify_orchestrator::exit::USAGE
+            } else if wrong {
+                cmd_luks::EXIT_WRONG_PASSPHRASE
             } else {
                 luksify_orchestrator::exit::FAILED
             })
