@@ -750,3 +750,45 @@ fn luks2_a_damaged_copy_is_reported_when_read() {
         );
     }
 }
+
+/// A header whose sequence id is at its maximum (2^64 - 1, checksums valid): add-key
+/// refused it ("seqid overflow") after writing the new keyslot's area. cryptsetup wraps
+/// the id to 0 and adds the key; luksify now does the same, and cryptsetup opens both
+/// passphrases after.
+#[test]
+fn luks2_add_key_wraps_a_maximal_sequence_id_as_cryptsetup() {
+    let fx = Fixture::luks2();
+    let mut b = fx.pristine.clone();
+    let hdr_size = u64::from_be_bytes(b[8..16].try_into().unwrap()) as usize;
+    for base in [0, hdr_size] {
+        b[base + 16..base + 24].copy_from_slice(&u64::MAX.to_be_bytes());
+    }
+    // Recompute both checksums over the changed binary headers (JSON unchanged).
+    let end = b[4096..hdr_size].iter().position(|&x| x == 0).unwrap();
+    let text = b[4096..4096 + end].to_vec();
+    with_json_text(&mut b, hdr_size, &text);
+    std::fs::write(fx.img(), &b).unwrap();
+    let k2 = fx.dir.path().join("k2");
+    std::fs::write(&k2, "second passphrase").unwrap();
+    run_ok(Command::new(luksify_bin()).args([
+        "add-key",
+        p(&fx.img()),
+        "--key-file",
+        p(&fx.key()),
+        "--new-key-file",
+        p(&k2),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    for k in [fx.key(), k2] {
+        run_ok(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            p(&k),
+            p(&fx.img()),
+        ]));
+    }
+}

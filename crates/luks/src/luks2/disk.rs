@@ -415,10 +415,9 @@ impl Luks2Header {
     /// Validates the metadata and increments seqid: the JSON area for the next write.
     fn next_seqid(&mut self) -> Result<Vec<u8>> {
         let json = self.json_area()?;
-        self.seqid = self
-            .seqid
-            .checked_add(1)
-            .ok_or_else(|| Error::corrupt("seqid overflow"))?;
+        // Wrapping, as cryptsetup's `seqid++` (a header at 2^64-1 was refused, after
+        // add-key had written its keyslot's area).
+        self.seqid = self.seqid.wrapping_add(1);
         Ok(json)
     }
 

@@ -720,14 +720,19 @@ impl Luks2Header {
         let (bytes, ks) = keyslot::seal(area, vk.as_bytes(), passphrase, &params)?;
         // The area and header only once the header on disk is still the one read.
         let _lock = self.lock_unchanged(disk)?;
-        keyslot::write_area(disk, area, &bytes)?;
         let before = self.metadata.clone();
         self.metadata.keyslots.insert(id, Keyslot::Luks2(ks));
         if let Some(Digest::Pbkdf2(d)) = self.metadata.digests.get_mut(&digest_id) {
             d.keyslots.push(id);
             d.keyslots.sort();
         }
-        if let Err(e) = self.write_locked(disk) {
+        // What the header write checks, before the area is written: a header it refuses
+        // gets nothing (a trial's add-key wrote the new area, then failed the check).
+        let r = self
+            .json_area()
+            .and_then(|_| keyslot::write_area(disk, area, &bytes))
+            .and_then(|()| self.write_locked(disk));
+        if let Err(e) = r {
             self.metadata = before;
             return Err(e);
         }
