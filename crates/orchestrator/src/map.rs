@@ -664,12 +664,16 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
             .rev()
             .map(|m| m.mount_point.display().to_string())
             .collect();
-        return Err(Failure::failed(format!(
-            "mapping {name} ({}) is mounted at {}; unmount it first (umount {})",
-            blk.display(),
-            points.join(" and "),
-            points.join(" ")
-        )));
+        // Exit 4, as every refusal because another holds the volume (it was 1).
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "mapping {name} ({}) is mounted at {}; unmount it first (umount {})",
+                blk.display(),
+                points.join(" and "),
+                points.join(" ")
+            ),
+        ));
     }
     let mut t = crate::holders::Targets::default();
     t.block_devices.insert(dev);
@@ -684,11 +688,14 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
     }
     if !holders.is_empty() {
         let list: Vec<String> = holders.iter().map(|h| h.one_line()).collect();
-        return Err(Failure::failed(format!(
-            "mapping {name} ({}) is in use: {}; stop those processes first",
-            blk.display(),
-            list.join("; ")
-        )));
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "mapping {name} ({}) is in use: {}; stop those processes first",
+                blk.display(),
+                list.join("; ")
+            ),
+        ));
     }
     Ok(())
 }
