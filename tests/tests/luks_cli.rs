@@ -1176,6 +1176,15 @@ fn luks_cli_an_unbound_keyslot_gives_no_volume_key() {
     ]));
     assert_refused_in_one_line(&r, "keyslot 5 is unbound", "dump of an unbound keyslot");
     assert!(!out.exists(), "a volume key file was written");
+    // test-passphrase -S of that slot checks its passphrase, as cryptsetup's (exit 0).
+    run_ok(&mut lx(&[
+        "test-passphrase",
+        p(&img),
+        "--key-file",
+        p(&ku),
+        "-S",
+        "5",
+    ]));
     run_ok(&mut lx(&[
         "dump",
         p(&img),

@@ -863,6 +863,17 @@ fn dump(a: DumpArgs) -> Result<ExitCode> {
             bail!("--dump-volume-key needs --key-file and --volume-key-file");
         };
         let pass = read_key_file(kf)?;
+        // An unbound keyslot opens to a key that is not the volume's: dumping it wrote
+        // that key as the volume key, a false backup ("No usable keyslot is available",
+        // says cryptsetup). test-passphrase -S still checks an unbound passphrase.
+        if let (Volume::Luks2(h), Some(s)) = (&vol, a.key_slot) {
+            if h.is_unbound(s) {
+                bail!(
+                    "{}: keyslot {s} is unbound: the key it holds is not the volume key (no usable keyslot; nothing was written)",
+                    path.display()
+                );
+            }
+        }
         let (vk, slot) = vol
             .unlock(&f, &pass, a.key_slot)
             .map_err(|e| luks_err(path, e))?;

@@ -536,16 +536,6 @@ impl Luks2Header {
     ) -> Result<(VolumeKey, u32)> {
         self.check_requirements_for_unlock()?;
         if let Some(s) = slot {
-            // An unbound keyslot (`cryptsetup luksAddKey --unbound`) opens to a key that
-            // is not the volume's: a `dump --dump-volume-key -S` of it wrote that key as
-            // the volume key ("No usable keyslot is available", says cryptsetup).
-            if matches!(self.metadata.keyslots.get(&s), Some(Keyslot::Luks2(_)))
-                && !self.keyslot_covers_a_segment(s)
-            {
-                return Err(Error::Unsupported(format!(
-                    "keyslot {s} is unbound: the key it holds is not the volume key, so it cannot unlock the volume (no usable keyslot)"
-                )));
-            }
             return self.unlock_keyslot(disk, s, passphrase).map(|k| (k, s));
         }
         // Keyslots bound to a digest that covers some segment: the data segment
@@ -574,6 +564,13 @@ impl Luks2Header {
             }
         }
         Err(last_err)
+    }
+
+    /// Whether keyslot `id` is a passphrase keyslot bound to no segment (`cryptsetup
+    /// luksAddKey --unbound`): it opens to a key that is not the volume's.
+    pub fn is_unbound(&self, id: u32) -> bool {
+        matches!(self.metadata.keyslots.get(&id), Some(Keyslot::Luks2(_)))
+            && !self.keyslot_covers_a_segment(id)
     }
 
     /// Whether keyslot `id` is bound to a digest that covers some segment: the data
