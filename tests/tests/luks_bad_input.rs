@@ -792,3 +792,44 @@ fn luks2_add_key_wraps_a_maximal_sequence_id_as_cryptsetup() {
         ]));
     }
 }
+
+/// Binary-header fields read as cryptsetup reads them: a label filling all 48 bytes
+/// with no NUL (cryptsetup copies 47 and opens; luksify refused, "not NUL-terminated"),
+/// and bytes after the SHA-256 digest in the 64-byte checksum field (cryptsetup compares
+/// the digest only; luksify said "checksum mismatch"). Both open now, in both tools.
+#[test]
+fn luks2_binary_fields_are_read_as_cryptsetup_reads_them() {
+    let fx = Fixture::luks2();
+    let hdr_size = u64::from_be_bytes(fx.pristine[8..16].try_into().unwrap()) as usize;
+    let end = fx.pristine[4096..hdr_size]
+        .iter()
+        .position(|&x| x == 0)
+        .unwrap();
+    let text = fx.pristine[4096..4096 + end].to_vec();
+    let mut label = fx.pristine.clone();
+    for base in [0, hdr_size] {
+        label[base + 24..base + 72].fill(b'L'); // the label field, 48 bytes, no NUL
+    }
+    with_json_text(&mut label, hdr_size, &text);
+    let mut tail = fx.pristine.clone();
+    for base in [0, hdr_size] {
+        tail[base + 448 + 42] ^= 0x5a; // past the 32-byte digest
+    }
+    for (bytes, what) in [(label, "a 48-byte label"), (tail, "bytes after the digest")] {
+        std::fs::write(fx.img(), &bytes).unwrap();
+        run_ok(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            p(&fx.key()),
+            p(&fx.img()),
+        ]));
+        let out = run(Command::new(luksify_bin()).args([
+            "test-passphrase",
+            p(&fx.img()),
+            "--key-file",
+            p(&fx.key()),
+        ]));
+        assert!(out.status.success(), "{what}: {out:?}");
+    }
+}

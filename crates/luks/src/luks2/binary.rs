@@ -60,13 +60,11 @@ fn be_u64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
-/// Text of a NUL-terminated fixed field; the last byte must be NUL, as cryptsetup requires.
+/// Text of a NUL-terminated fixed field: up to its first NUL within all but its last
+/// byte, which is ignored, as cryptsetup copies `len - 1` bytes (a label filling all
+/// 48 bytes was refused, "not NUL-terminated", where cryptsetup opens the volume).
 fn cstr(b: &[u8], field: &str) -> Result<String> {
-    if b[b.len() - 1] != 0 {
-        return Err(Error::corrupt(format!(
-            "binary header field {field} is not NUL-terminated"
-        )));
-    }
+    let b = &b[..b.len() - 1];
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8(b[..end].to_vec())
         .map_err(|_| Error::corrupt(format!("binary header field {field} is not UTF-8")))
