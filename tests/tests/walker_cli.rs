@@ -3183,8 +3183,22 @@ fn walker_a_header_file_belongs_to_one_run() {
         "--batch-mode",
     ])
     .args(FAST));
+    // A decrypt naming the held header: exit 4 too (it exited 1).
+    let dec = run(&mut luksify(&[
+        "decrypt",
+        &b.img(),
+        "--key-file",
+        &b.key(),
+        "--header",
+        &hdr,
+    ]));
     let first = first.wait_with_output().unwrap();
     assert!(first.status.success(), "first run: {first:?}");
+    assert_eq!(
+        dec.status.code(),
+        Some(4),
+        "decrypt with the held header: {dec:?}"
+    );
     assert_eq!(
         out.status.code(),
         Some(4),

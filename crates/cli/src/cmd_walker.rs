@@ -590,6 +590,13 @@ fn walk_error(
     e: luksify_walker::Error,
     hint: &str,
 ) -> anyhow::Error {
+    if let luksify_walker::Error::Busy(m) = e {
+        // Kept as the walker's Busy in the chain: exit 4 (a decrypt refused for a
+        // header another run holds exited 1).
+        let m = naming_header(&m, header);
+        return anyhow::Error::new(luksify_walker::Error::Busy(m))
+            .context(dev.display().to_string());
+    }
     let io = io_source(&e).map(|s| s.raw_os_error());
     let recorded = io.is_some() && is_luks_file(header.unwrap_or(dev));
     if recorded {
