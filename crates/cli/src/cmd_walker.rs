@@ -779,17 +779,7 @@ fn open_new_header(
 /// The walker's claim on header file `h` (open as `f`), or exit 4 naming it: another
 /// run or a `format` holds it.
 fn claim_header_file(dev: &Path, h: &Path, f: &std::fs::File) -> anyhow::Result<()> {
-    luksify_walker::lock::claim_header(f).map_err(|e| match e {
-        luksify_walker::Error::Busy(m) => {
-            anyhow::Error::new(luksify_walker::Error::Busy(m.replacen(
-                "the header file",
-                &format!("the header file {}", h.display()),
-                1,
-            )))
-            .context(dev.display().to_string())
-        }
-        e => anyhow::Error::new(e).context(dev.display().to_string()),
-    })
+    luksify_walker::lock::claim_header(f).map_err(|e| walk_error(dev, Some(h), e, ""))
 }
 
 /// Why `encrypt --header H` refuses an existing, non-empty `h`, by what it holds: an

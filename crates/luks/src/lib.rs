@@ -35,8 +35,6 @@ pub enum Version {
     Luks2,
 }
 
-/// Looks at the primary magic and version (and, for LUKS2, the secondary
-/// header locations): `Ok(None)` when nothing LUKS-like is there.
 /// A `--uuid` as cryptsetup takes it: 8-4-4-4-12 hex digits only (not braced, not
 /// without dashes, which cryptsetup refuses: "Wrong LUKS UUID format provided"), stored
 /// in lower case as cryptsetup stores it (an upper-case one was written as given, so
@@ -56,6 +54,8 @@ pub fn canonical_uuid(u: &str) -> Result<String> {
     }
 }
 
+/// Looks at the primary magic and version (and, for LUKS2, the secondary
+/// header locations): `Ok(None)` when nothing LUKS-like is there.
 pub fn probe<D: io::Disk + ?Sized>(disk: &D) -> Result<Option<Version>> {
     let mut b = [0u8; 8];
     match disk.read_at(0, &mut b) {
