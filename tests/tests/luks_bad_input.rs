@@ -617,13 +617,9 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
     );
 }
 
-/// One damaged byte in an unused LUKS1 keyslot's state word (neither enabled nor
-/// disabled): cryptsetup opens the volume with its other slots and dumps that slot as
-/// DISABLED; luksify refused the whole header ("invalid state"). It now does as
-/// cryptsetup: test-passphrase opens, dump says DISABLED, add-key writes beside it, and
-/// the damaged word is kept as it was.
-#[test]
-fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
+/// A cryptsetup-made 4 MiB LUKS1 image opened by key file `kf` (PASS), and a second key
+/// file `kf2` to add: `(dir, img, kf, kf2)`.
+fn luks1_with_two_keys() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     require_tool("cryptsetup");
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("l1");
@@ -635,6 +631,17 @@ fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
     run_ok(&mut luksify_tests::cryptsetup_format_fast(
         "luks1", &img, &kf,
     ));
+    (d, img, kf, kf2)
+}
+
+/// One damaged byte in an unused LUKS1 keyslot's state word (neither enabled nor
+/// disabled): cryptsetup opens the volume with its other slots and dumps that slot as
+/// DISABLED; luksify refused the whole header ("invalid state"). It now does as
+/// cryptsetup: test-passphrase opens, dump says DISABLED, add-key writes beside it, and
+/// the damaged word is kept as it was.
+#[test]
+fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
+    let (_d, img, kf, kf2) = luks1_with_two_keys();
     let at = 208 + 3 * 48;
     {
         use std::os::unix::fs::FileExt;
@@ -677,17 +684,7 @@ fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
 /// zeros. Now every command refuses and the file stays as it was.
 #[test]
 fn luks1_a_truncated_image_is_refused_and_not_grown() {
-    require_tool("cryptsetup");
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("l1");
-    sparse_file(&img, 4 << 20);
-    let kf = d.path().join("key");
-    std::fs::write(&kf, PASS).unwrap();
-    let kf2 = d.path().join("key2");
-    std::fs::write(&kf2, "second passphrase").unwrap();
-    run_ok(&mut luksify_tests::cryptsetup_format_fast(
-        "luks1", &img, &kf,
-    ));
+    let (_d, img, kf, kf2) = luks1_with_two_keys();
     let cut = std::fs::read(&img).unwrap()[..300_000].to_vec();
     std::fs::write(&img, &cut).unwrap();
     for args in [
