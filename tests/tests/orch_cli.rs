@@ -1394,9 +1394,9 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     let mut data = vec![0u8; 3 << 20];
     luksify_tests::fill_pattern(&mut data, 42);
     std::fs::write(mnt.join("f"), &data).unwrap();
-    // Mounted: close refuses and names the mount point.
+    // Mounted: close refuses (exit 4, another holds it) and names the mount point.
     let out = run(luksify(&state).args(["close", &name]));
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&mnt.display().to_string()));
     run_ok(Command::new("umount").arg(&mnt));
     // A process holding the device: refused once the grace is over, naming its pid.
@@ -1412,7 +1412,7 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     let out = run(luksify(&state).args(["close", &name]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.code() == Some(1) && err.contains(&format!("pid {}", h.id())),
+        out.status.code() == Some(4) && err.contains(&format!("pid {}", h.id())),
         "close with a holder: {err}"
     );
     let _ = h.kill();
