@@ -351,15 +351,7 @@ fn luks2_wrong_passphrase_writes_nothing() {
 
 #[test]
 fn luks1_truncated_and_corrupt_headers() {
-    require_tool("cryptsetup");
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("l1");
-    sparse_file(&img, 4 << 20);
-    let kf = d.path().join("key");
-    std::fs::write(&kf, PASS).unwrap();
-    run_ok(&mut luksify_tests::cryptsetup_format_fast(
-        "luks1", &img, &kf,
-    ));
+    let (d, img, kf, _) = luks1_with_two_keys();
     let good = std::fs::read(&img).unwrap();
     let fx = Fixture {
         dir: d,
