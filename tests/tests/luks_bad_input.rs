@@ -642,13 +642,7 @@ fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
     }
     let word = || std::fs::read(&img).unwrap()[at..at + 4].to_vec();
     let damaged = word();
-    let cs = |k: &Path| {
-        Command::new("cryptsetup")
-            .args(["open", "--test-passphrase", "--key-file", p(k), p(&img)])
-            .status()
-            .unwrap()
-            .success()
-    };
+    let cs = |k: &Path| luksify_tests::cryptsetup_opens(&img, k);
     assert!(cs(&kf), "cryptsetup does not open it: the premise");
     run_ok(Command::new(luksify_bin()).args(["test-passphrase", p(&img), "--key-file", p(&kf)]));
     let dump = run_ok(Command::new(luksify_bin()).args(["dump", p(&img)]));
@@ -772,13 +766,11 @@ fn luks2_add_key_wraps_a_maximal_sequence_id_as_cryptsetup() {
         "1000",
     ]));
     for k in [fx.key(), k2] {
-        run_ok(Command::new("cryptsetup").args([
-            "open",
-            "--test-passphrase",
-            "--key-file",
-            p(&k),
-            p(&fx.img()),
-        ]));
+        assert!(
+            luksify_tests::cryptsetup_opens(&fx.img(), &k),
+            "cryptsetup does not open {}",
+            k.display()
+        );
     }
 }
 
@@ -806,13 +798,10 @@ fn luks2_binary_fields_are_read_as_cryptsetup_reads_them() {
     }
     for (bytes, what) in [(label, "a 48-byte label"), (tail, "bytes after the digest")] {
         std::fs::write(fx.img(), &bytes).unwrap();
-        run_ok(Command::new("cryptsetup").args([
-            "open",
-            "--test-passphrase",
-            "--key-file",
-            p(&fx.key()),
-            p(&fx.img()),
-        ]));
+        assert!(
+            luksify_tests::cryptsetup_opens(&fx.img(), &fx.key()),
+            "{what}: cryptsetup does not open it: the premise"
+        );
         let out = run(Command::new(luksify_bin()).args([
             "test-passphrase",
             p(&fx.img()),

@@ -269,14 +269,14 @@ pub fn os_devices(all: &[Mount]) -> Vec<DevNum> {
         if let Some(m) = mountinfo::mount_at(all, Path::new(p)) {
             v.push(m.dev);
             // A partition's parent disk is the sysfs directory above it.
-            if let Ok(real) = std::fs::canonicalize(format!("/sys/dev/block/{}", m.dev)) {
-                if real.join("partition").exists() {
-                    if let Some(parent) = real.parent() {
-                        if let Ok(s) = std::fs::read_to_string(parent.join("dev")) {
-                            if let Some((a, b)) = s.trim().split_once(':') {
-                                if let (Ok(major), Ok(minor)) = (a.parse(), b.parse()) {
-                                    v.push(DevNum { major, minor });
-                                }
+            let sys = PathBuf::from(format!("/sys/dev/block/{}", m.dev));
+            if let Some(disk) = probe::whole_disk_dir(&sys) {
+                if let Ok(s) = std::fs::read_to_string(disk.join("dev")) {
+                    if let Some((a, b)) = s.trim().split_once(':') {
+                        if let (Ok(major), Ok(minor)) = (a.parse(), b.parse()) {
+                            let d = DevNum { major, minor };
+                            if d != m.dev {
+                                v.push(d);
                             }
                         }
                     }

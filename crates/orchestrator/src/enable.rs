@@ -90,13 +90,7 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
         }
         // An unused loop device has no backing file; a loop device's partition
         // (`losetup -P`) has its disk's (they were all left out).
-        let disk = match sys.join("partition").exists() {
-            true => std::fs::canonicalize(&sys)
-                .ok()
-                .and_then(|p| p.parent().map(Path::to_path_buf))
-                .unwrap_or_else(|| sys.clone()),
-            false => sys.clone(),
-        };
+        let disk = probe::whole_disk_dir(&sys).unwrap_or_else(|| sys.clone());
         if n.starts_with("loop") && !disk.join("loop/backing_file").exists() {
             continue;
         }
@@ -1287,23 +1281,22 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
     }
     if fs_type.is_some_and(is_ext) {
         fsck_ext(dev)?;
-        let _ = match grow_target(v, dev) {
-            Some(Some(bytes)) => run_tool(
-                Command::new("resize2fs")
-                    .arg(dev)
-                    .arg(format!("{}K", bytes / 1024)),
-                &format!(
-                    "grow the filesystem on {} back to its {} MiB",
-                    dev.display(),
-                    bytes >> 20
-                ),
-            )?,
-            Some(None) => run_tool(
-                Command::new("resize2fs").arg(dev),
-                &format!("grow the filesystem over all of {}", dev.display()),
-            )?,
-            None => String::new(),
-        };
+        if let Some(to) = grow_target(v, dev) {
+            let mut resize = Command::new("resize2fs");
+            resize.arg(dev);
+            let what = match to {
+                Some(bytes) => {
+                    resize.arg(format!("{}K", bytes / 1024));
+                    format!(
+                        "grow the filesystem on {} back to its {} MiB",
+                        dev.display(),
+                        bytes >> 20
+                    )
+                }
+                None => format!("grow the filesystem over all of {}", dev.display()),
+            };
+            run_tool(&mut resize, &what)?;
+        }
     }
     if let Some(mp) = &v.mount_point {
         let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());

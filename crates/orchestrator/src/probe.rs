@@ -32,6 +32,17 @@ impl FsInfo {
 }
 
 /// Reads enough of the start of `dev` to recognise it; `blkid` is the fallback.
+/// The sysfs directory of the whole disk for block device directory `sys`
+/// (`/sys/class/block/NAME` or `/sys/dev/block/MAJ:MIN`): a partition's is the
+/// directory above it; a disk's, its own.
+pub fn whole_disk_dir(sys: &Path) -> Option<PathBuf> {
+    let real = std::fs::canonicalize(sys).ok()?;
+    match real.join("partition").exists() {
+        true => real.parent().map(Path::to_path_buf),
+        false => Some(real),
+    }
+}
+
 /// How [`detect_fs`] names a whole disk's partition table: `gpt partition table`.
 pub const PARTITION_TABLE: &str = " partition table";
 
