@@ -1332,3 +1332,92 @@ fn luks_cli_a_wrong_passphrase_exits_2_as_cryptsetup() {
     ]));
     assert_eq!(out.status.code(), Some(1), "an unused slot: {out:?}");
 }
+
+/// cryptsetup cuts a label or subsystem to the field's 47 bytes, even inside a
+/// character, and opens the volume; its lanes go down to this machine's CPUs. luksify
+/// refused such a label ("must be shorter than 48 bytes"), called a volume with a cut
+/// character corrupt ("not UTF-8") and refused `--pbkdf-parallel` over 4.
+#[test]
+fn luks_cli_labels_and_lanes_are_taken_as_cryptsetup_takes_them() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("k", b"label test passphrase");
+    let key2 = d.file("k2", b"second label passphrase");
+    let long = format!("{}\u{e9}", "a".repeat(46)); // 48 bytes: the cut falls inside 'é'
+    let sub = "s".repeat(60);
+    let field = |img: &Path, off: usize| std::fs::read(img).unwrap()[off..off + 48].to_vec();
+    let cs = d.image("cs.img", 32 << 20);
+    let ours = d.image("ours.img", 32 << 20);
+    let argon = [
+        "--pbkdf",
+        "argon2id",
+        "--pbkdf-force-iterations",
+        "4",
+        "--pbkdf-memory",
+        "32",
+        "--pbkdf-parallel",
+        "9",
+    ];
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2", "--label", &long])
+            .args(["--subsystem", &sub])
+            .args(argon)
+            .args([p(&cs), p(&key)]),
+    );
+    run_ok(
+        lx(&["format", p(&ours), "--key-file", p(&key), "--batch-mode"])
+            .args(["--label", &long, "--subsystem", &sub])
+            .args(argon),
+    );
+    for (off, what) in [(24, "label"), (208, "subsystem")] {
+        assert_eq!(field(&ours, off), field(&cs, off), "{what} bytes differ");
+    }
+    assert_eq!(
+        &field(&cs, 24)[46..],
+        &[0xc3, 0],
+        "the premise: cut inside 'é'"
+    );
+    let threads = |img: &Path| {
+        let out = run_ok(Command::new("cryptsetup").args(["luksDump", p(img)]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains("Threads:"))
+            .map(|l| l.trim().to_string())
+    };
+    assert!(threads(&cs).is_some());
+    assert_eq!(
+        threads(&ours),
+        threads(&cs),
+        "lanes differ from cryptsetup's"
+    );
+    // luksify opens cryptsetup's volume and keeps the cut bytes through a rewrite.
+    let before = field(&cs, 24);
+    run_ok(&mut lx(&["test-passphrase", p(&cs), "--key-file", p(&key)]));
+    let dump = run_ok(&mut lx(&["dump", p(&cs)]));
+    assert!(
+        String::from_utf8_lossy(&dump.stdout).contains(&"a".repeat(46)),
+        "{dump:?}"
+    );
+    run_ok(&mut lx(&[
+        "add-key",
+        p(&cs),
+        "--key-file",
+        p(&key),
+        "--new-key-file",
+        p(&key2),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    assert_eq!(field(&cs, 24), before, "the label's bytes changed");
+    assert_eq!(field(&cs, 24 + 16384), before, "the second copy's label");
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        p(&cs),
+        "--key-file",
+        p(&key2),
+    ]));
+}

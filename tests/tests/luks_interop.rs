@@ -385,7 +385,7 @@ fn luks2_every_metadata_size_from_cryptsetup() {
         f.write_at(200, b"\x01").unwrap();
         let (_, report) = Luks2Header::read_and_repair(&f).unwrap();
         assert!(report.needs_repair, "{size}");
-        hdr.label = format!("size-{size}");
+        hdr.label = format!("size-{size}").into();
         hdr.write(&f).unwrap();
         drop(f);
         let dump = run_ok(&mut vol.cs(&["luksDump"]));

@@ -945,11 +945,15 @@ fn luks2_text(h: &Luks2Header) -> String {
     let _ = writeln!(s, "Metadata area: \t{} [bytes]", h.hdr_size);
     let _ = writeln!(s, "Keyslots area: \t{} [bytes]", m.config.keyslots_size);
     let _ = writeln!(s, "UUID:          \t{}", h.uuid);
-    let _ = writeln!(s, "Label:         \t{}", none(&h.label, "(no label)"));
+    let _ = writeln!(
+        s,
+        "Label:         \t{}",
+        none(&h.label.to_string(), "(no label)")
+    );
     let _ = writeln!(
         s,
         "Subsystem:     \t{}",
-        none(&h.subsystem, "(no subsystem)")
+        none(&h.subsystem.to_string(), "(no subsystem)")
     );
     let flags = m.config.flags.clone().unwrap_or_default().join(" ");
     let _ = writeln!(s, "Flags:       \t{}", none(&flags, "(no flags)"));

@@ -215,14 +215,10 @@ impl KdfRequest {
         }
     }
 
-    /// Checks the request against cryptsetup's creation limits and this
-    /// machine's RAM, before anything is benchmarked or written.
+    /// Checks the request against cryptsetup's creation limits, before anything is
+    /// benchmarked or written. Lanes and memory beyond this machine are not refused:
+    /// [`KdfRequest::adjusted_for`] decreases them as cryptsetup does.
     pub fn validate(&self) -> Result<()> {
-        self.validate_for_ram(total_ram_kib())
-    }
-
-    /// [`KdfRequest::validate`] for a machine with `ram_kib` of RAM (unknown: no RAM check).
-    pub fn validate_for_ram(&self, ram_kib: Option<u64>) -> Result<()> {
         match self.kind {
             KdfKind::Pbkdf2 => {
                 if let Some(it) = self.force_iterations {
@@ -247,22 +243,6 @@ impl KdfRequest {
                             "--pbkdf-memory {m} KiB is outside {ARGON2_MIN_MEMORY_KIB}..={ARGON2_MAX_MEMORY_KIB} KiB"
                         )));
                     }
-                    if let Some(ram) = ram_kib {
-                        if u64::from(m) > ram / 2 {
-                            return Err(Error::KdfTooCostly(format!(
-                                "--pbkdf-memory {m} KiB is more than half of this machine's RAM ({} KiB); unlocking would risk running out of memory: choose at most {} KiB",
-                                ram,
-                                ram / 2
-                            )));
-                        }
-                    }
-                }
-                if let Some(c) = self.cpus {
-                    if !(1..=ARGON2_MAX_CPUS).contains(&c) {
-                        return Err(Error::InvalidArgument(format!(
-                            "argon2 parallelism {c} is outside 1..={ARGON2_MAX_CPUS}"
-                        )));
-                    }
                 }
             }
         }
@@ -274,38 +254,58 @@ impl KdfRequest {
         Ok(())
     }
 
+    /// The request as cryptsetup's `crypt_set_pbkdf_type` adjusts it for a machine with
+    /// `ram_kib` of RAM and `online_cpus` CPUs: lanes at most 4 and at most the CPUs
+    /// (0 means the default, min(4, CPUs)); memory at most half the RAM (RAM under
+    /// 128 MiB or unknown reads as bogus: then at most the 1 GiB default). cryptsetup
+    /// says so only in its debug log; a keyslot made with more lanes or memory than
+    /// the machine has would unlock slowly or not at all on it.
+    pub fn adjusted_for(&self, ram_kib: Option<u64>, online_cpus: u32) -> KdfRequest {
+        let mut r = self.clone();
+        let online = online_cpus.max(1);
+        r.cpus = self
+            .cpus
+            .filter(|&c| c != 0)
+            .map(|c| c.min(ARGON2_MAX_CPUS).min(online));
+        let cap = match ram_kib {
+            Some(ram) if (128 * 1024..=u64::from(u32::MAX)).contains(&ram) => ram / 2,
+            _ => u64::from(ARGON2_DEFAULT_MEMORY_KIB),
+        };
+        r.memory_kib = self.memory_kib.map(|m| u64::from(m).min(cap) as u32);
+        r
+    }
+
     /// Concrete KDF parameters with a fresh 32-byte salt: forced values as
     /// given, otherwise benchmarked so that one derivation takes about
     /// `iter_time_ms` on this machine (cryptsetup's approach).
     pub fn resolve(&self, out_len: usize) -> Result<Kdf> {
         self.validate()?;
+        let online = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let req = self.adjusted_for(total_ram_kib(), online);
         let salt = crate::random::bytes(32)?;
-        match self.kind {
+        match req.kind {
             KdfKind::Pbkdf2 => {
-                let iterations = match self.force_iterations {
+                let iterations = match req.force_iterations {
                     Some(it) => it,
-                    None => pbkdf2_iterations_for(self.hash, self.iter_time_ms, out_len),
+                    None => pbkdf2_iterations_for(req.hash, req.iter_time_ms, out_len),
                 };
                 Ok(Kdf::Pbkdf2 {
-                    hash: self.hash.name().into(),
+                    hash: req.hash.name().into(),
                     iterations,
                     salt,
                 })
             }
             KdfKind::Argon2i | KdfKind::Argon2id => {
-                let cpus = self.cpus.unwrap_or_else(|| {
-                    let online = std::thread::available_parallelism()
-                        .map(|n| n.get() as u32)
-                        .unwrap_or(1);
-                    online.clamp(1, ARGON2_MAX_CPUS)
-                });
-                let max_mem = self.memory_kib.unwrap_or_else(default_argon2_memory_kib);
-                let (time, memory) = match self.force_iterations {
+                let cpus = req.cpus.unwrap_or(online.clamp(1, ARGON2_MAX_CPUS));
+                let max_mem = req.memory_kib.unwrap_or_else(default_argon2_memory_kib);
+                let (time, memory) = match req.force_iterations {
                     Some(t) => (t, max_mem),
-                    None => argon2_calibrate(self.kind, self.iter_time_ms, max_mem, cpus, out_len)?,
+                    None => argon2_calibrate(req.kind, req.iter_time_ms, max_mem, cpus, out_len)?,
                 };
                 let memory = memory.max(ARGON2_MIN_MEMORY_KIB).max(8 * cpus);
-                Ok(if self.kind == KdfKind::Argon2i {
+                Ok(if req.kind == KdfKind::Argon2i {
                     Kdf::Argon2i {
                         time,
                         memory,
@@ -572,24 +572,41 @@ mod tests {
     }
 
     #[test]
-    fn request_over_half_ram_is_refused() {
-        let req = |kib| KdfRequest {
+    fn lanes_and_memory_beyond_the_machine_are_decreased_as_cryptsetup() {
+        let req = |kib, cpus| KdfRequest {
             memory_kib: Some(kib),
+            cpus: Some(cpus),
             ..KdfRequest::default()
         };
-        // A 1 GiB machine: 512 MiB is the most an argon2 keyslot may ask for.
+        // A 1 GiB, 2-CPU machine: 512 MiB and 2 lanes are the most a keyslot gets.
         let ram = Some(1024 * 1024);
-        assert!(req(512 * 1024).validate_for_ram(ram).is_ok());
-        let err = req(512 * 1024 + 1).validate_for_ram(ram).unwrap_err();
-        assert!(matches!(err, Error::KdfTooCostly(_)));
-        assert!(err.to_string().contains("half"), "{err}");
-        // cryptsetup's absolute cap applies whatever the RAM.
-        assert!(req(ARGON2_MAX_MEMORY_KIB + 1)
-            .validate_for_ram(Some(u64::MAX))
-            .is_err());
-        assert!(req(ARGON2_MIN_MEMORY_KIB - 1)
-            .validate_for_ram(ram)
-            .is_err());
+        let a = |kib, cpus| {
+            let r = req(kib, cpus).adjusted_for(ram, 2);
+            (r.memory_kib.unwrap(), r.cpus)
+        };
+        assert_eq!(a(512 * 1024, 1), (512 * 1024, Some(1)));
+        assert_eq!(a(512 * 1024 + 1, 2), (512 * 1024, Some(2)));
+        assert_eq!(a(32, 4), (32, Some(2)));
+        assert_eq!(a(32, 9), (32, Some(2)));
+        assert_eq!(a(32, 0), (32, None), "0 lanes is the default");
+        assert_eq!(req(32, 9).adjusted_for(ram, 16).cpus, Some(4));
+        // RAM unknown or under 128 MiB: cryptsetup's 1 GiB default is the cap.
+        assert_eq!(
+            req(ARGON2_MAX_MEMORY_KIB, 1)
+                .adjusted_for(Some(1000), 2)
+                .memory_kib,
+            Some(ARGON2_DEFAULT_MEMORY_KIB)
+        );
+        assert_eq!(
+            req(ARGON2_MAX_MEMORY_KIB, 1)
+                .adjusted_for(None, 2)
+                .memory_kib,
+            Some(ARGON2_DEFAULT_MEMORY_KIB)
+        );
+        // cryptsetup's absolute limits are refused whatever the machine.
+        assert!(req(ARGON2_MAX_MEMORY_KIB + 1, 1).validate().is_err());
+        assert!(req(ARGON2_MIN_MEMORY_KIB - 1, 1).validate().is_err());
+        assert!(req(ARGON2_MAX_MEMORY_KIB, 100).validate().is_ok());
     }
 
     #[test]

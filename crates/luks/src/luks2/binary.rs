@@ -39,6 +39,58 @@ impl Copy {
     }
 }
 
+/// A NUL-terminated text field of the binary header (label, subsystem), kept as its
+/// bytes: cryptsetup stores what it is given cut to 47 bytes, which need not be UTF-8
+/// (a multi-byte character cut in two, a Latin-1 label), and opens such a volume; a
+/// rewrite of the header keeps the bytes as they were.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct FieldText(Vec<u8>);
+
+impl FieldText {
+    /// `s` as cryptsetup stores it in a 48-byte field: its first 47 bytes.
+    pub fn cut(s: &str) -> FieldText {
+        let b = s.as_bytes();
+        FieldText(b[..b.len().min(LABEL_LEN - 1)].to_vec())
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<&str> for FieldText {
+    fn from(s: &str) -> FieldText {
+        FieldText(s.as_bytes().to_vec())
+    }
+}
+
+impl From<String> for FieldText {
+    fn from(s: String) -> FieldText {
+        FieldText(s.into_bytes())
+    }
+}
+
+impl PartialEq<&str> for FieldText {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+/// The text, with bytes that are not UTF-8 shown as U+FFFD.
+impl std::fmt::Display for FieldText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl std::fmt::Debug for FieldText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
 /// Decoded binary header. Strings are the NUL-terminated text of their field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BinaryHeader {
@@ -46,11 +98,11 @@ pub struct BinaryHeader {
     /// Metadata size of one copy: binary header plus JSON area.
     pub hdr_size: u64,
     pub seqid: u64,
-    pub label: String,
+    pub label: FieldText,
     pub checksum_alg: String,
     pub salt: [u8; SALT_LEN],
     pub uuid: String,
-    pub subsystem: String,
+    pub subsystem: FieldText,
     /// Offset of this copy from the start of the device (0 or hdr_size).
     pub hdr_offset: u64,
     pub csum: [u8; CSUM_LEN],
@@ -63,21 +115,26 @@ fn be_u64(b: &[u8], off: usize) -> u64 {
 /// Text of a NUL-terminated fixed field: up to its first NUL within all but its last
 /// byte, which is ignored, as cryptsetup copies `len - 1` bytes (a label filling all
 /// 48 bytes was refused, "not NUL-terminated", where cryptsetup opens the volume).
-fn cstr(b: &[u8], field: &str) -> Result<String> {
+fn cbytes(b: &[u8]) -> &[u8] {
     let b = &b[..b.len() - 1];
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8(b[..end].to_vec())
+    &b[..end]
+}
+
+fn cstr(b: &[u8], field: &str) -> Result<String> {
+    String::from_utf8(cbytes(b).to_vec())
         .map_err(|_| Error::corrupt(format!("binary header field {field} is not UTF-8")))
 }
 
-fn put_cstr(dst: &mut [u8], s: &str, field: &str) -> Result<()> {
-    if s.len() >= dst.len() || s.as_bytes().contains(&0) {
+fn put_cstr(dst: &mut [u8], s: impl AsRef<[u8]>, field: &str) -> Result<()> {
+    let s = s.as_ref();
+    if s.len() >= dst.len() || s.contains(&0) {
         return Err(Error::InvalidArgument(format!(
             "{field} must be shorter than {} bytes and contain no NUL",
             dst.len()
         )));
     }
-    dst[..s.len()].copy_from_slice(s.as_bytes());
+    dst[..s.len()].copy_from_slice(s);
     Ok(())
 }
 
@@ -120,11 +177,11 @@ impl BinaryHeader {
             copy,
             hdr_size,
             seqid: be_u64(b, 16),
-            label: cstr(&b[24..24 + LABEL_LEN], "label")?,
+            label: FieldText(cbytes(&b[24..24 + LABEL_LEN]).to_vec()),
             checksum_alg,
             salt: b[104..104 + SALT_LEN].try_into().expect("64 bytes"),
             uuid: cstr(&b[168..168 + UUID_LEN], "uuid")?,
-            subsystem: cstr(&b[208..208 + SUBSYSTEM_LEN], "subsystem")?,
+            subsystem: FieldText(cbytes(&b[208..208 + SUBSYSTEM_LEN]).to_vec()),
             hdr_offset,
             csum: b[OFF_CSUM..OFF_CSUM + CSUM_LEN]
                 .try_into()
@@ -139,7 +196,7 @@ impl BinaryHeader {
         b[6..8].copy_from_slice(&2u16.to_be_bytes());
         b[8..16].copy_from_slice(&self.hdr_size.to_be_bytes());
         b[16..24].copy_from_slice(&self.seqid.to_be_bytes());
-        put_cstr(&mut b[24..24 + LABEL_LEN], &self.label, "label")?;
+        put_cstr(&mut b[24..24 + LABEL_LEN], self.label.as_bytes(), "label")?;
         put_cstr(
             &mut b[72..72 + CSUM_ALG_LEN],
             &self.checksum_alg,
@@ -149,7 +206,7 @@ impl BinaryHeader {
         put_cstr(&mut b[168..168 + UUID_LEN], &self.uuid, "uuid")?;
         put_cstr(
             &mut b[208..208 + SUBSYSTEM_LEN],
-            &self.subsystem,
+            self.subsystem.as_bytes(),
             "subsystem",
         )?;
         b[256..264].copy_from_slice(&self.hdr_offset.to_be_bytes());

@@ -1,6 +1,6 @@
 //! Reading and writing both LUKS2 metadata copies through a [`Disk`].
 
-use super::binary::{self, BinaryHeader, Copy, BINARY_HEADER_SIZE, METADATA_SIZES};
+use super::binary::{self, BinaryHeader, Copy, FieldText, BINARY_HEADER_SIZE, METADATA_SIZES};
 use super::json::Metadata;
 use super::validate;
 use crate::error::{Error, Result};
@@ -15,8 +15,8 @@ pub struct Luks2Header {
     pub hdr_size: u64,
     /// Sequence id; every write increments it.
     pub seqid: u64,
-    pub label: String,
-    pub subsystem: String,
+    pub label: FieldText,
+    pub subsystem: FieldText,
     /// Volume UUID (text form).
     pub uuid: String,
     /// Header checksum algorithm (cryptsetup writes `sha256`).

@@ -389,8 +389,9 @@ impl Luks2Header {
         let mut hdr = Luks2Header {
             hdr_size: opts.metadata_size,
             seqid: 0,
-            label: opts.label.clone(),
-            subsystem: opts.subsystem.clone(),
+            // cryptsetup cuts both to the field's 47 bytes, silently.
+            label: binary::FieldText::cut(&opts.label),
+            subsystem: binary::FieldText::cut(&opts.subsystem),
             uuid,
             checksum_alg: "sha256".into(),
             salt_primary: salts[0],
