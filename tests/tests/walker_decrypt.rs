@@ -1380,3 +1380,186 @@ fn walker_leaves_out_the_identity_token_where_the_json_area_is_nearly_full() {
     run_ok(&mut resume_cmd(&c));
     assert_plaintext_back(&c, l, &orig, "decrypted with a full JSON area");
 }
+
+/// A cryptsetup volume whose cipher or segment luksify cannot walk (AES-CBC, or a
+/// data segment with `integrity`) is refused by `decrypt` before anything is written.
+/// The header used to be marked for decryption first, so only cryptsetup could go on;
+/// an `integrity` segment of a 64-byte key was walked as plain AES-XTS.
+#[test]
+fn walker_decrypt_refuses_what_it_cannot_walk_before_writing() {
+    use luksify_luks::luks2::json::Segment;
+    use luksify_luks::luks2::Luks2Header;
+    require_tool("cryptsetup");
+    let rw = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap()
+    };
+    for case in ["cbc", "integrity"] {
+        let (c, _) = Case::new(8, 41);
+        let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+        let mut cmd = Command::new("cryptsetup");
+        cmd.args([
+            "reencrypt",
+            "--encrypt",
+            "-q",
+            "--key-file",
+            &key,
+            "--header",
+            &hdr,
+        ]);
+        cmd.args(FAST);
+        if case == "cbc" {
+            cmd.args(["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"]);
+        }
+        run_ok(cmd.arg(&img));
+        if case == "integrity" {
+            let f = rw(&c.p("hdr"));
+            let (mut h, _) = Luks2Header::read(&f).unwrap();
+            for s in h.metadata.segments.values_mut() {
+                if let Segment::Crypt(s) = s {
+                    s.integrity = Some(serde_json::json!({
+                        "type": "hmac(sha256)",
+                        "journal_encryption": "none",
+                        "journal_integrity": "none"
+                    }));
+                }
+            }
+            h.write(&f).unwrap();
+        }
+        if case == "integrity" {
+            let dump = run_ok(&mut luksify(&["dump", &img, "--header", &hdr]));
+            let text = String::from_utf8_lossy(&dump.stdout);
+            assert!(text.contains("\tintegrity: hmac(sha256)\n"), "{text}");
+        }
+        let (before_img, before_hdr) = (c.img(), std::fs::read(c.p("hdr")).unwrap());
+        let out = run(&mut luksify(&[
+            "decrypt",
+            &img,
+            "--key-file",
+            &key,
+            "--header",
+            &hdr,
+        ]));
+        assert_eq!(out.status.code(), Some(1), "{case}: {out:?}");
+        assert_refused_in_one_line(&out, "nothing was written", case);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let why = if case == "cbc" {
+            "aes-cbc"
+        } else {
+            "integrity"
+        };
+        assert!(err.contains(why), "{case}: {err}");
+        assert!(c.img() == before_img, "{case}: the image was written");
+        assert!(
+            std::fs::read(c.p("hdr")).unwrap() == before_hdr,
+            "{case}: the header was written"
+        );
+    }
+}
+
+/// A cryptsetup key change (`reencrypt` to a new volume key) killed mid-run lists its
+/// hotzone segment under both keys' digests. luksify called that header corrupt and
+/// advised a header restore (which would lose the part under the new key); it now reads
+/// it, and every command that would walk it or back up "the" key refuses, naming
+/// cryptsetup's resume, with nothing written.
+#[test]
+fn walker_a_cryptsetup_key_change_mid_run_is_read_and_refused_without_writing() {
+    require_tool("cryptsetup");
+    let (c, _) = Case::new(32, 51);
+    encrypt_with_cryptsetup(&c, Layout::Detached("checksum"));
+    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+    // Killed between two hotzones the header has no hotzone segment: go on with
+    // cryptsetup's resume and kill again until one lands inside a hotzone.
+    let hotzone = || {
+        let json =
+            run_ok(Command::new("cryptsetup").args(["luksDump", "--dump-json-metadata", &hdr]));
+        let md: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        let hot = md["segments"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(_, s)| s["flags"].to_string().contains("in-reencryption"))
+            .map(|(id, _)| id.clone());
+        hot.map(|h| (h, md))
+    };
+    let mut found = None;
+    for attempt in 0..40u64 {
+        let base = header_seqid(&c.p("hdr"));
+        let mut cs = Command::new("cryptsetup");
+        cs.args([
+            "reencrypt",
+            "-q",
+            "--force-offline-reencrypt",
+            "--key-file",
+            &key,
+        ]);
+        if attempt == 0 {
+            cs.args(FAST);
+            cs.args(["--resilience", "journal", "--hotzone-size", "64k"]);
+        } else {
+            cs.arg("--resume-only");
+        }
+        cs.args(["--header", &hdr, &img]);
+        kill_after_commits(&mut cs, &c.p("hdr"), base, 5, attempt * 37 % 300);
+        found = hotzone();
+        if found.is_some() {
+            break;
+        }
+    }
+    let (hot, md) = found.expect("the premise: a kill inside a hotzone");
+    let under = md["digests"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|d| d["segments"].to_string().contains(&format!("\"{hot}\"")))
+        .count();
+    assert_eq!(under, 2, "the premise: the hotzone under both digests");
+    let before = (c.img(), std::fs::read(c.p("hdr")).unwrap());
+    run_ok(&mut luksify(&["dump", &img, "--header", &hdr]));
+    run_ok(&mut luksify(&[
+        "test-passphrase",
+        &img,
+        "--header",
+        &hdr,
+        "--key-file",
+        &key,
+    ]));
+    let vk = c.s("vk");
+    for (what, args) in [
+        (
+            "dump-volume-key",
+            vec![
+                "dump",
+                &img,
+                "--header",
+                &hdr,
+                "--dump-volume-key",
+                "--key-file",
+                &key,
+                "--volume-key-file",
+                &vk,
+            ],
+        ),
+        (
+            "decrypt",
+            vec!["decrypt", &img, "--header", &hdr, "--key-file", &key],
+        ),
+        (
+            "resume",
+            vec!["resume", &img, "--header", &hdr, "--key-file", &key],
+        ),
+    ] {
+        let out = run(&mut luksify(&args));
+        assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
+        assert_refused_in_one_line(&out, "cryptsetup reencrypt --resume-only", what);
+        assert_refused_in_one_line(&out, "nothing was written", what);
+        assert!(!c.p("vk").exists(), "{what}: a key file was written");
+        assert!(
+            (c.img(), std::fs::read(c.p("hdr")).unwrap()) == before,
+            "{what}: something was written"
+        );
+    }
+}

@@ -874,6 +874,23 @@ fn dump(a: DumpArgs) -> Result<ExitCode> {
                 );
             }
         }
+        // Mid key change the volume has two keys, and which one is "the" key depends
+        // on when it is asked: cryptsetup gives the new one, which the part not yet
+        // walked does not use, and luksify gave the old one, which is no backup once
+        // the run finishes. Either way the file would not open the whole volume.
+        if let Volume::Luks2(h) = &vol {
+            use luksify_luks::luks2::json::{Keyslot, ReencryptMode};
+            if h.metadata
+                .keyslots
+                .values()
+                .any(|k| matches!(k, Keyslot::Reencrypt(r) if r.mode == ReencryptMode::Reencrypt))
+            {
+                bail!(
+                    "{}: a re-encryption with a new volume key is in progress: no one key opens the whole volume until it ends; finish it with `cryptsetup reencrypt --resume-only` and dump the key then (nothing was written)",
+                    path.display()
+                );
+            }
+        }
         let (vk, slot) = vol
             .unlock(&f, &pass, a.key_slot)
             .map_err(|e| luks_err(path, e))?;
@@ -980,6 +997,14 @@ fn luks2_text(h: &Luks2Header) -> String {
                 let _ = writeln!(s, "\tcipher: {}", c.encryption);
                 // (luksDump 2.6.1 does not show iv_tweak; `--json` does.)
                 let _ = writeln!(s, "\tsector: {} [bytes]", c.sector_size);
+                if let Some(t) = c
+                    .integrity
+                    .as_ref()
+                    .and_then(|i| i.get("type"))
+                    .and_then(|t| t.as_str())
+                {
+                    let _ = writeln!(s, "\tintegrity: {t}");
+                }
             }
             Segment::Linear(l) => {
                 let _ = writeln!(s, "  {id}: linear");

@@ -69,6 +69,7 @@ impl Volume {
                 sector_size: 512,
                 iv_tweak: 0,
                 key_size: Some(h.key_bytes),
+                integrity: None,
             }),
             Volume::Luks2(h) => h.data_segment(),
         }

@@ -1761,6 +1761,15 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
     let key_digest = hdr
         .digest_id_for_keyslot(slot)
         .ok_or(Error::Internal("unlocked keyslot has no digest"))?;
+    // The walk's cipher from this key, before the first write: a cipher or key luksify
+    // cannot walk (AES-CBC, serpent, an integrity segment's longer key) was refused
+    // only after the header had been marked for decryption, which then nothing but
+    // cryptsetup could finish.
+    if let Err(e) = seg.cipher(&vk) {
+        return Err(Error::Refused(format!(
+            "{e}; `cryptsetup reencrypt --decrypt` decrypts it (nothing was written)"
+        )));
+    }
     let (ks_end, room) = free_keyslot_room(&hdr);
     let area_end = ks_end + room;
     let area = if moves {

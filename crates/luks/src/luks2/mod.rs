@@ -59,11 +59,21 @@ pub struct DataSegment {
     pub iv_tweak: u64,
     /// Volume key size in bytes (from the digest's keyslots), if known.
     pub key_size: Option<u32>,
+    /// The segment's `integrity` object (dm-integrity under dm-crypt), as JSON text.
+    pub integrity: Option<String>,
 }
 
 impl DataSegment {
     /// A sector cipher for this segment keyed with `vk`.
+    /// A segment with `integrity` is refused: its data sits in a dm-integrity layout
+    /// (superblock, journal, tags) and its key holds the integrity key too, so AES-XTS
+    /// over its bytes would read garbage (and a decryption would write it).
     pub fn cipher(&self, vk: &VolumeKey) -> Result<SectorCipher> {
+        if let Some(i) = &self.integrity {
+            return Err(Error::Unsupported(format!(
+                "the data segment is authenticated (integrity {i}): luksify handles dm-crypt without dm-integrity only; use cryptsetup for this volume"
+            )));
+        }
         Ok(SectorCipher::new(
             &self.cipher,
             vk.as_bytes(),
@@ -447,6 +457,7 @@ impl Luks2Header {
             sector_size: c.sector_size,
             iv_tweak: c.iv_tweak,
             key_size,
+            integrity: c.integrity.as_ref().map(|v| v.to_string()),
         })
     }
 

@@ -269,7 +269,6 @@ fn validate_keyslots(m: &Metadata, hdr_size: u64) -> Result<()> {
 
 fn validate_digests(m: &Metadata) -> Result<()> {
     let mut ks_used = BTreeSet::new();
-    let mut seg_used = BTreeSet::new();
     for (id, d) in &m.digests {
         for k in d.keyslots() {
             if !m.keyslots.contains_key(&k) {
@@ -282,13 +281,10 @@ fn validate_digests(m: &Metadata) -> Result<()> {
             }
         }
         for s in d.segments() {
+            // One segment may be under two digests: cryptsetup's key change lists
+            // its hotzone segment under the old key's digest and the new one's.
             if !m.segments.contains_key(&s) {
                 return Err(bad(format!("digest {id} names missing segment {s}")));
-            }
-            if !seg_used.insert(s) {
-                return Err(bad(format!(
-                    "segment {s} is assigned to more than one digest"
-                )));
             }
         }
         if let Digest::Pbkdf2(p) = d {
