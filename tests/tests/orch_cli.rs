@@ -4082,3 +4082,108 @@ fn root_orch_a_partitioned_disk_is_named_as_such_and_its_partitions_offered() {
         "the whole disk is offered:\n{text}"
     );
 }
+
+/// After a reboot the kernel's names may move: the disk a run began on comes back under
+/// another name, and another disk takes its old one. `resume` knows each volume by its
+/// UUIDs (the LUKS UUID its run gave it, its filesystem's as `enable` found it), follows
+/// it to its new name, and refuses, touching nothing, when it is attached nowhere. A
+/// trial's `resume` encrypted the other disk under the old name, mounted it over the
+/// volume's mount point and reported success, the volume left plain.
+#[test]
+fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
+    let a = Fixture::new(128);
+    let b = Fixture::new(96);
+    let c = Fixture::new(64); // the other disk, which takes a name of the run's
+    let mut both = a.enable_cmd();
+    both.arg("--volume").arg(&b.mnt);
+    a.kill_mid_first_walk(both);
+    let c_before = sha256(&c.dev());
+    // The "reboot": a's old name now names b's disk, b's names c's.
+    let rename = |b_uuid: Option<&str>| {
+        let mut s = read_status(&a.state);
+        for v in s["volumes"].as_array_mut().unwrap() {
+            if v["device"] == a.dev().display().to_string() {
+                v["device"] = b.dev().display().to_string().into();
+            } else if v["device"] == b.dev().display().to_string() {
+                v["device"] = c.dev().display().to_string().into();
+                assert!(v["fs_uuid"].is_string(), "{v}");
+                if let Some(u) = b_uuid {
+                    v["fs_uuid"] = u.into();
+                }
+            }
+        }
+        std::fs::write(a.state.join("status.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+    };
+    // b attached nowhere (no device carries its filesystem's UUID): a is found by its
+    // LUKS UUID and finished; b is refused, and c is not touched.
+    rename(Some("0badc0de-0000-4000-8000-000000000000"));
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{} now holds ext4 UUID", c.dev().display()))
+            && err.contains("attach the volume and run `luksify resume` again")
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(sha256(&c.dev()), c_before, "the other disk was written");
+    let s = read_status(&a.state);
+    let rec = |dev: &Path| {
+        s["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["device"] == dev.display().to_string())
+            .cloned()
+    };
+    assert_eq!(
+        rec(&a.dev()).map(|v| v["state"].clone()),
+        Some("Encrypted".into()),
+        "{s}"
+    );
+    a.assert_files_unchanged();
+    // b attached under its new name: found there and encrypted; c still untouched.
+    let mut s = read_status(&a.state);
+    for v in s["volumes"].as_array_mut().unwrap() {
+        if v["device"] == c.dev().display().to_string() {
+            v["fs_uuid"] = probe_uuid(&b.dev()).into();
+        }
+    }
+    std::fs::write(a.state.join("status.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr(&out).contains(&format!(
+            "the volume this run began on is {}",
+            b.dev().display()
+        )),
+        "{out:?}"
+    );
+    assert_eq!(sha256(&c.dev()), c_before, "the other disk was written");
+    assert!(!luksify_tests::has_luks_header(&c.dev()));
+    c.assert_files_unchanged();
+    let s = read_status(&a.state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    for f in [&a, &b] {
+        assert!(luksify_tests::has_luks_header(&f.dev()));
+        f.assert_files_unchanged();
+        assert!(
+            s["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["device"] == f.dev().display().to_string() && v["state"] == "Encrypted"),
+            "{s}"
+        );
+    }
+}
+
+/// The filesystem UUID blkid reads on `dev`.
+fn probe_uuid(dev: &Path) -> String {
+    let out = run_ok(
+        Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", "UUID"])
+            .arg(dev),
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

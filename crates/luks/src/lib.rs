@@ -39,6 +39,12 @@ pub enum Version {
 /// without dashes, which cryptsetup refuses: "Wrong LUKS UUID format provided"), stored
 /// in lower case as cryptsetup stores it (an upper-case one was written as given, so
 /// `/dev/disk/by-uuid` and crypttab's `UUID=` did not match).
+/// A fresh random LUKS UUID in cryptsetup's form (what `format` gives a volume when
+/// none is asked for).
+pub fn new_uuid() -> String {
+    uuid::Uuid::new_v4().hyphenated().to_string()
+}
+
 pub fn canonical_uuid(u: &str) -> Result<String> {
     let dashes = [8, 13, 18, 23];
     let form = u.len() == 36

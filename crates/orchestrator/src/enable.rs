@@ -651,6 +651,8 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             mount_options: m.map(|m| m.options.clone()),
             fs_type: Some(p.report.filesystem.fs_type.clone()),
             fs_bytes: p.report.filesystem.fs_bytes,
+            fs_uuid: probe::type_and_uuid(&p.device).map(|(_, u)| u),
+            luks_uuid: Some(luksify_luks::new_uuid()),
             header: p.header.clone(),
             key_file: Some(key_file.clone()),
             state: VolumeState::NotEncrypted,
@@ -1012,6 +1014,8 @@ fn encrypt_prepared(
     let format = FormatOptions {
         kdf,
         sector_size: encryption_sector_size(fs.min_io, fs.dev_size),
+        // Given before the walk, so that `resume` knows the volume by it.
+        uuid: sw.status.volumes[idx].luks_uuid.clone(),
         ..Default::default()
     };
     let placement = match header {
@@ -1560,7 +1564,6 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         drop(sw);
         return Ok(done(count + disable(req, passphrase_override, &pending)?));
     }
-    let sub = pending_request(req, &sw.status, &pending);
     let first = sw
         .status
         .volumes
@@ -1571,6 +1574,15 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
             "pending volume vanished from the status file",
         ))?;
     let key = read_recorded_key(&first, passphrase_override)?;
+    // Known by their UUIDs, as the interrupted volume is: a kernel name that moved
+    // since the run began names another device now.
+    for p in pending.iter_mut() {
+        if let Some(idx) = sw.status.volumes.iter().position(|v| &v.device == p) {
+            *p = relocate(&mut sw, idx)?.device;
+        }
+    }
+    commit(&mut sw)?;
+    let sub = pending_request(req, &sw.status, &pending);
     remount_pending(&sw.status, &pending);
     // `enable` keeps its own status writer: this one must not write over it.
     drop(sw);
@@ -1735,6 +1747,7 @@ fn resume_one(
             &key
         }
     };
+    let v = relocate(sw, idx)?;
     sw.status.volumes[idx].resumed = true;
     sw.active = Some(idx);
     commit(sw)?;
@@ -1801,6 +1814,68 @@ fn resume_one(
     };
     drop(data);
     finish_volume(req, passphrase, sw, idx, outcome)
+}
+
+/// The volume record `idx` with the device it is on now. A kernel name is not stable
+/// across a reboot (a disk attached in another order, a loop device's number reused),
+/// so the volume is known by what it holds: the LUKS UUID its run gives it, or its
+/// filesystem's UUID as `enable` found it. A device that carries another UUID is not
+/// the volume: the volume is looked for by its UUIDs (the record follows it there), and
+/// if it is nowhere, refused with nothing written. A device showing no UUID (ciphertext
+/// of a detached-header run, a head torn by a cut) stays the record's: the walker's own
+/// checks (the header's identity token, the start marker) decide there. A trial's
+/// reboot gave the volume's old name to another disk, and `resume` encrypted that disk
+/// and reported success, the volume left plain.
+fn relocate(sw: &mut StatusWriter, idx: usize) -> Result<VolumeStatus> {
+    let v = sw.status.volumes[idx].clone();
+    let ours: Vec<&str> = [v.luks_uuid.as_deref(), v.fs_uuid.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let Some((kind, now)) = probe::type_and_uuid(&v.device) else {
+        return Ok(v);
+    };
+    if ours.is_empty() || ours.contains(&now.as_str()) {
+        return Ok(v);
+    }
+    // The LUKS UUID first: a mapping of the volume shows its filesystem's UUID too.
+    let found = ours.iter().find_map(|u| {
+        let mut d = probe::devices_with_uuid(u);
+        d.retain(|d| !is_luksify_mapping(d));
+        (d.len() == 1).then(|| d.remove(0))
+    });
+    let Some(dev) = found else {
+        return Err(Failure::failed(format!(
+            "{} now holds {kind} UUID {now}, not the volume this run began on ({}): its name moved since (a reboot that attached disks in another order?), and no device carries it now; nothing was written: attach the volume and run `luksify resume` again",
+            v.device.display(),
+            ours.iter()
+                .map(|u| format!("UUID {u}"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )));
+    };
+    errln!(
+        "luksify: {} now holds another device ({kind} UUID {now}); the volume this run began on is {} now, and the run goes on there",
+        v.device.display(),
+        dev.display()
+    );
+    sw.status.volumes[idx].device = dev;
+    commit(sw)?;
+    Ok(sw.status.volumes[idx].clone())
+}
+
+/// Whether `dev` is the decrypted view of a luksify mapping (a device-mapper node, or the
+/// userspace path's loop device over its FUSE `volume` file).
+fn is_luksify_mapping(dev: &Path) -> bool {
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.starts_with("dm-") || dev.starts_with("/dev/mapper") {
+        return true;
+    }
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .is_ok_and(|b| b.trim_end().ends_with("/volume"))
 }
 
 /// Power was cut after the status file said "in progress" but before the walker's first

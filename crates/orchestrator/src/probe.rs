@@ -374,6 +374,39 @@ pub fn statvfs_free(mount_point: &Path) -> Option<u64> {
     Some(st.f_bfree * st.f_frsize)
 }
 
+/// The type and UUID blkid reads on `dev` (low-level probe, no cache): a filesystem's,
+/// or a LUKS header's. `None` where it finds none (ciphertext, a blank or torn head).
+pub fn type_and_uuid(dev: &Path) -> Option<(String, String)> {
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(dev)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tag = |t: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(t)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    Some((tag("TYPE")?, tag("UUID")?))
+}
+
+/// Every block device blkid finds carrying `uuid` (probed afresh, not from its cache).
+pub fn devices_with_uuid(uuid: &str) -> Vec<PathBuf> {
+    let Ok(out) = std::process::Command::new("blkid")
+        .args(["-c", "/dev/null", "-o", "device", "-t"])
+        .arg(format!("UUID={uuid}"))
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,14 @@ pub struct VolumeStatus {
     /// status file from before it was recorded: grown over the whole device then.
     #[serde(default)]
     pub fs_bytes: Option<u64>,
+    /// The filesystem's UUID when `enable` found it, and the LUKS UUID its run gives
+    /// the volume: what `resume` knows the volume by when the kernel's name for it has
+    /// moved (a reboot that attaches disks in another order, a loop device's number
+    /// reused). `None` in a status file from before they were recorded.
+    #[serde(default)]
+    pub fs_uuid: Option<String>,
+    #[serde(default)]
+    pub luks_uuid: Option<String>,
     /// Detached header file, when the header is not on the device.
     #[serde(default)]
     pub header: Option<PathBuf>,

@@ -391,7 +391,7 @@ impl Luks2Header {
         };
         let uuid = match &opts.uuid {
             Some(u) => crate::canonical_uuid(u)?,
-            None => uuid::Uuid::new_v4().hyphenated().to_string(),
+            None => crate::new_uuid(),
         };
         let mut salts = [[0u8; 64]; 2];
         crate::random::fill(&mut salts[0])?;
