@@ -991,6 +991,25 @@ pub fn check_resolved(
     } else if dm_uuid.as_deref().is_some_and(|u| u.starts_with("LVM-")) {
         lvm = Some("lv".to_string());
     }
+    // An md RAID member: encrypting it in place turns its superblock (or, at the end,
+    // the room the array keeps it in) and its share of the array into ciphertext. A
+    // trial's RAID1 leg (ext4 at the start, 1.0 metadata at the end) read as plain
+    // ext4, "No problems found", and was encrypted.
+    let md = probe::md_superblock(&r.device, size_bytes)
+        .or_else(|| (filesystem.fs_type == "linux_raid_member").then_some(("?", 0)));
+    if let Some((version, at)) = md {
+        push(
+            "md_member",
+            Severity::Blocker,
+            if version == "?" {
+                format!("{dev_s} is an md RAID member (blkid: linux_raid_member)")
+            } else {
+                format!("{dev_s} is an md RAID member (metadata {version} superblock at byte {at})")
+            },
+            "encrypting one member in place would break the array: its superblock and its share of the array's data would turn into ciphertext".into(),
+            "encrypt the assembled array (luksify check /dev/mdN) instead; if the device no longer belongs to an array, remove the stale superblock first (mdadm --zero-superblock)".into(),
+        );
+    }
     if dm_uuid.as_deref().is_some_and(|u| u.starts_with("CRYPT-")) {
         push(
             "already_mapped",
@@ -1041,7 +1060,7 @@ pub fn check_resolved(
         HEADER_RESERVE_BYTES
     };
     let mut header_space_ok = true;
-    if luks.is_none() && lvm.is_none() && view.is_none() {
+    if luks.is_none() && lvm.is_none() && md.is_none() && view.is_none() {
         match fs {
             "ext2" | "ext3" | "ext4" if !opts.detached_header => {
                 let fs_bytes = filesystem.fs_bytes.unwrap_or(size_bytes);

@@ -407,6 +407,34 @@ pub fn devices_with_uuid(uuid: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The md RAID superblock on a device of `size` bytes, if one is there: its metadata
+/// version (`0.90`, `1.0`, `1.1`, `1.2`) and byte offset. Looked for at all four places
+/// whatever else the device holds: a RAID1 leg with 0.90 or 1.0 metadata (at the end)
+/// starts with the array's filesystem, which the superblock probes read first.
+pub fn md_superblock(dev: &Path, size: u64) -> Option<(&'static str, u64)> {
+    const MD_MAGIC: u32 = 0xa92b_4efc;
+    let f = File::open(dev).ok()?;
+    let at = |off: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, off).ok()?;
+        let magic = u32::from_le_bytes(b[..4].try_into().ok()?);
+        let major = u32::from_le_bytes(b[4..].try_into().ok()?);
+        (magic == MD_MAGIC).then_some(major)
+    };
+    let sectors = size / 512;
+    let mut places = vec![("1.1", 0u64, 1u32), ("1.2", 4096, 1)];
+    if sectors >= 16 {
+        places.push(("1.0", ((sectors - 16) & !7) * 512, 1));
+    }
+    if sectors >= 256 {
+        places.push(("0.90", ((sectors & !127) - 128) * 512, 0));
+    }
+    places
+        .into_iter()
+        .find(|&(_, off, major)| off + 8 <= size && at(off) == Some(major))
+        .map(|(v, off, _)| (v, off))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
