@@ -4098,12 +4098,15 @@ fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
     both.arg("--volume").arg(&b.mnt);
     a.kill_mid_first_walk(both);
     let c_before = sha256(&c.dev());
-    // The "reboot": a's old name now names b's disk, b's names c's.
+    // A blank disk (all zeros: no UUID at all) takes a's old name, c takes b's.
+    let blank = c.dir.path().join("blank.img");
+    sparse_file(&blank, 128 << 20);
+    let z = LoopDev::attach(&blank);
     let rename = |b_uuid: Option<&str>| {
         let mut s = read_status(&a.state);
         for v in s["volumes"].as_array_mut().unwrap() {
             if v["device"] == a.dev().display().to_string() {
-                v["device"] = b.dev().display().to_string().into();
+                v["device"] = z.path.display().to_string().into();
             } else if v["device"] == b.dev().display().to_string() {
                 v["device"] = c.dev().display().to_string().into();
                 assert!(v["fs_uuid"].is_string(), "{v}");
@@ -4127,6 +4130,14 @@ fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
         "{err}"
     );
     assert_eq!(sha256(&c.dev()), c_before, "the other disk was written");
+    assert!(
+        err.contains(&format!(
+            "{} now holds nothing recognisable; the volume this run began on is {} now",
+            z.path.display(),
+            a.dev().display()
+        )),
+        "{err}"
+    );
     let s = read_status(&a.state);
     let rec = |dev: &Path| {
         s["volumes"]
@@ -4161,6 +4172,10 @@ fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
     );
     assert_eq!(sha256(&c.dev()), c_before, "the other disk was written");
     assert!(!luksify_tests::has_luks_header(&c.dev()));
+    assert!(
+        std::fs::read(&blank).unwrap().iter().all(|&b| b == 0),
+        "the blank disk was written"
+    );
     c.assert_files_unchanged();
     let s = read_status(&a.state);
     assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");

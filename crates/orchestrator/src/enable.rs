@@ -1832,30 +1832,51 @@ fn relocate(sw: &mut StatusWriter, idx: usize) -> Result<VolumeStatus> {
         .into_iter()
         .flatten()
         .collect();
-    let Some((kind, now)) = probe::type_and_uuid(&v.device) else {
-        return Ok(v);
-    };
-    if ours.is_empty() || ours.contains(&now.as_str()) {
+    let now = probe::type_and_uuid(&v.device);
+    if ours.is_empty()
+        || now
+            .as_ref()
+            .is_some_and(|(_, u)| ours.contains(&u.as_str()))
+    {
         return Ok(v);
     }
-    // The LUKS UUID first: a mapping of the volume shows its filesystem's UUID too.
-    let found = ours.iter().find_map(|u| {
+    // Where to look: a device showing nothing recognisable (a blank disk; or this very
+    // volume, its head ciphertext of a detached-header run or torn by a cut) may only
+    // give way to the device carrying the volume's LUKS header, never to a copy of its
+    // filesystem. The LUKS UUID first: a mapping of the volume shows its filesystem's
+    // UUID too, and is never the volume.
+    let wanted: Vec<&str> = match &now {
+        Some(_) => ours.clone(),
+        None => v.luks_uuid.as_deref().into_iter().collect(),
+    };
+    let found = wanted.iter().find_map(|u| {
         let mut d = probe::devices_with_uuid(u);
-        d.retain(|d| !is_luksify_mapping(d));
+        d.retain(|d| !is_luksify_mapping(d) && d != &v.device);
         (d.len() == 1).then(|| d.remove(0))
     });
-    let Some(dev) = found else {
-        return Err(Failure::failed(format!(
-            "{} now holds {kind} UUID {now}, not the volume this run began on ({}): its name moved since (a reboot that attached disks in another order?), and no device carries it now; nothing was written: attach the volume and run `luksify resume` again",
-            v.device.display(),
-            ours.iter()
-                .map(|u| format!("UUID {u}"))
-                .collect::<Vec<_>>()
-                .join(" or ")
-        )));
+    let (dev, (kind, now)) = match (found, now) {
+        (Some(dev), Some(now)) => (dev, now),
+        (Some(dev), None) => (dev, ("nothing recognisable".into(), String::new())),
+        // The walker's own checks decide (the header's identity token, the start marker).
+        (None, None) => return Ok(v),
+        (None, Some((kind, now))) => {
+            return Err(Failure::failed(format!(
+                "{} now holds {kind} UUID {now}, not the volume this run began on ({}): its name moved since (a reboot that attached disks in another order?), and no device carries it now; nothing was written: attach the volume and run `luksify resume` again",
+                v.device.display(),
+                ours.iter()
+                    .map(|u| format!("UUID {u}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )))
+        }
+    };
+    let was = if now.is_empty() {
+        kind
+    } else {
+        format!("another device, {kind} UUID {now}")
     };
     errln!(
-        "luksify: {} now holds another device ({kind} UUID {now}); the volume this run began on is {} now, and the run goes on there",
+        "luksify: {} now holds {was}; the volume this run began on is {} now, and the run goes on there",
         v.device.display(),
         dev.display()
     );
