@@ -4275,3 +4275,154 @@ fn root_orch_an_md_raid_member_is_a_blocker() {
         }
     }
 }
+
+/// What keeps a volume busy with no process of this namespace to name: a mount of it in
+/// another mount namespace, a loop device over a file on it, an overlay with a layer on
+/// it. Each used to pass check ("No problems found") and then fail enable with "target
+/// is busy (no process found)" or "held exclusively ... wait for it to end". A slave
+/// copy in another namespace, which an unmount here takes away, is no blocker.
+#[test]
+fn root_orch_check_names_what_holds_a_volume_without_a_process() {
+    require_tool("unshare");
+    require_tool("nsenter");
+    let f = Fixture::new(64);
+    let check = || {
+        let out = run(f.cmd().arg("check").arg(f.dev()));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let clean = |what: &str| {
+        let (code, text) = check();
+        assert_eq!(code, Some(0), "{what}: {text}");
+    };
+    clean("the fixture");
+    // A slave copy in another namespace under a shared parent (as systemd services'
+    // under a shared `/`): an unmount here takes it away there too.
+    let parent = f.dir.path().join("shared");
+    let mnt = parent.join("m");
+    std::fs::create_dir_all(&parent).unwrap();
+    run_ok(Command::new("umount").arg(&f.mnt));
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(&parent),
+    );
+    run_ok(Command::new("mount").arg("--make-shared").arg(&parent));
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(f.dev()).arg(&mnt));
+    let mut slave = namespace_holding(f.dir.path(), "slave");
+    let ns_has = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+            .unwrap_or_default()
+            .contains(&format!(" {} ", mnt.display()))
+    };
+    wait_for("the slave namespace", Duration::from_secs(10), || {
+        ns_has(slave.id()) && is_sleeping(slave.id())
+    });
+    clean("a slave copy");
+    // A private copy: it outlives the unmount here.
+    let mut private = namespace_holding(f.dir.path(), "private");
+    wait_for("the private namespace", Duration::from_secs(10), || {
+        ns_has(private.id()) && is_sleeping(private.id())
+    });
+    let (code, text) = check();
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains(&format!(
+            "is mounted at {} in another mount namespace",
+            mnt.display()
+        )) && text.contains(&format!("pid {} ", private.id()))
+            && text.contains(&format!("nsenter -t {} -m umount", private.id())),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&format!("pid {} ", slave.id())),
+        "the slave copy named: {text}"
+    );
+    // Unmounted here: the slave's copy goes with it, the private one stays, and check
+    // still names it (it said "Mounted: no ... No problems found").
+    run_ok(Command::new("umount").arg(&mnt));
+    assert!(
+        !ns_has(slave.id()),
+        "the premise: the slave copy follows the unmount"
+    );
+    let (code, text) = check();
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("in another mount namespace"), "{text}");
+    let before = sha256(&f.dev());
+    let out = run(&mut f.enable_of(&f.dev()));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(stderr(&out).contains("another mount namespace"), "{out:?}");
+    assert_eq!(sha256(&f.dev()), before, "enable wrote");
+    for c in [&mut slave, &mut private] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    run_ok(Command::new("umount").arg(&parent));
+    run_ok(Command::new("mount").arg(f.dev()).arg(&f.mnt));
+    clean("the namespaces gone");
+    // A loop device over a file on the volume.
+    let inner = f.mnt.join("inner.img");
+    sparse_file(&inner, 8 << 20);
+    let lo = LoopDev::attach(&inner);
+    let (code, text) = check();
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains(&format!(
+            "loop device {} is backed by {}",
+            lo.path.display(),
+            inner.display()
+        )) && text.contains(&format!("losetup -d {}", lo.path.display())),
+        "{text}"
+    );
+    drop(lo);
+    clean("the loop device detached");
+    // An overlay with its layers on the volume.
+    let ovl = f.dir.path().join("ovl");
+    for d in ["lower", "upper", "work"] {
+        std::fs::create_dir_all(f.mnt.join(d)).unwrap();
+    }
+    std::fs::create_dir_all(&ovl).unwrap();
+    let opts = format!(
+        "lowerdir={0}/lower,upperdir={0}/upper,workdir={0}/work",
+        f.mnt.display()
+    );
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&ovl),
+    );
+    let (code, text) = check();
+    let _ = Command::new("umount").arg(&ovl).output();
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains(&format!(
+            "the overlay mounted at {} has its layer",
+            ovl.display()
+        )) && text.contains(&format!("umount {}", ovl.display())),
+        "{text}"
+    );
+    clean("the overlay unmounted");
+}
+
+/// A process in a new mount namespace (`propagation` as unshare's) that keeps only the
+/// mounts under `keep` of those under the temporary directory: other tests' volumes,
+/// mounted there meanwhile, must not gain copies in it (their checks would name it).
+fn namespace_holding(keep: &Path, propagation: &str) -> Child {
+    let script = format!(
+        "awk '{{print $5}}' /proc/self/mountinfo | grep '^{tmp}/' | grep -v '^{keep}' | sort -r | while read m; do umount -l \"$m\"; done; exec sleep 600",
+        tmp = std::env::temp_dir().display(),
+        keep = keep.display()
+    );
+    Command::new("unshare")
+        .args(["-m", "--propagation", propagation, "sh", "-c", &script])
+        .spawn()
+        .unwrap()
+}
+
+/// Whether `pid` is `sleep` now (a script that ends in `exec sleep` got there).
+fn is_sleeping(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+}

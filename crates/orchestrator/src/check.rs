@@ -914,6 +914,66 @@ pub fn check_resolved(
             format!("swapoff {} (and remove it from /etc/fstab)", list.join(" ")),
         );
     }
+    // What holds the volume with no process of ours to name: each used to pass check
+    // ("No problems found") and then fail enable with "target is busy (no process
+    // found)" or "held exclusively ... wait for it to end", which never ends.
+    let shared: Vec<String> = r
+        .mounts
+        .iter()
+        .chain(&nested)
+        .filter_map(|m| all.iter().find(|p| p.id == m.parent_id))
+        .flat_map(|p| p.propagation.iter())
+        .filter_map(|t| t.strip_prefix("shared:").map(str::to_string))
+        .collect();
+    for f in probe::foreign_namespace_mounts(&fs_devs, &shared) {
+        push(
+            "other_namespace",
+            Severity::Blocker,
+            format!(
+                "{dev_s} is mounted at {} in another mount namespace ({}, pid {} {})",
+                f.mount_point.display(),
+                f.namespace,
+                f.pid,
+                f.command
+            ),
+            "its filesystem stays alive there after it is unmounted here, so the device cannot be taken for encryption".into(),
+            format!(
+                "unmount it in that namespace (nsenter -t {} -m umount {}), or stop the processes that share it (a container, an `unshare -m` shell)",
+                f.pid,
+                f.mount_point.display()
+            ),
+        );
+    }
+    for (lo, file) in probe::loops_backed_on(all, &fs_devs) {
+        push(
+            "loop_backed",
+            Severity::Blocker,
+            format!(
+                "loop device {} is backed by {} on {dev_s}",
+                lo.display(),
+                file.display()
+            ),
+            "it keeps the filesystem busy (no process holds it, so --kill-holders cannot help)"
+                .into(),
+            format!(
+                "unmount what uses {0}, then detach it (losetup -d {0})",
+                lo.display()
+            ),
+        );
+    }
+    for (mp, layer) in probe::overlays_on(all, &fs_devs) {
+        push(
+            "overlay",
+            Severity::Blocker,
+            format!(
+                "the overlay mounted at {} has its layer {} on {dev_s}",
+                mp.display(),
+                layer.display()
+            ),
+            "it keeps the filesystem alive after the volume's own mount comes off".into(),
+            format!("unmount the overlay first (umount {})", mp.display()),
+        );
+    }
     // Every write to a read-only block device fails (after the unmount, e2fsck would
     // call its errors the filesystem's).
     if std::fs::read_to_string(format!("/sys/dev/block/{}/ro", r.dev))
@@ -995,7 +1055,11 @@ pub fn check_resolved(
     // the room the array keeps it in) and its share of the array into ciphertext. A
     // trial's RAID1 leg (ext4 at the start, 1.0 metadata at the end) read as plain
     // ext4, "No problems found", and was encrypted.
-    let md = probe::md_superblock(&r.device, size_bytes)
+    // (Never on luksify's own view: see `view`.)
+    let md = view
+        .is_none()
+        .then(|| probe::md_superblock(&r.device, size_bytes))
+        .flatten()
         .or_else(|| (filesystem.fs_type == "linux_raid_member").then_some(("?", 0)));
     if let Some((version, at)) = md {
         push(

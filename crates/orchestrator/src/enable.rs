@@ -952,7 +952,8 @@ fn prepare_fs(
         return Err(Failure::new(
             exit::BUSY,
             format!(
-                "{} is held exclusively by another process (a luksify run from another state directory, a mapping, a filesystem mounted elsewhere); wait for it to end",
+                "{} is held exclusively by another process (a luksify run from another state directory, a mapping, a mount in another namespace, an overlay, a loop device over a file on it); `luksify check {}` names it",
+                device.display(),
                 device.display()
             ),
         ));

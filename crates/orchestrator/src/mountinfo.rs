@@ -52,6 +52,10 @@ pub struct Mount {
     pub source: String,
     /// Per-superblock options (`rw,errors=remount-ro`).
     pub super_options: String,
+    /// Propagation tags (`shared:N`, `master:N`): a mount of peer group N in another
+    /// mount namespace with `master:N` or `shared:N` goes away with ours.
+    #[serde(skip)]
+    pub propagation: Vec<String>,
 }
 
 impl Mount {
@@ -90,6 +94,7 @@ fn parse_line(line: &str) -> Option<Mount> {
     let root = unescape(l.next()?);
     let mount_point = PathBuf::from(unescape(l.next()?));
     let mount_options = l.next()?.to_string();
+    let propagation = l.filter(|t| !t.is_empty()).map(str::to_string).collect();
     let mut r = right.split(' ');
     let fs_type = r.next()?.to_string();
     let source = unescape(r.next()?);
@@ -104,6 +109,7 @@ fn parse_line(line: &str) -> Option<Mount> {
         fs_type,
         source,
         super_options,
+        propagation,
     })
 }
 

@@ -435,6 +435,135 @@ pub fn md_superblock(dev: &Path, size: u64) -> Option<(&'static str, u64)> {
         .map(|(v, off, _)| (v, off))
 }
 
+/// A mount of the volume in another mount namespace (a container, `unshare -m`, a
+/// systemd service with a private /tmp): one process of that namespace, and where the
+/// volume is mounted there. Unmounting it here leaves its filesystem alive there, so it
+/// cannot be opened exclusively and nothing may be written under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignMount {
+    pub pid: u32,
+    pub command: String,
+    pub namespace: String,
+    pub mount_point: PathBuf,
+}
+
+/// Mounts of any of `devs` in mount namespaces other than this process's own, but for
+/// those that an unmount here takes away too. An unmount propagates through the parent
+/// mount's peer group: a copy whose parent is a slave or peer (`master:G`, `shared:G`)
+/// of a group in `ours` (the `shared:G` groups of the parents of this namespace's mounts
+/// of the volume) goes with ours, as in systemd services' private namespaces under a
+/// shared `/`.
+pub fn foreign_namespace_mounts(devs: &[DevNum], ours: &[String]) -> Vec<ForeignMount> {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let mut pids: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == own.as_ref() || seen.contains(&ns) {
+            continue;
+        }
+        seen.push(ns.clone());
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        let theirs = crate::mountinfo::parse(&text);
+        for m in &theirs {
+            let parent = theirs.iter().find(|p| p.id == m.parent_id);
+            let follows = parent.into_iter().flat_map(|p| &p.propagation).any(|t| {
+                let group = t
+                    .strip_prefix("master:")
+                    .or_else(|| t.strip_prefix("shared:"));
+                group.is_some_and(|g| ours.iter().any(|o| o == g))
+            });
+            if devs.contains(&m.dev) && !follows {
+                out.push(ForeignMount {
+                    pid,
+                    command: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|c| c.trim_end().to_string())
+                        .unwrap_or_default(),
+                    namespace: ns.to_string_lossy().into_owned(),
+                    mount_point: m.mount_point.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Loop devices whose backing file lives on one of `fs_devs` (a filesystem of the
+/// volume): `(loop device, backing file)`. Such a loop device keeps the filesystem busy
+/// with no process to name ("target is busy").
+pub fn loops_backed_on(
+    all: &[crate::mountinfo::Mount],
+    fs_devs: &[DevNum],
+) -> Vec<(PathBuf, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let backing = PathBuf::from(b.trim_end_matches('\n'));
+        if dev_of_path(all, &backing).is_some_and(|d| fs_devs.contains(&d)) {
+            out.push((PathBuf::from(format!("/dev/{name}")), backing));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The filesystem `path` is on, from the mount table alone (the deepest mount point
+/// above it): never a stat, which would hang on a stopped FUSE daemon's file (a
+/// luksify mapping's `volume` is one, and loop devices are backed by it).
+fn dev_of_path(all: &[crate::mountinfo::Mount], path: &Path) -> Option<DevNum> {
+    all.iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count())
+        .map(|m| m.dev)
+}
+
+/// Overlay mounts with a layer (lowerdir, upperdir, workdir) on one of `fs_devs`:
+/// `(overlay mount point, layer directory)`. An overlay keeps the volume's filesystem
+/// alive after the volume's own mount comes off.
+pub fn overlays_on(all: &[crate::mountinfo::Mount], fs_devs: &[DevNum]) -> Vec<(PathBuf, PathBuf)> {
+    let mut out = Vec::new();
+    for m in all.iter().filter(|m| m.fs_type == "overlay") {
+        for opt in m.super_options.split(',') {
+            let Some((key, value)) = opt.split_once('=') else {
+                continue;
+            };
+            if !["lowerdir", "upperdir", "workdir"].contains(&key) {
+                continue;
+            }
+            for dir in value.split(':').filter(|d| !d.is_empty()) {
+                let dir = PathBuf::from(crate::mountinfo::unescape(dir));
+                if dev_of_path(all, &dir).is_some_and(|d| fs_devs.contains(&d)) {
+                    out.push((m.mount_point.clone(), dir));
+                    break;
+                }
+            }
+        }
+    }
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
