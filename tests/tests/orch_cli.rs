@@ -4426,3 +4426,44 @@ fn namespace_holding(keep: &Path, propagation: &str) -> Child {
 fn is_sleeping(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
 }
+
+/// `disable` of a volume whose mapping is mounted in another mount namespace is refused
+/// before anything changes, naming that namespace. A trial's disable unmounted the
+/// volume, failed to close its view (EBUSY), and left it offline at "Decryption 100%",
+/// which `resume` and `disable` then sent to each other.
+#[test]
+fn root_orch_disable_refuses_a_mapping_mounted_in_another_namespace() {
+    require_tool("unshare");
+    let f = Fixture::new(96);
+    let out = run(&mut f.enable_cmd());
+    assert!(out.status.success(), "{out:?}");
+    let mut ns = namespace_holding(f.dir.path(), "private");
+    wait_for("the namespace", Duration::from_secs(10), || {
+        is_sleeping(ns.id())
+            && std::fs::read_to_string(format!("/proc/{}/mountinfo", ns.id()))
+                .unwrap_or_default()
+                .contains(&format!(" {} ", f.mnt.display()))
+    });
+    let before = sha256(&f.dev());
+    let status_before = read_status(&f.state);
+    let out = run(f.cmd().arg("disable").arg("--key-file").arg(&f.key));
+    let _ = ns.kill();
+    let _ = ns.wait();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("in another mount namespace")
+            && err.contains(&format!("pid {} ", ns.id()))
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(sha256(&f.dev()), before, "the device was written");
+    assert_eq!(read_status(&f.state)["volumes"], status_before["volumes"]);
+    assert!(mount_fields(&f.mnt).is_some(), "the volume was unmounted");
+    f.assert_files_unchanged();
+    // With the namespace gone, disable goes through.
+    let out = run(f.cmd().arg("disable").arg("--key-file").arg(&f.key));
+    assert!(out.status.success(), "{out:?}");
+    assert!(!luksify_tests::has_luks_header(&f.dev()));
+    f.assert_files_unchanged();
+}

@@ -2158,10 +2158,19 @@ pub fn disable(
     {
         let held: Vec<String> = todo
             .iter()
-            .filter_map(|i| sw.status.volumes[*i].mount_point.clone())
+            .filter_map(|i| {
+                let v = &sw.status.volumes[*i];
+                v.mount_point.clone().or_else(|| v.mapped_device.clone())
+            })
             .filter_map(|mp| check::check(&mp, CheckOptions::default()).ok())
             .flat_map(|r| r.problems)
-            .filter(|p| p.code == "own_cwd" || (p.code == "holders" && !req.kill_holders))
+            // What no process here holds (a trial's mount in another namespace left
+            // the view unmounted, its close failing with EBUSY, the volume offline
+            // and "Decryption 100%" that resume and disable sent to each other).
+            .filter(|p| {
+                ["own_cwd", "other_namespace", "loop_backed", "overlay"].contains(&p.code)
+                    || (p.code == "holders" && !req.kill_holders)
+            })
             .map(|p| p.one_line())
             .collect();
         if !held.is_empty() {
