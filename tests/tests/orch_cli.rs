@@ -4467,3 +4467,54 @@ fn root_orch_disable_refuses_a_mapping_mounted_in_another_namespace() {
     assert!(!luksify_tests::has_luks_header(&f.dev()));
     f.assert_files_unchanged();
 }
+
+/// A SIGKILL takes luksify, not the `mount` it was running: `resume` started at once
+/// waits for that orphan to finish instead of racing it. A trial's resume failed with
+/// "already mounted" (status "Encryption failed") when the orphan's mount landed first;
+/// here the orphan holds the mapping exclusively for 3 s, as a slow mount or e2fsck
+/// does.
+#[test]
+fn root_orch_resume_waits_for_the_tools_a_killed_run_left_running() {
+    let f = Fixture::new(96);
+    let bin = f.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let mark = f.dir.path().join("mounting");
+    let real = String::from_utf8_lossy(
+        &run_ok(Command::new("sh").args(["-c", "command -v mount"])).stdout,
+    )
+    .trim()
+    .to_string();
+    let wrapper = bin.join("mount");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do case $a in /dev/mapper/*) dev=$a;; esac; done\nif [ -n \"$dev\" ]; then touch {}; python3 -c 'import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL); time.sleep(3)' \"$dev\"; fi\nexec {real} \"$@\"\n",
+            mark.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut enable = f.enable_cmd();
+    let mut child = enable.env("PATH", &path).spawn_quiet();
+    wait_on(&mut child, "the remount", || mark.exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run(f.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{out:?}");
+    let s = read_status(&f.state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!(" {} ", f.mnt.display())))
+        .count();
+    assert_eq!(mounts, 1, "mounted {mounts} times at {}", f.mnt.display());
+    f.assert_files_unchanged();
+    assert!(stderr(&out).contains("waiting for mount (pid"), "{out:?}");
+}

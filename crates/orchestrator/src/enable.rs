@@ -1723,6 +1723,7 @@ fn resume_one(
 ) -> Result<()> {
     adopt_key_file(sw, idx, req, passphrase_override);
     let v = sw.status.volumes[idx].clone();
+    wait_for_orphans(&v);
     if v.state == VolumeState::DecryptionInProgress {
         let key = read_recorded_key(&v, passphrase_override)?;
         resume_decrypt(req, &key, sw, idx, pos)?;
@@ -1884,6 +1885,74 @@ fn relocate(sw: &mut StatusWriter, idx: usize) -> Result<VolumeStatus> {
     sw.status.volumes[idx].device = dev;
     commit(sw)?;
     Ok(sw.status.volumes[idx].clone())
+}
+
+/// Tools a killed run left running on the volume: SIGKILL takes luksify, not its
+/// children. A `mount`, `e2fsck` or `resize2fs` of the device or its mapping goes on
+/// alone and holds the device exclusively (a `resume` started beside it failed: its own
+/// e2fsck "exited with 8", its mount "already mounted"), so `resume` waits for them (at
+/// most 10 minutes: a big e2fsck) before it touches the volume.
+fn wait_for_orphans(v: &VolumeStatus) {
+    const TOOLS: [&str; 8] = [
+        "mount",
+        "umount",
+        "e2fsck",
+        "fsck",
+        "fsck.ext2",
+        "fsck.ext3",
+        "fsck.ext4",
+        "resize2fs",
+    ];
+    let names: Vec<String> = [
+        Some(v.device.clone()),
+        Some(PathBuf::from("/dev/mapper").join(&v.mapper)),
+        v.mapped_device.clone(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| p.display().to_string())
+    .collect();
+    let own = std::process::id();
+    let orphans = || -> Vec<(u32, String)> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != own && !holders::is_zombie(pid))
+            .filter_map(|pid| {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+                let comm = comm.trim_end();
+                if !TOOLS.contains(&comm) {
+                    return None;
+                }
+                let args = holders::cmdline_of(pid);
+                args.split(' ')
+                    .any(|a| names.iter().any(|n| n == a))
+                    .then(|| (pid, comm.to_string()))
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let mut said = false;
+    loop {
+        let now = orphans();
+        if now.is_empty() || std::time::Instant::now() > deadline {
+            return;
+        }
+        if !said {
+            errln!(
+                "luksify: waiting for {} left running on {} by the interrupted run",
+                now.iter()
+                    .map(|(pid, c)| format!("{c} (pid {pid})"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                v.device.display()
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Whether `dev` is the decrypted view of a luksify mapping (a device-mapper node, or the
