@@ -4518,3 +4518,39 @@ fn root_orch_resume_waits_for_the_tools_a_killed_run_left_running() {
     f.assert_files_unchanged();
     assert!(stderr(&out).contains("waiting for mount (pid"), "{out:?}");
 }
+
+/// `--kill-holders` never stops the process reading luksify's own output: a trial's
+/// `enable ... --kill-holders 2>&1 | tee LOG`, the log on the volume, had its `tee`
+/// SIGTERMed as a holder, so the run's output went nowhere and the pipeline failed.
+/// It is the caller's to let go, as luksify's own shell is.
+#[test]
+fn root_orch_kill_holders_spares_the_reader_of_its_own_output() {
+    require_tool("bash");
+    let f = Fixture::new(64);
+    let log = f.mnt.join("enable.log");
+    let script = format!(
+        "set -o pipefail; LUKSIFY_STATE_DIR={} LUKSIFY_ETC_DIR={} {} enable --volume-type data --volume {} --key-file {} --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --userspace --kill-holders 2>&1 | tee {}; echo \"rc=${{PIPESTATUS[0]}} tee=${{PIPESTATUS[1]}}\"",
+        f.state.display(),
+        f.dir.path().join("etc").display(),
+        luksify_bin().display(),
+        f.mnt.display(),
+        f.key.display(),
+        log.display()
+    );
+    let out = run(Command::new("bash").arg("-c").arg(&script).current_dir("/"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("rc=3 tee=0"), "{text}");
+    assert!(text.contains("reads its output"), "{text}");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("reads its output"),
+        "the log lost the output"
+    );
+    assert!(
+        mount_fields(&f.mnt).is_some(),
+        "the volume was left unmounted"
+    );
+    assert!(!luksify_tests::has_luks_header(&f.dev()));
+    f.assert_files_unchanged();
+}

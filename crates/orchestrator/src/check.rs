@@ -858,9 +858,12 @@ pub fn check_resolved(
         push(
             "caller_holds",
             Severity::Blocker,
-            format!("{}, which runs this luksify", h.one_line()),
+            format!(
+                "{}, which runs this luksify (or reads its output)",
+                h.one_line()
+            ),
             "luksify will not stop its own caller, not even with --kill-holders".into(),
-            "in that shell, close the file or leave the volume (cd /), then run again".into(),
+            "in that shell, close the file or leave the volume (cd /), and keep the command's output (| tee LOG) off the volume, then run again".into(),
         );
     }
     if !holders.is_empty() {

@@ -133,7 +133,7 @@ fn stop_holders(device: &Path, pids: &[u32], cancel: &AtomicBool) -> Result<()> 
         return Err(Failure::new(
             exit::BLOCKED,
             format!(
-                "pid {p}, which runs this luksify, holds {} (its working directory or an open file is on it): --kill-holders will not stop its own caller; run luksify from a directory outside the volume",
+                "pid {p}, which runs this luksify (or reads its output), holds {} (its working directory or an open file is on it): --kill-holders will not stop its own caller; run luksify from a directory outside the volume, with its output kept off the volume",
                 device.display()
             ),
         ));

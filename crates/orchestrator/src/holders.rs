@@ -218,16 +218,36 @@ pub fn pid_exists(pid: u32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
 
-/// luksify's ancestors: the shell or agent that runs it, and theirs.
+/// luksify's caller: its ancestors (the shell or agent that runs it, and theirs), and
+/// the processes reading its output through a pipe (a pipeline's `| tee LOG`: a trial's
+/// log on the volume made `tee` a holder, and `--kill-holders` stopped it, so the run's
+/// output went nowhere and the pipeline failed).
 pub fn own_lineage() -> Vec<u32> {
     let mut out = Vec::new();
-    let mut pid = std::process::id();
+    let me = std::process::id();
+    let mut pid = me;
     while pid > 1 && out.len() < 64 {
         let Some(ppid) = parent_pid(pid) else {
             break;
         };
         out.push(ppid);
         pid = ppid;
+    }
+    let pipe_of = |pid: u32, fd: u32| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .ok()
+            .filter(|l| l.to_string_lossy().starts_with("pipe:"))
+    };
+    let ours: Vec<PathBuf> = [1, 2].iter().filter_map(|&fd| pipe_of(me, fd)).collect();
+    if let (false, Ok(dir)) = (ours.is_empty(), std::fs::read_dir("/proc")) {
+        for p in dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            if p != me && !out.contains(&p) && pipe_of(p, 0).is_some_and(|l| ours.contains(&l)) {
+                out.push(p);
+            }
+        }
     }
     out
 }
