@@ -4554,3 +4554,55 @@ fn root_orch_kill_holders_spares_the_reader_of_its_own_output() {
     assert!(!luksify_tests::has_luks_header(&f.dev()));
     f.assert_files_unchanged();
 }
+
+/// `enable` checks the key derivation's memory against what the process can get before
+/// it unmounts anything: a trial under `ulimit -v` had its volume unmounted and shrunk,
+/// then the derivation failed ("invalid LUKS header: argon2 failed: out of memory"),
+/// and resume failed the same way. Within the limit the same run goes through.
+#[test]
+fn root_orch_enable_checks_the_key_derivations_memory_first() {
+    require_tool("prlimit");
+    let f = Fixture::new(96);
+    let enable = |memory: Option<&str>| {
+        let mut c = Command::new("prlimit");
+        c.arg(format!("--as={}", 700u64 << 20))
+            .arg(luksify_bin())
+            .env("LUKSIFY_STATE_DIR", &f.state)
+            .env("LUKSIFY_ETC_DIR", f.dir.path().join("etc"))
+            .args(["enable", "--volume-type", "data", "--volume"])
+            .arg(&f.mnt)
+            .arg("--key-file")
+            .arg(&f.key)
+            .args([
+                "--userspace",
+                "--pbkdf",
+                "argon2id",
+                "--pbkdf-force-iterations",
+                "4",
+            ]);
+        if let Some(m) = memory {
+            c.args(["--pbkdf-memory", m]);
+        }
+        run(&mut c)
+    };
+    let out = enable(None);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("the key derivation (argon2, 1024 MiB)")
+            && err.contains("the address-space limit (ulimit -v)")
+            && err.contains("--pbkdf-memory"),
+        "{err}"
+    );
+    assert!(!luksify_tests::has_luks_header(&f.dev()));
+    let fields = mount_fields(&f.mnt).expect("the volume was unmounted");
+    assert!(
+        fields.iter().any(|x| x == &f.dev().display().to_string()),
+        "{fields:?}"
+    );
+    f.assert_files_unchanged();
+    let out = enable(Some("65536"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(read_status(&f.state)["data_volumes_encrypted"], "Encrypted");
+    f.assert_files_unchanged();
+}

@@ -3350,3 +3350,39 @@ fn walker_option_refusals_say_what_to_change() {
         assert!(!c.p("hdr").exists(), "{needle}: a header file was left");
     }
 }
+
+/// A key derivation that cannot get its memory (here `ulimit -v`) is refused before
+/// anything is written, naming the fix. It read "invalid LUKS header: argon2 failed:
+/// out of memory", and under `enable` the volume stayed unmounted and shrunk.
+#[test]
+fn walker_a_key_derivation_without_its_memory_is_refused_before_writing() {
+    require_tool("prlimit");
+    let (c, orig) = Case::new(16, 71);
+    let out = run(Command::new("prlimit")
+        .arg(format!("--as={}", 700u64 << 20))
+        .arg(luksify_bin())
+        .args([
+            "encrypt",
+            &c.img(),
+            "--header",
+            &c.hdr(),
+            "--key-file",
+            &c.key(),
+        ])
+        .args([
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-memory",
+            "1048576",
+            "--pbkdf-force-iterations",
+            "4",
+        ]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_refused_in_one_line(&out, "argon2 could not get its 1048576 KiB", "argon2 OOM");
+    assert_refused_in_one_line(&out, "--pbkdf pbkdf2 (nothing was written)", "argon2 OOM");
+    assert!(
+        std::fs::read(c.p("img")).unwrap() == orig,
+        "the image was written"
+    );
+    assert!(!c.p("hdr").exists(), "the header file was left behind");
+}

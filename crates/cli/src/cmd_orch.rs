@@ -105,6 +105,12 @@ pub enum OrchCmd {
         /// Fixed KDF iterations / argon2 time cost instead of benchmarking
         #[arg(long)]
         pbkdf_force_iterations: Option<u32>,
+        /// Argon2 memory in KiB (default 1 GiB or half the RAM, as cryptsetup)
+        #[arg(long)]
+        pbkdf_memory: Option<u32>,
+        /// Argon2 threads (default and most: 4, and this machine's CPUs, as cryptsetup)
+        #[arg(long)]
+        pbkdf_parallel: Option<u32>,
         #[command(flatten)]
         run: RunLock,
         /// With no --volume: list candidates as JSON
@@ -242,6 +248,8 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             userspace,
             pbkdf,
             pbkdf_force_iterations,
+            pbkdf_memory,
+            pbkdf_parallel,
             run: RunLock { wait, state_dir },
             json,
         } => {
@@ -267,7 +275,17 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
                 errln!("luksify: --key-file is required to encrypt; give a file whose whole content is the passphrase");
                 return Ok(ExitCode::from(exit::USAGE));
             };
-            let kdf = match kdf_request(&pbkdf, pbkdf_force_iterations) {
+            let kdf = match kdf_request(&pbkdf, pbkdf_force_iterations)
+                .map(|k| luksify_luks::kdf::KdfRequest {
+                    memory_kib: pbkdf_memory,
+                    cpus: pbkdf_parallel,
+                    ..k
+                })
+                .and_then(|k| {
+                    k.validate()
+                        .map(|()| k)
+                        .map_err(|e| Failure::new(exit::USAGE, e.to_string()))
+                }) {
                 Ok(k) => k,
                 Err(f) => return finish(Err(f)),
             };

@@ -160,7 +160,14 @@ fn argon2(
         .map_err(|e| Error::corrupt(format!("argon2 parameters rejected: {e}")))?;
     argon2::Argon2::new(alg, argon2::Version::V0x13, params)
         .hash_password_into(pass, salt, out)
-        .map_err(|e| Error::corrupt(format!("argon2 failed: {e}")))
+        .map_err(|e| match e {
+            // Not the header's fault: a memory limit (a cgroup, `ulimit -v`) or a busy
+            // machine. It read "invalid LUKS header: argon2 failed: out of memory".
+            argon2::Error::OutOfMemory => Error::KdfTooCostly(format!(
+                "argon2 could not get its {memory_kib} KiB of memory (a cgroup or `ulimit -v` limit, or too little free)"
+            )),
+            e => Error::corrupt(format!("argon2 failed: {e}")),
+        })
 }
 
 /// What the user asked for when creating a keyslot (cryptsetup's `--pbkdf*` and

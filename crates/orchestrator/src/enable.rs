@@ -627,6 +627,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             ));
         }
     }
+    blockers.extend(kdf_memory_blocker(&req.kdf));
     if !blockers.is_empty() {
         let code = if busy { exit::BUSY } else { exit::BLOCKED };
         return Err(Failure::new(code, blockers.join("\n")));
@@ -1953,6 +1954,36 @@ fn wait_for_orphans(v: &VolumeStatus) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The key derivation asked for (argon2's memory: `--pbkdf-memory`, else 1 GiB or half
+/// the RAM) against what this process can get: the volume is unmounted and shrunk
+/// before the header is made, so a derivation that cannot run left a trial's volume
+/// offline and shrunk ("argon2 failed: out of memory" under `ulimit -v`), and resume
+/// failed the same way.
+fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
+    use luksify_luks::kdf::KdfKind;
+    if kdf.kind == KdfKind::Pbkdf2 {
+        return None;
+    }
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let kib = kdf
+        .adjusted_for(luksify_luks::kdf::total_ram_kib(), online)
+        .memory_kib
+        .unwrap_or_else(luksify_luks::kdf::default_argon2_memory_kib);
+    // luksify's own needs beside it: its threads, buffers and mapped binary.
+    const MARGIN: u64 = 128 << 20;
+    let (limit, what) = probe::memory_limit()?;
+    let need = u64::from(kib) * 1024 + MARGIN;
+    (need > limit).then(|| {
+        format!(
+            "BLOCKER: the key derivation (argon2, {} MiB) needs about {} MiB, and {what} leaves this process {} MiB; fix: --pbkdf-memory {} or less, or --pbkdf pbkdf2 (or raise the limit)",
+            kib / 1024,
+            need >> 20,
+            limit >> 20,
+            (limit.saturating_sub(MARGIN) / 1024).max(u64::from(luksify_luks::kdf::ARGON2_MIN_MEMORY_KIB))
+        )
+    })
 }
 
 /// Whether `dev` is the decrypted view of a luksify mapping (a device-mapper node, or the

@@ -564,6 +564,54 @@ pub fn overlays_on(all: &[crate::mountinfo::Mount], fs_devs: &[DevNum]) -> Vec<(
     out
 }
 
+/// The most memory this process can take now, and what sets it: the address-space
+/// limit (`ulimit -v`), its cgroup's memory limit less what the cgroup uses, or the
+/// machine's available memory, whichever is least.
+pub fn memory_limit() -> Option<(u64, &'static str)> {
+    let mut best: Option<(u64, &'static str)> = None;
+    let mut take = |bytes: u64, what: &'static str| {
+        if best.is_none_or(|(b, _)| bytes < b) {
+            best = Some((bytes, what));
+        }
+    };
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given; nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut rl) } == 0
+        && rl.rlim_cur != libc::RLIM_INFINITY
+    {
+        take(rl.rlim_cur, "the address-space limit (ulimit -v)");
+    }
+    if let Some(path) = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+    {
+        let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        let read = |f: &str| -> Option<u64> {
+            std::fs::read_to_string(dir.join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        if let (Some(max), Some(cur)) = (read("memory.max"), read("memory.current")) {
+            take(
+                max.saturating_sub(cur),
+                "its cgroup's memory limit (memory.max)",
+            );
+        }
+    }
+    if let Some(avail) = mem_available() {
+        take(avail, "the machine's available memory");
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1099,7 +1099,15 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
         }
     }
     let stage = stage::SparseStage::new(meta_len);
-    let (mut hdr, vk) = Luks2Header::format(&stage, passphrase.as_ref(), &fmt)?;
+    // Into memory only: a key derivation that cannot run here is refused with nothing
+    // written (enable then puts the volume back instead of leaving it half prepared).
+    let (mut hdr, vk) =
+        Luks2Header::format(&stage, passphrase.as_ref(), &fmt).map_err(|e| match e {
+            luksify_luks::Error::KdfTooCostly(m) => Error::Refused(format!(
+                "key derivation: {m}; use --pbkdf-memory with less, or --pbkdf pbkdf2 (nothing was written)"
+            )),
+            e => e.into(),
+        })?;
     // Not needed again: an owned passphrase (a `Zeroizing` buffer) is wiped now, not
     // after the walk, which can take hours (a trial found it in memory mid-walk).
     drop(passphrase);
