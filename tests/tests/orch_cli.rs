@@ -4606,3 +4606,47 @@ fn root_orch_enable_checks_the_key_derivations_memory_first() {
     assert_eq!(read_status(&f.state)["data_volumes_encrypted"], "Encrypted");
     f.assert_files_unchanged();
 }
+
+/// A broken status file's message names the state directory in the command it suggests
+/// (`status` said plain `luksify resume --key-file F`, which looks elsewhere), and a
+/// state directory that does not exist gets a note on stderr, the answer unchanged.
+#[test]
+fn orch_status_of_a_broken_or_missing_state_dir_says_which() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("status.json"), b"").unwrap();
+    for cmd in ["status", "resume", "disable"] {
+        let out = run(Command::new(luksify_bin())
+            .arg(cmd)
+            .arg("--state-dir")
+            .arg(&state));
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {out:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!(
+                "`luksify resume --state-dir {} --key-file F`",
+                state.display()
+            )),
+            "{cmd}: {err}"
+        );
+    }
+    let missing = d.path().join("typo");
+    let out = run(Command::new(luksify_bin())
+        .arg("status")
+        .arg("--state-dir")
+        .arg(&missing));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("DataVolumesEncrypted : NotEncrypted"),
+        "{out:?}"
+    );
+    assert!(
+        stderr(&out).contains(&format!(
+            "the state directory {} does not exist",
+            missing.display()
+        )),
+        "{out:?}"
+    );
+    assert!(!missing.exists(), "status created the directory");
+}

@@ -568,6 +568,14 @@ fn cmd_install_unit(
 
 fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let dir = status::state_dir(state_dir.as_deref());
+    // The answer stays the agent's (nothing done there: NotEncrypted), but a mistyped
+    // directory gets a word on stderr (a trial's typo read as a confident answer).
+    if !dir.exists() && dir != Path::new(status::DEFAULT_STATE_DIR) {
+        errln!(
+            "luksify: note: the state directory {} does not exist: no luksify run has used it (is it the one `enable` was given?)",
+            dir.display()
+        );
+    }
     let mut s = status::load(&dir)?;
     let mounts = luksify_orchestrator::mountinfo::read().unwrap_or_default();
     status::apply_live_state(&mut s, &mounts, Some(&dir));

@@ -662,9 +662,12 @@ pub fn load(dir: &Path) -> std::io::Result<Status> {
         Ok(b) => serde_json::from_slice(&b).map_err(|e| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!(
-                    "{f} is not a luksify status file ({e}); if a crash or a hand edit broke it, move it aside (mv {f} {f}.bad): luksify starts a new one, and `luksify resume --key-file F` finds interrupted runs from the devices",
-                    f = dir.join(STATUS_FILE).display()
+                in_state_dir(
+                    &format!(
+                        "{f} is not a luksify status file ({e}); if a crash or a hand edit broke it, move it aside (mv {f} {f}.bad): luksify starts a new one, and `luksify resume --key-file F` finds interrupted runs from the devices",
+                        f = dir.join(STATUS_FILE).display()
+                    ),
+                    dir,
                 ),
             )
         }),
