@@ -2542,6 +2542,8 @@ fn root_orch_resume_all_with_key_file_finds_a_header_the_status_file_lost() {
             && err.contains("does not open; left alone"),
         "{err}"
     );
+    // (Not first "finishing it", then "left alone", about the same run.)
+    assert!(!err.contains("finishing it"), "{err}");
     let out = run(fx.cmd().arg("check").arg(fx.dev()).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["luks"], "luks2-reencrypt-in-progress", "{v}");
@@ -2553,6 +2555,13 @@ fn root_orch_resume_all_with_key_file_finds_a_header_the_status_file_lost() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{err}");
     assert!(err.contains("Resuming encryption after reboot: "), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} has an interrupted encryption missing from the status file; the given --key-file opens it: finishing it",
+            fx.dev().display()
+        )),
+        "{err}"
+    );
     let s = read_status(&fx.state);
     let vols = s["volumes"].as_array().unwrap();
     let v = vols

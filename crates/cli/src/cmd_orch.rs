@@ -853,7 +853,8 @@ fn cmd_resume(
             if f.decrypt {
                 errln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
             } else if key.is_some() {
-                errln!("luksify: {dev} has an interrupted encryption missing from the status file; finishing it with the given --key-file");
+                // `resume` says which of these it takes up (the key opens them) and
+                // which it leaves (it said "finishing it", then "left alone").
             } else {
                 errln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
             }

@@ -1457,6 +1457,12 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
                 f.device.display()
             );
         }
+        for f in found.iter().filter(|f| !f.decrypt) {
+            errln!(
+                "luksify: {} has an interrupted encryption missing from the status file; the given --key-file opens it: finishing it",
+                f.device.display()
+            );
+        }
         adopt(&mut sw, &found, &req.key_file);
         adopted.extend(found.into_iter().filter(|f| !f.decrypt).map(|f| f.device));
     }
