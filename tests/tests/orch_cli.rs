@@ -4659,3 +4659,52 @@ fn orch_status_of_a_broken_or_missing_state_dir_says_which() {
     );
     assert!(!missing.exists(), "status created the directory");
 }
+
+/// `open` of a volume with a requirement luksify does not know says so, and does not
+/// send the user to check the key file (a trial's was blamed on `--key-file`).
+#[test]
+fn root_orch_open_names_an_unknown_requirement_not_the_key_file() {
+    use luksify_luks::luks2::json::Requirements;
+    use luksify_luks::luks2::Luks2Header;
+    require_root();
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img");
+    sparse_file(&img, 32 << 20);
+    let key = d.path().join("key");
+    std::fs::write(&key, "requirement test").unwrap();
+    run_ok(
+        Command::new(luksify_bin())
+            .args([
+                "format",
+                "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+            ])
+            .arg(&img)
+            .arg("--key-file")
+            .arg(&key),
+    );
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let (mut h, _) = Luks2Header::read(&f).unwrap();
+        h.metadata.config.requirements = Some(Requirements {
+            mandatory: Some(vec!["foo-unknown".into()]),
+            extra: Default::default(),
+        });
+        h.write(&f).unwrap();
+    }
+    let state = d.path().join("state");
+    let out = run(&mut open_userspace(luksify(&state), &img, "reqtest", &key));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("foo-unknown") && !err.contains("--key-file"),
+        "{err}"
+    );
+}

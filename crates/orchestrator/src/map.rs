@@ -161,11 +161,14 @@ pub fn unlock(
             ),
         ));
     }
-    let (vk, _slot) = hdr.unlock(&hfile, passphrase, None).map_err(|e| {
-        Failure::failed(format!(
+    // "check --key-file" only where the passphrase is what failed (a trial's unknown
+    // requirement was blamed on the key file).
+    let (vk, _slot) = hdr.unlock(&hfile, passphrase, None).map_err(|e| match e {
+        luksify_luks::Error::WrongPassphrase => Failure::failed(format!(
             "{}: cannot unlock ({e}); check --key-file (its whole content is the passphrase)",
             device.display()
-        ))
+        )),
+        e => Failure::failed(format!("{}: cannot unlock: {e}", device.display())),
     })?;
     let seg = hdr.data_segment().map_err(|e| {
         Failure::failed(format!(
