@@ -4256,7 +4256,8 @@ fn root_orch_an_md_raid_member_is_a_blocker() {
         assert!(
             text.contains(&format!(
                 "is an md RAID member (metadata {version} superblock at byte {at})"
-            )) && text.contains("/dev/mdN"),
+            )) && text.contains("/dev/mdN")
+                && text.contains("not determined (see the blocker below)"),
             "{version}: {text}"
         );
         let state = dir.path().join(format!("state{version}"));
@@ -4706,5 +4707,59 @@ fn root_orch_open_names_an_unknown_requirement_not_the_key_file() {
     assert!(
         err.contains("foo-unknown") && !err.contains("--key-file"),
         "{err}"
+    );
+}
+
+/// No room for the header in front: a device too small to give up 32 MiB is told to
+/// keep the header in a file (it was told to "free some space", which no freeing
+/// fixes), and a full one how much to free. Beside a blocker that says the device
+/// cannot be used as it is, the header space is not called "ok".
+#[test]
+fn root_orch_no_header_room_says_how_much_or_to_detach() {
+    let small = Fixture::new(40);
+    let out = run(small.cmd().arg("check").arg(small.dev()));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("a 40 MiB device is too small to give up 32 MiB")
+            && text.contains("--header-dir"),
+        "{text}"
+    );
+    assert!(!text.contains("free some space"), "{text}");
+    let full = Fixture::new(128);
+    let filler = full.mnt.join("filler");
+    run_ok(
+        Command::new("dd")
+            .args(["if=/dev/urandom", "bs=1M", "count=90", "status=none"])
+            .arg(format!("of={}", filler.display())),
+    );
+    run_ok(&mut Command::new("sync"));
+    let out = run(full.cmd().arg("check").arg(full.dev()));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("free at least"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let mib: u64 = line
+        .split("free at least ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // Freeing that much (and a little) is enough for check to pass.
+    run_ok(
+        Command::new("truncate")
+            .arg("-s")
+            .arg(format!("{}M", 90 - mib - 2))
+            .arg(&filler),
+    );
+    run_ok(&mut Command::new("sync"));
+    let out = run(full.cmd().arg("check").arg(full.dev()));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "freed {mib} MiB: {}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }

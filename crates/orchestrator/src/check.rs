@@ -1172,7 +1172,24 @@ pub fn check_resolved(
                                 ),
                             }
                         ),
-                        "free some space, or keep the header in a file with --header-dir DIR".into(),
+                        if size_bytes < 2 * HEADER_RESERVE_BYTES {
+                            // No freeing makes a device this small give up 32 MiB.
+                            format!(
+                                "keep the header in a file with --header-dir DIR: a {} MiB device is too small to give up {} MiB to it",
+                                size_bytes >> 20,
+                                HEADER_RESERVE_BYTES >> 20
+                            )
+                        } else {
+                            let more = match min {
+                                Some(m) if m > target => m - target,
+                                _ => (HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50)
+                                    .saturating_sub(free),
+                            };
+                            format!(
+                                "free at least {} MiB more, or keep the header in a file with --header-dir DIR",
+                                more.div_ceil(1 << 20).max(1)
+                            )
+                        },
                     );
                 }
             }
@@ -1383,6 +1400,22 @@ pub fn render_text(r: &Report) -> String {
             "none needed (already LUKS)".to_string()
         } else if r.problems.iter().any(|p| p.code == "already_mapped") {
             "none needed (already an open mapping)".to_string()
+        } else if r.problems.iter().any(|p| {
+            p.severity == Severity::Blocker
+                && [
+                    "no_filesystem",
+                    "unsupported_fs",
+                    "partition_table",
+                    "lvm_pv",
+                    "md_member",
+                ]
+                .contains(&p.code)
+        }) {
+            // Not "ok" beside a blocker that says the device cannot be used as it is.
+            format!(
+                "{} MiB needed, not determined (see the blocker below)",
+                r.header_space_needed >> 20
+            )
         } else {
             format!(
                 "{} MiB needed, {}",
