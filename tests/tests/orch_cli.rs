@@ -4139,29 +4139,26 @@ fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
         "{err}"
     );
     assert_eq!(sha256(&c.dev()), c_before, "the other disk was written");
+    // Refused before the run began: nothing of it went on, the status file as it was.
     assert!(
-        err.contains(&format!(
-            "{} now holds nothing recognisable; the volume this run began on is {} now",
-            z.path.display(),
-            a.dev().display()
-        )),
-        "{err}"
+        std::fs::read(&blank).unwrap().iter().all(|&b| b == 0),
+        "the blank disk was written"
     );
     let s = read_status(&a.state);
-    let rec = |dev: &Path| {
+    let state_at = |dev: &Path| {
         s["volumes"]
             .as_array()
             .unwrap()
             .iter()
             .find(|v| v["device"] == dev.display().to_string())
-            .cloned()
+            .map(|v| v["state"].clone())
     };
     assert_eq!(
-        rec(&a.dev()).map(|v| v["state"].clone()),
-        Some("Encrypted".into()),
+        state_at(&z.path),
+        Some("EncryptionInProgress".into()),
         "{s}"
     );
-    a.assert_files_unchanged();
+    assert_eq!(state_at(&c.dev()), Some("NotEncrypted".into()), "{s}");
     // b attached under its new name: found there and encrypted; c still untouched.
     let mut s = read_status(&a.state);
     for v in s["volumes"].as_array_mut().unwrap() {
@@ -4172,13 +4169,16 @@ fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
     std::fs::write(a.state.join("status.json"), serde_json::to_vec(&s).unwrap()).unwrap();
     let out = run(a.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        stderr(&out).contains(&format!(
-            "the volume this run began on is {}",
-            b.dev().display()
-        )),
-        "{out:?}"
-    );
+    for (was, is) in [(&z.path, a.dev()), (&c.dev(), b.dev())] {
+        assert!(
+            stderr(&out).contains(&format!(
+                "the volume recorded as {} is {} now",
+                was.display(),
+                is.display()
+            )),
+            "{out:?}"
+        );
+    }
     assert_eq!(sha256(&c.dev()), c_before, "the other disk was written");
     assert!(!luksify_tests::has_luks_header(&c.dev()));
     assert!(
@@ -4762,4 +4762,111 @@ fn root_orch_no_header_room_says_how_much_or_to_detach() {
         "freed {mib} MiB: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// Rewrites the status file's device names: each `(recorded, now)` pair at once.
+fn rename_records(state: &Path, pairs: &[(PathBuf, PathBuf)]) {
+    let mut s = read_status(state);
+    for v in s["volumes"].as_array_mut().unwrap() {
+        if let Some((_, to)) = pairs
+            .iter()
+            .find(|(from, _)| v["device"] == from.display().to_string())
+        {
+            v["device"] = to.display().to_string().into();
+        }
+    }
+    std::fs::write(state.join("status.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+}
+
+/// Two volumes of one run whose names swapped, and a copy of one attached beside it:
+/// the copy's filesystem UUID makes the volume ambiguous, refused with nothing written
+/// and the status as it was; without the copy both are found and finished. A trial's
+/// resume encrypted the copy and left the volume plain, and a swap of two volumes
+/// left both records on one device, the run stuck.
+#[test]
+fn root_orch_resume_refuses_a_copy_and_follows_swapped_volumes() {
+    let a = Fixture::new(128);
+    let b = Fixture::new(96);
+    let mut both = a.enable_cmd();
+    both.arg("--volume").arg(&b.mnt);
+    a.kill_mid_first_walk(both);
+    rename_records(&a.state, &[(a.dev(), b.dev()), (b.dev(), a.dev())]);
+    let copy = b.dir.path().join("copy.img");
+    run_ok(Command::new("cp").arg(b.dir.path().join("img")).arg(&copy));
+    let lo = LoopDev::attach(&copy);
+    let copy_before = sha256(&lo.path);
+    let status_before = read_status(&a.state)["volumes"].clone();
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("a copy of it attached?") && err.contains(&lo.path.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(sha256(&lo.path), copy_before, "the copy was written");
+    assert_eq!(
+        read_status(&a.state)["volumes"],
+        status_before,
+        "the status changed"
+    );
+    drop(lo);
+    let out = run(a.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{out:?}");
+    let s = read_status(&a.state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    for f in [&a, &b] {
+        assert!(luksify_tests::has_luks_header(&f.dev()));
+        f.assert_files_unchanged();
+        assert!(
+            s["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["device"] == f.dev().display().to_string()
+                    && v["mount_point"] == f.mnt.display().to_string()
+                    && v["state"] == "Encrypted"),
+            "{s}"
+        );
+    }
+    assert!(
+        !luksify_tests::has_luks_header(&copy),
+        "the copy was encrypted"
+    );
+}
+
+/// A `disable` killed mid-walk whose volume's name then went to another disk: resume
+/// decrypts the volume where it is now, never the disk under the old name. A trial's
+/// resume "decrypted" that disk into garbage and reported success.
+#[test]
+fn root_orch_resume_of_a_disable_follows_the_volume_not_its_old_name() {
+    let f = Fixture::new(128);
+    let other = Fixture::new(64);
+    run_ok(&mut f.enable_cmd());
+    let mut disable = f.cmd();
+    disable.arg("disable").arg("--key-file").arg(&f.key);
+    f.kill_when(disable, "the decryption mid-way", |s| {
+        let v = &s["volumes"][0];
+        let pct = v["percent"].as_f64().unwrap_or(0.0);
+        v["state"] == "DecryptionInProgress" && pct > 0.0 && pct < 100.0
+    });
+    let other_before = sha256(&other.dev());
+    rename_records(&f.state, &[(f.dev(), other.dev())]);
+    let out = run(f.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr(&out).contains(&format!(
+            "the volume recorded as {} is {} now",
+            other.dev().display(),
+            f.dev().display()
+        )),
+        "{out:?}"
+    );
+    assert_eq!(
+        sha256(&other.dev()),
+        other_before,
+        "the other disk was written"
+    );
+    other.assert_files_unchanged();
+    assert!(!luksify_tests::has_luks_header(&f.dev()));
+    f.assert_files_unchanged();
 }

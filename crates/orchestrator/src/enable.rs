@@ -1466,6 +1466,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         adopt(&mut sw, &found, &req.key_file);
         adopted.extend(found.into_iter().filter(|f| !f.decrypt).map(|f| f.device));
     }
+    relocate_all(&mut sw)?;
     let unfinished = |v: &VolumeStatus| {
         matches!(
             v.state,
@@ -1582,14 +1583,6 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
             "pending volume vanished from the status file",
         ))?;
     let key = read_recorded_key(&first, passphrase_override)?;
-    // Known by their UUIDs, as the interrupted volume is: a kernel name that moved
-    // since the run began names another device now.
-    for p in pending.iter_mut() {
-        if let Some(idx) = sw.status.volumes.iter().position(|v| &v.device == p) {
-            *p = relocate(&mut sw, idx)?.device;
-        }
-    }
-    commit(&mut sw)?;
     let sub = pending_request(req, &sw.status, &pending);
     remount_pending(&sw.status, &pending);
     // `enable` keeps its own status writer: this one must not write over it.
@@ -1756,7 +1749,6 @@ fn resume_one(
             &key
         }
     };
-    let v = relocate(sw, idx)?;
     sw.status.volumes[idx].resumed = true;
     sw.active = Some(idx);
     commit(sw)?;
@@ -1825,73 +1817,137 @@ fn resume_one(
     finish_volume(req, passphrase, sw, idx, outcome)
 }
 
-/// The volume record `idx` with the device it is on now. A kernel name is not stable
-/// across a reboot (a disk attached in another order, a loop device's number reused),
-/// so the volume is known by what it holds: the LUKS UUID its run gives it, or its
-/// filesystem's UUID as `enable` found it. A device that carries another UUID is not
-/// the volume: the volume is looked for by its UUIDs (the record follows it there), and
-/// if it is nowhere, refused with nothing written. A device showing no UUID (ciphertext
-/// of a detached-header run, a head torn by a cut) stays the record's: the walker's own
-/// checks (the header's identity token, the start marker) decide there. A trial's
-/// reboot gave the volume's old name to another disk, and `resume` encrypted that disk
-/// and reported success, the volume left plain.
-fn relocate(sw: &mut StatusWriter, idx: usize) -> Result<VolumeStatus> {
-    let v = sw.status.volumes[idx].clone();
-    let ours: Vec<&str> = [v.luks_uuid.as_deref(), v.fs_uuid.as_deref()]
+/// Every volume `resume` will work on, on the device it is on now, before anything
+/// is written or the run begins (all at once: two volumes of one run may have swapped
+/// names). A kernel name is not stable across a reboot (disks attached in another
+/// order, a loop device's number reused), so a volume is known by what it holds: the
+/// LUKS UUID its run gives it (on the device once the header is in front) or its
+/// filesystem's UUID as `enable` found it. Trials' reboots gave a volume's old name to
+/// another disk, a blank disk or a copy of the volume, and `resume` encrypted (or
+/// decrypted) that one and reported success. A volume that is nowhere, or whose
+/// filesystem UUID two devices carry (a copy attached beside it), is refused with
+/// nothing written and the status file as it was.
+fn relocate_all(sw: &mut StatusWriter) -> Result<()> {
+    let (_, pending) = pending_of_stopped_run(&sw.status);
+    let mut moves = Vec::new();
+    for (idx, v) in sw.status.volumes.iter().enumerate() {
+        let unfinished = matches!(
+            v.state,
+            VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+        );
+        if unfinished || pending.contains(&v.device) {
+            if let Some(dev) = locate(v)? {
+                moves.push((idx, dev));
+            }
+        }
+    }
+    if moves.is_empty() {
+        return Ok(());
+    }
+    for (idx, dev) in moves {
+        let v = &mut sw.status.volumes[idx];
+        errln!(
+            "luksify: the volume recorded as {} is {} now (its name moved since the run began); the run goes on there",
+            v.device.display(),
+            dev.display()
+        );
+        v.device = dev;
+    }
+    commit(sw)
+}
+
+/// Where volume `v` is now: `None` when on its recorded device (or when nothing tells:
+/// the walker's own checks decide there), `Some(dev)` when it moved to `dev`.
+fn locate(v: &VolumeStatus) -> Result<Option<PathBuf>> {
+    let decrypting = v.state == VolumeState::DecryptionInProgress;
+    // The volume's LUKS UUID: recorded, or (a record from before it was) the header
+    // file's, which a decryption always has.
+    let luks = v.luks_uuid.clone().or_else(|| {
+        v.header.as_deref().and_then(|h| {
+            let f = std::fs::File::open(h).ok()?;
+            Some(luksify_luks::luks2::Luks2Header::read(&f).ok()?.0.uuid)
+        })
+    });
+    let fs = v.fs_uuid.clone();
+    if luks.is_none() && fs.is_none() {
+        return Ok(None);
+    }
+    let attached = probe::device_size(&v.device).is_ok_and(|n| n > 0);
+    let now = attached.then(|| probe::type_and_uuid(&v.device)).flatten();
+    let carriers = |u: &str| {
+        let mut d = probe::devices_with_uuid(u);
+        d.retain(|d| !is_luksify_mapping(d));
+        d
+    };
+    let here = |what: &str| format!("{} {what}", v.device.display());
+    let ids = || {
+        [
+            luks.as_deref().map(|u| format!("LUKS UUID {u}")),
+            fs.as_deref().map(|u| format!("filesystem UUID {u}")),
+        ]
         .into_iter()
         .flatten()
-        .collect();
-    let now = probe::type_and_uuid(&v.device);
-    if ours.is_empty()
-        || now
-            .as_ref()
-            .is_some_and(|(_, u)| ours.contains(&u.as_str()))
-    {
-        return Ok(v);
-    }
-    // Where to look: a device showing nothing recognisable (a blank disk; or this very
-    // volume, its head ciphertext of a detached-header run or torn by a cut) may only
-    // give way to the device carrying the volume's LUKS header, never to a copy of its
-    // filesystem. The LUKS UUID first: a mapping of the volume shows its filesystem's
-    // UUID too, and is never the volume.
-    let wanted: Vec<&str> = match &now {
-        Some(_) => ours.clone(),
-        None => v.luks_uuid.as_deref().into_iter().collect(),
+        .collect::<Vec<_>>()
+        .join(", ")
     };
-    let found = wanted.iter().find_map(|u| {
-        let mut d = probe::devices_with_uuid(u);
-        d.retain(|d| !is_luksify_mapping(d) && d != &v.device);
-        (d.len() == 1).then(|| d.remove(0))
-    });
-    let (dev, (kind, now)) = match (found, now) {
-        (Some(dev), Some(now)) => (dev, now),
-        (Some(dev), None) => (dev, ("nothing recognisable".into(), String::new())),
-        // The walker's own checks decide (the header's identity token, the start marker).
-        (None, None) => return Ok(v),
-        (None, Some((kind, now))) => {
-            return Err(Failure::failed(format!(
-                "{} now holds {kind} UUID {now}, not the volume this run began on ({}): its name moved since (a reboot that attached disks in another order?), and no device carries it now; nothing was written: attach the volume and run `luksify resume` again",
-                v.device.display(),
-                ours.iter()
-                    .map(|u| format!("UUID {u}"))
-                    .collect::<Vec<_>>()
-                    .join(" or ")
-            )))
+    let nowhere = |why: String| {
+        Failure::failed(format!(
+            "{why}, and no other device carries this run's volume ({}): its name moved since the run began (a reboot that attached disks in another order?) or it is detached; nothing was written: attach the volume and run `luksify resume` again",
+            ids()
+        ))
+    };
+    let ambiguous = |uuid: &str, devs: &[PathBuf]| {
+        Failure::failed(format!(
+            "{} all carry UUID {uuid} of the volume recorded as {} (a copy of it attached?); nothing was written: detach the copies and run `luksify resume` again",
+            devs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+            v.device.display()
+        ))
+    };
+    // 1. The LUKS header in front, wherever it is, decides.
+    if let Some(u) = luks.as_deref() {
+        match carriers(u).as_slice() {
+            [] => {}
+            [d] if d == &v.device => return Ok(None),
+            [d] => return Ok(Some(d.clone())),
+            many => return Err(ambiguous(u, many)),
         }
+    }
+    let what_is_here = || match &now {
+        Some((kind, u)) => here(&format!("now holds {kind} UUID {u}")),
+        None if attached => here("now holds nothing recognisable"),
+        None => here("is not attached (missing or empty)"),
     };
-    let was = if now.is_empty() {
-        kind
-    } else {
-        format!("another device, {kind} UUID {now}")
-    };
-    errln!(
-        "luksify: {} now holds {was}; the volume this run began on is {} now, and the run goes on there",
-        v.device.display(),
-        dev.display()
-    );
-    sw.status.volumes[idx].device = dev;
-    commit(sw)?;
-    Ok(sw.status.volumes[idx].clone())
+    let is_ours = |u: &str| fs.as_deref() == Some(u) || luks.as_deref() == Some(u);
+    let header_written = v
+        .header
+        .as_deref()
+        .is_some_and(|h| !matches!(header_progress(h), HeaderProgress::Absent));
+    // 2. An encryption whose detached header is written: the device's head is
+    // ciphertext, so a device showing the filesystem's UUID elsewhere is a copy, never
+    // the volume; the walker's identity token decides on the recorded one.
+    if header_written && !decrypting {
+        return match &now {
+            None if attached => Ok(None),
+            Some((_, u)) if is_ours(u) => Ok(None),
+            _ => Err(nowhere(what_is_here())),
+        };
+    }
+    // 3. By the filesystem's UUID: a volume not started yet, or a decryption (its head
+    // is plaintext again once the walk has passed it).
+    if let Some(u) = fs.as_deref() {
+        match carriers(u).as_slice() {
+            [d] if d == &v.device => return Ok(None),
+            [d] => return Ok(Some(d.clone())),
+            [] => {}
+            many => return Err(ambiguous(u, many)),
+        }
+    }
+    match &now {
+        // A head torn by a cut, ciphertext: the walker's checks decide.
+        None if attached => Ok(None),
+        Some((_, u)) if is_ours(u) => Ok(None),
+        _ => Err(nowhere(what_is_here())),
+    }
 }
 
 /// Tools a killed run left running on the volume: SIGKILL takes luksify, not its
