@@ -2033,19 +2033,20 @@ fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
         .adjusted_for(luksify_luks::kdf::total_ram_kib(), online)
         .memory_kib
         .unwrap_or_else(luksify_luks::kdf::default_argon2_memory_kib);
-    // luksify's own needs beside it: its threads, buffers and mapped binary.
-    const MARGIN: u64 = 128 << 20;
-    let (limit, what) = probe::memory_limit()?;
-    let need = u64::from(kib) * 1024 + MARGIN;
-    (need > limit).then(|| {
-        format!(
-            "BLOCKER: the key derivation (argon2, {} MiB) needs about {} MiB, and {what} leaves this process {} MiB; fix: --pbkdf-memory {} or less, or --pbkdf pbkdf2 (or raise the limit)",
-            kib / 1024,
-            need >> 20,
-            limit >> 20,
-            (limit.saturating_sub(MARGIN) / 1024).max(u64::from(luksify_luks::kdf::ARGON2_MIN_MEMORY_KIB))
-        )
-    })
+    let argon = u64::from(kib) * 1024;
+    // The tightest limit, counting luksify's own share of each.
+    let (limit, what, own) = probe::memory_limits()
+        .into_iter()
+        .filter(|&(limit, _, own)| argon + own > limit)
+        .min_by_key(|&(limit, _, own)| limit.saturating_sub(own))?;
+    Some(format!(
+        "BLOCKER: the key derivation (argon2, {} MiB) needs about {} MiB with luksify's own {} MiB, and {what} leaves this process {} MiB; fix: --pbkdf-memory {} or less, or --pbkdf pbkdf2 (or raise the limit)",
+        kib / 1024,
+        (argon + own) >> 20,
+        own >> 20,
+        limit >> 20,
+        (limit.saturating_sub(own) / 1024).max(u64::from(luksify_luks::kdf::ARGON2_MIN_MEMORY_KIB))
+    ))
 }
 
 /// Whether `dev` is the decrypted view of a luksify mapping (a device-mapper node, or the

@@ -564,15 +564,21 @@ pub fn overlays_on(all: &[crate::mountinfo::Mount], fs_devs: &[DevNum]) -> Vec<(
     out
 }
 
-/// The most memory this process can take now, and what sets it: the address-space
-/// limit (`ulimit -v`), its cgroup's memory limit less what the cgroup uses, or the
-/// machine's available memory, whichever is least.
-pub fn memory_limit() -> Option<(u64, &'static str)> {
-    let mut best: Option<(u64, &'static str)> = None;
+/// The limits on memory this process can take now: `(bytes, what sets it, what
+/// luksify itself needs of it beside a key derivation)`. The address-space limit
+/// (`ulimit -v`) counts every reservation (thread stacks, malloc arenas: a trial's
+/// run with 256 MiB of argon2 failed at the mapping under 520 MiB and passed under 650),
+/// so luksify's own share of it is 512 MiB; of its cgroup's limit less what the cgroup
+/// uses, or of the machine's available memory, 128 MiB.
+pub fn memory_limits() -> Vec<(u64, &'static str, u64)> {
+    let mut out = Vec::new();
     let mut take = |bytes: u64, what: &'static str| {
-        if best.is_none_or(|(b, _)| bytes < b) {
-            best = Some((bytes, what));
-        }
+        let own = if what.starts_with("the address-space") {
+            512 << 20
+        } else {
+            128 << 20
+        };
+        out.push((bytes, what, own));
     };
     let mut rl = libc::rlimit {
         rlim_cur: 0,
@@ -609,7 +615,7 @@ pub fn memory_limit() -> Option<(u64, &'static str)> {
     if let Some(avail) = mem_available() {
         take(avail, "the machine's available memory");
     }
-    best
+    out
 }
 
 #[cfg(test)]
