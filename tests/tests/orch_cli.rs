@@ -4538,31 +4538,47 @@ fn root_orch_kill_holders_spares_the_reader_of_its_own_output() {
     require_tool("bash");
     let f = Fixture::new(64);
     let log = f.mnt.join("enable.log");
-    let script = format!(
-        "set -o pipefail; LUKSIFY_STATE_DIR={} LUKSIFY_ETC_DIR={} {} enable --volume-type data --volume {} --key-file {} --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --userspace --kill-holders 2>&1 | tee {}; echo \"rc=${{PIPESTATUS[0]}} tee=${{PIPESTATUS[1]}}\"",
+    let enable = format!(
+        "LUKSIFY_STATE_DIR={} LUKSIFY_ETC_DIR={} {} enable --volume-type data --volume {} --key-file {} --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --userspace --kill-holders",
         f.state.display(),
         f.dir.path().join("etc").display(),
         luksify_bin().display(),
         f.mnt.display(),
         f.key.display(),
-        log.display()
     );
-    let out = run(Command::new("bash").arg("-c").arg(&script).current_dir("/"));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(text.contains("rc=3 tee=0"), "{text}");
-    assert!(text.contains("reads its output"), "{text}");
-    assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("reads its output"),
-        "the log lost the output"
-    );
-    assert!(
-        mount_fields(&f.mnt).is_some(),
-        "the volume was left unmounted"
-    );
-    assert!(!luksify_tests::has_luks_header(&f.dev()));
-    f.assert_files_unchanged();
+    // Read directly, further down a pipeline, and written by luksify itself.
+    for (how, script, want) in [
+        (
+            "| tee",
+            format!("set -o pipefail; {enable} 2>&1 | tee {0}; echo \"rc=${{PIPESTATUS[*]}}\"", log.display()),
+            "rc=3 0",
+        ),
+        (
+            "| grep | tee",
+            format!("{enable} 2>&1 | grep --line-buffered -v XYZ | tee {0}; echo \"rc=${{PIPESTATUS[*]}}\"", log.display()),
+            "rc=3 0 0",
+        ),
+        (
+            "> LOG",
+            format!("{enable} > {0} 2>&1; echo \"rc=$?\"; cat {0}", log.display()),
+            "rc=3",
+        ),
+    ] {
+        let out = run(Command::new("bash").arg("-c").arg(&script).current_dir("/"));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(text.contains(want), "{how}: {text}");
+        assert!(
+            text.contains("reads its output") || text.contains("luksify's own output"),
+            "{how}: {text}"
+        );
+        assert!(
+            std::fs::read_to_string(&log).unwrap().contains("BLOCKER"),
+            "{how}: the log lost the output"
+        );
+        assert!(mount_fields(&f.mnt).is_some(), "{how}: the volume was left unmounted");
+        assert!(!luksify_tests::has_luks_header(&f.dev()), "{how}");
+        f.assert_files_unchanged();
+    }
 }
 
 /// `enable` checks the key derivation's memory against what the process can get before

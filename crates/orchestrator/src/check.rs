@@ -773,6 +773,20 @@ pub fn check_resolved(
             "run luksify from a directory outside the volume (cd /)".into(),
         );
     }
+    let own_stdio = holders::own_stdio_on(
+        &std::iter::once(r.dev)
+            .chain(nested.iter().map(|n| n.dev))
+            .collect::<Vec<_>>(),
+    );
+    if !own_stdio.is_empty() {
+        push(
+            "own_output",
+            Severity::Blocker,
+            format!("luksify's own {} is a file on {dev_s}", own_stdio.join(" and ")),
+            "the volume cannot be unmounted while luksify itself writes to it (no other process holds it, so --kill-holders cannot help)".into(),
+            "redirect luksify's output to a file outside the volume".into(),
+        );
+    }
     if r.mounts.len() > 1 {
         let list: Vec<String> = r
             .mounts

@@ -2331,7 +2331,14 @@ pub fn disable(
             // the view unmounted, its close failing with EBUSY, the volume offline
             // and "Decryption 100%" that resume and disable sent to each other).
             .filter(|p| {
-                ["own_cwd", "other_namespace", "loop_backed", "overlay"].contains(&p.code)
+                [
+                    "own_cwd",
+                    "own_output",
+                    "other_namespace",
+                    "loop_backed",
+                    "overlay",
+                ]
+                .contains(&p.code)
                     || (p.code == "holders" && !req.kill_holders)
             })
             .map(|p| p.one_line())

@@ -238,18 +238,51 @@ pub fn own_lineage() -> Vec<u32> {
             .ok()
             .filter(|l| l.to_string_lossy().starts_with("pipe:"))
     };
-    let ours: Vec<PathBuf> = [1, 2].iter().filter_map(|&fd| pipe_of(me, fd)).collect();
-    if let (false, Ok(dir)) = (ours.is_empty(), std::fs::read_dir("/proc")) {
-        for p in dir
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        {
-            if p != me && !out.contains(&p) && pipe_of(p, 0).is_some_and(|l| ours.contains(&l)) {
-                out.push(p);
+    // Downstream of luksify's output: the reader of its stdout/stderr pipe, the reader
+    // of that one's (`| grep ... | tee LOG`), and so on.
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut writers = vec![me];
+    let mut i = 0;
+    while i < writers.len() && writers.len() < 64 {
+        let w = writers[i];
+        i += 1;
+        let outs: Vec<PathBuf> = [1, 2].iter().filter_map(|&fd| pipe_of(w, fd)).collect();
+        if outs.is_empty() {
+            continue;
+        }
+        for &p in &all {
+            if p != me && !writers.contains(&p) && pipe_of(p, 0).is_some_and(|l| outs.contains(&l))
+            {
+                writers.push(p);
+                if !out.contains(&p) {
+                    out.push(p);
+                }
             }
         }
     }
     out
+}
+
+/// luksify's own standard streams that are files on one of `filesystems` (`> LOG` with
+/// the log on the volume): the volume cannot be unmounted under them, and no process
+/// but luksify itself holds it ("target is busy (no process found)").
+pub fn own_stdio_on(filesystems: &[DevNum]) -> Vec<&'static str> {
+    use std::os::unix::fs::MetadataExt;
+    [(0, "input"), (1, "output"), (2, "error output")]
+        .into_iter()
+        .filter(|(fd, _)| {
+            std::fs::metadata(format!("/proc/self/fd/{fd}")).is_ok_and(|m| {
+                m.file_type().is_file() && filesystems.contains(&DevNum::from_raw(m.dev()))
+            })
+        })
+        .map(|(_, what)| what)
+        .collect()
 }
 
 /// Whether `pid` is a zombie (exited, not yet reaped).
