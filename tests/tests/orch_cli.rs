@@ -4896,3 +4896,51 @@ fn root_orch_resume_of_a_disable_follows_the_volume_not_its_old_name() {
     assert!(!luksify_tests::has_luks_header(&f.dev()));
     f.assert_files_unchanged();
 }
+
+/// A mount namespace with no process in it (bound to a file, `unshare --mount=FILE`)
+/// that holds the mapping's filesystem: no check can name it, and closing the view
+/// fails. `disable` then mounts the volume again, still encrypted (exit 3); it was left
+/// unmounted at "DecryptionInProgress 100%", which resume and disable sent to each other.
+#[test]
+fn root_orch_disable_that_cannot_close_the_view_mounts_the_volume_again() {
+    require_tool("unshare");
+    let f = Fixture::new(96);
+    run_ok(&mut f.enable_cmd());
+    let nsdir = f.dir.path().join("ns");
+    std::fs::create_dir_all(&nsdir).unwrap();
+    run_ok(Command::new("mount").arg("--bind").arg(&nsdir).arg(&nsdir));
+    run_ok(Command::new("mount").arg("--make-private").arg(&nsdir));
+    let nsfile = nsdir.join("mnt");
+    std::fs::write(&nsfile, b"").unwrap();
+    // Only this fixture's mounts kept in it (other tests' volumes must not gain copies).
+    let prune = format!(
+        "awk '{{print $5}}' /proc/self/mountinfo | grep '^{tmp}/' | grep -v '^{keep}' | sort -r | while read m; do umount -l \"$m\"; done",
+        tmp = std::env::temp_dir().display(),
+        keep = f.dir.path().display()
+    );
+    run_ok(
+        Command::new("unshare")
+            .arg(format!("--mount={}", nsfile.display()))
+            .args(["--propagation", "private", "sh", "-c", &prune]),
+    );
+    let out = run(f.cmd().arg("disable").arg("--key-file").arg(&f.key));
+    let status = read_status(&f.state);
+    let mounted = mount_fields(&f.mnt);
+    let _ = Command::new("umount").arg(&nsfile).output();
+    let _ = Command::new("umount").arg("-l").arg(&nsdir).output();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(status["volumes"][0]["state"], "Encrypted", "{status}");
+    let fields = mounted.expect("the volume was left unmounted");
+    assert!(
+        fields
+            .iter()
+            .any(|x| x.contains("loop") || x.contains("mapper")),
+        "{fields:?}"
+    );
+    f.assert_files_unchanged();
+    // With the namespace gone, disable goes through.
+    let out = run(f.cmd().arg("disable").arg("--key-file").arg(&f.key));
+    assert!(out.status.success(), "{out:?}");
+    assert!(!luksify_tests::has_luks_header(&f.dev()));
+    f.assert_files_unchanged();
+}

@@ -2534,7 +2534,24 @@ fn disable_one(
                 ));
             }
         }
-        map::close(&req.state_dir, &v.mapper)?;
+        // A view that will not close (its filesystem alive elsewhere: a namespace
+        // with no process in it, a lazily detached mount) is still the volume's: it
+        // is mounted again and the volume stays encrypted, nothing decrypted. It was
+        // left unmounted at "DecryptionInProgress 100%", which resume and disable sent
+        // to each other.
+        if let Err(e) = map::close(&req.state_dir, &v.mapper) {
+            sw.status.volumes[idx].header = v.header.clone();
+            let e = Failure::new(exit::BLOCKED, e.message);
+            return Err(put_back(
+                sw,
+                idx,
+                e,
+                &rec.mapped,
+                VolumeState::Encrypted,
+                "decrypted",
+                None,
+            ));
+        }
     }
     let in_front = v.header.is_none();
     let data = open_data(&v.device, "to decrypt", "is it still mounted or mapped?")?;
