@@ -3386,3 +3386,66 @@ fn walker_a_key_derivation_without_its_memory_is_refused_before_writing() {
     );
     assert!(!c.p("hdr").exists(), "the header file was left behind");
 }
+
+/// `resume --header BACKUP` of a run whose header is in front of the data (a
+/// `luksHeaderBackup` taken mid-run) is refused: the run would go on in the copy and
+/// leave the device's own header behind, and the next resume from that walked the
+/// moved data again (a trial lost 200 MB so). Without `--header` it finishes.
+#[test]
+fn walker_resume_refuses_a_copy_of_the_header_in_front() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(32, 83);
+    let mut enc = shift_encrypt(&c);
+    kill_after_commits(&mut enc, &c.p("img"), 0, 6, 0);
+    assert!(
+        luks_dump(&c.p("img")).contains("online-reencrypt"),
+        "the premise: killed mid-run"
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksHeaderBackup", &c.img(), "--header-backup-file"])
+            .arg(c.p("bak")),
+    );
+    let before = (
+        std::fs::read(c.p("img")).unwrap(),
+        std::fs::read(c.p("bak")).unwrap(),
+    );
+    let bak = c.p("bak").display().to_string();
+    let out = run(&mut luksify(&[
+        "resume",
+        &c.img(),
+        "--header",
+        &bak,
+        "--key-file",
+        &c.key(),
+    ]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_refused_in_one_line(
+        &out,
+        "resume without --header (nothing was written)",
+        "backup",
+    );
+    assert!(
+        (
+            std::fs::read(c.p("img")).unwrap(),
+            std::fs::read(c.p("bak")).unwrap()
+        ) == before,
+        "something was written"
+    );
+    run_ok(luksify(&["resume", &c.img(), "--key-file", &c.key()]).args(SMALL));
+    let plain = c.p("plain.hdr").display().to_string();
+    run_ok(
+        luksify(&[
+            "decrypt",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--header",
+            &plain,
+        ])
+        .args(SMALL),
+    );
+    let back = std::fs::read(c.p("img")).unwrap();
+    let kept = orig.len() - (8 << 20);
+    assert!(back[..kept] == orig[..kept], "the plaintext differs");
+}

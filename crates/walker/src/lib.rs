@@ -2026,9 +2026,29 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
         Some(_) => same_volume(&hdr, Luks2Header::read(hdisk)?.0)?,
         None => hdr,
     };
+    let state = reencrypt::state(&hdr.metadata)?;
+    // `--header` naming a copy of the header the device carries in front of its data
+    // (a `luksHeaderBackup` taken mid-run): the run would go on in the copy, leave the
+    // device's own header behind, and the next resume from it would walk the moved
+    // data again (a trial lost 200 MB so). An encryption with a detached header never
+    // has this volume's header on its device; a decryption in front moves the header
+    // to the file and walks from it, the device's copy not yet overwritten.
+    if meta.is_some()
+        && state
+            .as_ref()
+            .is_some_and(|st| st.mode == luksify_luks::luks2::json::ReencryptMode::Encrypt)
+    {
+        if let Ok((own, _)) = Luks2Header::read(data) {
+            if own.uuid == hdr.uuid {
+                return Err(Error::Refused(format!(
+                    "the device carries this volume's own header (UUID {}) in front of its data: the --header file is a copy of it (a header backup?), and the run must go on in the device's header; resume without --header (nothing was written)",
+                    hdr.uuid
+                )));
+            }
+        }
+    }
     // A decryption stopped right after its final header, before its keyslot wipe: the
     // wipe needs no key and nothing refers to that area any more.
-    let state = reencrypt::state(&hdr.metadata)?;
     let wiped = if state.is_none()
         && meta.is_some()
         && all_linear(&hdr)
