@@ -1563,3 +1563,71 @@ fn walker_a_cryptsetup_key_change_mid_run_is_read_and_refused_without_writing() 
         );
     }
 }
+
+/// Mid key change, a passphrase whose keyslot holds only the old key (cryptsetup
+/// deletes that keyslot when the run ends) does not open the volume, as cryptsetup
+/// says; `test-passphrase` said "Key slot 1 unlocked".
+#[test]
+fn walker_mid_key_change_only_the_new_keys_passphrases_open() {
+    require_tool("cryptsetup");
+    let (c, _) = Case::new(32, 61);
+    let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
+    std::fs::write(c.p("key2"), b"second passphrase").unwrap();
+    let key2 = c.s("key2");
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--header", &hdr, "--key-file", &key])
+            .args(FAST)
+            .arg(&img),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksAddKey", "-q", "--header", &hdr, "--key-file", &key])
+            .args(FAST)
+            .args([&img, &key2]),
+    );
+    let base = header_seqid(&c.p("hdr"));
+    let mut cs = Command::new("cryptsetup");
+    cs.args([
+        "reencrypt",
+        "-q",
+        "--force-offline-reencrypt",
+        "-S",
+        "0",
+        "--key-file",
+        &key,
+    ])
+    .args(FAST)
+    .args(["--hotzone-size", "64k", "--header", &hdr, &img]);
+    kill_after_commits(&mut cs, &c.p("hdr"), base, 5, 0);
+    assert!(
+        luks_dump(&c.p("hdr")).contains("reencrypt"),
+        "the premise: mid-run"
+    );
+    for (k, opens) in [(&key, true), (&key2, false)] {
+        let ours = run(&mut luksify(&[
+            "test-passphrase",
+            &img,
+            "--header",
+            &hdr,
+            "--key-file",
+            k,
+        ]));
+        let theirs = run(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "--header",
+            &hdr,
+            "--key-file",
+            k,
+            &img,
+        ]));
+        assert_eq!(theirs.status.success(), opens, "the premise: {theirs:?}");
+        assert_eq!(ours.status.success(), opens, "{k}: {ours:?}");
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{k}: {ours:?} {theirs:?}"
+        );
+    }
+}

@@ -547,7 +547,16 @@ impl Luks2Header {
         slot: Option<u32>,
     ) -> Result<(VolumeKey, u32)> {
         self.check_requirements_for_unlock()?;
+        // Mid key change (a cryptsetup `reencrypt` to a new volume key), the volume's
+        // key is the new one, as cryptsetup takes it: a keyslot of the old key only is
+        // deleted when the run ends, and `test-passphrase` said it opened the volume.
+        let final_digest = self.key_change_final_digest();
+        let usable =
+            |id: u32| final_digest.is_none_or(|d| self.digest_id_for_keyslot(id) == Some(d));
         if let Some(s) = slot {
+            if !usable(s) {
+                return Err(Error::KeyslotNotFound(s));
+            }
             return self.unlock_keyslot(disk, s, passphrase).map(|k| (k, s));
         }
         // Keyslots bound to a digest that covers some segment: the data segment
@@ -563,7 +572,7 @@ impl Luks2Header {
                 }
                 _ => None,
             })
-            .filter(|(_, id)| self.keyslot_covers_a_segment(*id))
+            .filter(|(_, id)| self.keyslot_covers_a_segment(*id) && usable(*id))
             .collect();
         order.sort_by_key(|(p, id)| (std::cmp::Reverse(*p), *id));
         let mut last_err = Error::WrongPassphrase;
@@ -576,6 +585,30 @@ impl Luks2Header {
             }
         }
         Err(last_err)
+    }
+
+    /// The digest of the new volume key while a key change is in progress (a reencrypt
+    /// keyslot of mode `reencrypt`): the one covering the `backup-final` segment.
+    fn key_change_final_digest(&self) -> Option<u32> {
+        use json::{Keyslot as K, ReencryptMode};
+        let changing = self
+            .metadata
+            .keyslots
+            .values()
+            .any(|k| matches!(k, K::Reencrypt(r) if r.mode == ReencryptMode::Reencrypt));
+        if !changing {
+            return None;
+        }
+        let (final_id, _) = self
+            .metadata
+            .segments
+            .iter()
+            .find(|(_, s)| s.has_flag("backup-final"))?;
+        self.metadata
+            .digests
+            .iter()
+            .find(|(_, d)| d.segments().contains(final_id))
+            .map(|(id, _)| *id)
     }
 
     /// Whether keyslot `id` is a passphrase keyslot bound to no segment (`cryptsetup
