@@ -2304,22 +2304,7 @@ fn root_orch_check_reports_swap_lvm_pv_and_existing_luks_one_line_each() {
     let key = dir.path().join("swapkey");
     std::fs::write(&key, b"swap key").unwrap();
     let before = std::fs::read(&img).unwrap();
-    let enable = || {
-        let mut c = luksify(&state);
-        c.env("LUKSIFY_ETC_DIR", dir.path())
-            .args(["enable", "--volume-type", "data", "--volume"])
-            .arg(&lo.path)
-            .arg("--key-file")
-            .arg(&key)
-            .args([
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--userspace",
-            ]);
-        c
-    };
+    let enable = || enable_raw(&state, dir.path(), &lo.path, &key);
     let out = run(&mut enable());
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(std::fs::read(&img).unwrap() == before, "written");
@@ -4099,6 +4084,7 @@ fn root_orch_a_partitioned_disk_is_named_as_such_and_its_partitions_offered() {
 /// trial's `resume` encrypted the other disk under the old name, mounted it over the
 /// volume's mount point and reported success, the volume left plain.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
     let a = Fixture::new(128);
     let b = Fixture::new(96);
@@ -4186,20 +4172,7 @@ fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
         "the blank disk was written"
     );
     c.assert_files_unchanged();
-    let s = read_status(&a.state);
-    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
-    for f in [&a, &b] {
-        assert!(luksify_tests::has_luks_header(&f.dev()));
-        f.assert_files_unchanged();
-        assert!(
-            s["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|v| v["device"] == f.dev().display().to_string() && v["state"] == "Encrypted"),
-            "{s}"
-        );
-    }
+    assert_all_encrypted(&a.state, &[&a, &b]);
 }
 
 /// The filesystem UUID blkid reads on `dev`.
@@ -4217,6 +4190,7 @@ fn probe_uuid(dev: &Path) -> String {
 /// end), and `enable` writes nothing to it, with a header in front or in a file. A
 /// trial's 1.0 leg read as plain ext4 ("No problems found") and was encrypted.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_an_md_raid_member_is_a_blocker() {
     require_root();
     require_tool("mkfs.ext4");
@@ -4262,19 +4236,7 @@ fn root_orch_an_md_raid_member_is_a_blocker() {
         );
         let state = dir.path().join(format!("state{version}"));
         for hdr in [None, Some(dir.path().join(format!("hdrs{version}")))] {
-            let mut e = luksify(&state);
-            e.env("LUKSIFY_ETC_DIR", dir.path())
-                .args(["enable", "--volume-type", "data", "--volume"])
-                .arg(&lo.path)
-                .arg("--key-file")
-                .arg(&key)
-                .args([
-                    "--pbkdf",
-                    "pbkdf2",
-                    "--pbkdf-force-iterations",
-                    "1000",
-                    "--userspace",
-                ]);
+            let mut e = enable_raw(&state, dir.path(), &lo.path, &key);
             if let Some(h) = &hdr {
                 e.arg("--header-dir").arg(h);
             }
@@ -4292,6 +4254,7 @@ fn root_orch_an_md_raid_member_is_a_blocker() {
 /// is busy (no process found)" or "held exclusively ... wait for it to end". A slave
 /// copy in another namespace, which an unmount here takes away, is no blocker.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_check_names_what_holds_a_volume_without_a_process() {
     require_tool("unshare");
     require_tool("nsenter");
@@ -4442,6 +4405,7 @@ fn is_sleeping(pid: u32) -> bool {
 /// volume, failed to close its view (EBUSY), and left it offline at "Decryption 100%",
 /// which `resume` and `disable` then sent to each other.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_disable_refuses_a_mapping_mounted_in_another_namespace() {
     require_tool("unshare");
     let f = Fixture::new(96);
@@ -4484,6 +4448,7 @@ fn root_orch_disable_refuses_a_mapping_mounted_in_another_namespace() {
 /// here the orphan holds the mapping exclusively for 3 s, as a slow mount or e2fsck
 /// does.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_resume_waits_for_the_tools_a_killed_run_left_running() {
     let f = Fixture::new(96);
     let bin = f.dir.path().join("bin");
@@ -4534,6 +4499,7 @@ fn root_orch_resume_waits_for_the_tools_a_killed_run_left_running() {
 /// SIGTERMed as a holder, so the run's output went nowhere and the pipeline failed.
 /// It is the caller's to let go, as luksify's own shell is.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_kill_holders_spares_the_reader_of_its_own_output() {
     require_tool("bash");
     let f = Fixture::new(64);
@@ -4586,6 +4552,7 @@ fn root_orch_kill_holders_spares_the_reader_of_its_own_output() {
 /// then the derivation failed ("invalid LUKS header: argon2 failed: out of memory"),
 /// and resume failed the same way. Within the limit the same run goes through.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_enable_checks_the_key_derivations_memory_first() {
     require_tool("prlimit");
     let f = Fixture::new(96);
@@ -4690,6 +4657,7 @@ fn orch_status_of_a_broken_or_missing_state_dir_says_which() {
 /// `open` of a volume with a requirement luksify does not know says so, and does not
 /// send the user to check the key file (a trial's was blamed on `--key-file`).
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_open_names_an_unknown_requirement_not_the_key_file() {
     use luksify_luks::luks2::json::Requirements;
     use luksify_luks::luks2::Luks2Header;
@@ -4741,6 +4709,7 @@ fn root_orch_open_names_an_unknown_requirement_not_the_key_file() {
 /// fixes), and a full one how much to free. Beside a blocker that says the device
 /// cannot be used as it is, the header space is not called "ok".
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_no_header_room_says_how_much_or_to_detach() {
     let small = Fixture::new(40);
     let out = run(small.cmd().arg("check").arg(small.dev()));
@@ -4810,6 +4779,7 @@ fn rename_records(state: &Path, pairs: &[(PathBuf, PathBuf)]) {
 /// resume encrypted the copy and left the volume plain, and a swap of two volumes
 /// left both records on one device, the run stuck.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_resume_refuses_a_copy_and_follows_swapped_volumes() {
     let a = Fixture::new(128);
     let b = Fixture::new(96);
@@ -4838,22 +4808,7 @@ fn root_orch_resume_refuses_a_copy_and_follows_swapped_volumes() {
     drop(lo);
     let out = run(a.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{out:?}");
-    let s = read_status(&a.state);
-    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
-    for f in [&a, &b] {
-        assert!(luksify_tests::has_luks_header(&f.dev()));
-        f.assert_files_unchanged();
-        assert!(
-            s["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|v| v["device"] == f.dev().display().to_string()
-                    && v["mount_point"] == f.mnt.display().to_string()
-                    && v["state"] == "Encrypted"),
-            "{s}"
-        );
-    }
+    assert_all_encrypted(&a.state, &[&a, &b]);
     assert!(
         !luksify_tests::has_luks_header(&copy),
         "the copy was encrypted"
@@ -4864,6 +4819,7 @@ fn root_orch_resume_refuses_a_copy_and_follows_swapped_volumes() {
 /// decrypts the volume where it is now, never the disk under the old name. A trial's
 /// resume "decrypted" that disk into garbage and reported success.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_resume_of_a_disable_follows_the_volume_not_its_old_name() {
     let f = Fixture::new(128);
     let other = Fixture::new(64);
@@ -4902,6 +4858,7 @@ fn root_orch_resume_of_a_disable_follows_the_volume_not_its_old_name() {
 /// fails. `disable` then mounts the volume again, still encrypted (exit 3); it was left
 /// unmounted at "DecryptionInProgress 100%", which resume and disable sent to each other.
 #[test]
+#[ignore = "needs root and loop devices"]
 fn root_orch_disable_that_cannot_close_the_view_mounts_the_volume_again() {
     require_tool("unshare");
     let f = Fixture::new(96);
@@ -4943,4 +4900,44 @@ fn root_orch_disable_that_cannot_close_the_view_mounts_the_volume_again() {
     assert!(out.status.success(), "{out:?}");
     assert!(!luksify_tests::has_luks_header(&f.dev()));
     f.assert_files_unchanged();
+}
+
+/// `enable` of `dev` (no fixture) with state directory `state`, tables in `etc`, key
+/// file `key`, the fast KDF and the userspace mapping.
+fn enable_raw(state: &Path, etc: &Path, dev: &Path, key: &Path) -> Command {
+    let mut c = luksify(state);
+    c.env("LUKSIFY_ETC_DIR", etc)
+        .args(["enable", "--volume-type", "data", "--volume"])
+        .arg(dev)
+        .arg("--key-file")
+        .arg(key)
+        .args([
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--userspace",
+        ]);
+    c
+}
+
+/// The status file in `state` says every fixture's volume is encrypted on its device
+/// and mounted at its mount point, and each one's files are intact.
+fn assert_all_encrypted(state: &Path, fixtures: &[&Fixture]) {
+    let s = read_status(state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    for f in fixtures {
+        assert!(luksify_tests::has_luks_header(&f.dev()));
+        f.assert_files_unchanged();
+        assert!(
+            s["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["device"] == f.dev().display().to_string()
+                    && v["mount_point"] == f.mnt.display().to_string()
+                    && v["state"] == "Encrypted"),
+            "{s}"
+        );
+    }
 }

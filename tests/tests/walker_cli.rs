@@ -35,6 +35,14 @@ impl Case {
     fn p(&self, n: &str) -> PathBuf {
         self.dir.path().join(n)
     }
+    /// The image is `orig` still and no header file was left: a refusal wrote nothing.
+    fn assert_untouched(&self, orig: &[u8], what: &str) {
+        assert!(
+            std::fs::read(self.p("img")).unwrap() == orig,
+            "{what}: the image was written"
+        );
+        assert!(!self.p("hdr").exists(), "{what}: a header file was left");
+    }
     fn img(&self) -> String {
         self.p("img").display().to_string()
     }
@@ -3343,11 +3351,7 @@ fn walker_option_refusals_say_what_to_change() {
         let out = run(cmd.args(extra));
         assert_refused_in_one_line(&out, needle, needle);
         assert_refused_in_one_line(&out, "(nothing was written)", needle);
-        assert!(
-            std::fs::read(c.p("img")).unwrap() == orig,
-            "{needle}: image written"
-        );
-        assert!(!c.p("hdr").exists(), "{needle}: a header file was left");
+        c.assert_untouched(&orig, needle);
     }
 }
 
@@ -3380,11 +3384,7 @@ fn walker_a_key_derivation_without_its_memory_is_refused_before_writing() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_refused_in_one_line(&out, "argon2 could not get its 1048576 KiB", "argon2 OOM");
     assert_refused_in_one_line(&out, "--pbkdf pbkdf2 (nothing was written)", "argon2 OOM");
-    assert!(
-        std::fs::read(c.p("img")).unwrap() == orig,
-        "the image was written"
-    );
-    assert!(!c.p("hdr").exists(), "the header file was left behind");
+    c.assert_untouched(&orig, "argon2 OOM");
 }
 
 /// `resume --header BACKUP` of a run whose header is in front of the data (a

@@ -2520,8 +2520,16 @@ fn disable_one(
                 }
                 unmount_all(&blk, num, FIX_DISABLE)
             })();
-            if let Err(e) = offline {
-                // Still mapped: put back what came off, and the volume stays encrypted.
+            // Still mapped: put back what came off, and the volume stays encrypted.
+            // So too for a view that will not close (its filesystem alive elsewhere: a
+            // namespace with no process in it, a lazily detached mount): it was left
+            // unmounted at "DecryptionInProgress 100%", which resume and disable sent
+            // to each other.
+            let closed = offline.and_then(|()| {
+                map::close(&req.state_dir, &v.mapper)
+                    .map_err(|e| Failure::new(exit::BLOCKED, e.message))
+            });
+            if let Err(e) = closed {
                 sw.status.volumes[idx].header = v.header.clone();
                 return Err(put_back(
                     sw,
@@ -2533,24 +2541,8 @@ fn disable_one(
                     None,
                 ));
             }
-        }
-        // A view that will not close (its filesystem alive elsewhere: a namespace
-        // with no process in it, a lazily detached mount) is still the volume's: it
-        // is mounted again and the volume stays encrypted, nothing decrypted. It was
-        // left unmounted at "DecryptionInProgress 100%", which resume and disable sent
-        // to each other.
-        if let Err(e) = map::close(&req.state_dir, &v.mapper) {
-            sw.status.volumes[idx].header = v.header.clone();
-            let e = Failure::new(exit::BLOCKED, e.message);
-            return Err(put_back(
-                sw,
-                idx,
-                e,
-                &rec.mapped,
-                VolumeState::Encrypted,
-                "decrypted",
-                None,
-            ));
+        } else {
+            map::close(&req.state_dir, &v.mapper)?;
         }
     }
     let in_front = v.header.is_none();
