@@ -1421,3 +1421,71 @@ fn luks_cli_labels_and_lanes_are_taken_as_cryptsetup_takes_them() {
         p(&key2),
     ]));
 }
+
+/// `change-key` gives the new keyslot the default priority, as `luksChangeKey` does: a
+/// "prefer" set with `cryptsetup config --priority` is not carried (luksify kept it).
+#[test]
+fn luks_cli_change_key_resets_the_priority_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let (a, b) = (
+        d.file("a", b"first priority pass"),
+        d.file("b", b"second priority pass"),
+    );
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let priority = |img: &Path| {
+        let out = run_ok(Command::new("cryptsetup").args(["luksDump", p(img)]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains("Priority:"))
+            .map(|l| l.trim().to_string())
+    };
+    let mut after = Vec::new();
+    for tool in ["cryptsetup", "luksify"] {
+        let img = d.image(&format!("{tool}.img"), 32 << 20);
+        run_ok(
+            Command::new("cryptsetup")
+                .args(["luksFormat", "-q", "--type", "luks2"])
+                .args(fast)
+                .args([p(&img), p(&a)]),
+        );
+        run_ok(Command::new("cryptsetup").args([
+            "config",
+            p(&img),
+            "--priority",
+            "prefer",
+            "-S",
+            "0",
+        ]));
+        assert_eq!(
+            priority(&img).as_deref(),
+            Some("Priority:   preferred"),
+            "the premise"
+        );
+        if tool == "cryptsetup" {
+            run_ok(
+                Command::new("cryptsetup")
+                    .args(["luksChangeKey", "-q"])
+                    .args(fast)
+                    .args(["--key-file", p(&a), p(&img), p(&b)]),
+            );
+        } else {
+            run_ok(
+                lx(&[
+                    "change-key",
+                    p(&img),
+                    "--key-file",
+                    p(&a),
+                    "--new-key-file",
+                    p(&b),
+                ])
+                .args(fast),
+            );
+        }
+        after.push(priority(&img));
+    }
+    assert_eq!(
+        after[1], after[0],
+        "luksify's priority after change-key differs from cryptsetup's"
+    );
+}

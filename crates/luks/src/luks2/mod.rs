@@ -838,10 +838,13 @@ impl Luks2Header {
     ) -> Result<()> {
         self.refuse_in_reencryption()?;
         let vk = self.unlock_keyslot(disk, slot, old)?;
-        let (old_area, priority) = match self.metadata.keyslots.get(&slot) {
-            Some(Keyslot::Luks2(k)) => ((k.area.offset, k.area.size), k.priority),
+        let old_area = match self.metadata.keyslots.get(&slot) {
+            Some(Keyslot::Luks2(k)) => (k.area.offset, k.area.size),
             _ => return Err(Error::KeyslotNotFound(slot)),
         };
+        // The new keyslot has the default priority, as luksChangeKey's: a "prefer" or
+        // "ignore" set on the old one (`cryptsetup config --priority`) is not carried.
+        let priority = None;
         let kdf = req.resolve(vk.len())?;
         let size = keyslot::area_size(vk.len(), crate::af::DEFAULT_STRIPES);
         let area = match self.free_area(size, None) {
