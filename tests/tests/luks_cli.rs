@@ -1489,3 +1489,80 @@ fn luks_cli_change_key_resets_the_priority_as_cryptsetup() {
         "luksify's priority after change-key differs from cryptsetup's"
     );
 }
+
+/// A volume with a mandatory requirement neither tool knows: cryptsetup still checks a
+/// passphrase and dumps the volume key (only activation is refused), and so does
+/// luksify now (it refused both).
+#[test]
+fn luks_cli_an_unknown_requirement_still_lets_the_key_be_checked_as_cryptsetup() {
+    use luksify_luks::luks2::json::Requirements;
+    use luksify_luks::luks2::Luks2Header;
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let (a, b) = (d.file("a", b"requirement pass"), d.file("b", b"not it"));
+    let img = d.image("req.img", 32 << 20);
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2"])
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+            .args([p(&img), p(&a)]),
+    );
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let (mut h, _) = Luks2Header::read(&f).unwrap();
+        h.metadata.config.requirements = Some(Requirements {
+            mandatory: Some(vec!["foo-unknown".into()]),
+            extra: Default::default(),
+        });
+        h.write(&f).unwrap();
+    }
+    for key in [&a, &b] {
+        let ours = run(&mut lx(&["test-passphrase", p(&img), "--key-file", p(key)]));
+        let theirs = run(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            p(&img),
+            "--key-file",
+            p(key),
+        ]));
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{ours:?} {theirs:?}"
+        );
+    }
+    let out = d.path("vk");
+    run_ok(&mut lx(&[
+        "dump",
+        p(&img),
+        "--dump-volume-key",
+        "--key-file",
+        p(&a),
+        "--volume-key-file",
+        p(&out),
+    ]));
+    let theirs = run_ok(Command::new("cryptsetup").args([
+        "luksDump",
+        "-q",
+        "--dump-volume-key",
+        p(&img),
+        "--key-file",
+        p(&a),
+    ]));
+    let hex: String = std::fs::read(&out)
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let text: String = String::from_utf8_lossy(&theirs.stdout)
+        .split("MK dump:")
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(!hex.is_empty() && text.starts_with(&hex), "{hex} vs {text}");
+}

@@ -756,7 +756,7 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
     let path = a.vol.meta();
     let f = open_ro(path)?;
     let vol = read_volume(path, &f)?;
-    match vol.unlock(&f, &pass, a.key_slot) {
+    match vol.unlock_key_only(&f, &pass, a.key_slot) {
         Ok((_vk, slot)) => {
             println!("Key slot {slot} unlocked.");
             Ok(ExitCode::SUCCESS)
@@ -892,7 +892,7 @@ fn dump(a: DumpArgs) -> Result<ExitCode> {
             }
         }
         let (vk, slot) = vol
-            .unlock(&f, &pass, a.key_slot)
+            .unlock_key_only(&f, &pass, a.key_slot)
             .map_err(|e| luks_err(path, e))?;
         write_secret_file(out, vk.as_bytes())?;
         println!(

@@ -58,6 +58,20 @@ impl Volume {
         }
     }
 
+    /// [`Volume::unlock`] without LUKS2's requirements check (the key only: see
+    /// [`crate::luks2::Luks2Header::unlock_key_only`]).
+    pub fn unlock_key_only<D: Disk + ?Sized>(
+        &self,
+        disk: &D,
+        passphrase: &[u8],
+        slot: Option<u32>,
+    ) -> Result<(VolumeKey, u32)> {
+        match self {
+            Volume::Luks1(h) => h.unlock(disk, passphrase, slot),
+            Volume::Luks2(h) => h.unlock_key_only(disk, passphrase, slot),
+        }
+    }
+
     /// Parameters of the data area.
     pub fn data_segment(&self) -> Result<DataSegment> {
         match self {

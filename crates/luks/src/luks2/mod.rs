@@ -547,6 +547,18 @@ impl Luks2Header {
         slot: Option<u32>,
     ) -> Result<(VolumeKey, u32)> {
         self.check_requirements_for_unlock()?;
+        self.unlock_key_only(disk, passphrase, slot)
+    }
+
+    /// [`Luks2Header::unlock`] without the requirements check: the key only, as
+    /// cryptsetup's `open --test-passphrase` and `luksDump --dump-volume-key` give it for
+    /// a volume with a requirement they do not know (only activating it is refused).
+    pub fn unlock_key_only<D: Disk + ?Sized>(
+        &self,
+        disk: &D,
+        passphrase: &[u8],
+        slot: Option<u32>,
+    ) -> Result<(VolumeKey, u32)> {
         // Mid key change (a cryptsetup `reencrypt` to a new volume key), the volume's
         // key is the new one, as cryptsetup takes it: a keyslot of the old key only is
         // deleted when the run ends, and `test-passphrase` said it opened the volume.
