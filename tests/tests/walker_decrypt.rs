@@ -1397,7 +1397,7 @@ fn walker_decrypt_refuses_what_it_cannot_walk_before_writing() {
             .open(p)
             .unwrap()
     };
-    for case in ["cbc", "integrity"] {
+    for case in ["cbc", "benbi", "integrity"] {
         let (c, _) = Case::new(8, 41);
         let (img, key, hdr) = (c.s("img"), c.s("key"), c.s("hdr"));
         let mut cmd = Command::new("cryptsetup");
@@ -1411,9 +1411,12 @@ fn walker_decrypt_refuses_what_it_cannot_walk_before_writing() {
             &hdr,
         ]);
         cmd.args(FAST);
-        if case == "cbc" {
-            cmd.args(["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"]);
-        }
+        match case {
+            "cbc" => cmd.args(["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"]),
+            // Its keyslot too is in aes-xts-benbi: refused while unlocking.
+            "benbi" => cmd.args(["--cipher", "aes-xts-benbi"]),
+            _ => &mut cmd,
+        };
         run_ok(cmd.arg(&img));
         if case == "integrity" {
             let f = rw(&c.p("hdr"));
@@ -1446,10 +1449,10 @@ fn walker_decrypt_refuses_what_it_cannot_walk_before_writing() {
         assert_eq!(out.status.code(), Some(1), "{case}: {out:?}");
         assert_refused_in_one_line(&out, "nothing was written", case);
         let err = String::from_utf8_lossy(&out.stderr);
-        let why = if case == "cbc" {
-            "aes-cbc"
-        } else {
-            "integrity"
+        let why = match case {
+            "cbc" => "aes-cbc",
+            "benbi" => "aes-xts-benbi",
+            _ => "integrity",
         };
         assert!(err.contains(why), "{case}: {err}");
         assert!(c.img() == before_img, "{case}: the image was written");

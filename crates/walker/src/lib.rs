@@ -1764,6 +1764,11 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
     drop(passphrase);
     let (vk, slot) = unlocked.map_err(|e| match e {
         luksify_luks::Error::WrongPassphrase => Error::WrongPassphrase,
+        // A keyslot in a cipher luksify cannot run (cryptsetup gives the keyslots the
+        // data's cipher): nothing was written yet, as for the data's cipher below.
+        e @ luksify_luks::Error::Cipher(_) => Error::Refused(format!(
+            "{e}; `cryptsetup reencrypt --decrypt` decrypts it (nothing was written)"
+        )),
         e => e.into(),
     })?;
     let key_digest = hdr
