@@ -4115,6 +4115,16 @@ fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
     // b attached nowhere (no device carries its filesystem's UUID): a is found by its
     // LUKS UUID and finished; b is refused, and c is not touched.
     rename(Some("0badc0de-0000-4000-8000-000000000000"));
+    // status reads where the run stands from the device that carries the volume's
+    // header now, not from the blank disk at its old name ("had not started").
+    let st = String::from_utf8_lossy(&run_ok(a.cmd().arg("status")).stdout).to_string();
+    assert!(
+        st.contains(&format!("{} (now {})", z.path.display(), a.dev().display()))
+            && !st.contains(
+                "had not started when its luksify process went away (nothing was encrypted)"
+            ),
+        "{st}"
+    );
     let out = run(a.cmd().args(["resume", "--userspace"]));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = stderr(&out);

@@ -384,7 +384,12 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
             _ => RunStage::Walking(None),
         };
     }
-    let header = v.header.as_deref().unwrap_or(&v.device);
+    let moved = moved_to(v);
+    let header = v
+        .header
+        .as_deref()
+        .or(moved.as_deref())
+        .unwrap_or(&v.device);
     if std::fs::File::open(header).is_err() {
         return RunStage::Walking(None);
     }
@@ -414,9 +419,28 @@ fn clean_percent(
     })
 }
 
+/// The device an encryption with its header in front is on now when its recorded name
+/// shows no header and another device carries the volume's LUKS UUID (a reboot moved
+/// the names): its header says where the run stands, not the recorded name's (a
+/// trial's status said "had not started (nothing was encrypted)" of a run 30% done).
+fn moved_to(v: &VolumeStatus) -> Option<PathBuf> {
+    use crate::enable::{header_progress, HeaderProgress};
+    let uuid = v.luks_uuid.as_deref().filter(|_| v.header.is_none())?;
+    if !matches!(header_progress(&v.device), HeaderProgress::Absent) {
+        return None;
+    }
+    match crate::probe::devices_with_uuid(uuid).as_slice() {
+        [d] if d != &v.device => Some(d.clone()),
+        _ => None,
+    }
+}
+
 /// What an interrupted run's volume needs, from [`run_stage`].
 fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
-    let dev = v.device.display();
+    let dev = match moved_to(v) {
+        Some(d) => format!("{} (now {})", v.device.display(), d.display()),
+        None => v.device.display().to_string(),
+    };
     let went = "its luksify process went away";
     let decrypt = v.state == VolumeState::DecryptionInProgress;
     let what = if decrypt { "Decryption" } else { "Encryption" };
