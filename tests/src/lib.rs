@@ -491,3 +491,23 @@ pub fn occurrences_in_memory(pid: u32, needle: &[u8]) -> usize {
     }
     found
 }
+
+/// Adds `name` to the mandatory requirements of the LUKS2 header at the start of `img`
+/// (both copies rewritten, as cryptsetup would): a requirement no tool knows.
+pub fn add_mandatory_requirement(img: &Path, name: &str) {
+    use luksify_luks::luks2::json::Requirements;
+    use luksify_luks::luks2::Luks2Header;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let (mut h, _) = Luks2Header::read(&f).unwrap();
+    let mut mandatory = h.metadata.config.mandatory_requirements();
+    mandatory.push(name.into());
+    h.metadata.config.requirements = Some(Requirements {
+        mandatory: Some(mandatory),
+        extra: Default::default(),
+    });
+    h.write(&f).unwrap();
+}

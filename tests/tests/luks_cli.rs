@@ -1495,8 +1495,6 @@ fn luks_cli_change_key_resets_the_priority_as_cryptsetup() {
 /// luksify now (it refused both).
 #[test]
 fn luks_cli_an_unknown_requirement_still_lets_the_key_be_checked_as_cryptsetup() {
-    use luksify_luks::luks2::json::Requirements;
-    use luksify_luks::luks2::Luks2Header;
     require_tool("cryptsetup");
     let d = Dir::new();
     let (a, b) = (d.file("a", b"requirement pass"), d.file("b", b"not it"));
@@ -1507,19 +1505,7 @@ fn luks_cli_an_unknown_requirement_still_lets_the_key_be_checked_as_cryptsetup()
             .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
             .args([p(&img), p(&a)]),
     );
-    {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&img)
-            .unwrap();
-        let (mut h, _) = Luks2Header::read(&f).unwrap();
-        h.metadata.config.requirements = Some(Requirements {
-            mandatory: Some(vec!["foo-unknown".into()]),
-            extra: Default::default(),
-        });
-        h.write(&f).unwrap();
-    }
+    luksify_tests::add_mandatory_requirement(&img, "foo-unknown");
     for key in [&a, &b] {
         let ours = run(&mut lx(&["test-passphrase", p(&img), "--key-file", p(key)]));
         let theirs = run(Command::new("cryptsetup").args([

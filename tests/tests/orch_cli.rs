@@ -4669,8 +4669,6 @@ fn orch_status_of_a_broken_or_missing_state_dir_says_which() {
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_open_names_an_unknown_requirement_not_the_key_file() {
-    use luksify_luks::luks2::json::Requirements;
-    use luksify_luks::luks2::Luks2Header;
     require_root();
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("img");
@@ -4691,19 +4689,7 @@ fn root_orch_open_names_an_unknown_requirement_not_the_key_file() {
             .arg("--key-file")
             .arg(&key),
     );
-    {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&img)
-            .unwrap();
-        let (mut h, _) = Luks2Header::read(&f).unwrap();
-        h.metadata.config.requirements = Some(Requirements {
-            mandatory: Some(vec!["foo-unknown".into()]),
-            extra: Default::default(),
-        });
-        h.write(&f).unwrap();
-    }
+    luksify_tests::add_mandatory_requirement(&img, "foo-unknown");
     let state = d.path().join("state");
     let out = run(&mut open_userspace(luksify(&state), &img, "reqtest", &key));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
