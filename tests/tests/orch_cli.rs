@@ -282,6 +282,14 @@ impl Fixture {
             .arg("--userspace");
         c
     }
+    /// `disable` with the fixture's key succeeds and leaves the device plain (no LUKS
+    /// header), every file intact.
+    fn assert_disables_to_plain(&self) {
+        let out = run(self.cmd().arg("disable").arg("--key-file").arg(&self.key));
+        assert!(out.status.success(), "{out:?}");
+        assert!(!luksify_tests::has_luks_header(&self.dev()));
+        self.assert_files_unchanged();
+    }
     fn assert_files_unchanged(&self) {
         for (p, h) in &self.sums {
             assert_eq!(&sha256(p), h, "{} changed", p.display());
@@ -4446,10 +4454,7 @@ fn root_orch_disable_refuses_a_mapping_mounted_in_another_namespace() {
     assert!(mount_fields(&f.mnt).is_some(), "the volume was unmounted");
     f.assert_files_unchanged();
     // With the namespace gone, disable goes through.
-    let out = run(f.cmd().arg("disable").arg("--key-file").arg(&f.key));
-    assert!(out.status.success(), "{out:?}");
-    assert!(!luksify_tests::has_luks_header(&f.dev()));
-    f.assert_files_unchanged();
+    f.assert_disables_to_plain();
 }
 
 /// A SIGKILL takes luksify, not the `mount` it was running: `resume` started at once
@@ -4892,10 +4897,7 @@ fn root_orch_disable_that_cannot_close_the_view_mounts_the_volume_again() {
     );
     f.assert_files_unchanged();
     // With the namespace gone, disable goes through.
-    let out = run(f.cmd().arg("disable").arg("--key-file").arg(&f.key));
-    assert!(out.status.success(), "{out:?}");
-    assert!(!luksify_tests::has_luks_header(&f.dev()));
-    f.assert_files_unchanged();
+    f.assert_disables_to_plain();
 }
 
 /// `enable` of `dev` (no fixture) with state directory `state`, tables in `etc`, key
