@@ -1201,6 +1201,104 @@ fn luks_cli_an_unbound_keyslot_gives_no_volume_key() {
     );
 }
 
+/// A volume where no keyslot may give the volume key (each unbound, or its priority
+/// `ignore`) tries no passphrase at all: cryptsetup says "No usable keyslot is
+/// available" with exit 1, not the wrong passphrase's 2, and luksify said "no key
+/// available with this passphrase" (exit 2), sending the user to check a key file that
+/// was never tried. `--key-slot` of such a slot still checks its passphrase in both.
+#[test]
+fn luks_cli_no_usable_keyslot_is_told_from_a_wrong_passphrase_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let k1 = d.file("k1", b"bound passphrase");
+    let ku = d.file("ku", b"unbound passphrase");
+    let wrong = d.file("kw", b"wrong passphrase");
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+    let test = |img: &Path, key: &Path, slot: Option<&str>| {
+        let mut cs = Command::new("cryptsetup");
+        cs.args(["open", "--test-passphrase", p(img), "--key-file", p(key)]);
+        let mut ours = lx(&["test-passphrase", p(img), "--key-file", p(key)]);
+        if let Some(s) = slot {
+            cs.args(["--key-slot", s]);
+            ours.args(["--key-slot", s]);
+        }
+        (run(&mut cs), run(&mut ours))
+    };
+    // Only an unbound keyslot left.
+    let unbound = d.image("unbound", 32 << 20);
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q"])
+            .args(kdf)
+            .args([p(&unbound), p(&k1)]),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksAddKey", "-q", "--unbound", "-s", "512", "-S", "5"])
+            .args(kdf)
+            .args([p(&unbound), p(&ku)]),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksKillSlot", "-q", p(&unbound), "0"])
+            .stdin(std::process::Stdio::null()),
+    );
+    // Every keyslot at priority ignore.
+    let ignored = d.image("ignored", 32 << 20);
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q"])
+            .args(kdf)
+            .args([p(&ignored), p(&k1)]),
+    );
+    run_ok(Command::new("cryptsetup").args([
+        "config",
+        p(&ignored),
+        "--priority",
+        "ignore",
+        "--key-slot",
+        "0",
+    ]));
+    for (img, key) in [
+        (&unbound, &wrong),
+        (&unbound, &ku),
+        (&ignored, &wrong),
+        (&ignored, &k1),
+    ] {
+        let (cs, ours) = test(img, key, None);
+        let what = format!("{} with {}", img.display(), key.display());
+        assert_eq!(
+            cs.status.code(),
+            Some(1),
+            "cryptsetup, {what}: {}",
+            stderr(&cs)
+        );
+        assert_eq!(ours.status.code(), Some(1), "{what}: {}", stderr(&ours));
+        let err = stderr(&ours);
+        assert!(
+            err.contains("no usable keyslot is available") && !err.contains("passphrase"),
+            "{what}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    for (img, key, slot) in [(&unbound, &ku, "5"), (&ignored, &k1, "0")] {
+        let (cs, ours) = test(img, key, Some(slot));
+        assert_eq!(cs.status.code(), Some(0), "cryptsetup: {}", stderr(&cs));
+        assert_eq!(ours.status.code(), Some(0), "{}", stderr(&ours));
+    }
+    // With a bound keyslot beside them, a passphrase that opens none is a wrong one.
+    let r = run(&mut lx(&[
+        "test-passphrase",
+        p(&ignored),
+        "--key-file",
+        p(&wrong),
+        "--key-slot",
+        "0",
+    ]));
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+}
+
 /// `--uuid` as cryptsetup takes it: the braced and dash-less forms (which cryptsetup
 /// refuses, "Wrong LUKS UUID format provided") are refused with nothing written; an
 /// upper-case one is stored in lower case, as cryptsetup stores it (luksify wrote each

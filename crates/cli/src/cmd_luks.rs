@@ -770,6 +770,11 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
             );
             Ok(ExitCode::from(1))
         }
+        Err(e @ LuksError::NoUsableKeyslot) => {
+            // As cryptsetup: exit 1, not the wrong passphrase's 2.
+            eprintln!("luksify: {}: {e}", path.display());
+            Ok(ExitCode::from(1))
+        }
         Err(LuksError::WrongPassphrase) => {
             let damaged: Vec<String> = vol
                 .damaged_keyslots()

@@ -38,6 +38,11 @@ pub enum Error {
     /// A keyslot number that is not in use (or out of range).
     #[error("keyslot {0} is not in use")]
     KeyslotNotFound(u32),
+    /// No keyslot can give the volume's key at all: each passphrase keyslot is unbound
+    /// (holds a key of its own, `cryptsetup luksAddKey --unbound`), so no passphrase
+    /// is even tried (cryptsetup: "No usable keyslot is available", exit 1).
+    #[error("no usable keyslot is available: no keyslot in use may give the volume's key (each is unbound, or its priority is ignore: `luksify dump` lists them; `--key-slot N` tries one)")]
+    NoUsableKeyslot,
     /// Adding a key where every keyslot (or the keyslot area) is taken.
     #[error("no free keyslot: {0}")]
     NoFreeKeyslot(String),

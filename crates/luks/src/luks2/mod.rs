@@ -587,6 +587,16 @@ impl Luks2Header {
             .filter(|(_, id)| self.keyslot_covers_a_segment(*id) && usable(*id))
             .collect();
         order.sort_by_key(|(p, id)| (std::cmp::Reverse(*p), *id));
+        let damaged = self
+            .metadata
+            .keyslots
+            .values()
+            .any(|k| matches!(k, Keyslot::Unusable { .. }));
+        if order.is_empty() && !damaged {
+            // No passphrase is tried at all (every keyslot unbound or set to be
+            // ignored): not a wrong passphrase, as cryptsetup tells the two apart.
+            return Err(Error::NoUsableKeyslot);
+        }
         let mut last_err = Error::WrongPassphrase;
         for (_, id) in order {
             match self.unlock_keyslot(disk, id, passphrase) {
