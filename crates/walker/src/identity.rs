@@ -40,6 +40,9 @@ use sha2::Digest as _;
 
 /// The token type.
 pub const TOKEN_TYPE: &str = "luksify-identity";
+/// The type of the token a run whose data moves gets instead (a decryption of a header
+/// in front, moving its data back over it): only the data's length when it began.
+pub const SIZE_TOKEN_TYPE: &str = "luksify-data-size";
 /// Bytes per probe (a multiple of every encryption sector size).
 const PROBE: u64 = 4096;
 /// Granularity of the tags: the smallest unit a device writes atomically.
@@ -294,6 +297,15 @@ pub(crate) fn check<D: Disk + ?Sized>(
         .and_then(|s| s.parse::<u64>().ok())
     {
         let now = size.saturating_sub(st.layout.old_physical(0));
+        if now < was {
+            // Shrunk (or another, smaller device): the data past the new end would be
+            // lost, and a decryption that moves its data back would wipe its "old end"
+            // over plaintext (a trial: "decryption finished", 40 MB lost).
+            return Err(Error::Refused(format!(
+                "the device holds {now} bytes of data, but the run started on {was}: it was shrunk since (or it is another device); give it back its size ({} bytes in all), then resume (nothing was written)",
+                st.layout.old_physical(0) + was
+            )));
+        }
         if now > was.next_multiple_of(4096) {
             return Err(Error::Refused(format!(
                 "the device holds {now} bytes of data, but the run started on {was}: it was grown since (or it is another device); give it back its size ({} bytes in all, e.g. `truncate -s` for an image file), resume, and grow it after the run (nothing was written)",
@@ -361,6 +373,49 @@ pub(crate) fn check<D: Disk + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// The size token for a run that gets no identity token ([`applies`] is false): the
+/// data's length `end` at its start. `None` for a mode no token covers.
+pub(crate) fn size_token(st: &ReencryptState, end: u64) -> Option<Token> {
+    let mode = mode_name(st.mode).filter(|_| !applies(st))?;
+    let mut extra = serde_json::Map::new();
+    extra.insert("mode".into(), Value::String(mode.into()));
+    extra.insert("data_bytes".into(), Value::String(end.to_string()));
+    Some(Token {
+        kind: SIZE_TOKEN_TYPE.into(),
+        keyslots: Vec::new(),
+        extra,
+    })
+}
+
+/// Refuses a run whose size token records another data length than `end`, the one the
+/// device gives now: shrunk, a moving decryption finished "over" the lost part and then
+/// wiped its old end over plaintext (a trial lost 40 MB, reported done, as cryptsetup's
+/// `--resume-only` does); grown, the new tail would be walked as data. Reads nothing.
+pub(crate) fn check_size<'a>(
+    tokens: impl IntoIterator<Item = &'a Token>,
+    st: &ReencryptState,
+    end: u64,
+) -> Result<()> {
+    let Some(mode) = mode_name(st.mode) else {
+        return Ok(());
+    };
+    let was = tokens
+        .into_iter()
+        .filter(|t| t.kind == SIZE_TOKEN_TYPE)
+        .filter(|t| t.extra.get("mode").and_then(Value::as_str) == Some(mode))
+        .find_map(|t| t.extra.get("data_bytes")?.as_str()?.parse::<u64>().ok());
+    match was {
+        Some(was) if was != end => {
+            let how = if end < was { "shrunk" } else { "grown" };
+            Err(Error::Refused(format!(
+                "the device holds {end} bytes of data, but the run started on {was}: it was {how} since (or it is another device); give it back its size ({} bytes in all), then resume (nothing was written)",
+                st.layout.old_physical(0) + was
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -416,7 +416,7 @@ impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
         self.hdr
             .metadata
             .tokens
-            .retain(|_, t| t.kind != identity::TOKEN_TYPE);
+            .retain(|_, t| t.kind != identity::TOKEN_TYPE && t.kind != identity::SIZE_TOKEN_TYPE);
         if self.st.mode == ReencryptMode::Decrypt {
             // As cryptsetup leaves it: a header with one linear segment and no
             // keyslots, and the keyslot areas (split volume key) zeroed. The final
@@ -1520,8 +1520,22 @@ fn run_from<D: Disk + Sync + ?Sized>(
         }
         None => false,
     };
+    identity::check_size(j.hdr.metadata.tokens.values(), &j.st, end)?;
     if p.hot_len > 0 {
         p = w.recover(&mut j, p)?;
+    }
+    let has_size_token = j
+        .hdr
+        .metadata
+        .tokens
+        .values()
+        .any(|t| t.kind == identity::SIZE_TOKEN_TYPE);
+    if !has_token && !has_size_token {
+        if let Some(t) = identity::size_token(&j.st, end) {
+            let tokens = &mut j.hdr.metadata.tokens;
+            let id = (0..).find(|i| !tokens.contains_key(i)).unwrap_or(0);
+            tokens.insert(id, t);
+        }
     }
     if !has_token {
         // A run without one (new, or started by cryptsetup) records what to check at
