@@ -3449,3 +3449,68 @@ fn walker_resume_refuses_a_copy_of_the_header_in_front() {
     let kept = orig.len() - (8 << 20);
     assert!(back[..kept] == orig[..kept], "the plaintext differs");
 }
+
+/// The detached header file deleted while the run goes on (a cleanup script, a wrong
+/// `rm`): the run went on into the unlinked file and reported "encryption finished",
+/// exit 0, the only copy of the key gone with it (a trial, every resilience mode;
+/// cryptsetup at least failed its next metadata update). luksify now stops at its next
+/// commit and writes the header back where it was (mode 0600), exit 1 saying so; the
+/// run resumes from it and the data decrypts back byte for byte.
+#[test]
+fn walker_a_header_file_deleted_mid_run_is_written_back_and_the_run_stops() {
+    use std::os::unix::fs::PermissionsExt as _;
+    // (`none` commits too seldom for a deletion to land between two commits here.)
+    for (i, res) in ["checksum", "journal"].into_iter().enumerate() {
+        let (c, orig) = Case::new(48, 90 + i as u64);
+        let mut cmd = detached_encrypt(&c);
+        cmd.args(["--resilience", res])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        // Once it has committed past its first hotzones, the file goes.
+        let t = std::time::Instant::now();
+        while luksify_tests::header_seqid(&c.p("hdr")) < 8 {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{res}: ended before its third commit"
+            );
+            assert!(t.elapsed().as_secs() < 60, "{res}: no commits");
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        std::fs::remove_file(c.p("hdr")).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // (Deleted at its 8th commit of about 50: the run is far from its end.)
+        assert_eq!(out.status.code(), Some(1), "{res}: {err}");
+        assert!(
+            err.contains("was deleted while the run went on")
+                && err.contains(&format!("wrote it back to {}", c.hdr())),
+            "{res}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{res}: {err}");
+        let mode = std::fs::metadata(c.p("hdr")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{res}");
+        let resume = [
+            "resume",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--header",
+            &c.hdr(),
+        ];
+        let out = run(&mut luksify(&resume));
+        assert!(out.status.success(), "{res}: {out:?}");
+        run_ok(&mut luksify(&[
+            "decrypt",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--header",
+            &c.hdr(),
+        ]));
+        assert!(
+            std::fs::read(c.p("img")).unwrap() == orig,
+            "{res}: data differs"
+        );
+    }
+}

@@ -385,8 +385,87 @@ fn new_sums(data_write_unit: u64, sector_size: u32, hash: Hash, data_len: u64) -
     }
 }
 
+/// A detached header file that was deleted (unlinked) while the run had it open: its
+/// path, from `/proc/self/fd`. The run would go on and finish into a file no one can
+/// reach, the volume's only key with it (a trial: "encryption finished", exit 0).
+fn unlinked_header_path<H: Disk + ?Sized>(disk: &H) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let fd = disk.raw_fd()?;
+    let link = std::path::PathBuf::from(format!("/proc/self/fd/{fd}"));
+    let md = std::fs::metadata(&link).ok()?;
+    if !md.is_file() || md.nlink() > 0 {
+        return None;
+    }
+    let target = std::fs::read_link(&link).ok()?;
+    let t = target.to_string_lossy();
+    Some(std::path::PathBuf::from(
+        t.strip_suffix(" (deleted)").unwrap_or(&t),
+    ))
+}
+
+/// Writes the open (deleted) header file's bytes back at `path` (or beside it, when
+/// another file took the name), durably; returns where.
+fn restore_unlinked_header<H: Disk + ?Sized>(
+    disk: &H,
+    path: &std::path::Path,
+) -> Result<std::path::PathBuf> {
+    use std::io::Write as _;
+    let beside = std::path::PathBuf::from(format!("{}.luksify-recovered", path.display()));
+    let (at, mut f) = [path.to_path_buf(), beside]
+        .into_iter()
+        .find_map(|p| {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)
+                .ok()
+                .map(|f| (p, f))
+        })
+        .ok_or_else(|| {
+            Error::Refused(format!(
+                "{}, the run's header, was deleted while the run went on, and no copy could be written back there",
+                path.display()
+            ))
+        })?;
+    let size = disk
+        .size()
+        .map_err(|e| Error::io("size of the header", e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = (buf.len() as u64).min(size - off) as usize;
+        disk.read_at(off, &mut buf[..n])
+            .map_err(|e| Error::io("read the deleted header", e))?;
+        f.write_all(&buf[..n])
+            .map_err(|e| Error::io("write the header back", e))?;
+        off += n as u64;
+    }
+    f.sync_all()
+        .map_err(|e| Error::io("flush the header written back", e))?;
+    if let Some(dir) = at.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(at)
+}
+
 impl<H: Disk + ?Sized> Journal for HeaderJournal<'_, H> {
     fn commit(&mut self, p: Progress) -> Result<()> {
+        // Before this commit writes anything: the file still holds the last commit,
+        // whose hotzone's data is durable, and this one's data is not written yet.
+        if !self.on_data {
+            if let Some(path) = unlinked_header_path(self.disk) {
+                self.flush_secondary()?;
+                let at = restore_unlinked_header(self.disk, &path)?;
+                return Err(Error::Refused(format!(
+                    "{}, the run's header, was deleted while the run went on (it holds the volume's key): luksify stopped and wrote it back to {}, as the run's last commit left it; continue with `luksify resume` of the same device with --header {} (nothing is lost)",
+                    path.display(),
+                    at.display(),
+                    at.display()
+                )));
+            }
+        }
         if let Some(a) = self.next_area.take() {
             reencrypt::set_area_cached(
                 &mut self.hdr.metadata,
