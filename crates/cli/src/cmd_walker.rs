@@ -601,6 +601,23 @@ fn walk_error(
     let recorded = io.is_some() && is_luks_file(header.unwrap_or(dev));
     if recorded {
         anyhow::anyhow!("{}: {}", dev.display(), walk_error_text(header, e, hint))
+    } else if io == Some(Some(libc::EIO)) && header.is_some_and(unreadable) {
+        // The header's own device failed: whether the run began cannot be told now (a
+        // trial: "before the run began ... run again" over a header whose run had
+        // encrypted 48 MiB; a wipe and a new run would have lost them).
+        let resume = match (hint, header) {
+            ("", Some(h)) => format!(
+                "luksify resume {} --key-file F --header {}",
+                dev.display(),
+                h.display()
+            ),
+            _ => hint.to_string(),
+        };
+        anyhow::anyhow!(
+            "{}: {}; the header's device failed there (`dmesg` names it) and cannot be read back, so whether the run began cannot be told: do not wipe or reuse it; once it reads again, `{resume}` continues a run it records (or says there is none)",
+            dev.display(),
+            naming_header(&e.to_string(), header)
+        )
     } else if io == Some(Some(libc::EIO)) {
         // Before the run's header existed: a sector the device cannot read or write (a
         // trial's bad sector said only "read start marker: Input/output error").
@@ -672,6 +689,15 @@ fn none_window(p: &Path) -> bool {
         .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())
         .and_then(|(h, _)| luksify_luks::reencrypt::state(&h.metadata).ok().flatten())
         .is_some_and(|st| matches!(st.area, ReencryptArea::None { .. }) && st.progress.hot_len > 0)
+}
+
+/// Whether `p`'s first 4 KiB cannot be read (its device failing).
+fn unreadable(p: &Path) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let mut b = [0u8; 4096];
+    std::fs::File::open(p)
+        .and_then(|f| f.read_exact_at(&mut b, 0))
+        .is_err()
 }
 
 fn is_luks_file(p: &Path) -> bool {
