@@ -1388,11 +1388,19 @@ fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
             .map(|u| format!("UUID={u}"))
             .unwrap_or_else(|| v.device.display().to_string()),
     };
+    let fstab = std::fs::read_to_string(etc.join("fstab")).unwrap_or_default();
+    let mount_points: Vec<&Path> = v
+        .mount_point
+        .iter()
+        .chain(&v.fstab_mount_points)
+        .map(PathBuf::as_path)
+        .collect();
     let entry = tabs::CrypttabEntry {
         name: v.mapper.clone(),
         device,
         key_file: v.key_file.clone().unwrap_or_default(),
         header: v.header.clone(),
+        netdev: tabs::fstab_needs_network(&fstab, &mount_points),
     };
     let io = |what: &str, e: std::io::Error| {
         Failure::failed(format!("cannot update {what} in {} ({e})", etc.display()))

@@ -74,7 +74,7 @@ pub fn fstab_encrypt(
     if text
         .lines()
         .filter_map(fields)
-        .any(|f| f.len() >= 2 && f[1] == mp && f[0] == spec)
+        .any(|f| f.len() >= 2 && same_mount_point(f[1], mount_point) && f[0] == spec)
     {
         return text.to_string();
     }
@@ -82,33 +82,47 @@ pub fn fstab_encrypt(
     // path, else the first at it. Other entries at the same mount point stay as they
     // are (the second one was dropped without a word, and disable then restored the
     // first, which named another device: found by a trial).
-    let at_mp = |l: &str| fields(l).is_some_and(|f| f.len() >= 2 && f[1] == mp);
+    // (A mount point is the same written with a trailing slash, or through a link:
+    // such an entry was left naming the raw device beside an added one, and systemd's
+    // fstab generator failed on the duplicate at boot: found by a trial.)
+    let at_mp =
+        |l: &str| fields(l).is_some_and(|f| f.len() >= 2 && same_mount_point(f[1], mount_point));
     let names_device = |l: &str| {
         fields(l)
             .is_some_and(|f| std::fs::canonicalize(unescape_field(f[0])).is_ok_and(|p| p == device))
     };
-    let target = text
+    let first = text
         .lines()
         .position(|l| at_mp(l) && names_device(l))
         .or_else(|| text.lines().position(at_mp));
+    // The same entry repeated (the same spec at the same mount point) is replaced each
+    // time: a copy left naming the raw device would mount ciphertext.
+    let first_spec = first
+        .and_then(|i| text.lines().nth(i))
+        .and_then(fields)
+        .map(|f| f[0].to_string());
+    let is_target = |i: usize, l: &str| {
+        Some(i) == first
+            || (at_mp(l)
+                && (names_device(l)
+                    || fields(l).is_some_and(|f| Some(f[0]) == first_spec.as_deref())))
+    };
     let mut out = Vec::new();
     let mut replaced = false;
     for (i, line) in text.lines().enumerate() {
         if let Some(f) = fields(line) {
-            if Some(i) == target {
-                if !replaced {
-                    out.push(format!("{MARK}{line}"));
-                    out.push(entry(
-                        f.get(2).copied().unwrap_or(fs_type),
-                        f.get(3).copied().unwrap_or("defaults"),
-                        &format!(
-                            "{} {}",
-                            f.get(4).copied().unwrap_or("0"),
-                            f.get(5).copied().unwrap_or("0")
-                        ),
-                    ));
-                    replaced = true;
-                }
+            if is_target(i, line) {
+                out.push(format!("{MARK}{line}"));
+                out.push(entry(
+                    f.get(2).copied().unwrap_or(fs_type),
+                    f.get(3).copied().unwrap_or("defaults"),
+                    &format!(
+                        "{} {}",
+                        f.get(4).copied().unwrap_or("0"),
+                        f.get(5).copied().unwrap_or("0")
+                    ),
+                ));
+                replaced = true;
                 continue;
             }
         }
@@ -151,6 +165,30 @@ pub fn fstab_entries_of(text: &str, device: &Path, ids: &[String]) -> Vec<FstabE
         .collect()
 }
 
+/// Whether an fstab mount point field names `mount_point`: the same path once
+/// unescaped (a trailing slash or a `.` component aside), or the same directory
+/// reached through a link.
+fn same_mount_point(field: &str, mount_point: &Path) -> bool {
+    let f = PathBuf::from(unescape_field(field));
+    f == mount_point
+        || std::fs::canonicalize(&f)
+            .ok()
+            .is_some_and(|c| std::fs::canonicalize(mount_point).is_ok_and(|m| m == c))
+}
+
+/// Whether an fstab entry (in use, or kept by luksify as the one it replaced) at one of
+/// `mount_points` carries `_netdev`: its device needs the network, so its crypttab
+/// entry must wait for it too.
+pub fn fstab_needs_network(text: &str, mount_points: &[&Path]) -> bool {
+    text.lines()
+        .filter_map(|l| fields(l.strip_prefix(MARK).unwrap_or(l)))
+        .filter(|f| f.len() >= 4)
+        .any(|f| {
+            mount_points.iter().any(|mp| same_mount_point(f[1], mp))
+                && f[3].split(',').any(|o| o == "_netdev")
+        })
+}
+
 /// Undoes [`escape`].
 fn unescape_field(s: &str) -> String {
     s.replace("\\040", " ")
@@ -178,7 +216,7 @@ pub fn fstab_restore(text: &str, mount_point: &Path) -> String {
                     .and_then(|f| f.get(1).map(|s| s.to_string()))
                     .unwrap_or_default(),
             };
-            if next_is_ours && orig_mp == mp {
+            if next_is_ours && (orig_mp == mp || same_mount_point(&orig_mp, mount_point)) {
                 if !orig.starts_with("(none) ") {
                     out.push(orig.to_string());
                 }
@@ -200,11 +238,16 @@ pub struct CrypttabEntry {
     pub device: String,
     pub key_file: PathBuf,
     pub header: Option<PathBuf>,
+    /// `_netdev`: the device needs the network (its fstab entry says so).
+    pub netdev: bool,
 }
 
 impl CrypttabEntry {
     pub fn line(&self) -> String {
         let mut opts = vec!["luks".to_string(), "nofail".to_string()];
+        if self.netdev {
+            opts.push("_netdev".into());
+        }
         if let Some(h) = &self.header {
             opts.push(format!("header={}", h.display()));
         }
@@ -227,6 +270,14 @@ pub fn crypttab_add(text: &str, e: &CrypttabEntry) -> String {
         .collect();
     out.push(e.line());
     join(out)
+}
+
+/// The names (first fields) of crypttab's entries.
+pub fn crypttab_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(fields)
+        .filter_map(|f| f.first().map(|n| n.to_string()))
+        .collect()
 }
 
 /// Removes the entry named `name`.
@@ -409,6 +460,64 @@ mod tests {
         assert_eq!(fstab_restore(&enc, Path::new("/my data")), FSTAB);
     }
 
+    /// A mount point written with a trailing slash, and an entry repeated: each is
+    /// replaced (a trial: the raw-device line stayed beside an added one, and systemd's
+    /// fstab generator stopped on the duplicate at boot), and restored exactly.
+    #[test]
+    fn fstab_matches_a_trailing_slash_and_replaces_each_copy() {
+        let t = "LABEL=d /srv/ ext4 noatime 0 2\n/dev/x /other ext4 defaults 0 2\nLABEL=d /srv/ ext4 noatime 0 2\n";
+        let enc = fstab_encrypt(
+            t,
+            Path::new("/srv"),
+            Path::new("/dev/mapper/v"),
+            "ext4",
+            "rw",
+            Path::new("/dev/sdz9"),
+        );
+        assert_eq!(
+            enc,
+            "# luksify: was: LABEL=d /srv/ ext4 noatime 0 2\n/dev/mapper/v /srv ext4 noatime,nofail 0 2\n/dev/x /other ext4 defaults 0 2\n# luksify: was: LABEL=d /srv/ ext4 noatime 0 2\n/dev/mapper/v /srv ext4 noatime,nofail 0 2\n"
+        );
+        // Run again (a resumed run): unchanged.
+        assert_eq!(
+            fstab_encrypt(
+                &enc,
+                Path::new("/srv"),
+                Path::new("/dev/mapper/v"),
+                "ext4",
+                "rw",
+                Path::new("/dev/sdz9")
+            ),
+            enc
+        );
+        assert_eq!(fstab_restore(&enc, Path::new("/srv")), t);
+    }
+
+    #[test]
+    fn netdev_in_fstab_goes_to_crypttab() {
+        let t = "UUID=u /srv ext4 _netdev,noatime 0 2\n/dev/y /b ext4 defaults 0 2\n";
+        assert!(fstab_needs_network(t, &[Path::new("/srv")]));
+        assert!(!fstab_needs_network(t, &[Path::new("/b")]));
+        // Still seen once luksify replaced the entry (a resumed run writes crypttab).
+        let enc = fstab_encrypt(
+            t,
+            Path::new("/srv"),
+            Path::new("/dev/mapper/v"),
+            "ext4",
+            "rw",
+            Path::new("/dev/sdz9"),
+        );
+        assert!(fstab_needs_network(&enc, &[Path::new("/srv")]));
+        let e = CrypttabEntry {
+            name: "v".into(),
+            device: "UUID=1".into(),
+            key_file: "/k".into(),
+            header: None,
+            netdev: true,
+        };
+        assert_eq!(e.line(), "v UUID=1 /k luks,nofail,_netdev");
+    }
+
     #[test]
     fn crypttab_add_replace_remove() {
         let e = CrypttabEntry {
@@ -416,6 +525,7 @@ mod tests {
             device: "UUID=1234".into(),
             key_file: "/root/k.bin".into(),
             header: None,
+            netdev: false,
         };
         let t = crypttab_add("# c\n", &e);
         assert_eq!(t, "# c\ndata UUID=1234 /root/k.bin luks,nofail\n");
