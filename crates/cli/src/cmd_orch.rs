@@ -289,6 +289,9 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
                 Ok(k) => k,
                 Err(f) => return finish(Err(f)),
             };
+            // Absolute: crypttab's header= option and the status file name the header
+            // files, and both are read from another working directory (at boot).
+            let header_dir = header_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
             finish_in(
                 state_dir.clone(),
                 cmd_enable(

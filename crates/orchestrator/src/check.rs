@@ -156,19 +156,38 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
     };
     // fstab's way of naming a device (`LABEL=data`, `UUID=...`): the device blkid finds.
     if let Some(tag) = fstab_tag(target) {
+        // fstab's own spelling of a blank (`LABEL=my\040data`) is the label's blank.
+        let wanted = tag
+            .replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\134", "\\");
         let out = std::process::Command::new("blkid")
-            .args(["-l", "-o", "device", "-t", tag])
+            .args(["-c", "/dev/null", "-o", "device", "-t", &wanted])
             .output();
-        let dev = out
+        let devs: Vec<String> = out
             .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .filter(|d| !d.is_empty());
-        return match dev {
-            Some(d) => resolve(Path::new(&d), all),
-            None => Err(bad(
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        return match devs.as_slice() {
+            [d] => resolve(Path::new(d), all),
+            [] => Err(bad(
                 tag.to_string(),
                 "no block device carries it (blkid)".into(),
                 "check the name with `blkid`, or give the device (/dev/sdc) or its mount point",
+            )),
+            // Which one blkid prefers can change between two commands (a check, then
+            // the enable): never guess which disk to encrypt.
+            many => Err(bad(
+                tag.to_string(),
+                format!("{} devices carry it ({})", many.len(), many.join(", ")),
+                "give the device itself (/dev/sdc) or its mount point; a copy of a disk carries its labels and UUIDs, so also make sure which one is in use",
             )),
         };
     }

@@ -514,6 +514,11 @@ fn path_on_a_volume(flag: &str, path: &Path, plans: &[Plan]) -> Option<String> {
             "it is unreadable while the volume is offline, so an interrupted run could not be resumed, and crypttab would name a key only the volume holds",
             "keep the key file on another filesystem (e.g. /root/luks-keys)",
         )
+    } else if flag == "--state-dir" {
+        (
+            "the status file is written throughout the run, while the volume is unmounted",
+            "pass --state-dir on another filesystem (the same one to every later luksify command)",
+        )
     } else {
         (
             "it is unmounted before the header is written, and the header must stay readable to open the volume",
@@ -540,6 +545,37 @@ fn volume_holding<'a>(path: &Path, plans: &'a [Plan]) -> Option<&'a Plan> {
                 .iter()
                 .any(|n| n.source.as_deref().and_then(probe::block_dev_num) == Some(on))
     })
+}
+
+/// The volume's mapping name: `luksify-<kernel name>`, or, when another volume already
+/// maps (or will map at boot) under that name, the first free `luksify-<name>-N`.
+/// Kernel names move between boots: a disk that was `loop3` when it was encrypted
+/// may be `loop4` now, still mapped as `luksify-loop3` by crypttab, while another
+/// disk that took its name is being encrypted.
+fn free_mapping_name(device: &Path, req: &EnableRequest, plans: &[Plan]) -> String {
+    let crypttab = std::fs::read_to_string(tabs::etc_dir().join("crypttab")).unwrap_or_default();
+    let status = crate::status::load(&req.state_dir).unwrap_or_default();
+    let taken = |name: &str| {
+        Path::new("/dev/mapper")
+            .join(name)
+            .symlink_metadata()
+            .is_ok()
+            || tabs::crypttab_names(&crypttab).iter().any(|n| n == name)
+            || status
+                .volumes
+                .iter()
+                .any(|v| v.mapper == name && v.device != device)
+            || plans.iter().any(|p| p.name == name)
+            || crate::map::load_record(&req.state_dir, name).is_some()
+    };
+    let base = mapping_name(device);
+    if !taken(&base) {
+        return base;
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|n| !taken(n))
+        .expect("some suffix is free")
 }
 
 /// Per-volume plan made before anything is written.
@@ -582,7 +618,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             // The same volume named twice (its device and its mount point): one run.
             continue;
         }
-        let name = mapping_name(&device);
+        let name = free_mapping_name(&device, req, &plans);
         let header = req
             .header_dir
             .as_ref()
@@ -602,14 +638,42 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             header,
         });
     }
+    // A volume mounted below another one's mount point goes after it: the outer one's
+    // run unmounts and mounts again what is nested below it, and the inner one,
+    // encrypted first, would then be mounted again from its raw (now encrypted) device.
+    plans.sort_by_key(|p| {
+        p.report
+            .primary_mount()
+            .map_or(0, |m| m.mount_point.components().count())
+    });
     if let Some(d) = &req.header_dir {
         if let Some(b) = path_on_a_volume("--header-dir", d, &plans) {
             blockers.push(b);
+        } else if let Some(fs) = probe::volatile_fs(d) {
+            // The headers hold the only copy of the volumes' keys: on a filesystem in
+            // memory they are gone at the next boot, and the data with them.
+            blockers.push(format!(
+                "BLOCKER: --header-dir {} is on {fs}, which a reboot empties: the detached headers hold the volumes' only keys, so the data would be lost with them; fix: pick a directory on a disk that is not being encrypted (e.g. /root/luks-headers)",
+                d.display()
+            ));
         } else if let Some(b) = header_dir_without_room(d, plans.len()) {
             blockers.push(b);
         }
     }
     blockers.extend(path_on_a_volume("--key-file", &req.key_file, &plans));
+    blockers.extend(path_on_a_volume("--state-dir", &req.state_dir, &plans));
+    if let Some(fs) = probe::volatile_fs(&req.state_dir) {
+        errln!(
+            "luksify: warning: the state directory {} is on {fs}: after a reboot `luksify status` and `luksify resume` will not find this run's records (resume still finds an interrupted walk from its header)",
+            req.state_dir.display()
+        );
+    }
+    if let Some(fs) = probe::volatile_fs(&req.key_file) {
+        errln!(
+            "luksify: warning: --key-file {} is on {fs}: crypttab names it, so after a reboot the volumes are not unlocked at boot until it is back (or the passphrase is typed)",
+            req.key_file.display()
+        );
+    }
     // crypttab fields are split at blanks (systemd and Debian's cryptdisks alike), and a
     // header= option cannot carry one: such a path would break the boot-time mapping.
     let key_file = absolute_key_file(&req.key_file);

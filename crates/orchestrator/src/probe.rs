@@ -374,6 +374,27 @@ pub fn statvfs_free(mount_point: &Path) -> Option<u64> {
     Some(st.f_bfree * st.f_frsize)
 }
 
+/// "tmpfs" or "ramfs" when the filesystem that holds `path` (or would, once it
+/// exists: its nearest existing ancestor) lives in memory and is gone after a reboot.
+pub fn volatile_fs(path: &Path) -> Option<&'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|a| a.exists())?;
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and statfs fills the struct it is given.
+    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    match st.f_type as i64 {
+        0x0102_1994 => Some("tmpfs"),
+        0x8584_58f6 => Some("ramfs"),
+        _ => None,
+    }
+}
+
 /// The type and UUID blkid reads on `dev` (low-level probe, no cache): a filesystem's,
 /// or a LUKS header's. `None` where it finds none (ciphertext, a blank or torn head).
 pub fn type_and_uuid(dev: &Path) -> Option<(String, String)> {

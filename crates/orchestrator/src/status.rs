@@ -671,13 +671,14 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
 /// Where the status file and the lock live: `--state-dir`, else $LUKSIFY_STATE_DIR,
 /// else /var/lib/luksify.
 pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
-    }
-    match std::env::var_os("LUKSIFY_STATE_DIR") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
+    let dir = match (explicit, std::env::var_os("LUKSIFY_STATE_DIR")) {
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some(p)) if !p.is_empty() => PathBuf::from(p),
         _ => PathBuf::from(DEFAULT_STATE_DIR),
-    }
+    };
+    // Absolute: the status file records paths under it (moved headers), which a later
+    // command (the boot-time `resume`) reads from another working directory.
+    std::path::absolute(&dir).unwrap_or(dir)
 }
 
 /// Reads the status file; a missing file is the empty status.
