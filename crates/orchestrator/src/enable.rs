@@ -482,6 +482,49 @@ fn is_ext(fs: &str) -> bool {
 
 /// e2fsck -f -y: exit 0 clean, 1 fixed, others are failures. (-p would stop on
 /// problems it cannot fix silently; -y answers yes so the shrink can proceed.)
+/// The check before a volume is shrunk and encrypted: read-only (`e2fsck -f -n`). A
+/// filesystem with errors is refused, not repaired: what `e2fsck -y` "repairs" on a
+/// device that is not the plain filesystem it seems (one a `disable` left part
+/// decrypted, one whose head an interrupted start overwrote: both found by a trial)
+/// destroys it, and a volume being encrypted must be sound. (A volume luksify
+/// unmounted is clean; the shrink then runs `resize2fs -f`, since this check sets no
+/// check time.)
+fn fsck_ext_read_only(device: &Path) -> Result<()> {
+    let out = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(device)
+        .output()
+        .map_err(|e| Failure::failed(format!("cannot run e2fsck ({e}); install e2fsprogs")))?;
+    match out.status.code() {
+        Some(0) => Ok(()),
+        c => {
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            // Its first complaint, past the pass headers.
+            let first = text
+                .lines()
+                .map(str::trim)
+                .find(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("Pass ")
+                        && !l.starts_with("e2fsck ")
+                        && !l.contains("skipping journal recovery")
+                })
+                .unwrap_or("")
+                .to_string();
+            Err(Failure::failed(format!(
+                "e2fsck -f -n {} {} ({first}): the filesystem has errors, and luksify does not repair a filesystem before encrypting it (a repair of a device that is not what it seems destroys it; nothing was encrypted); fix: make sure this is the plain volume you mean (not one a `luksify disable` left half decrypted), back it up, run `e2fsck -f {}` yourself, then run again",
+                device.display(),
+                match c {
+                    Some(c) => format!("exited with {c}"),
+                    None => "was killed".to_string(),
+                },
+                device.display()
+            )))
+        }
+    }
+}
+
 fn fsck_ext(device: &Path) -> Result<()> {
     let out = Command::new("e2fsck")
         .args(["-f", "-y"])
@@ -1024,10 +1067,30 @@ fn prepare_fs(
         ));
     }
     let dev_size = fs.dev_size;
+    // A `--reduce-device-size` start of an earlier run cut while it wrote its first
+    // header: the filesystem was checked and shrunk then; its head may be overwritten,
+    // its first part only in the copy moved to the end, which the walker puts back.
+    // e2fsck must not see (and "repair") it first: that lost files (a trial).
+    if let Some((reduce, was)) = std::fs::File::open(device)
+        .ok()
+        .and_then(|f| luksify_walker::interrupted_shift_start(&f).ok().flatten())
+    {
+        if header.is_none() && reduce == HEADER_RESERVE_BYTES && was == dev_size {
+            return Ok(true);
+        }
+        return Err(Failure::failed(format!(
+            "{} holds an interrupted `luksify encrypt --reduce-device-size {}M` start of {} bytes: its first part is only in the copy moved to its end; run `luksify encrypt {} --key-file F --reduce-device-size {}M` to continue it (nothing was written)",
+            device.display(),
+            reduce >> 20,
+            was,
+            device.display(),
+            reduce >> 20
+        )));
+    }
     let mut shrunk = false;
     if is_ext(&fs.fs_type) {
         not_cancelled(cancel)?;
-        fsck_ext(device)?;
+        fsck_ext_read_only(device)?;
         if header.is_none() {
             let fs_bytes = probe::detect_fs(device)
                 .ok()
@@ -1039,6 +1102,7 @@ fn prepare_fs(
             if fs_bytes > target && !cancel.load(Ordering::Relaxed) {
                 run_tool(
                     Command::new("resize2fs")
+                        .arg("-f")
                         .arg(device)
                         .arg(format!("{}K", target / 1024)),
                     &format!(
