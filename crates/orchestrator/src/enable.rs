@@ -2479,6 +2479,25 @@ pub fn disable(
             })
             .map(|p| p.one_line())
             .collect();
+        // A volume whose header is in front moves it out into the state directory's
+        // `headers` before its data moves back over it: room for each, checked before
+        // anything goes offline (a trial's full state directory failed after the
+        // unmount and close, the volume offline).
+        let in_front = todo
+            .iter()
+            .filter(|i| sw.status.volumes[**i].header.is_none())
+            .count();
+        let mut held = held;
+        if in_front > 0 {
+            let headers = req.state_dir.join("headers");
+            held.extend(header_dir_without_room(&headers, in_front).map(|b| {
+                b.replacen("--header-dir", "the state directory's", 1).replacen(
+                    ", or pick a directory on another filesystem",
+                    " (a decryption moves the volume's header there before its data moves back over it)",
+                    1,
+                )
+            }));
+        }
         if !held.is_empty() {
             return Err(Failure::new(
                 exit::BLOCKED,
