@@ -5393,3 +5393,38 @@ fn root_orch_disable_checks_room_for_the_moved_header_first() {
     );
     fx.assert_disables_to_plain();
 }
+
+/// `disable` after the volume's kernel name moved (a reboot that attached disks in
+/// another order: its old name now another disk's): it unmounted and closed the
+/// volume, then failed on the other disk, leaving the volume offline (a trial). It
+/// now finds the volume by its LUKS UUID, as `resume` does, and the other disk is
+/// never touched.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_follows_a_volume_whose_name_moved() {
+    let a = Fixture::new(128);
+    let b = Fixture::new(96);
+    let out = run(&mut a.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    rename_records(&a.state, &[(a.dev(), b.dev())]);
+    let b_before = sha256(&b.sums[0].0);
+    let out = run(a.cmd().arg("disable").arg("--key-file").arg(&a.key));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "the volume recorded as {} is {} now",
+            b.dev().display(),
+            a.dev().display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!luksify_tests::has_luks_header(&a.dev()));
+    a.assert_files_unchanged();
+    assert!(
+        mount_fields(&b.mnt).is_some(),
+        "the other disk was unmounted"
+    );
+    assert_eq!(sha256(&b.sums[0].0), b_before);
+    b.assert_files_unchanged();
+}

@@ -2505,6 +2505,23 @@ pub fn disable(
             ));
         }
     }
+    // A volume whose kernel name moved since it was encrypted (a reboot that attached
+    // disks in another order): found by its LUKS UUID, as `resume` finds it (a trial's
+    // disable unmounted and closed it, then failed on the disk now under its old name,
+    // the volume left offline). Only a header in front carries one.
+    for i in &todo {
+        let v = &sw.status.volumes[*i];
+        if v.header.is_none() && v.luks_uuid.is_some() {
+            if let Ok(Some(dev)) = locate(v) {
+                errln!(
+                    "luksify: the volume recorded as {} is {} now (its name moved since it was encrypted)",
+                    v.device.display(),
+                    dev.display()
+                );
+                sw.status.volumes[*i].device = dev;
+            }
+        }
+    }
     let todo: Vec<PathBuf> = todo
         .into_iter()
         .map(|i| sw.status.volumes[i].device.clone())
