@@ -5428,3 +5428,43 @@ fn root_orch_disable_follows_a_volume_whose_name_moved() {
     assert_eq!(sha256(&b.sums[0].0), b_before);
     b.assert_files_unchanged();
 }
+
+/// An fstab that cannot be rewritten (immutable, or /etc read-only): `enable` walked the
+/// whole volume, then failed on fstab ("Encryption failed", the volume offline), and
+/// `disable` decrypted it and left its fstab line naming the mapping (a trial). Both
+/// refuse it up front now, nothing changed.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_an_fstab_that_cannot_be_rewritten_is_a_blocker() {
+    require_tool("chattr");
+    let fx = Fixture::new(128);
+    let fstab = fx.dir.path().join("etc/fstab");
+    std::fs::write(&fstab, "# test fstab\n").unwrap();
+    run_ok(Command::new("chattr").arg("+i").arg(&fstab));
+    struct Mutable(PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).output();
+        }
+    }
+    let guard = Mutable(fstab.clone());
+    let out = run(&mut fx.enable_cmd());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("{} cannot be written", fstab.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    assert!(mount_fields(&fx.mnt).is_some());
+    drop(guard);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    run_ok(Command::new("chattr").arg("+i").arg(&fstab));
+    let guard = Mutable(fstab.clone());
+    let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&fx.key));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(luksify_tests::has_luks_header(&fx.dev()), "disable went on");
+    drop(guard);
+    fx.assert_disables_to_plain();
+}

@@ -735,6 +735,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         }
     }
     blockers.extend(kdf_memory_blocker(&req.kdf));
+    blockers.extend(tabs::unwritable().map(|b| format!("BLOCKER: {b}")));
     if !blockers.is_empty() {
         let code = if busy { exit::BUSY } else { exit::BLOCKED };
         return Err(Failure::new(code, blockers.join("\n")));
@@ -2488,6 +2489,7 @@ pub fn disable(
             .filter(|i| sw.status.volumes[**i].header.is_none())
             .count();
         let mut held = held;
+        held.extend(tabs::unwritable().map(|b| format!("BLOCKER: {b}")));
         if in_front > 0 {
             let headers = req.state_dir.join("headers");
             held.extend(header_dir_without_room(&headers, in_front).map(|b| {

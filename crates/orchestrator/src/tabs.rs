@@ -298,6 +298,40 @@ fn join(lines: Vec<String>) -> String {
     s
 }
 
+/// Why fstab or crypttab in [`etc_dir`] could not be rewritten now (an immutable file,
+/// a read-only /etc), if so: each is replaced through a new file in the same
+/// directory. Checked before a run takes anything offline (a trial's immutable fstab
+/// failed after the walk, "Encryption failed", the volume offline).
+pub fn unwritable() -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let etc = etc_dir();
+    let access = |p: &Path| -> std::io::Result<()> {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: `c` is a NUL-terminated path; access(2) only reads it.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let mut paths = vec![etc.clone()];
+    paths.extend(
+        ["fstab", "crypttab"]
+            .iter()
+            .map(|f| etc.join(f))
+            .filter(|p| p.exists()),
+    );
+    paths.into_iter().find_map(|p| {
+        access(&p).err().map(|e| {
+            format!(
+                "{} cannot be written ({e}): enable and disable rewrite fstab and crypttab there; fix: make it writable (`lsattr`/`chattr -i`, or remount /etc read-write)",
+                p.display()
+            )
+        })
+    })
+}
+
 /// Applies `edit` to the file at `path` (missing = empty), backing it up first to
 /// `path.luksify-bak` (kept from the first edit, so the pristine copy survives).
 pub fn edit_file(path: &Path, edit: impl FnOnce(&str) -> String) -> std::io::Result<()> {
