@@ -5468,3 +5468,67 @@ fn root_orch_an_fstab_that_cannot_be_rewritten_is_a_blocker() {
     drop(guard);
     fx.assert_disables_to_plain();
 }
+
+/// A userspace mapping whose loop device was detached while its daemon kept serving the
+/// view (a `disable` killed while it closed the mapping): `open` forgot the record and
+/// then failed, the old daemon holding the device ("in use: pid N (luksify)"), and so
+/// did every `resume` after it (a trial: the volume stuck offline). `open` now finishes
+/// that close first and maps the volume.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_open_finishes_closing_a_mapping_whose_loop_device_went_away() {
+    let fx = Fixture::new(128);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let name = mapper_name(&fx.dev());
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let loop_dev = rec["loop_dev"]
+        .as_str()
+        .expect("a userspace mapping")
+        .to_string();
+    let daemon = daemon_pid(&fx.state, &name);
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    run_ok(Command::new("losetup").args(["-d", &loop_dev]));
+    // (losetup -d is lazy: wait until the loop device lets go of the view.)
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(format!(
+        "/sys/block/{}/loop/backing_file",
+        Path::new(&loop_dev).file_name().unwrap().to_string_lossy()
+    ))
+    .is_ok()
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        Path::new(&format!("/proc/{daemon}")).exists(),
+        "the daemon went with its loop device"
+    );
+    let out = run(fx
+        .cmd()
+        .arg("open")
+        .arg(fx.dev())
+        .arg(&name)
+        .arg("--key-file")
+        .arg(&fx.key)
+        .arg("--userspace"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !Path::new(&format!("/proc/{daemon}")).exists()
+            || !std::fs::read(format!("/proc/{daemon}/cmdline"))
+                .unwrap_or_default()
+                .windows(name.len())
+                .any(|w| w == name.as_bytes()),
+        "the old daemon still serves {name}"
+    );
+    run_ok(
+        Command::new("mount")
+            .arg(format!("/dev/mapper/{name}"))
+            .arg(&fx.mnt),
+    );
+    fx.assert_files_unchanged();
+    fx.assert_disables_to_plain();
+}

@@ -225,6 +225,14 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
                 req.name
             )));
         }
+        // Its loop device gone but its daemon still serving the view, holding the
+        // device open (a `disable` killed while it closed the mapping): that close is
+        // finished first. Forgetting the record left the daemon holding the device, and
+        // every later open (and `resume`) failed "in use" (a trial).
+        if r.backend == Backend::Userspace && r.daemon_pid.is_some_and(|p| is_daemon_of(p, &r.name))
+        {
+            close_userspace(&r)?;
+        }
         // A stale record (its daemon is gone, after a crash or a reboot): forget it, and
         // its /dev/mapper link if that still names the record's old loop device.
         if r.loop_dev.is_some() && std::fs::read_link(&r.mapped).ok() == r.loop_dev {
