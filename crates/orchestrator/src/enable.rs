@@ -864,6 +864,7 @@ fn enable_one(
     // so that `resume` finds it whatever instant the run is killed at.
     sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
     commit(sw)?;
+    let held = hold_fstab(&sw.status.volumes[idx]);
     let fs = FsFacts {
         fs_type: p.report.filesystem.fs_type.clone(),
         dev_size: p.report.size_bytes,
@@ -874,6 +875,7 @@ fn enable_one(
         if req.kill_holders && !p.report.holders.is_empty() {
             stop_holders(&p.device, &holders::pids(&p.report.holders), req.cancel)?;
         }
+        held?;
         not_cancelled(req.cancel)?;
         unmount_nested(&p.device, &nested, FIX_ENABLE)?;
         unmount_all(&p.device, dev, FIX_ENABLE)
@@ -881,6 +883,45 @@ fn enable_one(
     let header = p.header.as_deref();
     let run = (req, passphrase, sw, idx, (i, n));
     encrypt_unmounted(run, &p.device, header, &fs, unmounted)
+}
+
+/// The volume's mount points in fstab: the one it is mounted at and every other entry.
+fn fstab_points(v: &VolumeStatus) -> Vec<&Path> {
+    v.mount_point
+        .iter()
+        .chain(&v.fstab_mount_points)
+        .map(PathBuf::as_path)
+        .collect()
+}
+
+/// `nofail` on the volume's fstab entries while it is walked (see `tabs::fstab_hold`):
+/// a boot in the middle skips the mount instead of failing on ciphertext.
+fn hold_fstab(v: &VolumeStatus) -> Result<()> {
+    let path = tabs::etc_dir().join("fstab");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let points = fstab_points(v);
+    if tabs::fstab_hold(&text, &points) == text {
+        return Ok(());
+    }
+    tabs::edit_file(&path, |t| tabs::fstab_hold(t, &points)).map_err(|e| {
+        Failure::failed(format!(
+            "cannot update fstab in {} ({e})",
+            tabs::etc_dir().display()
+        ))
+    })
+}
+
+/// Gives the volume's fstab entries back as they were before [`hold_fstab`].
+fn release_fstab(v: &VolumeStatus) {
+    let path = tabs::etc_dir().join("fstab");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut new = text.clone();
+    for mp in fstab_points(v) {
+        new = tabs::fstab_release(&new, Some(mp));
+    }
+    if new != text {
+        let _ = tabs::edit_file(&path, |_| new.clone());
+    }
 }
 
 /// The run a volume's encryption belongs to: the request, the passphrase, the status
@@ -977,6 +1018,9 @@ fn put_back(
             m.message
         ),
     };
+    if state == VolumeState::NotEncrypted {
+        release_fstab(&v);
+    }
     sw.status.volumes[idx].state = state;
     Failure::new(e.code, format!("{}{tail}", e.message))
 }

@@ -6,6 +6,9 @@ use crate::status::write_atomic;
 use std::path::{Path, PathBuf};
 
 const MARK: &str = "# luksify: was: ";
+/// Marks an entry `enable` gave `nofail` for the time of its walk (the line as it was
+/// follows the marker; the held line comes next).
+const HOLD: &str = "# luksify: while encrypting, was: ";
 
 /// Where the tables live: $LUKSIFY_ETC_DIR (tests) or /etc.
 pub fn etc_dir() -> PathBuf {
@@ -61,6 +64,9 @@ pub fn fstab_encrypt(
     options: &str,
     device: &Path,
 ) -> String {
+    // The entry as it was before the walk held it (see fstab_hold).
+    let released = fstab_release(text, Some(mount_point));
+    let text = released.as_str();
     let mp = escape(&mount_point.to_string_lossy());
     let spec = escape(&mapped.to_string_lossy());
     let entry = |fs_type: &str, options: &str, tail: &str| {
@@ -135,7 +141,80 @@ pub fn fstab_encrypt(
     join(out)
 }
 
-/// An fstab entry's mount point, filesystem type and options.
+/// Gives the entries at `mount_points` that lack it `nofail` for the time of the walk,
+/// keeping each line as it was behind a [`HOLD`] marker: a boot while the volume is
+/// half ciphertext (a crash, a power cut, a reboot mid-walk) then skips its mount
+/// instead of stopping in emergency mode on an fsck or mount of ciphertext, and
+/// `luksify-resume.service` finishes the run (a trial: fsck exit 8, local-fs.target
+/// failed). [`fstab_encrypt`] and [`fstab_release`] give the line back.
+pub fn fstab_hold(text: &str, mount_points: &[&Path]) -> String {
+    let mut out = Vec::new();
+    let mut held = false;
+    for line in text.lines() {
+        if held {
+            // The line after a marker is already held.
+            held = false;
+            out.push(line.to_string());
+            continue;
+        }
+        if line.starts_with(HOLD) {
+            held = true;
+            out.push(line.to_string());
+            continue;
+        }
+        match fields(line) {
+            Some(f)
+                if f.len() >= 2
+                    && mount_points.iter().any(|mp| same_mount_point(f[1], mp))
+                    && !f
+                        .get(3)
+                        .is_some_and(|o| o.split(',').any(|o| o == "nofail")) =>
+            {
+                let opts = match f.get(3) {
+                    Some(o) => format!("{o},nofail"),
+                    None => "defaults,nofail".to_string(),
+                };
+                let mut g: Vec<String> = f.iter().map(|x| x.to_string()).collect();
+                if g.len() < 3 {
+                    g.push("auto".into());
+                }
+                if g.len() < 4 {
+                    g.push(opts);
+                } else {
+                    g[3] = opts;
+                }
+                out.push(format!("{HOLD}{line}"));
+                out.push(g.join(" "));
+            }
+            _ => out.push(line.to_string()),
+        }
+    }
+    join(out)
+}
+
+/// Undoes [`fstab_hold`] for the entries at `mount_point` (every one when `None`).
+pub fn fstab_release(text: &str, mount_point: Option<&Path>) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if let Some(orig) = lines[i].strip_prefix(HOLD) {
+            let ours = fields(orig).is_some_and(|f| {
+                f.len() >= 2 && mount_point.is_none_or(|mp| same_mount_point(f[1], mp))
+            });
+            if ours {
+                out.push(orig.to_string());
+                i += 2;
+                continue;
+            }
+        }
+        out.push(lines[i].to_string());
+        i += 1;
+    }
+    join(out)
+}
+
+/// An fstab entry's mount point, filesystem type and options./// An fstab entry's mount point, filesystem type and options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FstabEntry {
     pub mount_point: PathBuf,
@@ -523,6 +602,38 @@ mod tests {
                 Path::new("/dev/sdz9")
             ),
             enc
+        );
+        assert_eq!(fstab_restore(&enc, Path::new("/srv")), t);
+    }
+
+    /// The walk's hold gives the volume's entries `nofail` (not one that has it, not
+    /// another mount point's), and both ways back restore the line exactly.
+    #[test]
+    fn fstab_hold_adds_nofail_for_the_walk_and_gives_the_line_back() {
+        let t = "# c\nLABEL=d /srv/ ext4 noatime 0 2\n/dev/x /other ext4 defaults 0 2\n/dev/y /srv/sub ext4 nofail 0 2\nUUID=u /srv\n";
+        let mps = [Path::new("/srv"), Path::new("/srv/sub")];
+        let held = fstab_hold(t, &mps);
+        assert_eq!(
+            held,
+            "# c\n# luksify: while encrypting, was: LABEL=d /srv/ ext4 noatime 0 2\nLABEL=d /srv/ ext4 noatime,nofail 0 2\n/dev/x /other ext4 defaults 0 2\n/dev/y /srv/sub ext4 nofail 0 2\n# luksify: while encrypting, was: UUID=u /srv\nUUID=u /srv auto defaults,nofail\n"
+        );
+        // Held twice (a resumed run): unchanged.
+        assert_eq!(fstab_hold(&held, &mps), held);
+        assert_eq!(fstab_release(&held, None), t);
+        assert_eq!(fstab_release(&held, Some(Path::new("/srv"))), t);
+        // The walk done: the entry is pointed at the mapping and its original kept.
+        let enc = fstab_encrypt(
+            &held,
+            Path::new("/srv"),
+            Path::new("/dev/mapper/v"),
+            "ext4",
+            "rw",
+            Path::new("/dev/sdz9"),
+        );
+        assert!(!enc.contains("while encrypting"), "{enc}");
+        assert!(
+            enc.contains("# luksify: was: LABEL=d /srv/ ext4 noatime 0 2\n/dev/mapper/v /srv ext4 noatime,nofail 0 2\n"),
+            "{enc}"
         );
         assert_eq!(fstab_restore(&enc, Path::new("/srv")), t);
     }
