@@ -691,13 +691,14 @@ fn none_window(p: &Path) -> bool {
         .is_some_and(|st| matches!(st.area, ReencryptArea::None { .. }) && st.progress.hot_len > 0)
 }
 
-/// Whether `p`'s first 4 KiB cannot be read (its device failing).
+/// Whether `p` exists but its first 4 KiB cannot be read for an I/O error (its device
+/// failing); a header file not made yet is not that.
 fn unreadable(p: &Path) -> bool {
     use std::os::unix::fs::FileExt as _;
     let mut b = [0u8; 4096];
     std::fs::File::open(p)
         .and_then(|f| f.read_exact_at(&mut b, 0))
-        .is_err()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EIO))
 }
 
 fn is_luks_file(p: &Path) -> bool {
