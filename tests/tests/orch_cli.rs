@@ -1919,6 +1919,25 @@ fn root_orch_xfs_needs_and_gets_a_detached_header() {
     let _ = Command::new("umount").arg(&mnt).output();
 }
 
+/// Unmounts its path when dropped (a test's own mount, even when the test fails).
+struct Unmounted(PathBuf);
+impl Drop for Unmounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+/// Mounts a tmpfs of `size` (mount's `size=`) at `dir`, made if missing.
+fn tmpfs_at(dir: &Path, size: &str) -> Unmounted {
+    std::fs::create_dir_all(dir).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir),
+    );
+    Unmounted(dir.to_path_buf())
+}
+
 fn mapper_name(dev: &Path) -> String {
     format!("luksify-{}", dev.file_name().unwrap().to_string_lossy())
 }
@@ -2204,13 +2223,7 @@ fn root_orch_nested_mount_is_listed_unmounted_and_mounted_again_with_its_options
     let inner_file = inner.join("kept");
     std::fs::write(&inner_file, b"nested filesystem content").unwrap();
     let inner_sum = sha256(&inner_file);
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).output();
-        }
-    }
-    let _guard = Unmount(inner.clone());
+    let _guard = Unmounted(inner.clone());
 
     let out = run(fx.cmd().arg("check").arg(&fx.mnt).arg("--json"));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -5062,19 +5075,7 @@ fn root_orch_enable_never_takes_a_mapping_name_another_volume_uses() {
 fn root_orch_enable_refuses_what_a_reboot_loses_and_records_absolute_paths() {
     let fx = Fixture::new(128);
     let tmpfs = fx.dir.path().join("tmpfs");
-    std::fs::create_dir(&tmpfs).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-            .arg(&tmpfs),
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).output();
-        }
-    }
-    let _guard = Unmount(tmpfs.clone());
+    let _guard = tmpfs_at(&tmpfs, "64m");
     let untouched = |what: &str| {
         assert!(mount_fields(&fx.mnt).is_some(), "{what}: unmounted");
         assert!(!luksify_tests::has_luks_header(&fx.dev()), "{what}: LUKS");
@@ -5185,13 +5186,7 @@ fn root_orch_enable_of_a_volume_and_one_nested_in_it_takes_the_outer_first() {
             .arg(inner.dev())
             .arg(&nest),
     );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).output();
-        }
-    }
-    let _guard = Unmount(nest.clone());
+    let _guard = Unmounted(nest.clone());
     let inner_sum = sha256(&nest.join("dir1/f3"));
     let mut enable = outer.enable_of(&nest);
     enable.arg("--volume").arg(&outer.mnt);
@@ -5366,14 +5361,10 @@ fn root_orch_disable_checks_room_for_the_moved_header_first() {
     assert!(out.status.success(), "{}", stderr(&out));
     let headers = fx.state.join("headers");
     std::fs::create_dir_all(&headers).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-            .arg(&headers),
-    );
+    let guard = tmpfs_at(&headers, "1m");
     let status_before = std::fs::read(fx.state.join("status.json")).unwrap();
     let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&fx.key));
-    let _ = run(Command::new("umount").arg(&headers));
+    drop(guard);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("the state directory's")

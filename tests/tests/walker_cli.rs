@@ -3490,24 +3490,9 @@ fn walker_a_header_file_deleted_mid_run_is_written_back_and_the_run_stops() {
         assert_eq!(err.trim().lines().count(), 1, "{res}: {err}");
         let mode = std::fs::metadata(c.p("hdr")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{res}");
-        let resume = [
-            "resume",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ];
-        let out = run(&mut luksify(&resume));
+        let out = run(&mut detached_resume(&c));
         assert!(out.status.success(), "{res}: {out:?}");
-        run_ok(&mut luksify(&[
-            "decrypt",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ]));
+        run_ok(&mut detached_decrypt(&c));
         assert!(
             std::fs::read(c.p("img")).unwrap() == orig,
             "{res}: data differs"

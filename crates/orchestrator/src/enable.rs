@@ -489,12 +489,17 @@ fn is_ext(fs: &str) -> bool {
 /// destroys it, and a volume being encrypted must be sound. (A volume luksify
 /// unmounted is clean; the shrink then runs `resize2fs -f`, since this check sets no
 /// check time.)
-fn fsck_ext_read_only(device: &Path) -> Result<()> {
-    let out = Command::new("e2fsck")
-        .args(["-f", "-n"])
+/// Runs `e2fsck FLAGS DEVICE`, its output kept.
+fn e2fsck(flags: &[&str], device: &Path) -> Result<std::process::Output> {
+    Command::new("e2fsck")
+        .args(flags)
         .arg(device)
         .output()
-        .map_err(|e| Failure::failed(format!("cannot run e2fsck ({e}); install e2fsprogs")))?;
+        .map_err(|e| Failure::failed(format!("cannot run e2fsck ({e}); install e2fsprogs")))
+}
+
+fn fsck_ext_read_only(device: &Path) -> Result<()> {
+    let out = e2fsck(&["-f", "-n"], device)?;
     match out.status.code() {
         Some(0) => Ok(()),
         c => {
@@ -526,11 +531,7 @@ fn fsck_ext_read_only(device: &Path) -> Result<()> {
 }
 
 fn fsck_ext(device: &Path) -> Result<()> {
-    let out = Command::new("e2fsck")
-        .args(["-f", "-y"])
-        .arg(device)
-        .output()
-        .map_err(|e| Failure::failed(format!("cannot run e2fsck ({e}); install e2fsprogs")))?;
+    let out = e2fsck(&["-f", "-y"], device)?;
     match out.status.code() {
         Some(0) | Some(1) => Ok(()),
         c => Err(Failure::failed(format!(
