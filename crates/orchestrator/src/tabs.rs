@@ -135,8 +135,19 @@ pub fn fstab_encrypt(
         out.push(line.to_string());
     }
     if !replaced {
-        out.push(format!("{MARK}(none) {mp}"));
-        out.push(entry(fs_type, options, "0 2"));
+        // Before the first entry mounted below it: `mount -a` mounts in file order, and
+        // an entry nested in this one listed first found no mount point (`findmnt
+        // --verify`: "wrong order", a trial).
+        let below = |l: &String| {
+            fields(l).is_some_and(|f| {
+                f.len() >= 2
+                    && Path::new(&unescape_field(f[1])).starts_with(mount_point)
+                    && !same_mount_point(f[1], mount_point)
+            })
+        };
+        let at = out.iter().position(below).unwrap_or(out.len());
+        out.insert(at, entry(fs_type, options, "0 2"));
+        out.insert(at, format!("{MARK}(none) {mp}"));
     }
     join(out)
 }
@@ -634,6 +645,26 @@ mod tests {
         assert!(
             enc.contains("# luksify: was: LABEL=d /srv/ ext4 noatime 0 2\n/dev/mapper/v /srv ext4 noatime,nofail 0 2\n"),
             "{enc}"
+        );
+        assert_eq!(fstab_restore(&enc, Path::new("/srv")), t);
+    }
+
+    /// An entry added for a volume fstab did not name goes before the entries mounted
+    /// below it, and comes out again exactly.
+    #[test]
+    fn fstab_adds_an_entry_before_those_nested_in_it() {
+        let t = "/dev/a / ext4 defaults 0 1\n/dev/n /srv/nest ext4 defaults 0 2\n/dev/o /srv2 ext4 defaults 0 2\n";
+        let enc = fstab_encrypt(
+            t,
+            Path::new("/srv"),
+            Path::new("/dev/mapper/v"),
+            "xfs",
+            "rw",
+            Path::new("/dev/sdz9"),
+        );
+        assert_eq!(
+            enc,
+            "/dev/a / ext4 defaults 0 1\n# luksify: was: (none) /srv\n/dev/mapper/v /srv xfs rw,nofail 0 2\n/dev/n /srv/nest ext4 defaults 0 2\n/dev/o /srv2 ext4 defaults 0 2\n"
         );
         assert_eq!(fstab_restore(&enc, Path::new("/srv")), t);
     }
