@@ -5591,3 +5591,47 @@ fn root_orch_fstab_entry_has_nofail_while_the_volume_is_walked() {
     assert!(!luksify_tests::has_luks_header(&fx.dev()));
     assert!(mount_fields(&fx.mnt).is_some(), "not mounted again");
 }
+
+/// `disable` after the `# luksify: was:` line was removed from fstab (by hand, or a
+/// configuration tool tidying comments): the entry kept naming `/dev/mapper/NAME`,
+/// which no longer exists, so the volume was not mounted at the next boot (a trial).
+/// It is pointed at the plain filesystem's UUID now.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_unmaps_an_fstab_entry_whose_marker_was_removed() {
+    let fx = Fixture::new(128);
+    let fstab = fx.dir.path().join("etc/fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "{} {} ext4 noatime 0 2\n",
+            fx.dev().display(),
+            fx.mnt.display()
+        ),
+    )
+    .unwrap();
+    let uuid = String::from_utf8_lossy(
+        &run_ok(
+            Command::new("blkid")
+                .args(["-s", "UUID", "-o", "value"])
+                .arg(fx.dev()),
+        )
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tidied: String = std::fs::read_to_string(&fstab)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&fstab, &tidied).unwrap();
+    fx.assert_disables_to_plain();
+    assert_eq!(
+        std::fs::read_to_string(&fstab).unwrap(),
+        format!("UUID={uuid} {} ext4 noatime,nofail 0 2\n", fx.mnt.display())
+    );
+}

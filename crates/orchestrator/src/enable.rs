@@ -2861,6 +2861,22 @@ fn finish_disable(sw: &mut StatusWriter, idx: usize, outcome: Outcome) -> Result
         tabs::edit_file(&etc.join("fstab"), |t| tabs::fstab_restore(t, mp))
             .map_err(|e| io("fstab", e))?;
     }
+    // Entries still naming the mapping (their `# luksify: was:` line removed by hand or
+    // by a configuration tool): pointed at the plain filesystem, whose UUID is the one
+    // recorded (a trial's fstab kept naming a mapping that no longer exists).
+    let mapped = Path::new("/dev/mapper").join(&v.mapper);
+    let plain = v
+        .fs_uuid
+        .as_ref()
+        .map(|u| format!("UUID={u}"))
+        .unwrap_or_else(|| v.device.display().to_string());
+    let text = std::fs::read_to_string(etc.join("fstab")).unwrap_or_default();
+    if tabs::fstab_unmap(&text, &mapped, &plain) != text {
+        tabs::edit_file(&etc.join("fstab"), |t| {
+            tabs::fstab_unmap(t, &mapped, &plain)
+        })
+        .map_err(|e| io("fstab", e))?;
+    }
     // The header (moved out of the way, or the detached one luksify created in
     // --header-dir) held the keyslots; once decrypted it is an empty shell, and left
     // behind it would block a later `enable` of a device with the same name.

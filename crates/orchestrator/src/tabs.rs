@@ -225,6 +225,24 @@ pub fn fstab_release(text: &str, mount_point: Option<&Path>) -> String {
     join(out)
 }
 
+/// Points every entry that still names `mapped` (no `# luksify: was:` line to restore:
+/// removed by hand) at `plain` (`UUID=...` of the plain filesystem), the rest of the
+/// line kept.
+pub fn fstab_unmap(text: &str, mapped: &Path, plain: &str) -> String {
+    let spec = escape(&mapped.to_string_lossy());
+    let out = text
+        .lines()
+        .map(|l| match fields(l) {
+            Some(f) if f.first() == Some(&spec.as_str()) => {
+                let rest = l.trim_start()[spec.len()..].to_string();
+                format!("{plain}{rest}")
+            }
+            _ => l.to_string(),
+        })
+        .collect();
+    join(out)
+}
+
 /// An fstab entry's mount point, filesystem type and options./// An fstab entry's mount point, filesystem type and options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FstabEntry {
@@ -667,6 +685,21 @@ mod tests {
             "/dev/a / ext4 defaults 0 1\n# luksify: was: (none) /srv\n/dev/mapper/v /srv xfs rw,nofail 0 2\n/dev/n /srv/nest ext4 defaults 0 2\n/dev/o /srv2 ext4 defaults 0 2\n"
         );
         assert_eq!(fstab_restore(&enc, Path::new("/srv")), t);
+    }
+
+    /// A mapping's entry whose marker line is gone is pointed at the plain filesystem.
+    #[test]
+    fn fstab_unmap_points_a_markerless_entry_at_the_plain_filesystem() {
+        let t = "/dev/mapper/luksify-sdc /srv ext4 noatime,nofail 0 2\n/dev/mapper/other /x ext4 defaults 0 2\n";
+        assert_eq!(
+            fstab_unmap(t, Path::new("/dev/mapper/luksify-sdc"), "UUID=u1"),
+            "UUID=u1 /srv ext4 noatime,nofail 0 2\n/dev/mapper/other /x ext4 defaults 0 2\n"
+        );
+        let restored = "LABEL=d /srv ext4 noatime 0 2\n";
+        assert_eq!(
+            fstab_unmap(restored, Path::new("/dev/mapper/luksify-sdc"), "UUID=u1"),
+            restored
+        );
     }
 
     #[test]
