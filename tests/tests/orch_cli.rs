@@ -5635,3 +5635,68 @@ fn root_orch_disable_unmaps_an_fstab_entry_whose_marker_was_removed() {
         format!("UUID={uuid} {} ext4 noatime,nofail 0 2\n", fx.mnt.display())
     );
 }
+
+/// The state directory filling up mid-run (a trial's tmpfs): the run stopped with a bare
+/// "cannot write the status file (No space left on device)", the volume unmounted, and no
+/// word of what to do. The message now names the fix, and `resume` finishes the run once
+/// there is room.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_state_dir_that_fills_mid_run_says_how_to_go_on() {
+    // (Made before the fixture, so that it is unmounted after the fixture's drop
+    // closes a mapping whose view is inside it.)
+    let small = tempfile::tempdir().unwrap();
+    let state = small.path().join("state");
+    let _guard = tmpfs_at(&state, "1m");
+    let fx = Fixture::new(128);
+    let mut enable = fx.enable_cmd();
+    enable
+        .arg("--state-dir")
+        .arg(&state)
+        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "300");
+    let mut child = enable.spawn_quiet();
+    wait_on(&mut child, "the walk", || {
+        std::fs::read(state.join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|s| s["volumes"][0]["bytes_done"].as_u64().unwrap_or(0) > 0)
+    });
+    let filler = state.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write the status file")
+            && err.contains("free space there or make it writable, then run `luksify resume")
+            && err.contains(&format!("--state-dir {}", state.display())),
+        "{err}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let mut resume = fx.cmd();
+    resume
+        .args(["resume", "--userspace", "--state-dir"])
+        .arg(&state);
+    let out = run(&mut resume);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_files_unchanged();
+    // (disable moves the 16 MiB header into the state directory: room for it.)
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,size=32m"])
+            .arg(&state),
+    );
+    let mut disable = fx.cmd();
+    disable
+        .args(["disable", "--state-dir"])
+        .arg(&state)
+        .arg("--key-file")
+        .arg(&fx.key);
+    let out = run(&mut disable);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+}

@@ -844,8 +844,10 @@ fn end_run_failed(sw: &mut StatusWriter, idx: usize, e: Failure) -> Failure {
 
 fn commit(sw: &mut StatusWriter) -> Result<()> {
     sw.commit().map_err(|e| {
+        // (A trial filled the state directory mid-run: the bare error left the volume
+        // unmounted with no word of what to do.)
         Failure::failed(format!(
-            "cannot write the status file in {} ({e})",
+            "cannot write the status file in {} ({e}); fix: free space there or make it writable, then run `luksify resume`, which goes on from what the volumes' headers record",
             sw.dir().display()
         ))
     })
