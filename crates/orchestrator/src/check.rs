@@ -157,10 +157,7 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
     // fstab's way of naming a device (`LABEL=data`, `UUID=...`): the device blkid finds.
     if let Some(tag) = fstab_tag(target) {
         // fstab's own spelling of a blank (`LABEL=my\040data`) is the label's blank.
-        let wanted = tag
-            .replace("\\040", " ")
-            .replace("\\011", "\t")
-            .replace("\\134", "\\");
+        let wanted = crate::tabs::unescape_field(tag);
         let out = std::process::Command::new("blkid")
             .args(["-c", "/dev/null", "-o", "device", "-t", &wanted])
             .output();

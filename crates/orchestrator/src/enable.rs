@@ -1565,12 +1565,7 @@ fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
             .unwrap_or_else(|| v.device.display().to_string()),
     };
     let fstab = std::fs::read_to_string(etc.join("fstab")).unwrap_or_default();
-    let mount_points: Vec<&Path> = v
-        .mount_point
-        .iter()
-        .chain(&v.fstab_mount_points)
-        .map(PathBuf::as_path)
-        .collect();
+    let mount_points = fstab_points(v);
     let entry = tabs::CrypttabEntry {
         name: v.mapper.clone(),
         device,

@@ -298,7 +298,7 @@ pub fn fstab_needs_network(text: &str, mount_points: &[&Path]) -> bool {
 }
 
 /// Undoes [`escape`].
-fn unescape_field(s: &str) -> String {
+pub(crate) fn unescape_field(s: &str) -> String {
     s.replace("\\040", " ")
         .replace("\\011", "\t")
         .replace("\\134", "\\")
