@@ -424,6 +424,28 @@ pub fn kill_at_fdatasync(cmd: &Command, n: u64) -> Output {
     ))
 }
 
+/// Runs `cmd` under strace, SIGKILLed at its `n`th fdatasync of the file at the absolute
+/// path `file` (which may not exist yet), stdout discarded. Counting one file's flushes
+/// keeps the cut point exact where another thread flushes another file in between.
+pub fn kill_at_fdatasync_of(cmd: &Command, file: &Path, n: u64) -> Output {
+    assert!(
+        file.is_absolute(),
+        "strace -P matches {file:?} only as an absolute path"
+    );
+    let rule = format!("inject=fdatasync:signal=SIGKILL:when={n}");
+    let mut st = strace_with(
+        &[
+            "-P".as_ref(),
+            file.as_os_str(),
+            "-e".as_ref(),
+            rule.as_ref(),
+        ],
+        cmd,
+    );
+    st.stdout(std::process::Stdio::null());
+    run(&mut st)
+}
+
 /// `cryptsetup ARGS... -q --header HDR --key-file KEY DEV`, with
 /// `--force-offline-reencrypt` for `reencrypt` (no dm-crypt here): the detached-header
 /// calls the tests share (`repair`, `reencrypt --resume-only`, `reencrypt --decrypt`).
