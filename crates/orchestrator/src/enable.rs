@@ -819,7 +819,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         }
     }
     sw.active = None;
-    sw.status.pid = None;
+    sw.status.end_run();
     commit(&mut sw)
 }
 
@@ -837,7 +837,7 @@ fn end_run_failed(sw: &mut StatusWriter, idx: usize, e: Failure) -> Failure {
         }
     }
     sw.active = None;
-    sw.status.pid = None;
+    sw.status.end_run();
     let _ = sw.commit();
     e
 }
@@ -1739,7 +1739,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         skipped: skipped.len(),
     };
     if pending.is_empty() {
-        sw.status.pid = None;
+        sw.status.end_run();
         commit(&mut sw)?;
         return Ok(done(count));
     }
@@ -2591,7 +2591,7 @@ pub fn disable(
         }
     }
     sw.active = None;
-    sw.status.pid = None;
+    sw.status.end_run();
     commit(&mut sw)?;
     Ok(count)
 }

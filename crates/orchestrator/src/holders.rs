@@ -295,6 +295,23 @@ pub fn pid_running(pid: u32) -> bool {
     pid_exists(pid) && !is_zombie(pid)
 }
 
+/// What tells process `pid` from a later one given the same pid: this boot's id and the
+/// process's start time (clock ticks since boot, /proc/PID/stat's 22nd field), as
+/// `BOOT_ID:TICKS`. None when the process is gone.
+pub fn process_identity(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    // The fields after the command start at the 3rd (state): the 22nd is index 19.
+    let ticks = stat_fields(&proc_dir(pid))?.get(19)?.clone();
+    Some(format!("{}:{ticks}", boot.trim()))
+}
+
+/// Whether the process recorded as `pid` (with `identity`, from [`process_identity`],
+/// when it was recorded) still runs: not a zombie, and not a later process that was given
+/// the same pid (after a reboot, or once pids wrapped around).
+pub fn recorded_process_running(pid: u32, identity: Option<&str>) -> bool {
+    pid_running(pid) && identity.is_none_or(|id| process_identity(pid).as_deref() == Some(id))
+}
+
 /// The parent of `pid`.
 pub fn parent_pid(pid: u32) -> Option<u32> {
     stat_fields(&proc_dir(pid))?.get(1)?.parse().ok()

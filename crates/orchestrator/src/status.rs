@@ -143,6 +143,10 @@ pub struct Status {
     pub operation: Operation,
     /// Pid of the luksify process doing the work, when one is.
     pub pid: Option<u32>,
+    /// That process's identity (boot id and start time, `holders::process_identity`):
+    /// a pid reused after a reboot or a wrap-around is not taken for the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<String>,
     pub os_volume_encrypted: VolumeState,
     pub data_volumes_encrypted: VolumeState,
     pub progress_message: String,
@@ -176,6 +180,19 @@ impl Status {
         }
         self.operation = op;
         self.pid = Some(pid);
+        self.pid_start = crate::holders::process_identity(pid);
+    }
+
+    /// The run's process is done with the file (finished, failed or gone).
+    pub fn end_run(&mut self) {
+        self.pid = None;
+        self.pid_start = None;
+    }
+
+    /// Whether the process recorded as doing the run still runs.
+    pub fn run_process_running(&self) -> bool {
+        self.pid
+            .is_some_and(|p| crate::holders::recorded_process_running(p, self.pid_start.as_deref()))
     }
 
     /// Puts the run's volumes last, in `order` (the order the run works them): the
@@ -248,14 +265,14 @@ pub fn apply_live_state(
             VolumeState::NotMounted
         };
     }
-    let gone = s.pid.is_some_and(|p| !crate::holders::pid_exists(p));
+    let gone = s.pid.is_some() && !s.run_process_running();
     // A run killed between two volumes has none in progress, only volumes it had not
     // reached: the aggregate and the message say what resume does with them (a trial
     // read NotEncrypted and "Decrypting 2 data volumes" from a dead disable).
     let mut stopped_between = None;
     if gone {
         let (op, pending) = crate::enable::pending_of_stopped_run(s);
-        s.pid = None;
+        s.end_run();
         // An interrupted run's percent is its header's when that is further (the
         // file's lags up to 2 s): the JSON says what the message says (a trial read
         // "interrupted at 29%" beside "percent": 21.65).
@@ -1104,6 +1121,43 @@ mod tests {
         s.pid = None;
         s.refresh(None);
         assert_eq!(s.progress_message, "Decryption succeeded");
+    }
+
+    #[test]
+    fn a_process_given_the_runs_pid_later_is_not_the_run() {
+        let me = std::process::id();
+        let run = |pid_start: Option<String>| {
+            let mut s = Status {
+                operation: Operation::EnableEncryption,
+                pid: Some(me),
+                pid_start,
+                volumes: vec![vol(VolumeState::EncryptionInProgress, 37.2)],
+                ..Default::default()
+            };
+            apply_live_state(&mut s, &[], None);
+            s
+        };
+        // Recorded by this process: it runs.
+        let s = run(crate::holders::process_identity(me));
+        assert_eq!(s.pid, Some(me));
+        assert!(s.run_process_running());
+        // Recorded by another that had this pid (another boot, another start time).
+        for other in ["00000000-0000-0000-0000-000000000000:1".to_string(), {
+            let mine = crate::holders::process_identity(me).unwrap();
+            let (boot, ticks) = mine.rsplit_once(':').unwrap();
+            format!("{boot}:{}", ticks.parse::<u64>().unwrap() + 1)
+        }] {
+            let s = run(Some(other));
+            assert_eq!(s.pid, None);
+            assert_eq!(s.pid_start, None);
+            assert!(
+                s.progress_message.contains("its luksify process is gone"),
+                "{}",
+                s.progress_message
+            );
+        }
+        // A file written before identities were recorded: the pid alone, as before.
+        assert_eq!(run(None).pid, Some(me));
     }
 
     #[test]
