@@ -1507,6 +1507,42 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     run_ok(luksify(&state).args(["close", &name]));
 }
 
+/// Where each thread of `pid` and of its descendants waits in the kernel (command line,
+/// state, kernel stack): what a hung test reports, so a hang says what it was waiting for.
+fn kernel_waits(pid: u32) -> String {
+    let mut out = String::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        for t in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let t = t.path();
+            let read = |n: &str| std::fs::read_to_string(t.join(n)).unwrap_or_default();
+            let state = read("stat")
+                .rsplit(") ")
+                .next()
+                .unwrap_or("")
+                .chars()
+                .next();
+            let stack: Vec<String> = read("stack")
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+                .collect();
+            out += &format!("[{p} {cmd}: {state:?} {}] ", stack.join("<"));
+            let kids = read("children");
+            todo.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
 /// A userspace mapping whose daemon is stopped (SIGSTOP, or stuck) answers no read of its
 /// view: a reader waits in the kernel, unkillable, until the daemon runs again. `check`
 /// of the view and the candidate listing of `enable` (which checks every block device)
@@ -1569,7 +1605,23 @@ fn root_orch_a_stopped_mapping_daemon_hangs_neither_check_nor_the_candidate_list
             std::thread::sleep(Duration::from_millis(100));
         }
         if child.try_wait().unwrap().is_none() {
-            hung.push(args.join(" "));
+            let stuck: Vec<String> = std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|p| {
+                    let st = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                    st.rsplit(") ").next().is_some_and(|r| r.starts_with('D'))
+                })
+                .map(kernel_waits)
+                .collect();
+            hung.push(format!(
+                "{}: {} (elsewhere in D state: {})",
+                args.join(" "),
+                kernel_waits(child.id()),
+                stuck.join(" ")
+            ));
             // SAFETY: as above; the waiting reader goes on once the daemon runs again.
             unsafe { libc::kill(daemon, libc::SIGCONT) };
         }
