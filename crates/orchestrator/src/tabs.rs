@@ -424,12 +424,16 @@ pub fn unwritable() -> Option<String> {
         }
     };
     let mut paths = vec![etc.clone()];
-    paths.extend(
-        ["fstab", "crypttab"]
-            .iter()
-            .map(|f| etc.join(f))
-            .filter(|p| p.exists()),
-    );
+    for f in ["fstab", "crypttab"] {
+        // A link's target is the file replaced, through a new file in its directory.
+        let file = through_links(&etc.join(f));
+        if let Some(dir) = file.parent().filter(|d| *d != etc && d.exists()) {
+            paths.push(dir.to_path_buf());
+        }
+        if file.exists() {
+            paths.push(file);
+        }
+    }
     paths.into_iter().find_map(|p| {
         access(&p).err().map(|e| {
             format!(
@@ -440,9 +444,29 @@ pub fn unwritable() -> Option<String> {
     })
 }
 
-/// Applies `edit` to the file at `path` (missing = empty), backing it up first to
-/// `path.luksify-bak` (kept from the first edit, so the pristine copy survives).
+/// The file `path` names through symbolic links (up to 40, as the kernel follows them;
+/// the last one's target may not exist yet). An fstab or crypttab that is a link (to a
+/// configuration tool's copy, or a file on another filesystem) is edited where it lives,
+/// and the link stays a link: it used to be replaced by a plain file.
+pub fn through_links(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&p) else {
+            break;
+        };
+        p = match p.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    p
+}
+
+/// Applies `edit` to the file at `path` (missing = empty; a symbolic link: the file it
+/// names), backing it up first to `FILE.luksify-bak` beside it (kept from the first
+/// edit, so the pristine copy survives).
 pub fn edit_file(path: &Path, edit: impl FnOnce(&str) -> String) -> std::io::Result<()> {
+    let path = &through_links(path);
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -477,6 +501,55 @@ mod tests {
     use super::*;
 
     const FSTAB: &str = "# /etc/fstab\nUUID=abc / ext4 errors=remount-ro 0 1\n/dev/sdc1 /data ext4 defaults,noatime 0 2\n";
+
+    /// A symlinked fstab is edited where it lives: the link stays, the backup sits
+    /// beside the file it copies, and the file keeps its mode.
+    #[test]
+    fn a_linked_tab_is_edited_through_its_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("managed");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("fstab"), FSTAB).unwrap();
+        std::fs::set_permissions(real.join("fstab"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        let etc = d.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        // Two hops, the first relative.
+        std::os::unix::fs::symlink("fstab.link", etc.join("fstab")).unwrap();
+        std::os::unix::fs::symlink(real.join("fstab"), etc.join("fstab.link")).unwrap();
+        assert_eq!(through_links(&etc.join("fstab")), real.join("fstab"));
+        edit_file(&etc.join("fstab"), |t| format!("{t}# added\n")).unwrap();
+        assert!(std::fs::symlink_metadata(etc.join("fstab"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            std::fs::read_to_string(real.join("fstab")).unwrap(),
+            format!("{FSTAB}# added\n")
+        );
+        assert_eq!(
+            std::fs::read_to_string(real.join("fstab.luksify-bak")).unwrap(),
+            FSTAB
+        );
+        assert!(!etc.join("fstab.luksify-bak").exists());
+        let mode = std::fs::metadata(real.join("fstab"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+        // A link to a file not there yet: the file is made where the link points.
+        std::os::unix::fs::symlink(real.join("crypttab"), etc.join("crypttab")).unwrap();
+        edit_file(&etc.join("crypttab"), |t| format!("{t}x\n")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(real.join("crypttab")).unwrap(),
+            "x\n"
+        );
+        assert!(std::fs::symlink_metadata(etc.join("crypttab"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
 
     #[test]
     fn fstab_encrypt_then_restore_is_identity() {
