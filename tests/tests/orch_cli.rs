@@ -1588,11 +1588,27 @@ fn root_orch_a_stopped_mapping_daemon_hangs_neither_check_nor_the_candidate_list
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     // SAFETY: kill(2) with a pid read from our own mapping record.
     unsafe { libc::kill(daemon, libc::SIGSTOP) };
+    // Another process stuck reading the view (in CI: a concurrent `resume`'s device
+    // scan): the listing's lseek of the view's size then waited behind it.
+    let mut reader = Command::new("dd")
+        .arg(format!("if={}", view.display()))
+        .args(["of=/dev/null", "bs=4096", "count=1", "skip=777"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let mut hung = Vec::new();
     let mut outs = Vec::new();
     for args in [
         vec!["check".to_string(), view.display().to_string()],
         vec!["enable".into(), "--volume-type".into(), "data".into()],
+        // The scan for interrupted runs no status file knows, and fstab's way of naming
+        // a disk (blkid alone reads every block device).
+        vec!["resume".into()],
+        vec![
+            "check".into(),
+            format!("LABEL=nowhere{}", std::process::id()),
+        ],
     ] {
         let mut child = luksify(&state)
             .args(&args)
@@ -1631,6 +1647,7 @@ fn root_orch_a_stopped_mapping_daemon_hangs_neither_check_nor_the_candidate_list
     }
     // SAFETY: as above.
     unsafe { libc::kill(daemon, libc::SIGCONT) };
+    let _ = reader.wait();
     let _ = run(luksify(&state).args(["close", &name]));
     assert!(hung.is_empty(), "hung on the stopped daemon: {hung:?}");
     let (_, check) = &outs[0];
@@ -1649,6 +1666,12 @@ fn root_orch_a_stopped_mapping_daemon_hangs_neither_check_nor_the_candidate_list
         "the listing offered the view or failed: {listed}{}",
         String::from_utf8_lossy(&list.stderr)
     );
+    let (_, scan) = &outs[2];
+    assert!(scan.status.success(), "resume's scan: {scan:?}");
+    let (_, label) = &outs[3];
+    let err = String::from_utf8_lossy(&label.stderr);
+    assert_eq!(label.status.code(), Some(3), "{err}");
+    assert!(err.contains("no block device carries it"), "{err}");
 }
 
 /// A data volume on a partition of an odd number of 512-byte sectors (fdisk's last

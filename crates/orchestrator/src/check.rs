@@ -158,20 +158,10 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
     if let Some(tag) = fstab_tag(target) {
         // fstab's own spelling of a blank (`LABEL=my\040data`) is the label's blank.
         let wanted = crate::tabs::unescape_field(tag);
-        let out = std::process::Command::new("blkid")
-            .args(["-c", "/dev/null", "-o", "device", "-t", &wanted])
-            .output();
-        let devs: Vec<String> = out
-            .ok()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .map(str::trim)
-                    .filter(|d| !d.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let devs: Vec<String> = probe::devices_with_tag(&wanted)
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
         return match devs.as_slice() {
             [d] => resolve(Path::new(d), all),
             [] => Err(bad(

@@ -2900,30 +2900,6 @@ pub struct FoundInProgress {
     pub decrypt: bool,
 }
 
-/// Block devices that may carry a volume: whole disks, partitions and loop devices with
-/// a backing file (an unbound loop device has no data to read).
-fn candidate_block_devices() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/sys/class/block") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        if n.starts_with("loop") && !e.path().join("loop/backing_file").exists() {
-            continue;
-        }
-        if ["ram", "zram", "sr", "fd"].iter().any(|p| n.starts_with(p)) {
-            continue;
-        }
-        let dev = PathBuf::from("/dev").join(&n);
-        if probe::block_dev_num(&dev).is_some() {
-            out.push(dev);
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Interrupted reencryptions the status file does not know about (it was lost, or the
 /// run was started by `cryptsetup reencrypt` / `luksify encrypt`): every candidate block
 /// device whose first 4 KiB are a LUKS2 header with the `online-reencrypt` requirement,
@@ -2933,7 +2909,7 @@ pub fn scan_in_progress(state_dir: &Path) -> Vec<FoundInProgress> {
     let status = crate::status::load(state_dir).unwrap_or_default();
     let known: Vec<PathBuf> = status.volumes.iter().map(|v| v.device.clone()).collect();
     let mut out: Vec<FoundInProgress> = Vec::new();
-    for dev in candidate_block_devices() {
+    for dev in probe::scannable_block_devices() {
         if known.contains(&dev) {
             continue;
         }

@@ -273,11 +273,76 @@ pub fn block_dev_num(p: &Path) -> Option<DevNum> {
         .then(|| DevNum::from_raw(md.rdev()))
 }
 
-/// Size in bytes of a block device (or file).
+/// Size in bytes of a block device (or file). A block device's comes from sysfs, with
+/// no open and no lseek: lseek locks the device's inode, and waited there for good behind
+/// a reader stuck on a stopped userspace mapping's view (found in CI).
 pub fn device_size(p: &Path) -> std::io::Result<u64> {
     use std::io::{Seek, SeekFrom};
+    if let Some(num) = block_dev_num(p) {
+        let sectors = std::fs::read_to_string(format!("/sys/dev/block/{num}/size"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if let Some(n) = sectors {
+            return Ok(n * 512);
+        }
+    }
     let mut f = File::open(p)?;
     f.seek(SeekFrom::End(0))
+}
+
+/// Block devices whose contents may be read to look for a volume: whole disks,
+/// partitions, and loop devices with a backing file (an unbound one holds nothing),
+/// sorted. Left out: RAM disks, optical and floppy drives, and luksify's own userspace
+/// views, whose every read waits on their daemon (a stopped one hangs the reader, and
+/// the other processes that then touch the device, for good).
+pub fn scannable_block_devices() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/sys/class/block") else {
+        return out;
+    };
+    let all = crate::mountinfo::read().unwrap_or_default();
+    for e in dir.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        // A loop device's partition (`losetup -P`) has its disk's backing file.
+        let disk = whole_disk_dir(&e.path()).unwrap_or_else(|| e.path());
+        if n.starts_with("loop") && !disk.join("loop/backing_file").exists() {
+            continue;
+        }
+        if ["ram", "zram", "sr", "fd"].iter().any(|p| n.starts_with(p)) {
+            continue;
+        }
+        let dev = PathBuf::from("/dev").join(&n);
+        match block_dev_num(&dev) {
+            Some(num) if crate::check::luksify_view_of(num, &all).is_none() => out.push(dev),
+            _ => {}
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `blkid -c /dev/null -o device -t TAG` over [`scannable_block_devices`] (blkid alone
+/// reads every block device, luksify's views too): the devices that carry `tag`
+/// (`UUID=...`, `LABEL=...`).
+pub fn devices_with_tag(tag: &str) -> Vec<PathBuf> {
+    let devs = scannable_block_devices();
+    // With no device named, blkid would read them all.
+    if devs.is_empty() {
+        return Vec::new();
+    }
+    let Ok(out) = std::process::Command::new("blkid")
+        .args(["-c", "/dev/null", "-o", "device", "-t", tag])
+        .args(&devs)
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// One active swap area from /proc/swaps.
@@ -414,18 +479,7 @@ pub fn type_and_uuid(dev: &Path) -> Option<(String, String)> {
 
 /// Every block device blkid finds carrying `uuid` (probed afresh, not from its cache).
 pub fn devices_with_uuid(uuid: &str) -> Vec<PathBuf> {
-    let Ok(out) = std::process::Command::new("blkid")
-        .args(["-c", "/dev/null", "-o", "device", "-t"])
-        .arg(format!("UUID={uuid}"))
-        .output()
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(PathBuf::from)
-        .collect()
+    devices_with_tag(&format!("UUID={uuid}"))
 }
 
 /// The md RAID superblock on a device of `size` bytes, if one is there: its metadata
