@@ -1037,6 +1037,7 @@ pub fn check_resolved(
             block_size: None,
             min_io: None,
             source: "not read: luksify's own open mapping".into(),
+            external_log: false,
         },
         Err(Some(e)) => {
             push(
@@ -1058,6 +1059,7 @@ pub fn check_resolved(
                 block_size: None,
                 min_io: None,
                 source: "none".into(),
+                external_log: false,
             }
         }
     };
@@ -1140,6 +1142,22 @@ pub fn check_resolved(
         None => {}
     }
     let fs = filesystem.fs_type.as_str();
+    // Its journal or log on another disk stays plaintext: with `data=journal` file
+    // contents pass through it, and names and attributes always do (a trial found a
+    // file's contents written after `enable` in clear on the journal device).
+    if filesystem.external_log && view.is_none() {
+        push(
+            "external_log",
+            Severity::Blocker,
+            format!("{fs} on {dev_s} keeps its journal on another device"),
+            "that device would stay plaintext, and what the filesystem writes later (names, attributes, with data=journal file contents) would land there in clear".into(),
+            if fs == "xfs" {
+                "xfs cannot take its log back inside: copy the data to an xfs made without `-l logdev=`, and encrypt that".into()
+            } else {
+                format!("move the journal inside the filesystem first: unmount it, `tune2fs -O ^has_journal {dev_s}` (add -f if the journal device is gone), `tune2fs -j {dev_s}`, and mount it without `journal_dev=`/`journal_path=`")
+            },
+        );
+    }
     let can_shrink = filesystem.can_shrink();
     let header_space_needed = if opts.detached_header || view.is_some() {
         0
@@ -1221,7 +1239,7 @@ pub fn check_resolved(
                     Severity::Blocker,
                     format!("{fs} on {dev_s} cannot shrink"),
                     format!("{fs} has no offline shrink, so there is no room for a header on the device"),
-                    "keep the header in a file on another volume: --header-dir /root/luks-headers".into(),
+                    "keep the header in a file on another volume: `enable --header-dir /root/luks-headers` (`check --detached-header` checks that way)".into(),
                 );
             }
             "xfs" | "btrfs" => {}
@@ -1250,6 +1268,13 @@ pub fn check_resolved(
             }
             "swap" => {}
             "unreadable" => {}
+            "jbd" | "xfs_external_log" => push(
+                "external_log_device",
+                Severity::Blocker,
+                format!("{dev_s} is the external {} of a filesystem on another device", if fs == "jbd" { "journal (jbd)" } else { "xfs log" }),
+                "it belongs to that filesystem, which mounts it: it is not a volume of its own to encrypt".into(),
+                "encrypt the filesystem's own device instead, after moving its journal inside it (`luksify check` of that device says how)".into(),
+            ),
             table if table.ends_with(probe::PARTITION_TABLE) => push(
                 "partition_table",
                 Severity::Blocker,
@@ -1274,7 +1299,7 @@ pub fn check_resolved(
                 },
                 format!("{other} on {dev_s} is not a tested filesystem"),
                 "luksify only knows how to shrink ext2/3/4".into(),
-                "use --header-dir DIR (detached header, no shrink)".into(),
+                "keep the header in a file: `enable --header-dir DIR` (detached header, no shrink; `check --detached-header` checks that way)".into(),
             ),
         }
     }
@@ -1301,6 +1326,29 @@ pub fn check_resolved(
             "the walker needs buffers and the kernel needs page cache to flush".into(),
             "stop memory-hungry services before encrypting".into(),
         );
+    }
+    // Unmounted here, yet opened exclusively by someone (the mounted filesystem it is
+    // the external log of, a RAID or device-mapper member, a mount in another namespace,
+    // another run): enable found it only after it had begun, exit 4, and check named
+    // nothing (a trial). Last, so that a more precise blocker above explains it.
+    if r.mounts.is_empty()
+        && view.is_none()
+        && !problems.iter().any(|p| p.severity == Severity::Blocker)
+        && probe::held_exclusively(&r.device)
+    {
+        let name = r
+            .device
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        problems.push(Problem {
+            code: "held_exclusively",
+            severity: Severity::Blocker,
+            what: format!("{dev_s} is not mounted here, but something holds it exclusively"),
+            why: "an exclusive holder (a mounted filesystem's external journal or log, a RAID or device-mapper member, a mount in another mount namespace, another luksify or cryptsetup run) would see its device rewritten under it".into(),
+            fix: format!("find and stop the holder (`ls /sys/class/block/{name}/holders`, `grep -e {dev_s} -e {} /proc/*/mountinfo`), then check again", r.dev),
+        });
     }
     Ok(Report {
         target: target.to_path_buf(),

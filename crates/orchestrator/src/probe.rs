@@ -22,6 +22,10 @@ pub struct FsInfo {
     pub min_io: Option<u32>,
     /// How it was recognised: `superblock` or `blkid`.
     pub source: String,
+    /// Its journal (ext3/4) or log (xfs) lives on another device, which encrypting this
+    /// one leaves plaintext.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub external_log: bool,
 }
 
 impl FsInfo {
@@ -99,6 +103,7 @@ pub fn detect_fs(dev: &Path) -> std::io::Result<FsInfo> {
         block_size: None,
         min_io: None,
         source: "blkid".into(),
+        external_log: false,
     })
 }
 
@@ -137,6 +142,7 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
         block_size,
         min_io: block_size,
         source: "superblock".into(),
+        external_log: false,
     };
     if head.len() >= 6 && (&head[..6] == b"LUKS\xba\xbe") {
         return Some(info("crypto_LUKS", None, None, None));
@@ -153,6 +159,10 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
             let compat = le32(sb, 0x5C);
             let incompat = le32(sb, 0x60);
             let ro_compat = le32(sb, 0x64);
+            // An external journal device (mke2fs -O journal_dev): blkid's `jbd`.
+            if incompat & 0x8 != 0 {
+                return Some(info("jbd", None, None, Some(bs)));
+            }
             let is64 = incompat & 0x80 != 0;
             let blocks = le32(sb, 4) as u64
                 | if is64 {
@@ -175,12 +185,16 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
             } else {
                 "ext2"
             };
-            return Some(info(
+            let mut i = info(
                 t,
                 Some(blocks * bs as u64),
                 Some(free * bs as u64),
                 Some(bs),
-            ));
+            );
+            // has_journal with no journal inode: the journal is on the device its UUID
+            // (s_journal_uuid) names.
+            i.external_log = compat & 0x4 != 0 && le32(sb, 0xE0) == 0;
+            return Some(i);
         }
     }
     if head.len() >= 16 && &head[..4] == b"XFSB" {
@@ -188,6 +202,8 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
         let blocks = be64(head, 8);
         let mut i = info("xfs", Some(blocks * bs as u64), None, Some(bs));
         i.min_io = Some(u16::from_be_bytes([head[102], head[103]]) as u32);
+        // sb_logstart 0: the log is on another device (mkfs.xfs -l logdev=).
+        i.external_log = head.len() >= 56 && be64(head, 48) == 0;
         return Some(i);
     }
     if head.len() >= 0x10048 && &head[0x10040..0x10048] == b"_BHRfS_M" {
