@@ -5985,3 +5985,63 @@ fn root_orch_a_filesystem_whose_journal_is_on_another_device_is_refused() {
     drop(held);
     run_ok(luksify(&state).arg("check").arg(&plain.path));
 }
+
+/// A `disable` refused for a wrong passphrase, then a `resume --key-file` that finishes
+/// an encryption started by hand (`luksify encrypt`, killed) on another device: the
+/// resume was recorded as the refused disable's, and `status` said "Decrypting 1 data
+/// volume" for good while nothing ran (a trial). Also: once the run has ended, no
+/// volume shows a rate or a time left.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_resume_after_a_refused_disable_is_not_reported_as_a_decryption() {
+    let fx = Fixture::new(96);
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let wrong = fx.dir.path().join("wrong");
+    std::fs::write(&wrong, b"not the passphrase").unwrap();
+    let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&wrong));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // An encryption by hand, with the same passphrase, killed mid-walk.
+    let img = fx.dir.path().join("other");
+    let mut data = vec![0u8; 96 << 20];
+    luksify_tests::fill_pattern(&mut data, 96);
+    std::fs::write(&img, &data).unwrap();
+    let other = LoopDev::attach(&img);
+    let mut enc = Command::new(luksify_bin());
+    enc.arg("encrypt")
+        .arg(&other.path)
+        .arg("--key-file")
+        .arg(&fx.key)
+        .args(["--reduce-device-size", "32M", "--pbkdf", "pbkdf2"])
+        .args(["--pbkdf-force-iterations", "1000", "--hotzone-kib", "512"]);
+    let cut = luksify_tests::kill_at_fdatasync(&enc, 8);
+    assert!(!cut.status.success(), "the encryption was not cut");
+    let out = run(fx
+        .cmd()
+        .args(["resume", "--userspace", "--key-file"])
+        .arg(&fx.key));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run_ok(fx.cmd().args(["status", "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mappers: Vec<String> = v["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["device"] == other.path.display().to_string())
+        .filter_map(|x| x["mapper"].as_str().map(str::to_string))
+        .collect();
+    for m in &mappers {
+        let _ = run(fx.cmd().args(["close", m]));
+    }
+    assert_eq!(mappers.len(), 1, "the found run is not in the status: {v}");
+    let msg = v["progress_message"].as_str().unwrap_or_default();
+    assert!(!msg.contains("Decrypting"), "{v}");
+    assert_eq!(msg, "Encryption succeeded for data volumes", "{v}");
+    assert_eq!(v["data_volumes_encrypted"], "Encrypted", "{v}");
+    for x in v["volumes"].as_array().unwrap() {
+        assert!(
+            x["rate_bytes_per_s"].is_null() && x["eta_seconds"].is_null(),
+            "{x}"
+        );
+    }
+}

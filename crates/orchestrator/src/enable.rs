@@ -1807,8 +1807,11 @@ pub(crate) fn pending_of_stopped_run(status: &crate::status::Status) -> (Operati
         Operation::DisableEncryption => Operation::DisableEncryption,
         Operation::None => return (Operation::None, Vec::new()),
     };
+    // A run that ended by itself (done, failed, refused) leaves nothing to take up: its
+    // operation is not the next run's (a resume after a refused disable was recorded as
+    // a disable, and status said "Decrypting 1 data volume" for good; a trial).
     if !stopped {
-        return (op, Vec::new());
+        return (Operation::None, Vec::new());
     }
     let waiting = |v: &VolumeStatus| match op {
         Operation::DisableEncryption => {

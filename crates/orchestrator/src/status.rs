@@ -183,10 +183,16 @@ impl Status {
         self.pid_start = crate::holders::process_identity(pid);
     }
 
-    /// The run's process is done with the file (finished, failed or gone).
+    /// The run's process is done with the file (finished, failed or gone): nothing moves
+    /// now, so no volume has a rate or a time left (a stopped 1 TiB run kept saying
+    /// 16 MB/s and 18 hours to go).
     pub fn end_run(&mut self) {
         self.pid = None;
         self.pid_start = None;
+        for v in &mut self.volumes {
+            v.rate_bytes_per_s = None;
+            v.eta_seconds = None;
+        }
     }
 
     /// Whether the process recorded as doing the run still runs.
@@ -1164,6 +1170,8 @@ mod tests {
     fn a_run_whose_process_is_gone_says_how_to_finish_it() {
         let mut v = vol(VolumeState::EncryptionInProgress, 37.2);
         v.device = PathBuf::from("/dev/a");
+        v.rate_bytes_per_s = Some(16e6);
+        v.eta_seconds = Some(65898);
         let mut s = Status {
             operation: Operation::EnableEncryption,
             // Beyond pid_max: no such process.
@@ -1173,6 +1181,9 @@ mod tests {
         };
         apply_live_state(&mut s, &[], None);
         assert_eq!(s.pid, None);
+        // Nothing moves: no rate, no time left.
+        assert_eq!(s.volumes[0].rate_bytes_per_s, None);
+        assert_eq!(s.volumes[0].eta_seconds, None);
         assert_eq!(s.data_volumes_encrypted, VolumeState::EncryptionInProgress);
         assert_eq!(
             s.progress_message,
