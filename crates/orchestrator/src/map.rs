@@ -153,11 +153,18 @@ pub fn unlock(
                 ),
             ));
         }
+        // The device form of resume: the status-file form ("`luksify resume`") said
+        // "Nothing to resume." of a run started by `luksify encrypt` (a trial).
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         return Err(Failure::new(
             exit::INTERRUPTED,
             format!(
-                "{}: its encryption or decryption was interrupted and has not finished; run `luksify resume` (or `cryptsetup reencrypt --resume-only`) first",
-                device.display()
+                "{}: its encryption or decryption was interrupted and has not finished; finish it first with `luksify resume {} --key-file F{}` (or `cryptsetup reencrypt --resume-only`)",
+                device.display(),
+                abs(device).display(),
+                header
+                    .map(|h| format!(" --header {}", abs(h).display()))
+                    .unwrap_or_default()
             ),
         ));
     }

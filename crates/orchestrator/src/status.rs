@@ -763,8 +763,12 @@ pub fn with_state_dir(msg: &str, dir: &Path) -> String {
         while let Some(i) = out[from..].find(&pat).map(|i| i + from) {
             let end = i + pat.len();
             let rest = &out[end..];
-            // A whole word, and not already given a state directory.
-            if rest.starts_with(['`', ' ']) && !rest.starts_with(" --state-dir") {
+            // A whole word, and not already given a state directory; not `resume DEV`
+            // either, which works on the device alone (clap refuses --state-dir there).
+            if rest.starts_with(['`', ' '])
+                && !rest.starts_with(" --state-dir")
+                && !(sub == "resume" && rest.starts_with(" /"))
+            {
                 out.insert_str(end, &flag);
             }
             from = end;
@@ -1226,6 +1230,8 @@ mod tests {
             "run `luksify resume --state-dir /t` to finish it",
             "`luksify resumed` is not a command",
             "luksify resume, unquoted",
+            // The device form takes no state directory.
+            "finish it first with `luksify resume /dev/loop3 --key-file F --header /h`",
         ] {
             assert_eq!(with_state_dir(same, d), same);
         }
