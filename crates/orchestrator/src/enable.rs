@@ -2397,6 +2397,38 @@ pub(crate) fn decryption_walked(header: &Path) -> bool {
         })
 }
 
+/// Whether volume `v`'s device still holds the plain filesystem its run recorded, as
+/// an enable stopped before its walk leaves it: that filesystem's superblock, no LUKS
+/// header, no first header of a `--reduce-device-size` start (whose head may be
+/// overwritten, its first part only in the copy at the end).
+fn plain_as_recorded(v: &VolumeStatus) -> bool {
+    let Ok(f) = std::fs::File::open(&v.device) else {
+        return false;
+    };
+    probe::detect_fs(&v.device).is_ok_and(|fs| Some(&fs.fs_type) == v.fs_type.as_ref())
+        && !matches!(
+            luksify_walker::interrupted_shift_start(&f),
+            Ok(Some(_)) | Err(_)
+        )
+}
+
+/// Whether the file at `p` exists and holds only zero bytes (a header file reserved and
+/// never written).
+fn only_zeros(p: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(p) else {
+        return false;
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) if buf[..n].iter().all(|b| *b == 0) => {}
+            _ => return false,
+        }
+    }
+}
+
 /// `7:0` back into a device number.
 trait ParseDevNum {
     fn parse_devnum(&self) -> mountinfo::DevNum;
@@ -2440,6 +2472,55 @@ pub fn disable(
                         && (o == &mapper || std::fs::canonicalize(&mapper).ok() == Some(c)))
             })
     };
+    // An enable stopped before its walk wrote anything (killed in e2fsck or resize2fs):
+    // there is nothing to decrypt, and `resume` would encrypt the whole disk only for
+    // this disable to decrypt it again (a trial's 2 TiB). It is put back as the enable's
+    // own stop does: the filesystem grown back and mounted, fstab's line given back.
+    let mut cancelled = 0;
+    for idx in 0..sw.status.volumes.len() {
+        let v = sw.status.volumes[idx].clone();
+        if v.state != VolumeState::EncryptionInProgress
+            || !wanted(&v)
+            || crate::status::run_stage(&v, Some(&req.state_dir))
+                != crate::status::RunStage::NotStarted
+            || !plain_as_recorded(&v)
+        {
+            continue;
+        }
+        let dev = v.device.display().to_string();
+        let failed = |e: Failure| {
+            Failure::new(
+                e.code,
+                format!("the encryption of {dev} had not started (nothing was encrypted), and putting it back failed: {}", e.message),
+            )
+        };
+        if v.fs_type.as_deref().is_some_and(is_ext) {
+            fsck_ext_read_only(&v.device).map_err(failed)?;
+        }
+        grow_and_remount(&v, v.fs_type.as_deref(), &v.device).map_err(failed)?;
+        release_fstab(&v);
+        // The detached header it had reserved, never written.
+        if let Some(h) = v.header.as_deref().filter(|h| only_zeros(h)) {
+            let _ = std::fs::remove_file(h);
+        }
+        let slot = &mut sw.status.volumes[idx];
+        slot.state = VolumeState::NotEncrypted;
+        slot.error = None;
+        slot.percent = 0.0;
+        slot.bytes_done = 0;
+        sw.status.end_run();
+        sw.status.progress_message =
+            format!("Encryption of {dev} cancelled: it had not started, nothing was encrypted");
+        commit(&mut sw)?;
+        errln!(
+            "luksify: the encryption of {dev} had not started (nothing was encrypted): put back as it was{}",
+            v.mount_point
+                .as_ref()
+                .map(|m| format!(", mounted at {}", m.display()))
+                .unwrap_or_default()
+        );
+        cancelled += 1;
+    }
     // A walk that was interrupted is finished by `resume` (a disable run then), not
     // skipped as "nothing to decrypt".
     if let Some(v) = sw.status.volumes.iter().find(|v| {
@@ -2483,7 +2564,7 @@ pub fn disable(
         .map(|(i, _)| i)
         .collect();
     if todo.is_empty() {
-        if !only.is_empty() {
+        if !only.is_empty() && cancelled == 0 {
             return Err(Failure::failed(format!(
                 "none of {} is an encrypted volume luksify manages (see `luksify status --json`)",
                 only.iter()
@@ -2492,7 +2573,7 @@ pub fn disable(
                     .join(", ")
             )));
         }
-        return Ok(0);
+        return Ok(cancelled);
     }
     // Processes holding a mounted volume, found before anything is touched (as
     // `enable`'s preflight does): the status file stays as it was, exit 3. Found only
