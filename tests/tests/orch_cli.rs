@@ -6222,3 +6222,57 @@ fn fs_blocks(dev: &Path) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .expect("a block count")
 }
+
+/// The userspace view's logical block size is dm-crypt's: the larger of the segment's
+/// sector and the device's own (dm-crypt stacks the device's limits). A 512-byte
+/// segment on a 4096-byte device gave a 512-byte view, so a filesystem made there with
+/// 512-byte sectors would not mount through dm-crypt (a trial); a 2048-byte segment gave
+/// 512 too.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_userspace_view_has_dm_crypts_logical_block_size() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"view block size").unwrap();
+    let state = dir.path().join("state");
+    for (dev_lbs, sector, want) in [
+        ("4096", "512", "4096"),
+        ("512", "2048", "2048"),
+        ("512", "512", "512"),
+    ] {
+        let img = dir.path().join(format!("img{dev_lbs}-{sector}"));
+        sparse_file(&img, 48 << 20);
+        let lo = LoopDev::attach_with(&img, &["--sector-size", dev_lbs]);
+        run_ok(
+            Command::new(luksify_bin())
+                .args([
+                    "format",
+                    "--batch-mode",
+                    "--pbkdf",
+                    "pbkdf2",
+                    "--iter-time",
+                    "10",
+                ])
+                .args(["--sector-size", sector])
+                .arg(&lo.path)
+                .arg("--key-file")
+                .arg(&key),
+        );
+        let name = format!("orchlbs{}-{sector}", std::process::id());
+        run_ok(&mut open_userspace(luksify(&state), &lo.path, &name, &key));
+        let view = std::fs::canonicalize(PathBuf::from("/dev/mapper").join(&name)).unwrap();
+        let lbs = std::fs::read_to_string(format!(
+            "/sys/block/{}/queue/logical_block_size",
+            view.file_name().unwrap().to_string_lossy()
+        ))
+        .unwrap();
+        let _ = run(luksify(&state).args(["close", &name]));
+        assert_eq!(
+            lbs.trim(),
+            want,
+            "device {dev_lbs}, segment sector {sector}: view {}",
+            lbs.trim()
+        );
+    }
+}

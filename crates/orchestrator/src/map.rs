@@ -567,9 +567,12 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
     let file = fuse_dir.join(VOLUME_FILE);
     let mut cmd = std::process::Command::new("losetup");
     cmd.args(["-f", "--show"]);
-    if sector == 4096 {
-        // Expose 4 KiB logical sectors, as dm-crypt does for a 4096-byte segment.
-        cmd.args(["--sector-size", "4096"]);
+    // dm-crypt's mapping has the larger of the segment's sector and the device's own
+    // logical block size (it stacks the device's limits): a filesystem made on the view
+    // must mount through dm-crypt too (the view was 512 over a 4096-byte device).
+    let lbs = sector.max(crate::probe::logical_block_size(device).into());
+    if lbs > 512 {
+        cmd.args(["--sector-size", &lbs.to_string()]);
     }
     cmd.arg(&file);
     let loop_dev = match run_tool(&mut cmd, "attach a loop device to the decrypted view") {

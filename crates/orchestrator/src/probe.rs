@@ -306,6 +306,16 @@ pub fn device_size(p: &Path) -> std::io::Result<u64> {
     f.seek(SeekFrom::End(0))
 }
 
+/// The logical block size of block device `p` (a partition's is its disk's); 512 for
+/// a regular file or when sysfs does not tell.
+pub fn logical_block_size(p: &Path) -> u32 {
+    block_dev_num(p)
+        .and_then(|num| whole_disk_dir(Path::new(&format!("/sys/dev/block/{num}"))))
+        .and_then(|d| std::fs::read_to_string(d.join("queue/logical_block_size")).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(512)
+}
+
 /// Block devices whose contents may be read to look for a volume: whole disks,
 /// partitions, and loop devices with a backing file (an unbound one holds nothing),
 /// sorted. Left out: RAM disks, optical and floppy drives, and luksify's own userspace
