@@ -6276,3 +6276,66 @@ fn root_orch_userspace_view_has_dm_crypts_logical_block_size() {
         );
     }
 }
+
+/// `open` under a name another state directory's mapping has: the hint names the close
+/// that works, with that directory (it named this one's, which answered "no mapping named
+/// ..."; a trial). Followed literally, it frees the name.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_open_of_a_taken_name_names_the_state_dir_that_closes_it() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"taken name").unwrap();
+    let name = format!("orchtaken{}", std::process::id());
+    let devs: Vec<LoopDev> = (0..2)
+        .map(|i| {
+            let img = dir.path().join(format!("img{i}"));
+            sparse_file(&img, 32 << 20);
+            let lo = LoopDev::attach(&img);
+            run_ok(
+                Command::new(luksify_bin())
+                    .args([
+                        "format",
+                        "--batch-mode",
+                        "--pbkdf",
+                        "pbkdf2",
+                        "--iter-time",
+                        "10",
+                    ])
+                    .arg(&lo.path)
+                    .arg("--key-file")
+                    .arg(&key),
+            );
+            lo
+        })
+        .collect();
+    let (first, second) = (dir.path().join("state1"), dir.path().join("state2"));
+    run_ok(&mut open_userspace(
+        luksify(&first),
+        &devs[0].path,
+        &name,
+        &key,
+    ));
+    let out = run(&mut open_userspace(
+        luksify(&second),
+        &devs[1].path,
+        &name,
+        &key,
+    ));
+    let err = stderr(&out);
+    let hint = format!("`luksify close --state-dir {} {name}`", first.display());
+    let closed = run(Command::new(luksify_bin())
+        .args(["close", "--state-dir"])
+        .arg(&first)
+        .arg(&name));
+    assert!(!out.status.success() && err.contains(&hint), "{err}");
+    assert!(closed.status.success(), "{}", stderr(&closed));
+    run_ok(&mut open_userspace(
+        luksify(&second),
+        &devs[1].path,
+        &name,
+        &key,
+    ));
+    run_ok(luksify(&second).args(["close", &name]));
+}

@@ -257,10 +257,32 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
         }
     }
     if std::fs::symlink_metadata(&mapped).is_ok() {
+        // A userspace view names its state directory (its loop device's backing file is
+        // STATE/mnt/NAME/volume): the close that works is that directory's (the hint
+        // named this one's, which answered "no mapping named ..."; a trial).
+        let owner = std::fs::read_link(&mapped)
+            .ok()
+            .and_then(|t| loop_backing(&t))
+            .and_then(|b| {
+                let dir = b.parent()?;
+                let mnt = dir.parent()?;
+                (dir.file_name()? == req.name && mnt.file_name()? == "mnt")
+                    .then(|| mnt.parent().map(Path::to_path_buf))
+                    .flatten()
+            });
+        let close = match owner {
+            Some(o) if std::path::absolute(req.state_dir).ok().as_deref() != Some(&o) => {
+                format!("`luksify close --state-dir {} {}`", o.display(), req.name)
+            }
+            Some(_) => format!("`luksify close {}`", req.name),
+            None => format!(
+                "it is no luksify mapping of this state directory: close it with what made it (`cryptsetup close {}`, or `luksify close --state-dir DIR {}` from the state directory that opened it)",
+                req.name, req.name
+            ),
+        };
         return Err(Failure::failed(format!(
-            "{} already exists; pick another name or close it (`luksify close {}`)",
+            "{} already exists; pick another name or close it ({close})",
             mapped.display(),
-            req.name
         )));
     }
     ensure_device_free(req)?;
