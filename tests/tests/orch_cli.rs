@@ -6132,85 +6132,104 @@ fn root_orch_open_of_an_interrupted_encryption_names_a_resume_that_finishes_it()
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_disable_puts_back_an_enable_stopped_before_its_walk() {
-    let fx = Fixture::new(160);
-    let fstab = fx.dir.path().join("etc/fstab");
-    let line = format!(
-        "{} {} ext4 noatime 0 2\n",
-        fx.dev().display(),
-        fx.mnt.display()
-    );
-    std::fs::write(&fstab, &line).unwrap();
-    let size0 = fs_blocks(&fx.dev());
-    // resize2fs that shrinks, then SIGKILLs the luksify that ran it.
-    let bin = fx.dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let real = ["/usr/sbin/resize2fs", "/sbin/resize2fs"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("resize2fs");
-    let wrapper = bin.join("resize2fs");
-    std::fs::write(
-        &wrapper,
-        // (Only the shrink, `resize2fs -f`: check's estimate is `resize2fs -P`.)
-        format!("#!/bin/sh\n{real} \"$@\"\nrc=$?\n[ \"$1\" = -f ] && kill -9 $PPID\nexit $rc\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let mut enable = fx.enable_cmd();
-    enable.env(
-        "PATH",
-        format!(
-            "{}:{}",
-            bin.display(),
-            std::env::var("PATH").unwrap_or_default()
-        ),
-    );
-    let out = run(&mut enable);
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&out.status),
-        Some(libc::SIGKILL),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        fs_blocks(&fx.dev()) < size0,
-        "the filesystem was not shrunk"
-    );
-    assert!(mount_fields(&fx.mnt).is_none(), "still mounted");
-    let out = run(fx.cmd().args(["disable", "--volume"]).arg(fx.dev()));
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains("had not started (nothing was encrypted): put back"),
-        "{err}"
-    );
-    assert!(mount_fields(&fx.mnt).is_some(), "not mounted again: {err}");
-    assert_eq!(fs_blocks(&fx.dev()), size0, "not grown back");
-    fx.assert_files_unchanged();
-    assert_eq!(std::fs::read_to_string(&fstab).unwrap(), line);
-    let s = read_status(&fx.state);
-    assert!(
-        s["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|v| v["state"] == "NotEncrypted"),
-        "{s}"
-    );
-    let out = run_ok(fx.cmd().arg("status"));
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        said.contains("DataVolumesEncrypted : NotEncrypted"),
-        "{said}"
-    );
-    // Nothing is left in the way of encrypting it after all.
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
-    fx.assert_files_unchanged();
+    // Also after an admin mounted the shrunk filesystem again by hand: refused until
+    // it is unmounted (ext4 would not grow it online after the shrink).
+    for by_hand in [false, true] {
+        let fx = Fixture::new(160);
+        let fstab = fx.dir.path().join("etc/fstab");
+        let line = format!(
+            "{} {} ext4 noatime 0 2\n",
+            fx.dev().display(),
+            fx.mnt.display()
+        );
+        std::fs::write(&fstab, &line).unwrap();
+        let size0 = fs_blocks(&fx.dev());
+        // resize2fs that shrinks, then SIGKILLs the luksify that ran it.
+        let bin = fx.dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let real = ["/usr/sbin/resize2fs", "/sbin/resize2fs"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("resize2fs");
+        let wrapper = bin.join("resize2fs");
+        std::fs::write(
+            &wrapper,
+            // (Only the shrink, `resize2fs -f`: check's estimate is `resize2fs -P`.)
+            format!(
+                "#!/bin/sh\n{real} \"$@\"\nrc=$?\n[ \"$1\" = -f ] && kill -9 $PPID\nexit $rc\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut enable = fx.enable_cmd();
+        enable.env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        );
+        let out = run(&mut enable);
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(libc::SIGKILL),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            fs_blocks(&fx.dev()) < size0,
+            "the filesystem was not shrunk"
+        );
+        assert!(mount_fields(&fx.mnt).is_none(), "still mounted");
+        if by_hand {
+            // Mounted by hand, shrunk: refused with what to do, nothing changed.
+            run_ok(Command::new("mount").arg(fx.dev()).arg(&fx.mnt));
+            let out = run(fx.cmd().args(["disable", "--volume"]).arg(fx.dev()));
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(
+                err.contains("is mounted (by hand?); nothing was changed: unmount it"),
+                "{err}"
+            );
+            assert!(fs_blocks(&fx.dev()) < size0);
+            run_ok(Command::new("umount").arg(&fx.mnt));
+        }
+        let out = run(fx.cmd().args(["disable", "--volume"]).arg(fx.dev()));
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            err.contains("had not started (nothing was encrypted): put back"),
+            "{err}"
+        );
+        assert!(mount_fields(&fx.mnt).is_some(), "not mounted again: {err}");
+        assert_eq!(fs_blocks(&fx.dev()), size0, "not grown back");
+        fx.assert_files_unchanged();
+        assert_eq!(std::fs::read_to_string(&fstab).unwrap(), line);
+        let s = read_status(&fx.state);
+        assert!(
+            s["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|v| v["state"] == "NotEncrypted"),
+            "{s}"
+        );
+        let out = run_ok(fx.cmd().arg("status"));
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            said.contains("DataVolumesEncrypted : NotEncrypted"),
+            "{said}"
+        );
+        // Nothing is left in the way of encrypting it after all.
+        let out = run(&mut fx.enable_cmd());
+        assert!(out.status.success(), "{}", stderr(&out));
+        fx.assert_files_unchanged();
+    }
 }
 
 /// The block count in the ext superblock of `dev`.

@@ -2494,7 +2494,21 @@ pub fn disable(
                 format!("the encryption of {dev} had not started (nothing was encrypted), and putting it back failed: {}", e.message),
             )
         };
-        if v.fs_type.as_deref().is_some_and(is_ext) {
+        // Mounted again by hand: the kernel has it (e2fsck -n of a mounted filesystem
+        // reports what its journal has not written back yet).
+        let num = probe::block_dev_num(&v.device);
+        let mounted = mountinfo::read()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| Some(m.dev) == num);
+        // Mounted again by hand, shrunk: ext4 refuses to grow it online here (EPERM
+        // after the offline shrink), so it comes off first.
+        if mounted && grow_target(&v, &v.device).is_some() {
+            return Err(Failure::failed(format!(
+                "the encryption of {dev} had not started (nothing was encrypted), but its filesystem, shrunk for the header, is mounted (by hand?); nothing was changed: unmount it and run `luksify disable --volume {dev}` again, which grows it back and mounts it as it was"
+            )));
+        }
+        if v.fs_type.as_deref().is_some_and(is_ext) && !mounted {
             fsck_ext_read_only(&v.device).map_err(failed)?;
         }
         grow_and_remount(&v, v.fs_type.as_deref(), &v.device).map_err(failed)?;
