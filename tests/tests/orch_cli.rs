@@ -5554,7 +5554,8 @@ fn root_orch_disable_follows_a_volume_whose_name_moved() {
 /// An fstab that cannot be rewritten (immutable, or /etc read-only): `enable` walked the
 /// whole volume, then failed on fstab ("Encryption failed", the volume offline), and
 /// `disable` decrypted it and left its fstab line naming the mapping (a trial). Both
-/// refuse it up front now, nothing changed.
+/// refuse it up front now, nothing changed; so is a crypttab that is a dangling link into
+/// a directory that does not exist (enable made the directory).
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_an_fstab_that_cannot_be_rewritten_is_a_blocker() {
@@ -5580,6 +5581,20 @@ fn root_orch_an_fstab_that_cannot_be_rewritten_is_a_blocker() {
     assert!(!luksify_tests::has_luks_header(&fx.dev()));
     assert!(mount_fields(&fx.mnt).is_some());
     drop(guard);
+    // A crypttab that is a link into a directory that is not there: refused, the
+    // directory not made up (enable created it).
+    let crypttab = fx.dir.path().join("etc/crypttab");
+    let nowhere = fx.dir.path().join("nowhere");
+    std::os::unix::fs::symlink(nowhere.join("crypttab"), &crypttab).unwrap();
+    let out = run(&mut fx.enable_cmd());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("whose directory does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!nowhere.exists() && !luksify_tests::has_luks_header(&fx.dev()));
+    std::fs::remove_file(&crypttab).unwrap();
     let out = run(&mut fx.enable_cmd());
     assert!(out.status.success(), "{}", stderr(&out));
     run_ok(Command::new("chattr").arg("+i").arg(&fstab));
@@ -6124,17 +6139,19 @@ fn root_orch_open_of_an_interrupted_encryption_names_a_resume_that_finishes_it()
     );
 }
 
-/// An `enable` killed right after it shrank the filesystem, before its walk wrote
-/// anything: `disable` refused ("run `luksify resume` first, then `luksify disable`"),
-/// so backing out meant encrypting the whole disk and decrypting it again (a trial's
-/// 2 TiB). `disable` now puts it back: the filesystem grown to its size and mounted,
-/// fstab as it was, every file intact, and `enable` works on it again.
+/// An `enable` killed before its walk wrote anything (right after it shrank the
+/// filesystem, or before it created its detached header): `disable` refused ("run
+/// `luksify resume` first, then `luksify disable`"), so backing out meant encrypting the
+/// whole disk and decrypting it again (a trial's 2 TiB). `disable` now puts it back: the
+/// filesystem grown to its size and mounted, fstab as it was, every file intact, the
+/// status "cancelled", and `enable` works on it again. A shrunk filesystem mounted again
+/// by hand is refused until it is unmounted (ext4 would not grow it online).
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_disable_puts_back_an_enable_stopped_before_its_walk() {
-    // Also after an admin mounted the shrunk filesystem again by hand: refused until
-    // it is unmounted (ext4 would not grow it online after the shrink).
-    for by_hand in [false, true] {
+    require_tool("strace");
+    for (detached, by_hand) in [(false, false), (false, true), (true, false)] {
+        let what = format!("detached {detached}, mounted by hand {by_hand}");
         let fx = Fixture::new(160);
         let fstab = fx.dir.path().join("etc/fstab");
         let line = format!(
@@ -6144,72 +6161,96 @@ fn root_orch_disable_puts_back_an_enable_stopped_before_its_walk() {
         );
         std::fs::write(&fstab, &line).unwrap();
         let size0 = fs_blocks(&fx.dev());
-        // resize2fs that shrinks, then SIGKILLs the luksify that ran it.
-        let bin = fx.dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let real = ["/usr/sbin/resize2fs", "/sbin/resize2fs"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("resize2fs");
-        let wrapper = bin.join("resize2fs");
-        std::fs::write(
-            &wrapper,
-            // (Only the shrink, `resize2fs -f`: check's estimate is `resize2fs -P`.)
-            format!(
-                "#!/bin/sh\n{real} \"$@\"\nrc=$?\n[ \"$1\" = -f ] && kill -9 $PPID\nexit $rc\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            &wrapper,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        let hdrs = fx.dir.path().join("hdrs");
         let mut enable = fx.enable_cmd();
-        enable.env(
-            "PATH",
-            format!(
-                "{}:{}",
-                bin.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        );
-        let out = run(&mut enable);
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&out.status),
-            Some(libc::SIGKILL),
-            "{}",
-            stderr(&out)
-        );
+        let out = if detached {
+            enable.arg("--header-dir").arg(&hdrs);
+            let hdr = hdrs.join(format!(
+                "luksify-{}.luks2",
+                fx.dev().file_name().unwrap().to_string_lossy()
+            ));
+            run(&mut strace_killed_at_open(enable, &hdr))
+        } else {
+            // resize2fs that shrinks, then SIGKILLs the luksify that ran it (only the
+            // shrink, `resize2fs -f`: check's estimate is `resize2fs -P`).
+            let bin = fx.dir.path().join("bin");
+            std::fs::create_dir(&bin).unwrap();
+            let real = ["/usr/sbin/resize2fs", "/sbin/resize2fs"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .expect("resize2fs");
+            let wrapper = bin.join("resize2fs");
+            std::fs::write(
+                &wrapper,
+                format!(
+                    "#!/bin/sh\n{real} \"$@\"\nrc=$?\n[ \"$1\" = -f ] && kill -9 $PPID\nexit $rc\n"
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(
+                &wrapper,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+            enable.env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            );
+            let out = run(&mut enable);
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&out.status),
+                Some(libc::SIGKILL),
+                "{what}: {}",
+                stderr(&out)
+            );
+            assert!(
+                fs_blocks(&fx.dev()) < size0,
+                "{what}: the filesystem was not shrunk"
+            );
+            out
+        };
+        assert!(!out.status.success(), "{what}: the enable was not cut");
+        assert!(mount_fields(&fx.mnt).is_none(), "{what}: still mounted");
+        // check says nothing was written, and names the back-out.
+        let out = run(fx.cmd().arg("check").arg(fx.dev()));
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
         assert!(
-            fs_blocks(&fx.dev()) < size0,
-            "the filesystem was not shrunk"
+            said.contains("stopped before writing anything")
+                // (The fixture's state directory is $LUKSIFY_STATE_DIR: no flag needed.)
+                && said.contains(&format!("`luksify disable --volume {}`", fx.dev().display())),
+            "{what}: {said}"
         );
-        assert!(mount_fields(&fx.mnt).is_none(), "still mounted");
         if by_hand {
             // Mounted by hand, shrunk: refused with what to do, nothing changed.
             run_ok(Command::new("mount").arg(fx.dev()).arg(&fx.mnt));
             let out = run(fx.cmd().args(["disable", "--volume"]).arg(fx.dev()));
             let err = stderr(&out);
-            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert_eq!(out.status.code(), Some(1), "{what}: {err}");
             assert!(
                 err.contains("is mounted (by hand?); nothing was changed: unmount it"),
-                "{err}"
+                "{what}: {err}"
             );
             assert!(fs_blocks(&fx.dev()) < size0);
             run_ok(Command::new("umount").arg(&fx.mnt));
         }
         let out = run(fx.cmd().args(["disable", "--volume"]).arg(fx.dev()));
         let err = stderr(&out);
-        assert!(out.status.success(), "{err}");
+        assert!(out.status.success(), "{what}: {err}");
         assert!(
             err.contains("had not started (nothing was encrypted): put back"),
-            "{err}"
+            "{what}: {err}"
         );
-        assert!(mount_fields(&fx.mnt).is_some(), "not mounted again: {err}");
-        assert_eq!(fs_blocks(&fx.dev()), size0, "not grown back");
+        assert!(
+            mount_fields(&fx.mnt).is_some(),
+            "{what}: not mounted again: {err}"
+        );
+        assert_eq!(fs_blocks(&fx.dev()), size0, "{what}: not grown back");
         fx.assert_files_unchanged();
-        assert_eq!(std::fs::read_to_string(&fstab).unwrap(), line);
+        assert_eq!(std::fs::read_to_string(&fstab).unwrap(), line, "{what}");
         let s = read_status(&fx.state);
         assert!(
             s["volumes"]
@@ -6217,17 +6258,22 @@ fn root_orch_disable_puts_back_an_enable_stopped_before_its_walk() {
                 .unwrap()
                 .iter()
                 .all(|v| v["state"] == "NotEncrypted"),
-            "{s}"
+            "{what}: {s}"
         );
         let out = run_ok(fx.cmd().arg("status"));
         let said = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(
-            said.contains("DataVolumesEncrypted : NotEncrypted"),
-            "{said}"
+            said.contains("DataVolumesEncrypted : NotEncrypted")
+                && said.contains("Encryption cancelled before it started: nothing was encrypted"),
+            "{what}: {said}"
         );
         // Nothing is left in the way of encrypting it after all.
-        let out = run(&mut fx.enable_cmd());
-        assert!(out.status.success(), "{}", stderr(&out));
+        let mut again = fx.enable_cmd();
+        if detached {
+            again.arg("--header-dir").arg(&hdrs);
+        }
+        let out = run(&mut again);
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
         fx.assert_files_unchanged();
     }
 }

@@ -509,7 +509,14 @@ pub fn interrupted_run(device: &Path, state_dir: &Path) -> Option<Problem> {
                 RunStage::NotStarted if decrypt => {
                     format!("run `{resume}` to map and mount it again")
                 }
-                RunStage::NotStarted => format!("run `{resume}` to start it again"),
+                RunStage::NotStarted => format!(
+                    "run `{resume}` to start it again, or `luksify disable{} --volume {dev_s}` to put it back as it was",
+                    match dir {
+                        Some(d) if d != default || d != state_dir =>
+                            format!(" --state-dir {}", d.display()),
+                        _ => String::new(),
+                    }
+                ),
                 RunStage::Walked => format!("run `{resume}` to finish its last steps"),
                 _ => format!("run `{resume}` to finish it"),
             },
@@ -1150,7 +1157,11 @@ pub fn check_resolved(
             "external_log",
             Severity::Blocker,
             format!("{fs} on {dev_s} keeps its journal on another device"),
-            "that device would stay plaintext, and what the filesystem writes later (names, attributes, with data=journal file contents) would land there in clear".into(),
+            if fs == "xfs" {
+                "that device would stay plaintext, and the metadata the filesystem logs later (file names, attributes, sizes) would land there in clear".into()
+            } else {
+                "that device would stay plaintext, and what the filesystem journals later (file names, attributes; with data=journal, file contents) would land there in clear".into()
+            },
             if fs == "xfs" {
                 "xfs cannot take its log back inside: copy the data to an xfs made without `-l logdev=`, and encrypt that".into()
             } else {
@@ -1273,7 +1284,11 @@ pub fn check_resolved(
                 Severity::Blocker,
                 format!("{dev_s} is the external {} of a filesystem on another device", if fs == "jbd" { "journal (jbd)" } else { "xfs log" }),
                 "it belongs to that filesystem, which mounts it: it is not a volume of its own to encrypt".into(),
-                "encrypt the filesystem's own device instead, after moving its journal inside it (`luksify check` of that device says how)".into(),
+                if fs == "jbd" {
+                    "encrypt the filesystem's own device instead, after moving its journal inside it (`luksify check` of that device says how)".into()
+                } else {
+                    "an xfs log cannot move inside its filesystem: copy the data to an xfs made without `-l logdev=` and encrypt that (`luksify check` of the filesystem's device says so)".into()
+                },
             ),
             table if table.ends_with(probe::PARTITION_TABLE) => push(
                 "partition_table",
@@ -1347,7 +1362,7 @@ pub fn check_resolved(
             severity: Severity::Blocker,
             what: format!("{dev_s} is not mounted here, but something holds it exclusively"),
             why: "an exclusive holder (a mounted filesystem's external journal or log, a RAID or device-mapper member, a mount in another mount namespace, another luksify or cryptsetup run) would see its device rewritten under it".into(),
-            fix: format!("find and stop the holder (`ls /sys/class/block/{name}/holders`, `grep -e {dev_s} -e {} /proc/*/mountinfo`), then check again", r.dev),
+            fix: format!("find and stop the holder (`ls /sys/class/block/{name}/holders`, `grep -e {dev_s} -e {} /proc/*/mountinfo`; a mount namespace no process is in is kept by a bind of its nsfs file: `findmnt -t nsfs`, then umount it), then check again", r.dev),
         });
     }
     Ok(Report {

@@ -2401,7 +2401,7 @@ pub(crate) fn decryption_walked(header: &Path) -> bool {
 /// an enable stopped before its walk leaves it: that filesystem's superblock, no LUKS
 /// header, no first header of a `--reduce-device-size` start (whose head may be
 /// overwritten, its first part only in the copy at the end).
-fn plain_as_recorded(v: &VolumeStatus) -> bool {
+pub(crate) fn plain_as_recorded(v: &VolumeStatus) -> bool {
     let Ok(f) = std::fs::File::open(&v.device) else {
         return false;
     };
@@ -2523,8 +2523,6 @@ pub fn disable(
         slot.percent = 0.0;
         slot.bytes_done = 0;
         sw.status.end_run();
-        sw.status.progress_message =
-            format!("Encryption of {dev} cancelled: it had not started, nothing was encrypted");
         commit(&mut sw)?;
         errln!(
             "luksify: the encryption of {dev} had not started (nothing was encrypted): put back as it was{}",

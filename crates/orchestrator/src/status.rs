@@ -216,6 +216,22 @@ impl Status {
     pub fn refresh(&mut self, active: Option<usize>) {
         self.data_volumes_encrypted = aggregate(self);
         self.progress_message = message(self.operation, &self.volumes, active);
+        // An enable that ended with every volume of its run still plain and no error:
+        // stopped before its walks and put back (a signal, or `disable` backing it out).
+        // Not "Encrypting 1 data volume" with nothing running (a trial).
+        let run: Vec<&VolumeStatus> = self.volumes.iter().filter(|v| v.in_run).collect();
+        if self.pid.is_none()
+            && self.operation == Operation::EnableEncryption
+            && !run.is_empty()
+            && run
+                .iter()
+                .all(|v| v.state == VolumeState::NotEncrypted && v.error.is_none())
+        {
+            self.progress_message = format!(
+                "Encryption cancelled before it started: nothing was encrypted{}",
+                others_note(self.operation, &self.volumes)
+            );
+        }
         if self.os_volume_encrypted == VolumeState::VMRestartPending {
             self.progress_message = "OS disk successfully encrypted, please reboot the VM".into();
         }
@@ -413,7 +429,16 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
         .as_deref()
         .or(moved.as_deref())
         .unwrap_or(&v.device);
-    if std::fs::File::open(header).is_err() {
+    if let Err(e) = std::fs::File::open(header) {
+        // A detached header never created (the run stopped between its record and the
+        // header file): nothing was written while the device holds the filesystem the
+        // run recorded (a trial's backed-out enable read "interrupted at 0%").
+        if v.header.is_some()
+            && e.kind() == std::io::ErrorKind::NotFound
+            && crate::enable::plain_as_recorded(v)
+        {
+            return RunStage::NotStarted;
+        }
         return RunStage::Walking(None);
     }
     match header_progress(header) {
@@ -472,7 +497,7 @@ fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
             "Decryption of {dev} had not started when {went}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable --volume {dev}` decrypts it"
         ),
         RunStage::NotStarted => format!(
-            "Encryption of {dev} had not started when {went} (nothing was encrypted); `luksify resume` starts it again"
+            "Encryption of {dev} had not started when {went} (nothing was encrypted); `luksify resume` starts it again, `luksify disable --volume {dev}` puts it back as it was"
         ),
         RunStage::Walked => format!(
             "{what} of {dev} finished its walk, but {went} before the steps after it ({}, fstab, crypttab); `luksify resume` does them",

@@ -427,7 +427,16 @@ pub fn unwritable() -> Option<String> {
     for f in ["fstab", "crypttab"] {
         // A link's target is the file replaced, through a new file in its directory.
         let file = through_links(&etc.join(f));
-        if let Some(dir) = file.parent().filter(|d| *d != etc && d.exists()) {
+        if let Some(dir) = file.parent().filter(|d| *d != etc) {
+            // A dangling link into a directory that is not there: not made up (a trial
+            // saw enable create it).
+            if !dir.exists() {
+                return Some(format!(
+                    "{} is a link to {}, whose directory does not exist: enable and disable edit the file a link names; fix: point the link at an existing file, or remove it",
+                    etc.join(f).display(),
+                    file.display()
+                ));
+            }
             paths.push(dir.to_path_buf());
         }
         if file.exists() {
