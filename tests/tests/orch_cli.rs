@@ -298,6 +298,18 @@ impl Fixture {
         assert!(!luksify_tests::has_luks_header(&self.dev()));
         self.assert_files_unchanged();
     }
+    /// Writes the fixture's fstab with one line naming its device at its mount point
+    /// (`DEV MNT ext4 noatime 0 2`): its path and the line.
+    fn fstab_naming_the_device(&self) -> (PathBuf, String) {
+        let fstab = self.dir.path().join("etc/fstab");
+        let line = format!(
+            "{} {} ext4 noatime 0 2\n",
+            self.dev().display(),
+            self.mnt.display()
+        );
+        std::fs::write(&fstab, &line).unwrap();
+        (fstab, line)
+    }
     fn assert_files_unchanged(&self) {
         for (p, h) in &self.sums {
             assert_eq!(&sha256(p), h, "{} changed", p.display());
@@ -1543,6 +1555,26 @@ fn kernel_waits(pid: u32) -> String {
     out
 }
 
+/// `luksify format --batch-mode` of `dev` with the passphrase in `key` and `extra`
+/// options, at a cheap key derivation (PBKDF2, 10 ms).
+fn format_fast(dev: &Path, key: &Path, extra: &[&str]) {
+    run_ok(
+        Command::new(luksify_bin())
+            .args([
+                "format",
+                "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--iter-time",
+                "10",
+            ])
+            .args(extra)
+            .arg(dev)
+            .arg("--key-file")
+            .arg(key),
+    );
+}
+
 /// A userspace mapping whose daemon is stopped (SIGSTOP, or stuck) answers no read of its
 /// view: a reader waits in the kernel, unkillable, until the daemon runs again. `check`
 /// of the view and the candidate listing of `enable` (which checks every block device)
@@ -1556,20 +1588,7 @@ fn root_orch_a_stopped_mapping_daemon_hangs_neither_check_nor_the_candidate_list
     sparse_file(&img, 64 << 20);
     let key = dir.path().join("key");
     std::fs::write(&key, b"stopped daemon").unwrap();
-    run_ok(
-        Command::new(luksify_bin())
-            .args([
-                "format",
-                "--batch-mode",
-                "--pbkdf",
-                "pbkdf2",
-                "--iter-time",
-                "10",
-            ])
-            .arg(&img)
-            .arg("--key-file")
-            .arg(&key),
-    );
+    format_fast(&img, &key, &[]);
     let lo = LoopDev::attach(&img);
     let state = dir.path().join("state");
     let name = format!("orchstop{}", std::process::id());
@@ -5746,16 +5765,7 @@ fn root_orch_fstab_entry_has_nofail_while_the_volume_is_walked() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_disable_unmaps_an_fstab_entry_whose_marker_was_removed() {
     let fx = Fixture::new(128);
-    let fstab = fx.dir.path().join("etc/fstab");
-    std::fs::write(
-        &fstab,
-        format!(
-            "{} {} ext4 noatime 0 2\n",
-            fx.dev().display(),
-            fx.mnt.display()
-        ),
-    )
-    .unwrap();
+    let (fstab, _) = fx.fstab_naming_the_device();
     let uuid = String::from_utf8_lossy(
         &run_ok(
             Command::new("blkid")
@@ -6091,15 +6101,18 @@ fn root_orch_open_of_an_interrupted_encryption_names_a_resume_that_finishes_it()
     assert!(!cut.status.success(), "the encryption was not cut");
     let state = dir.path().join("state");
     let name = format!("orchint{}", std::process::id());
-    let out = run(Command::new(luksify_bin())
-        .args(["open", "--userspace", "--state-dir"])
-        .arg(&state)
-        .arg(&lo.path)
-        .arg(&name)
-        .arg("--header")
-        .arg(&hdr)
-        .arg("--key-file")
-        .arg(&key));
+    let open = || {
+        run(Command::new(luksify_bin())
+            .args(["open", "--userspace", "--state-dir"])
+            .arg(&state)
+            .arg(&lo.path)
+            .arg(&name)
+            .arg("--header")
+            .arg(&hdr)
+            .arg("--key-file")
+            .arg(&key))
+    };
+    let out = open();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(5), "{err}");
     let hint = format!(
@@ -6118,15 +6131,7 @@ fn root_orch_open_of_an_interrupted_encryption_names_a_resume_that_finishes_it()
         .arg(&hdr)
         .stdout(Stdio::null()));
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = run(Command::new(luksify_bin())
-        .args(["open", "--userspace", "--state-dir"])
-        .arg(&state)
-        .arg(&lo.path)
-        .arg(&name)
-        .arg("--header")
-        .arg(&hdr)
-        .arg("--key-file")
-        .arg(&key));
+    let out = open();
     assert!(out.status.success(), "{}", stderr(&out));
     let mapped = std::fs::read(PathBuf::from("/dev/mapper").join(&name));
     let _ = run(Command::new(luksify_bin())
@@ -6153,13 +6158,7 @@ fn root_orch_disable_puts_back_an_enable_stopped_before_its_walk() {
     for (detached, by_hand) in [(false, false), (false, true), (true, false)] {
         let what = format!("detached {detached}, mounted by hand {by_hand}");
         let fx = Fixture::new(160);
-        let fstab = fx.dir.path().join("etc/fstab");
-        let line = format!(
-            "{} {} ext4 noatime 0 2\n",
-            fx.dev().display(),
-            fx.mnt.display()
-        );
-        std::fs::write(&fstab, &line).unwrap();
+        let (fstab, line) = fx.fstab_naming_the_device();
         let size0 = fs_blocks(&fx.dev());
         let hdrs = fx.dir.path().join("hdrs");
         let mut enable = fx.enable_cmd();
@@ -6309,21 +6308,7 @@ fn root_orch_userspace_view_has_dm_crypts_logical_block_size() {
         let img = dir.path().join(format!("img{dev_lbs}-{sector}"));
         sparse_file(&img, 48 << 20);
         let lo = LoopDev::attach_with(&img, &["--sector-size", dev_lbs]);
-        run_ok(
-            Command::new(luksify_bin())
-                .args([
-                    "format",
-                    "--batch-mode",
-                    "--pbkdf",
-                    "pbkdf2",
-                    "--iter-time",
-                    "10",
-                ])
-                .args(["--sector-size", sector])
-                .arg(&lo.path)
-                .arg("--key-file")
-                .arg(&key),
-        );
+        format_fast(&lo.path, &key, &["--sector-size", sector]);
         let name = format!("orchlbs{}-{sector}", std::process::id());
         run_ok(&mut open_userspace(luksify(&state), &lo.path, &name, &key));
         let view = std::fs::canonicalize(PathBuf::from("/dev/mapper").join(&name)).unwrap();
@@ -6358,20 +6343,7 @@ fn root_orch_open_of_a_taken_name_names_the_state_dir_that_closes_it() {
             let img = dir.path().join(format!("img{i}"));
             sparse_file(&img, 32 << 20);
             let lo = LoopDev::attach(&img);
-            run_ok(
-                Command::new(luksify_bin())
-                    .args([
-                        "format",
-                        "--batch-mode",
-                        "--pbkdf",
-                        "pbkdf2",
-                        "--iter-time",
-                        "10",
-                    ])
-                    .arg(&lo.path)
-                    .arg("--key-file")
-                    .arg(&key),
-            );
+            format_fast(&lo.path, &key, &[]);
             lo
         })
         .collect();
