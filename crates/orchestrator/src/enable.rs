@@ -1146,6 +1146,24 @@ fn prepare_fs(
                 .unwrap_or(dev_size);
             let target = dev_size - HEADER_RESERVE_BYTES;
             shrunk = fs_bytes == target;
+            // resize2fs's own estimate first: a filesystem filled since the preflight (a
+            // `resume` that starts a run again checks nothing else) made `resize2fs -f`
+            // fail on ENOSPC part way, its superblock left "clean with errors" (a trial).
+            if fs_bytes > target {
+                let bs = probe::detect_fs(device).ok().and_then(|f| f.block_size);
+                if let Some(min) = bs.and_then(|b| probe::ext_min_bytes(device, b)) {
+                    if min > target {
+                        return Err(Failure::failed(format!(
+                            "{} cannot shrink by the {} MiB the header needs: resize2fs estimates its smallest size at {} MiB, over the {} MiB left; nothing was written: free at least {} MiB on it, or keep the header in a file (`enable --header-dir DIR`)",
+                            device.display(),
+                            HEADER_RESERVE_BYTES >> 20,
+                            min.div_ceil(1 << 20),
+                            target >> 20,
+                            (min - target).div_ceil(1 << 20)
+                        )));
+                    }
+                }
+            }
             // Asked to stop during e2fsck: the caller refuses to go on.
             if fs_bytes > target && !cancel.load(Ordering::Relaxed) {
                 run_tool(
