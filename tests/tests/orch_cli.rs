@@ -293,7 +293,14 @@ impl Fixture {
     /// `disable` with the fixture's key succeeds and leaves the device plain (no LUKS
     /// header), every file intact.
     fn assert_disables_to_plain(&self) {
-        let out = run(self.cmd().arg("disable").arg("--key-file").arg(&self.key));
+        let mut c = self.cmd();
+        c.arg("disable").arg("--key-file").arg(&self.key);
+        self.assert_leaves_plain(c);
+    }
+    /// `cmd` (a disable, or a resume that puts a volume back) succeeds and leaves the
+    /// device plain (no LUKS header), every file intact.
+    fn assert_leaves_plain(&self, mut cmd: Command) {
+        let out = run(&mut cmd);
         assert!(out.status.success(), "{out:?}");
         assert!(!luksify_tests::has_luks_header(&self.dev()));
         self.assert_files_unchanged();
@@ -2660,15 +2667,7 @@ fn root_orch_resume_all_with_key_file_finds_a_header_the_status_file_lost() {
     std::fs::write(&fx.key, b"passphrase of the lost-status test").unwrap();
     // fstab names the filesystem by its UUID, which the scan cannot read while the
     // device is half encrypted: resume reads it off the mapping and mounts it there.
-    let uuid = String::from_utf8(
-        run_ok(
-            Command::new("blkid")
-                .args(["-s", "UUID", "-o", "value"])
-                .arg(fx.dev()),
-        )
-        .stdout,
-    )
-    .unwrap();
+    let uuid = probe_uuid(&fx.dev());
     let fstab = fx.dir.path().join("etc/fstab");
     let original = format!(
         "UUID={} {} ext4 noatime 0 2\n",
@@ -2921,16 +2920,7 @@ fn root_orch_every_mount_and_fstab_entry_of_the_volume_comes_back() {
         }
     }
     let _guard = Unmount(vec![sub.clone(), second.clone()]);
-    let uuid = String::from_utf8_lossy(
-        &run_ok(
-            Command::new("blkid")
-                .args(["-o", "value", "-s", "UUID"])
-                .arg(fx.dev()),
-        )
-        .stdout,
-    )
-    .trim()
-    .to_string();
+    let uuid = probe_uuid(&fx.dev());
     let etc = fx.dir.path().join("etc");
     let fstab0 = format!(
         "{dev} {mnt} ext4 noatime 0 2\nUUID={uuid} {second} ext4 ro 0 0\nUUID={uuid} /srv/unmounted auto defaults 0 0\n{d1} {sub} none bind 0 0\n",
@@ -3291,10 +3281,9 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
         assert_eq!(s["volumes"][0]["state"], "NotEncrypted", "{s}");
         let msg = s["progress_message"].as_str().unwrap();
         assert!(msg.contains("stopped on request"), "{s}");
-        let out = run(fx.cmd().arg("resume"));
-        assert!(out.status.success(), "{out:?}");
-        assert!(!luksify_tests::has_luks_header(&fx.dev()));
-        fx.assert_files_unchanged();
+        let mut resume = fx.cmd();
+        resume.arg("resume");
+        fx.assert_leaves_plain(resume);
     };
 
     // 1. During the 5 s --kill-holders gives a holder after SIGTERM.
@@ -3735,10 +3724,9 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
         "{s}"
     );
 
-    let out = run(fx.cmd().arg("disable"));
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!luksify_tests::has_luks_header(&fx.dev()));
-    fx.assert_files_unchanged();
+    let mut disable = fx.cmd();
+    disable.arg("disable");
+    fx.assert_leaves_plain(disable);
 }
 
 /// luksify never signals its own caller: run with --kill-holders from a shell whose
@@ -5305,15 +5293,13 @@ fn root_orch_enable_refuses_what_a_reboot_loses_and_records_absolute_paths() {
         "{s}"
     );
     // disable from another working directory finds the header.
-    let out = run(fx
-        .cmd()
+    let mut disable = fx.cmd();
+    disable
         .current_dir("/")
         .arg("disable")
         .arg("--key-file")
-        .arg(&key));
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!luksify_tests::has_luks_header(&fx.dev()));
-    fx.assert_files_unchanged();
+        .arg(&key);
+    fx.assert_leaves_plain(disable);
 }
 
 /// A volume mounted inside another, both in one `enable`, the inner one named first:
@@ -5766,16 +5752,7 @@ fn root_orch_fstab_entry_has_nofail_while_the_volume_is_walked() {
 fn root_orch_disable_unmaps_an_fstab_entry_whose_marker_was_removed() {
     let fx = Fixture::new(128);
     let (fstab, _) = fx.fstab_naming_the_device();
-    let uuid = String::from_utf8_lossy(
-        &run_ok(
-            Command::new("blkid")
-                .args(["-s", "UUID", "-o", "value"])
-                .arg(fx.dev()),
-        )
-        .stdout,
-    )
-    .trim()
-    .to_string();
+    let uuid = probe_uuid(&fx.dev());
     let out = run(&mut fx.enable_cmd());
     assert!(out.status.success(), "{}", stderr(&out));
     let tidied: String = std::fs::read_to_string(&fstab)
@@ -5851,10 +5828,7 @@ fn root_orch_a_state_dir_that_fills_mid_run_says_how_to_go_on() {
         .arg(&state)
         .arg("--key-file")
         .arg(&fx.key);
-    let out = run(&mut disable);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!luksify_tests::has_luks_header(&fx.dev()));
-    fx.assert_files_unchanged();
+    fx.assert_leaves_plain(disable);
 }
 
 /// A filesystem whose journal (ext4 `-J device=`) or log (xfs `-l logdev=`) is on another

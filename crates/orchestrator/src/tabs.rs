@@ -509,6 +509,19 @@ pub fn edit_file(path: &Path, edit: impl FnOnce(&str) -> String) -> std::io::Res
 mod tests {
     use super::*;
 
+    /// `fstab_encrypt` of `text` for the volume at `mp` mapped as `mapped`, on a device
+    /// (`/dev/sdz9`) no entry names.
+    fn encrypted(text: &str, mp: &str, mapped: &str, fs: &str, opts: &str) -> String {
+        fstab_encrypt(
+            text,
+            Path::new(mp),
+            Path::new(mapped),
+            fs,
+            opts,
+            Path::new("/dev/sdz9"),
+        )
+    }
+
     const FSTAB: &str = "# /etc/fstab\nUUID=abc / ext4 errors=remount-ro 0 1\n/dev/sdc1 /data ext4 defaults,noatime 0 2\n";
 
     /// A symlinked fstab is edited where it lives: the link stays, the backup sits
@@ -562,14 +575,7 @@ mod tests {
 
     #[test]
     fn fstab_encrypt_then_restore_is_identity() {
-        let enc = fstab_encrypt(
-            FSTAB,
-            Path::new("/data"),
-            Path::new("/dev/mapper/data"),
-            "ext4",
-            "rw,noatime",
-            Path::new("/dev/sdz9"),
-        );
+        let enc = encrypted(FSTAB, "/data", "/dev/mapper/data", "ext4", "rw,noatime");
         assert!(enc.contains("# luksify: was: /dev/sdc1 /data ext4 defaults,noatime 0 2\n"));
         // The entry's own options and fields stay (not the mount's runtime ones).
         assert!(enc.contains("/dev/mapper/data /data ext4 defaults,noatime,nofail 0 2\n"));
@@ -577,14 +583,7 @@ mod tests {
         assert!(enc.contains("UUID=abc / ext4"));
         assert_eq!(fstab_restore(&enc, Path::new("/data")), FSTAB);
         // Done twice (a resumed run), it is done once.
-        let twice = fstab_encrypt(
-            &enc,
-            Path::new("/data"),
-            Path::new("/dev/mapper/data"),
-            "ext4",
-            "rw,noatime",
-            Path::new("/dev/sdz9"),
-        );
+        let twice = encrypted(&enc, "/data", "/dev/mapper/data", "ext4", "rw,noatime");
         assert_eq!(twice, enc);
         // Restoring another mount point changes nothing.
         assert_eq!(fstab_restore(&enc, Path::new("/other")), enc);
@@ -626,14 +625,7 @@ mod tests {
     #[test]
     fn fstab_entry_keeps_its_type_options_and_pass() {
         let t = "/dev/vdb /srv auto defaults 0 0\n";
-        let enc = fstab_encrypt(
-            t,
-            Path::new("/srv"),
-            Path::new("/dev/mapper/v"),
-            "xfs",
-            "rw,relatime,inode64",
-            Path::new("/dev/sdz9"),
-        );
+        let enc = encrypted(t, "/srv", "/dev/mapper/v", "xfs", "rw,relatime,inode64");
         assert!(
             enc.ends_with("/dev/mapper/v /srv auto defaults,nofail 0 0\n"),
             "{enc}"
@@ -669,14 +661,7 @@ mod tests {
 
     #[test]
     fn fstab_appends_when_absent_and_escapes_spaces() {
-        let enc = fstab_encrypt(
-            FSTAB,
-            Path::new("/my data"),
-            Path::new("/dev/mapper/d"),
-            "xfs",
-            "rw,nofail",
-            Path::new("/dev/sdz9"),
-        );
+        let enc = encrypted(FSTAB, "/my data", "/dev/mapper/d", "xfs", "rw,nofail");
         assert!(
             enc.ends_with("/dev/mapper/d /my\\040data xfs rw,nofail 0 2\n"),
             "{enc}"
@@ -690,30 +675,13 @@ mod tests {
     #[test]
     fn fstab_matches_a_trailing_slash_and_replaces_each_copy() {
         let t = "LABEL=d /srv/ ext4 noatime 0 2\n/dev/x /other ext4 defaults 0 2\nLABEL=d /srv/ ext4 noatime 0 2\n";
-        let enc = fstab_encrypt(
-            t,
-            Path::new("/srv"),
-            Path::new("/dev/mapper/v"),
-            "ext4",
-            "rw",
-            Path::new("/dev/sdz9"),
-        );
+        let enc = encrypted(t, "/srv", "/dev/mapper/v", "ext4", "rw");
         assert_eq!(
             enc,
             "# luksify: was: LABEL=d /srv/ ext4 noatime 0 2\n/dev/mapper/v /srv ext4 noatime,nofail 0 2\n/dev/x /other ext4 defaults 0 2\n# luksify: was: LABEL=d /srv/ ext4 noatime 0 2\n/dev/mapper/v /srv ext4 noatime,nofail 0 2\n"
         );
         // Run again (a resumed run): unchanged.
-        assert_eq!(
-            fstab_encrypt(
-                &enc,
-                Path::new("/srv"),
-                Path::new("/dev/mapper/v"),
-                "ext4",
-                "rw",
-                Path::new("/dev/sdz9")
-            ),
-            enc
-        );
+        assert_eq!(encrypted(&enc, "/srv", "/dev/mapper/v", "ext4", "rw"), enc);
         assert_eq!(fstab_restore(&enc, Path::new("/srv")), t);
     }
 
@@ -733,14 +701,7 @@ mod tests {
         assert_eq!(fstab_release(&held, None), t);
         assert_eq!(fstab_release(&held, Some(Path::new("/srv"))), t);
         // The walk done: the entry is pointed at the mapping and its original kept.
-        let enc = fstab_encrypt(
-            &held,
-            Path::new("/srv"),
-            Path::new("/dev/mapper/v"),
-            "ext4",
-            "rw",
-            Path::new("/dev/sdz9"),
-        );
+        let enc = encrypted(&held, "/srv", "/dev/mapper/v", "ext4", "rw");
         assert!(!enc.contains("while encrypting"), "{enc}");
         assert!(
             enc.contains("# luksify: was: LABEL=d /srv/ ext4 noatime 0 2\n/dev/mapper/v /srv ext4 noatime,nofail 0 2\n"),
@@ -754,14 +715,7 @@ mod tests {
     #[test]
     fn fstab_adds_an_entry_before_those_nested_in_it() {
         let t = "/dev/a / ext4 defaults 0 1\n/dev/n /srv/nest ext4 defaults 0 2\n/dev/o /srv2 ext4 defaults 0 2\n";
-        let enc = fstab_encrypt(
-            t,
-            Path::new("/srv"),
-            Path::new("/dev/mapper/v"),
-            "xfs",
-            "rw",
-            Path::new("/dev/sdz9"),
-        );
+        let enc = encrypted(t, "/srv", "/dev/mapper/v", "xfs", "rw");
         assert_eq!(
             enc,
             "/dev/a / ext4 defaults 0 1\n# luksify: was: (none) /srv\n/dev/mapper/v /srv xfs rw,nofail 0 2\n/dev/n /srv/nest ext4 defaults 0 2\n/dev/o /srv2 ext4 defaults 0 2\n"
@@ -790,14 +744,7 @@ mod tests {
         assert!(fstab_needs_network(t, &[Path::new("/srv")]));
         assert!(!fstab_needs_network(t, &[Path::new("/b")]));
         // Still seen once luksify replaced the entry (a resumed run writes crypttab).
-        let enc = fstab_encrypt(
-            t,
-            Path::new("/srv"),
-            Path::new("/dev/mapper/v"),
-            "ext4",
-            "rw",
-            Path::new("/dev/sdz9"),
-        );
+        let enc = encrypted(t, "/srv", "/dev/mapper/v", "ext4", "rw");
         assert!(fstab_needs_network(&enc, &[Path::new("/srv")]));
         let e = CrypttabEntry {
             name: "v".into(),
