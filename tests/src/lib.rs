@@ -197,6 +197,33 @@ fn fill_random(buf: &mut [u8]) {
 }
 
 /// Whether `p` starts with a LUKS header luksify can parse (either copy, LUKS1 or LUKS2).
+/// Panics unless every private writable anonymous mapping of process `pid` (its heap,
+/// stacks, and the anonymous memory that holds keys and data buffers) is locked in
+/// memory (`lo` in /proc/PID/smaps' VmFlags), so none of it can be written to swap.
+pub fn assert_memory_locked(pid: u32, what: &str) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| panic!("{what} (pid {pid}) is gone: {e}"));
+    let mut head = "";
+    let mut anon = 0;
+    for line in smaps.lines() {
+        if line.starts_with(|c: char| c.is_ascii_hexdigit()) && line.contains('-') {
+            head = line;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let f: Vec<&str> = head.split_whitespace().collect();
+            // address perms offset dev inode [name]: private, writable, no file.
+            let anonymous = f.len() >= 5 && f[1] == "rw-p" && f[4] == "0";
+            if anonymous {
+                anon += 1;
+                assert!(
+                    flags.split_whitespace().any(|x| x == "lo"),
+                    "{what} (pid {pid}) has memory that can be swapped out: {head} ({flags})"
+                );
+            }
+        }
+    }
+    assert!(anon > 0, "no anonymous memory found for {what}: {smaps}");
+}
+
 pub fn has_luks_header(p: &Path) -> bool {
     std::fs::File::open(p)
         .ok()

@@ -1138,6 +1138,87 @@ fn root_luksify_never_dumps_core() {
     );
 }
 
+/// A luksify process keeps its memory out of swap (a trial found `VmLck` 0 in runs
+/// holding a passphrase and a volume key), as cryptsetup mlocks its key buffers.
+/// Checked on `test-passphrase` blocked reading its passphrase from stdin, which it
+/// then reads and checks. As root every anonymous page is locked. Without CAP_IPC_LOCK
+/// and under a 1 MiB RLIMIT_MEMLOCK, nothing is locked (locking every allocation
+/// would make one past the limit fail mid-run), and the passphrase is still checked.
+#[test]
+#[ignore = "needs root (CAP_IPC_LOCK, and to drop it)"]
+fn root_luksify_keeps_its_memory_out_of_swap() {
+    luksify_tests::require_root();
+    require_tool("setpriv");
+    require_tool("prlimit");
+    let d = Dir::new();
+    let img = d.image("img", 32 << 20);
+    let key = d.file("key", b"locked away");
+    run_ok(
+        lx(&[
+            "format",
+            p(&img),
+            "--key-file",
+            p(&key),
+            "--pbkdf",
+            "pbkdf2",
+        ])
+        .args(["--pbkdf-force-iterations", "1000"]),
+    );
+    let check = |limited: bool| {
+        let mut c = if limited {
+            let mut c = Command::new("prlimit");
+            c.args([
+                "--memlock=1048576:1048576",
+                "setpriv",
+                "--inh-caps=-ipc_lock",
+            ])
+            .args(["--bounding-set=-ipc_lock"]);
+            c
+        } else {
+            Command::new("env")
+        };
+        let mut child = c
+            .arg(luksify_bin())
+            .args(["test-passphrase", p(&img), "--key-file", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // prlimit, setpriv and env exec their command in the same process: wait until
+        // it is luksify, blocked in read(0, ...) (/proc/PID/syscall: "0 0x0 ...").
+        let mut waiting = false;
+        for _ in 0..1000 {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            let call = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+            if exe == luksify_bin().canonicalize().unwrap() && call.starts_with("0 0x0 ") {
+                waiting = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(waiting, "luksify (pid {pid}) never read its passphrase");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        if limited {
+            let vmlck = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
+            assert_eq!(vmlck.split_whitespace().nth(1), Some("0"), "{vmlck}");
+        } else {
+            luksify_tests::assert_memory_locked(pid, "test-passphrase");
+        }
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"locked away")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "limited: {limited}: {out:?}");
+    };
+    check(false);
+    check(true);
+}
+
 /// An unbound keyslot (`cryptsetup luksAddKey --unbound`) opens to a key that is not
 /// the volume key: `dump --dump-volume-key -S N` wrote that key as the volume key and
 /// said so (a trial: a false backup). It is refused now, as cryptsetup refuses it ("No

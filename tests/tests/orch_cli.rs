@@ -2606,6 +2606,9 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains("__serve-mapping"), "{cmdline}");
+    // The daemon holds the volume key for as long as the mapping lives: none of its
+    // memory may go to swap.
+    luksify_tests::assert_memory_locked(pid, "the mapping daemon");
     let status_json = std::fs::read_to_string(fx.state.join("status.json")).unwrap();
     for (what, text) in [
         (

@@ -107,9 +107,63 @@ fn no_core_dumps() {
     }
 }
 
+/// Keeps passphrases, volume keys and the plaintext in flight out of swap, as
+/// cryptsetup keeps its key buffers (`crypt_safe_alloc` mlocks them). Keys are copied
+/// into many places on their way (key file buffer, argon2's memory, AES key schedules,
+/// thread stacks), so every page is locked as it is first touched (mlockall with
+/// MCL_FUTURE | MCL_ONFAULT; a kernel before 4.4 locks them at once instead). Only where
+/// the lock cannot fail later: with CAP_IPC_LOCK (root) or no RLIMIT_MEMLOCK limit. Under
+/// a limit, MCL_FUTURE would turn an allocation past it into a failure mid-run, so
+/// nothing is locked there (as cryptsetup, which goes on unlocked when mlock fails).
+/// Memory locks are not inherited by the tools luksify runs (fork, exec).
+fn lock_memory() {
+    if !may_lock_all_memory() {
+        return;
+    }
+    // SAFETY: mlockall takes flags only.
+    unsafe {
+        if libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0 {
+            libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE);
+        }
+    }
+}
+
+/// linux/capability.h
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Whether this process may lock any amount of memory: CAP_IPC_LOCK (bit 14) in its
+/// effective capabilities, or an unlimited RLIMIT_MEMLOCK.
+fn may_lock_all_memory() -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0
+        && lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return true;
+    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
 fn main() -> ExitCode {
     no_core_dumps();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Bench(_)) {
+        // Benchmarks hold random keys only, and their figures should not include locking.
+        lock_memory();
+    }
     if matches!(cli.cmd, Cmd::Luks(_) | Cmd::Bench(_)) {
         // Header and benchmark commands print their result last: a reader that closed
         // the pipe (`luksify dump --json img | head`) ends them quietly, as it ends
