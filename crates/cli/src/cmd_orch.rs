@@ -715,12 +715,13 @@ fn reporter() -> impl Fn(&status::VolumeStatus, usize, usize) + Sync {
                 .collect();
             if v.resumed {
                 errln!(
-                    "Resuming {} after reboot: {}% ({}{more})",
+                    "Resuming {}{}: {}% ({}{more})",
                     if v.state == status::VolumeState::DecryptionInProgress {
                         "decryption"
                     } else {
                         "encryption"
                     },
+                    if v.after_reboot { " after reboot" } else { "" },
                     pct,
                     v.device.display(),
                 );

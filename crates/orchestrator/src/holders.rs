@@ -299,10 +299,16 @@ pub fn pid_running(pid: u32) -> bool {
 /// process's start time (clock ticks since boot, /proc/PID/stat's 22nd field), as
 /// `BOOT_ID:TICKS`. None when the process is gone.
 pub fn process_identity(pid: u32) -> Option<String> {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let boot = boot_id()?;
     // The fields after the command start at the 3rd (state): the 22nd is index 19.
     let ticks = stat_fields(&proc_dir(pid))?.get(19)?.clone();
-    Some(format!("{}:{ticks}", boot.trim()))
+    Some(format!("{boot}:{ticks}"))
+}
+
+/// This boot's id (a new random UUID at every boot).
+pub fn boot_id() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(boot.trim().to_string())
 }
 
 /// Whether the process recorded as `pid` (with `identity`, from [`process_identity`],

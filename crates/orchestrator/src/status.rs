@@ -84,6 +84,11 @@ pub struct VolumeStatus {
     /// True when the current run continues one interrupted by a crash or reboot.
     #[serde(default)]
     pub resumed: bool,
+    /// The current run began in another boot than the run before it: a resumed walk
+    /// was stopped by a reboot (or a crash that took one), and its messages say "after
+    /// reboot" only then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_reboot: bool,
     /// Last error, one line.
     #[serde(default)]
     pub error: Option<String>,
@@ -147,6 +152,10 @@ pub struct Status {
     /// a pid reused after a reboot or a wrap-around is not taken for the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_start: Option<String>,
+    /// The boot id of the latest run, kept once it ended: a run begun in another boot
+    /// follows a reboot (`VolumeStatus::after_reboot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_boot: Option<String>,
     pub os_volume_encrypted: VolumeState,
     pub data_volumes_encrypted: VolumeState,
     pub progress_message: String,
@@ -181,6 +190,20 @@ impl Status {
         self.operation = op;
         self.pid = Some(pid);
         self.pid_start = crate::holders::process_identity(pid);
+        self.note_boot(crate::holders::boot_id());
+    }
+
+    /// Records `boot` as the run's boot, and on the run's volumes whether it differs
+    /// from the previous run's (unknown for a status file from before boots were
+    /// recorded: not said to follow a reboot then).
+    fn note_boot(&mut self, boot: Option<String>) {
+        let rebooted = self.run_boot.is_some() && boot.is_some() && self.run_boot != boot;
+        for v in self.volumes.iter_mut().filter(|v| v.in_run) {
+            v.after_reboot = rebooted;
+        }
+        if boot.is_some() {
+            self.run_boot = boot;
+        }
     }
 
     /// The run's process is done with the file (finished, failed or gone): nothing moves
@@ -618,17 +641,18 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
     let n = run.len();
     let pct = |v: &VolumeStatus| v.percent.floor() as u64;
     if let Some(a) = active {
+        let after = |v: &VolumeStatus| if v.after_reboot { " after reboot" } else { "" };
         if let Some(v) = vols.get(a) {
             let i = run.iter().position(|(j, _)| *j == a).unwrap_or(0) + 1;
             let n = n.max(i);
             return match v.state {
                 VolumeState::DecryptionInProgress if v.resumed => {
-                    format!("Resuming decryption after reboot: {}%", pct(v))
+                    format!("Resuming decryption{}: {}%", after(v), pct(v))
                 }
                 VolumeState::DecryptionInProgress => {
                     format!("Decrypting data volume {i}/{n}: {}%", pct(v))
                 }
-                _ if v.resumed => format!("Resuming encryption after reboot: {}%", pct(v)),
+                _ if v.resumed => format!("Resuming encryption{}: {}%", after(v), pct(v)),
                 _ => format!("Encrypting data volume {i}/{n}: {}%", pct(v)),
             };
         }
@@ -945,6 +969,11 @@ mod tests {
         r[0].resumed = true;
         assert_eq!(
             message(Operation::Resume, &r, Some(0)),
+            "Resuming encryption: 37%"
+        );
+        r[0].after_reboot = true;
+        assert_eq!(
+            message(Operation::Resume, &r, Some(0)),
             "Resuming encryption after reboot: 37%"
         );
         let done = vec![
@@ -1136,7 +1165,10 @@ mod tests {
             "Decryption failed: failed to unmount /x; 2 other data volumes stay encrypted (/dev/old, /dev/b)"
         );
         assert_eq!(s.data_volumes_encrypted, VolumeState::Encrypted);
-        // A resumed decryption says so while it runs and when it is done.
+        // A resumed decryption says so while it runs and when it is done; "after
+        // reboot" only when the run before it was in another boot.
+        let same_boot = s.clone();
+        s.run_boot = Some("an earlier boot".into());
         s.begin_run(Operation::Resume, 44, |v| v.device == Path::new("/dev/a"));
         s.volumes[1].error = None;
         s.volumes[1].state = VolumeState::DecryptionInProgress;
@@ -1144,6 +1176,20 @@ mod tests {
         s.volumes[1].percent = 60.0;
         s.refresh(Some(1));
         assert_eq!(s.progress_message, "Resuming decryption after reboot: 60%");
+        assert_ne!(s.run_boot.as_deref(), Some("an earlier boot"));
+        let mut t = same_boot;
+        t.begin_run(Operation::Resume, 44, |v| v.device == Path::new("/dev/a"));
+        t.volumes[1].state = VolumeState::DecryptionInProgress;
+        t.volumes[1].resumed = true;
+        t.volumes[1].percent = 60.0;
+        t.refresh(Some(1));
+        assert_eq!(t.progress_message, "Resuming decryption: 60%");
+        // A status file from before boots were recorded: not said to follow a reboot.
+        let mut u = t.clone();
+        u.run_boot = None;
+        u.begin_run(Operation::Resume, 45, |v| v.device == Path::new("/dev/a"));
+        assert!(!u.volumes[1].after_reboot);
+        assert!(u.run_boot.is_some());
         // One that cannot go on fails as a decryption (it said "Encryption failed").
         s.volumes[1].error = Some("cannot open /dev/a to resume".into());
         s.refresh(None);
