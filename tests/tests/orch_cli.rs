@@ -2036,6 +2036,18 @@ fn root_orch_xfs_needs_and_gets_a_detached_header() {
     let out = enable(&[]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--header-dir"));
+    // The candidate listing says what makes it ready (it said "has blockers").
+    let out = run_ok(luksify(&state).env("LUKSIFY_ETC_DIR", &etc).args([
+        "enable",
+        "--volume-type",
+        "data",
+    ]));
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with(&format!("{}  xfs  ", lo.path.display())))
+        .unwrap_or_else(|| panic!("{} not listed: {listing}", lo.path.display()));
+    assert!(line.ends_with("ready with --header-dir DIR"), "{line}");
     let out = enable(&["--header-dir".as_ref(), hdr_dir.as_os_str()]);
     assert!(
         out.status.success(),

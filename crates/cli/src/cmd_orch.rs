@@ -635,6 +635,8 @@ fn list_candidates(json: bool, state_dir: &Path, given: Option<&Path>) -> anyhow
             .unwrap_or_else(|| "not mounted".into());
         let ready = if luksify_orchestrator::enable::is_ready(r) {
             "ready"
+        } else if luksify_orchestrator::enable::needs_only_header_dir(r) {
+            "no room for a header on it: ready with --header-dir DIR"
         } else {
             "has blockers (luksify check)"
         };

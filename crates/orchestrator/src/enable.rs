@@ -2466,6 +2466,17 @@ pub fn is_ready(r: &check::Report) -> bool {
     r.problems.iter().all(|p| p.severity != Severity::Blocker)
 }
 
+/// Whether every blocker in `r` is the lack of room for a header on the device (an xfs
+/// or btrfs, which cannot shrink; an ext4 too full to): `--header-dir` takes them all
+/// away, so the listing says that rather than "has blockers" (every xfs read so).
+pub fn needs_only_header_dir(r: &check::Report) -> bool {
+    !is_ready(r)
+        && r.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Blocker)
+            .all(|p| matches!(p.code, "needs_detached_header" | "no_header_space"))
+}
+
 /// Decrypts data volumes back in place: unmount, close the mapping, decrypt through
 /// the walker, grow the filesystem to the whole device, remount the plain device,
 /// restore fstab and drop the crypttab entry. `only` restricts it to some devices or
