@@ -6425,3 +6425,41 @@ fn with_resize2fs_killing_its_caller(cmd: &mut Command, bin: &Path) {
         ),
     );
 }
+
+/// A run killed mid-walk whose device then got another filesystem (the disk reused,
+/// or another disk now under the name): `status` said "`luksify resume` finishes it",
+/// and `resume` refuses it, writing nothing. Status now says what `resume` would: the
+/// device holds something else and the volume is nowhere.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_status_of_a_run_whose_device_was_reused_says_what_resume_says() {
+    let fx = Fixture::new(192);
+    fx.kill_enable_mid_walk();
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(fx.dev()));
+    let uuid = probe_uuid(&fx.dev());
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    let msg = v["progress_message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains(&format!("now holds ext4 UUID {uuid}"))
+            && msg.contains("no other device carries this run's volume")
+            && !msg.contains("finishes it")
+            && !msg.contains("starts it again"),
+        "{msg}"
+    );
+    let out = run(fx
+        .cmd()
+        .args(["resume", "--userspace", "--key-file"])
+        .arg(&fx.key));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("now holds ext4 UUID {uuid}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        probe_uuid(&fx.dev()),
+        uuid,
+        "resume wrote to the reused device"
+    );
+}

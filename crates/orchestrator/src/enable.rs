@@ -2058,7 +2058,7 @@ fn relocate_all(sw: &mut StatusWriter) -> Result<()> {
 
 /// Where volume `v` is now: `None` when on its recorded device (or when nothing tells:
 /// the walker's own checks decide there), `Some(dev)` when it moved to `dev`.
-fn locate(v: &VolumeStatus) -> Result<Option<PathBuf>> {
+pub(crate) fn locate(v: &VolumeStatus) -> Result<Option<PathBuf>> {
     let decrypting = v.state == VolumeState::DecryptionInProgress;
     // The volume's LUKS UUID: recorded, or (a record from before it was) the header
     // file's, which a decryption always has.

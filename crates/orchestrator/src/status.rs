@@ -515,6 +515,16 @@ fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
     let went = "its luksify process went away";
     let decrypt = v.state == VolumeState::DecryptionInProgress;
     let what = if decrypt { "Decryption" } else { "Encryption" };
+    // Where `resume` would look for the volume, and what it would refuse: a device that
+    // now holds another filesystem (reused, or another disk under the name) was said to
+    // be finished, or started again, by a `resume` that refuses it.
+    if let Err(f) = crate::enable::locate(v) {
+        return format!(
+            "{what} of {} was interrupted (its luksify process is gone), and the volume is not where it was: {}",
+            v.device.display(),
+            f.message.replace("nothing was written: ", "")
+        );
+    }
     match run_stage(v, state_dir) {
         RunStage::NotStarted if decrypt => format!(
             "Decryption of {dev} had not started when {went}; it is still encrypted: `luksify resume` maps and mounts it again, then `luksify disable --volume {dev}` decrypts it"
