@@ -738,6 +738,75 @@ fn luks2_a_damaged_copy_is_reported_when_read() {
     }
 }
 
+/// A key command refused after the unlock (slot in use, slot out of range, the last
+/// keyslot without --batch-mode) over a header with one damaged copy wrote a repair of
+/// that copy first, then failed (a trial: README promises nothing written before
+/// every check passes). Now nothing is written; a key command that succeeds rewrites
+/// both copies, also when the damaged copy's sequence id is garbage (higher than the
+/// valid one's: it read as another command's write, "the header changed on disk").
+#[test]
+fn luks2_a_refused_key_command_leaves_a_damaged_copy_as_it_was() {
+    let fx = Fixture::luks2();
+    let new = fx.dir.path().join("new");
+    std::fs::write(&new, b"another passphrase").unwrap();
+    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let mut damaged = Vec::new();
+    let mut primary = fx.pristine.clone();
+    primary[30] ^= 0xff; // the primary's label: its checksum no longer matches
+    damaged.push(("primary", primary));
+    let mut secondary = fx.pristine.clone();
+    secondary[16384 + 16] = 0x7f; // the secondary's seqid, high
+    damaged.push(("secondary seqid", secondary));
+    let (img, key) = (fx.img(), fx.key());
+    for (what, bad) in &damaged {
+        let add = |slot: &str| -> Vec<String> {
+            [
+                "add-key",
+                p(&fx.img()),
+                "--key-file",
+                p(&fx.key()),
+                "--new-key-file",
+            ]
+            .into_iter()
+            .chain([p(&new), "--key-slot", slot])
+            .chain(kdf)
+            .map(String::from)
+            .collect()
+        };
+        // The slot is in use; out of range; the last keyslot, without --batch-mode.
+        let remove = ["remove-key", p(&img), "--key-file", p(&key)];
+        for args in [add("0"), add("40"), remove.map(String::from).to_vec()] {
+            std::fs::write(fx.img(), bad).unwrap();
+            let out = run(Command::new(luksify_bin()).args(&args));
+            assert!(!out.status.success(), "{what} {args:?}: {out:?}");
+            assert!(
+                std::fs::read(fx.img()).unwrap() == *bad,
+                "{what} {args:?} wrote the image: {out:?}"
+            );
+        }
+        std::fs::write(fx.img(), bad).unwrap();
+        let out = run(Command::new(luksify_bin())
+            .args(["add-key", p(&fx.img()), "--key-file", p(&fx.key())])
+            .args(["--new-key-file", p(&new)])
+            .args(kdf));
+        assert!(out.status.success(), "{what}: {out:?}");
+        let out = run_ok(Command::new(luksify_bin()).args(["dump", p(&fx.img())]));
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("warning"),
+            "{what}: a copy is still damaged: {out:?}"
+        );
+        for key in [fx.key(), new.clone()] {
+            run_ok(Command::new("cryptsetup").args([
+                "open",
+                "--test-passphrase",
+                p(&fx.img()),
+                "--key-file",
+                p(&key),
+            ]));
+        }
+    }
+}
+
 /// A header whose sequence id is at its maximum (2^64 - 1, checksums valid): add-key
 /// refused it ("seqid overflow") after writing the new keyslot's area. cryptsetup wraps
 /// the id to 0 and adds the key; luksify now does the same, and cryptsetup opens both

@@ -460,7 +460,7 @@ fn read_volume(path: &Path, file: &File) -> Result<Volume> {
             _ => "its two copies differ".to_string(),
         };
         errln!(
-            "luksify: {}: warning: LUKS2 header: {why}; the valid one was used. `cryptsetup repair`, or any luksify key command, rewrites both copies",
+            "luksify: {}: warning: LUKS2 header: {why}; the valid one was used. `cryptsetup repair`, or a luksify key command that changes the header, rewrites both copies",
             path.display()
         );
     }
@@ -809,7 +809,9 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
         .kdf
         .request(vol.version() == luksify_luks::Version::Luks1)?;
     let (vk, _) = vol.unlock(&f, &pass, None).map_err(|e| luks_err(path, e))?;
-    let mut vol = Volume::read_and_repair(&f).map_err(|e| luks_err(path, e))?;
+    // No repair of a damaged copy before the change: its own write rewrites both
+    // copies, and a change refused (slot in use, area full) writes nothing at all.
+    let mut vol = vol;
     let slot = vol
         .add_keyslot(&f, &vk, &new, &req, a.key_slot)
         .map_err(|e| luks_err(path, e))?;
@@ -829,7 +831,9 @@ fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
             path.display()
         );
     }
-    let mut vol = Volume::read_and_repair(&f).map_err(|e| luks_err(path, e))?;
+    // No repair of a damaged copy before the change: its own write rewrites both
+    // copies, and a change refused (slot in use, area full) writes nothing at all.
+    let mut vol = vol;
     vol.remove_keyslot(&f, slot)
         .map_err(|e| luks_err(path, e))?;
     println!("Key slot {slot} removed.");
@@ -851,7 +855,9 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
     let (_vk, slot) = vol
         .unlock(&f, &pass, a.key_slot)
         .map_err(|e| luks_err(path, e))?;
-    let mut vol = Volume::read_and_repair(&f).map_err(|e| luks_err(path, e))?;
+    // No repair of a damaged copy before the change: its own write rewrites both
+    // copies, and a change refused (slot in use, area full) writes nothing at all.
+    let mut vol = vol;
     let now = vol
         .change_keyslot(&f, slot, &pass, &new, &req)
         .map_err(|e| luks_err(path, e))?;

@@ -332,17 +332,14 @@ impl Luks2Header {
         disk: &D,
     ) -> Result<Option<crate::io::MetadataLock>> {
         let lock = metadata_lock(disk, true)?;
-        let mut newest = None;
-        for (off, magic) in [
-            (0, binary::MAGIC_PRIMARY),
-            (self.hdr_size, binary::MAGIC_SECONDARY),
-        ] {
-            let mut b = [0u8; 24];
-            if disk.read_at(off, &mut b).is_ok() && b[..6] == magic {
-                let seqid = u64::from_be_bytes(b[16..24].try_into().expect("8 bytes"));
-                newest = newest.max(Some(seqid));
-            }
-        }
+        // Only a valid copy counts: a damaged one's sequence id is garbage (a flipped
+        // bit there read as a write of another command), and the write this guards
+        // rewrites it.
+        let newest = [(0, Copy::Primary), (self.hdr_size, Copy::Secondary)]
+            .into_iter()
+            .filter_map(|(off, copy)| read_copy(disk, off, copy).ok())
+            .map(|c| c.bin.seqid)
+            .max();
         match newest {
             Some(on_disk) if on_disk > self.seqid => Err(Error::Changed(format!(
                 "sequence id {on_disk} on disk, {} when it was read",
