@@ -316,6 +316,35 @@ fn luks2_absurd_stripes_and_kdf_costs() {
             other => panic!("expected KdfTooCostly, got {other:?}"),
         },
     );
+    // The CLI says what is wrong with the keyslot, not to lower --pbkdf-memory (an
+    // option test-passphrase does not take), and 1 KiB is not "too high".
+    let argon_1k = with_json(&good, |v| {
+        v["keyslots"]["0"]["kdf"] = serde_json::json!({"type": "argon2id", "time": 4, "memory": 1, "cpus": 1, "salt": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="});
+    });
+    fx.expect_rejected(&argon_1k, "argon2 memory 1 KiB", read_and_unlock);
+    for (bytes, says) in [
+        (
+            &argon_1k,
+            "argon2 memory is 1 KiB, below cryptsetup's minimum",
+        ),
+        (
+            &argon_over_cap,
+            "argon2 memory is 4194305 KiB, above cryptsetup's maximum",
+        ),
+    ] {
+        std::fs::write(fx.img(), bytes).unwrap();
+        let out = run(Command::new(luksify_bin()).args([
+            "test-passphrase",
+            p(&fx.img()),
+            "--key-file",
+            p(&fx.key()),
+        ]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says) && !err.contains("--pbkdf-memory"),
+            "{out:?}"
+        );
+    }
     let iterations = with_json(&good, |v| {
         v["keyslots"]["0"]["kdf"]["iterations"] = Value::from(1u64 << 40);
     });
@@ -611,6 +640,33 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
         !out.status.success() && err.contains("keyslot 1 is not assigned to any digest"),
         "{err}"
     );
+}
+
+/// A LUKS1 volume whose every keyslot was killed: no passphrase can open it, and
+/// luksify said "no keyslot matches this passphrase; check --key-file" (exit 2).
+/// cryptsetup says "No usable keyslot is available" (exit 1); so does luksify now, for
+/// each command that unlocks, and writes nothing.
+#[test]
+fn luks1_without_a_keyslot_is_no_usable_keyslot_not_a_wrong_passphrase() {
+    let (_d, img, kf, kf2) = luks1_with_two_keys();
+    run_ok(Command::new("cryptsetup").args(["luksKillSlot", "-q", p(&img), "0"]));
+    let before = std::fs::read(&img).unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(luksify_bin());
+        c.args(args).arg(&img).arg("--key-file").arg(&kf);
+        c
+    };
+    let mut add = cmd(&["add-key"]);
+    add.arg("--new-key-file").arg(&kf2);
+    for mut c in [cmd(&["test-passphrase"]), cmd(&["remove-key"]), add] {
+        let out = run(&mut c);
+        assert_eq!(out.status.code(), Some(1), "{c:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no usable keyslot is available"),
+            "{c:?}: {out:?}"
+        );
+        assert!(std::fs::read(&img).unwrap() == before, "{c:?} wrote");
+    }
 }
 
 /// A cryptsetup-made 4 MiB LUKS1 image opened by key file `kf` (PASS), and a second key

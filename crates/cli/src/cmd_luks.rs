@@ -437,7 +437,12 @@ fn luks_err(path: &Path, e: LuksError) -> anyhow::Error {
         LuksError::NoValidHeader { .. } | LuksError::Corrupt(_) => {
             "; restore a header backup (cryptsetup luksHeaderRestore)"
         }
-        LuksError::KdfTooCostly(_) => "; lower --pbkdf-memory or use --pbkdf pbkdf2",
+        // A new keyslot's cost is what the user asked for; a header's is not (its
+        // messages say what to do then): "lower --pbkdf-memory" went to
+        // test-passphrase, which takes no such option.
+        LuksError::KdfTooCostly(m) if !m.starts_with("a keyslot's") && !m.contains("free memory") => {
+            "; a new keyslot can cost less (--pbkdf-memory, or --pbkdf pbkdf2); an existing one opens on a machine with more memory, or use another keyslot's passphrase"
+        }
         _ => "",
     };
     let said = format!("{}: {e}{hint}", path.display());

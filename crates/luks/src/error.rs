@@ -41,7 +41,7 @@ pub enum Error {
     /// No keyslot can give the volume's key at all: each passphrase keyslot is unbound
     /// (holds a key of its own, `cryptsetup luksAddKey --unbound`), so no passphrase
     /// is even tried (cryptsetup: "No usable keyslot is available", exit 1).
-    #[error("no usable keyslot is available: no keyslot in use may give the volume's key (each is unbound, or its priority is ignore: `luksify dump` lists them; `--key-slot N` tries one)")]
+    #[error("no usable keyslot is available: no keyslot in use may give the volume's key (none is in use, or each is unbound or its priority is ignore: `luksify dump` lists them; `--key-slot N` tries one)")]
     NoUsableKeyslot,
     /// Adding a key where every keyslot (or the keyslot area) is taken.
     #[error("no free keyslot: {0}")]

@@ -88,9 +88,17 @@ pub fn check_runnable(kdf: &Kdf) -> Result<()> {
                     "argon2 time {time} / cpus {cpus} out of range"
                 )));
             }
-            if *memory < ARGON2_MIN_MEMORY_KIB || *memory > ARGON2_MAX_MEMORY_KIB {
+            // Costs a keyslot carries (a new keyslot's are resolved within the limits):
+            // one below cryptsetup's minimum is no keyslot cryptsetup writes (it said
+            // "cost too high: lower --pbkdf-memory" of 1 KiB, to test-passphrase too).
+            if *memory < ARGON2_MIN_MEMORY_KIB {
+                return Err(Error::corrupt(format!(
+                    "a keyslot's argon2 memory is {memory} KiB, below cryptsetup's minimum of {ARGON2_MIN_MEMORY_KIB} KiB"
+                )));
+            }
+            if *memory > ARGON2_MAX_MEMORY_KIB {
                 return Err(Error::KdfTooCostly(format!(
-                    "argon2 memory {memory} KiB is outside {ARGON2_MIN_MEMORY_KIB}..={ARGON2_MAX_MEMORY_KIB} KiB (cryptsetup's limits)"
+                    "a keyslot's argon2 memory is {memory} KiB, above cryptsetup's maximum of {ARGON2_MAX_MEMORY_KIB} KiB (a damaged header, or one not made by cryptsetup); open it with another keyslot's passphrase"
                 )));
             }
             if let Some(ram) = total_ram_kib() {
@@ -164,7 +172,7 @@ fn argon2(
             // Not the header's fault: a memory limit (a cgroup, `ulimit -v`) or a busy
             // machine. It read "invalid LUKS header: argon2 failed: out of memory".
             argon2::Error::OutOfMemory => Error::KdfTooCostly(format!(
-                "argon2 could not get its {memory_kib} KiB of memory (a cgroup or `ulimit -v` limit, or too little free)"
+                "argon2 could not get its {memory_kib} KiB of memory (a cgroup or `ulimit -v` limit, or too little free): free memory or lift the limit"
             )),
             e => Error::corrupt(format!("argon2 failed: {e}")),
         })

@@ -429,6 +429,11 @@ impl Luks1Header {
         if let Some(s) = slot {
             return self.unlock_keyslot(disk, s, passphrase).map(|k| (k, s));
         }
+        // No active keyslot: no passphrase can open it, so it is not a wrong one
+        // (cryptsetup: "No usable keyslot is available", exit 1), as for LUKS2.
+        if self.keyslot_ids().is_empty() {
+            return Err(Error::NoUsableKeyslot);
+        }
         let mut last = Error::WrongPassphrase;
         for s in self.keyslot_ids() {
             match self.unlock_keyslot(disk, s, passphrase) {
