@@ -669,6 +669,44 @@ fn luks1_without_a_keyslot_is_no_usable_keyslot_not_a_wrong_passphrase() {
     }
 }
 
+/// A keyslot of a type luksify does not know (a later format's): `add-key` refused the
+/// volume as "marked for LUKS2 reencryption" (a trial). cryptsetup adds the key beside
+/// it; so does luksify now, keeping the keyslot as it was and its area clear.
+#[test]
+fn luks2_a_keyslot_of_an_unknown_type_is_kept_not_taken_for_a_reencryption() {
+    let fx = Fixture::luks2();
+    let odd = with_json(&fx.pristine, |v| {
+        let mut ks = v["keyslots"]["0"].clone();
+        ks["type"] = "luks9".into();
+        ks["area"]["offset"] = "290816".into();
+        v["keyslots"]["1"] = ks;
+        v["digests"]["0"]["keyslots"] = serde_json::json!(["0", "1"]);
+    });
+    std::fs::write(fx.img(), &odd).unwrap();
+    let new = fx.dir.path().join("new");
+    std::fs::write(&new, b"beside the unknown").unwrap();
+    let out = run(Command::new(luksify_bin())
+        .args(["add-key", p(&fx.img()), "--key-file", p(&fx.key())])
+        .args(["--new-key-file", p(&new)])
+        .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]));
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&fx.img());
+    assert_eq!(v["keyslots"]["1"]["type"], "luks9", "{v}");
+    let area = |k: &str| {
+        let a = &v["keyslots"][k]["area"];
+        let n = |f: &str| a[f].as_str().unwrap().parse::<u64>().unwrap();
+        (n("offset"), n("offset") + n("size"))
+    };
+    let (added, unknown) = (area("2"), area("1"));
+    assert!(
+        added.1 <= unknown.0 || added.0 >= unknown.1,
+        "{added:?} over {unknown:?}"
+    );
+    for key in [fx.key(), new] {
+        assert!(luksify_tests::cryptsetup_opens(&fx.img(), &key), "{key:?}");
+    }
+}
+
 /// A cryptsetup-made 4 MiB LUKS1 image opened by key file `kf` (PASS), and a second key
 /// file `kf2` to add: `(dir, img, kf, kf2)`.
 fn luks1_with_two_keys() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {

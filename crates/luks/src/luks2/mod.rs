@@ -714,17 +714,19 @@ impl Luks2Header {
     /// keyslots must keep opening both volume keys (a keyslot changed for one digest left
     /// a run that no passphrase resumed).
     fn refuse_in_reencryption(&self) -> Result<()> {
-        let marked = self
+        let marked = self.metadata.keyslots.values().any(|k| match k {
+            Keyslot::Reencrypt(_) => true,
+            // A reencrypt keyslot this version does not parse still marks a run. A
+            // keyslot of a type of its own (a later format) does not: it is kept
+            // and its area avoided, as cryptsetup does (it read as a reencryption).
+            Keyslot::Unknown(m) => m.get("type").and_then(|t| t.as_str()) == Some("reencrypt"),
+            Keyslot::Luks2(_) | Keyslot::Unusable { .. } => false,
+        }) || self
             .metadata
-            .keyslots
-            .values()
-            .any(|k| !matches!(k, Keyslot::Luks2(_) | Keyslot::Unusable { .. }))
-            || self
-                .metadata
-                .config
-                .mandatory_requirements()
-                .iter()
-                .any(|m| m.starts_with("online-reencrypt"));
+            .config
+            .mandatory_requirements()
+            .iter()
+            .any(|m| m.starts_with("online-reencrypt"));
         if marked {
             return Err(Error::InReencryption);
         }
