@@ -2017,9 +2017,10 @@ fn walker_refuses_a_sector_size_larger_than_the_filesystem_blocks() {
 }
 
 /// `--key-file` of `encrypt`, `resume` and `decrypt` is read as cryptsetup reads it (and
-/// as `luksify format` reads it): an empty file (here /dev/null) is refused by encrypt in
-/// one line before anything is written, not set as an empty passphrase, and tried as the
-/// empty passphrase by decrypt (which then fails as a wrong one); a missing one is named;
+/// as `luksify format` reads it): an empty file is refused by encrypt in one line before
+/// anything is written, not set as an empty passphrase, and tried as the empty
+/// passphrase by decrypt (which then fails as a wrong one); /dev/null, which gives
+/// nothing, is refused (cryptsetup: "Nothing to read on input"); a missing one is named;
 /// `-` is standard input, whole, newlines included, and cryptsetup unlocks the volume
 /// with the same bytes from a file.
 #[test]
@@ -2027,8 +2028,13 @@ fn walker_key_file_is_read_as_cryptsetup_reads_it() {
     require_tool("cryptsetup");
     let (c, orig) = Case::new(16, 95);
     let (img, hdr) = (c.img(), c.hdr());
+    let empty = c.p("empty-key");
+    std::fs::write(&empty, b"").unwrap();
+    let empty = empty.to_str().unwrap().to_string();
     for (key, needle) in [
-        ("/dev/null", "is empty"),
+        (empty.as_str(), "is empty"),
+        // A device that gives nothing is refused as cryptsetup refuses it.
+        ("/dev/null", "nothing to read from key file /dev/null"),
         ("/nonexistent/key", "cannot open key file /nonexistent/key"),
     ] {
         for args in [
@@ -2077,12 +2083,16 @@ fn walker_key_file_is_read_as_cryptsetup_reads_it() {
         "decrypt",
         &img,
         "--key-file",
-        "/dev/null",
+        &empty,
         "--header",
         &hdr,
     ]));
-    assert_refused_in_one_line(&out, "no keyslot accepts", "decrypt with /dev/null");
-    assert_file_is(&c.p("hdr"), &hdr0, "decrypt with /dev/null: header changed");
+    assert_refused_in_one_line(&out, "no keyslot accepts", "decrypt with an empty key file");
+    assert_file_is(
+        &c.p("hdr"),
+        &hdr0,
+        "decrypt with an empty key file: header changed",
+    );
     run_ok(&mut detached_decrypt(&c));
     assert_file_is(&c.p("img"), &orig, "plaintext differs");
 }

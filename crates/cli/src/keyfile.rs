@@ -35,12 +35,15 @@ pub fn read_new_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
 
 fn read_any(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     let what = path.display();
+    let mut regular = false;
     let mut reader: Box<dyn Read> = if path == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
-        Box::new(std::fs::File::open(path).with_context(|| {
+        let f = std::fs::File::open(path).with_context(|| {
             format!("cannot open key file {what}: check the path and permissions")
-        })?)
+        })?;
+        regular = f.metadata().is_ok_and(|m| m.is_file());
+        Box::new(f)
     };
     // One allocation of the maximum size (+1 to detect oversize); never grown.
     let mut buf = Zeroizing::new(vec![0u8; MAX_KEY_FILE_BYTES + 1]);
@@ -59,6 +62,19 @@ fn read_any(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
             bail!("key file {what} is larger than {MAX_KEY_FILE_BYTES} bytes (cryptsetup's limit); use a smaller key file");
         }
     }
+    // An empty regular file is the empty passphrase; a pipe or device that gave no
+    // bytes (stdin closed, /dev/null) is a mistake, and cryptsetup fails on it
+    // ("Nothing to read on input.") rather than try the empty passphrase.
+    if len == 0 && !regular {
+        bail!(
+            "nothing to read from {}: it gave no bytes (cryptsetup refuses it too); pass the passphrase through it, or use an empty regular file for the empty passphrase",
+            if path == Path::new("-") {
+                "standard input (--key-file -)".to_string()
+            } else {
+                format!("key file {what}")
+            }
+        );
+    }
     let mut out = Zeroizing::new(vec![0u8; len]);
     out.copy_from_slice(&buf[..len]);
     Ok(out)
@@ -76,6 +92,11 @@ mod tests {
         assert_eq!(&read_key_file(&p).unwrap()[..], b"pass\nword\n");
         std::fs::write(&p, b"").unwrap();
         assert!(read_key_file(&p).unwrap().is_empty());
+        // Not a regular file, and nothing in it: refused, as cryptsetup refuses it.
+        let e = read_key_file(Path::new("/dev/null"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nothing to read from key file /dev/null"), "{e}");
         let e = read_new_key_file(&p).unwrap_err().to_string();
         assert!(e.contains("is empty"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
