@@ -62,8 +62,23 @@ struct ReadCopy {
 
 fn read_copy<D: Disk + ?Sized>(disk: &D, offset: u64, want: Copy) -> Result<ReadCopy> {
     let mut raw = Box::new([0u8; BINARY_HEADER_SIZE]);
-    disk.read_at(offset, &mut raw[..])
-        .map_err(|e| Error::io(format!("reading LUKS2 header at offset {offset}"), e))?;
+    disk.read_at(offset, &mut raw[..]).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            // A header cut short, or no header at all (a device smaller than one).
+            let mut magic = [0u8; 6];
+            let ours = match want {
+                Copy::Primary => binary::MAGIC_PRIMARY,
+                Copy::Secondary => binary::MAGIC_SECONDARY,
+            };
+            if disk.read_at(offset, &mut magic).is_ok() && magic == ours {
+                return Error::corrupt(format!(
+                    "the device ends inside the {want:?} header at offset {offset}: it was truncated, or this is not the whole device"
+                ));
+            }
+            return Error::NotLuks;
+        }
+        Error::io(format!("reading LUKS2 header at offset {offset}"), e)
+    })?;
     let bin = BinaryHeader::parse(&raw)?;
     if bin.copy != want {
         return Err(Error::corrupt(format!(
@@ -83,6 +98,14 @@ fn read_copy<D: Disk + ?Sized>(disk: &D, offset: u64, want: Copy) -> Result<Read
     let mut json = vec![0u8; json_len];
     disk.read_at(offset + BINARY_HEADER_SIZE as u64, &mut json)
         .map_err(|e| {
+            // A device that ends inside the copy: say so (it read "failed to fill
+            // whole buffer").
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                return Error::corrupt(format!(
+                    "the {want:?} header at offset {offset} is {} bytes long, and the device ends inside it: it was truncated, or this is not the whole device",
+                    bin.hdr_size
+                ));
+            }
             Error::io(
                 format!("reading LUKS2 JSON area at offset {}", offset + 4096),
                 e,
@@ -223,7 +246,7 @@ impl Luks2Header {
         if let Ok(size) = disk.size() {
             if size < need {
                 return Err(Error::corrupt(format!(
-                    "the device holds {size} bytes, but its LUKS2 header and keyslots area take {need}: it was truncated, or this is not the whole device; restore it (or a header backup) to its full size"
+                    "the device holds {size} bytes, but its LUKS2 header and keyslots area take {need}: it was truncated, or this is not the whole device; bring it back to its full size"
                 )));
             }
         }
