@@ -392,7 +392,10 @@ pub fn offline_volume_at(target: &Path, state_dir: &Path) -> Option<Problem> {
     use crate::status::VolumeState;
     let canon = std::fs::canonicalize(target).ok()?;
     run_dirs(state_dir).into_iter().find_map(|dir| {
-        let status = crate::status::load(&dir).ok()?;
+        let mut status = crate::status::load(&dir).ok()?;
+        if !status.run_process_running() {
+            status.catch_up_with_headers(Some(&dir));
+        }
         let v = status.volumes.iter().find(|v| {
             v.mount_point.as_deref() == Some(canon.as_path())
                 && matches!(

@@ -218,6 +218,26 @@ impl Status {
         }
     }
 
+    /// Sets each interrupted volume's percent to its header's where that is further:
+    /// the status file is written every 2 s, the header at every hotzone, so after a
+    /// kill the file lags. Only while no run's process works on them.
+    pub fn catch_up_with_headers(&mut self, state_dir: Option<&Path>) {
+        for v in &mut self.volumes {
+            if !matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            ) {
+                continue;
+            }
+            if let RunStage::Walking(Some(h)) = run_stage(v, state_dir) {
+                if h > v.percent {
+                    v.percent = h;
+                    v.bytes_done = (h / 100.0 * v.bytes_total as f64) as u64;
+                }
+            }
+        }
+    }
+
     /// Whether the process recorded as doing the run still runs.
     pub fn run_process_running(&self) -> bool {
         self.pid
@@ -321,20 +341,7 @@ pub fn apply_live_state(
         // An interrupted run's percent is its header's when that is further (the
         // file's lags up to 2 s): the JSON says what the message says (a trial read
         // "interrupted at 29%" beside "percent": 21.65).
-        for v in &mut s.volumes {
-            if !matches!(
-                v.state,
-                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
-            ) {
-                continue;
-            }
-            if let RunStage::Walking(Some(h)) = run_stage(v, state_dir) {
-                if h > v.percent {
-                    v.percent = h;
-                    v.bytes_done = (h / 100.0 * v.bytes_total as f64) as u64;
-                }
-            }
-        }
+        s.catch_up_with_headers(state_dir);
         let in_progress = |v: &&VolumeStatus| {
             matches!(
                 v.state,
@@ -877,9 +884,16 @@ pub struct StatusWriter {
 
 impl StatusWriter {
     pub fn open(dir: &Path) -> std::io::Result<StatusWriter> {
+        let mut status = load(dir)?;
+        // A run that goes on from an interrupted one starts from where its header
+        // says, not from the file's stale figure: "interrupted at 34%" went to 4.5%
+        // as `resume` began (a trial), and `disable` said "interrupted at 4%".
+        if !status.run_process_running() {
+            status.catch_up_with_headers(Some(dir));
+        }
         Ok(StatusWriter {
             dir: dir.to_path_buf(),
-            status: load(dir)?,
+            status,
             last_write: None,
             active: None,
         })
