@@ -1023,13 +1023,16 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     let out = child.wait_with_output().unwrap();
     let _ = holder.kill();
     let _ = holder.wait();
-    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // Not 3, "blockers, nothing written": a was encrypted (a trial's agent took it
+    // for a preflight refusal and ran the same enable again, which is refused now).
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = stderr(&out);
     assert!(
         err.contains(&format!("nothing on {} was encrypted", b.dev().display()))
             && err.contains(&format!(
-                "already encrypted by this run: {}",
-                a.dev().display()
+                "already encrypted by this run: {} (run enable again for the rest only: --volume {})",
+                a.dev().display(),
+                b.dev().display()
             )),
         "{err}"
     );
@@ -1037,6 +1040,12 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     assert!(!luksify_tests::has_luks_header(&b.dev()));
     a.assert_files_unchanged();
     b.assert_files_unchanged();
+    // As it says, the holder gone: the rest is encrypted.
+    let out = run(&mut a.enable_of(&b.dev()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(luksify_tests::has_luks_header(&b.dev()));
+    b.assert_files_unchanged();
+    assert_eq!(read_status(&a.state)["data_volumes_encrypted"], "Encrypted");
 }
 
 /// The userspace mapping's daemon killed: the mount stays but reads fail. `status` must

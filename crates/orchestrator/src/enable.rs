@@ -800,18 +800,40 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         sw.active = Some(idx);
         let r = enable_one(req, passphrase, p, &mut sw, idx, i, n);
         if let Err(e) = r {
-            // Say what this run did finish before it stopped.
+            // Say what this run did finish before it stopped, and what is left: the
+            // same `enable` again is refused, its first volumes being encrypted now (a
+            // trial's agent looped on it). Not "nothing written" either: a refusal of
+            // this volume (exit 3 or 4) is a failure of the run (exit 1) then.
+            let list = |ps: &[Plan]| {
+                ps.iter()
+                    .map(|p| p.device.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             let e = match &plans[..i] {
                 [] => e,
                 done => Failure::new(
-                    e.code,
+                    if matches!(e.code, exit::BLOCKED | exit::BUSY) {
+                        exit::FAILED
+                    } else {
+                        e.code
+                    },
                     format!(
-                        "{}; already encrypted by this run: {}",
+                        "{}; already encrypted by this run: {}{}",
                         e.message,
-                        done.iter()
-                            .map(|p| p.device.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        list(done),
+                        if e.code == exit::INTERRUPTED {
+                            String::new()
+                        } else {
+                            format!(
+                                " (run enable again for the rest only: {})",
+                                plans[i..]
+                                    .iter()
+                                    .map(|p| format!("--volume {}", p.device.display()))
+                                    .collect::<Vec<_>>()
+                                    .join(" ")
+                            )
+                        }
                     ),
                 ),
             };
