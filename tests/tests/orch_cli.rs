@@ -6527,3 +6527,34 @@ fn root_orch_progress_goes_on_from_the_headers_figure_after_a_kill() {
     );
     fx.assert_files_unchanged();
 }
+
+/// `resume` whose recorded key file no longer holds the passphrase (changed since the
+/// enable): it said "`luksify resume` continues it", which reads the same file and
+/// fails the same way (a trial). It names `--key-file` now, and with it the run ends.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_resume_with_a_wrong_recorded_key_names_the_key_file_option() {
+    let fx = Fixture::new(128);
+    fx.kill_enable_mid_walk();
+    let right = fx.dir.path().join("right-key");
+    std::fs::copy(&fx.key, &right).unwrap();
+    std::fs::write(&fx.key, b"not the passphrase any more").unwrap();
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no keyslot accepts this passphrase")
+            && stderr(&out).contains("`luksify resume --key-file F` continues it"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(fx
+        .cmd()
+        .args(["resume", "--userspace", "--key-file"])
+        .arg(&right));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        read_status(&fx.state)["data_volumes_encrypted"],
+        "Encrypted"
+    );
+    fx.assert_files_unchanged();
+}

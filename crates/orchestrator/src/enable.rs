@@ -1395,6 +1395,12 @@ fn walk(
     let r = f(&ctl);
     match r {
         Ok(o) => Ok(o),
+        // The key file given, or recorded at enable, does not open the header: `resume`
+        // alone would read the same file again and fail the same way.
+        Err(e @ luksify_walker::Error::WrongPassphrase) => Err(Failure::failed(format!(
+            "{what} of {} failed: {e}; the header records progress, `luksify resume --key-file F` continues it with the file F that holds the right passphrase",
+            device.display()
+        ))),
         Err(e) => Err(Failure::failed(format!(
             "{what} of {} failed: {e}; the header records progress, `luksify resume` continues it",
             device.display()
