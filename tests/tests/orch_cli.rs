@@ -6506,12 +6506,27 @@ fn root_orch_progress_goes_on_from_the_headers_figure_after_a_kill() {
         .args(["resume", "--userspace", "--key-file"])
         .arg(&fx.key)
         .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "20");
+    // The keys of the top level and of a volume: the same in every write, so a strict
+    // validator of the agent's accepts each (`pid_start` came and went with the run).
+    let keys = |v: &serde_json::Value| {
+        let names = |o: &serde_json::Value| {
+            o.as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        (names(v), names(&v["volumes"][0]))
+    };
+    let before = keys(&read_status(&fx.state));
     let mut child = resume.spawn_quiet();
     let mut seen = Vec::new();
     while child.try_wait().unwrap().is_none() {
         let s = read_status(&fx.state);
         if s["pid"] == child.id() {
             seen.push(s["volumes"][0]["percent"].as_f64().unwrap_or(0.0));
+            assert_eq!(keys(&s), before, "{s}");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -6521,6 +6536,7 @@ fn root_orch_progress_goes_on_from_the_headers_figure_after_a_kill() {
         seen.iter().all(|p| *p + 1e-9 >= header),
         "the percent went back from {header}: {seen:?}"
     );
+    assert_eq!(keys(&read_status(&fx.state)), before);
     assert_eq!(
         read_status(&fx.state)["data_volumes_encrypted"],
         "Encrypted"

@@ -87,7 +87,7 @@ pub struct VolumeStatus {
     /// The current run began in another boot than the run before it: a resumed walk
     /// was stopped by a reboot (or a crash that took one), and its messages say "after
     /// reboot" only then.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub after_reboot: bool,
     /// Last error, one line.
     #[serde(default)]
@@ -149,12 +149,13 @@ pub struct Status {
     /// Pid of the luksify process doing the work, when one is.
     pub pid: Option<u32>,
     /// That process's identity (boot id and start time, `holders::process_identity`):
-    /// a pid reused after a reboot or a wrap-around is not taken for the run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// a pid reused after a reboot or a wrap-around is not taken for the run. Always in
+    /// the JSON (null when no process works), so its keys stay the same.
+    #[serde(default)]
     pub pid_start: Option<String>,
     /// The boot id of the latest run, kept once it ended: a run begun in another boot
     /// follows a reboot (`VolumeStatus::after_reboot`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub run_boot: Option<String>,
     pub os_volume_encrypted: VolumeState,
     pub data_volumes_encrypted: VolumeState,
