@@ -933,16 +933,37 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     });
     let s = read_status(&a.state);
     assert_eq!(s["data_volumes_encrypted"], "DecryptionInProgress", "{s}");
-    let out = run(a.cmd().args(["resume", "--userspace"]));
+    // One run to the agent: a stays in the list once decrypted (it dropped out while b
+    // was decrypted), and b is "volume 2/2" (it read "1/1"; a trial).
+    let mut resume = a.cmd();
+    resume
+        .args(["resume", "--userspace"])
+        .env("LUKSIFY_TEST_PROGRESS_DELAY_MS", "20");
+    let mut child = resume.spawn_quiet();
+    let mut second = Vec::new();
+    while child.try_wait().unwrap().is_none() {
+        let s = read_status(&a.state);
+        if s["pid"] == child.id() {
+            assert!(state_of(&s, &a.dev()).is_some(), "a left the list: {s}");
+            if state_of(&s, &b.dev()).as_deref() == Some("DecryptionInProgress") {
+                second.push(s["progress_message"].as_str().unwrap().to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    // (The status file keeps plain volumes only while they are part of the latest run,
-    // which is the `disable` of b that resume ran: a may be gone from it.)
-    let s = read_status(&a.state);
     assert!(
-        matches!(
-            state_of(&s, &a.dev()).as_deref(),
-            None | Some("NotEncrypted")
-        ),
+        second
+            .iter()
+            .any(|m| m.starts_with("Decrypting data volume 2/2: "))
+            && second.iter().all(|m| !m.contains(" 1/1")),
+        "{second:?}"
+    );
+    let s = read_status(&a.state);
+    assert_eq!(
+        state_of(&s, &a.dev()).as_deref(),
+        Some("NotEncrypted"),
         "{s}"
     );
     assert_eq!(s["data_volumes_encrypted"], "NotEncrypted", "{s}");

@@ -774,6 +774,7 @@ fn cmd_enable(
         kdf,
         cancel: &CANCEL,
         report: &rep,
+        continues: Vec::new(),
     };
     luksify_orchestrator::enable::enable(&req, &key)?;
     print_status(&dir);
@@ -833,6 +834,7 @@ fn with_recorded_volumes(
         kdf: Default::default(),
         cancel: &CANCEL,
         report: &rep,
+        continues: Vec::new(),
     };
     body(&req, key.as_ref().map(|k| k.as_slice()))
 }

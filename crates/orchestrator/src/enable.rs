@@ -40,6 +40,12 @@ pub struct EnableRequest<'a> {
     /// Set from a signal handler: stop at the next safe point.
     pub cancel: &'a AtomicBool,
     pub report: &'a Reporter<'a>,
+    /// Volumes this run already worked on before it got to `volumes`: a `resume` that
+    /// finished the interrupted volume of a stopped run and goes on with the ones it
+    /// had not reached. They stay in the run (its count, "volume 2/2", and the list:
+    /// a volume the resume had just decrypted dropped out of `volumes[]`, and the
+    /// next read "volume 1/1"; a trial). Empty for a run of its own.
+    pub continues: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for EnableRequest<'_> {
@@ -748,10 +754,15 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     }
     let mut sw = StatusWriter::open(&req.state_dir)
         .map_err(|e| Failure::failed(format!("status file: {e}")))?;
-    sw.status
-        .begin_run(Operation::EnableEncryption, std::process::id(), |v| {
-            plans.iter().any(|p| p.device == v.device)
-        });
+    // A resume going on with a stopped run's volumes stays a resume.
+    let op = if req.continues.is_empty() {
+        Operation::EnableEncryption
+    } else {
+        Operation::Resume
+    };
+    sw.status.begin_run(op, std::process::id(), |v| {
+        plans.iter().any(|p| p.device == v.device) || req.continues.contains(&v.device)
+    });
     for p in &plans {
         let m = p.report.primary_mount();
         sw.status.upsert(VolumeStatus {
@@ -786,11 +797,15 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             ..Default::default()
         });
     }
-    let order: Vec<PathBuf> = plans.iter().map(|p| p.device.clone()).collect();
+    let order: Vec<PathBuf> = (req.continues.iter().cloned())
+        .chain(plans.iter().map(|p| p.device.clone()))
+        .collect();
     sw.status.order_run(&order);
     commit(&mut sw)?;
-    let n = plans.len();
+    let before = req.continues.len();
+    let n = before + plans.len();
     for (i, p) in plans.iter().enumerate() {
+        let i = before + i;
         let idx = sw
             .status
             .volumes
@@ -810,6 +825,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
+            let i = i - before;
             let e = match &plans[..i] {
                 [] => e,
                 done => Failure::new(
@@ -1730,7 +1746,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
     let order: Vec<PathBuf> = todo.iter().chain(&pending).cloned().collect();
     sw.status.order_run(&order);
     let mut skipped = Vec::new();
-    for (i, device) in todo.into_iter().enumerate() {
+    for (i, device) in todo.iter().cloned().enumerate() {
         let Some(idx) = sw.status.volumes.iter().position(|v| v.device == device) else {
             continue;
         };
@@ -1796,7 +1812,16 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
     if pending_op == Operation::DisableEncryption {
         // `disable` keeps its own status writer: this one must not write over it.
         drop(sw);
-        return Ok(done(count + disable(req, passphrase_override, &pending)?));
+        let sub = EnableRequest {
+            continues: todo.clone(),
+            volumes: req.volumes.clone(),
+            key_file: req.key_file.clone(),
+            header_dir: req.header_dir.clone(),
+            state_dir: req.state_dir.clone(),
+            kdf: req.kdf.clone(),
+            ..*req
+        };
+        return Ok(done(count + disable(&sub, passphrase_override, &pending)?));
     }
     let first = sw
         .status
@@ -1808,7 +1833,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
             "pending volume vanished from the status file",
         ))?;
     let key = read_recorded_key(&first, passphrase_override)?;
-    let sub = pending_request(req, &sw.status, &pending);
+    let sub = pending_request(req, &sw.status, &pending, &todo);
     remount_pending(&sw.status, &pending);
     // `enable` keeps its own status writer: this one must not write over it.
     drop(sw);
@@ -1918,6 +1943,7 @@ fn pending_request<'a>(
     req: &EnableRequest<'a>,
     status: &crate::status::Status,
     pending: &[PathBuf],
+    continues: &[PathBuf],
 ) -> EnableRequest<'a> {
     let recorded = status.volumes.iter().find(|v| v.device == pending[0]);
     EnableRequest {
@@ -1938,6 +1964,7 @@ fn pending_request<'a>(
             .unwrap_or_else(|| req.kdf.clone()),
         cancel: req.cancel,
         report: req.report,
+        continues: continues.to_vec(),
     }
 }
 
@@ -2726,9 +2753,10 @@ pub fn disable(
     let count = todo.len();
     sw.status
         .begin_run(Operation::DisableEncryption, std::process::id(), |v| {
-            todo.contains(&v.device)
+            todo.contains(&v.device) || req.continues.contains(&v.device)
         });
-    sw.status.order_run(&todo);
+    let order: Vec<PathBuf> = req.continues.iter().chain(&todo).cloned().collect();
+    sw.status.order_run(&order);
     // On disk at once, as enable does: through the key derivation (seconds) the file
     // said no run was working and kept the last run's message (a trial's agent read it).
     commit(&mut sw)?;
@@ -2737,8 +2765,9 @@ pub fn disable(
             continue;
         };
         adopt_key_file(&mut sw, idx, req, passphrase_override);
+        let before = req.continues.len();
         let r = read_recorded_key(&sw.status.volumes[idx], passphrase_override)
-            .and_then(|key| disable_one(req, &key, &mut sw, idx, (i, count)));
+            .and_then(|key| disable_one(req, &key, &mut sw, idx, (before + i, before + count)));
         if let Err(e) = r {
             return Err(end_run_failed(&mut sw, idx, e));
         }
