@@ -413,6 +413,7 @@ fn cmd_check(
     let opts = check::CheckOptions {
         detached_header,
         kill_holders: false,
+        listing: false,
     };
     let report = match check::check(&target, opts) {
         Ok(mut r) => {

@@ -50,6 +50,12 @@ pub struct CheckOptions {
     pub detached_header: bool,
     /// `--kill-holders`: holders will be stopped, so they only warn.
     pub kill_holders: bool,
+    /// Checking every device (the candidate listing): no `O_EXCL` open of a device, by
+    /// luksify or by a tool it runs (`resize2fs -P`), to see whether something holds
+    /// it. For that instant the probe holds it itself, and a `resize2fs`, `mkfs` or
+    /// `mount` of another run that opens it then fails with EBUSY (a concurrent
+    /// listing failed a test's resize2fs so).
+    pub listing: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1193,8 +1199,12 @@ pub fn check_resolved(
                 // writeback, so right after large writes it alone passed a filesystem
                 // that resize2fs then refused to shrink.
                 let short = free < HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50;
+                // Not in the listing: resize2fs opens the device O_EXCL to see whether
+                // it is mounted (e2fsprogs' ismounted probe), which fails another
+                // run's resize2fs of it for that instant. `enable` asks it anyway.
                 let min = filesystem
                     .block_size
+                    .filter(|_| !opts.listing)
                     .and_then(|b| probe::ext_min_bytes(&r.device, b));
                 let too_full = match min {
                     Some(min) => min > target || short,
@@ -1352,7 +1362,8 @@ pub fn check_resolved(
     if r.mounts.is_empty()
         && view.is_none()
         && !problems.iter().any(|p| p.severity == Severity::Blocker)
-        && probe::held_exclusively(&r.device)
+        && (probe::in_use_per_sysfs(&r.device)
+            || (!opts.listing && probe::held_exclusively(&r.device)))
     {
         let name = r
             .device

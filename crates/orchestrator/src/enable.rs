@@ -107,7 +107,11 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
         if os.contains(&num) {
             continue;
         }
-        let Ok(r) = check::check(&dev, CheckOptions::default()) else {
+        let listing = CheckOptions {
+            listing: true,
+            ..CheckOptions::default()
+        };
+        let Ok(r) = check::check(&dev, listing) else {
             continue;
         };
         // Cheap tests first: `interrupted_run` reads the device, which for luksify's
@@ -648,6 +652,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         let opts = CheckOptions {
             detached_header: detached,
             kill_holders: req.kill_holders,
+            listing: false,
         };
         let mut report = check::check(v, opts).map_err(|p| {
             let p = check::offline_volume_at(v, &req.state_dir).unwrap_or(p);

@@ -269,7 +269,28 @@ pub fn dev_node(dev: DevNum) -> Option<PathBuf> {
     (md.file_type().is_block_device() && DevNum::from_raw(md.rdev()) == dev).then_some(p)
 }
 
-/// Device number of a block device node, or None when `p` is not one.
+/// Whether the kernel shows block device `p` in use without opening it: a mounted ext4
+/// or xfs registers under its kernel name in /sys/fs (in whatever mount namespace it is
+/// mounted, one no process is in included), a btrfs lists it among its devices, and a
+/// device-mapper, md or bcache device on it is a holder.
+pub fn in_use_per_sysfs(p: &Path) -> bool {
+    let Some(name) = block_dev_num(p).and_then(|d| {
+        let link = std::fs::canonicalize(format!("/sys/dev/block/{}:{}", d.major, d.minor)).ok()?;
+        Some(link.file_name()?.to_string_lossy().into_owned())
+    }) else {
+        return false;
+    };
+    let sys = Path::new("/sys");
+    sys.join("fs/ext4").join(&name).exists()
+        || sys.join("fs/xfs").join(&name).exists()
+        || std::fs::read_dir(sys.join("fs/btrfs")).is_ok_and(|d| {
+            d.flatten()
+                .any(|fs| fs.path().join("devices").join(&name).exists())
+        })
+        || std::fs::read_dir(sys.join("class/block").join(&name).join("holders"))
+            .is_ok_and(|mut d| d.next().is_some())
+}
+
 /// Whether another opener holds block device `p` exclusively (a mount, a mapping, a
 /// walk): an `O_EXCL` open of it fails with EBUSY. False for anything else.
 pub fn held_exclusively(p: &Path) -> bool {
@@ -282,6 +303,7 @@ pub fn held_exclusively(p: &Path) -> bool {
             .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
 }
 
+/// Device number of a block device node, or None when `p` is not one.
 pub fn block_dev_num(p: &Path) -> Option<DevNum> {
     let md = std::fs::metadata(p).ok()?;
     md.file_type()
