@@ -2684,15 +2684,32 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
     );
 
     run_ok(Command::new("umount").arg(&fx.mnt));
+    // Mapped, not mounted: the message says how to mount it (it kept the last run's).
+    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        text.contains(&format!(
+            "{} is encrypted and mapped as /dev/mapper/{name} but not mounted: `mount -o ",
+            fx.dev().display()
+        )),
+        "{text}"
+    );
     run_ok(fx.cmd().args(["close", &name]));
     let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
     assert!(
-        text.contains("DataVolumesEncrypted : NotMounted\n"),
+        text.contains("DataVolumesEncrypted : NotMounted\n")
+            && text.contains(&format!(
+                "{} is encrypted and not open (closed, or not mapped since boot): `luksify open {} {name} --key-file F",
+                fx.dev().display(),
+                fx.dev().display()
+            ))
+            && text.contains("` and `mount -o "),
         "{text}"
     );
     let v: serde_json::Value =
         serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
     assert_eq!(v["volumes"][0]["state"], "NotMounted", "{v}");
+    // The mapping is gone: no mapped device named (it named the vanished link).
+    assert!(v["volumes"][0]["mapped_device"].is_null(), "{v}");
 
     // Mapped and mounted again: Encrypted again.
     run_ok(

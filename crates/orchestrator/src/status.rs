@@ -304,15 +304,32 @@ pub fn apply_live_state(
     state_dir: Option<&Path>,
 ) {
     let mut orphaned = None;
+    let mut closed = None;
     for v in &mut s.volumes {
         if !matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted) {
             continue;
         }
         let mapper = Path::new("/dev/mapper").join(&v.mapper);
-        let mut live = crate::probe::block_dev_num(&mapper).is_some_and(|d| match &v.mount_point {
+        let mapped = crate::probe::block_dev_num(&mapper);
+        // Closed (`luksify close`, or not mapped since boot): no mapped device to name
+        // (it kept naming the link that was gone; a trial).
+        if mapped.is_none() {
+            v.mapped_device = None;
+        }
+        let mut live = mapped.is_some_and(|d| match &v.mount_point {
             Some(mp) => mounts.iter().any(|m| m.dev == d && m.mount_point == *mp),
             None => true,
         });
+        if !live {
+            closed.get_or_insert((
+                v.mapper.clone(),
+                v.device.clone(),
+                v.mount_point.clone(),
+                v.mount_options.clone(),
+                v.header.clone(),
+                mapped.is_some(),
+            ));
+        }
         if let Some(rec) = state_dir.and_then(|d| crate::map::load_record(d, &v.mapper)) {
             if live && rec.backend == crate::map::Backend::Userspace && !crate::map::is_live(&rec) {
                 live = false;
@@ -385,6 +402,43 @@ pub fn apply_live_state(
             s.progress_message = msg;
             stopped_between = Some(state);
         }
+    }
+    // Encrypted, but closed or not mounted, and nothing else to say: how to bring it
+    // back (the message was the last run's, "Decryption succeeded; 1 other data volume
+    // stays encrypted", and resume answers "Nothing to resume"; a trial).
+    let quiet = !gone
+        && s.pid.is_none()
+        && !s.volumes.iter().any(|v| {
+            matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            )
+        });
+    if let (Some((name, dev, mp, opts, header, mapped)), None, true) = (closed, &orphaned, quiet) {
+        let mount = match &mp {
+            Some(m) => format!(
+                "`mount {}/dev/mapper/{name} {}`",
+                opts.map(|o| format!("-o {o} ")).unwrap_or_default(),
+                m.display()
+            ),
+            None => format!("mount /dev/mapper/{name}"),
+        };
+        s.progress_message = if mapped {
+            format!(
+                "{} is encrypted and mapped as /dev/mapper/{name} but not mounted: {mount}",
+                dev.display()
+            )
+        } else {
+            format!(
+                "{} is encrypted and not open (closed, or not mapped since boot): `luksify open {} {name} --key-file F{}{}` and {mount}",
+                dev.display(),
+                dev.display(),
+                header
+                    .map(|h| format!(" --header {}", h.display()))
+                    .unwrap_or_default(),
+                if crate::map::dm_available().is_err() { " --userspace" } else { "" }
+            )
+        };
     }
     if let (Some((name, dev, mp, opts, header)), None) = (orphaned, s.pid) {
         // The mount as it was (its options too: a bare mount loses noatime, nodev...).
