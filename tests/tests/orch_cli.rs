@@ -737,6 +737,16 @@ fn root_orch_kill_during_encryption_then_resume_all_completes() {
             "{volume:?}: {}",
             stderr(&out)
         );
+        // Then the disable asked for: all of them when none was named (it named this
+        // volume only, and the others stayed encrypted; a trial).
+        let then = match &volume {
+            None => "then `luksify disable` to decrypt it and the others".to_string(),
+            Some(v) => format!(
+                "then `luksify disable --volume {}` to decrypt it",
+                v.display()
+            ),
+        };
+        assert!(stderr(&out).contains(&then), "{volume:?}: {}", stderr(&out));
     }
     // As a reboot leaves it: the status file names the boot the run began in, which
     // is not this one (resumed in the same boot, it said "after reboot" too).

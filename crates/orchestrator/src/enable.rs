@@ -2630,11 +2630,31 @@ pub fn disable(
             VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
         ) && wanted(v)
     }) {
-        let dev = v.device.display();
+        // The disable asked for, again: every volume when none was named (it named this
+        // one only, and following it left the others encrypted; a trial).
+        let again = if only.is_empty() {
+            "`luksify disable`".to_string()
+        } else {
+            format!(
+                "`luksify disable{}`",
+                only.iter()
+                    .map(|o| format!(" --volume {}", o.display()))
+                    .collect::<String>()
+            )
+        };
+        let others = sw.status.volumes.iter().any(|o| {
+            o.device != v.device
+                && wanted(o)
+                && matches!(o.state, VolumeState::Encrypted | VolumeState::NotMounted)
+        });
         let (what, then) = if v.state == VolumeState::EncryptionInProgress {
             (
                 "encryption",
-                format!(", then `luksify disable --volume {dev}` to decrypt it"),
+                if only.is_empty() {
+                    format!(", then {again} to decrypt it and the others")
+                } else {
+                    format!(", then {again} to decrypt it")
+                },
             )
         } else if crate::status::run_stage(v, Some(&req.state_dir))
             == crate::status::RunStage::NotStarted
@@ -2643,7 +2663,14 @@ pub fn disable(
             // trial was told resume "finishes it" and found it encrypted after).
             (
                 "decryption",
-                format!(", which maps and mounts it again (nothing was decrypted), then `luksify disable --volume {dev}` again"),
+                format!(
+                    ", which maps and mounts it again (nothing was decrypted), then {again} again"
+                ),
+            )
+        } else if others {
+            (
+                "decryption",
+                format!(", which finishes it, then {again} again for the others"),
             )
         } else {
             ("decryption", ", which finishes it".to_string())
