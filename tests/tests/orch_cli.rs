@@ -1846,6 +1846,11 @@ fn root_orch_disable_killed_after_the_plain_remount_is_finished_by_resume() {
             && st.contains("`luksify resume` does them"),
         "{st}"
     );
+    // The JSON says the same: the whole walk is done (it kept the last 2-second
+    // figure, 5.63% in a trial).
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    assert_eq!(v["volumes"][0]["percent"], 100.0, "{v}");
     let out = run(fx.cmd().arg("resume"));
     assert!(out.status.success(), "{}", stderr(&out));
     let s = read_status(&fx.state);

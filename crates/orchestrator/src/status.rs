@@ -230,11 +230,16 @@ impl Status {
             ) {
                 continue;
             }
-            if let RunStage::Walking(Some(h)) = run_stage(v, state_dir) {
-                if h > v.percent {
-                    v.percent = h;
-                    v.bytes_done = (h / 100.0 * v.bytes_total as f64) as u64;
-                }
+            let h = match run_stage(v, state_dir) {
+                RunStage::Walking(Some(h)) => h,
+                // The walk is over, the steps after it are left: all of it is done (a
+                // killed disable said "finished its walk" beside "percent": 5.63).
+                RunStage::Walked => 100.0,
+                _ => continue,
+            };
+            if h > v.percent {
+                v.percent = h;
+                v.bytes_done = (h / 100.0 * v.bytes_total as f64) as u64;
             }
         }
     }
