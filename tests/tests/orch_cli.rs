@@ -290,6 +290,14 @@ impl Fixture {
             .arg("--userspace");
         c
     }
+    /// The status file says every data volume is encrypted, and every file is intact.
+    fn assert_encrypted_and_intact(&self) {
+        assert_eq!(
+            read_status(&self.state)["data_volumes_encrypted"],
+            "Encrypted"
+        );
+        self.assert_files_unchanged();
+    }
     /// `disable` with the fixture's key succeeds and leaves the device plain (no LUKS
     /// header), every file intact.
     fn assert_disables_to_plain(&self) {
@@ -1329,11 +1337,7 @@ fn root_orch_resume_from_another_state_dir_leaves_a_live_walk_alone() {
     );
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        read_status(&fx.state)["data_volumes_encrypted"],
-        "Encrypted"
-    );
-    fx.assert_files_unchanged();
+    fx.assert_encrypted_and_intact();
 }
 
 /// After a reboot (or a detach by hand) a userspace mapping's record outlives its loop
@@ -3464,11 +3468,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     // 4. Nothing is left in the way of the next run.
     let out = run(&mut fx.enable_cmd());
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        read_status(&fx.state)["data_volumes_encrypted"],
-        "Encrypted"
-    );
-    fx.assert_files_unchanged();
+    fx.assert_encrypted_and_intact();
 
     // 5. A disable stopped while --kill-holders waits stays encrypted and mounted.
     let mut holder = term_ignoring_holder(&fx.mnt);
@@ -4872,8 +4872,7 @@ fn root_orch_enable_checks_the_key_derivations_memory_first() {
     assert!(!luksify_tests::has_luks_header(&f.dev()));
     let out = enable(Some("65536"));
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(read_status(&f.state)["data_volumes_encrypted"], "Encrypted");
-    f.assert_files_unchanged();
+    f.assert_encrypted_and_intact();
 }
 
 /// A broken status file's message names the state directory in the command it suggests
@@ -6429,8 +6428,9 @@ fn root_orch_resume_does_not_shrink_a_filesystem_filled_since_its_enable() {
     with_resize2fs_killing_its_caller(&mut enable, &bin);
     let out = run(&mut enable);
     assert!(!out.status.success(), "{}", stderr(&out));
-    // Grown back and filled by hand.
-    run_ok(Command::new("resize2fs").arg(fx.dev()));
+    // Grown back and filled by hand. (Forced: without -f resize2fs asks for an
+    // `e2fsck -f` whenever the fixture's mount fell in a later second than its mkfs.)
+    run_ok(Command::new("resize2fs").arg("-f").arg(fx.dev()));
     run_ok(Command::new("mount").arg(fx.dev()).arg(&fx.mnt));
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=1M", "status=none"])
@@ -6590,11 +6590,7 @@ fn root_orch_progress_goes_on_from_the_headers_figure_after_a_kill() {
         "the percent went back from {header}: {seen:?}"
     );
     assert_eq!(keys(&read_status(&fx.state)), before);
-    assert_eq!(
-        read_status(&fx.state)["data_volumes_encrypted"],
-        "Encrypted"
-    );
-    fx.assert_files_unchanged();
+    fx.assert_encrypted_and_intact();
 }
 
 /// `resume` whose recorded key file no longer holds the passphrase (changed since the
@@ -6621,11 +6617,7 @@ fn root_orch_resume_with_a_wrong_recorded_key_names_the_key_file_option() {
         .args(["resume", "--userspace", "--key-file"])
         .arg(&right));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        read_status(&fx.state)["data_volumes_encrypted"],
-        "Encrypted"
-    );
-    fx.assert_files_unchanged();
+    fx.assert_encrypted_and_intact();
 }
 
 /// The candidate listing checks every block device, and never opens one `O_EXCL`: for

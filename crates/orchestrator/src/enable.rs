@@ -28,6 +28,7 @@ use std::time::Duration;
 pub type Reporter<'a> = dyn Fn(&VolumeStatus, usize, usize) + Sync + 'a;
 
 /// Everything `enable` needs besides the passphrase.
+#[derive(Clone)]
 pub struct EnableRequest<'a> {
     pub volumes: Vec<PathBuf>,
     /// Path of the key file (recorded for crypttab and resume; its content is the passphrase).
@@ -1819,12 +1820,7 @@ pub fn resume(req: &EnableRequest, passphrase_override: Option<&[u8]>) -> Result
         drop(sw);
         let sub = EnableRequest {
             continues: todo.clone(),
-            volumes: req.volumes.clone(),
-            key_file: req.key_file.clone(),
-            header_dir: req.header_dir.clone(),
-            state_dir: req.state_dir.clone(),
-            kdf: req.kdf.clone(),
-            ..*req
+            ..req.clone()
         };
         return Ok(done(count + disable(&sub, passphrase_override, &pending)?));
     }

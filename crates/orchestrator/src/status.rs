@@ -326,25 +326,12 @@ pub fn apply_live_state(
             None => true,
         });
         if !live {
-            closed.get_or_insert((
-                v.mapper.clone(),
-                v.device.clone(),
-                v.mount_point.clone(),
-                v.mount_options.clone(),
-                v.header.clone(),
-                mapped.is_some(),
-            ));
+            closed.get_or_insert((v.clone(), mapped.is_some()));
         }
         if let Some(rec) = state_dir.and_then(|d| crate::map::load_record(d, &v.mapper)) {
             if live && rec.backend == crate::map::Backend::Userspace && !crate::map::is_live(&rec) {
                 live = false;
-                orphaned.get_or_insert((
-                    v.mapper.clone(),
-                    v.device.clone(),
-                    v.mount_point.clone(),
-                    v.mount_options.clone(),
-                    v.header.clone(),
-                ));
+                orphaned.get_or_insert(v.clone());
             }
         }
         v.state = if live {
@@ -411,64 +398,78 @@ pub fn apply_live_state(
     // Encrypted, but closed or not mounted, and nothing else to say: how to bring it
     // back (the message was the last run's, "Decryption succeeded; 1 other data volume
     // stays encrypted", and resume answers "Nothing to resume"; a trial).
+    // (A failure of the latest run keeps its message: it says what to do first.)
     let quiet = !gone
         && s.pid.is_none()
         && !s.volumes.iter().any(|v| {
             matches!(
                 v.state,
                 VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
-            )
+            ) || (v.in_run && v.error.is_some())
         });
-    if let (Some((name, dev, mp, opts, header, mapped)), None, true) = (closed, &orphaned, quiet) {
-        let mount = match &mp {
-            Some(m) => format!(
-                "`mount {}/dev/mapper/{name} {}`",
-                opts.map(|o| format!("-o {o} ")).unwrap_or_default(),
-                m.display()
-            ),
-            None => format!("mount /dev/mapper/{name}"),
-        };
-        s.progress_message = if mapped {
+    if let (Some((v, mapped)), None, true) = (&closed, &orphaned, quiet) {
+        let name = &v.mapper;
+        s.progress_message = if *mapped {
             format!(
-                "{} is encrypted and mapped as /dev/mapper/{name} but not mounted: {mount}",
-                dev.display()
+                "{} is encrypted and mapped as /dev/mapper/{name} but not mounted: {}",
+                v.device.display(),
+                mount_command(v)
             )
         } else {
             format!(
-                "{} is encrypted and not open (closed, or not mapped since boot): `luksify open {} {name} --key-file F{}{}` and {mount}",
-                dev.display(),
-                dev.display(),
-                header
-                    .map(|h| format!(" --header {}", h.display()))
-                    .unwrap_or_default(),
-                if crate::map::dm_available().is_err() { " --userspace" } else { "" }
+                "{} is encrypted and not open (closed, or not mapped since boot): {} and {}",
+                v.device.display(),
+                open_command(v, crate::map::dm_available().is_err()),
+                mount_command(v)
             )
         };
     }
-    if let (Some((name, dev, mp, opts, header)), None) = (orphaned, s.pid) {
-        // The mount as it was (its options too: a bare mount loses noatime, nodev...).
-        let again = match &mp {
-            Some(m) => format!(
-                "`mount {}/dev/mapper/{name} {}`",
-                opts.map(|o| format!("-o {o} ")).unwrap_or_default(),
-                m.display()
-            ),
-            None => format!("mount /dev/mapper/{name} again"),
-        };
+    if let (Some(v), None) = (orphaned, s.pid) {
         s.progress_message = format!(
-            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then `luksify open {} {name} --key-file F{} --userspace` and {again}",
-            dev.display(),
-            mp.as_ref()
+            "The userspace mapping {name} of {} lost its daemon (killed?) and reads fail: {}`luksify close {name}`, then {} and {}",
+            v.device.display(),
+            v.mount_point
+                .as_ref()
                 .map(|m| format!("umount {}, ", m.display()))
                 .unwrap_or_default(),
-            dev.display(),
-            // A detached header is not on the device: open needs it named.
-            header
-                .map(|h| format!(" --header {}", h.display()))
-                .unwrap_or_default()
+            open_command(&v, true),
+            mount_command(&v),
+            name = v.mapper,
         );
     }
     s.data_volumes_encrypted = stopped_between.unwrap_or_else(|| aggregate(s));
+}
+
+/// The mount of volume `v` as it was (its options too: a bare mount loses noatime,
+/// nodev...), on its mapping.
+fn mount_command(v: &VolumeStatus) -> String {
+    match &v.mount_point {
+        Some(m) => format!(
+            "`mount {}/dev/mapper/{} {}`",
+            v.mount_options
+                .as_ref()
+                .map(|o| format!("-o {o} "))
+                .unwrap_or_default(),
+            v.mapper,
+            m.display()
+        ),
+        None => format!("mount /dev/mapper/{} again", v.mapper),
+    }
+}
+
+/// The `luksify open` that maps volume `v` again under its name (a detached header is
+/// not on the device: open needs it named).
+fn open_command(v: &VolumeStatus, userspace: bool) -> String {
+    format!(
+        "`luksify open {} {} --key-file F{}{}`",
+        v.device.display(),
+        v.mapper,
+        v.header
+            .as_ref()
+            .map(|h| format!(" --header {}", h.display()))
+            .unwrap_or_default(),
+        if userspace { " --userspace" } else { "" }
+    )
 }
 
 /// Where an interrupted run on a volume stands, as its header tells (the percent in the
