@@ -1273,6 +1273,45 @@ fn luks_cli_an_unbound_keyslot_gives_no_volume_key() {
         cs_volume_key(&img, &k1, None, &d.path("cs-vk")),
         "the bound slot's key is not cryptsetup's volume key"
     );
+    // change-key with the unbound passphrase and no -S changes that slot, as
+    // `cryptsetup luksChangeKey` does (it said "wrong passphrase"); it stays unbound,
+    // and cryptsetup opens it with the new passphrase only.
+    let kn = d.file("kn", b"new unbound passphrase");
+    run_ok(
+        lx(&[
+            "change-key",
+            p(&img),
+            "--key-file",
+            p(&ku),
+            "--new-key-file",
+            p(&kn),
+        ])
+        .args(kdf),
+    );
+    let opens = |key: &Path| {
+        Command::new("cryptsetup")
+            .args([
+                "open",
+                "--test-passphrase",
+                "-S",
+                "5",
+                "--key-file",
+                p(key),
+                p(&img),
+            ])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(
+        opens(&kn) && !opens(&ku),
+        "the unbound slot's passphrase did not change"
+    );
+    let dump = String::from_utf8_lossy(
+        &run_ok(Command::new("cryptsetup").args(["luksDump", p(&img)])).stdout,
+    )
+    .to_string();
+    assert!(dump.contains("5: luks2 (unbound)"), "{dump}");
 }
 
 /// A volume where no keyslot may give the volume key (each unbound, or its priority

@@ -857,9 +857,27 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
     let req = a
         .kdf
         .request(vol.version() == luksify_luks::Version::Luks1)?;
-    let (_vk, slot) = vol
-        .unlock(&f, &pass, a.key_slot)
-        .map_err(|e| luks_err(path, e))?;
+    // Without --key-slot, an unbound keyslot's passphrase changes too, as
+    // `cryptsetup luksChangeKey` changes it (it was "wrong passphrase"; a trial): its own
+    // key is sealed again under the new one, and it stays unbound.
+    let unbound: Vec<u32> = match (&vol, a.key_slot) {
+        (Volume::Luks2(h), None) => h
+            .keyslot_ids()
+            .into_iter()
+            .filter(|s| h.is_unbound(*s))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (_vk, slot) = match vol.unlock(&f, &pass, a.key_slot) {
+        Err(LuksError::WrongPassphrase | LuksError::NoUsableKeyslot) if !unbound.is_empty() => {
+            unbound
+                .iter()
+                .find_map(|s| vol.unlock(&f, &pass, Some(*s)).ok())
+                .ok_or(LuksError::WrongPassphrase)
+        }
+        r => r,
+    }
+    .map_err(|e| luks_err(path, e))?;
     // No repair of a damaged copy before the change: its own write rewrites both
     // copies, and a change refused (slot in use, area full) writes nothing at all.
     let mut vol = vol;
