@@ -2085,6 +2085,21 @@ fn root_orch_xfs_needs_and_gets_a_detached_header() {
     let out = enable(&[]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--header-dir"));
+    // Given --state-dir, check's fix names it in both commands it suggests (it named
+    // `enable --header-dir` bare, which acts on the default state directory; a trial).
+    let out = run(Command::new(luksify_bin())
+        .env("LUKSIFY_ETC_DIR", &etc)
+        .arg("check")
+        .arg(&lo.path)
+        .arg("--state-dir")
+        .arg(&state));
+    let s = state.display();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!(
+            "`luksify enable --state-dir {s} --header-dir /root/luks-headers` (`luksify check --state-dir {s} --detached-header` checks that way)"
+        )),
+        "{out:?}"
+    );
     // The candidate listing says what makes it ready (it said "has blockers").
     let out = run_ok(luksify(&state).env("LUKSIFY_ETC_DIR", &etc).args([
         "enable",

@@ -1263,7 +1263,7 @@ pub fn check_resolved(
                     Severity::Blocker,
                     format!("{fs} on {dev_s} cannot shrink"),
                     format!("{fs} has no offline shrink, so there is no room for a header on the device"),
-                    "keep the header in a file on another volume: `enable --header-dir /root/luks-headers` (`check --detached-header` checks that way)".into(),
+                    "keep the header in a file on another volume: `luksify enable --header-dir /root/luks-headers` (`luksify check --detached-header` checks that way)".into(),
                 );
             }
             "xfs" | "btrfs" => {}
@@ -1327,7 +1327,7 @@ pub fn check_resolved(
                 },
                 format!("{other} on {dev_s} is not a tested filesystem"),
                 "luksify only knows how to shrink ext2/3/4".into(),
-                "keep the header in a file: `enable --header-dir DIR` (detached header, no shrink; `check --detached-header` checks that way)".into(),
+                "keep the header in a file: `luksify enable --header-dir DIR` (detached header, no shrink; `luksify check --detached-header` checks that way)".into(),
             ),
         }
     }

@@ -1198,7 +1198,7 @@ fn prepare_fs(
                 if let Some(min) = bs.and_then(|b| probe::ext_min_bytes(device, b)) {
                     if min > target {
                         return Err(Failure::failed(format!(
-                            "{} cannot shrink by the {} MiB the header needs: resize2fs estimates its smallest size at {} MiB, over the {} MiB left; nothing was written: free at least {} MiB on it, or keep the header in a file (`enable --header-dir DIR`)",
+                            "{} cannot shrink by the {} MiB the header needs: resize2fs estimates its smallest size at {} MiB, over the {} MiB left; nothing was written: free at least {} MiB on it, or keep the header in a file (`luksify enable --header-dir DIR`)",
                             device.display(),
                             HEADER_RESERVE_BYTES >> 20,
                             min.div_ceil(1 << 20),

@@ -884,7 +884,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn with_state_dir(msg: &str, dir: &Path) -> String {
     let flag = format!(" --state-dir {}", dir.display());
     let mut out = msg.to_string();
-    for sub in ["resume", "disable", "enable", "open", "close", "status"] {
+    for sub in [
+        "resume", "disable", "enable", "open", "close", "status", "check",
+    ] {
         let pat = format!("`luksify {sub}");
         let mut from = 0;
         while let Some(i) = out[from..].find(&pat).map(|i| i + from) {
