@@ -824,7 +824,8 @@ fn luks2_a_damaged_copy_is_reported_when_read() {
         let out = run_ok(Command::new(luksify_bin()).args(args));
         assert!(
             String::from_utf8_lossy(&out.stderr)
-                .contains("warning: LUKS2 header: the primary copy is damaged"),
+                .contains("warning: LUKS2 header: the primary copy is damaged")
+                && String::from_utf8_lossy(&out.stderr).contains("; the secondary was used."),
             "{args:?}: {out:?}"
         );
         assert!(

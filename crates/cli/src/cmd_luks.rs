@@ -457,15 +457,9 @@ fn read_volume(path: &Path, file: &File) -> Result<Volume> {
     // cryptsetup repairs a damaged copy as it reads; luksify reads only, so it says
     // so (a trial's corrupted primary was used silently: the header had one good copy
     // left and nobody was told).
-    if let Some(r) = report.filter(|r| r.needs_repair) {
-        use luksify_luks::luks2::disk::CopyState;
-        let why = match (&r.primary, &r.secondary) {
-            (CopyState::Invalid(w), _) => format!("the primary copy is damaged ({w})"),
-            (_, CopyState::Invalid(w)) => format!("the secondary copy is damaged ({w})"),
-            _ => "its two copies differ".to_string(),
-        };
+    if let Some(why) = report.and_then(|r| r.damage()) {
         errln!(
-            "luksify: {}: warning: LUKS2 header: {why}; the valid one was used. `cryptsetup repair`, or a luksify key command that changes the header, rewrites both copies",
+            "luksify: {}: warning: LUKS2 header: {why}. `cryptsetup repair`, or a luksify key command that changes the header, rewrites both copies",
             path.display()
         );
     }

@@ -123,12 +123,19 @@ pub fn unlock(
             hpath.display()
         ))
     })?;
-    let (hdr, _report) = Luks2Header::read(&hfile).map_err(|e| {
+    let (hdr, report) = Luks2Header::read(&hfile).map_err(|e| {
         Failure::failed(format!(
             "{}: cannot read a LUKS2 header ({e}); is this a luksify/cryptsetup LUKS2 volume (give --header FILE for a detached header)?",
             hpath.display()
         ))
     })?;
+    // As the header commands say it (open used the good copy silently; a trial).
+    if let Some(why) = report.damage() {
+        errln!(
+            "luksify: {}: warning: LUKS2 header: {why}. `cryptsetup repair` rewrites both copies",
+            hpath.display()
+        );
+    }
     if hdr
         .metadata
         .config

@@ -54,6 +54,25 @@ pub struct ReadReport {
     pub needs_repair: bool,
 }
 
+impl ReadReport {
+    /// What is wrong with the header's copies and which one was used, for a warning;
+    /// None when both are valid and the same.
+    pub fn damage(&self) -> Option<String> {
+        if !self.needs_repair {
+            return None;
+        }
+        Some(match (&self.primary, &self.secondary) {
+            (CopyState::Invalid(w), _) => {
+                format!("the primary copy is damaged ({w}); the secondary was used")
+            }
+            (_, CopyState::Invalid(w)) => {
+                format!("the secondary copy is damaged ({w}); the primary was used")
+            }
+            _ => "its two copies differ; the one with the higher sequence id (the primary on a tie) was used".to_string(),
+        })
+    }
+}
+
 struct ReadCopy {
     bin: BinaryHeader,
     json: Vec<u8>,
