@@ -6723,3 +6723,44 @@ fn root_orch_open_says_a_header_copy_is_damaged() {
     );
     run_ok(fx.cmd().args(["close", &name]));
 }
+
+/// A run whose process is stopped (SIGSTOP, Ctrl-Z) read as going on, at a percent
+/// that no longer moved, and an agent could not tell (a trial). `status` says the
+/// process is stopped and how to let it go on; once continued, the run finishes.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_status_says_when_the_runs_process_is_stopped() {
+    let fx = Fixture::new(128);
+    let child = fx.spawn_walking(fx.enable_cmd(), 100);
+    let pid = child.id();
+    run_ok(Command::new("kill").args(["-STOP", &pid.to_string()]));
+    // Stopped: /proc says so once the signal is delivered.
+    wait_for("the stop", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('T'))
+        })
+    });
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    let msg = v["progress_message"].as_str().unwrap().to_string();
+    run_ok(Command::new("kill").args(["-CONT", &pid.to_string()]));
+    assert!(
+        msg.starts_with("Encrypting data volume 1/1: ")
+            && msg.ends_with(&format!(
+                "; its luksify process (pid {pid}) is stopped: `kill -CONT {pid}` lets it go on"
+            )),
+        "{msg}"
+    );
+    assert_eq!(v["data_volumes_encrypted"], "EncryptionInProgress", "{v}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    assert!(
+        !v["progress_message"].as_str().unwrap().contains("stopped"),
+        "{v}"
+    );
+    fx.assert_encrypted_and_intact();
+}

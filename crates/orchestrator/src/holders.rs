@@ -285,6 +285,12 @@ pub fn own_stdio_on(filesystems: &[DevNum]) -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether `pid` is stopped (SIGSTOP, SIGTSTP, or a tracer's stop): it holds what it
+/// holds and moves no further until continued.
+pub fn is_stopped(pid: u32) -> bool {
+    stat_fields(&proc_dir(pid)).is_some_and(|f| f.first().is_some_and(|s| s == "T" || s == "t"))
+}
+
 /// Whether `pid` is a zombie (exited, not yet reaped).
 pub fn is_zombie(pid: u32) -> bool {
     stat_fields(&proc_dir(pid)).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))

@@ -437,6 +437,17 @@ pub fn apply_live_state(
             name = v.mapper,
         );
     }
+    // A run whose process is stopped (kill -STOP, Ctrl-Z) reads as going on, at a
+    // percent that no longer moves (a trial's agent could not tell): say so.
+    if let Some(pid) = s
+        .pid
+        .filter(|p| s.run_process_running() && crate::holders::is_stopped(*p))
+    {
+        s.progress_message = format!(
+            "{}; its luksify process (pid {pid}) is stopped: `kill -CONT {pid}` lets it go on",
+            s.progress_message
+        );
+    }
     s.data_volumes_encrypted = stopped_between.unwrap_or_else(|| aggregate(s));
 }
 
