@@ -290,6 +290,11 @@ impl Fixture {
             .arg("--userspace");
         c
     }
+    /// `enable` of the fixture's mount point with its key, which must succeed.
+    fn enable_ok(&self) {
+        let out = run(&mut self.enable_cmd());
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
     /// The status file says every data volume is encrypted, and every file is intact.
     fn assert_encrypted_and_intact(&self) {
         assert_eq!(
@@ -550,8 +555,7 @@ fn root_orch_a_mapping_daemon_is_never_stopped_as_a_holder() {
     fx.assert_files_unchanged();
     // Once it is closed the volume is encrypted.
     run_ok(luksify(&state2).arg("close").arg(&name2));
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     fx.assert_files_unchanged();
     assert!(holders_alive(pid), "the first mapping daemon was stopped");
 }
@@ -1767,8 +1771,7 @@ fn root_orch_a_stopped_mapping_daemon_hangs_neither_check_nor_the_candidate_list
 fn root_orch_enable_and_disable_a_partition_of_an_odd_number_of_sectors() {
     require_tool("cryptsetup");
     let fx = Fixture::of_bytes((128 << 20) + 2560);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let status = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
     assert!(
         status.contains("DataVolumesEncrypted : Encrypted\n"),
@@ -1809,8 +1812,7 @@ fn root_orch_enable_and_disable_a_partition_of_an_odd_number_of_sectors() {
 fn root_orch_disable_killed_after_the_plain_remount_is_finished_by_resume() {
     require_tool("strace");
     let fx = Fixture::new(128);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let crypttab = fx.dir.path().join("etc").join("crypttab");
     let mut disable = fx.cmd();
     disable.arg("disable");
@@ -2964,8 +2966,7 @@ fn stderr(out: &std::process::Output) -> String {
 #[ignore = "needs root and loop devices"]
 fn root_orch_enable_refuses_a_volume_it_already_encrypted() {
     let fx = Fixture::new(128);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let view = PathBuf::from(
         read_status(&fx.state)["volumes"][0]["mapped_device"]
             .as_str()
@@ -3048,8 +3049,7 @@ fn root_orch_every_mount_and_fstab_entry_of_the_volume_comes_back() {
         "{out:?}"
     );
 
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     fx.assert_files_unchanged();
     let fs_dev = mount_fields(&fx.mnt).expect("volume mounted")[2].clone();
     for (mp, root, ro) in [(&second, "/", true), (&sub, "/dir1", false)] {
@@ -3234,8 +3234,7 @@ fn root_orch_enable_refuses_a_full_volume_and_a_header_dir_on_it() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_resume_takes_over_a_mapping_a_killed_run_left_open() {
     let fx = Fixture::new(128);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     run_ok(Command::new("umount").arg(&fx.mnt));
     let etc = fx.dir.path().join("etc");
     std::fs::write(etc.join("fstab"), "").unwrap();
@@ -3481,8 +3480,7 @@ fn root_orch_sigterm_before_the_walk_puts_the_volume_back() {
     nothing_done(&stderr(&out), "mounted again");
 
     // 4. Nothing is left in the way of the next run.
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     fx.assert_encrypted_and_intact();
 
     // 5. A disable stopped while --kill-holders waits stays encrypted and mounted.
@@ -3699,8 +3697,7 @@ fn strace_killed_at_open(cmd: Command, path: &Path) -> Command {
 fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
     require_tool("strace");
     let fx = Fixture::new(128);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let etc = fx.dir.path().join("etc");
     let tabs = || {
         (
@@ -4018,8 +4015,7 @@ fn orch_enable_without_a_volume_suggests_the_state_dir_given() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_close_names_every_mount_of_the_mapping() {
     let fx = Fixture::new(64);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let bind = fx.dir.path().join("bind");
     std::fs::create_dir(&bind).unwrap();
     run_ok(Command::new("mount").arg("--bind").arg(&fx.mnt).arg(&bind));
@@ -4092,8 +4088,7 @@ fn root_orch_disable_is_in_the_status_file_while_it_derives_the_key() {
 fn root_orch_enable_prints_the_status_that_status_gives() {
     let a = Fixture::new(64);
     let b = Fixture::new(64);
-    let out = run(&mut a.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    a.enable_ok();
     let name = mapper_name(&a.dev());
     kill_daemon(&a.state, &name);
     let out = run(&mut a.enable_of(&b.mnt));
@@ -5223,8 +5218,7 @@ fn root_orch_enable_never_takes_a_mapping_name_another_volume_uses() {
     let stranger = format!("{b_name} /dev/disk/by-id/stranger-part1 none luks\n");
     std::fs::write(etc.join("crypttab"), &stranger).unwrap();
     // A, encrypted, is open under B's name (as crypttab opens it after the rename).
-    let out = run(&mut a.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    a.enable_ok();
     run_ok(Command::new("umount").arg(&a.mnt));
     run_ok(a.cmd().args(["close", &mapper_name(&a.dev())]));
     run_ok(
@@ -5550,8 +5544,7 @@ fn root_orch_resume_of_an_enable_cut_in_its_first_header_loses_nothing() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_enable_refuses_a_filesystem_with_errors_instead_of_repairing_it() {
     let fx = Fixture::new(128);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let mut disable = fx.cmd();
     disable.arg("disable");
     // (The percent left by the enable reads 100 before the walk begins: wait until the
@@ -5599,8 +5592,7 @@ fn root_orch_enable_refuses_a_filesystem_with_errors_instead_of_repairing_it() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_disable_checks_room_for_the_moved_header_first() {
     let fx = Fixture::new(128);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let headers = fx.state.join("headers");
     std::fs::create_dir_all(&headers).unwrap();
     let guard = tmpfs_at(&headers, "1m");
@@ -5637,8 +5629,7 @@ fn root_orch_disable_checks_room_for_the_moved_header_first() {
 fn root_orch_disable_follows_a_volume_whose_name_moved() {
     let a = Fixture::new(128);
     let b = Fixture::new(96);
-    let out = run(&mut a.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    a.enable_ok();
     rename_records(&a.state, &[(a.dev(), b.dev())]);
     let b_before = sha256(&b.sums[0].0);
     let out = run(a.cmd().arg("disable").arg("--key-file").arg(&a.key));
@@ -5706,8 +5697,7 @@ fn root_orch_an_fstab_that_cannot_be_rewritten_is_a_blocker() {
     );
     assert!(!nowhere.exists() && !luksify_tests::has_luks_header(&fx.dev()));
     std::fs::remove_file(&crypttab).unwrap();
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     run_ok(Command::new("chattr").arg("+i").arg(&fstab));
     let guard = Mutable(fstab.clone());
     let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&fx.key));
@@ -5726,8 +5716,7 @@ fn root_orch_an_fstab_that_cannot_be_rewritten_is_a_blocker() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_open_finishes_closing_a_mapping_whose_loop_device_went_away() {
     let fx = Fixture::new(128);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let name = mapper_name(&fx.dev());
     let rec: serde_json::Value = serde_json::from_slice(
         &std::fs::read(fx.state.join("maps").join(format!("{name}.json"))).unwrap(),
@@ -5859,8 +5848,7 @@ fn root_orch_disable_unmaps_an_fstab_entry_whose_marker_was_removed() {
     let fx = Fixture::new(128);
     let (fstab, _) = fx.fstab_naming_the_device();
     let uuid = probe_uuid(&fx.dev());
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let tidied: String = std::fs::read_to_string(&fstab)
         .unwrap()
         .lines()
@@ -6100,8 +6088,7 @@ fn root_orch_a_filesystem_whose_journal_is_on_another_device_is_refused() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_resume_after_a_refused_disable_is_not_reported_as_a_decryption() {
     let fx = Fixture::new(96);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let wrong = fx.dir.path().join("wrong");
     std::fs::write(&wrong, b"not the passphrase").unwrap();
     let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&wrong));
@@ -6697,8 +6684,7 @@ fn root_orch_the_candidate_listing_never_holds_a_device_exclusively() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_open_says_a_header_copy_is_damaged() {
     let fx = Fixture::new(64);
-    let out = run(&mut fx.enable_cmd());
-    assert!(out.status.success(), "{}", stderr(&out));
+    fx.enable_ok();
     let name = mapper_name(&fx.dev());
     run_ok(Command::new("umount").arg(&fx.mnt));
     run_ok(fx.cmd().args(["close", &name]));

@@ -811,7 +811,6 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     let before = req.continues.len();
     let n = before + plans.len();
     for (i, p) in plans.iter().enumerate() {
-        let i = before + i;
         let idx = sw
             .status
             .volumes
@@ -819,7 +818,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             .position(|v| v.device == p.device)
             .expect("upserted");
         sw.active = Some(idx);
-        let r = enable_one(req, passphrase, p, &mut sw, idx, i, n);
+        let r = enable_one(req, passphrase, p, &mut sw, idx, before + i, n);
         if let Err(e) = r {
             // Say what this run did finish before it stopped, and what is left: the
             // same `enable` again is refused, its first volumes being encrypted now (a
@@ -831,7 +830,6 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            let i = i - before;
             let e = match &plans[..i] {
                 [] => e,
                 done => Failure::new(

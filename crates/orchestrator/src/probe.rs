@@ -274,10 +274,16 @@ pub fn dev_node(dev: DevNum) -> Option<PathBuf> {
 /// mounted, one no process is in included), a btrfs lists it among its devices, and a
 /// device-mapper, md or bcache device on it is a holder.
 pub fn in_use_per_sysfs(p: &Path) -> bool {
-    let Some(name) = block_dev_num(p).and_then(|d| {
-        let link = std::fs::canonicalize(format!("/sys/dev/block/{}:{}", d.major, d.minor)).ok()?;
-        Some(link.file_name()?.to_string_lossy().into_owned())
-    }) else {
+    let Some(dev) = block_dev_num(p) else {
+        return false;
+    };
+    if !sysfs_holders(dev).is_empty() {
+        return true;
+    }
+    let Some(name) = std::fs::canonicalize(format!("/sys/dev/block/{dev}"))
+        .ok()
+        .and_then(|link| Some(link.file_name()?.to_string_lossy().into_owned()))
+    else {
         return false;
     };
     let sys = Path::new("/sys");
@@ -287,8 +293,6 @@ pub fn in_use_per_sysfs(p: &Path) -> bool {
             d.flatten()
                 .any(|fs| fs.path().join("devices").join(&name).exists())
         })
-        || std::fs::read_dir(sys.join("class/block").join(&name).join("holders"))
-            .is_ok_and(|mut d| d.next().is_some())
 }
 
 /// Whether another opener holds block device `p` exclusively (a mount, a mapping, a
