@@ -1259,6 +1259,31 @@ fn luks_cli_an_unbound_keyslot_gives_no_volume_key() {
         "-S",
         "5",
     ]));
+    // Without -S, cryptsetup's test-passphrase and luksRemoveKey say "No usable keyslot
+    // is available" (exit 1) for that passphrase; luksify said "no key available with
+    // this passphrase" (exit 2), sending the user to a key file that is right.
+    let before = std::fs::read(&img).unwrap();
+    for cmd in ["test-passphrase", "remove-key"] {
+        let r = run(&mut lx(&[cmd, p(&img), "--key-file", p(&ku)]));
+        assert_refused_in_one_line(&r, "opens only keyslot 5, which is unbound", cmd);
+        assert_eq!(r.status.code(), Some(1), "{cmd}: exit code");
+    }
+    let cs = run(Command::new("cryptsetup").args([
+        "luksRemoveKey",
+        "-q",
+        p(&img),
+        "--key-file",
+        p(&ku),
+    ]));
+    assert_eq!(
+        cs.status.code(),
+        Some(1),
+        "cryptsetup's exit changed: {cs:?}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused command wrote"
+    );
     run_ok(&mut lx(&[
         "dump",
         p(&img),

@@ -774,25 +774,61 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
             eprintln!("luksify: {}: {e}", path.display());
             Ok(ExitCode::from(1))
         }
-        Err(LuksError::WrongPassphrase) => {
-            let damaged: Vec<String> = vol
-                .damaged_keyslots()
-                .into_iter()
-                .map(|(id, why)| format!("keyslot {id} is damaged ({why}) and was not tried"))
-                .collect();
-            let note = if damaged.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", damaged.join("; "))
-            };
-            eprintln!(
-                "luksify: {}: no key available with this passphrase{note}",
-                path.display()
-            );
-            Ok(ExitCode::from(EXIT_WRONG_PASSPHRASE))
+        Err(LuksError::WrongPassphrase) if a.key_slot.is_none() => {
+            if let Some((_, slot)) = unbound_slot_opened_by(&vol, &f, &pass) {
+                eprintln!(
+                    "luksify: {:#}",
+                    only_unbound(
+                        path,
+                        slot,
+                        &format!("`luksify test-passphrase --key-slot {slot}` checks it alone")
+                    )
+                );
+                return Ok(ExitCode::from(1));
+            }
+            wrong_passphrase(path, &vol)
         }
+        Err(LuksError::WrongPassphrase) => wrong_passphrase(path, &vol),
         Err(e) => Err(luks_err(path, e)),
     }
+}
+
+/// test-passphrase's wrong passphrase (exit 2), naming keyslots it could not try.
+fn wrong_passphrase(path: &Path, vol: &Volume) -> Result<ExitCode> {
+    let damaged: Vec<String> = vol
+        .damaged_keyslots()
+        .into_iter()
+        .map(|(id, why)| format!("keyslot {id} is damaged ({why}) and was not tried"))
+        .collect();
+    let note = if damaged.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", damaged.join("; "))
+    };
+    eprintln!(
+        "luksify: {}: no key available with this passphrase{note}",
+        path.display()
+    );
+    Ok(ExitCode::from(EXIT_WRONG_PASSPHRASE))
+}
+
+/// The unbound LUKS2 keyslot `pass` opens, tried only once the volume's own keyslots
+/// refused it (an unbound slot holds a key that is not the volume key).
+fn unbound_slot_opened_by(vol: &Volume, f: &File, pass: &[u8]) -> Option<(VolumeKey, u32)> {
+    let Volume::Luks2(h) = vol else { return None };
+    h.keyslot_ids()
+        .into_iter()
+        .filter(|s| h.is_unbound(*s))
+        .find_map(|s| vol.unlock_key_only(f, pass, Some(s)).ok())
+}
+
+/// A passphrase that opens only an unbound keyslot: "no usable keyslot" (exit 1), as
+/// cryptsetup says it, not a wrong passphrase; `then` says what to do with that slot.
+fn only_unbound(path: &Path, slot: u32, then: &str) -> anyhow::Error {
+    anyhow!(
+        "{}: no usable keyslot is available: this passphrase opens only keyslot {slot}, which is unbound (it holds a key that is not the volume key); {then}",
+        path.display()
+    )
 }
 
 fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
@@ -823,7 +859,23 @@ fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
     let path = a.vol.meta();
     let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
-    let (_vk, slot) = vol.unlock(&f, &pass, None).map_err(|e| luks_err(path, e))?;
+    let (_vk, slot) = match vol.unlock(&f, &pass, None) {
+        Err(LuksError::WrongPassphrase) => match unbound_slot_opened_by(&vol, &f, &pass) {
+            Some((_, slot)) => {
+                return Err(only_unbound(
+                    path,
+                    slot,
+                    &format!(
+                        "`cryptsetup luksKillSlot {} {slot}` removes it (nothing was written)",
+                        path.display()
+                    ),
+                ))
+            }
+            None => Err(LuksError::WrongPassphrase),
+        },
+        r => r,
+    }
+    .map_err(|e| luks_err(path, e))?;
     if vol.keyslot_ids().len() == 1 && !a.batch_mode {
         bail!(
             "{}: key slot {slot} is the last keyslot; removing it makes the data unrecoverable. Re-run with --batch-mode to do it anyway",
@@ -854,20 +906,9 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
     // Without --key-slot, an unbound keyslot's passphrase changes too, as
     // `cryptsetup luksChangeKey` changes it (it was "wrong passphrase"; a trial): its own
     // key is sealed again under the new one, and it stays unbound.
-    let unbound: Vec<u32> = match (&vol, a.key_slot) {
-        (Volume::Luks2(h), None) => h
-            .keyslot_ids()
-            .into_iter()
-            .filter(|s| h.is_unbound(*s))
-            .collect(),
-        _ => Vec::new(),
-    };
     let (_vk, slot) = match vol.unlock(&f, &pass, a.key_slot) {
-        Err(LuksError::WrongPassphrase | LuksError::NoUsableKeyslot) if !unbound.is_empty() => {
-            unbound
-                .iter()
-                .find_map(|s| vol.unlock(&f, &pass, Some(*s)).ok())
-                .ok_or(LuksError::WrongPassphrase)
+        Err(LuksError::WrongPassphrase | LuksError::NoUsableKeyslot) if a.key_slot.is_none() => {
+            unbound_slot_opened_by(&vol, &f, &pass).ok_or(LuksError::WrongPassphrase)
         }
         r => r,
     }
