@@ -1505,6 +1505,7 @@ pub fn render_text(r: &Report) -> String {
                     "partition_table",
                     "lvm_pv",
                     "md_member",
+                    "external_log_device",
                 ]
                 .contains(&p.code)
         }) {
