@@ -615,10 +615,17 @@ fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
             "{what} of {dev} finished its walk, but {went} before the steps after it ({}, fstab, crypttab); `luksify resume` does them",
             if decrypt { "remount" } else { "map, mount" }
         ),
-        RunStage::Walking(header) => format!(
-            "{what} of {dev} interrupted at {}% (its luksify process is gone); `luksify resume` finishes it",
-            header.map_or(v.percent, |h| h.max(v.percent)).floor() as u64
-        ),
+        // Every byte walked, the final header not written: "interrupted at 100%" read as
+        // a contradiction (a trial's enable killed as its walk ended).
+        RunStage::Walking(header) => match header.map_or(v.percent, |h| h.max(v.percent)) {
+            p if p >= 100.0 => format!(
+                "{what} of {dev} was interrupted as its walk ended (100%, its final header not yet written; its luksify process is gone); `luksify resume` finishes it"
+            ),
+            p => format!(
+                "{what} of {dev} interrupted at {}% (its luksify process is gone); `luksify resume` finishes it",
+                p.floor() as u64
+            ),
+        },
     }
 }
 
@@ -1361,6 +1368,20 @@ mod tests {
         assert_eq!(
             s.progress_message,
             "Encryption of /dev/a interrupted at 37% (its luksify process is gone); `luksify resume` finishes it"
+        );
+        // Killed as its walk ended: not "interrupted at 100%".
+        let mut end = vol(VolumeState::DecryptionInProgress, 100.0);
+        end.device = PathBuf::from("/dev/a");
+        let mut s = Status {
+            operation: Operation::DisableEncryption,
+            pid: Some(u32::MAX / 2),
+            volumes: vec![end],
+            ..Default::default()
+        };
+        apply_live_state(&mut s, &[], None);
+        assert_eq!(
+            s.progress_message,
+            "Decryption of /dev/a was interrupted as its walk ended (100%, its final header not yet written; its luksify process is gone); `luksify resume` finishes it"
         );
         // An older run's volume in progress too: the message names the latest run's.
         let mut old = vol(VolumeState::EncryptionInProgress, 12.0);
