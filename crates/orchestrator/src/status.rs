@@ -775,6 +775,22 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
     } else {
         op
     };
+    // No volume walked right now: the run's start, or the steps between two volumes,
+    // where "Decrypting 3 data volumes" read as the run begun again (a trial).
+    let between = |doing: &str, done_state: VolumeState| {
+        let done = run
+            .iter()
+            .filter(|(_, v)| {
+                v.state == done_state
+                    || (done_state == VolumeState::Encrypted && v.state == VolumeState::NotMounted)
+            })
+            .count();
+        if done > 0 && done < n {
+            format!("{doing} data volume {}/{n}: preparing", done + 1)
+        } else {
+            format!("{doing} {n} data volume{}", if n == 1 { "" } else { "s" })
+        }
+    };
     match op {
         Operation::DisableEncryption => {
             if let Some(e) = failed {
@@ -791,10 +807,7 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
             {
                 "Decryption succeeded".into()
             } else {
-                format!(
-                    "Decrypting {n} data volume{}",
-                    if n == 1 { "" } else { "s" }
-                )
+                between("Decrypting", VolumeState::NotEncrypted)
             }
         }
         Operation::Resume
@@ -820,10 +833,7 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
                     pct(v)
                 )
             } else {
-                format!(
-                    "Encrypting {n} data volume{}",
-                    if n == 1 { "" } else { "s" }
-                )
+                between("Encrypting", VolumeState::Encrypted)
             }
         }
         Operation::None => {
@@ -1117,6 +1127,20 @@ mod tests {
         assert_eq!(
             message(Operation::EnableEncryption, &two[..1], None),
             "Encrypting 1 data volume"
+        );
+        // One of three done, the next not begun: which one is next, not the run's start.
+        let mut three = vec![vol(VolumeState::NotEncrypted, 0.0); 3];
+        three[0].state = VolumeState::NotMounted;
+        assert_eq!(
+            message(Operation::EnableEncryption, &three, None),
+            "Encrypting data volume 2/3: preparing"
+        );
+        let mut three = vec![vol(VolumeState::Encrypted, 0.0); 3];
+        three[0].state = VolumeState::NotEncrypted;
+        three[1].state = VolumeState::NotEncrypted;
+        assert_eq!(
+            message(Operation::DisableEncryption, &three, None),
+            "Decrypting data volume 3/3: preparing"
         );
     }
 
