@@ -6729,11 +6729,7 @@ fn root_orch_status_says_when_the_runs_process_is_stopped() {
     run_ok(Command::new("kill").args(["-STOP", &pid.to_string()]));
     // Stopped: /proc says so once the signal is delivered.
     wait_for("the stop", Duration::from_secs(10), || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('T'))
-        })
+        process_is_stopped(pid)
     });
     let v: serde_json::Value =
         serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
@@ -6755,5 +6751,38 @@ fn root_orch_status_says_when_the_runs_process_is_stopped() {
         !v["progress_message"].as_str().unwrap().contains("stopped"),
         "{v}"
     );
+    // The userspace mapping's daemon stopped: the volume reads as Encrypted, yet every
+    // uncached read under it waits (a trial's status said nothing of it).
+    let daemon = daemon_pid(&fx.state, &mapper_name(&fx.dev()));
+    run_ok(Command::new("kill").args(["-STOP", &daemon.to_string()]));
+    wait_for("the daemon's stop", Duration::from_secs(10), || {
+        process_is_stopped(daemon)
+    });
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    run_ok(Command::new("kill").args(["-CONT", &daemon.to_string()]));
+    let msg = v["progress_message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!(
+            "is served by a stopped daemon (pid {daemon}): reads and writes under {} wait until `kill -CONT {daemon}`",
+            fx.mnt.display()
+        )),
+        "{v}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    assert!(
+        !v["progress_message"].as_str().unwrap().contains("stopped"),
+        "{v}"
+    );
     fx.assert_encrypted_and_intact();
+}
+
+/// Whether `pid`'s state in /proc is stopped (T).
+fn process_is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('T'))
+    })
 }

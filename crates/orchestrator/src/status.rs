@@ -310,6 +310,7 @@ pub fn apply_live_state(
 ) {
     let mut orphaned = None;
     let mut closed = None;
+    let mut daemon_stopped = None;
     for v in &mut s.volumes {
         if !matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted) {
             continue;
@@ -332,6 +333,13 @@ pub fn apply_live_state(
             if live && rec.backend == crate::map::Backend::Userspace && !crate::map::is_live(&rec) {
                 live = false;
                 orphaned.get_or_insert(v.clone());
+            } else if let Some(pid) = rec
+                .daemon_pid
+                .filter(|p| live && crate::holders::is_stopped(*p))
+            {
+                // Mapped and mounted, but every uncached read waits on a daemon that
+                // got SIGSTOP: it read as Encrypted and fine (a trial).
+                daemon_stopped.get_or_insert((v.clone(), pid));
             }
         }
         v.state = if live {
@@ -435,6 +443,22 @@ pub fn apply_live_state(
             open_command(&v, true),
             mount_command(&v),
             name = v.mapper,
+        );
+    }
+    if let Some((v, pid)) = daemon_stopped {
+        let said = if s.progress_message.is_empty() {
+            String::new()
+        } else {
+            format!("{}; ", s.progress_message)
+        };
+        s.progress_message = format!(
+            "{said}the userspace mapping {} of {} is served by a stopped daemon (pid {pid}): reads and writes{} wait until `kill -CONT {pid}`",
+            v.mapper,
+            v.device.display(),
+            v.mount_point
+                .as_ref()
+                .map(|m| format!(" under {}", m.display()))
+                .unwrap_or_default(),
         );
     }
     // A run whose process is stopped (kill -STOP, Ctrl-Z) reads as going on, at a
