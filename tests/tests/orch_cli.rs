@@ -6786,3 +6786,133 @@ fn process_is_stopped(pid: u32) -> bool {
             .is_some_and(|r| r.trim_start().starts_with('T'))
     })
 }
+
+/// An ext4 whose journal was not replayed (copied while mounted, as a crash leaves it;
+/// or mounted `ro,noload`): `check` passed it ("No problems found"), `e2fsck -f -n`
+/// skips the replay, `resize2fs -f` shrank the stale image, and the replay after the
+/// walk put the old superblock back: e2fsck failed on the mapping, files were lost and
+/// the volume stuck (a trial). Both are refused, nothing written; after the mount the
+/// hint names (which replays the journal) it encrypts and every file is intact.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_an_ext4_whose_journal_was_not_replayed_is_refused() {
+    let fx = Fixture::new(128);
+    let img = fx.dir.path().join("img");
+    // More transactions after the fixture's files, so the journal holds some.
+    for i in 0..20 {
+        std::fs::write(fx.mnt.join(format!("late{i}")), format!("late {i}")).unwrap();
+    }
+    run_ok(&mut Command::new("sync"));
+    let dirty = fx.dir.path().join("dirty");
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&img)
+            .arg(&dirty),
+    );
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    // The device now holds the image as a power cut leaves it.
+    run_ok(
+        Command::new("dd")
+            .arg(format!("if={}", dirty.display()))
+            .arg(format!("of={}", fx.dev().display()))
+            .args(["bs=1M", "conv=fsync", "status=none"]),
+    );
+    let before = std::fs::read(fx.dev()).unwrap();
+    let out = run(fx.cmd().arg("check").arg(fx.dev()));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("has a journal that was not replayed"),
+        "{text}"
+    );
+    let out = run(&mut fx.enable_of(&fx.dev()));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        std::fs::read(fx.dev()).unwrap() == before,
+        "a refused enable wrote"
+    );
+    // Mounted read-only without the replay.
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "ro,noload"])
+            .arg(fx.dev())
+            .arg(&fx.mnt),
+    );
+    let out = run(&mut fx.enable_cmd());
+    let err = stderr(&out);
+    let mounted = mount_fields(&fx.mnt).is_some();
+    let _ = Command::new("umount").arg(&fx.mnt).output();
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("with norecovery (noload)"), "{err}");
+    assert!(mounted, "a refused enable unmounted it");
+    assert!(
+        std::fs::read(fx.dev()).unwrap() == before,
+        "a refused enable wrote"
+    );
+    // As the hint says: a plain mount replays the journal; then it encrypts.
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "noatime"])
+            .arg(fx.dev())
+            .arg(&fx.mnt),
+    );
+    fx.enable_ok();
+    fx.assert_encrypted_and_intact();
+    for i in 0..20 {
+        assert_eq!(
+            std::fs::read_to_string(fx.mnt.join(format!("late{i}"))).unwrap(),
+            format!("late {i}")
+        );
+    }
+}
+
+/// A volume mounted only as a bind of a subdirectory: `enable` mounted the mapping's
+/// root there, so the directory showed the whole filesystem (and fstab said so for the
+/// next boot; a trial). Refused, nothing changed; with the root mounted too, the bind
+/// comes back as the same subdirectory.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_volume_mounted_only_as_a_subdirectory_bind_is_refused() {
+    let fx = Fixture::new(128);
+    let sub = fx.dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    run_ok(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(fx.mnt.join("dir1"))
+            .arg(&sub),
+    );
+    let _sub = Unmounted(sub.clone());
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    let before = std::fs::read(fx.dev()).unwrap();
+    let out = run(&mut fx.enable_of(&sub));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("is mounted only as a bind of its directory /dir1"),
+        "{err}"
+    );
+    assert_eq!(mount_fields(&sub).unwrap()[3], "/dir1", "the bind changed");
+    assert!(
+        std::fs::read(fx.dev()).unwrap() == before,
+        "a refused enable wrote"
+    );
+    // The root mounted too, as the hint says: the bind stays a bind of /dir1.
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "noatime"])
+            .arg(fx.dev())
+            .arg(&fx.mnt),
+    );
+    let out = run(&mut fx.enable_of(&sub));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        mount_fields(&sub).unwrap()[3],
+        "/dir1",
+        "{:?}",
+        mount_fields(&sub)
+    );
+    assert!(sub.join("f0").exists() && !sub.join("dir1").exists());
+    fx.assert_encrypted_and_intact();
+}

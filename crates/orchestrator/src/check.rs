@@ -1054,6 +1054,7 @@ pub fn check_resolved(
             min_io: None,
             source: "not read: luksify's own open mapping".into(),
             external_log: false,
+            needs_recovery: false,
         },
         Err(Some(e)) => {
             push(
@@ -1076,6 +1077,7 @@ pub fn check_resolved(
                 min_io: None,
                 source: "none".into(),
                 external_log: false,
+                needs_recovery: false,
             }
         }
     };
@@ -1176,6 +1178,58 @@ pub fn check_resolved(
             } else {
                 format!("move the journal inside the filesystem first: unmount it, `tune2fs -O ^has_journal {dev_s}` (add -f if the journal device is gone), `tune2fs -j {dev_s}`, and mount it without `journal_dev=`/`journal_path=`")
             },
+        );
+    }
+    // An ext3/4 whose journal was not replayed (a crash, a `noload` mount): e2fsck -n
+    // skips the replay and finds it clean, resize2fs -f then shrank the stale image, and
+    // the replay after the walk put back the old superblock and blocks: files lost
+    // (a trial). Refused; the kernel's next mount, or e2fsck, replays it.
+    let noload = r.mounts.iter().find(|m| {
+        m.super_options
+            .split(',')
+            .any(|o| o == "norecovery" || o == "noload")
+    });
+    if crate::enable::is_ext(fs) && view.is_none() && luks.is_none() {
+        if let Some(m) = noload {
+            push(
+                "ext_journal_not_replayed",
+                Severity::Blocker,
+                format!(
+                    "{fs} on {dev_s} is mounted at {} with norecovery (noload)",
+                    m.mount_point.display()
+                ),
+                "its journal was not replayed, so what is on the device is not the filesystem it shows; shrinking and encrypting that loses what the journal holds".into(),
+                format!(
+                    "unmount it and mount it once without noload/norecovery (the kernel replays the journal): `umount {0}; mount {dev_s} {0}`, then run again",
+                    m.mount_point.display()
+                ),
+            );
+        } else if filesystem.needs_recovery && r.mounts.is_empty() {
+            push(
+                "ext_journal_not_replayed",
+                Severity::Blocker,
+                format!("{fs} on {dev_s} has a journal that was not replayed (needs_recovery: it was not unmounted cleanly)"),
+                "what is on the device is not the filesystem yet; shrinking and encrypting it loses what the journal holds".into(),
+                format!("mount it once and unmount it (the kernel replays the journal), or run `e2fsck {dev_s}` (it replays it), then run again"),
+            );
+        }
+    }
+    // Mounted only as binds of a subdirectory: mounted again, the mapping would show
+    // the filesystem's root there (a trial's `subonly` bind came back as the root).
+    if !r.mounts.is_empty() && r.mounts.iter().all(|m| m.root != "/") {
+        let m = &r.mounts[0];
+        push(
+            "subdirectory_mount_only",
+            Severity::Blocker,
+            format!(
+                "{dev_s} is mounted only as a bind of its directory {} (at {})",
+                m.root,
+                m.mount_point.display()
+            ),
+            "luksify mounts a volume again from its filesystem's root, and binds the other mounts from it; with no mount of the root, it would put the whole filesystem where the subdirectory was".into(),
+            format!(
+                "mount the filesystem's root somewhere too (`mkdir /mnt/root-of-it; mount {dev_s} /mnt/root-of-it`), then run again"
+            ),
         );
     }
     let can_shrink = filesystem.can_shrink();

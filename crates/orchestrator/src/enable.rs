@@ -487,7 +487,7 @@ fn unmount_blocked(what: &str, targets: &holders::Targets, nobody: &str, fix: &s
     )
 }
 
-fn is_ext(fs: &str) -> bool {
+pub(crate) fn is_ext(fs: &str) -> bool {
     matches!(fs, "ext2" | "ext3" | "ext4")
 }
 
@@ -498,8 +498,9 @@ fn is_ext(fs: &str) -> bool {
 /// device that is not the plain filesystem it seems (one a `disable` left part
 /// decrypted, one whose head an interrupted start overwrote: both found by a trial)
 /// destroys it, and a volume being encrypted must be sound. (A volume luksify
-/// unmounted is clean; the shrink then runs `resize2fs -f`, since this check sets no
-/// check time.)
+/// unmounted is clean, its journal replayed (`needs_recovery` is refused), and
+/// `resize2fs -P` must have given its estimate; the shrink then runs `resize2fs -f`,
+/// since this check sets no check time.)
 /// Runs `e2fsck FLAGS DEVICE`, its output kept.
 fn e2fsck(flags: &[&str], device: &Path) -> Result<std::process::Output> {
     Command::new("e2fsck")
@@ -1180,6 +1181,16 @@ fn prepare_fs(
     let mut shrunk = false;
     if is_ext(&fs.fs_type) {
         not_cancelled(cancel)?;
+        // Unmounted now: a journal not replayed (a crash, a `noload` mount) shows here.
+        // e2fsck -n skips the replay and passes it; the shrink and the walk would then
+        // take a stale image, and the replay afterwards loses files (a trial).
+        if probe::detect_fs(device).is_ok_and(|f| f.needs_recovery) {
+            return Err(Failure::failed(format!(
+                "{} holds an ext journal that was not replayed (needs_recovery), so the device is not the filesystem yet; nothing was written: mount it once without noload/norecovery and unmount it (the kernel replays the journal), or run `e2fsck {}`, then run again",
+                device.display(),
+                device.display()
+            )));
+        }
         fsck_ext_read_only(device)?;
         if header.is_none() {
             let fs_bytes = probe::detect_fs(device)
@@ -1193,7 +1204,20 @@ fn prepare_fs(
             // fail on ENOSPC part way, its superblock left "clean with errors" (a trial).
             if fs_bytes > target {
                 let bs = probe::detect_fs(device).ok().and_then(|f| f.block_size);
-                if let Some(min) = bs.and_then(|b| probe::ext_min_bytes(device, b)) {
+                // resize2fs refusing even the estimate (it wants `e2fsck -f` first) is
+                // never forced past with -f below (a trial's journal-dirty ext4).
+                let min = match bs.map(|b| probe::ext_min_bytes_or_why(device, b)) {
+                    Some(Err(why)) => {
+                        return Err(Failure::failed(format!(
+                            "resize2fs -P {} refused ({why}); nothing was written: run `e2fsck -f {}` yourself, then run again",
+                            device.display(),
+                            device.display()
+                        )))
+                    }
+                    Some(Ok(min)) => Some(min),
+                    None => None,
+                };
+                if let Some(min) = min {
                     if min > target {
                         return Err(Failure::failed(format!(
                             "{} cannot shrink by the {} MiB the header needs: resize2fs estimates its smallest size at {} MiB, over the {} MiB left; nothing was written: free at least {} MiB on it, or keep the header in a file (`luksify enable --header-dir DIR`)",

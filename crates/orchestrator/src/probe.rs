@@ -26,6 +26,11 @@ pub struct FsInfo {
     /// one leaves plaintext.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub external_log: bool,
+    /// ext3/4 whose journal holds transactions not yet replayed (`needs_recovery`): set
+    /// while it is mounted, and after a crash or a `noload` mount until the next mount or
+    /// `e2fsck` replays them. Read while unmounted, the filesystem is not what it will be.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub needs_recovery: bool,
 }
 
 impl FsInfo {
@@ -104,6 +109,7 @@ pub fn detect_fs(dev: &Path) -> std::io::Result<FsInfo> {
         min_io: None,
         source: "blkid".into(),
         external_log: false,
+        needs_recovery: false,
     })
 }
 
@@ -143,6 +149,7 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
         min_io: block_size,
         source: "superblock".into(),
         external_log: false,
+        needs_recovery: false,
     };
     if head.len() >= 6 && (&head[..6] == b"LUKS\xba\xbe") {
         return Some(info("crypto_LUKS", None, None, None));
@@ -194,6 +201,7 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
             // has_journal with no journal inode: the journal is on the device its UUID
             // (s_journal_uuid) names.
             i.external_log = compat & 0x4 != 0 && le32(sb, 0xE0) == 0;
+            i.needs_recovery = compat & 0x4 != 0 && incompat & 0x4 != 0;
             return Some(i);
         }
     }
@@ -461,19 +469,34 @@ pub fn parse_meminfo(text: &str, key: &str) -> Option<u64> {
 /// the superblock's free counts are stale). None when resize2fs is missing or says
 /// nothing parseable.
 pub fn ext_min_bytes(dev: &Path, block_size: u32) -> Option<u64> {
+    ext_min_bytes_or_why(dev, block_size).ok()
+}
+
+/// [`ext_min_bytes`], or what resize2fs said instead (its first line), so that a
+/// shrink is never forced past its refusal ("Please run 'e2fsck -f' first").
+pub fn ext_min_bytes_or_why(dev: &Path, block_size: u32) -> Result<u64, String> {
     let out = std::process::Command::new("resize2fs")
         .arg("-P")
         .arg(dev)
         .output()
-        .ok()?;
+        .map_err(|e| format!("cannot run resize2fs: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let blocks: u64 = text
+    let blocks = text
         .lines()
-        .find_map(|l| l.strip_prefix("Estimated minimum size of the filesystem:"))?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(blocks * block_size as u64)
+        .find_map(|l| l.strip_prefix("Estimated minimum size of the filesystem:"))
+        .and_then(|b| b.trim().parse::<u64>().ok());
+    match blocks {
+        Some(b) if out.status.success() => Ok(b * block_size as u64),
+        _ => {
+            let all = String::from_utf8_lossy(&out.stderr).to_string() + &text;
+            Err(all
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with("resize2fs "))
+                .unwrap_or("no estimate")
+                .to_string())
+        }
+    }
 }
 
 /// Free bytes of the filesystem that holds `mount_point` (statvfs `f_bfree`, reserved
