@@ -6916,3 +6916,60 @@ fn root_orch_a_volume_mounted_only_as_a_subdirectory_bind_is_refused() {
     assert!(sub.join("f0").exists() && !sub.join("dir1").exists());
     fx.assert_encrypted_and_intact();
 }
+
+/// A loop device with 4096-byte sectors over a file that is not whole 4 KiB blocks:
+/// `check` passed it, and `enable` unmounted and shrank the volume before the walker
+/// refused the partial last sector, leaving it unmounted, shrunk and
+/// "EncryptionInProgress" under "nothing was written" (a trial). `check` and `enable`
+/// refuse it up front; the volume stays mounted and unchanged.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_device_with_a_partial_last_sector_is_refused_before_anything_changes() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, (200 << 20) + 3072);
+    let lo = LoopDev::attach_with(&img, &["--sector-size", "4096"]);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.path));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run_ok(Command::new("mount").arg(&lo.path).arg(&mnt));
+    let _mnt = Unmounted(mnt.clone());
+    std::fs::write(mnt.join("f"), b"partial sector").unwrap();
+    run_ok(&mut Command::new("sync"));
+    let state = dir.path().join("state");
+    let out = run(luksify(&state).arg("check").arg(&mnt));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("not a whole number of its 4096-byte logical sectors"),
+        "{text}"
+    );
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"partial").unwrap();
+    // (The device itself cannot be read to its end: its backing file.)
+    let before = std::fs::read(&img).unwrap();
+    let out = run(luksify(&state)
+        .env("LUKSIFY_ETC_DIR", dir.path().join("etc"))
+        .args([
+            "enable",
+            "--userspace",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--volume",
+        ])
+        .arg(&mnt)
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        mount_fields(&mnt).is_some(),
+        "the volume was left unmounted"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused enable wrote"
+    );
+}

@@ -1214,6 +1214,19 @@ pub fn check_resolved(
             );
         }
     }
+    // A partial last logical sector (a loop device with --sector-size 4096 over a file
+    // that is not whole 4 KiB blocks): the walker refuses to open it, and `enable` found
+    // that only once it had unmounted and shrunk the volume (a trial).
+    let lbs = u64::from(probe::logical_block_size(&r.device));
+    if view.is_none() && luks.is_none() && !size_bytes.is_multiple_of(lbs) {
+        push(
+            "partial_last_sector",
+            Severity::Blocker,
+            format!("{dev_s} is {size_bytes} bytes, not a whole number of its {lbs}-byte logical sectors"),
+            "its partial last sector can be neither read nor written, so it cannot be encrypted in place".into(),
+            format!("attach the loop device again with 512-byte sectors (`losetup --sector-size 512`), or give its file a size that is whole {lbs}-byte blocks"),
+        );
+    }
     // Mounted only as binds of a subdirectory: mounted again, the mapping would show
     // the filesystem's root there (a trial's `subonly` bind came back as the root).
     if !r.mounts.is_empty() && r.mounts.iter().all(|m| m.root != "/") {

@@ -1266,7 +1266,35 @@ fn encrypt_prepared(
 ) -> Result<()> {
     sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
     commit(sw)?;
-    let data = open_data(device, "for encryption", "something still holds it")?;
+    let data = match DataDevice::open(device, false) {
+        Ok(d) => d,
+        Err(e) => {
+            // Nothing written (its geometry, a read-only device): the volume goes back as
+            // it was, not left unmounted and shrunk under "EncryptionInProgress" (a
+            // trial's 4096-byte-sector loop device of a partial last sector). Held by
+            // someone else (EBUSY): not ours to mount again.
+            let busy = e.raw_os_error() == Some(libc::EBUSY);
+            let f = open_data_failure(device, "for encryption", "something still holds it", e);
+            if busy {
+                return Err(f);
+            }
+            let (header, header_file) = header.unzip();
+            drop(header_file);
+            if let Some(h) = header.filter(|h| matches!(header_progress(h), HeaderProgress::Absent))
+            {
+                let _ = std::fs::remove_file(h);
+            }
+            return Err(put_back(
+                sw,
+                idx,
+                f,
+                device,
+                VolumeState::NotEncrypted,
+                "encrypted",
+                shrunk.then_some(fs.fs_type.as_str()),
+            ));
+        }
+    };
     // The run's own request: a `resume` that starts this walk again (or for the first
     // time, for a volume its run had not reached) has none of its own.
     let kdf = sw.status.volumes[idx]
@@ -3248,13 +3276,17 @@ fn adopt(sw: &mut StatusWriter, found: &[FoundInProgress], key_file: &Path) {
 /// (read-only, busy, locked by another run) is reported as it is; other errors get
 /// `hint`.
 fn open_data(dev: &Path, what: &str, hint: &str) -> Result<DataDevice> {
-    DataDevice::open(dev, false).map_err(|e| match e.get_ref() {
+    DataDevice::open(dev, false).map_err(|e| open_data_failure(dev, what, hint, e))
+}
+
+fn open_data_failure(dev: &Path, what: &str, hint: &str, e: std::io::Error) -> Failure {
+    match e.get_ref() {
         Some(_) => Failure::failed(format!("cannot open {} {what}: {e}", dev.display())),
         None => Failure::failed(format!(
             "cannot open {} {what} ({e}); {hint}",
             dev.display()
         )),
-    })
+    }
 }
 
 #[cfg(test)]
