@@ -520,6 +520,58 @@ fn walker_none_killed_mid_run_is_refused_not_redone() {
     panic!("each none run finished before the kill");
 }
 
+/// The same for a decryption: a killed `cryptsetup reencrypt --decrypt --resilience
+/// none` records no progress either, and `resume` decrypted it again from the start,
+/// turning the part already plaintext into garbage while it said "decryption finished"
+/// (a trial: the last 40-200 MiB of 512 differed). Here the `--init-only` state:
+/// refused, nothing written; `--restored 0..LEN`, the way out the message names for a
+/// run that never wrote, decrypts it.
+#[test]
+fn walker_a_none_decryption_with_no_recorded_progress_is_not_started_over() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(16, 56);
+    run_ok(&mut detached_encrypt(&c));
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "reencrypt",
+                "--decrypt",
+                "--init-only",
+                "-q",
+                "--force-offline-reencrypt",
+            ])
+            .args([
+                "--resilience",
+                "none",
+                "--header",
+                &c.hdr(),
+                "--key-file",
+                &c.key(),
+            ])
+            .arg(c.img()),
+    );
+    let (img0, hdr0) = (
+        std::fs::read(c.p("img")).unwrap(),
+        std::fs::read(c.p("hdr")).unwrap(),
+    );
+    let out = run(&mut detached_resume(&c));
+    assert_refused_in_one_line(&out, "records no progress", "resume");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("this decryption"),
+        "{out:?}"
+    );
+    assert_file_is(&c.p("img"), &img0, "data touched");
+    assert_file_is(&c.p("hdr"), &hdr0, "header touched");
+    // The way out the message names for a run that never wrote: --restored 0..LEN.
+    let len = orig.len();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains(&format!("--restored 0..{len}")), "{said}");
+    let mut restored = detached_resume(&c);
+    restored.args(["--restored", &format!("0..{len}")]);
+    run_ok(&mut restored);
+    assert_file_is(&c.p("img"), &orig, "not the original after --restored");
+}
+
 /// A `none` encryption whose header records no progress is not started over: cryptsetup
 /// writes nothing to the header while its `none` run walks, so a run killed after it
 /// rewrote most of the device reads the same as one never begun, and starting over

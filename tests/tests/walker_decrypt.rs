@@ -1089,13 +1089,19 @@ fn walker_finishes_backward_decryptions_cryptsetup_started() {
 
         // 3. Started by cryptsetup (`--init-only`), walked by luksify. Checksum and
         //    journal: luksify is killed mid-walk, then cryptsetup (checksum) or luksify
-        //    (journal) finishes. `none` commits once per GiB, so luksify just finishes.
+        //    (journal) finishes. `none` records no progress: luksify refuses it until
+        //    told (`--restored`) that no byte was written, then finishes.
         let (c, orig) = Case::new(24, 95 + i as u64);
         encrypt_with_luksify(&c, l);
         run_ok(cs_decrypt(&c, &["--decrypt", "--init-only"]).args(resil));
         let mut cmd = resume_cmd(&c);
         cmd.args(SMALL);
         if res == "none" {
+            // Its header records no progress: refused (a killed run reads the same),
+            // then walked on the user's word that no byte was written.
+            let out = run(&mut cmd);
+            luksify_tests::assert_refused_in_one_line(&out, "records no progress", "none");
+            cmd.args(["--restored", &format!("0..{}", orig.len())]);
             run_ok(&mut cmd);
         } else {
             kill_at_fdatasync(&cmd, 10);

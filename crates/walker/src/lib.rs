@@ -914,13 +914,40 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
 /// stopped cleanly, even at 0, wrote nothing past its progress (its probes check that).
 /// For a run cryptsetup started only one that never wrote could be started again, and
 /// that cannot be told from the header: the way out is a new run.
-fn refuse_none_run_without_progress(st: &ReencryptState, detached: bool, ours: bool) -> Result<()> {
+fn refuse_none_run_without_progress(
+    st: &ReencryptState,
+    detached: bool,
+    ours: bool,
+    dev_size: u64,
+    restored: Option<(u64, u64)>,
+) -> Result<()> {
     let none = matches!(
         st.area,
         luksify_luks::luks2::json::ReencryptArea::None { .. }
     );
-    let nothing = st.progress.hot_start == 0 && st.progress.hot_len == 0;
-    if ours || !(none && st.mode == ReencryptMode::Encrypt && nothing) {
+    // Nothing done: forward, nothing before the start; backward (cryptsetup decrypts
+    // a detached header's volume from the end), nothing after the end.
+    let p = st.progress;
+    let nothing = p.hot_len == 0
+        && match st.direction {
+            ReencryptDirection::Forward => p.hot_start == 0,
+            ReencryptDirection::Backward => p.hot_start == u64::MAX || p.hot_start >= dev_size,
+        };
+    if ours || !(none && nothing) {
+        return Ok(());
+    }
+    // The same for a decryption (a trial's killed `cryptsetup reencrypt --decrypt
+    // --resilience none` was decrypted again from the start: the part done turned to
+    // garbage, and `resume` said "decryption finished").
+    // The user's word that every data byte is as before the run (none written, or all
+    // restored from a backup) lets it walk from the start, as for a cut `none` range.
+    let len = dev_size.saturating_sub(st.layout.old_offset);
+    if st.mode == ReencryptMode::Decrypt && restored != Some((0, len)) {
+        return Err(Error::Refused(format!(
+            "this decryption uses resilience `none`, whose header records no progress until the run stops cleanly: if it was killed or lost power after it began (as a killed `cryptsetup reencrypt --decrypt --resilience none` leaves it), part of the device is already plaintext and decrypting it all again would turn that part into garbage (cryptsetup's `--resume-only` does just that). If no run ever wrote to the device (only `cryptsetup reencrypt --decrypt --init-only`), or you restored all of it from a backup taken before the run, resume with --restored 0..{len}, which walks it all from the start; otherwise keep the header file and restore the device from a backup first (nothing was written)"
+        )));
+    }
+    if st.mode != ReencryptMode::Encrypt {
         return Ok(());
     }
     Err(Error::Refused(format!(
@@ -2240,11 +2267,11 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     };
     reencrypt::verify_reencrypt_digest(&hdr.metadata, st.keyslot, vk.as_bytes())?;
     let ours = identity::find(hdr.metadata.tokens.values(), &st).is_some();
-    refuse_none_run_without_progress(&st, meta.is_some(), ours)?;
     // The device must still be the one this run started on.
     let dev_size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
+    refuse_none_run_without_progress(&st, meta.is_some(), ours, dev_size, ctl.restored)?;
     let reached = st.progress.hot_start.saturating_add(st.progress.hot_len);
     match st.layout.shift {
         // An encryption's data shift put the moved segment at the device's very end.
