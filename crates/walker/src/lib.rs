@@ -904,6 +904,29 @@ fn refuse_other_layout_over_a_cut_shift_start<D: Disk + ?Sized>(
     )))
 }
 
+/// Whether the device starts with a LUKS2 header of volume `uuid` whose magic was
+/// zeroed, and where its second copy is: what `cryptsetup reencrypt --decrypt --header
+/// NEW` of a volume with its header in front leaves when cut as it sets up (it copied
+/// the header to NEW and wiped the magic, before any data moved).
+fn wiped_own_header_at_start<D: Disk + ?Sized>(data: &D, uuid: &str) -> Option<u64> {
+    let mut b = [0u8; 512];
+    data.read_at(0, &mut b).ok()?;
+    let hdr_size = u64::from_be_bytes(b[8..16].try_into().ok()?);
+    let id = b[168..208].split(|&c| c == 0).next()?;
+    (b[..6] == [0; 6] && b[6..8] == [0, 2] && !uuid.is_empty() && id == uuid.as_bytes())
+        .then_some(hdr_size)
+}
+
+/// The refusal for [`wiped_own_header_at_start`]: through the new header alone the
+/// plaintext would stay at the data offset, where nothing finds the filesystem (a
+/// trial's `luksify decrypt` did just that); with the magic back the device is the
+/// volume as it was, which `luksify decrypt --header NEW` moves back to offset 0.
+fn wiped_header_refusal(off: u64, second: u64) -> Error {
+    Error::Refused(format!(
+        "the device starts with this volume's own header, its magic wiped: a `cryptsetup reencrypt --decrypt --header FILE` of a volume with its header in front was cut as it set up, before any data moved. Decrypting through --header alone would leave the plaintext at byte {off}, where nothing finds the filesystem. Put the magic back (`printf 'LUKS\\272\\276' | dd of=DEV conv=notrunc status=none; printf 'SKUL\\272\\276' | dd of=DEV bs=1 seek={second} conv=notrunc status=none`), then run `luksify decrypt DEV --header NEWFILE`, which moves the data back to offset 0 (nothing was written)"
+    ))
+}
+
 /// A resilience `none` encryption whose header records no progress at all: cryptsetup
 /// writes nothing to the header while its `none` run walks (a run SIGKILLed after
 /// rewriting 480 MB of 512 still reads as not begun), so starting it over would
@@ -1858,6 +1881,11 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
         ));
     }
     let off = seg.offset;
+    if !moves && off > 0 {
+        if let Some(second) = wiped_own_header_at_start(data, &hdr.uuid) {
+            return Err(wiped_header_refusal(off, second));
+        }
+    }
     if moves && (off == 0 || off % CHECKSUM_BLOCK as u64 != 0) {
         return Err(Error::Refused(format!(
             "the header is in front but the data offset is {off}: cannot move the data back"
@@ -2210,6 +2238,16 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
             });
         }
         return Ok(Outcome::Finished);
+    }
+    if state.is_none() {
+        if let Some(second) = hdr
+            .data_segment()
+            .ok()
+            .filter(|s| s.offset > 0 && meta.is_some())
+            .and_then(|_| wiped_own_header_at_start(data, &hdr.uuid))
+        {
+            return Err(wiped_header_refusal(hdr.data_segment()?.offset, second));
+        }
     }
     let st = state.ok_or_else(|| {
         // (The orchestrator takes "shows no encryption in progress" as a finished walk.)
