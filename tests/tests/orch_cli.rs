@@ -290,6 +290,11 @@ impl Fixture {
             .arg("--userspace");
         c
     }
+    /// `enable` of `volume` with the fixture's key, which must succeed.
+    fn enable_of_ok(&self, volume: &Path) {
+        let out = run(&mut self.enable_of(volume));
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
     /// `enable` of the fixture's mount point with its key, which must succeed.
     fn enable_ok(&self) {
         let out = run(&mut self.enable_cmd());
@@ -5481,6 +5486,38 @@ fn root_orch_a_label_two_disks_carry_is_refused_and_fstab_spelling_is_taken() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["device"], a.dev().display().to_string(), "{v}");
+    // `disable --volume` takes the names `enable --volume` took: the label (found on the
+    // open mapping), and the filesystem's UUID= also once the volume is closed (both
+    // said "none of ... is an encrypted volume luksify manages"; a trial).
+    let fs_uuid = String::from_utf8_lossy(
+        &run_ok(
+            Command::new("blkid")
+                .args(["-s", "UUID", "-o", "value"])
+                .arg(a.dev()),
+        )
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    let disable = |volume: &str| {
+        let out = run(a
+            .cmd()
+            .args(["disable", "--volume", volume, "--key-file"])
+            .arg(&a.key));
+        assert!(
+            out.status.success(),
+            "disable --volume {volume}: {}",
+            stderr(&out)
+        );
+        assert!(!luksify_tests::has_luks_header(&a.dev()), "{volume}");
+        a.assert_files_unchanged();
+    };
+    a.enable_of_ok(Path::new(&tag));
+    disable(&tag);
+    a.enable_of_ok(Path::new(&tag));
+    run_ok(Command::new("umount").arg(&a.mnt));
+    run_ok(a.cmd().args(["close", &mapper_name(&a.dev())]));
+    disable(&format!("UUID={fs_uuid}"));
 }
 
 /// `enable` SIGKILLed while the walker wrote its first header (header in front: the

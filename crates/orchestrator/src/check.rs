@@ -143,7 +143,7 @@ pub struct Resolved {
 /// Resolves a device path or a mount point.
 /// `target` as fstab's `UUID=`, `LABEL=`, `PARTUUID=` or `PARTLABEL=` tag, unless a
 /// path of that name exists.
-fn fstab_tag(target: &Path) -> Option<&str> {
+pub(crate) fn fstab_tag(target: &Path) -> Option<&str> {
     let t = target.to_str()?;
     let (key, value) = t.split_once('=')?;
     (["UUID", "LABEL", "PARTUUID", "PARTLABEL"].contains(&key)

@@ -780,6 +780,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             fs_type: Some(p.report.filesystem.fs_type.clone()),
             fs_bytes: p.report.filesystem.fs_bytes,
             fs_uuid: probe::type_and_uuid(&p.device).map(|(_, u)| u),
+            fs_label: probe::fs_label(&p.device),
             luks_uuid: Some(luksify_luks::new_uuid()),
             header: p.header.clone(),
             key_file: Some(key_file.clone()),
@@ -2595,9 +2596,37 @@ pub fn disable(
     let mut sw = StatusWriter::open(&req.state_dir)
         .map_err(|e| Failure::failed(format!("status file: {e}")))?;
     // A volume by its device, its mount point or its mapping (`/dev/mapper/NAME`, the
-    // name fstab uses, or the device that link leads to).
+    // name fstab uses, or the device that link leads to), or by fstab's tags as `enable`
+    // takes them: `UUID=` of its filesystem (recorded), `LABEL=` and others through the
+    // device blkid finds with it (the mapping, while open). `disable --volume
+    // LABEL=data` of an `enable --volume LABEL=data` said "none of LABEL=data is an
+    // encrypted volume luksify manages" (a trial).
+    let only: Vec<PathBuf> = only
+        .iter()
+        .map(|o| match crate::check::fstab_tag(o) {
+            Some(tag) => {
+                match probe::devices_with_tag(&crate::tabs::unescape_field(tag)).as_slice() {
+                    [d] => d.clone(),
+                    _ => o.clone(),
+                }
+            }
+            None => o.clone(),
+        })
+        .collect();
+    let tag = |key: &str| -> Vec<String> {
+        only.iter()
+            .filter_map(|o| {
+                let t = crate::check::fstab_tag(o)?;
+                Some(crate::tabs::unescape_field(t.strip_prefix(key)?))
+            })
+            .collect()
+    };
+    let (tag_uuids, tag_labels) = (tag("UUID="), tag("LABEL="));
+    let only = only.as_slice();
     let wanted = |v: &VolumeStatus| {
         only.is_empty()
+            || v.fs_uuid.as_ref().is_some_and(|u| tag_uuids.contains(u))
+            || v.fs_label.as_ref().is_some_and(|l| tag_labels.contains(l))
             || only.iter().any(|o| {
                 let c = std::fs::canonicalize(o).unwrap_or(o.clone());
                 let mapper = Path::new("/dev/mapper").join(&v.mapper);

@@ -552,6 +552,19 @@ pub fn type_and_uuid(dev: &Path) -> Option<(String, String)> {
     Some((tag("TYPE")?, tag("UUID")?))
 }
 
+/// The filesystem label blkid reads on `dev` (probed afresh), if any.
+pub fn fs_label(dev: &Path) -> Option<String> {
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-s", "LABEL", "-o", "value"])
+        .arg(dev)
+        .output()
+        .ok()?;
+    let label = String::from_utf8_lossy(&out.stdout)
+        .trim_end_matches('\n')
+        .to_string();
+    (out.status.success() && !label.is_empty()).then_some(label)
+}
+
 /// Every block device blkid finds carrying `uuid` (probed afresh, not from its cache).
 pub fn devices_with_uuid(uuid: &str) -> Vec<PathBuf> {
     devices_with_tag(&format!("UUID={uuid}"))

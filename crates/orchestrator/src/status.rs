@@ -68,6 +68,10 @@ pub struct VolumeStatus {
     pub fs_uuid: Option<String>,
     #[serde(default)]
     pub luks_uuid: Option<String>,
+    /// The filesystem's label when `enable` found one: `disable --volume LABEL=...`
+    /// names the volume by it (the label is out of blkid's sight once encrypted).
+    #[serde(default)]
+    pub fs_label: Option<String>,
     /// Detached header file, when the header is not on the device.
     #[serde(default)]
     pub header: Option<PathBuf>,
