@@ -7010,3 +7010,62 @@ fn root_orch_a_device_with_a_partial_last_sector_is_refused_before_anything_chan
         "a refused enable wrote"
     );
 }
+
+/// A managed volume decrypted by hand (closed, then `luksify decrypt` of its device):
+/// `status` said it "is encrypted and not open" and named an `open` that fails, and
+/// `disable` said "no keyslot accepts this passphrase" with the right key, leaving
+/// fstab and crypttab naming a mapping no command could make again (a trial). `status`
+/// says what happened; `disable` restores the tables, grows the filesystem back and
+/// mounts it.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_volume_decrypted_by_hand_is_disabled_without_a_header() {
+    let fx = Fixture::new(128);
+    let uuid = probe_uuid(&fx.dev());
+    let fstab = fx.dir.path().join("etc/fstab");
+    let original = format!(
+        "UUID={} {} ext4 noatime 0 2\n",
+        uuid.trim(),
+        fx.mnt.display()
+    );
+    std::fs::write(&fstab, &original).unwrap();
+    let size = |d: &Path| {
+        let out = run_ok(Command::new("dumpe2fs").arg("-h").arg(d));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Block count:").map(|n| n.trim().to_string()))
+            .unwrap()
+    };
+    let blocks = size(&fx.dev());
+    fx.enable_ok();
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    run_ok(fx.cmd().args(["close", &mapper_name(&fx.dev())]));
+    let hdr = fx.dir.path().join("byhand.hdr");
+    run_ok(
+        fx.cmd()
+            .args(["decrypt"])
+            .arg(fx.dev())
+            .arg("--key-file")
+            .arg(&fx.key)
+            .arg("--header")
+            .arg(&hdr),
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    let msg = v["progress_message"].as_str().unwrap();
+    assert!(
+        msg.contains("was decrypted outside luksify") && msg.contains("luksify disable --volume"),
+        "{v}"
+    );
+    let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&fx.key));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&fstab).unwrap(), original);
+    let crypttab = std::fs::read_to_string(fx.dir.path().join("etc/crypttab")).unwrap_or_default();
+    assert!(!crypttab.contains(&mapper_name(&fx.dev())), "{crypttab}");
+    assert!(mount_fields(&fx.mnt).is_some(), "not mounted again");
+    fx.assert_files_unchanged();
+    assert_eq!(size(&fx.dev()), blocks, "the filesystem was not grown back");
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    assert_eq!(v["volumes"][0]["state"], "NotEncrypted", "{v}");
+}

@@ -2522,6 +2522,19 @@ pub(crate) fn decryption_walked(header: &Path) -> bool {
         })
 }
 
+/// Whether an encrypted volume `v` was decrypted outside luksify (`luksify decrypt` or
+/// `cryptsetup reencrypt --decrypt` by hand): not mapped, and its device holds again the
+/// filesystem `enable` recorded, by type and UUID (ciphertext, or a LUKS header in
+/// front, shows neither).
+pub(crate) fn decrypted_outside(v: &VolumeStatus) -> bool {
+    matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted)
+        && v.fs_uuid.is_some()
+        && probe::block_dev_num(&Path::new("/dev/mapper").join(&v.mapper)).is_none()
+        && probe::type_and_uuid(&v.device)
+            .is_some_and(|(t, u)| Some(&t) == v.fs_type.as_ref() && Some(&u) == v.fs_uuid.as_ref())
+        && plain_as_recorded(v)
+}
+
 /// Whether volume `v`'s device still holds the plain filesystem its run recorded, as
 /// an enable stopped before its walk leaves it: that filesystem's superblock, no LUKS
 /// header, no first header of a `--reduce-device-size` start (whose head may be
@@ -2941,6 +2954,23 @@ fn disable_one(
     pos: (usize, usize),
 ) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
+    // Decrypted by hand already: no header to unlock (it said "no keyslot accepts this
+    // passphrase", and fstab and crypttab kept naming the mapping; a trial). What is
+    // left of disable is done: a stale mapping record forgotten, the filesystem grown
+    // and mounted, the tables restored. A detached header still holding keys is kept.
+    if decrypted_outside(&v) {
+        if map::load_record(&req.state_dir, &v.mapper).is_some() {
+            map::close(&req.state_dir, &v.mapper)?;
+        }
+        if v.header.as_deref().is_some_and(|h| !decryption_walked(h)) {
+            sw.status.volumes[idx].header = None;
+        }
+        errln!(
+            "luksify: {} was decrypted outside luksify (its filesystem is back on it in plaintext): restoring fstab and crypttab and mounting it",
+            v.device.display()
+        );
+        return finish_disable(sw, idx, Outcome::Finished);
+    }
     // The passphrase first: a wrong one must leave the volume mapped and mounted.
     if !passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), passphrase) {
         return Err(Failure::failed(format!(

@@ -421,7 +421,15 @@ pub fn apply_live_state(
         });
     if let (Some((v, mapped)), None, true) = (&closed, &orphaned, quiet) {
         let name = &v.mapper;
-        s.progress_message = if *mapped {
+        s.progress_message = if !*mapped && crate::enable::decrypted_outside(v) {
+            // Not "encrypted and not open", with an `open` that fails: no header (a
+            // trial decrypted one by hand).
+            format!(
+                "{} was decrypted outside luksify (its filesystem is back on it in plaintext); fstab and crypttab still name its mapping: `luksify disable --volume {}` restores them and mounts it",
+                v.device.display(),
+                v.device.display()
+            )
+        } else if *mapped {
             format!(
                 "{} is encrypted and mapped as /dev/mapper/{name} but not mounted: {}",
                 v.device.display(),
