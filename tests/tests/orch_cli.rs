@@ -7069,3 +7069,36 @@ fn root_orch_a_volume_decrypted_by_hand_is_disabled_without_a_header() {
         serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
     assert_eq!(v["volumes"][0]["state"], "NotEncrypted", "{v}");
 }
+
+/// A closed volume whose device name moved (detached and attached again as another
+/// loop device): `status` kept naming the old name in the `open` it suggested, which
+/// may be another disk by then (a trial). It names where the volume is now.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_status_of_a_closed_volume_follows_its_name_when_it_moves() {
+    let mut fx = Fixture::new(64);
+    fx.enable_ok();
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    run_ok(fx.cmd().args(["close", &mapper_name(&fx.dev())]));
+    let old = fx.dev();
+    drop(fx.lo.take());
+    // Something else takes the old number; the volume comes back under another.
+    let other = fx.dir.path().join("other");
+    sparse_file(&other, 8 << 20);
+    let _other = LoopDev::attach(&other);
+    fx.lo = Some(LoopDev::attach(&fx.dir.path().join("img")));
+    let now = fx.dev();
+    assert_ne!(now, old);
+    let v: serde_json::Value =
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap();
+    let msg = v["progress_message"].as_str().unwrap();
+    assert!(
+        msg.starts_with(&format!(
+            "{} (recorded as {}, the name moved) is encrypted and not open: `luksify open {} ",
+            now.display(),
+            old.display(),
+            now.display()
+        )),
+        "{v}"
+    );
+}

@@ -436,12 +436,36 @@ pub fn apply_live_state(
                 mount_command(v)
             )
         } else {
-            format!(
-                "{} is encrypted and not open (closed, or not mapped since boot): {} and {}",
-                v.device.display(),
-                open_command(v, crate::map::dm_available().is_err()),
-                mount_command(v)
-            )
+            // Its name may have moved (detached and attached again, a reboot): the
+            // `open` it named was of the old name, which may be another disk now (a
+            // trial).
+            match crate::enable::locate(v) {
+                Ok(Some(dev)) => {
+                    let mut w = v.clone();
+                    w.device = dev.clone();
+                    format!(
+                        "{} (recorded as {}, the name moved) is encrypted and not open: {} and {}",
+                        dev.display(),
+                        v.device.display(),
+                        open_command(&w, crate::map::dm_available().is_err()),
+                        mount_command(v)
+                    )
+                }
+                Err(f) => format!(
+                    "{} is encrypted and not open, and not where it was: {}",
+                    v.device.display(),
+                    f.message.replace("nothing was written: ", "").replace(
+                        "run `luksify resume` again",
+                        "open it (`luksify open DEV NAME --key-file F`)"
+                    )
+                ),
+                Ok(None) => format!(
+                    "{} is encrypted and not open (closed, or not mapped since boot): {} and {}",
+                    v.device.display(),
+                    open_command(v, crate::map::dm_available().is_err()),
+                    mount_command(v)
+                ),
+            }
         };
     }
     if let (Some(v), None) = (orphaned, s.pid) {
