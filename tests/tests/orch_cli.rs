@@ -1498,6 +1498,12 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
             && !err.contains("wait for that run"),
         "{err}"
     );
+    // Neither "`luksify status` lists it" (status lists the volumes luksify manages, not
+    // every mapping) nor "open it with `luksify open`" beside "is open" (a trial).
+    assert!(
+        !err.contains("lists it") && !err.contains("open it with"),
+        "{err}"
+    );
     // `check` from another state directory names the mapping's own in the command it
     // gives (it named its own, where `close` finds no such mapping).
     let out = run(luksify(&dir.path().join("elsewhere"))

@@ -839,9 +839,7 @@ pub fn check_resolved(
     let daemon_of = |h: &Holder| holders::mapping_daemon(&h.cmdline);
     if let Some((t, (name, dir))) = tools.iter().find_map(|t| daemon_of(t).map(|n| (t, n))) {
         // The mapping's own state directory: the one this check runs with may be another.
-        let fix = format!(
-            "nothing to do; `luksify status` lists it, `luksify close {name}` removes the mapping"
-        );
+        let fix = format!("nothing to do; it is open (`luksify close {name}` removes the mapping)");
         push(
             "already_mapped",
             Severity::Blocker,
@@ -1132,7 +1130,7 @@ pub fn check_resolved(
             Severity::Blocker,
             format!("{dev_s} is luksify's decrypted view {name} (userspace mapping)"),
             "it is already the open mapping of an encrypted device".into(),
-            format!("nothing to do; `luksify status` lists it, `luksify close {name}` removes it"),
+            format!("nothing to do; it is open (`luksify close {name}` removes the mapping)"),
         );
     }
     let luks = if view.is_some() {
@@ -1149,6 +1147,15 @@ pub fn check_resolved(
             format!("{dev_s} has an interrupted LUKS2 encryption"),
             "its header records an online reencryption that has not finished".into(),
             "run `luksify resume` to finish it (with --key-file F if `luksify status` does not list it)".into(),
+        ),
+        // Open already (the blocker above says as what): not "open it" beside it (a
+        // trial read the two as contradicting each other).
+        Some(v) if tools.iter().any(|t| holders::mapping_daemon(&t.cmdline).is_some()) => push(
+            "already_luks",
+            Severity::Blocker,
+            format!("{dev_s} is already encrypted ({v})"),
+            "a LUKS header is at its start".into(),
+            "nothing to do; it is open already (above)".into(),
         ),
         Some(v) => push(
             "already_luks",
