@@ -1788,3 +1788,68 @@ fn luks_cli_an_unknown_requirement_still_lets_the_key_be_checked_as_cryptsetup()
         .collect();
     assert!(!hex.is_empty() && text.starts_with(&hex), "{hex} vs {text}");
 }
+
+/// Options as cryptsetup reads them: `--offset 0` (and `--align-payload 0`) is "not
+/// set", the default offset; with the header in front luksify wrote the data segment at
+/// offset 0, over the header, and the first write to the volume destroyed both header
+/// copies (a trial). `--type luks` is the default type, LUKS2 (it gave LUKS1), and the
+/// type is read in any case.
+#[test]
+fn luks_cli_format_reads_zero_offsets_and_the_type_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("key", b"format options");
+    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let json = |img: &Path| -> serde_json::Value {
+        let out =
+            run_ok(Command::new("cryptsetup").args(["luksDump", "--dump-json-metadata", p(img)]));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let version = |img: &Path| {
+        let out = run_ok(Command::new("cryptsetup").args(["luksDump", p(img)]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_string()))
+            .unwrap()
+    };
+    for extra in [
+        ["--offset", "0"],
+        ["--align-payload", "0"],
+        ["--type", "luks"],
+        ["--type", "LUKS2"],
+    ] {
+        let (ours, theirs) = (d.image("ours", 32 << 20), d.image("theirs", 32 << 20));
+        run_ok(
+            lx(&["format", "-q", p(&ours), "--key-file", p(&key)])
+                .args(kdf)
+                .args(extra),
+        );
+        run_ok(
+            Command::new("cryptsetup")
+                .args(["luksFormat", "-q", p(&theirs), "--key-file", p(&key)])
+                .args(kdf)
+                .args(extra),
+        );
+        assert_eq!(version(&ours), version(&theirs), "{extra:?}");
+        assert_eq!(
+            json(&ours)["segments"]["0"]["offset"],
+            json(&theirs)["segments"]["0"]["offset"],
+            "{extra:?}"
+        );
+        assert_ne!(json(&ours)["segments"]["0"]["offset"], "0", "{extra:?}");
+    }
+    let img = d.image("v1", 32 << 20);
+    run_ok(
+        lx(&[
+            "format",
+            "-q",
+            p(&img),
+            "--key-file",
+            p(&key),
+            "--type",
+            "LUKS1",
+        ])
+        .args(kdf),
+    );
+    assert_eq!(version(&img), "1");
+}

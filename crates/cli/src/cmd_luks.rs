@@ -511,11 +511,19 @@ pub fn check_offset_sectors(offset: Option<u64>) -> Result<()> {
     }
 }
 
-fn format(a: FormatArgs) -> Result<ExitCode> {
+fn format(mut a: FormatArgs) -> Result<ExitCode> {
+    // As cryptsetup: 0 is "not set" (the default), for --offset (with the header in
+    // front it put the data over the header: the first write to the volume destroyed
+    // both header copies; a trial) and --align-payload.
+    if a.header.is_none() {
+        a.offset = a.offset.filter(|&o| o != 0);
+    }
+    a.align_payload = a.align_payload.filter(|&s| s != 0);
     check_offset_sectors(a.offset)?;
-    let luks1 = match a.luks_type.as_str() {
-        "luks2" => false,
-        "luks1" | "luks" => true,
+    // As cryptsetup: any case, and `luks` is the default type, LUKS2 (it was LUKS1).
+    let luks1 = match a.luks_type.to_ascii_lowercase().as_str() {
+        "luks2" | "luks" => false,
+        "luks1" => true,
         other => bail!("--type {other}: use luks2 or luks1"),
     };
     if let Some(h) = a
@@ -594,7 +602,6 @@ fn format(a: FormatArgs) -> Result<ExitCode> {
     // Where the data may start: --align-payload, else the data device's I/O topology
     // (block devices), else 1 MiB, as cryptsetup's luksFormat.
     let (alignment, alignment_offset) = match a.align_payload {
-        Some(0) => bail!("--align-payload 0: use a number of 512-byte sectors, 1 or more"),
         Some(s) => (u64::from(s) * 512, 0),
         None => device_alignment(&device),
     };
