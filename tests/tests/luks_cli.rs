@@ -1853,3 +1853,106 @@ fn luks_cli_format_reads_zero_offsets_and_the_type_as_cryptsetup() {
     );
     assert_eq!(version(&img), "1");
 }
+
+/// A new keyslot's anti-forensic hash is the `--hash` asked for (sha256 by default), as
+/// cryptsetup's luksAddKey and luksChangeKey make it; luksify took the volume's digest
+/// hash (add-key) or the old keyslot's (change-key) (a trial: `--hash sha1` on a
+/// sha512 volume gave kdf sha1 with af sha512, cryptsetup sha1 with sha1).
+#[test]
+fn luks_cli_new_keyslots_take_the_af_hash_asked_for_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("key", b"af hash");
+    let k2 = d.file("k2", b"af hash two");
+    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let hashes = |img: &Path| -> Vec<(String, String)> {
+        let out =
+            run_ok(Command::new("cryptsetup").args(["luksDump", "--dump-json-metadata", p(img)]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ks: Vec<(String, String, String)> = v["keyslots"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(id, k)| {
+                (
+                    id.clone(),
+                    k["kdf"]["hash"].to_string(),
+                    k["af"]["hash"].to_string(),
+                )
+            })
+            .collect();
+        ks.sort();
+        ks.into_iter().map(|(_, a, b)| (a, b)).collect()
+    };
+    let (ours, theirs) = (d.image("ours", 32 << 20), d.image("theirs", 32 << 20));
+    for img in [&ours, &theirs] {
+        run_ok(
+            Command::new("cryptsetup")
+                .args([
+                    "luksFormat",
+                    "-q",
+                    p(img),
+                    "--key-file",
+                    p(&key),
+                    "--hash",
+                    "sha512",
+                ])
+                .args(kdf),
+        );
+    }
+    for extra in [&["--hash", "sha1"][..], &[][..]] {
+        run_ok(
+            lx(&[
+                "add-key",
+                p(&ours),
+                "--key-file",
+                p(&key),
+                "--new-key-file",
+                p(&k2),
+            ])
+            .args(kdf)
+            .args(extra),
+        );
+        run_ok(
+            Command::new("cryptsetup")
+                .args([
+                    "luksAddKey",
+                    "-q",
+                    p(&theirs),
+                    "--key-file",
+                    p(&key),
+                    p(&k2),
+                ])
+                .args(kdf)
+                .args(extra),
+        );
+    }
+    run_ok(
+        lx(&[
+            "change-key",
+            p(&ours),
+            "--key-file",
+            p(&key),
+            "--new-key-file",
+            p(&key),
+            "--hash",
+            "sha1",
+        ])
+        .args(kdf),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "luksChangeKey",
+                "-q",
+                p(&theirs),
+                "--key-file",
+                p(&key),
+                p(&key),
+                "--hash",
+                "sha1",
+            ])
+            .args(kdf),
+    );
+    assert_eq!(hashes(&ours), hashes(&theirs));
+}

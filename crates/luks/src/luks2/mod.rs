@@ -421,7 +421,7 @@ impl Luks2Header {
                 .map_err(|e| Error::io("wiping the LUKS2 metadata area", e))?;
             off += n as u64;
         }
-        hdr.add_keyslot_with_kdf(meta, &vk, passphrase, kdf, Some(0), None)?;
+        hdr.add_keyslot_with_kdf(meta, &vk, passphrase, kdf, opts.hash, Some(0), None)?;
         Ok((hdr, vk))
     }
 
@@ -707,7 +707,7 @@ impl Luks2Header {
         self.refuse_in_reencryption()?;
         self.check_new_slot(slot)?;
         let kdf = req.resolve(vk.len())?;
-        self.add_keyslot_with_kdf(disk, vk, passphrase, kdf, slot, priority)
+        self.add_keyslot_with_kdf(disk, vk, passphrase, kdf, req.hash, slot, priority)
     }
 
     /// Keyslot changes wait for a reencryption to end, as cryptsetup's do: its passphrase
@@ -749,13 +749,17 @@ impl Luks2Header {
         }
     }
 
-    /// Adds a keyslot with already-resolved KDF parameters.
+    /// Adds a keyslot with already-resolved KDF parameters. Its anti-forensic split
+    /// uses `af_hash`: the `--hash` asked for (sha256 by default), as cryptsetup's
+    /// luksAddKey and luksChangeKey do, not the volume's digest hash.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_keyslot_with_kdf<D: Disk + ?Sized>(
         &mut self,
         disk: &D,
         vk: &VolumeKey,
         passphrase: &[u8],
         kdf: json::Kdf,
+        af_hash: Hash,
         slot: Option<u32>,
         priority: Option<Priority>,
     ) -> Result<u32> {
@@ -772,14 +776,10 @@ impl Luks2Header {
                 self.metadata.config.keyslots_size
             ))
         })?;
-        let hash = match self.metadata.digests.get(&digest_id) {
-            Some(Digest::Pbkdf2(d)) => Hash::parse(&d.hash).unwrap_or(Hash::Sha256),
-            _ => Hash::Sha256,
-        };
         let params = keyslot::NewKeyslot {
             encryption: data.cipher.clone(),
             area_key_size: vk.len() as u32,
-            af_hash: hash,
+            af_hash,
             kdf,
             priority,
         };
@@ -882,10 +882,8 @@ impl Luks2Header {
         };
         let in_place = area == old_area.0;
         let data = self.data_segment()?;
-        let af_hash = match self.metadata.keyslots.get(&slot) {
-            Some(Keyslot::Luks2(k)) => Hash::parse(&k.af.hash)?,
-            _ => Hash::Sha256,
-        };
+        // The hash asked for, as luksChangeKey (not the old keyslot's).
+        let af_hash = req.hash;
         let params = keyslot::NewKeyslot {
             encryption: data.cipher.clone(),
             area_key_size: vk.len() as u32,
