@@ -157,9 +157,29 @@ fn may_lock_all_memory() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
+/// The command line as cryptsetup reads one: an option given twice takes its last value
+/// (`--key-size 256 --key-size 512` is 512; it was "cannot be used multiple times", a
+/// trial). Options that collect (`--volume A --volume B`) still collect.
+fn parse_args() -> Cli {
+    parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    fn last_wins(c: clap::Command) -> clap::Command {
+        c.args_override_self(true).mut_subcommands(last_wins)
+    }
+    let matches = last_wins(Cli::command()).try_get_matches_from(args)?;
+    Cli::from_arg_matches(&matches)
+}
+
 fn main() -> ExitCode {
     no_core_dumps();
-    let cli = Cli::parse();
+    let cli = parse_args();
     if !matches!(cli.cmd, Cmd::Bench(_)) {
         // Benchmarks hold random keys only, and their figures should not include locking.
         lock_memory();
@@ -234,6 +254,41 @@ fn one_line(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::Cli;
+
+    /// An option given twice takes its last value, as in cryptsetup; one that collects
+    /// (`--volume`) keeps every value.
+    #[test]
+    fn a_repeated_option_takes_its_last_value_and_lists_still_collect() {
+        let cli = super::parse_from([
+            "luksify",
+            "enable",
+            "--volume",
+            "/a",
+            "--volume",
+            "/b",
+            "--key-file",
+            "/k1",
+            "--key-file",
+            "/k2",
+        ])
+        .unwrap();
+        let dbg = format!("{cli:?}");
+        assert!(dbg.contains("\"/a\"") && dbg.contains("\"/b\""), "{dbg}");
+        assert!(dbg.contains("\"/k2\"") && !dbg.contains("\"/k1\""), "{dbg}");
+        let cli = super::parse_from([
+            "luksify",
+            "format",
+            "img",
+            "--key-file",
+            "k",
+            "--key-size",
+            "256",
+            "--key-size",
+            "512",
+        ])
+        .unwrap();
+        assert!(format!("{cli:?}").contains("key_size: 512"), "{cli:?}");
+    }
 
     /// A cause the message already ends with is not printed twice.
     #[test]
