@@ -2106,10 +2106,12 @@ fn root_orch_xfs_needs_and_gets_a_detached_header() {
         .arg(&lo.path)
         .arg("--state-dir")
         .arg(&state));
-    let s = state.display();
+    // And both are whole commands: the volume and the key file named (`enable` alone
+    // only listed candidates, `check --detached-header` had no target; a trial).
+    let (s, d) = (state.display(), lo.path.display());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&format!(
-            "`luksify enable --state-dir {s} --header-dir /root/luks-headers` (`luksify check --state-dir {s} --detached-header` checks that way)"
+            "`luksify enable --state-dir {s} --volume {d} --key-file F --header-dir /root/luks-headers` (`luksify check --state-dir {s} --detached-header {d}` checks that way)"
         )),
         "{out:?}"
     );

@@ -1337,7 +1337,7 @@ pub fn check_resolved(
                     Severity::Blocker,
                     format!("{fs} on {dev_s} cannot shrink"),
                     format!("{fs} has no offline shrink, so there is no room for a header on the device"),
-                    "keep the header in a file on another volume: `luksify enable --header-dir /root/luks-headers` (`luksify check --detached-header` checks that way)".into(),
+                    format!("keep the header in a file on another volume: `luksify enable --volume {dev_s} --key-file F --header-dir /root/luks-headers` (`luksify check --detached-header {dev_s}` checks that way)"),
                 );
             }
             "xfs" | "btrfs" => {}
@@ -1390,7 +1390,7 @@ pub fn check_resolved(
                 format!("no filesystem recognised on {dev_s}"),
                 "luksify encrypts data volumes that carry a filesystem, to verify and remount it"
                     .into(),
-                "check that this is the right device: it may hold data luksify cannot read, or be part ciphertext from a run interrupted in another state directory (`luksify check DEV --state-dir DIR` names it); make a filesystem only on a device known to be empty".into(),
+                format!("check that this is the right device: it may hold data luksify cannot read, or be part ciphertext from a run interrupted in another state directory (`luksify check --state-dir OTHER_STATE_DIR {dev_s}` names it); make a filesystem only on a device known to be empty"),
             ),
             other => push(
                 "unsupported_fs",
@@ -1401,7 +1401,7 @@ pub fn check_resolved(
                 },
                 format!("{other} on {dev_s} is not a tested filesystem"),
                 "luksify only knows how to shrink ext2/3/4".into(),
-                "keep the header in a file: `luksify enable --header-dir DIR` (detached header, no shrink; `luksify check --detached-header` checks that way)".into(),
+                format!("keep the header in a file: `luksify enable --volume {dev_s} --key-file F --header-dir DIR` (detached header, no shrink; `luksify check --detached-header {dev_s}` checks that way)"),
             ),
         }
     }
