@@ -185,8 +185,15 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
         };
     }
     if let Some(dev) = probe::block_dev_num(target) {
+        // A btrfs's mounts show an anonymous device number: found by their source.
+        let canon = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
         let mounts = mountinfo::mounts_of(all, dev)
             .into_iter()
+            .chain(all.iter().filter(|m| {
+                m.fs_type == "btrfs"
+                    && m.dev != dev
+                    && std::fs::canonicalize(&m.source).is_ok_and(|s| s == canon)
+            }))
             .cloned()
             .collect();
         return Ok(Resolved {
@@ -217,6 +224,14 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
             "give the mount point itself or the device (see `findmnt`)",
         )
     })?;
+    // A btrfs mount shows an anonymous device number, not its disk's: the disk is its
+    // source (a trial's btrfs mount read "not on a block device").
+    let btrfs_disk = (m.fs_type == "btrfs")
+        .then(|| PathBuf::from(&m.source))
+        .filter(|p| probe::block_dev_num(p).is_some());
+    if let Some(d) = btrfs_disk {
+        return resolve(&d, all);
+    }
     let device = probe::dev_node(m.dev)
         .or_else(|| {
             let p = PathBuf::from(&m.source);
@@ -1220,6 +1235,24 @@ pub fn check_resolved(
                 format!("mount it once and unmount it (the kernel replays the journal), or run `e2fsck {dev_s}` (it replays it), then run again"),
             );
         }
+    }
+    // A mounted btrfs: its mount shows an anonymous device number, so nothing above
+    // sees it mounted (a trial's `check` said "Mounted: no", the listing "not mounted").
+    // luksify does not unmount and remount it: it says so, and how.
+    let canon = std::fs::canonicalize(&r.device).unwrap_or_else(|_| r.device.clone());
+    if let Some(m) = all.iter().find(|m| {
+        m.fs_type == "btrfs" && std::fs::canonicalize(&m.source).is_ok_and(|s| s == canon)
+    }) {
+        push(
+            "btrfs_mounted",
+            Severity::Blocker,
+            format!("{dev_s} is mounted at {} (btrfs)", m.mount_point.display()),
+            "luksify takes a btrfs only unmounted: its mounts show no device number luksify can follow to unmount and mount it again".into(),
+            format!(
+                "unmount it (`umount {}`), then `luksify enable --volume {dev_s} --key-file F --header-dir DIR`, and mount its mapping again",
+                m.mount_point.display()
+            ),
+        );
     }
     // A partial last logical sector (a loop device with --sector-size 4096 over a file
     // that is not whole 4 KiB blocks): the walker refuses to open it, and `enable` found
