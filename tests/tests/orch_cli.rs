@@ -3036,6 +3036,18 @@ fn root_orch_every_mount_and_fstab_entry_of_the_volume_comes_back() {
             .arg(fx.mnt.join("dir1"))
             .arg(&sub),
     );
+    // Its own atime mode, relatime, beside the volume's noatime: it came back noatime
+    // (a trial). (Setting it takes strictatime first, as luksify does.)
+    for o in ["remount,bind,strictatime", "remount,bind,relatime"] {
+        run_ok(Command::new("mount").args(["-o", o]).arg(&sub));
+    }
+    let atime = |mp: &Path| {
+        mount_fields(mp).unwrap()[5]
+            .split(',')
+            .find(|o| o.ends_with("atime"))
+            .map(str::to_string)
+    };
+    assert_eq!(atime(&sub).as_deref(), Some("relatime"));
     struct Unmount(Vec<PathBuf>);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -3070,6 +3082,12 @@ fn root_orch_every_mount_and_fstab_entry_of_the_volume_comes_back() {
         assert_eq!((&f[2], f[3].as_str()), (&fs_dev, root), "{f:?}");
         assert_eq!(f[5].split(',').next() == Some("ro"), ro, "{f:?}");
     }
+    assert_eq!(
+        atime(&sub).as_deref(),
+        Some("relatime"),
+        "{:?}",
+        mount_fields(&sub)
+    );
     assert_eq!(
         std::fs::read(sub.join("f0")).unwrap(),
         std::fs::read(fx.mnt.join("dir1/f0")).unwrap()

@@ -375,6 +375,18 @@ fn remount_extras(primary: &Path, extras: &[crate::status::ExtraMount]) -> Resul
             .split(',')
             .filter(|o| VFS_FLAGS.contains(o))
             .collect();
+        // `remount,bind,relatime` leaves a bind of a noatime mount noatime (util-linux
+        // 2.38 here): the second mount came back with the first's noatime (a trial).
+        // strictatime first clears the atime mode, then relatime sets it.
+        if flags.contains(&"relatime") {
+            run_tool(
+                Command::new("mount")
+                    .arg("-o")
+                    .arg("remount,bind,strictatime")
+                    .arg(&x.mount_point),
+                &what,
+            )?;
+        }
         run_tool(
             Command::new("mount")
                 .arg("-o")
