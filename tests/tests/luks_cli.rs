@@ -1817,6 +1817,10 @@ fn luks_cli_format_reads_zero_offsets_and_the_type_as_cryptsetup() {
         ["--align-payload", "0"],
         ["--type", "luks"],
         ["--type", "LUKS2"],
+        ["--key-size", "0"],
+        ["--luks2-keyslots-size", "0"],
+        ["--luks2-metadata-size", "0"],
+        ["--pbkdf", "PBKDF2"],
     ] {
         let (ours, theirs) = (d.image("ours", 32 << 20), d.image("theirs", 32 << 20));
         run_ok(
@@ -1837,6 +1841,28 @@ fn luks_cli_format_reads_zero_offsets_and_the_type_as_cryptsetup() {
             "{extra:?}"
         );
         assert_ne!(json(&ours)["segments"]["0"]["offset"], "0", "{extra:?}");
+        assert_eq!(json(&ours)["config"], json(&theirs)["config"], "{extra:?}");
+        assert_eq!(
+            json(&ours)["keyslots"]["0"]["key_size"],
+            json(&theirs)["keyslots"]["0"]["key_size"],
+            "{extra:?}"
+        );
+    }
+    // A sector size no tool supports is named as such, before anything else about it.
+    let img = d.image("ss", 32 << 20);
+    for cmd in [
+        &["format", "-q"][..],
+        &["encrypt", "--reduce-device-size", "32M"][..],
+    ] {
+        let out = run(lx(cmd)
+            .arg(p(&img))
+            .args(["--key-file", p(&key), "--sector-size", "3000"])
+            .args(kdf));
+        assert_refused_in_one_line(
+            &out,
+            "--sector-size 3000: use 512, 1024, 2048 or 4096",
+            cmd[0],
+        );
     }
     let img = d.image("v1", 32 << 20);
     run_ok(

@@ -73,8 +73,9 @@ pub struct KdfArgs {
 
 impl KdfArgs {
     fn request(&self, luks1: bool) -> Result<KdfRequest> {
+        // As cryptsetup: names in any case, and 0 for a cost is "the default".
         let kind = match &self.pbkdf {
-            Some(p) => KdfKind::parse(p)?,
+            Some(p) => KdfKind::parse(&p.to_ascii_lowercase())?,
             None if luks1 => KdfKind::Pbkdf2,
             None => KdfKind::Argon2id,
         };
@@ -84,9 +85,12 @@ impl KdfArgs {
         let req = KdfRequest {
             kind,
             hash: Hash::parse(&self.hash)?,
-            iter_time_ms: self.iter_time,
+            iter_time_ms: match self.iter_time {
+                0 => luksify_luks::kdf::DEFAULT_ITER_TIME_MS,
+                t => t,
+            },
             force_iterations: self.pbkdf_force_iterations,
-            memory_kib: self.pbkdf_memory,
+            memory_kib: self.pbkdf_memory.filter(|&m| m != 0),
             cpus: self.pbkdf_parallel,
         };
         req.validate()?;
@@ -132,20 +136,29 @@ pub struct NewHeaderArgs {
 
 impl NewHeaderArgs {
     /// The volume key from --volume-key-file, checked against --key-size.
+    /// `--key-size 0` as cryptsetup reads it: its base default, 256 bits (given
+    /// explicitly, it is not doubled for XTS as the unset default's 512 is).
+    fn key_bits(&self) -> u32 {
+        match self.key_size {
+            0 => 256,
+            k => k,
+        }
+    }
+
     fn volume_key(&self) -> Result<Option<VolumeKey>> {
-        if self.key_size != 256 && self.key_size != 512 {
+        if self.key_bits() != 256 && self.key_bits() != 512 {
             bail!("--key-size {}: use 256 or 512", self.key_size);
         }
         let Some(p) = &self.volume_key_file else {
             return Ok(None);
         };
         let k = read_key_file(p)?;
-        if k.len() * 8 != self.key_size as usize {
+        if k.len() * 8 != self.key_bits() as usize {
             bail!(
                 "{}: volume key file holds {} bits, --key-size is {}",
                 p.display(),
                 k.len() * 8,
-                self.key_size
+                self.key_bits()
             );
         }
         Ok(Some(VolumeKey::new(k)))
@@ -158,15 +171,25 @@ impl NewHeaderArgs {
     }
 
     fn with_kdf(&self, kdf: KdfRequest) -> Result<luks2::FormatOptions> {
-        if let Some(k) = self.luks2_keyslots_size {
+        // A sector size no tool supports is said so first (3000 was "not a whole number
+        // of 3000-byte sectors", or a --reduce-device-size complaint; a trial).
+        if let Some(s) = self
+            .sector_size
+            .filter(|s| ![512, 1024, 2048, 4096].contains(s))
+        {
+            bail!("--sector-size {s}: use 512, 1024, 2048 or 4096 (nothing was written)");
+        }
+        // 0 is "the default", as cryptsetup reads these sizes.
+        let keyslots_size = self.luks2_keyslots_size.filter(|&k| k != 0);
+        if let Some(k) = keyslots_size {
             let max = luks2::validate::MAX_KEYSLOTS_SIZE;
-            if k == 0 || k % 4096 != 0 || k > max {
+            if k % 4096 != 0 || k > max {
                 bail!("--luks2-keyslots-size {k}: use a multiple of 4096 up to {max} (128 MiB)");
             }
         }
         Ok(luks2::FormatOptions {
             cipher: self.cipher.clone(),
-            key_size: self.key_size as usize / 8,
+            key_size: self.key_bits() as usize / 8,
             sector_size: self.sector_size.unwrap_or(512),
             hash: Hash::parse(&self.kdf.hash)?,
             kdf,
@@ -175,8 +198,9 @@ impl NewHeaderArgs {
             uuid: self.uuid.clone(),
             metadata_size: self
                 .luks2_metadata_size
+                .filter(|&m| m != 0)
                 .unwrap_or(luks2::DEFAULT_METADATA_SIZE),
-            keyslots_size: self.luks2_keyslots_size,
+            keyslots_size,
             data_offset: None,
             detached: false,
             volume_key: self.volume_key()?,
