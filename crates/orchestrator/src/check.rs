@@ -1226,7 +1226,12 @@ pub fn check_resolved(
                     m.mount_point.display()
                 ),
             );
-        } else if filesystem.needs_recovery && r.mounts.is_empty() {
+        } else if filesystem.needs_recovery
+            && r.mounts.is_empty()
+            // Mounted elsewhere (another mount namespace): the flag is set while it is
+            // mounted, and the "held" blocker below says what holds it.
+            && !probe::in_use_per_sysfs(&r.device)
+        {
             push(
                 "ext_journal_not_replayed",
                 Severity::Blocker,
