@@ -1982,3 +1982,73 @@ fn luks_cli_new_keyslots_take_the_af_hash_asked_for_as_cryptsetup() {
     );
     assert_eq!(hashes(&ours), hashes(&theirs));
 }
+
+/// `format --key-slot N` puts the passphrase in keyslot N, as `luksFormat --key-slot`
+/// (it was an unknown option; a trial), and a keyslot out of range is refused before
+/// anything is written.
+#[test]
+fn luks_cli_format_into_a_chosen_keyslot_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("key", b"slot five");
+    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let (ours, theirs) = (d.image("ours", 32 << 20), d.image("theirs", 32 << 20));
+    let out = run_ok(lx(&["format", "-q", p(&ours), "--key-file", p(&key), "-S", "5"]).args(kdf));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).ends_with("key slot 5\n"),
+        "{out:?}"
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "luksFormat",
+                "-q",
+                p(&theirs),
+                "--key-file",
+                p(&key),
+                "-S",
+                "5",
+            ])
+            .args(kdf),
+    );
+    let slots = |img: &Path| -> (Vec<String>, serde_json::Value) {
+        let out =
+            run_ok(Command::new("cryptsetup").args(["luksDump", "--dump-json-metadata", p(img)]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["keyslots"].as_object().unwrap().keys().cloned().collect(),
+            v["digests"]["0"]["keyslots"].clone(),
+        )
+    };
+    assert_eq!(slots(&ours), slots(&theirs));
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "-S",
+        "5",
+        "--key-file",
+        p(&key),
+        p(&ours),
+    ]));
+    let fresh = d.image("fresh", 32 << 20);
+    let before = std::fs::read(&fresh).unwrap();
+    for (slot, kind) in [("32", "luks2"), ("3", "luks1")] {
+        let out = run(lx(&[
+            "format",
+            "-q",
+            p(&fresh),
+            "--key-file",
+            p(&key),
+            "-S",
+            slot,
+            "--type",
+            kind,
+        ])
+        .args(kdf));
+        assert_refused_in_one_line(&out, &format!("--key-slot {slot}"), kind);
+        assert!(
+            std::fs::read(&fresh).unwrap() == before,
+            "{kind}: a refused format wrote"
+        );
+    }
+}

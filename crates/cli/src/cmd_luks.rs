@@ -256,6 +256,9 @@ pub struct FormatArgs {
     /// Do not ask: overwrite an existing LUKS header or filesystem signature
     #[arg(long, short = 'q')]
     batch_mode: bool,
+    /// The keyslot the passphrase goes to (0-31; LUKS1: 0-7), as `luksFormat --key-slot`
+    #[arg(long, short = 'S')]
+    key_slot: Option<u32>,
 }
 
 /// The device a header-reading command names, and where its header lives.
@@ -635,6 +638,14 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
         (None, Some(s), Some(_)) => Some(u64::from(s) * 512),
         _ => None,
     };
+    // Checked before anything is written (the format wipes the header area first).
+    match (a.key_slot, luks1) {
+        (Some(k), false) if k >= 32 => bail!("--key-slot {k}: LUKS2 keyslots are 0-31"),
+        (Some(k), true) if k != 0 => bail!(
+            "--key-slot {k}: luksify formats LUKS1 into keyslot 0; `luksify add-key --key-slot {k}` adds one there afterwards"
+        ),
+        _ => {}
+    }
     if luks1 {
         if n.luks2_metadata_size.is_some() || n.luks2_keyslots_size.is_some() {
             bail!("--luks2-metadata-size and --luks2-keyslots-size are LUKS2 options: drop them for --type luks1");
@@ -693,6 +704,7 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
         alignment,
         alignment_offset,
         header_device_size,
+        key_slot: a.key_slot,
         ..opts
     };
     let offset = opts
@@ -725,9 +737,10 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
         luks2::keyslot::area_size(opts.key_size, luksify_luks::af::DEFAULT_STRIPES),
     );
     println!(
-        "{}: formatted as LUKS2, UUID {}, key slot 0",
+        "{}: formatted as LUKS2, UUID {}, key slot {}",
         a.device.display(),
-        hdr.uuid
+        hdr.uuid,
+        a.key_slot.unwrap_or(0)
     );
     Ok(ExitCode::SUCCESS)
 }

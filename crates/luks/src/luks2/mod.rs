@@ -124,6 +124,8 @@ pub struct FormatOptions {
     pub volume_key: Option<VolumeKey>,
     /// Fixed data segment size instead of `dynamic`.
     pub segment_size: Option<u64>,
+    /// The first keyslot's number (`luksFormat --key-slot N`); 0 by default.
+    pub key_slot: Option<u32>,
 }
 
 impl FormatOptions {
@@ -277,6 +279,7 @@ impl Default for FormatOptions {
             header_device_size: None,
             volume_key: None,
             segment_size: None,
+            key_slot: None,
         }
     }
 }
@@ -421,7 +424,15 @@ impl Luks2Header {
                 .map_err(|e| Error::io("wiping the LUKS2 metadata area", e))?;
             off += n as u64;
         }
-        hdr.add_keyslot_with_kdf(meta, &vk, passphrase, kdf, opts.hash, Some(0), None)?;
+        hdr.add_keyslot_with_kdf(
+            meta,
+            &vk,
+            passphrase,
+            kdf,
+            opts.hash,
+            Some(opts.key_slot.unwrap_or(0)),
+            None,
+        )?;
         Ok((hdr, vk))
     }
 
