@@ -2968,6 +2968,11 @@ fn mount_fields(mp: &Path) -> Option<Vec<String>> {
     mountinfo_line(mp).map(|l| l.split_whitespace().map(str::to_string).collect())
 }
 
+/// `path` holds `before` still, byte for byte (`what` wrote nothing).
+fn assert_unwritten(path: impl AsRef<Path>, before: &[u8], what: &str) {
+    assert!(std::fs::read(path).unwrap() == before, "{what} wrote");
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -6891,10 +6896,7 @@ fn root_orch_an_ext4_whose_journal_was_not_replayed_is_refused() {
     );
     let out = run(&mut fx.enable_of(&fx.dev()));
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(
-        std::fs::read(fx.dev()).unwrap() == before,
-        "a refused enable wrote"
-    );
+    assert_unwritten(fx.dev(), &before, "a refused enable");
     // Mounted read-only without the replay.
     run_ok(
         Command::new("mount")
@@ -6909,10 +6911,7 @@ fn root_orch_an_ext4_whose_journal_was_not_replayed_is_refused() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("with norecovery (noload)"), "{err}");
     assert!(mounted, "a refused enable unmounted it");
-    assert!(
-        std::fs::read(fx.dev()).unwrap() == before,
-        "a refused enable wrote"
-    );
+    assert_unwritten(fx.dev(), &before, "a refused enable");
     // As the hint says: a plain mount replays the journal; then it encrypts.
     run_ok(
         Command::new("mount")
@@ -6957,10 +6956,7 @@ fn root_orch_a_volume_mounted_only_as_a_subdirectory_bind_is_refused() {
         "{err}"
     );
     assert_eq!(mount_fields(&sub).unwrap()[3], "/dir1", "the bind changed");
-    assert!(
-        std::fs::read(fx.dev()).unwrap() == before,
-        "a refused enable wrote"
-    );
+    assert_unwritten(fx.dev(), &before, "a refused enable");
     // The root mounted too, as the hint says: the bind stays a bind of /dir1.
     run_ok(
         Command::new("mount")
@@ -7031,10 +7027,7 @@ fn root_orch_a_device_with_a_partial_last_sector_is_refused_before_anything_chan
         mount_fields(&mnt).is_some(),
         "the volume was left unmounted"
     );
-    assert!(
-        std::fs::read(&img).unwrap() == before,
-        "a refused enable wrote"
-    );
+    assert_unwritten(&img, &before, "a refused enable");
 }
 
 /// A managed volume decrypted by hand (closed, then `luksify decrypt` of its device):

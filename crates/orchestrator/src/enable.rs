@@ -1014,17 +1014,8 @@ fn encrypt_unmounted(
         .and_then(|()| header.map(create_header).transpose());
     let header_file = match prepared {
         Ok(f) => f,
-        Err(e) => {
-            return Err(put_back(
-                sw,
-                idx,
-                e,
-                device,
-                VolumeState::NotEncrypted,
-                "encrypted",
-                shrunk.then_some(fs.fs_type.as_str()),
-            ))
-        }
+        // (No header file yet: creating it is the last step.)
+        Err(e) => return Err(back_out_encryption(sw, idx, e, device, None, (fs, shrunk))),
     };
     encrypt_prepared(
         req,
@@ -1082,6 +1073,31 @@ fn put_back(
     }
     sw.status.volumes[idx].state = state;
     Failure::new(e.code, format!("{}{tail}", e.message))
+}
+
+/// An encryption that wrote nothing: the detached header file it created (still no
+/// header in it) goes, and the volume is put back plain ([`put_back`]), grown back if
+/// `shrunk`.
+fn back_out_encryption(
+    sw: &mut StatusWriter,
+    idx: usize,
+    e: Failure,
+    device: &Path,
+    header: Option<&Path>,
+    (fs, shrunk): (&FsFacts, bool),
+) -> Failure {
+    if let Some(h) = header.filter(|h| matches!(header_progress(h), HeaderProgress::Absent)) {
+        let _ = std::fs::remove_file(h);
+    }
+    put_back(
+        sw,
+        idx,
+        e,
+        device,
+        VolumeState::NotEncrypted,
+        "encrypted",
+        shrunk.then_some(fs.fs_type.as_str()),
+    )
 }
 
 /// The size of the detached header `enable` writes: both metadata copies and the
@@ -1293,18 +1309,13 @@ fn encrypt_prepared(
             }
             let (header, header_file) = header.unzip();
             drop(header_file);
-            if let Some(h) = header.filter(|h| matches!(header_progress(h), HeaderProgress::Absent))
-            {
-                let _ = std::fs::remove_file(h);
-            }
-            return Err(put_back(
+            return Err(back_out_encryption(
                 sw,
                 idx,
                 f,
                 device,
-                VolumeState::NotEncrypted,
-                "encrypted",
-                shrunk.then_some(fs.fs_type.as_str()),
+                header,
+                (fs, shrunk),
             ));
         }
     };
@@ -1358,22 +1369,12 @@ fn encrypt_prepared(
         Err(e) if refused.get() => {
             drop(data);
             drop(header_file);
-            if let Some(h) = header.filter(|h| matches!(header_progress(h), HeaderProgress::Absent)) {
-                let _ = std::fs::remove_file(h);
-            }
             let msg = e.message.replace(
                 "; the header records progress, `luksify resume` continues it",
                 "",
             );
-            return Err(put_back(
-                sw,
-                idx,
-                Failure::new(e.code, msg),
-                device,
-                VolumeState::NotEncrypted,
-                "encrypted",
-                shrunk.then_some(fs.fs_type.as_str()),
-            ));
+            let f = Failure::new(e.code, msg);
+            return Err(back_out_encryption(sw, idx, f, device, header, (fs, shrunk)));
         }
         // No header was committed: nothing is encrypted, and resume starts over.
         Err(e) => {
@@ -1393,18 +1394,14 @@ fn encrypt_prepared(
     if outcome == Outcome::NotStarted {
         // Stopped during the key derivation: nothing written, put it back.
         drop(header_file);
-        if let Some(h) = header {
-            let _ = std::fs::remove_file(h);
-        }
         let stop = not_cancelled(req.cancel).expect_err("the walker saw the stop");
-        return Err(put_back(
+        return Err(back_out_encryption(
             sw,
             idx,
             stop,
             device,
-            VolumeState::NotEncrypted,
-            "encrypted",
-            shrunk.then_some(fs.fs_type.as_str()),
+            header,
+            (fs, shrunk),
         ));
     }
     finish_volume(req, passphrase, sw, idx, outcome)
