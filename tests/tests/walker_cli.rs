@@ -2715,7 +2715,9 @@ fn walker_a_luks1_volume_is_named_as_such() {
     let out = run(&mut luksify(&["decrypt", &c.img(), "--key-file", &c.key()]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("holds a LUKS1 volume: luksify decrypts LUKS2 only"),
+        !out.status.success()
+            && err.contains("holds a LUKS1 volume: luksify decrypts LUKS2 only")
+            && err.contains("`cryptsetup convert --type luks2 DEV`"),
         "{err}"
     );
     assert_file_is(&c.p("img"), &before, "the LUKS1 volume");

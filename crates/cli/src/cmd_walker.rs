@@ -630,6 +630,19 @@ fn walk_error(
         // A refused option (a cipher, an offset) before any LUKS header exists: the
         // header goes first, so nothing was written, which refusals say.
         let said = naming_header(&e.to_string(), header);
+        // The resume it names is of this device and header ("finish it with `luksify
+        // resume` first" left out --header; a trial).
+        let said = match header {
+            Some(h) => said.replace(
+                "`luksify resume`",
+                &format!(
+                    "`luksify resume {} --key-file F --header {}`",
+                    dev.display(),
+                    h.display()
+                ),
+            ),
+            None => said,
+        };
         let untouched = io.is_none()
             && !said.contains("nothing was written")
             && !is_luks_file(header.unwrap_or(dev));

@@ -1792,7 +1792,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
     let in_front = version.is_some();
     if version == Some(luksify_luks::Version::Luks1) {
         return Err(Error::Refused(
-            "the device holds a LUKS1 volume: luksify decrypts LUKS2 only; `cryptsetup reencrypt --decrypt` decrypts LUKS1 (nothing was written)".into(),
+            "the device holds a LUKS1 volume: luksify decrypts LUKS2 only; `cryptsetup convert --type luks2 DEV` turns it into LUKS2 in place first (or `cryptsetup reencrypt --decrypt`, which needs device-mapper, decrypts LUKS1) (nothing was written)".into(),
         ));
     }
     if in_front
@@ -2201,18 +2201,17 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
         }
     }
     // A decryption stopped right after its final header, before its keyslot wipe: the
-    // wipe needs no key and nothing refers to that area any more.
-    let wiped = if state.is_none()
+    // wipe needs no key and nothing refers to that area any more. That wipe finishes
+    // the run (it was "nothing to resume", exit 1, after writing it; a trial).
+    if state.is_none()
         && meta.is_some()
         && all_linear(&hdr)
         && hdr.metadata.keyslots.is_empty()
         && !zero_up_to_from(hdisk, 2 * hdr.hdr_size, hdr.metadata.config.keyslots_size)?
     {
         zero_keyslot_area(hdisk, &hdr)?;
-        "; the old keyslots it had left in the header file are wiped now"
-    } else {
-        ""
-    };
+        return Ok(Outcome::Finished);
+    }
     // An encryption that finished but whose resilience-area wipe (the last hotzones'
     // old bytes) was cut short: the wipe needs no key; it finishes the run.
     if state.is_none() && wipe_pending(&hdr) {
@@ -2258,7 +2257,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
         } else if hdr.data_segment().is_ok() {
             "the header shows no encryption in progress and no decryption: the encryption already finished (or never began: `cryptsetup reencrypt --encrypt` cut while it set up its header, before any data, leaves a header like this; a filesystem `blkid` still finds on the device says so), nothing to resume (a `luksify decrypt` stopped before its first write left it so: run it again)".into()
         } else if all_linear(&hdr) {
-            format!("the header shows no encryption in progress and no decryption: the decryption already finished (the data is plaintext; the header file is no longer needed), nothing to resume{wiped}")
+            "the header shows no encryption in progress and no decryption: the decryption already finished (the data is plaintext; the header file is no longer needed), nothing to resume".into()
         } else {
             "the header shows no encryption in progress and no decryption (already finished?)"
                 .into()
