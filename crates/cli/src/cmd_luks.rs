@@ -256,7 +256,7 @@ pub struct FormatArgs {
     /// Do not ask: overwrite an existing LUKS header or filesystem signature
     #[arg(long, short = 'q')]
     batch_mode: bool,
-    /// The keyslot the passphrase goes to (0-31; LUKS1: 0-7), as `luksFormat --key-slot`
+    /// The keyslot the passphrase goes to (LUKS2: 0-31; LUKS1: 0), as `luksFormat --key-slot`
     #[arg(long, short = 'S')]
     key_slot: Option<u32>,
 }
