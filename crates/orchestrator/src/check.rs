@@ -1353,6 +1353,14 @@ pub fn check_resolved(
                                 size_bytes >> 20,
                                 HEADER_RESERVE_BYTES >> 20
                             )
+                        } else if min.is_some_and(|m| m > target)
+                            && fs_bytes.saturating_sub(free) < target / 2
+                        {
+                            // Less than half full, and still resize2fs will not go that
+                            // small (bigalloc clusters, say): freeing more does not help
+                            // (a trial was told to free 30 MiB of a 200 MiB bigalloc ext4
+                            // holding 15 MiB).
+                            "resize2fs will not shrink this filesystem that far however much is freed (bigalloc, or a layout it cannot move): keep the header in a file with --header-dir DIR".to_string()
                         } else {
                             let more = match min {
                                 Some(m) if m > target => m - target,
