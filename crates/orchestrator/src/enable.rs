@@ -1005,10 +1005,22 @@ fn encrypt_unmounted(
     unmounted: Result<()>,
 ) -> Result<()> {
     let mut shrunk = false;
+    // A shrink of ours cut by a power cut (resize2fs is not crash-safe: a CI power cut
+    // left "Resize inode not valid" and resume refused the volume for good): recorded
+    // before it may begin, so that `resume` knows the damage is its own and repairs it.
+    let cut_shrink = sw.status.volumes[idx].shrinking;
     let prepared = unmounted
-        .and_then(|()| prepare_fs(device, header, fs, req.cancel))
+        .and_then(|()| {
+            if header.is_none() && is_ext(&fs.fs_type) {
+                sw.status.volumes[idx].shrinking = true;
+                commit(sw)?;
+            }
+            prepare_fs(device, header, fs, req.cancel, cut_shrink)
+        })
         .and_then(|s| {
             shrunk = s;
+            sw.status.volumes[idx].shrinking = false;
+            commit(sw)?;
             not_cancelled(req.cancel)
         })
         .and_then(|()| header.map(create_header).transpose());
@@ -1089,6 +1101,8 @@ fn back_out_encryption(
     if let Some(h) = header.filter(|h| matches!(header_progress(h), HeaderProgress::Absent)) {
         let _ = std::fs::remove_file(h);
     }
+    // Put back and told: no later run repairs it on its own.
+    sw.status.volumes[idx].shrinking = false;
     put_back(
         sw,
         idx,
@@ -1172,6 +1186,7 @@ fn prepare_fs(
     header: Option<&Path>,
     fs: &FsFacts,
     cancel: &AtomicBool,
+    cut_shrink: bool,
 ) -> Result<bool> {
     // Unmounted now, so an exclusive open fails only while another process holds the
     // device exclusively: a luksify run from another state directory walking it, a
@@ -1210,17 +1225,38 @@ fn prepare_fs(
     let mut shrunk = false;
     if is_ext(&fs.fs_type) {
         not_cancelled(cancel)?;
-        // Unmounted now: a journal not replayed (a crash, a `noload` mount) shows here.
-        // e2fsck -n skips the replay and passes it; the shrink and the walk would then
-        // take a stale image, and the replay afterwards loses files (a trial).
+        // Unmounted now: a journal not replayed shows here. e2fsck -n skips the replay
+        // and passes it; the shrink and the walk would then take a stale image, and the
+        // replay afterwards loses files (a trial). `check` refuses a crashed or `noload`
+        // filesystem before `enable` begins; what reaches this is a run of ours cut by
+        // a power cut while the volume was still mounted, which `resume` starts again on
+        // the filesystem it recorded. Its journal is replayed as the kernel's next mount
+        // would replay it, and nothing else is repaired.
         if probe::detect_fs(device).is_ok_and(|f| f.needs_recovery) {
-            return Err(Failure::failed(format!(
-                "{} holds an ext journal that was not replayed (needs_recovery), so the device is not the filesystem yet; nothing was written: mount it once without noload/norecovery and unmount it (the kernel replays the journal), or run `e2fsck {}`, then run again",
-                device.display(),
-                device.display()
-            )));
+            let out = e2fsck(&["-p", "-E", "journal_only"], device)?;
+            if !matches!(out.status.code(), Some(0 | 1))
+                || probe::detect_fs(device).is_ok_and(|f| f.needs_recovery)
+            {
+                return Err(Failure::failed(format!(
+                    "{} holds an ext journal that was not replayed (needs_recovery), and `e2fsck -E journal_only` did not replay it; nothing was written: mount it once and unmount it (the kernel replays the journal), or run `e2fsck {}`, then run again",
+                    device.display(),
+                    device.display()
+                )));
+            }
         }
-        fsck_ext_read_only(device)?;
+        if let Err(e) = fsck_ext_read_only(device) {
+            if !cut_shrink {
+                return Err(e);
+            }
+            // The one repair luksify makes: what its own cut resize2fs left half done,
+            // on the filesystem its run recorded (e2fsck is resize2fs's recovery).
+            errln!(
+                "luksify: {}: the shrink for the header was cut (a power cut?); e2fsck -f -y repairs what resize2fs left half done",
+                device.display()
+            );
+            fsck_ext(device)?;
+            fsck_ext_read_only(device)?;
+        }
         if header.is_none() {
             let fs_bytes = probe::detect_fs(device)
                 .ok()

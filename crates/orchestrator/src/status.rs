@@ -68,6 +68,11 @@ pub struct VolumeStatus {
     pub fs_uuid: Option<String>,
     #[serde(default)]
     pub luks_uuid: Option<String>,
+    /// The shrink of its filesystem for the header in front has begun and not been seen
+    /// through: a power cut inside resize2fs leaves the filesystem half resized, and
+    /// `resume` then repairs it with e2fsck (it refuses to repair any other).
+    #[serde(default)]
+    pub shrinking: bool,
     /// The filesystem's label when `enable` found one: `disable --volume LABEL=...`
     /// names the volume by it (the label is out of blkid's sight once encrypted).
     #[serde(default)]
