@@ -1258,17 +1258,16 @@ fn prepare_fs(
             fsck_ext_read_only(device)?;
         }
         if header.is_none() {
-            let fs_bytes = probe::detect_fs(device)
-                .ok()
-                .and_then(|f| f.fs_bytes)
-                .unwrap_or(dev_size);
+            // Read once, after the replay or repair above may have changed it.
+            let now = probe::detect_fs(device).ok();
+            let fs_bytes = now.as_ref().and_then(|f| f.fs_bytes).unwrap_or(dev_size);
             let target = dev_size - HEADER_RESERVE_BYTES;
             shrunk = fs_bytes == target;
             // resize2fs's own estimate first: a filesystem filled since the preflight (a
             // `resume` that starts a run again checks nothing else) made `resize2fs -f`
             // fail on ENOSPC part way, its superblock left "clean with errors" (a trial).
             if fs_bytes > target {
-                let bs = probe::detect_fs(device).ok().and_then(|f| f.block_size);
+                let bs = now.as_ref().and_then(|f| f.block_size);
                 // resize2fs refusing even the estimate (it wants `e2fsck -f` first) is
                 // never forced past with -f below (a trial's journal-dirty ext4).
                 let min = match bs.map(|b| probe::ext_min_bytes_or_why(device, b)) {
@@ -2575,8 +2574,8 @@ pub(crate) fn decrypted_outside(v: &VolumeStatus) -> bool {
     matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted)
         && v.fs_uuid.is_some()
         && probe::block_dev_num(&Path::new("/dev/mapper").join(&v.mapper)).is_none()
-        && probe::type_and_uuid(&v.device)
-            .is_some_and(|(t, u)| Some(&t) == v.fs_type.as_ref() && Some(&u) == v.fs_uuid.as_ref())
+        // (The type is `plain_as_recorded`'s to compare; blkid gives the UUID.)
+        && probe::type_and_uuid(&v.device).is_some_and(|(_, u)| Some(&u) == v.fs_uuid.as_ref())
         && plain_as_recorded(v)
 }
 
