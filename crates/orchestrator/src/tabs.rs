@@ -326,7 +326,7 @@ pub fn fstab_restore(text: &str, mount_point: &Path) -> String {
             };
             if next_is_ours && (orig_mp == mp || same_mount_point(&orig_mp, mount_point)) {
                 if !orig.starts_with("(none) ") {
-                    out.push(orig.to_string());
+                    out.push(restored_line(orig, lines[i + 1]));
                 }
                 i += 2;
                 continue;
@@ -336,6 +336,52 @@ pub fn fstab_restore(text: &str, mount_point: &Path) -> String {
         i += 1;
     }
     join(out)
+}
+
+/// The original entry `orig` given back in place of `ours`, the mapping's entry
+/// [`fstab_encrypt`] wrote from it: `orig` as it was, unless the mapping's entry was
+/// changed since (an option the admin added while the volume was encrypted, a pass
+/// number), in which case the original device takes the changed entry's type, options,
+/// dump and pass, less the `nofail` luksify added if the original lacked it (a trial's
+/// `disable` dropped an admin's `noatime`).
+fn restored_line(orig: &str, ours: &str) -> String {
+    let (Some(o), Some(m)) = (fields(orig), fields(ours)) else {
+        return orig.to_string();
+    };
+    let field = |f: &[&str], i: usize, default: &'static str| -> String {
+        f.get(i).copied().unwrap_or(default).to_string()
+    };
+    let orig_opts = field(&o, 3, "defaults");
+    let had_nofail = orig_opts.split(',').any(|x| x == "nofail");
+    let mut as_written: Vec<&str> = orig_opts.split(',').filter(|x| !x.is_empty()).collect();
+    if !had_nofail {
+        as_written.push("nofail");
+    }
+    let unchanged = field(&m, 2, "auto") == field(&o, 2, "auto")
+        && field(&m, 3, "defaults") == as_written.join(",")
+        && field(&m, 4, "0") == field(&o, 4, "0")
+        && field(&m, 5, "0") == field(&o, 5, "0");
+    if unchanged || o.len() < 2 {
+        return orig.to_string();
+    }
+    let now = field(&m, 3, "defaults");
+    let opts: Vec<&str> = now
+        .split(',')
+        .filter(|x| !x.is_empty() && (had_nofail || *x != "nofail"))
+        .collect();
+    format!(
+        "{} {} {} {} {} {}",
+        o[0],
+        o[1],
+        field(&m, 2, "auto"),
+        if opts.is_empty() {
+            "defaults".to_string()
+        } else {
+            opts.join(",")
+        },
+        field(&m, 4, "0"),
+        field(&m, 5, "0")
+    )
 }
 
 /// One crypttab entry.
@@ -483,7 +529,11 @@ pub fn edit_file(path: &Path, edit: impl FnOnce(&str) -> String) -> std::io::Res
     };
     let backup = PathBuf::from(format!("{}.luksify-bak", path.display()));
     let existed = path.exists();
-    let new = edit(&text);
+    let mut new = edit(&text);
+    // A file that ended without a newline still does (a trial's fstab gained one).
+    if !text.is_empty() && !text.ends_with('\n') && new.ends_with('\n') {
+        new.pop();
+    }
     if !backup.exists() && (existed || new != text) {
         if existed {
             std::fs::copy(path, &backup)?;
@@ -587,6 +637,35 @@ mod tests {
         assert_eq!(twice, enc);
         // Restoring another mount point changes nothing.
         assert_eq!(fstab_restore(&enc, Path::new("/other")), enc);
+    }
+
+    /// An entry the admin changed while the volume was encrypted keeps the change when
+    /// disable gives the original device back (a trial's `disable` dropped `,ro` and a
+    /// pass number); the `nofail` luksify added goes, one the original had stays.
+    #[test]
+    fn fstab_restore_keeps_what_the_admin_changed_in_the_mapping_entry() {
+        let enc = encrypted(FSTAB, "/data", "/dev/mapper/data", "ext4", "rw");
+        let changed = enc.replace(
+            "/dev/mapper/data /data ext4 defaults,noatime,nofail 0 2",
+            "/dev/mapper/data /data ext4 defaults,noatime,nofail,ro 0 0",
+        );
+        assert_ne!(changed, enc);
+        assert_eq!(
+            fstab_restore(&changed, Path::new("/data")),
+            FSTAB.replace(
+                "/dev/sdc1 /data ext4 defaults,noatime 0 2",
+                "/dev/sdc1 /data ext4 defaults,noatime,ro 0 0"
+            )
+        );
+        let had = "/dev/sdc1\t/data  xfs nofail\n";
+        let enc = encrypted(had, "/data", "/dev/mapper/data", "xfs", "rw");
+        assert_eq!(fstab_restore(&enc, Path::new("/data")), had);
+        let changed = enc.replace("nofail 0 0", "nofail,noatime 0 0");
+        assert_ne!(changed, enc);
+        assert_eq!(
+            fstab_restore(&changed, Path::new("/data")),
+            "/dev/sdc1 /data xfs nofail,noatime 0 0\n"
+        );
     }
 
     /// Two entries at one mount point: the one naming the device is the one replaced
@@ -780,6 +859,36 @@ mod tests {
         assert_eq!(crypttab_remove(&t2, "data"), "# c\n");
         // A table that held only our entry is left empty, as it was.
         assert_eq!(crypttab_remove(&crypttab_add("", &e2), "data"), "");
+    }
+
+    #[test]
+    fn edit_file_keeps_a_missing_final_newline_missing() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("fstab");
+        std::fs::write(&f, "/dev/sdc1 /data ext4 defaults 0 2").unwrap();
+        edit_file(&f, |t| {
+            fstab_encrypt(
+                t,
+                Path::new("/data"),
+                Path::new("/dev/mapper/d"),
+                "ext4",
+                "rw",
+                Path::new("/dev/sdz9"),
+            )
+        })
+        .unwrap();
+        let enc = std::fs::read_to_string(&f).unwrap();
+        assert!(enc.contains("/dev/mapper/d /data"), "{enc}");
+        assert!(!enc.ends_with('\n'), "{enc:?}");
+        edit_file(&f, |t| fstab_restore(t, Path::new("/data"))).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&f).unwrap(),
+            "/dev/sdc1 /data ext4 defaults 0 2"
+        );
+        // One that had it keeps it.
+        std::fs::write(&f, "a b\n").unwrap();
+        edit_file(&f, |t| format!("{t}c d\n")).unwrap();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "a b\nc d\n");
     }
 
     #[test]
