@@ -1481,6 +1481,22 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     let open = |state: &Path| {
         run_ok(&mut open_userspace(luksify(state), &lo.path, &name, &key));
     };
+    // A wrong passphrase: 2, as `cryptsetup open` (it was 1), and nothing mapped.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, b"not it").unwrap();
+    let out = run(&mut open_userspace(
+        luksify(&state),
+        &lo.path,
+        &name,
+        &wrong,
+    ));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no keyslot matches this passphrase"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!PathBuf::from("/dev/mapper").join(&name).exists());
     open(&state);
     let mapped = PathBuf::from("/dev/mapper").join(&name);
     // `enable` of the mapped device: already encrypted and mapped (exit 3), not "in use
@@ -3762,7 +3778,8 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
     let wrong = fx.dir.path().join("wrong");
     std::fs::write(&wrong, b"not the passphrase").unwrap();
     let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&wrong));
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // 2, as cryptsetup's wrong passphrase.
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("no keyslot accepts this passphrase"),
         "{}",
@@ -6682,7 +6699,7 @@ fn root_orch_resume_with_a_wrong_recorded_key_names_the_key_file_option() {
     std::fs::copy(&fx.key, &right).unwrap();
     std::fs::write(&fx.key, b"not the passphrase any more").unwrap();
     let out = run(fx.cmd().args(["resume", "--userspace"]));
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("no keyslot accepts this passphrase")
             && stderr(&out).contains("`luksify resume --key-file F` continues it"),

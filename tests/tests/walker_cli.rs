@@ -2149,6 +2149,53 @@ fn walker_key_file_is_read_as_cryptsetup_reads_it() {
     assert_file_is(&c.p("img"), &orig, "plaintext differs");
 }
 
+/// A wrong passphrase exits 2 from `resume` and `decrypt`, as from cryptsetup's
+/// `reencrypt` and `open` (they exited 1, which the README gives to every other
+/// failure), and writes nothing.
+#[test]
+fn walker_a_wrong_passphrase_exits_2_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(16, 96);
+    let (img, hdr) = (c.img(), c.hdr());
+    let bad = c.p("bad-key");
+    std::fs::write(&bad, b"not the passphrase").unwrap();
+    let bad = bad.to_str().unwrap().to_string();
+    // An interrupted run: cryptsetup's, set up and not begun.
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["reencrypt", "--encrypt", "--init-only", "-q", "--key-file"])
+            .args([&c.key(), "--header", &hdr, &img])
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]),
+    );
+    let hdr0 = std::fs::read(&hdr).unwrap();
+    let out = run(&mut luksify(&[
+        "resume",
+        &img,
+        "--key-file",
+        &bad,
+        "--header",
+        &hdr,
+    ]));
+    assert_eq!(out.status.code(), Some(2), "resume: {out:?}");
+    assert_refused_in_one_line(&out, "no keyslot accepts", "resume");
+    assert_file_is(c.p("hdr").as_path(), &hdr0, "resume: header changed");
+    assert_file_is(c.p("img").as_path(), &orig, "resume: image changed");
+    run_ok(&mut detached_resume(&c));
+    let ciphertext = std::fs::read(&img).unwrap();
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &img,
+        "--key-file",
+        &bad,
+        "--header",
+        &hdr,
+    ]));
+    assert_eq!(out.status.code(), Some(2), "decrypt: {out:?}");
+    assert_file_is(c.p("img").as_path(), &ciphertext, "decrypt wrote");
+    run_ok(&mut detached_decrypt(&c));
+    assert_file_is(c.p("img").as_path(), &orig, "plaintext differs");
+}
+
 /// `encrypt --header H` where H already holds something says what it holds, and only an
 /// interrupted run gets the advice to resume: a finished volume's header (this image's
 /// or another's) is named with its UUID, and for this image "encrypted already"; other

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// cryptsetup's exit code for "no key available with this passphrase".
-pub(crate) const EXIT_WRONG_PASSPHRASE: u8 = 2;
+pub(crate) const EXIT_WRONG_PASSPHRASE: u8 = luksify_orchestrator::exit::WRONG_PASSPHRASE;
 
 /// A header command's wrong passphrase: exits [`EXIT_WRONG_PASSPHRASE`] as
 /// cryptsetup's luksAddKey, luksChangeKey, luksRemoveKey and luksDump do (they exited 1).

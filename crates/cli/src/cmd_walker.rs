@@ -597,6 +597,10 @@ fn walk_error(
         return anyhow::Error::new(luksify_walker::Error::Busy(m))
             .context(dev.display().to_string());
     }
+    if let luksify_walker::Error::WrongPassphrase = e {
+        // Kept in the chain: exit 2, as cryptsetup's (it exited 1).
+        return anyhow::Error::new(e).context(dev.display().to_string());
+    }
     let io = io_source(&e).map(|s| s.raw_os_error());
     let recorded = io.is_some() && is_luks_file(header.unwrap_or(dev));
     if recorded {

@@ -220,7 +220,13 @@ fn main() -> ExitCode {
                 })
             });
             let usage = e.chain().any(|c| c.is::<Usage>());
-            let wrong = e.chain().any(|c| c.is::<cmd_luks::WrongPassphrase>());
+            let wrong = e.chain().any(|c| {
+                c.is::<cmd_luks::WrongPassphrase>()
+                    || matches!(
+                        c.downcast_ref::<luksify_walker::Error>(),
+                        Some(luksify_walker::Error::WrongPassphrase)
+                    )
+            });
             ExitCode::from(if busy {
                 luksify_orchestrator::exit::BUSY
             } else if usage {

@@ -1514,7 +1514,7 @@ fn walk(
         Ok(o) => Ok(o),
         // The key file given, or recorded at enable, does not open the header: `resume`
         // alone would read the same file again and fail the same way.
-        Err(e @ luksify_walker::Error::WrongPassphrase) => Err(Failure::failed(format!(
+        Err(e @ luksify_walker::Error::WrongPassphrase) => Err(Failure::new(crate::exit::WRONG_PASSPHRASE, format!(
             "{what} of {} failed: {e}; the header records progress, `luksify resume --key-file F` continues it with the file F that holds the right passphrase",
             device.display()
         ))),
@@ -3017,7 +3017,7 @@ fn disable_one(
     }
     // The passphrase first: a wrong one must leave the volume mapped and mounted.
     if !passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), passphrase) {
-        return Err(Failure::failed(format!(
+        return Err(Failure::new(crate::exit::WRONG_PASSPHRASE, format!(
             "{}: no keyslot accepts this passphrase: check --key-file (or the key file recorded at enable); nothing was changed",
             v.device.display()
         )));

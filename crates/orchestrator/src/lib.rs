@@ -33,6 +33,9 @@ pub mod exit {
     pub const FAILED: u8 = 1;
     /// Bad command line.
     pub const USAGE: u8 = 2;
+    /// No keyslot accepts the passphrase: 2 from every command, as cryptsetup's `open`,
+    /// `reencrypt` and the key commands exit (the same code as [`USAGE`]).
+    pub const WRONG_PASSPHRASE: u8 = 2;
     /// Preflight found blockers; nothing was written.
     pub const BLOCKED: u8 = 3;
     /// Another luksify holds the global lock.

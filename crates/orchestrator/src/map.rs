@@ -178,10 +178,13 @@ pub fn unlock(
     // "check --key-file" only where the passphrase is what failed (a trial's unknown
     // requirement was blamed on the key file).
     let (vk, _slot) = hdr.unlock(&hfile, passphrase, None).map_err(|e| match e {
-        luksify_luks::Error::WrongPassphrase => Failure::failed(format!(
-            "{}: cannot unlock ({e}); check --key-file (its whole content is the passphrase)",
-            device.display()
-        )),
+        luksify_luks::Error::WrongPassphrase => Failure::new(
+            crate::exit::WRONG_PASSPHRASE,
+            format!(
+                "{}: cannot unlock ({e}); check --key-file (its whole content is the passphrase)",
+                device.display()
+            ),
+        ),
         e => Failure::failed(format!("{}: cannot unlock: {e}", device.display())),
     })?;
     let seg = hdr.data_segment().map_err(|e| {
