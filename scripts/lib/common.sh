@@ -57,6 +57,7 @@ ensure_test_deps() {
   apt_install cryptsetup-bin e2fsprogs xfsprogs util-linux openssl qemu-utils python3 \
     busybox-static psmisc lsof
   apt_install strace   # kills cryptsetup at an exact fsync (walker_cli)
+  apt_install e2fsprogs-l10n locales  # tools read in any locale: resize2fs in German (orch_cli)
   apt_install btrfs-progs  # a btrfs that reaches into --reduce-device-size is refused (walker_cli)
   apt_install systemd  # systemd-analyze verify checks dist/luksify-resume.service; nothing is started
   pip_install cryptography cryptography

@@ -4085,6 +4085,45 @@ fn root_orch_close_names_every_mount_of_the_mapping() {
     fx.assert_files_unchanged();
 }
 
+/// The tools luksify reads run in the C locale: under a German locale with
+/// e2fsprogs-l10n, `resize2fs -P` says "Geschätzte minimale Größe des Dateisystems",
+/// which `enable` took for a refusal ("resize2fs -P ... refused"), stopping after it had
+/// unmounted the volume (a trial).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_reads_its_tools_under_any_locale() {
+    let fx = Fixture::new(64);
+    require_tool("localedef");
+    let loc = fx.dir.path().join("locale");
+    std::fs::create_dir(&loc).unwrap();
+    run_ok(
+        Command::new("localedef")
+            .args(["-i", "de_DE", "-f", "UTF-8"])
+            .arg(loc.join("de_DE.UTF-8")),
+    );
+    let german = |c: &mut Command| {
+        c.env("LOCPATH", &loc)
+            .env("LANG", "de_DE.UTF-8")
+            .env("LC_ALL", "de_DE.UTF-8")
+            .env("LANGUAGE", "de");
+    };
+    // What the test stands on: resize2fs speaks German here (scripts/test installs
+    // e2fsprogs-l10n and the locale sources).
+    let mut probe = Command::new("resize2fs");
+    probe.arg("-P").arg(fx.dev());
+    german(&mut probe);
+    let out = run(&mut probe);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Geschätzte minimale Größe"),
+        "resize2fs does not speak German here (install e2fsprogs-l10n and locales): {out:?}"
+    );
+    let mut enable = fx.enable_cmd();
+    german(&mut enable);
+    let out = run(&mut enable);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_encrypted_and_intact();
+}
+
 /// From its start `disable` is in the status file: while it derives the key (seconds,
 /// here a slow PBKDF2), `status --json` gives its pid and no longer the previous run's
 /// failure (a trial read `pid: null` and "Decryption failed" for that whole time).

@@ -19,7 +19,6 @@ use luksify_walker::{
 };
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -230,7 +229,7 @@ fn unmount_nested(device: &Path, nested: &[crate::status::NestedMount], fix: &st
             {
                 break;
             }
-            let ok = Command::new("umount")
+            let ok = crate::tool("umount")
                 .arg(&n.mount_point)
                 .output()
                 .is_ok_and(|o| o.status.success());
@@ -318,7 +317,7 @@ fn fstab_entries(device: &Path) -> Vec<tabs::FstabEntry> {
     let Ok(text) = std::fs::read_to_string(tabs::etc_dir().join("fstab")) else {
         return Vec::new();
     };
-    let ids: Vec<String> = Command::new("blkid")
+    let ids: Vec<String> = crate::tool("blkid")
         .args(["-o", "export"])
         .arg(device)
         .output()
@@ -364,7 +363,7 @@ fn remount_extras(primary: &Path, extras: &[crate::status::ExtraMount]) -> Resul
             x.mount_point.display()
         );
         run_tool(
-            Command::new("mount")
+            crate::tool("mount")
                 .arg("--bind")
                 .arg(&from)
                 .arg(&x.mount_point),
@@ -380,7 +379,7 @@ fn remount_extras(primary: &Path, extras: &[crate::status::ExtraMount]) -> Resul
         // strictatime first clears the atime mode, then relatime sets it.
         if flags.contains(&"relatime") {
             run_tool(
-                Command::new("mount")
+                crate::tool("mount")
                     .arg("-o")
                     .arg("remount,bind,strictatime")
                     .arg(&x.mount_point),
@@ -388,7 +387,7 @@ fn remount_extras(primary: &Path, extras: &[crate::status::ExtraMount]) -> Resul
             )?;
         }
         run_tool(
-            Command::new("mount")
+            crate::tool("mount")
                 .arg("-o")
                 .arg(format!("remount,bind,{}", flags.join(",")))
                 .arg(&x.mount_point),
@@ -412,7 +411,7 @@ fn remount_nested(nested: &[crate::status::NestedMount]) -> Result<()> {
             continue;
         }
         run_tool(
-            Command::new("mount")
+            crate::tool("mount")
                 .arg("-t")
                 .arg(&n.fs_type)
                 .arg("-o")
@@ -445,7 +444,7 @@ pub fn unmount_all(device: &Path, dev: mountinfo::DevNum, fix: &str) -> Result<(
         mine.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
         let mut busy = None;
         for m in &mine {
-            let out = Command::new("umount").arg(&m.mount_point).output();
+            let out = crate::tool("umount").arg(&m.mount_point).output();
             if !matches!(&out, Ok(o) if o.status.success()) {
                 busy = Some(m.mount_point.clone());
             }
@@ -515,7 +514,7 @@ pub(crate) fn is_ext(fs: &str) -> bool {
 /// since this check sets no check time.)
 /// Runs `e2fsck FLAGS DEVICE`, its output kept.
 fn e2fsck(flags: &[&str], device: &Path) -> Result<std::process::Output> {
-    Command::new("e2fsck")
+    crate::tool("e2fsck")
         .args(flags)
         .arg(device)
         .output()
@@ -1297,7 +1296,7 @@ fn prepare_fs(
             // Asked to stop during e2fsck: the caller refuses to go on.
             if fs_bytes > target && !cancel.load(Ordering::Relaxed) {
                 run_tool(
-                    Command::new("resize2fs")
+                    crate::tool("resize2fs")
                         .arg("-f")
                         .arg(device)
                         .arg(format!("{}K", target / 1024)),
@@ -1627,7 +1626,7 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
     if fs_type.is_some_and(is_ext) {
         fsck_ext(dev)?;
         if let Some(to) = grow_target(v, dev) {
-            let mut resize = Command::new("resize2fs");
+            let mut resize = crate::tool("resize2fs");
             resize.arg(dev);
             let what = match to {
                 Some(bytes) => {
@@ -1646,7 +1645,7 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
     if let Some(mp) = &v.mount_point {
         let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
         run_tool(
-            Command::new("mount").arg("-o").arg(&opts).arg(dev).arg(mp),
+            crate::tool("mount").arg("-o").arg(&opts).arg(dev).arg(mp),
             &format!("remount {} at {}", dev.display(), mp.display()),
         )?;
         remount_nested(&v.nested_mounts)?;
@@ -1676,7 +1675,7 @@ fn stable_device_name(device: &Path) -> String {
     if let Some(link) = stable_link(Path::new("/dev/disk"), device) {
         return link.display().to_string();
     }
-    let partuuid = Command::new("blkid")
+    let partuuid = crate::tool("blkid")
         .args(["-o", "value", "-s", "PARTUUID"])
         .arg(device)
         .output()
@@ -2018,7 +2017,7 @@ fn remount_pending(status: &crate::status::Status, pending: &[PathBuf]) {
         }
         let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
         if let Err(e) = run_tool(
-            Command::new("mount")
+            crate::tool("mount")
                 .arg("-o")
                 .arg(&opts)
                 .arg(&v.device)

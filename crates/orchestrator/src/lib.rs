@@ -45,3 +45,12 @@ pub mod exit {
     /// The requested mechanism does not exist on this machine (e.g. no device-mapper).
     pub const UNSUPPORTED: u8 = 6;
 }
+
+/// A command for a tool whose output luksify reads (`resize2fs -P`, `blkid`, `mount`,
+/// `losetup`), run in the C locale: a translated message (e2fsprogs-l10n's German
+/// "Geschätzte minimale Größe") was read as a refusal and stopped `enable` (a trial).
+pub(crate) fn tool(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.env("LC_ALL", "C");
+    cmd
+}

@@ -597,7 +597,7 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
         Err(e) => return fail(&mut stdout, format!("cannot start the FUSE session ({e})")),
     };
     let file = fuse_dir.join(VOLUME_FILE);
-    let mut cmd = std::process::Command::new("losetup");
+    let mut cmd = crate::tool("losetup");
     cmd.args(["-f", "--show"]);
     // dm-crypt's mapping has the larger of the segment's sector and the device's own
     // logical block size (it stacks the device's limits): a filesystem made on the view
@@ -631,12 +631,7 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
         rec.mapped = loop_dev.clone();
     }
     if let Err(e) = save_record(state_dir, &rec) {
-        let _ = run_tool(
-            std::process::Command::new("losetup")
-                .arg("-d")
-                .arg(&loop_dev),
-            "detach",
-        );
+        let _ = run_tool(crate::tool("losetup").arg("-d").arg(&loop_dev), "detach");
         let _ = unmount_fuse(&fuse_dir);
         let _ = bg.join();
         return fail(&mut stdout, format!("cannot save the mapping record ({e})"));
@@ -756,9 +751,7 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
 fn close_userspace(rec: &MapRecord) -> Result<()> {
     if let Some(loop_dev) = own_loop(rec) {
         run_tool(
-            std::process::Command::new("losetup")
-                .arg("-d")
-                .arg(loop_dev),
+            crate::tool("losetup").arg("-d").arg(loop_dev),
             "detach the loop device",
         )?;
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -81,7 +81,7 @@ pub fn detect_fs(dev: &Path) -> std::io::Result<FsInfo> {
     if let Some(info) = detect_fs_bytes(&head) {
         return Ok(info);
     }
-    let blkid = |tag: &str| match std::process::Command::new("blkid")
+    let blkid = |tag: &str| match crate::tool("blkid")
         .args(["-p", "-o", "value", "-s", tag])
         .arg(dev)
         .output()
@@ -390,7 +390,7 @@ pub fn devices_with_tag(tag: &str) -> Vec<PathBuf> {
     if devs.is_empty() {
         return Vec::new();
     }
-    let Ok(out) = std::process::Command::new("blkid")
+    let Ok(out) = crate::tool("blkid")
         .args(["-c", "/dev/null", "-o", "device", "-t", tag])
         .args(&devs)
         .output()
@@ -475,7 +475,7 @@ pub fn ext_min_bytes(dev: &Path, block_size: u32) -> Option<u64> {
 /// [`ext_min_bytes`], or what resize2fs said instead (its first line), so that a
 /// shrink is never forced past its refusal ("Please run 'e2fsck -f' first").
 pub fn ext_min_bytes_or_why(dev: &Path, block_size: u32) -> Result<u64, String> {
-    let out = std::process::Command::new("resize2fs")
+    let out = crate::tool("resize2fs")
         .arg("-P")
         .arg(dev)
         .output()
@@ -538,7 +538,7 @@ pub fn volatile_fs(path: &Path) -> Option<&'static str> {
 /// The type and UUID blkid reads on `dev` (low-level probe, no cache): a filesystem's,
 /// or a LUKS header's. `None` where it finds none (ciphertext, a blank or torn head).
 pub fn type_and_uuid(dev: &Path) -> Option<(String, String)> {
-    let out = std::process::Command::new("blkid")
+    let out = crate::tool("blkid")
         .args(["-p", "-o", "export"])
         .arg(dev)
         .output()
@@ -554,7 +554,7 @@ pub fn type_and_uuid(dev: &Path) -> Option<(String, String)> {
 
 /// The filesystem label blkid reads on `dev` (probed afresh), if any.
 pub fn fs_label(dev: &Path) -> Option<String> {
-    let out = std::process::Command::new("blkid")
+    let out = crate::tool("blkid")
         .args(["-p", "-s", "LABEL", "-o", "value"])
         .arg(dev)
         .output()
