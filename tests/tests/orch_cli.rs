@@ -4124,6 +4124,39 @@ fn root_orch_enable_reads_its_tools_under_any_locale() {
     fx.assert_encrypted_and_intact();
 }
 
+/// A header-in-front volume's `disable` moves the header, the only copy of the key to
+/// the part still encrypted, into the state directory before the data moves back over
+/// it: on tmpfs a reboot mid-run lost it (a trial). Refused there, nothing changed; the
+/// state directory copied to a disk, as the fix says, and the volume is disabled.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_refuses_a_state_directory_in_memory() {
+    let fx = Fixture::new(64);
+    let _tmpfs = tmpfs_at(&fx.state, "16M");
+    fx.enable_ok();
+    let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&fx.key));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let fix = format!("cp -a {} /var/lib/luksify", fx.state.display());
+    assert!(
+        stderr(&out).contains("is on tmpfs, which a reboot empties") && stderr(&out).contains(&fix),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    assert!(luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+    let disk = fx.dir.path().join("state-on-disk");
+    run_ok(Command::new("cp").arg("-a").arg(&fx.state).arg(&disk));
+    let out = run(luksify(&disk)
+        .env("LUKSIFY_ETC_DIR", fx.dir.path().join("etc"))
+        .arg("disable")
+        .arg("--key-file")
+        .arg(&fx.key));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+}
+
 /// From its start `disable` is in the status file: while it derives the key (seconds,
 /// here a slow PBKDF2), `status --json` gives its pid and no longer the previous run's
 /// failure (a trial read `pid: null` and "Decryption failed" for that whole time).

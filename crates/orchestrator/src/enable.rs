@@ -2877,6 +2877,16 @@ pub fn disable(
         held.extend(tabs::unwritable().map(|b| format!("BLOCKER: {b}")));
         if in_front > 0 {
             let headers = req.state_dir.join("headers");
+            // That header is then the only copy of the key to the part still encrypted:
+            // in memory, a reboot mid-run loses it, and the data with it (a trial's
+            // state directory on tmpfs; `enable` refuses a --header-dir there).
+            if let Some(fs) = probe::volatile_fs(&headers) {
+                held.push(format!(
+                    "BLOCKER: the state directory {} is on {fs}, which a reboot empties: a decryption moves the volume's header (the only copy of its key) there before its data moves back over it, so a reboot mid-run would lose the part still encrypted; fix: copy the state directory to a disk that is not being decrypted (`cp -a {} /var/lib/luksify`) and run disable with --state-dir there",
+                    req.state_dir.display(),
+                    req.state_dir.display()
+                ));
+            }
             held.extend(header_dir_without_room(&headers, in_front).map(|b| {
                 b.replacen("--header-dir", "the state directory's", 1).replacen(
                     ", or pick a directory on another filesystem",
