@@ -552,7 +552,7 @@ fn cmd_install_unit(
     };
     let dir = prefix.join("etc/systemd/system");
     let path = dir.join("luksify-resume.service");
-    std::fs::create_dir_all(&dir)
+    status::create_dirs(&dir, 0o755)
         .and_then(|_| {
             status::write_atomic(
                 &path,

@@ -724,6 +724,13 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
                 "BLOCKER: --header-dir {} is on {fs}, which a reboot empties: the detached headers hold the volumes' only keys, so the data would be lost with them; fix: pick a directory on a disk that is not being encrypted (e.g. /root/luks-headers)",
                 d.display()
             ));
+        } else if let Some(why) = crate::lock::open_to_others(d) {
+            blockers.push(format!(
+                "BLOCKER: --header-dir {} {why}: another user could move or replace the detached headers, the volumes' only keys; fix: `chown root {} && chmod go-w {}`, or pick a directory only root can write",
+                d.display(),
+                d.display(),
+                d.display()
+            ));
         } else if let Some(b) = header_dir_without_room(d, plans.len()) {
             blockers.push(b);
         }
@@ -766,7 +773,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         return Err(Failure::new(code, blockers.join("\n")));
     }
     if let Some(d) = &req.header_dir {
-        std::fs::create_dir_all(d).map_err(|e| {
+        crate::status::create_dirs(d, 0o700).map_err(|e| {
             Failure::failed(format!("cannot create --header-dir {} ({e})", d.display()))
         })?;
     }
@@ -3037,7 +3044,7 @@ fn disable_one(
         Some(h) => h.clone(),
         None => {
             let dir = req.state_dir.join("headers");
-            std::fs::create_dir_all(&dir)
+            crate::status::create_dirs(&dir, 0o700)
                 .map_err(|e| Failure::failed(format!("cannot create {} ({e})", dir.display())))?;
             let h = dir.join(format!("{}.decrypt.luks2", v.mapper));
             if h.exists() {

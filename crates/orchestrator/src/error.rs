@@ -35,7 +35,9 @@ impl From<crate::lock::LockError> for Failure {
     fn from(e: crate::lock::LockError) -> Failure {
         let code = match e {
             crate::lock::LockError::Busy { .. } => exit::BUSY,
-            crate::lock::LockError::Io { .. } => exit::FAILED,
+            crate::lock::LockError::Io { .. } | crate::lock::LockError::OpenToOthers { .. } => {
+                exit::FAILED
+            }
         };
         Failure::new(code, e.to_string())
     }

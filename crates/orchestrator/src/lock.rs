@@ -15,12 +15,34 @@ pub enum LockError {
         "another luksify (pid {pid}) is working on disks (lock {path}); wait for it to finish, or pass --wait to queue behind it"
     )]
     Busy { pid: String, path: PathBuf },
+    #[error("the state directory {path} {why}: another user could rewrite luksify's records and the headers it keeps there; fix: `chown root {path} && chmod go-w {path}`, or pass --state-dir with a directory only root can write")]
+    OpenToOthers { path: PathBuf, why: String },
     #[error("cannot take the lock {path}: {source}; the state directory must be a directory root can write (--state-dir)")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// How `dir` is open to other users, if it is: owned by another user, or writable by a
+/// group or by others (a trial's `umask 000` state directory let a user plant links and
+/// rewrite mapping records that root then followed).
+pub fn open_to_others(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(dir).ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if md.uid() != euid {
+        Some(format!("belongs to uid {}, not to uid {euid}", md.uid()))
+    } else if md.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by other users (mode {:o})",
+            md.mode() & 0o7777
+        ))
+    } else {
+        None
+    }
 }
 
 /// Held for as long as it lives.
@@ -38,7 +60,13 @@ impl GlobalLock {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(state_dir).map_err(io)?;
+        crate::status::create_dirs(state_dir, 0o755).map_err(io)?;
+        if let Some(why) = open_to_others(state_dir) {
+            return Err(LockError::OpenToOthers {
+                path: state_dir.to_path_buf(),
+                why,
+            });
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

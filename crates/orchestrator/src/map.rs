@@ -563,7 +563,7 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
     // Absolute, as the kernel names a loop device's backing file: `close` compares them.
     let fuse_dir = std::path::absolute(state_dir.join("mnt").join(name))
         .unwrap_or_else(|_| state_dir.join("mnt").join(name));
-    if let Err(e) = std::fs::create_dir_all(&fuse_dir) {
+    if let Err(e) = crate::status::create_dirs(&fuse_dir, 0o755) {
         return fail(
             &mut stdout,
             format!("cannot create {} ({e})", fuse_dir.display()),

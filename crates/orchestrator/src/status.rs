@@ -954,21 +954,64 @@ pub fn load(dir: &Path) -> std::io::Result<Status> {
     }
 }
 
-/// Replaces `path` with `bytes` atomically: a reader sees the old or the new file, never a mix.
+/// Creates `dir` and the parents it lacks with `mode` exactly, whatever the umask:
+/// under `umask 000` the state directory, its `maps` and a new `--header-dir` were made
+/// world-writable, and another user could move headers and rewrite mapping records
+/// (a trial).
+pub fn create_dirs(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    for m in missing {
+        std::fs::set_permissions(&m, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// Replaces `path` with `bytes` atomically: a reader sees the old or the new file, never
+/// a mix. The file gets mode 0644 (see [`write_atomic_mode`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// [`write_atomic`] with the new file's `mode`, whatever the umask. The temporary file
+/// is made new, never through a link: one planted at its name in a directory others
+/// could write made root overwrite the file it led to (a trial).
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    create_dirs(dir, 0o755)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
+    // One left by a run of the same pid that died here.
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        // Not left behind (a full disk left empty ones; a trial).
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path)?;
+    written?;
     std::fs::File::open(dir)?.sync_all()
 }
 

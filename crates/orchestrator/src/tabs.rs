@@ -2,7 +2,7 @@
 //! (`FILE.luksify-bak`), then replaced atomically. The fstab line that luksify
 //! replaces is kept as a comment after a marker so that `disable` restores it exactly.
 
-use crate::status::write_atomic;
+use crate::status::write_atomic_mode;
 use std::path::{Path, PathBuf};
 
 const MARK: &str = "# luksify: was: ";
@@ -534,23 +534,23 @@ pub fn edit_file(path: &Path, edit: impl FnOnce(&str) -> String) -> std::io::Res
     if !text.is_empty() && !text.ends_with('\n') && new.ends_with('\n') {
         new.pop();
     }
+    use std::os::unix::fs::PermissionsExt;
+    // A new fstab is readable by all, as Debian makes it; a new crypttab (it names key
+    // files) by root only. Under `umask 000` a new crypttab was made 0666 (a trial).
+    let new_mode = if path.file_name().is_some_and(|n| n == "fstab") {
+        0o644
+    } else {
+        0o600
+    };
+    let mode = std::fs::metadata(path).map_or(new_mode, |m| m.permissions().mode() & 0o7777);
+    // The backup whole or not at all: a copy cut by a full disk stayed as the empty
+    // "pristine" copy for good (a trial).
     if !backup.exists() && (existed || new != text) {
-        if existed {
-            std::fs::copy(path, &backup)?;
-        } else {
-            // No file before: the pristine copy is an empty one (not the one the next
-            // edit would find, already holding our first entry).
-            write_atomic(&backup, b"")?;
-        }
+        write_atomic_mode(&backup, text.as_bytes(), if existed { mode } else { 0o600 })?;
     }
     if new != text {
-        write_atomic(path, new.as_bytes())?;
         // Keep the permissions fstab/crypttab had (crypttab is often 0600).
-        if existed {
-            if let Ok(md) = std::fs::metadata(&backup) {
-                let _ = std::fs::set_permissions(path, md.permissions());
-            }
-        }
+        write_atomic_mode(path, new.as_bytes(), mode)?;
     }
     Ok(())
 }
