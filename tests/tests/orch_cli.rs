@@ -4280,6 +4280,42 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The pristine copy of fstab (`fstab.luksify-bak`) is written whole or not at all: an
+/// etc directory that was full when `enable` first ran left it empty, and the next,
+/// successful run kept that empty copy as the pristine one (a trial).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_full_etc_directory_leaves_no_empty_fstab_backup() {
+    let fx = Fixture::new(64);
+    let etc = fx.dir.path().join("etc");
+    let _tmpfs = tmpfs_at(&etc, "64k");
+    let fstab = format!(
+        "# the admin's fstab\n{} {} ext4 noatime 0 2\n",
+        fx.dev().display(),
+        fx.mnt.display()
+    );
+    std::fs::write(etc.join("fstab"), &fstab).unwrap();
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "status=none"])
+        .arg(format!("of={}", etc.join("fill").display()))
+        .output();
+    let out = run(&mut fx.enable_cmd());
+    assert!(
+        !out.status.success(),
+        "enable with a full etc directory: {}",
+        stderr(&out)
+    );
+    fx.assert_files_unchanged();
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    std::fs::remove_file(etc.join("fill")).unwrap();
+    fx.enable_ok();
+    assert_eq!(
+        std::fs::read_to_string(etc.join("fstab.luksify-bak")).unwrap(),
+        fstab
+    );
+    fx.assert_encrypted_and_intact();
+}
+
 /// From its start `disable` is in the status file: while it derives the key (seconds,
 /// here a slow PBKDF2), `status --json` gives its pid and no longer the previous run's
 /// failure (a trial read `pid: null` and "Decryption failed" for that whole time).
