@@ -4316,6 +4316,96 @@ fn root_orch_a_full_etc_directory_leaves_no_empty_fstab_backup() {
     fx.assert_encrypted_and_intact();
 }
 
+/// What `enable` needs is found by `check`, before anything goes offline: with
+/// `mount` or `resize2fs` not on PATH, or too few file descriptors, `check` said "No
+/// problems found" and `enable` unmounted, shrank and encrypted the whole volume, then
+/// failed to map or mount it, the volume left offline (a trial). A soft limit alone is
+/// raised to the hard one.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_missing_tools_and_descriptors_are_found_before_anything_changes() {
+    use std::os::unix::process::CommandExt;
+    let fx = Fixture::new(64);
+    let dev0 = std::fs::read(fx.dev()).unwrap();
+    // A PATH of every tool here but `without`.
+    let path_without = |without: &[&str]| -> PathBuf {
+        let bin = fx.dir.path().join(format!("bin-{}", without.join("-")));
+        std::fs::create_dir(&bin).unwrap();
+        for d in [
+            "/usr/local/sbin",
+            "/usr/local/bin",
+            "/usr/sbin",
+            "/usr/bin",
+            "/sbin",
+            "/bin",
+        ] {
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                let name = e.file_name();
+                if without.iter().any(|w| name == std::ffi::OsStr::new(w))
+                    || bin.join(&name).exists()
+                {
+                    continue;
+                }
+                let _ = std::os::unix::fs::symlink(e.path(), bin.join(&name));
+            }
+        }
+        bin
+    };
+    let assert_refused = |mut c: Command, needle: &str, what: &str| {
+        let out = run(&mut c);
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert_eq!(out.status.code(), Some(3), "{what}: {said}");
+        assert!(said.contains(needle), "{what}: {said}");
+        assert!(
+            mount_fields(&fx.mnt).is_some(),
+            "{what}: the volume was unmounted"
+        );
+        fx.assert_files_unchanged();
+    };
+    for (without, needle) in [
+        (&["resize2fs"][..], "`resize2fs` is not on PATH"),
+        (&["mount", "umount"][..], "`mount` is not on PATH"),
+    ] {
+        let bin = path_without(without);
+        let mut check = fx.cmd();
+        check.env("PATH", &bin).arg("check").arg(&fx.mnt);
+        assert_refused(check, needle, &format!("check without {without:?}"));
+        let mut enable = fx.enable_cmd();
+        enable.env("PATH", &bin);
+        assert_refused(enable, needle, &format!("enable without {without:?}"));
+    }
+    let limit = |c: &mut Command, soft: u64, hard: u64| {
+        // SAFETY: setrlimit is async-signal-safe and only lowers this child's limit.
+        unsafe {
+            c.pre_exec(move || {
+                let r = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+                Ok(())
+            });
+        }
+    };
+    let mut enable = fx.enable_cmd();
+    limit(&mut enable, 11, 11);
+    assert_refused(
+        enable,
+        "the open-file limit is 11",
+        "enable under ulimit -n 11",
+    );
+    assert!(
+        std::fs::read(fx.dev()).unwrap() == dev0,
+        "the device was written"
+    );
+    // A low soft limit under a high hard one: raised, and the run goes through.
+    let mut enable = fx.enable_cmd();
+    limit(&mut enable, 11, 4096);
+    let out = run(&mut enable);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_encrypted_and_intact();
+}
+
 /// From its start `disable` is in the status file: while it derives the key (seconds,
 /// here a slow PBKDF2), `status --json` gives its pid and no longer the previous run's
 /// failure (a trial read `pid: null` and "Decryption failed" for that whole time).

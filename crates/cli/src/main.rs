@@ -107,6 +107,23 @@ fn no_core_dumps() {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as a process that may need
+/// many does: a low soft limit (`ulimit -Sn 11`) stopped the mapping daemon after the
+/// walk (a trial). A low hard limit stays, and `check` names it.
+fn more_open_files() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 /// Keeps passphrases, volume keys and the plaintext in flight out of swap, as
 /// cryptsetup keeps its key buffers (`crypt_safe_alloc` mlocks them). Keys are copied
 /// into many places on their way (key file buffer, argon2's memory, AES key schedules,
@@ -179,6 +196,7 @@ where
 
 fn main() -> ExitCode {
     no_core_dumps();
+    more_open_files();
     let cli = parse_args();
     if !matches!(cli.cmd, Cmd::Bench(_)) {
         // Benchmarks hold random keys only, and their figures should not include locking.

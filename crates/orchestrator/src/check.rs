@@ -1462,6 +1462,47 @@ pub fn check_resolved(
             "if the remount is denied, check `ausearch -m avc` and relabel with restorecon".into(),
         );
     }
+    // What `enable` will need, found before anything goes offline: a missing `mount`,
+    // no /dev/fuse or too few file descriptors were met only after the whole volume
+    // was encrypted, the volume left unmounted (a trial).
+    for (tool, package, why) in needed_tools(fs, opts.detached_header) {
+        if !probe::on_path(tool) {
+            push(
+                "missing_tool",
+                Severity::Blocker,
+                format!("`{tool}` is not on PATH"),
+                format!("luksify runs it {why}"),
+                format!("install {package} (`apt-get install {package}`) or run with a PATH that has it"),
+            );
+        }
+    }
+    if crate::map::dm_available().is_err() {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+        {
+            push(
+                "no_fuse",
+                Severity::Blocker,
+                format!("cannot open /dev/fuse ({e})"),
+                "without device-mapper here, the encrypted volume is mapped through a FUSE view".into(),
+                "load the module (`modprobe fuse`), or allow the device to this container or cgroup".into(),
+            );
+        }
+    }
+    if let Some(limit) = probe::open_files_limit().filter(|l| *l < probe::MIN_OPEN_FILES) {
+        push(
+            "open_files",
+            Severity::Blocker,
+            format!("the open-file limit is {limit}"),
+            format!(
+                "luksify and its mapping daemon need at least {}",
+                probe::MIN_OPEN_FILES
+            ),
+            "raise it (`ulimit -n 1024`) and run again".into(),
+        );
+    }
     let mem_available_bytes = probe::mem_available();
     if mem_available_bytes.is_some_and(|m| m < MIN_MEM_AVAILABLE) {
         push(
@@ -1520,6 +1561,38 @@ pub fn check_resolved(
         is_os_volume,
         problems,
     })
+}
+
+/// The tools `enable` and `disable` run for a volume holding `fs`: (tool, Debian
+/// package, what for).
+fn needed_tools(fs: &str, detached: bool) -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut t = vec![
+        ("mount", "mount", "to mount the volume again"),
+        ("umount", "mount", "to take the volume offline"),
+        ("blkid", "util-linux", "to find the volume's filesystem"),
+    ];
+    if crate::map::dm_available().is_err() {
+        t.push((
+            "losetup",
+            "mount",
+            "to map the volume (a FUSE view on a loop device)",
+        ));
+    }
+    if fs.starts_with("ext") {
+        t.push((
+            "e2fsck",
+            "e2fsprogs",
+            "to check the filesystem before encrypting it",
+        ));
+        if !detached {
+            t.push((
+                "resize2fs",
+                "e2fsprogs",
+                "to shrink the filesystem for the header, and grow it back",
+            ));
+        }
+    }
+    t
 }
 
 /// `a, b, c and 7 more` (the JSON report lists them all).

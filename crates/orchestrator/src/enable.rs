@@ -232,7 +232,9 @@ fn unmount_nested(device: &Path, nested: &[crate::status::NestedMount], fix: &st
             let ok = crate::tool("umount")
                 .arg(&n.mount_point)
                 .output()
-                .is_ok_and(|o| o.status.success());
+                .map_err(cannot_run_umount)?
+                .status
+                .success();
             if ok {
                 continue;
             }
@@ -444,8 +446,11 @@ pub fn unmount_all(device: &Path, dev: mountinfo::DevNum, fix: &str) -> Result<(
         mine.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
         let mut busy = None;
         for m in &mine {
-            let out = crate::tool("umount").arg(&m.mount_point).output();
-            if !matches!(&out, Ok(o) if o.status.success()) {
+            let out = crate::tool("umount")
+                .arg(&m.mount_point)
+                .output()
+                .map_err(cannot_run_umount)?;
+            if !out.status.success() {
                 busy = Some(m.mount_point.clone());
             }
         }
@@ -477,6 +482,14 @@ pub fn unmount_all(device: &Path, dev: mountinfo::DevNum, fix: &str) -> Result<(
 const FIX_ENABLE: &str = "stop them and run enable again, or pass --kill-holders";
 const FIX_DISABLE: &str = "stop them and run disable again, or pass --kill-holders";
 const FIX_RESUME: &str = "stop them and run `luksify resume` again";
+
+/// `umount` could not be started at all (not on PATH, no file descriptors left): said
+/// so, not read as "target is busy", which sent a trial to --kill-holders.
+fn cannot_run_umount(e: std::io::Error) -> Failure {
+    Failure::failed(format!(
+        "cannot run umount ({e}): install util-linux's mount and put it on PATH (`luksify check` names every missing tool)"
+    ))
+}
 
 /// The one-line refusal when an unmount stays busy: names every process holding one of
 /// `targets` (pid, command, what it holds), or says `nobody` when none was found.

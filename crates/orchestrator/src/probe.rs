@@ -514,6 +514,31 @@ pub fn statvfs_free(mount_point: &Path) -> Option<u64> {
     Some(st.f_bfree * st.f_frsize)
 }
 
+/// Whether `tool` is an executable file in a directory of PATH.
+pub fn on_path(tool: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            std::fs::metadata(d.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// The fewest open files luksify and its mapping daemon work with (a trial's `ulimit
+/// -n 11` stopped the daemon after the walk; 16 worked).
+pub const MIN_OPEN_FILES: u64 = 16;
+
+/// The soft limit on open files (RLIMIT_NOFILE), if known.
+pub fn open_files_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0).then_some(r.rlim_cur)
+}
+
 /// "tmpfs" or "ramfs" when the filesystem that holds `path` (or would, once it
 /// exists: its nearest existing ancestor) lives in memory and is gone after a reboot.
 pub fn volatile_fs(path: &Path) -> Option<&'static str> {
