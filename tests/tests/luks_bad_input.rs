@@ -981,3 +981,109 @@ fn luks2_binary_fields_are_read_as_cryptsetup_reads_them() {
         assert!(out.status.success(), "{what}: {out:?}");
     }
 }
+
+/// `open` refuses a header whose data segment a mapping must not expose, as `decrypt`
+/// does, and writes nothing (a trial's hostile headers): a segment past the device's
+/// end (writes through the view grew the image), one over the header itself (a write
+/// through the view destroyed the primary copy), and a run in progress whose
+/// online-reencrypt requirement was removed (cryptsetup refuses it; `open` mapped the
+/// half-encrypted data). The untouched header still opens.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_open_refuses_a_data_segment_it_must_not_expose() {
+    luksify_tests::require_root();
+    let fx = Fixture::luks2();
+    let state = fx.dir.path().join("state");
+    let open = |img: &Path, name: &str| {
+        run(Command::new(luksify_bin())
+            .args(["open", p(img), name, "--userspace", "--key-file"])
+            .arg(fx.key())
+            .arg("--state-dir")
+            .arg(&state))
+    };
+    let seg = |v: &mut Value, key: &str, val: &str| {
+        v["segments"]["0"][key] = Value::String(val.into());
+    };
+    let name = format!("badseg{}", std::process::id());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "size past the end",
+            with_json(&fx.pristine, |v| seg(v, "size", "1073741824")),
+            "runs past the end of the device",
+        ),
+        (
+            "offset past the end",
+            with_json(&fx.pristine, |v| seg(v, "offset", "1073741824")),
+            "runs past the end of the device",
+        ),
+        (
+            "offset 0",
+            with_json(&fx.pristine, |v| seg(v, "offset", "0")),
+            "inside the LUKS header",
+        ),
+    ];
+    for (why, bytes, needle) in cases {
+        std::fs::write(fx.img(), &bytes).unwrap();
+        let out = open(&fx.img(), &name);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{why}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("nothing was mapped"),
+            "{why}: {err}"
+        );
+        assert!(
+            !Path::new("/dev/mapper").join(&name).exists(),
+            "{why}: mapped"
+        );
+        assert!(std::fs::read(fx.img()).unwrap() == bytes, "{why}: wrote");
+    }
+    // An interrupted encryption (cryptsetup's, set up and not begun) without its
+    // requirement.
+    let run_img = fx.dir.path().join("run.img");
+    sparse_file(&run_img, 64 << 20);
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "reencrypt",
+                "--encrypt",
+                "--init-only",
+                "-q",
+                "--reduce-device-size",
+                "32M",
+            ])
+            .args([
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+            ])
+            .arg(fx.key())
+            .arg(&run_img),
+    );
+    let bytes = with_json(&std::fs::read(&run_img).unwrap(), |v| {
+        v["config"].as_object_mut().unwrap().remove("requirements");
+    });
+    std::fs::write(&run_img, &bytes).unwrap();
+    let out = open(&run_img, &name);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("lacks the online-reencrypt requirement"),
+        "{err}"
+    );
+    assert!(std::fs::read(&run_img).unwrap() == bytes, "wrote");
+    // The header as cryptsetup made it opens.
+    std::fs::write(fx.img(), &fx.pristine).unwrap();
+    let out = open(&fx.img(), &name);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run_ok(
+        Command::new(luksify_bin())
+            .args(["close", &name, "--state-dir"])
+            .arg(&state),
+    );
+}

@@ -175,6 +175,7 @@ pub fn unlock(
             ),
         ));
     }
+    mappable(device, header.is_some(), &hdr)?;
     // "check --key-file" only where the passphrase is what failed (a trial's unknown
     // requirement was blamed on the key file).
     let (vk, _slot) = hdr.unlock(&hfile, passphrase, None).map_err(|e| match e {
@@ -194,6 +195,67 @@ pub fn unlock(
         ))
     })?;
     Ok((hdr, seg, vk))
+}
+
+/// Refuses a header whose data segment a mapping must not expose: one that lies over
+/// the header on the device or runs past the device's end (writes through the mapping
+/// destroyed the header, or grew the image file), or a header describing a run in
+/// progress without the requirement that marks one (an edited or damaged header,
+/// which cryptsetup refuses; `open` mapped half-encrypted data). Found by a trial's
+/// hostile headers; `decrypt` refused the same ones.
+fn mappable(device: &Path, detached: bool, hdr: &Luks2Header) -> Result<()> {
+    use luksify_luks::luks2::json::{Keyslot, SegmentSize};
+    let refuse = |why: String| {
+        Err(Failure::failed(format!(
+            "{}: {why}; nothing was mapped: check that this is the right device and header (`luksify dump`), or restore the header from a backup (`cryptsetup luksHeaderRestore`)",
+            device.display()
+        )))
+    };
+    let live = hdr
+        .metadata
+        .segments
+        .values()
+        .filter(|s| !s.is_backup())
+        .count();
+    let reencrypt = hdr
+        .metadata
+        .keyslots
+        .values()
+        .any(|k| matches!(k, Keyslot::Reencrypt(_)));
+    if live != 1 || reencrypt {
+        return refuse(format!(
+            "its header describes an encryption or decryption in progress ({live} data segments{}) but lacks the online-reencrypt requirement that marks one, so it was edited or damaged (cryptsetup refuses it)",
+            if reencrypt { ", a reencryption keyslot" } else { "" }
+        ));
+    }
+    let Ok(seg) = hdr.data_segment() else {
+        return Ok(()); // said by the caller, after the unlock
+    };
+    let size = probe::device_size(device).map_err(|e| {
+        Failure::failed(format!("{}: cannot read its size ({e})", device.display()))
+    })?;
+    let header_end = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+    if !detached && seg.offset < header_end {
+        return refuse(format!(
+            "its data segment starts at byte {}, inside the LUKS header that ends at byte {header_end} on the device: a mapping would expose the header to writes",
+            seg.offset
+        ));
+    }
+    let end = match seg.size {
+        SegmentSize::Bytes(n) => seg.offset.checked_add(n),
+        SegmentSize::Dynamic => Some(seg.offset.max(size)),
+    };
+    if end.is_none_or(|e| e > size) || seg.offset >= size {
+        return refuse(format!(
+            "its data segment (from byte {}, {}) runs past the end of the device ({size} bytes): writes through a mapping would land outside it",
+            seg.offset,
+            match seg.size {
+                SegmentSize::Bytes(n) => format!("{n} bytes"),
+                SegmentSize::Dynamic => "to the end".into(),
+            }
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the mapping a record describes still exists (its daemon, if any, runs and
