@@ -1087,3 +1087,90 @@ fn root_open_refuses_a_data_segment_it_must_not_expose() {
             .arg(&state),
     );
 }
+
+/// A LUKS1 `format` over a LUKS2 volume with 4 MiB metadata wipes the old secondary
+/// copy at 4 MiB (inside the new payload), as cryptsetup's does; and a LUKS1 header in
+/// front is read as LUKS1 whatever LUKS2 copy lies further on, as cryptsetup reads the
+/// version there first. The old copy was taken for the volume's header (`open` with the
+/// old passphrase mapped the old volume over the new one's data; a trial), also when
+/// only the primary's version byte said 1.
+#[test]
+fn a_luks1_header_in_front_is_never_read_through_an_old_luks2_copy() {
+    require_tool("cryptsetup");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("img");
+    sparse_file(&img, 64 << 20);
+    let (old, new) = (d.path().join("old"), d.path().join("new"));
+    std::fs::write(&old, "the old LUKS2 passphrase").unwrap();
+    std::fs::write(&new, "the new LUKS1 passphrase").unwrap();
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "luksFormat",
+                "-q",
+                "--type",
+                "luks2",
+                "--luks2-metadata-size",
+                "4M",
+            ])
+            .args([
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+            ])
+            .arg(&old)
+            .arg(&img),
+    );
+    let magic_at_4m = |img: &Path| std::fs::read(img).unwrap()[4 << 20..(4 << 20) + 6].to_vec();
+    assert_eq!(
+        magic_at_4m(&img),
+        b"SKUL\xba\xbe",
+        "the fixture has its secondary at 4 MiB"
+    );
+    let luks2 = std::fs::read(&img).unwrap();
+    run_ok(
+        Command::new(luksify_bin())
+            .args([
+                "format",
+                "-q",
+                "--type",
+                "luks1",
+                "--pbkdf-force-iterations",
+                "1000",
+            ])
+            .arg("--key-file")
+            .arg(&new)
+            .arg(&img),
+    );
+    assert_eq!(
+        magic_at_4m(&img),
+        [0u8; 6],
+        "the old secondary header is still there"
+    );
+    let f = std::fs::File::open(&img).unwrap();
+    assert!(matches!(
+        Luks2Header::read(&f),
+        Err(Error::UnsupportedVersion(1))
+    ));
+    let out = run(Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(&new)
+        .arg(&img));
+    assert!(out.status.success(), "{out:?}");
+    // The primary's version byte set to 1 over an intact LUKS2 volume: not LUKS2.
+    let mut v1 = luks2.clone();
+    v1[7] = 1;
+    std::fs::write(&img, &v1).unwrap();
+    let f = std::fs::File::open(&img).unwrap();
+    assert!(matches!(
+        Luks2Header::read(&f),
+        Err(Error::UnsupportedVersion(1))
+    ));
+    let out = run(Command::new(luksify_bin())
+        .args(["test-passphrase", p(&img), "--key-file"])
+        .arg(&old));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(std::fs::read(&img).unwrap() == v1, "wrote");
+}

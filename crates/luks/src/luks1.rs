@@ -679,6 +679,20 @@ impl Luks1Header {
         let wipe = vec![0u8; (areas_end * SECTOR) as usize];
         disk.write_at(0, &wipe)
             .map_err(|e| Error::io("wiping the LUKS1 header area", e))?;
+        // And the secondary copy of an old LUKS2 header beyond it (metadata of 4 MiB
+        // puts it at 4 MiB, inside the payload), as cryptsetup's format wipes the
+        // signatures it finds: left there, it was read as this volume's, and `open`
+        // mapped the old volume over the new one's data (a trial).
+        for off in crate::luks2::binary::METADATA_SIZES {
+            let mut magic = [0u8; 6];
+            if off >= areas_end * SECTOR
+                && disk.read_at(off, &mut magic).is_ok()
+                && magic == crate::luks2::binary::MAGIC_SECONDARY
+            {
+                disk.write_at(off, &[0u8; 6])
+                    .map_err(|e| Error::io("wiping an old LUKS2 secondary header", e))?;
+            }
+        }
         hdr.write(disk)?;
         hdr.add_keyslot(disk, &vk, passphrase, &opts.kdf, Some(0))?;
         Ok((hdr, vk))

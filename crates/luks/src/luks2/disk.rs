@@ -185,6 +185,13 @@ impl Luks2Header {
     pub fn read<D: Disk + ?Sized>(disk: &D) -> Result<(Luks2Header, ReadReport)> {
         let _lock = metadata_lock(disk, false)?;
         let primary = read_copy(disk, 0, Copy::Primary);
+        // A LUKS1 header in front is a LUKS1 volume, as cryptsetup reads the version
+        // there first: a LUKS2 secondary copy left behind further on (a LUKS1 format
+        // over an old LUKS2 volume) was taken for this volume's, and `open` mapped the
+        // old volume over the new one's data (a trial).
+        if let Err(Error::UnsupportedVersion(1)) = primary {
+            return Err(Error::UnsupportedVersion(1));
+        }
         let mut secondary_offset = None;
         let secondary = match &primary {
             Ok(p) => read_copy(disk, p.bin.hdr_size, Copy::Secondary).inspect(|_| {
