@@ -560,3 +560,29 @@ pub fn add_mandatory_requirement(img: &Path, name: &str) {
     });
     h.write(&f).unwrap();
 }
+
+/// Rewrites the JSON of both copies (valid checksums), so the damage reaches
+/// the JSON parser and validator instead of the checksum check.
+pub fn luks2_with_json(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let hdr_size = u64::from_be_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    let end = bytes[4096..hdr_size].iter().position(|&b| b == 0).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes[4096..4096 + end]).unwrap();
+    edit(&mut v);
+    let text = serde_json::to_vec(&v).unwrap();
+    luks2_with_json_text(&mut out, hdr_size, &text);
+    out
+}
+
+pub fn luks2_with_json_text(out: &mut [u8], hdr_size: usize, text: &[u8]) {
+    for base in [0, hdr_size] {
+        let area = &mut out[base + 4096..base + hdr_size];
+        area.fill(0);
+        let n = text.len().min(area.len());
+        area[..n].copy_from_slice(&text[..n]);
+        let bin: [u8; luksify_luks::luks2::binary::BINARY_HEADER_SIZE] =
+            out[base..base + 4096].try_into().unwrap();
+        let c = luksify_luks::luks2::binary::checksum(&bin, &out[base + 4096..base + hdr_size]);
+        out[base + 448..base + 512].copy_from_slice(&c);
+    }
+}

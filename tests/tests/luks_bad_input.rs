@@ -5,7 +5,6 @@
 
 use luksify_luks::io::Disk;
 use luksify_luks::luks1::Luks1Header;
-use luksify_luks::luks2::binary::{checksum, BINARY_HEADER_SIZE};
 use luksify_luks::luks2::Luks2Header;
 use luksify_luks::Error;
 use luksify_tests::{luksify_bin, require_tool, run, run_ok, sparse_file};
@@ -142,30 +141,7 @@ fn read_and_unlock(f: &std::fs::File) -> Result<(), Error> {
     hdr.unlock(f, PASS.as_bytes(), None).map(|_| ())
 }
 
-/// Rewrites the JSON of both copies (valid checksums), so the damage reaches
-/// the JSON parser and validator instead of the checksum check.
-fn with_json(bytes: &[u8], edit: impl Fn(&mut Value)) -> Vec<u8> {
-    let mut out = bytes.to_vec();
-    let hdr_size = u64::from_be_bytes(bytes[8..16].try_into().unwrap()) as usize;
-    let end = bytes[4096..hdr_size].iter().position(|&b| b == 0).unwrap();
-    let mut v: Value = serde_json::from_slice(&bytes[4096..4096 + end]).unwrap();
-    edit(&mut v);
-    let text = serde_json::to_vec(&v).unwrap();
-    with_json_text(&mut out, hdr_size, &text);
-    out
-}
-
-fn with_json_text(out: &mut [u8], hdr_size: usize, text: &[u8]) {
-    for base in [0, hdr_size] {
-        let area = &mut out[base + 4096..base + hdr_size];
-        area.fill(0);
-        let n = text.len().min(area.len());
-        area[..n].copy_from_slice(&text[..n]);
-        let bin: [u8; BINARY_HEADER_SIZE] = out[base..base + 4096].try_into().unwrap();
-        let c = checksum(&bin, &out[base + 4096..base + hdr_size]);
-        out[base + 448..base + 512].copy_from_slice(&c);
-    }
-}
+use luksify_tests::{luks2_with_json as with_json, luks2_with_json_text as with_json_text};
 
 #[test]
 fn luks2_truncated_wrong_magic_version_checksum() {

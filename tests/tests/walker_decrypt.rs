@@ -1761,3 +1761,65 @@ fn walker_a_header_in_front_whose_magic_cryptsetup_wiped_is_not_decrypted_in_pla
         "decrypted after the magic was put back",
     );
 }
+
+/// A run's live segments must lie where its layout puts them: a header edited with its
+/// checksums redone (a segment's size cut, leaving a gap before the next; a crypt
+/// segment given another IV tweak) was resumed to the end with wrong bytes and
+/// "decryption finished" (a trial). `resume` refuses it and writes nothing; the header
+/// as cryptsetup left it is finished, every byte back.
+#[test]
+fn walker_a_run_whose_segments_were_edited_is_refused() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    let l = Layout::Detached("checksum");
+    let (c, orig) = Case::new(24, 97);
+    encrypt_with_luksify(&c, l);
+    run_ok(cs_decrypt(&c, &["--decrypt", "--init-only"]).args(["--resilience", "checksum"]));
+    let stop = run(&mut strace_inject(
+        "inject=write:signal=SIGINT:when=60",
+        &cs_decrypt(&c, &["--resume-only", "--hotzone-size", "1M"]),
+    ));
+    assert!(!stop.status.success(), "cryptsetup was not stopped");
+    let hdr0 = std::fs::read(c.p("hdr")).unwrap();
+    let img0 = std::fs::read(c.p("img")).unwrap();
+    // The live crypt segment (the part still ciphertext, from logical 0).
+    let live_crypt = |v: &serde_json::Value| -> String {
+        v["segments"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(_, s)| {
+                s["type"] == "crypt" && s["flags"].as_array().is_none_or(|f| f.is_empty())
+            })
+            .map(|(k, _)| k.clone())
+            .expect("a live crypt segment")
+    };
+    for what in ["a gap", "another IV tweak"] {
+        let edit = |v: &mut serde_json::Value| {
+            let k = live_crypt(v);
+            if what == "a gap" {
+                let n: u64 = v["segments"][&k]["size"].as_str().unwrap().parse().unwrap();
+                v["segments"][&k]["size"] = (n - (1 << 20)).to_string().into();
+            } else {
+                v["segments"][&k]["iv_tweak"] = "8".into();
+            }
+        };
+        let bad = luksify_tests::luks2_with_json(&hdr0, edit);
+        std::fs::write(c.p("hdr"), &bad).unwrap();
+        let out = run(&mut resume_cmd(&c));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains("header edited or damaged"), "{what}: {err}");
+        assert!(
+            std::fs::read(c.p("hdr")).unwrap() == bad,
+            "{what}: header written"
+        );
+        assert!(
+            std::fs::read(c.p("img")).unwrap() == img0,
+            "{what}: image written"
+        );
+    }
+    std::fs::write(c.p("hdr"), &hdr0).unwrap();
+    run_ok(&mut resume_cmd(&c));
+    assert_plaintext_back(&c, l, &orig, "the header as cryptsetup left it");
+}

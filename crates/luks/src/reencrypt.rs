@@ -598,6 +598,7 @@ pub fn state(md: &Metadata) -> Result<Option<ReencryptState>> {
         sector_size: cs.sector_size,
         shift,
     };
+    check_live_segments(md, &layout)?;
     // Walk live segments in logical order.
     let mut logical = 0u64;
     let mut hot: Option<(u64, u64)> = None;
@@ -677,6 +678,44 @@ pub fn state(md: &Metadata) -> Result<Option<ReencryptState>> {
         version,
         data_end: None,
     }))
+}
+
+/// Each live segment lies where the run's layout puts its logical position, and a crypt
+/// one's IV tweak is that position in sectors: a header edited (checksums redone) to
+/// leave a gap between segments, or a hotzone with another tweak, was resumed to the
+/// end with the wrong bytes (a trial). Offsets are checked past a moved head only
+/// (where the head lies depends on how far the move went).
+fn check_live_segments(md: &Metadata, layout: &EncryptLayout) -> Result<()> {
+    let decrypting = layout.decrypting();
+    let moved = layout.shift.map_or(0, |s| s.size);
+    let mut l = 0u64;
+    for (id, s) in md.segments.iter().filter(|(_, s)| !s.is_backup()) {
+        if let Segment::Crypt(c) = s {
+            if c.iv_tweak != l / 512 || !l.is_multiple_of(512) {
+                return Err(Error::corrupt(format!(
+                    "reencryption segment {id} starts at logical byte {l} but has iv_tweak {} (header edited or damaged)",
+                    c.iv_tweak
+                )));
+            }
+        }
+        let new_side = matches!(s, Segment::Crypt(_)) != decrypting;
+        let want = if new_side {
+            layout.new_physical(l)
+        } else {
+            layout.old_physical(l)
+        };
+        if l >= moved && s.offset() != Some(want) {
+            return Err(Error::corrupt(format!(
+                "reencryption segment {id} lies at byte {} where the run's layout puts logical byte {l} at {want}: the segments leave a gap or overlap (header edited or damaged)",
+                s.offset().unwrap_or(0)
+            )));
+        }
+        l = match s.size() {
+            Some(SegmentSize::Bytes(n)) => l.saturating_add(n),
+            _ => u64::MAX,
+        };
+    }
+    Ok(())
 }
 
 /// The blob the reencrypt digest covers (see cryptsetup's reencrypt digest):
