@@ -3610,3 +3610,63 @@ fn walker_a_header_file_deleted_mid_run_is_written_back_and_the_run_stops() {
         );
     }
 }
+
+/// A refusal's fix, followed as written, works: with a data shift, a keyslots area too
+/// small is fixed by --luks2-keyslots-size, not by "a larger --offset" (which changed
+/// nothing); and `decrypt --header NEW` of a header-in-front run still in progress
+/// names `resume` without --header (the run's header is the device's own, and "resume
+/// --header NEW" failed: "cannot open header file"). Both trial G's.
+#[test]
+fn walker_a_refusals_fix_followed_as_written_works() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(64, 98);
+    let (img, key) = (c.img(), c.key());
+    let out = run(luksify(&["encrypt", &img, "--key-file", &key])
+        .args(["--reduce-device-size", "32M", "--luks2-keyslots-size", "4k"])
+        .args(FAST));
+    assert_refused_in_one_line(&out, "use --luks2-keyslots-size 262144 or more", "keyslots");
+    assert_file_is(c.p("img").as_path(), &orig, "keyslots: image changed");
+    run_ok(
+        luksify(&["encrypt", &img, "--key-file", &key])
+            .args([
+                "--reduce-device-size",
+                "32M",
+                "--luks2-keyslots-size",
+                "262144",
+            ])
+            .args(FAST),
+    );
+    cryptsetup_unlocks(&c);
+    // A header-in-front encryption set up by cryptsetup and not begun.
+    let (c, _) = Case::new(64, 99);
+    let (img, key) = (c.img(), c.key());
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "reencrypt",
+                "--encrypt",
+                "--init-only",
+                "-q",
+                "--reduce-device-size",
+                "32M",
+            ])
+            .args(FAST)
+            .args(["--key-file", &key, &img]),
+    );
+    let before = std::fs::read(&img).unwrap();
+    let new = c.p("new.hdr");
+    let out = run(&mut luksify(&[
+        "decrypt",
+        &img,
+        "--key-file",
+        &key,
+        "--header",
+        new.to_str().unwrap(),
+    ]));
+    let want = format!("finish it with `luksify resume {img} --key-file F` first");
+    assert_refused_in_one_line(&out, &want, "decrypt of a run in progress");
+    assert_file_is(c.p("img").as_path(), &before, "decrypt: image changed");
+    assert!(!new.exists(), "decrypt made its header file");
+    run_ok(&mut luksify(&["resume", &img, "--key-file", &key]));
+    cryptsetup_unlocks(&c);
+}

@@ -636,7 +636,14 @@ fn walk_error(
         let said = naming_header(&e.to_string(), header);
         // The resume it names is of this device and header ("finish it with `luksify
         // resume` first" left out --header; a trial).
-        let said = match header {
+        // Not --header when the run's header is the device's own (decrypt's --header
+        // names the new file it would move the header to; "`luksify resume DEV --header
+        // NEW`" then failed, "cannot open header file"; a trial).
+        let said = match header.filter(|h| is_luks_file(h) || !is_luks_file(dev)) {
+            None if header.is_some() => said.replace(
+                "`luksify resume`",
+                &format!("`luksify resume {} --key-file F`", dev.display()),
+            ),
             Some(h) => said.replace(
                 "`luksify resume`",
                 &format!(

@@ -1214,12 +1214,19 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
             // With --offset the area is what the offset leaves after the metadata: a
             // larger --luks2-keyslots-size is cut back to it (a trial followed the old
             // advice, "--luks2-keyslots-size", and got the same refusal).
+            // Unless the offset leaves room enough and --luks2-keyslots-size asked for
+            // less (with a data shift, "use a larger --offset" changed nothing; a trial).
+            let room = fmt
+                .data_offset
+                .map(|o| o.saturating_sub(2 * fmt.metadata_size));
             let fix = match fmt.data_offset.filter(|&o| o != 0) {
-                Some(_) => format!(
-                    "use a larger --offset (at least {} sectors)",
-                    (2 * fmt.metadata_size + need).div_ceil(512)
-                ),
-                None => format!("use --luks2-keyslots-size {need} or more"),
+                Some(_) if !(fmt.keyslots_size.is_some() && room.is_some_and(|r| r >= need)) => {
+                    format!(
+                        "use a larger --offset (at least {} sectors)",
+                        (2 * fmt.metadata_size + need).div_ceil(512)
+                    )
+                }
+                _ => format!("use --luks2-keyslots-size {need} or more"),
             };
             return Err(Error::Refused(format!(
                 "a {ks}-byte keyslots area cannot hold keyslot 0 and the reencryption area ({need} bytes with a {}-bit key): {fix} (nothing was written)",
