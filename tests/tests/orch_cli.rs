@@ -4406,6 +4406,46 @@ fn root_orch_missing_tools_and_descriptors_are_found_before_anything_changes() {
     fx.assert_encrypted_and_intact();
 }
 
+/// `status` run by another user (a monitoring agent without root) says what root's
+/// says: root's mapping daemon, which such a user may not signal, read as gone ("lost
+/// its daemon (killed?) and reads fail: umount ..."), advice that would take a healthy
+/// volume offline (a trial).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_status_by_another_user_says_what_roots_says() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let fx = Fixture::new(64);
+    fx.enable_ok();
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let status = |user: Option<u32>| {
+        let mut c = fx.cmd();
+        c.args(["status", "--json"]);
+        if let Some(uid) = user {
+            // SAFETY: setgid/setuid are async-signal-safe; they only drop privileges.
+            unsafe {
+                c.pre_exec(move || {
+                    if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let out = run(&mut c);
+        assert!(out.status.success(), "{user:?}: {}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["progress_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let root = status(None);
+    let nobody = status(Some(65534));
+    assert!(!nobody.contains("lost its daemon"), "{nobody}");
+    assert_eq!(nobody, root);
+}
+
 /// From its start `disable` is in the status file: while it derives the key (seconds,
 /// here a slow PBKDF2), `status --json` gives its pid and no longer the previous run's
 /// failure (a trial read `pid: null` and "Decryption failed" for that whole time).

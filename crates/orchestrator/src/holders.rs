@@ -215,7 +215,10 @@ fn is_kernel_thread(base: &Path) -> bool {
 /// Whether `pid` exists (`kill(pid, 0)`; a zombie exists).
 pub fn pid_exists(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the pid exists; no memory is involved.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    // EPERM: it exists, and belongs to another user (root's mapping daemon, seen by a
+    // user's `luksify status`, read as "lost its daemon (killed?)"; a trial).
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// luksify's caller: its ancestors (the shell or agent that runs it, and theirs), and
