@@ -3044,6 +3044,14 @@ fn disable_one(
         );
         return finish_disable(sw, idx, Outcome::Finished);
     }
+    // Memory for the unlock first: an argon2 keyslot under a cgroup limit it does not
+    // fit got the process killed by the OOM killer (a trial).
+    if let Some(b) = unlock_memory_blocker(v.header.as_deref().unwrap_or(&v.device)) {
+        return Err(Failure::new(
+            exit::BLOCKED,
+            format!("{b}; nothing was changed"),
+        ));
+    }
     // The passphrase first: a wrong one must leave the volume mapped and mounted.
     if !passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), passphrase) {
         return Err(Failure::new(crate::exit::WRONG_PASSPHRASE, format!(
@@ -3350,6 +3358,40 @@ pub fn scan_in_progress(state_dir: &Path) -> Vec<FoundInProgress> {
 
 /// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`
 /// (a device or a detached header file), read without claiming the device.
+/// Why unlocking the header at `path` cannot get its memory here, if so: its costliest
+/// argon2 keyslot (unlocking may try each) against the tightest memory limit, counting
+/// luksify's own share.
+fn unlock_memory_blocker(path: &Path) -> Option<String> {
+    use luksify_luks::luks2::json::{Kdf, Keyslot};
+    let f = std::fs::File::open(path).ok()?;
+    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
+    let (slot, kib) = h
+        .metadata
+        .keyslots
+        .iter()
+        .filter_map(|(id, k)| match k {
+            Keyslot::Luks2(ks) => match ks.kdf {
+                Kdf::Argon2i { memory, .. } | Kdf::Argon2id { memory, .. } => Some((*id, memory)),
+                Kdf::Pbkdf2 { .. } => None,
+            },
+            _ => None,
+        })
+        .max_by_key(|&(_, m)| m)?;
+    let argon = u64::from(kib) * 1024;
+    let (limit, what, own) = probe::memory_limits()
+        .into_iter()
+        .filter(|&(limit, _, own)| argon + own > limit)
+        .min_by_key(|&(limit, _, own)| limit.saturating_sub(own))?;
+    Some(format!(
+        "BLOCKER: unlocking {} needs about {} MiB (keyslot {slot}'s argon2 takes {} MiB, luksify {} MiB), and {what} leaves this process {} MiB: it would be killed mid-unlock; fix: raise the limit, or run where it does not apply",
+        path.display(),
+        (argon + own) >> 20,
+        kib / 1024,
+        own >> 20,
+        limit >> 20
+    ))
+}
+
 fn passphrase_unlocks(path: &Path, passphrase: &[u8]) -> bool {
     let Ok(f) = std::fs::File::open(path) else {
         return false;

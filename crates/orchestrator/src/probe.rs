@@ -800,10 +800,57 @@ pub fn memory_limits() -> Vec<(u64, &'static str, u64)> {
             );
         }
     }
+    // cgroup v1 (a memory controller of its own): the limit over its whole hierarchy,
+    // less what the cgroup uses beyond page cache it can drop. Ignored, a trial's
+    // `disable` under a 100 MiB limit was killed by the OOM killer in its argon2.
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if let Some(path) = cgroup_v1_memory_path(&cgroups) {
+        let dir = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+        let stat_of = |key: &str| {
+            stat.lines().find_map(|l| {
+                l.strip_prefix(key)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
+        let usage = std::fs::read_to_string(dir.join("memory.usage_in_bytes"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        let total = parse_meminfo(
+            &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+            "MemTotal",
+        );
+        if let (Some(limit), Some(usage)) = (stat_of("hierarchical_memory_limit"), usage) {
+            // "No limit" is a huge number; a limit above the machine's memory is none.
+            if total.is_some_and(|t| limit < t) {
+                let cache = stat_of("total_inactive_file").unwrap_or(0);
+                take(
+                    limit.saturating_sub(usage.saturating_sub(cache)),
+                    "its cgroup's memory limit (memory.limit_in_bytes)",
+                );
+            }
+        }
+    }
     if let Some(avail) = mem_available() {
         take(avail, "the machine's available memory");
     }
     out
+}
+
+/// The path of this process's cgroup v1 memory controller (`4:memory:/PATH` in
+/// /proc/self/cgroup), if it has one.
+pub fn cgroup_v1_memory_path(proc_self_cgroup: &str) -> Option<String> {
+    proc_self_cgroup.lines().find_map(|l| {
+        let mut it = l.splitn(3, ':');
+        let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+        ctrls
+            .split(',')
+            .any(|c| c == "memory")
+            .then(|| path.to_string())
+    })
 }
 
 #[cfg(test)]
