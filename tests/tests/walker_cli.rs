@@ -3670,3 +3670,36 @@ fn walker_a_refusals_fix_followed_as_written_works() {
     run_ok(&mut luksify(&["resume", &img, "--key-file", &key]));
     cryptsetup_unlocks(&c);
 }
+
+/// The smallest device a data shift takes is cryptsetup's: the reduction plus one
+/// sector of data (luksify wanted two sectors; a trial). Encrypted, cryptsetup unlocks
+/// it, and decrypted the sector is back; the reduction alone is refused.
+#[test]
+fn walker_the_smallest_shifted_device_is_cryptsetups() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::sized((32 << 20) + 512, 100);
+    let out = shifted(&c, "32M");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cryptsetup_unlocks(&c);
+    let new = c.p("moved.hdr");
+    run_ok(&mut luksify(&[
+        "decrypt",
+        &c.img(),
+        "--key-file",
+        &c.key(),
+        "--header",
+        new.to_str().unwrap(),
+    ]));
+    assert!(
+        std::fs::read(c.p("img")).unwrap()[..512] == orig[..512],
+        "the sector is not back"
+    );
+    let (s, orig) = Case::sized(32 << 20, 101);
+    let out = shifted(&s, "32M");
+    assert_refused_in_one_line(&out, "too small", "a device of the reduction alone");
+    s.assert_untouched(&orig, "a device of the reduction alone");
+}

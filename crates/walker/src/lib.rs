@@ -1133,7 +1133,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
                     "--reduce-device-size {reduce} must be a non-zero multiple of 8 KiB (the header gets half of it); use 32M, cryptsetup's default (nothing was written)"
                 )));
             }
-            if dev_size <= reduce + sector {
+            if dev_size < reduce + sector {
                 return Err(Error::Refused(format!(
                     "device of {dev_size} bytes is too small for a {shift}-byte header plus a {shift}-byte shift and data; use a larger device, or put the header in a file with --header FILE (nothing was written)"
                 )));
