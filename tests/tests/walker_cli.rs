@@ -1665,7 +1665,7 @@ fn walker_refuses_header_options_that_do_not_fit_without_writing() {
                 "--luks2-metadata-size",
                 "1048576",
             ],
-            "use --reduce-device-size 6M",
+            "use --reduce-device-size 5M",
         ),
         (
             &["--reduce-device-size", "2M", "--offset", "4096"],
@@ -3635,6 +3635,24 @@ fn walker_a_refusals_fix_followed_as_written_works() {
                 "262144",
             ])
             .args(FAST),
+    );
+    cryptsetup_unlocks(&c);
+    // A reduction too small for the header names the least that holds it.
+    let (c, orig) = Case::new(64, 102);
+    let (img, key) = (c.img(), c.key());
+    let out = shifted(&c, "64k");
+    assert_refused_in_one_line(&out, "use --reduce-device-size 1M", "64k");
+    c.assert_untouched(&orig, "64k");
+    run_ok(
+        luksify(&[
+            "encrypt",
+            &img,
+            "--key-file",
+            &key,
+            "--reduce-device-size",
+            "1M",
+        ])
+        .args(FAST),
     );
     cryptsetup_unlocks(&c);
     // A header-in-front encryption set up by cryptsetup and not begun.

@@ -1148,7 +1148,8 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
                 return Err(Error::Refused(format!(
                     "the LUKS2 header needs {need} bytes (2 x {} metadata + keyslot 0 + reencryption area) but the data would start at {shift} (half of the reduction {reduce}): use --reduce-device-size {}M or a smaller --luks2-metadata-size",
                     fmt.metadata_size,
-                    2 * need.div_ceil(1 << 20)
+                    // The least whole MiB (it said 2M where 1M holds the header; a trial).
+                    (2 * need).div_ceil(1 << 20)
                 )));
             }
             if let Some(fs) = fs {
