@@ -4143,17 +4143,19 @@ fn root_orch_disable_refuses_a_state_directory_in_memory() {
     fx.enable_ok();
     let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&fx.key));
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    let fix = format!("cp -a {} /var/lib/luksify", fx.state.display());
     assert!(
-        stderr(&out).contains("is on tmpfs, which a reboot empties") && stderr(&out).contains(&fix),
+        stderr(&out).contains("is on tmpfs, which a reboot empties"),
         "{}",
         stderr(&out)
     );
     assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
     assert!(luksify_tests::has_luks_header(&fx.dev()));
     fx.assert_files_unchanged();
+    // The fix as written, to another directory than /var/lib/luksify.
     let disk = fx.dir.path().join("state-on-disk");
-    run_ok(Command::new("cp").arg("-a").arg(&fx.state).arg(&disk));
+    run_fix_to(&stderr(&out), &disk);
+    // Not the mapping's view of the plaintext (`cp -a` of the whole directory copied it).
+    assert!(!disk.join("mnt").exists(), "the copy holds mnt/");
     let out = run(luksify(&disk)
         .env("LUKSIFY_ETC_DIR", fx.dir.path().join("etc"))
         .arg("disable")
@@ -4162,6 +4164,15 @@ fn root_orch_disable_refuses_a_state_directory_in_memory() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!luksify_tests::has_luks_header(&fx.dev()));
     fx.assert_files_unchanged();
+}
+
+/// Runs the shell command between the backticks after "fix: " in `said`, with
+/// /var/lib/luksify replaced by `to`.
+fn run_fix_to(said: &str, to: &Path) {
+    let fix = said.split("fix: ").nth(1).expect("a fix");
+    let cmd = fix.split('`').nth(1).expect("a command in backticks");
+    let cmd = cmd.replace("/var/lib/luksify", to.to_str().unwrap());
+    run_ok(Command::new("sh").arg("-c").arg(&cmd));
 }
 
 /// What luksify creates has fixed modes whatever the umask, and a state or header
@@ -6448,9 +6459,16 @@ fn root_orch_a_state_dir_that_fills_mid_run_says_how_to_go_on() {
     assert!(out.status.success(), "{}", stderr(&out));
     fx.assert_files_unchanged();
     // disable moves the header into the state directory, which a reboot would empty
-    // here: it goes on from a copy on disk.
+    // here: it goes on from a copy on disk, made as its refusal says.
+    let out = run(fx
+        .cmd()
+        .args(["disable", "--state-dir"])
+        .arg(&state)
+        .arg("--key-file")
+        .arg(&fx.key));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let disk = fx.dir.path().join("state-on-disk");
-    run_ok(Command::new("cp").arg("-a").arg(&state).arg(&disk));
+    run_fix_to(&stderr(&out), &disk);
     let mut disable = fx.cmd();
     disable
         .args(["disable", "--state-dir"])

@@ -2901,10 +2901,17 @@ pub fn disable(
             // in memory, a reboot mid-run loses it, and the data with it (a trial's
             // state directory on tmpfs; `enable` refuses a --header-dir there).
             if let Some(fs) = probe::volatile_fs(&headers) {
+                // Its records only: not mnt/, where a userspace mapping shows the
+                // volume's plaintext (`cp -a` of the whole directory wrote a plaintext
+                // copy of the volume to the disk; a trial).
+                let d = req.state_dir.display();
+                let maps = if req.state_dir.join("maps").exists() {
+                    format!(" {d}/maps")
+                } else {
+                    String::new()
+                };
                 held.push(format!(
-                    "BLOCKER: the state directory {} is on {fs}, which a reboot empties: a decryption moves the volume's header (the only copy of its key) there before its data moves back over it, so a reboot mid-run would lose the part still encrypted; fix: copy the state directory to a disk that is not being decrypted (`cp -a {} /var/lib/luksify`) and run disable with --state-dir there",
-                    req.state_dir.display(),
-                    req.state_dir.display()
+                    "BLOCKER: the state directory {d} is on {fs}, which a reboot empties: a decryption moves the volume's header (the only copy of its key) there before its data moves back over it, so a reboot mid-run would lose the part still encrypted; fix: copy its records to a disk that is not being decrypted (`mkdir -p -m 755 /var/lib/luksify && cp -a {d}/status.json{maps} /var/lib/luksify/`, not its mnt/, where the mapping shows the plaintext) and run disable with --state-dir there"
                 ));
             }
             held.extend(header_dir_without_room(&headers, in_front).map(|b| {
