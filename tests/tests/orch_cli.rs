@@ -4415,6 +4415,29 @@ fn root_orch_missing_tools_and_descriptors_are_found_before_anything_changes() {
     let out = run(&mut enable);
     assert!(out.status.success(), "{}", stderr(&out));
     fx.assert_encrypted_and_intact();
+    // disable, likewise: it decrypted the whole volume, then found no resize2fs to
+    // grow it back or no mount, and left it offline (a trial).
+    for without in [&["resize2fs"][..], &["mount", "umount"][..]] {
+        let bin = fx.dir.path().join(format!("bin-{}", without.join("-")));
+        let mut disable = fx.cmd();
+        disable
+            .env("PATH", &bin)
+            .arg("disable")
+            .arg("--key-file")
+            .arg(&fx.key);
+        let out = run(&mut disable);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "disable without {without:?}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("is not on PATH"), "{}", stderr(&out));
+        fx.assert_encrypted_and_intact();
+    }
+    let out = run(fx.cmd().arg("disable").arg("--key-file").arg(&fx.key));
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_files_unchanged();
 }
 
 /// `status` run by another user (a monitoring agent without root) says what root's

@@ -1565,7 +1565,7 @@ pub fn check_resolved(
 
 /// The tools `enable` and `disable` run for a volume holding `fs`: (tool, Debian
 /// package, what for).
-fn needed_tools(fs: &str, detached: bool) -> Vec<(&'static str, &'static str, &'static str)> {
+pub fn needed_tools(fs: &str, detached: bool) -> Vec<(&'static str, &'static str, &'static str)> {
     let mut t = vec![
         ("mount", "mount", "to mount the volume again"),
         ("umount", "mount", "to take the volume offline"),

@@ -2894,6 +2894,27 @@ pub fn disable(
             .filter(|i| sw.status.volumes[**i].header.is_none())
             .count();
         let mut held = held;
+        // The tools the steps after the walk run (a trial's disable without resize2fs
+        // or mount on PATH decrypted the whole volume, then left it offline); resize2fs
+        // only where the header in front gave its room back.
+        for i in &todo {
+            let v = &sw.status.volumes[*i];
+            let fs = v.fs_type.as_deref().unwrap_or("");
+            for (tool, package, why) in check::needed_tools(fs, v.header.is_some()) {
+                let b = format!(
+                    "BLOCKER: `{tool}` is not on PATH: luksify runs it {why}; fix: install {package} (`apt-get install {package}`) or run with a PATH that has it"
+                );
+                if !probe::on_path(tool) && !held.contains(&b) {
+                    held.push(b);
+                }
+            }
+        }
+        if let Some(limit) = probe::open_files_limit().filter(|l| *l < probe::MIN_OPEN_FILES) {
+            held.push(format!(
+                "BLOCKER: the open-file limit is {limit}: luksify and its mapping daemon need at least {}; fix: raise it (`ulimit -n 1024`) and run again",
+                probe::MIN_OPEN_FILES
+            ));
+        }
         held.extend(tabs::unwritable().map(|b| format!("BLOCKER: {b}")));
         if in_front > 0 {
             let headers = req.state_dir.join("headers");

@@ -47,7 +47,13 @@ pub type Result<T> = std::result::Result<T, Failure>;
 
 /// Runs an external tool, returning its stdout; failures carry its stderr on one line.
 pub fn run_tool(cmd: &mut std::process::Command, why: &str) -> Result<String> {
-    let shown = format!("{cmd:?}").replace('"', "");
+    // The program and its arguments (not the environment, which Debug shows first:
+    // "cannot run LC_ALL=C resize2fs ...").
+    let shown = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
     let out = cmd.output().map_err(|e| {
         Failure::failed(format!(
             "cannot run {shown} ({e}) to {why}; install it (util-linux, e2fsprogs)"
