@@ -4209,6 +4209,30 @@ fn root_orch_what_it_creates_is_closed_to_other_users_whatever_the_umask() {
         "{}",
         stderr(&out)
     );
+    // Its record directories, and the directories above it, likewise (a forged record
+    // in a 0777 maps/ was acted on by close; a trial).
+    let st = fx.dir.path().join("st-open-maps");
+    std::fs::create_dir_all(st.join("maps")).unwrap();
+    std::fs::set_permissions(st.join("maps"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let parent = fx.dir.path().join("open-parent");
+    std::fs::create_dir_all(parent.join("state")).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for (state, needle) in [
+        (
+            st.clone(),
+            "maps, which is writable by other users (mode 777)",
+        ),
+        (
+            parent.join("state"),
+            "which other users can write without the sticky bit",
+        ),
+    ] {
+        let mut c = fx.enable_cmd();
+        c.env("LUKSIFY_STATE_DIR", &state);
+        let out = run(&mut c);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+    }
     let open_hdrs = fx.dir.path().join("open-headers");
     std::fs::create_dir(&open_hdrs).unwrap();
     std::fs::set_permissions(&open_hdrs, std::fs::Permissions::from_mode(0o777)).unwrap();

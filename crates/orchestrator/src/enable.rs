@@ -737,11 +737,9 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
                 "BLOCKER: --header-dir {} is on {fs}, which a reboot empties: the detached headers hold the volumes' only keys, so the data would be lost with them; fix: pick a directory on a disk that is not being encrypted (e.g. /root/luks-headers)",
                 d.display()
             ));
-        } else if let Some(why) = crate::lock::open_to_others(d) {
+        } else if let Some((why, fix)) = crate::lock::open_to_others(d) {
             blockers.push(format!(
-                "BLOCKER: --header-dir {} {why}: another user could move or replace the detached headers, the volumes' only keys; fix: `chown root {} && chmod go-w {}`, or pick a directory only root can write",
-                d.display(),
-                d.display(),
+                "BLOCKER: --header-dir {} {why}: another user could move or replace the detached headers, the volumes' only keys; fix: {fix}, or pick a directory only root can write",
                 d.display()
             ));
         } else if let Some(b) = header_dir_without_room(d, plans.len()) {

@@ -15,8 +15,12 @@ pub enum LockError {
         "another luksify (pid {pid}) is working on disks (lock {path}); wait for it to finish, or pass --wait to queue behind it"
     )]
     Busy { pid: String, path: PathBuf },
-    #[error("the state directory {path} {why}: another user could rewrite luksify's records and the headers it keeps there; fix: `chown root {path} && chmod go-w {path}`, or pass --state-dir with a directory only root can write")]
-    OpenToOthers { path: PathBuf, why: String },
+    #[error("the state directory {path} {why}: another user could rewrite luksify's records and the headers it keeps there; fix: {fix}, or pass --state-dir with a directory only root can write")]
+    OpenToOthers {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
     #[error("cannot take the lock {path}: {source}; the state directory must be a directory root can write (--state-dir)")]
     Io {
         path: PathBuf,
@@ -28,21 +32,73 @@ pub enum LockError {
 /// How `dir` is open to other users, if it is: owned by another user, or writable by a
 /// group or by others (a trial's `umask 000` state directory let a user plant links and
 /// rewrite mapping records that root then followed).
-pub fn open_to_others(dir: &Path) -> Option<String> {
+///
+/// Its directories luksify keeps records in (`maps`, `headers`, `mnt`) likewise, and
+/// each directory above it must not let another user rename it away: owned by root or
+/// this user, and writable by others only with the sticky bit (as /tmp). A `maps` left
+/// 0777 let a user forge a record that `close` then acted on (a trial).
+/// Returns (how, the fix).
+pub fn open_to_others(dir: &Path) -> Option<(String, String)> {
     use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata(dir).ok()?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    if md.uid() != euid {
-        Some(format!("belongs to uid {}, not to uid {euid}", md.uid()))
-    } else if md.mode() & 0o022 != 0 {
-        Some(format!(
-            "is writable by other users (mode {:o})",
-            md.mode() & 0o7777
-        ))
-    } else {
-        None
+    let own = |p: &Path, what: &str| -> Option<(String, String)> {
+        let md = std::fs::metadata(p).ok()?;
+        let fix = format!("`chown root {} && chmod go-w {}`", p.display(), p.display());
+        if md.uid() != euid {
+            Some((
+                format!("{what}belongs to uid {}, not to uid {euid}", md.uid()),
+                fix,
+            ))
+        } else if md.mode() & 0o022 != 0 {
+            Some((
+                format!(
+                    "{what}is writable by other users (mode {:o})",
+                    md.mode() & 0o7777
+                ),
+                fix,
+            ))
+        } else {
+            None
+        }
+    };
+    if let Some(why) = own(dir, "") {
+        return Some(why);
     }
+    for sub in ["maps", "headers", "mnt"] {
+        let p = dir.join(sub);
+        if let Some(why) = own(&p, &format!("has {}, which ", p.display())) {
+            return Some(why);
+        }
+    }
+    let canon = std::fs::canonicalize(dir).ok()?;
+    for a in canon.ancestors().skip(1) {
+        let md = std::fs::metadata(a).ok()?;
+        let sticky = md.mode() & 0o1000 != 0;
+        let fix =
+            "move it below directories only root can write (such as /var/lib/luksify)".to_string();
+        if md.uid() != 0 && md.uid() != euid {
+            return Some((
+                format!(
+                    "lies in {}, which belongs to uid {} (who could move it away)",
+                    a.display(),
+                    md.uid()
+                ),
+                fix,
+            ));
+        }
+        if md.mode() & 0o022 != 0 && !sticky {
+            return Some((
+                format!(
+                    "lies in {}, which other users can write without the sticky bit (mode {:o}: they could move it away)",
+                    a.display(),
+                    md.mode() & 0o7777
+                ),
+                fix,
+            ));
+        }
+    }
+    None
 }
 
 /// Held for as long as it lives.
@@ -61,10 +117,11 @@ impl GlobalLock {
             source,
         };
         crate::status::create_dirs(state_dir, 0o755).map_err(io)?;
-        if let Some(why) = open_to_others(state_dir) {
+        if let Some((why, fix)) = open_to_others(state_dir) {
             return Err(LockError::OpenToOthers {
                 path: state_dir.to_path_buf(),
                 why,
+                fix,
             });
         }
         let mut file = OpenOptions::new()

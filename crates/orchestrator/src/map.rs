@@ -224,7 +224,8 @@ fn mappable(device: &Path, detached: bool, hdr: &Luks2Header) -> Result<()> {
         .any(|k| matches!(k, Keyslot::Reencrypt(_)));
     if live != 1 || reencrypt {
         return refuse(format!(
-            "its header describes an encryption or decryption in progress ({live} data segments{}) but lacks the online-reencrypt requirement that marks one, so it was edited or damaged (cryptsetup refuses it)",
+            "its header describes an encryption or decryption in progress ({live} data segment{}{}) but lacks the online-reencrypt requirement that marks one, so it was edited or damaged (cryptsetup refuses it)",
+            if live == 1 { "" } else { "s" },
             if reencrypt { ", a reencryption keyslot" } else { "" }
         ));
     }
