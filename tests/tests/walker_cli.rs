@@ -3205,8 +3205,12 @@ fn walker_a_run_nobody_listens_to_ends_cleanly() {
 #[test]
 fn walker_resumes_a_cryptsetup_checksum_run_on_an_image_of_partial_blocks() {
     require_tool("cryptsetup");
+    require_tool("strace");
     let mut resumed = 0;
-    for k in 0..8u64 {
+    // k = 0: the grown state; then a kill at each of cryptsetup's fsyncs (16 here), the
+    // ones inside its walk resumed: exact points, whatever the machine's load (kills
+    // timed in milliseconds all missed the walk under a loaded full run).
+    for k in 0..17u64 {
         let (c, mut orig) = Case::new(64, 400 + k);
         let mut tail = vec![0u8; 1536];
         luksify_tests::fill_pattern(&mut tail, 400 + k);
@@ -3232,7 +3236,12 @@ fn walker_resumes_a_cryptsetup_checksum_run_on_an_image_of_partial_blocks() {
             let _ = child.kill();
             let _ = child.wait();
         } else {
-            kill_after(Command::new("cryptsetup").args(&args[1..]), 40 + 30 * k);
+            let mut cs = Command::new("cryptsetup");
+            cs.args(&args[1..]).stderr(Stdio::null());
+            let _ = run(&mut luksify_tests::strace_inject(
+                &format!("inject=fsync:signal=SIGKILL:when={k}"),
+                &cs,
+            ));
         }
         if !has_luks_header(&c.p("hdr")) || !luks_dump(&c.p("hdr")).contains("in-reencryption") {
             continue; // finished, or not yet walking: not this test's case
