@@ -21,12 +21,28 @@ pub enum LockError {
         why: String,
         fix: String,
     },
-    #[error("cannot take the lock {path}: {source}; the state directory must be a directory root can write (--state-dir)")]
+    #[error("cannot take the lock {path}: {source}; {}", io_fix(source))]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What to do about the lock's I/O error: the advice was "the state directory must be a
+/// directory root can write" whatever happened, a full disk included (a trial).
+fn io_fix(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM) => "run as root",
+        Some(libc::ENOSPC | libc::EDQUOT) => "free space on the state directory's filesystem",
+        Some(libc::EROFS) => {
+            "the state directory is on a read-only filesystem: pass --state-dir on a writable one"
+        }
+        Some(libc::ENOTDIR | libc::EEXIST) => {
+            "--state-dir must name a directory (or a path that does not exist yet)"
+        }
+        _ => "the state directory must be a directory root can write (--state-dir)",
+    }
 }
 
 /// How `dir` is open to other users, if it is: owned by another user, or writable by a
@@ -181,6 +197,29 @@ impl Drop for GlobalLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The advice follows the error: a state directory path through a file is not "a
+    /// directory root can write", and a full disk is not either (a trial's ENOSPC was
+    /// told so).
+    #[test]
+    fn a_lock_error_says_what_to_do_about_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let err = GlobalLock::acquire(&file.join("state"), false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--state-dir must name a directory"),
+            "{err}"
+        );
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(
+            io_fix(&full),
+            "free space on the state directory's filesystem"
+        );
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(io_fix(&denied), "run as root");
+    }
 
     #[test]
     fn second_holder_is_refused_with_the_first_pid_then_succeeds_after_release() {
