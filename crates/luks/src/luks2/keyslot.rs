@@ -29,7 +29,11 @@ pub fn open<D: Disk + ?Sized>(
     let af_hash = Hash::parse(&ks.af.hash)?;
     kdf::check_runnable(&ks.kdf)?;
     let key_len = ks.key_size as usize;
-    let len = material_len(key_len, ks.af.stripes);
+    // Always 4000 stripes, whatever the JSON says, as cryptsetup (LUKS_STRIPES) splits
+    // and merges LUKS2 keys: a keyslot whose "stripes" read 1 was "no key available"
+    // here and unlocked by cryptsetup (a trial).
+    let stripes = af::DEFAULT_STRIPES;
+    let len = material_len(key_len, stripes);
     if len as u64 > ks.area.size {
         return Err(Error::corrupt(
             "keyslot area too small for its key material",
@@ -46,7 +50,7 @@ pub fn open<D: Disk + ?Sized>(
     })?;
     let area_key = kdf::derive(&ks.kdf, passphrase, ks.area.key_size as usize)?;
     crate::luks1::crypt_material(&ks.area.encryption, &area_key, &mut material, false)?;
-    af::merge(&material, key_len, ks.af.stripes, af_hash)
+    af::merge(&material, key_len, stripes, af_hash)
 }
 
 /// Parameters of a new `luks2` keyslot.

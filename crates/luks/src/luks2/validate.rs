@@ -326,16 +326,14 @@ impl crate::luks2::json::Luks2Keyslot {
         if k.af.kind != "luks1" {
             return Some(format!("unknown AF type '{}'", k.af.kind));
         }
-        if k.af.stripes == 0 || k.af.stripes > crate::af::MAX_STRIPES {
-            return Some(format!("{} AF stripes", k.af.stripes));
-        }
+        // The stripes field is not read: LUKS2 keys always take 4000 (see keyslot::open).
         if k.area.kind != "raw" {
             return Some(format!("unknown area type '{}'", k.area.kind));
         }
         if k.area.key_size == 0 || k.area.key_size > 512 {
             return Some(format!("area key_size {} out of range", k.area.key_size));
         }
-        let need = u64::from(k.key_size) * u64::from(k.af.stripes);
+        let need = u64::from(k.key_size) * u64::from(crate::af::DEFAULT_STRIPES);
         if k.area.size < need {
             return Some(format!(
                 "area of {} bytes cannot hold {need} bytes of key material",
