@@ -1038,26 +1038,10 @@ fn root_open_refuses_a_data_segment_it_must_not_expose() {
     // requirement.
     let run_img = fx.dir.path().join("run.img");
     sparse_file(&run_img, 64 << 20);
-    run_ok(
-        Command::new("cryptsetup")
-            .args([
-                "reencrypt",
-                "--encrypt",
-                "--init-only",
-                "-q",
-                "--reduce-device-size",
-                "32M",
-            ])
-            .args([
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--key-file",
-            ])
-            .arg(fx.key())
-            .arg(&run_img),
-    );
+    run_ok(&mut luksify_tests::cryptsetup_init_shift(
+        &run_img,
+        &fx.key(),
+    ));
     let bytes = with_json(&std::fs::read(&run_img).unwrap(), |v| {
         v["config"].as_object_mut().unwrap().remove("requirements");
     });

@@ -3667,19 +3667,10 @@ fn walker_a_refusals_fix_followed_as_written_works() {
     // A header-in-front encryption set up by cryptsetup and not begun.
     let (c, _) = Case::new(64, 99);
     let (img, key) = (c.img(), c.key());
-    run_ok(
-        Command::new("cryptsetup")
-            .args([
-                "reencrypt",
-                "--encrypt",
-                "--init-only",
-                "-q",
-                "--reduce-device-size",
-                "32M",
-            ])
-            .args(FAST)
-            .args(["--key-file", &key, &img]),
-    );
+    run_ok(&mut luksify_tests::cryptsetup_init_shift(
+        &c.p("img"),
+        &c.p("key"),
+    ));
     let before = std::fs::read(&img).unwrap();
     let new = c.p("new.hdr");
     let out = run(&mut luksify(&[

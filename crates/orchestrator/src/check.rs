@@ -1582,13 +1582,13 @@ pub fn needed_tools(fs: &str, detached: bool) -> Vec<(&'static str, &'static str
         t.push((
             "e2fsck",
             "e2fsprogs",
-            "to check the filesystem before encrypting it",
+            "to check the filesystem before it is encrypted or grown back",
         ));
         if !detached {
             t.push((
                 "resize2fs",
                 "e2fsprogs",
-                "to shrink the filesystem for the header, and grow it back",
+                "to shrink the filesystem for the header (enable) and grow it back (disable)",
             ));
         }
     }

@@ -2402,11 +2402,7 @@ fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
         .memory_kib
         .unwrap_or_else(luksify_luks::kdf::default_argon2_memory_kib);
     let argon = u64::from(kib) * 1024;
-    // The tightest limit, counting luksify's own share of each.
-    let (limit, what, own) = probe::memory_limits()
-        .into_iter()
-        .filter(|&(limit, _, own)| argon + own > limit)
-        .min_by_key(|&(limit, _, own)| limit.saturating_sub(own))?;
+    let (limit, what, own) = limit_argon2_exceeds(argon)?;
     Some(format!(
         "BLOCKER: the key derivation (argon2, {} MiB) needs about {} MiB with luksify's own {} MiB, and {what} leaves this process {} MiB; fix: --pbkdf-memory {} or less, or --pbkdf pbkdf2 (or raise the limit)",
         kib / 1024,
@@ -3382,8 +3378,15 @@ pub fn scan_in_progress(state_dir: &Path) -> Vec<FoundInProgress> {
     out
 }
 
-/// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`
-/// (a device or a detached header file), read without claiming the device.
+/// The tightest memory limit (see [`probe::memory_limits`]) that an argon2 of `argon`
+/// bytes, with luksify's own share of that limit, goes over, if any.
+fn limit_argon2_exceeds(argon: u64) -> Option<(u64, &'static str, u64)> {
+    probe::memory_limits()
+        .into_iter()
+        .filter(|&(limit, _, own)| argon + own > limit)
+        .min_by_key(|&(limit, _, own)| limit.saturating_sub(own))
+}
+
 /// Why unlocking the header at `path` cannot get its memory here, if so: its costliest
 /// argon2 keyslot (unlocking may try each) against the tightest memory limit, counting
 /// luksify's own share.
@@ -3404,10 +3407,7 @@ fn unlock_memory_blocker(path: &Path) -> Option<String> {
         })
         .max_by_key(|&(_, m)| m)?;
     let argon = u64::from(kib) * 1024;
-    let (limit, what, own) = probe::memory_limits()
-        .into_iter()
-        .filter(|&(limit, _, own)| argon + own > limit)
-        .min_by_key(|&(limit, _, own)| limit.saturating_sub(own))?;
+    let (limit, what, own) = limit_argon2_exceeds(argon)?;
     Some(format!(
         "BLOCKER: unlocking {} needs about {} MiB (keyslot {slot}'s argon2 takes {} MiB, luksify {} MiB), and {what} leaves this process {} MiB: it would be killed mid-unlock; fix: raise the limit, or run where it does not apply",
         path.display(),
@@ -3418,6 +3418,8 @@ fn unlock_memory_blocker(path: &Path) -> Option<String> {
     ))
 }
 
+/// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`
+/// (a device or a detached header file), read without claiming the device.
 fn passphrase_unlocks(path: &Path, passphrase: &[u8]) -> bool {
     let Ok(f) = std::fs::File::open(path) else {
         return false;

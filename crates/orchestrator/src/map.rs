@@ -211,18 +211,14 @@ fn mappable(device: &Path, detached: bool, hdr: &Luks2Header) -> Result<()> {
             device.display()
         )))
     };
-    let live = hdr
-        .metadata
-        .segments
-        .values()
-        .filter(|s| !s.is_backup())
-        .count();
+    let live = hdr.live_segment_count();
     let reencrypt = hdr
         .metadata
         .keyslots
         .values()
         .any(|k| matches!(k, Keyslot::Reencrypt(_)));
-    if live != 1 || reencrypt {
+    // (No data segment at all is said by the caller: "no usable data segment".)
+    if live > 1 || reencrypt {
         return refuse(format!(
             "its header describes an encryption or decryption in progress ({live} data segment{}{}) but lacks the online-reencrypt requirement that marks one, so it was edited or damaged (cryptsetup refuses it)",
             if live == 1 { "" } else { "s" },

@@ -1877,12 +1877,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
         ));
     }
     let seg = hdr.data_segment()?;
-    let live = hdr
-        .metadata
-        .segments
-        .values()
-        .filter(|s| !s.is_backup())
-        .count();
+    let live = hdr.live_segment_count();
     if live != 1 || seg.size != SegmentSize::Dynamic || seg.iv_tweak != 0 {
         return Err(Error::Refused(
             "the volume's layout is not one crypt segment to the end of the device with iv_tweak 0; luksify decrypts only that layout".into(),

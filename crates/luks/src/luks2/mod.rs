@@ -441,6 +441,16 @@ impl Luks2Header {
         self.encode_copy(binary::Copy::Primary, &json).map(|_| ())
     }
 
+    /// How many segments are live (not a reencryption backup): one for a volume at
+    /// rest, more in the middle of a reencryption.
+    pub fn live_segment_count(&self) -> usize {
+        self.metadata
+            .segments
+            .values()
+            .filter(|s| !s.is_backup())
+            .count()
+    }
+
     /// The data segment to map: the first non-backup `crypt` segment.
     pub fn data_segment(&self) -> Result<DataSegment> {
         let (id, c) = self
