@@ -1054,6 +1054,23 @@ fn root_open_refuses_a_data_segment_it_must_not_expose() {
         "{err}"
     );
     assert!(std::fs::read(&run_img).unwrap() == bytes, "wrote");
+    // A LUKS1 volume is named as such, in one plain line (it was nested in "cannot read
+    // a LUKS2 header (... (... nothing was written)); is this a ... volume?").
+    let v1 = fx.dir.path().join("v1.img");
+    sparse_file(&v1, 17 << 20);
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks1",
+        &v1,
+        &fx.key(),
+    ));
+    let out = open(&v1, &name);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("holds a LUKS1 header") && err.contains("cryptsetup convert --type luks2"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     // The header as cryptsetup made it opens.
     std::fs::write(fx.img(), &fx.pristine).unwrap();
     let out = open(&fx.img(), &name);

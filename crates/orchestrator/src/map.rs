@@ -123,8 +123,14 @@ pub fn unlock(
             hpath.display()
         ))
     })?;
-    let (hdr, report) = Luks2Header::read(&hfile).map_err(|e| {
-        Failure::failed(format!(
+    let (hdr, report) = Luks2Header::read(&hfile).map_err(|e| match e {
+        // Said plainly, not nested in the generic question below (a trial).
+        luksify_luks::Error::UnsupportedVersion(1) => Failure::failed(format!(
+            "{} holds a LUKS1 header: luksify maps LUKS2 volumes only; convert it first (`cryptsetup convert --type luks2 {}`, after a header backup) or open it with cryptsetup; nothing was mapped",
+            hpath.display(),
+            hpath.display()
+        )),
+        e => Failure::failed(format!(
             "{}: cannot read a LUKS2 header ({e}); is this a luksify/cryptsetup LUKS2 volume (give --header FILE for a detached header)?",
             hpath.display()
         ))
