@@ -3648,21 +3648,11 @@ fn walker_a_refusals_fix_followed_as_written_works() {
     cryptsetup_unlocks(&c);
     // A reduction too small for the header names the least that holds it.
     let (c, orig) = Case::new(64, 102);
-    let (img, key) = (c.img(), c.key());
     let out = shifted(&c, "64k");
     assert_refused_in_one_line(&out, "use --reduce-device-size 1M", "64k");
     c.assert_untouched(&orig, "64k");
-    run_ok(
-        luksify(&[
-            "encrypt",
-            &img,
-            "--key-file",
-            &key,
-            "--reduce-device-size",
-            "1M",
-        ])
-        .args(FAST),
-    );
+    let out = shifted(&c, "1M");
+    assert!(out.status.success(), "{out:?}");
     cryptsetup_unlocks(&c);
     // A header-in-front encryption set up by cryptsetup and not begun.
     let (c, _) = Case::new(64, 99);

@@ -1465,16 +1465,11 @@ pub fn check_resolved(
     // What `enable` will need, found before anything goes offline: a missing `mount`,
     // no /dev/fuse or too few file descriptors were met only after the whole volume
     // was encrypted, the volume left unmounted (a trial).
-    for (tool, package, why) in needed_tools(fs, opts.detached_header) {
-        if !probe::on_path(tool) {
-            push(
-                "missing_tool",
-                Severity::Blocker,
-                format!("`{tool}` is not on PATH"),
-                format!("luksify runs it {why}"),
-                format!("install {package} (`apt-get install {package}`) or run with a PATH that has it"),
-            );
-        }
+    for p in missing_tools(fs, opts.detached_header)
+        .into_iter()
+        .chain(too_few_open_files())
+    {
+        push(p.code, p.severity, p.what, p.why, p.fix);
     }
     if crate::map::dm_available().is_err() {
         if let Err(e) = std::fs::OpenOptions::new()
@@ -1490,18 +1485,6 @@ pub fn check_resolved(
                 "load the module (`modprobe fuse`), or allow the device to this container or cgroup".into(),
             );
         }
-    }
-    if let Some(limit) = probe::open_files_limit().filter(|l| *l < probe::MIN_OPEN_FILES) {
-        push(
-            "open_files",
-            Severity::Blocker,
-            format!("the open-file limit is {limit}"),
-            format!(
-                "luksify and its mapping daemon need at least {}",
-                probe::MIN_OPEN_FILES
-            ),
-            "raise it (`ulimit -n 1024`) and run again".into(),
-        );
     }
     let mem_available_bytes = probe::mem_available();
     if mem_available_bytes.is_some_and(|m| m < MIN_MEM_AVAILABLE) {
@@ -1563,9 +1546,41 @@ pub fn check_resolved(
     })
 }
 
+/// A blocker for each tool [`needed_tools`] names that is not on PATH.
+pub fn missing_tools(fs: &str, detached: bool) -> Vec<Problem> {
+    needed_tools(fs, detached)
+        .into_iter()
+        .filter(|(tool, _, _)| !probe::on_path(tool))
+        .map(|(tool, package, why)| Problem {
+            code: "missing_tool",
+            severity: Severity::Blocker,
+            what: format!("`{tool}` is not on PATH"),
+            why: format!("luksify runs it {why}"),
+            fix: format!(
+                "install {package} (`apt-get install {package}`) or run with a PATH that has it"
+            ),
+        })
+        .collect()
+}
+
+/// A blocker when the open-file limit is below what luksify and its daemon need.
+pub fn too_few_open_files() -> Option<Problem> {
+    let limit = probe::open_files_limit().filter(|l| *l < probe::MIN_OPEN_FILES)?;
+    Some(Problem {
+        code: "open_files",
+        severity: Severity::Blocker,
+        what: format!("the open-file limit is {limit}"),
+        why: format!(
+            "luksify and its mapping daemon need at least {}",
+            probe::MIN_OPEN_FILES
+        ),
+        fix: "raise it (`ulimit -n 1024`) and run again".into(),
+    })
+}
+
 /// The tools `enable` and `disable` run for a volume holding `fs`: (tool, Debian
 /// package, what for).
-pub fn needed_tools(fs: &str, detached: bool) -> Vec<(&'static str, &'static str, &'static str)> {
+fn needed_tools(fs: &str, detached: bool) -> Vec<(&'static str, &'static str, &'static str)> {
     let mut t = vec![
         ("mount", "mount", "to mount the volume again"),
         ("umount", "mount", "to take the volume offline"),

@@ -2894,21 +2894,14 @@ pub fn disable(
         for i in &todo {
             let v = &sw.status.volumes[*i];
             let fs = v.fs_type.as_deref().unwrap_or("");
-            for (tool, package, why) in check::needed_tools(fs, v.header.is_some()) {
-                let b = format!(
-                    "BLOCKER: `{tool}` is not on PATH: luksify runs it {why}; fix: install {package} (`apt-get install {package}`) or run with a PATH that has it"
-                );
-                if !probe::on_path(tool) && !held.contains(&b) {
+            for b in check::missing_tools(fs, v.header.is_some()) {
+                let b = b.one_line();
+                if !held.contains(&b) {
                     held.push(b);
                 }
             }
         }
-        if let Some(limit) = probe::open_files_limit().filter(|l| *l < probe::MIN_OPEN_FILES) {
-            held.push(format!(
-                "BLOCKER: the open-file limit is {limit}: luksify and its mapping daemon need at least {}; fix: raise it (`ulimit -n 1024`) and run again",
-                probe::MIN_OPEN_FILES
-            ));
-        }
+        held.extend(check::too_few_open_files().map(|p| p.one_line()));
         held.extend(tabs::unwritable().map(|b| format!("BLOCKER: {b}")));
         if in_front > 0 {
             let headers = req.state_dir.join("headers");
