@@ -898,6 +898,158 @@ fn luks_cli_change_key_with_a_full_keyslots_area_changes_in_place() {
 /// LUKS2-only options with `format --type luks1` are refused before any file is
 /// touched: `--header` left an empty header file behind, and `--label` was dropped
 /// without a word (found by a trial).
+/// Every hash cryptsetup's OpenSSL backend takes for `--hash` (PBKDF2, the AF split and
+/// the key digest) works both ways, LUKS2 and LUKS1: a volume cryptsetup formats with it
+/// unlocks in luksify (a wrong key exits 2), and a keyslot luksify adds to it opens in
+/// cryptsetup, which proves luksify derived the volume key; a volume luksify formats
+/// with it opens in cryptsetup, whose luksDump names the hash, and a keyslot cryptsetup
+/// adds unlocks in luksify. md5 is too short for LUKS1's key digest: cryptsetup refuses
+/// it there and so does luksify, writing nothing. (A trial found volumes made with
+/// `--hash whirlpool`, `sha3-256`, `blake2b-512`, ... refused as "unsupported".)
+#[test]
+fn luks_cli_every_cryptsetup_hash_works_both_ways() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let k0 = d.file("k0", b"zero");
+    let k1 = d.file("k1", b"one");
+    let bad = d.file("bad", b"nope");
+    let hashes = [
+        "sha1",
+        "sha224",
+        "sha256",
+        "sha384",
+        "sha512",
+        "sha3-224",
+        "sha3-256",
+        "sha3-384",
+        "sha3-512",
+        "blake2b-512",
+        "blake2s-256",
+        "ripemd160",
+        "whirlpool",
+        "sm3",
+        "md5",
+    ];
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    for hash in hashes {
+        for kind in ["luks2", "luks1"] {
+            let what = format!("{hash} {kind}");
+            let hash_args = ["--hash", hash];
+            if kind == "luks1" && hash == "md5" {
+                let img = d.image("img", 20 << 20);
+                let out = run(lx(&[
+                    "format",
+                    "-q",
+                    "--type",
+                    kind,
+                    p(&img),
+                    "--key-file",
+                    p(&k0),
+                ])
+                .args(fast)
+                .args(hash_args));
+                assert_refused_in_one_line(&out, "cryptsetup refuses it too", &what);
+                assert!(
+                    !luksify_tests::has_luks_header(&img),
+                    "{what}: the image was written"
+                );
+                let cs = run(Command::new("cryptsetup")
+                    .args(["luksFormat", "-q", "--type", kind, "--key-file", p(&k0)])
+                    .args(fast)
+                    .args(hash_args)
+                    .arg(&img));
+                assert!(
+                    !cs.status.success(),
+                    "{what}: cryptsetup took md5 for LUKS1"
+                );
+                continue;
+            }
+            // cryptsetup's volume, luksify's unlock and keyslot.
+            let img = d.image("img", 20 << 20);
+            run_ok(
+                Command::new("cryptsetup")
+                    .args(["luksFormat", "-q", "--type", kind, "--key-file", p(&k0)])
+                    .args(fast)
+                    .args(hash_args)
+                    .arg(&img),
+            );
+            run_ok(&mut lx(&["test-passphrase", p(&img), "--key-file", p(&k0)]));
+            let o = run(&mut lx(&[
+                "test-passphrase",
+                p(&img),
+                "--key-file",
+                p(&bad),
+            ]));
+            assert_eq!(o.status.code(), Some(2), "{what}: wrong key");
+            run_ok(
+                lx(&[
+                    "add-key",
+                    p(&img),
+                    "--key-file",
+                    p(&k0),
+                    "--new-key-file",
+                    p(&k1),
+                ])
+                .args(fast)
+                .args(hash_args),
+            );
+            run_ok(Command::new("cryptsetup").args([
+                "open",
+                "--test-passphrase",
+                "--key-file",
+                p(&k1),
+                p(&img),
+            ]));
+            // luksify's volume, cryptsetup's unlock and keyslot.
+            let img = d.image("img", 20 << 20);
+            run_ok(
+                lx(&[
+                    "format",
+                    "-q",
+                    "--type",
+                    kind,
+                    p(&img),
+                    "--key-file",
+                    p(&k0),
+                ])
+                .args(fast)
+                .args(hash_args),
+            );
+            let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&img));
+            let dump = String::from_utf8_lossy(&dump.stdout);
+            assert!(
+                dump.lines().any(|l| {
+                    let l = l.trim();
+                    (l.starts_with("Hash") || l.starts_with("AF hash")) && l.ends_with(hash)
+                }),
+                "{what}: luksDump does not name the hash:\n{dump}"
+            );
+            run_ok(Command::new("cryptsetup").args([
+                "open",
+                "--test-passphrase",
+                "--key-file",
+                p(&k0),
+                p(&img),
+            ]));
+            run_ok(
+                Command::new("cryptsetup")
+                    .args(["luksAddKey", "-q", "--key-file", p(&k0)])
+                    .args(fast)
+                    .args(hash_args)
+                    .args([p(&img), p(&k1)]),
+            );
+            run_ok(&mut lx(&["test-passphrase", p(&img), "--key-file", p(&k1)]));
+            let o = run(&mut lx(&[
+                "test-passphrase",
+                p(&img),
+                "--key-file",
+                p(&bad),
+            ]));
+            assert_eq!(o.status.code(), Some(2), "{what}: wrong key on ours");
+        }
+    }
+}
+
 #[test]
 fn luks1_format_refuses_luks2_only_options_touching_nothing() {
     let d = tempfile::tempdir().unwrap();

@@ -1605,15 +1605,18 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
     }
 }
 
-/// cryptsetup's checksum runs with another `--resilience-hash` (sha512, sha1) killed
-/// mid-walk are finished by `luksify resume` (recovery compares each block with the
-/// area's digests of that hash) and decrypt to the original. Before, luksify refused
-/// every checksum area but sha256 over 4096-byte blocks.
+/// cryptsetup's checksum runs with another `--resilience-hash` killed mid-walk are
+/// finished by `luksify resume` (recovery compares each block with the area's digests
+/// of that hash) and decrypt to the original: every hash cryptsetup's OpenSSL backend
+/// takes there. Before, luksify refused every checksum area but sha256 over
+/// 4096-byte blocks, and later every hash but SHA-1 and SHA-2 (whirlpool, sha3-256,
+/// blake2b-512, ... runs were cryptsetup's alone to finish). The reverse is
+/// `walker_cryptsetup_finishes_our_checksum_runs_with_other_hashes`.
 #[test]
 fn walker_resumes_cryptsetup_checksum_runs_with_other_hashes() {
     require_tool("cryptsetup");
     require_tool("strace");
-    for (i, hash) in ["sha512", "sha1"].into_iter().enumerate() {
+    for (i, hash) in OTHER_HASHES.into_iter().enumerate() {
         let (c, orig) = Case::new(16, 60 + i as u64);
         let mut cs = Command::new("cryptsetup");
         let args = cryptsetup_encrypt_args(&c, "checksum");
@@ -1630,6 +1633,71 @@ fn walker_resumes_cryptsetup_checksum_runs_with_other_hashes() {
         assert!(
             same(&cryptsetup_decrypt_detached(&c), &orig),
             "{hash}: plaintext differs"
+        );
+    }
+}
+
+/// Checksum-area hashes other than sha256, as cryptsetup 2.6.1 names them.
+const OTHER_HASHES: [&str; 12] = [
+    "sha512",
+    "sha1",
+    "sha3-256",
+    "sha3-512",
+    "blake2b-512",
+    "blake2s-256",
+    "ripemd160",
+    "whirlpool",
+    "sm3",
+    "md5",
+    "sha224",
+    "sha3-224",
+];
+
+/// The reverse of `walker_resumes_cryptsetup_checksum_runs_with_other_hashes`: a
+/// `luksify encrypt --resilience-hash H` killed mid-walk has an area of H digests that
+/// cryptsetup's `repair` and `reencrypt --resume-only` finish, and the volume decrypts
+/// to the original.
+#[test]
+fn walker_cryptsetup_finishes_our_checksum_runs_with_other_hashes() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    for (i, hash) in OTHER_HASHES.into_iter().enumerate() {
+        let (c, orig) = Case::new(16, 80 + i as u64);
+        let mut ours = luksify(&["encrypt", &c.img(), "--key-file", &c.key()]);
+        ours.args(["--header", &c.hdr(), "--resilience", "checksum"])
+            .args(["--hotzone-kib", "1024", "--resilience-hash", hash])
+            .args(FAST);
+        let cut = kill_at_fdatasync(&ours, 12);
+        assert!(!cut.status.success(), "{hash}: not killed");
+        let dump = luks_dump(&c.p("hdr"));
+        assert!(
+            dump.contains("online-reencrypt") && dump.contains(&format!("Hash:       {hash}")),
+            "{hash}: not killed mid-walk with a {hash} area:\n{dump}"
+        );
+        let h = ["--header", &c.hdr()];
+        run_ok(
+            Command::new("cryptsetup")
+                .args(["repair", "-q", "--key-file", &c.key()])
+                .args(h)
+                .arg(c.img()),
+        );
+        if luks_dump(&c.p("hdr")).contains("online-reencrypt") {
+            run_ok(
+                Command::new("cryptsetup")
+                    .args([
+                        "reencrypt",
+                        "--resume-only",
+                        "--force-offline-reencrypt",
+                        "-q",
+                    ])
+                    .args(["--key-file", &c.key()])
+                    .args(h)
+                    .arg(c.img()),
+            );
+        }
+        assert!(
+            same(&cryptsetup_decrypt_detached(&c), &orig),
+            "{hash}: plaintext differs after cryptsetup finished our run"
         );
     }
 }

@@ -46,7 +46,8 @@ pub struct DecryptArgs {
     /// Hotzone protection when the header is detached (data stays in place)
     #[arg(long, value_enum)]
     resilience: Option<ResilienceArg>,
-    /// Hash of checksum resilience: sha1, sha224, sha256, sha384 or sha512
+    /// Hash of checksum resilience: any `--hash` of `format` (sha256, sha512, sha3-256,
+    /// blake2b-512, whirlpool, ...)
     #[arg(long, default_value = "sha256")]
     resilience_hash: String,
     #[command(flatten)]
@@ -93,7 +94,8 @@ pub struct EncryptArgs {
     /// --reduce-device-size the data shift itself protects the hotzone
     #[arg(long, value_enum, conflicts_with = "reduce_device_size")]
     resilience: Option<ResilienceArg>,
-    /// Hash of checksum resilience: sha1, sha224, sha256, sha384 or sha512
+    /// Hash of checksum resilience: any `--hash` of `format` (sha256, sha512, sha3-256,
+    /// blake2b-512, whirlpool, ...)
     #[arg(long, default_value = "sha256")]
     resilience_hash: String,
     /// Data offset in 512-byte sectors. Detached header: the data from there on is

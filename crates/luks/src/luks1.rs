@@ -609,6 +609,14 @@ impl Luks1Header {
                 opts.key_size * 8
             )));
         }
+        // LUKS1's master-key digest is 20 bytes of HMAC: cryptsetup refuses a hash whose
+        // output is shorter ("Requested LUKS hash md5 is not supported").
+        if opts.hash.digest_len() < DIGEST_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "hash {} is shorter than LUKS1's {DIGEST_SIZE}-byte key digest (cryptsetup refuses it too): use --hash sha256, or LUKS2",
+                opts.hash.name()
+            )));
+        }
         let spec = format!("{}-{}", opts.cipher_name, opts.cipher_mode);
         SectorCipher::parse_spec(&spec)?;
         opts.kdf.validate()?;

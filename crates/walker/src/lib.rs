@@ -610,9 +610,9 @@ fn resilience_of(a: &ReencryptArea) -> Result<Resilience> {
     })
 }
 
-/// A checksum area's hash and block, if luksify can walk it: sha1, sha224, sha256,
-/// sha384 or sha512 over 512 to 4096-byte blocks (a power of two); anything else is
-/// cryptsetup's to finish.
+/// A checksum area's hash and block, if luksify can walk it: any hash
+/// [`luksify_luks::hash::Hash`] knows (all of cryptsetup's OpenSSL backend) over 512 to
+/// 4096-byte blocks (a power of two); anything else is cryptsetup's to finish.
 fn sums_of(kind: &str, hash: &str, sector_size: u32) -> Result<Sums> {
     let block = sector_size as usize;
     match luksify_luks::hash::Hash::parse(hash) {
@@ -620,7 +620,8 @@ fn sums_of(kind: &str, hash: &str, sector_size: u32) -> Result<Sums> {
             Ok(Sums { hash: h, block })
         }
         _ => Err(Error::Refused(format!(
-            "{kind} resilience with {hash} over {sector_size}-byte blocks is not supported (sha1, sha224, sha256, sha384 or sha512 over 512 to 4096 bytes are); finish it with `cryptsetup reencrypt --resume-only`"
+            "{kind} resilience with {hash} over {sector_size}-byte blocks is not supported ({} over 512 to 4096 bytes are); finish it with `cryptsetup reencrypt --resume-only`",
+            luksify_luks::hash::Hash::names()
         ))),
     }
 }
