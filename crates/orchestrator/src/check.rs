@@ -224,6 +224,23 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
             "give the mount point itself or the device (see `findmnt`)",
         )
     })?;
+    // Mounted on top of another mount at the same point: which one is meant is not
+    // for luksify to guess (a trial's bind of the root disk over a volume made disable
+    // set about unmounting /). An automounter's autofs below is not a filesystem.
+    if let Some(under) = all
+        .iter()
+        .find(|p| p.id == m.parent_id && p.id != m.id && p.mount_point == m.mount_point)
+        .filter(|p| p.fs_type != "autofs")
+    {
+        return Err(bad(
+            format!("{}", target.display()),
+            format!(
+                "{} ({}) is mounted on top of {} ({}) there",
+                m.source, m.fs_type, under.source, under.fs_type
+            ),
+            "give the device itself (/dev/sdc); to take the top mount off, umount the directory once",
+        ));
+    }
     // A btrfs mount shows an anonymous device number, not its disk's: the disk is its
     // source (a trial's btrfs mount read "not on a block device").
     let btrfs_disk = (m.fs_type == "btrfs")
@@ -739,12 +756,20 @@ pub fn check_resolved(
             }
         }
     }
-    let mut targets = Targets::default();
-    targets.filesystems.insert(r.dev);
-    targets.block_devices.insert(r.dev);
+    // Processes are matched to a nested mount by its device only where that device is
+    // mounted nowhere but inside the volume: a bind of a root-disk directory nested in
+    // it made every process on the root disk a "holder" of the volume, for
+    // --kill-holders to stop (a trial).
+    let roots: Vec<&Path> = r.mounts.iter().map(|m| m.mount_point.as_path()).collect();
+    let mut own_devs = vec![r.dev];
     for n in &nested {
-        targets.filesystems.insert(n.dev);
+        if !own_devs.contains(&n.dev) && mountinfo::only_below(all, n.dev, &roots) {
+            own_devs.push(n.dev);
+        }
     }
+    let mut targets = Targets::default();
+    targets.filesystems.extend(own_devs.iter().copied());
+    targets.block_devices.insert(r.dev);
     let holders = holders::scan_settled(&targets, false);
 
     let is_os_volume = os_devices(all).contains(&r.dev);
@@ -797,11 +822,34 @@ pub fn check_resolved(
             format!("unmount them first (umount {})", list.join(" ")),
         );
     }
-    if holders::own_cwd_on(
-        &std::iter::once(r.dev)
-            .chain(nested.iter().map(|n| n.dev))
-            .collect::<Vec<_>>(),
-    ) {
+    // A mount stacked on the volume's own mount point: `umount` there takes it off
+    // instead of the volume, and nothing would put it back (a trial's overlay and bind
+    // were silently gone after enable).
+    let stacked = mountinfo::stacked_on(all, r.dev);
+    if !stacked.is_empty() {
+        let list: Vec<String> = stacked
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} ({} of {})",
+                    m.mount_point.display(),
+                    m.fs_type,
+                    m.source
+                )
+            })
+            .collect();
+        push(
+            "stacked_mounts",
+            Severity::Blocker,
+            format!("{} mounted on top of {dev_s}", abbreviate(&list, 5)),
+            "it hides the volume's files, and unmounting the volume would take it off instead; luksify cannot put it back".into(),
+            format!(
+                "unmount it first (umount {}, once per mount on top), run again, then mount it again",
+                stacked[0].mount_point.display()
+            ),
+        );
+    }
+    if holders::own_cwd_on(&own_devs) {
         push(
             "own_cwd",
             Severity::Blocker,
@@ -810,11 +858,7 @@ pub fn check_resolved(
             "run luksify from a directory outside the volume (cd /)".into(),
         );
     }
-    let own_stdio = holders::own_stdio_on(
-        &std::iter::once(r.dev)
-            .chain(nested.iter().map(|n| n.dev))
-            .collect::<Vec<_>>(),
-    );
+    let own_stdio = holders::own_stdio_on(&own_devs);
     if !own_stdio.is_empty() {
         push(
             "own_output",
@@ -952,10 +996,8 @@ pub fn check_resolved(
             },
         );
     }
-    let fs_devs: Vec<DevNum> = std::iter::once(r.dev)
-        .chain(nested.iter().map(|n| n.dev))
-        .collect();
-    let swaps = probe::swaps_on(r.dev, &fs_devs);
+    let fs_devs: &[DevNum] = &own_devs;
+    let swaps = probe::swaps_on(r.dev, fs_devs);
     if !swaps.is_empty() {
         let list: Vec<String> = swaps.iter().map(|s| s.path.display().to_string()).collect();
         push(
@@ -977,7 +1019,7 @@ pub fn check_resolved(
         .flat_map(|p| p.propagation.iter())
         .filter_map(|t| t.strip_prefix("shared:").map(str::to_string))
         .collect();
-    for f in probe::foreign_namespace_mounts(&fs_devs, &shared) {
+    for f in probe::foreign_namespace_mounts(fs_devs, &shared) {
         push(
             "other_namespace",
             Severity::Blocker,
@@ -996,7 +1038,7 @@ pub fn check_resolved(
             ),
         );
     }
-    for (lo, file) in probe::loops_backed_on(all, &fs_devs) {
+    for (lo, file) in probe::loops_backed_on(all, fs_devs) {
         push(
             "loop_backed",
             Severity::Blocker,
@@ -1013,7 +1055,7 @@ pub fn check_resolved(
             ),
         );
     }
-    for (mp, layer) in probe::overlays_on(all, &fs_devs) {
+    for (mp, layer) in probe::overlays_on(all, fs_devs) {
         push(
             "overlay",
             Severity::Blocker,

@@ -443,6 +443,22 @@ pub fn unmount_all(device: &Path, dev: mountinfo::DevNum, fix: &str) -> Result<(
         if mine.is_empty() {
             return Ok(());
         }
+        // `umount DIR` takes the top mount there off: one stacked on the volume's would
+        // go instead of it, for good (the preflights refuse this; here for a mount
+        // stacked since).
+        if let Some(top) = mountinfo::stacked_on(&all, dev).first() {
+            return Err(Failure::new(
+                exit::BLOCKED,
+                format!(
+                    "{} ({} of {}) is mounted on top of {} there: unmount it first (umount {}) and run again, then mount it again",
+                    top.mount_point.display(),
+                    top.fs_type,
+                    top.source,
+                    device.display(),
+                    top.mount_point.display()
+                ),
+            ));
+        }
         mine.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
         let mut busy = None;
         for m in &mine {
@@ -2858,8 +2874,13 @@ pub fn disable(
         let held: Vec<String> = todo
             .iter()
             .filter_map(|i| {
+                // By the mapped device where it is one: its mount point may have
+                // another mount stacked on top, which the path would name instead.
                 let v = &sw.status.volumes[*i];
-                v.mount_point.clone().or_else(|| v.mapped_device.clone())
+                v.mapped_device
+                    .clone()
+                    .filter(|d| probe::block_dev_num(d).is_some())
+                    .or_else(|| v.mount_point.clone())
             })
             .filter_map(|mp| check::check(&mp, CheckOptions::default()).ok())
             .flat_map(|r| r.problems)
@@ -2873,6 +2894,7 @@ pub fn disable(
                     "other_namespace",
                     "loop_backed",
                     "overlay",
+                    "stacked_mounts",
                 ]
                 .contains(&p.code)
                     || (p.code == "holders" && !req.kill_holders)

@@ -157,6 +157,41 @@ pub fn nested_below<'a>(mounts: &'a [Mount], path: &Path) -> Vec<&'a Mount> {
     v
 }
 
+/// Whether every mount of `dev` is at or below one of `roots`: its open files then
+/// belong to what is mounted there. A device also mounted elsewhere (a bind of a
+/// directory of the root disk nested in a volume) is held by every process using it
+/// there, which has nothing to do with the volume.
+pub fn only_below(mounts: &[Mount], dev: DevNum, roots: &[&Path]) -> bool {
+    mounts
+        .iter()
+        .filter(|m| m.dev == dev)
+        .all(|m| roots.iter().any(|r| m.mount_point.starts_with(r)))
+}
+
+/// Mounts stacked on top of one of `dev`'s mounts, at its very mount point (`mount
+/// --bind X /mnt/data` or an overlay over a mounted volume), and any stacked on those:
+/// `umount /mnt/data` takes the top one off, not the volume, and it hides the volume's
+/// files where they were.
+pub fn stacked_on(mounts: &[Mount], dev: DevNum) -> Vec<&Mount> {
+    let mut below: Vec<&Mount> = mounts_of(mounts, dev);
+    let mut out: Vec<&Mount> = Vec::new();
+    while let Some(b) = below.pop() {
+        for m in mounts {
+            if m.parent_id == b.id
+                && m.id != b.id
+                && m.mount_point == b.mount_point
+                && !out.iter().any(|o| o.id == m.id)
+            {
+                if m.dev != dev {
+                    out.push(m);
+                }
+                below.push(m);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +204,39 @@ mod tests {
 42 41 0:50 / /mnt/data1/with\\040space rw - tmpfs tmpfs rw
 43 27 7:0 /sub /srv/bind rw,noatime - ext4 /dev/loop0 rw,stripe=4
 ";
+
+    /// A bind stacked on a volume's mount point is found (and one stacked on that), a
+    /// mount nested below it is not; a device mounted only below the volume is confined
+    /// there, the root disk (mounted at /) is not.
+    #[test]
+    fn stacked_mounts_and_devices_confined_below() {
+        let all = parse(
+            "\
+27 1 254:0 / / rw - ext4 /dev/vda rw
+40 27 7:0 / /mnt rw - ext4 /dev/loop0 rw
+41 40 7:1 / /mnt/in rw - xfs /dev/loop1 rw
+44 40 254:0 /srv /mnt/srv rw - ext4 /dev/vda rw
+50 40 254:0 /other /mnt rw - ext4 /dev/vda rw
+51 50 0:60 / /mnt rw - overlay ov rw
+",
+        );
+        let stacked: Vec<u32> = stacked_on(&all, DevNum { major: 7, minor: 0 })
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(stacked, vec![50, 51]);
+        assert!(stacked_on(&all, DevNum { major: 7, minor: 1 }).is_empty());
+        let roots = [Path::new("/mnt")];
+        assert!(only_below(&all, DevNum { major: 7, minor: 1 }, &roots));
+        assert!(!only_below(
+            &all,
+            DevNum {
+                major: 254,
+                minor: 0
+            },
+            &roots
+        ));
+    }
 
     #[test]
     fn parses_fields_optional_tags_and_escapes() {
