@@ -1677,7 +1677,10 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
         }
     }
     if let Some(mp) = &v.mount_point {
-        let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
+        let opts = v.mount_options.as_deref().map_or_else(
+            || "defaults".into(),
+            |o| mountinfo::mountable_options(v.fs_type.as_deref().unwrap_or(""), o),
+        );
         run_tool(
             crate::tool("mount").arg("-o").arg(&opts).arg(dev).arg(mp),
             &format!("remount {} at {}", dev.display(), mp.display()),
@@ -1776,7 +1779,10 @@ fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
         .map_err(|e| io("crypttab", e))?;
     if let Some(mp) = &v.mount_point {
         let fs = v.fs_type.clone().unwrap_or_else(|| "auto".into());
-        let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
+        let opts = v.mount_options.as_deref().map_or_else(
+            || "defaults".into(),
+            |o| mountinfo::mountable_options(v.fs_type.as_deref().unwrap_or(""), o),
+        );
         let mapper_path = PathBuf::from("/dev/mapper").join(&v.mapper);
         let _ = mapped;
         tabs::edit_file(&etc.join("fstab"), |t| {
@@ -2049,7 +2055,10 @@ fn remount_pending(status: &crate::status::Status, pending: &[PathBuf]) {
         {
             continue;
         }
-        let opts = v.mount_options.clone().unwrap_or_else(|| "defaults".into());
+        let opts = v.mount_options.as_deref().map_or_else(
+            || "defaults".into(),
+            |o| mountinfo::mountable_options(v.fs_type.as_deref().unwrap_or(""), o),
+        );
         if let Err(e) = run_tool(
             crate::tool("mount")
                 .arg("-o")

@@ -713,7 +713,14 @@ pub fn aggregate(s: &Status) -> VolumeState {
     if vols.iter().any(|v| v.state == DecryptionInProgress) {
         return DecryptionInProgress;
     }
-    let enc: Vec<_> = vols
+    // After a disable, the volumes it left plain were meant to be: they say nothing of
+    // the ones still encrypted (a trial's status read NotEncrypted with one of two
+    // volumes still encrypted). After an enable, one left plain is one not done.
+    let counted: Vec<_> = vols
+        .iter()
+        .filter(|v| !(s.operation == Operation::DisableEncryption && v.state == NotEncrypted))
+        .collect();
+    let enc: Vec<_> = counted
         .iter()
         .filter(|v| matches!(v.state, Encrypted | NotMounted))
         .collect();
@@ -723,7 +730,7 @@ pub fn aggregate(s: &Status) -> VolumeState {
     if enc.iter().any(|v| v.state == NotMounted) {
         return NotMounted;
     }
-    if enc.len() == vols.len() {
+    if enc.len() == counted.len() {
         Encrypted
     } else {
         NotEncrypted
@@ -1275,7 +1282,7 @@ mod tests {
     /// A run that ended names what is left outside it: volumes another run left
     /// interrupted (a trial's `enable` of one volume said "Encryption succeeded" with two
     /// others killed mid-walk and unmounted), and after a decryption the volumes that
-    /// stay encrypted (the aggregate then reads NotEncrypted).
+    /// stay encrypted.
     #[test]
     fn a_finished_run_names_interrupted_and_still_encrypted_volumes_outside_it() {
         let mut s = Status::default();
@@ -1321,6 +1328,51 @@ mod tests {
             s.progress_message,
             "Decryption succeeded; 1 other data volume is interrupted (/dev/f): `luksify resume` finishes it; 2 other data volumes stay encrypted (/dev/g, /dev/h)"
         );
+    }
+
+    /// The aggregate after a disable of some volumes is that of the others: Encrypted
+    /// while they all are (it read NotEncrypted, one of two volumes still encrypted; a
+    /// trial), NotEncrypted once none is. A volume an enable left plain still counts
+    /// against it: that encryption is not done.
+    #[test]
+    fn volumes_a_disable_left_plain_do_not_count_against_the_others() {
+        let mut s = Status::default();
+        for d in ["/dev/a", "/dev/b"] {
+            let mut v = vol(VolumeState::Encrypted, 100.0);
+            v.device = PathBuf::from(d);
+            s.upsert(v);
+        }
+        s.begin_run(Operation::DisableEncryption, 9, |v| {
+            v.device == Path::new("/dev/b")
+        });
+        s.volume_mut(Path::new("/dev/b")).unwrap().state = VolumeState::NotEncrypted;
+        s.end_run();
+        s.refresh(None);
+        assert_eq!(s.data_volumes_encrypted, VolumeState::Encrypted);
+        assert!(
+            s.progress_message
+                .contains("1 other data volume stays encrypted"),
+            "{}",
+            s.progress_message
+        );
+        s.begin_run(Operation::DisableEncryption, 10, |v| {
+            v.device == Path::new("/dev/a")
+        });
+        s.volume_mut(Path::new("/dev/a")).unwrap().state = VolumeState::NotEncrypted;
+        s.end_run();
+        s.refresh(None);
+        assert_eq!(s.data_volumes_encrypted, VolumeState::NotEncrypted);
+        // An enable that encrypted /dev/a and left /dev/b plain (stopped, say).
+        for d in ["/dev/a", "/dev/b"] {
+            let mut v = vol(VolumeState::NotEncrypted, 0.0);
+            v.device = PathBuf::from(d);
+            s.upsert(v);
+        }
+        s.begin_run(Operation::EnableEncryption, 11, |_| true);
+        s.volume_mut(Path::new("/dev/a")).unwrap().state = VolumeState::Encrypted;
+        s.end_run();
+        s.refresh(None);
+        assert_eq!(s.data_volumes_encrypted, VolumeState::NotEncrypted);
     }
 
     #[test]
