@@ -900,10 +900,12 @@ fn luks_cli_change_key_with_a_full_keyslots_area_changes_in_place() {
 /// without a word (found by a trial).
 /// Every hash cryptsetup's OpenSSL backend takes for `--hash` (PBKDF2, the AF split and
 /// the key digest) works both ways, LUKS2 and LUKS1: a volume cryptsetup formats with it
-/// unlocks in luksify (a wrong key exits 2), and a keyslot luksify adds to it opens in
-/// cryptsetup, which proves luksify derived the volume key; a volume luksify formats
-/// with it opens in cryptsetup, whose luksDump names the hash, and a keyslot cryptsetup
-/// adds unlocks in luksify. md5 is too short for LUKS1's key digest: cryptsetup refuses
+/// unlocks in luksify (a wrong key exits 2), and a keyslot luksify adds to it gives
+/// cryptsetup the volume key its own keyslot gives; a volume luksify formats with it
+/// (a known volume key) gives cryptsetup that key, its luksDump names the hash, and a
+/// keyslot cryptsetup adds unlocks in luksify. Volume keys are compared, not only
+/// "it opens": cryptsetup 2.6.1 opens an md5 LUKS2 volume with any passphrase (to a
+/// wrong key; trial V2). md5 is too short for LUKS1's key digest: cryptsetup refuses
 /// it there and so does luksify, writing nothing. (A trial found volumes made with
 /// `--hash whirlpool`, `sha3-256`, `blake2b-512`, ... refused as "unsupported".)
 #[test]
@@ -993,15 +995,26 @@ fn luks_cli_every_cryptsetup_hash_works_both_ways() {
                 .args(fast)
                 .args(hash_args),
             );
+            // With slot 0 gone, cryptsetup can only have the key from luksify's slot.
+            let vk_out = d.path("vk.out");
+            let vk0 = cs_volume_key(&img, &k0, None, &vk_out);
             run_ok(Command::new("cryptsetup").args([
-                "open",
-                "--test-passphrase",
+                "luksKillSlot",
+                "-q",
                 "--key-file",
                 p(&k1),
                 p(&img),
+                "0",
             ]));
+            assert_eq!(
+                cs_volume_key(&img, &k1, None, &vk_out),
+                vk0,
+                "{what}: luksify's keyslot gives cryptsetup another key"
+            );
             // luksify's volume, cryptsetup's unlock and keyslot.
             let img = d.image("img", 20 << 20);
+            let vk: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+            let vk_file = d.file("vk", &vk);
             run_ok(
                 lx(&[
                     "format",
@@ -1012,8 +1025,14 @@ fn luks_cli_every_cryptsetup_hash_works_both_ways() {
                     "--key-file",
                     p(&k0),
                 ])
+                .args(["--volume-key-file", p(&vk_file)])
                 .args(fast)
                 .args(hash_args),
+            );
+            assert_eq!(
+                cs_volume_key(&img, &k0, None, &vk_out),
+                vk,
+                "{what}: cryptsetup reads another volume key"
             );
             let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&img));
             let dump = String::from_utf8_lossy(&dump.stdout);
@@ -1048,6 +1067,60 @@ fn luks_cli_every_cryptsetup_hash_works_both_ways() {
             assert_eq!(o.status.code(), Some(2), "{what}: wrong key on ours");
         }
     }
+}
+
+/// `add-key` assigns the new keyslot to the digest as cryptsetup's `luksAddKey` does,
+/// at the end of its list: a volume whose key is in slot 7 reads ["7","0"] after
+/// either tool adds slot 0 (luksify wrote ["0","7"]; trial Q).
+#[test]
+fn luks_cli_add_key_appends_to_the_digest_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let k0 = d.file("k0", b"zero");
+    let k1 = d.file("k1", b"one");
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let digest_keyslots = |img: &Path| {
+        let out = run_ok(
+            Command::new("cryptsetup")
+                .args(["luksDump", "--dump-json-metadata"])
+                .arg(img),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["digests"]["0"]["keyslots"].clone()
+    };
+    let mut seen = vec![];
+    for tool in ["luksify", "cryptsetup"] {
+        let img = d.image(&format!("img-{tool}"), 20 << 20);
+        run_ok(
+            Command::new("cryptsetup")
+                .args(["luksFormat", "-q", "--key-slot", "7", "--key-file", p(&k0)])
+                .args(fast)
+                .arg(&img),
+        );
+        if tool == "luksify" {
+            run_ok(
+                lx(&[
+                    "add-key",
+                    p(&img),
+                    "--key-file",
+                    p(&k0),
+                    "--new-key-file",
+                    p(&k1),
+                ])
+                .args(fast),
+            );
+        } else {
+            run_ok(
+                Command::new("cryptsetup")
+                    .args(["luksAddKey", "-q", "--key-file", p(&k0)])
+                    .args(fast)
+                    .args([p(&img), p(&k1)]),
+            );
+        }
+        seen.push(digest_keyslots(&img));
+    }
+    assert_eq!(seen[0], serde_json::json!(["7", "0"]), "luksify");
+    assert_eq!(seen[0], seen[1]);
 }
 
 #[test]

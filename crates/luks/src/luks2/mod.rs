@@ -810,8 +810,12 @@ impl Luks2Header {
         let before = self.metadata.clone();
         self.metadata.keyslots.insert(id, Keyslot::Luks2(ks));
         if let Some(Digest::Pbkdf2(d)) = self.metadata.digests.get_mut(&digest_id) {
-            d.keyslots.push(id);
-            d.keyslots.sort();
+            // Appended, as cryptsetup assigns a keyslot to its digest (a trial's add-key
+            // to a volume whose key is in slot 7 wrote ["0","7"] where cryptsetup
+            // writes ["7","0"]).
+            if !d.keyslots.contains(&id) {
+                d.keyslots.push(id);
+            }
         }
         // What the header write checks, before the area is written: a header it refuses
         // gets nothing (a trial's add-key wrote the new area, then failed the check).
