@@ -301,7 +301,7 @@ fn luks2_token_and_flags_survive_our_rewrite() {
     let tok = vol.key.with_extension("json");
     std::fs::write(
         &tok,
-        r#"{"type":"luksify-test","keyslots":["0"],"blob":"c29tZXRoaW5n","nested":{"n":[1,2,3]}}"#,
+        r#"{"type":"luksify-test","keyslots":["0"],"blob":"c29tZXRoaW5n","nested":{"n":[1,2,3]},"num":[1e3,1E-7,1.0000000000000001,12345678901234567.5,-0.0,18446744073709551615]}"#,
     )
     .unwrap();
     run_ok(
@@ -333,6 +333,15 @@ fn luks2_token_and_flags_survive_our_rewrite() {
         other => panic!("keyslot 0: {other:?}"),
     }
     assert_eq!(tokens_before.len(), 1);
+    let export = || {
+        let out = run_ok(
+            Command::new("cryptsetup")
+                .args(["token", "export", "--token-id", "0"])
+                .arg(&vol.data),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text_before = export();
     let (vk, _) = hdr.unlock(&f, b"tok", None).unwrap();
     hdr.add_keyslot(&f, &vk, b"second", &KdfRequest::fast_pbkdf2(), None, None)
         .unwrap();
@@ -346,6 +355,11 @@ fn luks2_token_and_flags_survive_our_rewrite() {
     assert_eq!(exported["type"], "luksify-test");
     assert_eq!(exported["nested"]["n"][2], 3);
     assert_eq!(exported["blob"], "c29tZXRoaW5n");
+    // Numbers keep their value at every digit, as cryptsetup keeps them (a trial's
+    // 1.0000000000000001 came back 1.0, 12345678901234567.5 as 1.2345678901234568e+16,
+    // 1e3 as 1000.0); an exponent may be respelled (1e3 as 1e+3, 1E-7 as 1e-7).
+    let spelled = |t: &str| t.replace('E', "e").replace("e+", "e");
+    assert_eq!(spelled(&export()), spelled(&text_before));
     let (hdr2, _) = Luks2Header::read(&open_file(&vol.data)).unwrap();
     assert_eq!(hdr2.metadata.tokens, tokens_before);
     assert_eq!(hdr2.metadata.config.flags, flags_before);
