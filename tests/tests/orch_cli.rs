@@ -3067,10 +3067,22 @@ fn root_orch_every_mount_and_fstab_entry_of_the_volume_comes_back() {
             .arg(&sub),
     );
     // Its own atime mode, relatime, beside the volume's noatime: it came back noatime
-    // (a trial). (Setting it takes strictatime first, as luksify does.)
-    for o in ["remount,bind,strictatime", "remount,bind,relatime"] {
+    // (a trial). (Setting it takes strictatime first, as luksify does.) And without the
+    // volume's nodev: it came back nodev (trial W).
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,nodev"])
+            .arg(&fx.mnt),
+    );
+    for o in [
+        "remount,bind,strictatime",
+        "remount,bind,relatime",
+        "remount,bind,dev",
+    ] {
         run_ok(Command::new("mount").args(["-o", o]).arg(&sub));
     }
+    let has = |mp: &Path, flag: &str| mount_fields(mp).unwrap()[5].split(',').any(|o| o == flag);
+    assert!(has(&fx.mnt, "nodev") && !has(&sub, "nodev"));
     let atime = |mp: &Path| {
         mount_fields(mp).unwrap()[5]
             .split(',')
@@ -3116,6 +3128,12 @@ fn root_orch_every_mount_and_fstab_entry_of_the_volume_comes_back() {
         atime(&sub).as_deref(),
         Some("relatime"),
         "{:?}",
+        mount_fields(&sub)
+    );
+    assert!(
+        has(&fx.mnt, "nodev") && !has(&sub, "nodev"),
+        "{:?} {:?}",
+        mount_fields(&fx.mnt),
         mount_fields(&sub)
     );
     assert_eq!(
@@ -7826,6 +7844,19 @@ fn root_orch_another_filesystem_at_or_inside_the_volume_is_not_taken_for_it() {
     assert!(!luksify_tests::has_luks_header(&fx.dev()), "enable wrote");
     assert!(fx.mnt.join("marker").exists(), "the stacked bind is gone");
     unstack();
+    // A bind of the volume's own directory over its root (trial V2) blocks alike.
+    run_ok(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(fx.mnt.join("dir1"))
+            .arg(&fx.mnt),
+    );
+    let out = run(&mut fx.enable_of(&fx.dev()));
+    let listed = fx.mnt.join("f0").exists();
+    unstack();
+    assert_refused(&out, 3, "bind of /dir1) mounted on top of");
+    assert!(listed, "the stacked bind is gone");
+    assert!(!luksify_tests::has_luks_header(&fx.dev()), "enable wrote");
     fx.enable_of_ok(&fx.dev());
     run_ok(
         Command::new("mount")

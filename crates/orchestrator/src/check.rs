@@ -235,8 +235,9 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
         return Err(bad(
             format!("{}", target.display()),
             format!(
-                "{} ({}) is mounted on top of {} ({}) there",
-                m.source, m.fs_type, under.source, under.fs_type
+                "{} is mounted on top of {} there",
+                m.describe(),
+                under.describe()
             ),
             "give the device itself (/dev/sdc); to take the top mount off, umount the directory once",
         ));
@@ -829,14 +830,7 @@ pub fn check_resolved(
     if !stacked.is_empty() {
         let list: Vec<String> = stacked
             .iter()
-            .map(|m| {
-                format!(
-                    "{} ({} of {})",
-                    m.mount_point.display(),
-                    m.fs_type,
-                    m.source
-                )
-            })
+            .map(|m| format!("{} ({})", m.mount_point.display(), m.describe()))
             .collect();
         push(
             "stacked_mounts",

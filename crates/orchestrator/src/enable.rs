@@ -371,11 +371,19 @@ fn remount_extras(primary: &Path, extras: &[crate::status::ExtraMount]) -> Resul
                 .arg(&x.mount_point),
             &what,
         )?;
-        let flags: Vec<&str> = x
+        let mut flags: Vec<&str> = x
             .options
             .split(',')
             .filter(|o| VFS_FLAGS.contains(o))
             .collect();
+        // The bind starts with the primary mount's flags, and `remount,bind` keeps what
+        // it is not told (util-linux merges): a second mount without nodev came back
+        // with the first's nodev (trial W). Each flag it lacks is cleared by name.
+        for (set, clear) in [("nodev", "dev"), ("nosuid", "suid"), ("noexec", "exec")] {
+            if !flags.contains(&set) {
+                flags.push(clear);
+            }
+        }
         // `remount,bind,relatime` leaves a bind of a noatime mount noatime (util-linux
         // 2.38 here): the second mount came back with the first's noatime (a trial).
         // strictatime first clears the atime mode, then relatime sets it.
@@ -450,10 +458,9 @@ pub fn unmount_all(device: &Path, dev: mountinfo::DevNum, fix: &str) -> Result<(
             return Err(Failure::new(
                 exit::BLOCKED,
                 format!(
-                    "{} ({} of {}) is mounted on top of {} there: unmount it first (umount {}) and run again, then mount it again",
+                    "{} ({}) is mounted on top of {} there: unmount it first (umount {}) and run again, then mount it again",
                     top.mount_point.display(),
-                    top.fs_type,
-                    top.source,
+                    top.describe(),
                     device.display(),
                     top.mount_point.display()
                 ),

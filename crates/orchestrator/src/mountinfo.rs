@@ -195,6 +195,16 @@ pub fn only_below(mounts: &[Mount], dev: DevNum, roots: &[&Path]) -> bool {
         .all(|m| roots.iter().any(|r| m.mount_point.starts_with(r)))
 }
 
+impl Mount {
+    /// "ext4 of /dev/vda", or "ext4 of /dev/vda, bind of /srv" for a bind.
+    pub fn describe(&self) -> String {
+        match self.root.as_str() {
+            "/" => format!("{} of {}", self.fs_type, self.source),
+            root => format!("{} of {}, bind of {root}", self.fs_type, self.source),
+        }
+    }
+}
+
 /// Mounts stacked on top of one of `dev`'s mounts, at its very mount point (`mount
 /// --bind X /mnt/data` or an overlay over a mounted volume), and any stacked on those:
 /// `umount /mnt/data` takes the top one off, not the volume, and it hides the volume's
@@ -204,14 +214,14 @@ pub fn stacked_on(mounts: &[Mount], dev: DevNum) -> Vec<&Mount> {
     let mut out: Vec<&Mount> = Vec::new();
     while let Some(b) = below.pop() {
         for m in mounts {
+            // A bind of one of the volume's own directories counts too (`mount --bind
+            // /mnt/data/sub /mnt/data`): nothing would put it back (trial V2).
             if m.parent_id == b.id
                 && m.id != b.id
                 && m.mount_point == b.mount_point
                 && !out.iter().any(|o| o.id == m.id)
             {
-                if m.dev != dev {
-                    out.push(m);
-                }
+                out.push(m);
                 below.push(m);
             }
         }
@@ -252,6 +262,17 @@ mod tests {
             .map(|m| m.id)
             .collect();
         assert_eq!(stacked, vec![50, 51]);
+        // A bind of the volume's own subdirectory over its root.
+        let own = parse(
+            "27 1 254:0 / / rw - ext4 /dev/vda rw\n\
+             40 27 7:0 / /mnt rw - ext4 /dev/loop0 rw\n\
+             41 40 7:0 /sub /mnt rw - ext4 /dev/loop0 rw\n",
+        );
+        let ids: Vec<u32> = stacked_on(&own, DevNum { major: 7, minor: 0 })
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, vec![41]);
         assert!(stacked_on(&all, DevNum { major: 7, minor: 1 }).is_empty());
         let roots = [Path::new("/mnt")];
         assert!(only_below(&all, DevNum { major: 7, minor: 1 }, &roots));
