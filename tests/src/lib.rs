@@ -604,3 +604,23 @@ pub fn luks2_with_json_text(out: &mut [u8], hdr_size: usize, text: &[u8]) {
         out[base + 448..base + 512].copy_from_slice(&c);
     }
 }
+
+/// Every hash cryptsetup 2.6.1's OpenSSL backend takes for `--hash` and
+/// `--resilience-hash`, as it names them (md5 for LUKS2 only).
+pub const CRYPTSETUP_HASHES: [&str; 15] = [
+    "sha1",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha512",
+    "sha3-224",
+    "sha3-256",
+    "sha3-384",
+    "sha3-512",
+    "blake2b-512",
+    "blake2s-256",
+    "ripemd160",
+    "whirlpool",
+    "sm3",
+    "md5",
+];

@@ -915,23 +915,7 @@ fn luks_cli_every_cryptsetup_hash_works_both_ways() {
     let k0 = d.file("k0", b"zero");
     let k1 = d.file("k1", b"one");
     let bad = d.file("bad", b"nope");
-    let hashes = [
-        "sha1",
-        "sha224",
-        "sha256",
-        "sha384",
-        "sha512",
-        "sha3-224",
-        "sha3-256",
-        "sha3-384",
-        "sha3-512",
-        "blake2b-512",
-        "blake2s-256",
-        "ripemd160",
-        "whirlpool",
-        "sm3",
-        "md5",
-    ];
+    let hashes = luksify_tests::CRYPTSETUP_HASHES;
     let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
     for hash in hashes {
         for kind in ["luks2", "luks1"] {

@@ -1560,14 +1560,8 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
                 h = vec!["--header".to_string(), c.hdr()];
             }
             if by_cryptsetup {
-                run_ok(
-                    Command::new("cryptsetup")
-                        .args(["repair", "-q", "--key-file", &c.key()])
-                        .args(&h)
-                        .arg(c.img()),
-                );
                 // Recovering a cut last hotzone finishes the run: nothing to resume.
-                if !luks_dump(&hdr(&c)).contains("online-reencrypt") {
+                if cryptsetup_finishes(&c, &h, &hdr(&c)) {
                     assert!(
                         same(&data(&c), &want),
                         "{}: repair finished it wrong",
@@ -1575,18 +1569,6 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
                     );
                     continue;
                 }
-                run_ok(
-                    Command::new("cryptsetup")
-                        .args([
-                            "reencrypt",
-                            "--resume-only",
-                            "--force-offline-reencrypt",
-                            "-q",
-                        ])
-                        .args(["--key-file", &c.key()])
-                        .args(&h)
-                        .arg(c.img()),
-                );
             } else {
                 run_ok(luksify(&["resume", &c.img(), "--key-file", &c.key()]).args(&h));
             }
@@ -1616,7 +1598,7 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
 fn walker_resumes_cryptsetup_checksum_runs_with_other_hashes() {
     require_tool("cryptsetup");
     require_tool("strace");
-    for (i, hash) in OTHER_HASHES.into_iter().enumerate() {
+    for (i, hash) in other_hashes().enumerate() {
         let (c, orig) = Case::new(16, 60 + i as u64);
         let mut cs = Command::new("cryptsetup");
         let args = cryptsetup_encrypt_args(&c, "checksum");
@@ -1637,21 +1619,40 @@ fn walker_resumes_cryptsetup_checksum_runs_with_other_hashes() {
     }
 }
 
-/// Checksum-area hashes other than sha256, as cryptsetup 2.6.1 names them.
-const OTHER_HASHES: [&str; 12] = [
-    "sha512",
-    "sha1",
-    "sha3-256",
-    "sha3-512",
-    "blake2b-512",
-    "blake2s-256",
-    "ripemd160",
-    "whirlpool",
-    "sm3",
-    "md5",
-    "sha224",
-    "sha3-224",
-];
+/// cryptsetup finishes an interrupted run of `c` (`h`: its `--header` arguments, if
+/// any; `meta`: where its header is): `repair`, then `reencrypt --resume-only` unless
+/// the repair's recovery of a cut last hotzone finished it. Whether repair finished it.
+fn cryptsetup_finishes(c: &Case, h: &[String], meta: &std::path::Path) -> bool {
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["repair", "-q", "--key-file", &c.key()])
+            .args(h)
+            .arg(c.img()),
+    );
+    if !luks_dump(meta).contains("online-reencrypt") {
+        return true;
+    }
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "reencrypt",
+                "--resume-only",
+                "--force-offline-reencrypt",
+                "-q",
+            ])
+            .args(["--key-file", &c.key()])
+            .args(h)
+            .arg(c.img()),
+    );
+    false
+}
+
+/// Checksum-area hashes other than sha256 (the default), as cryptsetup 2.6.1 names them.
+fn other_hashes() -> impl Iterator<Item = &'static str> {
+    luksify_tests::CRYPTSETUP_HASHES
+        .into_iter()
+        .filter(|h| *h != "sha256")
+}
 
 /// The reverse of `walker_resumes_cryptsetup_checksum_runs_with_other_hashes`: a
 /// `luksify encrypt --resilience-hash H` killed mid-walk has an area of H digests that
@@ -1661,7 +1662,7 @@ const OTHER_HASHES: [&str; 12] = [
 fn walker_cryptsetup_finishes_our_checksum_runs_with_other_hashes() {
     require_tool("cryptsetup");
     require_tool("strace");
-    for (i, hash) in OTHER_HASHES.into_iter().enumerate() {
+    for (i, hash) in other_hashes().enumerate() {
         let (c, orig) = Case::new(16, 80 + i as u64);
         let mut ours = luksify(&["encrypt", &c.img(), "--key-file", &c.key()]);
         ours.args(["--header", &c.hdr(), "--resilience", "checksum"])
@@ -1674,27 +1675,7 @@ fn walker_cryptsetup_finishes_our_checksum_runs_with_other_hashes() {
             dump.contains("online-reencrypt") && dump.contains(&format!("Hash:       {hash}")),
             "{hash}: not killed mid-walk with a {hash} area:\n{dump}"
         );
-        let h = ["--header", &c.hdr()];
-        run_ok(
-            Command::new("cryptsetup")
-                .args(["repair", "-q", "--key-file", &c.key()])
-                .args(h)
-                .arg(c.img()),
-        );
-        if luks_dump(&c.p("hdr")).contains("online-reencrypt") {
-            run_ok(
-                Command::new("cryptsetup")
-                    .args([
-                        "reencrypt",
-                        "--resume-only",
-                        "--force-offline-reencrypt",
-                        "-q",
-                    ])
-                    .args(["--key-file", &c.key()])
-                    .args(h)
-                    .arg(c.img()),
-            );
-        }
+        cryptsetup_finishes(&c, &["--header".to_string(), c.hdr()], &c.p("hdr"));
         assert!(
             same(&cryptsetup_decrypt_detached(&c), &orig),
             "{hash}: plaintext differs after cryptsetup finished our run"

@@ -212,22 +212,23 @@ mod tests {
                 .collect::<String>()
         };
         // RFC 1321, ISO/IEC 10118-3 test vectors, FIPS 202, RFC 7693, GB/T 32905.
-        assert_eq!(hex(Hash::Md5), "900150983cd24fb0d6963f7d28e17f72");
-        assert_eq!(
-            hex(Hash::Ripemd160),
-            "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc"
-        );
-        assert_eq!(
-            hex(Hash::Sha3_256),
-            "3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532"
-        );
-        assert_eq!(
-            hex(Hash::Blake2s256),
-            "508c5e8c327c14e2e1a72ba34eeb452f37458b209ed63a294d999b4c86675982"
-        );
-        assert_eq!(
-            hex(Hash::Sm3),
-            "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
-        );
+        for (h, want) in [
+            (Hash::Md5, "900150983cd24fb0d6963f7d28e17f72"),
+            (Hash::Ripemd160, "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc"),
+            (
+                Hash::Sha3_256,
+                "3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532",
+            ),
+            (
+                Hash::Blake2s256,
+                "508c5e8c327c14e2e1a72ba34eeb452f37458b209ed63a294d999b4c86675982",
+            ),
+            (
+                Hash::Sm3,
+                "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0",
+            ),
+        ] {
+            assert_eq!(hex(h), want, "{h:?}");
+        }
     }
 }

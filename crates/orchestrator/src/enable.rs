@@ -1684,10 +1684,7 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
         }
     }
     if let Some(mp) = &v.mount_point {
-        let opts = v.mount_options.as_deref().map_or_else(
-            || "defaults".into(),
-            |o| mountinfo::mountable_options(v.fs_type.as_deref().unwrap_or(""), o),
-        );
+        let opts = recorded_mount_options(v);
         run_tool(
             crate::tool("mount").arg("-o").arg(&opts).arg(dev).arg(mp),
             &format!("remount {} at {}", dev.display(), mp.display()),
@@ -1696,6 +1693,16 @@ fn grow_and_remount(v: &VolumeStatus, fs_type: Option<&str>, dev: &Path) -> Resu
         remount_extras(mp, &v.extra_mounts)?;
     }
     Ok(())
+}
+
+/// The options `v` was mounted with, as mount(8) takes them again ("defaults" if none
+/// was recorded): less what the kernel shows but refuses as input, in records from
+/// before that was left out too.
+fn recorded_mount_options(v: &VolumeStatus) -> String {
+    v.mount_options.as_deref().map_or_else(
+        || "defaults".into(),
+        |o| mountinfo::mountable_options(v.fs_type.as_deref().unwrap_or(""), o),
+    )
 }
 
 /// How far to grow the filesystem on `dev`: to its size when `enable` found it (or as
@@ -1786,10 +1793,7 @@ fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
         .map_err(|e| io("crypttab", e))?;
     if let Some(mp) = &v.mount_point {
         let fs = v.fs_type.clone().unwrap_or_else(|| "auto".into());
-        let opts = v.mount_options.as_deref().map_or_else(
-            || "defaults".into(),
-            |o| mountinfo::mountable_options(v.fs_type.as_deref().unwrap_or(""), o),
-        );
+        let opts = recorded_mount_options(v);
         let mapper_path = PathBuf::from("/dev/mapper").join(&v.mapper);
         let _ = mapped;
         tabs::edit_file(&etc.join("fstab"), |t| {
@@ -2062,10 +2066,7 @@ fn remount_pending(status: &crate::status::Status, pending: &[PathBuf]) {
         {
             continue;
         }
-        let opts = v.mount_options.as_deref().map_or_else(
-            || "defaults".into(),
-            |o| mountinfo::mountable_options(v.fs_type.as_deref().unwrap_or(""), o),
-        );
+        let opts = recorded_mount_options(v);
         if let Err(e) = run_tool(
             crate::tool("mount")
                 .arg("-o")
