@@ -7914,3 +7914,37 @@ fn root_orch_an_ext3_in_data_journal_mode_is_mounted_again_as_it_was() {
         "{plain}"
     );
 }
+
+/// An `enable` stopped by SIGTERM (exit 5) whose walk `luksify resume DEV` then
+/// finishes: `status` says from the header that the walk is done and what is left, at
+/// 100% (it kept "Encryption stopped at N%" with the N of the stop; trial U), and
+/// `luksify resume` maps and mounts it: Encrypted, every file intact.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_status_follows_a_walk_that_resume_dev_finished() {
+    let fx = Fixture::new(96);
+    let child = fx.spawn_walking(fx.enable_cmd(), 300);
+    let out = sigterm_and_wait(child);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let s = read_status(&fx.state);
+    let stopped_at = s["volumes"][0]["percent"].as_f64().unwrap();
+    assert!(stopped_at < 100.0, "{s}");
+    run_ok(
+        fx.cmd()
+            .arg("resume")
+            .arg(fx.dev())
+            .arg("--key-file")
+            .arg(&fx.key),
+    );
+    let out = run_ok(fx.cmd().args(["status", "--json"]));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["volumes"][0]["state"], "EncryptionInProgress", "{s}");
+    assert_eq!(s["volumes"][0]["percent"].as_f64(), Some(100.0), "{s}");
+    let msg = s["progress_message"].as_str().unwrap();
+    assert!(
+        msg.contains("finished its walk") && msg.contains("`luksify resume` does them"),
+        "{msg}"
+    );
+    run_ok(fx.cmd().arg("resume").arg("--key-file").arg(&fx.key));
+    fx.assert_encrypted_and_intact();
+}

@@ -412,6 +412,28 @@ pub fn apply_live_state(
             stopped_between = Some(state);
         }
     }
+    // A run that stopped itself (a signal, exit 5) and whose walk `luksify resume DEV`
+    // then took further or finished: the header says where it stands (a trial's status
+    // kept "Encryption stopped at 35%" for a walk that was done).
+    if !gone && s.pid.is_none() {
+        let before: Vec<f64> = s.volumes.iter().map(|v| v.percent).collect();
+        s.catch_up_with_headers(state_dir);
+        let moved = s
+            .volumes
+            .iter()
+            .zip(&before)
+            .filter(|(v, p)| {
+                matches!(
+                    v.state,
+                    VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+                ) && v.percent > **p
+            })
+            .map(|(v, _)| v)
+            .max_by_key(|v| v.in_run);
+        if let Some(v) = moved {
+            s.progress_message = interrupted_message(v, state_dir);
+        }
+    }
     // Encrypted, but closed or not mounted, and nothing else to say: how to bring it
     // back (the message was the last run's, "Decryption succeeded; 1 other data volume
     // stays encrypted", and resume answers "Nothing to resume"; a trial).
