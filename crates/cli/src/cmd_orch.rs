@@ -470,8 +470,15 @@ pub fn resume_unit_for(exec: &Path, state_dir: Option<&Path>) -> String {
     );
     match state_dir {
         None => unit,
-        // Both the condition and the command name the directory.
+        // The mount dependency, the condition and the command name the directory.
         Some(d) => unit
+            .replace(
+                "RequiresMountsFor=/var/lib/luksify\n",
+                &format!(
+                    "RequiresMountsFor={}\n",
+                    d.display().to_string().replace('%', "%%")
+                ),
+            )
             .replace(
                 "ConditionPathExists=/var/lib/luksify/status.json",
                 &format!(

@@ -2853,11 +2853,16 @@ pub fn disable(
         } else {
             ("decryption", ", which finishes it".to_string())
         };
-        return Err(Failure::failed(format!(
-            "the {what} of {} was interrupted at {}%: run `luksify resume` first{then}",
-            v.device.display(),
-            v.percent.floor() as u64
-        )));
+        // A blocker found before anything changes, as `check` and `enable` find it:
+        // exit 3, as theirs (it was 1 here; trial U).
+        return Err(Failure::new(
+            exit::BLOCKED,
+            format!(
+                "the {what} of {} was interrupted at {}%: run `luksify resume` first{then}",
+                v.device.display(),
+                v.percent.floor() as u64
+            ),
+        ));
     }
     let todo: Vec<usize> = sw
         .status
