@@ -26,8 +26,10 @@ pub enum WalkCmd {
     Decrypt(DecryptArgs),
     /// Continue interrupted work. With DEVICE: continue that device's encryption or
     /// decryption (luksify's, or `cryptsetup reencrypt`'s). Without DEVICE: finish every
-    /// interrupted data-volume run found in the status file or in on-disk headers, then
-    /// map, remount and record it (what luksify-resume.service runs at boot).
+    /// interrupted data-volume run in the state directory's status file (with
+    /// --key-file, also those found in the headers of the block devices here that this
+    /// key opens; others are left alone), then map, remount and record it (what
+    /// luksify-resume.service runs at boot).
     #[command(after_help = crate::cmd_orch::EXIT_CODES)]
     Resume(ResumeArgs),
 }
