@@ -2260,3 +2260,57 @@ fn luks_cli_format_into_a_chosen_keyslot_as_cryptsetup() {
         );
     }
 }
+
+/// Reading a block device's header waits for cryptsetup's metadata lock, as cryptsetup
+/// does: while another process holds `/run/cryptsetup/L_<major>:<minor>` exclusively
+/// (cryptsetup, or a luksify run committing its header), `test-passphrase` waits, then
+/// answers once it is released. Read between a writer's two copies, it saw them differ
+/// (trial U, a luksify run stopped mid-commit).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_luks_cli_reads_wait_for_cryptsetups_metadata_lock() {
+    use std::os::unix::fs::MetadataExt;
+    luksify_tests::require_root();
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 20 << 20);
+    let key = d.file("k", b"locked");
+    let lo = luksify_tests::LoopDev::attach(&img);
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--pbkdf", "pbkdf2"])
+            .args(["--pbkdf-force-iterations", "1000", "--key-file"])
+            .arg(&key)
+            .arg(&lo.path),
+    );
+    let rdev = std::fs::metadata(&lo.path).unwrap().rdev();
+    std::fs::create_dir_all("/run/cryptsetup").unwrap();
+    let lock_path = format!(
+        "/run/cryptsetup/L_{}:{}",
+        libc::major(rdev),
+        libc::minor(rdev)
+    );
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .unwrap();
+    luksify_luks::io::flock(&held, libc::LOCK_EX).unwrap();
+    let mut child = lx(&["test-passphrase", p(&lo.path), "--key-file", p(&key)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let early = child.try_wait().unwrap();
+    drop(held);
+    let _ = std::fs::remove_file(&lock_path);
+    let status = child.wait().unwrap();
+    assert!(
+        early.is_none(),
+        "it read while the lock was held: {early:?}"
+    );
+    assert!(status.success(), "{status:?}");
+}
