@@ -7923,9 +7923,10 @@ fn root_orch_an_ext3_in_data_journal_mode_is_mounted_again_as_it_was() {
 }
 
 /// An `enable` stopped by SIGTERM (exit 5) whose walk `luksify resume DEV` then
-/// finishes: `status` says from the header that the walk is done and what is left, at
-/// 100% (it kept "Encryption stopped at N%" with the N of the stop; trial U), and
-/// `luksify resume` maps and mounts it: Encrypted, every file intact.
+/// finishes: `resume DEV` says what is left of the enable and that `luksify resume`
+/// does it, `status` says so from the header, at 100% (it kept "Encryption stopped at
+/// N%" with the N of the stop; trial U), and `luksify resume` maps and mounts it:
+/// Encrypted, every file intact.
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_orch_status_follows_a_walk_that_resume_dev_finished() {
@@ -7936,12 +7937,23 @@ fn root_orch_status_follows_a_walk_that_resume_dev_finished() {
     let s = read_status(&fx.state);
     let stopped_at = s["volumes"][0]["percent"].as_f64().unwrap();
     assert!(stopped_at < 100.0, "{s}");
-    run_ok(
+    let out = run_ok(
         fx.cmd()
             .arg("resume")
             .arg(fx.dev())
             .arg("--key-file")
             .arg(&fx.key),
+    );
+    // What is left of the enable, and which command does it (it said only "encryption
+    // finished").
+    assert!(
+        stderr(&out).contains(&format!(
+            "{} belongs to an `enable`: map, mount, fstab and crypttab are still to do: `luksify resume --state-dir {}` does them",
+            fx.dev().display(),
+            fx.state.display()
+        )),
+        "{}",
+        stderr(&out)
     );
     let out = run_ok(fx.cmd().args(["status", "--json"]));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -975,7 +975,47 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     // Read once the run is over (reading before would wait on another run's header lock,
     // where the walker refuses at once): what its header says it did.
     let what = run_kind(a.header.as_deref().unwrap_or(dev));
-    Ok(report(dev, outcome, what, hint))
+    let finished = matches!(outcome, Outcome::Finished);
+    let code = report(dev, outcome, what, hint);
+    if finished {
+        orchestrated_rest(dev, a.state_dir.as_deref());
+    }
+    Ok(code)
+}
+
+/// After `resume DEV` finished a walk that an interrupted `enable` or `disable` of the
+/// state directory began: what is left of that run (map, mount, tables) and which
+/// command does it. `resume DEV` said only "encryption finished", and the volume stayed
+/// unmapped with fstab naming it (trial U).
+fn orchestrated_rest(dev: &Path, state_dir: Option<&Path>) {
+    use luksify_orchestrator::status::{self, VolumeState};
+    let dir = status::state_dir(state_dir);
+    let Ok(st) = status::load(&dir) else {
+        return;
+    };
+    let canon = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.to_path_buf());
+    let Some(v) = st
+        .volumes
+        .iter()
+        .find(|v| std::fs::canonicalize(&v.device).unwrap_or_else(|_| v.device.clone()) == canon)
+    else {
+        return;
+    };
+    let what = match v.state {
+        VolumeState::EncryptionInProgress => "an `enable`: map, mount",
+        VolumeState::DecryptionInProgress => "a `disable`: remount",
+        _ => return,
+    };
+    errln!(
+        "{}",
+        status::in_state_dir(
+            &format!(
+                "luksify: {} belongs to {what}, fstab and crypttab are still to do: `luksify resume` does them",
+                dev.display()
+            ),
+            &dir
+        )
+    );
 }
 
 /// What the run recorded in header `h` does or did: "encryption" or "decryption" (the
