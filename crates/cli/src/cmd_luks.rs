@@ -480,27 +480,15 @@ fn luks_err(path: &Path, e: LuksError) -> anyhow::Error {
 }
 
 fn read_volume(path: &Path, file: &File) -> Result<Volume> {
-    // cryptsetup's metadata lock, shared, as cryptsetup reads: a block device's is a file
-    // under /run/cryptsetup (a file's own the read takes). Without it a read between a
-    // writer's two copies saw them differ (trial U: a luksify run stopped mid-commit,
-    // where cryptsetup's luksDump waited).
-    let rdev = file.metadata().ok().filter(|m| {
-        use std::os::unix::fs::FileTypeExt;
-        m.file_type().is_block_device()
-    });
-    let _lock = match rdev {
-        Some(m) => {
-            use std::os::unix::fs::MetadataExt;
-            luksify_walker::lock::block_metadata_lock(m.rdev(), false).with_context(|| {
-                format!(
-                    "{}: cannot take cryptsetup's metadata lock in {}",
-                    path.display(),
-                    luksify_walker::lock::CRYPTSETUP_LOCK_DIR
-                )
-            })?
-        }
-        None => None,
-    };
+    // cryptsetup's metadata lock, shared, as cryptsetup reads: the walker's header disk
+    // takes a block device's (a file under /run/cryptsetup) as well as a file's. Without
+    // it a read between a writer's two copies saw them differ (trial U: a luksify run
+    // stopped mid-commit, where cryptsetup's luksDump waited).
+    let _lock = file
+        .try_clone()
+        .and_then(luksify_walker::lock::HeaderDisk::new)
+        .and_then(|d| luksify_luks::io::Disk::lock_metadata(&d, false))
+        .with_context(|| format!("{}: cannot take cryptsetup's metadata lock", path.display()))?;
     let (v, report) = Volume::read(file).map_err(|e| luks_err(path, e))?;
     // cryptsetup repairs a damaged copy as it reads; luksify reads only, so it says
     // so (a trial's corrupted primary was used silently: the header had one good copy

@@ -72,6 +72,14 @@ impl Mount {
         }
         mountable_options(&self.fs_type, &opts.join(","))
     }
+
+    /// "ext4 of /dev/vda", or "ext4 of /dev/vda, bind of /srv" for a bind.
+    pub fn describe(&self) -> String {
+        match self.root.as_str() {
+            "/" => format!("{} of {}", self.fs_type, self.source),
+            root => format!("{} of {}, bind of {root}", self.fs_type, self.source),
+        }
+    }
 }
 
 /// ext4's options that the ext4 driver shows for an ext3 or ext2 mount (it serves
@@ -193,16 +201,6 @@ pub fn only_below(mounts: &[Mount], dev: DevNum, roots: &[&Path]) -> bool {
         .iter()
         .filter(|m| m.dev == dev)
         .all(|m| roots.iter().any(|r| m.mount_point.starts_with(r)))
-}
-
-impl Mount {
-    /// "ext4 of /dev/vda", or "ext4 of /dev/vda, bind of /srv" for a bind.
-    pub fn describe(&self) -> String {
-        match self.root.as_str() {
-            "/" => format!("{} of {}", self.fs_type, self.source),
-            root => format!("{} of {}, bind of {root}", self.fs_type, self.source),
-        }
-    }
 }
 
 /// Mounts stacked on top of one of `dev`'s mounts, at its very mount point (`mount

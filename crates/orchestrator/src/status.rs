@@ -362,13 +362,18 @@ pub fn apply_live_state(
     // reached: the aggregate and the message say what resume does with them (a trial
     // read NotEncrypted and "Decrypting 2 data volumes" from a dead disable).
     let mut stopped_between = None;
+    let stopped = gone.then(|| crate::enable::pending_of_stopped_run(s));
     if gone {
-        let (op, pending) = crate::enable::pending_of_stopped_run(s);
         s.end_run();
-        // An interrupted run's percent is its header's when that is further (the
-        // file's lags up to 2 s): the JSON says what the message says (a trial read
-        // "interrupted at 29%" beside "percent": 21.65).
+    }
+    // With no run's process at work, an interrupted run's percent is its header's when
+    // that is further: the file's lags up to 2 s (a trial read "interrupted at 29%"
+    // beside "percent": 21.65), and `luksify resume DEV` may have taken the walk on.
+    let before: Vec<f64> = s.volumes.iter().map(|v| v.percent).collect();
+    if s.pid.is_none() {
         s.catch_up_with_headers(state_dir);
+    }
+    if let Some((op, pending)) = stopped {
         let in_progress = |v: &&VolumeStatus| {
             matches!(
                 v.state,
@@ -416,8 +421,6 @@ pub fn apply_live_state(
     // then took further or finished: the header says where it stands (a trial's status
     // kept "Encryption stopped at 35%" for a walk that was done).
     if !gone && s.pid.is_none() {
-        let before: Vec<f64> = s.volumes.iter().map(|v| v.percent).collect();
-        s.catch_up_with_headers(state_dir);
         let moved = s
             .volumes
             .iter()
