@@ -2269,7 +2269,6 @@ fn luks_cli_format_into_a_chosen_keyslot_as_cryptsetup() {
 #[test]
 #[ignore = "needs root and loop devices"]
 fn root_luks_cli_reads_wait_for_cryptsetups_metadata_lock() {
-    use std::os::unix::fs::MetadataExt;
     luksify_tests::require_root();
     require_tool("cryptsetup");
     let d = Dir::new();
@@ -2283,34 +2282,153 @@ fn root_luks_cli_reads_wait_for_cryptsetups_metadata_lock() {
             .arg(&key)
             .arg(&lo.path),
     );
-    let rdev = std::fs::metadata(&lo.path).unwrap().rdev();
-    std::fs::create_dir_all("/run/cryptsetup").unwrap();
-    let lock_path = format!(
-        "/run/cryptsetup/L_{}:{}",
-        libc::major(rdev),
-        libc::minor(rdev)
-    );
-    let held = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .unwrap();
-    luksify_luks::io::flock(&held, libc::LOCK_EX).unwrap();
+    let held = hold_metadata_lock(&lo.path, libc::LOCK_EX);
     let mut child = lx(&["test-passphrase", p(&lo.path), "--key-file", p(&key)])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    let early = child.try_wait().unwrap();
+    let blocked = waits_on_a_flock(&mut child);
     drop(held);
-    let _ = std::fs::remove_file(&lock_path);
     let status = child.wait().unwrap();
-    assert!(
-        early.is_none(),
-        "it read while the lock was held: {early:?}"
-    );
+    assert!(blocked, "it read while the lock was held: {status:?}");
     assert!(status.success(), "{status:?}");
+}
+
+/// Takes cryptsetup's metadata lock of block device `dev` (`/run/cryptsetup/L_<major>:<minor>`)
+/// with `op` (`LOCK_SH` or `LOCK_EX`), as another cryptsetup command holds it. Dropping the
+/// guard releases it, and removes the lock file as cryptsetup's release does.
+fn hold_metadata_lock(dev: &Path, op: libc::c_int) -> HeldLock {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(dev).unwrap().rdev();
+    std::fs::create_dir_all("/run/cryptsetup").unwrap();
+    let path = PathBuf::from(format!(
+        "/run/cryptsetup/L_{}:{}",
+        libc::major(rdev),
+        libc::minor(rdev)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .unwrap();
+    luksify_luks::io::flock(&file, op).unwrap();
+    HeldLock { _file: file, path }
+}
+
+struct HeldLock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether `child` comes to wait on a `flock` (a `->` line of its pid in /proc/locks)
+/// before it exits: false once it exits without (it went on without the lock), and
+/// after 60 s.
+fn waits_on_a_flock(child: &mut std::process::Child) -> bool {
+    let pid = child.id().to_string();
+    for _ in 0..6000 {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap();
+        if locks.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"->") && f.get(5) == Some(&pid.as_str())
+        }) {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
+/// cryptsetup's writes take the metadata lock exclusively (its luksAddKey waits while
+/// a `luksDump` reads): luksify's key commands and `format` on a block device wrote
+/// through a bare device with no lock there (an image file's `flock` was taken). Each
+/// waits here while another holder has the lock *shared*, writes nothing meanwhile,
+/// and finishes once it is released.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_luks_cli_header_writes_wait_for_cryptsetups_metadata_lock() {
+    luksify_tests::require_root();
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("k", b"locked");
+    let key2 = d.file("k2", b"second");
+    let key3 = d.file("k3", b"third");
+    let cheap = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let cases: &[(&str, Vec<&str>)] = &[
+        ("add-key", vec!["add-key", "--new-key-file", p(&key3)]),
+        ("change-key", vec!["change-key", "--new-key-file", p(&key3)]),
+        ("remove-key", vec!["remove-key"]),
+        ("format luks2", vec!["format", "--batch-mode"]),
+        (
+            "format luks1",
+            vec!["format", "--batch-mode", "--type", "luks1"],
+        ),
+    ];
+    for (what, args) in cases {
+        let img = d.image(&format!("img-{}", what.replace(' ', "-")), 20 << 20);
+        let lo = luksify_tests::LoopDev::attach(&img);
+        run_ok(
+            Command::new("cryptsetup")
+                .args(["luksFormat", "-q", "--type", "luks2"])
+                .args(cheap)
+                .arg("--key-file")
+                .arg(&key)
+                .arg(&lo.path),
+        );
+        run_ok(
+            Command::new("cryptsetup")
+                .arg("luksAddKey")
+                .args(cheap)
+                .arg("--key-file")
+                .arg(&key)
+                .arg(&lo.path)
+                .arg(&key2),
+        );
+        let before = std::fs::read(&img).unwrap();
+        let held = hold_metadata_lock(&lo.path, libc::LOCK_SH);
+        let mut cmd = lx(&[args[0], p(&lo.path), "--key-file", p(&key)]);
+        cmd.args(&args[1..])
+            .args(if args[0] == "remove-key" {
+                &[][..]
+            } else {
+                &cheap[..]
+            })
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let blocked = waits_on_a_flock(&mut child);
+        let meanwhile = std::fs::read(&img).unwrap();
+        drop(held);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            blocked,
+            "{what}: went on while cryptsetup's lock was held: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            meanwhile == before,
+            "{what}: wrote while waiting for the lock"
+        );
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            std::fs::read(&img).unwrap() != before,
+            "{what}: wrote nothing"
+        );
+    }
 }

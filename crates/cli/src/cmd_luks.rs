@@ -432,6 +432,22 @@ fn refuse_in_use(path: &Path, f: &File) -> Result<NotInUse> {
     }
 }
 
+/// `f` as a disk whose header writes take cryptsetup's metadata lock exclusively: a
+/// block device's lock file under /run/cryptsetup as well as an image file's `flock`.
+/// On a bare `File` a block device had none, so a key command wrote while
+/// `cryptsetup luksDump` (or another tool's write) held that lock. The luks crate takes
+/// it once per read or write, and `lock_unchanged` checks the sequence id under it.
+fn locked_disk(path: &Path, f: &File) -> Result<luksify_walker::lock::HeaderDisk> {
+    f.try_clone()
+        .and_then(luksify_walker::lock::HeaderDisk::new)
+        .with_context(|| {
+            format!(
+                "{}: cannot open it for cryptsetup's metadata lock",
+                path.display()
+            )
+        })
+}
+
 fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
@@ -635,6 +651,23 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
     }
     let meta: &File = header_file.as_ref().unwrap_or(&device);
     let meta_name = a.header.as_deref().unwrap_or(&a.device);
+    // cryptsetup's metadata lock on a block device, exclusive for the whole format (its
+    // header area is wiped first): a `cryptsetup luksDump` meanwhile waits rather than
+    // reading a header half made. Held here, around the bare `File` the luks crate
+    // writes through (which takes only an image file's own `flock`), so it is never
+    // asked for twice: a second open of the lock file would wait on this one.
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let _meta_lock = match meta.metadata() {
+        Ok(m) if m.file_type().is_block_device() => {
+            luksify_walker::lock::block_metadata_lock(m.rdev(), true).with_context(|| {
+                format!(
+                    "{}: cannot take cryptsetup's metadata lock",
+                    meta_name.display()
+                )
+            })?
+        }
+        _ => None,
+    };
     // Where the data may start: --align-payload, else the data device's I/O topology
     // (block devices), else 1 MiB, as cryptsetup's luksFormat.
     let (alignment, alignment_offset) = match a.align_payload {
@@ -901,7 +934,7 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
     // copies, and a change refused (slot in use, area full) writes nothing at all.
     let mut vol = vol;
     let slot = vol
-        .add_keyslot(&f, &vk, &new, &req, a.key_slot)
+        .add_keyslot(&locked_disk(path, &f)?, &vk, &new, &req, a.key_slot)
         .map_err(|e| luks_err(path, e))?;
     println!("Key slot {slot} created.");
     Ok(ExitCode::SUCCESS)
@@ -938,7 +971,7 @@ fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
     // No repair of a damaged copy before the change: its own write rewrites both
     // copies, and a change refused (slot in use, area full) writes nothing at all.
     let mut vol = vol;
-    vol.remove_keyslot(&f, slot)
+    vol.remove_keyslot(&locked_disk(path, &f)?, slot)
         .map_err(|e| luks_err(path, e))?;
     println!("Key slot {slot} removed.");
     Ok(ExitCode::SUCCESS)
@@ -970,7 +1003,7 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
     // copies, and a change refused (slot in use, area full) writes nothing at all.
     let mut vol = vol;
     let now = vol
-        .change_keyslot(&f, slot, &pass, &new, &req)
+        .change_keyslot(&locked_disk(path, &f)?, slot, &pass, &new, &req)
         .map_err(|e| luks_err(path, e))?;
     println!("Key slot {slot} changed (now key slot {now}).");
     Ok(ExitCode::SUCCESS)
