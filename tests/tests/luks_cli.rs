@@ -2240,7 +2240,7 @@ fn luks_cli_format_into_a_chosen_keyslot_as_cryptsetup() {
     ]));
     let fresh = d.image("fresh", 32 << 20);
     let before = std::fs::read(&fresh).unwrap();
-    for (slot, kind) in [("32", "luks2"), ("3", "luks1")] {
+    for (slot, kind) in [("32", "luks2"), ("8", "luks1")] {
         let out = run(lx(&[
             "format",
             "-q",
@@ -2430,5 +2430,65 @@ fn root_luks_cli_header_writes_wait_for_cryptsetups_metadata_lock() {
             std::fs::read(&img).unwrap() != before,
             "{what}: wrote nothing"
         );
+    }
+}
+
+/// `format --type luks1 --key-slot N` puts the passphrase in slot N, as `cryptsetup
+/// luksFormat --type luks1 --key-slot N` does (luksify refused any slot but 0): the
+/// two tools' headers list the same one slot enabled, at the same key material offset,
+/// and each opens the other's with that slot (a slot past LUKS1's eight is refused:
+/// luks_cli_format_into_a_chosen_keyslot_as_cryptsetup).
+#[test]
+fn luks_cli_luks1_format_takes_key_slot_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("k", b"slot-five");
+    let cheap = ["--pbkdf-force-iterations", "1000"];
+    let slots = |img: &Path| -> Vec<String> {
+        let out = run_ok(Command::new("cryptsetup").args(["luksDump", p(img)]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("Key Slot ") || l.contains("Key material offset"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let ours = d.image("ours", 8 << 20);
+    let theirs = d.image("theirs", 8 << 20);
+    run_ok(
+        lx(&["format", p(&ours), "--type", "luks1", "--key-file", p(&key)])
+            .args(["--key-slot", "5"])
+            .args(cheap),
+    );
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks1", "--key-slot", "5"])
+            .args(cheap)
+            .args(["--key-file", p(&key), p(&theirs)]),
+    );
+    let listed = slots(&ours);
+    assert_eq!(listed, slots(&theirs));
+    assert!(
+        listed.iter().any(|l| l == "Key Slot 5: ENABLED")
+            && listed.iter().filter(|l| l.ends_with("ENABLED")).count() == 1,
+        "{listed:?}"
+    );
+    for img in [&ours, &theirs] {
+        run_ok(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "--key-slot",
+            "5",
+            "--key-file",
+            p(&key),
+            p(img),
+        ]));
+        run_ok(&mut lx(&[
+            "test-passphrase",
+            p(img),
+            "--key-file",
+            p(&key),
+            "--key-slot",
+            "5",
+        ]));
     }
 }

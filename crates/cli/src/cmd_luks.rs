@@ -683,9 +683,7 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
     // Checked before anything is written (the format wipes the header area first).
     match (a.key_slot, luks1) {
         (Some(k), false) if k >= 32 => bail!("--key-slot {k}: LUKS2 keyslots are 0-31"),
-        (Some(k), true) if k != 0 => bail!(
-            "--key-slot {k}: luksify formats LUKS1 into keyslot 0; `luksify add-key --key-slot {k}` adds one there afterwards"
-        ),
+        (Some(k), true) if k >= 8 => bail!("--key-slot {k}: LUKS1 keyslots are 0-7"),
         _ => {}
     }
     if luks1 {
@@ -719,6 +717,7 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
             }),
             uuid: opts.uuid,
             volume_key: opts.volume_key,
+            key_slot: a.key_slot,
         };
         let payload = u64::from(
             opts.payload_offset
@@ -730,9 +729,10 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
         let (hdr, _vk) =
             luks1::Luks1Header::format(meta, &pass, &opts).map_err(|e| luks_err(meta_name, e))?;
         println!(
-            "{}: formatted as LUKS1, UUID {}, key slot 0",
+            "{}: formatted as LUKS1, UUID {}, key slot {}",
             a.device.display(),
-            hdr.uuid
+            hdr.uuid,
+            a.key_slot.unwrap_or(0)
         );
         return Ok(ExitCode::SUCCESS);
     }

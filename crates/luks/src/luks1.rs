@@ -122,6 +122,9 @@ pub struct FormatOptions {
     pub payload_offset: Option<u32>,
     pub uuid: Option<String>,
     pub volume_key: Option<VolumeKey>,
+    /// The keyslot the passphrase goes into (0-7), as `luksFormat --key-slot`; 0 when
+    /// `None`.
+    pub key_slot: Option<u32>,
 }
 
 impl Default for FormatOptions {
@@ -138,6 +141,7 @@ impl Default for FormatOptions {
             payload_offset: None,
             uuid: None,
             volume_key: None,
+            key_slot: None,
         }
     }
 }
@@ -702,7 +706,13 @@ impl Luks1Header {
             }
         }
         hdr.write(disk)?;
-        hdr.add_keyslot(disk, &vk, passphrase, &opts.kdf, Some(0))?;
+        hdr.add_keyslot(
+            disk,
+            &vk,
+            passphrase,
+            &opts.kdf,
+            Some(opts.key_slot.unwrap_or(0)),
+        )?;
         Ok((hdr, vk))
     }
 }
