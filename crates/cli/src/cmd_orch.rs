@@ -784,9 +784,32 @@ fn cmd_enable(
         report: &rep,
         continues: Vec::new(),
     };
-    luksify_orchestrator::enable::enable(&req, &key)?;
+    let before = status_file_bytes(&dir);
+    luksify_orchestrator::enable::enable(&req, &key)
+        .inspect_err(|f| record_refusal(&dir, status::Operation::EnableEncryption, f, &before))?;
     print_status(&dir);
     Ok(ExitCode::from(exit::OK))
+}
+
+/// The status file's bytes (`None`: there is none).
+fn status_file_bytes(dir: &Path) -> Option<Vec<u8>> {
+    std::fs::read(dir.join(status::STATUS_FILE)).ok()
+}
+
+/// Records a preflight refusal (exit 3) in the status file, for an agent that polls
+/// `status` rather than reading the refused command's output, where the run never
+/// began (the status file is as it was, `before`). Not when the blocker is the state
+/// directory itself (on a volume being encrypted). Under the global lock.
+fn record_refusal(dir: &Path, op: status::Operation, f: &Failure, before: &Option<Vec<u8>>) {
+    if f.code != exit::BLOCKED
+        || status_file_bytes(dir) != *before
+        || f.message.contains("BLOCKER: --state-dir")
+    {
+        return;
+    }
+    if let Err(e) = status::record_refusal(dir, op, &f.message) {
+        errln!("luksify: warning: cannot record the refusal in the status file: {e}");
+    }
 }
 
 /// Prints the status as `luksify status` gives it (nothing if there is none yet): the
@@ -901,7 +924,16 @@ fn cmd_disable(
         wait,
     };
     with_recorded_volumes(key_file, run, state_dir, |req, key| {
-        if luksify_orchestrator::enable::disable(req, key, &volumes)? == 0 {
+        let before = status_file_bytes(&req.state_dir);
+        let done = luksify_orchestrator::enable::disable(req, key, &volumes).inspect_err(|f| {
+            record_refusal(
+                &req.state_dir,
+                status::Operation::DisableEncryption,
+                f,
+                &before,
+            )
+        })?;
+        if done == 0 {
             outln!("No encrypted data volumes to decrypt.");
         } else {
             print_status(&req.state_dir);

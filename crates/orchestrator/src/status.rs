@@ -170,6 +170,79 @@ pub struct Status {
     pub data_volumes_encrypted: VolumeState,
     pub progress_message: String,
     pub volumes: Vec<VolumeStatus>,
+    /// The last `enable` or `disable` its preflight refused (exit 3, nothing changed),
+    /// until the next run begins: an agent that polls `status` learns why (the message
+    /// said nothing). Kept in [`REFUSED_FILE`] beside the status file, which stays as it
+    /// was; null in the status file, and in `status --json` once a run began.
+    #[serde(default)]
+    pub refused: Option<Refusal>,
+}
+
+/// A refused `enable` or `disable` (see [`Status::refused`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub operation: Operation,
+    pub unix: u64,
+    /// Its one-line message: the blockers, each with its fix, `; `-separated.
+    pub message: String,
+}
+
+impl Refusal {
+    /// What `status` adds to the message after `msg` (the volumes' own, maybe empty).
+    pub fn describe(&self, msg: &str) -> String {
+        let what = match self.operation {
+            Operation::DisableEncryption => "disable",
+            _ => "enable",
+        };
+        let secs = self.unix % 86_400;
+        let when = format!(
+            "{:02}:{:02}:{:02} UTC",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        );
+        let refused = format!(
+            "the {what} at {when} was refused, nothing was changed: {}",
+            self.message
+        );
+        if msg.is_empty() {
+            let mut c = refused.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect())
+                .unwrap_or_default()
+        } else {
+            format!("{}; {refused}", msg.trim_end_matches('.'))
+        }
+    }
+}
+
+/// Where a refusal is kept (see [`Status::refused`]): a file of its own, so that a refused
+/// command leaves the status file itself as it was ("nothing was changed").
+pub const REFUSED_FILE: &str = "refused.json";
+
+/// Records in the state directory `dir` that `op` was refused by its preflight with
+/// `message` (its lines joined). The caller holds the global lock; the status file is
+/// not touched.
+pub fn record_refusal(dir: &Path, op: Operation, message: &str) -> std::io::Result<()> {
+    let r = Refusal {
+        operation: op,
+        unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        message: in_state_dir(
+            &message
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+            dir,
+        ),
+    };
+    let mut bytes = serde_json::to_vec_pretty(&r).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    write_atomic(&dir.join(REFUSED_FILE), &bytes)
 }
 
 impl Status {
@@ -539,6 +612,9 @@ pub fn apply_live_state(
         );
     }
     s.data_volumes_encrypted = stopped_between.unwrap_or_else(|| aggregate(s));
+    if let Some(r) = &s.refused {
+        s.progress_message = r.describe(&s.progress_message);
+    }
 }
 
 /// The mount of volume `v` as it was (its options too: a bare mount loses noatime,
@@ -958,6 +1034,15 @@ pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
 
 /// Reads the status file; a missing file is the empty status.
 pub fn load(dir: &Path) -> std::io::Result<Status> {
+    let mut s = load_status_file(dir)?;
+    s.refused = std::fs::read(dir.join(REFUSED_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    Ok(s)
+}
+
+/// The status file alone (see [`load`]).
+fn load_status_file(dir: &Path) -> std::io::Result<Status> {
     match std::fs::read(dir.join(STATUS_FILE)) {
         Ok(b) => serde_json::from_slice(&b).map_err(|e| {
             std::io::Error::new(
@@ -1093,6 +1178,8 @@ pub fn save(dir: &Path, s: &Status) -> std::io::Result<()> {
     for v in &mut s.volumes {
         v.error = v.error.as_deref().map(|e| in_state_dir(e, dir));
     }
+    // Kept in its own file (`record_refusal`), never here.
+    s.refused = None;
     s.version = 1;
     s.updated_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1136,6 +1223,14 @@ impl StatusWriter {
     pub fn commit(&mut self) -> std::io::Result<()> {
         self.status.refresh(self.active);
         save(&self.dir, &self.status)?;
+        // A run of this process has begun (`begin_run`): an earlier refusal is no
+        // longer the latest word.
+        if self.status.refused.is_some() && self.status.pid == Some(std::process::id()) {
+            match std::fs::remove_file(self.dir.join(REFUSED_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => self.status.refused = None,
+            }
+        }
         self.last_write = Some(Instant::now());
         Ok(())
     }
