@@ -7978,11 +7978,7 @@ fn root_orch_status_follows_a_walk_that_resume_dev_finished() {
 fn root_orch_status_tells_why_the_last_enable_or_disable_was_refused() {
     let fx = Fixture::new(128);
     let before = std::fs::read(fx.dev()).unwrap();
-    let mut holder = Command::new("sleep")
-        .arg("600")
-        .current_dir(&fx.mnt)
-        .spawn()
-        .unwrap();
+    let mut holder = fx.holder();
     let pid = holder.id().to_string();
     let out = run(&mut fx.enable_cmd());
     assert_refused(&out, 3, &pid);
@@ -8021,11 +8017,7 @@ fn root_orch_status_tells_why_the_last_enable_or_disable_was_refused() {
     let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).into_owned();
     assert!(!text.contains("refused"), "{text}");
     // A disable refused by a holder: told, the volume still encrypted and mounted.
-    let mut holder = Command::new("sleep")
-        .arg("600")
-        .current_dir(&fx.mnt)
-        .spawn()
-        .unwrap();
+    let mut holder = fx.holder();
     let pid = holder.id().to_string();
     let out = run(&mut fx.disable_cmd());
     let v = (out.status.code() == Some(3)).then(|| told("disable", &pid));
