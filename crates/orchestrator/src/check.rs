@@ -1262,6 +1262,27 @@ pub fn check_resolved(
                     m.mount_point.display()
                 ),
             );
+        } else if let Some((m, sb)) = r.mounts.iter().find_map(|m| {
+            m.super_options
+                .split(',')
+                .find_map(|o| o.strip_prefix("sb="))
+                .map(|sb| (m, sb))
+        }) {
+            // Mounted from a backup superblock: the primary one, which e2fsck and
+            // resize2fs read, is not what the kernel shows (its counts are stale), so
+            // `enable` unmounted the volume, found "errors" and mounted it back (trial V2).
+            push(
+                "ext_backup_superblock",
+                Severity::Blocker,
+                format!(
+                    "{fs} on {dev_s} is mounted at {} from a backup superblock (sb={sb})",
+                    m.mount_point.display()
+                ),
+                "its primary superblock, which the shrink and the header's checks read, is not the one in use (the mount updates only the backup); luksify does not repair a filesystem before encrypting it".into(),
+                format!(
+                    "unmount it, let e2fsck rewrite the primary from that backup (`e2fsck -f -b {sb} {dev_s}`; -B gives the block size if it is not found), mount it without sb=, then run again"
+                ),
+            );
         } else if filesystem.needs_recovery
             && r.mounts.is_empty()
             // Mounted elsewhere (another mount namespace): the flag is set while it is
