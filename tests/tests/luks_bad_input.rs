@@ -574,8 +574,16 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
     type Damage = (&'static str, fn(&mut Value));
     // (Not its AF stripes: cryptsetup reads none, always taking 4000, and so does
     // luksify; see luks2_af_stripes_are_read_as_cryptsetup_reads_them.)
-    let damages: [Damage; 4] = [
+    let damages: [Damage; 6] = [
         ("priority 7", |v| v["priority"] = Value::from(7)),
+        ("an area too small for its key", |v| {
+            v["area"]["size"] = Value::from("4096")
+        }),
+        // cryptsetup reads from the sector before, luksify read the byte itself.
+        ("an area offset between two sectors", |v| {
+            let o: u64 = v["area"]["offset"].as_str().unwrap().parse().unwrap();
+            v["area"]["offset"] = Value::from((o + 1).to_string())
+        }),
         ("salt not base64", |v| v["kdf"]["salt"] = Value::from("!!!")),
         ("unknown KDF", |v| v["kdf"]["type"] = Value::from("scrypt")),
         ("key size 0", |v| v["key_size"] = Value::from(0)),
@@ -588,12 +596,39 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
             out.status.success(),
             "{what}: keyslot 0 no longer opens: {out:?}"
         );
-        let out = lx(&["test-passphrase", p(&img), "--key-file", p(&k1)]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.code() == Some(2) && err.contains("keyslot 1 is damaged"),
-            "{what}: {err}"
-        );
+        // The damaged keyslot's own passphrase is not called wrong (exit 2, "check
+        // --key-file", for a key file that was right; trial B): every command that
+        // unlocks says which keyslot could not be tried (exit 1), and writes nothing.
+        let before = std::fs::read(&img).unwrap();
+        for args in [
+            vec!["test-passphrase"],
+            vec!["add-key", "--new-key-file", p(&k2)],
+            vec!["change-key", "--new-key-file", p(&k2)],
+            vec!["remove-key"],
+        ] {
+            let mut c = Command::new(luksify_bin());
+            c.arg(args[0])
+                .arg(&img)
+                .arg("--key-file")
+                .arg(&k1)
+                .args(&args[1..]);
+            let out = run(&mut c);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.code() == Some(1)
+                    && err.lines().count() == 1
+                    && err.contains("keyslot 1 is damaged")
+                    && err.contains("the passphrase may be that keyslot's")
+                    && !err.contains("check --key-file"),
+                "{what}: {}: {err}",
+                args[0]
+            );
+            assert!(
+                std::fs::read(&img).unwrap() == before,
+                "{what}: {} wrote",
+                args[0]
+            );
+        }
         let dump = lx(&["dump", p(&img)]);
         let dump = String::from_utf8_lossy(&dump.stdout);
         assert!(
@@ -760,6 +795,52 @@ fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
     assert_eq!(word(), damaged, "the damaged state word was rewritten");
     assert!(cs(&kf2), "cryptsetup does not open the added key");
     assert!(cs(&kf), "cryptsetup no longer opens the first key");
+}
+
+/// A LUKS1 keyslot in use whose state word is damaged (neither enabled nor disabled):
+/// its passphrase was called wrong by `change-key` (exit 2, "check --key-file") and "no
+/// usable keyslot" by the others (trial B). Every command that unlocks now names the
+/// keyslot it could not try (exit 1) and writes nothing; the other keyslot still opens.
+#[test]
+fn luks1_a_damaged_keyslot_in_use_is_named_not_a_wrong_passphrase() {
+    let (d, img, kf, kf2) = luks1_with_two_keys();
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksAddKey", "-q", "--pbkdf-force-iterations", "1000"])
+            .args(["--key-file", p(&kf), p(&img), p(&kf2)]),
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&0x1234_5678u32.to_be_bytes(), 208).unwrap();
+    }
+    let before = std::fs::read(&img).unwrap();
+    let kf3 = d.path().join("key3");
+    std::fs::write(&kf3, "third").unwrap();
+    for args in [
+        vec!["test-passphrase"],
+        vec!["add-key", "--new-key-file", p(&kf3)],
+        vec!["change-key", "--new-key-file", p(&kf3)],
+        vec!["remove-key"],
+    ] {
+        let mut c = Command::new(luksify_bin());
+        c.arg(args[0])
+            .arg(&img)
+            .arg("--key-file")
+            .arg(&kf)
+            .args(&args[1..]);
+        let out = run(&mut c);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1)
+                && err.lines().count() == 1
+                && err.contains("keyslot 0 is damaged (its state word 0x12345678"),
+            "{}: {err}",
+            args[0]
+        );
+        assert!(std::fs::read(&img).unwrap() == before, "{} wrote", args[0]);
+    }
+    run_ok(Command::new(luksify_bin()).args(["test-passphrase", p(&img), "--key-file", p(&kf2)]));
 }
 
 /// A LUKS1 image cut short inside its keyslot areas: cryptsetup refuses every command

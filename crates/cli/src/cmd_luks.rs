@@ -872,27 +872,18 @@ fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(1));
             }
-            wrong_passphrase(path, &vol)
+            wrong_passphrase(path)
         }
-        Err(LuksError::WrongPassphrase) => wrong_passphrase(path, &vol),
+        Err(LuksError::WrongPassphrase) => wrong_passphrase(path),
         Err(e) => Err(luks_err(path, e)),
     }
 }
 
-/// test-passphrase's wrong passphrase (exit 2), naming keyslots it could not try.
-fn wrong_passphrase(path: &Path, vol: &Volume) -> Result<ExitCode> {
-    let damaged: Vec<String> = vol
-        .damaged_keyslots()
-        .into_iter()
-        .map(|(id, why)| format!("keyslot {id} is damaged ({why}) and was not tried"))
-        .collect();
-    let note = if damaged.is_empty() {
-        String::new()
-    } else {
-        format!("; {}", damaged.join("; "))
-    };
+/// test-passphrase's wrong passphrase (exit 2). Keyslots it could not try are not
+/// here: the luks crate says so with `DamagedKeyslots` (exit 1) instead.
+fn wrong_passphrase(path: &Path) -> Result<ExitCode> {
     eprintln!(
-        "luksify: {}: no key available with this passphrase{note}",
+        "luksify: {}: no key available with this passphrase",
         path.display()
     );
     Ok(ExitCode::from(EXIT_WRONG_PASSPHRASE))
@@ -993,8 +984,10 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
     // `cryptsetup luksChangeKey` changes it (it was "wrong passphrase"; a trial): its own
     // key is sealed again under the new one, and it stays unbound.
     let (_vk, slot) = match vol.unlock(&f, &pass, a.key_slot) {
-        Err(LuksError::WrongPassphrase | LuksError::NoUsableKeyslot) if a.key_slot.is_none() => {
-            unbound_slot_opened_by(&vol, &f, &pass).ok_or(LuksError::WrongPassphrase)
+        Err(e @ (LuksError::WrongPassphrase | LuksError::NoUsableKeyslot))
+            if a.key_slot.is_none() =>
+        {
+            unbound_slot_opened_by(&vol, &f, &pass).ok_or(e)
         }
         r => r,
     }

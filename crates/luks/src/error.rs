@@ -35,6 +35,12 @@ pub enum Error {
     /// No keyslot accepted the passphrase.
     #[error("no keyslot matches this passphrase (wrong passphrase or key file)")]
     WrongPassphrase,
+    /// No keyslot that could be read accepts the passphrase, and some could not be
+    /// read (damaged): the passphrase may be theirs, so it is not called wrong (it was
+    /// exit 2 and "check --key-file" for a key file that was right; a trial). The
+    /// message lists them.
+    #[error("no keyslot that can be read accepts this passphrase, and {0}: the passphrase may be that keyslot's; unlock with another keyslot's passphrase, or restore a header backup (cryptsetup luksHeaderRestore)")]
+    DamagedKeyslots(String),
     /// A keyslot number that is not in use (or out of range).
     #[error("keyslot {0} is not in use")]
     KeyslotNotFound(u32),

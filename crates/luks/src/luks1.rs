@@ -433,9 +433,19 @@ impl Luks1Header {
         if let Some(s) = slot {
             return self.unlock_keyslot(disk, s, passphrase).map(|k| (k, s));
         }
+        let damaged: Vec<String> = self
+            .keyslots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                k.damaged.map(|w| {
+                    format!("keyslot {i} is damaged (its state word {w:#010x} is neither enabled nor disabled) and was not tried")
+                })
+            })
+            .collect();
         // No active keyslot: no passphrase can open it, so it is not a wrong one
         // (cryptsetup: "No usable keyslot is available", exit 1), as for LUKS2.
-        if self.keyslot_ids().is_empty() {
+        if self.keyslot_ids().is_empty() && damaged.is_empty() {
             return Err(Error::NoUsableKeyslot);
         }
         let mut last = Error::WrongPassphrase;
@@ -446,7 +456,13 @@ impl Luks1Header {
                 Err(e) => last = e,
             }
         }
-        Err(last)
+        match last {
+            // Keyslots that were not tried may hold this passphrase.
+            Error::WrongPassphrase if !damaged.is_empty() => {
+                Err(Error::DamagedKeyslots(damaged.join("; ")))
+            }
+            e => Err(e),
+        }
     }
 
     /// Stores `vk` in keyslot `slot` (or the first free one) under `passphrase`

@@ -89,24 +89,6 @@ impl Volume {
         }
     }
 
-    /// LUKS2 passphrase keyslots that are damaged and never tried, with why.
-    pub fn damaged_keyslots(&self) -> Vec<(u32, String)> {
-        match self {
-            Volume::Luks1(_) => Vec::new(),
-            Volume::Luks2(h) => h
-                .metadata
-                .keyslots
-                .iter()
-                .filter_map(|(id, k)| match k {
-                    crate::luks2::json::Keyslot::Unusable { reason, .. } => {
-                        Some((*id, reason.clone()))
-                    }
-                    _ => None,
-                })
-                .collect(),
-        }
-    }
-
     /// Ids of keyslots holding a passphrase.
     pub fn keyslot_ids(&self) -> Vec<u32> {
         match self {

@@ -627,7 +627,23 @@ impl Luks2Header {
                 Err(e) => last_err = e,
             }
         }
-        Err(last_err)
+        match last_err {
+            // Keyslots that were not tried may hold this passphrase.
+            Error::WrongPassphrase if damaged => Err(Error::DamagedKeyslots(
+                self.metadata
+                    .keyslots
+                    .iter()
+                    .filter_map(|(id, k)| match k {
+                        Keyslot::Unusable { reason, .. } => Some(format!(
+                            "keyslot {id} is damaged ({reason}) and was not tried"
+                        )),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+            e => Err(e),
+        }
     }
 
     /// The digest of the new volume key while a key change is in progress (a reencrypt

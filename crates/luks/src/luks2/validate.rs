@@ -333,6 +333,15 @@ impl crate::luks2::json::Luks2Keyslot {
         if k.area.key_size == 0 || k.area.key_size > 512 {
             return Some(format!("area key_size {} out of range", k.area.key_size));
         }
+        // cryptsetup reads the area in whole 512-byte sectors: an offset between two
+        // was read from the sector before by cryptsetup and from the byte itself by
+        // luksify, and the two disagreed on which passphrase opens it (a trial).
+        if !k.area.offset.is_multiple_of(512) {
+            return Some(format!(
+                "area offset {} is not a multiple of 512 bytes",
+                k.area.offset
+            ));
+        }
         let need = u64::from(k.key_size) * u64::from(crate::af::DEFAULT_STRIPES);
         if k.area.size < need {
             return Some(format!(
