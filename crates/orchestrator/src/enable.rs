@@ -2535,6 +2535,12 @@ fn resume_decrypt(
         ))
     })?;
     let in_front = header.starts_with(req.state_dir.join("headers"));
+    if v.walk_done {
+        // Its header file may be gone already: only the last steps are left.
+        sw.status.volumes[idx].resumed = true;
+        sw.active = Some(idx);
+        return finish_disable(sw, idx, Outcome::Finished);
+    }
     if decryption_not_started(&v.device, &header, in_front) {
         // Stopped before the walker's first commit: the volume is encrypted as it was.
         errln!(
@@ -3300,10 +3306,20 @@ fn finish_disable(sw: &mut StatusWriter, idx: usize, outcome: Outcome) -> Result
             ),
         ));
     }
+    // Recorded before the header file goes (last): after a kill from here on,
+    // `resume` and `status` know the walk is over without it.
+    if !v.walk_done {
+        sw.status.volumes[idx].walk_done = true;
+        commit(sw)?;
+    }
     grow_and_remount(&v, v.fs_type.as_deref(), &v.device)?;
     let etc = tabs::etc_dir();
     let io = |what: &str, e: std::io::Error| {
-        Failure::failed(format!("cannot update {what} in {} ({e})", etc.display()))
+        Failure::failed(format!(
+            "cannot update {what} in {} ({e}): {} is decrypted and mounted again; make {what} writable and run `luksify resume` to finish",
+            etc.display(),
+            v.device.display()
+        ))
     };
     tabs::edit_file(&etc.join("crypttab"), |t| {
         tabs::crypttab_remove(t, &v.mapper)
@@ -3341,6 +3357,7 @@ fn finish_disable(sw: &mut StatusWriter, idx: usize, outcome: Outcome) -> Result
     }
     let s = &mut sw.status.volumes[idx];
     s.state = VolumeState::NotEncrypted;
+    s.walk_done = false;
     s.percent = 100.0;
     s.header = None;
     s.mapped_device = None;

@@ -117,6 +117,12 @@ pub struct VolumeStatus {
     /// counts and reports these only.
     #[serde(default)]
     pub in_run: bool,
+    /// A decryption's walk is over (the device is all plaintext): what is left is the
+    /// remount, the tables and removing its header file. Recorded before that file
+    /// goes, so that a run killed after it (K3: the header gone, the status not yet
+    /// written) is not taken for one stopped mid-walk that needs it.
+    #[serde(default)]
+    pub walk_done: bool,
     /// The key derivation `enable` was asked for, so that a `resume` that starts the
     /// volume's walk (again, or for the first time) uses it too. No secret: kind and costs.
     #[serde(default)]
@@ -676,6 +682,7 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
     };
     if v.state == VolumeState::DecryptionInProgress {
         return match (&v.header, state_dir) {
+            _ if v.walk_done => RunStage::Walked,
             (Some(h), _) if decryption_walked(h) => RunStage::Walked,
             (Some(h), Some(d))
                 if decryption_not_started(&v.device, h, h.starts_with(d.join("headers"))) =>
