@@ -797,6 +797,54 @@ fn luks1_a_damaged_unused_keyslot_does_not_lock_out_the_others() {
     assert!(cs(&kf), "cryptsetup no longer opens the first key");
 }
 
+/// `resume DEV` of a run whose passphrase keyslot is damaged: "wrong passphrase" (exit
+/// 2) for the right key file, as the key commands said (trial B). It names the keyslot it
+/// could not try (exit 1), and writes nothing.
+#[test]
+fn resume_of_a_run_whose_keyslot_is_damaged_names_it() {
+    require_tool("cryptsetup");
+    let d = tempfile::tempdir().unwrap();
+    let (img, hdr, key) = (
+        d.path().join("img"),
+        d.path().join("hdr"),
+        d.path().join("key"),
+    );
+    sparse_file(&img, 16 << 20);
+    std::fs::write(&key, PASS).unwrap();
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "reencrypt",
+                "-q",
+                "--encrypt",
+                "--init-only",
+                "--pbkdf",
+                "pbkdf2",
+            ])
+            .args(["--pbkdf-force-iterations", "1000", "--key-file", p(&key)])
+            .args(["--header", p(&hdr), p(&img)]),
+    );
+    let damaged = with_json(&std::fs::read(&hdr).unwrap(), |v| {
+        v["keyslots"]["0"]["area"]["size"] = Value::from("4096")
+    });
+    std::fs::write(&hdr, &damaged).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let out = run(Command::new(luksify_bin()).args([
+        "resume",
+        p(&img),
+        "--header",
+        p(&hdr),
+        "--key-file",
+        p(&key),
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.contains("keyslot 0 is damaged"),
+        "{out:?}"
+    );
+    assert!(std::fs::read(&img).unwrap() == before && std::fs::read(&hdr).unwrap() == damaged);
+}
+
 /// A LUKS1 keyslot in use whose state word is damaged (neither enabled nor disabled):
 /// its passphrase was called wrong by `change-key` (exit 2, "check --key-file") and "no
 /// usable keyslot" by the others (trial B). Every command that unlocks now names the

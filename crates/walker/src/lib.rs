@@ -2302,7 +2302,10 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     let vk = match (vk, last) {
         (Some(k), _) => k,
         (None, Some(luksify_luks::Error::WrongPassphrase) | None) => {
-            return Err(Error::WrongPassphrase)
+            return Err(match hdr.untried_or(luksify_luks::Error::WrongPassphrase) {
+                luksify_luks::Error::WrongPassphrase => Error::WrongPassphrase,
+                e => e.into(),
+            });
         }
         (None, Some(e)) => return Err(e.into()),
     };

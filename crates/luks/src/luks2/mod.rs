@@ -627,22 +627,28 @@ impl Luks2Header {
                 Err(e) => last_err = e,
             }
         }
-        match last_err {
-            // Keyslots that were not tried may hold this passphrase.
-            Error::WrongPassphrase if damaged => Err(Error::DamagedKeyslots(
-                self.metadata
-                    .keyslots
-                    .iter()
-                    .filter_map(|(id, k)| match k {
-                        Keyslot::Unusable { reason, .. } => Some(format!(
-                            "keyslot {id} is damaged ({reason}) and was not tried"
-                        )),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )),
-            e => Err(e),
+        Err(self.untried_or(last_err))
+    }
+
+    /// `e`, or [`Error::DamagedKeyslots`] naming the damaged keyslots when `e` says no
+    /// keyslot took the passphrase and some could not be tried (they may hold it).
+    pub fn untried_or(&self, e: Error) -> Error {
+        let damaged: Vec<String> = self
+            .metadata
+            .keyslots
+            .iter()
+            .filter_map(|(id, k)| match k {
+                Keyslot::Unusable { reason, .. } => Some(format!(
+                    "keyslot {id} is damaged ({reason}) and was not tried"
+                )),
+                _ => None,
+            })
+            .collect();
+        match e {
+            Error::WrongPassphrase if !damaged.is_empty() => {
+                Error::DamagedKeyslots(damaged.join("; "))
+            }
+            e => e,
         }
     }
 
