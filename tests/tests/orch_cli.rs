@@ -8134,3 +8134,61 @@ fn root_orch_a_disable_stopped_after_its_walk_finishes_without_its_header_file()
         .is_some_and(|m| m.join(" ").contains(&fx.dev().display().to_string())));
     fx.assert_files_unchanged();
 }
+
+/// An encrypted volume whose header is in `--header-dir`, its recorded name now given
+/// to another disk (loop devices renumbered, a reboot that attached disks in another
+/// order): `disable` decrypted that other disk into garbage and stripped the volume's
+/// header of its keyslots (trial P3: two disks lost). Nothing on the device names a
+/// volume with a detached header, so `disable` now finds it by its head, decrypted
+/// with its key, showing the filesystem UUID `enable` recorded: the volume where it is
+/// now is decrypted, the other disk is untouched; with the volume nowhere, it is
+/// refused and nothing is written.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_of_a_detached_volume_follows_it_not_its_old_name() {
+    let f = Fixture::new(128);
+    let other = Fixture::new(64);
+    run_ok(Command::new("umount").arg(&other.mnt));
+    let hdrs = f.dir.path().join("hdrs");
+    run_ok(f.enable_cmd().arg("--header-dir").arg(&hdrs));
+    let other_before = sha256(&other.dev());
+    rename_records(&f.state, &[(f.dev(), other.dev())]);
+    // Offline, as after a reboot before anything mapped it.
+    let name = mapper_name(&f.dev());
+    run_ok(Command::new("umount").arg(&f.mnt));
+    run_ok(f.cmd().args(["close", &name]));
+    let copy_of_f = sha256(&f.dev());
+    // Nowhere (no device's head decrypts to the recorded filesystem): refused.
+    let recorded = read_status(&f.state);
+    let mut elsewhere = recorded.clone();
+    elsewhere["volumes"][0]["fs_uuid"] = "00000000-1111-2222-3333-444444444444".into();
+    std::fs::write(f.state.join("status.json"), elsewhere.to_string()).unwrap();
+    let out = run(&mut f.disable_cmd());
+    assert_refused(&out, 1, "no other device here holds the volume");
+    assert!(stderr(&out).contains("nothing was written"), "{out:?}");
+    assert_eq!(
+        sha256(&other.dev()),
+        other_before,
+        "the other disk was written"
+    );
+    assert_eq!(sha256(&f.dev()), copy_of_f, "the volume was written");
+    std::fs::write(f.state.join("status.json"), recorded.to_string()).unwrap();
+    let out = run(&mut f.disable_cmd());
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stderr(&out).contains(&format!(
+            "the volume recorded as {} is {} now",
+            other.dev().display(),
+            f.dev().display()
+        )),
+        "{out:?}"
+    );
+    assert_eq!(
+        sha256(&other.dev()),
+        other_before,
+        "the other disk was written"
+    );
+    assert_ne!(sha256(&f.dev()), copy_of_f, "the volume was not decrypted");
+    assert!(mount_fields(&f.mnt).is_some(), "not mounted again");
+    f.assert_files_unchanged();
+}

@@ -3124,6 +3124,16 @@ fn disable_one(
             v.device.display()
         )));
     }
+    // A detached header says nothing on the device: whatever disk has the recorded
+    // name now would be decrypted (trial P3: a disk attached at the old name after a
+    // renumbering was decrypted to garbage, and the volume's header lost its keyslots).
+    // The volume is found by its head instead, decrypted with its key.
+    let v = match (&v.header, v.state) {
+        (Some(h), VolumeState::Encrypted | VolumeState::NotMounted) => {
+            follow_detached_volume(sw, idx, h, passphrase)?
+        }
+        _ => v,
+    };
     // With the header in front, the plaintext moves back over it: the header moves
     // to a new file for the run (also the journal an interrupted run resumes from).
     let header = match &v.header {
@@ -3474,6 +3484,101 @@ fn unlock_memory_blocker(path: &Path) -> Option<String> {
 
 /// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`
 /// (a device or a detached header file), read without claiming the device.
+/// The device holding the encrypted volume `idx` whose detached header is `header`: the
+/// one whose data, decrypted with the volume key, starts with the filesystem `enable`
+/// recorded (by UUID). Its recorded device first; else every block device here is
+/// tried, and the one found is recorded (as `resume` follows a volume with its header
+/// in front). Refused, nothing written, when none or more than one is, or when nothing
+/// was recorded to compare (no filesystem UUID) and the recorded device shows another
+/// filesystem.
+fn follow_detached_volume(
+    sw: &mut StatusWriter,
+    idx: usize,
+    header: &Path,
+    passphrase: &[u8],
+) -> Result<VolumeStatus> {
+    let v = sw.status.volumes[idx].clone();
+    let refuse = |why: String| {
+        Failure::failed(format!(
+            "{why}; nothing was written: attach the volume (`luksify open DEV NAME --key-file F --header {}` maps only the right device) and run `luksify disable` again",
+            header.display()
+        ))
+    };
+    let Some(uuid) = v.fs_uuid.clone() else {
+        return match probe::type_and_uuid(&v.device) {
+            Some((kind, u)) if kind != "crypto_LUKS" => Err(refuse(format!(
+                "{} holds {kind} UUID {u} in plaintext, not the ciphertext of the volume whose header is {}",
+                v.device.display(),
+                header.display()
+            ))),
+            _ => Ok(v),
+        };
+    };
+    let (seg, cipher) = (|| {
+        let f = std::fs::File::open(header).ok()?;
+        let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
+        let (vk, _) = h.unlock(&f, passphrase, None).ok()?;
+        let seg = h.data_segment().ok()?;
+        let cipher = seg.cipher(&vk).ok()?;
+        Some((seg, cipher))
+    })()
+    .ok_or_else(|| {
+        Failure::failed(format!(
+            "cannot read the volume key from {} to check that {} is its volume; nothing was written",
+            header.display(),
+            v.device.display()
+        ))
+    })?;
+    let holds_it = |dev: &Path| -> bool {
+        let mut head = vec![0u8; 4096.max(cipher.sector_size())];
+        let read = std::fs::File::open(dev)
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, seg.offset));
+        read.is_ok()
+            && cipher.decrypt(&mut head, seg.iv_tweak).is_ok()
+            && luksify_walker::fsprobe::uuid_in(&head).as_deref() == Some(uuid.as_str())
+    };
+    if holds_it(&v.device) {
+        return Ok(v);
+    }
+    let mut found: Vec<PathBuf> = probe::scannable_block_devices()
+        .into_iter()
+        .filter(|d| d != &v.device && !is_luksify_mapping(d))
+        .filter(|d| holds_it(d))
+        .collect();
+    found.dedup();
+    let here = match probe::type_and_uuid(&v.device) {
+        Some((kind, u)) => format!("{} holds {kind} UUID {u} now", v.device.display()),
+        None => format!(
+            "{} does not hold it now (decrypted with its key, its head shows no filesystem UUID {uuid})",
+            v.device.display()
+        ),
+    };
+    match found.as_slice() {
+        [d] => {
+            errln!(
+                "luksify: the volume recorded as {} is {} now (found by its filesystem UUID {uuid} under its key; its name moved since enable)",
+                v.device.display(),
+                d.display()
+            );
+            sw.status.volumes[idx].device = d.clone();
+            commit(sw)?;
+            Ok(sw.status.volumes[idx].clone())
+        }
+        [] => Err(refuse(format!(
+            "{here}, and no other device here holds the volume whose header is {}",
+            header.display()
+        ))),
+        many => Err(refuse(format!(
+            "{here}, and {} all hold the volume whose header is {} (copies?)",
+            many.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            header.display()
+        ))),
+    }
+}
+
 fn passphrase_unlocks(path: &Path, passphrase: &[u8]) -> bool {
     let Ok(f) = std::fs::File::open(path) else {
         return false;

@@ -62,6 +62,27 @@ const EXT_SB_OFFSET: u64 = 1024;
 const EXT_MAGIC: u16 = 0xEF53;
 const EXT_INCOMPAT_64BIT: u32 = 0x80;
 
+/// The UUID of the ext2/3/4 or xfs filesystem whose first 4 KiB are `head`, as blkid
+/// spells it (lower-case, hyphenated); `None` for anything else.
+pub fn uuid_in(head: &[u8]) -> Option<String> {
+    let raw: &[u8] = if head.get(0..4) == Some(b"XFSB") {
+        head.get(32..48)?
+    } else if head.get(1024 + 0x38..1024 + 0x3a) == Some(&EXT_MAGIC.to_le_bytes()[..]) {
+        head.get(1024 + 0x68..1024 + 0x78)?
+    } else {
+        return None;
+    };
+    let h: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
 /// Reads the ext2/3/4 or xfs superblock at the start of `disk`, if there is one.
 pub fn probe<D: Disk + ?Sized>(disk: &D) -> io::Result<Option<FsExtent>> {
     let mut sb = vec![0u8; 4096];
