@@ -574,7 +574,15 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
     type Damage = (&'static str, fn(&mut Value));
     // (Not its AF stripes: cryptsetup reads none, always taking 4000, and so does
     // luksify; see luks2_af_stripes_are_read_as_cryptsetup_reads_them.)
-    let damages: [Damage; 6] = [
+    let damages: [Damage; 8] = [
+        // (Were "invalid LUKS header" and "unsupported" for the whole volume; V3.)
+        ("pbkdf2 with 0 iterations", |v| {
+            v["kdf"] = serde_json::json!({"type": "pbkdf2", "hash": "sha256",
+                "iterations": 0, "salt": v["kdf"]["salt"].clone()})
+        }),
+        ("an unknown AF hash", |v| {
+            v["af"]["hash"] = Value::from("nosuch")
+        }),
         ("priority 7", |v| v["priority"] = Value::from(7)),
         ("an area too small for its key", |v| {
             v["area"]["size"] = Value::from("4096")

@@ -1279,9 +1279,15 @@ pub fn check_resolved(
                     m.mount_point.display()
                 ),
                 "its primary superblock, which the shrink and the header's checks read, is not the one in use (the mount updates only the backup); luksify does not repair a filesystem before encrypting it".into(),
-                format!(
-                    "unmount it, let e2fsck rewrite the primary from that backup (`e2fsck -f -b {sb} {dev_s}`; -B gives the block size if it is not found), mount it without sb=, then run again"
-                ),
+                {
+                    // mount's sb= counts 1 KiB units, e2fsck's -b filesystem blocks
+                    // (trial V3: `-b 131072` of a 4 KiB-block ext4 failed to open).
+                    let bs = u64::from(filesystem.block_size.unwrap_or(1024)).max(1024);
+                    let blk = sb.parse::<u64>().map_or(sb.to_string(), |n| (n * 1024 / bs).to_string());
+                    format!(
+                        "unmount it, let e2fsck rewrite the primary from that backup (`e2fsck -f -y -b {blk} -B {bs} {dev_s}`), mount it without sb=, then run again"
+                    )
+                },
             );
         } else if filesystem.needs_recovery
             && r.mounts.is_empty()

@@ -3119,6 +3119,13 @@ fn disable_one(
     }
     // The passphrase first: a wrong one must leave the volume mapped and mounted.
     if !passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), passphrase) {
+        // Not "wrong" where damaged keyslots could not be tried (trial V3).
+        if let Some(e) = damaged_keyslots_of(v.header.as_deref().unwrap_or(&v.device)) {
+            return Err(Failure::failed(format!(
+                "{}: {e}; nothing was changed",
+                v.device.display()
+            )));
+        }
         return Err(Failure::new(crate::exit::WRONG_PASSPHRASE, format!(
             "{}: no keyslot accepts this passphrase: check --key-file (or the key file recorded at enable); nothing was changed",
             v.device.display()
@@ -3576,6 +3583,17 @@ fn follow_detached_volume(
                 .join(", "),
             header.display()
         ))),
+    }
+}
+
+/// [`luksify_luks::Error::DamagedKeyslots`] for the LUKS2 header at `path` when it has
+/// keyslots that cannot be tried (a passphrase none of the others takes may be theirs).
+fn damaged_keyslots_of(path: &Path) -> Option<luksify_luks::Error> {
+    let f = std::fs::File::open(path).ok()?;
+    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
+    match h.untried_or(luksify_luks::Error::WrongPassphrase) {
+        e @ luksify_luks::Error::DamagedKeyslots(_) => Some(e),
+        _ => None,
     }
 }
 

@@ -237,12 +237,14 @@ pub fn record_refusal(dir: &Path, op: Operation, message: &str) -> std::io::Resu
             .map(|d| d.as_secs())
             .unwrap_or(0),
         message: in_state_dir(
-            &message
+            message
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
-                .join("; "),
+                .join("; ")
+                // `describe` says it once.
+                .trim_end_matches("; nothing was changed"),
             dir,
         ),
     };

@@ -326,6 +326,17 @@ impl crate::luks2::json::Luks2Keyslot {
         if k.af.kind != "luks1" {
             return Some(format!("unknown AF type '{}'", k.af.kind));
         }
+        // A KDF or AF hash that cannot run is this keyslot's damage, not the header's:
+        // "invalid LUKS header, restore a backup" went to a volume another keyslot opens
+        // (trial V3). Costs beyond this machine stay a cost error.
+        if crate::hash::Hash::parse(&k.af.hash).is_err() {
+            return Some(format!("unknown AF hash '{}'", k.af.hash));
+        }
+        if let Err(crate::Error::Corrupt(m) | crate::Error::Unsupported(m)) =
+            crate::kdf::check_runnable(&k.kdf)
+        {
+            return Some(m);
+        }
         // The stripes field is not read: LUKS2 keys always take 4000 (see keyslot::open).
         if k.area.kind != "raw" {
             return Some(format!("unknown area type '{}'", k.area.kind));
