@@ -330,7 +330,30 @@ fn fstab_entries(device: &Path) -> Vec<tabs::FstabEntry> {
                 .collect()
         })
         .unwrap_or_default();
-    tabs::fstab_entries_of(&text, device, &ids)
+    // A tag another device carries too (two filesystems labelled alike) names this
+    // one only where its entry's mount point is where this device is mounted now:
+    // a trial's `LABEL=DUP` line of the other partition was pointed at this volume's
+    // mapping, and the other partition lost its entry.
+    let (clear, shared): (Vec<String>, Vec<String>) = ids.into_iter().partition(|id| {
+        !["UUID=", "LABEL=", "PARTUUID=", "PARTLABEL="]
+            .iter()
+            .any(|k| id.starts_with(k))
+            || probe::devices_with_tag(&id.replace('"', "")).len() <= 1
+    });
+    let mut out = tabs::fstab_entries_of(&text, device, &clear);
+    if !shared.is_empty() {
+        let here = probe::block_dev_num(device);
+        let mounts = crate::mountinfo::read().unwrap_or_default();
+        for e in tabs::fstab_entries_of(&text, device, &shared) {
+            let mounted_here = mounts
+                .iter()
+                .any(|m| Some(m.dev) == here && m.mount_point == e.mount_point);
+            if mounted_here && !out.contains(&e) {
+                out.push(e);
+            }
+        }
+    }
+    out
 }
 
 /// Mounts the other mounts of a volume again as binds of `primary` (a second mount of

@@ -243,7 +243,7 @@ pub fn fstab_unmap(text: &str, mapped: &Path, plain: &str) -> String {
     join(out)
 }
 
-/// An fstab entry's mount point, filesystem type and options./// An fstab entry's mount point, filesystem type and options.
+/// An fstab entry's mount point, filesystem type and options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FstabEntry {
     pub mount_point: PathBuf,
