@@ -1335,6 +1335,24 @@ pub fn check_resolved(
             format!("attach the loop device again with 512-byte sectors (`losetup --sector-size 512`), or give its file a size that is whole {lbs}-byte blocks"),
         );
     }
+    // A filesystem that claims more than its device holds (a partition table damaged
+    // or edited under it): what lies past the end is not on the device, and `enable`
+    // went on (trial P3: it shrank such an ext4 to fit and encrypted it).
+    if let Some(fs_bytes) = filesystem
+        .fs_bytes
+        .filter(|&n| view.is_none() && luks.is_none() && size_bytes > 0 && n > size_bytes)
+    {
+        push(
+            "filesystem_larger_than_device",
+            Severity::Blocker,
+            format!(
+                "{} on {dev_s} claims {fs_bytes} bytes, but {dev_s} has {size_bytes}",
+                filesystem.fs_type
+            ),
+            "the filesystem's end lies past the device's (a partition table damaged or edited under it, or a device shrunk): what is there is not on the device, and shrinking or encrypting it would lose it".into(),
+            "give the device its size back (restore the partition table, or grow the device) so that it holds the whole filesystem, check it (`e2fsck -f -n`, `xfs_repair -n`), then run again".into(),
+        );
+    }
     // Mounted only as binds of a subdirectory: mounted again, the mapping would show
     // the filesystem's root there (a trial's `subonly` bind came back as the root).
     if !r.mounts.is_empty() && r.mounts.iter().all(|m| m.root != "/") {
