@@ -2492,3 +2492,70 @@ fn luks_cli_luks1_format_takes_key_slot_as_cryptsetup() {
         ]));
     }
 }
+
+/// A key command that finds the header changed by another command while it derived
+/// its key (cryptsetup's "concurrent LUKS2 metadata update") writes nothing and exits
+/// 4, busy, as for a lock another process holds (trial B: it exited 1). Here
+/// cryptsetup adds a key while luksify's `add-key` seals its new one, slowly.
+#[test]
+fn luks_cli_a_key_command_that_lost_a_race_exits_busy() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 20 << 20);
+    let (k0, k1, k2) = (
+        d.file("k0", b"first"),
+        d.file("k1", b"theirs"),
+        d.file("k2", b"ours"),
+    );
+    let cheap = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2"])
+            .args(cheap)
+            .args(["--key-file", p(&k0), p(&img)]),
+    );
+    // About 10 s of PBKDF2 for the new keyslot: the race is won by far.
+    let ours = lx(&[
+        "add-key",
+        p(&img),
+        "--key-file",
+        p(&k0),
+        "--new-key-file",
+        p(&k2),
+    ])
+    .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "20000000"])
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Once it has read the header: half a second of CPU is deep in the new key's PBKDF2.
+    let stat = format!("/proc/{}/stat", ours.id());
+    let deriving = || -> bool {
+        let s = std::fs::read_to_string(&stat).unwrap_or_default();
+        let f: Vec<&str> = s
+            .rsplit_once(')')
+            .map_or("", |(_, a)| a)
+            .split_whitespace()
+            .collect();
+        // (State, then utime in clock ticks; a zombie has ended: go on and fail.)
+        f.first() == Some(&"Z") || f.get(11).and_then(|t| t.parse::<u64>().ok()) >= Some(50)
+    };
+    while !deriving() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    run_ok(
+        Command::new("cryptsetup")
+            .arg("luksAddKey")
+            .args(cheap)
+            .args(["--key-file", p(&k0), p(&img), p(&k1)]),
+    );
+    let theirs = std::fs::read(&img).unwrap();
+    let out = ours.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(4) && err.contains("changed on disk"),
+        "{:?} {err}",
+        out.status
+    );
+    assert!(std::fs::read(&img).unwrap() == theirs, "add-key wrote");
+    assert!(luksify_tests::cryptsetup_opens(&img, &k1));
+}

@@ -491,6 +491,11 @@ fn luks_err(path: &Path, e: LuksError) -> anyhow::Error {
     let said = format!("{}: {e}{hint}", path.display());
     match e {
         LuksError::WrongPassphrase => anyhow::Error::new(WrongPassphrase(said)),
+        // Another command wrote the header meanwhile: busy (exit 4), run again (trial B:
+        // it was 1, where a lock held by the other exits 4).
+        LuksError::Changed(_) => {
+            anyhow::Error::new(std::io::Error::new(std::io::ErrorKind::ResourceBusy, said))
+        }
         _ => anyhow!(said),
     }
 }
