@@ -574,7 +574,14 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
     type Damage = (&'static str, fn(&mut Value));
     // (Not its AF stripes: cryptsetup reads none, always taking 4000, and so does
     // luksify; see luks2_af_stripes_are_read_as_cryptsetup_reads_them.)
-    let damages: [Damage; 8] = [
+    let damages: [Damage; 10] = [
+        // (Said "wrong passphrase" in disable; V4.)
+        ("an area cipher that cannot run", |v| {
+            v["area"]["encryption"] = Value::from("bogus-cipher-xts")
+        }),
+        ("an area key too short for its cipher", |v| {
+            v["area"]["key_size"] = Value::from(16)
+        }),
         // (Were "invalid LUKS header" and "unsupported" for the whole volume; V3.)
         ("pbkdf2 with 0 iterations", |v| {
             v["kdf"] = serde_json::json!({"type": "pbkdf2", "hash": "sha256",

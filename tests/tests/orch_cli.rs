@@ -8193,6 +8193,23 @@ fn root_orch_disable_of_a_detached_volume_follows_it_not_its_old_name() {
     );
     assert_eq!(sha256(&f.dev()), copy_of_f, "the volume was written");
     std::fs::write(f.state.join("status.json"), recorded.to_string()).unwrap();
+    // A copy of the volume attached at the recorded name, the volume elsewhere (trial
+    // V4: the copy was decrypted and the header, the volume's only key, removed).
+    let copy = f.dir.path().join("copy.img");
+    run_ok(Command::new("cp").arg(f.dir.path().join("img")).arg(&copy));
+    let copy_lo = LoopDev::attach(&copy);
+    rename_records(&f.state, &[(other.dev(), copy_lo.path.clone())]);
+    let out = run(&mut f.disable_cmd());
+    assert_refused(&out, 1, "(copies of it?)");
+    assert_eq!(sha256(&copy_lo.path), copy_of_f, "the copy was written");
+    assert_eq!(sha256(&f.dev()), copy_of_f, "the volume was written");
+    assert_eq!(
+        sha256(&other.dev()),
+        other_before,
+        "the other disk was written"
+    );
+    drop(copy_lo);
+    std::fs::write(f.state.join("status.json"), recorded.to_string()).unwrap();
     let out = run(&mut f.disable_cmd());
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(

@@ -755,6 +755,19 @@ pub(crate) fn crypt_material(spec: &str, key: &[u8], buf: &mut [u8], encrypt: bo
     Ok(())
 }
 
+/// Whether keyslot material in `spec` can be read with a key of `key_len` bytes (see
+/// [`crypt_material`]): the cipher is built with a counting pattern, no secret (XTS
+/// refuses a key whose halves are equal).
+pub(crate) fn material_cipher_usable(spec: &str, key_len: usize) -> Result<()> {
+    let key: Vec<u8> = (0..key_len).map(|i| i as u8).collect();
+    if luksify_cipher::cbc::CbcSectors::handles(spec) {
+        luksify_cipher::cbc::CbcSectors::new(spec, &key)?;
+    } else {
+        SectorCipher::new(spec, &key, 512)?;
+    }
+    Ok(())
+}
+
 /// Whether keyslot material in `spec` can be read and written (see [`crypt_material`]).
 /// Also LUKS2 keyslot areas: cryptsetup encrypts them with the data segment's cipher,
 /// `aes-cbc-essiv:sha256` included.

@@ -3512,8 +3512,6 @@ fn unlock_memory_blocker(path: &Path) -> Option<String> {
     ))
 }
 
-/// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`
-/// (a device or a detached header file), read without claiming the device.
 /// The device holding the encrypted volume `idx` whose detached header is `header`: the
 /// one whose data, decrypted with the volume key, starts with the filesystem `enable`
 /// recorded (by UUID). Its recorded device first; else every block device here is
@@ -3567,15 +3565,23 @@ fn follow_detached_volume(
             && cipher.decrypt(&mut head, seg.iv_tweak).is_ok()
             && luksify_walker::fsprobe::uuid_in(&head).as_deref() == Some(uuid.as_str())
     };
-    if holds_it(&v.device) {
-        return Ok(v);
-    }
+    // Every device that holds it, the recorded one included: a copy at the recorded
+    // name beside the volume elsewhere (a snapshot attached first) was decrypted, and
+    // the volume's only header removed with it (trial V4).
+    let recorded = std::fs::canonicalize(&v.device).unwrap_or(v.device.clone());
     let mut found: Vec<PathBuf> = probe::scannable_block_devices()
         .into_iter()
-        .filter(|d| d != &v.device && !is_luksify_mapping(d))
+        .filter(|d| !is_luksify_mapping(d))
+        .filter(|d| std::fs::canonicalize(d).is_ok_and(|c| c != recorded))
         .filter(|d| holds_it(d))
         .collect();
     found.dedup();
+    if holds_it(&v.device) {
+        if found.is_empty() {
+            return Ok(v);
+        }
+        found.insert(0, v.device.clone());
+    }
     let here = match probe::type_and_uuid(&v.device) {
         Some((kind, u)) => format!("{} holds {kind} UUID {u} now", v.device.display()),
         None => format!(
@@ -3598,8 +3604,8 @@ fn follow_detached_volume(
             "{here}, and no other device here holds the volume whose header is {}",
             header.display()
         ))),
-        many => Err(refuse(format!(
-            "{here}, and {} all hold the volume whose header is {} (copies?)",
+        many => Err(Failure::failed(format!(
+            "{} each hold the volume whose header is {} (copies of it?): decrypting one would leave the others, and the header is its only key; nothing was written: detach the copies and run `luksify disable` again",
             many.iter()
                 .map(|d| d.display().to_string())
                 .collect::<Vec<_>>()
@@ -3620,6 +3626,8 @@ fn damaged_keyslots_of(path: &Path) -> Option<luksify_luks::Error> {
     }
 }
 
+/// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`
+/// (a device or a detached header file), read without claiming the device.
 fn passphrase_unlocks(path: &Path, passphrase: &[u8]) -> bool {
     let Ok(f) = std::fs::File::open(path) else {
         return false;

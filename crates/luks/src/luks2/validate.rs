@@ -344,6 +344,16 @@ impl crate::luks2::json::Luks2Keyslot {
         if k.area.key_size == 0 || k.area.key_size > 512 {
             return Some(format!("area key_size {} out of range", k.area.key_size));
         }
+        // A cipher or key size the area cannot be read with (trial V4: it went on to
+        // "wrong passphrase" in disable). AES-XTS or AES-CBC, as keyslot material is read.
+        if let Err(e) =
+            crate::luks1::material_cipher_usable(&k.area.encryption, k.area.key_size as usize)
+        {
+            return Some(format!(
+                "its area cipher {} with a {}-byte key cannot be used ({e})",
+                k.area.encryption, k.area.key_size
+            ));
+        }
         // cryptsetup reads the area in whole 512-byte sectors: an offset between two
         // was read from the sector before by cryptsetup and from the byte itself by
         // luksify, and the two disagreed on which passphrase opens it (a trial).
