@@ -536,6 +536,42 @@ fn json_of(img: &Path) -> Value {
     serde_json::from_slice(&bytes[4096..4096 + end]).unwrap()
 }
 
+/// Each command that unlocks `img` with `key` (`test-passphrase`, and the key commands,
+/// `new` for a new passphrase) exits 1 with one line holding `needle` and what a damaged
+/// keyslot's passphrase is told (not "check --key-file"), and writes nothing.
+fn every_unlocking_command_names(img: &Path, key: &Path, new: &Path, needle: &str, what: &str) {
+    let before = std::fs::read(img).unwrap();
+    for args in [
+        vec!["test-passphrase"],
+        vec!["add-key", "--new-key-file", p(new)],
+        vec!["change-key", "--new-key-file", p(new)],
+        vec!["remove-key"],
+    ] {
+        let mut c = Command::new(luksify_bin());
+        c.arg(args[0])
+            .arg(img)
+            .arg("--key-file")
+            .arg(key)
+            .args(&args[1..]);
+        let out = run(&mut c);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1)
+                && err.lines().count() == 1
+                && err.contains(needle)
+                && err.contains("the passphrase may be that keyslot's")
+                && !err.contains("check --key-file"),
+            "{what}: {}: {err}",
+            args[0]
+        );
+        assert!(
+            std::fs::read(img).unwrap() == before,
+            "{what}: {} wrote",
+            args[0]
+        );
+    }
+}
+
 /// One damaged keyslot (priority 7, a salt that is not base64, an unknown KDF, key
 /// size 0) no longer makes luksify refuse the whole header: cryptsetup opens
 /// such a volume with its other keyslots, and so does luksify. The damaged keyslot is
@@ -614,36 +650,7 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
         // The damaged keyslot's own passphrase is not called wrong (exit 2, "check
         // --key-file", for a key file that was right; trial B): every command that
         // unlocks says which keyslot could not be tried (exit 1), and writes nothing.
-        let before = std::fs::read(&img).unwrap();
-        for args in [
-            vec!["test-passphrase"],
-            vec!["add-key", "--new-key-file", p(&k2)],
-            vec!["change-key", "--new-key-file", p(&k2)],
-            vec!["remove-key"],
-        ] {
-            let mut c = Command::new(luksify_bin());
-            c.arg(args[0])
-                .arg(&img)
-                .arg("--key-file")
-                .arg(&k1)
-                .args(&args[1..]);
-            let out = run(&mut c);
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                out.status.code() == Some(1)
-                    && err.lines().count() == 1
-                    && err.contains("keyslot 1 is damaged")
-                    && err.contains("the passphrase may be that keyslot's")
-                    && !err.contains("check --key-file"),
-                "{what}: {}: {err}",
-                args[0]
-            );
-            assert!(
-                std::fs::read(&img).unwrap() == before,
-                "{what}: {} wrote",
-                args[0]
-            );
-        }
+        every_unlocking_command_names(&img, &k1, &k2, "keyslot 1 is damaged", what);
         let dump = lx(&["dump", p(&img)]);
         let dump = String::from_utf8_lossy(&dump.stdout);
         assert!(
@@ -877,32 +884,15 @@ fn luks1_a_damaged_keyslot_in_use_is_named_not_a_wrong_passphrase() {
         let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
         f.write_all_at(&0x1234_5678u32.to_be_bytes(), 208).unwrap();
     }
-    let before = std::fs::read(&img).unwrap();
     let kf3 = d.path().join("key3");
     std::fs::write(&kf3, "third").unwrap();
-    for args in [
-        vec!["test-passphrase"],
-        vec!["add-key", "--new-key-file", p(&kf3)],
-        vec!["change-key", "--new-key-file", p(&kf3)],
-        vec!["remove-key"],
-    ] {
-        let mut c = Command::new(luksify_bin());
-        c.arg(args[0])
-            .arg(&img)
-            .arg("--key-file")
-            .arg(&kf)
-            .args(&args[1..]);
-        let out = run(&mut c);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.code() == Some(1)
-                && err.lines().count() == 1
-                && err.contains("keyslot 0 is damaged (its state word 0x12345678"),
-            "{}: {err}",
-            args[0]
-        );
-        assert!(std::fs::read(&img).unwrap() == before, "{} wrote", args[0]);
-    }
+    every_unlocking_command_names(
+        &img,
+        &kf,
+        &kf3,
+        "keyslot 0 is damaged (its state word 0x12345678",
+        "LUKS1",
+    );
     run_ok(Command::new(luksify_bin()).args(["test-passphrase", p(&img), "--key-file", p(&kf2)]));
 }
 
