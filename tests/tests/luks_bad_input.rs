@@ -651,6 +651,13 @@ fn luks2_a_damaged_keyslot_does_not_lock_out_the_others() {
         // --key-file", for a key file that was right; trial B): every command that
         // unlocks says which keyslot could not be tried (exit 1), and writes nothing.
         every_unlocking_command_names(&img, &k1, &k2, "keyslot 1 is damaged", what);
+        // Keyslot 0 is the last that opens the volume; luksDump lists two (V3).
+        let out = lx(&["remove-key", p(&img), "--key-file", p(&k0)]);
+        luksify_tests::assert_refused_in_one_line(
+            &out,
+            "is the last keyslot that can open the volume (keyslot 1 is damaged)",
+            what,
+        );
         let dump = lx(&["dump", p(&img)]);
         let dump = String::from_utf8_lossy(&dump.stdout);
         assert!(

@@ -959,8 +959,28 @@ fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
     }
     .map_err(|e| luks_err(path, e))?;
     if vol.keyslot_ids().len() == 1 && !a.batch_mode {
+        // Damaged keyslots may be there too, but open nothing (trial V3: "the last
+        // keyslot" where luksDump lists two).
+        let damaged: Vec<String> = match &vol {
+            Volume::Luks2(h) => h
+                .metadata
+                .keyslots
+                .iter()
+                .filter(|(_, k)| matches!(k, Keyslot::Unusable { .. }))
+                .map(|(id, _)| id.to_string())
+                .collect(),
+            Volume::Luks1(_) => Vec::new(),
+        };
+        let usable = if damaged.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " that can open the volume (keyslot {} is damaged)",
+                damaged.join(", ")
+            )
+        };
         bail!(
-            "{}: key slot {slot} is the last keyslot; removing it makes the data unrecoverable. Re-run with --batch-mode to do it anyway",
+            "{}: key slot {slot} is the last keyslot{usable}; removing it makes the data unrecoverable. Re-run with --batch-mode to do it anyway",
             path.display()
         );
     }
