@@ -8247,22 +8247,32 @@ fn root_orch_disable_names_a_damaged_keyslot_not_a_wrong_passphrase() {
         .unwrap();
     let mut head = vec![0u8; 64 << 10];
     dev.read_exact_at(&mut head, 0).unwrap();
-    let damaged = luksify_tests::luks2_with_json(&head, |v| {
-        let o: u64 = v["keyslots"]["0"]["area"]["offset"]
-            .as_str()
-            .unwrap()
-            .parse()
+    type Damage = (&'static str, fn(&mut serde_json::Value));
+    let damages: [Damage; 2] = [
+        ("keyslot 0 is damaged", |v| {
+            let o: u64 = v["keyslots"]["0"]["area"]["offset"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            v["keyslots"]["0"]["area"]["offset"] = (o + 1).to_string().into();
+        }),
+        // A cipher luksify does not implement (V4: also "wrong passphrase").
+        ("bogus-cipher-xts", |v| {
+            v["keyslots"]["0"]["area"]["encryption"] = "bogus-cipher-xts".into();
+        }),
+    ];
+    for (needle, damage) in damages {
+        dev.write_all_at(&luksify_tests::luks2_with_json(&head, damage), 0)
             .unwrap();
-        v["keyslots"]["0"]["area"]["offset"] = (o + 1).to_string().into();
-    });
-    dev.write_all_at(&damaged, 0).unwrap();
-    dev.sync_all().unwrap();
-    let out = run(&mut fx.disable_cmd());
-    assert_refused(&out, 1, "keyslot 0 is damaged");
-    assert!(!stderr(&out).contains("check --key-file"), "{out:?}");
-    assert!(luksify_tests::has_luks_header(&fx.dev()));
-    assert!(mount_fields(&fx.mnt).is_some(), "not mounted");
-    fx.assert_files_unchanged();
+        dev.sync_all().unwrap();
+        let out = run(&mut fx.disable_cmd());
+        assert_refused(&out, 1, needle);
+        assert!(!stderr(&out).contains("check --key-file"), "{out:?}");
+        assert!(luksify_tests::has_luks_header(&fx.dev()));
+        assert!(mount_fields(&fx.mnt).is_some(), "not mounted");
+        fx.assert_files_unchanged();
+    }
     // Put back, the volume disables as ever.
     dev.write_all_at(&head, 0).unwrap();
     dev.sync_all().unwrap();

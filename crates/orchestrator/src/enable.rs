@@ -3142,8 +3142,9 @@ fn disable_one(
     }
     // The passphrase first: a wrong one must leave the volume mapped and mounted.
     if !passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), passphrase) {
-        // Not "wrong" where damaged keyslots could not be tried (trial V3).
-        if let Some(e) = damaged_keyslots_of(v.header.as_deref().unwrap_or(&v.device)) {
+        // Not "wrong" where keyslots could not be tried: damaged (trial V3), or in a
+        // cipher luksify does not implement (V4).
+        if let Some(e) = unlock_failure(v.header.as_deref().unwrap_or(&v.device), passphrase) {
             return Err(Failure::failed(format!(
                 "{}: {e}; nothing was changed",
                 v.device.display()
@@ -3615,14 +3616,15 @@ fn follow_detached_volume(
     }
 }
 
-/// [`luksify_luks::Error::DamagedKeyslots`] for the LUKS2 header at `path` when it has
-/// keyslots that cannot be tried (a passphrase none of the others takes may be theirs).
-fn damaged_keyslots_of(path: &Path) -> Option<luksify_luks::Error> {
+/// Why `passphrase` does not unlock the LUKS2 header at `path` when that is not a
+/// wrong passphrase: keyslots that could not be tried (damaged, or in a cipher luksify
+/// does not implement), which the passphrase may be for.
+fn unlock_failure(path: &Path, passphrase: &[u8]) -> Option<luksify_luks::Error> {
     let f = std::fs::File::open(path).ok()?;
     let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
-    match h.untried_or(luksify_luks::Error::WrongPassphrase) {
-        e @ luksify_luks::Error::DamagedKeyslots(_) => Some(e),
-        _ => None,
+    match h.unlock_key_only(&f, passphrase, None) {
+        Err(luksify_luks::Error::WrongPassphrase) | Ok(_) => None,
+        Err(e) => Some(e),
     }
 }
 

@@ -344,15 +344,19 @@ impl crate::luks2::json::Luks2Keyslot {
         if k.area.key_size == 0 || k.area.key_size > 512 {
             return Some(format!("area key_size {} out of range", k.area.key_size));
         }
-        // A cipher or key size the area cannot be read with (trial V4: it went on to
-        // "wrong passphrase" in disable). AES-XTS or AES-CBC, as keyslot material is read.
-        if let Err(e) =
-            crate::luks1::material_cipher_usable(&k.area.encryption, k.area.key_size as usize)
-        {
-            return Some(format!(
-                "its area cipher {} with a {}-byte key cannot be used ({e})",
-                k.area.encryption, k.area.key_size
-            ));
+        // A key size the area's cipher cannot take (trial V4: a 16-byte AES-XTS key went
+        // on to "wrong passphrase" in disable). Built as keyslot material is read, AES-XTS
+        // or AES-CBC. A cipher luksify does not implement is no damage (cryptsetup's
+        // `benbi` keyslots, say): unlocking says so, and that cryptsetup reads it.
+        if crate::luks1::check_material_spec(&k.area.encryption).is_ok() {
+            if let Err(e) =
+                crate::luks1::material_cipher_usable(&k.area.encryption, k.area.key_size as usize)
+            {
+                return Some(format!(
+                    "its area cipher {} cannot take a {}-byte key ({e})",
+                    k.area.encryption, k.area.key_size
+                ));
+            }
         }
         // cryptsetup reads the area in whole 512-byte sectors: an offset between two
         // was read from the sector before by cryptsetup and from the byte itself by
