@@ -962,13 +962,7 @@ fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
         // Damaged keyslots may be there too, but open nothing (trial V3: "the last
         // keyslot" where luksDump lists two).
         let damaged: Vec<String> = match &vol {
-            Volume::Luks2(h) => h
-                .metadata
-                .keyslots
-                .iter()
-                .filter(|(_, k)| matches!(k, Keyslot::Unusable { .. }))
-                .map(|(id, _)| id.to_string())
-                .collect(),
+            Volume::Luks2(h) => h.damaged_keyslots().map(|(id, _)| id.to_string()).collect(),
             Volume::Luks1(_) => Vec::new(),
         };
         let usable = if damaged.is_empty() {

@@ -64,10 +64,11 @@ pub fn default_argon2_memory_kib() -> u32 {
         .max(u64::from(ARGON2_MIN_MEMORY_KIB)) as u32
 }
 
-/// Refuses KDF parameters we will not run: unknown hashes, Argon2 memory beyond
-/// cryptsetup's 4 GiB maximum or beyond this machine's RAM, lane counts that
-/// make no sense. Runs before any derivation so hostile headers cost nothing.
-pub fn check_runnable(kdf: &Kdf) -> Result<()> {
+/// Refuses KDF parameters no keyslot can have: an unknown hash, pbkdf2 with 0
+/// iterations, Argon2 time, lanes or memory out of cryptsetup's range. Reads nothing
+/// of this machine (a keyslot's shape, checked as its header is read: such a keyslot
+/// is damaged, see `Luks2Keyslot::problem`).
+pub fn check_shape(kdf: &Kdf) -> Result<()> {
     match kdf {
         Kdf::Pbkdf2 {
             hash, iterations, ..
@@ -96,17 +97,27 @@ pub fn check_runnable(kdf: &Kdf) -> Result<()> {
                     "a keyslot's argon2 memory is {memory} KiB, below cryptsetup's minimum of {ARGON2_MIN_MEMORY_KIB} KiB"
                 )));
             }
-            if *memory > ARGON2_MAX_MEMORY_KIB {
+        }
+    }
+    Ok(())
+}
+
+/// Refuses KDF parameters we will not run: [`check_shape`], then Argon2 memory beyond
+/// cryptsetup's 4 GiB maximum or beyond this machine's RAM. Runs before any derivation
+/// so hostile headers cost nothing.
+pub fn check_runnable(kdf: &Kdf) -> Result<()> {
+    check_shape(kdf)?;
+    if let Kdf::Argon2i { memory, .. } | Kdf::Argon2id { memory, .. } = kdf {
+        if *memory > ARGON2_MAX_MEMORY_KIB {
+            return Err(Error::KdfTooCostly(format!(
+                "a keyslot's argon2 memory is {memory} KiB, above cryptsetup's maximum of {ARGON2_MAX_MEMORY_KIB} KiB (a damaged header, or one not made by cryptsetup); open it with another keyslot's passphrase"
+            )));
+        }
+        if let Some(ram) = total_ram_kib() {
+            if u64::from(*memory) > ram {
                 return Err(Error::KdfTooCostly(format!(
-                    "a keyslot's argon2 memory is {memory} KiB, above cryptsetup's maximum of {ARGON2_MAX_MEMORY_KIB} KiB (a damaged header, or one not made by cryptsetup); open it with another keyslot's passphrase"
+                    "argon2 memory {memory} KiB exceeds this machine's {ram} KiB of RAM"
                 )));
-            }
-            if let Some(ram) = total_ram_kib() {
-                if u64::from(*memory) > ram {
-                    return Err(Error::KdfTooCostly(format!(
-                        "argon2 memory {memory} KiB exceeds this machine's {ram} KiB of RAM"
-                    )));
-                }
             }
         }
     }

@@ -334,11 +334,15 @@ fn fstab_entries(device: &Path) -> Vec<tabs::FstabEntry> {
     // one only where its entry's mount point is where this device is mounted now:
     // a trial's `LABEL=DUP` line of the other partition was pointed at this volume's
     // mapping, and the other partition lost its entry.
+    // (A blkid scan of every device per tag: only for tags fstab spells.)
     let (clear, shared): (Vec<String>, Vec<String>) = ids.into_iter().partition(|id| {
+        let tag = id.replace('"', "");
         !["UUID=", "LABEL=", "PARTUUID=", "PARTLABEL="]
             .iter()
             .any(|k| id.starts_with(k))
-            || probe::devices_with_tag(&id.replace('"', "")).len() <= 1
+            // (Its value, however fstab quotes it.)
+            || !tag.split_once('=').is_some_and(|(_, v)| text.contains(v))
+            || probe::devices_with_tag(&tag).len() <= 1
     });
     let mut out = tabs::fstab_entries_of(&text, device, &clear);
     if !shared.is_empty() {
@@ -3140,31 +3144,35 @@ fn disable_one(
             format!("{b}; nothing was changed"),
         ));
     }
-    // The passphrase first: a wrong one must leave the volume mapped and mounted.
-    if !passphrase_unlocks(v.header.as_deref().unwrap_or(&v.device), passphrase) {
-        // Not "wrong" where keyslots could not be tried: damaged (trial V3), or in a
-        // cipher luksify does not implement (V4).
-        if let Some(e) = unlock_failure(v.header.as_deref().unwrap_or(&v.device), passphrase) {
+    // The passphrase first: a wrong one must leave the volume mapped and mounted. Not
+    // "wrong" where keyslots could not be tried: damaged (trial V3), or in a cipher
+    // luksify does not implement (V4).
+    let (hdr, vk) = match unlock_header(v.header.as_deref().unwrap_or(&v.device), passphrase) {
+        Ok(k) => k,
+        Err(Some(e)) => {
             return Err(Failure::failed(format!(
                 "{}: {e}; nothing was changed",
                 v.device.display()
-            )));
+            )))
         }
-        return Err(Failure::new(crate::exit::WRONG_PASSPHRASE, format!(
-            "{}: no keyslot accepts this passphrase: check --key-file (or the key file recorded at enable); nothing was changed",
-            v.device.display()
-        )));
-    }
+        Err(None) => {
+            return Err(Failure::new(crate::exit::WRONG_PASSPHRASE, format!(
+                "{}: no keyslot accepts this passphrase: check --key-file (or the key file recorded at enable); nothing was changed",
+                v.device.display()
+            )))
+        }
+    };
     // A detached header says nothing on the device: whatever disk has the recorded
     // name now would be decrypted (trial P3: a disk attached at the old name after a
     // renumbering was decrypted to garbage, and the volume's header lost its keyslots).
     // The volume is found by its head instead, decrypted with its key.
     let v = match (&v.header, v.state) {
         (Some(h), VolumeState::Encrypted | VolumeState::NotMounted) => {
-            follow_detached_volume(sw, idx, h, passphrase)?
+            follow_detached_volume(sw, idx, h, &hdr, &vk)?
         }
         _ => v,
     };
+    drop(vk);
     // With the header in front, the plaintext moves back over it: the header moves
     // to a new file for the run (also the journal an interrupted run resumes from).
     let header = match &v.header {
@@ -3524,7 +3532,8 @@ fn follow_detached_volume(
     sw: &mut StatusWriter,
     idx: usize,
     header: &Path,
-    passphrase: &[u8],
+    hdr: &luksify_luks::luks2::Luks2Header,
+    vk: &luksify_luks::VolumeKey,
 ) -> Result<VolumeStatus> {
     let v = sw.status.volumes[idx].clone();
     let refuse = |why: String| {
@@ -3544,16 +3553,13 @@ fn follow_detached_volume(
         };
     };
     let (seg, cipher) = (|| {
-        let f = std::fs::File::open(header).ok()?;
-        let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
-        let (vk, _) = h.unlock(&f, passphrase, None).ok()?;
-        let seg = h.data_segment().ok()?;
-        let cipher = seg.cipher(&vk).ok()?;
+        let seg = hdr.data_segment().ok()?;
+        let cipher = seg.cipher(vk).ok()?;
         Some((seg, cipher))
     })()
     .ok_or_else(|| {
         Failure::failed(format!(
-            "cannot read the volume key from {} to check that {} is its volume; nothing was written",
+            "cannot build the data cipher of {} to check that {} is its volume; nothing was written",
             header.display(),
             v.device.display()
         ))
@@ -3583,12 +3589,14 @@ fn follow_detached_volume(
         }
         found.insert(0, v.device.clone());
     }
-    let here = match probe::type_and_uuid(&v.device) {
+    let here = || {
+        match probe::type_and_uuid(&v.device) {
         Some((kind, u)) => format!("{} holds {kind} UUID {u} now", v.device.display()),
         None => format!(
             "{} does not hold it now (decrypted with its key, its head shows no filesystem UUID {uuid})",
             v.device.display()
         ),
+    }
     };
     match found.as_slice() {
         [d] => {
@@ -3602,7 +3610,8 @@ fn follow_detached_volume(
             Ok(sw.status.volumes[idx].clone())
         }
         [] => Err(refuse(format!(
-            "{here}, and no other device here holds the volume whose header is {}",
+            "{}, and no other device here holds the volume whose header is {}",
+            here(),
             header.display()
         ))),
         many => Err(Failure::failed(format!(
@@ -3616,31 +3625,47 @@ fn follow_detached_volume(
     }
 }
 
-/// Why `passphrase` does not unlock the LUKS2 header at `path` when that is not a
-/// wrong passphrase: keyslots that could not be tried (damaged, or in a cipher luksify
-/// does not implement), which the passphrase may be for.
-fn unlock_failure(path: &Path, passphrase: &[u8]) -> Option<luksify_luks::Error> {
-    let f = std::fs::File::open(path).ok()?;
-    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).ok()?;
-    match h.unlock_key_only(&f, passphrase, None) {
-        Err(luksify_luks::Error::WrongPassphrase) | Ok(_) => None,
-        Err(e) => Some(e),
+/// The LUKS2 header at the start of `path` (a device or a detached header file), read
+/// without claiming the device, and the volume key a keyslot of it gives `passphrase`.
+/// `Err(None)`: a wrong passphrase (or no header); `Err(Some(e))`: keyslots that could not
+/// be tried (damaged, or in a cipher luksify does not implement), which the passphrase
+/// may be for.
+fn unlock_header(
+    path: &Path,
+    passphrase: &[u8],
+) -> std::result::Result<
+    (luksify_luks::luks2::Luks2Header, luksify_luks::VolumeKey),
+    Option<luksify_luks::Error>,
+> {
+    use luksify_luks::luks2::json::Keyslot;
+    let f = std::fs::File::open(path).map_err(|_| None)?;
+    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).map_err(|_| None)?;
+    let mut last = luksify_luks::Error::WrongPassphrase;
+    let ids: Vec<u32> = h
+        .metadata
+        .keyslots
+        .iter()
+        .filter(|(_, k)| matches!(k, Keyslot::Luks2(_)))
+        .map(|(id, _)| *id)
+        // An unbound keyslot holds another key: "not the volume's" is no reason here.
+        .filter(|id| !h.is_unbound(*id))
+        .collect();
+    for id in ids {
+        match h.unlock_keyslot(&f, id, passphrase) {
+            Ok(vk) => return Ok((h, vk)),
+            Err(luksify_luks::Error::WrongPassphrase) => {}
+            Err(e) => last = e,
+        }
+    }
+    match h.untried_or(last) {
+        luksify_luks::Error::WrongPassphrase => Err(None),
+        e => Err(Some(e)),
     }
 }
 
-/// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`
-/// (a device or a detached header file), read without claiming the device.
+/// Whether `passphrase` opens a keyslot of the LUKS2 header at the start of `path`.
 fn passphrase_unlocks(path: &Path, passphrase: &[u8]) -> bool {
-    let Ok(f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let Ok((h, _)) = luksify_luks::luks2::Luks2Header::read(&f) else {
-        return false;
-    };
-    h.metadata
-        .keyslots
-        .keys()
-        .any(|id| h.unlock_keyslot(&f, *id, passphrase).is_ok())
+    unlock_header(path, passphrase).is_ok()
 }
 
 /// Mount point, filesystem type and options that fstab gives `device` or its mapping.

@@ -630,19 +630,20 @@ impl Luks2Header {
         Err(self.untried_or(last_err))
     }
 
+    /// The passphrase keyslots that are damaged (never tried), with why.
+    pub fn damaged_keyslots(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.metadata.keyslots.iter().filter_map(|(id, k)| match k {
+            Keyslot::Unusable { reason, .. } => Some((*id, reason.as_str())),
+            _ => None,
+        })
+    }
+
     /// `e`, or [`Error::DamagedKeyslots`] naming the damaged keyslots when `e` says no
     /// keyslot took the passphrase and some could not be tried (they may hold it).
     pub fn untried_or(&self, e: Error) -> Error {
         let damaged: Vec<String> = self
-            .metadata
-            .keyslots
-            .iter()
-            .filter_map(|(id, k)| match k {
-                Keyslot::Unusable { reason, .. } => Some(format!(
-                    "keyslot {id} is damaged ({reason}) and was not tried"
-                )),
-                _ => None,
-            })
+            .damaged_keyslots()
+            .map(|(id, reason)| format!("keyslot {id} is damaged ({reason}) and was not tried"))
             .collect();
         match e {
             Error::WrongPassphrase if !damaged.is_empty() => {
