@@ -1138,7 +1138,33 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resul
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
+    remove_dead_temporaries(dir, &name);
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes the `.{name}.tmp.PID` files in `dir` whose process is gone: a run killed
+/// between creating its temporary and renaming it left one for good, in the state
+/// directory or beside /etc/fstab (a trial). A live pid's may be another run's write
+/// in flight and is left.
+fn remove_dead_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// `msg` with every `luksify CMD` it suggests given `--state-dir DIR`: followed
@@ -1750,6 +1776,33 @@ mod tests {
         assert_eq!(
             s.progress_message,
             "OS disk successfully encrypted, please reboot the VM"
+        );
+    }
+
+    /// A temporary a killed writer left is removed by the next write of that file; a
+    /// live process's, and another file's, are left.
+    #[test]
+    fn an_atomic_write_removes_temporaries_dead_writers_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // No process can have a pid above pid_max; pid 1 always runs.
+        let dead = dir.path().join(format!(".status.json.tmp.{}", pid_max + 1));
+        let live = dir.path().join(".status.json.tmp.1");
+        let other = dir.path().join(format!(".fstab.tmp.{}", pid_max + 1));
+        let odd = dir.path().join(".status.json.tmp.x");
+        for f in [&dead, &live, &other, &odd] {
+            std::fs::write(f, b"{").unwrap();
+        }
+        write_atomic(&dir.path().join("status.json"), b"{}").unwrap();
+        assert!(!dead.exists(), "a dead writer's temporary was kept");
+        assert!(live.exists() && other.exists() && odd.exists());
+        assert_eq!(
+            std::fs::read(dir.path().join("status.json")).unwrap(),
+            b"{}"
         );
     }
 
