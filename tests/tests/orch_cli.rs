@@ -1103,6 +1103,64 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     assert_eq!(read_status(&a.state)["data_volumes_encrypted"], "Encrypted");
 }
 
+/// A run's detached header that cannot be read at `resume` (its filesystem not mounted
+/// yet at boot, an I/O error) is no run "never started": `resume` took it for one,
+/// removed the file and encrypted the half already encrypted again under a new key (a
+/// trial). It refuses, writes nothing, and finishes once the header is back.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_resume_refuses_a_detached_header_it_cannot_read_instead_of_starting_over() {
+    let fx = Fixture::new(96);
+    let hdr_dir = fx.dir.path().join("headers");
+    std::fs::create_dir(&hdr_dir).unwrap();
+    let mut enable = fx.enable_cmd();
+    enable.arg("--header-dir").arg(&hdr_dir);
+    fx.kill_mid_first_walk(enable);
+    let headers: Vec<PathBuf> = std::fs::read_dir(&hdr_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(headers.len(), 1, "{headers:?}");
+    let header = &headers[0];
+    let saved = fx.dir.path().join("saved.luks2");
+    std::fs::rename(header, &saved).unwrap();
+    let before = sha256(&fx.dev());
+    // Missing (its filesystem not mounted): refused, nothing written or created.
+    let out = run(fx.cmd().arg("resume"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("the header file {} of ", header.display()))
+            && err.contains("is missing")
+            && err.contains("nothing was written")
+            && err.contains("mount the filesystem it is on"),
+        "{err}"
+    );
+    assert!(!header.exists(), "a new header file was made");
+    assert_eq!(sha256(&fx.dev()), before, "resume wrote to the device");
+    // Unreadable (a directory where the file was: reads fail, EISDIR): refused too.
+    std::fs::create_dir(header).unwrap();
+    let out = run(fx.cmd().arg("resume"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("cannot read the header {} of ", header.display()))
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert!(
+        header.is_dir(),
+        "resume removed what stood at the header path"
+    );
+    assert_eq!(sha256(&fx.dev()), before, "resume wrote to the device");
+    // The header back: resume finishes it, every file intact.
+    std::fs::remove_dir(header).unwrap();
+    std::fs::rename(&saved, header).unwrap();
+    let out = run(fx.cmd().arg("resume"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_encrypted_and_intact();
+}
+
 /// The userspace mapping's daemon killed: the mount stays but reads fail. `status` must
 /// not say Encrypted, and the command its message gives must work as given (with the
 /// key file for F), for a header in front and a detached one (whose `--header` it

@@ -1165,7 +1165,8 @@ fn back_out_encryption(
     header: Option<&Path>,
     (fs, shrunk): (&FsFacts, bool),
 ) -> Failure {
-    if let Some(h) = header.filter(|h| matches!(header_progress(h), HeaderProgress::Absent)) {
+    if let Some(h) = header.filter(|h| header_absent(h, false)) {
+        sw.status.volumes[idx].header_reserved = false;
         let _ = std::fs::remove_file(h);
     }
     // Put back and told: no later run repairs it on its own.
@@ -1396,6 +1397,8 @@ fn encrypt_prepared(
     n: usize,
 ) -> Result<()> {
     sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
+    // Its header file exists from now on: missing later, it was not "never created".
+    sw.status.volumes[idx].header_reserved = header.is_some();
     commit(sw)?;
     let data = match DataDevice::open(device, false) {
         Ok(d) => d,
@@ -1476,11 +1479,20 @@ fn encrypt_prepared(
                 "",
             );
             let f = Failure::new(e.code, msg);
-            return Err(back_out_encryption(sw, idx, f, device, header, (fs, shrunk)));
+            return Err(back_out_encryption(
+                sw,
+                idx,
+                f,
+                device,
+                header,
+                (fs, shrunk),
+            ));
         }
         // No header was committed: nothing is encrypted, and resume starts over.
         Err(e) => {
             return Err(match header_progress(header.unwrap_or(device)) {
+                // Read back and empty: not when it cannot be read (an I/O error said
+                // "nothing is encrypted" of a run half done; a trial).
                 HeaderProgress::Absent => Failure::new(
                     e.code,
                     e.message.replace(
@@ -1489,7 +1501,7 @@ fn encrypt_prepared(
                     ),
                 ),
                 _ => e,
-            })
+            });
         }
     };
     drop(data);
@@ -2189,8 +2201,32 @@ fn resume_one(
             finish_volume(req, passphrase, sw, idx, Outcome::Finished)?;
             return Ok(());
         }
-        HeaderProgress::Absent => {
+        HeaderProgress::Unreadable(e) => {
+            return Err(Failure::failed(format!(
+                "cannot read the header {} of {} ({e}): it holds the key of what is encrypted already, so nothing was written; fix what stands in the way (the storage it is on, its permissions), then run `luksify resume` again",
+                header_path.display(),
+                v.device.display()
+            )))
+        }
+        HeaderProgress::Missing if v.header.is_none() || v.header_reserved || v.bytes_done > 0 => {
+            return Err(Failure::failed(match &v.header {
+                Some(h) => format!(
+                    "the header file {} of {} is missing: it holds the key of what is encrypted already, so nothing was written; mount the filesystem it is on (or put the file back from a copy), then run `luksify resume` again",
+                    h.display(),
+                    v.device.display()
+                ),
+                None => format!(
+                    "{} is missing; attach it (or name where it is now), then run `luksify resume` again (nothing was written)",
+                    v.device.display()
+                ),
+            }))
+        }
+        HeaderProgress::Absent | HeaderProgress::Missing => {
             if let Some(h) = &v.header {
+                // No longer a reserved header: a stop after the removal must not be
+                // taken for a header gone missing.
+                sw.status.volumes[idx].header_reserved = false;
+                commit(sw)?;
                 // Cut before the walker's first commit to the detached header: neither
                 // copy is valid, so the walker has not written to the device, and the
                 // file (created by this run: preflight refuses an existing one) holds
@@ -2349,7 +2385,7 @@ pub(crate) fn locate(v: &VolumeStatus) -> Result<Option<PathBuf>> {
     let header_written = v
         .header
         .as_deref()
-        .is_some_and(|h| !matches!(header_progress(h), HeaderProgress::Absent));
+        .is_some_and(|h| !header_absent(h, false));
     // 2. An encryption whose detached header is written: the device's head is
     // ciphertext, so a device showing the filesystem's UUID elsewhere is a copy, never
     // the volume; the walker's identity token decides on the recorded one.
@@ -2522,8 +2558,15 @@ fn restart_encryption(
 }
 
 pub(crate) enum HeaderProgress {
-    /// No LUKS2 header in either copy: the walker never committed one.
+    /// Read, and no LUKS2 header in either copy: the walker never committed one.
     Absent,
+    /// No such file: never created, or on a filesystem not mounted (yet), or removed.
+    /// Says nothing of what the walker did.
+    Missing,
+    /// It cannot be opened or read (an I/O error, no permission): says nothing of what
+    /// the walker did. A header file an I/O error hid was taken for "never written",
+    /// and `resume` removed it and encrypted the half already encrypted again (a trial).
+    Unreadable(String),
     /// Its reencryption state, when it parses.
     InProgress(Option<luksify_luks::reencrypt::ReencryptState>),
     Finished,
@@ -2532,10 +2575,24 @@ pub(crate) enum HeaderProgress {
 /// Reads the header through both copies (a torn primary is recovered from the secondary),
 /// so that a damaged but recoverable header is never mistaken for an absent one.
 pub(crate) fn header_progress(path: &Path) -> HeaderProgress {
-    let Ok(f) = std::fs::File::open(path) else {
-        return HeaderProgress::Absent;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HeaderProgress::Missing,
+        Err(e) => return HeaderProgress::Unreadable(e.to_string()),
     };
+    use std::os::unix::fs::FileTypeExt;
+    match f.metadata() {
+        Ok(m) if m.is_file() || m.file_type().is_block_device() => {}
+        Ok(_) => return HeaderProgress::Unreadable("not a file or a block device".into()),
+        Err(e) => return HeaderProgress::Unreadable(e.to_string()),
+    }
     match luksify_luks::luks2::Luks2Header::read(&f) {
+        // A file cut short (its reservation failed) holds no header either.
+        Err(luksify_luks::Error::Io { source, .. })
+            if source.kind() != std::io::ErrorKind::UnexpectedEof =>
+        {
+            HeaderProgress::Unreadable(source.to_string())
+        }
         Err(_) => HeaderProgress::Absent,
         Ok((h, _)) => match luksify_luks::reencrypt::state(&h.metadata) {
             Ok(Some(st)) => HeaderProgress::InProgress(Some(st)),
@@ -2544,6 +2601,16 @@ pub(crate) fn header_progress(path: &Path) -> HeaderProgress {
             Err(_) => HeaderProgress::InProgress(None),
             Ok(None) => HeaderProgress::Finished,
         },
+    }
+}
+
+/// Whether the header at `path` is known to hold no header: read, and none in it; or
+/// not there (`missing_is_absent`: a detached header file the run never reserved).
+pub(crate) fn header_absent(path: &Path, missing_is_absent: bool) -> bool {
+    match header_progress(path) {
+        HeaderProgress::Absent => true,
+        HeaderProgress::Missing => missing_is_absent,
+        _ => false,
     }
 }
 

@@ -123,6 +123,11 @@ pub struct VolumeStatus {
     /// written) is not taken for one stopped mid-walk that needs it.
     #[serde(default)]
     pub walk_done: bool,
+    /// The detached header file of an encryption was created and reserved before its
+    /// walk began: missing later, it is on a filesystem not mounted or was removed, and
+    /// is never taken for a run that had not started.
+    #[serde(default)]
+    pub header_reserved: bool,
     /// The key derivation `enable` was asked for, so that a `resume` that starts the
     /// volume's walk (again, or for the first time) uses it too. No secret: kind and costs.
     #[serde(default)]
@@ -712,6 +717,7 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
         // run recorded (a trial's backed-out enable read "interrupted at 0%").
         if v.header.is_some()
             && e.kind() == std::io::ErrorKind::NotFound
+            && !v.header_reserved
             && crate::enable::plain_as_recorded(v)
         {
             return RunStage::NotStarted;
@@ -720,6 +726,7 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
     }
     match header_progress(header) {
         HeaderProgress::Absent => RunStage::NotStarted,
+        HeaderProgress::Missing | HeaderProgress::Unreadable(_) => RunStage::Walking(None),
         HeaderProgress::Finished => RunStage::Walked,
         HeaderProgress::InProgress(st) => RunStage::Walking(clean_percent(v, st)),
     }
@@ -751,7 +758,10 @@ fn clean_percent(
 fn moved_to(v: &VolumeStatus) -> Option<PathBuf> {
     use crate::enable::{header_progress, HeaderProgress};
     let uuid = v.luks_uuid.as_deref().filter(|_| v.header.is_none())?;
-    if !matches!(header_progress(&v.device), HeaderProgress::Absent) {
+    if matches!(
+        header_progress(&v.device),
+        HeaderProgress::InProgress(_) | HeaderProgress::Finished
+    ) {
         return None;
     }
     match crate::probe::devices_with_uuid(uuid).as_slice() {
