@@ -4864,6 +4864,196 @@ fn root_orch_a_filesystem_keeps_its_size_through_enable_and_disable() {
     fx.assert_files_unchanged();
 }
 
+/// A process (`sleep`) holding `dev` open for reading, killed on drop.
+struct OpenIn(Child);
+impl OpenIn {
+    fn new(dev: &Path) -> OpenIn {
+        let child = Command::new("sleep")
+            .arg("600")
+            .stdin(std::fs::File::open(dev).unwrap())
+            .spawn()
+            .unwrap();
+        OpenIn(child)
+    }
+}
+impl Drop for OpenIn {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Another block device over a volume's bytes, in use, is a blocker of `check` and
+/// `enable` (exit 3) and a refusal of `encrypt` by hand (exit 4), nothing written: a
+/// second loop device over the same image mounted, a loop device over the volume's own
+/// device open in a process, the partitioned disk a partition is on open in a process,
+/// a loop device over a file on the volume attached from another mount namespace (its
+/// backing path names nothing here). Each passed `check`, and `enable` encrypted the
+/// bytes under the live filesystem or failed late (a trial). Merely attached, such a
+/// device stands in nobody's way.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_another_device_over_the_same_bytes_in_use_is_a_blocker() {
+    require_tool("partx");
+    require_tool("unshare");
+    let fx = Fixture::new(64);
+    let img = fx.dir.path().join("img");
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    let before = sha256(&img);
+    // `by_hand`: `encrypt` refuses too (a mount holds the other device exclusively;
+    // the walker asks no process what it has open, as cryptsetup does not).
+    let refused = |needle: &str, by_hand: bool| {
+        for mut c in [
+            {
+                let mut c = fx.cmd();
+                c.arg("check").arg(fx.dev());
+                c
+            },
+            fx.enable_of(&fx.dev()),
+        ] {
+            let out = run(&mut c);
+            assert_eq!(out.status.code(), Some(3), "{out:?}");
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+            assert!(text.contains(needle), "{needle}: {text}");
+            // No fix that would wreck the other device's filesystem.
+            assert!(!text.contains("e2fsck"), "{text}");
+        }
+        if !by_hand {
+            assert_eq!(sha256(&img), before, "the image was written");
+            return;
+        }
+        let mut c = fx.cmd();
+        c.arg("encrypt")
+            .arg(fx.dev())
+            .arg("--key-file")
+            .arg(&fx.key)
+            .arg("--header")
+            .arg(fx.dir.path().join("by-hand.luks2"))
+            .args(["--pbkdf", "pbkdf2"])
+            .args(["--pbkdf-force-iterations", "1000"]);
+        let out = run(&mut c);
+        assert_eq!(out.status.code(), Some(4), "{out:?}");
+        assert!(stderr(&out).contains("reaches the same bytes"), "{out:?}");
+        assert!(!luksify_tests::has_luks_header(&fx.dev()));
+        assert_eq!(sha256(&img), before, "the image was written");
+    };
+    // A second loop device over the image, mounted (read-only: the image stays as is).
+    let alias = LoopDev::attach(&img);
+    let elsewhere = fx.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "ro,noload"])
+            .arg(&alias.path)
+            .arg(&elsewhere),
+    );
+    let mounted = Mounted(elsewhere.clone());
+    refused(
+        &format!(
+            "{} (another device over the same bytes) is mounted at {}",
+            alias.path.display(),
+            elsewhere.display()
+        ),
+        true,
+    );
+    drop(mounted);
+    // Attached and unused: no blocker.
+    let out = run(fx.cmd().arg("check").arg(fx.dev()));
+    assert!(out.status.success(), "{out:?}");
+    drop(alias);
+    // A loop device over the volume's device, open in a process.
+    let stacked = LoopDev::attach(&fx.dev());
+    let user = OpenIn::new(&stacked.path);
+    refused(
+        &format!(
+            "{} (another device over the same bytes) is open in pid {} (sleep)",
+            stacked.path.display(),
+            user.0.id()
+        ),
+        false,
+    );
+    drop(user);
+    drop(stacked);
+
+    // A loop device over a file on the volume, attached in a mount namespace now gone.
+    run_ok(Command::new("mount").arg(fx.dev()).arg(&fx.mnt));
+    sparse_file(&fx.mnt.join("inner.img"), 8 << 20);
+    let ns_mnt = fx.dir.path().join("ns");
+    std::fs::create_dir(&ns_mnt).unwrap();
+    let out = run_ok(
+        Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount {} {} && losetup -f --show {}/inner.img",
+                fx.dev().display(),
+                ns_mnt.display(),
+                ns_mnt.display()
+            )),
+    );
+    let inner = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let detach = scopeguard(inner.clone());
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+    assert!(
+        text.contains(&format!("loop device {inner} is backed by ")),
+        "{text}"
+    );
+    drop(detach);
+    fx.assert_files_unchanged();
+    run_ok(Command::new("umount").arg(&fx.mnt));
+
+    // A partition whose disk is open in a process.
+    let disk = fx.dir.path().join("disk");
+    sparse_file(&disk, 64 << 20);
+    let mut mbr = vec![0u8; 512];
+    let e = &mut mbr[446..462];
+    e[4] = 0x83;
+    e[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    e[12..16].copy_from_slice(&(100 * 1024u32).to_le_bytes());
+    mbr[510..].copy_from_slice(&[0x55, 0xAA]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&mbr, 0).unwrap();
+    }
+    let lo = LoopDev::attach_with(&disk, &["-P"]);
+    let part = PathBuf::from(format!("{}p1", lo.path.display()));
+    let _ = Command::new("partx").arg("-a").arg(&lo.path).output();
+    wait_for("the partition", Duration::from_secs(5), || part.exists());
+    run_ok(Command::new("mkfs.ext4").arg("-q").arg(&part));
+    let disk_before = sha256(&disk);
+    let user = OpenIn::new(&lo.path);
+    let out = run(fx.cmd().arg("check").arg(&part));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+    assert!(
+        text.contains(&format!(
+            "{} (the whole disk it is a partition of) is open in pid {} (sleep)",
+            lo.path.display(),
+            user.0.id()
+        )),
+        "{text}"
+    );
+    let out = run(&mut fx.enable_of(&part));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    drop(user);
+    assert_eq!(sha256(&disk), disk_before, "the disk was written");
+    let out = run(fx.cmd().arg("check").arg(&part));
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Detaches the loop device on drop.
+struct Detach(String);
+fn scopeguard(dev: String) -> Detach {
+    Detach(dev)
+}
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).output();
+    }
+}
+
 /// Unmounts (lazily) on drop, so a failed assertion leaves no mount behind.
 struct Mounted(PathBuf);
 impl Drop for Mounted {

@@ -1049,6 +1049,18 @@ pub fn check_resolved(
             ),
         );
     }
+    // Other devices over the same bytes: the disk a partition is on, its partitions,
+    // a loop device over the same image or over this device. A mount or an open of
+    // one of them passed every check, and the run wrote under it (a trial).
+    for o in probe::other_paths_in_use(r.dev, all) {
+        push(
+            "other_path_in_use",
+            Severity::Blocker,
+            format!("{} ({}) {}", o.node.display(), o.relation, o.how),
+            format!("it reaches the bytes of {dev_s}: encrypting them in place would rewrite what it uses"),
+            o.fix,
+        );
+    }
     for (mp, layer) in probe::overlays_on(all, fs_devs) {
         push(
             "overlay",
@@ -1603,6 +1615,12 @@ pub fn check_resolved(
             why: "an exclusive holder (a mounted filesystem's external journal or log, a RAID or device-mapper member, a mount in another mount namespace, another luksify or cryptsetup run) would see its device rewritten under it".into(),
             fix: format!("find and stop the holder (`ls /sys/class/block/{name}/holders`, `grep -e {dev_s} -e {} /proc/*/mountinfo`; a mount namespace no process is in is kept by a bind of its nsfs file: `findmnt -t nsfs`, then umount it), then check again", r.dev),
         });
+    }
+    // What another device's user does to these bytes is not this filesystem's state:
+    // an ext journal another path's mount is writing, no filesystem where a partition
+    // is mounted. Their fixes (e2fsck, mkfs) would wreck what that user has mounted.
+    if problems.iter().any(|p| p.code == "other_path_in_use") {
+        problems.retain(|p| !matches!(p.code, "ext_journal_not_replayed" | "no_filesystem"));
     }
     Ok(Report {
         target: target.to_path_buf(),

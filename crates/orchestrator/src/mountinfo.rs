@@ -22,6 +22,10 @@ impl DevNum {
             minor: libc::minor(raw as libc::dev_t),
         }
     }
+    /// As a `dev_t`.
+    pub fn raw(self) -> u64 {
+        libc::makedev(self.major, self.minor)
+    }
     fn parse(s: &str) -> Option<DevNum> {
         let (a, b) = s.split_once(':')?;
         Some(DevNum {

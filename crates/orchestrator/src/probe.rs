@@ -708,12 +708,142 @@ pub fn loops_backed_on(
             continue;
         };
         let backing = PathBuf::from(b.trim_end_matches('\n'));
-        if dev_of_path(all, &backing).is_some_and(|d| fs_devs.contains(&d)) {
+        // By its path here, else by the file the kernel holds: a loop device attached
+        // in another mount namespace shows a path that names nothing here, and passed
+        // `check` (a trial).
+        let on_volume = dev_of_path(all, &backing).is_some_and(|d| fs_devs.contains(&d))
+            || (!fuse_backed_loop(&name, all)
+                && luksify_walker::overlap::loop_backing_file(&name)
+                    .is_some_and(|(dev, _)| fs_devs.contains(&DevNum::from_raw(dev))));
+        if on_volume {
             out.push((PathBuf::from(format!("/dev/{name}")), backing));
         }
     }
     out.sort();
     out
+}
+
+/// Another block device over some of a volume's bytes, and how it is in use.
+#[derive(Debug, Clone)]
+pub struct OtherPathInUse {
+    pub node: PathBuf,
+    /// How it reaches the bytes ("the whole disk it is a partition of").
+    pub relation: &'static str,
+    /// How it is used ("is mounted at /mnt/x", "is open in pid 12 (qemu)").
+    pub how: String,
+    pub fix: String,
+}
+
+/// The other block devices over the bytes of `dev` ([`luksify_walker::overlap`]) that
+/// something uses: mounted (here or in another mount namespace), open in a process,
+/// held by a device-mapper or RAID device, or (another path than its disk or
+/// partitions) held exclusively. The disk a partition is on and its other partitions'
+/// bytes do not meet it; `O_EXCL` is not asked of its disk or partitions, which the
+/// kernel ties to its own claims.
+pub fn other_paths_in_use(dev: DevNum, all: &[crate::mountinfo::Mount]) -> Vec<OtherPathInUse> {
+    use luksify_walker::overlap::Relation;
+    let overlaps = luksify_walker::overlap::overlapping(dev.raw(), &|n| fuse_backed_loop(n, all));
+    let mut out = Vec::new();
+    if overlaps.is_empty() {
+        return out;
+    }
+    let mut targets = crate::holders::Targets::default();
+    targets
+        .block_devices
+        .extend(overlaps.iter().map(|o| DevNum::from_raw(o.rdev)));
+    let holders = crate::holders::scan_settled(&targets, false);
+    for o in &overlaps {
+        let node = o.node();
+        let num = DevNum::from_raw(o.rdev);
+        let shown = node.display().to_string();
+        let relation = o.relation.describe();
+        let mut add = |how: String, fix: String| {
+            out.push(OtherPathInUse {
+                node: node.clone(),
+                relation,
+                how,
+                fix,
+            })
+        };
+        if let Some(m) = all.iter().find(|m| m.dev == num) {
+            add(
+                format!("is mounted at {}", m.mount_point.display()),
+                format!(
+                    "unmount it (umount {}) and keep it unmounted while luksify runs",
+                    m.mount_point.display()
+                ),
+            );
+            continue;
+        }
+        if let Some(f) = foreign_namespace_mounts(&[num], &[]).first() {
+            add(
+                format!(
+                    "is mounted at {} in another mount namespace ({}, pid {} {})",
+                    f.mount_point.display(),
+                    f.namespace,
+                    f.pid,
+                    f.command
+                ),
+                format!(
+                    "unmount it there (nsenter -t {} -m umount {})",
+                    f.pid,
+                    f.mount_point.display()
+                ),
+            );
+            continue;
+        }
+        let users: Vec<&crate::holders::Holder> = holders
+            .iter()
+            .filter(|h| {
+                std::fs::metadata(&h.path).is_ok_and(|m| {
+                    DevNum::from_raw(std::os::unix::fs::MetadataExt::rdev(&m)) == num
+                }) || h.path == node
+            })
+            .collect();
+        if let Some(h) = users.first() {
+            add(
+                format!("is open in pid {} ({})", h.pid, h.command),
+                format!(
+                    "stop pid {} or let it close {shown} (luksify stops no user of another device)",
+                    h.pid
+                ),
+            );
+            continue;
+        }
+        let sys_holders = sysfs_holders(num);
+        if !sys_holders.is_empty() {
+            add(
+                format!("is held by {}", sys_holders.join(", ")),
+                format!(
+                    "stop what is built on it (ls /sys/class/block/{}/holders)",
+                    o.name
+                ),
+            );
+            continue;
+        }
+        if o.relation == Relation::OtherPath && luksify_walker::overlap::held_exclusively(&node) {
+            add(
+                "is in use (held exclusively: a mount, a mapping, a run)".into(),
+                format!("find what uses it (`grep {num} /proc/*/mountinfo`, `ls /sys/class/block/{}/holders`), stop it, and detach the loop device (losetup -d)", o.name),
+            );
+        }
+    }
+    out
+}
+
+/// Whether loop device `name`'s backing file sits on a FUSE mount here (a luksify
+/// view among them): asking the kernel about it stats that file, which waits on the
+/// daemon.
+pub fn fuse_backed_loop(name: &str, all: &[crate::mountinfo::Mount]) -> bool {
+    let Ok(b) = std::fs::read_to_string(format!("/sys/class/block/{name}/loop/backing_file"))
+    else {
+        return false;
+    };
+    let backing = Path::new(b.trim_end_matches('\n'));
+    all.iter()
+        .filter(|m| backing.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count())
+        .is_some_and(|m| m.fs_type.starts_with("fuse"))
 }
 
 /// The filesystem `path` is on, from the mount table alone (the deepest mount point

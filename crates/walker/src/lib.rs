@@ -13,6 +13,7 @@ pub mod engine;
 pub mod fsprobe;
 mod identity;
 pub mod lock;
+pub mod overlap;
 pub mod powercut;
 mod sha256x16;
 mod stage;

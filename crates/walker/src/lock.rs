@@ -84,8 +84,11 @@ impl DataLock {
     /// takes, and `luksify format` before it writes a header in front.
     pub fn claim(file: &File, size: u64) -> io::Result<DataLock> {
         use std::os::unix::fs::FileTypeExt;
-        if file.metadata()?.file_type().is_block_device() {
-            DataLock::block_device(file, size)
+        let m = file.metadata()?;
+        if m.file_type().is_block_device() {
+            let lock = DataLock::block_device(file, size)?;
+            crate::overlap::refuse_used_other_paths(m.rdev())?;
+            Ok(lock)
         } else {
             let lock = DataLock::image_file(file)?;
             refuse_used_loop_devices(file)?;
@@ -188,11 +191,15 @@ fn locked_error(e: io::Error, msg: impl FnOnce() -> String) -> io::Error {
     }
 }
 
-/// What `LOOP_GET_STATUS64` says of a loop device: the backing file's inode and the
-/// offset into it.
-struct LoopStatus {
-    inode: u64,
-    offset: u64,
+/// What `LOOP_GET_STATUS64` says of a loop device: the backing file's device and inode
+/// (`rdevice`: the device number it is a node of, 0 for a regular file) and the offset
+/// into it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoopStatus {
+    pub(crate) device: u64,
+    pub(crate) inode: u64,
+    pub(crate) rdevice: u64,
+    pub(crate) offset: u64,
 }
 
 /// `struct loop_info64` (linux/loop.h).
@@ -214,7 +221,7 @@ struct LoopInfo64 {
 }
 
 /// `LOOP_GET_STATUS64`: `None` when `dev` is not a bound loop device.
-fn loop_status(dev: &File) -> Option<LoopStatus> {
+pub(crate) fn loop_status(dev: &File) -> Option<LoopStatus> {
     const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
     // SAFETY: all-zero is a valid `LoopInfo64` (integers and byte arrays).
     let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
@@ -228,7 +235,9 @@ fn loop_status(dev: &File) -> Option<LoopStatus> {
         )
     };
     (rc == 0).then_some(LoopStatus {
+        device: info.lo_device,
         inode: info.lo_inode,
+        rdevice: info.lo_rdevice,
         offset: info.lo_offset,
     })
 }
@@ -248,40 +257,18 @@ fn loop_backing_path(major: u32, minor: u32) -> Option<PathBuf> {
 /// run through one is excluded by [`DataLock`].
 pub fn refuse_used_loop_devices(file: &File) -> io::Result<()> {
     let meta = file.metadata()?;
-    let Ok(dir) = std::fs::read_dir("/sys/block") else {
-        return Ok(());
-    };
-    let mut names: Vec<String> = dir
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with("loop"))
-        .collect();
-    names.sort();
-    for name in names {
-        let Ok(s) = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")) else {
-            continue;
-        };
-        let Ok(b) = std::fs::metadata(s.trim_end_matches('\n')) else {
-            continue;
-        };
-        if b.dev() != meta.dev() || b.ino() != meta.ino() {
-            continue;
-        }
-        let node = format!("/dev/{name}");
-        match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-            .open(&node)
-        {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::ResourceBusy,
-                    format!(
-                        "attached to {node}, which is in use (mounted, mapped, or opened by another program): writing under it would corrupt it; unmount or close it and detach it (`losetup -d {node}`) first (nothing was written)"
-                    ),
-                ))
-            }
-            _ => {}
+    // By the file's identity, not a path: a loop device attached from another mount
+    // namespace shows a backing path that names nothing here (a trial).
+    for o in crate::overlap::devices_over_file(meta.dev(), meta.ino()) {
+        let node = o.node();
+        if crate::overlap::held_exclusively(&node) {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "attached to {}, which is in use (mounted, mapped, or opened by another program): writing under it would corrupt it; unmount or close it and detach its loop device (`losetup -d`) first (nothing was written)",
+                    node.display()
+                ),
+            ));
         }
     }
     Ok(())
