@@ -74,19 +74,25 @@ fn orch_status_with_a_state_dir_suggests_commands_for_that_dir() {
                      "state": "EncryptionInProgress", "percent": 37.5, "bytes_done": 375, "bytes_total": 1000}]
     });
     std::fs::write(d.path().join("status.json"), status.to_string()).unwrap();
-    let out = run_ok(
-        Command::new(luksify_bin())
-            .args(["status", "--state-dir"])
-            .arg(d.path()),
-    );
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        said.contains(&format!(
-            "interrupted at 37% (its luksify process is gone); `luksify resume --state-dir {}` finishes it",
-            d.path().display()
-        )),
-        "{said}"
-    );
+    // Given by --state-dir, or by $LUKSIFY_STATE_DIR (named after a SIGTERM, not after
+    // a SIGKILL: an agent without the variable resumed the default directory; a trial).
+    let mut flag = Command::new(luksify_bin());
+    flag.env_remove("LUKSIFY_STATE_DIR")
+        .args(["status", "--state-dir"])
+        .arg(d.path());
+    let mut env = luksify(d.path());
+    env.arg("status");
+    for mut c in [flag, env] {
+        let out = run_ok(&mut c);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains(&format!(
+                "interrupted at 37% (its luksify process is gone); `luksify resume --state-dir {}` finishes it",
+                d.path().display()
+            )),
+            "{c:?}: {said}"
+        );
+    }
 }
 
 #[test]
@@ -105,6 +111,27 @@ fn orch_second_invocation_is_refused_naming_the_lock_holder() {
     let out = run(luksify(d.path()).args(["close", "nothing"]));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no mapping named nothing"));
+}
+
+/// A state directory that does not exist (a typo) gets a note from `status` and
+/// `resume`, and `resume` does not make it: it answered "Nothing to resume." and created
+/// the directory, after which `status` had no note either (a trial).
+#[test]
+fn orch_resume_of_a_state_dir_that_does_not_exist_says_so_and_makes_none() {
+    let d = tempfile::tempdir().unwrap();
+    let typo = d.path().join("stat");
+    for args in [&["resume"][..], &["status"]] {
+        let out = run(luksify(&typo).args(args));
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            stderr(&out).contains(&format!(
+                "the state directory {} does not exist: no luksify run has used it",
+                typo.display()
+            )),
+            "{args:?}: {out:?}"
+        );
+        assert!(!typo.exists(), "{args:?} made the directory");
+    }
 }
 
 #[test]
@@ -2460,6 +2487,35 @@ fn orch_installed_unit_resumes_the_state_dir_given() {
         .args(["install-unit", "--state-dir", "rel/dir", "--prefix"])
         .arg(d.path()));
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Without --state-dir, `$LUKSIFY_STATE_DIR` as every command takes it (the unit
+    // named /var/lib/luksify, whose status file never exists then; a trial); unset,
+    // the default, with no flag.
+    for (env, want) in [
+        (Some("/var/lib/env-luksify"), "/var/lib/env-luksify"),
+        (None, "/var/lib/luksify"),
+    ] {
+        let mut c = Command::new(luksify_bin());
+        c.env_remove("LUKSIFY_STATE_DIR");
+        if let Some(e) = env {
+            c.env("LUKSIFY_STATE_DIR", e);
+        }
+        run_ok(c.args(["install-unit", "--prefix"]).arg(d.path()));
+        let text = std::fs::read_to_string(&unit).unwrap();
+        assert!(
+            text.contains(&format!("ConditionPathExists={want}/status.json\n"))
+                && text.contains(&format!("RequiresMountsFor={want}\n")),
+            "{env:?}: {text}"
+        );
+        let exec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .unwrap();
+        assert_eq!(
+            exec.ends_with(&format!(" resume --wait --state-dir {want}")),
+            env.is_some(),
+            "{env:?}: {exec}"
+        );
+    }
 }
 
 /// An ExecStart path with a blank and a `%` is quoted and escaped for systemd: verify

@@ -99,7 +99,7 @@ pub enum OrchCmd {
         /// Map through the userspace path even where dm-crypt exists
         #[arg(long)]
         userspace: bool,
-        /// Key derivation: argon2id (default, as cryptsetup) or pbkdf2
+        /// Key derivation: argon2id (default, as cryptsetup), argon2i or pbkdf2 (any case)
         #[arg(long, default_value = "argon2id")]
         pbkdf: String,
         /// Fixed KDF iterations / argon2 time cost instead of benchmarking
@@ -169,8 +169,8 @@ pub enum OrchCmd {
         /// luksify path for ExecStart (default: this binary)
         #[arg(long)]
         exec: Option<PathBuf>,
-        /// The state directory the unit resumes (default /var/lib/luksify): give the one
-        /// your runs use, or the unit never sees them
+        /// The state directory the unit resumes (default $LUKSIFY_STATE_DIR or
+        /// /var/lib/luksify): the one your runs use, or the unit never sees them
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -331,14 +331,19 @@ pub fn resume_all(
 /// run was given: followed literally, it must act on the same state directory.
 fn finish_in(state_dir: Option<PathBuf>, r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
     finish(r.map_err(|mut f| {
-        if let Some(d) = state_dir {
-            f.message = with_state_dir(&f.message, &d);
-        }
+        f.message = named_in(&f.message, state_dir.as_deref());
         f
     }))
 }
 
-use luksify_orchestrator::status::with_state_dir;
+/// `msg` with every `luksify CMD` it suggests given the state directory this command
+/// acts on (`--state-dir`, else `$LUKSIFY_STATE_DIR`) unless that is the default:
+/// followed literally, from an agent without that variable too, it must act on the
+/// same state directory (`status` named it after a SIGTERM, not after a SIGKILL; a
+/// trial).
+fn named_in(msg: &str, state_dir: Option<&Path>) -> String {
+    status::in_state_dir(msg, &status::state_dir(state_dir))
+}
 
 /// Prints a failure as one line and turns it into its exit code.
 fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
@@ -420,19 +425,15 @@ fn cmd_check(
             let dir = status::state_dir(state_dir.as_deref());
             check::add_interrupted_run(&mut r, &dir);
             // The commands a fix names act on the state directory given.
-            if let Some(d) = &state_dir {
-                for p in &mut r.problems {
-                    p.fix = with_state_dir(&p.fix, d);
-                }
+            for p in &mut r.problems {
+                p.fix = named_in(&p.fix, state_dir.as_deref());
             }
             r
         }
         Err(p) => {
             let dir = status::state_dir(state_dir.as_deref());
             let mut p = check::offline_volume_at(&target, &dir).unwrap_or(p);
-            if let Some(d) = &state_dir {
-                p.fix = with_state_dir(&p.fix, d);
-            }
+            p.fix = named_in(&p.fix, state_dir.as_deref());
             if json {
                 outln!(
                     "{}",
@@ -525,6 +526,13 @@ fn cmd_install_unit(
     exec: Option<PathBuf>,
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
+    // As every other command takes it: `$LUKSIFY_STATE_DIR` too (a unit installed under
+    // it named /var/lib/luksify, and never resumed the runs kept there; a trial). A
+    // relative `--state-dir` is refused below rather than made absolute here.
+    let state_dir = match state_dir {
+        Some(d) => Some(d),
+        None => Some(status::state_dir(None)).filter(|d| d != Path::new(status::DEFAULT_STATE_DIR)),
+    };
     if let Some(d) = state_dir.as_ref().filter(|d| {
         !d.is_absolute()
             || d.to_string_lossy()
@@ -591,9 +599,7 @@ fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode
     let mounts = luksify_orchestrator::mountinfo::read().unwrap_or_default();
     status::apply_live_state(&mut s, &mounts, Some(&dir));
     // A command the message suggests must act on this state directory when run as said.
-    if let Some(d) = &state_dir {
-        s.progress_message = with_state_dir(&s.progress_message, d);
-    }
+    s.progress_message = named_in(&s.progress_message, state_dir.as_deref());
     if json {
         outln!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -607,7 +613,8 @@ fn kdf_request(
     iterations: Option<u32>,
 ) -> Result<luksify_luks::kdf::KdfRequest, Failure> {
     use luksify_luks::kdf::{KdfKind, KdfRequest};
-    let kind = match kind {
+    // In any case, as `format` and `encrypt` take it (and cryptsetup).
+    let kind = match kind.to_ascii_lowercase().as_str() {
         "pbkdf2" => KdfKind::Pbkdf2,
         "argon2id" => KdfKind::Argon2id,
         "argon2i" => KdfKind::Argon2i,
@@ -660,10 +667,7 @@ fn list_candidates(json: bool, state_dir: &Path, given: Option<&Path>) -> anyhow
     let hint =
         "Encrypt with: `luksify enable --volume-type data --volume DEV_OR_MOUNTPOINT --key-file F`";
     // Followed literally, it must act on the same state directory as this listing.
-    match given {
-        Some(d) => outln!("{}", with_state_dir(hint, d)),
-        None => outln!("{hint}"),
-    }
+    outln!("{}", named_in(hint, given));
     Ok(ExitCode::from(exit::OK))
 }
 
@@ -881,23 +885,25 @@ fn cmd_resume(
         kill_holders: false,
         wait,
     };
-    with_recorded_volumes(key_file, run, state_dir, |req, key| {
-        // Runs found here that this resume cannot finish (no key given, or decryptions).
-        let mut left = 0;
-        for f in luksify_orchestrator::enable::scan_in_progress(&req.state_dir) {
-            let dev = f.device.display();
-            if f.decrypt || key.is_none() {
-                left += 1;
-            }
-            if f.decrypt {
-                errln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
-            } else if key.is_some() {
-                // `resume` says which of these it takes up (the key opens them) and
-                // which it leaves (it said "finishing it", then "left alone").
-            } else {
-                errln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
-            }
+    let dir = status::state_dir(state_dir.as_deref());
+    if key_file.is_none() && !dir.exists() {
+        // Nothing recorded there, and nothing made there: a mistyped directory read as
+        // a confident "Nothing to resume." and was created (a trial).
+        let left = report_unrecorded_runs(&dir, false);
+        if dir != Path::new(status::DEFAULT_STATE_DIR) {
+            errln!(
+                "luksify: note: the state directory {} does not exist: no luksify run has used it (is it the one `enable` was given?)",
+                dir.display()
+            );
         }
+        match left {
+            0 => outln!("Nothing to resume."),
+            n => outln!("Nothing in a status file to resume; {n} interrupted run(s) found on devices: see above."),
+        }
+        return Ok(ExitCode::from(exit::OK));
+    }
+    with_recorded_volumes(key_file, run, state_dir, |req, key| {
+        let left = report_unrecorded_runs(&req.state_dir, key.is_some());
         let r = luksify_orchestrator::enable::resume(req, key)?;
         match (r.finished, left + r.skipped) {
             (0, 0) => outln!("Nothing to resume."),
@@ -909,6 +915,28 @@ fn cmd_resume(
         }
         Ok(ExitCode::from(exit::OK))
     })
+}
+
+/// Names the interrupted runs on this machine's devices that the status file in
+/// `state_dir` does not record, with the command that finishes each; how many this
+/// resume leaves (all without a key; decryptions always).
+fn report_unrecorded_runs(state_dir: &Path, key_given: bool) -> usize {
+    let mut left = 0;
+    for f in luksify_orchestrator::enable::scan_in_progress(state_dir) {
+        let dev = f.device.display();
+        if f.decrypt || !key_given {
+            left += 1;
+        }
+        if f.decrypt {
+            errln!("luksify: {dev} has an interrupted decryption that luksify did not record; finish it with `luksify resume {dev} --key-file F` (or `cryptsetup reencrypt --resume-only`)");
+        } else if key_given {
+            // `resume` says which of these it takes up (the key opens them) and
+            // which it leaves (it said "finishing it", then "left alone").
+        } else {
+            errln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
+        }
+    }
+    left
 }
 
 fn cmd_disable(
@@ -940,4 +968,31 @@ fn cmd_disable(
         }
         Ok(ExitCode::from(exit::OK))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use luksify_luks::kdf::KdfKind;
+
+    /// `enable --pbkdf` in any case, as `format`, `encrypt` and cryptsetup take it
+    /// (`PBKDF2` was "unknown" to `enable` alone; a trial).
+    #[test]
+    fn enable_takes_pbkdf_in_any_case() {
+        for (given, want) in [
+            ("pbkdf2", KdfKind::Pbkdf2),
+            ("PBKDF2", KdfKind::Pbkdf2),
+            ("Argon2id", KdfKind::Argon2id),
+            ("ARGON2I", KdfKind::Argon2i),
+        ] {
+            assert_eq!(kdf_request(given, None).unwrap().kind, want, "{given}");
+        }
+        let e = kdf_request("scrypt", None).unwrap_err();
+        assert_eq!(e.code, exit::USAGE);
+        assert!(
+            e.message.contains("--pbkdf scrypt is unknown"),
+            "{}",
+            e.message
+        );
+    }
 }
