@@ -12,7 +12,8 @@ pub const EXIT_CODES: &str =
     "Exit codes: 0 done; 1 failed or refused (the message says what, why and how to fix, \
 and when nothing was written); 2 bad usage or a wrong passphrase; 3 the data-volume preflight (check, enable, \
 disable) found blockers, nothing written; 4 another process holds the lock or the volume \
-(a luksify run or mapping, cryptsetup, qemu), nothing written; \
+(a luksify run or mapping, cryptsetup, qemu, a mount of the device), or changed the header \
+while a key command derived its key, nothing written: run it again; \
 5 interrupted, `luksify resume` finishes it; 6 not supported on this machine";
 
 /// The global lock and state directory, shared by every command that changes volumes.
@@ -34,7 +35,8 @@ pub enum OrchCmd {
     /// Exit codes: 0 no blockers, 3 blockers found (a target that is neither a block
     /// device nor a mount point is one).
     Check {
-        /// Block device (/dev/sdc) or mount point (/data)
+        /// Block device (/dev/sdc), mount point (/data), or fstab's name for it
+        /// (LABEL=data, UUID=..., PARTUUID=..., PARTLABEL=...)
         target: PathBuf,
         /// The state directory whose runs count (an interrupted one on the device is a
         /// blocker); the default one always counts too
@@ -336,14 +338,18 @@ fn finish_in(state_dir: Option<PathBuf>, r: Result<ExitCode, Failure>) -> anyhow
     }))
 }
 
-/// `msg` with every `luksify CMD` it suggests given the state directory this command
-/// acts on (`--state-dir`, else `$LUKSIFY_STATE_DIR`) unless that is the default:
-/// followed literally, from an agent without that variable too, it must act on the
-/// same state directory (`status` named it after a SIGTERM, not after a SIGKILL; a
-/// trial).
+/// `msg` with every `luksify CMD` it suggests given the `--state-dir` this command was
+/// given: followed literally, it must act on the same state directory. Without one the
+/// directory is the default (`$LUKSIFY_STATE_DIR`, else /var/lib/luksify), which the
+/// commands reach with no flag, as the status file's messages say them.
 fn named_in(msg: &str, state_dir: Option<&Path>) -> String {
-    status::in_state_dir(msg, &status::state_dir(state_dir))
+    match state_dir {
+        Some(d) => with_state_dir(msg, d),
+        None => msg.to_string(),
+    }
 }
+
+use luksify_orchestrator::status::with_state_dir;
 
 /// Prints a failure as one line and turns it into its exit code.
 fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
@@ -592,6 +598,16 @@ fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode
     if !dir.exists() && dir != Path::new(status::DEFAULT_STATE_DIR) {
         errln!(
             "luksify: note: the state directory {} does not exist: no luksify run has used it (is it the one `enable` was given?)",
+            dir.display()
+        );
+    } else if dir.exists()
+        && !dir.join(status::STATUS_FILE).exists()
+        && !dir.join(status::REFUSED_FILE).exists()
+        && dir != Path::new(status::DEFAULT_STATE_DIR)
+    {
+        // An empty directory read as a confident NotEncrypted with no word (a trial).
+        errln!(
+            "luksify: note: the state directory {} holds no status file: no luksify run has recorded anything there (is it the one `enable` was given?)",
             dir.display()
         );
     }
@@ -886,6 +902,13 @@ fn cmd_resume(
         wait,
     };
     let dir = status::state_dir(state_dir.as_deref());
+    if key_file.is_some() && !dir.exists() && dir != Path::new(status::DEFAULT_STATE_DIR) {
+        // With a key it may take up runs it finds on devices, which it records there.
+        errln!(
+            "luksify: note: the state directory {} does not exist: no luksify run has used it (is it the one `enable` was given?); it is made for the runs this resume finds",
+            dir.display()
+        );
+    }
     if key_file.is_none() && !dir.exists() {
         // Nothing recorded there, and nothing made there: a mistyped directory read as
         // a confident "Nothing to resume." and was created (a trial).

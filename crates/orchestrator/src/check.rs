@@ -359,15 +359,24 @@ pub fn add_interrupted_run(r: &mut Report, state_dir: &Path) {
         r.problems.retain(|q| {
             !matches!(
                 q.code,
-                "already_luks" | "luks_in_progress" | "no_filesystem" | "no_header_space"
+                "already_luks"
+                    | "luks_in_progress"
+                    | "no_filesystem"
+                    | "no_header_space"
+                    | "ext_errors"
+                    | "luksify_crypttab_line"
             )
         });
         r.problems.push(p);
     } else if let Some(h) = detached_header_of(&r.device, state_dir) {
         // Encrypted with its header elsewhere: its start is ciphertext, not "no
         // filesystem" to make one on.
-        r.problems
-            .retain(|q| !matches!(q.code, "no_filesystem" | "no_header_space"));
+        r.problems.retain(|q| {
+            !matches!(
+                q.code,
+                "no_filesystem" | "no_header_space" | "ext_errors" | "luksify_crypttab_line"
+            )
+        });
         let dev_s = r.device.display().to_string();
         r.problems.push(Problem {
             code: "already_luks",
@@ -1116,6 +1125,7 @@ pub fn check_resolved(
             source: "not read: luksify's own open mapping".into(),
             external_log: false,
             needs_recovery: false,
+            errors: false,
         },
         Err(Some(e)) => {
             push(
@@ -1139,6 +1149,7 @@ pub fn check_resolved(
                 source: "none".into(),
                 external_log: false,
                 needs_recovery: false,
+                errors: false,
             }
         }
     };
@@ -1313,6 +1324,36 @@ pub fn check_resolved(
                 format!("{fs} on {dev_s} has a journal that was not replayed (needs_recovery: it was not unmounted cleanly)"),
                 "what is on the device is not the filesystem yet; shrinking and encrypting it loses what the journal holds".into(),
                 format!("mount it once and unmount it (the kernel replays the journal), or run `e2fsck {dev_s}` (it replays it), then run again"),
+            );
+        }
+    }
+    // Errors on record, or (unmounted, where e2fsck may read it) found by a read-only
+    // e2fsck: `enable` refused them only after it had unmounted the volume, with exit 1,
+    // where `check` had said "No problems found" (a trial).
+    if filesystem.can_shrink() {
+        let found = if filesystem.errors {
+            Some(format!(
+                "{} on {dev_s} has errors on record (its superblock's state)",
+                filesystem.fs_type
+            ))
+        } else if r.mounts.is_empty() && !opts.listing && !probe::in_use_per_sysfs(&r.device) {
+            crate::enable::ext_read_only_complaint(&r.device)
+                .ok()
+                .flatten()
+                .map(|c| format!("{} on {dev_s} has errors: {c}", filesystem.fs_type))
+        } else {
+            None
+        };
+        if let Some(what) = found {
+            push(
+                "ext_errors",
+                Severity::Blocker,
+                what,
+                "luksify does not repair a filesystem before encrypting it, and resize2fs refuses one with errors".into(),
+                format!(
+                    "make sure this is the plain volume you mean (not one a luksify `disable` left part decrypted: `luksify status` of each state directory), back it up, {}run `e2fsck -f {dev_s}` (it repairs), then run again",
+                    if r.mounts.is_empty() { "" } else { "unmount it, " }
+                ),
             );
         }
     }
@@ -1616,11 +1657,51 @@ pub fn check_resolved(
             fix: format!("find and stop the holder (`ls /sys/class/block/{name}/holders`, `grep -e {dev_s} -e {} /proc/*/mountinfo`; a mount namespace no process is in is kept by a bind of its nsfs file: `findmnt -t nsfs`, then umount it), then check again", r.dev),
         });
     }
+    // crypttab names luksify's mapping of this device by a LUKS UUID no device carries
+    // now: a volume luksify encrypted whose header went elsewhere, a `disable` from
+    // another state directory stopped mid-walk (part plaintext, its header in that
+    // directory) most likely. Its plaintext head reads as a filesystem with errors,
+    // and e2fsck's repair over it would wreck it (a trial was told to run it).
+    if !filesystem.fs_type.starts_with("crypto_LUKS") {
+        let kname = r
+            .device
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for (name, dev) in crate::tabs::crypttab_luksify_lines(&kname) {
+            let Some(uuid) = dev.strip_prefix("UUID=") else {
+                continue;
+            };
+            if probe::devices_with_uuid(uuid).is_empty() {
+                problems.push(Problem {
+                    code: "luksify_crypttab_line",
+                    severity: Severity::Blocker,
+                    what: format!(
+                        "crypttab names luksify's mapping {name} of {dev_s} by LUKS UUID {uuid}, which no device carries now"
+                    ),
+                    why: format!(
+                        "{dev_s} may be a volume luksify encrypted, or a `disable` run from another state directory left part decrypted (its header in that directory's headers/): encrypting or repairing it would destroy it"
+                    ),
+                    fix: format!(
+                        "find the state directory whose `luksify status --state-dir DIR` names {dev_s} and run `luksify resume --state-dir DIR`; if the line is stale (the volume was decrypted by hand), remove it from crypttab"
+                    ),
+                });
+            }
+        }
+    }
     // What another device's user does to these bytes is not this filesystem's state:
     // an ext journal another path's mount is writing, no filesystem where a partition
     // is mounted. Their fixes (e2fsck, mkfs) would wreck what that user has mounted.
-    if problems.iter().any(|p| p.code == "other_path_in_use") {
-        problems.retain(|p| !matches!(p.code, "ext_journal_not_replayed" | "no_filesystem"));
+    if problems
+        .iter()
+        .any(|p| matches!(p.code, "other_path_in_use" | "luksify_crypttab_line"))
+    {
+        problems.retain(|p| {
+            !matches!(
+                p.code,
+                "ext_journal_not_replayed" | "no_filesystem" | "ext_errors"
+            )
+        });
     }
     Ok(Report {
         target: target.to_path_buf(),

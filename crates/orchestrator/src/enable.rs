@@ -584,35 +584,45 @@ fn e2fsck(flags: &[&str], device: &Path) -> Result<std::process::Output> {
         .map_err(|e| Failure::failed(format!("cannot run e2fsck ({e}); install e2fsprogs")))
 }
 
-fn fsck_ext_read_only(device: &Path) -> Result<()> {
+/// What `e2fsck -f -n` (which writes nothing) finds wrong with the ext filesystem on
+/// `device`: `None` when it is clean, else how e2fsck ended and its first complaint.
+pub(crate) fn ext_read_only_complaint(device: &Path) -> Result<Option<String>> {
     let out = e2fsck(&["-f", "-n"], device)?;
-    match out.status.code() {
-        Some(0) => Ok(()),
-        c => {
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            // Its first complaint, past the pass headers.
-            let first = text
-                .lines()
-                .map(str::trim)
-                .find(|l| {
-                    !l.is_empty()
-                        && !l.starts_with("Pass ")
-                        && !l.starts_with("e2fsck ")
-                        && !l.contains("skipping journal recovery")
-                })
-                .unwrap_or("")
-                .to_string();
-            Err(Failure::failed(format!(
-                "e2fsck -f -n {} {} ({first}): the filesystem has errors, and luksify does not repair a filesystem before encrypting it (a repair of a device that is not what it seems destroys it; nothing was encrypted); fix: make sure this is the plain volume you mean (not one a `luksify disable` left half decrypted), back it up, run `e2fsck -f {}` yourself, then run again",
-                device.display(),
-                match c {
-                    Some(c) => format!("exited with {c}"),
-                    None => "was killed".to_string(),
-                },
-                device.display()
-            )))
-        }
+    let c = out.status.code();
+    if c == Some(0) {
+        return Ok(None);
+    }
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    // Its first complaint, past the pass headers.
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("Pass ")
+                && !l.starts_with("e2fsck ")
+                && !l.contains("skipping journal recovery")
+        })
+        .unwrap_or("")
+        .to_string();
+    Ok(Some(format!(
+        "e2fsck -f -n {} {} ({first})",
+        device.display(),
+        match c {
+            Some(c) => format!("exited with {c}"),
+            None => "was killed".to_string(),
+        },
+    )))
+}
+
+fn fsck_ext_read_only(device: &Path) -> Result<()> {
+    match ext_read_only_complaint(device)? {
+        None => Ok(()),
+        Some(complaint) => Err(Failure::failed(format!(
+            "{complaint}: the filesystem has errors, and luksify does not repair a filesystem before encrypting it (a repair of a device that is not what it seems destroys it; nothing was encrypted); fix: make sure this is the plain volume you mean (not one a `luksify disable` left half decrypted), back it up, run `e2fsck -f {}` yourself, then run again",
+            device.display()
+        ))),
     }
 }
 
@@ -970,7 +980,7 @@ fn commit(sw: &mut StatusWriter) -> Result<()> {
         // (A trial filled the state directory mid-run: the bare error left the volume
         // unmounted with no word of what to do.)
         Failure::failed(format!(
-            "cannot write the status file in {} ({e}); fix: free space there or make it writable, then run `luksify resume`, which goes on from what the volumes' headers record",
+            "cannot write the status file in {} ({e}); fix: free space there or make it writable, then run `luksify resume`, which goes on from what the volumes' headers record (when it finds nothing to resume, nothing was written: run the same command again)",
             sw.dir().display()
         ))
     })
@@ -1031,7 +1041,7 @@ fn hold_fstab(v: &VolumeStatus) -> Result<()> {
     }
     tabs::edit_file(&path, |t| tabs::fstab_hold(t, &points)).map_err(|e| {
         Failure::failed(format!(
-            "cannot update fstab in {} ({e})",
+            "cannot update fstab in {} ({e}); fix: free space there or make fstab writable, then run again",
             tabs::etc_dir().display()
         ))
     })
@@ -1076,13 +1086,14 @@ fn encrypt_unmounted(
     // left "Resize inode not valid" and resume refused the volume for good): recorded
     // before it may begin, so that `resume` knows the damage is its own and repairs it.
     let cut_shrink = sw.status.volumes[idx].shrinking;
+    let shrink_began = std::cell::Cell::new(false);
     let prepared = unmounted
         .and_then(|()| {
             if header.is_none() && is_ext(&fs.fs_type) {
                 sw.status.volumes[idx].shrinking = true;
                 commit(sw)?;
             }
-            prepare_fs(device, header, fs, req.cancel, cut_shrink)
+            prepare_fs(device, header, fs, req.cancel, (cut_shrink, &shrink_began))
         })
         .and_then(|s| {
             shrunk = s;
@@ -1093,8 +1104,15 @@ fn encrypt_unmounted(
         .and_then(|()| header.map(create_header).transpose());
     let header_file = match prepared {
         Ok(f) => f,
-        // (No header file yet: creating it is the last step.)
-        Err(e) => return Err(back_out_encryption(sw, idx, e, device, None, (fs, shrunk))),
+        // (No header file yet: creating it is the last step.) A resize2fs that failed
+        // part way (no space or an I/O error under it) left the filesystem "clean with
+        // errors", and it was mounted again read-write as it was, blocks in use marked
+        // free (a trial): what it left is put right the way it says, `e2fsck -f -y`,
+        // before it is grown back and mounted, and stays unmounted if that fails.
+        Err(e) => {
+            let shrunk = shrunk || shrink_began.get();
+            return Err(back_out_encryption(sw, idx, e, device, None, (fs, shrunk)));
+        }
     };
     encrypt_prepared(
         req,
@@ -1254,7 +1272,7 @@ fn prepare_fs(
     header: Option<&Path>,
     fs: &FsFacts,
     cancel: &AtomicBool,
-    cut_shrink: bool,
+    (cut_shrink, shrink_began): (bool, &std::cell::Cell<bool>),
 ) -> Result<bool> {
     // Unmounted now, so an exclusive open fails only while another process holds the
     // device exclusively: a luksify run from another state directory walking it, a
@@ -1263,9 +1281,10 @@ fn prepare_fs(
         return Err(Failure::new(
             exit::BUSY,
             format!(
-                "{} is held exclusively by another process (a luksify run from another state directory, a mapping, a mount in another namespace, an overlay, a loop device over a file on it); `luksify check {}` names it",
+                "{} is held exclusively by another process (a luksify run from another state directory, a mapping, a mount in another namespace, an overlay, a loop device over a file on it); `luksify check {}` names what it can see; else look for it (`grep {} /proc/*/mountinfo`, `findmnt -t overlay`, `losetup -l`)",
                 device.display(),
-                device.display()
+                device.display(),
+                probe::block_dev_num(device).map(|d| d.to_string()).unwrap_or_default()
             ),
         ));
     }
@@ -1364,6 +1383,7 @@ fn prepare_fs(
             }
             // Asked to stop during e2fsck: the caller refuses to go on.
             if fs_bytes > target && !cancel.load(Ordering::Relaxed) {
+                shrink_began.set(true);
                 run_tool(
                     crate::tool("resize2fs")
                         .arg("-f")
@@ -1825,8 +1845,14 @@ fn write_tabs(v: &VolumeStatus, mapped: &Path) -> Result<()> {
         header: v.header.clone(),
         netdev: tabs::fstab_needs_network(&fstab, &mount_points),
     };
+    // After the walk, mapped and mounted: say so, and what finishes it (it said only
+    // "cannot update crypttab ... (No space left on device)"; a trial).
     let io = |what: &str, e: std::io::Error| {
-        Failure::failed(format!("cannot update {what} in {} ({e})", etc.display()))
+        Failure::failed(format!(
+            "cannot update {what} in {} ({e}): {} is encrypted, mapped and mounted again; free space there or make {what} writable, then run `luksify resume` to finish (it writes the tables)",
+            etc.display(),
+            v.device.display()
+        ))
     };
     tabs::edit_file(&etc.join("crypttab"), |t| tabs::crypttab_add(t, &entry))
         .map_err(|e| io("crypttab", e))?;
@@ -2220,6 +2246,24 @@ fn resume_one(
                     v.device.display()
                 ),
             }))
+        }
+        // A detached header file that holds nothing (emptied, zeroed) is no proof the run
+        // had not begun: restarted, it encrypted the part already encrypted a second
+        // time under a new key (trial V5). Only a device that still shows, at its start,
+        // the very filesystem the run recorded, with no progress on record, starts anew.
+        HeaderProgress::Absent | HeaderProgress::Missing
+            if v.header.is_some() && (v.bytes_done > 0 || !holds_recorded_filesystem(&v)) =>
+        {
+            return Err(Failure::failed(format!(
+                "the header file {} of {} holds no LUKS header, yet {}: it is not the run's header, which holds the key of what is encrypted already, so nothing was written; put the run's header back (from a copy), then run `luksify resume` again",
+                header_path.display(),
+                v.device.display(),
+                if v.bytes_done > 0 {
+                    format!("the run had encrypted {} MiB", v.bytes_done >> 20)
+                } else {
+                    "the device no longer starts with the filesystem the run recorded".to_string()
+                }
+            )))
         }
         HeaderProgress::Absent | HeaderProgress::Missing => {
             if let Some(h) = &v.header {
@@ -2738,6 +2782,27 @@ pub(crate) fn plain_as_recorded(v: &VolumeStatus) -> bool {
             luksify_walker::interrupted_shift_start(&f),
             Ok(Some(_)) | Err(_)
         )
+}
+
+/// Whether the device of `v` still starts with the filesystem its run recorded: the
+/// same type, and the same UUID when one was recorded (a walk from the start turns the
+/// head into ciphertext first).
+fn holds_recorded_filesystem(v: &VolumeStatus) -> bool {
+    if !plain_as_recorded(v) {
+        return false;
+    }
+    let Some(uuid) = v.fs_uuid.as_deref() else {
+        return true;
+    };
+    let mut head = vec![0u8; 4096];
+    if std::fs::File::open(&v.device)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
+        .is_err()
+    {
+        return false;
+    }
+    // (A filesystem whose UUID the probe does not read, a swap area say: its type decided.)
+    luksify_walker::fsprobe::uuid_in(&head).is_none_or(|u| u == uuid)
 }
 
 /// Whether the file at `p` exists and holds only zero bytes (a header file reserved and

@@ -376,7 +376,12 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
             daemon_pid: None,
         };
         save_record(req.state_dir, &rec)
-            .map_err(|e| Failure::failed(format!("cannot save the mapping record ({e})")))?;
+            .map_err(|e| {
+                Failure::failed(format!(
+                    "cannot save the mapping record in {} ({e}); fix: free space there or make it writable, then run again",
+                    maps_dir(req.state_dir).display()
+                ))
+            })?;
         return Ok(rec);
     }
     open_userspace(req, &seg, vk, mapped)
@@ -699,7 +704,13 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
         let _ = run_tool(crate::tool("losetup").arg("-d").arg(&loop_dev), "detach");
         let _ = unmount_fuse(&fuse_dir);
         let _ = bg.join();
-        return fail(&mut stdout, format!("cannot save the mapping record ({e})"));
+        return fail(
+            &mut stdout,
+            format!(
+                "cannot save the mapping record in {} ({e}); fix: free space there or make it writable, then run again",
+                maps_dir(state_dir).display()
+            ),
+        );
     }
     let _ = writeln!(stdout, "OK {}", loop_dev.display());
     let _ = stdout.flush();

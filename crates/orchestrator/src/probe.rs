@@ -31,6 +31,10 @@ pub struct FsInfo {
     /// `e2fsck` replays them. Read while unmounted, the filesystem is not what it will be.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub needs_recovery: bool,
+    /// ext2/3/4 whose superblock records errors (`s_state` has EXT2_ERROR_FS: the
+    /// kernel or e2fsck found damage, and no e2fsck has repaired it since).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub errors: bool,
 }
 
 impl FsInfo {
@@ -110,6 +114,7 @@ pub fn detect_fs(dev: &Path) -> std::io::Result<FsInfo> {
         source: "blkid".into(),
         external_log: false,
         needs_recovery: false,
+        errors: false,
     })
 }
 
@@ -150,6 +155,7 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
         source: "superblock".into(),
         external_log: false,
         needs_recovery: false,
+        errors: false,
     };
     if head.len() >= 6 && (&head[..6] == b"LUKS\xba\xbe") {
         return Some(info("crypto_LUKS", None, None, None));
@@ -202,6 +208,7 @@ pub fn detect_fs_bytes(head: &[u8]) -> Option<FsInfo> {
             // (s_journal_uuid) names.
             i.external_log = compat & 0x4 != 0 && le32(sb, 0xE0) == 0;
             i.needs_recovery = compat & 0x4 != 0 && incompat & 0x4 != 0;
+            i.errors = le16(sb, 0x3A) & 0x2 != 0;
             return Some(i);
         }
     }
@@ -741,7 +748,6 @@ pub struct OtherPathInUse {
 /// bytes do not meet it; `O_EXCL` is not asked of its disk or partitions, which the
 /// kernel ties to its own claims.
 pub fn other_paths_in_use(dev: DevNum, all: &[crate::mountinfo::Mount]) -> Vec<OtherPathInUse> {
-    use luksify_walker::overlap::Relation;
     let overlaps = luksify_walker::overlap::overlapping(dev.raw(), &|n| fuse_backed_loop(n, all));
     let mut out = Vec::new();
     if overlaps.is_empty() {
@@ -821,7 +827,7 @@ pub fn other_paths_in_use(dev: DevNum, all: &[crate::mountinfo::Mount]) -> Vec<O
             );
             continue;
         }
-        if o.relation == Relation::OtherPath && luksify_walker::overlap::held_exclusively(&node) {
+        if o.probe_exclusive() && luksify_walker::overlap::held_exclusively(&node) {
             add(
                 "is in use (held exclusively: a mount, a mapping, a run)".into(),
                 format!("find what uses it (`grep {num} /proc/*/mountinfo`, `ls /sys/class/block/{}/holders`), stop it, and detach the loop device (losetup -d)", o.name),

@@ -417,8 +417,14 @@ pub fn apply_live_state(
         if mapped.is_none() {
             v.mapped_device = None;
         }
+        // Mounted here, or in another mount namespace: an agent whose service has
+        // private mounts, asked about a volume mounted in the host's, was told it was
+        // not mounted, and to mount it (a trial).
         let mut live = mapped.is_some_and(|d| match &v.mount_point {
-            Some(mp) => mounts.iter().any(|m| m.dev == d && m.mount_point == *mp),
+            Some(mp) => {
+                mounts.iter().any(|m| m.dev == d && m.mount_point == *mp)
+                    || !crate::probe::foreign_namespace_mounts(&[d], &[]).is_empty()
+            }
             None => true,
         });
         if !live {
@@ -1207,9 +1213,17 @@ pub fn with_state_dir(msg: &str, dir: &Path) -> String {
 /// Where the state lives unless `--state-dir` or `LUKSIFY_STATE_DIR` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/luksify";
 
-/// [`with_state_dir`] unless `dir` is the default one, which needs no flag.
+/// [`with_state_dir`] unless `dir` is the default one (`$LUKSIFY_STATE_DIR`, else
+/// /var/lib/luksify), which needs no flag.
 pub fn in_state_dir(msg: &str, dir: &Path) -> String {
-    if dir == Path::new(DEFAULT_STATE_DIR) {
+    in_state_dir_beside(msg, dir, &state_dir(None))
+}
+
+/// [`in_state_dir`] with `default` the directory commands reach with no flag. The status
+/// file of a run under `$LUKSIFY_STATE_DIR` named it after a SIGTERM, while `status`
+/// said the bare command after a SIGKILL (a trial): both now say it as the default.
+fn in_state_dir_beside(msg: &str, dir: &Path, default: &Path) -> String {
+    if dir == Path::new(DEFAULT_STATE_DIR) || dir == default {
         msg.to_string()
     } else {
         with_state_dir(msg, dir)
@@ -1813,6 +1827,23 @@ mod tests {
         assert_eq!(
             std::fs::read(dir.path().join("status.json")).unwrap(),
             b"{}"
+        );
+    }
+
+    /// The default directory (`$LUKSIFY_STATE_DIR` here) gets no flag, as `status`
+    /// says its commands; another one does.
+    #[test]
+    fn commands_name_the_state_dir_unless_it_is_the_default() {
+        let msg = "`luksify resume` finishes it";
+        let env = Path::new("/var/tmp/agent");
+        assert_eq!(in_state_dir_beside(msg, env, env), msg);
+        assert_eq!(
+            in_state_dir_beside(msg, Path::new(DEFAULT_STATE_DIR), env),
+            msg
+        );
+        assert_eq!(
+            in_state_dir_beside(msg, Path::new("/srv/other"), env),
+            "`luksify resume --state-dir /srv/other` finishes it"
         );
     }
 

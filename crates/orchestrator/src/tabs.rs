@@ -36,6 +36,27 @@ pub fn crypttab_headers() -> Vec<(PathBuf, PathBuf)> {
         .collect()
 }
 
+/// `(mapping name, device field)` of each crypttab line whose mapping is luksify's name
+/// for kernel device `kname` (`luksify-KNAME`, or `luksify-KNAME-N`).
+pub fn crypttab_luksify_lines(kname: &str) -> Vec<(String, String)> {
+    let Ok(text) = std::fs::read_to_string(etc_dir().join("crypttab")) else {
+        return Vec::new();
+    };
+    let ours = format!("luksify-{kname}");
+    text.lines()
+        .filter_map(fields)
+        .filter(|f| {
+            f.first().is_some_and(|n| {
+                *n == ours
+                    || n.strip_prefix(&ours)
+                        .and_then(|r| r.strip_prefix('-'))
+                        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+        .filter_map(|f| Some((f[0].to_string(), f.get(1)?.to_string())))
+        .collect()
+}
+
 /// fstab escapes spaces in fields as \040, like mountinfo.
 fn escape(s: &str) -> String {
     s.replace('\\', "\\134")
@@ -517,10 +538,57 @@ pub fn through_links(path: &Path) -> PathBuf {
     p
 }
 
+/// Where [`TabsLock`] lives: root's own directory under /run (a lock file in a
+/// directory others can write could be held, or planted as a link, by them).
+const TABS_LOCK_DIR: &str = "/run/luksify";
+
+/// An exclusive `flock` on `/run/luksify/tabs.lock` while one fstab or crypttab edit
+/// reads and replaces its file; released on drop. Best effort: where it cannot be
+/// taken (no /run, not root) the edit goes on unlocked, as it always did.
+struct TabsLock {
+    _file: Option<std::fs::File>,
+}
+
+impl TabsLock {
+    fn take() -> TabsLock {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = Path::new(TABS_LOCK_DIR);
+        let file = crate::status::create_dirs(dir, 0o700)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(dir.join("tabs.lock"))
+            })
+            .ok()
+            .filter(|f| {
+                use std::os::fd::AsRawFd;
+                loop {
+                    // SAFETY: flock on a descriptor this function owns.
+                    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                        return true;
+                    }
+                    if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                        return false;
+                    }
+                }
+            });
+        TabsLock { _file: file }
+    }
+}
+
 /// Applies `edit` to the file at `path` (missing = empty; a symbolic link: the file it
 /// names), backing it up first to `FILE.luksify-bak` beside it (kept from the first
 /// edit, so the pristine copy survives).
 pub fn edit_file(path: &Path, edit: impl FnOnce(&str) -> String) -> std::io::Result<()> {
+    // One edit at a time across every luksify process: runs of two state directories
+    // (two agents) each read, edited and replaced fstab, and one lost the other's
+    // change (a trial: a plain volume's fstab line left on its closed mapping).
+    let _lock = TabsLock::take();
     let path = &through_links(path);
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -573,6 +641,37 @@ mod tests {
     }
 
     const FSTAB: &str = "# /etc/fstab\nUUID=abc / ext4 errors=remount-ro 0 1\n/dev/sdc1 /data ext4 defaults,noatime 0 2\n";
+
+    /// Edits from many writers at once each land: none reads the file, is overtaken by
+    /// another's replacement, and writes back without that one's line (two agents' runs
+    /// lost each other's fstab and crypttab changes; a trial).
+    #[test]
+    #[ignore = "needs root (the lock lives in /run/luksify)"]
+    fn concurrent_edits_lose_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let tab = d.path().join("fstab");
+        std::fs::write(&tab, "# fstab\n").unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let tab = tab.clone();
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        edit_file(&tab, |t| {
+                            // Widen the window between the read and the write.
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                            format!("{t}/dev/w{w} /m{i} ext4 defaults 0 2\n")
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let text = std::fs::read_to_string(&tab).unwrap();
+        assert_eq!(text.lines().count(), 1 + 8 * 40, "{text}");
+    }
 
     /// A symlinked fstab is edited where it lives: the link stays, the backup sits
     /// beside the file it copies, and the file keeps its mode.

@@ -261,7 +261,7 @@ pub fn refuse_used_loop_devices(file: &File) -> io::Result<()> {
     // namespace shows a backing path that names nothing here (a trial).
     for o in crate::overlap::devices_over_file(meta.dev(), meta.ino()) {
         let node = o.node();
-        if crate::overlap::held_exclusively(&node) {
+        if !o.has_partitions && crate::overlap::held_exclusively(&node) {
             return Err(io::Error::new(
                 io::ErrorKind::ResourceBusy,
                 format!(

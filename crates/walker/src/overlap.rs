@@ -66,6 +66,20 @@ pub struct Overlap {
     pub name: String,
     pub rdev: u64,
     pub relation: Relation,
+    /// It is a disk with partitions: an `O_EXCL` open of it fails while any of them is
+    /// claimed, one that does not meet these bytes included, so its own exclusive use
+    /// says nothing (its partitions that meet them are listed themselves).
+    pub has_partitions: bool,
+}
+
+impl Overlap {
+    /// Whether an `O_EXCL` probe of it tells whether it is in use: another path than
+    /// the device's own disk and partitions (which the kernel's claims already tie to
+    /// it), and no disk whose partitions' claims would answer for it (trial V5: a
+    /// partition mounted elsewhere on a second loop device's disk blocked this one).
+    pub fn probe_exclusive(&self) -> bool {
+        self.relation == Relation::OtherPath && !self.has_partitions
+    }
 }
 
 impl Overlap {
@@ -273,9 +287,18 @@ pub fn overlapping(rdev: u64, skip_loop: &dyn Fn(&str) -> bool) -> Vec<Overlap> 
             name: d.name.clone(),
             rdev: d.rdev,
             relation,
+            has_partitions: has_partitions(&devices, &d.name),
         });
     }
     out
+}
+
+fn has_partitions(devices: &[SysDev], name: &str) -> bool {
+    devices.iter().any(|p| {
+        p.partition_of
+            .as_ref()
+            .is_some_and(|(disk, _)| disk == name)
+    })
 }
 
 /// The block devices over the regular file `(dev, ino)` (loop devices, their
@@ -297,6 +320,7 @@ pub fn devices_over_file(dev: u64, ino: u64) -> Vec<Overlap> {
                 name: d.name.clone(),
                 rdev: d.rdev,
                 relation: Relation::OtherPath,
+                has_partitions: has_partitions(&devices, &d.name),
             });
         }
     }
@@ -319,7 +343,7 @@ pub fn held_exclusively(node: &Path) -> bool {
 /// other).
 pub fn refuse_used_other_paths(rdev: u64) -> std::io::Result<()> {
     for o in overlapping(rdev, &|_| false) {
-        if o.relation == Relation::OtherPath && held_exclusively(&o.node()) {
+        if o.probe_exclusive() && held_exclusively(&o.node()) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::ResourceBusy,
                 format!(
