@@ -8563,6 +8563,8 @@ fn root_orch_status_tells_why_the_last_enable_or_disable_was_refused() {
     let v = told("enable", &pid);
     assert_eq!(v["refused"]["operation"], "EnableEncryption", "{v}");
     assert_eq!(v["data_volumes_encrypted"], "NotEncrypted", "{v}");
+    // The latest news is the refusal's: updated then (it read 0; trial R2).
+    assert_eq!(v["updated_unix"], v["refused"]["unix"], "{v}");
     let holder_gone = |h: &mut std::process::Child| {
         let _ = h.kill();
         let _ = h.wait();

@@ -2711,7 +2711,7 @@ fn resume_decrypt(
         .open(&header)
         .map_err(|e| {
             Failure::failed(format!(
-                "cannot open the header file {} ({e})",
+                "cannot open the header file {} for writing ({e}); nothing was written: make it writable (`lsattr`/`chattr -i` for an immutable file, a read-only mount), then run the command again (`luksify resume` for a run under way)",
                 header.display()
             ))
         })?;
@@ -3418,7 +3418,7 @@ fn disable_one(
         .open(&header)
         .map_err(|e| {
             Failure::failed(format!(
-                "cannot open the header file {} ({e})",
+                "cannot open the header file {} for writing ({e}); nothing was written: make it writable (`lsattr`/`chattr -i` for an immutable file, a read-only mount), then run the command again (`luksify resume` for a run under way)",
                 header.display()
             ))
         })?;

@@ -1062,7 +1062,12 @@ pub fn load(dir: &Path) -> std::io::Result<Status> {
     let mut s = load_status_file(dir)?;
     s.refused = std::fs::read(dir.join(REFUSED_FILE))
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+        .and_then(|b| serde_json::from_slice::<Refusal>(&b).ok());
+    // The latest news is the refusal when it is newer than the status file (or there is
+    // none): `updated_unix` read 0 beside a refusal's time (a trial).
+    if let Some(r) = &s.refused {
+        s.updated_unix = s.updated_unix.max(r.unix);
+    }
     Ok(s)
 }
 
