@@ -1217,6 +1217,16 @@ fn root_orch_resume_refuses_a_detached_header_it_cannot_read_instead_of_starting
             "the header file changed"
         );
         assert_eq!(sha256(&fx.dev()), before, "resume wrote to the device");
+        // Nor do `status` and `check` call it a run not started, "still plaintext"
+        // (trial V6: their advice led back to the encrypt that encrypts twice).
+        let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+        assert!(!st.contains("had not started"), "{st}");
+        let out = run(fx.cmd().arg("check").arg(fx.dev()));
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
+        assert!(
+            out.status.code() == Some(3) && !said.contains("stopped before writing anything"),
+            "{said}"
+        );
     }
     // The header back: resume finishes it, every file intact.
     std::fs::rename(&saved, header).unwrap();

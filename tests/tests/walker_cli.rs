@@ -888,7 +888,10 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
         let st = run(&mut detached_resume(&c));
         let err = String::from_utf8_lossy(&st.stderr);
         assert!(
-            !st.status.success() && err.contains("run the same `luksify encrypt` command again"),
+            !st.status.success()
+                && err.contains("the same `luksify encrypt` command again starts it over")
+                // It cannot tell such a file from one emptied since (trial V6).
+                && err.contains("restore it from a copy instead"),
             "{what}: resume said: {err}"
         );
         assert_file_is(&c.p("img"), &orig, &format!("{what}: data touched"));

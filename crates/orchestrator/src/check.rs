@@ -1336,7 +1336,13 @@ pub fn check_resolved(
                 "{} on {dev_s} has errors on record (its superblock's state)",
                 filesystem.fs_type
             ))
-        } else if r.mounts.is_empty() && !opts.listing && !probe::in_use_per_sysfs(&r.device) {
+        } else if r.mounts.is_empty()
+            && !opts.listing
+            // A journal not replayed is its own blocker, whose fix (one mount) also
+            // clears what e2fsck -n sees in it (orphans it has not processed; trial V6).
+            && !filesystem.needs_recovery
+            && !probe::in_use_per_sysfs(&r.device)
+        {
             crate::enable::ext_read_only_complaint(&r.device)
                 .ok()
                 .flatten()

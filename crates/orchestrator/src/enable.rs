@@ -2252,7 +2252,7 @@ fn resume_one(
         // time under a new key (trial V5). Only a device that still shows, at its start,
         // the very filesystem the run recorded, with no progress on record, starts anew.
         HeaderProgress::Absent | HeaderProgress::Missing
-            if v.header.is_some() && (v.bytes_done > 0 || !holds_recorded_filesystem(&v)) =>
+            if v.header.is_some() && !never_walked(&v) =>
         {
             return Err(Failure::failed(format!(
                 "the header file {} of {} holds no LUKS header, yet {}: it is not the run's header, which holds the key of what is encrypted already, so nothing was written; put the run's header back (from a copy), then run `luksify resume` again",
@@ -2782,6 +2782,12 @@ pub(crate) fn plain_as_recorded(v: &VolumeStatus) -> bool {
             luksify_walker::interrupted_shift_start(&f),
             Ok(Some(_)) | Err(_)
         )
+}
+
+/// Whether what is recorded of `v`'s encryption says its walk never began: no progress
+/// on record, and the device still starts with the filesystem the run recorded.
+pub(crate) fn never_walked(v: &VolumeStatus) -> bool {
+    v.bytes_done == 0 && holds_recorded_filesystem(v)
 }
 
 /// Whether the device of `v` still starts with the filesystem its run recorded: the

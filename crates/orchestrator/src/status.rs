@@ -731,6 +731,12 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
         return RunStage::Walking(None);
     }
     match header_progress(header) {
+        // An emptied or zeroed header file of a run that had begun (progress on record,
+        // or the device no longer starting with its filesystem) is no run not started:
+        // `check` said "still plaintext" of a volume 7 MiB into its walk (trial V6).
+        HeaderProgress::Absent if v.header.is_some() && !crate::enable::never_walked(v) => {
+            RunStage::Walking(None)
+        }
         HeaderProgress::Absent => RunStage::NotStarted,
         HeaderProgress::Missing | HeaderProgress::Unreadable(_) => RunStage::Walking(None),
         HeaderProgress::Finished => RunStage::Walked,

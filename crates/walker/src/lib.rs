@@ -2121,8 +2121,11 @@ fn no_header_to_resume(
         // The device still holds its LUKS header when the cut run was a decryption
         // moving it out; a plaintext device means an encryption.
         let verb = if is_luks(data)? { "decrypt" } else { "encrypt" };
+        // Zeros (or our start marker) are what a run cut before its first header
+        // leaves, and also what a header file emptied since would show: "run it again"
+        // said alone led a trial to encrypt the encrypted part a second time (V6).
         return Ok(Error::Refused(format!(
-            "the header file holds no complete header: the {verb}ion was stopped while writing its first header, before any data was written; run the same `luksify {verb}` command again (it starts over)"
+            "the header file holds no complete header (nothing was written now): if the {verb}ion was stopped while writing its first header, no data was written and running the same `luksify {verb}` command again starts it over; but if this file was emptied or zeroed after the run began, it was the only key to what is done: restore it from a copy instead (`blkid` of the device still showing its filesystem at the start says the run had not begun)"
         )));
     }
     if !detached {
