@@ -889,7 +889,7 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
         let err = String::from_utf8_lossy(&st.stderr);
         assert!(
             !st.status.success()
-                && err.contains("the same `luksify encrypt` command again starts it over")
+                && err.contains("run the same `luksify encrypt` command again, which starts it over")
                 // It cannot tell such a file from one emptied since (trial V6).
                 && err.contains("restore it from a copy instead"),
             "{what}: resume said: {err}"

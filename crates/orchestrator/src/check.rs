@@ -1061,7 +1061,7 @@ pub fn check_resolved(
     // Other devices over the same bytes: the disk a partition is on, its partitions,
     // a loop device over the same image or over this device. A mount or an open of
     // one of them passed every check, and the run wrote under it (a trial).
-    for o in probe::other_paths_in_use(r.dev, all) {
+    for o in probe::other_paths_in_use(r.dev, all, !opts.listing) {
         push(
             "other_path_in_use",
             Severity::Blocker,

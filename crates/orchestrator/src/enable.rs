@@ -1183,7 +1183,7 @@ fn back_out_encryption(
     header: Option<&Path>,
     (fs, shrunk): (&FsFacts, bool),
 ) -> Failure {
-    if let Some(h) = header.filter(|h| header_absent(h, false)) {
+    if let Some(h) = header.filter(|h| header_absent(h)) {
         sw.status.volumes[idx].header_reserved = false;
         let _ = std::fs::remove_file(h);
     }
@@ -2426,10 +2426,7 @@ pub(crate) fn locate(v: &VolumeStatus) -> Result<Option<PathBuf>> {
         None => here("is not attached (missing or empty)"),
     };
     let is_ours = |u: &str| fs.as_deref() == Some(u) || luks.as_deref() == Some(u);
-    let header_written = v
-        .header
-        .as_deref()
-        .is_some_and(|h| !header_absent(h, false));
+    let header_written = v.header.as_deref().is_some_and(|h| !header_absent(h));
     // 2. An encryption whose detached header is written: the device's head is
     // ciphertext, so a device showing the filesystem's UUID elsewhere is a copy, never
     // the volume; the walker's identity token decides on the recorded one.
@@ -2648,14 +2645,10 @@ pub(crate) fn header_progress(path: &Path) -> HeaderProgress {
     }
 }
 
-/// Whether the header at `path` is known to hold no header: read, and none in it; or
-/// not there (`missing_is_absent`: a detached header file the run never reserved).
-pub(crate) fn header_absent(path: &Path, missing_is_absent: bool) -> bool {
-    match header_progress(path) {
-        HeaderProgress::Absent => true,
-        HeaderProgress::Missing => missing_is_absent,
-        _ => false,
-    }
+/// Whether the header at `path` is known to hold no header: read, and none in it (not
+/// when it is missing or cannot be read, which says nothing).
+pub(crate) fn header_absent(path: &Path) -> bool {
+    matches!(header_progress(path), HeaderProgress::Absent)
 }
 
 fn resume_decrypt(

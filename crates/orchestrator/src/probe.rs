@@ -746,8 +746,14 @@ pub struct OtherPathInUse {
 /// held by a device-mapper or RAID device, or (another path than its disk or
 /// partitions) held exclusively. The disk a partition is on and its other partitions'
 /// bytes do not meet it; `O_EXCL` is not asked of its disk or partitions, which the
-/// kernel ties to its own claims.
-pub fn other_paths_in_use(dev: DevNum, all: &[crate::mountinfo::Mount]) -> Vec<OtherPathInUse> {
+/// kernel ties to its own claims. Without `exclusive_probe` (the candidate listing) no
+/// device is opened `O_EXCL`: for that instant the probe would hold it, and another
+/// run's mount of it would fail.
+pub fn other_paths_in_use(
+    dev: DevNum,
+    all: &[crate::mountinfo::Mount],
+    exclusive_probe: bool,
+) -> Vec<OtherPathInUse> {
     let overlaps = luksify_walker::overlap::overlapping(dev.raw(), &|n| fuse_backed_loop(n, all));
     let mut out = Vec::new();
     if overlaps.is_empty() {
@@ -827,7 +833,10 @@ pub fn other_paths_in_use(dev: DevNum, all: &[crate::mountinfo::Mount]) -> Vec<O
             );
             continue;
         }
-        if o.probe_exclusive() && luksify_walker::overlap::held_exclusively(&node) {
+        if exclusive_probe
+            && o.probe_exclusive()
+            && luksify_walker::overlap::held_exclusively(&node)
+        {
             add(
                 "is in use (held exclusively: a mount, a mapping, a run)".into(),
                 format!("find what uses it (`grep {num} /proc/*/mountinfo`, `ls /sys/class/block/{}/holders`), stop it, and detach the loop device (losetup -d)", o.name),

@@ -2125,7 +2125,7 @@ fn no_header_to_resume(
         // leaves, and also what a header file emptied since would show: "run it again"
         // said alone led a trial to encrypt the encrypted part a second time (V6).
         return Ok(Error::Refused(format!(
-            "the header file holds no complete header (nothing was written now): if the {verb}ion was stopped while writing its first header, no data was written and running the same `luksify {verb}` command again starts it over; but if this file was emptied or zeroed after the run began, it was the only key to what is done: restore it from a copy instead (`blkid` of the device still showing its filesystem at the start says the run had not begun)"
+            "the header file holds no complete header (nothing was written now): if the {verb}ion was stopped while writing its first header, no data was written: run the same `luksify {verb}` command again, which starts it over; but if this file was emptied or zeroed after the run began, it was the only key to what is done: restore it from a copy instead (`blkid` of the device still showing its filesystem at the start says the run had not begun)"
         )));
     }
     if !detached {

@@ -80,9 +80,7 @@ impl Overlap {
     pub fn probe_exclusive(&self) -> bool {
         self.relation == Relation::OtherPath && !self.has_partitions
     }
-}
 
-impl Overlap {
     /// `/dev/NAME`.
     pub fn node(&self) -> PathBuf {
         PathBuf::from("/dev").join(&self.name)
