@@ -863,8 +863,10 @@ fn walker_busy_image_answers_cryptsetup_and_is_closed_to_qemu() {
 /// What a kill during the first header write leaves in a new header file, made by
 /// hand (a kill can hit these windows only by chance): the file only reserved (all
 /// zeros), and the file marked new with a torn secondary copy. `resume` must say
-/// to run the same `encrypt` again, the data must be untouched, and that command
-/// must then reuse the file and finish. Any other non-empty file is refused as before.
+/// to run the same `encrypt` again (or restore a header emptied since), the data must
+/// be untouched, and that command must then reuse the file and finish over a device
+/// that still shows its filesystem, and refuse over one that shows none. Any other
+/// non-empty file is refused as before.
 #[test]
 fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
     require_tool("cryptsetup");
@@ -879,11 +881,24 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
     let mut marked = vec![0u8; 16 << 20];
     marked[..16].copy_from_slice(luksify_walker::NEW_STORE_MAGIC);
     marked[16384..16384 + 512].copy_from_slice(&torn_secondary);
-    for (what, file) in [
-        ("reserved only", vec![0u8; 16 << 20]),
-        ("torn secondary", marked),
+    for (what, file, ext4) in [
+        ("reserved only", vec![0u8; 16 << 20], true),
+        ("torn secondary", marked.clone(), true),
+        ("reserved only, no filesystem", vec![0u8; 16 << 20], false),
+        ("torn secondary, no filesystem", marked, false),
     ] {
         let (c, orig) = Case::new(16, 3);
+        // Over a device that still starts with its filesystem the file is reused; over
+        // one that shows none, luksify cannot tell such a file from one emptied after
+        // its run began, and reusing it encrypted twice (trial V6): refused, nothing
+        // written, and the file removed by hand, the run starts anew.
+        let orig = if ext4 {
+            require_tool("mkfs.ext4");
+            run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(c.p("img")));
+            std::fs::read(c.p("img")).unwrap()
+        } else {
+            orig
+        };
         std::fs::write(c.p("hdr"), &file).unwrap();
         let st = run(&mut detached_resume(&c));
         let err = String::from_utf8_lossy(&st.stderr);
@@ -895,6 +910,19 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
             "{what}: resume said: {err}"
         );
         assert_file_is(&c.p("img"), &orig, &format!("{what}: data touched"));
+        if !ext4 {
+            let st = run(&mut detached_encrypt(&c));
+            let err = String::from_utf8_lossy(&st.stderr);
+            assert!(
+                st.status.code() == Some(1)
+                    && err.contains("shows no filesystem at its start")
+                    && err.contains("remove the file and run the command again"),
+                "{what}: encrypt said: {err}"
+            );
+            assert_file_is(&c.p("img"), &orig, &format!("{what}: data touched"));
+            assert_file_is(&c.p("hdr"), &file, &format!("{what}: header file changed"));
+            std::fs::remove_file(c.p("hdr")).unwrap();
+        }
         run_ok(&mut detached_encrypt(&c));
         assert!(
             same(&cryptsetup_decrypt_detached(&c), &orig),

@@ -800,6 +800,23 @@ fn open_new_header(
         if m.len() > 0 && !cut() {
             bail!("{}", existing_header_file(dev, h));
         }
+        // Zeros (or our start marker) are also what a header file emptied after its run
+        // began shows: taken as ours over data that no longer shows a filesystem, the
+        // run encrypted the encrypted part a second time (trial V6). Over a device that
+        // still starts with its filesystem nothing was walked: the file is reused.
+        let shows_a_filesystem = || {
+            std::fs::File::open(dev)
+                .ok()
+                .and_then(|f| luksify_walker::fsprobe::probe(&f).ok().flatten())
+                .is_some()
+        };
+        if m.len() > 0 && !shows_a_filesystem() {
+            bail!(
+                "{}: header file {} exists and holds no header, and the device shows no filesystem at its start: luksify cannot tell an `encrypt` stopped before its first header write (then nothing was written: remove the file and run the command again) from a run whose header file was emptied since (then restore it from a copy: encrypting again would encrypt the part already encrypted a second time); nothing was written",
+                dev.display(),
+                h.display()
+            );
+        }
     }
     let f = OpenOptions::new()
         .read(true)
