@@ -3148,6 +3148,11 @@ fn orch_exit_codes_match_docs_and_help() {
     assert_eq!(out.status.code(), Some(exit::USAGE as i32));
     let out = run(luksify(d.path()).args(["enable", "--volume-type", "os", "--volume", "/"]));
     assert_eq!(out.status.code(), Some(exit::UNSUPPORTED as i32), "{out:?}");
+    // Not this machine's lack: no machine's (it read as if another could; trial R2).
+    assert!(
+        stderr(&out).contains("luksify encrypts data volumes only, on any machine"),
+        "{out:?}"
+    );
 }
 
 /// The mount line of `mp` in mountinfo, split into fields.

@@ -258,7 +258,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             match volume_type.to_ascii_lowercase().as_str() {
                 "data" => {}
                 "os" | "all" => {
-                    errln!("luksify: --volume-type {volume_type} is not supported; only `data` volumes are (the OS disk needs a reboot path luksify does not have)");
+                    errln!("luksify: --volume-type {volume_type} is not supported: luksify encrypts data volumes only, on any machine (the OS disk needs a reboot path luksify does not have); use --volume-type data");
                     return Ok(ExitCode::from(exit::UNSUPPORTED));
                 }
                 _ => {

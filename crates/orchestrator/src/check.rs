@@ -1229,7 +1229,7 @@ pub fn check_resolved(
             Severity::Blocker,
             format!("{dev_s} is already encrypted ({v})"),
             "a LUKS header is at its start".into(),
-            "nothing to do; it is open already (above)".into(),
+            "nothing to do; it is open already (a luksify mapping daemon holds it: `luksify status` names the mapping)".into(),
         ),
         Some(v) => push(
             "already_luks",
