@@ -596,10 +596,7 @@ fn cmd_status(json: bool, state_dir: Option<PathBuf>) -> anyhow::Result<ExitCode
     // The answer stays the agent's (nothing done there: NotEncrypted), but a mistyped
     // directory gets a word on stderr (a trial's typo read as a confident answer).
     if !dir.exists() && dir != Path::new(status::DEFAULT_STATE_DIR) {
-        errln!(
-            "luksify: note: the state directory {} does not exist: no luksify run has used it (is it the one `enable` was given?)",
-            dir.display()
-        );
+        note_no_state_dir(&dir, "");
     } else if dir.exists()
         && !dir.join(status::STATUS_FILE).exists()
         && !dir.join(status::REFUSED_FILE).exists()
@@ -904,20 +901,14 @@ fn cmd_resume(
     let dir = status::state_dir(state_dir.as_deref());
     if key_file.is_some() && !dir.exists() && dir != Path::new(status::DEFAULT_STATE_DIR) {
         // With a key it may take up runs it finds on devices, which it records there.
-        errln!(
-            "luksify: note: the state directory {} does not exist: no luksify run has used it (is it the one `enable` was given?); it is made for the runs this resume finds",
-            dir.display()
-        );
+        note_no_state_dir(&dir, "; it is made for the runs this resume finds");
     }
     if key_file.is_none() && !dir.exists() {
         // Nothing recorded there, and nothing made there: a mistyped directory read as
         // a confident "Nothing to resume." and was created (a trial).
         let left = report_unrecorded_runs(&dir, false);
         if dir != Path::new(status::DEFAULT_STATE_DIR) {
-            errln!(
-                "luksify: note: the state directory {} does not exist: no luksify run has used it (is it the one `enable` was given?)",
-                dir.display()
-            );
+            note_no_state_dir(&dir, "");
         }
         match left {
             0 => outln!("Nothing to resume."),
@@ -938,6 +929,15 @@ fn cmd_resume(
         }
         Ok(ExitCode::from(exit::OK))
     })
+}
+
+/// The note `status` and `resume` give for a state directory that does not exist (a
+/// typo read as a confident answer), then `tail`.
+fn note_no_state_dir(dir: &Path, tail: &str) {
+    errln!(
+        "luksify: note: the state directory {} does not exist: no luksify run has used it (is it the one `enable` was given?){tail}",
+        dir.display()
+    );
 }
 
 /// Names the interrupted runs on this machine's devices that the status file in

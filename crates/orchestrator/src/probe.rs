@@ -313,13 +313,7 @@ pub fn in_use_per_sysfs(p: &Path) -> bool {
 /// Whether another opener holds block device `p` exclusively (a mount, a mapping, a
 /// walk): an `O_EXCL` open of it fails with EBUSY. False for anything else.
 pub fn held_exclusively(p: &Path) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    block_dev_num(p).is_some()
-        && std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-            .open(p)
-            .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+    block_dev_num(p).is_some() && luksify_walker::overlap::held_exclusively(p)
 }
 
 /// Device number of a block device node, or None when `p` is not one.
@@ -833,10 +827,7 @@ pub fn other_paths_in_use(
             );
             continue;
         }
-        if exclusive_probe
-            && o.probe_exclusive()
-            && luksify_walker::overlap::held_exclusively(&node)
-        {
+        if exclusive_probe && o.probe_exclusive() && held_exclusively(&node) {
             add(
                 "is in use (held exclusively: a mount, a mapping, a run)".into(),
                 format!("find what uses it (`grep {num} /proc/*/mountinfo`, `ls /sys/class/block/{}/holders`), stop it, and detach the loop device (losetup -d)", o.name),
