@@ -915,7 +915,7 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
             let err = String::from_utf8_lossy(&st.stderr);
             assert!(
                 st.status.code() == Some(1)
-                    && err.contains("shows no filesystem at its start")
+                    && err.contains("shows no filesystem where its data starts")
                     && err.contains("remove the file and run the command again"),
                 "{what}: encrypt said: {err}"
             );
@@ -960,6 +960,53 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
         std::fs::read_dir(c.p("hdir")).unwrap().next().is_none(),
         "--header DIR: wrote in it"
     );
+}
+
+#[test]
+fn walker_an_emptied_header_of_a_run_with_an_offset_is_not_taken_for_a_new_one() {
+    require_tool("mkfs.ext4");
+    // The data starts 1 MiB in (`--offset 2048`); the MiB before it keeps its ext4
+    // superblock whatever the walk did after it. Whether a header file holding nothing
+    // is a cut first write of this run is asked where the data starts: at byte 0 a
+    // walked device still showed its filesystem, and the run encrypted twice.
+    let (c, _) = Case::new(16, 5);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(c.p("img")));
+    let fs = c.p("fs");
+    std::fs::write(&fs, vec![0u8; 15 << 20]).unwrap();
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&fs));
+    let mut orig = std::fs::read(c.p("img")).unwrap();
+    orig[1 << 20..].copy_from_slice(&std::fs::read(&fs).unwrap());
+    std::fs::write(c.p("img"), &orig).unwrap();
+    let with_offset = || {
+        let mut cmd = detached_encrypt(&c);
+        cmd.args(["--offset", "2048"]);
+        cmd
+    };
+    run_ok(&mut with_offset());
+    let walked = std::fs::read(c.p("img")).unwrap();
+    assert!(walked[..1 << 20] == orig[..1 << 20] && walked[1 << 20..] != orig[1 << 20..]);
+    let header = std::fs::read(c.p("hdr")).unwrap();
+    // The header file emptied after the run (zeros, its length kept).
+    std::fs::write(c.p("hdr"), vec![0u8; header.len()]).unwrap();
+    let out = run(&mut with_offset());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && err.contains("shows no filesystem where its data starts")
+            && err.contains("restore it from a copy"),
+        "encrypt over the emptied header said: {err}"
+    );
+    assert_file_is(&c.p("img"), &walked, "the walked data was written again");
+    // The header put back, the data decrypts to the plaintext (cryptsetup decrypts a
+    // detached header's data only at offset 0).
+    std::fs::write(c.p("hdr"), &header).unwrap();
+    run_ok(&mut detached_decrypt(&c));
+    assert_file_is(&c.p("img"), &orig, "decrypted data differs");
+    // Over data that still shows its filesystem where it starts, the file is reused.
+    std::fs::write(c.p("hdr"), vec![0u8; header.len()]).unwrap();
+    run_ok(&mut with_offset());
+    run_ok(&mut detached_decrypt(&c));
+    assert_file_is(&c.p("img"), &orig, "second run differs");
 }
 
 /// Starts `cmd`, kills it with SIGKILL after `ms`, returns whether it had already exited.

@@ -506,7 +506,8 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", dev.display()))?;
             // Only a file this run creates is ever removed again.
             let created = std::fs::symlink_metadata(h).is_err();
-            let hf = header_disk(dev, h, open_new_header(h, dev, size, created)?)?;
+            let starts = opts.format.data_offset.unwrap_or(0);
+            let hf = header_disk(dev, h, open_new_header(h, dev, size, created, starts)?)?;
             let r = luksify_walker::encrypt(&data, Some(&hf), pass, &opts, &ctl);
             // A failure before the header was complete wrote nothing to the data (the
             // header goes first): do not leave a file that blocks the next attempt. (A
@@ -747,6 +748,7 @@ fn open_new_header(
     dev: &Path,
     size: u64,
     created: bool,
+    data_offset: u64,
 ) -> anyhow::Result<std::fs::File> {
     refuse_odd_header_path(dev, h)?;
     if is_block_device(h) {
@@ -803,16 +805,22 @@ fn open_new_header(
         // Zeros (or our start marker) are also what a header file emptied after its run
         // began shows: taken as ours over data that no longer shows a filesystem, the
         // run encrypted the encrypted part a second time (trial V6). Over a device that
-        // still starts with its filesystem nothing was walked: the file is reused.
+        // still starts with its filesystem nothing was walked: the file is reused. With
+        // --offset the data, and so the filesystem, starts there (a walked device
+        // still showed the untouched one at byte 0).
         let shows_a_filesystem = || {
             std::fs::File::open(dev)
                 .ok()
-                .and_then(|f| luksify_walker::fsprobe::probe(&f).ok().flatten())
+                .and_then(|f| {
+                    luksify_walker::fsprobe::probe_at(&f, data_offset)
+                        .ok()
+                        .flatten()
+                })
                 .is_some()
         };
         if m.len() > 0 && !shows_a_filesystem() {
             bail!(
-                "{}: header file {} exists and holds no header, and the device shows no filesystem at its start: luksify cannot tell an `encrypt` stopped before its first header write (then nothing was written: remove the file and run the command again) from a run whose header file was emptied since (then restore it from a copy: encrypting again would encrypt the part already encrypted a second time); nothing was written",
+                "{}: header file {} exists and holds no header, and the device shows no filesystem where its data starts: luksify cannot tell an `encrypt` stopped before its first header write (then nothing was written: remove the file and run the command again) from a run whose header file was emptied since (then restore it from a copy: encrypting again would encrypt the part already encrypted a second time); nothing was written",
                 dev.display(),
                 h.display()
             );

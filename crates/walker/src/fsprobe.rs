@@ -83,6 +83,27 @@ pub fn uuid_in(head: &[u8]) -> Option<String> {
     ))
 }
 
+/// What [`probe`] finds on `disk` from byte `offset` on: a run's data segment that
+/// starts there (`--offset`) held the filesystem there, not at byte 0.
+pub fn probe_at<D: Disk + ?Sized>(disk: &D, offset: u64) -> io::Result<Option<FsExtent>> {
+    struct At<'a, D: ?Sized>(&'a D, u64);
+    impl<D: Disk + ?Sized> Disk for At<'_, D> {
+        fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.0.read_at(off + self.1, buf)
+        }
+        fn write_at(&self, _: u64, _: &[u8]) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn size(&self) -> io::Result<u64> {
+            Ok(self.0.size()?.saturating_sub(self.1))
+        }
+    }
+    probe(&At(disk, offset))
+}
+
 /// Reads the ext2/3/4 or xfs superblock at the start of `disk`, if there is one.
 pub fn probe<D: Disk + ?Sized>(disk: &D) -> io::Result<Option<FsExtent>> {
     let mut sb = vec![0u8; 4096];
