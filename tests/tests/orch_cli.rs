@@ -877,6 +877,20 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
         Some("NotEncrypted"),
         "{s}"
     );
+    // What its walk will cover is on record before it begins (an agent polling at 0%
+    // divided by a total of 0; a trial): the 96 MiB device less the header's 32 MiB
+    // reserve, which the walker's reports say too (below).
+    let bytes_of = |s: &serde_json::Value, dev: &Path| {
+        let v = s["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["device"] == dev.display().to_string())
+            .cloned()
+            .unwrap();
+        (v["bytes_done"].as_u64(), v["bytes_total"].as_u64())
+    };
+    assert_eq!(bytes_of(&s, &b.dev()), (Some(0), Some(64 << 20)), "{s}");
     // The second volume is still plain and mounted: the run had not reached it.
     let out = run(a.cmd().arg("check").arg(b.dev()).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -934,6 +948,11 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     assert_eq!(state_of(&s, &a.dev()).as_deref(), Some("Encrypted"), "{s}");
     assert_eq!(state_of(&s, &b.dev()).as_deref(), Some("Encrypted"), "{s}");
     assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    assert_eq!(
+        bytes_of(&s, &b.dev()),
+        (Some(64 << 20), Some(64 << 20)),
+        "{s}"
+    );
     assert!(
         mount_fields(&b.mnt).is_some(),
         "{} is not mounted",

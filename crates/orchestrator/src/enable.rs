@@ -874,6 +874,14 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             header: p.header.clone(),
             key_file: Some(key_file.clone()),
             state: VolumeState::NotEncrypted,
+            // What the walk will cover, known before it begins: an agent polling at 0%
+            // divided by a total of 0 (a trial). A header in front leaves its reserve
+            // at the end unwalked; the walker's first report gives the same figure.
+            bytes_total: if p.header.is_some() {
+                p.report.size_bytes
+            } else {
+                p.report.size_bytes.saturating_sub(HEADER_RESERVE_BYTES)
+            },
             in_run: true,
             extra_mounts: extra_mounts(p.report.mounts.iter(), m),
             fstab_mount_points: fstab_mount_points(&p.device),
