@@ -317,6 +317,26 @@ impl Fixture {
         c.env("LUKSIFY_ETC_DIR", self.dir.path().join("etc"));
         c
     }
+    /// A PATH whose `tool` is a shell script running `body` (`$REAL` names the real
+    /// tool) ahead of the real one, as a misbehaving tool would.
+    fn path_with(&self, tool: &str, body: &str) -> String {
+        let bin = self.dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let real = String::from_utf8_lossy(
+            &run_ok(Command::new("sh").args(["-c", &format!("command -v {tool}")])).stdout,
+        )
+        .trim()
+        .to_string();
+        let wrapper = bin.join(tool);
+        std::fs::write(&wrapper, format!("#!/bin/sh\nREAL={real}\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    }
     fn enable_cmd(&self) -> Command {
         self.enable_of(&self.mnt)
     }
@@ -5075,29 +5095,10 @@ fn root_orch_an_aborted_shrink_is_repaired_before_the_volume_is_mounted_again() 
     require_tool("debugfs");
     require_tool("dumpe2fs");
     let fx = Fixture::new(96);
-    let bin = fx.dir.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let real = String::from_utf8_lossy(
-        &run_ok(Command::new("sh").args(["-c", "command -v resize2fs"])).stdout,
-    )
-    .trim()
-    .to_string();
-    let wrapper = bin.join("resize2fs");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh
-if [ \"$1\" = -f ]; then debugfs -w -R 'set_super_value state 2' \"$2\" >/dev/null 2>&1; echo 'resize2fs: Input/output error while trying to resize' >&2; echo \"Please run 'e2fsck -fy $2' to fix the filesystem after the aborted resize operation.\" >&2; exit 1; fi
-exec {real} \"$@\"\n"
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
+    let path = fx.path_with(
+        "resize2fs",
+        "if [ \"$1\" = -f ]; then debugfs -w -R 'set_super_value state 2' \"$2\" >/dev/null 2>&1; echo 'resize2fs: Input/output error while trying to resize' >&2; echo \"Please run 'e2fsck -fy $2' to fix the filesystem after the aborted resize operation.\" >&2; exit 1; fi
+exec $REAL \"$@\"",
     );
     let out = run(fx.enable_cmd().env("PATH", &path));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -8953,4 +8954,80 @@ fn root_orch_a_filesystem_larger_than_its_device_is_a_blocker() {
     drop(short);
     run_ok(Command::new("mount").arg(fx.dev()).arg(&fx.mnt));
     fx.assert_files_unchanged();
+}
+
+/// A `disable` SIGKILLed while its `umount` runs leaves that umount running alone: given
+/// the mount point, not the device, it was not waited for, and it took off the mount
+/// `resume` had just put back (a trial: NotMounted, and "Nothing to resume.").
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_resume_waits_for_the_umount_a_killed_disable_left_running() {
+    let fx = Fixture::new(96);
+    fx.enable_ok();
+    let started = fx.dir.path().join("umount-started");
+    let path = fx.path_with(
+        "umount",
+        &format!("touch {}; sleep 3; exec $REAL \"$@\"", started.display()),
+    );
+    let mut disable = fx.disable_cmd();
+    let mut child = disable.env("PATH", &path).spawn_quiet();
+    wait_on(&mut child, "the disable's umount", || started.exists());
+    // luksify alone, as SIGKILL takes it: its umount goes on.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("waiting for umount (pid"),
+        "{}",
+        stderr(&out)
+    );
+    // Longer than the orphan could still be on its way.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        mount_fields(&fx.mnt).is_some(),
+        "the volume was left unmounted"
+    );
+    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(!st.contains("NotMounted"), "{st}");
+    fx.assert_files_unchanged();
+    fx.assert_disables_to_plain();
+}
+
+/// A `disable` killed before its walk began is put back by `resume`, mapped and
+/// mounted again; when that fails (here e2fsck's exit 8, an operational error, not
+/// damage) a later `resume` still puts it back: the first had cleared the moved
+/// header's record, and every later `resume` said "no header file recorded" while
+/// `disable` sent the user back to `resume` (a trial).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_disable_put_back_after_a_failed_remount_is_put_back_by_the_next_resume() {
+    require_tool("strace");
+    let fx = Fixture::new(96);
+    fx.enable_ok();
+    let moved = fx
+        .state
+        .join("headers")
+        .join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
+    let out = run(&mut strace_killed_at_open(fx.disable_cmd(), &moved));
+    assert!(!out.status.success(), "disable was not killed");
+    assert!(mount_fields(&fx.mnt).is_none(), "killed before the unmount");
+    let busy = fx.path_with(
+        "e2fsck",
+        "echo \"e2fsck: Device or resource busy while trying to open $3\" >&2; exit 8",
+    );
+    let out = run(fx.cmd().args(["resume", "--userspace"]).env("PATH", &busy));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("an operational error")
+            && err.contains("Device or resource busy")
+            && !err.contains("errors it could not fix"),
+        "{err}"
+    );
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(mount_fields(&fx.mnt).is_some(), "not mounted again");
+    fx.assert_encrypted_and_intact();
+    fx.assert_disables_to_plain();
 }

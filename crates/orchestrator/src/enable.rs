@@ -592,20 +592,7 @@ pub(crate) fn ext_read_only_complaint(device: &Path) -> Result<Option<String>> {
     if c == Some(0) {
         return Ok(None);
     }
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    // Its first complaint, past the pass headers.
-    let first = text
-        .lines()
-        .map(str::trim)
-        .find(|l| {
-            !l.is_empty()
-                && !l.starts_with("Pass ")
-                && !l.starts_with("e2fsck ")
-                && !l.contains("skipping journal recovery")
-        })
-        .unwrap_or("")
-        .to_string();
+    let first = first_complaint(&out);
     Ok(Some(format!(
         "e2fsck -f -n {} {} ({first})",
         device.display(),
@@ -614,6 +601,22 @@ pub(crate) fn ext_read_only_complaint(device: &Path) -> Result<Option<String>> {
             None => "was killed".to_string(),
         },
     )))
+}
+
+/// e2fsck's first complaint in `out`, past its pass headers.
+fn first_complaint(out: &std::process::Output) -> String {
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .map(str::trim)
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("Pass ")
+                && !l.starts_with("e2fsck ")
+                && !l.contains("skipping journal recovery")
+        })
+        .unwrap_or("")
+        .to_string()
 }
 
 fn fsck_ext_read_only(device: &Path) -> Result<()> {
@@ -630,6 +633,15 @@ fn fsck_ext(device: &Path) -> Result<()> {
     let out = e2fsck(&["-f", "-y"], device)?;
     match out.status.code() {
         Some(0) | Some(1) => Ok(()),
+        // Exit 8 is e2fsck's operational error (the device busy, unreadable), not
+        // damage: "has errors it could not fix" sent a trial to repair a sound
+        // filesystem that an orphaned umount still held.
+        Some(c) if c & 8 != 0 && c & 4 == 0 => Err(Failure::failed(format!(
+            "e2fsck -f -y {} could not check it (exit {c}, an operational error: {}); nothing was repaired: if a program still has {} open (an e2fsck or mount left running), wait for it to end, then run again",
+            device.display(),
+            first_complaint(&out),
+            device.display()
+        ))),
         c => Err(Failure::failed(format!(
             "e2fsck -f -y {} {}: the filesystem has errors it could not fix; repair it by hand (e2fsck -f {}), then run again",
             device.display(),
@@ -2479,13 +2491,18 @@ fn wait_for_orphans(v: &VolumeStatus) {
         "fsck.ext4",
         "resize2fs",
     ];
+    // `umount` is given the mount point, not the device: a `disable` killed while its
+    // umount ran left it to take the mount `resume` had just put back (a trial).
     let names: Vec<String> = [
         Some(v.device.clone()),
         Some(PathBuf::from("/dev/mapper").join(&v.mapper)),
         v.mapped_device.clone(),
+        v.mount_point.clone(),
     ]
     .into_iter()
     .flatten()
+    .chain(v.extra_mounts.iter().map(|m| m.mount_point.clone()))
+    .chain(v.nested_mounts.iter().map(|n| n.mount_point.clone()))
     .map(|p| p.display().to_string())
     .collect();
     let own = std::process::id();
@@ -2502,9 +2519,10 @@ fn wait_for_orphans(v: &VolumeStatus) {
                 if !TOOLS.contains(&comm) {
                     return None;
                 }
-                let args = holders::cmdline_of(pid);
-                args.split(' ')
-                    .any(|a| names.iter().any(|n| n == a))
+                // Argument by argument (a mount point may hold a space).
+                let args = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                args.split(|&b| b == 0)
+                    .any(|a| names.iter().any(|n| n.as_bytes() == a))
                     .then(|| (pid, comm.to_string()))
             })
             .collect()
@@ -2667,12 +2685,24 @@ fn resume_decrypt(
     pos: (usize, usize),
 ) -> Result<()> {
     let v = sw.status.volumes[idx].clone();
-    let header = v.header.clone().ok_or_else(|| {
-        Failure::failed(format!(
-            "no header file recorded for the decryption of {}",
-            v.device.display()
-        ))
-    })?;
+    // A header in front whose decryption had not started is put back on the device and
+    // its record cleared (`map_again_encrypted`) before the volume is mapped and mounted
+    // again: a failure there (an e2fsck, a mount) left no header on record, and every
+    // later `resume` refused (a trial). The device's own header is then the one.
+    let moved = req
+        .state_dir
+        .join("headers")
+        .join(format!("{}.decrypt.luks2", v.mapper));
+    let header = match v.header.clone() {
+        Some(h) => h,
+        None if check::luks_state(&v.device).as_deref() == Some("luks2") => moved,
+        None => {
+            return Err(Failure::failed(format!(
+                "no header file recorded for the decryption of {}",
+                v.device.display()
+            )))
+        }
+    };
     let in_front = header.starts_with(req.state_dir.join("headers"));
     if v.walk_done {
         // Its header file may be gone already: only the last steps are left.
