@@ -8369,9 +8369,45 @@ fn root_orch_resume_repairs_its_own_shrink_cut_by_a_power_cut() {
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("the shrink for the header was cut"), "{err}");
+    assert!(
+        err.contains("the run's shrink for the header was cut"),
+        "{err}"
+    );
     fx.assert_encrypted_and_intact();
     assert_eq!(read_status(&fx.state)["volumes"][0]["shrinking"], false);
+}
+
+/// A resize2fs killed as it began (with its `enable`, as a process group's kill or a
+/// power cut takes both) has marked only the superblock's state, which `e2fsck -n`
+/// passes and resize2fs refuses ("Please run 'e2fsck -f' first"): `resume` gave up
+/// and sent the user to e2fsck, and a new `enable` refused the errors (trial K4).
+/// `resume` repairs its own cut shrink whatever `e2fsck -n` says.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_resume_repairs_a_shrink_killed_as_it_began() {
+    require_tool("debugfs");
+    let fx = Fixture::new(96);
+    let path = fx.path_with(
+        "resize2fs",
+        "if [ \"$1\" = -f ]; then debugfs -w -R 'set_super_value state 0' \"$2\" >/dev/null 2>&1; kill -9 $PPID; exit 1; fi
+exec $REAL \"$@\"",
+    );
+    let out = run(fx.enable_cmd().env("PATH", &path));
+    assert!(!out.status.success(), "enable was not killed: {out:?}");
+    assert_eq!(read_status(&fx.state)["volumes"][0]["shrinking"], true);
+    assert!(mount_fields(&fx.mnt).is_none(), "killed before the unmount");
+    let out = run(Command::new("e2fsck").args(["-f", "-n"]).arg(fx.dev()));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("the run's shrink for the header was cut"),
+        "{err}"
+    );
+    fx.assert_encrypted_and_intact();
+    assert_eq!(read_status(&fx.state)["volumes"][0]["shrinking"], false);
+    fx.assert_disables_to_plain();
 }
 
 /// Another filesystem mounted at or inside the volume (trial W):
@@ -9029,5 +9065,35 @@ fn root_orch_a_disable_put_back_after_a_failed_remount_is_put_back_by_the_next_r
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(mount_fields(&fx.mnt).is_some(), "not mounted again");
     fx.assert_encrypted_and_intact();
+    fx.assert_disables_to_plain();
+}
+
+/// An `enable` killed after its last step (mapped, mounted, fstab and crypttab written,
+/// the volume recorded Encrypted) but before it wrote its final message: `status` kept
+/// "Encrypting data volume 1/1: 100%" for good, `resume` having nothing to do (trial
+/// K4). The status file is put as such a kill leaves it: the run's message, its
+/// process gone.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_status_of_a_run_killed_after_its_last_step_says_it_succeeded() {
+    let fx = Fixture::new(96);
+    fx.enable_ok();
+    let mut s = read_status(&fx.state);
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    s["pid"] = pid.into();
+    s["progress_message"] = "Encrypting data volume 1/1: 100%".into();
+    std::fs::write(
+        fx.state.join("status.json"),
+        serde_json::to_vec(&s).unwrap(),
+    )
+    .unwrap();
+    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    assert!(
+        st.contains("DataVolumesEncrypted : Encrypted\n")
+            && st.contains("ProgressMessage : Encryption succeeded"),
+        "{st}"
+    );
     fx.assert_disables_to_plain();
 }

@@ -1449,3 +1449,152 @@ fn root_walker_a_run_through_stacked_loop_devices_holds_the_file_below() {
     drop(la);
     decrypt_detached_and_check(&p("img"), &key, &s("hdr"), &orig, "stacked");
 }
+
+/// A cgroup of the pids controller (v1's `pids` hierarchy, or v2 with `pids` enabled),
+/// removed on drop once its processes are gone.
+struct PidsCgroup(std::path::PathBuf);
+
+impl PidsCgroup {
+    fn new(max: usize) -> PidsCgroup {
+        let name = format!("luksify-test-{}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/pids");
+        let dir = if v1.join("cgroup.procs").exists() {
+            v1.join(name)
+        } else {
+            let root = Path::new("/sys/fs/cgroup");
+            let controllers =
+                std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            assert!(
+                controllers.split_whitespace().any(|c| c == "pids"),
+                "this test needs the cgroup pids controller (v1 /sys/fs/cgroup/pids, or v2 with pids)"
+            );
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids");
+            root.join(name)
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pids.max"), max.to_string()).unwrap();
+        PidsCgroup(dir)
+    }
+    /// `cmd` started inside the cgroup (its own process joins before it execs).
+    fn command(&self, cmd: &Command) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+            .arg(&self.0)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        c
+    }
+    fn join(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// A limit on threads (a cgroup's pids.max) is one line that says so, never a panic or
+/// a hang: a trial's `encrypt` under pids.max 1-3 panicked (the walk's workers, rayon's
+/// pool in the final wipe), and under 2 hung for good, deaf to SIGTERM (an `enable`'s
+/// volume stayed unmounted meanwhile). Too few to start: refused, nothing written. Used
+/// up once the run has begun (other processes joined the cgroup during the key
+/// derivation): stopped with the same word, resumable, and resumed the data is intact.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_walker_a_limit_on_threads_is_one_line_never_a_panic_or_a_hang() {
+    require_root();
+    let (dir, orig) = scratch(32, 41);
+    let img = dir.path().join("img");
+    let (key, hdr) = (
+        dir.path().join("key").display().to_string(),
+        dir.path().join("hdr").display().to_string(),
+    );
+    let encrypt = |iterations: &str| {
+        let mut c = luksify_detached("encrypt", &img.display().to_string(), &key, &hdr);
+        c.args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", iterations])
+            .args(SMALL);
+        c
+    };
+    let finishes = |c: &mut Command| {
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t.elapsed() > std::time::Duration::from_secs(120) {
+                let _ = child.kill();
+                panic!("the run hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let low = PidsCgroup::new(2);
+    let out = finishes(&mut low.command(&encrypt("1000")));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines().count() == 1 && err.contains("pids.max") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == orig,
+        "the image was written"
+    );
+    assert!(!Path::new(&hdr).exists(), "a header file was left");
+    drop(low);
+
+    // Enough to start (main, rayon's pool, the headroom); then used up by others.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let limit = 1 + cores + (cores.min(4) + 2);
+    let cg = PidsCgroup::new(limit);
+    let mut run = cg.command(&encrypt("5000000"));
+    let mut child = run
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut others: Vec<std::process::Child> = (0..limit)
+        .map(|_| Command::new("sleep").arg("120").spawn().unwrap())
+        .collect();
+    for o in &others {
+        cg.join(o.id());
+    }
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed().as_secs() < 120, "the run hung");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    for o in &mut others {
+        let _ = o.kill();
+        let _ = o.wait();
+    }
+    drop(cg);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "the run was not stopped: {err}");
+    assert!(
+        !err.contains("panicked")
+            && err.lines().count() == 1
+            && err.contains("pids.max")
+            && err.contains("luksify resume"),
+        "{err}"
+    );
+    run_ok(
+        luksify_detached("resume", &img.display().to_string(), &key, &hdr)
+            .args(SMALL)
+            .stdout(Stdio::null()),
+    );
+    decrypt_detached_and_check(&img, &key, &hdr, &orig, "after the limit");
+}

@@ -187,6 +187,20 @@ pub enum OrchCmd {
     },
 }
 
+impl OrchCmd {
+    /// Whether the command changes volumes (and so needs the threads of a run).
+    pub fn works(&self) -> bool {
+        matches!(
+            self,
+            OrchCmd::Open { .. }
+                | OrchCmd::Enable { .. }
+                | OrchCmd::ResumeAll { .. }
+                | OrchCmd::Disable { .. }
+                | OrchCmd::ServeMapping { .. }
+        )
+    }
+}
+
 pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         OrchCmd::Check {

@@ -107,6 +107,54 @@ fn no_core_dumps() {
     }
 }
 
+/// Threads a run needs beside rayon's pool, all at once: the walk's workers (one per
+/// core, up to 4, as `Tuning` starts them), and two helpers (a device probe given a
+/// timeout, the mapping's).
+fn thread_headroom() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) + 2
+}
+
+/// Starts the threads a run needs before it writes anything, so that a limit on them
+/// (a cgroup's pids.max, `ulimit -u`) is one line and nothing done: a trial's run
+/// under such a limit panicked part way (rayon's pool, the walk's workers), or hung
+/// for good with its volume unmounted. rayon's global pool is built here, and the
+/// headroom for the rest is tried and given back.
+fn threads_available() -> Result<(), String> {
+    let failed = |e: &dyn std::fmt::Display| {
+        format!(
+            "cannot start the threads a run needs ({e}): a limit on threads is too low (the cgroup's pids.max, or `ulimit -u`); raise it and run again (nothing was written)"
+        )
+    };
+    rayon::ThreadPoolBuilder::new()
+        .build_global()
+        .map_err(|e| failed(&e))?;
+    let gate = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let mut started = Vec::new();
+    let mut err = None;
+    for _ in 0..thread_headroom() {
+        let g = gate.clone();
+        match std::thread::Builder::new().spawn(move || {
+            let (open, cv) = &*g;
+            let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
+            while !*o {
+                o = cv.wait(o).unwrap_or_else(|e| e.into_inner());
+            }
+        }) {
+            Ok(t) => started.push(t),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    *gate.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    gate.1.notify_all();
+    for t in started {
+        let _ = t.join();
+    }
+    err.map_or(Ok(()), |e| Err(failed(&e)))
+}
+
 /// Raises the soft limit on open files to the hard one, as a process that may need
 /// many does: a low soft limit (`ulimit -Sn 11`) stopped the mapping daemon after the
 /// walk (a trial). A low hard limit stays, and `check` names it.
@@ -209,6 +257,17 @@ fn main() -> ExitCode {
         // and orchestrator runs: they finish their work whoever stopped listening.)
         // SAFETY: restores the default disposition of one signal before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    let works = match &cli.cmd {
+        Cmd::Walk(_) => true,
+        Cmd::Orch(c) => c.works(),
+        Cmd::Bench(_) | Cmd::Luks(_) => false,
+    };
+    if works {
+        if let Err(e) = threads_available() {
+            errln!("luksify: {e}");
+            return ExitCode::from(luksify_orchestrator::exit::FAILED);
+        }
     }
     let res = match cli.cmd {
         Cmd::Bench(c) => cmd_bench::run(c),

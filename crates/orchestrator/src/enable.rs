@@ -1351,19 +1351,19 @@ fn prepare_fs(
                 )));
             }
         }
-        if let Err(e) = fsck_ext_read_only(device) {
-            if !cut_shrink {
-                return Err(e);
-            }
+        if cut_shrink {
             // The one repair luksify makes: what its own cut resize2fs left half done,
-            // on the filesystem its run recorded (e2fsck is resize2fs's recovery).
+            // on the filesystem its run recorded (e2fsck is resize2fs's recovery). Run
+            // whatever `e2fsck -n` says: a resize2fs killed early leaves only the
+            // superblock's state marked (errors, or not clean), which `e2fsck -n`
+            // passes and `resize2fs` refuses (a trial's resume then gave up).
             errln!(
-                "luksify: {}: the shrink for the header was cut (a power cut?); e2fsck -f -y repairs what resize2fs left half done",
+                "luksify: {}: the run's shrink for the header was cut (a kill or a power cut); e2fsck -f -y puts right what resize2fs left half done",
                 device.display()
             );
             fsck_ext(device)?;
-            fsck_ext_read_only(device)?;
         }
+        fsck_ext_read_only(device)?;
         if header.is_none() {
             // Read once, after the replay or repair above may have changed it.
             let now = probe::detect_fs(device).ok();

@@ -507,6 +507,11 @@ pub fn apply_live_state(
             };
             s.progress_message = msg;
             stopped_between = Some(state);
+        } else if pending.is_empty() && !s.volumes.iter().any(|v| v.in_run && v.error.is_some()) {
+            // Nothing in progress, nothing left: killed after its last step but before
+            // it wrote its final message. "Encrypting data volume 1/1: 100%" stayed for
+            // good beside an Encrypted volume, `resume` having nothing to do (a trial).
+            s.progress_message = message(s.operation, &s.volumes, None);
         }
     }
     // A run that stopped itself (a signal, exit 5) and whose walk `luksify resume DEV`
@@ -809,7 +814,7 @@ fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
             "Encryption of {dev} had not started when {went} (nothing was encrypted); `luksify resume` starts it again, `luksify disable --volume {dev}` puts it back as it was"
         ),
         RunStage::Walked => format!(
-            "{what} of {dev} finished its walk, but {went} before the steps after it ({}, fstab, crypttab); `luksify resume` does them",
+            "{what} of {dev} finished its walk, but {went} before it recorded the steps after it ({}, fstab, crypttab) as done; `luksify resume` does what is left of them",
             if decrypt { "remount" } else { "map, mount" }
         ),
         // Every byte walked, the final header not written: "interrupted at 100%" read as

@@ -624,12 +624,22 @@ impl<D: Disk + Sync + ?Sized> Walk<'_, D> {
         };
 
         std::thread::scope(|s| -> Result<Outcome> {
+            // Whatever way this returns, the workers stop and the scope can join them:
+            // set before the first is started, so that one started before another
+            // failed to start is stopped too (a trial's run under a cgroup's pids.max
+            // hung there for good, deaf to SIGTERM, its volume unmounted).
+            let _stop = StopOnDrop(&shared);
             for _ in 0..self.tuning.workers.max(1) {
                 let (zones_w, shared_w) = (&zones, &shared);
-                s.spawn(move || worker(self, zones_w, chunk, work, shared_w));
+                std::thread::Builder::new()
+                    .spawn_scoped(s, move || worker(self, zones_w, chunk, work, shared_w))
+                    .map_err(|e| {
+                        Error::io(
+                            "start the walk's worker threads (is a limit on threads too low? the cgroup's pids.max, `ulimit -u`: raise it)",
+                            e,
+                        )
+                    })?;
             }
-            // Whatever way this returns, the workers stop and the scope can join them.
-            let _stop = StopOnDrop(&shared);
             let mut last_clean = p;
             // Resilience none: hotzones left in the window the header names hot.
             let mut none_window_left = 0usize;
