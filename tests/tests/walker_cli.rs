@@ -3838,3 +3838,62 @@ fn walker_the_smallest_shifted_device_is_cryptsetups() {
     assert_refused_in_one_line(&out, "too small", "a device of the reduction alone");
     s.assert_untouched(&orig, "a device of the reduction alone");
 }
+
+/// A file-size limit (`ulimit -f`): SIGXFSZ ended a trial's run without a word, its
+/// volume left unmounted. A hard limit is refused before anything is written; a soft
+/// one is raised to the hard; a write past one anywhere else fails with EFBIG, said
+/// with the limit to look at.
+#[test]
+fn walker_a_file_size_limit_is_said_never_a_silent_death() {
+    let (c, orig) = Case::new(24, 12);
+    let under = |limit: &str, cmd: &Command| {
+        let mut sh = Command::new("bash");
+        sh.arg("-c")
+            .arg(format!("ulimit {limit} 1000 && exec \"$@\""))
+            .arg("bash")
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        run(&mut sh)
+    };
+    let out = under("-f", &detached_encrypt(&c));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines().count() == 1
+            && err.contains("a file-size limit is in force (`ulimit -f`: 1000 KiB)")
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    c.assert_untouched(&orig, "a hard file-size limit");
+    // `format` writes its header file whole: EFBIG, and where to look.
+    let fmt = luksify(&[
+        "format",
+        "-q",
+        &c.img(),
+        "--header",
+        &c.p("other").display().to_string(),
+        "--key-file",
+        &c.key(),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]);
+    let out = under("-f", &fmt);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("File too large") && err.contains("ulimit -f"),
+        "{err}"
+    );
+    // A soft limit alone is raised: the run goes through.
+    let out = under("-S -f", &detached_encrypt(&c));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        same(&cryptsetup_decrypt_detached(&c), &orig),
+        "cryptsetup decrypt differs"
+    );
+}

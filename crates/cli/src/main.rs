@@ -155,6 +155,35 @@ fn threads_available() -> Result<(), String> {
     err.map_or(Ok(()), |e| Err(failed(&e)))
 }
 
+/// A file-size limit (`ulimit -f`, RLIMIT_FSIZE) raised to its hard limit, and refused
+/// when that is finite: a run writes header files of 16 MiB and more, and whole image
+/// files. Past the limit the kernel's SIGXFSZ killed a trial's `enable` with no word
+/// from luksify and its volume unmounted. SIGXFSZ is ignored besides, so that a write
+/// past a limit anywhere fails with EFBIG, which is said ([`one_line`]).
+fn no_file_size_limit() -> Result<(), String> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_FSIZE, &mut r) != 0 {
+            return Ok(());
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_FSIZE, &r);
+        }
+    }
+    if r.rlim_cur == libc::RLIM_INFINITY {
+        return Ok(());
+    }
+    Err(format!(
+        "a file-size limit is in force (`ulimit -f`: {} KiB), and luksify writes header files of 16 MiB and more, and whole image files: run it without one (`ulimit -f unlimited`, or LimitFSIZE=infinity in a unit); nothing was written",
+        r.rlim_cur / 1024
+    ))
+}
+
 /// Raises the soft limit on open files to the hard one, as a process that may need
 /// many does: a low soft limit (`ulimit -Sn 11`) stopped the mapping daemon after the
 /// walk (a trial). A low hard limit stays, and `check` names it.
@@ -245,6 +274,10 @@ where
 fn main() -> ExitCode {
     no_core_dumps();
     more_open_files();
+    // A write past a file-size limit fails with EFBIG, said as an error, instead of the
+    // kernel's SIGXFSZ ending the process without a word (see `no_file_size_limit`).
+    // SAFETY: sets one signal's disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = parse_args();
     if !matches!(cli.cmd, Cmd::Bench(_)) {
         // Benchmarks hold random keys only, and their figures should not include locking.
@@ -264,7 +297,7 @@ fn main() -> ExitCode {
         Cmd::Bench(_) | Cmd::Luks(_) => false,
     };
     if works {
-        if let Err(e) = threads_available() {
+        if let Err(e) = threads_available().and_then(|()| no_file_size_limit()) {
             errln!("luksify: {e}");
             return ExitCode::from(luksify_orchestrator::exit::FAILED);
         }
@@ -330,6 +363,9 @@ fn one_line(e: &anyhow::Error) -> String {
             s.push_str(": ");
             s.push_str(&t);
         }
+    }
+    if s.contains("(os error 27)") && !s.contains("ulimit -f") {
+        s.push_str(" (is a file-size limit in force? `ulimit -f unlimited`)");
     }
     s
 }
