@@ -624,3 +624,74 @@ pub const CRYPTSETUP_HASHES: [&str; 15] = [
     "sm3",
     "md5",
 ];
+
+/// A cgroup of one controller (`pids`, `memory`): v1's hierarchy of that name, or v2
+/// with the controller enabled; removed on drop once its processes are gone.
+#[derive(Debug)]
+pub struct Cgroup(PathBuf);
+
+impl Cgroup {
+    /// A new cgroup of `controller` with each `(v1 file, v2 file, value)` written.
+    pub fn new(controller: &str, settings: &[(&str, &str, String)]) -> Cgroup {
+        let name = format!(
+            "luksify-test-{}-{}",
+            std::process::id(),
+            CGROUPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let v1 = Path::new("/sys/fs/cgroup").join(controller);
+        let (dir, v2) = if v1.join("cgroup.procs").exists() {
+            (v1.join(name), false)
+        } else {
+            let root = Path::new("/sys/fs/cgroup");
+            let have = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            assert!(
+                have.split_whitespace().any(|c| c == controller),
+                "this test needs the cgroup {controller} controller (v1 /sys/fs/cgroup/{controller}, or v2 with it)"
+            );
+            let _ = std::fs::write(
+                root.join("cgroup.subtree_control"),
+                format!("+{controller}"),
+            );
+            (root.join(name), true)
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        for (f1, f2, value) in settings {
+            let f = if v2 { f2 } else { f1 };
+            std::fs::write(dir.join(f), value).unwrap();
+        }
+        Cgroup(dir)
+    }
+    /// `cmd` started inside the cgroup (its own process joins before it execs).
+    pub fn command(&self, cmd: &Command) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+            .arg(&self.0)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    }
+    /// Moves process `pid` into the cgroup (a limit on forks is not checked on a move).
+    pub fn join(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+static CGROUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}

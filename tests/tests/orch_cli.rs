@@ -9097,3 +9097,76 @@ fn root_orch_status_of_a_run_killed_after_its_last_step_says_it_succeeded() {
     );
     fx.assert_disables_to_plain();
 }
+
+/// Under a cgroup's memory limit the argon2 blocker's fix goes through when followed:
+/// a trial's 48 MiB cgroup was told "--pbkdf-memory 32 or less", and at 32 (KiB) the
+/// same blocker came back, luksify's own share (128 MiB then) alone over the limit.
+/// There only PBKDF2 is offered, and it goes through; under 256 MiB the argon2 memory
+/// offered (KiB, as cryptsetup counts) goes through too.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_the_key_derivation_memory_blockers_fix_goes_through() {
+    use luksify_tests::Cgroup;
+    let fx = Fixture::new(96);
+    let limit = |mib: u64| {
+        Cgroup::new(
+            "memory",
+            &[(
+                "memory.limit_in_bytes",
+                "memory.max",
+                (mib << 20).to_string(),
+            )],
+        )
+    };
+    let argon2 = |extra: &[&str]| {
+        let mut c = fx.cmd();
+        c.args(["enable", "--volume-type", "data", "--volume"])
+            .arg(&fx.mnt)
+            .arg("--key-file")
+            .arg(&fx.key)
+            .args(["--userspace", "--pbkdf-force-iterations", "4"])
+            .args(extra);
+        c
+    };
+    let small = limit(48);
+    let out = run(&mut small.command(&argon2(&[])));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("the key derivation (argon2, ")
+            && err.contains("fix: --pbkdf pbkdf2, or raise the limit")
+            && !err.contains("--pbkdf-memory"),
+        "{err}"
+    );
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    let out = run(&mut small.command(&fx.enable_cmd()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_encrypted_and_intact();
+    fx.assert_disables_to_plain();
+    drop(small);
+
+    let medium = limit(256);
+    let out = run(&mut medium.command(&argon2(&[])));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = stderr(&out);
+    let offered = err
+        .split("--pbkdf-memory ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .unwrap_or_else(|| panic!("no --pbkdf-memory offered: {err}"))
+        .to_string();
+    let out = run(&mut medium.command(&argon2(&["--pbkdf-memory", &offered])));
+    assert!(
+        out.status.success(),
+        "--pbkdf-memory {offered}: {}",
+        stderr(&out)
+    );
+    fx.assert_encrypted_and_intact();
+    let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(fx.dev()));
+    assert!(
+        String::from_utf8_lossy(&dump.stdout).contains(&format!("Memory:     {offered}")),
+        "{}",
+        String::from_utf8_lossy(&dump.stdout)
+    );
+    fx.assert_disables_to_plain();
+}

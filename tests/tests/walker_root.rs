@@ -6,7 +6,7 @@
 use luksify_tests::{
     assert_refused_in_one_line, cryptsetup_detached, fill_pattern, kill_after_commits,
     kill_at_fdatasync, luks_dump, luksify_bin, no_header_write_lock, require_root, require_tool,
-    run, run_ok, signal_after_commits, sparse_file, Frozen, LoopDev,
+    run, run_ok, signal_after_commits, sparse_file, Cgroup, Frozen, LoopDev,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -1450,57 +1450,6 @@ fn root_walker_a_run_through_stacked_loop_devices_holds_the_file_below() {
     decrypt_detached_and_check(&p("img"), &key, &s("hdr"), &orig, "stacked");
 }
 
-/// A cgroup of the pids controller (v1's `pids` hierarchy, or v2 with `pids` enabled),
-/// removed on drop once its processes are gone.
-struct PidsCgroup(std::path::PathBuf);
-
-impl PidsCgroup {
-    fn new(max: usize) -> PidsCgroup {
-        let name = format!("luksify-test-{}", std::process::id());
-        let v1 = Path::new("/sys/fs/cgroup/pids");
-        let dir = if v1.join("cgroup.procs").exists() {
-            v1.join(name)
-        } else {
-            let root = Path::new("/sys/fs/cgroup");
-            let controllers =
-                std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-            assert!(
-                controllers.split_whitespace().any(|c| c == "pids"),
-                "this test needs the cgroup pids controller (v1 /sys/fs/cgroup/pids, or v2 with pids)"
-            );
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids");
-            root.join(name)
-        };
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("pids.max"), max.to_string()).unwrap();
-        PidsCgroup(dir)
-    }
-    /// `cmd` started inside the cgroup (its own process joins before it execs).
-    fn command(&self, cmd: &Command) -> Command {
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(&self.0)
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        c
-    }
-    fn join(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-}
-
-impl Drop for PidsCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-}
-
 /// A limit on threads (a cgroup's pids.max) is one line that says so, never a panic or
 /// a hang: a trial's `encrypt` under pids.max 1-3 panicked (the walk's workers, rayon's
 /// pool in the final wipe), and under 2 hung for good, deaf to SIGTERM (an `enable`'s
@@ -1539,7 +1488,7 @@ fn root_walker_a_limit_on_threads_is_one_line_never_a_panic_or_a_hang() {
         }
         child.wait_with_output().unwrap()
     };
-    let low = PidsCgroup::new(2);
+    let low = Cgroup::new("pids", &[("pids.max", "pids.max", "2".into())]);
     let out = finishes(&mut low.command(&encrypt("1000")));
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -1557,7 +1506,7 @@ fn root_walker_a_limit_on_threads_is_one_line_never_a_panic_or_a_hang() {
     // Enough to start (main, rayon's pool, the headroom); then used up by others.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let limit = 1 + cores + (cores.min(4) + 2);
-    let cg = PidsCgroup::new(limit);
+    let cg = Cgroup::new("pids", &[("pids.max", "pids.max", limit.to_string())]);
     let mut run = cg.command(&encrypt("5000000"));
     let mut child = run
         .stdout(Stdio::null())

@@ -2566,13 +2566,31 @@ fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
         .unwrap_or_else(luksify_luks::kdf::default_argon2_memory_kib);
     let argon = u64::from(kib) * 1024;
     let (limit, what, own) = limit_argon2_exceeds(argon)?;
+    // The argon2 memory that fits (`--pbkdf-memory` counts KiB, as cryptsetup's), in
+    // whole MiB; below 8 MiB none is offered: a trial followed "--pbkdf-memory 32 or
+    // less" (KiB) into the same refusal, luksify's own share alone being over the limit.
+    let room_mib = limit.saturating_sub(own) >> 20;
+    let fix = if room_mib >= 8 {
+        format!(
+            "--pbkdf-memory {} or less (KiB), or --pbkdf pbkdf2 (or raise the limit)",
+            room_mib * 1024
+        )
+    } else {
+        format!(
+            "--pbkdf pbkdf2, or raise the limit to at least {} MiB for an argon2 of 64 MiB",
+            (own >> 20) + 64
+        )
+    };
+    let size = if kib >= 1024 {
+        format!("{} MiB", kib / 1024)
+    } else {
+        format!("{kib} KiB")
+    };
     Some(format!(
-        "BLOCKER: the key derivation (argon2, {} MiB) needs about {} MiB with luksify's own {} MiB, and {what} leaves this process {} MiB; fix: --pbkdf-memory {} or less, or --pbkdf pbkdf2 (or raise the limit)",
-        kib / 1024,
+        "BLOCKER: the key derivation (argon2, {size}) needs about {} MiB with luksify's own {} MiB, and {what} leaves this process {} MiB; fix: {fix}",
         (argon + own) >> 20,
         own >> 20,
         limit >> 20,
-        (limit.saturating_sub(own) / 1024).max(u64::from(luksify_luks::kdf::ARGON2_MIN_MEMORY_KIB))
     ))
 }
 

@@ -893,14 +893,16 @@ pub fn overlays_on(all: &[crate::mountinfo::Mount], fs_devs: &[DevNum]) -> Vec<(
 /// (`ulimit -v`) counts every reservation (thread stacks, malloc arenas: a trial's
 /// run with 256 MiB of argon2 failed at the mapping under 520 MiB and passed under 650),
 /// so luksify's own share of it is 512 MiB; of its cgroup's limit less what the cgroup
-/// uses, or of the machine's available memory, 128 MiB.
+/// uses, or of the machine's available memory, 64 MiB (a walk peaks under 40 MiB; 128
+/// MiB refused every argon2 under a trial's 48 MiB cgroup, where a run with PBKDF2 went
+/// through).
 pub fn memory_limits() -> Vec<(u64, &'static str, u64)> {
     let mut out = Vec::new();
     let mut take = |bytes: u64, what: &'static str| {
         let own = if what.starts_with("the address-space") {
             512 << 20
         } else {
-            128 << 20
+            64 << 20
         };
         out.push((bytes, what, own));
     };
