@@ -660,27 +660,58 @@ fn finish_cut_start(c: &Case, args: &[&str], orig: &[u8]) {
 }
 
 /// A data-shift start cut right after the header's secondary copy was made durable and
-/// before the primary was written: the primary area still holds ext4's first bytes, so
-/// cryptsetup calls the device ambiguous, not LUKS, and the VM power-cut scenario runs
-/// the same `encrypt` again (where this was found). That command must continue the run,
-/// and the result decrypts to the filesystem's bytes. strace kills luksify at its 4th
-/// fdatasync: after the moved copy, the start marker and the keyslots, at the secondary's.
+/// before the primary was written: the primary area holds the start marker's copy, so
+/// cryptsetup does not call the device LUKS, and the VM power-cut scenario runs the
+/// same `encrypt` again (where this was found). That command must continue the run,
+/// and the result decrypts to the filesystem's bytes. strace kills luksify at its 5th
+/// fdatasync: after the moved copy, the start marker, its copy at byte 0 and the
+/// keyslots, at the secondary's.
 /// Before that, `encrypt` with another layout is refused, nothing written.
 #[test]
 fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt() {
     require_tool("cryptsetup");
-    let (c, orig, args) = shift_start_cut(3, 4);
+    let (c, orig, args) = shift_start_cut(3, 5);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (img, key) = (c.img(), c.key());
     let now = std::fs::read(c.p("img")).unwrap();
     assert!(
-        &now[16384..16390] == b"SKUL\xba\xbe" && &now[..4] != b"LUKS",
+        &now[16384..16390] == b"SKUL\xba\xbe" && &now[..6] != b"LUKS\xba\xbe",
         "not the secondary-only state"
     );
-    let is = run(Command::new("cryptsetup").args(["isLuks", &img]));
-    assert!(!is.status.success(), "cryptsetup took it for LUKS");
+    // The primary area holds the start marker's copy, not ext4's first bytes (which
+    // made the device "ambiguous" to cryptsetup): cryptsetup takes the secondary copy,
+    // and its repair and `--resume-only` finish the run too (on a copy of the image).
+    let copy = c.p("copy").display().to_string();
+    std::fs::copy(c.p("img"), &copy).unwrap();
+    run_ok(Command::new("cryptsetup").args(["repair", "-q", &copy, "--key-file", &key]));
+    run_ok(Command::new("cryptsetup").args([
+        "reencrypt",
+        "--resume-only",
+        "--force-offline-reencrypt",
+        "-q",
+        &copy,
+        "--key-file",
+        &key,
+    ]));
+    let moved = c.p("copy.hdr").display().to_string();
+    run_ok(Command::new("cryptsetup").args([
+        "reencrypt",
+        "--decrypt",
+        "--force-offline-reencrypt",
+        "-q",
+        "--header",
+        &moved,
+        &copy,
+        "--key-file",
+        &key,
+    ]));
+    let back = std::fs::read(&copy).unwrap();
+    assert!(
+        back[..40 << 20] == orig[..40 << 20],
+        "finished by cryptsetup, the filesystem differs"
+    );
     // Another layout would encrypt over the moved copy, the only one of the first
-    // 4 MiB (ext4's superblock at 1 KiB still reads as a filesystem): refused, with the
+    // 4 MiB (the marker's copy at byte 0 names the run): refused, with the
     // command that continues, nothing written (no header file either).
     let other_hdr = c.p("other.hdr").display().to_string();
     let mut detached = vec!["encrypt", &img, "--key-file", &key, "--header", &other_hdr];
@@ -1496,7 +1527,7 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
                 "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
             ],
             bits: 512,
-            kill_at: 4,
+            kill_at: 5,
         },
         Variant {
             name: "offset in front",
@@ -1514,7 +1545,7 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
                 "1000",
             ],
             bits: 512,
-            kill_at: 4,
+            kill_at: 5,
         },
         Variant {
             name: "offset",
@@ -2593,9 +2624,10 @@ fn walker_refuses_a_swap_area_or_btrfs_reaching_into_the_shift_area() {
 /// given back, the same command finishes and the filesystem's bytes decrypt intact.
 #[test]
 fn walker_shift_start_cut_then_device_grown_is_refused_until_its_size_is_back() {
-    // The 3rd fdatasync: the moved copy and the marker are durable, the keyslots
-    // area (random bytes over the head from 32 KiB) is being made so.
-    let (c, orig, args) = shift_start_cut(5, 3);
+    // The 4th fdatasync: the moved copy, the marker and its copy at byte 0 are
+    // durable, the keyslots area (random bytes over the head from 32 KiB) is being
+    // made so.
+    let (c, orig, args) = shift_start_cut(5, 4);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (img, key) = (c.img(), c.key());
     let was = orig.len() as u64;
@@ -2603,7 +2635,7 @@ fn walker_shift_start_cut_then_device_grown_is_refused_until_its_size_is_back() 
     let mut detached = vec!["encrypt", &img, "--key-file", &key, "--header", &other_hdr];
     detached.extend(FAST);
     let resume = vec!["resume", &img, "--key-file", &key];
-    // Grown by whole MiB, and by a part of one (found at the filesystem's end).
+    // Grown by whole MiB, and by a part of one (the marker found by its copy at byte 0).
     for grow in [4u64 << 20, 1536 << 10] {
         run_ok(Command::new("truncate").args(["-s", &(was + grow).to_string(), &img]));
         let now = std::fs::read(c.p("img")).unwrap();
@@ -3896,4 +3928,43 @@ fn walker_a_file_size_limit_is_said_never_a_silent_death() {
         same(&cryptsetup_decrypt_detached(&c), &orig),
         "cryptsetup decrypt differs"
     );
+}
+
+/// A `--reduce-device-size` start killed at each of its first flushes: while its first
+/// header is not written, the device must not show the filesystem it held once the
+/// keyslot area has gone over its first blocks (an intact superblock over overwritten
+/// group descriptors, for `mount` or `fsck` to take; trial C2), and the same `encrypt`
+/// run again continues it to the original plaintext.
+#[test]
+fn walker_a_cut_shift_start_never_shows_the_filesystem_it_overwrote() {
+    require_tool("strace");
+    require_tool("mkfs.ext4");
+    require_tool("blkid");
+    for at in 1..=5u64 {
+        let (c, _) = Case::new(32, 21 + at);
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "24M"]));
+        let orig = std::fs::read(c.p("img")).unwrap();
+        let img = std::fs::canonicalize(c.p("img")).unwrap();
+        luksify_tests::kill_at_fdatasync_of(&shift_encrypt(&c), &img, at);
+        let now = std::fs::read(c.p("img")).unwrap();
+        let header = now[..6] == *b"LUKS\xba\xbe";
+        // Past the superblock's 4 KiB: what the keyslot area or the header went over.
+        let overwritten = now[4096..8 << 20] != orig[4096..8 << 20];
+        let shown = run(Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", "TYPE"])
+            .arg(&img));
+        let shown = String::from_utf8_lossy(&shown.stdout).trim().to_string();
+        assert!(
+            !(overwritten && !header && shown.starts_with("ext")),
+            "kill at flush {at}: {shown} shown over overwritten blocks, no LUKS header"
+        );
+        run_ok(&mut shift_encrypt(&c));
+        run_ok(&mut detached_decrypt(&c));
+        // (The last 8 MiB, given up for the shift, are not kept.)
+        let back = std::fs::read(c.p("img")).unwrap();
+        assert!(
+            back[..24 << 20] == orig[..24 << 20],
+            "kill at flush {at}: the filesystem differs"
+        );
+    }
 }

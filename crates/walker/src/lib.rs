@@ -1331,6 +1331,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
                 move_first_segment(data, s)?;
                 write_init_marker(data, dev_size, s)?;
             }
+            write_start_locator(data, dev_size, s)?;
             copy_stage(&stage, areas, data)?;
             data.flush().map_err(|e| Error::io("flush keyslots", e))?;
             HeaderStore {
@@ -1410,10 +1411,13 @@ fn marker_offset(dev_size: u64, shift: u64) -> u64 {
     dev_size - 2 * shift
 }
 
-/// Records that the first segment was moved (durably) before the header area
-/// is overwritten, with a hash of the moved copy: a crash before the header lands
-/// then resumes from the copy instead of re-copying a damaged head.
-fn write_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
+/// The start marker's block: the device's size, the shift, a hash of the moved copy,
+/// and a hash of those.
+fn init_marker_block<D: Disk + ?Sized>(
+    data: &D,
+    dev_size: u64,
+    s: Shift,
+) -> Result<device::AlignedBuf> {
     let mut m = device::AlignedBuf::new(4096);
     m[..16].copy_from_slice(INIT_MAGIC);
     m[16..24].copy_from_slice(&dev_size.to_le_bytes());
@@ -1422,9 +1426,30 @@ fn write_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Res
     m[32..64].copy_from_slice(&h);
     let self_sum = sha2::Sha256::digest(&m[..64]);
     m[64..96].copy_from_slice(&self_sum);
+    Ok(m)
+}
+
+/// Records that the first segment was moved (durably) before the header area
+/// is overwritten, with a hash of the moved copy: a crash before the header lands
+/// then resumes from the copy instead of re-copying a damaged head.
+fn write_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
+    let m = init_marker_block(data, dev_size, s)?;
     let at = marker_offset(dev_size, s.size);
     data.write_at(at, &m)
         .map_err(|e| Error::io_at("write start marker", at, m.len(), e))?;
+    data.flush().map_err(|e| Error::io("flush start marker", e))
+}
+
+/// Puts a copy of the start marker at byte 0, durably, before the keyslot area goes
+/// over the device's first bytes (their copy moved to the end is what counts now):
+/// until the primary header lands there, the device shows no filesystem. It showed the
+/// old one, its superblock intact over blocks already overwritten, for `mount` or
+/// `fsck` to take (trial C2), and an `encrypt` over a device grown since finds the
+/// marker by this copy wherever the size puts the other.
+fn write_start_locator<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
+    let m = init_marker_block(data, dev_size, s)?;
+    data.write_at(0, &m)
+        .map_err(|e| Error::io_at("write start marker", 0, m.len(), e))?;
     data.flush().map_err(|e| Error::io("flush start marker", e))
 }
 
@@ -1464,15 +1489,25 @@ fn cut_start_on<D: Disk + ?Sized>(data: &D) -> Result<(u64, Option<FoundStart>)>
     let dev_size = data
         .size()
         .map_err(|e| Error::io("size of the device", e))?;
+    if dev_size >= 4096 {
+        if let Some((rec_dev, shift)) = marker_fields(data, 0)? {
+            return Ok((
+                dev_size,
+                Some(FoundStart {
+                    dev_size: rec_dev,
+                    shift,
+                }),
+            ));
+        }
+    }
     let fs_end = fsprobe::probe(data)
         .map_err(|e| Error::io("read superblock", e))?
         .map_or(0, |f| f.size);
     Ok((dev_size, start_marker_anywhere(data, dev_size, fs_end)?))
 }
 
-/// A start marker (valid in itself) at `pos`, whatever device size it records, as long
-/// as it sits where that size puts it: (recorded size, shift).
-fn marker_at<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<(u64, u64)>> {
+/// A start marker block (valid in itself) at `pos`: (recorded size, shift).
+fn marker_fields<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<(u64, u64)>> {
     let mut m = device::AlignedBuf::new(4096);
     data.read_at(pos, &mut m)
         .map_err(|e| Error::io_at("read start marker", pos, m.len(), e))?;
@@ -1481,7 +1516,14 @@ fn marker_at<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<(u64, u64)>>
     }
     let le = |r: std::ops::Range<usize>| u64::from_le_bytes(m[r].try_into().expect("8 bytes"));
     let (rec_dev, shift) = (le(16..24), le(24..32));
-    Ok((shift > 0 && rec_dev.checked_sub(2 * shift) == Some(pos)).then_some((rec_dev, shift)))
+    Ok((shift > 0 && rec_dev > 2 * shift).then_some((rec_dev, shift)))
+}
+
+/// A start marker (valid in itself) at `pos`, whatever device size it records, as long
+/// as it sits where that size puts it: (recorded size, shift).
+fn marker_at<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<(u64, u64)>> {
+    Ok(marker_fields(data, pos)?
+        .filter(|&(rec_dev, shift)| rec_dev.checked_sub(2 * shift) == Some(pos)))
 }
 
 /// A `--reduce-device-size` start cut during its first header write, found without
