@@ -933,11 +933,16 @@ fn walker_cut_first_header_write_is_continued_by_the_same_encrypt() {
         std::fs::write(c.p("hdr"), &file).unwrap();
         let st = run(&mut detached_resume(&c));
         let err = String::from_utf8_lossy(&st.stderr);
+        // It cannot tell such a file from one emptied since (trial V6); over a device
+        // that shows no filesystem its advice is what `encrypt` then takes (trial C2:
+        // "run the same command again" led into encrypt's refusal below).
+        let again = if ext4 {
+            "run the same `luksify encrypt` command again, which starts it over"
+        } else {
+            "remove the header file and run the same `luksify encrypt` command again"
+        };
         assert!(
-            !st.status.success()
-                && err.contains("run the same `luksify encrypt` command again, which starts it over")
-                // It cannot tell such a file from one emptied since (trial V6).
-                && err.contains("restore it from a copy instead"),
+            !st.status.success() && err.contains(again) && err.contains("restore it from a copy"),
             "{what}: resume said: {err}"
         );
         assert_file_is(&c.p("img"), &orig, &format!("{what}: data touched"));

@@ -2166,6 +2166,18 @@ fn no_header_to_resume(
         // Zeros (or our start marker) are what a run cut before its first header
         // leaves, and also what a header file emptied since would show: "run it again"
         // said alone led a trial to encrypt the encrypted part a second time (V6).
+        // `encrypt` takes such a file as its own only over a device that still shows its
+        // filesystem; over one that shows none, "run the same command again" led a
+        // trial straight into its refusal (C2): the advice follows what `encrypt` does.
+        let shows_fs = verb == "decrypt"
+            || fsprobe::probe(data)
+                .map_err(|e| Error::io("read superblock", e))?
+                .is_some();
+        if !shows_fs {
+            return Ok(Error::Refused(
+                "the header file holds no complete header, and the device shows no filesystem at its start (nothing was written now): luksify cannot tell an encryption stopped while writing its first header (then no data was written: remove the header file and run the same `luksify encrypt` command again) from a header file emptied or zeroed after the run began (then it was the only key to what is done: restore it from a copy; encrypting again would encrypt the part already encrypted a second time)".to_string(),
+            ));
+        }
         return Ok(Error::Refused(format!(
             "the header file holds no complete header (nothing was written now): if the {verb}ion was stopped while writing its first header, no data was written: run the same `luksify {verb}` command again, which starts it over; but if this file was emptied or zeroed after the run began, it was the only key to what is done: restore it from a copy instead (`blkid` of the device still showing its filesystem at the start says the run had not begun)"
         )));
