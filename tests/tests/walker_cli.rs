@@ -3973,3 +3973,33 @@ fn walker_a_cut_shift_start_never_shows_the_filesystem_it_overwrote() {
         );
     }
 }
+
+/// `encrypt` over a LUKS2 header whose two copies are both damaged: refused, nothing
+/// written, and not sent to `resume` (which cannot read it either: a trial followed
+/// "holds an interrupted run that `luksify resume` continues" into its refusal).
+#[test]
+fn walker_encrypt_over_a_header_damaged_in_both_copies_says_what_it_is() {
+    let (c, _) = Case::new(24, 6);
+    run_ok(luksify(&["format", "-q", &c.img(), "--key-file", &c.key()]).args(FAST));
+    let mut img = std::fs::read(c.p("img")).unwrap();
+    // A byte of each copy's JSON area: both checksums fail.
+    for at in [4096 + 64, 16384 + 4096 + 64] {
+        img[at] ^= 0x5a;
+    }
+    std::fs::write(c.p("img"), &img).unwrap();
+    for place in [vec!["--header", "hdr"], vec!["--reduce-device-size", "4M"]] {
+        let hdr = c.hdr();
+        let place: Vec<&str> = place
+            .iter()
+            .map(|a| if *a == "hdr" { hdr.as_str() } else { a })
+            .collect();
+        let (img_path, key) = (c.img(), c.key());
+        let mut args = vec!["encrypt", &img_path, "--key-file", &key];
+        args.extend(place.iter().copied());
+        let out = run(luksify(&args).args(FAST));
+        assert_refused_in_one_line(&out, "a LUKS2 header that cannot be read", "encrypt");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("luksify resume"), "{err}");
+        c.assert_untouched(&img, "damaged header");
+    }
+}

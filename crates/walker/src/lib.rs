@@ -1071,6 +1071,13 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
                 "the device already holds a LUKS1 header: it is encrypted already (nothing was written)".into(),
             ));
         }
+        // Both copies damaged: not a run `resume` can continue (a trial followed that
+        // advice into resume's refusal).
+        if let Err(e) = luksify_luks::luks2::Luks2Header::read(data) {
+            return Err(Error::Refused(format!(
+                "the device starts with a LUKS2 header that cannot be read ({e}): it is encrypted, or was; luksify writes nothing over it: restore the header from a backup (`cryptsetup luksHeaderRestore`), or, if the data on it is not wanted, wipe it first (`wipefs -a`) (nothing was written)"
+            )));
+        }
         return Err(Error::Refused(
             "the device already holds a LUKS header: it is encrypted already, or holds an interrupted run that `luksify resume` continues (nothing was written)".into(),
         ));
