@@ -4003,3 +4003,30 @@ fn walker_encrypt_over_a_header_damaged_in_both_copies_says_what_it_is() {
         c.assert_untouched(&img, "damaged header");
     }
 }
+
+/// `resume` from a header one copy of which is damaged goes on from the other, as
+/// cryptsetup does, and says so (trial C2: it went on silently, where `dump` warns);
+/// the result decrypts with cryptsetup to the original.
+#[test]
+fn walker_resume_from_a_damaged_header_copy_says_so() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(24, 14);
+    kill_after_commits(&mut detached_encrypt(&c), &c.p("hdr"), 0, 2, 0);
+    let mut hdr = std::fs::read(c.p("hdr")).unwrap();
+    assert!(hdr[..6] == *b"LUKS\xba\xbe", "no header written");
+    // A byte of the primary's JSON area.
+    hdr[4096 + 64] ^= 0x5a;
+    std::fs::write(c.p("hdr"), &hdr).unwrap();
+    let out = run(&mut detached_resume(&c));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: LUKS2 header: the primary copy is damaged")
+            && err.contains("the secondary was used"),
+        "{err}"
+    );
+    assert!(
+        same(&cryptsetup_decrypt_detached(&c), &orig),
+        "cryptsetup decrypt differs"
+    );
+}

@@ -954,6 +954,14 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
         restored: a.restored,
         ..Control::system()
     };
+    let notice = |m: &str| {
+        crate::end_bar();
+        errln!("luksify: {}: warning: {m}", dev.display());
+    };
+    let ctl = Control {
+        notice: Some(&notice),
+        ..ctl
+    };
     let t = tuning(&a.tuning);
     let hint = resume_hint(dev, key_file, a.header.as_deref());
     let outcome = match &a.header {

@@ -192,6 +192,9 @@ pub struct Control<'a> {
     /// the range is walked again from them. Anything else there would be turned into
     /// garbage: only the user can say this.
     pub restored: Option<(u64, u64)>,
+    /// Called with a warning for the user that does not stop the run: one copy of the
+    /// header read damaged (the run's first commit rewrites both), as `dump` says it.
+    pub notice: Option<&'a dyn Fn(&str)>,
 }
 
 impl Control<'_> {
@@ -2235,7 +2238,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
         },
     };
     let hdisk = store.disk;
-    let (hdr, _report) = match Luks2Header::read(hdisk) {
+    let (hdr, report) = match Luks2Header::read(hdisk) {
         Ok(h) => h,
         Err(e @ (luksify_luks::Error::NoValidHeader { .. } | luksify_luks::Error::NotLuks)) => {
             return Err(no_header_to_resume(data, meta.is_some(), hdisk, e)?)
@@ -2244,10 +2247,19 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     };
     // As in `decrypt`: the volume's lock, then the header as it is under the lock.
     let _lock = lock_volume(ctl, &hdr.uuid)?;
-    let hdr = match _lock {
-        Some(_) => same_volume(&hdr, Luks2Header::read(hdisk)?.0)?,
-        None => hdr,
+    let (hdr, report) = match _lock {
+        Some(_) => {
+            let (again, report) = Luks2Header::read(hdisk)?;
+            (same_volume(&hdr, again)?, report)
+        }
+        None => (hdr, report),
     };
+    // A damaged copy was used silently (trial C2); the first commit rewrites both.
+    if let (Some(say), Some(why)) = (ctl.notice, report.damage()) {
+        say(&format!(
+            "LUKS2 header: {why}; the run's first commit rewrites both copies"
+        ));
+    }
     let state = reencrypt::state(&hdr.metadata)?;
     // `--header` naming a copy of the header the device carries in front of its data
     // (a `luksHeaderBackup` taken mid-run): the run would go on in the copy, leave the
