@@ -9170,3 +9170,61 @@ fn root_orch_the_key_derivation_memory_blockers_fix_goes_through() {
     );
     fx.assert_disables_to_plain();
 }
+
+/// `close` of a mapping mounted in another mount namespace (a container, an `unshare
+/// -m` shell) is refused as one mounted here is: it lazily detached the view under
+/// that live mount, then said the daemon that kept serving it "did not exit", and
+/// `status` called the volume's daemon dead (trial D2).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_close_refuses_a_mapping_mounted_in_another_namespace() {
+    require_tool("unshare");
+    let fx = Fixture::new(96);
+    fx.enable_ok();
+    // A namespace that keeps a copy of the mount while its one process lives.
+    struct Sleeper(Child);
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut ns = Sleeper(
+        Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sleep", "600"])
+            .spawn()
+            .unwrap(),
+    );
+    let ns_mnt = format!("/proc/{}/ns/mnt", ns.0.id());
+    wait_for("the namespace", Duration::from_secs(10), || {
+        std::fs::read_link(&ns_mnt).ok() != std::fs::read_link("/proc/self/ns/mnt").ok()
+    });
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    let name = mapper_name(&fx.dev());
+    let out = run(fx.cmd().args(["close", &name]));
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        stderr(&out).contains("in another mount namespace")
+            && stderr(&out).contains(&format!("nsenter -t {} -m umount", ns.0.id())),
+        "{}",
+        stderr(&out)
+    );
+    // Still served: mounted here again, every file reads back.
+    let mapped = format!("/dev/mapper/{name}");
+    run_ok(Command::new("mount").arg(&mapped).arg(&fx.mnt));
+    fx.assert_encrypted_and_intact();
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    // That namespace gone, the mapping closes.
+    let _ = ns.0.kill();
+    let _ = ns.0.wait();
+    run_ok(fx.cmd().args(["close", &name]));
+    run_ok(
+        fx.cmd()
+            .args(["open", "--key-file"])
+            .arg(&fx.key)
+            .arg(fx.dev())
+            .arg(&name),
+    );
+    run_ok(Command::new("mount").arg(&mapped).arg(&fx.mnt));
+    fx.assert_disables_to_plain();
+}

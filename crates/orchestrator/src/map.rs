@@ -799,6 +799,24 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
             ),
         ));
     }
+    // Mounted in another mount namespace (a container, an `unshare -m` shell): `close`
+    // lazily detached the view under that live mount and then called the daemon that
+    // kept serving it dead (a trial).
+    if let Some(f) = probe::foreign_namespace_mounts(&[dev], &[]).first() {
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "mapping {name} ({}) is mounted at {} in another mount namespace ({}, pid {} {}); unmount it there first (nsenter -t {} -m umount {})",
+                blk.display(),
+                f.mount_point.display(),
+                f.namespace,
+                f.pid,
+                f.command,
+                f.pid,
+                f.mount_point.display()
+            ),
+        ));
+    }
     let mut t = crate::holders::Targets::default();
     t.block_devices.insert(dev);
     // Something may hold the device for an instant (udev's blkid after a change
