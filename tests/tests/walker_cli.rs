@@ -2836,8 +2836,13 @@ fn walker_header_paths_it_did_not_create_are_never_removed() {
     assert_file_is(&c.p("img"), &orig, "the image");
 
     // An empty file of the user's, and a run the walker refuses after it is opened
-    // (an image that is not whole 4096-byte sectors).
-    let (c, orig) = Case::sized((8 << 20) + 512, 72);
+    // (an image that is not whole 4096-byte sectors). The image holds a filesystem:
+    // over one that shows none an existing empty header file is refused before that
+    // (it may be a header emptied after its run began).
+    let (c, _) = Case::sized((8 << 20) + 512, 72);
+    require_tool("mkfs.ext4");
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", &c.img()]));
+    let orig = std::fs::read(c.p("img")).unwrap();
     std::fs::write(c.p("mine"), b"").unwrap();
     let out = run(encrypt_into(&c, c.p("mine").to_str().unwrap())
         .args(["--sector-size", "4096"])
@@ -4029,4 +4034,73 @@ fn walker_resume_from_a_damaged_header_copy_says_so() {
         same(&cryptsetup_decrypt_detached(&c), &orig),
         "cryptsetup decrypt differs"
     );
+}
+
+/// A header file emptied to 0 bytes (`: > FILE`) after its run began, the device half
+/// encrypted: `encrypt` took the empty file for a new one and encrypted the walked part
+/// a second time (trial V7: data lost), with and without `--offset`. Refused now,
+/// nothing written, and `resume` gives the advice `encrypt` follows; the header put
+/// back, the run finishes and decrypts to the original.
+#[test]
+fn walker_a_header_file_emptied_mid_run_is_never_taken_for_a_new_one() {
+    require_tool("mkfs.ext4");
+    for offset in [None, Some("2048")] {
+        let (c, _) = Case::new(32, 17);
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(c.p("img")));
+        let orig = std::fs::read(c.p("img")).unwrap();
+        let encrypt = || {
+            let mut cmd = detached_encrypt(&c);
+            if let Some(o) = offset {
+                cmd.args(["--offset", o]);
+            }
+            cmd
+        };
+        kill_after_commits(&mut encrypt(), &c.p("hdr"), 0, 4, 0);
+        let header = std::fs::read(c.p("hdr")).unwrap();
+        let walked = std::fs::read(c.p("img")).unwrap();
+        assert!(walked != orig, "{offset:?}: nothing was walked");
+        std::fs::write(c.p("hdr"), b"").unwrap();
+        let out = run(&mut encrypt());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1)
+                && err.contains("shows no filesystem where its data starts")
+                && err.contains("restore it from a copy"),
+            "{offset:?}: encrypt over the emptied header said: {err}"
+        );
+        assert_file_is(
+            &c.p("img"),
+            &walked,
+            &format!("{offset:?}: the walked data was written again"),
+        );
+        assert_file_is(
+            &c.p("hdr"),
+            b"",
+            &format!("{offset:?}: the header file was written"),
+        );
+        // (With --offset the device still shows its filesystem at byte 0, and `resume`,
+        // with no header to say where the data starts, cannot know better: its advice
+        // leads to `encrypt`, whose refusal above says the rest.)
+        let out = run(&mut detached_resume(&c));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && if offset.is_none() {
+                    err.contains(
+                        "remove the header file and run the same `luksify encrypt` command again",
+                    ) && err.contains("restore it from a copy")
+                } else {
+                    err.contains("pass the header file the run was started with")
+                },
+            "{offset:?}: resume said: {err}"
+        );
+        std::fs::write(c.p("hdr"), &header).unwrap();
+        run_ok(&mut detached_resume(&c));
+        run_ok(&mut detached_decrypt(&c));
+        assert_file_is(
+            &c.p("img"),
+            &orig,
+            &format!("{offset:?}: decrypted data differs"),
+        );
+    }
 }

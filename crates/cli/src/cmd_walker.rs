@@ -818,7 +818,9 @@ fn open_new_header(
                 })
                 .is_some()
         };
-        if m.len() > 0 && !shows_a_filesystem() {
+        // An empty file too: one truncated after its run began (`: > FILE`) was taken
+        // for a new one, and the walked part encrypted a second time (trial V7).
+        if !shows_a_filesystem() {
             bail!(
                 "{}: header file {} exists and holds no header, and the device shows no filesystem where its data starts: luksify cannot tell an `encrypt` stopped before its first header write (then nothing was written: remove the file and run the command again) from a run whose header file was emptied since (then restore it from a copy: encrypting again would encrypt the part already encrypted a second time); nothing was written",
                 dev.display(),
@@ -954,9 +956,10 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
         restored: a.restored,
         ..Control::system()
     };
+    // Said once the run has gone on (a refusal stays one line).
+    let noted = std::sync::Mutex::new(None::<String>);
     let notice = |m: &str| {
-        crate::end_bar();
-        errln!("luksify: {}: warning: {m}", dev.display());
+        *noted.lock().unwrap_or_else(|e| e.into_inner()) = Some(m.to_string());
     };
     let ctl = Control {
         notice: Some(&notice),
@@ -1005,6 +1008,10 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     // As context, so that the walker's error stays in the chain (a Busy one is exit 4).
     .with_context(|| dev.display().to_string())?;
+    if let Some(m) = noted.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        crate::end_bar();
+        errln!("luksify: {}: warning: {m}", dev.display());
+    }
     // Read once the run is over (reading before would wait on another run's header lock,
     // where the walker refuses at once): what its header says it did.
     let what = run_kind(a.header.as_deref().unwrap_or(dev));

@@ -193,7 +193,8 @@ pub struct Control<'a> {
     /// garbage: only the user can say this.
     pub restored: Option<(u64, u64)>,
     /// Called with a warning for the user that does not stop the run: one copy of the
-    /// header read damaged (the run's first commit rewrites both), as `dump` says it.
+    /// header read damaged (the run's commits rewrite both), as `dump` says it. A
+    /// caller that keeps refusals to one line says it once the run has gone on.
     pub notice: Option<&'a dyn Fn(&str)>,
 }
 
@@ -2161,7 +2162,25 @@ fn no_header_to_resume(
     hdisk: &(dyn Disk + Sync),
     e: luksify_luks::Error,
 ) -> Result<Error> {
+    // An encryption's header file holding nothing, over a device that shows no
+    // filesystem at its start: `encrypt` refuses to take it as its own (it cannot tell
+    // a cut first write from a file emptied since), so the advice is what it takes.
+    let encrypted_part = |holds: &str| -> Result<Option<Error>> {
+        if is_luks(data)?
+            || fsprobe::probe(data)
+                .map_err(|e| Error::io("read superblock", e))?
+                .is_some()
+        {
+            return Ok(None);
+        }
+        Ok(Some(Error::Refused(format!(
+            "the header file {holds}, and the device shows no filesystem at its start (nothing was written now): luksify cannot tell an encryption stopped while writing its first header (then no data was written: remove the header file and run the same `luksify encrypt` command again) from a header file emptied or zeroed after the run began (then it was the only key to what is done: restore it from a copy; encrypting again would encrypt the part already encrypted a second time)"
+        ))))
+    };
     if detached && hdisk.size().is_ok_and(|n| n < 4096) {
+        if let Some(e) = encrypted_part("is empty (or too short for a LUKS header)")? {
+            return Ok(e);
+        }
         // The device still holds its LUKS header when the run was a decryption that
         // was to move it out; a plaintext device means an encryption.
         let verb = if is_luks(data)? { "decrypt" } else { "encrypt" };
@@ -2176,17 +2195,10 @@ fn no_header_to_resume(
         // Zeros (or our start marker) are what a run cut before its first header
         // leaves, and also what a header file emptied since would show: "run it again"
         // said alone led a trial to encrypt the encrypted part a second time (V6).
-        // `encrypt` takes such a file as its own only over a device that still shows its
-        // filesystem; over one that shows none, "run the same command again" led a
-        // trial straight into its refusal (C2): the advice follows what `encrypt` does.
-        let shows_fs = verb == "decrypt"
-            || fsprobe::probe(data)
-                .map_err(|e| Error::io("read superblock", e))?
-                .is_some();
-        if !shows_fs {
-            return Ok(Error::Refused(
-                "the header file holds no complete header, and the device shows no filesystem at its start (nothing was written now): luksify cannot tell an encryption stopped while writing its first header (then no data was written: remove the header file and run the same `luksify encrypt` command again) from a header file emptied or zeroed after the run began (then it was the only key to what is done: restore it from a copy; encrypting again would encrypt the part already encrypted a second time)".to_string(),
-            ));
+        // Over a device that shows no filesystem, "run the same command again" led a
+        // trial straight into `encrypt`'s refusal (C2).
+        if let Some(e) = encrypted_part("holds no complete header")? {
+            return Ok(e);
         }
         return Ok(Error::Refused(format!(
             "the header file holds no complete header (nothing was written now): if the {verb}ion was stopped while writing its first header, no data was written: run the same `luksify {verb}` command again, which starts it over; but if this file was emptied or zeroed after the run began, it was the only key to what is done: restore it from a copy instead (`blkid` of the device still showing its filesystem at the start says the run had not begun)"
@@ -2257,7 +2269,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
     // A damaged copy was used silently (trial C2); the first commit rewrites both.
     if let (Some(say), Some(why)) = (ctl.notice, report.damage()) {
         say(&format!(
-            "LUKS2 header: {why}; the run's first commit rewrites both copies"
+            "LUKS2 header: {why}; the run's commits rewrote both copies"
         ));
     }
     let state = reencrypt::state(&hdr.metadata)?;
