@@ -9233,3 +9233,47 @@ fn root_orch_close_refuses_a_mapping_mounted_in_another_namespace() {
     run_ok(Command::new("mount").arg(&mapped).arg(&fx.mnt));
     fx.assert_disables_to_plain();
 }
+
+/// `enable --header-dir` under a hard file-size limit (`ulimit -f`): SIGXFSZ killed a
+/// trial's run without a word, its volume left unmounted and its fstab line on
+/// `nofail`. The header file that cannot be reserved is an error now, said with the
+/// limit to look at, and the volume is put back mounted, nothing encrypted.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_under_a_file_size_limit_says_so_and_puts_the_volume_back() {
+    let fx = Fixture::new(96);
+    let (fstab, line) = fx.fstab_naming_the_device();
+    let hdrs = fx.dir.path().join("hdrs");
+    let mut enable = fx.enable_cmd();
+    enable.arg("--header-dir").arg(&hdrs);
+    let mut limited = Command::new("bash");
+    limited
+        .arg("-c")
+        .arg("ulimit -f 1000 && exec \"$@\"")
+        .arg("bash")
+        .arg(enable.get_program())
+        .args(enable.get_args());
+    for (k, v) in enable.get_envs() {
+        if let Some(v) = v {
+            limited.env(k, v);
+        }
+    }
+    let out = run(&mut limited);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("File too large") && err.contains("ulimit -f unlimited"),
+        "{err}"
+    );
+    assert!(
+        mount_fields(&fx.mnt).is_some(),
+        "the volume was left unmounted"
+    );
+    assert_eq!(std::fs::read_to_string(&fstab).unwrap(), line);
+    assert_eq!(
+        read_status(&fx.state)["data_volumes_encrypted"],
+        "NotEncrypted"
+    );
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+}

@@ -3882,9 +3882,9 @@ fn walker_the_smallest_shifted_device_is_cryptsetups() {
 }
 
 /// A file-size limit (`ulimit -f`): SIGXFSZ ended a trial's run without a word, its
-/// volume left unmounted. A hard limit is refused before anything is written; a soft
-/// one is raised to the hard; a write past one anywhere else fails with EFBIG, said
-/// with the limit to look at.
+/// volume left unmounted. A write past a hard limit fails with EFBIG and is said with
+/// the limit to look at (the header file that cannot be reserved: nothing written, the
+/// file not left); a soft one is raised to the hard.
 #[test]
 fn walker_a_file_size_limit_is_said_never_a_silent_death() {
     let (c, orig) = Case::new(24, 12);
@@ -3902,8 +3902,11 @@ fn walker_a_file_size_limit_is_said_never_a_silent_death() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.lines().count() == 1
-            && err.contains("a file-size limit is in force (`ulimit -f`: 1000 KiB)")
-            && err.contains("nothing was written"),
+            && err.contains("File too large")
+            && err.contains(
+                "a file-size limit is in force: run it without one, `ulimit -f unlimited`"
+            )
+            && err.contains("the device was not touched"),
         "{err}"
     );
     c.assert_untouched(&orig, "a hard file-size limit");

@@ -850,8 +850,13 @@ fn open_new_header(
         if created {
             let _ = std::fs::remove_file(h);
         }
+        let fix = if e.raw_os_error() == Some(libc::EFBIG) {
+            "a file-size limit is in force: run it without one, `ulimit -f unlimited`"
+        } else {
+            "free space where the header goes"
+        };
         bail!(
-            "{}: cannot reserve {size} bytes for header file {}: {e} (free space where the header goes; the device was not touched)",
+            "{}: cannot reserve {size} bytes for header file {}: {e} ({fix}; the device was not touched)",
             dev.display(), h.display()
         );
     }

@@ -155,33 +155,25 @@ fn threads_available() -> Result<(), String> {
     err.map_or(Ok(()), |e| Err(failed(&e)))
 }
 
-/// A file-size limit (`ulimit -f`, RLIMIT_FSIZE) raised to its hard limit, and refused
-/// when that is finite: a run writes header files of 16 MiB and more, and whole image
-/// files. Past the limit the kernel's SIGXFSZ killed a trial's `enable` with no word
-/// from luksify and its volume unmounted. SIGXFSZ is ignored besides, so that a write
-/// past a limit anywhere fails with EFBIG, which is said ([`one_line`]).
-fn no_file_size_limit() -> Result<(), String> {
+/// A soft file-size limit (`ulimit -S -f`, RLIMIT_FSIZE) raised to the hard one, as for
+/// open files. A hard limit stays: a write past it fails with EFBIG (SIGXFSZ is
+/// ignored, see `main`), said with the limit to look at ([`one_line`]) and handled as
+/// any write error (a header file that cannot be reserved puts the volume back;
+/// mid-walk, the run stops resumably). Past the limit SIGXFSZ had killed a trial's
+/// `enable` without a word, its volume unmounted; refusing every finite limit up front
+/// refused commands that write no large file (a trial's `open`).
+fn soft_file_size_limit_raised() {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct it is given; setrlimit reads it.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_FSIZE, &mut r) != 0 {
-            return Ok(());
-        }
-        if r.rlim_cur < r.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_FSIZE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_FSIZE, &r);
         }
     }
-    if r.rlim_cur == libc::RLIM_INFINITY {
-        return Ok(());
-    }
-    Err(format!(
-        "a file-size limit is in force (`ulimit -f`: {} KiB), and luksify writes header files of 16 MiB and more, and whole image files: run it without one (`ulimit -f unlimited`, or LimitFSIZE=infinity in a unit); nothing was written",
-        r.rlim_cur / 1024
-    ))
 }
 
 /// Raises the soft limit on open files to the hard one, as a process that may need
@@ -275,7 +267,8 @@ fn main() -> ExitCode {
     no_core_dumps();
     more_open_files();
     // A write past a file-size limit fails with EFBIG, said as an error, instead of the
-    // kernel's SIGXFSZ ending the process without a word (see `no_file_size_limit`).
+    // kernel's SIGXFSZ ending the process without a word (see
+    // `soft_file_size_limit_raised`).
     // SAFETY: sets one signal's disposition before any thread starts.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = parse_args();
@@ -296,8 +289,10 @@ fn main() -> ExitCode {
         Cmd::Orch(c) => c.works(),
         Cmd::Bench(_) | Cmd::Luks(_) => false,
     };
+    // Every command: `format` and the key commands write header files too.
+    soft_file_size_limit_raised();
     if works {
-        if let Err(e) = threads_available().and_then(|()| no_file_size_limit()) {
+        if let Err(e) = threads_available() {
             errln!("luksify: {e}");
             return ExitCode::from(luksify_orchestrator::exit::FAILED);
         }

@@ -1247,8 +1247,13 @@ fn create_header(h: &Path) -> Result<std::fs::File> {
     if let Err(e) = luksify_walker::device::reserve(&f, size) {
         drop(f);
         let _ = std::fs::remove_file(h);
+        let fix = if e.raw_os_error() == Some(libc::EFBIG) {
+            "a file-size limit is in force: run luksify without one, `ulimit -f unlimited` (LimitFSIZE=infinity in a unit)"
+        } else {
+            "free space there, or pick another --header-dir"
+        };
         return Err(Failure::failed(format!(
-            "cannot reserve {} MiB for the header file {} ({e}); fix: free space there, or pick another --header-dir",
+            "cannot reserve {} MiB for the header file {} ({e}); fix: {fix}",
             size.div_ceil(1 << 20),
             h.display()
         )));
