@@ -9277,3 +9277,38 @@ fn root_orch_enable_under_a_file_size_limit_says_so_and_puts_the_volume_back() {
     assert!(!luksify_tests::has_luks_header(&fx.dev()));
     fx.assert_files_unchanged();
 }
+
+/// Under a cgroup's pids.max, `enable` either refuses before it changes anything or
+/// goes through: the up-front check counted the run's own threads only, and a trial's
+/// `enable` at pids.max 8-10 walked the volume, then could not start its mapping
+/// daemon ("the mapping daemon exited before it was ready"), the volume left
+/// unmounted. The check now counts the daemon's threads too.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_under_a_pids_limit_refuses_first_or_goes_through() {
+    use luksify_tests::Cgroup;
+    let fx = Fixture::new(96);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let run_threads = cores.min(4) + 2;
+    let enough = 1 + cores + run_threads.max(1 + cores + run_threads + 1);
+    let pids = |n: usize| Cgroup::new("pids", &[("pids.max", "pids.max", n.to_string())]);
+    let short = pids(enough - 1);
+    let out = run(&mut short.command(&fx.enable_cmd()));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot start the threads a run needs") && err.contains("pids.max"),
+        "{err}"
+    );
+    assert!(mount_fields(&fx.mnt).is_some(), "the volume was unmounted");
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+    drop(short);
+    let limited = pids(enough);
+    let out = run(&mut limited.command(&fx.enable_cmd()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_encrypted_and_intact();
+    // (The daemon lives in the cgroup: disabled, it is gone before the cgroup is.)
+    fx.assert_disables_to_plain();
+    drop(limited);
+}

@@ -188,6 +188,21 @@ pub enum OrchCmd {
 }
 
 impl OrchCmd {
+    /// Whether the command maps volumes, starting a mapping daemon with threads of its
+    /// own.
+    pub fn maps(&self) -> bool {
+        matches!(
+            self,
+            OrchCmd::Open { .. }
+                | OrchCmd::Enable { .. }
+                | OrchCmd::ResumeAll { .. }
+                | OrchCmd::Disable { .. }
+        )
+    }
+    /// Whether the command is the mapping daemon (which answers its starter on stdout).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, OrchCmd::ServeMapping { .. })
+    }
     /// Whether the command changes volumes (and so needs the threads of a run).
     pub fn works(&self) -> bool {
         matches!(

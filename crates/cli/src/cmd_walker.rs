@@ -270,6 +270,14 @@ fn report(dev: &Path, o: Outcome, what: &str, resume_hint: String) -> ExitCode {
     }
 }
 
+impl WalkCmd {
+    /// Whether the command maps volumes (`resume` with no device finishes `enable`s),
+    /// starting a mapping daemon with threads of its own.
+    pub fn maps(&self) -> bool {
+        matches!(self, WalkCmd::Resume(a) if a.device.is_none())
+    }
+}
+
 pub fn run(cmd: WalkCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         WalkCmd::Encrypt(a) => encrypt(*a),

@@ -107,11 +107,20 @@ fn no_core_dumps() {
     }
 }
 
-/// Threads a run needs beside rayon's pool, all at once: the walk's workers (one per
-/// core, up to 4, as `Tuning` starts them), and two helpers (a device probe given a
-/// timeout, the mapping's).
-fn thread_headroom() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) + 2
+/// Threads a run needs beside its main thread and rayon's pool, all at once: the walk's
+/// workers (one per core, up to 4, as `Tuning` starts them) and two helpers (a device
+/// probe given a timeout, the mapping's). A command that maps a volume starts a mapping
+/// daemon after its walk, beside its own idle threads: the daemon's main thread, pool
+/// and headroom, and a tool it runs (`losetup`). Under a cgroup's pids.max that let a
+/// trial's `enable` through this check, the daemon could not start after the walk.
+fn thread_headroom(maps: bool) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let run = cores.min(4) + 2;
+    if maps {
+        run.max(1 + cores + run + 1)
+    } else {
+        run
+    }
 }
 
 /// Starts the threads a run needs before it writes anything, so that a limit on them
@@ -119,7 +128,7 @@ fn thread_headroom() -> usize {
 /// under such a limit panicked part way (rayon's pool, the walk's workers), or hung
 /// for good with its volume unmounted. rayon's global pool is built here, and the
 /// headroom for the rest is tried and given back.
-fn threads_available() -> Result<(), String> {
+fn threads_available(maps: bool) -> Result<(), String> {
     let failed = |e: &dyn std::fmt::Display| {
         format!(
             "cannot start the threads a run needs ({e}): a limit on threads is too low (the cgroup's pids.max, or `ulimit -u`); raise it and run again (nothing was written)"
@@ -131,7 +140,7 @@ fn threads_available() -> Result<(), String> {
     let gate = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
     let mut started = Vec::new();
     let mut err = None;
-    for _ in 0..thread_headroom() {
+    for _ in 0..thread_headroom(maps) {
         let g = gate.clone();
         match std::thread::Builder::new().spawn(move || {
             let (open, cv) = &*g;
@@ -284,16 +293,22 @@ fn main() -> ExitCode {
         // SAFETY: restores the default disposition of one signal before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let works = match &cli.cmd {
-        Cmd::Walk(_) => true,
-        Cmd::Orch(c) => c.works(),
-        Cmd::Bench(_) | Cmd::Luks(_) => false,
+    let (works, maps, daemon) = match &cli.cmd {
+        Cmd::Walk(c) => (true, c.maps(), false),
+        Cmd::Orch(c) => (c.works(), c.maps(), c.is_daemon()),
+        Cmd::Bench(_) | Cmd::Luks(_) => (false, false, false),
     };
     // Every command: `format` and the key commands write header files too.
     soft_file_size_limit_raised();
     if works {
-        if let Err(e) = threads_available() {
-            errln!("luksify: {e}");
+        if let Err(e) = threads_available(maps) {
+            if daemon {
+                // Its starter reads the answer on stdout ("the mapping daemon exited
+                // before it was ready" said nothing of the limit; a trial).
+                out!("ERR {e}\n");
+            } else {
+                errln!("luksify: {e}");
+            }
             return ExitCode::from(luksify_orchestrator::exit::FAILED);
         }
     }
