@@ -9129,6 +9129,18 @@ fn root_orch_the_key_derivation_memory_blockers_fix_goes_through() {
             .args(extra);
         c
     };
+    // Under 32 MiB even PBKDF2 would be killed mid-walk (a trial): refused first.
+    let tiny = limit(32);
+    let out = run(&mut tiny.command(&fx.enable_cmd()));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        stderr(&out).contains("it would be killed mid-run; fix: raise the limit to at least"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(mount_fields(&fx.mnt).is_some(), "the volume was unmounted");
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    drop(tiny);
     let small = limit(48);
     let out = run(&mut small.command(&argon2(&[])));
     assert_eq!(out.status.code(), Some(3), "{out:?}");

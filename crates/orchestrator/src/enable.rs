@@ -2559,10 +2559,34 @@ fn wait_for_orphans(v: &VolumeStatus) {
 /// before the header is made, so a derivation that cannot run left a trial's volume
 /// offline and shrunk ("argon2 failed: out of memory" under `ulimit -v`), and resume
 /// failed the same way.
+/// What a run with PBKDF2 (no derivation memory) needs under a cgroup or available
+/// memory: its walk's buffers, its mapping's daemon, the page cache a cgroup v1 counts.
+const PBKDF2_RUN_FLOOR: u64 = 40 << 20;
+
 fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
     use luksify_luks::kdf::KdfKind;
     if kdf.kind == KdfKind::Pbkdf2 {
-        return None;
+        // No derivation memory, but the run's own: a trial's enable with PBKDF2, the fix
+        // offered under a 32 MiB cgroup, was OOM-killed mid-walk (it peaks near 44 MiB
+        // with the page cache a cgroup v1 counts, and went through under 48 MiB).
+        let (limit, what, floor) = probe::memory_limits()
+            .into_iter()
+            .map(|(limit, what, own)| {
+                let floor = if what.starts_with("the address-space") {
+                    own
+                } else {
+                    PBKDF2_RUN_FLOOR
+                };
+                (limit, what, floor)
+            })
+            .filter(|&(limit, _, floor)| limit < floor)
+            .min_by_key(|&(limit, _, floor)| limit.saturating_sub(floor))?;
+        return Some(format!(
+            "BLOCKER: luksify needs about {} MiB of memory here (its walk, and its mapping's daemon), and {what} leaves this process {} MiB: it would be killed mid-run; fix: raise the limit to at least {} MiB",
+            floor >> 20,
+            limit >> 20,
+            (floor >> 20) + 8
+        ));
     }
     let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let kib = kdf
@@ -2574,7 +2598,9 @@ fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
     // The argon2 memory that fits (`--pbkdf-memory` counts KiB, as cryptsetup's), in
     // whole MiB; below 8 MiB none is offered: a trial followed "--pbkdf-memory 32 or
     // less" (KiB) into the same refusal, luksify's own share alone being over the limit.
-    let room_mib = limit.saturating_sub(own) >> 20;
+    // Less a margin: what the limit leaves counts the cgroup's page cache, which the
+    // refused run itself grew, and an offer with none was refused again (a trial).
+    let room_mib = (limit.saturating_sub(own) >> 20).saturating_sub(16);
     let fix = if room_mib >= 8 {
         format!(
             "--pbkdf-memory {} or less (KiB), or --pbkdf pbkdf2 (or raise the limit)",
