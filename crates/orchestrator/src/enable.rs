@@ -2540,8 +2540,9 @@ fn wait_for_orphans(v: &VolumeStatus) {
             return;
         }
         if !said {
+            // (Maybe not the run's: a user's own e2fsck of the device looks the same.)
             errln!(
-                "luksify: waiting for {} left running on {} by the interrupted run",
+                "luksify: waiting for {} working on {} (left running by the interrupted run?), at most 10 minutes",
                 now.iter()
                     .map(|(pid, c)| format!("{c} (pid {pid})"))
                     .collect::<Vec<_>>()
