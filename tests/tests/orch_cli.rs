@@ -9324,3 +9324,68 @@ fn root_orch_enable_under_a_pids_limit_refuses_first_or_goes_through() {
     fx.assert_disables_to_plain();
     drop(limited);
 }
+
+/// `open --header H` of a device that starts with a LUKS header of its own, where a
+/// detached header's data starts at byte 0: another LUKS volume. After a reboot
+/// renumbered the loop devices, crypttab's line for a detached header mapped a trial's
+/// other volume with this one's key (its mount then failed "bad superblock"). Refused,
+/// nothing mapped; the right device opens.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_open_with_a_detached_header_refuses_another_luks_volume() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    let key = d.path().join("key");
+    std::fs::write(&key, b"open test passphrase").unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    sparse_file(&a, 32 << 20);
+    sparse_file(&b, 32 << 20);
+    let hb = d.path().join("b.hdr");
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    run_ok(
+        luksify(&state)
+            .args(["format", "-q"])
+            .arg(&a)
+            .arg("--key-file")
+            .arg(&key)
+            .args(fast),
+    );
+    run_ok(
+        luksify(&state)
+            .arg("encrypt")
+            .arg(&b)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--header")
+            .arg(&hb)
+            .args(fast),
+    );
+    let (la, lb) = (LoopDev::attach(&a), LoopDev::attach(&b));
+    let name = "luksify-test-open-other";
+    // Closed whatever happens below (a mapping made by mistake included).
+    struct Close<'a>(&'a Path, &'static str);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            let _ = luksify(self.0).args(["close", self.1]).output();
+        }
+    }
+    let _close = Close(&state, name);
+    let mut open = open_userspace(luksify(&state), &la.path, name, &key);
+    open.arg("--header").arg(&hb);
+    let out = run(&mut open);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).contains("starts with a LUKS2 header of its own")
+            && stderr(&out).contains("nothing was mapped"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !Path::new("/dev/mapper").join(name).exists(),
+        "it was mapped"
+    );
+    let mut open = open_userspace(luksify(&state), &lb.path, name, &key);
+    open.arg("--header").arg(&hb);
+    run_ok(&mut open);
+    run_ok(luksify(&state).args(["close", name]));
+}

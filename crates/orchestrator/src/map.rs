@@ -234,6 +234,28 @@ fn mappable(device: &Path, detached: bool, hdr: &Luks2Header) -> Result<()> {
     let Ok(seg) = hdr.data_segment() else {
         return Ok(()); // said by the caller, after the unlock
     };
+    // A detached header's data starting where the device carries a LUKS header of its
+    // own: another LUKS volume (ciphertext is no valid LUKS header). After the loop
+    // devices were renumbered, crypttab's line for a detached header mapped a trial's
+    // other volume with this one's key (cryptsetup maps it blindly too).
+    if detached && seg.offset == 0 {
+        let own = File::open(device)
+            .ok()
+            .and_then(|f| luksify_luks::probe(&f).ok().flatten().map(|v| (f, v)));
+        if let Some((f, version)) = own {
+            let uuid = Luks2Header::read(&f)
+                .map(|(h, _)| format!(" (UUID {})", h.uuid))
+                .unwrap_or_default();
+            let version = match version {
+                luksify_luks::Version::Luks1 => "LUKS1",
+                luksify_luks::Version::Luks2 => "LUKS2",
+            };
+            return refuse(format!(
+                "it starts with a {version} header of its own{uuid}, where the data of the detached header (UUID {}) starts: it is another LUKS volume (a device renamed since? `blkid` names each one's UUID)",
+                hdr.uuid
+            ));
+        }
+    }
     let size = probe::device_size(device).map_err(|e| {
         Failure::failed(format!("{}: cannot read its size ({e})", device.display()))
     })?;
