@@ -9389,3 +9389,49 @@ fn root_orch_open_with_a_detached_header_refuses_another_luks_volume() {
     run_ok(&mut open);
     run_ok(luksify(&state).args(["close", name]));
 }
+
+/// A volume whose device was grown after `enable`, its filesystem grown through the
+/// mapping to fill it: `disable` kept the filesystem at that size, the 16 MiB the
+/// header held in front left unused (trial D2). It fills the device now.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_of_a_volume_grown_since_enable_fills_the_device() {
+    require_tool("dumpe2fs");
+    let fx = Fixture::new(96);
+    fx.enable_ok();
+    let name = mapper_name(&fx.dev());
+    let mapped = format!("/dev/mapper/{name}");
+    // Grown by 32 MiB, under the mapping, which picks the size up when opened again.
+    run_ok(Command::new("umount").arg(&fx.mnt));
+    run_ok(fx.cmd().args(["close", &name]));
+    run_ok(
+        Command::new("truncate")
+            .args(["-s", "128M"])
+            .arg(fx.dir.path().join("img")),
+    );
+    run_ok(Command::new("losetup").arg("-c").arg(fx.dev()));
+    run_ok(
+        fx.cmd()
+            .args(["open", "--key-file"])
+            .arg(&fx.key)
+            .arg(fx.dev())
+            .arg(&name),
+    );
+    run_ok(Command::new("e2fsck").args(["-f", "-y", &mapped]));
+    run_ok(Command::new("resize2fs").arg(&mapped));
+    run_ok(Command::new("mount").arg(&mapped).arg(&fx.mnt));
+    fx.assert_disables_to_plain();
+    let head = run_ok(Command::new("dumpe2fs").arg("-h").arg(fx.dev()));
+    let head = String::from_utf8_lossy(&head.stdout);
+    let field = |name: &str| -> u64 {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {head}"))
+    };
+    assert_eq!(
+        field("Block count:") * field("Block size:"),
+        128 << 20,
+        "the filesystem does not fill the device"
+    );
+}

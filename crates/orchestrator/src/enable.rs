@@ -1791,13 +1791,20 @@ fn recorded_mount_options(v: &VolumeStatus) -> String {
 
 /// How far to grow the filesystem on `dev`: to its size when `enable` found it (or as
 /// much of that as `dev` holds), `None` when it is that size already; `Some(None)` (all
-/// of `dev`) for a volume recorded before its size was.
+/// of `dev`) for a volume recorded before its size was. One grown since to fill its
+/// mapping fills `dev` (the header's room in front, freed by `disable`).
 fn grow_target(v: &VolumeStatus, dev: &Path) -> Option<Option<u64>> {
     let Some(was) = v.fs_bytes else {
         return Some(None);
     };
     let room = probe::device_size(dev).unwrap_or(was);
     let now = probe::detect_fs(dev).ok().and_then(|f| f.fs_bytes)?;
+    // Grown since `enable` (the device grown, the filesystem grown through the mapping
+    // to fill it): a decryption frees the header's room in front, which goes to it too.
+    // `disable` kept it at its grown size, 16 MiB of the device unused (a trial).
+    if now > was {
+        return (now < room && room - now <= HEADER_RESERVE_BYTES / 2).then_some(Some(room));
+    }
     let target = was.min(room);
     (now < target).then_some(Some(target))
 }
