@@ -9329,10 +9329,11 @@ fn root_orch_enable_under_a_pids_limit_refuses_first_or_goes_through() {
 /// detached header's data starts at byte 0: another LUKS volume. After a reboot
 /// renumbered the loop devices, crypttab's line for a detached header mapped a trial's
 /// other volume with this one's key (its mount then failed "bad superblock"). Refused,
-/// nothing mapped; the right device opens.
+/// nothing mapped; the right device opens. And a device named as crypttab names it,
+/// `UUID=...`, opens.
 #[test]
 #[ignore = "needs root and loop devices"]
-fn root_orch_open_with_a_detached_header_refuses_another_luks_volume() {
+fn root_orch_open_refuses_another_luks_volume_and_takes_crypttab_uuid_names() {
     let d = tempfile::tempdir().unwrap();
     let state = d.path().join("state");
     let key = d.path().join("key");
@@ -9387,6 +9388,21 @@ fn root_orch_open_with_a_detached_header_refuses_another_luks_volume() {
     let mut open = open_userspace(luksify(&state), &lb.path, name, &key);
     open.arg("--header").arg(&hb);
     run_ok(&mut open);
+    run_ok(luksify(&state).args(["close", name]));
+    // The volume in front by crypttab's name for it, `UUID=` (it was "No such file or
+    // directory"; trial D2).
+    let uuid = run_ok(
+        Command::new("blkid")
+            .args(["-o", "value", "-s", "UUID"])
+            .arg(&la.path),
+    );
+    let tag = format!("UUID={}", String::from_utf8_lossy(&uuid.stdout).trim());
+    run_ok(&mut open_userspace(
+        luksify(&state),
+        Path::new(&tag),
+        name,
+        &key,
+    ));
     run_ok(luksify(&state).args(["close", name]));
 }
 

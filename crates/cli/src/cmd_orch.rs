@@ -414,6 +414,10 @@ fn cmd_open(
     state_dir: Option<PathBuf>,
 ) -> Result<ExitCode, Failure> {
     let dir = status::state_dir(state_dir.as_deref());
+    // crypttab's way of naming the device (`UUID=...`), as `check` and `enable` take
+    // it (a trial followed a crypttab line by hand: "No such file or directory").
+    let tagged = luksify_orchestrator::check::device_of_tag(device).map_err(Failure::failed)?;
+    let device = tagged.as_deref().unwrap_or(device);
     let key = read_key_file(key_file, false)?;
     let _lk = lock::GlobalLock::acquire(&dir, wait)?;
     let req = map::OpenRequest {

@@ -152,6 +152,29 @@ pub(crate) fn fstab_tag(target: &Path) -> Option<&str> {
     .then_some(t)
 }
 
+/// The one block device an fstab/crypttab tag (`UUID=`, `LABEL=`, ...) names, or why
+/// not (none, or several: never a guess); `Ok(None)` when `target` is no tag.
+pub fn device_of_tag(target: &Path) -> Result<Option<PathBuf>, String> {
+    let Some(tag) = fstab_tag(target) else {
+        return Ok(None);
+    };
+    let wanted = crate::tabs::unescape_field(tag);
+    match probe::devices_with_tag(&wanted).as_slice() {
+        [d] => Ok(Some(d.clone())),
+        [] => Err(format!(
+            "{tag}: no block device carries it (blkid); check the name with `blkid`, or give the device"
+        )),
+        many => Err(format!(
+            "{tag}: {} devices carry it ({}); give the device itself (a copy of a disk carries its UUIDs)",
+            many.len(),
+            many.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
     let bad = |what: String, why: String, fix: &str| Problem {
         code: "target",
