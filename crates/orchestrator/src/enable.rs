@@ -2562,15 +2562,15 @@ fn wait_for_orphans(v: &VolumeStatus) {
     }
 }
 
+/// What a run with PBKDF2 (no derivation memory) needs under a cgroup or available
+/// memory: its walk's buffers, its mapping's daemon, the page cache a cgroup v1 counts.
+const PBKDF2_RUN_FLOOR: u64 = 40 << 20;
+
 /// The key derivation asked for (argon2's memory: `--pbkdf-memory`, else 1 GiB or half
 /// the RAM) against what this process can get: the volume is unmounted and shrunk
 /// before the header is made, so a derivation that cannot run left a trial's volume
 /// offline and shrunk ("argon2 failed: out of memory" under `ulimit -v`), and resume
 /// failed the same way.
-/// What a run with PBKDF2 (no derivation memory) needs under a cgroup or available
-/// memory: its walk's buffers, its mapping's daemon, the page cache a cgroup v1 counts.
-const PBKDF2_RUN_FLOOR: u64 = 40 << 20;
-
 fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
     use luksify_luks::kdf::KdfKind;
     if kdf.kind == KdfKind::Pbkdf2 {
