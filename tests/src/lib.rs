@@ -695,3 +695,22 @@ impl Drop for Cgroup {
         }
     }
 }
+
+/// Waits for `child` (its stderr piped) and returns its output, killing it and failing
+/// the test when it runs past `limit`: `what` hangs.
+pub fn wait_within(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> Output {
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} hangs");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}

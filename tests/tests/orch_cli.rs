@@ -365,6 +365,36 @@ impl Fixture {
         let out = run(&mut self.enable_cmd());
         assert!(out.status.success(), "{}", stderr(&out));
     }
+    /// Starts `cmd` and SIGKILLs it (luksify alone: the tools it runs go on) once
+    /// `mark` exists, which a tool wrapped with [`Fixture::path_with`] makes.
+    fn kill_alone_once(&self, cmd: &mut Command, mark: &Path, what: &str) {
+        let mut child = cmd.spawn_quiet();
+        wait_on(&mut child, what, || mark.exists());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    /// Writes `s` as the status file, as a run (killed at some point) would leave it.
+    fn write_status(&self, s: &serde_json::Value) {
+        std::fs::write(
+            self.state.join("status.json"),
+            serde_json::to_vec(s).unwrap(),
+        )
+        .unwrap();
+    }
+    /// What `luksify status` prints (it must succeed).
+    fn status_text(&self) -> String {
+        String::from_utf8_lossy(&run_ok(self.cmd().arg("status")).stdout).to_string()
+    }
+    /// The status file says no data volume is encrypted, the device has no LUKS header,
+    /// and every file is intact: a run that changed nothing, or was put back.
+    fn assert_still_plain(&self) {
+        assert_eq!(
+            read_status(&self.state)["data_volumes_encrypted"],
+            "NotEncrypted"
+        );
+        assert!(!luksify_tests::has_luks_header(&self.dev()));
+        self.assert_files_unchanged();
+    }
     /// The status file says every data volume is encrypted, and every file is intact.
     fn assert_encrypted_and_intact(&self) {
         assert_eq!(
@@ -680,7 +710,7 @@ fn root_orch_enable_encrypts_remounts_and_cryptsetup_accepts_it() {
     );
     assert!(seen.iter().any(|s| s == "EncryptionInProgress"), "{seen:?}");
     assert!(seen.iter().any(|s| s == "refused-second"), "{seen:?}");
-    let status = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let status = fx.status_text();
     assert!(
         status.contains("DataVolumesEncrypted : Encrypted\n"),
         "{status}"
@@ -1258,7 +1288,7 @@ fn root_orch_resume_refuses_a_detached_header_it_cannot_read_instead_of_starting
         assert_eq!(sha256(&fx.dev()), before, "resume wrote to the device");
         // Nor do `status` and `check` call it a run not started, "still plaintext"
         // (trial V6: their advice led back to the encrypt that encrypts twice).
-        let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+        let st = fx.status_text();
         assert!(!st.contains("had not started"), "{st}");
         let out = run(fx.cmd().arg("check").arg(fx.dev()));
         let said = String::from_utf8_lossy(&out.stdout).to_string() + &stderr(&out);
@@ -1293,7 +1323,7 @@ fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
         assert!(out.status.success(), "{}", stderr(&out));
         let name = mapper_name(&fx.dev());
         kill_daemon(&fx.state, &name);
-        let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+        let text = fx.status_text();
         // The mount as it was, options included (a bare `mount` lost noatime).
         let opts = mount_fields(&fx.mnt).unwrap()[5].clone();
         assert!(
@@ -1341,7 +1371,7 @@ fn root_orch_status_of_a_mapping_whose_daemon_died_says_how_to_map_it_again() {
         );
         assert_eq!(mount_fields(&fx.mnt).unwrap()[5], opts);
         fx.assert_files_unchanged();
-        let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+        let text = fx.status_text();
         assert!(
             text.contains("DataVolumesEncrypted : Encrypted\n"),
             "{text}"
@@ -1450,12 +1480,7 @@ fn root_orch_enable_refuses_a_device_whose_disable_was_interrupted() {
     assert_eq!(mountinfo_line(&fx.mnt), mnt_before);
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        read_status(&fx.state)["data_volumes_encrypted"],
-        "NotEncrypted"
-    );
-    assert!(!luksify_tests::has_luks_header(&fx.dev()));
-    fx.assert_files_unchanged();
+    fx.assert_still_plain();
 }
 
 /// A scan-based `resume` from another state directory, with the key, while this run
@@ -1967,7 +1992,7 @@ fn root_orch_enable_and_disable_a_partition_of_an_odd_number_of_sectors() {
     require_tool("cryptsetup");
     let fx = Fixture::of_bytes((128 << 20) + 2560);
     fx.enable_ok();
-    let status = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let status = fx.status_text();
     assert!(
         status.contains("DataVolumesEncrypted : Encrypted\n"),
         "{status}"
@@ -2040,7 +2065,7 @@ fn root_orch_disable_killed_after_the_plain_remount_is_finished_by_resume() {
             .contains(&mapper_name(&fx.dev())),
         "the kill came after the crypttab edit"
     );
-    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let st = fx.status_text();
     assert!(
         st.contains("Decryption of")
             && st.contains("finished its walk")
@@ -2157,7 +2182,7 @@ fn root_orch_status_after_a_kill_gives_the_headers_progress() {
             serde_json::to_vec(&s).unwrap(),
         )
         .unwrap();
-        let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+        let st = fx.status_text();
         let pct: u64 = st
             .split(&format!("{what} of {} interrupted at ", fx.dev().display()))
             .nth(1)
@@ -2206,7 +2231,7 @@ fn root_orch_disable_restores_plain_device_fstab_and_files() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let status = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let status = fx.status_text();
     assert!(
         status.contains("DataVolumesEncrypted : NotEncrypted\n"),
         "{status}"
@@ -2960,7 +2985,7 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
 
     run_ok(Command::new("umount").arg(&fx.mnt));
     // Mapped, not mounted: the message says how to mount it (it kept the last run's).
-    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let text = fx.status_text();
     assert!(
         text.contains(&format!(
             "{} is encrypted and mapped as /dev/mapper/{name} but not mounted: `mount -o ",
@@ -2969,7 +2994,7 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
         "{text}"
     );
     run_ok(fx.cmd().args(["close", &name]));
-    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let text = fx.status_text();
     assert!(
         text.contains("DataVolumesEncrypted : NotMounted\n")
             && text.contains(&format!(
@@ -2999,7 +3024,7 @@ fn root_orch_not_mounted_after_close_and_no_secret_in_status_output_or_daemon_ar
             .arg(format!("/dev/mapper/{name}"))
             .arg(&fx.mnt),
     );
-    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let text = fx.status_text();
     assert!(
         text.contains("DataVolumesEncrypted : Encrypted\n"),
         "{text}"
@@ -3528,14 +3553,10 @@ fn root_orch_resume_takes_over_a_mapping_a_killed_run_left_open() {
     let mut s = read_status(&fx.state);
     s["volumes"][0]["state"] = "EncryptionInProgress".into();
     s["pid"] = 999_999.into();
-    std::fs::write(
-        fx.state.join("status.json"),
-        serde_json::to_vec(&s).unwrap(),
-    )
-    .unwrap();
+    fx.write_status(&s);
     // The header says the walk is done, whatever percent the run last wrote: status
     // says what is left (it said "interrupted at N%").
-    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let st = fx.status_text();
     assert!(
         st.contains("finished its walk, but its luksify process went away")
             && st.contains("`luksify resume` does what is left of them"),
@@ -3595,7 +3616,7 @@ fn root_orch_kill_before_the_walk_resumes_and_an_early_failure_rolls_back() {
     child.wait().unwrap();
     // Nothing was written: status says so and what resume does (it said "interrupted
     // at 0%", as if part of the volume were ciphertext).
-    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let st = fx.status_text();
     assert!(
         st.contains("had not started") && st.contains("`luksify resume` starts it again"),
         "{st}"
@@ -4082,7 +4103,7 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
     );
     // Meanwhile `status` says what resume will do: map it again, not "finish" a
     // decryption that never began.
-    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let st = fx.status_text();
     assert!(
         st.contains("had not started")
             && st.contains("`luksify resume` maps and mounts it again")
@@ -4888,7 +4909,7 @@ fn root_orch_sigint_mid_walk_names_the_percent_status_gives() {
         .and_then(|r| r.split('%').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{err}"));
-    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let st = fx.status_text();
     assert!(
         st.contains(&format!("Encryption stopped at {said}%")),
         "{err}\n{st}"
@@ -5809,35 +5830,15 @@ fn root_orch_disable_refuses_a_mapping_mounted_in_another_namespace() {
 #[ignore = "needs root and loop devices"]
 fn root_orch_resume_waits_for_the_tools_a_killed_run_left_running() {
     let f = Fixture::new(96);
-    let bin = f.dir.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
     let mark = f.dir.path().join("mounting");
-    let real = String::from_utf8_lossy(
-        &run_ok(Command::new("sh").args(["-c", "command -v mount"])).stdout,
-    )
-    .trim()
-    .to_string();
-    let wrapper = bin.join("mount");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nfor a in \"$@\"; do case $a in /dev/mapper/*) dev=$a;; esac; done\nif [ -n \"$dev\" ]; then touch {}; python3 -c 'import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL); time.sleep(3)' \"$dev\"; fi\nexec {real} \"$@\"\n",
+    let path = f.path_with(
+        "mount",
+        &format!(
+            "for a in \"$@\"; do case $a in /dev/mapper/*) dev=$a;; esac; done\nif [ -n \"$dev\" ]; then touch {}; python3 -c 'import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL); time.sleep(3)' \"$dev\"; fi\nexec $REAL \"$@\"",
             mark.display()
         ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
     );
-    let mut enable = f.enable_cmd();
-    let mut child = enable.env("PATH", &path).spawn_quiet();
-    wait_on(&mut child, "the remount", || mark.exists());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    f.kill_alone_once(f.enable_cmd().env("PATH", &path), &mark, "the remount");
     let out = run(f.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{out:?}");
     let s = read_status(&f.state);
@@ -6752,7 +6753,7 @@ fn root_orch_status_counts_a_mount_in_another_namespace() {
         "{text}"
     );
     // Here, where it is mounted, as before.
-    let text = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let text = fx.status_text();
     assert!(
         text.contains("DataVolumesEncrypted : Encrypted\n"),
         "{text}"
@@ -8366,6 +8367,12 @@ fn root_orch_resume_repairs_its_own_shrink_cut_by_a_power_cut() {
         Some(0),
         "the filesystem reads clean: {out:?}"
     );
+    resume_repairs_the_cut_shrink(&fx);
+}
+
+/// `resume` of `fx`'s enable whose shrink was cut: it says it repairs the shrink, and the
+/// volume ends encrypted, every file intact, no shrink on record.
+fn resume_repairs_the_cut_shrink(fx: &Fixture) {
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
@@ -8398,15 +8405,7 @@ exec $REAL \"$@\"",
     assert!(mount_fields(&fx.mnt).is_none(), "killed before the unmount");
     let out = run(Command::new("e2fsck").args(["-f", "-n"]).arg(fx.dev()));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let out = run(fx.cmd().args(["resume", "--userspace"]));
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains("the run's shrink for the header was cut"),
-        "{err}"
-    );
-    fx.assert_encrypted_and_intact();
-    assert_eq!(read_status(&fx.state)["volumes"][0]["shrinking"], false);
+    resume_repairs_the_cut_shrink(&fx);
     fx.assert_disables_to_plain();
 }
 
@@ -9006,12 +9005,12 @@ fn root_orch_resume_waits_for_the_umount_a_killed_disable_left_running() {
         "umount",
         &format!("touch {}; sleep 3; exec $REAL \"$@\"", started.display()),
     );
-    let mut disable = fx.disable_cmd();
-    let mut child = disable.env("PATH", &path).spawn_quiet();
-    wait_on(&mut child, "the disable's umount", || started.exists());
     // luksify alone, as SIGKILL takes it: its umount goes on.
-    child.kill().unwrap();
-    child.wait().unwrap();
+    fx.kill_alone_once(
+        fx.disable_cmd().env("PATH", &path),
+        &started,
+        "the disable's umount",
+    );
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
@@ -9025,7 +9024,7 @@ fn root_orch_resume_waits_for_the_umount_a_killed_disable_left_running() {
         mount_fields(&fx.mnt).is_some(),
         "the volume was left unmounted"
     );
-    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    let st = fx.status_text();
     assert!(!st.contains("NotMounted"), "{st}");
     fx.assert_files_unchanged();
     fx.assert_disables_to_plain();
@@ -9085,12 +9084,8 @@ fn root_orch_status_of_a_run_killed_after_its_last_step_says_it_succeeded() {
     gone.wait().unwrap();
     s["pid"] = pid.into();
     s["progress_message"] = "Encrypting data volume 1/1: 100%".into();
-    std::fs::write(
-        fx.state.join("status.json"),
-        serde_json::to_vec(&s).unwrap(),
-    )
-    .unwrap();
-    let st = String::from_utf8_lossy(&run_ok(fx.cmd().arg("status")).stdout).to_string();
+    fx.write_status(&s);
+    let st = fx.status_text();
     assert!(
         st.contains("DataVolumesEncrypted : Encrypted\n")
             && st.contains("ProgressMessage : Encryption succeeded"),
@@ -9282,12 +9277,7 @@ fn root_orch_enable_under_a_file_size_limit_says_so_and_puts_the_volume_back() {
         "the volume was left unmounted"
     );
     assert_eq!(std::fs::read_to_string(&fstab).unwrap(), line);
-    assert_eq!(
-        read_status(&fx.state)["data_volumes_encrypted"],
-        "NotEncrypted"
-    );
-    assert!(!luksify_tests::has_luks_header(&fx.dev()));
-    fx.assert_files_unchanged();
+    fx.assert_still_plain();
 }
 
 /// Under a cgroup's pids.max, `enable` either refuses before it changes anything or

@@ -2801,20 +2801,16 @@ fn walker_header_paths_it_did_not_create_are_never_removed() {
                 cmd.args(FAST);
             }
             // A blocked open would hang: the test gives up after 20 s.
-            let mut child = cmd
+            let child = cmd
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            let t = std::time::Instant::now();
-            while child.try_wait().unwrap().is_none() {
-                if t.elapsed() > Duration::from_secs(20) {
-                    let _ = child.kill();
-                    panic!("{verb} --header {name} hangs");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let out = child.wait_with_output().unwrap();
+            let out = luksify_tests::wait_within(
+                child,
+                Duration::from_secs(20),
+                &format!("{verb} --header {name}"),
+            );
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{verb} {name}: {err}");
             assert!(

@@ -6,7 +6,7 @@
 use luksify_tests::{
     assert_refused_in_one_line, cryptsetup_detached, fill_pattern, kill_after_commits,
     kill_at_fdatasync, luks_dump, luksify_bin, no_header_write_lock, require_root, require_tool,
-    run, run_ok, signal_after_commits, sparse_file, Cgroup, Frozen, LoopDev,
+    run, run_ok, signal_after_commits, sparse_file, wait_within, Cgroup, Frozen, LoopDev,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -1472,21 +1472,14 @@ fn root_walker_a_limit_on_threads_is_one_line_never_a_panic_or_a_hang() {
             .args(SMALL);
         c
     };
+    let patience = std::time::Duration::from_secs(120);
     let finishes = |c: &mut Command| {
-        let mut child = c
+        let child = c
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let t = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if t.elapsed() > std::time::Duration::from_secs(120) {
-                let _ = child.kill();
-                panic!("the run hung");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        child.wait_with_output().unwrap()
+        wait_within(child, patience, "the run")
     };
     let low = Cgroup::new("pids", &[("pids.max", "pids.max", "2".into())]);
     let out = finishes(&mut low.command(&encrypt("1000")));
@@ -1508,7 +1501,7 @@ fn root_walker_a_limit_on_threads_is_one_line_never_a_panic_or_a_hang() {
     let limit = 1 + cores + (cores.min(4) + 2);
     let cg = Cgroup::new("pids", &[("pids.max", "pids.max", limit.to_string())]);
     let mut run = cg.command(&encrypt("5000000"));
-    let mut child = run
+    let child = run
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -1520,12 +1513,7 @@ fn root_walker_a_limit_on_threads_is_one_line_never_a_panic_or_a_hang() {
     for o in &others {
         cg.join(o.id());
     }
-    let t = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(t.elapsed().as_secs() < 120, "the run hung");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = wait_within(child, patience, "the run");
     for o in &mut others {
         let _ = o.kill();
         let _ = o.wait();

@@ -203,16 +203,10 @@ impl OrchCmd {
     pub fn is_daemon(&self) -> bool {
         matches!(self, OrchCmd::ServeMapping { .. })
     }
-    /// Whether the command changes volumes (and so needs the threads of a run).
+    /// Whether the command changes volumes (and so needs the threads of a run): those
+    /// that map, and the mapping daemon.
     pub fn works(&self) -> bool {
-        matches!(
-            self,
-            OrchCmd::Open { .. }
-                | OrchCmd::Enable { .. }
-                | OrchCmd::ResumeAll { .. }
-                | OrchCmd::Disable { .. }
-                | OrchCmd::ServeMapping { .. }
-        )
+        self.maps() || self.is_daemon()
     }
 }
 
