@@ -9379,6 +9379,28 @@ fn root_orch_open_refuses_another_luks_volume_and_takes_crypttab_uuid_names() {
     open.arg("--header").arg(&hb);
     run_ok(&mut open);
     run_ok(luksify(&state).args(["close", name]));
+    // A detached header whose data starts at an offset, still inside the other
+    // volume's header area (its keyslots): refused too (trial V8).
+    let hc = d.path().join("c.hdr");
+    run_ok(
+        luksify(&state)
+            .args(["format", "-q"])
+            .arg(&b)
+            .arg("--header")
+            .arg(&hc)
+            .args(["--offset", "2048", "--key-file"])
+            .arg(&key)
+            .args(fast),
+    );
+    let mut open = open_userspace(luksify(&state), &la.path, name, &key);
+    open.arg("--header").arg(&hc);
+    let out = run(&mut open);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr(&out).contains("starts with a LUKS2 header of its own"),
+        "{}",
+        stderr(&out)
+    );
     // The volume in front by crypttab's name for it, `UUID=` (it was "No such file or
     // directory"; trial D2).
     let uuid = run_ok(

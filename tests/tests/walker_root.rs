@@ -1535,3 +1535,54 @@ fn root_walker_a_limit_on_threads_is_one_line_never_a_panic_or_a_hang() {
     );
     decrypt_detached_and_check(&img, &key, &hdr, &orig, "after the limit");
 }
+
+/// A run whose header is on a block device, killed mid-walk: the same `encrypt` again
+/// said "holds a LUKS signature ... wipe it first (wipefs -a)", and a trial that did
+/// lost the only key to the walked part, then encrypted it a second time. It now names
+/// the interrupted run and `luksify resume`, writes nothing, and `resume` finishes it.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_walker_an_interrupted_run_on_a_header_device_is_sent_to_resume_not_wipefs() {
+    require_root();
+    let (dir, orig) = scratch(32, 43);
+    let img = dir.path().join("img");
+    let key = dir.path().join("key").display().to_string();
+    let hdr_img = dir.path().join("hdr-dev");
+    std::fs::write(&hdr_img, vec![0u8; (16 * MIB) as usize]).unwrap();
+    let hdr = LoopDev::attach(&hdr_img);
+    let h = hdr.path.display().to_string();
+    let i = img.display().to_string();
+    let encrypt = || {
+        let mut c = luksify_detached("encrypt", &i, &key, &h);
+        c.args(FAST).args(SMALL);
+        c
+    };
+    kill_after_commits(&mut encrypt(), &hdr.path, 0, 8, 0);
+    let (walked, header) = (
+        std::fs::read(&img).unwrap(),
+        std::fs::read(&hdr.path).unwrap(),
+    );
+    assert!(walked != orig, "nothing was walked");
+    let out = run(encrypt().stdout(Stdio::null()));
+    assert_refused_in_one_line(&out, "holds an interrupted", "encrypt again");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("luksify resume {i} --key-file F --header {h}"))
+            && !err.contains("wipefs"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == walked,
+        "the data was written"
+    );
+    assert!(
+        std::fs::read(&hdr.path).unwrap() == header,
+        "the header was written"
+    );
+    run_ok(
+        luksify_detached("resume", &i, &key, &h)
+            .args(SMALL)
+            .stdout(Stdio::null()),
+    );
+    decrypt_detached_and_check(&img, &key, &h, &orig, "resumed on a header device");
+}

@@ -553,6 +553,11 @@ fn refuse_used_header_device(
     luks_ok: bool,
 ) -> anyhow::Result<()> {
     match crate::cmd_luks::find_signature(f) {
+        // A LUKS header there may be the only key to a run already under way on `dev`:
+        // "wipe it first" led a trial to wipe it and encrypt the walked part again.
+        Some(sig) if !luks_ok && sig.starts_with("LUKS") => {
+            bail!("{}", existing_header_file(dev, h).replace("header file", "header device"))
+        }
         Some(sig) if !(luks_ok && sig.starts_with("LUKS")) => bail!(
             "{}: header device {} holds a {sig} signature; the header would destroy it: wipe it first (wipefs -a) or choose another device",
             dev.display(),

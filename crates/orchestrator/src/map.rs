@@ -238,20 +238,34 @@ fn mappable(device: &Path, detached: bool, hdr: &Luks2Header) -> Result<()> {
     // own: another LUKS volume (ciphertext is no valid LUKS header). After the loop
     // devices were renumbered, crypttab's line for a detached header mapped a trial's
     // other volume with this one's key (cryptsetup maps it blindly too).
-    if detached && seg.offset == 0 {
+    // Data at an offset is refused as long as it starts inside that other header's
+    // area (a trial's crypttab line with an offset mapped over another volume's
+    // keyslots): its data offset, else a LUKS1's or unreadable one's 16 MiB at most.
+    if detached {
         let own = File::open(device)
             .ok()
             .and_then(|f| luksify_luks::probe(&f).ok().flatten().map(|v| (f, v)));
-        if let Some((f, version)) = own {
-            let uuid = Luks2Header::read(&f)
-                .map(|(h, _)| format!(" (UUID {})", h.uuid))
-                .unwrap_or_default();
+        let theirs = own.map(|(f, v)| {
+            let other = Luks2Header::read(&f).ok().map(|(h, _)| h);
+            let end = other
+                .as_ref()
+                .map(|h| {
+                    h.data_segment()
+                        .map_or(2 * h.hdr_size + h.metadata.config.keyslots_size, |d| {
+                            d.offset
+                        })
+                })
+                .unwrap_or(16 << 20);
+            (v, other.map(|h| h.uuid), end)
+        });
+        if let Some((version, uuid, _)) = theirs.filter(|&(_, _, end)| seg.offset < end) {
+            let uuid = uuid.map(|u| format!(" (UUID {u})")).unwrap_or_default();
             let version = match version {
                 luksify_luks::Version::Luks1 => "LUKS1",
                 luksify_luks::Version::Luks2 => "LUKS2",
             };
             return refuse(format!(
-                "it starts with a {version} header of its own{uuid}, where the data of the detached header (UUID {}) starts: it is another LUKS volume (a device renamed since? `blkid` names each one's UUID)",
+                "it starts with a {version} header of its own{uuid}, over which the data of the detached header (UUID {}) would lie: it is another LUKS volume (a device renamed since? `blkid` names each one's UUID)",
                 hdr.uuid
             ));
         }

@@ -2173,8 +2173,20 @@ fn no_header_to_resume(
         {
             return Ok(None);
         }
+        // (A header block device is not removed: `encrypt` takes a blank one as new.)
+        let (store, again) = if hdisk.can_grow() {
+            (
+                "header file",
+                "remove the header file and run the same `luksify encrypt` command again",
+            )
+        } else {
+            (
+                "header device",
+                "run the same `luksify encrypt` command again",
+            )
+        };
         Ok(Some(Error::Refused(format!(
-            "the header file {holds}, and the device shows no filesystem at its start (nothing was written now): luksify cannot tell an encryption stopped while writing its first header (then no data was written: remove the header file and run the same `luksify encrypt` command again) from a header file emptied or zeroed after the run began (then it was the only key to what is done: restore it from a copy; encrypting again would encrypt the part already encrypted a second time)"
+            "the {store} {holds}, and the device shows no filesystem at its start (nothing was written now): luksify cannot tell an encryption stopped while writing its first header (then no data was written: {again}) from a {store} emptied or zeroed after the run began (then it was the only key to what is done: restore it from a copy; encrypting again would encrypt the part already encrypted a second time)"
         ))))
     };
     if detached && hdisk.size().is_ok_and(|n| n < 4096) {
