@@ -185,6 +185,19 @@ fn soft_file_size_limit_raised() {
     }
 }
 
+/// At most 4 malloc arenas (glibc's default is 8 per core), each reserving 64 MiB of
+/// address space once a thread first allocates in it. The threads a run starts up front
+/// (`threads_available`) each took an arena, and under `ulimit -v` (an address-space
+/// limit) argon2 then could not get its memory, now and then (a CI run). The walk
+/// allocates its buffers once; its threads share the arenas.
+fn fewer_malloc_arenas() {
+    // SAFETY: mallopt takes two integers and changes only the allocator's tuning; called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
 /// Raises the soft limit on open files to the hard one, as a process that may need
 /// many does: a low soft limit (`ulimit -Sn 11`) stopped the mapping daemon after the
 /// walk (a trial). A low hard limit stays, and `check` names it.
@@ -275,6 +288,7 @@ where
 fn main() -> ExitCode {
     no_core_dumps();
     more_open_files();
+    fewer_malloc_arenas();
     // A write past a file-size limit fails with EFBIG, said as an error, instead of the
     // kernel's SIGXFSZ ending the process without a word (see
     // `soft_file_size_limit_raised`).
