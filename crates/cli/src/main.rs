@@ -172,15 +172,20 @@ fn threads_available(maps: bool) -> Result<(), String> {
 /// `enable` without a word, its volume unmounted; refusing every finite limit up front
 /// refused commands that write no large file (a trial's `open`).
 fn soft_file_size_limit_raised() {
+    soft_limit_raised(libc::RLIMIT_FSIZE);
+}
+
+/// Raises the soft limit on `resource` to its hard limit (a failure leaves it as it was).
+fn soft_limit_raised(resource: libc::__rlimit_resource_t) {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct it is given; setrlimit reads it.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_FSIZE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+        if libc::getrlimit(resource, &mut r) == 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_FSIZE, &r);
+            libc::setrlimit(resource, &r);
         }
     }
 }
@@ -202,17 +207,7 @@ fn fewer_malloc_arenas() {
 /// many does: a low soft limit (`ulimit -Sn 11`) stopped the mapping daemon after the
 /// walk (a trial). A low hard limit stays, and `check` names it.
 fn more_open_files() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct it is given; setrlimit reads it.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
+    soft_limit_raised(libc::RLIMIT_NOFILE);
 }
 
 /// Keeps passphrases, volume keys and the plaintext in flight out of swap, as
