@@ -730,6 +730,14 @@ fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt
         );
         assert!(!c.p("other.hdr").exists(), "{what}: a header file was left");
     }
+    // A power loss in the primary's write may land its first sector alone: the LUKS
+    // magic at byte 0 over the marker's copy there, which is lost. The end marker and
+    // that magic still say the head is the run's: the same command continues it.
+    let mut torn = now.clone();
+    torn.copy_within(16384..16384 + 512, 0);
+    torn[..6].copy_from_slice(b"LUKS\xba\xbe");
+    torn[256..264].fill(0);
+    std::fs::write(c.p("img"), &torn).unwrap();
     finish_cut_start(&c, &args, &orig);
 }
 
@@ -3943,12 +3951,16 @@ fn walker_a_file_size_limit_is_said_never_a_silent_death() {
 /// header is not written, the device must not show the filesystem it held once the
 /// keyslot area has gone over its first blocks (an intact superblock over overwritten
 /// group descriptors, for `mount` or `fsck` to take; trial C2), and the same `encrypt`
-/// run again continues it to the original plaintext.
+/// run again continues it to the original plaintext. A filesystem it does show is the
+/// user's to change before that rerun (trial R3 mounted it), and the rerun must keep
+/// the change: it rolled back a change made after the marker saying "moved" was written
+/// (the rerun put back the first part moved before it).
 #[test]
 fn walker_a_cut_shift_start_never_shows_the_filesystem_it_overwrote() {
     require_tool("strace");
     require_tool("mkfs.ext4");
     require_tool("blkid");
+    require_tool("debugfs");
     for at in 1..=5u64 {
         let (c, _) = Case::new(32, 21 + at);
         run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "24M"]));
@@ -3967,13 +3979,39 @@ fn walker_a_cut_shift_start_never_shows_the_filesystem_it_overwrote() {
             !(overwritten && !header && shown.starts_with("ext")),
             "kill at flush {at}: {shown} shown over overwritten blocks, no LUKS header"
         );
+        let mut want = orig.clone();
+        if shown.starts_with("ext") {
+            std::fs::write(
+                c.p("note"),
+                format!("written after the cut at flush {at}\n"),
+            )
+            .unwrap();
+            let put = format!("write {} after-cut", c.p("note").display());
+            run_ok(Command::new("debugfs").args(["-w", "-R", &put]).arg(&img));
+            want = std::fs::read(c.p("img")).unwrap();
+            // The new inode and directory entry are in the first 4 MiB, the part moved.
+            assert!(
+                want[..4 << 20] != now[..4 << 20],
+                "kill at flush {at}: the change did not reach the first part"
+            );
+            // `resume` has no header to go on from: refused, nothing written, and past
+            // the first marker it names the command that goes on.
+            let out = run(&mut luksify(&["resume", &c.img(), "--key-file", &c.key()]));
+            assert!(!out.status.success(), "kill at flush {at}: resume went on");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                at == 1 || err.contains("before it wrote over the start of the device"),
+                "kill at flush {at}: {err}"
+            );
+            assert!(std::fs::read(c.p("img")).unwrap() == want, "resume wrote");
+        }
         run_ok(&mut shift_encrypt(&c));
         run_ok(&mut detached_decrypt(&c));
         // (The last 8 MiB, given up for the shift, are not kept.)
         let back = std::fs::read(c.p("img")).unwrap();
         assert!(
-            back[..24 << 20] == orig[..24 << 20],
-            "kill at flush {at}: the filesystem differs"
+            back[..24 << 20] == want[..24 << 20],
+            "kill at flush {at}: the filesystem differs from what it was before the rerun"
         );
     }
 }

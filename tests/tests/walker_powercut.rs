@@ -489,6 +489,28 @@ fn walker_power_cut_during_the_first_header_write_leaves_a_way_on() {
     }
 }
 
+/// A data-shift start cut by a power loss at every one of its operations up to its first
+/// durable header, each with 16 fates of the writes not yet flushed. Among them, the
+/// start marker's write at byte 0 lands in part: its sector holding the marker lost, some
+/// of the others (zeros) landed over the head. That head is still the run's, and the
+/// moved copy is what counts: taken for a head changed since (trial R3's case, which the
+/// end marker alone now gives back to the head), it was moved again with zeros in it.
+#[test]
+fn walker_power_cut_at_every_operation_of_a_shift_start_with_every_fate() {
+    let place = (Placement::Shift { reduce: REDUCE }, 512, false);
+    let first = ops_to_first_header(place.0, false);
+    for cut in 0..=first + 1 {
+        for f in 0..16u64 {
+            crash_and_resume(
+                place,
+                cut,
+                f.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ cut,
+                7 + f,
+            );
+        }
+    }
+}
+
 /// Decryption under the same power-cut model: the volume is encrypted (uncut),
 /// then `decrypt` is cut after `cut` operations; what the header file says then
 /// decides: in progress -> `resume` must finish it; no valid journal -> a fresh

@@ -1340,9 +1340,8 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
                 .ok_or(Error::Internal("shift layout without shift"))?;
             if !init_marker {
                 move_first_segment(data, s)?;
-                write_init_marker(data, dev_size, s)?;
             }
-            write_start_locator(data, dev_size, s)?;
+            write_start_markers(data, dev_size, s)?;
             copy_stage(&stage, areas, data)?;
             data.flush().map_err(|e| Error::io("flush keyslots", e))?;
             HeaderStore {
@@ -1440,28 +1439,31 @@ fn init_marker_block<D: Disk + ?Sized>(
     Ok(m)
 }
 
-/// Records that the first segment was moved (durably) before the header area
-/// is overwritten, with a hash of the moved copy: a crash before the header lands
-/// then resumes from the copy instead of re-copying a damaged head.
-fn write_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
+/// Records, durably, that the first segment was moved before the keyslot area goes over
+/// the device's first bytes (their copy at the end is what counts from then on), with a
+/// hash of the moved copy: a run cut before its header lands then resumes from the copy
+/// instead of re-copying a damaged head. The marker block goes below the moved copy,
+/// then at byte 0, each flushed:
+/// - below the moved copy first, before any byte of the head changes: a write to the
+///   head cut by a power loss may land in part, and the marker must already be there.
+///   It also outlives the primary header's write over byte 0.
+/// - at byte 0 it hides the filesystem until the primary header replaces it. The old
+///   one showed, its superblock intact over blocks already overwritten, for `mount` or
+///   `fsck` to take (trial C2). An `encrypt` over a device grown since finds the marker
+///   by this copy wherever the size puts the other.
+///
+/// A cut between the two leaves the filesystem shown, and its user may change it (trial
+/// R3 mounted it): [`read_init_marker`] then takes the head, not the older copy.
+/// A rerun writes both again (the same bytes: its moved copy was checked against them).
+fn write_start_markers<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
     let m = init_marker_block(data, dev_size, s)?;
-    let at = marker_offset(dev_size, s.size);
-    data.write_at(at, &m)
-        .map_err(|e| Error::io_at("write start marker", at, m.len(), e))?;
-    data.flush().map_err(|e| Error::io("flush start marker", e))
-}
-
-/// Puts a copy of the start marker at byte 0, durably, before the keyslot area goes
-/// over the device's first bytes (their copy moved to the end is what counts now):
-/// until the primary header lands there, the device shows no filesystem. It showed the
-/// old one, its superblock intact over blocks already overwritten, for `mount` or
-/// `fsck` to take (trial C2), and an `encrypt` over a device grown since finds the
-/// marker by this copy wherever the size puts the other.
-fn write_start_locator<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
-    let m = init_marker_block(data, dev_size, s)?;
-    data.write_at(0, &m)
-        .map_err(|e| Error::io_at("write start marker", 0, m.len(), e))?;
-    data.flush().map_err(|e| Error::io("flush start marker", e))
+    for at in [marker_offset(dev_size, s.size), 0] {
+        data.write_at(at, &m)
+            .map_err(|e| Error::io_at("write start marker", at, m.len(), e))?;
+        data.flush()
+            .map_err(|e| Error::io("flush start marker", e))?;
+    }
+    Ok(())
 }
 
 /// A start marker found on the device, maybe written when it had another size.
@@ -1517,14 +1519,20 @@ fn cut_start_on<D: Disk + ?Sized>(data: &D) -> Result<(u64, Option<FoundStart>)>
     Ok((dev_size, start_marker_anywhere(data, dev_size, fs_end)?))
 }
 
-/// A start marker block (valid in itself) at `pos`: (recorded size, shift).
-fn marker_fields<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<(u64, u64)>> {
+/// The start marker block at `pos`, if one valid in itself is there.
+fn marker_block<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<device::AlignedBuf>> {
     let mut m = device::AlignedBuf::new(4096);
     data.read_at(pos, &mut m)
         .map_err(|e| Error::io_at("read start marker", pos, m.len(), e))?;
-    if &m[..16] != INIT_MAGIC || sha2::Sha256::digest(&m[..64])[..] != m[64..96] {
+    let valid = &m[..16] == INIT_MAGIC && sha2::Sha256::digest(&m[..64])[..] == m[64..96];
+    Ok(valid.then_some(m))
+}
+
+/// A start marker block (valid in itself) at `pos`: (recorded size, shift).
+fn marker_fields<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<(u64, u64)>> {
+    let Some(m) = marker_block(data, pos)? else {
         return Ok(None);
-    }
+    };
     let le = |r: std::ops::Range<usize>| u64::from_le_bytes(m[r].try_into().expect("8 bytes"));
     let (rec_dev, shift) = (le(16..24), le(24..32));
     Ok((shift > 0 && rec_dev > 2 * shift).then_some((rec_dev, shift)))
@@ -1565,6 +1573,14 @@ fn start_marker_anywhere<D: Disk + ?Sized>(
     Ok(None)
 }
 
+/// Whether a start of this reduction on a device of this size moved its first segment
+/// and its copy at the end is what counts: the moved copy still has the hash that a start
+/// marker ([`write_start_markers`]) recording this size and shift holds, and
+/// - that marker is at byte 0 (written once the one at the end was durable), or
+/// - the one at the end is, and the head has begun to be a LUKS header (its write over
+///   byte 0 was cut), or still equals the moved copy, but for a cut write of the marker
+///   at byte 0. A head that differs otherwise was changed after the cut, through the
+///   filesystem it still showed (trial R3): it is the data, and a rerun moves it again.
 fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> Result<bool> {
     let shift = reduce / 2;
     // No start ever used a shift that is not whole 4 KiB blocks (the size check below
@@ -1572,22 +1588,52 @@ fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> R
     if shift == 0 || !shift.is_multiple_of(CHECKSUM_BLOCK as u64) || dev_size < 2 * shift + 4096 {
         return Ok(false);
     }
-    let mut m = device::AlignedBuf::new(4096);
-    let at = marker_offset(dev_size, shift);
-    data.read_at(at, &mut m)
-        .map_err(|e| Error::io_at("read start marker", at, m.len(), e))?;
-    if &m[..16] != INIT_MAGIC || sha2::Sha256::digest(&m[..64])[..] != m[64..96] {
+    let ours = |at| -> Result<Option<device::AlignedBuf>> {
+        Ok(marker_block(data, at)?
+            .filter(|m| m[16..24] == dev_size.to_le_bytes() && m[24..32] == shift.to_le_bytes()))
+    };
+    let (at_start, at_end) = (ours(0)?, ours(marker_offset(dev_size, shift))?);
+    let Some(m) = at_start.as_ref().or(at_end.as_ref()) else {
+        return Ok(false);
+    };
+    if hash_range(data, dev_size - shift, shift)?[..] != m[32..64] {
         return Ok(false);
     }
-    if m[16..24] != dev_size.to_le_bytes() || m[24..32] != shift.to_le_bytes() {
-        return Ok(false);
+    if at_start.is_some() {
+        return Ok(true);
     }
-    Ok(hash_range(data, dev_size - shift, shift)?[..] == m[32..64])
+    let mut head = device::AlignedBuf::new(4096);
+    data.read_at(0, &mut head)
+        .map_err(|e| Error::io_at("read first block", 0, head.len(), e))?;
+    if head[..6] == *b"LUKS\xba\xbe" {
+        return Ok(true);
+    }
+    // The head as it was before the marker's write at byte 0 (each 512-byte sector of it
+    // that holds the marker's bytes lands whole or not at all) must hash as the copy.
+    let mut moved = device::AlignedBuf::new(4096);
+    data.read_at(dev_size - shift, &mut moved)
+        .map_err(|e| Error::io_at("read moved segment", dev_size - shift, 4096, e))?;
+    for ((h, c), w) in head
+        .chunks_mut(512)
+        .zip(moved.chunks(512))
+        .zip(m.chunks(512))
+    {
+        if h == w {
+            h.copy_from_slice(c);
+        }
+    }
+    Ok(hash_after(&head, data, 4096, shift - 4096)?[..] == m[32..64])
 }
 
 fn hash_range<D: Disk + ?Sized>(data: &D, off: u64, len: u64) -> Result<[u8; 32]> {
+    hash_after(&[], data, off, len)
+}
+
+/// The SHA-256 of `first` followed by `len` bytes of `data` at `off`.
+fn hash_after<D: Disk + ?Sized>(first: &[u8], data: &D, off: u64, len: u64) -> Result<[u8; 32]> {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
+    h.update(first);
     let mut buf = device::AlignedBuf::new(1 << 20);
     let mut done = 0;
     while done < len {
@@ -2220,9 +2266,14 @@ fn no_header_to_resume(
         let (dev_size, found) = cut_start_on(data)?;
         match found {
             Some(m) if m.dev_size != dev_size => return Ok(m.refusal(dev_size)),
-            Some(m) if read_init_marker(data, dev_size, 2 * m.shift)? => {
+            Some(m) => {
+                let how = if read_init_marker(data, dev_size, 2 * m.shift)? {
+                    "while writing its first header (the moved start of the device is intact)"
+                } else {
+                    "before it wrote over the start of the device (no data was overwritten)"
+                };
                 return Ok(Error::Refused(format!(
-                    "the encryption was stopped while writing its first header (the moved start of the device is intact): run the same `luksify encrypt --reduce-device-size {}M` command again to continue",
+                    "the encryption was stopped {how}: run the same `luksify encrypt --reduce-device-size {}M` command again to continue",
                     (2 * m.shift) >> 20
                 )));
             }
