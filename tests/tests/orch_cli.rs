@@ -5915,9 +5915,9 @@ fn root_orch_kill_holders_spares_the_reader_of_its_own_output() {
 fn root_orch_enable_checks_the_key_derivations_memory_first() {
     require_tool("prlimit");
     let f = Fixture::new(96);
-    let enable = |memory: Option<&str>| {
+    let enable_under = |as_mib: u64, memory: Option<&str>| {
         let mut c = Command::new("prlimit");
-        c.arg(format!("--as={}", 700u64 << 20))
+        c.arg(format!("--as={}", as_mib << 20))
             .arg(luksify_bin())
             .env("LUKSIFY_STATE_DIR", &f.state)
             .env("LUKSIFY_ETC_DIR", f.dir.path().join("etc"))
@@ -5937,13 +5937,24 @@ fn root_orch_enable_checks_the_key_derivations_memory_first() {
         }
         run(&mut c)
     };
+    let enable = |memory: Option<&str>| enable_under(700, memory);
     let out = enable(None);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let err = stderr(&out);
     assert!(
         err.contains("the key derivation (argon2, 1024 MiB)")
             && err.contains("the address-space limit (ulimit -v)")
-            && err.contains("--pbkdf-memory"),
+            && err.contains("--pbkdf-memory")
+            && err.contains("or --pbkdf pbkdf2, or raise the limit"),
+        "{err}"
+    );
+    // Under 512 MiB of address space PBKDF2 is refused too: not offered (a trial
+    // followed that offer into the second refusal).
+    let out = enable_under(400, None);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        !err.contains("pbkdf2") && err.contains("fix: raise the limit to at least 576 MiB"),
         "{err}"
     );
     assert!(!luksify_tests::has_luks_header(&f.dev()));

@@ -2566,6 +2566,25 @@ fn wait_for_orphans(v: &VolumeStatus) {
 /// memory: its walk's buffers, its mapping's daemon, the page cache a cgroup v1 counts.
 const PBKDF2_RUN_FLOOR: u64 = 40 << 20;
 
+/// The tightest memory limit a run with PBKDF2 would not fit under, if any: (what it
+/// leaves, its name, what the run needs there). Under `ulimit -v` that is luksify's
+/// whole address-space share (its threads' stacks and malloc arenas count, used or
+/// not), elsewhere [`PBKDF2_RUN_FLOOR`].
+fn limit_pbkdf2_exceeds() -> Option<(u64, &'static str, u64)> {
+    probe::memory_limits()
+        .into_iter()
+        .map(|(limit, what, own)| {
+            let floor = if what.starts_with("the address-space") {
+                own
+            } else {
+                PBKDF2_RUN_FLOOR
+            };
+            (limit, what, floor)
+        })
+        .filter(|&(limit, _, floor)| limit < floor)
+        .min_by_key(|&(limit, _, floor)| limit.saturating_sub(floor))
+}
+
 /// The key derivation asked for (argon2's memory: `--pbkdf-memory`, else 1 GiB or half
 /// the RAM) against what this process can get: the volume is unmounted and shrunk
 /// before the header is made, so a derivation that cannot run left a trial's volume
@@ -2577,18 +2596,7 @@ fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
         // No derivation memory, but the run's own: a trial's enable with PBKDF2, the fix
         // offered under a 32 MiB cgroup, was OOM-killed mid-walk (it peaks near 44 MiB
         // with the page cache a cgroup v1 counts, and went through under 48 MiB).
-        let (limit, what, floor) = probe::memory_limits()
-            .into_iter()
-            .map(|(limit, what, own)| {
-                let floor = if what.starts_with("the address-space") {
-                    own
-                } else {
-                    PBKDF2_RUN_FLOOR
-                };
-                (limit, what, floor)
-            })
-            .filter(|&(limit, _, floor)| limit < floor)
-            .min_by_key(|&(limit, _, floor)| limit.saturating_sub(floor))?;
+        let (limit, what, floor) = limit_pbkdf2_exceeds()?;
         return Some(format!(
             "BLOCKER: luksify needs about {} MiB of memory here (its walk, and its mapping's daemon), and {what} leaves this process {} MiB: it would be killed mid-run; fix: raise the limit to at least {} MiB",
             floor >> 20,
@@ -2609,14 +2617,21 @@ fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
     // Less a margin: what the limit leaves counts the cgroup's page cache, which the
     // refused run itself grew, and an offer with none was refused again (a trial).
     let room_mib = (limit.saturating_sub(own) >> 20).saturating_sub(16);
+    // PBKDF2 only where it would go through: under `ulimit -v` it needs luksify's whole
+    // address-space share, and a trial followed this offer into the PBKDF2 refusal.
+    let pbkdf2 = if limit_pbkdf2_exceeds().is_none() {
+        "--pbkdf pbkdf2, or "
+    } else {
+        ""
+    };
     let fix = if room_mib >= 8 {
         format!(
-            "--pbkdf-memory {} or less (KiB), or --pbkdf pbkdf2 (or raise the limit)",
+            "--pbkdf-memory {} or less (KiB), or {pbkdf2}raise the limit",
             room_mib * 1024
         )
     } else {
         format!(
-            "--pbkdf pbkdf2, or raise the limit to at least {} MiB for an argon2 of 64 MiB",
+            "{pbkdf2}raise the limit to at least {} MiB for an argon2 of 64 MiB",
             (own >> 20) + 64
         )
     };
