@@ -508,12 +508,23 @@ fn open_userspace(
     use std::process::{Command, Stdio};
     // A fresh process, not a fork: luksify may already run threads (the walker, rayon),
     // and a forked child would inherit their locks held forever.
-    let exe = std::env::current_exe()
-        .map_err(|e| Failure::failed(format!("cannot find the luksify binary ({e})")))?;
+    // This very binary, through `/proc/self/exe`: luksify upgraded (or its file removed)
+    // while a run walked left its path naming another binary or none, and the daemon
+    // failed to start after the walk ("No such file or directory"), the volume left
+    // unmapped. (Found when a rebuild replaced the binary under a running test.) Its
+    // name in `ps` stays the binary's.
+    let name = std::env::current_exe().map_or_else(
+        |_| "luksify".to_string(),
+        |p| {
+            let p = p.display().to_string();
+            p.strip_suffix(" (deleted)").unwrap_or(&p).to_string()
+        },
+    );
     let device = std::fs::canonicalize(req.device).unwrap_or(req.device.to_path_buf());
     let state_dir = std::fs::canonicalize(req.state_dir).unwrap_or(req.state_dir.to_path_buf());
-    let mut cmd = Command::new(exe);
-    cmd.arg(SERVE_SUBCOMMAND)
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0(name)
+        .arg(SERVE_SUBCOMMAND)
         .arg("--device")
         .arg(&device)
         .arg("--name")
@@ -803,6 +814,9 @@ pub fn close(state_dir: &Path, name: &str) -> Result<()> {
     if let Some(dev) = probe::block_dev_num(&blk) {
         ensure_unused(name, &blk, dev)?;
     }
+    if rec.backend == Backend::Userspace {
+        ensure_view_unused(name, &rec)?;
+    }
     match rec.backend {
         Backend::Kernel => crate::dm::remove(name)?,
         Backend::Userspace => close_userspace(&rec)?,
@@ -855,23 +869,106 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
     }
     let mut t = crate::holders::Targets::default();
     t.block_devices.insert(dev);
-    // Something may hold the device for an instant (udev's blkid after a change
-    // event, another tool listing loop devices): like `dmsetup remove --retry`,
-    // look again for up to HOLDER_GRACE before calling it in use.
-    let deadline = Instant::now() + HOLDER_GRACE;
-    let mut holders = crate::holders::scan(&t, false);
-    while !holders.is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        holders = crate::holders::scan(&t, false);
-    }
+    let holders = lasting_holders(&t, None);
     if !holders.is_empty() {
-        let list: Vec<String> = holders.iter().map(|h| h.one_line()).collect();
         return Err(Failure::new(
             exit::BUSY,
             format!(
                 "mapping {name} ({}) is in use: {}; stop those processes first",
                 blk.display(),
-                list.join("; ")
+                holders.join("; ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What holds `t` (but `except`, a pid), one line each. Something may hold a device for
+/// an instant (udev's blkid after a change event, another tool listing loop devices):
+/// like `dmsetup remove --retry`, look again for up to HOLDER_GRACE before calling it
+/// in use.
+fn lasting_holders(t: &crate::holders::Targets, except: Option<u32>) -> Vec<String> {
+    let scan = || {
+        let mut h = crate::holders::scan(t, false);
+        h.retain(|h| Some(h.pid) != except);
+        h
+    };
+    let deadline = Instant::now() + HOLDER_GRACE;
+    let mut holders = scan();
+    while !holders.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        holders = scan();
+    }
+    holders.iter().map(|h| h.one_line()).collect()
+}
+
+/// Refuses `close` of a userspace mapping whose view (the FUSE `volume` file its loop
+/// device is attached to) is also attached to another loop device, or open in a
+/// process: `close` detached its own loop device, then could not unmount the view and
+/// left /dev/mapper/NAME dangling, exit 1 (trial R3 mounted a second loop device of it).
+fn ensure_view_unused(name: &str, rec: &MapRecord) -> Result<()> {
+    let Some(dir) = rec.fuse_dir.as_deref() else {
+        return Ok(());
+    };
+    let Ok(view) = std::path::absolute(dir.join(VOLUME_FILE)) else {
+        return Ok(());
+    };
+    let mounts = mountinfo::read().unwrap_or_default();
+    let own = own_loop(rec);
+    let mut others: Vec<PathBuf> = std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(|n| Path::new("/dev").join(n)))
+        .filter(|d| {
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("loop"))
+                && Some(d.as_path()) != own
+                && loop_backing(d).as_deref() == Some(view.as_path())
+        })
+        .collect();
+    others.sort();
+    if let Some(l) = others.first() {
+        let points: Vec<String> = probe::block_dev_num(l)
+            .map(|d| mountinfo::mounts_of(&mounts, d))
+            .unwrap_or_default()
+            .iter()
+            .rev()
+            .map(|m| m.mount_point.display().to_string())
+            .collect();
+        let (at, undo) = if points.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (
+                format!(", mounted at {}", points.join(" and ")),
+                format!("umount {}; ", points.join(" ")),
+            )
+        };
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "mapping {name}'s view {} is also attached to {}{at}; {undo}losetup -d {} first (nothing was closed)",
+                view.display(),
+                l.display(),
+                l.display()
+            ),
+        ));
+    }
+    let Some(fuse) = mountinfo::mount_at(&mounts, &std::path::absolute(dir).unwrap_or_default())
+    else {
+        return Ok(());
+    };
+    let mut t = crate::holders::Targets::default();
+    t.filesystems.insert(fuse.dev);
+    let holders = lasting_holders(&t, rec.daemon_pid);
+    if !holders.is_empty() {
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "mapping {name}'s view {} is in use: {}; stop those processes first (nothing was closed)",
+                view.display(),
+                holders.join("; ")
             ),
         ));
     }
