@@ -403,6 +403,15 @@ impl Fixture {
         );
         self.assert_files_unchanged();
     }
+    /// `open --key-file KEY DEV name`: the fixture's volume mapped again as `name`.
+    fn open_cmd(&self, name: &str) -> Command {
+        let mut c = self.cmd();
+        c.args(["open", "--key-file"])
+            .arg(&self.key)
+            .arg(self.dev())
+            .arg(name);
+        c
+    }
     /// `disable` with the fixture's key succeeds and leaves the device plain (no LUKS
     /// header), every file intact.
     fn assert_disables_to_plain(&self) {
@@ -9241,13 +9250,7 @@ fn root_orch_close_refuses_a_mapping_mounted_in_another_namespace() {
     let _ = ns.0.kill();
     let _ = ns.0.wait();
     run_ok(fx.cmd().args(["close", &name]));
-    run_ok(
-        fx.cmd()
-            .args(["open", "--key-file"])
-            .arg(&fx.key)
-            .arg(fx.dev())
-            .arg(&name),
-    );
+    run_ok(&mut fx.open_cmd(&name));
     run_ok(Command::new("mount").arg(&mapped).arg(&fx.mnt));
     fx.assert_disables_to_plain();
 }
@@ -9321,13 +9324,7 @@ fn root_orch_close_refuses_a_view_held_by_another_loop_device_or_process() {
     run_ok(Command::new("umount").arg(&fx.mnt));
     run_ok(fx.cmd().args(["close", &name]));
     assert!(!mapped.exists(), "/dev/mapper/{name} left after close");
-    run_ok(
-        fx.cmd()
-            .args(["open", "--key-file"])
-            .arg(&fx.key)
-            .arg(fx.dev())
-            .arg(&name),
-    );
+    run_ok(&mut fx.open_cmd(&name));
     run_ok(Command::new("mount").arg(&mapped).arg(&fx.mnt));
     fx.assert_disables_to_plain();
 }
@@ -9348,11 +9345,7 @@ fn root_orch_a_binary_removed_while_it_runs_still_starts_its_mapping_daemon() {
     let copy = fx.dir.path().join("luksify-old");
     std::fs::copy(luksify_bin(), &copy).unwrap();
     let open = fx
-        .cmd()
-        .args(["open", "--key-file"])
-        .arg(&fx.key)
-        .arg(fx.dev())
-        .arg(&name)
+        .open_cmd(&name)
         .get_args()
         .map(|a| a.to_os_string())
         .collect::<Vec<_>>();
@@ -9572,13 +9565,7 @@ fn root_orch_disable_of_a_volume_grown_since_enable_fills_the_device() {
             .arg(fx.dir.path().join("img")),
     );
     run_ok(Command::new("losetup").arg("-c").arg(fx.dev()));
-    run_ok(
-        fx.cmd()
-            .args(["open", "--key-file"])
-            .arg(&fx.key)
-            .arg(fx.dev())
-            .arg(&name),
-    );
+    run_ok(&mut fx.open_cmd(&name));
     run_ok(Command::new("e2fsck").args(["-f", "-y", &mapped]));
     run_ok(Command::new("resize2fs").arg(&mapped));
     run_ok(Command::new("mount").arg(&mapped).arg(&fx.mnt));
