@@ -6849,6 +6849,58 @@ fn root_orch_disable_follows_a_volume_whose_name_moved() {
     b.assert_files_unchanged();
 }
 
+/// `disable` of a volume that is attached nowhere, its recorded name now another LUKS
+/// volume's (a reboot, a detached loop device whose number was handed out again): it went
+/// on to the recorded name and said "no keyslot accepts this passphrase: check
+/// --key-file" (trial M). It now says the volume is not attached, nothing changed on
+/// either; attached again (under another name), the same `disable` finishes it.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_of_a_volume_attached_nowhere_says_so() {
+    let mut a = Fixture::new(96);
+    let b = Fixture::new(96);
+    a.enable_ok();
+    b.enable_ok();
+    run_ok(Command::new("umount").arg(&a.mnt));
+    run_ok(a.cmd().args(["close", &mapper_name(&a.dev())]));
+    let old = a.dev();
+    drop(a.lo.take());
+    rename_records(&a.state, &[(old, b.dev())]);
+    let b_head = std::fs::read(b.dir.path().join("img")).unwrap()[..1 << 20].to_vec();
+    let out = run(&mut a.disable_cmd());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{} now holds crypto_LUKS", b.dev().display()))
+            && err.contains("no other device carries this volume")
+            && err.contains("run `luksify disable` again")
+            && !err.contains("keyslot"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(std::fs::read(b.dir.path().join("img")).unwrap()[..1 << 20] == b_head[..]);
+    b.assert_encrypted_and_intact();
+    // A record with no LUKS UUID to look for (written before it was kept) and a name
+    // that is gone: said of the name, not of the passphrase.
+    let mut st = read_status(&a.state);
+    let before = st.clone();
+    st["volumes"][0]["device"] = "/dev/luksify-test-gone".into();
+    st["volumes"][0]["luks_uuid"] = serde_json::Value::Null;
+    a.write_status(&st);
+    let out = run(&mut a.disable_cmd());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("/dev/luksify-test-gone, the device recorded at enable, cannot be read")
+            && err.contains("attach the volume again")
+            && !err.contains("keyslot"),
+        "{err}"
+    );
+    a.write_status(&before);
+    a.lo = Some(LoopDev::attach(&a.dir.path().join("img")));
+    a.assert_disables_to_plain();
+}
+
 /// An fstab that cannot be rewritten (immutable, or /etc read-only): `enable` walked the
 /// whole volume, then failed on fstab ("Encryption failed", the volume offline), and
 /// `disable` decrypted it and left its fstab line naming the mapping (a trial). Both
@@ -7699,7 +7751,7 @@ fn root_orch_status_of_a_run_whose_device_was_reused_says_what_resume_says() {
     let msg = v["progress_message"].as_str().unwrap().to_string();
     assert!(
         msg.contains(&format!("now holds ext4 UUID {uuid}"))
-            && msg.contains("no other device carries this run's volume")
+            && msg.contains("no other device carries this volume")
             && !msg.contains("finishes it")
             && !msg.contains("starts it again"),
         "{msg}"

@@ -2376,7 +2376,7 @@ fn relocate_all(sw: &mut StatusWriter) -> Result<()> {
             VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
         );
         if unfinished || pending.contains(&v.device) {
-            if let Some(dev) = locate(v)? {
+            if let Some(dev) = locate(v, "resume")? {
                 moves.push((idx, dev));
             }
         }
@@ -2397,8 +2397,9 @@ fn relocate_all(sw: &mut StatusWriter) -> Result<()> {
 }
 
 /// Where volume `v` is now: `None` when on its recorded device (or when nothing tells:
-/// the walker's own checks decide there), `Some(dev)` when it moved to `dev`.
-pub(crate) fn locate(v: &VolumeStatus) -> Result<Option<PathBuf>> {
+/// the walker's own checks decide there), `Some(dev)` when it moved to `dev`. A refusal
+/// says to run `luksify AGAIN` again once the volume is attached.
+pub(crate) fn locate(v: &VolumeStatus, again: &str) -> Result<Option<PathBuf>> {
     let decrypting = v.state == VolumeState::DecryptionInProgress;
     // The volume's LUKS UUID: recorded, or (a record from before it was) the header
     // file's, which a decryption always has.
@@ -2432,13 +2433,13 @@ pub(crate) fn locate(v: &VolumeStatus) -> Result<Option<PathBuf>> {
     };
     let nowhere = |why: String| {
         Failure::failed(format!(
-            "{why}, and no other device carries this run's volume ({}): its name moved since the run began (a reboot that attached disks in another order?) or it is detached; nothing was written: attach the volume and run `luksify resume` again",
+            "{why}, and no other device carries this volume ({}): its name moved (a reboot that attached disks in another order?) or it is detached; nothing was written: attach the volume and run `luksify {again}` again",
             ids()
         ))
     };
     let ambiguous = |uuid: &str, devs: &[PathBuf]| {
         Failure::failed(format!(
-            "{} all carry UUID {uuid} of the volume recorded as {} (a copy of it attached?); nothing was written: detach the copies and run `luksify resume` again",
+            "{} all carry UUID {uuid} of the volume recorded as {} (a copy of it attached?); nothing was written: detach the copies and run `luksify {again}` again",
             devs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
             v.device.display()
         ))
@@ -3259,10 +3260,12 @@ pub fn disable(
     // disks in another order): found by its LUKS UUID, as `resume` finds it (a trial's
     // disable unmounted and closed it, then failed on the disk now under its old name,
     // the volume left offline). Only a header in front carries one.
+    // One that is nowhere is said so: disable went on to the recorded name and said "no
+    // keyslot accepts this passphrase" of whatever was there (trial M).
     for i in &todo {
         let v = &sw.status.volumes[*i];
         if v.header.is_none() && v.luks_uuid.is_some() {
-            if let Ok(Some(dev)) = locate(v) {
+            if let Some(dev) = locate(v, "disable")? {
                 errln!(
                     "luksify: the volume recorded as {} is {} now (its name moved since it was encrypted)",
                     v.device.display(),
@@ -3376,6 +3379,22 @@ fn disable_one(
             v.device.display()
         );
         return finish_disable(sw, idx, Outcome::Finished);
+    }
+    // The device gone (a loop device detached, a disk removed): it said "no keyslot
+    // accepts this passphrase: check --key-file" (trial M). A detached header's volume
+    // is looked for by its head below.
+    if v.header.is_none() {
+        let gone = match probe::device_size(&v.device) {
+            Err(e) => Some(format!("cannot be read ({e})")),
+            Ok(0) => Some("holds nothing (0 bytes: a loop device with nothing attached?)".into()),
+            Ok(_) => None,
+        };
+        if let Some(gone) = gone {
+            return Err(Failure::failed(format!(
+                "{}, the device recorded at enable, {gone}: attach the volume again under that name, then run the same `luksify disable` again; nothing was changed",
+                v.device.display()
+            )));
+        }
     }
     // Memory for the unlock first: an argon2 keyslot under a cgroup limit it does not
     // fit got the process killed by the OOM killer (a trial).
@@ -3879,8 +3898,15 @@ fn unlock_header(
     Option<luksify_luks::Error>,
 > {
     use luksify_luks::luks2::json::Keyslot;
-    let f = std::fs::File::open(path).map_err(|_| None)?;
-    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).map_err(|_| None)?;
+    // Not "wrong" where there is no header to try: a device that went away said "no
+    // keyslot accepts this passphrase: check --key-file" (trial M).
+    let f = std::fs::File::open(path).map_err(|e| {
+        Some(luksify_luks::Error::Io {
+            what: "open".into(),
+            source: e,
+        })
+    })?;
+    let (h, _) = luksify_luks::luks2::Luks2Header::read(&f).map_err(Some)?;
     let mut last = luksify_luks::Error::WrongPassphrase;
     let ids: Vec<u32> = h
         .metadata

@@ -566,7 +566,7 @@ pub fn apply_live_state(
             // Its name may have moved (detached and attached again, a reboot): the
             // `open` it named was of the old name, which may be another disk now (a
             // trial).
-            match crate::enable::locate(v) {
+            match crate::enable::locate(v, "resume") {
                 Ok(Some(dev)) => {
                     let mut w = v.clone();
                     w.device = dev.clone();
@@ -799,7 +799,7 @@ fn interrupted_message(v: &VolumeStatus, state_dir: Option<&Path>) -> String {
     // Where `resume` would look for the volume, and what it would refuse: a device that
     // now holds another filesystem (reused, or another disk under the name) was said to
     // be finished, or started again, by a `resume` that refuses it.
-    if let Err(f) = crate::enable::locate(v) {
+    if let Err(f) = crate::enable::locate(v, "resume") {
         return format!(
             "{what} of {} was interrupted (its luksify process is gone), and the volume is not where it was: {}",
             v.device.display(),
