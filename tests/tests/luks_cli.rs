@@ -306,6 +306,111 @@ fn luks_cli_key_management_and_test_passphrase() {
     );
 }
 
+/// `--keyfile-offset`/`--keyfile-size` (and the `--new-` pair of `add-key` and
+/// `change-key`) take the bytes of a key file cryptsetup takes, both ways: a volume
+/// cryptsetup formatted with a part of a file opens with the same options here, and what
+/// luksify formats, adds or changes with them cryptsetup opens with the same options;
+/// the rest of the file, or another part, does not open it. (Trial C2: the options did
+/// not exist, and a script using them failed on "unexpected argument".)
+#[test]
+fn luks_cli_keyfile_offset_and_size_take_what_cryptsetup_takes() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 20 << 20);
+    // One file, several passphrases in it, as some setups keep them.
+    let keys = d.file("keys", b"AAAApassphrase-oneBBBBpassphrase-two\nCCCC");
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let one = ["--keyfile-offset", "4", "--keyfile-size", "14"];
+    let two = ["--keyfile-offset", "22", "--keyfile-size", "15"];
+    let cs_opens = |part: &[&str]| {
+        run(Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "-q", "--key-file", p(&keys)])
+            .args(part)
+            .arg(&img))
+        .status
+        .success()
+    };
+    let lx_opens = |part: &[&str]| {
+        run(lx(&["test-passphrase", p(&img), "--key-file", p(&keys)]).args(part))
+            .status
+            .success()
+    };
+    run_ok(
+        Command::new("cryptsetup")
+            .args([
+                "luksFormat",
+                "-q",
+                "--type",
+                "luks2",
+                "--key-file",
+                p(&keys),
+            ])
+            .args(fast)
+            .args(one)
+            .arg(&img),
+    );
+    assert!(lx_opens(&one), "cryptsetup's part does not open here");
+    assert!(!lx_opens(&two) && !lx_opens(&[]), "another part opens");
+    run_ok(
+        lx(&["format", "-q", p(&img), "--key-file", p(&keys)])
+            .args(fast)
+            .args(two),
+    );
+    assert!(
+        cs_opens(&two),
+        "luksify's format does not open with cryptsetup"
+    );
+    assert!(!cs_opens(&one) && !cs_opens(&[]), "another part opens");
+    // add-key: the existing passphrase and the new one, parts of the same file.
+    let add = ["--new-keyfile-offset", "4", "--new-keyfile-size", "14"];
+    run_ok(
+        lx(&[
+            "add-key",
+            p(&img),
+            "--key-file",
+            p(&keys),
+            "--new-key-file",
+            p(&keys),
+        ])
+        .args(fast)
+        .args(two)
+        .args(add),
+    );
+    assert!(cs_opens(&one) && cs_opens(&two), "added part does not open");
+    // change-key: the first part's keyslot now takes the whole file.
+    run_ok(
+        lx(&[
+            "change-key",
+            p(&img),
+            "--key-file",
+            p(&keys),
+            "--new-key-file",
+            p(&keys),
+        ])
+        .args(fast)
+        .args(one),
+    );
+    assert!(cs_opens(&[]) && !cs_opens(&one), "changed key");
+    assert!(lx_opens(&[]) && lx_opens(&two), "after change-key");
+    // What cryptsetup refuses is refused: an offset past the end, a size the file
+    // does not hold.
+    for (part, said) in [
+        (
+            ["--keyfile-offset", "50"],
+            "shorter than --keyfile-offset 50",
+        ),
+        (["--keyfile-size", "60"], "fewer than --keyfile-size 60"),
+    ] {
+        let out = run(lx(&["test-passphrase", p(&img), "--key-file", p(&keys)]).args(part));
+        assert_refused_in_one_line(&out, said, "test-passphrase");
+        let cs = run(Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "-q", "--key-file", p(&keys)])
+            .args(part)
+            .arg(&img));
+        assert!(!cs.status.success(), "cryptsetup took {part:?}");
+    }
+}
+
 #[test]
 fn luks_cli_format_refuses_signatures_without_batch_mode_and_huge_argon2() {
     require_tool("mkfs.ext4");

@@ -4141,3 +4141,57 @@ fn walker_a_header_file_emptied_mid_run_is_never_taken_for_a_new_one() {
         );
     }
 }
+
+/// `encrypt`, `resume` and `decrypt` take `--keyfile-offset`/`--keyfile-size` as
+/// cryptsetup does: the run's keyslot opens with that part of the file, in cryptsetup
+/// too, and not with the whole file (a run killed mid-walk resumes with the part only).
+#[test]
+fn walker_keyfile_offset_and_size_are_cryptsetups() {
+    require_tool("cryptsetup");
+    require_tool("strace");
+    let (c, orig) = Case::new(16, 91);
+    std::fs::write(c.p("key"), b"headerXYZsecret-partTAIL").unwrap();
+    let part = ["--keyfile-offset", "9", "--keyfile-size", "11"];
+    let mut enc = detached_encrypt(&c);
+    enc.args(part);
+    let cut = luksify_tests::kill_at_fdatasync(&enc, 8);
+    assert!(!cut.status.success(), "the run was not cut");
+    let resume = || {
+        luksify(&[
+            "resume",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--header",
+            &c.hdr(),
+        ])
+    };
+    assert_eq!(
+        run(&mut resume()).status.code(),
+        Some(2),
+        "the whole file resumed it"
+    );
+    run_ok(resume().args(part));
+    let opens = |part: &[&str]| {
+        run(Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "-q", "--header", &c.hdr()])
+            .args(["--key-file", &c.key()])
+            .args(part)
+            .arg(c.img()))
+        .status
+        .success()
+    };
+    assert!(opens(&part), "cryptsetup does not open it with the part");
+    assert!(!opens(&[]), "the whole file opens it");
+    let out = run(&mut detached_decrypt(&c));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the whole file decrypted it: {out:?}"
+    );
+    run_ok(detached_decrypt(&c).args(part));
+    assert!(
+        std::fs::read(c.p("img")).unwrap() == orig,
+        "decrypted, the image differs"
+    );
+}

@@ -152,7 +152,7 @@ impl NewHeaderArgs {
         let Some(p) = &self.volume_key_file else {
             return Ok(None);
         };
-        let k = read_key_file(p)?;
+        let k = read_key_file(p, Default::default())?;
         if k.len() * 8 != self.key_bits() as usize {
             bail!(
                 "{}: volume key file holds {} bits, --key-size is {}",
@@ -238,6 +238,8 @@ pub struct FormatArgs {
     /// File whose whole contents are the passphrase (`-` = stdin)
     #[arg(long, short = 'd')]
     key_file: PathBuf,
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
     /// luks2 or luks1
     #[arg(long = "type", default_value = "luks2")]
     luks_type: String,
@@ -291,6 +293,8 @@ pub struct DumpArgs {
     /// Passphrase file that unlocks the volume (whole file, as cryptsetup --key-file)
     #[arg(long, short = 'd')]
     key_file: Option<PathBuf>,
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
     /// Where --dump-volume-key writes the key (must not exist)
     #[arg(long)]
     volume_key_file: Option<PathBuf>,
@@ -306,6 +310,8 @@ pub struct TestArgs {
     /// Passphrase file to check (whole file, as cryptsetup --key-file)
     #[arg(long, short = 'd')]
     key_file: PathBuf,
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
     /// Only try this keyslot
     #[arg(long, short = 'S')]
     key_slot: Option<u32>,
@@ -321,6 +327,10 @@ pub struct AddKeyArgs {
     /// The passphrase to add
     #[arg(long)]
     new_key_file: PathBuf,
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
+    #[command(flatten)]
+    new_part: crate::keyfile::NewKeyFilePart,
     /// Keyslot for the new passphrase (default: first free)
     #[arg(long, short = 'S')]
     key_slot: Option<u32>,
@@ -335,6 +345,8 @@ pub struct RemoveKeyArgs {
     /// The passphrase whose keyslot is removed
     #[arg(long, short = 'd')]
     key_file: PathBuf,
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
     /// Allow removing the last keyslot (the volume becomes unusable)
     #[arg(long, short = 'q')]
     batch_mode: bool,
@@ -350,6 +362,10 @@ pub struct ChangeKeyArgs {
     /// The passphrase that replaces it (the output names the keyslot it lands in)
     #[arg(long)]
     new_key_file: PathBuf,
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
+    #[command(flatten)]
+    new_part: crate::keyfile::NewKeyFilePart,
     /// Only try this keyslot
     #[arg(long, short = 'S')]
     key_slot: Option<u32>,
@@ -602,7 +618,7 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
     if luks1 && (n.label.is_some() || n.subsystem.is_some()) {
         bail!("--label and --subsystem are LUKS2 fields: drop them for --type luks1 (nothing was written)");
     }
-    let pass = read_new_key_file(&a.key_file)?;
+    let pass = read_new_key_file(&a.key_file, a.part)?;
     // Every option checked before the device is opened.
     let opts = n.with_kdf(n.kdf.request(luks1)?)?;
     let device = if a.header.is_some() {
@@ -842,7 +858,7 @@ fn device_alignment(f: &File) -> (u64, u64) {
 }
 
 fn test_passphrase(a: TestArgs) -> Result<ExitCode> {
-    let pass = read_key_file(&a.key_file)?;
+    let pass = read_key_file(&a.key_file, a.part)?;
     let path = a.vol.meta();
     let f = open_ro(path)?;
     let vol = read_volume(path, &f)?;
@@ -917,8 +933,8 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
     if a.key_file == Path::new("-") && a.new_key_file == Path::new("-") {
         bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
     }
-    let pass = read_key_file(&a.key_file)?;
-    let new = read_new_key_file(&a.new_key_file)?;
+    let pass = read_key_file(&a.key_file, a.part)?;
+    let new = read_new_key_file(&a.new_key_file, a.new_part.into())?;
     let path = a.vol.meta();
     let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
@@ -937,7 +953,7 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
 }
 
 fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
-    let pass = read_key_file(&a.key_file)?;
+    let pass = read_key_file(&a.key_file, a.part)?;
     let path = a.vol.meta();
     let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
@@ -991,8 +1007,8 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
     if a.key_file == Path::new("-") && a.new_key_file == Path::new("-") {
         bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
     }
-    let pass = read_key_file(&a.key_file)?;
-    let new = read_new_key_file(&a.new_key_file)?;
+    let pass = read_key_file(&a.key_file, a.part)?;
+    let new = read_new_key_file(&a.new_key_file, a.new_part.into())?;
     let path = a.vol.meta();
     let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
@@ -1029,7 +1045,7 @@ fn dump(a: DumpArgs) -> Result<ExitCode> {
         let (Some(kf), Some(out)) = (&a.key_file, &a.volume_key_file) else {
             bail!("--dump-volume-key needs --key-file and --volume-key-file");
         };
-        let pass = read_key_file(kf)?;
+        let pass = read_key_file(kf, a.part)?;
         // An unbound keyslot opens to a key that is not the volume's: dumping it wrote
         // that key as the volume key, a false backup ("No usable keyslot is available",
         // says cryptsetup). test-passphrase -S still checks an unbound passphrase.

@@ -60,6 +60,8 @@ pub enum OrchCmd {
         /// File whose whole content is the passphrase
         #[arg(long)]
         key_file: PathBuf,
+        #[command(flatten)]
+        part: crate::keyfile::KeyFilePart,
         /// Detached LUKS2 header file
         #[arg(long)]
         header: Option<PathBuf>,
@@ -228,6 +230,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             device,
             name,
             key_file,
+            part,
             header,
             userspace,
             run: RunLock { wait, state_dir },
@@ -236,7 +239,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             cmd_open(
                 &device,
                 &name,
-                &key_file,
+                (&key_file, part),
                 header.as_deref(),
                 userspace,
                 wait,
@@ -390,10 +393,20 @@ fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
 /// input for `-`) is the passphrase. `new` is set where the passphrase goes into a new
 /// keyslot (enable), which refuses an empty file; unlocking takes the empty passphrase.
 pub fn read_key_file(path: &Path, new: bool) -> Result<Zeroizing<Vec<u8>>, Failure> {
+    read_key_file_part(path, new, Default::default())
+}
+
+/// [`read_key_file`] of the `part` of the file that `--keyfile-offset` and
+/// `--keyfile-size` name.
+fn read_key_file_part(
+    path: &Path,
+    new: bool,
+    part: crate::keyfile::KeyFilePart,
+) -> Result<Zeroizing<Vec<u8>>, Failure> {
     let key = if new {
-        crate::keyfile::read_new_key_file(path)
+        crate::keyfile::read_new_key_file(path, part)
     } else {
-        crate::keyfile::read_key_file(path)
+        crate::keyfile::read_key_file(path, part)
     };
     key.map_err(|e| Failure::failed(format!("{e:#}")))
 }
@@ -401,7 +414,7 @@ pub fn read_key_file(path: &Path, new: bool) -> Result<Zeroizing<Vec<u8>>, Failu
 fn cmd_open(
     device: &Path,
     name: &str,
-    key_file: &Path,
+    (key_file, part): (&Path, crate::keyfile::KeyFilePart),
     header: Option<&Path>,
     userspace: bool,
     wait: bool,
@@ -412,7 +425,7 @@ fn cmd_open(
     // it (a trial followed a crypttab line by hand: "No such file or directory").
     let tagged = luksify_orchestrator::check::device_of_tag(device).map_err(Failure::failed)?;
     let device = tagged.as_deref().unwrap_or(device);
-    let key = read_key_file(key_file, false)?;
+    let key = read_key_file_part(key_file, false, part)?;
     let _lk = lock::GlobalLock::acquire(&dir, wait)?;
     let req = map::OpenRequest {
         device,

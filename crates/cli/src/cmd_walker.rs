@@ -41,6 +41,8 @@ pub struct DecryptArgs {
     /// Passphrase file (whole file, as cryptsetup --key-file)
     #[arg(long)]
     key_file: PathBuf,
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
     /// Detached header of the volume; or, when the header is in front of the
     /// data, a NEW file the header moves to while the data moves back to offset 0
     #[arg(long)]
@@ -86,6 +88,8 @@ pub struct EncryptArgs {
     /// Passphrase file (whole file, as cryptsetup --key-file)
     #[arg(long)]
     key_file: PathBuf,
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
     /// Put the LUKS2 header in this (new) file; the data stays in place
     #[arg(long, conflicts_with = "reduce_device_size")]
     header: Option<PathBuf>,
@@ -120,6 +124,9 @@ pub struct ResumeArgs {
     /// the one recorded for each volume
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// (With DEVICE)
+    #[command(flatten)]
+    part: crate::keyfile::KeyFilePart,
     /// Detached header file of the interrupted run
     #[arg(long, requires = "device")]
     header: Option<PathBuf>,
@@ -288,7 +295,7 @@ pub fn run(cmd: WalkCmd) -> anyhow::Result<ExitCode> {
 
 fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
     let dev = &a.device;
-    let pass = crate::keyfile::read_key_file(&a.key_file)?;
+    let pass = crate::keyfile::read_key_file(&a.key_file, a.part)?;
     let data = open_data(dev, a.tuning.buffered)?;
     let opts = DecryptOptions {
         resilience: match a.resilience {
@@ -373,7 +380,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
         }
         None => luksify_walker::decrypt::<_, std::fs::File, _>(&data, None, pass, &opts, &ctl),
     };
-    let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
+    let hint = resume_hint(dev, &a.key_file, a.part, a.header.as_deref());
     let outcome = outcome.map_err(|e| walk_error(dev, a.header.as_deref(), e, &hint))?;
     let finished = matches!(outcome, Outcome::Finished);
     let code = report(dev, outcome, "decryption", hint);
@@ -431,7 +438,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
             h.display()
         );
     }
-    let pass = crate::keyfile::read_new_key_file(&a.key_file)?;
+    let pass = crate::keyfile::read_new_key_file(&a.key_file, a.part)?;
     let mut format = a
         .new
         .luks2()
@@ -528,7 +535,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
         }
         None => luksify_walker::encrypt::<_, std::fs::File, _>(&data, None, pass, &opts, &ctl),
     };
-    let hint = resume_hint(dev, &a.key_file, a.header.as_deref());
+    let hint = resume_hint(dev, &a.key_file, a.part, a.header.as_deref());
     let outcome = outcome.map_err(|e| walk_error(dev, a.header.as_deref(), e, &hint))?;
     Ok(report(dev, outcome, "encryption", hint))
 }
@@ -939,11 +946,17 @@ fn refuse_odd_header_path(dev: &Path, h: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn resume_hint(dev: &Path, key: &Path, header: Option<&Path>) -> String {
+fn resume_hint(
+    dev: &Path,
+    key: &Path,
+    part: crate::keyfile::KeyFilePart,
+    header: Option<&Path>,
+) -> String {
     let mut s = format!(
-        "luksify resume {} --key-file {}",
+        "luksify resume {} --key-file {}{}",
         dev.display(),
-        key.display()
+        key.display(),
+        part.args()
     );
     if let Some(h) = header {
         s.push_str(&format!(" --header {}", h.display()));
@@ -953,6 +966,10 @@ fn resume_hint(dev: &Path, key: &Path, header: Option<&Path>) -> String {
 
 fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let Some(dev) = &a.device else {
+        // The volumes' recorded key files are read whole, as crypttab names them.
+        if a.part.is_set() {
+            bail!("--keyfile-offset and --keyfile-size go with a DEVICE: `luksify resume` of the recorded volumes reads each recorded key file whole");
+        }
         return crate::cmd_orch::resume_all(a.key_file, a.userspace, a.wait, a.state_dir);
     };
     let Some(key_file) = &a.key_file else {
@@ -961,7 +978,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
             dev.display()
         );
     };
-    let pass = crate::keyfile::read_key_file(key_file)?;
+    let pass = crate::keyfile::read_key_file(key_file, a.part)?;
     if let Some(h) = &a.header {
         refuse_odd_header_path(dev, h)?;
     }
@@ -984,7 +1001,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
         ..ctl
     };
     let t = tuning(&a.tuning);
-    let hint = resume_hint(dev, key_file, a.header.as_deref());
+    let hint = resume_hint(dev, key_file, a.part, a.header.as_deref());
     let outcome = match &a.header {
         Some(h) => {
             let hf = OpenOptions::new()

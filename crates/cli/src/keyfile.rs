@@ -1,29 +1,82 @@
 //! Reading `--key-file F` exactly as cryptsetup does: the whole file (newlines
-//! included) is the passphrase; `-` means standard input. The bytes go straight
-//! into a zeroizing buffer sized up front, so no reallocation leaves copies behind.
+//! included) is the passphrase, or `--keyfile-size` bytes of it from
+//! `--keyfile-offset`; `-` means standard input. The bytes go straight into a
+//! zeroizing buffer sized up front, so no reallocation leaves copies behind.
 
 use anyhow::{bail, Context, Result};
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use zeroize::Zeroizing;
 
 /// cryptsetup's default key file size limit (8 MiB).
 pub const MAX_KEY_FILE_BYTES: usize = 8 * 1024 * 1024;
 
+/// Which bytes of a key file are the passphrase, as cryptsetup's `--keyfile-offset` and
+/// `--keyfile-size` (crypttab's `keyfile-offset=` and `keyfile-size=`) say.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct KeyFilePart {
+    /// Skip this many bytes of the key file first (as cryptsetup's)
+    #[arg(long, value_name = "BYTES")]
+    pub keyfile_offset: Option<u64>,
+    /// The passphrase is this many bytes of the key file, which must hold them (as
+    /// cryptsetup's; 0 or unset: the rest of the file)
+    #[arg(long, value_name = "BYTES")]
+    pub keyfile_size: Option<u64>,
+}
+
+/// [`KeyFilePart`] of the new passphrase's file (`--new-key-file`), as cryptsetup's
+/// `--new-keyfile-offset` and `--new-keyfile-size`.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct NewKeyFilePart {
+    /// Skip this many bytes of the new key file first (as cryptsetup's)
+    #[arg(long, value_name = "BYTES")]
+    pub new_keyfile_offset: Option<u64>,
+    /// The new passphrase is this many bytes of the new key file (as cryptsetup's)
+    #[arg(long, value_name = "BYTES")]
+    pub new_keyfile_size: Option<u64>,
+}
+
+impl KeyFilePart {
+    /// Whether either option was given.
+    pub fn is_set(&self) -> bool {
+        self.keyfile_offset.is_some() || self.keyfile_size.is_some()
+    }
+    /// The options as given, for a command line the user is told to run (` --keyfile-offset N`...).
+    pub fn args(&self) -> String {
+        let mut s = String::new();
+        if let Some(o) = self.keyfile_offset {
+            s.push_str(&format!(" --keyfile-offset {o}"));
+        }
+        if let Some(n) = self.keyfile_size {
+            s.push_str(&format!(" --keyfile-size {n}"));
+        }
+        s
+    }
+}
+
+impl From<NewKeyFilePart> for KeyFilePart {
+    fn from(p: NewKeyFilePart) -> Self {
+        KeyFilePart {
+            keyfile_offset: p.new_keyfile_offset,
+            keyfile_size: p.new_keyfile_size,
+        }
+    }
+}
+
 /// Reads a key file that unlocks an existing keyslot: the whole file (or stdin for
-/// `-`) into a zeroizing buffer. An empty file is the empty passphrase, which
-/// cryptsetup accepts and some images carry; files over 8 MiB are refused, as
-/// cryptsetup refuses them.
-pub fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    read_any(path)
+/// `-`), or the `part` of it, into a zeroizing buffer. An empty file is the empty
+/// passphrase, which cryptsetup accepts and some images carry; files over 8 MiB are
+/// refused, as cryptsetup refuses them.
+pub fn read_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
+    read_any(path, part)
 }
 
 /// Reads a key file whose passphrase a new keyslot will take (format, encrypt,
 /// add-key's and change-key's new key, enable). An empty file is refused here:
 /// cryptsetup would set an empty passphrase, which anyone can type, and a file
 /// left empty by a failed `echo` or a wrong redirection is the likelier cause.
-pub fn read_new_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    let key = read_any(path)?;
+pub fn read_new_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
+    let key = read_any(path, part)?;
     if key.is_empty() {
         bail!(
             "key file {} is empty: luksify will not set an empty passphrase; put the passphrase in the file (nothing was written)",
@@ -33,22 +86,54 @@ pub fn read_new_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     Ok(key)
 }
 
-fn read_any(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+fn read_any(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
     let what = path.display();
+    let offset = part.keyfile_offset.unwrap_or(0);
+    // 0 is no limit, as in cryptsetup.
+    let size = part.keyfile_size.filter(|&n| n > 0);
+    if size.is_some_and(|n| n > MAX_KEY_FILE_BYTES as u64) {
+        bail!("--keyfile-size is over {MAX_KEY_FILE_BYTES} bytes (cryptsetup's limit): give the passphrase's size in bytes");
+    }
     let mut regular = false;
     let mut reader: Box<dyn Read> = if path == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
-        let f = std::fs::File::open(path).with_context(|| {
+        let mut f = std::fs::File::open(path).with_context(|| {
             format!("cannot open key file {what}: check the path and permissions")
         })?;
-        regular = f.metadata().is_ok_and(|m| m.is_file());
+        let md = f.metadata().ok();
+        regular = md.as_ref().is_some_and(|m| m.is_file());
+        if let Some(len) = md.filter(|m| m.is_file()).map(|m| m.len()) {
+            if offset > len {
+                bail!("key file {what} is {len} bytes, shorter than --keyfile-offset {offset}: check the offset (cryptsetup: \"Cannot seek to requested keyfile offset.\")");
+            }
+            f.seek(SeekFrom::Start(offset))
+                .with_context(|| format!("cannot seek in key file {what}"))?;
+        }
         Box::new(f)
     };
+    if !regular && offset > 0 {
+        // A pipe or a device: the offset's bytes are read and dropped.
+        let mut skip = Zeroizing::new(vec![0u8; 4096]);
+        let mut left = offset;
+        while left > 0 {
+            let n = (skip.len() as u64).min(left) as usize;
+            let got = match reader.read(&mut skip[..n]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).with_context(|| format!("cannot read key file {what}")),
+            };
+            if got == 0 {
+                bail!("key file {what} ended before --keyfile-offset {offset}: check the offset (cryptsetup: \"Cannot seek to requested keyfile offset.\")");
+            }
+            left -= got as u64;
+        }
+    }
     // One allocation of the maximum size (+1 to detect oversize); never grown.
-    let mut buf = Zeroizing::new(vec![0u8; MAX_KEY_FILE_BYTES + 1]);
+    let cap = size.map_or(MAX_KEY_FILE_BYTES + 1, |n| n as usize);
+    let mut buf = Zeroizing::new(vec![0u8; cap]);
     let mut len = 0;
-    loop {
+    while len < cap {
         let n = match reader.read(&mut buf[len..]) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -58,9 +143,12 @@ fn read_any(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
             break;
         }
         len += n;
-        if len > MAX_KEY_FILE_BYTES {
-            bail!("key file {what} is larger than {MAX_KEY_FILE_BYTES} bytes (cryptsetup's limit); use a smaller key file");
+        if size.is_none() && len > MAX_KEY_FILE_BYTES {
+            bail!("key file {what} is larger than {MAX_KEY_FILE_BYTES} bytes (cryptsetup's limit); use a smaller key file, or --keyfile-size");
         }
+    }
+    if let Some(n) = size.filter(|&n| len as u64 != n) {
+        bail!("key file {what} holds {len} bytes from offset {offset}, fewer than --keyfile-size {n}: check the size and offset (cryptsetup: \"Cannot read requested amount of data.\")");
     }
     // An empty regular file is the empty passphrase; a pipe or device that gave no
     // bytes (stdin closed, /dev/null) is a mistake, and cryptsetup fails on it
@@ -89,15 +177,71 @@ mod tests {
         let dir = tempfile_dir();
         let p = dir.join("k");
         std::fs::write(&p, b"pass\nword\n").unwrap();
-        assert_eq!(&read_key_file(&p).unwrap()[..], b"pass\nword\n");
+        assert_eq!(
+            &read_key_file(&p, KeyFilePart::default()).unwrap()[..],
+            b"pass\nword\n"
+        );
         std::fs::write(&p, b"").unwrap();
-        assert!(read_key_file(&p).unwrap().is_empty());
+        assert!(read_key_file(&p, KeyFilePart::default())
+            .unwrap()
+            .is_empty());
         // Not a regular file, and nothing in it: refused, as cryptsetup refuses it.
-        let e = read_key_file(Path::new("/dev/null"))
+        let e = read_key_file(Path::new("/dev/null"), KeyFilePart::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("nothing to read from key file /dev/null"), "{e}");
-        let e = read_new_key_file(&p).unwrap_err().to_string();
+        let e = read_new_key_file(&p, KeyFilePart::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is empty"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// `--keyfile-offset` and `--keyfile-size` take the bytes cryptsetup takes, and what
+    /// it refuses is refused.
+    #[test]
+    fn a_part_of_the_file_is_the_passphrase() {
+        // Its own directory: the other test removes its own when done, and `cargo test`
+        // runs both in one process.
+        let dir = std::env::temp_dir().join(format!("luksify-keyfile-part-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("k");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let part = |o: Option<u64>, n: Option<u64>| KeyFilePart {
+            keyfile_offset: o,
+            keyfile_size: n,
+        };
+        let read = |o, n| read_key_file(&p, part(o, n)).map(|k| k.to_vec());
+        assert_eq!(read(Some(2), Some(3)).unwrap(), b"234");
+        assert_eq!(read(Some(7), None).unwrap(), b"789");
+        assert_eq!(read(None, Some(4)).unwrap(), b"0123");
+        assert_eq!(read(Some(3), Some(0)).unwrap(), b"3456789");
+        assert_eq!(read(Some(10), None).unwrap(), b"");
+        let e = read(Some(11), None).unwrap_err().to_string();
+        assert!(e.contains("shorter than --keyfile-offset 11"), "{e}");
+        let e = read(Some(8), Some(3)).unwrap_err().to_string();
+        assert!(
+            e.contains("holds 2 bytes from offset 8, fewer than --keyfile-size 3"),
+            "{e}"
+        );
+        let e = read(None, Some(MAX_KEY_FILE_BYTES as u64 + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--keyfile-size is over"), "{e}");
+        // Through a pipe (not seekable), as `--key-file -` reads standard input.
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let w = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, b"abcdefgh"))
+        };
+        let k = read_key_file(&fifo, part(Some(5), Some(2))).unwrap();
+        assert_eq!(&k[..], b"fg");
+        w.join().unwrap().unwrap();
+        let e = read_new_key_file(&p, part(Some(10), None))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is empty"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
