@@ -2586,6 +2586,11 @@ fn limit_pbkdf2_exceeds() -> Option<(u64, &'static str, u64)> {
         .min_by_key(|&(limit, _, floor)| limit.saturating_sub(floor))
 }
 
+/// Whole MiB a memory limit that leaves `left` bytes must grow by to leave `need`.
+fn raise_mib(left: u64, need: u64) -> u64 {
+    need.saturating_sub(left).div_ceil(1 << 20).max(1)
+}
+
 /// The key derivation asked for (argon2's memory: `--pbkdf-memory`, else 1 GiB or half
 /// the RAM) against what this process can get: the volume is unmounted and shrunk
 /// before the header is made, so a derivation that cannot run left a trial's volume
@@ -2599,10 +2604,10 @@ fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
         // with the page cache a cgroup v1 counts, and went through under 48 MiB).
         let (limit, what, floor) = limit_pbkdf2_exceeds()?;
         return Some(format!(
-            "BLOCKER: luksify needs about {} MiB of memory here (its walk, and its mapping's daemon), and {what} leaves this process {} MiB: it would be killed mid-run; fix: raise the limit to at least {} MiB",
+            "BLOCKER: luksify needs about {} MiB of memory here (its walk, and its mapping's daemon), and {what} leaves this process {} MiB: it would be killed mid-run; fix: raise the limit by at least {} MiB",
             floor >> 20,
             limit >> 20,
-            (floor >> 20) + 8
+            raise_mib(limit, floor + (8 << 20))
         ));
     }
     let online = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -2617,23 +2622,37 @@ fn kdf_memory_blocker(kdf: &luksify_luks::kdf::KdfRequest) -> Option<String> {
     // less" (KiB) into the same refusal, luksify's own share alone being over the limit.
     // Less a margin: what the limit leaves counts the cgroup's page cache, which the
     // refused run itself grew, and an offer with none was refused again (a trial).
-    let room_mib = (limit.saturating_sub(own) >> 20).saturating_sub(16);
+    // (No margin under `ulimit -v`: it counts no page cache, and an offer of 48 MiB where
+    // 64 went through disagreed with the "raise" that led there; trial R4.)
+    let margin: u64 = if what.starts_with("the address-space") {
+        0
+    } else {
+        16 << 20
+    };
+    let room_mib = limit.saturating_sub(own + margin) >> 20;
     // PBKDF2 only where it would go through: under `ulimit -v` it needs luksify's whole
     // address-space share, and a trial followed this offer into the PBKDF2 refusal.
-    let pbkdf2 = if limit_pbkdf2_exceeds().is_none() {
-        "--pbkdf pbkdf2, or "
-    } else {
-        ""
+    // Where it would not, the smaller raise it needs is said too (R4: 48 MiB with
+    // PBKDF2 went through where argon2 was sent to 128).
+    let pbkdf2 = match limit_pbkdf2_exceeds() {
+        None => "--pbkdf pbkdf2, or ".to_string(),
+        Some((l, _, floor)) => format!(
+            "--pbkdf pbkdf2 with the limit raised by at least {} MiB, or ",
+            raise_mib(l, floor + (8 << 20))
+        ),
     };
+    // A raise, not a limit to set: what a cgroup leaves this process is its limit less
+    // what the rest of the group uses, and "to at least 128 MiB" was refused at 128 (R4).
     let fix = if room_mib >= 8 {
         format!(
-            "--pbkdf-memory {} or less (KiB), or {pbkdf2}raise the limit",
-            room_mib * 1024
+            "--pbkdf-memory {} or less (KiB), or {pbkdf2}raise the limit by at least {} MiB",
+            room_mib * 1024,
+            raise_mib(limit, argon + own + margin)
         )
     } else {
         format!(
-            "{pbkdf2}raise the limit to at least {} MiB for an argon2 of 64 MiB",
-            (own >> 20) + 64
+            "{pbkdf2}raise the limit by at least {} MiB for an argon2 of 64 MiB",
+            raise_mib(limit, (64 << 20) + own + margin)
         )
     };
     let size = if kib >= 1024 {

@@ -842,7 +842,7 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
         return Err(Failure::new(
             exit::BUSY,
             format!(
-                "mapping {name} ({}) is mounted at {}; unmount it first (umount {})",
+                "mapping {name} ({}) is mounted at {}; unmount it first (umount {}) (nothing was closed)",
                 blk.display(),
                 points.join(" and "),
                 points.join(" ")
@@ -856,7 +856,7 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
         return Err(Failure::new(
             exit::BUSY,
             format!(
-                "mapping {name} ({}) is mounted at {} in another mount namespace ({}, pid {} {}); unmount it there first (nsenter -t {} -m umount {})",
+                "mapping {name} ({}) is mounted at {} in another mount namespace ({}, pid {} {}); unmount it there first (nsenter -t {} -m umount {}) (nothing was closed)",
                 blk.display(),
                 f.mount_point.display(),
                 f.namespace,
@@ -874,7 +874,7 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
         return Err(Failure::new(
             exit::BUSY,
             format!(
-                "mapping {name} ({}) is in use: {}; stop those processes first",
+                "mapping {name} ({}) is in use: {}; stop those processes first (nothing was closed)",
                 blk.display(),
                 holders.join("; ")
             ),
@@ -959,6 +959,37 @@ fn ensure_view_unused(name: &str, rec: &MapRecord) -> Result<()> {
     else {
         return Ok(());
     };
+    // A bind mount of the view (its root is the file, not the FUSE directory), here or
+    // in another mount namespace: the unmount of the view left the daemon serving it,
+    // "did not exit", and /dev/mapper/NAME dangling (trial R4). A namespace's copy of
+    // the FUSE mount itself goes with ours.
+    let bound = |m: &mountinfo::Mount| m.dev == fuse.dev && m.root != "/";
+    if let Some(b) = mounts.iter().rev().find(|m| bound(m)) {
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "mapping {name}'s view {} is bind-mounted at {}; umount {} first (nothing was closed)",
+                view.display(),
+                b.mount_point.display(),
+                b.mount_point.display()
+            ),
+        ));
+    }
+    if let Some(f) = probe::foreign_namespace_mounts_where(bound, &[]).first() {
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "mapping {name}'s view {} is bind-mounted at {} in another mount namespace ({}, pid {} {}); unmount it there first (nsenter -t {} -m umount {}) (nothing was closed)",
+                view.display(),
+                f.mount_point.display(),
+                f.namespace,
+                f.pid,
+                f.command,
+                f.pid,
+                f.mount_point.display()
+            ),
+        ));
+    }
     let mut t = crate::holders::Targets::default();
     t.filesystems.insert(fuse.dev);
     let holders = lasting_holders(&t, rec.daemon_pid);

@@ -643,6 +643,14 @@ pub struct ForeignMount {
 /// of the volume) goes with ours, as in systemd services' private namespaces under a
 /// shared `/`.
 pub fn foreign_namespace_mounts(devs: &[DevNum], ours: &[String]) -> Vec<ForeignMount> {
+    foreign_namespace_mounts_where(|m| devs.contains(&m.dev), ours)
+}
+
+/// [`foreign_namespace_mounts`] of the mounts `pick` takes.
+pub fn foreign_namespace_mounts_where(
+    pick: impl Fn(&crate::mountinfo::Mount) -> bool,
+    ours: &[String],
+) -> Vec<ForeignMount> {
     let own = std::fs::read_link("/proc/self/ns/mnt").ok();
     let mut seen = Vec::new();
     let mut out = Vec::new();
@@ -674,7 +682,7 @@ pub fn foreign_namespace_mounts(devs: &[DevNum], ours: &[String]) -> Vec<Foreign
                     .or_else(|| t.strip_prefix("shared:"));
                 group.is_some_and(|g| ours.iter().any(|o| o == g))
             });
-            if devs.contains(&m.dev) && !follows {
+            if pick(m) && !follows {
                 out.push(ForeignMount {
                     pid,
                     command: std::fs::read_to_string(format!("/proc/{pid}/comm"))
