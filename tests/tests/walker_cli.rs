@@ -4016,6 +4016,66 @@ fn walker_a_cut_shift_start_never_shows_the_filesystem_it_overwrote() {
     }
 }
 
+/// A `--reduce-device-size` start cut just as its marker went over byte 0 shows its
+/// filesystem again when that marker did not land whole, or when `e2fsck -y` took the
+/// superblock back from a backup over it: the filesystem is then the user's to change,
+/// and the rerun must keep the change. Trial V9 did both (the first sector of the marker
+/// alone landed, as a power cut may leave it; a repair by hand), mounted, changed files,
+/// and the rerun put back the first part moved before: the change was rolled back.
+#[test]
+fn walker_a_cut_shift_start_keeps_a_filesystem_shown_again_and_changed() {
+    require_tool("strace");
+    require_tool("mkfs.ext4");
+    require_tool("debugfs");
+    require_tool("e2fsck");
+    for (case, seed) in [("torn marker", 41u64), ("e2fsck -y", 42)] {
+        let (c, _) = Case::new(32, seed);
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "1024", &c.img(), "24M"]));
+        let orig = std::fs::read(c.p("img")).unwrap();
+        let img = std::fs::canonicalize(c.p("img")).unwrap();
+        // Killed as it flushes the marker at byte 0 (the moved copy and the end marker
+        // are durable).
+        luksify_tests::kill_at_fdatasync_of(&shift_encrypt(&c), &img, 3);
+        let mut now = std::fs::read(c.p("img")).unwrap();
+        assert!(
+            now[..16] == *b"LUKSIFY-SHIFT-V1" && now[4096..8 << 20] == orig[4096..8 << 20],
+            "{case}: not cut just after the marker at byte 0"
+        );
+        let marker = now[..4096].to_vec();
+        if case == "torn marker" {
+            // Its first sector alone landed.
+            now[512..4096].copy_from_slice(&orig[512..4096]);
+            std::fs::write(c.p("img"), &now).unwrap();
+        } else {
+            let out = run(Command::new("e2fsck").args(["-f", "-y"]).arg(&img));
+            assert_eq!(out.status.code(), Some(1), "{case}: {out:?}");
+        }
+        std::fs::write(c.p("note"), format!("written after the cut ({case})\n")).unwrap();
+        let put = format!("write {} after-cut", c.p("note").display());
+        run_ok(Command::new("debugfs").args(["-w", "-R", &put]).arg(&img));
+        // What the filesystem is now, but for the sectors still holding the marker's
+        // bytes, which are the filesystem's as they were.
+        let mut want = std::fs::read(c.p("img")).unwrap();
+        for i in (0..4096).step_by(512) {
+            if want[i..i + 512] == marker[i..i + 512] {
+                want[i..i + 512].copy_from_slice(&orig[i..i + 512]);
+            }
+        }
+        run_ok(&mut shift_encrypt(&c));
+        run_ok(&mut detached_decrypt(&c));
+        let back = std::fs::read(c.p("img")).unwrap();
+        assert!(
+            back[..24 << 20] == want[..24 << 20],
+            "{case}: the filesystem differs from what it was before the rerun"
+        );
+        // The marker was not moved into the data as the filesystem's first bytes.
+        assert!(
+            back[..16] != *b"LUKSIFY-SHIFT-V1",
+            "{case}: the marker is in the data"
+        );
+    }
+}
+
 /// `encrypt` over a LUKS2 header whose two copies are both damaged: refused, nothing
 /// written, and not sent to `resume` (which cannot read it either: a trial followed
 /// "holds an interrupted run that `luksify resume` continues" into its refusal).

@@ -1339,6 +1339,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
                 .shift
                 .ok_or(Error::Internal("shift layout without shift"))?;
             if !init_marker {
+                unmark_head(data, dev_size, s)?;
                 move_first_segment(data, s)?;
             }
             write_start_markers(data, dev_size, s)?;
@@ -1576,7 +1577,7 @@ fn start_marker_anywhere<D: Disk + ?Sized>(
 /// Whether a start of this reduction on a device of this size moved its first segment
 /// and its copy at the end is what counts: the moved copy still has the hash that a start
 /// marker ([`write_start_markers`]) recording this size and shift holds, and
-/// - that marker is at byte 0 (written once the one at the end was durable), or
+/// - that marker is whole at byte 0 (written once the one at the end was durable), or
 /// - the one at the end is, and the head has begun to be a LUKS header (its write over
 ///   byte 0 was cut), or still equals the moved copy, but for a cut write of the marker
 ///   at byte 0. A head that differs otherwise was changed after the cut, through the
@@ -1599,7 +1600,14 @@ fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> R
     if hash_range(data, dev_size - shift, shift)?[..] != m[32..64] {
         return Ok(false);
     }
-    if at_start.is_some() {
+    // The marker at byte 0 counts whole only (its bytes after the first 96 are zeros): a
+    // power cut may land its first sector alone, the superblock at 1 KiB still there for
+    // a mount (trial V9 mounted and changed it, and the rerun rolled that back); so may
+    // `e2fsck` bring the superblock back from a backup over it.
+    if at_start
+        .as_ref()
+        .is_some_and(|b| b[96..].iter().all(|&x| x == 0))
+    {
         return Ok(true);
     }
     let mut head = device::AlignedBuf::new(4096);
@@ -1610,19 +1618,66 @@ fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> R
     }
     // The head as it was before the marker's write at byte 0 (each 512-byte sector of it
     // that holds the marker's bytes lands whole or not at all) must hash as the copy.
+    unmark_head_block(data, dev_size, shift, m, &mut head)?;
+    Ok(hash_after(&head, data, 4096, shift - 4096)?[..] == m[32..64])
+}
+
+/// `head` (the device's first 4 KiB) with every 512-byte sector that holds what the start
+/// marker `m` put there given back the moved copy's bytes: the head before the marker.
+fn unmark_head_block<D: Disk + ?Sized>(
+    data: &D,
+    dev_size: u64,
+    shift: u64,
+    m: &[u8],
+    head: &mut [u8],
+) -> Result<()> {
     let mut moved = device::AlignedBuf::new(4096);
     data.read_at(dev_size - shift, &mut moved)
         .map_err(|e| Error::io_at("read moved segment", dev_size - shift, 4096, e))?;
+    // The block as the start wrote it: its 96 bytes, then zeros (a block read back from
+    // byte 0 may be torn: the marker's first sector over the filesystem's own).
+    let mut written = [0u8; 4096];
+    written[..96].copy_from_slice(&m[..96]);
     for ((h, c), w) in head
         .chunks_mut(512)
         .zip(moved.chunks(512))
-        .zip(m.chunks(512))
+        .zip(written.chunks(512))
     {
         if h == w {
             h.copy_from_slice(c);
         }
     }
-    Ok(hash_after(&head, data, 4096, shift - 4096)?[..] == m[32..64])
+    Ok(())
+}
+
+/// Before a start moves the first segment again over a cut one's (whose head counts:
+/// [`read_init_marker`] said no): the sectors of the first block that still hold that
+/// start's marker get their bytes back from its moved copy, when that copy is intact,
+/// so the marker is not moved into the data as if it were the filesystem's.
+fn unmark_head<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
+    let Some(m) = [0, marker_offset(dev_size, s.size)]
+        .into_iter()
+        .map(|at| marker_block(data, at))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .find(|m| m[16..24] == dev_size.to_le_bytes() && m[24..32] == s.size.to_le_bytes())
+    else {
+        return Ok(());
+    };
+    if hash_range(data, s.moved_offset, s.size)?[..] != m[32..64] {
+        return Ok(());
+    }
+    let mut head = device::AlignedBuf::new(4096);
+    data.read_at(0, &mut head)
+        .map_err(|e| Error::io_at("read first block", 0, head.len(), e))?;
+    let before = head.to_vec();
+    unmark_head_block(data, dev_size, s.size, &m, &mut head)?;
+    if head[..] != before[..] {
+        data.write_at(0, &head)
+            .map_err(|e| Error::io_at("write first block", 0, head.len(), e))?;
+    }
+    Ok(())
 }
 
 fn hash_range<D: Disk + ?Sized>(data: &D, off: u64, len: u64) -> Result<[u8; 32]> {
