@@ -623,6 +623,7 @@ fn root_orch_a_mapping_daemon_is_never_stopped_as_a_holder() {
         Path::new("/"),
         "the daemon's working directory"
     );
+
     let out = run(fx.cmd().arg("check").arg(&fx.mnt));
     assert_eq!(
         out.status.code(),
@@ -6258,6 +6259,9 @@ fn root_orch_disable_that_cannot_close_the_view_mounts_the_volume_again() {
     let _ = Command::new("umount").arg("-l").arg(&nsdir).output();
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(status["volumes"][0]["state"], "Encrypted", "{status}");
+    // Encrypted whole, as its progress says (it read 0%; trial A2).
+    assert_eq!(status["volumes"][0]["percent"], 100.0, "{status}");
+    assert!(status["volumes"][0].get("phase").is_none(), "{status}");
     let fields = mounted.expect("the volume was left unmounted");
     assert!(
         fields
@@ -9333,6 +9337,51 @@ fn root_orch_close_refuses_a_mapping_mounted_in_another_namespace() {
     run_ok(&mut fx.open_cmd(&name));
     run_ok(Command::new("mount").arg(&mapped).arg(&fx.mnt));
     fx.assert_disables_to_plain();
+}
+
+/// The status message says what `enable` and `disable` do outside their walks, not a
+/// percentage that does not move: "Encrypting data volume 1/1: 0%" stood through e2fsck,
+/// resize2fs and the key derivation, and "100%" through the mapping and remount (trial
+/// A2). resize2fs is slowed by a wrapper, so that a poll sees the phases around it.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_status_says_what_enable_and_disable_do_outside_their_walks() {
+    let fx = Fixture::new(96);
+    let path = fx.path_with("resize2fs", "sleep 1; exec $REAL \"$@\"");
+    let watch = |mut cmd: Command| -> std::collections::BTreeSet<String> {
+        let mut child = cmd
+            .env("PATH", &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(m) = read_status(&fx.state)["progress_message"].as_str() {
+                seen.insert(m.to_string());
+            }
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(std::time::Instant::now() < deadline, "the run hangs");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status:?}; seen: {seen:?}");
+        seen
+    };
+    let seen = watch(fx.enable_cmd());
+    for m in [
+        "Encrypting data volume 1/1: checking and shrinking the filesystem",
+        "Encrypting data volume 1/1: mapping and mounting",
+    ] {
+        assert!(seen.contains(m), "never said {m:?}: {seen:?}");
+    }
+    fx.assert_encrypted_and_intact();
+    let seen = watch(fx.disable_cmd());
+    let m = "Decrypting data volume 1/1: growing and mounting the filesystem";
+    assert!(seen.contains(m), "never said {m:?}: {seen:?}");
+    fx.assert_files_unchanged();
 }
 
 /// `close` of a userspace mapping whose view (the FUSE file its loop device is attached

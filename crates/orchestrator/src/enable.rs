@@ -1019,6 +1019,7 @@ fn enable_one(
     // From here the volume may go offline: the status says the encryption is under way,
     // so that `resume` finds it whatever instant the run is killed at.
     sw.status.volumes[idx].state = VolumeState::EncryptionInProgress;
+    sw.status.volumes[idx].phase = Some("unmounting".into());
     commit(sw)?;
     let held = hold_fstab(&sw.status.volumes[idx]);
     let fs = FsFacts {
@@ -1109,15 +1110,20 @@ fn encrypt_unmounted(
     let shrink_began = std::cell::Cell::new(false);
     let prepared = unmounted
         .and_then(|()| {
+            let v = &mut sw.status.volumes[idx];
             if header.is_none() && is_ext(&fs.fs_type) {
-                sw.status.volumes[idx].shrinking = true;
-                commit(sw)?;
+                v.shrinking = true;
+                v.phase = Some("checking and shrinking the filesystem".into());
+            } else if is_ext(&fs.fs_type) {
+                v.phase = Some("checking the filesystem".into());
             }
+            commit(sw)?;
             prepare_fs(device, header, fs, req.cancel, (cut_shrink, &shrink_began))
         })
         .and_then(|s| {
             shrunk = s;
             sw.status.volumes[idx].shrinking = false;
+            sw.status.volumes[idx].phase = Some("deriving the key".into());
             commit(sw)?;
             not_cancelled(req.cancel)
         })
@@ -1188,7 +1194,15 @@ fn put_back(
     if state == VolumeState::NotEncrypted {
         release_fstab(&v);
     }
-    sw.status.volumes[idx].state = state;
+    // Its progress as the state it is back in says (a disable backed out read
+    // "Encrypted" at 0%; trial A2).
+    let s = &mut sw.status.volumes[idx];
+    s.state = state;
+    (s.bytes_done, s.percent) = if state == VolumeState::Encrypted {
+        (s.bytes_total, 100.0)
+    } else {
+        (0, 0.0)
+    };
     Failure::new(e.code, format!("{}{tail}", e.message))
 }
 
@@ -1614,6 +1628,8 @@ fn walk(
         let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
         let (sw, first) = &mut *g;
         if let Some(v) = sw.status.volumes.get_mut(idx) {
+            // Walking: the percentage says it from here.
+            v.phase = None;
             rate.apply(v, pi.done, pi.total);
             (req.report)(v, i, n);
         }
@@ -1681,6 +1697,7 @@ fn finish_volume(
         s.percent = 100.0;
         s.bytes_done = s.bytes_total;
         s.eta_seconds = Some(0);
+        s.phase = Some("mapping and mounting".into());
     }
     commit(sw)?;
     let oreq = OpenRequest {
@@ -3480,6 +3497,7 @@ fn disable_one(
         s.bytes_done = 0;
         s.percent = 0.0;
         s.resumed = false;
+        s.phase = Some("unmounting".into());
     }
     sw.active = Some(idx);
     commit(sw)?;
@@ -3555,6 +3573,8 @@ fn disable_one(
         }
     }
     let in_front = v.header.is_none();
+    sw.status.volumes[idx].phase = Some("deriving the key".into());
+    commit(sw)?;
     let data = open_data(&v.device, "to decrypt", "is it still mounted or mapped?")?;
     let hf = std::fs::OpenOptions::new()
         .read(true)
@@ -3636,10 +3656,9 @@ fn finish_disable(sw: &mut StatusWriter, idx: usize, outcome: Outcome) -> Result
     }
     // Recorded before the header file goes (last): after a kill from here on,
     // `resume` and `status` know the walk is over without it.
-    if !v.walk_done {
-        sw.status.volumes[idx].walk_done = true;
-        commit(sw)?;
-    }
+    sw.status.volumes[idx].walk_done = true;
+    sw.status.volumes[idx].phase = Some("growing and mounting the filesystem".into());
+    commit(sw)?;
     grow_and_remount(&v, v.fs_type.as_deref(), &v.device)?;
     let etc = tabs::etc_dir();
     let io = |what: &str, e: std::io::Error| {

@@ -117,6 +117,13 @@ pub struct VolumeStatus {
     /// counts and reports these only.
     #[serde(default)]
     pub in_run: bool,
+    /// What the run does with the volume outside its walk ("checking and shrinking the
+    /// filesystem", "deriving the key", "mapping and mounting"), said by the message in
+    /// place of a percentage that does not move meanwhile ("Encrypting data volume 1/1:
+    /// 0%" stood through e2fsck, resize2fs and the key derivation; trial A2). Only while
+    /// the volume is in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
     /// A decryption's walk is over (the device is all plaintext): what is left is the
     /// remount, the tables and removing its header file. Recorded before that file
     /// goes, so that a run killed after it (K3: the header gone, the status not yet
@@ -358,6 +365,14 @@ impl Status {
     /// Recomputes the aggregate data state and the message from the volumes.
     /// `active` is the index (0-based) of the volume being worked on, if any.
     pub fn refresh(&mut self, active: Option<usize>) {
+        for v in &mut self.volumes {
+            if !matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            ) {
+                v.phase = None;
+            }
+        }
         self.data_volumes_encrypted = aggregate(self);
         self.progress_message = message(self.operation, &self.volumes, active);
         // An enable that ended with every volume of its run still plain and no error:
@@ -950,6 +965,14 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
         if let Some(v) = vols.get(a) {
             let i = run.iter().position(|(j, _)| *j == a).unwrap_or(0) + 1;
             let n = n.max(i);
+            let doing = if v.state == VolumeState::DecryptionInProgress {
+                "Decrypting"
+            } else {
+                "Encrypting"
+            };
+            if let Some(p) = v.phase.as_deref().filter(|_| !v.resumed) {
+                return format!("{doing} data volume {i}/{n}: {p}");
+            }
             return match v.state {
                 VolumeState::DecryptionInProgress if v.resumed => {
                     format!("Resuming decryption{}: {}%", after(v), pct(v))
