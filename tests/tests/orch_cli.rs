@@ -6891,6 +6891,25 @@ fn root_orch_disable_of_a_volume_attached_nowhere_says_so() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(std::fs::read(b.dir.path().join("img")).unwrap()[..1 << 20] == b_head[..]);
     b.assert_encrypted_and_intact();
+    // The name now a blank disk's (trial V9: "not a LUKS device").
+    let blank_img = a.dir.path().join("blank");
+    sparse_file(&blank_img, 64 << 20);
+    let blank = LoopDev::attach(&blank_img);
+    let st = read_status(&a.state);
+    rename_records(&a.state, &[(b.dev(), blank.path.clone())]);
+    let out = run(&mut a.disable_cmd());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{} holds no LUKS header of it",
+            blank.path.display()
+        )) && err.contains("run `luksify disable` again"),
+        "{err}"
+    );
+    assert!(std::fs::read(&blank_img).unwrap().iter().all(|&x| x == 0));
+    drop(blank);
+    a.write_status(&st);
     // A record with no LUKS UUID to look for (written before it was kept) and a name
     // that is gone: said of the name, not of the passphrase.
     let mut st = read_status(&a.state);
@@ -9463,6 +9482,21 @@ fn root_orch_close_refuses_a_view_held_by_another_loop_device_or_process() {
         ),
     );
     run_ok(Command::new("umount").arg(&bind));
+    // A bind of the view's directory (trial V9).
+    let bind_dir = fx.dir.path().join("bound-view-dir");
+    std::fs::create_dir(&bind_dir).unwrap();
+    let view_dir = Path::new(&view).parent().unwrap();
+    run_ok(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(view_dir)
+            .arg(&bind_dir),
+    );
+    refused(
+        "bind mount of the view's directory",
+        &format!("is bind-mounted at {}", bind_dir.display()),
+    );
+    run_ok(Command::new("umount").arg(&bind_dir));
     struct Sleeper(std::process::Child);
     impl Drop for Sleeper {
         fn drop(&mut self) {

@@ -3300,7 +3300,7 @@ pub fn disable(
     // keyslot accepts this passphrase" of whatever was there (trial M).
     for i in &todo {
         let v = &sw.status.volumes[*i];
-        if v.header.is_none() && v.luks_uuid.is_some() {
+        if let (None, Some(uuid)) = (&v.header, &v.luks_uuid) {
             if let Some(dev) = locate(v, "disable")? {
                 errln!(
                     "luksify: the volume recorded as {} is {} now (its name moved since it was encrypted)",
@@ -3308,6 +3308,24 @@ pub fn disable(
                     dev.display()
                 );
                 sw.status.volumes[*i].device = dev;
+            } else if v.state != VolumeState::DecryptionInProgress {
+                // An encrypted volume's header is on its device: a name that shows no
+                // header of it (a blank disk attached at the old name) is not the volume,
+                // whatever a cut run's torn head would be (trial V9: "not a LUKS device").
+                let found = std::fs::File::open(&v.device)
+                    .ok()
+                    .and_then(|f| luksify_luks::luks2::Luks2Header::read(&f).ok())
+                    .map(|(h, _)| h.uuid);
+                if found.as_deref() != Some(uuid.as_str()) {
+                    return Err(Failure::failed(format!(
+                        "{} {}, and no other device carries this volume (LUKS UUID {uuid}): its name moved (a reboot that attached disks in another order?) or it is detached; nothing was changed: attach the volume and run `luksify disable` again",
+                        v.device.display(),
+                        match found {
+                            Some(u) => format!("holds another LUKS volume (UUID {u})"),
+                            None => "holds no LUKS header of it".into(),
+                        }
+                    )));
+                }
             }
         }
     }

@@ -955,15 +955,15 @@ fn ensure_view_unused(name: &str, rec: &MapRecord) -> Result<()> {
             ),
         ));
     }
-    let Some(fuse) = mountinfo::mount_at(&mounts, &std::path::absolute(dir).unwrap_or_default())
-    else {
+    let dir = std::path::absolute(dir).unwrap_or_default();
+    let Some(fuse) = mountinfo::mount_at(&mounts, &dir) else {
         return Ok(());
     };
-    // A bind mount of the view (its root is the file, not the FUSE directory), here or
-    // in another mount namespace: the unmount of the view left the daemon serving it,
-    // "did not exit", and /dev/mapper/NAME dangling (trial R4). A namespace's copy of
-    // the FUSE mount itself goes with ours.
-    let bound = |m: &mountinfo::Mount| m.dev == fuse.dev && m.root != "/";
+    // A bind mount of the view (the file, or the FUSE directory elsewhere), here or in
+    // another mount namespace: the unmount of the view left the daemon serving it, "did
+    // not exit", and /dev/mapper/NAME dangling (trials R4, V9). A namespace's copy of the
+    // FUSE mount itself (the directory, at its own path) goes with ours.
+    let bound = |m: &mountinfo::Mount| m.dev == fuse.dev && (m.root != "/" || m.mount_point != dir);
     if let Some(b) = mounts.iter().rev().find(|m| bound(m)) {
         return Err(Failure::new(
             exit::BUSY,
