@@ -58,7 +58,7 @@ pub enum OrchCmd {
         /// Mapping name (/dev/mapper/NAME)
         name: String,
         /// File whose whole content is the passphrase
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         key_file: PathBuf,
         #[command(flatten)]
         part: crate::keyfile::KeyFilePart,

@@ -39,7 +39,7 @@ pub struct DecryptArgs {
     /// Block device or image file holding the LUKS2 volume
     device: PathBuf,
     /// Passphrase file (whole file, as cryptsetup --key-file)
-    #[arg(long)]
+    #[arg(long, short = 'd')]
     key_file: PathBuf,
     #[command(flatten)]
     part: crate::keyfile::KeyFilePart,
@@ -86,7 +86,7 @@ pub struct EncryptArgs {
     /// Block device or image file holding the plaintext
     device: PathBuf,
     /// Passphrase file (whole file, as cryptsetup --key-file)
-    #[arg(long)]
+    #[arg(long, short = 'd')]
     key_file: PathBuf,
     #[command(flatten)]
     part: crate::keyfile::KeyFilePart,
@@ -122,7 +122,7 @@ pub struct ResumeArgs {
     device: Option<PathBuf>,
     /// Passphrase file (whole file, as cryptsetup --key-file); without DEVICE, default:
     /// the one recorded for each volume
-    #[arg(long)]
+    #[arg(long, short = 'd')]
     key_file: Option<PathBuf>,
     /// (With DEVICE)
     #[command(flatten)]

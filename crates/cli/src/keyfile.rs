@@ -22,6 +22,9 @@ pub struct KeyFilePart {
     /// cryptsetup's; 0 or unset: the rest of the file)
     #[arg(long, value_name = "BYTES")]
     pub keyfile_size: Option<u64>,
+    /// Of the new passphrase's file: its messages name `--new-keyfile-*`.
+    #[arg(skip)]
+    pub new: bool,
 }
 
 /// [`KeyFilePart`] of the new passphrase's file (`--new-key-file`), as cryptsetup's
@@ -59,6 +62,7 @@ impl From<NewKeyFilePart> for KeyFilePart {
         KeyFilePart {
             keyfile_offset: p.new_keyfile_offset,
             keyfile_size: p.new_keyfile_size,
+            new: true,
         }
     }
 }
@@ -78,8 +82,13 @@ pub fn read_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>
 pub fn read_new_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
     let key = read_any(path, part)?;
     if key.is_empty() {
+        let what = if part.keyfile_offset.is_some() {
+            "holds nothing past the offset given"
+        } else {
+            "is empty"
+        };
         bail!(
-            "key file {} is empty: luksify will not set an empty passphrase; put the passphrase in the file (nothing was written)",
+            "key file {} {what}: luksify will not set an empty passphrase; put the passphrase in the file (nothing was written)",
             path.display()
         );
     }
@@ -88,11 +97,16 @@ pub fn read_new_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec
 
 fn read_any(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
     let what = path.display();
+    let (o_opt, s_opt) = if part.new {
+        ("--new-keyfile-offset", "--new-keyfile-size")
+    } else {
+        ("--keyfile-offset", "--keyfile-size")
+    };
     let offset = part.keyfile_offset.unwrap_or(0);
     // 0 is no limit, as in cryptsetup.
     let size = part.keyfile_size.filter(|&n| n > 0);
     if size.is_some_and(|n| n > MAX_KEY_FILE_BYTES as u64) {
-        bail!("--keyfile-size is over {MAX_KEY_FILE_BYTES} bytes (cryptsetup's limit): give the passphrase's size in bytes");
+        bail!("{s_opt} is over {MAX_KEY_FILE_BYTES} bytes (cryptsetup's limit): give the passphrase's size in bytes");
     }
     let mut regular = false;
     let mut reader: Box<dyn Read> = if path == Path::new("-") {
@@ -105,7 +119,7 @@ fn read_any(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
         regular = md.as_ref().is_some_and(|m| m.is_file());
         if let Some(len) = md.filter(|m| m.is_file()).map(|m| m.len()) {
             if offset > len {
-                bail!("key file {what} is {len} bytes, shorter than --keyfile-offset {offset}: check the offset (cryptsetup: \"Cannot seek to requested keyfile offset.\")");
+                bail!("key file {what} is {len} bytes, shorter than {o_opt} {offset}: check the offset (cryptsetup: \"Cannot seek to requested keyfile offset.\")");
             }
             f.seek(SeekFrom::Start(offset))
                 .with_context(|| format!("cannot seek in key file {what}"))?;
@@ -124,7 +138,7 @@ fn read_any(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
                 Err(e) => return Err(e).with_context(|| format!("cannot read key file {what}")),
             };
             if got == 0 {
-                bail!("key file {what} ended before --keyfile-offset {offset}: check the offset (cryptsetup: \"Cannot seek to requested keyfile offset.\")");
+                bail!("key file {what} ended before {o_opt} {offset}: check the offset (cryptsetup: \"Cannot seek to requested keyfile offset.\")");
             }
             left -= got as u64;
         }
@@ -148,7 +162,7 @@ fn read_any(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
         }
     }
     if let Some(n) = size.filter(|&n| len as u64 != n) {
-        bail!("key file {what} holds {len} bytes from offset {offset}, fewer than --keyfile-size {n}: check the size and offset (cryptsetup: \"Cannot read requested amount of data.\")");
+        bail!("key file {what} holds {len} bytes from offset {offset}, fewer than {s_opt} {n}: check the size and offset (cryptsetup: \"Cannot read requested amount of data.\")");
     }
     // An empty regular file is the empty passphrase; a pipe or device that gave no
     // bytes (stdin closed, /dev/null) is a mistake, and cryptsetup fails on it
@@ -210,6 +224,7 @@ mod tests {
         let part = |o: Option<u64>, n: Option<u64>| KeyFilePart {
             keyfile_offset: o,
             keyfile_size: n,
+            new: false,
         };
         let read = |o, n| read_key_file(&p, part(o, n)).map(|k| k.to_vec());
         assert_eq!(read(Some(2), Some(3)).unwrap(), b"234");
@@ -242,7 +257,14 @@ mod tests {
         let e = read_new_key_file(&p, part(Some(10), None))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("is empty"), "{e}");
+        assert!(e.contains("holds nothing past the offset given"), "{e}");
+        // The new passphrase's options are named as given.
+        let new = KeyFilePart {
+            new: true,
+            ..part(Some(50), None)
+        };
+        let e = read_key_file(&p, new).unwrap_err().to_string();
+        assert!(e.contains("shorter than --new-keyfile-offset 50"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -393,6 +393,19 @@ fn one_line(e: &anyhow::Error) -> String {
 mod tests {
     use super::Cli;
 
+    /// Every command line clap accepts is well formed: no short or long option given
+    /// twice in one command (`-d` for `--key-file`, as cryptsetup's, was added to the
+    /// walker commands and `open`), no conflict naming an option that does not exist.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = super::parse_from(["luksify", "encrypt", "img", "-d", "k", "--header", "h"]);
+        assert!(cli.is_ok(), "{cli:?}");
+        let cli = super::parse_from(["luksify", "open", "img", "n", "-d", "k"]);
+        assert!(cli.is_ok(), "{cli:?}");
+    }
+
     /// An option given twice takes its last value, as in cryptsetup; one that collects
     /// (`--volume`) keeps every value.
     #[test]
