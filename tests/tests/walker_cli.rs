@@ -4255,3 +4255,36 @@ fn walker_keyfile_offset_and_size_are_cryptsetups() {
         "decrypted, the image differs"
     );
 }
+
+/// A walker command given a directory (a mount point) or a `LABEL=`/`UUID=` tag says
+/// what it wants in one line, nothing written: trial N2 got "cannot open: Is a
+/// directory (os error 21)" and "LABEL=...: cannot open: No such file or directory".
+/// (A tag that a device carries is resolved as `open` resolves it.)
+#[test]
+fn walker_commands_name_what_they_want_for_a_directory_or_a_tag() {
+    let (c, _) = Case::new(1, 3);
+    let dir = c.p("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    let (key, hdr) = (c.key(), c.hdr());
+    let dir_s = dir.display().to_string();
+    for (target, said) in [
+        (
+            dir_s.as_str(),
+            "is a directory: give the device or image file itself",
+        ),
+        (
+            "LABEL=luksify-no-such-label-anywhere",
+            "no block device carries it",
+        ),
+    ] {
+        for cmd in [
+            vec!["encrypt", target, "--key-file", &key, "--header", &hdr],
+            vec!["decrypt", target, "--key-file", &key, "--header", &hdr],
+            vec!["resume", target, "--key-file", &key],
+        ] {
+            let out = run(&mut luksify(&cmd));
+            assert_refused_in_one_line(&out, said, cmd[0]);
+            assert!(!c.p("hdr").exists(), "{cmd:?}: a header file was made");
+        }
+    }
+}

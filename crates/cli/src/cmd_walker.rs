@@ -294,7 +294,7 @@ pub fn run(cmd: WalkCmd) -> anyhow::Result<ExitCode> {
 }
 
 fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
-    let dev = &a.device;
+    let dev = &device_named(&a.device)?;
     let pass = crate::keyfile::read_key_file(&a.key_file, a.part)?;
     let data = open_data(dev, a.tuning.buffered)?;
     let opts = DecryptOptions {
@@ -425,7 +425,7 @@ fn detached_data_offset(h: &Path) -> Option<u64> {
 }
 
 fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
-    let dev = &a.device;
+    let dev = &device_named(&a.device)?;
     crate::cmd_luks::check_offset_sectors(a.offset)?;
     if let Some(h) = a
         .header
@@ -541,6 +541,26 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Opens the data device; a lock or a busy loop device explains itself.
+/// The device a walker command names: `UUID=`, `LABEL=` (and the other tags crypttab and
+/// fstab take) resolved as `open` and `enable` resolve them; a directory refused with
+/// the device to give instead. Trial N2 got "cannot open: No such file or directory"
+/// and "Is a directory" (a mount point) with no word of what the command wants.
+fn device_named(dev: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(d) =
+        luksify_orchestrator::check::device_of_tag(dev).map_err(|e| anyhow::anyhow!(e))?
+    {
+        return Ok(d);
+    }
+    if dev.is_dir() {
+        bail!(
+            "{} is a directory: give the device or image file itself (a mount point's device: `findmnt -no SOURCE {}`, unmounted first) (nothing was written)",
+            dev.display(),
+            dev.display()
+        );
+    }
+    Ok(dev.to_path_buf())
+}
+
 fn open_data(dev: &Path, buffered: bool) -> anyhow::Result<DataDevice> {
     // The walker's own refusals carry a message; bare system errors get a hint.
     // The io::Error stays in the chain: its kind (WouldBlock: another process holds the
@@ -965,7 +985,7 @@ fn resume_hint(
 }
 
 fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
-    let Some(dev) = &a.device else {
+    let Some(dev) = &a.device.as_deref().map(device_named).transpose()? else {
         // The volumes' recorded key files are read whole, as crypttab names them.
         if a.part.is_set() {
             bail!("--keyfile-offset and --keyfile-size go with a DEVICE: `luksify resume` of the recorded volumes reads each recorded key file whole");
