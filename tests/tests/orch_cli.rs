@@ -846,6 +846,23 @@ fn root_orch_kill_during_encryption_then_resume_all_completes() {
             stderr(&out)
         );
     }
+    // Asked with another state directory, the fix names the run's own (it named the one
+    // given, which holds no status of that run; trial A2).
+    let other = fx.dir.path().join("other-state");
+    let out = run(fx
+        .cmd()
+        .arg("check")
+        .arg(&fx.mnt)
+        .arg("--state-dir")
+        .arg(&other));
+    assert!(
+        stderr(&out).contains(&format!(
+            "run `luksify resume --state-dir {}` to finish it",
+            fx.state.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
     // disable of the half-encrypted volume, by name or not, says to resume first (it
     // said "No encrypted data volumes to decrypt." and exited 0, or "none of DEV is an
     // encrypted volume luksify manages").

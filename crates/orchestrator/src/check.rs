@@ -482,11 +482,17 @@ pub fn offline_volume_at(target: &Path, state_dir: &Path) -> Option<Problem> {
         let live = status
             .pid
             .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        let resume = if dir == crate::status::state_dir(None) {
-            "luksify resume".to_string()
-        } else {
-            format!("luksify resume --state-dir {}", dir.display())
+        // The state directory the run lives in, named whenever it is not the one this
+        // command was given (which the CLI adds itself): "`luksify status --state-dir
+        // MINE`" named a directory with no status file of that run (trial A2).
+        let in_dir = |cmd: &str| {
+            if dir == state_dir {
+                format!("luksify {cmd}")
+            } else {
+                format!("luksify {cmd} --state-dir {}", dir.display())
+            }
         };
+        let resume = in_dir("resume");
         Some(Problem {
             code: if live.is_some() {
                 "busy_run"
@@ -507,10 +513,10 @@ pub fn offline_volume_at(target: &Path, state_dir: &Path) -> Option<Problem> {
                 None => format!("the run was interrupted at {}%", v.percent.floor() as u64),
             },
             fix: match live {
-                Some(_) => {
-                    "wait for it to finish (`luksify status` shows its progress); do not kill it"
-                        .into()
-                }
+                Some(_) => format!(
+                    "wait for it to finish (`{}` shows its progress); do not kill it",
+                    in_dir("status")
+                ),
                 None => {
                     format!("run `{resume}` to finish it; the volume is mounted here again then")
                 }
