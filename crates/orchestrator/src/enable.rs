@@ -3308,7 +3308,7 @@ pub fn disable(
                     dev.display()
                 );
                 sw.status.volumes[*i].device = dev;
-            } else if v.state != VolumeState::DecryptionInProgress {
+            } else if v.state != VolumeState::DecryptionInProgress && !decrypted_outside(v) {
                 // An encrypted volume's header is on its device: a name that shows no
                 // header of it (a blank disk attached at the old name) is not the volume,
                 // whatever a cut run's torn head would be (trial V9: "not a LUKS device").

@@ -122,7 +122,9 @@ pub struct VolumeStatus {
     /// place of a percentage that does not move meanwhile ("Encrypting data volume 1/1:
     /// 0%" stood through e2fsck, resize2fs and the key derivation; trial A2). Only while
     /// the volume is in progress.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (Always written, `null` when none: the keys of every write are the same, which a
+    /// strict validator of an agent's needs.)
+    #[serde(default)]
     pub phase: Option<String>,
     /// A decryption's walk is over (the device is all plaintext): what is left is the
     /// remount, the tables and removing its header file. Recorded before that file
