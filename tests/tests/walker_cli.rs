@@ -4216,16 +4216,7 @@ fn walker_keyfile_offset_and_size_are_cryptsetups() {
     enc.args(part);
     let cut = luksify_tests::kill_at_fdatasync(&enc, 8);
     assert!(!cut.status.success(), "the run was not cut");
-    let resume = || {
-        luksify(&[
-            "resume",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ])
-    };
+    let resume = || detached_resume(&c);
     assert_eq!(
         run(&mut resume()).status.code(),
         Some(2),

@@ -857,18 +857,9 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
     // lazily detached the view under that live mount and then called the daemon that
     // kept serving it dead (a trial).
     if let Some(f) = probe::foreign_namespace_mounts(&[dev], &[]).first() {
-        return Err(Failure::new(
-            exit::BUSY,
-            format!(
-                "mapping {name} ({}) is mounted at {} in another mount namespace ({}, pid {} {}); unmount it there first (nsenter -t {} -m umount {}) (nothing was closed)",
-                blk.display(),
-                f.mount_point.display(),
-                f.namespace,
-                f.pid,
-                f.command,
-                f.pid,
-                f.mount_point.display()
-            ),
+        return Err(mounted_elsewhere(
+            &format!("mapping {name} ({}) is mounted", blk.display()),
+            f,
         ));
     }
     let mut t = crate::holders::Targets::default();
@@ -885,6 +876,19 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `close`'s refusal of `what` ("mapping NAME (DEV) is mounted") because of mount `f` in
+/// another mount namespace, with the command that unmounts it there.
+fn mounted_elsewhere(what: &str, f: &probe::ForeignMount) -> Failure {
+    let at = f.mount_point.display();
+    Failure::new(
+        exit::BUSY,
+        format!(
+            "{what} at {at} in another mount namespace ({}, pid {} {}); unmount it there first (nsenter -t {} -m umount {at}) (nothing was closed)",
+            f.namespace, f.pid, f.command, f.pid
+        ),
+    )
 }
 
 /// What holds `t` (but `except`, a pid), one line each. Something may hold a device for
@@ -980,18 +984,9 @@ fn ensure_view_unused(name: &str, rec: &MapRecord) -> Result<()> {
         ));
     }
     if let Some(f) = probe::foreign_namespace_mounts_where(bound, &[]).first() {
-        return Err(Failure::new(
-            exit::BUSY,
-            format!(
-                "mapping {name}'s view {} is bind-mounted at {} in another mount namespace ({}, pid {} {}); unmount it there first (nsenter -t {} -m umount {}) (nothing was closed)",
-                view.display(),
-                f.mount_point.display(),
-                f.namespace,
-                f.pid,
-                f.command,
-                f.pid,
-                f.mount_point.display()
-            ),
+        return Err(mounted_elsewhere(
+            &format!("mapping {name}'s view {} is bind-mounted", view.display()),
+            f,
         ));
     }
     let mut t = crate::holders::Targets::default();
