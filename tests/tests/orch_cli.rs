@@ -6668,11 +6668,11 @@ fn root_orch_resume_of_an_enable_cut_in_its_first_header_loses_nothing() {
         big.push((p, sha256_bytes(&b)));
     }
     run_ok(&mut Command::new("sync"));
-    // e2fsck and resize2fs use fsync; the walker's third fdatasync is inside its first
-    // header write (the moved copy and its marker are durable, the head is being
-    // overwritten).
+    // e2fsck and resize2fs use fsync; the walker's fifth fdatasync is inside its first
+    // header write (the moved copy and its markers are durable, the keyslot area is
+    // going over the head).
     let cut = run(&mut luksify_tests::strace_inject(
-        "inject=fdatasync:signal=SIGKILL:when=3",
+        "inject=fdatasync:signal=SIGKILL:when=5",
         &fx.enable_cmd(),
     ));
     assert!(

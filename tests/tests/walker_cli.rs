@@ -663,14 +663,14 @@ fn finish_cut_start(c: &Case, args: &[&str], orig: &[u8]) {
 /// before the primary was written: the primary area holds the start marker's copy, so
 /// cryptsetup does not call the device LUKS, and the VM power-cut scenario runs the
 /// same `encrypt` again (where this was found). That command must continue the run,
-/// and the result decrypts to the filesystem's bytes. strace kills luksify at its 5th
-/// fdatasync: after the moved copy, the start marker, its copy at byte 0 and the
-/// keyslots, at the secondary's.
+/// and the result decrypts to the filesystem's bytes. strace kills luksify at its 6th
+/// fdatasync: after the moved copy, the start marker, its copy at byte 0, the start
+/// marker saying the head may be overwritten and the keyslots, at the secondary's.
 /// Before that, `encrypt` with another layout is refused, nothing written.
 #[test]
 fn walker_shift_start_cut_with_only_the_secondary_header_is_continued_by_encrypt() {
     require_tool("cryptsetup");
-    let (c, orig, args) = shift_start_cut(3, 5);
+    let (c, orig, args) = shift_start_cut(3, 6);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (img, key) = (c.img(), c.key());
     let now = std::fs::read(c.p("img")).unwrap();
@@ -1540,7 +1540,7 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
                 "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
             ],
             bits: 512,
-            kill_at: 5,
+            kill_at: 6,
         },
         Variant {
             name: "offset in front",
@@ -1558,7 +1558,7 @@ fn walker_encrypt_takes_format_options_as_cryptsetup_does() {
                 "1000",
             ],
             bits: 512,
-            kill_at: 5,
+            kill_at: 6,
         },
         Variant {
             name: "offset",
@@ -2637,10 +2637,9 @@ fn walker_refuses_a_swap_area_or_btrfs_reaching_into_the_shift_area() {
 /// given back, the same command finishes and the filesystem's bytes decrypt intact.
 #[test]
 fn walker_shift_start_cut_then_device_grown_is_refused_until_its_size_is_back() {
-    // The 4th fdatasync: the moved copy, the marker and its copy at byte 0 are
-    // durable, the keyslots area (random bytes over the head from 32 KiB) is being
-    // made so.
-    let (c, orig, args) = shift_start_cut(5, 4);
+    // The 5th fdatasync: the moved copy and the markers are durable, the keyslots area
+    // (random bytes over the head from 32 KiB) is being made so.
+    let (c, orig, args) = shift_start_cut(5, 5);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (img, key) = (c.img(), c.key());
     let was = orig.len() as u64;
@@ -3961,7 +3960,7 @@ fn walker_a_cut_shift_start_never_shows_the_filesystem_it_overwrote() {
     require_tool("mkfs.ext4");
     require_tool("blkid");
     require_tool("debugfs");
-    for at in 1..=5u64 {
+    for at in 1..=6u64 {
         let (c, _) = Case::new(32, 21 + at);
         run_ok(Command::new("mkfs.ext4").args(["-q", "-F", &c.img(), "24M"]));
         let orig = std::fs::read(c.p("img")).unwrap();
@@ -4074,6 +4073,48 @@ fn walker_a_cut_shift_start_keeps_a_filesystem_shown_again_and_changed() {
             "{case}: the marker is in the data"
         );
     }
+}
+
+/// A `--reduce-device-size` start cut once its keyslot area had gone over the head, whose
+/// head was then "repaired" by hand (`e2fsck -f -y` finds a superblock backup and rewrites
+/// the first block): the moved copy is the data, and the same `encrypt` run again puts it
+/// back. Trial V10: the repaired head was taken for the data and moved over the intact
+/// copy, and every file was lost.
+#[test]
+fn walker_a_cut_shift_start_repaired_by_hand_over_its_keyslots_keeps_the_moved_copy() {
+    require_tool("strace");
+    require_tool("mkfs.ext4");
+    require_tool("e2fsck");
+    let (c, _) = Case::new(32, 43);
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "1024", &c.img(), "24M"]));
+    let orig = std::fs::read(c.p("img")).unwrap();
+    let img = std::fs::canonicalize(c.p("img")).unwrap();
+    // Killed as it flushes the keyslot area (the markers are durable).
+    luksify_tests::kill_at_fdatasync_of(&shift_encrypt(&c), &img, 5);
+    let now = std::fs::read(c.p("img")).unwrap();
+    assert!(
+        now[..16] == *b"LUKSIFY-SHIFT-V1" && now[64 << 10..128 << 10] != orig[64 << 10..128 << 10],
+        "not cut with the keyslot area over the head"
+    );
+    let out = run(Command::new("e2fsck").args(["-f", "-y"]).arg(&img));
+    let repaired = std::fs::read(c.p("img")).unwrap();
+    assert!(
+        repaired[..4096] != now[..4096],
+        "e2fsck did not write the first block: {out:?}"
+    );
+    run_ok(&mut shift_encrypt(&c));
+    run_ok(&mut detached_decrypt(&c));
+    let back = std::fs::read(c.p("img")).unwrap();
+    // The first 4 MiB (the part moved) as the run began; past them, what e2fsck left
+    // (it also rewrote a backup superblock there, which no one can take back).
+    assert!(
+        back[..4 << 20] == orig[..4 << 20],
+        "the moved part is not the one the run began with"
+    );
+    assert!(
+        back[4 << 20..24 << 20] == repaired[4 << 20..24 << 20],
+        "the rest of the filesystem changed"
+    );
 }
 
 /// `encrypt` over a LUKS2 header whose two copies are both damaged: refused, nothing

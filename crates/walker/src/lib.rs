@@ -1415,6 +1415,19 @@ fn copy_stage<D: Disk + ?Sized>(stage: &stage::SparseStage, from: u64, d: &D) ->
 }
 
 const INIT_MAGIC: &[u8; 16] = b"LUKSIFY-SHIFT-V1";
+/// The end marker once the start may write over the head (the keyslot area next): from
+/// then the moved copy counts whatever the head shows, repaired by hand or not.
+const OVERWRITE_MAGIC: &[u8; 16] = b"LUKSIFY-SHIFT-OW";
+
+/// Marker block `m` with `magic` (and its own hash over the first 64 bytes again).
+fn with_magic(m: &[u8], magic: &[u8; 16]) -> device::AlignedBuf {
+    let mut b = device::AlignedBuf::new(4096);
+    b[..96].copy_from_slice(&m[..96]);
+    b[..16].copy_from_slice(magic);
+    let sum = sha2::Sha256::digest(&b[..64]);
+    b[64..96].copy_from_slice(&sum);
+    b
+}
 
 /// Where the start marker goes: the first unused block below the moved copy,
 /// which nothing writes until the header (and so the journal) is valid.
@@ -1444,7 +1457,7 @@ fn init_marker_block<D: Disk + ?Sized>(
 /// the device's first bytes (their copy at the end is what counts from then on), with a
 /// hash of the moved copy: a run cut before its header lands then resumes from the copy
 /// instead of re-copying a damaged head. The marker block goes below the moved copy,
-/// then at byte 0, each flushed:
+/// then at byte 0, then below the copy again, each flushed:
 /// - below the moved copy first, before any byte of the head changes: a write to the
 ///   head cut by a power loss may land in part, and the marker must already be there.
 ///   It also outlives the primary header's write over byte 0.
@@ -1452,15 +1465,23 @@ fn init_marker_block<D: Disk + ?Sized>(
 ///   one showed, its superblock intact over blocks already overwritten, for `mount` or
 ///   `fsck` to take (trial C2). An `encrypt` over a device grown since finds the marker
 ///   by this copy wherever the size puts the other.
+/// - below the moved copy again, as [`OVERWRITE_MAGIC`]: from here the keyslot area
+///   goes over the head, and a head repaired by hand since (`e2fsck -y`, `xfs_repair`
+///   over the keyslot bytes) is not the data; the copy is (trial V10: taken for the data,
+///   the repaired head was moved over the intact copy and every file was lost).
 ///
-/// A cut between the two leaves the filesystem shown, and its user may change it (trial
-/// R3 mounted it): [`read_init_marker`] then takes the head, not the older copy.
-/// A rerun writes both again (the same bytes: its moved copy was checked against them).
+/// A cut before the last leaves the filesystem as it was but for the marker at byte 0
+/// (which may not have landed whole), and its user may change it (trials R3, V9 mounted
+/// it): [`read_init_marker`] then takes the head, not the older copy.
+/// A rerun writes all three again (the same bytes: its moved copy was checked against
+/// them).
 fn write_start_markers<D: Disk + ?Sized>(data: &D, dev_size: u64, s: Shift) -> Result<()> {
     let m = init_marker_block(data, dev_size, s)?;
-    for at in [marker_offset(dev_size, s.size), 0] {
-        data.write_at(at, &m)
-            .map_err(|e| Error::io_at("write start marker", at, m.len(), e))?;
+    let end = marker_offset(dev_size, s.size);
+    let over = with_magic(&m, OVERWRITE_MAGIC);
+    for (at, b) in [(end, &m), (0, &m), (end, &over)] {
+        data.write_at(at, b)
+            .map_err(|e| Error::io_at("write start marker", at, b.len(), e))?;
         data.flush()
             .map_err(|e| Error::io("flush start marker", e))?;
     }
@@ -1525,7 +1546,8 @@ fn marker_block<D: Disk + ?Sized>(data: &D, pos: u64) -> Result<Option<device::A
     let mut m = device::AlignedBuf::new(4096);
     data.read_at(pos, &mut m)
         .map_err(|e| Error::io_at("read start marker", pos, m.len(), e))?;
-    let valid = &m[..16] == INIT_MAGIC && sha2::Sha256::digest(&m[..64])[..] == m[64..96];
+    let valid = (&m[..16] == INIT_MAGIC || &m[..16] == OVERWRITE_MAGIC)
+        && sha2::Sha256::digest(&m[..64])[..] == m[64..96];
     Ok(valid.then_some(m))
 }
 
@@ -1577,6 +1599,7 @@ fn start_marker_anywhere<D: Disk + ?Sized>(
 /// Whether a start of this reduction on a device of this size moved its first segment
 /// and its copy at the end is what counts: the moved copy still has the hash that a start
 /// marker ([`write_start_markers`]) recording this size and shift holds, and
+/// - the one at the end says the head may be overwritten ([`OVERWRITE_MAGIC`]), or
 /// - that marker is whole at byte 0 (written once the one at the end was durable), or
 /// - the one at the end is, and the head has begun to be a LUKS header (its write over
 ///   byte 0 was cut), or still equals the moved copy, but for a cut write of the marker
@@ -1599,6 +1622,9 @@ fn read_init_marker<D: Disk + ?Sized>(data: &D, dev_size: u64, reduce: u64) -> R
     };
     if hash_range(data, dev_size - shift, shift)?[..] != m[32..64] {
         return Ok(false);
+    }
+    if at_end.as_ref().is_some_and(|b| b[..16] == *OVERWRITE_MAGIC) {
+        return Ok(true);
     }
     // The marker at byte 0 counts whole only (its bytes after the first 96 are zeros): a
     // power cut may land its first sector alone, the superblock at 1 KiB still there for
@@ -1634,10 +1660,11 @@ fn unmark_head_block<D: Disk + ?Sized>(
     let mut moved = device::AlignedBuf::new(4096);
     data.read_at(dev_size - shift, &mut moved)
         .map_err(|e| Error::io_at("read moved segment", dev_size - shift, 4096, e))?;
-    // The block as the start wrote it: its 96 bytes, then zeros (a block read back from
-    // byte 0 may be torn: the marker's first sector over the filesystem's own).
+    // The block as the start wrote it: its 96 bytes (with the first marker's magic),
+    // then zeros (a block read back from byte 0 may be torn: the marker's first sector
+    // over the filesystem's own).
     let mut written = [0u8; 4096];
-    written[..96].copy_from_slice(&m[..96]);
+    written[..96].copy_from_slice(&with_magic(m, INIT_MAGIC)[..96]);
     for ((h, c), w) in head
         .chunks_mut(512)
         .zip(moved.chunks(512))
