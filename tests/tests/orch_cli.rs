@@ -9481,6 +9481,19 @@ fn root_orch_close_refuses_a_view_held_by_another_loop_device_or_process() {
         &format!("is also attached to {second}; losetup -d {second}"),
     );
     run_ok(Command::new("losetup").args(["-d", &second]));
+    // A loop device over the mapping's own loop device (trial V10: close failed half
+    // way, the view's unmount busy).
+    let out = run_ok(
+        Command::new("losetup")
+            .args(["-f", "--show", "-r"])
+            .arg(&own),
+    );
+    let stacked = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    refused(
+        "stacked loop",
+        &format!("is attached to loop device {stacked}; losetup -d {stacked} first"),
+    );
+    run_ok(Command::new("losetup").args(["-d", &stacked]));
     let mut holder = Command::new("sleep")
         .arg("600")
         .stdin(std::fs::File::open(&view).unwrap())

@@ -862,6 +862,19 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
             f,
         ));
     }
+    // A loop device over the mapping's own (no process holds it): `close` failed half
+    // way, the view's unmount busy (trial V10).
+    if let Some(l) = loops_over(blk, None).first() {
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "mapping {name} ({}) is attached to loop device {}; losetup -d {} first (nothing was closed)",
+                blk.display(),
+                l.display(),
+                l.display()
+            ),
+        ));
+    }
     let mut t = crate::holders::Targets::default();
     t.block_devices.insert(dev);
     let holders = lasting_holders(&t, None);
@@ -876,6 +889,25 @@ fn ensure_unused(name: &str, blk: &Path, dev: DevNum) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The loop devices attached to `file` (a view, a device), but `except`, sorted.
+fn loops_over(file: &Path, except: Option<&Path>) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(|n| Path::new("/dev").join(n)))
+        .filter(|d| {
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("loop"))
+                && Some(d.as_path()) != except
+                && loop_backing(d).as_deref() == Some(file)
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// `close`'s refusal of `what` ("mapping NAME (DEV) is mounted") because of mount `f` in
@@ -922,22 +954,7 @@ fn ensure_view_unused(name: &str, rec: &MapRecord) -> Result<()> {
         return Ok(());
     };
     let mounts = mountinfo::read().unwrap_or_default();
-    let own = own_loop(rec);
-    let mut others: Vec<PathBuf> = std::fs::read_dir("/sys/block")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(|n| Path::new("/dev").join(n)))
-        .filter(|d| {
-            d.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("loop"))
-                && Some(d.as_path()) != own
-                && loop_backing(d).as_deref() == Some(view.as_path())
-        })
-        .collect();
-    others.sort();
-    if let Some(l) = others.first() {
+    if let Some(l) = loops_over(&view, own_loop(rec)).first() {
         let points: Vec<String> = probe::block_dev_num(l)
             .map(|d| mountinfo::mounts_of(&mounts, d))
             .unwrap_or_default()

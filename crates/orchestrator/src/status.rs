@@ -972,8 +972,13 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
             } else {
                 "Encrypting"
             };
-            if let Some(p) = v.phase.as_deref().filter(|_| !v.resumed) {
-                return format!("{doing} data volume {i}/{n}: {p}");
+            if let Some(p) = v.phase.as_deref() {
+                return if v.resumed {
+                    let what = doing.strip_suffix("ing").unwrap_or(doing).to_lowercase();
+                    format!("Resuming {what}ion{}: {p}", after(v))
+                } else {
+                    format!("{doing} data volume {i}/{n}: {p}")
+                };
             }
             return match v.state {
                 VolumeState::DecryptionInProgress if v.resumed => {
@@ -1426,6 +1431,29 @@ mod tests {
             message(Operation::Resume, &r, Some(0)),
             "Resuming encryption after reboot: 37%"
         );
+        // Outside the walk, what the run does instead of a percentage that does not move
+        // (trial A2; a resume said "Resuming decryption: 100%" while it grew and mounted
+        // the filesystem, trial V10). Refreshed, a volume not in progress has no phase.
+        let mut p = v.clone();
+        p[0].phase = Some("deriving the key".into());
+        assert_eq!(
+            message(Operation::EnableEncryption, &p, Some(0)),
+            "Encrypting data volume 1/2: deriving the key"
+        );
+        let mut d = vec![vol(VolumeState::DecryptionInProgress, 100.0)];
+        d[0].resumed = true;
+        d[0].phase = Some("growing and mounting the filesystem".into());
+        assert_eq!(
+            message(Operation::Resume, &d, Some(0)),
+            "Resuming decryption: growing and mounting the filesystem"
+        );
+        let mut s = Status {
+            volumes: vec![vol(VolumeState::Encrypted, 100.0)],
+            ..Default::default()
+        };
+        s.volumes[0].phase = Some("mapping and mounting".into());
+        s.refresh(None);
+        assert_eq!(s.volumes[0].phase, None);
         let done = vec![
             vol(VolumeState::Encrypted, 100.0),
             vol(VolumeState::Encrypted, 100.0),
