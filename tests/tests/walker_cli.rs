@@ -649,6 +649,13 @@ fn shift_start_cut(seed: u64, flush: u64) -> (Case, Vec<u8>, Vec<String>) {
     (c, orig, args)
 }
 
+/// [`shift_encrypt`] run again over `c`'s cut start, then decrypted: the image's bytes.
+fn rerun_shift_and_decrypt(c: &Case) -> Vec<u8> {
+    run_ok(&mut shift_encrypt(c));
+    run_ok(&mut detached_decrypt(c));
+    std::fs::read(c.p("img")).unwrap()
+}
+
 /// The same command finishes a [`shift_start_cut`]; decrypted, the filesystem's 40 MiB
 /// are the original's.
 fn finish_cut_start(c: &Case, args: &[&str], orig: &[u8]) {
@@ -4004,10 +4011,8 @@ fn walker_a_cut_shift_start_never_shows_the_filesystem_it_overwrote() {
             );
             assert!(std::fs::read(c.p("img")).unwrap() == want, "resume wrote");
         }
-        run_ok(&mut shift_encrypt(&c));
-        run_ok(&mut detached_decrypt(&c));
         // (The last 8 MiB, given up for the shift, are not kept.)
-        let back = std::fs::read(c.p("img")).unwrap();
+        let back = rerun_shift_and_decrypt(&c);
         assert!(
             back[..24 << 20] == want[..24 << 20],
             "kill at flush {at}: the filesystem differs from what it was before the rerun"
@@ -4060,9 +4065,7 @@ fn walker_a_cut_shift_start_keeps_a_filesystem_shown_again_and_changed() {
                 want[i..i + 512].copy_from_slice(&orig[i..i + 512]);
             }
         }
-        run_ok(&mut shift_encrypt(&c));
-        run_ok(&mut detached_decrypt(&c));
-        let back = std::fs::read(c.p("img")).unwrap();
+        let back = rerun_shift_and_decrypt(&c);
         assert!(
             back[..24 << 20] == want[..24 << 20],
             "{case}: the filesystem differs from what it was before the rerun"
@@ -4102,9 +4105,7 @@ fn walker_a_cut_shift_start_repaired_by_hand_over_its_keyslots_keeps_the_moved_c
         repaired[..4096] != now[..4096],
         "e2fsck did not write the first block: {out:?}"
     );
-    run_ok(&mut shift_encrypt(&c));
-    run_ok(&mut detached_decrypt(&c));
-    let back = std::fs::read(c.p("img")).unwrap();
+    let back = rerun_shift_and_decrypt(&c);
     // The first 4 MiB (the part moved) as the run began; past them, what e2fsck left
     // (it also rewrote a backup superblock there, which no one can take back).
     assert!(
