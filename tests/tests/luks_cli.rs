@@ -431,7 +431,7 @@ fn luks_cli_format_refuses_signatures_without_batch_mode_and_huge_argon2() {
     ]));
     assert!(!o.status.success());
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("ext2/3/4"),
+        String::from_utf8_lossy(&o.stderr).contains("contains an ext2/3/4 signature"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );

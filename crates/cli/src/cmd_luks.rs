@@ -663,8 +663,14 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
             if let (Some(p), Some(f)) = (path, f) {
                 if let Some(sig) = find_signature(f) {
                     bail!(
-                        "{}: contains a {sig} signature; formatting destroys it. Re-run with --batch-mode to overwrite",
-                        p.display()
+                        "{}: contains {} {sig} signature; formatting destroys it. Re-run with --batch-mode to overwrite",
+                        p.display(),
+                        // "a ext2/3/4" (trial N2).
+                        if sig.starts_with(['a', 'e', 'i', 'o', 'u', 'x']) {
+                            "an"
+                        } else {
+                            "a"
+                        }
                     );
                 }
             }

@@ -1098,8 +1098,10 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
     // used through the encrypted device (cryptsetup refuses it the same way).
     if let Some(fs) = fs.filter(|f| f.block_size != 0 && f.block_size < sector) {
         return Err(Error::Refused(format!(
-            "--sector-size {sector} is larger than the {}-byte blocks of {} on the device, which could then not be used; use --sector-size {} or less (nothing was written)",
+            "--sector-size {sector} is larger than the {}-byte {} of {} on the device, which could then not be used; use --sector-size {} or less (nothing was written)",
             fs.block_size,
+            // xfs's smallest I/O is its sector, not its block (trial N2).
+            if fs.kind == fsprobe::FsKind::Xfs { "sectors" } else { "blocks" },
             fs.kind.noun(),
             fs.block_size
         )));
