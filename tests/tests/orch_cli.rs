@@ -9383,6 +9383,32 @@ fn root_orch_close_refuses_a_mapping_mounted_in_another_namespace() {
     fx.assert_disables_to_plain();
 }
 
+/// `open` of a volume whose `disable` was stopped mid-walk (its header moved to a file in
+/// the state directory) names the stopped run and `resume`, as `enable` does: it said
+/// "cannot read a LUKS2 header (not a LUKS device ...) (give --header FILE for a detached
+/// header)?" (trial N2). Nothing is mapped; `resume` then finishes the disable.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_open_of_a_volume_mid_disable_names_the_stopped_run() {
+    let fx = Fixture::new(128);
+    fx.enable_ok();
+    fx.kill_disable_mid_walk();
+    let name = "mid-disable-open";
+    let out = run(&mut fx.open_cmd(name));
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("its decryption (a `luksify disable`) stopped at")
+            && err.contains("`luksify resume` finishes it (nothing was mapped)"),
+        "{err}"
+    );
+    assert!(!Path::new("/dev/mapper").join(name).exists());
+    let out = run(fx.cmd().args(["resume", "--userspace"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+}
+
 /// The status message says what `enable` and `disable` do outside their walks, not a
 /// percentage that does not move: "Encrypting data volume 1/1: 0%" stood through e2fsck,
 /// resize2fs and the key derivation, and "100%" through the mapping and remount (trial

@@ -110,6 +110,47 @@ pub fn dm_available() -> std::result::Result<(), String> {
     crate::dm::available()
 }
 
+/// What the status file in `state_dir` says of an unfinished run on `device` whose
+/// header is in a file there (a `disable` of a volume with its header in front moves it
+/// out first): `open` said "cannot read a LUKS2 header ... not a LUKS device" of such a
+/// device, not the `resume` that finishes it (trial N2).
+fn run_on(state_dir: &Path, device: &Path) -> Option<(u8, String)> {
+    use crate::status::VolumeState;
+    let dev = probe::block_dev_num(device)?;
+    let status = crate::status::load(state_dir).ok()?;
+    let v = status.volumes.iter().find(|v| {
+        probe::block_dev_num(&v.device) == Some(dev)
+            && matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            )
+    })?;
+    let h = v.header.as_deref()?;
+    let what = if v.state == VolumeState::DecryptionInProgress {
+        "decryption (a `luksify disable`)"
+    } else {
+        "encryption (a `luksify enable`)"
+    };
+    if status.run_process_running() {
+        return Some((
+            exit::BUSY,
+            format!(
+                "{}: its {what} is running now; open it once that has finished (`luksify status` shows its progress; nothing was mapped)",
+                device.display()
+            ),
+        ));
+    }
+    Some((
+        exit::INTERRUPTED,
+        format!(
+            "{}: its {what} stopped at {}% and has not finished; its header is in {}; `luksify resume` finishes it (nothing was mapped)",
+            device.display(),
+            v.percent.floor() as u64,
+            h.display()
+        ),
+    ))
+}
+
 /// Reads the header and unlocks the volume key with `passphrase`.
 pub fn unlock(
     device: &Path,
@@ -397,7 +438,17 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
         )));
     }
     ensure_device_free(req)?;
-    let (hdr, seg, vk) = unlock(req.device, req.header, passphrase)?;
+    let (hdr, seg, vk) = unlock(req.device, req.header, passphrase).map_err(|e| {
+        match req
+            .header
+            .is_none()
+            .then(|| run_on(req.state_dir, req.device))
+            .flatten()
+        {
+            Some((code, said)) => Failure::new(code, said),
+            None => e,
+        }
+    })?;
     let use_userspace = req.force_userspace || dm_available().is_err();
     if !use_userspace {
         crate::dm::create_crypt(req.name, req.device, &hdr.uuid, &seg, &vk)?;
