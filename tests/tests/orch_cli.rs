@@ -2591,7 +2591,7 @@ fn orch_installed_unit_passes_systemd_analyze_and_its_execstart_parses() {
         .args(&argv[1..])
         .arg("--no-such-flag")
         .arg("--help"));
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
 
 /// `install-unit --state-dir DIR`: the unit resumes that directory's runs (an agent
@@ -2632,7 +2632,7 @@ fn orch_installed_unit_resumes_the_state_dir_given() {
     let out = run(Command::new(luksify_bin())
         .args(["install-unit", "--state-dir", "rel/dir", "--prefix"])
         .arg(d.path()));
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     // Without --state-dir, `$LUKSIFY_STATE_DIR` as every command takes it (the unit
     // named /var/lib/luksify, whose status file never exists then; a trial); unset,
     // the default, with no flag.
@@ -2701,7 +2701,7 @@ fn orch_installed_unit_quotes_an_exec_path_with_blanks() {
             .args(["install-unit", "--prefix"])
             .arg(&p2)
             .args(["--exec", bad]));
-        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {out:?}");
         assert!(!p2.exists(), "{bad:?}: wrote the unit");
     }
     assert!(
@@ -3947,7 +3947,8 @@ fn strace_e2fsck_killed(cmd: Command) -> Command {
 
 /// An open userspace mapping of an image file holds the same lock a walker run takes on
 /// the image's bytes: `decrypt` (which would rewrite the bytes under the mounted view)
-/// and a second mapping of the same file are refused, nothing written; once closed,
+/// and a second mapping of the same file or name are refused (busy, exit 4), nothing
+/// written; once closed,
 /// `decrypt` runs.
 #[test]
 #[ignore = "needs root and loop devices"]
@@ -4005,9 +4006,14 @@ fn root_orch_open_mapping_locks_its_bytes_against_runs_and_a_second_mapping() {
         "open luksify mapping",
         "decrypt under a mapping",
     );
+    // Held by the mapping: busy (exit 4), as `format` says of the same lock (it was 1).
     let out = open(&format!("{name}b"));
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("locked"), "{}", stderr(&out));
+    // The same name again: busy too, as cryptsetup's "already exists" (5 there).
+    let out = open(&name);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is already open"), "{}", stderr(&out));
     assert_eq!(sha256(&img), before);
     run_ok(luksify(&state).arg("close").arg(&name));
     run_ok(&mut dec);
@@ -4308,7 +4314,7 @@ fn orch_enable_refuses_a_key_file_on_standard_input() {
         ])
         .env("LUKSIFY_ETC_DIR", dir.path().join("etc"))
         .stdin(std::process::Stdio::null()));
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = stderr(&out);
     assert!(
         err.lines().count() == 1
@@ -7705,7 +7711,8 @@ fn root_orch_open_of_a_taken_name_names_the_state_dir_that_closes_it() {
         .args(["close", "--state-dir"])
         .arg(&first)
         .arg(&name));
-    assert!(!out.status.success() && err.contains(&hint), "{err}");
+    assert!(err.contains(&hint), "{err}");
+    assert_eq!(out.status.code(), Some(4), "a taken name is busy: {err}");
     assert!(closed.status.success(), "{}", stderr(&closed));
     run_ok(&mut open_userspace(
         luksify(&second),

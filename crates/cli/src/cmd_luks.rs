@@ -67,8 +67,23 @@ pub struct KdfArgs {
     #[arg(long, short = 'i', value_name = "MS", default_value_t = luksify_luks::kdf::DEFAULT_ITER_TIME_MS, conflicts_with = "pbkdf_force_iterations")]
     iter_time: u32,
     /// PBKDF2 hash (and, when formatting, the AF and digest hash)
-    #[arg(long, default_value = "sha256")]
+    #[arg(long, short = 'h', default_value = "sha256")]
     hash: String,
+}
+
+impl NewHeaderArgs {
+    /// The `--hash` given (for the command line's own tests).
+    #[cfg(test)]
+    pub fn hash(&self) -> &str {
+        &self.kdf.hash
+    }
+}
+
+impl FormatArgs {
+    #[cfg(test)]
+    pub fn hash(&self) -> &str {
+        self.new.hash()
+    }
 }
 
 impl KdfArgs {

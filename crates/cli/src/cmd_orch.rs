@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 /// Exit codes, shown in `--help` of each command that changes disks.
 pub const EXIT_CODES: &str =
     "Exit codes: 0 done; 1 failed or refused (the message says what, why and how to fix, \
-and when nothing was written); 2 bad usage or a wrong passphrase; 3 the data-volume preflight (check, enable, \
+and when nothing was written), or bad usage; 2 a wrong passphrase (no keyslot accepts it); 3 the data-volume preflight (check, enable, \
 disable) found blockers, nothing written; 4 another process holds the lock or the volume \
 (a luksify run or mapping, cryptsetup, qemu, a mount of the device), or changed the header \
 while a key command derived its key, nothing written: run it again; \

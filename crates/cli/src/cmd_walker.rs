@@ -116,6 +116,13 @@ pub struct EncryptArgs {
     tuning: TuningArgs,
 }
 
+impl EncryptArgs {
+    #[cfg(test)]
+    pub fn hash(&self) -> &str {
+        self.new.hash()
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ResumeArgs {
     /// Device of the interrupted run; omit to resume every data volume (see above)

@@ -65,8 +65,8 @@ enum Cmd {
     Orch(cmd_orch::OrchCmd),
 }
 
-/// A command line that cannot work (a required choice missing, say): exit 2, like
-/// clap's own usage errors.
+/// A command line that cannot work (a required choice missing, say): exit 1, as clap's
+/// own usage errors (see `parse_args`).
 #[derive(Debug)]
 pub struct Usage(pub String);
 
@@ -264,7 +264,16 @@ fn may_lock_all_memory() -> bool {
 /// (`--key-size 256 --key-size 512` is 512; it was "cannot be used multiple times", a
 /// trial). Options that collect (`--volume A --volume B`) still collect.
 fn parse_args() -> Cli {
-    parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    parse_from(std::env::args_os()).unwrap_or_else(|e| {
+        if !e.use_stderr() {
+            // --help, --version
+            e.exit()
+        }
+        let _ = e.print();
+        // Bad usage exits 1, as cryptsetup's "wrong parameters" (clap's own is 2, the
+        // wrong passphrase's code).
+        std::process::exit(luksify_orchestrator::exit::USAGE.into())
+    })
 }
 
 fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
@@ -272,12 +281,32 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    use clap::{CommandFactory, FromArgMatches};
+    use clap::FromArgMatches;
+    let matches = command().try_get_matches_from(args)?;
+    Cli::from_arg_matches(&matches)
+}
+
+/// The command line definition as [`parse_from`] reads it: an option given twice takes
+/// its last value, and in a subcommand `-h` is not `--help`. In cryptsetup `-h` is
+/// `--hash`, and a script's `luksify format ... -h sha512` printed help and exited 0
+/// without formatting anything (a trial): `-h` is `--hash` where there is one, and an
+/// unknown option (exit 1) elsewhere. `luksify -h` alone still prints help.
+fn command() -> clap::Command {
+    use clap::CommandFactory;
     fn last_wins(c: clap::Command) -> clap::Command {
         c.args_override_self(true).mut_subcommands(last_wins)
     }
-    let matches = last_wins(Cli::command()).try_get_matches_from(args)?;
-    Cli::from_arg_matches(&matches)
+    fn no_short_help(c: clap::Command) -> clap::Command {
+        c.disable_help_flag(true)
+            .arg(
+                clap::Arg::new("help")
+                    .long("help")
+                    .action(clap::ArgAction::Help)
+                    .help("Print help"),
+            )
+            .mut_subcommands(no_short_help)
+    }
+    last_wins(Cli::command()).mut_subcommands(no_short_help)
 }
 
 fn main() -> ExitCode {
@@ -398,12 +427,64 @@ mod tests {
     /// walker commands and `open`), no conflict naming an option that does not exist.
     #[test]
     fn the_command_line_definition_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
+        super::command().debug_assert();
         let cli = super::parse_from(["luksify", "encrypt", "img", "-d", "k", "--header", "h"]);
         assert!(cli.is_ok(), "{cli:?}");
         let cli = super::parse_from(["luksify", "open", "img", "n", "-d", "k"]);
         assert!(cli.is_ok(), "{cli:?}");
+    }
+
+    /// `-h` is cryptsetup's `--hash` where a command has one, an unknown option (bad
+    /// usage) in the others, never help: a script's `format ... -h sha512` printed help and
+    /// exited 0 with nothing formatted. `--help` and a bare `luksify -h` still help.
+    #[test]
+    fn dash_h_is_the_hash_as_in_cryptsetup_never_help() {
+        use clap::error::ErrorKind;
+        let hash_of = |args: &[&str]| match super::parse_from(args.iter().copied()) {
+            Ok(super::Cli {
+                cmd: super::Cmd::Luks(crate::cmd_luks::LuksCmd::Format(a)),
+            }) => a.hash().to_string(),
+            Ok(super::Cli {
+                cmd: super::Cmd::Walk(crate::cmd_walker::WalkCmd::Encrypt(a)),
+            }) => a.hash().to_string(),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(
+            hash_of(&["luksify", "format", "i", "-d", "k", "-h", "sha512"]),
+            "sha512"
+        );
+        assert_eq!(hash_of(&["luksify", "format", "i", "-d", "k"]), "sha256");
+        assert_eq!(
+            hash_of(&["luksify", "encrypt", "i", "-d", "k", "--header", "h", "-h", "sha1"]),
+            "sha1"
+        );
+        for cmd in [
+            &["luksify", "format", "i", "-h"][..],
+            &["luksify", "dump", "i", "-h"],
+            &["luksify", "decrypt", "i", "-d", "k", "-h", "sha512"],
+            &["luksify", "status", "-h"],
+            &["luksify", "bench", "cipher", "-h"],
+        ] {
+            let e = super::parse_from(cmd.iter().copied()).expect_err(&format!("{cmd:?}"));
+            assert!(
+                matches!(
+                    e.kind(),
+                    ErrorKind::UnknownArgument | ErrorKind::InvalidValue
+                ),
+                "{cmd:?}: {:?} {e}",
+                e.kind()
+            );
+            assert!(e.use_stderr(), "{cmd:?}");
+        }
+        for cmd in [
+            &["luksify", "-h"][..],
+            &["luksify", "--help"],
+            &["luksify", "format", "--help"],
+            &["luksify", "bench", "cipher", "--help"],
+        ] {
+            let e = super::parse_from(cmd.iter().copied()).expect_err(&format!("{cmd:?}"));
+            assert_eq!(e.kind(), ErrorKind::DisplayHelp, "{cmd:?}");
+        }
     }
 
     /// An option given twice takes its last value, as in cryptsetup; one that collects

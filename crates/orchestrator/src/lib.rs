@@ -31,10 +31,12 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// Failure; the message says what, why and how to fix.
     pub const FAILED: u8 = 1;
-    /// Bad command line.
-    pub const USAGE: u8 = 2;
+    /// Bad command line: 1, as cryptsetup's "wrong parameters", so that 2 means a wrong
+    /// passphrase only (a script that asks again on 2 looped on a mistyped option; a
+    /// trial).
+    pub const USAGE: u8 = 1;
     /// No keyslot accepts the passphrase: 2 from every command, as cryptsetup's `open`,
-    /// `reencrypt` and the key commands exit (the same code as [`USAGE`]).
+    /// `reencrypt` and the key commands exit.
     pub const WRONG_PASSPHRASE: u8 = 2;
     /// Preflight found blockers; nothing was written.
     pub const BLOCKED: u8 = 3;

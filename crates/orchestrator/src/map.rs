@@ -376,13 +376,17 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
     validate_name(req.name)?;
     if let Some(r) = load_record(req.state_dir, req.name) {
         if is_live(&r) {
-            return Err(Failure::failed(format!(
-                "mapping {} is already open ({} on {}); close it first with `luksify close {}`",
-                req.name,
-                r.mapped.display(),
-                r.device.display(),
-                req.name
-            )));
+            // Busy (exit 4), as the name held by anything else below.
+            return Err(Failure::new(
+                exit::BUSY,
+                format!(
+                    "mapping {} is already open ({} on {}); close it first with `luksify close {}`",
+                    req.name,
+                    r.mapped.display(),
+                    r.device.display(),
+                    req.name
+                ),
+            ));
         }
         // Its loop device gone but its daemon still serving the view, holding the
         // device open (a `disable` killed while it closed the mapping): that close is
@@ -432,10 +436,13 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
                 req.name, req.name
             ),
         };
-        return Err(Failure::failed(format!(
-            "{} already exists; pick another name or close it ({close})",
-            mapped.display(),
-        )));
+        return Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "{} already exists; pick another name or close it ({close})",
+                mapped.display(),
+            ),
+        ));
     }
     ensure_device_free(req)?;
     let (hdr, seg, vk) = unlock(req.device, req.header, passphrase).map_err(|e| {
@@ -526,26 +533,37 @@ fn open_data_device(device: &Path) -> Result<(File, luksify_walker::lock::DataLo
     o.read(true).write(true);
     // O_EXCL on a block device fails while it is mounted or mapped elsewhere.
     o.custom_flags(libc::O_CLOEXEC | if is_blk { libc::O_EXCL } else { 0 });
-    let cannot = |why: String| {
-        Failure::failed(format!(
-            "cannot open {} for the mapping: {why}; unmount or close what uses it",
-            device.display()
-        ))
+    // Held by another process (in use, locked by a run or a mapping): busy, exit 4, as
+    // `format` says of the same lock (`open` said 1; a trial).
+    let cannot = |why: String, e: &std::io::Error| {
+        let busy = e.raw_os_error() == Some(libc::EBUSY)
+            || matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::ResourceBusy
+            );
+        Failure::new(
+            if busy { exit::BUSY } else { exit::FAILED },
+            format!(
+                "cannot open {} for the mapping: {why}; unmount or close what uses it",
+                device.display()
+            ),
+        )
     };
     let f = o.open(device).map_err(|e| {
-        cannot(if e.raw_os_error() == Some(libc::EBUSY) {
+        let why = if e.raw_os_error() == Some(libc::EBUSY) {
             "it is in use (mounted, mapped or opened exclusively)".to_string()
         } else {
             e.to_string()
-        })
+        };
+        cannot(why, &e)
     })?;
     let lock = if is_blk {
-        let size = luksify_luks::io::Disk::size(&f).map_err(|e| cannot(e.to_string()))?;
+        let size = luksify_luks::io::Disk::size(&f).map_err(|e| cannot(e.to_string(), &e))?;
         luksify_walker::lock::DataLock::block_device(&f, size)
     } else {
         luksify_walker::lock::DataLock::image_file(&f)
     }
-    .map_err(|e| cannot(e.to_string()))?;
+    .map_err(|e| cannot(e.to_string(), &e))?;
     Ok((f, lock))
 }
 
@@ -629,6 +647,9 @@ fn open_userspace(
         Ok(rec)
     } else {
         let _ = child.wait();
+        if let Some(msg) = line.strip_prefix("BUSY ") {
+            return Err(Failure::new(exit::BUSY, msg.trim()));
+        }
         let msg = line
             .strip_prefix("ERR ")
             .unwrap_or("the mapping daemon exited before it was ready")
@@ -641,7 +662,7 @@ fn open_userspace(
 pub const SERVE_SUBCOMMAND: &str = "__serve-mapping";
 
 /// The daemon (`luksify __serve-mapping`): reads the volume key from stdin, mounts
-/// FUSE, attaches the loop device, prints `OK <loop>` (or `ERR <why>`) on stdout,
+/// FUSE, attaches the loop device, prints `OK <loop>` (or `ERR <why>`, `BUSY <why>`) on stdout,
 /// then serves until `close` unmounts the FUSE filesystem. Returns the exit code.
 pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path) -> i32 {
     // Started through /proc/self/exe, its command name would be "exe" in every holder
@@ -696,6 +717,12 @@ pub fn serve(device: &Path, name: &str, header: Option<&Path>, state_dir: &Path)
     };
     let (dev, _data_lock) = match open_data_device(device) {
         Ok(d) => d,
+        // Held by another process: said as busy (`BUSY <why>`), exit 4 in the starter.
+        Err(e) if e.code == exit::BUSY => {
+            let _ = writeln!(stdout, "BUSY {}", e.message.replace('\n', " "));
+            let _ = stdout.flush();
+            return 1;
+        }
         Err(e) => return fail(&mut stdout, e.message),
     };
     let dev_size = match luksify_luks::io::Disk::size(&dev) {
