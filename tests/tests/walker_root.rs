@@ -1348,18 +1348,20 @@ fn root_walker_device_of_partial_4096_byte_blocks_works_both_ways_with_cryptsetu
     );
 }
 
-/// A `none` encryption of a sparse image on a filesystem that fills up mid-run: the
-/// write that meets the full disk is cut short (the first part of its chunk written,
-/// the rest not) and fails. The chunk is read back as that clean prefix, so the header
-/// names nothing as "may be part rewritten" and, once there is room, `resume` finishes
-/// (a trial found such a run unrecoverable by either tool, its failed 4 MiB half done).
-/// A 32 MiB tmpfs holds the 48 MiB image's 24 MiB of data; the rest is a hole.
+/// A `none` encryption of a sparse image on a filesystem that fills up mid-run (another
+/// file takes the room after the run began): the write that meets the full disk is cut
+/// short (the first part of its chunk written, the rest not) and fails. The chunk is read
+/// back as that clean prefix, so the header names nothing as "may be part rewritten" and,
+/// once there is room, `resume` finishes (a trial found such a run unrecoverable by
+/// either tool, its failed 4 MiB half done). While the disk is still full, `resume` is
+/// refused before it writes: the image's holes need more room than there is.
+/// A 64 MiB tmpfs holds the 48 MiB image's 24 MiB of data; the rest is a hole.
 #[test]
 #[ignore = "needs root (mounts a tmpfs)"]
 fn root_walker_a_none_run_on_a_full_filesystem_resumes_once_there_is_room() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let small = Tmpfs::mount(dir.path(), "32M");
+    let small = Tmpfs::mount(dir.path(), "64M");
     let mnt = small.0.clone();
     let img = mnt.join("img");
     let mut orig = vec![0u8; (48 * MIB) as usize];
@@ -1378,30 +1380,156 @@ fn root_walker_a_none_run_on_a_full_filesystem_resumes_once_there_is_room() {
         dir.path().join("hdr").display().to_string(),
         img.display().to_string(),
     );
-    let out = run(luksify_detached("encrypt", &i, &k, &h).args(FAST).args([
-        "--resilience",
-        "none",
-        "--chunk-mib",
-        "4",
-    ]));
-    assert_refused_in_one_line(&out, "No space left on device", "full");
+    let err = dir.path().join("err");
+    let mut enc = luksify_detached("encrypt", &i, &k, &h);
+    enc.args(FAST)
+        .args(["--resilience", "none", "--chunk-mib", "4"])
+        .stderr(std::fs::File::create(&err).unwrap());
+    // Frozen once its journal is live, the room is taken (all but 8 MiB), then it runs on.
+    let frozen = Frozen::after_seqid(&mut enc, Path::new(&h), 3);
+    let free = {
+        let out = run_ok(Command::new("df").args(["-B1", "--output=avail"]).arg(&mnt));
+        let out = String::from_utf8(out.stdout).unwrap();
+        out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap()
+    };
+    run_ok(
+        Command::new("fallocate")
+            .args(["-l", &(free - 8 * MIB).to_string()])
+            .arg(mnt.join("filler")),
+    );
+    let st = frozen.thaw();
+    let said = std::fs::read_to_string(&err).unwrap();
+    assert!(!st.success(), "finished on a full disk: {said}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("the run is still recorded in its header"),
-        "{out:?}"
+        said.lines().count() == 1
+            && said.contains("No space left on device")
+            && said.contains("the run is still recorded in its header"),
+        "{said}"
     );
     let still_full = run(&mut luksify_detached("resume", &i, &k, &h));
-    assert!(!still_full.status.success(), "resumed on a full disk");
+    assert_refused_in_one_line(
+        &still_full,
+        "are holes (a sparse file)",
+        "resume while full",
+    );
     assert!(
         !String::from_utf8_lossy(&still_full.stderr).contains("part rewritten"),
         "{still_full:?}"
     );
     run_ok(
         Command::new("mount")
-            .args(["-o", "remount,size=96M"])
+            .args(["-o", "remount,size=128M"])
             .arg(&mnt),
     );
     run_ok(&mut luksify_detached("resume", &i, &k, &h));
     decrypt_detached_and_check(&img, &k, &h, &orig, "none on a full disk");
+}
+
+/// A sparse image whose filesystem has less room than its holes, directly or under a
+/// loop device, is refused before anything is written, in both layouts, naming the file,
+/// the room to make and the `fallocate` that reserves it (nothing written, no header
+/// file). A loop device's write that finds its filesystem full can lose part of its data
+/// without an error (the kernel completes a short write as done): a trial's walk over
+/// such a loop device recorded a chunk as done whose tail never landed, and `resume` then
+/// called the volume encrypted over garbage. `check` lists it as a blocker. Followed
+/// literally (room made, `fallocate -l`), the advice lets the run through, and it
+/// decrypts to the original.
+#[test]
+#[ignore = "needs root (mounts a tmpfs, loop devices)"]
+fn root_walker_refuses_a_sparse_file_its_filesystem_cannot_fill() {
+    require_root();
+    require_tool("fallocate");
+    let dir = tempfile::tempdir().unwrap();
+    let small = Tmpfs::mount(dir.path(), "40M");
+    let mnt = small.0.clone();
+    let img = mnt.join("img");
+    // 96 MiB, 16 of them data at the start (the rest a hole): 80 MiB of holes, and the
+    // tmpfs has 24 MiB free.
+    let mut orig = vec![0u8; (96 * MIB) as usize];
+    fill_pattern(&mut orig[..(16 * MIB) as usize], 93);
+    std::fs::write(&img, &orig[..(16 * MIB) as usize]).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(96 * MIB)
+        .unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"sparse file").unwrap();
+    let hdr = dir.path().join("hdr");
+    let (k, h, i) = (
+        key.display().to_string(),
+        hdr.display().to_string(),
+        img.display().to_string(),
+    );
+    let lo = LoopDev::attach(&img);
+    let l = lo.path.display().to_string();
+    let mut fix = None;
+    for (dev, what) in [(&l, "loop device"), (&i, "image file")] {
+        for place in [&["--header", &h][..], &["--reduce-device-size", "8M"][..]] {
+            let what = format!("{what} {place:?}");
+            let out = run(Command::new(luksify_bin())
+                .args(["encrypt", dev, "--key-file", &k])
+                .args(place)
+                .args(FAST));
+            assert_refused_in_one_line(&out, "are holes (a sparse file)", &what);
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(err.contains(&format!("80 MiB of {i}")), "{what}: {err}");
+            assert!(err.contains("has 24 MiB free"), "{what}: {err}");
+            assert_eq!(
+                err.contains("the file under this loop device"),
+                dev == &l,
+                "{what}: {err}"
+            );
+            assert!(std::fs::read(&img).unwrap() == orig, "{what}: data changed");
+            assert!(!hdr.exists(), "{what}: a header file was left");
+            let make = err
+                .split("make ")
+                .nth(1)
+                .and_then(|r| r.split(" MiB more room").next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{what}: no room to make in {err}"));
+            let alloc = err
+                .split("`fallocate ")
+                .nth(1)
+                .and_then(|r| r.split('`').next())
+                .unwrap_or_else(|| panic!("{what}: no fallocate in {err}"))
+                .to_string();
+            fix = Some((make, alloc));
+        }
+    }
+    // `check` says it too, as a blocker, before anything goes offline.
+    let state = dir.path().join("state");
+    let out = run(Command::new(luksify_bin())
+        .args(["check", &l, "--json"])
+        .env("LUKSIFY_STATE_DIR", &state));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(said.contains("no_room_for_holes"), "{said}");
+    // Followed literally: that much more room, then the fallocate.
+    let (make, alloc) = fix.unwrap();
+    assert_eq!(make, 81 - 24, "80 MiB of holes and a margin for metadata");
+    run_ok(
+        Command::new("mount")
+            .args(["-o", &format!("remount,size={}M", 40 + make)])
+            .arg(&mnt),
+    );
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("fallocate {alloc}")),
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == orig,
+        "fallocate changed the data"
+    );
+    run_ok(luksify_detached("encrypt", &l, &k, &h).args(FAST));
+    run_ok(&mut luksify_detached("decrypt", &l, &k, &h));
+    drop(lo);
+    assert!(
+        std::fs::read(&img).unwrap() == orig,
+        "not the original after decrypt"
+    );
 }
 
 /// A loop device over a loop device over an image: a run through the top one locked only

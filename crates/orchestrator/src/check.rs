@@ -1125,6 +1125,32 @@ pub fn check_resolved(
             "make it writable (`blockdev --setrw`, or attach the loop device again without -r)".into(),
         );
     }
+    // A sparse file under it (a loop device's backing file) with more holes than its
+    // filesystem has room for: a loop device can lose part of a write to a full
+    // filesystem without an error (a trial's volume was called Encrypted over garbage).
+    if let Some(short) = std::fs::File::open(&r.device)
+        .ok()
+        .and_then(|f| luksify_walker::space::short_of_room(&f))
+    {
+        push(
+            "no_room_for_holes",
+            Severity::Blocker,
+            format!(
+                "{} MiB of {}, the file under {dev_s}, are holes (a sparse file), and its filesystem has {} MiB free",
+                short.holes.div_ceil(1 << 20),
+                short.file.display(),
+                short.free.div_ceil(1 << 20)
+            ),
+            "encryption writes every block: a loop device's write that finds its filesystem full can lose part of its data without an error".into(),
+            format!(
+                "make {} MiB more room on the filesystem holding {}; `fallocate -l {} {}` then reserves it without changing the data",
+                short.missing().div_ceil(1 << 20),
+                short.file.display(),
+                short.len,
+                short.file.display()
+            ),
+        );
+    }
     let dm_uuid = probe::dm_uuid(r.dev);
     // luksify's own view is never read: each read waits on its daemon, and a stopped
     // daemon would hang the check (and the candidate listing of `enable`) for good.

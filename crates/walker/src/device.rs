@@ -230,6 +230,15 @@ impl DataDevice {
                 "is a read-only block device (a loop device attached with `losetup -r`, or set with `blockdev --setro`): make it writable (`blockdev --setrw`, or attach the loop device again without -r) and run again (nothing was written)",
             ));
         }
+        // A sparse file under it (itself, or a loop device's) whose holes need more
+        // room than its filesystem has: refused before anything is written (see
+        // `space`: a loop device can lose part of a write to a full filesystem).
+        if let Some(short) = crate::space::short_of_room(&file) {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                short.to_string(),
+            ));
+        }
         let (size, write_unit, lock) = if is_block {
             // The size and the logical sector size (the unit a power cut may tear at).
             let sz: u64 = block_ioctl(&file, BLKGETSIZE64)?;

@@ -16,6 +16,7 @@ pub mod lock;
 pub mod overlap;
 pub mod powercut;
 mod sha256x16;
+pub mod space;
 mod stage;
 pub mod view;
 

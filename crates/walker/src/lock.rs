@@ -244,7 +244,7 @@ pub(crate) fn loop_status(dev: &File) -> Option<LoopStatus> {
 
 /// The backing file of loop device `major:minor`, from sysfs (the path as the kernel
 /// sees it now; `None` if unbound, or the file was deleted).
-fn loop_backing_path(major: u32, minor: u32) -> Option<PathBuf> {
+pub(crate) fn loop_backing_path(major: u32, minor: u32) -> Option<PathBuf> {
     let s = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file"))
         .ok()?;
     let s = s.trim_end_matches('\n');
