@@ -1178,7 +1178,7 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
         .join(format!("{}.decrypt.luks2", mapper_name(&first)));
     let mut disable = a.cmd();
     disable.arg("disable");
-    let out = run(&mut strace_killed_at_open(disable, &moved));
+    let out = run(&mut disable_killed_before_its_walk(disable, &moved));
     assert!(!out.status.success(), "disable was not killed");
     let out = run(a.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -4023,15 +4023,86 @@ fn root_orch_open_mapping_locks_its_bytes_against_runs_and_a_second_mapping() {
 /// `cmd` under strace, SIGKILLed when it opens `path` (exact, whatever the machine's
 /// speed): the kill lands after everything the run did before it.
 fn strace_killed_at_open(cmd: Command, path: &Path) -> Command {
+    strace_killed_at_nth_open(cmd, path, 1)
+}
+
+/// [`strace_killed_at_open`] at the `n`th open of `path`.
+fn strace_killed_at_nth_open(cmd: Command, path: &Path, n: u32) -> Command {
+    let inject = format!("inject=openat:signal=SIGKILL:when={n}");
     luksify_tests::strace_with(
         &[
             "-P".as_ref(),
             path.as_os_str(),
             "-e".as_ref(),
-            "inject=openat:signal=SIGKILL".as_ref(),
+            inject.as_ref(),
         ],
         &cmd,
     )
+}
+
+/// A `disable` of a volume with its header in front (`fx`'s), SIGKILLed after the
+/// unmount, before its walk: at its second open of the file the header moves to (the
+/// first creates and reserves it while the volume is still mounted).
+fn disable_killed_before_its_walk(cmd: Command, moved: &Path) -> Command {
+    strace_killed_at_nth_open(cmd, moved, 2)
+}
+
+/// `disable` of a volume with its header in front reserves the file its header moves to
+/// while the volume is still mounted: under a file-size limit below the header's size
+/// it failed the header's first write after the unmount, said "the header records
+/// progress" of a run that had recorded nothing, and left the volume unmounted under
+/// DecryptionInProgress with a part-written file (trial E2). Now it is refused with the
+/// limit to raise, the volume mounted and Encrypted, no file left; and a reserved file
+/// left by a disable killed before it went on is no "earlier run": the next `disable`
+/// runs to the end.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_disable_reserves_the_moved_header_before_it_unmounts() {
+    use std::os::unix::process::CommandExt;
+    let fx = Fixture::new(96);
+    fx.enable_ok();
+    let headers = fx.state.join("headers");
+    let moved = headers.join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
+    let mut limited = fx.disable_cmd();
+    // SAFETY: setrlimit is async-signal-safe; it lowers a limit of the child only.
+    unsafe {
+        limited.pre_exec(|| {
+            let eight_mib = libc::rlimit {
+                rlim_cur: 8 << 20,
+                rlim_max: 8 << 20,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &eight_mib);
+            Ok(())
+        });
+    }
+    let out = run(&mut limited);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines().count() == 1
+            && err.contains("cannot reserve 16 MiB for the header file")
+            && err.contains("`ulimit -f unlimited`")
+            && err.contains("nothing was changed")
+            && !err.contains("records progress"),
+        "{err}"
+    );
+    assert!(mount_fields(&fx.mnt).is_some(), "the volume was unmounted");
+    let s = read_status(&fx.state);
+    assert_eq!(s["volumes"][0]["state"], "Encrypted", "{s}");
+    assert!(!moved.exists(), "the header file was left");
+    assert!(luksify_tests::has_luks_header(&fx.dev()));
+    fx.assert_files_unchanged();
+    // A disable killed right after the reservation (its first open of the file, before
+    // anything else): the volume is as it was, and the reserved file is taken over.
+    let out = run(&mut strace_killed_at_open(fx.disable_cmd(), &moved));
+    assert!(!out.status.success(), "disable was not killed");
+    assert!(mount_fields(&fx.mnt).is_some(), "killed after the unmount");
+    std::fs::write(&moved, vec![0u8; 1 << 20]).unwrap();
+    fx.assert_leaves_plain(fx.disable_cmd());
+    assert!(
+        !moved.exists(),
+        "the moved header was left after the disable"
+    );
 }
 
 /// `disable` leaves the volume as it was when it cannot go on: a wrong passphrase is
@@ -4136,7 +4207,7 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
         .join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
     let mut disable = fx.cmd();
     disable.arg("disable");
-    let out = run(&mut strace_killed_at_open(disable, &moved));
+    let out = run(&mut disable_killed_before_its_walk(disable, &moved));
     assert!(!out.status.success(), "disable was not killed");
     assert!(
         mount_fields(&fx.mnt).is_none(),
@@ -9179,7 +9250,10 @@ fn root_orch_a_disable_put_back_after_a_failed_remount_is_put_back_by_the_next_r
         .state
         .join("headers")
         .join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
-    let out = run(&mut strace_killed_at_open(fx.disable_cmd(), &moved));
+    let out = run(&mut disable_killed_before_its_walk(
+        fx.disable_cmd(),
+        &moved,
+    ));
     assert!(!out.status.success(), "disable was not killed");
     assert!(mount_fields(&fx.mnt).is_none(), "killed before the unmount");
     let busy = fx.path_with(

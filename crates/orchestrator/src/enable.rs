@@ -1127,7 +1127,11 @@ fn encrypt_unmounted(
             commit(sw)?;
             not_cancelled(req.cancel)
         })
-        .and_then(|()| header.map(create_header).transpose());
+        .and_then(|()| {
+            header
+                .map(|h| create_header(h, header_bytes(), "pick another --header-dir"))
+                .transpose()
+        });
     let header_file = match prepared {
         Ok(f) => f,
         // (No header file yet: creating it is the last step.) A resize2fs that failed
@@ -1240,11 +1244,11 @@ fn header_bytes() -> u64 {
     FormatOptions::default().header_size().unwrap_or(16 << 20)
 }
 
-/// Creates the detached header file and reserves its whole size before the walker
-/// writes anything, so that a header directory without room is found while the volume
-/// is still plain (its caller mounts it again), not as "no space" half way through the
-/// header's first write.
-fn create_header(h: &Path) -> Result<std::fs::File> {
+/// Creates the detached header file and reserves its whole size (`size` bytes) before
+/// the walker writes anything, so that a header directory without room is found while
+/// the volume is still plain (its caller mounts it again), not as "no space" half way
+/// through the header's first write. `elsewhere`: the other place to put it, if any.
+fn create_header(h: &Path, size: u64, elsewhere: &str) -> Result<std::fs::File> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -1257,14 +1261,15 @@ fn create_header(h: &Path) -> Result<std::fs::File> {
                 h.display()
             ))
         })?;
-    let size = header_bytes();
     if let Err(e) = luksify_walker::device::reserve(&f, size) {
         drop(f);
         let _ = std::fs::remove_file(h);
         let fix = if e.raw_os_error() == Some(libc::EFBIG) {
-            "a file-size limit is in force: run luksify without one, `ulimit -f unlimited` (LimitFSIZE=infinity in a unit)"
+            "a file-size limit is in force: run luksify without one, `ulimit -f unlimited` (LimitFSIZE=infinity in a unit)".to_string()
+        } else if elsewhere.is_empty() {
+            "free space there".to_string()
         } else {
-            "free space there, or pick another --header-dir"
+            format!("free space there, or {elsewhere}")
         };
         return Err(Failure::failed(format!(
             "cannot reserve {} MiB for the header file {} ({e}); fix: {fix}",
@@ -3496,12 +3501,26 @@ fn disable_one(
             crate::status::create_dirs(&dir, 0o700)
                 .map_err(|e| Failure::failed(format!("cannot create {} ({e})", dir.display())))?;
             let h = dir.join(format!("{}.decrypt.luks2", v.mapper));
+            // Reserved by a disable stopped before it went on (no run recorded: this
+            // volume's status names no header): nothing in it, it goes.
+            if h.exists() && only_zeros(&h) {
+                let _ = std::fs::remove_file(&h);
+            }
             if h.exists() {
                 return Err(Failure::failed(format!(
                     "{} exists from an earlier run; if that run was interrupted, `luksify resume` finishes it",
                     h.display()
                 )));
             }
+            // Its whole size reserved now, while the volume is still mounted: a limit on
+            // file sizes (`ulimit -f`) or a full state directory failed the header's
+            // first write after the unmount, and the volume was left unmounted under
+            // "DecryptionInProgress" with a message that progress was recorded (a
+            // trial). The walker takes the reserved file as a new one.
+            let size = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+            drop(create_header(&h, size, "").map_err(|e| {
+                Failure::new(e.code, format!("{}; nothing was changed", e.message))
+            })?);
             h
         }
     };
@@ -3576,6 +3595,10 @@ fn disable_one(
             });
             if let Err(e) = closed {
                 sw.status.volumes[idx].header = v.header.clone();
+                // The file reserved for a header in front, never written: it goes.
+                if v.header.is_none() && only_zeros(&header) {
+                    let _ = std::fs::remove_file(&header);
+                }
                 return Err(put_back(
                     sw,
                     idx,
