@@ -1532,6 +1532,133 @@ fn root_walker_refuses_a_sparse_file_its_filesystem_cannot_fill() {
     );
 }
 
+/// What stands in the way of a detached header's storage is said of the header, with its
+/// fix, and nothing is written (trial E2: each was said of the healthy data device, with
+/// no cause):
+/// - an immutable header file ("Operation not permitted"): `chattr -i`;
+/// - a header device made read-only between runs: refused up front, `blockdev --setrw`;
+/// - one made read-only mid-run: the failed header write names the header and the fix;
+/// - a header loop device over a sparse file without room for it: refused up front (its
+///   failing writes sent the user to ddrescue the data device).
+///
+/// Each fixed as said, `resume` finishes, and the volume decrypts to the original.
+#[test]
+#[ignore = "needs root (loop devices, chattr, a tmpfs)"]
+fn root_walker_header_storage_problems_are_named_on_the_header() {
+    require_root();
+    require_tool("chattr");
+    require_tool("blockdev");
+    let (dir, orig) = scratch(48, 61);
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).display().to_string();
+    let (key, img) = (s("key"), s("img"));
+    let resume = |hdr: &str| run(&mut luksify_detached("resume", &img, &key, hdr));
+    let started = |hdr: &str| {
+        let mut enc = luksify_detached("encrypt", &img, &key, hdr);
+        enc.args(FAST)
+            .args(SMALL)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        drop(Frozen::after_seqid(&mut enc, Path::new(hdr), 3));
+    };
+    let unchanged = |what: &str, before: &[u8]| {
+        assert!(
+            std::fs::read(p("img")).unwrap() == before,
+            "{what}: data changed"
+        );
+    };
+
+    // An immutable header file.
+    let hdr = s("hdr");
+    started(&hdr);
+    let mid = std::fs::read(p("img")).unwrap();
+    run_ok(Command::new("chattr").arg("+i").arg(&hdr));
+    let out = resume(&hdr);
+    let _ = Command::new("chattr").arg("-i").arg(&hdr).status();
+    assert_refused_in_one_line(&out, &format!("`chattr -i -a {hdr}`"), "immutable header");
+    unchanged("immutable header", &mid);
+    run_ok(&mut luksify_detached("resume", &img, &key, &hdr));
+    decrypt_detached_and_check(&p("img"), &key, &hdr, &orig, "immutable header");
+
+    // A header device made read-only between runs, then mid-run.
+    std::fs::write(p("hdev"), vec![0u8; (17 * MIB) as usize]).unwrap();
+    let lh = LoopDev::attach(&p("hdev"));
+    let h = lh.path.display().to_string();
+    // The read-only flag outlives the loop device's detach (the next one attached at
+    // that number is read-only too): always cleared.
+    struct SetRw(String);
+    impl Drop for SetRw {
+        fn drop(&mut self) {
+            let _ = Command::new("blockdev").args(["--setrw", &self.0]).status();
+        }
+    }
+    let _rw = SetRw(h.clone());
+    started(&h);
+    let mid = std::fs::read(p("img")).unwrap();
+    run_ok(Command::new("blockdev").args(["--setro", &h]));
+    let out = resume(&h);
+    assert_refused_in_one_line(
+        &out,
+        &format!("header device {h} is a read-only block device"),
+        "read-only header device",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("`blockdev --setrw {h}`")),
+        "{out:?}"
+    );
+    unchanged("read-only header device", &mid);
+    run_ok(Command::new("blockdev").args(["--setrw", &h]));
+    let mut res = luksify_detached("resume", &img, &key, &h);
+    res.stderr(std::fs::File::create(p("err")).unwrap());
+    let frozen = Frozen::after_seqid(
+        &mut res,
+        Path::new(&h),
+        luksify_tests::header_seqid(Path::new(&h)) + 2,
+    );
+    run_ok(Command::new("blockdev").args(["--setro", &h]));
+    let st = frozen.thaw();
+    let said = std::fs::read_to_string(p("err")).unwrap();
+    assert!(
+        !st.success(),
+        "finished on a read-only header device: {said}"
+    );
+    assert!(
+        said.lines().count() == 1
+            && said.contains(&format!("header {h}: "))
+            && said.contains(&format!("`blockdev --setrw {h}`"))
+            && said.contains("the run is still recorded in its header"),
+        "{said}"
+    );
+    run_ok(Command::new("blockdev").args(["--setrw", &h]));
+    run_ok(&mut luksify_detached("resume", &img, &key, &h));
+    decrypt_detached_and_check(
+        &p("img"),
+        &key,
+        &h,
+        &orig,
+        "header device read-only mid-run",
+    );
+    drop(lh);
+
+    // A header loop device over a sparse file on a filesystem without room for it.
+    let small = Tmpfs::mount(dir.path(), "4M");
+    let sparse = small.0.join("hdev");
+    sparse_file(&sparse, 32 * MIB);
+    let lh = LoopDev::attach(&sparse);
+    let h = lh.path.display().to_string();
+    let out = run(luksify_detached("encrypt", &img, &key, &h).args(FAST));
+    assert_refused_in_one_line(
+        &out,
+        &format!("header device {h}: 32 MiB of"),
+        "sparse header device",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("are holes (a sparse file)"),
+        "{out:?}"
+    );
+    unchanged("sparse header device", &orig);
+}
+
 /// A loop device over a loop device over an image: a run through the top one locked only
 /// the middle one's device node, so runs on the image and on the middle loop device
 /// went on beside it and all finished, the data encrypted twice (a trial). The lock now

@@ -367,16 +367,17 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
                 // A block device the header would move to must not hold anything else.
                 refuse_used_header_device(dev, h, &open_header_device(dev, h)?, true)?;
             }
-            let hf = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(h)
-                .with_context(|| {
-                    format!("{}: cannot open header file {}", dev.display(), h.display())
-                })?;
+            let hf = header_for_writing(
+                dev,
+                h,
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600),
+                "open",
+            )?;
             let hf = header_disk(dev, h, hf)?;
             let r = luksify_walker::decrypt(&data, Some(&hf), pass, &opts, &ctl);
             let nothing = r.is_err() || matches!(r, Ok(Outcome::NotStarted));
@@ -612,6 +613,70 @@ fn open_header_device(dev: &Path, h: &Path) -> anyhow::Result<std::fs::File> {
     })
 }
 
+/// Opens header `h` (a file or a block device) for writing with `o`, or says why it
+/// cannot be written and what to do, nothing written: an immutable file ("Operation not
+/// permitted", a trial), a read-only filesystem, a read-only block device (whose open
+/// for writing succeeds and whose every write fails).
+fn header_for_writing(
+    dev: &Path,
+    h: &Path,
+    o: &OpenOptions,
+    verb: &str,
+) -> anyhow::Result<std::fs::File> {
+    let (d, hd) = (dev.display(), h.display());
+    let f = o.open(h).map_err(|e| {
+        let why = match e.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) if immutable(h) => format!(
+                ": it is immutable or append-only (`lsattr {hd}`): `chattr -i -a {hd}`, then run again (nothing was written)"
+            ),
+            Some(libc::EROFS) => ": it is on a read-only filesystem: mount that read-write, or name a header elsewhere (nothing was written)".to_string(),
+            _ => String::new(),
+        };
+        anyhow::anyhow!("{d}: cannot {verb} header file {hd}: {e}{why}")
+    })?;
+    if is_block_device(h) {
+        refuse_unwritable_header_device(dev, h, &f)?;
+    }
+    Ok(f)
+}
+
+/// Refuses header block device `h` (open as `f`) where its writes would fail or be lost:
+/// read-only, or a loop device over a sparse file without room for it (as the data).
+fn refuse_unwritable_header_device(dev: &Path, h: &Path, f: &std::fs::File) -> anyhow::Result<()> {
+    let (d, hd) = (dev.display(), h.display());
+    if luksify_walker::device::block_device_read_only(f).unwrap_or(false) {
+        bail!(
+            "{d}: header device {hd} is a read-only block device (a loop device attached with `losetup -r`, or set with `blockdev --setro`): make it writable (`blockdev --setrw {hd}`), then run again (nothing was written)"
+        );
+    }
+    if let Some(short) = luksify_walker::space::short_of_room(f) {
+        bail!("{d}: header device {hd}: {short}");
+    }
+    Ok(())
+}
+
+/// Whether file `p` carries the immutable or append-only attribute (`chattr +i`/`+a`),
+/// under which even root's open for writing fails with EPERM.
+fn immutable(p: &Path) -> bool {
+    const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+    const FS_IMMUTABLE_FL: libc::c_long = 0x10;
+    const FS_APPEND_FL: libc::c_long = 0x20;
+    let Ok(f) = std::fs::File::open(p) else {
+        return false;
+    };
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one `long` into `flags`, which outlives the call;
+    // a file without attributes fails the ioctl without writing.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            FS_IOC_GETFLAGS as _,
+            &mut flags as *mut libc::c_long,
+        )
+    };
+    rc == 0 && flags & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0
+}
+
 /// The detached header `h`, open as `f`, as the walker takes it: with cryptsetup's
 /// metadata lock around each header read and write, for a block device too.
 fn header_disk(
@@ -655,6 +720,19 @@ fn walk_error(
     }
     let io = io_source(&e).map(|s| s.raw_os_error());
     let recorded = io.is_some() && is_luks_file(header.unwrap_or(dev));
+    // An I/O error of the header's own storage: said of it, not of the data device (a
+    // trial was sent to ddrescue the healthy data disk when its header device failed).
+    let on_header = header.filter(|_| io.is_some() && header_op(&e));
+    if let Some(h) = on_header.filter(|_| !recorded) {
+        return anyhow::anyhow!(
+            "{}: header {}: {}{}; the header's storage failed there (a bad sector, a failing disk, a loop device over a full filesystem: `dmesg` names it), before the run began: nothing on {} was written; fix it or name a header elsewhere, then run again",
+            dev.display(),
+            h.display(),
+            naming_header(&e.to_string(), header),
+            read_only_now(h),
+            dev.display()
+        );
+    }
     if recorded {
         anyhow::anyhow!("{}: {}", dev.display(), walk_error_text(header, e, hint))
     } else if io == Some(Some(libc::EIO)) && header.is_some_and(unreadable) {
@@ -721,6 +799,34 @@ fn walk_error(
     }
 }
 
+/// " (H is a read-only block device now: ...)" when header `h` is one.
+fn read_only_now(h: &Path) -> String {
+    let ro = is_block_device(h)
+        && std::fs::File::open(h)
+            .ok()
+            .and_then(|f| luksify_walker::device::block_device_read_only(&f).ok())
+            .unwrap_or(false);
+    if ro {
+        format!(
+            " ({} is a read-only block device now: `blockdev --setrw {}`)",
+            h.display(),
+            h.display()
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// Whether walker error `e` is of an operation on the header's storage (with a detached
+/// header, every header read, write and flush; the data's are named otherwise).
+fn header_op(e: &luksify_walker::Error) -> bool {
+    match e {
+        luksify_walker::Error::Io { what, .. } => what.contains("header"),
+        luksify_walker::Error::Luks(luksify_luks::Error::Io { .. }) => true,
+        _ => false,
+    }
+}
+
 /// The I/O error under a walker error: the data's, or the header's (a header write
 /// that failed is as much the run's I/O error as a data write).
 fn io_source(e: &luksify_walker::Error) -> Option<&std::io::Error> {
@@ -735,6 +841,15 @@ fn io_source(e: &luksify_walker::Error) -> Option<&std::io::Error> {
 /// with how to go on: resume, or for a resilience-`none` run with bytes named hot, which
 /// no resume finishes, what resume will name.
 fn walk_error_text(header: Option<&Path>, e: luksify_walker::Error, hint: &str) -> String {
+    // The header's own storage failed: said of it (with a detached header).
+    if let Some(h) = header.filter(|_| header_op(&e)) {
+        let ro = read_only_now(h);
+        return format!(
+            "header {}: {}{ro}",
+            h.display(),
+            walk_error_text(None, e, hint)
+        );
+    }
     if header.is_some_and(none_window) {
         format!(
             "{e}; the run is recorded in its header, but with resilience `none` the bytes it was writing may be part rewritten: once that is fixed, `{hint}` names them, to restore from a backup (a run with --resilience checksum or journal continues from such an error)"
@@ -812,6 +927,7 @@ fn open_new_header(
                 )
             })?;
         refuse_used_header_device(dev, h, &f, false)?;
+        refuse_unwritable_header_device(dev, h, &f)?;
         let have = header_device_bytes(dev, h, &f)?;
         if have < size {
             bail!(
@@ -875,20 +991,17 @@ fn open_new_header(
             );
         }
     }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(h)
-        .with_context(|| {
-            format!(
-                "{}: cannot create header file {}",
-                dev.display(),
-                h.display()
-            )
-        })?;
+    let f = header_for_writing(
+        dev,
+        h,
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600),
+        "create",
+    )?;
     // Held from the first instant (the walker takes it again on this same open file),
     // so a second run naming the same new file is refused instead of sharing it.
     claim_header_file(dev, h, &f)?;
@@ -1031,13 +1144,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let hint = resume_hint(dev, key_file, a.part, a.header.as_deref());
     let outcome = match &a.header {
         Some(h) => {
-            let hf = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(h)
-                .with_context(|| {
-                    format!("{}: cannot open header file {}", dev.display(), h.display())
-                })?;
+            let hf = header_for_writing(dev, h, OpenOptions::new().read(true).write(true), "open")?;
             let hf = header_disk(dev, h, hf)?;
             // A header file without a readable header (empty, foreign, broken; the walker
             // has already told a first header write that was cut from those) is the
