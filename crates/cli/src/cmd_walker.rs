@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Subcommand, Debug)]
 pub enum WalkCmd {
@@ -79,6 +80,17 @@ pub struct TuningArgs {
     /// Worker threads (0: one per CPU, at most 4)
     #[arg(long, default_value_t = 0, hide = true)]
     workers: usize,
+    /// Largest hotzone between two header commits, as cryptsetup's (e.g. 16M; at least 4K)
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    hotzone_size: Option<u64>,
+    /// A progress line every SECS seconds on standard output, terminal or not (as
+    /// cryptsetup's); without it, a line redrawn on a terminal only
+    #[arg(long, value_name = "SECS")]
+    progress_frequency: Option<u32>,
+    /// Progress as one JSON object per line on standard output, with cryptsetup's fields
+    /// (device, device_bytes, device_size, speed in bytes/s, eta_ms, time_ms; strings)
+    #[arg(long)]
+    progress_json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -214,7 +226,10 @@ fn resilience_hash(dev: &Path, name: &str) -> anyhow::Result<luksify_walker::Has
 fn tuning(t: &TuningArgs) -> Tuning {
     Tuning {
         chunk: (t.chunk_mib.max(1)) << 20,
-        hotzone: (t.hotzone_kib.max(4)) << 10,
+        hotzone: t
+            .hotzone_size
+            .map_or(t.hotzone_kib << 10, |b| b)
+            .max(4 << 10),
         workers: match t.workers {
             0 => Tuning::default().workers,
             n => n,
@@ -239,22 +254,146 @@ fn install_cancel() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-fn progress_printer() -> impl Fn(ProgressInfo) + Sync {
-    let tty = std::io::stderr().is_terminal();
-    move |p: ProgressInfo| {
-        if tty {
-            let pct = if p.total > 0 {
+/// How a run shows its progress: cryptsetup's lines and JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProgressStyle {
+    /// A line redrawn with `\r` on a terminal (standard error), nothing otherwise.
+    Bar,
+    /// A line every so often on standard output (`--progress-frequency`).
+    Lines,
+    /// A JSON object per line on standard output (`--progress-json`).
+    Json,
+}
+
+/// cryptsetup's time format: `02m05s`, `26h12m44s` past 90 minutes, `3 days` past 36 hours.
+fn human_time(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    if s < 90 * 60 {
+        format!("{:02}m{:02}s", s / 60, s % 60)
+    } else if s < 36 * 3600 {
+        format!("{:02}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{:02} days", s / 86400)
+    }
+}
+
+/// Bytes in cryptsetup's whole units: MiB below 4 GiB, then GiB, TiB.
+fn human_bytes(b: u64) -> String {
+    if b < 1 << 32 {
+        format!("{:4} MiB", b >> 20)
+    } else if b < 1 << 42 {
+        format!("{:4} GiB", b >> 30)
+    } else {
+        format!("{:4} TiB", b >> 40)
+    }
+}
+
+/// A rate in cryptsetup's units.
+fn human_speed(bps: f64) -> String {
+    let (v, u) = if bps > (1u64 << 30) as f64 {
+        (bps / (1u64 << 30) as f64, "GiB")
+    } else if bps > (1u64 << 20) as f64 {
+        (bps / (1u64 << 20) as f64, "MiB")
+    } else if bps > 1024.0 {
+        (bps / 1024.0, "KiB")
+    } else {
+        (bps, "B")
+    };
+    format!("speed {v:5.1} {u}/s")
+}
+
+/// One progress report as `style` shows it, `secs` into the run, at `bps` (this run's
+/// bytes over its time): "Progress: 12.5%, ETA 00m10s, 128 MiB written, speed 50.0
+/// MiB/s", "Finished, time ..." at the end, or the JSON object.
+fn progress_text(
+    style: ProgressStyle,
+    dev: &Path,
+    p: &ProgressInfo,
+    secs: f64,
+    bps: f64,
+) -> String {
+    let left = p.total.saturating_sub(p.done);
+    let eta = if bps > 0.0 { left as f64 / bps } else { 0.0 };
+    let done = p.done >= p.total;
+    match style {
+        ProgressStyle::Json => serde_json::json!({
+            "device": dev.display().to_string(),
+            "device_bytes": p.done.to_string(),
+            "device_size": p.total.to_string(),
+            "speed": (bps as u64).to_string(),
+            "eta_ms": (if done { 0 } else { (eta * 1000.0) as u64 }).to_string(),
+            "time_ms": ((secs * 1000.0) as u64).to_string(),
+        })
+        .to_string(),
+        _ if done => format!(
+            "Finished, time {}, {} written, {}",
+            human_time(secs),
+            human_bytes(p.done),
+            human_speed(bps)
+        ),
+        _ => format!(
+            "Progress: {:5.1}%, ETA {}, {} written, {}",
+            if p.total > 0 {
                 p.done as f64 * 100.0 / p.total as f64
             } else {
                 100.0
-            };
-            err!(
-                "\r{pct:5.1}% {} / {} MiB, {} MiB/s   ",
-                p.done >> 20,
-                p.total >> 20,
-                p.bytes_per_sec >> 20
-            );
-            crate::BAR_OPEN.store(true, std::sync::atomic::Ordering::SeqCst);
+            },
+            human_time(eta),
+            human_bytes(p.done),
+            human_speed(bps)
+        ),
+    }
+}
+
+/// The walker's progress callback for `dev`, shown as the options say. The rate is this
+/// run's bytes over its time since the first report (the first figure had been one
+/// chunk's instant rate, 316 MiB/s, then 21; a trial); a line is shown at most every
+/// `--progress-frequency` seconds (half a second on a terminal, as cryptsetup), and the
+/// last one when the walk is done.
+fn progress_printer(dev: &Path, t: &TuningArgs) -> impl Fn(ProgressInfo) + Sync {
+    let style = if t.progress_json {
+        ProgressStyle::Json
+    } else if t.progress_frequency.is_some() {
+        ProgressStyle::Lines
+    } else {
+        ProgressStyle::Bar
+    };
+    let tty = std::io::stderr().is_terminal();
+    let every = Duration::from_millis(t.progress_frequency.map_or(500, |s| u64::from(s) * 1000));
+    let dev = dev.to_path_buf();
+    // (start, bytes done at the start, last shown)
+    let state = std::sync::Mutex::new(None::<(Instant, u64, Instant)>);
+    move |p: ProgressInfo| {
+        if style == ProgressStyle::Bar && !tty {
+            return;
+        }
+        let now = Instant::now();
+        let mut g = state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((start, base, last)) = g.as_mut() else {
+            *g = Some((now, p.done, now));
+            return;
+        };
+        let done = p.done >= p.total;
+        if !done && now.duration_since(*last) < every {
+            return;
+        }
+        *last = now;
+        let secs = now.duration_since(*start).as_secs_f64();
+        if secs <= 0.0 {
+            return;
+        }
+        let bps = p.done.saturating_sub(*base) as f64 / secs;
+        let text = progress_text(style, &dev, &p, secs, bps);
+        match style {
+            ProgressStyle::Bar => {
+                // Cleared and redrawn (vt100 erase line), as cryptsetup's.
+                err!("\x1b[2K\r{text}");
+                crate::BAR_OPEN.store(true, std::sync::atomic::Ordering::SeqCst);
+                if done {
+                    crate::end_bar();
+                }
+            }
+            _ => outln!("{text}"),
         }
     }
 }
@@ -314,7 +453,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
         tuning: tuning(&a.tuning),
     };
     let cancel = install_cancel()?;
-    let pp = progress_printer();
+    let pp = progress_printer(dev, &a.tuning);
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
@@ -514,7 +653,7 @@ fn encrypt(a: EncryptArgs) -> anyhow::Result<ExitCode> {
     };
     let data = open_data(dev, a.tuning.buffered)?;
     let cancel = install_cancel()?;
-    let pp = progress_printer();
+    let pp = progress_printer(dev, &a.tuning);
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
@@ -1124,7 +1263,7 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     let data = open_data(dev, a.tuning.buffered)?;
     let cancel = install_cancel()?;
-    let pp = progress_printer();
+    let pp = progress_printer(dev, &a.tuning);
     let ctl = Control {
         progress: Some(&pp),
         cancel: Some(&cancel),
@@ -1251,5 +1390,43 @@ fn run_kind(h: &Path) -> &'static str {
             "decryption"
         }
         None => "run",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cryptsetup's units and formats, the rate and ETA from this run's bytes and time.
+    #[test]
+    fn progress_lines_are_cryptsetups() {
+        assert_eq!(human_time(125.9), "02m05s");
+        assert_eq!(human_time(2.0 * 3600.0 + 61.0), "02h01m01s");
+        assert_eq!(human_time(40.0 * 86400.0), "40 days");
+        assert_eq!(human_bytes(3 << 20), "   3 MiB");
+        assert_eq!(human_bytes(5 << 30), "   5 GiB");
+        assert_eq!(human_speed(512.0), "speed 512.0 B/s");
+        assert_eq!(human_speed(50.0 * 1048576.0), "speed  50.0 MiB/s");
+        let dev = Path::new("/dev/loop9");
+        let p = ProgressInfo {
+            done: 256 << 20,
+            total: 1 << 30,
+            bytes_per_sec: 0,
+        };
+        let bps = (128u64 << 20) as f64 / 2.0;
+        assert_eq!(
+            progress_text(ProgressStyle::Lines, dev, &p, 2.0, bps),
+            "Progress:  25.0%, ETA 00m12s,  256 MiB written, speed  64.0 MiB/s"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&progress_text(ProgressStyle::Json, dev, &p, 2.0, bps)).unwrap();
+        assert_eq!(j["eta_ms"], "12000");
+        assert_eq!(j["speed"], (64u64 << 20).to_string());
+        assert_eq!(j["time_ms"], "2000");
+        let end = ProgressInfo { done: 1 << 30, ..p };
+        assert_eq!(
+            progress_text(ProgressStyle::Bar, dev, &end, 65.0, bps),
+            "Finished, time 01m05s, 1024 MiB written, speed  64.0 MiB/s"
+        );
     }
 }
