@@ -2664,3 +2664,118 @@ fn luks_cli_a_key_command_that_lost_a_race_exits_busy() {
     assert!(std::fs::read(&img).unwrap() == theirs, "add-key wrote");
     assert!(luksify_tests::cryptsetup_opens(&img, &k1));
 }
+
+/// cryptsetup's command names work as they are (`luksFormat`, `luksDump`, `luksAddKey`,
+/// `luksChangeKey`, `luksRemoveKey`), and `isLuks` and `luksUUID` answer as cryptsetup's:
+/// the same exit codes for LUKS2, LUKS1, a detached header, a blank image and a missing
+/// file (with and without `--type`), and the same UUID. (A trial's script found only
+/// "unrecognized subcommand 'luksDump'", and no isLuks or luksUUID.)
+#[test]
+fn luks_cli_takes_cryptsetups_command_names_and_answers_isluks_and_luksuuid_as_it() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let key = d.file("key", b"cryptsetup names");
+    let key2 = d.file("key2", b"second passphrase");
+    let fast = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let l2 = d.image("l2", 24 << 20);
+    let l1 = d.image("l1", 24 << 20);
+    let data = d.image("data", 24 << 20);
+    let hdr = d.path("hdr");
+    let blank = d.image("blank", 24 << 20);
+    run_ok(lx(&["luksFormat", p(&l2), "--key-file", p(&key)]).args(fast));
+    run_ok(
+        lx(&[
+            "luksFormat",
+            p(&l1),
+            "--key-file",
+            p(&key),
+            "--type",
+            "luks1",
+        ])
+        .args(fast),
+    );
+    run_ok(
+        lx(&[
+            "format",
+            p(&data),
+            "--key-file",
+            p(&key),
+            "--header",
+            p(&hdr),
+        ])
+        .args(fast),
+    );
+    run_ok(
+        lx(&[
+            "luksAddKey",
+            p(&l2),
+            "--key-file",
+            p(&key),
+            "--new-key-file",
+            p(&key2),
+        ])
+        .args(fast),
+    );
+    assert_eq!(test_passphrase(&l2, &key2), Some(0));
+    run_ok(
+        lx(&[
+            "luksChangeKey",
+            p(&l2),
+            "--key-file",
+            p(&key2),
+            "--new-key-file",
+            p(&key2),
+        ])
+        .args(fast),
+    );
+    run_ok(&mut lx(&["luksRemoveKey", p(&l2), "--key-file", p(&key2)]));
+    assert_eq!(test_passphrase(&l2, &key2), Some(2));
+    let ours = run_ok(&mut lx(&["luksDump", p(&l2)]));
+    assert_eq!(ours.stdout, run_ok(&mut lx(&["dump", p(&l2)])).stdout);
+    let missing = d.path("missing");
+    for (what, args) in [
+        ("luks2", vec![p(&l2)]),
+        ("luks1", vec![p(&l1)]),
+        ("detached", vec![p(&data), "--header", p(&hdr)]),
+        ("the detached data alone", vec![p(&data)]),
+        ("blank", vec![p(&blank)]),
+        ("missing", vec![p(&missing)]),
+    ] {
+        for ty in [None, Some("luks1"), Some("luks2")] {
+            let with_type = |c: &mut Command| {
+                if let Some(t) = ty {
+                    c.args(["--type", t]);
+                }
+            };
+            let mut c = Command::new("cryptsetup");
+            c.arg("isLuks").args(&args);
+            with_type(&mut c);
+            let want = run(&mut c).status.code();
+            let mut c = lx(&["isLuks"]);
+            c.args(&args);
+            with_type(&mut c);
+            let out = run(&mut c);
+            if what == "missing" {
+                // cryptsetup's 4 ("wrong device") is luksify's "busy": a missing file is
+                // a failure (1) said in one line, as every luksify command says it.
+                assert_eq!(want, Some(4), "cryptsetup isLuks of a missing file");
+                assert_refused_in_one_line(&out, "No such file", "isLuks of a missing file");
+                continue;
+            }
+            assert_eq!(out.status.code(), want, "isLuks {what} {ty:?}: {out:?}");
+            assert!(
+                out.stdout.is_empty() && out.stderr.is_empty(),
+                "{what}: {out:?}"
+            );
+        }
+        if ["luks2", "luks1", "detached"].contains(&what) {
+            let want = run_ok(Command::new("cryptsetup").arg("luksUUID").args(&args)).stdout;
+            let got = run_ok(lx(&["luksUUID"]).args(&args)).stdout;
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want),
+                "{what}"
+            );
+        }
+    }
+}

@@ -35,17 +35,48 @@ impl std::error::Error for WrongPassphrase {}
 #[derive(Subcommand, Debug)]
 pub enum LuksCmd {
     /// Create a LUKS2 (or LUKS1) header, like `cryptsetup luksFormat`
+    #[command(visible_alias = "luksFormat", after_help = crate::cmd_orch::EXIT_CODES)]
     Format(Box<FormatArgs>),
     /// Print the header, like `cryptsetup luksDump`
+    #[command(visible_alias = "luksDump", after_help = crate::cmd_orch::EXIT_CODES)]
     Dump(DumpArgs),
     /// Check a passphrase without opening the volume (exit 0 if it unlocks)
+    #[command(after_help = crate::cmd_orch::EXIT_CODES)]
     TestPassphrase(TestArgs),
     /// Add a passphrase keyslot, like `cryptsetup luksAddKey`
+    #[command(visible_alias = "luksAddKey", after_help = crate::cmd_orch::EXIT_CODES)]
     AddKey(AddKeyArgs),
     /// Remove the keyslot a passphrase opens, like `cryptsetup luksRemoveKey`
+    #[command(visible_alias = "luksRemoveKey", after_help = crate::cmd_orch::EXIT_CODES)]
     RemoveKey(RemoveKeyArgs),
     /// Change a passphrase, like `cryptsetup luksChangeKey`
+    #[command(visible_alias = "luksChangeKey", after_help = crate::cmd_orch::EXIT_CODES)]
     ChangeKey(ChangeKeyArgs),
+    /// Exit 0 if the device (or --header) holds a valid LUKS header, else 1, like
+    /// `cryptsetup isLuks`
+    #[command(visible_alias = "isLuks", after_help = crate::cmd_orch::EXIT_CODES)]
+    IsLuks(IsLuksArgs),
+    /// Print the volume's UUID, like `cryptsetup luksUUID`
+    #[command(visible_alias = "luksUUID", after_help = crate::cmd_orch::EXIT_CODES)]
+    Uuid(UuidArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IsLuksArgs {
+    #[command(flatten)]
+    vol: HeaderedDevice,
+    /// Only this version: luks1 or luks2 (as cryptsetup's --type)
+    #[arg(long = "type", value_name = "TYPE")]
+    luks_type: Option<String>,
+    /// Say why it is not (cryptsetup prints it with -v)
+    #[arg(long, short = 'v')]
+    verbose: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct UuidArgs {
+    #[command(flatten)]
+    vol: HeaderedDevice,
 }
 
 /// KDF options shared by commands that create keyslots.
@@ -396,7 +427,64 @@ pub fn run(cmd: LuksCmd) -> Result<ExitCode> {
         LuksCmd::AddKey(a) => add_key(a),
         LuksCmd::RemoveKey(a) => remove_key(a),
         LuksCmd::ChangeKey(a) => change_key(a),
+        LuksCmd::IsLuks(a) => is_luks(a),
+        LuksCmd::Uuid(a) => uuid(a),
     }
+}
+
+/// `isLuks`: a valid header (of the version asked) or exit 1; quiet unless -v, as
+/// cryptsetup's.
+fn is_luks(a: IsLuksArgs) -> Result<ExitCode> {
+    let path = a.vol.meta();
+    let want = match a
+        .luks_type
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None => None,
+        Some("luks1") => Some(1),
+        Some("luks2") => Some(2),
+        Some("luks") => None,
+        Some(t) => return Err(crate::Usage(format!("--type {t}: give luks1 or luks2")).into()),
+    };
+    // A device that cannot be opened is an error, said (cryptsetup exits 4, luksify's
+    // "busy"); one that opens and holds no valid header is the quiet answer 1.
+    let f = open_ro(path)?;
+    let why = match Volume::read(&f).map(|(v, _)| v) {
+        Ok(v) => {
+            let version = match v {
+                Volume::Luks1(_) => 1,
+                Volume::Luks2(_) => 2,
+            };
+            match want {
+                Some(w) if w != version => Some(format!(
+                    "{} is a LUKS{version} device, not LUKS{w}",
+                    path.display()
+                )),
+                _ => None,
+            }
+        }
+        Err(e) => Some(format!("{}: not a valid LUKS device ({e})", path.display())),
+    };
+    match why {
+        None => Ok(ExitCode::SUCCESS),
+        Some(w) => {
+            if a.verbose {
+                errln!("luksify: {w}");
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// `luksUUID`: the UUID on standard output.
+fn uuid(a: UuidArgs) -> Result<ExitCode> {
+    let path = a.vol.meta();
+    let f = open_ro(path)?;
+    let vol = read_volume(path, &f)?;
+    outln!("{}", vol.uuid());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Opens `path` for writing a header: a read-only block device (which opens for

@@ -165,7 +165,7 @@ pub enum OrchCmd {
     /// Install dist/luksify-resume.service (built into the binary) as
     /// PREFIX/etc/systemd/system/luksify-resume.service, with ExecStart pointing at this
     /// binary. It does not run systemctl: `systemctl enable luksify-resume.service` next.
-    #[command(name = "install-unit")]
+    #[command(name = "install-unit", after_help = EXIT_CODES)]
     InstallUnit {
         /// Root to install under (default /)
         #[arg(long, default_value = "/")]
@@ -179,6 +179,7 @@ pub enum OrchCmd {
         state_dir: Option<PathBuf>,
     },
     /// Print the encryption status: OsVolumeEncrypted, DataVolumesEncrypted, ProgressMessage.
+    #[command(after_help = EXIT_CODES)]
     Status {
         /// Per-volume device, mapper, state, percent, bytes, rate and ETA as JSON
         #[arg(long)]

@@ -487,6 +487,21 @@ mod tests {
         }
     }
 
+    /// Every command's `--help` ends with the exit codes (the header commands, `status`
+    /// and `install-unit` had none; a trial), benchmarks aside (they change no disk).
+    #[test]
+    fn every_command_help_gives_the_exit_codes() {
+        let mut cmd = super::command();
+        for sub in cmd.get_subcommands_mut() {
+            let name = sub.get_name().to_string();
+            if sub.is_hide_set() || name == "bench" {
+                continue;
+            }
+            let help = sub.render_long_help().to_string();
+            assert!(help.contains("Exit codes: 0 "), "{name}: {help}");
+        }
+    }
+
     /// An option given twice takes its last value, as in cryptsetup; one that collects
     /// (`--volume`) keeps every value.
     #[test]
