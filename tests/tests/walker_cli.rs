@@ -4438,3 +4438,66 @@ fn walker_progress_is_shown_as_cryptsetup_shows_it() {
     );
     assert!(out.stdout.is_empty(), "{out:?}");
 }
+
+/// `resume` of a decryption cryptsetup finished (its header left with a linear segment,
+/// no keyslot, and its keyslots area not wiped) zeroes that area and says the decryption
+/// had already finished, exit 0, the plaintext untouched; asked again, it says there is
+/// nothing to resume (exit 1). (It said "decryption finished" as if it had walked it,
+/// where the same command after its own decryption said "nothing to resume"; a trial.)
+#[test]
+fn walker_resume_of_a_decryption_cryptsetup_finished_says_so() {
+    require_tool("cryptsetup");
+    let (c, orig) = Case::new(16, 7720);
+    let cs = cryptsetup_encrypt_args(&c, "checksum");
+    run_ok(Command::new(&cs[0]).args(&cs[1..]));
+    run_ok(Command::new("cryptsetup").args([
+        "reencrypt",
+        "--decrypt",
+        "-q",
+        "--force-offline-reencrypt",
+        "--header",
+        &c.hdr(),
+        "--key-file",
+        &c.key(),
+        &c.img(),
+    ]));
+    assert_eq!(
+        std::fs::read(c.p("img")).unwrap(),
+        orig,
+        "cryptsetup's decryption"
+    );
+    let resume = || {
+        run(&mut luksify(&[
+            "resume",
+            &c.img(),
+            "--key-file",
+            &c.key(),
+            "--header",
+            &c.hdr(),
+        ]))
+    };
+    let out = resume();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success()
+            && err.contains("the decryption had already finished")
+            && err.contains("now zeroed"),
+        "{err}"
+    );
+    let hdr = std::fs::read(c.p("hdr")).unwrap();
+    assert!(
+        hdr[32768..].iter().all(|&b| b == 0),
+        "keyslots area not zeroed"
+    );
+    assert_eq!(
+        std::fs::read(c.p("img")).unwrap(),
+        orig,
+        "the plaintext changed"
+    );
+    let out = resume();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing to resume"),
+        "{out:?}"
+    );
+}

@@ -2451,6 +2451,11 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
         && !zero_up_to_from(hdisk, 2 * hdr.hdr_size, hdr.metadata.config.keyslots_size)?
     {
         zero_keyslot_area(hdisk, &hdr)?;
+        // Said, so that "decryption finished" is not read as a walk done now (a
+        // decryption cryptsetup finished leaves its keyslots area unwiped; a trial).
+        if let Some(n) = ctl.notice {
+            n("the decryption had already finished (the data is plaintext); only the header's keyslots area still held bytes, now zeroed; the header file is no longer needed");
+        }
         return Ok(Outcome::Finished);
     }
     // An encryption that finished but whose resilience-area wipe (the last hotzones'
