@@ -269,6 +269,10 @@ fn parse_args() -> Cli {
             // --help, --version
             e.exit()
         }
+        if let Some(hint) = cryptsetup_option_hint(&e) {
+            errln!("luksify: {hint}");
+            std::process::exit(luksify_orchestrator::exit::USAGE.into())
+        }
         let _ = e.print();
         // Bad usage exits 1, as cryptsetup's "wrong parameters" (clap's own is 2, the
         // wrong passphrase's code).
@@ -284,6 +288,40 @@ where
     use clap::FromArgMatches;
     let matches = command().try_get_matches_from(args)?;
     Cli::from_arg_matches(&matches)
+}
+
+/// cryptsetup options luksify does not take, and what to do instead.
+const CRYPTSETUP_OPTIONS: &[(&str, &str)] = &[
+    ("--resume-only", "`luksify resume DEV --key-file F [--header H]` continues an interrupted run, as `cryptsetup reencrypt --resume-only`"),
+    ("--init-only", "luksify has no separate init step: `encrypt` walks at once, and SIGINT stops it at a safe point for `luksify resume` to continue"),
+    ("--force-offline-reencrypt", "luksify always re-encrypts offline (nothing may map or mount the device meanwhile): leave the option out"),
+    ("--disable-locks", "luksify always takes cryptsetup's locks (they keep two runs off one volume): leave the option out"),
+    ("--device-size", "luksify walks the whole device; to encrypt less, give it a partition or a loop device of that size (`losetup --sizelimit`)"),
+    ("--integrity", "luksify writes no integrity (dm-integrity) volumes: use `cryptsetup luksFormat --integrity`"),
+    ("--verbose", "luksify says what it does, and on failure why and how to fix it, without it: leave the option out"),
+    ("-v", "luksify says what it does, and on failure why and how to fix it, without it: leave the option out"),
+    ("--debug", "luksify has no debug output; its one-line errors say what failed and how to fix it: leave the option out"),
+    ("--reduce-device-size", "only `encrypt` takes --reduce-device-size (the header goes in front)"),
+    ("--key-slot", "here the passphrase goes to keyslot 0; `luksify add-key DEV -S N` adds one in slot N"),
+    ("--type", "only `format` and `is-luks` take --type: `encrypt` writes LUKS2 (LUKS1 has no in-place re-encryption), and the other commands read the type from the header"),
+];
+
+/// For an unknown option that is cryptsetup's, what luksify does instead, in place of
+/// clap's "a similar argument exists" tip, which pointed elsewhere (`--integrity` to
+/// `--iter-time`, `--disable-locks` to `--label`; a trial).
+fn cryptsetup_option_hint(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let name = arg.split('=').next().unwrap_or(arg);
+    CRYPTSETUP_OPTIONS
+        .iter()
+        .find(|(o, _)| *o == name)
+        .map(|(o, hint)| format!("unexpected argument '{o}' (cryptsetup's): {hint}"))
 }
 
 /// The command line definition as [`parse_from`] reads it: an option given twice takes
@@ -485,6 +523,46 @@ mod tests {
             let e = super::parse_from(cmd.iter().copied()).expect_err(&format!("{cmd:?}"));
             assert_eq!(e.kind(), ErrorKind::DisplayHelp, "{cmd:?}");
         }
+    }
+
+    /// cryptsetup's options luksify lacks get what to do instead, not clap's tip toward a
+    /// similar name.
+    #[test]
+    fn cryptsetup_options_get_what_to_do_instead() {
+        for (args, want) in [
+            (
+                &[
+                    "luksify",
+                    "encrypt",
+                    "i",
+                    "-d",
+                    "k",
+                    "--header",
+                    "h",
+                    "--integrity",
+                    "hmac-sha256",
+                ][..],
+                "'--integrity' (cryptsetup's): luksify writes no integrity",
+            ),
+            (
+                &["luksify", "encrypt", "i", "-d", "k", "--resume-only"],
+                "`luksify resume DEV",
+            ),
+            (
+                &["luksify", "dump", "i", "--debug"],
+                "'--debug' (cryptsetup's)",
+            ),
+            (
+                &["luksify", "decrypt", "i", "-d", "k", "--disable-locks"],
+                "always takes cryptsetup's locks",
+            ),
+        ] {
+            let e = super::parse_from(args.iter().copied()).expect_err(&format!("{args:?}"));
+            let hint = super::cryptsetup_option_hint(&e).unwrap_or_else(|| panic!("{args:?}: {e}"));
+            assert!(hint.contains(want), "{args:?}: {hint}");
+        }
+        let e = super::parse_from(["luksify", "dump", "i", "--no-such"]).unwrap_err();
+        assert_eq!(super::cryptsetup_option_hint(&e), None);
     }
 
     /// Every command's `--help` ends with the exit codes (the header commands, `status`
