@@ -1532,6 +1532,106 @@ fn root_walker_refuses_a_sparse_file_its_filesystem_cannot_fill() {
     );
 }
 
+/// The room check counts what the loop device reaches, not the whole file: a loop device
+/// over the written first part of a larger sparse file (`--sizelimit`) was refused, with
+/// a `fallocate` of the whole file that could never fit (a trial). One reaching into the
+/// holes (`--offset`) is refused with the `fallocate -o -l` of its range, which followed
+/// literally lets the run through. A loop device whose file was deleted cannot show its
+/// allocation: refused when its filesystem could not take it whole. `format` of such a
+/// device checks the header's range before it writes (it said "Input/output error").
+#[test]
+#[ignore = "needs root (mounts a tmpfs, loop devices)"]
+fn root_walker_the_room_check_counts_what_the_loop_device_reaches() {
+    require_root();
+    require_tool("fallocate");
+    let dir = tempfile::tempdir().unwrap();
+    let small = Tmpfs::mount(dir.path(), "64M");
+    let mnt = small.0.clone();
+    let img = mnt.join("img");
+    // 32 MiB written, then 224 MiB of holes: 256 MiB on a 64 MiB tmpfs.
+    let mut head = vec![0u8; (32 * MIB) as usize];
+    fill_pattern(&mut head, 95);
+    std::fs::write(&img, &head).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(256 * MIB)
+        .unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"loop range").unwrap();
+    let k = key.display().to_string();
+    let h = |n: &str| dir.path().join(n).display().to_string();
+    // The written part only: no holes there, the run goes through and back.
+    let lo = LoopDev::attach_with(&img, &["--sizelimit", &(32 * MIB).to_string()]);
+    let l = lo.path.display().to_string();
+    run_ok(luksify_detached("encrypt", &l, &k, &h("hdr1")).args(FAST));
+    run_ok(&mut luksify_detached("decrypt", &l, &k, &h("hdr1")));
+    drop(lo);
+    assert!(
+        std::fs::read(&img).unwrap()[..head.len()] == head[..],
+        "not the original"
+    );
+    // 48 MiB from 32 MiB on: holes the tmpfs cannot take (32 MiB free). The room it
+    // says to make lets it through (no `fallocate` of a part of a file: blocks it
+    // reserves there show nowhere a next run could count them).
+    let lo = LoopDev::attach_with(
+        &img,
+        &[
+            "--offset",
+            &(32 * MIB).to_string(),
+            "--sizelimit",
+            &(48 * MIB).to_string(),
+        ],
+    );
+    let l = lo.path.display().to_string();
+    let out = run(luksify_detached("encrypt", &l, &k, &h("hdr2")).args(FAST));
+    assert_refused_in_one_line(&out, "48 MiB of", "a range of holes");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("fallocate"), "{err}");
+    let make: u64 = err
+        .split("make ")
+        .nth(1)
+        .and_then(|r| r.split(" MiB more room").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no room to make in {err}"));
+    // `format` of it (header in front) checks the header's 16 MiB first: with 8 MiB
+    // left, refused, nothing written.
+    let filler = mnt.join("filler");
+    run_ok(
+        Command::new("fallocate")
+            .args(["-l", &(24 * MIB).to_string()])
+            .arg(&filler),
+    );
+    let out = run(Command::new(luksify_bin())
+        .args(["format", &l, "--key-file", &k, "-q"])
+        .args(FAST));
+    assert_refused_in_one_line(&out, "16 MiB of", "format of a sparse loop device");
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        !luksify_tests::has_luks_header(Path::new(&l)),
+        "format wrote a header"
+    );
+    run_ok(
+        Command::new("mount")
+            .args(["-o", &format!("remount,size={}M", 64 + make)])
+            .arg(&mnt),
+    );
+    run_ok(luksify_detached("encrypt", &l, &k, &h("hdr2")).args(FAST));
+    run_ok(&mut luksify_detached("decrypt", &l, &k, &h("hdr2")));
+    drop(lo);
+    // The backing file deleted under a loop device: refused when its filesystem could
+    // not take the whole range (here 224 MiB against what the tmpfs has left).
+    let gone = mnt.join("gone");
+    sparse_file(&gone, 224 * MIB);
+    let lo = LoopDev::attach(&gone);
+    std::fs::remove_file(&gone).unwrap();
+    let l = lo.path.display().to_string();
+    let out = run(luksify_detached("encrypt", &l, &k, &h("hdr3")).args(FAST));
+    assert_refused_in_one_line(&out, "was deleted", "deleted backing file");
+    assert!(!Path::new(&h("hdr3")).exists(), "a header file was left");
+}
+
 /// What stands in the way of a detached header's storage is said of the header, with its
 /// fix, and nothing is written (trial E2: each was said of the healthy data device, with
 /// no cause):

@@ -798,6 +798,21 @@ fn format(mut a: FormatArgs) -> Result<ExitCode> {
         }
         _ => None,
     };
+    // A loop device over a sparse file without room for the header's blocks: its
+    // writes can fail, or lose part of their data without an error (a trial's format
+    // said only "flushing keyslot area: Input/output error"). Checked before any write.
+    if meta
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_block_device())
+    {
+        if let Some(short) = opts
+            .header_size()
+            .ok()
+            .and_then(|n| luksify_walker::space::short_of_room_in(meta, 0, n))
+        {
+            bail!("{}: {short}", meta_name.display());
+        }
+    }
     // Where the data may start: --align-payload, else the data device's I/O topology
     // (block devices), else 1 MiB, as cryptsetup's luksFormat.
     let (alignment, alignment_offset) = match a.align_payload {

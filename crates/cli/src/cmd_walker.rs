@@ -81,7 +81,7 @@ pub struct TuningArgs {
     #[arg(long, default_value_t = 0, hide = true)]
     workers: usize,
     /// Largest hotzone between two header commits, as cryptsetup's (e.g. 16M; at least 4K)
-    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_hotzone_size, value_name = "SIZE")]
     hotzone_size: Option<u64>,
     /// A progress line every SECS seconds on standard output, terminal or not (as
     /// cryptsetup's); without it, a line redrawn on a terminal only
@@ -188,6 +188,18 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
 /// A size as cryptsetup reads one (`tools_string_to_size`): a number of bytes, or with
 /// a unit K, M, G, T (1024-based; 1000-based with a `B` after it, `KiB` also 1024) or
 /// S (512-byte sectors). A bare `B` suffix means bytes.
+/// `--hotzone-size`: a size, whole 4096-byte blocks (cryptsetup refuses 0, `1k` and
+/// 5000 too: "must be multiple of calculated zone alignment"; luksify took them).
+fn parse_hotzone_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n == 0 || !n.is_multiple_of(4096) {
+        return Err(format!(
+            "'{s}': the hotzone is whole 4096-byte blocks, at least one (e.g. 4K, 16M)"
+        ));
+    }
+    Ok(n)
+}
+
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.bytes().take_while(u8::is_ascii_digit).count();
@@ -1400,6 +1412,11 @@ mod tests {
     /// cryptsetup's units and formats, the rate and ETA from this run's bytes and time.
     #[test]
     fn progress_lines_are_cryptsetups() {
+        assert!(parse_hotzone_size("0").is_err());
+        assert!(parse_hotzone_size("1k").is_err());
+        assert!(parse_hotzone_size("5000").is_err());
+        assert_eq!(parse_hotzone_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_hotzone_size("4096"), Ok(4096));
         assert_eq!(human_time(125.9), "02m05s");
         assert_eq!(human_time(2.0 * 3600.0 + 61.0), "02h01m01s");
         assert_eq!(human_time(40.0 * 86400.0), "40 days");

@@ -1132,23 +1132,45 @@ pub fn check_resolved(
         .ok()
         .and_then(|f| luksify_walker::space::short_of_room(&f))
     {
+        let (what, fix) = if short.deleted {
+            (
+                format!(
+                    "{}, the file under {dev_s}, was deleted: how much of its {} MiB is allocated cannot be read, and its filesystem has {} MiB free",
+                    short.file.display(),
+                    short.holes.div_ceil(1 << 20),
+                    short.free.div_ceil(1 << 20)
+                ),
+                format!(
+                    "make {} MiB more room on the filesystem that held {}, or copy the volume to a file or disk that has it",
+                    short.missing().div_ceil(1 << 20),
+                    short.file.display()
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "{} MiB of {}, the file under {dev_s}, are holes (a sparse file), and its filesystem has {} MiB free",
+                    short.holes.div_ceil(1 << 20),
+                    short.file.display(),
+                    short.free.div_ceil(1 << 20)
+                ),
+                format!(
+                    "make {} MiB more room on the filesystem holding {}{}",
+                    short.missing().div_ceil(1 << 20),
+                    short.file.display(),
+                    short
+                        .fallocate()
+                        .map(|f| format!("; `{f}` then reserves it without changing the data"))
+                        .unwrap_or_default()
+                ),
+            )
+        };
         push(
             "no_room_for_holes",
             Severity::Blocker,
-            format!(
-                "{} MiB of {}, the file under {dev_s}, are holes (a sparse file), and its filesystem has {} MiB free",
-                short.holes.div_ceil(1 << 20),
-                short.file.display(),
-                short.free.div_ceil(1 << 20)
-            ),
+            what,
             "encryption writes every block: a loop device's write that finds its filesystem full can lose part of its data without an error".into(),
-            format!(
-                "make {} MiB more room on the filesystem holding {}; `fallocate -l {} {}` then reserves it without changing the data",
-                short.missing().div_ceil(1 << 20),
-                short.file.display(),
-                short.len,
-                short.file.display()
-            ),
+            fix,
         );
     }
     let dm_uuid = probe::dm_uuid(r.dev);

@@ -1256,8 +1256,18 @@ fn create_header(h: &Path, size: u64, elsewhere: &str) -> Result<std::fs::File> 
         .mode(0o600)
         .open(h)
         .map_err(|e| {
+            // Room for blocks but no inode left: "No space left on device" beside a `df`
+            // that shows room (a trial).
+            let why = if e.raw_os_error() == Some(libc::ENOSPC) {
+                format!(
+                    "; its filesystem has no free inode (`df -i {}`) or no room: free some there",
+                    h.parent().unwrap_or(h).display()
+                )
+            } else {
+                String::new()
+            };
             Failure::failed(format!(
-                "cannot create the header file {} ({e})",
+                "cannot create the header file {} ({e}){why}",
                 h.display()
             ))
         })?;
