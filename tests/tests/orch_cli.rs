@@ -4090,6 +4090,20 @@ fn root_orch_disable_reserves_the_moved_header_before_it_unmounts() {
     let s = read_status(&fx.state);
     assert_eq!(s["volumes"][0]["state"], "Encrypted", "{s}");
     assert!(!moved.exists(), "the header file was left");
+    // A later disable refused by its preflight (a holder): the status tells that
+    // refusal, not the earlier failure's file-size limit, which no longer applies.
+    let mut holder = fx.holder();
+    let out = run(&mut fx.disable_cmd());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let st = fx.status_text();
+    assert!(
+        st.contains("was refused, nothing was changed")
+            && st.contains("(sleep)")
+            && !st.contains("ulimit"),
+        "{st}"
+    );
     assert!(luksify_tests::has_luks_header(&fx.dev()));
     fx.assert_files_unchanged();
     // A disable killed right after the reservation (its first open of the file, before

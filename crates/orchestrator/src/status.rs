@@ -654,6 +654,17 @@ pub fn apply_live_state(
     }
     s.data_volumes_encrypted = stopped_between.unwrap_or_else(|| aggregate(s));
     if let Some(r) = &s.refused {
+        // Kept only until the next run begins, a refusal is newer than the last run: that
+        // run's failure is not what stands now, and its fix may no longer apply (a trial
+        // read "ulimit -f unlimited" beside a later refusal for a full disk). The volumes
+        // say where they stand, then the refusal.
+        if !s.run_process_running() && s.volumes.iter().any(|v| v.error.is_some()) {
+            let mut vols = s.volumes.clone();
+            for v in &mut vols {
+                v.error = None;
+            }
+            s.progress_message = message(Operation::None, &vols, None);
+        }
         s.progress_message = r.describe(&s.progress_message);
     }
 }
