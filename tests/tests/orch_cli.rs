@@ -3219,7 +3219,7 @@ fn orch_exit_codes_match_docs_and_help() {
         vec![
             exit::OK,
             exit::FAILED,
-            exit::USAGE,
+            exit::WRONG_PASSPHRASE,
             exit::BLOCKED,
             exit::BUSY,
             exit::INTERRUPTED,

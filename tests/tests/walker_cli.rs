@@ -2571,8 +2571,18 @@ fn walker_an_error_on_a_terminal_starts_its_own_line_after_the_progress_bar() {
     require_tool("script");
     require_tool("strace");
     let (c, _) = Case::new(16, 67);
-    let st =
-        luksify_tests::strace_inject("inject=pwrite64:error=EIO:when=25", &detached_encrypt(&c));
+    // The bar is drawn every half second (as cryptsetup's): each commit's flush slowed
+    // by 0.6 s (1 MiB hotzones), so that it shows before the EIO, a few chunks in.
+    let mut st = luksify_tests::strace_with(
+        &[
+            "-e".as_ref(),
+            "inject=fdatasync:delay_enter=600000".as_ref(),
+            "-e".as_ref(),
+            "inject=pwrite64:error=EIO:when=40".as_ref(),
+        ],
+        &detached_encrypt_hz(&c, "1024"),
+    );
+    st.stdout(std::process::Stdio::null());
     let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
     let line: Vec<String> = std::iter::once(st.get_program())
         .chain(st.get_args())
@@ -2588,7 +2598,7 @@ fn walker_an_error_on_a_terminal_starts_its_own_line_after_the_progress_bar() {
         "the injected EIO did not fail the run: {said:?}"
     );
     assert!(
-        said.contains("% ") && said.contains("\r") && said.contains("luksify: "),
+        said.contains("Progress: ") && said.contains("\r") && said.contains("luksify: "),
         "no progress bar, or no error, on the terminal: {said:?}"
     );
     for (at, _) in said.match_indices("luksify: ") {

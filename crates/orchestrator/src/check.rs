@@ -740,8 +740,14 @@ pub fn luks_state(device: &Path) -> Option<String> {
 /// mount point that is a prefix of it): a `stat` of the file, like any read of the view,
 /// waits for the daemon, which may be stopped.
 pub fn luksify_view_of(dev: DevNum, all: &[Mount]) -> Option<String> {
-    let backing =
-        std::fs::read_to_string(format!("/sys/dev/block/{dev}/loop/backing_file")).ok()?;
+    // A partition of a view is the view's too (partitions a loop device kept from an
+    // earlier use, or a partition table on the volume): its reads wait on the same
+    // daemon. Its own directory has no `loop/`; its disk's, one up, has (a full test
+    // run hung in `blkid` on `loop5p1` of a stopped daemon's view).
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{dev}")).ok()?;
+    let backing = std::fs::read_to_string(sys.join("loop/backing_file"))
+        .ok()
+        .or_else(|| std::fs::read_to_string(sys.parent()?.join("loop/backing_file")).ok())?;
     view_name_of_backing(Path::new(backing.trim_end()), all)
 }
 

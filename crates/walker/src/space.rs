@@ -128,6 +128,11 @@ fn through_loops(dev: &File, start: u64, size: u64, depth: u32) -> Option<ShortO
     let Some(backing) = crate::lock::loop_backing_path(major, minor) else {
         return deleted_backing(major, minor, size);
     };
+    // A file on a FUSE filesystem (luksify's own decrypted view) is not opened: its
+    // open waits on its daemon, and a stopped one hung `check` of the view for good.
+    if on_fuse(&backing) {
+        return None;
+    }
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_CLOEXEC)
@@ -147,6 +152,26 @@ fn through_loops(dev: &File, start: u64, size: u64, depth: u32) -> Option<ShortO
     check(&f, lo.offset + start, size, true, Some(backing))
 }
 
+/// Whether `p` lies on a FUSE filesystem, from this process's mount table (a `statfs`
+/// of it would itself wait on the filesystem's daemon).
+fn on_fuse(p: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    table
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            // Mount points escape spaces and the like as octal (`\040`).
+            let mp = f.get(4)?.replace("\\040", " ");
+            Some((mp, f.get(dash + 1)?.to_string()))
+        })
+        .filter(|(mp, _)| p.starts_with(mp))
+        .max_by_key(|(mp, _)| mp.len())
+        .is_some_and(|(_, fs)| fs == "fuse" || fs.starts_with("fuse."))
+}
+
 /// A loop device whose backing file was deleted (or replaced at its path): its
 /// allocation cannot be read, so the whole range may be holes; the room is that of the
 /// filesystem its path was on, where its directory still is.
@@ -158,6 +183,9 @@ fn deleted_backing(major: u32, minor: u32, size: u64) -> Option<ShortOfRoom> {
         return None;
     }
     let dir = path.parent()?;
+    if on_fuse(dir) {
+        return None;
+    }
     let free = free_bytes(&File::open(dir).ok()?)?;
     (needed(size) > free).then_some(ShortOfRoom {
         file: path,
