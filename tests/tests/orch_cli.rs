@@ -3092,6 +3092,12 @@ fn root_orch_resume_all_with_key_file_finds_a_header_the_status_file_lost() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&fx.dev().display().to_string()), "{err}");
     assert!(err.contains("--key-file"), "{err}");
+    // Perhaps another state directory's run (a trial's soak read another agent's as its
+    // own to take over): said so.
+    assert!(
+        err.contains("this state directory does not record (another state directory's run, or a status file lost); if it is yours"),
+        "{err}"
+    );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         !said.contains("Nothing to resume.") && said.contains("interrupted run(s) found"),
@@ -5936,7 +5942,9 @@ fn root_orch_disable_refuses_a_mapping_mounted_in_another_namespace() {
     assert!(
         err.contains("in another mount namespace")
             && err.contains(&format!("pid {} ", ns.id()))
-            && err.contains("nothing was changed"),
+            && err.contains("nothing was changed")
+            // Not "taken for encryption" of a disable (trial S3).
+            && err.contains("cannot be taken offline to be encrypted or decrypted"),
         "{err}"
     );
     assert_eq!(sha256(&f.dev()), before, "the device was written");
@@ -9546,6 +9554,73 @@ fn root_orch_status_says_what_enable_and_disable_do_outside_their_walks() {
     let m = "Decrypting data volume 1/1: growing and mounting the filesystem";
     assert!(seen.contains(m), "never said {m:?}: {seen:?}");
     fx.assert_files_unchanged();
+}
+
+/// A `disable` stopped (SIGTERM) after the unmount, before its walk, maps and mounts the
+/// volume again still encrypted; meanwhile the status said "Decrypting ... 100%" with
+/// the phase "mapping and mounting", a finished decryption to an agent (trial S3). Now
+/// every write says 0% and that it is put back encrypted, and the run ends Encrypted.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_disable_stopped_before_its_walk_never_reads_as_decrypted() {
+    require_tool("strace");
+    let fx = Fixture::new(96);
+    fx.enable_ok();
+    let moved = fx
+        .state
+        .join("headers")
+        .join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
+    // Slowed, so that a 20 ms poll sees the mapping and mounting.
+    let path = fx.path_with("mount", "sleep 1; exec $REAL \"$@\"");
+    // Not `strace -f`: the mapping daemon the put-back starts outlives the run, and
+    // strace would wait for it. The open is the main thread's.
+    let disable = fx.disable_cmd();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-qq", "-o", "/dev/null", "-P"])
+        .arg(&moved)
+        .args(["-e", "inject=openat:signal=SIGTERM:when=2"])
+        .arg(disable.get_program())
+        .args(disable.get_args());
+    for (k, v) in disable.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    let mut child = cmd
+        .env("PATH", &path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let s = read_status(&fx.state);
+        let v = &s["volumes"][0];
+        seen.push((
+            v["state"].as_str().unwrap_or("").to_string(),
+            v["percent"].as_f64().unwrap_or(-1.0),
+            s["progress_message"].as_str().unwrap_or("").to_string(),
+        ));
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "the run hangs");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(5), "{seen:?}");
+    for (state, pct, msg) in &seen {
+        assert!(
+            !(state == "DecryptionInProgress" && *pct > 0.0),
+            "read as decrypted: {state} {pct} {msg}"
+        );
+    }
+    assert!(
+        seen.iter()
+            .any(|(_, _, m)| m.contains("mapping and mounting it again, still encrypted")),
+        "{seen:?}"
+    );
+    fx.assert_encrypted_and_intact();
 }
 
 /// `close` of a userspace mapping whose view (the FUSE file its loop device is attached

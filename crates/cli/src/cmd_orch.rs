@@ -997,7 +997,9 @@ fn report_unrecorded_runs(state_dir: &Path, key_given: bool) -> usize {
             // `resume` says which of these it takes up (the key opens them) and
             // which it leaves (it said "finishing it", then "left alone").
         } else {
-            errln!("luksify: {dev} has an interrupted encryption missing from the status file; finish it with `luksify resume --key-file F`");
+            // Perhaps another agent's, in a state directory of its own (a trial's soak
+            // read it as its own to take over): said so, and how to take it up if not.
+            errln!("luksify: {dev} has an interrupted encryption this state directory does not record (another state directory's run, or a status file lost); if it is yours, finish it with `luksify resume --key-file F`");
         }
     }
     left

@@ -1068,7 +1068,7 @@ pub fn check_resolved(
                 f.pid,
                 f.command
             ),
-            "its filesystem stays alive there after it is unmounted here, so the device cannot be taken for encryption".into(),
+            "its filesystem stays alive there after it is unmounted here, so the device cannot be taken offline to be encrypted or decrypted in place".into(),
             format!(
                 "unmount it in that namespace (nsenter -t {} -m umount {}), or stop the processes that share it (a container, an `unshare -m` shell)",
                 f.pid,

@@ -1709,10 +1709,21 @@ fn finish_volume(
     }
     {
         let s = &mut sw.status.volumes[idx];
-        s.percent = 100.0;
-        s.bytes_done = s.bytes_total;
-        s.eta_seconds = Some(0);
-        s.phase = Some("mapping and mounting".into());
+        if s.state == VolumeState::DecryptionInProgress {
+            // A disable put back before its walk (still encrypted): nothing was
+            // decrypted, and "100%" read as a finished decryption (a trial's agent).
+            s.percent = 0.0;
+            s.bytes_done = 0;
+            s.eta_seconds = None;
+            s.phase = Some(
+                "stopped before its walk; mapping and mounting it again, still encrypted".into(),
+            );
+        } else {
+            s.percent = 100.0;
+            s.bytes_done = s.bytes_total;
+            s.eta_seconds = Some(0);
+            s.phase = Some("mapping and mounting".into());
+        }
     }
     commit(sw)?;
     let oreq = OpenRequest {
