@@ -422,6 +422,12 @@ impl Fixture {
     /// `cmd` (a disable, or a resume that puts a volume back) succeeds and leaves the
     /// device plain (no LUKS header), every file intact.
     /// `disable` of every volume with the fixture's key.
+    fn moved_header(&self) -> PathBuf {
+        // Where `disable` moves a header in front to, in the state directory.
+        self.state
+            .join("headers")
+            .join(format!("{}.decrypt.luks2", mapper_name(&self.dev())))
+    }
     fn disable_cmd(&self) -> Command {
         let mut c = self.cmd();
         c.arg("disable").arg("--key-file").arg(&self.key);
@@ -4067,8 +4073,7 @@ fn root_orch_disable_reserves_the_moved_header_before_it_unmounts() {
     use std::os::unix::process::CommandExt;
     let fx = Fixture::new(96);
     fx.enable_ok();
-    let headers = fx.state.join("headers");
-    let moved = headers.join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
+    let moved = fx.moved_header();
     let mut limited = fx.disable_cmd();
     // SAFETY: setrlimit is async-signal-safe; it lowers a limit of the child only.
     unsafe {
@@ -4221,10 +4226,7 @@ fn root_orch_disable_that_cannot_go_on_leaves_the_volume_as_it_was() {
     );
     as_before("unmount refused");
 
-    let moved = fx
-        .state
-        .join("headers")
-        .join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
+    let moved = fx.moved_header();
     let mut disable = fx.cmd();
     disable.arg("disable");
     let out = run(&mut disable_killed_before_its_walk(disable, &moved));
@@ -9268,10 +9270,7 @@ fn root_orch_a_disable_put_back_after_a_failed_remount_is_put_back_by_the_next_r
     require_tool("strace");
     let fx = Fixture::new(96);
     fx.enable_ok();
-    let moved = fx
-        .state
-        .join("headers")
-        .join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
+    let moved = fx.moved_header();
     let out = run(&mut disable_killed_before_its_walk(
         fx.disable_cmd(),
         &moved,
@@ -9566,10 +9565,7 @@ fn root_orch_a_disable_stopped_before_its_walk_never_reads_as_decrypted() {
     require_tool("strace");
     let fx = Fixture::new(96);
     fx.enable_ok();
-    let moved = fx
-        .state
-        .join("headers")
-        .join(format!("{}.decrypt.luks2", mapper_name(&fx.dev())));
+    let moved = fx.moved_header();
     // Slowed, so that a 20 ms poll sees the mapping and mounting.
     let path = fx.path_with("mount", "sleep 1; exec $REAL \"$@\"");
     // Not `strace -f`: the mapping daemon the put-back starts outlives the run, and

@@ -4376,24 +4376,13 @@ fn walker_progress_is_shown_as_cryptsetup_shows_it() {
     let want = json_lines(&out);
     assert!(!want.is_empty(), "cryptsetup printed no progress: {out:?}");
     // Ours.
-    let out = run_ok(
-        luksify(&[
-            "encrypt",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ])
-        .args(FAST)
-        .args([
-            "--progress-json",
-            "--hotzone-size",
-            "1M",
-            "--chunk-mib",
-            "1",
-        ]),
-    );
+    let out = run_ok(encrypt_into(&c, &c.hdr()).args(FAST).args([
+        "--progress-json",
+        "--hotzone-size",
+        "1M",
+        "--chunk-mib",
+        "1",
+    ]));
     let got = json_lines(&out);
     let last = got.last().unwrap_or_else(|| panic!("no progress: {out:?}"));
     assert_eq!(keys(last), keys(&want[0]), "{last} vs {}", want[0]);
@@ -4405,17 +4394,7 @@ fn walker_progress_is_shown_as_cryptsetup_shows_it() {
     assert_eq!(last["eta_ms"], "0", "{last}");
     assert_eq!(last["device"], c.img(), "{last}");
     // Lines, then the last one.
-    let out = run_ok(
-        luksify(&[
-            "decrypt",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ])
-        .args(["--progress-frequency", "1"]),
-    );
+    let out = run_ok(detached_decrypt(&c).args(["--progress-frequency", "1"]));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let last = text
         .lines()
@@ -4435,17 +4414,7 @@ fn walker_progress_is_shown_as_cryptsetup_shows_it() {
     assert_eq!(std::fs::read(c.p("img")).unwrap(), orig);
     // Neither option, not a terminal: nothing on standard output.
     std::fs::remove_file(c.p("hdr")).unwrap();
-    let out = run_ok(
-        luksify(&[
-            "encrypt",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ])
-        .args(FAST),
-    );
+    let out = run_ok(encrypt_into(&c, &c.hdr()).args(FAST));
     assert!(out.stdout.is_empty(), "{out:?}");
 }
 

@@ -518,17 +518,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
                 // A block device the header would move to must not hold anything else.
                 refuse_used_header_device(dev, h, &open_header_device(dev, h)?, true)?;
             }
-            let hf = header_for_writing(
-                dev,
-                h,
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600),
-                "open",
-            )?;
+            let hf = header_for_writing(dev, h, &new_or_existing(), "open")?;
             let hf = header_disk(dev, h, hf)?;
             let r = luksify_walker::decrypt(&data, Some(&hf), pass, &opts, &ctl);
             let nothing = r.is_err() || matches!(r, Ok(Outcome::NotStarted));
@@ -804,6 +794,18 @@ fn refuse_unwritable_header_device(dev: &Path, h: &Path, f: &std::fs::File) -> a
         bail!("{d}: header device {hd}: {short}");
     }
     Ok(())
+}
+
+/// A header file opened read-write, created (0600) where it does not exist yet, never
+/// truncated.
+fn new_or_existing() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600);
+    o
 }
 
 /// Whether file `p` carries the immutable or append-only attribute (`chattr +i`/`+a`),
@@ -1142,17 +1144,7 @@ fn open_new_header(
             );
         }
     }
-    let f = header_for_writing(
-        dev,
-        h,
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600),
-        "create",
-    )?;
+    let f = header_for_writing(dev, h, &new_or_existing(), "create")?;
     // Held from the first instant (the walker takes it again on this same open file),
     // so a second run naming the same new file is refused instead of sharing it.
     claim_header_file(dev, h, &f)?;
