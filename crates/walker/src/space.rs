@@ -138,10 +138,9 @@ fn through_loops(dev: &File, start: u64, size: u64, depth: u32) -> Option<ShortO
         .custom_flags(libc::O_CLOEXEC)
         .open(&backing)
         .ok();
-    let Some(f) = f.filter(|f| f.metadata().is_ok_and(|m| m.ino() == lo.inode)) else {
-        // Not the file at that path any more (replaced since): as deleted.
-        return deleted_backing(major, minor, size);
-    };
+    // Not the file at that path (a path of another mount namespace, a container's):
+    // nothing can be known of it here.
+    let f = f.filter(|f| f.metadata().is_ok_and(|m| m.ino() == lo.inode))?;
     let m = f.metadata().ok()?;
     if m.file_type().is_block_device() {
         return through_loops(&f, lo.offset + start, size, depth + 1);
@@ -172,13 +171,13 @@ fn on_fuse(p: &std::path::Path) -> bool {
         .is_some_and(|(_, fs)| fs == "fuse" || fs.starts_with("fuse."))
 }
 
-/// A loop device whose backing file was deleted (or replaced at its path): its
+/// A loop device whose backing file was deleted (sysfs says "(deleted)"): its
 /// allocation cannot be read, so the whole range may be holes; the room is that of the
 /// filesystem its path was on, where its directory still is.
 fn deleted_backing(major: u32, minor: u32, size: u64) -> Option<ShortOfRoom> {
     let raw = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file"))
         .ok()?;
-    let path = PathBuf::from(raw.trim_end_matches('\n').trim_end_matches(" (deleted)"));
+    let path = PathBuf::from(raw.trim_end_matches('\n').strip_suffix(" (deleted)")?);
     if path.as_os_str().is_empty() {
         return None;
     }
