@@ -9616,6 +9616,10 @@ fn root_orch_a_disable_stopped_before_its_walk_never_reads_as_decrypted() {
             .any(|(_, _, m)| m.contains("mapping and mounting it again, still encrypted")),
         "{seen:?}"
     );
+    // Put back: Encrypted, at 100% again (it was left at 0%; trial V12).
+    let v = &read_status(&fx.state)["volumes"][0];
+    assert_eq!(v["state"], "Encrypted", "{v}");
+    assert_eq!(v["percent"].as_f64(), Some(100.0), "{v}");
     fx.assert_encrypted_and_intact();
 }
 

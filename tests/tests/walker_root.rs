@@ -1630,6 +1630,19 @@ fn root_walker_the_room_check_counts_what_the_loop_device_reaches() {
     let out = run(luksify_detached("encrypt", &l, &k, &h("hdr3")).args(FAST));
     assert_refused_in_one_line(&out, "was deleted", "deleted backing file");
     assert!(!Path::new(&h("hdr3")).exists(), "a header file was left");
+    drop(lo);
+    // Its directory removed with it (`rm -r`): the filesystem is the nearest directory's
+    // still there (the check was skipped, and the run met the full disk; trial V12).
+    let sub = mnt.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let gone = sub.join("gone");
+    sparse_file(&gone, 224 * MIB);
+    let lo = LoopDev::attach(&gone);
+    std::fs::remove_dir_all(&sub).unwrap();
+    let l = lo.path.display().to_string();
+    let out = run(luksify_detached("encrypt", &l, &k, &h("hdr4")).args(FAST));
+    assert_refused_in_one_line(&out, "was deleted", "deleted backing file and directory");
+    assert!(!Path::new(&h("hdr4")).exists(), "a header file was left");
 }
 
 /// What stands in the way of a detached header's storage is said of the header, with its

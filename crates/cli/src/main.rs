@@ -302,6 +302,10 @@ const CRYPTSETUP_OPTIONS: &[(&str, &str)] = &[
     ("-v", "luksify says what it does, and on failure why and how to fix it, without it: leave the option out"),
     ("--debug", "luksify has no debug output; its one-line errors say what failed and how to fix it: leave the option out"),
     ("--reduce-device-size", "only `encrypt` takes --reduce-device-size (the header goes in front)"),
+    ("-q", "this command asks no question (only `format` and `remove-key` do): leave the option out"),
+    ("--batch-mode", "this command asks no question (only `format` and `remove-key` do): leave the option out"),
+    ("--encrypt", "`luksify encrypt DEV ...` is a command of its own (cryptsetup's `reencrypt --encrypt`)"),
+    ("--decrypt", "`luksify decrypt DEV ...` is a command of its own (cryptsetup's `reencrypt --decrypt`)"),
     ("--key-slot", "here the passphrase goes to keyslot 0; `luksify add-key DEV -S N` adds one in slot N"),
     ("--type", "only `format` and `is-luks` take --type: `encrypt` writes LUKS2 (LUKS1 has no in-place re-encryption), and the other commands read the type from the header"),
 ];
@@ -555,6 +559,20 @@ mod tests {
             (
                 &["luksify", "decrypt", "i", "-d", "k", "--disable-locks"],
                 "always takes cryptsetup's locks",
+            ),
+        ] {
+            let e = super::parse_from(args.iter().copied()).expect_err(&format!("{args:?}"));
+            let hint = super::cryptsetup_option_hint(&e).unwrap_or_else(|| panic!("{args:?}: {e}"));
+            assert!(hint.contains(want), "{args:?}: {hint}");
+        }
+        for (args, want) in [
+            (
+                &["luksify", "encrypt", "i", "-d", "k", "--header", "h", "-q"][..],
+                "asks no question",
+            ),
+            (
+                &["luksify", "decrypt", "i", "-d", "k", "--decrypt"],
+                "`luksify decrypt DEV ...`",
             ),
         ] {
             let e = super::parse_from(args.iter().copied()).expect_err(&format!("{args:?}"));

@@ -1765,8 +1765,13 @@ fn finish_volume(
     // Grow back over the room the shrink freed (a no-op with a detached header).
     grow_and_remount(&v, fs_type.as_deref(), &rec.mapped)?;
     write_tabs(&v, &rec.mapped)?;
-    sw.status.volumes[idx].state = VolumeState::Encrypted;
-    sw.status.volumes[idx].error = None;
+    let s = &mut sw.status.volumes[idx];
+    s.state = VolumeState::Encrypted;
+    s.error = None;
+    // Encrypted is 100% (a disable put back read 0% until then: not decrypted).
+    s.percent = 100.0;
+    s.bytes_done = s.bytes_total;
+    s.phase = None;
     commit(sw)
 }
 

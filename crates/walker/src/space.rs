@@ -168,7 +168,7 @@ fn on_fuse(p: &std::path::Path) -> bool {
         })
         .filter(|(mp, _)| p.starts_with(mp))
         .max_by_key(|(mp, _)| mp.len())
-        .is_some_and(|(_, fs)| fs == "fuse" || fs.starts_with("fuse."))
+        .is_some_and(|(_, fs)| fs == "fuse" || fs == "fuseblk" || fs.starts_with("fuse."))
 }
 
 /// A loop device whose backing file was deleted (sysfs says "(deleted)"): its
@@ -181,7 +181,9 @@ fn deleted_backing(major: u32, minor: u32, size: u64) -> Option<ShortOfRoom> {
     if path.as_os_str().is_empty() {
         return None;
     }
-    let dir = path.parent()?;
+    // Its directory may have gone with it (`rm -r`): the nearest one still there is
+    // on the same filesystem, as a rule (a trial's check was skipped).
+    let dir = path.parent()?.ancestors().find(|a| a.is_dir())?;
     if on_fuse(dir) {
         return None;
     }
