@@ -4434,16 +4434,7 @@ fn walker_resume_of_a_decryption_cryptsetup_finished_says_so() {
         orig,
         "cryptsetup's decryption"
     );
-    let resume = || {
-        run(&mut luksify(&[
-            "resume",
-            &c.img(),
-            "--key-file",
-            &c.key(),
-            "--header",
-            &c.hdr(),
-        ]))
-    };
+    let resume = || run(&mut detached_resume(&c));
     let out = resume();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
