@@ -3543,7 +3543,7 @@ fn disable_one(
             // first write after the unmount, and the volume was left unmounted under
             // "DecryptionInProgress" with a message that progress was recorded (a
             // trial). The walker takes the reserved file as a new one.
-            let size = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+            let size = hdr.areas_end();
             drop(create_header(&h, size, "").map_err(|e| {
                 Failure::new(e.code, format!("{}; nothing was changed", e.message))
             })?);

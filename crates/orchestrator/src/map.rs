@@ -314,7 +314,7 @@ fn mappable(device: &Path, detached: bool, hdr: &Luks2Header) -> Result<()> {
     let size = probe::device_size(device).map_err(|e| {
         Failure::failed(format!("{}: cannot read its size ({e})", device.display()))
     })?;
-    let header_end = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+    let header_end = hdr.areas_end();
     if !detached && seg.offset < header_end {
         return refuse(format!(
             "its data segment starts at byte {}, inside the LUKS header that ends at byte {header_end} on the device: a mapping would expose the header to writes",

@@ -320,7 +320,7 @@ fn free_keyslot_room(hdr: &Luks2Header) -> (u64, u64) {
         .map(|(o, s)| o + s)
         .max()
         .unwrap_or(2 * hdr.hdr_size);
-    let area_end = 2 * hdr.hdr_size + hdr.metadata.config.keyslots_size;
+    let area_end = hdr.areas_end();
     (ks_end, area_end.saturating_sub(ks_end))
 }
 

@@ -177,6 +177,11 @@ pub fn parse_json_area(area: &[u8]) -> Result<Metadata> {
 }
 
 impl Luks2Header {
+    /// Where the header's areas end: both metadata copies, then the keyslots area.
+    pub fn areas_end(&self) -> u64 {
+        2 * self.hdr_size + self.metadata.config.keyslots_size
+    }
+
     /// Reads both copies, picks the valid one with the higher seqid, and
     /// reports whether the other needs repair. Writes nothing.
     ///
