@@ -153,27 +153,7 @@ fn parse_line(line: &str) -> Option<Mount> {
 }
 
 /// The kernel escapes space, tab, newline and backslash as `\ooo` octal.
-pub fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use luksify_walker::space::unescape_octal as unescape;
 
 /// The mounts of the filesystem on device `dev` (bind mounts included).
 pub fn mounts_of(mounts: &[Mount], dev: DevNum) -> Vec<&Mount> {

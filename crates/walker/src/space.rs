@@ -162,13 +162,37 @@ fn on_fuse(p: &std::path::Path) -> bool {
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let dash = f.iter().position(|x| *x == "-")?;
-            // Mount points escape spaces and the like as octal (`\040`).
-            let mp = f.get(4)?.replace("\\040", " ");
+            let mp = unescape_octal(f.get(4)?);
             Some((mp, f.get(dash + 1)?.to_string()))
         })
         .filter(|(mp, _)| p.starts_with(mp))
         .max_by_key(|(mp, _)| mp.len())
         .is_some_and(|(_, fs)| fs == "fuse" || fs == "fuseblk" || fs.starts_with("fuse."))
+}
+
+/// Undoes the kernel's escaping of mountinfo fields: space, tab, newline and backslash
+/// are written as `\ooo` octal (`\040`, `\011`, `\012`, `\134`).
+pub fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) if b[i] == b'\\' => {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                out.push(v as u8);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A loop device whose backing file was deleted (sysfs says "(deleted)"): its
@@ -296,6 +320,19 @@ fn sought_holes(f: &File, start: u64, end: u64) -> io::Result<u64> {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    /// Every character the kernel escapes in a mount point comes back (a FUSE mount at a
+    /// path with a tab was taken for the filesystem under it, whose files may be opened).
+    #[test]
+    fn mount_points_are_unescaped_as_the_kernel_escapes_them() {
+        assert_eq!(
+            unescape_octal("/a\\040b\\011c\\012d\\134e"),
+            "/a b\tc\nd\\e"
+        );
+        assert_eq!(unescape_octal("/plain"), "/plain");
+        // Not three octal digits: left as written.
+        assert_eq!(unescape_octal("/x\\08y\\04"), "/x\\08y\\04");
+    }
 
     /// Holes are counted in the range asked, past the end included.
     #[test]
