@@ -1329,15 +1329,23 @@ fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     // As context, so that the walker's error stays in the chain (a Busy one is exit 4).
     .with_context(|| dev.display().to_string())?;
-    if let Some(m) = noted.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    let notice = noted.lock().unwrap_or_else(|e| e.into_inner()).take();
+    // Said in place of "decryption finished": nothing was walked now.
+    let already = notice.as_deref() == Some(luksify_walker::ALREADY_DECRYPTED);
+    if let Some(m) = notice {
         crate::end_bar();
-        errln!("luksify: {}: warning: {m}", dev.display());
+        let warning = if already { "" } else { "warning: " };
+        errln!("luksify: {}: {warning}{m}", dev.display());
     }
     // Read once the run is over (reading before would wait on another run's header lock,
     // where the walker refuses at once): what its header says it did.
     let what = run_kind(a.header.as_deref().unwrap_or(dev));
     let finished = matches!(outcome, Outcome::Finished);
-    let code = report(dev, outcome, what, hint);
+    let code = if already && finished {
+        ExitCode::SUCCESS
+    } else {
+        report(dev, outcome, what, hint)
+    };
     if finished {
         orchestrated_rest(dev, a.state_dir.as_deref());
     }

@@ -168,6 +168,11 @@ pub struct EncryptOptions {
     pub tuning: Tuning,
 }
 
+/// The notice of a `resume` that found a decryption already finished (by cryptsetup,
+/// or cut after its last header write): it walked nothing, so the caller says this
+/// in place of "decryption finished" (both lines read as a walk done now; a trial).
+pub const ALREADY_DECRYPTED: &str = "the decryption had already finished (the data is plaintext); only the header's keyslots area still held bytes, now zeroed; the header file is no longer needed";
+
 /// Hooks a caller can pass to any run.
 #[derive(Default)]
 pub struct Control<'a> {
@@ -2454,7 +2459,7 @@ pub fn resume<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>(
         // Said, so that "decryption finished" is not read as a walk done now (a
         // decryption cryptsetup finished leaves its keyslots area unwiped; a trial).
         if let Some(n) = ctl.notice {
-            n("the decryption had already finished (the data is plaintext); only the header's keyslots area still held bytes, now zeroed; the header file is no longer needed");
+            n(ALREADY_DECRYPTED);
         }
         return Ok(Outcome::Finished);
     }
