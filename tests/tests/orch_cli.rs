@@ -1733,8 +1733,9 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
     assert!(!PathBuf::from("/dev/mapper").join(&name).exists());
     open(&state);
     let mapped = PathBuf::from("/dev/mapper").join(&name);
-    // `enable` of the mapped device: already encrypted and mapped (exit 3), not "in use
-    // by a run, wait for it" (exit 4), which an agent would retry for ever.
+    // `enable` of the mapped device: already encrypted and mapped, so nothing to do
+    // (exit 0), not "in use by a run, wait for it" (exit 4), which an agent would retry
+    // for ever, nor a refusal (exit 3), which it cannot tell from "blocked".
     let out = run(luksify(&state)
         .env("LUKSIFY_ETC_DIR", dir.path().join("etc"))
         .args(["enable", "--volume-type", "data", "--volume"])
@@ -1742,9 +1743,10 @@ fn root_orch_open_close_userspace_roundtrip_on_a_cryptsetup_volume() {
         .arg("--key-file")
         .arg(&key));
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
         err.contains(&format!("is open as luksify's userspace mapping {name}"))
+            && err.contains("nothing to do")
             && !err.contains("wait for that run"),
         "{err}"
     );
@@ -3287,11 +3289,15 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 /// A volume luksify already encrypted and remounted through its userspace view is not
-/// encrypted a second time: the view's loop device is named as such by `check`, refused
-/// by `enable` (nothing written) and never listed as a candidate.
+/// encrypted a second time: the view's loop device is named as such by `check` and never
+/// listed as a candidate; `enable` of it, by mount point, view or device, has nothing to
+/// do (exit 0, nothing written, the status file as it was, no refusal recorded), and an
+/// `enable` naming it beside a plain volume encrypts that one. (It was refused, exit 3:
+/// an agent could not tell "done" from "blocked", and the plain volume named with it
+/// stayed plain; a trial.)
 #[test]
 #[ignore = "needs root and loop devices"]
-fn root_orch_enable_refuses_a_volume_it_already_encrypted() {
+fn root_orch_enable_of_a_volume_it_already_encrypted_does_nothing() {
     let fx = Fixture::new(128);
     fx.enable_ok();
     let view = PathBuf::from(
@@ -3300,16 +3306,28 @@ fn root_orch_enable_refuses_a_volume_it_already_encrypted() {
             .unwrap(),
     );
     let crypttab = std::fs::read_to_string(fx.dir.path().join("etc/crypttab")).unwrap();
-    let out = run(&mut fx.enable_cmd());
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("decrypted view"), "{}", stderr(&out));
-    // Nothing was written: no LUKS header on the view, tables unchanged, files intact.
-    assert!(!luksify_tests::has_luks_header(&view));
-    assert_eq!(
-        std::fs::read_to_string(fx.dir.path().join("etc/crypttab")).unwrap(),
-        crypttab
-    );
-    fx.assert_files_unchanged();
+    let status = std::fs::read(fx.state.join("status.json")).unwrap();
+    for named in [fx.mnt.clone(), view.clone(), fx.dev()] {
+        let out = run(&mut fx.enable_of(&named));
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("luksify: {}: ", named.display()))
+                && err.contains("nothing to do")
+                && !err.contains("BLOCKER"),
+            "{err}"
+        );
+        // Nothing was written: no LUKS header on the view, tables and status unchanged,
+        // files intact, no refusal for `status` to show.
+        assert!(!luksify_tests::has_luks_header(&view));
+        assert_eq!(
+            std::fs::read_to_string(fx.dir.path().join("etc/crypttab")).unwrap(),
+            crypttab
+        );
+        assert_eq!(std::fs::read(fx.state.join("status.json")).unwrap(), status);
+        assert!(!fx.state.join("refused.json").exists());
+        fx.assert_files_unchanged();
+    }
     let out = run_ok(fx.cmd().args(["enable", "--volume-type", "data", "--json"]));
     let listed = String::from_utf8_lossy(&out.stdout);
     let loop_dev = std::fs::canonicalize(&view).unwrap();
@@ -3317,6 +3335,26 @@ fn root_orch_enable_refuses_a_volume_it_already_encrypted() {
         !listed.contains(&format!("\"{}\"", loop_dev.display())),
         "{listed}"
     );
+    // Named beside a plain volume: that one is encrypted, this one left as it is.
+    let other = Fixture::new(64);
+    let mut both = fx.enable_of(&fx.mnt);
+    both.arg("--volume").arg(&other.mnt);
+    let out = run(&mut both);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("nothing to do"), "{}", stderr(&out));
+    assert!(luksify_tests::has_luks_header(&other.dev()));
+    assert!(!luksify_tests::has_luks_header(&view));
+    other.assert_files_unchanged();
+    fx.assert_files_unchanged();
+    let s = read_status(&fx.state);
+    assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
+    assert_eq!(s["volumes"].as_array().unwrap().len(), 2, "{s}");
+    // Left for the fixtures' clean-up to find: each volume closed in its own state dir.
+    let _ = Command::new("umount").arg(&other.mnt).output();
+    let _ = fx
+        .cmd()
+        .args(["close", &mapper_name(&other.dev())])
+        .output();
 }
 
 /// A second mount of the volume and a bind of one of its directories come back after

@@ -134,6 +134,21 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
     out
 }
 
+/// The problem that says the volume of report `r` is encrypted already (a LUKS header
+/// at its start or in its recorded detached header, or an open mapping given in its
+/// place), unless a run on it is interrupted or at work, which is not "done".
+fn already_encrypted(r: &check::Report) -> Option<&check::Problem> {
+    if r.problems
+        .iter()
+        .any(|p| matches!(p.code, "luks_in_progress" | "busy_run"))
+    {
+        return None;
+    }
+    r.problems
+        .iter()
+        .find(|p| matches!(p.code, "already_mapped" | "already_luks"))
+}
+
 /// SIGTERM, then SIGKILL, to the processes that hold `device`, waiting up to 5 s each.
 /// A holder that is luksify's own ancestor (the shell or agent that runs it, its working
 /// directory on the volume) is not signalled: the run is refused instead.
@@ -762,6 +777,21 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             Failure::new(code, p.one_line())
         })?;
         check::add_interrupted_run(&mut report, &req.state_dir);
+        // Encrypted already (open or not, by luksify or another tool): the goal of
+        // `enable` is met, so it is skipped, not refused. A refusal (exit 3) left an
+        // agent that enables every volume it wants encrypted unable to tell "done" from
+        // "blocked", and a run naming one such volume encrypted none of the others
+        // (a trial).
+        if let Some(p) = already_encrypted(&report) {
+            let more = p.fix.strip_prefix("nothing to do").unwrap_or("");
+            errln!(
+                "luksify: {}: {} ({}); nothing to do{more}",
+                v.display(),
+                p.what,
+                p.why
+            );
+            continue;
+        }
         for p in report.blockers() {
             busy |= p.code == "busy_run";
             blockers.push(p.one_line());
@@ -790,6 +820,11 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             name,
             header,
         });
+    }
+    // Every volume named is encrypted already: nothing to do, nothing written (the
+    // status file too stays as it was).
+    if plans.is_empty() && blockers.is_empty() {
+        return Ok(());
     }
     // A volume mounted below another one's mount point goes after it: the outer one's
     // run unmounts and mounts again what is nested below it, and the inner one,
