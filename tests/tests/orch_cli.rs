@@ -557,6 +557,9 @@ fn root_orch_check_names_holder_and_enable_refuses_until_it_is_gone() {
             != Some(0)
     );
     fx.assert_files_unchanged();
+    // Its why is the unmount's.
+    let said = String::from_utf8_lossy(&run(fx.cmd().arg("check").arg(&fx.mnt)).stdout).to_string();
+    assert!(said.contains("target is busy"), "{said}");
     h.kill().unwrap();
     h.wait().unwrap();
     let out = run(fx.cmd().arg("check").arg(&fx.mnt));
@@ -565,6 +568,24 @@ fn root_orch_check_names_holder_and_enable_refuses_until_it_is_gone() {
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    // A reader of the device node does not keep it from being unmounted: it blocks for
+    // what it would read or write, said as such (a trial read "target is busy").
+    let mut reader = Command::new("sleep")
+        .arg("600")
+        .stdin(std::fs::File::open(fx.dev()).unwrap())
+        .spawn()
+        .unwrap();
+    let out = run(fx.cmd().arg("check").arg(&fx.mnt));
+    let _ = reader.kill();
+    let _ = reader.wait();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains(&format!("pid {} (sleep) has the device open", reader.id()))
+            && said.contains("device node open would read ciphertext")
+            && !said.contains("target is busy"),
+        "{said}"
     );
 }
 
@@ -2835,7 +2856,10 @@ fn root_orch_check_reports_swap_lvm_pv_and_existing_luks_one_line_each() {
             .arg(dev)
             .arg("--json"));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let text = run(Command::new(luksify_bin()).arg("check").arg(dev));
+        let text = run(Command::new(luksify_bin())
+            .env("LUKSIFY_ETC_DIR", dir.path())
+            .arg("check")
+            .arg(dev));
         (
             out.status.code(),
             v,
@@ -2860,8 +2884,14 @@ fn root_orch_check_reports_swap_lvm_pv_and_existing_luks_one_line_each() {
     let _ = Command::new("swapoff").arg(&lo.path).output();
     assert_eq!(code, Some(3), "{v}");
     assert!(codes(&v).contains(&"swap".to_string()), "{v}");
+    // The fstab named is the one luksify edits (LUKSIFY_ETC_DIR's; it said /etc/fstab).
     assert!(
-        text.contains("BLOCKER: ") && text.contains("swapoff"),
+        text.contains("BLOCKER: ")
+            && text.contains("swapoff")
+            && text.contains(&format!(
+                "remove it from {}",
+                dir.path().join("fstab").display()
+            )),
         "{text}"
     );
     drop(lo);
@@ -6257,6 +6287,20 @@ fn root_orch_no_header_room_says_how_much_or_to_detach() {
         "{text}"
     );
     assert!(!text.contains("free some space"), "{text}");
+    // Smaller than the header itself: said so, not "shrinking the filesystem to 0 MiB".
+    let tiny_img = small.dir.path().join("tiny.img");
+    sparse_file(&tiny_img, 8 << 20);
+    run_ok(Command::new("mkfs.ext4").arg("-q").arg(&tiny_img));
+    let tiny = LoopDev::attach(&tiny_img);
+    let out = run(small.cmd().arg("check").arg(&tiny.path));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("needs 32 MiB, more than the whole 8 MiB device")
+            && !text.contains("to 0 MiB"),
+        "{text}"
+    );
+    drop(tiny);
     let full = Fixture::new(128);
     let filler = full.mnt.join("filler");
     run_ok(
@@ -6272,6 +6316,12 @@ fn root_orch_no_header_room_says_how_much_or_to_detach() {
         .lines()
         .find(|l| l.contains("free at least"))
         .unwrap_or_else(|| panic!("{text}"));
+    // What it cannot give up beside what it holds, not "N MiB free" beside "needs
+    // 32 MiB", which read as a contradiction (a trial).
+    assert!(
+        line.contains("cannot give up 32 MiB at its end (") && line.contains(" MiB used, "),
+        "{line}"
+    );
     let mib: u64 = line
         .split("free at least ")
         .nth(1)
@@ -8743,6 +8793,13 @@ fn root_orch_another_filesystem_at_or_inside_the_volume_is_not_taken_for_it() {
     );
     let out = run(fx.cmd().arg("check").arg(&fx.mnt));
     assert_refused(&out, 3, "is mounted on top of");
+    // The device to give is the volume's own, not a placeholder (a trial copied
+    // "/dev/sdc").
+    assert!(
+        stderr(&out).contains(&format!("give the device itself ({})", fx.dev().display())),
+        "{}",
+        stderr(&out)
+    );
     let out = run(&mut fx.enable_of(&fx.dev()));
     assert_refused(&out, 3, "mounted on top of");
     assert!(!luksify_tests::has_luks_header(&fx.dev()), "enable wrote");

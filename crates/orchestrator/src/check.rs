@@ -262,7 +262,17 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
                 m.describe(),
                 under.describe()
             ),
-            "give the device itself (/dev/sdc); to take the top mount off, umount the directory once",
+            &format!(
+                "give the device itself ({}); to take the top mount off, umount the directory once",
+                // The disks of the two mounts, the lower first (the top one hides it);
+                // a placeholder only where neither is a block device (a trial copied
+                // "/dev/sdc" from beside its own loop device's name).
+                [under, m]
+                    .iter()
+                    .map(|x| Path::new(&x.source))
+                    .find(|p| probe::block_dev_num(p).is_some())
+                    .map_or("/dev/sdc".into(), |p| p.display().to_string())
+            ),
         ));
     }
     // A btrfs mount shows an anonymous device number, not its disk's: the disk is its
@@ -367,6 +377,23 @@ pub fn reencrypt_mode(path: &Path) -> Option<bool> {
     let n = f.read_at(&mut json, 4096).ok()?;
     let text = String::from_utf8_lossy(&json[..n]);
     Some(text.contains("\"mode\":\"decrypt\""))
+}
+
+/// Why `holders` stand in the way: files, directories and maps on the filesystem keep it
+/// from being unmounted; the device node open (no obstacle to an unmount) lets a process
+/// read ciphertext or write under the walk (a trial read "target is busy" for a reader
+/// of /dev/loopN, which does not stop an unmount).
+fn holders_why(holders: &[Holder]) -> String {
+    let (device, files): (Vec<&Holder>, Vec<&Holder>) = holders
+        .iter()
+        .partition(|h| h.kind == holders::HoldKind::OpenDevice);
+    let busy = "a filesystem cannot be unmounted while processes use it (\"target is busy\")";
+    let raw = "a process with the device node open would read ciphertext, or write under the walk and be overwritten";
+    match (files.is_empty(), device.is_empty()) {
+        (false, false) => format!("{busy}, and {raw}"),
+        (true, false) => raw.to_string(),
+        _ => busy.to_string(),
+    }
 }
 
 /// Adds [`interrupted_run`] to a report. Such a device may still start with the
@@ -1025,7 +1052,7 @@ pub fn check_resolved(
                 },
                 abbreviate(&lines, 8)
             ),
-            "a filesystem cannot be unmounted while processes use it (\"target is busy\")".into(),
+            holders_why(&holders),
             if opts.kill_holders {
                 "they will be stopped (SIGTERM, then SIGKILL) because --kill-holders was given"
                     .into()
@@ -1043,7 +1070,11 @@ pub fn check_resolved(
             Severity::Blocker,
             format!("swap is active on {dev_s}: {}", list.join(", ")),
             "swap in use cannot be unmounted or rewritten".into(),
-            format!("swapoff {} (and remove it from /etc/fstab)", list.join(" ")),
+            format!(
+                "swapoff {} (and remove it from {})",
+                list.join(" "),
+                crate::tabs::etc_dir().join("fstab").display()
+            ),
         );
     }
     // What holds the volume with no process of ours to name: each used to pass check
@@ -1545,30 +1576,46 @@ pub fn check_resolved(
                     Some(min) => min > target || short,
                     None => short,
                 };
+                let why = if size_bytes <= HEADER_RESERVE_BYTES {
+                    format!(
+                        "the LUKS2 header in front needs {} MiB, more than the whole {} MiB device",
+                        HEADER_RESERVE_BYTES >> 20,
+                        size_bytes >> 20
+                    )
+                } else {
+                    let estimate = match min {
+                        Some(m) if m > target => format!(
+                            "its own estimate of the smallest size is {} MiB",
+                            m.div_ceil(1 << 20)
+                        ),
+                        // resize2fs -P reads the on-disk bitmaps, which lag the
+                        // kernel's count after large writes.
+                        _ => format!(
+                            "it needs {} MiB free for that and for its own moves",
+                            (HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50)
+                                .div_ceil(1 << 20)
+                        ),
+                    };
+                    format!(
+                        "the LUKS2 header needs {} MiB taken from the end by shrinking the filesystem to {} MiB, and resize2fs cannot shrink it that far ({estimate})",
+                        HEADER_RESERVE_BYTES >> 20,
+                        target >> 20,
+                    )
+                };
                 if slack < HEADER_RESERVE_BYTES && too_full {
                     header_space_ok = false;
                     push(
                         "no_header_space",
                         Severity::Blocker,
-                        format!("{fs} on {dev_s} has {} MiB free", free >> 20),
+                        // Its use beside its free space: "51 MiB free" beside "needs
+                        // 32 MiB" read as a contradiction (a trial).
                         format!(
-                            "the LUKS2 header needs {} MiB taken from the end by shrinking the filesystem to {} MiB, and resize2fs cannot shrink it that far{}",
+                            "{fs} on {dev_s} cannot give up {} MiB at its end ({} MiB used, {} MiB free)",
                             HEADER_RESERVE_BYTES >> 20,
-                            target >> 20,
-                            match min {
-                                Some(m) if m > target => format!(
-                                    " (its own estimate of the smallest size is {} MiB)",
-                                    m.div_ceil(1 << 20)
-                                ),
-                                // resize2fs -P reads the on-disk bitmaps, which lag
-                                // the kernel's count after large writes.
-                                _ => format!(
-                                    " (it needs {} MiB free for that and for its own moves)",
-                                    (HEADER_RESERVE_BYTES.saturating_sub(slack) + fs_bytes / 50)
-                                        .div_ceil(1 << 20)
-                                ),
-                            }
+                            fs_bytes.saturating_sub(free) >> 20,
+                            free >> 20
                         ),
+                        why,
                         if size_bytes < 2 * HEADER_RESERVE_BYTES {
                             // No freeing makes a device this small give up 32 MiB.
                             format!(
