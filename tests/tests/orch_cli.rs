@@ -6942,6 +6942,11 @@ fn root_orch_a_disable_stopped_mid_walk_is_no_filesystem_to_repair_for_another_a
     let fx = Fixture::new(128);
     fx.enable_ok();
     fx.kill_disable_mid_walk();
+    // Closed for the walk: no mapped device named (an agent read it as the data
+    // reachable there; a trial).
+    let v = read_status(&fx.state);
+    assert_eq!(v["volumes"][0]["state"], "DecryptionInProgress", "{v}");
+    assert!(v["volumes"][0]["mapped_device"].is_null(), "{v}");
     run_ok(&mut Command::new("sync"));
     let before = sha256(&fx.dev());
     let other = fx.dir.path().join("other-agent");

@@ -3674,6 +3674,10 @@ fn disable_one(
             map::close(&req.state_dir, &v.mapper)?;
         }
     }
+    // Closed: no mapping until it is mapped again (a decryption stopped before its
+    // walk) or the plain device mounted. An agent read "mapped_device" as the data
+    // reachable there while nothing was (a trial).
+    sw.status.volumes[idx].mapped_device = None;
     let in_front = v.header.is_none();
     sw.status.volumes[idx].phase = Some("deriving the key".into());
     commit(sw)?;
