@@ -315,18 +315,48 @@ fn wipe_pending(hdr: &Luks2Header) -> bool {
         .any(|t| t.kind == WIPE_PENDING_TOKEN)
 }
 
-fn free_keyslot_room(hdr: &Luks2Header) -> (u64, u64) {
-    let ks_end = hdr
+/// The stretches of the keyslots area no keyslot's area covers (a reencrypt keyslot's
+/// aside: it is the run's own), in order, on 4096-byte bounds.
+fn keyslot_gaps(hdr: &Luks2Header) -> Vec<(u64, u64)> {
+    let mut used: Vec<(u64, u64)> = hdr
         .metadata
         .keyslots
         .values()
         .filter(|k| !matches!(k, Keyslot::Reencrypt(_)))
         .filter_map(Keyslot::area_range)
-        .map(|(o, s)| o + s)
-        .max()
-        .unwrap_or(2 * hdr.hdr_size);
-    let area_end = hdr.areas_end();
-    (ks_end, area_end.saturating_sub(ks_end))
+        .collect();
+    used.sort_unstable();
+    let mut gaps = Vec::new();
+    let mut at = 2 * hdr.hdr_size;
+    for (o, len) in used.into_iter().chain([(hdr.areas_end(), 0)]) {
+        let (start, end) = (at.next_multiple_of(4096), o / 4096 * 4096);
+        if end > start {
+            gaps.push((start, end - start));
+        }
+        at = at.max(o + len);
+    }
+    gaps
+}
+
+/// The largest free stretch of the keyslots area (the first of equals), where a run
+/// that keeps its data in place puts its journal or checksums, as cryptsetup's
+/// `LUKS2_find_area_max_gap`. Not only the room after the last keyslot: a LUKS1 header
+/// converted by cryptsetup with keyslot 7 in use has none there, and its decryption was
+/// refused for "no free room" (a trial).
+fn free_keyslot_room(hdr: &Luks2Header) -> (u64, u64) {
+    keyslot_gaps(hdr).into_iter().fold(
+        (hdr.areas_end(), 0),
+        |best, g| if g.1 > best.1 { g } else { best },
+    )
+}
+
+/// The first free stretch of at least `len` bytes (a datashift run's 4096-byte area),
+/// as cryptsetup's `LUKS2_find_area_gap`.
+fn first_keyslot_gap(hdr: &Luks2Header, len: u64) -> Option<u64> {
+    keyslot_gaps(hdr)
+        .into_iter()
+        .find(|g| g.1 >= len)
+        .map(|g| g.0)
 }
 
 /// Journal and checksum modes alternate between two halves of the free room, so hotzone
@@ -1276,7 +1306,7 @@ pub fn encrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
     let (layout, direction, area) = match layout_of {
         Some(l) => {
             let area = ReencryptArea::Datashift {
-                offset: ks_end,
+                offset: first_keyslot_gap(&hdr, 4096).unwrap_or(ks_end),
                 size: 4096,
                 shift_size: l.shift.map_or(0, |s| s.size),
             };
@@ -2126,10 +2156,9 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
         )));
     }
     let (ks_end, room) = free_keyslot_room(&hdr);
-    let area_end = ks_end + room;
     let area = if moves {
         ReencryptArea::Datashift {
-            offset: ks_end,
+            offset: first_keyslot_gap(&hdr, 4096).unwrap_or(ks_end),
             size: 4096,
             shift_size: off,
         }
@@ -2147,7 +2176,10 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
             )
         })?
     };
-    if area.offset() + area.size() > area_end || area.size() < 4096 {
+    let fits = keyslot_gaps(&hdr)
+        .iter()
+        .any(|&(o, len)| area.offset() >= o && area.offset() + area.size() <= o + len);
+    if !fits || area.size() < 4096 {
         return Err(Error::Refused(
             "no free room in the keyslots area for the reencryption journal".into(),
         ));
@@ -2179,7 +2211,7 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
         // new state, and a cut before that leaves its primary blank. The device is
         // untouched until the walk, so a crash here leaves the volume as it was.
         let mut buf = device::AlignedBuf::new(1 << 20);
-        let (start, end) = (2 * hdr.hdr_size, area_end);
+        let (start, end) = (2 * hdr.hdr_size, hdr.areas_end());
         // A full filesystem under the header file is the user's to fix, not an I/O fault.
         let full = |e: std::io::Error, what: &'static str| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
