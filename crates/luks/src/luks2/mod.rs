@@ -189,6 +189,18 @@ pub fn keyslots_size_for_offset(metadata_size: u64, data_offset: u64) -> Option<
     (data_offset != 0).then(|| room.min(validate::MAX_KEYSLOTS_SIZE) / 4096 * 4096)
 }
 
+/// The cipher and key size a new keyslot's area is encrypted with, as cryptsetup's
+/// `crypt_keyslot_get_encryption(CRYPT_ANY_SLOT)`: the data segment's cipher with the
+/// volume key's size, whatever key the keyslot stores (an unbound 128-bit key is not an
+/// AES-XTS key: `change-key` of one failed with "AES-XTS key must be 32 or 64 bytes";
+/// a trial), else aes-xts-plain64 with 64 bytes.
+fn new_area_encryption(data: &DataSegment) -> (String, u32) {
+    match data.key_size {
+        Some(k) => (data.cipher.clone(), k),
+        None => ("aes-xts-plain64".into(), 64),
+    }
+}
+
 /// The encryption sector size `cryptsetup luksFormat` picks when none is given
 /// (`device_optimal_encryption_sector_size`): the data device's logical block size,
 /// or its physical one when that is larger, at most 4096 and a multiple of it; 4096
@@ -820,9 +832,10 @@ impl Luks2Header {
                 self.metadata.config.keyslots_size
             ))
         })?;
+        let (encryption, area_key_size) = new_area_encryption(&data);
         let params = keyslot::NewKeyslot {
-            encryption: data.cipher.clone(),
-            area_key_size: vk.len() as u32,
+            encryption,
+            area_key_size,
             af_hash,
             kdf,
             priority,
@@ -932,9 +945,10 @@ impl Luks2Header {
         let data = self.data_segment()?;
         // The hash asked for, as luksChangeKey (not the old keyslot's).
         let af_hash = req.hash;
+        let (encryption, area_key_size) = new_area_encryption(&data);
         let params = keyslot::NewKeyslot {
-            encryption: data.cipher.clone(),
-            area_key_size: vk.len() as u32,
+            encryption,
+            area_key_size,
             af_hash,
             kdf,
             priority,
