@@ -1345,6 +1345,27 @@ fn luks_cli_dump_prints_tokens_as_luksdump() {
     assert!(cs.contains("\tKey description: luksify:test key\n"), "{cs}");
     assert!(cs.contains("  1: luksify-test\n"), "{cs}");
     assert_eq!(ours, cs);
+    // Persistent flags (`cryptsetup refresh --persistent` needs device-mapper, so set
+    // here through the header): luksDump ends each with a blank, the last one too
+    // (dump dropped that one; a trial).
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let (mut h, _) = luksify_luks::luks2::Luks2Header::read(&f).unwrap();
+        h.metadata.config.flags = Some(vec!["allow-discards".into(), "no-read-workqueue".into()]);
+        h.write(&f).unwrap();
+    }
+    let cs = String::from_utf8(run_ok(Command::new("cryptsetup").arg("luksDump").arg(&img)).stdout)
+        .unwrap();
+    let ours = String::from_utf8(run_ok(&mut lx(&["dump", p(&img)])).stdout).unwrap();
+    assert!(
+        cs.contains("Flags:       \tallow-discards no-read-workqueue \n"),
+        "{cs}"
+    );
+    assert_eq!(ours, cs);
 }
 
 /// `format` refuses, exit 4 and nothing written, a device in use (a mounted loop

@@ -1279,9 +1279,15 @@ fn luks2_text(h: &Luks2Header) -> String {
         "Subsystem:     \t{}",
         none(&h.subsystem.to_string(), "(no subsystem)")
     );
-    let flags = m.config.flags.clone().unwrap_or_default().join(" ");
+    // luksDump ends each flag and each requirement with a blank, the last one too.
+    let flags: String = m
+        .config
+        .flags
+        .iter()
+        .flatten()
+        .map(|f| format!("{f} "))
+        .collect();
     let _ = writeln!(s, "Flags:       \t{}", none(&flags, "(no flags)"));
-    // luksDump ends each requirement with a blank, the last one too.
     let req: String = m
         .config
         .mandatory_requirements()
