@@ -772,8 +772,12 @@ pub(crate) fn material_cipher_usable(spec: &str, key_len: usize) -> Result<()> {
 /// Also LUKS2 keyslot areas: cryptsetup encrypts them with the data segment's cipher,
 /// `aes-cbc-essiv:sha256` included.
 pub(crate) fn check_material_spec(spec: &str) -> Result<()> {
-    if !luksify_cipher::cbc::CbcSectors::handles(spec) {
-        SectorCipher::parse_spec(spec)?;
+    if !luksify_cipher::cbc::CbcSectors::handles(spec) && SectorCipher::parse_spec(spec).is_err() {
+        // Said of the keyslot, with the keyslot ciphers luksify reads (the data
+        // cipher's list, XTS only, was given; a trial).
+        return Err(Error::Unsupported(format!(
+            "its cipher {spec} is not one luksify reads keyslots in (aes-xts-plain64, aes-xts-plain64be, aes-xts-plain, aes-xts-essiv:sha256, aes-cbc-plain, aes-cbc-plain64, aes-cbc-essiv:sha256): use another keyslot's passphrase, or cryptsetup"
+        )));
     }
     Ok(())
 }

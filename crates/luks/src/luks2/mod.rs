@@ -636,6 +636,11 @@ impl Luks2Header {
                 Ok(k) => return Ok((k, id)),
                 Err(Error::WrongPassphrase) => {}
                 // A damaged or unsupported keyslot must not hide a good one.
+                Err(Error::Unsupported(m)) => {
+                    last_err = Error::Unsupported(format!(
+                        "no keyslot luksify can read accepts this passphrase, and keyslot {id} could not be tried: {m}"
+                    ))
+                }
                 Err(e) => last_err = e,
             }
         }
