@@ -10126,3 +10126,41 @@ fn root_orch_disable_of_a_volume_grown_since_enable_fills_the_device() {
         "the filesystem does not fill the device"
     );
 }
+
+/// A keyslot at priority `ignore` (`cryptsetup config --priority ignore`) is tried by
+/// `open` only when named with `--key-slot`/`-S`, as `cryptsetup open --key-slot` does.
+/// There was no such option: the volume could not be opened until its priority was
+/// changed back (a trial).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_open_takes_a_key_slot_as_cryptsetup() {
+    require_root();
+    require_tool("cryptsetup");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    sparse_file(&img, 32 << 20);
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"ignored slot").unwrap();
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks2", &img, &key,
+    ));
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["config", "--priority", "ignore", "--key-slot", "0"])
+            .arg(&img),
+    );
+    let lo = LoopDev::attach(&img);
+    let state = dir.path().join("state");
+    let name = format!("orchks{}", std::process::id());
+    let mapped = PathBuf::from("/dev/mapper").join(&name);
+    let out = run(&mut open_userspace(luksify(&state), &lo.path, &name, &key));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--key-slot"), "{}", stderr(&out));
+    assert!(!mapped.exists());
+    for slot in [["--key-slot", "0"], ["-S", "0"]] {
+        let mut open = open_userspace(luksify(&state), &lo.path, &name, &key);
+        run_ok(open.args(slot));
+        assert!(mapped.exists(), "{slot:?}: nothing mapped");
+        run_ok(luksify(&state).args(["close", &name]));
+    }
+}

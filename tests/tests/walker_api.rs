@@ -135,6 +135,7 @@ fn dopts(res: Resilience, tuning: Tuning) -> DecryptOptions {
         resilience: res,
         checksum_hash: Hash::Sha256,
         tuning,
+        key_slot: None,
     }
 }
 

@@ -4516,3 +4516,68 @@ fn walker_decrypts_a_converted_luks1_volume_whose_last_keyslot_is_in_use() {
         "luksify's plaintext differs from cryptsetup's"
     );
 }
+
+/// `decrypt --key-slot N` (`-S N`) tries that keyslot, even at priority `ignore`, as
+/// `cryptsetup reencrypt --decrypt --key-slot` does: without it such a volume could not
+/// be decrypted until its priority was changed back (a trial). The plaintext equals
+/// cryptsetup's decryption of a copy.
+#[test]
+fn walker_decrypt_takes_a_key_slot_as_cryptsetup() {
+    require_tool("cryptsetup");
+    let (c, _) = Case::new(0, 7740);
+    sparse_file(&c.p("img"), 40 << 20);
+    run_ok(&mut luksify_tests::cryptsetup_format_fast(
+        "luks2",
+        &c.p("img"),
+        &c.p("key"),
+    ));
+    run_ok(Command::new("cryptsetup").args([
+        "config",
+        "--priority",
+        "ignore",
+        "--key-slot",
+        "0",
+        &c.img(),
+    ]));
+    std::fs::copy(c.p("img"), c.p("cs.img")).unwrap();
+    run_ok(Command::new("cryptsetup").args([
+        "reencrypt",
+        "--decrypt",
+        "--force-offline-reencrypt",
+        "-q",
+        "--key-slot",
+        "0",
+        "--header",
+        &c.p("cs.hdr").display().to_string(),
+        "--key-file",
+        &c.key(),
+        &c.p("cs.img").display().to_string(),
+    ]));
+    let before = std::fs::read(c.p("img")).unwrap();
+    let decrypt = |extra: &[&str]| {
+        run(Command::new(luksify_bin())
+            .args([
+                "decrypt",
+                &c.img(),
+                "--header",
+                &c.hdr(),
+                "--key-file",
+                &c.key(),
+            ])
+            .args(extra))
+    };
+    let out = decrypt(&[]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        std::fs::read(c.p("img")).unwrap() == before && !c.p("hdr").exists(),
+        "a refused decrypt wrote"
+    );
+    let out = decrypt(&["-S", "0"]);
+    assert!(out.status.success(), "{out:?}");
+    let plain = (40 << 20) - (16 << 20);
+    assert!(
+        std::fs::read(c.p("img")).unwrap()[..plain]
+            == std::fs::read(c.p("cs.img")).unwrap()[..plain],
+        "luksify's plaintext differs from cryptsetup's"
+    );
+}

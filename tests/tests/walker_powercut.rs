@@ -425,6 +425,7 @@ fn ops_to_first_header(placement: Placement, decrypting: bool) -> u64 {
                 checksum_hash: Hash::Sha256,
                 resilience: Resilience::Checksum,
                 tuning: o.tuning,
+                key_slot: None,
             };
             let _ = luksify_walker::decrypt(&pc, Some(&hpc), PASS, &d, &Control::default());
             hpc.settle(|_, u| vec![true; u]).unwrap();
@@ -551,6 +552,7 @@ fn decrypt_cut_and_resume_sized(
             Placement::Shift { .. } => Resilience::Checksum,
         },
         tuning: o.tuning,
+        key_slot: None,
     };
     let pc = power_cut_disk(&data, unit, direct);
     let hpc = pc.sibling(dhdr.clone());
@@ -630,6 +632,7 @@ fn total_decrypt_ops_sized(placement: Placement, size: usize, unit: usize) -> u6
             Placement::Shift { .. } => Resilience::Checksum,
         },
         tuning: o.tuning,
+        key_slot: None,
     };
     let r = luksify_walker::decrypt(&pc, Some(&h), PASS, &dopts, &Control::default());
     assert_eq!(r.unwrap(), Outcome::Finished);

@@ -68,6 +68,10 @@ pub enum OrchCmd {
         /// Use the userspace path even where dm-crypt exists
         #[arg(long)]
         userspace: bool,
+        /// Only try this keyslot (also one at priority `ignore`), as `cryptsetup open
+        /// --key-slot`
+        #[arg(long, short = 'S')]
+        key_slot: Option<u32>,
         #[command(flatten)]
         run: RunLock,
     },
@@ -234,6 +238,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
             part,
             header,
             userspace,
+            key_slot,
             run: RunLock { wait, state_dir },
         } => finish_in(
             state_dir.clone(),
@@ -241,7 +246,7 @@ pub fn run(cmd: OrchCmd) -> anyhow::Result<ExitCode> {
                 &device,
                 &name,
                 (&key_file, part),
-                header.as_deref(),
+                (header.as_deref(), key_slot),
                 userspace,
                 wait,
                 state_dir,
@@ -416,7 +421,7 @@ fn cmd_open(
     device: &Path,
     name: &str,
     (key_file, part): (&Path, crate::keyfile::KeyFilePart),
-    header: Option<&Path>,
+    (header, key_slot): (Option<&Path>, Option<u32>),
     userspace: bool,
     wait: bool,
     state_dir: Option<PathBuf>,
@@ -434,6 +439,7 @@ fn cmd_open(
         header,
         force_userspace: userspace,
         state_dir: &dir,
+        key_slot,
     };
     let rec = map::open(&req, &key)?;
     drop(key);

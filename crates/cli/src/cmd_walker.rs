@@ -55,6 +55,10 @@ pub struct DecryptArgs {
     /// blake2b-512, whirlpool, ...)
     #[arg(long, default_value = "sha256")]
     resilience_hash: String,
+    /// Only try this keyslot (also one at priority `ignore`), as `cryptsetup reencrypt
+    /// --key-slot`
+    #[arg(long, short = 'S')]
+    key_slot: Option<u32>,
     #[command(flatten)]
     tuning: TuningArgs,
 }
@@ -463,6 +467,7 @@ fn decrypt(a: DecryptArgs) -> anyhow::Result<ExitCode> {
         },
         checksum_hash: resilience_hash(dev, &a.resilience_hash)?,
         tuning: tuning(&a.tuning),
+        key_slot: a.key_slot,
     };
     let cancel = install_cancel()?;
     let pp = progress_printer(dev, &a.tuning);

@@ -306,7 +306,7 @@ const CRYPTSETUP_OPTIONS: &[(&str, &str)] = &[
     ("--batch-mode", "this command asks no question (only `format` and `remove-key` do): leave the option out"),
     ("--encrypt", "`luksify encrypt DEV ...` is a command of its own (cryptsetup's `reencrypt --encrypt`)"),
     ("--decrypt", "`luksify decrypt DEV ...` is a command of its own (cryptsetup's `reencrypt --decrypt`)"),
-    ("--key-slot", "here the passphrase goes to keyslot 0; `luksify add-key DEV -S N` adds one in slot N"),
+    ("--key-slot", "`encrypt` puts the passphrase in keyslot 0 (`luksify add-key DEV -S N` adds one in slot N), and `resume` tries every keyslot; `open` and `decrypt` take --key-slot"),
     ("--type", "only `format` and `is-luks` take --type: `encrypt` writes LUKS2 (LUKS1 has no in-place re-encryption), and the other commands read the type from the header"),
 ];
 

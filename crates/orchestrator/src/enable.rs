@@ -1767,6 +1767,7 @@ fn finish_volume(
         header: v.header.as_deref(),
         force_userspace: req.force_userspace,
         state_dir: &req.state_dir,
+        key_slot: None,
     };
     // A run killed after it mapped the volume left the mapping open: take it over.
     let rec = match map::load_record(&req.state_dir, &v.mapper) {
@@ -3704,6 +3705,7 @@ fn disable_one(
         },
         checksum_hash: luksify_walker::Hash::Sha256,
         tuning: Default::default(),
+        key_slot: None,
     };
     let outcome = walk(sw, idx, pos.0, pos.1, req, |ctl| {
         luksify_walker::decrypt(&data, Some(&hf), passphrase, &dopts, ctl)

@@ -53,6 +53,9 @@ pub struct OpenRequest<'a> {
     pub header: Option<&'a Path>,
     pub force_userspace: bool,
     pub state_dir: &'a Path,
+    /// The keyslot the passphrase must open (cryptsetup's `--key-slot`), tried even at
+    /// priority `ignore`; None: every keyslot, by priority.
+    pub key_slot: Option<u32>,
 }
 
 fn maps_dir(state_dir: &Path) -> PathBuf {
@@ -156,6 +159,7 @@ pub fn unlock(
     device: &Path,
     header: Option<&Path>,
     passphrase: &[u8],
+    key_slot: Option<u32>,
 ) -> Result<(Luks2Header, DataSegment, VolumeKey)> {
     let hpath = header.unwrap_or(device);
     let hfile = File::open(hpath).map_err(|e| {
@@ -225,16 +229,18 @@ pub fn unlock(
     mappable(device, header.is_some(), &hdr)?;
     // "check --key-file" only where the passphrase is what failed (a trial's unknown
     // requirement was blamed on the key file).
-    let (vk, _slot) = hdr.unlock(&hfile, passphrase, None).map_err(|e| match e {
-        luksify_luks::Error::WrongPassphrase => Failure::new(
-            crate::exit::WRONG_PASSPHRASE,
-            format!(
+    let (vk, _slot) = hdr
+        .unlock(&hfile, passphrase, key_slot)
+        .map_err(|e| match e {
+            luksify_luks::Error::WrongPassphrase => Failure::new(
+                crate::exit::WRONG_PASSPHRASE,
+                format!(
                 "{}: cannot unlock ({e}); check --key-file (its whole content is the passphrase)",
                 device.display()
             ),
-        ),
-        e => Failure::failed(format!("{}: cannot unlock: {e}", device.display())),
-    })?;
+            ),
+            e => Failure::failed(format!("{}: cannot unlock: {e}", device.display())),
+        })?;
     let seg = hdr.data_segment().map_err(|e| {
         Failure::failed(format!(
             "{}: no usable data segment ({e})",
@@ -445,7 +451,7 @@ pub fn open(req: &OpenRequest, passphrase: &[u8]) -> Result<MapRecord> {
         ));
     }
     ensure_device_free(req)?;
-    let (hdr, seg, vk) = unlock(req.device, req.header, passphrase).map_err(|e| {
+    let (hdr, seg, vk) = unlock(req.device, req.header, passphrase, req.key_slot).map_err(|e| {
         match req
             .header
             .is_none()

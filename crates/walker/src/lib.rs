@@ -1982,6 +1982,9 @@ pub struct DecryptOptions {
     /// Checksum resilience's hash (cryptsetup's `--resilience-hash`, sha256 by default).
     pub checksum_hash: Hash,
     pub tuning: Tuning,
+    /// The keyslot the passphrase must open (cryptsetup's `--key-slot`), tried even at
+    /// priority `ignore`; None: every keyslot, by priority.
+    pub key_slot: Option<u32>,
 }
 
 /// Decrypts a LUKS2 volume in place back to plaintext.
@@ -2129,8 +2132,8 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
     }
     // Until the walk starts the keyslot areas are read where they are now.
     let unlocked = match header {
-        Some(h) if !moves => hdr.unlock(h, passphrase.as_ref(), None),
-        _ => hdr.unlock(data, passphrase.as_ref(), None),
+        Some(h) if !moves => hdr.unlock(h, passphrase.as_ref(), opts.key_slot),
+        _ => hdr.unlock(data, passphrase.as_ref(), opts.key_slot),
     };
     // Wiped now if owned, not after the walk (see `encrypt`).
     drop(passphrase);
