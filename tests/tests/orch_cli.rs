@@ -1003,6 +1003,16 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
         (v["bytes_done"].as_u64(), v["bytes_total"].as_u64())
     };
     assert_eq!(bytes_of(&s, &b.dev()), (Some(0), Some(64 << 20)), "{s}");
+    // The LUKS UUID recorded for it before anything was written is the one its header
+    // gets when resume encrypts it (a new one was drawn; a trial's agent saw it change).
+    let b_uuid = s["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["device"] == b.dev().display().to_string())
+        .and_then(|v| v["luks_uuid"].as_str())
+        .map(str::to_string)
+        .unwrap();
     // The second volume is still plain and mounted: the run had not reached it.
     let out = run(a.cmd().arg("check").arg(b.dev()).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1058,6 +1068,12 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     assert!(out.status.success(), "{}", stderr(&out));
     let s = read_status(&a.state);
     assert_eq!(state_of(&s, &a.dev()).as_deref(), Some("Encrypted"), "{s}");
+    let header_uuid = String::from_utf8_lossy(
+        &run_ok(Command::new("cryptsetup").arg("luksUUID").arg(b.dev())).stdout,
+    )
+    .trim()
+    .to_string();
+    assert_eq!(header_uuid, b_uuid, "the recorded LUKS UUID changed");
     assert_eq!(state_of(&s, &b.dev()).as_deref(), Some("Encrypted"), "{s}");
     assert_eq!(s["data_volumes_encrypted"], "Encrypted", "{s}");
     assert_eq!(

@@ -903,11 +903,30 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     } else {
         Operation::Resume
     };
+    // A stopped run's volumes that `resume` now begins (it marked them in its run) keep
+    // the LUKS UUIDs that run recorded before anything was written: a new one was
+    // drawn, and an agent that had kept it saw it change (a trial).
+    let recorded_uuids: Vec<(PathBuf, String)> = sw
+        .status
+        .volumes
+        .iter()
+        .filter(|v| {
+            sw.status.operation == Operation::Resume
+                && v.in_run
+                && v.state == VolumeState::NotEncrypted
+        })
+        .filter_map(|v| Some((v.device.clone(), v.luks_uuid.clone()?)))
+        .collect();
     sw.status.begin_run(op, std::process::id(), |v| {
         plans.iter().any(|p| p.device == v.device) || req.continues.contains(&v.device)
     });
     for p in &plans {
         let m = p.report.primary_mount();
+        let luks_uuid = recorded_uuids
+            .iter()
+            .find(|(d, _)| *d == p.device)
+            .map(|(_, u)| u.clone())
+            .unwrap_or_else(luksify_luks::new_uuid);
         sw.status.upsert(VolumeStatus {
             device: p.device.clone(),
             mapper: p.name.clone(),
@@ -917,7 +936,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             fs_bytes: p.report.filesystem.fs_bytes,
             fs_uuid: probe::type_and_uuid(&p.device).map(|(_, u)| u),
             fs_label: probe::fs_label(&p.device),
-            luks_uuid: Some(luksify_luks::new_uuid()),
+            luks_uuid: Some(luks_uuid),
             header: p.header.clone(),
             key_file: Some(key_file.clone()),
             state: VolumeState::NotEncrypted,
