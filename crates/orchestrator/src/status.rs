@@ -1047,8 +1047,10 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
                 format!("Decryption failed: {e}")
             } else if let Some((_, v)) = stopped {
                 format!(
-                    "Decryption stopped at {}%; `luksify resume` finishes it",
-                    pct(v)
+                    "Decryption of {} stopped at {}%{}; `luksify resume` finishes it",
+                    v.device.display(),
+                    pct(v),
+                    not_reached(&run, VolumeState::Encrypted)
                 )
             } else if n > 0
                 && run
@@ -1079,8 +1081,10 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
                 "Encryption succeeded for data volumes".into()
             } else if let Some((_, v)) = stopped.filter(|_| active.is_none() && n > 0) {
                 format!(
-                    "Encryption stopped at {}%; `luksify resume` finishes it",
-                    pct(v)
+                    "Encryption of {} stopped at {}%{}; `luksify resume` finishes it",
+                    v.device.display(),
+                    pct(v),
+                    not_reached(&run, VolumeState::NotEncrypted)
                 )
             } else {
                 between("Encrypting", VolumeState::Encrypted)
@@ -1093,6 +1097,22 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
                 String::new()
             }
         }
+    }
+}
+
+/// The run's volumes still `before` (not reached by the walk that stopped), said after
+/// the stopped one: the message named no device, and not that volume 2/2 had not
+/// started (a trial).
+fn not_reached(run: &[(usize, &VolumeStatus)], before: VolumeState) -> String {
+    let left: Vec<String> = run
+        .iter()
+        .filter(|(_, v)| v.state == before && v.error.is_none())
+        .map(|(_, v)| v.device.display().to_string())
+        .collect();
+    if left.is_empty() {
+        String::new()
+    } else {
+        format!(", and {} not started yet", left.join(", "))
     }
 }
 
