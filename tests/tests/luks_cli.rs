@@ -2897,3 +2897,121 @@ fn luks_cli_a_keyslot_in_a_cipher_luksify_cannot_read_is_named() {
     }
     assert_eq!(test_passphrase(&img, &k1), Some(0));
 }
+
+/// Runs luksify with `args` on a new pseudo-terminal (its stdin, stdout and stderr),
+/// typing each of `lines` (and Enter) once the output so far ends with a prompt ("...:
+/// "), and returns its exit code and everything the terminal showed. Gives up after 60 s
+/// (a prompt that never comes), killing it.
+fn on_a_terminal(args: &[&str], lines: &[&[u8]]) -> (Option<i32>, String) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors; the name and settings are not asked for.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and owned here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = lx(args)
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut shown = Vec::new();
+    let mut typed = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut master = std::fs::File::from(master);
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&master),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if ready > 0 {
+            let mut buf = [0u8; 4096];
+            match std::io::Read::read(&mut master, &mut buf) {
+                Ok(0) | Err(_) => break, // EIO: every slave side is closed
+                Ok(n) => shown.extend_from_slice(&buf[..n]),
+            }
+        }
+        if typed < lines.len() && shown.ends_with(b": ") {
+            let mut line = lines[typed].to_vec();
+            line.push(b'\n');
+            std::io::Write::write_all(&mut master, &line).unwrap();
+            typed += 1;
+            // The prompt is answered: not answered twice.
+            shown.push(b'\n');
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+    }
+    let code = child.wait().unwrap().code();
+    (code, String::from_utf8_lossy(&shown).into_owned())
+}
+
+/// `--key-file -` on a terminal is a prompt, as cryptsetup's: echo off (the passphrase
+/// never shows), the line without its newline, a new passphrase asked twice. It was read
+/// raw: shown on the screen and in `script` logs, with no prompt, and its newline kept,
+/// so a volume formatted so did not open with cryptsetup's prompt or a key file of the
+/// same words (a trial).
+#[test]
+fn luks_cli_a_passphrase_typed_on_a_terminal_is_not_echoed_and_has_no_newline() {
+    require_tool("cryptsetup");
+    let d = Dir::new();
+    let img = d.image("img", 32 << 20);
+    let typed: &[u8] = b"Typed-Secret-Words";
+    let kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    let format = |lines: &[&[u8]]| {
+        let mut args = vec!["format", p(&img), "--key-file", "-"];
+        args.extend(kdf);
+        on_a_terminal(&args, lines)
+    };
+    // Two that differ: refused, nothing written.
+    let (code, shown) = format(&[typed, b"something else"]);
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("do not match"), "{shown}");
+    assert!(
+        !luksify_tests::has_luks_header(&img),
+        "a refused format wrote"
+    );
+    let (code, shown) = format(&[typed, typed]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains("Enter new passphrase: ") && shown.contains("Verify passphrase: "),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("Typed-Secret"),
+        "the passphrase was echoed: {shown}"
+    );
+    // The words alone, no newline: what cryptsetup takes from a key file of them.
+    let key = d.file("key", typed);
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .args([p(&key), p(&img)]),
+    );
+    let (code, shown) = on_a_terminal(&["test-passphrase", p(&img), "--key-file", "-"], &[typed]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains("Enter passphrase: ") && !shown.contains("Typed-Secret"),
+        "{shown}"
+    );
+    let (code, shown) = on_a_terminal(
+        &["test-passphrase", p(&img), "--key-file", "-"],
+        &[b"wrong words"],
+    );
+    assert_eq!(code, Some(2), "{shown}");
+    assert!(!shown.contains("wrong words"), "{shown}");
+}

@@ -1,7 +1,8 @@
 //! Reading `--key-file F` exactly as cryptsetup does: the whole file (newlines
 //! included) is the passphrase, or `--keyfile-size` bytes of it from
 //! `--keyfile-offset`; `-` means standard input. The bytes go straight into a
-//! zeroizing buffer sized up front, so no reallocation leaves copies behind.
+//! zeroizing buffer sized up front, so no reallocation leaves copies behind. `-` on a
+//! terminal is a prompt, as cryptsetup's: echo off, the line without its newline.
 
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Seek, SeekFrom};
@@ -72,7 +73,118 @@ impl From<NewKeyFilePart> for KeyFilePart {
 /// passphrase, which cryptsetup accepts and some images carry; files over 8 MiB are
 /// refused, as cryptsetup refuses them.
 pub fn read_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
+    if let Some(tty) = interactive(path, part) {
+        return prompt(tty, "Enter passphrase: ", false);
+    }
     read_any(path, part)
+}
+
+/// Standard input as a terminal, when `--key-file -` is given whole (no offset or
+/// size): the passphrase is typed, not read as bytes. It was read raw: echoed on the
+/// screen (and into `script` logs) with no prompt, its newline kept as part of the
+/// passphrase, so a volume formatted so did not open with cryptsetup's prompt (a trial).
+fn interactive(path: &Path, part: KeyFilePart) -> Option<libc::c_int> {
+    let whole = part.keyfile_offset.is_none() && part.keyfile_size.is_none();
+    // SAFETY: isatty only inspects the descriptor.
+    (path == Path::new("-") && whole && unsafe { libc::isatty(0) } == 1).then_some(0)
+}
+
+/// cryptsetup's limit for a typed passphrase.
+const MAX_TYPED_BYTES: usize = 512;
+
+/// Echo off on terminal `fd` until dropped.
+struct EchoOff {
+    fd: libc::c_int,
+    saved: libc::termios,
+}
+
+impl EchoOff {
+    fn new(fd: libc::c_int) -> Result<EchoOff> {
+        // SAFETY: termios is plain data; tcgetattr fills it or fails.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is a terminal (isatty), `saved` a valid termios to fill.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            bail!(
+                "cannot read the terminal's settings ({}): pass the passphrase in a key file",
+                std::io::Error::last_os_error()
+            );
+        }
+        let mut quiet = saved;
+        quiet.c_lflag &= !libc::ECHO;
+        quiet.c_lflag |= libc::ICANON;
+        // SAFETY: as above; TCSAFLUSH drops input typed before the prompt.
+        if unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &quiet) } != 0 {
+            bail!(
+                "cannot turn the terminal's echo off ({}): pass the passphrase in a key file",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(EchoOff { fd, saved })
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `new` on the same terminal.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSAFLUSH, &self.saved) };
+    }
+}
+
+/// Asks for a passphrase on terminal `fd` (the prompt on stderr), echo off, and reads
+/// one line without its newline; `verify`: asked twice, as cryptsetup asks for a new
+/// one, and refused when the two differ.
+fn prompt(fd: libc::c_int, text: &str, verify: bool) -> Result<Zeroizing<Vec<u8>>> {
+    let first = read_line(fd, text)?;
+    if verify {
+        let again = read_line(fd, "Verify passphrase: ")?;
+        if *again != *first {
+            bail!("the passphrases typed do not match (nothing was written)");
+        }
+    }
+    Ok(first)
+}
+
+fn read_line(fd: libc::c_int, text: &str) -> Result<Zeroizing<Vec<u8>>> {
+    use std::io::Write;
+    // Echo off before the prompt shows: what is typed after it is never echoed (and
+    // not flushed away with what came before).
+    let echo = EchoOff::new(fd)?;
+    let mut err = std::io::stderr();
+    let _ = err.write_all(text.as_bytes());
+    let _ = err.flush();
+    // One allocation, never grown; a byte more than the limit to tell an overlong line.
+    let mut buf = Zeroizing::new(vec![0u8; MAX_TYPED_BYTES + 1]);
+    let mut len = 0;
+    let mut ended = false;
+    while len < buf.len() {
+        // SAFETY: reads into the unused tail of `buf`, within its length.
+        let n = unsafe { libc::read(fd, buf[len..].as_mut_ptr().cast(), buf.len() - len) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("cannot read the passphrase from the terminal");
+        }
+        if n == 0 {
+            break;
+        }
+        let got = &buf[len..len + n as usize];
+        if let Some(i) = got.iter().position(|&b| b == b'\n') {
+            len += i;
+            ended = true;
+            break;
+        }
+        len += n as usize;
+    }
+    drop(echo);
+    let _ = err.write_all(b"\n");
+    if len > MAX_TYPED_BYTES || (!ended && len == buf.len()) {
+        bail!("the passphrase typed is longer than {MAX_TYPED_BYTES} bytes (cryptsetup's limit for a typed one): use a key file");
+    }
+    let mut out = Zeroizing::new(vec![0u8; len]);
+    out.copy_from_slice(&buf[..len]);
+    Ok(out)
 }
 
 /// Reads a key file whose passphrase a new keyslot will take (format, encrypt,
@@ -80,7 +192,18 @@ pub fn read_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>
 /// cryptsetup would set an empty passphrase, which anyone can type, and a file
 /// left empty by a failed `echo` or a wrong redirection is the likelier cause.
 pub fn read_new_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
-    let key = read_any(path, part)?;
+    let key = match interactive(path, part) {
+        Some(tty) => {
+            let key = prompt(tty, "Enter new passphrase: ", true)?;
+            if key.is_empty() {
+                bail!(
+                    "an empty passphrase was typed: luksify will not set one (nothing was written)"
+                );
+            }
+            key
+        }
+        None => read_any(path, part)?,
+    };
     if key.is_empty() {
         let what = if part.keyfile_offset.is_some() {
             "holds nothing past the offset given"
