@@ -5140,8 +5140,15 @@ fn root_orch_sigint_mid_walk_names_the_percent_status_gives() {
         )),
         "{err}\n{st}"
     );
+    // Said in a field of its own, not only in the message (a trial's agent inferred it
+    // from a null pid beside an in-progress state).
+    let json = |fx: &Fixture| -> serde_json::Value {
+        serde_json::from_slice(&run_ok(fx.cmd().args(["status", "--json"])).stdout).unwrap()
+    };
+    assert_eq!(json(&fx)["resumable"], true);
     let out = run(fx.cmd().args(["resume", "--userspace"]));
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&fx)["resumable"], false);
     fx.assert_files_unchanged();
     other.assert_files_unchanged();
     assert!(luksify_tests::has_luks_header(&other.dev()));
@@ -8994,6 +9001,9 @@ fn root_orch_status_tells_why_the_last_enable_or_disable_was_refused() {
     };
     let v = told("enable", &pid);
     assert_eq!(v["refused"]["operation"], "EnableEncryption", "{v}");
+    // With the blockers' codes, as `check --json` names them, for an agent to act on
+    // without parsing the message (it was free text only; a trial).
+    assert_eq!(v["refused"]["codes"], serde_json::json!(["holders"]), "{v}");
     assert_eq!(v["data_volumes_encrypted"], "NotEncrypted", "{v}");
     // The latest news is the refusal's: updated then (it read 0; trial R2).
     assert_eq!(v["updated_unix"], v["refused"]["unix"], "{v}");
@@ -9019,6 +9029,7 @@ fn root_orch_status_tells_why_the_last_enable_or_disable_was_refused() {
     assert_refused(&out, 3, &pid);
     let v = v.unwrap();
     assert_eq!(v["refused"]["operation"], "DisableEncryption", "{v}");
+    assert_eq!(v["refused"]["codes"], serde_json::json!(["holders"]), "{v}");
     assert_eq!(v["data_volumes_encrypted"], "Encrypted", "{v}");
     fx.assert_disables_to_plain();
     assert_eq!(read_status(&fx.state)["refused"], serde_json::Value::Null);

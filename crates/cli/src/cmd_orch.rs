@@ -871,7 +871,7 @@ fn record_refusal(dir: &Path, op: status::Operation, f: &Failure, before: &Optio
     {
         return;
     }
-    if let Err(e) = status::record_refusal(dir, op, &f.message) {
+    if let Err(e) = status::record_refusal(dir, op, &f.message, &f.blockers) {
         errln!("luksify: warning: cannot record the refusal in the status file: {e}");
     }
 }

@@ -758,7 +758,8 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     let detached = req.header_dir.is_some();
     // Preflight every volume first: nothing is written unless all pass.
     let mut plans = Vec::new();
-    let mut blockers = Vec::new();
+    // Each with its code, as `check --json` names it: kept with a refusal for an agent.
+    let mut blockers: Vec<(&str, String)> = Vec::new();
     // Another run or mapping has a device open: exit 4 (busy), as the lock would.
     let mut busy = false;
     for v in &req.volumes {
@@ -774,7 +775,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             } else {
                 exit::BLOCKED
             };
-            Failure::new(code, p.one_line())
+            Failure::new(code, p.one_line()).with_codes(&[p.code])
         })?;
         check::add_interrupted_run(&mut report, &req.state_dir);
         // Encrypted already (open or not, by luksify or another tool): the goal of
@@ -794,7 +795,7 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         }
         for p in report.blockers() {
             busy |= p.code == "busy_run";
-            blockers.push(p.one_line());
+            blockers.push((p.code, p.one_line()));
         }
         let device = std::fs::canonicalize(&report.device).unwrap_or(report.device.clone());
         if plans.iter().any(|p: &Plan| p.device == device) {
@@ -808,10 +809,12 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             .map(|d| d.join(format!("{name}.luks2")));
         if let Some(h) = &header {
             if h.exists() {
-                blockers.push(format!(
+                blockers.push((
+                "header_file_exists",
+                format!(
                     "BLOCKER: header file {} already exists: it may belong to another volume; move it away first",
                     h.display()
-                ));
+                )));
             }
         }
         plans.push(Plan {
@@ -836,25 +839,33 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     });
     if let Some(d) = &req.header_dir {
         if let Some(b) = path_on_a_volume("--header-dir", d, &plans) {
-            blockers.push(b);
+            blockers.push(("header_dir_on_volume", b));
         } else if let Some(fs) = probe::volatile_fs(d) {
             // The headers hold the only copy of the volumes' keys: on a filesystem in
             // memory they are gone at the next boot, and the data with them.
-            blockers.push(format!(
+            blockers.push((
+                "header_dir_volatile",
+                format!(
                 "BLOCKER: --header-dir {} is on {fs}, which a reboot empties: the detached headers hold the volumes' only keys, so the data would be lost with them; fix: pick a directory on a disk that is not being encrypted (e.g. /root/luks-headers)",
                 d.display()
-            ));
+            )));
         } else if let Some((why, fix)) = crate::lock::open_to_others(d) {
-            blockers.push(format!(
+            blockers.push((
+                "header_dir_open_to_others",
+                format!(
                 "BLOCKER: --header-dir {} {why}: another user could move or replace the detached headers, the volumes' only keys; fix: {fix}, or pick a directory only root can write",
                 d.display()
-            ));
+            )));
         } else if let Some(b) = header_dir_without_room(d, plans.len()) {
-            blockers.push(b);
+            blockers.push(("header_dir_no_room", b));
         }
     }
-    blockers.extend(path_on_a_volume("--key-file", &req.key_file, &plans));
-    blockers.extend(path_on_a_volume("--state-dir", &req.state_dir, &plans));
+    blockers.extend(
+        path_on_a_volume("--key-file", &req.key_file, &plans).map(|b| ("key_file_on_volume", b)),
+    );
+    blockers.extend(
+        path_on_a_volume("--state-dir", &req.state_dir, &plans).map(|b| ("state_dir_on_volume", b)),
+    );
     if let Some(fs) = probe::volatile_fs(&req.state_dir) {
         errln!(
             "luksify: warning: the state directory {} is on {fs}: after a reboot `luksify status` and `luksify resume` will not find this run's records (resume still finds an interrupted walk from its header)",
@@ -878,17 +889,20 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             p.to_string_lossy()
                 .contains(|c: char| c.is_whitespace() || c == ',')
         }) {
-            blockers.push(format!(
+            blockers.push((
+                "path_unfit_for_crypttab",
+                format!(
                 "BLOCKER: {what} {} has a blank or comma, which crypttab cannot hold (its fields split at blanks, its options at commas); fix: use a path without them",
                 p.display()
-            ));
+            )));
         }
     }
-    blockers.extend(kdf_memory_blocker(&req.kdf));
-    blockers.extend(tabs::unwritable().map(|b| format!("BLOCKER: {b}")));
+    blockers.extend(kdf_memory_blocker(&req.kdf).map(|b| ("kdf_memory", b)));
+    blockers.extend(tabs::unwritable().map(|b| ("tables_unwritable", format!("BLOCKER: {b}"))));
     if !blockers.is_empty() {
         let code = if busy { exit::BUSY } else { exit::BLOCKED };
-        return Err(Failure::new(code, blockers.join("\n")));
+        let (codes, lines): (Vec<&str>, Vec<String>) = blockers.into_iter().unzip();
+        return Err(Failure::new(code, lines.join("\n")).with_codes(&codes));
     }
     if let Some(d) = &req.header_dir {
         crate::status::create_dirs(d, 0o700).map_err(|e| {
@@ -3259,7 +3273,8 @@ pub fn disable(
                 v.device.display(),
                 v.percent.floor() as u64
             ),
-        ));
+        )
+        .with_codes(&["luks_in_progress"]));
     }
     let todo: Vec<usize> = sw
         .status
@@ -3290,7 +3305,7 @@ pub fn disable(
     // --kill-holders stops them, and luksify's own working directory on a volume,
     // which nothing but a `cd` fixes (it used to be found only once the run had begun).
     {
-        let held: Vec<String> = todo
+        let held: Vec<(&str, String)> = todo
             .iter()
             .filter_map(|i| {
                 // By the mapped device where it is one: its mount point may have
@@ -3318,7 +3333,7 @@ pub fn disable(
                 .contains(&p.code)
                     || (p.code == "holders" && !req.kill_holders)
             })
-            .map(|p| p.one_line())
+            .map(|p| (p.code, p.one_line()))
             .collect();
         // A volume whose header is in front moves it out into the state directory's
         // `headers` before its data moves back over it: room for each, checked before
@@ -3336,14 +3351,14 @@ pub fn disable(
             let v = &sw.status.volumes[*i];
             let fs = v.fs_type.as_deref().unwrap_or("");
             for b in check::missing_tools(fs, v.header.is_some()) {
-                let b = b.one_line();
+                let b = (b.code, b.one_line());
                 if !held.contains(&b) {
                     held.push(b);
                 }
             }
         }
-        held.extend(check::too_few_open_files().map(|p| p.one_line()));
-        held.extend(tabs::unwritable().map(|b| format!("BLOCKER: {b}")));
+        held.extend(check::too_few_open_files().map(|p| (p.code, p.one_line())));
+        held.extend(tabs::unwritable().map(|b| ("tables_unwritable", format!("BLOCKER: {b}"))));
         if in_front > 0 {
             let headers = req.state_dir.join("headers");
             // That header is then the only copy of the key to the part still encrypted:
@@ -3359,23 +3374,28 @@ pub fn disable(
                 } else {
                     String::new()
                 };
-                held.push(format!(
+                held.push(("state_dir_volatile", format!(
                     "BLOCKER: the state directory {d} is on {fs}, which a reboot empties: a decryption moves the volume's header (the only copy of its key) there before its data moves back over it, so a reboot mid-run would lose the part still encrypted; fix: copy its records to a disk that is not being decrypted (`mkdir -p -m 755 /var/lib/luksify && cp -a {d}/status.json{maps} /var/lib/luksify/`, not its mnt/, where the mapping shows the plaintext) and run disable with --state-dir there"
-                ));
+                )));
             }
             held.extend(header_dir_without_room(&headers, in_front).map(|b| {
-                b.replacen("--header-dir", "the state directory's", 1).replacen(
-                    ", or pick a directory on another filesystem",
-                    " (a decryption moves the volume's header there before its data moves back over it)",
-                    1,
+                (
+                    "state_dir_no_room",
+                    b.replacen("--header-dir", "the state directory's", 1).replacen(
+                        ", or pick a directory on another filesystem",
+                        " (a decryption moves the volume's header there before its data moves back over it)",
+                        1,
+                    ),
                 )
             }));
         }
         if !held.is_empty() {
+            let (codes, lines): (Vec<&str>, Vec<String>) = held.into_iter().unzip();
             return Err(Failure::new(
                 exit::BLOCKED,
-                format!("{}; nothing was changed", held.join("; ")),
-            ));
+                format!("{}; nothing was changed", lines.join("; ")),
+            )
+            .with_codes(&codes));
         }
     }
     // A volume whose kernel name moved since it was encrypted (a reboot that attached

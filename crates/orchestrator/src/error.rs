@@ -8,6 +8,9 @@ pub struct Failure {
     /// Process exit code (see [`crate::exit`]).
     pub code: u8,
     pub message: String,
+    /// The codes of a preflight's blockers (as `check --json` names them), each once,
+    /// in order: kept with the refusal for an agent to act on. Empty otherwise.
+    pub blockers: Vec<String>,
 }
 
 impl Failure {
@@ -15,7 +18,17 @@ impl Failure {
         Failure {
             code,
             message: message.into(),
+            blockers: Vec::new(),
         }
+    }
+    /// With the codes of the blockers it reports (duplicates dropped).
+    pub fn with_codes(mut self, codes: &[&str]) -> Failure {
+        for c in codes {
+            if !self.blockers.iter().any(|b| b == c) {
+                self.blockers.push(c.to_string());
+            }
+        }
+        self
     }
     /// A general failure (exit 1).
     pub fn failed(message: impl Into<String>) -> Failure {

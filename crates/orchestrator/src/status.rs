@@ -196,6 +196,12 @@ pub struct Status {
     /// was; null in the status file, and in `status --json` once a run began.
     #[serde(default)]
     pub refused: Option<Refusal>,
+    /// Whether `luksify resume` has work here: no run's process is at work, and a volume
+    /// is mid-walk or a stopped run had not reached it. Set by `status` from the live
+    /// state (an agent had to infer it from `pid` null beside an `*InProgress` state, or
+    /// parse the message; a trial).
+    #[serde(default)]
+    pub resumable: bool,
 }
 
 /// A refused `enable` or `disable` (see [`Status::refused`]).
@@ -205,6 +211,11 @@ pub struct Refusal {
     pub unix: u64,
     /// Its one-line message: the blockers, each with its fix, `; `-separated.
     pub message: String,
+    /// The blockers' codes, as `check --json` names them (`holders`, `other_namespace`,
+    /// `no_header_space`, ...), each once: what an agent decides on without parsing the
+    /// message (it was free text only; a trial).
+    #[serde(default)]
+    pub codes: Vec<String>,
 }
 
 impl Refusal {
@@ -243,8 +254,14 @@ pub const REFUSED_FILE: &str = "refused.json";
 /// Records in the state directory `dir` that `op` was refused by its preflight with
 /// `message` (its lines joined). The caller holds the global lock; the status file is
 /// not touched.
-pub fn record_refusal(dir: &Path, op: Operation, message: &str) -> std::io::Result<()> {
+pub fn record_refusal(
+    dir: &Path,
+    op: Operation,
+    message: &str,
+    codes: &[String],
+) -> std::io::Result<()> {
     let r = Refusal {
+        codes: codes.to_vec(),
         operation: op,
         unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -653,6 +670,13 @@ pub fn apply_live_state(
         );
     }
     s.data_volumes_encrypted = stopped_between.unwrap_or_else(|| aggregate(s));
+    s.resumable = !s.run_process_running()
+        && (s.volumes.iter().any(|v| {
+            matches!(
+                v.state,
+                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+            )
+        }) || !crate::enable::pending_of_stopped_run(s).1.is_empty());
     if let Some(r) = &s.refused {
         // Kept only until the next run begins, a refusal is newer than the last run: that
         // run's failure is not what stands now, and its fix may no longer apply (a trial
