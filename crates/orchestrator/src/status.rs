@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const STATUS_FILE: &str = "status.json";
 /// How often progress is written while a volume is being walked.
-pub const PERIODIC_WRITE: Duration = Duration::from_secs(2);
+pub const PERIODIC_WRITE: Duration = Duration::from_secs(1);
 
 /// Per-volume and aggregate state, spelled as the agent spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -341,7 +341,7 @@ impl Status {
     }
 
     /// Sets each interrupted volume's percent to its header's where that is further:
-    /// the status file is written every 2 s, the header at every hotzone, so after a
+    /// the status file is written every second, the header at every hotzone, so after a
     /// kill the file lags. Only while no run's process works on them.
     pub fn catch_up_with_headers(&mut self, state_dir: Option<&Path>) {
         for v in &mut self.volumes {
@@ -493,7 +493,7 @@ pub fn apply_live_state(
         s.end_run();
     }
     // With no run's process at work, an interrupted run's percent is its header's when
-    // that is further: the file's lags up to 2 s (a trial read "interrupted at 29%"
+    // that is further: the file's lags up to a second (a trial read "interrupted at 29%"
     // beside "percent": 21.65), and `luksify resume DEV` may have taken the walk on.
     let before: Vec<f64> = s.volumes.iter().map(|v| v.percent).collect();
     if s.pid.is_none() {
@@ -726,7 +726,7 @@ fn open_command(v: &VolumeStatus, userspace: bool) -> String {
 }
 
 /// Where an interrupted run on a volume stands, as its header tells (the percent in the
-/// status file is written every 2 s and lags).
+/// status file is written every second and lags).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RunStage {
     /// Nothing written yet: an encryption's device is still plain, a decryption's still
@@ -743,7 +743,7 @@ pub enum RunStage {
 /// that cannot be opened (not root, say) is not "no header": `Walking` then.
 ///
 /// An encryption's header also gives how far it got, in percent of the bytes the walk
-/// reported as its total: the status file's percent is written every 2 s, the header at
+/// reported as its total: the status file's percent is written every second, the header at
 /// every hotzone, so after a kill the header is usually ahead. Not for decryptions (a
 /// moved head shifts their offsets).
 pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
@@ -760,7 +760,7 @@ pub fn run_stage(v: &VolumeStatus, state_dir: Option<&Path>) -> RunStage {
                 RunStage::NotStarted
             }
             // Walking: how far, from its header as for an encryption (the status
-            // file's percent lags by up to 2 s; a trial saw 6% for 27% done).
+            // file's percent lags by up to a second; a trial saw 6% for 27% done).
             (Some(h), _) => match header_progress(h) {
                 HeaderProgress::InProgress(st) => RunStage::Walking(clean_percent(v, st)),
                 _ => RunStage::Walking(None),
@@ -1357,6 +1357,8 @@ pub struct StatusWriter {
     dir: PathBuf,
     pub status: Status,
     last_write: Option<Instant>,
+    /// Whether the last write had a measured rate: the first one is written at once.
+    wrote_rate: bool,
     pub active: Option<usize>,
 }
 
@@ -1373,6 +1375,7 @@ impl StatusWriter {
             dir: dir.to_path_buf(),
             status,
             last_write: None,
+            wrote_rate: false,
             active: None,
         })
     }
@@ -1392,13 +1395,23 @@ impl StatusWriter {
             }
         }
         self.last_write = Some(Instant::now());
+        self.wrote_rate = self.has_rate();
         Ok(())
     }
-    /// Writes if the last write is older than [`PERIODIC_WRITE`] (a progress tick).
+    fn has_rate(&self) -> bool {
+        self.status
+            .volumes
+            .iter()
+            .any(|v| v.rate_bytes_per_s.is_some())
+    }
+    /// Writes if the last write is older than [`PERIODIC_WRITE`] (a progress tick), or
+    /// if a rate was measured since (an agent saw none for two seconds while the
+    /// terminal showed one; a trial).
     pub fn tick(&mut self) -> std::io::Result<()> {
         if self
             .last_write
             .is_none_or(|t| t.elapsed() >= PERIODIC_WRITE)
+            || (self.has_rate() && !self.wrote_rate)
         {
             self.commit()
         } else {
@@ -1447,6 +1460,22 @@ impl Rate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first measured rate reaches the file with the tick that has it, not a
+    /// periodic write later (an agent saw none for two seconds while the terminal showed
+    /// one; a trial); once written, a tick within the period writes nothing new.
+    #[test]
+    fn the_first_measured_rate_is_written_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let mut sw = StatusWriter::open(d.path()).unwrap();
+        sw.status
+            .upsert(vol(VolumeState::EncryptionInProgress, 0.0));
+        sw.commit().unwrap();
+        sw.status.volumes[0].rate_bytes_per_s = Some(1000.0);
+        sw.tick().unwrap();
+        let back = load(d.path()).unwrap();
+        assert_eq!(back.volumes[0].rate_bytes_per_s, Some(1000.0));
+    }
 
     fn vol(state: VolumeState, pct: f64) -> VolumeStatus {
         VolumeStatus {
