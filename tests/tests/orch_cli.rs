@@ -297,6 +297,9 @@ impl Fixture {
             dir.path().file_name().unwrap().to_string_lossy()
         );
         std::fs::write(&key, &pass).unwrap();
+        // Root's only, as a boot-time key file should be (enable warns otherwise).
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let state = dir.path().join("state");
         std::fs::create_dir_all(dir.path().join("etc")).unwrap();
         Fixture {
@@ -752,6 +755,11 @@ fn root_orch_enable_encrypts_remounts_and_cryptsetup_accepts_it() {
         out.status.success(),
         "enable failed: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The fixture's key file is 0600: no warning about who can read it.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("can be read by other users"),
+        "{out:?}"
     );
     assert!(seen.iter().any(|s| s == "EncryptionInProgress"), "{seen:?}");
     assert!(seen.iter().any(|s| s == "refused-second"), "{seen:?}");
@@ -10206,4 +10214,26 @@ fn root_orch_open_takes_a_key_slot_as_cryptsetup() {
         assert!(mapped.exists(), "{slot:?}: nothing mapped");
         run_ok(luksify(&state).args(["close", &name]));
     }
+}
+
+/// A key file other users can read becomes the volumes' boot-time key in crypttab all
+/// the same, but `enable` says so, with the `chmod` that fixes it, as systemd-cryptsetup
+/// warns (a trial's 0644 key file went in without a word).
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_enable_warns_of_a_key_file_others_can_read() {
+    let fx = Fixture::new(64);
+    std::fs::set_permissions(&fx.key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = run(&mut fx.enable_cmd());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "warning: --key-file {} can be read by other users (mode 0644), and crypttab will name it as the volumes' key: `chmod 600 {}`",
+            fx.key.display(),
+            fx.key.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    fx.assert_files_unchanged();
 }

@@ -904,6 +904,24 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         let (codes, lines): (Vec<&str>, Vec<String>) = blockers.into_iter().unzip();
         return Err(Failure::new(code, lines.join("\n")).with_codes(&codes));
     }
+    // Once the preflight passed (a refusal stays one line). It becomes the volumes'
+    // boot-time key (crypttab names it): readable by others, it is anyone's key to them.
+    // Warned, as systemd-cryptsetup warns (a trial's 0644 key file went into crypttab
+    // without a word).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(mode) = std::fs::metadata(&req.key_file)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+            .filter(|m| m & 0o077 != 0)
+        {
+            errln!(
+                "luksify: warning: --key-file {} can be read by other users (mode {mode:04o}), and crypttab will name it as the volumes' key: `chmod 600 {}`",
+                req.key_file.display(),
+                req.key_file.display()
+            );
+        }
+    }
     if let Some(d) = &req.header_dir {
         crate::status::create_dirs(d, 0o700).map_err(|e| {
             Failure::failed(format!("cannot create --header-dir {} ({e})", d.display()))
