@@ -1347,11 +1347,14 @@ fn walker_a_decryption_killed_in_its_keyslot_wipe_is_wiped_by_resume() {
     ));
     assert!(!cut.status.success(), "not cut");
     // The wipe is what was left of the run: resume does it and succeeds (it wrote it,
-    // then exited 1 with "nothing to resume"; a trial).
+    // then exited 1 with "nothing to resume"; a trial), saying the decryption had
+    // finished already, not "decryption finished" as if it walked it now.
     let out = run(&mut resume_cmd(&c));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success() && err.contains("decryption finished"),
+        out.status.success()
+            && err.contains("the decryption had already finished")
+            && !err.contains("decryption finished"),
         "{err}"
     );
     assert_header_retired(&c);

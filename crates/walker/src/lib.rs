@@ -2141,9 +2141,11 @@ pub fn decrypt<D: Disk + Sync + ?Sized, H: Disk + Sync + ?Sized, P: AsRef<[u8]>>
         luksify_luks::Error::WrongPassphrase => Error::WrongPassphrase,
         // A keyslot in a cipher luksify cannot run (cryptsetup gives the keyslots the
         // data's cipher): nothing was written yet, as for the data's cipher below.
-        e @ luksify_luks::Error::Cipher(_) => Error::Refused(format!(
-            "{e}; `cryptsetup reencrypt --decrypt` decrypts it (nothing was written)"
-        )),
+        e @ (luksify_luks::Error::Cipher(_) | luksify_luks::Error::Unsupported(_)) => {
+            Error::Refused(format!(
+                "{e}; `cryptsetup reencrypt --decrypt` decrypts it (nothing was written)"
+            ))
+        }
         e => e.into(),
     })?;
     let key_digest = hdr

@@ -193,12 +193,11 @@ pub fn keyslots_size_for_offset(metadata_size: u64, data_offset: u64) -> Option<
 /// `crypt_keyslot_get_encryption(CRYPT_ANY_SLOT)`: the data segment's cipher with the
 /// volume key's size, whatever key the keyslot stores (an unbound 128-bit key is not an
 /// AES-XTS key: `change-key` of one failed with "AES-XTS key must be 32 or 64 bytes";
-/// a trial), else aes-xts-plain64 with 64 bytes.
-fn new_area_encryption(data: &DataSegment) -> (String, u32) {
-    match data.key_size {
-        Some(k) => (data.cipher.clone(), k),
-        None => ("aes-xts-plain64".into(), 64),
-    }
+/// a trial); with no keyslot bound to the segment yet (a format, an encryption's
+/// first keyslot), the size of the key in hand (`key_len`), as cryptsetup falls back to
+/// its volume key's.
+fn new_area_encryption(data: &DataSegment, key_len: usize) -> (String, u32) {
+    (data.cipher.clone(), data.key_size.unwrap_or(key_len as u32))
 }
 
 /// The encryption sector size `cryptsetup luksFormat` picks when none is given
@@ -837,7 +836,7 @@ impl Luks2Header {
                 self.metadata.config.keyslots_size
             ))
         })?;
-        let (encryption, area_key_size) = new_area_encryption(&data);
+        let (encryption, area_key_size) = new_area_encryption(&data, vk.len());
         let params = keyslot::NewKeyslot {
             encryption,
             area_key_size,
@@ -950,7 +949,7 @@ impl Luks2Header {
         let data = self.data_segment()?;
         // The hash asked for, as luksChangeKey (not the old keyslot's).
         let af_hash = req.hash;
-        let (encryption, area_key_size) = new_area_encryption(&data);
+        let (encryption, area_key_size) = new_area_encryption(&data, vk.len());
         let params = keyslot::NewKeyslot {
             encryption,
             area_key_size,
