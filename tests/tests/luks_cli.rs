@@ -2898,12 +2898,14 @@ fn luks_cli_a_keyslot_in_a_cipher_luksify_cannot_read_is_named() {
     assert_eq!(test_passphrase(&img, &k1), Some(0));
 }
 
-/// Runs luksify with `args` on a new pseudo-terminal (its stdin, stdout and stderr),
-/// typing each of `lines` (and Enter) once the output so far ends with a prompt ("...:
-/// "), and returns its exit code and everything the terminal showed. Gives up after 60 s
-/// (a prompt that never comes), killing it.
-fn on_a_terminal(args: &[&str], lines: &[&[u8]]) -> (Option<i32>, String) {
-    use std::os::fd::{FromRawFd, OwnedFd};
+/// Runs luksify with `args` on a new pseudo-terminal (its controlling terminal, and its
+/// stdin, stdout and stderr), typing each of `lines` (and Enter; `\x03` alone is Ctrl-C)
+/// once the output so far ends with a prompt ("...: "), and returns its exit code (128 +
+/// the signal that ended it), everything the terminal showed, and whether the terminal
+/// echoes once it is gone. Gives up after 60 s (a prompt that never comes), killing it.
+fn on_a_terminal(args: &[&str], lines: &[&[u8]]) -> (Option<i32>, String, bool) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     let (mut master, mut slave) = (0, 0);
     // SAFETY: openpty fills two descriptors; the name and settings are not asked for.
     let r = unsafe {
@@ -2918,34 +2920,49 @@ fn on_a_terminal(args: &[&str], lines: &[&[u8]]) -> (Option<i32>, String) {
     assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors are new and owned here.
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    let mut child = lx(args)
-        .stdin(slave.try_clone().unwrap())
+    let mut cmd = lx(args);
+    cmd.stdin(slave.try_clone().unwrap())
         .stdout(slave.try_clone().unwrap())
-        .stderr(slave)
-        .spawn()
-        .unwrap();
+        .stderr(slave.try_clone().unwrap());
+    // SAFETY: setsid and ioctl are async-signal-safe; the terminal becomes the child's
+    // controlling terminal, so Ctrl-C on it signals the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
     let mut shown = Vec::new();
     let mut typed = 0;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut master = std::fs::File::from(master);
     loop {
         let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&master),
+            fd: master.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if ready > 0 {
-            let mut buf = [0u8; 4096];
-            match std::io::Read::read(&mut master, &mut buf) {
-                Ok(0) | Err(_) => break, // EIO: every slave side is closed
-                Ok(n) => shown.extend_from_slice(&buf[..n]),
-            }
+        let mut buf = [0u8; 4096];
+        let read = if ready > 0 {
+            std::io::Read::read(&mut master, &mut buf).unwrap_or(0)
+        } else {
+            0
+        };
+        shown.extend_from_slice(&buf[..read]);
+        // Gone, and nothing more to read.
+        if ready <= 0 && child.try_wait().unwrap().is_some() {
+            break;
         }
         if typed < lines.len() && shown.ends_with(b": ") {
             let mut line = lines[typed].to_vec();
-            line.push(b'\n');
+            if line != b"\x03" {
+                line.push(b'\n');
+            }
             std::io::Write::write_all(&mut master, &line).unwrap();
             typed += 1;
             // The prompt is answered: not answered twice.
@@ -2956,8 +2973,18 @@ fn on_a_terminal(args: &[&str], lines: &[&[u8]]) -> (Option<i32>, String) {
             break;
         }
     }
-    let code = child.wait().unwrap().code();
-    (code, String::from_utf8_lossy(&shown).into_owned())
+    // Its status, kept by `try_wait` when that saw it end.
+    let status = child.wait().unwrap();
+    // SAFETY: termios is plain data that tcgetattr fills.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: the slave side is still open here.
+    assert_eq!(unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut t) }, 0);
+    let code = status.code().or(status.signal().map(|s| 128 + s));
+    (
+        code,
+        String::from_utf8_lossy(&shown).into_owned(),
+        t.c_lflag & libc::ECHO != 0,
+    )
 }
 
 /// `--key-file -` on a terminal is a prompt, as cryptsetup's: echo off (the passphrase
@@ -2978,14 +3005,15 @@ fn luks_cli_a_passphrase_typed_on_a_terminal_is_not_echoed_and_has_no_newline() 
         on_a_terminal(&args, lines)
     };
     // Two that differ: refused, nothing written.
-    let (code, shown) = format(&[typed, b"something else"]);
+    let (code, shown, _) = format(&[typed, b"something else"]);
     assert_eq!(code, Some(1), "{shown}");
     assert!(shown.contains("do not match"), "{shown}");
     assert!(
         !luksify_tests::has_luks_header(&img),
         "a refused format wrote"
     );
-    let (code, shown) = format(&[typed, typed]);
+    let (code, shown, echo) = format(&[typed, typed]);
+    assert!(echo, "the terminal was left without echo");
     assert_eq!(code, Some(0), "{shown}");
     assert!(
         shown.contains("Enter new passphrase: ") && shown.contains("Verify passphrase: "),
@@ -3002,16 +3030,45 @@ fn luks_cli_a_passphrase_typed_on_a_terminal_is_not_echoed_and_has_no_newline() 
             .args(["open", "--test-passphrase", "--key-file"])
             .args([p(&key), p(&img)]),
     );
-    let (code, shown) = on_a_terminal(&["test-passphrase", p(&img), "--key-file", "-"], &[typed]);
+    let (code, shown, _) =
+        on_a_terminal(&["test-passphrase", p(&img), "--key-file", "-"], &[typed]);
     assert_eq!(code, Some(0), "{shown}");
     assert!(
         shown.contains("Enter passphrase: ") && !shown.contains("Typed-Secret"),
         "{shown}"
     );
-    let (code, shown) = on_a_terminal(
-        &["test-passphrase", p(&img), "--key-file", "-"],
+    // A wrong one: exit 2, and the advice is about what was typed, not a key file's
+    // bytes and newlines (a trial).
+    let (code, shown, _) = on_a_terminal(
+        &["remove-key", p(&img), "--key-file", "-"],
         &[b"wrong words"],
     );
     assert_eq!(code, Some(2), "{shown}");
-    assert!(!shown.contains("wrong words"), "{shown}");
+    assert!(
+        !shown.contains("wrong words")
+            && shown.contains("check the passphrase typed")
+            && !shown.contains("newlines"),
+        "{shown}"
+    );
+    // Ctrl-C at the prompt ends the command as Ctrl-C does, and the terminal echoes
+    // again (it was left with echo off; a trial).
+    let (code, shown, echo) =
+        on_a_terminal(&["test-passphrase", p(&img), "--key-file", "-"], &[b"\x03"]);
+    assert_eq!(code, Some(128 + libc::SIGINT), "{shown}");
+    assert!(echo, "Ctrl-C left the terminal without echo: {shown}");
+    // Both passphrases of add-key typed: two prompts, as cryptsetup's (it refused
+    // them as "both standard input"); the new one opens, the old one still does.
+    let new: &[u8] = b"Second-Typed-Words";
+    let mut args = vec!["add-key", p(&img), "--key-file", "-", "--new-key-file", "-"];
+    args.extend(kdf);
+    let (code, shown, _) = on_a_terminal(&args, &[typed, new, new]);
+    assert_eq!(code, Some(0), "{shown}");
+    let key2 = d.file("key2", new);
+    for k in [&key, &key2] {
+        run_ok(
+            Command::new("cryptsetup")
+                .args(["open", "--test-passphrase", "--key-file"])
+                .args([p(k), p(&img)]),
+        );
+    }
 }

@@ -589,9 +589,36 @@ fn open_ro(path: &Path) -> Result<File> {
     })
 }
 
+/// The header file the state directory's status file records for `device` (a detached
+/// header, or the one a decryption moved off it), if it is there.
+fn recorded_header(device: &Path) -> Option<PathBuf> {
+    use luksify_orchestrator::status;
+    let s = status::load(&status::state_dir(None)).ok()?;
+    let canon = std::fs::canonicalize(device).ok()?;
+    s.volumes
+        .iter()
+        .find(|v| std::fs::canonicalize(&v.device).is_ok_and(|d| d == canon))
+        .and_then(|v| v.header.clone())
+        .filter(|h| h.is_file())
+}
+
 /// Turns a library error into a one-line message carrying the path and a fix.
 fn luks_err(path: &Path, e: LuksError) -> anyhow::Error {
+    // A device whose header luksify keeps in a file (detached, or moved off it by a
+    // decryption under way): that file is named. "Not a LUKS device" alone was all a
+    // user got mid-disable (a trial).
+    let recorded = matches!(e, LuksError::NotLuks)
+        .then(|| recorded_header(path))
+        .flatten()
+        .map(|h| {
+            format!(
+                "; its LUKS header is in {} (as luksify's status records it): pass --header {}",
+                h.display(),
+                h.display()
+            )
+        });
     let hint = match &e {
+        LuksError::NotLuks if recorded.is_some() => recorded.as_deref().unwrap_or_default(),
         LuksError::NotLuks => "; is this the right device (or does it need --header)?",
         LuksError::WrongPassphrase => {
             "; check --key-file (its whole contents, newlines included, are the passphrase)"
@@ -1054,7 +1081,12 @@ fn only_unbound(path: &Path, slot: u32, then: &str) -> anyhow::Error {
 }
 
 fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
-    if a.key_file == Path::new("-") && a.new_key_file == Path::new("-") {
+    // Both typed on a terminal are two prompts, as cryptsetup's; from a pipe the two
+    // would share one stream.
+    if a.key_file == Path::new("-")
+        && a.new_key_file == Path::new("-")
+        && !crate::keyfile::stdin_is_terminal()
+    {
         bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
     }
     let pass = read_key_file(&a.key_file, a.part)?;
@@ -1128,7 +1160,12 @@ fn remove_key(a: RemoveKeyArgs) -> Result<ExitCode> {
 }
 
 fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
-    if a.key_file == Path::new("-") && a.new_key_file == Path::new("-") {
+    // Both typed on a terminal are two prompts, as cryptsetup's; from a pipe the two
+    // would share one stream.
+    if a.key_file == Path::new("-")
+        && a.new_key_file == Path::new("-")
+        && !crate::keyfile::stdin_is_terminal()
+    {
         bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
     }
     let pass = read_key_file(&a.key_file, a.part)?;

@@ -85,17 +85,66 @@ pub fn read_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>
 /// passphrase, so a volume formatted so did not open with cryptsetup's prompt (a trial).
 fn interactive(path: &Path, part: KeyFilePart) -> Option<libc::c_int> {
     let whole = part.keyfile_offset.is_none() && part.keyfile_size.is_none();
+    (path == Path::new("-") && whole && stdin_is_terminal()).then_some(0)
+}
+
+/// Whether standard input is a terminal (a passphrase given as `-` is then typed).
+pub fn stdin_is_terminal() -> bool {
     // SAFETY: isatty only inspects the descriptor.
-    (path == Path::new("-") && whole && unsafe { libc::isatty(0) } == 1).then_some(0)
+    unsafe { libc::isatty(0) == 1 }
+}
+
+/// Set once a passphrase was typed at a prompt.
+static TYPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `said` with its advice about a key file's bytes turned into advice about a typed
+/// passphrase, when one was typed: "check --key-file (its whole contents, newlines
+/// included, ...)" sent a user who had typed it to a file there was none of (a trial).
+pub fn as_typed(said: &str) -> String {
+    if !TYPED.load(std::sync::atomic::Ordering::Relaxed) {
+        return said.to_string();
+    }
+    [
+        "check --key-file (its whole contents, newlines included, are the passphrase)",
+        "check --key-file (its whole content is the passphrase)",
+        "check --key-file (or the key file recorded at enable)",
+        "check --key-file",
+    ]
+    .iter()
+    .fold(said.to_string(), |s, p| {
+        s.replace(p, "check the passphrase typed")
+    })
 }
 
 /// cryptsetup's limit for a typed passphrase.
 const MAX_TYPED_BYTES: usize = 512;
 
-/// Echo off on terminal `fd` until dropped.
+/// Echo off on terminal `fd` until dropped; a signal that ends the process meanwhile
+/// (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT) puts the terminal back first: it was left with
+/// echo off, the user's next typing invisible (a trial).
 struct EchoOff {
     fd: libc::c_int,
     saved: libc::termios,
+    /// The signals' actions before, put back on drop.
+    before: Vec<(libc::c_int, libc::sigaction)>,
+}
+
+/// The terminal settings a signal handler puts back (set before any handler runs).
+static SAVED: std::sync::OnceLock<(libc::c_int, libc::termios)> = std::sync::OnceLock::new();
+
+const ENDING_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// Puts the terminal back, then lets the signal end the process as it would have.
+extern "C" fn restore_then_die(sig: libc::c_int) {
+    // SAFETY: tcsetattr, signal and raise are async-signal-safe; SAVED was set before
+    // this handler was installed and is only read here.
+    unsafe {
+        if let Some((fd, t)) = SAVED.get() {
+            libc::tcsetattr(*fd, libc::TCSANOW, t);
+        }
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
 }
 
 impl EchoOff {
@@ -109,6 +158,22 @@ impl EchoOff {
                 std::io::Error::last_os_error()
             );
         }
+        let _ = SAVED.set((fd, saved));
+        let mut before = Vec::new();
+        for sig in ENDING_SIGNALS {
+            // SAFETY: sigaction with a zeroed mask and a handler of the right type; the
+            // old action is kept to be put back.
+            unsafe {
+                let mut new: libc::sigaction = std::mem::zeroed();
+                new.sa_sigaction = restore_then_die as extern "C" fn(libc::c_int) as usize;
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, &new, &mut old) == 0 {
+                    before.push((sig, old));
+                }
+            }
+        }
+        // Dropped on any failure below: the signals' actions come back.
+        let guard = EchoOff { fd, saved, before };
         let mut quiet = saved;
         quiet.c_lflag &= !libc::ECHO;
         quiet.c_lflag |= libc::ICANON;
@@ -119,14 +184,20 @@ impl EchoOff {
                 std::io::Error::last_os_error()
             );
         }
-        Ok(EchoOff { fd, saved })
+        Ok(guard)
     }
 }
 
 impl Drop for EchoOff {
     fn drop(&mut self) {
-        // SAFETY: restores the settings read in `new` on the same terminal.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSAFLUSH, &self.saved) };
+        // SAFETY: restores the settings read in `new` on the same terminal, then the
+        // signals' own actions.
+        unsafe {
+            libc::tcsetattr(self.fd, libc::TCSAFLUSH, &self.saved);
+            for (sig, old) in &self.before {
+                libc::sigaction(*sig, old, std::ptr::null_mut());
+            }
+        }
     }
 }
 
@@ -179,6 +250,7 @@ fn read_line(fd: libc::c_int, text: &str) -> Result<Zeroizing<Vec<u8>>> {
     }
     drop(echo);
     let _ = err.write_all(b"\n");
+    TYPED.store(true, std::sync::atomic::Ordering::Relaxed);
     if len > MAX_TYPED_BYTES || (!ended && len == buf.len()) {
         bail!("the passphrase typed is longer than {MAX_TYPED_BYTES} bytes (cryptsetup's limit for a typed one): use a key file");
     }

@@ -403,7 +403,7 @@ fn main() -> ExitCode {
         Err(e) => {
             end_bar();
             // One line: what went wrong and how to fix it (errors carry both).
-            errln!("luksify: {}", one_line(&e));
+            errln!("luksify: {}", keyfile::as_typed(&one_line(&e)));
             // Another process holds the volume (a run's lock, a mapping, qemu): 4, as
             // for the orchestrator's lock (see EXIT_CODES).
             let busy = e.chain().any(|c| {
