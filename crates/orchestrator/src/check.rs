@@ -263,7 +263,7 @@ pub fn resolve(target: &Path, all: &[Mount]) -> Result<Resolved, Problem> {
                 under.describe()
             ),
             &format!(
-                "give the device itself ({}); to take the top mount off, umount the directory once",
+                "take the top mount off first (umount the directory once), then give the directory or the device itself ({})",
                 // The disks of the two mounts, the lower first (the top one hides it);
                 // a placeholder only where neither is a block device (a trial copied
                 // "/dev/sdc" from beside its own loop device's name).
@@ -1071,7 +1071,7 @@ pub fn check_resolved(
             format!("swap is active on {dev_s}: {}", list.join(", ")),
             "swap in use cannot be unmounted or rewritten".into(),
             format!(
-                "swapoff {} (and remove it from {})",
+                "swapoff {} (and its line in {}, if it has one)",
                 list.join(" "),
                 crate::tabs::etc_dir().join("fstab").display()
             ),

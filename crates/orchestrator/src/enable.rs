@@ -149,6 +149,34 @@ fn already_encrypted(r: &check::Report) -> Option<&check::Problem> {
         .find(|p| matches!(p.code, "already_mapped" | "already_luks"))
 }
 
+/// The blocker for a new run while a stopped run (no process at work on it) has volumes
+/// it had not reached that the new run does not take (`taken`).
+fn stopped_run_left_out(state_dir: &Path, taken: &[&Path]) -> Option<String> {
+    let st = crate::status::load(state_dir).ok()?;
+    if st.run_process_running() {
+        return None;
+    }
+    let (op, pending) = pending_of_stopped_run(&st);
+    let left: Vec<String> = pending
+        .iter()
+        .filter(|d| !taken.contains(&d.as_path()))
+        .map(|d| d.display().to_string())
+        .collect();
+    if left.is_empty() {
+        return None;
+    }
+    let what = if op == Operation::DisableEncryption {
+        "disable"
+    } else {
+        "enable"
+    };
+    let resume = crate::status::in_state_dir("`luksify resume`", state_dir);
+    Some(format!(
+        "BLOCKER: a stopped {what} had not reached {} yet: a new run would drop them from it; fix: run {resume} first, which finishes that run",
+        left.join(", ")
+    ))
+}
+
 /// SIGTERM, then SIGKILL, to the processes that hold `device`, waiting up to 5 s each.
 /// A holder that is luksify's own ancestor (the shell or agent that runs it, its working
 /// directory on the volume) is not signalled: the run is refused instead.
@@ -784,7 +812,12 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         // "blocked", and a run naming one such volume encrypted none of the others
         // (a trial).
         if let Some(p) = already_encrypted(&report) {
-            let more = p.fix.strip_prefix("nothing to do").unwrap_or("");
+            // "Open it with ..." for a closed volume; not how to close an open one.
+            let more = p
+                .fix
+                .strip_prefix("nothing to do")
+                .filter(|m| !m.contains("luksify close"))
+                .unwrap_or("");
             errln!(
                 "luksify: {}: {} ({}); nothing to do{more}",
                 v.display(),
@@ -810,11 +843,12 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
         if let Some(h) = &header {
             if h.exists() {
                 blockers.push((
-                "header_file_exists",
-                format!(
-                    "BLOCKER: header file {} already exists: it may belong to another volume; move it away first",
-                    h.display()
-                )));
+                    "header_file_exists",
+                    format!(
+                        "BLOCKER: header file {} already exists: it may belong to another volume; move it away first",
+                        h.display()
+                    ),
+                ));
             }
         }
         plans.push(Plan {
@@ -828,6 +862,14 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
     // status file too stays as it was).
     if plans.is_empty() && blockers.is_empty() {
         return Ok(());
+    }
+    // A stopped run's volumes it had not reached are that run's to finish (`resume`):
+    // a new run took the run over, and they dropped out of it and of the status file,
+    // plain and forgotten while status said "Encryption succeeded" (a trial). The
+    // resume that finishes the run is at work itself, so it passes.
+    let taken: Vec<&Path> = plans.iter().map(|p| p.device.as_path()).collect();
+    if let Some(b) = stopped_run_left_out(&req.state_dir, &taken) {
+        blockers.push(("stopped_run_pending", b));
     }
     // A volume mounted below another one's mount point goes after it: the outer one's
     // run unmounts and mounts again what is nested below it, and the inner one,
@@ -846,16 +888,18 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             blockers.push((
                 "header_dir_volatile",
                 format!(
-                "BLOCKER: --header-dir {} is on {fs}, which a reboot empties: the detached headers hold the volumes' only keys, so the data would be lost with them; fix: pick a directory on a disk that is not being encrypted (e.g. /root/luks-headers)",
-                d.display()
-            )));
+                    "BLOCKER: --header-dir {} is on {fs}, which a reboot empties: the detached headers hold the volumes' only keys, so the data would be lost with them; fix: pick a directory on a disk that is not being encrypted (e.g. /root/luks-headers)",
+                    d.display()
+                ),
+            ));
         } else if let Some((why, fix)) = crate::lock::open_to_others(d) {
             blockers.push((
                 "header_dir_open_to_others",
                 format!(
-                "BLOCKER: --header-dir {} {why}: another user could move or replace the detached headers, the volumes' only keys; fix: {fix}, or pick a directory only root can write",
-                d.display()
-            )));
+                    "BLOCKER: --header-dir {} {why}: another user could move or replace the detached headers, the volumes' only keys; fix: {fix}, or pick a directory only root can write",
+                    d.display()
+                ),
+            ));
         } else if let Some(b) = header_dir_without_room(d, plans.len()) {
             blockers.push(("header_dir_no_room", b));
         }
@@ -892,9 +936,10 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             blockers.push((
                 "path_unfit_for_crypttab",
                 format!(
-                "BLOCKER: {what} {} has a blank or comma, which crypttab cannot hold (its fields split at blanks, its options at commas); fix: use a path without them",
-                p.display()
-            )));
+                    "BLOCKER: {what} {} has a blank or comma, which crypttab cannot hold (its fields split at blanks, its options at commas); fix: use a path without them",
+                    p.display()
+                ),
+            ));
         }
     }
     blockers.extend(kdf_memory_blocker(&req.kdf).map(|b| ("kdf_memory", b)));
@@ -3376,6 +3421,7 @@ pub fn disable(
             }
         }
         held.extend(check::too_few_open_files().map(|p| (p.code, p.one_line())));
+
         held.extend(tabs::unwritable().map(|b| ("tables_unwritable", format!("BLOCKER: {b}"))));
         if in_front > 0 {
             let headers = req.state_dir.join("headers");
@@ -3392,9 +3438,12 @@ pub fn disable(
                 } else {
                     String::new()
                 };
-                held.push(("state_dir_volatile", format!(
-                    "BLOCKER: the state directory {d} is on {fs}, which a reboot empties: a decryption moves the volume's header (the only copy of its key) there before its data moves back over it, so a reboot mid-run would lose the part still encrypted; fix: copy its records to a disk that is not being decrypted (`mkdir -p -m 755 /var/lib/luksify && cp -a {d}/status.json{maps} /var/lib/luksify/`, not its mnt/, where the mapping shows the plaintext) and run disable with --state-dir there"
-                )));
+                held.push((
+                    "state_dir_volatile",
+                    format!(
+                        "BLOCKER: the state directory {d} is on {fs}, which a reboot empties: a decryption moves the volume's header (the only copy of its key) there before its data moves back over it, so a reboot mid-run would lose the part still encrypted; fix: copy its records to a disk that is not being decrypted (`mkdir -p -m 755 /var/lib/luksify && cp -a {d}/status.json{maps} /var/lib/luksify/`, not its mnt/, where the mapping shows the plaintext) and run disable with --state-dir there"
+                    ),
+                ));
             }
             held.extend(header_dir_without_room(&headers, in_front).map(|b| {
                 (

@@ -31,7 +31,7 @@ impl HoldKind {
     pub fn describe(self) -> &'static str {
         match self {
             HoldKind::OpenFile => "has open",
-            HoldKind::OpenDevice => "has the device open",
+            HoldKind::OpenDevice => "has open the device node",
             HoldKind::Cwd => "has its working directory in",
             HoldKind::Root => "has its root in",
             HoldKind::Exe => "runs the executable",

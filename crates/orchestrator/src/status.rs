@@ -381,6 +381,18 @@ impl Status {
         self.volumes.extend(run);
     }
 
+    /// Whether `luksify resume` has work ([`Status::resumable`]), unless a run's process
+    /// is at work (`running`).
+    fn resumable_unless(&self, running: bool) -> bool {
+        !running
+            && (self.volumes.iter().any(|v| {
+                matches!(
+                    v.state,
+                    VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
+                )
+            }) || !crate::enable::pending_of_stopped_run(self).1.is_empty())
+    }
+
     /// Recomputes the aggregate data state and the message from the volumes.
     /// `active` is the index (0-based) of the volume being worked on, if any.
     pub fn refresh(&mut self, active: Option<usize>) {
@@ -394,6 +406,9 @@ impl Status {
         }
         self.data_volumes_encrypted = aggregate(self);
         self.progress_message = message(self.operation, &self.volumes, active);
+        // As the file's writer sees it: `status` sets it again from the live state (a
+        // run killed outright leaves its pid in the file).
+        self.resumable = self.resumable_unless(self.pid.is_some());
         // An enable that ended with every volume of its run still plain and no error:
         // stopped before its walks and put back (a signal, or `disable` backing it out).
         // Not "Encrypting 1 data volume" with nothing running (a trial).
@@ -440,6 +455,15 @@ pub fn apply_live_state(
     let mut orphaned = None;
     let mut closed = None;
     let mut daemon_stopped = None;
+    // A volume mid-decryption is closed for its walk: its mapping is named only while
+    // it is there (a status file an older luksify wrote kept the name; a trial).
+    for v in &mut s.volumes {
+        if v.state == VolumeState::DecryptionInProgress
+            && v.mapped_device.as_ref().is_some_and(|d| !d.exists())
+        {
+            v.mapped_device = None;
+        }
+    }
     for v in &mut s.volumes {
         if !matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted) {
             continue;
@@ -515,6 +539,23 @@ pub fn apply_live_state(
             .or_else(|| s.volumes.iter().find(in_progress))
         {
             s.progress_message = interrupted_message(v, state_dir);
+            // The run's volumes it had not reached, as a stopped run's message names
+            // them (a trial's killed three-volume run named the first only).
+            let left: Vec<String> = pending
+                .iter()
+                .filter(|d| **d != v.device)
+                .map(|d| d.display().to_string())
+                .collect();
+            if !left.is_empty() {
+                s.progress_message = s.progress_message.replacen(
+                    "; `luksify resume` finishes it",
+                    &format!(
+                        ", and {} not started yet; `luksify resume` finishes the run",
+                        left.join(", ")
+                    ),
+                    1,
+                );
+            }
         } else if !pending.is_empty()
             // One that says why it was not done (a resume refused it) keeps its message.
             && !s
@@ -670,13 +711,7 @@ pub fn apply_live_state(
         );
     }
     s.data_volumes_encrypted = stopped_between.unwrap_or_else(|| aggregate(s));
-    s.resumable = !s.run_process_running()
-        && (s.volumes.iter().any(|v| {
-            matches!(
-                v.state,
-                VolumeState::EncryptionInProgress | VolumeState::DecryptionInProgress
-            )
-        }) || !crate::enable::pending_of_stopped_run(s).1.is_empty());
+    s.resumable = s.resumable_unless(s.run_process_running());
     if let Some(r) = &s.refused {
         // Kept only until the next run begins, a refusal is newer than the last run: that
         // run's failure is not what stands now, and its fix may no longer apply (a trial
