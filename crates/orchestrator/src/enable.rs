@@ -149,17 +149,30 @@ fn already_encrypted(r: &check::Report) -> Option<&check::Problem> {
         .find(|p| matches!(p.code, "already_mapped" | "already_luks"))
 }
 
-/// The blocker for a new run while a stopped run (no process at work on it) has volumes
-/// it had not reached that the new run does not take (`taken`).
-fn stopped_run_left_out(state_dir: &Path, taken: &[&Path]) -> Option<String> {
+/// The blocker for a new run of `new_op` while a stopped run (no process at work on it)
+/// has volumes it had not reached that the new run does not take (`taken`). A stopped
+/// disable's are never an `enable`'s to take: that run is still to decrypt them. A
+/// `disable` of every volume (`all`) leaves a stopped enable's plain, as meant.
+fn stopped_run_left_out(
+    state_dir: &Path,
+    new_op: Operation,
+    taken: &[&Path],
+    all: bool,
+) -> Option<String> {
     let st = crate::status::load(state_dir).ok()?;
     if st.run_process_running() {
         return None;
     }
     let (op, pending) = pending_of_stopped_run(&st);
+    if all && new_op == Operation::DisableEncryption && op == Operation::EnableEncryption {
+        return None;
+    }
     let left: Vec<String> = pending
         .iter()
-        .filter(|d| !taken.contains(&d.as_path()))
+        .filter(|d| {
+            !taken.contains(&d.as_path())
+                || (op == Operation::DisableEncryption && new_op == Operation::EnableEncryption)
+        })
         .map(|d| d.display().to_string())
         .collect();
     if left.is_empty() {
@@ -170,9 +183,15 @@ fn stopped_run_left_out(state_dir: &Path, taken: &[&Path]) -> Option<String> {
     } else {
         "enable"
     };
+    let them = if left.len() == 1 { "it" } else { "them" };
     let resume = crate::status::in_state_dir("`luksify resume`", state_dir);
+    let why = if op == Operation::DisableEncryption && new_op == Operation::EnableEncryption {
+        format!("that run is still to decrypt {them}")
+    } else {
+        format!("a new run would drop {them} from that run")
+    };
     Some(format!(
-        "BLOCKER: a stopped {what} had not reached {} yet: a new run would drop them from it; fix: run {resume} first, which finishes that run",
+        "BLOCKER: a stopped {what} had not reached {} yet: {why}; fix: run {resume} first, which finishes that run",
         left.join(", ")
     ))
 }
@@ -858,18 +877,26 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             header,
         });
     }
-    // Every volume named is encrypted already: nothing to do, nothing written (the
-    // status file too stays as it was).
-    if plans.is_empty() && blockers.is_empty() {
-        return Ok(());
-    }
     // A stopped run's volumes it had not reached are that run's to finish (`resume`):
     // a new run took the run over, and they dropped out of it and of the status file,
     // plain and forgotten while status said "Encryption succeeded" (a trial). The
     // resume that finishes the run is at work itself, so it passes.
     let taken: Vec<&Path> = plans.iter().map(|p| p.device.as_path()).collect();
-    if let Some(b) = stopped_run_left_out(&req.state_dir, &taken) {
+    if let Some(b) =
+        stopped_run_left_out(&req.state_dir, Operation::EnableEncryption, &taken, false)
+    {
         blockers.push(("stopped_run_pending", b));
+    }
+    // Every volume named is encrypted already: nothing to do, nothing written (the
+    // status file too stays as it was).
+    if plans.is_empty() && blockers.is_empty() {
+        // Not a refusal: an earlier one is no longer the latest word on enable.
+        if let Err(e) = std::fs::remove_file(req.state_dir.join(crate::status::REFUSED_FILE)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errln!("luksify: warning: cannot remove the earlier refusal's record ({e})");
+            }
+        }
+        return Ok(());
     }
     // A volume mounted below another one's mount point goes after it: the outer one's
     // run unmounts and mounts again what is nested below it, and the inner one,
@@ -3421,6 +3448,22 @@ pub fn disable(
             }
         }
         held.extend(check::too_few_open_files().map(|p| (p.code, p.one_line())));
+        // A stopped run's volumes it had not reached dropped out of it and of the status
+        // file when a `disable --volume` of others took the run over (a trial: two
+        // volumes left plain while status said "Encryption succeeded").
+        let taken: Vec<&Path> = todo
+            .iter()
+            .map(|i| sw.status.volumes[*i].device.as_path())
+            .collect();
+        held.extend(
+            stopped_run_left_out(
+                &req.state_dir,
+                Operation::DisableEncryption,
+                &taken,
+                only.is_empty(),
+            )
+            .map(|b| ("stopped_run_pending", b)),
+        );
 
         held.extend(tabs::unwritable().map(|b| ("tables_unwritable", format!("BLOCKER: {b}"))));
         if in_front > 0 {
