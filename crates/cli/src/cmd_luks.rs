@@ -1090,7 +1090,14 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
         bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
     }
     let pass = read_key_file(&a.key_file, a.part)?;
-    let new = read_new_key_file(&a.new_key_file, a.new_part.into())?;
+    // A new passphrase from a file is read first (a bad file fails before the KDF); one
+    // typed is asked once the old one opened, as cryptsetup asks (a wrong old one was
+    // told only after the new one was typed twice; a trial).
+    let typed = a.new_key_file == Path::new("-") && crate::keyfile::stdin_is_terminal();
+    let mut new = None;
+    if !typed {
+        new = Some(read_new_key_file(&a.new_key_file, a.new_part.into())?);
+    }
     let path = a.vol.meta();
     let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
@@ -1098,6 +1105,10 @@ fn add_key(a: AddKeyArgs) -> Result<ExitCode> {
         .kdf
         .request(vol.version() == luksify_luks::Version::Luks1)?;
     let (vk, _) = vol.unlock(&f, &pass, None).map_err(|e| luks_err(path, e))?;
+    let new = match new {
+        Some(n) => n,
+        None => read_new_key_file(&a.new_key_file, a.new_part.into())?,
+    };
     // No repair of a damaged copy before the change: its own write rewrites both
     // copies, and a change refused (slot in use, area full) writes nothing at all.
     let mut vol = vol;
@@ -1169,7 +1180,12 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
         bail!("--key-file and --new-key-file cannot both be standard input (-): put one passphrase in a file");
     }
     let pass = read_key_file(&a.key_file, a.part)?;
-    let new = read_new_key_file(&a.new_key_file, a.new_part.into())?;
+    // As in `add_key`: a typed new passphrase is asked once the old one opened.
+    let typed = a.new_key_file == Path::new("-") && crate::keyfile::stdin_is_terminal();
+    let mut new = None;
+    if !typed {
+        new = Some(read_new_key_file(&a.new_key_file, a.new_part.into())?);
+    }
     let path = a.vol.meta();
     let f = open_header_rw(path)?;
     let vol = read_volume(path, &f)?;
@@ -1188,6 +1204,10 @@ fn change_key(a: ChangeKeyArgs) -> Result<ExitCode> {
         r => r,
     }
     .map_err(|e| luks_err(path, e))?;
+    let new = match new {
+        Some(n) => n,
+        None => read_new_key_file(&a.new_key_file, a.new_part.into())?,
+    };
     // No repair of a damaged copy before the change: its own write rewrites both
     // copies, and a change refused (slot in use, area full) writes nothing at all.
     let mut vol = vol;

@@ -389,7 +389,7 @@ fn finish(r: Result<ExitCode, Failure>) -> anyhow::Result<ExitCode> {
         Ok(c) => Ok(c),
         Err(f) => {
             crate::end_bar();
-            errln!("luksify: {}", f.message);
+            errln!("luksify: {}", crate::keyfile::as_typed(&f.message));
             Ok(ExitCode::from(f.code))
         }
     }
