@@ -4486,30 +4486,43 @@ fn walker_decrypts_a_converted_luks1_volume_whose_last_keyslot_is_in_use() {
             .arg(c.p("key7")),
     );
     run_ok(Command::new("cryptsetup").args(["convert", "-q", "--type", "luks2", &c.img()]));
-    std::fs::copy(c.p("img"), c.p("cs.img")).unwrap();
-    run_ok(Command::new("cryptsetup").args([
-        "reencrypt",
-        "--decrypt",
-        "--force-offline-reencrypt",
-        "-q",
-        "--header",
-        &c.p("cs.hdr").display().to_string(),
-        "--key-file",
-        &c.key(),
-        &c.p("cs.img").display().to_string(),
-    ]));
-    let out = run(Command::new(luksify_bin()).args([
-        "decrypt",
-        &c.img(),
-        "--header",
-        &c.hdr(),
-        "--key-file",
-        &c.key(),
-    ]));
+    cryptsetup_decrypts_a_copy(&c, &[]);
+    let out = run(decrypt_moving_the_header(&c).arg(c.hdr()));
     assert!(out.status.success(), "{out:?}");
-    // The plaintext is the device less the data offset (2 MiB) the header took; the
-    // bytes left past it are neither tool's data.
-    let plain = (40 << 20) - (2 << 20);
+    // The device less the data offset (2 MiB) the header took.
+    assert_plaintext_as_cryptsetups(&c, (40 << 20) - (2 << 20));
+}
+
+/// `cryptsetup reencrypt --decrypt` (with `extra` options) of a copy of `c`'s image,
+/// `cs.img`, its header moved to `cs.hdr`: the plaintext to compare ours with.
+fn cryptsetup_decrypts_a_copy(c: &Case, extra: &[&str]) {
+    std::fs::copy(c.p("img"), c.p("cs.img")).unwrap();
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["reencrypt", "--decrypt", "--force-offline-reencrypt", "-q"])
+            .args(extra)
+            .args([
+                "--header",
+                &c.p("cs.hdr").display().to_string(),
+                "--key-file",
+                &c.key(),
+                &c.p("cs.img").display().to_string(),
+            ]),
+    );
+}
+
+/// `luksify decrypt` of `c`'s image with its key, the header moving to the file given
+/// next (`--header` comes last: the caller adds the file).
+fn decrypt_moving_the_header(c: &Case) -> Command {
+    let mut cmd = Command::new(luksify_bin());
+    cmd.args(["decrypt", &c.img(), "--key-file", &c.key(), "--header"]);
+    cmd
+}
+
+/// Our plaintext (the image) is cryptsetup's (`cs.img`) over its first `plain` bytes:
+/// the device less the data offset the header took (the bytes past it are neither
+/// tool's data).
+fn assert_plaintext_as_cryptsetups(c: &Case, plain: usize) {
     assert!(
         std::fs::read(c.p("img")).unwrap()[..plain]
             == std::fs::read(c.p("cs.img")).unwrap()[..plain],
@@ -4539,33 +4552,9 @@ fn walker_decrypt_takes_a_key_slot_as_cryptsetup() {
         "0",
         &c.img(),
     ]));
-    std::fs::copy(c.p("img"), c.p("cs.img")).unwrap();
-    run_ok(Command::new("cryptsetup").args([
-        "reencrypt",
-        "--decrypt",
-        "--force-offline-reencrypt",
-        "-q",
-        "--key-slot",
-        "0",
-        "--header",
-        &c.p("cs.hdr").display().to_string(),
-        "--key-file",
-        &c.key(),
-        &c.p("cs.img").display().to_string(),
-    ]));
+    cryptsetup_decrypts_a_copy(&c, &["--key-slot", "0"]);
     let before = std::fs::read(c.p("img")).unwrap();
-    let decrypt = |extra: &[&str]| {
-        run(Command::new(luksify_bin())
-            .args([
-                "decrypt",
-                &c.img(),
-                "--header",
-                &c.hdr(),
-                "--key-file",
-                &c.key(),
-            ])
-            .args(extra))
-    };
+    let decrypt = |extra: &[&str]| run(decrypt_moving_the_header(&c).arg(c.hdr()).args(extra));
     let out = decrypt(&[]);
     assert!(!out.status.success(), "{out:?}");
     assert!(
@@ -4574,10 +4563,6 @@ fn walker_decrypt_takes_a_key_slot_as_cryptsetup() {
     );
     let out = decrypt(&["-S", "0"]);
     assert!(out.status.success(), "{out:?}");
-    let plain = (40 << 20) - (16 << 20);
-    assert!(
-        std::fs::read(c.p("img")).unwrap()[..plain]
-            == std::fs::read(c.p("cs.img")).unwrap()[..plain],
-        "luksify's plaintext differs from cryptsetup's"
-    );
+    // The device less cryptsetup's default 16 MiB data offset.
+    assert_plaintext_as_cryptsetups(&c, (40 << 20) - (16 << 20));
 }
