@@ -3061,6 +3061,11 @@ fn luks_cli_a_passphrase_typed_on_a_terminal_is_not_echoed_and_has_no_newline() 
     let new: &[u8] = b"Second-Typed-Words";
     let mut args = vec!["add-key", p(&img), "--key-file", "-", "--new-key-file", "-"];
     args.extend(kdf);
+    // A wrong old one is told before the new one is asked for, as cryptsetup does (it
+    // asked for all three first; a trial).
+    let (code, shown, _) = on_a_terminal(&args, &[b"wrong words", new, new]);
+    assert_eq!(code, Some(2), "{shown}");
+    assert!(!shown.contains("Enter new passphrase"), "{shown}");
     let (code, shown, _) = on_a_terminal(&args, &[typed, new, new]);
     assert_eq!(code, Some(0), "{shown}");
     let key2 = d.file("key2", new);
