@@ -5170,6 +5170,14 @@ fn root_orch_sigint_mid_walk_names_the_percent_status_gives() {
         .and_then(|r| r.split('%').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{err}"));
+    // Its own line names the volume not reached too.
+    assert!(
+        err.contains(&format!(
+            "on request, and {} not started yet; run `luksify resume` to finish the run",
+            other.dev().display()
+        )),
+        "{err}"
+    );
     let st = fx.status_text();
     assert!(
         st.contains(&format!(
@@ -10342,6 +10350,13 @@ fn root_orch_a_stopped_runs_unreached_volumes_wait_for_resume() {
     d.kill_when(both, "the first walk", |s| {
         volume_of(s, &adev)["bytes_done"].as_u64().unwrap_or(0) > 0
     });
+    // Not offered to a new run as ready: resume's to take.
+    let out = run_ok(d.cmd().args(["enable", "--volume-type", "data", "--json"]));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !listed.contains(&format!("\"{}\"", b.dev().display())),
+        "{listed}"
+    );
     let out = run(d.cmd().args(["disable", "--volume"]).arg(d.dev()));
     assert_refused(
         &out,

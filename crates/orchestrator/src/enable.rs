@@ -70,6 +70,13 @@ pub fn mapping_name(device: &Path) -> String {
 pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
     let all = mountinfo::read().unwrap_or_default();
     let os = check::os_devices(&all);
+    // A stopped run's volumes it had not reached are `resume`'s to take, not a new
+    // run's (a trial's listing offered them as "ready", and that enable is refused).
+    let pending = crate::status::load(state_dir)
+        .ok()
+        .filter(|s| !s.run_process_running())
+        .map(|s| pending_of_stopped_run(&s).1)
+        .unwrap_or_default();
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/sys/class/block") else {
         return out;
@@ -105,6 +112,9 @@ pub fn candidates(state_dir: &Path) -> Vec<check::Report> {
             continue;
         };
         if os.contains(&num) {
+            continue;
+        }
+        if pending.iter().any(|p| probe::block_dev_num(p) == Some(num)) {
             continue;
         }
         let listing = CheckOptions {
@@ -1854,10 +1864,24 @@ fn finish_volume(
     }
     if let Outcome::Interrupted(_) = outcome {
         commit(sw)?;
+        // The run's volumes not reached, as `status` names them (a trial's three-volume
+        // run said only the first).
+        let left: Vec<String> = sw
+            .status
+            .volumes
+            .iter()
+            .filter(|o| o.in_run && o.state == VolumeState::NotEncrypted && o.error.is_none())
+            .map(|o| o.device.display().to_string())
+            .collect();
+        let left = if left.is_empty() {
+            String::new()
+        } else {
+            format!(", and {} not started yet", left.join(", "))
+        };
         return Err(Failure::new(
             exit::INTERRUPTED,
             format!(
-                "encryption of {} stopped at {}% on request; run `luksify resume` to finish it",
+                "encryption of {} stopped at {}% on request{left}; run `luksify resume` to finish the run",
                 v.device.display(),
                 // Floored, as the status message floors it (rounded, it said 18% there
                 // beside 17% in `luksify status`).
