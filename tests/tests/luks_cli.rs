@@ -1647,29 +1647,31 @@ fn luks_cli_an_unbound_keyslot_gives_no_volume_key() {
         ])
         .args(kdf),
     );
-    let opens = |key: &Path| {
-        Command::new("cryptsetup")
-            .args([
-                "open",
-                "--test-passphrase",
-                "-S",
-                "5",
-                "--key-file",
-                p(key),
-                p(&img),
-            ])
-            .status()
-            .unwrap()
-            .success()
+    // Whether cryptsetup opens keyslot `slot` with `key`, and its luksDump.
+    let opens = |slot: &str, key: &Path| {
+        run(Command::new("cryptsetup").args([
+            "open",
+            "--test-passphrase",
+            "-S",
+            slot,
+            "--key-file",
+            p(key),
+            p(&img),
+        ]))
+        .status
+        .success()
+    };
+    let cs_dump = || {
+        String::from_utf8_lossy(
+            &run_ok(Command::new("cryptsetup").args(["luksDump", p(&img)])).stdout,
+        )
+        .to_string()
     };
     assert!(
-        opens(&kn) && !opens(&ku),
+        opens("5", &kn) && !opens("5", &ku),
         "the unbound slot's passphrase did not change"
     );
-    let dump = String::from_utf8_lossy(
-        &run_ok(Command::new("cryptsetup").args(["luksDump", p(&img)])).stdout,
-    )
-    .to_string();
+    let dump = cs_dump();
     assert!(dump.contains("5: luks2 (unbound)"), "{dump}");
     // A 128-bit unbound key (no AES-XTS key): its new area is encrypted with the
     // volume's cipher and key size, as `cryptsetup luksChangeKey` does (change-key
@@ -1695,27 +1697,11 @@ fn luks_cli_an_unbound_keyslot_gives_no_volume_key() {
         ])
         .args(kdf),
     );
-    let opens6 = |key: &Path| {
-        run(Command::new("cryptsetup").args([
-            "open",
-            "--test-passphrase",
-            "-S",
-            "6",
-            "--key-file",
-            p(key),
-            p(&img),
-        ]))
-        .status
-        .success()
-    };
     assert!(
-        opens6(&k6n) && !opens6(&k6),
+        opens("6", &k6n) && !opens("6", &k6),
         "slot 6's passphrase did not change"
     );
-    let dump = String::from_utf8_lossy(
-        &run_ok(Command::new("cryptsetup").args(["luksDump", p(&img)])).stdout,
-    )
-    .to_string();
+    let dump = cs_dump();
     let slot6 = dump.split("  6: ").nth(1).unwrap_or_default();
     assert!(
         slot6.starts_with("luks2 (unbound)")
