@@ -869,7 +869,13 @@ pub fn enable(req: &EnableRequest, passphrase: &[u8]) -> Result<()> {
             .header_dir
             .as_ref()
             .map(|d| d.join(format!("{name}.luks2")));
-        if let Some(h) = &header {
+        // Not beside an interrupted run on the volume: that file may be its only
+        // header, and "move it away first" would lose the volume (a trial's soak).
+        let interrupted = report
+            .problems
+            .iter()
+            .any(|p| matches!(p.code, "luks_in_progress" | "busy_run"));
+        if let Some(h) = header.as_ref().filter(|_| !interrupted) {
             if h.exists() {
                 blockers.push((
                     "header_file_exists",

@@ -597,6 +597,7 @@ fn open_userspace(
     );
     let device = std::fs::canonicalize(req.device).unwrap_or(req.device.to_path_buf());
     let state_dir = std::fs::canonicalize(req.state_dir).unwrap_or(req.state_dir.to_path_buf());
+    clear_dead_view(&state_dir.join("mnt").join(req.name))?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0(name)
         .arg(SERVE_SUBCOMMAND)
@@ -1152,6 +1153,48 @@ fn close_userspace(rec: &MapRecord) -> Result<()> {
     }
     if std::fs::read_link(&rec.mapped).ok() == rec.loop_dev {
         let _ = std::fs::remove_file(&rec.mapped);
+    }
+    Ok(())
+}
+
+/// Clears what a mapping daemon killed before its record was written leaves at its
+/// FUSE directory `fuse_dir`: a dead FUSE mount ("Transport endpoint is not connected")
+/// and a loop device over its `volume` file, served by nothing. They stood in the way of
+/// every later open of that name ("cannot create ...: File exists"), and `close` knew of
+/// no such mapping (a trial's soak: `resume` failed until both were cleared by hand). A
+/// loop device of it that is mounted is left alone and named.
+fn clear_dead_view(fuse_dir: &Path) -> Result<()> {
+    let fuse_dir = std::path::absolute(fuse_dir).unwrap_or_else(|_| fuse_dir.to_path_buf());
+    let dead =
+        std::fs::metadata(&fuse_dir).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    if !dead {
+        return Ok(());
+    }
+    let mounts = crate::mountinfo::read().unwrap_or_default();
+    let loops: Vec<PathBuf> = std::fs::read_dir("/sys/block")
+        .map(|d| {
+            d.flatten()
+                .map(|e| PathBuf::from("/dev").join(e.file_name()))
+                .filter(|l| loop_backing(l).is_some_and(|b| b.starts_with(&fuse_dir)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for l in &loops {
+        if let Some(m) =
+            crate::probe::block_dev_num(l).and_then(|n| mounts.iter().find(|m| m.dev == n))
+        {
+            return Err(Failure::failed(format!(
+                "{} is the loop device of a userspace view whose daemon is gone, and it is mounted at {}: `umount {}`, then run the command again",
+                l.display(),
+                m.mount_point.display(),
+                m.mount_point.display()
+            )));
+        }
+        let _ = crate::tool("losetup").arg("-d").arg(l).output();
+    }
+    let unmounted = crate::tool("umount").arg(&fuse_dir).output();
+    if !unmounted.is_ok_and(|o| o.status.success()) {
+        let _ = crate::tool("umount").arg("-l").arg(&fuse_dir).output();
     }
     Ok(())
 }

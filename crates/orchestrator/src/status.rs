@@ -748,8 +748,14 @@ fn mount_command(v: &VolumeStatus) -> String {
 /// The `luksify open` that maps volume `v` again under its name (a detached header is
 /// not on the device: open needs it named).
 fn open_command(v: &VolumeStatus, userspace: bool) -> String {
+    // The key file enable recorded, so that the command runs as said (`F` failed as a
+    // file name for an agent that followed it; a trial's soak).
+    let key = v
+        .key_file
+        .as_ref()
+        .map_or_else(|| "F".to_string(), |k| k.display().to_string());
     format!(
-        "`luksify open {} {} --key-file F{}{}`",
+        "`luksify open {} {} --key-file {key}{}{}`",
         v.device.display(),
         v.mapper,
         v.header
