@@ -197,9 +197,9 @@ pub struct Status {
     #[serde(default)]
     pub refused: Option<Refusal>,
     /// Whether `luksify resume` has work here: no run's process is at work, and a volume
-    /// is mid-walk or a stopped run had not reached it. Set by `status` from the live
-    /// state (an agent had to infer it from `pid` null beside an `*InProgress` state, or
-    /// parse the message; a trial).
+    /// is mid-walk or a stopped run had not reached it. Written as the file's writer
+    /// sees it, and set again by `status` from the live state (an agent had to infer it
+    /// from `pid` null beside an `*InProgress` state, or parse the message; a trial).
     #[serde(default)]
     pub resumable: bool,
 }
