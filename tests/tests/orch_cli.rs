@@ -8090,7 +8090,15 @@ fn root_orch_resume_does_not_shrink_a_filesystem_filled_since_its_enable() {
 /// for the shrink (`resize2fs -f`; check's estimate is `resize2fs -P`), SIGKILLs the
 /// luksify that ran it: a kill right after the shrink, before the walk.
 fn with_resize2fs_killing_its_caller(cmd: &mut Command, bin: &Path) {
+    with_resize2fs_killing_its_caller_at(cmd, bin, None);
+}
+
+/// [`with_resize2fs_killing_its_caller`], at the shrink of `dev` only where one is given.
+fn with_resize2fs_killing_its_caller_at(cmd: &mut Command, bin: &Path, dev: Option<&Path>) {
     std::fs::create_dir_all(bin).unwrap();
+    let only = dev
+        .map(|d| format!(" && [ \"$2\" = {} ]", d.display()))
+        .unwrap_or_default();
     let real = ["/usr/sbin/resize2fs", "/sbin/resize2fs"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -8098,7 +8106,9 @@ fn with_resize2fs_killing_its_caller(cmd: &mut Command, bin: &Path) {
     let wrapper = bin.join("resize2fs");
     std::fs::write(
         &wrapper,
-        format!("#!/bin/sh\n{real} \"$@\"\nrc=$?\n[ \"$1\" = -f ] && kill -9 $PPID\nexit $rc\n"),
+        format!(
+            "#!/bin/sh\n{real} \"$@\"\nrc=$?\n[ \"$1\" = -f ]{only} && kill -9 $PPID\nexit $rc\n"
+        ),
     )
     .unwrap();
     std::fs::set_permissions(
@@ -10450,4 +10460,42 @@ fn root_orch_open_clears_a_view_its_dead_daemon_left_behind() {
             .arg(&fx.mnt),
     );
     fx.assert_files_unchanged();
+}
+
+/// A `disable` that puts back a killed enable's volume that had not started, where the
+/// same run had encrypted another: status reads Encrypted and "Encryption succeeded"
+/// (it read NotEncrypted and "Encrypting data volume 2/2: preparing" with nothing
+/// running; a trial). The volume put back leaves luksify's list.
+#[test]
+#[ignore = "needs root and loop devices"]
+fn root_orch_a_volume_put_back_leaves_a_run_that_encrypted_others() {
+    let a = Fixture::new(64);
+    let b = Fixture::new(96);
+    let mut both = a.enable_cmd();
+    both.arg("--volume").arg(&b.mnt);
+    with_resize2fs_killing_its_caller_at(&mut both, &a.dir.path().join("bin"), Some(&b.dev()));
+    let out = run(&mut both);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGKILL),
+        "{}",
+        stderr(&out)
+    );
+    assert!(luksify_tests::has_luks_header(&a.dev()));
+    assert!(!luksify_tests::has_luks_header(&b.dev()));
+    let out = run(a.cmd().args(["disable", "--volume"]).arg(b.dev()));
+    assert!(
+        out.status.success() && stderr(&out).contains("put back as it was"),
+        "{}",
+        stderr(&out)
+    );
+    let said = a.status_text();
+    assert!(
+        said.contains("DataVolumesEncrypted : Encrypted\n")
+            && said.contains("Encryption succeeded for data volumes"),
+        "{said}"
+    );
+    assert!(volume_of(&read_status(&a.state), &b.dev()).is_null());
+    a.assert_files_unchanged();
+    b.assert_files_unchanged();
 }

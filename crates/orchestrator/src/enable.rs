@@ -3275,6 +3275,7 @@ pub fn disable(
     // this disable to decrypt it again (a trial's 2 TiB). It is put back as the enable's
     // own stop does: the filesystem grown back and mounted, fstab's line given back.
     let mut cancelled = 0;
+    let mut dropped = Vec::new();
     for idx in 0..sw.status.volumes.len() {
         let v = sw.status.volumes[idx].clone();
         if v.state != VolumeState::EncryptionInProgress
@@ -3330,6 +3331,20 @@ pub fn disable(
                 .unwrap_or_default()
         );
         cancelled += 1;
+        dropped.push(v.device.clone());
+    }
+    // Put back, plain, it is no longer luksify's: where its run encrypted others, it
+    // leaves the list (as the next run would drop it). Kept in it, status read
+    // "Encrypting data volume 2/2: preparing" with nothing running, and NotEncrypted
+    // beside the run's encrypted volume (a trial). Alone in its run it stays, and says
+    // "Encryption cancelled before it started".
+    let run_did_some =
+        sw.status.volumes.iter().any(|v| {
+            v.in_run && matches!(v.state, VolumeState::Encrypted | VolumeState::NotMounted)
+        });
+    if run_did_some && !dropped.is_empty() {
+        sw.status.volumes.retain(|v| !dropped.contains(&v.device));
+        commit(&mut sw)?;
     }
     // A walk that was interrupted is finished by `resume` (a disable run then), not
     // skipped as "nothing to decrypt".
