@@ -343,6 +343,12 @@ impl Fixture {
     fn enable_cmd(&self) -> Command {
         self.enable_of(&self.mnt)
     }
+    /// `enable` of the fixture's mount point and `other`'s, in one run.
+    fn enable_with(&self, other: &Fixture) -> Command {
+        let mut c = self.enable_cmd();
+        c.arg("--volume").arg(&other.mnt);
+        c
+    }
     /// `enable` of `volume` (the fixture's device, say) with the fixture's key, fast KDF.
     fn enable_of(&self, volume: &Path) -> Command {
         self.enable_kdf(volume, "1000")
@@ -978,18 +984,11 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     let a = Fixture::new(192);
     let b = Fixture::new(96);
     // One run over both volumes, killed while it walks the first.
-    let mut both = a.enable_cmd();
-    both.arg("--volume").arg(&b.mnt);
+    let both = a.enable_with(&b);
     a.kill_mid_first_walk(both);
     let s = read_status(&a.state);
-    let state_of = |s: &serde_json::Value, dev: &Path| {
-        s["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["device"] == dev.display().to_string())
-            .map(|v| v["state"].as_str().unwrap().to_string())
-    };
+    let state_of =
+        |s: &serde_json::Value, dev: &Path| volume_of(s, dev)["state"].as_str().map(str::to_string);
     assert_eq!(
         state_of(&s, &a.dev()).as_deref(),
         Some("EncryptionInProgress"),
@@ -1032,24 +1031,14 @@ fn root_orch_resume_finishes_the_volumes_a_killed_enable_or_disable_had_not_reac
     // divided by a total of 0; a trial): the 96 MiB device less the header's 32 MiB
     // reserve, which the walker's reports say too (below).
     let bytes_of = |s: &serde_json::Value, dev: &Path| {
-        let v = s["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["device"] == dev.display().to_string())
-            .cloned()
-            .unwrap();
+        let v = volume_of(s, dev);
         (v["bytes_done"].as_u64(), v["bytes_total"].as_u64())
     };
     assert_eq!(bytes_of(&s, &b.dev()), (Some(0), Some(64 << 20)), "{s}");
     // The LUKS UUID recorded for it before anything was written is the one its header
     // gets when resume encrypts it (a new one was drawn; a trial's agent saw it change).
-    let b_uuid = s["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["device"] == b.dev().display().to_string())
-        .and_then(|v| v["luks_uuid"].as_str())
+    let b_uuid = volume_of(&s, &b.dev())["luks_uuid"]
+        .as_str()
         .map(str::to_string)
         .unwrap();
     // The second volume is still plain and mounted: the run had not reached it.
@@ -1299,8 +1288,7 @@ fn root_orch_enable_that_fails_on_a_later_volume_says_what_it_finished() {
     let a = Fixture::new(128);
     let b = Fixture::new(64);
     // b becomes busy while the run walks a: the run stops at b's unmount.
-    let mut both = a.enable_cmd();
-    both.arg("--volume").arg(&b.mnt);
+    let both = a.enable_with(&b);
     let child = a.spawn_walking(both, 100);
     let mut holder = b.holder();
     let out = child.wait_with_output().unwrap();
@@ -3423,9 +3411,7 @@ fn root_orch_enable_of_a_volume_it_already_encrypted_does_nothing() {
     );
     // Named beside a plain volume: that one is encrypted, this one left as it is.
     let other = Fixture::new(64);
-    let mut both = fx.enable_of(&fx.mnt);
-    both.arg("--volume").arg(&other.mnt);
-    let out = run(&mut both);
+    let out = run(&mut fx.enable_with(&other));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("nothing to do"), "{}", stderr(&out));
     assert!(luksify_tests::has_luks_header(&other.dev()));
@@ -5156,8 +5142,7 @@ fn root_orch_enable_prints_the_status_that_status_gives() {
 fn root_orch_sigint_mid_walk_names_the_percent_status_gives() {
     let fx = Fixture::new(128);
     let other = Fixture::new(64);
-    let mut both = fx.enable_cmd();
-    both.arg("--volume").arg(&other.mnt);
+    let both = fx.enable_with(&other);
     let child = fx.spawn_walking(both, 300);
     std::thread::sleep(Duration::from_millis(700));
     // SAFETY: kill(2) on our own child, not reaped yet.
@@ -5752,8 +5737,7 @@ fn root_orch_resume_knows_a_volume_by_its_uuids_when_its_device_name_moved() {
     let a = Fixture::new(128);
     let b = Fixture::new(96);
     let c = Fixture::new(64); // the other disk, which takes a name of the run's
-    let mut both = a.enable_cmd();
-    both.arg("--volume").arg(&b.mnt);
+    let both = a.enable_with(&b);
     a.kill_mid_first_walk(both);
     let c_before = sha256(&c.dev());
     // A blank disk (all zeros: no UUID at all) takes a's old name, c takes b's.
@@ -6458,8 +6442,7 @@ fn rename_records(state: &Path, pairs: &[(PathBuf, PathBuf)]) {
 fn root_orch_resume_refuses_a_copy_and_follows_swapped_volumes() {
     let a = Fixture::new(128);
     let b = Fixture::new(96);
-    let mut both = a.enable_cmd();
-    both.arg("--volume").arg(&b.mnt);
+    let both = a.enable_with(&b);
     a.kill_mid_first_walk(both);
     rename_records(&a.state, &[(a.dev(), b.dev()), (b.dev(), a.dev())]);
     let copy = b.dir.path().join("copy.img");
@@ -10471,8 +10454,7 @@ fn root_orch_open_clears_a_view_its_dead_daemon_left_behind() {
 fn root_orch_a_volume_put_back_leaves_a_run_that_encrypted_others() {
     let a = Fixture::new(64);
     let b = Fixture::new(96);
-    let mut both = a.enable_cmd();
-    both.arg("--volume").arg(&b.mnt);
+    let mut both = a.enable_with(&b);
     with_resize2fs_killing_its_caller_at(&mut both, &a.dir.path().join("bin"), Some(&b.dev()));
     let out = run(&mut both);
     assert_eq!(

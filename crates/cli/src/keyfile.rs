@@ -73,8 +73,8 @@ impl From<NewKeyFilePart> for KeyFilePart {
 /// passphrase, which cryptsetup accepts and some images carry; files over 8 MiB are
 /// refused, as cryptsetup refuses them.
 pub fn read_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
-    if let Some(tty) = interactive(path, part) {
-        return prompt(tty, "Enter passphrase: ", false);
+    if interactive(path, part) {
+        return prompt(TTY, "Enter passphrase: ", false);
     }
     read_any(path, part)
 }
@@ -83,10 +83,13 @@ pub fn read_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>
 /// size): the passphrase is typed, not read as bytes. It was read raw: echoed on the
 /// screen (and into `script` logs) with no prompt, its newline kept as part of the
 /// passphrase, so a volume formatted so did not open with cryptsetup's prompt (a trial).
-fn interactive(path: &Path, part: KeyFilePart) -> Option<libc::c_int> {
+fn interactive(path: &Path, part: KeyFilePart) -> bool {
     let whole = part.keyfile_offset.is_none() && part.keyfile_size.is_none();
-    (path == Path::new("-") && whole && stdin_is_terminal()).then_some(0)
+    path == Path::new("-") && whole && stdin_is_terminal()
 }
+
+/// The terminal a typed passphrase is read from: standard input.
+const TTY: libc::c_int = 0;
 
 /// Whether standard input is a terminal (a passphrase given as `-` is then typed).
 pub fn stdin_is_terminal() -> bool {
@@ -264,17 +267,14 @@ fn read_line(fd: libc::c_int, text: &str) -> Result<Zeroizing<Vec<u8>>> {
 /// cryptsetup would set an empty passphrase, which anyone can type, and a file
 /// left empty by a failed `echo` or a wrong redirection is the likelier cause.
 pub fn read_new_key_file(path: &Path, part: KeyFilePart) -> Result<Zeroizing<Vec<u8>>> {
-    let key = match interactive(path, part) {
-        Some(tty) => {
-            let key = prompt(tty, "Enter new passphrase: ", true)?;
-            if key.is_empty() {
-                bail!(
-                    "an empty passphrase was typed: luksify will not set one (nothing was written)"
-                );
-            }
-            key
+    let key = if interactive(path, part) {
+        let key = prompt(TTY, "Enter new passphrase: ", true)?;
+        if key.is_empty() {
+            bail!("an empty passphrase was typed: luksify will not set one (nothing was written)");
         }
-        None => read_any(path, part)?,
+        key
+    } else {
+        read_any(path, part)?
     };
     if key.is_empty() {
         let what = if part.keyfile_offset.is_some() {

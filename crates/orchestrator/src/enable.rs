@@ -1872,18 +1872,13 @@ fn finish_volume(
         commit(sw)?;
         // The run's volumes not reached, as `status` names them (a trial's three-volume
         // run said only the first).
-        let left: Vec<String> = sw
-            .status
-            .volumes
-            .iter()
-            .filter(|o| o.in_run && o.state == VolumeState::NotEncrypted && o.error.is_none())
-            .map(|o| o.device.display().to_string())
-            .collect();
-        let left = if left.is_empty() {
-            String::new()
-        } else {
-            format!(", and {} not started yet", left.join(", "))
-        };
+        let left = crate::status::not_started_yet(
+            sw.status
+                .volumes
+                .iter()
+                .filter(|o| o.in_run && o.state == VolumeState::NotEncrypted && o.error.is_none())
+                .map(|o| o.device.as_path()),
+        );
         return Err(Failure::new(
             exit::INTERRUPTED,
             format!(

@@ -541,18 +541,16 @@ pub fn apply_live_state(
             s.progress_message = interrupted_message(v, state_dir);
             // The run's volumes it had not reached, as a stopped run's message names
             // them (a trial's killed three-volume run named the first only).
-            let left: Vec<String> = pending
-                .iter()
-                .filter(|d| **d != v.device)
-                .map(|d| d.display().to_string())
-                .collect();
+            let left = not_started_yet(
+                pending
+                    .iter()
+                    .filter(|d| **d != v.device)
+                    .map(PathBuf::as_path),
+            );
             if !left.is_empty() {
                 s.progress_message = s.progress_message.replacen(
                     "; `luksify resume` finishes it",
-                    &format!(
-                        ", and {} not started yet; `luksify resume` finishes the run",
-                        left.join(", ")
-                    ),
+                    &format!("{left}; `luksify resume` finishes the run"),
                     1,
                 );
             }
@@ -1169,11 +1167,18 @@ fn run_message(op: Operation, vols: &[VolumeStatus], active: Option<usize>) -> S
 /// the stopped one: the message named no device, and not that volume 2/2 had not
 /// started (a trial).
 fn not_reached(run: &[(usize, &VolumeStatus)], before: VolumeState) -> String {
-    let left: Vec<String> = run
-        .iter()
-        .filter(|(_, v)| v.state == before && v.error.is_none())
-        .map(|(_, v)| v.device.display().to_string())
-        .collect();
+    not_started_yet(
+        run.iter()
+            .filter(|(_, v)| v.state == before && v.error.is_none())
+            .map(|(_, v)| v.device.as_path()),
+    )
+}
+
+/// ", and DEV, DEV2 not started yet" of a stopped run's volumes not reached (`devs`),
+/// or nothing: said after the device it stopped on, by the status messages and the
+/// run's own line alike.
+pub(crate) fn not_started_yet<'a>(devs: impl IntoIterator<Item = &'a Path>) -> String {
+    let left: Vec<String> = devs.into_iter().map(|d| d.display().to_string()).collect();
     if left.is_empty() {
         String::new()
     } else {
